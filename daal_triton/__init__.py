@@ -1,0 +1,11 @@
+"""daal-triton: the DAAL deep-metric-learning loss, fast on GPUs through Triton.
+
+Public API: :class:`DAALLoss`, :func:`daal_loss`, :func:`knn`, :func:`pairwise_distance`.
+The plain-PyTorch oracle is :mod:`daal_triton.reference`; the kernels are :mod:`daal_triton.kernels`.
+"""
+from .functional import daal_loss, knn, pairwise_distance
+from .loss import DAALLoss, init_segments
+from .reference import DAALParts
+
+__version__ = "0.1.0"
+__all__ = ["DAALLoss", "DAALParts", "daal_loss", "init_segments", "knn", "pairwise_distance"]

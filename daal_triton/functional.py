@@ -1,0 +1,117 @@
+"""The functional API: validate, pick a backend, run the SPEC composition.
+
+``daal_loss`` here has the reference's signature plus ``backend``. Both backends go through the
+one composition in ``daal_triton.reference.compose``; the Triton backend swaps in the fused kNN
+(``daal_triton.kernels.knn``) and the fused line margin (``daal_triton.kernels.line_margin``).
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from . import reference
+from .backend import choose_backend
+from .validation import (
+    check_float_matrix,
+    check_hyperparameters,
+    check_same_device,
+    validate_knn_inputs,
+    validate_loss_inputs,
+)
+
+
+def _ops(backend: str):
+    """The (knn, line_margin) operators of a resolved backend."""
+    if backend == "triton":
+        from .kernels import knn as kknn
+        from .kernels import line_margin as kline
+
+        return kknn.knn, kline.line_margin
+    return reference.knn, reference.line_margin
+
+
+def daal_loss(
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    segments: torch.Tensor,
+    *,
+    k: int = 3,
+    m0: float = 0.2,
+    m_min: float = 0.05,
+    m_max: float = 0.5,
+    gamma: float = 1.0,
+    alpha: float = 16.0,
+    tau: float = 0.8,
+    lambda_pull: float = 0.0,
+    lambda_dens: float = 0.5,
+    lambda_len: float = 0.0,
+    l_max: float = 1.0,
+    normalize: bool = True,
+    reduction: str = "mean",
+    return_parts: bool = False,
+    ref_embeddings: Optional[torch.Tensor] = None,
+    ref_labels: Optional[torch.Tensor] = None,
+    backend: str = "auto",
+):
+    """DAAL loss (SPEC.md). ``embeddings`` B x D, ``labels`` B ints in [0, C), ``segments`` C x 2 x D.
+
+    Returns a scalar (``reduction="mean"``) or B per-sample values (``"none"``) in the promoted
+    dtype of embeddings and segments (never below float32 arithmetic), or a
+    :class:`daal_triton.reference.DAALParts` with ``return_parts=True``.
+
+    ``ref_embeddings``/``ref_labels`` (a memory bank): the kNN radius of each sample is taken over
+    the reference rows of its class instead of the other batch rows. Nothing is excluded there, so
+    a bank that already holds this batch's rows should be passed without them (or they count as
+    neighbours at distance ~0).
+    """
+    validate_loss_inputs(embeddings, labels, segments, k=k,
+                         ref_embeddings=ref_embeddings, ref_labels=ref_labels)
+    check_hyperparameters(m0=m0, m_min=m_min, m_max=m_max, alpha=alpha, tau=tau, l_max=l_max,
+                          lambda_pull=lambda_pull, lambda_dens=lambda_dens,
+                          lambda_len=lambda_len, reduction=reduction)
+    knn_fn, line_fn = _ops(choose_backend(backend, embeddings.device))
+    parts = reference.compose(
+        embeddings, labels, segments, k=k, m0=m0, m_min=m_min, m_max=m_max, gamma=gamma,
+        alpha=alpha, tau=tau, lambda_pull=lambda_pull, lambda_dens=lambda_dens,
+        lambda_len=lambda_len, l_max=l_max, normalize=normalize, reduction=reduction,
+        ref_embeddings=ref_embeddings, ref_labels=ref_labels,
+        knn_fn=knn_fn, line_margin_fn=line_fn,
+    )
+    return parts if return_parts else parts.loss
+
+
+def pairwise_distance(x: torch.Tensor, y: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
+    """``d_ij = sqrt(max(||x_i - y_j||^2, 1e-12))``: ``x`` M x D, ``y`` N x D -> M x N."""
+    check_float_matrix(x, "x")
+    check_float_matrix(y, "y")
+    if x.shape[1] != y.shape[1]:
+        raise ValueError(f"x and y must have the same number of columns, got {x.shape[1]} and {y.shape[1]}")
+    check_same_device(x=x, y=y)
+    if choose_backend(backend, x.device) == "triton":
+        from .kernels.pairwise import pairwise_distance as kernel
+
+        return kernel(x, y)
+    return reference.pairwise_distance(x, y)
+
+
+def knn(
+    query: torch.Tensor,
+    ref: torch.Tensor,
+    k: int,
+    *,
+    query_labels: Optional[torch.Tensor] = None,
+    ref_labels: Optional[torch.Tensor] = None,
+    exclude_self: bool = False,
+    backend: str = "auto",
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` nearest ``ref`` rows of each ``query`` row: ``(dist, index)``, M x k each.
+
+    With labels only same-label references count; ``exclude_self`` drops ``j == i``; missing
+    neighbours are ``inf`` / ``-1``; ties go to the smaller index. The Triton backend never
+    builds the M x N matrix.
+    """
+    validate_knn_inputs(query, ref, k, query_labels, ref_labels)
+    knn_fn, _ = _ops(choose_backend(backend, query.device))
+    return knn_fn(query, ref, k, query_labels=query_labels, ref_labels=ref_labels,
+                  exclude_self=exclude_self)

@@ -1,0 +1,70 @@
+"""``DAALLoss``: the nn.Module users put in their training loop."""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .functional import daal_loss
+
+
+def init_segments(num_classes: int, embedding_dim: int, *, length: float = 0.2,
+                  generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Segments for normalised embeddings (C x 2 x D): class ``c`` gets a random unit midpoint
+    ``o_c`` on the sphere and a random unit direction ``v_c`` orthogonal to it, and
+    ``p_c = o_c - (length/2) v_c``, ``q_c = o_c + (length/2) v_c``. Random midpoints on the
+    sphere are nearly orthogonal in high dimension, so classes start well apart; the short
+    segment (``length`` < ``l_max``) leaves room to grow along the class's main mode of variation.
+    """
+    o = torch.randn(num_classes, embedding_dim, generator=generator, dtype=torch.float64)
+    o = o / o.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    v = torch.randn(num_classes, embedding_dim, generator=generator, dtype=torch.float64)
+    v = v - (v * o).sum(1, keepdim=True) * o  # orthogonal to the midpoint (zero when D = 1)
+    v = v / v.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    half = 0.5 * length * v
+    return torch.stack([o - half, o + half], 1).float()
+
+
+class DAALLoss(nn.Module):
+    """Density-Aware Adaptive Line margin loss with learnable class segments.
+
+    ``loss = DAALLoss(num_classes, embedding_dim)``; ``loss(embeddings, labels)`` -> scalar.
+    The segments (``loss.segments``, C x 2 x D: ``[:, 0]`` = p, ``[:, 1]`` = q) are a parameter:
+    add ``loss.parameters()`` to the optimiser (usually with a larger learning rate).
+    Keyword arguments are the hyperparameters of SPEC.md (``k``, ``m0``, ``m_min``, ``m_max``,
+    ``gamma``, ``alpha``, ``tau``, ``lambda_pull``, ``lambda_dens``, ``lambda_len``, ``l_max``,
+    ``normalize``, ``reduction``) and ``backend`` (``"auto"``, ``"triton"``, ``"reference"``).
+    """
+
+    def __init__(self, num_classes: int, embedding_dim: int, *, k: int = 3, m0: float = 0.2,
+                 m_min: float = 0.05, m_max: float = 0.5, gamma: float = 1.0, alpha: float = 16.0,
+                 tau: float = 0.8, lambda_pull: float = 0.0, lambda_dens: float = 0.5,
+                 lambda_len: float = 0.0, l_max: float = 1.0, normalize: bool = True,
+                 reduction: str = "mean", backend: str = "auto", init_length: float = 0.2) -> None:
+        super().__init__()
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"num_classes must be an integer >= 1, got {num_classes!r}")
+        if isinstance(embedding_dim, bool) or not isinstance(embedding_dim, int) or embedding_dim < 1:
+            raise ValueError(f"embedding_dim must be an integer >= 1, got {embedding_dim!r}")
+        self.num_classes = num_classes
+        self.embedding_dim = embedding_dim
+        self.hparams = dict(k=k, m0=m0, m_min=m_min, m_max=m_max, gamma=gamma, alpha=alpha,
+                            tau=tau, lambda_pull=lambda_pull, lambda_dens=lambda_dens,
+                            lambda_len=lambda_len, l_max=l_max, normalize=normalize,
+                            reduction=reduction)
+        self.backend = backend
+        self.segments = nn.Parameter(init_segments(num_classes, embedding_dim, length=init_length))
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor,
+                ref_emb: Optional[torch.Tensor] = None,
+                ref_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``embeddings`` B x D, ``labels`` B; ``ref_emb``/``ref_labels``: an optional reference
+        set (memory bank) over which the kNN radii are taken (see ``daal_triton.daal_loss``)."""
+        return daal_loss(embeddings, labels, self.segments, ref_embeddings=ref_emb,
+                         ref_labels=ref_labels, backend=self.backend, **self.hparams)
+
+    def extra_repr(self) -> str:
+        hp = ", ".join(f"{k}={v}" for k, v in self.hparams.items())
+        return f"num_classes={self.num_classes}, embedding_dim={self.embedding_dim}, {hp}, backend={self.backend!r}"

@@ -1,0 +1,126 @@
+"""Input validation for the public API: every problem is a ``ValueError`` naming the argument.
+
+Shape, dtype and device checks are free. The value checks (NaN/inf, label range) read the data
+and so synchronise with the GPU; they are skipped while ``torch.compile`` traces (a data-dependent
+branch would break the graph), where the custom operators run them instead.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+
+def _is_tracing() -> bool:
+    try:
+        return torch.compiler.is_compiling()
+    except AttributeError:  # pragma: no cover - old torch
+        return False
+
+
+def check_float_matrix(t, name: str, *, ndim: int = 2) -> None:
+    """``t`` is a floating tensor of ``ndim`` dimensions with finite values."""
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.ndim != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
+    if not t.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+    check_finite(t, name)
+
+
+def check_finite(t: torch.Tensor, name: str) -> None:
+    if not _is_tracing() and t.numel() and not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name} contains NaN or inf")
+
+
+def check_labels(labels, name: str, size: int, num_classes: Optional[int]) -> None:
+    """``labels`` is an integer vector of ``size`` entries in ``[0, num_classes)``."""
+    if not isinstance(labels, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(labels).__name__}")
+    if labels.ndim != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {tuple(labels.shape)}")
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise ValueError(f"{name} must be an integer tensor, got dtype {labels.dtype}")
+    if labels.shape[0] != size:
+        raise ValueError(f"{name} must have {size} entries (one per row), got {labels.shape[0]}")
+    if num_classes is not None and labels.numel() and not _is_tracing():
+        lo, hi = int(labels.min()), int(labels.max())
+        if lo < 0 or hi >= num_classes:
+            raise ValueError(f"{name} must lie in [0, {num_classes}), got values in [{lo}, {hi}]")
+
+
+def check_same_device(**tensors: Optional[torch.Tensor]) -> None:
+    present = {k: v for k, v in tensors.items() if v is not None}
+    devices = {k: v.device for k, v in present.items()}
+    if len(set(devices.values())) > 1:
+        desc = ", ".join(f"{k} on {d}" for k, d in devices.items())
+        raise ValueError(f"all tensors must be on one device: {desc}")
+
+
+def check_k(k) -> None:
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be an integer >= 1, got {k!r}")
+
+
+def check_hyperparameters(
+    *, m0: float, m_min: float, m_max: float, alpha: float, tau: float, l_max: float,
+    lambda_pull: float, lambda_dens: float, lambda_len: float, reduction: str,
+) -> None:
+    if not alpha > 0:
+        raise ValueError(f"alpha must be > 0, got {alpha}")
+    if not 0 <= m_min <= m_max:
+        raise ValueError(f"m_min and m_max must satisfy 0 <= m_min <= m_max, got {m_min}, {m_max}")
+    if m0 < 0:
+        raise ValueError(f"m0 must be >= 0, got {m0}")
+    for name, value in (("lambda_pull", lambda_pull), ("lambda_dens", lambda_dens),
+                        ("lambda_len", lambda_len), ("tau", tau), ("l_max", l_max)):
+        if value < 0:
+            raise ValueError(f"{name} must be >= 0, got {value}")
+    if reduction not in ("mean", "none"):
+        raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
+
+
+def validate_loss_inputs(
+    embeddings, labels, segments, *, k, ref_embeddings=None, ref_labels=None,
+) -> None:
+    """Everything SPEC.md asks of ``daal_loss``'s tensors."""
+    check_float_matrix(embeddings, "embeddings")
+    if embeddings.shape[0] < 1:
+        raise ValueError("embeddings must have at least one row")
+    check_float_matrix(segments, "segments", ndim=3)
+    num_classes, two, dim = segments.shape
+    if two != 2 or num_classes < 1:
+        raise ValueError(f"segments must have shape (C, 2, D) with C >= 1, got {tuple(segments.shape)}")
+    if dim != embeddings.shape[1]:
+        raise ValueError(
+            f"segments has dimension {dim} but embeddings has {embeddings.shape[1]} (shape C x 2 x D)"
+        )
+    check_k(k)
+    check_same_device(embeddings=embeddings, labels=labels, segments=segments,
+                      ref_embeddings=ref_embeddings, ref_labels=ref_labels)
+    check_labels(labels, "labels", embeddings.shape[0], num_classes)
+    if (ref_embeddings is None) != (ref_labels is None):
+        raise ValueError("ref_embeddings and ref_labels must be given together")
+    if ref_embeddings is not None:
+        check_float_matrix(ref_embeddings, "ref_embeddings")
+        if ref_embeddings.shape[1] != embeddings.shape[1]:
+            raise ValueError(
+                f"ref_embeddings must have {embeddings.shape[1]} columns like embeddings, "
+                f"got {ref_embeddings.shape[1]}"
+            )
+        check_labels(ref_labels, "ref_labels", ref_embeddings.shape[0], None)
+
+
+def validate_knn_inputs(query, ref, k, query_labels=None, ref_labels=None) -> None:
+    check_float_matrix(query, "query")
+    check_float_matrix(ref, "ref")
+    if query.shape[1] != ref.shape[1]:
+        raise ValueError(f"query and ref must have the same number of columns, got {query.shape[1]} and {ref.shape[1]}")
+    check_k(k)
+    check_same_device(query=query, ref=ref, query_labels=query_labels, ref_labels=ref_labels)
+    if (query_labels is None) != (ref_labels is None):
+        raise ValueError("query_labels and ref_labels must be given together")
+    if query_labels is not None:
+        check_labels(query_labels, "query_labels", query.shape[0], None)
+        check_labels(ref_labels, "ref_labels", ref.shape[0], None)

@@ -1,0 +1,269 @@
+"""DAAL in plain PyTorch: every step of SPEC.md, readable and float64-capable.
+
+This module is both the oracle of every parity test and the fallback wherever Triton cannot run.
+It also holds *the* composition of the SPEC steps (:func:`compose`): the fast path in
+``daal_triton.functional`` calls the same function and only swaps in the fused kNN and the fused
+line margin, so the two backends cannot drift apart in their glue.
+
+Inputs are not validated here (``daal_triton.validation`` does that for the public API).
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from .distance import EPS, compute_dtype, knn
+
+KnnFn = Callable[..., Tuple[torch.Tensor, torch.Tensor]]
+LineMarginFn = Callable[..., torch.Tensor]
+
+
+@dataclass
+class DAALParts:
+    """The loss and everything it is made of (``return_parts=True``)."""
+
+    loss: torch.Tensor  # the reduced loss (scalar) or the B per-sample values
+    line: torch.Tensor  # L_line (scalar)
+    pull: torch.Tensor  # L_pull (scalar)
+    density: torch.Tensor  # L_dens (scalar)
+    length: torch.Tensor  # L_len (scalar)
+    per_sample: torch.Tensor  # B values, what reduction="none" returns
+    radius: torch.Tensor  # r_i (B), inf where invalid
+    valid: torch.Tensor  # k_i >= 1 (B, bool)
+    margin: torch.Tensor  # m_i (B), detached
+    neighbors: torch.Tensor  # B x k indices into the reference set, -1 padded
+
+
+# ---------------------------------------------------------------- step 1
+def normalize_rows(z: torch.Tensor) -> torch.Tensor:
+    """``x_i = z_i / max(||z_i||, eps)``, written as ``sqrt(max(||z||^2, eps^2))`` so the
+    gradient at a zero row is zero rather than NaN."""
+    norm = torch.sqrt(torch.clamp((z * z).sum(1, keepdim=True), min=EPS * EPS))
+    return z / norm
+
+
+# ---------------------------------------------------------------- step 3
+def knn_radius(
+    x: torch.Tensor,
+    labels: torch.Tensor,
+    k: int,
+    *,
+    ref: Optional[torch.Tensor] = None,
+    ref_labels: Optional[torch.Tensor] = None,
+    knn_fn: KnnFn = knn,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """kNN radius ``r_i`` = mean distance to the ``k_i = min(k, |S_i|)`` nearest same-class points.
+
+    Without ``ref`` the candidates are the other rows of the batch (self excluded); with ``ref``
+    they are the rows of ``ref`` with the same label (nothing excluded).
+    Returns ``(r, valid, index)``; ``r_i = inf`` where invalid (``k_i = 0``).
+    """
+    if ref is None:
+        dist, index = knn_fn(x, x, k, query_labels=labels, ref_labels=labels, exclude_self=True)
+    else:
+        dist, index = knn_fn(x, ref, k, query_labels=labels, ref_labels=ref_labels, exclude_self=False)
+    found = index >= 0
+    count = found.sum(1)
+    valid = count > 0
+    total = torch.where(found, dist, torch.zeros_like(dist)).sum(1)
+    r = torch.where(valid, total / count.clamp(min=1).to(total.dtype), torch.full_like(total, float("inf")))
+    return r, valid, index
+
+
+# ---------------------------------------------------------------- step 4
+def adaptive_margins(
+    r: torch.Tensor,
+    valid: torch.Tensor,
+    labels: torch.Tensor,
+    num_classes: int,
+    *,
+    m0: float,
+    m_min: float,
+    m_max: float,
+    gamma: float,
+) -> torch.Tensor:
+    """``m_i = clamp(m0 * (r_i / rbar_{y_i})^gamma, m_min, m_max)`` for valid i, else ``m0``;
+    ``rbar_c`` is the mean radius of the valid samples of class c. No gradient."""
+    r = r.detach()
+    r0 = torch.where(valid, r, torch.zeros_like(r))
+    total = r.new_zeros(num_classes).index_add_(0, labels, r0)
+    count = r.new_zeros(num_classes).index_add_(0, labels, valid.to(r.dtype))
+    rbar = total / count.clamp(min=1)
+    s = r0 / torch.clamp(rbar[labels], min=EPS)
+    m = torch.clamp(m0 * s.pow(gamma), min=m_min, max=m_max)
+    return torch.where(valid, m, torch.full_like(m, m0)).detach()
+
+
+# ---------------------------------------------------------------- step 5
+def line_distances(x: torch.Tensor, segments: torch.Tensor) -> torch.Tensor:
+    """``delta_ic`` = distance from ``x_i`` to the segment ``[p_c, q_c]`` (B x C), GEMM form."""
+    p, q = segments[:, 0], segments[:, 1]
+    u = q - p
+    xu, xp = x @ u.T, x @ p.T
+    pu, uu, pp = (p * u).sum(1), (u * u).sum(1), (p * p).sum(1)
+    xx = (x * x).sum(1)[:, None]
+    proj = xu - pu
+    t = torch.clamp(proj / torch.clamp(uu, min=EPS), 0.0, 1.0)
+    e2 = xx - 2.0 * xp + pp - 2.0 * t * proj + t * t * uu
+    return torch.sqrt(torch.clamp(e2, min=EPS))
+
+
+# ---------------------------------------------------------------- step 6 (line + pull)
+def line_margin(
+    x: torch.Tensor,
+    labels: torch.Tensor,
+    segments: torch.Tensor,
+    margins: torch.Tensor,
+    *,
+    alpha: float,
+    lambda_pull: float,
+) -> torch.Tensor:
+    """Per-sample ``softplus(logsumexp_{c != y_i} alpha(delta_iy + m_i - delta_ic)) / alpha
+    + lambda_pull delta_iy^2`` (B values). ``softplus(lse(v)) = lse({0} U v)``, which is also
+    finite (zero) for ``C = 1``."""
+    delta = line_distances(x, segments)
+    d_pos = delta.gather(1, labels[:, None])  # B x 1
+    logits = alpha * (d_pos + margins[:, None].to(delta.dtype) - delta)
+    logits = logits.masked_fill(F.one_hot(labels, delta.shape[1]).bool(), float("-inf"))
+    logits = torch.cat([logits.new_zeros(logits.shape[0], 1), logits], 1)
+    line = torch.logsumexp(logits, 1) / alpha
+    return line + lambda_pull * d_pos[:, 0] ** 2
+
+
+# ---------------------------------------------------------------- step 6 (density, length)
+def density_hinge(r: torch.Tensor, valid: torch.Tensor, tau: float) -> torch.Tensor:
+    """``max(0, tau - r_i)`` for valid i, 0 otherwise (B values)."""
+    return torch.where(valid, torch.relu(tau - torch.where(valid, r, torch.zeros_like(r))), torch.zeros_like(r))
+
+
+def length_term(segments: torch.Tensor, l_max: float) -> torch.Tensor:
+    """``L_len = mean_c max(0, ||u_c|| - l_max)^2`` (zero-length segments have zero gradient)."""
+    u = segments[:, 1] - segments[:, 0]
+    norm = torch.sqrt(torch.clamp((u * u).sum(1), min=EPS * EPS))
+    return (torch.relu(norm - l_max) ** 2).mean()
+
+
+def _no_autocast(device: torch.device):
+    """Autocast would silently run the GEMMs in half precision; the loss chooses its own dtype."""
+    try:
+        return torch.autocast(device_type=device.type, enabled=False)
+    except RuntimeError:  # a device type autocast does not know
+        return contextlib.nullcontext()
+
+
+def compose(
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    segments: torch.Tensor,
+    *,
+    k: int = 3,
+    m0: float = 0.2,
+    m_min: float = 0.05,
+    m_max: float = 0.5,
+    gamma: float = 1.0,
+    alpha: float = 16.0,
+    tau: float = 0.8,
+    lambda_pull: float = 0.0,
+    lambda_dens: float = 0.5,
+    lambda_len: float = 0.0,
+    l_max: float = 1.0,
+    normalize: bool = True,
+    reduction: str = "mean",
+    ref_embeddings: Optional[torch.Tensor] = None,
+    ref_labels: Optional[torch.Tensor] = None,
+    knn_fn: KnnFn = knn,
+    line_margin_fn: LineMarginFn = line_margin,
+) -> DAALParts:
+    """The SPEC steps in order, with pluggable kNN and line-margin operators."""
+    if reduction not in ("mean", "none"):
+        raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
+    dtype = compute_dtype(embeddings, segments)
+    with _no_autocast(embeddings.device):
+        z = embeddings.to(dtype)
+        seg = segments.to(dtype)
+        labels = labels.long()
+        x = normalize_rows(z) if normalize else z
+        ref = None
+        if ref_embeddings is not None:
+            ref = ref_embeddings.to(dtype)
+            ref = normalize_rows(ref) if normalize else ref
+            ref_labels = ref_labels.long()
+        r, valid, index = knn_radius(x, labels, k, ref=ref, ref_labels=ref_labels, knn_fn=knn_fn)
+        margin = adaptive_margins(
+            r, valid, labels, seg.shape[0], m0=m0, m_min=m_min, m_max=m_max, gamma=gamma
+        )
+        per_line = line_margin_fn(x, labels, seg, margin, alpha=alpha, lambda_pull=lambda_pull)
+        hinge = density_hinge(r, valid, tau)
+        l_dens = hinge.sum() / valid.sum().clamp(min=1).to(hinge.dtype)
+        l_len = length_term(seg, l_max)
+        per_sample = per_line + lambda_dens * hinge
+        total = per_line.mean() + lambda_dens * l_dens + lambda_len * l_len
+        with torch.no_grad():  # the line/pull split is for reading only
+            l_pull = own_distance_sq(x, labels, seg).mean()
+            l_line = per_line.mean() - lambda_pull * l_pull
+        return DAALParts(
+            loss=total if reduction == "mean" else per_sample,
+            line=l_line,
+            pull=l_pull,
+            density=l_dens,
+            length=l_len,
+            per_sample=per_sample,
+            radius=r,
+            valid=valid,
+            margin=margin,
+            neighbors=index,
+        )
+
+
+def own_distance_sq(x: torch.Tensor, labels: torch.Tensor, segments: torch.Tensor) -> torch.Tensor:
+    """``delta_{i,y_i}^2`` (B values): distance of each sample to its own class's segment, O(B D)."""
+    own = segments[labels]  # B x 2 x D
+    p, q = own[:, 0], own[:, 1]
+    u = q - p
+    proj = ((x - p) * u).sum(1)
+    t = torch.clamp(proj / torch.clamp((u * u).sum(1), min=EPS), 0.0, 1.0)
+    e = x - p - t[:, None] * u
+    return torch.clamp((e * e).sum(1), min=EPS)
+
+
+def daal_loss(
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    segments: torch.Tensor,
+    *,
+    k: int = 3,
+    m0: float = 0.2,
+    m_min: float = 0.05,
+    m_max: float = 0.5,
+    gamma: float = 1.0,
+    alpha: float = 16.0,
+    tau: float = 0.8,
+    lambda_pull: float = 0.0,
+    lambda_dens: float = 0.5,
+    lambda_len: float = 0.0,
+    l_max: float = 1.0,
+    normalize: bool = True,
+    reduction: str = "mean",
+    return_parts: bool = False,
+    ref_embeddings: Optional[torch.Tensor] = None,
+    ref_labels: Optional[torch.Tensor] = None,
+):
+    """DAAL, SPEC.md steps 1-7, in plain PyTorch.
+
+    ``embeddings`` B x D, ``labels`` B (int, in [0, C)), ``segments`` C x 2 x D
+    (``segments[:, 0]`` = p, ``segments[:, 1]`` = q). Returns the loss (a scalar for
+    ``reduction="mean"``, B values for ``"none"``) in the promoted dtype of embeddings and
+    segments (at least float32), or a :class:`DAALParts` when ``return_parts``.
+    With ``ref_embeddings``/``ref_labels`` the kNN radii are taken over that reference set.
+    """
+    parts = compose(
+        embeddings, labels, segments, k=k, m0=m0, m_min=m_min, m_max=m_max, gamma=gamma,
+        alpha=alpha, tau=tau, lambda_pull=lambda_pull, lambda_dens=lambda_dens,
+        lambda_len=lambda_len, l_max=l_max, normalize=normalize, reduction=reduction,
+        ref_embeddings=ref_embeddings, ref_labels=ref_labels,
+    )
+    return parts if return_parts else parts.loss

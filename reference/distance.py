@@ -1,0 +1,75 @@
+"""Plain-PyTorch pairwise distances and k-nearest neighbours (the oracles for the Triton kernels).
+
+Both functions materialise the full M x N distance matrix: they are meant to be exact and
+readable, not frugal. Arithmetic happens in the inputs' own dtype promoted to at least float32.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+EPS = 1e-12
+
+
+def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """The dtype arithmetic runs in: the promotion of the inputs, and at least float32."""
+    dtype = torch.float32
+    for t in tensors:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+def pairwise_distance(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``d_ij = sqrt(max(||x_i - y_j||^2, eps))`` for ``x`` (M x D) and ``y`` (N x D) -> M x N.
+
+    Uses the GEMM form ``||x_i||^2 + ||y_j||^2 - 2 x_i.y_j``; the clamp makes the gradient zero
+    where it binds (duplicates), never NaN.
+    """
+    dtype = compute_dtype(x, y)
+    x = x.to(dtype)
+    y = y.to(dtype)
+    sq = (x * x).sum(1)[:, None] + (y * y).sum(1)[None, :] - 2.0 * (x @ y.T)
+    return torch.sqrt(torch.clamp(sq, min=EPS))
+
+
+def knn(
+    query: torch.Tensor,
+    ref: torch.Tensor,
+    k: int,
+    *,
+    query_labels: Optional[torch.Tensor] = None,
+    ref_labels: Optional[torch.Tensor] = None,
+    exclude_self: bool = False,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` nearest rows of ``ref`` for each row of ``query``: ``(dist, index)``, each M x k.
+
+    - With labels, only references with ``ref_labels[j] == query_labels[i]`` are candidates.
+    - ``exclude_self`` drops ``j == i`` (query row i and reference row i are the same point).
+    - Neighbours are sorted by distance; ties go to the smaller index.
+    - Rows with fewer than ``k`` candidates are padded with ``inf`` distance and index ``-1``.
+    ``dist`` is differentiable with respect to ``query`` and ``ref``.
+    """
+    if (query_labels is None) != (ref_labels is None):
+        raise ValueError("query_labels and ref_labels must be given together")
+    d = pairwise_distance(query, ref)
+    m, n = d.shape
+    invalid = torch.zeros(m, n, dtype=torch.bool, device=d.device)
+    if query_labels is not None:
+        invalid |= query_labels[:, None] != ref_labels[None, :]
+    if exclude_self:
+        idx = torch.arange(min(m, n), device=d.device)
+        invalid[idx, idx] = True
+    masked = d.detach().masked_fill(invalid, float("inf"))
+    # A stable sort keeps equal distances in index order: ties go to the smaller index.
+    order = torch.sort(masked, dim=1, stable=True).indices[:, :k]
+    kk = order.shape[1]
+    index = order.clone()
+    found = torch.gather(~invalid, 1, order)
+    index[~found] = -1
+    dist = torch.gather(d, 1, order).masked_fill(~found, float("inf"))
+    if kk < k:  # fewer references than k
+        pad = k - kk
+        dist = torch.cat([dist, dist.new_full((m, pad), float("inf"))], 1)
+        index = torch.cat([index, index.new_full((m, pad), -1)], 1)
+    return dist, index

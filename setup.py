@@ -1,0 +1,38 @@
+"""daal-triton: the DAAL metric-learning loss with fused Triton kernels.
+
+``kernels/`` and ``reference/`` live at the top of the repository but install *inside* the
+package, as ``daal_triton.kernels`` and ``daal_triton.reference``: no top-level ``kernels`` or
+``reference`` module is ever importable from an install.
+"""
+from setuptools import setup
+
+PACKAGE_DIR = {
+    "daal_triton": "daal_triton",
+    "daal_triton.kernels": "kernels",
+    "daal_triton.reference": "reference",
+    "daal_triton.train": "daal_triton/train",
+    "daal_triton.train.data": "daal_triton/train/data",
+}
+
+setup(
+    name="daal-triton",
+    version="0.1.0",
+    description="DAAL (Density-Aware Adaptive Line margin) loss for deep metric learning, with Triton kernels",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.9",
+    package_dir=PACKAGE_DIR,
+    packages=list(PACKAGE_DIR),
+    install_requires=["torch>=2.4", "numpy"],
+    extras_require={
+        "dev": ["pytest>=7", "pytest-benchmark>=4"],
+        "train": ["torchvision>=0.19", "scikit-learn>=1.2", "tqdm>=4.60", "matplotlib>=3.5"],
+        "pml": ["pytorch-metric-learning>=2.0"],
+    },
+    entry_points={
+        "console_scripts": [
+            "daal-train=daal_triton.train.cli:main",
+            "daal-eval=daal_triton.train.cli:eval_main",
+        ]
+    },
+)

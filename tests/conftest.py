@@ -1,0 +1,39 @@
+"""Test set-up: Triton's interpreter on machines without a GPU, fresh seeds, GPU markers.
+
+``TRITON_INTERPRET=1`` must be set before anything imports triton, so it is set here, at the
+top of the first file pytest imports, whenever CUDA is not available.
+"""
+import os
+import sys
+import zlib
+
+import torch
+
+if not torch.cuda.is_available():
+    assert "triton" not in sys.modules, "triton was imported before TRITON_INTERPRET could be set"
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+HAS_GPU = torch.cuda.is_available()
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped, with the reason shown, on CPU)")
+    config.addinivalue_line("markers", "slow: takes more than a few seconds on 2 CPU cores")
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_GPU:
+        return
+    skip = pytest.mark.skip(reason="no CUDA GPU on this machine: GPU parity runs in bench/gpu_check.sh")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _seed(request):
+    """A fresh, reproducible seed per test (derived from its name, so tests differ from each other)."""
+    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
+    yield
