@@ -27,8 +27,10 @@ def interpreter_on() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def triton_reason(device: torch.device) -> str:
-    """Why Triton cannot run on ``device`` (empty when it can)."""
+def triton_reason(device: torch.device, dtype: torch.dtype = torch.float32) -> str:
+    """Why Triton cannot run on ``device`` for ``dtype`` inputs (empty when it can)."""
+    if dtype == torch.float64:
+        return "float64 inputs run on the reference backend (the kernels compute in float32)"
     if not triton_available():
         return "triton is not installed"
     if device.type == "cuda":
@@ -39,13 +41,14 @@ def triton_reason(device: torch.device) -> str:
             "TRITON_INTERPRET=1 set before triton is imported")
 
 
-def choose_backend(backend: str, device: torch.device) -> str:
-    """Resolve ``backend`` (``"auto"``, ``"triton"`` or ``"reference"``) for tensors on ``device``."""
+def choose_backend(backend: str, device: torch.device, dtype: torch.dtype = torch.float32) -> str:
+    """Resolve ``backend`` (``"auto"``, ``"triton"`` or ``"reference"``) for ``dtype`` tensors on
+    ``device``. Float64 always runs on the reference: the kernels would lower its precision."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "reference":
         return "reference"
-    reason = triton_reason(device)
+    reason = triton_reason(device, dtype)
     if backend == "triton" and reason:
         raise ValueError(f"backend='triton' cannot run here: {reason}")
     return "reference" if reason else "triton"

@@ -70,7 +70,8 @@ def daal_loss(
     check_hyperparameters(m0=m0, m_min=m_min, m_max=m_max, alpha=alpha, tau=tau, l_max=l_max,
                           lambda_pull=lambda_pull, lambda_dens=lambda_dens,
                           lambda_len=lambda_len, reduction=reduction)
-    knn_fn, line_fn = _ops(choose_backend(backend, embeddings.device))
+    dtype = torch.promote_types(embeddings.dtype, segments.dtype)
+    knn_fn, line_fn = _ops(choose_backend(backend, embeddings.device, dtype))
     parts = reference.compose(
         embeddings, labels, segments, k=k, m0=m0, m_min=m_min, m_max=m_max, gamma=gamma,
         alpha=alpha, tau=tau, lambda_pull=lambda_pull, lambda_dens=lambda_dens,
@@ -83,12 +84,15 @@ def daal_loss(
 
 def pairwise_distance(x: torch.Tensor, y: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
     """``d_ij = sqrt(max(||x_i - y_j||^2, 1e-12))``: ``x`` M x D, ``y`` N x D -> M x N."""
+    for name, t in (("x", x), ("y", y)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    check_same_device(x=x, y=y)
     check_float_matrix(x, "x")
     check_float_matrix(y, "y")
     if x.shape[1] != y.shape[1]:
         raise ValueError(f"x and y must have the same number of columns, got {x.shape[1]} and {y.shape[1]}")
-    check_same_device(x=x, y=y)
-    if choose_backend(backend, x.device) == "triton":
+    if choose_backend(backend, x.device, torch.promote_types(x.dtype, y.dtype)) == "triton":
         from .kernels.pairwise import pairwise_distance as kernel
 
         return kernel(x, y)
@@ -112,6 +116,6 @@ def knn(
     builds the M x N matrix.
     """
     validate_knn_inputs(query, ref, k, query_labels, ref_labels)
-    knn_fn, _ = _ops(choose_backend(backend, query.device))
+    knn_fn, _ = _ops(choose_backend(backend, query.device, torch.promote_types(query.dtype, ref.dtype)))
     return knn_fn(query, ref, k, query_labels=query_labels, ref_labels=ref_labels,
                   exclude_self=exclude_self)

@@ -85,6 +85,11 @@ def validate_loss_inputs(
     embeddings, labels, segments, *, k, ref_embeddings=None, ref_labels=None,
 ) -> None:
     """Everything SPEC.md asks of ``daal_loss``'s tensors."""
+    for name, t in (("embeddings", embeddings), ("labels", labels), ("segments", segments)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    check_same_device(embeddings=embeddings, labels=labels, segments=segments,
+                      ref_embeddings=ref_embeddings, ref_labels=ref_labels)
     check_float_matrix(embeddings, "embeddings")
     if embeddings.shape[0] < 1:
         raise ValueError("embeddings must have at least one row")
@@ -97,8 +102,6 @@ def validate_loss_inputs(
             f"segments has dimension {dim} but embeddings has {embeddings.shape[1]} (shape C x 2 x D)"
         )
     check_k(k)
-    check_same_device(embeddings=embeddings, labels=labels, segments=segments,
-                      ref_embeddings=ref_embeddings, ref_labels=ref_labels)
     check_labels(labels, "labels", embeddings.shape[0], num_classes)
     if (ref_embeddings is None) != (ref_labels is None):
         raise ValueError("ref_embeddings and ref_labels must be given together")
@@ -113,12 +116,15 @@ def validate_loss_inputs(
 
 
 def validate_knn_inputs(query, ref, k, query_labels=None, ref_labels=None) -> None:
+    for name, t in (("query", query), ("ref", ref)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    check_same_device(query=query, ref=ref, query_labels=query_labels, ref_labels=ref_labels)
     check_float_matrix(query, "query")
     check_float_matrix(ref, "ref")
     if query.shape[1] != ref.shape[1]:
         raise ValueError(f"query and ref must have the same number of columns, got {query.shape[1]} and {ref.shape[1]}")
     check_k(k)
-    check_same_device(query=query, ref=ref, query_labels=query_labels, ref_labels=ref_labels)
     if (query_labels is None) != (ref_labels is None):
         raise ValueError("query_labels and ref_labels must be given together")
     if query_labels is not None:

@@ -1,0 +1,54 @@
+"""DAALLoss: the module users train with."""
+import torch
+
+import daal_triton as dt
+from daal_testing import random_problem
+
+
+def test_segments_parameter_and_initialisation():
+    loss = dt.DAALLoss(7, 16)
+    assert isinstance(loss.segments, torch.nn.Parameter) and loss.segments.shape == (7, 2, 16)
+    p, q = loss.segments[:, 0].detach(), loss.segments[:, 1].detach()
+    mid = (p + q) / 2
+    assert torch.allclose(mid.norm(dim=1), torch.ones(7), atol=1e-5)  # midpoints on the sphere
+    assert torch.allclose((q - p).norm(dim=1), torch.full((7,), 0.2), atol=1e-5)
+    assert ((q - p) * mid).sum(1).abs().max() < 1e-5  # tangent to the sphere
+    assert list(dict(loss.named_parameters())) == ["segments"]
+
+
+def test_forward_equals_functional_and_trains():
+    z, y, _ = random_problem(20, 4, 8, dtype=torch.float32)
+    loss = dt.DAALLoss(4, 8, lambda_pull=0.1, backend="reference")
+    value = loss(z, y)
+    same = dt.daal_loss(z, y, loss.segments, lambda_pull=0.1, backend="reference")
+    assert value.item() == same.item()
+    opt = torch.optim.SGD(loss.parameters(), lr=0.5)
+    before = loss.segments.detach().clone()
+    value.backward()
+    opt.step()
+    assert not torch.equal(before, loss.segments.detach())
+    assert loss(z, y).item() < value.item()
+
+
+def test_state_dict_round_trip_and_repr():
+    a, b = dt.DAALLoss(3, 5), dt.DAALLoss(3, 5)
+    b.load_state_dict(a.state_dict())
+    assert torch.equal(a.segments, b.segments)
+    assert "alpha=16.0" in repr(a) and "num_classes=3" in repr(a)
+
+
+def test_memory_bank_reference_set():
+    z, y, seg = random_problem(8, 2, 4, dtype=torch.float32)
+    bank, bank_y = torch.randn(30, 4), torch.arange(30) % 2
+    loss = dt.DAALLoss(2, 4, backend="reference")
+    with torch.no_grad():
+        loss.segments.copy_(seg)
+    parts = dt.daal_loss(z, y, seg, ref_embeddings=bank, ref_labels=bank_y, return_parts=True,
+                         backend="reference")
+    x = torch.nn.functional.normalize(z, dim=1)
+    xb = torch.nn.functional.normalize(bank, dim=1)
+    d = torch.cdist(x.double(), xb.double())
+    d[y[:, None] != bank_y[None, :]] = float("inf")
+    expected = d.topk(3, largest=False).values.mean(1)
+    assert torch.allclose(parts.radius.double(), expected, atol=1e-5)
+    assert torch.allclose(loss(z, y, bank, bank_y), parts.loss)

@@ -1,0 +1,99 @@
+"""Bad input raises ValueError naming the argument, on every public entry point."""
+import pytest
+import torch
+
+import daal_triton as dt
+from daal_triton.backend import choose_backend
+
+
+def good(B=6, C=3, D=4):
+    z = torch.randn(B, D)
+    y = torch.arange(B) % C
+    seg = torch.randn(C, 2, D)
+    return z, y, seg
+
+
+def raises(match, fn, *args, **kw):
+    with pytest.raises(ValueError, match=match):
+        fn(*args, **kw)
+
+
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+def test_loss_errors_name_the_argument(backend):
+    f = lambda *a, **k: dt.daal_loss(*a, backend=backend, **k)  # noqa: E731
+    z, y, seg = good()
+    raises("labels must lie in", f, z, torch.tensor([0, 1, 2, 3, 0, 1]), seg)
+    raises("labels must lie in", f, z, torch.tensor([0, 1, 2, -1, 0, 1]), seg)
+    raises("embeddings must have 2 dimensions", f, z[None], y, seg)
+    raises("segments must have 3 dimensions", f, z, y, seg[:, 0])
+    raises(r"segments must have shape \(C, 2, D\)", f, z, y, torch.randn(3, 3, 4))
+    raises("segments has dimension 5", f, z, y, torch.randn(3, 2, 5))
+    raises("labels must have 6 entries", f, z, y[:5], seg)
+    raises("labels must be 1-D", f, z, y[:, None], seg)
+    raises("labels must be an integer tensor", f, z, y.float(), seg)
+    raises("embeddings must be a floating-point", f, z.long(), y, seg)
+    bad = z.clone(); bad[2, 1] = float("nan")
+    raises("embeddings contains NaN or inf", f, bad, y, seg)
+    bad = z.clone(); bad[0, 0] = float("inf")
+    raises("embeddings contains NaN or inf", f, bad, y, seg)
+    bad = seg.clone(); bad[1, 1, 2] = float("-inf")
+    raises("segments contains NaN or inf", f, z, y, bad)
+    raises("all tensors must be on one device: .*segments on meta", f, z, y, seg.to("meta"))
+    raises("k must be an integer >= 1", f, z, y, seg, k=0)
+    raises("k must be an integer >= 1", f, z, y, seg, k=2.0)
+    raises("reduction must be", f, z, y, seg, reduction="sum")
+    raises("alpha must be > 0", f, z, y, seg, alpha=0.0)
+    raises("m_min and m_max", f, z, y, seg, m_min=0.6, m_max=0.5)
+    raises("lambda_dens must be >= 0", f, z, y, seg, lambda_dens=-1.0)
+    raises("embeddings must have at least one row", f, z[:0], y[:0], seg)
+    raises("embeddings must be a torch.Tensor", f, z.tolist(), y, seg)
+    raises("ref_embeddings and ref_labels must be given together", f, z, y, seg, ref_embeddings=z)
+    raises("ref_embeddings must have 4 columns", f, z, y, seg, ref_embeddings=torch.randn(5, 3),
+           ref_labels=torch.zeros(5, dtype=torch.long))
+    raises("ref_labels must have 5 entries", f, z, y, seg, ref_embeddings=torch.randn(5, 4),
+           ref_labels=torch.zeros(4, dtype=torch.long))
+
+
+def test_module_errors():
+    raises("num_classes must be an integer >= 1", dt.DAALLoss, 0, 4)
+    raises("embedding_dim must be an integer >= 1", dt.DAALLoss, 3, 0)
+    loss = dt.DAALLoss(3, 4, backend="reference")
+    z, y, _ = good()
+    raises("segments has dimension 4 but embeddings has 5", loss, torch.randn(6, 5), y)
+    raises("labels must lie in", loss, z, y + 1)
+
+
+def test_knn_and_pairwise_errors():
+    q, r = torch.randn(4, 3), torch.randn(5, 3)
+    raises("query and ref must have the same number of columns", dt.knn, q, torch.randn(5, 2), 2)
+    raises("k must be an integer >= 1", dt.knn, q, r, 0)
+    raises("query_labels and ref_labels must be given together", dt.knn, q, r, 2,
+           query_labels=torch.zeros(4, dtype=torch.long))
+    raises("ref_labels must have 5 entries", dt.knn, q, r, 2, query_labels=torch.zeros(4, dtype=torch.long),
+           ref_labels=torch.zeros(3, dtype=torch.long))
+    raises("query must be a floating-point", dt.knn, q.int(), r, 2)
+    raises("ref contains NaN", dt.knn, q, r.log() - r.log() * 0 + float("nan"), 2)
+    raises("x and y must have the same number of columns", dt.pairwise_distance, q, torch.randn(2, 4))
+    raises("y must have 2 dimensions", dt.pairwise_distance, q, r[0])
+    raises("all tensors must be on one device", dt.pairwise_distance, q, r.to("meta"))
+
+
+def test_backend_choice(monkeypatch):
+    raises("backend must be one of", choose_backend, "cuda", torch.device("cpu"))
+    assert choose_backend("reference", torch.device("cpu")) == "reference"
+    assert choose_backend("auto", torch.device("cpu"), torch.float64) == "reference"
+    raises("float64 inputs run on the reference backend", choose_backend, "triton",
+           torch.device("cpu"), torch.float64)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert choose_backend("auto", torch.device("cpu")) == "reference"
+    raises("backend='triton' cannot run here: tensors are on 'cpu'", choose_backend, "triton", torch.device("cpu"))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert choose_backend("auto", torch.device("cpu")) == "triton"
+
+
+def test_nothing_is_silently_downcast():
+    z, y, seg = good()
+    loss = dt.daal_loss(z.double(), y, seg.double(), backend="auto")
+    assert loss.dtype == torch.float64
+    loss = dt.daal_loss(z.half(), y.int(), seg, backend="reference")  # int32 labels are fine
+    assert loss.dtype == torch.float32

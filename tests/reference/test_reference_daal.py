@@ -1,0 +1,316 @@
+"""The plain-PyTorch DAAL against SPEC.md: an independent float64 implementation, gradcheck,
+cases worked out by hand, and every edge case of the SPEC."""
+import math
+
+import pytest
+import torch
+
+from daal_testing import random_problem
+from daal_triton import reference as R
+
+EPS = 1e-12
+HP = dict(k=3, m0=0.2, m_min=0.05, m_max=0.5, gamma=1.0, alpha=16.0, tau=0.8,
+          lambda_pull=0.0, lambda_dens=0.5, lambda_len=0.0, l_max=1.0, normalize=True)
+
+
+# ------------------------------------------------------------------ an independent oracle
+def independent_daal(z, y, seg, *, k, m0, m_min, m_max, gamma, alpha, tau, lambda_pull,
+                     lambda_dens, lambda_len, l_max, normalize):
+    """SPEC.md written again, loop by loop, in the difference form (not the GEMM form)."""
+    B, C = z.shape[0], seg.shape[0]
+    xs = []
+    for i in range(B):
+        n = torch.sqrt(torch.clamp((z[i] ** 2).sum(), min=EPS * EPS))
+        xs.append(z[i] / n if normalize else z[i])
+    radius, valid = [], []
+    for i in range(B):
+        cand = []
+        for j in range(B):
+            if j != i and int(y[j]) == int(y[i]):
+                d = torch.sqrt(torch.clamp(((xs[i] - xs[j]) ** 2).sum(), min=EPS))
+                cand.append((d.item(), j, d))
+        cand.sort(key=lambda c: (c[0], c[1]))
+        chosen = cand[:min(k, len(cand))]
+        valid.append(len(chosen) > 0)
+        radius.append(sum(c[2] for c in chosen) / len(chosen) if chosen else None)
+    margins = []
+    for i in range(B):
+        if not valid[i]:
+            margins.append(m0)
+            continue
+        same = [radius[j].item() for j in range(B) if valid[j] and int(y[j]) == int(y[i])]
+        rbar = sum(same) / len(same)
+        s = radius[i].item() / max(rbar, EPS)
+        margins.append(min(max(m0 * s ** gamma, m_min), m_max))
+
+    def seg_dist(x, p, q):
+        u = q - p
+        t = torch.clamp(((x - p) * u).sum() / torch.clamp((u * u).sum(), min=EPS), 0, 1)
+        e = x - p - t * u
+        return torch.sqrt(torch.clamp((e * e).sum(), min=EPS))
+
+    line, pull = [], []
+    for i in range(B):
+        yi = int(y[i])
+        dpos = seg_dist(xs[i], seg[yi, 0], seg[yi, 1])
+        terms = [alpha * (dpos + margins[i] - seg_dist(xs[i], seg[c, 0], seg[c, 1]))
+                 for c in range(C) if c != yi]
+        if terms:
+            lse = torch.logsumexp(torch.stack(terms), 0)
+            line.append(torch.nn.functional.softplus(lse) / alpha)
+        else:
+            line.append(dpos * 0)
+        pull.append(dpos ** 2)
+    l_line = sum(line) / B
+    l_pull = sum(pull) / B
+    hinge = [torch.relu(tau - radius[i]) for i in range(B) if valid[i]]
+    l_dens = sum(hinge) / len(hinge) if hinge else z.sum() * 0
+    lens = []
+    for c in range(C):
+        u = seg[c, 1] - seg[c, 0]
+        lens.append(torch.relu(torch.sqrt(torch.clamp((u * u).sum(), min=EPS * EPS)) - l_max) ** 2)
+    l_len = sum(lens) / C
+    return l_line + lambda_pull * l_pull + lambda_dens * l_dens + lambda_len * l_len
+
+
+SETTINGS = [
+    dict(),
+    dict(lambda_pull=0.7, lambda_len=0.3, l_max=0.2, tau=1.6, gamma=2.0),
+    dict(k=1, alpha=4.0, m0=0.4, m_min=0.0, m_max=2.0, normalize=False, tau=3.0),
+    dict(k=10, lambda_dens=2.0, tau=1.5, gamma=0.5),
+]
+
+
+@pytest.mark.parametrize("B,C,D", [(13, 5, 4), (9, 3, 7), (17, 11, 3)])
+@pytest.mark.parametrize("setting", range(len(SETTINGS)))
+def test_matches_independent_implementation(B, C, D, setting):
+    hp = {**HP, **SETTINGS[setting]}
+    z, y, seg = random_problem(B, C, D)
+    z.requires_grad_(True)
+    seg.requires_grad_(True)
+    out = R.daal_loss(z, y, seg, **hp)
+    ref = independent_daal(z, y, seg, **hp)
+    assert abs(out.item() - ref.item()) <= 1e-9 * max(1.0, abs(ref.item()))
+    g_out = torch.autograd.grad(out, (z, seg))
+    g_ref = torch.autograd.grad(ref, (z, seg))
+    for a, b in zip(g_out, g_ref):
+        assert (a - b).norm() <= 1e-9 * max(1.0, b.norm().item())
+
+
+# ------------------------------------------------------------------ gradcheck
+@pytest.mark.parametrize("B,C,D", [(37, 11, 5), (7, 2, 1), (12, 4, 9)])
+def test_gradcheck_full_loss(B, C, D):
+    """gamma = 0 makes the (detached) margins constant, so finite differences see the same function."""
+    z, y, seg = random_problem(B, C, D)
+    z.requires_grad_(True)
+    seg.requires_grad_(True)
+    hp = {**HP, "gamma": 0.0, "tau": 2.5, "lambda_pull": 0.3, "lambda_len": 0.2, "l_max": 0.1}
+    assert torch.autograd.gradcheck(lambda a, b: R.daal_loss(a, y, b, **hp), (z, seg))
+
+
+@pytest.mark.parametrize("B,C,D", [(37, 11, 5), (5, 1, 3)])
+def test_gradcheck_line_margin_and_radius(B, C, D):
+    z, y, seg = random_problem(B, C, D)
+    x = R.normalize_rows(z).requires_grad_(True)
+    seg.requires_grad_(True)
+    m = torch.rand(B, dtype=torch.float64)
+    assert torch.autograd.gradcheck(
+        lambda a, b: R.line_margin(a, y, b, m, alpha=8.0, lambda_pull=0.4), (x, seg))
+    assert torch.autograd.gradcheck(lambda a: R.knn_radius(a, y, 2)[0].nan_to_num(posinf=0.0), (x,))
+
+
+def test_gradient_matches_spec_envelope_formulas():
+    """dL/dx, dL/dp, dL/dq of the line term equal SPEC.md's closed forms."""
+    B, C, D = 23, 6, 5
+    z, y, seg = random_problem(B, C, D)
+    x = R.normalize_rows(z).requires_grad_(True)
+    seg.requires_grad_(True)
+    m = 0.1 + 0.3 * torch.rand(B, dtype=torch.float64)
+    alpha, lam = 10.0, 0.35
+    R.line_margin(x, y, seg, m, alpha=alpha, lambda_pull=lam).mean().backward()
+    with torch.no_grad():
+        p, q = seg[:, 0], seg[:, 1]
+        u = q - p
+        t = torch.clamp(((x[:, None] - p) * u).sum(-1) / (u * u).sum(-1).clamp(min=EPS), 0, 1)
+        cpt = p + t[..., None] * u  # B x C x D closest points
+        delta = torch.sqrt(((x[:, None] - cpt) ** 2).sum(-1).clamp(min=EPS))
+        own = torch.nn.functional.one_hot(y, C).bool()
+        logits = alpha * (delta[own][:, None] + m[:, None] - delta)
+        logits = logits.masked_fill(own, float("-inf"))
+        full = torch.cat([torch.zeros(B, 1, dtype=x.dtype), logits], 1)
+        w = torch.softmax(full, 1)[:, 1:]
+        g = -w / B
+        g[own] = w.sum(1) / B + 2 * lam * delta[own] / B
+        h = g / delta
+        diff = x[:, None] - cpt
+        dx = (h[..., None] * diff).sum(1)
+        dp = -(h[..., None] * (1 - t)[..., None] * diff).sum(0)
+        dq = -(h[..., None] * t[..., None] * diff).sum(0)
+    assert torch.allclose(x.grad, dx, atol=1e-12)
+    assert torch.allclose(seg.grad[:, 0], dp, atol=1e-12)
+    assert torch.allclose(seg.grad[:, 1], dq, atol=1e-12)
+
+
+# ------------------------------------------------------------------ worked by hand
+def _t(*rows):
+    return torch.tensor(rows, dtype=torch.float64)
+
+
+def test_point_on_its_own_segment_two_classes_in_2d():
+    seg = torch.stack([_t([0.0, 0.0], [2.0, 0.0]), _t([0.0, 3.0], [0.0, 3.0])])  # class 1: a point
+    z = _t([1.0, 0.0])
+    out = R.daal_loss(z, torch.tensor([0]), seg, normalize=False, return_parts=True)
+    alpha, m0 = 16.0, 0.2
+    expected = math.log1p(math.exp(alpha * (1e-6 + m0 - math.sqrt(10.0)))) / alpha
+    assert not out.valid[0] and out.margin[0] == m0  # one sample: invalid density, margin m0
+    assert abs(out.loss.item() - expected) < 1e-15
+    assert out.density.item() == 0.0
+
+
+def test_segment_distances_by_hand():
+    seg = torch.stack([_t([0.0, 0.0], [2.0, 0.0]), _t([1.0, 1.0], [1.0, 1.0])])
+    x = _t([3.0, 1.0], [1.0, -2.0], [-1.0, 0.0], [1.0, 1.0])
+    d = R.line_distances(x, seg)
+    expected = _t([math.sqrt(2), 2.0], [2.0, 3.0], [1.0, math.sqrt(5)], [1.0, 1e-6])
+    assert torch.allclose(d, expected, atol=1e-12)
+
+
+def test_knn_radius_margins_and_density_by_hand():
+    z = _t([0.0], [1.0], [3.0], [10.0])
+    y = torch.tensor([0, 0, 0, 1])
+    seg = torch.zeros(2, 2, 1, dtype=torch.float64)
+    parts = R.daal_loss(z, y, seg, k=2, normalize=False, tau=2.2, return_parts=True)
+    assert torch.allclose(parts.radius[:3], _t(2.0, 1.5, 2.5))
+    assert torch.isinf(parts.radius[3]) and parts.valid.tolist() == [True, True, True, False]
+    assert torch.allclose(parts.margin, _t(0.2, 0.15, 0.25, 0.2))  # rbar = 2, m = 0.2 r / 2
+    assert abs(parts.density.item() - (0.2 + 0.7 + 0.0) / 3) < 1e-12
+
+
+def test_length_term_by_hand():
+    seg = torch.stack([_t([0.0, 0.0], [2.0, 0.0]), _t([0.0, 0.0], [0.0, 0.5])])
+    assert abs(R.length_term(seg, 1.0).item() - 0.5) < 1e-15  # ((2 - 1)^2 + 0) / 2
+
+
+# ------------------------------------------------------------------ SPEC edge cases
+def _finite_grads(z, y, seg, **hp):
+    z = z.clone().requires_grad_(True)
+    seg = seg.clone().requires_grad_(True)
+    loss = R.daal_loss(z, y, seg, **hp)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert torch.isfinite(z.grad).all() and torch.isfinite(seg.grad).all()
+    return loss, z.grad, seg.grad
+
+
+def test_class_with_one_sample_gets_margin_m0_and_no_density():
+    z, _, seg = random_problem(6, 3, 4)
+    y = torch.tensor([0, 0, 0, 1, 1, 2])
+    parts = R.daal_loss(z, y, seg, m0=0.33, return_parts=True)
+    assert not parts.valid[5] and parts.margin[5].item() == 0.33
+    assert parts.valid[:5].all()
+    _finite_grads(z, y, seg)
+
+
+def test_k_larger_than_every_class_uses_all_members():
+    z, _, seg = random_problem(7, 2, 3)
+    y = torch.tensor([0, 0, 0, 1, 1, 1, 1])
+    big = R.daal_loss(z, y, seg, k=50, return_parts=True)
+    exact = R.daal_loss(z, y, seg, k=3, return_parts=True)  # |S_i| = 2 or 3
+    assert torch.allclose(big.radius, exact.radius)
+    x = R.normalize_rows(z)
+    d01, d02 = (x[0] - x[1]).norm(), (x[0] - x[2]).norm()
+    assert abs(big.radius[0].item() - (d01 + d02).item() / 2) < 1e-12
+
+
+def test_single_class_has_no_line_term():
+    z, _, seg = random_problem(5, 1, 3)
+    y = torch.zeros(5, dtype=torch.long)
+    parts = R.daal_loss(z, y, seg, tau=5.0, return_parts=True)
+    assert parts.line.item() == 0.0
+    assert abs(parts.loss.item() - 0.5 * parts.density.item()) < 1e-15
+    _, _, gseg = _finite_grads(z, y, seg, tau=5.0, lambda_pull=0.0)
+    assert gseg.abs().max() == 0.0  # C = 1, no pull: segments do not act
+
+
+def test_absent_class_still_acts_as_negative():
+    z, _, seg = random_problem(8, 4, 3)
+    y = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])  # class 3 never appears
+    _, _, gseg = _finite_grads(z, y, seg, alpha=2.0)
+    assert gseg[3].abs().max() > 0
+
+
+def test_zero_length_segment_is_distance_to_a_point():
+    z, y, seg = random_problem(9, 3, 4)
+    seg[1, 1] = seg[1, 0]
+    x = R.normalize_rows(z)
+    d = R.line_distances(x, seg)
+    assert torch.allclose(d[:, 1], (x - seg[1, 0]).norm(dim=1), atol=1e-12)
+    _finite_grads(z, y, seg)
+
+
+def test_duplicate_embeddings_have_finite_gradients():
+    z, _, seg = random_problem(6, 2, 3)
+    z[1] = z[0]
+    z[2] = z[0]
+    y = torch.tensor([0, 0, 0, 1, 1, 1])
+    parts = R.daal_loss(z, y, seg, k=1, return_parts=True)
+    assert abs(parts.radius[0].item() - 1e-6) < 1e-12  # clamped: sqrt(eps)
+    _finite_grads(z, y, seg, k=1)
+
+
+def test_zero_embeddings_with_normalize():
+    z, _, seg = random_problem(4, 2, 3)
+    z[0] = 0.0
+    z[2] = 0.0
+    y = torch.tensor([0, 0, 1, 1])
+    _finite_grads(z, y, seg)  # x = z / eps there: a finite (large) Jacobian I / eps, never NaN
+    x = R.normalize_rows(z)
+    assert x[0].abs().max() == 0.0 and x[2].abs().max() == 0.0
+    parts = R.daal_loss(z, y, seg, return_parts=True)
+    assert parts.valid.all() and torch.isfinite(parts.radius).all()
+
+
+def test_batch_of_one():
+    z, _, seg = random_problem(1, 3, 5)
+    y = torch.tensor([2])
+    parts = R.daal_loss(z, y, seg, return_parts=True)
+    assert not parts.valid[0] and parts.density.item() == 0.0
+    _finite_grads(z, y, seg)
+
+
+# ------------------------------------------------------------------ reduction, dtypes
+def test_reduction_none_mean_equals_loss_minus_length():
+    z, _, seg = random_problem(12, 3, 4)
+    y = torch.arange(12) % 3
+    hp = dict(lambda_pull=0.4, lambda_len=0.7, l_max=0.1, tau=1.9)
+    per = R.daal_loss(z, y, seg, reduction="none", **hp)
+    parts = R.daal_loss(z, y, seg, return_parts=True, **hp)
+    assert per.shape == (12,)
+    assert abs(per.mean().item() - (parts.loss - 0.7 * parts.length).item()) < 1e-12
+    assert abs(parts.loss.item() - (parts.line + 0.4 * parts.pull + 0.5 * parts.density
+                                    + 0.7 * parts.length).item()) < 1e-12
+
+
+@pytest.mark.parametrize("zdt,sdt,expected", [
+    (torch.float16, torch.float32, torch.float32),
+    (torch.bfloat16, torch.bfloat16, torch.float32),
+    (torch.float32, torch.float32, torch.float32),
+    (torch.float32, torch.float64, torch.float64),
+])
+def test_loss_dtype_never_below_inputs_or_float32(zdt, sdt, expected):
+    z, y, seg = random_problem(10, 3, 6)
+    z = z.to(zdt).requires_grad_(True)
+    seg = seg.to(sdt).requires_grad_(True)
+    loss = R.daal_loss(z, y, seg)
+    assert loss.dtype == expected
+    loss.backward()
+    assert z.grad.dtype == zdt and seg.grad.dtype == sdt
+
+
+def test_autocast_does_not_lower_the_loss_precision():
+    z, y, seg = random_problem(10, 3, 6, dtype=torch.float32)
+    plain = R.daal_loss(z, y, seg)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cast = R.daal_loss(z, y, seg)
+    assert cast.dtype == torch.float32
+    assert abs(cast.item() - plain.item()) < 1e-6

@@ -1,0 +1,67 @@
+"""Reference pairwise distances and kNN: the oracles of the kernels, checked from first principles."""
+import pytest
+import torch
+
+from daal_triton import reference as R
+
+
+def test_pairwise_matches_direct_differences():
+    x = torch.randn(13, 7, dtype=torch.float64)
+    y = torch.randn(5, 7, dtype=torch.float64)
+    direct = ((x[:, None] - y[None]) ** 2).sum(-1).clamp(min=1e-12).sqrt()
+    assert torch.allclose(R.pairwise_distance(x, y), direct, atol=1e-12)
+
+
+def test_pairwise_duplicates_clamp_and_zero_gradient():
+    x = torch.randn(3, 4, dtype=torch.float64)
+    x = torch.cat([x, x[:1]]).requires_grad_(True)
+    d = R.pairwise_distance(x, x)
+    assert abs(d[0, 3].item() - 1e-6) < 1e-12
+    d[0, 3].backward()
+    assert torch.isfinite(x.grad).all() and x.grad.abs().max() == 0.0
+
+
+def _brute_knn(q, r, k, ql=None, rl=None, exclude_self=False):
+    out_d, out_i = [], []
+    for i in range(q.shape[0]):
+        cand = []
+        for j in range(r.shape[0]):
+            if exclude_self and i == j:
+                continue
+            if ql is not None and int(ql[i]) != int(rl[j]):
+                continue
+            cand.append((float(((q[i] - r[j]) ** 2).sum().clamp(min=1e-12).sqrt()), j))
+        cand.sort()
+        cand = cand[:k] + [(float("inf"), -1)] * (k - len(cand[:k]))
+        out_d.append([c[0] for c in cand])
+        out_i.append([c[1] for c in cand])
+    return torch.tensor(out_d, dtype=torch.float64), torch.tensor(out_i)
+
+
+@pytest.mark.parametrize("labels", [False, True])
+@pytest.mark.parametrize("exclude_self", [False, True])
+@pytest.mark.parametrize("k", [1, 4, 9])
+def test_knn_matches_brute_force(labels, exclude_self, k):
+    q = torch.randn(11, 3, dtype=torch.float64)
+    r = torch.cat([q[:6], torch.randn(3, 3, dtype=torch.float64)])  # shared rows: self pairs
+    ql = torch.randint(0, 3, (11,)) if labels else None
+    rl = torch.randint(0, 3, (9,)) if labels else None
+    d, i = R.knn(q, r, k, query_labels=ql, ref_labels=rl, exclude_self=exclude_self)
+    bd, bi = _brute_knn(q, r, k, ql, rl, exclude_self)
+    assert torch.equal(i, bi)
+    assert torch.allclose(d, bd, atol=1e-12)
+    assert i.dtype == torch.int64
+
+
+def test_knn_ties_go_to_the_smaller_index_and_padding():
+    r = torch.tensor([[1.0], [0.0], [1.0], [-1.0], [2.0]], dtype=torch.float64)
+    q = torch.tensor([[0.0]], dtype=torch.float64)
+    d, i = R.knn(q, r, 7)
+    assert i.tolist() == [[1, 0, 2, 3, 4, -1, -1]]
+    assert d[0, :5].tolist() == [1e-6, 1.0, 1.0, 1.0, 2.0] and torch.isinf(d[0, 5:]).all()
+
+
+def test_knn_distance_gradient_flows_to_query_and_ref():
+    q = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    r = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: R.knn(a, b, 3)[0], (q, r))
