@@ -5,7 +5,8 @@ The plain-PyTorch oracle is :mod:`daal_triton.reference`; the kernels are :mod:`
 """
 from .functional import daal_loss, knn, pairwise_distance
 from .loss import DAALLoss, init_segments
+from .memory import MemoryBank
 from .reference import DAALParts
 
 __version__ = "0.1.0"
-__all__ = ["DAALLoss", "DAALParts", "daal_loss", "init_segments", "knn", "pairwise_distance"]
+__all__ = ["DAALLoss", "DAALParts", "MemoryBank", "daal_loss", "init_segments", "knn", "pairwise_distance"]

@@ -52,6 +52,7 @@ def daal_loss(
     return_parts: bool = False,
     ref_embeddings: Optional[torch.Tensor] = None,
     ref_labels: Optional[torch.Tensor] = None,
+    ref_includes_batch: bool = False,
     backend: str = "auto",
 ):
     """DAAL loss (SPEC.md). ``embeddings`` B x D, ``labels`` B ints in [0, C), ``segments`` C x 2 x D.
@@ -61,12 +62,13 @@ def daal_loss(
     :class:`daal_triton.reference.DAALParts` with ``return_parts=True``.
 
     ``ref_embeddings``/``ref_labels`` (a memory bank): the kNN radius of each sample is taken over
-    the reference rows of its class instead of the other batch rows. Nothing is excluded there, so
-    a bank that already holds this batch's rows should be passed without them (or they count as
-    neighbours at distance ~0).
+    the reference rows of its class instead of the other batch rows. Nothing is excluded there,
+    unless ``ref_includes_batch=True``, which says that ``ref_embeddings[:B]`` are the batch's own
+    rows (e.g. ``torch.cat([embeddings, bank])``): then row ``i`` is not its own neighbour.
     """
     validate_loss_inputs(embeddings, labels, segments, k=k,
-                         ref_embeddings=ref_embeddings, ref_labels=ref_labels)
+                         ref_embeddings=ref_embeddings, ref_labels=ref_labels,
+                         ref_includes_batch=ref_includes_batch)
     check_hyperparameters(m0=m0, m_min=m_min, m_max=m_max, alpha=alpha, tau=tau, l_max=l_max,
                           lambda_pull=lambda_pull, lambda_dens=lambda_dens,
                           lambda_len=lambda_len, reduction=reduction)
@@ -77,7 +79,7 @@ def daal_loss(
         alpha=alpha, tau=tau, lambda_pull=lambda_pull, lambda_dens=lambda_dens,
         lambda_len=lambda_len, l_max=l_max, normalize=normalize, reduction=reduction,
         ref_embeddings=ref_embeddings, ref_labels=ref_labels,
-        knn_fn=knn_fn, line_margin_fn=line_fn,
+        ref_includes_batch=ref_includes_batch, knn_fn=knn_fn, line_margin_fn=line_fn,
     )
     return parts if return_parts else parts.loss
 

@@ -59,11 +59,14 @@ class DAALLoss(nn.Module):
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor,
                 ref_emb: Optional[torch.Tensor] = None,
-                ref_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+                ref_labels: Optional[torch.Tensor] = None,
+                ref_includes_batch: bool = False) -> torch.Tensor:
         """``embeddings`` B x D, ``labels`` B; ``ref_emb``/``ref_labels``: an optional reference
-        set (memory bank) over which the kNN radii are taken (see ``daal_triton.daal_loss``)."""
+        set (memory bank) over which the kNN radii are taken; ``ref_includes_batch=True`` when
+        ``ref_emb[:B]`` is the batch itself (see ``daal_triton.daal_loss``)."""
         return daal_loss(embeddings, labels, self.segments, ref_embeddings=ref_emb,
-                         ref_labels=ref_labels, backend=self.backend, **self.hparams)
+                         ref_labels=ref_labels, ref_includes_batch=ref_includes_batch,
+                         backend=self.backend, **self.hparams)
 
     def extra_repr(self) -> str:
         hp = ", ".join(f"{k}={v}" for k, v in self.hparams.items())

@@ -83,6 +83,7 @@ def check_hyperparameters(
 
 def validate_loss_inputs(
     embeddings, labels, segments, *, k, ref_embeddings=None, ref_labels=None,
+    ref_includes_batch=False,
 ) -> None:
     """Everything SPEC.md asks of ``daal_loss``'s tensors."""
     for name, t in (("embeddings", embeddings), ("labels", labels), ("segments", segments)):
@@ -113,6 +114,11 @@ def validate_loss_inputs(
                 f"got {ref_embeddings.shape[1]}"
             )
         check_labels(ref_labels, "ref_labels", ref_embeddings.shape[0], None)
+        if ref_includes_batch and ref_embeddings.shape[0] < embeddings.shape[0]:
+            raise ValueError("ref_includes_batch=True needs ref_embeddings to start with the batch's "
+                             f"{embeddings.shape[0]} rows, got {ref_embeddings.shape[0]} rows")
+    elif ref_includes_batch:
+        raise ValueError("ref_includes_batch=True needs ref_embeddings and ref_labels")
 
 
 def validate_knn_inputs(query, ref, k, query_labels=None, ref_labels=None) -> None:

@@ -54,18 +54,21 @@ def knn_radius(
     *,
     ref: Optional[torch.Tensor] = None,
     ref_labels: Optional[torch.Tensor] = None,
+    ref_includes_batch: bool = False,
     knn_fn: KnnFn = knn,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """kNN radius ``r_i`` = mean distance to the ``k_i = min(k, |S_i|)`` nearest same-class points.
 
     Without ``ref`` the candidates are the other rows of the batch (self excluded); with ``ref``
-    they are the rows of ``ref`` with the same label (nothing excluded).
+    they are the rows of ``ref`` with the same label, excluding ``ref[i]`` for batch row ``i``
+    only when ``ref_includes_batch`` (the batch occupies ``ref[:B]``).
     Returns ``(r, valid, index)``; ``r_i = inf`` where invalid (``k_i = 0``).
     """
     if ref is None:
         dist, index = knn_fn(x, x, k, query_labels=labels, ref_labels=labels, exclude_self=True)
     else:
-        dist, index = knn_fn(x, ref, k, query_labels=labels, ref_labels=ref_labels, exclude_self=False)
+        dist, index = knn_fn(x, ref, k, query_labels=labels, ref_labels=ref_labels,
+                             exclude_self=ref_includes_batch)
     found = index >= 0
     count = found.sum(1)
     valid = count > 0
@@ -175,6 +178,7 @@ def compose(
     reduction: str = "mean",
     ref_embeddings: Optional[torch.Tensor] = None,
     ref_labels: Optional[torch.Tensor] = None,
+    ref_includes_batch: bool = False,
     knn_fn: KnnFn = knn,
     line_margin_fn: LineMarginFn = line_margin,
 ) -> DAALParts:
@@ -192,7 +196,8 @@ def compose(
             ref = ref_embeddings.to(dtype)
             ref = normalize_rows(ref) if normalize else ref
             ref_labels = ref_labels.long()
-        r, valid, index = knn_radius(x, labels, k, ref=ref, ref_labels=ref_labels, knn_fn=knn_fn)
+        r, valid, index = knn_radius(x, labels, k, ref=ref, ref_labels=ref_labels,
+                                    ref_includes_batch=ref_includes_batch, knn_fn=knn_fn)
         margin = adaptive_margins(
             r, valid, labels, seg.shape[0], m0=m0, m_min=m_min, m_max=m_max, gamma=gamma
         )
@@ -251,6 +256,7 @@ def daal_loss(
     return_parts: bool = False,
     ref_embeddings: Optional[torch.Tensor] = None,
     ref_labels: Optional[torch.Tensor] = None,
+    ref_includes_batch: bool = False,
 ):
     """DAAL, SPEC.md steps 1-7, in plain PyTorch.
 
@@ -258,12 +264,15 @@ def daal_loss(
     (``segments[:, 0]`` = p, ``segments[:, 1]`` = q). Returns the loss (a scalar for
     ``reduction="mean"``, B values for ``"none"``) in the promoted dtype of embeddings and
     segments (at least float32), or a :class:`DAALParts` when ``return_parts``.
-    With ``ref_embeddings``/``ref_labels`` the kNN radii are taken over that reference set.
+    With ``ref_embeddings``/``ref_labels`` the kNN radii are taken over that reference set
+    (a memory bank); ``ref_includes_batch=True`` says its first B rows are the batch itself,
+    so each sample's own row is not its neighbour.
     """
     parts = compose(
         embeddings, labels, segments, k=k, m0=m0, m_min=m_min, m_max=m_max, gamma=gamma,
         alpha=alpha, tau=tau, lambda_pull=lambda_pull, lambda_dens=lambda_dens,
         lambda_len=lambda_len, l_max=l_max, normalize=normalize, reduction=reduction,
         ref_embeddings=ref_embeddings, ref_labels=ref_labels,
+        ref_includes_batch=ref_includes_batch,
     )
     return parts if return_parts else parts.loss

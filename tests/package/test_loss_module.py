@@ -1,4 +1,5 @@
 """DAALLoss: the module users train with."""
+import pytest
 import torch
 
 import daal_triton as dt
@@ -52,3 +53,19 @@ def test_memory_bank_reference_set():
     expected = d.topk(3, largest=False).values.mean(1)
     assert torch.allclose(parts.radius.double(), expected, atol=1e-5)
     assert torch.allclose(loss(z, y, bank, bank_y), parts.loss)
+
+
+def test_memory_bank_that_starts_with_the_batch_excludes_self():
+    z, y, seg = random_problem(8, 2, 4, dtype=torch.float64)
+    bank, bank_y = torch.randn(12, 4, dtype=torch.float64), torch.arange(12) % 2
+    ref, ref_y = torch.cat([z, bank]), torch.cat([y, bank_y])
+    parts = dt.daal_loss(z, y, seg, ref_embeddings=ref, ref_labels=ref_y, ref_includes_batch=True,
+                         return_parts=True, k=2)
+    x = torch.nn.functional.normalize(torch.cat([z, bank]), dim=1)
+    d = torch.cdist(x[:8], x)
+    d[y[:, None] != ref_y[None, :]] = float("inf")
+    d[torch.arange(8), torch.arange(8)] = float("inf")
+    assert torch.allclose(parts.radius, d.topk(2, largest=False).values.mean(1), atol=1e-10)
+    assert (parts.neighbors != torch.arange(8)[:, None]).all()
+    with pytest.raises(ValueError, match="ref_includes_batch=True needs ref_embeddings"):
+        dt.daal_loss(z, y, seg, ref_includes_batch=True)

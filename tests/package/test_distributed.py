@@ -1,0 +1,81 @@
+"""DAAL over a global batch gathered across 2 gloo processes equals one process on that batch."""
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import daal_triton as dt
+from daal_triton.distributed import gather_batch, sync_grads, world_size
+
+B, D_IN, D, C = 12, 6, 5, 4
+
+
+def _problem():
+    g = torch.Generator().manual_seed(1234)
+    x = torch.randn(B, D_IN, generator=g, dtype=torch.float64)
+    y = torch.arange(B) % C
+    model = torch.nn.Linear(D_IN, D).double()
+    with torch.no_grad():
+        model.weight.copy_(torch.randn(D, D_IN, generator=g))
+        model.bias.copy_(torch.randn(D, generator=g))
+    loss = dt.DAALLoss(C, D, lambda_pull=0.2, tau=1.5, backend="reference").double()
+    with torch.no_grad():
+        loss.segments.copy_(torch.randn(C, 2, D, generator=g))
+    return x, y, model, loss
+
+
+def _worker(rank, world, port, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        x, y, model, loss_fn = _problem()
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        share = B // world
+        xs, ys = x[rank * share:(rank + 1) * share], y[rank * share:(rank + 1) * share]
+        emb = ddp(xs)
+        emb.retain_grad()
+        emb_all, y_all = gather_batch(emb, ys)
+        assert world_size() == world and torch.equal(y_all, y)
+        loss = loss_fn(emb_all, y_all)
+        loss.backward()
+        sync_grads(loss_fn.parameters())
+        torch.save({"loss": loss.detach(), "emb_grad": emb.grad, "seg_grad": loss_fn.segments.grad,
+                    "w_grad": model.weight.grad, "b_grad": model.bias.grad},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_match_one_process(tmp_path):
+    world = 2
+    mp.spawn(_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=True)
+    x, y, model, loss_fn = _problem()
+    emb = model(x)
+    emb.retain_grad()
+    loss = loss_fn(emb, y)
+    loss.backward()
+    share = B // world
+    for r in range(world):
+        got = torch.load(tmp_path / f"rank{r}.pt")
+        assert torch.allclose(got["loss"], loss.detach(), rtol=1e-12, atol=0)
+        assert torch.allclose(got["seg_grad"], loss_fn.segments.grad, rtol=1e-10, atol=1e-14)
+        assert torch.allclose(got["w_grad"], model.weight.grad, rtol=1e-10, atol=1e-14)
+        assert torch.allclose(got["b_grad"], model.bias.grad, rtol=1e-10, atol=1e-14)
+        # every rank's copy of the loss reaches this rank's rows: world x the single-process gradient
+        assert torch.allclose(got["emb_grad"] / world, emb.grad[r * share:(r + 1) * share],
+                              rtol=1e-10, atol=1e-14)
+
+
+def test_gather_is_identity_without_process_group():
+    e, y = torch.randn(3, 2), torch.arange(3)
+    assert gather_batch(e, y)[0] is e and world_size() == 1
