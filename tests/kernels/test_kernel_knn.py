@@ -1,0 +1,253 @@
+"""Parity of the fused kNN (``daal_triton.kernels.knn``) with ``reference.knn`` run in float64:
+distances by relative error, indices exactly (where the reference has no near-ties), padding,
+the tie rule, labels, self exclusion, gradients, and compilation of every launcher config."""
+import pytest
+import torch
+
+from daal_testing import COMPILE_ALL_CONFIGS, assert_close, compile_many_for_gpu, gpu_job, tolerance
+
+from daal_triton import reference
+from daal_triton.kernels import knn as kk
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+TF32 = DEV == "cuda"
+
+
+def _labels(n, c):
+    return torch.randint(0, c, (n,), device=DEV)
+
+
+def _separated_rows(q, r, k, ql, rl, exclude_self, gap=1e-4):
+    """Rows whose k+1 smallest candidate distances (float64) are pairwise apart by ``gap``
+    (relative): there the index order is well defined for any float32 rounding."""
+    d = reference.pairwise_distance(q.double(), r.double())
+    if ql is not None:
+        d = d.masked_fill(ql[:, None] != rl[None, :], float("inf"))
+    if exclude_self:
+        n = min(d.shape)
+        d[torch.arange(n), torch.arange(n)] = float("inf")
+    s = torch.sort(d, 1).values[:, : k + 1]
+    diff = s[:, 1:] - s[:, :-1]
+    finite = torch.isfinite(s[:, 1:])
+    ok = torch.where(finite, diff > gap * s[:, 1:].clamp(min=1e-3), torch.ones_like(finite))
+    return ok.all(1)
+
+
+def _run(q, r, k, *, labels=None, exclude_self=False, splits=None, grad=True, tol=None,
+         check_index="separated"):
+    """Kernel vs float64 reference: dist, index, padding, and d(sum g*dist)/d(query, ref)."""
+    same = r is q
+    ql, rl = labels if labels is not None else (None, None)
+    tol = tol or tolerance(q.dtype, tf32=TF32)
+    qk = q.detach().requires_grad_(grad)
+    rk = qk if same else r.detach().requires_grad_(grad)
+    dist, index = kk._knn(qk, rk, k, query_labels=ql, ref_labels=rl, exclude_self=exclude_self,
+                          splits=splits)
+    M = q.shape[0]
+    assert dist.shape == (M, k) and index.shape == (M, k)
+    assert dist.dtype == torch.float32 and index.dtype == torch.int64
+
+    qr = q.detach().double().requires_grad_(grad)
+    rr = qr if same else r.detach().double().requires_grad_(grad)
+    dref, iref = reference.knn(qr, rr, k, query_labels=ql, ref_labels=rl, exclude_self=exclude_self)
+
+    assert torch.equal(index < 0, iref < 0), "padding differs"
+    assert torch.equal(torch.isinf(dist), index < 0)
+    if check_index == "all":
+        assert torch.equal(index, iref)
+    elif check_index == "separated":
+        rows = _separated_rows(q, r, k, ql, rl, exclude_self)
+        if k <= 16:
+            assert rows.float().mean() > 0.5, "test inputs have too many near-ties"
+        assert torch.equal(index[rows], iref[rows])
+    found = iref >= 0
+    if found.any():
+        assert_close(dist[found], dref[found], tol, "dist")
+    # sorted ascending; equal distances in increasing index order
+    assert (dist[:, 1:] >= dist[:, :-1]).all()
+    if grad and found.any():
+        g = torch.randn(M, k, device=q.device)
+        g = torch.where(found, g, torch.zeros_like(g))
+        (dist.masked_fill(~found, 0) * g).sum().backward()
+        (dref.masked_fill(~found, 0) * g.double()).sum().backward()
+        gtol = max(tol, tolerance(q.dtype))
+        assert_close(qk.grad, qr.grad, gtol, "d query")
+        if not same:
+            assert_close(rk.grad, rr.grad, gtol, "d ref")
+    return dist, index
+
+
+CASES = [  # M, N, D, k
+    (37, 53, 19, 5),
+    (1, 140, 33, 8),  # M = 1, N over one tile
+    (70, 9, 1, 4),  # D = 1
+    (6, 3, 7, 8),  # N < k
+    (40, 60, 24, 17),  # k not a power of two, KP = 32
+]
+
+
+@pytest.mark.parametrize("M,N,D,k", CASES)
+def test_knn_float32(M, N, D, k):
+    _run(torch.randn(M, D, device=DEV), torch.randn(N, D, device=DEV), k)
+
+
+@pytest.mark.parametrize("M,N,D,k", [(37, 53, 19, 5), (6, 3, 7, 8)])
+def test_knn_labels(M, N, D, k):
+    """Same-label only; some rows have fewer than k same-label refs (padding inf / -1)."""
+    labels = (_labels(M, 3), _labels(N, 3))
+    _run(torch.randn(M, D, device=DEV), torch.randn(N, D, device=DEV), k, labels=labels)
+
+
+def test_knn_exclude_self_with_labels_same_tensor():
+    """The loss's use: query is ref, same-class neighbours, self excluded; gradients sum both
+    roles of the one tensor."""
+    x = torch.randn(50, 12, device=DEV)
+    y = _labels(50, 4)
+    _run(x, x, 3, labels=(y, y), exclude_self=True)
+
+
+def test_knn_exclude_self_no_labels():
+    x = torch.randn(30, 5, device=DEV)
+    dist, index = _run(x, x, 4, exclude_self=True)
+    assert (index != torch.arange(30, device=DEV)[:, None]).all()
+
+
+def test_knn_splits_merge():
+    """Several column ranges per query block (the GPU's split-N path) merge to the same result."""
+    q, r = torch.randn(20, 10, device=DEV), torch.randn(300, 10, device=DEV)
+    _run(q, r, 6, splits=3, labels=(_labels(20, 2), _labels(300, 2)))
+
+
+def test_knn_ties_smaller_index():
+    """Exact ties (duplicated integer rows, exact in every precision): smaller index first."""
+    base = torch.randint(-3, 4, (10, 6), device=DEV).float()
+    r = base[torch.randint(0, 10, (150,), device=DEV)]  # many exact duplicates
+    q = torch.cat([base[:5], torch.randint(-3, 4, (4, 6), device=DEV).float()])
+    dist, index = _run(q, r, 12, check_index="all", grad=False)
+    _run(q, r, 12, check_index="all", grad=False, splits=2)
+    # among equal distances, indices increase
+    eq = dist[:, 1:] == dist[:, :-1]
+    assert (index[:, 1:][eq] > index[:, :-1][eq]).all()
+
+
+def test_knn_ties_labels_exclude_self():
+    x = torch.randint(0, 3, (60, 4), device=DEV).float()
+    y = _labels(60, 2)
+    _run(x, x, 5, labels=(y, y), exclude_self=True, check_index="all")
+
+
+def test_knn_shared_neighbour_atomics():
+    """Every query's nearest reference is the same row: the atomics must add up, not race."""
+    q = torch.randn(70, 8, device=DEV) * 0.01
+    r = torch.cat([torch.zeros(1, 8, device=DEV), torch.randn(20, 8, device=DEV) + 5.0])
+    _run(q, r, 2)
+
+
+def test_knn_float16():
+    q, r = torch.randn(45, 70, device=DEV).half(), torch.randn(66, 70, device=DEV).half()
+    _run(q, r, 6, labels=(_labels(45, 2), _labels(66, 2)))
+
+
+def test_knn_bfloat16_cpu_skip():
+    if DEV == "cpu":
+        pytest.skip("Triton's interpreter cannot run bfloat16 dots; bf16 parity runs in the gpu tests")
+    _run(torch.randn(45, 70, device=DEV).bfloat16(), torch.randn(66, 70, device=DEV).bfloat16(), 6)
+
+
+def test_knn_large_k_fallback_and_float64():
+    """k > MAX_K runs the chunked PyTorch path (same semantics); float64 stays float64."""
+    q, r = torch.randn(2, 4, device=DEV), torch.randn(kk.MAX_K + 10, 4, device=DEV)
+    _run(q, r, kk.MAX_K + 3)
+    d, i = kk.knn(q.double(), r.double(), 4)
+    dr, ir = reference.knn(q.double(), r.double(), 4)
+    assert d.dtype == torch.float64 and torch.equal(i, ir)
+    assert_close(d, dr, 1e-12)
+
+
+def test_knn_k64():
+    q, r = torch.randn(9, 6, device=DEV), torch.randn(100, 6, device=DEV)
+    _run(q, r, 64, labels=(_labels(9, 2), _labels(100, 2)))
+
+
+def test_knn_no_mxn_buffer():
+    """No allocation of M x N (or more) elements happens: every torch allocation made by the
+    launcher is watched, for M = N = 512 (M x N = 262144 elements)."""
+    M = N = 512
+    q, r = torch.randn(M, 4, device=DEV), torch.randn(N, 4, device=DEV)
+    sizes = []
+    originals = {name: getattr(torch, name) for name in ("empty", "zeros", "full")}
+
+    def spy(name):
+        def f(*args, **kw):
+            t = originals[name](*args, **kw)
+            sizes.append(t.numel())
+            return t
+        return f
+
+    try:
+        for name in originals:
+            setattr(torch, name, spy(name))
+        dist, index = kk.knn(q, r, 4)
+    finally:
+        for name, fn in originals.items():
+            setattr(torch, name, fn)
+    assert sizes and max(sizes) < M * N // 16, max(sizes)
+    dref, iref = reference.knn(q.double(), r.double(), 4)
+    assert_close(dist, dref, tolerance(torch.float32, tf32=TF32))
+
+
+def test_knn_bad_arguments():
+    q = torch.randn(3, 2, device=DEV)
+    with pytest.raises(ValueError, match="k"):
+        kk.knn(q, q, 0)
+    with pytest.raises(ValueError, match="together"):
+        kk.knn(q, q, 1, query_labels=_labels(3, 2))
+    with pytest.raises(ValueError, match="ref"):
+        kk.knn(q, torch.randn(3, 5, device=DEV), 1)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("k", [1, 8, 40, 128])
+def test_knn_gpu(dtype, k):
+    q = torch.randn(700, 515, device="cuda").to(dtype)
+    r = torch.randn(2100, 515, device="cuda").to(dtype)
+    labels = (torch.randint(0, 5, (700,), device="cuda"), torch.randint(0, 5, (2100,), device="cuda"))
+    _run(q, r, k, labels=labels, tol=tolerance(dtype, tf32=True), check_index="none")
+    _run(q, q, k, labels=(labels[0], labels[0]), exclude_self=True, tol=tolerance(dtype, tf32=True),
+         check_index="none")
+
+
+# ------------------------------------------------------------------------- compile for GPUs
+def _selected(configs):
+    if COMPILE_ALL_CONFIGS:
+        return configs
+    main = {"knn_fwd-fp32-kp16-bd32", "knn_fwd-bf16-kp16-bd64", "knn_bwd-fp32"}
+    return [c for c in configs if c.name in main]
+
+
+def test_knn_configs_compile():
+    """Each configuration compiles for sm_80 and sm_90; GEMM kernels use mma.sync (sm_80) and
+    wgmma (sm_90; BLOCK_M = 32 configs fall back to mma.sync, which is fine)."""
+    configs = _selected(kk.CONFIGS)
+    pairs = [(c, cap) for c in configs for cap in (80, 90)]
+    results = compile_many_for_gpu([gpu_job(c.kernel, c.signature, c.constexprs, capability=cap,
+                                            num_warps=c.num_warps, num_stages=c.num_stages)
+                                    for c, cap in pairs])
+    for (cfg, cap), res in zip(pairs, results):
+        assert not res.get("error"), f"{cfg.name} sm_{cap}:\n{res.get('error')}"
+        if cfg.gemm:
+            ptx = res["ptx"]
+            want = "mma.sync" if cap == 80 or cfg.constexprs["BLOCK_M"] < 64 else "wgmma.mma_async"
+            assert want in ptx, f"{cfg.name} sm_{cap}: no {want} in the PTX"
+
+
+def test_knn_config_table_covers_launcher():
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        for D in (1, 20, 512):
+            for k in (1, 3, 8, 16, 17, 64, 100, kk.MAX_K):
+                kp = 1 << (k - 1).bit_length()
+                bm, bn, bd, w, s = kk.fwd_config(dtype, D, kp)
+                row = next(limit for limit, _ in kk.KP_TABLE if kp <= limit)
+                name = f"knn_fwd-{kk.TL_DTYPE[dtype][1:]}-kp{row}-bd{bd}"
+                assert any(c.name == name for c in kk.CONFIGS), name

@@ -1,0 +1,122 @@
+"""Parity of ``daal_triton.kernels.pairwise`` (forward and backward) with the float64 reference,
+and compilation of its configurations for sm_80 / sm_90 (``mma`` / ``wgmma`` in the PTX)."""
+import os
+
+import pytest
+import torch
+
+from daal_testing import COMPILE_ALL_CONFIGS, assert_close, compile_many_for_gpu, gpu_job, tolerance
+
+from daal_triton import reference
+from daal_triton.kernels import pairwise as kp
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _check(x, y, *, tol, grad=True):
+    """Forward and both gradients against the reference run in float64 on the same values."""
+    x = x.detach().requires_grad_(grad)
+    y = y.detach().requires_grad_(grad)
+    d = kp.pairwise_distance(x, y)
+    assert d.dtype == torch.float32 and d.shape == (x.shape[0], y.shape[0])
+    xr = x.detach().double().requires_grad_(grad)
+    yr = y.detach().double().requires_grad_(grad)
+    dr = reference.pairwise_distance(xr, yr)
+    assert_close(d, dr, tol, "distance")
+    if grad:
+        g = torch.randn(d.shape, device=d.device)
+        (d * g).sum().backward()
+        (dr * g.double()).sum().backward()
+        assert x.grad.dtype == x.dtype and y.grad.dtype == y.dtype
+        # a gradient is returned in its input's dtype, so it carries that dtype's rounding
+        assert_close(x.grad, xr.grad, max(tol, tolerance(x.dtype)), "dX")
+        assert_close(y.grad, yr.grad, max(tol, tolerance(y.dtype)), "dY")
+
+
+@pytest.mark.parametrize("M,N,D", [(37, 53, 19), (1, 5, 1), (130, 3, 70), (5, 140, 33)])
+def test_pairwise_float32(M, N, D):
+    _check(torch.randn(M, D, device=DEV), torch.randn(N, D, device=DEV), tol=tolerance(torch.float32, tf32=DEV == "cuda"))
+
+
+def test_pairwise_float16():
+    x = torch.randn(45, 70, device=DEV).half()
+    y = torch.randn(33, 70, device=DEV).half()
+    _check(x, y, tol=tolerance(torch.float16))
+
+
+def test_pairwise_strided_and_mixed():
+    """A transposed (non-contiguous) x and a float16 y promote to float32 and still match."""
+    x = torch.randn(24, 40, device=DEV).T  # 40 x 24, column-major
+    y = torch.randn(17, 24, device=DEV).half()
+    _check(x, y, tol=tolerance(torch.float32, tf32=DEV == "cuda"))
+
+
+def test_pairwise_duplicates_zero_grad():
+    """Where the clamp binds (identical rows) the distance is sqrt(eps) and the gradient is 0."""
+    x = torch.arange(12.0, device=DEV).reshape(3, 4)
+    y = x[[2, 0]].clone()
+    x.requires_grad_(True)
+    d = kp.pairwise_distance(x, y)
+    assert d[2, 0].item() == pytest.approx(1e-6) and d[0, 1].item() == pytest.approx(1e-6)
+    d[2, 0].backward()
+    assert torch.isfinite(x.grad).all() and x.grad.abs().max().item() == 0.0
+
+
+def test_pairwise_float64_goes_to_reference():
+    x, y = torch.randn(4, 3, dtype=torch.float64), torch.randn(5, 3, dtype=torch.float64)
+    d = kp.pairwise_distance(x, y)
+    assert d.dtype == torch.float64
+    assert_close(d, reference.pairwise_distance(x, y), 1e-12)
+
+
+def test_pairwise_bfloat16_cpu_skip():
+    if DEV == "cpu":
+        pytest.skip("Triton's interpreter cannot run bfloat16 dots; bf16 parity runs in the gpu tests")
+    _check(torch.randn(45, 70, device=DEV).bfloat16(), torch.randn(33, 70, device=DEV).bfloat16(),
+           tol=tolerance(torch.bfloat16))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_pairwise_gpu(dtype):
+    x = torch.randn(300, 515, device="cuda").to(dtype)
+    y = torch.randn(257, 515, device="cuda").to(dtype)
+    _check(x, y, tol=tolerance(dtype, tf32=kp.ALLOW_TF32))
+
+
+# ------------------------------------------------------------------------- compile for GPUs
+# The default run compiles the main configuration of each kernel and dtype (the largest D-chunk);
+# DAAL_ALL_CONFIGS=1 compiles every entry of CONFIGS (about 50 compilations: minutes on 2 cores).
+def _selected(configs):
+    if COMPILE_ALL_CONFIGS:
+        return configs
+    main = {"pairwise_fwd-fp32-bd32", "pairwise_fwd-bf16-bd64", "pairwise_fwd-fp16-bd64",
+            "pairwise_bwd-fp16-bd64", "sqnorm-fp32"}
+    return [c for c in configs if c.name in main]
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    configs = _selected(kp.CONFIGS)
+    jobs = [gpu_job(c.kernel, c.signature, c.constexprs, capability=cap, num_warps=c.num_warps,
+                    num_stages=c.num_stages) for c in configs for cap in (80, 90)]
+    return list(zip([(c, cap) for c in configs for cap in (80, 90)], compile_many_for_gpu(jobs)))
+
+
+def test_pairwise_configs_compile(compiled):
+    assert compiled
+    for (cfg, cap), res in compiled:
+        assert not res.get("error"), f"{cfg.name} sm_{cap}:\n{res.get('error')}"
+        ptx = res["ptx"]
+        if cfg.gemm:
+            want = "wgmma.mma_async" if cap == 90 else "mma.sync"
+            assert want in ptx, f"{cfg.name} sm_{cap}: no {want} in the PTX"
+
+
+def test_config_table_is_consistent():
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        for D in (1, 16, 17, 100, 512):
+            bm, bn, bd, w, s = kp.fwd_config(dtype, D)
+            name = f"pairwise_fwd-{kp.TL_DTYPE[dtype][1:]}-bd{bd}"
+            assert any(c.name == name for c in kp.CONFIGS), name
+    assert os.environ.get("TRITON_INTERPRET") or torch.cuda.is_available()
