@@ -1,0 +1,171 @@
+#!/usr/bin/env bash
+# The GPU check: on a machine with one NVIDIA GPU and no network, in under 8 minutes,
+#   1. install this package (pip --no-deps --no-build-isolation -e .; fallbacks: --target, then a
+#      link tree on PYTHONPATH),
+#   2. run the GPU parity tests (pytest tests -m gpu) and the kernel tests (tests/kernels),
+#   3. run the benchmarks (bench/, profile "check": the issue's targets first, then one
+#      representative per operator), with an in-process deadline so they stop in time,
+#   4. write OUTDIR/report.md (bench/report.py) from what was recorded.
+#
+# usage: bash bench/gpu_check.sh OUTDIR
+#
+# OUTDIR receives: env.json, steps.json (one line per step: exit status, seconds), *.log,
+# gpu_tests.xml / kernel_tests.xml / bench_junit.xml (JUnit), records.jsonl (one line per
+# benchmark case: measured, skipped with the reason, or failed), bench.json
+# (pytest-benchmark's --benchmark-json), nvidia-smi.txt, report.md.
+# To commit a run: copy OUTDIR to bench/results/<date>-<gpu>/ and run
+# `python bench/report.py --readme`.
+#
+# Every step runs under `timeout -s INT` (pytest still writes its JSON/JUnit when interrupted)
+# and a failing step never stops the next one; the report is always written. Exit status: 0 when
+# the install and the parity tests passed, 1 otherwise (see steps.json and the report).
+#
+# Environment: PYTHON (default python3), DAAL_CHECK_TOTAL_S (default 460: the whole budget),
+# DAAL_BENCH_PROFILE (default check; "full" needs far more time than 8 minutes).
+set -uo pipefail
+
+if [ $# -lt 1 ]; then
+  echo "usage: bash bench/gpu_check.sh OUTDIR" >&2
+  exit 2
+fi
+mkdir -p "$1" || exit 2
+OUT=$(cd "$1" && pwd)
+cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 2
+REPO=$(pwd)
+T0=$(date +%s)
+TOTAL=${DAAL_CHECK_TOTAL_S:-460}
+PY=${PYTHON:-$(command -v python3 || command -v python)}
+PROFILE=${DAAL_BENCH_PROFILE:-check}
+TMP=$(mktemp -d "${TMPDIR:-/tmp}/daal_gpu_check.XXXXXX")
+STEPS="$OUT/steps.json"
+: > "$STEPS"
+STATUS=0
+
+unset TRITON_INTERPRET
+export PIP_NO_INDEX=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONUNBUFFERED=1
+if [ ! -w "${HOME:-/nonexistent}" ]; then  # Triton and inductor caches need a writable place
+  export TRITON_CACHE_DIR="$TMP/triton" TORCHINDUCTOR_CACHE_DIR="$TMP/inductor"
+fi
+
+# pytest without the current directory on sys.path: ./daal_triton (the source folder, without
+# its kernels/ and reference/ subpackages) must not shadow the installed package.
+RUNNER='import sys
+sys.path[:] = [p for p in sys.path if p not in ("", ".")]
+import pytest
+sys.exit(pytest.main(sys.argv[1:]))'
+
+elapsed() { echo $(( $(date +%s) - T0 )); }
+left() { echo $(( TOTAL - $(elapsed) )); }
+
+# step NAME LIMIT_S CMD...: run CMD under timeout, log to OUT/NAME.log, record in steps.json.
+step() {
+  local name=$1 limit=$2 start rc
+  shift 2
+  if [ "$limit" -lt 5 ]; then
+    echo "{\"step\": \"$name\", \"rc\": null, \"seconds\": 0, \"note\": \"not run: out of time\"}" >> "$STEPS"
+    echo "== $name: not run (out of time)"
+    return 124
+  fi
+  echo "== $name (limit ${limit} s, $(elapsed) s elapsed)"
+  start=$(date +%s)
+  timeout -s INT -k 20 "$limit" "$@" > "$OUT/$name.log" 2>&1
+  rc=$?
+  echo "{\"step\": \"$name\", \"rc\": $rc, \"seconds\": $(( $(date +%s) - start )), \"limit\": $limit}" >> "$STEPS"
+  echo "   exit $rc after $(( $(date +%s) - start )) s; last lines of $name.log:"
+  tail -n 5 "$OUT/$name.log" | sed 's/^/   | /'
+  return $rc
+}
+
+min() { if [ "$1" -lt "$2" ]; then echo "$1"; else echo "$2"; fi; }
+
+echo "gpu_check: repo $REPO, output $OUT, python $PY, budget ${TOTAL} s, profile $PROFILE"
+(command -v nvidia-smi >/dev/null && timeout 20 nvidia-smi) > "$OUT/nvidia-smi.txt" 2>&1 || true
+
+# ------------------------------------------------------------------ 1. install
+verify_import() {  # verify_import [PYTHONPATH]
+  (cd "$TMP" && PYTHONPATH="${1:-${PYTHONPATH:-}}" "$PY" -c \
+    "import daal_triton, daal_triton.kernels, daal_triton.reference; print('imports', daal_triton.__file__)")
+}
+INSTALL=none
+TARGET_PATH="$TMP/site${PYTHONPATH:+:$PYTHONPATH}"
+if step install_editable "$(min 120 "$(left)")" "$PY" -m pip install --no-deps --no-build-isolation -e "$REPO" \
+    && verify_import >> "$OUT/install_editable.log" 2>&1; then
+  INSTALL=editable
+elif step install_target "$(min 90 "$(left)")" "$PY" -m pip install --no-deps --no-build-isolation \
+      --target "$TMP/site" "$REPO" \
+    && verify_import "$TARGET_PATH" >> "$OUT/install_target.log" 2>&1; then
+  export PYTHONPATH="$TARGET_PATH"
+  INSTALL=target
+else
+  # Last resort: the installed layout as a tree of links (the package_dir of setup.py).
+  mkdir -p "$TMP/shim/daal_triton"
+  for f in "$REPO"/daal_triton/*; do ln -s "$f" "$TMP/shim/daal_triton/$(basename "$f")"; done
+  ln -s "$REPO/kernels" "$TMP/shim/daal_triton/kernels"
+  ln -s "$REPO/reference" "$TMP/shim/daal_triton/reference"
+  SHIM_PATH="$TMP/shim${PYTHONPATH:+:$PYTHONPATH}"
+  if verify_import "$SHIM_PATH" > "$OUT/install_link_tree.log" 2>&1; then
+    export PYTHONPATH="$SHIM_PATH"
+    INSTALL=link-tree
+  else
+    INSTALL=failed
+    STATUS=1
+  fi
+  echo "{\"step\": \"install_link_tree\", \"rc\": $([ $INSTALL = failed ] && echo 1 || echo 0), \"seconds\": 0}" >> "$STEPS"
+fi
+echo "   install: $INSTALL"
+
+# ------------------------------------------------------------------ environment
+INSTALL="$INSTALL" "$PY" - > "$OUT/env.json" 2> "$OUT/env.log" <<'EOF'
+import datetime, json, os, platform, subprocess
+env = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+       "python": platform.python_version(), "install": os.environ.get("INSTALL")}
+try:
+    import torch
+    env.update(torch=torch.__version__, cuda=torch.version.cuda, cuda_available=torch.cuda.is_available())
+    if torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        env.update(gpu=torch.cuda.get_device_name(0), gpu_memory_gib=round(p.total_memory / 2**30, 1),
+                   capability=".".join(map(str, torch.cuda.get_device_capability(0))),
+                   gpu_count=torch.cuda.device_count())
+except Exception as exc:
+    env["torch_error"] = repr(exc)
+for mod in ("triton", "pytest", "pytest_benchmark"):
+    try:
+        import importlib.metadata as md
+        env[mod] = md.version(mod.replace("_", "-"))
+    except Exception:
+        env[mod] = None
+try:
+    out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                         capture_output=True, text=True, timeout=15)
+    env["driver"] = out.stdout.strip() or None
+except Exception:
+    env["driver"] = None
+print(json.dumps(env, indent=1))
+EOF
+cat "$OUT/env.json"
+
+# ------------------------------------------------------------------ 2. parity tests
+if [ "$INSTALL" != failed ]; then
+  step gpu_tests "$(min 130 $(( $(left) - 200 )))" "$PY" -c "$RUNNER" tests -m gpu -q -ra \
+      -p no:cacheprovider --junitxml="$OUT/gpu_tests.xml"
+  rc=$?; if [ $rc -ne 0 ] && [ $rc -ne 5 ]; then STATUS=1; fi  # 5: no test collected
+  step kernel_tests "$(min 80 $(( $(left) - 170 )))" "$PY" -c "$RUNNER" tests/kernels -m "not gpu" -q -ra \
+      -p no:cacheprovider --junitxml="$OUT/kernel_tests.xml"
+  rc=$?; if [ $rc -ne 0 ] && [ $rc -ne 5 ]; then STATUS=1; fi
+
+  # ---------------------------------------------------------------- 3. benchmarks
+  BENCH_LIMIT=$(( $(left) - 25 ))  # keep time for the report
+  export DAAL_BENCH_DEADLINE=$(( $(date +%s) + BENCH_LIMIT - 30 ))  # cases stop starting 30 s early
+  step bench "$BENCH_LIMIT" "$PY" -c "$RUNNER" bench -q -ra -p no:cacheprovider \
+      --bench-profile "$PROFILE" --bench-records "$OUT/records.jsonl" \
+      --benchmark-json "$OUT/bench.json" --benchmark-columns=min,median,mean,rounds \
+      --junitxml="$OUT/bench_junit.xml"
+fi
+
+# ------------------------------------------------------------------ 4. report
+step report 30 "$PY" bench/report.py "$OUT" -o "$OUT/report.md"
+[ -f "$OUT/report.md" ] && sed -n '1,60p' "$OUT/report.md"
+echo "gpu_check: done in $(elapsed) s (install: $INSTALL, status $STATUS); report: $OUT/report.md"
+rm -rf "$TMP" 2>/dev/null || true
+exit $STATUS

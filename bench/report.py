@@ -1,0 +1,498 @@
+#!/usr/bin/env python3
+"""Markdown tables from benchmark runs (standard library only: runs anywhere, no torch needed).
+
+    python bench/report.py RUN_DIR [-o FILE]     # one run -> Markdown (default RUN_DIR/report.md)
+    python bench/report.py --readme              # bench/README.md from every run in bench/results/
+
+A run directory (what ``bench/gpu_check.sh OUTDIR`` writes) holds ``records.jsonl`` (one JSON
+object per benchmark case, written as the run goes, including the skipped and failed ones, plus
+the environment and the matmul baselines), and optionally ``env.json``, ``bench.json``
+(pytest-benchmark's ``--benchmark-json``; used when ``records.jsonl`` is missing),
+``steps.json`` (the script's steps) and ``*.xml`` (JUnit results of the parity tests).
+
+Only what a run measured is ever printed: a missing measurement is shown as missing, with why.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import sys
+import xml.etree.ElementTree as ET
+from typing import List, Optional, Tuple
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+OPS = ("knn", "line_margin", "loss", "pairwise")
+OP_TITLES = {
+    "pairwise": "Pairwise distance",
+    "knn": "k nearest neighbours",
+    "line_margin": "Line margin (fused, steps 5-6)",
+    "loss": "Whole DAALLoss",
+}
+SHAPE_ORDER = ("tiny", "dml", "large", "bank", "classes11k", "classes100k", "eval60k")
+PASS_ORDER = ("fwd", "bwd", "fwdbwd")
+DTYPE_ORDER = ("bf16", "fp32")
+PROVIDER_TITLES = {"triton": "Triton", "eager": "eager", "compile": "compile", "chunked": "chunked"}
+OP_PROVIDERS = {
+    "pairwise": ("triton", "eager", "compile"),
+    "knn": ("triton", "eager", "compile", "chunked"),
+    "line_margin": ("triton", "eager", "compile"),
+    "loss": ("triton", "eager", "compile"),
+}
+# "a small fraction" of eager's peak memory, as this report reads it.
+SMALL_FRACTION = 0.10
+
+
+# ----------------------------------------------------------------------------- loading
+def _read_jsonl(path: str) -> List[dict]:
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:  # a line cut by a killed run
+                continue
+    return out
+
+
+def _from_benchmark_json(path: str) -> List[dict]:
+    """Case records rebuilt from pytest-benchmark's JSON (measured cases only)."""
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    recs = []
+    for b in data.get("benchmarks", []):
+        info = dict(b.get("extra_info") or {})
+        if "op" not in info:
+            continue
+        stats = b.get("stats") or {}
+        info.setdefault("kind", "case")
+        info.setdefault("status", "ok")
+        info.setdefault("median_s", stats.get("median"))
+        info.setdefault("mean_s", stats.get("mean"))
+        info.setdefault("min_s", stats.get("min"))
+        info.setdefault("rounds", stats.get("rounds"))
+        recs.append(info)
+    mi = data.get("machine_info") or {}
+    recs.append(dict(kind="env", source="bench.json", date=data.get("datetime"),
+                     python=mi.get("python_version")))
+    return recs
+
+
+def load_run(run_dir: str) -> dict:
+    """Everything a run directory holds, as plain dicts."""
+    run = dict(dir=run_dir, name=os.path.basename(os.path.normpath(run_dir)), env={}, cases={},
+               matmul=[], steps=[], junit=[])
+    recs: List[dict] = []
+    rec_path = os.path.join(run_dir, "records.jsonl")
+    bench_path = os.path.join(run_dir, "bench.json")
+    if os.path.exists(rec_path):
+        recs = _read_jsonl(rec_path)
+    elif os.path.exists(bench_path):
+        recs = _from_benchmark_json(bench_path)
+    for r in recs:
+        kind = r.get("kind")
+        if kind == "env":
+            run["env"].update({k: v for k, v in r.items() if v is not None})
+        elif kind == "matmul":
+            run["matmul"].append(r)
+        elif kind == "case":
+            key = (r.get("op"), r.get("shape"), r.get("dtype"), r.get("pass_"), r.get("provider"))
+            run["cases"][key] = r  # a later record of the same case wins
+    env_path = os.path.join(run_dir, "env.json")
+    if os.path.exists(env_path):
+        try:
+            with open(env_path, encoding="utf-8") as f:
+                run["env"].update({k: v for k, v in json.load(f).items() if v is not None})
+        except (OSError, json.JSONDecodeError):
+            pass
+    steps_path = os.path.join(run_dir, "steps.json")
+    if os.path.exists(steps_path):
+        try:
+            run["steps"] = _read_jsonl(steps_path)
+        except OSError:
+            pass
+    for xml in sorted(glob.glob(os.path.join(run_dir, "*.xml"))):
+        summary = junit_summary(xml)
+        if summary:
+            run["junit"].append(summary)
+    return run
+
+
+def junit_summary(path: str) -> Optional[dict]:
+    try:
+        root = ET.parse(path).getroot()
+    except (ET.ParseError, OSError):
+        return None
+    suites = [root] if root.tag == "testsuite" else list(root.iter("testsuite"))
+    total = dict(name=os.path.basename(path), tests=0, failures=0, errors=0, skipped=0, failed=[])
+    for s in suites:
+        for k in ("tests", "failures", "errors", "skipped"):
+            total[k] += int(s.get(k, 0) or 0)
+        for tc in s.iter("testcase"):
+            if tc.find("failure") is not None or tc.find("error") is not None:
+                total["failed"].append(f"{tc.get('classname', '')}::{tc.get('name', '')}")
+    return total
+
+
+# ----------------------------------------------------------------------------- formatting
+def fmt_time(s: Optional[float]) -> str:
+    if s is None:
+        return "—"
+    if s >= 1.0:
+        return f"{s:.2f} s"
+    if s >= 1e-3:
+        return f"{s * 1e3:.3g} ms"
+    return f"{s * 1e6:.3g} µs"
+
+
+def fmt_bytes(b: Optional[float]) -> str:
+    if b is None:
+        return "—"
+    for unit, div in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if abs(b) >= div:
+            return f"{b / div:.3g} {unit}"
+    return f"{int(b)} B"
+
+
+def fmt_ratio(r: Optional[float]) -> str:
+    return "—" if r is None else f"{r:.3g}×"
+
+
+def fmt_pct(f: Optional[float]) -> str:
+    return "—" if f is None else f"{100 * f:.3g}%"
+
+
+def short_status(status: str) -> str:
+    s = status or ""
+    if s == "ok":
+        return "ok"
+    if s.startswith("skipped: would need"):
+        return "skip: memory"
+    if s.startswith("skipped: out of memory"):
+        return "OOM"
+    if s.startswith("skipped: out of time budget"):
+        return "skip: time budget"
+    if s.startswith("skipped: Triton kernel not available"):
+        return "skip: no kernel"
+    if s.startswith("skipped: torch.compile provider not run in the CPU"):
+        return "skip: CPU"
+    if s.startswith("too slow"):
+        return "too slow"
+    if s.startswith("error"):
+        return "error"
+    return "skipped"
+
+
+def dims_text(dims: dict) -> str:
+    if not dims:
+        return ""
+    keys = [k for k in ("B", "C", "M", "N", "D", "k") if k in dims]
+    text = " ".join(f"{k}={dims[k]:,}" if isinstance(dims[k], int) else f"{k}={dims[k]}" for k in keys)
+    extra = []
+    if dims.get("labels"):
+        extra.append(f"same-class of {dims['labels']}")
+    if dims.get("self"):
+        extra.append("self excluded")
+    if dims.get("grad") is False:
+        extra.append("no_grad")
+    return text + (f" ({', '.join(extra)})" if extra else "")
+
+
+def _order(seq, value):
+    return seq.index(value) if value in seq else len(seq)
+
+
+def ok(rec: Optional[dict]) -> bool:
+    return bool(rec) and rec.get("status") == "ok" and rec.get("median_s") is not None
+
+
+def median(rec: Optional[dict]) -> Optional[float]:
+    return rec.get("median_s") if ok(rec) else None
+
+
+def speedup(run: dict, key: Tuple, other: str) -> Optional[float]:
+    """``time(other) / time(triton)`` for one (op, shape, dtype, pass)."""
+    t = median(run["cases"].get(key + ("triton",)))
+    o = median(run["cases"].get(key + (other,)))
+    if t and o:
+        return o / t
+    return None
+
+
+# ----------------------------------------------------------------------------- tables
+def op_table(run: dict, op: str) -> List[str]:
+    keys = sorted({k[:4] for k in run["cases"] if k[0] == op},
+                  key=lambda k: (_order(SHAPE_ORDER, k[1]), _order(DTYPE_ORDER, k[2]), _order(PASS_ORDER, k[3])))
+    if not keys:
+        return []
+    present = [p for p in OP_PROVIDERS[op] if any(k + (p,) in run["cases"] for k in keys)]
+    others = [p for p in present if p != "triton"]
+    head = ["shape", "dtype", "pass"] + [f"{PROVIDER_TITLES[p]}" for p in present]
+    head += [f"Triton vs {PROVIDER_TITLES[p]}" for p in others]
+    head += ["Triton TFLOP/s", "Triton % of matmul", "peak extra memory (" + " / ".join(PROVIDER_TITLES[p] for p in present) + ")"]
+    lines = [f"### {OP_TITLES.get(op, op)}", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    notes = []
+    last_shape = None
+    for key in keys:
+        _op, shape, dtype, pass_ = key
+        recs = {p: run["cases"].get(key + (p,)) for p in present}
+        any_rec = next((r for r in recs.values() if r), {})
+        shape_cell = shape if shape == last_shape else f"{shape}: {dims_text(any_rec.get('dims') or {})}"
+        last_shape = shape
+        row = [shape_cell, dtype, pass_]
+        for p in present:
+            r = recs[p]
+            if r is None:
+                row.append("—")
+            elif ok(r):
+                row.append(fmt_time(r["median_s"]))
+            else:
+                row.append(short_status(r.get("status", "")))
+                notes.append(f"- {shape} {dtype} {pass_}, {PROVIDER_TITLES[p]}: {r.get('status')}")
+        for p in others:
+            row.append(fmt_ratio(speedup(run, key, p)))
+        tr = recs.get("triton")
+        row.append(f"{tr['tflops']:.3g}" if ok(tr) and tr.get("tflops") else "—")
+        row.append(fmt_pct(tr.get("matmul_fraction")) if ok(tr) else "—")
+        row.append(" / ".join(fmt_bytes(recs[p].get("peak_extra_bytes")) if ok(recs[p]) else "—" for p in present))
+        lines.append("| " + " | ".join(row) + " |")
+    lines.append("")
+    if notes:
+        lines += ["Not measured:", ""] + notes + [""]
+    return lines
+
+
+TARGETS = [
+    # (title, op, shape, dtype, pass, kind, argument, threshold)
+    ("kNN 60k×60k (bf16, fwd): Triton ≥ 50% of matmul throughput", "knn", "eval60k", "bf16", "fwd",
+     "fraction", None, 0.5),
+    ("kNN 60k×60k (bf16, fwd): Triton ≥ 3× chunked torch (cdist + topk)", "knn", "eval60k", "bf16", "fwd",
+     "speedup", "chunked", 3.0),
+    ("Line margin B=1024, C=100k (bf16), fwd+bwd: ≥ 10× eager", "line_margin", "classes100k", "bf16",
+     "fwdbwd", "speedup", "eager", 10.0),
+    ("Line margin B=1024, C=100k (bf16), fwd+bwd: ≥ 3× torch.compile", "line_margin", "classes100k", "bf16",
+     "fwdbwd", "speedup", "compile", 3.0),
+    ("Line margin B=1024, C=100k (bf16), fwd+bwd: ≥ 50% of matmul throughput", "line_margin", "classes100k",
+     "bf16", "fwdbwd", "fraction", None, 0.5),
+    (f"Line margin B=1024, C=100k (bf16), fwd+bwd: peak extra memory ≤ {SMALL_FRACTION:.0%} of eager's",
+     "line_margin", "classes100k", "bf16", "fwdbwd", "memory", "eager", SMALL_FRACTION),
+    ("DML batch B=180 (fp32): whole DAALLoss fwd+bwd ≥ 5× eager", "loss", "dml", "fp32", "fwdbwd",
+     "speedup", "eager", 5.0),
+]
+
+
+def _why_missing(run: dict, key: Tuple, providers) -> str:
+    parts = []
+    for p in providers:
+        r = run["cases"].get(key + (p,))
+        if r is None:
+            parts.append(f"{p}: not run")
+        elif not ok(r):
+            parts.append(f"{p}: {r.get('status')}")
+    return "; ".join(parts) or "not measured"
+
+
+def targets_table(run: dict) -> List[str]:
+    lines = ["| target | measured | result |", "|---|---|---|"]
+    for title, op, shape, dtype, pass_, kind, arg, thr in TARGETS:
+        key = (op, shape, dtype, pass_)
+        tr = run["cases"].get(key + ("triton",))
+        value, shown = None, ""
+        if kind == "fraction":
+            value = tr.get("matmul_fraction") if ok(tr) else None
+            shown = fmt_pct(value)
+            if value is not None and tr.get("matmul_tflops"):
+                shown += f" ({tr['tflops']:.3g} of {tr['matmul_tflops']:.3g} TFLOP/s)"
+            passed = value is not None and value >= thr
+            missing = _why_missing(run, key, ["triton"])
+        elif kind == "speedup":
+            value = speedup(run, key, arg)
+            shown = fmt_ratio(value)
+            if value is not None:
+                shown += f" ({fmt_time(median(run['cases'].get(key + (arg,))))} vs {fmt_time(median(tr))})"
+            passed = value is not None and value >= thr
+            missing = _why_missing(run, key, ["triton", arg])
+        else:  # memory
+            other = run["cases"].get(key + (arg,))
+            a = tr.get("peak_extra_bytes") if ok(tr) else None
+            b = other.get("peak_extra_bytes") if ok(other) else None
+            if a is not None and b:
+                value = a / b
+                shown = f"{fmt_pct(value)} ({fmt_bytes(a)} vs {fmt_bytes(b)})"
+            passed = value is not None and value <= thr
+            missing = _why_missing(run, key, ["triton", arg])
+        result = ("PASS" if passed else "FAIL") if value is not None else f"not measured ({missing})"
+        lines.append(f"| {title} | {shown or '—'} | {result} |")
+    return lines + [""]
+
+
+def env_lines(run: dict) -> List[str]:
+    env = run["env"]
+    items = [
+        ("GPU", env.get("gpu") or "none (CPU smoke run)"),
+        ("compute capability", env.get("capability")),
+        ("GPU memory", f"{env['gpu_memory_gib']} GiB" if env.get("gpu_memory_gib") else None),
+        ("torch", env.get("torch")), ("CUDA", env.get("cuda")), ("triton", env.get("triton")),
+        ("pytest-benchmark", env.get("pytest_benchmark")), ("python", env.get("python")),
+        ("date (UTC)", env.get("date")), ("profile", env.get("profile")),
+        ("install", env.get("install")),
+    ]
+    return [f"- {k}: {v}" for k, v in items if v] + [""]
+
+
+def run_report(run: dict, *, heading_level: int = 2) -> List[str]:
+    h = "#" * heading_level
+    lines = [f"{h} Run `{run['name']}`", ""] + env_lines(run)
+    if run["env"].get("profile") == "smoke" or (run["env"] and not run["env"].get("gpu")):
+        lines += ["**CPU smoke run**: tiny shapes, the Triton provider under Triton's interpreter. "
+                  "These times say nothing about performance; targets are for an H200.", ""]
+    if run["steps"]:
+        lines += [f"{h}# Steps", "", "| step | exit status | seconds | note |", "|---|---|---|---|"]
+        for s in run["steps"]:
+            rc = s.get("rc")
+            note = "timed out" if rc in (124, 137) else s.get("note", "")
+            lines.append(f"| {s.get('step')} | {rc} | {s.get('seconds')} | {note} |")
+        lines.append("")
+    if run["junit"]:
+        lines += [f"{h}# Test results (JUnit)", "", "| file | tests | failures | errors | skipped |",
+                  "|---|---|---|---|---|"]
+        for j in run["junit"]:
+            lines.append(f"| {j['name']} | {j['tests']} | {j['failures']} | {j['errors']} | {j['skipped']} |")
+        failed = [f for j in run["junit"] for f in j["failed"]]
+        lines.append("")
+        if failed:
+            lines += ["Failed:", ""] + [f"- `{f}`" for f in failed[:50]] + [""]
+    if not run["cases"]:
+        lines += ["No benchmark case was recorded in this run.", ""]
+        return lines
+    lines += [f"{h}# Targets (issue 6, H200)", ""] + targets_table(run)
+    lines += [f"{h}# Results", "",
+              "Median time per call; \"Triton vs X\" = time(X) / time(Triton) (above 1: Triton is "
+              "faster); \"% of matmul\" = the operator's useful FLOP/s over `torch.matmul`'s on a "
+              "comparable GEMM in the same precision and run; peak extra memory = "
+              "`max_memory_allocated` above what was allocated before the call. "
+              f"`—`: not run in this run's profile ({run['env'].get('profile', '?')}; "
+              "`check` is the subset gpu_check.sh runs, `full` every combination).", ""]
+    for op in OPS:
+        lines += op_table(run, op)
+    if run["matmul"]:
+        lines += [f"{h}# torch.matmul baselines", "", "| dtype | M × N × K | TFLOP/s |", "|---|---|---|"]
+        for m in sorted(run["matmul"], key=lambda m: (m.get("dtype", ""), m.get("M", 0), m.get("N", 0))):
+            t = f"{m['tflops']:.3g}" if m.get("tflops") else m.get("status", "")
+            lines.append(f"| {m.get('dtype')} | {m.get('M')} × {m.get('N')} × {m.get('K')} | {t} |")
+        lines.append("")
+    return lines
+
+
+# ----------------------------------------------------------------------------- README
+README_HEAD = """# Benchmarks
+
+<!-- Generated by `python bench/report.py --readme` from bench/results/. Do not edit by hand. -->
+
+pytest-benchmark files, one per operator: `test_bench_pairwise.py`, `test_bench_knn.py`,
+`test_bench_line_margin.py`, `test_bench_loss.py` (the whole `DAALLoss`); the machinery is in
+`daal_bench.py` and `conftest.py`; `report.py` turns a run into Markdown; `gpu_check.sh` is the
+GPU check.
+
+Each case is (shape, precision, provider, pass):
+
+- providers: `Triton` (`daal_triton.kernels.*`; for the loss `DAALLoss(backend="triton")`),
+  `eager` (`daal_triton.reference.*`; `DAALLoss(backend="reference")`), `compile`
+  (`torch.compile` of the reference function) and, for kNN, `chunked` (row chunks of
+  `torch.cdist` in the inputs' dtype + `torch.topk`);
+- passes: `fwd` (forward with autograd recording, as in training; kNN retrieval evaluation under
+  `no_grad`), `bwd` (backward alone; the forward of each round is built outside the timed
+  region), `fwdbwd`;
+- precisions: bf16 inputs (fp32 accumulation) and fp32 with TF32 matmuls, for the operators; the
+  whole loss computes in float32 whatever its inputs (SPEC step 1), so it runs in fp32 only. The
+  references keep their own arithmetic (the pairwise/kNN reference upcasts to float32);
+- shapes: DML batch (B=180, C=100, D=512), large batch (B=4096, C=1000), many classes
+  (B=1024, C=11,318 and C=100,000), kNN evaluation (60,000 × 60,000, k=8), memory bank
+  (1,024 queries × 65,536 references), all with D=512.
+
+Measured per case: the median time of rounds each bracketed by `torch.cuda.synchronize`, the
+peak extra memory (`torch.cuda.max_memory_allocated` after `reset_peak_memory_stats`, above what
+was allocated before the call), and the useful FLOP/s as a fraction of `torch.matmul`'s on a
+comparable GEMM (same precision, same run). FLOP counts: pairwise 2·M·N·D forward (4·M·N·D
+backward); kNN 2·M·N·D; line margin 4·B·C·D forward, 16·B·C·D forward+backward. A provider that
+would not fit in memory (estimated from the shape against the free GPU memory), runs out of
+memory, is too slow, or is cut by the time budget is recorded with that status, never dropped.
+
+## Running
+
+```bash
+# CPU smoke mode (what CI runs: tiny shapes, Triton's interpreter, one round each)
+.venv/bin/pytest bench --benchmark-disable
+# On a machine with one NVIDIA GPU (no network needed), under 8 minutes:
+bash bench/gpu_check.sh OUTDIR          # install, GPU parity tests, benchmarks, OUTDIR/report.md
+# Every combination (long):
+pytest bench --bench-profile full --bench-records run/records.jsonl --benchmark-json run/bench.json
+python bench/report.py run
+```
+
+Committed runs live in `bench/results/<date>-<gpu>/` (see `results/README.md`); this file's
+results section is regenerated from them with `python bench/report.py --readme`.
+
+## Results
+"""
+
+
+def find_runs(results_dir: str) -> List[str]:
+    runs = []
+    for d in sorted(glob.glob(os.path.join(results_dir, "*"))):
+        if os.path.isdir(d) and (os.path.exists(os.path.join(d, "records.jsonl"))
+                                 or os.path.exists(os.path.join(d, "bench.json"))):
+            runs.append(d)
+    return runs
+
+
+def readme(results_dir: str) -> str:
+    runs = find_runs(results_dir)
+    lines = [README_HEAD]
+    if not runs:
+        lines.append("No GPU run has been recorded yet: there are no measured numbers to show. "
+                     "The first run of `bench/gpu_check.sh` on a GPU, committed under "
+                     "`bench/results/<date>-<gpu>/`, will fill this section.\n")
+        return "\n".join(lines)
+    lines.append("Recorded runs (newest last):\n")
+    rel = os.path.relpath(results_dir, HERE)
+    for d in runs:
+        r = load_run(d)
+        gpu = r["env"].get("gpu") or "?"
+        lines.append(f"- [`{r['name']}`]({rel}/{r['name']}/) — {gpu}, torch {r['env'].get('torch', '?')}, "
+                     f"triton {r['env'].get('triton', '?')}, profile {r['env'].get('profile', '?')}")
+    lines.append("")
+    lines += run_report(load_run(runs[-1]), heading_level=3)
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("run_dir", nargs="?", help="a run directory (records.jsonl, env.json, ...)")
+    ap.add_argument("-o", "--output", help="where to write the Markdown")
+    ap.add_argument("--readme", action="store_true", help="regenerate bench/README.md from bench/results/")
+    ap.add_argument("--results", default=os.path.join(HERE, "results"), help="the results directory (--readme)")
+    args = ap.parse_args(argv)
+    if args.readme:
+        text = readme(args.results)
+        out = args.output or os.path.join(HERE, "README.md")
+    elif args.run_dir:
+        text = "\n".join(run_report(load_run(args.run_dir))).rstrip() + "\n"
+        text = "# DAAL benchmark report\n\n" + text
+        out = args.output or os.path.join(args.run_dir, "report.md")
+    else:
+        ap.error("give a run directory or --readme")
+        return 2
+    with open(out, "w", encoding="utf-8") as f:
+        f.write(text)
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,202 @@
+"""The benchmark machinery itself, on the CPU: case tables, the GPU code path of the runner (with
+tiny shapes), the report generator, bench/README.md being generated, gpu_check.sh parsing.
+
+The numbers written here are synthetic and only ever go to pytest's tmp_path."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+
+import pytest
+import torch
+
+import daal_bench as db
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _report_module():
+    spec = importlib.util.spec_from_file_location("daal_bench_report", os.path.join(HERE, "report.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+report = _report_module()
+
+
+@pytest.mark.parametrize("profile", ["smoke", "check", "full"])
+def test_case_tables(profile):
+    for op in db.PROVIDERS:
+        cs = db.cases(op, profile)
+        assert cs, (op, profile)
+        ids = [c.id for c in cs]
+        assert len(ids) == len(set(ids)), f"duplicate case ids for {op}/{profile}"
+        keys = [db.order_key(c) for c in cs]
+        assert keys == sorted(keys), "targets first, heavy cases last"
+        for c in cs:
+            assert c.provider in db.PROVIDERS[op] and c.pass_ in db.PASSES and c.dtype in db.DTYPES
+            assert db.estimate_bytes(c) > 0
+            if c.pass_ == "fwd":
+                assert db.flops(op, c.dims, c.pass_) > 0
+            m, n, k = db.gemm_shape(op, c.dims)
+            assert m > 0 and n > 0 and k > 0
+
+
+def test_check_profile_covers_the_targets():
+    """Every comparison a target of report.py needs is in the profile gpu_check.sh runs."""
+    have = {(c.op, c.shape, c.dtype, c.pass_, c.provider) for op in db.PROVIDERS for c in db.cases(op, "check")}
+    for _title, op, shape, dtype, pass_, kind, arg, _thr in report.TARGETS:
+        assert (op, shape, dtype, pass_, "triton") in have, (op, shape, dtype, pass_)
+        if kind in ("speedup", "memory"):
+            assert (op, shape, dtype, pass_, arg) in have, (op, shape, dtype, pass_, arg)
+    assert (("knn", "eval60k", "bf16") in db.TARGETS and ("line_margin", "classes100k", "bf16") in db.TARGETS
+            and ("loss", "dml", "fp32") in db.TARGETS)
+    # sizes the issue names
+    assert db.SHAPES["knn"]["eval60k"]["M"] == 60000 and db.SHAPES["knn"]["bank"]["N"] == 65536
+    assert db.SHAPES["line_margin"]["classes100k"] == dict(B=1024, C=100000, D=512)
+
+
+def test_eager_knn_60k_is_estimated_heavy_and_runs_last():
+    cs = db.cases("knn", "check")
+    c = next(c for c in cs if c.shape == "eval60k" and c.provider == "eager")
+    assert db.estimate_bytes(c) > 100 * db.GiB  # several 14 GB matrices
+    assert cs[-1] == c
+    t = next(c for c in db.cases("knn", "full") if c.shape == "eval60k" and c.provider == "triton")
+    assert db.estimate_bytes(t) < db.GiB
+
+
+class _State:
+    """The session state run_case needs, for the CPU: profile "check" (the GPU code path)."""
+
+    def __init__(self, tmp_path, deadline=None):
+        self.device = torch.device("cpu")
+        self.profile = "check"
+        self.timing = dict(db.TIMING["check"], budget_s=0.0)
+        self.recorder = db.Recorder(str(tmp_path / "records.jsonl"))
+        self.deadline = deadline
+
+    def remaining(self):
+        return None if self.deadline is None else self.deadline - __import__("time").time()
+
+    def records(self):
+        with open(self.recorder.path) as f:
+            return [json.loads(line) for line in f]
+
+
+def _tiny(op, provider, pass_, shape="tiny"):
+    dims = db.SMOKE_SHAPES[op][shape]
+    return db.Case(op, shape, tuple(dims.items()), "fp32", provider, pass_)
+
+
+@pytest.mark.parametrize("op,provider,pass_", [("line_margin", "eager", "fwdbwd"), ("knn", "chunked", "bwd"),
+                                               ("pairwise", "eager", "fwd"), ("loss", "eager", "bwd")])
+def test_gpu_code_path_on_cpu(tmp_path, op, provider, pass_):
+    st = _State(tmp_path)
+    bench = db.MiniBenchmark()
+    db._MATMUL.clear()  # the baseline is measured (and recorded) once per session
+    rec = db.run_case(_tiny(op, provider, pass_), bench, st)
+    assert rec["status"] == "ok"
+    assert rec["rounds"] == db.TIMING["check"]["min_rounds"] == bench.rounds_run
+    assert len(rec["warmup_s"]) == 2 and rec["median_s"] > 0
+    assert rec["matmul_tflops"] and rec["peak_extra_bytes"] is None  # no CUDA: no peak memory
+    assert bench.extra_info["op"] == op and bench.group
+    kinds = [r["kind"] for r in st.records()]
+    assert kinds.count("case") == 1 and "matmul" in kinds
+
+
+def test_skips_are_recorded(tmp_path, monkeypatch):
+    st = _State(tmp_path, deadline=0.0)  # the time budget is spent
+    with pytest.raises(pytest.skip.Exception):
+        db.run_case(_tiny("pairwise", "eager", "fwd"), db.MiniBenchmark(), st)
+    st.deadline = None
+    monkeypatch.setattr(db, "free_bytes", lambda device: 1000)
+    with pytest.raises(pytest.skip.Exception):
+        db.run_case(_tiny("pairwise", "eager", "fwd"), db.MiniBenchmark(), st)
+    monkeypatch.setattr(db, "free_bytes", lambda device: None)
+
+    def missing(name):
+        raise db.KernelMissing(f"daal_triton.kernels.{name} cannot be imported: test")
+
+    monkeypatch.setattr(db, "import_kernel", missing)
+    with pytest.raises(pytest.skip.Exception):
+        db.run_case(_tiny("line_margin", "triton", "fwd"), db.MiniBenchmark(), st)
+    statuses = [r["status"] for r in st.records() if r["kind"] == "case"]
+    assert statuses[0].startswith("skipped: out of time budget")
+    assert statuses[1].startswith("skipped: would need")
+    assert statuses[2].startswith("skipped: Triton kernel not available")
+
+
+def test_errors_are_recorded_then_raised(tmp_path, monkeypatch):
+    st = _State(tmp_path)
+
+    def broken(case, device):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(db, "build_problem", broken)
+    with pytest.raises(RuntimeError, match="boom"):
+        db.run_case(_tiny("pairwise", "eager", "fwd"), db.MiniBenchmark(), st)
+    assert st.records()[-1]["status"].startswith("error: RuntimeError: boom")
+
+
+def _synthetic_run(path):
+    """Synthetic records (made-up numbers, only for testing the report's arithmetic)."""
+    path.mkdir()
+    recs = [dict(kind="env", gpu="TestGPU", torch="0.0", triton="0.0", profile="check")]
+
+    def case(op, shape, dtype, pass_, provider, median, **kw):
+        recs.append(dict(kind="case", op=op, shape=shape, dtype=dtype, pass_=pass_, provider=provider,
+                         dims=dict(db.SHAPES[op][shape]), status="ok", median_s=median, **kw))
+
+    case("knn", "eval60k", "bf16", "fwd", "triton", 0.010, tflops=300.0, matmul_tflops=500.0,
+         matmul_fraction=0.6, peak_extra_bytes=10)
+    case("knn", "eval60k", "bf16", "fwd", "chunked", 0.020)
+    recs.append(dict(kind="case", op="knn", shape="eval60k", dtype="bf16", pass_="fwd", provider="eager",
+                     dims=dict(db.SHAPES["knn"]["eval60k"]), status="skipped: would need ~122 GiB"))
+    case("line_margin", "classes100k", "bf16", "fwdbwd", "triton", 0.001, matmul_fraction=0.4,
+         tflops=1.0, peak_extra_bytes=100)
+    case("line_margin", "classes100k", "bf16", "fwdbwd", "eager", 0.050, peak_extra_bytes=10000)
+    with open(path / "records.jsonl", "w") as f:
+        for r in recs:
+            f.write(json.dumps(r) + "\n")
+        f.write('{"kind": "case", "op": "kn')  # a line cut by a killed run is ignored
+    return path
+
+
+def test_report(tmp_path):
+    run = _synthetic_run(tmp_path / "2000-01-01-testgpu")
+    assert report.main([str(run)]) == 0
+    text = (run / "report.md").read_text()
+    rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| ")}
+    assert "PASS" in rows["kNN 60k×60k (bf16, fwd): Triton ≥ 50% of matmul throughput"]
+    assert "FAIL" in rows["kNN 60k×60k (bf16, fwd): Triton ≥ 3× chunked torch (cdist + topk)"]  # 2×
+    assert "PASS" in rows["Line margin B=1024, C=100k (bf16), fwd+bwd: ≥ 10× eager"]  # 50×
+    assert "not measured" in rows["Line margin B=1024, C=100k (bf16), fwd+bwd: ≥ 3× torch.compile"]
+    assert "FAIL" in rows["Line margin B=1024, C=100k (bf16), fwd+bwd: ≥ 50% of matmul throughput"]
+    assert "PASS" in [v for k, v in rows.items() if "peak extra memory ≤" in k][0]  # 1%
+    assert "not measured" in rows["DML batch B=180 (fp32): whole DAALLoss fwd+bwd ≥ 5× eager"]
+    assert "skip: memory" in text and "would need ~122 GiB" in text and "TestGPU" in text
+
+
+def test_readme_generation(tmp_path):
+    empty = tmp_path / "results"
+    empty.mkdir()
+    assert "No GPU run has been recorded yet" in report.readme(str(empty))
+    _synthetic_run(empty / "2000-01-01-testgpu")
+    text = report.readme(str(empty))
+    assert "2000-01-01-testgpu" in text and "No GPU run" not in text
+
+
+def test_readme_is_up_to_date():
+    """bench/README.md is what `python bench/report.py --readme` makes of bench/results/."""
+    with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
+        assert f.read() == report.readme(os.path.join(HERE, "results")), \
+            "bench/README.md is stale: run `python bench/report.py --readme`"
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="no bash")
+def test_gpu_check_script_parses():
+    subprocess.run(["bash", "-n", os.path.join(HERE, "gpu_check.sh")], check=True)

@@ -1,0 +1,255 @@
+"""The fused line margin (kernels/line_margin.py) against the float64 reference.
+
+Values and all three gradients (dX, dP, dQ) under Triton's interpreter on the CPU (IEEE fp32
+dots, tolerance 1e-5; float16 2e-2), the no-B x C-saved-tensor guarantee, and compilation of every
+GPU configuration for sm_80 / sm_90. GPU parity (TF32, bfloat16) is marked ``gpu``.
+"""
+import pytest
+import torch
+
+from daal_testing import (COMPILE_ALL_CONFIGS, compile_many_for_gpu, gpu_job, random_problem,
+                          rel_err, tolerance)
+
+from daal_triton import reference
+from daal_triton.kernels import line_margin as lm
+
+ALPHA = 16.0
+
+
+def make_case(B, C, D, *, zero_len=False, on_own=False, absent=False, device="cpu"):
+    """Normalised x, labels, segments, margins, grad_out, all float64."""
+    present = list(range(0, C, 2)) if absent and C > 1 else None
+    z, y, seg = random_problem(B, C, D, classes_present=present)
+    x = torch.nn.functional.normalize(z, dim=1)
+    if D == 1:
+        # x = +-1, and random_problem's segments around +-1 would contain most x: for points on a
+        # *negative* segment the GEMM form's e^2 is rounding noise (even the float32 reference is off
+        # by ~2e-4 there; see test_point_on_a_negative_segment_is_finite). Keep them inside (-0.8, 0.8).
+        seg = 0.8 * torch.tanh(seg)
+    if zero_len:  # every third class (and class 0) is a point: q = p
+        seg[::3, 1] = seg[::3, 0]
+    if on_own:  # every other sample sits exactly on its own segment (t in (0, 1), or the point)
+        idx = torch.arange(0, B, 2)
+        t = torch.rand(len(idx), 1, dtype=torch.float64)
+        p, q = seg[y[idx], 0], seg[y[idx], 1]
+        x[idx] = p + t * (q - p)
+    m = 0.05 + 0.45 * torch.rand(B, dtype=torch.float64)
+    go = torch.randn(B, dtype=torch.float64)
+    to = dict(device=device)
+    return x.to(**to), y.to(**to), seg.to(**to), m.to(**to), go.to(**to)
+
+
+def reference_grads(x, y, seg, m, go, lambda_pull):
+    xr = x.double().clone().requires_grad_()
+    sr = seg.double().clone().requires_grad_()
+    out = reference.line_margin(xr, y, sr, m.double(), alpha=ALPHA, lambda_pull=lambda_pull)
+    out.backward(go.double())
+    return out.detach(), xr.grad, sr.grad
+
+
+def kernel_grads(x, y, seg, m, go, lambda_pull):
+    xk = x.clone().requires_grad_()
+    sk = seg.clone().requires_grad_()
+    out = lm.line_margin(xk, y, sk, m, alpha=ALPHA, lambda_pull=lambda_pull)
+    out.backward(go.to(out.dtype))
+    return out.detach(), xk.grad, sk.grad
+
+
+def check_parity(x, y, seg, m, go, lambda_pull, tol, x_dtype, seg_dtype):
+    xk, sk = x.to(x_dtype), seg.to(seg_dtype)
+    # the reference sees exactly the (rounded) inputs the kernel sees
+    ref, gx_ref, gs_ref = reference_grads(xk, y, sk, m, go, lambda_pull)
+    out, gx, gs = kernel_grads(xk, y, sk, m.float(), go.float(), lambda_pull)
+    expect = torch.promote_types(torch.float32, torch.promote_types(x_dtype, seg_dtype))
+    assert out.dtype == expect and gx.dtype == x_dtype and gs.dtype == seg_dtype
+    assert out.shape == ref.shape
+    errs = {
+        "value": rel_err(out, ref),
+        "dX": rel_err(gx, gx_ref),
+        "dP": rel_err(gs[:, 0], gs_ref[:, 0]),
+        "dQ": rel_err(gs[:, 1], gs_ref[:, 1]),
+    }
+    bad = {k: v for k, v in errs.items() if not v <= tol}
+    assert not bad, f"relative errors over {tol:.0e}: {errs}"
+
+
+# (B, C, D, lambda_pull, special): odd shapes, every edge case at least once, fast under the interpreter
+CASES = [
+    (1, 1, 1, 0.0, ""),  # B = 1, C = 1 (the line term is exactly 0), D = 1
+    (37, 1, 3, 0.5, ""),  # C = 1 with a pull term
+    (37, 2, 129, 0.0, "on_own"),
+    (1, 300, 129, 0.3, "zero_len"),
+    (37, 11, 3, 0.5, "zero_len,on_own,absent"),
+    # D = 1: x = +-1 and every segment on one side of it makes the line term's dX vanish
+    # analytically (translation invariance), so a pull term keeps dX meaningful
+    (130, 300, 1, 0.5, "absent"),
+    (130, 300, 129, 0.7, "zero_len,on_own"),  # several row, class and D tiles
+]
+
+
+def _ids(case):
+    B, C, D, lp, sp = case
+    return f"B{B}-C{C}-D{D}-pull{lp}" + (f"-{sp.replace(',', '+')}" if sp else "")
+
+
+@pytest.mark.parametrize("case", CASES, ids=[_ids(c) for c in CASES])
+def test_parity_float32(case):
+    B, C, D, lp, sp = case
+    x, y, seg, m, go = make_case(B, C, D, zero_len="zero_len" in sp, on_own="on_own" in sp,
+                                 absent="absent" in sp)
+    check_parity(x, y, seg, m, go, lp, tolerance(torch.float32), torch.float32, torch.float32)
+
+
+@pytest.mark.parametrize("seg_dtype", [torch.float16, torch.float32], ids=["seg_fp16", "seg_fp32"])
+@pytest.mark.parametrize("case", [(37, 11, 129, 0.5, "zero_len,on_own"), (130, 300, 33, 0.0, "absent"),
+                                  (37, 7, 3, 0.2, "zero_len")],
+                         ids=["B37-C11-D129", "B130-C300-D33", "B37-C7-D3"])
+def test_parity_float16(case, seg_dtype):
+    B, C, D, lp, sp = case
+    x, y, seg, m, go = make_case(B, C, D, zero_len="zero_len" in sp, on_own="on_own" in sp,
+                                 absent="absent" in sp)
+    check_parity(x, y, seg, m, go, lp, tolerance(torch.float16), torch.float16, seg_dtype)
+
+
+def test_point_on_a_negative_segment_is_finite():
+    """x_i exactly on another class's segment: the GEMM form's e^2 there is rounding noise around
+    0 (the reference's too); values and gradients must stay finite and close at half tolerance."""
+    B, C, D = 16, 5, 8
+    x, y, seg, m, go = make_case(B, C, D, zero_len=True)
+    y = torch.zeros(B, dtype=torch.long)
+    for i in range(B):  # sample i sits on segment 1 + i % 4 (a negative: every label is 0)
+        c = 1 + i % 4
+        x[i] = seg[c, 0] + (i / B) * (seg[c, 1] - seg[c, 0])
+    ref, gx_ref, gs_ref = reference_grads(x, y, seg, m, go, 0.2)
+    out, gx, gs = kernel_grads(x.float(), y, seg.float(), m.float(), go.float(), 0.2)
+    for got in (out, gx, gs):
+        assert torch.isfinite(got).all()
+    assert rel_err(out, ref) <= tolerance(torch.float16)
+    assert rel_err(gx, gx_ref) <= tolerance(torch.float16)
+    assert rel_err(gs, gs_ref) <= tolerance(torch.float16)
+
+
+def test_float64_goes_to_the_reference():
+    x, y, seg, m, go = make_case(5, 3, 4)
+    out = lm.line_margin(x, y, seg, m, alpha=ALPHA, lambda_pull=0.1)
+    ref = reference.line_margin(x, y, seg, m, alpha=ALPHA, lambda_pull=0.1)
+    assert out.dtype == torch.float64 and torch.equal(out, ref)
+
+
+def test_rejects_bad_dtype_and_shape():
+    x, y, seg, m, _ = make_case(4, 3, 5)
+    with pytest.raises(ValueError, match="x and segments"):
+        lm.line_margin(x.float().int(), y, seg.float(), m.float(), alpha=ALPHA, lambda_pull=0.0)
+    with pytest.raises(ValueError, match="segments"):
+        lm.line_margin(x.float(), y, seg.float()[:, :, :4], m.float(), alpha=ALPHA, lambda_pull=0.0)
+
+
+def test_saved_tensors_are_never_b_by_c():
+    """Everything autograd keeps for backward is O(B D + C D + B + C), never B x C."""
+    B, C, D = 16, 4096, 4
+    x, y, seg, m, _ = make_case(B, C, D)
+    xk = x.float().requires_grad_()
+    sk = seg.float().requires_grad_()
+    sizes = []
+
+    def pack(t):
+        sizes.append((tuple(t.shape), t.numel()))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = lm.line_margin(xk, y, sk, m.float(), alpha=ALPHA, lambda_pull=0.5)
+    assert sizes, "nothing was saved: the hook saw no tensors"
+    assert max(n for _, n in sizes) < B * C, f"a saved tensor has >= B*C = {B * C} elements: {sizes}"
+
+
+# ----------------------------------------------------------------------------- compilation
+# The GPU configurations (the "interp" family is only chosen under TRITON_INTERPRET=1) compile for
+# sm_80 and sm_90 in fresh processes (daal_testing.compile_many_for_gpu). The half family is
+# compiled with float16 x on sm_80 and bfloat16 x on sm_90 (DAAL_ALL_CONFIGS=1: both dtypes on both
+# targets), always with float32 segments (the DAALLoss parameters' dtype). The default run
+# compiles a subset that still covers every kernel of every family (each compile is seconds on 2
+# cores); DAAL_ALL_CONFIGS=1 compiles the whole matrix.
+GEMM_KERNELS = ("fwd", "dpq", "dx")
+GPU_KEYS = [k for k in lm.CONFIGS if k[0] != "interp"]
+
+
+def _compile_cases():
+    cases = []
+    for key in GPU_KEYS:
+        for name in lm.KERNELS:
+            for cap in (80, 90):
+                if key[0] == "fp32":
+                    dtypes = [torch.float32]
+                elif COMPILE_ALL_CONFIGS:
+                    dtypes = [torch.float16, torch.bfloat16]
+                else:
+                    dtypes = [torch.float16 if cap == 80 else torch.bfloat16]
+                cases += [(key, name, cap, dt) for dt in dtypes]
+    if COMPILE_ALL_CONFIGS:
+        return cases
+    main = {("fp32", "fwd", 80), ("fp32", "fwd", 90), ("fp32", "dpq", 80), ("fp32", "dpq", 90),
+            ("fp32", "dx", 80), ("fp32", "dx", 90), ("half", "fwd", 80), ("half", "dpq", 90),
+            ("half", "dx", 90), ("fp32", "stats", 90)}
+    return [c for c in cases if (c[0][0], c[1], c[2]) in main]
+
+
+def _job(key, name, cap, dtype):
+    cfg = lm.CONFIGS[key][name]
+    constexprs = {k: v for k, v in cfg.items() if k.startswith("BLOCK_")}
+    if name in GEMM_KERNELS:
+        constexprs["PREC"] = "tf32"
+    return gpu_job(lm.KERNELS[name], lm.kernel_signature(name, dtype), constexprs, capability=cap,
+                   num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    cases = _compile_cases()
+    return list(zip(cases, compile_many_for_gpu([_job(*c) for c in cases])))
+
+
+def test_every_config_compiles(compiled):
+    """Compiles; the GEMM kernels use tensor cores (half and TF32 alike: mma.sync on sm_80,
+    wgmma on sm_90) and fit the shared memory of an A100 / H100-H200."""
+    assert compiled
+    report = []
+    for (key, name, cap, dtype), res in compiled:
+        what = f"{key[0]}-bd{key[1]}-{name}-sm{cap}-{str(dtype)[6:]}"
+        assert not res.get("error"), f"{what}:\n{res.get('error')}"
+        ptx = res["ptx"]
+        assert ".entry" in ptx, what
+        if name in GEMM_KERNELS:
+            want = "wgmma.mma_async" if cap == 90 else "mma.sync"
+            assert want in ptx, f"{what}: no {want} in the PTX"
+            limit = 227 * 1024 if cap == 90 else 163 * 1024
+            assert res["metadata"]["shared"] <= limit, f"{what}: {res['metadata']['shared']} B shared"
+        report.append(f"{what}: shared={res['metadata']['shared']} regs={res.get('n_regs')} "
+                      f"spills={res.get('n_spills')}")
+    print("\n".join(report))
+
+
+def test_config_table_covers_every_launch():
+    for interpret in (False, True):
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            for D in (1, 3, 16, 17, 33, 129, 512, 4096):
+                key = lm.config_for(dtype, D, interpret=interpret)
+                assert key in lm.CONFIGS, key
+                assert set(lm.CONFIGS[key]) == set(lm.KERNELS)
+
+
+# ----------------------------------------------------------------------------- GPU
+@pytest.mark.gpu
+@pytest.mark.parametrize("x_dtype,seg_dtype,tol", [
+    (torch.float32, torch.float32, tolerance(torch.float32, tf32=True)),
+    (torch.float16, torch.float32, tolerance(torch.float16)),
+    (torch.bfloat16, torch.float32, tolerance(torch.bfloat16)),
+    (torch.bfloat16, torch.bfloat16, tolerance(torch.bfloat16)),
+], ids=["fp32-tf32", "fp16-segfp32", "bf16-segfp32", "bf16-segbf16"])
+@pytest.mark.parametrize("case", [(1, 1, 1, 0.0, ""), (130, 300, 129, 0.5, "zero_len,on_own,absent"),
+                                  (1024, 5000, 512, 0.2, "zero_len")],
+                         ids=["tiny", "odd", "large"])
+def test_parity_gpu(case, x_dtype, seg_dtype, tol):
+    B, C, D, lp, sp = case
+    x, y, seg, m, go = make_case(B, C, D, zero_len="zero_len" in sp, on_own="on_own" in sp,
+                                 absent="absent" in sp, device="cuda")
+    check_parity(x, y, seg, m, go, lp, tol, x_dtype, seg_dtype)
