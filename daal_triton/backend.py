@@ -6,7 +6,7 @@ raises a ``ValueError`` that says why.
 """
 from __future__ import annotations
 
-import functools
+import importlib.util
 import os
 
 import torch
@@ -14,13 +14,12 @@ import torch
 BACKENDS = ("auto", "triton", "reference")
 
 
-@functools.lru_cache(maxsize=None)
+# Looked up once, without importing triton (TRITON_INTERPRET must be set before that import).
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+
+
 def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except Exception:  # ImportError, or a broken install
-        return False
-    return True
+    return _TRITON_INSTALLED
 
 
 def interpreter_on() -> bool:

@@ -1,0 +1,176 @@
+"""The whole loss on the Triton path (fused kNN + fused line margin) against the float64 reference:
+values and gradients, every term, SPEC edge cases, dtypes, autocast, memory banks, saved tensors,
+and torch.compile(fullgraph=True)."""
+import pytest
+import torch
+
+import daal_triton as dt
+from daal_testing import assert_close, random_problem, tolerance
+
+ALL_TERMS = dict(lambda_pull=0.3, lambda_dens=0.8, lambda_len=0.4, l_max=0.2, tau=1.7, gamma=1.5,
+                 alpha=12.0, k=4)
+
+
+def run(z, y, seg, backend, dtype=None, seg_dtype=None, **hp):
+    z = z.detach().to(dtype or z.dtype).requires_grad_(True)
+    seg = seg.detach().to(seg_dtype or seg.dtype).requires_grad_(True)
+    loss = dt.daal_loss(z, y, seg, backend=backend, **hp)
+    gz, gs = torch.autograd.grad(loss.sum(), (z, seg))
+    return loss, gz, gs
+
+
+def check_parity(z, y, seg, *, dtype=torch.float32, seg_dtype=torch.float32, **hp):
+    out = run(z, y, seg, "triton", dtype, seg_dtype, **hp)
+    # The oracle sees exactly the (rounded) inputs the fast path saw, in float64.
+    ref = run(z.to(dtype).double(), y, seg.to(seg_dtype).double(), "reference", **hp)
+    tol = tolerance(dtype if dtype != torch.float32 else seg_dtype)
+    for name, a, b in zip(("loss", "d/dembeddings", "d/dsegments"), out, ref):
+        assert_close(a, b, tol, name)
+    assert out[0].dtype == torch.promote_types(torch.promote_types(dtype, seg_dtype), torch.float32)
+    assert out[1].dtype == dtype and out[2].dtype == seg_dtype
+
+
+@pytest.mark.parametrize("B,C,D", [(37, 11, 129), (20, 3, 2), (64, 40, 17)])
+@pytest.mark.parametrize("hp", [{}, ALL_TERMS], ids=["defaults", "all_terms"])
+def test_parity_float32(B, C, D, hp):
+    z, y, seg = random_problem(B, C, D, classes_present=range(min(C, 6)))
+    check_parity(z, y, seg, **hp)
+
+
+def test_reduction_none_parity():
+    z, y, seg = random_problem(21, 5, 9)
+    check_parity(z, y, seg, reduction="none", **ALL_TERMS)
+
+
+@pytest.mark.parametrize("case", ["single_sample_class", "k_larger_than_classes", "one_class",
+                                  "absent_class", "zero_length_segment", "duplicates",
+                                  "zero_embedding", "batch_of_one", "unnormalised"])
+def test_edge_cases(case):
+    z, y, seg = random_problem(12, 4, 6, classes_present=[0, 1, 2])
+    hp = dict(ALL_TERMS)
+    if case == "single_sample_class":
+        y = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 2, 2, 2, 3])
+    elif case == "k_larger_than_classes":
+        hp["k"] = 50
+    elif case == "one_class":
+        seg, y = seg[:1], torch.zeros_like(y)
+    elif case == "zero_length_segment":
+        seg[1, 1] = seg[1, 0]
+    elif case == "duplicates":
+        z[3] = z[0]
+        y[3] = y[0]
+        z[5] = z[4]
+    elif case == "zero_embedding":
+        z[2] = 0.0
+    elif case == "batch_of_one":
+        z, y = z[:1], y[:1]
+    elif case == "unnormalised":
+        hp["normalize"] = False
+    check_parity(z, y, seg, **hp)
+
+
+@pytest.mark.parametrize("dtype,seg_dtype", [(torch.float16, torch.float32),
+                                             (torch.bfloat16, torch.float32),
+                                             (torch.float16, torch.float16)])
+def test_half_precision_inputs(dtype, seg_dtype):
+    z, y, seg = random_problem(30, 6, 24)
+    check_parity(z, y, seg, dtype=dtype, seg_dtype=seg_dtype, **ALL_TERMS)
+
+
+def test_autocast_keeps_float32():
+    z, y, seg = random_problem(16, 4, 8, dtype=torch.float32)
+    plain = dt.daal_loss(z, y, seg, backend="triton")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        emb = torch.nn.functional.linear(z, torch.eye(8))  # bf16 under autocast, as a network's output
+        assert emb.dtype == torch.bfloat16
+        cast = dt.daal_loss(emb, y, seg, backend="triton")
+    assert cast.dtype == torch.float32
+    assert_close(cast, plain, tolerance(torch.bfloat16), "loss under autocast")
+
+
+def test_memory_bank_parity():
+    z, y, seg = random_problem(10, 3, 12)
+    bank, bank_y = torch.randn(25, 12, dtype=torch.float64), torch.arange(25) % 3
+    for includes in (False, True):
+        ref_e = torch.cat([z, bank]) if includes else bank
+        ref_y = torch.cat([y, bank_y]) if includes else bank_y
+        kw = dict(ref_embeddings=ref_e.float(), ref_labels=ref_y, ref_includes_batch=includes, k=3, tau=1.5)
+        fast = dt.daal_loss(z.float(), y, seg.float(), backend="triton", **kw)
+        kw["ref_embeddings"] = ref_e
+        slow = dt.daal_loss(z, y, seg, backend="reference", **kw)
+        assert_close(fast, slow, 1e-5, f"memory bank (includes batch: {includes})")
+
+
+def test_fast_path_validates_like_the_reference():
+    z, y, seg = random_problem(6, 3, 4, dtype=torch.float32)
+    with pytest.raises(ValueError, match="labels must lie in"):
+        dt.daal_loss(z, y + 3, seg, backend="triton")
+    with pytest.raises(ValueError, match="all tensors must be on one device"):
+        dt.daal_loss(z, y, seg.to("meta"), backend="triton")
+    with pytest.raises(ValueError, match="float64 inputs run on the reference backend"):
+        dt.daal_loss(z.double(), y, seg, backend="triton")
+
+
+def _largest_saved(backend, B, C, D):
+    z, y, seg = random_problem(B, C, D, dtype=torch.float32, classes_present=range(8))
+    z.requires_grad_(True)
+    seg.requires_grad_(True)
+    sizes = []
+
+    def pack(t):
+        sizes.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = dt.daal_loss(z, y, seg, backend=backend, **ALL_TERMS)
+    loss.backward()
+    return max(sizes)
+
+
+def test_fast_path_saves_nothing_of_size_b_times_c():
+    B, C, D = 16, 8192, 2  # B*C = 131072, while (B + C) * D is ~16k
+    assert _largest_saved("triton", B, C, D) < B * C
+    assert _largest_saved("reference", B, C, D) >= B * C  # the test can tell the difference
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(10, 16), torch.nn.ReLU(), torch.nn.Linear(16, 8))
+    loss_fn = dt.DAALLoss(5, 8, backend="triton", lambda_pull=0.2, lambda_len=0.1)
+    x, y = torch.randn(24, 10), torch.arange(24) % 5
+
+    def step(inp, lab):
+        return loss_fn(model(inp), lab)
+
+    eager = step(x, y)
+    eager_grads = torch.autograd.grad(eager, [*model.parameters(), loss_fn.segments])
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    out = compiled(x, y)
+    grads = torch.autograd.grad(out, [*model.parameters(), loss_fn.segments])
+    assert_close(out, eager, 1e-6, "compiled loss")
+    for g, e in zip(grads, eager_grads):
+        assert_close(g, e, 1e-6, "compiled gradient")
+
+
+@pytest.mark.gpu
+def test_torch_compile_inductor_on_gpu():
+    model = torch.nn.Linear(32, 64).cuda()
+    loss_fn = dt.DAALLoss(10, 64).cuda()
+    x, y = torch.randn(40, 32, device="cuda"), (torch.arange(40) % 10).cuda()
+    step = lambda a, b: loss_fn(model(a), b)  # noqa: E731
+    eager = step(x, y)
+    compiled = torch.compile(step, fullgraph=True)(x, y)
+    compiled.backward()
+    assert_close(compiled, eager, 5e-3, "inductor-compiled loss")
+    assert torch.isfinite(loss_fn.segments.grad).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_parity_on_gpu(dtype):
+    z, y, seg = random_problem(180, 100, 512, device="cuda")
+    out = run(z, y, seg, "triton", dtype, torch.float32, **ALL_TERMS)
+    ref = run(z.to(dtype).double(), y, seg.double(), "reference", **ALL_TERMS)
+    tol = tolerance(dtype, tf32=True)
+    for name, a, b in zip(("loss", "d/dembeddings", "d/dsegments"), out, ref):
+        assert_close(a, b, tol, name)
