@@ -1,0 +1,56 @@
+"""Data sets of the training program, each with the deep-metric-learning split (train on one half
+of the classes, test on the other), and the P x K class-balanced batch sampler.
+
+``build_datasets(name, ...)`` -> ``(train, test)``; see :data:`DATASETS` for the names.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+from .base import DatasetLayoutError, MetricDataset
+from .sampler import PKSampler
+
+DATASETS = ("shapes", "digits", "cub200", "cars196", "sop", "folder")
+NEEDS_ROOT = ("cub200", "cars196", "sop", "folder")
+
+
+def build_datasets(name: str, data_root: Optional[str] = None, image_size: int = 32, *, seed: int = 0,
+                   augment: str = "none", shapes_train_per_class: int = 120,
+                   shapes_test_per_class: int = 40,
+                   shapes_nuisance: float = 1.0) -> Tuple[MetricDataset, MetricDataset]:
+    """``(train, test)`` of data set ``name`` (one of :data:`DATASETS`).
+
+    ``augment`` applies to the in-memory sets (``shapes``, ``digits``); photos always get random
+    resized crop + flip for training and resize + centre crop for testing.
+    """
+    if name == "shapes":
+        from .synthetic import load_shapes
+
+        return load_shapes(image_size, seed=seed, train_per_class=shapes_train_per_class,
+                           test_per_class=shapes_test_per_class, nuisance=shapes_nuisance, augment=augment)
+    if name == "digits":
+        from .synthetic import load_digits
+
+        return load_digits(image_size, augment=augment)
+    if name in NEEDS_ROOT and not data_root:
+        raise DatasetLayoutError(f"--dataset {name} needs --data-root (the folder that holds it)")
+    if name == "cub200":
+        from .cub200 import load_cub200
+
+        return load_cub200(data_root, image_size)
+    if name == "cars196":
+        from .cars196 import load_cars196
+
+        return load_cars196(data_root, image_size)
+    if name == "sop":
+        from .sop import load_sop
+
+        return load_sop(data_root, image_size)
+    if name == "folder":
+        from .folder import load_folder
+
+        return load_folder(data_root, image_size)
+    raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+
+
+__all__ = ["DATASETS", "DatasetLayoutError", "MetricDataset", "PKSampler", "build_datasets"]

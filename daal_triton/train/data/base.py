@@ -1,0 +1,135 @@
+"""Dataset containers and transforms shared by every loader.
+
+Every loader returns a pair of :class:`MetricDataset` (train, test) whose ``labels`` are
+contiguous from 0 within each split, as deep metric learning trains and tests on disjoint classes.
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable, List, Optional, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+# ImageNet statistics: the trunk's pretrained weights (when given) expect them.
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
+
+
+class DatasetLayoutError(FileNotFoundError):
+    """The files of a dataset are missing or not laid out as expected (the message says how)."""
+
+
+def contiguous(labels: Sequence[int]) -> tuple:
+    """Map arbitrary class ids to ``0..C-1`` in sorted order: ``(new_labels, sorted_ids)``."""
+    arr = np.asarray(labels, dtype=np.int64)
+    ids, inv = np.unique(arr, return_inverse=True)
+    return inv.astype(np.int64), ids.tolist()
+
+
+class MetricDataset(Dataset):
+    """Base: ``labels`` (N, contiguous from 0), ``class_names``, optional ``modes`` (N, the
+    sub-cluster each image was drawn from, for datasets that record it) and a ``transform``."""
+
+    labels: np.ndarray
+    class_names: List[str]
+    modes: Optional[np.ndarray] = None
+    mode_names: Optional[List[str]] = None
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+class ArrayDataset(MetricDataset):
+    """In-memory uint8 images (N x H x W x 3) with a tensor transform."""
+
+    def __init__(self, images: np.ndarray, labels: Sequence[int], class_names: List[str],
+                 transform: Optional[Callable] = None, modes: Optional[np.ndarray] = None,
+                 mode_names: Optional[List[str]] = None) -> None:
+        self.images = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).contiguous()
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.class_names = list(class_names)
+        self.transform = transform
+        self.modes = None if modes is None else np.asarray(modes, dtype=np.int64)
+        self.mode_names = mode_names
+
+    def __getitem__(self, index: int):
+        img = self.images[index].float().div_(255.0)
+        if self.transform is not None:
+            img = self.transform(img)
+        return img, int(self.labels[index])
+
+
+class ImageFileDataset(MetricDataset):
+    """Images on disk (any format PIL reads), loaded as RGB and passed through ``transform``."""
+
+    def __init__(self, paths: Sequence[str], labels: Sequence[int], class_names: List[str],
+                 transform: Optional[Callable] = None) -> None:
+        self.paths = list(paths)
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.class_names = list(class_names)
+        self.transform = transform
+
+    def __getitem__(self, index: int):
+        from PIL import Image
+
+        with Image.open(self.paths[index]) as im:
+            img = im.convert("RGB")
+        if self.transform is not None:
+            img = self.transform(img)
+        return img, int(self.labels[index])
+
+
+def require_files(root: str, names: Sequence[str], dataset: str, layout: str) -> None:
+    """Raise :class:`DatasetLayoutError` naming the expected layout if any of ``names`` is missing."""
+    missing = [n for n in names if not os.path.exists(os.path.join(root, n))]
+    if missing:
+        raise DatasetLayoutError(
+            f"{dataset}: missing {', '.join(missing)} under {os.path.abspath(root)!r}.\n"
+            f"Expected layout:\n{layout}\n(pass the folder with --data-root; nothing is downloaded)")
+
+
+def find_root(data_root: str, candidates: Sequence[str], marker: str) -> Optional[str]:
+    """The first of ``data_root`` and ``data_root/<candidate>`` that holds ``marker``."""
+    for sub in ("",) + tuple(candidates):
+        path = os.path.join(data_root, sub) if sub else data_root
+        if os.path.exists(os.path.join(path, marker)):
+            return path
+    return None
+
+
+def image_transforms(image_size: int, train: bool, *, normalize: bool = True):
+    """Usual augmentations for real photos: random resized crop + horizontal flip for training,
+    resize (to 8/7 of the size) + centre crop for testing; then ImageNet normalisation."""
+    from torchvision import transforms as T
+
+    norm = [T.ToTensor()] + ([T.Normalize(MEAN, STD)] if normalize else [])
+    if train:
+        return T.Compose([T.RandomResizedCrop(image_size, scale=(0.2, 1.0)),
+                          T.RandomHorizontalFlip()] + norm)
+    return T.Compose([T.Resize(int(round(image_size * 8 / 7))), T.CenterCrop(image_size)] + norm)
+
+
+def tensor_transforms(image_size: int, train: bool, *, augment: str = "none", normalize: bool = True):
+    """Transforms for in-memory tensors (3 x H x W in [0, 1]): resize to ``image_size``, then for
+    training ``augment`` = ``"none"``, ``"shift"`` (reflect-pad by 1/8 and random-crop back) or
+    ``"crop"`` (random resized crop + flip, as for photos); then ImageNet normalisation."""
+    from torchvision import transforms as T
+
+    steps: List[Callable] = [T.Resize(image_size, antialias=True)]
+    if train and augment == "shift":
+        pad = max(1, image_size // 8)
+        steps += [T.Pad(pad, padding_mode="reflect"), T.RandomCrop(image_size)]
+    elif train and augment == "crop":
+        steps += [T.RandomResizedCrop(image_size, scale=(0.5, 1.0), antialias=True), T.RandomHorizontalFlip()]
+    elif augment not in ("none", "shift", "crop"):
+        raise ValueError(f"augment must be 'none', 'shift' or 'crop', got {augment!r}")
+    if normalize:
+        steps.append(T.Normalize(MEAN, STD))
+    return T.Compose(steps)

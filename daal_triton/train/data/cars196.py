@@ -1,0 +1,74 @@
+"""Stanford Cars (CARS196); classes 1-98 train, 99-196 test (all images of a class, both official halves).
+
+Two layouts are read: the original ``cars_annos.mat`` + ``car_ims/`` and torchvision's
+``stanford_cars/`` (``devkit/cars_train_annos.mat``, ``cars_test_annos_withlabels.mat``,
+``cars_train/``, ``cars_test/``, ``devkit/cars_meta.mat``).
+"""
+from __future__ import annotations
+
+import os
+from typing import List, Tuple
+
+from .base import DatasetLayoutError, ImageFileDataset, contiguous, find_root, image_transforms
+
+LAYOUT = """  either <data-root>/ (or <data-root>/cars196/) with
+      cars_annos.mat               the 'annotations' struct: relative_im_path, class (1..196), ...
+      car_ims/000001.jpg ...
+  or torchvision's layout, <data-root>/stanford_cars/ (or <data-root> itself) with
+      devkit/cars_train_annos.mat  'annotations': fname, class
+      devkit/cars_meta.mat         (optional) class_names
+      cars_test_annos_withlabels.mat
+      cars_train/*.jpg  cars_test/*.jpg"""
+
+
+def _loadmat(path: str):
+    try:
+        import scipy.io as sio
+    except ImportError as e:  # pragma: no cover - scipy comes with scikit-learn
+        raise ImportError("cars196 needs scipy to read .mat files: pip install scipy") from e
+    return sio.loadmat(path, squeeze_me=True)
+
+
+def _class_names(meta_path: str) -> List[str]:
+    if os.path.exists(meta_path):
+        return [str(n) for n in list(_loadmat(meta_path)["class_names"])]
+    return []
+
+
+def _field(annotation, name):
+    return annotation[name].item() if hasattr(annotation[name], "item") else annotation[name]
+
+
+def load_cars196(data_root: str, image_size: int = 224) -> Tuple[ImageFileDataset, ImageFileDataset]:
+    """Train on classes 1-98, test on 99-196."""
+    samples: List[Tuple[str, int]] = []
+    names: List[str] = []
+    root = find_root(data_root, ("cars196", "CARS196", "stanford_cars"), "cars_annos.mat")
+    tv_root = find_root(data_root, ("stanford_cars",), os.path.join("devkit", "cars_train_annos.mat"))
+    if root is not None:
+        mat = _loadmat(os.path.join(root, "cars_annos.mat"))
+        for a in list(mat["annotations"]):
+            rel = str(_field(a, "relative_im_path"))
+            samples.append((os.path.join(root, rel), int(_field(a, "class"))))
+        if "class_names" in mat:
+            names = [str(n) for n in list(mat["class_names"])]
+    elif tv_root is not None:
+        parts = [(os.path.join(tv_root, "devkit", "cars_train_annos.mat"), "cars_train"),
+                 (os.path.join(tv_root, "cars_test_annos_withlabels.mat"), "cars_test")]
+        for mat_path, folder in parts:
+            if not os.path.exists(mat_path):
+                raise DatasetLayoutError(f"cars196: missing {mat_path}.\nExpected layout:\n{LAYOUT}")
+            for a in list(_loadmat(mat_path)["annotations"]):
+                samples.append((os.path.join(tv_root, folder, str(_field(a, "fname"))), int(_field(a, "class"))))
+        names = _class_names(os.path.join(tv_root, "devkit", "cars_meta.mat"))
+    else:
+        raise DatasetLayoutError(f"cars196: neither cars_annos.mat nor stanford_cars/devkit/cars_train_annos.mat "
+                                 f"under {os.path.abspath(data_root)!r}.\nExpected layout:\n{LAYOUT}\n"
+                                 "(pass the folder with --data-root; nothing is downloaded)")
+    out = []
+    for part, keep in (("train", lambda c: c <= 98), ("test", lambda c: c > 98)):
+        chosen = [(p, c) for p, c in samples if keep(c)]
+        y, ids = contiguous([c for _, c in chosen])
+        cls = [names[i - 1] if 0 < i <= len(names) else str(i) for i in ids]
+        out.append(ImageFileDataset([p for p, _ in chosen], y, cls, image_transforms(image_size, part == "train")))
+    return out[0], out[1]

@@ -1,0 +1,40 @@
+"""Stanford Online Products: its own split (``Ebay_train.txt``: 11,318 classes, ``Ebay_test.txt``: 11,316)."""
+from __future__ import annotations
+
+import os
+from typing import Tuple
+
+from .base import DatasetLayoutError, ImageFileDataset, contiguous, find_root, image_transforms, require_files
+
+LAYOUT = """  <data-root>/Stanford_Online_Products/   (or <data-root> itself)
+      Ebay_train.txt   header "image_id class_id super_class_id path", then one line per image
+      Ebay_test.txt
+      <super class>_final/<file>.JPG ...  (the paths named in the lists)"""
+
+
+def _read_list(path: str):
+    with open(path, encoding="utf-8") as f:
+        header = f.readline().split()
+        if header[:2] != ["image_id", "class_id"]:
+            raise DatasetLayoutError(f"sop: {path} should start with the header "
+                                     f"'image_id class_id super_class_id path', got {' '.join(header)!r}")
+        for line in f:
+            parts = line.split()
+            if len(parts) >= 4:
+                yield int(parts[1]), parts[3]
+
+
+def load_sop(data_root: str, image_size: int = 224) -> Tuple[ImageFileDataset, ImageFileDataset]:
+    root = find_root(data_root, ("Stanford_Online_Products",), "Ebay_train.txt")
+    if root is None:
+        raise DatasetLayoutError(f"sop: no Ebay_train.txt under {os.path.abspath(data_root)!r} or its "
+                                 f"Stanford_Online_Products/ folder.\nExpected layout:\n{LAYOUT}\n"
+                                 "(pass the folder with --data-root; nothing is downloaded)")
+    require_files(root, ["Ebay_train.txt", "Ebay_test.txt"], "sop", LAYOUT)
+    out = []
+    for part in ("train", "test"):
+        rows = list(_read_list(os.path.join(root, f"Ebay_{part}.txt")))
+        y, ids = contiguous([c for c, _ in rows])
+        out.append(ImageFileDataset([os.path.join(root, p) for _, p in rows], y, [str(i) for i in ids],
+                                    image_transforms(image_size, part == "train")))
+    return out[0], out[1]

@@ -1,0 +1,197 @@
+"""Retrieval evaluation on the held-out classes: Recall@K, NMI, MAP@R, R-precision, and the
+sub-cluster metric; plus the two reference points every run is compared with (raw pixels and the
+untrained network).
+
+Neighbours come from :func:`daal_triton.knn` (self excluded by index), in chunks of query rows, so a
+large test set never holds an N x N matrix; with the fused kernel (CUDA) each chunk streams too.
+The definitions follow pytorch-metric-learning's ``AccuracyCalculator`` (a test checks the numbers
+against it): Recall@K = 1 if any of the K nearest other images shares the query's class; with
+``R`` = number of other images of the query's class, R-precision = (same-class among the R nearest) / R
+and MAP@R = (1/R) sum_{i<=R} P@i * rel(i); every metric is averaged over queries.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, Iterable, Optional, Sequence
+
+import numpy as np
+import torch
+
+import daal_triton
+
+RECALL_KS = (1, 2, 4, 8)
+
+
+def resolve_knn_backend(backend: str, device: torch.device) -> str:
+    """``auto`` -> the fused Triton kernel on CUDA, the PyTorch reference on CPU (the Triton
+    interpreter is a testing tool, far too slow for a whole test set)."""
+    if backend == "auto":
+        return "auto" if device.type == "cuda" else "reference"
+    return backend
+
+
+def neighbours(emb: torch.Tensor, k: int, *, backend: str = "auto", chunk: int = 2048) -> torch.Tensor:
+    """Indices (N x k, int64) of the ``k`` nearest other rows of ``emb`` (self excluded by index,
+    ties to the smaller index; -1 where fewer than ``k`` other rows exist)."""
+    n = emb.shape[0]
+    k = max(1, min(k, n - 1)) if n > 1 else 1
+    backend = resolve_knn_backend(backend, emb.device)
+    out = []
+    for start in range(0, n, chunk):
+        q = emb[start:start + chunk]
+        _, idx = daal_triton.knn(q, emb, min(k + 1, n), backend=backend)
+        rows = torch.arange(start, start + q.shape[0], device=idx.device)[:, None]
+        is_self = idx == rows
+        # Drop self where it was found, otherwise the last (k+1-th) neighbour.
+        no_self = ~is_self.any(1)
+        is_self[no_self, -1] = True
+        kept = idx[~is_self].view(q.shape[0], -1)
+        if kept.shape[1] < k:
+            kept = torch.cat([kept, kept.new_full((q.shape[0], k - kept.shape[1]), -1)], 1)
+        out.append(kept[:, :k])
+    return torch.cat(out, 0)
+
+
+def retrieval_metrics(emb: torch.Tensor, labels: torch.Tensor, *, ks: Sequence[int] = RECALL_KS,
+                      normalize: bool = True, backend: str = "auto") -> Dict[str, float]:
+    """``recall@K`` for each K, ``map@r`` and ``r_precision`` of ``emb`` (N x D) with ``labels`` (N)."""
+    emb = emb.float()
+    if normalize:
+        emb = torch.nn.functional.normalize(emb, dim=1)
+    labels = labels.to(emb.device).long()
+    counts = torch.bincount(labels)
+    r = counts[labels] - 1  # other images of the query's class
+    k = int(max(max(ks), int(r.max()) if len(r) else 1))
+    idx = neighbours(emb, k, backend=backend)
+    found = idx >= 0
+    same = (labels[idx.clamp_min(0)] == labels[:, None]) & found
+    out: Dict[str, float] = {}
+    for kk in ks:
+        out[f"recall@{kk}"] = same[:, :kk].any(1).double().mean().item()
+    cols = torch.arange(1, idx.shape[1] + 1, device=idx.device)[None, :]
+    within_r = cols <= r[:, None]
+    rel = same & within_r
+    has = r > 0
+    prec_at_i = rel.cumsum(1).double() / cols
+    ap = (prec_at_i * rel).sum(1) / r.clamp_min(1)
+    rp = rel.sum(1).double() / r.clamp_min(1)
+    out["map@r"] = ap[has].mean().item() if bool(has.any()) else float("nan")
+    out["r_precision"] = rp[has].mean().item() if bool(has.any()) else float("nan")
+    return out
+
+
+def kmeans_labels(x: np.ndarray, n_clusters: int, *, seed: int = 0, n_init: int = 5) -> np.ndarray:
+    """k-means (scikit-learn, ``n_init`` restarts) cluster index of each row of ``x``."""
+    from sklearn.cluster import KMeans
+
+    n_clusters = max(1, min(n_clusters, len(x)))
+    return KMeans(n_clusters=n_clusters, n_init=n_init, random_state=seed).fit_predict(x)
+
+
+def nmi(emb: torch.Tensor, labels: torch.Tensor, *, normalize: bool = True, seed: int = 0) -> float:
+    """NMI between the true classes and k-means with as many clusters as classes."""
+    from sklearn.metrics import normalized_mutual_info_score
+
+    x = _np(emb, normalize)
+    y = labels.cpu().numpy()
+    return float(normalized_mutual_info_score(y, kmeans_labels(x, len(np.unique(y)), seed=seed)))
+
+
+def subcluster_nmi(emb: torch.Tensor, labels: torch.Tensor, modes: Iterable[int], *,
+                   normalize: bool = True, seed: int = 0) -> float:
+    """Within each class, k-means with the class's number of modes against the true modes (NMI),
+    averaged over classes with at least two modes: 1 when every class's sub-clusters survive
+    exactly, about 0 when the embedding ignores them."""
+    from sklearn.metrics import normalized_mutual_info_score
+
+    x = _np(emb, normalize)
+    y = labels.cpu().numpy()
+    m = np.asarray(list(modes) if not isinstance(modes, np.ndarray) else modes)
+    scores = []
+    for c in np.unique(y):
+        sel = y == c
+        n_modes = len(np.unique(m[sel]))
+        if n_modes < 2 or sel.sum() <= n_modes:
+            continue
+        scores.append(normalized_mutual_info_score(m[sel], kmeans_labels(x[sel], n_modes, seed=seed)))
+    return float(np.mean(scores)) if scores else float("nan")
+
+
+def all_metrics(emb: torch.Tensor, labels: torch.Tensor, modes: Optional[np.ndarray] = None, *,
+                normalize: bool = True, backend: str = "auto", seed: int = 0) -> Dict[str, float]:
+    """Every retrieval and clustering metric of one set of embeddings."""
+    out = retrieval_metrics(emb, labels, normalize=normalize, backend=backend)
+    out["nmi"] = nmi(emb, labels, normalize=normalize, seed=seed)
+    if modes is not None:
+        out["subcluster_nmi"] = subcluster_nmi(emb, labels, modes, normalize=normalize, seed=seed)
+    return out
+
+
+def _np(emb: torch.Tensor, normalize: bool) -> np.ndarray:
+    emb = emb.detach().float().cpu()
+    if normalize:
+        emb = torch.nn.functional.normalize(emb, dim=1)
+    return emb.numpy().astype(np.float64)
+
+
+@torch.no_grad()
+def embed(model: torch.nn.Module, dataset, device: torch.device, *, batch_size: int = 128,
+          amp_dtype: Optional[torch.dtype] = None, features: bool = False, num_workers: int = 0,
+          progress: bool = False) -> torch.Tensor:
+    """Embeddings (N x D, float32, on CPU) of every image of ``dataset`` in order, in eval mode.
+    ``features=True`` returns the pooled trunk features instead of the head's output."""
+    from torch.utils.data import DataLoader
+
+    was_training = model.training
+    model.eval()
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    if progress:
+        from tqdm.auto import tqdm
+
+        loader = tqdm(loader, desc="embed", leave=False, dynamic_ncols=True)
+    out = []
+    for images, _ in loader:
+        images = images.to(device, non_blocking=True)
+        with torch.autocast(device_type=device.type, dtype=amp_dtype or torch.float32,
+                            enabled=amp_dtype is not None):
+            e = model.features(images) if features else model(images)
+        out.append(e.float().cpu())
+    model.train(was_training)
+    return torch.cat(out, 0) if out else torch.zeros(0, getattr(model, "embedding_dim", 0))
+
+
+def pixel_vectors(dataset, *, batch_size: int = 256, max_side: int = 32) -> torch.Tensor:
+    """Every test image as the test pipeline gives it (resized, normalised), flattened: the
+    raw-pixel baseline's "embedding". Images larger than ``max_side`` are first average-pooled
+    to at most ``max_side`` x ``max_side`` (a 224 x 224 photo set would otherwise need 150k
+    floats per image); ``shapes`` at 32 x 32 is used as is."""
+    from torch.utils.data import DataLoader
+
+    out = []
+    for images, _ in DataLoader(dataset, batch_size=batch_size):
+        if max(images.shape[-2:]) > max_side:
+            images = torch.nn.functional.adaptive_avg_pool2d(images, max_side)
+        out.append(images.flatten(1).float())
+    return torch.cat(out, 0)
+
+
+def dataset_labels(dataset) -> torch.Tensor:
+    return torch.as_tensor(np.asarray(dataset.labels), dtype=torch.long)
+
+
+def format_table(rows: Dict[str, Dict[str, float]], keys: Optional[Sequence[str]] = None) -> str:
+    """A plain-text table: one row per method, one column per metric."""
+    if keys is None:
+        keys = []
+        for m in rows.values():
+            keys += [k for k in m if k not in keys and isinstance(m[k], (int, float))]
+    width = max([len(r) for r in rows] + [8])
+    head = f"{'':<{width}}  " + "  ".join(f"{k:>14}" for k in keys)
+    lines = [head, "-" * len(head)]
+    for name, m in rows.items():
+        cells = []
+        for k in keys:
+            v = m.get(k)
+            cells.append(f"{v:>14.4f}" if isinstance(v, (int, float)) and not math.isnan(v) else f"{'-':>14}")
+        lines.append(f"{name:<{width}}  " + "  ".join(cells))
+    return "\n".join(lines)

@@ -1,0 +1,95 @@
+"""Figures: a Barnes-Hut t-SNE of the test embeddings coloured by class (and, for data sets that
+record modes, a second panel coloured by mode), and the training curves (loss, Recall@1 per epoch)."""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def tsne_2d(emb: np.ndarray, *, seed: int = 0, perplexity: float = 30.0) -> np.ndarray:
+    """Barnes-Hut t-SNE (scikit-learn) of L2-normalised embeddings, PCA-initialised."""
+    from sklearn.manifold import TSNE
+
+    x = np.asarray(emb, dtype=np.float32)
+    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    if x.shape[1] > 50:  # the usual PCA pre-reduction keeps Barnes-Hut fast
+        from sklearn.decomposition import PCA
+
+        x = PCA(n_components=50, random_state=seed).fit_transform(x)
+    perplexity = float(min(perplexity, max(2.0, (len(x) - 1) / 3)))
+    return TSNE(n_components=2, method="barnes_hut", perplexity=perplexity, init="pca",
+                random_state=seed).fit_transform(x)
+
+
+def tsne_plot(emb, labels: Sequence[int], path: str, *, modes: Optional[Sequence[int]] = None,
+              class_names: Optional[List[str]] = None, mode_names: Optional[List[str]] = None,
+              max_points: int = 2000, seed: int = 0, title: str = "") -> str:
+    """Save a t-SNE PNG of ``emb`` coloured by class (left) and by mode (right, when given)."""
+    plt = _pyplot()
+    emb = emb.detach().float().cpu().numpy() if isinstance(emb, torch.Tensor) else np.asarray(emb)
+    labels = np.asarray(labels)
+    sel = np.arange(len(labels))
+    if len(sel) > max_points:
+        sel = np.sort(np.random.default_rng(seed).choice(len(sel), max_points, replace=False))
+    xy = tsne_2d(emb[sel], seed=seed)
+    y = labels[sel]
+    panels = [("class", y, class_names)]
+    if modes is not None:
+        panels.append(("mode", np.asarray(modes)[sel], mode_names))
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 6), squeeze=False)
+    for ax, (what, c, names) in zip(axes[0], panels):
+        n = int(c.max()) + 1 if len(c) else 1
+        cmap = plt.get_cmap("tab20" if n > 10 else "tab10")
+        for v in range(n):
+            m = c == v
+            if m.any():
+                lab = names[v] if names is not None and v < len(names) else str(v)
+                ax.scatter(xy[m, 0], xy[m, 1], s=6, color=cmap(v % cmap.N), label=lab)
+        if n <= 24:
+            ax.legend(fontsize=6, markerscale=2, loc="best", ncol=2 if n > 12 else 1)
+        ax.set_title(f"coloured by {what}")
+        ax.set_xticks([])
+        ax.set_yticks([])
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def training_curves(history: List[Dict[str, Any]], path: str) -> str:
+    """Save the training loss and held-out Recall@1 per epoch (from metrics.jsonl records)."""
+    plt = _pyplot()
+    tr = [r for r in history if r.get("model") == "trained"]
+    fig, ax1 = plt.subplots(figsize=(6, 4))
+    ep = [r["epoch"] for r in tr if "train_loss" in r]
+    ax1.plot(ep, [r["train_loss"] for r in tr if "train_loss" in r], "o-", color="tab:blue", label="train loss")
+    ax1.set_xlabel("epoch")
+    ax1.set_ylabel("training loss", color="tab:blue")
+    ax2 = ax1.twinx()
+    ev = [r for r in tr if "recall@1" in r]
+    base = {r["model"]: r["recall@1"] for r in history if r.get("model") in ("untrained", "raw_pixels")}
+    start = [(0, base["untrained"])] if "untrained" in base else []
+    pts = start + [(r["epoch"], r["recall@1"]) for r in ev]
+    ax2.plot([p[0] for p in pts], [p[1] for p in pts], "s-", color="tab:red", label="test Recall@1")
+    if "raw_pixels" in base:
+        ax2.axhline(base["raw_pixels"], color="tab:gray", ls="--", label="raw pixels Recall@1")
+    ax2.set_ylabel("held-out Recall@1", color="tab:red")
+    ax2.set_ylim(0, 1)
+    fig.legend(loc="lower right", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,110 @@
+"""The training program end to end, shortened: every output file, resume, daal-eval, --help."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("torchvision")
+pytest.importorskip("sklearn")
+pytest.importorskip("matplotlib")
+pytest.importorskip("tqdm")
+
+from daal_triton.train import cli  # noqa: E402
+
+TINY = ["--dataset", "shapes", "--image-size", "32", "--shapes-train-per-class", "4",
+        "--shapes-test-per-class", "8", "--classes-per-batch", "3", "--samples-per-class", "2",
+        "--steps-per-epoch", "2", "--embedding-dim", "16", "--eval-batch-size", "64", "--no-progress",
+        "--tsne-max-points", "96"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("run"))
+    assert cli.main(TINY + ["--epochs", "2", "--out", out]) == 0
+    return out
+
+
+def _records(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_end_to_end_outputs(trained, capsys):
+    out = trained
+    for name in ("config.json", "metrics.jsonl", "checkpoint_last.pt", "checkpoint_best.pt",
+                 "tsne_test.png", "training_curves.png", "results.txt"):
+        path = os.path.join(out, name)
+        assert os.path.isfile(path) and os.path.getsize(path) > 0, name
+    with open(os.path.join(out, "tsne_test.png"), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    cfg = json.load(open(os.path.join(out, "config.json")))
+    assert cfg["dataset"] == "shapes" and cfg["epochs"] == 2 and cfg["daal"]["alpha"] > 0
+    recs = _records(out)
+    assert [r["model"] for r in recs] == ["raw_pixels", "untrained", "trained", "trained"]
+    for r in recs:
+        for key in ("recall@1", "recall@2", "recall@4", "recall@8", "nmi", "map@r", "r_precision",
+                    "subcluster_nmi"):
+            assert 0.0 <= r[key] <= 1.0, (r["model"], key)
+    assert recs[-1]["epoch"] == 2 and "train_loss" in recs[-1]
+    table = open(os.path.join(out, "results.txt")).read()
+    for row in ("raw pixels", "untrained network", "trained (daal, epoch 2)", "subcluster_nmi"):
+        assert row in table
+
+
+def test_resume_and_eval(trained, tmp_path):
+    import torch
+
+    ck = torch.load(os.path.join(trained, "checkpoint_last.pt"), map_location="cpu", weights_only=False)
+    for key in ("model", "loss", "optimizer", "scheduler", "epoch", "metrics", "config"):
+        assert key in ck
+    assert ck["epoch"] == 2 and "segments" in ck["loss"]
+    # resume for one more epoch into a copy of the run
+    import shutil
+
+    out = str(tmp_path / "resumed")
+    shutil.copytree(trained, out)
+    assert cli.main(TINY + ["--epochs", "3", "--out", out, "--no-tsne",
+                            "--resume", os.path.join(out, "checkpoint_last.pt")]) == 0
+    recs = _records(out)
+    assert recs[-1]["epoch"] == 3 and recs[-1]["model"] == "trained"
+    assert [r["model"] for r in recs].count("untrained") == 1  # baselines are not redone
+    ev = str(tmp_path / "eval")
+    assert cli.eval_main([os.path.join(out, "checkpoint_last.pt"), "--out", ev, "--no-progress",
+                          "--baselines"]) == 0
+    res = json.load(open(os.path.join(ev, "eval.json")))
+    (name,) = [k for k in res["results"] if k.startswith("checkpoint")]
+    assert res["results"][name]["recall@1"] == pytest.approx(recs[-1]["recall@1"])
+    assert os.path.isfile(os.path.join(ev, "tsne_eval.png"))
+
+
+def test_pml_baseline_loss(tmp_path):
+    pytest.importorskip("pytorch_metric_learning")
+    out = str(tmp_path / "pml")
+    assert cli.main(TINY + ["--epochs", "1", "--steps-per-epoch", "1", "--loss", "pml:ProxyAnchorLoss",
+                            "--no-tsne", "--no-baselines", "--out", out]) == 0
+    recs = _records(out)
+    assert recs[-1]["model"] == "trained" and "recall@1" in recs[-1]
+    assert os.path.isfile(os.path.join(out, "training_curves.png"))  # also without baselines
+
+
+def test_missing_dataset_is_a_clear_error(tmp_path, capsys):
+    assert cli.main(["--dataset", "cub200", "--data-root", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "images.txt" in err and "Expected layout" in err
+
+
+def test_help_explains_flags():
+    text = cli.build_parser().format_help()
+    for flag in ("--dataset", "--data-root", "--epochs", "--steps-per-epoch", "--image-size", "--device",
+                 "--loss", "--weights", "--resume", "--out", "--arch", "--embedding-dim",
+                 "--classes-per-batch", "--samples-per-class", "--amp", "--lr", "--loss-lr", "--daal-alpha"):
+        assert flag in text
+    assert "checkpoint" in cli.build_eval_parser().format_help()
+
+
+def test_module_entry_point_help():
+    r = subprocess.run([sys.executable, "-m", "daal_triton.train", "--help"], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0 and "daal-train" in r.stdout

@@ -1,0 +1,244 @@
+"""The data sets of the training program: tiny fake trees of each on-disk layout, the embedded
+sets, and the P x K sampler."""
+import os
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("torchvision")
+pytest.importorskip("sklearn")
+
+from daal_triton.train.data import DatasetLayoutError, PKSampler, build_datasets  # noqa: E402
+from daal_triton.train.data import shapes as S  # noqa: E402
+
+
+def _png(path, value=0):
+    from PIL import Image
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.fromarray(np.full((10, 12, 3), value, np.uint8)).save(path)
+
+
+def _check(ds, n_images, n_classes):
+    assert len(ds) == n_images
+    assert ds.num_classes == n_classes
+    assert sorted(set(ds.labels.tolist())) == list(range(n_classes))  # contiguous from 0
+    img, y = ds[0]
+    assert img.shape == (3, 16, 16) and img.dtype == torch.float32
+    assert isinstance(y, int) and 0 <= y < n_classes
+
+
+# ------------------------------------------------------------------------------------ cub200
+
+def _fake_cub(root, classes=(1, 2, 100, 101, 150, 200), per_class=2):
+    base = os.path.join(root, "CUB_200_2011")
+    lines, labels, names = [], [], []
+    i = 0
+    for c in classes:
+        names.append(f"{c} {c:03d}.Bird_{c}")
+        for j in range(per_class):
+            i += 1
+            rel = f"{c:03d}.Bird_{c}/Bird_{c}_{j}.jpg"
+            _png(os.path.join(base, "images", rel), value=c)
+            lines.append(f"{i} {rel}")
+            labels.append(f"{i} {c}")
+    for name, rows in (("images.txt", lines), ("image_class_labels.txt", labels), ("classes.txt", names)):
+        with open(os.path.join(base, name), "w") as f:
+            f.write("\n".join(rows) + "\n")
+    return base
+
+
+def test_cub200_split_and_labels(tmp_path):
+    _fake_cub(str(tmp_path))
+    train, test = build_datasets("cub200", str(tmp_path), 16)
+    _check(train, 6, 3)  # classes 1, 2, 100
+    _check(test, 6, 3)  # classes 101, 150, 200
+    assert train.class_names[-1].startswith("100.")
+    assert test.class_names[0].startswith("101.")
+    # the file of class 150 (second test class) maps to label 1
+    i = [k for k, p in enumerate(test.paths) if "Bird_150_" in p][0]
+    assert test.labels[i] == 1
+
+
+def test_cub200_root_can_be_the_dataset_folder(tmp_path):
+    base = _fake_cub(str(tmp_path))
+    train, _ = build_datasets("cub200", base, 16)
+    assert train.num_classes == 3
+
+
+def test_cub200_missing_files_names_layout(tmp_path):
+    with pytest.raises(DatasetLayoutError, match="image_class_labels.txt"):
+        build_datasets("cub200", str(tmp_path), 16)
+    base = _fake_cub(str(tmp_path))
+    os.remove(os.path.join(base, "image_class_labels.txt"))
+    with pytest.raises(DatasetLayoutError, match="missing image_class_labels.txt"):
+        build_datasets("cub200", str(tmp_path), 16)
+
+
+# ------------------------------------------------------------------------------------ cars196
+
+def _savemat(path, **arrays):
+    import scipy.io as sio
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    sio.savemat(path, arrays)
+
+
+def _struct(rows, fields):
+    arr = np.zeros((len(rows),), dtype=[(f, object) for f in fields])
+    for i, r in enumerate(rows):
+        arr[i] = r
+    return arr
+
+
+def test_cars196_annos_layout(tmp_path):
+    classes = (1, 50, 98, 99, 150, 196)
+    rows = []
+    for i, c in enumerate(classes * 2):
+        rel = f"car_ims/{i + 1:06d}.jpg"
+        _png(os.path.join(str(tmp_path), rel), value=c)
+        rows.append((rel, c, i % 2))
+    names = np.array([f"Car {c}" for c in range(1, 197)], dtype=object)
+    _savemat(os.path.join(str(tmp_path), "cars_annos.mat"),
+             annotations=_struct(rows, ("relative_im_path", "class", "test")), class_names=names)
+    train, test = build_datasets("cars196", str(tmp_path), 16)
+    _check(train, 6, 3)
+    _check(test, 6, 3)
+    assert train.class_names == ["Car 1", "Car 50", "Car 98"]
+    assert test.class_names == ["Car 99", "Car 150", "Car 196"]
+
+
+def test_cars196_torchvision_layout(tmp_path):
+    base = os.path.join(str(tmp_path), "stanford_cars")
+    tr_rows, te_rows = [], []
+    for i, c in enumerate((1, 98, 99, 196)):
+        for split, rows in (("cars_train", tr_rows), ("cars_test", te_rows)):
+            fname = f"{i:05d}.jpg"
+            _png(os.path.join(base, split, fname), value=c)
+            rows.append((fname, c))
+    _savemat(os.path.join(base, "devkit", "cars_train_annos.mat"), annotations=_struct(tr_rows, ("fname", "class")))
+    _savemat(os.path.join(base, "cars_test_annos_withlabels.mat"), annotations=_struct(te_rows, ("fname", "class")))
+    _savemat(os.path.join(base, "devkit", "cars_meta.mat"),
+             class_names=np.array([f"C{c}" for c in range(1, 197)], dtype=object))
+    train, test = build_datasets("cars196", str(tmp_path), 16)
+    _check(train, 4, 2)  # classes 1 and 98, from both official halves
+    _check(test, 4, 2)
+    assert test.class_names == ["C99", "C196"]
+
+
+def test_cars196_missing(tmp_path):
+    with pytest.raises(DatasetLayoutError, match="cars_annos.mat"):
+        build_datasets("cars196", str(tmp_path), 16)
+
+
+# ------------------------------------------------------------------------------------ sop
+
+def test_sop_own_split(tmp_path):
+    base = os.path.join(str(tmp_path), "Stanford_Online_Products")
+    for split, classes in (("train", (1, 2, 5)), ("test", (11319, 11320))):
+        lines = ["image_id class_id super_class_id path"]
+        for i, c in enumerate(classes * 2):
+            rel = f"bicycle_final/{c}_{i}.JPG"
+            _png(os.path.join(base, rel), value=c % 255)
+            lines.append(f"{i + 1} {c} 1 {rel}")
+        with open(os.path.join(base, f"Ebay_{split}.txt"), "w") as f:
+            f.write("\n".join(lines) + "\n")
+    train, test = build_datasets("sop", str(tmp_path), 16)
+    _check(train, 6, 3)
+    _check(test, 4, 2)
+    assert test.class_names == ["11319", "11320"]
+
+
+def test_sop_missing(tmp_path):
+    with pytest.raises(DatasetLayoutError, match="Ebay_train.txt"):
+        build_datasets("sop", str(tmp_path), 16)
+
+
+# ------------------------------------------------------------------------------------ folder
+
+def test_folder_tree(tmp_path):
+    for split, classes in (("train", ("ant", "bee", "cat")), ("test", ("dog", "eel"))):
+        for c in classes:
+            for j in range(2):
+                _png(os.path.join(str(tmp_path), split, c, f"{j}.png"))
+    os.makedirs(os.path.join(str(tmp_path), "test", "empty"))
+    train, test = build_datasets("folder", str(tmp_path), 16)
+    _check(train, 6, 3)
+    _check(test, 4, 2)
+    assert test.class_names == ["dog", "eel"]
+
+
+def test_folder_missing_and_no_root(tmp_path):
+    with pytest.raises(DatasetLayoutError, match="train/<class name>"):
+        build_datasets("folder", str(tmp_path), 16)
+    with pytest.raises(DatasetLayoutError, match="--data-root"):
+        build_datasets("folder", None, 16)
+
+
+# ------------------------------------------------------------------------------------ embedded
+
+def test_shapes_split_modes_and_seed():
+    train, test = build_datasets("shapes", None, 32, seed=3, shapes_train_per_class=8, shapes_test_per_class=4)
+    assert (len(train), len(test)) == (96, 48)
+    assert train.num_classes == test.num_classes == 12
+    assert sorted(set(train.labels.tolist())) == list(range(12))
+    assert sorted(set(test.labels.tolist())) == list(range(12))
+    assert set(train.class_names).isdisjoint(test.class_names)
+    for ds in (train, test):  # every class appears in every mode (palette), balanced
+        for c in range(12):
+            assert np.bincount(ds.modes[ds.labels == c], minlength=4).min() == len(ds) // 48
+    img, _ = train[0]
+    assert img.shape == (3, 32, 32)
+    again, _ = build_datasets("shapes", None, 32, seed=3, shapes_train_per_class=8, shapes_test_per_class=4)
+    assert torch.equal(again.images, train.images)
+    other, _ = build_datasets("shapes", None, 32, seed=4, shapes_train_per_class=8, shapes_test_per_class=4)
+    assert not torch.equal(other.images, train.images)
+
+
+def test_shapes_class_design():
+    table = S.class_table()
+    assert len(table) == len(set(table)) == 24
+    train, test = table[:12], table[12:]
+    for half in (train, test):  # every shape twice, every pattern three times in each half
+        assert sorted(np.bincount([s for s, _ in half]).tolist()) == [2] * 6
+        assert sorted(np.bincount([p for _, p in half]).tolist()) == [3] * 4
+
+
+def test_shapes_render_is_seeded():
+    a = S.render(4, 2, 1, 24, np.random.default_rng(7))
+    b = S.render(4, 2, 1, 24, np.random.default_rng(7))
+    assert a.shape == (24, 24, 3) and a.dtype == np.uint8
+    assert np.array_equal(a, b)
+
+
+def test_digits_split():
+    train, test = build_datasets("digits", None, 16)
+    assert train.num_classes == test.num_classes == 5
+    assert len(train) + len(test) == 1797
+    assert sorted(set(test.labels.tolist())) == list(range(5))
+    assert test.class_names == ["5", "6", "7", "8", "9"]
+    assert train[0][0].shape == (3, 16, 16)
+
+
+# ------------------------------------------------------------------------------------ sampler
+
+def test_pk_sampler_balanced_and_deterministic():
+    labels = np.repeat(np.arange(6), [10, 10, 10, 10, 10, 2])
+    s = PKSampler(labels, 4, 3, seed=1)
+    assert len(s) == len(labels) // 12 and s.batch_size == 12
+    batches = list(s)
+    for b in batches:
+        assert len(b) == 12
+        counts = np.bincount(labels[b], minlength=6)
+        assert sorted(counts[counts > 0].tolist()) == [3, 3, 3, 3]
+    assert batches == list(s)  # same epoch, same draw
+    s.set_epoch(1)
+    assert batches != list(s)
+
+
+def test_pk_sampler_more_classes_per_batch_than_classes():
+    s = PKSampler([0, 0, 1, 1, 1], 8, 2, batches_per_epoch=3)
+    assert len(s) == 3 and all(len(b) == 4 for b in s)
+    with pytest.raises(ValueError):
+        PKSampler([0, 1], 0, 2)

@@ -1,0 +1,99 @@
+"""Retrieval and clustering metrics, checked by hand and against pytorch-metric-learning."""
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("sklearn")
+
+from daal_triton.train import evaluate as E  # noqa: E402
+
+
+def test_neighbours_exclude_self_by_index_even_with_duplicates():
+    emb = torch.tensor([[0.0, 0.0], [0.0, 0.0], [1.0, 0.0], [5.0, 0.0]])
+    idx = E.neighbours(emb, 2, chunk=3)
+    assert idx.tolist() == [[1, 2], [0, 2], [0, 1], [2, 0]]
+    assert idx.dtype == torch.int64
+
+
+def test_neighbours_chunks_agree():
+    emb = torch.randn(37, 5)
+    assert torch.equal(E.neighbours(emb, 6, chunk=4), E.neighbours(emb, 6, chunk=100))
+
+
+def test_retrieval_metrics_by_hand():
+    # 1-D points; classes a = {0, 1, 10}, b = {11, 12}
+    emb = torch.tensor([[0.0], [1.0], [10.0], [11.0], [12.0]])
+    labels = torch.tensor([0, 0, 0, 1, 1])
+    m = E.retrieval_metrics(emb, labels, normalize=False, ks=(1, 2))
+    # nearest others: 0->1 (a), 1->0 (a), 10->11 (b), 11->10|12 tie (10: index 2 first -> a), 12->11 (b)
+    assert m["recall@1"] == pytest.approx(3 / 5)
+    # top-2: 0:{1,10} a; 1:{0,... } a; 10:{11,12} none; 11:{10,12} b; 12:{11,10} b
+    assert m["recall@2"] == pytest.approx(4 / 5)
+    # R: 2 for class a, 1 for class b
+    # AP@R: q0: [a,a] -> 1; q1: [a, (10 vs 0? dist 9 vs 1 -> 0)] = [0 a, 10 a] -> 1;
+    #       q10: [11 b, 12 b] -> 0; q11: [10 a] -> 0; q12: [11 b] -> 1
+    assert m["map@r"] == pytest.approx(3 / 5)
+    assert m["r_precision"] == pytest.approx(3 / 5)
+
+
+def _pml_metrics(emb, labels, seed=0):
+    pytest.importorskip("pytorch_metric_learning")
+    from pytorch_metric_learning.distances import LpDistance
+    from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
+    from pytorch_metric_learning.utils.inference import CustomKNN
+
+    calc = AccuracyCalculator(
+        include=("precision_at_1", "mean_average_precision_at_r", "r_precision", "NMI"),
+        k="max_bin_count", knn_func=CustomKNN(LpDistance(normalize_embeddings=True)),
+        kmeans_func=lambda x, n: torch.as_tensor(E.kmeans_labels(
+            torch.nn.functional.normalize(x, dim=1).double().cpu().numpy(), n, seed=seed)))
+    return calc.get_accuracy(emb, labels)
+
+
+@pytest.mark.parametrize("n,c,d", [(120, 6, 8), (97, 9, 3)])
+def test_metrics_match_pytorch_metric_learning(n, c, d):
+    g = torch.Generator().manual_seed(n)
+    labels = torch.randint(0, c, (n,), generator=g)
+    centres = torch.randn(c, d, generator=g)
+    emb = centres[labels] + 0.9 * torch.randn(n, d, generator=g)
+    ours = E.all_metrics(emb, labels)
+    theirs = _pml_metrics(emb, labels)
+    assert ours["recall@1"] == pytest.approx(theirs["precision_at_1"], abs=1e-6)
+    assert ours["map@r"] == pytest.approx(theirs["mean_average_precision_at_r"], abs=1e-6)
+    assert ours["r_precision"] == pytest.approx(theirs["r_precision"], abs=1e-6)
+    assert ours["nmi"] == pytest.approx(theirs["NMI"], abs=1e-6)
+
+
+def test_nmi_perfect_and_subclusters():
+    # two classes, each with two well-separated modes
+    rng = np.random.default_rng(0)
+    labels, modes, pts = [], [], []
+    centres = {(0, 0): (10, 0), (0, 1): (10, 3), (1, 0): (-10, 0), (1, 1): (-10, 3)}
+    for (c, m), (x, y) in centres.items():
+        for _ in range(20):
+            labels.append(c)
+            modes.append(m)
+            pts.append((x + 0.05 * rng.normal(), y + 0.05 * rng.normal()))
+    emb = torch.tensor(pts, dtype=torch.float32)
+    labels = torch.tensor(labels)
+    assert E.nmi(emb, labels, normalize=False) == pytest.approx(1.0)
+    assert E.subcluster_nmi(emb, labels, np.array(modes), normalize=False) == pytest.approx(1.0)
+    # collapse the modes: the sub-cluster metric drops to ~0, NMI stays 1
+    flat = emb.clone()
+    flat[:, 1] = 0.05 * torch.randn(len(flat))
+    assert E.nmi(flat, labels, normalize=False) == pytest.approx(1.0)
+    assert E.subcluster_nmi(flat, labels, np.array(modes), normalize=False) < 0.2
+
+
+def test_format_table():
+    text = E.format_table({"a": {"recall@1": 0.5, "nmi": float("nan")}, "bb": {"recall@1": 1.0}})
+    assert "recall@1" in text and "0.5000" in text and "-" in text.splitlines()[2]
+
+
+def test_pixel_vectors_pool_large_images():
+    from torch.utils.data import TensorDataset
+
+    ds = TensorDataset(torch.rand(3, 3, 64, 64), torch.zeros(3, dtype=torch.long))
+    assert E.pixel_vectors(ds).shape == (3, 3 * 32 * 32)
+    small = TensorDataset(torch.rand(2, 3, 16, 16), torch.zeros(2, dtype=torch.long))
+    assert E.pixel_vectors(small).shape == (2, 3 * 16 * 16)

@@ -1,0 +1,82 @@
+"""The VGG-19 embedding network and the pieces of the training engine."""
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("torchvision")
+
+from daal_triton.train import engine  # noqa: E402
+from daal_triton.train.model import EmbeddingNet  # noqa: E402
+
+
+def test_embedding_net_shapes_and_weights(tmp_path):
+    import torchvision
+
+    ref = torchvision.models.vgg19_bn(weights=None)
+    path = str(tmp_path / "vgg19_bn.pth")
+    torch.save(ref.state_dict(), path)
+    net = EmbeddingNet("vgg19_bn", 24, weights=path)
+    assert net.pretrained
+    assert torch.equal(net.trunk[0].weight, ref.features[0].weight)
+    net.eval()
+    x = torch.randn(2, 3, 32, 32)
+    assert net(x).shape == (2, 24)
+    assert net.features(x).shape == (2, 512)
+    with pytest.raises(ValueError, match="vgg19 vs vgg19_bn"):
+        EmbeddingNet("vgg19", 8, weights=path)
+    with pytest.raises(FileNotFoundError, match="never downloads"):
+        EmbeddingNet("vgg19_bn", 8, weights=str(tmp_path / "missing.pth"))
+    with pytest.raises(ValueError, match="arch"):
+        EmbeddingNet("resnet50", 8)
+
+
+def test_optimizer_groups_and_schedule():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4))
+    crit = engine.build_criterion("daal", 3, 4, backend="reference")
+    opt = engine.make_optimizer(model, crit, lr=1e-4, loss_lr=1e-2, weight_decay=0.1)
+    lrs = sorted(g["lr"] for g in opt.param_groups)
+    assert lrs == [1e-4, 1e-4, 1e-2]
+    seg_group = [g for g in opt.param_groups if any(p is crit.segments for p in g["params"])][0]
+    assert seg_group["lr"] == 1e-2 and seg_group["weight_decay"] == 0.0
+    sched = engine.make_scheduler(opt, total_steps=10, warmup_steps=2)
+    seen = []
+    for _ in range(10):
+        seen.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert seen[0] == pytest.approx(0.5e-4) and seen[1] == pytest.approx(1e-4)
+    assert seen[-1] < 0.1e-4 and all(a >= b for a, b in zip(seen[1:], seen[2:]))
+
+
+def test_build_criterion_daal_uses_training_defaults_and_overrides():
+    crit = engine.build_criterion("daal", 5, 8, daal={"alpha": 8.0}, backend="reference")
+    assert crit.hparams["alpha"] == 8.0
+    assert crit.segments.shape == (5, 2, 8)
+    emb = torch.randn(6, 8, requires_grad=True)
+    loss = engine.loss_from_embeddings(crit, emb, torch.tensor([0, 0, 1, 1, 2, 2]))
+    loss.backward()
+    assert math.isfinite(loss.item()) and emb.grad is not None
+    with pytest.raises(ValueError, match="--loss"):
+        engine.build_criterion("triplet", 5, 8)
+
+
+def test_build_criterion_pml():
+    pytest.importorskip("pytorch_metric_learning")
+    crit = engine.build_criterion("pml:ProxyAnchorLoss", 5, 8)
+    assert sum(p.numel() for p in crit.parameters()) == 5 * 8  # proxies, given num_classes/embedding_size
+    loss = crit(torch.randn(6, 8), torch.tensor([0, 0, 1, 1, 2, 2]))
+    assert math.isfinite(loss.item())
+    with pytest.raises(ValueError, match="NoSuchLoss"):
+        engine.build_criterion("pml:NoSuchLoss", 5, 8)
+
+
+def test_resolve_device_and_amp():
+    assert engine.resolve_device("cpu").type == "cpu"
+    assert engine.resolve_amp("none", torch.device("cpu")) is None
+    assert engine.resolve_amp("bf16", torch.device("cpu")) is None  # GPU only
+    with pytest.raises(ValueError):
+        engine.resolve_amp("int8", torch.device("cpu"))
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="no CUDA"):
+            engine.resolve_device("cuda")
