@@ -88,7 +88,6 @@ ever B x C.
 """
 from __future__ import annotations
 
-import os
 from typing import Tuple
 
 import torch
@@ -96,6 +95,8 @@ import triton
 import triton.language as tl
 
 from daal_triton.reference import EPS, line_margin as _reference_line_margin, own_distance_sq
+
+from .pairwise import interpreting
 
 __all__ = ["line_margin", "CONFIGS", "KERNELS", "config_for", "kernel_signature"]
 
@@ -140,20 +141,16 @@ TARGET_PROGRAMS = 264  # ~2 waves on 132 SMs
 MAX_SPLITS = 64
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 def config_for(x_dtype: torch.dtype, D: int, *, interpret: bool | None = None):
     """The (family, BLOCK_D) key of ``CONFIGS`` the launchers use for ``x`` of this dtype and width."""
-    interpret = _interpreting() if interpret is None else interpret
+    interpret = interpreting() if interpret is None else interpret
     if interpret:  # the interpreter's dots cost per padded element: fit BLOCK_D to D
         return ("interp", min(128, max(16, triton.next_power_of_2(D))))
     return ("fp32" if x_dtype == torch.float32 else "half", 64)
 
 
 def _precision() -> str:
-    return "ieee" if _interpreting() else "tf32"
+    return "ieee" if interpreting() else "tf32"
 
 
 # ----------------------------------------------------------------------------- kernels
