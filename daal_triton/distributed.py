@@ -15,6 +15,7 @@ anyway so they can never drift apart.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Iterable, Tuple
 
 import torch
@@ -42,7 +43,9 @@ def gather_batch(embeddings: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.
         return embeddings, labels
     from torch.distributed.nn.functional import all_gather
 
-    emb = torch.cat(all_gather(embeddings), 0)
+    with warnings.catch_warnings():  # deprecated in favour of a private API; still correct and differentiable
+        warnings.simplefilter("ignore", FutureWarning)
+        emb = torch.cat(all_gather(embeddings), 0)
     labs = [torch.empty_like(labels) for _ in range(world_size())]
     dist.all_gather(labs, labels.contiguous())
     return emb, torch.cat(labs, 0)
@@ -57,3 +60,15 @@ def sync_grads(params: Iterable[torch.nn.Parameter]) -> None:
         if p.grad is not None:
             dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
             p.grad /= world_size()
+
+
+@torch.no_grad()
+def broadcast_params(params: Iterable[torch.Tensor], src: int = 0) -> None:
+    """Copy rank ``src``'s values of ``params`` to every rank (no-op without a process group).
+
+    For modules kept outside DistributedDataParallel (the loss's segments), so every rank starts
+    from the same values however its random state was seeded."""
+    if not is_distributed() or world_size() == 1:
+        return
+    for p in params:
+        dist.broadcast(p.data, src=src)

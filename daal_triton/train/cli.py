@@ -90,6 +90,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip the raw-pixel and untrained-network baselines")
     p.add_argument("--resume", default=_D.resume, help="checkpoint to resume from (checkpoint_last.pt)")
     p.add_argument("--out", default=_D.out, help="output directory")
+    p.add_argument("--memory-bank", type=int, default=_D.memory_bank, metavar="SIZE",
+                   help="cross-batch memory: a FIFO of the last SIZE (global-batch) embeddings used, with the "
+                        "batch, as the reference set of DAAL's kNN density; saved in checkpoints (0: off; "
+                        "--loss daal only)")
+    d = p.add_argument_group("distributed training (torchrun --nproc_per_node=N -m daal_triton.train ...)")
+    d.add_argument("--dist-backend", default=_D.dist_backend, choices=["auto", "nccl", "gloo"],
+                   help="torch.distributed backend when started by torchrun (auto: NCCL on GPUs, gloo on CPUs); "
+                        "P must be divisible by the number of processes")
+    d.add_argument("--dist-timeout", type=float, default=_D.dist_timeout, metavar="MIN",
+                   help="process-group timeout in minutes (the other ranks wait this long for rank 0's evaluations)")
+    d.add_argument("--sync-bn", action="store_true",
+                   help="SyncBatchNorm: batch-norm statistics over the global batch instead of each rank's share "
+                        "(CUDA only)")
     return p
 
 
@@ -108,11 +121,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     cfg = config_from_args(args)
     from .data import DatasetLayoutError
+    from .ddp import ConfigError
     from .engine import run
 
     try:
         run(cfg)
-    except DatasetLayoutError as e:
+    except (DatasetLayoutError, ConfigError) as e:
         print(f"daal-train: error: {e}", file=sys.stderr)
         return 2
     return 0

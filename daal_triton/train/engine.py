@@ -2,10 +2,12 @@
 learning rate for the loss's parameters, cosine schedule with warm-up, AMP, checkpoints, and the
 run that ties it together (evaluations, baselines, plots, metrics.jsonl).
 
-Distributed training (a later issue) plugs in at two places: :func:`loss_from_embeddings` is the
-one function that turns a batch's embeddings into the loss (a DDP wrapper all-gathers embeddings
-and labels before calling it), and :class:`daal_triton.train.data.PKSampler` draws batches from
-``(seed, epoch)`` only, so every rank can take its share of the same draw.
+Distributed training (``torchrun ... -m daal_triton.train``, see :mod:`daal_triton.train.ddp`):
+every rank takes its share of the same global P x K batch (:class:`~daal_triton.train.data.DistributedPKSampler`),
+the model runs inside DistributedDataParallel, and :class:`GlobalBatchLoss` gathers the ranks'
+embeddings and labels (with gradients) so the loss is computed on the global batch on every rank;
+the loss's parameters stay outside DDP and are averaged after backward. :class:`GlobalBatchLoss`
+also holds the optional cross-batch memory (``--memory-bank``). Rank 0 alone evaluates and writes.
 """
 from __future__ import annotations
 
@@ -25,9 +27,14 @@ from torch import nn
 
 import daal_triton
 
+from daal_triton.distributed import broadcast_params, gather_batch, sync_grads
+from daal_triton.memory import MemoryBank
+
+from . import ddp
 from . import evaluate as E
-from .data import PKSampler, build_datasets
-from .model import EmbeddingNet
+from .data import DistributedPKSampler, PKSampler, build_datasets
+from .ddp import ConfigError
+from .model import NO_WEIGHTS_NOTE, EmbeddingNet
 
 # The DAAL hyperparameters the training program uses unless told otherwise (the loss's own
 # defaults are SPEC.md's; these are tuned for training a network, see docs/training.md).
@@ -75,6 +82,10 @@ class TrainConfig:
     tsne: bool = True
     tsne_max_points: int = 2000
     progress: bool = True
+    memory_bank: int = 0
+    dist_backend: str = "auto"
+    dist_timeout: float = 60.0
+    sync_bn: bool = False
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
@@ -105,7 +116,7 @@ def resolve_amp(amp: str, device: torch.device) -> Optional[torch.dtype]:
     if amp == "none":
         return None
     if device.type != "cuda":
-        print(f"[daal-train] --amp {amp} is for GPUs; running in float32 on {device.type}")
+        _say(f"--amp {amp} is for GPUs; running in float32 on {device.type}")
         return None
     return torch.bfloat16 if amp == "bf16" else torch.float16
 
@@ -188,8 +199,33 @@ def make_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_st
 
 
 def loss_from_embeddings(criterion: nn.Module, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """The loss of one batch from its embeddings: the seam a distributed wrapper gathers into."""
+    """The loss of one batch from its embeddings (one process, no memory bank)."""
     return criterion(embeddings.float(), labels)
+
+
+class GlobalBatchLoss:
+    """The ``loss_fn`` of :func:`train_one_epoch` in every run of the program.
+
+    1. gathers all ranks' embeddings (differentiable) and labels into the global batch
+       (:func:`daal_triton.distributed.gather_batch`; the identity in a single process);
+    2. computes the loss on the global batch, identical on every rank. With a ``bank``
+       (``--memory-bank``), the kNN density's reference set is the global batch followed by the
+       bank's rows: ``criterion(emb, labels, ref_emb, ref_labels, ref_includes_batch=True)``;
+    3. then enqueues the global batch's detached embeddings, so every rank holds the same bank.
+    """
+
+    def __init__(self, bank: Optional[MemoryBank] = None) -> None:
+        self.bank = bank
+
+    def __call__(self, criterion: nn.Module, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        emb, labs = gather_batch(embeddings, labels)
+        emb = emb.float()
+        if self.bank is None:
+            return criterion(emb, labs)
+        ref, ref_labels = self.bank.with_batch(emb, labs)
+        loss = criterion(emb, labs, ref, ref_labels, ref_includes_batch=True)
+        self.bank.enqueue(emb.detach(), labs)
+        return loss
 
 
 def train_one_epoch(model: nn.Module, criterion: nn.Module, loader, optimizer: torch.optim.Optimizer,
@@ -220,10 +256,12 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, loader, optimizer: t
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
+            sync_grads(criterion.parameters())  # the loss is outside DDP: keep its parameters identical
             scaler.step(optimizer)
             scaler.update()
         else:
             loss.backward()
+            sync_grads(criterion.parameters())
             optimizer.step()
         if scheduler is not None:
             scheduler.step()
@@ -240,10 +278,14 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, loader, optimizer: t
 # ----------------------------------------------------------------------------- checkpoints
 
 def save_checkpoint(path: str, *, model: nn.Module, criterion: nn.Module, cfg: TrainConfig, epoch: int,
-                    metrics: List[Dict[str, Any]], optimizer=None, scheduler=None, scaler=None) -> None:
-    """Write a checkpoint atomically (to ``path.tmp``, then rename)."""
+                    metrics: List[Dict[str, Any]], optimizer=None, scheduler=None, scaler=None,
+                    memory_bank: Optional[MemoryBank] = None, world_size: int = 1) -> None:
+    """Write a checkpoint atomically (to ``path.tmp``, then rename). ``model`` is the bare network
+    (not its DistributedDataParallel wrapper), so checkpoints of any world size load anywhere."""
     state = dict(model=model.state_dict(), loss=criterion.state_dict(), config=cfg.to_dict(),
-                 epoch=epoch, metrics=metrics, version=daal_triton.__version__)
+                 epoch=epoch, metrics=metrics, version=daal_triton.__version__, world_size=world_size)
+    if memory_bank is not None:
+        state["memory_bank"] = memory_bank.state_dict()
     if optimizer is not None:
         state["optimizer"] = optimizer.state_dict()
     if scheduler is not None:
@@ -277,13 +319,56 @@ def _log(fh, record: Dict[str, Any]) -> None:
     fh.flush()
 
 
+_PREFIX = "[daal-train]"
+
+
+def _say(msg: str) -> None:
+    """A log line, tagged with the rank that wrote it in a distributed run."""
+    print(f"{_PREFIX} {msg}", flush=True)
+
+
+def validate_config(cfg: TrainConfig, world_size: int = 1) -> None:
+    """Refuse, before any work, what cannot run (:class:`ConfigError`, a ``ValueError``)."""
+    if isinstance(cfg.memory_bank, bool) or not isinstance(cfg.memory_bank, int) or cfg.memory_bank < 0:
+        raise ConfigError(f"--memory-bank must be an integer >= 0 (0: off), got {cfg.memory_bank!r}")
+    if cfg.memory_bank and cfg.loss != "daal":
+        raise ConfigError(f"--memory-bank is for --loss daal (its kNN density takes the bank as reference set); "
+                          f"--loss {cfg.loss} cannot use it: pytorch-metric-learning's ref_emb does not take "
+                          f"the batch as part of the reference set (wrap the loss in its CrossBatchMemory "
+                          f"in your own loop instead)")
+    if cfg.dist_backend not in ("auto", "nccl", "gloo"):
+        raise ConfigError(f"--dist-backend must be auto, nccl or gloo, got {cfg.dist_backend!r}")
+    if world_size > 1 and cfg.classes_per_batch % world_size:
+        raise ConfigError(f"--classes-per-batch (P) = {cfg.classes_per_batch} must be divisible by the world size "
+                          f"{world_size}: each rank takes P / world_size whole classes of every global batch")
+
+
 def run(cfg: TrainConfig) -> Dict[str, Any]:
     """Train and evaluate as ``cfg`` says; write everything under ``cfg.out``; return the final
-    table's rows ({method: metrics})."""
+    table's rows ({method: metrics}; empty on ranks other than 0).
+
+    Under torchrun (``WORLD_SIZE`` > 1) this joins the process group (see :mod:`daal_triton.train.ddp`),
+    trains data-parallel, and destroys the group at the end."""
+    global _PREFIX
+    validate_config(cfg, ddp.env_world()[1])
+    ctx, device = ddp.setup(resolve_device(cfg.device), cfg.dist_backend, cfg.dist_timeout)
+    _PREFIX = ctx.prefix
+    try:
+        return _run(cfg, ctx, device)
+    finally:
+        ctx.close()
+        _PREFIX = "[daal-train]"
+
+
+def _run(cfg: TrainConfig, ctx: ddp.DistContext, device: torch.device) -> Dict[str, Any]:
     t_start = time.time()
     cpu_start = time.process_time()
-    os.makedirs(cfg.out, exist_ok=True)
-    device = resolve_device(cfg.device)
+    main = ctx.is_main
+    validate_config(cfg, ctx.world_size)
+    if cfg.sync_bn and ctx.distributed and device.type != "cuda":
+        raise ConfigError("--sync-bn needs CUDA devices (SyncBatchNorm does not run on the CPU)")
+    if main:
+        os.makedirs(cfg.out, exist_ok=True)
     amp_dtype = resolve_amp(cfg.amp, device)
     seed_everything(cfg.seed)
 
@@ -291,12 +376,26 @@ def run(cfg: TrainConfig) -> Dict[str, Any]:
                                        augment=cfg.augment, shapes_train_per_class=cfg.shapes_train_per_class,
                                        shapes_test_per_class=cfg.shapes_test_per_class,
                                        shapes_nuisance=cfg.shapes_nuisance)
-    print(f"[daal-train] {cfg.dataset}: {len(train_ds)} training images of {train_ds.num_classes} classes, "
-          f"{len(test_ds)} test images of {test_ds.num_classes} held-out classes; device {device}")
-    model = build_model(cfg).to(device)
+    if ctx.distributed:
+        try:
+            sampler = DistributedPKSampler(train_ds.labels, cfg.classes_per_batch, cfg.samples_per_class,
+                                           rank=ctx.rank, world_size=ctx.world_size, seed=cfg.seed)
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
+    else:
+        sampler = PKSampler(train_ds.labels, cfg.classes_per_batch, cfg.samples_per_class, seed=cfg.seed)
+    if main:
+        _say(f"{cfg.dataset}: {len(train_ds)} training images of {train_ds.num_classes} classes, "
+             f"{len(test_ds)} test images of {test_ds.num_classes} held-out classes; device {device}")
+    if ctx.distributed:
+        _say(f"joined {ctx.world_size} processes ({ctx.backend}) on {device}: global batch "
+             f"{sampler.p}x{sampler.k} = {sampler.global_batch_size}, {sampler.batch_size} images on this rank"
+             + ("" if main else "; rank 0 evaluates and writes the outputs"))
+    model = build_model(cfg, announce=main and not ctx.distributed).to(device)
+    if main and ctx.distributed and not cfg.weights:
+        _say(NO_WEIGHTS_NOTE)
     criterion = build_criterion(cfg.loss, train_ds.num_classes, cfg.embedding_dim, daal=cfg.daal,
                                 loss_kwargs=cfg.loss_kwargs, backend=_loss_backend(cfg.loss_backend, device)).to(device)
-    sampler = PKSampler(train_ds.labels, cfg.classes_per_batch, cfg.samples_per_class, seed=cfg.seed)
     loader = torch.utils.data.DataLoader(train_ds, batch_sampler=sampler, num_workers=cfg.num_workers,
                                          pin_memory=device.type == "cuda",
                                          persistent_workers=cfg.num_workers > 0)
@@ -304,10 +403,11 @@ def run(cfg: TrainConfig) -> Dict[str, Any]:
     optimizer = make_optimizer(model, criterion, lr=cfg.lr, loss_lr=cfg.loss_lr, weight_decay=cfg.weight_decay)
     scheduler = make_scheduler(optimizer, cfg.epochs * steps, int(round(cfg.warmup_epochs * steps)))
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+    bank = MemoryBank(cfg.memory_bank, cfg.embedding_dim, device=device) if cfg.memory_bank else None
 
     history: List[Dict[str, Any]] = []
     start_epoch = 1
-    if cfg.resume:
+    if cfg.resume:  # every rank reads the checkpoint (on several machines: a path they all see)
         ck = load_checkpoint(cfg.resume)
         model.load_state_dict(ck["model"])
         criterion.load_state_dict(ck["loss"])
@@ -319,19 +419,42 @@ def run(cfg: TrainConfig) -> Dict[str, Any]:
             scaler.load_state_dict(ck["scaler"])
         history = list(ck.get("metrics", []))
         start_epoch = int(ck["epoch"]) + 1
-        if "rng" in ck:
+        if "rng" in ck and main:
             torch.set_rng_state(ck["rng"]["torch"])
             np.random.set_state(ck["rng"]["numpy"])
             random.setstate(ck["rng"]["python"])
-        print(f"[daal-train] resumed from {cfg.resume} at epoch {start_epoch}")
+        if bank is not None:
+            saved = ck.get("memory_bank")
+            if saved is not None and tuple(saved["embeddings"].shape) == (bank.size, bank.dim):
+                bank.load_state_dict(saved)
+            elif main:
+                _say(f"the checkpoint holds no memory bank of {bank.size} x {bank.dim}; starting an empty one")
+        if main:
+            _say(f"resumed from {cfg.resume} at epoch {start_epoch}"
+                 + (f" with {len(bank)} rows in the memory bank" if bank is not None else ""))
 
-    with open(os.path.join(cfg.out, "config.json"), "w") as f:
-        json.dump(cfg.to_dict(), f, indent=2)
+    net: nn.Module = model
+    if ctx.distributed:
+        broadcast_params(criterion.parameters())  # outside DDP: start every rank from rank 0's segments
+        if cfg.sync_bn:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        if not main:  # different augmentation draws on every rank (model and segments come from rank 0)
+            seed_everything(cfg.seed + 1000003 * ctx.rank)
+    elif cfg.sync_bn:
+        _say("--sync-bn does nothing in a single process")
+    loss_fn = GlobalBatchLoss(bank)
+
     labels = E.dataset_labels(test_ds)
     modes = test_ds.modes
-    metrics_path = os.path.join(cfg.out, "metrics.jsonl")
-    fh = open(metrics_path, "a" if cfg.resume else "w")
+    fh = None
+    if main:
+        with open(os.path.join(cfg.out, "config.json"), "w") as f:
+            json.dump(dict(cfg.to_dict(), launch=dict(world_size=ctx.world_size, backend=ctx.backend)), f, indent=2)
+        fh = open(os.path.join(cfg.out, "metrics.jsonl"), "a" if cfg.resume else "w")
     table: Dict[str, Dict[str, float]] = {}
+    emb = None
+    epoch = start_epoch - 1
     try:
         def evaluate(epoch: int, name: str, emb: torch.Tensor, extra: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
             t0 = time.time()
@@ -342,77 +465,93 @@ def run(cfg: TrainConfig) -> Dict[str, Any]:
             history.append(rec)
             return rec
 
-        if cfg.baselines and start_epoch == 1:
+        def embed_test() -> torch.Tensor:  # the bare model: DDP's forward would wait for the other ranks
+            return E.embed(model, test_ds, device, batch_size=cfg.eval_batch_size, amp_dtype=amp_dtype,
+                           num_workers=cfg.num_workers)
+
+        if main and cfg.baselines and start_epoch == 1:
             t0 = time.time()
             rec = evaluate(0, "raw_pixels", E.pixel_vectors(test_ds))
             table["raw pixels"] = rec
-            emb0 = E.embed(model, test_ds, device, batch_size=cfg.eval_batch_size, amp_dtype=amp_dtype,
-                           num_workers=cfg.num_workers)
-            rec = evaluate(0, "untrained", emb0, dict(embed_s=round(time.time() - t0, 2)))
+            rec = evaluate(0, "untrained", embed_test(), dict(embed_s=round(time.time() - t0, 2)))
             table["untrained network"] = rec
-            print(f"[daal-train] baselines: raw pixels R@1 {table['raw pixels']['recall@1']:.4f}, "
-                  f"untrained network R@1 {rec['recall@1']:.4f} ({time.time() - t0:.1f} s)")
-        else:
+            _say(f"baselines: raw pixels R@1 {table['raw pixels']['recall@1']:.4f}, "
+                 f"untrained network R@1 {rec['recall@1']:.4f} ({time.time() - t0:.1f} s)")
+        elif main:
             for rec in history:  # a resumed run keeps its baselines for the final table
                 if rec.get("model") == "raw_pixels":
                     table["raw pixels"] = rec
                 elif rec.get("model") == "untrained":
                     table["untrained network"] = rec
+        ctx.barrier()
 
         best = max([r["recall@1"] for r in history if r.get("model") == "trained"], default=-1.0)
         last_rec: Optional[Dict[str, Any]] = None
-        emb = None
-        epoch = start_epoch - 1
         for epoch in range(start_epoch, cfg.epochs + 1):
             sampler.set_epoch(epoch)
             t0 = time.time()
-            train_loss = train_one_epoch(model, criterion, loader, optimizer, scheduler, device,
+            train_loss = train_one_epoch(net, criterion, loader, optimizer, scheduler, device,
                                          amp_dtype=amp_dtype, scaler=scaler, max_steps=steps,
-                                         desc=f"epoch {epoch}/{cfg.epochs}", progress=cfg.progress)
+                                         desc=f"epoch {epoch}/{cfg.epochs}", progress=cfg.progress and main,
+                                         loss_fn=loss_fn)
             train_s = time.time() - t0
-            do_eval = epoch == cfg.epochs or (cfg.eval_every > 0 and epoch % cfg.eval_every == 0)
-            msg = (f"[daal-train] epoch {epoch}/{cfg.epochs}: loss {train_loss:.4f} ({train_s:.1f} s, "
-                   f"CPU {time.process_time() - cpu_start:.0f} s so far)")
-            if do_eval:
-                emb = E.embed(model, test_ds, device, batch_size=cfg.eval_batch_size, amp_dtype=amp_dtype,
-                              num_workers=cfg.num_workers)
-                last_rec = evaluate(epoch, "trained", emb, dict(train_loss=train_loss, train_s=round(train_s, 2)))
-                msg += "  " + "  ".join(f"{k} {last_rec[k]:.4f}" for k in ("recall@1", "nmi", "map@r")
-                                        if k in last_rec)
-            else:
-                rec = dict(epoch=epoch, model="trained", train_loss=train_loss, train_s=round(train_s, 2),
-                           elapsed_s=round(time.time() - t_start, 2))
-                _log(fh, rec)
-                history.append(rec)
-            print(msg, flush=True)
-            save_checkpoint(os.path.join(cfg.out, "checkpoint_last.pt"), model=model, criterion=criterion, cfg=cfg,
-                            epoch=epoch, metrics=history, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
-            if do_eval and last_rec["recall@1"] > best:
-                best = last_rec["recall@1"]
-                save_checkpoint(os.path.join(cfg.out, "checkpoint_best.pt"), model=model, criterion=criterion,
-                                cfg=cfg, epoch=epoch, metrics=history)
-        if emb is None:  # nothing trained in this call (resumed at the end): evaluate what we have
-            emb = E.embed(model, test_ds, device, batch_size=cfg.eval_batch_size, amp_dtype=amp_dtype,
-                          num_workers=cfg.num_workers)
-            last_rec = evaluate(epoch, "trained", emb)
-        table[f"trained ({cfg.loss}, epoch {epoch})"] = last_rec
+            if main:
+                do_eval = epoch == cfg.epochs or (cfg.eval_every > 0 and epoch % cfg.eval_every == 0)
+                msg = (f"epoch {epoch}/{cfg.epochs}: loss {train_loss:.4f} ({train_s:.1f} s, "
+                       f"CPU {time.process_time() - cpu_start:.0f} s so far)")
+                if do_eval:
+                    emb = embed_test()
+                    last_rec = evaluate(epoch, "trained", emb,
+                                        dict(train_loss=train_loss, train_s=round(train_s, 2)))
+                    msg += "  " + "  ".join(f"{k} {last_rec[k]:.4f}" for k in ("recall@1", "nmi", "map@r")
+                                            if k in last_rec)
+                else:
+                    rec = dict(epoch=epoch, model="trained", train_loss=train_loss, train_s=round(train_s, 2),
+                               elapsed_s=round(time.time() - t_start, 2))
+                    _log(fh, rec)
+                    history.append(rec)
+                _say(msg)
+                save_checkpoint(os.path.join(cfg.out, "checkpoint_last.pt"), model=model, criterion=criterion,
+                                cfg=cfg, epoch=epoch, metrics=history, optimizer=optimizer, scheduler=scheduler,
+                                scaler=scaler, memory_bank=bank, world_size=ctx.world_size)
+                if do_eval and last_rec["recall@1"] > best:
+                    best = last_rec["recall@1"]
+                    save_checkpoint(os.path.join(cfg.out, "checkpoint_best.pt"), model=model, criterion=criterion,
+                                    cfg=cfg, epoch=epoch, metrics=history, world_size=ctx.world_size)
+            ctx.barrier()  # the other ranks wait for rank 0's evaluation and checkpoint
+        if main:
+            if emb is None:  # nothing trained in this call (resumed at the end): evaluate what we have
+                emb = embed_test()
+                last_rec = evaluate(epoch, "trained", emb)
+            table[f"trained ({cfg.loss}, epoch {epoch})"] = last_rec
     finally:
-        fh.close()
+        if fh is not None:
+            fh.close()
 
+    if main:
+        _finish(cfg, history, table, emb, labels, test_ds, epoch, t_start, cpu_start)
+    else:
+        _say(f"done ({time.time() - t_start:.1f} s); rank 0 wrote the outputs to {cfg.out}")
+    ctx.barrier()
+    return table
+
+
+def _finish(cfg: TrainConfig, history, table, emb, labels, test_ds, epoch: int, t_start: float,
+            cpu_start: float) -> None:
+    """Rank 0's end of a run: plots, the final table, results.txt."""
     from . import plots
 
     try:
         plots.training_curves(history, os.path.join(cfg.out, "training_curves.png"))
     except Exception as e:  # a plot must never lose a finished run
-        print(f"[daal-train] training-curve plot failed: {e}")
+        _say(f"training-curve plot failed: {e}")
     if cfg.tsne:
         t0 = time.time()
-        plots.tsne_plot(emb, labels.numpy(), os.path.join(cfg.out, "tsne_test.png"), modes=modes,
+        plots.tsne_plot(emb, labels.numpy(), os.path.join(cfg.out, "tsne_test.png"), modes=test_ds.modes,
                         class_names=test_ds.class_names, mode_names=getattr(test_ds, "mode_names", None),
                         max_points=cfg.tsne_max_points, seed=cfg.seed,
                         title=f"{cfg.dataset} test classes, {cfg.arch} + {cfg.loss}, epoch {epoch}")
-        print(f"[daal-train] t-SNE of the test embeddings: {os.path.join(cfg.out, 'tsne_test.png')} "
-              f"({time.time() - t0:.1f} s)")
+        _say(f"t-SNE of the test embeddings: {os.path.join(cfg.out, 'tsne_test.png')} ({time.time() - t0:.1f} s)")
     text = E.format_table(table, keys=_table_keys(table))
     total = time.time() - t_start
     text += (f"\n(held-out classes of {cfg.dataset}; wall time {total:.1f} s, process CPU time "
@@ -420,7 +559,6 @@ def run(cfg: TrainConfig) -> Dict[str, Any]:
     with open(os.path.join(cfg.out, "results.txt"), "w") as f:
         f.write(text + "\n")
     print(text)
-    return table
 
 
 def _table_keys(table: Dict[str, Dict[str, float]]) -> List[str]:

@@ -10,6 +10,8 @@ from torch import nn
 
 ARCHS = ("vgg19", "vgg19_bn")
 _warned_no_weights = False
+NO_WEIGHTS_NOTE = ("no --weights given: the VGG trunk starts from random initialisation "
+                   "(nothing is downloaded; pass a torchvision ImageNet state dict with --weights PATH)")
 
 
 class EmbeddingNet(nn.Module):
@@ -53,8 +55,7 @@ def _say_no_weights() -> None:
     global _warned_no_weights
     if not _warned_no_weights:
         _warned_no_weights = True
-        print("[daal-train] no --weights given: the VGG trunk starts from random initialisation "
-              "(nothing is downloaded; pass a torchvision ImageNet state dict with --weights PATH)")
+        print(f"[daal-train] {NO_WEIGHTS_NOTE}")
 
 
 def load_vgg_weights(vgg: nn.Module, path: str) -> None:

@@ -8,7 +8,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import daal_triton as dt
-from daal_triton.distributed import gather_batch, sync_grads, world_size
+from daal_triton.distributed import broadcast_params, gather_batch, sync_grads, world_size
 
 B, D_IN, D, C = 12, 6, 5, 4
 
@@ -42,8 +42,10 @@ def _worker(rank, world, port, out_dir):
         loss = loss_fn(emb_all, y_all)
         loss.backward()
         sync_grads(loss_fn.parameters())
+        own = torch.nn.Parameter(torch.full((3,), float(rank + 1)))  # differs by rank until broadcast
+        broadcast_params([own])
         torch.save({"loss": loss.detach(), "emb_grad": emb.grad, "seg_grad": loss_fn.segments.grad,
-                    "w_grad": model.weight.grad, "b_grad": model.bias.grad},
+                    "w_grad": model.weight.grad, "b_grad": model.bias.grad, "broadcast": own.detach()},
                    os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -71,6 +73,7 @@ def test_two_gloo_ranks_match_one_process(tmp_path):
         assert torch.allclose(got["seg_grad"], loss_fn.segments.grad, rtol=1e-10, atol=1e-14)
         assert torch.allclose(got["w_grad"], model.weight.grad, rtol=1e-10, atol=1e-14)
         assert torch.allclose(got["b_grad"], model.bias.grad, rtol=1e-10, atol=1e-14)
+        assert got["broadcast"].tolist() == [1.0, 1.0, 1.0]  # rank 0's values everywhere
         # every rank's copy of the loss reaches this rank's rows: world x the single-process gradient
         assert torch.allclose(got["emb_grad"] / world, emb.grad[r * share:(r + 1) * share],
                               rtol=1e-10, atol=1e-14)

@@ -14,7 +14,7 @@ class PKSampler(Sampler[List[int]]):
     there are fewer than ``P``) and ``K`` images of each (without replacement when the class has
     at least ``K``, else with). ``batches_per_epoch`` defaults to ``len(labels) // (P * K)``.
     The draw depends only on ``seed`` and the epoch set with :meth:`set_epoch`, so a resumed run
-    and every process of a distributed run (which may take ``rank::world_size`` batches) agree.
+    and every process of a distributed run (:class:`DistributedPKSampler`) agree.
     """
 
     def __init__(self, labels: Sequence[int], classes_per_batch: int, samples_per_class: int, *,
@@ -51,3 +51,41 @@ class PKSampler(Sampler[List[int]]):
                 pool = self.by_class[int(c)]
                 batch.extend(rng.choice(pool, size=self.k, replace=len(pool) < self.k).tolist())
             yield batch
+
+
+class DistributedPKSampler(PKSampler):
+    """Rank ``rank``'s share of the global P x K batches of a run over ``world_size`` processes.
+
+    Every rank draws the *same* global batches as :class:`PKSampler` (from ``seed`` and the epoch
+    only) and keeps the classes ``rank::world_size`` of each, with all ``K`` images of each of them,
+    so a class's samples stay together on one rank and the ranks' shares, gathered in rank order,
+    hold exactly the global batch's images. ``P`` (after capping at the number of classes) must be
+    divisible by ``world_size``; each rank's batches have ``P / world_size * K`` images.
+    """
+
+    def __init__(self, labels: Sequence[int], classes_per_batch: int, samples_per_class: int, *,
+                 rank: int, world_size: int, batches_per_epoch: Optional[int] = None, seed: int = 0) -> None:
+        super().__init__(labels, classes_per_batch, samples_per_class, batches_per_epoch=batches_per_epoch,
+                         seed=seed)
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size), got rank {rank} of {world_size}")
+        if self.p % world_size:
+            capped = ("" if self.p == classes_per_batch
+                      else f" (capped from {classes_per_batch} at the number of classes)")
+            raise ValueError(f"classes per batch P = {self.p}{capped} must be divisible by the world size "
+                             f"{world_size}: each rank takes P / world_size whole classes of every batch")
+        self.rank, self.world_size = rank, world_size
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.p * self.k
+
+    @property
+    def batch_size(self) -> int:
+        return self.p // self.world_size * self.k
+
+    def __iter__(self) -> Iterator[List[int]]:
+        k = self.k
+        for batch in super().__iter__():  # the global batch: P blocks of K indices, one block per class
+            blocks = [batch[i * k:(i + 1) * k] for i in range(self.p)]
+            yield [i for block in blocks[self.rank::self.world_size] for i in block]

@@ -1,0 +1,224 @@
+"""Data-parallel training (torchrun, gloo on the CPU) and the cross-batch memory (--memory-bank).
+
+The loss-level equality of 2 gloo ranks and one process is tests/package/test_distributed.py;
+here: the sampler's shares, the step function, config errors, and short real runs.
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("torchvision")
+pytest.importorskip("sklearn")
+pytest.importorskip("matplotlib")
+pytest.importorskip("tqdm")
+
+from daal_triton.memory import MemoryBank  # noqa: E402
+from daal_triton.train import cli  # noqa: E402
+from daal_triton.train.data import DistributedPKSampler, PKSampler  # noqa: E402
+from daal_triton.train.engine import GlobalBatchLoss, train_one_epoch  # noqa: E402
+
+# P = 4 classes x K = 2: a global batch of 8, 4 images on each of 2 ranks
+FLAGS = ["--dataset", "shapes", "--image-size", "32", "--shapes-train-per-class", "4",
+         "--shapes-test-per-class", "4", "-P", "4", "-K", "2", "--steps-per-epoch", "2", "--epochs", "1",
+         "--embedding-dim", "8", "--eval-batch-size", "64", "--no-progress", "--no-tsne", "--no-baselines",
+         "--memory-bank", "64"]
+GLOBAL_B = 8
+
+
+def _ck(out):
+    return torch.load(os.path.join(out, "checkpoint_last.pt"), map_location="cpu", weights_only=False)
+
+
+def _records(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    """One process, the same flags as the 2-process run."""
+    out = str(tmp_path_factory.mktemp("single"))
+    assert cli.main(FLAGS + ["--out", out]) == 0
+    return out
+
+
+# ----------------------------------------------------------------------------- sampler
+
+def test_distributed_sampler_splits_each_global_batch_by_class():
+    labels = np.repeat(np.arange(10), 5)
+    glob = PKSampler(labels, 4, 3, seed=7)
+    shares = [DistributedPKSampler(labels, 4, 3, rank=r, world_size=2, seed=7) for r in range(2)]
+    for s in [glob] + shares:
+        s.set_epoch(3)
+    assert all(len(s) == len(glob) for s in shares) and shares[0].batch_size == 6
+    for g, b0, b1 in zip(glob, *shares):
+        assert len(b0) == len(b1) == 6
+        assert sorted(b0 + b1) == sorted(g)  # together: exactly the global batch
+        c0, c1 = set(labels[b0]), set(labels[b1])
+        assert len(c0) == len(c1) == 2 and not c0 & c1  # whole classes, on one rank each
+    with pytest.raises(ValueError, match="divisible by the world size 3"):
+        DistributedPKSampler(labels, 4, 3, rank=0, world_size=3)
+
+
+# ----------------------------------------------------------------------------- the step function
+
+class _Recorder(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(()))
+        self.calls = []
+
+    def forward(self, emb, labels, ref_emb=None, ref_labels=None, ref_includes_batch=False):
+        self.calls.append(dict(emb=emb.detach().clone(), labels=labels.clone(),
+                               ref=None if ref_emb is None else ref_emb.detach().clone(),
+                               ref_labels=None if ref_labels is None else ref_labels.clone(),
+                               ref_grad=ref_emb is not None and ref_emb.requires_grad,
+                               includes=ref_includes_batch))
+        return self.w * emb.square().mean()
+
+
+def test_step_uses_batch_plus_bank_as_reference_then_enqueues():
+    torch.manual_seed(0)
+    bank = MemoryBank(16, 3)
+    old_e, old_y = torch.randn(5, 3), torch.tensor([7, 7, 8, 8, 9])
+    bank.enqueue(old_e, old_y)
+    crit = _Recorder()
+    emb = torch.randn(4, 3, requires_grad=True)
+    y = torch.tensor([0, 0, 1, 1])
+    loss = GlobalBatchLoss(bank)(crit, emb, y)
+    (call,) = crit.calls
+    assert call["includes"] and call["ref_grad"]
+    assert call["ref"].shape == (9, 3)
+    assert torch.equal(call["ref"][:4], emb.detach()) and torch.equal(call["ref"][4:], old_e)
+    assert call["ref_labels"].tolist() == [0, 0, 1, 1, 7, 7, 8, 8, 9]
+    # enqueued after the loss: the bank now ends with the batch, detached
+    e_now, y_now = bank.get()
+    assert len(bank) == 9 and torch.equal(e_now[5:], emb.detach()) and y_now[5:].tolist() == [0, 0, 1, 1]
+    assert not e_now.requires_grad
+    loss.backward()
+    assert emb.grad is not None
+    # without a bank: the plain loss, no reference set
+    crit.calls.clear()
+    GlobalBatchLoss(None)(crit, emb, y)
+    assert crit.calls[0]["ref"] is None
+
+
+def test_train_one_epoch_fills_the_bank_step_by_step():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(6, 3)
+    crit = _Recorder()
+    loader = [(torch.randn(4, 6), torch.tensor([0, 0, 1, 1])) for _ in range(3)]
+    bank = MemoryBank(10, 3)
+    opt = torch.optim.SGD(list(model.parameters()) + list(crit.parameters()), lr=0.1)
+    train_one_epoch(model, crit, loader, opt, None, torch.device("cpu"), progress=False,
+                    loss_fn=GlobalBatchLoss(bank))
+    assert [c["ref"].shape[0] for c in crit.calls] == [4, 8, 12]  # batch + 0, 4, 8 bank rows
+    assert len(bank) == 10
+
+
+# ----------------------------------------------------------------------------- config errors
+
+def test_config_errors_are_clear(tmp_path, monkeypatch, capsys):
+    assert cli.main(FLAGS + ["--loss", "pml:ContrastiveLoss", "--out", str(tmp_path / "a")]) == 2
+    assert "--memory-bank is for --loss daal" in capsys.readouterr().err
+    # as rank 0 of a torchrun world of 2 (refused before the process group is joined)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert cli.main(FLAGS[:-2] + ["-P", "3", "--out", str(tmp_path / "b")]) == 2
+    assert "must be divisible by the world size 2" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "a") and not os.path.exists(tmp_path / "b")
+
+
+# ----------------------------------------------------------------------------- runs
+
+def test_memory_bank_run_and_resume(single, tmp_path):
+    ck = _ck(single)
+    assert ck["world_size"] == 1 and ck["config"]["memory_bank"] == 64
+    assert ck["memory_bank"]["filled"] == 2 * GLOBAL_B  # 2 steps of the global batch
+    before = MemoryBank(64, 8)
+    before.load_state_dict(ck["memory_bank"])
+    before_e, before_y = before.get()
+    out = str(tmp_path / "resumed")
+    shutil.copytree(single, out)
+    assert cli.main(FLAGS[:FLAGS.index("--epochs")] + ["--epochs", "2"] + FLAGS[FLAGS.index("--epochs") + 2:]
+                    + ["--out", out, "--resume", os.path.join(out, "checkpoint_last.pt")]) == 0
+    bank = MemoryBank(64, 8)
+    bank.load_state_dict(_ck(out)["memory_bank"])
+    e, y = bank.get()
+    assert len(bank) == 4 * GLOBAL_B  # restored, then 2 more steps (an empty bank would hold 2 x 8)
+    assert torch.equal(e[:2 * GLOBAL_B], before_e) and torch.equal(y[:2 * GLOBAL_B], before_y)
+    assert [r["epoch"] for r in _records(out)] == [1, 2]
+
+
+GUARD = textwrap.dedent('''
+    # test instrumentation: processes of rank != 0 may not write under $DAAL_GUARD_OUT (open, makedirs,
+    # and os.replace, which catches torch.save: checkpoints are written to .tmp and then renamed)
+    import builtins, os
+    _rank = os.environ.get("RANK", "0")
+    _out = os.environ.get("DAAL_GUARD_OUT")
+    if _out and _rank != "0":
+        _out = os.path.realpath(_out)
+
+        def _check(path):
+            p = os.path.realpath(os.fspath(path))
+            if p == _out or p.startswith(_out + os.sep):
+                raise PermissionError(f"rank {_rank} wrote {p}")
+
+        _open = builtins.open
+        def open(file, mode="r", *a, **k):
+            if isinstance(file, (str, bytes, os.PathLike)) and any(c in mode for c in "wax+"):
+                _check(file)
+            return _open(file, mode, *a, **k)
+        builtins.open = open
+        for _name in ("makedirs", "mkdir", "replace", "rename"):
+            def _wrap(f):
+                def g(path, *a, **k):
+                    _check(path)
+                    return f(path, *a, **k)
+                return g
+            setattr(os, _name, _wrap(getattr(os, _name)))
+''')
+
+
+@pytest.mark.slow
+def test_torchrun_two_gloo_processes(single, tmp_path):
+    out = str(tmp_path / "ddp")
+    guard = tmp_path / "guard"
+    guard.mkdir()
+    (guard / "sitecustomize.py").write_text(GUARD)
+    env = dict(os.environ, DAAL_GUARD_OUT=out, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(guard)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "daal_triton.train"] + FLAGS + ["--out", out]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    log = r.stdout + r.stderr
+    assert r.returncode == 0, log[-4000:]
+    # the same files as one process with the same flags, written by rank 0 alone (the guard
+    # makes any write of rank 1 under --out fail the run)
+    assert sorted(os.listdir(out)) == sorted(os.listdir(single))
+    cfg = json.load(open(os.path.join(out, "config.json")))
+    assert cfg["launch"] == {"world_size": 2, "backend": "gloo"}
+    recs = _records(out)
+    assert [(r["epoch"], r["model"]) for r in recs] == [(1, "trained")] and 0 <= recs[0]["recall@1"] <= 1
+    ck, ck1 = _ck(out), _ck(single)
+    assert ck["world_size"] == 2 and not any(k.startswith("module.") for k in ck["model"])
+    # the bank holds the gathered global batches: the same images' classes as one process, step by step
+    y2, y1 = ck["memory_bank"]["labels"], ck1["memory_bank"]["labels"]
+    assert ck["memory_bank"]["filled"] == 2 * GLOBAL_B
+    for s in range(2):
+        block = slice(s * GLOBAL_B, (s + 1) * GLOBAL_B)
+        assert sorted(y2[block].tolist()) == sorted(y1[block].tolist())
+    # every log line says which rank wrote it; rank 0 did the epochs, rank 1 waited
+    lines = [ln for ln in r.stdout.splitlines() if "daal-train" in ln]
+    assert not [ln for ln in lines if ln.startswith("[daal-train]")], lines
+    assert any(ln.startswith("[daal-train rank 0/2] epoch 1/1: loss") for ln in lines)
+    assert any(ln.startswith("[daal-train rank 1/2] done") for ln in lines)
+    assert not any(ln.startswith("[daal-train rank 1/2] epoch") for ln in lines)
