@@ -80,6 +80,7 @@ def daal_loss(
         lambda_len=lambda_len, l_max=l_max, normalize=normalize, reduction=reduction,
         ref_embeddings=ref_embeddings, ref_labels=ref_labels,
         ref_includes_batch=ref_includes_batch, knn_fn=knn_fn, line_margin_fn=line_fn,
+        split_line_pull=return_parts,
     )
     return parts if return_parts else parts.loss
 

@@ -27,8 +27,8 @@ class DAALParts:
     """The loss and everything it is made of (``return_parts=True``)."""
 
     loss: torch.Tensor  # the reduced loss (scalar) or the B per-sample values
-    line: torch.Tensor  # L_line (scalar)
-    pull: torch.Tensor  # L_pull (scalar)
+    line: Optional[torch.Tensor]  # L_line (scalar); None unless the split was asked for
+    pull: Optional[torch.Tensor]  # L_pull (scalar); None unless the split was asked for
     density: torch.Tensor  # L_dens (scalar)
     length: torch.Tensor  # L_len (scalar)
     per_sample: torch.Tensor  # B values, what reduction="none" returns
@@ -181,8 +181,12 @@ def compose(
     ref_includes_batch: bool = False,
     knn_fn: KnnFn = knn,
     line_margin_fn: LineMarginFn = line_margin,
+    split_line_pull: bool = True,
 ) -> DAALParts:
-    """The SPEC steps in order, with pluggable kNN and line-margin operators."""
+    """The SPEC steps in order, with pluggable kNN and line-margin operators.
+
+    ``split_line_pull`` also reports ``L_line`` and ``L_pull`` apart (one more O(B D) pass for the
+    own-class distances); callers that only want the loss turn it off."""
     if reduction not in ("mean", "none"):
         raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
     dtype = compute_dtype(embeddings, segments)
@@ -207,9 +211,11 @@ def compose(
         l_len = length_term(seg, l_max)
         per_sample = per_line + lambda_dens * hinge
         total = per_line.mean() + lambda_dens * l_dens + lambda_len * l_len
-        with torch.no_grad():  # the line/pull split is for reading only
-            l_pull = own_distance_sq(x, labels, seg).mean()
-            l_line = per_line.mean() - lambda_pull * l_pull
+        l_line = l_pull = None
+        if split_line_pull:
+            with torch.no_grad():  # the line/pull split is for reading only
+                l_pull = own_distance_sq(x, labels, seg).mean()
+                l_line = per_line.mean() - lambda_pull * l_pull
         return DAALParts(
             loss=total if reduction == "mean" else per_sample,
             line=l_line,
@@ -273,6 +279,6 @@ def daal_loss(
         alpha=alpha, tau=tau, lambda_pull=lambda_pull, lambda_dens=lambda_dens,
         lambda_len=lambda_len, l_max=l_max, normalize=normalize, reduction=reduction,
         ref_embeddings=ref_embeddings, ref_labels=ref_labels,
-        ref_includes_batch=ref_includes_batch,
+        ref_includes_batch=ref_includes_batch, split_line_pull=return_parts,
     )
     return parts if return_parts else parts.loss
