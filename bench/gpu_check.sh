@@ -5,14 +5,15 @@
 #   2. run the GPU parity tests (pytest tests -m gpu) and the kernel tests (tests/kernels),
 #   3. run the benchmarks (bench/, profile "check": the issue's targets first, then one
 #      representative per operator), with an in-process deadline so they stop in time,
-#   4. write OUTDIR/report.md (bench/report.py) from what was recorded.
+#   4. time alternative line-margin block sizes (bench/tune_line_margin.py, DAAL_TUNE_S seconds),
+#   5. write OUTDIR/report.md (bench/report.py) from what was recorded.
 #
 # usage: bash bench/gpu_check.sh OUTDIR
 #
 # OUTDIR receives: env.json, steps.json (one line per step: exit status, seconds), *.log,
 # gpu_tests.xml / kernel_tests.xml / bench_junit.xml (JUnit), records.jsonl (one line per
 # benchmark case: measured, skipped with the reason, or failed), bench.json
-# (pytest-benchmark's --benchmark-json), nvidia-smi.txt, report.md.
+# (pytest-benchmark's --benchmark-json), tune_line_margin.json, nvidia-smi.txt, report.md.
 # To commit a run: copy OUTDIR to bench/results/<date>-<gpu>/ and run
 # `python bench/report.py --readme`.
 #
@@ -21,7 +22,8 @@
 # the install and the parity tests passed, 1 otherwise (see steps.json and the report).
 #
 # Environment: PYTHON (default python3), DAAL_CHECK_TOTAL_S (default 460: the whole budget),
-# DAAL_BENCH_PROFILE (default check; "full" needs far more time than 8 minutes).
+# DAAL_BENCH_PROFILE (default check; "full" needs far more time than 8 minutes), DAAL_TUNE_S
+# (default 60: the tuning step's budget; 0 skips it).
 set -uo pipefail
 
 if [ $# -lt 1 ]; then
@@ -36,6 +38,7 @@ T0=$(date +%s)
 TOTAL=${DAAL_CHECK_TOTAL_S:-460}
 PY=${PYTHON:-$(command -v python3 || command -v python)}
 PROFILE=${DAAL_BENCH_PROFILE:-check}
+TUNE_S=${DAAL_TUNE_S:-60}
 TMP=$(mktemp -d "${TMPDIR:-/tmp}/daal_gpu_check.XXXXXX")
 STEPS="$OUT/steps.json"
 : > "$STEPS"
@@ -157,15 +160,25 @@ if [ "$INSTALL" != failed ]; then
   rc=$?; if [ $rc -ne 0 ] && [ $rc -ne 5 ]; then STATUS=1; fi
 
   # ---------------------------------------------------------------- 3. benchmarks
-  BENCH_LIMIT=$(( $(left) - 25 ))  # keep time for the report
+  BENCH_LIMIT=$(( $(left) - 25 - TUNE_S - 40 ))  # keep time for the tuning step and the report
   export DAAL_BENCH_DEADLINE=$(( $(date +%s) + BENCH_LIMIT - 30 ))  # cases stop starting 30 s early
   step bench "$BENCH_LIMIT" "$PY" -c "$RUNNER" bench -q -ra -p no:cacheprovider \
       --bench-profile "$PROFILE" --bench-records "$OUT/records.jsonl" \
       --benchmark-json "$OUT/bench.json" --benchmark-columns=min,median,mean,rounds \
       --junitxml="$OUT/bench_junit.xml"
+
+  # ---------------------------------------------------------------- 4. line-margin block sizes
+  # Candidates start until TUNE_S is spent; the step's limit leaves 40 s for the last one.
+  # Without a GPU (a rehearsal of this script on a CPU) it runs its --smoke mode.
+  if [ "$TUNE_S" -gt 0 ]; then
+    TUNE_LEFT=$(( $(left) - 25 ))
+    SMOKE=$("$PY" -c 'import torch; print("" if torch.cuda.is_available() else "--smoke")' 2>/dev/null)
+    step tune_line_margin "$(min $(( TUNE_S + 40 )) "$TUNE_LEFT")" "$PY" bench/tune_line_margin.py \
+        "$OUT/tune_line_margin.json" --budget-s "$(min "$TUNE_S" $(( TUNE_LEFT - 40 )))" $SMOKE
+  fi
 fi
 
-# ------------------------------------------------------------------ 4. report
+# ------------------------------------------------------------------ 5. report
 step report 30 "$PY" bench/report.py "$OUT" -o "$OUT/report.md"
 [ -f "$OUT/report.md" ] && sed -n '1,60p' "$OUT/report.md"
 echo "gpu_check: done in $(elapsed) s (install: $INSTALL, status $STATUS); report: $OUT/report.md"

@@ -85,7 +85,7 @@ def _from_benchmark_json(path: str) -> List[dict]:
 def load_run(run_dir: str) -> dict:
     """Everything a run directory holds, as plain dicts."""
     run = dict(dir=run_dir, name=os.path.basename(os.path.normpath(run_dir)), env={}, cases={},
-               matmul=[], steps=[], junit=[])
+               matmul=[], steps=[], junit=[], tuning=None)
     recs: List[dict] = []
     rec_path = os.path.join(run_dir, "records.jsonl")
     bench_path = os.path.join(run_dir, "bench.json")
@@ -119,6 +119,13 @@ def load_run(run_dir: str) -> dict:
         summary = junit_summary(xml)
         if summary:
             run["junit"].append(summary)
+    tune_path = os.path.join(run_dir, "tune_line_margin.json")
+    if os.path.exists(tune_path):
+        try:
+            with open(tune_path, encoding="utf-8") as f:
+                run["tuning"] = json.load(f)
+        except (OSError, json.JSONDecodeError):
+            pass
     return run
 
 
@@ -367,6 +374,15 @@ def run_report(run: dict, *, heading_level: int = 2) -> List[str]:
         lines.append("")
         if failed:
             lines += ["Failed:", ""] + [f"- `{f}`" for f in failed[:50]] + [""]
+    if run["tuning"] and run["tuning"].get("records"):
+        from tune_line_margin import markdown
+
+        recs = run["tuning"]["records"]
+        r0 = recs[0]
+        lines += [f"{h}# Line-margin block sizes (bench/tune_line_margin.py)", "",
+                  f"B={r0['B']}, C={r0['C']}, D={r0['D']}; one kernel varied at a time; "
+                  "\"speed-up\" = time(table's entry) / time(candidate).", "",
+                  markdown(recs), ""]
     if not run["cases"]:
         lines += ["No benchmark case was recorded in this run.", ""]
         return lines
@@ -397,7 +413,8 @@ README_HEAD = """# Benchmarks
 pytest-benchmark files, one per operator: `test_bench_pairwise.py`, `test_bench_knn.py`,
 `test_bench_line_margin.py`, `test_bench_loss.py` (the whole `DAALLoss`); the machinery is in
 `daal_bench.py` and `conftest.py`; `report.py` turns a run into Markdown; `gpu_check.sh` is the
-GPU check.
+GPU check; `tune_line_margin.py` times alternative block sizes of the line-margin kernels (the
+check runs it for 60 s; its table goes into the run's report).
 
 Each case is (shape, precision, provider, pass):
 

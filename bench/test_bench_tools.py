@@ -4,6 +4,7 @@ tiny shapes), the report generator, bench/README.md being generated, gpu_check.s
 The numbers written here are synthetic and only ever go to pytest's tmp_path."""
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 import os
@@ -200,3 +201,47 @@ def test_readme_is_up_to_date():
 @pytest.mark.skipif(shutil.which("bash") is None, reason="no bash")
 def test_gpu_check_script_parses():
     subprocess.run(["bash", "-n", os.path.join(HERE, "gpu_check.sh")], check=True)
+
+
+# ----------------------------------------------------------------------------- tune_line_margin.py
+import tune_line_margin as tlm  # noqa: E402
+
+
+def test_tune_line_margin_smoke(tmp_path):
+    """The tuning tool on the CPU (interpreter, tiny shape): each kernel's table entry first, every
+    candidate timed and checked against it, the table restored, a report section written."""
+    from daal_triton.kernels import line_margin as lm
+
+    before = copy.deepcopy(lm.CONFIGS)
+    run = tmp_path / "run"
+    run.mkdir()
+    out = run / "tune_line_margin.json"
+    recs = tlm.tune(str(out), shape=(37, 71, 33), dtypes=("fp32",), smoke=True, budget_s=600)
+    assert lm.CONFIGS == before
+    data = json.loads(out.read_text())
+    assert data["smoke"] and data["records"] == recs
+    assert [r["kernel"] for r in recs if r["table"]] == ["fwd", "dpq", "dx"]
+    for r in recs:
+        assert r["status"] == "measured", r
+        assert r["seconds"] > 0
+        if not r["table"]:
+            assert r["max_rel_err_vs_table"] <= 1e-5  # IEEE fp32 in the interpreter
+    text = "\n".join(report.run_report(report.load_run(str(run))))
+    assert "Line-margin block sizes" in text and "(table)" in text
+
+
+def test_tune_line_margin_flags_failures(tmp_path, monkeypatch):
+    out = str(tmp_path / "t.json")
+    # 48 rows is not a power of two: tl.arange refuses it -> recorded as failed, exit status 1
+    monkeypatch.setattr(tlm, "SMOKE_CANDIDATES", {"fwd": [(48, 32, 4, 1)], "dpq": [], "dx": []})
+    assert tlm.main([out, "--smoke", "--shape", "20,30,17"]) == 1
+    recs = json.load(open(out))["records"]
+    assert [r["status"].split(":")[0] for r in recs] == ["measured", "failed", "measured", "measured"]
+    # a candidate that computes something else is flagged, not timed as a win
+    monkeypatch.setattr(tlm, "SMOKE_CANDIDATES", {"fwd": [(32, 32, 4, 1)], "dpq": [], "dx": []})
+    monkeypatch.setattr(tlm, "_rel", lambda a, b: 0.5)
+    assert tlm.main([out, "--smoke", "--shape", "20,30,17"]) == 1
+    assert json.load(open(out))["records"][1]["status"].startswith("WRONG")
+    # out of budget: recorded as not run
+    assert tlm.main([out, "--smoke", "--shape", "20,30,17", "--budget-s", "0"]) == 0
+    assert {r["status"] for r in json.load(open(out))["records"]} == {"not run: out of the time budget"}

@@ -74,10 +74,11 @@ GPU (``input_precision="tf32"``) and IEEE under ``TRITON_INTERPRET=1`` (so CPU p
 
 Status (no GPU measurement yet)
 -------------------------------
-``ptxas -v`` on the PTX of the GPU configurations reports 255 registers and spills (about
-0.6-1.5 KB stores for the forward, 3-4 KB for the backward kernels on sm_90; sm_80 builds show
-more). The block sizes below are first guesses to be tuned on the H200; block pointers and
-incrementally advanced pointer tiles were tried and did not reduce the spills.
+Built for sm_90 the way a contiguous D = 512 launch is specialised (unit last-dimension strides,
+16-byte-aligned pointers, strides divisible by 16), every GEMM kernel of the tables below fits
+in 255 registers without spilling (``cuobjdump -res-usage``: STACK 0; the compile tests assert
+it). The generic build (no specialisation: odd D, strided views) still spills, and so do the
+sm_80 builds of Triton 3.8's ptxas. The block sizes are not yet timed on a GPU.
 
 Memory (beyond inputs and outputs)
 ----------------------------------
@@ -109,20 +110,24 @@ __all__ = ["line_margin", "CONFIGS", "KERNELS", "config_for", "kernel_signature"
 # compile matrix small: small D is far from the target's D = 512).
 # Launch knobs: BLOCK_B, BLOCK_C, BLOCK_D, num_warps, num_stages; the forward and dX grids split
 # C so that row tiles x splits is about TARGET_PROGRAMS (~2 waves of an H200's 132 SMs).
-# Shared memory (triton.compile, sm_80 / sm_90): fwd half 144/160 KiB, fwd fp32 80/128 KiB,
-# dpq and dx <= 90 KiB: within the A100 (164 KiB) and H100/H200 (227 KiB) limits.
+# Chosen without a GPU timing (none was available yet), by what the compiler reports: among
+# the candidates swept (64/128 x 64/128 blocks, 4/8 warps, 2-4 stages), per kernel a large tile
+# whose sm_90 build, specialised as a contiguous D = 512 launch is, uses no local memory
+# (cuobjdump STACK 0; the earlier 128 x 128 and 4-warp choices spilled 48-664 bytes per thread)
+# and that fits the shared memory of an A100 (164 KiB) and an H100/H200 (227 KiB); the compile
+# tests assert both. bench/tune_line_margin.py times alternatives on a GPU.
 _BASE = {
     "half": {
         "stats": dict(BLOCK_C=64, num_warps=4, num_stages=2),
-        "fwd": dict(BLOCK_B=128, BLOCK_C=128, num_warps=8, num_stages=3),
-        "dpq": dict(BLOCK_B=64, BLOCK_C=64, num_warps=4, num_stages=3),
-        "dx": dict(BLOCK_B=64, BLOCK_C=64, num_warps=4, num_stages=3),
+        "fwd": dict(BLOCK_B=128, BLOCK_C=64, num_warps=8, num_stages=3),
+        "dpq": dict(BLOCK_B=64, BLOCK_C=64, num_warps=8, num_stages=2),
+        "dx": dict(BLOCK_B=64, BLOCK_C=64, num_warps=8, num_stages=3),
     },
     "fp32": {
         "stats": dict(BLOCK_C=64, num_warps=4, num_stages=2),
         "fwd": dict(BLOCK_B=64, BLOCK_C=128, num_warps=8, num_stages=2),
-        "dpq": dict(BLOCK_B=64, BLOCK_C=64, num_warps=4, num_stages=2),
-        "dx": dict(BLOCK_B=64, BLOCK_C=64, num_warps=4, num_stages=2),
+        "dpq": dict(BLOCK_B=64, BLOCK_C=64, num_warps=8, num_stages=3),
+        "dx": dict(BLOCK_B=64, BLOCK_C=64, num_warps=8, num_stages=3),
     },
     "interp": {
         "stats": dict(BLOCK_C=128, num_warps=4, num_stages=1),

@@ -3,7 +3,6 @@ and compiling a Triton kernel for a GPU target without a GPU."""
 from __future__ import annotations
 
 import os
-import types
 
 import torch
 
@@ -55,83 +54,138 @@ def random_problem(B: int, C: int, D: int, *, dtype=torch.float64, device="cpu",
     return z, y, seg.to(dtype=dtype, device=device)
 
 
-def compile_for_gpu(fn, signature: dict, constexprs: dict, *, capability: int,
-                    num_warps: int = 4, num_stages: int = 2):
-    """Compile a ``@triton.jit`` kernel for ``GPUTarget("cuda", capability, 32)`` without a GPU.
+# ----------------------------------------------------------------------------- specialisation
+# At launch, Triton's JIT specialises each kernel on its arguments: an integer equal to 1 becomes
+# the constant 1, and a pointer aligned to 16 bytes or an integer divisible by 16 gets
+# ``tt.divisibility = 16`` (triton.runtime.jit; the same in Triton 3.6 and 3.8). That decides
+# vectorised loads, pipelining and register use, so the compile tests build configurations in two
+# specialisations: "generic" (nothing assumed: odd D, strided views) and "aligned", the hot path
+# of contiguous inputs from the caching allocator with D % 16 == 0 (D = 512 in the benchmarks):
+# every pointer aligned, D divisible by 16, and per kernel (HOT_PATH) the last-dimension strides
+# equal to 1 ("unit") and the row strides of D-wide tensors divisible by 16 ("rows"). Strides that
+# depend on other sizes ("other": N, k, splits) and the sizes themselves (B, C, M, N, K) stay
+# unspecialised: the benchmark shapes include odd ones.
+HOT_PATH = {
+    "_sqnorm_kernel": dict(unit=(), rows=("stride_x",), other=()),
+    "_pairwise_fwd_kernel": dict(unit=(), rows=("stride_x", "stride_y"), other=("stride_o",)),
+    "_pairwise_bwd_kernel": dict(unit=("stride_gc", "stride_dc"),
+                                 rows=("stride_a", "stride_b", "stride_da"),
+                                 other=("stride_gr", "stride_dr")),
+    "_knn_fwd_kernel": dict(unit=(), rows=("stride_q", "stride_r"), other=("stride_os", "stride_om")),
+    "_knn_bwd_kernel": dict(unit=("stride_gk",), rows=("stride_q", "stride_r", "stride_dq", "stride_dr"),
+                            other=("stride_gm", "stride_im")),
+    "_lm_class_stats_kernel": dict(unit=("s_d",), rows=("s_c", "s_v"), other=()),
+    "_lm_fwd_kernel": dict(unit=("s_xd", "s_d"), rows=("s_xb", "s_c", "s_v"), other=()),
+    "_lm_bwd_dpq_kernel": dict(unit=("s_xd", "s_d", "s_gd"), rows=("s_xb", "s_c", "s_v", "s_gc", "s_gv"),
+                               other=()),
+    "_lm_bwd_dx_kernel": dict(unit=("s_xd", "s_d"), rows=("s_xb", "s_c", "s_v"), other=()),
+}
+SPECIALISATIONS = ("generic", "aligned")
 
-    ``signature`` maps every argument name to a Triton type ("*fp32", "i32", ...) or
-    "constexpr"; ``constexprs`` gives the constexpr values. Returns the compiled kernel
-    (``.asm["ptx"]``, ``.metadata``).
 
-    Under ``TRITON_INTERPRET=1`` Triton's own ``@jit`` library functions (``tl.zeros``,
-    ``tl.sum``, ...) are interpreted functions that the code generator cannot compile, so the
-    compilation then runs in a fresh Python process without the interpreter (see
-    :func:`compile_many_for_gpu`); the result has the same ``.asm["ptx"]`` and ``.metadata``
-    (``shared``, ``num_warps``, ``name``) attributes.
-    """
-    if _interpreting():
-        (res,) = compile_many_for_gpu([gpu_job(fn, signature, constexprs, capability=capability,
-                                               num_warps=num_warps, num_stages=num_stages)])
-        if res.get("error"):
-            raise RuntimeError(f"compiling {res['name']} for sm_{capability} failed:\n{res['error']}")
-        return _Compiled(res)
-    return _compile_here(as_jit_function(fn), signature, constexprs, capability, num_warps, num_stages)
+def stride_args(signature: dict) -> set:
+    """The stride arguments of a kernel signature (named ``stride_*`` or ``s_*``)."""
+    return {n for n, ty in signature.items()
+            if ty != "constexpr" and not ty.startswith("*") and n.startswith(("stride_", "s_"))}
 
 
-def _compile_here(fn, signature, constexprs, capability, num_warps, num_stages):
+def specialise(kernel: str, signature: dict, specialisation: str = "generic") -> tuple[dict, dict, set]:
+    """``(signature, extra constexprs, names with tt.divisibility=16)`` of a launch of ``kernel``
+    (its function name, a key of HOT_PATH for "aligned").
+
+    ``specialisation``: "generic" (nothing specialised) or "aligned" (see above)."""
+    if specialisation == "generic":
+        return dict(signature), {}, set()
+    if specialisation != "aligned":
+        raise ValueError(f"specialisation must be one of {SPECIALISATIONS}, got {specialisation!r}")
+    hot = HOT_PATH[kernel]
+    sig, ones, divisible = dict(signature), {}, set()
+    for name, ty in signature.items():
+        if ty == "constexpr":
+            continue
+        if name in hot["unit"]:
+            ones[name] = 1
+            del sig[name]
+        elif ty.startswith("*") or name == "D" or name in hot["rows"]:
+            divisible.add(name)
+    return sig, ones, divisible
+
+
+def _compile_here(fn, signature, constexprs, capability, num_warps, num_stages,
+                  specialisation="generic"):
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    sig = dict(signature)
+    sig, ones, divisible = specialise(fn.__name__, signature, specialisation)
+    constexprs = {**constexprs, **ones}
     for name in constexprs:
         sig[name] = "constexpr"
-    src = ASTSource(fn=fn, signature=sig, constexprs=dict(constexprs))
+    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in divisible}
+    src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", capability, 32),
                           options={"num_warps": num_warps, "num_stages": num_stages})
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+def resource_usage(cubin: bytes) -> dict:
+    """``{"registers": int, "stack": int}`` of a compiled kernel, read by the ``cuobjdump``
+    shipped with Triton (no GPU needed). ``stack`` > 0 bytes means ptxas spilled registers to
+    local memory (Triton kernels use no other stack). ``{}`` when cuobjdump is not there."""
+    import re
+    import subprocess
+    import tempfile
 
+    import triton
 
-class _Compiled:
-    """What :func:`compile_for_gpu` returns when the compilation ran in another process."""
-
-    def __init__(self, res: dict):
-        self.asm = {"ptx": res["ptx"]}
-        self.metadata = types.SimpleNamespace(**res["metadata"])
-        self.n_regs = res.get("n_regs")
-        self.n_spills = res.get("n_spills")
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not os.path.exists(tool):
+        return {}
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True,
+                             timeout=60).stdout
+    regs, stack = re.search(r"REG:(\d+)", out), re.search(r"STACK:(\d+)", out)
+    if not regs or not stack:
+        raise RuntimeError(f"cannot read cuobjdump -res-usage output:\n{out}")
+    return {"registers": int(regs.group(1)), "stack": int(stack.group(1))}
 
 
 def gpu_job(fn, signature: dict, constexprs: dict, *, capability: int, num_warps: int = 4,
-            num_stages: int = 2) -> dict:
+            num_stages: int = 2, specialisation: str = "generic") -> dict:
     """A JSON-able compile job for :func:`compile_many_for_gpu` (the kernel is found again by
-    its module and name, so it must be a module-level ``@triton.jit`` function)."""
+    its module and name, so it must be a module-level ``@triton.jit`` function);
+    ``specialisation``: see :func:`specialise`."""
+    if specialisation not in SPECIALISATIONS:
+        raise ValueError(f"specialisation must be one of {SPECIALISATIONS}, got {specialisation!r}")
     inner = getattr(fn, "fn", fn)
     return {"module": inner.__module__, "name": inner.__name__, "signature": dict(signature),
             "constexprs": dict(constexprs), "capability": int(capability),
-            "num_warps": int(num_warps), "num_stages": int(num_stages)}
+            "num_warps": int(num_warps), "num_stages": int(num_stages),
+            "specialisation": specialisation}
 
 
 _WORKER = r"""
-import json, sys, traceback
+import json, os, sys, traceback
+# the working directory (often the repository root) must not shadow the installed daal_triton:
+# ./daal_triton lacks the kernels/ and reference/ subpackages that setup.py maps into it
+sys.path[:] = [p for p in sys.path if p not in ("", ".", os.getcwd())]
 jobs = json.load(sys.stdin)
 sys.path.insert(0, sys.argv[1])
-from daal_testing import _compile_here
+from daal_testing import _compile_here, resource_usage
 import importlib
 out = []
 for job in jobs:
-    res = {"name": job["name"], "capability": job["capability"]}
+    res = {"name": job["name"], "capability": job["capability"],
+           "specialisation": job["specialisation"]}
     try:
         fn = getattr(importlib.import_module(job["module"]), job["name"])
         k = _compile_here(fn, job["signature"], job["constexprs"], job["capability"],
-                          job["num_warps"], job["num_stages"])
+                          job["num_warps"], job["num_stages"], job["specialisation"])
         md = k.metadata
         res.update(ptx=k.asm["ptx"], metadata={"shared": md.shared, "num_warps": md.num_warps,
                                                "name": md.name},
-                   n_regs=getattr(k, "n_regs", None), n_spills=getattr(k, "n_spills", None))
+                   **resource_usage(k.asm["cubin"]))
     except Exception:
         res["error"] = traceback.format_exc()
     out.append(res)
@@ -139,11 +193,12 @@ json.dump(out, sys.stdout)
 """
 
 
-def compile_many_for_gpu(jobs, *, workers: int = 2):
+def compile_many_for_gpu(jobs, *, workers: int | None = None):
     """Compile many :func:`gpu_job` jobs in ``workers`` fresh processes without the interpreter.
 
-    Returns one dict per job, in order: ``name``, ``capability``, and ``ptx``, ``metadata``,
-    ``n_regs``, ``n_spills`` — or ``error`` (the traceback) when the compilation failed.
+    Returns one dict per job, in order: ``name``, ``capability``, ``specialisation``, and
+    ``ptx``, ``metadata``, ``registers``, ``stack`` (:func:`resource_usage`) — or ``error``
+    (the traceback) when the compilation failed.
     """
     import json
     import subprocess
@@ -154,6 +209,8 @@ def compile_many_for_gpu(jobs, *, workers: int = 2):
         return []
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     here = os.path.dirname(os.path.abspath(__file__))
+    if workers is None:  # 2 on CI's 2 cores; up to 8 on the GPU machine's 16
+        workers = max(2, min(8, os.cpu_count() or 2))
     workers = max(1, min(workers, len(jobs)))
     slices = [jobs[i::workers] for i in range(workers)]
     procs = [subprocess.Popen([sys.executable, "-c", _WORKER, here], stdin=subprocess.PIPE,
@@ -172,26 +229,30 @@ def compile_many_for_gpu(jobs, *, workers: int = 2):
     return ordered
 
 
-def as_jit_function(fn):
-    """The compilable ``JITFunction`` behind ``fn``.
-
-    Under ``TRITON_INTERPRET=1``, ``@triton.jit`` returns an ``InterpretedFunction`` that
-    ``triton.compile`` cannot take; it keeps the Python function as ``.fn``, from which a real
-    ``JITFunction`` is built here. (The kernel must not call other ``@triton.jit`` helpers, which
-    would be interpreted functions too.)
-    """
-    if hasattr(fn, "cache_key"):
-        return fn
-    from triton.runtime.jit import JITFunction
-
-    inner = getattr(fn, "fn", None)
-    if inner is None:
-        raise TypeError(f"{fn!r} is not a @triton.jit kernel")
-    return JITFunction(inner)
-
-
-
 #: Compile every kernel configuration the launchers can choose for both GPU targets (~3 min on
 #: 2 cores; the default, and what CI runs). ``DAAL_ALL_CONFIGS=0`` compiles a representative subset
 #: (every kernel and dtype family) for quick local runs.
 COMPILE_ALL_CONFIGS = os.environ.get("DAAL_ALL_CONFIGS", "1") not in ("", "0")
+
+
+def largest_block_d(configs) -> set:
+    """Names of the configurations a D = 512 launch picks: per kernel, signature (dtypes) and
+    constexprs other than BLOCK_D, the one with the largest BLOCK_D (configurations without
+    BLOCK_D count as such). ``configs``: ``KernelConfig``s (``name``, ``kernel``, ``signature``,
+    ``constexprs``)."""
+    best = {}
+    for c in configs:
+        rest = tuple(sorted((k, str(v)) for k, v in c.constexprs.items() if k != "BLOCK_D"))
+        key = (getattr(c.kernel, "__name__", repr(c.kernel)), rest, tuple(sorted(c.signature.items())))
+        if key not in best or c.constexprs.get("BLOCK_D", 0) > best[key].constexprs.get("BLOCK_D", 0):
+            best[key] = c
+    return {c.name for c in best.values()}
+
+
+def config_jobs(configs, capabilities=(80, 90)):
+    """``[(config, capability, specialisation)]``: every configuration "generic" and the ones a
+    D = 512 launch picks also "aligned" (see :func:`specialise`), for each capability."""
+    hot = largest_block_d(configs)
+    return [(c, cap, spec) for c in configs for cap in capabilities
+            for spec in SPECIALISATIONS if spec == "generic" or c.name in hot]
+

@@ -4,7 +4,8 @@ the tie rule, labels, self exclusion, gradients, and compilation of every launch
 import pytest
 import torch
 
-from daal_testing import COMPILE_ALL_CONFIGS, assert_close, compile_many_for_gpu, gpu_job, tolerance
+from daal_testing import (COMPILE_ALL_CONFIGS, assert_close, compile_many_for_gpu, config_jobs, gpu_job,
+                          tolerance)
 
 from daal_triton import reference
 from daal_triton.kernels import knn as kk
@@ -227,19 +228,22 @@ def _selected(configs):
 
 
 def test_knn_configs_compile():
-    """Each configuration compiles for sm_80 and sm_90; GEMM kernels use mma.sync (sm_80) and
+    """Each configuration compiles for sm_80 and sm_90 (generic, and with the hot-path
+    specialisation for the D = 512 configurations); GEMM kernels use mma.sync (sm_80) and
     wgmma (sm_90; BLOCK_M = 32 configs fall back to mma.sync, which is fine)."""
-    configs = _selected(kk.CONFIGS)
-    pairs = [(c, cap) for c in configs for cap in (80, 90)]
+    cases = config_jobs(_selected(kk.CONFIGS))
+    assert any(spec == "aligned" for _, _, spec in cases)
     results = compile_many_for_gpu([gpu_job(c.kernel, c.signature, c.constexprs, capability=cap,
-                                            num_warps=c.num_warps, num_stages=c.num_stages)
-                                    for c, cap in pairs])
-    for (cfg, cap), res in zip(pairs, results):
-        assert not res.get("error"), f"{cfg.name} sm_{cap}:\n{res.get('error')}"
+                                            num_warps=c.num_warps, num_stages=c.num_stages,
+                                            specialisation=spec)
+                                    for c, cap, spec in cases])
+    for (cfg, cap, spec), res in zip(cases, results):
+        what = f"{cfg.name} sm_{cap} {spec}"
+        assert not res.get("error"), f"{what}:\n{res.get('error')}"
         if cfg.gemm:
             ptx = res["ptx"]
             want = "mma.sync" if cap == 80 or cfg.constexprs["BLOCK_M"] < 64 else "wgmma.mma_async"
-            assert want in ptx, f"{cfg.name} sm_{cap}: no {want} in the PTX"
+            assert want in ptx, f"{what}: no {want} in the PTX"
 
 
 def test_knn_config_table_covers_launcher():

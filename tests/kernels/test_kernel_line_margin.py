@@ -7,7 +7,7 @@ GPU configuration for sm_80 / sm_90. GPU parity (TF32, bfloat16) is marked ``gpu
 import pytest
 import torch
 
-from daal_testing import (COMPILE_ALL_CONFIGS, compile_many_for_gpu, gpu_job, random_problem,
+from daal_testing import (COMPILE_ALL_CONFIGS, SPECIALISATIONS, compile_many_for_gpu, gpu_job, random_problem,
                           rel_err, tolerance)
 
 from daal_triton import reference
@@ -168,11 +168,11 @@ def test_saved_tensors_are_never_b_by_c():
 
 # ----------------------------------------------------------------------------- compilation
 # The GPU configurations (the "interp" family is only chosen under TRITON_INTERPRET=1) compile for
-# sm_80 and sm_90 in fresh processes (daal_testing.compile_many_for_gpu). The half family is
-# compiled with float16 x on sm_80 and bfloat16 x on sm_90 (DAAL_ALL_CONFIGS=1: both dtypes on both
-# targets), always with float32 segments (the DAALLoss parameters' dtype). The default run
-# compiles a subset that still covers every kernel of every family (each compile is seconds on 2
-# cores); DAAL_ALL_CONFIGS=1 compiles the whole matrix.
+# sm_80 and sm_90 in fresh processes (daal_testing.compile_many_for_gpu), each both "generic" and
+# "aligned" (the specialisation of a contiguous D = 512 launch: daal_testing.specialise). The half
+# family is compiled with float16 x on sm_80 and bfloat16 x on sm_90 (DAAL_ALL_CONFIGS=1: both
+# dtypes on both targets), always with float32 segments (the DAALLoss parameters' dtype). The
+# default run compiles a subset that still covers every kernel of every family.
 GEMM_KERNELS = ("fwd", "dpq", "dx")
 GPU_KEYS = [k for k in lm.CONFIGS if k[0] != "interp"]
 
@@ -188,22 +188,23 @@ def _compile_cases():
                     dtypes = [torch.float16, torch.bfloat16]
                 else:
                     dtypes = [torch.float16 if cap == 80 else torch.bfloat16]
-                cases += [(key, name, cap, dt) for dt in dtypes]
+                cases += [(key, name, cap, dt, spec) for dt in dtypes for spec in SPECIALISATIONS]
     if COMPILE_ALL_CONFIGS:
         return cases
     main = {("fp32", "fwd", 80), ("fp32", "fwd", 90), ("fp32", "dpq", 80), ("fp32", "dpq", 90),
-            ("fp32", "dx", 80), ("fp32", "dx", 90), ("half", "fwd", 80), ("half", "dpq", 90),
-            ("half", "dx", 90), ("fp32", "stats", 90)}
-    return [c for c in cases if (c[0][0], c[1], c[2]) in main]
+            ("fp32", "dx", 80), ("fp32", "dx", 90), ("half", "fwd", 80), ("half", "fwd", 90),
+            ("half", "dpq", 90), ("half", "dx", 90), ("fp32", "stats", 90)}
+    return [c for c in cases if (c[0][0], c[1], c[2]) in main
+            and (c[4] == "aligned" or c[2] == 80 or c[1] == "stats")]
 
 
-def _job(key, name, cap, dtype):
+def _job(key, name, cap, dtype, spec):
     cfg = lm.CONFIGS[key][name]
     constexprs = {k: v for k, v in cfg.items() if k.startswith("BLOCK_")}
     if name in GEMM_KERNELS:
         constexprs["PREC"] = "tf32"
     return gpu_job(lm.KERNELS[name], lm.kernel_signature(name, dtype), constexprs, capability=cap,
-                   num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+                   num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], specialisation=spec)
 
 
 @pytest.fixture(scope="module")
@@ -212,13 +213,18 @@ def compiled():
     return list(zip(cases, compile_many_for_gpu([_job(*c) for c in cases])))
 
 
+def _what(case):
+    key, name, cap, dtype, spec = case
+    return f"{key[0]}-bd{key[1]}-{name}-sm{cap}-{str(dtype)[6:]}-{spec}"
+
+
 def test_every_config_compiles(compiled):
     """Compiles; the GEMM kernels use tensor cores (half and TF32 alike: mma.sync on sm_80,
     wgmma on sm_90) and fit the shared memory of an A100 / H100-H200."""
     assert compiled
     report = []
-    for (key, name, cap, dtype), res in compiled:
-        what = f"{key[0]}-bd{key[1]}-{name}-sm{cap}-{str(dtype)[6:]}"
+    for case, res in compiled:
+        what, name, cap = _what(case), case[1], case[2]
         assert not res.get("error"), f"{what}:\n{res.get('error')}"
         ptx = res["ptx"]
         assert ".entry" in ptx, what
@@ -227,9 +233,23 @@ def test_every_config_compiles(compiled):
             assert want in ptx, f"{what}: no {want} in the PTX"
             limit = 227 * 1024 if cap == 90 else 163 * 1024
             assert res["metadata"]["shared"] <= limit, f"{what}: {res['metadata']['shared']} B shared"
-        report.append(f"{what}: shared={res['metadata']['shared']} regs={res.get('n_regs')} "
-                      f"spills={res.get('n_spills')}")
+        report.append(f"{what}: shared={res['metadata']['shared']} registers={res.get('registers')} "
+                      f"stack={res.get('stack')}")
     print("\n".join(report))
+
+
+def test_hot_path_does_not_spill(compiled):
+    """On sm_90, the GEMM kernels as a contiguous D = 512 launch specialises them keep everything
+    in registers: no local memory (cuobjdump's STACK is 0). Spilling inside the class loop costs
+    local-memory traffic on every tile; the block sizes in lm.CONFIGS were chosen for this."""
+    hot = [(c, r) for c, r in compiled if c[2] == 90 and c[4] == "aligned" and c[1] in GEMM_KERNELS]
+    assert {c[0][0] for c, _ in hot} == {"fp32", "half"}
+    assert {c[1] for c, _ in hot} == set(GEMM_KERNELS)
+    if any("stack" not in r for _, r in hot):
+        pytest.fail("cuobjdump is missing from triton/backends/nvidia/bin: cannot read the "
+                    "register report")
+    spills = {_what(c): r["stack"] for c, r in hot if r["stack"]}
+    assert not spills, f"local memory (bytes per thread) on the hot path: {spills}"
 
 
 def test_config_table_covers_every_launch():

@@ -5,7 +5,8 @@ import os
 import pytest
 import torch
 
-from daal_testing import COMPILE_ALL_CONFIGS, assert_close, compile_many_for_gpu, gpu_job, tolerance
+from daal_testing import (COMPILE_ALL_CONFIGS, assert_close, compile_many_for_gpu, config_jobs, gpu_job,
+                          tolerance)
 
 from daal_triton import reference
 from daal_triton.kernels import pairwise as kp
@@ -97,20 +98,30 @@ def _selected(configs):
 
 @pytest.fixture(scope="module")
 def compiled():
-    configs = _selected(kp.CONFIGS)
+    cases = config_jobs(_selected(kp.CONFIGS))
     jobs = [gpu_job(c.kernel, c.signature, c.constexprs, capability=cap, num_warps=c.num_warps,
-                    num_stages=c.num_stages) for c in configs for cap in (80, 90)]
-    return list(zip([(c, cap) for c in configs for cap in (80, 90)], compile_many_for_gpu(jobs)))
+                    num_stages=c.num_stages, specialisation=spec) for c, cap, spec in cases]
+    return list(zip(cases, compile_many_for_gpu(jobs)))
 
 
 def test_pairwise_configs_compile(compiled):
-    assert compiled
-    for (cfg, cap), res in compiled:
-        assert not res.get("error"), f"{cfg.name} sm_{cap}:\n{res.get('error')}"
+    """Generic, and the D = 512 configurations also with the hot-path specialisation."""
+    assert any(spec == "aligned" for (_, _, spec), _ in compiled)
+    for (cfg, cap, spec), res in compiled:
+        what = f"{cfg.name} sm_{cap} {spec}"
+        assert not res.get("error"), f"{what}:\n{res.get('error')}"
         ptx = res["ptx"]
         if cfg.gemm:
             want = "wgmma.mma_async" if cap == 90 else "mma.sync"
-            assert want in ptx, f"{cfg.name} sm_{cap}: no {want} in the PTX"
+            assert want in ptx, f"{what}: no {want} in the PTX"
+
+
+def test_pairwise_hot_path_does_not_spill(compiled):
+    """sm_90, specialised as a contiguous D = 512 launch: no local memory (cuobjdump STACK 0)."""
+    hot = [(c, r) for c, r in compiled if c[1] == 90 and c[2] == "aligned"]
+    assert {c[0].kernel for c, _ in hot} == {c.kernel for c in kp.CONFIGS}
+    spills = {f"{c[0].name}": r.get("stack", "no cuobjdump report") for c, r in hot if r.get("stack") != 0}
+    assert not spills, f"local memory (bytes per thread) on the hot path: {spills}"
 
 
 def test_config_table_is_consistent():

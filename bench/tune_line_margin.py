@@ -1,0 +1,207 @@
+"""Time alternative block sizes of the fused line-margin kernels on a GPU.
+
+The launch configurations in ``kernels/line_margin.py`` (``CONFIGS``) were chosen without a GPU,
+by what ``ptxas`` reports (no register spills on sm_90). This tool times them against
+alternatives on the machine it runs on, one kernel at a time (the others keep their table
+entries), and checks that every alternative computes what the table's entry computes:
+
+* ``fwd``: the forward operator ``daal_triton::line_lse`` (class statistics + ``_lm_fwd_kernel``);
+* ``dpq`` / ``dx``: the backward operator ``daal_triton::line_lse_backward`` (both backward
+  kernels; only the named one changes between candidates).
+
+Each candidate is timed with CUDA events (median of ``--reps`` calls after a warm-up call that
+also compiles it). Candidates run in the order listed, the table's entry first, until
+``--budget-s`` is spent; the rest are recorded as not run. Writes JSON (``OUT``) and prints a
+Markdown table. ``--smoke`` runs tiny shapes on the CPU under Triton's interpreter (the
+``interp`` family; timings meaningless) so that the tool cannot rot.
+
+usage: python bench/tune_line_margin.py OUT.json [--budget-s 90] [--shape 1024,100000,512]
+           [--dtypes bf16,fp32] [--reps 10] [--smoke]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Dict, List, Optional
+
+import torch
+
+# (BLOCK_B, BLOCK_C, num_warps, num_stages); BLOCK_D stays the family's. The table's entry is
+# always timed first; these follow (duplicates of it are dropped).
+CANDIDATES = {
+    "fwd": [(128, 64, 8, 3), (64, 128, 8, 2), (64, 128, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2),
+            (64, 64, 4, 3), (128, 64, 4, 3)],
+    "dpq": [(64, 64, 8, 2), (64, 64, 8, 3), (64, 64, 4, 3), (128, 64, 8, 3), (64, 128, 8, 3),
+            (64, 32, 4, 2)],
+    "dx": [(64, 64, 8, 3), (64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2), (64, 128, 8, 3),
+           (64, 32, 4, 3)],
+}
+SMOKE_CANDIDATES = {"fwd": [(32, 32, 4, 1)], "dpq": [(32, 32, 4, 1)], "dx": [(32, 32, 4, 1)]}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+ALPHA = 16.0
+PARITY_TOL = 1e-3  # same arithmetic, another summation order (float32 accumulation)
+
+
+def _problem(B: int, C: int, D: int, dtype: torch.dtype, device: torch.device):
+    g = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.nn.functional.normalize(torch.randn(B, D, generator=g), dim=1)
+    mid = torch.nn.functional.normalize(torch.randn(C, D, generator=g), dim=1)
+    seg = torch.stack([mid, mid + 0.1 * torch.randn(C, D, generator=g) / D ** 0.5], 1)
+    labels = torch.randint(0, C, (B,), generator=g)
+    d_pos = 0.5 + torch.rand(B, generator=g)
+    margins = 0.1 + 0.1 * torch.rand(B, generator=g)
+    go = torch.rand(B, generator=g)
+    return (x.to(device, dtype), seg.to(device), d_pos.to(device), labels.to(device),
+            margins.to(device), go.to(device))
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+class _Timer:
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def __call__(self, fn, reps: int) -> float:
+        """Median seconds of ``reps`` calls of ``fn`` (after the caller's warm-up)."""
+        times = []
+        for _ in range(reps):
+            if self.cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end) / 1e3)
+            else:
+                t0 = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t0)
+        times.sort()
+        return times[len(times) // 2]
+
+
+def tune(out_path: str, *, shape=(1024, 100_000, 512), dtypes=("bf16", "fp32"), reps: int = 10,
+         budget_s: float = 90.0, smoke: bool = False) -> List[dict]:
+    """Time the candidates (see the module docstring); writes ``out_path`` and returns the records."""
+    from daal_triton.kernels import line_margin as lm
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type != "cuda" and not smoke:
+        raise SystemExit("no CUDA GPU: run with --smoke on the CPU (under TRITON_INTERPRET=1)")
+    B, C, D = shape
+    timer = _Timer(device)
+    deadline = time.monotonic() + budget_s
+    cands = SMOKE_CANDIDATES if smoke else CANDIDATES
+    records = []
+    for dname in dtypes:
+        dtype = DTYPES[dname]
+        key = lm.config_for(dtype, D)
+        x, seg, d_pos, labels, margins, go = _problem(B, C, D, dtype, device)
+        ops = torch.ops.daal_triton
+
+        def fwd():
+            return ops.line_lse(x, seg, d_pos, labels, margins, ALPHA)
+
+        lse = fwd()[1]
+
+        def bwd():
+            return ops.line_lse_backward(go, x, seg, d_pos, labels, margins, lse, ALPHA)
+
+        for kernel in ("fwd", "dpq", "dx"):
+            table = dict(lm.CONFIGS[key][kernel])
+            run = fwd if kernel == "fwd" else bwd
+            entries = [(table["BLOCK_B"], table["BLOCK_C"], table["num_warps"], table["num_stages"])]
+            entries += [c for c in cands[kernel] if c != entries[0]]
+            base_out = None
+            for i, (bb, bc, w, s) in enumerate(entries):
+                rec = dict(dtype=dname, family=key[0], kernel=kernel, B=B, C=C, D=D, BLOCK_B=bb,
+                           BLOCK_C=bc, BLOCK_D=table["BLOCK_D"], num_warps=w, num_stages=s,
+                           table=i == 0, device=str(device))
+                records.append(rec)
+                if time.monotonic() > deadline:
+                    rec["status"] = "not run: out of the time budget"
+                    continue
+                lm.CONFIGS[key][kernel] = dict(table, BLOCK_B=bb, BLOCK_C=bc, num_warps=w,
+                                               num_stages=s)
+                try:
+                    t0 = time.monotonic()
+                    outs = [o for o in run() if o is not None]  # warm-up: compiles this entry
+                    if device.type == "cuda":
+                        torch.cuda.synchronize()
+                    rec["first_call_s"] = round(time.monotonic() - t0, 3)
+                    rec["seconds"] = timer(run, 1 if smoke else reps)
+                    if i == 0:
+                        base_out, rec["status"] = outs, "measured"
+                    elif base_out is None:
+                        rec["status"] = "measured (not checked: the table's entry failed)"
+                    else:
+                        err = max(_rel(o, b) for o, b in zip(outs, base_out))
+                        rec["max_rel_err_vs_table"] = err
+                        rec["status"] = ("measured" if err <= PARITY_TOL
+                                         else "WRONG: differs from the table's entry")
+                except Exception as exc:  # noqa: BLE001 - recorded, the sweep goes on
+                    rec["status"] = f"failed: {type(exc).__name__}: {str(exc)[:300]}"
+                finally:
+                    lm.CONFIGS[key][kernel] = table
+    env = dict(torch=torch.__version__, gpu=torch.cuda.get_device_name(0) if device.type == "cuda" else None)
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except ImportError:
+        env["triton"] = None
+    with open(out_path, "w") as f:
+        json.dump(dict(environment=env, smoke=smoke, records=records), f, indent=1)
+    print(markdown(records))
+    return records
+
+
+def markdown(records: List[dict]) -> str:
+    """One table: per kernel and dtype, each candidate's median time relative to the table's."""
+    lines = ["| dtype | kernel | BLOCK_B x BLOCK_C, warps, stages | median ms | speed-up | status |",
+             "|---|---|---|---|---|---|"]
+    base: Dict[tuple, Optional[float]] = {}
+    for r in records:
+        if r.get("table") and "seconds" in r:
+            base[(r["dtype"], r["kernel"])] = r["seconds"]
+    for r in records:
+        t = r.get("seconds")
+        b = base.get((r["dtype"], r["kernel"]))
+        rel = f"{b / t:.2f}x" if t and b else "—"
+        cfg = f"{r['BLOCK_B']}x{r['BLOCK_C']}, {r['num_warps']}, {r['num_stages']}" + (" (table)" if r.get("table") else "")
+        lines.append(f"| {r['dtype']} | {r['kernel']} | {cfg} | {t * 1e3:.3f} | {rel} | {r['status']} |"
+                     if t else f"| {r['dtype']} | {r['kernel']} | {cfg} | — | — | {r['status']} |")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("out", help="JSON file to write")
+    p.add_argument("--budget-s", type=float, default=90.0)
+    p.add_argument("--shape", default=None, help="B,C,D (default 1024,100000,512; smoke 40,70,33)")
+    p.add_argument("--dtypes", default=None, help="default bf16,fp32 (smoke: fp32; the "
+                   "interpreter cannot run bfloat16 dots)")
+    p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--smoke", action="store_true", help="CPU, Triton's interpreter, tiny shapes")
+    a = p.parse_args(argv)
+    if a.smoke and not torch.cuda.is_available():
+        if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+            if "triton" in sys.modules:
+                raise SystemExit("--smoke needs TRITON_INTERPRET=1 before triton is imported")
+            os.environ["TRITON_INTERPRET"] = "1"
+    shape = tuple(int(v) for v in a.shape.split(",")) if a.shape else ((40, 70, 33) if a.smoke else (1024, 100_000, 512))
+    dtypes = a.dtypes or ("fp32" if a.smoke else "bf16,fp32")
+    recs = tune(a.out, shape=shape, dtypes=tuple(dtypes.split(",")), reps=a.reps,
+                budget_s=a.budget_s, smoke=a.smoke)
+    bad = [r for r in recs if r["status"].startswith(("WRONG", "failed"))]
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
