@@ -5,7 +5,8 @@
 #   2. run the GPU parity tests (pytest tests -m gpu) and the kernel tests (tests/kernels),
 #   3. run the benchmarks (bench/, profile "check": the issue's targets first, then one
 #      representative per operator), with an in-process deadline so they stop in time,
-#   4. time alternative line-margin block sizes (bench/tune_line_margin.py, DAAL_TUNE_S seconds),
+#   4. time alternative line-margin block sizes (bench/tune_line_margin.py, with the time the
+#      benchmarks leave, at least DAAL_TUNE_S seconds),
 #   5. write OUTDIR/report.md (bench/report.py) from what was recorded.
 #
 # usage: bash bench/gpu_check.sh OUTDIR
@@ -23,7 +24,7 @@
 #
 # Environment: PYTHON (default python3), DAAL_CHECK_TOTAL_S (default 460: the whole budget),
 # DAAL_BENCH_PROFILE (default check; "full" needs far more time than 8 minutes), DAAL_TUNE_S
-# (default 60: the tuning step's budget; 0 skips it).
+# (default 60: the seconds reserved for step 4; 0 skips it).
 set -uo pipefail
 
 if [ $# -lt 1 ]; then
@@ -38,7 +39,7 @@ T0=$(date +%s)
 TOTAL=${DAAL_CHECK_TOTAL_S:-460}
 PY=${PYTHON:-$(command -v python3 || command -v python)}
 PROFILE=${DAAL_BENCH_PROFILE:-check}
-TUNE_S=${DAAL_TUNE_S:-60}
+TUNE_S=${DAAL_TUNE_S:-60}  # reserved for step 4 (0: no step 4)
 TMP=$(mktemp -d "${TMPDIR:-/tmp}/daal_gpu_check.XXXXXX")
 STEPS="$OUT/steps.json"
 : > "$STEPS"
@@ -160,7 +161,7 @@ if [ "$INSTALL" != failed ]; then
   rc=$?; if [ $rc -ne 0 ] && [ $rc -ne 5 ]; then STATUS=1; fi
 
   # ---------------------------------------------------------------- 3. benchmarks
-  BENCH_LIMIT=$(( $(left) - 25 - TUNE_S - 40 ))  # keep time for the tuning step and the report
+  BENCH_LIMIT=$(( $(left) - 25 - TUNE_S ))  # keep time for the tuning step and the report
   export DAAL_BENCH_DEADLINE=$(( $(date +%s) + BENCH_LIMIT - 30 ))  # cases stop starting 30 s early
   step bench "$BENCH_LIMIT" "$PY" -c "$RUNNER" bench -q -ra -p no:cacheprovider \
       --bench-profile "$PROFILE" --bench-records "$OUT/records.jsonl" \
@@ -168,13 +169,14 @@ if [ "$INSTALL" != failed ]; then
       --junitxml="$OUT/bench_junit.xml"
 
   # ---------------------------------------------------------------- 4. line-margin block sizes
-  # Candidates start until TUNE_S is spent; the step's limit leaves 40 s for the last one.
+  # It gets what the benchmarks left (at least the TUNE_S reserved for it): candidates start
+  # until 30 s before the step's limit, which leaves the last one time to finish.
   # Without a GPU (a rehearsal of this script on a CPU) it runs its --smoke mode.
   if [ "$TUNE_S" -gt 0 ]; then
     TUNE_LEFT=$(( $(left) - 25 ))
     SMOKE=$("$PY" -c 'import torch; print("" if torch.cuda.is_available() else "--smoke")' 2>/dev/null)
-    step tune_line_margin "$(min $(( TUNE_S + 40 )) "$TUNE_LEFT")" "$PY" bench/tune_line_margin.py \
-        "$OUT/tune_line_margin.json" --budget-s "$(min "$TUNE_S" $(( TUNE_LEFT - 40 )))" $SMOKE
+    step tune_line_margin "$TUNE_LEFT" "$PY" bench/tune_line_margin.py \
+        "$OUT/tune_line_margin.json" --budget-s $(( TUNE_LEFT - 30 )) $SMOKE
   fi
 fi
 

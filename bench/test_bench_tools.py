@@ -245,3 +245,19 @@ def test_tune_line_margin_flags_failures(tmp_path, monkeypatch):
     # out of budget: recorded as not run
     assert tlm.main([out, "--smoke", "--shape", "20,30,17", "--budget-s", "0"]) == 0
     assert {r["status"] for r in json.load(open(out))["records"]} == {"not run: out of the time budget"}
+
+
+def test_tune_line_margin_order(tmp_path, monkeypatch):
+    """Tables first (every kernel), then the block sizes they replaced, then the rest: a short
+    budget on the GPU still compares each table entry with its predecessor."""
+    from daal_triton.kernels import line_margin as lm
+
+    family = lm.config_for(torch.float32, 17)[0]
+    monkeypatch.setitem(tlm.PREVIOUS, family, {"fwd": (64, 32, 4, 1), "dx": (32, 64, 4, 1)})
+    monkeypatch.setattr(tlm, "SMOKE_CANDIDATES", {"fwd": [(32, 32, 4, 1)], "dpq": [], "dx": []})
+    recs = tlm.tune(str(tmp_path / "t.json"), shape=(20, 30, 17), dtypes=("fp32",), smoke=True)
+    by_run = sorted(recs, key=lambda r: r["run"])
+    assert [(r["kernel"], r["table"]) for r in by_run[:3]] == [("fwd", True), ("dpq", True), ("dx", True)]
+    assert [(r["kernel"], r["BLOCK_B"], r["BLOCK_C"]) for r in by_run[3:]] == [
+        ("fwd", 64, 32), ("dx", 32, 64), ("fwd", 32, 32)]
+    assert all(r["status"] == "measured" for r in recs)
