@@ -23,6 +23,8 @@
 # the install and the parity tests passed, 1 otherwise (see steps.json and the report).
 #
 # Environment: PYTHON (default python3), DAAL_CHECK_TOTAL_S (default 460: the whole budget),
+# DAAL_CHECK_INSTALL (default 1; 0: use the daal_triton already importable, for rehearsals),
+# DAAL_CHECK_K (a pytest -k expression for the two test steps, for rehearsals),
 # DAAL_BENCH_PROFILE (default check; "full" needs far more time than 8 minutes), DAAL_TUNE_S
 # (default 60: the seconds reserved for step 4; 0 skips it).
 set -uo pipefail
@@ -94,7 +96,10 @@ verify_import() {  # verify_import [PYTHONPATH]
 }
 INSTALL=none
 TARGET_PATH="$TMP/site${PYTHONPATH:+:$PYTHONPATH}"
-if step install_editable "$(min 120 "$(left)")" "$PY" -m pip install --no-deps --no-build-isolation -e "$REPO" \
+if [ "${DAAL_CHECK_INSTALL:-1}" = 0 ]; then  # a rehearsal in an environment that has the package
+  if verify_import > "$OUT/install_preinstalled.log" 2>&1; then INSTALL=preinstalled; else INSTALL=failed; STATUS=1; fi
+  echo "{\"step\": \"install_preinstalled\", \"rc\": $([ $INSTALL = failed ] && echo 1 || echo 0), \"seconds\": 0}" >> "$STEPS"
+elif step install_editable "$(min 120 "$(left)")" "$PY" -m pip install --no-deps --no-build-isolation -e "$REPO" \
     && verify_import >> "$OUT/install_editable.log" 2>&1; then
   INSTALL=editable
 elif step install_target "$(min 90 "$(left)")" "$PY" -m pip install --no-deps --no-build-isolation \
@@ -153,17 +158,20 @@ cat "$OUT/env.json"
 
 # ------------------------------------------------------------------ 2. parity tests
 if [ "$INSTALL" != failed ]; then
+  KSEL=()  # DAAL_CHECK_K: a pytest -k expression narrowing both test steps (rehearsals)
+  if [ -n "${DAAL_CHECK_K:-}" ]; then KSEL=(-k "$DAAL_CHECK_K"); fi
   step gpu_tests "$(min 130 $(( $(left) - 200 )))" "$PY" -c "$RUNNER" tests -m gpu -q -ra \
-      -p no:cacheprovider --junitxml="$OUT/gpu_tests.xml"
+      -p no:cacheprovider --junitxml="$OUT/gpu_tests.xml" ${KSEL[@]+"${KSEL[@]}"}
   rc=$?; if [ $rc -ne 0 ] && [ $rc -ne 5 ]; then STATUS=1; fi  # 5: no test collected
   step kernel_tests "$(min 80 $(( $(left) - 170 )))" "$PY" -c "$RUNNER" tests/kernels -m "not gpu" -q -ra \
-      -p no:cacheprovider --junitxml="$OUT/kernel_tests.xml"
+      -p no:cacheprovider --junitxml="$OUT/kernel_tests.xml" ${KSEL[@]+"${KSEL[@]}"}
   rc=$?; if [ $rc -ne 0 ] && [ $rc -ne 5 ]; then STATUS=1; fi
 
   # ---------------------------------------------------------------- 3. benchmarks
   BENCH_LIMIT=$(( $(left) - 25 - TUNE_S ))  # keep time for the tuning step and the report
   export DAAL_BENCH_DEADLINE=$(( $(date +%s) + BENCH_LIMIT - 30 ))  # cases stop starting 30 s early
-  step bench "$BENCH_LIMIT" "$PY" -c "$RUNNER" bench -q -ra -p no:cacheprovider \
+  step bench "$BENCH_LIMIT" "$PY" -c "$RUNNER" bench/test_bench_pairwise.py bench/test_bench_knn.py \
+      bench/test_bench_line_margin.py bench/test_bench_loss.py -q -ra -p no:cacheprovider \
       --bench-profile "$PROFILE" --bench-records "$OUT/records.jsonl" \
       --benchmark-json "$OUT/bench.json" --benchmark-columns=min,median,mean,rounds \
       --junitxml="$OUT/bench_junit.xml"

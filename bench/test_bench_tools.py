@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -201,6 +202,34 @@ def test_readme_is_up_to_date():
 @pytest.mark.skipif(shutil.which("bash") is None, reason="no bash")
 def test_gpu_check_script_parses():
     subprocess.run(["bash", "-n", os.path.join(HERE, "gpu_check.sh")], check=True)
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="no bash")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CPU rehearsal; on a GPU run bench/gpu_check.sh itself")
+def test_gpu_check_rehearsal_on_cpu(tmp_path):
+    """The whole GPU check, end to end, on the CPU (a GPU session is short and rare: the script
+    must not be what fails there): the package already installed, the test steps narrowed to the
+    pairwise tests, the benchmarks and the tuning tool in their smoke modes, the report."""
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHON=sys.executable, DAAL_CHECK_INSTALL="0",
+               DAAL_CHECK_K="pairwise and not compile", DAAL_CHECK_TOTAL_S="400", DAAL_TUNE_S="30")
+    proc = subprocess.run(["bash", os.path.join(HERE, "gpu_check.sh"), str(out)], env=env,
+                          capture_output=True, text=True, timeout=420)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    steps = {s["step"]: s for s in (json.loads(line) for line in (out / "steps.json").read_text().splitlines())}
+    assert list(steps) == ["install_preinstalled", "gpu_tests", "kernel_tests", "bench",
+                           "tune_line_margin", "report"], steps
+    assert steps["gpu_tests"]["rc"] in (0, 5) and all(
+        s["rc"] == 0 for name, s in steps.items() if name != "gpu_tests"), steps
+    env_json = json.loads((out / "env.json").read_text())
+    assert env_json["torch"] == torch.__version__ and env_json["cuda_available"] is False
+    cases = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
+    assert {c["op"] for c in cases if c.get("kind") == "case" and c.get("status") == "ok"} == {
+        "pairwise", "knn", "line_margin", "loss"}
+    tune = json.loads((out / "tune_line_margin.json").read_text())
+    assert tune["smoke"] and all(r["status"] == "measured" for r in tune["records"])
+    text = (out / "report.md").read_text()
+    assert "CPU smoke run" in text and "Line-margin block sizes" in text
 
 
 # ----------------------------------------------------------------------------- tune_line_margin.py
