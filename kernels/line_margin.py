@@ -78,7 +78,8 @@ Built for sm_90 the way a contiguous D = 512 launch is specialised (unit last-di
 16-byte-aligned pointers, strides divisible by 16), every GEMM kernel of the tables below fits
 in 255 registers without spilling (``cuobjdump -res-usage``: STACK 0; the compile tests assert
 it). The generic build (no specialisation: odd D, strided views) still spills, and so do the
-sm_80 builds of Triton 3.8's ptxas. The block sizes are not yet timed on a GPU.
+sm_80 (A100) builds, aligned too (16 B to 1 KB per thread: the table is tuned for sm_90; a
+per-capability table would be the fix). The block sizes are not yet timed on a GPU.
 
 Memory (beyond inputs and outputs)
 ----------------------------------
@@ -113,7 +114,7 @@ __all__ = ["line_margin", "CONFIGS", "KERNELS", "config_for", "kernel_signature"
 # Chosen without a GPU timing (none was available yet), by what the compiler reports: among
 # the candidates swept (64/128 x 64/128 blocks, 4/8 warps, 2-4 stages), per kernel a large tile
 # whose sm_90 build, specialised as a contiguous D = 512 launch is, uses no local memory
-# (cuobjdump STACK 0; the earlier 128 x 128 and 4-warp choices spilled 48-664 bytes per thread)
+# (cuobjdump STACK 0; the earlier 128 x 128 and 4-warp choices spilled 48-672 bytes per thread)
 # and that fits the shared memory of an A100 (164 KiB) and an H100/H200 (227 KiB); the compile
 # tests assert both. bench/tune_line_margin.py times alternatives on a GPU.
 _BASE = {
