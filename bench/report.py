@@ -173,25 +173,19 @@ def fmt_pct(f: Optional[float]) -> str:
     return "—" if f is None else f"{100 * f:.3g}%"
 
 
+# (prefix of a record's status, what the tables show), first match wins
+_SHORT = (("skipped: would need", "skip: memory"), ("skipped: out of memory", "OOM"),
+          ("skipped: out of time budget", "skip: time budget"),
+          ("skipped: Triton kernel not available", "skip: no kernel"),
+          ("skipped: torch.compile provider not run in the CPU", "skip: CPU"),
+          ("too slow", "too slow"), ("error", "error"))
+
+
 def short_status(status: str) -> str:
     s = status or ""
     if s == "ok":
         return "ok"
-    if s.startswith("skipped: would need"):
-        return "skip: memory"
-    if s.startswith("skipped: out of memory"):
-        return "OOM"
-    if s.startswith("skipped: out of time budget"):
-        return "skip: time budget"
-    if s.startswith("skipped: Triton kernel not available"):
-        return "skip: no kernel"
-    if s.startswith("skipped: torch.compile provider not run in the CPU"):
-        return "skip: CPU"
-    if s.startswith("too slow"):
-        return "too slow"
-    if s.startswith("error"):
-        return "error"
-    return "skipped"
+    return next((short for prefix, short in _SHORT if s.startswith(prefix)), "skipped")
 
 
 def dims_text(dims: dict) -> str:

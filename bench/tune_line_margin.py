@@ -51,13 +51,17 @@ PARITY_TOL = 1e-3  # same arithmetic, another summation order (float32 accumulat
 
 
 def _problem(B: int, C: int, D: int, dtype: torch.dtype, device: torch.device):
+    """A line-margin call as DAALLoss makes it: unit embeddings, DAALLoss's initial segments
+    (float32), the own-class distances d_pos; margins and grad_out random."""
+    from daal_triton import init_segments
+    from daal_triton.reference import own_distance_sq
+
     g = torch.Generator(device="cpu").manual_seed(0)
     x = torch.nn.functional.normalize(torch.randn(B, D, generator=g), dim=1)
-    mid = torch.nn.functional.normalize(torch.randn(C, D, generator=g), dim=1)
-    seg = torch.stack([mid, mid + 0.1 * torch.randn(C, D, generator=g) / D ** 0.5], 1)
+    seg = init_segments(C, D, generator=g)
     labels = torch.randint(0, C, (B,), generator=g)
-    d_pos = 0.5 + torch.rand(B, generator=g)
-    margins = 0.1 + 0.1 * torch.rand(B, generator=g)
+    d_pos = own_distance_sq(x, labels, seg).sqrt()
+    margins = 0.05 + 0.3 * torch.rand(B, generator=g)
     go = torch.rand(B, generator=g)
     return (x.to(device, dtype), seg.to(device), d_pos.to(device), labels.to(device),
             margins.to(device), go.to(device))

@@ -104,6 +104,17 @@ def find_root(data_root: str, candidates: Sequence[str], marker: str) -> Optiona
     return None
 
 
+def locate_root(data_root: str, dataset: str, folder: str, marker: str, layout: str) -> str:
+    """:func:`find_root` over ``data_root`` and ``data_root/<folder>``, or a
+    :class:`DatasetLayoutError` that names ``marker`` and shows the expected ``layout``."""
+    root = find_root(data_root, (folder,), marker)
+    if root is None:
+        raise DatasetLayoutError(f"{dataset}: no {marker} under {os.path.abspath(data_root)!r} or its "
+                                 f"{folder}/ folder.\nExpected layout:\n{layout}\n"
+                                 "(pass the folder with --data-root; nothing is downloaded)")
+    return root
+
+
 def image_transforms(image_size: int, train: bool, *, normalize: bool = True):
     """Usual augmentations for real photos: random resized crop + horizontal flip for training,
     resize (to 8/7 of the size) + centre crop for testing; then ImageNet normalisation."""

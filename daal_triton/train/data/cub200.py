@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 from typing import Tuple
 
-from .base import DatasetLayoutError, ImageFileDataset, contiguous, find_root, image_transforms, require_files
+from .base import DatasetLayoutError, ImageFileDataset, contiguous, image_transforms, locate_root, require_files
 
 LAYOUT = """  <data-root>/CUB_200_2011/        (or <data-root> itself)
       images.txt                   "<image_id> <relative path>" per line
@@ -15,11 +15,7 @@ LAYOUT = """  <data-root>/CUB_200_2011/        (or <data-root> itself)
 
 def load_cub200(data_root: str, image_size: int = 224) -> Tuple[ImageFileDataset, ImageFileDataset]:
     """Train on classes 1-100, test on 101-200 (every image of a class goes to its split)."""
-    root = find_root(data_root, ("CUB_200_2011",), "images.txt")
-    if root is None:
-        raise DatasetLayoutError(f"cub200: no images.txt under {os.path.abspath(data_root)!r} or its "
-                                 f"CUB_200_2011/ folder.\nExpected layout:\n{LAYOUT}\n"
-                                 "(pass the folder with --data-root; nothing is downloaded)")
+    root = locate_root(data_root, "cub200", "CUB_200_2011", "images.txt", LAYOUT)
     require_files(root, ["images.txt", "image_class_labels.txt", "images"], "cub200", LAYOUT)
     paths = dict(_read_pairs(os.path.join(root, "images.txt")))
     labels = {k: int(v) for k, v in _read_pairs(os.path.join(root, "image_class_labels.txt"))}

@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 from typing import Tuple
 
-from .base import DatasetLayoutError, ImageFileDataset, contiguous, find_root, image_transforms, require_files
+from .base import DatasetLayoutError, ImageFileDataset, contiguous, image_transforms, locate_root, require_files
 
 LAYOUT = """  <data-root>/Stanford_Online_Products/   (or <data-root> itself)
       Ebay_train.txt   header "image_id class_id super_class_id path", then one line per image
@@ -25,11 +25,7 @@ def _read_list(path: str):
 
 
 def load_sop(data_root: str, image_size: int = 224) -> Tuple[ImageFileDataset, ImageFileDataset]:
-    root = find_root(data_root, ("Stanford_Online_Products",), "Ebay_train.txt")
-    if root is None:
-        raise DatasetLayoutError(f"sop: no Ebay_train.txt under {os.path.abspath(data_root)!r} or its "
-                                 f"Stanford_Online_Products/ folder.\nExpected layout:\n{LAYOUT}\n"
-                                 "(pass the folder with --data-root; nothing is downloaded)")
+    root = locate_root(data_root, "sop", "Stanford_Online_Products", "Ebay_train.txt", LAYOUT)
     require_files(root, ["Ebay_train.txt", "Ebay_test.txt"], "sop", LAYOUT)
     out = []
     for part in ("train", "test"):
