@@ -6,7 +6,7 @@ The plain-PyTorch oracle is :mod:`daal_triton.reference`; the kernels are :mod:`
 from .functional import daal_loss, knn, pairwise_distance
 from .loss import DAALLoss, init_segments
 from .memory import MemoryBank
-from .reference import DAALParts
+from .core import DAALParts, Hyperparameters
 
 __version__ = "0.1.0"
-__all__ = ["DAALLoss", "DAALParts", "MemoryBank", "daal_loss", "init_segments", "knn", "pairwise_distance"]
+__all__ = ["DAALLoss", "DAALParts", "Hyperparameters", "MemoryBank", "daal_loss", "init_segments", "knn", "pairwise_distance"]

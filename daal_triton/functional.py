@@ -1,8 +1,8 @@
-"""The functional API: validate, pick a backend, run the SPEC composition.
+"""The functional API: validate, pick a backend, run the loss composition (``daal_triton.core``).
 
-``daal_loss`` here has the reference's signature plus ``backend``. Both backends go through the
-one composition in ``daal_triton.reference.compose``; the Triton backend swaps in the fused kNN
-(``daal_triton.kernels.knn``) and the fused line margin (``daal_triton.kernels.line_margin``).
+The Triton backend plugs the fused kNN (``daal_triton.kernels.knn``) and the fused line margin
+(``daal_triton.kernels.line_margin``) into the composition; the reference backend plugs in the
+plain-PyTorch operators of ``daal_triton.reference``.
 """
 from __future__ import annotations
 
@@ -12,23 +12,18 @@ import torch
 
 from . import reference
 from .backend import choose_backend
-from .validation import (
-    check_float_matrix,
-    check_hyperparameters,
-    check_same_device,
-    validate_knn_inputs,
-    validate_loss_inputs,
-)
+from .core import Hyperparameters, Operators, compose
+from .validation import check_float_matrix, check_same_device, validate_knn_inputs, validate_loss_inputs
 
 
-def _ops(backend: str):
-    """The (knn, line_margin) operators of a resolved backend."""
+def _ops(backend: str) -> Operators:
+    """The operators of a resolved backend."""
     if backend == "triton":
         from .kernels import knn as kknn
         from .kernels import line_margin as kline
 
-        return kknn.knn, kline.line_margin
-    return reference.knn, reference.line_margin
+        return Operators(knn=kknn.knn, line_margin=kline.line_margin)
+    return Operators(knn=reference.knn, line_margin=reference.line_margin)
 
 
 def daal_loss(
@@ -55,33 +50,46 @@ def daal_loss(
     ref_includes_batch: bool = False,
     backend: str = "auto",
 ):
-    """DAAL loss (SPEC.md). ``embeddings`` B x D, ``labels`` B ints in [0, C), ``segments`` C x 2 x D.
+    """DAAL loss (docs/method.md). ``embeddings`` B x D, ``labels`` B ints in [0, C), ``segments`` C x 2 x D.
 
     Returns a scalar (``reduction="mean"``) or B per-sample values (``"none"``) in the promoted
     dtype of embeddings and segments (never below float32 arithmetic), or a
-    :class:`daal_triton.reference.DAALParts` with ``return_parts=True``.
+    :class:`daal_triton.DAALParts` with ``return_parts=True``.
 
     ``ref_embeddings``/``ref_labels`` (a memory bank): the kNN radius of each sample is taken over
     the reference rows of its class instead of the other batch rows. Nothing is excluded there,
     unless ``ref_includes_batch=True``, which says that ``ref_embeddings[:B]`` are the batch's own
     rows (e.g. ``torch.cat([embeddings, bank])``): then row ``i`` is not its own neighbour.
     """
-    validate_loss_inputs(embeddings, labels, segments, k=k,
+    hp = Hyperparameters(k=k, m0=m0, m_min=m_min, m_max=m_max, gamma=gamma, alpha=alpha, tau=tau,
+                         lambda_pull=lambda_pull, lambda_dens=lambda_dens, lambda_len=lambda_len,
+                         l_max=l_max, normalize=normalize, reduction=reduction)
+    return loss_with(embeddings, labels, segments, hp, return_parts=return_parts,
+                     ref_embeddings=ref_embeddings, ref_labels=ref_labels,
+                     ref_includes_batch=ref_includes_batch, backend=backend)
+
+
+def loss_with(
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    segments: torch.Tensor,
+    hp: Hyperparameters,
+    *,
+    return_parts: bool = False,
+    ref_embeddings: Optional[torch.Tensor] = None,
+    ref_labels: Optional[torch.Tensor] = None,
+    ref_includes_batch: bool = False,
+    backend: str = "auto",
+):
+    """:func:`daal_loss` with its hyperparameters given as one :class:`Hyperparameters` object."""
+    validate_loss_inputs(embeddings, labels, segments, k=hp.k,
                          ref_embeddings=ref_embeddings, ref_labels=ref_labels,
                          ref_includes_batch=ref_includes_batch)
-    check_hyperparameters(m0=m0, m_min=m_min, m_max=m_max, alpha=alpha, tau=tau, l_max=l_max,
-                          lambda_pull=lambda_pull, lambda_dens=lambda_dens,
-                          lambda_len=lambda_len, reduction=reduction)
     dtype = torch.promote_types(embeddings.dtype, segments.dtype)
-    knn_fn, line_fn = _ops(choose_backend(backend, embeddings.device, dtype))
-    parts = reference.compose(
-        embeddings, labels, segments, k=k, m0=m0, m_min=m_min, m_max=m_max, gamma=gamma,
-        alpha=alpha, tau=tau, lambda_pull=lambda_pull, lambda_dens=lambda_dens,
-        lambda_len=lambda_len, l_max=l_max, normalize=normalize, reduction=reduction,
-        ref_embeddings=ref_embeddings, ref_labels=ref_labels,
-        ref_includes_batch=ref_includes_batch, knn_fn=knn_fn, line_margin_fn=line_fn,
-        split_line_pull=return_parts,
-    )
+    ops = _ops(choose_backend(backend, embeddings.device, dtype))
+    parts = compose(embeddings, labels, segments, hp, ops, ref_embeddings=ref_embeddings,
+                    ref_labels=ref_labels, ref_includes_batch=ref_includes_batch,
+                    split_line_pull=return_parts)
     return parts if return_parts else parts.loss
 
 

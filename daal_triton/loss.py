@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Any, Dict, Optional
 
 import torch
 from torch import nn
 
-from .functional import daal_loss
+from .backend import BACKENDS
+from .core import Hyperparameters
+from .functional import loss_with
 
 
 def init_segments(num_classes: int, embedding_dim: int, *, length: float = 0.2,
@@ -33,9 +35,11 @@ class DAALLoss(nn.Module):
     ``loss = DAALLoss(num_classes, embedding_dim)``; ``loss(embeddings, labels)`` -> scalar.
     The segments (``loss.segments``, C x 2 x D: ``[:, 0]`` = p, ``[:, 1]`` = q) are a parameter:
     add ``loss.parameters()`` to the optimiser (usually with a larger learning rate).
-    Keyword arguments are the hyperparameters of SPEC.md (``k``, ``m0``, ``m_min``, ``m_max``,
-    ``gamma``, ``alpha``, ``tau``, ``lambda_pull``, ``lambda_dens``, ``lambda_len``, ``l_max``,
-    ``normalize``, ``reduction``) and ``backend`` (``"auto"``, ``"triton"``, ``"reference"``).
+    Keyword arguments are the hyperparameters of docs/method.md (the fields of
+    :class:`daal_triton.Hyperparameters`: ``k``, ``m0``, ``m_min``, ``m_max``, ``gamma``,
+    ``alpha``, ``tau``, ``lambda_pull``, ``lambda_dens``, ``lambda_len``, ``l_max``,
+    ``normalize``, ``reduction``), validated here, and ``backend`` (``"auto"``, ``"triton"``,
+    ``"reference"``).
     """
 
     def __init__(self, num_classes: int, embedding_dim: int, *, k: int = 3, m0: float = 0.2,
@@ -48,14 +52,23 @@ class DAALLoss(nn.Module):
             raise ValueError(f"num_classes must be an integer >= 1, got {num_classes!r}")
         if isinstance(embedding_dim, bool) or not isinstance(embedding_dim, int) or embedding_dim < 1:
             raise ValueError(f"embedding_dim must be an integer >= 1, got {embedding_dim!r}")
+        if not isinstance(init_length, (int, float)) or not math.isfinite(init_length) or init_length < 0:
+            raise ValueError(f"init_length must be a finite number >= 0, got {init_length!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.num_classes = num_classes
         self.embedding_dim = embedding_dim
-        self.hparams = dict(k=k, m0=m0, m_min=m_min, m_max=m_max, gamma=gamma, alpha=alpha,
-                            tau=tau, lambda_pull=lambda_pull, lambda_dens=lambda_dens,
-                            lambda_len=lambda_len, l_max=l_max, normalize=normalize,
-                            reduction=reduction)
+        self.hp = Hyperparameters(k=k, m0=m0, m_min=m_min, m_max=m_max, gamma=gamma, alpha=alpha,
+                                  tau=tau, lambda_pull=lambda_pull, lambda_dens=lambda_dens,
+                                  lambda_len=lambda_len, l_max=l_max, normalize=normalize,
+                                  reduction=reduction)
         self.backend = backend
         self.segments = nn.Parameter(init_segments(num_classes, embedding_dim, length=init_length))
+
+    @property
+    def hparams(self) -> Dict[str, Any]:
+        """The hyperparameters as a dict (a copy of ``self.hp``'s fields)."""
+        return self.hp.as_dict()
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor,
                 ref_emb: Optional[torch.Tensor] = None,
@@ -64,9 +77,9 @@ class DAALLoss(nn.Module):
         """``embeddings`` B x D, ``labels`` B; ``ref_emb``/``ref_labels``: an optional reference
         set (memory bank) over which the kNN radii are taken; ``ref_includes_batch=True`` when
         ``ref_emb[:B]`` is the batch itself (see ``daal_triton.daal_loss``)."""
-        return daal_loss(embeddings, labels, self.segments, ref_embeddings=ref_emb,
+        return loss_with(embeddings, labels, self.segments, self.hp, ref_embeddings=ref_emb,
                          ref_labels=ref_labels, ref_includes_batch=ref_includes_batch,
-                         backend=self.backend, **self.hparams)
+                         backend=self.backend)
 
     def extra_repr(self) -> str:
         hp = ", ".join(f"{k}={v}" for k, v in self.hparams.items())

@@ -63,29 +63,11 @@ def check_k(k) -> None:
         raise ValueError(f"k must be an integer >= 1, got {k!r}")
 
 
-def check_hyperparameters(
-    *, m0: float, m_min: float, m_max: float, alpha: float, tau: float, l_max: float,
-    lambda_pull: float, lambda_dens: float, lambda_len: float, reduction: str,
-) -> None:
-    if not alpha > 0:
-        raise ValueError(f"alpha must be > 0, got {alpha}")
-    if not 0 <= m_min <= m_max:
-        raise ValueError(f"m_min and m_max must satisfy 0 <= m_min <= m_max, got {m_min}, {m_max}")
-    if m0 < 0:
-        raise ValueError(f"m0 must be >= 0, got {m0}")
-    for name, value in (("lambda_pull", lambda_pull), ("lambda_dens", lambda_dens),
-                        ("lambda_len", lambda_len), ("tau", tau), ("l_max", l_max)):
-        if value < 0:
-            raise ValueError(f"{name} must be >= 0, got {value}")
-    if reduction not in ("mean", "none"):
-        raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
-
-
 def validate_loss_inputs(
     embeddings, labels, segments, *, k, ref_embeddings=None, ref_labels=None,
     ref_includes_batch=False,
 ) -> None:
-    """Everything SPEC.md asks of ``daal_loss``'s tensors."""
+    """Everything docs/method.md asks of ``daal_loss``'s tensors."""
     for name, t in (("embeddings", embeddings), ("labels", labels), ("segments", segments)):
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")

@@ -1,8 +1,6 @@
 """Plain-PyTorch DAAL (installed as ``daal_triton.reference``): the oracle and the CPU fallback."""
 from .daal import (
-    DAALParts,
     adaptive_margins,
-    compose,
     daal_loss,
     density_hinge,
     knn_radius,
@@ -15,7 +13,7 @@ from .daal import (
 from .distance import EPS, compute_dtype, knn, pairwise_distance
 
 __all__ = [
-    "DAALParts", "EPS", "adaptive_margins", "compose", "compute_dtype", "daal_loss",
+    "EPS", "adaptive_margins", "compute_dtype", "daal_loss",
     "density_hinge", "knn", "knn_radius", "length_term", "line_distances", "line_margin",
     "normalize_rows", "own_distance_sq", "pairwise_distance",
 ]

@@ -1,41 +1,23 @@
-"""DAAL in plain PyTorch: every step of SPEC.md, readable and float64-capable.
+"""DAAL in plain PyTorch: every step of docs/method.md, readable and float64-capable.
 
-This module is both the oracle of every parity test and the fallback wherever Triton cannot run.
-It also holds *the* composition of the SPEC steps (:func:`compose`): the fast path in
-``daal_triton.functional`` calls the same function and only swaps in the fused kNN and the fused
-line margin, so the two backends cannot drift apart in their glue.
+This module is the oracle of every parity test and the fallback wherever Triton cannot run. It
+supplies the step functions and the reference operators (kNN, line margin); the composition of the
+steps is the package's (``daal_triton.core.compose``), shared with the Triton backend, so the two
+backends cannot drift apart in their glue.
 
 Inputs are not validated here (``daal_triton.validation`` does that for the public API).
 """
 from __future__ import annotations
 
-import contextlib
-from dataclasses import dataclass
 from typing import Callable, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
-from .distance import EPS, compute_dtype, knn
+from .distance import EPS, knn
 
 KnnFn = Callable[..., Tuple[torch.Tensor, torch.Tensor]]
 LineMarginFn = Callable[..., torch.Tensor]
-
-
-@dataclass
-class DAALParts:
-    """The loss and everything it is made of (``return_parts=True``)."""
-
-    loss: torch.Tensor  # the reduced loss (scalar) or the B per-sample values
-    line: Optional[torch.Tensor]  # L_line (scalar); None unless the split was asked for
-    pull: Optional[torch.Tensor]  # L_pull (scalar); None unless the split was asked for
-    density: torch.Tensor  # L_dens (scalar)
-    length: torch.Tensor  # L_len (scalar)
-    per_sample: torch.Tensor  # B values, what reduction="none" returns
-    radius: torch.Tensor  # r_i (B), inf where invalid
-    valid: torch.Tensor  # k_i >= 1 (B, bool)
-    margin: torch.Tensor  # m_i (B), detached
-    neighbors: torch.Tensor  # B x k indices into the reference set, -1 padded
 
 
 # ---------------------------------------------------------------- step 1
@@ -150,86 +132,6 @@ def length_term(segments: torch.Tensor, l_max: float) -> torch.Tensor:
     return (torch.relu(norm - l_max) ** 2).mean()
 
 
-def _no_autocast(device: torch.device):
-    """Autocast would silently run the GEMMs in half precision; the loss chooses its own dtype."""
-    try:
-        return torch.autocast(device_type=device.type, enabled=False)
-    except RuntimeError:  # a device type autocast does not know
-        return contextlib.nullcontext()
-
-
-def compose(
-    embeddings: torch.Tensor,
-    labels: torch.Tensor,
-    segments: torch.Tensor,
-    *,
-    k: int = 3,
-    m0: float = 0.2,
-    m_min: float = 0.05,
-    m_max: float = 0.5,
-    gamma: float = 1.0,
-    alpha: float = 16.0,
-    tau: float = 0.8,
-    lambda_pull: float = 0.0,
-    lambda_dens: float = 0.5,
-    lambda_len: float = 0.0,
-    l_max: float = 1.0,
-    normalize: bool = True,
-    reduction: str = "mean",
-    ref_embeddings: Optional[torch.Tensor] = None,
-    ref_labels: Optional[torch.Tensor] = None,
-    ref_includes_batch: bool = False,
-    knn_fn: KnnFn = knn,
-    line_margin_fn: LineMarginFn = line_margin,
-    split_line_pull: bool = True,
-) -> DAALParts:
-    """The SPEC steps in order, with pluggable kNN and line-margin operators.
-
-    ``split_line_pull`` also reports ``L_line`` and ``L_pull`` apart (one more O(B D) pass for the
-    own-class distances); callers that only want the loss turn it off."""
-    if reduction not in ("mean", "none"):
-        raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
-    dtype = compute_dtype(embeddings, segments)
-    with _no_autocast(embeddings.device):
-        z = embeddings.to(dtype)
-        seg = segments.to(dtype)
-        labels = labels.long()
-        x = normalize_rows(z) if normalize else z
-        ref = None
-        if ref_embeddings is not None:
-            ref = ref_embeddings.to(dtype)
-            ref = normalize_rows(ref) if normalize else ref
-            ref_labels = ref_labels.long()
-        r, valid, index = knn_radius(x, labels, k, ref=ref, ref_labels=ref_labels,
-                                    ref_includes_batch=ref_includes_batch, knn_fn=knn_fn)
-        margin = adaptive_margins(
-            r, valid, labels, seg.shape[0], m0=m0, m_min=m_min, m_max=m_max, gamma=gamma
-        )
-        per_line = line_margin_fn(x, labels, seg, margin, alpha=alpha, lambda_pull=lambda_pull)
-        hinge = density_hinge(r, valid, tau)
-        l_dens = hinge.sum() / valid.sum().clamp(min=1).to(hinge.dtype)
-        l_len = length_term(seg, l_max)
-        per_sample = per_line + lambda_dens * hinge
-        total = per_line.mean() + lambda_dens * l_dens + lambda_len * l_len
-        l_line = l_pull = None
-        if split_line_pull:
-            with torch.no_grad():  # the line/pull split is for reading only
-                l_pull = own_distance_sq(x, labels, seg).mean()
-                l_line = per_line.mean() - lambda_pull * l_pull
-        return DAALParts(
-            loss=total if reduction == "mean" else per_sample,
-            line=l_line,
-            pull=l_pull,
-            density=l_dens,
-            length=l_len,
-            per_sample=per_sample,
-            radius=r,
-            valid=valid,
-            margin=margin,
-            neighbors=index,
-        )
-
-
 def own_distance_sq(x: torch.Tensor, labels: torch.Tensor, segments: torch.Tensor) -> torch.Tensor:
     """``delta_{i,y_i}^2`` (B values): distance of each sample to its own class's segment, O(B D)."""
     own = segments[labels]  # B x 2 x D
@@ -246,39 +148,26 @@ def daal_loss(
     labels: torch.Tensor,
     segments: torch.Tensor,
     *,
-    k: int = 3,
-    m0: float = 0.2,
-    m_min: float = 0.05,
-    m_max: float = 0.5,
-    gamma: float = 1.0,
-    alpha: float = 16.0,
-    tau: float = 0.8,
-    lambda_pull: float = 0.0,
-    lambda_dens: float = 0.5,
-    lambda_len: float = 0.0,
-    l_max: float = 1.0,
-    normalize: bool = True,
-    reduction: str = "mean",
     return_parts: bool = False,
     ref_embeddings: Optional[torch.Tensor] = None,
     ref_labels: Optional[torch.Tensor] = None,
     ref_includes_batch: bool = False,
+    **hyperparameters,
 ):
-    """DAAL, SPEC.md steps 1-7, in plain PyTorch.
+    """DAAL (docs/method.md, steps 1-7) on this module's operators: the oracle of every parity test.
 
     ``embeddings`` B x D, ``labels`` B (int, in [0, C)), ``segments`` C x 2 x D
-    (``segments[:, 0]`` = p, ``segments[:, 1]`` = q). Returns the loss (a scalar for
-    ``reduction="mean"``, B values for ``"none"``) in the promoted dtype of embeddings and
-    segments (at least float32), or a :class:`DAALParts` when ``return_parts``.
-    With ``ref_embeddings``/``ref_labels`` the kNN radii are taken over that reference set
-    (a memory bank); ``ref_includes_batch=True`` says its first B rows are the batch itself,
-    so each sample's own row is not its neighbour.
+    (``segments[:, 0]`` = p, ``segments[:, 1]`` = q); ``hyperparameters`` are the fields of
+    ``daal_triton.core.Hyperparameters`` (``k``, ``m0``, ..., ``reduction``). Returns the loss (a
+    scalar for ``reduction="mean"``, B values for ``"none"``) in the promoted dtype of embeddings and
+    segments (at least float32), or a ``DAALParts`` when ``return_parts``. With
+    ``ref_embeddings``/``ref_labels`` the kNN radii are taken over that reference set (a memory
+    bank); ``ref_includes_batch=True`` says its first B rows are the batch itself.
     """
-    parts = compose(
-        embeddings, labels, segments, k=k, m0=m0, m_min=m_min, m_max=m_max, gamma=gamma,
-        alpha=alpha, tau=tau, lambda_pull=lambda_pull, lambda_dens=lambda_dens,
-        lambda_len=lambda_len, l_max=l_max, normalize=normalize, reduction=reduction,
-        ref_embeddings=ref_embeddings, ref_labels=ref_labels,
-        ref_includes_batch=ref_includes_batch, split_line_pull=return_parts,
-    )
+    from daal_triton.core import Hyperparameters, Operators, compose  # the contract; imported late (cycle)
+
+    parts = compose(embeddings, labels, segments, Hyperparameters(**hyperparameters),
+                    Operators(knn=knn, line_margin=line_margin), ref_embeddings=ref_embeddings,
+                    ref_labels=ref_labels, ref_includes_batch=ref_includes_batch,
+                    split_line_pull=return_parts)
     return parts if return_parts else parts.loss

@@ -7,13 +7,16 @@ untrained network and raw-pixel nearest neighbours (docs/training.md has the num
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
 import time
 from typing import Dict, List, Optional
 
-from .engine import DAAL_TRAIN_DEFAULTS, TrainConfig
+from daal_triton.core import Hyperparameters
+
+from .engine import DAAL_TRAIN_FIELDS, TrainConfig, default_daal
 
 _D = TrainConfig()
 
@@ -66,9 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--loss-kwargs", default="{}", help="JSON dict of extra keyword arguments for the loss")
     p.add_argument("--loss-backend", default=_D.loss_backend, choices=["auto", "triton", "reference"],
                    help="DAAL backend (auto: fused kernels on CUDA, PyTorch reference on CPU)")
-    for name, default in DAAL_TRAIN_DEFAULTS.items():
-        p.add_argument(f"--daal-{name.replace('_', '-')}", dest=f"daal_{name}", type=type(default), default=default,
-                       help=f"DAAL hyperparameter {name} (SPEC.md)")
+    _add_daal_flags(p)
     p.add_argument("--lr", type=float, default=_D.lr, help="AdamW learning rate of the network")
     p.add_argument("--loss-lr", type=float, default=_D.loss_lr,
                    help="AdamW learning rate of the loss's parameters (DAAL segments, proxies)")
@@ -106,12 +107,26 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _add_daal_flags(p: argparse.ArgumentParser) -> None:
+    """One ``--daal-<name>`` flag per field of :class:`daal_triton.Hyperparameters` (its help and
+    default; the loss validates the values)."""
+    g = p.add_argument_group("DAAL hyperparameters (docs/method.md; --loss daal)")
+    fields = {f.name: f for f in dataclasses.fields(Hyperparameters)}
+    for name, default in default_daal().items():
+        flag, help_text = f"--daal-{name.replace('_', '-')}", fields[name].metadata["help"]
+        if isinstance(default, bool):
+            g.add_argument(flag, dest=f"daal_{name}", action=argparse.BooleanOptionalAction, default=default,
+                           help=help_text)
+        else:
+            g.add_argument(flag, dest=f"daal_{name}", type=type(default), default=default, help=help_text)
+
+
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     try:
         loss_kwargs = json.loads(args.loss_kwargs)
     except json.JSONDecodeError as e:
         raise SystemExit(f"--loss-kwargs is not valid JSON: {e}")
-    daal = {name: getattr(args, f"daal_{name}") for name in DAAL_TRAIN_DEFAULTS}
+    daal = {name: getattr(args, f"daal_{name}") for name in DAAL_TRAIN_FIELDS}
     fields = {k: v for k, v in vars(args).items() if not k.startswith("daal_") and k != "loss_kwargs"}
     return TrainConfig.from_dict(dict(fields, daal=daal, loss_kwargs=loss_kwargs))
 

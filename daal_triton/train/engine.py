@@ -28,6 +28,7 @@ from torch import nn
 import daal_triton
 
 from daal_triton.distributed import broadcast_params, gather_batch, sync_grads
+from daal_triton.core import Hyperparameters
 from daal_triton.memory import MemoryBank
 
 from . import ddp
@@ -36,11 +37,14 @@ from .data import DistributedPKSampler, PKSampler, build_datasets
 from .ddp import ConfigError
 from .model import NO_WEIGHTS_NOTE, EmbeddingNet
 
-# The DAAL hyperparameters the training program uses unless told otherwise (the loss's own
-# defaults are SPEC.md's; these are tuned for training a network, see docs/training.md).
-DAAL_TRAIN_DEFAULTS: Dict[str, Any] = dict(k=3, m0=0.2, m_min=0.05, m_max=0.5, gamma=1.0, alpha=16.0,
-                                           tau=0.8, lambda_pull=0.0, lambda_dens=0.5, lambda_len=0.0,
-                                           l_max=1.0)
+# The DAAL hyperparameters a run sets (``--daal-*``): all of the loss's but the reduction, which
+# training fixes to "mean". Their defaults are the loss's own (daal_triton.Hyperparameters).
+DAAL_TRAIN_FIELDS = tuple(name for name in Hyperparameters.names() if name != "reduction")
+
+
+def default_daal() -> Dict[str, Any]:
+    defaults = Hyperparameters().as_dict()
+    return {name: defaults[name] for name in DAAL_TRAIN_FIELDS}
 
 
 @dataclass
@@ -58,7 +62,7 @@ class TrainConfig:
     embedding_dim: int = 512
     weights: Optional[str] = None
     loss: str = "daal"
-    daal: Dict[str, Any] = field(default_factory=lambda: dict(DAAL_TRAIN_DEFAULTS))
+    daal: Dict[str, Any] = field(default_factory=default_daal)
     loss_kwargs: Dict[str, Any] = field(default_factory=dict)
     loss_backend: str = "auto"
     lr: float = 1e-3
@@ -147,10 +151,12 @@ def build_criterion(loss: str, num_classes: int, embedding_dim: int, *, daal: Op
     (``num_classes``/``embedding_size`` are passed when its constructor takes them)."""
     kwargs = dict(loss_kwargs or {})
     if loss == "daal":
-        hp = dict(DAAL_TRAIN_DEFAULTS)
-        hp.update(daal or {})
-        hp.update(kwargs)
-        return daal_triton.DAALLoss(num_classes, embedding_dim, backend=backend, **hp)
+        twice = sorted(set(kwargs) & set(Hyperparameters.names()))
+        if twice:
+            raise ValueError(f"--loss-kwargs: DAAL hyperparameters are set with --daal-* flags "
+                             f"(e.g. --daal-{twice[0].replace('_', '-')}), not here: {twice}")
+        hp = dict(default_daal(), **(daal or {}))
+        return daal_triton.DAALLoss(num_classes, embedding_dim, backend=backend, **hp, **kwargs)
     if loss.startswith("pml:"):
         name = loss[4:]
         try:

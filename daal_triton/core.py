@@ -1,0 +1,173 @@
+"""The loss contract: DAAL's hyperparameters, its result type, and *the* composition of its steps.
+
+Both backends run :func:`compose`; they differ only in the two operators they plug in (the kNN and
+the line margin, :class:`Operators`): plain PyTorch in ``daal_triton.reference``, the fused Triton
+kernels in ``daal_triton.kernels``. The steps and their numbers are those of ``docs/method.md``.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple
+
+import torch
+
+from .reference import (
+    adaptive_margins,
+    compute_dtype,
+    density_hinge,
+    knn_radius,
+    length_term,
+    normalize_rows,
+    own_distance_sq,
+)
+
+KnnFn = Callable[..., Tuple[torch.Tensor, torch.Tensor]]
+LineMarginFn = Callable[..., torch.Tensor]
+REDUCTIONS = ("mean", "none")
+
+
+def _help(text: str) -> Dict[str, str]:
+    return {"help": text}
+
+
+@dataclass(frozen=True)
+class Hyperparameters:
+    """DAAL's hyperparameters (docs/method.md, "Hyperparameters"), validated on construction.
+
+    Every consumer (``daal_loss``, ``DAALLoss``, the training program and its ``--daal-*`` flags)
+    takes its names, defaults and checks from here.
+    """
+
+    k: int = field(default=3, metadata=_help("neighbours for the kNN radius (density)"))
+    m0: float = field(default=0.2, metadata=_help("base margin"))
+    m_min: float = field(default=0.05, metadata=_help("smallest adaptive margin"))
+    m_max: float = field(default=0.5, metadata=_help("largest adaptive margin"))
+    gamma: float = field(default=1.0, metadata=_help("exponent of the relative sparsity in the margin (0: fixed m0)"))
+    alpha: float = field(default=16.0, metadata=_help("scale of the soft-max over negative classes"))
+    tau: float = field(default=0.8, metadata=_help("radius below which the density term pushes apart"))
+    lambda_pull: float = field(default=0.0, metadata=_help("weight of the pull to the own segment"))
+    lambda_dens: float = field(default=0.5, metadata=_help("weight of the density-preservation term"))
+    lambda_len: float = field(default=0.0, metadata=_help("weight of the segment-length penalty"))
+    l_max: float = field(default=1.0, metadata=_help("segment length above which the penalty applies"))
+    normalize: bool = field(default=True, metadata=_help("L2-normalise the embeddings first"))
+    reduction: str = field(default="mean", metadata=_help("'mean' (a scalar) or 'none' (one value per sample)"))
+
+    def __post_init__(self) -> None:
+        k = self.k
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"k must be an integer >= 1, got {k!r}")
+        for f in dataclasses.fields(self):
+            if f.type in ("float", float):
+                value = getattr(self, f.name)
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                    raise ValueError(f"{f.name} must be a finite number, got {value!r}")
+        if not self.alpha > 0:
+            raise ValueError(f"alpha must be > 0, got {self.alpha}")
+        if not 0 <= self.m_min <= self.m_max:
+            raise ValueError(f"m_min and m_max must satisfy 0 <= m_min <= m_max, got {self.m_min}, {self.m_max}")
+        for name in ("m0", "lambda_pull", "lambda_dens", "lambda_len", "tau", "l_max"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not isinstance(self.normalize, bool):
+            raise ValueError(f"normalize must be True or False, got {self.normalize!r}")
+        if self.reduction not in REDUCTIONS:
+            raise ValueError(f"reduction must be 'mean' or 'none', got {self.reduction!r}")
+
+    @classmethod
+    def names(cls) -> Tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    def as_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> "Hyperparameters":
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass
+class DAALParts:
+    """The loss and everything it is made of (``return_parts=True``)."""
+
+    loss: torch.Tensor  # the reduced loss (scalar) or the B per-sample values
+    line: Optional[torch.Tensor]  # L_line (scalar); None unless the split was asked for
+    pull: Optional[torch.Tensor]  # L_pull (scalar); None unless the split was asked for
+    density: torch.Tensor  # L_dens (scalar)
+    length: torch.Tensor  # L_len (scalar)
+    per_sample: torch.Tensor  # B values, what reduction="none" returns
+    radius: torch.Tensor  # r_i (B), inf where invalid
+    valid: torch.Tensor  # k_i >= 1 (B, bool)
+    margin: torch.Tensor  # m_i (B), detached
+    neighbors: torch.Tensor  # B x k indices into the reference set, -1 padded
+
+
+class Operators(NamedTuple):
+    """The two operators a backend supplies: ``knn(query, ref, k, *, query_labels, ref_labels,
+    exclude_self) -> (dist, index)`` and ``line_margin(x, labels, segments, margins, *, alpha,
+    lambda_pull) -> B values``."""
+
+    knn: KnnFn
+    line_margin: LineMarginFn
+
+
+def _no_autocast(device: torch.device):
+    """Autocast would silently run the GEMMs in half precision; the loss chooses its own dtype."""
+    try:
+        return torch.autocast(device_type=device.type, enabled=False)
+    except RuntimeError:  # a device type autocast does not know
+        return contextlib.nullcontext()
+
+
+def _normalized(z: torch.Tensor, dtype: torch.dtype, normalize: bool) -> torch.Tensor:
+    z = z.to(dtype)
+    return normalize_rows(z) if normalize else z
+
+
+def compose(
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    segments: torch.Tensor,
+    hp: Hyperparameters,
+    ops: Operators,
+    *,
+    ref_embeddings: Optional[torch.Tensor] = None,
+    ref_labels: Optional[torch.Tensor] = None,
+    ref_includes_batch: bool = False,
+    split_line_pull: bool = True,
+) -> DAALParts:
+    """docs/method.md steps 1-7 in order, with the backend's kNN and line-margin operators.
+
+    Inputs are assumed valid (``daal_triton.validation`` checks the public API's).
+    ``split_line_pull`` also reports ``L_line`` and ``L_pull`` apart (one more O(B D) pass for the
+    own-class distances); callers that only want the loss turn it off."""
+    dtype = compute_dtype(embeddings, segments)
+    with _no_autocast(embeddings.device):
+        seg = segments.to(dtype)
+        labels = labels.long()
+        x = _normalized(embeddings, dtype, hp.normalize)
+        ref = None
+        if ref_embeddings is not None:
+            ref = _normalized(ref_embeddings, dtype, hp.normalize)
+            ref_labels = ref_labels.long()
+        r, valid, index = knn_radius(x, labels, hp.k, ref=ref, ref_labels=ref_labels,
+                                    ref_includes_batch=ref_includes_batch, knn_fn=ops.knn)
+        margin = adaptive_margins(r, valid, labels, seg.shape[0], m0=hp.m0, m_min=hp.m_min,
+                                  m_max=hp.m_max, gamma=hp.gamma)
+        per_line = ops.line_margin(x, labels, seg, margin, alpha=hp.alpha, lambda_pull=hp.lambda_pull)
+        hinge = density_hinge(r, valid, hp.tau)
+        l_dens = hinge.sum() / valid.sum().clamp(min=1).to(hinge.dtype)
+        l_len = length_term(seg, hp.l_max)
+        per_sample = per_line + hp.lambda_dens * hinge
+        total = per_line.mean() + hp.lambda_dens * l_dens + hp.lambda_len * l_len
+        l_line = l_pull = None
+        if split_line_pull:
+            with torch.no_grad():  # the line/pull split is for reading only
+                l_pull = own_distance_sq(x, labels, seg).mean()
+                l_line = per_line.mean() - hp.lambda_pull * l_pull
+        return DAALParts(
+            loss=total if hp.reduction == "mean" else per_sample,
+            line=l_line, pull=l_pull, density=l_dens, length=l_len, per_sample=per_sample,
+            radius=r, valid=valid, margin=margin, neighbors=index,
+        )

@@ -1,0 +1,85 @@
+"""The loss contract (daal_triton.core): one home for the hyperparameters, checked on construction."""
+import dataclasses
+import inspect
+import math
+
+import pytest
+import torch
+
+import daal_triton
+from daal_triton import reference
+from daal_triton.core import Hyperparameters, Operators, compose
+from daal_triton.functional import daal_loss
+
+FIELDS = {f.name: f.default for f in dataclasses.fields(Hyperparameters)}
+
+
+def _keyword_defaults(fn) -> dict:
+    params = inspect.signature(fn).parameters
+    return {name: p.default for name, p in params.items() if name in FIELDS}
+
+
+@pytest.mark.parametrize("fn", [daal_loss, daal_triton.DAALLoss.__init__], ids=["daal_loss", "DAALLoss"])
+def test_public_signatures_spell_the_dataclass_defaults(fn):
+    assert _keyword_defaults(fn) == FIELDS
+
+
+def test_every_field_has_help_text():
+    for f in dataclasses.fields(Hyperparameters):
+        assert f.metadata.get("help"), f.name
+
+
+@pytest.mark.parametrize("name", [n for n, d in FIELDS.items() if isinstance(d, float)])
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_non_finite_hyperparameters_are_refused_at_construction(name, bad):
+    with pytest.raises(ValueError, match=name):
+        daal_triton.DAALLoss(3, 4, **{name: bad})
+    with pytest.raises(ValueError, match=name):
+        Hyperparameters(**{name: bad})
+
+
+@pytest.mark.parametrize("kw, name", [
+    (dict(k=0), "k"), (dict(k=2.0), "k"), (dict(k=True), "k"), (dict(alpha=0.0), "alpha"),
+    (dict(m_min=0.6), "m_min"), (dict(m0=-0.1), "m0"), (dict(tau=-1.0), "tau"),
+    (dict(lambda_dens=-1.0), "lambda_dens"), (dict(reduction="sum"), "reduction"),
+    (dict(normalize="yes"), "normalize"), (dict(gamma="1"), "gamma"),
+])
+def test_bad_hyperparameters_name_the_argument(kw, name):
+    with pytest.raises(ValueError, match=name):
+        Hyperparameters(**kw)
+    with pytest.raises(ValueError, match=name):
+        daal_triton.DAALLoss(3, 4, **kw)
+
+
+def test_loss_module_keeps_one_hyperparameter_object():
+    loss = daal_triton.DAALLoss(3, 4, alpha=8.0, k=2)
+    assert loss.hp == Hyperparameters(alpha=8.0, k=2)
+    assert loss.hparams == dict(FIELDS, alpha=8.0, k=2)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        loss.hp.alpha = 1.0
+
+
+def test_bad_backend_is_refused_at_construction():
+    with pytest.raises(ValueError, match="backend"):
+        daal_triton.DAALLoss(3, 4, backend="cuda")
+
+
+def test_compose_runs_the_operators_it_is_given():
+    """The composition uses exactly the operators plugged in: a spy sees each called once."""
+    calls = []
+
+    def knn(*a, **kw):
+        calls.append("knn")
+        return reference.knn(*a, **kw)
+
+    def line_margin(*a, **kw):
+        calls.append("line_margin")
+        return reference.line_margin(*a, **kw)
+
+    z = torch.randn(9, 5, dtype=torch.float64)
+    y = torch.tensor([0, 0, 1, 1, 1, 2, 2, 0, 1])
+    seg = torch.randn(3, 2, 5, dtype=torch.float64)
+    parts = compose(z, y, seg, Hyperparameters(), Operators(knn=knn, line_margin=line_margin))
+    assert calls == ["knn", "line_margin"]
+    expected = reference.daal_loss(z, y, seg)
+    assert torch.equal(parts.loss, expected)
