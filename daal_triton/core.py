@@ -125,6 +125,13 @@ def _normalized(z: torch.Tensor, dtype: torch.dtype, normalize: bool) -> torch.T
     return normalize_rows(z) if normalize else z
 
 
+def _in_range(labels: torch.Tensor, num_classes: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Labels clamped into ``[0, C)`` (so no operator indexes out of bounds) and where they were
+    not: those samples' losses become NaN. Costs no host synchronisation."""
+    bad = (labels < 0) | (labels >= num_classes)
+    return labels.clamp(0, num_classes - 1), bad
+
+
 def compose(
     embeddings: torch.Tensor,
     labels: torch.Tensor,
@@ -145,7 +152,7 @@ def compose(
     dtype = compute_dtype(embeddings, segments)
     with _no_autocast(embeddings.device):
         seg = segments.to(dtype)
-        labels = labels.long()
+        labels, bad_label = _in_range(labels.long(), seg.shape[0])
         x = _normalized(embeddings, dtype, hp.normalize)
         ref = None
         if ref_embeddings is not None:
@@ -159,6 +166,7 @@ def compose(
         hinge = density_hinge(r, valid, hp.tau)
         l_dens = hinge.sum() / valid.sum().clamp(min=1).to(hinge.dtype)
         l_len = length_term(seg, hp.l_max)
+        per_line = per_line.masked_fill(bad_label, float("nan"))
         per_sample = per_line + hp.lambda_dens * hinge
         total = per_line.mean() + hp.lambda_dens * l_dens + hp.lambda_len * l_len
         l_line = l_pull = None

@@ -13,7 +13,13 @@ import torch
 from . import reference
 from .backend import choose_backend
 from .core import Hyperparameters, Operators, compose
-from .validation import check_float_matrix, check_same_device, validate_knn_inputs, validate_loss_inputs
+from .validation import (
+    check_float_matrix,
+    check_same_device,
+    validate_knn_inputs,
+    validate_loss_inputs,
+    value_checks_on,
+)
 
 
 def _ops(backend: str) -> Operators:
@@ -49,6 +55,7 @@ def daal_loss(
     ref_labels: Optional[torch.Tensor] = None,
     ref_includes_batch: bool = False,
     backend: str = "auto",
+    check_values: Optional[bool] = None,
 ):
     """DAAL loss (docs/method.md). ``embeddings`` B x D, ``labels`` B ints in [0, C), ``segments`` C x 2 x D.
 
@@ -60,13 +67,19 @@ def daal_loss(
     the reference rows of its class instead of the other batch rows. Nothing is excluded there,
     unless ``ref_includes_batch=True``, which says that ``ref_embeddings[:B]`` are the batch's own
     rows (e.g. ``torch.cat([embeddings, bank])``): then row ``i`` is not its own neighbour.
+
+    ``check_values``: the value checks (NaN/inf in the tensors, labels in ``[0, C)``) always run
+    on CPU tensors. On a GPU they would synchronise the host with it on every call, so they run
+    only when ``check_values=True`` or ``DAAL_CHECK_VALUES=1``; without them a label outside
+    ``[0, C)`` gives that sample a NaN loss, never an out-of-bounds access.
     """
     hp = Hyperparameters(k=k, m0=m0, m_min=m_min, m_max=m_max, gamma=gamma, alpha=alpha, tau=tau,
                          lambda_pull=lambda_pull, lambda_dens=lambda_dens, lambda_len=lambda_len,
                          l_max=l_max, normalize=normalize, reduction=reduction)
     return loss_with(embeddings, labels, segments, hp, return_parts=return_parts,
                      ref_embeddings=ref_embeddings, ref_labels=ref_labels,
-                     ref_includes_batch=ref_includes_batch, backend=backend)
+                     ref_includes_batch=ref_includes_batch, backend=backend,
+                     check_values=check_values)
 
 
 def loss_with(
@@ -80,11 +93,12 @@ def loss_with(
     ref_labels: Optional[torch.Tensor] = None,
     ref_includes_batch: bool = False,
     backend: str = "auto",
+    check_values: Optional[bool] = None,
 ):
     """:func:`daal_loss` with its hyperparameters given as one :class:`Hyperparameters` object."""
     validate_loss_inputs(embeddings, labels, segments, k=hp.k,
                          ref_embeddings=ref_embeddings, ref_labels=ref_labels,
-                         ref_includes_batch=ref_includes_batch)
+                         ref_includes_batch=ref_includes_batch, check_values=check_values)
     dtype = torch.promote_types(embeddings.dtype, segments.dtype)
     ops = _ops(choose_backend(backend, embeddings.device, dtype))
     parts = compose(embeddings, labels, segments, hp, ops, ref_embeddings=ref_embeddings,
@@ -93,14 +107,16 @@ def loss_with(
     return parts if return_parts else parts.loss
 
 
-def pairwise_distance(x: torch.Tensor, y: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
+def pairwise_distance(x: torch.Tensor, y: torch.Tensor, *, backend: str = "auto",
+                      check_values: Optional[bool] = None) -> torch.Tensor:
     """``d_ij = sqrt(max(||x_i - y_j||^2, 1e-12))``: ``x`` M x D, ``y`` N x D -> M x N."""
     for name, t in (("x", x), ("y", y)):
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     check_same_device(x=x, y=y)
-    check_float_matrix(x, "x")
-    check_float_matrix(y, "y")
+    values = value_checks_on(x.device, check_values)
+    check_float_matrix(x, "x", values=values)
+    check_float_matrix(y, "y", values=values)
     if x.shape[1] != y.shape[1]:
         raise ValueError(f"x and y must have the same number of columns, got {x.shape[1]} and {y.shape[1]}")
     if choose_backend(backend, x.device, torch.promote_types(x.dtype, y.dtype)) == "triton":
@@ -119,6 +135,7 @@ def knn(
     ref_labels: Optional[torch.Tensor] = None,
     exclude_self: bool = False,
     backend: str = "auto",
+    check_values: Optional[bool] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """The ``k`` nearest ``ref`` rows of each ``query`` row: ``(dist, index)``, M x k each.
 
@@ -126,7 +143,7 @@ def knn(
     neighbours are ``inf`` / ``-1``; ties go to the smaller index. The Triton backend never
     builds the M x N matrix.
     """
-    validate_knn_inputs(query, ref, k, query_labels, ref_labels)
+    validate_knn_inputs(query, ref, k, query_labels, ref_labels, check_values=check_values)
     knn_fn, _ = _ops(choose_backend(backend, query.device, torch.promote_types(query.dtype, ref.dtype)))
     return knn_fn(query, ref, k, query_labels=query_labels, ref_labels=ref_labels,
                   exclude_self=exclude_self)

@@ -38,15 +38,18 @@ class DAALLoss(nn.Module):
     Keyword arguments are the hyperparameters of docs/method.md (the fields of
     :class:`daal_triton.Hyperparameters`: ``k``, ``m0``, ``m_min``, ``m_max``, ``gamma``,
     ``alpha``, ``tau``, ``lambda_pull``, ``lambda_dens``, ``lambda_len``, ``l_max``,
-    ``normalize``, ``reduction``), validated here, and ``backend`` (``"auto"``, ``"triton"``,
-    ``"reference"``).
+    ``normalize``, ``reduction``), validated here; ``backend`` (``"auto"``, ``"triton"``,
+    ``"reference"``); ``check_values``: the NaN/inf and label-range checks on GPU tensors, which
+    synchronise the host with the GPU (off by default there, always on for CPU tensors; see
+    ``daal_triton.daal_loss``).
     """
 
     def __init__(self, num_classes: int, embedding_dim: int, *, k: int = 3, m0: float = 0.2,
                  m_min: float = 0.05, m_max: float = 0.5, gamma: float = 1.0, alpha: float = 16.0,
                  tau: float = 0.8, lambda_pull: float = 0.0, lambda_dens: float = 0.5,
                  lambda_len: float = 0.0, l_max: float = 1.0, normalize: bool = True,
-                 reduction: str = "mean", backend: str = "auto", init_length: float = 0.2) -> None:
+                 reduction: str = "mean", backend: str = "auto", init_length: float = 0.2,
+                 check_values: Optional[bool] = None) -> None:
         super().__init__()
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"num_classes must be an integer >= 1, got {num_classes!r}")
@@ -63,6 +66,7 @@ class DAALLoss(nn.Module):
                                   lambda_len=lambda_len, l_max=l_max, normalize=normalize,
                                   reduction=reduction)
         self.backend = backend
+        self.check_values = check_values
         self.segments = nn.Parameter(init_segments(num_classes, embedding_dim, length=init_length))
 
     @property
@@ -79,7 +83,7 @@ class DAALLoss(nn.Module):
         ``ref_emb[:B]`` is the batch itself (see ``daal_triton.daal_loss``)."""
         return loss_with(embeddings, labels, self.segments, self.hp, ref_embeddings=ref_emb,
                          ref_labels=ref_labels, ref_includes_batch=ref_includes_batch,
-                         backend=self.backend)
+                         backend=self.backend, check_values=self.check_values)
 
     def extra_repr(self) -> str:
         hp = ", ".join(f"{k}={v}" for k, v in self.hparams.items())

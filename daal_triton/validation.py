@@ -1,14 +1,33 @@
 """Input validation for the public API: every problem is a ``ValueError`` naming the argument.
 
-Shape, dtype and device checks are free. The value checks (NaN/inf, label range) read the data
-and so synchronise with the GPU; they are skipped while ``torch.compile`` traces (a data-dependent
-branch would break the graph), where the custom operators run them instead.
+Shape, dtype and device checks read no data and always run. The value checks (NaN/inf, label
+range) read the data, which on a GPU synchronises the host with it on every call: they always run
+on CPU tensors and, on other devices, only when asked (``check_values=True`` or the environment
+variable ``DAAL_CHECK_VALUES=1``; docs/method.md, "Numerics"). They are skipped while
+``torch.compile`` traces (a data-dependent branch would break the graph). Without them an
+out-of-range label cannot reach memory it should not: the loss clamps it and returns NaN for that
+sample (``daal_triton.core.compose``).
 """
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
+
+CHECK_VALUES_ENV = "DAAL_CHECK_VALUES"
+
+
+def value_checks_on(device: torch.device, check_values: Optional[bool] = None) -> bool:
+    """Whether the value checks run for tensors on ``device``: always on the CPU; elsewhere
+    ``check_values``, or when it is None the environment variable ``DAAL_CHECK_VALUES``."""
+    if _is_tracing():
+        return False
+    if device.type == "cpu":
+        return True
+    if check_values is not None:
+        return bool(check_values)
+    return os.environ.get(CHECK_VALUES_ENV, "0").strip().lower() in ("1", "true", "yes", "on")
 
 
 def _is_tracing() -> bool:
@@ -18,24 +37,25 @@ def _is_tracing() -> bool:
         return False
 
 
-def check_float_matrix(t, name: str, *, ndim: int = 2) -> None:
-    """``t`` is a floating tensor of ``ndim`` dimensions with finite values."""
+def check_float_matrix(t, name: str, *, ndim: int = 2, values: bool = True) -> None:
+    """``t`` is a floating tensor of ``ndim`` dimensions (with finite values, when ``values``)."""
     if not isinstance(t, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.ndim != ndim:
         raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
     if not t.is_floating_point():
         raise ValueError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
-    check_finite(t, name)
+    if values:
+        check_finite(t, name)
 
 
 def check_finite(t: torch.Tensor, name: str) -> None:
-    if not _is_tracing() and t.numel() and not bool(torch.isfinite(t).all()):
+    if t.numel() and not bool(torch.isfinite(t).all()):
         raise ValueError(f"{name} contains NaN or inf")
 
 
-def check_labels(labels, name: str, size: int, num_classes: Optional[int]) -> None:
-    """``labels`` is an integer vector of ``size`` entries in ``[0, num_classes)``."""
+def check_labels(labels, name: str, size: int, num_classes: Optional[int], *, values: bool = True) -> None:
+    """``labels`` is an integer vector of ``size`` entries (in ``[0, num_classes)``, when ``values``)."""
     if not isinstance(labels, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(labels).__name__}")
     if labels.ndim != 1:
@@ -44,7 +64,7 @@ def check_labels(labels, name: str, size: int, num_classes: Optional[int]) -> No
         raise ValueError(f"{name} must be an integer tensor, got dtype {labels.dtype}")
     if labels.shape[0] != size:
         raise ValueError(f"{name} must have {size} entries (one per row), got {labels.shape[0]}")
-    if num_classes is not None and labels.numel() and not _is_tracing():
+    if values and num_classes is not None and labels.numel():
         lo, hi = int(labels.min()), int(labels.max())
         if lo < 0 or hi >= num_classes:
             raise ValueError(f"{name} must lie in [0, {num_classes}), got values in [{lo}, {hi}]")
@@ -65,7 +85,7 @@ def check_k(k) -> None:
 
 def validate_loss_inputs(
     embeddings, labels, segments, *, k, ref_embeddings=None, ref_labels=None,
-    ref_includes_batch=False,
+    ref_includes_batch=False, check_values: Optional[bool] = None,
 ) -> None:
     """Everything docs/method.md asks of ``daal_loss``'s tensors."""
     for name, t in (("embeddings", embeddings), ("labels", labels), ("segments", segments)):
@@ -73,10 +93,11 @@ def validate_loss_inputs(
             raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     check_same_device(embeddings=embeddings, labels=labels, segments=segments,
                       ref_embeddings=ref_embeddings, ref_labels=ref_labels)
-    check_float_matrix(embeddings, "embeddings")
+    values = value_checks_on(embeddings.device, check_values)
+    check_float_matrix(embeddings, "embeddings", values=values)
     if embeddings.shape[0] < 1:
         raise ValueError("embeddings must have at least one row")
-    check_float_matrix(segments, "segments", ndim=3)
+    check_float_matrix(segments, "segments", ndim=3, values=values)
     num_classes, two, dim = segments.shape
     if two != 2 or num_classes < 1:
         raise ValueError(f"segments must have shape (C, 2, D) with C >= 1, got {tuple(segments.shape)}")
@@ -85,11 +106,11 @@ def validate_loss_inputs(
             f"segments has dimension {dim} but embeddings has {embeddings.shape[1]} (shape C x 2 x D)"
         )
     check_k(k)
-    check_labels(labels, "labels", embeddings.shape[0], num_classes)
+    check_labels(labels, "labels", embeddings.shape[0], num_classes, values=values)
     if (ref_embeddings is None) != (ref_labels is None):
         raise ValueError("ref_embeddings and ref_labels must be given together")
     if ref_embeddings is not None:
-        check_float_matrix(ref_embeddings, "ref_embeddings")
+        check_float_matrix(ref_embeddings, "ref_embeddings", values=values)
         if ref_embeddings.shape[1] != embeddings.shape[1]:
             raise ValueError(
                 f"ref_embeddings must have {embeddings.shape[1]} columns like embeddings, "
@@ -103,13 +124,15 @@ def validate_loss_inputs(
         raise ValueError("ref_includes_batch=True needs ref_embeddings and ref_labels")
 
 
-def validate_knn_inputs(query, ref, k, query_labels=None, ref_labels=None) -> None:
+def validate_knn_inputs(query, ref, k, query_labels=None, ref_labels=None, *,
+                        check_values: Optional[bool] = None) -> None:
     for name, t in (("query", query), ("ref", ref)):
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     check_same_device(query=query, ref=ref, query_labels=query_labels, ref_labels=ref_labels)
-    check_float_matrix(query, "query")
-    check_float_matrix(ref, "ref")
+    values = value_checks_on(query.device, check_values)
+    check_float_matrix(query, "query", values=values)
+    check_float_matrix(ref, "ref", values=values)
     if query.shape[1] != ref.shape[1]:
         raise ValueError(f"query and ref must have the same number of columns, got {query.shape[1]} and {ref.shape[1]}")
     check_k(k)

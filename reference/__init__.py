@@ -10,10 +10,10 @@ from .daal import (
     normalize_rows,
     own_distance_sq,
 )
-from .distance import EPS, compute_dtype, knn, pairwise_distance
+from .distance import EPS, compute_dtype, knn, pairwise_distance, selected_distance
 
 __all__ = [
     "EPS", "adaptive_margins", "compute_dtype", "daal_loss",
     "density_hinge", "knn", "knn_radius", "length_term", "line_distances", "line_margin",
-    "normalize_rows", "own_distance_sq", "pairwise_distance",
+    "normalize_rows", "own_distance_sq", "pairwise_distance", "selected_distance",
 ]

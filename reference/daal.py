@@ -12,9 +12,8 @@ from __future__ import annotations
 from typing import Callable, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 
-from .distance import EPS, knn
+from .distance import EPS, knn, selected_distance
 
 KnnFn = Callable[..., Tuple[torch.Tensor, torch.Tensor]]
 LineMarginFn = Callable[..., torch.Tensor]
@@ -45,13 +44,18 @@ def knn_radius(
     they are the rows of ``ref`` with the same label, excluding ``ref[i]`` for batch row ``i``
     only when ``ref_includes_batch`` (the batch occupies ``ref[:B]``).
     Returns ``(r, valid, index)``; ``r_i = inf`` where invalid (``k_i = 0``).
+
+    ``knn_fn`` only selects the neighbours; their distances are then taken by direct differences
+    (docs/method.md, "Numerics"), so the radius and its gradient are exact for close points
+    whichever backend selected them.
     """
     if ref is None:
-        dist, index = knn_fn(x, x, k, query_labels=labels, ref_labels=labels, exclude_self=True)
-    else:
-        dist, index = knn_fn(x, ref, k, query_labels=labels, ref_labels=ref_labels,
-                             exclude_self=ref_includes_batch)
+        ref, ref_labels, ref_includes_batch = x, labels, True
+    with torch.no_grad():
+        _, index = knn_fn(x, ref, k, query_labels=labels, ref_labels=ref_labels,
+                          exclude_self=ref_includes_batch)
     found = index >= 0
+    dist = selected_distance(x, ref, index.clamp(min=0))
     count = found.sum(1)
     valid = count > 0
     total = torch.where(found, dist, torch.zeros_like(dist)).sum(1)
@@ -111,9 +115,12 @@ def line_margin(
     + lambda_pull delta_iy^2`` (B values). ``softplus(lse(v)) = lse({0} U v)``, which is also
     finite (zero) for ``C = 1``."""
     delta = line_distances(x, segments)
-    d_pos = delta.gather(1, labels[:, None])  # B x 1
+    # The own-class distance by direct differences (docs/method.md, "Numerics"); the negatives
+    # keep the GEMM form.
+    d_pos = torch.sqrt(own_distance_sq(x, labels, segments))[:, None]  # B x 1
+    own = labels[:, None] == torch.arange(delta.shape[1], device=labels.device)[None, :]
     logits = alpha * (d_pos + margins[:, None].to(delta.dtype) - delta)
-    logits = logits.masked_fill(F.one_hot(labels, delta.shape[1]).bool(), float("-inf"))
+    logits = logits.masked_fill(own, float("-inf"))
     logits = torch.cat([logits.new_zeros(logits.shape[0], 1), logits], 1)
     line = torch.logsumexp(logits, 1) / alpha
     return line + lambda_pull * d_pos[:, 0] ** 2

@@ -48,7 +48,8 @@ def knn(
     - ``exclude_self`` drops ``j == i`` (query row i and reference row i are the same point).
     - Neighbours are sorted by distance; ties go to the smaller index.
     - Rows with fewer than ``k`` candidates are padded with ``inf`` distance and index ``-1``.
-    ``dist`` is differentiable with respect to ``query`` and ``ref``.
+    ``dist`` is differentiable with respect to ``query`` and ``ref``; the neighbours are selected
+    on the GEMM form and their distances computed by direct differences.
     """
     if (query_labels is None) != (ref_labels is None):
         raise ValueError("query_labels and ref_labels must be given together")
@@ -63,13 +64,21 @@ def knn(
     masked = d.detach().masked_fill(invalid, float("inf"))
     # A stable sort keeps equal distances in index order: ties go to the smaller index.
     order = torch.sort(masked, dim=1, stable=True).indices[:, :k]
-    kk = order.shape[1]
-    index = order.clone()
     found = torch.gather(~invalid, 1, order)
-    index[~found] = -1
-    dist = torch.gather(d, 1, order).masked_fill(~found, float("inf"))
-    if kk < k:  # fewer references than k
-        pad = k - kk
+    index = order.masked_fill(~found, -1)
+    # The GEMM form selected the neighbours; their distances are taken by direct differences
+    # (docs/method.md, "Numerics"): exact for close points, in the value and the gradient alike.
+    dist = selected_distance(query, ref, order).masked_fill(~found, float("inf"))
+    if order.shape[1] < k:  # fewer references than k
+        pad = k - order.shape[1]
         dist = torch.cat([dist, dist.new_full((m, pad), float("inf"))], 1)
         index = torch.cat([index, index.new_full((m, pad), -1)], 1)
     return dist, index
+
+
+def selected_distance(query: torch.Tensor, ref: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``sqrt(max(||query_i - ref_{index_ij}||^2, eps))`` by direct differences (M x k, O(M k D));
+    ``index`` must hold valid rows of ``ref``."""
+    dtype = compute_dtype(query, ref)
+    diff = query.to(dtype)[:, None, :] - ref.to(dtype)[index]
+    return torch.sqrt(torch.clamp((diff * diff).sum(-1), min=EPS))

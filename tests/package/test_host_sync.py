@@ -1,0 +1,115 @@
+"""docs/method.md "Numerics": on CUDA tensors the default call never synchronises the host.
+
+The value checks are what would synchronise; they are off for GPU tensors unless asked for. On this
+CPU-only machine "the path CUDA takes" is the same call with the value checks switched off
+(``validation.value_checks_on`` patched), and a ``TorchDispatchMode`` counts every operator that
+copies a device value to the host.
+"""
+import collections
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import daal_triton
+from daal_triton import validation
+
+SYNCING = ("aten._local_scalar_dense", "aten.is_nonzero", "aten.nonzero", "aten.item",
+           "aten.equal", "aten.allclose")
+BACKENDS = ["reference", "triton"]
+
+
+class CountOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[str(func.overloadpacket)] += 1
+        return func(*args, **(kwargs or {}))
+
+    def syncs(self) -> dict:
+        return {name: n for name, n in self.ops.items() if name in SYNCING}
+
+
+@pytest.fixture
+def gpu_defaults(monkeypatch):
+    """Value checks as on a CUDA tensor with the default options: off."""
+    monkeypatch.setattr(validation, "value_checks_on", lambda device, check_values=None: False)
+
+
+def test_the_counter_sees_a_host_sync():
+    """The counter itself: a check as the validation does it is counted."""
+    with CountOps() as count:
+        bool(torch.isfinite(torch.randn(3)).all())
+    assert count.syncs() == {"aten._local_scalar_dense": 1} or count.syncs().get("aten.is_nonzero")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bank", [False, True], ids=["batch", "memory_bank"])
+def test_loss_forward_backward_never_syncs(gpu_defaults, backend, bank):
+    loss = daal_triton.DAALLoss(11, 32, backend=backend)
+    z = torch.randn(37, 32, requires_grad=True)
+    y = torch.randint(0, 11, (37,))
+    kw = {}
+    if bank:
+        kw = dict(ref_emb=torch.cat([z.detach(), torch.randn(20, 32)]),
+                  ref_labels=torch.cat([y, torch.randint(0, 11, (20,))]), ref_includes_batch=True)
+    loss(z, y, **kw).backward()  # first call: imports and one-time set-up are not per-call costs
+    with CountOps() as count:
+        out = loss(z, y, **kw)
+        out.backward()
+    assert count.syncs() == {}
+    assert torch.isfinite(out) and z.grad is not None
+
+
+def test_value_checks_on_cpu_count_as_syncs():
+    """With the checks on (always for CPU tensors) the same call does read values: the test
+    above would fail if the patch did not take the checks away."""
+    loss = daal_triton.DAALLoss(11, 32, backend="reference")
+    with CountOps() as count:
+        loss(torch.randn(37, 32), torch.randint(0, 11, (37,)))
+    assert count.syncs()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bad", [-1, 11, 10 ** 6])
+def test_out_of_range_label_without_checks_is_nan_not_a_fault(gpu_defaults, backend, bad):
+    loss = daal_triton.DAALLoss(11, 16, backend=backend, reduction="none")
+    z = torch.randn(9, 16, requires_grad=True)
+    y = torch.randint(0, 11, (9,))
+    y[4] = bad
+    per_sample = loss(z, y)
+    assert torch.isnan(per_sample[4])
+    assert torch.isfinite(per_sample[torch.arange(9) != 4]).all()
+    per_sample.sum().backward()  # the backward runs too (NaN flows where it must)
+
+
+def test_check_values_on_cpu_cannot_be_turned_off():
+    """CPU tensors are always checked: bad labels are a ValueError naming the argument."""
+    y = torch.tensor([0, 1, 11])
+    with pytest.raises(ValueError, match="labels"):
+        daal_triton.daal_loss(torch.randn(3, 4), y, torch.randn(11, 2, 4), check_values=False)
+
+
+@pytest.mark.parametrize("value, env, expected", [
+    (None, None, False), (None, "1", True), (None, "0", False), (True, None, True), (False, "1", False),
+])
+def test_value_checks_switch_for_gpu_tensors(monkeypatch, value, env, expected):
+    if env is None:
+        monkeypatch.delenv(validation.CHECK_VALUES_ENV, raising=False)
+    else:
+        monkeypatch.setenv(validation.CHECK_VALUES_ENV, env)
+    assert validation.value_checks_on(torch.device("cuda"), value) is expected
+    assert validation.value_checks_on(torch.device("cpu"), value) is True
+
+
+@pytest.mark.gpu
+def test_cuda_default_call_never_syncs():
+    loss = daal_triton.DAALLoss(100, 64).cuda()
+    z = torch.randn(180, 64, device="cuda", requires_grad=True)
+    y = torch.randint(0, 100, (180,), device="cuda")
+    loss(z, y).backward()
+    with CountOps() as count:
+        loss(z, y).backward()
+    assert count.syncs() == {}
