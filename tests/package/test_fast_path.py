@@ -1,5 +1,5 @@
 """The whole loss on the Triton path (fused kNN + fused line margin) against the float64 reference:
-values and gradients, every term, SPEC edge cases, dtypes, autocast, memory banks, saved tensors,
+values and gradients, every term, the edge cases of docs/method.md, dtypes, autocast, memory banks, saved tensors,
 and torch.compile(fullgraph=True)."""
 import pytest
 import torch

@@ -1,5 +1,5 @@
-"""The plain-PyTorch DAAL against SPEC.md: an independent float64 implementation, gradcheck,
-cases worked out by hand, and every edge case of the SPEC."""
+"""The plain-PyTorch DAAL against docs/method.md: an independent float64 implementation, gradcheck,
+cases worked out by hand, and every edge case of docs/method.md."""
 import math
 
 import pytest
@@ -16,7 +16,7 @@ HP = dict(k=3, m0=0.2, m_min=0.05, m_max=0.5, gamma=1.0, alpha=16.0, tau=0.8,
 # ------------------------------------------------------------------ an independent oracle
 def independent_daal(z, y, seg, *, k, m0, m_min, m_max, gamma, alpha, tau, lambda_pull,
                      lambda_dens, lambda_len, l_max, normalize):
-    """SPEC.md written again, loop by loop, in the difference form (not the GEMM form)."""
+    """docs/method.md written again, loop by loop, in the difference form (not the GEMM form)."""
     B, C = z.shape[0], seg.shape[0]
     xs = []
     for i in range(B):
@@ -120,7 +120,7 @@ def test_gradcheck_line_margin_and_radius(B, C, D):
 
 
 def test_gradient_matches_spec_envelope_formulas():
-    """dL/dx, dL/dp, dL/dq of the line term equal SPEC.md's closed forms."""
+    """dL/dx, dL/dp, dL/dq of the line term equal the closed forms of docs/method.md ("Gradients")."""
     B, C, D = 23, 6, 5
     z, y, seg = random_problem(B, C, D)
     x = R.normalize_rows(z).requires_grad_(True)
@@ -191,7 +191,7 @@ def test_length_term_by_hand():
     assert abs(R.length_term(seg, 1.0).item() - 0.5) < 1e-15  # ((2 - 1)^2 + 0) / 2
 
 
-# ------------------------------------------------------------------ SPEC edge cases
+# ------------------------------------------------------------------ docs/method.md "Edge cases"
 def _finite_grads(z, y, seg, **hp):
     z = z.clone().requires_grad_(True)
     seg = seg.clone().requires_grad_(True)
