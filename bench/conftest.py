@@ -1,4 +1,5 @@
-"""Benchmark set-up: the GPU-synchronised timer, peak memory, the matmul baseline, the records.
+"""Benchmark set-up for pytest: the options, the session state, the cases of each ``test_bench_*``
+file (``bench/cases.py``) and their order; ``bench/runner.py`` measures and records them.
 
 Without CUDA the benchmarks run in *smoke* mode (tiny shapes, float32, Triton's interpreter, one
 round each) so that CI exercises every file; ``TRITON_INTERPRET=1`` is therefore set here, at
@@ -10,7 +11,7 @@ Smoke mode implies ``--benchmark-disable`` (each case runs once, untimed by pyte
 Options (each also as an environment variable, for ``bench/gpu_check.sh``):
 
 ``--bench-profile smoke|check|full`` (``DAAL_BENCH_PROFILE``): ``check`` is the default on a GPU
-(what ``gpu_check.sh`` runs: the issue's targets and one representative per operator),
+(what ``gpu_check.sh`` runs: the performance targets and one representative per operator),
 ``full`` every combination; without CUDA always ``smoke``.
 ``--bench-records PATH`` (``DAAL_BENCH_RECORDS``): append one JSON line per case (measured,
 skipped with the reason, failed); ``bench/report.py`` reads it.
@@ -42,12 +43,13 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 if _HERE not in sys.path:  # --import-mode=importlib does not add it
     sys.path.insert(0, _HERE)
 
-import daal_bench as db  # noqa: E402
+import cases  # noqa: E402
+import runner  # noqa: E402
 
 
 def pytest_addoption(parser):
     group = parser.getgroup("daal-bench", "DAAL benchmarks (bench/)")
-    group.addoption("--bench-profile", choices=db.PROFILES, default=None,
+    group.addoption("--bench-profile", choices=cases.PROFILES, default=None,
                     help="smoke (CPU, tiny), check (gpu_check.sh subset, GPU default) or full")
     group.addoption("--bench-records", default=None, help="append one JSON line per benchmark case here")
     group.addoption("--bench-time-budget", type=float, default=None,
@@ -69,12 +71,12 @@ class BenchState:
 
         self.device = torch.device("cuda", torch.cuda.current_device()) if HAS_CUDA else torch.device("cpu")
         profile = opt("--bench-profile", "DAAL_BENCH_PROFILE") or ("check" if HAS_CUDA else "smoke")
-        if profile not in db.PROFILES:
-            raise pytest.UsageError(f"bench profile must be one of {db.PROFILES}, got {profile!r}")
+        if profile not in cases.PROFILES:
+            raise pytest.UsageError(f"bench profile must be one of {cases.PROFILES}, got {profile!r}")
         self.requested_profile = profile
         self.profile = profile if HAS_CUDA else "smoke"
-        self.timing = db.TIMING[self.profile]
-        self.recorder = db.Recorder(opt("--bench-records", "DAAL_BENCH_RECORDS"))
+        self.timing = runner.TIMING[self.profile]
+        self.recorder = runner.Recorder(opt("--bench-records", "DAAL_BENCH_RECORDS"))
         self.compile_on_cpu = bool(opt("--bench-compile-on-cpu") or os.environ.get("DAAL_BENCH_COMPILE_ON_CPU"))
         budget = opt("--bench-time-budget")
         deadline = os.environ.get("DAAL_BENCH_DEADLINE")
@@ -92,7 +94,7 @@ class BenchState:
         if self.env_written or not self.recorder.path:
             return
         self.env_written = True
-        env = db.environment(self.device, self.profile)
+        env = runner.environment(self.device, self.profile)
         env.update(requested_profile=self.requested_profile, tf32_matmul_in_benchmarks=self.device.type == "cuda",
                    deadline=self.deadline)
         self.recorder(env)
@@ -119,7 +121,7 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped, with the reason shown, on CPU)")
     config.addinivalue_line("markers", "slow: takes more than a few seconds on 2 CPU cores")
     config.addinivalue_line("markers", "bench: a benchmark case of bench/ (smoke mode without CUDA)")
-    config.addinivalue_line("markers", "bench_target: a benchmark case the issue sets a target for")
+    config.addinivalue_line("markers", "bench_target: a benchmark case with a performance target (bench/cases.py TARGETS)")
 
 
 def pytest_generate_tests(metafunc):
@@ -130,7 +132,7 @@ def pytest_generate_tests(metafunc):
         return
     st = _state(metafunc.config)
     params = []
-    for c in db.cases(op, st.profile, compile_on_cpu=st.compile_on_cpu):
+    for c in cases.cases_for(op, st.profile, compile_on_cpu=st.compile_on_cpu):
         marks = [pytest.mark.bench] + ([pytest.mark.bench_target] if c.target else [])
         params.append(pytest.param(c, id=c.id, marks=marks))
     metafunc.parametrize("case", params)
@@ -142,13 +144,13 @@ def _is_bench_case(item) -> bool:
 
 
 def pytest_collection_modifyitems(config, items):
-    """Benchmark cases in ``daal_bench.order_key`` order across the files (targets first, heavy
+    """Benchmark cases in ``cases.order_key`` order across the files (targets first, heavy
     cases last: a run cut short still has the targets); the positions of other items are kept."""
     idx = [i for i, it in enumerate(items) if _is_bench_case(it)]
 
     def key(it):
         case = getattr(getattr(it, "callspec", None), "params", {}).get("case")
-        return db.order_key(case) if isinstance(case, db.Case) else (True, True)
+        return cases.order_key(case) if isinstance(case, cases.Case) else (True, True)
 
     ordered = sorted((items[i] for i in idx), key=key)
     for i, it in zip(idx, ordered):
@@ -160,7 +162,7 @@ try:
 except ImportError:  # without the plugin: a minimal stand-in, so the files still run
     @pytest.fixture
     def benchmark():
-        return db.MiniBenchmark()
+        return runner.MiniBenchmark()
 
 
 @pytest.fixture(scope="session")
@@ -175,8 +177,8 @@ def run_case(benchmark, bench_state):
     """``run_case(case)``: measure one case and record it; skips (pytest.skip, with the reason
     recorded) what cannot or should not run; failures are recorded, then raised."""
 
-    def run(case: db.Case) -> dict:
-        return db.run_case(case, benchmark, bench_state)
+    def run(case: cases.Case) -> dict:
+        return runner.run_case(case, benchmark, bench_state)
 
     return run
 

@@ -3,7 +3,7 @@
 #   1. install this package (pip --no-deps --no-build-isolation -e .; fallbacks: --target, then a
 #      link tree on PYTHONPATH),
 #   2. run the GPU parity tests (pytest tests -m gpu) and the kernel tests (tests/kernels),
-#   3. run the benchmarks (bench/, profile "check": the targets first, then one
+#   3. run the benchmarks (bench/, profile "check": the performance targets first, then one
 #      representative per operator), with an in-process deadline so they stop in time,
 #   4. time alternative line-margin block sizes (bench/tune_line_margin.py, with the time the
 #      benchmarks leave, at least DAAL_TUNE_S seconds),

@@ -15,7 +15,9 @@ import sys
 import pytest
 import torch
 
-import daal_bench as db
+import cases as bc
+import problems
+import runner
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -32,43 +34,50 @@ report = _report_module()
 
 @pytest.mark.parametrize("profile", ["smoke", "check", "full"])
 def test_case_tables(profile):
-    for op in db.PROVIDERS:
-        cs = db.cases(op, profile)
+    for op in bc.PROVIDERS:
+        cs = bc.cases_for(op, profile)
         assert cs, (op, profile)
         ids = [c.id for c in cs]
         assert len(ids) == len(set(ids)), f"duplicate case ids for {op}/{profile}"
-        keys = [db.order_key(c) for c in cs]
+        keys = [bc.order_key(c) for c in cs]
         assert keys == sorted(keys), "targets first, heavy cases last"
         for c in cs:
-            assert c.provider in db.PROVIDERS[op] and c.pass_ in db.PASSES and c.dtype in db.DTYPES
-            assert db.estimate_bytes(c) > 0
+            assert c.provider in bc.PROVIDERS[op] and c.pass_ in bc.PASSES and c.dtype in bc.DTYPES
+            assert bc.estimate_bytes(c) > 0
             if c.pass_ == "fwd":
-                assert db.flops(op, c.dims, c.pass_) > 0
-            m, n, k = db.gemm_shape(op, c.dims)
+                assert bc.flops(op, c.dims, c.pass_) > 0
+            m, n, k = bc.gemm_shape(op, c.dims)
             assert m > 0 and n > 0 and k > 0
 
 
 def test_check_profile_covers_the_targets():
     """Every comparison a target of report.py needs is in the profile gpu_check.sh runs."""
-    have = {(c.op, c.shape, c.dtype, c.pass_, c.provider) for op in db.PROVIDERS for c in db.cases(op, "check")}
+    have = {(c.op, c.shape, c.dtype, c.pass_, c.provider) for op in bc.PROVIDERS for c in bc.cases_for(op, "check")}
     for _title, op, shape, dtype, pass_, kind, arg, _thr in report.TARGETS:
         assert (op, shape, dtype, pass_, "triton") in have, (op, shape, dtype, pass_)
         if kind in ("speedup", "memory"):
             assert (op, shape, dtype, pass_, arg) in have, (op, shape, dtype, pass_, arg)
-    assert (("knn", "eval60k", "bf16") in db.TARGETS and ("line_margin", "classes100k", "bf16") in db.TARGETS
-            and ("loss", "dml", "fp32") in db.TARGETS)
-    # sizes the issue names
-    assert db.SHAPES["knn"]["eval60k"]["M"] == 60000 and db.SHAPES["knn"]["bank"]["N"] == 65536
-    assert db.SHAPES["line_margin"]["classes100k"] == dict(B=1024, C=100000, D=512)
+    assert bc.TARGET_KEYS == {("knn", "eval60k", "bf16"), ("line_margin", "classes100k", "bf16"),
+                              ("loss", "dml", "fp32")}
+    assert report.TARGETS is bc.TARGETS and report.PROVIDERS is bc.PROVIDERS  # one table, not a copy
+    # the sizes the targets name
+    assert bc.SHAPES["knn"]["eval60k"]["M"] == 60000 and bc.SHAPES["knn"]["bank"]["N"] == 65536
+    assert bc.SHAPES["line_margin"]["classes100k"] == dict(B=1024, C=100000, D=512)
+
+
+def test_cases_and_report_import_without_torch():
+    """report.py runs where torch is not installed: it needs the standard library and cases.py."""
+    code = f"import sys; sys.modules['torch'] = None; sys.path.insert(0, {HERE!r}); import cases, report"
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_eager_knn_60k_is_estimated_heavy_and_runs_last():
-    cs = db.cases("knn", "check")
+    cs = bc.cases_for("knn", "check")
     c = next(c for c in cs if c.shape == "eval60k" and c.provider == "eager")
-    assert db.estimate_bytes(c) > 100 * db.GiB  # several 14 GB matrices
+    assert bc.estimate_bytes(c) > 100 * bc.GiB  # several 14 GB matrices
     assert cs[-1] == c
-    t = next(c for c in db.cases("knn", "full") if c.shape == "eval60k" and c.provider == "triton")
-    assert db.estimate_bytes(t) < db.GiB
+    t = next(c for c in bc.cases_for("knn", "full") if c.shape == "eval60k" and c.provider == "triton")
+    assert bc.estimate_bytes(t) < bc.GiB
 
 
 class _State:
@@ -77,8 +86,8 @@ class _State:
     def __init__(self, tmp_path, deadline=None):
         self.device = torch.device("cpu")
         self.profile = "check"
-        self.timing = dict(db.TIMING["check"], budget_s=0.0)
-        self.recorder = db.Recorder(str(tmp_path / "records.jsonl"))
+        self.timing = dict(runner.TIMING["check"], budget_s=0.0)
+        self.recorder = runner.Recorder(str(tmp_path / "records.jsonl"))
         self.deadline = deadline
 
     def remaining(self):
@@ -90,19 +99,19 @@ class _State:
 
 
 def _tiny(op, provider, pass_, shape="tiny"):
-    dims = db.SMOKE_SHAPES[op][shape]
-    return db.Case(op, shape, tuple(dims.items()), "fp32", provider, pass_)
+    dims = bc.SMOKE_SHAPES[op][shape]
+    return bc.Case(op, shape, tuple(dims.items()), "fp32", provider, pass_)
 
 
 @pytest.mark.parametrize("op,provider,pass_", [("line_margin", "eager", "fwdbwd"), ("knn", "chunked", "bwd"),
                                                ("pairwise", "eager", "fwd"), ("loss", "eager", "bwd")])
 def test_gpu_code_path_on_cpu(tmp_path, op, provider, pass_):
     st = _State(tmp_path)
-    bench = db.MiniBenchmark()
-    db._MATMUL.clear()  # the baseline is measured (and recorded) once per session
-    rec = db.run_case(_tiny(op, provider, pass_), bench, st)
+    bench = runner.MiniBenchmark()
+    runner._MATMUL.clear()  # the baseline is measured (and recorded) once per session
+    rec = runner.run_case(_tiny(op, provider, pass_), bench, st)
     assert rec["status"] == "ok"
-    assert rec["rounds"] == db.TIMING["check"]["min_rounds"] == bench.rounds_run
+    assert rec["rounds"] == runner.TIMING["check"]["min_rounds"] == bench.rounds_run
     assert len(rec["warmup_s"]) == 2 and rec["median_s"] > 0
     assert rec["matmul_tflops"] and rec["peak_extra_bytes"] is None  # no CUDA: no peak memory
     assert bench.extra_info["op"] == op and bench.group
@@ -113,19 +122,19 @@ def test_gpu_code_path_on_cpu(tmp_path, op, provider, pass_):
 def test_skips_are_recorded(tmp_path, monkeypatch):
     st = _State(tmp_path, deadline=0.0)  # the time budget is spent
     with pytest.raises(pytest.skip.Exception):
-        db.run_case(_tiny("pairwise", "eager", "fwd"), db.MiniBenchmark(), st)
+        runner.run_case(_tiny("pairwise", "eager", "fwd"), runner.MiniBenchmark(), st)
     st.deadline = None
-    monkeypatch.setattr(db, "free_bytes", lambda device: 1000)
+    monkeypatch.setattr(runner, "free_bytes", lambda device: 1000)
     with pytest.raises(pytest.skip.Exception):
-        db.run_case(_tiny("pairwise", "eager", "fwd"), db.MiniBenchmark(), st)
-    monkeypatch.setattr(db, "free_bytes", lambda device: None)
+        runner.run_case(_tiny("pairwise", "eager", "fwd"), runner.MiniBenchmark(), st)
+    monkeypatch.setattr(runner, "free_bytes", lambda device: None)
 
     def missing(name):
-        raise db.KernelMissing(f"daal_triton.kernels.{name} cannot be imported: test")
+        raise problems.KernelMissing(f"daal_triton.kernels.{name} cannot be imported: test")
 
-    monkeypatch.setattr(db, "import_kernel", missing)
+    monkeypatch.setattr(problems, "import_kernel", missing)
     with pytest.raises(pytest.skip.Exception):
-        db.run_case(_tiny("line_margin", "triton", "fwd"), db.MiniBenchmark(), st)
+        runner.run_case(_tiny("line_margin", "triton", "fwd"), runner.MiniBenchmark(), st)
     statuses = [r["status"] for r in st.records() if r["kind"] == "case"]
     assert statuses[0].startswith("skipped: out of time budget")
     assert statuses[1].startswith("skipped: would need")
@@ -138,9 +147,9 @@ def test_errors_are_recorded_then_raised(tmp_path, monkeypatch):
     def broken(case, device):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(db, "build_problem", broken)
+    monkeypatch.setattr(problems, "build_problem", broken)
     with pytest.raises(RuntimeError, match="boom"):
-        db.run_case(_tiny("pairwise", "eager", "fwd"), db.MiniBenchmark(), st)
+        runner.run_case(_tiny("pairwise", "eager", "fwd"), runner.MiniBenchmark(), st)
     assert st.records()[-1]["status"].startswith("error: RuntimeError: boom")
 
 
@@ -151,13 +160,13 @@ def _synthetic_run(path):
 
     def case(op, shape, dtype, pass_, provider, median, **kw):
         recs.append(dict(kind="case", op=op, shape=shape, dtype=dtype, pass_=pass_, provider=provider,
-                         dims=dict(db.SHAPES[op][shape]), status="ok", median_s=median, **kw))
+                         dims=dict(bc.SHAPES[op][shape]), status="ok", median_s=median, **kw))
 
     case("knn", "eval60k", "bf16", "fwd", "triton", 0.010, tflops=300.0, matmul_tflops=500.0,
          matmul_fraction=0.6, peak_extra_bytes=10)
     case("knn", "eval60k", "bf16", "fwd", "chunked", 0.020)
     recs.append(dict(kind="case", op="knn", shape="eval60k", dtype="bf16", pass_="fwd", provider="eager",
-                     dims=dict(db.SHAPES["knn"]["eval60k"]), status="skipped: would need ~122 GiB"))
+                     dims=dict(bc.SHAPES["knn"]["eval60k"]), status="skipped: would need ~122 GiB"))
     case("line_margin", "classes100k", "bf16", "fwdbwd", "triton", 0.001, matmul_fraction=0.4,
          tflops=1.0, peak_extra_bytes=100)
     case("line_margin", "classes100k", "bf16", "fwdbwd", "eager", 0.050, peak_extra_bytes=10000)

@@ -1,0 +1,296 @@
+"""What the DAAL benchmarks measure: the cases, torch-free (``bench/report.py`` reads the same tables).
+
+One benchmark case is one (operator, shape, precision, provider, pass):
+
+* operators: ``pairwise`` (pairwise distance), ``knn`` (k nearest neighbours), ``line_margin``
+  (the fused adaptive line margin), ``loss`` (the whole ``DAALLoss``);
+* providers: ``triton`` (``daal_triton.kernels.*``; for ``loss`` ``DAALLoss(backend="triton")``),
+  ``eager`` (``daal_triton.reference.*``; ``DAALLoss(backend="reference")``), ``compile``
+  (``torch.compile`` of the reference function) and, for kNN only, ``chunked`` (row chunks of
+  ``torch.cdist`` + ``torch.topk``, the usual hand-written baseline);
+* passes: ``fwd`` (the forward with autograd recording, as in training; kNN retrieval
+  evaluation runs under ``no_grad``), ``bwd`` (the backward alone: a fresh forward is built
+  outside the timed region of every round) and ``fwdbwd``.
+
+Profiles: ``smoke`` (no CUDA: tiny shapes, float32, Triton's interpreter, one round; so the
+files cannot rot), ``check`` (the subset ``bench/gpu_check.sh`` runs within its budget: every
+target plus one representative per operator) and ``full`` (every combination).
+
+Also here, from the shapes alone: the useful FLOPs of a call, the comparable GEMM of the matmul
+baseline, and the estimated peak memory that decides beforehand whether a provider can fit.
+``bench/problems.py`` builds a case's tensors, ``bench/runner.py`` measures and records it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, NamedTuple, Optional, Tuple
+
+GiB = 1024 ** 3
+DTYPES = ("bf16", "fp32")
+PASSES = ("fwd", "bwd", "fwdbwd")
+PROFILES = ("smoke", "check", "full")
+PROVIDERS = {
+    "pairwise": ("triton", "eager", "compile"),
+    "knn": ("triton", "eager", "compile", "chunked"),
+    "line_margin": ("triton", "eager", "compile"),
+    "loss": ("triton", "eager", "compile"),
+}
+
+# ----------------------------------------------------------------------------- shapes
+# kNN: ``labels`` = number of classes drawn for same-class search (None: any neighbour);
+# ``self`` = query and reference are the same set (exclude_self=True); ``grad`` = differentiable use.
+SHAPES: Dict[str, Dict[str, dict]] = {
+    "pairwise": {
+        "dml": dict(M=180, N=180, D=512),
+        "large": dict(M=4096, N=4096, D=512),
+        "bank": dict(M=1024, N=65536, D=512),
+    },
+    "knn": {
+        "dml": dict(M=180, N=180, D=512, k=3, labels=100, self=True, grad=True),
+        "bank": dict(M=1024, N=65536, D=512, k=8, labels=None, self=False, grad=True),
+        "eval60k": dict(M=60000, N=60000, D=512, k=8, labels=None, self=True, grad=False),
+    },
+    "line_margin": {
+        "dml": dict(B=180, C=100, D=512),
+        "large": dict(B=4096, C=1000, D=512),
+        "classes11k": dict(B=1024, C=11318, D=512),
+        "classes100k": dict(B=1024, C=100000, D=512),
+    },
+    "loss": {
+        "dml": dict(B=180, C=100, D=512),
+        "large": dict(B=4096, C=1000, D=512),
+        "classes11k": dict(B=1024, C=11318, D=512),
+        "classes100k": dict(B=1024, C=100000, D=512),
+    },
+}
+SMOKE_SHAPES: Dict[str, Dict[str, dict]] = {
+    "pairwise": {"tiny": dict(M=8, N=12, D=16)},
+    "knn": {"tiny": dict(M=32, N=40, D=16, k=3, labels=5, self=False, grad=True)},
+    "line_margin": {"tiny": dict(B=8, C=5, D=16)},
+    "loss": {"tiny": dict(B=8, C=5, D=16)},
+}
+# The whole loss computes in float32 whatever the embeddings' dtype (SPEC step 1: "at least
+# float32"), so it is benchmarked in float32 only. The operators in bfloat16 and float32 (TF32).
+OP_DTYPES = {"pairwise": ("bf16", "fp32"), "knn": ("bf16", "fp32"),
+             "line_margin": ("bf16", "fp32"), "loss": ("fp32",)}
+
+
+# ----------------------------------------------------------------------------- targets (H200)
+class Target(NamedTuple):
+    """One performance target, as ``bench/report.py`` evaluates it: ``kind`` "fraction" (of the
+    matmul throughput, at least ``threshold``), "speedup" (over provider ``other``, at least) or
+    "memory" (peak extra memory over ``other``'s, at most)."""
+
+    title: str
+    op: str
+    shape: str
+    dtype: str
+    pass_: str
+    kind: str
+    other: Optional[str]
+    threshold: float
+
+
+# "a small fraction" of eager's peak memory, as the report reads it.
+SMALL_FRACTION = 0.10
+TARGETS: Tuple[Target, ...] = (
+    Target("kNN 60k×60k (bf16, fwd): Triton ≥ 50% of matmul throughput", "knn", "eval60k", "bf16", "fwd",
+           "fraction", None, 0.5),
+    Target("kNN 60k×60k (bf16, fwd): Triton ≥ 3× chunked torch (cdist + topk)", "knn", "eval60k", "bf16", "fwd",
+           "speedup", "chunked", 3.0),
+    Target("Line margin B=1024, C=100k (bf16), fwd+bwd: ≥ 10× eager", "line_margin", "classes100k", "bf16",
+           "fwdbwd", "speedup", "eager", 10.0),
+    Target("Line margin B=1024, C=100k (bf16), fwd+bwd: ≥ 3× torch.compile", "line_margin", "classes100k", "bf16",
+           "fwdbwd", "speedup", "compile", 3.0),
+    Target("Line margin B=1024, C=100k (bf16), fwd+bwd: ≥ 50% of matmul throughput", "line_margin", "classes100k",
+           "bf16", "fwdbwd", "fraction", None, 0.5),
+    Target(f"Line margin B=1024, C=100k (bf16), fwd+bwd: peak extra memory ≤ {SMALL_FRACTION:.0%} of eager's",
+           "line_margin", "classes100k", "bf16", "fwdbwd", "memory", "eager", SMALL_FRACTION),
+    Target("DML batch B=180 (fp32): whole DAALLoss fwd+bwd ≥ 5× eager", "loss", "dml", "fp32", "fwdbwd",
+           "speedup", "eager", 5.0),
+)
+# The (op, shape, dtype) a target names: those cases run first, so that a run cut short by its
+# time budget still has them.
+TARGET_KEYS = frozenset((t.op, t.shape, t.dtype) for t in TARGETS)
+
+# What ``bench/gpu_check.sh`` runs (profile "check"): (op, shape) -> dtypes, providers, passes.
+CHECK: Dict[Tuple[str, str], List[dict]] = {
+    ("knn", "eval60k"): [dict(dtypes=("bf16",), providers=("triton", "chunked", "eager"))],
+    ("line_margin", "classes100k"): [
+        dict(dtypes=("bf16",), providers=("triton", "eager", "compile")),
+        dict(dtypes=("fp32",), providers=("triton", "eager"))],
+    ("loss", "dml"): [dict(dtypes=("fp32",), providers=("triton", "eager"))],
+    ("knn", "bank"): [dict(dtypes=("bf16",), providers=("triton", "chunked", "eager"),
+                           passes=("fwd", "fwdbwd"))],
+    ("pairwise", "large"): [dict(dtypes=("bf16", "fp32"), providers=("triton", "eager"))],
+    ("line_margin", "dml"): [dict(dtypes=("bf16",), providers=("triton", "eager"))],
+    ("line_margin", "large"): [dict(dtypes=("bf16",), providers=("triton", "eager"), passes=("fwdbwd",))],
+    ("line_margin", "classes11k"): [dict(dtypes=("bf16",), providers=("triton", "eager"), passes=("fwdbwd",))],
+    ("loss", "classes100k"): [dict(dtypes=("fp32",), providers=("triton", "eager"), passes=("fwdbwd",))],
+}
+
+CPU_COMPILE_REASON = ("torch.compile provider not run in the CPU smoke mode: inductor's C++ "
+                      "compilation takes ~20 s per graph on 2 cores (it runs on the GPU; "
+                      "--bench-compile-on-cpu forces it)")
+
+
+# ----------------------------------------------------------------------------- cases
+def passes_for(op: str, dims: dict) -> Tuple[str, ...]:
+    if op == "knn" and not dims.get("grad", True):
+        return ("fwd",)
+    return PASSES
+
+
+@dataclass(frozen=True)
+class Case:
+    op: str
+    shape: str
+    dims_items: Tuple[Tuple[str, object], ...]
+    dtype: str
+    provider: str
+    pass_: str
+    target: bool = False
+    static_skip: str = ""
+
+    @property
+    def dims(self) -> dict:
+        return dict(self.dims_items)
+
+    @property
+    def id(self) -> str:
+        return f"{self.shape}-{self.dtype}-{self.provider}-{self.pass_}"
+
+    @property
+    def group(self) -> str:
+        return f"{self.op} {self.shape} {self.dtype} {self.pass_}"
+
+    def describe(self) -> dict:
+        return dict(op=self.op, shape=self.shape, dims=self.dims, dtype=self.dtype,
+                    provider=self.provider, pass_=self.pass_, target=self.target)
+
+
+def _smoke_cases(op: str, compile_on_cpu: bool) -> List[Case]:
+    """Float32, every provider, every pass; the compile provider forward only (and skipped
+    unless ``compile_on_cpu``)."""
+    out: List[Case] = []
+    for shape, dims in SMOKE_SHAPES[op].items():
+        for provider in PROVIDERS[op]:
+            passes = passes_for(op, dims)
+            if provider == "compile":
+                passes = passes[:1]
+            for p in passes:
+                skip = CPU_COMPILE_REASON if provider == "compile" and not compile_on_cpu else ""
+                out.append(Case(op, shape, tuple(dims.items()), "fp32", provider, p, False, skip))
+    return out
+
+
+def _profile_cases(op: str, profile: str) -> List[Case]:
+    """The ``check`` subset (``CHECK``) or the ``full`` product, in the order of the tables."""
+    out: List[Case] = []
+    for shape, dims in SHAPES[op].items():
+        if profile == "check":
+            specs = CHECK.get((op, shape), [])
+        else:
+            specs = [dict(dtypes=OP_DTYPES[op], providers=PROVIDERS[op])]
+        allowed = passes_for(op, dims)
+        for spec in specs:
+            for dtype in spec["dtypes"]:
+                for provider in spec["providers"]:
+                    for p in spec.get("passes", allowed):
+                        if p in allowed:
+                            out.append(Case(op, shape, tuple(dims.items()), dtype, provider, p,
+                                            (op, shape, dtype) in TARGET_KEYS))
+    return out
+
+
+def cases_for(op: str, profile: str, *, compile_on_cpu: bool = False) -> List[Case]:
+    """The cases of operator ``op`` in ``profile`` (``smoke``, ``check`` or ``full``), targets first."""
+    if profile == "smoke":
+        return _smoke_cases(op, compile_on_cpu)
+    return sorted(_profile_cases(op, profile), key=order_key)
+
+
+HEAVY_BYTES = 32 * GiB
+
+
+def order_key(case: Case):
+    """Run order: the targets first, and last of all the heavy cases (an estimated peak over
+    32 GiB: the eager kNN of 60k x 60k, needed by no target), so that a run cut short by its
+    time budget still has the targets. (Stable sorts keep the table order otherwise.)"""
+    return (estimate_bytes(case) > HEAVY_BYTES, not case.target)
+
+
+# ----------------------------------------------------------------------------- FLOPs
+def flops(op: str, dims: dict, pass_: str) -> Optional[float]:
+    """Useful floating-point operations of one call (None where the pass has no GEMM worth
+    counting)."""
+    if op == "pairwise":
+        mnd = dims["M"] * dims["N"] * dims["D"]
+        return {"fwd": 2.0, "bwd": 4.0, "fwdbwd": 6.0}[pass_] * mnd
+    if op == "knn":
+        mnd = dims["M"] * dims["N"] * dims["D"]
+        return {"fwd": 2.0 * mnd, "bwd": None, "fwdbwd": 2.0 * mnd}[pass_]
+    bcd = dims["B"] * dims["C"] * dims["D"]
+    line = {"fwd": 4.0, "bwd": 12.0, "fwdbwd": 16.0}[pass_] * bcd
+    if op == "line_margin":
+        return line
+    knn_part = 2.0 * dims["B"] * dims["B"] * dims["D"]  # the in-batch kNN of the loss
+    return line + (knn_part if pass_ != "bwd" else 0.0)
+
+
+def gemm_shape(op: str, dims: dict, max_out: int = 1 << 28) -> Tuple[int, int, int]:
+    """The comparable GEMM (M, N, K) for the matmul baseline: the operator's own GEMM, with the
+    rows cut so that the output stays under ``max_out`` elements (1 GB in float32; throughput
+    saturates long before: 60k x 60k is measured as 4,473 x 60,000 x 512)."""
+    if op in ("pairwise", "knn"):
+        m, n, k = dims["M"], dims["N"], dims["D"]
+    else:
+        m, n, k = dims["B"], dims["C"], dims["D"]
+    n = min(n, max_out)
+    m = min(m, max(1, max_out // n))
+    return m, n, k
+
+
+# ----------------------------------------------------------------------------- memory estimates
+def knn_chunk_rows(n_ref: int, elems: int = 1 << 28) -> int:
+    """Rows per chunk of the chunked cdist+topk baseline: about 2^28 distances per chunk."""
+    return max(1, elems // max(1, n_ref))
+
+
+def _knn_bytes(d: dict, prov: str, es: int) -> int:
+    mn = d["M"] * d["N"]
+    if prov == "triton":
+        return 16 * d["M"] * d["k"] + (64 << 20)
+    if prov == "chunked":
+        rows = min(d["M"], knn_chunk_rows(d["N"]))
+        return rows * d["N"] * (3 * es + 8) + (d["M"] + d["N"]) * d["D"] * 4
+    # eager reference: float32 d, -2xy temporaries, bool mask, masked copy, stable sort
+    # (values + int64 indices + its workspace): ~34 bytes per pair; compile keeps ~20.
+    return (34 if prov == "eager" else 20) * mn
+
+
+def _line_margin_bytes(d: dict, prov: str) -> int:
+    if prov == "triton":
+        return 64 * d["B"] * d["D"] * 4 + 16 * d["C"] * d["D"] + (64 << 20)
+    if prov == "eager":
+        return 80 * d["B"] * d["C"]  # ~15 float32 B x C temporaries kept for backward + an int64 one-hot
+    return 24 * d["B"] * d["C"]
+
+
+def estimate_bytes(case: Case) -> int:
+    """A rough upper estimate of the peak extra memory of a case (beyond its inputs), from the
+    shape alone, to decide beforehand whether a provider can fit (not a measurement)."""
+    d = case.dims
+    es = 2 if case.dtype == "bf16" else 4
+    prov, op = case.provider, case.op
+    if op == "pairwise":
+        mn = d["M"] * d["N"]
+        per = {"triton": 8, "eager": 24, "compile": 12}[prov]
+        return per * mn + 4 * mn  # + the M x N upstream gradient of the bwd passes
+    if op == "knn":
+        return _knn_bytes(d, prov, es)
+    line = _line_margin_bytes(d, prov)
+    if op == "line_margin":
+        return line
+    knn_part = 40 * d["B"] * d["B"] if prov != "triton" else 0
+    return line + knn_part + 8 * d["C"] * d["D"] * es
