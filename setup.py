@@ -27,7 +27,7 @@ setup(
     extras_require={
         "dev": ["pytest>=7", "pytest-benchmark>=4"],
         "train": ["torchvision>=0.19", "scikit-learn>=1.2", "tqdm>=4.60", "matplotlib>=3.5"],
-        "pml": ["pytorch-metric-learning>=2.0"],
+        "pml": ["pytorch-metric-learning>=2.0", "faiss-cpu"],
     },
     entry_points={
         "console_scripts": [

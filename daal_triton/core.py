@@ -143,12 +143,14 @@ def compose(
     ref_labels: Optional[torch.Tensor] = None,
     ref_includes_batch: bool = False,
     split_line_pull: bool = True,
+    sample_weights: Optional[torch.Tensor] = None,
 ) -> DAALParts:
     """docs/method.md steps 1-7 in order, with the backend's kNN and line-margin operators.
 
     Inputs are assumed valid (``daal_triton.validation`` checks the public API's).
     ``split_line_pull`` also reports ``L_line`` and ``L_pull`` apart (one more O(B D) pass for the
-    own-class distances); callers that only want the loss turn it off."""
+    own-class distances); callers that only want the loss turn it off. ``sample_weights`` (B values,
+    e.g. from a miner's tuples) scale each sample's line, pull and density terms."""
     dtype = compute_dtype(embeddings, segments)
     with _no_autocast(embeddings.device):
         seg = segments.to(dtype)
@@ -164,15 +166,19 @@ def compose(
                                   m_max=hp.m_max, gamma=hp.gamma)
         per_line = ops.line_margin(x, labels, seg, margin, alpha=hp.alpha, lambda_pull=hp.lambda_pull)
         hinge = density_hinge(r, valid, hp.tau)
+        per_line = per_line.masked_fill(bad_label, float("nan"))
+        w = None if sample_weights is None else sample_weights.to(per_line.dtype)
+        if w is not None:
+            per_line, hinge = per_line * w, hinge * w
         l_dens = hinge.sum() / valid.sum().clamp(min=1).to(hinge.dtype)
         l_len = length_term(seg, hp.l_max)
-        per_line = per_line.masked_fill(bad_label, float("nan"))
         per_sample = per_line + hp.lambda_dens * hinge
         total = per_line.mean() + hp.lambda_dens * l_dens + hp.lambda_len * l_len
         l_line = l_pull = None
         if split_line_pull:
             with torch.no_grad():  # the line/pull split is for reading only
-                l_pull = own_distance_sq(x, labels, seg).mean()
+                own_sq = own_distance_sq(x, labels, seg)
+                l_pull = (own_sq if w is None else own_sq * w).mean()
                 l_line = per_line.mean() - hp.lambda_pull * l_pull
         return DAALParts(
             loss=total if hp.reduction == "mean" else per_sample,

@@ -94,8 +94,11 @@ def loss_with(
     ref_includes_batch: bool = False,
     backend: str = "auto",
     check_values: Optional[bool] = None,
+    sample_weights: Optional[torch.Tensor] = None,
 ):
-    """:func:`daal_loss` with its hyperparameters given as one :class:`Hyperparameters` object."""
+    """:func:`daal_loss` with its hyperparameters given as one :class:`Hyperparameters` object;
+    ``sample_weights`` (B values) scale each sample's terms (``DAALLoss`` derives them from a
+    miner's ``indices_tuple``)."""
     validate_loss_inputs(embeddings, labels, segments, k=hp.k,
                          ref_embeddings=ref_embeddings, ref_labels=ref_labels,
                          ref_includes_batch=ref_includes_batch, check_values=check_values)
@@ -103,7 +106,7 @@ def loss_with(
     ops = _ops(choose_backend(backend, embeddings.device, dtype))
     parts = compose(embeddings, labels, segments, hp, ops, ref_embeddings=ref_embeddings,
                     ref_labels=ref_labels, ref_includes_batch=ref_includes_batch,
-                    split_line_pull=return_parts)
+                    split_line_pull=return_parts, sample_weights=sample_weights)
     return parts if return_parts else parts.loss
 
 

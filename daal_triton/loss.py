@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -10,6 +10,7 @@ from torch import nn
 from .backend import BACKENDS
 from .core import Hyperparameters
 from .functional import loss_with
+from .validation import value_checks_on
 
 
 def init_segments(num_classes: int, embedding_dim: int, *, length: float = 0.2,
@@ -29,6 +30,28 @@ def init_segments(num_classes: int, embedding_dim: int, *, length: float = 0.2,
     return torch.stack([o - half, o + half], 1).float()
 
 
+def miner_weights(indices_tuple: Sequence[torch.Tensor], batch_size: int, *,
+                  device: Optional[torch.device] = None) -> torch.Tensor:
+    """Per-sample weights from a miner's tuples, as pytorch-metric-learning's proxy losses use
+    them (``lmu.convert_to_weights``): ``count_i / max_j count_j``, where ``count_i`` is how often
+    sample ``i`` appears in any of the tuple's index tensors; all ones when the tuple is empty."""
+    if not isinstance(indices_tuple, (tuple, list)) or not 2 <= len(indices_tuple) <= 4:
+        raise ValueError("indices_tuple must be a miner's tuple of 2 to 4 index tensors (pairs or "
+                         f"triplets), got {type(indices_tuple).__name__}")
+    for t in indices_tuple:
+        if not isinstance(t, torch.Tensor) or t.ndim != 1 or t.dtype.is_floating_point or t.dtype == torch.bool:
+            raise ValueError("indices_tuple must hold 1-D integer tensors of batch indices")
+    flat = torch.cat([t.to(device=device, dtype=torch.long) for t in indices_tuple])
+    if flat.numel() == 0:
+        return torch.ones(batch_size, device=device)
+    if (flat.device.type == "cpu" or value_checks_on(flat.device)) and (
+            int(flat.min()) < 0 or int(flat.max()) >= batch_size):
+        raise ValueError(f"indices_tuple must index the batch's {batch_size} rows")
+    counts = torch.zeros(batch_size, device=flat.device).index_add_(
+        0, flat.clamp(0, batch_size - 1), torch.ones_like(flat, dtype=torch.float32))
+    return counts / counts.max()
+
+
 class DAALLoss(nn.Module):
     """Density-Aware Adaptive Line margin loss with learnable class segments.
 
@@ -44,7 +67,8 @@ class DAALLoss(nn.Module):
     ``daal_triton.daal_loss``).
     """
 
-    def __init__(self, num_classes: int, embedding_dim: int, *, k: int = 3, m0: float = 0.2,
+    def __init__(self, num_classes: int, embedding_dim: Optional[int] = None, *,
+                 embedding_size: Optional[int] = None, k: int = 3, m0: float = 0.2,
                  m_min: float = 0.05, m_max: float = 0.5, gamma: float = 1.0, alpha: float = 16.0,
                  tau: float = 0.8, lambda_pull: float = 0.0, lambda_dens: float = 0.5,
                  lambda_len: float = 0.0, l_max: float = 1.0, normalize: bool = True,
@@ -53,6 +77,10 @@ class DAALLoss(nn.Module):
         super().__init__()
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"num_classes must be an integer >= 1, got {num_classes!r}")
+        if (embedding_dim is None) == (embedding_size is None):
+            raise ValueError("give the embedding width once: embedding_dim (or its "
+                             "pytorch-metric-learning name, embedding_size)")
+        embedding_dim = embedding_size if embedding_dim is None else embedding_dim
         if isinstance(embedding_dim, bool) or not isinstance(embedding_dim, int) or embedding_dim < 1:
             raise ValueError(f"embedding_dim must be an integer >= 1, got {embedding_dim!r}")
         if not isinstance(init_length, (int, float)) or not math.isfinite(init_length) or init_length < 0:
@@ -75,15 +103,25 @@ class DAALLoss(nn.Module):
         return self.hp.as_dict()
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor,
+                indices_tuple: Optional[Tuple[torch.Tensor, ...]] = None,
                 ref_emb: Optional[torch.Tensor] = None,
                 ref_labels: Optional[torch.Tensor] = None,
                 ref_includes_batch: bool = False) -> torch.Tensor:
-        """``embeddings`` B x D, ``labels`` B; ``ref_emb``/``ref_labels``: an optional reference
-        set (memory bank) over which the kNN radii are taken; ``ref_includes_batch=True`` when
-        ``ref_emb[:B]`` is the batch itself (see ``daal_triton.daal_loss``)."""
+        """``embeddings`` B x D, ``labels`` B, in pytorch-metric-learning's order.
+
+        ``indices_tuple``: a miner's output (pairs or triplets of batch indices); as in
+        pytorch-metric-learning's proxy losses, each sample's terms are weighted by how often it
+        appears in the tuples (relative to the most frequent; absent samples weigh 0).
+        ``ref_emb``/``ref_labels``: an optional reference set (memory bank) over which the kNN
+        radii are taken; ``ref_includes_batch=True`` when ``ref_emb[:B]`` is the batch itself
+        (see ``daal_triton.daal_loss``)."""
+        weights = None
+        if indices_tuple is not None:
+            weights = miner_weights(indices_tuple, embeddings.shape[0], device=embeddings.device)
         return loss_with(embeddings, labels, self.segments, self.hp, ref_embeddings=ref_emb,
                          ref_labels=ref_labels, ref_includes_batch=ref_includes_batch,
-                         backend=self.backend, check_values=self.check_values)
+                         backend=self.backend, check_values=self.check_values,
+                         sample_weights=weights)
 
     def extra_repr(self) -> str:
         hp = ", ".join(f"{k}={v}" for k, v in self.hparams.items())

@@ -5,7 +5,7 @@ same-class samples than one batch holds::
 
     bank = MemoryBank(size=4096, dim=512)
     ref, ref_labels = bank.with_batch(emb, labels)          # batch first, then the bank
-    loss = loss_fn(emb, labels, ref, ref_labels, ref_includes_batch=True)
+    loss = loss_fn(emb, labels, ref_emb=ref, ref_labels=ref_labels, ref_includes_batch=True)
     bank.enqueue(emb, labels)                               # detached; oldest rows drop out
 
 In distributed runs, enqueue the *gathered* global batch on every rank (the training program
