@@ -52,7 +52,7 @@ def test_memory_bank_reference_set():
     d[y[:, None] != bank_y[None, :]] = float("inf")
     expected = d.topk(3, largest=False).values.mean(1)
     assert torch.allclose(parts.radius.double(), expected, atol=1e-5)
-    assert torch.allclose(loss(z, y, bank, bank_y), parts.loss)
+    assert torch.allclose(loss(z, y, ref_emb=bank, ref_labels=bank_y), parts.loss)
 
 
 def test_memory_bank_that_starts_with_the_batch_excludes_self():
