@@ -37,7 +37,7 @@ def test_bank_as_reference_set_changes_radii_and_keeps_gradients():
     emb = torch.randn(9, 4, requires_grad=True)
     y = torch.arange(9) % 3
     ref, ref_y = bank.with_batch(emb, y)
-    with_bank = loss_fn(emb, y, ref, ref_y, ref_includes_batch=True)
+    with_bank = loss_fn(emb, y, ref_emb=ref, ref_labels=ref_y, ref_includes_batch=True)
     alone = loss_fn(emb, y)
     assert with_bank.item() != alone.item()
     with_bank.backward()
