@@ -218,16 +218,16 @@ KERNELS: Dict[str, KernelSpec] = {
 
 
 # --------------------------------------------------------------------------- configurations
-#: The forward's entries by the largest KP they serve: the running top-k costs 2 * BLOCK_M * KP
-#: registers per program, so BLOCK_M shrinks as k grows.
-KP_ROWS = (16, 32, 64, 128)
+#: The forward's entries by the largest KP they serve -> (BLOCK_M, BLOCK_N, num_warps): the
+#: running top-k costs 2 * BLOCK_M * KP registers per program, so BLOCK_M shrinks as k grows.
+_FWD_BLOCKS = {16: (128, 128, 8), 32: (64, 128, 4), 64: (64, 64, 4), 128: (32, 64, 4)}
+KP_ROWS = tuple(_FWD_BLOCKS)
 
 
 def _fwd_configs(largest_block_d: int) -> Dict[str, KernelConfig]:
-    blocks = {16: (128, 128, 8), 32: (64, 128, 4), 64: (64, 64, 4), 128: (32, 64, 4)}
     return {f"fwd_kp{kp}": KernelConfig({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=3,
                                         block_d=(16, largest_block_d))
-            for kp, (bm, bn, w) in blocks.items()}
+            for kp, (bm, bn, w) in _FWD_BLOCKS.items()}
 
 
 _BWD = KernelConfig({"BLOCK_M": 64}, num_warps=4, num_stages=1, block_d=(16, 64))
