@@ -290,7 +290,7 @@ def test_tune_line_margin_order(tmp_path, monkeypatch):
     budget on the GPU still compares each table entry with its predecessor."""
     from daal_triton.kernels import line_margin as lm
 
-    family = lm.config_for(torch.float32, 17)[0]
+    family = lm.config_family(torch.float32)
     monkeypatch.setitem(tlm.PREVIOUS, family, {"fwd": (64, 32, 4, 1), "dx": (32, 64, 4, 1)})
     monkeypatch.setattr(tlm, "SMOKE_CANDIDATES", {"fwd": [(32, 32, 4, 1)], "dpq": [], "dx": []})
     recs = tlm.tune(str(tmp_path / "t.json"), shape=(20, 30, 17), dtypes=("fp32",), smoke=True)

@@ -1,8 +1,9 @@
 """Time alternative block sizes of the fused line-margin kernels on a GPU.
 
-The launch configurations in ``kernels/line_margin.py`` (``CONFIGS``) were chosen without a GPU,
-by what ``ptxas`` reports (no register spills on sm_90). This tool times them against
-alternatives on the machine it runs on, one kernel at a time (the others keep their table
+The launch configurations of the line-margin kernels (``CONFIGS[family][kernel]`` in
+``kernels/line_margin.py``, ``KernelConfig`` objects of the one model in ``kernels/_common.py``)
+were chosen by what ``ptxas`` reports (no register spills on sm_90; docs/kernels.md). This tool
+times them against alternatives on the machine it runs on, one kernel at a time (the others keep their table
 entries), and checks that every alternative computes what the table's entry computes:
 
 * ``fwd``: the forward operator ``daal_triton::line_lse`` (class statistics + ``_lm_fwd_kernel``);
@@ -95,22 +96,14 @@ class _Timer:
         return times[len(times) // 2]
 
 
-def tune(out_path: str, *, shape=(1024, 100_000, 512), dtypes=("bf16", "fp32"), reps: int = 10,
-         budget_s: float = 90.0, smoke: bool = False) -> List[dict]:
-    """Time the candidates (see the module docstring); writes ``out_path`` and returns the records."""
-    from daal_triton.kernels import line_margin as lm
-
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type != "cuda" and not smoke:
-        raise SystemExit("no CUDA GPU: run with --smoke on the CPU (under TRITON_INTERPRET=1)")
+def _plan(lm, shape, dtypes, cands, device):
+    """``(runs, order)``: per (dtype, kernel) the operator to time and the table's entry; the
+    jobs ``(dtype, kernel, (BLOCK_B, BLOCK_C, warps, stages), is_table)`` in run order."""
     B, C, D = shape
-    timer = _Timer(device)
-    deadline = time.monotonic() + budget_s
-    cands = SMOKE_CANDIDATES if smoke else CANDIDATES
     ops = torch.ops.daal_triton
-    runs, plans = {}, []  # (dtype, kernel) -> (fwd or bwd callable, table entry); the job order
+    runs, plans = {}, []
     for dname in dtypes:
-        key = lm.config_for(DTYPES[dname], D)
+        fam = lm.config_family(DTYPES[dname])
         x, seg, d_pos, labels, margins, go = _problem(B, C, D, DTYPES[dname], device)
 
         def fwd(x=x, seg=seg, d_pos=d_pos, labels=labels, margins=margins):
@@ -122,49 +115,38 @@ def tune(out_path: str, *, shape=(1024, 100_000, 512), dtypes=("bf16", "fp32"), 
             return ops.line_lse_backward(go, x, seg, d_pos, labels, margins, lse, ALPHA)
 
         for kernel in ("fwd", "dpq", "dx"):
-            table = dict(lm.CONFIGS[key][kernel])
-            first = (table["BLOCK_B"], table["BLOCK_C"], table["num_warps"], table["num_stages"])
-            runs[dname, kernel] = (key, fwd if kernel == "fwd" else bwd, table)
-            rest = [PREVIOUS[key[0]][kernel]] if kernel in PREVIOUS.get(key[0], {}) else []
+            table = lm.CONFIGS[fam][kernel]
+            first = (table.blocks["BLOCK_B"], table.blocks["BLOCK_C"], table.num_warps, table.num_stages)
+            runs[dname, kernel] = (fam, fwd if kernel == "fwd" else bwd, table)
+            rest = [PREVIOUS[fam][kernel]] if kernel in PREVIOUS.get(fam, {}) else []
             rest += [c for c in cands[kernel] if c not in rest]
             plans.append([(dname, kernel, first, True)] +
                          [(dname, kernel, c, False) for c in rest if c != first])
     order = [p[0] for p in plans] + [p[1] for p in plans if len(p) > 1]
-    order += [job for p in plans for job in p[2:]]
+    return runs, order + [job for p in plans for job in p[2:]]
 
-    records, base_out = [], {}
-    for n, (dname, kernel, (bb, bc, w, s), is_table) in enumerate(order):
-        key, run, table = runs[dname, kernel]
-        rec = dict(run=n, dtype=dname, family=key[0], kernel=kernel, B=B, C=C, D=D, BLOCK_B=bb,
-                   BLOCK_C=bc, BLOCK_D=table["BLOCK_D"], num_warps=w, num_stages=s, table=is_table,
-                   device=str(device))
-        records.append(rec)
-        if time.monotonic() > deadline:
-            rec["status"] = "not run: out of the time budget"
-            continue
-        lm.CONFIGS[key][kernel] = dict(table, BLOCK_B=bb, BLOCK_C=bc, num_warps=w, num_stages=s)
-        try:
-            t0 = time.monotonic()
-            outs = [o for o in run() if o is not None]  # warm-up: compiles this entry
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            rec["first_call_s"] = round(time.monotonic() - t0, 3)
-            rec["seconds"] = timer(run, 1 if smoke else reps)
-            base = base_out.get((dname, kernel))
-            if is_table:
-                base_out[dname, kernel], rec["status"] = outs, "measured"
-            elif base is None:
-                rec["status"] = "measured (not checked: the table's entry did not run)"
-            else:
-                err = max(_rel(o, b) for o, b in zip(outs, base))
-                rec["max_rel_err_vs_table"] = err
-                rec["status"] = "measured" if err <= PARITY_TOL else "WRONG: differs from the table's entry"
-        except Exception as exc:  # noqa: BLE001 - recorded, the sweep goes on
-            rec["status"] = f"failed: {type(exc).__name__}: {str(exc)[:300]}"
-        finally:
-            lm.CONFIGS[key][kernel] = table
-    records.sort(key=lambda r: (dtypes.index(r["dtype"]), ("fwd", "dpq", "dx").index(r["kernel"]),
-                                not r["table"]))
+
+def _measure(rec: dict, run, timer, reps: int, base_out: dict, is_table: bool, sync: bool) -> None:
+    """Time ``run`` into ``rec`` and check its outputs against the table entry's (``base_out``)."""
+    key = (rec["dtype"], rec["kernel"])
+    t0 = time.monotonic()
+    outs = [o for o in run() if o is not None]  # warm-up: compiles this entry
+    if sync:
+        torch.cuda.synchronize()
+    rec["first_call_s"] = round(time.monotonic() - t0, 3)
+    rec["seconds"] = timer(run, reps)
+    base = base_out.get(key)
+    if is_table:
+        base_out[key], rec["status"] = outs, "measured"
+    elif base is None:
+        rec["status"] = "measured (not checked: the table's entry did not run)"
+    else:
+        err = max(_rel(o, b) for o, b in zip(outs, base))
+        rec["max_rel_err_vs_table"] = err
+        rec["status"] = "measured" if err <= PARITY_TOL else "WRONG: differs from the table's entry"
+
+
+def _write(out_path: str, records: List[dict], device: torch.device, smoke: bool) -> None:
     env = dict(torch=torch.__version__, gpu=torch.cuda.get_device_name(0) if device.type == "cuda" else None)
     try:
         import triton
@@ -174,6 +156,40 @@ def tune(out_path: str, *, shape=(1024, 100_000, 512), dtypes=("bf16", "fp32"), 
         env["triton"] = None
     with open(out_path, "w") as f:
         json.dump(dict(environment=env, smoke=smoke, records=records), f, indent=1)
+
+
+def tune(out_path: str, *, shape=(1024, 100_000, 512), dtypes=("bf16", "fp32"), reps: int = 10,
+         budget_s: float = 90.0, smoke: bool = False) -> List[dict]:
+    """Time the candidates (see the module docstring); writes ``out_path`` and returns the records."""
+    from daal_triton.kernels import line_margin as lm
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type != "cuda" and not smoke:
+        raise SystemExit("no CUDA GPU: run with --smoke on the CPU (under TRITON_INTERPRET=1)")
+    B, C, D = shape
+    timer = _Timer(device)
+    deadline = time.monotonic() + budget_s
+    runs, order = _plan(lm, shape, dtypes, SMOKE_CANDIDATES if smoke else CANDIDATES, device)
+    records, base_out = [], {}
+    for n, (dname, kernel, (bb, bc, w, s), is_table) in enumerate(order):
+        fam, run, table = runs[dname, kernel]
+        rec = dict(run=n, dtype=dname, family=fam, kernel=kernel, B=B, C=C, D=D, BLOCK_B=bb,
+                   BLOCK_C=bc, BLOCK_D=table.block_d_for(D), num_warps=w, num_stages=s,
+                   table=is_table, device=str(device))
+        records.append(rec)
+        if time.monotonic() > deadline:
+            rec["status"] = "not run: out of the time budget"
+            continue
+        lm.CONFIGS[fam][kernel] = table.with_blocks(BLOCK_B=bb, BLOCK_C=bc, num_warps=w, num_stages=s)
+        try:
+            _measure(rec, run, timer, 1 if smoke else reps, base_out, is_table, device.type == "cuda")
+        except Exception as exc:  # noqa: BLE001 - recorded, the sweep goes on
+            rec["status"] = f"failed: {type(exc).__name__}: {str(exc)[:300]}"
+        finally:
+            lm.CONFIGS[fam][kernel] = table
+    records.sort(key=lambda r: (dtypes.index(r["dtype"]), ("fwd", "dpq", "dx").index(r["kernel"]),
+                                not r["table"]))
+    _write(out_path, records, device, smoke)
     print(markdown(records))
     return records
 

@@ -1,4 +1,5 @@
-"""Fused k-nearest neighbours: tiled distance GEMM + running top-k, never materialising M x N.
+"""Fused k-nearest neighbours: tiled distance GEMM + running top-k, never materialising M x N
+(docs/method.md, "The forward pass", step 3).
 
 For each query row ``i`` the kernel finds the ``k`` reference rows ``j`` with the smallest
 
@@ -43,29 +44,32 @@ buffers), never M x N; backward float32 buffers dQ (M x D) and dR (N x D, for th
 cast to the input dtypes at the end; nothing of size M x k x D.
 Inputs are copied once with ``.contiguous()`` only when their rows are not contiguous.
 
-Limits: ``k <= MAX_K`` (128) runs the kernel; larger ``k``, and float64 inputs (the kernel
-computes in float32, and nothing is lowered silently), run ``_select_chunked``, plain PyTorch
-over row chunks of at most ``CHUNK_ELEMS`` distances (still never the full M x N). ``N`` must
-be below 2^31 (int32 column indices inside the kernel).
+Limits: ``k <= MAX_K`` (128) runs the kernel; larger ``k`` runs ``_select_chunked``, plain
+PyTorch over row chunks of at most ``CHUNK_ELEMS`` distances (still never the full M x N).
+float64 inputs raise ``ValueError`` (``daal_triton.knn`` routes them to the reference). ``N``
+must be below 2^31 (int32 column indices inside the kernel).
 """
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-from .pairwise import (
+from ._common import (
     EPS,
-    TL_DTYPE,
+    TL_EPS,
     KernelConfig,
-    block_d,
-    common_dtype,
-    interpreting,
+    KernelSpec,
+    Launch,
+    _dot_rows,
+    compute_dtype,
+    expand,
+    family,
+    input_precision,
     prepare,
     row_sqnorms,
-    use_tf32,
 )
 
 MAX_K = 128
@@ -75,22 +79,36 @@ CHUNK_ELEMS = 1 << 24  # distances per chunk in the PyTorch fallback
 # --------------------------------------------------------------------------- kernels
 @triton.jit
 def _knn_fwd_kernel(
-    Q, R, Qn, Rn, QL, RL, OutS, OutI, M, N, D, cols_per_split,
-    stride_q, stride_r, stride_os, stride_om,
+    q_ptr, r_ptr, qn_ptr, rn_ptr, ql_ptr, rl_ptr, top_s_ptr, top_i_ptr, M, N, D, cols_per_split,
+    stride_q_m, stride_r_n, stride_top_s, stride_top_m,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, KP: tl.constexpr,
-    HAS_LABELS: tl.constexpr, EXCLUDE_SELF: tl.constexpr, USE_TF32: tl.constexpr,
+    HAS_LABELS: tl.constexpr, EXCLUDE_SELF: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
-    """Running top-KP of ``s_ij = max(qn_i + rn_j - 2 q_i.r_j, 1e-12)`` over the candidate
-    columns ``j`` of split ``program_id(1)``; writes the KP (s, j) slots, unsorted, per row."""
+    """Running top-KP of ``s_ij = max(qn_i + rn_j - 2 q_i.r_j, eps)`` over the candidate
+    columns ``j`` of split ``program_id(1)``; writes the KP (s, j) slots, unsorted, per row.
+
+    Args:
+        q_ptr, r_ptr: M x D queries and N x D references (one dtype), unit column stride.
+        qn_ptr, rn_ptr: their squared row norms (float32).
+        ql_ptr, rl_ptr: query and reference labels (int64; read only with HAS_LABELS).
+        top_s_ptr, top_i_ptr: S x M x KP outputs: squared distances (float32) and column
+            indices (int32) of the slots, unit slot stride.
+        M, N, D: sizes. cols_per_split: reference columns per split (a multiple of BLOCK_N).
+        stride_q_m, stride_r_n: row strides of q and r.
+        stride_top_s, stride_top_m: split and row strides of both outputs.
+        BLOCK_M, BLOCK_N: queries x references per tile. BLOCK_D: D-chunk. KP: slots per row
+            (a power of two >= k). HAS_LABELS: same-label candidates only. EXCLUDE_SELF: drop
+            ``j == i``. INPUT_PRECISION: ``tl.dot``'s input precision.
+    """
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < M
     rows64 = rows.to(tl.int64)
-    qbase = Q + rows64[:, None] * stride_q
-    qn = tl.load(Qn + rows, mask=rmask, other=0.0)
+    q_rows = q_ptr + rows64[:, None] * stride_q_m
+    qn = tl.load(qn_ptr + rows, mask=rmask, other=0.0)
     if HAS_LABELS:
-        ql = tl.load(QL + rows, mask=rmask, other=0)
+        ql = tl.load(ql_ptr + rows, mask=rmask, other=0)
 
     slots = tl.arange(0, KP)
     topd = tl.zeros([BLOCK_M, KP], dtype=tl.float32) + float("inf")
@@ -103,22 +121,14 @@ def _knn_fwd_kernel(
     for n0 in range(n_start, n_end, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         cmask = cols < n_end
-        rbase = R + cols.to(tl.int64)[:, None] * stride_r
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            dd = d0 + tl.arange(0, BLOCK_D)
-            dmask = dd < D
-            a = tl.load(qbase + dd[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0)
-            b = tl.load(rbase + dd[None, :], mask=cmask[:, None] & dmask[None, :], other=0.0)
-            if USE_TF32:
-                acc = tl.dot(a, tl.trans(b), acc, input_precision="tf32")
-            else:
-                acc = tl.dot(a, tl.trans(b), acc, input_precision="ieee")
-        rn = tl.load(Rn + cols, mask=cmask, other=0.0)
-        s = tl.maximum(qn[:, None] + rn[None, :] - 2.0 * acc, 1e-12)
+        acc = _dot_rows(q_rows, r_ptr + cols.to(tl.int64)[:, None] * stride_r_n, rmask, cmask, D,
+                        acc, BLOCK_D, INPUT_PRECISION)
+        rn = tl.load(rn_ptr + cols, mask=cmask, other=0.0)
+        s = tl.maximum(qn[:, None] + rn[None, :] - 2.0 * acc, TL_EPS)
         ok = rmask[:, None] & cmask[None, :]
         if HAS_LABELS:
-            rl = tl.load(RL + cols, mask=cmask, other=0)
+            rl = tl.load(rl_ptr + cols, mask=cmask, other=0)
             ok = ok & (ql[:, None] == rl[None, :])
         if EXCLUDE_SELF:
             ok = ok & (rows[:, None] != cols[None, :])
@@ -136,102 +146,118 @@ def _knn_fwd_kernel(
             sm = tl.where((sm < worst[:, None]) & (cols[None, :] != c[:, None]), sm, float("inf"))
             v = tl.min(sm, axis=1)
 
-    out = pid_s.to(tl.int64) * stride_os + rows64[:, None] * stride_om + slots[None, :]
-    tl.store(OutS + out, topd, mask=rmask[:, None])
-    tl.store(OutI + out, topi, mask=rmask[:, None])
+    out = pid_s.to(tl.int64) * stride_top_s + rows64[:, None] * stride_top_m + slots[None, :]
+    tl.store(top_s_ptr + out, topd, mask=rmask[:, None])
+    tl.store(top_i_ptr + out, topi, mask=rmask[:, None])
 
 
 @triton.jit
 def _knn_bwd_kernel(
-    G, Idx, Q, R, dQ, dR, M, D, K,
-    stride_gm, stride_gk, stride_im, stride_q, stride_r, stride_dq, stride_dr,
+    g_ptr, idx_ptr, q_ptr, r_ptr, dq_ptr, dr_ptr, M, D, K,
+    stride_g_m, stride_g_k, stride_idx_m, stride_q_m, stride_r_n, stride_dq_m, stride_dr_n,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """For each selected pair ``(i, j = index_ik)``: ``e_ik = ||q_i - r_j||^2`` recomputed by
     direct differences (no GEMM-form cancellation), ``h_ik = g_ik / sqrt(e_ik)`` (0 for
-    ``j = -1`` or ``e_ik <= 1e-12``, the clamp); ``dQ_i += h_ik (q_i - r_j)`` (this program owns
-    rows i) and ``dR_j -= h_ik (q_i - r_j)`` by atomic adds. Arithmetic in dR's dtype (float32,
-    or float64 for float64 inputs); dQ is a buffer of that dtype."""
+    ``j = -1`` or ``e_ik <= eps``, the clamp); ``dQ_i += h_ik (q_i - r_j)`` (this program owns
+    rows i) and ``dR_j -= h_ik (q_i - r_j)`` by atomic adds. Arithmetic in float32.
+
+    Args:
+        g_ptr: M x K incoming gradient of the distances (float32).
+        idx_ptr: M x K selected columns (int64, -1 for none), unit column stride.
+        q_ptr, r_ptr: M x D queries and N x D references, unit column stride.
+        dq_ptr, dr_ptr: float32 M x D and N x D gradient buffers, zero-filled, unit column stride.
+        M, D, K: sizes.
+        stride_g_m, stride_g_k: strides of g. stride_idx_m: row stride of idx.
+        stride_q_m, stride_r_n, stride_dq_m, stride_dr_n: row strides of q, r, dq, dr.
+        BLOCK_M: queries per program. BLOCK_D: D-chunk.
+    """
     pid_m = tl.program_id(0)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < M
     rows64 = rows.to(tl.int64)
+    acc_ty = dr_ptr.dtype.element_ty
     for kk in range(0, K):
-        j = tl.load(Idx + rows64 * stride_im + kk, mask=rmask, other=-1).to(tl.int64)
-        g = tl.load(G + rows64 * stride_gm + kk * stride_gk, mask=rmask, other=0.0).to(dR.dtype.element_ty)
+        j = tl.load(idx_ptr + rows64 * stride_idx_m + kk, mask=rmask, other=-1).to(tl.int64)
+        g = tl.load(g_ptr + rows64 * stride_g_m + kk * stride_g_k, mask=rmask, other=0.0).to(acc_ty)
         found = rmask & (j >= 0)
-        sq = tl.zeros([BLOCK_M], dtype=dR.dtype.element_ty)
+        sq = tl.zeros([BLOCK_M], dtype=acc_ty)
         for d0 in range(0, D, BLOCK_D):
             dd = d0 + tl.arange(0, BLOCK_D)
             m2 = found[:, None] & (dd[None, :] < D)
-            q = tl.load(Q + rows64[:, None] * stride_q + dd[None, :], mask=m2, other=0.0).to(dR.dtype.element_ty)
-            r = tl.load(R + j[:, None] * stride_r + dd[None, :], mask=m2, other=0.0).to(dR.dtype.element_ty)
+            q = tl.load(q_ptr + rows64[:, None] * stride_q_m + dd[None, :], mask=m2, other=0.0).to(acc_ty)
+            r = tl.load(r_ptr + j[:, None] * stride_r_n + dd[None, :], mask=m2, other=0.0).to(acc_ty)
             sq += tl.sum((q - r) * (q - r), axis=1)
-        ok = found & (sq > 1e-12)
+        ok = found & (sq > TL_EPS)
         h = tl.where(ok, g / tl.sqrt(tl.where(ok, sq, 1.0)), 0.0)
         for d0 in range(0, D, BLOCK_D):
             dd = d0 + tl.arange(0, BLOCK_D)
             m2 = ok[:, None] & (dd[None, :] < D)
-            q = tl.load(Q + rows64[:, None] * stride_q + dd[None, :], mask=m2, other=0.0).to(dR.dtype.element_ty)
-            r = tl.load(R + j[:, None] * stride_r + dd[None, :], mask=m2, other=0.0).to(dR.dtype.element_ty)
+            q = tl.load(q_ptr + rows64[:, None] * stride_q_m + dd[None, :], mask=m2, other=0.0).to(acc_ty)
+            r = tl.load(r_ptr + j[:, None] * stride_r_n + dd[None, :], mask=m2, other=0.0).to(acc_ty)
             contrib = h[:, None] * (q - r)
-            tl.atomic_add(dR + j[:, None] * stride_dr + dd[None, :], -contrib, mask=m2)
-            pq = dQ + rows64[:, None] * stride_dq + dd[None, :]
+            tl.atomic_add(dr_ptr + j[:, None] * stride_dr_n + dd[None, :], -contrib, mask=m2)
+            pq = dq_ptr + rows64[:, None] * stride_dq_m + dd[None, :]
             tl.store(pq, tl.load(pq, mask=m2, other=0.0) + contrib, mask=m2)
 
 
+KERNELS: Dict[str, KernelSpec] = {
+    "fwd": KernelSpec(
+        _knn_fwd_kernel,
+        "q_ptr r_ptr: *x; qn_ptr rn_ptr: *fp32; ql_ptr rl_ptr: *i64; top_s_ptr: *fp32; "
+        "top_i_ptr: *i32; M N D cols_per_split: i32; "
+        "stride_q_m stride_r_n stride_top_s stride_top_m: i64",
+        rows=("stride_q_m", "stride_r_n"), other=("stride_top_s", "stride_top_m")),
+    "bwd": KernelSpec(
+        _knn_bwd_kernel,
+        "g_ptr: *fp32; idx_ptr: *i64; q_ptr r_ptr: *x; dq_ptr dr_ptr: *fp32; M D K: i32; "
+        "stride_g_m stride_g_k stride_idx_m stride_q_m stride_r_n stride_dq_m stride_dr_n: i64",
+        unit=("stride_g_k",), rows=("stride_q_m", "stride_r_n", "stride_dq_m", "stride_dr_n"),
+        other=("stride_g_m", "stride_idx_m"), gemm=False),
+}
+
+
 # --------------------------------------------------------------------------- configurations
-# largest KP -> (BLOCK_M, BLOCK_N, num_warps): the running top-k costs 2 * BLOCK_M * KP
-# registers per program, so BLOCK_M shrinks as k grows.
-KP_TABLE = [
-    (16, (128, 128, 8)),
-    (32, (64, 128, 4)),
-    (64, (64, 64, 4)),
-    (128, (32, 64, 4)),
-]
-BLOCK_D_MAX = {True: 64, False: 32}  # half inputs / float32 inputs
-NUM_STAGES = 3
-BWD_BLOCKS = (64, 64, 4)  # BLOCK_M, BLOCK_D, num_warps
+#: The forward's entries by the largest KP they serve -> (BLOCK_M, BLOCK_N, num_warps): the
+#: running top-k costs 2 * BLOCK_M * KP registers per program, so BLOCK_M shrinks as k grows.
+_FWD_BLOCKS = {16: (128, 128, 8), 32: (64, 128, 4), 64: (64, 64, 4), 128: (32, 64, 4)}
+KP_ROWS = tuple(_FWD_BLOCKS)
 
 
-def fwd_config(dtype: torch.dtype, D: int, kp: int) -> Tuple[int, int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages) for the forward kernel."""
-    for limit, (bm, bn, w) in KP_TABLE:
+def _fwd_configs(largest_block_d: int) -> Dict[str, KernelConfig]:
+    return {f"fwd_kp{kp}": KernelConfig({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=3,
+                                        block_d=(16, largest_block_d))
+            for kp, (bm, bn, w) in _FWD_BLOCKS.items()}
+
+
+_BWD = KernelConfig({"BLOCK_M": 64}, num_warps=4, num_stages=1, block_d=(16, 64))
+#: ``CONFIGS[family][entry]``: ``fwd_kp<KP>`` (the forward for padded k up to KP) and ``bwd``.
+CONFIGS: Dict[str, Dict[str, KernelConfig]] = {
+    "half": dict(_fwd_configs(64), bwd=_BWD),
+    "fp32": dict(_fwd_configs(32), bwd=_BWD),
+}
+_SPEC_OF = {**{f"fwd_kp{kp}": KERNELS["fwd"] for kp in KP_ROWS}, "bwd": KERNELS["bwd"]}
+
+
+def fwd_entry(kp: int) -> str:
+    """The ``CONFIGS`` entry of the forward for ``kp`` slots."""
+    for limit in KP_ROWS:
         if kp <= limit:
-            return bm, bn, block_d(D, BLOCK_D_MAX[dtype != torch.float32]), w, NUM_STAGES
+            return f"fwd_kp{limit}"
     raise ValueError(f"k padded to {kp} exceeds MAX_K={MAX_K}")
 
 
-def _build_configs() -> List[KernelConfig]:
-    configs = []
-    for dtype, ptr in TL_DTYPE.items():
-        half = dtype != torch.float32
-        for limit, (bm, bn, w) in KP_TABLE:
-            # the largest KP of the row (most registers) with every D-chunk
-            bd, bdmax = 16, BLOCK_D_MAX[half]
-            while bd <= bdmax:
-                configs.append(KernelConfig(
-                    f"knn_fwd-{ptr[1:]}-kp{limit}-bd{bd}", _knn_fwd_kernel,
-                    {"Q": ptr, "R": ptr, "Qn": "*fp32", "Rn": "*fp32", "QL": "*i64", "RL": "*i64",
-                     "OutS": "*fp32", "OutI": "*i32", "M": "i32", "N": "i32", "D": "i32",
-                     "cols_per_split": "i32", "stride_q": "i64", "stride_r": "i64",
-                     "stride_os": "i64", "stride_om": "i64"},
-                    {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_D": bd, "KP": limit, "HAS_LABELS": True,
-                     "EXCLUDE_SELF": True, "USE_TF32": not half}, w, NUM_STAGES))
-                bd *= 2
-        bm, bd, w = BWD_BLOCKS
-        configs.append(KernelConfig(
-            f"knn_bwd-{ptr[1:]}", _knn_bwd_kernel,
-            {"G": "*fp32", "Idx": "*i64", "Q": ptr, "R": ptr, "dQ": "*fp32", "dR": "*fp32",
-             "M": "i32", "D": "i32", "K": "i32", "stride_gm": "i64", "stride_gk": "i64",
-             "stride_im": "i64", "stride_q": "i64", "stride_r": "i64", "stride_dq": "i64",
-             "stride_dr": "i64"},
-            {"BLOCK_M": bm, "BLOCK_D": bd}, w, 1, gemm=False))
-    return configs
+def _gpu_flags(entry: str, dtype: torch.dtype) -> dict:
+    if entry == "bwd":
+        return {}
+    return {"KP": int(entry[len("fwd_kp"):]), "HAS_LABELS": True, "EXCLUDE_SELF": True,
+            "INPUT_PRECISION": input_precision(dtype, gpu=True)}
 
 
-#: Every configuration the launchers in this module can choose (for compile tests).
-CONFIGS: List[KernelConfig] = _build_configs()
+def launches() -> List[Launch]:
+    """Every configuration the launchers of this module can pick on a GPU (compile tests); the
+    forward with the largest KP of each entry (the most registers)."""
+    return expand("knn", CONFIGS, _SPEC_OF, _gpu_flags)
 
 
 # --------------------------------------------------------------------------- selection
@@ -261,7 +287,8 @@ def _select_kernel(q, r, k, ql, rl, exclude_self, splits: Optional[int] = None):
     M, D = q.shape
     N = r.shape[0]
     kp = triton.next_power_of_2(k)
-    bm, bn, bd, w, st = fwd_config(q.dtype, D, kp)
+    cfg = CONFIGS[family(q.dtype)][fwd_entry(kp)]
+    bm, bn = cfg.blocks["BLOCK_M"], cfg.blocks["BLOCK_N"]
     S = splits or _num_splits(M, N, bm, bn, q.device)
     cols = triton.cdiv(triton.cdiv(N, S), bn) * bn
     S = triton.cdiv(N, cols)
@@ -272,15 +299,15 @@ def _select_kernel(q, r, k, ql, rl, exclude_self, splits: Optional[int] = None):
     _knn_fwd_kernel[(triton.cdiv(M, bm), S)](
         q, r, qn, rn, ql if has_labels else qn, rl if has_labels else rn, out_s, out_i,
         M, N, D, cols, q.stride(0), r.stride(0), out_s.stride(0), out_s.stride(1),
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, KP=kp, HAS_LABELS=has_labels,
-        EXCLUDE_SELF=bool(exclude_self), USE_TF32=use_tf32(q.dtype), num_warps=w, num_stages=st)
+        KP=kp, HAS_LABELS=has_labels, EXCLUDE_SELF=bool(exclude_self),
+        INPUT_PRECISION=input_precision(q.dtype), **cfg.launch(D))
     s = out_s.permute(1, 0, 2).reshape(M, S * kp)
     i = out_i.permute(1, 0, 2).reshape(M, S * kp)
     return _finish(s, i, k)
 
 
 def _select_chunked(q, r, k, ql, rl, exclude_self):
-    """Plain-PyTorch selection over row chunks (float64, or k > MAX_K): (squared distance, index)."""
+    """Plain-PyTorch selection over row chunks (k > MAX_K): (squared distance, index)."""
     M, N = q.shape[0], r.shape[0]
     rn = (r * r).sum(1)
     step = max(1, CHUNK_ELEMS // max(N, 1))
@@ -311,18 +338,16 @@ def _select_chunked(q, r, k, ql, rl, exclude_self):
 # --------------------------------------------------------------------------- autograd
 def _knn_backward(g, index, q, r):
     M, D = q.shape
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    dq = torch.zeros(M, D, dtype=acc, device=q.device)
-    dr = torch.zeros(r.shape[0], D, dtype=acc, device=q.device)
+    dq = torch.zeros(M, D, dtype=torch.float32, device=q.device)
+    dr = torch.zeros(r.shape[0], D, dtype=torch.float32, device=q.device)
     if M == 0 or D == 0 or index.shape[1] == 0 or r.shape[0] == 0:
         return dq.to(q.dtype), dr.to(r.dtype)
-    g = g.to(acc)
-    bm, bd, w = BWD_BLOCKS
-    bd = min(bd, max(16, triton.next_power_of_2(D)))
-    _knn_bwd_kernel[(triton.cdiv(M, bm),)](
+    g = g.to(torch.float32)
+    cfg = CONFIGS[family(q.dtype)]["bwd"]
+    _knn_bwd_kernel[(triton.cdiv(M, cfg.blocks["BLOCK_M"]),)](
         g, index, q, r, dq, dr, M, D, index.shape[1],
         g.stride(0), g.stride(1), index.stride(0), q.stride(0), r.stride(0),
-        dq.stride(0), dr.stride(0), BLOCK_M=bm, BLOCK_D=bd, num_warps=w)
+        dq.stride(0), dr.stride(0), **cfg.launch(D))
     return dq.to(q.dtype), dr.to(r.dtype)
 
 
@@ -333,7 +358,7 @@ def _knn_op(query: torch.Tensor, ref: torch.Tensor, k: int, query_labels: Option
             ref_labels: Optional[torch.Tensor], exclude_self: bool, splits: Optional[int]
             ) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(dist, index)`` of the kNN (see :func:`knn`)."""
-    dtype = common_dtype(query, ref)
+    dtype = compute_dtype("knn", query, ref)
     q, r = prepare(query, dtype), prepare(ref, dtype)
     ql = rl = None
     if query_labels is not None:
@@ -341,25 +366,19 @@ def _knn_op(query: torch.Tensor, ref: torch.Tensor, k: int, query_labels: Option
         rl = ref_labels.to(torch.int64).contiguous()
     M, N = q.shape[0], r.shape[0]
     if M == 0 or N == 0:
-        s = torch.full((M, k), float("inf"), dtype=_dist_dtype(dtype), device=q.device)
+        s = torch.full((M, k), float("inf"), dtype=torch.float32, device=q.device)
         index = torch.full((M, k), -1, dtype=torch.int64, device=q.device)
-    elif dtype == torch.float64 or k > MAX_K:
-        s, index = _select_chunked(q.to(torch.promote_types(dtype, torch.float32)),
-                                   r.to(torch.promote_types(dtype, torch.float32)),
-                                   k, ql, rl, exclude_self)
+    elif k > MAX_K:
+        s, index = _select_chunked(q.float(), r.float(), k, ql, rl, exclude_self)
     else:
         s, index = _select_kernel(q, r, k, ql, rl, exclude_self, splits)
     return torch.sqrt(s).contiguous(), index.contiguous()
 
 
-def _dist_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 @_knn_op.register_fake
 def _knn_fake(query, ref, k, query_labels, ref_labels, exclude_self, splits):
     M = query.shape[0]
-    dist = query.new_empty((M, k), dtype=_dist_dtype(common_dtype(query, ref)))
+    dist = query.new_empty((M, k), dtype=torch.float32)
     return dist, query.new_empty((M, k), dtype=torch.int64)
 
 
@@ -367,7 +386,7 @@ def _knn_fake(query, ref, k, query_labels, ref_labels, exclude_self, splits):
 def _knn_backward_op(g: torch.Tensor, index: torch.Tensor, query: torch.Tensor,
                      ref: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """Scatter of ``g`` (M x k) over the selected pairs: ``(dL/dquery, dL/dref)``."""
-    dtype = common_dtype(query, ref)
+    dtype = compute_dtype("knn", query, ref)
     dq, dr = _knn_backward(g, index, prepare(query, dtype), prepare(ref, dtype))
     return dq.to(query.dtype), dr.to(ref.dtype)
 
@@ -402,7 +421,7 @@ def knn(
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """The ``k`` nearest rows of ``ref`` (N x D) for each row of ``query`` (M x D).
 
-    Returns ``(dist, index)``, each M x k: ``dist`` float32 (float64 for float64 inputs),
+    Returns ``(dist, index)``, each M x k: ``dist`` float32 (float64 inputs raise ``ValueError``),
     ``index`` int64, sorted ascending with ties to the smaller index; with labels only
     ``ref_labels[j] == query_labels[i]`` counts; ``exclude_self`` drops ``j == i``; rows with
     fewer than ``k`` candidates are padded with ``inf`` / ``-1``. ``dist`` is differentiable in
@@ -419,9 +438,7 @@ def _knn(query, ref, k, *, query_labels=None, ref_labels=None, exclude_self=Fals
         raise ValueError(f"k must be an integer >= 1, got {k!r}")
     if query.ndim != 2 or ref.ndim != 2 or query.shape[1] != ref.shape[1]:
         raise ValueError(f"query and ref must be M x D and N x D, got {tuple(query.shape)} and {tuple(ref.shape)}")
-    dtype = common_dtype(query, ref)
-    if dtype not in TL_DTYPE and dtype != torch.float64:
-        raise ValueError(f"knn takes float16, bfloat16, float32 or float64 inputs, got {dtype}")
+    compute_dtype("knn", query, ref)
     if ref.shape[0] >= 2**31:
         raise ValueError(f"ref has {ref.shape[0]} rows; the kernel's column indices are int32 (< 2^31)")
     return _knn_op(query, ref, k, query_labels, ref_labels, bool(exclude_self), splits)

@@ -1,4 +1,5 @@
-"""Fused adaptive line margin (SPEC.md steps 5-6 and "Gradients"): forward and backward in Triton.
+"""Fused adaptive line margin (docs/method.md, steps 5-6 and "Gradients"): forward and backward
+in Triton.
 
 Operator
 --------
@@ -11,29 +12,29 @@ and semantics as ``daal_triton.reference.line_margin``::
     lse_i = logsumexp( {0} U { alpha (delta_iy + m_i - delta_ic) : c != y_i } )
 
 with ``delta_ic`` the distance of ``x_i`` to the segment ``[p_c, q_c]`` (``segments[:, 0]`` = p,
-``segments[:, 1]`` = q), ``u_c = q_c - p_c``, ``t_ic = clamp((x_i.u_c - p_c.u_c) / max(|u_c|^2, eps), 0, 1)``,
-``|e_ic|^2 = |x_i|^2 - 2 x_i.p_c + |p_c|^2 - 2 t_ic (x_i.u_c - p_c.u_c) + t_ic^2 |u_c|^2`` (GEMM form),
-``delta_ic = sqrt(max(|e_ic|^2, eps))``, ``eps = 1e-12``. Margins get no gradient.
-Output dtype: float32 for float16/bfloat16 inputs, the promoted dtype (float32) otherwise.
-float64 inputs go to the reference (plain PyTorch) instead of the kernels.
+``segments[:, 1]`` = q), ``u_c = q_c - p_c``,
+``t_ic = clamp((x_i.u_c - p_c.u_c) / max(|u_c|^2, eps), 0, 1)``,
+``|e_ic|^2 = |x_i|^2 - 2 x_i.p_c + |p_c|^2 - 2 t_ic (x_i.u_c - p_c.u_c) + t_ic^2 |u_c|^2``
+(GEMM form), ``delta_ic = sqrt(max(|e_ic|^2, eps))``, ``eps = 1e-12``. Margins get no gradient.
+Output dtype: float32 for float16/bfloat16/float32 inputs. float64 inputs raise ``ValueError``
+(``daal_triton``'s loss routes them to the reference).
 
 The split
 ---------
 * ``delta_iy`` (own class) is computed first, in PyTorch, in the *direct* form
-  ``|x_i - p_y - t u_y|`` (``reference.own_distance_sq``, O(B D), float32 at least). It is exact
-  for points lying on their own segment (where the GEMM form cancels catastrophically), and its
-  gradient (the ``g_iy`` term of SPEC "Gradients" and the pull term) flows through ordinary
+  ``|x_i - p_y - t u_y|`` (:func:`own_distance_sq`, O(B D), float32). It is exact for points
+  lying on their own segment (where the GEMM form cancels catastrophically), and its gradient
+  (the ``g_iy`` term of docs/method.md "Gradients" and the pull term) flows through ordinary
   autograd. The fused kernels mask the own class ``c == y_i`` out of every tile.
 * the custom operator ``daal_triton::line_lse`` (``torch.library``, with a registered autograd
   formula and backward operator ``daal_triton::line_lse_backward``) takes ``delta_iy`` as an input
-  and returns ``lse_i / alpha``; its backward gives ``d/d delta_iy = grad_out_i (1 - exp(-lse_i))`` (the total
-  softmax weight of the classes, the ``{0}`` excluded) plus, through the kernels, dX, dP, dQ of the
-  ``c != y_i`` terms.
+  and returns ``lse_i / alpha``; its backward gives
+  ``d/d delta_iy = grad_out_i (1 - exp(-lse_i))`` (the total softmax weight of the classes, the
+  ``{0}`` excluded) plus, through the kernels, dX, dP, dQ of the ``c != y_i`` terms.
 
 Kernels (formulas beside each kernel)
 -------------------------------------
-* ``_lm_class_stats_kernel``: ``pp_c = |p_c|^2``, ``pu_c = p_c.u_c``, ``uu_c = |u_c|^2`` in float32
-  (O(C D) read, ``u`` formed in float32 so ``uu = 0`` exactly for zero-length segments).
+* ``_lm_class_stats_kernel``: ``pp_c = |p_c|^2``, ``pu_c = p_c.u_c``, ``uu_c = |u_c|^2`` in float32.
 * ``_lm_fwd_kernel``: grid (row tiles, class splits). Each program streams the class tiles of its
   split; per tile it runs the K-loop over D with two ``tl.dot`` (``x.p`` and ``x.u``), forms t, e^2,
   delta and the logits in registers and folds them into an online (max, sum) pair per row, which
@@ -42,8 +43,8 @@ Kernels (formulas beside each kernel)
   Splitting C (flash-decoding style) is what fills the GPU: B = 1024 rows are only 8 row tiles.
 * ``_lm_bwd_dpq_kernel`` (class-tile parallel, like flash attention's dK/dV pass): each program
   owns BLOCK_C classes and streams over all row tiles, recomputing the tile and
-  ``h_ic = g_ic / delta_ic``, ``g_ic = -grad_out_i exp(logit_ic - lse_i)`` (0 where the 1e-6
-  clamp binds, for padding, and for c == y_i). With ``e_ic = x_i - p_c - t_ic u_c``::
+  ``h_ic = g_ic / delta_ic``, ``g_ic = -grad_out_i exp(logit_ic - lse_i)`` (0 where the clamp
+  binds, for padding, and for c == y_i). With ``e_ic = x_i - p_c - t_ic u_c``::
 
       A_c = sum_i h_ic e_ic     = [H^T X]_c      - (sum_i h_ic) p_c     - (sum_i h_ic t_ic) u_c
       B_c = sum_i h_ic t_ic e_ic = [(Ht)^T X]_c  - (sum_i h_ic t_ic) p_c - (sum_i h_ic t_ic^2) u_c
@@ -51,16 +52,12 @@ Kernels (formulas beside each kernel)
 
   The two GEMMs go through ``tl.dot``; their BLOCK_C x D accumulators are too large for registers
   at D = 512, so they live in the float32 output buffer (C x 2 x D), which the program owns
-  exclusively and updates read-modify-write per row tile (an L2-resident working set of
-  BLOCK_C x 2 x D x 4 bytes per program). No atomics: the result is deterministic. The last loop
-  applies the rank-1 column-sum corrections in place.
+  exclusively and updates read-modify-write per row tile. No atomics: the result is
+  deterministic. The last loop applies the rank-1 column-sum corrections in place.
 * ``_lm_bwd_dx_kernel`` (row-tile parallel, class split like the forward): ``dX_i = sum_c h_ic e_ic
   = (sum_c h_ic) x_i - [H P]_i - [(Ht) U]_i``, each program accumulating into its own slice of a
   float32 NSPLIT x B x D workspace (read-modify-write per class tile, no atomics), summed over the
-  splits in PyTorch. Atomics were rejected: with a class-tile-parallel single pass every dX element
-  would receive C / BLOCK_C (~1600 at C = 100k) atomic adds, and the result would not be
-  deterministic. The price is one more recompute of the x.p, x.u GEMMs (forward 4BCD flops,
-  backward 2 x 4BCD recompute + 2 x 4BCD gradient GEMMs).
+  splits in PyTorch. (Why not atomics: docs/kernels.md.)
 
 Mixed precision
 ---------------
@@ -69,17 +66,8 @@ loaded, ``u = q - p`` is formed in float32, then both are cast to ``x.dtype``; t
 ``h`` tiles are cast to ``x.dtype`` too (for float16 they are clamped to +-6e4 first: only a
 point within ~1e-5 of a negative segment with ``grad_out ~ 1`` reaches that). Row/column
 statistics, t, e^2, the logsumexp and every accumulator are float32. float32 dots use TF32 on a
-GPU (``input_precision="tf32"``) and IEEE under ``TRITON_INTERPRET=1`` (so CPU parity holds at
-1e-5). All pointer offsets are 64-bit (C x D and B x D may pass 2^31).
-
-Status (no GPU measurement yet)
--------------------------------
-Built for sm_90 the way a contiguous D = 512 launch is specialised (unit last-dimension strides,
-16-byte-aligned pointers, strides divisible by 16), every GEMM kernel of the tables below fits
-in 255 registers without spilling (``cuobjdump -res-usage``: STACK 0; the compile tests assert
-it). The generic build (no specialisation: odd D, strided views) still spills, and so do the
-sm_80 (A100) builds, aligned too (16 B to 1 KB per thread: the table is tuned for sm_90; a
-per-capability table would be the fix). The block sizes are not yet timed on a GPU.
+GPU and IEEE under ``TRITON_INTERPRET=1`` (``_common.input_precision``). All pointer offsets are
+64-bit (C x D and B x D may pass 2^31).
 
 Memory (beyond inputs and outputs)
 ----------------------------------
@@ -90,92 +78,54 @@ ever B x C.
 """
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Dict, List, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-from daal_triton.reference import EPS, line_margin as _reference_line_margin, own_distance_sq
+from ._common import (
+    EPS,
+    FAMILY_DTYPES,
+    KernelConfig,
+    KernelSpec,
+    Launch,
+    compute_dtype,
+    expand,
+    family,
+    input_precision,
+    interpreting,
+)
 
-from .pairwise import interpreting
-
-__all__ = ["line_margin", "CONFIGS", "KERNELS", "config_for", "kernel_signature"]
-
-# ----------------------------------------------------------------------------- configurations
-# Every configuration the launchers can choose: (family, BLOCK_D) -> per-kernel block sizes.
-# family: "half" (float16/bfloat16 x), "fp32" (float32 x, TF32 dots), "interp" (only under
-# TRITON_INTERPRET=1, never launched on a GPU: few, large blocks, since the interpreter's cost is
-# per program and per op, and BLOCK_D fitted to D, since its dots cost per padded element). BLOCK_D is the K step of the x.p / x.u GEMMs and the
-# D chunk of the gradient GEMMs; small D is masked (a D <= 32 variant was left out to keep the
-# compile matrix small: small D is far from the target's D = 512).
-# Launch knobs: BLOCK_B, BLOCK_C, BLOCK_D, num_warps, num_stages; the forward and dX grids split
-# C so that row tiles x splits is about TARGET_PROGRAMS (~2 waves of an H200's 132 SMs).
-# Chosen without a GPU timing (none was available yet), by what the compiler reports: among
-# the candidates swept (64/128 x 64/128 blocks, 4/8 warps, 2-4 stages), per kernel a large tile
-# whose sm_90 build, specialised as a contiguous D = 512 launch is, uses no local memory
-# (cuobjdump STACK 0; the earlier 128 x 128 and 4-warp choices spilled 48-672 bytes per thread)
-# and that fits the shared memory of an A100 (164 KiB) and an H100/H200 (227 KiB); the compile
-# tests assert both. bench/tune_line_margin.py times alternatives on a GPU.
-_BASE = {
-    "half": {
-        "stats": dict(BLOCK_C=64, num_warps=4, num_stages=2),
-        "fwd": dict(BLOCK_B=128, BLOCK_C=64, num_warps=8, num_stages=3),
-        "dpq": dict(BLOCK_B=64, BLOCK_C=64, num_warps=8, num_stages=2),
-        "dx": dict(BLOCK_B=64, BLOCK_C=64, num_warps=8, num_stages=3),
-    },
-    "fp32": {
-        "stats": dict(BLOCK_C=64, num_warps=4, num_stages=2),
-        "fwd": dict(BLOCK_B=64, BLOCK_C=128, num_warps=8, num_stages=2),
-        "dpq": dict(BLOCK_B=64, BLOCK_C=64, num_warps=8, num_stages=3),
-        "dx": dict(BLOCK_B=64, BLOCK_C=64, num_warps=8, num_stages=3),
-    },
-    "interp": {
-        "stats": dict(BLOCK_C=128, num_warps=4, num_stages=1),
-        "fwd": dict(BLOCK_B=128, BLOCK_C=128, num_warps=4, num_stages=1),
-        "dpq": dict(BLOCK_B=128, BLOCK_C=128, num_warps=4, num_stages=1),
-        "dx": dict(BLOCK_B=128, BLOCK_C=128, num_warps=4, num_stages=1),
-    },
-}
-_BLOCK_DS = {"half": (64,), "fp32": (64,), "interp": (16, 32, 64, 128)}
-CONFIGS = {
-    (family, bd): {k: dict(v, BLOCK_D=bd) for k, v in kernels.items()}
-    for family, kernels in _BASE.items()
-    for bd in _BLOCK_DS[family]
-}
-TARGET_PROGRAMS = 264  # ~2 waves on 132 SMs
-MAX_SPLITS = 64
-
-
-def config_for(x_dtype: torch.dtype, D: int, *, interpret: bool | None = None):
-    """The (family, BLOCK_D) key of ``CONFIGS`` the launchers use for ``x`` of this dtype and width."""
-    interpret = interpreting() if interpret is None else interpret
-    if interpret:  # the interpreter's dots cost per padded element: fit BLOCK_D to D
-        return ("interp", min(128, max(16, triton.next_power_of_2(D))))
-    return ("fp32" if x_dtype == torch.float32 else "half", 64)
-
-
-def _precision() -> str:
-    return "ieee" if interpreting() else "tf32"
-
+__all__ = ["line_margin", "own_distance_sq", "CONFIGS", "KERNELS", "config_family", "launches"]
 
 # ----------------------------------------------------------------------------- kernels
 @triton.jit
-def _lm_class_stats_kernel(seg_ptr, pp_ptr, pu_ptr, uu_ptr, C, D, s_c, s_v, s_d,
+def _lm_class_stats_kernel(seg_ptr, pp_ptr, pu_ptr, uu_ptr, C, D,
+                           stride_seg_c, stride_seg_v, stride_seg_d,
                            BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
-    """``pp_c = |p_c|^2``, ``pu_c = p_c.(q_c - p_c)``, ``uu_c = |q_c - p_c|^2`` (float32)."""
+    """``pp_c = |p_c|^2``, ``pu_c = p_c.(q_c - p_c)``, ``uu_c = |q_c - p_c|^2`` (float32; ``u`` is
+    formed in float32, so ``uu = 0`` exactly for a zero-length segment).
+
+    Args:
+        seg_ptr: C x 2 x D segments (``[:, 0]`` = p, ``[:, 1]`` = q), any float dtype.
+        stride_seg_c, stride_seg_v, stride_seg_d: strides of segments (class, p/q, feature).
+        pp_ptr, pu_ptr, uu_ptr: the C float32 outputs.
+        C, D: sizes.
+        BLOCK_C: classes per program. BLOCK_D: D-chunk.
+    """
     cls = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cls < C
-    base = seg_ptr + cls.to(tl.int64)[:, None] * s_c
+    base = seg_ptr + cls.to(tl.int64)[:, None] * stride_seg_c
     pp = tl.zeros([BLOCK_C], dtype=tl.float32)
     pu = tl.zeros([BLOCK_C], dtype=tl.float32)
     uu = tl.zeros([BLOCK_C], dtype=tl.float32)
     for k in range(0, D, BLOCK_D):
         offs_d = k + tl.arange(0, BLOCK_D)
         m = cmask[:, None] & (offs_d[None, :] < D)
-        od = offs_d.to(tl.int64)[None, :] * s_d
+        od = offs_d.to(tl.int64)[None, :] * stride_seg_d
         p = tl.load(base + od, mask=m, other=0.0).to(tl.float32)
-        q = tl.load(base + s_v + od, mask=m, other=0.0).to(tl.float32)
+        q = tl.load(base + stride_seg_v + od, mask=m, other=0.0).to(tl.float32)
         u = q - p
         pp += tl.sum(p * p, 1)
         pu += tl.sum(p * u, 1)
@@ -186,29 +136,36 @@ def _lm_class_stats_kernel(seg_ptr, pp_ptr, pu_ptr, uu_ptr, C, D, s_c, s_v, s_d,
 
 
 @triton.jit
-def _tile_geometry(x_ptr, seg_ptr, rows, cls, rmask, cmask, D, s_xb, s_xd, s_c, s_v, s_d,
+def _tile_geometry(x_ptr, seg_ptr, rows, cls, rmask, cmask, D,
+                   stride_x_b, stride_x_d, stride_seg_c, stride_seg_v, stride_seg_d,
                    xx, pp, pu, uu, eps, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
-                   BLOCK_D: tl.constexpr, PREC: tl.constexpr):
-    """One BLOCK_B x BLOCK_C tile of ``t`` and ``|e|^2`` (GEMM form, SPEC step 5).
+                   BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """One BLOCK_B x BLOCK_C tile of ``t`` and ``|e|^2`` (GEMM form, docs/method.md step 5).
 
     K-loop over D: ``XP += X_k P_k^T``, ``XU += X_k U_k^T`` (dots in x's dtype, fp32 accumulate);
     ``proj = XU - pu``, ``t = clamp(proj / max(uu, eps), 0, 1)``,
-    ``e2 = xx - 2 XP + pp - 2 t proj + t^2 uu``."""
+    ``e2 = xx - 2 XP + pp - 2 t proj + t^2 uu``.
+
+    Args:
+        x_ptr, seg_ptr, strides, eps, BLOCK_*, INPUT_PRECISION: as in ``_lm_fwd_kernel``.
+        rows, cls, rmask, cmask: the tile's row and class indices and which of them exist.
+        D: the feature size. xx, pp, pu, uu: the tile's row and class statistics.
+    """
     xp = tl.zeros([BLOCK_B, BLOCK_C], dtype=tl.float32)
     xu = tl.zeros([BLOCK_B, BLOCK_C], dtype=tl.float32)
-    xrow = x_ptr + rows.to(tl.int64)[:, None] * s_xb
-    crow = seg_ptr + cls.to(tl.int64)[:, None] * s_c
+    xrow = x_ptr + rows.to(tl.int64)[:, None] * stride_x_b
+    crow = seg_ptr + cls.to(tl.int64)[:, None] * stride_seg_c
     for k in range(0, D, BLOCK_D):
         offs_d = k + tl.arange(0, BLOCK_D)
         dmask = offs_d < D
         od = offs_d.to(tl.int64)[None, :]
-        xt = tl.load(xrow + od * s_xd, mask=rmask[:, None] & dmask[None, :], other=0.0)
+        xt = tl.load(xrow + od * stride_x_d, mask=rmask[:, None] & dmask[None, :], other=0.0)
         cm = cmask[:, None] & dmask[None, :]
-        p = tl.load(crow + od * s_d, mask=cm, other=0.0).to(tl.float32)
-        q = tl.load(crow + s_v + od * s_d, mask=cm, other=0.0).to(tl.float32)
+        p = tl.load(crow + od * stride_seg_d, mask=cm, other=0.0).to(tl.float32)
+        q = tl.load(crow + stride_seg_v + od * stride_seg_d, mask=cm, other=0.0).to(tl.float32)
         u = q - p
-        xp = tl.dot(xt, tl.trans(p.to(xt.dtype)), xp, input_precision=PREC)
-        xu = tl.dot(xt, tl.trans(u.to(xt.dtype)), xu, input_precision=PREC)
+        xp = tl.dot(xt, tl.trans(p.to(xt.dtype)), xp, input_precision=INPUT_PRECISION)
+        xu = tl.dot(xt, tl.trans(u.to(xt.dtype)), xu, input_precision=INPUT_PRECISION)
     proj = xu - pu[None, :]
     t = tl.minimum(tl.maximum(proj / tl.maximum(uu, eps)[None, :], 0.0), 1.0)
     e2 = xx[:, None] - 2.0 * xp + pp[None, :] - 2.0 * t * proj + t * t * uu[None, :]
@@ -216,13 +173,20 @@ def _tile_geometry(x_ptr, seg_ptr, rows, cls, rmask, cmask, D, s_xb, s_xd, s_c, 
 
 
 @triton.jit
-def _tile_h(x_ptr, seg_ptr, rows, cls, rmask, cmask, lab, base, lse, go, D, s_xb, s_xd,
-            s_c, s_v, s_d, xx, pp, pu, uu, alpha, eps, BLOCK_B: tl.constexpr,
-            BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr):
+def _tile_h(x_ptr, seg_ptr, rows, cls, rmask, cmask, lab, base, lse, go, D,
+            stride_x_b, stride_x_d, stride_seg_c, stride_seg_v, stride_seg_d,
+            xx, pp, pu, uu, alpha, eps, BLOCK_B: tl.constexpr,
+            BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     """Backward tile: ``h_ic = -grad_out_i w_ic / delta_ic`` with ``w_ic = exp(logit_ic - lse_i)``,
-    zero for padding, ``c == y_i`` and where ``|e|^2 < eps`` (the clamp binds); returns (h, t)."""
-    t, e2 = _tile_geometry(x_ptr, seg_ptr, rows, cls, rmask, cmask, D, s_xb, s_xd, s_c, s_v, s_d,
-                           xx, pp, pu, uu, eps, BLOCK_B, BLOCK_C, BLOCK_D, PREC)
+    zero for padding, ``c == y_i`` and where ``|e|^2 < eps`` (the clamp binds); returns (h, t).
+
+    Args:
+        as ``_tile_geometry``, and the tile rows' labels ``lab``, ``base``, ``lse`` and
+        incoming gradient ``go``; ``alpha``: the logit scale.
+    """
+    t, e2 = _tile_geometry(x_ptr, seg_ptr, rows, cls, rmask, cmask, D, stride_x_b, stride_x_d,
+                           stride_seg_c, stride_seg_v, stride_seg_d, xx, pp, pu, uu, eps,
+                           BLOCK_B, BLOCK_C, BLOCK_D, INPUT_PRECISION)
     delta = tl.sqrt(tl.maximum(e2, eps))
     valid = rmask[:, None] & cmask[None, :] & (cls[None, :] != lab[:, None]) & (e2 >= eps)
     logit = base[:, None] - alpha * delta
@@ -232,20 +196,38 @@ def _tile_h(x_ptr, seg_ptr, rows, cls, rmask, cmask, lab, base, lse, go, D, s_xb
 
 
 @triton.jit
-def _lm_fwd_kernel(x_ptr, seg_ptr, lab_ptr, base_ptr, xx_ptr, pp_ptr, pu_ptr, uu_ptr,
-                   m_ptr, s_ptr, B, C, D, s_xb, s_xd, s_c, s_v, s_d, classes_per_split,
+def _lm_fwd_kernel(x_ptr, seg_ptr, label_ptr, base_ptr, xx_ptr, pp_ptr, pu_ptr, uu_ptr,
+                   m_ptr, s_ptr, B, C, D, stride_x_b, stride_x_d,
+                   stride_seg_c, stride_seg_v, stride_seg_d, classes_per_split,
                    alpha, eps, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
-                   BLOCK_D: tl.constexpr, PREC: tl.constexpr):
+                   BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     """Online logsumexp over the classes of split ``pid(1)`` for rows of tile ``pid(0)``.
 
     ``logit_ic = base_i - alpha delta_ic`` with ``base_i = alpha (delta_iy + m_i)``, masked to -inf
     for ``c == y_i`` and padding; running ``M_i = max(M_i, max_c logit)``, ``S_i = S_i e^{M_old - M}
-    + sum_c e^{logit - M}`` from ``(M, S) = (0, 0)``. Writes ``m[split, i]``, ``s[split, i]``."""
+    + sum_c e^{logit - M}`` from ``(M, S) = (0, 0)``. Writes ``m[split, i]``, ``s[split, i]``.
+
+    Args:
+        x_ptr: B x D embeddings (float32/float16/bfloat16).
+        seg_ptr: C x 2 x D segments (``[:, 0]`` = p, ``[:, 1]`` = q), any float dtype.
+        label_ptr: B labels (int64).
+        base_ptr: B values ``alpha (delta_iy + m_i)`` (float32).
+        xx_ptr: B values ``|x_i|^2`` (float32).
+        pp_ptr, pu_ptr, uu_ptr: the C class statistics (float32, ``_lm_class_stats_kernel``).
+        m_ptr, s_ptr: NSPLIT x B float32 outputs, contiguous: running max and sum per split.
+        B, C, D: sizes.
+        stride_x_b, stride_x_d: strides of x.
+        stride_seg_c, stride_seg_v, stride_seg_d: strides of segments (class, p/q, feature).
+        classes_per_split: classes per split (a multiple of BLOCK_C).
+        alpha: the logit scale. eps: the floor of squared distances and lengths.
+        BLOCK_B, BLOCK_C: rows x classes per tile. BLOCK_D: D-chunk of every GEMM.
+        INPUT_PRECISION: ``tl.dot``'s input precision (operands in x's dtype).
+    """
     pid_b = tl.program_id(0)
     pid_s = tl.program_id(1)
     rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
     rmask = rows < B
-    lab = tl.load(lab_ptr + rows, mask=rmask, other=-1)
+    lab = tl.load(label_ptr + rows, mask=rmask, other=-1)
     base = tl.load(base_ptr + rows, mask=rmask, other=0.0)
     xx = tl.load(xx_ptr + rows, mask=rmask, other=0.0)
     run_m = tl.zeros([BLOCK_B], dtype=tl.float32)
@@ -258,8 +240,9 @@ def _lm_fwd_kernel(x_ptr, seg_ptr, lab_ptr, base_ptr, xx_ptr, pp_ptr, pu_ptr, uu
         pp = tl.load(pp_ptr + cls, mask=cmask, other=0.0)
         pu = tl.load(pu_ptr + cls, mask=cmask, other=0.0)
         uu = tl.load(uu_ptr + cls, mask=cmask, other=0.0)
-        t, e2 = _tile_geometry(x_ptr, seg_ptr, rows, cls, rmask, cmask, D, s_xb, s_xd, s_c, s_v,
-                               s_d, xx, pp, pu, uu, eps, BLOCK_B, BLOCK_C, BLOCK_D, PREC)
+        t, e2 = _tile_geometry(x_ptr, seg_ptr, rows, cls, rmask, cmask, D, stride_x_b, stride_x_d,
+                               stride_seg_c, stride_seg_v, stride_seg_d, xx, pp, pu, uu, eps,
+                               BLOCK_B, BLOCK_C, BLOCK_D, INPUT_PRECISION)
         delta = tl.sqrt(tl.maximum(e2, eps))
         valid = cmask[None, :] & (cls[None, :] != lab[:, None])
         logit = tl.where(valid, base[:, None] - alpha * delta, float("-inf"))
@@ -272,16 +255,36 @@ def _lm_fwd_kernel(x_ptr, seg_ptr, lab_ptr, base_ptr, xx_ptr, pp_ptr, pu_ptr, uu
 
 
 @triton.jit
-def _lm_bwd_dpq_kernel(x_ptr, seg_ptr, lab_ptr, base_ptr, lse_ptr, go_ptr, xx_ptr, pp_ptr,
-                       pu_ptr, uu_ptr, g_ptr, B, C, D, s_xb, s_xd, s_c, s_v, s_d,
-                       s_gc, s_gv, s_gd, alpha, eps, hmax, BLOCK_B: tl.constexpr,
-                       BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr):
-    """dP, dQ for the classes of tile ``pid(0)``, streaming all row tiles (float32 ``g``: C x 2 x D).
+def _lm_bwd_dpq_kernel(x_ptr, seg_ptr, label_ptr, base_ptr, lse_ptr, go_ptr, xx_ptr, pp_ptr,
+                       pu_ptr, uu_ptr, g_ptr, B, C, D, stride_x_b, stride_x_d,
+                       stride_seg_c, stride_seg_v, stride_seg_d, stride_g_c, stride_g_v, stride_g_d,
+                       alpha, eps, hmax, BLOCK_B: tl.constexpr,
+                       BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """dP, dQ for the classes of tile ``pid(0)``, streaming all row tiles.
 
     Per row tile: ``G[:, 0] += H^T X``, ``G[:, 1] += (H t)^T X`` (read-modify-write of this
     program's own rows of G); column sums ``hs = sum_i h``, ``hts = sum_i h t``,
     ``htts = sum_i h t^2``. Then in place: ``A = G0 - hs p - hts u``, ``Bc = G1 - hts p - htts u``,
-    ``dP = Bc - A``, ``dQ = -Bc``."""
+    ``dP = Bc - A``, ``dQ = -Bc``.
+
+    Args:
+        x_ptr: B x D embeddings (float32/float16/bfloat16).
+        seg_ptr: C x 2 x D segments (``[:, 0]`` = p, ``[:, 1]`` = q), any float dtype.
+        label_ptr: B labels (int64).
+        base_ptr: B values ``alpha (delta_iy + m_i)`` (float32).
+        lse_ptr: B values ``lse_i`` of the forward. go_ptr: B incoming gradients (float32).
+        xx_ptr: B values ``|x_i|^2`` (float32).
+        pp_ptr, pu_ptr, uu_ptr: the C class statistics (float32, ``_lm_class_stats_kernel``).
+        g_ptr: the C x 2 x D float32 output (dP, dQ).
+        B, C, D: sizes.
+        stride_x_b, stride_x_d: strides of x.
+        stride_seg_c, stride_seg_v, stride_seg_d: strides of segments (class, p/q, feature).
+        stride_g_c, stride_g_v, stride_g_d: strides of g.
+        hmax: the clamp of h before it is cast to x's dtype (6e4 for float16).
+        alpha: the logit scale. eps: the floor of squared distances and lengths.
+        BLOCK_B, BLOCK_C: rows x classes per tile. BLOCK_D: D-chunk of every GEMM.
+        INPUT_PRECISION: ``tl.dot``'s input precision (operands in x's dtype).
+    """
     cls = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cls < C
     pp = tl.load(pp_ptr + cls, mask=cmask, other=0.0)
@@ -290,67 +293,87 @@ def _lm_bwd_dpq_kernel(x_ptr, seg_ptr, lab_ptr, base_ptr, lse_ptr, go_ptr, xx_pt
     hs = tl.zeros([BLOCK_C], dtype=tl.float32)
     hts = tl.zeros([BLOCK_C], dtype=tl.float32)
     htts = tl.zeros([BLOCK_C], dtype=tl.float32)
-    grow = g_ptr + cls.to(tl.int64)[:, None] * s_gc
+    grow = g_ptr + cls.to(tl.int64)[:, None] * stride_g_c
     for r0 in range(0, B, BLOCK_B):
         rows = r0 + tl.arange(0, BLOCK_B)
         rmask = rows < B
-        lab = tl.load(lab_ptr + rows, mask=rmask, other=-1)
+        lab = tl.load(label_ptr + rows, mask=rmask, other=-1)
         base = tl.load(base_ptr + rows, mask=rmask, other=0.0)
         lse = tl.load(lse_ptr + rows, mask=rmask, other=0.0)
         go = tl.load(go_ptr + rows, mask=rmask, other=0.0)
         xx = tl.load(xx_ptr + rows, mask=rmask, other=0.0)
-        h, t = _tile_h(x_ptr, seg_ptr, rows, cls, rmask, cmask, lab, base, lse, go, D, s_xb,
-                       s_xd, s_c, s_v, s_d, xx, pp, pu, uu, alpha, eps, BLOCK_B, BLOCK_C,
-                       BLOCK_D, PREC)
+        h, t = _tile_h(x_ptr, seg_ptr, rows, cls, rmask, cmask, lab, base, lse, go, D, stride_x_b,
+                       stride_x_d, stride_seg_c, stride_seg_v, stride_seg_d, xx, pp, pu, uu, alpha,
+                       eps, BLOCK_B, BLOCK_C, BLOCK_D, INPUT_PRECISION)
         ht = h * t
         hs += tl.sum(h, 0)
         hts += tl.sum(ht, 0)
         htts += tl.sum(ht * t, 0)
-        xrow = x_ptr + rows.to(tl.int64)[:, None] * s_xb
+        xrow = x_ptr + rows.to(tl.int64)[:, None] * stride_x_b
         xdt = x_ptr.dtype.element_ty
         h_d = tl.trans(tl.minimum(tl.maximum(h, -hmax), hmax).to(xdt))
         ht_d = tl.trans(tl.minimum(tl.maximum(ht, -hmax), hmax).to(xdt))
         for k in range(0, D, BLOCK_D):
             offs_d = k + tl.arange(0, BLOCK_D)
             dmask = offs_d < D
-            xt = tl.load(xrow + offs_d.to(tl.int64)[None, :] * s_xd,
+            xt = tl.load(xrow + offs_d.to(tl.int64)[None, :] * stride_x_d,
                          mask=rmask[:, None] & dmask[None, :], other=0.0)
             gm = cmask[:, None] & dmask[None, :]
-            gp = grow + offs_d.to(tl.int64)[None, :] * s_gd
+            gp = grow + offs_d.to(tl.int64)[None, :] * stride_g_d
             acc0 = tl.load(gp, mask=gm & (r0 > 0), other=0.0)
-            acc1 = tl.load(gp + s_gv, mask=gm & (r0 > 0), other=0.0)
-            acc0 = tl.dot(h_d, xt, acc0, input_precision=PREC)
-            acc1 = tl.dot(ht_d, xt, acc1, input_precision=PREC)
+            acc1 = tl.load(gp + stride_g_v, mask=gm & (r0 > 0), other=0.0)
+            acc0 = tl.dot(h_d, xt, acc0, input_precision=INPUT_PRECISION)
+            acc1 = tl.dot(ht_d, xt, acc1, input_precision=INPUT_PRECISION)
             tl.store(gp, acc0, mask=gm)
-            tl.store(gp + s_gv, acc1, mask=gm)
-    crow = seg_ptr + cls.to(tl.int64)[:, None] * s_c
+            tl.store(gp + stride_g_v, acc1, mask=gm)
+    crow = seg_ptr + cls.to(tl.int64)[:, None] * stride_seg_c
     for k in range(0, D, BLOCK_D):
         offs_d = k + tl.arange(0, BLOCK_D)
         gm = cmask[:, None] & (offs_d[None, :] < D)
         od = offs_d.to(tl.int64)[None, :]
-        gp = grow + od * s_gd
-        p = tl.load(crow + od * s_d, mask=gm, other=0.0).to(tl.float32)
-        q = tl.load(crow + s_v + od * s_d, mask=gm, other=0.0).to(tl.float32)
+        gp = grow + od * stride_g_d
+        p = tl.load(crow + od * stride_seg_d, mask=gm, other=0.0).to(tl.float32)
+        q = tl.load(crow + stride_seg_v + od * stride_seg_d, mask=gm, other=0.0).to(tl.float32)
         u = q - p
         a = tl.load(gp, mask=gm, other=0.0) - hs[:, None] * p - hts[:, None] * u
-        b = tl.load(gp + s_gv, mask=gm, other=0.0) - hts[:, None] * p - htts[:, None] * u
+        b = tl.load(gp + stride_g_v, mask=gm, other=0.0) - hts[:, None] * p - htts[:, None] * u
         tl.store(gp, b - a, mask=gm)
-        tl.store(gp + s_gv, -b, mask=gm)
+        tl.store(gp + stride_g_v, -b, mask=gm)
 
 
 @triton.jit
-def _lm_bwd_dx_kernel(x_ptr, seg_ptr, lab_ptr, base_ptr, lse_ptr, go_ptr, xx_ptr, pp_ptr,
-                      pu_ptr, uu_ptr, w_ptr, B, C, D, s_xb, s_xd, s_c, s_v, s_d,
+def _lm_bwd_dx_kernel(x_ptr, seg_ptr, label_ptr, base_ptr, lse_ptr, go_ptr, xx_ptr, pp_ptr,
+                      pu_ptr, uu_ptr, w_ptr, B, C, D, stride_x_b, stride_x_d,
+                      stride_seg_c, stride_seg_v, stride_seg_d,
                       classes_per_split, alpha, eps, hmax, BLOCK_B: tl.constexpr,
-                      BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr):
-    """Partial dX of row tile ``pid(0)`` over the classes of split ``pid(1)`` (float32 ``w``:
-    NSPLIT x B x D, contiguous). Per class tile: ``W += H P + (H t) U`` (read-modify-write of this
-    program's own slice), ``hr += sum_c h``; then in place ``W = hr x - W``."""
+                      BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """Partial dX of row tile ``pid(0)`` over the classes of split ``pid(1)``. Per class tile:
+    ``W += H P + (H t) U`` (read-modify-write of this program's own slice), ``hr += sum_c h``;
+    then in place ``W = hr x - W``.
+
+    Args:
+        x_ptr: B x D embeddings (float32/float16/bfloat16).
+        seg_ptr: C x 2 x D segments (``[:, 0]`` = p, ``[:, 1]`` = q), any float dtype.
+        label_ptr: B labels (int64).
+        base_ptr: B values ``alpha (delta_iy + m_i)`` (float32).
+        lse_ptr: B values ``lse_i`` of the forward. go_ptr: B incoming gradients (float32).
+        xx_ptr: B values ``|x_i|^2`` (float32).
+        pp_ptr, pu_ptr, uu_ptr: the C class statistics (float32, ``_lm_class_stats_kernel``).
+        w_ptr: the NSPLIT x B x D float32 workspace (contiguous): partial dX per split.
+        B, C, D: sizes.
+        stride_x_b, stride_x_d: strides of x.
+        stride_seg_c, stride_seg_v, stride_seg_d: strides of segments (class, p/q, feature).
+        classes_per_split: classes per split (a multiple of BLOCK_C).
+        hmax: the clamp of h before it is cast to x's dtype (6e4 for float16).
+        alpha: the logit scale. eps: the floor of squared distances and lengths.
+        BLOCK_B, BLOCK_C: rows x classes per tile. BLOCK_D: D-chunk of every GEMM.
+        INPUT_PRECISION: ``tl.dot``'s input precision (operands in x's dtype).
+    """
     pid_b = tl.program_id(0)
     pid_s = tl.program_id(1)
     rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
     rmask = rows < B
-    lab = tl.load(lab_ptr + rows, mask=rmask, other=-1)
+    lab = tl.load(label_ptr + rows, mask=rmask, other=-1)
     base = tl.load(base_ptr + rows, mask=rmask, other=0.0)
     lse = tl.load(lse_ptr + rows, mask=rmask, other=0.0)
     go = tl.load(go_ptr + rows, mask=rmask, other=0.0)
@@ -366,70 +389,111 @@ def _lm_bwd_dx_kernel(x_ptr, seg_ptr, lab_ptr, base_ptr, lse_ptr, go_ptr, xx_ptr
         pp = tl.load(pp_ptr + cls, mask=cmask, other=0.0)
         pu = tl.load(pu_ptr + cls, mask=cmask, other=0.0)
         uu = tl.load(uu_ptr + cls, mask=cmask, other=0.0)
-        h, t = _tile_h(x_ptr, seg_ptr, rows, cls, rmask, cmask, lab, base, lse, go, D, s_xb,
-                       s_xd, s_c, s_v, s_d, xx, pp, pu, uu, alpha, eps, BLOCK_B, BLOCK_C,
-                       BLOCK_D, PREC)
+        h, t = _tile_h(x_ptr, seg_ptr, rows, cls, rmask, cmask, lab, base, lse, go, D, stride_x_b,
+                       stride_x_d, stride_seg_c, stride_seg_v, stride_seg_d, xx, pp, pu, uu, alpha,
+                       eps, BLOCK_B, BLOCK_C, BLOCK_D, INPUT_PRECISION)
         hr += tl.sum(h, 1)
         h_d = tl.minimum(tl.maximum(h, -hmax), hmax).to(xdt)
         ht_d = tl.minimum(tl.maximum(h * t, -hmax), hmax).to(xdt)
-        crow = seg_ptr + cls.to(tl.int64)[:, None] * s_c
+        crow = seg_ptr + cls.to(tl.int64)[:, None] * stride_seg_c
         for k in range(0, D, BLOCK_D):
             offs_d = k + tl.arange(0, BLOCK_D)
             dmask = offs_d < D
             od = offs_d.to(tl.int64)[None, :]
             cm = cmask[:, None] & dmask[None, :]
-            p = tl.load(crow + od * s_d, mask=cm, other=0.0).to(tl.float32)
-            q = tl.load(crow + s_v + od * s_d, mask=cm, other=0.0).to(tl.float32)
+            p = tl.load(crow + od * stride_seg_d, mask=cm, other=0.0).to(tl.float32)
+            q = tl.load(crow + stride_seg_v + od * stride_seg_d, mask=cm, other=0.0).to(tl.float32)
             u = q - p
             wm = rmask[:, None] & dmask[None, :]
             acc = tl.load(wrow + od, mask=wm & (c0 > c_start), other=0.0)
-            acc = tl.dot(h_d, p.to(xdt), acc, input_precision=PREC)
-            acc = tl.dot(ht_d, u.to(xdt), acc, input_precision=PREC)
+            acc = tl.dot(h_d, p.to(xdt), acc, input_precision=INPUT_PRECISION)
+            acc = tl.dot(ht_d, u.to(xdt), acc, input_precision=INPUT_PRECISION)
             tl.store(wrow + od, acc, mask=wm)
-    xrow = x_ptr + rows.to(tl.int64)[:, None] * s_xb
+    xrow = x_ptr + rows.to(tl.int64)[:, None] * stride_x_b
     for k in range(0, D, BLOCK_D):
         offs_d = k + tl.arange(0, BLOCK_D)
         wm = rmask[:, None] & (offs_d[None, :] < D)
         od = offs_d.to(tl.int64)[None, :]
-        xt = tl.load(xrow + od * s_xd, mask=wm, other=0.0).to(tl.float32)
+        xt = tl.load(xrow + od * stride_x_d, mask=wm, other=0.0).to(tl.float32)
         acc = tl.load(wrow + od, mask=wm, other=0.0)
         tl.store(wrow + od, hr[:, None] * xt - acc, mask=wm)
 
 
-KERNELS = {"stats": _lm_class_stats_kernel, "fwd": _lm_fwd_kernel, "dpq": _lm_bwd_dpq_kernel,
-           "dx": _lm_bwd_dx_kernel}
+_ROWS_X = ("stride_x_b", "stride_seg_c", "stride_seg_v")
+_UNIT_X = ("stride_x_d", "stride_seg_d")
+_STRIDES = "stride_x_b stride_x_d stride_seg_c stride_seg_v stride_seg_d: i32"
+KERNELS: Dict[str, KernelSpec] = {
+    "stats": KernelSpec(
+        _lm_class_stats_kernel, "seg_ptr: *seg; pp_ptr pu_ptr uu_ptr: *fp32; C D: i32; "
+        "stride_seg_c stride_seg_v stride_seg_d: i32",
+        unit=("stride_seg_d",), rows=("stride_seg_c", "stride_seg_v"), gemm=False),
+    "fwd": KernelSpec(
+        _lm_fwd_kernel, "x_ptr: *x; seg_ptr: *seg; label_ptr: *i64; base_ptr xx_ptr pp_ptr pu_ptr "
+        f"uu_ptr m_ptr s_ptr: *fp32; B C D: i32; {_STRIDES}; classes_per_split: i32; "
+        "alpha eps: fp32", unit=_UNIT_X, rows=_ROWS_X),
+    "dpq": KernelSpec(
+        _lm_bwd_dpq_kernel, "x_ptr: *x; seg_ptr: *seg; label_ptr: *i64; base_ptr lse_ptr go_ptr "
+        f"xx_ptr pp_ptr pu_ptr uu_ptr g_ptr: *fp32; B C D: i32; {_STRIDES}; "
+        "stride_g_c stride_g_v stride_g_d: i32; alpha eps hmax: fp32",
+        unit=(*_UNIT_X, "stride_g_d"), rows=(*_ROWS_X, "stride_g_c", "stride_g_v")),
+    "dx": KernelSpec(
+        _lm_bwd_dx_kernel, "x_ptr: *x; seg_ptr: *seg; label_ptr: *i64; base_ptr lse_ptr go_ptr "
+        f"xx_ptr pp_ptr pu_ptr uu_ptr w_ptr: *fp32; B C D: i32; {_STRIDES}; "
+        "classes_per_split: i32; alpha eps hmax: fp32", unit=_UNIT_X, rows=_ROWS_X),
+}
 _HMAX = {torch.float16: 6.0e4, torch.bfloat16: 3.0e38, torch.float32: 3.0e38}
 
 
-def kernel_signature(name: str, x_dtype: torch.dtype, seg_dtype: torch.dtype = torch.float32) -> dict:
-    """Triton signature (argument -> type) of kernel ``name`` for ``triton.compile`` in the tests;
-    the constexprs (BLOCK_*, PREC) are not included."""
-    tx = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
-    ts = tx[seg_dtype]
-    f32, i32 = "*fp32", "i32"
-    common = dict(x_ptr=tx[x_dtype], seg_ptr=ts, lab_ptr="*i64", base_ptr=f32)
-    if name == "stats":
-        return dict(seg_ptr=ts, pp_ptr=f32, pu_ptr=f32, uu_ptr=f32, C=i32, D=i32, s_c=i32,
-                    s_v=i32, s_d=i32)
-    if name == "fwd":
-        return dict(common, xx_ptr=f32, pp_ptr=f32, pu_ptr=f32, uu_ptr=f32, m_ptr=f32, s_ptr=f32,
-                    B=i32, C=i32, D=i32, s_xb=i32, s_xd=i32, s_c=i32, s_v=i32, s_d=i32,
-                    classes_per_split=i32, alpha="fp32", eps="fp32")
-    tail = dict(lse_ptr=f32, go_ptr=f32, xx_ptr=f32, pp_ptr=f32, pu_ptr=f32, uu_ptr=f32)
-    if name == "dpq":
-        return dict(common, **tail, g_ptr=f32, B=i32, C=i32, D=i32, s_xb=i32, s_xd=i32, s_c=i32,
-                    s_v=i32, s_d=i32, s_gc=i32, s_gv=i32, s_gd=i32, alpha="fp32", eps="fp32",
-                    hmax="fp32")
-    if name == "dx":
-        return dict(common, **tail, w_ptr=f32, B=i32, C=i32, D=i32, s_xb=i32, s_xd=i32, s_c=i32,
-                    s_v=i32, s_d=i32, classes_per_split=i32, alpha="fp32", eps="fp32",
-                    hmax="fp32")
-    raise KeyError(name)
+# ----------------------------------------------------------------------------- configurations
+def _family_configs(stats, fwd, dpq, dx, block_d) -> Dict[str, KernelConfig]:
+    """One family's entries from (BLOCK_B, BLOCK_C, num_warps, num_stages) tuples (stats: no B)."""
+    out = {"stats": KernelConfig({"BLOCK_C": stats[0]}, stats[1], stats[2], block_d)}
+    for name, (bb, bc, w, st) in (("fwd", fwd), ("dpq", dpq), ("dx", dx)):
+        out[name] = KernelConfig({"BLOCK_B": bb, "BLOCK_C": bc}, w, st, block_d)
+    return out
+
+
+#: ``CONFIGS[family][kernel]``: ``"half"`` (float16/bfloat16 x) and ``"fp32"`` on a GPU;
+#: ``"interp"`` only under ``TRITON_INTERPRET=1`` (few, large blocks, BLOCK_D fitted to D: the
+#: interpreter's cost is per program and per padded element). Why these sizes: docs/kernels.md.
+CONFIGS: Dict[str, Dict[str, KernelConfig]] = {
+    "half": _family_configs((64, 4, 2), fwd=(128, 64, 8, 3), dpq=(64, 64, 8, 2),
+                            dx=(64, 64, 8, 3), block_d=(64, 64)),
+    "fp32": _family_configs((64, 4, 2), fwd=(64, 128, 8, 2), dpq=(64, 64, 8, 3),
+                            dx=(64, 64, 8, 3), block_d=(64, 64)),
+    "interp": _family_configs((128, 4, 1), fwd=(128, 128, 4, 1), dpq=(128, 128, 4, 1),
+                              dx=(128, 128, 4, 1), block_d=(16, 128)),
+}
+assert set(CONFIGS) - {"interp"} == set(FAMILY_DTYPES)
+TARGET_PROGRAMS = 264  # ~2 waves on 132 SMs
+MAX_SPLITS = 64
+
+
+def config_family(x_dtype: torch.dtype, *, interpret: bool | None = None) -> str:
+    """The ``CONFIGS`` family the launchers use for ``x`` of this dtype."""
+    interpret = interpreting() if interpret is None else interpret
+    return "interp" if interpret else family(x_dtype)
+
+
+def _gpu_flags(entry: str, dtype: torch.dtype) -> dict:
+    return {} if entry == "stats" else {"INPUT_PRECISION": input_precision(dtype, gpu=True)}
+
+
+def launches() -> List[Launch]:
+    """Every configuration the launchers of this module can pick on a GPU (compile tests), with
+    float32 segments (the dtype of ``DAALLoss``'s parameters)."""
+    return expand("line_margin", CONFIGS, KERNELS, _gpu_flags)
 
 
 # ----------------------------------------------------------------------------- launchers
-def _launch_opts(cfg: dict) -> dict:
-    return dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+def own_distance_sq(x: torch.Tensor, p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """``|x_i - p_i - t_i u_i|^2`` (B values, floored at eps) for rows ``x``, ``p``, ``q`` (B x D),
+    ``u = q - p``, ``t = clamp((x - p).u / max(|u|^2, eps), 0, 1)``: the direct form."""
+    u = q - p
+    proj = ((x - p) * u).sum(1)
+    t = torch.clamp(proj / torch.clamp((u * u).sum(1), min=EPS), 0.0, 1.0)
+    e = x - p - t[:, None] * u
+    return torch.clamp((e * e).sum(1), min=EPS)
 
 
 def _split(C: int, row_tiles: int, block_c: int):
@@ -440,15 +504,14 @@ def _split(C: int, row_tiles: int, block_c: int):
     return per, triton.cdiv(C, per)
 
 
-def _class_stats(seg: torch.Tensor, cfgs: dict):
+def _class_stats(seg: torch.Tensor, cfgs: Dict[str, KernelConfig]):
     C, _, D = seg.shape
     pp = torch.empty(C, device=seg.device, dtype=torch.float32)
     pu = torch.empty_like(pp)
     uu = torch.empty_like(pp)
     cfg = cfgs["stats"]
-    _lm_class_stats_kernel[(triton.cdiv(C, cfg["BLOCK_C"]),)](
-        seg, pp, pu, uu, C, D, seg.stride(0), seg.stride(1), seg.stride(2),
-        BLOCK_C=cfg["BLOCK_C"], BLOCK_D=cfg["BLOCK_D"], **_launch_opts(cfg))
+    _lm_class_stats_kernel[(triton.cdiv(C, cfg.blocks["BLOCK_C"]),)](
+        seg, pp, pu, uu, C, D, seg.stride(0), seg.stride(1), seg.stride(2), **cfg.launch(D))
     return pp, pu, uu
 
 
@@ -456,15 +519,14 @@ def _forward_lse(x, seg, labels, base, xx, stats, cfgs, alpha):
     B, D = x.shape
     C = seg.shape[0]
     cfg = cfgs["fwd"]
-    row_tiles = triton.cdiv(B, cfg["BLOCK_B"])
-    per, nsplit = _split(C, row_tiles, cfg["BLOCK_C"])
+    row_tiles = triton.cdiv(B, cfg.blocks["BLOCK_B"])
+    per, nsplit = _split(C, row_tiles, cfg.blocks["BLOCK_C"])
     m = torch.empty(nsplit, B, device=x.device, dtype=torch.float32)
     s = torch.empty_like(m)
     _lm_fwd_kernel[(row_tiles, nsplit)](
         x, seg, labels, base, xx, *stats, m, s, B, C, D, x.stride(0), x.stride(1),
         seg.stride(0), seg.stride(1), seg.stride(2), per, float(alpha), EPS,
-        BLOCK_B=cfg["BLOCK_B"], BLOCK_C=cfg["BLOCK_C"], BLOCK_D=cfg["BLOCK_D"],
-        PREC=_precision(), **_launch_opts(cfg))
+        INPUT_PRECISION=input_precision(x.dtype), **cfg.launch(D))
     # lse = log(e^0 + sum_s s_s e^{m_s}); every m_s >= 0 (the running max starts at 0).
     top = m.max(0).values
     total = torch.exp(-top) + (s * torch.exp(m - top)).sum(0)
@@ -473,7 +535,7 @@ def _forward_lse(x, seg, labels, base, xx, stats, cfgs, alpha):
 
 def _prepare(x, seg, d_pos, margins, alpha):
     """Per-call O(B + C) inputs of the kernels: configs, alpha(d_pos + m), |x|^2, class stats."""
-    cfgs = CONFIGS[config_for(x.dtype, x.shape[1])]
+    cfgs = CONFIGS[config_family(x.dtype)]
     base = (alpha * (d_pos.detach().float() + margins.detach().float())).contiguous()
     xx = (x.float() * x.float()).sum(1).contiguous()
     return cfgs, base, xx, _class_stats(seg, cfgs)
@@ -507,27 +569,24 @@ def _line_lse_backward_op(grad_out: torch.Tensor, x: torch.Tensor, seg: torch.Te
     B, D = x.shape
     C = seg.shape[0]
     go = grad_out.float().contiguous()
-    prec = _precision()
+    prec = input_precision(x.dtype)
     hmax = _HMAX[x.dtype]
     grad_dpos = go * (1.0 - torch.exp(-lse))
     cfg = cfgs["dpq"]
     g = torch.empty(C, 2, D, device=x.device, dtype=torch.float32)
-    _lm_bwd_dpq_kernel[(triton.cdiv(C, cfg["BLOCK_C"]),)](
+    _lm_bwd_dpq_kernel[(triton.cdiv(C, cfg.blocks["BLOCK_C"]),)](
         x, seg, labels, base, lse, go, xx, pp, pu, uu, g, B, C, D,
         x.stride(0), x.stride(1), seg.stride(0), seg.stride(1), seg.stride(2),
         g.stride(0), g.stride(1), g.stride(2), float(alpha), EPS, hmax,
-        BLOCK_B=cfg["BLOCK_B"], BLOCK_C=cfg["BLOCK_C"], BLOCK_D=cfg["BLOCK_D"],
-        PREC=prec, **_launch_opts(cfg))
+        INPUT_PRECISION=prec, **cfg.launch(D))
     cfg = cfgs["dx"]
-    row_tiles = triton.cdiv(B, cfg["BLOCK_B"])
-    per, nsplit = _split(C, row_tiles, cfg["BLOCK_C"])
+    row_tiles = triton.cdiv(B, cfg.blocks["BLOCK_B"])
+    per, nsplit = _split(C, row_tiles, cfg.blocks["BLOCK_C"])
     w = torch.empty(nsplit, B, D, device=x.device, dtype=torch.float32)
     _lm_bwd_dx_kernel[(row_tiles, nsplit)](
         x, seg, labels, base, lse, go, xx, pp, pu, uu, w, B, C, D,
         x.stride(0), x.stride(1), seg.stride(0), seg.stride(1), seg.stride(2),
-        per, float(alpha), EPS, hmax,
-        BLOCK_B=cfg["BLOCK_B"], BLOCK_C=cfg["BLOCK_C"], BLOCK_D=cfg["BLOCK_D"],
-        PREC=prec, **_launch_opts(cfg))
+        per, float(alpha), EPS, hmax, INPUT_PRECISION=prec, **cfg.launch(D))
     grad_x = (w[0] if nsplit == 1 else w.sum(0)).to(x.dtype)
     return grad_x, g.to(seg.dtype), grad_dpos.to(d_pos.dtype)
 
@@ -564,19 +623,20 @@ def line_margin(x: torch.Tensor, labels: torch.Tensor, segments: torch.Tensor,
 
     ``x`` B x D (already normalised), ``labels`` B ints in [0, C), ``segments`` C x 2 x D,
     ``margins`` B (no gradient). Differentiable w.r.t. ``x`` and ``segments``. Returns float32 for
-    float16/bfloat16/float32 inputs; float64 inputs are computed by the reference instead.
+    float16/bfloat16/float32 inputs; float64 inputs raise ``ValueError`` (the loss routes them to
+    the reference).
     """
-    if x.dtype == torch.float64 or segments.dtype == torch.float64:
-        return _reference_line_margin(x, labels, segments, margins, alpha=alpha,
-                                      lambda_pull=lambda_pull)
+    compute_dtype("line_margin", x, segments)
     if x.dtype not in _SUPPORTED or segments.dtype not in _SUPPORTED:
-        raise ValueError(f"x and segments must be float16/bfloat16/float32, got {x.dtype} and {segments.dtype}")
+        raise ValueError(f"x and segments must be float16/bfloat16/float32, got {x.dtype} and "
+                         f"{segments.dtype}")
     if x.ndim != 2 or segments.ndim != 3 or segments.shape[1] != 2 or segments.shape[2] != x.shape[1]:
-        raise ValueError(f"x must be B x D and segments C x 2 x D, got {tuple(x.shape)} and {tuple(segments.shape)}")
+        raise ValueError(f"x must be B x D and segments C x 2 x D, got {tuple(x.shape)} and "
+                         f"{tuple(segments.shape)}")
     labels = labels.long()
     # own class, direct form, float32: exact on the segment, gradient via autograd (O(B D)).
-    rows = torch.arange(x.shape[0], device=x.device)
-    d_pos = torch.sqrt(own_distance_sq(x.float(), rows, segments[labels].float()))
+    own = segments[labels].float()
+    d_pos = torch.sqrt(own_distance_sq(x.float(), own[:, 0], own[:, 1]))
     line, _ = _line_lse_op(x, segments, d_pos, labels.contiguous(), margins, float(alpha))
     if lambda_pull:
         line = line + lambda_pull * d_pos * d_pos

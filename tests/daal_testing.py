@@ -1,12 +1,13 @@
-"""Shared test helpers: the one tolerance table of SPEC.md, relative error, random inputs,
-and compiling a Triton kernel for a GPU target without a GPU."""
+"""Shared test helpers: the one tolerance table, relative error, random inputs, and compiling
+the kernels' launch configurations (``daal_triton.kernels._common.Launch``) for a GPU target
+without a GPU."""
 from __future__ import annotations
 
 import os
 
 import torch
 
-# SPEC.md "Parity": ||out - ref|| / ||ref|| against the float64 reference.
+# Parity: ||out - ref|| / ||ref|| against the float64 reference (docs/method.md, "Precision").
 TOLERANCE = {
     "float32": 1e-5,  # IEEE fp32 dots (the interpreter)
     "float32_tf32": 5e-3,  # TF32 dots on a GPU
@@ -61,63 +62,41 @@ def random_problem(B: int, C: int, D: int, *, dtype=torch.float64, device="cpu",
 # vectorised loads, pipelining and register use, so the compile tests build configurations in two
 # specialisations: "generic" (nothing assumed: odd D, strided views) and "aligned", the hot path
 # of contiguous inputs from the caching allocator with D % 16 == 0 (D = 512 in the benchmarks):
-# every pointer aligned, D divisible by 16, and per kernel (HOT_PATH) the last-dimension strides
-# equal to 1 ("unit") and the row strides of D-wide tensors divisible by 16 ("rows"). Strides that
-# depend on other sizes ("other": N, k, splits) and the sizes themselves (B, C, M, N, K) stay
-# unspecialised: the benchmark shapes include odd ones.
-HOT_PATH = {
-    "_sqnorm_kernel": dict(unit=(), rows=("stride_x",), other=()),
-    "_pairwise_fwd_kernel": dict(unit=(), rows=("stride_x", "stride_y"), other=("stride_o",)),
-    "_pairwise_bwd_kernel": dict(unit=("stride_gc", "stride_dc"),
-                                 rows=("stride_a", "stride_b", "stride_da"),
-                                 other=("stride_gr", "stride_dr")),
-    "_knn_fwd_kernel": dict(unit=(), rows=("stride_q", "stride_r"), other=("stride_os", "stride_om")),
-    "_knn_bwd_kernel": dict(unit=("stride_gk",), rows=("stride_q", "stride_r", "stride_dq", "stride_dr"),
-                            other=("stride_gm", "stride_im")),
-    "_lm_class_stats_kernel": dict(unit=("s_d",), rows=("s_c", "s_v"), other=()),
-    "_lm_fwd_kernel": dict(unit=("s_xd", "s_d"), rows=("s_xb", "s_c", "s_v"), other=()),
-    "_lm_bwd_dpq_kernel": dict(unit=("s_xd", "s_d", "s_gd"), rows=("s_xb", "s_c", "s_v", "s_gc", "s_gv"),
-                               other=()),
-    "_lm_bwd_dx_kernel": dict(unit=("s_xd", "s_d"), rows=("s_xb", "s_c", "s_v"), other=()),
-}
+# every pointer aligned, D divisible by 16, and the stride facts each kernel declares in its
+# ``KernelSpec`` (kernels/_common.py): ``unit`` strides equal to 1, ``rows`` strides divisible by
+# 16. ``other`` strides and the sizes (B, C, M, N, K) stay unspecialised: the benchmark shapes
+# include odd ones.
 SPECIALISATIONS = ("generic", "aligned")
 
 
-def stride_args(signature: dict) -> set:
-    """The stride arguments of a kernel signature (named ``stride_*`` or ``s_*``)."""
-    return {n for n, ty in signature.items()
-            if ty != "constexpr" and not ty.startswith("*") and n.startswith(("stride_", "s_"))}
-
-
-def specialise(kernel: str, signature: dict, specialisation: str = "generic") -> tuple[dict, dict, set]:
-    """``(signature, extra constexprs, names with tt.divisibility=16)`` of a launch of ``kernel``
-    (its function name, a key of HOT_PATH for "aligned").
+def specialise(signature: dict, unit=(), rows=(), specialisation: str = "generic") -> tuple[dict, dict, set]:
+    """``(signature, extra constexprs, names with tt.divisibility=16)`` of a launch of a kernel
+    with this ``signature`` and hot-path stride facts ``unit`` / ``rows``.
 
     ``specialisation``: "generic" (nothing specialised) or "aligned" (see above)."""
     if specialisation == "generic":
         return dict(signature), {}, set()
     if specialisation != "aligned":
         raise ValueError(f"specialisation must be one of {SPECIALISATIONS}, got {specialisation!r}")
-    hot = HOT_PATH[kernel]
     sig, ones, divisible = dict(signature), {}, set()
     for name, ty in signature.items():
         if ty == "constexpr":
             continue
-        if name in hot["unit"]:
+        if name in unit:
             ones[name] = 1
             del sig[name]
-        elif ty.startswith("*") or name == "D" or name in hot["rows"]:
+        elif ty.startswith("*") or name == "D" or name in rows:
             divisible.add(name)
     return sig, ones, divisible
 
 
 def _compile_here(fn, signature, constexprs, capability, num_warps, num_stages,
-                  specialisation="generic"):
+                  specialisation="generic", unit=(), rows=()):
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    sig, ones, divisible = specialise(fn.__name__, signature, specialisation)
+    sig, ones, divisible = specialise(signature, unit, rows, specialisation)
     constexprs = {**constexprs, **ones}
     for name in constexprs:
         sig[name] = "constexpr"
@@ -151,18 +130,18 @@ def resource_usage(cubin: bytes) -> dict:
     return {"registers": int(regs.group(1)), "stack": int(stack.group(1))}
 
 
-def gpu_job(fn, signature: dict, constexprs: dict, *, capability: int, num_warps: int = 4,
-            num_stages: int = 2, specialisation: str = "generic") -> dict:
-    """A JSON-able compile job for :func:`compile_many_for_gpu` (the kernel is found again by
-    its module and name, so it must be a module-level ``@triton.jit`` function);
+def gpu_job(launch, *, capability: int, specialisation: str = "generic") -> dict:
+    """A JSON-able compile job of a ``Launch`` (kernels/_common.py) for
+    :func:`compile_many_for_gpu` (the kernel is found again by its module and name);
     ``specialisation``: see :func:`specialise`."""
     if specialisation not in SPECIALISATIONS:
         raise ValueError(f"specialisation must be one of {SPECIALISATIONS}, got {specialisation!r}")
-    inner = getattr(fn, "fn", fn)
-    return {"module": inner.__module__, "name": inner.__name__, "signature": dict(signature),
-            "constexprs": dict(constexprs), "capability": int(capability),
-            "num_warps": int(num_warps), "num_stages": int(num_stages),
-            "specialisation": specialisation}
+    inner = getattr(launch.kernel, "fn", launch.kernel)
+    return {"module": inner.__module__, "name": inner.__name__, "signature": launch.signature,
+            "constexprs": launch.constexprs, "capability": int(capability),
+            "num_warps": launch.num_warps, "num_stages": launch.num_stages,
+            "specialisation": specialisation, "unit": list(launch.spec.unit),
+            "rows": list(launch.spec.rows)}
 
 
 _WORKER = r"""
@@ -181,7 +160,8 @@ for job in jobs:
     try:
         fn = getattr(importlib.import_module(job["module"]), job["name"])
         k = _compile_here(fn, job["signature"], job["constexprs"], job["capability"],
-                          job["num_warps"], job["num_stages"], job["specialisation"])
+                          job["num_warps"], job["num_stages"], job["specialisation"],
+                          job["unit"], job["rows"])
         md = k.metadata
         res.update(ptx=k.asm["ptx"], metadata={"shared": md.shared, "num_warps": md.num_warps,
                                                "name": md.name},
@@ -229,30 +209,36 @@ def compile_many_for_gpu(jobs, *, workers: int | None = None):
     return ordered
 
 
-#: Compile every kernel configuration the launchers can choose for both GPU targets (~3 min on
-#: 2 cores; the default, and what CI runs). ``DAAL_ALL_CONFIGS=0`` compiles a representative subset
-#: (every kernel and dtype family) for quick local runs.
+#: Compile every configuration the launchers can choose for both GPU targets (the default, and
+#: what CI runs). ``DAAL_ALL_CONFIGS=0`` compiles only the configurations a D = 512 launch picks
+#: (every kernel and dtype) for quick local runs.
 COMPILE_ALL_CONFIGS = os.environ.get("DAAL_ALL_CONFIGS", "1") not in ("", "0")
 
 
-def largest_block_d(configs) -> set:
-    """Names of the configurations a D = 512 launch picks: per kernel, signature (dtypes) and
-    constexprs other than BLOCK_D, the one with the largest BLOCK_D (configurations without
-    BLOCK_D count as such). ``configs``: ``KernelConfig``s (``name``, ``kernel``, ``signature``,
-    ``constexprs``)."""
+def largest_block_d(launches) -> set:
+    """Names of the launches a D = 512 launch picks: per op, entry, family and dtype, the one with
+    the largest BLOCK_D (launches without BLOCK_D count as such)."""
     best = {}
-    for c in configs:
-        rest = tuple(sorted((k, str(v)) for k, v in c.constexprs.items() if k != "BLOCK_D"))
-        key = (getattr(c.kernel, "__name__", repr(c.kernel)), rest, tuple(sorted(c.signature.items())))
-        if key not in best or c.constexprs.get("BLOCK_D", 0) > best[key].constexprs.get("BLOCK_D", 0):
-            best[key] = c
-    return {c.name for c in best.values()}
+    for la in launches:
+        key = (la.op, la.entry, la.family, la.x_dtype)
+        if key not in best or (la.block_d or 0) > (best[key].block_d or 0):
+            best[key] = la
+    return {la.name for la in best.values()}
 
 
-def config_jobs(configs, capabilities=(80, 90)):
-    """``[(config, capability, specialisation)]``: every configuration "generic" and the ones a
-    D = 512 launch picks also "aligned" (see :func:`specialise`), for each capability."""
-    hot = largest_block_d(configs)
-    return [(c, cap, spec) for c in configs for cap in capabilities
-            for spec in SPECIALISATIONS if spec == "generic" or c.name in hot]
+def config_jobs(launches, capabilities=(80, 90)):
+    """``[(launch, capability, specialisation)]`` for the launches to compile
+    (:data:`COMPILE_ALL_CONFIGS`): each "generic", and the ones a D = 512 launch picks also
+    "aligned" (see :func:`specialise`), for each capability."""
+    hot = largest_block_d(launches)
+    chosen = [la for la in launches if COMPILE_ALL_CONFIGS or la.name in hot]
+    return [(la, cap, spec) for la in chosen for cap in capabilities
+            for spec in SPECIALISATIONS if spec == "generic" or la.name in hot]
 
+
+def compile_launches(launches, capabilities=(80, 90)):
+    """``[((launch, capability, specialisation), result)]``: :func:`config_jobs` compiled by
+    :func:`compile_many_for_gpu`."""
+    cases = config_jobs(launches, capabilities)
+    jobs = [gpu_job(la, capability=cap, specialisation=spec) for la, cap, spec in cases]
+    return list(zip(cases, compile_many_for_gpu(jobs)))

@@ -4,11 +4,11 @@ the tie rule, labels, self exclusion, gradients, and compilation of every launch
 import pytest
 import torch
 
-from daal_testing import (COMPILE_ALL_CONFIGS, assert_close, compile_many_for_gpu, config_jobs, gpu_job,
-                          tolerance)
+from daal_testing import assert_close, compile_launches, tolerance
 
 from daal_triton import reference
 from daal_triton.kernels import knn as kk
+from daal_triton.kernels._common import POINTER, family
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 TF32 = DEV == "cuda"
@@ -156,13 +156,12 @@ def test_knn_bfloat16_cpu_skip():
 
 
 def test_knn_large_k_fallback_and_float64():
-    """k > MAX_K runs the chunked PyTorch path (same semantics); float64 stays float64."""
+    """k > MAX_K runs the chunked PyTorch path (same semantics); float64 is refused (routed to
+    the reference by daal_triton.backend, never lowered by a kernel)."""
     q, r = torch.randn(2, 4, device=DEV), torch.randn(kk.MAX_K + 10, 4, device=DEV)
     _run(q, r, kk.MAX_K + 3)
-    d, i = kk.knn(q.double(), r.double(), 4)
-    dr, ir = reference.knn(q.double(), r.double(), 4)
-    assert d.dtype == torch.float64 and torch.equal(i, ir)
-    assert_close(d, dr, 1e-12)
+    with pytest.raises(ValueError, match="float64 inputs run on the reference backend"):
+        kk.knn(q.double(), r.double(), 4)
 
 
 def test_knn_k64():
@@ -220,24 +219,13 @@ def test_knn_gpu(dtype, k):
 
 
 # ------------------------------------------------------------------------- compile for GPUs
-def _selected(configs):
-    if COMPILE_ALL_CONFIGS:
-        return configs
-    main = {"knn_fwd-fp32-kp16-bd32", "knn_fwd-bf16-kp16-bd64", "knn_bwd-fp32"}
-    return [c for c in configs if c.name in main]
-
-
 def test_knn_configs_compile():
     """Each configuration compiles for sm_80 and sm_90 (generic, and with the hot-path
     specialisation for the D = 512 configurations); GEMM kernels use mma.sync (sm_80) and
     wgmma (sm_90; BLOCK_M = 32 configs fall back to mma.sync, which is fine)."""
-    cases = config_jobs(_selected(kk.CONFIGS))
-    assert any(spec == "aligned" for _, _, spec in cases)
-    results = compile_many_for_gpu([gpu_job(c.kernel, c.signature, c.constexprs, capability=cap,
-                                            num_warps=c.num_warps, num_stages=c.num_stages,
-                                            specialisation=spec)
-                                    for c, cap, spec in cases])
-    for (cfg, cap, spec), res in zip(cases, results):
+    compiled = compile_launches(kk.launches())
+    assert any(spec == "aligned" for (_, _, spec), _ in compiled)
+    for (cfg, cap, spec), res in compiled:
         what = f"{cfg.name} sm_{cap} {spec}"
         assert not res.get("error"), f"{what}:\n{res.get('error')}"
         if cfg.gemm:
@@ -246,12 +234,14 @@ def test_knn_configs_compile():
             assert want in ptx, f"{what}: no {want} in the PTX"
 
 
-def test_knn_config_table_covers_launcher():
+def test_knn_launches_cover_the_launcher():
+    """Every configuration the launcher picks on a GPU is one the compile tests build (the
+    forward compiled with the largest KP of its entry)."""
+    names = {la.name for la in kk.launches()}
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         for D in (1, 20, 512):
             for k in (1, 3, 8, 16, 17, 64, 100, kk.MAX_K):
-                kp = 1 << (k - 1).bit_length()
-                bm, bn, bd, w, s = kk.fwd_config(dtype, D, kp)
-                row = next(limit for limit, _ in kk.KP_TABLE if kp <= limit)
-                name = f"knn_fwd-{kk.TL_DTYPE[dtype][1:]}-kp{row}-bd{bd}"
-                assert any(c.name == name for c in kk.CONFIGS), name
+                entry = kk.fwd_entry(1 << (k - 1).bit_length())
+                for e in (entry, "bwd"):
+                    bd = kk.CONFIGS[family(dtype)][e].block_d_for(D)
+                    assert f"knn_{e}-{POINTER[dtype][1:]}-bd{bd}" in names, (e, dtype, D)

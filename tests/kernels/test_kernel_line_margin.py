@@ -7,11 +7,11 @@ GPU configuration for sm_80 / sm_90. GPU parity (TF32, bfloat16) is marked ``gpu
 import pytest
 import torch
 
-from daal_testing import (COMPILE_ALL_CONFIGS, SPECIALISATIONS, compile_many_for_gpu, gpu_job, random_problem,
-                          rel_err, tolerance)
+from daal_testing import compile_launches, random_problem, rel_err, tolerance
 
 from daal_triton import reference
 from daal_triton.kernels import line_margin as lm
+from daal_triton.kernels._common import POINTER
 
 ALPHA = 16.0
 # Under the interpreter (no GPU) everything runs on the CPU with IEEE dots; on a GPU machine the
@@ -133,11 +133,22 @@ def test_point_on_a_negative_segment_is_finite():
     assert rel_err(gs, gs_ref) <= tolerance(torch.float16)
 
 
-def test_float64_goes_to_the_reference():
+def test_float64_is_refused():
+    """float64 is routed to the reference by daal_triton.backend, never lowered by a kernel."""
     x, y, seg, m, go = make_case(5, 3, 4)
-    out = lm.line_margin(x, y, seg, m, alpha=ALPHA, lambda_pull=0.1)
-    ref = reference.line_margin(x, y, seg, m, alpha=ALPHA, lambda_pull=0.1)
-    assert out.dtype == torch.float64 and torch.equal(out, ref)
+    with pytest.raises(ValueError, match="float64 inputs run on the reference backend"):
+        lm.line_margin(x, y, seg, m, alpha=ALPHA, lambda_pull=0.1)
+    with pytest.raises(ValueError, match="float64 inputs run on the reference backend"):
+        lm.line_margin(x.float(), y, seg, m.float(), alpha=ALPHA, lambda_pull=0.1)
+
+
+def test_own_distance_matches_the_reference():
+    """The kernels' own-class distance is the reference's, to the last bit."""
+    x, y, seg, _, _ = make_case(37, 11, 129, on_own=True)
+    x, seg = x.float(), seg.float()
+    own = seg[y]
+    assert torch.equal(lm.own_distance_sq(x, own[:, 0], own[:, 1]),
+                       reference.own_distance_sq(x, y, seg))
 
 
 def test_rejects_bad_dtype_and_shape():
@@ -167,55 +178,22 @@ def test_saved_tensors_are_never_b_by_c():
 
 
 # ----------------------------------------------------------------------------- compilation
-# The GPU configurations (the "interp" family is only chosen under TRITON_INTERPRET=1) compile for
-# sm_80 and sm_90 in fresh processes (daal_testing.compile_many_for_gpu), each both "generic" and
-# "aligned" (the specialisation of a contiguous D = 512 launch: daal_testing.specialise). The half
-# family is compiled with float16 x on sm_80 and bfloat16 x on sm_90 (DAAL_ALL_CONFIGS=1: both
-# dtypes on both targets), always with float32 segments (the DAALLoss parameters' dtype). The
-# default run compiles a subset that still covers every kernel of every family.
+# The GPU configurations (lm.launches(): the "interp" family is only chosen under
+# TRITON_INTERPRET=1) compile for sm_80 and sm_90 in fresh processes
+# (daal_testing.compile_launches), each both "generic" and "aligned" (the specialisation of a
+# contiguous D = 512 launch: daal_testing.specialise), with float32 segments (the DAALLoss
+# parameters' dtype).
 GEMM_KERNELS = ("fwd", "dpq", "dx")
-GPU_KEYS = [k for k in lm.CONFIGS if k[0] != "interp"]
-
-
-def _compile_cases():
-    cases = []
-    for key in GPU_KEYS:
-        for name in lm.KERNELS:
-            for cap in (80, 90):
-                if key[0] == "fp32":
-                    dtypes = [torch.float32]
-                elif COMPILE_ALL_CONFIGS:
-                    dtypes = [torch.float16, torch.bfloat16]
-                else:
-                    dtypes = [torch.float16 if cap == 80 else torch.bfloat16]
-                cases += [(key, name, cap, dt, spec) for dt in dtypes for spec in SPECIALISATIONS]
-    if COMPILE_ALL_CONFIGS:
-        return cases
-    main = {("fp32", "fwd", 80), ("fp32", "fwd", 90), ("fp32", "dpq", 80), ("fp32", "dpq", 90),
-            ("fp32", "dx", 80), ("fp32", "dx", 90), ("half", "fwd", 80), ("half", "fwd", 90),
-            ("half", "dpq", 90), ("half", "dx", 90), ("fp32", "stats", 90)}
-    return [c for c in cases if (c[0][0], c[1], c[2]) in main
-            and (c[4] == "aligned" or c[2] == 80 or c[1] == "stats")]
-
-
-def _job(key, name, cap, dtype, spec):
-    cfg = lm.CONFIGS[key][name]
-    constexprs = {k: v for k, v in cfg.items() if k.startswith("BLOCK_")}
-    if name in GEMM_KERNELS:
-        constexprs["PREC"] = "tf32"
-    return gpu_job(lm.KERNELS[name], lm.kernel_signature(name, dtype), constexprs, capability=cap,
-                   num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], specialisation=spec)
 
 
 @pytest.fixture(scope="module")
 def compiled():
-    cases = _compile_cases()
-    return list(zip(cases, compile_many_for_gpu([_job(*c) for c in cases])))
+    return compile_launches(lm.launches())
 
 
 def _what(case):
-    key, name, cap, dtype, spec = case
-    return f"{key[0]}-bd{key[1]}-{name}-sm{cap}-{str(dtype)[6:]}-{spec}"
+    launch, cap, spec = case
+    return f"{launch.name}-sm{cap}-{spec}"
 
 
 def test_every_config_compiles(compiled):
@@ -224,7 +202,7 @@ def test_every_config_compiles(compiled):
     assert compiled
     report = []
     for case, res in compiled:
-        what, name, cap = _what(case), case[1], case[2]
+        what, name, cap = _what(case), case[0].entry, case[1]
         assert not res.get("error"), f"{what}:\n{res.get('error')}"
         ptx = res["ptx"]
         assert ".entry" in ptx, what
@@ -242,9 +220,9 @@ def test_hot_path_does_not_spill(compiled):
     """On sm_90, the GEMM kernels as a contiguous D = 512 launch specialises them keep everything
     in registers: no local memory (cuobjdump's STACK is 0). Spilling inside the class loop costs
     local-memory traffic on every tile; the block sizes in lm.CONFIGS were chosen for this."""
-    hot = [(c, r) for c, r in compiled if c[2] == 90 and c[4] == "aligned" and c[1] in GEMM_KERNELS]
-    assert {c[0][0] for c, _ in hot} == {"fp32", "half"}
-    assert {c[1] for c, _ in hot} == set(GEMM_KERNELS)
+    hot = [(c, r) for c, r in compiled if c[1] == 90 and c[2] == "aligned" and c[0].entry in GEMM_KERNELS]
+    assert {c[0].family for c, _ in hot} == {"fp32", "half"}
+    assert {c[0].entry for c, _ in hot} == set(GEMM_KERNELS)
     if any("stack" not in r for _, r in hot):
         pytest.fail("cuobjdump is missing from triton/backends/nvidia/bin: cannot read the "
                     "register report")
@@ -253,12 +231,17 @@ def test_hot_path_does_not_spill(compiled):
 
 
 def test_config_table_covers_every_launch():
+    names = {la.name for la in lm.launches()}
     for interpret in (False, True):
         for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            fam = lm.config_family(dtype, interpret=interpret)
+            assert set(lm.CONFIGS[fam]) == set(lm.KERNELS)
             for D in (1, 3, 16, 17, 33, 129, 512, 4096):
-                key = lm.config_for(dtype, D, interpret=interpret)
-                assert key in lm.CONFIGS, key
-                assert set(lm.CONFIGS[key]) == set(lm.KERNELS)
+                for entry, cfg in lm.CONFIGS[fam].items():
+                    bd = cfg.block_d_for(D)
+                    assert bd in cfg.block_d_choices()
+                    if not interpret:
+                        assert f"line_margin_{entry}-{POINTER[dtype][1:]}-bd{bd}" in names
 
 
 # ----------------------------------------------------------------------------- GPU

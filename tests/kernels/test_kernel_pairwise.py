@@ -5,11 +5,11 @@ import os
 import pytest
 import torch
 
-from daal_testing import (COMPILE_ALL_CONFIGS, assert_close, compile_many_for_gpu, config_jobs, gpu_job,
-                          tolerance)
+from daal_testing import assert_close, compile_launches, tolerance
 
 from daal_triton import reference
 from daal_triton.kernels import pairwise as kp
+from daal_triton.kernels._common import POINTER, family
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -63,11 +63,11 @@ def test_pairwise_duplicates_zero_grad():
     assert torch.isfinite(x.grad).all() and x.grad.abs().max().item() == 0.0
 
 
-def test_pairwise_float64_goes_to_reference():
+def test_pairwise_float64_is_refused():
+    """float64 is routed to the reference by daal_triton.backend, never lowered by a kernel."""
     x, y = torch.randn(4, 3, dtype=torch.float64), torch.randn(5, 3, dtype=torch.float64)
-    d = kp.pairwise_distance(x, y)
-    assert d.dtype == torch.float64
-    assert_close(d, reference.pairwise_distance(x, y), 1e-12)
+    with pytest.raises(ValueError, match="float64 inputs run on the reference backend"):
+        kp.pairwise_distance(x, y)
 
 
 def test_pairwise_bfloat16_cpu_skip():
@@ -86,22 +86,9 @@ def test_pairwise_gpu(dtype):
 
 
 # ------------------------------------------------------------------------- compile for GPUs
-# The default run compiles the main configuration of each kernel and dtype (the largest D-chunk);
-# DAAL_ALL_CONFIGS=1 compiles every entry of CONFIGS (about 50 compilations: minutes on 2 cores).
-def _selected(configs):
-    if COMPILE_ALL_CONFIGS:
-        return configs
-    main = {"pairwise_fwd-fp32-bd32", "pairwise_fwd-bf16-bd64", "pairwise_fwd-fp16-bd64",
-            "pairwise_bwd-fp16-bd64", "sqnorm-fp32"}
-    return [c for c in configs if c.name in main]
-
-
 @pytest.fixture(scope="module")
 def compiled():
-    cases = config_jobs(_selected(kp.CONFIGS))
-    jobs = [gpu_job(c.kernel, c.signature, c.constexprs, capability=cap, num_warps=c.num_warps,
-                    num_stages=c.num_stages, specialisation=spec) for c, cap, spec in cases]
-    return list(zip(cases, compile_many_for_gpu(jobs)))
+    return compile_launches(kp.launches())
 
 
 def test_pairwise_configs_compile(compiled):
@@ -119,15 +106,18 @@ def test_pairwise_configs_compile(compiled):
 def test_pairwise_hot_path_does_not_spill(compiled):
     """sm_90, specialised as a contiguous D = 512 launch: no local memory (cuobjdump STACK 0)."""
     hot = [(c, r) for c, r in compiled if c[1] == 90 and c[2] == "aligned"]
-    assert {c[0].kernel for c, _ in hot} == {c.kernel for c in kp.CONFIGS}
+    assert {c[0].spec for c, _ in hot} == set(kp.KERNELS.values())
     spills = {f"{c[0].name}": r.get("stack", "no cuobjdump report") for c, r in hot if r.get("stack") != 0}
     assert not spills, f"local memory (bytes per thread) on the hot path: {spills}"
 
 
-def test_config_table_is_consistent():
+def test_launches_cover_the_launcher():
+    """Every configuration the launcher picks on a GPU is one the compile tests build."""
+    names = {la.name for la in kp.launches()}
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         for D in (1, 16, 17, 100, 512):
-            bm, bn, bd, w, s = kp.fwd_config(dtype, D)
-            name = f"pairwise_fwd-{kp.TL_DTYPE[dtype][1:]}-bd{bd}"
-            assert any(c.name == name for c in kp.CONFIGS), name
+            for entry in ("fwd", "bwd"):
+                bd = kp.CONFIGS[family(dtype)][entry].block_d_for(D)
+                name = f"pairwise_{entry}-{POINTER[dtype][1:]}-bd{bd}"
+                assert name in names, name
     assert os.environ.get("TRITON_INTERPRET") or torch.cuda.is_available()

@@ -5,14 +5,17 @@ pointers and integers divisible by 16 with ``tt.divisibility = 16``; the "aligne
 copy that for a contiguous D = 512 launch. If a Triton release changed the rule, the register /
 spill reports of the compile tests would describe kernels nobody launches: these tests fail then.
 """
+import inspect
 import re
 
 import pytest
 import torch
 
-from daal_testing import HOT_PATH, compile_many_for_gpu, gpu_job, specialise, stride_args
+from daal_testing import compile_many_for_gpu, gpu_job, specialise
 
+from daal_triton.kernels import line_margin as lm
 from daal_triton.kernels import pairwise as kp
+from daal_triton.kernels._common import every_launch, every_spec
 
 
 def _triton_specialisation(value):
@@ -33,49 +36,42 @@ def test_rule_matches_triton():
 
 
 def test_specialise_aligned_and_generic():
-    sig = {"x_ptr": "*fp32", "seg_ptr": "*bf16", "D": "i32", "B": "i32", "s_xb": "i32", "s_xd": "i32",
-           "s_c": "i32", "s_v": "i32", "s_d": "i32", "BLOCK": "constexpr"}
-    out_sig, ones, divisible = specialise("_lm_class_stats_kernel", sig, "aligned")
-    assert ones == {"s_d": 1} and "s_d" not in out_sig
-    assert divisible == {"x_ptr", "seg_ptr", "D", "s_c", "s_v"}  # B and unlisted strides: nothing
-    assert specialise("_lm_class_stats_kernel", sig, "generic") == (sig, {}, set())
+    spec = lm.KERNELS["stats"]
+    sig = dict(spec.signature_for(torch.float32, torch.bfloat16), BLOCK_C="constexpr")
+    out_sig, ones, divisible = specialise(sig, spec.unit, spec.rows, "aligned")
+    assert ones == {"stride_seg_d": 1} and "stride_seg_d" not in out_sig
+    # pointers, D and the row strides; C and unlisted strides: nothing
+    assert divisible == {"seg_ptr", "pp_ptr", "pu_ptr", "uu_ptr", "D", "stride_seg_c", "stride_seg_v"}
+    assert specialise(sig, spec.unit, spec.rows, "generic") == (sig, {}, set())
     with pytest.raises(ValueError, match="specialisation"):
-        specialise("_lm_class_stats_kernel", sig, "fast")
+        specialise(sig, spec.unit, spec.rows, "fast")
 
 
-def _all_kernel_signatures():
-    from daal_triton.kernels import knn as kk
-    from daal_triton.kernels import line_margin as lm
-
-    def fn_name(kernel):  # a JITFunction or, under the interpreter, an InterpretedFunction
-        return getattr(kernel, "fn", kernel).__name__
-
-    sigs = {fn_name(c.kernel): c.signature for c in kp.CONFIGS + kk.CONFIGS}
-    for name, kernel in lm.KERNELS.items():
-        sigs[fn_name(kernel)] = lm.kernel_signature(name, torch.float32)
-    return sigs
-
-
-def test_hot_path_table_classifies_every_stride():
+@pytest.mark.parametrize("spec", every_spec(), ids=lambda s: s.name)
+def test_every_stride_is_classified(spec):
     """Every stride argument of every kernel is classified (unit / rows / other) for the aligned
-    builds, so a new kernel or argument cannot silently get a wrong assumption."""
-    sigs = _all_kernel_signatures()
-    assert set(sigs) == set(HOT_PATH)
-    for name, sig in sigs.items():
-        hot = HOT_PATH[name]
-        listed = [*hot["unit"], *hot["rows"], *hot["other"]]
-        assert len(listed) == len(set(listed)), name
-        assert set(listed) == stride_args(sig), name
+    builds, so a new kernel or argument cannot silently get a wrong assumption; and the declared
+    signature lists exactly the kernel's runtime arguments, in order."""
+    fn = getattr(spec.kernel, "fn", spec.kernel)
+    params = inspect.signature(fn).parameters.values()
+    assert list(spec.signature) == [p.name for p in params if "constexpr" not in str(p.annotation)]
+    listed = [*spec.unit, *spec.rows, *spec.other]
+    assert len(listed) == len(set(listed))
+    assert set(listed) == spec.stride_args()
+    assert all(n.startswith("stride_") for n in listed)
+
+
+def test_every_kernel_is_launched():
+    """Every kernel of every op has a configuration the compile tests build."""
+    assert {la.spec.name for la in every_launch()} == {s.name for s in every_spec()}
 
 
 def test_aligned_build_uses_16_byte_async_copies():
     """The attributes reach the compiler: aligned loads become 16-byte cp.async copies (the
     software pipeline); the generic build of the same configuration has none."""
-    c = next(c for c in kp.CONFIGS if c.name == "pairwise_fwd-bf16-bd64")
+    la = next(la for la in kp.launches() if la.name == "pairwise_fwd-bf16-bd64")
     specs = ("generic", "aligned")
-    res = compile_many_for_gpu([gpu_job(c.kernel, c.signature, c.constexprs, capability=90,
-                                        num_warps=c.num_warps, num_stages=c.num_stages,
-                                        specialisation=s) for s in specs])
+    res = compile_many_for_gpu([gpu_job(la, capability=90, specialisation=s) for s in specs])
     copies = {}
     for spec, r in zip(specs, res):
         assert not r.get("error"), r.get("error")
