@@ -327,7 +327,7 @@ class StepClock:
         return dict(images_per_s=batch / med if med else None,
                     step_event_s=statistics.median(step) if step else None,
                     loss_s=statistics.median(loss) if loss else None,
-                    loss_share=statistics.median(l / s for l, s in zip(loss, step)) if step else None)
+                    loss_share=statistics.median(a / b for a, b in zip(loss, step)) if step else None)
 
 
 # The loss's forward runs under the step's autocast too (a user's `with autocast(): loss =

@@ -145,14 +145,14 @@ def junit_summary(path: str) -> Optional[dict]:
 
 
 # ----------------------------------------------------------------------------- formatting
-def fmt_time(s: Optional[float]) -> str:
+def fmt_time(s: Optional[float], digits: int = 3) -> str:
     if s is None:
         return "—"
     if s >= 1.0:
         return f"{s:.2f} s"
     if s >= 1e-3:
-        return f"{s * 1e3:.3g} ms"
-    return f"{s * 1e6:.3g} µs"
+        return f"{s * 1e3:.{digits}g} ms"
+    return f"{s * 1e6:.{digits}g} µs"
 
 
 def fmt_bytes(b: Optional[float]) -> str:
@@ -303,8 +303,8 @@ def targets_table(run: dict) -> List[str]:
             ratio = speedup(run, key, arg)  # time(other) / time(triton)
             value = 1.0 / ratio - 1.0 if ratio else None
             if value is not None:
-                shown = (f"{value:+.1%} ({fmt_time(median(tr))} vs {fmt_time(median(run['cases'].get(key + (arg,))))}"
-                         f" of {STEP_PROVIDER_TITLES.get(arg, arg)})")
+                theirs = fmt_time(median(run["cases"].get(key + (arg,))), 4)  # 2% apart: 4 digits
+                shown = f"{value:+.1%} ({fmt_time(median(tr), 4)} vs {theirs} of {STEP_PROVIDER_TITLES.get(arg, arg)})"
             passed = value is not None and value <= thr
             missing = _why_missing(run, key, ["triton", arg])
         else:  # memory
@@ -355,7 +355,7 @@ def train_step_table(run: dict) -> List[str]:
             row = [cell, STEP_PROVIDER_TITLES.get(p, p)]
             if ok(r):
                 t = r["median_s"]
-                row += [fmt_time(t), f"{r['images_per_s']:,.0f}" if r.get("images_per_s") else "—",
+                row += [fmt_time(t, 4), f"{r['images_per_s']:,.0f}" if r.get("images_per_s") else "—",
                         f"{t / floor - 1:+.1%}" if floor and p != "ce_floor" else "—",
                         fmt_time(r.get("loss_s")), fmt_pct(r.get("loss_share")),
                         f"{fmt_bytes(r['peak_bytes'])} ({fmt_bytes(r.get('peak_extra_bytes'))})"
