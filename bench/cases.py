@@ -3,14 +3,19 @@
 One benchmark case is one (operator, shape, precision, provider, pass):
 
 * operators: ``pairwise`` (pairwise distance), ``knn`` (k nearest neighbours), ``line_margin``
-  (the fused adaptive line margin), ``loss`` (the whole ``DAALLoss``);
+  (the fused adaptive line margin), ``loss`` (the whole ``DAALLoss``), ``train_step`` (one
+  optimiser step of the VGG-19 embedding network with a loss: does the loss slow training?);
 * providers: ``triton`` (``daal_triton.kernels.*``; for ``loss`` ``DAALLoss(backend="triton")``),
   ``eager`` (``daal_triton.reference.*``; ``DAALLoss(backend="reference")``), ``compile``
   (``torch.compile`` of the reference function) and, for kNN only, ``chunked`` (row chunks of
-  ``torch.cdist`` + ``torch.topk``, the usual hand-written baseline);
+  ``torch.cdist`` + ``torch.topk``, the usual hand-written baseline); for ``train_step`` the loss
+  the step trains with: ``triton`` / ``eager`` (``DAALLoss`` with backend "triton" / "reference"),
+  ``proxyanchor`` (pytorch-metric-learning's ``ProxyAnchorLoss``, when installed) and
+  ``ce_floor`` (a linear cross-entropy head on the embedding: the floor a loss cannot beat);
 * passes: ``fwd`` (the forward with autograd recording, as in training; kNN retrieval
   evaluation runs under ``no_grad``), ``bwd`` (the backward alone: a fresh forward is built
-  outside the timed region of every round) and ``fwdbwd``.
+  outside the timed region of every round) and ``fwdbwd``; ``train_step`` has the one pass
+  ``step`` (forward, loss, backward, optimiser step).
 
 Profiles: ``smoke`` (no CUDA: tiny shapes, float32, Triton's interpreter, one round; so the
 files cannot rot), ``check`` (the subset ``bench/gpu_check.sh`` runs within its budget: every
@@ -27,13 +32,15 @@ from typing import Dict, List, NamedTuple, Optional, Tuple
 
 GiB = 1024 ** 3
 DTYPES = ("bf16", "fp32")
-PASSES = ("fwd", "bwd", "fwdbwd")
+OPERATOR_PASSES = ("fwd", "bwd", "fwdbwd")
+PASSES = OPERATOR_PASSES + ("step",)
 PROFILES = ("smoke", "check", "full")
 PROVIDERS = {
     "pairwise": ("triton", "eager", "compile"),
     "knn": ("triton", "eager", "compile", "chunked"),
     "line_margin": ("triton", "eager", "compile"),
     "loss": ("triton", "eager", "compile"),
+    "train_step": ("triton", "eager", "proxyanchor", "ce_floor"),
 }
 
 # ----------------------------------------------------------------------------- shapes
@@ -62,24 +69,33 @@ SHAPES: Dict[str, Dict[str, dict]] = {
         "classes11k": dict(B=1024, C=11318, D=512),
         "classes100k": dict(B=1024, C=100000, D=512),
     },
+    # arch x batch (P x K = 45 x 4, and 512) x classes (C=11,318: Stanford Online Products);
+    # D = the embedding size, H = the image side (synthetic images already on the device).
+    "train_step": {f"{arch.replace('_', '')}-b{B}-c{'11k' if C > 1000 else C}":
+                   dict(arch=arch, B=B, C=C, D=512, H=224)
+                   for arch in ("vgg19_bn", "vgg19") for B in (180, 512) for C in (100, 11318)},
 }
 SMOKE_SHAPES: Dict[str, Dict[str, dict]] = {
     "pairwise": {"tiny": dict(M=8, N=12, D=16)},
     "knn": {"tiny": dict(M=32, N=40, D=16, k=3, labels=5, self=False, grad=True)},
     "line_margin": {"tiny": dict(B=8, C=5, D=16)},
     "loss": {"tiny": dict(B=8, C=5, D=16)},
+    # the training program's VGG-19 with 1/16 of its channels (``width``), 32 x 32 images
+    "train_step": {"tiny": dict(arch="vgg19", B=12, C=5, D=16, H=32, width=1 / 16)},
 }
 # The whole loss computes in float32 whatever the embeddings' dtype (SPEC step 1: "at least
 # float32"), so it is benchmarked in float32 only. The operators in bfloat16 and float32 (TF32).
+# The training step runs under bf16 autocast (float32 without autocast in the smoke mode).
 OP_DTYPES = {"pairwise": ("bf16", "fp32"), "knn": ("bf16", "fp32"),
-             "line_margin": ("bf16", "fp32"), "loss": ("fp32",)}
+             "line_margin": ("bf16", "fp32"), "loss": ("fp32",), "train_step": ("bf16",)}
 
 
 # ----------------------------------------------------------------------------- targets (H200)
 class Target(NamedTuple):
     """One performance target, as ``bench/report.py`` evaluates it: ``kind`` "fraction" (of the
-    matmul throughput, at least ``threshold``), "speedup" (over provider ``other``, at least) or
-    "memory" (peak extra memory over ``other``'s, at most)."""
+    matmul throughput, at least ``threshold``), "speedup" (over provider ``other``, at least),
+    "memory" (peak extra memory over ``other``'s, at most) or "overhead" (the time added to
+    provider ``other``'s, as a fraction of it, at most: time(triton) / time(other) - 1)."""
 
     title: str
     op: str
@@ -108,6 +124,12 @@ TARGETS: Tuple[Target, ...] = (
            "line_margin", "classes100k", "bf16", "fwdbwd", "memory", "eager", SMALL_FRACTION),
     Target("DML batch B=180 (fp32): whole DAALLoss fwd+bwd ≥ 5× eager", "loss", "dml", "fp32", "fwdbwd",
            "speedup", "eager", 5.0),
+    Target("Training step VGG-19-BN 224², B=180, C=100 (bf16): DAAL (Triton) adds ≤ 2% to the CE floor's step",
+           "train_step", "vgg19bn-b180-c100", "bf16", "step", "overhead", "ce_floor", 0.02),
+    Target("Training step VGG-19-BN 224², B=180, C=100 (bf16): DAAL (Triton) step no slower than ProxyAnchor's",
+           "train_step", "vgg19bn-b180-c100", "bf16", "step", "overhead", "proxyanchor", 0.0),
+    Target("Training step VGG-19-BN 224², B=180, C=11,318 (bf16): DAAL (Triton) adds ≤ 5% to the CE floor's step",
+           "train_step", "vgg19bn-b180-c11k", "bf16", "step", "overhead", "ce_floor", 0.05),
 )
 # The (op, shape, dtype) a target names: those cases run first, so that a run cut short by its
 # time budget still has them.
@@ -127,6 +149,9 @@ CHECK: Dict[Tuple[str, str], List[dict]] = {
     ("line_margin", "large"): [dict(dtypes=("bf16",), providers=("triton", "eager"), passes=("fwdbwd",))],
     ("line_margin", "classes11k"): [dict(dtypes=("bf16",), providers=("triton", "eager"), passes=("fwdbwd",))],
     ("loss", "classes100k"): [dict(dtypes=("fp32",), providers=("triton", "eager"), passes=("fwdbwd",))],
+    # the training step: the targets' shapes only (VGG-19-BN, B=180); the DAAL reference at C=100
+    ("train_step", "vgg19bn-b180-c100"): [dict(dtypes=("bf16",), providers=PROVIDERS["train_step"])],
+    ("train_step", "vgg19bn-b180-c11k"): [dict(dtypes=("bf16",), providers=("triton", "proxyanchor", "ce_floor"))],
 }
 
 CPU_COMPILE_REASON = ("torch.compile provider not run in the CPU smoke mode: inductor's C++ "
@@ -136,9 +161,11 @@ CPU_COMPILE_REASON = ("torch.compile provider not run in the CPU smoke mode: ind
 
 # ----------------------------------------------------------------------------- cases
 def passes_for(op: str, dims: dict) -> Tuple[str, ...]:
+    if op == "train_step":
+        return ("step",)
     if op == "knn" and not dims.get("grad", True):
         return ("fwd",)
-    return PASSES
+    return OPERATOR_PASSES
 
 
 @dataclass(frozen=True)
@@ -223,7 +250,9 @@ def order_key(case: Case):
 # ----------------------------------------------------------------------------- FLOPs
 def flops(op: str, dims: dict, pass_: str) -> Optional[float]:
     """Useful floating-point operations of one call (None where the pass has no GEMM worth
-    counting)."""
+    counting; the training step's are not counted)."""
+    if op == "train_step":
+        return None
     if op == "pairwise":
         mnd = dims["M"] * dims["N"] * dims["D"]
         return {"fwd": 2.0, "bwd": 4.0, "fwdbwd": 6.0}[pass_] * mnd
@@ -277,6 +306,22 @@ def _line_margin_bytes(d: dict, prov: str) -> int:
     return 24 * d["B"] * d["C"]
 
 
+# Saved activations of one 224 x 224 image through VGG-19 (-BN) under bf16 autocast, forward +
+# backward (conv inputs, ReLU/BN outputs, pooling indices; ~15 M activations, 2 bytes, 3 to 5 copies),
+# rounded up; and the network's parameters with their gradients and AdamW state (~20 M x 18 bytes).
+VGG_BYTES_PER_IMAGE = {"vgg19": 110e6, "vgg19_bn": 160e6}
+VGG_STATE_BYTES = 400e6
+
+
+def _train_step_bytes(d: dict, prov: str) -> int:
+    width = d.get("width", 1.0)
+    net = d["B"] * VGG_BYTES_PER_IMAGE[d["arch"]] * (d["H"] / 224) ** 2 * width + VGG_STATE_BYTES * width ** 2
+    bc = d["B"] * d["C"]
+    loss = {"triton": 16 * bc, "eager": 80 * bc + 40 * d["B"] ** 2, "proxyanchor": 40 * bc,
+            "ce_floor": 12 * bc}[prov]
+    return int(net + loss + 16 * d["C"] * d["D"])
+
+
 def estimate_bytes(case: Case) -> int:
     """A rough upper estimate of the peak extra memory of a case (beyond its inputs), from the
     shape alone, to decide beforehand whether a provider can fit (not a measurement)."""
@@ -289,6 +334,8 @@ def estimate_bytes(case: Case) -> int:
         return per * mn + 4 * mn  # + the M x N upstream gradient of the bwd passes
     if op == "knn":
         return _knn_bytes(d, prov, es)
+    if op == "train_step":
+        return _train_step_bytes(d, prov)
     line = _line_margin_bytes(d, prov)
     if op == "line_margin":
         return line

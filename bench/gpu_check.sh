@@ -4,7 +4,9 @@
 #      link tree on PYTHONPATH),
 #   2. run the GPU parity tests (pytest tests -m gpu) and the kernel tests (tests/kernels),
 #   3. run the benchmarks (bench/, profile "check": the performance targets first, then one
-#      representative per operator), with an in-process deadline so they stop in time,
+#      representative per operator), with an in-process deadline so they stop in time; the
+#      training-step benchmark (VGG-19-BN, B=180, C=100 and 11,318) runs after the operators'
+#      targets, in a slice of DAAL_BENCH_TRAIN_STEP_S seconds of its own within that deadline,
 #   4. time alternative line-margin block sizes (bench/tune_line_margin.py, with the time the
 #      benchmarks leave, at least DAAL_TUNE_S seconds),
 #   5. write OUTDIR/report.md (bench/report.py) from what was recorded.
@@ -26,7 +28,9 @@
 # DAAL_CHECK_INSTALL (default 1; 0: use the daal_triton already importable, for rehearsals),
 # DAAL_CHECK_K (a pytest -k expression for the two test steps, for rehearsals),
 # DAAL_BENCH_PROFILE (default check; "full" needs far more time than 8 minutes), DAAL_TUNE_S
-# (default 60: the seconds reserved for step 4; 0 skips it).
+# (default 60: the seconds reserved for step 4; 0 skips it), DAAL_BENCH_TRAIN_STEP_S (default 80:
+# the most the training-step cases may take together in step 3; what they leave goes to the
+# operators' remaining cases).
 set -uo pipefail
 
 if [ $# -lt 1 ]; then
@@ -170,8 +174,11 @@ if [ "$INSTALL" != failed ]; then
   # ---------------------------------------------------------------- 3. benchmarks
   BENCH_LIMIT=$(( $(left) - 25 - TUNE_S ))  # keep time for the tuning step and the report
   export DAAL_BENCH_DEADLINE=$(( $(date +%s) + BENCH_LIMIT - 30 ))  # cases stop starting 30 s early
+  export DAAL_BENCH_TRAIN_STEP_S=${DAAL_BENCH_TRAIN_STEP_S:-80}
+  # Last on the line: of the targets, the training step's run after the operators'.
   step bench "$BENCH_LIMIT" "$PY" -c "$RUNNER" bench/test_bench_pairwise.py bench/test_bench_knn.py \
-      bench/test_bench_line_margin.py bench/test_bench_loss.py -q -ra -p no:cacheprovider \
+      bench/test_bench_line_margin.py bench/test_bench_loss.py bench/test_bench_train_step.py \
+      -q -ra -p no:cacheprovider \
       --bench-profile "$PROFILE" --bench-records "$OUT/records.jsonl" \
       --benchmark-json "$OUT/bench.json" --benchmark-columns=min,median,mean,rounds \
       --junitxml="$OUT/bench_junit.xml"

@@ -8,11 +8,15 @@ imports triton or ``daal_triton`` at import time: ``TRITON_INTERPRET`` must be s
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
+import statistics
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
 
 import torch
+from torch import nn
 
 from cases import Case, knn_chunk_rows
 
@@ -30,11 +34,26 @@ class Problem:
     inputs: List[torch.Tensor] = field(default_factory=list)
     no_grad: bool = False  # inference use: forward under torch.no_grad()
     notes: str = ""
+    # more fields for the record, from the seconds of the timed rounds (the training step's)
+    metrics: Optional[Callable[[List[float]], dict]] = None
 
 
 # ----------------------------------------------------------------------------- providers
-class KernelMissing(Exception):
+class ProviderMissing(Exception):
+    """A provider cannot run here: a module it needs cannot be imported (``reason`` heads the
+    status the case is recorded and skipped with)."""
+
+    reason = "provider not available"
+
+
+class KernelMissing(ProviderMissing):
     """The Triton kernel module of a provider cannot be imported."""
+
+    reason = "Triton kernel not available"
+
+
+class PMLMissing(ProviderMissing):
+    reason = "pytorch-metric-learning not installed"
 
 
 def import_kernel(name: str):
@@ -186,10 +205,21 @@ def setup_line_margin(case: Case, device: torch.device) -> Problem:
     return Problem(lambda: fn(x, labels, seg, margins, **kw), [x, seg], g, [x, seg, margins])
 
 
+def daal_module(provider: str, C: int, D: int) -> nn.Module:
+    """``DAALLoss`` with the backend of ``provider`` ("triton"; "eager": "reference"); for
+    "triton" the kernels it runs are imported first, so that a missing one is a skip."""
+    from daal_triton import DAALLoss
+
+    if provider == "triton":
+        for name in ("knn", "line_margin"):
+            import_kernel(name)
+    return DAALLoss(C, D, backend="triton" if provider == "triton" else "reference")
+
+
 def setup_loss(case: Case, device: torch.device) -> Problem:
     """The module as users call it (validation included) for triton and eager;
     ``torch.compile`` of the reference function for compile."""
-    from daal_triton import DAALLoss, reference
+    from daal_triton import reference
 
     d, dtype = case.dims, TORCH_DTYPES[case.dtype]
     B, C, D = d["B"], d["C"], d["D"]
@@ -200,13 +230,163 @@ def setup_loss(case: Case, device: torch.device) -> Problem:
         fn = compiled("loss", reference.daal_loss)
         return Problem(lambda: fn(emb, labels, seg), [emb, seg], None, [emb, seg],
                        notes="torch.compile(daal_triton.reference.daal_loss): no input validation")
-    if case.provider == "triton":
-        for name in ("knn", "line_margin"):  # the kernels DAALLoss(backend="triton") runs
-            import_kernel(name)
-    backend = "triton" if case.provider == "triton" else "reference"
-    module = DAALLoss(C, D, backend=backend).to(device=device, dtype=dtype)
+    module = daal_module(case.provider, C, D).to(device=device, dtype=dtype)
     return Problem(lambda: module(emb, labels), [emb, module.segments], None,
                    [emb, module.segments], notes="DAALLoss module (validation included)")
+
+
+# ----------------------------------------------------------------------------- the training step
+def embedding_net(dims: dict, device: torch.device) -> nn.Module:
+    """The training program's ``EmbeddingNet`` (built on ``device``: no CPU initialisation of
+    VGG's 140 M-parameter ImageNet classifier, which it drops), in channels_last.
+
+    ``dims["width"] < 1`` (the smoke shape): ``EmbeddingNet`` has no width option, so it is built
+    on the meta device (nothing allocated) and given a VGG-19 trunk with that fraction of the
+    channels (torchvision's own ``make_layers``) and a head to match; its pooling and forward
+    are the program's."""
+    from daal_triton.train.model import EmbeddingNet
+
+    width = dims.get("width", 1.0)
+    with torch.device(device if width == 1.0 else "meta"):
+        net = EmbeddingNet(dims["arch"], dims["D"], announce=False)
+    if width != 1.0:
+        from torchvision.models.vgg import cfgs, make_layers
+
+        cfg = [v if v == "M" else max(1, int(v * width)) for v in cfgs["E"]]
+        with torch.device(device):
+            net.trunk = make_layers(cfg, batch_norm=dims["arch"].endswith("_bn"))
+            net.head = nn.Linear(cfg[-2], dims["D"])
+        nn.init.orthogonal_(net.head.weight)
+        nn.init.zeros_(net.head.bias)
+    return net.to(device=device, memory_format=torch.channels_last)
+
+
+class CrossEntropyHead(nn.Module):
+    """The floor: a linear classifier on the embedding, ``F.cross_entropy`` (a loss cannot cost
+    less than this; it is how the network would be trained as a plain classifier)."""
+
+    def __init__(self, num_classes: int, embedding_dim: int):
+        super().__init__()
+        self.fc = nn.Linear(embedding_dim, num_classes)
+
+    def forward(self, emb: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(self.fc(emb), labels)
+
+
+def train_loss(provider: str, C: int, D: int) -> nn.Module:
+    """The loss module a training step of ``provider`` trains with."""
+    if provider in ("triton", "eager"):
+        return daal_module(provider, C, D)
+    if provider == "proxyanchor":
+        try:
+            from pytorch_metric_learning.losses import ProxyAnchorLoss
+        except Exception as exc:  # ImportError, or an error inside the package
+            raise PMLMissing(f"pytorch_metric_learning cannot be imported ({type(exc).__name__}: {exc}); "
+                             "pip install 'daal-triton[pml]'") from exc
+        return ProxyAnchorLoss(num_classes=C, embedding_size=D)
+    return CrossEntropyHead(C, D)
+
+
+def train_optimizer(net: nn.Module, loss: nn.Module) -> torch.optim.Optimizer:
+    """AdamW as the training program makes it: the network at 1e-3 (no decay on biases and norm
+    layers), the loss's parameters (segments, proxies, the CE head) at 5e-3 without decay."""
+    decay = [p for p in net.parameters() if p.ndim > 1]
+    no_decay = [p for p in net.parameters() if p.ndim <= 1]
+    groups = [dict(params=decay, lr=1e-3, weight_decay=1e-4), dict(params=no_decay, lr=1e-3, weight_decay=0.0),
+              dict(params=list(loss.parameters()), lr=5e-3, weight_decay=0.0)]
+    return torch.optim.AdamW([g for g in groups if g["params"]])
+
+
+class StepClock:
+    """Four marks per training step (its start, the loss's start, the loss's end, its end): CUDA
+    events on a GPU, read only after the round's synchronisation, so they add no synchronisation
+    to the step; ``time.perf_counter`` on the CPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.steps: List[list] = []
+
+    def mark(self, marks: list) -> None:
+        if self.cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            marks.append(ev)
+        else:
+            marks.append(time.perf_counter())
+
+    def seconds(self, a, b) -> float:
+        return a.elapsed_time(b) / 1e3 if self.cuda else b - a
+
+    def metrics(self, batch: int, times: List[float]) -> dict:
+        """Throughput and the loss's share of the step over the timed rounds (the last
+        ``len(times)`` steps: the warm-up's come before them)."""
+        last = self.steps[-len(times):] if times else []
+        step = [self.seconds(m[0], m[3]) for m in last]
+        loss = [self.seconds(m[1], m[2]) for m in last]
+        med = statistics.median(times) if times else None
+        return dict(images_per_s=batch / med if med else None,
+                    step_event_s=statistics.median(step) if step else None,
+                    loss_s=statistics.median(loss) if loss else None,
+                    loss_share=statistics.median(a / b for a, b in zip(loss, step)) if step else None)
+
+
+# The loss's forward runs under the step's autocast too (a user's `with autocast(): loss =
+# criterion(model(x), y)`). The training program (daal_triton/train/engine.py) runs only the
+# network under autocast and the loss outside it: False measures that arrangement.
+LOSS_UNDER_AUTOCAST = True
+
+
+def setup_train_step(case: Case, device: torch.device) -> Problem:
+    """One optimiser step of the embedding network with the provider's loss on synthetic images
+    already on the device: forward (bf16 autocast on a GPU, network in channels_last), loss,
+    backward, AdamW step. The loss's forward and backward are marked inside the step: the
+    backward runs in two calls, the loss's down to the embedding, then the network's from it
+    (the same work as one call)."""
+    d = case.dims
+    B, C, D, H = d["B"], d["C"], d["D"], d["H"]
+    cuda = device.type == "cuda"
+    net = embedding_net(d, device)
+    loss_fn = train_loss(case.provider, C, D).to(device)
+    opt = train_optimizer(net, loss_fn)
+    images = torch.randn(B, 3, H, H, device=device).contiguous(memory_format=torch.channels_last)
+    labels = make_labels(B, C, device)
+    amp = cuda and case.dtype == "bf16"
+    clock = StepClock(device)
+
+    def autocast(on: bool = True):
+        return torch.autocast("cuda", dtype=torch.bfloat16) if amp and on else contextlib.nullcontext()
+
+    def step() -> torch.Tensor:
+        marks: list = []
+        bench_flag = torch.backends.cudnn.benchmark
+        torch.backends.cudnn.benchmark = True  # as a training run would (restored: other cases)
+        try:
+            opt.zero_grad(set_to_none=True)
+            clock.mark(marks)
+            with autocast():
+                emb = net(images)
+            e = emb.detach().requires_grad_(True)
+            clock.mark(marks)
+            with autocast(LOSS_UNDER_AUTOCAST):
+                loss = loss_fn(e, labels)
+            loss.backward()
+            clock.mark(marks)
+            emb.backward(e.grad)
+            opt.step()
+            clock.mark(marks)
+        finally:
+            torch.backends.cudnn.benchmark = bench_flag
+        clock.steps.append(marks)
+        return loss.detach()
+
+    precision = "float32"
+    if amp:
+        precision = "bf16 autocast" + ("" if LOSS_UNDER_AUTOCAST else " (network only)")
+    notes = (f"{d['arch']} embedding net (width {d.get('width', 1.0):g}), {H}x{H} synthetic images, "
+             f"{precision}, channels_last, AdamW{', cudnn.benchmark' if cuda else ''}; "
+             f"loss: {type(loss_fn).__name__}")
+    return Problem(step, [], None, [images], notes=notes,
+                   metrics=lambda times: clock.metrics(B, times))
 
 
 SETUPS: Dict[str, Callable[[Case, torch.device], Problem]] = {
@@ -214,6 +394,7 @@ SETUPS: Dict[str, Callable[[Case, torch.device], Problem]] = {
     "knn": setup_knn,
     "line_margin": setup_line_margin,
     "loss": setup_loss,
+    "train_step": setup_train_step,
 }
 
 

@@ -26,7 +26,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 if HERE not in sys.path:  # imported from a file path rather than run as bench/report.py
     sys.path.insert(0, HERE)
 
-from cases import DTYPES, PASSES, PROVIDERS, TARGETS  # noqa: E402  (torch-free)
+from cases import DTYPES, PASSES, PROVIDERS, SHAPES, TARGETS  # noqa: E402  (torch-free)
 
 OPS = ("knn", "line_margin", "loss", "pairwise")
 OP_TITLES = {
@@ -37,6 +37,10 @@ OP_TITLES = {
 }
 SHAPE_ORDER = ("tiny", "dml", "large", "bank", "classes11k", "classes100k", "eval60k")
 PROVIDER_TITLES = {"triton": "Triton", "eager": "eager", "compile": "compile", "chunked": "chunked"}
+# the training step's providers are the losses it trains with
+STEP_PROVIDER_TITLES = {"triton": "DAAL (Triton)", "eager": "DAAL (reference)",
+                        "proxyanchor": "ProxyAnchor (PML)", "ce_floor": "CE floor"}
+STEP_SHAPE_ORDER = ("tiny",) + tuple(SHAPES["train_step"])
 
 
 # ----------------------------------------------------------------------------- loading
@@ -141,14 +145,14 @@ def junit_summary(path: str) -> Optional[dict]:
 
 
 # ----------------------------------------------------------------------------- formatting
-def fmt_time(s: Optional[float]) -> str:
+def fmt_time(s: Optional[float], digits: int = 3) -> str:
     if s is None:
         return "—"
     if s >= 1.0:
         return f"{s:.2f} s"
     if s >= 1e-3:
-        return f"{s * 1e3:.3g} ms"
-    return f"{s * 1e6:.3g} µs"
+        return f"{s * 1e3:.{digits}g} ms"
+    return f"{s * 1e6:.{digits}g} µs"
 
 
 def fmt_bytes(b: Optional[float]) -> str:
@@ -172,6 +176,7 @@ def fmt_pct(f: Optional[float]) -> str:
 _SHORT = (("skipped: would need", "skip: memory"), ("skipped: out of memory", "OOM"),
           ("skipped: out of time budget", "skip: time budget"),
           ("skipped: Triton kernel not available", "skip: no kernel"),
+          ("skipped: pytorch-metric-learning not installed", "skip: no PML"),
           ("skipped: torch.compile provider not run in the CPU", "skip: CPU"),
           ("too slow", "too slow"), ("error", "error"))
 
@@ -294,6 +299,14 @@ def targets_table(run: dict) -> List[str]:
                 shown += f" ({fmt_time(median(run['cases'].get(key + (arg,))))} vs {fmt_time(median(tr))})"
             passed = value is not None and value >= thr
             missing = _why_missing(run, key, ["triton", arg])
+        elif kind == "overhead":
+            ratio = speedup(run, key, arg)  # time(other) / time(triton)
+            value = 1.0 / ratio - 1.0 if ratio else None
+            if value is not None:
+                theirs = fmt_time(median(run["cases"].get(key + (arg,))), 4)  # 2% apart: 4 digits
+                shown = f"{value:+.1%} ({fmt_time(median(tr), 4)} vs {theirs} of {STEP_PROVIDER_TITLES.get(arg, arg)})"
+            passed = value is not None and value <= thr
+            missing = _why_missing(run, key, ["triton", arg])
         else:  # memory
             other = run["cases"].get(key + (arg,))
             a = tr.get("peak_extra_bytes") if ok(tr) else None
@@ -306,6 +319,55 @@ def targets_table(run: dict) -> List[str]:
         result = ("PASS" if passed else "FAIL") if value is not None else f"not measured ({missing})"
         lines.append(f"| {title} | {shown or '—'} | {result} |")
     return lines + [""]
+
+
+def train_step_table(run: dict) -> List[str]:
+    """One row per (shape, loss): step time, images/s, the step relative to the CE floor's, the
+    loss's forward+backward (CUDA events inside the step) and its share, peak memory."""
+    keys = sorted({k[:4] for k in run["cases"] if k[0] == "train_step"},
+                  key=lambda k: (_order(STEP_SHAPE_ORDER, k[1]), _order(DTYPES, k[2])))
+    if not keys:
+        return []
+    head = ["shape", "loss", "step", "images/s", "vs CE floor", "loss fwd+bwd", "loss share",
+            "peak memory (extra)"]
+    lines = ["### Training step (forward, loss, backward, AdamW step)", "",
+             "\"vs CE floor\" = step time / the CE floor's − 1 (what the loss adds to training); "
+             "\"loss share\" = the loss's forward+backward / the whole step, both from marks inside "
+             "each step (CUDA events on a GPU); peak memory = `max_memory_allocated` during a step "
+             "(network, optimiser state and images included), and above what was allocated before it.", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    notes = []
+    for key in keys:
+        _op, shape, dtype, _pass = key
+        floor = median(run["cases"].get(key + ("ce_floor",)))
+        first = True
+        for p in PROVIDERS["train_step"]:
+            r = run["cases"].get(key + (p,))
+            if r is None:
+                continue
+            d = r.get("dims") or {}
+            cell = ""
+            if first:
+                width = f" (width {d['width']:g})" if d.get("width") else ""
+                cell = (f"{shape}: {d.get('arch')}{width} {d.get('H')}², B={d.get('B'):,}, C={d.get('C'):,}, "
+                        f"D={d.get('D')}, {'bf16 autocast' if dtype == 'bf16' else dtype}")
+                first = False
+            row = [cell, STEP_PROVIDER_TITLES.get(p, p)]
+            if ok(r):
+                t = r["median_s"]
+                row += [fmt_time(t, 4), f"{r['images_per_s']:,.0f}" if r.get("images_per_s") else "—",
+                        f"{t / floor - 1:+.1%}" if floor and p != "ce_floor" else "—",
+                        fmt_time(r.get("loss_s")), fmt_pct(r.get("loss_share")),
+                        f"{fmt_bytes(r['peak_bytes'])} ({fmt_bytes(r.get('peak_extra_bytes'))})"
+                        if r.get("peak_bytes") else "—"]
+            else:
+                row += [short_status(r.get("status", ""))] + ["—"] * 5
+                notes.append(f"- {shape}, {STEP_PROVIDER_TITLES.get(p, p)}: {r.get('status')}")
+            lines.append("| " + " | ".join(row) + " |")
+    lines.append("")
+    if notes:
+        lines += ["Not measured:", ""] + notes + [""]
+    return lines
 
 
 def env_lines(run: dict) -> List[str]:
@@ -356,7 +418,7 @@ def run_report(run: dict, *, heading_level: int = 2) -> List[str]:
     if not run["cases"]:
         lines += ["No benchmark case was recorded in this run.", ""]
         return lines
-    lines += [f"{h}# Targets (issue 6, H200)", ""] + targets_table(run)
+    lines += [f"{h}# Targets (issues 6 and 17, H200)", ""] + targets_table(run)
     lines += [f"{h}# Results", "",
               "Median time per call; \"Triton vs X\" = time(X) / time(Triton) (above 1: Triton is "
               "faster); \"% of matmul\" = the operator's useful FLOP/s over `torch.matmul`'s on a "
@@ -366,6 +428,7 @@ def run_report(run: dict, *, heading_level: int = 2) -> List[str]:
               "`check` is the subset gpu_check.sh runs, `full` every combination).", ""]
     for op in OPS:
         lines += op_table(run, op)
+    lines += train_step_table(run)
     if run["matmul"]:
         lines += [f"{h}# torch.matmul baselines", "", "| dtype | M × N × K | TFLOP/s |", "|---|---|---|"]
         for m in sorted(run["matmul"], key=lambda m: (m.get("dtype", ""), m.get("M", 0), m.get("N", 0))):
@@ -381,7 +444,8 @@ README_HEAD = """# Benchmarks
 <!-- Generated by `python bench/report.py --readme` from bench/results/. Do not edit by hand. -->
 
 pytest-benchmark files, one per operator: `test_bench_pairwise.py`, `test_bench_knn.py`,
-`test_bench_line_margin.py`, `test_bench_loss.py` (the whole `DAALLoss`). The machinery:
+`test_bench_line_margin.py`, `test_bench_loss.py` (the whole `DAALLoss`), and
+`test_bench_train_step.py` (a whole training step: see below). The machinery:
 `cases.py` (torch-free: operators, shapes, profiles, providers, targets, FLOP and memory models;
 `report.py` reads the same tables), `problems.py` (one set-up per operator, the provider's
 function from a table), `runner.py` (time budget, memory guard, warm-up, timing, NaN check,
@@ -413,6 +477,26 @@ comparable GEMM (same precision, same run). FLOP counts: pairwise 2·M·N·D for
 backward); kNN 2·M·N·D; line margin 4·B·C·D forward, 16·B·C·D forward+backward. A provider that
 would not fit in memory (estimated from the shape against the free GPU memory), runs out of
 memory, is too slow, or is cut by the time budget is recorded with that status, never dropped.
+
+## Training step
+
+Does the loss slow training? `test_bench_train_step.py` times one optimiser step of the training
+program's embedding network (`daal_triton.train.model.EmbeddingNet`: VGG-19 or VGG-19-BN,
+random weights, embedding 512, channels_last) on synthetic 224 × 224 images already on the GPU,
+labels as P × K sampling draws them: forward under bf16 autocast, loss, backward, AdamW step
+(`cudnn.benchmark` on). The losses (the providers): `DAAL (Triton)` and `DAAL (reference)`
+(`DAALLoss`, backends "triton" and "reference"), `ProxyAnchor` (pytorch-metric-learning's
+`ProxyAnchorLoss`; recorded as skipped where the package is not installed) and `CE floor` (a
+linear cross-entropy head on the embedding: the least a loss can cost). Shapes: B = 180
+(P × K = 45 × 4) and 512, C = 100 and 11,318 (Stanford Online Products). Recorded per case:
+the median step time and images per second, the peak memory of a step (whole, and above what
+the network, optimiser state and images hold), and the loss's share of the step: CUDA events
+mark the step and the loss's forward + backward inside it (the backward runs in two calls, the
+loss's down to the embedding, then the network's: the same work, no added synchronisation).
+The report shows every loss side by side with its step time relative to the CE floor's. The GPU
+check runs VGG-19-BN at B = 180 only (the targets' shapes), in a time slice of its own
+(`DAAL_BENCH_TRAIN_STEP_S`, 80 s); `--bench-profile full` runs the rest. Without a GPU (CI) the
+same code runs a VGG-19 with 1/16 of the channels on 32 × 32 images, B = 12, in float32.
 
 ## Running
 

@@ -55,14 +55,29 @@ def test_check_profile_covers_the_targets():
     have = {(c.op, c.shape, c.dtype, c.pass_, c.provider) for op in bc.PROVIDERS for c in bc.cases_for(op, "check")}
     for _title, op, shape, dtype, pass_, kind, arg, _thr in report.TARGETS:
         assert (op, shape, dtype, pass_, "triton") in have, (op, shape, dtype, pass_)
-        if kind in ("speedup", "memory"):
+        if kind in ("speedup", "memory", "overhead"):
             assert (op, shape, dtype, pass_, arg) in have, (op, shape, dtype, pass_, arg)
     assert bc.TARGET_KEYS == {("knn", "eval60k", "bf16"), ("line_margin", "classes100k", "bf16"),
-                              ("loss", "dml", "fp32")}
+                              ("loss", "dml", "fp32"), ("train_step", "vgg19bn-b180-c100", "bf16"),
+                              ("train_step", "vgg19bn-b180-c11k", "bf16")}
     assert report.TARGETS is bc.TARGETS and report.PROVIDERS is bc.PROVIDERS  # one table, not a copy
     # the sizes the targets name
     assert bc.SHAPES["knn"]["eval60k"]["M"] == 60000 and bc.SHAPES["knn"]["bank"]["N"] == 65536
     assert bc.SHAPES["line_margin"]["classes100k"] == dict(B=1024, C=100000, D=512)
+    assert bc.SHAPES["train_step"]["vgg19bn-b180-c11k"] == dict(arch="vgg19_bn", B=180, C=11318, D=512, H=224)
+    assert {(d["arch"], d["B"], d["C"], d["H"]) for d in bc.SHAPES["train_step"].values()} == {
+        (a, b, c, 224) for a in ("vgg19", "vgg19_bn") for b in (180, 512) for c in (100, 11318)}
+
+
+def test_train_step_check_profile():
+    """gpu_check.sh's slice: VGG-19-BN at B=180 only, every loss at C=100, and no heavy case."""
+    cs = bc.cases_for("train_step", "check")
+    assert {(c.shape, c.provider) for c in cs} == {
+        ("vgg19bn-b180-c100", p) for p in bc.PROVIDERS["train_step"]} | {
+        ("vgg19bn-b180-c11k", p) for p in ("triton", "proxyanchor", "ce_floor")}
+    assert all(c.target and c.pass_ == "step" and c.dtype == "bf16" for c in cs)
+    assert all(bc.estimate_bytes(c) < bc.HEAVY_BYTES for c in cs)
+    assert [c.pass_ for c in bc.cases_for("train_step", "smoke")] == ["step"] * 4
 
 
 def test_cases_and_report_import_without_torch():
@@ -96,6 +111,38 @@ class _State:
     def records(self):
         with open(self.recorder.path) as f:
             return [json.loads(line) for line in f]
+
+
+def test_train_step_on_cpu(tmp_path, monkeypatch):
+    """The GPU code path of the training step on the CPU: its own rounds, the metrics of the
+    step in the record; its time slice (DAAL_BENCH_TRAIN_STEP_S) skips what comes after it."""
+    monkeypatch.setitem(runner.OP_TIMING["train_step"], "check",
+                        dict(runner.OP_TIMING["train_step"]["check"], min_rounds=3, budget_s=0.0))
+    monkeypatch.delenv("DAAL_BENCH_TRAIN_STEP_S", raising=False)
+    st = _State(tmp_path)
+    rec = runner.run_case(_tiny("train_step", "ce_floor", "step"), runner.MiniBenchmark(), st)
+    assert rec["status"] == "ok" and rec["rounds"] == 3 and rec["matmul_tflops"] is None
+    assert rec["images_per_s"] == pytest.approx(12 / rec["median_s"])
+    assert 0 < rec["loss_share"] < 1 and 0 < rec["loss_s"] < rec["step_event_s"]
+    assert "CrossEntropyHead" in rec["notes"] and "float32" in rec["notes"]
+    assert [r["kind"] for r in st.records()] == ["case"]  # no matmul baseline for a step
+    monkeypatch.setenv("DAAL_BENCH_TRAIN_STEP_S", "1")
+    st.op_slice_starts = {"train_step": 0.0}  # the slice began long ago
+    with pytest.raises(pytest.skip.Exception):
+        runner.run_case(_tiny("train_step", "triton", "step"), runner.MiniBenchmark(), st)
+    assert st.records()[-1]["status"].startswith("skipped: out of time budget")
+    rec = runner.run_case(_tiny("loss", "eager", "fwd"), runner.MiniBenchmark(), st)  # other ops: no slice
+    assert rec["status"] == "ok"
+
+
+def test_proxyanchor_missing_is_a_recorded_skip(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "pytorch_metric_learning.losses", None)  # import fails
+    st = _State(tmp_path)
+    with pytest.raises(pytest.skip.Exception):
+        runner.run_case(_tiny("train_step", "proxyanchor", "step"), runner.MiniBenchmark(), st)
+    status = st.records()[-1]["status"]
+    assert status.startswith("skipped: pytorch-metric-learning not installed")
+    assert report.short_status(status) == "skip: no PML"
 
 
 def _tiny(op, provider, pass_, shape="tiny"):
@@ -170,6 +217,13 @@ def _synthetic_run(path):
     case("line_margin", "classes100k", "bf16", "fwdbwd", "triton", 0.001, matmul_fraction=0.4,
          tflops=1.0, peak_extra_bytes=100)
     case("line_margin", "classes100k", "bf16", "fwdbwd", "eager", 0.050, peak_extra_bytes=10000)
+    for shape, prov, t, share in (("vgg19bn-b180-c100", "ce_floor", 0.100, 0.001),
+                                  ("vgg19bn-b180-c100", "triton", 0.101, 0.01),
+                                  ("vgg19bn-b180-c100", "proxyanchor", 0.1005, 0.006),
+                                  ("vgg19bn-b180-c11k", "ce_floor", 0.100, 0.002),
+                                  ("vgg19bn-b180-c11k", "triton", 0.104, 0.04)):
+        case("train_step", shape, "bf16", "step", prov, t, images_per_s=180 / t, loss_s=share * t,
+             loss_share=share, peak_bytes=30e9, peak_extra_bytes=25e9)
     with open(path / "records.jsonl", "w") as f:
         for r in recs:
             f.write(json.dumps(r) + "\n")
@@ -189,6 +243,12 @@ def test_report(tmp_path):
     assert "FAIL" in rows["Line margin B=1024, C=100k (bf16), fwd+bwd: ≥ 50% of matmul throughput"]
     assert "PASS" in [v for k, v in rows.items() if "peak extra memory ≤" in k][0]  # 1%
     assert "not measured" in rows["DML batch B=180 (fp32): whole DAALLoss fwd+bwd ≥ 5× eager"]
+    step = [v for k, v in rows.items() if k.startswith("Training step VGG-19-BN")]
+    assert len(step) == 3
+    assert "PASS" in step[0] and "+1.0%" in step[0]  # 1% over the floor, target 2%
+    assert "FAIL" in step[1] and "+0.5%" in step[1]  # slower than ProxyAnchor
+    assert "PASS" in step[2] and "+4.0%" in step[2]  # 4%, target 5%
+    assert "### Training step" in text and "1,782" in text and "DAAL (Triton)" in text  # 180 / 0.101 s
     assert "skip: memory" in text and "would need ~122 GiB" in text and "TestGPU" in text
 
 
@@ -234,11 +294,12 @@ def test_gpu_check_rehearsal_on_cpu(tmp_path):
     assert env_json["torch"] == torch.__version__ and env_json["cuda_available"] is False
     cases = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
     assert {c["op"] for c in cases if c.get("kind") == "case" and c.get("status") == "ok"} == {
-        "pairwise", "knn", "line_margin", "loss"}
+        "pairwise", "knn", "line_margin", "loss", "train_step"}
     tune = json.loads((out / "tune_line_margin.json").read_text())
     assert tune["smoke"] and all(r["status"] == "measured" for r in tune["records"])
     text = (out / "report.md").read_text()
-    assert "CPU smoke run" in text and "Line-margin block sizes" in text
+    assert "CPU smoke run" in text and "Line-margin block sizes" in text and "### Training step" in text
+    assert "not measured" in [line for line in text.splitlines() if "B=180, C=100 (bf16): DAAL" in line][0]
 
 
 # ----------------------------------------------------------------------------- tune_line_margin.py
