@@ -464,7 +464,7 @@ Each case is (shape, precision, provider, pass):
   `no_grad`), `bwd` (backward alone; the forward of each round is built outside the timed
   region), `fwdbwd`;
 - precisions: bf16 inputs (fp32 accumulation) and fp32 with TF32 matmuls, for the operators; the
-  whole loss computes in float32 whatever its inputs (SPEC step 1), so it runs in fp32 only. The
+  whole loss computes in float32 whatever its inputs (docs/method.md, step 1), so it runs in fp32 only. The
   references keep their own arithmetic (the pairwise/kNN reference upcasts to float32);
 - shapes: DML batch (B=180, C=100, D=512), large batch (B=4096, C=1000), many classes
   (B=1024, C=11,318 and C=100,000), kNN evaluation (60,000 × 60,000, k=8), memory bank
