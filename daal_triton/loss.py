@@ -64,7 +64,8 @@ class DAALLoss(nn.Module):
     ``normalize``, ``reduction``), validated here; ``backend`` (``"auto"``, ``"triton"``,
     ``"reference"``); ``check_values``: the NaN/inf and label-range checks on GPU tensors, which
     synchronise the host with the GPU (off by default there, always on for CPU tensors; see
-    ``daal_triton.daal_loss``).
+    ``daal_triton.daal_loss``); ``point_proxies=True``: each class a single learnable point
+    (``p = q``, ``segments`` is C x 1 x D), DAAL without its lines, for ablations.
     """
 
     def __init__(self, num_classes: int, embedding_dim: Optional[int] = None, *,
@@ -73,7 +74,7 @@ class DAALLoss(nn.Module):
                  tau: float = 0.8, lambda_pull: float = 0.0, lambda_dens: float = 0.5,
                  lambda_len: float = 0.0, l_max: float = 1.0, normalize: bool = True,
                  reduction: str = "mean", backend: str = "auto", init_length: float = 0.2,
-                 check_values: Optional[bool] = None) -> None:
+                 check_values: Optional[bool] = None, point_proxies: bool = False) -> None:
         super().__init__()
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"num_classes must be an integer >= 1, got {num_classes!r}")
@@ -95,7 +96,16 @@ class DAALLoss(nn.Module):
                                   reduction=reduction)
         self.backend = backend
         self.check_values = check_values
-        self.segments = nn.Parameter(init_segments(num_classes, embedding_dim, length=init_length))
+        if not isinstance(point_proxies, bool):
+            raise ValueError(f"point_proxies must be True or False, got {point_proxies!r}")
+        self.point_proxies = point_proxies
+        segments = init_segments(num_classes, embedding_dim, length=0.0 if point_proxies else init_length)
+        # Point proxies (an ablation: DAAL without lines) keep one end point per class, C x 1 x D.
+        self.segments = nn.Parameter(segments[:, :1].clone() if point_proxies else segments)
+
+    def endpoints(self) -> torch.Tensor:
+        """The C x 2 x D segments the loss uses (``p = q`` for point proxies)."""
+        return torch.cat([self.segments, self.segments], 1) if self.point_proxies else self.segments
 
     @property
     def hparams(self) -> Dict[str, Any]:
@@ -118,11 +128,13 @@ class DAALLoss(nn.Module):
         weights = None
         if indices_tuple is not None:
             weights = miner_weights(indices_tuple, embeddings.shape[0], device=embeddings.device)
-        return loss_with(embeddings, labels, self.segments, self.hp, ref_embeddings=ref_emb,
+        return loss_with(embeddings, labels, self.endpoints(), self.hp, ref_embeddings=ref_emb,
                          ref_labels=ref_labels, ref_includes_batch=ref_includes_batch,
                          backend=self.backend, check_values=self.check_values,
                          sample_weights=weights)
 
     def extra_repr(self) -> str:
         hp = ", ".join(f"{k}={v}" for k, v in self.hparams.items())
-        return f"num_classes={self.num_classes}, embedding_dim={self.embedding_dim}, {hp}, backend={self.backend!r}"
+        points = ", point_proxies=True" if self.point_proxies else ""
+        return (f"num_classes={self.num_classes}, embedding_dim={self.embedding_dim}, {hp}, "
+                f"backend={self.backend!r}{points}")

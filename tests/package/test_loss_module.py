@@ -69,3 +69,22 @@ def test_memory_bank_that_starts_with_the_batch_excludes_self():
     assert (parts.neighbors != torch.arange(8)[:, None]).all()
     with pytest.raises(ValueError, match="ref_includes_batch=True needs ref_embeddings"):
         dt.daal_loss(z, y, seg, ref_includes_batch=True)
+
+
+def test_point_proxies_hold_zero_length_segments():
+    """The ablation: one learnable point per class; the loss sees p = q, and training keeps it so."""
+    loss = dt.DAALLoss(4, 6, point_proxies=True, backend="reference", lambda_len=1.0)
+    assert loss.segments.shape == (4, 1, 6)
+    z, y = torch.randn(10, 6), torch.arange(10) % 4
+    opt = torch.optim.SGD(loss.parameters(), lr=0.1)
+    for _ in range(3):
+        opt.zero_grad()
+        out = loss(z, y)
+        out.backward()
+        opt.step()
+    seg = loss.endpoints()
+    assert torch.equal(seg[:, 0], seg[:, 1])
+    same = dt.daal_loss(z, y, seg.detach(), backend="reference", lambda_len=1.0)
+    assert torch.allclose(loss(z, y), same)
+    with pytest.raises(ValueError, match="point_proxies"):
+        dt.DAALLoss(4, 6, point_proxies=1)
