@@ -16,7 +16,7 @@ from typing import Dict, List, Optional
 
 from daal_triton.core import Hyperparameters
 
-from .engine import DAAL_TRAIN_FIELDS, TrainConfig, default_daal
+from .config import DAAL_TRAIN_FIELDS, TrainConfig, default_daal
 
 _D = TrainConfig()
 
@@ -95,6 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cross-batch memory: a FIFO of the last SIZE (global-batch) embeddings used, with the "
                         "batch, as the reference set of DAAL's kNN density; saved in checkpoints (0: off; "
                         "--loss daal only)")
+    _add_dist_flags(p)
+    return p
+
+
+def _add_dist_flags(p: argparse.ArgumentParser) -> None:
     d = p.add_argument_group("distributed training (torchrun --nproc_per_node=N -m daal_triton.train ...)")
     d.add_argument("--dist-backend", default=_D.dist_backend, choices=["auto", "nccl", "gloo"],
                    help="torch.distributed backend when started by torchrun (auto: NCCL on GPUs, gloo on CPUs); "
@@ -104,7 +109,6 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--sync-bn", action="store_true",
                    help="SyncBatchNorm: batch-norm statistics over the global batch instead of each rank's share "
                         "(CUDA only)")
-    return p
 
 
 def _add_daal_flags(p: argparse.ArgumentParser) -> None:
@@ -137,7 +141,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     cfg = config_from_args(args)
     from .data import DatasetLayoutError
     from .ddp import ConfigError
-    from .engine import run
+    from .run import run
 
     try:
         run(cfg)
@@ -167,7 +171,10 @@ def eval_main(argv: Optional[List[str]] = None) -> int:
     from . import evaluate as E
     from . import plots
     from .data import DatasetLayoutError, build_datasets
-    from .engine import build_model, load_checkpoint, resolve_amp, resolve_device
+    from .checkpoint import load_checkpoint
+    from .devices import resolve_amp, resolve_device
+    from .engine import build_model
+    from .log import Log
 
     args = build_eval_parser().parse_args(argv)
     ck = load_checkpoint(args.checkpoint)
@@ -179,7 +186,7 @@ def eval_main(argv: Optional[List[str]] = None) -> int:
     out = args.out or os.path.dirname(os.path.abspath(args.checkpoint))
     os.makedirs(out, exist_ok=True)
     device = resolve_device(cfg.device)
-    amp_dtype = resolve_amp(cfg.amp, device)
+    amp_dtype = resolve_amp(cfg.amp, device, Log("daal-eval"))
     try:
         _, test_ds = build_datasets(cfg.dataset, cfg.data_root, cfg.image_size, seed=cfg.seed, augment=cfg.augment,
                                     shapes_train_per_class=cfg.shapes_train_per_class,
@@ -188,7 +195,7 @@ def eval_main(argv: Optional[List[str]] = None) -> int:
     except DatasetLayoutError as e:
         print(f"daal-eval: error: {e}", file=sys.stderr)
         return 2
-    model = build_model(cfg, announce=False)
+    model = build_model(cfg)
     model.load_state_dict(ck["model"])
     model.to(device)
     t0 = time.time()
@@ -209,8 +216,7 @@ def eval_main(argv: Optional[List[str]] = None) -> int:
                         class_names=test_ds.class_names, mode_names=test_ds.mode_names,
                         max_points=cfg.tsne_max_points, seed=cfg.seed,
                         title=f"{cfg.dataset} test classes, {os.path.basename(args.checkpoint)}")
-    keys = [f"recall@{k}" for k in E.RECALL_KS] + ["nmi", "map@r", "r_precision", "subcluster_nmi"]
-    print(E.format_table(rows, [k for k in keys if any(k in r for r in rows.values())]))
+    print(E.format_table(rows, E.table_keys(rows)))
     return 0
 
 
