@@ -89,14 +89,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="evaluate on the test classes every N epochs (and always after the last; 0: last only)")
     p.add_argument("--no-baselines", dest="baselines", action="store_false",
                    help="skip the raw-pixel and untrained-network baselines")
-    p.add_argument("--resume", default=_D.resume, help="checkpoint to resume from (checkpoint_last.pt)")
-    p.add_argument("--out", default=_D.out, help="output directory")
+    _add_output_flags(p)
     p.add_argument("--memory-bank", type=int, default=_D.memory_bank, metavar="SIZE",
                    help="cross-batch memory: a FIFO of the last SIZE (global-batch) embeddings used, with the "
                         "batch, as the reference set of DAAL's kNN density; saved in checkpoints (0: off; "
                         "--loss daal only)")
     _add_dist_flags(p)
     return p
+
+
+def _add_output_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--resume", default=_D.resume, help="checkpoint to resume from (checkpoint_last.pt)")
+    p.add_argument("--out", default=_D.out,
+                   help="output directory; one run per folder: a folder that holds files is refused unless "
+                        "--resume continues the run there or --overwrite replaces it")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run in a non-empty --out (removes its checkpoints, metrics and plots; "
+                        "other files stay)")
+    p.add_argument("--save", default=_D.save, choices=["both", "last", "best", "none"],
+                   help="checkpoints to write: checkpoint_last.pt (every epoch; what --resume needs: with "
+                        "the optimiser, about 3x the network), checkpoint_best.pt (the network and loss at "
+                        "the best held-out Recall@1), both, or none")
 
 
 def _add_dist_flags(p: argparse.ArgumentParser) -> None:
@@ -139,13 +152,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     """``daal-train``."""
     args = build_parser().parse_args(argv)
     cfg = config_from_args(args)
+    from .checkpoint import CheckpointError
     from .data import DatasetLayoutError
     from .ddp import ConfigError
     from .run import run
 
     try:
         run(cfg)
-    except (DatasetLayoutError, ConfigError) as e:
+    except (DatasetLayoutError, ConfigError, CheckpointError) as e:
         print(f"daal-train: error: {e}", file=sys.stderr)
         return 2
     return 0
@@ -168,33 +182,44 @@ def build_eval_parser() -> argparse.ArgumentParser:
 
 def eval_main(argv: Optional[List[str]] = None) -> int:
     """``daal-eval CHECKPOINT``: embed the test set, print and save every metric, plot t-SNE."""
+    from .checkpoint import CheckpointError
+    from .data import DatasetLayoutError
+    from .ddp import ConfigError
+
+    args = build_eval_parser().parse_args(argv)
+    try:
+        rows = _evaluate_checkpoint(args)
+    except (DatasetLayoutError, ConfigError, CheckpointError) as e:
+        print(f"daal-eval: error: {e}", file=sys.stderr)
+        return 2
+    from .evaluate import format_table, table_keys
+
+    print(format_table(rows, table_keys(rows)))
+    return 0
+
+
+def _evaluate_checkpoint(args: argparse.Namespace) -> Dict[str, Dict[str, float]]:
+    """The work of ``daal-eval``: the checkpoint's network on its (or the given) data set's test
+    classes; writes eval.json and tsne_eval.png once the checkpoint and the data have loaded."""
     from . import evaluate as E
     from . import plots
-    from .data import DatasetLayoutError, build_datasets
     from .checkpoint import load_checkpoint
+    from .data import build_datasets
     from .devices import resolve_amp, resolve_device
     from .engine import build_model
     from .log import Log
 
-    args = build_eval_parser().parse_args(argv)
     ck = load_checkpoint(args.checkpoint)
     cfg = TrainConfig.from_dict(ck["config"])
     for k, v in vars(args).items():
         if v is not None and hasattr(cfg, k) and k not in ("out",):
             setattr(cfg, k, v)
     cfg.weights = None  # the checkpoint holds the trained trunk
-    out = args.out or os.path.dirname(os.path.abspath(args.checkpoint))
-    os.makedirs(out, exist_ok=True)
     device = resolve_device(cfg.device)
     amp_dtype = resolve_amp(cfg.amp, device, Log("daal-eval"))
-    try:
-        _, test_ds = build_datasets(cfg.dataset, cfg.data_root, cfg.image_size, seed=cfg.seed, augment=cfg.augment,
-                                    shapes_train_per_class=cfg.shapes_train_per_class,
-                                    shapes_test_per_class=cfg.shapes_test_per_class,
-                                    shapes_nuisance=cfg.shapes_nuisance)
-    except DatasetLayoutError as e:
-        print(f"daal-eval: error: {e}", file=sys.stderr)
-        return 2
+    _, test_ds = build_datasets(cfg.dataset, cfg.data_root, cfg.image_size, seed=cfg.seed, augment=cfg.augment,
+                                shapes_train_per_class=cfg.shapes_train_per_class,
+                                shapes_test_per_class=cfg.shapes_test_per_class, shapes_nuisance=cfg.shapes_nuisance)
     model = build_model(cfg)
     model.load_state_dict(ck["model"])
     model.to(device)
@@ -208,6 +233,8 @@ def eval_main(argv: Optional[List[str]] = None) -> int:
                                            backend=cfg.knn_backend, seed=cfg.seed)
     rows[f"checkpoint (epoch {ck.get('epoch')})"] = E.all_metrics(emb.to(device), labels.to(device), test_ds.modes,
                                                                   backend=cfg.knn_backend, seed=cfg.seed)
+    out = args.out or os.path.dirname(os.path.abspath(args.checkpoint))
+    os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "eval.json"), "w") as f:
         json.dump(dict(checkpoint=os.path.abspath(args.checkpoint), dataset=cfg.dataset, results=rows,
                        seconds=round(time.time() - t0, 2)), f, indent=2)
@@ -216,8 +243,7 @@ def eval_main(argv: Optional[List[str]] = None) -> int:
                         class_names=test_ds.class_names, mode_names=test_ds.mode_names,
                         max_points=cfg.tsne_max_points, seed=cfg.seed,
                         title=f"{cfg.dataset} test classes, {os.path.basename(args.checkpoint)}")
-    print(E.format_table(rows, E.table_keys(rows)))
-    return 0
+    return rows
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -3,6 +3,7 @@ that refuse, before any work, what cannot run."""
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
 
@@ -48,6 +49,8 @@ class TrainConfig:
     device: str = "auto"
     seed: int = 0
     out: str = "runs/shapes"
+    overwrite: bool = False
+    save: str = "both"
     resume: Optional[str] = None
     eval_every: int = 1
     eval_batch_size: int = 128
@@ -75,6 +78,9 @@ class TrainConfig:
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
+SAVE_CHOICES = ("both", "last", "best", "none")
+
+
 def validate_config(cfg: TrainConfig, world_size: int, device: torch.device) -> None:
     """Refuse what cannot run (:class:`ConfigError`, a ``ValueError``), in a world of
     ``world_size`` processes on ``device``."""
@@ -85,6 +91,10 @@ def validate_config(cfg: TrainConfig, world_size: int, device: torch.device) -> 
                           f"--loss {cfg.loss} cannot use it: pytorch-metric-learning's ref_emb does not take "
                           f"the batch as part of the reference set (wrap the loss in its CrossBatchMemory "
                           f"in your own loop instead)")
+    if cfg.save not in SAVE_CHOICES:
+        raise ConfigError(f"--save must be one of {', '.join(SAVE_CHOICES)}, got {cfg.save!r}")
+    if cfg.overwrite and cfg.resume:
+        raise ConfigError("--overwrite replaces the run in --out, --resume continues it: give one of them")
     if cfg.dist_backend not in ("auto", "nccl", "gloo"):
         raise ConfigError(f"--dist-backend must be auto, nccl or gloo, got {cfg.dist_backend!r}")
     if world_size > 1 and cfg.classes_per_batch % world_size:
@@ -92,3 +102,19 @@ def validate_config(cfg: TrainConfig, world_size: int, device: torch.device) -> 
                           f"{world_size}: each rank takes P / world_size whole classes of every global batch")
     if cfg.sync_bn and world_size > 1 and device.type != "cuda":
         raise ConfigError("--sync-bn needs CUDA devices (SyncBatchNorm does not run on the CPU)")
+
+
+def check_out(cfg: TrainConfig) -> None:
+    """Refuse to write a new run into a folder that holds something, unless ``--resume`` (continue
+    the run there) or ``--overwrite`` (replace it) says what to do with it."""
+    out = cfg.out
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ConfigError(f"--out {out}: exists and is not a folder")
+    if cfg.resume or cfg.overwrite or not os.path.isdir(out):
+        return
+    held = sorted(os.listdir(out))
+    if held:
+        shown = ", ".join(held[:4]) + (", ..." if len(held) > 4 else "")
+        last = os.path.join(out, "checkpoint_last.pt")
+        raise ConfigError(f"--out {out} is not empty ({shown}): pass --resume {last} to continue that run, "
+                          f"--overwrite to replace it, or another --out")

@@ -30,7 +30,7 @@ from daal_triton.memory import MemoryBank
 from . import ddp
 from . import evaluate as E
 from .checkpoint import load_checkpoint, restore_rng, save_checkpoint
-from .config import TrainConfig, validate_config
+from .config import TrainConfig, check_out, validate_config
 from .data import DistributedPKSampler, PKSampler, build_datasets
 from .ddp import ConfigError
 from .devices import resolve_amp, resolve_backend, resolve_device, seed_everything
@@ -39,6 +39,10 @@ from .log import Log
 from .model import NO_WEIGHTS_NOTE
 
 Record = Dict[str, Any]
+
+# Every file a run writes in --out; --overwrite removes these (and only these) first.
+OUTPUTS = ("config.json", "metrics.jsonl", "checkpoint_last.pt", "checkpoint_best.pt", "checkpoint_last.pt.tmp",
+           "checkpoint_best.pt.tmp", "tsne_test.png", "training_curves.png", "results.txt")
 
 
 @dataclass
@@ -91,11 +95,13 @@ def run(cfg: TrainConfig) -> Dict[str, Record]:
     t_start, cpu_start = time.time(), time.process_time()
     device = resolve_device(cfg.device)
     validate_config(cfg, ddp.world_size(), device)
+    checkpoint = load_checkpoint(cfg.resume) if cfg.resume else None
+    check_out(cfg)
     ctx, device = ddp.setup(device, cfg.dist_backend, cfg.dist_timeout)
     try:
         state = build_run(cfg, ctx, device, Log("daal-train", ctx.rank, ctx.world_size), t_start, cpu_start)
-        if cfg.resume:
-            resume_run(state, cfg.resume)
+        if checkpoint is not None:
+            resume_run(state, checkpoint, cfg.resume)
         distribute(state)
         fit(state)
         if state.main:
@@ -114,8 +120,6 @@ def build_run(cfg: TrainConfig, ctx: ddp.DistContext, device: torch.device, log:
               t_start: float, cpu_start: float) -> RunState:
     """Data, sampler, network, loss, optimiser and schedule of ``cfg``, freshly initialised from
     ``cfg.seed`` (the order of construction fixes what the seed produces)."""
-    if ctx.is_main:
-        os.makedirs(cfg.out, exist_ok=True)
     amp_dtype = resolve_amp(cfg.amp, device, log)
     seed_everything(cfg.seed)
     train_ds, test_ds = build_datasets(cfg.dataset, cfg.data_root, cfg.image_size, seed=cfg.seed,
@@ -161,11 +165,10 @@ def _sampler(cfg: TrainConfig, ctx: ddp.DistContext, labels) -> PKSampler:
         raise ConfigError(str(e)) from e
 
 
-def resume_run(state: RunState, path: str) -> None:
-    """Continue from the checkpoint at ``path``: weights, optimiser, schedule, scaler, the metrics
-    so far, the RNG states (rank 0) and the memory bank. Every rank reads the file (on several
-    machines: a path they all see)."""
-    ck = load_checkpoint(path)
+def resume_run(state: RunState, ck: Dict[str, Any], path: str) -> None:
+    """Continue from checkpoint ``ck`` (read from ``path``): weights, optimiser, schedule, scaler,
+    the metrics so far, the RNG states (rank 0) and the memory bank. Every rank reads the file
+    (on several machines: a path they all see)."""
     state.model.load_state_dict(ck["model"])
     state.criterion.load_state_dict(ck["loss"])
     for name in ("optimizer", "scheduler", "scaler"):
@@ -214,6 +217,7 @@ def fit(state: RunState) -> None:
     writes metrics.jsonl and the checkpoints, and ends with the trained network's row."""
     cfg, ctx = state.cfg, state.ctx
     if state.main:
+        _prepare_out(state)
         with open(state.path("config.json"), "w") as f:
             json.dump(dict(cfg.to_dict(), launch=dict(world_size=ctx.world_size, backend=ctx.backend)), f, indent=2)
         state.metrics_file = open(state.path("metrics.jsonl"), "a" if cfg.resume else "w")
@@ -233,6 +237,15 @@ def fit(state: RunState) -> None:
     finally:
         if state.metrics_file is not None:
             state.metrics_file.close()
+
+
+def _prepare_out(state: RunState) -> None:
+    """Create --out; with --overwrite, first remove the previous run's outputs (nothing else)."""
+    os.makedirs(state.cfg.out, exist_ok=True)
+    if state.cfg.overwrite:
+        for name in OUTPUTS:
+            if os.path.isfile(state.path(name)):
+                os.remove(state.path(name))
 
 
 def _baselines(state: RunState) -> None:
@@ -284,8 +297,10 @@ def _train_epoch(state: RunState, epoch: int) -> None:
 
 
 def _save(state: RunState, name: str, *, full: bool) -> None:
-    """Write checkpoint ``name``: the network, the loss and the metrics; ``full`` adds what
-    ``--resume`` needs (optimiser, schedule, scaler, memory bank)."""
+    """Write checkpoint ``name`` unless ``--save`` leaves it out: the network, the loss and the
+    metrics; ``full`` adds what ``--resume`` needs (optimiser, schedule, scaler, memory bank)."""
+    if state.cfg.save not in ("both", name[len("checkpoint_"):-len(".pt")]):
+        return
     extra = dict(optimizer=state.optimizer, scheduler=state.scheduler, scaler=state.scaler,
                  memory_bank=state.bank) if full else {}
     save_checkpoint(state.path(name), model=state.model, criterion=state.criterion, cfg=state.cfg,
