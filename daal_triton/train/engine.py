@@ -52,7 +52,7 @@ def build_criterion(loss: str, num_classes: int, embedding_dim: int, *, daal: Op
             raise ValueError(f"--loss-kwargs: DAAL hyperparameters are set with --daal-* flags "
                              f"(e.g. --daal-{twice[0].replace('_', '-')}), not here: {twice}")
         hp = dict(default_daal(), **(daal or {}))
-        return daal_triton.DAALLoss(num_classes, embedding_dim, backend=backend, **hp, **kwargs)
+        return _construct(daal_triton.DAALLoss, "daal", num_classes, embedding_dim, backend=backend, **hp, **kwargs)
     if loss.startswith("pml:"):
         name = loss[4:]
         try:
@@ -67,8 +67,17 @@ def build_criterion(loss: str, num_classes: int, embedding_dim: int, *, daal: Op
             kwargs.setdefault("num_classes", num_classes)
         if "embedding_size" in params:
             kwargs.setdefault("embedding_size", embedding_dim)
-        return PMLLoss(cls(**kwargs), name)
+        return PMLLoss(_construct(cls, loss, **kwargs), name)
     raise ValueError(f"--loss must be 'daal' or 'pml:<LossName>', got {loss!r}")
+
+
+def _construct(cls, loss: str, *args: Any, **kwargs: Any) -> nn.Module:
+    """``cls(*args, **kwargs)``; keyword arguments it does not take are a ``ValueError`` that
+    names ``--loss-kwargs``."""
+    try:
+        return cls(*args, **kwargs)
+    except TypeError as e:
+        raise ValueError(f"--loss {loss}: {e} (check --loss-kwargs)") from None
 
 
 def make_optimizer(model: nn.Module, criterion: nn.Module, *, lr: float, loss_lr: float,

@@ -30,10 +30,10 @@ from daal_triton.memory import MemoryBank
 from . import ddp
 from . import evaluate as E
 from .checkpoint import load_checkpoint, restore_rng, save_checkpoint
-from .config import TrainConfig, check_out, validate_config
+from .config import TrainConfig, check_out, checked_device, validate_config
 from .data import DistributedPKSampler, PKSampler, build_datasets
 from .ddp import ConfigError
-from .devices import resolve_amp, resolve_backend, resolve_device, seed_everything
+from .devices import resolve_amp, resolve_backend, seed_everything
 from .engine import GlobalBatchLoss, build_criterion, build_model, make_optimizer, make_scheduler, train_one_epoch
 from .log import Log
 from .model import NO_WEIGHTS_NOTE
@@ -93,7 +93,7 @@ def run(cfg: TrainConfig) -> Dict[str, Record]:
     Under torchrun (``WORLD_SIZE`` > 1) this joins the process group (see :mod:`daal_triton.train.ddp`),
     trains data-parallel, and destroys the group at the end."""
     t_start, cpu_start = time.time(), time.process_time()
-    device = resolve_device(cfg.device)
+    device = checked_device(cfg.device)
     validate_config(cfg, ddp.world_size(), device)
     checkpoint = load_checkpoint(cfg.resume) if cfg.resume else None
     check_out(cfg)
@@ -126,6 +126,9 @@ def build_run(cfg: TrainConfig, ctx: ddp.DistContext, device: torch.device, log:
                                        augment=cfg.augment, shapes_train_per_class=cfg.shapes_train_per_class,
                                        shapes_test_per_class=cfg.shapes_test_per_class,
                                        shapes_nuisance=cfg.shapes_nuisance)
+    if cfg.classes_per_batch > train_ds.num_classes:
+        raise ConfigError(f"--classes-per-batch (P) = {cfg.classes_per_batch}, but {cfg.dataset} has "
+                          f"{train_ds.num_classes} training classes")
     sampler = _sampler(cfg, ctx, train_ds.labels)
     if ctx.is_main:
         log(f"{cfg.dataset}: {len(train_ds)} training images of {train_ds.num_classes} classes, "
@@ -134,12 +137,15 @@ def build_run(cfg: TrainConfig, ctx: ddp.DistContext, device: torch.device, log:
         log(f"joined {ctx.world_size} processes ({ctx.backend}) on {device}: global batch "
             f"{sampler.p}x{sampler.k} = {sampler.global_batch_size}, {sampler.batch_size} images on this rank"
             + ("" if ctx.is_main else "; rank 0 evaluates and writes the outputs"))
-    model = build_model(cfg).to(device)
-    if ctx.is_main and not cfg.weights:
-        log(NO_WEIGHTS_NOTE)
-    criterion = build_criterion(cfg.loss, train_ds.num_classes, cfg.embedding_dim, daal=cfg.daal,
-                                loss_kwargs=cfg.loss_kwargs,
-                                backend=resolve_backend(cfg.loss_backend, device)).to(device)
+    try:  # a --weights file of the other VGG; --loss-kwargs the loss does not take
+        model = build_model(cfg).to(device)
+        if ctx.is_main and not cfg.weights:
+            log(NO_WEIGHTS_NOTE)
+        criterion = build_criterion(cfg.loss, train_ds.num_classes, cfg.embedding_dim, daal=cfg.daal,
+                                    loss_kwargs=cfg.loss_kwargs,
+                                    backend=resolve_backend(cfg.loss_backend, device)).to(device)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     loader = torch.utils.data.DataLoader(train_ds, batch_sampler=sampler, num_workers=cfg.num_workers,
                                          pin_memory=device.type == "cuda",
                                          persistent_workers=cfg.num_workers > 0)
@@ -338,21 +344,11 @@ def _record(state: RunState, rec: Record) -> None:
 # ----------------------------------------------------------------------------- finish
 
 def finish(state: RunState) -> None:
-    """Rank 0's end of a run: plots, the final table, results.txt."""
+    """Rank 0's end of a run: the final table (printed and in results.txt), then the plots, so
+    that a plot that fails or takes long never holds back or loses the numbers."""
     from . import plots
 
     cfg = state.cfg
-    try:
-        plots.training_curves(state.history, state.path("training_curves.png"))
-    except Exception as e:  # a plot must never lose a finished run
-        state.log(f"training-curve plot failed: {e}")
-    if cfg.tsne:
-        t0 = time.time()
-        plots.tsne_plot(state.emb, E.dataset_labels(state.test_ds).numpy(), state.path("tsne_test.png"),
-                        modes=state.test_ds.modes, class_names=state.test_ds.class_names,
-                        mode_names=getattr(state.test_ds, "mode_names", None), max_points=cfg.tsne_max_points,
-                        seed=cfg.seed, title=f"{cfg.dataset} test classes, {cfg.arch} + {cfg.loss}, epoch {state.epoch}")
-        state.log(f"t-SNE of the test embeddings: {state.path('tsne_test.png')} ({time.time() - t0:.1f} s)")
     text = E.format_table(state.table, keys=E.table_keys(state.table))
     text += (f"\n(held-out classes of {cfg.dataset}; wall time {time.time() - state.t_start:.1f} s, process CPU time "
              f"{time.process_time() - state.cpu_start:.1f} s on {torch.get_num_threads()} threads; "
@@ -360,3 +356,19 @@ def finish(state: RunState) -> None:
     with open(state.path("results.txt"), "w") as f:
         f.write(text + "\n")
     print(text)
+    try:
+        plots.training_curves(state.history, state.path("training_curves.png"))
+    except Exception as e:  # a plot must never lose a finished run
+        state.log(f"training-curve plot failed: {e}")
+    if cfg.tsne:
+        t0 = time.time()
+        try:
+            plots.tsne_plot(state.emb, E.dataset_labels(state.test_ds).numpy(), state.path("tsne_test.png"),
+                            modes=state.test_ds.modes, class_names=state.test_ds.class_names,
+                            mode_names=getattr(state.test_ds, "mode_names", None), max_points=cfg.tsne_max_points,
+                            seed=cfg.seed,
+                            title=f"{cfg.dataset} test classes, {cfg.arch} + {cfg.loss}, epoch {state.epoch}")
+        except Exception as e:
+            state.log(f"t-SNE plot failed: {e}")
+            return
+        state.log(f"t-SNE of the test embeddings: {state.path('tsne_test.png')} ({time.time() - t0:.1f} s)")
