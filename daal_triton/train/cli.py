@@ -16,23 +16,33 @@ from typing import Dict, List, Optional
 
 from daal_triton.core import Hyperparameters
 
-from .engine import DAAL_TRAIN_FIELDS, TrainConfig, default_daal
+from .config import DAAL_TRAIN_FIELDS, TrainConfig, default_daal
 
 _D = TrainConfig()
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``(default: X)`` after a flag's help, except where it would mislead: on-off switches (their
+    help says what they do) and values with no default (the help says what happens then)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.nargs == 0 or action.default is None:
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", default=_D.dataset, choices=["shapes", "digits", "cub200", "cars196", "sop", "folder"],
-                   help="data set (default %(default)s: embedded, generated from --seed; digits: scikit-learn's "
+                   help="data set (shapes: embedded, generated from --seed; digits: scikit-learn's "
                         "8x8 digits; cub200/cars196/sop/folder read --data-root)")
     p.add_argument("--data-root", default=_D.data_root,
                    help="folder holding the data set (cub200: CUB_200_2011/; cars196: cars_annos.mat + car_ims/ "
                         "or stanford_cars/; sop: Stanford_Online_Products/; folder: train/<class>/, test/<class>/)")
     p.add_argument("--image-size", type=int, default=_D.image_size,
-                   help="input side in pixels (default %(default)s; 224 is usual for photos)")
-    p.add_argument("--device", default=_D.device, help="auto (CUDA if available), cpu or cuda[:N] (default %(default)s)")
+                   help="input side in pixels, at least 32 (224 is usual for photos)")
+    p.add_argument("--device", default=_D.device, help="auto (CUDA if available), cpu or cuda[:N]")
     p.add_argument("--amp", default=_D.amp, choices=["none", "bf16", "fp16"],
-                   help="mixed precision on GPU (ignored on CPU; default %(default)s)")
+                   help="mixed precision on GPU (ignored on CPU)")
     p.add_argument("--seed", type=int, default=_D.seed, help="seed of the data (shapes), model init and sampler")
     p.add_argument("--eval-batch-size", type=int, default=_D.eval_batch_size, help="batch size when embedding the test set")
     p.add_argument("--num-workers", type=int, default=_D.num_workers, help="DataLoader worker processes")
@@ -40,7 +50,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="daal_triton.knn backend for evaluation (auto: fused kernel on CUDA, PyTorch on CPU)")
     p.add_argument("--no-tsne", dest="tsne", action="store_false", help="skip the t-SNE plot")
     p.add_argument("--tsne-max-points", type=int, default=_D.tsne_max_points,
-                   help="subsample the test set to this many points for t-SNE (default %(default)s)")
+                   help="subsample the test set to this many points for t-SNE")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm progress bars")
 
 
@@ -49,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="daal-train",
         description="Train a VGG-19 embedding network with DAAL (or a pytorch-metric-learning loss) and evaluate "
                     "retrieval on held-out classes. With no arguments: the tuned CPU demo on the 'shapes' set.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=_HelpFormatter)
     _add_common(p)
     p.add_argument("--epochs", type=int, default=_D.epochs, help="training epochs")
     p.add_argument("--steps-per-epoch", type=int, default=_D.steps_per_epoch,
@@ -89,12 +99,30 @@ def build_parser() -> argparse.ArgumentParser:
                    help="evaluate on the test classes every N epochs (and always after the last; 0: last only)")
     p.add_argument("--no-baselines", dest="baselines", action="store_false",
                    help="skip the raw-pixel and untrained-network baselines")
-    p.add_argument("--resume", default=_D.resume, help="checkpoint to resume from (checkpoint_last.pt)")
-    p.add_argument("--out", default=_D.out, help="output directory")
+    _add_output_flags(p)
     p.add_argument("--memory-bank", type=int, default=_D.memory_bank, metavar="SIZE",
                    help="cross-batch memory: a FIFO of the last SIZE (global-batch) embeddings used, with the "
                         "batch, as the reference set of DAAL's kNN density; saved in checkpoints (0: off; "
                         "--loss daal only)")
+    _add_dist_flags(p)
+    return p
+
+
+def _add_output_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--resume", default=_D.resume, help="checkpoint to resume from (checkpoint_last.pt)")
+    p.add_argument("--out", default=_D.out,
+                   help="output directory; one run per folder: a folder that holds files is refused unless "
+                        "--resume continues the run there or --overwrite replaces it")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run in a non-empty --out (removes its checkpoints, metrics and plots; "
+                        "other files stay)")
+    p.add_argument("--save", default=_D.save, choices=["both", "last", "best", "none"],
+                   help="checkpoints to write: checkpoint_last.pt (every epoch; what --resume needs: with "
+                        "the optimiser, about 3x the network), checkpoint_best.pt (the network and loss at "
+                        "the best held-out Recall@1), both, or none")
+
+
+def _add_dist_flags(p: argparse.ArgumentParser) -> None:
     d = p.add_argument_group("distributed training (torchrun --nproc_per_node=N -m daal_triton.train ...)")
     d.add_argument("--dist-backend", default=_D.dist_backend, choices=["auto", "nccl", "gloo"],
                    help="torch.distributed backend when started by torchrun (auto: NCCL on GPUs, gloo on CPUs); "
@@ -104,7 +132,6 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--sync-bn", action="store_true",
                    help="SyncBatchNorm: batch-norm statistics over the global batch instead of each rank's share "
                         "(CUDA only)")
-    return p
 
 
 def _add_daal_flags(p: argparse.ArgumentParser) -> None:
@@ -122,10 +149,12 @@ def _add_daal_flags(p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    from .ddp import ConfigError
+
     try:
         loss_kwargs = json.loads(args.loss_kwargs)
     except json.JSONDecodeError as e:
-        raise SystemExit(f"--loss-kwargs is not valid JSON: {e}")
+        raise ConfigError(f"--loss-kwargs is not valid JSON: {e}") from None
     daal = {name: getattr(args, f"daal_{name}") for name in DAAL_TRAIN_FIELDS}
     fields = {k: v for k, v in vars(args).items() if not k.startswith("daal_") and k != "loss_kwargs"}
     return TrainConfig.from_dict(dict(fields, daal=daal, loss_kwargs=loss_kwargs))
@@ -134,14 +163,14 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 def main(argv: Optional[List[str]] = None) -> int:
     """``daal-train``."""
     args = build_parser().parse_args(argv)
-    cfg = config_from_args(args)
+    from .checkpoint import CheckpointError
     from .data import DatasetLayoutError
     from .ddp import ConfigError
-    from .engine import run
+    from .run import run
 
     try:
-        run(cfg)
-    except (DatasetLayoutError, ConfigError) as e:
+        run(config_from_args(args))
+    except (DatasetLayoutError, ConfigError, CheckpointError) as e:
         print(f"daal-train: error: {e}", file=sys.stderr)
         return 2
     return 0
@@ -151,7 +180,7 @@ def build_eval_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="daal-eval", description="Evaluate a daal-train checkpoint on the held-out classes of its data set "
                                       "(or of another one given with --dataset/--data-root).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=_HelpFormatter)
     p.add_argument("checkpoint", help="checkpoint_last.pt or checkpoint_best.pt written by daal-train")
     p.add_argument("--out", default=None, help="where to write eval.json and tsne_eval.png (default: next to the checkpoint)")
     p.add_argument("--baselines", action="store_true", help="also evaluate raw pixels")
@@ -159,36 +188,53 @@ def build_eval_parser() -> argparse.ArgumentParser:
     for a in p._actions:  # unset options keep the checkpoint's values
         if a.dest not in ("help", "checkpoint", "out", "baselines", "tsne", "progress"):
             a.default = None
+            a.help = f"{a.help} (default: the checkpoint's)"
     return p
 
 
 def eval_main(argv: Optional[List[str]] = None) -> int:
     """``daal-eval CHECKPOINT``: embed the test set, print and save every metric, plot t-SNE."""
-    from . import evaluate as E
-    from . import plots
-    from .data import DatasetLayoutError, build_datasets
-    from .engine import build_model, load_checkpoint, resolve_amp, resolve_device
+    from .checkpoint import CheckpointError
+    from .data import DatasetLayoutError
+    from .ddp import ConfigError
 
     args = build_eval_parser().parse_args(argv)
+    try:
+        rows = _evaluate_checkpoint(args)
+    except (DatasetLayoutError, ConfigError, CheckpointError) as e:
+        print(f"daal-eval: error: {e}", file=sys.stderr)
+        return 2
+    from .evaluate import format_table, table_keys
+
+    print(format_table(rows, table_keys(rows)))
+    return 0
+
+
+def _evaluate_checkpoint(args: argparse.Namespace) -> Dict[str, Dict[str, float]]:
+    """The work of ``daal-eval``: the checkpoint's network on its (or the given) data set's test
+    classes; writes eval.json and tsne_eval.png once the checkpoint and the data have loaded."""
+    from . import evaluate as E
+    from . import plots
+    from .checkpoint import load_checkpoint
+    from .data import build_datasets
+    from .config import check_backend, checked_device
+    from .devices import resolve_amp
+    from .engine import build_model
+    from .log import Log
+
     ck = load_checkpoint(args.checkpoint)
     cfg = TrainConfig.from_dict(ck["config"])
     for k, v in vars(args).items():
         if v is not None and hasattr(cfg, k) and k not in ("out",):
             setattr(cfg, k, v)
     cfg.weights = None  # the checkpoint holds the trained trunk
-    out = args.out or os.path.dirname(os.path.abspath(args.checkpoint))
-    os.makedirs(out, exist_ok=True)
-    device = resolve_device(cfg.device)
-    amp_dtype = resolve_amp(cfg.amp, device)
-    try:
-        _, test_ds = build_datasets(cfg.dataset, cfg.data_root, cfg.image_size, seed=cfg.seed, augment=cfg.augment,
-                                    shapes_train_per_class=cfg.shapes_train_per_class,
-                                    shapes_test_per_class=cfg.shapes_test_per_class,
-                                    shapes_nuisance=cfg.shapes_nuisance)
-    except DatasetLayoutError as e:
-        print(f"daal-eval: error: {e}", file=sys.stderr)
-        return 2
-    model = build_model(cfg, announce=False)
+    device = checked_device(cfg.device)
+    check_backend("--knn-backend", cfg.knn_backend, device)
+    amp_dtype = resolve_amp(cfg.amp, device, Log("daal-eval"))
+    _, test_ds = build_datasets(cfg.dataset, cfg.data_root, cfg.image_size, seed=cfg.seed, augment=cfg.augment,
+                                shapes_train_per_class=cfg.shapes_train_per_class,
+                                shapes_test_per_class=cfg.shapes_test_per_class, shapes_nuisance=cfg.shapes_nuisance)
+    model = build_model(cfg)
     model.load_state_dict(ck["model"])
     model.to(device)
     t0 = time.time()
@@ -201,6 +247,8 @@ def eval_main(argv: Optional[List[str]] = None) -> int:
                                            backend=cfg.knn_backend, seed=cfg.seed)
     rows[f"checkpoint (epoch {ck.get('epoch')})"] = E.all_metrics(emb.to(device), labels.to(device), test_ds.modes,
                                                                   backend=cfg.knn_backend, seed=cfg.seed)
+    out = args.out or os.path.dirname(os.path.abspath(args.checkpoint))
+    os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "eval.json"), "w") as f:
         json.dump(dict(checkpoint=os.path.abspath(args.checkpoint), dataset=cfg.dataset, results=rows,
                        seconds=round(time.time() - t0, 2)), f, indent=2)
@@ -209,9 +257,7 @@ def eval_main(argv: Optional[List[str]] = None) -> int:
                         class_names=test_ds.class_names, mode_names=test_ds.mode_names,
                         max_points=cfg.tsne_max_points, seed=cfg.seed,
                         title=f"{cfg.dataset} test classes, {os.path.basename(args.checkpoint)}")
-    keys = [f"recall@{k}" for k in E.RECALL_KS] + ["nmi", "map@r", "r_precision", "subcluster_nmi"]
-    print(E.format_table(rows, [k for k in keys if any(k in r for r in rows.values())]))
-    return 0
+    return rows
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -6,7 +6,7 @@ device (``cuda:LOCAL_RANK`` on GPUs) and the backend (NCCL on GPUs, gloo on CPUs
 ``--dist-backend`` says otherwise) and initialises the process group. Without those variables
 (or with ``WORLD_SIZE=1``) the run is the ordinary single process and nothing here does anything.
 
-How the engine uses it: every rank draws its share of the same global P x K batch
+How a run uses it (:mod:`daal_triton.train.run`): every rank draws its share of the same global P x K batch
 (:class:`~daal_triton.train.data.DistributedPKSampler`), the model is wrapped in
 DistributedDataParallel, embeddings and labels are gathered with gradients
 (:func:`daal_triton.distributed.gather_batch`) and the loss is computed on the global batch on
@@ -42,6 +42,15 @@ def env_world() -> Tuple[int, int, int]:
     return rank, world, local
 
 
+def world_size() -> int:
+    """The number of processes of the run about to start: an existing process group's size, else
+    torchrun's ``WORLD_SIZE`` (read before any group is joined, so a bad configuration is refused
+    first)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return env_world()[1]
+
+
 @dataclass
 class DistContext:
     """Where this process stands in the run."""
@@ -59,11 +68,6 @@ class DistContext:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
-
-    @property
-    def prefix(self) -> str:
-        """The tag of this process's log lines."""
-        return f"[daal-train rank {self.rank}/{self.world_size}]" if self.distributed else "[daal-train]"
 
     def barrier(self) -> None:
         if not self.distributed:

@@ -12,22 +12,16 @@ and MAP@R = (1/R) sum_{i<=R} P@i * rel(i); every metric is averaged over queries
 from __future__ import annotations
 
 import math
-from typing import Dict, Iterable, Optional, Sequence
+from typing import Dict, Iterable, List, Optional, Sequence
 
 import numpy as np
 import torch
 
 import daal_triton
 
+from .devices import resolve_backend
+
 RECALL_KS = (1, 2, 4, 8)
-
-
-def resolve_knn_backend(backend: str, device: torch.device) -> str:
-    """``auto`` -> the fused Triton kernel on CUDA, the PyTorch reference on CPU (the Triton
-    interpreter is a testing tool, far too slow for a whole test set)."""
-    if backend == "auto":
-        return "auto" if device.type == "cuda" else "reference"
-    return backend
 
 
 def neighbours(emb: torch.Tensor, k: int, *, backend: str = "auto", chunk: int = 2048) -> torch.Tensor:
@@ -35,7 +29,7 @@ def neighbours(emb: torch.Tensor, k: int, *, backend: str = "auto", chunk: int =
     ties to the smaller index; -1 where fewer than ``k`` other rows exist)."""
     n = emb.shape[0]
     k = max(1, min(k, n - 1)) if n > 1 else 1
-    backend = resolve_knn_backend(backend, emb.device)
+    backend = resolve_backend(backend, emb.device)
     out = []
     for start in range(0, n, chunk):
         q = emb[start:start + chunk]
@@ -177,6 +171,12 @@ def pixel_vectors(dataset, *, batch_size: int = 256, max_side: int = 32) -> torc
 
 def dataset_labels(dataset) -> torch.Tensor:
     return torch.as_tensor(np.asarray(dataset.labels), dtype=torch.long)
+
+
+def table_keys(rows: Dict[str, Dict[str, float]]) -> List[str]:
+    """The metric columns of the final table, in a fixed order, that some row has."""
+    keys = [f"recall@{k}" for k in RECALL_KS] + ["nmi", "map@r", "r_precision", "subcluster_nmi"]
+    return [k for k in keys if any(k in r for r in rows.values())]
 
 
 def format_table(rows: Dict[str, Dict[str, float]], keys: Optional[Sequence[str]] = None) -> str:

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 ARCHS = ("vgg19", "vgg19_bn")
-_warned_no_weights = False
+# What a run says (once, through its log) when the trunk starts from random initialisation.
 NO_WEIGHTS_NOTE = ("no --weights given: the VGG trunk starts from random initialisation "
                    "(nothing is downloaded; pass a torchvision ImageNet state dict with --weights PATH)")
 
@@ -22,7 +22,7 @@ class EmbeddingNet(nn.Module):
     and for linear probes)."""
 
     def __init__(self, arch: str = "vgg19", embedding_dim: int = 512, *, weights: Optional[str] = None,
-                 head_bn: bool = False, announce: bool = True) -> None:
+                 head_bn: bool = False) -> None:
         super().__init__()
         import torchvision
 
@@ -34,8 +34,6 @@ class EmbeddingNet(nn.Module):
         if weights:
             load_vgg_weights(vgg, weights)
             self.pretrained = True
-        elif announce:
-            _say_no_weights()
         self.trunk = vgg.features
         self.head = nn.Linear(512, embedding_dim)
         self.head_bn = nn.BatchNorm1d(512) if head_bn else nn.Identity()
@@ -49,13 +47,6 @@ class EmbeddingNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.head_bn(self.features(x)))
-
-
-def _say_no_weights() -> None:
-    global _warned_no_weights
-    if not _warned_no_weights:
-        _warned_no_weights = True
-        print(f"[daal-train] {NO_WEIGHTS_NOTE}")
 
 
 def load_vgg_weights(vgg: nn.Module, path: str) -> None:

@@ -17,19 +17,29 @@ def _pyplot():
     return plt
 
 
-def tsne_2d(emb: np.ndarray, *, seed: int = 0, perplexity: float = 30.0) -> np.ndarray:
-    """Barnes-Hut t-SNE (scikit-learn) of L2-normalised embeddings, PCA-initialised."""
+def tsne_2d(emb: np.ndarray, *, seed: int = 0, perplexity: float = 30.0, threads: Optional[int] = None) -> np.ndarray:
+    """Barnes-Hut t-SNE (scikit-learn) of L2-normalised embeddings, PCA-initialised, for any
+    number of points >= 2, on at most ``threads`` threads (default: torch's thread count, the
+    share of the machine the run was given)."""
     from sklearn.manifold import TSNE
+    from threadpoolctl import threadpool_limits
 
     x = np.asarray(emb, dtype=np.float32)
+    n = len(x)
+    if n < 2:
+        raise ValueError(f"t-SNE needs at least 2 points, got {n}")
     x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-    if x.shape[1] > 50:  # the usual PCA pre-reduction keeps Barnes-Hut fast
-        from sklearn.decomposition import PCA
+    threads = threads or torch.get_num_threads()
+    with threadpool_limits(limits=threads):
+        components = min(50, n, x.shape[1])
+        if x.shape[1] > components:  # the usual PCA pre-reduction keeps Barnes-Hut fast
+            from sklearn.decomposition import PCA
 
-        x = PCA(n_components=50, random_state=seed).fit_transform(x)
-    perplexity = float(min(perplexity, max(2.0, (len(x) - 1) / 3)))
-    return TSNE(n_components=2, method="barnes_hut", perplexity=perplexity, init="pca",
-                random_state=seed).fit_transform(x)
+            x = PCA(n_components=components, random_state=seed).fit_transform(x)
+        # about n / 3 neighbours per point for small sets; scikit-learn needs perplexity < n
+        perplexity = float(min(perplexity, max(2.0, (n - 1) / 3), n - 1 if n > 2 else 0.5))
+        return TSNE(n_components=2, method="barnes_hut", perplexity=perplexity, init="pca" if n > 2 else "random",
+                    random_state=seed, n_jobs=threads).fit_transform(x)
 
 
 def tsne_plot(emb, labels: Sequence[int], path: str, *, modes: Optional[Sequence[int]] = None,

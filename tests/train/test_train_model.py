@@ -6,7 +6,7 @@ import torch
 
 pytest.importorskip("torchvision")
 
-from daal_triton.train import engine  # noqa: E402
+from daal_triton.train import devices, engine  # noqa: E402
 from daal_triton.train.model import EmbeddingNet  # noqa: E402
 
 
@@ -72,11 +72,11 @@ def test_build_criterion_pml():
 
 
 def test_resolve_device_and_amp():
-    assert engine.resolve_device("cpu").type == "cpu"
-    assert engine.resolve_amp("none", torch.device("cpu")) is None
-    assert engine.resolve_amp("bf16", torch.device("cpu")) is None  # GPU only
+    assert devices.resolve_device("cpu").type == "cpu"
+    assert devices.resolve_amp("none", torch.device("cpu")) is None
+    assert devices.resolve_amp("bf16", torch.device("cpu")) is None  # GPU only
     with pytest.raises(ValueError):
-        engine.resolve_amp("int8", torch.device("cpu"))
+        devices.resolve_amp("int8", torch.device("cpu"))
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="no CUDA"):
-            engine.resolve_device("cuda")
+            devices.resolve_device("cuda")

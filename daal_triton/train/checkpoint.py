@@ -1,0 +1,136 @@
+"""Checkpoints: what a run saves (``checkpoint_last.pt``, ``checkpoint_best.pt``) and loads
+(``--resume``, ``daal-eval``).
+
+A checkpoint is a ``torch.save`` file of plain data only (tensors, dicts, lists, numbers,
+strings; the RNG states as tensors and lists), so it loads with ``torch.load(path,
+weights_only=True)``, which never runs code named in the file; :func:`load_checkpoint` loads
+nothing else. It carries ``format`` (``daal-train checkpoint``) and ``sha256``, a digest of
+everything else in it (every tensor's dtype, shape and bytes, every other value's type and
+``repr``, in order), which :func:`load_checkpoint` recomputes: a flipped bit anywhere in the
+weights is reported instead of being trained or evaluated on.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import random
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+import daal_triton
+from daal_triton.memory import MemoryBank
+
+from .config import TrainConfig
+
+FORMAT = "daal-train checkpoint"
+
+
+class CheckpointError(ValueError):
+    """A file that cannot be used as a checkpoint (printed as one ``error:`` line)."""
+
+
+def save_checkpoint(path: str, *, model: nn.Module, criterion: nn.Module, cfg: TrainConfig, epoch: int,
+                    metrics: List[Dict[str, Any]], optimizer=None, scheduler=None, scaler=None,
+                    memory_bank: Optional[MemoryBank] = None, world_size: int = 1) -> None:
+    """Write a checkpoint atomically (to ``path.tmp``, then rename). ``model`` is the bare network
+    (not its DistributedDataParallel wrapper), so checkpoints of any world size load anywhere."""
+    state = dict(format=FORMAT, model=model.state_dict(), loss=criterion.state_dict(), config=cfg.to_dict(),
+                 epoch=epoch, metrics=metrics, version=daal_triton.__version__, world_size=world_size)
+    if memory_bank is not None:
+        state["memory_bank"] = memory_bank.state_dict()
+    if optimizer is not None:
+        state["optimizer"] = optimizer.state_dict()
+    if scheduler is not None:
+        state["scheduler"] = scheduler.state_dict()
+    if scaler is not None:
+        state["scaler"] = scaler.state_dict()
+    state["rng"] = rng_state()
+    state["sha256"] = digest(state)
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str) -> Dict[str, Any]:
+    """The checkpoint at ``path``, its digest checked; :class:`CheckpointError` for a missing,
+    empty, damaged or foreign file, or one that would run code when unpickled."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint {path!r}: no such file")
+    if os.path.getsize(path) == 0:
+        raise CheckpointError(f"checkpoint {path!r} is empty (0 bytes)")
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "weights only" in str(e).lower():
+            raise CheckpointError(f"checkpoint {path!r} holds Python objects beyond tensors and plain data: "
+                                  f"refused, as unpickling them could run code (not a checkpoint of this "
+                                  f"version of daal-train)") from None
+        raise CheckpointError(f"checkpoint {path!r} cannot be read: not a PyTorch file, or damaged "
+                              f"({_first_line(e)})") from None
+    except Exception as e:  # torch reports truncation and zip damage as RuntimeError, EOFError, ...
+        raise CheckpointError(f"checkpoint {path!r} cannot be read: truncated or damaged "
+                              f"({type(e).__name__}: {_first_line(e)})") from None
+    if not isinstance(ck, dict) or ck.get("format") != FORMAT:
+        raise CheckpointError(f"{path!r} is not a daal-train checkpoint (expected checkpoint_last.pt or "
+                              f"checkpoint_best.pt written by daal-train)")
+    stored = ck.pop("sha256", None)
+    if stored != digest(ck):
+        raise CheckpointError(f"checkpoint {path!r} is damaged: its content does not match the SHA-256 digest "
+                              f"stored in it")
+    return ck
+
+
+def digest(obj: Any) -> str:
+    """SHA-256 of a checkpoint's content (everything but its ``sha256`` entry)."""
+    h = hashlib.sha256()
+    _feed(h, {k: v for k, v in obj.items() if k != "sha256"} if isinstance(obj, dict) else obj)
+    return h.hexdigest()
+
+
+def _feed(h, obj: Any) -> None:
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    elif isinstance(obj, dict):
+        h.update(f"D{len(obj)}".encode())
+        for k, v in obj.items():
+            _feed(h, k)
+            _feed(h, v)
+    elif isinstance(obj, (list, tuple)):
+        h.update(f"L{len(obj)}".encode())
+        for v in obj:
+            _feed(h, v)
+    elif obj is None or isinstance(obj, (bool, int, float, str, bytes)):
+        r = repr(obj)
+        h.update(f"{type(obj).__name__}{len(r)}:{r}".encode())
+    else:
+        raise TypeError(f"a checkpoint holds plain data only, not {type(obj).__name__}")
+
+
+def rng_state() -> Dict[str, Any]:
+    """The torch, numpy and Python generators' states as tensors, lists and numbers."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, py_gauss = random.getstate()
+    return dict(torch=torch.get_rng_state(),
+                numpy=dict(name=name, keys=torch.from_numpy(keys.astype(np.int64)), pos=int(pos),
+                           has_gauss=int(has_gauss), gauss=float(gauss)),
+                python=dict(version=version, internal=list(internal), gauss=py_gauss))
+
+
+def restore_rng(rng: Dict[str, Any]) -> None:
+    """Set the torch, numpy and Python generators to states saved by :func:`rng_state`."""
+    torch.set_rng_state(rng["torch"])
+    n = rng["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    p = rng["python"]
+    random.setstate((p["version"], tuple(p["internal"]), p["gauss"]))
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else "no detail"

@@ -1,0 +1,374 @@
+"""One run of ``daal-train``: four steps around one :class:`RunState`.
+
+:func:`build_run` (data, sampler, network, loss, optimiser, schedule) -> :func:`resume_run`
+(``--resume``: a checkpoint's state) -> :func:`fit` (baselines, the epochs, evaluations,
+checkpoints, metrics.jsonl) -> :func:`finish` (plots, the final table, results.txt).
+:func:`run` joins the process group around them.
+
+Distributed training (``torchrun ... -m daal_triton.train``, see :mod:`daal_triton.train.ddp`):
+every rank takes its share of the same global P x K batch (:class:`~daal_triton.train.data.DistributedPKSampler`),
+the network runs inside DistributedDataParallel, and :class:`~daal_triton.train.engine.GlobalBatchLoss`
+gathers the ranks' embeddings and labels (with gradients) so the loss is computed on the global
+batch on every rank; the loss's parameters stay outside DDP and are averaged after backward.
+Rank 0 alone evaluates and writes; the other ranks wait at barriers.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import IO, Any, Dict, List, Optional
+
+import torch
+from torch import nn
+
+from daal_triton.distributed import broadcast_params
+from daal_triton.memory import MemoryBank
+
+from . import ddp
+from . import evaluate as E
+from .checkpoint import load_checkpoint, restore_rng, save_checkpoint
+from .config import TrainConfig, check_out, checked_device, validate_config
+from .data import DistributedPKSampler, PKSampler, build_datasets
+from .ddp import ConfigError
+from .devices import resolve_amp, resolve_backend, seed_everything
+from .engine import GlobalBatchLoss, build_criterion, build_model, make_optimizer, make_scheduler, train_one_epoch
+from .log import Log
+from .model import NO_WEIGHTS_NOTE
+
+Record = Dict[str, Any]
+
+# Every file a run writes in --out; --overwrite removes these (and only these) first.
+OUTPUTS = ("config.json", "metrics.jsonl", "checkpoint_last.pt", "checkpoint_best.pt", "checkpoint_last.pt.tmp",
+           "checkpoint_best.pt.tmp", "tsne_test.png", "training_curves.png", "results.txt")
+
+
+@dataclass
+class RunState:
+    """Everything one run holds between its steps."""
+
+    cfg: TrainConfig
+    ctx: ddp.DistContext
+    device: torch.device
+    log: Log
+    amp_dtype: Optional[torch.dtype]
+    train_ds: Any
+    test_ds: Any
+    sampler: PKSampler
+    loader: torch.utils.data.DataLoader
+    steps: int  # batches per epoch
+    model: nn.Module  # the bare network: evaluated and saved
+    criterion: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: Optional[torch.amp.GradScaler]
+    bank: Optional[MemoryBank]
+    t_start: float
+    cpu_start: float
+    net: Optional[nn.Module] = None  # what trains: the model, or its DistributedDataParallel wrapper
+    loss_fn: Optional[GlobalBatchLoss] = None
+    history: List[Record] = field(default_factory=list)  # every metrics.jsonl record, resumed ones too
+    table: Dict[str, Record] = field(default_factory=dict)  # the final table's rows
+    start_epoch: int = 1
+    epoch: int = 0  # the last epoch trained
+    best: float = -1.0  # best held-out Recall@1 so far (checkpoint_best.pt)
+    last: Optional[Record] = None  # the latest evaluation of the trained network
+    emb: Optional[torch.Tensor] = None  # the test embeddings of that evaluation
+    metrics_file: Optional[IO[str]] = None
+
+    @property
+    def main(self) -> bool:
+        return self.ctx.is_main
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.cfg.out, name)
+
+
+def run(cfg: TrainConfig) -> Dict[str, Record]:
+    """Train and evaluate as ``cfg`` says; write everything under ``cfg.out``; return the final
+    table's rows ({method: metrics}; empty on ranks other than 0).
+
+    Under torchrun (``WORLD_SIZE`` > 1) this joins the process group (see :mod:`daal_triton.train.ddp`),
+    trains data-parallel, and destroys the group at the end."""
+    t_start, cpu_start = time.time(), time.process_time()
+    device = checked_device(cfg.device)
+    validate_config(cfg, ddp.world_size(), device)
+    checkpoint = load_checkpoint(cfg.resume) if cfg.resume else None
+    check_out(cfg)
+    ctx, device = ddp.setup(device, cfg.dist_backend, cfg.dist_timeout)
+    try:
+        state = build_run(cfg, ctx, device, Log("daal-train", ctx.rank, ctx.world_size), t_start, cpu_start)
+        if checkpoint is not None:
+            resume_run(state, checkpoint, cfg.resume)
+        distribute(state)
+        fit(state)
+        if state.main:
+            finish(state)
+        else:
+            state.log(f"done ({time.time() - t_start:.1f} s); rank 0 wrote the outputs to {cfg.out}")
+        ctx.barrier()
+        return state.table
+    finally:
+        ctx.close()
+
+
+# ----------------------------------------------------------------------------- build
+
+def build_run(cfg: TrainConfig, ctx: ddp.DistContext, device: torch.device, log: Log,
+              t_start: float, cpu_start: float) -> RunState:
+    """Data, sampler, network, loss, optimiser and schedule of ``cfg``, freshly initialised from
+    ``cfg.seed`` (the order of construction fixes what the seed produces)."""
+    amp_dtype = resolve_amp(cfg.amp, device, log)
+    seed_everything(cfg.seed)
+    train_ds, test_ds = build_datasets(cfg.dataset, cfg.data_root, cfg.image_size, seed=cfg.seed,
+                                       augment=cfg.augment, shapes_train_per_class=cfg.shapes_train_per_class,
+                                       shapes_test_per_class=cfg.shapes_test_per_class,
+                                       shapes_nuisance=cfg.shapes_nuisance)
+    if cfg.classes_per_batch > train_ds.num_classes:
+        raise ConfigError(f"--classes-per-batch (P) = {cfg.classes_per_batch}, but {cfg.dataset} has "
+                          f"{train_ds.num_classes} training classes")
+    sampler = _sampler(cfg, ctx, train_ds.labels)
+    if ctx.is_main:
+        log(f"{cfg.dataset}: {len(train_ds)} training images of {train_ds.num_classes} classes, "
+            f"{len(test_ds)} test images of {test_ds.num_classes} held-out classes; device {device}")
+    if ctx.distributed:
+        log(f"joined {ctx.world_size} processes ({ctx.backend}) on {device}: global batch "
+            f"{sampler.p}x{sampler.k} = {sampler.global_batch_size}, {sampler.batch_size} images on this rank"
+            + ("" if ctx.is_main else "; rank 0 evaluates and writes the outputs"))
+    try:  # a --weights file of the other VGG; --loss-kwargs the loss does not take
+        model = build_model(cfg).to(device)
+        if ctx.is_main and not cfg.weights:
+            log(NO_WEIGHTS_NOTE)
+        criterion = build_criterion(cfg.loss, train_ds.num_classes, cfg.embedding_dim, daal=cfg.daal,
+                                    loss_kwargs=cfg.loss_kwargs,
+                                    backend=resolve_backend(cfg.loss_backend, device)).to(device)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    loader = torch.utils.data.DataLoader(train_ds, batch_sampler=sampler, num_workers=cfg.num_workers,
+                                         pin_memory=device.type == "cuda",
+                                         persistent_workers=cfg.num_workers > 0)
+    steps = len(sampler) if cfg.steps_per_epoch is None else min(len(sampler), cfg.steps_per_epoch)
+    optimizer = make_optimizer(model, criterion, lr=cfg.lr, loss_lr=cfg.loss_lr, weight_decay=cfg.weight_decay)
+    return RunState(
+        cfg=cfg, ctx=ctx, device=device, log=log, amp_dtype=amp_dtype, train_ds=train_ds, test_ds=test_ds,
+        sampler=sampler, loader=loader, steps=steps, model=model, criterion=criterion, optimizer=optimizer,
+        scheduler=make_scheduler(optimizer, cfg.epochs * steps, int(round(cfg.warmup_epochs * steps))),
+        scaler=torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None,
+        bank=MemoryBank(cfg.memory_bank, cfg.embedding_dim, device=device) if cfg.memory_bank else None,
+        t_start=t_start, cpu_start=cpu_start)
+
+
+def _sampler(cfg: TrainConfig, ctx: ddp.DistContext, labels) -> PKSampler:
+    """The P x K sampler: the whole global batch in one process, this rank's share under torchrun."""
+    if not ctx.distributed:
+        return PKSampler(labels, cfg.classes_per_batch, cfg.samples_per_class, seed=cfg.seed)
+    try:
+        return DistributedPKSampler(labels, cfg.classes_per_batch, cfg.samples_per_class,
+                                    rank=ctx.rank, world_size=ctx.world_size, seed=cfg.seed)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+
+
+def resume_run(state: RunState, ck: Dict[str, Any], path: str) -> None:
+    """Continue from checkpoint ``ck`` (read from ``path``): weights, optimiser, schedule, scaler,
+    the metrics so far, the RNG states (rank 0) and the memory bank. Every rank reads the file
+    (on several machines: a path they all see)."""
+    state.model.load_state_dict(ck["model"])
+    state.criterion.load_state_dict(ck["loss"])
+    for name in ("optimizer", "scheduler", "scaler"):
+        target = getattr(state, name)
+        if target is not None and name in ck:
+            target.load_state_dict(ck[name])
+    state.history = list(ck.get("metrics", []))
+    state.start_epoch = int(ck["epoch"]) + 1
+    state.epoch = state.start_epoch - 1
+    if "rng" in ck and state.main:
+        restore_rng(ck["rng"])
+    bank = state.bank
+    if bank is not None:
+        saved = ck.get("memory_bank")
+        if saved is not None and tuple(saved["embeddings"].shape) == (bank.size, bank.dim):
+            bank.load_state_dict(saved)
+        elif state.main:
+            state.log(f"the checkpoint holds no memory bank of {bank.size} x {bank.dim}; starting an empty one")
+    if state.main:
+        state.log(f"resumed from {path} at epoch {state.start_epoch}"
+                  + (f" with {len(bank)} rows in the memory bank" if bank is not None else ""))
+
+
+def distribute(state: RunState) -> None:
+    """Wrap the network for training: DistributedDataParallel under torchrun (the loss's
+    parameters start from rank 0's), the bare network in one process."""
+    cfg, ctx = state.cfg, state.ctx
+    state.net = state.model
+    if ctx.distributed:
+        broadcast_params(state.criterion.parameters())
+        if cfg.sync_bn:
+            state.model = nn.SyncBatchNorm.convert_sync_batchnorm(state.model)
+        device_ids = [state.device.index] if state.device.type == "cuda" else None
+        state.net = nn.parallel.DistributedDataParallel(state.model, device_ids=device_ids)
+        if not ctx.is_main:  # different augmentation draws on every rank (model and segments come from rank 0)
+            seed_everything(cfg.seed + 1000003 * ctx.rank)
+    elif cfg.sync_bn:
+        state.log("--sync-bn does nothing in a single process")
+    state.loss_fn = GlobalBatchLoss(state.bank)
+
+
+# ----------------------------------------------------------------------------- fit
+
+def fit(state: RunState) -> None:
+    """Baselines (a fresh run), then the epochs from ``state.start_epoch``; rank 0 evaluates,
+    writes metrics.jsonl and the checkpoints, and ends with the trained network's row."""
+    cfg, ctx = state.cfg, state.ctx
+    if state.main:
+        _prepare_out(state)
+        with open(state.path("config.json"), "w") as f:
+            json.dump(dict(cfg.to_dict(), launch=dict(world_size=ctx.world_size, backend=ctx.backend)), f, indent=2)
+        state.metrics_file = open(state.path("metrics.jsonl"), "a" if cfg.resume else "w")
+    try:
+        if state.main:
+            _baselines(state)
+        ctx.barrier()
+        state.best = max([r["recall@1"] for r in state.history if r.get("model") == "trained"], default=-1.0)
+        for epoch in range(state.start_epoch, cfg.epochs + 1):
+            _train_epoch(state, epoch)
+            ctx.barrier()  # the other ranks wait for rank 0's evaluation and checkpoint
+        if state.main:
+            if state.emb is None:  # nothing trained in this call (resumed at the end): evaluate what we have
+                state.emb = _embed_test(state)
+                state.last = _evaluate(state, state.epoch, "trained", state.emb)
+            state.table[f"trained ({cfg.loss}, epoch {state.epoch})"] = state.last
+    finally:
+        if state.metrics_file is not None:
+            state.metrics_file.close()
+
+
+def _prepare_out(state: RunState) -> None:
+    """Create --out; with --overwrite, first remove the previous run's outputs (nothing else)."""
+    os.makedirs(state.cfg.out, exist_ok=True)
+    if state.cfg.overwrite:
+        for name in OUTPUTS:
+            if os.path.isfile(state.path(name)):
+                os.remove(state.path(name))
+
+
+def _baselines(state: RunState) -> None:
+    """The raw-pixel and untrained-network rows: evaluated in a fresh run, taken from the
+    history in a resumed one."""
+    if state.cfg.baselines and state.start_epoch == 1:
+        t0 = time.time()
+        pixels = _evaluate(state, 0, "raw_pixels", E.pixel_vectors(state.test_ds))
+        state.table["raw pixels"] = pixels
+        rec = _evaluate(state, 0, "untrained", _embed_test(state), embed_s=round(time.time() - t0, 2))
+        state.table["untrained network"] = rec
+        state.log(f"baselines: raw pixels R@1 {pixels['recall@1']:.4f}, "
+                  f"untrained network R@1 {rec['recall@1']:.4f} ({time.time() - t0:.1f} s)")
+        return
+    rows = {"raw_pixels": "raw pixels", "untrained": "untrained network"}
+    for rec in state.history:
+        if rec.get("model") in rows:
+            state.table[rows[rec["model"]]] = rec
+
+
+def _train_epoch(state: RunState, epoch: int) -> None:
+    """One epoch on every rank; on rank 0 its record, log line and checkpoints."""
+    cfg = state.cfg
+    state.sampler.set_epoch(epoch)
+    t0 = time.time()
+    train_loss = train_one_epoch(state.net, state.criterion, state.loader, state.optimizer, state.scheduler,
+                                 state.device, amp_dtype=state.amp_dtype, scaler=state.scaler,
+                                 max_steps=state.steps, desc=f"epoch {epoch}/{cfg.epochs}",
+                                 progress=cfg.progress and state.main, loss_fn=state.loss_fn)
+    train_s = time.time() - t0
+    state.epoch = epoch
+    if not state.main:
+        return
+    msg = (f"epoch {epoch}/{cfg.epochs}: loss {train_loss:.4f} ({train_s:.1f} s, "
+           f"CPU {time.process_time() - state.cpu_start:.0f} s so far)")
+    evaluated = epoch == cfg.epochs or (cfg.eval_every > 0 and epoch % cfg.eval_every == 0)
+    if evaluated:
+        state.emb = _embed_test(state)
+        state.last = _evaluate(state, epoch, "trained", state.emb, train_loss=train_loss, train_s=round(train_s, 2))
+        msg += "  " + "  ".join(f"{k} {state.last[k]:.4f}" for k in ("recall@1", "nmi", "map@r") if k in state.last)
+    else:
+        _record(state, dict(epoch=epoch, model="trained", train_loss=train_loss, train_s=round(train_s, 2),
+                            elapsed_s=round(time.time() - state.t_start, 2)))
+    state.log(msg)
+    _save(state, "checkpoint_last.pt", full=True)
+    if evaluated and state.last["recall@1"] > state.best:
+        state.best = state.last["recall@1"]
+        _save(state, "checkpoint_best.pt", full=False)
+
+
+def _save(state: RunState, name: str, *, full: bool) -> None:
+    """Write checkpoint ``name`` unless ``--save`` leaves it out: the network, the loss and the
+    metrics; ``full`` adds what ``--resume`` needs (optimiser, schedule, scaler, memory bank)."""
+    if state.cfg.save not in ("both", name[len("checkpoint_"):-len(".pt")]):
+        return
+    extra = dict(optimizer=state.optimizer, scheduler=state.scheduler, scaler=state.scaler,
+                 memory_bank=state.bank) if full else {}
+    save_checkpoint(state.path(name), model=state.model, criterion=state.criterion, cfg=state.cfg,
+                    epoch=state.epoch, metrics=state.history, world_size=state.ctx.world_size, **extra)
+
+
+def _embed_test(state: RunState) -> torch.Tensor:
+    """The test set's embeddings by the bare network (DDP's forward would wait for the other ranks)."""
+    cfg = state.cfg
+    return E.embed(state.model, state.test_ds, state.device, batch_size=cfg.eval_batch_size,
+                   amp_dtype=state.amp_dtype, num_workers=cfg.num_workers)
+
+
+def _evaluate(state: RunState, epoch: int, name: str, emb: torch.Tensor, **extra: Any) -> Record:
+    """Every metric of ``emb`` on the test classes, recorded as one metrics.jsonl line."""
+    t0 = time.time()
+    labels = E.dataset_labels(state.test_ds).to(state.device)
+    m = E.all_metrics(emb.to(state.device), labels, state.test_ds.modes, backend=state.cfg.knn_backend,
+                      seed=state.cfg.seed)
+    rec = dict(epoch=epoch, model=name, **m, **extra, eval_s=round(time.time() - t0, 2),
+               elapsed_s=round(time.time() - state.t_start, 2))
+    _record(state, rec)
+    return rec
+
+
+def _record(state: RunState, rec: Record) -> None:
+    """Append ``rec`` to the history and to metrics.jsonl (NaN, a metric undefined on this data,
+    is written as null)."""
+    clean = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in rec.items()}
+    state.metrics_file.write(json.dumps(clean) + "\n")
+    state.metrics_file.flush()
+    state.history.append(rec)
+
+
+# ----------------------------------------------------------------------------- finish
+
+def finish(state: RunState) -> None:
+    """Rank 0's end of a run: the final table (printed and in results.txt), then the plots, so
+    that a plot that fails or takes long never holds back or loses the numbers."""
+    from . import plots
+
+    cfg = state.cfg
+    text = E.format_table(state.table, keys=E.table_keys(state.table))
+    text += (f"\n(held-out classes of {cfg.dataset}; wall time {time.time() - state.t_start:.1f} s, process CPU time "
+             f"{time.process_time() - state.cpu_start:.1f} s on {torch.get_num_threads()} threads; "
+             f"outputs in {cfg.out})")
+    with open(state.path("results.txt"), "w") as f:
+        f.write(text + "\n")
+    print(text)
+    try:
+        plots.training_curves(state.history, state.path("training_curves.png"))
+    except Exception as e:  # a plot must never lose a finished run
+        state.log(f"training-curve plot failed: {e}")
+    if cfg.tsne:
+        t0 = time.time()
+        try:
+            plots.tsne_plot(state.emb, E.dataset_labels(state.test_ds).numpy(), state.path("tsne_test.png"),
+                            modes=state.test_ds.modes, class_names=state.test_ds.class_names,
+                            mode_names=getattr(state.test_ds, "mode_names", None), max_points=cfg.tsne_max_points,
+                            seed=cfg.seed,
+                            title=f"{cfg.dataset} test classes, {cfg.arch} + {cfg.loss}, epoch {state.epoch}")
+        except Exception as e:
+            state.log(f"t-SNE plot failed: {e}")
+            return
+        state.log(f"t-SNE of the test embeddings: {state.path('tsne_test.png')} ({time.time() - t0:.1f} s)")

@@ -1,0 +1,135 @@
+"""Issue 15, security and data loss: checkpoints load without running code and are checked
+against a stored digest; a run never replaces another run's outputs unasked; --save."""
+import json
+import os
+import shutil
+import zipfile
+
+import pytest
+import torch
+
+pytest.importorskip("torchvision")
+pytest.importorskip("sklearn")
+pytest.importorskip("matplotlib")
+pytest.importorskip("tqdm")
+
+from daal_triton.train import cli  # noqa: E402
+
+TINY = ["--dataset", "shapes", "--image-size", "32", "--shapes-train-per-class", "4",
+        "--shapes-test-per-class", "8", "--classes-per-batch", "3", "--samples-per-class", "2",
+        "--steps-per-epoch", "1", "--embedding-dim", "16", "--eval-batch-size", "64", "--no-progress",
+        "--no-tsne", "--epochs", "1"]
+OUTPUTS = ("config.json", "metrics.jsonl", "checkpoint_last.pt", "checkpoint_best.pt", "training_curves.png",
+           "results.txt")
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("safety") / "run")
+    assert cli.main(TINY + ["--no-baselines", "--out", out]) == 0
+    return out
+
+
+class _Mkdir:
+    """Unpickling this calls os.mkdir(path): what a malicious checkpoint could run."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (os.mkdir, (self.path,))
+
+
+def test_checkpoints_open_with_plain_weights_only_load(run_dir):
+    for name in ("checkpoint_last.pt", "checkpoint_best.pt"):
+        ck = torch.load(os.path.join(run_dir, name), map_location="cpu", weights_only=True)
+        assert ck["epoch"] == 1 and "segments" in ck["loss"] and "model" in ck
+    assert "rng" in torch.load(os.path.join(run_dir, "checkpoint_last.pt"), weights_only=True)
+
+
+def test_a_checkpoint_that_runs_code_is_refused(run_dir, tmp_path, error_line):
+    evil = str(tmp_path / "evil.pt")
+    marker = tmp_path / "pwned"
+    torch.save({"format": "daal-train checkpoint", "epoch": 1, "payload": _Mkdir(str(marker))}, evil)
+    assert cli.eval_main([evil, "--out", str(tmp_path / "ev"), "--no-progress"]) == 2
+    assert "refus" in error_line("daal-eval")
+    assert cli.main(TINY + ["--out", str(tmp_path / "r"), "--resume", evil]) == 2
+    error_line("daal-train")
+    assert not marker.exists()
+    assert not (tmp_path / "ev").exists() and not (tmp_path / "r").exists()
+
+
+def _flip_tensor_bytes(path, nbytes=4096):
+    """Invert ``nbytes`` in the middle of the largest tensor record of a torch zip file."""
+    with zipfile.ZipFile(path) as z:
+        info = max(z.infolist(), key=lambda i: i.file_size)
+    with open(path, "r+b") as f:
+        f.seek(info.header_offset + 26)
+        name_len, extra_len = int.from_bytes(f.read(2), "little"), int.from_bytes(f.read(2), "little")
+        start = info.header_offset + 30 + name_len + extra_len + info.file_size // 2
+        f.seek(start)
+        data = bytes(b ^ 0xFF for b in f.read(nbytes))
+        f.seek(start)
+        f.write(data)
+
+
+def test_damaged_and_wrong_files_are_one_error_line(run_dir, tmp_path, error_line):
+    good = os.path.join(run_dir, "checkpoint_best.pt")
+    flipped = str(tmp_path / "flipped.pt")
+    shutil.copy(good, flipped)
+    _flip_tensor_bytes(flipped)
+    truncated = str(tmp_path / "truncated.pt")
+    with open(good, "rb") as f, open(truncated, "wb") as g:
+        g.write(f.read(os.path.getsize(good) // 2))
+    empty = str(tmp_path / "empty.pt")
+    open(empty, "wb").close()
+    garbage = str(tmp_path / "garbage.pt")
+    with open(garbage, "wb") as g:
+        g.write(os.urandom(5000))
+    wrong = str(tmp_path / "state_dict.pt")
+    torch.save({"features.0.weight": torch.zeros(2, 2)}, wrong)
+    cases = {flipped: "digest", truncated: "", empty: "empty", garbage: "", wrong: "not a daal-train checkpoint",
+             str(tmp_path / "missing.pt"): "no such file"}
+    for path, words in cases.items():
+        assert cli.eval_main([path, "--out", str(tmp_path / "ev"), "--no-progress"]) == 2, path
+        assert words in error_line("daal-eval"), path
+    assert not (tmp_path / "ev").exists()
+    assert cli.main(TINY + ["--out", str(tmp_path / "r"), "--resume", flipped]) == 2
+    assert "digest" in error_line("daal-train")
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_second_run_into_the_same_out_is_refused(run_dir, error_line):
+    before = {name: open(os.path.join(run_dir, name), "rb").read() for name in OUTPUTS}
+    assert cli.main(TINY + ["--out", run_dir]) == 2
+    line = error_line("daal-train")
+    assert "--resume" in line and "--overwrite" in line
+    assert {name: open(os.path.join(run_dir, name), "rb").read() for name in OUTPUTS} == before
+
+
+def test_nothing_is_written_before_the_configuration_is_valid(tmp_path, capsys):
+    out = tmp_path / "o"
+    assert cli.main(["--dataset", "cub200", "--data-root", str(tmp_path / "nowhere"), "--out", str(out)]) == 2
+    assert capsys.readouterr().err.startswith("daal-train: error: cub200: no images.txt")
+    assert not out.exists()
+
+
+def test_overwrite_replaces_and_save_chooses_checkpoints(run_dir, tmp_path):
+    out = str(tmp_path / "again")
+    shutil.copytree(run_dir, out)
+    with open(os.path.join(out, "notes.txt"), "w") as f:
+        f.write("mine")
+    assert cli.main(TINY + ["--out", out, "--overwrite", "--save", "none", "--no-baselines"]) == 0
+    files = set(os.listdir(out))
+    assert not any(name.endswith(".pt") for name in files), files  # the old run's checkpoints are gone too
+    assert "notes.txt" in files  # files the program does not write are left alone
+    recs = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    assert [r["epoch"] for r in recs] == [1]
+    assert json.load(open(os.path.join(out, "config.json")))["save"] == "none"
+
+
+@pytest.mark.parametrize("save, expected", [("best", {"checkpoint_best.pt"}), ("last", {"checkpoint_last.pt"})])
+def test_save_flag(tmp_path, save, expected):
+    out = str(tmp_path / save)
+    assert cli.main(TINY + ["--out", out, "--save", save, "--no-baselines"]) == 0
+    assert {n for n in os.listdir(out) if n.endswith(".pt")} == expected

@@ -1,0 +1,122 @@
+"""Issue 15, silent nonsense: every user error of daal-train / daal-eval is refused up front as
+one ``<program>: error: ...`` line with exit status 2, no traceback and nothing written; --help
+says what the defaults are; t-SNE works for any number of points >= 2."""
+import os
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("torchvision")
+pytest.importorskip("sklearn")
+pytest.importorskip("matplotlib")
+pytest.importorskip("tqdm")
+
+from daal_triton.train import cli, plots  # noqa: E402
+
+TINY = ["--dataset", "shapes", "--image-size", "32", "--shapes-train-per-class", "4",
+        "--shapes-test-per-class", "4", "-P", "3", "-K", "2", "--steps-per-epoch", "1", "--embedding-dim", "8",
+        "--no-progress", "--no-tsne", "--no-baselines", "--epochs", "1"]
+
+BAD_TRAIN = {
+    "lr": (["--lr", "-1"], "--lr"),
+    "loss-lr": (["--loss-lr", "-0.1"], "--loss-lr"),
+    "warmup": (["--warmup-epochs", "-5"], "--warmup-epochs"),
+    "lr-nan": (["--lr", "nan"], "--lr"),
+    "weight-decay": (["--weight-decay", "-1"], "--weight-decay"),
+    "epochs": (["--epochs", "0"], "--epochs"),
+    "steps": (["--steps-per-epoch", "0"], "--steps-per-epoch"),
+    "P-too-large": (["-P", "13"], "12 training classes"),
+    "K0": (["-K", "0"], "--samples-per-class"),
+    "image-size": (["--image-size", "8"], "--image-size"),
+    "knn-triton-cpu": (["--device", "cpu", "--knn-backend", "triton"], "--knn-backend triton"),
+    "loss-triton-cpu": (["--device", "cpu", "--loss-backend", "triton"], "--loss-backend triton"),
+    "pml-missing": (["--loss", "pml:NoSuchLoss"], "NoSuchLoss"),
+    "loss-foo": (["--loss", "foo"], "--loss"),
+    "kwargs-json": (["--loss-kwargs", "{not json"], "--loss-kwargs"),
+    "kwargs-list": (["--loss-kwargs", "[1]"], "--loss-kwargs"),
+    "kwargs-unknown": (["--loss", "pml:ContrastiveLoss", "--loss-kwargs", '{"no_such": 1}'], "no_such"),
+    "daal-kwargs-unknown": (["--loss-kwargs", '{"no_such": 1}'], "no_such"),
+    "weights-missing": (["--weights", "/nonexistent/vgg.pth"], "--weights"),
+    "resume-missing": (["--resume", "/nonexistent/checkpoint_last.pt"], "no such file"),
+    "device": (["--device", "tpu"], "--device"),
+    "eval-every": (["--eval-every", "-1"], "--eval-every"),
+    "tsne-points": (["--tsne-max-points", "1"], "--tsne-max-points"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_TRAIN))
+def test_daal_train_refuses_up_front(case, tmp_path, error_line):
+    if case in ("kwargs-unknown", "pml-missing"):
+        pytest.importorskip("pytorch_metric_learning")
+    flags, words = BAD_TRAIN[case]
+    out = tmp_path / "out"
+    assert cli.main(TINY + flags + ["--out", str(out)]) == 2
+    assert words in error_line("daal-train")
+    assert not out.exists()
+
+
+def test_vgg19_weights_with_vgg19_bn_is_one_error_line(tmp_path, error_line):
+    import torchvision
+
+    path = str(tmp_path / "vgg19.pth")
+    torch.save({k: v for k, v in torchvision.models.vgg19(weights=None).state_dict().items()
+                if k.startswith("features.")}, path)
+    out = tmp_path / "out"
+    assert cli.main(TINY + ["--arch", "vgg19_bn", "--weights", path, "--out", str(out)]) == 2
+    assert "vgg19 vs vgg19_bn" in error_line("daal-train")
+    assert not out.exists()
+
+
+def test_daal_eval_refuses_up_front(tmp_path, error_line):
+    from daal_triton.train.checkpoint import save_checkpoint
+    from daal_triton.train.config import TrainConfig
+    from daal_triton.train.engine import build_criterion, build_model
+
+    cfg = TrainConfig(embedding_dim=8)
+    path = str(tmp_path / "checkpoint_best.pt")
+    save_checkpoint(path, model=build_model(cfg), criterion=build_criterion("daal", 12, 8, backend="reference"),
+                    cfg=cfg, epoch=1, metrics=[])
+    ev = str(tmp_path / "ev")
+    cases = [([str(tmp_path / "missing.pt")], "no such file"), ([path, "--device", "tpu"], "--device")]
+    if not torch.cuda.is_available():
+        cases.append(([path, "--device", "cpu", "--knn-backend", "triton"], "--knn-backend triton"))
+    for argv, words in cases:
+        assert cli.eval_main(argv + ["--out", ev]) == 2, argv
+        assert words in error_line("daal-eval"), argv
+    assert not os.path.exists(ev)
+
+
+def test_help_says_what_the_defaults_are():
+    text = " ".join(cli.build_parser().format_help().split())
+    assert "default: True" not in text and "default: False" not in text and "default: None" not in text
+    assert "--no-tsne" in text and "--no-baselines" in text
+    ev = " ".join(cli.build_eval_parser().format_help().split())
+    assert "default: None" not in ev
+    assert "the checkpoint's" in ev
+
+
+@pytest.mark.parametrize("n", [2, 3, 7, 49, 60])
+def test_tsne_any_size(n):
+    emb = np.random.default_rng(0).normal(size=(n, 64)).astype(np.float32)
+    xy = plots.tsne_2d(emb, seed=0)
+    assert xy.shape == (n, 2) and np.isfinite(xy).all()
+
+
+def test_table_is_printed_before_plots(tmp_path, capsys, monkeypatch):
+    order = []
+    monkeypatch.setattr(plots, "training_curves", lambda *a, **k: order.append("plot"))
+    monkeypatch.setattr(plots, "tsne_plot", lambda *a, **k: order.append("plot"))
+    import builtins
+
+    real_print = builtins.print
+
+    def spy(*a, **k):
+        if a and "r_precision" in str(a[0]):
+            order.append("table")
+        return real_print(*a, **k)
+
+    monkeypatch.setattr(builtins, "print", spy)
+    flags = [f for f in TINY if f != "--no-tsne"]
+    assert cli.main(flags + ["--out", str(tmp_path / "o")]) == 0
+    assert order[0] == "table" and order.count("plot") == 2, order
