@@ -121,7 +121,7 @@ class GlobalBatchLoss:
        (:func:`daal_triton.distributed.gather_batch`; the identity in a single process);
     2. computes the loss on the global batch, identical on every rank. With a ``bank``
        (``--memory-bank``), the kNN density's reference set is the global batch followed by the
-       bank's rows: ``criterion(emb, labels, ref_emb, ref_labels, ref_includes_batch=True)``;
+       bank's rows: ``criterion(emb, labels, ref_emb=ref, ref_labels=ref_labels, ref_includes_batch=True)``;
     3. then enqueues the global batch's detached embeddings, so every rank holds the same bank.
     """
 
@@ -134,7 +134,7 @@ class GlobalBatchLoss:
         if self.bank is None:
             return criterion(emb, labs)
         ref, ref_labels = self.bank.with_batch(emb, labs)
-        loss = criterion(emb, labs, ref, ref_labels, ref_includes_batch=True)
+        loss = criterion(emb, labs, ref_emb=ref, ref_labels=ref_labels, ref_includes_batch=True)
         self.bank.enqueue(emb.detach(), labs)
         return loss
 
