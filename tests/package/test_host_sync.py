@@ -113,3 +113,35 @@ def test_cuda_default_call_never_syncs():
     with CountOps() as count:
         loss(z, y).backward()
     assert count.syncs() == {}
+
+
+@pytest.mark.gpu
+def test_loss_is_captured_in_a_cuda_graph():
+    """No host sync and static shapes: DAALLoss forward+backward replays from a CUDA graph and
+    gives the eager values."""
+    loss = daal_triton.DAALLoss(100, 64).cuda()
+    z = torch.randn(180, 64, device="cuda", requires_grad=True)
+    y = torch.randint(0, 100, (180,), device="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside the graph (kernel compilation, allocator)
+        for _ in range(2):
+            z.grad = None
+            loss.segments.grad = None
+            loss(z, y).backward()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    z.grad = None
+    loss.segments.grad = None
+    with torch.cuda.graph(graph):
+        out = loss(z, y)
+        out.backward()
+    with torch.no_grad():
+        z.copy_(torch.randn_like(z))
+    graph.replay()
+    torch.cuda.synchronize()
+    z_eager = z.detach().clone().requires_grad_()
+    eager = loss(z_eager, y)
+    eager.backward()
+    assert torch.allclose(out, eager, rtol=1e-4, atol=1e-6)
+    assert torch.allclose(z.grad, z_eager.grad, rtol=1e-3, atol=1e-6)
