@@ -114,9 +114,9 @@ def check_compile(device: torch.device) -> None:
     no TorchDynamo for this Python, no Triton for a CUDA device, no C++ compiler for the CPU."""
     if not hasattr(torch, "compile"):
         raise RuntimeError(f"--compile needs torch >= 2.0 (this is {torch.__version__})")
-    import torch._dynamo
+    import torch._dynamo as dynamo  # binds only ``dynamo`` (a bare ``import torch._dynamo`` would shadow torch)
 
-    if not torch._dynamo.is_dynamo_supported():
+    if not dynamo.is_dynamo_supported():
         raise RuntimeError(f"--compile: torch.compile does not support Python {sys.version.split()[0]} "
                            f"with torch {torch.__version__}")
     if device.type == "cuda":

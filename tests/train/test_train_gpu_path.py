@@ -136,7 +136,7 @@ def test_the_mean_loss_is_the_float64_sum_of_the_step_losses():
     assert mean == total / 7
 
 
-def test_a_non_finite_loss_stops_the_epoch_at_the_next_read():
+def test_a_non_finite_loss_stops_the_epoch_at_the_next_read(gpu_defaults):
     model, crit, opt, sched, _ = setup_step()
     calls = []
 
