@@ -41,11 +41,20 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image-size", type=int, default=_D.image_size,
                    help="input side in pixels, at least 32 (224 is usual for photos)")
     p.add_argument("--device", default=_D.device, help="auto (CUDA if available), cpu or cuda[:N]")
-    p.add_argument("--amp", default=_D.amp, choices=["none", "bf16", "fp16"],
-                   help="mixed precision on GPU (ignored on CPU)")
+    p.add_argument("--amp", default=_D.amp, choices=["auto", "bf16", "fp16", "none"],
+                   help="autocast of the network on GPU: auto = bf16 on CUDA, float32 on CPU; fp16 adds a "
+                        "gradient scaler; the loss always computes in float32")
+    p.add_argument("--no-amp", dest="amp", action="store_const", const="none",
+                   help="float32 everywhere (= --amp none)")
+    p.add_argument("--channels-last", dest="channels_last", action=argparse.BooleanOptionalAction,
+                   default=_D.channels_last,
+                   help="network weights and input images in channels_last (NHWC) memory layout "
+                        "(default: on CUDA, off on CPU)")
     p.add_argument("--seed", type=int, default=_D.seed, help="seed of the data (shapes), model init and sampler")
     p.add_argument("--eval-batch-size", type=int, default=_D.eval_batch_size, help="batch size when embedding the test set")
-    p.add_argument("--num-workers", type=int, default=_D.num_workers, help="DataLoader worker processes")
+    p.add_argument("--num-workers", type=int, default=_D.num_workers,
+                   help="DataLoader worker processes (default: min(8, CPUs) on CUDA, with pinned memory and "
+                        "prefetching; 0 on CPU)")
     p.add_argument("--knn-backend", default=_D.knn_backend, choices=["auto", "triton", "reference"],
                    help="daal_triton.knn backend for evaluation (auto: fused kernel on CUDA, PyTorch on CPU)")
     p.add_argument("--no-tsne", dest="tsne", action="store_false", help="skip the t-SNE plot")
@@ -99,6 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="evaluate on the test classes every N epochs (and always after the last; 0: last only)")
     p.add_argument("--no-baselines", dest="baselines", action="store_false",
                    help="skip the raw-pixel and untrained-network baselines")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the embedding network (default mode; the first steps compile; needs "
+                        "Triton on CUDA, a C++ compiler on CPU)")
+    p.add_argument("--log-every", type=int, default=_D.log_every, metavar="N",
+                   help="read the running training loss back from the device every N steps (progress bar, "
+                        "finite check) and at the end of the epoch; in between the step never waits for the GPU")
     _add_output_flags(p)
     p.add_argument("--memory-bank", type=int, default=_D.memory_bank, metavar="SIZE",
                    help="cross-batch memory: a FIFO of the last SIZE (global-batch) embeddings used, with the "
@@ -218,7 +233,7 @@ def _evaluate_checkpoint(args: argparse.Namespace) -> Dict[str, Dict[str, float]
     from .checkpoint import load_checkpoint
     from .data import build_datasets
     from .config import check_backend, checked_device
-    from .devices import resolve_amp
+    from .devices import place_model, resolve_amp
     from .engine import build_model
     from .log import Log
 
@@ -236,7 +251,7 @@ def _evaluate_checkpoint(args: argparse.Namespace) -> Dict[str, Dict[str, float]
                                 shapes_test_per_class=cfg.shapes_test_per_class, shapes_nuisance=cfg.shapes_nuisance)
     model = build_model(cfg)
     model.load_state_dict(ck["model"])
-    model.to(device)
+    model = place_model(model, device, cfg.channels_last)
     t0 = time.time()
     emb = E.embed(model, test_ds, device, batch_size=cfg.eval_batch_size, amp_dtype=amp_dtype,
                   num_workers=cfg.num_workers, progress=args.progress)

@@ -13,7 +13,7 @@ import torch
 from daal_triton.core import Hyperparameters
 
 from .ddp import ConfigError
-from .devices import resolve_device
+from .devices import AMP_CHOICES, check_compile, resolve_device
 
 # The DAAL hyperparameters a run sets (``--daal-*``): all of the loss's but the reduction, which
 # training fixes to "mean". Their defaults are the loss's own (daal_triton.Hyperparameters).
@@ -47,7 +47,7 @@ class TrainConfig:
     loss_lr: float = 5e-3
     weight_decay: float = 1e-4
     warmup_epochs: float = 1.0
-    amp: str = "none"
+    amp: str = "auto"
     device: str = "auto"
     seed: int = 0
     out: str = "runs/shapes"
@@ -56,7 +56,7 @@ class TrainConfig:
     resume: Optional[str] = None
     eval_every: int = 1
     eval_batch_size: int = 128
-    num_workers: int = 0
+    num_workers: Optional[int] = None  # None: auto (devices.loader_options)
     knn_backend: str = "auto"
     augment: str = "none"
     shapes_train_per_class: int = 120
@@ -70,6 +70,9 @@ class TrainConfig:
     dist_backend: str = "auto"
     dist_timeout: float = 60.0
     sync_bn: bool = False
+    channels_last: Optional[bool] = None  # None: auto (on CUDA)
+    compile: bool = False
+    log_every: int = 50
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
@@ -115,6 +118,13 @@ def validate_config(cfg: TrainConfig, world_size: int, device: torch.device) -> 
                           f"{world_size}: each rank takes P / world_size whole classes of every global batch")
     if cfg.sync_bn and world_size > 1 and device.type != "cuda":
         raise ConfigError("--sync-bn needs CUDA devices (SyncBatchNorm does not run on the CPU)")
+    if cfg.amp not in AMP_CHOICES:
+        raise ConfigError(f"--amp must be one of {', '.join(AMP_CHOICES)}, got {cfg.amp!r}")
+    if cfg.compile:
+        try:
+            check_compile(device)
+        except RuntimeError as e:
+            raise ConfigError(str(e)) from None
 
 
 # (flag, field, lowest allowed value, whether that value itself is allowed)
@@ -128,14 +138,14 @@ _BOUNDS = (
     ("--shapes-train-per-class", "shapes_train_per_class", 1, True),
     ("--shapes-test-per-class", "shapes_test_per_class", 1, True),
     ("--shapes-nuisance", "shapes_nuisance", 0.0, True), ("--tsne-max-points", "tsne_max_points", 2, True),
-    ("--dist-timeout", "dist_timeout", 0.0, False),
+    ("--dist-timeout", "dist_timeout", 0.0, False), ("--log-every", "log_every", 1, True),
 )
 
 
 def _check_numbers(cfg: TrainConfig) -> None:
     for flag, name, low, inclusive in _BOUNDS:
         value = getattr(cfg, name)
-        if value is None and name == "steps_per_epoch":
+        if value is None and name in ("steps_per_epoch", "num_workers"):
             continue
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise ConfigError(f"{flag} must be a finite number, got {value!r}")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import time
 from typing import Any, Callable, Dict, Optional
 
 import torch
@@ -81,9 +82,14 @@ def _construct(cls, loss: str, *args: Any, **kwargs: Any) -> nn.Module:
 
 
 def make_optimizer(model: nn.Module, criterion: nn.Module, *, lr: float, loss_lr: float,
-                   weight_decay: float) -> torch.optim.Optimizer:
+                   weight_decay: float, fused: Optional[bool] = None) -> torch.optim.Optimizer:
     """AdamW: the network at ``lr`` (no decay on biases and norm layers), the loss's parameters
-    (DAAL's segments, proxies) at ``loss_lr`` without weight decay."""
+    (DAAL's segments, proxies) at ``loss_lr`` without weight decay.
+
+    ``fused`` (None: when every parameter is on a CUDA device) selects PyTorch's fused AdamW: one
+    kernel for the whole update, step counters on the device, so the step never reads a value
+    back to the host (the for-each implementation reads each CPU step counter). The CPU keeps
+    the default implementation (and its numbers)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
@@ -93,7 +99,11 @@ def make_optimizer(model: nn.Module, criterion: nn.Module, *, lr: float, loss_lr
     loss_params = [p for p in criterion.parameters() if p.requires_grad]
     if loss_params:
         groups.append(dict(params=loss_params, lr=loss_lr, weight_decay=0.0))
-    return torch.optim.AdamW([g for g in groups if g["params"]])
+    groups = [g for g in groups if g["params"]]
+    if fused is None:
+        params = [p for g in groups for p in g["params"]]
+        fused = bool(params) and all(p.device.type == "cuda" and p.is_floating_point() for p in params)
+    return torch.optim.AdamW(groups, **(dict(fused=True) if fused else {}))
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
@@ -139,31 +149,68 @@ class GlobalBatchLoss:
         return loss
 
 
+LOG_EVERY = 50  # default --log-every: steps between two reads of the running loss
+
+
 def train_one_epoch(model: nn.Module, criterion: nn.Module, loader, optimizer: torch.optim.Optimizer,
                     scheduler, device: torch.device, *, amp_dtype: Optional[torch.dtype] = None,
                     scaler: Optional[torch.amp.GradScaler] = None, max_steps: Optional[int] = None,
                     desc: str = "train", progress: bool = True,
-                    loss_fn: Callable = loss_from_embeddings) -> float:
-    """One pass over ``loader`` (at most ``max_steps`` batches); returns the mean loss."""
+                    loss_fn: Callable = loss_from_embeddings, log_every: int = LOG_EVERY,
+                    stats: Optional[Dict[str, Any]] = None) -> float:
+    """One pass over ``loader`` (at most ``max_steps`` batches); returns the mean loss.
+
+    The step never waits for the device: the loss is summed on the device (float64) and read back
+    to the host only every ``log_every`` steps and once at the end (the progress bar's loss, the
+    check that it is finite: a non-finite loss raises ``FloatingPointError`` at the first read
+    after it). Images go to the device asynchronously (``non_blocking``; pinned by the loader on
+    CUDA), in the layout of the network's weights (channels_last after
+    :func:`~daal_triton.train.devices.place_model` on CUDA).
+
+    ``stats`` (a dict), if given, receives ``data_wait_s``: the host's time waiting for the
+    loader's next batch (decoding, augmentation, collation not hidden behind the step), ``steps``
+    and ``images``."""
+    from .devices import input_memory_format
+
     model.train()
     criterion.train()
-    total, n = 0.0, 0
+    log_every = max(1, int(log_every))
     steps = len(loader) if max_steps is None else min(len(loader), max_steps)
+    fmt = input_memory_format(model)
+    running = torch.zeros((), dtype=torch.float64, device=device)  # sum of the step losses, on the device
+    total, n, read_at, images_seen, wait = 0.0, 0, 0, 0, 0.0
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=steps, desc=desc, leave=False, dynamic_ncols=True)
-    for i, (images, labels) in enumerate(loader):
-        if i >= steps:
+
+    def read(i: int) -> None:
+        """The host's one look at the loss sum (a synchronisation on a GPU)."""
+        nonlocal total, read_at
+        total = running.item()
+        if not math.isfinite(total):
+            raise FloatingPointError(f"the loss became {total} (summed over steps) between step {read_at} and "
+                                     f"step {i} of {desc}")
+        read_at = i + 1
+        if bar is not None:
+            bar.set_postfix(loss=f"{total / max(1, n):.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+
+    batches = iter(loader)
+    for i in range(steps):
+        t0 = time.perf_counter()
+        try:
+            images, labels = next(batches)
+        except StopIteration:
             break
+        wait += time.perf_counter() - t0
         images = images.to(device, non_blocking=True)
+        if fmt is torch.channels_last and images.ndim == 4:
+            images = images.contiguous(memory_format=torch.channels_last)
         labels = labels.to(device, non_blocking=True)
         with torch.autocast(device_type=device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             emb = model(images)
         loss = loss_fn(criterion, emb, labels)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"the loss became {loss.item()} at step {i} of {desc}")
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
@@ -176,11 +223,17 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, loader, optimizer: t
             optimizer.step()
         if scheduler is not None:
             scheduler.step()
-        total += loss.item()
+        running += loss.detach()
         n += 1
+        images_seen += images.shape[0]
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(loss=f"{total / n:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+        if n % log_every == 0:
+            read(i)
+    if n and read_at != n:
+        read(n - 1)
     if bar is not None:
         bar.close()
+    if stats is not None:
+        stats.update(data_wait_s=wait, steps=n, images=images_seen)
     return total / max(1, n)

@@ -130,15 +130,25 @@ def _np(emb: torch.Tensor, normalize: bool) -> np.ndarray:
 
 @torch.no_grad()
 def embed(model: torch.nn.Module, dataset, device: torch.device, *, batch_size: int = 128,
-          amp_dtype: Optional[torch.dtype] = None, features: bool = False, num_workers: int = 0,
+          amp_dtype: Optional[torch.dtype] = None, features: bool = False, num_workers: Optional[int] = 0,
           progress: bool = False) -> torch.Tensor:
     """Embeddings (N x D, float32, on CPU) of every image of ``dataset`` in order, in eval mode.
-    ``features=True`` returns the pooled trunk features instead of the head's output."""
+    ``features=True`` returns the pooled trunk features instead of the head's output.
+
+    ``amp_dtype``: the forward's autocast dtype (a run's ``--amp``: bf16 on CUDA by default,
+    float32 on the CPU). Images go in the layout of the network's weights (channels_last on CUDA,
+    :func:`~daal_triton.train.devices.place_model`); ``num_workers`` None: the run's loader
+    defaults (:func:`~daal_triton.train.devices.loader_options`). The embeddings stay on the device
+    until the last batch: one copy to the host, no wait per batch."""
     from torch.utils.data import DataLoader
+
+    from .devices import input_memory_format, loader_options
 
     was_training = model.training
     model.eval()
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    fmt = input_memory_format(model)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False,
+                        **loader_options(num_workers, device, persistent=False))
     if progress:
         from tqdm.auto import tqdm
 
@@ -146,12 +156,14 @@ def embed(model: torch.nn.Module, dataset, device: torch.device, *, batch_size: 
     out = []
     for images, _ in loader:
         images = images.to(device, non_blocking=True)
+        if fmt is torch.channels_last and images.ndim == 4:
+            images = images.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device_type=device.type, dtype=amp_dtype or torch.float32,
                             enabled=amp_dtype is not None):
             e = model.features(images) if features else model(images)
-        out.append(e.float().cpu())
+        out.append(e.float())
     model.train(was_training)
-    return torch.cat(out, 0) if out else torch.zeros(0, getattr(model, "embedding_dim", 0))
+    return torch.cat(out, 0).cpu() if out else torch.zeros(0, getattr(model, "embedding_dim", 0))
 
 
 def pixel_vectors(dataset, *, batch_size: int = 256, max_side: int = 32) -> torch.Tensor:

@@ -33,7 +33,8 @@ from .checkpoint import load_checkpoint, restore_rng, save_checkpoint
 from .config import TrainConfig, check_out, checked_device, validate_config
 from .data import DistributedPKSampler, PKSampler, build_datasets
 from .ddp import ConfigError
-from .devices import resolve_amp, resolve_backend, seed_everything
+from .devices import (compile_network, loader_options, place_model, prepare_device, resolve_amp, resolve_backend,
+                      seed_everything)
 from .engine import GlobalBatchLoss, build_criterion, build_model, make_optimizer, make_scheduler, train_one_epoch
 from .log import Log
 from .model import NO_WEIGHTS_NOTE
@@ -121,6 +122,7 @@ def build_run(cfg: TrainConfig, ctx: ddp.DistContext, device: torch.device, log:
     """Data, sampler, network, loss, optimiser and schedule of ``cfg``, freshly initialised from
     ``cfg.seed`` (the order of construction fixes what the seed produces)."""
     amp_dtype = resolve_amp(cfg.amp, device, log)
+    prepare_device(device)
     seed_everything(cfg.seed)
     train_ds, test_ds = build_datasets(cfg.dataset, cfg.data_root, cfg.image_size, seed=cfg.seed,
                                        augment=cfg.augment, shapes_train_per_class=cfg.shapes_train_per_class,
@@ -138,7 +140,7 @@ def build_run(cfg: TrainConfig, ctx: ddp.DistContext, device: torch.device, log:
             f"{sampler.p}x{sampler.k} = {sampler.global_batch_size}, {sampler.batch_size} images on this rank"
             + ("" if ctx.is_main else "; rank 0 evaluates and writes the outputs"))
     try:  # a --weights file of the other VGG; --loss-kwargs the loss does not take
-        model = build_model(cfg).to(device)
+        model = place_model(build_model(cfg), device, cfg.channels_last)
         if ctx.is_main and not cfg.weights:
             log(NO_WEIGHTS_NOTE)
         criterion = build_criterion(cfg.loss, train_ds.num_classes, cfg.embedding_dim, daal=cfg.daal,
@@ -146,9 +148,7 @@ def build_run(cfg: TrainConfig, ctx: ddp.DistContext, device: torch.device, log:
                                     backend=resolve_backend(cfg.loss_backend, device)).to(device)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    loader = torch.utils.data.DataLoader(train_ds, batch_sampler=sampler, num_workers=cfg.num_workers,
-                                         pin_memory=device.type == "cuda",
-                                         persistent_workers=cfg.num_workers > 0)
+    loader = torch.utils.data.DataLoader(train_ds, batch_sampler=sampler, **loader_options(cfg.num_workers, device))
     steps = len(sampler) if cfg.steps_per_epoch is None else min(len(sampler), cfg.steps_per_epoch)
     optimizer = make_optimizer(model, criterion, lr=cfg.lr, loss_lr=cfg.loss_lr, weight_decay=cfg.weight_decay)
     return RunState(
@@ -213,6 +213,8 @@ def distribute(state: RunState) -> None:
             seed_everything(cfg.seed + 1000003 * ctx.rank)
     elif cfg.sync_bn:
         state.log("--sync-bn does nothing in a single process")
+    if cfg.compile:  # the network only (inside DDP's wrapper); state.model stays the bare one
+        state.net = compile_network(state.net)
     state.loss_fn = GlobalBatchLoss(state.bank)
 
 
@@ -277,11 +279,15 @@ def _train_epoch(state: RunState, epoch: int) -> None:
     cfg = state.cfg
     state.sampler.set_epoch(epoch)
     t0 = time.time()
+    stats: Dict[str, Any] = {}
     train_loss = train_one_epoch(state.net, state.criterion, state.loader, state.optimizer, state.scheduler,
                                  state.device, amp_dtype=state.amp_dtype, scaler=state.scaler,
                                  max_steps=state.steps, desc=f"epoch {epoch}/{cfg.epochs}",
-                                 progress=cfg.progress and state.main, loss_fn=state.loss_fn)
+                                 progress=cfg.progress and state.main, loss_fn=state.loss_fn,
+                                 log_every=cfg.log_every, stats=stats)
     train_s = time.time() - t0
+    speed = dict(data_wait_s=round(stats.get("data_wait_s", 0.0), 3),
+                 train_images_per_s=round(stats.get("images", 0) / max(train_s, 1e-9), 1))
     state.epoch = epoch
     if not state.main:
         return
@@ -290,11 +296,12 @@ def _train_epoch(state: RunState, epoch: int) -> None:
     evaluated = epoch == cfg.epochs or (cfg.eval_every > 0 and epoch % cfg.eval_every == 0)
     if evaluated:
         state.emb = _embed_test(state)
-        state.last = _evaluate(state, epoch, "trained", state.emb, train_loss=train_loss, train_s=round(train_s, 2))
+        state.last = _evaluate(state, epoch, "trained", state.emb, train_loss=train_loss, train_s=round(train_s, 2),
+                               **speed)
         msg += "  " + "  ".join(f"{k} {state.last[k]:.4f}" for k in ("recall@1", "nmi", "map@r") if k in state.last)
     else:
         _record(state, dict(epoch=epoch, model="trained", train_loss=train_loss, train_s=round(train_s, 2),
-                            elapsed_s=round(time.time() - state.t_start, 2)))
+                            **speed, elapsed_s=round(time.time() - state.t_start, 2)))
     state.log(msg)
     _save(state, "checkpoint_last.pt", full=True)
     if evaluated and state.last["recall@1"] > state.best:
