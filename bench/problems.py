@@ -248,7 +248,7 @@ def embedding_net(dims: dict, device: torch.device) -> nn.Module:
 
     width = dims.get("width", 1.0)
     with torch.device(device if width == 1.0 else "meta"):
-        net = EmbeddingNet(dims["arch"], dims["D"], announce=False)
+        net = EmbeddingNet(dims["arch"], dims["D"])
     if width != 1.0:
         from torchvision.models.vgg import cfgs, make_layers
 
@@ -288,13 +288,11 @@ def train_loss(provider: str, C: int, D: int) -> nn.Module:
 
 
 def train_optimizer(net: nn.Module, loss: nn.Module) -> torch.optim.Optimizer:
-    """AdamW as the training program makes it: the network at 1e-3 (no decay on biases and norm
-    layers), the loss's parameters (segments, proxies, the CE head) at 5e-3 without decay."""
-    decay = [p for p in net.parameters() if p.ndim > 1]
-    no_decay = [p for p in net.parameters() if p.ndim <= 1]
-    groups = [dict(params=decay, lr=1e-3, weight_decay=1e-4), dict(params=no_decay, lr=1e-3, weight_decay=0.0),
-              dict(params=list(loss.parameters()), lr=5e-3, weight_decay=0.0)]
-    return torch.optim.AdamW([g for g in groups if g["params"]])
+    """The training program's optimiser (``engine.make_optimizer``, its default rates: fused AdamW
+    on a GPU), so the benchmark's step is the program's step."""
+    from daal_triton.train.engine import make_optimizer
+
+    return make_optimizer(net, loss, lr=1e-3, loss_lr=5e-3, weight_decay=1e-4)
 
 
 class StepClock:
