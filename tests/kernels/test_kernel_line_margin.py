@@ -2,7 +2,10 @@
 
 Values and all three gradients (dX, dP, dQ) under Triton's interpreter on the CPU (IEEE fp32
 dots, tolerance 1e-5; float16 2e-2), the no-B x C-saved-tensor guarantee, and compilation of every
-GPU configuration for sm_80 / sm_90. GPU parity (TF32, bfloat16) is marked ``gpu``.
+GPU configuration for sm_80 / sm_90. GPU parity (TF32, bfloat16) is marked ``gpu``. The parity
+tests run the default design (v2, docs/kernels.md "Line margin, second design"); the first design
+(v1, ``DAAL_LINE_MARGIN_DESIGN=v1``) keeps a parity test of its own. The v2-only tests (chunking,
+memory, grids, PTX pipelining) are in test_kernel_line_margin_v2.py.
 """
 import pytest
 import torch
@@ -20,7 +23,8 @@ DEV = "cuda" if torch.cuda.is_available() else "cpu"
 TF32 = DEV == "cuda"
 
 
-def make_case(B, C, D, *, zero_len=False, on_own=False, absent=False, device=DEV):
+def make_case(B, C, D, *, zero_len=False, on_own=False, absent=False, dup=False, zero=False,
+              device=DEV):
     """Normalised x, labels, segments, margins, grad_out, all float64."""
     present = list(range(0, C, 2)) if absent and C > 1 else None
     z, y, seg = random_problem(B, C, D, classes_present=present)
@@ -37,6 +41,11 @@ def make_case(B, C, D, *, zero_len=False, on_own=False, absent=False, device=DEV
         t = torch.rand(len(idx), 1, dtype=torch.float64)
         p, q = seg[y[idx], 0], seg[y[idx], 1]
         x[idx] = p + t * (q - p)
+    if dup and B > 2:  # duplicate embeddings (same label too, for half of them)
+        x[1::3] = x[0::3][: len(x[1::3])]
+        y[1::6] = y[0::6][: len(y[1::6])]
+    if zero:  # zero embeddings (what normalize=True makes of a zero z)
+        x[2::4] = 0.0
     m = 0.05 + 0.45 * torch.rand(B, dtype=torch.float64)
     go = torch.randn(B, dtype=torch.float64)
     to = dict(device=device)
@@ -51,19 +60,19 @@ def reference_grads(x, y, seg, m, go, lambda_pull):
     return out.detach(), xr.grad, sr.grad
 
 
-def kernel_grads(x, y, seg, m, go, lambda_pull):
+def kernel_grads(x, y, seg, m, go, lambda_pull, design=None):
     xk = x.clone().requires_grad_()
     sk = seg.clone().requires_grad_()
-    out = lm.line_margin(xk, y, sk, m, alpha=ALPHA, lambda_pull=lambda_pull)
+    out = lm.line_margin(xk, y, sk, m, alpha=ALPHA, lambda_pull=lambda_pull, design=design)
     out.backward(go.to(out.dtype))
     return out.detach(), xk.grad, sk.grad
 
 
-def check_parity(x, y, seg, m, go, lambda_pull, tol, x_dtype, seg_dtype):
+def check_parity(x, y, seg, m, go, lambda_pull, tol, x_dtype, seg_dtype, design=None):
     xk, sk = x.to(x_dtype), seg.to(seg_dtype)
     # the reference sees exactly the (rounded) inputs the kernel sees
     ref, gx_ref, gs_ref = reference_grads(xk, y, sk, m, go, lambda_pull)
-    out, gx, gs = kernel_grads(xk, y, sk, m.float(), go.float(), lambda_pull)
+    out, gx, gs = kernel_grads(xk, y, sk, m.float(), go.float(), lambda_pull, design)
     expect = torch.promote_types(torch.float32, torch.promote_types(x_dtype, seg_dtype))
     assert out.dtype == expect and gx.dtype == x_dtype and gs.dtype == seg_dtype
     assert out.shape == ref.shape
@@ -88,6 +97,7 @@ CASES = [
     # analytically (translation invariance), so a pull term keeps dX meaningful
     (130, 300, 1, 0.5, "absent"),
     (130, 300, 129, 0.7, "zero_len,on_own"),  # several row, class and D tiles
+    (37, 11, 129, 0.4, "dup,zero"),  # duplicate and zero embeddings
 ]
 
 
@@ -100,8 +110,17 @@ def _ids(case):
 def test_parity_float32(case):
     B, C, D, lp, sp = case
     x, y, seg, m, go = make_case(B, C, D, zero_len="zero_len" in sp, on_own="on_own" in sp,
-                                 absent="absent" in sp)
+                                 absent="absent" in sp, dup="dup" in sp, zero="zero" in sp)
     check_parity(x, y, seg, m, go, lp, tolerance(torch.float32, tf32=TF32), torch.float32, torch.float32)
+
+
+@pytest.mark.parametrize("x_dtype,tol", [(torch.float32, tolerance(torch.float32, tf32=TF32)),
+                                         (torch.float16, tolerance(torch.float16))], ids=["fp32", "fp16"])
+def test_parity_design_v1(x_dtype, tol):
+    """The first design stays selectable (``design="v1"`` / ``DAAL_LINE_MARGIN_DESIGN=v1``) and
+    correct."""
+    x, y, seg, m, go = make_case(37, 11, 129, zero_len=True, on_own=True, absent=True)
+    check_parity(x, y, seg, m, go, 0.5, tol, x_dtype, torch.float32, design="v1")
 
 
 @pytest.mark.parametrize("seg_dtype", [torch.float16, torch.float32], ids=["seg_fp16", "seg_fp32"])
@@ -183,7 +202,7 @@ def test_saved_tensors_are_never_b_by_c():
 # (daal_testing.compile_launches), each both "generic" and "aligned" (the specialisation of a
 # contiguous D = 512 launch: daal_testing.specialise), with float32 segments (the DAALLoss
 # parameters' dtype).
-GEMM_KERNELS = ("fwd", "dpq", "dx")
+GEMM_KERNELS = ("fwd", "dpq", "dx", "fwd2", "bwd2")
 
 
 @pytest.fixture(scope="module")
