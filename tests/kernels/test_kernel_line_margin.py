@@ -279,3 +279,83 @@ def test_parity_gpu(case, x_dtype, seg_dtype, tol):
     x, y, seg, m, go = make_case(B, C, D, zero_len="zero_len" in sp, on_own="on_own" in sp,
                                  absent="absent" in sp, device="cuda")
     check_parity(x, y, seg, m, go, lp, tol, x_dtype, seg_dtype)
+
+
+# ----------------------------------------------------------------------------- PTX: the pipeline
+def k_loops(ptx: str):
+    """The bodies (lists of instruction lines) of the innermost loops of ``ptx`` that issue
+    ``wgmma.mma_async``: from a label to the branch back to it."""
+    import re
+
+    lines = [ln.strip() for ln in ptx.splitlines()]
+    labels = {m.group(1): i for i, ln in enumerate(lines)
+              for m in [re.match(r"^(\$L__BB\d+_\d+):", ln)] if m}
+    bodies = []
+    for j, ln in enumerate(lines):
+        m = re.search(r"\bbra(?:\.uni)?\s+(\$L__BB\d+_\d+);", ln)
+        if m and m.group(1) in labels and labels[m.group(1)] < j:
+            body = lines[labels[m.group(1)]:j + 1]
+            if any("wgmma.mma_async" in b for b in body):
+                bodies.append(body)
+    # innermost: no other such body nested inside
+    return [b for b in bodies if not any(o is not b and len(o) < len(b) and o[0] in b for o in bodies)]
+
+
+def pipeline_facts(ptx: str) -> dict:
+    """What the sm_90 K-loop does between loads and tensor-core work (see the test below)."""
+    import re
+
+    loops = k_loops(ptx)
+    facts = {"loops": len(loops)}
+    if not loops:
+        return facts
+    body = loops[0]
+    waits_mma = [int(m.group(1)) for b in body for m in [re.search(r"wgmma\.wait_group\.sync\.aligned\s+(\d+)", b)] if m]
+    waits_load = [int(m.group(1)) for b in body for m in [re.search(r"cp\.async\.wait_group\s+(\d+)", b)] if m]
+    last_commit = max(i for i, b in enumerate(body) if b.startswith("wgmma.commit_group"))
+    first_mma_wait = next((i for i, b in enumerate(body) if i > last_commit and b.startswith("wgmma.wait_group")), None)
+    loads_after_mma = [i for i, b in enumerate(body) if b.startswith("cp.async.cg") or b.startswith("cp.async.ca")
+                       if i > last_commit]
+    facts.update(mma_waits=waits_mma, load_waits=waits_load,
+                 loads_in_loop=sum(b.startswith(("cp.async.cg", "cp.async.ca", "cp.async.bulk")) for b in body),
+                 prefetch_while_mma_in_flight=bool(loads_after_mma) and (
+                     first_mma_wait is None or min(loads_after_mma) > first_mma_wait and min(waits_mma) >= 1),
+                 prologue_stages=ptx.count("cp.async.commit_group") - sum(b.startswith("cp.async.commit_group") for b in body))
+    return facts
+
+
+@pytest.mark.parametrize("entry", ["fwd2", "bwd2"])
+def test_hot_loop_is_pipelined(compiled, entry):
+    """The v2 GEMM K-loops, as a contiguous D = 512 bfloat16/float16 launch builds them for sm_90,
+    overlap loads with tensor-core work. In the loop body: the wait for loaded tiles leaves later
+    stages in flight (``cp.async.wait_group N``, N >= 1), no ``wgmma.wait_group`` waits for the MMA
+    just issued (every N >= 1: step k's MMA is waited on only in step k + 1), and the loads of a
+    later step (16-byte ``cp.async``) are issued in the loop while step k's MMA runs; before the
+    loop, num_stages - 1 stages are already requested. So the loads of step k + 1 are always issued
+    before step k's MMA is waited on."""
+    hot = [(c, r) for c, r in compiled if c[0].entry == entry and c[1] == 90 and c[2] == "aligned"
+           and c[0].family == "half"]
+    assert hot
+    for case, res in hot:
+        assert not res.get("error"), res.get("error")
+        f = pipeline_facts(res["ptx"])
+        what = f"{_what(case)}: {f}"
+        assert f["loops"] >= 1, what
+        assert f["load_waits"] and min(f["load_waits"]) >= 1, what
+        assert f["mma_waits"] and min(f["mma_waits"]) >= 1, what
+        assert f["loads_in_loop"] > 0 and f["prefetch_while_mma_in_flight"], what
+        assert f["prologue_stages"] >= case[0].num_stages - 1, what
+
+
+def test_pipeline_check_can_tell():
+    """The PTX reading above rejects a serialised loop (the first design's half forward, whose
+    K-loop forms u = q - p between the loads and the MMAs)."""
+    from daal_testing import compile_many_for_gpu, gpu_job
+
+    la = next(la for la in lm.launches() if la.name == "line_margin_fwd-bf16-bd64")
+    res = compile_many_for_gpu([gpu_job(la, capability=90, specialisation="aligned")], workers=1)[0]
+    assert not res.get("error"), res.get("error")
+    f = pipeline_facts(res["ptx"])
+    ok = (f["loops"] and f["load_waits"] and min(f["load_waits"]) >= 1 and f["mma_waits"]
+          and min(f["mma_waits"]) >= 1 and f["prefetch_while_mma_in_flight"])
+    assert not ok, f
