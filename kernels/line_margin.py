@@ -32,8 +32,27 @@ The split
   ``d/d delta_iy = grad_out_i (1 - exp(-lse_i))`` (the total softmax weight of the classes, the
   ``{0}`` excluded) plus, through the kernels, dX, dP, dQ of the ``c != y_i`` terms.
 
-Kernels (formulas beside each kernel)
--------------------------------------
+Two designs (docs/kernels.md, "Fused line margin")
+--------------------------------------------------
+``line_margin`` runs ``DESIGN`` ("v2" unless ``DAAL_LINE_MARGIN_DESIGN=v1``):
+
+* **v2** (default; operators ``daal_triton::line_lse2`` / ``line_lse2_backward``): 16 BCD GEMM
+  flops, no global read-modify-write inside any loop, pipelined K-loops.
+  ``_lm2_prep_kernel`` computes the class statistics (4 x C) once per call, of the segments rounded
+  to x's dtype (and that rounded contiguous copy ``sx`` when the segments are not already it); the
+  forward saves both for the backward. ``_lm2_fwd_kernel`` is the streaming online-logsumexp kernel
+  whose K-loop is plain tile loads of x, p, q (``x.u = x.q - x.p`` in the epilogue); its (row
+  tiles x splits) grid is sized in whole waves of the device's SMs (:func:`wave_split`). The
+  backward runs per chunk of Cc classes (``B Cc <= CHUNK_ELEMENTS``, :func:`chunk_classes`):
+  ``_lm2_bwd_kernel`` recomputes the chunk's GEMMs once and writes ``a~ = -h(1 - t)``,
+  ``b~ = -h t`` (B x 2Cc, x's dtype, interleaved per class) with deterministic row / column
+  partials; ``torch.mm`` (cuBLAS) gives ``AB [P_c; Q_c]`` (into the float32 dX accumulator) and
+  ``G = AB^T X``; ``_lm2_dseg_kernel`` adds the rank-1 corrections and writes dP, dQ in the
+  segments' dtype. Memory beyond inputs and outputs: O(B Cc + (B + C) D) (tested).
+* **v1** (operators ``daal_triton::line_lse`` / ``line_lse_backward``), described below.
+
+Kernels of v1 (formulas beside each kernel)
+-------------------------------------------
 * ``_lm_class_stats_kernel``: ``pp_c = |p_c|^2``, ``pu_c = p_c.u_c``, ``uu_c = |u_c|^2`` in float32.
 * ``_lm_fwd_kernel``: grid (row tiles, class splits). Each program streams the class tiles of its
   split; per tile it runs the K-loop over D with two ``tl.dot`` (``x.p`` and ``x.u``), forms t, e^2,
@@ -952,13 +971,14 @@ def chunk_classes(B: int, C: int, block_b: int, block_c: int, sms: int,
                   elements: Optional[int] = None) -> int:
     """Cc, the classes per chunk of the v2 backward: a multiple of ``block_c`` with
     ``B Cc <= elements`` (``CHUNK_ELEMENTS``; at least one class tile), preferring, among the
-    widths down to half the largest, one whose grid (row tiles x Cc / block_c) is whole waves."""
+    widths down to 3/4 of the largest, one whose grid (row tiles x Cc / block_c) is whole waves
+    (narrower chunks would mean more launches: at C = 1M they cost more than a partial wave)."""
     elements = CHUNK_ELEMENTS if elements is None else elements
     most = max(1, elements // max(1, B * block_c))
     most = min(most, triton.cdiv(C, block_c))
     rt = triton.cdiv(B, block_b)
     if sms > 1:
-        for ct in range(most, max(1, most // 2) - 1, -1):
+        for ct in range(most, max(1, (3 * most) // 4) - 1, -1):
             if (rt * ct) % sms == 0:
                 return ct * block_c
     return most * block_c
