@@ -488,7 +488,8 @@ function from a table), `runner.py` (time budget, memory guard, warm-up, timing,
 failure triage, statistics, records) and `conftest.py` (options, ordering); `report.py` turns a
 run into Markdown; `gpu_check.sh` is the GPU check; `tune_line_margin.py` times alternative block
 sizes of the line-margin kernels (the check runs it for 60 s; its table goes into the run's
-report).
+report); `work_model.py` models the flops and bytes of each line-margin kernel of both designs
+(printed beside a run's measured times; `python bench/work_model.py B,C,D` prints it alone).
 
 Each case is (shape, precision, provider, pass):
 
