@@ -96,18 +96,22 @@ def test_memory_is_o_b_cc_plus_b_c_d(small_chunks):
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_daal_loss_gradients(reduction):
-    """Gradients through the whole loss (``daal_loss``, backend "triton" = design v2) match the
-    float64 reference for both reductions."""
+    """Gradients through ``DAALLoss`` (backend "triton": design v2) match the float64 reference
+    module's for both reductions (every term on; odd B and D, a class absent from the batch)."""
     z, y, seg = random_problem(37, 11, 129, classes_present=range(8), device=DEV)
-    hp = dict(lambda_pull=0.3, lambda_dens=0.5, lambda_len=0.2, l_max=0.2, alpha=12.0)
+    hp = dict(lambda_pull=0.3, lambda_dens=0.5, lambda_len=0.2, l_max=0.2, alpha=12.0,
+              reduction=reduction)
     outs = []
     for backend, dtype in (("triton", torch.float32), ("reference", torch.float64)):
+        module = dt.DAALLoss(11, 129, backend=backend, **hp).to(device=DEV, dtype=dtype)
+        with torch.no_grad():
+            module.segments.copy_(seg)
         zz = z.detach().to(dtype).requires_grad_(True)
-        ss = seg.detach().to(dtype).requires_grad_(True)
-        loss = dt.daal_loss(zz, y, ss, backend=backend, reduction=reduction)
-        w = torch.linspace(0.5, 1.5, loss.numel(), dtype=dtype).reshape(loss.shape)
-        gz, gs = torch.autograd.grad((loss * w).sum(), (zz, ss))
+        loss = module(zz, y)
+        w = torch.linspace(0.5, 1.5, loss.numel(), dtype=dtype, device=DEV).reshape(loss.shape)
+        gz, gs = torch.autograd.grad((loss * w).sum(), (zz, module.segments))
         outs.append((loss, gz, gs))
+    assert outs[0][0].shape == (() if reduction == "mean" else (37,))
     tol = tolerance(torch.float32, tf32=TF32)
     for name, a, b in zip(("loss", "dZ", "dSegments"), *outs):
         assert_close(a, b, tol, f"{reduction} {name}")
