@@ -1073,7 +1073,13 @@ def _line_lse2_backward_op(grad_out: torch.Tensor, x: torch.Tensor, seg: torch.T
                            alpha: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dX, dSegments, dD_pos)`` of design v2, chunk by chunk of Cc classes: one fused kernel
     (the forward GEMMs once, ``a~``, ``b~`` and the row/column partials), then two GEMMs
-    (``torch.mm``) and the segment-gradient epilogue."""
+    (``torch.mm``) and the segment-gradient epilogue. Autocast is off inside (a backward run
+    under autocast must not lower the float32 GEMM outputs the epilogue reads)."""
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        return _line_lse2_backward(grad_out, x, seg, sx, st, d_pos, labels, margins, lse, alpha)
+
+
+def _line_lse2_backward(grad_out, x, seg, sx, st, d_pos, labels, margins, lse, alpha):
     cfgs = CONFIGS[config_family(x.dtype)]
     x, base, xx = _v2_rows(x, d_pos, margins, alpha)
     B, D = x.shape
@@ -1102,7 +1108,8 @@ def _line_lse2_backward_op(grad_out: torch.Tensor, x: torch.Tensor, seg: torch.T
         hr += rowp[: triton.cdiv(n, bc)].sum(0)
         abn = ab[:, : 2 * n]
         acc += mm_f32(abn, s2rows[2 * c0: 2 * (c0 + n)])  # sum_c a~ p_c + b~ q_c
-        g = mm_f32(abn.t(), x)  # rows 2c, 2c + 1: [A~^T X]_c, [B~^T X]_c
+        g = mm_f32(abn.t(), x).contiguous()  # rows 2c, 2c + 1: [A~^T X]_c, [B~^T X]_c
+        assert g.dtype == torch.float32
         gs, ss = gseg[c0: c0 + n], seg[c0: c0 + n]
         _lm2_dseg_kernel[(triton.cdiv(n, dcfg.blocks["BLOCK_C"]),)](
             g, ss, colp, gs, n, D, cc, row_tiles, ss.stride(0), ss.stride(1), ss.stride(2),

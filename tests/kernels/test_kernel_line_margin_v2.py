@@ -171,3 +171,14 @@ def test_backward_chunk_grid():
     cc = lm.chunk_classes(1024, 100_000, bb, bc, H200_SMS)
     assert cc == 231 * bc and ((1024 // bb) * (cc // bc)) % H200_SMS == 0
     assert lm.chunk_classes(4096, 1_000_000, bb, bc, H200_SMS) == lm.CHUNK_ELEMENTS // 4096
+
+
+def test_backward_under_autocast():
+    """A backward run inside autocast gives the same gradients (the operator turns autocast off
+    around its float32 GEMM outputs)."""
+    x, y, seg, m, go = make_case(37, 11, 33)
+    ref = kernel_grads(x.float(), y, seg.float(), m.float(), go.float(), 0.2)
+    with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16):
+        got = kernel_grads(x.float(), y, seg.float(), m.float(), go.float(), 0.2)
+    for a, b in zip(got, ref):
+        assert a.dtype == b.dtype and rel_err(a, b) <= 1e-6
