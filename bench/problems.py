@@ -132,6 +132,8 @@ PROVIDER_FUNCTIONS: Dict[str, Callable[[str], Callable]] = {
     "eager": _reference,
     "compile": lambda op: compiled(op, _reference(op)),
     "chunked": lambda op: chunked_knn,
+    # the line margin's first design (kernels/line_margin.py, DAAL_LINE_MARGIN_DESIGN=v1)
+    "triton_v1": lambda op: import_kernel(op).line_margin_v1,
 }
 
 

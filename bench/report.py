@@ -35,8 +35,9 @@ OP_TITLES = {
     "line_margin": "Line margin (fused, steps 5-6)",
     "loss": "Whole DAALLoss",
 }
-SHAPE_ORDER = ("tiny", "dml", "large", "bank", "classes11k", "classes100k", "eval60k")
-PROVIDER_TITLES = {"triton": "Triton", "eager": "eager", "compile": "compile", "chunked": "chunked"}
+SHAPE_ORDER = ("tiny", "dml", "large", "bank", "classes11k", "classes100k", "classes1m", "eval60k")
+PROVIDER_TITLES = {"triton": "Triton", "eager": "eager", "compile": "compile", "chunked": "chunked",
+                   "triton_v1": "Triton v1"}
 # the training step's providers are the losses it trains with
 STEP_PROVIDER_TITLES = {"triton": "DAAL (Triton)", "eager": "DAAL (reference)",
                         "proxyanchor": "ProxyAnchor (PML)", "ce_floor": "CE floor"}
@@ -321,6 +322,40 @@ def targets_table(run: dict) -> List[str]:
     return lines + [""]
 
 
+def work_model_table(run: dict, heading_level: int = 2) -> List[str]:
+    """The line-margin work model (bench/work_model.py: flops and bytes per kernel, from the shape)
+    beside the measured fwd+bwd times of the two designs (``triton`` = v2, ``triton_v1``), for
+    every line-margin shape the run measured: the achieved rate on the flops each design does."""
+    import work_model as wm
+
+    keys = sorted({k[:4] for k in run["cases"] if k[0] == "line_margin" and k[3] == "fwdbwd"
+                   and any(ok(run["cases"].get(k[:4] + (p,))) for p in ("triton", "triton_v1"))},
+                  key=lambda k: (_order(SHAPE_ORDER, k[1]), _order(DTYPES, k[2])))
+    if not keys:
+        return []
+    h = "#" * heading_level
+    lines = [f"{h}# Line-margin work model beside the measured times", "",
+             "Flops and compulsory bytes of each design from bench/work_model.py (estimates); time = "
+             "this run's median fwd+bwd; TFLOP/s = the design's own flops / time.", "",
+             "| shape | dtype | design | GFLOP (·BCD) | DRAM GB | global RMW GB | time | TFLOP/s | GB/s (DRAM) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for key in keys:
+        _op, shape, dtype, _pass = key
+        d = SHAPES["line_margin"].get(shape) or (run["cases"].get(key + ("triton",)) or {}).get("dims") or {}
+        if not d:
+            continue
+        for prov, design in (("triton", "v2"), ("triton_v1", "v1")):
+            s = wm.summary(d["B"], d["C"], d["D"], dtype, design)
+            t = median(run["cases"].get(key + (prov,)))
+            lines.append(f"| {shape} | {dtype} | {design} | {s['flops'] / 1e9:.0f} "
+                         f"({s['flops'] / (d['B'] * d['C'] * d['D']):.0f}) | {s['dram_bytes'] / 1e9:.2f} | "
+                         f"{s['rmw_bytes'] / 1e9:.2f} | {fmt_time(t)} | "
+                         f"{s['flops'] / t / 1e12:.3g} | {s['dram_bytes'] / t / 1e9:.0f} |" if t else
+                         f"| {shape} | {dtype} | {design} | {s['flops'] / 1e9:.0f} | "
+                         f"{s['dram_bytes'] / 1e9:.2f} | {s['rmw_bytes'] / 1e9:.2f} | — | — | — |")
+    return lines + [""]
+
+
 def train_step_table(run: dict) -> List[str]:
     """One row per (shape, loss): step time, images/s, the step relative to the CE floor's, the
     loss's forward+backward (CUDA events inside the step) and its share, peak memory."""
@@ -428,6 +463,7 @@ def run_report(run: dict, *, heading_level: int = 2) -> List[str]:
               "`check` is the subset gpu_check.sh runs, `full` every combination).", ""]
     for op in OPS:
         lines += op_table(run, op)
+    lines += work_model_table(run, heading_level)
     lines += train_step_table(run)
     if run["matmul"]:
         lines += [f"{h}# torch.matmul baselines", "", "| dtype | M × N × K | TFLOP/s |", "|---|---|---|"]
@@ -452,7 +488,8 @@ function from a table), `runner.py` (time budget, memory guard, warm-up, timing,
 failure triage, statistics, records) and `conftest.py` (options, ordering); `report.py` turns a
 run into Markdown; `gpu_check.sh` is the GPU check; `tune_line_margin.py` times alternative block
 sizes of the line-margin kernels (the check runs it for 60 s; its table goes into the run's
-report).
+report); `work_model.py` models the flops and bytes of each line-margin kernel of both designs
+(printed beside a run's measured times; `python bench/work_model.py B,C,D` prints it alone).
 
 Each case is (shape, precision, provider, pass):
 

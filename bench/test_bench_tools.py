@@ -319,7 +319,7 @@ def test_tune_line_margin_smoke(tmp_path):
     assert lm.CONFIGS == before
     data = json.loads(out.read_text())
     assert data["smoke"] and data["records"] == recs
-    assert [r["kernel"] for r in recs if r["table"]] == ["fwd", "dpq", "dx"]
+    assert [r["kernel"] for r in recs if r["table"]] == ["fwd2", "bwd2", "fwd", "dpq", "dx"]
     for r in recs:
         assert r["status"] == "measured", r
         assert r["seconds"] > 0
@@ -333,16 +333,16 @@ def test_tune_line_margin_flags_failures(tmp_path, monkeypatch):
     out = str(tmp_path / "t.json")
     # 48 rows is not a power of two: tl.arange refuses it -> recorded as failed, exit status 1
     monkeypatch.setattr(tlm, "SMOKE_CANDIDATES", {"fwd": [(48, 32, 4, 1)], "dpq": [], "dx": []})
-    assert tlm.main([out, "--smoke", "--shape", "20,30,17"]) == 1
+    assert tlm.main([out, "--smoke", "--shape", "20,30,17", "--kernels", "fwd,dpq,dx"]) == 1
     recs = json.load(open(out))["records"]
     assert [r["status"].split(":")[0] for r in recs] == ["measured", "failed", "measured", "measured"]
     # a candidate that computes something else is flagged, not timed as a win
     monkeypatch.setattr(tlm, "SMOKE_CANDIDATES", {"fwd": [(32, 32, 4, 1)], "dpq": [], "dx": []})
     monkeypatch.setattr(tlm, "_rel", lambda a, b: 0.5)
-    assert tlm.main([out, "--smoke", "--shape", "20,30,17"]) == 1
+    assert tlm.main([out, "--smoke", "--shape", "20,30,17", "--kernels", "fwd,dpq,dx"]) == 1
     assert json.load(open(out))["records"][1]["status"].startswith("WRONG")
     # out of budget: recorded as not run
-    assert tlm.main([out, "--smoke", "--shape", "20,30,17", "--budget-s", "0"]) == 0
+    assert tlm.main([out, "--smoke", "--shape", "20,30,17", "--budget-s", "0", "--kernels", "fwd,dpq,dx"]) == 0
     assert {r["status"] for r in json.load(open(out))["records"]} == {"not run: out of the time budget"}
 
 
@@ -354,7 +354,8 @@ def test_tune_line_margin_order(tmp_path, monkeypatch):
     family = lm.config_family(torch.float32)
     monkeypatch.setitem(tlm.PREVIOUS, family, {"fwd": (64, 32, 4, 1), "dx": (32, 64, 4, 1)})
     monkeypatch.setattr(tlm, "SMOKE_CANDIDATES", {"fwd": [(32, 32, 4, 1)], "dpq": [], "dx": []})
-    recs = tlm.tune(str(tmp_path / "t.json"), shape=(20, 30, 17), dtypes=("fp32",), smoke=True)
+    recs = tlm.tune(str(tmp_path / "t.json"), shape=(20, 30, 17), dtypes=("fp32",), smoke=True,
+                    kernels=("fwd", "dpq", "dx"))
     by_run = sorted(recs, key=lambda r: r["run"])
     assert [(r["kernel"], r["table"]) for r in by_run[:3]] == [("fwd", True), ("dpq", True), ("dx", True)]
     assert [(r["kernel"], r["BLOCK_B"], r["BLOCK_C"]) for r in by_run[3:]] == [

@@ -6,9 +6,12 @@ were chosen by what ``ptxas`` reports (no register spills on sm_90; docs/kernels
 times them against alternatives on the machine it runs on, one kernel at a time (the others keep their table
 entries), and checks that every alternative computes what the table's entry computes:
 
-* ``fwd``: the forward operator ``daal_triton::line_lse`` (class statistics + ``_lm_fwd_kernel``);
-* ``dpq`` / ``dx``: the backward operator ``daal_triton::line_lse_backward`` (both backward
-  kernels; only the named one changes between candidates).
+* design v2 (the default): ``fwd2``: the forward operator ``daal_triton::line_lse2`` (prep +
+  ``_lm2_fwd_kernel``); ``bwd2``: the backward operator ``daal_triton::line_lse2_backward`` (the
+  chunk kernel ``_lm2_bwd_kernel``, the two ``torch.mm`` and the segment-gradient epilogue);
+* design v1: ``fwd``: the forward operator ``daal_triton::line_lse`` (class statistics +
+  ``_lm_fwd_kernel``); ``dpq`` / ``dx``: the backward operator ``daal_triton::line_lse_backward``
+  (both backward kernels; only the named one changes between candidates).
 
 Each candidate is timed with CUDA events (median of ``--reps`` calls after a warm-up call that
 also compiles it). The table's entries run first, then the block sizes they replaced, then the
@@ -17,7 +20,7 @@ Markdown table. ``--smoke`` runs tiny shapes on the CPU under Triton's interpret
 ``interp`` family; timings meaningless) so that the tool cannot rot.
 
 usage: python bench/tune_line_margin.py OUT.json [--budget-s 90] [--shape 1024,100000,512]
-           [--dtypes bf16,fp32] [--reps 10] [--smoke]
+           [--dtypes bf16,fp32] [--reps 10] [--kernels fwd2,bwd2,fwd,dpq,dx] [--smoke]
 """
 from __future__ import annotations
 
@@ -37,7 +40,12 @@ PREVIOUS = {
     "half": {"fwd": (128, 128, 8, 3), "dpq": (64, 64, 4, 3), "dx": (64, 64, 4, 3)},
     "fp32": {"fwd": (64, 128, 8, 2), "dpq": (64, 64, 4, 2), "dx": (64, 64, 4, 2)},
 }
+#: The kernels timed, in order: the default design's first.
+KERNELS = ("fwd2", "bwd2", "fwd", "dpq", "dx")
 CANDIDATES = {
+    # v2: 128-wide tiles with >= 3 stages where ptxas keeps everything in registers on sm_90
+    "fwd2": [(128, 128, 8, 3), (128, 64, 8, 4), (64, 128, 8, 3), (128, 64, 4, 3), (128, 128, 8, 2)],
+    "bwd2": [(128, 64, 8, 4), (128, 64, 8, 3), (64, 128, 8, 3), (64, 64, 4, 4), (128, 32, 4, 4)],
     "fwd": [(128, 64, 8, 3), (64, 128, 8, 2), (64, 128, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2),
             (64, 64, 4, 3), (128, 64, 4, 3)],
     "dpq": [(64, 64, 8, 2), (64, 64, 8, 3), (64, 64, 4, 3), (128, 64, 8, 3), (64, 128, 8, 3),
@@ -45,7 +53,8 @@ CANDIDATES = {
     "dx": [(64, 64, 8, 3), (64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2), (64, 128, 8, 3),
            (64, 32, 4, 3)],
 }
-SMOKE_CANDIDATES = {"fwd": [(32, 32, 4, 1)], "dpq": [(32, 32, 4, 1)], "dx": [(32, 32, 4, 1)]}
+SMOKE_CANDIDATES = {"fwd": [(32, 32, 4, 1)], "dpq": [(32, 32, 4, 1)], "dx": [(32, 32, 4, 1)],
+                    "fwd2": [(32, 32, 4, 1)], "bwd2": [(32, 32, 4, 1)]}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 ALPHA = 16.0
 PARITY_TOL = 1e-3  # same arithmetic, another summation order (float32 accumulation)
@@ -96,7 +105,7 @@ class _Timer:
         return times[len(times) // 2]
 
 
-def _plan(lm, shape, dtypes, cands, device):
+def _plan(lm, shape, dtypes, cands, device, kernels=KERNELS):
     """``(runs, order)``: per (dtype, kernel) the operator to time and the table's entry; the
     jobs ``(dtype, kernel, (BLOCK_B, BLOCK_C, warps, stages), is_table)`` in run order."""
     B, C, D = shape
@@ -114,12 +123,22 @@ def _plan(lm, shape, dtypes, cands, device):
         def bwd(go=go, x=x, seg=seg, d_pos=d_pos, labels=labels, margins=margins, lse=lse):
             return ops.line_lse_backward(go, x, seg, d_pos, labels, margins, lse, ALPHA)
 
-        for kernel in ("fwd", "dpq", "dx"):
+        def fwd2(x=x, seg=seg, d_pos=d_pos, labels=labels, margins=margins):
+            return ops.line_lse2(x, seg, d_pos, labels, margins, ALPHA)
+
+        _, lse2, st2, sx2 = fwd2()
+
+        def bwd2(go=go, x=x, seg=seg, sx=sx2, st=st2, d_pos=d_pos, labels=labels, margins=margins,
+                 lse=lse2):
+            return ops.line_lse2_backward(go, x, seg, sx, st, d_pos, labels, margins, lse, ALPHA)
+
+        calls = {"fwd": fwd, "dpq": bwd, "dx": bwd, "fwd2": fwd2, "bwd2": bwd2}
+        for kernel in kernels:
             table = lm.CONFIGS[fam][kernel]
             first = (table.blocks["BLOCK_B"], table.blocks["BLOCK_C"], table.num_warps, table.num_stages)
-            runs[dname, kernel] = (fam, fwd if kernel == "fwd" else bwd, table)
+            runs[dname, kernel] = (fam, calls[kernel], table)
             rest = [PREVIOUS[fam][kernel]] if kernel in PREVIOUS.get(fam, {}) else []
-            rest += [c for c in cands[kernel] if c not in rest]
+            rest += [c for c in cands.get(kernel, []) if c not in rest]
             plans.append([(dname, kernel, first, True)] +
                          [(dname, kernel, c, False) for c in rest if c != first])
     order = [p[0] for p in plans] + [p[1] for p in plans if len(p) > 1]
@@ -159,7 +178,7 @@ def _write(out_path: str, records: List[dict], device: torch.device, smoke: bool
 
 
 def tune(out_path: str, *, shape=(1024, 100_000, 512), dtypes=("bf16", "fp32"), reps: int = 10,
-         budget_s: float = 90.0, smoke: bool = False) -> List[dict]:
+         budget_s: float = 90.0, smoke: bool = False, kernels=KERNELS) -> List[dict]:
     """Time the candidates (see the module docstring); writes ``out_path`` and returns the records."""
     from daal_triton.kernels import line_margin as lm
 
@@ -169,7 +188,7 @@ def tune(out_path: str, *, shape=(1024, 100_000, 512), dtypes=("bf16", "fp32"), 
     B, C, D = shape
     timer = _Timer(device)
     deadline = time.monotonic() + budget_s
-    runs, order = _plan(lm, shape, dtypes, SMOKE_CANDIDATES if smoke else CANDIDATES, device)
+    runs, order = _plan(lm, shape, dtypes, SMOKE_CANDIDATES if smoke else CANDIDATES, device, tuple(kernels))
     records, base_out = [], {}
     for n, (dname, kernel, (bb, bc, w, s), is_table) in enumerate(order):
         fam, run, table = runs[dname, kernel]
@@ -187,7 +206,7 @@ def tune(out_path: str, *, shape=(1024, 100_000, 512), dtypes=("bf16", "fp32"), 
             rec["status"] = f"failed: {type(exc).__name__}: {str(exc)[:300]}"
         finally:
             lm.CONFIGS[fam][kernel] = table
-    records.sort(key=lambda r: (dtypes.index(r["dtype"]), ("fwd", "dpq", "dx").index(r["kernel"]),
+    records.sort(key=lambda r: (dtypes.index(r["dtype"]), tuple(kernels).index(r["kernel"]),
                                 not r["table"]))
     _write(out_path, records, device, smoke)
     print(markdown(records))
@@ -220,6 +239,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--dtypes", default=None, help="default bf16,fp32 (smoke: fp32; the "
                    "interpreter cannot run bfloat16 dots)")
     p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--kernels", default=",".join(KERNELS), help="kernels to time, in order")
     p.add_argument("--smoke", action="store_true", help="CPU, Triton's interpreter, tiny shapes")
     a = p.parse_args(argv)
     if a.smoke and not torch.cuda.is_available():
@@ -230,7 +250,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     shape = tuple(int(v) for v in a.shape.split(",")) if a.shape else ((40, 70, 33) if a.smoke else (1024, 100_000, 512))
     dtypes = a.dtypes or ("fp32" if a.smoke else "bf16,fp32")
     recs = tune(a.out, shape=shape, dtypes=tuple(dtypes.split(",")), reps=a.reps,
-                budget_s=a.budget_s, smoke=a.smoke)
+                budget_s=a.budget_s, smoke=a.smoke, kernels=tuple(a.kernels.split(",")))
     bad = [r for r in recs if r["status"].startswith(("WRONG", "failed"))]
     return 1 if bad else 0
 

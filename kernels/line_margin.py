@@ -32,8 +32,27 @@ The split
   ``d/d delta_iy = grad_out_i (1 - exp(-lse_i))`` (the total softmax weight of the classes, the
   ``{0}`` excluded) plus, through the kernels, dX, dP, dQ of the ``c != y_i`` terms.
 
-Kernels (formulas beside each kernel)
--------------------------------------
+Two designs (docs/kernels.md, "Fused line margin")
+--------------------------------------------------
+``line_margin`` runs ``DESIGN`` ("v2" unless ``DAAL_LINE_MARGIN_DESIGN=v1``):
+
+* **v2** (default; operators ``daal_triton::line_lse2`` / ``line_lse2_backward``): 16 BCD GEMM
+  flops, no global read-modify-write inside any loop, pipelined K-loops.
+  ``_lm2_prep_kernel`` computes the class statistics (4 x C) once per call, of the segments rounded
+  to x's dtype (and that rounded contiguous copy ``sx`` when the segments are not already it); the
+  forward saves both for the backward. ``_lm2_fwd_kernel`` is the streaming online-logsumexp kernel
+  whose K-loop is plain tile loads of x, p, q (``x.u = x.q - x.p`` in the epilogue); its (row
+  tiles x splits) grid is sized in whole waves of the device's SMs (:func:`wave_split`). The
+  backward runs per chunk of Cc classes (``B Cc <= CHUNK_ELEMENTS``, :func:`chunk_classes`):
+  ``_lm2_bwd_kernel`` recomputes the chunk's GEMMs once and writes ``a~ = -h(1 - t)``,
+  ``b~ = -h t`` (B x 2Cc, x's dtype, interleaved per class) with deterministic row / column
+  partials; ``torch.mm`` (cuBLAS) gives ``AB [P_c; Q_c]`` (into the float32 dX accumulator) and
+  ``G = AB^T X``; ``_lm2_dseg_kernel`` adds the rank-1 corrections and writes dP, dQ in the
+  segments' dtype. Memory beyond inputs and outputs: O(B Cc + (B + C) D) (tested).
+* **v1** (operators ``daal_triton::line_lse`` / ``line_lse_backward``), described below.
+
+Kernels of v1 (formulas beside each kernel)
+-------------------------------------------
 * ``_lm_class_stats_kernel``: ``pp_c = |p_c|^2``, ``pu_c = p_c.u_c``, ``uu_c = |u_c|^2`` in float32.
 * ``_lm_fwd_kernel``: grid (row tiles, class splits). Each program streams the class tiles of its
   split; per tile it runs the K-loop over D with two ``tl.dot`` (``x.p`` and ``x.u``), forms t, e^2,
@@ -78,7 +97,8 @@ ever B x C.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Tuple
+import os
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import triton
@@ -419,6 +439,267 @@ def _lm_bwd_dx_kernel(x_ptr, seg_ptr, label_ptr, base_ptr, lse_ptr, go_ptr, xx_p
         tl.store(wrow + od, hr[:, None] * xt - acc, mask=wm)
 
 
+# ----------------------------------------------------------------------------- design v2 kernels
+# (docs/kernels.md, "Line margin, second design"). The segments reach these kernels as ``sx``: a
+# contiguous C x 2 x D tensor in x's dtype (the segments themselves when they already are), so
+# every GEMM K-step is three plain tile loads (x, p, q) the software pipeline can prefetch; nothing
+# is formed between the loads and the dots. ``x.u`` is ``x.q - x.p`` from the two fp32
+# accumulators (the dots see p~, q~, the values rounded to x's dtype; the class statistics are
+# taken of the same values). Class statistics ``st`` (4 x C float32: |p|^2, p.u, |u|^2,
+# 1 / max(|u|^2, eps)) are computed once per call and saved for the backward.
+@triton.jit
+def _lm2_prep_kernel(seg_ptr, sx_ptr, st_ptr, C, D, stride_seg_c, stride_seg_v, stride_seg_d,
+                     BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, CAST: tl.constexpr):
+    """``st[0] = |p~|^2``, ``st[1] = p~.u~``, ``st[2] = |u~|^2``, ``st[3] = 1 / max(|u~|^2, eps)``
+    with ``p~``, ``q~`` the segments rounded to the dtype of ``sx`` and ``u~ = q~ - p~`` (float32:
+    zero exactly for a zero-length segment); with ``CAST`` also writes ``sx`` (the rounded
+    segments, contiguous C x 2 x D).
+
+    Args:
+        seg_ptr: C x 2 x D segments (``[:, 0]`` = p, ``[:, 1]`` = q), any float dtype.
+        sx_ptr: C x 2 x D contiguous, x's dtype (written only with ``CAST``; its dtype is read).
+        st_ptr: 4 x C float32 statistics (contiguous).
+        C, D: sizes.
+        stride_seg_c, stride_seg_v, stride_seg_d: strides of segments (class, p/q, feature).
+        BLOCK_C: classes per program. BLOCK_D: D-chunk. CAST: write ``sx``.
+    """
+    cls = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cls < C
+    base = seg_ptr + cls.to(tl.int64)[:, None] * stride_seg_c
+    xrow = sx_ptr + cls.to(tl.int64)[:, None] * (2 * D)
+    xdt = sx_ptr.dtype.element_ty
+    pp = tl.zeros([BLOCK_C], dtype=tl.float32)
+    pu = tl.zeros([BLOCK_C], dtype=tl.float32)
+    uu = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for k in range(0, D, BLOCK_D):
+        offs_d = k + tl.arange(0, BLOCK_D)
+        m = cmask[:, None] & (offs_d[None, :] < D)
+        od = offs_d.to(tl.int64)[None, :] * stride_seg_d
+        p = tl.load(base + od, mask=m, other=0.0).to(xdt)
+        q = tl.load(base + stride_seg_v + od, mask=m, other=0.0).to(xdt)
+        if CAST:
+            tl.store(xrow + offs_d[None, :], p, mask=m)
+            tl.store(xrow + D + offs_d[None, :], q, mask=m)
+        pf = p.to(tl.float32)
+        u = q.to(tl.float32) - pf
+        pp += tl.sum(pf * pf, 1)
+        pu += tl.sum(pf * u, 1)
+        uu += tl.sum(u * u, 1)
+    tl.store(st_ptr + cls, pp, mask=cmask)
+    tl.store(st_ptr + C + cls, pu, mask=cmask)
+    tl.store(st_ptr + 2 * C + cls, uu, mask=cmask)
+    tl.store(st_ptr + 3 * C + cls, 1.0 / tl.maximum(uu, 1e-12), mask=cmask)
+
+
+@triton.jit
+def _lm2_tile(x_ptr, sx_ptr, st_ptr, rows, cls, rmask, cmask, xx, C, D, stride_x_b,
+              BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+              INPUT_PRECISION: tl.constexpr):
+    """One BLOCK_B x BLOCK_C tile of ``t`` and ``|e|^2`` (GEMM form, docs/method.md step 5).
+
+    K-loop over D, tile loads only: ``XP += X_k P_k^T``, ``XQ += X_k Q_k^T`` (fp32 accumulate).
+    Epilogue: ``proj = XQ - XP - pu``, ``t = clamp(proj inv, 0, 1)``,
+    ``e2 = xx - 2 XP + pp - 2 t proj + t^2 uu``.
+
+    Args:
+        x_ptr, sx_ptr, st_ptr, C, D, stride_x_b, BLOCK_*, INPUT_PRECISION: as ``_lm2_fwd_kernel``.
+        rows, cls, rmask, cmask: the tile's rows and classes and which of them exist.
+        xx: the rows' ``|x|^2``.
+    """
+    xp = tl.zeros([BLOCK_B, BLOCK_C], dtype=tl.float32)
+    xq = tl.zeros([BLOCK_B, BLOCK_C], dtype=tl.float32)
+    xrow = x_ptr + rows.to(tl.int64)[:, None] * stride_x_b
+    prow = sx_ptr + cls.to(tl.int64)[:, None] * (2 * D)
+    for k in range(0, D, BLOCK_D):
+        offs_d = k + tl.arange(0, BLOCK_D)
+        dmask = offs_d < D
+        xt = tl.load(xrow + offs_d[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0)
+        cm = cmask[:, None] & dmask[None, :]
+        p = tl.load(prow + offs_d[None, :], mask=cm, other=0.0)
+        q = tl.load(prow + D + offs_d[None, :], mask=cm, other=0.0)
+        xp = tl.dot(xt, tl.trans(p), xp, input_precision=INPUT_PRECISION)
+        xq = tl.dot(xt, tl.trans(q), xq, input_precision=INPUT_PRECISION)
+    pp = tl.load(st_ptr + cls, mask=cmask, other=0.0)
+    pu = tl.load(st_ptr + C + cls, mask=cmask, other=0.0)
+    uu = tl.load(st_ptr + 2 * C + cls, mask=cmask, other=0.0)
+    inv = tl.load(st_ptr + 3 * C + cls, mask=cmask, other=0.0)
+    proj = xq - xp - pu[None, :]
+    t = tl.minimum(tl.maximum(proj * inv[None, :], 0.0), 1.0)
+    e2 = xx[:, None] - 2.0 * xp + pp[None, :] - 2.0 * t * proj + t * t * uu[None, :]
+    return t, e2
+
+
+@triton.jit
+def _lm2_fwd_kernel(x_ptr, sx_ptr, label_ptr, base_ptr, xx_ptr, st_ptr, m_ptr, s_ptr,
+                    B, C, D, stride_x_b, nsplit, alpha, eps, BLOCK_B: tl.constexpr,
+                    BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """Online logsumexp over the class tiles of split ``pid(1)`` (split s owns tiles
+    ``[s T / nsplit, (s + 1) T / nsplit)`` of the ``T = cdiv(C, BLOCK_C)``) for row tile ``pid(0)``.
+
+    ``logit_ic = base_i - alpha delta_ic``, ``base_i = alpha (delta_iy + m_i)``, masked for
+    ``c == y_i`` and padding; running ``(M, S)`` from ``(0, 0)``; writes ``m[split, i]``,
+    ``s[split, i]``.
+
+    Args:
+        x_ptr: B x D embeddings (unit column stride).
+        sx_ptr: C x 2 x D contiguous segments in x's dtype.
+        label_ptr: B labels (int64). base_ptr: B values ``alpha (delta_iy + m_i)`` (float32).
+        xx_ptr: B values ``|x_i|^2`` (float32). st_ptr: 4 x C class statistics (``_lm2_prep_kernel``).
+        m_ptr, s_ptr: nsplit x B float32 outputs: running max and sum per split.
+        B, C, D: sizes. stride_x_b: row stride of x. nsplit: class splits (grid axis 1).
+        alpha: the logit scale. eps: the floor of squared distances.
+        BLOCK_B, BLOCK_C: rows x classes per tile. BLOCK_D: the K step.
+        INPUT_PRECISION: ``tl.dot``'s input precision.
+    """
+    pid_b = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    rmask = rows < B
+    lab = tl.load(label_ptr + rows, mask=rmask, other=-1)
+    base = tl.load(base_ptr + rows, mask=rmask, other=0.0)
+    xx = tl.load(xx_ptr + rows, mask=rmask, other=0.0)
+    run_m = tl.zeros([BLOCK_B], dtype=tl.float32)
+    run_s = tl.zeros([BLOCK_B], dtype=tl.float32)
+    ntiles = tl.cdiv(C, BLOCK_C)
+    t_start = pid_s * ntiles // nsplit
+    t_end = (pid_s + 1) * ntiles // nsplit
+    for ct in range(t_start, t_end):
+        cls = ct * BLOCK_C + tl.arange(0, BLOCK_C)
+        cmask = cls < C
+        t, e2 = _lm2_tile(x_ptr, sx_ptr, st_ptr, rows, cls, rmask, cmask, xx, C, D, stride_x_b,
+                          BLOCK_B, BLOCK_C, BLOCK_D, INPUT_PRECISION)
+        delta = tl.sqrt(tl.maximum(e2, eps))
+        valid = cmask[None, :] & (cls[None, :] != lab[:, None])
+        logit = tl.where(valid, base[:, None] - alpha * delta, float("-inf"))
+        new_m = tl.maximum(run_m, tl.max(logit, 1))
+        run_s = run_s * tl.exp(run_m - new_m) + tl.sum(tl.exp(logit - new_m[:, None]), 1)
+        run_m = new_m
+    out = pid_s.to(tl.int64) * B + rows
+    tl.store(m_ptr + out, run_m, mask=rmask)
+    tl.store(s_ptr + out, run_s, mask=rmask)
+
+
+@triton.jit
+def _lm2_bwd_kernel(x_ptr, sx_ptr, label_ptr, base_ptr, lse_ptr, go_ptr, xx_ptr, st_ptr,
+                    ab_ptr, rowp_ptr, colp_ptr, B, C, D, c0, Cc, stride_x_b, alpha, eps, hmax,
+                    BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+                    INPUT_PRECISION: tl.constexpr):
+    """Backward of one chunk of classes ``[c0, c0 + Cc)``, tile ``(pid(0), pid(1))``: the GEMMs of
+    the forward once, then with ``h_ic = -grad_out_i exp(logit_ic - lse_i) / delta_ic`` (0 for
+    padding, ``c == y_i`` and where the eps clamp binds)::
+
+        a_ic = -h_ic (1 - t_ic),   b_ic = -h_ic t_ic       (cast to x's dtype: a~, b~)
+
+    stored interleaved, ``ab[i, 2 (c - c0) + (0, 1)] = (a~, b~)`` (B x 2Cc), so that with the
+    segments' own interleaved rows ``[p_c; q_c]`` two plain GEMMs finish the gradients::
+
+        dX_i  = -(sum_c a~ + b~) x_i + [AB  [P; Q]]_i
+        dP_c  = [A~^T X]_c - (sum_i a~ (1 - t)) p_c - (sum_i a~ t) q_c
+        dQ_c  = [B~^T X]_c - (sum_i b~ (1 - t)) p_c - (sum_i b~ t) q_c
+
+    (docs/method.md "Gradients": ``dX_i = sum_c h (x_i - c_ic)``, ``c_ic = (1 - t) p_c + t q_c``,
+    ``dP_c = -sum_i h (1 - t)(x_i - c_ic)``, ``dQ_c = -sum_i h t (x_i - c_ic)``; the sums are taken
+    of the rounded a~, b~, so the identities hold for the values the GEMMs see). Writes the row
+    partial ``rowp[pid(1), i] = -sum_c (a~ + b~)`` and the column partials
+    ``colp[pid(0), 0..3, c - c0]`` (the four sums above); no accumulator leaves the program.
+
+    Args:
+        x_ptr, sx_ptr, label_ptr, base_ptr, xx_ptr, st_ptr: as ``_lm2_fwd_kernel``.
+        lse_ptr: B values ``lse_i`` of the forward. go_ptr: B incoming gradients (float32).
+        ab_ptr: B x 2Cc output in x's dtype (contiguous). rowp_ptr: cdiv(Cc, BLOCK_C) x B
+        float32. colp_ptr: cdiv(B, BLOCK_B) x 4 x Cc float32.
+        B, C, D: sizes. c0, Cc: the chunk's first class and its width. stride_x_b: row stride of x.
+        alpha: the logit scale. eps: the floor of squared distances. hmax: the clamp of a, b
+        before the cast to x's dtype (6e4 for float16).
+        BLOCK_B, BLOCK_C, BLOCK_D, INPUT_PRECISION: as ``_lm2_fwd_kernel``.
+    """
+    pid_b = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    rmask = rows < B
+    lcls = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    cls = c0 + lcls
+    cmask = (lcls < Cc) & (cls < C)
+    lab = tl.load(label_ptr + rows, mask=rmask, other=-1)
+    base = tl.load(base_ptr + rows, mask=rmask, other=0.0)
+    lse = tl.load(lse_ptr + rows, mask=rmask, other=0.0)
+    go = tl.load(go_ptr + rows, mask=rmask, other=0.0)
+    xx = tl.load(xx_ptr + rows, mask=rmask, other=0.0)
+    t, e2 = _lm2_tile(x_ptr, sx_ptr, st_ptr, rows, cls, rmask, cmask, xx, C, D, stride_x_b,
+                      BLOCK_B, BLOCK_C, BLOCK_D, INPUT_PRECISION)
+    delta = tl.sqrt(tl.maximum(e2, eps))
+    valid = rmask[:, None] & cmask[None, :] & (cls[None, :] != lab[:, None]) & (e2 >= eps)
+    w = tl.exp(tl.where(valid, base[:, None] - alpha * delta - lse[:, None], 0.0))
+    hn = tl.where(valid, go[:, None] * w / delta, 0.0)  # -h
+    xdt = x_ptr.dtype.element_ty
+    a = tl.minimum(tl.maximum(hn * (1.0 - t), -hmax), hmax).to(xdt)
+    b = tl.minimum(tl.maximum(hn * t, -hmax), hmax).to(xdt)
+    af = a.to(tl.float32)
+    bf = b.to(tl.float32)
+    ab = tl.reshape(tl.join(a, b), (BLOCK_B, 2 * BLOCK_C))
+    col2 = pid_c * (2 * BLOCK_C) + tl.arange(0, 2 * BLOCK_C)
+    c2mask = (col2 // 2 < Cc) & (c0 + col2 // 2 < C)
+    tl.store(ab_ptr + rows.to(tl.int64)[:, None] * (2 * Cc) + col2[None, :], ab,
+             mask=rmask[:, None] & c2mask[None, :])
+    tl.store(rowp_ptr + pid_c.to(tl.int64) * B + rows, -tl.sum(af + bf, 1), mask=rmask)
+    cp = colp_ptr + pid_b.to(tl.int64) * 4 * Cc + lcls
+    tl.store(cp, tl.sum(af * (1.0 - t), 0), mask=cmask)
+    tl.store(cp + Cc, tl.sum(af * t, 0), mask=cmask)
+    tl.store(cp + 2 * Cc, tl.sum(bf * (1.0 - t), 0), mask=cmask)
+    tl.store(cp + 3 * Cc, tl.sum(bf * t, 0), mask=cmask)
+
+
+@triton.jit
+def _lm2_dseg_kernel(g_ptr, seg_ptr, colp_ptr, out_ptr, n, D, Cc, R,
+                     stride_seg_c, stride_seg_v, stride_seg_d,
+                     stride_out_c, stride_out_v, stride_out_d,
+                     BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
+    """dP, dQ of the ``n`` classes of a chunk from ``G = AB^T X`` (2n x D float32: rows
+    ``2c, 2c + 1`` = ``[A~^T X]_c``, ``[B~^T X]_c``) and the column partials of the ``R`` row tiles
+    (summed here in a fixed order: deterministic)::
+
+        dP_c = G[2c] - s0 p_c - s1 q_c,   dQ_c = G[2c + 1] - s2 p_c - s3 q_c
+
+    written once, in the segments' dtype (no float32 gradient copy).
+
+    Args:
+        g_ptr: 2n x D float32 (contiguous). seg_ptr: the chunk's segments (any float dtype).
+        colp_ptr: R x 4 x Cc float32 partials (``_lm2_bwd_kernel``). out_ptr: the chunk's rows of
+        the segment gradient (segments' dtype).
+        n, D: classes in the chunk, features. Cc: the partials' row length. R: row tiles.
+        stride_seg_c, stride_seg_v, stride_seg_d: strides of segments.
+        stride_out_c, stride_out_v, stride_out_d: strides of the gradient.
+        BLOCK_C: classes per program. BLOCK_D: D-chunk.
+    """
+    lc = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = lc < n
+    s0 = tl.zeros([BLOCK_C], dtype=tl.float32)
+    s1 = tl.zeros([BLOCK_C], dtype=tl.float32)
+    s2 = tl.zeros([BLOCK_C], dtype=tl.float32)
+    s3 = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for r in range(0, R):
+        cp = colp_ptr + r * 4 * Cc + lc
+        s0 += tl.load(cp, mask=cmask, other=0.0)
+        s1 += tl.load(cp + Cc, mask=cmask, other=0.0)
+        s2 += tl.load(cp + 2 * Cc, mask=cmask, other=0.0)
+        s3 += tl.load(cp + 3 * Cc, mask=cmask, other=0.0)
+    grow = g_ptr + lc.to(tl.int64)[:, None] * (2 * D)
+    srow = seg_ptr + lc.to(tl.int64)[:, None] * stride_seg_c
+    orow = out_ptr + lc.to(tl.int64)[:, None] * stride_out_c
+    odt = out_ptr.dtype.element_ty
+    for k in range(0, D, BLOCK_D):
+        offs_d = k + tl.arange(0, BLOCK_D)
+        m = cmask[:, None] & (offs_d[None, :] < D)
+        od = offs_d.to(tl.int64)[None, :]
+        p = tl.load(srow + od * stride_seg_d, mask=m, other=0.0).to(tl.float32)
+        q = tl.load(srow + stride_seg_v + od * stride_seg_d, mask=m, other=0.0).to(tl.float32)
+        gp = tl.load(grow + od, mask=m, other=0.0)
+        gq = tl.load(grow + D + od, mask=m, other=0.0)
+        tl.store(orow + od * stride_out_d, (gp - s0[:, None] * p - s1[:, None] * q).to(odt), mask=m)
+        tl.store(orow + stride_out_v + od * stride_out_d,
+                 (gq - s2[:, None] * p - s3[:, None] * q).to(odt), mask=m)
+
+
 _ROWS_X = ("stride_x_b", "stride_seg_c", "stride_seg_v")
 _UNIT_X = ("stride_x_d", "stride_seg_d")
 _STRIDES = "stride_x_b stride_x_d stride_seg_c stride_seg_v stride_seg_d: i32"
@@ -440,16 +721,44 @@ KERNELS: Dict[str, KernelSpec] = {
         _lm_bwd_dx_kernel, "x_ptr: *x; seg_ptr: *seg; label_ptr: *i64; base_ptr lse_ptr go_ptr "
         f"xx_ptr pp_ptr pu_ptr uu_ptr w_ptr: *fp32; B C D: i32; {_STRIDES}; "
         "classes_per_split: i32; alpha eps hmax: fp32", unit=_UNIT_X, rows=_ROWS_X),
+    # design v2 (docs/kernels.md, "Line margin, second design")
+    "prep2": KernelSpec(
+        _lm2_prep_kernel, "seg_ptr: *seg; sx_ptr: *x; st_ptr: *fp32; C D: i32; "
+        "stride_seg_c stride_seg_v stride_seg_d: i32",
+        unit=("stride_seg_d",), rows=("stride_seg_c", "stride_seg_v"), gemm=False),
+    "fwd2": KernelSpec(
+        _lm2_fwd_kernel, "x_ptr sx_ptr: *x; label_ptr: *i64; base_ptr xx_ptr st_ptr m_ptr s_ptr: "
+        "*fp32; B C D: i32; stride_x_b: i32; nsplit: i32; alpha eps: fp32", rows=("stride_x_b",)),
+    "bwd2": KernelSpec(
+        _lm2_bwd_kernel, "x_ptr sx_ptr: *x; label_ptr: *i64; base_ptr lse_ptr go_ptr xx_ptr "
+        "st_ptr: *fp32; ab_ptr: *x; rowp_ptr colp_ptr: *fp32; B C D c0 Cc: i32; stride_x_b: i32; "
+        "alpha eps hmax: fp32", rows=("stride_x_b",)),
+    "dseg2": KernelSpec(
+        _lm2_dseg_kernel, "g_ptr: *fp32; seg_ptr: *seg; colp_ptr: *fp32; out_ptr: *seg; "
+        "n D Cc R: i32; stride_seg_c stride_seg_v stride_seg_d: i32; "
+        "stride_out_c stride_out_v stride_out_d: i32",
+        unit=("stride_seg_d", "stride_out_d"),
+        rows=("stride_seg_c", "stride_seg_v", "stride_out_c", "stride_out_v"), gemm=False),
 }
+#: The kernels of each design (``DESIGN``); "stats" is v1's.
+DESIGN_KERNELS = {"v1": ("stats", "fwd", "dpq", "dx"), "v2": ("prep2", "fwd2", "bwd2", "dseg2")}
 _HMAX = {torch.float16: 6.0e4, torch.bfloat16: 3.0e38, torch.float32: 3.0e38}
 
 
 # ----------------------------------------------------------------------------- configurations
-def _family_configs(stats, fwd, dpq, dx, block_d) -> Dict[str, KernelConfig]:
-    """One family's entries from (BLOCK_B, BLOCK_C, num_warps, num_stages) tuples (stats: no B)."""
+def _family_configs(stats, fwd, dpq, dx, block_d, v2) -> Dict[str, KernelConfig]:
+    """One family's entries from (BLOCK_B, BLOCK_C, num_warps, num_stages) tuples (stats: no B);
+    ``v2``: the second design's ``prep2`` / ``dseg2`` (BLOCK_C, warps, stages, block_d) and
+    ``fwd2`` / ``bwd2`` (BLOCK_B, BLOCK_C, warps, stages, block_d)."""
     out = {"stats": KernelConfig({"BLOCK_C": stats[0]}, stats[1], stats[2], block_d)}
     for name, (bb, bc, w, st) in (("fwd", fwd), ("dpq", dpq), ("dx", dx)):
         out[name] = KernelConfig({"BLOCK_B": bb, "BLOCK_C": bc}, w, st, block_d)
+    for name in ("prep2", "dseg2"):
+        bc, w, st, bd = v2[name]
+        out[name] = KernelConfig({"BLOCK_C": bc}, w, st, bd)
+    for name in ("fwd2", "bwd2"):
+        bb, bc, w, st, bd = v2[name]
+        out[name] = KernelConfig({"BLOCK_B": bb, "BLOCK_C": bc}, w, st, bd)
     return out
 
 
@@ -458,15 +767,31 @@ def _family_configs(stats, fwd, dpq, dx, block_d) -> Dict[str, KernelConfig]:
 #: interpreter's cost is per program and per padded element). Why these sizes: docs/kernels.md.
 CONFIGS: Dict[str, Dict[str, KernelConfig]] = {
     "half": _family_configs((64, 4, 2), fwd=(128, 64, 8, 3), dpq=(64, 64, 8, 2),
-                            dx=(64, 64, 8, 3), block_d=(64, 64)),
+                            dx=(64, 64, 8, 3), block_d=(64, 64),
+                            v2=dict(prep2=(32, 4, 1, (64, 64)), dseg2=(32, 4, 1, (64, 64)),
+                                    fwd2=(128, 128, 8, 3, (64, 64)),
+                                    bwd2=(128, 64, 8, 4, (64, 64)))),
     "fp32": _family_configs((64, 4, 2), fwd=(64, 128, 8, 2), dpq=(64, 64, 8, 3),
-                            dx=(64, 64, 8, 3), block_d=(64, 64)),
+                            dx=(64, 64, 8, 3), block_d=(64, 64),
+                            v2=dict(prep2=(32, 4, 1, (64, 64)), dseg2=(32, 4, 1, (64, 64)),
+                                    fwd2=(64, 128, 8, 3, (32, 32)),
+                                    bwd2=(64, 128, 8, 3, (32, 32)))),
     "interp": _family_configs((128, 4, 1), fwd=(128, 128, 4, 1), dpq=(128, 128, 4, 1),
-                              dx=(128, 128, 4, 1), block_d=(16, 128)),
+                              dx=(128, 128, 4, 1), block_d=(16, 128),
+                              v2=dict(prep2=(128, 4, 1, (16, 128)), dseg2=(128, 4, 1, (16, 128)),
+                                      fwd2=(128, 128, 4, 1, (16, 128)),
+                                      bwd2=(128, 128, 4, 1, (16, 128)))),
 }
 assert set(CONFIGS) - {"interp"} == set(FAMILY_DTYPES)
-TARGET_PROGRAMS = 264  # ~2 waves on 132 SMs
+TARGET_PROGRAMS = 264  # v1: ~2 waves on 132 SMs
 MAX_SPLITS = 64
+#: v2: the B x Cc elements of one class chunk of the backward (a~, b~ are 2 B Cc values in x's
+#: dtype); the largest temporaries of the backward are O(B Cc).
+CHUNK_ELEMENTS = 1 << 24
+#: v2: the most class splits of the forward grid.
+MAX_SPLITS_V2 = 1024
+#: The design ``line_margin`` runs: "v2" (default) or "v1" (``DAAL_LINE_MARGIN_DESIGN``).
+DESIGN = os.environ.get("DAAL_LINE_MARGIN_DESIGN", "v2")
 
 
 def config_family(x_dtype: torch.dtype, *, interpret: bool | None = None) -> str:
@@ -476,7 +801,9 @@ def config_family(x_dtype: torch.dtype, *, interpret: bool | None = None) -> str
 
 
 def _gpu_flags(entry: str, dtype: torch.dtype) -> dict:
-    return {} if entry == "stats" else {"INPUT_PRECISION": input_precision(dtype, gpu=True)}
+    if entry == "prep2":
+        return {"CAST": True}
+    return {} if entry in ("stats", "dseg2") else {"INPUT_PRECISION": input_precision(dtype, gpu=True)}
 
 
 def launches() -> List[Launch]:
@@ -613,18 +940,220 @@ def _line_lse_autograd_backward(ctx, grad_out, _grad_lse):
 _line_lse_op.register_autograd(_line_lse_autograd_backward, setup_context=_line_lse_setup_context)
 
 
+# ----------------------------------------------------------------------------- design v2 launchers
+_SM_COUNT: Dict[int, int] = {}
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device`` (1 on the CPU: the interpreter runs programs one by
+    one, so the fewest programs is fastest there)."""
+    if device.type != "cuda":
+        return 1
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_COUNT[idx]
+
+
+def wave_split(row_tiles: int, class_tiles: int, sms: int, max_splits: int = MAX_SPLITS_V2) -> int:
+    """The number of class splits ``S`` of a (row tiles x S) grid that minimises the modelled time
+    ``ceil(row_tiles S / sms) * ceil(class_tiles / S)`` (waves x tiles of the longest program: the
+    grid in whole waves of the device's SMs); ties go to fewer splits (less merging)."""
+    best, best_cost = 1, None
+    for s in range(1, max(1, min(max_splits, class_tiles)) + 1):
+        cost = -(-row_tiles * s // sms) * -(-class_tiles // s)
+        if best_cost is None or cost < best_cost:
+            best, best_cost = s, cost
+    return best
+
+
+def chunk_classes(B: int, C: int, block_b: int, block_c: int, sms: int,
+                  elements: Optional[int] = None) -> int:
+    """Cc, the classes per chunk of the v2 backward: a multiple of ``block_c`` with
+    ``B Cc <= elements`` (``CHUNK_ELEMENTS``; at least one class tile), preferring, among the
+    widths down to 3/4 of the largest, one whose grid (row tiles x Cc / block_c) is whole waves
+    (narrower chunks would mean more launches: at C = 1M they cost more than a partial wave)."""
+    elements = CHUNK_ELEMENTS if elements is None else elements
+    most = max(1, elements // max(1, B * block_c))
+    most = min(most, triton.cdiv(C, block_c))
+    rt = triton.cdiv(B, block_b)
+    if sms > 1:
+        for ct in range(most, max(1, (3 * most) // 4) - 1, -1):
+            if (rt * ct) % sms == 0:
+                return ct * block_c
+    return most * block_c
+
+
+def _cast_segments(seg: torch.Tensor, x_dtype: torch.dtype, cfgs) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(st, sx)``: the 4 x C class statistics and, when the segments are not already contiguous
+    in x's dtype, their contiguous copy in x's dtype (else an empty tensor: ``sx`` is ``seg``)."""
+    C, _, D = seg.shape
+    cast = seg.dtype != x_dtype or not seg.is_contiguous()
+    st = torch.empty(4, C, device=seg.device, dtype=torch.float32)
+    sx = torch.empty((C, 2, D) if cast else (0,), device=seg.device, dtype=x_dtype)
+    cfg = cfgs["prep2"]
+    if C:
+        _lm2_prep_kernel[(triton.cdiv(C, cfg.blocks["BLOCK_C"]),)](
+            seg, sx if cast else seg, st, C, D, seg.stride(0), seg.stride(1), seg.stride(2),
+            CAST=cast, **cfg.launch(D))
+    return st, sx
+
+
+def _v2_rows(x, d_pos, margins, alpha):
+    """The O(B) row inputs: x with unit column stride, ``alpha (d_pos + m)``, ``|x|^2``."""
+    x = x if x.stride(1) == 1 else x.contiguous()
+    base = (alpha * (d_pos.detach().float() + margins.detach().float())).contiguous()
+    xx = (x.float() * x.float()).sum(1).contiguous()
+    return x, base, xx
+
+
+@torch.library.custom_op("daal_triton::line_lse2", mutates_args=())
+def _line_lse2_op(x: torch.Tensor, seg: torch.Tensor, d_pos: torch.Tensor, labels: torch.Tensor,
+                  margins: torch.Tensor, alpha: float
+                  ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(lse_i / alpha, lse_i, st, sx)``: the forward of design v2. ``st`` (4 x C class
+    statistics) and ``sx`` (the segments in x's dtype, or empty when they already are) are
+    computed once per call and handed to the backward."""
+    cfgs = CONFIGS[config_family(x.dtype)]
+    x, base, xx = _v2_rows(x, d_pos, margins, alpha)
+    B, D = x.shape
+    C = seg.shape[0]
+    st, sx = _cast_segments(seg, x.dtype, cfgs)
+    s2 = seg if sx.numel() == 0 else sx
+    cfg = cfgs["fwd2"]
+    bb, bc = cfg.blocks["BLOCK_B"], cfg.blocks["BLOCK_C"]
+    row_tiles = triton.cdiv(B, bb)
+    nsplit = wave_split(row_tiles, triton.cdiv(C, bc), sm_count(x.device))
+    m = torch.empty(nsplit, B, device=x.device, dtype=torch.float32)
+    s = torch.empty_like(m)
+    _lm2_fwd_kernel[(row_tiles, nsplit)](
+        x, s2, labels, base, xx, st, m, s, B, C, D, x.stride(0), nsplit, float(alpha), EPS,
+        INPUT_PRECISION=input_precision(x.dtype), **cfg.launch(D))
+    top = m.max(0).values  # every m >= 0: the running max starts at 0 (the softplus's {0})
+    lse = top + torch.log(torch.exp(-top) + (s * torch.exp(m - top)).sum(0))
+    return lse / alpha, lse, st, sx
+
+
+@_line_lse2_op.register_fake
+def _line_lse2_fake(x, seg, d_pos, labels, margins, alpha):
+    out = x.new_empty((x.shape[0],), dtype=torch.float32)
+    C, _, D = seg.shape
+    cast = seg.dtype != x.dtype or not seg.is_contiguous()
+    sx = x.new_empty((C, 2, D) if cast else (0,))
+    return out, torch.empty_like(out), x.new_empty((4, C), dtype=torch.float32), sx
+
+
+_MM_OUT_DTYPE: Dict[Tuple[str, torch.dtype], bool] = {}
+
+
+def mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` (torch.mm: cuBLAS on a GPU) with a float32 result: ``out_dtype=float32`` where
+    this PyTorch supports it for ``a``'s dtype on CUDA (fp32 accumulation straight to the
+    output), else the result rounded to ``a``'s dtype then widened; on the CPU (the interpreter
+    tests) the product of the widened operands."""
+    if a.dtype == torch.float32:
+        return torch.mm(a, b)
+    if a.device.type == "cpu":  # no mm.dtype kernel on the CPU: exact float32 products there
+        return torch.mm(a.float(), b.float())
+    key = (a.device.type, a.dtype)
+    if _MM_OUT_DTYPE.get(key, True):
+        try:
+            out = torch.mm(a, b, out_dtype=torch.float32)
+            _MM_OUT_DTYPE[key] = True
+            return out
+        except (TypeError, RuntimeError, NotImplementedError):
+            _MM_OUT_DTYPE[key] = False
+    return torch.mm(a, b).float()
+
+
+@torch.library.custom_op("daal_triton::line_lse2_backward", mutates_args=())
+def _line_lse2_backward_op(grad_out: torch.Tensor, x: torch.Tensor, seg: torch.Tensor,
+                           sx: torch.Tensor, st: torch.Tensor, d_pos: torch.Tensor,
+                           labels: torch.Tensor, margins: torch.Tensor, lse: torch.Tensor,
+                           alpha: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dX, dSegments, dD_pos)`` of design v2, chunk by chunk of Cc classes: one fused kernel
+    (the forward GEMMs once, ``a~``, ``b~`` and the row/column partials), then two GEMMs
+    (``torch.mm``) and the segment-gradient epilogue. Autocast is off inside (a backward run
+    under autocast must not lower the float32 GEMM outputs the epilogue reads)."""
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        return _line_lse2_backward(grad_out, x, seg, sx, st, d_pos, labels, margins, lse, alpha)
+
+
+def _line_lse2_backward(grad_out, x, seg, sx, st, d_pos, labels, margins, lse, alpha):
+    cfgs = CONFIGS[config_family(x.dtype)]
+    x, base, xx = _v2_rows(x, d_pos, margins, alpha)
+    B, D = x.shape
+    C = seg.shape[0]
+    s2 = seg if sx.numel() == 0 else sx
+    go = grad_out.float().contiguous()
+    grad_dpos = go * (1.0 - torch.exp(-lse))
+    gseg = torch.empty_like(seg, memory_format=torch.contiguous_format)
+    acc = torch.zeros(B, D, device=x.device, dtype=torch.float32)
+    hr = torch.zeros(B, device=x.device, dtype=torch.float32)
+    cfg, dcfg = cfgs["bwd2"], cfgs["dseg2"]
+    bb, bc = cfg.blocks["BLOCK_B"], cfg.blocks["BLOCK_C"]
+    row_tiles = triton.cdiv(B, bb)
+    cc = chunk_classes(B, C, bb, bc, sm_count(x.device))
+    ctiles = cc // bc
+    ab = torch.empty(B, 2 * cc, device=x.device, dtype=x.dtype)
+    rowp = torch.empty(ctiles, B, device=x.device, dtype=torch.float32)
+    colp = torch.empty(row_tiles, 4, cc, device=x.device, dtype=torch.float32)
+    s2rows = s2.view(2 * C, D)
+    prec, hmax = input_precision(x.dtype), _HMAX[x.dtype]
+    for c0 in range(0, C, cc):
+        n = min(cc, C - c0)
+        _lm2_bwd_kernel[(row_tiles, triton.cdiv(n, bc))](
+            x, s2, labels, base, lse, go, xx, st, ab, rowp, colp, B, C, D, c0, cc, x.stride(0),
+            float(alpha), EPS, hmax, INPUT_PRECISION=prec, **cfg.launch(D))
+        hr += rowp[: triton.cdiv(n, bc)].sum(0)
+        abn = ab[:, : 2 * n]
+        acc += mm_f32(abn, s2rows[2 * c0: 2 * (c0 + n)])  # sum_c a~ p_c + b~ q_c
+        g = mm_f32(abn.t(), x).contiguous()  # rows 2c, 2c + 1: [A~^T X]_c, [B~^T X]_c
+        assert g.dtype == torch.float32
+        gs, ss = gseg[c0: c0 + n], seg[c0: c0 + n]
+        _lm2_dseg_kernel[(triton.cdiv(n, dcfg.blocks["BLOCK_C"]),)](
+            g, ss, colp, gs, n, D, cc, row_tiles, ss.stride(0), ss.stride(1), ss.stride(2),
+            gs.stride(0), gs.stride(1), gs.stride(2), **dcfg.launch(D))
+    grad_x = torch.addcmul(acc, hr[:, None], x.float()).to(x.dtype)
+    return grad_x, gseg, grad_dpos.to(d_pos.dtype)
+
+
+@_line_lse2_backward_op.register_fake
+def _line_lse2_backward_fake(grad_out, x, seg, sx, st, d_pos, labels, margins, lse, alpha):
+    return torch.empty_like(x), torch.empty_like(seg), torch.empty_like(d_pos)
+
+
+def _line_lse2_setup_context(ctx, inputs, output):
+    x, seg, d_pos, labels, margins, alpha = inputs
+    _, lse, st, sx = output
+    ctx.save_for_backward(x, seg, sx, st, d_pos, labels, margins, lse)
+    ctx.alpha = alpha
+    ctx.mark_non_differentiable(lse, st, sx)
+
+
+def _line_lse2_autograd_backward(ctx, grad_out, _g_lse, _g_st, _g_sx):
+    x, seg, sx, st, d_pos, labels, margins, lse = ctx.saved_tensors
+    gx, gseg, gpos = torch.ops.daal_triton.line_lse2_backward(
+        grad_out, x, seg, sx, st, d_pos, labels, margins, lse, ctx.alpha)
+    return gx, gseg, gpos, None, None, None
+
+
+_line_lse2_op.register_autograd(_line_lse2_autograd_backward, setup_context=_line_lse2_setup_context)
+
+
 _SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def line_margin(x: torch.Tensor, labels: torch.Tensor, segments: torch.Tensor,
-                margins: torch.Tensor, *, alpha: float, lambda_pull: float) -> torch.Tensor:
+                margins: torch.Tensor, *, alpha: float, lambda_pull: float,
+                design: Optional[str] = None) -> torch.Tensor:
     """Per-sample ``softplus(logsumexp_{c != y_i} alpha(delta_iy + m_i - delta_ic)) / alpha
     + lambda_pull delta_iy^2`` (B values), fused: nothing B x C is ever stored.
 
     ``x`` B x D (already normalised), ``labels`` B ints in [0, C), ``segments`` C x 2 x D,
     ``margins`` B (no gradient). Differentiable w.r.t. ``x`` and ``segments``. Returns float32 for
     float16/bfloat16/float32 inputs; float64 inputs raise ``ValueError`` (the loss routes them to
-    the reference).
+    the reference). ``design``: "v1" or "v2" (internal; default ``DESIGN``).
     """
     compute_dtype("line_margin", x, segments)
     if x.dtype not in _SUPPORTED or segments.dtype not in _SUPPORTED:
@@ -637,7 +1166,22 @@ def line_margin(x: torch.Tensor, labels: torch.Tensor, segments: torch.Tensor,
     # own class, direct form, float32: exact on the segment, gradient via autograd (O(B D)).
     own = segments[labels].float()
     d_pos = torch.sqrt(own_distance_sq(x.float(), own[:, 0], own[:, 1]))
-    line, _ = _line_lse_op(x, segments, d_pos, labels.contiguous(), margins, float(alpha))
+    if _design(design) == "v1":
+        line, _ = _line_lse_op(x, segments, d_pos, labels.contiguous(), margins, float(alpha))
+    else:
+        line = _line_lse2_op(x, segments, d_pos, labels.contiguous(), margins, float(alpha))[0]
     if lambda_pull:
         line = line + lambda_pull * d_pos * d_pos
     return line
+
+
+def _design(design: Optional[str]) -> str:
+    design = DESIGN if design is None else design
+    if design not in DESIGN_KERNELS:
+        raise ValueError(f"line-margin design must be one of {sorted(DESIGN_KERNELS)}, got {design!r}")
+    return design
+
+
+def line_margin_v1(x, labels, segments, margins, *, alpha, lambda_pull):
+    """``line_margin`` with the first design (the benchmarks' ``triton_v1`` provider)."""
+    return line_margin(x, labels, segments, margins, alpha=alpha, lambda_pull=lambda_pull, design="v1")

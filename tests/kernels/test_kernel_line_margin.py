@@ -2,7 +2,10 @@
 
 Values and all three gradients (dX, dP, dQ) under Triton's interpreter on the CPU (IEEE fp32
 dots, tolerance 1e-5; float16 2e-2), the no-B x C-saved-tensor guarantee, and compilation of every
-GPU configuration for sm_80 / sm_90. GPU parity (TF32, bfloat16) is marked ``gpu``.
+GPU configuration for sm_80 / sm_90. GPU parity (TF32, bfloat16) is marked ``gpu``. The parity
+tests run the default design (v2, docs/kernels.md "Line margin, second design"); the first design
+(v1, ``DAAL_LINE_MARGIN_DESIGN=v1``) keeps a parity test of its own. The v2-only tests (chunking,
+memory, grids, PTX pipelining) are in test_kernel_line_margin_v2.py.
 """
 import pytest
 import torch
@@ -20,7 +23,8 @@ DEV = "cuda" if torch.cuda.is_available() else "cpu"
 TF32 = DEV == "cuda"
 
 
-def make_case(B, C, D, *, zero_len=False, on_own=False, absent=False, device=DEV):
+def make_case(B, C, D, *, zero_len=False, on_own=False, absent=False, dup=False, zero=False,
+              device=DEV):
     """Normalised x, labels, segments, margins, grad_out, all float64."""
     present = list(range(0, C, 2)) if absent and C > 1 else None
     z, y, seg = random_problem(B, C, D, classes_present=present)
@@ -37,6 +41,11 @@ def make_case(B, C, D, *, zero_len=False, on_own=False, absent=False, device=DEV
         t = torch.rand(len(idx), 1, dtype=torch.float64)
         p, q = seg[y[idx], 0], seg[y[idx], 1]
         x[idx] = p + t * (q - p)
+    if dup and B > 2:  # duplicate embeddings (same label too, for half of them)
+        x[1::3] = x[0::3][: len(x[1::3])]
+        y[1::6] = y[0::6][: len(y[1::6])]
+    if zero:  # zero embeddings (what normalize=True makes of a zero z)
+        x[2::4] = 0.0
     m = 0.05 + 0.45 * torch.rand(B, dtype=torch.float64)
     go = torch.randn(B, dtype=torch.float64)
     to = dict(device=device)
@@ -51,19 +60,19 @@ def reference_grads(x, y, seg, m, go, lambda_pull):
     return out.detach(), xr.grad, sr.grad
 
 
-def kernel_grads(x, y, seg, m, go, lambda_pull):
+def kernel_grads(x, y, seg, m, go, lambda_pull, design=None):
     xk = x.clone().requires_grad_()
     sk = seg.clone().requires_grad_()
-    out = lm.line_margin(xk, y, sk, m, alpha=ALPHA, lambda_pull=lambda_pull)
+    out = lm.line_margin(xk, y, sk, m, alpha=ALPHA, lambda_pull=lambda_pull, design=design)
     out.backward(go.to(out.dtype))
     return out.detach(), xk.grad, sk.grad
 
 
-def check_parity(x, y, seg, m, go, lambda_pull, tol, x_dtype, seg_dtype):
+def check_parity(x, y, seg, m, go, lambda_pull, tol, x_dtype, seg_dtype, design=None):
     xk, sk = x.to(x_dtype), seg.to(seg_dtype)
     # the reference sees exactly the (rounded) inputs the kernel sees
     ref, gx_ref, gs_ref = reference_grads(xk, y, sk, m, go, lambda_pull)
-    out, gx, gs = kernel_grads(xk, y, sk, m.float(), go.float(), lambda_pull)
+    out, gx, gs = kernel_grads(xk, y, sk, m.float(), go.float(), lambda_pull, design)
     expect = torch.promote_types(torch.float32, torch.promote_types(x_dtype, seg_dtype))
     assert out.dtype == expect and gx.dtype == x_dtype and gs.dtype == seg_dtype
     assert out.shape == ref.shape
@@ -88,6 +97,7 @@ CASES = [
     # analytically (translation invariance), so a pull term keeps dX meaningful
     (130, 300, 1, 0.5, "absent"),
     (130, 300, 129, 0.7, "zero_len,on_own"),  # several row, class and D tiles
+    (37, 11, 129, 0.4, "dup,zero"),  # duplicate and zero embeddings
 ]
 
 
@@ -100,8 +110,17 @@ def _ids(case):
 def test_parity_float32(case):
     B, C, D, lp, sp = case
     x, y, seg, m, go = make_case(B, C, D, zero_len="zero_len" in sp, on_own="on_own" in sp,
-                                 absent="absent" in sp)
+                                 absent="absent" in sp, dup="dup" in sp, zero="zero" in sp)
     check_parity(x, y, seg, m, go, lp, tolerance(torch.float32, tf32=TF32), torch.float32, torch.float32)
+
+
+@pytest.mark.parametrize("x_dtype,tol", [(torch.float32, tolerance(torch.float32, tf32=TF32)),
+                                         (torch.float16, tolerance(torch.float16))], ids=["fp32", "fp16"])
+def test_parity_design_v1(x_dtype, tol):
+    """The first design stays selectable (``design="v1"`` / ``DAAL_LINE_MARGIN_DESIGN=v1``) and
+    correct."""
+    x, y, seg, m, go = make_case(37, 11, 129, zero_len=True, on_own=True, absent=True)
+    check_parity(x, y, seg, m, go, 0.5, tol, x_dtype, torch.float32, design="v1")
 
 
 @pytest.mark.parametrize("seg_dtype", [torch.float16, torch.float32], ids=["seg_fp16", "seg_fp32"])
@@ -183,7 +202,7 @@ def test_saved_tensors_are_never_b_by_c():
 # (daal_testing.compile_launches), each both "generic" and "aligned" (the specialisation of a
 # contiguous D = 512 launch: daal_testing.specialise), with float32 segments (the DAALLoss
 # parameters' dtype).
-GEMM_KERNELS = ("fwd", "dpq", "dx")
+GEMM_KERNELS = ("fwd", "dpq", "dx", "fwd2", "bwd2")
 
 
 @pytest.fixture(scope="module")
@@ -260,3 +279,83 @@ def test_parity_gpu(case, x_dtype, seg_dtype, tol):
     x, y, seg, m, go = make_case(B, C, D, zero_len="zero_len" in sp, on_own="on_own" in sp,
                                  absent="absent" in sp, device="cuda")
     check_parity(x, y, seg, m, go, lp, tol, x_dtype, seg_dtype)
+
+
+# ----------------------------------------------------------------------------- PTX: the pipeline
+def k_loops(ptx: str):
+    """The bodies (lists of instruction lines) of the innermost loops of ``ptx`` that issue
+    ``wgmma.mma_async``: from a label to the branch back to it."""
+    import re
+
+    lines = [ln.strip() for ln in ptx.splitlines()]
+    labels = {m.group(1): i for i, ln in enumerate(lines)
+              for m in [re.match(r"^(\$L__BB\d+_\d+):", ln)] if m}
+    bodies = []
+    for j, ln in enumerate(lines):
+        m = re.search(r"\bbra(?:\.uni)?\s+(\$L__BB\d+_\d+);", ln)
+        if m and m.group(1) in labels and labels[m.group(1)] < j:
+            body = lines[labels[m.group(1)]:j + 1]
+            if any("wgmma.mma_async" in b for b in body):
+                bodies.append(body)
+    # innermost: no other such body nested inside
+    return [b for b in bodies if not any(o is not b and len(o) < len(b) and o[0] in b for o in bodies)]
+
+
+def pipeline_facts(ptx: str) -> dict:
+    """What the sm_90 K-loop does between loads and tensor-core work (see the test below)."""
+    import re
+
+    loops = k_loops(ptx)
+    facts = {"loops": len(loops)}
+    if not loops:
+        return facts
+    body = loops[0]
+    waits_mma = [int(m.group(1)) for b in body for m in [re.search(r"wgmma\.wait_group\.sync\.aligned\s+(\d+)", b)] if m]
+    waits_load = [int(m.group(1)) for b in body for m in [re.search(r"cp\.async\.wait_group\s+(\d+)", b)] if m]
+    last_commit = max(i for i, b in enumerate(body) if b.startswith("wgmma.commit_group"))
+    first_mma_wait = next((i for i, b in enumerate(body) if i > last_commit and b.startswith("wgmma.wait_group")), None)
+    loads_after_mma = [i for i, b in enumerate(body) if b.startswith("cp.async.cg") or b.startswith("cp.async.ca")
+                       if i > last_commit]
+    facts.update(mma_waits=waits_mma, load_waits=waits_load,
+                 loads_in_loop=sum(b.startswith(("cp.async.cg", "cp.async.ca", "cp.async.bulk")) for b in body),
+                 prefetch_while_mma_in_flight=bool(loads_after_mma) and (
+                     first_mma_wait is None or min(loads_after_mma) > first_mma_wait and min(waits_mma) >= 1),
+                 prologue_stages=ptx.count("cp.async.commit_group") - sum(b.startswith("cp.async.commit_group") for b in body))
+    return facts
+
+
+@pytest.mark.parametrize("entry", ["fwd2", "bwd2"])
+def test_hot_loop_is_pipelined(compiled, entry):
+    """The v2 GEMM K-loops, as a contiguous D = 512 bfloat16/float16 launch builds them for sm_90,
+    overlap loads with tensor-core work. In the loop body: the wait for loaded tiles leaves later
+    stages in flight (``cp.async.wait_group N``, N >= 1), no ``wgmma.wait_group`` waits for the MMA
+    just issued (every N >= 1: step k's MMA is waited on only in step k + 1), and the loads of a
+    later step (16-byte ``cp.async``) are issued in the loop while step k's MMA runs; before the
+    loop, num_stages - 1 stages are already requested. So the loads of step k + 1 are always issued
+    before step k's MMA is waited on."""
+    hot = [(c, r) for c, r in compiled if c[0].entry == entry and c[1] == 90 and c[2] == "aligned"
+           and c[0].family == "half"]
+    assert hot
+    for case, res in hot:
+        assert not res.get("error"), res.get("error")
+        f = pipeline_facts(res["ptx"])
+        what = f"{_what(case)}: {f}"
+        assert f["loops"] >= 1, what
+        assert f["load_waits"] and min(f["load_waits"]) >= 1, what
+        assert f["mma_waits"] and min(f["mma_waits"]) >= 1, what
+        assert f["loads_in_loop"] > 0 and f["prefetch_while_mma_in_flight"], what
+        assert f["prologue_stages"] >= case[0].num_stages - 1, what
+
+
+def test_pipeline_check_can_tell():
+    """The PTX reading above rejects a serialised loop (the first design's half forward, whose
+    K-loop forms u = q - p between the loads and the MMAs)."""
+    from daal_testing import compile_many_for_gpu, gpu_job
+
+    la = next(la for la in lm.launches() if la.name == "line_margin_fwd-bf16-bd64")
+    res = compile_many_for_gpu([gpu_job(la, capability=90, specialisation="aligned")], workers=1)[0]
+    assert not res.get("error"), res.get("error")
+    f = pipeline_facts(res["ptx"])
+    ok = (f["loops"] and f["load_waits"] and min(f["load_waits"]) >= 1 and f["mma_waits"]
+          and min(f["mma_waits"]) >= 1 and f["prefetch_while_mma_in_flight"])
+    assert not ok, f

@@ -1,0 +1,184 @@
+"""Design v2 of the line margin (kernels/line_margin.py; docs/kernels.md "Line margin, second
+design"): the class-chunked backward against the float64 reference across several chunks, its
+determinism, the memory bound O(B Cc + (B + C) D) of forward + backward with C >= 20 Cc, gradients
+through ``DAALLoss`` for both reductions, the custom operators' registrations (``opcheck``), and
+the grids (whole waves of the device's SMs). The PTX pipelining and spill tests are in
+test_kernel_line_margin.py (they share its compiled configurations)."""
+import pytest
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+import daal_triton as dt
+from daal_testing import assert_close, random_problem, rel_err, tolerance
+from test_kernel_line_margin import ALPHA, DEV, TF32, check_parity, kernel_grads, make_case
+
+from daal_triton.kernels import line_margin as lm
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Chunks of 128 classes (the interpreter's BLOCK_C) for any B up to 128."""
+    def set_chunk(B):
+        monkeypatch.setattr(lm, "CHUNK_ELEMENTS", B * 128)
+    return set_chunk
+
+
+@pytest.mark.parametrize("x_dtype,seg_dtype", [(torch.float32, torch.float32),
+                                               (torch.float16, torch.float16),
+                                               (torch.float16, torch.float32)],
+                         ids=["fp32", "fp16-seg16", "fp16-seg32"])
+def test_parity_across_chunks(small_chunks, x_dtype, seg_dtype):
+    """C = 300 in three chunks (128, 128, 44 classes: a partial last chunk and a partial class
+    tile), odd B and D, zero-length segments and points on their own segment."""
+    B, C, D = 37, 300, 33
+    small_chunks(B)
+    assert lm.chunk_classes(B, C, 128, 128, 1) == 128
+    x, y, seg, m, go = make_case(B, C, D, zero_len=True, on_own=True, absent=True)
+    tol = tolerance(x_dtype, tf32=TF32) if x_dtype == torch.float32 else tolerance(torch.float16)
+    check_parity(x, y, seg, m, go, 0.3, tol, x_dtype, seg_dtype)
+
+
+def test_backward_is_deterministic(small_chunks):
+    """No atomics: two backward passes give the same bits (several chunks and row tiles)."""
+    B, C, D = 130, 300, 17
+    small_chunks(B)
+    x, y, seg, m, go = make_case(B, C, D, zero_len=True)
+    a = kernel_grads(x.float(), y, seg.float(), m.float(), go.float(), 0.2)
+    b = kernel_grads(x.float(), y, seg.float(), m.float(), go.float(), 0.2)
+    assert all(torch.equal(u, v) for u, v in zip(a, b))
+
+
+def test_strided_segments():
+    """Non-contiguous segments (a view) take the copy path of ``_cast_segments``."""
+    x, y, seg, m, go = make_case(37, 11, 20)
+    wide = torch.zeros(11, 2, 40, dtype=seg.dtype)
+    wide[:, :, ::2] = seg
+    view = wide[:, :, ::2]
+    assert not view.is_contiguous()
+    out, gx, gs = kernel_grads(x.float(), y, view.float(), m.float(), go.float(), 0.2)
+    ref = kernel_grads(x.float(), y, seg.float().contiguous(), m.float(), go.float(), 0.2)
+    for a, b in zip((out, gx, gs), ref):
+        assert rel_err(a, b) <= 1e-6
+
+
+def _largest_allocation(fn) -> int:
+    """The largest number of bytes any single op allocated while ``fn`` ran (torch.profiler's
+    per-op self memory on the CPU: an upper bound of its largest tensor)."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    return max(e.self_cpu_memory_usage for e in prof.events())
+
+
+def test_memory_is_o_b_cc_plus_b_c_d(small_chunks):
+    """Forward + backward never allocate more than O(B Cc + (B + C) D): with C = 3000 >= 20 Cc
+    (Cc = 128) and D = 4, B C is 8x the segments' C x 2 x D and 23x B Cc; the largest tensor
+    is the segment gradient (C x 2 x D), not anything B x C."""
+    B, C, D = 64, 3000, 4
+    small_chunks(B)
+    cc = lm.chunk_classes(B, C, 128, 128, 1)
+    assert C >= 20 * cc
+    x, y, seg, m, go = make_case(B, C, D)
+    xk = x.float().requires_grad_()
+    sk = seg.float().requires_grad_()
+
+    def run():
+        out = lm.line_margin(xk, y, sk, m.float(), alpha=ALPHA, lambda_pull=0.2)
+        out.backward(go.float())
+
+    largest = _largest_allocation(run)
+    bound = 4 * max(2 * B * cc, 2 * C * D, B * D, 4 * C)  # float32 elements of each term
+    assert largest <= bound, (largest, bound)
+    assert largest * 4 <= 4 * B * C  # far from anything B x C
+    # and the test can tell: the first design's dX workspace, or a B x C tensor, would be seen
+    big = _largest_allocation(lambda: torch.empty(B, C).fill_(0))
+    assert big >= 4 * B * C
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_daal_loss_gradients(reduction):
+    """Gradients through ``DAALLoss`` (backend "triton": design v2) match the float64 reference
+    module's for both reductions (every term on; odd B and D, a class absent from the batch)."""
+    z, y, seg = random_problem(37, 11, 129, classes_present=range(8), device=DEV)
+    hp = dict(lambda_pull=0.3, lambda_dens=0.5, lambda_len=0.2, l_max=0.2, alpha=12.0,
+              reduction=reduction)
+    outs = []
+    for backend, dtype in (("triton", torch.float32), ("reference", torch.float64)):
+        module = dt.DAALLoss(11, 129, backend=backend, **hp).to(device=DEV, dtype=dtype)
+        with torch.no_grad():
+            module.segments.copy_(seg)
+        zz = z.detach().to(dtype).requires_grad_(True)
+        loss = module(zz, y)
+        w = torch.linspace(0.5, 1.5, loss.numel(), dtype=dtype, device=DEV).reshape(loss.shape)
+        gz, gs = torch.autograd.grad((loss * w).sum(), (zz, module.segments))
+        outs.append((loss, gz, gs))
+    assert outs[0][0].shape == (() if reduction == "mean" else (37,))
+    tol = tolerance(torch.float32, tf32=TF32)
+    for name, a, b in zip(("loss", "dZ", "dSegments"), *outs):
+        assert_close(a, b, tol, f"{reduction} {name}")
+
+
+def test_custom_ops_opcheck():
+    """The v2 operators' schema, fake (meta) functions and autograd registration are consistent
+    (``torch.library.opcheck``), for the cast (fp16 x, fp32 segments) and no-copy paths."""
+    x, y, seg, m, go = make_case(6, 5, 16)
+    for x_dtype in (torch.float32, torch.float16):
+        xk = x.to(x_dtype).requires_grad_()
+        sk = seg.float().requires_grad_()
+        d_pos = torch.rand(6, requires_grad=True)
+        args = (xk, sk, d_pos, y, m.float(), ALPHA)
+        torch.library.opcheck(torch.ops.daal_triton.line_lse2.default, args,
+                              test_utils=("test_schema", "test_faketensor"))
+        out, lse, st, sx = torch.ops.daal_triton.line_lse2(*args)
+        bargs = (go.float(), xk.detach(), sk.detach(), sx, st, d_pos.detach(), y, m.float(), lse, ALPHA)
+        torch.library.opcheck(torch.ops.daal_triton.line_lse2_backward.default, bargs,
+                              test_utils=("test_schema", "test_faketensor"))
+
+
+# ----------------------------------------------------------------------------- grids
+H200_SMS = 132
+
+
+@pytest.mark.parametrize("B,C", [(1024, 100_000), (4096, 1_000_000), (4096, 1000), (1024, 11318),
+                                 (180, 100)])
+def test_forward_grid_in_whole_waves(B, C):
+    """The forward's (row tiles x splits) grid is sized from the SM count: its modelled time
+    (waves x class tiles of the longest program) is within 5% of the ideal (all SMs busy, the work
+    split evenly) plus one class tile (the granularity), and never worse than the first design's
+    fixed ~264-program split."""
+    cfg = lm.CONFIGS["half"]["fwd2"]
+    rt = -(-B // cfg.blocks["BLOCK_B"])
+    tiles = -(-C // cfg.blocks["BLOCK_C"])
+    s = lm.wave_split(rt, tiles, H200_SMS)
+    cost = -(-rt * s // H200_SMS) * -(-tiles // s)
+    ideal = rt * tiles / H200_SMS
+    assert cost <= 1.05 * ideal + 1, (s, cost, ideal)
+    per, nsplit_v1 = lm._split(C, rt, cfg.blocks["BLOCK_C"])
+    cost_v1 = -(-rt * nsplit_v1 // H200_SMS) * (per // cfg.blocks["BLOCK_C"])
+    assert cost <= cost_v1
+
+
+def test_backward_chunk_grid():
+    """The backward's chunk respects the element budget and stays within 3/4 of its widest; at
+    B = 1024, C = 100k its grid is whole waves on an H200 (8 row tiles x 231 class tiles = 14
+    waves); at C = 1M, B = 4096 no width in range makes whole waves and the widest is kept."""
+    cfg = lm.CONFIGS["half"]["bwd2"]
+    bb, bc = cfg.blocks["BLOCK_B"], cfg.blocks["BLOCK_C"]
+    for B, C in ((1024, 100_000), (4096, 1_000_000), (1024, 11318), (180, 100)):
+        cc = lm.chunk_classes(B, C, bb, bc, H200_SMS)
+        widest = lm.chunk_classes(B, C, bb, bc, 1)
+        assert B * cc <= max(lm.CHUNK_ELEMENTS, B * bc) and cc % bc == 0
+        assert 4 * cc >= 3 * widest
+    cc = lm.chunk_classes(1024, 100_000, bb, bc, H200_SMS)
+    assert cc == 231 * bc and ((1024 // bb) * (cc // bc)) % H200_SMS == 0
+    assert lm.chunk_classes(4096, 1_000_000, bb, bc, H200_SMS) == lm.CHUNK_ELEMENTS // 4096
+
+
+def test_backward_under_autocast():
+    """A backward run inside autocast gives the same gradients (the operator turns autocast off
+    around its float32 GEMM outputs)."""
+    x, y, seg, m, go = make_case(37, 11, 33)
+    ref = kernel_grads(x.float(), y, seg.float(), m.float(), go.float(), 0.2)
+    with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16):
+        got = kernel_grads(x.float(), y, seg.float(), m.float(), go.float(), 0.2)
+    for a, b in zip(got, ref):
+        assert a.dtype == b.dtype and rel_err(a, b) <= 1e-6
