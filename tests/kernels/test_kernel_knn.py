@@ -239,9 +239,42 @@ def test_knn_launches_cover_the_launcher():
     forward compiled with the largest KP of its entry)."""
     names = {la.name for la in kk.launches()}
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        variants = ("", "-tf32") if dtype == torch.float32 else ("",)
         for D in (1, 20, 512):
             for k in (1, 3, 8, 16, 17, 64, 100, kk.MAX_K):
                 entry = kk.fwd_entry(1 << (k - 1).bit_length())
-                for e in (entry, "bwd"):
+                for e in (entry, "dist", "bwd", "bwd_noref"):
                     bd = kk.CONFIGS[family(dtype)][e].block_d_for(D)
-                    assert f"knn_{e}-{POINTER[dtype][1:]}-bd{bd}" in names, (e, dtype, D)
+                    for v in variants if e == entry else ("",):
+                        assert f"knn_{e}-{POINTER[dtype][1:]}-bd{bd}{v}" in names, (e, dtype, D, v)
+
+
+def test_knn_duplicates_give_the_clamp():
+    """The selected distances are recomputed by direct differences: a duplicate reads the clamp
+    sqrt(1e-12) exactly (the GEMM form leaves ~1e-4 of cancellation noise here), and its gradient
+    is zero."""
+    r = torch.nn.functional.normalize(torch.randn(40, 64, device=DEV), dim=1) * 30.0
+    q = r[[3, 17, 29]].clone().requires_grad_(True)
+    dist, index = kk.knn(q, r, 2)
+    assert index[:, 0].tolist() == [3, 17, 29]
+    assert (dist[:, 0] == 1e-6).all(), dist[:, 0]
+    dist[:, 0].sum().backward()
+    assert q.grad.abs().max().item() == 0.0
+
+
+def test_knn_no_ref_gradient():
+    """A reference set that needs no gradient (a memory bank): the backward computes no dRef (no
+    N x D buffer, no atomics) and dQuery is unchanged."""
+    q, r = torch.randn(30, 12, device=DEV), torch.randn(80, 12, device=DEV)
+    dist, index = kk.knn(q.requires_grad_(True), r, 4)
+    g = torch.randn_like(dist)
+    (dist * g).sum().backward()
+    qr = q.detach().double().requires_grad_(True)
+    dref, _ = reference.knn(qr, r.double(), 4)
+    (dref * g.double()).sum().backward()
+    assert_close(q.grad, qr.grad, tolerance(torch.float32, tf32=TF32), "d query")
+    dq, dr = torch.ops.daal_triton.knn_backward(g, index, q.detach(), r, False)
+    assert dr.shape == (0, 12)
+    assert torch.equal(dq, q.grad)
+    dq2, dr2 = torch.ops.daal_triton.knn_backward(g, index, q.detach(), r, True)
+    assert dr2.shape == r.shape and torch.allclose(dq2, dq)
