@@ -6,16 +6,21 @@ For each query row ``i`` the kernel finds the ``k`` reference rows ``j`` with th
     s_ij = max(||q_i||^2 + ||r_j||^2 - 2 q_i . r_j, eps)         (eps = 1e-12)
 
 among the candidates (``ref_labels[j] == query_labels[i]`` when labels are given, ``j != i``
-with ``exclude_self``), ordered by ``(s_ij, j)`` (ties go to the smaller index); it returns
-``dist = sqrt(s)`` and ``index`` (M x k, sorted ascending, padded with ``inf`` / ``-1`` when a
-row has fewer than ``k`` candidates) — exactly the semantics of ``daal_triton.reference.knn``.
+with ``exclude_self``), ordered by ``(s_ij, j)`` (ties go to the smaller index); the GEMM form only
+*selects*: the ``k`` selected distances are then recomputed by direct differences,
+``||q_i - r_j||^2`` in float32 (``_knn_dist_kernel``, M x k x D work; docs/method.md, "Numerics"),
+re-sorted by ``(s, j)``, and returned as ``dist = sqrt(max(s, eps))`` (a duplicate reads the clamp
+1e-6) with ``index`` (M x k, sorted ascending, padded with ``inf`` / ``-1`` when a row has fewer
+than ``k`` candidates) — the semantics of ``daal_triton.reference.knn``, and the same function the
+backward differentiates.
 
 Forward kernel (``_knn_fwd_kernel``), one program per BLOCK_M queries (and, when M alone gives
 too few programs for the GPU, per one of ``S`` contiguous column ranges of the references):
 
 1. for each BLOCK_N tile of references: ``acc = Q_blk R_tile^T`` with ``tl.dot`` over D in
-   BLOCK_D chunks (tensor cores, float32 accumulation; float32 inputs use TF32 on a GPU and
-   IEEE under the interpreter), then the epilogue ``s = qn + rn - 2 acc`` with the masks;
+   BLOCK_D chunks (tensor cores, float32 accumulation; float32 inputs follow
+   ``torch.get_float32_matmul_precision()`` on a GPU — 3xTF32 for "highest", single-pass TF32 on
+   rounded operands for "high"/"medium" — and IEEE under the interpreter), then the epilogue ``s = qn + rn - 2 acc`` with the masks;
 2. merge into a running top-k held in registers: ``KP = next_pow2(k)`` slots per row
    (distance, index), *unsorted*, with the row's worst entry ``(worst, widx)`` (the largest in
    ``(s, j)`` order). Tile entries with ``s < worst`` are candidates; while any row of the
@@ -37,11 +42,13 @@ because the GEMM form loses digits exactly for the close pairs a kNN selects)::
     dL/dr_j = -sum_{(i,k): index_ik = j} h_ik (q_i - r_j)   (atomic adds, fp32 buffer)
 
 a scatter over the M x k selected pairs; atomics make dRef's summation order (last bits)
-nondeterministic.
+nondeterministic. When the references need no gradient (a memory bank: ``ref`` does not require
+grad) the backward computes no dRef at all: no N x D buffer, no atomics (``HAS_DR = False``).
 
 Memory: forward O((M + N) + M * S * KP) besides the inputs (the squared norms and the slot
-buffers), never M x N; backward float32 buffers dQ (M x D) and dR (N x D, for the atomics),
-cast to the input dtypes at the end; nothing of size M x k x D.
+buffers), never M x N; backward float32 buffers dQ (M x D) and dR (N x D, for the atomics; none without a ref
+gradient), cast to the input dtypes at the end; nothing of size M x k x D (the exact recompute
+reads the k selected rows, it does not gather them).
 Inputs are copied once with ``.contiguous()`` only when their rows are not contiguous.
 
 Limits: ``k <= MAX_K`` (128) runs the kernel; larger ``k`` runs ``_select_chunked``, plain
@@ -269,9 +276,10 @@ _FWD_BLOCKS = {16: (128, 128, 8), 32: (64, 128, 4), 64: (64, 64, 4), 128: (32, 6
 KP_ROWS = tuple(_FWD_BLOCKS)
 
 
-def _fwd_configs(largest_block_d: int) -> Dict[str, KernelConfig]:
-    return {f"fwd_kp{kp}": KernelConfig({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=3,
-                                        block_d=(16, largest_block_d))
+def _fwd_configs(largest_block_d: int, stages: Optional[Dict[int, int]] = None) -> Dict[str, KernelConfig]:
+    stages = stages or {}
+    return {f"fwd_kp{kp}": KernelConfig({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w,
+                                        num_stages=stages.get(kp, 3), block_d=(16, largest_block_d))
             for kp, (bm, bn, w) in _FWD_BLOCKS.items()}
 
 
@@ -281,7 +289,9 @@ _BWD = KernelConfig({"BLOCK_M": 64}, num_warps=4, num_stages=1, block_d=(16, 64)
 #: dRef: the references need no gradient).
 CONFIGS: Dict[str, Dict[str, KernelConfig]] = {
     "half": dict(_fwd_configs(64), dist=_BWD, bwd=_BWD, bwd_noref=_BWD),
-    "fp32": dict(_fwd_configs(32), dist=_BWD, bwd=_BWD, bwd_noref=_BWD),
+    # float32: BLOCK_D 16 and 4 stages at KP 32 keep the 3xTF32 builds' sm_90 stack at or below
+    # what the single-pass build had (docs/kernels.md, "Compile facts")
+    "fp32": dict(_fwd_configs(16, {32: 4}), dist=_BWD, bwd=_BWD, bwd_noref=_BWD),
 }
 _SPEC_OF = {**{f"fwd_kp{kp}": KERNELS["fwd"] for kp in KP_ROWS}, "dist": KERNELS["dist"],
             "bwd": KERNELS["bwd"], "bwd_noref": KERNELS["bwd"]}

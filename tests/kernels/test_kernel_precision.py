@@ -63,8 +63,8 @@ def test_launches_list_every_precision():
                 want = ("tf32",)  # float32 H, single-pass TF32 (kernels/pairwise.py: h_dtype)
             assert la.flags["INPUT_PRECISION"] in want, la.name
     names = {la.name for la in kp.launches() + kk.launches()}
-    for base in ("pairwise_fwd-fp32-bd32", "pairwise_bwd_dx-fp32-bd64", "pairwise_bwd_dy-fp32-bd64",
-                 "pairwise_sqnorm-fp32-bd64", "pairwise_h-fp32", "knn_fwd_kp16-fp32-bd32",
+    for base in ("pairwise_fwd-fp32-bd16", "pairwise_bwd_dx-fp32-bd64", "pairwise_bwd_dy-fp32-bd64",
+                 "pairwise_sqnorm-fp32-bd64", "pairwise_h-fp32", "knn_fwd_kp16-fp32-bd16",
                  "knn_fwd_kp128-fp32-bd16"):
         assert base in names and base + "-tf32" in names, base
 
@@ -77,8 +77,8 @@ def _mma(ptx: str, cap: int) -> list:
 @pytest.fixture(scope="module")
 def ptx():
     """PTX of the float32 GEMM launches in both variants, and of the bfloat16 pairwise backward."""
-    pick = {"pairwise_fwd-fp32-bd32", "pairwise_bwd_dx-fp32-bd64", "pairwise_bwd_dy-fp32-bd64",
-            "knn_fwd_kp16-fp32-bd32", "pairwise_sqnorm-fp32-bd64", "pairwise_h-fp32"}
+    pick = {"pairwise_fwd-fp32-bd16", "pairwise_bwd_dx-fp32-bd64", "pairwise_bwd_dy-fp32-bd64",
+            "knn_fwd_kp16-fp32-bd16", "pairwise_sqnorm-fp32-bd64", "pairwise_h-fp32"}
     pick |= {n + "-tf32" for n in pick}
     pick |= {"pairwise_bwd_dx-bf16-bd128", "pairwise_bwd_dy-bf16-bd128"}
     launches = [la for la in kp.launches() + kk.launches() if la.name in pick]
@@ -96,8 +96,8 @@ def ptx():
 def test_ptx_float32_precision_paths(ptx):
     """"highest" -> 3xTF32 (rounded split, 3x the MMAs); "high"/"medium" -> one TF32 MMA pass on
     operands rounded with cvt.rna (never truncated), norms of the same rounded values."""
-    for base in ("pairwise_fwd-fp32-bd32", "pairwise_bwd_dx-fp32-bd64", "pairwise_bwd_dy-fp32-bd64",
-                 "knn_fwd_kp16-fp32-bd32"):
+    for base in ("pairwise_fwd-fp32-bd16", "pairwise_bwd_dx-fp32-bd64", "pairwise_bwd_dy-fp32-bd64",
+                 "knn_fwd_kp16-fp32-bd16"):
         for cap in (90, 80):
             if (base, cap) not in ptx:
                 continue
