@@ -112,11 +112,14 @@ def _knn_fwd_kernel(
     """
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_lo = pid_m * BLOCK_M
+    rows = row_lo + tl.arange(0, BLOCK_M)
     rmask = rows < M
     rows64 = rows.to(tl.int64)
     q_rows = q_ptr + rows64[:, None] * stride_q_m
-    qn = tl.load(qn_ptr + rows, mask=rmask, other=0.0)
+    # masked rows and columns read an infinite norm, so their s is inf and never a candidate:
+    # the bounds need no mask per tile
+    qn = tl.load(qn_ptr + rows, mask=rmask, other=float("inf"))
     if HAS_LABELS:
         ql = tl.load(ql_ptr + rows, mask=rmask, other=0)
 
@@ -134,16 +137,18 @@ def _knn_fwd_kernel(
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         acc = _dot_rows(q_rows, r_ptr + cols.to(tl.int64)[:, None] * stride_r_n, rmask, cmask, D,
                         acc, BLOCK_D, INPUT_PRECISION, ROUND_TF32)
-        rn = tl.load(rn_ptr + cols, mask=cmask, other=0.0)
-        s = tl.maximum(qn[:, None] + rn[None, :] - 2.0 * acc, TL_EPS)
-        ok = rmask[:, None] & cmask[None, :]
+        rn = tl.load(rn_ptr + cols, mask=cmask, other=float("inf"))
         if HAS_LABELS:
             rl = tl.load(rl_ptr + cols, mask=cmask, other=0)
-            ok = ok & (ql[:, None] == rl[None, :])
+        s = tl.maximum(qn[:, None] + rn[None, :] - 2.0 * acc, TL_EPS)
+        if HAS_LABELS:
+            s = tl.where(ql[:, None] == rl[None, :], s, float("inf"))
         if EXCLUDE_SELF:
-            ok = ok & (rows[:, None] != cols[None, :])
+            # only a tile that meets the diagonal holds self pairs
+            if (n0 < row_lo + BLOCK_M) & (n0 + BLOCK_N > row_lo):
+                s = tl.where(rows[:, None] == cols[None, :], float("inf"), s)
         # candidates: entries that beat the row's current worst slot
-        sm = tl.where(ok & (s < worst[:, None]), s, float("inf"))
+        sm = tl.where(s < worst[:, None], s, float("inf"))
         v = tl.min(sm, axis=1)
         while tl.min(v, axis=0) < float("inf"):
             c = tl.min(tl.where(sm == v[:, None], cols[None, :], 2147483647), axis=1)

@@ -113,6 +113,16 @@ def test_knn_exclude_self_no_labels():
     assert (index != torch.arange(30, device=DEV)[:, None]).all()
 
 
+def test_knn_exclude_self_off_diagonal_tiles():
+    """Self pairs are masked only on the tiles that meet the diagonal: with 64-row query blocks
+    and 128-column tiles (KP = 32) and column splits, every other block meets the diagonal in a
+    different tile, and the tail tile is partial."""
+    x = torch.randn(200, 6, device=DEV)
+    for splits in (None, 2):
+        dist, index = _run(x, x, 17, exclude_self=True, splits=splits, grad=False)
+        assert (index != torch.arange(200, device=DEV)[:, None]).all()
+
+
 def test_knn_splits_merge():
     """Several column ranges per query block (the GPU's split-N path) merge to the same result."""
     q, r = torch.randn(20, 10, device=DEV), torch.randn(300, 10, device=DEV)
@@ -219,11 +229,15 @@ def test_knn_gpu(dtype, k):
 
 
 # ------------------------------------------------------------------------- compile for GPUs
-def test_knn_configs_compile():
+@pytest.fixture(scope="module")
+def compiled():
+    return compile_launches(kk.launches())
+
+
+def test_knn_configs_compile(compiled):
     """Each configuration compiles for sm_80 and sm_90 (generic, and with the hot-path
     specialisation for the D = 512 configurations); GEMM kernels use mma.sync (sm_80) and
     wgmma (sm_90; BLOCK_M = 32 configs fall back to mma.sync, which is fine)."""
-    compiled = compile_launches(kk.launches())
     assert any(spec == "aligned" for (_, _, spec), _ in compiled)
     for (cfg, cap, spec), res in compiled:
         what = f"{cfg.name} sm_{cap} {spec}"
@@ -232,6 +246,15 @@ def test_knn_configs_compile():
             ptx = res["ptx"]
             want = "mma.sync" if cap == 80 or cfg.constexprs["BLOCK_M"] < 64 else "wgmma.mma_async"
             assert want in ptx, f"{what}: no {want} in the PTX"
+
+
+def test_knn_hot_path_does_not_spill(compiled):
+    """sm_90, specialised as a contiguous D = 512 launch: no local memory (cuobjdump STACK 0) for
+    every kernel, dtype, KP entry and precision variant (docs/kernels.md, "Compile facts")."""
+    hot = [(c, r) for c, r in compiled if c[1] == 90 and c[2] == "aligned"]
+    assert {c[0].spec for c, _ in hot} == set(kk.KERNELS.values())
+    spills = {c[0].name: r.get("stack", "no cuobjdump report") for c, r in hot if r.get("stack") != 0}
+    assert not spills, f"local memory (bytes per thread) on the hot path: {spills}"
 
 
 def test_knn_launches_cover_the_launcher():
