@@ -72,8 +72,18 @@ def input_precision(dtype: torch.dtype, *, gpu: Optional[bool] = None,
     gpu = not interpreting() if gpu is None else gpu
     if dtype != torch.float32 or not gpu:
         return "ieee"
-    setting = torch.get_float32_matmul_precision() if matmul_precision is None else matmul_precision
-    return FP32_DOT[setting]
+    return FP32_DOT[matmul_precision or matmul_setting()]
+
+
+def matmul_setting() -> str:
+    """``torch.get_float32_matmul_precision()``; where PyTorch refuses to answer it (the legacy
+    and the newer ``torch.backends.cuda.matmul.fp32_precision`` API mixed), ``"high"`` when the
+    CUDA matmul precision is ``"tf32"``, else ``"highest"``."""
+    try:
+        return torch.get_float32_matmul_precision()
+    except RuntimeError:
+        fp32 = getattr(getattr(torch.backends.cuda, "matmul", None), "fp32_precision", "ieee")
+        return "high" if fp32 == "tf32" else "highest"
 
 
 def round_operands(precision: str) -> bool:

@@ -53,6 +53,21 @@ def test_rule(matmul_precision):
         assert kc.dot_flags(torch.float32) == {"INPUT_PRECISION": "ieee", "ROUND_TF32": False}
 
 
+def test_rule_newer_api(matmul_precision):
+    """``torch.backends.cuda.matmul.fp32_precision`` (PyTorch's newer API), where
+    ``get_float32_matmul_precision`` may refuse to answer: "tf32" -> single-pass TF32."""
+    matmuls = getattr(torch.backends.cuda, "matmul", None)
+    if not hasattr(matmuls, "fp32_precision"):
+        pytest.skip("this PyTorch has no torch.backends.cuda.matmul.fp32_precision")
+    try:
+        matmuls.fp32_precision = "tf32"
+        assert kc.input_precision(torch.float32, gpu=True) == "tf32"
+        matmuls.fp32_precision = "ieee"
+        assert kc.input_precision(torch.float32, gpu=True) == "tf32x3"
+    finally:
+        matmul_precision("highest")  # resets both APIs (the fixture restores the setting after)
+
+
 def test_launches_list_every_precision():
     """The compile tests build each variant a launcher can pick: both float32 precisions of every
     GEMM entry, one for half inputs."""
