@@ -36,9 +36,6 @@ EPS = 1e-12
 #: ``EPS`` as a constant the ``@triton.jit`` kernels can read.
 TL_EPS = tl.constexpr(EPS)
 
-#: float32 operands use TF32 tensor-core dots on a GPU (never under the interpreter).
-ALLOW_TF32 = True
-
 #: Triton pointer types of the input dtypes the kernels take.
 POINTER = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
 
@@ -51,11 +48,70 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def input_precision(dtype: torch.dtype, *, gpu: Optional[bool] = None) -> str:
-    """``tl.dot``'s input precision for operands of ``dtype``: TF32 for float32 on a GPU only
-    (``gpu``: whether the kernel runs on a GPU; by default, unless the interpreter is on)."""
+#: ``tl.dot``'s input precision for float32 operands on a GPU, by
+#: ``torch.get_float32_matmul_precision()`` (docs/method.md, "Numerics"): ``"highest"`` (PyTorch's
+#: default) asks for float32 accuracy, which 3xTF32 gives on the tensor cores (each operand split
+#: into a rounded TF32 high part and a TF32 remainder, three MMAs); ``"high"`` and ``"medium"``
+#: allow one TF32 pass, on operands rounded to TF32 first (:func:`round_operands`).
+FP32_DOT = {"highest": "tf32x3", "high": "tf32", "medium": "tf32"}
+#: Every precision a launcher can pass for float32 operands on a GPU (the compile tests build each).
+FP32_GPU_PRECISIONS = ("tf32x3", "tf32")
+
+
+def input_precision(dtype: torch.dtype, *, gpu: Optional[bool] = None,
+                    matmul_precision: Optional[str] = None) -> str:
+    """``tl.dot``'s input precision for operands of ``dtype``.
+
+    float32 on a GPU follows ``torch.get_float32_matmul_precision()`` (or ``matmul_precision``)
+    through :data:`FP32_DOT`: ``"tf32x3"`` for ``"highest"``, ``"tf32"`` for ``"high"`` /
+    ``"medium"``; under the interpreter (and for float16/bfloat16 operands, where Triton ignores
+    it) ``"ieee"``. ``gpu``: whether the kernel runs on a GPU (by default, unless the interpreter
+    is on). A kernel given ``"tf32"`` must round its float32 operands to TF32 before the dot
+    (:func:`round_operands`, :func:`_round_tf32`): the tensor cores truncate raw float32 bits.
+    """
     gpu = not interpreting() if gpu is None else gpu
-    return "tf32" if dtype == torch.float32 and ALLOW_TF32 and gpu else "ieee"
+    if dtype != torch.float32 or not gpu:
+        return "ieee"
+    return FP32_DOT[matmul_precision or matmul_setting()]
+
+
+def matmul_setting() -> str:
+    """``torch.get_float32_matmul_precision()``; where PyTorch refuses to answer it (the legacy
+    and the newer ``torch.backends.cuda.matmul.fp32_precision`` API mixed), ``"high"`` when the
+    CUDA matmul precision is ``"tf32"``, else ``"highest"``."""
+    try:
+        return torch.get_float32_matmul_precision()
+    except RuntimeError:
+        fp32 = getattr(getattr(torch.backends.cuda, "matmul", None), "fp32_precision", "ieee")
+        return "high" if fp32 == "tf32" else "highest"
+
+
+def round_operands(precision: str) -> bool:
+    """Whether a kernel whose dots use ``precision`` rounds its float32 operands (and the values
+    its norms are taken of) to TF32 first: the ``ROUND_TF32`` constexpr, true for ``"tf32"``
+    only (``"tf32x3"`` rounds its own split, ``"ieee"`` needs none; never under the interpreter,
+    where ``input_precision`` is ``"ieee"``)."""
+    return precision == "tf32"
+
+
+def dot_flags(dtype: torch.dtype, *, gpu: Optional[bool] = None,
+              matmul_precision: Optional[str] = None) -> Dict[str, Any]:
+    """The constexprs ``INPUT_PRECISION`` and ``ROUND_TF32`` of a kernel whose dot operands have
+    ``dtype``, as a launcher passes them now (see :func:`input_precision`)."""
+    prec = input_precision(dtype, gpu=gpu, matmul_precision=matmul_precision)
+    return {"INPUT_PRECISION": prec, "ROUND_TF32": round_operands(prec) and dtype == torch.float32}
+
+
+def gpu_dot_variants(dtype: torch.dtype) -> List[Dict[str, Any]]:
+    """Every :func:`dot_flags` a launcher can pass on a GPU for operands of ``dtype`` (one per
+    float32 matmul-precision mode; one for float16/bfloat16): what ``launches()`` lists."""
+    settings = list(FP32_DOT) if dtype == torch.float32 else ["highest"]
+    out = []
+    for setting in settings:
+        fl = dot_flags(dtype, gpu=True, matmul_precision=setting)
+        if fl not in out:
+            out.append(fl)
+    return out
 
 
 def family(dtype: torch.dtype) -> str:
@@ -143,7 +199,8 @@ class KernelSpec:
     """A ``@triton.jit`` kernel and the facts its compile tests need.
 
     ``signature``: the Triton type of each runtime argument, in order (:func:`parse_signature`
-    text); ``*x`` and ``*seg`` stand for pointers of the input and segment dtypes. ``unit`` /
+    text); ``*x`` and ``*seg`` stand for pointers of the input and segment dtypes, ``*h`` for an
+    intermediate whose dtype ``h_dtype(x_dtype)`` gives (the pairwise backward's ``H``). ``unit`` /
     ``rows`` / ``other``: its stride arguments on the hot path (see the module docstring).
     ``gemm``: whether its hot loop is a tensor-core dot."""
 
@@ -153,6 +210,7 @@ class KernelSpec:
     rows: Tuple[str, ...] = ()
     other: Tuple[str, ...] = ()
     gemm: bool = True
+    h_dtype: Any = None
     signature: Dict[str, str] = field(init=False, compare=False)
 
     def __post_init__(self):
@@ -164,6 +222,8 @@ class KernelSpec:
 
     def signature_for(self, x_dtype: torch.dtype, seg_dtype: torch.dtype = torch.float32) -> Dict[str, str]:
         names = {"*x": POINTER[x_dtype], "*seg": POINTER[seg_dtype]}
+        if self.h_dtype is not None:
+            names["*h"] = POINTER[self.h_dtype(x_dtype)]
         return {n: names.get(ty, ty) for n, ty in self.signature.items()}
 
     def stride_args(self) -> set:
@@ -187,8 +247,16 @@ class Launch:
 
     @property
     def name(self) -> str:
+        """``<op>_<entry>-<dtype>[-bd<BLOCK_D>][-tf32]``: the suffix marks the single-pass TF32
+        variant of a float32 launch (``"high"``/``"medium"``); the plain name is the default."""
         bd = "" if self.block_d is None else f"-bd{self.block_d}"
-        return f"{self.op}_{self.entry}-{POINTER[self.x_dtype][1:]}{bd}"
+        return f"{self.op}_{self.entry}-{POINTER[self.x_dtype][1:]}{bd}{self.variant}"
+
+    @property
+    def variant(self) -> str:
+        """``"-tf32"`` for a launch with single-pass TF32 dots or TF32-rounded norms, else ``""``."""
+        tf32 = self.flags.get("INPUT_PRECISION") == "tf32" or self.flags.get("ROUND_TF32")
+        return "-tf32" if tf32 else ""
 
     @property
     def kernel(self):
@@ -219,13 +287,16 @@ def expand(op: str, configs: Mapping[str, Mapping[str, KernelConfig]],
            specs: Mapping[str, KernelSpec], flags) -> List[Launch]:
     """Every :class:`Launch` of ``configs[family][entry]`` (GPU families only), for each dtype of
     the family and each BLOCK_D; ``specs[entry]`` is the entry's kernel and ``flags(entry,
-    dtype)`` its other constexprs (as the launcher sets them on a GPU)."""
+    dtype)`` its other constexprs (as the launcher sets them on a GPU): a dict, or a list of
+    dicts when the launcher picks among several (the float32 precision variants)."""
     out = []
     for fam, entries in configs.items():
         for dtype in FAMILY_DTYPES.get(fam, ()):
             for entry, cfg in entries.items():
-                out += [Launch(op, fam, entry, specs[entry], dtype, cfg, bd, flags(entry, dtype))
-                        for bd in cfg.block_d_choices()]
+                variants = flags(entry, dtype)
+                for fl in variants if isinstance(variants, list) else [variants]:
+                    out += [Launch(op, fam, entry, specs[entry], dtype, cfg, bd, fl)
+                            for bd in cfg.block_d_choices()]
     return out
 
 
@@ -245,8 +316,19 @@ def every_spec() -> List[KernelSpec]:
 
 # --------------------------------------------------------------------------- shared kernels
 @triton.jit
+def _round_tf32(x, ROUND_TF32: tl.constexpr):
+    """``x`` rounded to TF32 (10 mantissa bits, round to nearest, ties away: ``cvt.rna.tf32.f32``)
+    when ``ROUND_TF32``, else ``x`` unchanged (no instruction). Only float32 ``x`` with
+    ``ROUND_TF32``; never under the interpreter (no inline assembly there)."""
+    if ROUND_TF32:
+        x = tl.inline_asm_elementwise("cvt.rna.tf32.f32 $0, $1;", "=r,r", [x], dtype=tl.float32,
+                                      is_pure=True, pack=1)
+    return x
+
+
+@triton.jit
 def _dot_rows(a_rows, b_rows, amask, bmask, D, acc, BLOCK_D: tl.constexpr,
-              INPUT_PRECISION: tl.constexpr):
+              INPUT_PRECISION: tl.constexpr, ROUND_TF32: tl.constexpr = False):
     """``acc + A B^T`` for a block of rows of A and of B (unit column stride), over D in
     BLOCK_D chunks: one ``tl.dot`` per chunk, float32 accumulation.
 
@@ -255,26 +337,31 @@ def _dot_rows(a_rows, b_rows, amask, bmask, D, acc, BLOCK_D: tl.constexpr,
         amask, bmask: which rows of each block exist.
         D: the row length. acc: the float32 accumulator, rows of A x rows of B.
         BLOCK_D: the D-chunk. INPUT_PRECISION: ``tl.dot``'s input precision.
+        ROUND_TF32: round float32 operands to TF32 before the dot (``round_operands``).
     """
     for d0 in range(0, D, BLOCK_D):
         dd = d0 + tl.arange(0, BLOCK_D)
         dmask = dd < D
         a = tl.load(a_rows + dd[None, :], mask=amask[:, None] & dmask[None, :], other=0.0)
         b = tl.load(b_rows + dd[None, :], mask=bmask[:, None] & dmask[None, :], other=0.0)
+        a = _round_tf32(a, ROUND_TF32)
+        b = _round_tf32(b, ROUND_TF32)
         acc = tl.dot(a, tl.trans(b), acc, input_precision=INPUT_PRECISION)
     return acc
 
 
 @triton.jit
-def _sqnorm_kernel(x_ptr, out_ptr, M, D, stride_x_m, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    """``out_i = sum_d x_id^2`` in float32.
+def _sqnorm_kernel(x_ptr, out_ptr, M, D, stride_x_m, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+                   ROUND_TF32: tl.constexpr):
+    """``out_i = sum_d x_id^2`` in float32 (of ``x`` rounded to TF32 with ``ROUND_TF32``: the
+    values a single-pass TF32 dot sees).
 
     Args:
         x_ptr: M x D input, unit column stride.
         out_ptr: M float32 outputs.
         M, D: sizes.
         stride_x_m: row stride of x.
-        BLOCK_M: rows per program. BLOCK_D: D-chunk of the loop.
+        BLOCK_M: rows per program. BLOCK_D: D-chunk of the loop. ROUND_TF32: see above.
     """
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < M
@@ -283,6 +370,7 @@ def _sqnorm_kernel(x_ptr, out_ptr, M, D, stride_x_m, BLOCK_M: tl.constexpr, BLOC
     for d0 in range(0, D, BLOCK_D):
         dd = d0 + tl.arange(0, BLOCK_D)
         x = tl.load(base + dd[None, :], mask=rmask[:, None] & (dd[None, :] < D), other=0.0).to(tl.float32)
+        x = _round_tf32(x, ROUND_TF32)
         acc += tl.sum(x * x, axis=1)
     tl.store(out_ptr + rows, acc, mask=rmask)
 
@@ -292,12 +380,15 @@ SQNORM = KernelSpec(_sqnorm_kernel, "x_ptr: *x; out_ptr: *fp32; M D: i32; stride
 SQNORM_CONFIG = KernelConfig({"BLOCK_M": 64}, num_warps=4, num_stages=1, block_d=(64, 64))
 
 
-def row_sqnorms(x: torch.Tensor) -> torch.Tensor:
-    """``||x_i||^2`` in float32 for a prepared ``x`` (M x D, unit column stride)."""
+def row_sqnorms(x: torch.Tensor, precision: str = "ieee") -> torch.Tensor:
+    """``||x_i||^2`` in float32 for a prepared ``x`` (M x D, unit column stride), of the values
+    a dot of input ``precision`` sees (rounded to TF32 for ``"tf32"``: :func:`round_operands`)."""
     M, D = x.shape
     out = torch.empty(M, dtype=torch.float32, device=x.device)
     if M == 0:
         return out
     grid = (triton.cdiv(M, SQNORM_CONFIG.blocks["BLOCK_M"]),)
-    _sqnorm_kernel[grid](x, out, M, D, x.stride(0), **SQNORM_CONFIG.launch(D))
+    _sqnorm_kernel[grid](x, out, M, D, x.stride(0),
+                         ROUND_TF32=round_operands(precision) and x.dtype == torch.float32,
+                         **SQNORM_CONFIG.launch(D))
     return out

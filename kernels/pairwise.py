@@ -12,21 +12,33 @@ i.e. ``d_ij = sqrt(eps)``, so duplicates give a zero gradient, never NaN)::
     dL/dx_i = sum_j h_ij (x_i - y_j) = x_i * (sum_j h_ij) - (H Y)_i
     dL/dy_j = sum_i h_ij (y_j - x_i) = y_j * (sum_i h_ij) - (H^T X)_j
 
-Both are one kernel (``_pairwise_bwd_kernel``) that streams over the other operand's rows,
-launched once with ``(G, X, Y)`` and once with the transposed strides of ``G`` and ``(Y, X)``.
+The backward forms ``H`` once (``_pairwise_h_kernel``: one pass over ``g`` and ``d``, writing
+``H`` in the GEMM operand dtype and per-tile partial row / column sums of the stored values), then
+runs two GEMMs with a row-scaling epilogue (``_pairwise_bwd_kernel``): ``dX = diag(rowsum H) X - H Y``
+and, reading ``H`` transposed, ``dY = diag(colsum H) Y - H^T X``. The sums are taken of the values
+the GEMMs see, so each pair's contribution is ``h_ij (x_i - y_j)`` with one ``h_ij``.
 
-Numerics. Half inputs (float16/bfloat16) go to the tensor cores with float32 accumulation;
-float32 inputs use TF32 dots on a GPU (relative error ~1e-3) and IEEE float32 dots under
-``TRITON_INTERPRET=1`` (``_common.input_precision``). Row norms are computed once per row by
-``_common._sqnorm_kernel`` (float32, from the same rounded inputs the dot sees) and passed to the
-GEMM kernel, so the main loop only feeds the tensor cores. Mixed input dtypes are promoted (never
-lowered) to a common dtype (``_common.compute_dtype``).
+Numerics (docs/method.md, "Numerics"). Half inputs go to the tensor cores with float32
+accumulation. float32 inputs follow ``torch.get_float32_matmul_precision()`` on a GPU
+(``_common.input_precision``): ``"highest"`` (the default) gives 3xTF32 dots (float32 accuracy),
+``"high"``/``"medium"`` single-pass TF32 on operands rounded to TF32 (``cvt.rna``, never the
+hardware's truncation), with the row norms taken of the same rounded values; under
+``TRITON_INTERPRET=1`` IEEE float32 dots. Row norms are computed once per row by
+``_common._sqnorm_kernel`` and passed to the GEMM kernel, so the main loop only feeds the tensor
+cores. The backward's operand ``H`` is bfloat16 for bfloat16 inputs (bf16 dots) and float32
+otherwise (``h_dtype``): float32 inputs follow the matmul precision as the forward does; float16
+inputs (exact in TF32) use single-pass TF32 on ``H`` rounded to TF32 (float16's range cannot hold
+``g / d`` near the clamp). Mixed input dtypes are promoted (never lowered) to a common dtype
+(``_common.compute_dtype``). The forward's GEMM form loses digits for pairs closer than ~1e-3 in
+float32 (docs/method.md, "Numerics"): callers that need close distances exactly (the loss's kNN
+radii) recompute them by direct differences.
 
 Memory. Inputs are read as they are when their rows are contiguous (unit column stride); other
 layouts are copied once with ``.contiguous()``. Forward: the M x N float32 output plus
-M + N float32 norms. Backward: no M x N temporary: it reads the saved output ``d`` and the
-incoming gradient ``g`` in place (any strides) and writes dX (M x D) and dY (N x D) in the
-input dtype. All offsets into M x N and M x D / N x D arrays are 64-bit.
+M + N float32 norms. Backward: ``H`` (M x N, 2 bytes per element for bfloat16 inputs, else 4)
+and partial sums ((M + N) x tiles / 64, float32); it reads ``g`` and ``d`` once, in place (any
+strides), and writes dX (M x D) and dY (N x D) in the input dtype. All offsets into M x N and
+M x D / N x D arrays are 64-bit.
 """
 from __future__ import annotations
 
@@ -38,6 +50,7 @@ import triton.language as tl
 
 from ._common import (
     EPS,
+    FP32_DOT,
     SQNORM,
     SQNORM_CONFIG,
     TL_EPS,
@@ -45,10 +58,12 @@ from ._common import (
     KernelSpec,
     Launch,
     _dot_rows,
+    _round_tf32,
     compute_dtype,
+    dot_flags,
     expand,
     family,
-    input_precision,
+    gpu_dot_variants,
     prepare,
     row_sqnorms,
 )
@@ -62,7 +77,7 @@ CLAMPED_DIST = float(torch.sqrt(torch.tensor(EPS, dtype=torch.float32)))
 def _pairwise_fwd_kernel(
     x_ptr, y_ptr, xn_ptr, yn_ptr, out_ptr, M, N, D, stride_x_m, stride_y_n, stride_out_m,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    GROUP_M: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    GROUP_M: tl.constexpr, INPUT_PRECISION: tl.constexpr, ROUND_TF32: tl.constexpr,
 ):
     """``out_ij = sqrt_rn(max(xn_i + yn_j - 2 sum_d x_id y_jd, eps))``.
 
@@ -76,7 +91,8 @@ def _pairwise_fwd_kernel(
         M, N, D: sizes.
         stride_x_m, stride_y_n, stride_out_m: row strides of x, y, out.
         BLOCK_M, BLOCK_N: output tile. BLOCK_D: D-chunk. GROUP_M: row tiles per launch group.
-        INPUT_PRECISION: ``tl.dot``'s input precision.
+        INPUT_PRECISION: ``tl.dot``'s input precision. ROUND_TF32: round float32 operands to TF32
+            first (``_common.round_operands``; xn/yn are then norms of the rounded rows).
     """
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
@@ -95,7 +111,7 @@ def _pairwise_fwd_kernel(
     cols64 = cols.to(tl.int64)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc = _dot_rows(x_ptr + rows64[:, None] * stride_x_m, y_ptr + cols64[:, None] * stride_y_n,
-                    rmask, cmask, D, acc, BLOCK_D, INPUT_PRECISION)
+                    rmask, cmask, D, acc, BLOCK_D, INPUT_PRECISION, ROUND_TF32)
     xn = tl.load(xn_ptr + rows, mask=rmask, other=0.0)
     yn = tl.load(yn_ptr + cols, mask=cmask, other=0.0)
     sq = xn[:, None] + yn[None, :] - 2.0 * acc
@@ -105,28 +121,65 @@ def _pairwise_fwd_kernel(
 
 
 @triton.jit
-def _pairwise_bwd_kernel(
-    g_ptr, dist_ptr, a_ptr, b_ptr, da_ptr, R, C, D,
-    stride_g_r, stride_g_c, stride_dist_r, stride_dist_c, stride_a_r, stride_b_c, stride_da_r,
-    thr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
+def _pairwise_h_kernel(
+    g_ptr, dist_ptr, h_ptr, hrow_ptr, hcol_ptr, M, N,
+    stride_g_m, stride_g_n, stride_dist_m, stride_dist_n, stride_h_m, stride_hrow_s, stride_hcol_s,
+    thr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROUND_TF32: tl.constexpr,
 ):
-    """``dA_r = a_r * sum_c h_rc - sum_c h_rc b_c`` with ``h_rc = g_rc / d_rc`` (0 where
-    ``d_rc <= thr``, the clamp).
-
-    Program (r-block, d-block) streams over C in BLOCK_C chunks; ``g``/``dist`` are read through
-    (row, col) strides, so the same kernel gives dX (rows = M) and dY (rows = N, transposed
-    strides). Dots in float32.
+    """``H = g / d`` (0 where ``d <= thr``, the clamp) in ``h_ptr``'s dtype, formed once, and the
+    partial row and column sums of the stored (rounded) ``H`` per tile.
 
     Args:
-        g_ptr, dist_ptr: the incoming gradient and the saved distances (float32, R x C via strides).
+        g_ptr, dist_ptr: the incoming gradient and the saved distances (float32, M x N, any strides).
+        h_ptr: the M x N output (the backward GEMMs' operand dtype), unit column stride.
+        hrow_ptr: (N / BLOCK_N) x M float32 partial row sums (one row per column tile).
+        hcol_ptr: (M / BLOCK_M) x N float32 partial column sums (one row per row tile).
+        M, N: sizes. stride_g_m, stride_g_n, stride_dist_m, stride_dist_n: strides of g and dist.
+        stride_h_m: row stride of h. stride_hrow_s, stride_hcol_s: row strides of hrow, hcol.
+        thr: the clamped distance (``sqrt_rn(eps)``).
+        BLOCK_M, BLOCK_N: tile. ROUND_TF32: round H to TF32 (the values a single-pass TF32 dot sees).
+    """
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask = rows < M
+    cmask = cols < N
+    rows64 = rows.to(tl.int64)
+    cols64 = cols.to(tl.int64)
+    m2 = rmask[:, None] & cmask[None, :]
+    g = tl.load(g_ptr + rows64[:, None] * stride_g_m + cols64[None, :] * stride_g_n, mask=m2, other=0.0)
+    d = tl.load(dist_ptr + rows64[:, None] * stride_dist_m + cols64[None, :] * stride_dist_n,
+                mask=m2, other=1.0)
+    h = tl.where(m2 & (d > thr), g.to(tl.float32) / d, 0.0)
+    h = _round_tf32(h, ROUND_TF32).to(h_ptr.dtype.element_ty)
+    tl.store(h_ptr + rows64[:, None] * stride_h_m + cols64[None, :], h, mask=m2)
+    hf = h.to(tl.float32)
+    tl.store(hrow_ptr + pid_n.to(tl.int64) * stride_hrow_s + rows64, tl.sum(hf, axis=1), mask=rmask)
+    tl.store(hcol_ptr + pid_m.to(tl.int64) * stride_hcol_s + cols64, tl.sum(hf, axis=0), mask=cmask)
+
+
+@triton.jit
+def _pairwise_bwd_kernel(
+    h_ptr, hsum_ptr, a_ptr, b_ptr, da_ptr, R, C, D, stride_h_m, stride_a_r, stride_b_c, stride_da_r,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, TRANS_H: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, ROUND_TF32: tl.constexpr,
+):
+    """``dA = diag(hsum) A - H B``: one GEMM with the row-scaling epilogue (float32 accumulation,
+    operands in ``h_ptr``'s dtype).
+
+    Program (r-block, d-block) computes one BLOCK_R x BLOCK_D tile of dA, streaming over C in
+    BLOCK_C steps. ``TRANS_H``: read ``H`` (stored M x N) transposed, i.e. rows r are H's columns
+    (dY = diag(colsum H) Y - H^T X).
+
+    Args:
+        h_ptr: H, M x N, unit column stride (the dot's operand dtype). hsum_ptr: its R row sums
+            (column sums with TRANS_H), float32.
         a_ptr, b_ptr: R x D and C x D inputs, unit column stride. da_ptr: the R x D output (a's dtype).
-        R, C, D: sizes.
-        stride_g_r, stride_g_c, stride_dist_r, stride_dist_c: (row, col) strides of g and dist.
+        R, C, D: sizes. stride_h_m: row stride of H.
         stride_a_r, stride_b_c, stride_da_r: row strides of a, b, da.
-        thr: the clamped distance (``sqrt_rn(eps)``); ``d <= thr`` gives ``h = 0``.
-        BLOCK_R, BLOCK_C: tile of h. BLOCK_D: D-chunk of the output.
-        INPUT_PRECISION: ``tl.dot``'s input precision.
+        BLOCK_R, BLOCK_C: tile of H. BLOCK_D: columns of the dA tile. TRANS_H: see above.
+        INPUT_PRECISION: ``tl.dot``'s input precision. ROUND_TF32: round float32 operands to TF32.
     """
     pid_r = tl.program_id(0)
     pid_d = tl.program_id(1)
@@ -136,21 +189,21 @@ def _pairwise_bwd_kernel(
     dmask = dd < D
     rows64 = rows.to(tl.int64)
     acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
-    hsum = tl.zeros([BLOCK_R], dtype=tl.float32)
     for c0 in range(0, C, BLOCK_C):
         cols = c0 + tl.arange(0, BLOCK_C)
         cmask = cols < C
         cols64 = cols.to(tl.int64)
-        m2 = rmask[:, None] & cmask[None, :]
-        g = tl.load(g_ptr + rows64[:, None] * stride_g_r + cols64[None, :] * stride_g_c,
-                    mask=m2, other=0.0)
-        d = tl.load(dist_ptr + rows64[:, None] * stride_dist_r + cols64[None, :] * stride_dist_c,
-                    mask=m2, other=1.0)
-        h = tl.where(m2 & (d > thr), g.to(tl.float32) / d, 0.0)
-        hsum += tl.sum(h, axis=1)
+        if TRANS_H:
+            hp = h_ptr + cols64[None, :] * stride_h_m + rows64[:, None]
+        else:
+            hp = h_ptr + rows64[:, None] * stride_h_m + cols64[None, :]
+        h = tl.load(hp, mask=rmask[:, None] & cmask[None, :], other=0.0)
         b = tl.load(b_ptr + cols64[:, None] * stride_b_c + dd[None, :],
-                    mask=cmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+                    mask=cmask[:, None] & dmask[None, :], other=0.0).to(h.dtype)
+        h = _round_tf32(h, ROUND_TF32)
+        b = _round_tf32(b, ROUND_TF32)
         acc = tl.dot(h, b, acc, input_precision=INPUT_PRECISION)
+    hsum = tl.load(hsum_ptr + rows, mask=rmask, other=0.0)
     a = tl.load(a_ptr + rows64[:, None] * stride_a_r + dd[None, :],
                 mask=rmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
     out = a * hsum[:, None] - acc
@@ -158,44 +211,86 @@ def _pairwise_bwd_kernel(
              mask=rmask[:, None] & dmask[None, :])
 
 
+def h_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of ``H = G / Dist``, the backward GEMMs' operand: bfloat16 for bfloat16 inputs
+    (bf16 tensor-core dots); float32 otherwise (float16's range cannot hold ``g / d`` near the
+    clamp; its values are exact in TF32, so its dots are single-pass TF32 on rounded ``H``)."""
+    return torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
+
+
+_BWD_SIG = ("h_ptr: *h; hsum_ptr: *fp32; a_ptr b_ptr da_ptr: *x; R C D: i32; "
+            "stride_h_m stride_a_r stride_b_c stride_da_r: i64")
+_BWD_SPEC = KernelSpec(_pairwise_bwd_kernel, _BWD_SIG, rows=("stride_a_r", "stride_b_c", "stride_da_r"),
+                       other=("stride_h_m",), h_dtype=h_dtype)
 KERNELS: Dict[str, KernelSpec] = {
     "fwd": KernelSpec(
         _pairwise_fwd_kernel,
         "x_ptr y_ptr: *x; xn_ptr yn_ptr out_ptr: *fp32; M N D: i32; "
         "stride_x_m stride_y_n stride_out_m: i64",
         rows=("stride_x_m", "stride_y_n"), other=("stride_out_m",)),
-    "bwd": KernelSpec(
-        _pairwise_bwd_kernel,
-        "g_ptr dist_ptr: *fp32; a_ptr b_ptr da_ptr: *x; R C D: i32; stride_g_r stride_g_c "
-        "stride_dist_r stride_dist_c stride_a_r stride_b_c stride_da_r: i64; thr: fp32",
-        unit=("stride_g_c", "stride_dist_c"), rows=("stride_a_r", "stride_b_c", "stride_da_r"),
-        other=("stride_g_r", "stride_dist_r")),
+    "h": KernelSpec(
+        _pairwise_h_kernel,
+        "g_ptr dist_ptr: *fp32; h_ptr: *h; hrow_ptr hcol_ptr: *fp32; M N: i32; "
+        "stride_g_m stride_g_n stride_dist_m stride_dist_n stride_h_m stride_hrow_s "
+        "stride_hcol_s: i64; thr: fp32",
+        unit=("stride_g_n", "stride_dist_n"),
+        other=("stride_g_m", "stride_dist_m", "stride_h_m", "stride_hrow_s", "stride_hcol_s"),
+        gemm=False, h_dtype=h_dtype),
+    "bwd": _BWD_SPEC,
     "sqnorm": SQNORM,
 }
 
 
+def bwd_flags(dtype: torch.dtype, *, gpu=None, matmul_precision=None) -> dict:
+    """``INPUT_PRECISION`` / ``ROUND_TF32`` of the backward for inputs of ``dtype``: float32
+    follows the matmul precision (``_common.dot_flags``); float16 (operands float32 ``H`` and
+    float16 rows, exact in TF32) single-pass TF32 on rounded ``H`` on a GPU; bfloat16 bf16 dots."""
+    if dtype == torch.float16:
+        return dot_flags(torch.float32, gpu=gpu, matmul_precision="high")
+    return dot_flags(h_dtype(dtype), gpu=gpu, matmul_precision=matmul_precision)
+
+
 # --------------------------------------------------------------------------- configurations
-_BWD = KernelConfig({"BLOCK_R": 64, "BLOCK_C": 64}, num_warps=4, num_stages=2, block_d=(16, 64))
-#: ``CONFIGS[family][kernel]``: what the launchers use for inputs of that dtype family.
+_H = KernelConfig({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=1, block_d=None)
+_FWD_HALF = KernelConfig({"BLOCK_M": 128, "BLOCK_N": 128, "GROUP_M": 8}, num_warps=8,
+                         num_stages=3, block_d=(16, 64))
+#: ``CONFIGS[family][kernel]``: what the launchers use for inputs of that dtype family. The
+#: backward GEMM has two entries (dX, and dY reading H transposed) of one configuration.
 CONFIGS: Dict[str, Dict[str, KernelConfig]] = {
-    "half": {"fwd": KernelConfig({"BLOCK_M": 128, "BLOCK_N": 128, "GROUP_M": 8}, num_warps=8,
-                                 num_stages=3, block_d=(16, 64)),
-             "bwd": _BWD, "sqnorm": SQNORM_CONFIG},
+    "half": {"fwd": _FWD_HALF, "h": _H,
+             "bwd_dx": KernelConfig({"BLOCK_R": 128, "BLOCK_C": 32}, num_warps=8, num_stages=3,
+                                    block_d=(16, 128)),
+             "sqnorm": SQNORM_CONFIG},
+    # BLOCK_D 16: the 3xTF32 build with a 32-wide D-chunk keeps 8 bytes of stack on sm_90
     "fp32": {"fwd": KernelConfig({"BLOCK_M": 128, "BLOCK_N": 128, "GROUP_M": 8}, num_warps=8,
-                                 num_stages=3, block_d=(16, 32)),
-             "bwd": _BWD, "sqnorm": SQNORM_CONFIG},
+                                 num_stages=3, block_d=(16, 16)),
+             "h": _H,
+             "bwd_dx": KernelConfig({"BLOCK_R": 64, "BLOCK_C": 32}, num_warps=4, num_stages=3,
+                                    block_d=(16, 64)),
+             "sqnorm": SQNORM_CONFIG},
 }
+for _fam in CONFIGS.values():
+    _fam["bwd_dy"] = _fam["bwd_dx"]
+_SPEC_OF = {"fwd": KERNELS["fwd"], "h": KERNELS["h"], "bwd_dx": _BWD_SPEC, "bwd_dy": _BWD_SPEC,
+            "sqnorm": SQNORM}
 
 
-def _gpu_flags(entry: str, dtype: torch.dtype) -> dict:
+def _gpu_flags(entry: str, dtype: torch.dtype):
+    if entry == "fwd":
+        return gpu_dot_variants(dtype)
     if entry == "sqnorm":
-        return {}
-    return {"INPUT_PRECISION": input_precision(torch.float32 if entry == "bwd" else dtype, gpu=True)}
+        return [{"ROUND_TF32": fl["ROUND_TF32"]} for fl in gpu_dot_variants(dtype)]
+    variants = [bwd_flags(dtype, gpu=True, matmul_precision=p) for p in FP32_DOT]
+    variants = [v for i, v in enumerate(variants) if v not in variants[:i]]
+    if entry == "h":
+        return [{"ROUND_TF32": v["ROUND_TF32"]} for v in variants]
+    return [dict(v, TRANS_H=entry == "bwd_dy") for v in variants]
 
 
 def launches() -> List[Launch]:
-    """Every configuration the launchers of this module can pick on a GPU (compile tests)."""
-    return expand("pairwise", CONFIGS, KERNELS, _gpu_flags)
+    """Every configuration the launchers of this module can pick on a GPU (compile tests): each
+    float32 precision variant (``_common.gpu_dot_variants``)."""
+    return expand("pairwise", CONFIGS, _SPEC_OF, _gpu_flags)
 
 
 # --------------------------------------------------------------------------- launchers
@@ -205,18 +300,35 @@ def _forward(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     out = torch.empty(M, N, dtype=torch.float32, device=x.device)
     if M == 0 or N == 0:
         return out
-    xn, yn = row_sqnorms(x), row_sqnorms(y)
+    flags = dot_flags(x.dtype)
+    xn, yn = row_sqnorms(x, flags["INPUT_PRECISION"]), row_sqnorms(y, flags["INPUT_PRECISION"])
     cfg = CONFIGS[family(x.dtype)]["fwd"]
     grid = (triton.cdiv(M, cfg.blocks["BLOCK_M"]) * triton.cdiv(N, cfg.blocks["BLOCK_N"]),)
     _pairwise_fwd_kernel[grid](
         x, y, xn, yn, out, M, N, D, x.stride(0), y.stride(0), out.stride(0),
-        INPUT_PRECISION=input_precision(x.dtype), **cfg.launch(D))
+        **flags, **cfg.launch(D))
     return out
 
 
-def _backward_one(g: torch.Tensor, dist: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
-                  transpose: bool) -> torch.Tensor:
-    """``dA`` for ``d = dist(a, b)`` (``transpose``: ``g``/``dist`` are b-rows x a-rows)."""
+def _form_h(g: torch.Tensor, dist: torch.Tensor, dtype: torch.dtype, round_tf32: bool):
+    """``(H, rowsum H, colsum H)``: H = g / dist (0 at the clamp) in ``h_dtype(dtype)``."""
+    M, N = dist.shape
+    h = torch.empty(M, N, dtype=h_dtype(dtype), device=dist.device)
+    cfg = CONFIGS[family(dtype)]["h"]
+    bm, bn = cfg.blocks["BLOCK_M"], cfg.blocks["BLOCK_N"]
+    tm, tn = triton.cdiv(M, bm), triton.cdiv(N, bn)
+    hrow = torch.empty(tn, M, dtype=torch.float32, device=dist.device)
+    hcol = torch.empty(tm, N, dtype=torch.float32, device=dist.device)
+    _pairwise_h_kernel[(tm, tn)](
+        g, dist, h, hrow, hcol, M, N, g.stride(0), g.stride(1), dist.stride(0), dist.stride(1),
+        h.stride(0), hrow.stride(0), hcol.stride(0), CLAMPED_DIST, ROUND_TF32=round_tf32,
+        **cfg.launch())
+    return h, hrow.sum(0), hcol.sum(0)
+
+
+def _backward_gemm(h: torch.Tensor, hsum: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                   transpose: bool, flags: dict) -> torch.Tensor:
+    """``dA = diag(hsum) a - H b`` (``transpose``: ``H^T``)."""
     R, D = a.shape
     C = b.shape[0]
     da = torch.empty(R, D, dtype=a.dtype, device=a.device)
@@ -224,15 +336,11 @@ def _backward_one(g: torch.Tensor, dist: torch.Tensor, a: torch.Tensor, b: torch
         return da
     if C == 0:
         return da.zero_()
-    sgr, sgc = g.stride()
-    sdr, sdc = dist.stride()
-    if transpose:
-        sgr, sgc, sdr, sdc = sgc, sgr, sdc, sdr
-    cfg = CONFIGS[family(a.dtype)]["bwd"]
+    cfg = CONFIGS[family(a.dtype)]["bwd_dy" if transpose else "bwd_dx"]
     grid = (triton.cdiv(R, cfg.blocks["BLOCK_R"]), triton.cdiv(D, cfg.block_d_for(D)))
     _pairwise_bwd_kernel[grid](
-        g, dist, a, b, da, R, C, D, sgr, sgc, sdr, sdc, a.stride(0), b.stride(0), da.stride(0),
-        CLAMPED_DIST, INPUT_PRECISION=input_precision(torch.float32), **cfg.launch(D))
+        h, hsum, a, b, da, R, C, D, h.stride(0), a.stride(0), b.stride(0), da.stride(0),
+        TRANS_H=transpose, **flags, **cfg.launch(D))
     return da
 
 
@@ -256,8 +364,13 @@ def _pairwise_backward_op(g: torch.Tensor, dist: torch.Tensor, x: torch.Tensor,
     dtype = compute_dtype("pairwise_distance", x, y)
     xc, yc = prepare(x, dtype), prepare(y, dtype)
     g = g.to(torch.float32)
-    dx = _backward_one(g, dist, xc, yc, transpose=False).to(x.dtype)
-    dy = _backward_one(g, dist, yc, xc, transpose=True).to(y.dtype)
+    M, N = dist.shape
+    if M == 0 or N == 0:
+        return torch.zeros_like(x), torch.zeros_like(y)
+    flags = bwd_flags(dtype)
+    h, hrow, hcol = _form_h(g, dist, dtype, flags["ROUND_TF32"])
+    dx = _backward_gemm(h, hrow, xc, yc, False, flags).to(x.dtype)
+    dy = _backward_gemm(h, hcol, yc, xc, True, flags).to(y.dtype)
     return dx, dy
 
 

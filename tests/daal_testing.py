@@ -216,11 +216,12 @@ COMPILE_ALL_CONFIGS = os.environ.get("DAAL_ALL_CONFIGS", "1") not in ("", "0")
 
 
 def largest_block_d(launches) -> set:
-    """Names of the launches a D = 512 launch picks: per op, entry, family and dtype, the one with
-    the largest BLOCK_D (launches without BLOCK_D count as such)."""
+    """Names of the launches a D = 512 launch picks: per op, entry, family, dtype and precision
+    variant (``Launch.variant``), the one with the largest BLOCK_D (launches without BLOCK_D
+    count as such)."""
     best = {}
     for la in launches:
-        key = (la.op, la.entry, la.family, la.x_dtype)
+        key = (la.op, la.entry, la.family, la.x_dtype, la.variant)
         if key not in best or (la.block_d or 0) > (best[key].block_d or 0):
             best[key] = la
     return {la.name for la in best.values()}

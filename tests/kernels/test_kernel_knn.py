@@ -113,6 +113,16 @@ def test_knn_exclude_self_no_labels():
     assert (index != torch.arange(30, device=DEV)[:, None]).all()
 
 
+def test_knn_exclude_self_off_diagonal_tiles():
+    """Self pairs are masked only on the tiles that meet the diagonal: with 64-row query blocks
+    and 128-column tiles (KP = 32) and column splits, every other block meets the diagonal in a
+    different tile, and the tail tile is partial."""
+    x = torch.randn(200, 6, device=DEV)
+    for splits in (None, 2):
+        dist, index = _run(x, x, 17, exclude_self=True, splits=splits, grad=False)
+        assert (index != torch.arange(200, device=DEV)[:, None]).all()
+
+
 def test_knn_splits_merge():
     """Several column ranges per query block (the GPU's split-N path) merge to the same result."""
     q, r = torch.randn(20, 10, device=DEV), torch.randn(300, 10, device=DEV)
@@ -219,11 +229,15 @@ def test_knn_gpu(dtype, k):
 
 
 # ------------------------------------------------------------------------- compile for GPUs
-def test_knn_configs_compile():
+@pytest.fixture(scope="module")
+def compiled():
+    return compile_launches(kk.launches())
+
+
+def test_knn_configs_compile(compiled):
     """Each configuration compiles for sm_80 and sm_90 (generic, and with the hot-path
     specialisation for the D = 512 configurations); GEMM kernels use mma.sync (sm_80) and
     wgmma (sm_90; BLOCK_M = 32 configs fall back to mma.sync, which is fine)."""
-    compiled = compile_launches(kk.launches())
     assert any(spec == "aligned" for (_, _, spec), _ in compiled)
     for (cfg, cap, spec), res in compiled:
         what = f"{cfg.name} sm_{cap} {spec}"
@@ -234,14 +248,56 @@ def test_knn_configs_compile():
             assert want in ptx, f"{what}: no {want} in the PTX"
 
 
+def test_knn_hot_path_does_not_spill(compiled):
+    """sm_90, specialised as a contiguous D = 512 launch: no local memory (cuobjdump STACK 0) for
+    every kernel, dtype, KP entry and precision variant (docs/kernels.md, "Compile facts")."""
+    hot = [(c, r) for c, r in compiled if c[1] == 90 and c[2] == "aligned"]
+    assert {c[0].spec for c, _ in hot} == set(kk.KERNELS.values())
+    spills = {c[0].name: r.get("stack", "no cuobjdump report") for c, r in hot if r.get("stack") != 0}
+    assert not spills, f"local memory (bytes per thread) on the hot path: {spills}"
+
+
 def test_knn_launches_cover_the_launcher():
     """Every configuration the launcher picks on a GPU is one the compile tests build (the
     forward compiled with the largest KP of its entry)."""
     names = {la.name for la in kk.launches()}
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        variants = ("", "-tf32") if dtype == torch.float32 else ("",)
         for D in (1, 20, 512):
             for k in (1, 3, 8, 16, 17, 64, 100, kk.MAX_K):
                 entry = kk.fwd_entry(1 << (k - 1).bit_length())
-                for e in (entry, "bwd"):
+                for e in (entry, "dist", "bwd", "bwd_noref"):
                     bd = kk.CONFIGS[family(dtype)][e].block_d_for(D)
-                    assert f"knn_{e}-{POINTER[dtype][1:]}-bd{bd}" in names, (e, dtype, D)
+                    for v in variants if e == entry else ("",):
+                        assert f"knn_{e}-{POINTER[dtype][1:]}-bd{bd}{v}" in names, (e, dtype, D, v)
+
+
+def test_knn_duplicates_give_the_clamp():
+    """The selected distances are recomputed by direct differences: a duplicate reads the clamp
+    sqrt(1e-12) exactly (the GEMM form leaves ~1e-4 of cancellation noise here), and its gradient
+    is zero."""
+    r = torch.nn.functional.normalize(torch.randn(40, 64, device=DEV), dim=1) * 30.0
+    q = r[[3, 17, 29]].clone().requires_grad_(True)
+    dist, index = kk.knn(q, r, 2)
+    assert index[:, 0].tolist() == [3, 17, 29]
+    assert (dist[:, 0] == 1e-6).all(), dist[:, 0]
+    dist[:, 0].sum().backward()
+    assert q.grad.abs().max().item() == 0.0
+
+
+def test_knn_no_ref_gradient():
+    """A reference set that needs no gradient (a memory bank): the backward computes no dRef (no
+    N x D buffer, no atomics) and dQuery is unchanged."""
+    q, r = torch.randn(30, 12, device=DEV), torch.randn(80, 12, device=DEV)
+    dist, index = kk.knn(q.requires_grad_(True), r, 4)
+    g = torch.randn_like(dist)
+    (dist * g).sum().backward()
+    qr = q.detach().double().requires_grad_(True)
+    dref, _ = reference.knn(qr, r.double(), 4)
+    (dref * g.double()).sum().backward()
+    assert_close(q.grad, qr.grad, tolerance(torch.float32, tf32=TF32), "d query")
+    dq, dr = torch.ops.daal_triton.knn_backward(g, index, q.detach(), r, False)
+    assert dr.shape == (0, 12)
+    assert torch.equal(dq, q.grad)
+    dq2, dr2 = torch.ops.daal_triton.knn_backward(g, index, q.detach(), r, True)
+    assert dr2.shape == r.shape and torch.allclose(dq2, dq)

@@ -82,7 +82,7 @@ def test_pairwise_bfloat16_cpu_skip():
 def test_pairwise_gpu(dtype):
     x = torch.randn(300, 515, device="cuda").to(dtype)
     y = torch.randn(257, 515, device="cuda").to(dtype)
-    _check(x, y, tol=tolerance(dtype, tf32=kp.ALLOW_TF32))
+    _check(x, y, tol=tolerance(dtype, tf32=True))
 
 
 # ------------------------------------------------------------------------- compile for GPUs
@@ -115,9 +115,39 @@ def test_launches_cover_the_launcher():
     """Every configuration the launcher picks on a GPU is one the compile tests build."""
     names = {la.name for la in kp.launches()}
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        fp32 = dtype == torch.float32
+        variants = ("", "-tf32") if fp32 else ("",)
         for D in (1, 16, 17, 100, 512):
-            for entry in ("fwd", "bwd"):
+            for entry in ("fwd", "bwd_dx", "bwd_dy", "sqnorm"):
                 bd = kp.CONFIGS[family(dtype)][entry].block_d_for(D)
-                name = f"pairwise_{entry}-{POINTER[dtype][1:]}-bd{bd}"
-                assert name in names, name
+                # float16's backward runs single-pass TF32 on a float32 H (kp.bwd_flags)
+                vs = ("-tf32",) if entry.startswith("bwd") and dtype == torch.float16 else variants
+                for v in vs:
+                    name = f"pairwise_{entry}-{POINTER[dtype][1:]}-bd{bd}{v}"
+                    assert name in names, name
+        for v in {torch.float32: ("", "-tf32"), torch.float16: ("-tf32",)}.get(dtype, ("",)):
+            assert f"pairwise_h-{POINTER[dtype][1:]}{v}" in names
     assert os.environ.get("TRITON_INTERPRET") or torch.cuda.is_available()
+
+
+def test_backward_h_formed_once(monkeypatch):
+    """The backward reads g and d once (one H kernel launch) and runs two GEMM launches; H and
+    the sums are of one rounding (bfloat16 H for bfloat16 inputs)."""
+    calls = []
+    for name in ("_pairwise_h_kernel", "_pairwise_bwd_kernel"):
+        kern = getattr(kp, name)
+
+        class Spy:
+            def __init__(self, kern, name):
+                self.kern, self.name = kern, name
+
+            def __getitem__(self, grid):
+                calls.append(self.name)
+                return self.kern[grid]
+        monkeypatch.setattr(kp, name, Spy(kern, name))
+    x = torch.randn(70, 20, device=DEV, requires_grad=True)
+    y = torch.randn(90, 20, device=DEV, requires_grad=True)
+    kp.pairwise_distance(x, y).sum().backward()
+    assert calls == ["_pairwise_h_kernel", "_pairwise_bwd_kernel", "_pairwise_bwd_kernel"]
+    assert kp.h_dtype(torch.bfloat16) == torch.bfloat16
+    assert kp.h_dtype(torch.float16) == kp.h_dtype(torch.float32) == torch.float32

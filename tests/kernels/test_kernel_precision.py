@@ -1,0 +1,224 @@
+"""float32 precision (docs/method.md, "Numerics"): the rule that maps
+``torch.get_float32_matmul_precision()`` to ``tl.dot``'s input precision, the PTX of the float32
+kernels for each setting (read on the CPU: no GPU needed), and close-pair parity of pairwise
+distance, kNN and the loss (d in {0, 1e-3, 0.03, 0.1, 0.3}; on a GPU, with the kNN one also under
+the interpreter).
+
+Facts the PTX checks rest on (Triton 3.6 / 3.8, sm_80 and sm_90): a ``tl.dot`` of float32 operands
+with ``input_precision="tf32"`` issues mma/wgmma on the raw float32 bits (the tensor cores
+truncate them: no ``cvt.rna.tf32`` unless the kernel rounds itself); ``"tf32x3"`` rounds its
+split with ``cvt.rna.tf32`` and issues three times the MMAs; ``"ieee"`` has no MMA at all.
+"""
+import re
+
+import pytest
+import torch
+
+from daal_testing import assert_close, compile_many_for_gpu, gpu_job, tolerance
+
+import daal_triton as dt
+from daal_triton import reference
+from daal_triton.kernels import _common as kc
+from daal_triton.kernels import knn as kk
+from daal_triton.kernels import pairwise as kp
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+GAPS = [0.0, 1e-3, 0.03, 0.1, 0.3]
+
+
+@pytest.fixture
+def matmul_precision():
+    """Set ``torch.set_float32_matmul_precision`` for one test and restore it after."""
+    before = torch.get_float32_matmul_precision()
+    yield torch.set_float32_matmul_precision
+    torch.set_float32_matmul_precision(before)
+
+
+# ----------------------------------------------------------------------------- the rule
+def test_rule(matmul_precision):
+    assert torch.get_float32_matmul_precision() == "highest"  # PyTorch's default
+    for setting, want in (("highest", "tf32x3"), ("high", "tf32"), ("medium", "tf32")):
+        matmul_precision(setting)
+        assert kc.input_precision(torch.float32, gpu=True) == want
+        assert kc.dot_flags(torch.float32, gpu=True) == {"INPUT_PRECISION": want,
+                                                         "ROUND_TF32": want == "tf32"}
+        assert kc.input_precision(torch.float32, gpu=False) == "ieee"  # the interpreter
+        for half in (torch.float16, torch.bfloat16):
+            assert kc.dot_flags(half, gpu=True) == {"INPUT_PRECISION": "ieee", "ROUND_TF32": False}
+    assert kc.round_operands("tf32") and not kc.round_operands("tf32x3")
+    assert not kc.round_operands("ieee")
+    # the launchers under the interpreter: IEEE whatever the setting
+    if kc.interpreting():
+        matmul_precision("medium")
+        assert kc.dot_flags(torch.float32) == {"INPUT_PRECISION": "ieee", "ROUND_TF32": False}
+
+
+def test_rule_newer_api(matmul_precision):
+    """``torch.backends.cuda.matmul.fp32_precision`` (PyTorch's newer API), where
+    ``get_float32_matmul_precision`` may refuse to answer: "tf32" -> single-pass TF32."""
+    matmuls = getattr(torch.backends.cuda, "matmul", None)
+    if not hasattr(matmuls, "fp32_precision"):
+        pytest.skip("this PyTorch has no torch.backends.cuda.matmul.fp32_precision")
+    try:
+        matmuls.fp32_precision = "tf32"
+        assert kc.input_precision(torch.float32, gpu=True) == "tf32"
+        matmuls.fp32_precision = "ieee"
+        assert kc.input_precision(torch.float32, gpu=True) == "tf32x3"
+    finally:
+        matmul_precision("highest")  # resets both APIs (the fixture restores the setting after)
+
+
+def test_launches_list_every_precision():
+    """The compile tests build each variant a launcher can pick: both float32 precisions of every
+    GEMM entry, one for half inputs."""
+    for la in kp.launches() + kk.launches():
+        if la.gemm:
+            want = ("tf32x3", "tf32") if la.x_dtype == torch.float32 else ("ieee",)
+            if la.op == "pairwise" and la.entry.startswith("bwd") and la.x_dtype == torch.float16:
+                want = ("tf32",)  # float32 H, single-pass TF32 (kernels/pairwise.py: h_dtype)
+            assert la.flags["INPUT_PRECISION"] in want, la.name
+    names = {la.name for la in kp.launches() + kk.launches()}
+    for base in ("pairwise_fwd-fp32-bd16", "pairwise_bwd_dx-fp32-bd64", "pairwise_bwd_dy-fp32-bd64",
+                 "pairwise_sqnorm-fp32-bd64", "pairwise_h-fp32", "knn_fwd_kp16-fp32-bd16",
+                 "knn_fwd_kp128-fp32-bd16"):
+        assert base in names and base + "-tf32" in names, base
+
+
+# ----------------------------------------------------------------------------- the PTX
+def _mma(ptx: str, cap: int) -> list:
+    return re.findall(r"wgmma\.mma_async[^ ;]*" if cap == 90 else r"mma\.sync[^ ;]*", ptx)
+
+
+@pytest.fixture(scope="module")
+def ptx():
+    """PTX of the float32 GEMM launches in both variants, and of the bfloat16 pairwise backward."""
+    pick = {"pairwise_fwd-fp32-bd16", "pairwise_bwd_dx-fp32-bd64", "pairwise_bwd_dy-fp32-bd64",
+            "knn_fwd_kp16-fp32-bd16", "pairwise_sqnorm-fp32-bd64", "pairwise_h-fp32"}
+    pick |= {n + "-tf32" for n in pick}
+    pick |= {"pairwise_bwd_dx-bf16-bd128", "pairwise_bwd_dy-bf16-bd128"}
+    launches = [la for la in kp.launches() + kk.launches() if la.name in pick]
+    assert len(launches) == len(pick)
+    cases = [(la, cap) for la in launches for cap in (90, 80)
+             if cap == 90 or la.name.startswith("pairwise_fwd")]
+    res = compile_many_for_gpu([gpu_job(la, capability=cap) for la, cap in cases])
+    out = {}
+    for (la, cap), r in zip(cases, res):
+        assert not r.get("error"), f"{la.name} sm_{cap}:\n{r['error']}"
+        out[la.name, cap] = r["ptx"]
+    return out
+
+
+def test_ptx_float32_precision_paths(ptx):
+    """"highest" -> 3xTF32 (rounded split, 3x the MMAs); "high"/"medium" -> one TF32 MMA pass on
+    operands rounded with cvt.rna (never truncated), norms of the same rounded values."""
+    for base in ("pairwise_fwd-fp32-bd16", "pairwise_bwd_dx-fp32-bd64", "pairwise_bwd_dy-fp32-bd64",
+                 "knn_fwd_kp16-fp32-bd16"):
+        for cap in (90, 80):
+            if (base, cap) not in ptx:
+                continue
+            x3, one = ptx[base, cap], ptx[base + "-tf32", cap]
+            n3, n1 = len(_mma(x3, cap)), len(_mma(one, cap))
+            assert n1 > 0 and n3 == 3 * n1, (base, cap, n3, n1)
+            assert all("tf32" in m for m in _mma(x3, cap) + _mma(one, cap)), base
+            assert "cvt.rna.tf32.f32" in x3, base  # the 3xTF32 split is rounded
+            assert "cvt.rna.tf32.f32" in one, base  # the single pass rounds its operands itself
+    # the norms (and H) of the single-pass variant are of TF32-rounded values; the default's are not
+    for base in ("pairwise_sqnorm-fp32-bd64", "pairwise_h-fp32"):
+        assert "cvt.rna.tf32.f32" in ptx[base + "-tf32", 90]
+        assert "cvt.rna.tf32.f32" not in ptx[base, 90]
+
+
+def test_ptx_bfloat16_backward_uses_bf16_dots(ptx):
+    """The pairwise backward of bfloat16 inputs runs bf16 tensor-core dots (H formed once in
+    bfloat16), not TF32."""
+    for entry in ("bwd_dx", "bwd_dy"):
+        mmas = _mma(ptx[f"pairwise_{entry}-bf16-bd128", 90], 90)
+        assert mmas and all("bf16" in m for m in mmas), (entry, set(mmas))
+
+
+# ----------------------------------------------------------------------------- close pairs
+def _twins(n, D, gap, dtype, device):
+    """``x`` (n unit rows) and ``y = x + gap * (unit direction)`` (n rows), in ``dtype``."""
+    x = torch.nn.functional.normalize(torch.randn(n, D, dtype=torch.float64), dim=1)
+    u = torch.nn.functional.normalize(torch.randn(n, D, dtype=torch.float64), dim=1)
+    return x.to(dtype).to(device), (x + gap * u).to(dtype).to(device)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("gap", GAPS)
+@pytest.mark.parametrize("setting", ["highest", "high"])
+def test_pairwise_close_pairs_gpu(gap, setting, matmul_precision):
+    """GEMM-form distances of close pairs, D = 512: with "highest" the squared distance is within
+    float32 accumulation error of the truth (no TF32 bias; the bug was 1.4e-3); with "high" the
+    operands are rounded, not truncated: duplicates give the clamp and the error is unbiased."""
+    matmul_precision(setting)
+    x, y = _twins(256, 512, gap, torch.float32, "cuda")
+    d = kp.pairwise_distance(x, y).diagonal().double()
+    ref = reference.pairwise_distance(x.double(), y.double()).diagonal()
+    err = d.square() - ref.square().clamp(min=kc.EPS)
+    if setting == "highest":
+        assert err.abs().max().item() < 1e-5, err.abs().max().item()
+    else:
+        assert abs(err.mean().item()) < 1e-4, err.mean().item()
+    if gap == 0.0:
+        assert (d == kp.CLAMPED_DIST).all(), d.max().item()
+
+
+def _knn_close(gap, dtype, device, D, n=64, k=1):
+    """kNN of each x_i among y (its twin y_i at ``gap``, all others ~sqrt(2) away): the exact
+    recompute gives the reference distance to float32 rounding, the clamp for duplicates, and the
+    gradient of that same function."""
+    x, y = _twins(n, D, gap, dtype, device)
+    q = x.detach().requires_grad_(True)
+    r = y.detach().requires_grad_(True)
+    dist, index = kk.knn(q, r, k)
+    qr, rr = x.double().requires_grad_(True), y.double().requires_grad_(True)
+    dref, iref = reference.knn(qr, rr, k)
+    assert torch.equal(index[:, 0].cpu(), torch.arange(n))
+    assert torch.equal(index.cpu(), iref.cpu())
+    assert_close(dist, dref, 1e-5, "dist")
+    if gap == 0.0:
+        assert (dist[:, 0] == kp.CLAMPED_DIST).all()
+    g = torch.randn(n, k, device=device)
+    (dist * g).sum().backward()
+    (dref * g.double()).sum().backward()
+    gtol = max(1e-5, tolerance(dtype)) if dtype != torch.float32 else 1e-4
+    assert_close(q.grad, qr.grad, gtol, "d query")
+    assert_close(r.grad, rr.grad, gtol, "d ref")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("gap", GAPS)
+@pytest.mark.parametrize("dtype,setting", [(torch.float32, "highest"), (torch.float32, "high"),
+                                           (torch.bfloat16, "highest")])
+def test_knn_close_pairs_gpu(gap, dtype, setting, matmul_precision):
+    matmul_precision(setting)
+    _knn_close(gap, dtype, "cuda", 512, n=300)
+
+
+@pytest.mark.parametrize("gap", [0.0, 1e-3, 0.1])
+def test_knn_close_pairs(gap):
+    """The same on this machine (the interpreter on a CPU)."""
+    _knn_close(gap, torch.float32, DEV, 40, n=24, k=2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("gap", GAPS)
+def test_loss_close_pairs_gpu(gap):
+    """The whole loss with each sample's same-class neighbour at ``gap``: kNN radii, density
+    term and gradients match the float64 reference."""
+    B, C, D = 128, 8, 512
+    x, y2 = _twins(B // 2, D, gap, torch.float32, "cuda")
+    z = torch.cat([x, y2])
+    labels = torch.arange(B // 2, device="cuda") % C
+    labels = torch.cat([labels, labels])
+    seg = torch.nn.functional.normalize(torch.randn(C, 2, D, device="cuda"), dim=-1)
+    hp = dict(k=1, tau=0.5, lambda_dens=1.0, lambda_pull=0.1)
+    outs = []
+    for backend, dtype in (("triton", torch.float32), ("reference", torch.float64)):
+        zz = z.to(dtype).requires_grad_(True)
+        ss = seg.to(dtype).requires_grad_(True)
+        loss = dt.daal_loss(zz, labels, ss, backend=backend, **hp)
+        outs.append((loss, *torch.autograd.grad(loss, (zz, ss))))
+    for name, a, b in zip(("loss", "dZ", "dseg"), *outs):
+        assert_close(a, b, tolerance(torch.float32, tf32=True), name)
