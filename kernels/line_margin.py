@@ -774,8 +774,8 @@ CONFIGS: Dict[str, Dict[str, KernelConfig]] = {
     "fp32": _family_configs((64, 4, 2), fwd=(64, 128, 8, 2), dpq=(64, 64, 8, 3),
                             dx=(64, 64, 8, 3), block_d=(64, 64),
                             v2=dict(prep2=(32, 4, 1, (64, 64)), dseg2=(32, 4, 1, (64, 64)),
-                                    fwd2=(64, 128, 8, 3, (32, 32)),
-                                    bwd2=(64, 128, 8, 3, (32, 32)))),
+                                    fwd2=(64, 128, 8, 3, (16, 16)),
+                                    bwd2=(64, 128, 8, 3, (16, 16)))),
     "interp": _family_configs((128, 4, 1), fwd=(128, 128, 4, 1), dpq=(128, 128, 4, 1),
                               dx=(128, 128, 4, 1), block_d=(16, 128),
                               v2=dict(prep2=(128, 4, 1, (16, 128)), dseg2=(128, 4, 1, (16, 128)),
@@ -794,6 +794,14 @@ MAX_SPLITS_V2 = 1024
 DESIGN = os.environ.get("DAAL_LINE_MARGIN_DESIGN", "v2")
 
 
+def _precision(dtype: torch.dtype, *, gpu: bool | None = None) -> str:
+    """The line margin's ``tl.dot`` input precision: float32 accuracy for float32 inputs whatever
+    ``torch.get_float32_matmul_precision()`` says (3xTF32 on a GPU, IEEE under the interpreter).
+    "high"/"medium" allow single-pass TF32 (docs/method.md, "Numerics") but do not require it, and
+    these kernels do not round their operands to TF32 as a single pass would need."""
+    return input_precision(dtype, gpu=gpu, matmul_precision="highest")
+
+
 def config_family(x_dtype: torch.dtype, *, interpret: bool | None = None) -> str:
     """The ``CONFIGS`` family the launchers use for ``x`` of this dtype."""
     interpret = interpreting() if interpret is None else interpret
@@ -803,7 +811,7 @@ def config_family(x_dtype: torch.dtype, *, interpret: bool | None = None) -> str
 def _gpu_flags(entry: str, dtype: torch.dtype) -> dict:
     if entry == "prep2":
         return {"CAST": True}
-    return {} if entry in ("stats", "dseg2") else {"INPUT_PRECISION": input_precision(dtype, gpu=True)}
+    return {} if entry in ("stats", "dseg2") else {"INPUT_PRECISION": _precision(dtype, gpu=True)}
 
 
 def launches() -> List[Launch]:
@@ -853,7 +861,7 @@ def _forward_lse(x, seg, labels, base, xx, stats, cfgs, alpha):
     _lm_fwd_kernel[(row_tiles, nsplit)](
         x, seg, labels, base, xx, *stats, m, s, B, C, D, x.stride(0), x.stride(1),
         seg.stride(0), seg.stride(1), seg.stride(2), per, float(alpha), EPS,
-        INPUT_PRECISION=input_precision(x.dtype), **cfg.launch(D))
+        INPUT_PRECISION=_precision(x.dtype), **cfg.launch(D))
     # lse = log(e^0 + sum_s s_s e^{m_s}); every m_s >= 0 (the running max starts at 0).
     top = m.max(0).values
     total = torch.exp(-top) + (s * torch.exp(m - top)).sum(0)
@@ -896,7 +904,7 @@ def _line_lse_backward_op(grad_out: torch.Tensor, x: torch.Tensor, seg: torch.Te
     B, D = x.shape
     C = seg.shape[0]
     go = grad_out.float().contiguous()
-    prec = input_precision(x.dtype)
+    prec = _precision(x.dtype)
     hmax = _HMAX[x.dtype]
     grad_dpos = go * (1.0 - torch.exp(-lse))
     cfg = cfgs["dpq"]
@@ -1028,7 +1036,7 @@ def _line_lse2_op(x: torch.Tensor, seg: torch.Tensor, d_pos: torch.Tensor, label
     s = torch.empty_like(m)
     _lm2_fwd_kernel[(row_tiles, nsplit)](
         x, s2, labels, base, xx, st, m, s, B, C, D, x.stride(0), nsplit, float(alpha), EPS,
-        INPUT_PRECISION=input_precision(x.dtype), **cfg.launch(D))
+        INPUT_PRECISION=_precision(x.dtype), **cfg.launch(D))
     top = m.max(0).values  # every m >= 0: the running max starts at 0 (the softplus's {0})
     lse = top + torch.log(torch.exp(-top) + (s * torch.exp(m - top)).sum(0))
     return lse / alpha, lse, st, sx
@@ -1099,7 +1107,7 @@ def _line_lse2_backward(grad_out, x, seg, sx, st, d_pos, labels, margins, lse, a
     rowp = torch.empty(ctiles, B, device=x.device, dtype=torch.float32)
     colp = torch.empty(row_tiles, 4, cc, device=x.device, dtype=torch.float32)
     s2rows = s2.view(2 * C, D)
-    prec, hmax = input_precision(x.dtype), _HMAX[x.dtype]
+    prec, hmax = _precision(x.dtype), _HMAX[x.dtype]
     for c0 in range(0, C, cc):
         n = min(cc, C - c0)
         _lm2_bwd_kernel[(row_tiles, triton.cdiv(n, bc))](
