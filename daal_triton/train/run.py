@@ -216,8 +216,8 @@ def resume_run(state: RunState, ck: Dict[str, Any], path: str) -> None:
     for g, (lr, wd) in zip(state.optimizer.param_groups, groups):
         g["initial_lr"], g["weight_decay"] = lr, wd
     sched.base_lrs = [lr for lr, _ in groups]
-    for g, base, factor in zip(state.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
-        g["lr"] = base * factor(sched.last_epoch)
+    for g, base, factor in zip(state.optimizer.param_groups, sched.base_lrs, getattr(sched, "lr_lambdas", [])):
+        g["lr"] = base * factor(sched.last_epoch)  # what LambdaLR.step() sets at this step
     sched._last_lr = [g["lr"] for g in state.optimizer.param_groups]
     state.resumes = list(ck.get("resumes", []))
     state.history = list(ck.get("metrics", []))

@@ -93,7 +93,7 @@ def test_default_out_next_to_the_checkpoint_is_not_replaced(run_dir, error_line)
 TRAIN_USAGE = {
     "bad-int": ["--epochs", "abc"],
     "bad-choice": ["--dataset", "mnist"],
-    "unknown-flag": ["--epoch", "3"],
+    "unknown-flag": ["--no-such-flag", "3"],
     "missing-value": ["--lr"],
     "bad-float": ["--lr", "fast"],
 }
