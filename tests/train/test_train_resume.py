@@ -105,8 +105,8 @@ def test_resume_without_flags_keeps_the_data_set(one_epoch, tmp_path, capsys):
     out = _copy(one_epoch, tmp_path)
     capsys.readouterr()
     assert cli.main(["--resume", _last(out), "--epochs", "2", "--no-progress"]) == 0
-    err = capsys.readouterr().err
-    assert "48 training images" in err and "1440" not in err
+    log = capsys.readouterr().out
+    assert "48 training images" in log and "1440" not in log
     cfg = _ck(out)["config"]
     assert cfg["shapes_train_per_class"] == 4 and cfg["embedding_dim"] == 8 and cfg["epochs"] == 2
     assert [r["epoch"] for r in _records(out)] == [1, 2]
