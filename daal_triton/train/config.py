@@ -192,7 +192,8 @@ def check_out(cfg: TrainConfig) -> None:
     if cfg.overwrite or not os.path.isdir(out):
         return
     if cfg.resume:  # continue the run in its own folder, or into a new (empty) one
-        if os.path.realpath(os.path.dirname(os.path.abspath(cfg.resume))) == os.path.realpath(out) or not os.listdir(out):
+        home = os.path.dirname(os.path.abspath(cfg.resume))
+        if os.path.realpath(home) == os.path.realpath(out) or not os.listdir(out):
             return
         raise ConfigError(f"--out {out} is not empty and is not the folder of --resume {cfg.resume}: a resumed run "
                           f"continues in its checkpoint's folder or in a new, empty one")
@@ -247,7 +248,8 @@ def _given_values(cfg: TrainConfig, given) -> Dict[str, Any]:
     that differs from its default."""
     default = TrainConfig()
     if given is None:
-        given = {f.name for f in dataclasses.fields(cfg) if f.name != "daal" and getattr(cfg, f.name) != getattr(default, f.name)}
+        given = {f.name for f in dataclasses.fields(cfg)
+                 if f.name != "daal" and getattr(cfg, f.name) != getattr(default, f.name)}
         given |= {f"daal.{k}" for k, v in cfg.daal.items() if default.daal.get(k) != v}
     out: Dict[str, Any] = {}
     for name in given:

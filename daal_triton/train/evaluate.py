@@ -218,7 +218,7 @@ def save_embeddings(path: str, emb: torch.Tensor, labels: torch.Tensor, paths: S
     labels = labels.detach().long().cpu().contiguous()
     tmp = path + ".tmp"
     if path.endswith(".npz"):
-        arrays = {k: (np.asarray(v, dtype=str) if isinstance(v, (list, tuple)) else np.asarray(v if v is not None else ""))
+        arrays = {k: np.asarray(v, dtype=str) if isinstance(v, (list, tuple)) else np.asarray("" if v is None else v)
                   for k, v in meta.items()}
         with open(tmp, "wb") as f:
             np.savez(f, embeddings=emb.numpy(), labels=labels.numpy(), paths=np.asarray(list(paths), dtype=str),

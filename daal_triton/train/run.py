@@ -271,7 +271,8 @@ def fit(state: RunState) -> None:
         if state.main:
             _baselines(state)
         ctx.barrier()
-        state.best = max([r["recall@1"] for r in state.history if r.get("model") == "trained" and "recall@1" in r], default=-1.0)
+        state.best = max([r["recall@1"] for r in state.history  # epochs without evaluation have no recall
+                          if r.get("model") == "trained" and "recall@1" in r], default=-1.0)
         for epoch in range(state.start_epoch, state.last_epoch + 1):
             _train_epoch(state, epoch)
             ctx.barrier()  # the other ranks wait for rank 0's evaluation and checkpoint
