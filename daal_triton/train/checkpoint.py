@@ -35,11 +35,15 @@ class CheckpointError(ValueError):
 
 def save_checkpoint(path: str, *, model: nn.Module, criterion: nn.Module, cfg: TrainConfig, epoch: int,
                     metrics: List[Dict[str, Any]], optimizer=None, scheduler=None, scaler=None,
-                    memory_bank: Optional[MemoryBank] = None, world_size: int = 1) -> None:
+                    memory_bank: Optional[MemoryBank] = None, world_size: int = 1,
+                    resumes: Optional[List[Dict[str, Any]]] = None) -> None:
     """Write a checkpoint atomically (to ``path.tmp``, then rename). ``model`` is the bare network
-    (not its DistributedDataParallel wrapper), so checkpoints of any world size load anywhere."""
+    (not its DistributedDataParallel wrapper), so checkpoints of any world size load anywhere.
+    ``resumes``: the run's resumes so far (config.json's ``resumes`` list), kept with its configuration."""
     state = dict(format=FORMAT, model=model.state_dict(), loss=criterion.state_dict(), config=cfg.to_dict(),
                  epoch=epoch, metrics=metrics, version=daal_triton.__version__, world_size=world_size)
+    if resumes:
+        state["resumes"] = resumes
     if memory_bank is not None:
         state["memory_bank"] = memory_bank.state_dict()
     if optimizer is not None:
@@ -82,6 +86,19 @@ def load_checkpoint(path: str) -> Dict[str, Any]:
         raise CheckpointError(f"checkpoint {path!r} is damaged: its content does not match the SHA-256 digest "
                               f"stored in it")
     return ck
+
+
+def require_training_state(ck: Dict[str, Any], path: str) -> None:
+    """``--resume`` needs the optimiser and the schedule (``checkpoint_last.pt``); a checkpoint
+    without them (``checkpoint_best.pt``: the network and loss only) is refused, never silently
+    restarted with a fresh optimiser and schedule."""
+    missing = [name for name in ("optimizer", "scheduler") if name not in ck]
+    if missing:
+        last = os.path.join(os.path.dirname(path), "checkpoint_last.pt")
+        raise CheckpointError(f"--resume {path}: the checkpoint holds no {' or '.join(missing)} state (a "
+                              f"checkpoint_best.pt holds the network and loss only), so the run cannot continue "
+                              f"as it was: resume from {last} (written with --save last or both), or "
+                              f"evaluate this one with daal-eval")
 
 
 def digest(obj: Any) -> str:

@@ -21,6 +21,34 @@ from .config import DAAL_TRAIN_FIELDS, TrainConfig, default_daal
 _D = TrainConfig()
 
 
+class UsageError(ValueError):
+    """A command line argparse cannot parse (printed as one ``error:`` line, exit status 2)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad command line is one ``<prog>: error: ...`` line (no usage block) that
+    :func:`main` / :func:`eval_main` print and answer with exit status 2."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise UsageError(f"{message} (see {self.prog} --help)")
+
+
+def given_flags(parser: argparse.ArgumentParser, argv: Optional[List[str]]) -> set:
+    """The :class:`TrainConfig` fields set explicitly on the command line ``argv`` (``daal.<name>``
+    for ``--daal-<name>``): ``argv`` parsed again with every default suppressed, so a flag given
+    with its default value still counts as given."""
+    saved = [(a, a.default) for a in parser._actions]
+    try:
+        for a, _ in saved:
+            if a.dest != "help":
+                a.default = argparse.SUPPRESS
+        ns = parser.parse_args(argv)
+    finally:
+        for a, default in saved:
+            a.default = default
+    return {f"daal.{k[5:]}" if k.startswith("daal_") else k for k in vars(ns) if k != "config"}
+
+
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """``(default: X)`` after a flag's help, except where it would mislead: on-off switches (their
     help says what they do) and values with no default (the help says what happens then)."""
@@ -64,7 +92,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="daal-train",
         description="Train a VGG-19 embedding network with DAAL (or a pytorch-metric-learning loss) and evaluate "
                     "retrieval on held-out classes. With no arguments: the tuned CPU demo on the 'shapes' set.",
@@ -124,7 +152,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_output_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--resume", default=_D.resume, help="checkpoint to resume from (checkpoint_last.pt)")
+    p.add_argument("--resume", default=_D.resume,
+                   help="continue the run of this checkpoint_last.pt (checkpoint_best.pt holds no optimiser and is "
+                        "refused), with its configuration: a flag given here overrides it if it may change mid-run "
+                        "(epochs, learning rates, warm-up, evaluation, outputs, devices) and is refused if it would "
+                        "change the data, network or loss; config.json records the changes (docs/training.md)")
+    p.add_argument("--stop-after", type=int, default=_D.stop_after, metavar="EPOCH",
+                   help="stop after this epoch (checkpoint_last.pt written), keeping the --epochs schedule: "
+                        "--resume then continues exactly as if the run had not stopped")
+    p.add_argument("--config", default=None, metavar="FILE",
+                   help="rerun the configuration in FILE (a run's config.json) as a new run; flags given here "
+                        "override it")
     p.add_argument("--out", default=_D.out,
                    help="output directory; one run per folder: a folder that holds files is refused unless "
                         "--resume continues the run there or --overwrite replaces it")
@@ -177,31 +215,53 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def main(argv: Optional[List[str]] = None) -> int:
     """``daal-train``."""
-    args = build_parser().parse_args(argv)
     from .checkpoint import CheckpointError
+    from .config import config_file
     from .data import DatasetLayoutError
     from .ddp import ConfigError
     from .run import run
 
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
     try:
-        run(config_from_args(args))
-    except (DatasetLayoutError, ConfigError, CheckpointError) as e:
+        args = parser.parse_args(argv)
+        given = given_flags(parser, argv)
+        cfg = config_from_args(args)
+        if args.config is not None:
+            if cfg.resume:
+                raise ConfigError("--config starts a new run from a config.json, --resume continues a checkpoint's "
+                                  "run (with the checkpoint's configuration): give one of them")
+            cfg = config_file(args.config, cfg, given)
+            for a in parser._actions:  # what argparse checks on the command line, checked in the file
+                value = getattr(cfg, a.dest, None)
+                if a.choices is not None and value is not None and value not in a.choices:
+                    raise ConfigError(f"--config {args.config}: {a.dest} must be one of "
+                                      f"{', '.join(map(str, a.choices))}, got {value!r}")
+        run(cfg, given=given)
+    except (UsageError, DatasetLayoutError, ConfigError, CheckpointError) as e:
         print(f"daal-train: error: {e}", file=sys.stderr)
         return 2
     return 0
 
 
 def build_eval_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="daal-eval", description="Evaluate a daal-train checkpoint on the held-out classes of its data set "
                                       "(or of another one given with --dataset/--data-root).",
         formatter_class=_HelpFormatter)
     p.add_argument("checkpoint", help="checkpoint_last.pt or checkpoint_best.pt written by daal-train")
     p.add_argument("--out", default=None, help="where to write eval.json and tsne_eval.png (default: next to the checkpoint)")
     p.add_argument("--baselines", action="store_true", help="also evaluate raw pixels")
+    p.add_argument("--save-embeddings", default=None, metavar="FILE",
+                   help="also write the test embeddings, labels and image paths to FILE: a .npz (numpy) if the "
+                        "name ends in .npz, else a torch file that loads with torch.load(FILE, weights_only=True)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace eval.json, tsne_eval.png and the --save-embeddings file if they exist "
+                        "(without it, existing files are refused)")
     _add_common(p)
     for a in p._actions:  # unset options keep the checkpoint's values
-        if a.dest not in ("help", "checkpoint", "out", "baselines", "tsne", "progress"):
+        if a.dest not in ("help", "checkpoint", "out", "baselines", "tsne", "progress", "save_embeddings",
+                          "overwrite"):
             a.default = None
             a.help = f"{a.help} (default: the checkpoint's)"
     return p
@@ -213,10 +273,10 @@ def eval_main(argv: Optional[List[str]] = None) -> int:
     from .data import DatasetLayoutError
     from .ddp import ConfigError
 
-    args = build_eval_parser().parse_args(argv)
     try:
+        args = build_eval_parser().parse_args(argv)
         rows = _evaluate_checkpoint(args)
-    except (DatasetLayoutError, ConfigError, CheckpointError) as e:
+    except (UsageError, DatasetLayoutError, ConfigError, CheckpointError) as e:
         print(f"daal-eval: error: {e}", file=sys.stderr)
         return 2
     from .evaluate import format_table, table_keys
@@ -235,12 +295,29 @@ def _evaluate_checkpoint(args: argparse.Namespace) -> Dict[str, Dict[str, float]
     from .config import check_backend, checked_device
     from .devices import place_model, resolve_amp
     from .engine import build_model
+    from .config import _check_writable
+    from .ddp import ConfigError
     from .log import Log
 
+    out = args.out or os.path.dirname(os.path.abspath(args.checkpoint))
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ConfigError(f"--out {out}: exists and is not a folder")
+    _check_writable(out)
+    targets = [os.path.join(out, "eval.json")] + ([os.path.join(out, "tsne_eval.png")] if args.tsne else [])
+    if args.save_embeddings:
+        if os.path.isdir(args.save_embeddings):
+            raise ConfigError(f"--save-embeddings {args.save_embeddings}: is a folder (give a file name, e.g. "
+                              f"embeddings.pt or embeddings.npz)")
+        _check_writable(os.path.dirname(os.path.abspath(args.save_embeddings)))
+        targets.append(args.save_embeddings)
+    held = [t for t in targets if os.path.exists(t)]
+    if held and not args.overwrite:
+        raise ConfigError(f"{', '.join(held)} already exist{'s' if len(held) == 1 else ''}: pass --overwrite to "
+                          f"replace {'it' if len(held) == 1 else 'them'}, or another --out / --save-embeddings")
     ck = load_checkpoint(args.checkpoint)
     cfg = TrainConfig.from_dict(ck["config"])
     for k, v in vars(args).items():
-        if v is not None and hasattr(cfg, k) and k not in ("out",):
+        if v is not None and hasattr(cfg, k) and k not in ("out", "overwrite"):
             setattr(cfg, k, v)
     cfg.weights = None  # the checkpoint holds the trained trunk
     device = checked_device(cfg.device)
@@ -262,8 +339,11 @@ def _evaluate_checkpoint(args: argparse.Namespace) -> Dict[str, Dict[str, float]
                                            backend=cfg.knn_backend, seed=cfg.seed)
     rows[f"checkpoint (epoch {ck.get('epoch')})"] = E.all_metrics(emb.to(device), labels.to(device), test_ds.modes,
                                                                   backend=cfg.knn_backend, seed=cfg.seed)
-    out = args.out or os.path.dirname(os.path.abspath(args.checkpoint))
     os.makedirs(out, exist_ok=True)
+    if args.save_embeddings:
+        E.save_embeddings(args.save_embeddings, emb, labels, E.dataset_paths(test_ds, cfg.dataset),
+                          class_names=list(test_ds.class_names), checkpoint=os.path.abspath(args.checkpoint),
+                          dataset=cfg.dataset, epoch=ck.get("epoch"))
     with open(os.path.join(out, "eval.json"), "w") as f:
         json.dump(dict(checkpoint=os.path.abspath(args.checkpoint), dataset=cfg.dataset, results=rows,
                        seconds=round(time.time() - t0, 2)), f, indent=2)

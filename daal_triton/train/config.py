@@ -54,6 +54,7 @@ class TrainConfig:
     overwrite: bool = False
     save: str = "both"
     resume: Optional[str] = None
+    stop_after: Optional[int] = None
     eval_every: int = 1
     eval_batch_size: int = 128
     num_workers: Optional[int] = None  # None: auto (devices.loader_options)
@@ -139,13 +140,14 @@ _BOUNDS = (
     ("--shapes-test-per-class", "shapes_test_per_class", 1, True),
     ("--shapes-nuisance", "shapes_nuisance", 0.0, True), ("--tsne-max-points", "tsne_max_points", 2, True),
     ("--dist-timeout", "dist_timeout", 0.0, False), ("--log-every", "log_every", 1, True),
+    ("--stop-after", "stop_after", 1, True),
 )
 
 
 def _check_numbers(cfg: TrainConfig) -> None:
     for flag, name, low, inclusive in _BOUNDS:
         value = getattr(cfg, name)
-        if value is None and name in ("steps_per_epoch", "num_workers"):
+        if value is None and name in ("steps_per_epoch", "num_workers", "stop_after"):
             continue
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise ConfigError(f"{flag} must be a finite number, got {value!r}")
@@ -197,11 +199,160 @@ def check_out(cfg: TrainConfig) -> None:
     out = cfg.out
     if os.path.exists(out) and not os.path.isdir(out):
         raise ConfigError(f"--out {out}: exists and is not a folder")
-    if cfg.resume or cfg.overwrite or not os.path.isdir(out):
+    _check_writable(out)
+    if cfg.overwrite or not os.path.isdir(out):
         return
+    if cfg.resume:  # continue the run in its own folder, or into a new (empty) one
+        home = os.path.dirname(os.path.abspath(cfg.resume))
+        if os.path.realpath(home) == os.path.realpath(out) or not os.listdir(out):
+            return
+        raise ConfigError(f"--out {out} is not empty and is not the folder of --resume {cfg.resume}: a resumed run "
+                          f"continues in its checkpoint's folder or in a new, empty one")
     held = sorted(os.listdir(out))
     if held:
         shown = ", ".join(held[:4]) + (", ..." if len(held) > 4 else "")
         last = os.path.join(out, "checkpoint_last.pt")
         raise ConfigError(f"--out {out} is not empty ({shown}): pass --resume {last} to continue that run, "
                           f"--overwrite to replace it, or another --out")
+
+
+def _check_writable(out: str) -> None:
+    """``--out`` (or, if it does not exist yet, its nearest existing parent) is a writable folder."""
+    probe = os.path.abspath(out)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise ConfigError(f"--out {out}: {probe} is a file, not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(f"--out {out}: {probe} is not writable")
+
+
+# ----------------------------------------------------------------------------- resume and --config
+#
+# A resumed run takes its configuration from the checkpoint; a flag given explicitly overrides it
+# if it may change mid-run (RESUME_MAY_CHANGE: the length and schedule of the run, the optimiser's
+# rates, evaluation, outputs, devices and speed). A flag that would change the data, the network,
+# the loss or the state the checkpoint holds (RESUME_FIXED) is refused: that is a new run.
+
+RESUME_MAY_CHANGE = ("epochs", "lr", "loss_lr", "weight_decay", "warmup_epochs", "stop_after", "eval_every",
+                     "eval_batch_size", "num_workers", "knn_backend", "loss_backend", "device", "amp", "out",
+                     "save", "tsne", "tsne_max_points", "progress", "baselines", "dist_backend", "dist_timeout",
+                     "sync_bn", "data_root", "channels_last", "compile", "log_every")
+RESUME_FIXED = ("dataset", "image_size", "steps_per_epoch", "classes_per_batch", "samples_per_class", "arch",
+                "embedding_dim", "weights", "loss", "daal", "loss_kwargs", "seed", "augment",
+                "shapes_train_per_class", "shapes_test_per_class", "shapes_nuisance", "memory_bank")
+# Fields that are not part of what a run is: never inherited, never recorded as a change.
+_NOT_INHERITED = ("resume", "overwrite")
+
+
+def flag_name(name: str) -> str:
+    """The ``daal-train`` flag of a :class:`TrainConfig` field (or of ``daal.<name>``)."""
+    if name.startswith("daal."):
+        return "--daal-" + name[5:].replace("_", "-")
+    return {"tsne": "--no-tsne", "baselines": "--no-baselines", "progress": "--no-progress"}.get(
+        name, "--" + name.replace("_", "-"))
+
+
+def _given_values(cfg: TrainConfig, given) -> Dict[str, Any]:
+    """``{field: value}`` of the fields of ``cfg`` set explicitly: the names in ``given`` (``daal.<name>``
+    for a DAAL hyperparameter), or, when ``given`` is None (a program calling ``run``), every field
+    that differs from its default."""
+    default = TrainConfig()
+    if given is None:
+        given = {f.name for f in dataclasses.fields(cfg)
+                 if f.name != "daal" and getattr(cfg, f.name) != getattr(default, f.name)}
+        given |= {f"daal.{k}" for k, v in cfg.daal.items() if default.daal.get(k) != v}
+    out: Dict[str, Any] = {}
+    for name in given:
+        if name.startswith("daal."):
+            out.setdefault("daal", {})[name[5:]] = cfg.daal[name[5:]]
+        else:
+            out[name] = getattr(cfg, name)
+    return out
+
+
+def _same(a: Any, b: Any) -> bool:
+    return a == b and type(a) is type(b) or (isinstance(a, (int, float)) and isinstance(b, (int, float))
+                                              and not isinstance(a, bool) and not isinstance(b, bool) and a == b)
+
+
+def resume_config(saved: Dict[str, Any], cfg: TrainConfig, given=None) -> "tuple[TrainConfig, Dict[str, Any]]":
+    """The configuration of a run resumed from a checkpoint whose configuration is ``saved``: the
+    checkpoint's, with the flags given explicitly (``given``: see :func:`_given_values`) that may
+    change on resume; returns it and the changes, ``{field: {"from": old, "to": new}}``.
+
+    :class:`ConfigError` for an explicit flag that would change the data, network or loss."""
+    explicit = _given_values(cfg, given)
+    base = TrainConfig.from_dict(saved).to_dict()
+    merged = dict(base)
+    for name in _NOT_INHERITED:
+        merged[name] = getattr(cfg, name)
+    merged["stop_after"] = cfg.stop_after  # stopping is the launch's choice, never the checkpoint's
+    # A resumed run writes where its checkpoint lies unless --out says otherwise.
+    if "out" not in explicit:
+        here = os.path.dirname(os.path.abspath(cfg.resume))
+        if os.path.realpath(str(base["out"])) != os.path.realpath(here):
+            merged["out"] = here
+    refused = []
+    for name, value in explicit.items():
+        if name == "daal":
+            for k, v in value.items():
+                if not _same(base["daal"].get(k), v):
+                    refused.append((f"daal.{k}", base["daal"].get(k), v))
+        elif name in RESUME_FIXED:
+            if not _same(base[name], value):
+                refused.append((name, base[name], value))
+        elif name not in _NOT_INHERITED:
+            merged[name] = value
+    if refused:
+        name, old, new = refused[0]
+        more = f" (and {', '.join(flag_name(n) for n, _, _ in refused[1:])})" if len(refused) > 1 else ""
+        raise ConfigError(f"--resume: {flag_name(name)} {new!r} differs from the checkpoint's {old!r}{more}: it would "
+                          f"change the data, the network or the loss, which a resumed run keeps; start a new "
+                          f"run (another --out) instead. On resume these may change: "
+                          f"{', '.join(flag_name(n) for n in RESUME_MAY_CHANGE)}")
+    changes = {name: {"from": base[name], "to": merged[name]} for name in merged
+               if name not in _NOT_INHERITED and not _same(base[name], merged[name])}
+    return TrainConfig.from_dict(merged), changes
+
+
+def config_file(path: str, cfg: TrainConfig, given=None) -> TrainConfig:
+    """``--config FILE``: the configuration in ``FILE`` (a run's ``config.json``), with the flags
+    given explicitly on top; a new run (``resume`` and ``overwrite`` are never taken from the file)."""
+    import json
+
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"--config {path}: no such file") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"--config {path}: not a readable JSON file ({e})") from None
+    if not isinstance(saved, dict):
+        raise ConfigError(f"--config {path}: expected a JSON object of daal-train settings (a run's config.json)")
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(saved) - names - {"launch", "resumes"})
+    if unknown:
+        raise ConfigError(f"--config {path}: unknown settings {', '.join(unknown)} (a config.json written by "
+                          f"daal-train holds the fields of TrainConfig)")
+    merged = TrainConfig().to_dict()
+    for name, value in saved.items():
+        default = merged.get(name)
+        if name in ("launch", "resumes") or value is None or default is None:
+            continue
+        ok = (isinstance(value, bool) if isinstance(default, bool) else
+              isinstance(value, (int, float)) and not isinstance(value, bool) if isinstance(default, float) else
+              isinstance(value, int) and not isinstance(value, bool) if isinstance(default, int) else
+              isinstance(value, type(default)))
+        if not ok:
+            raise ConfigError(f"--config {path}: {name} must be {type(default).__name__}, got {value!r}")
+    for name in names:
+        if name in saved and name not in ("resume", "overwrite", "stop_after"):
+            merged[name] = dict(default_daal(), **saved[name]) if name == "daal" and isinstance(saved[name], dict) \
+                else saved[name]
+    for name, value in _given_values(cfg, given).items():
+        if name == "daal":
+            merged["daal"] = dict(merged["daal"], **value)
+        else:
+            merged[name] = value
+    return TrainConfig.from_dict(merged)

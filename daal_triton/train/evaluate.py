@@ -207,3 +207,34 @@ def format_table(rows: Dict[str, Dict[str, float]], keys: Optional[Sequence[str]
             cells.append(f"{v:>14.4f}" if isinstance(v, (int, float)) and not math.isnan(v) else f"{'-':>14}")
         lines.append(f"{name:<{width}}  " + "  ".join(cells))
     return "\n".join(lines)
+
+
+def dataset_paths(dataset, name: str = "data") -> List[str]:
+    """Where each image of ``dataset`` comes from: its file for data sets read from files, else
+    ``<name>:test:<index>`` (the generated and in-memory sets, e.g. ``shapes:test:17``)."""
+    paths = getattr(dataset, "paths", None)
+    if paths is not None:
+        return [str(p) for p in paths]
+    return [f"{name}:test:{i}" for i in range(len(dataset))]
+
+
+def save_embeddings(path: str, emb: torch.Tensor, labels: torch.Tensor, paths: Sequence[str], **meta) -> None:
+    """``daal-eval --save-embeddings``: ``embeddings`` (N x D float32, as the network outputs them,
+    not normalised), ``labels`` (N int64), ``paths`` (N strings) and ``meta`` (plain values: the
+    checkpoint, the data set, ``class_names``, ...). A ``.npz`` name writes numpy arrays (``paths``
+    and lists as string arrays); any other name a torch file of plain data, so
+    ``torch.load(path, weights_only=True)`` opens it. Written to ``path.tmp``, then renamed."""
+    import os
+
+    emb = emb.detach().float().cpu().contiguous()
+    labels = labels.detach().long().cpu().contiguous()
+    tmp = path + ".tmp"
+    if path.endswith(".npz"):
+        arrays = {k: np.asarray(v, dtype=str) if isinstance(v, (list, tuple)) else np.asarray("" if v is None else v)
+                  for k, v in meta.items()}
+        with open(tmp, "wb") as f:
+            np.savez(f, embeddings=emb.numpy(), labels=labels.numpy(), paths=np.asarray(list(paths), dtype=str),
+                     **arrays)
+    else:
+        torch.save(dict(embeddings=emb, labels=labels, paths=list(paths), **meta), tmp)
+    os.replace(tmp, path)

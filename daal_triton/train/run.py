@@ -29,8 +29,8 @@ from daal_triton.memory import MemoryBank
 
 from . import ddp
 from . import evaluate as E
-from .checkpoint import load_checkpoint, restore_rng, save_checkpoint
-from .config import TrainConfig, check_out, checked_device, validate_config
+from .checkpoint import load_checkpoint, require_training_state, restore_rng, save_checkpoint
+from .config import TrainConfig, check_out, checked_device, resume_config, validate_config
 from .data import DistributedPKSampler, PKSampler, build_datasets
 from .ddp import ConfigError
 from .devices import (compile_network, loader_options, place_model, prepare_device, resolve_amp, resolve_backend,
@@ -43,7 +43,8 @@ Record = Dict[str, Any]
 
 # Every file a run writes in --out; --overwrite removes these (and only these) first.
 OUTPUTS = ("config.json", "metrics.jsonl", "checkpoint_last.pt", "checkpoint_best.pt", "checkpoint_last.pt.tmp",
-           "checkpoint_best.pt.tmp", "tsne_test.png", "training_curves.png", "results.txt")
+           "checkpoint_best.pt.tmp", "config.json.tmp", "metrics.jsonl.tmp", "tsne_test.png", "training_curves.png",
+           "results.txt")
 
 
 @dataclass
@@ -78,6 +79,17 @@ class RunState:
     last: Optional[Record] = None  # the latest evaluation of the trained network
     emb: Optional[torch.Tensor] = None  # the test embeddings of that evaluation
     metrics_file: Optional[IO[str]] = None
+    resumes: List[Record] = field(default_factory=list)  # config.json's "resumes": one entry per --resume
+
+    @property
+    def last_epoch(self) -> int:
+        """The last epoch this call trains: --epochs, or --stop-after if earlier."""
+        return self.cfg.epochs if self.cfg.stop_after is None else min(self.cfg.epochs, self.cfg.stop_after)
+
+    @property
+    def stopped(self) -> bool:
+        """Whether this call stops (--stop-after) before the run's last epoch."""
+        return self.last_epoch < self.cfg.epochs
 
     @property
     def main(self) -> bool:
@@ -87,22 +99,35 @@ class RunState:
         return os.path.join(self.cfg.out, name)
 
 
-def run(cfg: TrainConfig) -> Dict[str, Record]:
+def run(cfg: TrainConfig, given=None) -> Dict[str, Record]:
     """Train and evaluate as ``cfg`` says; write everything under ``cfg.out``; return the final
     table's rows ({method: metrics}; empty on ranks other than 0).
+
+    With ``cfg.resume`` the configuration is the checkpoint's, overridden by the fields of ``cfg``
+    set explicitly (``given``: their names, as :func:`daal_triton.train.cli.given_flags` returns
+    them; None: every field that differs from its default), see :func:`~daal_triton.train.config.resume_config`.
 
     Under torchrun (``WORLD_SIZE`` > 1) this joins the process group (see :mod:`daal_triton.train.ddp`),
     trains data-parallel, and destroys the group at the end."""
     t_start, cpu_start = time.time(), time.process_time()
+    checkpoint, changes = None, {}
+    if cfg.resume:
+        checkpoint = load_checkpoint(cfg.resume)
+        require_training_state(checkpoint, cfg.resume)
+        cfg, changes = resume_config(checkpoint["config"], cfg, given)
     device = checked_device(cfg.device)
     validate_config(cfg, ddp.world_size(), device)
-    checkpoint = load_checkpoint(cfg.resume) if cfg.resume else None
     check_out(cfg)
     ctx, device = ddp.setup(device, cfg.dist_backend, cfg.dist_timeout)
     try:
         state = build_run(cfg, ctx, device, Log("daal-train", ctx.rank, ctx.world_size), t_start, cpu_start)
         if checkpoint is not None:
             resume_run(state, checkpoint, cfg.resume)
+            state.resumes.append(dict(checkpoint=os.path.abspath(cfg.resume), epoch=state.epoch, changed=changes,
+                                      launch=dict(world_size=ctx.world_size, backend=ctx.backend)))
+            if changes and state.main:
+                state.log("resumed with changes: " + ", ".join(f"{k} {v['from']!r} -> {v['to']!r}"
+                                                               for k, v in changes.items()))
         distribute(state)
         fit(state)
         if state.main:
@@ -174,13 +199,27 @@ def _sampler(cfg: TrainConfig, ctx: ddp.DistContext, labels) -> PKSampler:
 def resume_run(state: RunState, ck: Dict[str, Any], path: str) -> None:
     """Continue from checkpoint ``ck`` (read from ``path``): weights, optimiser, schedule, scaler,
     the metrics so far, the RNG states (rank 0) and the memory bank. Every rank reads the file
-    (on several machines: a path they all see)."""
+    (on several machines: a path they all see).
+
+    The learning rates and weight decay are ``state.cfg``'s (the checkpoint's unless changed on
+    resume), and the first resumed step runs at the rate the schedule of ``state.cfg`` gives its
+    step: the optimiser's saved rate is the one after the last step of the previous call, which
+    for a run that ended there is the schedule's end (0)."""
     state.model.load_state_dict(ck["model"])
     state.criterion.load_state_dict(ck["loss"])
+    groups = [(g["initial_lr"], g["weight_decay"]) for g in state.optimizer.param_groups]  # state.cfg's
     for name in ("optimizer", "scheduler", "scaler"):
         target = getattr(state, name)
         if target is not None and name in ck:
             target.load_state_dict(ck[name])
+    sched = state.scheduler
+    for g, (lr, wd) in zip(state.optimizer.param_groups, groups):
+        g["initial_lr"], g["weight_decay"] = lr, wd
+    sched.base_lrs = [lr for lr, _ in groups]
+    for g, base, factor in zip(state.optimizer.param_groups, sched.base_lrs, getattr(sched, "lr_lambdas", [])):
+        g["lr"] = base * factor(sched.last_epoch)  # what LambdaLR.step() sets at this step
+    sched._last_lr = [g["lr"] for g in state.optimizer.param_groups]
+    state.resumes = list(ck.get("resumes", []))
     state.history = list(ck.get("metrics", []))
     state.start_epoch = int(ck["epoch"]) + 1
     state.epoch = state.start_epoch - 1
@@ -226,18 +265,20 @@ def fit(state: RunState) -> None:
     cfg, ctx = state.cfg, state.ctx
     if state.main:
         _prepare_out(state)
-        with open(state.path("config.json"), "w") as f:
-            json.dump(dict(cfg.to_dict(), launch=dict(world_size=ctx.world_size, backend=ctx.backend)), f, indent=2)
+        _write_config(state)
+        if cfg.resume:  # the metrics so far are the checkpoint's (in a new --out too), then this call's
+            _write_atomic(state.path("metrics.jsonl"), "".join(json.dumps(_clean(r)) + "\n" for r in state.history))
         state.metrics_file = open(state.path("metrics.jsonl"), "a" if cfg.resume else "w")
     try:
         if state.main:
             _baselines(state)
         ctx.barrier()
-        state.best = max([r["recall@1"] for r in state.history if r.get("model") == "trained"], default=-1.0)
-        for epoch in range(state.start_epoch, cfg.epochs + 1):
+        state.best = max([r["recall@1"] for r in state.history  # epochs without evaluation have no recall
+                          if r.get("model") == "trained" and "recall@1" in r], default=-1.0)
+        for epoch in range(state.start_epoch, state.last_epoch + 1):
             _train_epoch(state, epoch)
             ctx.barrier()  # the other ranks wait for rank 0's evaluation and checkpoint
-        if state.main:
+        if state.main and not state.stopped:
             if state.emb is None:  # nothing trained in this call (resumed at the end): evaluate what we have
                 state.emb = _embed_test(state)
                 state.last = _evaluate(state, state.epoch, "trained", state.emb)
@@ -245,6 +286,34 @@ def fit(state: RunState) -> None:
     finally:
         if state.metrics_file is not None:
             state.metrics_file.close()
+
+
+def _write_config(state: RunState) -> None:
+    """config.json: the configuration the run started with, its launch, and ``resumes``: one entry
+    per ``--resume`` (checkpoint, epoch, the settings changed ``{"from": ..., "to": ...}``, launch).
+    The configuration of the latest call is the first one with every change applied in order."""
+    cfg, ctx = state.cfg, state.ctx
+    launch = dict(world_size=ctx.world_size, backend=ctx.backend)
+    if not state.resumes:
+        _write_atomic(state.path("config.json"), json.dumps(dict(cfg.to_dict(), launch=launch), indent=2))
+        return
+    first = cfg.to_dict()
+    for entry in reversed(state.resumes):  # undo every resume's changes: the configuration it started with
+        for name, change in entry["changed"].items():
+            first[name] = change["from"]
+    first["resume"] = None
+    try:
+        with open(state.path("config.json")) as f:
+            launch = json.load(f).get("launch", launch)
+    except (OSError, ValueError, AttributeError):
+        pass
+    _write_atomic(state.path("config.json"), json.dumps(dict(first, launch=launch, resumes=state.resumes), indent=2))
+
+
+def _write_atomic(path: str, text: str) -> None:
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
 
 
 def _prepare_out(state: RunState) -> None:
@@ -317,7 +386,8 @@ def _save(state: RunState, name: str, *, full: bool) -> None:
     extra = dict(optimizer=state.optimizer, scheduler=state.scheduler, scaler=state.scaler,
                  memory_bank=state.bank) if full else {}
     save_checkpoint(state.path(name), model=state.model, criterion=state.criterion, cfg=state.cfg,
-                    epoch=state.epoch, metrics=state.history, world_size=state.ctx.world_size, **extra)
+                    epoch=state.epoch, metrics=state.history, world_size=state.ctx.world_size,
+                    resumes=state.resumes, **extra)
 
 
 def _embed_test(state: RunState) -> torch.Tensor:
@@ -342,10 +412,13 @@ def _evaluate(state: RunState, epoch: int, name: str, emb: torch.Tensor, **extra
 def _record(state: RunState, rec: Record) -> None:
     """Append ``rec`` to the history and to metrics.jsonl (NaN, a metric undefined on this data,
     is written as null)."""
-    clean = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in rec.items()}
-    state.metrics_file.write(json.dumps(clean) + "\n")
+    state.metrics_file.write(json.dumps(_clean(rec)) + "\n")
     state.metrics_file.flush()
     state.history.append(rec)
+
+
+def _clean(rec: Record) -> Record:
+    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in rec.items()}
 
 
 # ----------------------------------------------------------------------------- finish
@@ -356,6 +429,10 @@ def finish(state: RunState) -> None:
     from . import plots
 
     cfg = state.cfg
+    if state.stopped:
+        state.log(f"stopped after epoch {state.epoch} of {cfg.epochs} (--stop-after); continue with "
+                  f"daal-train --resume {state.path('checkpoint_last.pt')}")
+        return
     text = E.format_table(state.table, keys=E.table_keys(state.table))
     text += (f"\n(held-out classes of {cfg.dataset}; wall time {time.time() - state.t_start:.1f} s, process CPU time "
              f"{time.process_time() - state.cpu_start:.1f} s on {torch.get_num_threads()} threads; "

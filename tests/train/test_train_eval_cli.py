@@ -1,0 +1,142 @@
+"""Issue 15, daal-eval: --save-embeddings (embeddings, labels, paths, for retrieval outside the
+package), existing eval.json / tsne_eval.png / embedding files are never replaced unasked; and
+every user error of daal-train / daal-eval is one ``error:`` line with exit status 2."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("torchvision")
+pytest.importorskip("sklearn")
+pytest.importorskip("matplotlib")
+pytest.importorskip("tqdm")
+
+from daal_triton.train import cli  # noqa: E402
+
+TINY = ["--dataset", "shapes", "--image-size", "32", "--shapes-train-per-class", "4",
+        "--shapes-test-per-class", "4", "-P", "3", "-K", "2", "--steps-per-epoch", "1", "--embedding-dim", "8",
+        "--eval-batch-size", "64", "--no-progress", "--no-tsne", "--no-baselines", "--epochs", "1"]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("evalcli") / "run")
+    assert cli.main(TINY + ["--out", out]) == 0
+    return out
+
+
+def _ck(run_dir):
+    return os.path.join(run_dir, "checkpoint_last.pt")
+
+
+def test_save_embeddings_torch_file(run_dir, tmp_path):
+    ev, path = str(tmp_path / "ev"), str(tmp_path / "emb.pt")
+    assert cli.eval_main([_ck(run_dir), "--out", ev, "--no-progress", "--no-tsne", "--save-embeddings", path]) == 0
+    d = torch.load(path, weights_only=True)
+    n = 12 * 4  # 12 held-out classes x 4 images
+    assert d["embeddings"].shape == (n, 8) and d["embeddings"].dtype == torch.float32
+    assert d["labels"].shape == (n,) and d["labels"].dtype == torch.int64
+    assert len(d["paths"]) == n and d["paths"][3] == "shapes:test:3"
+    assert len(d["class_names"]) == 12 and d["dataset"] == "shapes" and d["epoch"] == 1
+    # the saved embeddings give the numbers eval.json reports
+    from daal_triton.train.evaluate import retrieval_metrics
+
+    res = json.load(open(os.path.join(ev, "eval.json")))
+    (row,) = res["results"].values()
+    assert retrieval_metrics(d["embeddings"], d["labels"])["recall@1"] == pytest.approx(row["recall@1"])
+
+
+def test_save_embeddings_npz(run_dir, tmp_path):
+    path = str(tmp_path / "emb.npz")
+    assert cli.eval_main([_ck(run_dir), "--out", str(tmp_path / "ev"), "--no-progress", "--no-tsne",
+                          "--save-embeddings", path]) == 0
+    with np.load(path) as z:  # no pickled objects: allow_pickle stays False
+        assert z["embeddings"].shape == (48, 8) and z["labels"].shape == (48,)
+        assert z["paths"][0] == "shapes:test:0" and len(z["class_names"]) == 12
+
+
+def test_eval_never_replaces_files_unasked(run_dir, tmp_path, error_line):
+    ev = tmp_path / "ev"
+    ev.mkdir()
+    for name in ("eval.json", "tsne_eval.png"):
+        (ev / name).write_text("mine")
+    emb = tmp_path / "emb.pt"
+    emb.write_text("mine too")
+    argv = [_ck(run_dir), "--out", str(ev), "--no-progress", "--tsne-max-points", "48"]
+    assert cli.eval_main(argv) == 2
+    line = error_line("daal-eval")
+    assert "eval.json" in line and "tsne_eval.png" in line and "--overwrite" in line
+    assert cli.eval_main([_ck(run_dir), "--out", str(tmp_path / "ev2"), "--no-tsne", "--no-progress",
+                          "--save-embeddings", str(emb)]) == 2
+    assert "emb.pt" in error_line("daal-eval")
+    assert (ev / "eval.json").read_text() == "mine" and (ev / "tsne_eval.png").read_text() == "mine"
+    assert emb.read_text() == "mine too" and not (tmp_path / "ev2").exists()
+    # --no-tsne needs only eval.json free; --overwrite replaces
+    assert cli.eval_main(argv + ["--overwrite"]) == 0
+    assert json.load(open(ev / "eval.json"))["dataset"] == "shapes"
+    assert (ev / "tsne_eval.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_default_out_next_to_the_checkpoint_is_not_replaced(run_dir, error_line):
+    assert cli.eval_main([_ck(run_dir), "--no-progress", "--no-tsne"]) == 0
+    first = open(os.path.join(run_dir, "eval.json")).read()
+    assert cli.eval_main([_ck(run_dir), "--no-progress", "--no-tsne"]) == 2
+    assert "eval.json" in error_line("daal-eval")
+    assert open(os.path.join(run_dir, "eval.json")).read() == first
+    os.remove(os.path.join(run_dir, "eval.json"))
+
+
+# ----------------------------------------------------------------------------- one error line
+
+TRAIN_USAGE = {
+    "bad-int": ["--epochs", "abc"],
+    "bad-choice": ["--dataset", "mnist"],
+    "unknown-flag": ["--no-such-flag", "3"],
+    "missing-value": ["--lr"],
+    "bad-float": ["--lr", "fast"],
+}
+
+
+@pytest.mark.parametrize("case", sorted(TRAIN_USAGE))
+def test_daal_train_command_line_errors_are_one_line(case, tmp_path, error_line):
+    out = tmp_path / "out"
+    assert cli.main(TINY + TRAIN_USAGE[case] + ["--out", str(out)]) == 2
+    assert "--help" in error_line("daal-train")
+    assert not out.exists()
+
+
+def test_daal_train_out_errors_are_one_line(tmp_path, error_line):
+    f = tmp_path / "a-file"
+    f.write_text("mine")
+    for out in (f / "sub", f):
+        assert cli.main(TINY + ["--out", str(out)]) == 2
+        assert "--out" in error_line("daal-train")
+    assert f.read_text() == "mine"
+    assert cli.main(TINY + ["--stop-after", "0", "--out", str(tmp_path / "o")]) == 2
+    assert "--stop-after" in error_line("daal-train")
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--no-such-flag"], "--no-such-flag"),
+    (["--knn-backend", "fast"], "--knn-backend"),
+    ([], "checkpoint"),
+])
+def test_daal_eval_command_line_errors_are_one_line(run_dir, tmp_path, argv, words, error_line):
+    ev = tmp_path / "ev"
+    full = argv if not argv else [_ck(run_dir)] + argv
+    assert cli.eval_main(full + ["--out", str(ev)]) == 2
+    assert words in error_line("daal-eval")
+    assert not ev.exists()
+
+
+def test_daal_eval_out_is_a_file(run_dir, tmp_path, error_line):
+    f = tmp_path / "a-file"
+    f.write_text("mine")
+    assert cli.eval_main([_ck(run_dir), "--out", str(f), "--no-tsne"]) == 2
+    assert "--out" in error_line("daal-eval")
+    assert cli.eval_main([_ck(run_dir), "--out", str(tmp_path / "ev"), "--no-tsne",
+                          "--save-embeddings", str(tmp_path)]) == 2
+    assert "--save-embeddings" in error_line("daal-eval")
+    assert f.read_text() == "mine"

@@ -1,0 +1,227 @@
+"""Issue 15, resume: a resumed run takes its configuration from the checkpoint unless a flag
+overrides it explicitly, refuses flags that would change the data, network or loss, records what
+changed in config.json (keeping the original), refuses a checkpoint without optimiser state, and
+equals the uninterrupted run for every schedule."""
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+pytest.importorskip("torchvision")
+pytest.importorskip("sklearn")
+pytest.importorskip("matplotlib")
+pytest.importorskip("tqdm")
+
+from daal_triton.train import cli  # noqa: E402
+
+TINY = ["--dataset", "shapes", "--image-size", "32", "--shapes-train-per-class", "4",
+        "--shapes-test-per-class", "4", "-P", "3", "-K", "2", "--steps-per-epoch", "2", "--embedding-dim", "8",
+        "--eval-batch-size", "64", "--no-progress", "--no-tsne", "--no-baselines"]
+TIMINGS = ("train_s", "eval_s", "embed_s", "elapsed_s")
+
+
+def _records(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [{k: v for k, v in json.loads(line).items() if k not in TIMINGS} for line in f]
+
+
+def _ck(out, name="checkpoint_last.pt"):
+    return torch.load(os.path.join(out, name), map_location="cpu", weights_only=True)
+
+
+def _last(out):
+    return os.path.join(out, "checkpoint_last.pt")
+
+
+@pytest.fixture(scope="module")
+def one_epoch(tmp_path_factory):
+    """A finished 1-epoch run (warm-up 0: its schedule ends at lr 0)."""
+    out = str(tmp_path_factory.mktemp("resume") / "one")
+    assert cli.main(TINY + ["--epochs", "1", "--warmup-epochs", "0", "--out", out]) == 0
+    return out
+
+
+def _copy(src, tmp_path, name="copy"):
+    dst = str(tmp_path / name)
+    shutil.copytree(src, dst)
+    return dst
+
+
+# ----------------------------------------------------------------------------- bit-identical
+
+SCHEDULES = {  # 2 epochs of 2 steps, stopped after the first
+    "warmup-0": ["--epochs", "2", "--warmup-epochs", "0"],
+    "warmup-fractional": ["--epochs", "2", "--warmup-epochs", "0.5"],
+    "warmup-spans-resume": ["--epochs", "2", "--warmup-epochs", "1.5", "--eval-every", "2"],
+    "memory-bank": ["--epochs", "2", "--warmup-epochs", "0", "--memory-bank", "24"],
+}
+
+
+@pytest.mark.parametrize("schedule", sorted(SCHEDULES))
+def test_stopped_then_resumed_equals_uninterrupted(schedule, tmp_path):
+    flags = TINY + SCHEDULES[schedule]
+    full, parts = str(tmp_path / "full"), str(tmp_path / "parts")
+    assert cli.main(flags + ["--out", full]) == 0
+    assert cli.main(flags + ["--out", parts, "--stop-after", "1"]) == 0
+    assert _ck(parts)["epoch"] == 1
+    assert cli.main(["--resume", _last(parts), "--no-progress"]) == 0  # everything else from the checkpoint
+    assert _records(parts) == _records(full)
+    a, b = _ck(full), _ck(parts)
+    assert a["epoch"] == b["epoch"] == 2
+    for part in ("model", "loss"):
+        assert a[part].keys() == b[part].keys()
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), (part, k)
+    assert a["scheduler"]["last_epoch"] == b["scheduler"]["last_epoch"]
+    if "memory_bank" in a:
+        assert torch.equal(a["memory_bank"]["embeddings"], b["memory_bank"]["embeddings"])
+
+
+def test_extending_a_finished_run_does_not_restart_at_lr_zero(one_epoch, tmp_path, monkeypatch):
+    """--epochs 1 with warm-up 0 ends its cosine at lr 0; resumed to --epochs 2, the first step
+    runs at the 2-epoch schedule's rate for its step (0.5 x lr), not at 0."""
+    from daal_triton.train import engine
+
+    out = _copy(one_epoch, tmp_path)
+    seen = []
+    real = engine.train_one_epoch
+
+    def spy(model, criterion, loader, optimizer, *a, **k):
+        seen.append([g["lr"] for g in optimizer.param_groups])
+        return real(model, criterion, loader, optimizer, *a, **k)
+
+    monkeypatch.setattr("daal_triton.train.run.train_one_epoch", spy)
+    assert cli.main(["--resume", _last(out), "--epochs", "2", "--no-progress"]) == 0
+    lr, loss_lr = 1e-3, 5e-3
+    assert seen[0][0] == pytest.approx(0.5 * lr) and seen[0][-1] == pytest.approx(0.5 * loss_lr)
+
+
+# ----------------------------------------------------------------------------- configuration
+
+def test_resume_without_flags_keeps_the_data_set(one_epoch, tmp_path, capsys):
+    """The checkpoint's configuration, not the flags' defaults (1,440 shapes images)."""
+    out = _copy(one_epoch, tmp_path)
+    capsys.readouterr()
+    assert cli.main(["--resume", _last(out), "--epochs", "2", "--no-progress"]) == 0
+    log = capsys.readouterr().out
+    assert "48 training images" in log and "1440" not in log
+    cfg = _ck(out)["config"]
+    assert cfg["shapes_train_per_class"] == 4 and cfg["embedding_dim"] == 8 and cfg["epochs"] == 2
+    assert [r["epoch"] for r in _records(out)] == [1, 2]
+
+
+def test_new_lr_on_resume_is_used_and_recorded(one_epoch, tmp_path, monkeypatch):
+    from daal_triton.train import engine
+
+    out = _copy(one_epoch, tmp_path)
+    seen = []
+    real = engine.train_one_epoch
+
+    def spy(model, criterion, loader, optimizer, scheduler, *a, **k):
+        r = real(model, criterion, loader, optimizer, scheduler, *a, **k)
+        seen.append((list(scheduler.base_lrs), [g["weight_decay"] for g in optimizer.param_groups]))
+        return r
+
+    monkeypatch.setattr("daal_triton.train.run.train_one_epoch", spy)
+    assert cli.main(["--resume", _last(out), "--epochs", "2", "--lr", "0.0002", "--weight-decay", "0.01",
+                     "--no-progress"]) == 0
+    base_lrs, decays = seen[0]
+    assert base_lrs[:2] == [0.0002, 0.0002] and base_lrs[2] == 5e-3
+    assert decays[0] == 0.01 and decays[1:] == [0.0, 0.0]
+    ck = _ck(out)
+    assert ck["config"]["lr"] == 0.0002
+    assert [g["initial_lr"] for g in ck["optimizer"]["param_groups"]][:2] == [0.0002, 0.0002]
+    cfg = json.load(open(os.path.join(out, "config.json")))
+    assert cfg["lr"] == 1e-3 and cfg["epochs"] == 1  # the original configuration stays
+    (entry,) = cfg["resumes"]
+    assert entry["epoch"] == 1 and entry["checkpoint"] == os.path.abspath(_last(out))
+    assert entry["changed"]["lr"] == {"from": 1e-3, "to": 0.0002}
+    assert entry["changed"]["epochs"] == {"from": 1, "to": 2}
+    assert "seed" not in entry["changed"] and "dataset" not in entry["changed"]
+    # a second resume appends to the history; the first configuration still stands at the top
+    assert cli.main(["--resume", _last(out), "--epochs", "3", "--no-progress"]) == 0
+    cfg = json.load(open(os.path.join(out, "config.json")))
+    assert cfg["epochs"] == 1 and cfg["lr"] == 1e-3 and len(cfg["resumes"]) == 2
+    assert cfg["resumes"][1]["changed"] == {"epochs": {"from": 2, "to": 3}}
+    assert [r["epoch"] for r in _records(out)] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--embedding-dim", "16"], "--embedding-dim"),
+    (["--shapes-train-per-class", "120"], "--shapes-train-per-class"),
+    (["--dataset", "digits"], "--dataset"),
+    (["--seed", "1"], "--seed"),
+    (["-P", "4"], "--classes-per-batch"),
+    (["--arch", "vgg19"], "--arch"),
+    (["--daal-alpha", "0.5"], "--daal-alpha"),
+    (["--memory-bank", "12"], "--memory-bank"),
+    (["--steps-per-epoch", "3"], "--steps-per-epoch"),
+])
+def test_flags_that_change_data_or_model_are_refused(one_epoch, tmp_path, flags, words, error_line):
+    out = _copy(one_epoch, tmp_path)
+    before = {n: open(os.path.join(out, n), "rb").read() for n in os.listdir(out)}
+    assert cli.main(["--resume", _last(out), "--epochs", "2", "--no-progress"] + flags) == 2
+    line = error_line("daal-train")
+    assert words in line and "--resume" in line
+    assert {n: open(os.path.join(out, n), "rb").read() for n in os.listdir(out)} == before
+
+
+def test_a_flag_equal_to_the_checkpoint_is_not_a_change(one_epoch, tmp_path):
+    out = _copy(one_epoch, tmp_path)
+    assert cli.main(["--resume", _last(out), "--epochs", "2", "--embedding-dim", "8", "-P", "3",
+                     "--no-progress"]) == 0
+    (entry,) = json.load(open(os.path.join(out, "config.json")))["resumes"]
+    assert set(entry["changed"]) == {"epochs", "out"}  # out: the copy's folder
+
+
+def test_best_checkpoint_is_refused_for_resume(one_epoch, tmp_path, error_line):
+    out = _copy(one_epoch, tmp_path)
+    before = sorted(os.listdir(out))
+    assert cli.main(["--resume", os.path.join(out, "checkpoint_best.pt"), "--epochs", "2", "--no-progress"]) == 2
+    line = error_line("daal-train")
+    assert "optimizer" in line and "checkpoint_last.pt" in line
+    assert sorted(os.listdir(out)) == before
+
+
+def test_resume_into_a_new_folder_and_not_into_another_run(one_epoch, tmp_path, error_line):
+    other = str(tmp_path / "other")
+    os.makedirs(other)
+    with open(os.path.join(other, "mine.txt"), "w") as f:
+        f.write("keep")
+    assert cli.main(["--resume", _last(one_epoch), "--epochs", "2", "--out", other, "--no-progress"]) == 2
+    assert "not empty" in error_line("daal-train")
+    assert os.listdir(other) == ["mine.txt"]
+    new = str(tmp_path / "new")
+    assert cli.main(["--resume", _last(one_epoch), "--epochs", "2", "--out", new, "--no-progress"]) == 0
+    assert [r["epoch"] for r in _records(new)] == [1, 2]  # the history comes with the checkpoint
+    cfg = json.load(open(os.path.join(new, "config.json")))
+    assert cfg["epochs"] == 1 and cfg["resumes"][0]["changed"]["out"]["to"] == new
+    assert _ck(one_epoch)["epoch"] == 1  # the original run is untouched
+
+
+def test_config_file_reruns_a_run(one_epoch, tmp_path):
+    cfg_path = os.path.join(one_epoch, "config.json")
+    out = str(tmp_path / "rerun")
+    assert cli.main(["--config", cfg_path, "--out", out, "--no-progress"]) == 0
+    assert _records(out) == _records(one_epoch)
+    again = str(tmp_path / "again")
+    assert cli.main(["--config", cfg_path, "--out", again, "--epochs", "2", "--no-progress"]) == 0
+    cfg = json.load(open(os.path.join(again, "config.json")))
+    assert cfg["epochs"] == 2 and cfg["embedding_dim"] == 8 and cfg["warmup_epochs"] == 0
+
+
+@pytest.mark.parametrize("content, words", [
+    (None, "no such file"), ("{not json", "JSON"), ('{"epochz": 3}', "epochz"), ("[1, 2]", "JSON object"),
+    ('{"epochs": "3"}', "epochs"), ('{"dataset": "mnist"}', "dataset"), ('{"epochs": 0}', "--epochs"),
+])
+def test_config_file_errors(tmp_path, content, words, error_line):
+    path = str(tmp_path / "config.json")
+    if content is not None:
+        with open(path, "w") as f:
+            f.write(content)
+    out = tmp_path / "out"
+    assert cli.main(["--config", path, "--out", str(out)]) == 2
+    assert words in error_line("daal-train")
+    assert not out.exists()
