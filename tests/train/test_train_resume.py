@@ -19,7 +19,7 @@ from daal_triton.train import cli  # noqa: E402
 TINY = ["--dataset", "shapes", "--image-size", "32", "--shapes-train-per-class", "4",
         "--shapes-test-per-class", "4", "-P", "3", "-K", "2", "--steps-per-epoch", "2", "--embedding-dim", "8",
         "--eval-batch-size", "64", "--no-progress", "--no-tsne", "--no-baselines"]
-TIMINGS = ("train_s", "eval_s", "embed_s", "elapsed_s")
+TIMINGS = ("train_s", "eval_s", "embed_s", "elapsed_s", "data_wait_s", "train_images_per_s")
 
 
 def _records(out):
