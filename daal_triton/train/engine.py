@@ -35,7 +35,7 @@ from . import ddp
 from . import evaluate as E
 from .data import DistributedPKSampler, PKSampler, build_datasets
 from .ddp import ConfigError
-from .model import NO_WEIGHTS_NOTE, EmbeddingNet
+from .model import NO_WEIGHTS_NOTE, EmbeddingNet, default_width
 
 # The DAAL hyperparameters a run sets (``--daal-*``): all of the loss's but the reduction, which
 # training fixes to "mean". Their defaults are the loss's own (daal_triton.Hyperparameters).
@@ -54,16 +54,19 @@ class TrainConfig:
     dataset: str = "shapes"
     data_root: Optional[str] = None
     image_size: int = 32
-    epochs: int = 5
+    epochs: int = 20
     steps_per_epoch: Optional[int] = None
     classes_per_batch: int = 12
     samples_per_class: int = 4
     arch: str = "vgg19_bn"
+    width: Optional[float] = None  # channel multiplier; None: model.default_width(dataset, weights)
     embedding_dim: int = 512
     weights: Optional[str] = None
     loss: str = "daal"
     daal: Dict[str, Any] = field(default_factory=default_daal)
     loss_kwargs: Dict[str, Any] = field(default_factory=dict)
+    miner: Optional[str] = None  # "pml:<MinerName>", applied to the gathered batch before the loss
+    miner_kwargs: Dict[str, Any] = field(default_factory=dict)
     loss_backend: str = "auto"
     lr: float = 1e-3
     loss_lr: float = 5e-3
@@ -139,10 +142,29 @@ class PMLLoss(nn.Module):
         self.inner = inner
         self.name = name
 
-    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, ref_emb=None, ref_labels=None) -> torch.Tensor:
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, indices_tuple=None, ref_emb=None,
+                ref_labels=None) -> torch.Tensor:
         if ref_emb is not None:
-            return self.inner(embeddings.float(), labels, ref_emb=ref_emb.float(), ref_labels=ref_labels)
-        return self.inner(embeddings.float(), labels)
+            return self.inner(embeddings.float(), labels, indices_tuple, ref_emb=ref_emb.float(), ref_labels=ref_labels)
+        return self.inner(embeddings.float(), labels, indices_tuple)
+
+
+def build_miner(miner: Optional[str], miner_kwargs: Optional[Dict[str, Any]] = None) -> Optional[nn.Module]:
+    """``None`` -> no miner; ``"pml:<Name>"`` -> ``pytorch_metric_learning.miners.<Name>(**miner_kwargs)``."""
+    if not miner:
+        if miner_kwargs:
+            raise ValueError("--miner-kwargs needs --miner pml:<MinerName>")
+        return None
+    if not miner.startswith("pml:"):
+        raise ValueError(f"--miner must be 'pml:<MinerName>', got {miner!r}")
+    try:
+        from pytorch_metric_learning import miners as pml_miners
+    except ImportError as e:
+        raise ImportError(f"--miner {miner} needs pytorch-metric-learning: pip install 'daal-triton[pml]'") from e
+    cls = getattr(pml_miners, miner[4:], None)
+    if cls is None or not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise ValueError(f"--miner {miner}: pytorch_metric_learning.miners has no miner named {miner[4:]!r}")
+    return cls(**dict(miner_kwargs or {}))
 
 
 def build_criterion(loss: str, num_classes: int, embedding_dim: int, *, daal: Optional[Dict[str, Any]] = None,
@@ -218,18 +240,22 @@ class GlobalBatchLoss:
        (``--memory-bank``), the kNN density's reference set is the global batch followed by the
        bank's rows: ``criterion(emb, labels, ref_emb, ref_labels, ref_includes_batch=True)``;
     3. then enqueues the global batch's detached embeddings, so every rank holds the same bank.
+
+    With a ``miner`` (``--miner``), its tuple of the global batch is passed as ``indices_tuple``.
     """
 
-    def __init__(self, bank: Optional[MemoryBank] = None) -> None:
+    def __init__(self, bank: Optional[MemoryBank] = None, miner: Optional[nn.Module] = None) -> None:
         self.bank = bank
+        self.miner = miner
 
     def __call__(self, criterion: nn.Module, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         emb, labs = gather_batch(embeddings, labels)
         emb = emb.float()
+        tuples = self.miner(emb, labs) if self.miner is not None else None
         if self.bank is None:
-            return criterion(emb, labs)
+            return criterion(emb, labs, tuples) if tuples is not None else criterion(emb, labs)
         ref, ref_labels = self.bank.with_batch(emb, labs)
-        loss = criterion(emb, labs, ref, ref_labels, ref_includes_batch=True)
+        loss = criterion(emb, labs, tuples, ref_emb=ref, ref_labels=ref_labels, ref_includes_batch=True)
         self.bank.enqueue(emb.detach(), labs)
         return loss
 
@@ -315,7 +341,8 @@ def load_checkpoint(path: str) -> Dict[str, Any]:
 def build_model(cfg: TrainConfig, *, announce: bool = True) -> EmbeddingNet:
     """The embedding network of ``cfg`` (``announce=False``: no note about missing ImageNet
     weights, for a model about to receive a checkpoint)."""
-    return EmbeddingNet(cfg.arch, cfg.embedding_dim, weights=cfg.weights, announce=announce)
+    width = default_width(cfg.dataset, cfg.weights) if cfg.width is None else cfg.width
+    return EmbeddingNet(cfg.arch, cfg.embedding_dim, weights=cfg.weights, announce=announce, width=width)
 
 
 def _log(fh, record: Dict[str, Any]) -> None:
@@ -342,6 +369,9 @@ def validate_config(cfg: TrainConfig, world_size: int = 1) -> None:
                           f"--loss {cfg.loss} cannot use it: pytorch-metric-learning's ref_emb does not take "
                           f"the batch as part of the reference set (wrap the loss in its CrossBatchMemory "
                           f"in your own loop instead)")
+    if cfg.weights and cfg.width not in (None, 1, 1.0):
+        raise ConfigError(f"--weights needs --width 1 (ImageNet weights exist only for torchvision's full-width "
+                          f"VGG-19), got --width {cfg.width}")
     if cfg.dist_backend not in ("auto", "nccl", "gloo"):
         raise ConfigError(f"--dist-backend must be auto, nccl or gloo, got {cfg.dist_backend!r}")
     if world_size > 1 and cfg.classes_per_batch % world_size:
@@ -449,7 +479,7 @@ def _run(cfg: TrainConfig, ctx: ddp.DistContext, device: torch.device) -> Dict[s
             seed_everything(cfg.seed + 1000003 * ctx.rank)
     elif cfg.sync_bn:
         _say("--sync-bn does nothing in a single process")
-    loss_fn = GlobalBatchLoss(bank)
+    loss_fn = GlobalBatchLoss(bank, build_miner(cfg.miner, cfg.miner_kwargs))
 
     labels = E.dataset_labels(test_ds)
     modes = test_ds.modes
