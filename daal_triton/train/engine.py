@@ -54,7 +54,7 @@ class TrainConfig:
     dataset: str = "shapes"
     data_root: Optional[str] = None
     image_size: int = 32
-    epochs: int = 20
+    epochs: int = 12
     steps_per_epoch: Optional[int] = None
     classes_per_batch: int = 12
     samples_per_class: int = 4
@@ -521,7 +521,8 @@ def _run(cfg: TrainConfig, ctx: ddp.DistContext, device: torch.device) -> Dict[s
                     table["untrained network"] = rec
         ctx.barrier()
 
-        best = max([r["recall@1"] for r in history if r.get("model") == "trained"], default=-1.0)
+        best = max([r["recall@1"] for r in history if r.get("model") == "trained" and "recall@1" in r],
+                   default=-1.0)  # epochs without evaluation (--eval-every > 1) have no recall@1
         last_rec: Optional[Dict[str, Any]] = None
         for epoch in range(start_epoch, cfg.epochs + 1):
             sampler.set_epoch(epoch)

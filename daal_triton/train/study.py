@@ -524,6 +524,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=1, help="cells run at once (default %(default)s)")
     p.add_argument("--threads", type=int, default=None,
                    help="PyTorch threads per cell (default: the cores this process may use / --jobs)")
+    p.add_argument("--first", action="append", default=[], metavar="NAME",
+                   help="run this configuration's cells (all seeds) before the other configurations' second and "
+                        "later seeds (repeatable); the default order is seed-major")
     p.add_argument("--tsne-seed", type=int, default=None, help="seed whose runs the t-SNE shows (default: the first)")
     p.add_argument("--no-plots", dest="plots", action="store_false", help="table only")
     p.add_argument("--no-tsne", dest="tsne", action="store_false", help="skip the t-SNE panels")
@@ -545,6 +548,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         study = make_study(args.file, args.config, args.seeds, args.common, args.name)
+        unknown = [c for c in args.first if c not in study["configs"]]
+        if unknown:
+            raise StudyError(f"--first {unknown[0]!r}: no such configuration (have: {', '.join(study['configs'])})")
     except StudyError as e:
         print(f"daal-study: error: {e}", file=sys.stderr)
         return 2
@@ -571,6 +577,12 @@ def main(argv: Optional[List[str]] = None) -> int:
                     _append_run(runs_path, rec)
             else:
                 todo.append(cell)
+        # seed-major: every configuration gets its first seed before any gets its second, so a study
+        # stopped early still compares all of them
+        # (--first NAME: those configurations' cells, all seeds, come right after the first seed)
+        first = set(args.first)
+        todo.sort(key=lambda c: (0 if c["config"] in first or c["seed"] == study["seeds"][0] else 1,
+                                 study["seeds"].index(c["seed"])))
     except StudyError as e:
         print(f"daal-study: error: {e}", file=sys.stderr)
         return 2
@@ -605,7 +617,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                     _append_run(runs_path, rec)
                     msg = (f"[daal-study] {cell['config']} seed {cell['seed']}: R@1 {rec['metrics'].get('recall@1', 0):.4f}"
                            f", sub-cluster NMI {rec['metrics'].get('subcluster_nmi', math.nan):.4f}"
-                           f" ({rec['wall_s']:.0f} s)")
+                           + (f" ({rec['wall_s']:.0f} s)" if rec.get("wall_s") is not None else ""))
                 if bar is not None:
                     bar.write(msg)
                     bar.update(1)

@@ -106,7 +106,7 @@ def test_resume_skips_finished_cells(tmp_path, monkeypatch):
     argv = ["--config", "A=--epochs 1", "--config", "B=--epochs 2", "--seeds", "0", "1", "--out", out,
             "--no-progress", "--no-tsne"]
     assert S.main(argv) == 0
-    assert ran == [("A", 1), ("B", 0), ("B", 1)]
+    assert ran == [("B", 0), ("A", 1), ("B", 1)]  # seed-major
     runs = S._read_jsonl(os.path.join(out, "runs.jsonl"))
     assert len(runs) == 4 and {(r["config"], r["seed"]) for r in runs} == {(c["config"], c["seed"]) for c in cells}
     assert [r for r in runs if r["config"] == "A" and r["seed"] == 0][0]["metrics"]["recall@1"] == 0.42
