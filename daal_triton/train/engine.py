@@ -255,7 +255,8 @@ class GlobalBatchLoss:
         if self.bank is None:
             return criterion(emb, labs, tuples) if tuples is not None else criterion(emb, labs)
         ref, ref_labels = self.bank.with_batch(emb, labs)
-        loss = criterion(emb, labs, tuples, ref_emb=ref, ref_labels=ref_labels, ref_includes_batch=True)
+        kw = dict(ref_emb=ref, ref_labels=ref_labels, ref_includes_batch=True)  # by name: PML's order has
+        loss = criterion(emb, labs, tuples, **kw) if tuples is not None else criterion(emb, labs, **kw)  # indices_tuple 3rd
         self.bank.enqueue(emb.detach(), labs)
         return loss
 
