@@ -33,6 +33,7 @@ setup(
         "console_scripts": [
             "daal-train=daal_triton.train.cli:main",
             "daal-eval=daal_triton.train.cli:eval_main",
+            "daal-study=daal_triton.train.study:main",
         ]
     },
 )

@@ -1,7 +1,7 @@
 """Command lines: ``daal-train`` (also ``python -m daal_triton.train``) and ``daal-eval``.
 
-``daal-train`` with no arguments is the tuned main job: the embedded ``shapes`` set, VGG-19-BN,
-DAAL, on a CPU in a few minutes, ending with a table of the trained network against the
+``daal-train`` with no arguments is the tuned main job: the embedded ``shapes`` set, a
+quarter-width VGG-19-BN (``--width 0.25``), 12 epochs of DAAL, on a CPU in a few minutes, ending with a table of the trained network against the
 untrained network and raw-pixel nearest neighbours (docs/training.md has the numbers).
 """
 from __future__ import annotations
@@ -17,6 +17,7 @@ from typing import Dict, List, Optional
 from daal_triton.core import Hyperparameters
 
 from .config import DAAL_TRAIN_FIELDS, TrainConfig, default_daal
+from .model import SMALL_DATASETS, SMALL_WIDTH, default_width
 
 _D = TrainConfig()
 
@@ -89,6 +90,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tsne-max-points", type=int, default=_D.tsne_max_points,
                    help="subsample the test set to this many points for t-SNE")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm progress bars")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for PyTorch (torch.set_num_threads; default: PyTorch's choice, usually all cores)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -108,12 +111,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--arch", default=_D.arch, choices=["vgg19", "vgg19_bn"],
                    help="torchvision VGG-19 trunk; vgg19_bn (batch norm) is the default because plain vgg19 "
                         "does not train from scratch in the CPU budget (see docs/training.md)")
+    p.add_argument("--width", type=float, default=None,
+                   help=f"channel multiplier of the VGG-19 trunk (same 19-layer topology, channels x WIDTH; 1.0 = "
+                        f"torchvision's VGG-19 exactly, required with --weights). Default: {SMALL_WIDTH} on "
+                        f"{'/'.join(SMALL_DATASETS)} (the CPU main job), 1.0 on photo data sets and with --weights")
     p.add_argument("--embedding-dim", type=int, default=_D.embedding_dim, help="size of the linear embedding head")
     p.add_argument("--weights", default=_D.weights,
                    help="torchvision ImageNet state dict for the trunk (e.g. vgg19_bn-c79401a0.pth); never downloaded")
     p.add_argument("--loss", default=_D.loss, help="'daal', or 'pml:<LossName>' for any pytorch-metric-learning "
                                                    "loss, e.g. pml:ProxyAnchorLoss (needs the [pml] extra)")
     p.add_argument("--loss-kwargs", default="{}", help="JSON dict of extra keyword arguments for the loss")
+    p.add_argument("--miner", default=None,
+                   help="'pml:<MinerName>': a pytorch-metric-learning miner applied to each (gathered) batch; its "
+                        "tuples go to the loss as indices_tuple, e.g. --loss pml:MultiSimilarityLoss "
+                        "--miner pml:MultiSimilarityMiner")
+    p.add_argument("--miner-kwargs", default="{}", help="JSON dict of keyword arguments for the miner")
     p.add_argument("--loss-backend", default=_D.loss_backend, choices=["auto", "triton", "reference"],
                    help="DAAL backend (auto: fused kernels on CUDA, PyTorch reference on CPU)")
     _add_daal_flags(p)
@@ -204,13 +216,19 @@ def _add_daal_flags(p: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     from .ddp import ConfigError
 
-    try:
-        loss_kwargs = json.loads(args.loss_kwargs)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"--loss-kwargs is not valid JSON: {e}") from None
+    kw = {}
+    for name in ("loss_kwargs", "miner_kwargs"):
+        flag = f"--{name.replace('_', '-')}"
+        try:
+            kw[name] = json.loads(getattr(args, name))
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{flag} is not valid JSON: {e}") from None
+        if not isinstance(kw[name], dict):
+            raise ConfigError(f"{flag} must be a JSON object, got {getattr(args, name)!r}")
     daal = {name: getattr(args, f"daal_{name}") for name in DAAL_TRAIN_FIELDS}
-    fields = {k: v for k, v in vars(args).items() if not k.startswith("daal_") and k != "loss_kwargs"}
-    return TrainConfig.from_dict(dict(fields, daal=daal, loss_kwargs=loss_kwargs))
+    fields = {k: v for k, v in vars(args).items() if not k.startswith("daal_") and k not in kw}
+    width = default_width(args.dataset, args.weights) if args.width is None else args.width
+    return TrainConfig.from_dict(dict(fields, daal=daal, width=width, **kw))
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -227,6 +245,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         args = parser.parse_args(argv)
         given = given_flags(parser, argv)
         cfg = config_from_args(args)
+        _set_threads(args.threads)
         if args.config is not None:
             if cfg.resume:
                 raise ConfigError("--config starts a new run from a config.json, --resume continues a checkpoint's "
@@ -242,6 +261,17 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"daal-train: error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def _set_threads(n: Optional[int]) -> None:
+    from .ddp import ConfigError
+
+    if n is not None:
+        if n < 1:
+            raise ConfigError(f"--threads must be >= 1, got {n}")
+        import torch
+
+        torch.set_num_threads(n)
 
 
 def build_eval_parser() -> argparse.ArgumentParser:
@@ -299,6 +329,7 @@ def _evaluate_checkpoint(args: argparse.Namespace) -> Dict[str, Dict[str, float]
     from .ddp import ConfigError
     from .log import Log
 
+    _set_threads(args.threads)
     out = args.out or os.path.dirname(os.path.abspath(args.checkpoint))
     if os.path.exists(out) and not os.path.isdir(out):
         raise ConfigError(f"--out {out}: exists and is not a folder")
@@ -315,7 +346,7 @@ def _evaluate_checkpoint(args: argparse.Namespace) -> Dict[str, Dict[str, float]
         raise ConfigError(f"{', '.join(held)} already exist{'s' if len(held) == 1 else ''}: pass --overwrite to "
                           f"replace {'it' if len(held) == 1 else 'them'}, or another --out / --save-embeddings")
     ck = load_checkpoint(args.checkpoint)
-    cfg = TrainConfig.from_dict(ck["config"])
+    cfg = TrainConfig.from_dict(dict({"width": 1.0}, **ck["config"]))  # checkpoints before --width: full width
     for k, v in vars(args).items():
         if v is not None and hasattr(cfg, k) and k not in ("out", "overwrite"):
             setattr(cfg, k, v)

@@ -32,16 +32,19 @@ class TrainConfig:
     dataset: str = "shapes"
     data_root: Optional[str] = None
     image_size: int = 32
-    epochs: int = 5
+    epochs: int = 12
     steps_per_epoch: Optional[int] = None
     classes_per_batch: int = 12
     samples_per_class: int = 4
     arch: str = "vgg19_bn"
+    width: Optional[float] = None  # channel multiplier; None: model.default_width(dataset, weights)
     embedding_dim: int = 512
     weights: Optional[str] = None
     loss: str = "daal"
     daal: Dict[str, Any] = field(default_factory=default_daal)
     loss_kwargs: Dict[str, Any] = field(default_factory=dict)
+    miner: Optional[str] = None  # "pml:<MinerName>", applied to the gathered batch before the loss
+    miner_kwargs: Dict[str, Any] = field(default_factory=dict)
     loss_backend: str = "auto"
     lr: float = 1e-3
     loss_lr: float = 5e-3
@@ -98,6 +101,12 @@ def validate_config(cfg: TrainConfig, world_size: int, device: torch.device) -> 
     _check_loss(cfg)
     for flag, backend in (("--knn-backend", cfg.knn_backend), ("--loss-backend", cfg.loss_backend)):
         check_backend(flag, backend, device)
+    if cfg.width is not None and (isinstance(cfg.width, bool) or not isinstance(cfg.width, (int, float))
+                                  or not 0 < cfg.width <= 4):
+        raise ConfigError(f"--width must be a number in (0, 4], got {cfg.width!r}")
+    if cfg.weights and cfg.width not in (None, 1, 1.0):
+        raise ConfigError(f"--weights needs --width 1 (ImageNet weights exist only for torchvision's full-width "
+                          f"VGG-19), got --width {cfg.width}")
     if cfg.weights and not os.path.isfile(cfg.weights):
         raise ConfigError(f"--weights {cfg.weights}: no such file (expected a torchvision VGG state dict, e.g. "
                           f"vgg19_bn-c79401a0.pth; the program never downloads weights)")
@@ -239,7 +248,8 @@ RESUME_MAY_CHANGE = ("epochs", "lr", "loss_lr", "weight_decay", "warmup_epochs",
                      "save", "tsne", "tsne_max_points", "progress", "baselines", "dist_backend", "dist_timeout",
                      "sync_bn", "data_root", "channels_last", "compile", "log_every")
 RESUME_FIXED = ("dataset", "image_size", "steps_per_epoch", "classes_per_batch", "samples_per_class", "arch",
-                "embedding_dim", "weights", "loss", "daal", "loss_kwargs", "seed", "augment",
+                "embedding_dim", "weights", "loss", "daal", "loss_kwargs", "seed", "augment", "width", "miner",
+                "miner_kwargs",
                 "shapes_train_per_class", "shapes_test_per_class", "shapes_nuisance", "memory_bank")
 # Fields that are not part of what a run is: never inherited, never recorded as a change.
 _NOT_INHERITED = ("resume", "overwrite")
@@ -283,7 +293,7 @@ def resume_config(saved: Dict[str, Any], cfg: TrainConfig, given=None) -> "tuple
 
     :class:`ConfigError` for an explicit flag that would change the data, network or loss."""
     explicit = _given_values(cfg, given)
-    base = TrainConfig.from_dict(saved).to_dict()
+    base = TrainConfig.from_dict(dict({"width": 1.0}, **saved)).to_dict()  # before --width: full width
     merged = dict(base)
     for name in _NOT_INHERITED:
         merged[name] = getattr(cfg, name)

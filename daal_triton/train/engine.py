@@ -20,12 +20,13 @@ from daal_triton.distributed import gather_batch, sync_grads
 from daal_triton.memory import MemoryBank
 
 from .config import DAAL_TRAIN_FIELDS, TrainConfig, default_daal  # noqa: F401  (engine.default_daal)
-from .model import EmbeddingNet
+from .model import EmbeddingNet, default_width
 
 
 def build_model(cfg: TrainConfig) -> EmbeddingNet:
     """The embedding network of ``cfg``."""
-    return EmbeddingNet(cfg.arch, cfg.embedding_dim, weights=cfg.weights)
+    width = default_width(cfg.dataset, cfg.weights) if cfg.width is None else cfg.width
+    return EmbeddingNet(cfg.arch, cfg.embedding_dim, weights=cfg.weights, width=width)
 
 
 class PMLLoss(nn.Module):
@@ -36,10 +37,29 @@ class PMLLoss(nn.Module):
         self.inner = inner
         self.name = name
 
-    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, ref_emb=None, ref_labels=None) -> torch.Tensor:
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, indices_tuple=None, ref_emb=None,
+                ref_labels=None) -> torch.Tensor:
         if ref_emb is not None:
-            return self.inner(embeddings.float(), labels, ref_emb=ref_emb.float(), ref_labels=ref_labels)
-        return self.inner(embeddings.float(), labels)
+            return self.inner(embeddings.float(), labels, indices_tuple, ref_emb=ref_emb.float(), ref_labels=ref_labels)
+        return self.inner(embeddings.float(), labels, indices_tuple)
+
+
+def build_miner(miner: Optional[str], miner_kwargs: Optional[Dict[str, Any]] = None) -> Optional[nn.Module]:
+    """``None`` -> no miner; ``"pml:<Name>"`` -> ``pytorch_metric_learning.miners.<Name>(**miner_kwargs)``."""
+    if not miner:
+        if miner_kwargs:
+            raise ValueError("--miner-kwargs needs --miner pml:<MinerName>")
+        return None
+    if not miner.startswith("pml:"):
+        raise ValueError(f"--miner must be 'pml:<MinerName>', got {miner!r}")
+    try:
+        from pytorch_metric_learning import miners as pml_miners
+    except ImportError as e:
+        raise ImportError(f"--miner {miner} needs pytorch-metric-learning: pip install 'daal-triton[pml]'") from e
+    cls = getattr(pml_miners, miner[4:], None)
+    if cls is None or not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise ValueError(f"--miner {miner}: pytorch_metric_learning.miners has no miner named {miner[4:]!r}")
+    return cls(**dict(miner_kwargs or {}))
 
 
 def build_criterion(loss: str, num_classes: int, embedding_dim: int, *, daal: Optional[Dict[str, Any]] = None,
@@ -133,18 +153,23 @@ class GlobalBatchLoss:
        (``--memory-bank``), the kNN density's reference set is the global batch followed by the
        bank's rows: ``criterion(emb, labels, ref_emb=ref, ref_labels=ref_labels, ref_includes_batch=True)``;
     3. then enqueues the global batch's detached embeddings, so every rank holds the same bank.
+
+    With a ``miner`` (``--miner``), its tuple of the global batch is passed as ``indices_tuple``.
     """
 
-    def __init__(self, bank: Optional[MemoryBank] = None) -> None:
+    def __init__(self, bank: Optional[MemoryBank] = None, miner: Optional[nn.Module] = None) -> None:
         self.bank = bank
+        self.miner = miner
 
     def __call__(self, criterion: nn.Module, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         emb, labs = gather_batch(embeddings, labels)
         emb = emb.float()
+        tuples = self.miner(emb, labs) if self.miner is not None else None
         if self.bank is None:
-            return criterion(emb, labs)
+            return criterion(emb, labs, tuples) if tuples is not None else criterion(emb, labs)
         ref, ref_labels = self.bank.with_batch(emb, labs)
-        loss = criterion(emb, labs, ref_emb=ref, ref_labels=ref_labels, ref_includes_batch=True)
+        kw = dict(ref_emb=ref, ref_labels=ref_labels, ref_includes_batch=True)
+        loss = criterion(emb, labs, tuples, **kw) if tuples is not None else criterion(emb, labs, **kw)
         self.bank.enqueue(emb.detach(), labs)
         return loss
 

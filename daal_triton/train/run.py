@@ -35,7 +35,8 @@ from .data import DistributedPKSampler, PKSampler, build_datasets
 from .ddp import ConfigError
 from .devices import (compile_network, loader_options, place_model, prepare_device, resolve_amp, resolve_backend,
                       seed_everything)
-from .engine import GlobalBatchLoss, build_criterion, build_model, make_optimizer, make_scheduler, train_one_epoch
+from .engine import (GlobalBatchLoss, build_criterion, build_miner, build_model, make_optimizer, make_scheduler,
+                     train_one_epoch)
 from .log import Log
 from .model import NO_WEIGHTS_NOTE
 
@@ -67,6 +68,7 @@ class RunState:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: Optional[torch.amp.GradScaler]
     bank: Optional[MemoryBank]
+    miner: Optional[nn.Module]
     t_start: float
     cpu_start: float
     net: Optional[nn.Module] = None  # what trains: the model, or its DistributedDataParallel wrapper
@@ -171,7 +173,8 @@ def build_run(cfg: TrainConfig, ctx: ddp.DistContext, device: torch.device, log:
         criterion = build_criterion(cfg.loss, train_ds.num_classes, cfg.embedding_dim, daal=cfg.daal,
                                     loss_kwargs=cfg.loss_kwargs,
                                     backend=resolve_backend(cfg.loss_backend, device)).to(device)
-    except ValueError as e:
+        miner = build_miner(cfg.miner, cfg.miner_kwargs)
+    except (ValueError, ImportError) as e:
         raise ConfigError(str(e)) from None
     loader = torch.utils.data.DataLoader(train_ds, batch_sampler=sampler, **loader_options(cfg.num_workers, device))
     steps = len(sampler) if cfg.steps_per_epoch is None else min(len(sampler), cfg.steps_per_epoch)
@@ -182,7 +185,7 @@ def build_run(cfg: TrainConfig, ctx: ddp.DistContext, device: torch.device, log:
         scheduler=make_scheduler(optimizer, cfg.epochs * steps, int(round(cfg.warmup_epochs * steps))),
         scaler=torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None,
         bank=MemoryBank(cfg.memory_bank, cfg.embedding_dim, device=device) if cfg.memory_bank else None,
-        t_start=t_start, cpu_start=cpu_start)
+        miner=miner, t_start=t_start, cpu_start=cpu_start)
 
 
 def _sampler(cfg: TrainConfig, ctx: ddp.DistContext, labels) -> PKSampler:
@@ -254,7 +257,7 @@ def distribute(state: RunState) -> None:
         state.log("--sync-bn does nothing in a single process")
     if cfg.compile:  # the network only (inside DDP's wrapper); state.model stays the bare one
         state.net = compile_network(state.net)
-    state.loss_fn = GlobalBatchLoss(state.bank)
+    state.loss_fn = GlobalBatchLoss(state.bank, state.miner)
 
 
 # ----------------------------------------------------------------------------- fit

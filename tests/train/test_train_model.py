@@ -6,7 +6,7 @@ import torch
 
 pytest.importorskip("torchvision")
 
-from daal_triton.train import devices, engine  # noqa: E402
+from daal_triton.train import config, devices, engine  # noqa: E402
 from daal_triton.train.model import EmbeddingNet  # noqa: E402
 
 
@@ -80,3 +80,85 @@ def test_resolve_device_and_amp():
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="no CUDA"):
             devices.resolve_device("cuda")
+
+
+@pytest.mark.parametrize("arch", ["vgg19", "vgg19_bn"])
+def test_width_one_is_torchvision_vgg19(arch):
+    import torchvision
+
+    ref = getattr(torchvision.models, arch)(weights=None).features
+    net = EmbeddingNet(arch, 16, width=1.0)
+    assert [(k, tuple(v.shape)) for k, v in net.trunk.state_dict().items()] == \
+        [(k, tuple(v.shape)) for k, v in ref.state_dict().items()]
+    assert net.head.in_features == 512
+
+
+def test_width_quarter_divides_channels(tmp_path):
+    import torchvision
+
+    ref = torchvision.models.vgg19_bn(weights=None).features
+    net = EmbeddingNet("vgg19_bn", 16, width=0.25)
+    full = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
+    quarter = {k: tuple(v.shape) for k, v in net.trunk.state_dict().items()}
+    assert list(full) == list(quarter)  # the same 19-layer topology, layer for layer
+    convs = [m for m in net.trunk if isinstance(m, torch.nn.Conv2d)]
+    ref_convs = [m for m in ref if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) == 16
+    for a, b in zip(convs, ref_convs):
+        assert a.out_channels * 4 == b.out_channels
+        assert a.in_channels == (3 if b.in_channels == 3 else b.in_channels // 4)
+    assert net.head.in_features == 128 and net.features(torch.randn(2, 3, 32, 32)).shape == (2, 128)
+    n_full = sum(p.numel() for p in ref.parameters())
+    n_q = sum(p.numel() for p in net.trunk.parameters())
+    assert 14 < n_full / n_q < 17  # ~ 1/16 of the weights
+    path = str(tmp_path / "w.pth")
+    torch.save(torchvision.models.vgg19_bn(weights=None).state_dict(), path)
+    with pytest.raises(ValueError, match="--width 1"):
+        EmbeddingNet("vgg19_bn", 16, width=0.25, weights=path)
+    with pytest.raises(ValueError, match="width"):
+        EmbeddingNet("vgg19_bn", 16, width=0)
+
+
+def test_width_defaults_and_refusals(tmp_path):
+    from daal_triton.train import cli
+
+    cfg = cli.config_from_args(cli.build_parser().parse_args([]))
+    assert cfg.width == 0.25 and cfg.dataset == "shapes"
+    cfg = cli.config_from_args(cli.build_parser().parse_args(["--dataset", "cub200"]))
+    assert cfg.width == 1.0
+    cfg = cli.config_from_args(cli.build_parser().parse_args(["--weights", "x.pth"]))
+    assert cfg.width == 1.0
+    with pytest.raises(config.ConfigError, match="--width 1"):
+        config.validate_config(cli.config_from_args(
+            cli.build_parser().parse_args(["--weights", "x.pth", "--width", "0.5"])), 1, torch.device("cpu"))
+    with pytest.raises(config.ConfigError, match="--width 1"):
+        config.validate_config(config.TrainConfig(weights="x.pth", width=0.5), 1, torch.device("cpu"))
+    assert isinstance(engine.build_model(config.TrainConfig(embedding_dim=8)).trunk[0],
+                      torch.nn.Conv2d)
+    assert engine.build_model(config.TrainConfig(embedding_dim=8)).width == 0.25
+
+
+def test_miner_feeds_the_loss():
+    pytest.importorskip("pytorch_metric_learning")
+    miner = engine.build_miner("pml:MultiSimilarityMiner", {"epsilon": 0.1})
+    crit = engine.build_criterion("pml:MultiSimilarityLoss", 3, 8)
+    seen = {}
+    inner = crit.inner.forward
+
+    def spy(emb, labels, indices_tuple=None, *a, **k):
+        seen["tuple"] = indices_tuple
+        return inner(emb, labels, indices_tuple, *a, **k)
+
+    crit.inner.forward = spy
+    loss_fn = engine.GlobalBatchLoss(miner=miner)
+    emb = torch.randn(12, 8, requires_grad=True)
+    labels = torch.arange(3).repeat_interleave(4)
+    loss = loss_fn(crit, emb, labels)
+    assert math.isfinite(loss.item()) and isinstance(seen["tuple"], tuple) and len(seen["tuple"]) == 4
+    daal = engine.build_criterion("daal", 3, 8, backend="reference")
+    assert math.isfinite(loss_fn(daal, emb, labels).item())  # DAAL takes the tuple as sample weights
+    assert engine.build_miner(None) is None
+    with pytest.raises(ValueError, match="no miner named"):
+        engine.build_miner("pml:NoSuchMiner")
+    with pytest.raises(ValueError, match="pml:"):
+        engine.build_miner("MultiSimilarityMiner")

@@ -1,0 +1,643 @@
+"""``daal-study`` (also ``python -m daal_triton.train.study``): configurations x seeds through the
+same pipeline as ``daal-train``, with a table of mean +- std and 95% intervals, and plots.
+
+Every cell (one configuration, one seed) is one ``python -m daal_triton.train ... --seed S --out
+OUT/cells/<config>/seed<S>`` subprocess; its results are read back from the files it wrote
+(``metrics.jsonl``, ``config.json``), never from the engine's internals. A finished cell (its
+``results.txt`` exists) is never run again or overwritten, so a study interrupted or extended (more
+seeds, more configurations) is resumed by running the same command; a cell that stopped half-way
+resumes from its ``checkpoint_last.pt``, or, without one, its folder is moved aside (kept, never
+deleted) and the cell starts afresh.
+
+Outputs (in ``--report``, default ``--out``): ``runs.jsonl`` (one JSON line per finished run:
+configuration, seed, arguments, command, wall time, final metrics, per-epoch curves),
+``table.md`` (mean +- std and the t-distribution 95% confidence interval per metric and
+configuration, differences to the first configuration paired by seed, and the command),
+``metrics.png`` (bars of the means with 95% error bars and the runs as dots),
+``r1_vs_subcluster_nmi.png`` (one point per run) and ``tsne_by_mode.png`` (t-SNE of one seed per
+configuration side by side, coloured by mode; ``shapes``).
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import json
+import math
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+
+EXAMPLE = """\
+A study is a JSON file (configurations: daal-train arguments; "common": given to every cell):
+
+  {
+    "name": "shapes ablations",
+    "seeds": [0, 1, 2],
+    "common": ["--no-tsne"],
+    "configs": {
+      "DAAL": [],
+      "DAAL, lambda_dens = 0": ["--daal-lambda-dens", "0"],
+      "ProxyAnchor": "--loss pml:ProxyAnchorLoss"
+    }
+  }
+
+  daal-study --file study.json --out runs/study --jobs 2 --threads 1
+
+or the same with flags (one --config NAME=ARGS per configuration):
+
+  daal-study --seeds 0 1 2 --common "--no-tsne" --config "DAAL=" \\
+      --config "ProxyAnchor=--loss pml:ProxyAnchorLoss" --out runs/study
+
+Running the same command again skips the finished cells (add seeds or configurations to extend a
+study); --summarize rebuilds the table and plots from the finished cells without running any.
+"""
+
+METRICS = ("recall@1", "recall@2", "recall@4", "recall@8", "nmi", "map@r", "r_precision", "subcluster_nmi")
+KEY_METRICS = ("recall@1", "nmi", "map@r", "subcluster_nmi")
+LABELS = {"recall@1": "R@1", "recall@2": "R@2", "recall@4": "R@4", "recall@8": "R@8", "nmi": "NMI",
+          "map@r": "MAP@R", "r_precision": "R-prec.", "subcluster_nmi": "sub-cluster NMI",
+          "train_loss": "final train loss", "wall_s": "wall s"}
+RESERVED = ("--seed", "--out", "--resume", "--threads")
+
+
+class StudyError(ValueError):
+    """A study description that cannot run (bad file, reserved flag, clashing names)."""
+
+
+# ----------------------------------------------------------------------------- the grid
+
+def _as_args(value: Any, where: str) -> List[str]:
+    if isinstance(value, str):
+        return shlex.split(value)
+    if isinstance(value, (list, tuple)) and all(isinstance(v, (str, int, float)) for v in value):
+        return [str(v) for v in value]
+    raise StudyError(f"{where}: expected a list of daal-train arguments or one string, got {value!r}")
+
+
+def slug(name: str) -> str:
+    s = re.sub(r"[^A-Za-z0-9.]+", "-", name.strip().lower()).strip("-.")
+    return s or "config"
+
+
+def load_study(path: str) -> Dict[str, Any]:
+    """Read a study file (JSON: ``configs`` {name: args}, optional ``seeds``, ``common``, ``name``)."""
+    try:
+        with open(path) as f:
+            d = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise StudyError(f"--file {path}: {e}") from e
+    if not isinstance(d, dict) or not isinstance(d.get("configs"), dict) or not d["configs"]:
+        raise StudyError(f"--file {path}: expected a JSON object with a non-empty 'configs' object")
+    unknown = set(d) - {"name", "seeds", "common", "configs", "description"}
+    if unknown:
+        raise StudyError(f"--file {path}: unknown keys {sorted(unknown)}")
+    return d
+
+
+def make_study(file: Optional[str] = None, configs: Sequence[str] = (), seeds: Optional[Sequence[int]] = None,
+               common: Optional[str] = None, name: Optional[str] = None) -> Dict[str, Any]:
+    """The study as ``{"name", "seeds", "common", "configs": {name: [args]}}`` from a file and/or
+    flags (flags add configurations and override the file's seeds / common arguments)."""
+    d = load_study(file) if file else {"configs": {}}
+    out_configs: Dict[str, List[str]] = {}
+    for k, v in d["configs"].items():
+        out_configs[str(k)] = _as_args(v, f"configuration {k!r}")
+    for c in configs:
+        if "=" not in c:
+            raise StudyError(f"--config {c!r}: expected NAME=ARGS (ARGS may be empty: 'DAAL=')")
+        k, v = c.split("=", 1)
+        if not k.strip():
+            raise StudyError(f"--config {c!r}: empty name")
+        if k.strip() in out_configs:
+            raise StudyError(f"configuration {k.strip()!r} is given twice")
+        out_configs[k.strip()] = shlex.split(v)
+    if not out_configs:
+        raise StudyError("no configurations: give --file or at least one --config NAME=ARGS")
+    seeds = list(seeds) if seeds else list(d.get("seeds", [0, 1, 2]))
+    if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+        raise StudyError(f"seeds must be a non-empty list of integers, got {seeds!r}")
+    if len(set(seeds)) != len(seeds):
+        raise StudyError(f"seeds repeat: {seeds}")
+    common_args = shlex.split(common) if common is not None else _as_args(d.get("common", []), "common")
+    slugs: Dict[str, str] = {}
+    for k, args in list(out_configs.items()) + [("common", common_args)]:
+        bad = [a for a in args if a.split("=", 1)[0] in RESERVED]
+        if bad:
+            raise StudyError(f"{k!r}: {bad[0]} is set by the study for every cell (reserved: {', '.join(RESERVED)})")
+        if k != "common":
+            s = slug(k)
+            if s in slugs:
+                raise StudyError(f"configurations {slugs[s]!r} and {k!r} map to the same folder name {s!r}")
+            slugs[s] = k
+    return dict(name=name or d.get("name") or "study", seeds=seeds, common=common_args, configs=out_configs)
+
+
+def expand(study: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """The cells, configuration-major: ``[{"config", "slug", "seed", "args"}]``."""
+    return [dict(config=name, slug=slug(name), seed=seed, args=list(study["common"]) + list(args))
+            for name, args in study["configs"].items() for seed in study["seeds"]]
+
+
+def cell_dir(out: str, cell: Dict[str, Any]) -> str:
+    return os.path.join(out, "cells", cell["slug"], f"seed{cell['seed']}")
+
+
+def cell_command(cell: Dict[str, Any], out_dir: str, threads: Optional[int], python: str = sys.executable,
+                 resume: Optional[str] = None) -> List[str]:
+    cmd = [python, "-m", "daal_triton.train", *cell["args"], "--seed", str(cell["seed"]), "--out", out_dir,
+           "--no-progress"]
+    if threads:
+        cmd += ["--threads", str(threads)]
+    if resume:
+        cmd += ["--resume", resume]
+    return cmd
+
+
+# ----------------------------------------------------------------------------- reading a cell
+
+def _read_jsonl(path: str) -> List[Dict[str, Any]]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def is_finished(d: str) -> bool:
+    return os.path.isfile(os.path.join(d, "results.txt")) and os.path.isfile(os.path.join(d, "metrics.jsonl"))
+
+
+def collect(cell: Dict[str, Any], d: str) -> Dict[str, Any]:
+    """One run's JSON line, from the files the run wrote (and the study's ``study_cell.json``)."""
+    recs = _read_jsonl(os.path.join(d, "metrics.jsonl"))
+    cfg = json.load(open(os.path.join(d, "config.json")))
+    evals = [r for r in recs if r.get("model") == "trained" and "recall@1" in r]
+    if not evals:
+        raise StudyError(f"{d}: metrics.jsonl holds no evaluation of the trained network")
+    last = evals[-1]
+    info = {}
+    p = os.path.join(d, "study_cell.json")
+    if os.path.isfile(p):
+        info = json.load(open(p))
+    trained = [r for r in recs if r.get("model") == "trained"]
+    rec = dict(config=cell["config"], seed=cell["seed"], args=cell["args"], dir=d,
+               command=info.get("command"), wall_s=info.get("wall_s", last.get("elapsed_s")),
+               threads=info.get("threads"), resumed=info.get("resumed", False),
+               epoch=last["epoch"], width=cfg.get("width"), arch=cfg.get("arch"), loss=cfg.get("loss"),
+               metrics={k: last[k] for k in METRICS if k in last and last[k] is not None},
+               train_loss=last.get("train_loss"),
+               curve=dict(epoch=[r["epoch"] for r in trained if "train_loss" in r],
+                          train_loss=[round(r["train_loss"], 5) for r in trained if "train_loss" in r],
+                          eval_epoch=[r["epoch"] for r in evals],
+                          recall_at_1=[round(r["recall@1"], 5) for r in evals]),
+               baselines={r["model"]: {k: r[k] for k in METRICS if r.get(k) is not None}
+                          for r in recs if r.get("model") in ("raw_pixels", "untrained")})
+    return rec
+
+
+# ----------------------------------------------------------------------------- statistics
+
+def t_quantile(df: int, q: float = 0.975) -> float:
+    """Student-t quantile (scipy when available; a table for the two-sided 95% otherwise)."""
+    try:
+        from scipy import stats
+
+        return float(stats.t.ppf(q, df))
+    except ImportError:  # pragma: no cover - scipy comes with scikit-learn
+        table = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262,
+                 10: 2.228, 15: 2.131, 20: 2.086, 30: 2.042}
+        if q != 0.975:
+            raise
+        return table.get(df) or table[max(k for k in table if k <= df)]
+
+
+def summarize(values: Iterable[float]) -> Dict[str, float]:
+    """n, mean, sample std (ddof 1) and the t-distribution 95% interval of the mean."""
+    v = [float(x) for x in values if x is not None and not (isinstance(x, float) and math.isnan(x))]
+    n = len(v)
+    if n == 0:
+        return dict(n=0, mean=math.nan, std=math.nan, lo=math.nan, hi=math.nan)
+    mean = sum(v) / n
+    if n == 1:
+        return dict(n=1, mean=mean, std=math.nan, lo=math.nan, hi=math.nan)
+    std = math.sqrt(sum((x - mean) ** 2 for x in v) / (n - 1))
+    h = t_quantile(n - 1) * std / math.sqrt(n)
+    return dict(n=n, mean=mean, std=std, lo=mean - h, hi=mean + h)
+
+
+def _value(rec: Dict[str, Any], key: str) -> Optional[float]:
+    if key in rec.get("metrics", {}):
+        return rec["metrics"][key]
+    return rec.get(key)
+
+
+def stats_by_config(records: List[Dict[str, Any]], configs: Sequence[str],
+                    keys: Sequence[str]) -> Dict[str, Dict[str, Dict[str, float]]]:
+    return {c: {k: summarize(_value(r, k) for r in records if r["config"] == c) for k in keys} for c in configs}
+
+
+def paired_differences(records: List[Dict[str, Any]], configs: Sequence[str],
+                       keys: Sequence[str]) -> Dict[str, Dict[str, Dict[str, float]]]:
+    """``config - configs[0]`` per metric, paired by seed (the seeds share data and initial draws)."""
+    ref = {r["seed"]: r for r in records if r["config"] == configs[0]}
+    out = {}
+    for c in configs[1:]:
+        mine = {r["seed"]: r for r in records if r["config"] == c}
+        seeds = sorted(set(ref) & set(mine))
+        out[c] = {k: summarize(_value(mine[s], k) - _value(ref[s], k) for s in seeds
+                               if _value(mine[s], k) is not None and _value(ref[s], k) is not None)
+                  for k in keys}
+    return out
+
+
+def _fmt(x: float, digits: int = 3) -> str:
+    return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+
+
+def _pm(s: Dict[str, float], digits: int = 3) -> str:
+    if s["n"] == 0:
+        return "—"
+    if s["n"] == 1:
+        return f"{_fmt(s['mean'], digits)} (n=1)"
+    return f"{_fmt(s['mean'], digits)} ± {_fmt(s['std'], digits)}"
+
+
+def _ci(s: Dict[str, float], digits: int = 3) -> str:
+    return "—" if s["n"] < 2 else f"[{_fmt(s['lo'], digits)}, {_fmt(s['hi'], digits)}]"
+
+
+def markdown_table(records: List[Dict[str, Any]], configs: Sequence[str], *, command: str = "",
+                   title: str = "study") -> str:
+    """The study's Markdown report: the main metrics as mean ± std with the 95% interval, every
+    metric as mean ± std, the differences to the first configuration paired by seed."""
+    keys = [k for k in METRICS if any(k in r.get("metrics", {}) for r in records)]
+    main = [k for k in KEY_METRICS if k in keys]
+    st = stats_by_config(records, configs, keys + ["train_loss", "wall_s"])
+    seeds = sorted({r["seed"] for r in records})
+    lines = [f"# {title}", ""]
+    if command:
+        lines += ["```bash", command, "```", ""]
+    lines += [f"{len(records)} runs; seeds {', '.join(map(str, seeds))}. Mean ± sample standard deviation over "
+              "seeds, and the 95% confidence interval of the mean (Student t, n − 1 degrees of freedom). "
+              "Final epoch, held-out classes.", ""]
+    head = ["configuration", "n"] + [f"{LABELS[k]} mean ± std" for k in main] + [f"{LABELS[k]} 95% CI" for k in main]
+    lines += ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for c in configs:
+        n = st[c][main[0]]["n"] if main else 0
+        lines.append("| " + " | ".join([c, str(n)] + [_pm(st[c][k]) for k in main] + [_ci(st[c][k]) for k in main])
+                     + " |")
+    lines += ["", "All metrics (mean ± std):", ""]
+    allk = keys + ["train_loss", "wall_s"]
+    lines += ["| configuration | " + " | ".join(LABELS[k] for k in allk) + " |", "|" + " --- |" * (len(allk) + 1)]
+    for c in configs:
+        lines.append("| " + " | ".join([c] + [_pm(st[c][k], 1 if k == "wall_s" else 3) for k in allk]) + " |")
+    if len(configs) > 1 and main:
+        diff = paired_differences(records, configs, main)
+        lines += ["", f"Difference to **{configs[0]}**, paired by seed (mean [95% CI]; an interval that excludes 0 "
+                      "is a difference at the 5% level):", ""]
+        lines += ["| configuration | n | " + " | ".join(f"Δ {LABELS[k]}" for k in main) + " |",
+                  "|" + " --- |" * (len(main) + 2)]
+        for c in configs[1:]:
+            d = diff[c]
+            cells = [f"{_fmt(d[k]['mean'], 3)} {_ci(d[k])}" if d[k]["n"] >= 2 else _pm(d[k]) for k in main]
+            lines.append("| " + " | ".join([c, str(d[main[0]]["n"])] + cells) + " |")
+    lines += ["", "Arguments of each configuration (given to `daal-train` with `--seed S --out ...`):", ""]
+    for c in configs:
+        args = next((r["args"] for r in records if r["config"] == c), None)
+        lines.append(f"- **{c}**: `{shlex.join(args) if args else '(defaults)'}`" if args is not None
+                     else f"- **{c}**: (no finished run)")
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------- plots
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_metrics(records: List[Dict[str, Any]], configs: Sequence[str], path: str) -> str:
+    """Bars of the mean per configuration and metric, 95% CI error bars, each run as a dot."""
+    plt = _pyplot()
+    keys = [k for k in KEY_METRICS if any(k in r.get("metrics", {}) for r in records)]
+    st = stats_by_config(records, configs, keys)
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.6 * len(keys), 4.2), squeeze=False)
+    cmap = plt.get_cmap("tab10")
+    for ax, k in zip(axes[0], keys):
+        for i, c in enumerate(configs):
+            s = st[c][k]
+            err = [[s["mean"] - s["lo"]], [s["hi"] - s["mean"]]] if s["n"] >= 2 else None
+            ax.bar(i, s["mean"], color=cmap(i % 10), alpha=0.75, yerr=err, capsize=4)
+            pts = [_value(r, k) for r in records if r["config"] == c and _value(r, k) is not None]
+            ax.scatter([i] * len(pts), pts, s=10, color="black", zorder=3)
+        ax.set_xticks(range(len(configs)))
+        ax.set_xticklabels(configs, rotation=45, ha="right", fontsize=7)
+        ax.set_title(f"{LABELS[k]} (mean, 95% CI)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_tradeoff(records: List[Dict[str, Any]], configs: Sequence[str], path: str) -> str:
+    """Held-out Recall@1 against sub-cluster NMI, one point per run, one colour per configuration."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4.8))
+    cmap = plt.get_cmap("tab10")
+    for i, c in enumerate(configs):
+        rs = [r for r in records if r["config"] == c and "subcluster_nmi" in r["metrics"]]
+        ax.scatter([r["metrics"]["subcluster_nmi"] for r in rs], [r["metrics"]["recall@1"] for r in rs],
+                   color=cmap(i % 10), label=c, s=28)
+    ax.set_xlabel("sub-cluster NMI (modes kept inside each class)")
+    ax.set_ylabel("held-out Recall@1")
+    ax.legend(fontsize=7, loc="best")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def embed_run(d: str) -> Tuple[Any, Any, Any, List[str]]:
+    """Embed the held-out classes with the run's ``checkpoint_last.pt`` (its own config.json)."""
+    import torch
+
+    from . import evaluate as E
+    from .data import build_datasets
+    from .checkpoint import load_checkpoint
+    from .config import TrainConfig
+    from .engine import build_model
+
+    cfg = TrainConfig.from_dict(dict({"width": 1.0}, **json.load(open(os.path.join(d, "config.json")))))
+    cfg.weights = None
+    _, test_ds = build_datasets(cfg.dataset, cfg.data_root, cfg.image_size, seed=cfg.seed, augment=cfg.augment,
+                                shapes_train_per_class=cfg.shapes_train_per_class,
+                                shapes_test_per_class=cfg.shapes_test_per_class, shapes_nuisance=cfg.shapes_nuisance)
+    ck = load_checkpoint(os.path.join(d, "checkpoint_last.pt"))  # digest-checked, weights_only
+    model = build_model(cfg, announce=False)
+    model.load_state_dict(ck["model"])
+    emb = E.embed(model, test_ds, torch.device("cpu"), batch_size=cfg.eval_batch_size, progress=False)
+    return emb.numpy(), E.dataset_labels(test_ds).numpy(), test_ds.modes, getattr(test_ds, "mode_names", None)
+
+
+def plot_tsne(panels: List[Tuple[str, Any, Any, Any, Optional[List[str]]]], path: str, seed: int = 0) -> str:
+    """t-SNE panels side by side (title, embeddings, labels, modes, mode names), coloured by mode."""
+    import numpy as np
+
+    from .plots import tsne_2d
+
+    plt = _pyplot()
+    n = len(panels)
+    cols = min(n, 4)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 4 * rows), squeeze=False)
+    cmap = plt.get_cmap("tab10")
+    for ax in axes.flat:
+        ax.set_axis_off()
+    for ax, (title, emb, labels, modes, names) in zip(axes.flat, panels):
+        xy = tsne_2d(np.asarray(emb), seed=seed)
+        m = np.asarray(modes) if modes is not None else np.zeros(len(xy), int)
+        for v in np.unique(m):
+            sel = m == v
+            ax.scatter(xy[sel, 0], xy[sel, 1], s=4, color=cmap(int(v) % 10),
+                       label=names[v] if names is not None and v < len(names) else str(v))
+        ax.set_title(title, fontsize=9)
+        ax.set_axis_on()
+        ax.set_xticks([])
+        ax.set_yticks([])
+    axes.flat[0].legend(fontsize=7, markerscale=3, loc="best", title="mode")
+    fig.suptitle("held-out classes, t-SNE coloured by mode (one seed per configuration)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+# ----------------------------------------------------------------------------- running
+
+def _move_aside(d: str) -> str:
+    i = 1
+    while os.path.exists(f"{d}.incomplete-{i}"):
+        i += 1
+    os.rename(d, f"{d}.incomplete-{i}")
+    return f"{d}.incomplete-{i}"
+
+
+def run_cell(cell: Dict[str, Any], out: str, threads: Optional[int], python: str = sys.executable) -> Dict[str, Any]:
+    """Run one cell to completion (or resume it); returns its JSON line. Raises on failure."""
+    d = cell_dir(out, cell)
+    resume = None
+    if os.path.isdir(d) and os.listdir(d):
+        ck = os.path.join(d, "checkpoint_last.pt")
+        if os.path.isfile(ck):
+            resume = ck
+        else:
+            moved = _move_aside(d)
+            print(f"[daal-study] {d} was left unfinished without a checkpoint: moved to {moved}", flush=True)
+    os.makedirs(os.path.dirname(d), exist_ok=True)
+    cmd = cell_command(cell, d, threads, python, resume)
+    log = os.path.join(out, "logs", f"{cell['slug']}-seed{cell['seed']}.log")
+    os.makedirs(os.path.dirname(log), exist_ok=True)
+    t0 = time.time()
+    with open(log, "a") as fh:
+        fh.write(f"$ {shlex.join(cmd)}\n")
+        fh.flush()
+        rc = subprocess.call(cmd, stdout=fh, stderr=subprocess.STDOUT)
+    wall = time.time() - t0
+    if rc != 0 or not is_finished(d):
+        raise RuntimeError(f"cell {cell['config']!r} seed {cell['seed']} failed (exit {rc}); see {log}")
+    shown = ["daal-train", *cmd[3:]]
+    with open(os.path.join(d, "study_cell.json"), "w") as f:
+        json.dump(dict(config=cell["config"], seed=cell["seed"], args=cell["args"], command=shlex.join(shown),
+                       wall_s=round(wall, 1), threads=threads, resumed=resume is not None), f, indent=1)
+    return collect(cell, d)
+
+
+def _load_runs(path: str) -> List[Dict[str, Any]]:
+    return _read_jsonl(path) if os.path.isfile(path) else []
+
+
+def _append_run(path: str, rec: Dict[str, Any]) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(rec) + "\n")
+
+
+def check_same_args(cell: Dict[str, Any], d: str) -> None:
+    """A finished cell run with other arguments than the study now asks for is an error (rename
+    the configuration or use another --out): its results would be reported under a wrong name."""
+    p = os.path.join(d, "study_cell.json")
+    if os.path.isfile(p):
+        had = json.load(open(p)).get("args")
+        if had is not None and had != cell["args"]:
+            raise StudyError(f"{d} was run with {shlex.join(had)!r}, the study now says {shlex.join(cell['args'])!r}: "
+                             "rename the configuration or use another --out (finished cells are never overwritten)")
+
+
+def write_report(study: Dict[str, Any], records: List[Dict[str, Any]], out: str, report: str, command: str,
+                 *, plots: bool = True, tsne: bool = True, tsne_seed: Optional[int] = None) -> List[str]:
+    """table.md, study.json and the plots, from the finished runs' records."""
+    os.makedirs(report, exist_ok=True)
+    configs = [c for c in study["configs"] if any(r["config"] == c for r in records)]
+    written = []
+    with open(os.path.join(report, "table.md"), "w") as f:
+        f.write(markdown_table(records, configs, command=command, title=study["name"]))
+    written.append(os.path.join(report, "table.md"))
+    with open(os.path.join(report, "study.json"), "w") as f:
+        json.dump(dict(study, command=command), f, indent=2)
+    written.append(os.path.join(report, "study.json"))
+    if plots and records:
+        written.append(plot_metrics(records, configs, os.path.join(report, "metrics.png")))
+        written.append(plot_tradeoff(records, configs, os.path.join(report, "r1_vs_subcluster_nmi.png")))
+        if tsne:
+            seed = study["seeds"][0] if tsne_seed is None else tsne_seed
+            panels = []
+            for c in configs:
+                rs = [r for r in records if r["config"] == c and r["seed"] == seed]
+                if rs and os.path.isfile(os.path.join(rs[0]["dir"], "checkpoint_last.pt")):
+                    emb, labels, modes, names = embed_run(rs[0]["dir"])
+                    r1 = rs[0]["metrics"].get("recall@1", math.nan)
+                    sub = rs[0]["metrics"].get("subcluster_nmi", math.nan)
+                    panels.append((f"{c} (seed {seed})\nR@1 {r1:.3f}, sub-cluster NMI {sub:.3f}", emb, labels,
+                                   modes, names))
+            if panels:
+                written.append(plot_tsne(panels, os.path.join(report, "tsne_by_mode.png"), seed=seed))
+    return written
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="daal-study", description="Run daal-train over configurations x seeds (resumable) and report mean ± std, "
+                                       "95%% confidence intervals and plots.",
+        epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--file", help="study description (JSON; see the example below)")
+    p.add_argument("--config", action="append", default=[], metavar="NAME=ARGS",
+                   help="a configuration: its name and its daal-train arguments (repeatable; added to --file's)")
+    p.add_argument("--seeds", type=int, nargs="+", help="seeds (default: the file's, else 0 1 2)")
+    p.add_argument("--common", default=None, help="daal-train arguments given to every cell (replaces the file's)")
+    p.add_argument("--name", default=None, help="title of the report (default: the file's name)")
+    p.add_argument("--out", default="runs/study", help="folder of the cells (cells/<config>/seed<S>/) and logs "
+                                                       "(default %(default)s)")
+    p.add_argument("--report", default=None, help="folder of runs.jsonl, table.md and the plots (default: --out)")
+    p.add_argument("--jobs", type=int, default=1, help="cells run at once (default %(default)s)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="PyTorch threads per cell (default: the cores this process may use / --jobs)")
+    p.add_argument("--first", action="append", default=[], metavar="NAME",
+                   help="run this configuration's cells (all seeds) before the other configurations' second and "
+                        "later seeds (repeatable); the default order is seed-major")
+    p.add_argument("--tsne-seed", type=int, default=None, help="seed whose runs the t-SNE shows (default: the first)")
+    p.add_argument("--no-plots", dest="plots", action="store_false", help="table only")
+    p.add_argument("--no-tsne", dest="tsne", action="store_false", help="skip the t-SNE panels")
+    p.add_argument("--summarize", action="store_true", help="run nothing: rebuild the report from finished cells")
+    p.add_argument("--dry-run", action="store_true", help="print the cells' commands and whether they are done")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    return p
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    try:
+        study = make_study(args.file, args.config, args.seeds, args.common, args.name)
+        unknown = [c for c in args.first if c not in study["configs"]]
+        if unknown:
+            raise StudyError(f"--first {unknown[0]!r}: no such configuration (have: {', '.join(study['configs'])})")
+    except StudyError as e:
+        print(f"daal-study: error: {e}", file=sys.stderr)
+        return 2
+    if args.jobs < 1 or (args.threads is not None and args.threads < 1):
+        print("daal-study: error: --jobs and --threads must be >= 1", file=sys.stderr)
+        return 2
+    threads = args.threads or max(1, _cores() // args.jobs)
+    report = args.report or args.out
+    command = "daal-study " + shlex.join(argv)
+    cells = expand(study)
+    os.makedirs(args.out, exist_ok=True)
+    runs_path = os.path.join(report, "runs.jsonl")
+    os.makedirs(report, exist_ok=True)
+    known = {(r["config"], r["seed"]): r for r in _load_runs(runs_path)}
+    todo = []
+    try:
+        for cell in cells:
+            d = cell_dir(args.out, cell)
+            if is_finished(d):
+                check_same_args(cell, d)
+                if (cell["config"], cell["seed"]) not in known:  # finished but not yet recorded
+                    rec = collect(cell, d)
+                    known[(cell["config"], cell["seed"])] = rec
+                    _append_run(runs_path, rec)
+            else:
+                todo.append(cell)
+        # seed-major: every configuration gets its first seed before any gets its second, so a study
+        # stopped early still compares all of them
+        # (--first NAME: those configurations' cells, all seeds, come right after the first seed)
+        first = set(args.first)
+        todo.sort(key=lambda c: (0 if c["config"] in first or c["seed"] == study["seeds"][0] else 1,
+                                 study["seeds"].index(c["seed"])))
+    except StudyError as e:
+        print(f"daal-study: error: {e}", file=sys.stderr)
+        return 2
+    print(f"[daal-study] {len(cells)} cells ({len(study['configs'])} configurations x {len(study['seeds'])} seeds): "
+          f"{len(cells) - len(todo)} finished, {len(todo)} to run"
+          + ("" if args.summarize or args.dry_run or not todo else f", {args.jobs} at a time x {threads} threads"),
+          flush=True)
+    if args.dry_run:
+        for cell in cells:
+            d = cell_dir(args.out, cell)
+            state = "done" if is_finished(d) else "todo"
+            print(f"{state}  {shlex.join(cell_command(cell, d, threads))}")
+        return 0
+    failed = []
+    if todo and not args.summarize:
+        bar = None
+        if args.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(todo), desc="daal-study", unit="run", dynamic_ncols=True)
+        with cf.ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            futures = {pool.submit(run_cell, cell, args.out, threads): cell for cell in todo}
+            for fut in cf.as_completed(futures):
+                cell = futures[fut]
+                try:
+                    rec = fut.result()
+                except Exception as e:  # one failed cell must not lose the others
+                    failed.append(cell)
+                    msg = f"[daal-study] FAILED {cell['config']} seed {cell['seed']}: {e}"
+                else:
+                    known[(cell["config"], cell["seed"])] = rec
+                    _append_run(runs_path, rec)
+                    msg = (f"[daal-study] {cell['config']} seed {cell['seed']}: R@1 {rec['metrics'].get('recall@1', 0):.4f}"
+                           f", sub-cluster NMI {rec['metrics'].get('subcluster_nmi', math.nan):.4f}"
+                           + (f" ({rec['wall_s']:.0f} s)" if rec.get("wall_s") is not None else ""))
+                if bar is not None:
+                    bar.write(msg)
+                    bar.update(1)
+                else:
+                    print(msg, flush=True)
+        if bar is not None:
+            bar.close()
+    wanted = {(c["config"], c["seed"]) for c in cells}
+    records = [known[k] for k in [(c["config"], c["seed"]) for c in cells] if k in known and k in wanted]
+    written = write_report(study, records, args.out, report, command, plots=args.plots, tsne=args.tsne,
+                           tsne_seed=args.tsne_seed)
+    print(open(os.path.join(report, "table.md")).read())
+    print("[daal-study] wrote " + ", ".join([runs_path] + written), flush=True)
+    if failed:
+        print(f"daal-study: {len(failed)} cell(s) failed; run the same command again to retry them", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,145 @@
+"""daal-study: the grid from a file and from flags, resume (finished cells are skipped and never
+overwritten), the table's mean/std/t-interval arithmetic, the plots, and one tiny real study."""
+import json
+import math
+import os
+
+import pytest
+
+pytest.importorskip("torchvision")
+pytest.importorskip("sklearn")
+pytest.importorskip("matplotlib")
+
+from daal_triton.train import study as S  # noqa: E402
+
+TINY = ("--image-size 32 --shapes-train-per-class 4 --shapes-test-per-class 8 --classes-per-batch 3 "
+        "--samples-per-class 2 --steps-per-epoch 2 --epochs 1 --embedding-dim 16 --eval-batch-size 64 "
+        "--no-tsne --no-baselines --width 0.125")
+
+
+def test_grid_from_file_and_flags(tmp_path):
+    f = tmp_path / "s.json"
+    f.write_text(json.dumps({"name": "ablation", "seeds": [3, 4], "common": ["--epochs", "2"],
+                             "configs": {"DAAL": [], "no density": "--daal-lambda-dens 0"}}))
+    st = S.make_study(str(f))
+    assert st["name"] == "ablation" and st["seeds"] == [3, 4]
+    cells = S.expand(st)
+    assert [(c["config"], c["seed"]) for c in cells] == [("DAAL", 3), ("DAAL", 4), ("no density", 3),
+                                                         ("no density", 4)]
+    assert cells[2]["args"] == ["--epochs", "2", "--daal-lambda-dens", "0"] and cells[2]["slug"] == "no-density"
+    # flags add configurations and override seeds/common
+    st = S.make_study(str(f), ["PA=--loss pml:ProxyAnchorLoss"], seeds=[7], common="--epochs 1")
+    assert list(st["configs"]) == ["DAAL", "no density", "PA"] and st["seeds"] == [7]
+    assert S.expand(st)[-1]["args"] == ["--epochs", "1", "--loss", "pml:ProxyAnchorLoss"]
+    st = S.make_study(None, ["a=", "b=--daal-gamma 0"])
+    assert st["seeds"] == [0, 1, 2] and st["configs"] == {"a": [], "b": ["--daal-gamma", "0"]}
+    cmd = S.cell_command(S.expand(st)[3], "OUT", 2, python="py")
+    assert cmd == ["py", "-m", "daal_triton.train", "--daal-gamma", "0", "--seed", "0", "--out", "OUT",
+                   "--no-progress", "--threads", "2"]
+    for bad in (dict(configs=["x"]), dict(configs=["a=--seed 3"]), dict(configs=["a=", "a="]),
+                dict(configs=["A b=", "a-b="]), dict(configs=["a="], seeds=[1, 1]), dict()):
+        with pytest.raises(S.StudyError):
+            S.make_study(None, **bad)
+    f.write_text("{not json")
+    with pytest.raises(S.StudyError):
+        S.make_study(str(f))
+
+
+def test_statistics_and_table_on_made_up_runs(tmp_path):
+    s = S.summarize([0.5, 0.6, 0.7])
+    assert s["n"] == 3 and s["mean"] == pytest.approx(0.6) and s["std"] == pytest.approx(0.1)
+    h = 4.302652729911275 * 0.1 / math.sqrt(3)  # t_{0.975, 2}
+    assert s["lo"] == pytest.approx(0.6 - h) and s["hi"] == pytest.approx(0.6 + h)
+    assert S.t_quantile(4) == pytest.approx(2.776445, abs=1e-5)
+    one = S.summarize([0.4])
+    assert one["n"] == 1 and math.isnan(one["std"])
+    recs = []
+    for c, base in (("A", 0.5), ("B", 0.6)):
+        for seed, off in zip((0, 1, 2), (-0.1, 0.0, 0.1)):
+            recs.append(dict(config=c, seed=seed, args=["--x", c], train_loss=0.1, wall_s=10.0,
+                             metrics={"recall@1": base + off, "nmi": 0.3, "map@r": 0.2,
+                                      "subcluster_nmi": base / 2 + off / 10}))
+    d = S.paired_differences(recs, ["A", "B"], ["recall@1"])["B"]["recall@1"]
+    assert d["mean"] == pytest.approx(0.1) and d["std"] == pytest.approx(0.0, abs=1e-12)
+    md = S.markdown_table(recs, ["A", "B"], command="daal-study --x", title="T")
+    assert md.startswith("# T") and "daal-study --x" in md
+    row = [line for line in md.splitlines() if line.startswith("| B | 3 |")][0]
+    assert "0.600 ± 0.100" in row and f"[{0.6 - h:.3f}, {0.6 + h:.3f}]" in row
+    assert "| B | 3 | 0.100 [0.100, 0.100]" in md  # paired difference of R@1
+    out = tmp_path / "plots"
+    out.mkdir()
+    for fn, name in ((S.plot_metrics, "m.png"), (S.plot_tradeoff, "t.png")):
+        p = fn(recs, ["A", "B"], str(out / name))
+        assert open(p, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    panels = [(c, rng.normal(size=(40, 8)), np.repeat(np.arange(4), 10), np.tile(np.arange(4), 10),
+               ["a", "b", "c", "d"]) for c in ("A", "B")]
+    p = S.plot_tsne(panels, str(out / "tsne.png"))
+    assert os.path.getsize(p) > 0
+
+
+def _fake_finished(d, r1):
+    os.makedirs(d)
+    with open(os.path.join(d, "metrics.jsonl"), "w") as f:
+        f.write(json.dumps(dict(epoch=1, model="trained", train_loss=0.2, **{"recall@1": r1, "nmi": 0.1,
+                                                                            "subcluster_nmi": 0.2})) + "\n")
+    json.dump({"width": 0.25}, open(os.path.join(d, "config.json"), "w"))
+    open(os.path.join(d, "results.txt"), "w").write("done\n")
+
+
+def test_resume_skips_finished_cells(tmp_path, monkeypatch):
+    out = str(tmp_path / "study")
+    st = S.make_study(None, ["A=--epochs 1", "B=--epochs 2"], seeds=[0, 1])
+    cells = S.expand(st)
+    _fake_finished(S.cell_dir(out, cells[0]), 0.42)  # A seed 0 was finished before
+    ran = []
+
+    def fake_run(cell, out_, threads, python=None):
+        ran.append((cell["config"], cell["seed"]))
+        d = S.cell_dir(out_, cell)
+        _fake_finished(d, 0.5)
+        return S.collect(cell, d)
+
+    monkeypatch.setattr(S, "run_cell", fake_run)
+    argv = ["--config", "A=--epochs 1", "--config", "B=--epochs 2", "--seeds", "0", "1", "--out", out,
+            "--no-progress", "--no-tsne"]
+    assert S.main(argv) == 0
+    assert ran == [("B", 0), ("A", 1), ("B", 1)]  # seed-major
+    runs = S._read_jsonl(os.path.join(out, "runs.jsonl"))
+    assert len(runs) == 4 and {(r["config"], r["seed"]) for r in runs} == {(c["config"], c["seed"]) for c in cells}
+    assert [r for r in runs if r["config"] == "A" and r["seed"] == 0][0]["metrics"]["recall@1"] == 0.42
+    for name in ("table.md", "study.json", "metrics.png", "r1_vs_subcluster_nmi.png"):
+        assert os.path.getsize(os.path.join(out, name)) > 0
+    ran.clear()
+    assert S.main(argv) == 0  # everything finished: nothing runs, nothing is appended twice
+    assert ran == [] and len(S._read_jsonl(os.path.join(out, "runs.jsonl"))) == 4
+    # an unfinished cell without a checkpoint is moved aside (kept), not deleted
+    d = S.cell_dir(out, dict(config="C", slug="c", seed=0))
+    os.makedirs(d)
+    open(os.path.join(d, "partial.txt"), "w").write("x")
+    assert S._move_aside(d).endswith(".incomplete-1") and os.path.isfile(d + ".incomplete-1/partial.txt")
+
+
+def test_tiny_real_study(tmp_path):
+    """Two configurations x one seed through the real daal-train subprocess, then the report."""
+    pytest.importorskip("pytorch_metric_learning")
+    out, rep = str(tmp_path / "st"), str(tmp_path / "rep")
+    argv = ["--seeds", "5", "--common", TINY, "--config", "DAAL=", "--config",
+            "MS=--loss pml:MultiSimilarityLoss --miner pml:MultiSimilarityMiner", "--out", out, "--report", rep,
+            "--threads", "1", "--no-progress"]
+    assert S.main(argv) == 0
+    runs = S._read_jsonl(os.path.join(rep, "runs.jsonl"))
+    assert [r["config"] for r in runs].count("DAAL") == 1 and len(runs) == 2
+    for r in runs:
+        assert 0 <= r["metrics"]["recall@1"] <= 1 and r["width"] == 0.125 and r["epoch"] == 1
+        assert r["command"].startswith("daal-train ") and "--seed 5" in r["command"]
+    for name in ("table.md", "metrics.png", "r1_vs_subcluster_nmi.png", "tsne_by_mode.png"):
+        assert os.path.getsize(os.path.join(rep, name)) > 0
+    mtime = os.path.getmtime(os.path.join(out, "cells", "daal", "seed5", "results.txt"))
+    assert S.main(argv + ["--no-plots"]) == 0  # resumed: nothing re-run, nothing overwritten
+    assert os.path.getmtime(os.path.join(out, "cells", "daal", "seed5", "results.txt")) == mtime
+    # a finished cell asked to run with other arguments is refused
+    bad = [a if a != "DAAL=" else "DAAL=--daal-gamma 0" for a in argv]
+    assert S.main(bad) == 2
