@@ -240,26 +240,12 @@ def setup_loss(case: Case, device: torch.device) -> Problem:
 # ----------------------------------------------------------------------------- the training step
 def embedding_net(dims: dict, device: torch.device) -> nn.Module:
     """The training program's ``EmbeddingNet`` (built on ``device``: no CPU initialisation of
-    VGG's 140 M-parameter ImageNet classifier, which it drops), in channels_last.
-
-    ``dims["width"] < 1`` (the smoke shape): ``EmbeddingNet`` has no width option, so it is built
-    on the meta device (nothing allocated) and given a VGG-19 trunk with that fraction of the
-    channels (torchvision's own ``make_layers``) and a head to match; its pooling and forward
-    are the program's."""
+    VGG's 140 M-parameter ImageNet classifier, which it drops), in channels_last; ``dims["width"]``
+    is its channel multiplier (``--width``: 1.0 is torchvision's VGG-19, the smoke shape is narrower)."""
     from daal_triton.train.model import EmbeddingNet
 
-    width = dims.get("width", 1.0)
-    with torch.device(device if width == 1.0 else "meta"):
-        net = EmbeddingNet(dims["arch"], dims["D"])
-    if width != 1.0:
-        from torchvision.models.vgg import cfgs, make_layers
-
-        cfg = [v if v == "M" else max(1, int(v * width)) for v in cfgs["E"]]
-        with torch.device(device):
-            net.trunk = make_layers(cfg, batch_norm=dims["arch"].endswith("_bn"))
-            net.head = nn.Linear(cfg[-2], dims["D"])
-        nn.init.orthogonal_(net.head.weight)
-        nn.init.zeros_(net.head.bias)
+    with torch.device(device):
+        net = EmbeddingNet(dims["arch"], dims["D"], width=dims.get("width", 1.0))
     return net.to(device=device, memory_format=torch.channels_last)
 
 

@@ -115,19 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"channel multiplier of the VGG-19 trunk (same 19-layer topology, channels x WIDTH; 1.0 = "
                         f"torchvision's VGG-19 exactly, required with --weights). Default: {SMALL_WIDTH} on "
                         f"{'/'.join(SMALL_DATASETS)} (the CPU main job), 1.0 on photo data sets and with --weights")
-    p.add_argument("--embedding-dim", type=int, default=_D.embedding_dim, help="size of the linear embedding head")
-    p.add_argument("--weights", default=_D.weights,
-                   help="torchvision ImageNet state dict for the trunk (e.g. vgg19_bn-c79401a0.pth); never downloaded")
-    p.add_argument("--loss", default=_D.loss, help="'daal', or 'pml:<LossName>' for any pytorch-metric-learning "
-                                                   "loss, e.g. pml:ProxyAnchorLoss (needs the [pml] extra)")
-    p.add_argument("--loss-kwargs", default="{}", help="JSON dict of extra keyword arguments for the loss")
-    p.add_argument("--miner", default=None,
-                   help="'pml:<MinerName>': a pytorch-metric-learning miner applied to each (gathered) batch; its "
-                        "tuples go to the loss as indices_tuple, e.g. --loss pml:MultiSimilarityLoss "
-                        "--miner pml:MultiSimilarityMiner")
-    p.add_argument("--miner-kwargs", default="{}", help="JSON dict of keyword arguments for the miner")
-    p.add_argument("--loss-backend", default=_D.loss_backend, choices=["auto", "triton", "reference"],
-                   help="DAAL backend (auto: fused kernels on CUDA, PyTorch reference on CPU)")
+    _add_model_flags(p)
     _add_daal_flags(p)
     p.add_argument("--lr", type=float, default=_D.lr, help="AdamW learning rate of the network")
     p.add_argument("--loss-lr", type=float, default=_D.loss_lr,
@@ -161,6 +149,23 @@ def build_parser() -> argparse.ArgumentParser:
                         "--loss daal only)")
     _add_dist_flags(p)
     return p
+
+
+def _add_model_flags(p: argparse.ArgumentParser) -> None:
+    """The embedding head, ImageNet weights, the loss and the miner."""
+    p.add_argument("--embedding-dim", type=int, default=_D.embedding_dim, help="size of the linear embedding head")
+    p.add_argument("--weights", default=_D.weights,
+                   help="torchvision ImageNet state dict for the trunk (e.g. vgg19_bn-c79401a0.pth); never downloaded")
+    p.add_argument("--loss", default=_D.loss, help="'daal', or 'pml:<LossName>' for any pytorch-metric-learning "
+                                                   "loss, e.g. pml:ProxyAnchorLoss (needs the [pml] extra)")
+    p.add_argument("--loss-kwargs", default="{}", help="JSON dict of extra keyword arguments for the loss")
+    p.add_argument("--miner", default=None,
+                   help="'pml:<MinerName>': a pytorch-metric-learning miner applied to each (gathered) batch; its "
+                        "tuples go to the loss as indices_tuple, e.g. --loss pml:MultiSimilarityLoss "
+                        "--miner pml:MultiSimilarityMiner")
+    p.add_argument("--miner-kwargs", default="{}", help="JSON dict of keyword arguments for the miner")
+    p.add_argument("--loss-backend", default=_D.loss_backend, choices=["auto", "triton", "reference"],
+                   help="DAAL backend (auto: fused kernels on CUDA, PyTorch reference on CPU)")
 
 
 def _add_output_flags(p: argparse.ArgumentParser) -> None:
@@ -315,21 +320,12 @@ def eval_main(argv: Optional[List[str]] = None) -> int:
     return 0
 
 
-def _evaluate_checkpoint(args: argparse.Namespace) -> Dict[str, Dict[str, float]]:
-    """The work of ``daal-eval``: the checkpoint's network on its (or the given) data set's test
-    classes; writes eval.json and tsne_eval.png once the checkpoint and the data have loaded."""
-    from . import evaluate as E
-    from . import plots
-    from .checkpoint import load_checkpoint
-    from .data import build_datasets
-    from .config import check_backend, checked_device
-    from .devices import place_model, resolve_amp
-    from .engine import build_model
+def _eval_outputs(args: argparse.Namespace) -> str:
+    """``daal-eval``'s output folder, checked before any work: writable, and nothing in it (or at
+    ``--save-embeddings``) replaced without ``--overwrite``."""
     from .config import _check_writable
     from .ddp import ConfigError
-    from .log import Log
 
-    _set_threads(args.threads)
     out = args.out or os.path.dirname(os.path.abspath(args.checkpoint))
     if os.path.exists(out) and not os.path.isdir(out):
         raise ConfigError(f"--out {out}: exists and is not a folder")
@@ -345,6 +341,23 @@ def _evaluate_checkpoint(args: argparse.Namespace) -> Dict[str, Dict[str, float]
     if held and not args.overwrite:
         raise ConfigError(f"{', '.join(held)} already exist{'s' if len(held) == 1 else ''}: pass --overwrite to "
                           f"replace {'it' if len(held) == 1 else 'them'}, or another --out / --save-embeddings")
+    return out
+
+
+def _evaluate_checkpoint(args: argparse.Namespace) -> Dict[str, Dict[str, float]]:
+    """The work of ``daal-eval``: the checkpoint's network on its (or the given) data set's test
+    classes; writes eval.json and tsne_eval.png once the checkpoint and the data have loaded."""
+    from . import evaluate as E
+    from . import plots
+    from .checkpoint import load_checkpoint
+    from .data import build_datasets
+    from .config import check_backend, checked_device
+    from .devices import place_model, resolve_amp
+    from .engine import build_model
+    from .log import Log
+
+    _set_threads(args.threads)
+    out = _eval_outputs(args)
     ck = load_checkpoint(args.checkpoint)
     cfg = TrainConfig.from_dict(dict({"width": 1.0}, **ck["config"]))  # checkpoints before --width: full width
     for k, v in vars(args).items():

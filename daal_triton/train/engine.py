@@ -8,7 +8,7 @@ from __future__ import annotations
 import inspect
 import math
 import time
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 from torch import nn
@@ -177,6 +177,41 @@ class GlobalBatchLoss:
 LOG_EVERY = 50  # default --log-every: steps between two reads of the running loss
 
 
+def batch_to_device(images: torch.Tensor, labels: torch.Tensor, device: torch.device,
+                    fmt: torch.memory_format) -> Tuple[torch.Tensor, torch.Tensor]:
+    """A batch on ``device`` without waiting (``non_blocking``: pinned by the loader on CUDA), the
+    images in the network's memory format."""
+    images = images.to(device, non_blocking=True)
+    if fmt is torch.channels_last and images.ndim == 4:
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images, labels.to(device, non_blocking=True)
+
+
+def train_step(model: nn.Module, criterion: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+               optimizer: torch.optim.Optimizer, scheduler, *, amp_dtype: Optional[torch.dtype] = None,
+               scaler: Optional[torch.amp.GradScaler] = None,
+               loss_fn: Callable = loss_from_embeddings) -> torch.Tensor:
+    """One optimiser step on a batch already on the device (the network under autocast when
+    ``amp_dtype``, the loss in float32); returns the loss, never read back to the host here."""
+    with torch.autocast(device_type=images.device.type, dtype=amp_dtype or torch.float32,
+                        enabled=amp_dtype is not None):
+        emb = model(images)
+    loss = loss_fn(criterion, emb, labels)
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        sync_grads(criterion.parameters())  # the loss is outside DDP: keep its parameters identical
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        sync_grads(criterion.parameters())
+        optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+    return loss
+
+
 def train_one_epoch(model: nn.Module, criterion: nn.Module, loader, optimizer: torch.optim.Optimizer,
                     scheduler, device: torch.device, *, amp_dtype: Optional[torch.dtype] = None,
                     scaler: Optional[torch.amp.GradScaler] = None, max_steps: Optional[int] = None,
@@ -188,9 +223,7 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, loader, optimizer: t
     The step never waits for the device: the loss is summed on the device (float64) and read back
     to the host only every ``log_every`` steps and once at the end (the progress bar's loss, the
     check that it is finite: a non-finite loss raises ``FloatingPointError`` at the first read
-    after it). Images go to the device asynchronously (``non_blocking``; pinned by the loader on
-    CUDA), in the layout of the network's weights (channels_last after
-    :func:`~daal_triton.train.devices.place_model` on CUDA).
+    after it). Batches move with :func:`batch_to_device`.
 
     ``stats`` (a dict), if given, receives ``data_wait_s``: the host's time waiting for the
     loader's next batch (decoding, augmentation, collation not hidden behind the step), ``steps``
@@ -229,25 +262,9 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, loader, optimizer: t
         except StopIteration:
             break
         wait += time.perf_counter() - t0
-        images = images.to(device, non_blocking=True)
-        if fmt is torch.channels_last and images.ndim == 4:
-            images = images.contiguous(memory_format=torch.channels_last)
-        labels = labels.to(device, non_blocking=True)
-        with torch.autocast(device_type=device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            emb = model(images)
-        loss = loss_fn(criterion, emb, labels)
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            sync_grads(criterion.parameters())  # the loss is outside DDP: keep its parameters identical
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            sync_grads(criterion.parameters())
-            optimizer.step()
-        if scheduler is not None:
-            scheduler.step()
+        images, labels = batch_to_device(images, labels, device, fmt)
+        loss = train_step(model, criterion, images, labels, optimizer, scheduler, amp_dtype=amp_dtype,
+                          scaler=scaler, loss_fn=loss_fn)
         running += loss.detach()
         n += 1
         images_seen += images.shape[0]

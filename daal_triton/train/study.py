@@ -545,6 +545,65 @@ def _cores() -> int:
         return os.cpu_count() or 1
 
 
+def _cells_to_run(study: Dict[str, Any], cells: List[Dict[str, Any]], out: str, first: List[str],
+                  known: Dict[Any, Any], runs_path: str) -> List[Dict[str, Any]]:
+    """The cells still to run, in order; finished cells not yet in ``runs.jsonl`` are recorded.
+
+    Seed-major: every configuration gets its first seed before any gets its second, so a study
+    stopped early still compares all of them (``--first NAME``: those configurations' cells, all
+    seeds, come right after the first seed)."""
+    todo = []
+    for cell in cells:
+        d = cell_dir(out, cell)
+        if is_finished(d):
+            check_same_args(cell, d)
+            if (cell["config"], cell["seed"]) not in known:  # finished but not yet recorded
+                rec = collect(cell, d)
+                known[(cell["config"], cell["seed"])] = rec
+                _append_run(runs_path, rec)
+        else:
+            todo.append(cell)
+    first_set = set(first)
+    todo.sort(key=lambda c: (0 if c["config"] in first_set or c["seed"] == study["seeds"][0] else 1,
+                             study["seeds"].index(c["seed"])))
+    return todo
+
+
+def _run_cells(todo: List[Dict[str, Any]], out: str, jobs: int, threads: int, progress: bool,
+               known: Dict[Any, Any], runs_path: str) -> List[Dict[str, Any]]:
+    """Run ``todo`` ``jobs`` at a time, recording each finished cell as it ends; returns the
+    failed cells (one failure never loses the others)."""
+    failed = []
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(todo), desc="daal-study", unit="run", dynamic_ncols=True)
+    with cf.ThreadPoolExecutor(max_workers=jobs) as pool:
+        futures = {pool.submit(run_cell, cell, out, threads): cell for cell in todo}
+        for fut in cf.as_completed(futures):
+            cell = futures[fut]
+            try:
+                rec = fut.result()
+            except Exception as e:  # one failed cell must not lose the others
+                failed.append(cell)
+                msg = f"[daal-study] FAILED {cell['config']} seed {cell['seed']}: {e}"
+            else:
+                known[(cell["config"], cell["seed"])] = rec
+                _append_run(runs_path, rec)
+                msg = (f"[daal-study] {cell['config']} seed {cell['seed']}: R@1 {rec['metrics'].get('recall@1', 0):.4f}"
+                       f", sub-cluster NMI {rec['metrics'].get('subcluster_nmi', math.nan):.4f}"
+                       + (f" ({rec['wall_s']:.0f} s)" if rec.get("wall_s") is not None else ""))
+            if bar is not None:
+                bar.write(msg)
+                bar.update(1)
+            else:
+                print(msg, flush=True)
+    if bar is not None:
+        bar.close()
+    return failed
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
@@ -567,24 +626,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     runs_path = os.path.join(report, "runs.jsonl")
     os.makedirs(report, exist_ok=True)
     known = {(r["config"], r["seed"]): r for r in _load_runs(runs_path)}
-    todo = []
     try:
-        for cell in cells:
-            d = cell_dir(args.out, cell)
-            if is_finished(d):
-                check_same_args(cell, d)
-                if (cell["config"], cell["seed"]) not in known:  # finished but not yet recorded
-                    rec = collect(cell, d)
-                    known[(cell["config"], cell["seed"])] = rec
-                    _append_run(runs_path, rec)
-            else:
-                todo.append(cell)
-        # seed-major: every configuration gets its first seed before any gets its second, so a study
-        # stopped early still compares all of them
-        # (--first NAME: those configurations' cells, all seeds, come right after the first seed)
-        first = set(args.first)
-        todo.sort(key=lambda c: (0 if c["config"] in first or c["seed"] == study["seeds"][0] else 1,
-                                 study["seeds"].index(c["seed"])))
+        todo = _cells_to_run(study, cells, args.out, args.first, known, runs_path)
     except StudyError as e:
         print(f"daal-study: error: {e}", file=sys.stderr)
         return 2
@@ -600,33 +643,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
     failed = []
     if todo and not args.summarize:
-        bar = None
-        if args.progress:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=len(todo), desc="daal-study", unit="run", dynamic_ncols=True)
-        with cf.ThreadPoolExecutor(max_workers=args.jobs) as pool:
-            futures = {pool.submit(run_cell, cell, args.out, threads): cell for cell in todo}
-            for fut in cf.as_completed(futures):
-                cell = futures[fut]
-                try:
-                    rec = fut.result()
-                except Exception as e:  # one failed cell must not lose the others
-                    failed.append(cell)
-                    msg = f"[daal-study] FAILED {cell['config']} seed {cell['seed']}: {e}"
-                else:
-                    known[(cell["config"], cell["seed"])] = rec
-                    _append_run(runs_path, rec)
-                    msg = (f"[daal-study] {cell['config']} seed {cell['seed']}: R@1 {rec['metrics'].get('recall@1', 0):.4f}"
-                           f", sub-cluster NMI {rec['metrics'].get('subcluster_nmi', math.nan):.4f}"
-                           + (f" ({rec['wall_s']:.0f} s)" if rec.get("wall_s") is not None else ""))
-                if bar is not None:
-                    bar.write(msg)
-                    bar.update(1)
-                else:
-                    print(msg, flush=True)
-        if bar is not None:
-            bar.close()
+        failed = _run_cells(todo, args.out, args.jobs, threads, args.progress, known, runs_path)
     wanted = {(c["config"], c["seed"]) for c in cells}
     records = [known[k] for k in [(c["config"], c["seed"]) for c in cells] if k in known and k in wanted]
     written = write_report(study, records, args.out, report, command, plots=args.plots, tsne=args.tsne,

@@ -247,7 +247,7 @@ def test_compile_wraps_the_network_only(monkeypatch):
     model, crit = tiny_net(), daal_triton.DAALLoss(P, D, backend="reference")
     state = types.SimpleNamespace(cfg=types.SimpleNamespace(compile=True, sync_bn=False),
                                   ctx=types.SimpleNamespace(distributed=False, is_main=True), model=model,
-                                  criterion=crit, bank=None, log=print, net=None, loss_fn=None)
+                                  criterion=crit, bank=None, miner=None, log=print, net=None, loss_fn=None)
     R.distribute(state)
     assert compiled == [model] and state.model is model
     state.cfg.compile = False
