@@ -248,7 +248,7 @@ def test_hot_path_does_not_spill(compiled):
     # v1 is kept only to be timed against v2 (lm.DESIGN); its float32 kernels, built for float32
     # accuracy (3xTF32 dots), spill ~0.8-1 KB per thread: a known cost of the old design
     # (docs/kernels.md), reported here, not a failure.
-    legacy = {c[0].entry for c in hot} & set(lm.DESIGN_KERNELS["v1"])
+    legacy = {c[0].entry for c, _ in hot} & set(lm.DESIGN_KERNELS["v1"])
     spills = {_what(c): r["stack"] for c, r in hot if r["stack"]
               and not (c[0].family == "fp32" and c[0].entry in legacy)}
     print({_what(c): r["stack"] for c, r in hot if c[0].family == "fp32" and c[0].entry in legacy})
