@@ -379,7 +379,7 @@ def embed_run(d: str) -> Tuple[Any, Any, Any, List[str]]:
                                 shapes_train_per_class=cfg.shapes_train_per_class,
                                 shapes_test_per_class=cfg.shapes_test_per_class, shapes_nuisance=cfg.shapes_nuisance)
     ck = load_checkpoint(os.path.join(d, "checkpoint_last.pt"))  # digest-checked, weights_only
-    model = build_model(cfg, announce=False)
+    model = build_model(cfg)
     model.load_state_dict(ck["model"])
     emb = E.embed(model, test_ds, torch.device("cpu"), batch_size=cfg.eval_batch_size, progress=False)
     return emb.numpy(), E.dataset_labels(test_ds).numpy(), test_ds.modes, getattr(test_ds, "mode_names", None)
