@@ -13,7 +13,7 @@ from typing import Callable, Optional, Tuple
 
 import torch
 
-from .distance import EPS, knn, selected_distance
+from .distance import EPS, knn
 
 KnnFn = Callable[..., Tuple[torch.Tensor, torch.Tensor]]
 LineMarginFn = Callable[..., torch.Tensor]
@@ -45,17 +45,14 @@ def knn_radius(
     only when ``ref_includes_batch`` (the batch occupies ``ref[:B]``).
     Returns ``(r, valid, index)``; ``r_i = inf`` where invalid (``k_i = 0``).
 
-    ``knn_fn`` only selects the neighbours; their distances are then taken by direct differences
-    (docs/method.md, "Numerics"), so the radius and its gradient are exact for close points
-    whichever backend selected them.
+    Both kNN operators return the selected distances by direct differences (docs/method.md,
+    "Numerics"), so the radius and its gradient are exact for close points.
     """
     if ref is None:
         ref, ref_labels, ref_includes_batch = x, labels, True
-    with torch.no_grad():
-        _, index = knn_fn(x, ref, k, query_labels=labels, ref_labels=ref_labels,
-                          exclude_self=ref_includes_batch)
+    dist, index = knn_fn(x, ref, k, query_labels=labels, ref_labels=ref_labels,
+                         exclude_self=ref_includes_batch)
     found = index >= 0
-    dist = selected_distance(x, ref, index.clamp(min=0))
     count = found.sum(1)
     valid = count > 0
     total = torch.where(found, dist, torch.zeros_like(dist)).sum(1)
