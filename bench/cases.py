@@ -41,7 +41,7 @@ PROVIDERS = {
     "pairwise": ("triton", "eager", "compile"),
     "knn": ("triton", "eager", "compile", "chunked"),
     "line_margin": ("triton", "eager", "compile", "triton_v1"),
-    "loss": ("triton", "eager", "compile"),
+    "loss": ("triton", "eager", "compile", "triton_aten_glue"),
     "train_step": ("triton", "eager", "proxyanchor", "ce_floor"),
 }
 
@@ -149,7 +149,8 @@ CHECK: Dict[Tuple[str, str], List[dict]] = {
     ("line_margin", "classes100k"): [
         dict(dtypes=("bf16",), providers=("triton", "eager", "compile", "triton_v1")),
         dict(dtypes=("fp32",), providers=("triton", "eager"))],
-    ("loss", "dml"): [dict(dtypes=("fp32",), providers=("triton", "eager"))],
+    # the fused glue (issue 13) timed beside the glue of plain PyTorch operators it replaced
+    ("loss", "dml"): [dict(dtypes=("fp32",), providers=("triton", "eager", "triton_aten_glue"))],
     ("knn", "bank"): [dict(dtypes=("bf16",), providers=("triton", "chunked", "eager"),
                            passes=("fwd", "fwdbwd"))],
     ("pairwise", "large"): [dict(dtypes=("bf16", "fp32"), providers=("triton", "eager"))],
@@ -314,7 +315,7 @@ def _knn_bytes(d: dict, prov: str, es: int) -> int:
 
 
 def _line_margin_bytes(d: dict, prov: str) -> int:
-    if prov == "triton":  # design v2: the segment gradient, saved stats, the chunk buffers
+    if prov in ("triton", "triton_aten_glue"):  # design v2: the segment gradient, saved stats, the chunk buffers
         from work_model import extra_bytes
 
         return extra_bytes(d["B"], d["C"], d["D"], "fp32") + (64 << 20)
@@ -358,5 +359,5 @@ def estimate_bytes(case: Case) -> int:
     line = _line_margin_bytes(d, prov)
     if op == "line_margin":
         return line
-    knn_part = 40 * d["B"] * d["B"] if prov != "triton" else 0
+    knn_part = 40 * d["B"] * d["B"] if not prov.startswith("triton") else 0
     return line + knn_part + 8 * d["C"] * d["D"] * es

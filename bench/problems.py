@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import os
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -232,9 +233,27 @@ def setup_loss(case: Case, device: torch.device) -> Problem:
         fn = compiled("loss", reference.daal_loss)
         return Problem(lambda: fn(emb, labels, seg), [emb, seg], None, [emb, seg],
                        notes="torch.compile(daal_triton.reference.daal_loss): no input validation")
+    if case.provider == "triton_aten_glue":  # the glue before the fused operators (DAAL_GLUE=aten)
+        module = daal_module("triton", C, D).to(device=device, dtype=dtype)
+        return Problem(lambda: _with_env("DAAL_GLUE", "aten", module, emb, labels), [emb, module.segments],
+                       None, [emb, module.segments], notes="DAALLoss, DAAL_GLUE=aten")
     module = daal_module(case.provider, C, D).to(device=device, dtype=dtype)
     return Problem(lambda: module(emb, labels), [emb, module.segments], None,
                    [emb, module.segments], notes="DAALLoss module (validation included)")
+
+
+def _with_env(name: str, value: str, fn, *args):
+    """``fn(*args)`` with environment variable ``name`` set to ``value`` (the autograd graph it
+    builds keeps the operators chosen then, so the backward needs no setting)."""
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        return fn(*args)
+    finally:
+        if old is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = old
 
 
 # ----------------------------------------------------------------------------- the training step

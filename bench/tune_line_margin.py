@@ -6,8 +6,9 @@ were chosen by what ``ptxas`` reports (no register spills on sm_90; docs/kernels
 times them against alternatives on the machine it runs on, one kernel at a time (the others keep their table
 entries), and checks that every alternative computes what the table's entry computes:
 
-* design v2 (the default): ``fwd2``: the forward operator ``daal_triton::line_lse2`` (prep +
-  ``_lm2_fwd_kernel``); ``bwd2``: the backward operator ``daal_triton::line_lse2_backward`` (the
+* design v2 (the default): ``fwd2``: the forward operator ``daal_triton::line_margin2`` (own rows,
+  prep, ``_lm2_fwd_kernel``, merge); ``bwd2``: the backward operator
+  ``daal_triton::line_margin2_backward`` (the
   chunk kernel ``_lm2_bwd_kernel``, the two ``torch.mm`` and the segment-gradient epilogue);
 * design v1: ``fwd``: the forward operator ``daal_triton::line_lse`` (class statistics +
   ``_lm_fwd_kernel``); ``dpq`` / ``dx``: the backward operator ``daal_triton::line_lse_backward``
@@ -123,14 +124,13 @@ def _plan(lm, shape, dtypes, cands, device, kernels=KERNELS):
         def bwd(go=go, x=x, seg=seg, d_pos=d_pos, labels=labels, margins=margins, lse=lse):
             return ops.line_lse_backward(go, x, seg, d_pos, labels, margins, lse, ALPHA)
 
-        def fwd2(x=x, seg=seg, d_pos=d_pos, labels=labels, margins=margins):
-            return ops.line_lse2(x, seg, d_pos, labels, margins, ALPHA)
+        def fwd2(x=x, seg=seg, labels=labels, margins=margins):
+            return ops.line_margin2(x, seg, labels, margins, ALPHA, 0.0)
 
-        _, lse2, st2, sx2 = fwd2()
+        _, lse2, rs2, st2, sx2 = fwd2()
 
-        def bwd2(go=go, x=x, seg=seg, sx=sx2, st=st2, d_pos=d_pos, labels=labels, margins=margins,
-                 lse=lse2):
-            return ops.line_lse2_backward(go, x, seg, sx, st, d_pos, labels, margins, lse, ALPHA)
+        def bwd2(go=go, x=x, seg=seg, sx=sx2, st=st2, labels=labels, lse=lse2, rs=rs2):
+            return ops.line_margin2_backward(go, x, seg, sx, st, labels, lse, rs, ALPHA, 0.0)
 
         calls = {"fwd": fwd, "dpq": bwd, "dx": bwd, "fwd2": fwd2, "bwd2": bwd2}
         for kernel in kernels:

@@ -14,15 +14,8 @@ from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple
 
 import torch
 
-from .reference import (
-    adaptive_margins,
-    compute_dtype,
-    density_hinge,
-    knn_radius,
-    length_term,
-    normalize_rows,
-    own_distance_sq,
-)
+from . import reference
+from .reference import compute_dtype, length_term, own_distance_sq
 
 KnnFn = Callable[..., Tuple[torch.Tensor, torch.Tensor]]
 LineMarginFn = Callable[..., torch.Tensor]
@@ -104,12 +97,27 @@ class DAALParts:
 
 
 class Operators(NamedTuple):
-    """The two operators a backend supplies: ``knn(query, ref, k, *, query_labels, ref_labels,
-    exclude_self) -> (dist, index)`` and ``line_margin(x, labels, segments, margins, *, alpha,
-    lambda_pull) -> B values``."""
+    """The operators a backend supplies, one per step of docs/method.md (each field's reference
+    implementation in ``daal_triton.reference`` documents its contract):
 
-    knn: KnnFn
-    line_margin: LineMarginFn
+    * ``prepare(embeddings, labels, C, *, dtype, normalize) -> (x, labels, bad)``: step 1 and the
+      label range (``labels`` None: only ``x``);
+    * ``knn(query, ref, k, *, query_labels, ref_labels, exclude_self) -> (dist, index)``: step 3's
+      neighbours, exact distances;
+    * ``density(dist, index, labels, C, *, m0, m_min, m_max, gamma, tau) -> (r, valid, margin,
+      hinge)``: steps 3-4 and the density hinge;
+    * ``line_margin(x, labels, segments, margins, *, alpha, lambda_pull) -> B values``: steps 5-6;
+    * ``combine(per_line, hinge, valid, bad, l_len, *, weights, lambda_dens, lambda_len) ->
+      (per_sample, total, L_dens, L_len)``: step 7.
+
+    Those not given are the reference's. The Triton backend supplies fused kernels for all five
+    (one launch or a few each, with hand-written backwards)."""
+
+    knn: KnnFn = reference.knn
+    line_margin: LineMarginFn = reference.line_margin
+    prepare: Callable[..., Tuple[torch.Tensor, Any, Any]] = reference.prepare
+    density: Callable[..., Tuple[torch.Tensor, ...]] = reference.density
+    combine: Callable[..., Tuple[torch.Tensor, ...]] = reference.combine
 
 
 def _no_autocast(device: torch.device):
@@ -118,18 +126,6 @@ def _no_autocast(device: torch.device):
         return torch.autocast(device_type=device.type, enabled=False)
     except RuntimeError:  # a device type autocast does not know
         return contextlib.nullcontext()
-
-
-def _normalized(z: torch.Tensor, dtype: torch.dtype, normalize: bool) -> torch.Tensor:
-    z = z.to(dtype)
-    return normalize_rows(z) if normalize else z
-
-
-def _in_range(labels: torch.Tensor, num_classes: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Labels clamped into ``[0, C)`` (so no operator indexes out of bounds) and where they were
-    not: those samples' losses become NaN. Costs no host synchronisation."""
-    bad = (labels < 0) | (labels >= num_classes)
-    return labels.clamp(0, num_classes - 1), bad
 
 
 def compose(
@@ -154,32 +150,31 @@ def compose(
     dtype = compute_dtype(embeddings, segments)
     with _no_autocast(embeddings.device):
         seg = segments.to(dtype)
-        labels, bad_label = _in_range(labels.long(), seg.shape[0])
-        x = _normalized(embeddings, dtype, hp.normalize)
-        ref = None
-        if ref_embeddings is not None:
-            ref = _normalized(ref_embeddings, dtype, hp.normalize)
+        C = seg.shape[0]
+        x, labels, bad_label = ops.prepare(embeddings, labels, C, dtype=dtype, normalize=hp.normalize)
+        if ref_embeddings is None:
+            ref, ref_labels, ref_includes_batch = x, labels, True
+        else:
+            ref = ops.prepare(ref_embeddings, None, C, dtype=dtype, normalize=hp.normalize)[0]
             ref_labels = ref_labels.long()
-        r, valid, index = knn_radius(x, labels, hp.k, ref=ref, ref_labels=ref_labels,
-                                    ref_includes_batch=ref_includes_batch, knn_fn=ops.knn)
-        margin = adaptive_margins(r, valid, labels, seg.shape[0], m0=hp.m0, m_min=hp.m_min,
-                                  m_max=hp.m_max, gamma=hp.gamma)
+        dist, index = ops.knn(x, ref, hp.k, query_labels=labels, ref_labels=ref_labels,
+                              exclude_self=ref_includes_batch)
+        r, valid, margin, hinge = ops.density(dist, index, labels, C, m0=hp.m0, m_min=hp.m_min,
+                                              m_max=hp.m_max, gamma=hp.gamma, tau=hp.tau)
         per_line = ops.line_margin(x, labels, seg, margin, alpha=hp.alpha, lambda_pull=hp.lambda_pull)
-        hinge = density_hinge(r, valid, hp.tau)
-        per_line = per_line.masked_fill(bad_label, float("nan"))
+        # L_len only where it counts or is read (its value is 0 otherwise): no O(C D) pass per call
+        l_len = length_term(seg, hp.l_max) if hp.lambda_len or split_line_pull else None
         w = None if sample_weights is None else sample_weights.to(per_line.dtype)
-        if w is not None:
-            per_line, hinge = per_line * w, hinge * w
-        l_dens = hinge.sum() / valid.sum().clamp(min=1).to(hinge.dtype)
-        l_len = length_term(seg, hp.l_max)
-        per_sample = per_line + hp.lambda_dens * hinge
-        total = per_line.mean() + hp.lambda_dens * l_dens + hp.lambda_len * l_len
+        per_sample, total, l_dens, l_len = ops.combine(
+            per_line, hinge, valid, bad_label, l_len, weights=w, lambda_dens=hp.lambda_dens,
+            lambda_len=hp.lambda_len)
         l_line = l_pull = None
         if split_line_pull:
             with torch.no_grad():  # the line/pull split is for reading only
                 own_sq = own_distance_sq(x, labels, seg)
                 l_pull = (own_sq if w is None else own_sq * w).mean()
-                l_line = per_line.mean() - hp.lambda_pull * l_pull
+                line_mean = total - hp.lambda_dens * l_dens - hp.lambda_len * l_len  # mean(line + pull)
+                l_line = line_mean - hp.lambda_pull * l_pull
         return DAALParts(
             loss=total if hp.reduction == "mean" else per_sample,
             line=l_line, pull=l_pull, density=l_dens, length=l_len, per_sample=per_sample,

@@ -1,11 +1,12 @@
 """The functional API: validate, pick a backend, run the loss composition (``daal_triton.core``).
 
-The Triton backend plugs the fused kNN (``daal_triton.kernels.knn``) and the fused line margin
-(``daal_triton.kernels.line_margin``) into the composition; the reference backend plugs in the
-plain-PyTorch operators of ``daal_triton.reference``.
+The Triton backend plugs its fused operators into the composition (``daal_triton.kernels``:
+``normalize``, ``knn``, ``density``, ``line_margin``, ``combine``); the reference backend plugs in
+the plain-PyTorch operators of ``daal_triton.reference``.
 """
 from __future__ import annotations
 
+import os
 from typing import Optional, Tuple
 
 import torch
@@ -22,14 +23,28 @@ from .validation import (
 )
 
 
+#: Environment switch of the Triton backend's glue (internal, for timing until a GPU run decides):
+#: "fused" (default: the fused prepare / density / combine kernels) or "aten" (the reference's
+#: PyTorch step functions around the fused kNN and line margin, the design before issue 13).
+GLUE_ENV = "DAAL_GLUE"
+
+
 def _ops(backend: str) -> Operators:
     """The operators of a resolved backend."""
-    if backend == "triton":
-        from .kernels import knn as kknn
-        from .kernels import line_margin as kline
+    if backend == "triton" and os.environ.get(GLUE_ENV, "fused") == "aten":
+        from .kernels import knn, line_margin
 
-        return Operators(knn=kknn.knn, line_margin=kline.line_margin)
-    return Operators(knn=reference.knn, line_margin=reference.line_margin)
+        return Operators(knn=knn.knn, line_margin=line_margin.line_margin)
+    if backend == "triton":
+        from .kernels import combine, density, knn, line_margin, normalize
+
+        def fused_density(dist, index, labels, num_classes, **hp):
+            fn = density.density if dist.shape[1] <= density.MAX_K else reference.density
+            return fn(dist, index, labels, num_classes, **hp)
+
+        return Operators(knn=knn.knn, line_margin=line_margin.line_margin, prepare=normalize.prepare,
+                         density=fused_density, combine=combine.combine)
+    return Operators()
 
 
 def daal_loss(
@@ -147,6 +162,6 @@ def knn(
     builds the M x N matrix.
     """
     validate_knn_inputs(query, ref, k, query_labels, ref_labels, check_values=check_values)
-    knn_fn, _ = _ops(choose_backend(backend, query.device, torch.promote_types(query.dtype, ref.dtype)))
+    knn_fn = _ops(choose_backend(backend, query.device, torch.promote_types(query.dtype, ref.dtype))).knn
     return knn_fn(query, ref, k, query_labels=query_labels, ref_labels=ref_labels,
                   exclude_self=exclude_self)

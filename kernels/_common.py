@@ -119,6 +119,13 @@ def family(dtype: torch.dtype) -> str:
     return "fp32" if dtype == torch.float32 else "half"
 
 
+def config_family(x_dtype: torch.dtype, *, interpret: Optional[bool] = None) -> str:
+    """The ``CONFIGS`` family a launcher uses for inputs of ``x_dtype``: ``"interp"`` under the
+    interpreter (for the ops that have one: few, large blocks), else :func:`family`."""
+    interpret = interpreting() if interpret is None else interpret
+    return "interp" if interpret else family(x_dtype)
+
+
 def compute_dtype(op: str, *tensors: torch.Tensor) -> torch.dtype:
     """The dtype the kernels read: the inputs' promotion (float16 + bfloat16 -> float32, never a
     lower precision). float64 never reaches a kernel: ``daal_triton.backend`` sends it to the
@@ -254,9 +261,10 @@ class Launch:
 
     @property
     def variant(self) -> str:
-        """``"-tf32"`` for a launch with single-pass TF32 dots or TF32-rounded norms, else ``""``."""
+        """``"-tf32"`` for a launch with single-pass TF32 dots or TF32-rounded norms; ``"-det"`` for
+        the deterministic (``ATOMIC=False``) variant of a kernel that otherwise uses atomics."""
         tf32 = self.flags.get("INPUT_PRECISION") == "tf32" or self.flags.get("ROUND_TF32")
-        return "-tf32" if tf32 else ""
+        return ("-tf32" if tf32 else "") + ("-det" if self.flags.get("ATOMIC") is False else "")
 
     @property
     def kernel(self):
@@ -302,16 +310,18 @@ def expand(op: str, configs: Mapping[str, Mapping[str, KernelConfig]],
 
 def every_launch() -> List[Launch]:
     """The launches of all three operators (what the compile tests build)."""
-    from . import knn, line_margin, pairwise
+    from . import combine, density, knn, line_margin, normalize, pairwise
 
-    return pairwise.launches() + knn.launches() + line_margin.launches()
+    return (pairwise.launches() + knn.launches() + line_margin.launches() + normalize.launches()
+            + density.launches() + combine.launches())
 
 
 def every_spec() -> List[KernelSpec]:
     """The spec of every kernel of the three operators."""
-    from . import knn, line_margin, pairwise
+    from . import combine, density, knn, line_margin, normalize, pairwise
 
-    return [*pairwise.KERNELS.values(), *knn.KERNELS.values(), *line_margin.KERNELS.values()]
+    return [*pairwise.KERNELS.values(), *knn.KERNELS.values(), *line_margin.KERNELS.values(),
+            *normalize.KERNELS.values(), *density.KERNELS.values(), *combine.KERNELS.values()]
 
 
 # --------------------------------------------------------------------------- shared kernels

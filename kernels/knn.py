@@ -496,10 +496,13 @@ def _knn_backward_fake(g, index, query, ref, ref_grad):
 def _knn_setup_context(ctx, inputs, output):
     ctx.save_for_backward(inputs[0], inputs[1], output[1])
     ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)  # no zero-filled gradient for the index
 
 
 def _knn_autograd_backward(ctx, g, _g_index):
     query, ref, index = ctx.saved_tensors
+    if g is None:
+        return (None,) * 7
     ref_grad = bool(ctx.needs_input_grad[1])
     dq, dr = torch.ops.daal_triton.knn_backward(g.contiguous(), index, query, ref, ref_grad)
     return dq, dr if ref_grad else None, None, None, None, None, None

@@ -21,11 +21,13 @@ Output dtype: float32 for float16/bfloat16/float32 inputs. float64 inputs raise 
 
 The split
 ---------
-* ``delta_iy`` (own class) is computed first, in PyTorch, in the *direct* form
-  ``|x_i - p_y - t u_y|`` (:func:`own_distance_sq`, O(B D), float32). It is exact for points
-  lying on their own segment (where the GEMM form cancels catastrophically), and its gradient
-  (the ``g_iy`` term of docs/method.md "Gradients" and the pull term) flows through ordinary
-  autograd. The fused kernels mask the own class ``c == y_i`` out of every tile.
+* ``delta_iy`` (own class) is computed in the *direct* form ``|x_i - p_y - t u_y|`` (O(B D),
+  float32), exact for points lying on their own segment (where the GEMM form cancels
+  catastrophically). In v2 a kernel does it (``_lm2_own_kernel``) and the backward's last kernel
+  (``_lm2_finish_kernel``) adds its exact derivative (the ``g_iy`` term of docs/method.md
+  "Gradients" and the pull term) to dX and to the own classes' dP, dQ; in v1 it is
+  :func:`own_distance_sq` in PyTorch, differentiated by autograd. The fused kernels mask the own
+  class ``c == y_i`` out of every tile.
 * the custom operator ``daal_triton::line_lse`` (``torch.library``, with a registered autograd
   formula and backward operator ``daal_triton::line_lse_backward``) takes ``delta_iy`` as an input
   and returns ``lse_i / alpha``; its backward gives
@@ -36,8 +38,9 @@ Two designs (docs/kernels.md, "Fused line margin")
 --------------------------------------------------
 ``line_margin`` runs ``DESIGN`` ("v2" unless ``DAAL_LINE_MARGIN_DESIGN=v1``):
 
-* **v2** (default; operators ``daal_triton::line_lse2`` / ``line_lse2_backward``): 16 BCD GEMM
-  flops, no global read-modify-write inside any loop, pipelined K-loops.
+* **v2** (default; operators ``daal_triton::line_margin2`` / ``line_margin2_backward``): 16 BCD
+  GEMM flops, no global read-modify-write inside any loop, pipelined K-loops; four launches
+  forward (own-class rows, class statistics, logsumexp, merge), 4 per class chunk + 1 backward.
   ``_lm2_prep_kernel`` computes the class statistics (4 x C) once per call, of the segments rounded
   to x's dtype (and that rounded contiguous copy ``sx`` when the segments are not already it); the
   forward saves both for the backward. ``_lm2_fwd_kernel`` is the streaming online-logsumexp kernel
@@ -114,6 +117,7 @@ from ._common import (
     expand,
     family,
     input_precision,
+    config_family,
     interpreting,
 )
 
@@ -700,6 +704,173 @@ def _lm2_dseg_kernel(g_ptr, seg_ptr, colp_ptr, out_ptr, n, D, Cc, R,
                  (gq - s2[:, None] * p - s3[:, None] * q).to(odt), mask=m)
 
 
+@triton.jit
+def _own_geometry(xrow, prow, qrow, rmask, D, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Per row of a block: ``a = (x - p).u``, ``uu = |u|^2``, ``t = clamp(a / max(uu, eps), 0, 1)``
+    and, in a second pass, ``e2 = |x - p - t u|^2``, ``eu = (x - p - t u).u``, ``xx = |x|^2`` (the
+    direct form of the own-class distance, float32; ``p``, ``q`` are the rows' own segments)."""
+    a = tl.zeros([BLOCK_B], dtype=tl.float32)
+    uu = tl.zeros([BLOCK_B], dtype=tl.float32)
+    xx = tl.zeros([BLOCK_B], dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        dd = d0 + tl.arange(0, BLOCK_D)
+        m2 = rmask[:, None] & (dd[None, :] < D)
+        x = tl.load(xrow + dd[None, :], mask=m2, other=0.0).to(tl.float32)
+        p = tl.load(prow + dd[None, :], mask=m2, other=0.0).to(tl.float32)
+        u = tl.load(qrow + dd[None, :], mask=m2, other=0.0).to(tl.float32) - p
+        a += tl.sum((x - p) * u, 1)
+        uu += tl.sum(u * u, 1)
+        xx += tl.sum(x * x, 1)
+    b = tl.maximum(uu, 1e-12)
+    tt = a / b
+    t = tl.minimum(tl.maximum(tt, 0.0), 1.0)
+    e2 = tl.zeros([BLOCK_B], dtype=tl.float32)
+    eu = tl.zeros([BLOCK_B], dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        dd = d0 + tl.arange(0, BLOCK_D)
+        m2 = rmask[:, None] & (dd[None, :] < D)
+        x = tl.load(xrow + dd[None, :], mask=m2, other=0.0).to(tl.float32)
+        p = tl.load(prow + dd[None, :], mask=m2, other=0.0).to(tl.float32)
+        u = tl.load(qrow + dd[None, :], mask=m2, other=0.0).to(tl.float32) - p
+        e = x - p - t[:, None] * u
+        e2 += tl.sum(e * e, 1)
+        eu += tl.sum(e * u, 1)
+    return a, uu, b, tt, t, e2, eu, xx
+
+
+@triton.jit
+def _lm2_own_kernel(x_ptr, seg_ptr, label_ptr, m_ptr, dpos_ptr, xx_ptr, base_ptr, B, D,
+                    stride_x_b, stride_seg_c, stride_seg_v, alpha, eps,
+                    BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The own-class distance by direct differences (docs/method.md, "Numerics") and the row
+    inputs of the forward kernel::
+
+        d_i = sqrt(max(|x_i - p_y - t u_y|^2, eps)),  xx_i = |x_i|^2,  base_i = alpha (d_i + m_i)
+
+    Args:
+        x_ptr: B x D embeddings (unit column stride). seg_ptr: C x 2 x D segments (unit feature
+            stride, any float dtype). label_ptr: B int64 labels in ``[0, C)``.
+        m_ptr: B float32 margins. dpos_ptr, xx_ptr, base_ptr: B float32 outputs.
+        B, D: sizes. stride_x_b: row stride of x. stride_seg_c, stride_seg_v: class and p/q
+            strides of the segments. alpha: the logit scale. eps: the floor of squared distances.
+        BLOCK_B: rows per program. BLOCK_D: D-chunk.
+    """
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    rmask = rows < B
+    lab = tl.load(label_ptr + rows, mask=rmask, other=0)
+    xrow = x_ptr + rows.to(tl.int64)[:, None] * stride_x_b
+    prow = seg_ptr + lab[:, None] * stride_seg_c
+    _, _, _, _, _, e2, _, xx = _own_geometry(xrow, prow, prow + stride_seg_v, rmask, D, BLOCK_B, BLOCK_D)
+    d = tl.sqrt(tl.maximum(e2, eps))
+    m = tl.load(m_ptr + rows, mask=rmask, other=0.0)
+    tl.store(dpos_ptr + rows, d, mask=rmask)
+    tl.store(xx_ptr + rows, xx, mask=rmask)
+    tl.store(base_ptr + rows, alpha * (d + m), mask=rmask)
+
+
+@triton.jit
+def _lm2_lse_kernel(m_ptr, s_ptr, dpos_ptr, lse_ptr, out_ptr, B, nsplit, alpha, lambda_pull,
+                    BLOCK_B: tl.constexpr):
+    """The splits' running ``(max, sum)`` merged: ``lse_i = log(e^0 + sum_s s_si e^{m_si})``
+    (every ``m_si >= 0``: the running max starts at the ``{0}`` element), and the operator's
+    output ``out_i = lse_i / alpha + lambda_pull d_i^2``.
+
+    Args:
+        m_ptr, s_ptr: nsplit x B float32 partials (``_lm2_fwd_kernel``). dpos_ptr: B own-class
+            distances. lse_ptr, out_ptr: B float32 outputs.
+        B: rows. nsplit: the splits. alpha: the logit scale. lambda_pull: the pull weight.
+        BLOCK_B: rows per program.
+    """
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    rmask = rows < B
+    top = tl.zeros([BLOCK_B], dtype=tl.float32)
+    for s in range(0, nsplit):
+        top = tl.maximum(top, tl.load(m_ptr + s * B + rows, mask=rmask, other=0.0))
+    total = tl.exp(-top)
+    for s in range(0, nsplit):
+        m = tl.load(m_ptr + s * B + rows, mask=rmask, other=0.0)
+        total += tl.load(s_ptr + s * B + rows, mask=rmask, other=0.0) * tl.exp(m - top)
+    lse = top + tl.log(total)
+    d = tl.load(dpos_ptr + rows, mask=rmask, other=0.0)
+    tl.store(lse_ptr + rows, lse, mask=rmask)
+    tl.store(out_ptr + rows, lse / alpha + lambda_pull * d * d, mask=rmask)
+
+
+@triton.jit
+def _lm2_finish_kernel(acc_ptr, rowp_ptr, x_ptr, seg_ptr, label_ptr, lse_ptr, go_ptr, dpos_ptr,
+                       gx_ptr, gseg_ptr, B, D, R, stride_x_b, stride_seg_c, stride_seg_v,
+                       stride_gseg_c, stride_gseg_v, alpha, lambda_pull, eps,
+                       BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, ATOMIC: tl.constexpr):
+    """dX of the line margin: the GEMM part ``acc_i + (sum_r rowp_ri) x_i`` plus the own-class
+    part by direct differences; and the own-class segment gradients.
+
+    With ``g_i = grad_out_i (1 - exp(-lse_i)) + 2 lambda_pull d_i grad_out_i`` (``d line_i / d d_i``),
+    ``c_i = g_i / d_i`` where ``|e_i|^2 >= eps`` (else 0), ``e = x - p - t u``, ``eu = e.u``,
+    ``b = max(|u|^2, eps)``, ``tt = (x - p).u / b``, ``s = [0 <= tt <= 1] eu / b`` (the path
+    through t; ``2 tt u`` only where ``|u|^2 >= eps``)::
+
+        dX_i += c_i (e - s u)
+        dP_y += c_i (-(1 - t) e + s (u + x - p - 2 tt u))
+        dQ_y += c_i (-t e - s (x - p - 2 tt u))
+
+    (the exact derivative of ``d = sqrt(max(|e|^2, eps))``, as autograd takes it). ``ATOMIC``:
+    added into the segment gradient with float32 atomics; else written per row into
+    ``gseg_ptr`` as B x 2 x D (the launcher sums them by label, deterministically).
+
+    Args:
+        acc_ptr: B x D float32 ``[AB [P; Q]]`` (contiguous). rowp_ptr: R x B float32 row partials.
+        x_ptr, seg_ptr, label_ptr: as ``_lm2_own_kernel``. lse_ptr, go_ptr, dpos_ptr: B float32.
+        gx_ptr: B x D output in x's dtype (contiguous). gseg_ptr: C x 2 x D float32 (ATOMIC) or
+            B x 2 x D float32.
+        B, D, R: sizes. stride_x_b, stride_seg_c, stride_seg_v: as ``_lm2_own_kernel``.
+        stride_gseg_c, stride_gseg_v: strides of gseg (class or row, p/q).
+        alpha, lambda_pull, eps: as the forward. BLOCK_B: rows per program. BLOCK_D: D-chunk.
+        ATOMIC: see above.
+    """
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    rmask = rows < B
+    rows64 = rows.to(tl.int64)
+    lab = tl.load(label_ptr + rows, mask=rmask, other=0)
+    xrow = x_ptr + rows64[:, None] * stride_x_b
+    prow = seg_ptr + lab[:, None] * stride_seg_c
+    qrow = prow + stride_seg_v
+    _, uu, b, tt, t, e2, eu, _ = _own_geometry(xrow, prow, qrow, rmask, D, BLOCK_B, BLOCK_D)
+    hr = tl.zeros([BLOCK_B], dtype=tl.float32)
+    for r in range(0, R):
+        hr += tl.load(rowp_ptr + r * B + rows, mask=rmask, other=0.0)
+    go = tl.load(go_ptr + rows, mask=rmask, other=0.0)
+    lse = tl.load(lse_ptr + rows, mask=rmask, other=0.0)
+    d = tl.load(dpos_ptr + rows, mask=rmask, other=1.0)
+    g = go * (1.0 - tl.exp(-lse)) + 2.0 * lambda_pull * d * go
+    c = tl.where(rmask & (e2 >= eps), g / d, 0.0)
+    s = tl.where((tt >= 0.0) & (tt <= 1.0), eu / b, 0.0)
+    tt2 = tl.where(uu >= eps, 2.0 * tt, 0.0)
+    if ATOMIC:
+        grow = gseg_ptr + lab[:, None] * stride_gseg_c
+    else:
+        grow = gseg_ptr + rows64[:, None] * stride_gseg_c
+    odt = gx_ptr.dtype.element_ty
+    for d0 in range(0, D, BLOCK_D):
+        dd = d0 + tl.arange(0, BLOCK_D)
+        m2 = rmask[:, None] & (dd[None, :] < D)
+        x = tl.load(xrow + dd[None, :], mask=m2, other=0.0).to(tl.float32)
+        p = tl.load(prow + dd[None, :], mask=m2, other=0.0).to(tl.float32)
+        u = tl.load(qrow + dd[None, :], mask=m2, other=0.0).to(tl.float32) - p
+        xp = x - p
+        e = xp - t[:, None] * u
+        w = xp - tt2[:, None] * u
+        acc = tl.load(acc_ptr + rows64[:, None] * D + dd[None, :], mask=m2, other=0.0)
+        gx = acc + hr[:, None] * x + c[:, None] * (e - s[:, None] * u)
+        tl.store(gx_ptr + rows64[:, None] * D + dd[None, :], gx.to(odt), mask=m2)
+        gp = c[:, None] * (-(1.0 - t[:, None]) * e + s[:, None] * (u + w))
+        gq = c[:, None] * (-t[:, None] * e - s[:, None] * w)
+        if ATOMIC:
+            tl.atomic_add(grow + dd[None, :], gp, mask=m2)
+            tl.atomic_add(grow + stride_gseg_v + dd[None, :], gq, mask=m2)
+        else:
+            tl.store(grow + dd[None, :], gp, mask=m2)
+            tl.store(grow + stride_gseg_v + dd[None, :], gq, mask=m2)
+
 _ROWS_X = ("stride_x_b", "stride_seg_c", "stride_seg_v")
 _UNIT_X = ("stride_x_d", "stride_seg_d")
 _STRIDES = "stride_x_b stride_x_d stride_seg_c stride_seg_v stride_seg_d: i32"
@@ -739,9 +910,23 @@ KERNELS: Dict[str, KernelSpec] = {
         "stride_out_c stride_out_v stride_out_d: i32",
         unit=("stride_seg_d", "stride_out_d"),
         rows=("stride_seg_c", "stride_seg_v", "stride_out_c", "stride_out_v"), gemm=False),
+    "own2": KernelSpec(
+        _lm2_own_kernel, "x_ptr: *x; seg_ptr: *seg; label_ptr: *i64; m_ptr dpos_ptr xx_ptr base_ptr: "
+        "*fp32; B D: i32; stride_x_b stride_seg_c stride_seg_v: i32; alpha eps: fp32",
+        rows=("stride_x_b", "stride_seg_c", "stride_seg_v"), gemm=False),
+    "lse2": KernelSpec(
+        _lm2_lse_kernel, "m_ptr s_ptr dpos_ptr lse_ptr out_ptr: *fp32; B nsplit: i32; "
+        "alpha lambda_pull: fp32", gemm=False),
+    "finish2": KernelSpec(
+        _lm2_finish_kernel, "acc_ptr rowp_ptr: *fp32; x_ptr: *x; seg_ptr: *seg; label_ptr: *i64; "
+        "lse_ptr go_ptr dpos_ptr: *fp32; gx_ptr: *x; gseg_ptr: *fp32; B D R: i32; "
+        "stride_x_b stride_seg_c stride_seg_v stride_gseg_c stride_gseg_v: i32; "
+        "alpha lambda_pull eps: fp32",
+        rows=("stride_x_b", "stride_seg_c", "stride_seg_v", "stride_gseg_c", "stride_gseg_v"), gemm=False),
 }
 #: The kernels of each design (``DESIGN``); "stats" is v1's.
-DESIGN_KERNELS = {"v1": ("stats", "fwd", "dpq", "dx"), "v2": ("prep2", "fwd2", "bwd2", "dseg2")}
+DESIGN_KERNELS = {"v1": ("stats", "fwd", "dpq", "dx"),
+                  "v2": ("own2", "prep2", "fwd2", "lse2", "bwd2", "dseg2", "finish2")}
 _HMAX = {torch.float16: 6.0e4, torch.bfloat16: 3.0e38, torch.float32: 3.0e38}
 
 
@@ -759,6 +944,9 @@ def _family_configs(stats, fwd, dpq, dx, block_d, v2) -> Dict[str, KernelConfig]
     for name in ("fwd2", "bwd2"):
         bb, bc, w, st, bd = v2[name]
         out[name] = KernelConfig({"BLOCK_B": bb, "BLOCK_C": bc}, w, st, bd)
+    for name in ("own2", "finish2", "lse2"):  # row kernels: O(B D) or O(B)
+        bb, bd = v2.get(name, v2["rows"])
+        out[name] = KernelConfig({"BLOCK_B": bb}, 4, 1, None if name == "lse2" else bd)
     return out
 
 
@@ -769,16 +957,19 @@ CONFIGS: Dict[str, Dict[str, KernelConfig]] = {
     "half": _family_configs((64, 4, 2), fwd=(128, 64, 8, 3), dpq=(64, 64, 8, 2),
                             dx=(64, 64, 8, 3), block_d=(64, 64),
                             v2=dict(prep2=(32, 4, 1, (64, 64)), dseg2=(32, 4, 1, (64, 64)),
+                                    rows=(16, (64, 64)), lse2=(256, None),
                                     fwd2=(128, 128, 8, 3, (64, 64)),
                                     bwd2=(128, 64, 8, 4, (64, 64)))),
     "fp32": _family_configs((64, 4, 2), fwd=(64, 128, 8, 2), dpq=(64, 64, 8, 3),
                             dx=(64, 64, 8, 3), block_d=(64, 64),
                             v2=dict(prep2=(32, 4, 1, (64, 64)), dseg2=(32, 4, 1, (64, 64)),
+                                    rows=(16, (64, 64)), lse2=(256, None),
                                     fwd2=(64, 128, 8, 3, (16, 16)),
                                     bwd2=(64, 128, 8, 3, (16, 16)))),
     "interp": _family_configs((128, 4, 1), fwd=(128, 128, 4, 1), dpq=(128, 128, 4, 1),
                               dx=(128, 128, 4, 1), block_d=(16, 128),
                               v2=dict(prep2=(128, 4, 1, (16, 128)), dseg2=(128, 4, 1, (16, 128)),
+                                      rows=(64, (16, 256)), lse2=(256, None),
                                       fwd2=(128, 128, 4, 1, (16, 128)),
                                       bwd2=(128, 128, 4, 1, (16, 128)))),
 }
@@ -802,16 +993,14 @@ def _precision(dtype: torch.dtype, *, gpu: bool | None = None) -> str:
     return input_precision(dtype, gpu=gpu, matmul_precision="highest")
 
 
-def config_family(x_dtype: torch.dtype, *, interpret: bool | None = None) -> str:
-    """The ``CONFIGS`` family the launchers use for ``x`` of this dtype."""
-    interpret = interpreting() if interpret is None else interpret
-    return "interp" if interpret else family(x_dtype)
-
-
-def _gpu_flags(entry: str, dtype: torch.dtype) -> dict:
+def _gpu_flags(entry: str, dtype: torch.dtype):
     if entry == "prep2":
         return {"CAST": True}
-    return {} if entry in ("stats", "dseg2") else {"INPUT_PRECISION": _precision(dtype, gpu=True)}
+    if entry == "finish2":  # atomics by default; per-row output under deterministic algorithms
+        return [{"ATOMIC": True}, {"ATOMIC": False}]
+    if entry in ("stats", "dseg2", "own2", "lse2"):
+        return {}
+    return {"INPUT_PRECISION": _precision(dtype, gpu=True)}
 
 
 def launches() -> List[Launch]:
@@ -1007,25 +1196,40 @@ def _cast_segments(seg: torch.Tensor, x_dtype: torch.dtype, cfgs) -> Tuple[torch
     return st, sx
 
 
-def _v2_rows(x, d_pos, margins, alpha):
-    """The O(B) row inputs: x with unit column stride, ``alpha (d_pos + m)``, ``|x|^2``."""
-    x = x if x.stride(1) == 1 else x.contiguous()
-    base = (alpha * (d_pos.detach().float() + margins.detach().float())).contiguous()
-    xx = (x.float() * x.float()).sum(1).contiguous()
-    return x, base, xx
+def _own_rows(x, seg, labels, margins, alpha, cfgs) -> torch.Tensor:
+    """``rs`` (3 x B float32): the own-class distances ``d_pos`` (direct form), ``|x|^2`` and
+    ``alpha (d_pos + m)`` (``_lm2_own_kernel``, one launch)."""
+    B, D = x.shape
+    rs = torch.empty(3, B, device=x.device, dtype=torch.float32)
+    d_pos, xx, base = rs[0], rs[1], rs[2]
+    if B:
+        cfg = cfgs["own2"]
+        _lm2_own_kernel[(triton.cdiv(B, cfg.blocks["BLOCK_B"]),)](
+            x, seg, labels, margins.detach().float().contiguous(), d_pos, xx, base, B, D, x.stride(0),
+            seg.stride(0), seg.stride(1), float(alpha), EPS, **cfg.launch(D))
+    return rs
 
 
-@torch.library.custom_op("daal_triton::line_lse2", mutates_args=())
-def _line_lse2_op(x: torch.Tensor, seg: torch.Tensor, d_pos: torch.Tensor, labels: torch.Tensor,
-                  margins: torch.Tensor, alpha: float
-                  ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(lse_i / alpha, lse_i, st, sx)``: the forward of design v2. ``st`` (4 x C class
+def _unit_feature_stride(seg: torch.Tensor) -> torch.Tensor:
+    return seg if seg.stride(2) == 1 else seg.contiguous()
+
+
+@torch.library.custom_op("daal_triton::line_margin2", mutates_args=())
+def _line_margin2_op(x: torch.Tensor, seg: torch.Tensor, labels: torch.Tensor, margins: torch.Tensor,
+                     alpha: float, lambda_pull: float
+                     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(out, lse, rs, st, sx)``: the forward of design v2, four launches (own-class rows,
+    class statistics, the streaming logsumexp, the merge). ``out_i = lse_i / alpha + lambda_pull
+    d_i^2``; ``rs`` (3 x B: ``d_pos``, ``|x|^2``, ``alpha (d_pos + m)``), ``st`` (4 x C class
     statistics) and ``sx`` (the segments in x's dtype, or empty when they already are) are
-    computed once per call and handed to the backward."""
+    computed once per call and handed to the backward with ``lse``."""
     cfgs = CONFIGS[config_family(x.dtype)]
-    x, base, xx = _v2_rows(x, d_pos, margins, alpha)
+    x = x if x.stride(1) == 1 else x.contiguous()
+    seg = _unit_feature_stride(seg)
     B, D = x.shape
     C = seg.shape[0]
+    rs = _own_rows(x, seg, labels, margins, alpha, cfgs)
+    d_pos, xx, base = rs[0], rs[1], rs[2]
     st, sx = _cast_segments(seg, x.dtype, cfgs)
     s2 = seg if sx.numel() == 0 else sx
     cfg = cfgs["fwd2"]
@@ -1034,21 +1238,26 @@ def _line_lse2_op(x: torch.Tensor, seg: torch.Tensor, d_pos: torch.Tensor, label
     nsplit = wave_split(row_tiles, triton.cdiv(C, bc), sm_count(x.device))
     m = torch.empty(nsplit, B, device=x.device, dtype=torch.float32)
     s = torch.empty_like(m)
-    _lm2_fwd_kernel[(row_tiles, nsplit)](
-        x, s2, labels, base, xx, st, m, s, B, C, D, x.stride(0), nsplit, float(alpha), EPS,
-        INPUT_PRECISION=_precision(x.dtype), **cfg.launch(D))
-    top = m.max(0).values  # every m >= 0: the running max starts at 0 (the softplus's {0})
-    lse = top + torch.log(torch.exp(-top) + (s * torch.exp(m - top)).sum(0))
-    return lse / alpha, lse, st, sx
+    lse = torch.empty(B, device=x.device, dtype=torch.float32)
+    out = torch.empty_like(lse)
+    if B:
+        _lm2_fwd_kernel[(row_tiles, nsplit)](
+            x, s2, labels, base, xx, st, m, s, B, C, D, x.stride(0), nsplit, float(alpha), EPS,
+            INPUT_PRECISION=_precision(x.dtype), **cfg.launch(D))
+        lcfg = cfgs["lse2"]
+        _lm2_lse_kernel[(triton.cdiv(B, lcfg.blocks["BLOCK_B"]),)](
+            m, s, d_pos, lse, out, B, nsplit, float(alpha), float(lambda_pull), **lcfg.launch())
+    return out, lse, rs, st, sx
 
 
-@_line_lse2_op.register_fake
-def _line_lse2_fake(x, seg, d_pos, labels, margins, alpha):
+@_line_margin2_op.register_fake
+def _line_margin2_fake(x, seg, labels, margins, alpha, lambda_pull):
     out = x.new_empty((x.shape[0],), dtype=torch.float32)
     C, _, D = seg.shape
     cast = seg.dtype != x.dtype or not seg.is_contiguous()
     sx = x.new_empty((C, 2, D) if cast else (0,))
-    return out, torch.empty_like(out), x.new_empty((4, C), dtype=torch.float32), sx
+    return (out, torch.empty_like(out), x.new_empty((3, x.shape[0]), dtype=torch.float32),
+            x.new_empty((4, C), dtype=torch.float32), sx)
 
 
 _MM_OUT_DTYPE: Dict[Tuple[str, torch.dtype], bool] = {}
@@ -1074,30 +1283,32 @@ def mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.mm(a, b).float()
 
 
-@torch.library.custom_op("daal_triton::line_lse2_backward", mutates_args=())
-def _line_lse2_backward_op(grad_out: torch.Tensor, x: torch.Tensor, seg: torch.Tensor,
-                           sx: torch.Tensor, st: torch.Tensor, d_pos: torch.Tensor,
-                           labels: torch.Tensor, margins: torch.Tensor, lse: torch.Tensor,
-                           alpha: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(dX, dSegments, dD_pos)`` of design v2, chunk by chunk of Cc classes: one fused kernel
-    (the forward GEMMs once, ``a~``, ``b~`` and the row/column partials), then two GEMMs
-    (``torch.mm``) and the segment-gradient epilogue. Autocast is off inside (a backward run
-    under autocast must not lower the float32 GEMM outputs the epilogue reads)."""
+@torch.library.custom_op("daal_triton::line_margin2_backward", mutates_args=())
+def _line_margin2_backward_op(grad_out: torch.Tensor, x: torch.Tensor, seg: torch.Tensor,
+                              sx: torch.Tensor, st: torch.Tensor, labels: torch.Tensor,
+                              lse: torch.Tensor, rs: torch.Tensor, alpha: float,
+                              lambda_pull: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(dX, dSegments)`` of design v2, chunk by chunk of Cc classes: one fused kernel (the
+    forward GEMMs once, ``a~``, ``b~`` and the row/column partials), then two GEMMs
+    (``torch.mm``) and the segment-gradient epilogue; last, ``_lm2_finish_kernel`` forms dX and
+    adds the own-class terms (direct form). Autocast is off inside (a backward run under autocast
+    must not lower the float32 GEMM outputs the epilogue reads)."""
     with torch.autocast(device_type=x.device.type, enabled=False):
-        return _line_lse2_backward(grad_out, x, seg, sx, st, d_pos, labels, margins, lse, alpha)
+        return _line_margin2_backward(grad_out, x, seg, sx, st, labels, lse, rs, alpha, lambda_pull)
 
 
-def _line_lse2_backward(grad_out, x, seg, sx, st, d_pos, labels, margins, lse, alpha):
+def _line_margin2_backward(grad_out, x, seg, sx, st, labels, lse, rs, alpha, lambda_pull):
     cfgs = CONFIGS[config_family(x.dtype)]
-    x, base, xx = _v2_rows(x, d_pos, margins, alpha)
+    x = x if x.stride(1) == 1 else x.contiguous()
+    seg = _unit_feature_stride(seg)
     B, D = x.shape
     C = seg.shape[0]
     s2 = seg if sx.numel() == 0 else sx
     go = grad_out.float().contiguous()
-    grad_dpos = go * (1.0 - torch.exp(-lse))
-    gseg = torch.empty_like(seg, memory_format=torch.contiguous_format)
-    acc = torch.zeros(B, D, device=x.device, dtype=torch.float32)
-    hr = torch.zeros(B, device=x.device, dtype=torch.float32)
+    # the own-class segment rows are added with float32 atomics, unless PyTorch is asked for
+    # deterministic algorithms: then summed by label with index_put_ (sorted, deterministic)
+    atomic = not torch.are_deterministic_algorithms_enabled()
+    gseg = torch.empty(C, 2, D, device=x.device, dtype=torch.float32 if atomic else seg.dtype)
     cfg, dcfg = cfgs["bwd2"], cfgs["dseg2"]
     bb, bc = cfg.blocks["BLOCK_B"], cfg.blocks["BLOCK_C"]
     row_tiles = triton.cdiv(B, bb)
@@ -1108,45 +1319,66 @@ def _line_lse2_backward(grad_out, x, seg, sx, st, d_pos, labels, margins, lse, a
     colp = torch.empty(row_tiles, 4, cc, device=x.device, dtype=torch.float32)
     s2rows = s2.view(2 * C, D)
     prec, hmax = _precision(x.dtype), _HMAX[x.dtype]
+    d_pos, xx, base = rs[0], rs[1], rs[2]
+    acc, hr, rows_p = None, None, 0
     for c0 in range(0, C, cc):
         n = min(cc, C - c0)
         _lm2_bwd_kernel[(row_tiles, triton.cdiv(n, bc))](
             x, s2, labels, base, lse, go, xx, st, ab, rowp, colp, B, C, D, c0, cc, x.stride(0),
             float(alpha), EPS, hmax, INPUT_PRECISION=prec, **cfg.launch(D))
-        hr += rowp[: triton.cdiv(n, bc)].sum(0)
+        nt = triton.cdiv(n, bc)
         abn = ab[:, : 2 * n]
-        acc += mm_f32(abn, s2rows[2 * c0: 2 * (c0 + n)])  # sum_c a~ p_c + b~ q_c
+        part = mm_f32(abn, s2rows[2 * c0: 2 * (c0 + n)])  # sum_c a~ p_c + b~ q_c
+        if acc is None and C <= cc:  # one chunk: the partials go to the finish kernel as they are
+            acc, hr, rows_p = part, rowp, nt
+        else:
+            acc = part if acc is None else acc + part
+            hr = rowp[:nt].sum(0) if hr is None else hr + rowp[:nt].sum(0)
+            rows_p = 1
         g = mm_f32(abn.t(), x).contiguous()  # rows 2c, 2c + 1: [A~^T X]_c, [B~^T X]_c
-        assert g.dtype == torch.float32
         gs, ss = gseg[c0: c0 + n], seg[c0: c0 + n]
         _lm2_dseg_kernel[(triton.cdiv(n, dcfg.blocks["BLOCK_C"]),)](
             g, ss, colp, gs, n, D, cc, row_tiles, ss.stride(0), ss.stride(1), ss.stride(2),
             gs.stride(0), gs.stride(1), gs.stride(2), **dcfg.launch(D))
-    grad_x = torch.addcmul(acc, hr[:, None], x.float()).to(x.dtype)
-    return grad_x, gseg, grad_dpos.to(d_pos.dtype)
+    gx = torch.empty(B, D, device=x.device, dtype=x.dtype)
+    if B:
+        if acc is None:  # no classes
+            acc, hr, rows_p = torch.zeros(B, D, device=x.device), torch.zeros(1, B, device=x.device), 1
+        own = gseg if atomic else torch.empty(B, 2, D, device=x.device, dtype=torch.float32)
+        fcfg = cfgs["finish2"]
+        _lm2_finish_kernel[(triton.cdiv(B, fcfg.blocks["BLOCK_B"]),)](
+            acc.contiguous(), hr.reshape(-1, B).contiguous(), x, seg, labels, lse, go, d_pos, gx, own, B, D,
+            rows_p, x.stride(0), seg.stride(0), seg.stride(1), own.stride(0), own.stride(1),
+            float(alpha), float(lambda_pull), EPS, ATOMIC=atomic, **fcfg.launch(D))
+        if not atomic:
+            gseg.index_put_((labels,), own.to(gseg.dtype), accumulate=True)
+    return gx, gseg.to(seg.dtype)
 
 
-@_line_lse2_backward_op.register_fake
-def _line_lse2_backward_fake(grad_out, x, seg, sx, st, d_pos, labels, margins, lse, alpha):
-    return torch.empty_like(x), torch.empty_like(seg), torch.empty_like(d_pos)
+@_line_margin2_backward_op.register_fake
+def _line_margin2_backward_fake(grad_out, x, seg, sx, st, labels, lse, rs, alpha, lambda_pull):
+    return torch.empty_like(x), torch.empty_like(seg, memory_format=torch.contiguous_format)
 
 
-def _line_lse2_setup_context(ctx, inputs, output):
-    x, seg, d_pos, labels, margins, alpha = inputs
-    _, lse, st, sx = output
-    ctx.save_for_backward(x, seg, sx, st, d_pos, labels, margins, lse)
-    ctx.alpha = alpha
-    ctx.mark_non_differentiable(lse, st, sx)
+def _line_margin2_setup_context(ctx, inputs, output):
+    x, seg, labels, margins, alpha, lambda_pull = inputs
+    _, lse, rs, st, sx = output
+    ctx.save_for_backward(x, seg, sx, st, labels, lse, rs)
+    ctx.alpha, ctx.lambda_pull = alpha, lambda_pull
+    ctx.mark_non_differentiable(lse, rs, st, sx)
+    ctx.set_materialize_grads(False)  # no zero-filled gradients for the saved statistics
 
 
-def _line_lse2_autograd_backward(ctx, grad_out, _g_lse, _g_st, _g_sx):
-    x, seg, sx, st, d_pos, labels, margins, lse = ctx.saved_tensors
-    gx, gseg, gpos = torch.ops.daal_triton.line_lse2_backward(
-        grad_out, x, seg, sx, st, d_pos, labels, margins, lse, ctx.alpha)
-    return gx, gseg, gpos, None, None, None
+def _line_margin2_autograd_backward(ctx, grad_out, _g_lse, _g_rs, _g_st, _g_sx):
+    if grad_out is None:
+        return (None,) * 6
+    x, seg, sx, st, labels, lse, rs = ctx.saved_tensors
+    gx, gseg = torch.ops.daal_triton.line_margin2_backward(
+        grad_out, x, seg, sx, st, labels, lse, rs, ctx.alpha, ctx.lambda_pull)
+    return gx, gseg, None, None, None, None
 
 
-_line_lse2_op.register_autograd(_line_lse2_autograd_backward, setup_context=_line_lse2_setup_context)
+_line_margin2_op.register_autograd(_line_margin2_autograd_backward, setup_context=_line_margin2_setup_context)
 
 
 _SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
@@ -1170,14 +1402,13 @@ def line_margin(x: torch.Tensor, labels: torch.Tensor, segments: torch.Tensor,
     if x.ndim != 2 or segments.ndim != 3 or segments.shape[1] != 2 or segments.shape[2] != x.shape[1]:
         raise ValueError(f"x must be B x D and segments C x 2 x D, got {tuple(x.shape)} and "
                          f"{tuple(segments.shape)}")
-    labels = labels.long()
-    # own class, direct form, float32: exact on the segment, gradient via autograd (O(B D)).
+    labels = labels.long().contiguous()
+    if _design(design) == "v2":  # the own-class distance inside (direct form, exact)
+        return _line_margin2_op(x, segments, labels, margins, float(alpha), float(lambda_pull))[0]
+    # v1: own class, direct form, float32: exact on the segment, gradient via autograd (O(B D)).
     own = segments[labels].float()
     d_pos = torch.sqrt(own_distance_sq(x.float(), own[:, 0], own[:, 1]))
-    if _design(design) == "v1":
-        line, _ = _line_lse_op(x, segments, d_pos, labels.contiguous(), margins, float(alpha))
-    else:
-        line = _line_lse2_op(x, segments, d_pos, labels.contiguous(), margins, float(alpha))[0]
+    line, _ = _line_lse_op(x, segments, d_pos, labels, margins, float(alpha))
     if lambda_pull:
         line = line + lambda_pull * d_pos * d_pos
     return line

@@ -1,7 +1,9 @@
 """Plain-PyTorch DAAL (installed as ``daal_triton.reference``): the oracle and the CPU fallback."""
 from .daal import (
     adaptive_margins,
+    combine,
     daal_loss,
+    density,
     density_hinge,
     knn_radius,
     length_term,
@@ -9,11 +11,14 @@ from .daal import (
     line_margin,
     normalize_rows,
     own_distance_sq,
+    prepare,
+    radius,
 )
 from .distance import EPS, compute_dtype, knn, pairwise_distance, selected_distance
 
 __all__ = [
-    "EPS", "adaptive_margins", "compute_dtype", "daal_loss",
+    "EPS", "adaptive_margins", "combine", "compute_dtype", "daal_loss", "density",
     "density_hinge", "knn", "knn_radius", "length_term", "line_distances", "line_margin",
-    "normalize_rows", "own_distance_sq", "pairwise_distance", "selected_distance",
+    "normalize_rows", "own_distance_sq", "pairwise_distance", "prepare", "radius",
+    "selected_distance",
 ]

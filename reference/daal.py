@@ -27,7 +27,39 @@ def normalize_rows(z: torch.Tensor) -> torch.Tensor:
     return z / norm
 
 
+def prepare(
+    embeddings: torch.Tensor,
+    labels: Optional[torch.Tensor],
+    num_classes: int,
+    *,
+    dtype: torch.dtype,
+    normalize: bool,
+) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """Step 1 and the label range: ``(x, labels, bad)``. ``x`` = the rows in ``dtype``, normalised
+    when ``normalize``; ``labels`` clamped into ``[0, C)`` (int64) so no operator indexes out of
+    bounds, and ``bad`` where they were not (those samples' losses become NaN, docs/method.md
+    "Bad input"). Without labels (a memory bank) only ``x`` is computed."""
+    x = embeddings.to(dtype)
+    x = normalize_rows(x) if normalize else x
+    if labels is None:
+        return x, None, None
+    labels = labels.long()
+    bad = (labels < 0) | (labels >= num_classes)
+    return x, labels.clamp(0, num_classes - 1), bad
+
+
 # ---------------------------------------------------------------- step 3
+def radius(dist: torch.Tensor, index: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(r, valid)`` from a kNN's ``(dist, index)``: ``r_i`` = the mean of the ``k_i`` found
+    distances (``index >= 0``), ``inf`` where ``k_i = 0`` (``valid`` false)."""
+    found = index >= 0
+    count = found.sum(1)
+    valid = count > 0
+    total = torch.where(found, dist, torch.zeros_like(dist)).sum(1)
+    r = torch.where(valid, total / count.clamp(min=1).to(total.dtype), torch.full_like(total, float("inf")))
+    return r, valid
+
+
 def knn_radius(
     x: torch.Tensor,
     labels: torch.Tensor,
@@ -52,12 +84,27 @@ def knn_radius(
         ref, ref_labels, ref_includes_batch = x, labels, True
     dist, index = knn_fn(x, ref, k, query_labels=labels, ref_labels=ref_labels,
                          exclude_self=ref_includes_batch)
-    found = index >= 0
-    count = found.sum(1)
-    valid = count > 0
-    total = torch.where(found, dist, torch.zeros_like(dist)).sum(1)
-    r = torch.where(valid, total / count.clamp(min=1).to(total.dtype), torch.full_like(total, float("inf")))
+    r, valid = radius(dist, index)
     return r, valid, index
+
+
+def density(
+    dist: torch.Tensor,
+    index: torch.Tensor,
+    labels: torch.Tensor,
+    num_classes: int,
+    *,
+    m0: float,
+    m_min: float,
+    m_max: float,
+    gamma: float,
+    tau: float,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Steps 3-4 and the density hinge from a kNN's ``(dist, index)``: ``(r, valid, margin,
+    hinge)`` (:func:`radius`, :func:`adaptive_margins`, :func:`density_hinge`)."""
+    r, valid = radius(dist, index)
+    margin = adaptive_margins(r, valid, labels, num_classes, m0=m0, m_min=m_min, m_max=m_max, gamma=gamma)
+    return r, valid, margin, density_hinge(r, valid, tau)
 
 
 # ---------------------------------------------------------------- step 4
@@ -136,6 +183,35 @@ def length_term(segments: torch.Tensor, l_max: float) -> torch.Tensor:
     return (torch.relu(norm - l_max) ** 2).mean()
 
 
+# ---------------------------------------------------------------- step 7
+def combine(
+    per_line: torch.Tensor,
+    hinge: torch.Tensor,
+    valid: torch.Tensor,
+    bad: torch.Tensor,
+    l_len: Optional[torch.Tensor],
+    *,
+    weights: Optional[torch.Tensor],
+    lambda_dens: float,
+    lambda_len: float,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The loss from its terms: ``(per_sample, total, L_dens, L_len)``.
+
+    ``per_line`` (line + pull, B) is NaN where ``bad``; ``weights`` (B, optional) scale each
+    sample's line and hinge; ``per_sample = line + lambda_dens hinge``; ``L_dens`` = the hinges'
+    sum over the number of valid samples (at least 1); ``total = mean(line) + lambda_dens L_dens +
+    lambda_len L_len`` (``l_len`` None: not computed, taken as 0)."""
+    per_line = per_line.masked_fill(bad, float("nan"))
+    if weights is not None:
+        per_line, hinge = per_line * weights, hinge * weights
+    l_dens = hinge.sum() / valid.sum().clamp(min=1).to(hinge.dtype)
+    if l_len is None:
+        l_len = per_line.new_zeros(())
+    per_sample = per_line + lambda_dens * hinge
+    total = per_line.mean() + lambda_dens * l_dens + lambda_len * l_len
+    return per_sample, total, l_dens, l_len
+
+
 def own_distance_sq(x: torch.Tensor, labels: torch.Tensor, segments: torch.Tensor) -> torch.Tensor:
     """``delta_{i,y_i}^2`` (B values): distance of each sample to its own class's segment, O(B D)."""
     own = segments[labels]  # B x 2 x D
@@ -171,7 +247,7 @@ def daal_loss(
     from daal_triton.core import Hyperparameters, Operators, compose  # the contract; imported late (cycle)
 
     parts = compose(embeddings, labels, segments, Hyperparameters(**hyperparameters),
-                    Operators(knn=knn, line_margin=line_margin), ref_embeddings=ref_embeddings,
+                    Operators(), ref_embeddings=ref_embeddings,
                     ref_labels=ref_labels, ref_includes_batch=ref_includes_batch,
                     split_line_pull=return_parts)
     return parts if return_parts else parts.loss

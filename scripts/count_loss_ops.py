@@ -1,41 +1,22 @@
-"""Count what one DAALLoss forward+backward dispatches (issue 13: host syncs and launches).
+"""Count what one DAALLoss forward+backward launches (issue 13: launches and host syncs).
 
     TRITON_INTERPRET=1 .venv/bin/python scripts/count_loss_ops.py [triton|reference] [B C D]
 
-Runs on the CPU the path CUDA takes (value checks off) and prints the number of aten operators
-that launch work (views and metadata left out) in the forward and in all, the host
-synchronisations (``_local_scalar_dense`` and friends) and the most frequent operators. The Triton
-kernels themselves run inside the ``daal_triton::*`` custom operators, counted once each.
+Runs on the CPU the path CUDA takes (value checks off) and prints the device launches of the
+forward and the backward (aten operators that launch work, inside the package's custom operators
+too, plus Triton kernels; views and bare allocations left out: ``daal_triton.launch_count``), the
+host synchronisations, and the launches by operator.
 """
-import collections
 import os
 import sys
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import torch  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 import daal_triton  # noqa: E402
 from daal_triton import validation  # noqa: E402
-
-VIEWS = {"aten.detach", "aten.expand", "aten.unsqueeze", "aten.select", "aten.squeeze", "aten.view", "aten.t",
-         "aten.permute", "aten.slice", "aten.alias", "aten.promote_types", "aten._unsafe_view",
-         "aten.lift_fresh", "aten.as_strided"}
-SYNCS = {"aten._local_scalar_dense", "aten.is_nonzero", "aten.nonzero", "aten.item"}
-
-
-class Count(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops[str(func.overloadpacket)] += 1
-        return func(*args, **(kwargs or {}))
-
-    def launches(self) -> int:
-        return sum(n for name, n in self.ops.items() if name not in VIEWS)
+from daal_triton.launch_count import LaunchCount  # noqa: E402
 
 
 def main() -> None:
@@ -46,14 +27,14 @@ def main() -> None:
     z = torch.randn(B, D, requires_grad=True)
     y = torch.arange(B) % max(1, C // 2)
     loss(z, y).backward()  # imports and one-time set-up
-    with Count() as fwd:
+    with LaunchCount() as fwd:
         out = loss(z, y)
-    with Count() as bwd:
+    with LaunchCount() as bwd:
         out.backward()
-    syncs = {k: v for k, v in (fwd.ops + bwd.ops).items() if k in SYNCS}
-    print(f"{backend} B={B} C={C} D={D}: forward {fwd.launches()} launching ops, backward {bwd.launches()}, "
-          f"total {fwd.launches() + bwd.launches()}; host syncs {syncs or 0}")
-    print("most frequent:", (fwd.ops + bwd.ops).most_common(12))
+    print(f"{backend} B={B} C={C} D={D}: forward {fwd.launches} launches, backward {bwd.launches}, "
+          f"total {fwd.launches + bwd.launches}; host syncs {dict(fwd.syncs, **bwd.syncs) or 0}")
+    print("forward:\n" + fwd.table())
+    print("backward:\n" + bwd.table())
 
 
 if __name__ == "__main__":

@@ -243,3 +243,16 @@ def compile_launches(launches, capabilities=(80, 90)):
     cases = config_jobs(launches, capabilities)
     jobs = [gpu_job(la, capability=cap, specialisation=spec) for la, cap, spec in cases]
     return list(zip(cases, compile_many_for_gpu(jobs)))
+
+
+def assert_compiled_without_spills(compiled) -> None:
+    """Every build of :func:`compile_launches` succeeded (PTX with an entry), and the sm_90
+    "aligned" builds (the hot path) use no local memory (cuobjdump's STACK 0)."""
+    assert compiled
+    for (la, cap, spec), res in compiled:
+        what = f"{la.name}-sm{cap}-{spec}"
+        assert not res.get("error"), f"{what}:\n{res.get('error')}"
+        assert ".entry" in res["ptx"], what
+    spills = {f"{la.name}-sm{cap}": res.get("stack", "no cuobjdump report")
+              for (la, cap, spec), res in compiled if cap == 90 and spec == "aligned" and res.get("stack") != 0}
+    assert not spills, f"local memory (bytes per thread) on the hot path: {spills}"

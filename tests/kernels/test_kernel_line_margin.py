@@ -203,6 +203,7 @@ def test_saved_tensors_are_never_b_by_c():
 # contiguous D = 512 launch: daal_testing.specialise), with float32 segments (the DAALLoss
 # parameters' dtype).
 GEMM_KERNELS = ("fwd", "dpq", "dx", "fwd2", "bwd2")
+ROW_KERNELS = ("own2", "lse2", "finish2")  # v2's O(B D) kernels around the GEMMs
 
 
 @pytest.fixture(scope="module")
@@ -253,6 +254,10 @@ def test_hot_path_does_not_spill(compiled):
               and not (c[0].family == "fp32" and c[0].entry in legacy)}
     print({_what(c): r["stack"] for c, r in hot if c[0].family == "fp32" and c[0].entry in legacy})
     assert not spills, f"local memory (bytes per thread) on the hot path: {spills}"
+    rows = {_what(c): r.get("stack") for c, r in compiled
+            if c[1] == 90 and c[2] == "aligned" and c[0].entry in ROW_KERNELS}
+    assert {w.split("-")[0] for w in rows} == {f"line_margin_{e}" for e in ROW_KERNELS}
+    assert not {w: st for w, st in rows.items() if st != 0}, f"row kernels spill: {rows}"
 
 
 def test_config_table_covers_every_launch():
@@ -263,6 +268,11 @@ def test_config_table_covers_every_launch():
             assert set(lm.CONFIGS[fam]) == set(lm.KERNELS)
             for D in (1, 3, 16, 17, 33, 129, 512, 4096):
                 for entry, cfg in lm.CONFIGS[fam].items():
+                    if cfg.block_d is None:  # a kernel without a D loop
+                        assert cfg.block_d_choices() == [None]
+                        if not interpret:
+                            assert f"line_margin_{entry}-{POINTER[dtype][1:]}" in names
+                        continue
                     bd = cfg.block_d_for(D)
                     assert bd in cfg.block_d_choices()
                     if not interpret:

@@ -124,13 +124,12 @@ def test_custom_ops_opcheck():
     for x_dtype in (torch.float32, torch.float16):
         xk = x.to(x_dtype).requires_grad_()
         sk = seg.float().requires_grad_()
-        d_pos = torch.rand(6, requires_grad=True)
-        args = (xk, sk, d_pos, y, m.float(), ALPHA)
-        torch.library.opcheck(torch.ops.daal_triton.line_lse2.default, args,
+        args = (xk, sk, y, m.float(), ALPHA, 0.1)
+        torch.library.opcheck(torch.ops.daal_triton.line_margin2.default, args,
                               test_utils=("test_schema", "test_faketensor"))
-        out, lse, st, sx = torch.ops.daal_triton.line_lse2(*args)
-        bargs = (go.float(), xk.detach(), sk.detach(), sx, st, d_pos.detach(), y, m.float(), lse, ALPHA)
-        torch.library.opcheck(torch.ops.daal_triton.line_lse2_backward.default, bargs,
+        out, lse, rs, st, sx = torch.ops.daal_triton.line_margin2(*args)
+        bargs = (go.float(), xk.detach(), sk.detach(), sx, st, y, lse, rs, ALPHA, 0.1)
+        torch.library.opcheck(torch.ops.daal_triton.line_margin2_backward.default, bargs,
                               test_utils=("test_schema", "test_faketensor"))
 
 

@@ -1,0 +1,61 @@
+"""The fused final combination (kernels/combine.py) against the reference's ``combine``: values
+and gradients of every output, with and without weights, bad labels and L_len, several blocks of
+samples; the registrations; the GPU builds."""
+import pytest
+import torch
+
+from daal_testing import assert_close, assert_compiled_without_spills, compile_launches
+
+from daal_triton import reference
+from daal_triton.kernels import combine as kc
+
+
+@pytest.mark.parametrize("B", [1, 37, 2500])
+@pytest.mark.parametrize("weights", [False, True])
+@pytest.mark.parametrize("with_len", [False, True])
+def test_values_and_gradients_match_the_reference(B, weights, with_len):
+    g = torch.Generator().manual_seed(B)
+    line, hinge = torch.rand(B, generator=g), torch.rand(B, generator=g)
+    valid = torch.rand(B, generator=g) < 0.8
+    bad = torch.rand(B, generator=g) < 0.05
+    w = torch.rand(B, generator=g) if weights else None
+    l_len = torch.rand((), generator=g) if with_len else None
+    gper, gtot, gdens, glen = torch.randn(B, generator=g), torch.randn(()), torch.randn(()), torch.randn(())
+    kw = dict(weights=w, lambda_dens=0.5, lambda_len=0.3)
+    outs = []
+    for fn, dtype in ((kc.combine, torch.float32), (reference.combine, torch.float64)):
+        ins = [t.to(dtype).requires_grad_() for t in (line, hinge)]
+        ll = l_len.to(dtype).requires_grad_() if with_len else None
+        kw_d = dict(kw, weights=None if w is None else w.to(dtype))
+        per, tot, dens, length = fn(*ins, valid, bad, ll, **kw_d)
+        obj = ((per.nan_to_num() * gper.to(dtype)).sum() + tot.nan_to_num() * gtot + dens * gdens
+               + length * glen)
+        grads = torch.autograd.grad(obj, ins + ([ll] if with_len else []))
+        outs.append((per, tot, dens, length, *grads))
+    for name, a, b in zip(("per_sample", "total", "L_dens", "L_len", "d line", "d hinge", "d L_len"), *outs):
+        assert torch.equal(torch.isnan(a), torch.isnan(b)), name
+        assert_close(a.nan_to_num(), b.nan_to_num(), 1e-6, name)
+    assert torch.isnan(outs[0][0][bad]).all() and (outs[0][4][bad] == 0).all()
+
+
+def test_only_the_total_is_differentiated():
+    line, hinge = torch.rand(10, requires_grad=True), torch.rand(10, requires_grad=True)
+    valid, bad = torch.ones(10, dtype=torch.bool), torch.zeros(10, dtype=torch.bool)
+    _, tot, _, _ = kc.combine(line, hinge, valid, bad, None, weights=None, lambda_dens=2.0, lambda_len=0.0)
+    gl, gh = torch.autograd.grad(tot, (line, hinge))
+    assert torch.allclose(gl, torch.full((10,), 0.1)) and torch.allclose(gh, torch.full((10,), 0.2))
+
+
+def test_custom_ops_opcheck():
+    line, hinge = torch.rand(7, requires_grad=True), torch.rand(7, requires_grad=True)
+    valid, bad = torch.rand(7) < 0.7, torch.rand(7) < 0.2
+    torch.library.opcheck(torch.ops.daal_triton.combine.default,
+                          (line, hinge, valid, bad, torch.rand(7), torch.rand(()), 0.5, 0.1),
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    torch.library.opcheck(torch.ops.daal_triton.combine_backward.default,
+                          (torch.randn(7), torch.randn(()), None, None, valid, bad, None, 0.5, 0.1),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_gpu_builds():
+    assert_compiled_without_spills(compile_launches(kc.launches()))
