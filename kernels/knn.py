@@ -321,6 +321,42 @@ def _knn_finish_kernel(
 
 
 @triton.jit
+def _knn_bwd_pair(kk, rows64, rmask, g_ptr, idx_ptr, q_ptr, r_ptr, dq_ptr, dr_ptr, D,
+                  stride_g_m, stride_g_k, stride_idx_m, stride_q_m, stride_r_n, stride_dq_m,
+                  stride_dr_n, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HAS_DR: tl.constexpr,
+                  FIRST: tl.constexpr):
+    """Column ``kk`` of the backward for the rows ``rows64`` (``_knn_bwd_kernel``'s arguments);
+    ``FIRST``: the row's first pair, which stores ``0 + h (q_i - r_j)`` into dQ (every element of
+    the rows, 0 where the pair contributes nothing) instead of adding to it."""
+    acc_ty = dr_ptr.dtype.element_ty
+    j = tl.load(idx_ptr + rows64 * stride_idx_m + kk, mask=rmask, other=-1).to(tl.int64)
+    g = tl.load(g_ptr + rows64 * stride_g_m + kk * stride_g_k, mask=rmask, other=0.0).to(acc_ty)
+    found = rmask & (j >= 0)
+    sq = tl.zeros([BLOCK_M], dtype=acc_ty)
+    for d0 in range(0, D, BLOCK_D):
+        dd = d0 + tl.arange(0, BLOCK_D)
+        m2 = found[:, None] & (dd[None, :] < D)
+        q = tl.load(q_ptr + rows64[:, None] * stride_q_m + dd[None, :], mask=m2, other=0.0).to(acc_ty)
+        r = tl.load(r_ptr + j[:, None] * stride_r_n + dd[None, :], mask=m2, other=0.0).to(acc_ty)
+        sq += tl.sum((q - r) * (q - r), axis=1)
+    ok = found & (sq > TL_EPS)
+    h = tl.where(ok, g / tl.sqrt(tl.where(ok, sq, 1.0)), 0.0)
+    for d0 in range(0, D, BLOCK_D):
+        dd = d0 + tl.arange(0, BLOCK_D)
+        m2 = ok[:, None] & (dd[None, :] < D)
+        q = tl.load(q_ptr + rows64[:, None] * stride_q_m + dd[None, :], mask=m2, other=0.0).to(acc_ty)
+        r = tl.load(r_ptr + j[:, None] * stride_r_n + dd[None, :], mask=m2, other=0.0).to(acc_ty)
+        contrib = h[:, None] * (q - r)
+        if HAS_DR:
+            tl.atomic_add(dr_ptr + j[:, None] * stride_dr_n + dd[None, :], -contrib, mask=m2)
+        pq = dq_ptr + rows64[:, None] * stride_dq_m + dd[None, :]
+        if FIRST:
+            tl.store(pq, contrib + 0.0, mask=rmask[:, None] & (dd[None, :] < D))
+        else:
+            tl.store(pq, tl.load(pq, mask=m2, other=0.0) + contrib, mask=m2)
+
+
+@triton.jit
 def _knn_bwd_kernel(
     g_ptr, idx_ptr, q_ptr, r_ptr, dq_ptr, dr_ptr, M, D, K,
     stride_g_m, stride_g_k, stride_idx_m, stride_q_m, stride_r_n, stride_dq_m, stride_dr_n,
@@ -348,34 +384,15 @@ def _knn_bwd_kernel(
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < M
     rows64 = rows.to(tl.int64)
-    acc_ty = dr_ptr.dtype.element_ty
-    for kk in range(0, K):
-        j = tl.load(idx_ptr + rows64 * stride_idx_m + kk, mask=rmask, other=-1).to(tl.int64)
-        g = tl.load(g_ptr + rows64 * stride_g_m + kk * stride_g_k, mask=rmask, other=0.0).to(acc_ty)
-        found = rmask & (j >= 0)
-        first = kk == 0
-        sq = tl.zeros([BLOCK_M], dtype=acc_ty)
-        for d0 in range(0, D, BLOCK_D):
-            dd = d0 + tl.arange(0, BLOCK_D)
-            m2 = found[:, None] & (dd[None, :] < D)
-            q = tl.load(q_ptr + rows64[:, None] * stride_q_m + dd[None, :], mask=m2, other=0.0).to(acc_ty)
-            r = tl.load(r_ptr + j[:, None] * stride_r_n + dd[None, :], mask=m2, other=0.0).to(acc_ty)
-            sq += tl.sum((q - r) * (q - r), axis=1)
-        ok = found & (sq > TL_EPS)
-        h = tl.where(ok, g / tl.sqrt(tl.where(ok, sq, 1.0)), 0.0)
-        for d0 in range(0, D, BLOCK_D):
-            dd = d0 + tl.arange(0, BLOCK_D)
-            m2 = ok[:, None] & (dd[None, :] < D)
-            q = tl.load(q_ptr + rows64[:, None] * stride_q_m + dd[None, :], mask=m2, other=0.0).to(acc_ty)
-            r = tl.load(r_ptr + j[:, None] * stride_r_n + dd[None, :], mask=m2, other=0.0).to(acc_ty)
-            contrib = h[:, None] * (q - r)
-            if HAS_DR:
-                tl.atomic_add(dr_ptr + j[:, None] * stride_dr_n + dd[None, :], -contrib, mask=m2)
-            # dQ needs no zero-fill: the first pair writes every element of the program's rows
-            # (0 where it contributes nothing), the later ones add to it
-            pq = dq_ptr + rows64[:, None] * stride_dq_m + dd[None, :]
-            wmask = (ok | (rmask & first))[:, None] & (dd[None, :] < D)
-            tl.store(pq, tl.load(pq, mask=m2 & (kk > 0), other=0.0) + contrib, mask=wmask)
+    # dQ needs no zero-fill: the first pair stores every element of the program's rows (0 where
+    # it contributes nothing), the later ones add to it
+    _knn_bwd_pair(0, rows64, rmask, g_ptr, idx_ptr, q_ptr, r_ptr, dq_ptr, dr_ptr, D,
+                  stride_g_m, stride_g_k, stride_idx_m, stride_q_m, stride_r_n, stride_dq_m,
+                  stride_dr_n, BLOCK_M, BLOCK_D, HAS_DR, True)
+    for kk in range(1, K):
+        _knn_bwd_pair(kk, rows64, rmask, g_ptr, idx_ptr, q_ptr, r_ptr, dq_ptr, dr_ptr, D,
+                      stride_g_m, stride_g_k, stride_idx_m, stride_q_m, stride_r_n, stride_dq_m,
+                      stride_dr_n, BLOCK_M, BLOCK_D, HAS_DR, False)
 
 
 KERNELS: Dict[str, KernelSpec] = {
