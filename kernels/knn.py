@@ -372,8 +372,9 @@ def _knn_bwd_kernel(
         idx_ptr: M x K selected columns (int64, -1 for none), unit column stride.
         q_ptr, r_ptr: M x D queries and N x D references, unit column stride.
         dq_ptr, dr_ptr: float32 M x D and N x D gradient buffers, unit column stride; dr
-            zero-filled (atomics), dq not (each row is written by its one program, first at
-            ``kk = 0``; K >= 1).
+            zero-filled (atomics), dq not (each row is written by its one program: stored by
+            the pair ``kk = 0``, the ``FIRST`` instance of ``_knn_bwd_pair``, then added to;
+            K >= 1).
         M, D, K: sizes.
         stride_g_m, stride_g_k: strides of g. stride_idx_m: row stride of idx.
         stride_q_m, stride_r_n, stride_dq_m, stride_dr_n: row strides of q, r, dq, dr.
