@@ -135,6 +135,8 @@ PROVIDER_FUNCTIONS: Dict[str, Callable[[str], Callable]] = {
     "chunked": lambda op: chunked_knn,
     # the line margin's first design (kernels/line_margin.py, DAAL_LINE_MARGIN_DESIGN=v1)
     "triton_v1": lambda op: import_kernel(op).line_margin_v1,
+    # the kNN's earlier aten finish (kernels/knn.py, DAAL_KNN_FINISH=aten)
+    "triton_aten_finish": lambda op: import_kernel(op).knn_aten_finish,
 }
 
 

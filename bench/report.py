@@ -37,7 +37,8 @@ OP_TITLES = {
 }
 SHAPE_ORDER = ("tiny", "dml", "large", "bank", "classes11k", "classes100k", "classes1m", "eval60k")
 PROVIDER_TITLES = {"triton": "Triton", "eager": "eager", "compile": "compile", "chunked": "chunked",
-                   "triton_v1": "Triton v1", "triton_aten_glue": "Triton, PyTorch glue"}
+                   "triton_v1": "Triton v1", "triton_aten_glue": "Triton, PyTorch glue",
+                   "triton_aten_finish": "Triton (aten finish)"}
 # the training step's providers are the losses it trains with
 STEP_PROVIDER_TITLES = {"triton": "DAAL (Triton)", "eager": "DAAL (reference)",
                         "proxyanchor": "ProxyAnchor (PML)", "ce_floor": "CE floor"}
@@ -496,7 +497,9 @@ Each case is (shape, precision, provider, pass):
 - providers: `Triton` (`daal_triton.kernels.*`; for the loss `DAALLoss(backend="triton")`),
   `eager` (`daal_triton.reference.*`; `DAALLoss(backend="reference")`), `compile`
   (`torch.compile` of the reference function) and, for kNN, `chunked` (row chunks of
-  `torch.cdist` in the inputs' dtype + `torch.topk`);
+  `torch.cdist` in the inputs' dtype + `torch.topk`) and `Triton (aten finish)` (the kNN kernel
+  with its earlier aten finish, `DAAL_KNN_FINISH=aten`, beside the fused finish until a GPU run
+  decides); for the line margin `Triton v1` (its first design);
 - passes: `fwd` (forward with autograd recording, as in training; kNN retrieval evaluation under
   `no_grad`), `bwd` (backward alone; the forward of each round is built outside the timed
   region), `fwdbwd`;

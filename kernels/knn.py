@@ -8,11 +8,15 @@ For each query row ``i`` the kernel finds the ``k`` reference rows ``j`` with th
 among the candidates (``ref_labels[j] == query_labels[i]`` when labels are given, ``j != i``
 with ``exclude_self``), ordered by ``(s_ij, j)`` (ties go to the smaller index); the GEMM form only
 *selects*: the ``k`` selected distances are then recomputed by direct differences,
-``||q_i - r_j||^2`` in float32 (``_knn_dist_kernel``, M x k x D work; docs/method.md, "Numerics"),
-re-sorted by ``(s, j)``, and returned as ``dist = sqrt(max(s, eps))`` (a duplicate reads the clamp
-1e-6) with ``index`` (M x k, sorted ascending, padded with ``inf`` / ``-1`` when a row has fewer
-than ``k`` candidates) — the semantics of ``daal_triton.reference.knn``, and the same function the
-backward differentiates.
+``||q_i - r_j||^2`` in float32 (M x k x D work; docs/method.md, "Numerics"), re-sorted by
+``(s, j)``, and returned as ``dist = sqrt(max(s, eps))`` (a duplicate reads the clamp 1e-6) with
+``index`` (M x k, sorted ascending, padded with ``inf`` / ``-1`` when a row has fewer than ``k``
+candidates) — the semantics of ``daal_triton.reference.knn``, and the same function the backward
+differentiates.
+
+Launches of one forward (``k <= MAX_K``): the squared row norms (once when ``query is ref``, as
+in the loss), ``_knn_fwd_kernel`` (selection) and ``_knn_finish_kernel`` (everything after it);
+no other operation but the output allocations.
 
 Forward kernel (``_knn_fwd_kernel``), one program per BLOCK_M queries (and, when M alone gives
 too few programs for the GPU, per one of ``S`` contiguous column ranges of the references):
@@ -30,15 +34,29 @@ too few programs for the GPU, per one of ``S`` contiguous column ranges of the r
    most tiles after the first few — costs one masked row-min. Columns arrive in increasing
    order within a program, so a tie with the worst never displaces it (it has the smaller
    index). Empty slots hold ``(inf, -1 - slot)`` so every slot is distinct.
-3. the KP slots (per column range) are written out (M x S x KP, small); the launcher sorts
-   them by ``(s, j)`` and keeps the first ``k`` — this also merges the S column ranges.
+3. the KP slots (per column range) are written out (S x M x KP, small), unsorted.
+
+Finish (``_knn_finish_kernel``), one program per BLOCK_M queries: ``k`` rounds of
+min-extraction over the int64 key ``bits(s) << 32 | j`` (``s >= 0``, so its bits order like its
+value; empty slots sort last) pick the row's ``k`` best of its ``S x KP`` slots in ``(s, j)``
+order — this also merges the S column ranges; each pick's ``||q_i - r_j||^2`` is recomputed
+by direct differences (float32, BLOCK_D chunks, the arithmetic of the backward's recompute); ``k``
+more rounds over the exact keys (in registers) re-sort them by ``(s, j)``; ``dist =
+sqrt_rn(max(s, eps))`` (``inf`` for padding) and ``index`` (int64, ``-1`` for padding) are stored
+in their final M x k form.
+
+``DAAL_KNN_FINISH=aten`` (:data:`FINISH`; internal, until a GPU has timed both) keeps the earlier
+finish instead: PyTorch sorts of the slots (``_finish``), the recompute alone
+(``_knn_dist_kernel``), a PyTorch re-sort (``_sort_pairs``) and the square root (~20 launches
+more). Same indices; the same distances up to the square root's last bit where the CPU's is not
+correctly rounded (CUDA's is, as is ``sqrt_rn``).
 
 Backward (``_knn_bwd_kernel``): ``dist_ik = d(q_i, r_j)`` with ``j = index_ik``, so with
 ``h_ik = g_ik / sqrt(||q_i - r_j||^2)`` (0 where ``j = -1`` or the clamp binds; the squared
 distance is recomputed from direct differences, one extra pass over the k selected rows,
 because the GEMM form loses digits exactly for the close pairs a kNN selects)::
 
-    dL/dq_i = sum_k h_ik (q_i - r_j)          (accumulated per row in registers)
+    dL/dq_i = sum_k h_ik (q_i - r_j)          (accumulated by the row's one program)
     dL/dr_j = -sum_{(i,k): index_ik = j} h_ik (q_i - r_j)   (atomic adds, fp32 buffer)
 
 a scatter over the M x k selected pairs; atomics make dRef's summation order (last bits)
@@ -46,18 +64,22 @@ nondeterministic. When the references need no gradient (a memory bank: ``ref`` d
 grad) the backward computes no dRef at all: no N x D buffer, no atomics (``HAS_DR = False``).
 
 Memory: forward O((M + N) + M * S * KP) besides the inputs (the squared norms and the slot
-buffers), never M x N; backward float32 buffers dQ (M x D) and dR (N x D, for the atomics; none without a ref
-gradient), cast to the input dtypes at the end; nothing of size M x k x D (the exact recompute
-reads the k selected rows, it does not gather them).
+buffers), never M x N; backward float32 buffers dQ (M x D; not zero-filled: the row's program
+stores its first pair's term, then adds) and dR (N x D, zero-filled for the atomics; none
+without a ref gradient), cast to the input dtypes at the end (no cast when they are float32);
+nothing of size M x k x D (the exact recompute reads the k selected rows, it does not gather
+them).
 Inputs are copied once with ``.contiguous()`` only when their rows are not contiguous.
 
-Limits: ``k <= MAX_K`` (128) runs the kernel; larger ``k`` runs ``_select_chunked``, plain
-PyTorch over row chunks of at most ``CHUNK_ELEMS`` distances (still never the full M x N).
+Limits: ``k <= MAX_K`` (128) runs the kernels; larger ``k`` runs ``_select_chunked``, plain
+PyTorch over row chunks of at most ``CHUNK_ELEMS`` distances (still never the full M x N),
+then the aten finish's recompute and re-sort (``_exact``).
 float64 inputs raise ``ValueError`` (``daal_triton.knn`` routes them to the reference). ``N``
 must be below 2^31 (int32 column indices inside the kernel).
 """
 from __future__ import annotations
 
+import os
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -82,6 +104,13 @@ from ._common import (
 
 MAX_K = 128
 CHUNK_ELEMS = 1 << 24  # distances per chunk in the PyTorch fallback
+#: The finishes of the kernel path (k <= MAX_K): ``"fused"``, one launch of
+#: ``_knn_finish_kernel``; ``"aten"``, the earlier sorts of the candidate slots (``_finish``), the
+#: exact recompute (``_knn_dist_kernel``), a re-sort (``_sort_pairs``) and the square root.
+FINISHES = ("fused", "aten")
+#: The finish ``knn`` runs: ``"fused"`` unless ``DAAL_KNN_FINISH=aten`` (kept selectable until a
+#: GPU times both: the benchmarks' ``triton`` and ``triton_aten_finish`` providers).
+FINISH = os.environ.get("DAAL_KNN_FINISH", "fused")
 
 
 # --------------------------------------------------------------------------- kernels
@@ -201,6 +230,132 @@ def _knn_dist_kernel(
         tl.store(out_ptr + rows64 * stride_out_m + kk, sq, mask=rmask)
 
 
+#: The key of an empty slot: above every real ``(s, j)`` key (``s`` >= 0 has sign bit 0, so
+#: ``bits(s) << 32 | j`` < 2^63 - 1 for any non-negative float32 ``s`` and ``0 <= j < 2^31``).
+_NO_KEY = tl.constexpr(2**63 - 1)
+
+
+@triton.jit
+def _pair_key(s, j):
+    """``bits(s) << 32 | j`` (int64) for ``s >= 0`` (float32) and ``j`` (int32): ordered like
+    ``(s, j)``; ``_NO_KEY`` where ``j < 0`` (an empty slot)."""
+    key = (s.to(tl.int32, bitcast=True).to(tl.int64) << 32) | j.to(tl.int64)
+    return tl.where(j >= 0, key, _NO_KEY)
+
+
+@triton.jit
+def _knn_finish_kernel(
+    top_s_ptr, top_i_ptr, q_ptr, r_ptr, dist_ptr, index_ptr, M, D, K, S,
+    stride_top_s, stride_top_m, stride_q_m, stride_r_n, stride_dist_m, stride_index_m,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, KP: tl.constexpr,
+):
+    """The forward's finish, one launch: from the ``S x KP`` candidate slots of each row (the
+    forward kernel's output) the ``K`` best by ``(s, j)``, their squared distances recomputed
+    exactly by direct differences ``e_ik = ||q_i - r_j||^2`` (float32, BLOCK_D chunks: the
+    arithmetic of ``_knn_dist_kernel`` and of the backward's recompute), re-sorted by
+    ``(e, j)``, and written in final form: ``dist_ik = sqrt(max(e_ik, eps))`` (round to nearest)
+    and ``index_ik = j`` (``inf`` / ``-1`` where the row has fewer than ``K`` candidates).
+
+    Both selections are ``K`` rounds of min-extraction over the int64 key ``bits(s) << 32 | j``
+    (``_pair_key``: ``s >= 0``, so its bits order like its value; ties go to the smaller ``j``;
+    empty slots ``j < 0`` key ``2^63 - 1``, after every real one): round ``t`` takes the smallest
+    key above round ``t - 1``'s (real keys of a row are distinct: each column is one slot of one
+    split). The first selection scans the ``S x KP`` slots each round (from cache), the second
+    the ``K`` exact keys held in registers (``KP`` slots).
+
+    Args:
+        top_s_ptr, top_i_ptr: S x M x KP candidate slots from ``_knn_fwd_kernel``: squared
+            distances (float32; ``inf`` when empty) and columns (int32; ``< 0`` when empty),
+            unit slot stride.
+        q_ptr, r_ptr: M x D queries and N x D references (one dtype), unit column stride.
+        dist_ptr, index_ptr: M x K outputs (float32, int64), unit column stride.
+        M, D, K: sizes (``K <= KP``). S: column splits of the forward.
+        stride_top_s, stride_top_m: split and row strides of both slot buffers.
+        stride_q_m, stride_r_n, stride_dist_m, stride_index_m: row strides of q, r, dist, index.
+        BLOCK_M: queries per program. BLOCK_D: D-chunk of the recompute. KP: slots per row.
+    """
+    pid_m = tl.program_id(0)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < M
+    rows64 = rows.to(tl.int64)
+    slots = tl.arange(0, KP)
+    top_rows = rows64[:, None] * stride_top_m + slots[None, :]
+    exact = tl.full([BLOCK_M, KP], _NO_KEY, tl.int64)
+    prev = tl.full([BLOCK_M], -1, tl.int64)
+    for t in range(0, K):
+        # the t-th best slot by (s, j): the smallest key above the last one, over the S splits
+        best = tl.full([BLOCK_M], _NO_KEY, tl.int64)
+        ps = top_s_ptr + top_rows
+        pi = top_i_ptr + top_rows
+        for sp in range(0, S):
+            s = tl.load(ps, mask=rmask[:, None], other=float("inf"))
+            j = tl.load(pi, mask=rmask[:, None], other=-1)
+            key = _pair_key(s, j)
+            best = tl.minimum(best, tl.min(tl.where(key > prev[:, None], key, _NO_KEY), axis=1))
+            ps += stride_top_s
+            pi += stride_top_s
+        prev = best
+        found = best != _NO_KEY
+        col = tl.where(found, best.to(tl.int32), 0)  # the low 32 bits: j
+        col64 = col.to(tl.int64)
+        # its exact squared distance, by direct differences
+        sq = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            dd = d0 + tl.arange(0, BLOCK_D)
+            m2 = found[:, None] & (dd[None, :] < D)
+            q = tl.load(q_ptr + rows64[:, None] * stride_q_m + dd[None, :], mask=m2, other=0.0).to(tl.float32)
+            r = tl.load(r_ptr + col64[:, None] * stride_r_n + dd[None, :], mask=m2, other=0.0).to(tl.float32)
+            sq += tl.sum((q - r) * (q - r), axis=1)
+        exact = tl.where(slots[None, :] == t, _pair_key(sq, tl.where(found, col, -1))[:, None], exact)
+    # re-sort the K exact keys by (e, j) and write the final form
+    prev = tl.full([BLOCK_M], -1, tl.int64)
+    for t in range(0, K):
+        best = tl.min(tl.where(exact > prev[:, None], exact, _NO_KEY), axis=1)
+        prev = best
+        found = best != _NO_KEY
+        e = (best >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+        dist = tl.where(found, tl.sqrt_rn(tl.maximum(tl.where(found, e, 1.0), TL_EPS)), float("inf"))
+        index = tl.where(found, best.to(tl.int32).to(tl.int64), -1)
+        tl.store(dist_ptr + rows64 * stride_dist_m + t, dist, mask=rmask)
+        tl.store(index_ptr + rows64 * stride_index_m + t, index, mask=rmask)
+
+
+@triton.jit
+def _knn_bwd_pair(kk, rows64, rmask, g_ptr, idx_ptr, q_ptr, r_ptr, dq_ptr, dr_ptr, D,
+                  stride_g_m, stride_g_k, stride_idx_m, stride_q_m, stride_r_n, stride_dq_m,
+                  stride_dr_n, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HAS_DR: tl.constexpr,
+                  FIRST: tl.constexpr):
+    """Column ``kk`` of the backward for the rows ``rows64`` (``_knn_bwd_kernel``'s arguments);
+    ``FIRST``: the row's first pair, which stores ``0 + h (q_i - r_j)`` into dQ (every element of
+    the rows, 0 where the pair contributes nothing) instead of adding to it."""
+    acc_ty = dr_ptr.dtype.element_ty
+    j = tl.load(idx_ptr + rows64 * stride_idx_m + kk, mask=rmask, other=-1).to(tl.int64)
+    g = tl.load(g_ptr + rows64 * stride_g_m + kk * stride_g_k, mask=rmask, other=0.0).to(acc_ty)
+    found = rmask & (j >= 0)
+    sq = tl.zeros([BLOCK_M], dtype=acc_ty)
+    for d0 in range(0, D, BLOCK_D):
+        dd = d0 + tl.arange(0, BLOCK_D)
+        m2 = found[:, None] & (dd[None, :] < D)
+        q = tl.load(q_ptr + rows64[:, None] * stride_q_m + dd[None, :], mask=m2, other=0.0).to(acc_ty)
+        r = tl.load(r_ptr + j[:, None] * stride_r_n + dd[None, :], mask=m2, other=0.0).to(acc_ty)
+        sq += tl.sum((q - r) * (q - r), axis=1)
+    ok = found & (sq > TL_EPS)
+    h = tl.where(ok, g / tl.sqrt(tl.where(ok, sq, 1.0)), 0.0)
+    for d0 in range(0, D, BLOCK_D):
+        dd = d0 + tl.arange(0, BLOCK_D)
+        m2 = ok[:, None] & (dd[None, :] < D)
+        q = tl.load(q_ptr + rows64[:, None] * stride_q_m + dd[None, :], mask=m2, other=0.0).to(acc_ty)
+        r = tl.load(r_ptr + j[:, None] * stride_r_n + dd[None, :], mask=m2, other=0.0).to(acc_ty)
+        contrib = h[:, None] * (q - r)
+        if HAS_DR:
+            tl.atomic_add(dr_ptr + j[:, None] * stride_dr_n + dd[None, :], -contrib, mask=m2)
+        pq = dq_ptr + rows64[:, None] * stride_dq_m + dd[None, :]
+        if FIRST:
+            tl.store(pq, contrib + 0.0, mask=rmask[:, None] & (dd[None, :] < D))
+        else:
+            tl.store(pq, tl.load(pq, mask=m2, other=0.0) + contrib, mask=m2)
+
+
 @triton.jit
 def _knn_bwd_kernel(
     g_ptr, idx_ptr, q_ptr, r_ptr, dq_ptr, dr_ptr, M, D, K,
@@ -216,7 +371,10 @@ def _knn_bwd_kernel(
         g_ptr: M x K incoming gradient of the distances (float32).
         idx_ptr: M x K selected columns (int64, -1 for none), unit column stride.
         q_ptr, r_ptr: M x D queries and N x D references, unit column stride.
-        dq_ptr, dr_ptr: float32 M x D and N x D gradient buffers, zero-filled, unit column stride.
+        dq_ptr, dr_ptr: float32 M x D and N x D gradient buffers, unit column stride; dr
+            zero-filled (atomics), dq not (each row is written by its one program: stored by
+            the pair ``kk = 0``, the ``FIRST`` instance of ``_knn_bwd_pair``, then added to;
+            K >= 1).
         M, D, K: sizes.
         stride_g_m, stride_g_k: strides of g. stride_idx_m: row stride of idx.
         stride_q_m, stride_r_n, stride_dq_m, stride_dr_n: row strides of q, r, dq, dr.
@@ -227,30 +385,15 @@ def _knn_bwd_kernel(
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < M
     rows64 = rows.to(tl.int64)
-    acc_ty = dr_ptr.dtype.element_ty
-    for kk in range(0, K):
-        j = tl.load(idx_ptr + rows64 * stride_idx_m + kk, mask=rmask, other=-1).to(tl.int64)
-        g = tl.load(g_ptr + rows64 * stride_g_m + kk * stride_g_k, mask=rmask, other=0.0).to(acc_ty)
-        found = rmask & (j >= 0)
-        sq = tl.zeros([BLOCK_M], dtype=acc_ty)
-        for d0 in range(0, D, BLOCK_D):
-            dd = d0 + tl.arange(0, BLOCK_D)
-            m2 = found[:, None] & (dd[None, :] < D)
-            q = tl.load(q_ptr + rows64[:, None] * stride_q_m + dd[None, :], mask=m2, other=0.0).to(acc_ty)
-            r = tl.load(r_ptr + j[:, None] * stride_r_n + dd[None, :], mask=m2, other=0.0).to(acc_ty)
-            sq += tl.sum((q - r) * (q - r), axis=1)
-        ok = found & (sq > TL_EPS)
-        h = tl.where(ok, g / tl.sqrt(tl.where(ok, sq, 1.0)), 0.0)
-        for d0 in range(0, D, BLOCK_D):
-            dd = d0 + tl.arange(0, BLOCK_D)
-            m2 = ok[:, None] & (dd[None, :] < D)
-            q = tl.load(q_ptr + rows64[:, None] * stride_q_m + dd[None, :], mask=m2, other=0.0).to(acc_ty)
-            r = tl.load(r_ptr + j[:, None] * stride_r_n + dd[None, :], mask=m2, other=0.0).to(acc_ty)
-            contrib = h[:, None] * (q - r)
-            if HAS_DR:
-                tl.atomic_add(dr_ptr + j[:, None] * stride_dr_n + dd[None, :], -contrib, mask=m2)
-            pq = dq_ptr + rows64[:, None] * stride_dq_m + dd[None, :]
-            tl.store(pq, tl.load(pq, mask=m2, other=0.0) + contrib, mask=m2)
+    # dQ needs no zero-fill: the first pair stores every element of the program's rows (0 where
+    # it contributes nothing), the later ones add to it
+    _knn_bwd_pair(0, rows64, rmask, g_ptr, idx_ptr, q_ptr, r_ptr, dq_ptr, dr_ptr, D,
+                  stride_g_m, stride_g_k, stride_idx_m, stride_q_m, stride_r_n, stride_dq_m,
+                  stride_dr_n, BLOCK_M, BLOCK_D, HAS_DR, True)
+    for kk in range(1, K):
+        _knn_bwd_pair(kk, rows64, rmask, g_ptr, idx_ptr, q_ptr, r_ptr, dq_ptr, dr_ptr, D,
+                      stride_g_m, stride_g_k, stride_idx_m, stride_q_m, stride_r_n, stride_dq_m,
+                      stride_dr_n, BLOCK_M, BLOCK_D, HAS_DR, False)
 
 
 KERNELS: Dict[str, KernelSpec] = {
@@ -266,6 +409,12 @@ KERNELS: Dict[str, KernelSpec] = {
         "stride_g_m stride_g_k stride_idx_m stride_q_m stride_r_n stride_dq_m stride_dr_n: i64",
         unit=("stride_g_k",), rows=("stride_q_m", "stride_r_n", "stride_dq_m", "stride_dr_n"),
         other=("stride_g_m", "stride_idx_m"), gemm=False),
+    "finish": KernelSpec(
+        _knn_finish_kernel,
+        "top_s_ptr: *fp32; top_i_ptr: *i32; q_ptr r_ptr: *x; dist_ptr: *fp32; index_ptr: *i64; "
+        "M D K S: i32; stride_top_s stride_top_m stride_q_m stride_r_n stride_dist_m stride_index_m: i64",
+        rows=("stride_q_m", "stride_r_n"),
+        other=("stride_top_s", "stride_top_m", "stride_dist_m", "stride_index_m"), gemm=False),
     "dist": KernelSpec(
         _knn_dist_kernel,
         "idx_ptr: *i64; q_ptr r_ptr: *x; out_ptr: *fp32; M D K: i32; "
@@ -288,17 +437,25 @@ def _fwd_configs(largest_block_d: int, stages: Optional[Dict[int, int]] = None) 
             for kp, (bm, bn, w) in _FWD_BLOCKS.items()}
 
 
+#: The fused finish's entries by the largest KP they serve -> BLOCK_M: its registers hold the
+#: K exact keys (int64) and one split's KP slots per row, so BLOCK_M * KP stays at 1024.
+_FINISH_BLOCKS = {16: 64, 32: 32, 64: 16, 128: 8}
+_FINISH = {f"finish_kp{kp}": KernelConfig({"BLOCK_M": bm}, num_warps=4, num_stages=1, block_d=(16, 64))
+           for kp, bm in _FINISH_BLOCKS.items()}
 _BWD = KernelConfig({"BLOCK_M": 64}, num_warps=4, num_stages=1, block_d=(16, 64))
-#: ``CONFIGS[family][entry]``: ``fwd_kp<KP>`` (the forward for padded k up to KP), ``dist`` (the
-#: exact recompute of the selected distances), ``bwd`` and ``bwd_noref`` (the backward without
-#: dRef: the references need no gradient).
+#: ``CONFIGS[family][entry]``: ``fwd_kp<KP>`` (the forward for padded k up to KP),
+#: ``finish_kp<KP>`` (the fused finish: selection of the k best slots, exact recompute, final
+#: sort and square root), ``dist`` (the exact recompute alone, for the ``"aten"`` finish and
+#: k > MAX_K), ``bwd`` and ``bwd_noref`` (the backward without dRef: the references need no
+#: gradient).
 CONFIGS: Dict[str, Dict[str, KernelConfig]] = {
-    "half": dict(_fwd_configs(64), dist=_BWD, bwd=_BWD, bwd_noref=_BWD),
+    "half": dict(_fwd_configs(64), **_FINISH, dist=_BWD, bwd=_BWD, bwd_noref=_BWD),
     # float32: BLOCK_D 16 and 4 stages at KP 32 keep the 3xTF32 builds' sm_90 stack at or below
     # what the single-pass build had (docs/kernels.md, "Compile facts")
-    "fp32": dict(_fwd_configs(16, {32: 4}), dist=_BWD, bwd=_BWD, bwd_noref=_BWD),
+    "fp32": dict(_fwd_configs(16, {32: 4}), **_FINISH, dist=_BWD, bwd=_BWD, bwd_noref=_BWD),
 }
-_SPEC_OF = {**{f"fwd_kp{kp}": KERNELS["fwd"] for kp in KP_ROWS}, "dist": KERNELS["dist"],
+_SPEC_OF = {**{f"fwd_kp{kp}": KERNELS["fwd"] for kp in KP_ROWS},
+            **{entry: KERNELS["finish"] for entry in _FINISH}, "dist": KERNELS["dist"],
             "bwd": KERNELS["bwd"], "bwd_noref": KERNELS["bwd"]}
 
 
@@ -310,9 +467,16 @@ def fwd_entry(kp: int) -> str:
     raise ValueError(f"k padded to {kp} exceeds MAX_K={MAX_K}")
 
 
+def finish_entry(kp: int) -> str:
+    """The ``CONFIGS`` entry of the fused finish for ``kp`` slots."""
+    return "finish" + fwd_entry(kp)[len("fwd"):]
+
+
 def _gpu_flags(entry: str, dtype: torch.dtype):
     if entry == "dist":
         return {}
+    if entry.startswith("finish_kp"):
+        return {"KP": int(entry[len("finish_kp"):])}
     if entry.startswith("bwd"):
         return {"HAS_DR": entry == "bwd"}
     base = {"KP": int(entry[len("fwd_kp"):]), "HAS_LABELS": True, "EXCLUDE_SELF": True}
@@ -348,8 +512,9 @@ def _finish(s: torch.Tensor, idx: torch.Tensor, k: int) -> Tuple[torch.Tensor, t
     return s.masked_fill(missing, float("inf")), idx.masked_fill(missing, -1)
 
 
-def _select_kernel(q, r, k, ql, rl, exclude_self, splits: Optional[int] = None):
-    """(squared distance, index), M x k, from the Triton kernel (q, r prepared, same dtype)."""
+def _candidates(q, r, k, ql, rl, exclude_self, splits: Optional[int] = None):
+    """The forward kernel's ``(out_s, out_i)``: S x M x KP candidate slots (q, r prepared, same
+    dtype; ``r is q`` computes the squared norms once)."""
     M, D = q.shape
     N = r.shape[0]
     kp = triton.next_power_of_2(k)
@@ -361,15 +526,40 @@ def _select_kernel(q, r, k, ql, rl, exclude_self, splits: Optional[int] = None):
     out_s = torch.empty(S, M, kp, dtype=torch.float32, device=q.device)
     out_i = torch.empty(S, M, kp, dtype=torch.int32, device=q.device)
     flags = dot_flags(q.dtype)
-    qn, rn = row_sqnorms(q, flags["INPUT_PRECISION"]), row_sqnorms(r, flags["INPUT_PRECISION"])
+    qn = row_sqnorms(q, flags["INPUT_PRECISION"])
+    rn = qn if r is q else row_sqnorms(r, flags["INPUT_PRECISION"])
     has_labels = ql is not None
     _knn_fwd_kernel[(triton.cdiv(M, bm), S)](
         q, r, qn, rn, ql if has_labels else qn, rl if has_labels else rn, out_s, out_i,
         M, N, D, cols, q.stride(0), r.stride(0), out_s.stride(0), out_s.stride(1),
         KP=kp, HAS_LABELS=has_labels, EXCLUDE_SELF=bool(exclude_self), **flags, **cfg.launch(D))
+    return out_s, out_i
+
+
+def _select_kernel(q, r, k, ql, rl, exclude_self, splits: Optional[int] = None):
+    """(squared distance, index), M x k, from the Triton kernel and the aten finish
+    (``_finish``: sorts of the candidate slots)."""
+    out_s, out_i = _candidates(q, r, k, ql, rl, exclude_self, splits)
+    S, M, kp = out_s.shape
     s = out_s.permute(1, 0, 2).reshape(M, S * kp)
     i = out_i.permute(1, 0, 2).reshape(M, S * kp)
     return _finish(s, i, k)
+
+
+def _finish_fused(out_s: torch.Tensor, out_i: torch.Tensor, q: torch.Tensor, r: torch.Tensor,
+                  k: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(dist, index)``, M x k, in final form from the S x M x KP candidate slots, in one launch
+    of ``_knn_finish_kernel`` (selection by ``(s, j)``, exact recompute, re-sort, square root)."""
+    S, M, kp = out_s.shape
+    D = q.shape[1]
+    dist = torch.empty(M, k, dtype=torch.float32, device=q.device)
+    index = torch.empty(M, k, dtype=torch.int64, device=q.device)
+    cfg = CONFIGS[family(q.dtype)][finish_entry(kp)]
+    _knn_finish_kernel[(triton.cdiv(M, cfg.blocks["BLOCK_M"]),)](
+        out_s, out_i, q, r, dist, index, M, D, k, S,
+        out_s.stride(0), out_s.stride(1), q.stride(0), r.stride(0), dist.stride(0), index.stride(0),
+        KP=kp, **cfg.launch(D))
+    return dist, index
 
 
 def _select_chunked(q, r, k, ql, rl, exclude_self):
@@ -429,34 +619,52 @@ def _sort_pairs(s: torch.Tensor, idx: torch.Tensor) -> Tuple[torch.Tensor, torch
 
 
 # --------------------------------------------------------------------------- autograd
+def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def _knn_backward(g, index, q, r, ref_grad: bool = True):
+    """``(dq, dr)`` in the dtypes of q and r; dq needs no zero-fill (the kernel writes each row
+    once before accumulating), dr is zero-filled for the atomics (``0 x D`` without
+    ``ref_grad``)."""
     M, D = q.shape
-    dq = torch.zeros(M, D, dtype=torch.float32, device=q.device)
-    dr = torch.zeros(r.shape[0] if ref_grad else 0, D, dtype=torch.float32, device=q.device)
+    rows_r = r.shape[0] if ref_grad else 0
     if M == 0 or D == 0 or index.shape[1] == 0 or r.shape[0] == 0:
-        return dq.to(q.dtype), dr.to(r.dtype)
-    g = g.to(torch.float32)
+        return (torch.zeros(M, D, dtype=q.dtype, device=q.device),
+                torch.zeros(rows_r, D, dtype=r.dtype, device=q.device))
+    dq = torch.empty(M, D, dtype=torch.float32, device=q.device)
+    if ref_grad:
+        dr = torch.zeros(rows_r, D, dtype=torch.float32, device=q.device)
+    else:  # the op's 0 x D placeholder, already in r's dtype
+        dr = torch.empty(0, D, dtype=r.dtype, device=q.device)
+    g = _cast(g, torch.float32)
     cfg = CONFIGS[family(q.dtype)]["bwd" if ref_grad else "bwd_noref"]
     _knn_bwd_kernel[(triton.cdiv(M, cfg.blocks["BLOCK_M"]),)](
         g, index, q, r, dq, dr if ref_grad else dq, M, D, index.shape[1],
         g.stride(0), g.stride(1), index.stride(0), q.stride(0), r.stride(0),
         dq.stride(0), dr.stride(0) if ref_grad else dq.stride(0), HAS_DR=ref_grad, **cfg.launch(D))
-    return dq.to(q.dtype), dr.to(r.dtype)
+    return _cast(dq, q.dtype), _cast(dr, r.dtype)
 
 
 # The operators are registered with torch.library so that torch.compile(fullgraph=True) sees
 # two opaque ops (forward selection, backward scatter) instead of tracing the launchers.
 @torch.library.custom_op("daal_triton::knn", mutates_args=())
 def _knn_op(query: torch.Tensor, ref: torch.Tensor, k: int, query_labels: Optional[torch.Tensor],
-            ref_labels: Optional[torch.Tensor], exclude_self: bool, splits: Optional[int]
-            ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``(dist, index)`` of the kNN (see :func:`knn`)."""
+            ref_labels: Optional[torch.Tensor], exclude_self: bool, splits: Optional[int],
+            finish: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(dist, index)`` of the kNN (see :func:`knn`; ``finish``: see :data:`FINISH`)."""
+    return _knn_forward(query, ref, k, query_labels, ref_labels, exclude_self, splits, finish)
+
+
+def _knn_forward(query, ref, k, query_labels, ref_labels, exclude_self, splits, finish):
+    """The body of ``daal_triton::knn`` (a plain function: the launch-count test calls it)."""
     dtype = compute_dtype("knn", query, ref)
-    q, r = prepare(query, dtype), prepare(ref, dtype)
+    q = prepare(query, dtype)
+    r = q if ref is query else prepare(ref, dtype)
     ql = rl = None
     if query_labels is not None:
         ql = query_labels.to(torch.int64).contiguous()
-        rl = ref_labels.to(torch.int64).contiguous()
+        rl = ql if ref_labels is query_labels else ref_labels.to(torch.int64).contiguous()
     M, N = q.shape[0], r.shape[0]
     if M == 0 or N == 0:
         dist = torch.full((M, k), float("inf"), dtype=torch.float32, device=q.device)
@@ -464,14 +672,17 @@ def _knn_op(query: torch.Tensor, ref: torch.Tensor, k: int, query_labels: Option
         return dist, index
     if k > MAX_K:
         _, index = _select_chunked(q.float(), r.float(), k, ql, rl, exclude_self)
-    else:
+    elif finish == "aten":
         _, index = _select_kernel(q, r, k, ql, rl, exclude_self, splits)
+    else:
+        out_s, out_i = _candidates(q, r, k, ql, rl, exclude_self, splits)
+        return _finish_fused(out_s, out_i, q, r, k)
     dist, index = _exact(index.contiguous(), q, r)
     return dist.contiguous(), index.contiguous()
 
 
 @_knn_op.register_fake
-def _knn_fake(query, ref, k, query_labels, ref_labels, exclude_self, splits):
+def _knn_fake(query, ref, k, query_labels, ref_labels, exclude_self, splits, finish):
     M = query.shape[0]
     dist = query.new_empty((M, k), dtype=torch.float32)
     return dist, query.new_empty((M, k), dtype=torch.int64)
@@ -484,7 +695,7 @@ def _knn_backward_op(g: torch.Tensor, index: torch.Tensor, query: torch.Tensor,
     ``ref_grad`` dL/dref is not computed (an empty 0 x D tensor: no N x D buffer, no atomics)."""
     dtype = compute_dtype("knn", query, ref)
     dq, dr = _knn_backward(g, index, prepare(query, dtype), prepare(ref, dtype), ref_grad)
-    return dq.to(query.dtype), dr.to(ref.dtype)
+    return _cast(dq, query.dtype), _cast(dr, ref.dtype)
 
 
 @_knn_backward_op.register_fake
@@ -502,10 +713,10 @@ def _knn_setup_context(ctx, inputs, output):
 def _knn_autograd_backward(ctx, g, _g_index):
     query, ref, index = ctx.saved_tensors
     if g is None:
-        return (None,) * 7
+        return (None,) * 8
     ref_grad = bool(ctx.needs_input_grad[1])
     dq, dr = torch.ops.daal_triton.knn_backward(g.contiguous(), index, query, ref, ref_grad)
-    return dq, dr if ref_grad else None, None, None, None, None, None
+    return dq, dr if ref_grad else None, None, None, None, None, None, None
 
 
 _knn_op.register_autograd(_knn_autograd_backward, setup_context=_knn_setup_context)
@@ -532,7 +743,26 @@ def knn(
                 exclude_self=exclude_self)
 
 
-def _knn(query, ref, k, *, query_labels=None, ref_labels=None, exclude_self=False, splits=None):
+def knn_aten_finish(
+    query: torch.Tensor,
+    ref: torch.Tensor,
+    k: int,
+    *,
+    query_labels: Optional[torch.Tensor] = None,
+    ref_labels: Optional[torch.Tensor] = None,
+    exclude_self: bool = False,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """:func:`knn` with the aten finish (``DAAL_KNN_FINISH=aten``; the benchmarks'
+    ``triton_aten_finish`` provider)."""
+    return _knn(query, ref, k, query_labels=query_labels, ref_labels=ref_labels,
+                exclude_self=exclude_self, finish="aten")
+
+
+def _knn(query, ref, k, *, query_labels=None, ref_labels=None, exclude_self=False, splits=None,
+         finish: Optional[str] = None):
+    finish = FINISH if finish is None else finish
+    if finish not in FINISHES:
+        raise ValueError(f"kNN finish must be one of {FINISHES}, got {finish!r}")
     if (query_labels is None) != (ref_labels is None):
         raise ValueError("query_labels and ref_labels must be given together")
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
@@ -542,4 +772,4 @@ def _knn(query, ref, k, *, query_labels=None, ref_labels=None, exclude_self=Fals
     compute_dtype("knn", query, ref)
     if ref.shape[0] >= 2**31:
         raise ValueError(f"ref has {ref.shape[0]} rows; the kernel's column indices are int32 (< 2^31)")
-    return _knn_op(query, ref, k, query_labels, ref_labels, bool(exclude_self), splits)
+    return _knn_op(query, ref, k, query_labels, ref_labels, bool(exclude_self), splits, finish)

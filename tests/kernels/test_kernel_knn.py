@@ -301,3 +301,174 @@ def test_knn_no_ref_gradient():
     assert torch.equal(dq, q.grad)
     dq2, dr2 = torch.ops.daal_triton.knn_backward(g, index, q.detach(), r, True)
     assert dr2.shape == r.shape and torch.allclose(dq2, dq)
+
+
+# ------------------------------------------------------------------------- the fused finish
+def _exact_sq(index, q, r):
+    """The squared distances of the selected pairs by ``_knn_dist_kernel`` (the aten finish's
+    recompute)."""
+    M, K = index.shape
+    s = torch.empty(M, K, dtype=torch.float32, device=q.device)
+    cfg = kk.CONFIGS[family(q.dtype)]["dist"]
+    kk._knn_dist_kernel[(-(-M // cfg.blocks["BLOCK_M"]),)](
+        index, q, r, s, M, q.shape[1], K, index.stride(0), q.stride(0), r.stride(0), s.stride(0),
+        **cfg.launch(q.shape[1]))
+    return s
+
+
+def _fused_vs_aten(q, r, k, **kw):
+    """The fused finish gives the aten finish's result: the same indices, and as distances the
+    correctly rounded square roots of the same exact squared distances (torch's CPU float32 sqrt
+    is not always correctly rounded, so on the CPU the aten path can differ in the last bit;
+    CUDA's is, and there the two are equal)."""
+    dist, index = kk._knn(q, r, k, finish="fused", **kw)
+    dist_a, index_a = kk._knn(q, r, k, finish="aten", **kw)
+    assert dist.dtype == torch.float32 and index.dtype == torch.int64
+    assert dist.shape == index.shape == (q.shape[0], k)
+    assert torch.equal(index, index_a)
+    want = _exact_sq(index_a, q, r).clamp(min=1e-12).double().sqrt().float()
+    want = want.masked_fill(index_a < 0, float("inf"))
+    assert torch.equal(dist, want)
+    if DEV == "cuda":
+        assert torch.equal(dist, dist_a)
+    return dist, index
+
+
+@pytest.mark.parametrize("k", [1, 3, 5, 8])
+@pytest.mark.parametrize("splits", [None, 3])
+def test_knn_fused_finish_odd_shapes(k, splits):
+    """M = 37, N = 53, D = 129 (a partial D-chunk), several column splits: plain, with labels
+    (rows with fewer than k candidates, padded inf / -1), and the loss's use (one
+    tensor as query and ref, labels, self excluded)."""
+    q, r = torch.randn(37, 129, device=DEV), torch.randn(53, 129, device=DEV)
+    _fused_vs_aten(q, r, k, splits=splits)
+    # classes 12 and 13 have no references (and one query each: no candidate without self)
+    ql = torch.cat([torch.tensor([12, 13], device=DEV), _labels(35, 12)])
+    rl = torch.arange(53, device=DEV) % 12
+    dist, index = _fused_vs_aten(q, r, k, splits=splits, query_labels=ql, ref_labels=rl)
+    assert (index[:2] < 0).all() and torch.isinf(dist[:2]).all()
+    dist, index = _fused_vs_aten(q, q, k, splits=splits, query_labels=ql, ref_labels=ql,
+                                 exclude_self=True)
+    assert (index[:2] < 0).all() and (index != torch.arange(37, device=DEV)[:, None]).all()
+    _run(q, r, k, splits=splits, labels=(ql, rl))
+
+
+@pytest.mark.parametrize("k", [1, 3, 5, 8])
+def test_knn_fused_finish_ties(k):
+    """Duplicate rows (exact ties, and duplicates of the query: the clamp): ties to the smaller
+    index in both selections, with and without splits and self exclusion."""
+    base = torch.randint(-2, 3, (7, 129), device=DEV).float()
+    x = base[torch.randint(0, 7, (37,), device=DEV)]
+    r = torch.cat([x[:20], base[torch.randint(0, 7, (33,), device=DEV)]])
+    for splits in (None, 2):
+        dist, index = _fused_vs_aten(x, r, k, splits=splits)
+        eq = dist[:, 1:] == dist[:, :-1]
+        assert (index[:, 1:][eq] > index[:, :-1][eq]).all()
+        assert (dist[:20, 0] == torch.tensor(1e-12).sqrt()).all()  # each query's duplicate
+        _fused_vs_aten(x, x, k, splits=splits, exclude_self=True)
+    _run(x, r, k, check_index="all", grad=False)
+
+
+def test_knn_fused_finish_k17_float16():
+    """KP = 32 (k not a power of two) and float16 rows."""
+    q, r = torch.randn(37, 70, device=DEV).half(), torch.randn(53, 70, device=DEV).half()
+    _fused_vs_aten(q, r, 17, splits=2, query_labels=_labels(37, 2), ref_labels=_labels(53, 2))
+
+
+def test_knn_finish_switch():
+    """``DAAL_KNN_FINISH`` picks the default finish; an unknown one is refused."""
+    assert kk.FINISH in kk.FINISHES
+    q = torch.randn(4, 3, device=DEV)
+    with pytest.raises(ValueError, match="finish"):
+        kk._knn(q, q, 2, finish="sorted")
+    d, i = kk.knn_aten_finish(q, q, 2)
+    assert torch.equal(i, kk.knn(q, q, 2)[1])
+
+
+def _count_launches(monkeypatch, fn):
+    """``(aten ops that launch work, Triton launches)`` of ``fn()``: aten operators seen by a
+    dispatch mode (allocations and views left out) and launches of the kernels of the kNN module
+    and the squared-norm kernel."""
+    from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+
+    from daal_triton.kernels import _common
+
+    free = {"aten.empty", "aten.empty_strided", "aten.detach", "aten.view", "aten.permute",
+            "aten.slice", "aten.select", "aten.unsqueeze", "aten.expand", "aten.t", "aten.alias",
+            "aten._unsafe_view", "aten.as_strided", "aten.promote_types"}
+    ops, kernels = [], []
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if str(func.overloadpacket) not in free:
+                ops.append(str(func.overloadpacket))
+            return func(*args, **(kwargs or {}))
+
+    class Counted:
+        def __init__(self, kernel):
+            self.kernel = getattr(kernel, "kernel", kernel)  # not a Counted of an earlier call
+
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                kernels.append(getattr(self.kernel, "fn", self.kernel).__name__)
+                with _disable_current_modes():  # the interpreter's own copies are not launches
+                    return self.kernel[grid](*args, **kw)
+            return launch
+
+    for mod, name in [(kk, n) for n in ("_knn_fwd_kernel", "_knn_finish_kernel", "_knn_dist_kernel",
+                                        "_knn_bwd_kernel")] + [(_common, "_sqnorm_kernel")]:
+        monkeypatch.setattr(mod, name, Counted(getattr(mod, name)))
+    with Count():
+        fn()
+    return ops, kernels
+
+
+def test_knn_launch_count(monkeypatch):
+    """Issue 13: the loss's kNN (one tensor as query and ref) launches three Triton kernels and
+    no aten work in its forward (one squared-norm launch, the selection, the fused finish), and
+    the backward two operations in float32 (dRef's zero-fill and the kernel; dQ is not
+    zero-filled). The aten finish launches ~20 more operations."""
+    x = torch.randn(37, 20, device=DEV)
+    y = _labels(37, 3)
+    ops, kernels = _count_launches(monkeypatch, lambda: kk._knn_forward(x, x, 3, y, y, True, 2, "fused"))
+    assert ops == [] and kernels == ["_sqnorm_kernel", "_knn_fwd_kernel", "_knn_finish_kernel"]
+    ops_a, kernels_a = _count_launches(monkeypatch, lambda: kk._knn_forward(x, x, 3, y, y, True, 2, "aten"))
+    assert kernels_a == ["_sqnorm_kernel", "_knn_fwd_kernel", "_knn_dist_kernel"] and len(ops_a) > 10
+    dist, index = kk._knn_forward(x, x, 3, y, y, True, None, "fused")
+    g = torch.randn_like(dist)
+    ops, kernels = _count_launches(monkeypatch, lambda: kk._knn_backward(g, index, x, x, True))
+    assert kernels == ["_knn_bwd_kernel"] and len(ops) == 1, ops  # dRef's zero-fill
+    ops, kernels = _count_launches(monkeypatch, lambda: kk._knn_backward(g, index, x, x, False))
+    assert kernels == ["_knn_bwd_kernel"] and ops == []
+
+
+def test_knn_backward_no_dq_zero_fill():
+    """dQ comes out right without a zero-filled buffer: rows with no neighbour (padding), rows
+    whose pairs all hit the clamp, and rows past the last full block all read exactly zero or
+    the reference gradient, whatever the buffer held."""
+    q = torch.randn(70, 9, device=DEV)
+    r = torch.cat([q[:5], torch.randn(30, 9, device=DEV)])
+    ql = torch.cat([torch.zeros(60, dtype=torch.long), torch.full((10,), 7)]).to(DEV)  # class 7: no refs
+    rl = torch.zeros(35, dtype=torch.long, device=DEV)
+    dist, index = kk._knn(q, r, 1, query_labels=ql, ref_labels=rl)
+    g = torch.randn_like(dist)
+    torch.empty(70 * 9 * 4, device=DEV).fill_(float("nan"))  # leave garbage in the allocator
+    dq, dr = kk._knn_backward(g, index, q, r, True)
+    assert torch.isfinite(dq).all()
+    assert (dq[60:] == 0).all() and (dq[:5] == 0).all()  # padding; the clamp (duplicates)
+    qr = q.double().requires_grad_(True)
+    dref, _ = reference.knn(qr, r.double(), 1, query_labels=ql, ref_labels=rl)
+    found = torch.isfinite(dref)
+    (dref.masked_fill(~found, 0) * g.double()).sum().backward()
+    assert_close(dq[5:60], qr.grad[5:60], tolerance(torch.float32, tf32=TF32), "d query")
+
+
+def test_knn_finish_launches_are_compiled():
+    """Every fused-finish configuration the launcher picks is one the compile tests build."""
+    names = {la.name for la in kk.launches()}
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        for D in (1, 20, 129, 512):
+            for k in (1, 3, 8, 16, 17, 64, 100, kk.MAX_K):
+                entry = kk.finish_entry(1 << (k - 1).bit_length())
+                bd = kk.CONFIGS[family(dtype)][entry].block_d_for(D)
+                assert f"knn_{entry}-{POINTER[dtype][1:]}-bd{bd}" in names, (entry, dtype, D)
