@@ -79,7 +79,10 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    default=_D.channels_last,
                    help="network weights and input images in channels_last (NHWC) memory layout "
                         "(default: on CUDA, off on CPU)")
-    p.add_argument("--seed", type=int, default=_D.seed, help="seed of the data (shapes), model init and sampler")
+    p.add_argument("--seed", type=int, default=_D.seed, help="seed of the model's initialisation and the sampler")
+    p.add_argument("--data-seed", type=int, default=_D.data_seed,
+                   help="seed that draws the shapes set (fixed by default: runs with different --seed train on "
+                        "the same data and are evaluated on the same held-out images)")
     p.add_argument("--eval-batch-size", type=int, default=_D.eval_batch_size, help="batch size when embedding the test set")
     p.add_argument("--num-workers", type=int, default=_D.num_workers,
                    help="DataLoader worker processes (default: min(8, CPUs) on CUDA, with pinned memory and "
@@ -367,7 +370,7 @@ def _evaluate_checkpoint(args: argparse.Namespace) -> Dict[str, Dict[str, float]
     device = checked_device(cfg.device)
     check_backend("--knn-backend", cfg.knn_backend, device)
     amp_dtype = resolve_amp(cfg.amp, device, Log("daal-eval"))
-    _, test_ds = build_datasets(cfg.dataset, cfg.data_root, cfg.image_size, seed=cfg.seed, augment=cfg.augment,
+    _, test_ds = build_datasets(cfg.dataset, cfg.data_root, cfg.image_size, seed=cfg.data_seed, augment=cfg.augment,
                                 shapes_train_per_class=cfg.shapes_train_per_class,
                                 shapes_test_per_class=cfg.shapes_test_per_class, shapes_nuisance=cfg.shapes_nuisance)
     model = build_model(cfg)

@@ -53,6 +53,7 @@ class TrainConfig:
     amp: str = "auto"
     device: str = "auto"
     seed: int = 0
+    data_seed: int = 0  # draws the shapes set; fixed by default, so seeds vary only the training
     out: str = "runs/shapes"
     overwrite: bool = False
     save: str = "both"
@@ -84,6 +85,8 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "TrainConfig":
         names = {f.name for f in dataclasses.fields(cls)}
+        if "seed" in d and "data_seed" not in d:  # runs before --data-seed drew the data from --seed
+            d = dict(d, data_seed=d["seed"])
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
@@ -149,7 +152,7 @@ _BOUNDS = (
     ("--shapes-test-per-class", "shapes_test_per_class", 1, True),
     ("--shapes-nuisance", "shapes_nuisance", 0.0, True), ("--tsne-max-points", "tsne_max_points", 2, True),
     ("--dist-timeout", "dist_timeout", 0.0, False), ("--log-every", "log_every", 1, True),
-    ("--stop-after", "stop_after", 1, True),
+    ("--stop-after", "stop_after", 1, True), ("--seed", "seed", 0, True), ("--data-seed", "data_seed", 0, True),
 )
 
 
@@ -248,7 +251,7 @@ RESUME_MAY_CHANGE = ("epochs", "lr", "loss_lr", "weight_decay", "warmup_epochs",
                      "save", "tsne", "tsne_max_points", "progress", "baselines", "dist_backend", "dist_timeout",
                      "sync_bn", "data_root", "channels_last", "compile", "log_every")
 RESUME_FIXED = ("dataset", "image_size", "steps_per_epoch", "classes_per_batch", "samples_per_class", "arch",
-                "embedding_dim", "weights", "loss", "daal", "loss_kwargs", "seed", "augment", "width", "miner",
+                "embedding_dim", "weights", "loss", "daal", "loss_kwargs", "seed", "data_seed", "augment", "width", "miner",
                 "miner_kwargs",
                 "shapes_train_per_class", "shapes_test_per_class", "shapes_nuisance", "memory_bank")
 # Fields that are not part of what a run is: never inherited, never recorded as a change.

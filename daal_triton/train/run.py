@@ -151,7 +151,7 @@ def build_run(cfg: TrainConfig, ctx: ddp.DistContext, device: torch.device, log:
     amp_dtype = resolve_amp(cfg.amp, device, log)
     prepare_device(device)
     seed_everything(cfg.seed)
-    train_ds, test_ds = build_datasets(cfg.dataset, cfg.data_root, cfg.image_size, seed=cfg.seed,
+    train_ds, test_ds = build_datasets(cfg.dataset, cfg.data_root, cfg.image_size, seed=cfg.data_seed,
                                        augment=cfg.augment, shapes_train_per_class=cfg.shapes_train_per_class,
                                        shapes_test_per_class=cfg.shapes_test_per_class,
                                        shapes_nuisance=cfg.shapes_nuisance)

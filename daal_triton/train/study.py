@@ -375,7 +375,7 @@ def embed_run(d: str) -> Tuple[Any, Any, Any, List[str]]:
 
     cfg = TrainConfig.from_dict(dict({"width": 1.0}, **json.load(open(os.path.join(d, "config.json")))))
     cfg.weights = None
-    _, test_ds = build_datasets(cfg.dataset, cfg.data_root, cfg.image_size, seed=cfg.seed, augment=cfg.augment,
+    _, test_ds = build_datasets(cfg.dataset, cfg.data_root, cfg.image_size, seed=cfg.data_seed, augment=cfg.augment,
                                 shapes_train_per_class=cfg.shapes_train_per_class,
                                 shapes_test_per_class=cfg.shapes_test_per_class, shapes_nuisance=cfg.shapes_nuisance)
     ck = load_checkpoint(os.path.join(d, "checkpoint_last.pt"))  # digest-checked, weights_only
