@@ -1,7 +1,7 @@
 """Command lines: ``daal-train`` (also ``python -m daal_triton.train``) and ``daal-eval``.
 
 ``daal-train`` with no arguments is the tuned main job: the embedded ``shapes`` set, a
-quarter-width VGG-19-BN (``--width 0.25``), 12 epochs of DAAL, on a CPU in a few minutes, ending with a table of the trained network against the
+quarter-width VGG-19-BN (``--width 0.25``), 20 epochs of DAAL, on a CPU in a few minutes, ending with a table of the trained network against the
 untrained network and raw-pixel nearest neighbours (docs/training.md has the numbers).
 """
 from __future__ import annotations

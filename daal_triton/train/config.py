@@ -32,7 +32,7 @@ class TrainConfig:
     dataset: str = "shapes"
     data_root: Optional[str] = None
     image_size: int = 32
-    epochs: int = 12
+    epochs: int = 20
     steps_per_epoch: Optional[int] = None
     classes_per_batch: int = 12
     samples_per_class: int = 4
@@ -65,7 +65,7 @@ class TrainConfig:
     knn_backend: str = "auto"
     augment: str = "none"
     shapes_train_per_class: int = 120
-    shapes_test_per_class: int = 40
+    shapes_test_per_class: int = 100
     shapes_nuisance: float = 1.0
     baselines: bool = True
     tsne: bool = True

@@ -16,7 +16,7 @@ def test_values_and_gradients_match_the_reference(normalize, dtype):
     B, C, D = 37, 11, 129
     z = torch.randn(B, D).to(dtype)
     z[3] = 0.0  # a zero row: the clamp binds
-    z[5] *= 1e-8
+    z[5] *= 1e-3 if dtype == torch.float16 else 1e-8  # float16 cannot hold the 1e8-times gradient
     y = torch.randint(-3, C + 3, (B,))
     gx = torch.randn(B, D)
     z1 = z.clone().requires_grad_()
@@ -32,7 +32,8 @@ def test_values_and_gradients_match_the_reference(normalize, dtype):
     ok[3] = False  # the zero row's gradient is dx / eps: compared on its own below
     assert_close(x, xr, 1e-6, "x")
     assert_close(gz[ok].float(), gzr[ok], tolerance(dtype), "dz")
-    assert torch.allclose(gz[3].double(), gzr[3], rtol=1e-3)
+    if dtype != torch.float16:  # float16 overflows the zero row's 1e12-times gradient (inf)
+        assert torch.allclose(gz[3].double(), gzr[3], rtol=max(1e-3, tolerance(dtype)))
 
 
 def test_without_labels_only_rows():

@@ -225,3 +225,14 @@ def test_config_file_errors(tmp_path, content, words, error_line):
     assert cli.main(["--config", path, "--out", str(out)]) == 2
     assert words in error_line("daal-train")
     assert not out.exists()
+
+
+def test_data_seed_defaults_and_old_checkpoints():
+    """The shapes set is drawn from --data-seed (fixed: 0), not --seed; a configuration saved
+    before --data-seed existed drew its data from --seed, and resuming it keeps that data."""
+    from daal_triton.train.config import RESUME_FIXED, TrainConfig
+
+    assert TrainConfig(seed=7).data_seed == 0
+    assert TrainConfig.from_dict({"seed": 5}).data_seed == 5  # an old run's config.json
+    assert TrainConfig.from_dict({"seed": 5, "data_seed": 0}).data_seed == 0
+    assert "data_seed" in RESUME_FIXED

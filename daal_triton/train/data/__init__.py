@@ -16,7 +16,7 @@ NEEDS_ROOT = ("cub200", "cars196", "sop", "folder")
 
 def build_datasets(name: str, data_root: Optional[str] = None, image_size: int = 32, *, seed: int = 0,
                    augment: str = "none", shapes_train_per_class: int = 120,
-                   shapes_test_per_class: int = 40,
+                   shapes_test_per_class: int = 100,
                    shapes_nuisance: float = 1.0) -> Tuple[MetricDataset, MetricDataset]:
     """``(train, test)`` of data set ``name`` (one of :data:`DATASETS`).
 

@@ -11,7 +11,7 @@ from .base import ArrayDataset, tensor_transforms
 
 
 def load_shapes(image_size: int = 32, *, seed: int = 0, train_per_class: int = 120,
-                test_per_class: int = 40, nuisance: float = 1.0,
+                test_per_class: int = 100, nuisance: float = 1.0,
                 augment: str = "none") -> Tuple[ArrayDataset, ArrayDataset]:
     """The ``shapes`` set (see :mod:`daal_triton.train.data.shapes`): classes 0-11 train,
     12-23 test, rendered at ``image_size``; train and test images come from different seeds.
