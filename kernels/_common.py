@@ -126,6 +126,33 @@ def config_family(x_dtype: torch.dtype, *, interpret: Optional[bool] = None) -> 
     return "interp" if interpret else family(x_dtype)
 
 
+_SM_COUNT: Dict[int, int] = {}
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device`` (1 on the CPU: the interpreter runs programs one by
+    one, so the fewest programs is fastest there)."""
+    if device.type != "cuda":
+        return 1
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_COUNT[idx]
+
+
+def wave_split(row_tiles: int, col_tiles: int, sms: int, max_splits: Optional[int] = None) -> int:
+    """The number of column splits ``S`` of a (row tiles x S) grid that minimises the modelled time
+    ``ceil(row_tiles S / sms) * ceil(col_tiles / S)`` (waves x tiles of the longest program: the
+    grid in whole waves of the device's SMs); ties go to fewer splits (less merging)."""
+    best, best_cost = 1, None
+    limit = col_tiles if max_splits is None else min(max_splits, col_tiles)
+    for s in range(1, max(1, limit) + 1):
+        cost = -(-row_tiles * s // sms) * -(-col_tiles // s)
+        if best_cost is None or cost < best_cost:
+            best, best_cost = s, cost
+    return best
+
+
 def compute_dtype(op: str, *tensors: torch.Tensor) -> torch.dtype:
     """The dtype the kernels read: the inputs' promotion (float16 + bfloat16 -> float32, never a
     lower precision). float64 never reaches a kernel: ``daal_triton.backend`` sends it to the

@@ -100,6 +100,8 @@ from ._common import (
     gpu_dot_variants,
     prepare,
     row_sqnorms,
+    sm_count,
+    wave_split,
 )
 
 MAX_K = 128
@@ -491,13 +493,17 @@ def launches() -> List[Launch]:
 
 
 # --------------------------------------------------------------------------- selection
+#: The most column splits of the forward grid (each adds KP candidate slots per row to finish).
+MAX_SPLITS = 1024
+
+
 def _num_splits(M: int, N: int, bm: int, bn: int, device: torch.device) -> int:
-    """Column ranges per query block: enough programs for ~2 waves on the GPU (1 on the CPU)."""
+    """Column ranges per query block: the grid (query blocks x S) in whole waves of the device's
+    SMs (``_common.wave_split``: waves x column tiles of the longest program, minimal; fewest
+    splits among equals); 1 on the CPU."""
     if device.type != "cuda":
         return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    blocks_m = triton.cdiv(M, bm)
-    return max(1, min(triton.cdiv(N, bn), triton.cdiv(2 * sms, blocks_m)))
+    return wave_split(triton.cdiv(M, bm), triton.cdiv(N, bn), sm_count(device), MAX_SPLITS)
 
 
 def _finish(s: torch.Tensor, idx: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -743,19 +749,10 @@ def knn(
                 exclude_self=exclude_self)
 
 
-def knn_aten_finish(
-    query: torch.Tensor,
-    ref: torch.Tensor,
-    k: int,
-    *,
-    query_labels: Optional[torch.Tensor] = None,
-    ref_labels: Optional[torch.Tensor] = None,
-    exclude_self: bool = False,
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """:func:`knn` with the aten finish (``DAAL_KNN_FINISH=aten``; the benchmarks'
-    ``triton_aten_finish`` provider)."""
-    return _knn(query, ref, k, query_labels=query_labels, ref_labels=ref_labels,
-                exclude_self=exclude_self, finish="aten")
+def knn_aten_finish(query: torch.Tensor, ref: torch.Tensor, k: int, **kwargs) -> Tuple[torch.Tensor, torch.Tensor]:
+    """:func:`knn` (same keyword arguments) with the aten finish (``DAAL_KNN_FINISH=aten``; the
+    benchmarks' ``triton_aten_finish`` provider)."""
+    return _knn(query, ref, k, finish="aten", **kwargs)
 
 
 def _knn(query, ref, k, *, query_labels=None, ref_labels=None, exclude_self=False, splits=None,

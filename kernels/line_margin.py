@@ -114,12 +114,12 @@ from ._common import (
     KernelSpec,
     Launch,
     compute_dtype,
-    expand,
-    family,
-    input_precision,
     config_family,
-    interpreting,
+    expand,
+    input_precision,
+    sm_count,
 )
+from ._common import wave_split as _wave_split
 
 __all__ = ["line_margin", "own_distance_sq", "CONFIGS", "KERNELS", "config_family", "launches"]
 
@@ -705,6 +705,16 @@ def _lm2_dseg_kernel(g_ptr, seg_ptr, colp_ptr, out_ptr, n, D, Cc, R,
 
 
 @triton.jit
+def _own_chunk(xrow, prow, qrow, rmask, dd, D):
+    """One D-chunk ``dd`` of the rows' ``x``, own ``p`` and ``u = q - p`` (float32), and its mask."""
+    m2 = rmask[:, None] & (dd[None, :] < D)
+    x = tl.load(xrow + dd[None, :], mask=m2, other=0.0).to(tl.float32)
+    p = tl.load(prow + dd[None, :], mask=m2, other=0.0).to(tl.float32)
+    u = tl.load(qrow + dd[None, :], mask=m2, other=0.0).to(tl.float32) - p
+    return x, p, u, m2
+
+
+@triton.jit
 def _own_geometry(xrow, prow, qrow, rmask, D, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
     """Per row of a block: ``a = (x - p).u``, ``uu = |u|^2``, ``t = clamp(a / max(uu, eps), 0, 1)``
     and, in a second pass, ``e2 = |x - p - t u|^2``, ``eu = (x - p - t u).u``, ``xx = |x|^2`` (the
@@ -713,11 +723,7 @@ def _own_geometry(xrow, prow, qrow, rmask, D, BLOCK_B: tl.constexpr, BLOCK_D: tl
     uu = tl.zeros([BLOCK_B], dtype=tl.float32)
     xx = tl.zeros([BLOCK_B], dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
-        dd = d0 + tl.arange(0, BLOCK_D)
-        m2 = rmask[:, None] & (dd[None, :] < D)
-        x = tl.load(xrow + dd[None, :], mask=m2, other=0.0).to(tl.float32)
-        p = tl.load(prow + dd[None, :], mask=m2, other=0.0).to(tl.float32)
-        u = tl.load(qrow + dd[None, :], mask=m2, other=0.0).to(tl.float32) - p
+        x, p, u, _m = _own_chunk(xrow, prow, qrow, rmask, d0 + tl.arange(0, BLOCK_D), D)
         a += tl.sum((x - p) * u, 1)
         uu += tl.sum(u * u, 1)
         xx += tl.sum(x * x, 1)
@@ -727,11 +733,7 @@ def _own_geometry(xrow, prow, qrow, rmask, D, BLOCK_B: tl.constexpr, BLOCK_D: tl
     e2 = tl.zeros([BLOCK_B], dtype=tl.float32)
     eu = tl.zeros([BLOCK_B], dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
-        dd = d0 + tl.arange(0, BLOCK_D)
-        m2 = rmask[:, None] & (dd[None, :] < D)
-        x = tl.load(xrow + dd[None, :], mask=m2, other=0.0).to(tl.float32)
-        p = tl.load(prow + dd[None, :], mask=m2, other=0.0).to(tl.float32)
-        u = tl.load(qrow + dd[None, :], mask=m2, other=0.0).to(tl.float32) - p
+        x, p, u, _m = _own_chunk(xrow, prow, qrow, rmask, d0 + tl.arange(0, BLOCK_D), D)
         e = x - p - t[:, None] * u
         e2 += tl.sum(e * e, 1)
         eu += tl.sum(e * u, 1)
@@ -852,10 +854,7 @@ def _lm2_finish_kernel(acc_ptr, rowp_ptr, x_ptr, seg_ptr, label_ptr, lse_ptr, go
     odt = gx_ptr.dtype.element_ty
     for d0 in range(0, D, BLOCK_D):
         dd = d0 + tl.arange(0, BLOCK_D)
-        m2 = rmask[:, None] & (dd[None, :] < D)
-        x = tl.load(xrow + dd[None, :], mask=m2, other=0.0).to(tl.float32)
-        p = tl.load(prow + dd[None, :], mask=m2, other=0.0).to(tl.float32)
-        u = tl.load(qrow + dd[None, :], mask=m2, other=0.0).to(tl.float32) - p
+        x, p, u, m2 = _own_chunk(xrow, prow, qrow, rmask, dd, D)
         xp = x - p
         e = xp - t[:, None] * u
         w = xp - tt2[:, None] * u
@@ -1138,30 +1137,9 @@ _line_lse_op.register_autograd(_line_lse_autograd_backward, setup_context=_line_
 
 
 # ----------------------------------------------------------------------------- design v2 launchers
-_SM_COUNT: Dict[int, int] = {}
-
-
-def sm_count(device: torch.device) -> int:
-    """Streaming multiprocessors of ``device`` (1 on the CPU: the interpreter runs programs one by
-    one, so the fewest programs is fastest there)."""
-    if device.type != "cuda":
-        return 1
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _SM_COUNT:
-        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return _SM_COUNT[idx]
-
-
 def wave_split(row_tiles: int, class_tiles: int, sms: int, max_splits: int = MAX_SPLITS_V2) -> int:
-    """The number of class splits ``S`` of a (row tiles x S) grid that minimises the modelled time
-    ``ceil(row_tiles S / sms) * ceil(class_tiles / S)`` (waves x tiles of the longest program: the
-    grid in whole waves of the device's SMs); ties go to fewer splits (less merging)."""
-    best, best_cost = 1, None
-    for s in range(1, max(1, min(max_splits, class_tiles)) + 1):
-        cost = -(-row_tiles * s // sms) * -(-class_tiles // s)
-        if best_cost is None or cost < best_cost:
-            best, best_cost = s, cost
-    return best
+    """``_common.wave_split`` with the forward's cap on class splits."""
+    return _wave_split(row_tiles, class_tiles, sms, max_splits)
 
 
 def chunk_classes(B: int, C: int, block_b: int, block_c: int, sms: int,

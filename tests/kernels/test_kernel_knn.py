@@ -472,3 +472,21 @@ def test_knn_finish_launches_are_compiled():
                 entry = kk.finish_entry(1 << (k - 1).bit_length())
                 bd = kk.CONFIGS[family(dtype)][entry].block_d_for(D)
                 assert f"knn_{entry}-{POINTER[dtype][1:]}-bd{bd}" in names, (entry, dtype, D)
+
+
+@pytest.mark.parametrize("M,N", [(60000, 60000), (1024, 65536), (180, 180), (4096, 4096), (37, 100000)])
+def test_forward_grid_in_whole_waves(M, N, monkeypatch):
+    """Issue 13 part 4: the forward's (query blocks x column splits) grid is sized in whole waves
+    of an H200's 132 SMs: its modelled time (waves x column tiles of the longest program) is
+    within 5% of the ideal plus one tile, and never worse than the old fixed ~2-wave split."""
+    sms = 132
+    monkeypatch.setattr(kk, "sm_count", lambda device: sms)
+    cfg = kk.CONFIGS["half"][kk.fwd_entry(4)]
+    bm, bn = cfg.blocks["BLOCK_M"], cfg.blocks["BLOCK_N"]
+    rt, ct = -(-M // bm), -(-N // bn)
+    s = kk._num_splits(M, N, bm, bn, torch.device("cuda"))
+    cost = -(-rt * s // sms) * -(-ct // s)
+    assert cost <= 1.05 * rt * ct / sms + 1, (s, cost)
+    old = max(1, min(ct, -(-2 * sms // rt)))
+    assert cost <= -(-rt * old // sms) * -(-ct // old)
+    assert 1 <= s <= kk.MAX_SPLITS
