@@ -14,6 +14,8 @@ TOLERANCE = {
     "float16": 2e-2,
     "bfloat16": 2e-2,
 }
+# Where the kernel tests run: the GPU when there is one, else the CPU through the interpreter.
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 

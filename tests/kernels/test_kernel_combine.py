@@ -4,7 +4,7 @@ samples; the registrations; the GPU builds."""
 import pytest
 import torch
 
-from daal_testing import assert_close, assert_compiled_without_spills, compile_launches
+from daal_testing import DEV, assert_close, assert_compiled_without_spills, compile_launches
 
 from daal_triton import reference
 from daal_triton.kernels import combine as kc
@@ -21,6 +21,10 @@ def test_values_and_gradients_match_the_reference(B, weights, with_len):
     w = torch.rand(B, generator=g) if weights else None
     l_len = torch.rand((), generator=g) if with_len else None
     gper, gtot, gdens, glen = torch.randn(B, generator=g), torch.randn(()), torch.randn(()), torch.randn(())
+    line, hinge, valid, bad, gper, gtot, gdens, glen = (t.to(DEV) for t in (line, hinge, valid, bad, gper, gtot,
+                                                                            gdens, glen))
+    w = None if w is None else w.to(DEV)
+    l_len = None if l_len is None else l_len.to(DEV)
     kw = dict(weights=w, lambda_dens=0.5, lambda_len=0.3)
     outs = []
     for fn, dtype in ((kc.combine, torch.float32), (reference.combine, torch.float64)):
@@ -39,21 +43,21 @@ def test_values_and_gradients_match_the_reference(B, weights, with_len):
 
 
 def test_only_the_total_is_differentiated():
-    line, hinge = torch.rand(10, requires_grad=True), torch.rand(10, requires_grad=True)
-    valid, bad = torch.ones(10, dtype=torch.bool), torch.zeros(10, dtype=torch.bool)
+    line, hinge = torch.rand(10, device=DEV, requires_grad=True), torch.rand(10, device=DEV, requires_grad=True)
+    valid, bad = torch.ones(10, dtype=torch.bool, device=DEV), torch.zeros(10, dtype=torch.bool, device=DEV)
     _, tot, _, _ = kc.combine(line, hinge, valid, bad, None, weights=None, lambda_dens=2.0, lambda_len=0.0)
     gl, gh = torch.autograd.grad(tot, (line, hinge))
-    assert torch.allclose(gl, torch.full((10,), 0.1)) and torch.allclose(gh, torch.full((10,), 0.2))
+    assert torch.allclose(gl, torch.full((10,), 0.1, device=DEV)) and torch.allclose(gh, torch.full((10,), 0.2, device=DEV))
 
 
 def test_custom_ops_opcheck():
-    line, hinge = torch.rand(7, requires_grad=True), torch.rand(7, requires_grad=True)
-    valid, bad = torch.rand(7) < 0.7, torch.rand(7) < 0.2
+    line, hinge = torch.rand(7, device=DEV, requires_grad=True), torch.rand(7, device=DEV, requires_grad=True)
+    valid, bad = torch.rand(7, device=DEV) < 0.7, torch.rand(7, device=DEV) < 0.2
     torch.library.opcheck(torch.ops.daal_triton.combine.default,
-                          (line, hinge, valid, bad, torch.rand(7), torch.rand(()), 0.5, 0.1),
+                          (line, hinge, valid, bad, torch.rand(7, device=DEV), torch.rand((), device=DEV), 0.5, 0.1),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
     torch.library.opcheck(torch.ops.daal_triton.combine_backward.default,
-                          (torch.randn(7), torch.randn(()), None, None, valid, bad, None, 0.5, 0.1),
+                          (torch.randn(7, device=DEV), torch.randn((), device=DEV), None, None, valid, bad, None, 0.5, 0.1),
                           test_utils=("test_schema", "test_faketensor"))
 
 

@@ -4,7 +4,7 @@ sample, gamma 0 / fractional / negative, several row blocks; the registrations; 
 import pytest
 import torch
 
-from daal_testing import assert_close, assert_compiled_without_spills, compile_launches
+from daal_testing import DEV, assert_close, assert_compiled_without_spills, compile_launches
 
 from daal_triton import reference
 from daal_triton.kernels import density as kd
@@ -19,7 +19,7 @@ def _case(B, C, K, *, seed=0):
     index[missing] = -1
     dist[missing] = float("inf")
     y = torch.randint(0, C, (B,), generator=g)
-    return dist, index, y
+    return dist.to(DEV), index.to(DEV), y.to(DEV)
 
 
 @pytest.mark.parametrize("B,C,K", [(37, 11, 3), (300, 7, 5), (1, 1, 1), (130, 200, 8)])
@@ -27,7 +27,7 @@ def _case(B, C, K, *, seed=0):
 def test_values_and_gradients_match_the_reference(B, C, K, gamma):
     dist, index, y = _case(B, C, K, seed=B + K)
     hp = dict(m0=0.2, m_min=0.05, m_max=0.5, gamma=gamma, tau=0.8)
-    gh, gr = torch.randn(B), torch.randn(B)
+    gh, gr = torch.randn(B, device=DEV), torch.randn(B, device=DEV)
     d1 = dist.clone().requires_grad_()
     r, valid, m, hinge = kd.density(d1, index, y, C, **hp)
     loss = (hinge * gh).sum() + (torch.where(valid, r, 0) * gr).sum()
@@ -64,7 +64,7 @@ def test_custom_ops_opcheck():
     torch.library.opcheck(torch.ops.daal_triton.density.default, (dist, index, y, 0.2, 0.05, 0.5, 1.0, 0.8),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
     torch.library.opcheck(torch.ops.daal_triton.density_backward.default,
-                          (torch.randn(9), None, dist.detach(), index, 0.8),
+                          (torch.randn(9, device=DEV), None, dist.detach(), index, 0.8),
                           test_utils=("test_schema", "test_faketensor"))
 
 

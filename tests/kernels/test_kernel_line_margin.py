@@ -10,7 +10,7 @@ memory, grids, PTX pipelining) are in test_kernel_line_margin_v2.py.
 import pytest
 import torch
 
-from daal_testing import compile_launches, random_problem, rel_err, tolerance
+from daal_testing import DEV, compile_launches, random_problem, rel_err, tolerance
 
 from daal_triton import reference
 from daal_triton.kernels import line_margin as lm
@@ -19,7 +19,6 @@ from daal_triton.kernels._common import POINTER
 ALPHA = 16.0
 # Under the interpreter (no GPU) everything runs on the CPU with IEEE dots; on a GPU machine the
 # same tests run on CUDA tensors, where float32 dots are TF32.
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
 TF32 = DEV == "cuda"
 
 

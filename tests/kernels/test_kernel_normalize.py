@@ -4,10 +4,17 @@ input dtypes; the custom operators' registrations; the GPU builds."""
 import pytest
 import torch
 
-from daal_testing import assert_close, assert_compiled_without_spills, compile_launches, tolerance
+from daal_testing import DEV, assert_close, assert_compiled_without_spills, compile_launches, tolerance
 
 from daal_triton import reference
 from daal_triton.kernels import normalize as kn
+
+
+@pytest.fixture(autouse=True)
+def _on_the_test_device():
+    """Tensors made without a device go to DEV (the GPU where there is one)."""
+    with torch.device(DEV):
+        yield
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")  # float16's zero row

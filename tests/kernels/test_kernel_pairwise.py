@@ -5,13 +5,12 @@ import os
 import pytest
 import torch
 
-from daal_testing import assert_close, compile_launches, tolerance
+from daal_testing import DEV, assert_close, compile_launches, tolerance
 
 from daal_triton import reference
 from daal_triton.kernels import pairwise as kp
 from daal_triton.kernels._common import POINTER, family
 
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _check(x, y, *, tol, grad=True):

@@ -14,7 +14,7 @@ import re
 import pytest
 import torch
 
-from daal_testing import assert_close, compile_many_for_gpu, gpu_job, tolerance
+from daal_testing import DEV, assert_close, compile_many_for_gpu, gpu_job, tolerance
 
 import daal_triton as dt
 from daal_triton import reference
@@ -22,7 +22,6 @@ from daal_triton.kernels import _common as kc
 from daal_triton.kernels import knn as kk
 from daal_triton.kernels import pairwise as kp
 
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
 GAPS = [0.0, 1e-3, 0.03, 0.1, 0.3]
 
 
@@ -150,7 +149,11 @@ def _twins(n, D, gap, dtype, device):
 def test_pairwise_close_pairs_gpu(gap, setting, matmul_precision):
     """GEMM-form distances of close pairs, D = 512: with "highest" the squared distance is within
     float32 accumulation error of the truth (no TF32 bias; the bug was 1.4e-3); with "high" the
-    operands are rounded, not truncated: duplicates give the clamp and the error is unbiased."""
+    operands are rounded, not truncated: the error is unbiased. Duplicates are within the same
+    bounds, not at the clamp: a tensor core's float32 accumulation does not round like the norms'
+    FMA sums (in the first H200 run, bench/results/2026-11-30-h200, every duplicate's dot came out
+    short: d up to 8.5e-4 with "highest", 2.4e-3 with "high"). The kNN's recompute of its selected
+    distances (below) is what gives duplicates the clamp."""
     matmul_precision(setting)
     x, y = _twins(256, 512, gap, torch.float32, "cuda")
     d = kp.pairwise_distance(x, y).diagonal().double()
@@ -161,7 +164,7 @@ def test_pairwise_close_pairs_gpu(gap, setting, matmul_precision):
     else:
         assert abs(err.mean().item()) < 1e-4, err.mean().item()
     if gap == 0.0:
-        assert (d == kp.CLAMPED_DIST).all(), d.max().item()
+        assert (d.square() < (1e-5 if setting == "highest" else 1e-4)).all(), d.max().item()
 
 
 def _knn_close(gap, dtype, device, D, n=64, k=1):
