@@ -8,8 +8,10 @@ One benchmark case is one (operator, shape, precision, provider, pass):
 * providers: ``triton`` (``daal_triton.kernels.*``; for ``loss`` ``DAALLoss(backend="triton")``;
   for ``line_margin`` the default design, v2), ``triton_v1`` (the line margin's first design,
   timed beside the second until a GPU run decides: docs/kernels.md), ``triton_aten_finish``
-  (the kNN with its earlier aten finish, ``DAAL_KNN_FINISH=aten``, timed beside the fused finish
-  until a GPU run decides),
+  (the kNN with its earlier aten finish, ``DAAL_KNN_FINISH=aten``: the first H200 run found the
+  fused finish 1.45-3.3x faster; profile "full" only now), ``triton_wave_splits`` (the kNN with
+  its forward's column splits chosen as before that run, ``DAAL_KNN_SPLITS=waves``, timed beside
+  the cost model that replaced it until a GPU run decides: kernels/knn.py, ``PROGRAM_OVERHEAD_TILES``),
   ``eager`` (``daal_triton.reference.*``; ``DAALLoss(backend="reference")``), ``compile``
   (``torch.compile`` of the reference function) and, for kNN only, ``chunked`` (row chunks of
   ``torch.cdist`` + ``torch.topk``, the usual hand-written baseline); for ``train_step`` the loss
@@ -41,7 +43,7 @@ PASSES = OPERATOR_PASSES + ("step",)
 PROFILES = ("smoke", "check", "full")
 PROVIDERS = {
     "pairwise": ("triton", "eager", "compile"),
-    "knn": ("triton", "eager", "compile", "chunked", "triton_aten_finish"),
+    "knn": ("triton", "eager", "compile", "chunked", "triton_aten_finish", "triton_wave_splits"),
     "line_margin": ("triton", "eager", "compile", "triton_v1"),
     "loss": ("triton", "eager", "compile", "triton_aten_glue"),
     "train_step": ("triton", "eager", "proxyanchor", "ce_floor"),
@@ -147,7 +149,7 @@ TARGET_KEYS = frozenset((t.op, t.shape, t.dtype) for t in TARGETS)
 
 # What ``bench/gpu_check.sh`` runs (profile "check"): (op, shape) -> dtypes, providers, passes.
 CHECK: Dict[Tuple[str, str], List[dict]] = {
-    ("knn", "eval60k"): [dict(dtypes=("bf16",), providers=("triton", "chunked", "eager", "triton_aten_finish"))],
+    ("knn", "eval60k"): [dict(dtypes=("bf16",), providers=("triton", "chunked", "triton_wave_splits", "eager"))],
     ("line_margin", "classes100k"): [
         dict(dtypes=("bf16",), providers=("triton", "eager", "compile", "triton_v1")),
         dict(dtypes=("fp32",), providers=("triton", "eager"))],
@@ -156,7 +158,7 @@ CHECK: Dict[Tuple[str, str], List[dict]] = {
     # the loss's in-batch kNN: where the finish's launch count shows (fused vs aten finish)
     ("knn", "dml"): [dict(dtypes=("bf16",), providers=("triton", "triton_aten_finish"),
                           passes=("fwd", "fwdbwd"))],
-    ("knn", "bank"): [dict(dtypes=("bf16",), providers=("triton", "chunked", "eager", "triton_aten_finish"),
+    ("knn", "bank"): [dict(dtypes=("bf16",), providers=("triton", "chunked", "eager", "triton_wave_splits"),
                            passes=("fwd", "fwdbwd"))],
     ("pairwise", "large"): [dict(dtypes=("bf16", "fp32"), providers=("triton", "eager"))],
     ("line_margin", "dml"): [dict(dtypes=("bf16",), providers=("triton", "eager"))],
@@ -309,7 +311,7 @@ def knn_chunk_rows(n_ref: int, elems: int = 1 << 28) -> int:
 
 def _knn_bytes(d: dict, prov: str, es: int) -> int:
     mn = d["M"] * d["N"]
-    if prov in ("triton", "triton_aten_finish"):
+    if prov in ("triton", "triton_aten_finish", "triton_wave_splits"):
         return 16 * d["M"] * d["k"] + (64 << 20)
     if prov == "chunked":
         rows = min(d["M"], knn_chunk_rows(d["N"]))

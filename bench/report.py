@@ -38,7 +38,8 @@ OP_TITLES = {
 SHAPE_ORDER = ("tiny", "dml", "large", "bank", "classes11k", "classes100k", "classes1m", "eval60k")
 PROVIDER_TITLES = {"triton": "Triton", "eager": "eager", "compile": "compile", "chunked": "chunked",
                    "triton_v1": "Triton v1", "triton_aten_glue": "Triton, PyTorch glue",
-                   "triton_aten_finish": "Triton (aten finish)"}
+                   "triton_aten_finish": "Triton (aten finish)",
+                   "triton_wave_splits": "Triton (wave splits)"}
 # the training step's providers are the losses it trains with
 STEP_PROVIDER_TITLES = {"triton": "DAAL (Triton)", "eager": "DAAL (reference)",
                         "proxyanchor": "ProxyAnchor (PML)", "ce_floor": "CE floor"}

@@ -46,7 +46,7 @@ def test_model_mirrors_the_kernels():
         cfg = lm.CONFIGS["half"][name]
         assert (cfg.blocks["BLOCK_B"], cfg.blocks["BLOCK_C"]) == (bb, bc_)
     for B, C, _D in SHAPES:
-        assert lm.chunk_classes(B, C, 128, 64, 1) == wm.chunk_width(B, C)
+        assert lm.chunk_classes(B, C, *wm.V2_TILES["bwd2"], 1) == wm.chunk_width(B, C)
 
 
 def test_million_classes_case_and_memory():

@@ -36,10 +36,12 @@ import torch
 
 # (BLOCK_B, BLOCK_C, num_warps, num_stages); BLOCK_D stays the family's. Order of the runs:
 # first, for every dtype and kernel, the table's entry and the block sizes it replaced (PREVIOUS:
-# the first guesses, which spilled registers); then the other candidates (duplicates dropped).
+# v1's first guesses, which spilled registers; v2's entries before the first H200 run,
+# bench/results/2026-11-30-h200); then the other candidates (duplicates dropped).
 PREVIOUS = {
-    "half": {"fwd": (128, 128, 8, 3), "dpq": (64, 64, 4, 3), "dx": (64, 64, 4, 3)},
-    "fp32": {"fwd": (64, 128, 8, 2), "dpq": (64, 64, 4, 2), "dx": (64, 64, 4, 2)},
+    "half": {"fwd": (128, 128, 8, 3), "dpq": (64, 64, 4, 3), "dx": (64, 64, 4, 3), "bwd2": (128, 64, 8, 4)},
+    "fp32": {"fwd": (64, 128, 8, 2), "dpq": (64, 64, 4, 2), "dx": (64, 64, 4, 2), "fwd2": (64, 128, 8, 3),
+             "bwd2": (64, 128, 8, 3)},
 }
 #: The kernels timed, in order: the default design's first.
 KERNELS = ("fwd2", "bwd2", "fwd", "dpq", "dx")

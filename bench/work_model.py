@@ -28,7 +28,7 @@ from typing import Dict, List
 CHUNK_ELEMENTS = 1 << 24
 #: Mirrors the half-precision tiles of ``kernels/line_margin.CONFIGS`` (a test keeps them equal).
 V1_TILES = {"dpq": (64, 64), "dx": (64, 64)}
-V2_TILES = {"fwd2": (128, 128), "bwd2": (128, 64)}
+V2_TILES = {"fwd2": (128, 128), "bwd2": (128, 32)}
 ES = {"bf16": 2, "fp16": 2, "fp32": 4}
 
 

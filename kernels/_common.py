@@ -140,14 +140,16 @@ def sm_count(device: torch.device) -> int:
     return _SM_COUNT[idx]
 
 
-def wave_split(row_tiles: int, col_tiles: int, sms: int, max_splits: Optional[int] = None) -> int:
+def wave_split(row_tiles: int, col_tiles: int, sms: int, max_splits: Optional[int] = None,
+               overhead_tiles: float = 0.0) -> int:
     """The number of column splits ``S`` of a (row tiles x S) grid that minimises the modelled time
-    ``ceil(row_tiles S / sms) * ceil(col_tiles / S)`` (waves x tiles of the longest program: the
-    grid in whole waves of the device's SMs); ties go to fewer splits (less merging)."""
+    ``ceil(row_tiles S / sms) * (ceil(col_tiles / S) + overhead_tiles)`` (waves x the longest
+    program: its tiles and a fixed cost per program, in tiles; the grid in whole waves of the
+    device's SMs); ties go to fewer splits (less merging)."""
     best, best_cost = 1, None
     limit = col_tiles if max_splits is None else min(max_splits, col_tiles)
     for s in range(1, max(1, limit) + 1):
-        cost = -(-row_tiles * s // sms) * -(-col_tiles // s)
+        cost = -(-row_tiles * s // sms) * (-(-col_tiles // s) + overhead_tiles)
         if best_cost is None or cost < best_cost:
             best, best_cost = s, cost
     return best

@@ -495,15 +495,32 @@ def launches() -> List[Launch]:
 # --------------------------------------------------------------------------- selection
 #: The most column splits of the forward grid (each adds KP candidate slots per row to finish).
 MAX_SPLITS = 1024
+#: The fixed cost of one program of the forward, in column tiles: its first tile fills the KP
+#: slots (KP rounds of the merge where a later tile takes ~1-2), its slots are written and merged
+#: again by the finish. Fitted to the first H200 run (bench/results/2026-11-30-h200/probe, M = N =
+#: 20000, bf16, k = 8: S = 1, 2 waves of 157 tiles, 2.92 ms; S = 157, 187 waves of one tile,
+#: 3.85 ms; a later tile ~9 µs per SM, a one-tile program ~20.6 µs, and the finish of 157
+#: splits ~0.9 ms): ~1.3 tiles per program, ~2 with the finish.
+PROGRAM_OVERHEAD_TILES = 2.0
+#: How the forward's column splits are chosen: ``"model"`` (default: :func:`_num_splits` with
+#: :data:`PROGRAM_OVERHEAD_TILES`), or ``"waves"`` (``DAAL_KNN_SPLITS=waves``: whole waves and
+#: the fewest tiles per program, no cost per program: the first run's choice, S = 157 above; kept
+#: until a GPU run times both: the benchmarks' ``triton_wave_splits`` provider).
+SPLIT_POLICIES = ("model", "waves")
+SPLIT_POLICY = os.environ.get("DAAL_KNN_SPLITS", "model")
 
 
-def _num_splits(M: int, N: int, bm: int, bn: int, device: torch.device) -> int:
-    """Column ranges per query block: the grid (query blocks x S) in whole waves of the device's
-    SMs (``_common.wave_split``: waves x column tiles of the longest program, minimal; fewest
-    splits among equals); 1 on the CPU."""
+def _num_splits(M: int, N: int, bm: int, bn: int, device: torch.device, policy: Optional[str] = None) -> int:
+    """Column ranges per query block: the S minimising waves x (column tiles of the longest
+    program + :data:`PROGRAM_OVERHEAD_TILES`) (``_common.wave_split``; fewest splits among
+    equals; ``policy="waves"``: without the cost per program); 1 on the CPU."""
+    policy = SPLIT_POLICY if policy is None else policy
+    if policy not in SPLIT_POLICIES:
+        raise ValueError(f"kNN split policy must be one of {SPLIT_POLICIES}, got {policy!r}")
     if device.type != "cuda":
         return 1
-    return wave_split(triton.cdiv(M, bm), triton.cdiv(N, bn), sm_count(device), MAX_SPLITS)
+    overhead = PROGRAM_OVERHEAD_TILES if policy == "model" else 0.0
+    return wave_split(triton.cdiv(M, bm), triton.cdiv(N, bn), sm_count(device), MAX_SPLITS, overhead)
 
 
 def _finish(s: torch.Tensor, idx: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -753,6 +770,17 @@ def knn_aten_finish(query: torch.Tensor, ref: torch.Tensor, k: int, **kwargs) ->
     """:func:`knn` (same keyword arguments) with the aten finish (``DAAL_KNN_FINISH=aten``; the
     benchmarks' ``triton_aten_finish`` provider)."""
     return _knn(query, ref, k, finish="aten", **kwargs)
+
+
+def knn_wave_splits(query: torch.Tensor, ref: torch.Tensor, k: int, **kwargs) -> Tuple[torch.Tensor, torch.Tensor]:
+    """:func:`knn` (same keyword arguments) with the forward's splits chosen as before the first
+    GPU run (``DAAL_KNN_SPLITS=waves``; the benchmarks' ``triton_wave_splits`` provider)."""
+    splits = None
+    if k <= MAX_K and query.is_cuda:
+        cfg = CONFIGS[family(compute_dtype("knn", query, ref))][fwd_entry(triton.next_power_of_2(k))]
+        splits = _num_splits(query.shape[0], ref.shape[0], cfg.blocks["BLOCK_M"], cfg.blocks["BLOCK_N"],
+                             query.device, "waves")
+    return _knn(query, ref, k, splits=splits, **kwargs)
 
 
 def _knn(query, ref, k, *, query_labels=None, ref_labels=None, exclude_self=False, splits=None,

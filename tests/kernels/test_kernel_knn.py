@@ -478,19 +478,53 @@ def test_knn_finish_launches_are_compiled():
                 assert f"knn_{entry}-{POINTER[dtype][1:]}-bd{bd}" in names, (entry, dtype, D)
 
 
-@pytest.mark.parametrize("M,N", [(60000, 60000), (1024, 65536), (180, 180), (4096, 4096), (37, 100000)])
-def test_forward_grid_in_whole_waves(M, N, monkeypatch):
-    """Issue 13 part 4: the forward's (query blocks x column splits) grid is sized in whole waves
-    of an H200's 132 SMs: its modelled time (waves x column tiles of the longest program) is
-    within 5% of the ideal plus one tile, and never worse than the old fixed ~2-wave split."""
-    sms = 132
+def _splits(M, N, policy, monkeypatch, sms=132):
     monkeypatch.setattr(kk, "sm_count", lambda device: sms)
-    cfg = kk.CONFIGS["half"][kk.fwd_entry(4)]
+    cfg = kk.CONFIGS["half"][kk.fwd_entry(8)]
     bm, bn = cfg.blocks["BLOCK_M"], cfg.blocks["BLOCK_N"]
-    rt, ct = -(-M // bm), -(-N // bn)
-    s = kk._num_splits(M, N, bm, bn, torch.device("cuda"))
-    cost = -(-rt * s // sms) * -(-ct // s)
-    assert cost <= 1.05 * rt * ct / sms + 1, (s, cost)
-    old = max(1, min(ct, -(-2 * sms // rt)))
-    assert cost <= -(-rt * old // sms) * -(-ct // old)
+    return kk._num_splits(M, N, bm, bn, torch.device("cuda"), policy), -(-M // bm), -(-N // bn)
+
+
+@pytest.mark.parametrize("M,N", [(60000, 60000), (1024, 65536), (180, 180), (4096, 4096), (37, 100000),
+                                 (20000, 20000)])
+def test_forward_grid_waves_policy(M, N, monkeypatch):
+    """The splits before the first GPU run (``DAAL_KNN_SPLITS=waves``): the grid in whole waves of
+    an H200's 132 SMs, modelled time (waves x column tiles of the longest program) within 5% of
+    the ideal plus one tile, never worse than the older fixed ~2-wave split."""
+    s, rt, ct = _splits(M, N, "waves", monkeypatch)
+    cost = -(-rt * s // 132) * -(-ct // s)
+    assert cost <= 1.05 * rt * ct / 132 + 1, (s, cost)
+    old = max(1, min(ct, -(-2 * 132 // rt)))
+    assert cost <= -(-rt * old // 132) * -(-ct // old)
     assert 1 <= s <= kk.MAX_SPLITS
+
+
+@pytest.mark.parametrize("M,N", [(60000, 60000), (1024, 65536), (180, 180), (4096, 4096), (37, 100000),
+                                 (20000, 20000)])
+def test_forward_grid_model_policy(M, N, monkeypatch):
+    """The default splits charge each program PROGRAM_OVERHEAD_TILES more: at M = N = 20000 (the
+    first H200 run: 157 one-tile programs per row block, 3.85 ms, were slower than one 157-tile
+    program, 2.92 ms) it splits 5 ways, not 157; small grids still fill the GPU (the memory
+    bank's 8 query blocks: 16 splits, 128 programs), and the choice is optimal for its model."""
+    s, rt, ct = _splits(M, N, "model", monkeypatch)
+    model = lambda S: -(-rt * S // 132) * (-(-ct // S) + kk.PROGRAM_OVERHEAD_TILES)  # noqa: E731
+    assert all(model(s) <= model(S) for S in range(1, min(ct, kk.MAX_SPLITS) + 1))
+    waves, _, _ = _splits(M, N, "waves", monkeypatch)
+    assert s <= waves and model(s) <= model(waves)
+    if (M, N) == (20000, 20000):
+        assert (s, waves) == (5, 157)
+    if (M, N) == (1024, 65536):
+        assert s == 16
+
+
+def test_split_policy_is_checked(monkeypatch):
+    with pytest.raises(ValueError, match="split policy"):
+        _splits(100, 100, "fastest", monkeypatch)
+
+
+def test_knn_wave_splits_matches_knn():
+    """The benchmarks' ``triton_wave_splits`` provider computes the same kNN."""
+    q = torch.randn(45, 20, device=DEV)
+    d1, i1 = kk.knn(q, q, 3, exclude_self=True)
+    d2, i2 = kk.knn_wave_splits(q, q, 3, exclude_self=True)
+    assert torch.equal(i1, i2) and torch.equal(d1, d2)

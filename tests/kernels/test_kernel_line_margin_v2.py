@@ -158,8 +158,9 @@ def test_forward_grid_in_whole_waves(B, C):
 
 def test_backward_chunk_grid():
     """The backward's chunk respects the element budget and stays within 3/4 of its widest; at
-    B = 1024, C = 100k its grid is whole waves on an H200 (8 row tiles x 231 class tiles = 14
-    waves); at C = 1M, B = 4096 no width in range makes whole waves and the widest is kept."""
+    B = 1024, C = 100k its grid is whole waves on an H200 (8 row tiles x 495 class tiles of 32 = 30
+    waves), and at B = 4096, C = 1M too (32 row tiles x 99 class tiles = 24 waves, 3168 of the
+    widest 4096 classes)."""
     cfg = lm.CONFIGS["half"]["bwd2"]
     bb, bc = cfg.blocks["BLOCK_B"], cfg.blocks["BLOCK_C"]
     for B, C in ((1024, 100_000), (4096, 1_000_000), (1024, 11318), (180, 100)):
@@ -168,8 +169,9 @@ def test_backward_chunk_grid():
         assert B * cc <= max(lm.CHUNK_ELEMENTS, B * bc) and cc % bc == 0
         assert 4 * cc >= 3 * widest
     cc = lm.chunk_classes(1024, 100_000, bb, bc, H200_SMS)
-    assert cc == 231 * bc and ((1024 // bb) * (cc // bc)) % H200_SMS == 0
-    assert lm.chunk_classes(4096, 1_000_000, bb, bc, H200_SMS) == lm.CHUNK_ELEMENTS // 4096
+    assert cc == 495 * bc and ((1024 // bb) * (cc // bc)) % H200_SMS == 0
+    cc = lm.chunk_classes(4096, 1_000_000, bb, bc, H200_SMS)
+    assert cc == 99 * bc and ((4096 // bb) * (cc // bc)) % H200_SMS == 0
 
 
 def test_backward_under_autocast():

@@ -1,0 +1,206 @@
+"""Where the time goes, on a GPU: host cost per launch, and the kNN forward's epilogue.
+
+The first H200 run (bench/results/2026-11-30-h200) measured the whole DAALLoss at B = 180 at
+3.8 ms per forward + backward (25 launches: ~150 µs each, against ~20 µs of GPU time inside a
+training step) and the kNN forward at ~25 µs per 128 x 128 tile (the MMA alone: ~2.5 µs). This
+script splits both:
+
+* ``launch``: host microseconds per call (a loop of calls, one synchronisation at the end) of an
+  empty Triton kernel, of ``_knn_fwd_kernel`` on a tiny problem (its 20 arguments), of a PyTorch
+  op, of ``daal_triton.knn``, and of DAALLoss forward / forward + backward at B = 180, C = 100,
+  D = 512; and the same forward + backward replayed from a CUDA graph (GPU time alone).
+* ``knn``: the selection kernel at M = N (bf16, D = 512, k = 8) against kernels that keep its
+  GEMM and drop parts of its epilogue: ``gemm_min`` (tiles, s and one row-min per tile), and
+  ``filter`` (+ the candidate filter ``s < worst`` and its row-min, no merge loop); plus
+  ``torch.matmul`` of the same shape.
+
+usage: python bench/probe_h200.py OUT.jsonl [--n 20000] [--smoke]
+(--smoke: tiny shapes, for a CPU with TRITON_INTERPRET=1.) One JSON line per measurement.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+
+import torch
+import triton
+import triton.language as tl
+
+from daal_triton.kernels import knn as kk
+from daal_triton.kernels._common import TL_EPS, _dot_rows, dot_flags, row_sqnorms
+
+
+@triton.jit
+def _empty_kernel(x_ptr):
+    pass
+
+
+@triton.jit
+def _probe_knn_kernel(q_ptr, r_ptr, qn_ptr, rn_ptr, out_ptr, M, N, D, cols_per_split,
+                      stride_q_m, stride_r_n, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_D: tl.constexpr, FILTER: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                      ROUND_TF32: tl.constexpr):
+    """``_knn_fwd_kernel``'s tile loop without its merge: ``s = max(qn + rn - 2 q.r, eps)`` per
+    tile, then a running row-min of ``s`` (FILTER=False) or of ``where(s < worst, s, inf)`` with
+    ``worst`` lowered to that min (FILTER=True: the candidate test the merge starts with)."""
+    pid_m = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < M
+    q_rows = q_ptr + rows.to(tl.int64)[:, None] * stride_q_m
+    qn = tl.load(qn_ptr + rows, mask=rmask, other=float("inf"))
+    worst = tl.zeros([BLOCK_M], dtype=tl.float32) + float("inf")
+    n_start = pid_s * cols_per_split
+    n_end = tl.minimum(N, n_start + cols_per_split)
+    for n0 in range(n_start, n_end, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        cmask = cols < n_end
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        acc = _dot_rows(q_rows, r_ptr + cols.to(tl.int64)[:, None] * stride_r_n, rmask, cmask, D,
+                        acc, BLOCK_D, INPUT_PRECISION, ROUND_TF32)
+        rn = tl.load(rn_ptr + cols, mask=cmask, other=float("inf"))
+        s = tl.maximum(qn[:, None] + rn[None, :] - 2.0 * acc, TL_EPS)
+        if FILTER:
+            sm = tl.where(s < worst[:, None], s, float("inf"))
+            worst = tl.minimum(worst, tl.min(sm, axis=1) + 1.0)
+        else:
+            worst = tl.minimum(worst, tl.min(s, axis=1))
+    tl.store(out_ptr + pid_s.to(tl.int64) * M + rows, worst, mask=rmask)
+
+
+def _sync(dev):
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def host_us(fn, dev, n):
+    """Host microseconds per call: n calls, one synchronisation at the end (after a warm-up)."""
+    fn()
+    _sync(dev)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    _sync(dev)
+    return (time.perf_counter() - t0) / n * 1e6
+
+
+def gpu_ms(fn, dev, reps):
+    """Median milliseconds per call by CUDA events (wall clock on a CPU)."""
+    fn()
+    _sync(dev)
+    times = []
+    for _ in range(reps):
+        if dev.type == "cuda":
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def launch_section(dev, emit, n):
+    import daal_triton as dt
+    x = torch.zeros(16, device=dev)
+    emit("launch", "empty triton kernel", host_us=host_us(lambda: _empty_kernel[(1,)](x), dev, n))
+    emit("launch", "torch add_", host_us=host_us(lambda: x.add_(1.0), dev, n))
+    q = torch.randn(16, 512, device=dev, dtype=torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    emit("launch", "_candidates (norms + _knn_fwd_kernel), M=N=16",
+         host_us=host_us(lambda: kk._candidates(q, q, 8, None, None, True), dev, n))
+    emit("launch", "daal_triton.knn (custom op), M=N=16",
+         host_us=host_us(lambda: kk.knn(q, q, 8, exclude_self=True), dev, n))
+    B, C, D = 180, 100, 512
+    loss = dt.DAALLoss(C, D, backend="triton").to(dev)
+    z = torch.randn(B, D, device=dev, requires_grad=True)
+    y = torch.randint(0, C, (B,), device=dev)
+    emit("launch", "DAALLoss forward, B=180 C=100 D=512", host_us=host_us(lambda: loss(z, y), dev, n // 4))
+
+    def fb():
+        loss(z, y).backward()
+    emit("launch", "DAALLoss forward+backward, B=180 C=100 D=512", host_us=host_us(fb, dev, n // 4),
+         gpu_ms=gpu_ms(fb, dev, 20))
+    if dev.type == "cuda":
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                fb()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fb()
+        emit("launch", "DAALLoss forward+backward from a CUDA graph (replay)",
+             host_us=host_us(graph.replay, dev, n // 4), gpu_ms=gpu_ms(graph.replay, dev, 50))
+
+
+def knn_section(dev, emit, n, reps):
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    q = torch.randn(n, 512, device=dev, dtype=dtype)
+    flags = dot_flags(dtype)
+    qn = row_sqnorms(q, flags["INPUT_PRECISION"])
+    flops = 2.0 * n * n * 512
+    cfg = kk.CONFIGS[kk.family(dtype)][kk.fwd_entry(8)]
+    bm, bn = cfg.blocks["BLOCK_M"], cfg.blocks["BLOCK_N"]
+    tiles = triton.cdiv(n, bm) * triton.cdiv(n, bn)
+    s_default = kk._num_splits(n, n, bm, bn, q.device)
+
+    def rec(name, ms, **kw):
+        emit("knn", name, n=n, ms=ms, tflops=flops / ms / 1e9, us_per_tile_per_sm=None if dev.type != "cuda"
+             else ms * 1e3 * torch.cuda.get_device_properties(dev).multi_processor_count / tiles, **kw)
+
+    for S in sorted({s_default, 1}):
+        rec(f"_knn_fwd_kernel k=8 S={S}", gpu_ms(lambda: kk._candidates(q, q, 8, None, None, False, S), dev, reps),
+            splits=S, blocks=[bm, bn, cfg.num_warps, cfg.num_stages])
+    for kv in (1, 32):
+        rec(f"_knn_fwd_kernel k={kv} S=default", gpu_ms(lambda: kk._candidates(q, q, kv, None, None, False), dev, reps))
+    rec("knn (whole forward: selection + fused finish) k=8", gpu_ms(lambda: kk.knn(q, q, 8), dev, reps))
+    for filt in (False, True):
+        S = s_default
+        cols = triton.cdiv(triton.cdiv(n, S), bn) * bn
+        S = triton.cdiv(n, cols)
+        out = torch.empty(S, n, device=dev)
+
+        def run():
+            _probe_knn_kernel[(triton.cdiv(n, bm), S)](q, q, qn, qn, out, n, n, 512, cols, q.stride(0),
+                                                       q.stride(0), FILTER=filt, **flags, **cfg.launch(512))
+        rec("probe " + ("filter" if filt else "gemm_min"), gpu_ms(run, dev, reps), splits=S)
+    rec("torch.matmul q @ q.T", gpu_ms(lambda: q @ q.T, dev, reps))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("out")
+    ap.add_argument("--n", type=int, default=20000)
+    ap.add_argument("--smoke", action="store_true")
+    args = ap.parse_args()
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    n = 300 if args.smoke else args.n
+    calls = 8 if args.smoke else 400
+    with open(args.out, "a") as f:
+        def emit(section, name, **kw):
+            line = dict(section=section, name=name, device=str(dev),
+                        gpu=torch.cuda.get_device_name(0) if dev.type == "cuda" else None,
+                        torch=torch.__version__, triton=triton.__version__, **kw)
+            print(json.dumps(line), flush=True)
+            f.write(json.dumps(line) + "\n")
+            f.flush()
+        for section, fn in (("knn", lambda: knn_section(dev, emit, n, 3 if args.smoke else 10)),
+                            ("launch", lambda: launch_section(dev, emit, calls))):
+            try:
+                fn()
+            except Exception:
+                emit(section, "error", error=traceback.format_exc()[-3000:])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
