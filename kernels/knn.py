@@ -27,11 +27,14 @@ too few programs for the GPU, per one of ``S`` contiguous column ranges of the r
    rounded operands for "high"/"medium" — and IEEE under the interpreter), then the epilogue ``s = qn + rn - 2 acc`` with the masks;
 2. merge into a running top-k held in registers: ``KP = next_pow2(k)`` slots per row
    (distance, index), *unsorted*, with the row's worst entry ``(worst, widx)`` (the largest in
-   ``(s, j)`` order). Tile entries with ``s < worst`` are candidates; while any row of the
-   block has one, each row extracts its smallest candidate (ties -> smaller column, via
-   ``min(where(s == min, col, BIG))``), overwrites its worst slot, recomputes its worst and
-   drops candidates no longer below it. A tile none of whose entries beats its row's worst —
-   most tiles after the first few — costs one masked row-min. Columns arrive in increasing
+   ``(s, j)`` order). Tile entries with ``s < worst`` are candidates; each row's smallest
+   remaining candidate and its column come from one reduction (``tl.min(...,
+   return_indices=True)``, ties -> the smaller column); while any row's smallest beats its
+   worst, those rows overwrite their worst slot with it and recompute the worst, and every row
+   masks the entry it just looked at (one compare-select per element per round: the sm_90 loop
+   body went from 846 to 675 PTX instructions when the rounds stopped re-filtering the tile
+   and finding the column by a second reduction). A tile none of whose entries beats its row's
+   worst costs one masked row-min. Columns arrive in increasing
    order within a program, so a tie with the worst never displaces it (it has the smaller
    index). Empty slots hold ``(inf, -1 - slot)`` so every slot is distinct.
 3. the KP slots (per column range) are written out (S x M x KP, small), unsorted.
@@ -162,8 +165,9 @@ def _knn_fwd_kernel(
 
     n_start = pid_s * cols_per_split
     n_end = tl.minimum(N, n_start + cols_per_split)
+    lanes = tl.arange(0, BLOCK_N)
     for n0 in range(n_start, n_end, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N)
+        cols = n0 + lanes
         cmask = cols < n_end
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         acc = _dot_rows(q_rows, r_ptr + cols.to(tl.int64)[:, None] * stride_r_n, rmask, cmask, D,
@@ -178,19 +182,20 @@ def _knn_fwd_kernel(
             # only a tile that meets the diagonal holds self pairs
             if (n0 < row_lo + BLOCK_M) & (n0 + BLOCK_N > row_lo):
                 s = tl.where(rows[:, None] == cols[None, :], float("inf"), s)
-        # candidates: entries that beat the row's current worst slot
+        # candidates: entries that beat the row's current worst slot; the row's smallest one and
+        # its column come from one reduction (ties -> the smaller column)
         sm = tl.where(s < worst[:, None], s, float("inf"))
-        v = tl.min(sm, axis=1)
-        while tl.min(v, axis=0) < float("inf"):
-            c = tl.min(tl.where(sm == v[:, None], cols[None, :], 2147483647), axis=1)
-            take = v < worst
+        v, vc = tl.min(sm, axis=1, return_indices=True, return_indices_tie_break_left=True)
+        take = v < worst
+        while tl.max(take.to(tl.int32), axis=0) > 0:
             rep = (topi == widx[:, None]) & take[:, None]
             topd = tl.where(rep, v[:, None], topd)
-            topi = tl.where(rep, c[:, None], topi)
+            topi = tl.where(rep, (n0 + vc)[:, None], topi)
             worst = tl.max(topd, axis=1)
             widx = tl.max(tl.where(topd == worst[:, None], topi, -2147483647), axis=1)
-            sm = tl.where((sm < worst[:, None]) & (cols[None, :] != c[:, None]), sm, float("inf"))
-            v = tl.min(sm, axis=1)
+            sm = tl.where(lanes[None, :] == vc[:, None], float("inf"), sm)
+            v, vc = tl.min(sm, axis=1, return_indices=True, return_indices_tie_break_left=True)
+            take = v < worst
 
     out = pid_s.to(tl.int64) * stride_top_s + rows64[:, None] * stride_top_m + slots[None, :]
     tl.store(top_s_ptr + out, topd, mask=rmask[:, None])
@@ -432,9 +437,10 @@ _FWD_BLOCKS = {16: (128, 128, 8), 32: (64, 128, 4), 64: (64, 64, 4), 128: (32, 6
 KP_ROWS = tuple(_FWD_BLOCKS)
 
 
-def _fwd_configs(largest_block_d: int, stages: Optional[Dict[int, int]] = None) -> Dict[str, KernelConfig]:
-    stages = stages or {}
-    return {f"fwd_kp{kp}": KernelConfig({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w,
+def _fwd_configs(largest_block_d: int, stages: Optional[Dict[int, int]] = None,
+                 warps: Optional[Dict[int, int]] = None) -> Dict[str, KernelConfig]:
+    stages, warps = stages or {}, warps or {}
+    return {f"fwd_kp{kp}": KernelConfig({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps.get(kp, w),
                                         num_stages=stages.get(kp, 3), block_d=(16, largest_block_d))
             for kp, (bm, bn, w) in _FWD_BLOCKS.items()}
 
@@ -452,9 +458,9 @@ _BWD = KernelConfig({"BLOCK_M": 64}, num_warps=4, num_stages=1, block_d=(16, 64)
 #: gradient).
 CONFIGS: Dict[str, Dict[str, KernelConfig]] = {
     "half": dict(_fwd_configs(64), **_FINISH, dist=_BWD, bwd=_BWD, bwd_noref=_BWD),
-    # float32: BLOCK_D 16 and 4 stages at KP 32 keep the 3xTF32 builds' sm_90 stack at or below
-    # what the single-pass build had (docs/kernels.md, "Compile facts")
-    "fp32": dict(_fwd_configs(16, {32: 4}), **_FINISH, dist=_BWD, bwd=_BWD, bwd_noref=_BWD),
+    # float32: BLOCK_D 16, and 4 stages with 8 warps at KP 32, keep the 3xTF32 builds' sm_90
+    # stack at 0 (4 warps: 40 bytes since the one-reduction merge; docs/kernels.md, "Compile facts")
+    "fp32": dict(_fwd_configs(16, {32: 4}, {32: 8}), **_FINISH, dist=_BWD, bwd=_BWD, bwd_noref=_BWD),
 }
 _SPEC_OF = {**{f"fwd_kp{kp}": KERNELS["fwd"] for kp in KP_ROWS},
             **{entry: KERNELS["finish"] for entry in _FINISH}, "dist": KERNELS["dist"],
