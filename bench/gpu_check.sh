@@ -7,8 +7,10 @@
 #      representative per operator), with an in-process deadline so they stop in time; the
 #      training-step benchmark (VGG-19-BN, B=180, C=100 and 11,318) runs after the operators'
 #      targets, in a slice of DAAL_BENCH_TRAIN_STEP_S seconds of its own within that deadline,
-#   4. time alternative line-margin block sizes (bench/tune_line_margin.py, with the time the
-#      benchmarks leave, at least DAAL_TUNE_S seconds),
+#   4. probe where the time goes (bench/probe_h200.py: host cost per launch, the kNN forward's
+#      parts and splits; DAAL_PROBE_S seconds, default 45, 0 skips it), then time alternative
+#      line-margin block sizes (bench/tune_line_margin.py, with the time the benchmarks leave, at
+#      least DAAL_TUNE_S seconds),
 #   5. write OUTDIR/report.md (bench/report.py) from what was recorded.
 #
 # usage: bash bench/gpu_check.sh OUTDIR
@@ -16,7 +18,7 @@
 # OUTDIR receives: env.json, steps.json (one line per step: exit status, seconds), *.log,
 # gpu_tests.xml / kernel_tests.xml / bench_junit.xml (JUnit), records.jsonl (one line per
 # benchmark case: measured, skipped with the reason, or failed), bench.json
-# (pytest-benchmark's --benchmark-json), tune_line_margin.json, nvidia-smi.txt, report.md.
+# (pytest-benchmark's --benchmark-json), probe.jsonl, tune_line_margin.json, nvidia-smi.txt, report.md.
 # To commit a run: copy OUTDIR to bench/results/<date>-<gpu>/ and run
 # `python bench/report.py --readme`.
 #
@@ -45,7 +47,8 @@ T0=$(date +%s)
 TOTAL=${DAAL_CHECK_TOTAL_S:-460}
 PY=${PYTHON:-$(command -v python3 || command -v python)}
 PROFILE=${DAAL_BENCH_PROFILE:-check}
-TUNE_S=${DAAL_TUNE_S:-60}  # reserved for step 4 (0: no step 4)
+TUNE_S=${DAAL_TUNE_S:-60}  # reserved for step 4's tuning (0: no tuning)
+PROBE_S=${DAAL_PROBE_S:-45}  # reserved for step 4's probe (0: no probe)
 TMP=$(mktemp -d "${TMPDIR:-/tmp}/daal_gpu_check.XXXXXX")
 STEPS="$OUT/steps.json"
 : > "$STEPS"
@@ -172,7 +175,7 @@ if [ "$INSTALL" != failed ]; then
   rc=$?; if [ $rc -ne 0 ] && [ $rc -ne 5 ]; then STATUS=1; fi
 
   # ---------------------------------------------------------------- 3. benchmarks
-  BENCH_LIMIT=$(( $(left) - 25 - TUNE_S ))  # keep time for the tuning step and the report
+  BENCH_LIMIT=$(( $(left) - 25 - TUNE_S - PROBE_S ))  # keep time for step 4 and the report
   export DAAL_BENCH_DEADLINE=$(( $(date +%s) + BENCH_LIMIT - 30 ))  # cases stop starting 30 s early
   export DAAL_BENCH_TRAIN_STEP_S=${DAAL_BENCH_TRAIN_STEP_S:-80}
   # Last on the line: of the targets, the training step's run after the operators'.
@@ -183,7 +186,10 @@ if [ "$INSTALL" != failed ]; then
       --benchmark-json "$OUT/bench.json" --benchmark-columns=min,median,mean,rounds \
       --junitxml="$OUT/bench_junit.xml"
 
-  # ---------------------------------------------------------------- 4. line-margin block sizes
+  # ---------------------------------------------------------------- 4. probe, line-margin block sizes
+  if [ "$PROBE_S" -gt 0 ]; then
+    step probe "$(min "$PROBE_S" $(( $(left) - 25 - TUNE_S )))" "$PY" bench/probe_h200.py "$OUT/probe.jsonl"
+  fi
   # It gets what the benchmarks left (at least the TUNE_S reserved for it): candidates start
   # until 30 s before the step's limit, which leaves the last one time to finish.
   # Without a GPU (a rehearsal of this script on a CPU) it runs its --smoke mode.
