@@ -187,15 +187,17 @@ if [ "$INSTALL" != failed ]; then
       --junitxml="$OUT/bench_junit.xml"
 
   # ---------------------------------------------------------------- 4. probe, line-margin block sizes
+  # Without a GPU (a rehearsal of this script on a CPU) both run in their --smoke modes.
+  SMOKE=$("$PY" -c 'import torch; print("" if torch.cuda.is_available() else "--smoke")' 2>/dev/null)
   if [ "$PROBE_S" -gt 0 ]; then
-    step probe "$(min "$PROBE_S" $(( $(left) - 25 - TUNE_S )))" "$PY" bench/probe_h200.py "$OUT/probe.jsonl"
+    if [ -n "$SMOKE" ]; then PROBE_ENV=(env TRITON_INTERPRET=1); else PROBE_ENV=(); fi
+    step probe "$(min "$PROBE_S" $(( $(left) - 25 - TUNE_S )))" ${PROBE_ENV[@]+"${PROBE_ENV[@]}"} \
+        "$PY" bench/probe_h200.py "$OUT/probe.jsonl" $SMOKE
   fi
   # It gets what the benchmarks left (at least the TUNE_S reserved for it): candidates start
   # until 30 s before the step's limit, which leaves the last one time to finish.
-  # Without a GPU (a rehearsal of this script on a CPU) it runs its --smoke mode.
   if [ "$TUNE_S" -gt 0 ]; then
     TUNE_LEFT=$(( $(left) - 25 ))
-    SMOKE=$("$PY" -c 'import torch; print("" if torch.cuda.is_available() else "--smoke")' 2>/dev/null)
     step tune_line_margin "$TUNE_LEFT" "$PY" bench/tune_line_margin.py \
         "$OUT/tune_line_margin.json" --budget-s $(( TUNE_LEFT - 30 )) $SMOKE
   fi

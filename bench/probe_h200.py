@@ -15,7 +15,7 @@ script splits both:
   ``torch.matmul`` of the same shape.
 
 usage: python bench/probe_h200.py OUT.jsonl [--n 20000] [--smoke]
-(--smoke: tiny shapes, for a CPU with TRITON_INTERPRET=1.) One JSON line per measurement.
+(--smoke: tiny shapes and few calls, for a CPU with TRITON_INTERPRET=1: a rehearsal.) One JSON line per measurement.
 """
 from __future__ import annotations
 
@@ -108,7 +108,7 @@ def gpu_ms(fn, dev, reps):
     return sorted(times)[len(times) // 2]
 
 
-def launch_section(dev, emit, n):
+def launch_section(dev, emit, n, reps, shape=(180, 100, 512)):
     import daal_triton as dt
     x = torch.zeros(16, device=dev)
     emit("launch", "empty triton kernel", host_us=host_us(lambda: _empty_kernel[(1,)](x), dev, n))
@@ -118,16 +118,16 @@ def launch_section(dev, emit, n):
          host_us=host_us(lambda: kk._candidates(q, q, 8, None, None, True), dev, n))
     emit("launch", "daal_triton.knn (custom op), M=N=16",
          host_us=host_us(lambda: kk.knn(q, q, 8, exclude_self=True), dev, n))
-    B, C, D = 180, 100, 512
+    B, C, D = shape
     loss = dt.DAALLoss(C, D, backend="triton").to(dev)
     z = torch.randn(B, D, device=dev, requires_grad=True)
     y = torch.randint(0, C, (B,), device=dev)
-    emit("launch", "DAALLoss forward, B=180 C=100 D=512", host_us=host_us(lambda: loss(z, y), dev, n // 4))
+    emit("launch", f"DAALLoss forward, B={B} C={C} D={D}", host_us=host_us(lambda: loss(z, y), dev, n // 4))
 
     def fb():
         loss(z, y).backward()
-    emit("launch", "DAALLoss forward+backward, B=180 C=100 D=512", host_us=host_us(fb, dev, n // 4),
-         gpu_ms=gpu_ms(fb, dev, 20))
+    emit("launch", f"DAALLoss forward+backward, B={B} C={C} D={D}", host_us=host_us(fb, dev, n // 4),
+         gpu_ms=gpu_ms(fb, dev, reps))
     if dev.type == "cuda":
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -139,7 +139,7 @@ def launch_section(dev, emit, n):
         with torch.cuda.graph(graph):
             fb()
         emit("launch", "DAALLoss forward+backward from a CUDA graph (replay)",
-             host_us=host_us(graph.replay, dev, n // 4), gpu_ms=gpu_ms(graph.replay, dev, 50))
+             host_us=host_us(graph.replay, dev, n // 4), gpu_ms=gpu_ms(graph.replay, dev, 2 * reps))
 
 
 def knn_section(dev, emit, n, reps):
@@ -183,8 +183,9 @@ def main() -> int:
     ap.add_argument("--smoke", action="store_true")
     args = ap.parse_args()
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    n = 300 if args.smoke else args.n
-    calls = 8 if args.smoke else 400
+    n = 140 if args.smoke else args.n
+    calls = 4 if args.smoke else 400
+    reps = 2 if args.smoke else 20
     with open(args.out, "a") as f:
         def emit(section, name, **kw):
             line = dict(section=section, name=name, device=str(dev),
@@ -193,8 +194,8 @@ def main() -> int:
             print(json.dumps(line), flush=True)
             f.write(json.dumps(line) + "\n")
             f.flush()
-        for section, fn in (("knn", lambda: knn_section(dev, emit, n, 3 if args.smoke else 10)),
-                            ("launch", lambda: launch_section(dev, emit, calls))):
+        for section, fn in (("knn", lambda: knn_section(dev, emit, n, 2 if args.smoke else 10)),
+                            ("launch", lambda: launch_section(dev, emit, calls, reps, (37, 11, 33) if args.smoke else (180, 100, 512)))):
             try:
                 fn()
             except Exception:

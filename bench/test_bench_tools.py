@@ -286,8 +286,11 @@ def test_gpu_check_rehearsal_on_cpu(tmp_path):
                           capture_output=True, text=True, timeout=420)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     steps = {s["step"]: s for s in (json.loads(line) for line in (out / "steps.json").read_text().splitlines())}
-    assert list(steps) == ["install_preinstalled", "gpu_tests", "kernel_tests", "bench",
+    assert list(steps) == ["install_preinstalled", "gpu_tests", "kernel_tests", "bench", "probe",
                            "tune_line_margin", "report"], steps
+    probe = [json.loads(line) for line in (out / "probe.jsonl").read_text().splitlines()]
+    assert {p["section"] for p in probe} == {"knn", "launch"}
+    assert not [p for p in probe if p["name"] == "error"], [p["error"] for p in probe if p["name"] == "error"]
     assert steps["gpu_tests"]["rc"] in (0, 5) and all(
         s["rc"] == 0 for name, s in steps.items() if name != "gpu_tests"), steps
     env_json = json.loads((out / "env.json").read_text())
