@@ -8,7 +8,8 @@ script splits both:
 * ``launch``: host microseconds per call (a loop of calls, one synchronisation at the end) of an
   empty Triton kernel, of ``_knn_fwd_kernel`` on a tiny problem (its 20 arguments), of a PyTorch
   op, of ``daal_triton.knn``, and of DAALLoss forward / forward + backward at B = 180, C = 100,
-  D = 512; and the same forward + backward replayed from a CUDA graph (GPU time alone).
+  D = 512 (also with each ``DAAL_EAGER_OPS`` mode); and the same forward + backward replayed from
+  a CUDA graph (GPU time alone).
 * ``knn``: the selection kernel at M = N (bf16, D = 512, k = 8) against kernels that keep its
   GEMM and drop parts of its epilogue: ``gemm_min`` (tiles, s and one row-min per tile), and
   ``filter`` (+ the candidate filter ``s < worst`` and its row-min, no merge loop); plus
@@ -30,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from daal_triton.kernels import knn as kk
+from daal_triton.kernels import _common, knn as kk
 from daal_triton.kernels._common import TL_EPS, _dot_rows, dot_flags, row_sqnorms
 
 
@@ -128,6 +129,13 @@ def launch_section(dev, emit, n, reps, shape=(180, 100, 512)):
         loss(z, y).backward()
     emit("launch", f"DAALLoss forward+backward, B={B} C={C} D={D}", host_us=host_us(fb, dev, n // 4),
          gpu_ms=gpu_ms(fb, dev, reps))
+    for mode in _common.EAGER_MODES:  # the custom operators' dispatch vs autograd.Functions (both ways)
+        saved, _common.EAGER_OPS = _common.EAGER_OPS, mode
+        try:
+            emit("launch", f"DAALLoss forward+backward, B={B} C={C} D={D}, DAAL_EAGER_OPS={mode}",
+                 host_us=host_us(fb, dev, n // 4))
+        finally:
+            _common.EAGER_OPS = saved
     if dev.type == "cuda":
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())

@@ -431,3 +431,46 @@ def row_sqnorms(x: torch.Tensor, precision: str = "ieee") -> torch.Tensor:
                          ROUND_TF32=round_operands(precision) and x.dtype == torch.float32,
                          **SQNORM_CONFIG.launch(D))
     return out
+
+
+# ----------------------------------------------------------------------------- eager calls
+#: How the operators are called outside ``torch.compile``: ``"function"`` (default), through an
+#: ``autograd.Function`` made of the custom operator's own body, setup and backward (:func:`eager`);
+#: ``"custom"`` (``DAAL_EAGER_OPS=custom``), through the ``torch.library`` custom operator, as
+#: ``torch.compile`` always does. The custom operator's dispatch (its autograd wrapper, the
+#: redispatch below autograd, the dynamo guard around the body) costs host time on every call:
+#: ~37 µs per call more than an ``autograd.Function`` on a 2-core CPU (``bench/probe_dispatch.py``)
+#: and the first H200 run found the B = 180 loss host-bound (docs/kernels.md, "Measured
+#: results"). Kept selectable until a GPU run times both (``bench/probe_h200.py``).
+EAGER_MODES = ("function", "custom")
+EAGER_OPS = os.environ.get("DAAL_EAGER_OPS", "function")
+
+
+def eager(op):
+    """``op`` (a ``torch.library.custom_op`` with ``register_autograd``) as the launchers call it:
+    the operator itself under ``torch.compile`` (or with ``DAAL_EAGER_OPS=custom``), else an
+    ``autograd.Function`` that runs the same body, ``setup_context`` and backward formula (so the
+    values, the saved tensors and the gradients are the operator's)."""
+    body, setup, backward = (getattr(op, name, None) for name in ("_init_fn", "_setup_context_fn", "_backward_fn"))
+    if body is None or setup is None or backward is None:  # a PyTorch without these: the operator
+        return op
+
+    class Call(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, *args):
+            out = body(*args)
+            setup(ctx=ctx, inputs=args, output=out)
+            return out
+
+        @staticmethod
+        def backward(ctx, *grads):
+            return backward(ctx, *grads)
+
+    Call.__name__ = Call.__qualname__ = op._qualname.split("::")[-1] + "_eager"
+
+    def call(*args):
+        if EAGER_OPS == "custom" or torch.compiler.is_compiling():
+            return op(*args)
+        return Call.apply(*args)
+
+    return call

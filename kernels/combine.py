@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import KernelConfig, KernelSpec, Launch, config_family, expand
+from ._common import KernelConfig, KernelSpec, Launch, config_family, eager, expand
 
 
 @triton.jit
@@ -216,10 +216,11 @@ def _backward(ctx, g_per, g_total, g_dens, g_len):
 
 
 _combine_op.register_autograd(_backward, setup_context=_setup_context)
+_combine = eager(_combine_op)
 
 
 def combine(per_line: torch.Tensor, hinge: torch.Tensor, valid: torch.Tensor, bad: torch.Tensor,
             l_len: Optional[torch.Tensor], *, weights: Optional[torch.Tensor], lambda_dens: float,
             lambda_len: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``daal_triton.reference.combine`` in one launch (float32 results)."""
-    return _combine_op(per_line, hinge, valid, bad, weights, l_len, float(lambda_dens), float(lambda_len))
+    return _combine(per_line, hinge, valid, bad, weights, l_len, float(lambda_dens), float(lambda_len))

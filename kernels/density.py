@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import TL_EPS, KernelConfig, KernelSpec, Launch, config_family, expand
+from ._common import TL_EPS, KernelConfig, KernelSpec, Launch, config_family, eager, expand
 
 
 @triton.jit
@@ -232,6 +232,7 @@ def _backward(ctx, g_r, _g_valid, _g_margin, g_hinge):
 
 
 _density_op.register_autograd(_backward, setup_context=_setup_context)
+_density = eager(_density_op)
 
 
 def density(dist: torch.Tensor, index: torch.Tensor, labels: torch.Tensor, num_classes: int, *,
@@ -242,4 +243,4 @@ def density(dist: torch.Tensor, index: torch.Tensor, labels: torch.Tensor, num_c
     At most ``MAX_K`` neighbours (``ValueError`` beyond: the loss then runs the reference's)."""
     if dist.shape[1] > MAX_K:
         raise ValueError(f"density: at most {MAX_K} neighbours per sample, got {dist.shape[1]}")
-    return _density_op(dist, index, labels, float(m0), float(m_min), float(m_max), float(gamma), float(tau))
+    return _density(dist, index, labels, float(m0), float(m_min), float(m_max), float(gamma), float(tau))

@@ -97,6 +97,7 @@ from ._common import (
     Launch,
     _dot_rows,
     compute_dtype,
+    eager,
     expand,
     family,
     dot_flags,
@@ -749,6 +750,7 @@ def _knn_autograd_backward(ctx, g, _g_index):
 
 
 _knn_op.register_autograd(_knn_autograd_backward, setup_context=_knn_setup_context)
+_knn_call = eager(_knn_op)
 
 
 def knn(
@@ -803,4 +805,4 @@ def _knn(query, ref, k, *, query_labels=None, ref_labels=None, exclude_self=Fals
     compute_dtype("knn", query, ref)
     if ref.shape[0] >= 2**31:
         raise ValueError(f"ref has {ref.shape[0]} rows; the kernel's column indices are int32 (< 2^31)")
-    return _knn_op(query, ref, k, query_labels, ref_labels, bool(exclude_self), splits, finish)
+    return _knn_call(query, ref, k, query_labels, ref_labels, bool(exclude_self), splits, finish)

@@ -115,6 +115,7 @@ from ._common import (
     Launch,
     compute_dtype,
     config_family,
+    eager,
     expand,
     input_precision,
     sm_count,
@@ -1134,6 +1135,7 @@ def _line_lse_autograd_backward(ctx, grad_out, _grad_lse):
 
 
 _line_lse_op.register_autograd(_line_lse_autograd_backward, setup_context=_line_lse_setup_context)
+_line_lse = eager(_line_lse_op)
 
 
 # ----------------------------------------------------------------------------- design v2 launchers
@@ -1357,6 +1359,7 @@ def _line_margin2_autograd_backward(ctx, grad_out, _g_lse, _g_rs, _g_st, _g_sx):
 
 
 _line_margin2_op.register_autograd(_line_margin2_autograd_backward, setup_context=_line_margin2_setup_context)
+_line_margin2 = eager(_line_margin2_op)
 
 
 _SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
@@ -1382,11 +1385,11 @@ def line_margin(x: torch.Tensor, labels: torch.Tensor, segments: torch.Tensor,
                          f"{tuple(segments.shape)}")
     labels = labels.long().contiguous()
     if _design(design) == "v2":  # the own-class distance inside (direct form, exact)
-        return _line_margin2_op(x, segments, labels, margins, float(alpha), float(lambda_pull))[0]
+        return _line_margin2(x, segments, labels, margins, float(alpha), float(lambda_pull))[0]
     # v1: own class, direct form, float32: exact on the segment, gradient via autograd (O(B D)).
     own = segments[labels].float()
     d_pos = torch.sqrt(own_distance_sq(x.float(), own[:, 0], own[:, 1]))
-    line, _ = _line_lse_op(x, segments, d_pos, labels, margins, float(alpha))
+    line, _ = _line_lse(x, segments, d_pos, labels, margins, float(alpha))
     if lambda_pull:
         line = line + lambda_pull * d_pos * d_pos
     return line

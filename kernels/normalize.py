@@ -30,6 +30,7 @@ from ._common import (
     Launch,
     compute_dtype,
     config_family,
+    eager,
     expand,
     prepare as prepare_rows,
 )
@@ -214,6 +215,7 @@ def _backward(ctx, gx, _gn, _glab, _gbad):
 
 
 _prepare_op.register_autograd(_backward, setup_context=_setup_context)
+_prepare = eager(_prepare_op)
 
 
 def prepare(embeddings: torch.Tensor, labels: Optional[torch.Tensor], num_classes: int, *,
@@ -224,5 +226,5 @@ def prepare(embeddings: torch.Tensor, labels: Optional[torch.Tensor], num_classe
     if dtype != torch.float32:
         raise ValueError(f"prepare: the kernels compute in float32, got dtype {dtype}")
     compute_dtype("prepare", embeddings)
-    x, _, lab, bad = _prepare_op(embeddings, labels, int(num_classes), bool(normalize))
+    x, _, lab, bad = _prepare(embeddings, labels, int(num_classes), bool(normalize))
     return (x, None, None) if labels is None else (x, lab, bad)

@@ -61,6 +61,7 @@ from ._common import (
     _round_tf32,
     compute_dtype,
     dot_flags,
+    eager,
     expand,
     family,
     gpu_dot_variants,
@@ -389,6 +390,7 @@ def _pairwise_autograd_backward(ctx, g):
 
 
 _pairwise_op.register_autograd(_pairwise_autograd_backward, setup_context=_pairwise_setup_context)
+_pairwise = eager(_pairwise_op)
 
 
 def pairwise_distance(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -402,4 +404,4 @@ def pairwise_distance(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     if x.ndim != 2 or y.ndim != 2 or x.shape[1] != y.shape[1]:
         raise ValueError(f"x and y must be M x D and N x D, got {tuple(x.shape)} and {tuple(y.shape)}")
     compute_dtype("pairwise_distance", x, y)
-    return _pairwise_op(x, y)
+    return _pairwise(x, y)

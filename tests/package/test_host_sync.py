@@ -72,16 +72,27 @@ def test_out_of_range_label_without_checks_is_nan_not_a_fault(gpu_defaults, back
     per_sample.sum().backward()  # the backward runs too (NaN flows where it must)
 
 
-def test_the_counter_sees_inside_custom_operators_and_triton_launches():
-    """The kNN is one custom operator; its body's aten operators and its Triton kernels count."""
-    from daal_triton.kernels import knn
+def test_the_counter_sees_inside_custom_operators_and_triton_launches(monkeypatch):
+    """Called as its custom operator (as torch.compile calls it; DAAL_EAGER_OPS=custom) the kNN is
+    one custom operator whose body's aten operators and Triton kernels count; called in eager
+    mode (an autograd.Function around the same body) it launches exactly the same."""
+    from daal_triton.kernels import _common, knn
 
-    x = torch.randn(20, 16)
-    with LaunchCount() as count:
-        knn.knn(x, x, 3, exclude_self=True)
-    assert count.custom == {"daal_triton.knn": 1}
-    assert sum(count.triton.values()) >= 2 and "_knn_fwd_kernel" in count.triton
-    assert count.launches > sum(count.triton.values()) or count.aten_launches == 0
+    x = torch.randn(20, 16, requires_grad=True)
+    counts = {}
+    for mode in _common.EAGER_MODES:
+        monkeypatch.setattr(_common, "EAGER_OPS", mode)
+        x.grad = None
+        with LaunchCount() as count:
+            d, _ = knn.knn(x, x, 3, exclude_self=True)
+            d.sum().backward()
+        counts[mode] = count
+    custom, function = counts["custom"], counts["function"]
+    assert custom.custom == {"daal_triton.knn": 1, "daal_triton.knn_backward": 1}
+    assert sum(custom.triton.values()) >= 3 and "_knn_fwd_kernel" in custom.triton
+    assert custom.launches > sum(custom.triton.values()) or custom.aten_launches == 0
+    assert function.custom == {"daal_triton.knn_backward": 1}  # the backward formula calls it
+    assert function.triton == custom.triton and function.launches == custom.launches
 
 
 def test_the_counter_tells_copies_from_no_ops():
