@@ -1,5 +1,5 @@
-"""Issue 14 diagnostic (not part of the package; docs/results/shapes_tuning.md, round E): train exactly as daal-train does (same build_run, same
-train_one_epoch), and at evaluation epochs evaluate the live network plus weight averages:
+"""Issue 14 diagnostic (not part of the package; docs/results/shapes_tuning.md, round E):
+train exactly as daal-train does (same build_run, same train_one_epoch), and at evaluation epochs evaluate the live network plus weight averages:
 EMA (per step, parameters and BN buffers averaged) at several decays, and uniform averages
 of the epoch-end weights of the last N epochs (BN statistics recomputed on the training set).
 Training is untouched, so the live numbers are those of the plain run."""
