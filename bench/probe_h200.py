@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 import traceback
@@ -33,6 +32,7 @@ import triton.language as tl
 
 from daal_triton.kernels import _common, knn as kk
 from daal_triton.kernels._common import TL_EPS, _dot_rows, dot_flags, row_sqnorms
+from tune_line_margin import Timer
 
 
 @triton.jit
@@ -90,23 +90,11 @@ def host_us(fn, dev, n):
 
 
 def gpu_ms(fn, dev, reps):
-    """Median milliseconds per call by CUDA events (wall clock on a CPU)."""
+    """Median milliseconds per call (``tune_line_margin.Timer``: CUDA events on a GPU), after one
+    warm-up call."""
     fn()
     _sync(dev)
-    times = []
-    for _ in range(reps):
-        if dev.type == "cuda":
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return sorted(times)[len(times) // 2]
+    return Timer(dev)(fn, reps) * 1e3
 
 
 def launch_section(dev, emit, n, reps, shape=(180, 100, 512)):

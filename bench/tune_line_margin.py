@@ -85,7 +85,8 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
-class _Timer:
+class Timer:
+    """Median time of calls: CUDA events on a GPU, the wall clock elsewhere (also bench/probe_h200.py)."""
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
 
@@ -188,7 +189,7 @@ def tune(out_path: str, *, shape=(1024, 100_000, 512), dtypes=("bf16", "fp32"), 
     if device.type != "cuda" and not smoke:
         raise SystemExit("no CUDA GPU: run with --smoke on the CPU (under TRITON_INTERPRET=1)")
     B, C, D = shape
-    timer = _Timer(device)
+    timer = Timer(device)
     deadline = time.monotonic() + budget_s
     runs, order = _plan(lm, shape, dtypes, SMOKE_CANDIDATES if smoke else CANDIDATES, device, tuple(kernels))
     records, base_out = [], {}

@@ -469,7 +469,9 @@ def eager(op):
     Call.__name__ = Call.__qualname__ = op._qualname.split("::")[-1] + "_eager"
 
     def call(*args):
-        if EAGER_OPS == "custom" or torch.compiler.is_compiling():
+        if EAGER_OPS != "function" or torch.compiler.is_compiling():
+            if EAGER_OPS not in EAGER_MODES:
+                raise ValueError(f"DAAL_EAGER_OPS must be one of {EAGER_MODES}, got {EAGER_OPS!r}")
             return op(*args)
         return Call.apply(*args)
 

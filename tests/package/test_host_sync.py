@@ -95,6 +95,14 @@ def test_the_counter_sees_inside_custom_operators_and_triton_launches(monkeypatc
     assert function.triton == custom.triton and function.launches == custom.launches
 
 
+def test_a_bad_eager_mode_is_refused(monkeypatch):
+    from daal_triton.kernels import _common, knn
+
+    monkeypatch.setattr(_common, "EAGER_OPS", "Custom")
+    with pytest.raises(ValueError, match="DAAL_EAGER_OPS"):
+        knn.knn(torch.randn(5, 3), torch.randn(5, 3), 2)
+
+
 def test_the_counter_tells_copies_from_no_ops():
     a = torch.randn(3)
     with LaunchCount() as count:
