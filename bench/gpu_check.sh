@@ -8,9 +8,10 @@
 #      training-step benchmark (VGG-19-BN, B=180, C=100 and 11,318) runs after the operators'
 #      targets, in a slice of DAAL_BENCH_TRAIN_STEP_S seconds of its own within that deadline,
 #   4. probe where the time goes (bench/probe_h200.py: host cost per launch, the kNN forward's
-#      parts and splits; DAAL_PROBE_S seconds, default 45, 0 skips it), then time alternative
-#      line-margin block sizes (bench/tune_line_margin.py, with the time the benchmarks leave, at
-#      least DAAL_TUNE_S seconds),
+#      parts and splits; DAAL_PROBE_S seconds, default 45, 0 skips it), time alternative kNN
+#      forward block sizes and grids (bench/tune_knn.py; DAAL_TUNE_KNN_S seconds, default 50, 0
+#      skips it), then alternative line-margin block sizes (bench/tune_line_margin.py, with the
+#      time the benchmarks leave, at least DAAL_TUNE_S seconds),
 #   5. write OUTDIR/report.md (bench/report.py) from what was recorded.
 #
 # usage: bash bench/gpu_check.sh OUTDIR
@@ -18,7 +19,8 @@
 # OUTDIR receives: env.json, steps.json (one line per step: exit status, seconds), *.log,
 # gpu_tests.xml / kernel_tests.xml / bench_junit.xml (JUnit), records.jsonl (one line per
 # benchmark case: measured, skipped with the reason, or failed), bench.json
-# (pytest-benchmark's --benchmark-json), probe.jsonl, tune_line_margin.json, nvidia-smi.txt, report.md.
+# (pytest-benchmark's --benchmark-json), probe.jsonl, tune_knn.json, tune_line_margin.json,
+# nvidia-smi.txt, report.md.
 # To commit a run: copy OUTDIR to bench/results/<date>-<gpu>/ and run
 # `python bench/report.py --readme`.
 #
@@ -30,7 +32,8 @@
 # DAAL_CHECK_INSTALL (default 1; 0: use the daal_triton already importable, for rehearsals),
 # DAAL_CHECK_K (a pytest -k expression for the two test steps, for rehearsals),
 # DAAL_BENCH_PROFILE (default check; "full" needs far more time than 8 minutes), DAAL_TUNE_S
-# (default 60: the seconds reserved for step 4; 0 skips it), DAAL_BENCH_TRAIN_STEP_S (default 80:
+# (default 30: the seconds reserved for step 4's line-margin tuning, which the first H200 run
+# decided; 0 skips it), DAAL_TUNE_KNN_S (default 50; 0 skips the kNN tuning), DAAL_BENCH_TRAIN_STEP_S (default 80:
 # the most the training-step cases may take together in step 3; what they leave goes to the
 # operators' remaining cases).
 set -uo pipefail
@@ -47,8 +50,9 @@ T0=$(date +%s)
 TOTAL=${DAAL_CHECK_TOTAL_S:-460}
 PY=${PYTHON:-$(command -v python3 || command -v python)}
 PROFILE=${DAAL_BENCH_PROFILE:-check}
-TUNE_S=${DAAL_TUNE_S:-60}  # reserved for step 4's tuning (0: no tuning)
+TUNE_S=${DAAL_TUNE_S:-30}  # reserved for step 4's line-margin tuning (0: none)
 PROBE_S=${DAAL_PROBE_S:-45}  # reserved for step 4's probe (0: no probe)
+TUNE_KNN_S=${DAAL_TUNE_KNN_S:-50}  # reserved for step 4's kNN tuning (0: none)
 TMP=$(mktemp -d "${TMPDIR:-/tmp}/daal_gpu_check.XXXXXX")
 STEPS="$OUT/steps.json"
 : > "$STEPS"
@@ -175,7 +179,7 @@ if [ "$INSTALL" != failed ]; then
   rc=$?; if [ $rc -ne 0 ] && [ $rc -ne 5 ]; then STATUS=1; fi
 
   # ---------------------------------------------------------------- 3. benchmarks
-  BENCH_LIMIT=$(( $(left) - 25 - TUNE_S - PROBE_S ))  # keep time for step 4 and the report
+  BENCH_LIMIT=$(( $(left) - 25 - TUNE_S - PROBE_S - TUNE_KNN_S ))  # keep time for step 4 and the report
   export DAAL_BENCH_DEADLINE=$(( $(date +%s) + BENCH_LIMIT - 30 ))  # cases stop starting 30 s early
   export DAAL_BENCH_TRAIN_STEP_S=${DAAL_BENCH_TRAIN_STEP_S:-80}
   # Last on the line: of the targets, the training step's run after the operators'.
@@ -186,13 +190,18 @@ if [ "$INSTALL" != failed ]; then
       --benchmark-json "$OUT/bench.json" --benchmark-columns=min,median,mean,rounds \
       --junitxml="$OUT/bench_junit.xml"
 
-  # ---------------------------------------------------------------- 4. probe, line-margin block sizes
-  # Without a GPU (a rehearsal of this script on a CPU) both run in their --smoke modes.
+  # ---------------------------------------------------------------- 4. probe, kNN and line-margin block sizes
+  # Without a GPU (a rehearsal of this script on a CPU) all three run in their --smoke modes.
   SMOKE=$("$PY" -c 'import torch; print("" if torch.cuda.is_available() else "--smoke")' 2>/dev/null)
   if [ "$PROBE_S" -gt 0 ]; then
     if [ -n "$SMOKE" ]; then PROBE_ENV=(env TRITON_INTERPRET=1); else PROBE_ENV=(); fi
-    step probe "$(min "$PROBE_S" $(( $(left) - 25 - TUNE_S )))" ${PROBE_ENV[@]+"${PROBE_ENV[@]}"} \
+    step probe "$(min "$PROBE_S" $(( $(left) - 25 - TUNE_S - TUNE_KNN_S )))" ${PROBE_ENV[@]+"${PROBE_ENV[@]}"} \
         "$PY" bench/probe_h200.py "$OUT/probe.jsonl" $SMOKE
+  fi
+  if [ "$TUNE_KNN_S" -gt 0 ]; then
+    KNN_LIMIT=$(min "$TUNE_KNN_S" $(( $(left) - 25 - TUNE_S )))
+    step tune_knn "$KNN_LIMIT" "$PY" bench/tune_knn.py \
+        "$OUT/tune_knn.json" --budget-s $(( KNN_LIMIT - 25 )) $SMOKE
   fi
   # It gets what the benchmarks left (at least the TUNE_S reserved for it): candidates start
   # until 30 s before the step's limit, which leaves the last one time to finish.

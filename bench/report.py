@@ -87,7 +87,7 @@ def _from_benchmark_json(path: str) -> List[dict]:
 def load_run(run_dir: str) -> dict:
     """Everything a run directory holds, as plain dicts."""
     run = dict(dir=run_dir, name=os.path.basename(os.path.normpath(run_dir)), env={}, cases={},
-               matmul=[], steps=[], junit=[], tuning=None)
+               matmul=[], steps=[], junit=[], tuning=None, knn_tuning=None)
     recs: List[dict] = []
     rec_path = os.path.join(run_dir, "records.jsonl")
     bench_path = os.path.join(run_dir, "bench.json")
@@ -121,13 +121,14 @@ def load_run(run_dir: str) -> dict:
         summary = junit_summary(xml)
         if summary:
             run["junit"].append(summary)
-    tune_path = os.path.join(run_dir, "tune_line_margin.json")
-    if os.path.exists(tune_path):
-        try:
-            with open(tune_path, encoding="utf-8") as f:
-                run["tuning"] = json.load(f)
-        except (OSError, json.JSONDecodeError):
-            pass
+    for key, name in (("tuning", "tune_line_margin.json"), ("knn_tuning", "tune_knn.json")):
+        tune_path = os.path.join(run_dir, name)
+        if os.path.exists(tune_path):
+            try:
+                with open(tune_path, encoding="utf-8") as f:
+                    run[key] = json.load(f)
+            except (OSError, json.JSONDecodeError):
+                pass
     return run
 
 
@@ -452,6 +453,15 @@ def run_report(run: dict, *, heading_level: int = 2) -> List[str]:
                   f"B={r0['B']}, C={r0['C']}, D={r0['D']}; one kernel varied at a time; "
                   "\"speed-up\" = time(table's entry) / time(candidate).", "",
                   markdown(recs), ""]
+    if run.get("knn_tuning") and run["knn_tuning"].get("records"):
+        from tune_knn import markdown as knn_markdown
+
+        r0 = run["knn_tuning"]["records"][0]
+        lines += [f"{h}# kNN forward block sizes and grids (bench/tune_knn.py)", "",
+                  f"{r0['dtype']}, D={r0['D']}, k={r0['k']}, query = reference set, forward only; "
+                  "splits sized for 1 or 2 programs per SM (\"resident\"); \"speed-up\" = "
+                  "time(table's entry) / time(candidate).", "",
+                  knn_markdown(run["knn_tuning"]["records"]), ""]
     if not run["cases"]:
         lines += ["No benchmark case was recorded in this run.", ""]
         return lines
@@ -489,8 +499,10 @@ pytest-benchmark files, one per operator: `test_bench_pairwise.py`, `test_bench_
 function from a table), `runner.py` (time budget, memory guard, warm-up, timing, NaN check,
 failure triage, statistics, records) and `conftest.py` (options, ordering); `report.py` turns a
 run into Markdown; `gpu_check.sh` is the GPU check; `tune_line_margin.py` times alternative block
-sizes of the line-margin kernels (the check runs it for 60 s; its table goes into the run's
-report); `work_model.py` models the flops and bytes of each line-margin kernel of both designs
+sizes of the line-margin kernels (the check runs it for at least 30 s; its table goes into the
+run's report), `tune_knn.py` those of the kNN forward and grids sized for two programs per SM
+(50 s; its table too); `probe_h200.py` splits host and GPU time on a GPU, `probe_host.py` measures
+the loss's host time besides the kernels on a CPU; `work_model.py` models the flops and bytes of each line-margin kernel of both designs
 (printed beside a run's measured times; `python bench/work_model.py B,C,D` prints it alone).
 
 Each case is (shape, precision, provider, pass):

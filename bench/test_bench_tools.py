@@ -287,7 +287,7 @@ def test_gpu_check_rehearsal_on_cpu(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     steps = {s["step"]: s for s in (json.loads(line) for line in (out / "steps.json").read_text().splitlines())}
     assert list(steps) == ["install_preinstalled", "gpu_tests", "kernel_tests", "bench", "probe",
-                           "tune_line_margin", "report"], steps
+                           "tune_knn", "tune_line_margin", "report"], steps
     probe = [json.loads(line) for line in (out / "probe.jsonl").read_text().splitlines()]
     assert {p["section"] for p in probe} == {"knn", "launch"}
     assert not [p for p in probe if p["name"] == "error"], [p["error"] for p in probe if p["name"] == "error"]
@@ -300,8 +300,11 @@ def test_gpu_check_rehearsal_on_cpu(tmp_path):
         "pairwise", "knn", "line_margin", "loss", "train_step"}
     tune = json.loads((out / "tune_line_margin.json").read_text())
     assert tune["smoke"] and all(r["status"] == "measured" for r in tune["records"])
+    tune_knn = json.loads((out / "tune_knn.json").read_text())
+    assert tune_knn["smoke"] and tune_knn["records"] and all(r["status"] == "measured" for r in tune_knn["records"])
     text = (out / "report.md").read_text()
     assert "CPU smoke run" in text and "Line-margin block sizes" in text and "### Training step" in text
+    assert "kNN forward block sizes" in text
     assert "not measured" in [line for line in text.splitlines() if "B=180, C=100 (bf16): DAAL" in line][0]
 
 
@@ -364,3 +367,60 @@ def test_tune_line_margin_order(tmp_path, monkeypatch):
     assert [(r["kernel"], r["BLOCK_B"], r["BLOCK_C"]) for r in by_run[3:]] == [
         ("fwd", 64, 32), ("dx", 32, 64), ("fwd", 32, 32)]
     assert all(r["status"] == "measured" for r in recs)
+
+
+# ----------------------------------------------------------------------------- tune_knn.py
+import tune_knn as tk  # noqa: E402
+
+
+def test_tune_knn_smoke(tmp_path):
+    """The kNN tuning tool on the CPU (interpreter, tiny shapes): the table's entry first on each
+    size, every candidate timed and checked against it, the table restored, a report section."""
+    from daal_triton.kernels import knn
+
+    before = copy.deepcopy(knn.CONFIGS)
+    run = tmp_path / "run"
+    run.mkdir()
+    out = run / "tune_knn.json"
+    recs = tk.tune(str(out), sizes=(37, 70), D=33, dtype="fp32", smoke=True, budget_s=600)
+    assert knn.CONFIGS == before
+    data = json.loads(out.read_text())
+    assert data["smoke"] and data["records"] == recs
+    # on the CPU the grid is one split whatever the residency: the resident-2 jobs are the same grid
+    assert [(r["M"], r["table"]) for r in recs] == [(37, True), (37, False), (70, True), (70, False)]
+    for r in recs:
+        assert r["status"] == "measured", r
+        assert r["seconds"] > 0 and r["splits"] == 1
+        if not r["table"]:
+            assert r["same_rows"] == 1.0 and r["max_dist_diff"] <= 1e-6
+    text = "\n".join(report.run_report(report.load_run(str(run))))
+    assert "kNN forward block sizes" in text and "(table)" in text
+
+
+def test_tune_knn_flags_failures_and_budget(tmp_path, monkeypatch):
+    out = str(tmp_path / "t.json")
+    # 48 rows is not a power of two: tl.arange refuses it -> recorded as failed, exit status 1
+    monkeypatch.setattr(tk, "SMOKE_CANDIDATES", {(48, 32, 4, 1): 1})
+    assert tk.main([out, "--smoke", "--sizes", "40", "--dim", "9"]) == 1
+    assert [r["status"].split(":")[0] for r in json.load(open(out))["records"]] == ["measured", "failed"]
+    # a candidate that selects other neighbours is flagged, not timed as a win
+    monkeypatch.setattr(tk, "SMOKE_CANDIDATES", {(32, 32, 4, 1): 1})
+    monkeypatch.setattr(tk, "_compare", lambda out, base: (0.5, 0.0))
+    assert tk.main([out, "--smoke", "--sizes", "40", "--dim", "9"]) == 1
+    assert json.load(open(out))["records"][1]["status"].startswith("WRONG")
+    assert tk.main([out, "--smoke", "--sizes", "40", "--dim", "9", "--budget-s", "0"]) == 0
+    assert {r["status"] for r in json.load(open(out))["records"]} == {"not run: out of the time budget"}
+
+
+def test_tune_knn_grid_sizes_for_residency():
+    """On a GPU each candidate that fits two programs per SM is also timed with its grid sized for
+    them; the model's split count then differs from the one-program count where waves change."""
+    from daal_triton.kernels import _common, knn
+
+    jobs = tk._plan((20_000, 60_000), knn.CONFIGS["half"]["fwd_kp16"], knn.FWD_ALTERNATIVES)
+    assert [j[3] for j in jobs[:2]] == [True, True] and not any(j[3] for j in jobs[2:])
+    assert {(j[1], j[2]) for j in jobs[2:]} == {(c, r) for c, res in knn.FWD_ALTERNATIVES.items()
+                                                for r in {1, res}}
+    grid = [_common.wave_split(_common.cdiv(20_000, 64), _common.cdiv(20_000, 128), 132 * resident,
+                               knn.MAX_SPLITS, knn.PROGRAM_OVERHEAD_TILES) for resident in (1, 2)]
+    assert grid == [2, 5]  # 313 row tiles: 626 programs = 4.7 waves of 132; 1565 = 5.9 waves of 264

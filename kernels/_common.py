@@ -43,6 +43,19 @@ POINTER = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf1
 FAMILY_DTYPES = {"fp32": (torch.float32,), "half": (torch.float16, torch.bfloat16)}
 
 
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for host code (``triton.cdiv`` is a ``constexpr_function`` in Triton 3.8,
+    ~10x the cost of this on every launch)."""
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    """The smallest power of two >= ``n`` (0 for ``n <= 0``, as ``triton.next_power_of_2``), for
+    host code (as :func:`cdiv`)."""
+    n = int(n)
+    return 1 << (n - 1).bit_length() if n > 0 else 0
+
+
 def interpreting() -> bool:
     """Whether Triton's interpreter runs the kernels (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -195,7 +208,7 @@ class KernelConfig:
 
     def block_d_for(self, D: int) -> int:
         lo, hi = self.block_d
-        return min(hi, max(lo, triton.next_power_of_2(max(int(D), 1))))
+        return min(hi, max(lo, next_pow2(max(int(D), 1))))
 
     def block_d_choices(self) -> List[Optional[int]]:
         """Every BLOCK_D a launch can use (``[None]`` without BLOCK_D)."""
@@ -426,7 +439,7 @@ def row_sqnorms(x: torch.Tensor, precision: str = "ieee") -> torch.Tensor:
     out = torch.empty(M, dtype=torch.float32, device=x.device)
     if M == 0:
         return out
-    grid = (triton.cdiv(M, SQNORM_CONFIG.blocks["BLOCK_M"]),)
+    grid = (cdiv(M, SQNORM_CONFIG.blocks["BLOCK_M"]),)
     _sqnorm_kernel[grid](x, out, M, D, x.stride(0),
                          ROUND_TF32=round_operands(precision) and x.dtype == torch.float32,
                          **SQNORM_CONFIG.launch(D))
@@ -444,6 +457,36 @@ def row_sqnorms(x: torch.Tensor, precision: str = "ieee") -> torch.Tensor:
 #: results"). Kept selectable until a GPU run times both (``bench/probe_h200.py``).
 EAGER_MODES = ("function", "custom")
 EAGER_OPS = os.environ.get("DAAL_EAGER_OPS", "function")
+
+
+def _dispatch_needed() -> bool:
+    """Whether an operator call must go through the ``torch.library`` operator: under
+    ``torch.compile`` or any tracing (a ``TorchDispatchMode`` is active: fake tensors, make_fx,
+    functionalisation, the launch counter), with ``DAAL_EAGER_OPS=custom``, or with grad mode on
+    (a double backward would differentiate the body's own operators)."""
+    if EAGER_OPS not in EAGER_MODES:
+        raise ValueError(f"DAAL_EAGER_OPS must be one of {EAGER_MODES}, got {EAGER_OPS!r}")
+    return (EAGER_OPS != "function" or torch.compiler.is_compiling()
+            or torch._C._len_torch_dispatch_stack() > 0)
+
+
+def direct(op):
+    """A backward operator (a ``torch.library.custom_op`` without autograd) as the backward
+    formulas call it: its body, straight, when the call is eager and gradients are not being
+    recorded (an ordinary ``.backward()``); the operator itself otherwise
+    (:func:`_dispatch_needed`, or grad mode on). The dispatch costs ~37 µs per call on a 2-core
+    CPU (``bench/probe_dispatch.py``): five backward operators per loss call."""
+    body = getattr(op, "_init_fn", None)
+    if body is None:  # a PyTorch without it: the operator
+        return op
+
+    def call(*args):
+        if torch.is_grad_enabled() or _dispatch_needed():
+            return op(*args)
+        return body(*args)
+
+    call.__name__ = op._qualname.split("::")[-1] + "_direct"
+    return call
 
 
 def eager(op):

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import KernelConfig, KernelSpec, Launch, config_family, eager, expand
+from ._common import KernelConfig, KernelSpec, Launch, config_family, direct, eager, expand
 
 
 @triton.jit
@@ -206,11 +206,14 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
+_combine_backward_direct = direct(_combine_backward_op)
+
+
 def _backward(ctx, g_per, g_total, g_dens, g_len):
     valid, bad, weights = ctx.saved_tensors
     if g_per is None and g_total is None and g_dens is None and g_len is None:
         return (None,) * 8
-    gline, ghinge, gllen = torch.ops.daal_triton.combine_backward(
+    gline, ghinge, gllen = _combine_backward_direct(
         g_per, g_total, g_dens, g_len, valid, bad, weights, *ctx.lambdas)
     return gline, ghinge, None, None, None, gllen if ctx.has_len else None, None, None
 

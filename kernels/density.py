@@ -26,7 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import TL_EPS, KernelConfig, KernelSpec, Launch, config_family, eager, expand
+from ._common import cdiv, next_pow2
+from ._common import TL_EPS, KernelConfig, KernelSpec, Launch, config_family, direct, eager, expand
 
 
 @triton.jit
@@ -164,7 +165,7 @@ def launches() -> List[Launch]:
 
 
 def _kp(K: int) -> int:
-    return max(2, triton.next_power_of_2(max(K, 1)))
+    return max(2, next_pow2(max(K, 1)))
 
 
 # --------------------------------------------------------------------------- operators
@@ -180,7 +181,7 @@ def _density_op(dist: torch.Tensor, index: torch.Tensor, labels: torch.Tensor, m
     if B:
         dist, index = dist.float().contiguous(), index.contiguous()
         cfg = CONFIGS[config_family(torch.float32)][_entry("fwd", _kp(K))]
-        _density_fwd_kernel[(triton.cdiv(B, cfg.blocks["BLOCK_B"]),)](
+        _density_fwd_kernel[(cdiv(B, cfg.blocks["BLOCK_B"]),)](
             dist, index, labels.contiguous(), r, valid, margin, hinge, B, K, dist.stride(0),
             index.stride(0), float(m0), float(m_min), float(m_max), float(gamma), float(tau),
             KP=_kp(K), **cfg.launch())
@@ -204,7 +205,7 @@ def _density_backward_op(g_hinge: Optional[torch.Tensor], g_r: Optional[torch.Te
         cfg = CONFIGS[config_family(torch.float32)][_entry("bwd", _kp(K))]
         gh = g_hinge.float().contiguous() if g_hinge is not None else dist
         gr = g_r.float().contiguous() if g_r is not None else dist
-        _density_bwd_kernel[(triton.cdiv(B, cfg.blocks["BLOCK_B"]),)](
+        _density_bwd_kernel[(cdiv(B, cfg.blocks["BLOCK_B"]),)](
             gh, gr, dist, index, gd, B, K, dist.stride(0), index.stride(0), gd.stride(0), float(tau),
             KP=_kp(K), HAS_GH=g_hinge is not None, HAS_GR=g_r is not None, **cfg.launch())
     return gd
@@ -223,11 +224,14 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
+_density_backward_direct = direct(_density_backward_op)
+
+
 def _backward(ctx, g_r, _g_valid, _g_margin, g_hinge):
     dist, index = ctx.saved_tensors
     if g_r is None and g_hinge is None:
         return (None,) * 8
-    gd = torch.ops.daal_triton.density_backward(g_hinge, g_r, dist, index, ctx.tau)
+    gd = _density_backward_direct(g_hinge, g_r, dist, index, ctx.tau)
     return (gd,) + (None,) * 7
 
 

@@ -90,6 +90,8 @@ import triton
 import triton.language as tl
 
 from ._common import (
+    cdiv,
+    next_pow2,
     EPS,
     TL_EPS,
     KernelConfig,
@@ -97,6 +99,7 @@ from ._common import (
     Launch,
     _dot_rows,
     compute_dtype,
+    direct,
     eager,
     expand,
     family,
@@ -173,6 +176,8 @@ def _knn_fwd_kernel(
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         acc = _dot_rows(q_rows, r_ptr + cols.to(tl.int64)[:, None] * stride_r_n, rmask, cmask, D,
                         acc, BLOCK_D, INPUT_PRECISION, ROUND_TF32)
+        # loaded after the K-loop: hoisted above it, the norms stay live across the MMAs and the
+        # sm_90 builds spill (bf16 KP 16: 199 -> 255 registers + 56 B of stack; fp32 3xTF32: 264 B)
         rn = tl.load(rn_ptr + cols, mask=cmask, other=float("inf"))
         if HAS_LABELS:
             rl = tl.load(rl_ptr + cols, mask=cmask, other=0)
@@ -436,6 +441,13 @@ KERNELS: Dict[str, KernelSpec] = {
 #: running top-k costs 2 * BLOCK_M * KP registers per program, so BLOCK_M shrinks as k grows.
 _FWD_BLOCKS = {16: (128, 128, 8), 32: (64, 128, 4), 64: (64, 64, 4), 128: (32, 64, 4)}
 KP_ROWS = tuple(_FWD_BLOCKS)
+#: Alternatives to the half family's ``fwd_kp16`` entry (k <= 16), which ``bench/tune_knn.py``
+#: times against it on a GPU: ``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` -> the programs per
+#: SM their sm_90 builds allow (registers x threads within 64K registers, shared memory within
+#: 228 KB; tests/kernels/test_kernel_knn.py compiles them and asserts it). The entry itself (~200
+#: registers x 256 threads) allows one: no program's merge overlaps another's tensor-core work.
+FWD_ALTERNATIVES = {(64, 128, 4, 3): 2, (128, 64, 4, 3): 2, (64, 128, 4, 4): 2, (128, 128, 8, 2): 1,
+                    (128, 64, 8, 3): 1}
 
 
 def _fwd_configs(largest_block_d: int, stages: Optional[Dict[int, int]] = None,
@@ -527,7 +539,7 @@ def _num_splits(M: int, N: int, bm: int, bn: int, device: torch.device, policy: 
     if device.type != "cuda":
         return 1
     overhead = PROGRAM_OVERHEAD_TILES if policy == "model" else 0.0
-    return wave_split(triton.cdiv(M, bm), triton.cdiv(N, bn), sm_count(device), MAX_SPLITS, overhead)
+    return wave_split(cdiv(M, bm), cdiv(N, bn), sm_count(device), MAX_SPLITS, overhead)
 
 
 def _finish(s: torch.Tensor, idx: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -547,19 +559,19 @@ def _candidates(q, r, k, ql, rl, exclude_self, splits: Optional[int] = None):
     dtype; ``r is q`` computes the squared norms once)."""
     M, D = q.shape
     N = r.shape[0]
-    kp = triton.next_power_of_2(k)
+    kp = next_pow2(k)
     cfg = CONFIGS[family(q.dtype)][fwd_entry(kp)]
     bm, bn = cfg.blocks["BLOCK_M"], cfg.blocks["BLOCK_N"]
     S = splits or _num_splits(M, N, bm, bn, q.device)
-    cols = triton.cdiv(triton.cdiv(N, S), bn) * bn
-    S = triton.cdiv(N, cols)
+    cols = cdiv(cdiv(N, S), bn) * bn
+    S = cdiv(N, cols)
     out_s = torch.empty(S, M, kp, dtype=torch.float32, device=q.device)
     out_i = torch.empty(S, M, kp, dtype=torch.int32, device=q.device)
     flags = dot_flags(q.dtype)
     qn = row_sqnorms(q, flags["INPUT_PRECISION"])
     rn = qn if r is q else row_sqnorms(r, flags["INPUT_PRECISION"])
     has_labels = ql is not None
-    _knn_fwd_kernel[(triton.cdiv(M, bm), S)](
+    _knn_fwd_kernel[(cdiv(M, bm), S)](
         q, r, qn, rn, ql if has_labels else qn, rl if has_labels else rn, out_s, out_i,
         M, N, D, cols, q.stride(0), r.stride(0), out_s.stride(0), out_s.stride(1),
         KP=kp, HAS_LABELS=has_labels, EXCLUDE_SELF=bool(exclude_self), **flags, **cfg.launch(D))
@@ -585,7 +597,7 @@ def _finish_fused(out_s: torch.Tensor, out_i: torch.Tensor, q: torch.Tensor, r: 
     dist = torch.empty(M, k, dtype=torch.float32, device=q.device)
     index = torch.empty(M, k, dtype=torch.int64, device=q.device)
     cfg = CONFIGS[family(q.dtype)][finish_entry(kp)]
-    _knn_finish_kernel[(triton.cdiv(M, cfg.blocks["BLOCK_M"]),)](
+    _knn_finish_kernel[(cdiv(M, cfg.blocks["BLOCK_M"]),)](
         out_s, out_i, q, r, dist, index, M, D, k, S,
         out_s.stride(0), out_s.stride(1), q.stride(0), r.stride(0), dist.stride(0), index.stride(0),
         KP=kp, **cfg.launch(D))
@@ -631,7 +643,7 @@ def _exact(index: torch.Tensor, q: torch.Tensor, r: torch.Tensor) -> Tuple[torch
     s = torch.empty(M, K, dtype=torch.float32, device=q.device)
     if M and K:
         cfg = CONFIGS[family(q.dtype)]["dist"]
-        _knn_dist_kernel[(triton.cdiv(M, cfg.blocks["BLOCK_M"]),)](
+        _knn_dist_kernel[(cdiv(M, cfg.blocks["BLOCK_M"]),)](
             index, q, r, s, M, q.shape[1], K, index.stride(0), q.stride(0), r.stride(0), s.stride(0),
             **cfg.launch(q.shape[1]))
     s, index = _sort_pairs(s, index)
@@ -669,7 +681,7 @@ def _knn_backward(g, index, q, r, ref_grad: bool = True):
         dr = torch.empty(0, D, dtype=r.dtype, device=q.device)
     g = _cast(g, torch.float32)
     cfg = CONFIGS[family(q.dtype)]["bwd" if ref_grad else "bwd_noref"]
-    _knn_bwd_kernel[(triton.cdiv(M, cfg.blocks["BLOCK_M"]),)](
+    _knn_bwd_kernel[(cdiv(M, cfg.blocks["BLOCK_M"]),)](
         g, index, q, r, dq, dr if ref_grad else dq, M, D, index.shape[1],
         g.stride(0), g.stride(1), index.stride(0), q.stride(0), r.stride(0),
         dq.stride(0), dr.stride(0) if ref_grad else dq.stride(0), HAS_DR=ref_grad, **cfg.launch(D))
@@ -740,12 +752,15 @@ def _knn_setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # no zero-filled gradient for the index
 
 
+_knn_backward_direct = direct(_knn_backward_op)
+
+
 def _knn_autograd_backward(ctx, g, _g_index):
     query, ref, index = ctx.saved_tensors
     if g is None:
         return (None,) * 8
     ref_grad = bool(ctx.needs_input_grad[1])
-    dq, dr = torch.ops.daal_triton.knn_backward(g.contiguous(), index, query, ref, ref_grad)
+    dq, dr = _knn_backward_direct(g.contiguous(), index, query, ref, ref_grad)
     return dq, dr if ref_grad else None, None, None, None, None, None, None
 
 
@@ -785,7 +800,7 @@ def knn_wave_splits(query: torch.Tensor, ref: torch.Tensor, k: int, **kwargs) ->
     GPU run (``DAAL_KNN_SPLITS=waves``; the benchmarks' ``triton_wave_splits`` provider)."""
     splits = None
     if k <= MAX_K and query.is_cuda:
-        cfg = CONFIGS[family(compute_dtype("knn", query, ref))][fwd_entry(triton.next_power_of_2(k))]
+        cfg = CONFIGS[family(compute_dtype("knn", query, ref))][fwd_entry(next_pow2(k))]
         splits = _num_splits(query.shape[0], ref.shape[0], cfg.blocks["BLOCK_M"], cfg.blocks["BLOCK_N"],
                              query.device, "waves")
     return _knn(query, ref, k, splits=splits, **kwargs)

@@ -108,6 +108,7 @@ import triton
 import triton.language as tl
 
 from ._common import (
+    cdiv,
     EPS,
     FAMILY_DTYPES,
     KernelConfig,
@@ -115,6 +116,7 @@ from ._common import (
     Launch,
     compute_dtype,
     config_family,
+    direct,
     eager,
     expand,
     input_precision,
@@ -1022,10 +1024,10 @@ def own_distance_sq(x: torch.Tensor, p: torch.Tensor, q: torch.Tensor) -> torch.
 
 def _split(C: int, row_tiles: int, block_c: int):
     """(classes_per_split, nsplit): about TARGET_PROGRAMS programs, every split non-empty."""
-    tiles = triton.cdiv(C, block_c)
-    want = max(1, min(MAX_SPLITS, triton.cdiv(TARGET_PROGRAMS, row_tiles), tiles))
-    per = triton.cdiv(tiles, want) * block_c
-    return per, triton.cdiv(C, per)
+    tiles = cdiv(C, block_c)
+    want = max(1, min(MAX_SPLITS, cdiv(TARGET_PROGRAMS, row_tiles), tiles))
+    per = cdiv(tiles, want) * block_c
+    return per, cdiv(C, per)
 
 
 def _class_stats(seg: torch.Tensor, cfgs: Dict[str, KernelConfig]):
@@ -1034,7 +1036,7 @@ def _class_stats(seg: torch.Tensor, cfgs: Dict[str, KernelConfig]):
     pu = torch.empty_like(pp)
     uu = torch.empty_like(pp)
     cfg = cfgs["stats"]
-    _lm_class_stats_kernel[(triton.cdiv(C, cfg.blocks["BLOCK_C"]),)](
+    _lm_class_stats_kernel[(cdiv(C, cfg.blocks["BLOCK_C"]),)](
         seg, pp, pu, uu, C, D, seg.stride(0), seg.stride(1), seg.stride(2), **cfg.launch(D))
     return pp, pu, uu
 
@@ -1043,7 +1045,7 @@ def _forward_lse(x, seg, labels, base, xx, stats, cfgs, alpha):
     B, D = x.shape
     C = seg.shape[0]
     cfg = cfgs["fwd"]
-    row_tiles = triton.cdiv(B, cfg.blocks["BLOCK_B"])
+    row_tiles = cdiv(B, cfg.blocks["BLOCK_B"])
     per, nsplit = _split(C, row_tiles, cfg.blocks["BLOCK_C"])
     m = torch.empty(nsplit, B, device=x.device, dtype=torch.float32)
     s = torch.empty_like(m)
@@ -1098,13 +1100,13 @@ def _line_lse_backward_op(grad_out: torch.Tensor, x: torch.Tensor, seg: torch.Te
     grad_dpos = go * (1.0 - torch.exp(-lse))
     cfg = cfgs["dpq"]
     g = torch.empty(C, 2, D, device=x.device, dtype=torch.float32)
-    _lm_bwd_dpq_kernel[(triton.cdiv(C, cfg.blocks["BLOCK_C"]),)](
+    _lm_bwd_dpq_kernel[(cdiv(C, cfg.blocks["BLOCK_C"]),)](
         x, seg, labels, base, lse, go, xx, pp, pu, uu, g, B, C, D,
         x.stride(0), x.stride(1), seg.stride(0), seg.stride(1), seg.stride(2),
         g.stride(0), g.stride(1), g.stride(2), float(alpha), EPS, hmax,
         INPUT_PRECISION=prec, **cfg.launch(D))
     cfg = cfgs["dx"]
-    row_tiles = triton.cdiv(B, cfg.blocks["BLOCK_B"])
+    row_tiles = cdiv(B, cfg.blocks["BLOCK_B"])
     per, nsplit = _split(C, row_tiles, cfg.blocks["BLOCK_C"])
     w = torch.empty(nsplit, B, D, device=x.device, dtype=torch.float32)
     _lm_bwd_dx_kernel[(row_tiles, nsplit)](
@@ -1127,9 +1129,12 @@ def _line_lse_setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(output[1])
 
 
+_line_lse_backward_direct = direct(_line_lse_backward_op)
+
+
 def _line_lse_autograd_backward(ctx, grad_out, _grad_lse):
     x, seg, d_pos, labels, margins, lse = ctx.saved_tensors
-    gx, gseg, gpos = torch.ops.daal_triton.line_lse_backward(
+    gx, gseg, gpos = _line_lse_backward_direct(
         grad_out, x, seg, d_pos, labels, margins, lse, ctx.alpha)
     return gx, gseg, gpos, None, None, None
 
@@ -1152,8 +1157,8 @@ def chunk_classes(B: int, C: int, block_b: int, block_c: int, sms: int,
     (narrower chunks would mean more launches: at C = 1M they cost more than a partial wave)."""
     elements = CHUNK_ELEMENTS if elements is None else elements
     most = max(1, elements // max(1, B * block_c))
-    most = min(most, triton.cdiv(C, block_c))
-    rt = triton.cdiv(B, block_b)
+    most = min(most, cdiv(C, block_c))
+    rt = cdiv(B, block_b)
     if sms > 1:
         for ct in range(most, max(1, (3 * most) // 4) - 1, -1):
             if (rt * ct) % sms == 0:
@@ -1170,7 +1175,7 @@ def _cast_segments(seg: torch.Tensor, x_dtype: torch.dtype, cfgs) -> Tuple[torch
     sx = torch.empty((C, 2, D) if cast else (0,), device=seg.device, dtype=x_dtype)
     cfg = cfgs["prep2"]
     if C:
-        _lm2_prep_kernel[(triton.cdiv(C, cfg.blocks["BLOCK_C"]),)](
+        _lm2_prep_kernel[(cdiv(C, cfg.blocks["BLOCK_C"]),)](
             seg, sx if cast else seg, st, C, D, seg.stride(0), seg.stride(1), seg.stride(2),
             CAST=cast, **cfg.launch(D))
     return st, sx
@@ -1184,7 +1189,7 @@ def _own_rows(x, seg, labels, margins, alpha, cfgs) -> torch.Tensor:
     d_pos, xx, base = rs[0], rs[1], rs[2]
     if B:
         cfg = cfgs["own2"]
-        _lm2_own_kernel[(triton.cdiv(B, cfg.blocks["BLOCK_B"]),)](
+        _lm2_own_kernel[(cdiv(B, cfg.blocks["BLOCK_B"]),)](
             x, seg, labels, margins.detach().float().contiguous(), d_pos, xx, base, B, D, x.stride(0),
             seg.stride(0), seg.stride(1), float(alpha), EPS, **cfg.launch(D))
     return rs
@@ -1214,8 +1219,8 @@ def _line_margin2_op(x: torch.Tensor, seg: torch.Tensor, labels: torch.Tensor, m
     s2 = seg if sx.numel() == 0 else sx
     cfg = cfgs["fwd2"]
     bb, bc = cfg.blocks["BLOCK_B"], cfg.blocks["BLOCK_C"]
-    row_tiles = triton.cdiv(B, bb)
-    nsplit = wave_split(row_tiles, triton.cdiv(C, bc), sm_count(x.device))
+    row_tiles = cdiv(B, bb)
+    nsplit = wave_split(row_tiles, cdiv(C, bc), sm_count(x.device))
     m = torch.empty(nsplit, B, device=x.device, dtype=torch.float32)
     s = torch.empty_like(m)
     lse = torch.empty(B, device=x.device, dtype=torch.float32)
@@ -1225,7 +1230,7 @@ def _line_margin2_op(x: torch.Tensor, seg: torch.Tensor, labels: torch.Tensor, m
             x, s2, labels, base, xx, st, m, s, B, C, D, x.stride(0), nsplit, float(alpha), EPS,
             INPUT_PRECISION=_precision(x.dtype), **cfg.launch(D))
         lcfg = cfgs["lse2"]
-        _lm2_lse_kernel[(triton.cdiv(B, lcfg.blocks["BLOCK_B"]),)](
+        _lm2_lse_kernel[(cdiv(B, lcfg.blocks["BLOCK_B"]),)](
             m, s, d_pos, lse, out, B, nsplit, float(alpha), float(lambda_pull), **lcfg.launch())
     return out, lse, rs, st, sx
 
@@ -1291,7 +1296,7 @@ def _line_margin2_backward(grad_out, x, seg, sx, st, labels, lse, rs, alpha, lam
     gseg = torch.empty(C, 2, D, device=x.device, dtype=torch.float32 if atomic else seg.dtype)
     cfg, dcfg = cfgs["bwd2"], cfgs["dseg2"]
     bb, bc = cfg.blocks["BLOCK_B"], cfg.blocks["BLOCK_C"]
-    row_tiles = triton.cdiv(B, bb)
+    row_tiles = cdiv(B, bb)
     cc = chunk_classes(B, C, bb, bc, sm_count(x.device))
     ctiles = cc // bc
     ab = torch.empty(B, 2 * cc, device=x.device, dtype=x.dtype)
@@ -1303,10 +1308,10 @@ def _line_margin2_backward(grad_out, x, seg, sx, st, labels, lse, rs, alpha, lam
     acc, hr, rows_p = None, None, 0
     for c0 in range(0, C, cc):
         n = min(cc, C - c0)
-        _lm2_bwd_kernel[(row_tiles, triton.cdiv(n, bc))](
+        _lm2_bwd_kernel[(row_tiles, cdiv(n, bc))](
             x, s2, labels, base, lse, go, xx, st, ab, rowp, colp, B, C, D, c0, cc, x.stride(0),
             float(alpha), EPS, hmax, INPUT_PRECISION=prec, **cfg.launch(D))
-        nt = triton.cdiv(n, bc)
+        nt = cdiv(n, bc)
         abn = ab[:, : 2 * n]
         part = mm_f32(abn, s2rows[2 * c0: 2 * (c0 + n)])  # sum_c a~ p_c + b~ q_c
         if acc is None and C <= cc:  # one chunk: the partials go to the finish kernel as they are
@@ -1317,7 +1322,7 @@ def _line_margin2_backward(grad_out, x, seg, sx, st, labels, lse, rs, alpha, lam
             rows_p = 1
         g = mm_f32(abn.t(), x).contiguous()  # rows 2c, 2c + 1: [A~^T X]_c, [B~^T X]_c
         gs, ss = gseg[c0: c0 + n], seg[c0: c0 + n]
-        _lm2_dseg_kernel[(triton.cdiv(n, dcfg.blocks["BLOCK_C"]),)](
+        _lm2_dseg_kernel[(cdiv(n, dcfg.blocks["BLOCK_C"]),)](
             g, ss, colp, gs, n, D, cc, row_tiles, ss.stride(0), ss.stride(1), ss.stride(2),
             gs.stride(0), gs.stride(1), gs.stride(2), **dcfg.launch(D))
     gx = torch.empty(B, D, device=x.device, dtype=x.dtype)
@@ -1326,7 +1331,7 @@ def _line_margin2_backward(grad_out, x, seg, sx, st, labels, lse, rs, alpha, lam
             acc, hr, rows_p = torch.zeros(B, D, device=x.device), torch.zeros(1, B, device=x.device), 1
         own = gseg if atomic else torch.empty(B, 2, D, device=x.device, dtype=torch.float32)
         fcfg = cfgs["finish2"]
-        _lm2_finish_kernel[(triton.cdiv(B, fcfg.blocks["BLOCK_B"]),)](
+        _lm2_finish_kernel[(cdiv(B, fcfg.blocks["BLOCK_B"]),)](
             acc.contiguous(), hr.reshape(-1, B).contiguous(), x, seg, labels, lse, go, d_pos, gx, own, B, D,
             rows_p, x.stride(0), seg.stride(0), seg.stride(1), own.stride(0), own.stride(1),
             float(alpha), float(lambda_pull), EPS, ATOMIC=atomic, **fcfg.launch(D))
@@ -1349,11 +1354,14 @@ def _line_margin2_setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # no zero-filled gradients for the saved statistics
 
 
+_line_margin2_backward_direct = direct(_line_margin2_backward_op)
+
+
 def _line_margin2_autograd_backward(ctx, grad_out, _g_lse, _g_rs, _g_st, _g_sx):
     if grad_out is None:
         return (None,) * 6
     x, seg, sx, st, labels, lse, rs = ctx.saved_tensors
-    gx, gseg = torch.ops.daal_triton.line_margin2_backward(
+    gx, gseg = _line_margin2_backward_direct(
         grad_out, x, seg, sx, st, labels, lse, rs, ctx.alpha, ctx.lambda_pull)
     return gx, gseg, None, None, None, None
 

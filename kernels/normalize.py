@@ -24,12 +24,14 @@ import triton
 import triton.language as tl
 
 from ._common import (
+    cdiv,
     TL_EPS,
     KernelConfig,
     KernelSpec,
     Launch,
     compute_dtype,
     config_family,
+    direct,
     eager,
     expand,
     prepare as prepare_rows,
@@ -164,7 +166,7 @@ def _prepare_op(z: torch.Tensor, labels: Optional[torch.Tensor], num_classes: in
     if B:
         cfg = CONFIGS[config_family(z.dtype)]["fwd"]
         lab_in = labels.to(torch.int64).contiguous() if labels is not None else lab
-        _prepare_fwd_kernel[(triton.cdiv(B, cfg.blocks["BLOCK_B"]),)](
+        _prepare_fwd_kernel[(cdiv(B, cfg.blocks["BLOCK_B"]),)](
             z, x, n if normalize else x, lab_in, lab, bad, B, D, num_classes, z.stride(0),
             NORMALIZE=bool(normalize), HAS_LABELS=labels is not None, **cfg.launch(D))
     return x, n, lab, bad
@@ -187,7 +189,7 @@ def _prepare_backward_op(gx: torch.Tensor, x: torch.Tensor, n: torch.Tensor, z: 
     if B:
         gx = prepare_rows(gx, torch.float32)
         cfg = CONFIGS[config_family(z.dtype)]["bwd"]
-        _prepare_bwd_kernel[(triton.cdiv(B, cfg.blocks["BLOCK_B"]),)](
+        _prepare_bwd_kernel[(cdiv(B, cfg.blocks["BLOCK_B"]),)](
             gx, x, n if normalize else x, gz, B, D, gx.stride(0), gz.stride(0),
             NORMALIZE=bool(normalize), **cfg.launch(D))
     return gz
@@ -207,11 +209,14 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # no zero-filled gradients for n, labels, bad
 
 
+_prepare_backward_direct = direct(_prepare_backward_op)
+
+
 def _backward(ctx, gx, _gn, _glab, _gbad):
     if gx is None:
         return None, None, None, None
     x, n, z = ctx.saved_tensors
-    return torch.ops.daal_triton.prepare_backward(gx, x, n, z, ctx.normalize), None, None, None
+    return _prepare_backward_direct(gx, x, n, z, ctx.normalize), None, None, None
 
 
 _prepare_op.register_autograd(_backward, setup_context=_setup_context)

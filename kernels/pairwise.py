@@ -49,6 +49,7 @@ import triton
 import triton.language as tl
 
 from ._common import (
+    cdiv,
     EPS,
     FP32_DOT,
     SQNORM,
@@ -61,6 +62,7 @@ from ._common import (
     _round_tf32,
     compute_dtype,
     dot_flags,
+    direct,
     eager,
     expand,
     family,
@@ -304,7 +306,7 @@ def _forward(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     flags = dot_flags(x.dtype)
     xn, yn = row_sqnorms(x, flags["INPUT_PRECISION"]), row_sqnorms(y, flags["INPUT_PRECISION"])
     cfg = CONFIGS[family(x.dtype)]["fwd"]
-    grid = (triton.cdiv(M, cfg.blocks["BLOCK_M"]) * triton.cdiv(N, cfg.blocks["BLOCK_N"]),)
+    grid = (cdiv(M, cfg.blocks["BLOCK_M"]) * cdiv(N, cfg.blocks["BLOCK_N"]),)
     _pairwise_fwd_kernel[grid](
         x, y, xn, yn, out, M, N, D, x.stride(0), y.stride(0), out.stride(0),
         **flags, **cfg.launch(D))
@@ -317,7 +319,7 @@ def _form_h(g: torch.Tensor, dist: torch.Tensor, dtype: torch.dtype, round_tf32:
     h = torch.empty(M, N, dtype=h_dtype(dtype), device=dist.device)
     cfg = CONFIGS[family(dtype)]["h"]
     bm, bn = cfg.blocks["BLOCK_M"], cfg.blocks["BLOCK_N"]
-    tm, tn = triton.cdiv(M, bm), triton.cdiv(N, bn)
+    tm, tn = cdiv(M, bm), cdiv(N, bn)
     hrow = torch.empty(tn, M, dtype=torch.float32, device=dist.device)
     hcol = torch.empty(tm, N, dtype=torch.float32, device=dist.device)
     _pairwise_h_kernel[(tm, tn)](
@@ -338,7 +340,7 @@ def _backward_gemm(h: torch.Tensor, hsum: torch.Tensor, a: torch.Tensor, b: torc
     if C == 0:
         return da.zero_()
     cfg = CONFIGS[family(a.dtype)]["bwd_dy" if transpose else "bwd_dx"]
-    grid = (triton.cdiv(R, cfg.blocks["BLOCK_R"]), triton.cdiv(D, cfg.block_d_for(D)))
+    grid = (cdiv(R, cfg.blocks["BLOCK_R"]), cdiv(D, cfg.block_d_for(D)))
     _pairwise_bwd_kernel[grid](
         h, hsum, a, b, da, R, C, D, h.stride(0), a.stride(0), b.stride(0), da.stride(0),
         TRANS_H=transpose, **flags, **cfg.launch(D))
@@ -384,9 +386,12 @@ def _pairwise_setup_context(ctx, inputs, output):
     ctx.save_for_backward(inputs[0], inputs[1], output)
 
 
+_pairwise_distance_backward_direct = direct(_pairwise_backward_op)
+
+
 def _pairwise_autograd_backward(ctx, g):
     x, y, dist = ctx.saved_tensors
-    return torch.ops.daal_triton.pairwise_distance_backward(g, dist, x, y)
+    return _pairwise_distance_backward_direct(g, dist, x, y)
 
 
 _pairwise_op.register_autograd(_pairwise_autograd_backward, setup_context=_pairwise_setup_context)

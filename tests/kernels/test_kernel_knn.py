@@ -261,6 +261,36 @@ def test_knn_hot_path_does_not_spill(compiled):
     assert not spills, f"local memory (bytes per thread) on the hot path: {spills}"
 
 
+def _programs_per_sm(registers: int, warps: int, shared: int) -> int:
+    """Resident programs per sm_90 SM: 64K registers (allocated per warp in multiples of 8 per
+    thread) and 228 KB of shared memory (1 KB of it reserved per program)."""
+    by_regs = 65536 // (-(-registers // 8) * 8 * 32 * warps)
+    return min(by_regs, 233472 // (shared + 1024))
+
+
+def test_knn_forward_alternatives_fit_their_residency():
+    """The block sizes bench/tune_knn.py times against the bf16 forward entry (FWD_ALTERNATIVES)
+    compile for sm_90 (aligned D = 512) with wgmma and no spills, and allow the programs per SM
+    the table says (what the tool sizes their grids for); the entry itself allows one."""
+    import dataclasses
+
+    from daal_testing import compile_many_for_gpu, gpu_job
+
+    base = next(la for la in kk.launches() if la.entry == "fwd_kp16" and la.x_dtype == torch.bfloat16
+                and la.block_d == 64)
+    blocks = {(128, 128, 8, 3): 1, **kk.FWD_ALTERNATIVES}
+    assert (base.config.blocks["BLOCK_M"], base.config.blocks["BLOCK_N"], base.config.num_warps,
+            base.config.num_stages) == (128, 128, 8, 3)
+    jobs = [gpu_job(dataclasses.replace(base, config=base.config.with_blocks(
+        num_warps=w, num_stages=st, BLOCK_M=bm, BLOCK_N=bn)), capability=90, specialisation="aligned")
+        for bm, bn, w, st in blocks]
+    for (cfg, resident), res in zip(blocks.items(), compile_many_for_gpu(jobs)):
+        assert not res.get("error"), f"{cfg}:\n{res.get('error')}"
+        assert "wgmma.mma_async" in res["ptx"] and res["stack"] == 0, (cfg, res["stack"])
+        got = _programs_per_sm(res["registers"], cfg[2], res["metadata"]["shared"])
+        assert got == resident, (cfg, res["registers"], res["metadata"]["shared"], got)
+
+
 def test_knn_launches_cover_the_launcher():
     """Every configuration the launcher picks on a GPU is one the compile tests build (the
     forward compiled with the largest KP of its entry)."""

@@ -95,6 +95,34 @@ def test_the_counter_sees_inside_custom_operators_and_triton_launches(monkeypatc
     assert function.triton == custom.triton and function.launches == custom.launches
 
 
+def test_eager_calls_skip_every_custom_operator_dispatch(monkeypatch):
+    """A plain eager forward+backward of the loss dispatches none of the package's custom
+    operators (the forwards run as autograd.Functions, the backward operators' bodies straight:
+    ``_common.eager`` / ``_common.direct``), and gives bit-identical values and gradients to the
+    custom-operator path (``DAAL_EAGER_OPS=custom``, what torch.compile traces), which
+    dispatches all ten (the profiler records each dispatched operator)."""
+    from daal_triton.kernels import _common
+
+    torch.manual_seed(0)
+    loss = daal_triton.DAALLoss(7, 16)
+    z = torch.randn(30, 16, requires_grad=True)
+    y = torch.arange(30) % 5
+    seen, results = {}, {}
+    for mode in _common.EAGER_MODES:
+        monkeypatch.setattr(_common, "EAGER_OPS", mode)
+        z.grad = loss.segments.grad = None
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            value = loss(z, y)
+            value.backward()
+        seen[mode] = {e.name for e in prof.events() if e.name.startswith("daal_triton::")}
+        results[mode] = (value.detach(), z.grad.clone(), loss.segments.grad.clone())
+    assert seen["function"] == set()
+    ops = {"prepare", "knn", "density", "line_margin2", "combine"}
+    assert seen["custom"] == {f"daal_triton::{op}{suffix}" for op in ops for suffix in ("", "_backward")}
+    for a, b in zip(results["function"], results["custom"]):
+        assert torch.equal(a, b)
+
+
 def test_a_bad_eager_mode_is_refused(monkeypatch):
     from daal_triton.kernels import _common, knn
 

@@ -1,0 +1,198 @@
+"""Time alternative block sizes and grids of the kNN forward (``_knn_fwd_kernel``) on a GPU.
+
+The first H200 run (bench/results/2026-11-30-h200) put the kNN forward at 12.8% of matmul at
+60,000 x 60,000 (bf16, D = 512, k = 8), and its probe split a 128 x 128 tile's time into about a
+third GEMM and two thirds merge. The table's entry (128 x 128, 8 warps) compiles to ~200
+registers per thread on sm_90: one program per SM, so nothing overlaps one program's merge
+(shuffles, a block-wide test per round) with another's tensor-core work. Entries with 4 warps
+and 64- or 128-row tiles fit two programs per SM (registers x threads and shared memory from
+``ptxas``; docs/kernels.md, "Compile facts"), at the price of more L2 traffic per FLOP. Which
+wins is a GPU question; this tool asks it.
+
+For each candidate ``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` of the forward entry serving
+``k`` (``CONFIGS[family][fwd_kp*]``), and each shape ``M = N`` (the query is the reference set,
+``exclude_self``, no labels: a retrieval evaluation), the forward ``knn`` (selection + fused
+finish, no gradient) is timed with CUDA events (median of ``--reps`` calls after a warm-up that
+compiles it) at the column splits the model picks for one program per SM, and — when it differs
+— for the programs per SM the candidate's build allows (``_common.wave_split`` with waves of
+SMs x resident; ``FWD_ALTERNATIVES`` in kernels/knn.py). Each
+result is checked against the table entry's: the same neighbours in at least 99.9% of the rows
+and distances within 1e-3 (another tile shape sums the GEMM in another order: near-ties may
+swap). The table's entry runs first on every shape, then the candidates until ``--budget-s`` is
+spent; the rest are recorded as not run. Writes JSON (``OUT``) and prints a Markdown table.
+``--smoke``: tiny shapes on the CPU under Triton's interpreter (timings meaningless), so that the
+tool cannot rot.
+
+usage: python bench/tune_knn.py OUT.json [--budget-s 60] [--sizes 20000,60000] [--dtype bf16]
+           [--k 8] [--reps 5] [--smoke]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+from tune_line_margin import DTYPES, Timer
+
+#: (BLOCK_M, BLOCK_N, num_warps, num_stages) -> programs per SM (sm_90), after the table's entry:
+#: ``kernels/knn.py``'s FWD_ALTERNATIVES (the tests assert their residency from ptxas's report).
+SMOKE_CANDIDATES = {(32, 32, 4, 1): 1}
+SAME_ROWS = 0.999
+DIST_TOL = 1e-3
+
+
+def _problem(n: int, D: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    g = torch.Generator(device="cpu").manual_seed(0)
+    return torch.nn.functional.normalize(torch.randn(n, D, generator=g), dim=1).to(device, dtype)
+
+
+def _splits(kk, n: int, bm: int, bn: int, device: torch.device, resident: int) -> int:
+    from daal_triton.kernels._common import cdiv, sm_count, wave_split
+
+    if device.type != "cuda":
+        return 1
+    return wave_split(cdiv(n, bm), cdiv(n, bn), sm_count(device) * resident, kk.MAX_SPLITS,
+                      kk.PROGRAM_OVERHEAD_TILES)
+
+
+def _compare(out, base) -> Tuple[float, float]:
+    """(fraction of rows with the same neighbours, max |dist - dist_table|)."""
+    (d, i), (bd, bi) = out, base
+    same = float((i == bi).all(dim=1).float().mean())
+    return same, float((d - bd).abs().max()) if d.numel() else 0.0
+
+
+def _plan(sizes, table, cands: Dict[tuple, int]) -> List[tuple]:
+    """Jobs ``(n, blocks, resident, is_table)``: the table's entry on every size first, then the
+    candidates (each at one program per SM, then at its residency where that is more)."""
+    first = (table.blocks["BLOCK_M"], table.blocks["BLOCK_N"], table.num_warps, table.num_stages)
+    jobs = [(n, first, 1, True) for n in sizes]
+    for c, resident in cands.items():
+        if c == first:
+            continue
+        for n in sizes:
+            jobs += [(n, c, r, False) for r in sorted({1, resident})]
+    return jobs
+
+
+def tune(out_path: str, *, sizes=(20_000, 60_000), D: int = 512, dtype: str = "bf16", k: int = 8,
+         reps: int = 5, budget_s: float = 60.0, smoke: bool = False) -> List[dict]:
+    """Time the candidates (see the module docstring); writes ``out_path`` and returns the records."""
+    from daal_triton.kernels import knn as kk
+    from daal_triton.kernels._common import next_pow2
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type != "cuda" and not smoke:
+        raise SystemExit("no CUDA GPU: run with --smoke on the CPU (under TRITON_INTERPRET=1)")
+    tdtype = DTYPES[dtype]
+    fam = kk.family(tdtype)
+    entry = kk.fwd_entry(next_pow2(k))
+    table = kk.CONFIGS[fam][entry]
+    timer = Timer(device)
+    deadline = time.monotonic() + budget_s
+    inputs: Dict[int, torch.Tensor] = {}
+    base: Dict[int, tuple] = {}
+    records, seen_grid = [], set()
+    jobs = _plan(sizes, table, SMOKE_CANDIDATES if smoke else kk.FWD_ALTERNATIVES)
+    for run, (n, (bm, bn, w, st), resident, is_table) in enumerate(jobs):
+        S = _splits(kk, n, bm, bn, device, resident)
+        rec = dict(run=run, dtype=dtype, entry=entry, M=n, N=n, D=D, k=k, BLOCK_M=bm, BLOCK_N=bn,
+                   num_warps=w, num_stages=st, resident=resident, splits=S, table=is_table,
+                   device=str(device))
+        if (n, bm, bn, w, st, S) in seen_grid:  # the same grid as at one program per SM
+            continue
+        seen_grid.add((n, bm, bn, w, st, S))
+        records.append(rec)
+        if time.monotonic() > deadline:
+            rec["status"] = "not run: out of the time budget"
+            continue
+        kk.CONFIGS[fam][entry] = table.with_blocks(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st)
+        try:
+            if n not in inputs:
+                inputs[n] = _problem(n, D, tdtype, device)
+            x = inputs[n]
+
+            def call(x=x, S=S):
+                with torch.no_grad():
+                    return kk._knn(x, x, k, exclude_self=True, splits=S)
+
+            t0 = time.monotonic()
+            out = call()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            rec["first_call_s"] = round(time.monotonic() - t0, 3)
+            rec["seconds"] = timer(call, 1 if smoke else reps)
+            if is_table:
+                base[n], rec["status"] = out, "measured"
+            elif n not in base:
+                rec["status"] = "measured (not checked: the table's entry did not run)"
+            else:
+                same, err = _compare(out, base[n])
+                rec.update(same_rows=same, max_dist_diff=err)
+                ok = same >= SAME_ROWS and err <= DIST_TOL
+                rec["status"] = "measured" if ok else "WRONG: differs from the table's entry"
+        except Exception as exc:  # noqa: BLE001 - recorded, the sweep goes on
+            rec["status"] = f"failed: {type(exc).__name__}: {str(exc)[:300]}"
+        finally:
+            kk.CONFIGS[fam][entry] = table
+    records.sort(key=lambda r: (r["M"], not r["table"], r["run"]))
+    env = dict(torch=torch.__version__, gpu=torch.cuda.get_device_name(0) if device.type == "cuda" else None)
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except ImportError:
+        env["triton"] = None
+    with open(out_path, "w") as f:
+        json.dump(dict(environment=env, smoke=smoke, records=records), f, indent=1)
+    print(markdown(records))
+    return records
+
+
+def markdown(records: List[dict]) -> str:
+    """One table: per shape, each candidate's median time relative to the table's entry."""
+    lines = ["| M = N | BLOCK_M x BLOCK_N, warps, stages | splits (resident) | median ms | speed-up | status |",
+             "|---|---|---|---|---|---|"]
+    base: Dict[int, float] = {r["M"]: r["seconds"] for r in records if r.get("table") and "seconds" in r}
+    for r in records:
+        t, b = r.get("seconds"), base.get(r["M"])
+        cfg = f"{r['BLOCK_M']}x{r['BLOCK_N']}, {r['num_warps']}, {r['num_stages']}" + (" (table)" if r.get("table") else "")
+        grid = f"{r['splits']} ({r['resident']})"
+        time_s = f"{t * 1e3:.3f}" if t else "—"
+        rel = f"{b / t:.2f}x" if t and b else "—"
+        lines.append(f"| {r['M']} | {cfg} | {grid} | {time_s} | {rel} | {r['status']} |")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("out", help="JSON file to write")
+    p.add_argument("--budget-s", type=float, default=60.0)
+    p.add_argument("--sizes", default=None, help="M = N values (default 20000,60000; smoke 70,130)")
+    p.add_argument("--dim", type=int, default=None, help="D (default 512; smoke 33)")
+    p.add_argument("--dtype", default=None, help="bf16, fp16 or fp32 (default bf16; smoke fp32: the "
+                   "interpreter cannot run bfloat16 dots)")
+    p.add_argument("--k", type=int, default=8)
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--smoke", action="store_true", help="CPU, Triton's interpreter, tiny shapes")
+    a = p.parse_args(argv)
+    if a.smoke and not torch.cuda.is_available():
+        if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+            if "triton" in sys.modules:
+                raise SystemExit("--smoke needs TRITON_INTERPRET=1 before triton is imported")
+            os.environ["TRITON_INTERPRET"] = "1"
+    sizes = tuple(int(v) for v in a.sizes.split(",")) if a.sizes else ((70, 130) if a.smoke else (20_000, 60_000))
+    recs = tune(a.out, sizes=sizes, D=a.dim or (33 if a.smoke else 512),
+                dtype=a.dtype or ("fp32" if a.smoke else "bf16"), k=a.k, reps=a.reps,
+                budget_s=a.budget_s, smoke=a.smoke)
+    bad = [r for r in recs if r["status"].startswith(("WRONG", "failed"))]
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
