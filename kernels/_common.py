@@ -56,9 +56,15 @@ def next_pow2(n: int) -> int:
     return 1 << (n - 1).bit_length() if n > 0 else 0
 
 
+#: ``TRITON_INTERPRET`` as Triton read it when this module imported it: ``triton.jit`` decides
+#: then whether a kernel is interpreted, so a later change of the variable changes nothing.
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
 def interpreting() -> bool:
-    """Whether Triton's interpreter runs the kernels (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """Whether Triton's interpreter runs the kernels (``TRITON_INTERPRET=1`` when triton was
+    imported)."""
+    return _INTERPRET
 
 
 #: ``tl.dot``'s input precision for float32 operands on a GPU, by
@@ -205,6 +211,9 @@ class KernelConfig:
     num_warps: int
     num_stages: int
     block_d: Optional[Tuple[int, int]] = (16, 64)
+    #: ``launch``'s keyword arguments by D (filled on first use: a launch costs one dict copy)
+    _launch_kwargs: Dict[Optional[int], Dict[str, Any]] = field(
+        init=False, default_factory=dict, compare=False, repr=False)
 
     def block_d_for(self, D: int) -> int:
         lo, hi = self.block_d
@@ -222,8 +231,12 @@ class KernelConfig:
 
     def launch(self, D: Optional[int] = None) -> Dict[str, Any]:
         """Keyword arguments of a kernel launch (tile sizes, BLOCK_D for ``D``, warps, stages)."""
-        bd = None if self.block_d is None else self.block_d_for(D)
-        return dict(self.constexprs(bd), num_warps=self.num_warps, num_stages=self.num_stages)
+        kwargs = self._launch_kwargs.get(D)
+        if kwargs is None:
+            bd = None if self.block_d is None else self.block_d_for(D)
+            kwargs = dict(self.constexprs(bd), num_warps=self.num_warps, num_stages=self.num_stages)
+            self._launch_kwargs[D] = kwargs
+        return dict(kwargs)
 
     def with_blocks(self, num_warps: Optional[int] = None, num_stages: Optional[int] = None,
                     **blocks: int) -> "KernelConfig":
