@@ -23,6 +23,7 @@ capitals; ``INPUT_PRECISION`` is the ``tl.dot`` input precision.
 """
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, field, replace
 from typing import Any, Dict, List, Mapping, Optional, Tuple
@@ -159,6 +160,7 @@ def sm_count(device: torch.device) -> int:
     return _SM_COUNT[idx]
 
 
+@functools.lru_cache(maxsize=1024)  # a pure function of its arguments; up to 1024 candidates each
 def wave_split(row_tiles: int, col_tiles: int, sms: int, max_splits: Optional[int] = None,
                overhead_tiles: float = 0.0) -> int:
     """The number of column splits ``S`` of a (row tiles x S) grid that minimises the modelled time
