@@ -477,8 +477,7 @@ EAGER_OPS = os.environ.get("DAAL_EAGER_OPS", "function")
 def _dispatch_needed() -> bool:
     """Whether an operator call must go through the ``torch.library`` operator: under
     ``torch.compile`` or any tracing (a ``TorchDispatchMode`` is active: fake tensors, make_fx,
-    functionalisation, the launch counter), with ``DAAL_EAGER_OPS=custom``, or with grad mode on
-    (a double backward would differentiate the body's own operators)."""
+    functionalisation, the launch counter), or with ``DAAL_EAGER_OPS=custom``."""
     if EAGER_OPS not in EAGER_MODES:
         raise ValueError(f"DAAL_EAGER_OPS must be one of {EAGER_MODES}, got {EAGER_OPS!r}")
     return (EAGER_OPS != "function" or torch.compiler.is_compiling()
@@ -489,7 +488,8 @@ def direct(op):
     """A backward operator (a ``torch.library.custom_op`` without autograd) as the backward
     formulas call it: its body, straight, when the call is eager and gradients are not being
     recorded (an ordinary ``.backward()``); the operator itself otherwise
-    (:func:`_dispatch_needed`, or grad mode on). The dispatch costs ~37 µs per call on a 2-core
+    (:func:`_dispatch_needed`, or grad mode on: a double backward would differentiate the body's
+    own operators). The dispatch costs ~37 µs per call on a 2-core
     CPU (``bench/probe_dispatch.py``): five backward operators per loss call."""
     body = getattr(op, "_init_fn", None)
     if body is None:  # a PyTorch without it: the operator
