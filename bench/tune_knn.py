@@ -29,15 +29,13 @@ usage: python bench/tune_knn.py OUT.json [--budget-s 60] [--sizes 20000,60000] [
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 import time
 from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from tune_line_margin import DTYPES, Timer
+from tune_line_margin import DTYPES, Timer, interpret_without_gpu, write_records
 
 #: (BLOCK_M, BLOCK_N, num_warps, num_stages) -> programs per SM (sm_90), after the table's entry:
 #: ``kernels/knn.py``'s FWD_ALTERNATIVES (the tests assert their residency from ptxas's report).
@@ -141,15 +139,7 @@ def tune(out_path: str, *, sizes=(20_000, 60_000), D: int = 512, dtype: str = "b
         finally:
             kk.CONFIGS[fam][entry] = table
     records.sort(key=lambda r: (r["M"], not r["table"], r["run"]))
-    env = dict(torch=torch.__version__, gpu=torch.cuda.get_device_name(0) if device.type == "cuda" else None)
-    try:
-        import triton
-
-        env["triton"] = triton.__version__
-    except ImportError:
-        env["triton"] = None
-    with open(out_path, "w") as f:
-        json.dump(dict(environment=env, smoke=smoke, records=records), f, indent=1)
+    write_records(out_path, records, device, smoke)
     print(markdown(records))
     return records
 
@@ -181,11 +171,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--smoke", action="store_true", help="CPU, Triton's interpreter, tiny shapes")
     a = p.parse_args(argv)
-    if a.smoke and not torch.cuda.is_available():
-        if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
-            if "triton" in sys.modules:
-                raise SystemExit("--smoke needs TRITON_INTERPRET=1 before triton is imported")
-            os.environ["TRITON_INTERPRET"] = "1"
+    if a.smoke:
+        interpret_without_gpu()
     sizes = tuple(int(v) for v in a.sizes.split(",")) if a.sizes else ((70, 130) if a.smoke else (20_000, 60_000))
     recs = tune(a.out, sizes=sizes, D=a.dim or (33 if a.smoke else 512),
                 dtype=a.dtype or ("fp32" if a.smoke else "bf16"), k=a.k, reps=a.reps,

@@ -168,7 +168,8 @@ def _measure(rec: dict, run, timer, reps: int, base_out: dict, is_table: bool, s
         rec["status"] = "measured" if err <= PARITY_TOL else "WRONG: differs from the table's entry"
 
 
-def _write(out_path: str, records: List[dict], device: torch.device, smoke: bool) -> None:
+def write_records(out_path: str, records: List[dict], device: torch.device, smoke: bool) -> None:
+    """``{"environment", "smoke", "records"}`` as JSON (also bench/tune_knn.py)."""
     env = dict(torch=torch.__version__, gpu=torch.cuda.get_device_name(0) if device.type == "cuda" else None)
     try:
         import triton
@@ -211,7 +212,7 @@ def tune(out_path: str, *, shape=(1024, 100_000, 512), dtypes=("bf16", "fp32"), 
             lm.CONFIGS[fam][kernel] = table
     records.sort(key=lambda r: (dtypes.index(r["dtype"]), tuple(kernels).index(r["kernel"]),
                                 not r["table"]))
-    _write(out_path, records, device, smoke)
+    write_records(out_path, records, device, smoke)
     print(markdown(records))
     return records
 
@@ -234,6 +235,14 @@ def markdown(records: List[dict]) -> str:
     return "\n".join(lines)
 
 
+def interpret_without_gpu() -> None:
+    """For a ``--smoke`` run: Triton's interpreter when there is no GPU (also bench/tune_knn.py)."""
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        if "triton" in sys.modules:
+            raise SystemExit("--smoke needs TRITON_INTERPRET=1 before triton is imported")
+        os.environ["TRITON_INTERPRET"] = "1"
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("out", help="JSON file to write")
@@ -245,11 +254,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--kernels", default=",".join(KERNELS), help="kernels to time, in order")
     p.add_argument("--smoke", action="store_true", help="CPU, Triton's interpreter, tiny shapes")
     a = p.parse_args(argv)
-    if a.smoke and not torch.cuda.is_available():
-        if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
-            if "triton" in sys.modules:
-                raise SystemExit("--smoke needs TRITON_INTERPRET=1 before triton is imported")
-            os.environ["TRITON_INTERPRET"] = "1"
+    if a.smoke:
+        interpret_without_gpu()
     shape = tuple(int(v) for v in a.shape.split(",")) if a.shape else ((40, 70, 33) if a.smoke else (1024, 100_000, 512))
     dtypes = a.dtypes or ("fp32" if a.smoke else "bf16,fp32")
     recs = tune(a.out, shape=shape, dtypes=tuple(dtypes.split(",")), reps=a.reps,
