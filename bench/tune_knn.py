@@ -35,7 +35,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from tune_line_margin import DTYPES, Timer, interpret_without_gpu, write_records
+from tune_line_margin import DTYPES, Timer, interpret_without_gpu, try_candidate, write_records
 
 #: (BLOCK_M, BLOCK_N, num_warps, num_stages) -> programs per SM (sm_90), after the table's entry:
 #: ``kernels/knn.py``'s FWD_ALTERNATIVES (the tests assert their residency from ptxas's report).
@@ -78,6 +78,38 @@ def _plan(sizes, table, cands: Dict[tuple, int]) -> List[tuple]:
     return jobs
 
 
+def _measure(rec: dict, n: int, S: int, inputs: Dict[int, torch.Tensor], base: Dict[int, tuple],
+             timer, reps: int, is_table: bool, device: torch.device, D: int, dtype: torch.dtype,
+             k: int) -> None:
+    """Time the forward at M = N = n with S splits into ``rec`` and check it against the table
+    entry's result (``base``)."""
+    from daal_triton.kernels import knn as kk
+
+    if n not in inputs:
+        inputs[n] = _problem(n, D, dtype, device)
+    x = inputs[n]
+
+    def call():
+        with torch.no_grad():
+            return kk._knn(x, x, k, exclude_self=True, splits=S)
+
+    t0 = time.monotonic()
+    out = call()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    rec["first_call_s"] = round(time.monotonic() - t0, 3)
+    rec["seconds"] = timer(call, reps)
+    if is_table:
+        base[n], rec["status"] = out, "measured"
+    elif n not in base:
+        rec["status"] = "measured (not checked: the table's entry did not run)"
+    else:
+        same, err = _compare(out, base[n])
+        rec.update(same_rows=same, max_dist_diff=err)
+        ok = same >= SAME_ROWS and err <= DIST_TOL
+        rec["status"] = "measured" if ok else "WRONG: differs from the table's entry"
+
+
 def tune(out_path: str, *, sizes=(20_000, 60_000), D: int = 512, dtype: str = "bf16", k: int = 8,
          reps: int = 5, budget_s: float = 60.0, smoke: bool = False) -> List[dict]:
     """Time the candidates (see the module docstring); writes ``out_path`` and returns the records."""
@@ -106,38 +138,10 @@ def tune(out_path: str, *, sizes=(20_000, 60_000), D: int = 512, dtype: str = "b
             continue
         seen_grid.add((n, bm, bn, w, st, S))
         records.append(rec)
-        if time.monotonic() > deadline:
-            rec["status"] = "not run: out of the time budget"
-            continue
-        kk.CONFIGS[fam][entry] = table.with_blocks(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st)
-        try:
-            if n not in inputs:
-                inputs[n] = _problem(n, D, tdtype, device)
-            x = inputs[n]
-
-            def call(x=x, S=S):
-                with torch.no_grad():
-                    return kk._knn(x, x, k, exclude_self=True, splits=S)
-
-            t0 = time.monotonic()
-            out = call()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            rec["first_call_s"] = round(time.monotonic() - t0, 3)
-            rec["seconds"] = timer(call, 1 if smoke else reps)
-            if is_table:
-                base[n], rec["status"] = out, "measured"
-            elif n not in base:
-                rec["status"] = "measured (not checked: the table's entry did not run)"
-            else:
-                same, err = _compare(out, base[n])
-                rec.update(same_rows=same, max_dist_diff=err)
-                ok = same >= SAME_ROWS and err <= DIST_TOL
-                rec["status"] = "measured" if ok else "WRONG: differs from the table's entry"
-        except Exception as exc:  # noqa: BLE001 - recorded, the sweep goes on
-            rec["status"] = f"failed: {type(exc).__name__}: {str(exc)[:300]}"
-        finally:
-            kk.CONFIGS[fam][entry] = table
+        try_candidate(rec, deadline, kk.CONFIGS[fam], entry,
+                      table.with_blocks(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st),
+                      lambda: _measure(rec, n, S, inputs, base, timer, 1 if smoke else reps,
+                                       is_table, device, D, tdtype, k))
     records.sort(key=lambda r: (r["M"], not r["table"], r["run"]))
     write_records(out_path, records, device, smoke)
     print(markdown(records))

@@ -168,6 +168,23 @@ def _measure(rec: dict, run, timer, reps: int, base_out: dict, is_table: bool, s
         rec["status"] = "measured" if err <= PARITY_TOL else "WRONG: differs from the table's entry"
 
 
+def try_candidate(rec: dict, deadline: float, configs: dict, entry: str, candidate, measure) -> None:
+    """``measure()`` with ``configs[entry]`` replaced by ``candidate`` (restored after), unless
+    ``deadline`` has passed; a failure is recorded in ``rec["status"]`` and the sweep goes on
+    (also bench/tune_knn.py)."""
+    if time.monotonic() > deadline:
+        rec["status"] = "not run: out of the time budget"
+        return
+    table = configs[entry]
+    configs[entry] = candidate
+    try:
+        measure()
+    except Exception as exc:  # noqa: BLE001 - recorded, the sweep goes on
+        rec["status"] = f"failed: {type(exc).__name__}: {str(exc)[:300]}"
+    finally:
+        configs[entry] = table
+
+
 def write_records(out_path: str, records: List[dict], device: torch.device, smoke: bool) -> None:
     """``{"environment", "smoke", "records"}`` as JSON (also bench/tune_knn.py)."""
     env = dict(torch=torch.__version__, gpu=torch.cuda.get_device_name(0) if device.type == "cuda" else None)
@@ -200,16 +217,10 @@ def tune(out_path: str, *, shape=(1024, 100_000, 512), dtypes=("bf16", "fp32"), 
                    BLOCK_C=bc, BLOCK_D=table.block_d_for(D), num_warps=w, num_stages=s,
                    table=is_table, device=str(device))
         records.append(rec)
-        if time.monotonic() > deadline:
-            rec["status"] = "not run: out of the time budget"
-            continue
-        lm.CONFIGS[fam][kernel] = table.with_blocks(BLOCK_B=bb, BLOCK_C=bc, num_warps=w, num_stages=s)
-        try:
-            _measure(rec, run, timer, 1 if smoke else reps, base_out, is_table, device.type == "cuda")
-        except Exception as exc:  # noqa: BLE001 - recorded, the sweep goes on
-            rec["status"] = f"failed: {type(exc).__name__}: {str(exc)[:300]}"
-        finally:
-            lm.CONFIGS[fam][kernel] = table
+        try_candidate(rec, deadline, lm.CONFIGS[fam], kernel,
+                      table.with_blocks(BLOCK_B=bb, BLOCK_C=bc, num_warps=w, num_stages=s),
+                      lambda: _measure(rec, run, timer, 1 if smoke else reps, base_out, is_table,
+                                       device.type == "cuda"))
     records.sort(key=lambda r: (dtypes.index(r["dtype"]), tuple(kernels).index(r["kernel"]),
                                 not r["table"]))
     write_records(out_path, records, device, smoke)

@@ -474,21 +474,19 @@ EAGER_MODES = ("function", "custom")
 EAGER_OPS = os.environ.get("DAAL_EAGER_OPS", "function")
 
 
-def _dispatch_needed() -> bool:
-    """Whether an operator call must go through the ``torch.library`` operator: under
-    ``torch.compile`` or any tracing (a ``TorchDispatchMode`` is active: fake tensors, make_fx,
-    functionalisation, the launch counter), or with ``DAAL_EAGER_OPS=custom``."""
+def _operator_call() -> bool:
+    """Whether a call goes through the ``torch.library`` operator: under ``torch.compile`` or
+    with ``DAAL_EAGER_OPS=custom`` (checked: another value is a ``ValueError``)."""
     if EAGER_OPS not in EAGER_MODES:
         raise ValueError(f"DAAL_EAGER_OPS must be one of {EAGER_MODES}, got {EAGER_OPS!r}")
-    return (EAGER_OPS != "function" or torch.compiler.is_compiling()
-            or torch._C._len_torch_dispatch_stack() > 0)
+    return EAGER_OPS != "function" or torch.compiler.is_compiling()
 
 
 def direct(op):
     """A backward operator (a ``torch.library.custom_op`` without autograd) as the backward
     formulas call it: its body, straight, when the call is eager and gradients are not being
     recorded (an ordinary ``.backward()``); the operator itself otherwise
-    (:func:`_dispatch_needed`, or grad mode on: a double backward would differentiate the body's
+    (:func:`_operator_call`, a dispatch mode active, or grad mode on: a double backward would differentiate the body's
     own operators). The dispatch costs ~37 µs per call on a 2-core
     CPU (``bench/probe_dispatch.py``): five backward operators per loss call."""
     body = getattr(op, "_init_fn", None)
@@ -496,7 +494,9 @@ def direct(op):
         return op
 
     def call(*args):
-        if torch.is_grad_enabled() or _dispatch_needed():
+        # any TorchDispatchMode (fake tensors, make_fx, functionalisation, the launch counter)
+        # must see the operator, not its body
+        if torch.is_grad_enabled() or _operator_call() or torch._C._len_torch_dispatch_stack() > 0:
             return op(*args)
         return body(*args)
 
@@ -527,10 +527,6 @@ def eager(op):
     Call.__name__ = Call.__qualname__ = op._qualname.split("::")[-1] + "_eager"
 
     def call(*args):
-        if EAGER_OPS != "function" or torch.compiler.is_compiling():
-            if EAGER_OPS not in EAGER_MODES:
-                raise ValueError(f"DAAL_EAGER_OPS must be one of {EAGER_MODES}, got {EAGER_OPS!r}")
-            return op(*args)
-        return Call.apply(*args)
+        return op(*args) if _operator_call() else Call.apply(*args)
 
     return call
