@@ -9,7 +9,7 @@
 #      targets, in a slice of DAAL_BENCH_TRAIN_STEP_S seconds of its own within that deadline,
 #   4. probe where the time goes (bench/probe_h200.py: host cost per launch, the kNN forward's
 #      parts and splits; DAAL_PROBE_S seconds, default 45, 0 skips it), time alternative kNN
-#      forward block sizes and grids (bench/tune_knn.py; DAAL_TUNE_KNN_S seconds, default 50, 0
+#      forward block sizes, loops and grids (bench/tune_knn.py; DAAL_TUNE_KNN_S seconds, default 75, 0
 #      skips it), then alternative line-margin block sizes (bench/tune_line_margin.py, with the
 #      time the benchmarks leave, at least DAAL_TUNE_S seconds),
 #   5. write OUTDIR/report.md (bench/report.py) from what was recorded.
@@ -33,7 +33,7 @@
 # DAAL_CHECK_K (a pytest -k expression for the two test steps, for rehearsals),
 # DAAL_BENCH_PROFILE (default check; "full" needs far more time than 8 minutes), DAAL_TUNE_S
 # (default 30: the seconds reserved for step 4's line-margin tuning, which the first H200 run
-# decided; 0 skips it), DAAL_TUNE_KNN_S (default 50; 0 skips the kNN tuning), DAAL_BENCH_TRAIN_STEP_S (default 80:
+# decided; 0 skips it), DAAL_TUNE_KNN_S (default 75: eight candidates; 0 skips the kNN tuning), DAAL_BENCH_TRAIN_STEP_S (default 80:
 # the most the training-step cases may take together in step 3; what they leave goes to the
 # operators' remaining cases).
 set -uo pipefail
@@ -52,7 +52,7 @@ PY=${PYTHON:-$(command -v python3 || command -v python)}
 PROFILE=${DAAL_BENCH_PROFILE:-check}
 TUNE_S=${DAAL_TUNE_S:-30}  # reserved for step 4's line-margin tuning (0: none)
 PROBE_S=${DAAL_PROBE_S:-45}  # reserved for step 4's probe (0: no probe)
-TUNE_KNN_S=${DAAL_TUNE_KNN_S:-50}  # reserved for step 4's kNN tuning (0: none)
+TUNE_KNN_S=${DAAL_TUNE_KNN_S:-75}  # reserved for step 4's kNN tuning (0: none)
 TMP=$(mktemp -d "${TMPDIR:-/tmp}/daal_gpu_check.XXXXXX")
 STEPS="$OUT/steps.json"
 : > "$STEPS"

@@ -57,6 +57,12 @@ class PMLMissing(ProviderMissing):
     reason = "pytorch-metric-learning not installed"
 
 
+class NeedsCUDA(ProviderMissing):
+    """A provider that only exists on a GPU (CUDA graphs)."""
+
+    reason = "needs a CUDA GPU"
+
+
 def import_kernel(name: str):
     try:
         return importlib.import_module(f"daal_triton.kernels.{name}")
@@ -225,7 +231,8 @@ def daal_module(provider: str, C: int, D: int) -> nn.Module:
 
 def setup_loss(case: Case, device: torch.device) -> Problem:
     """The module as users call it (validation included) for triton and eager;
-    ``torch.compile`` of the reference function for compile."""
+    ``torch.compile`` of the reference function for compile; for triton_graphed the module
+    through ``torch.cuda.make_graphed_callables`` (README, "Small batches"; GPU only)."""
     from daal_triton import reference
 
     d, dtype = case.dims, TORCH_DTYPES[case.dtype]
@@ -241,6 +248,14 @@ def setup_loss(case: Case, device: torch.device) -> Problem:
         module = daal_module("triton", C, D).to(device=device, dtype=dtype)
         return Problem(lambda: _with_env("DAAL_GLUE", "aten", module, emb, labels), [emb, module.segments],
                        None, [emb, module.segments], notes="DAALLoss, DAAL_GLUE=aten")
+    if case.provider == "triton_graphed":  # README, "Small batches": both passes replay CUDA graphs
+        if device.type != "cuda":
+            raise NeedsCUDA("torch.cuda.make_graphed_callables captures CUDA graphs")
+        module = daal_module("triton", C, D).to(device=device, dtype=dtype)
+        graphed = torch.cuda.make_graphed_callables(module, (emb, labels))
+        return Problem(lambda: graphed(emb, labels), [emb, module.segments], None,
+                       [emb, module.segments],
+                       notes="DAALLoss through torch.cuda.make_graphed_callables (fixed shapes)")
     module = daal_module(case.provider, C, D).to(device=device, dtype=dtype)
     return Problem(lambda: module(emb, labels), [emb, module.segments], None,
                    [emb, module.segments], notes="DAALLoss module (validation included)")

@@ -387,24 +387,26 @@ def test_tune_knn_smoke(tmp_path):
     data = json.loads(out.read_text())
     assert data["smoke"] and data["records"] == recs
     # on the CPU the grid is one split whatever the residency: the resident-2 jobs are the same grid
-    assert [(r["M"], r["table"]) for r in recs] == [(37, True), (37, False), (70, True), (70, False)]
+    assert [(r["M"], r["table"], r["flat"]) for r in recs] == [
+        (37, True, False), (37, False, False), (37, False, True),
+        (70, True, False), (70, False, False), (70, False, True)]
     for r in recs:
         assert r["status"] == "measured", r
         assert r["seconds"] > 0 and r["splits"] == 1
         if not r["table"]:
             assert r["same_rows"] == 1.0 and r["max_dist_diff"] <= 1e-6
     text = "\n".join(report.run_report(report.load_run(str(run))))
-    assert "kNN forward block sizes" in text and "(table)" in text
+    assert "kNN forward block sizes" in text and "(table)" in text and ", flat" in text
 
 
 def test_tune_knn_flags_failures_and_budget(tmp_path, monkeypatch):
     out = str(tmp_path / "t.json")
     # 48 rows is not a power of two: tl.arange refuses it -> recorded as failed, exit status 1
-    monkeypatch.setattr(tk, "SMOKE_CANDIDATES", {(48, 32, 4, 1): 1})
+    monkeypatch.setattr(tk, "SMOKE_CANDIDATES", {(48, 32, 4, 1, False): 1})
     assert tk.main([out, "--smoke", "--sizes", "40", "--dim", "9"]) == 1
     assert [r["status"].split(":")[0] for r in json.load(open(out))["records"]] == ["measured", "failed"]
     # a candidate that selects other neighbours is flagged, not timed as a win
-    monkeypatch.setattr(tk, "SMOKE_CANDIDATES", {(32, 32, 4, 1): 1})
+    monkeypatch.setattr(tk, "SMOKE_CANDIDATES", {(32, 32, 4, 1, True): 1})
     monkeypatch.setattr(tk, "_compare", lambda out, base: (0.5, 0.0))
     assert tk.main([out, "--smoke", "--sizes", "40", "--dim", "9"]) == 1
     assert json.load(open(out))["records"][1]["status"].startswith("WRONG")

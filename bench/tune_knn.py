@@ -9,7 +9,10 @@ and 64- or 128-row tiles fit two programs per SM (registers x threads and shared
 ``ptxas``; docs/kernels.md, "Compile facts"), at the price of more L2 traffic per FLOP. Which
 wins is a GPU question; this tool asks it.
 
-For each candidate ``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` of the forward entry serving
+Since 2026-12-01 the candidates include the kernel's other loop structure (``FLAT``: one loop over
+(tile, D-chunk) pairs, so the software pipeline loads the next tile while this one merges).
+
+For each candidate ``(BLOCK_M, BLOCK_N, num_warps, num_stages, FLAT)`` of the forward entry serving
 ``k`` (``CONFIGS[family][fwd_kp*]``), and each shape ``M = N`` (the query is the reference set,
 ``exclude_self``, no labels: a retrieval evaluation), the forward ``knn`` (selection + fused
 finish, no gradient) is timed with CUDA events (median of ``--reps`` calls after a warm-up that
@@ -37,9 +40,10 @@ import torch
 
 from tune_line_margin import DTYPES, Timer, interpret_without_gpu, try_candidate, write_records
 
-#: (BLOCK_M, BLOCK_N, num_warps, num_stages) -> programs per SM (sm_90), after the table's entry:
-#: ``kernels/knn.py``'s FWD_ALTERNATIVES (the tests assert their residency from ptxas's report).
-SMOKE_CANDIDATES = {(32, 32, 4, 1): 1}
+#: (BLOCK_M, BLOCK_N, num_warps, num_stages, FLAT) -> programs per SM (sm_90), after the table's
+#: entry: ``kernels/knn.py``'s FWD_ALTERNATIVES (the tests assert their residency from ptxas's
+#: report). The smoke run takes both loop structures through the interpreter.
+SMOKE_CANDIDATES = {(32, 32, 4, 1, False): 1, (32, 32, 4, 1, True): 1}
 SAME_ROWS = 0.999
 DIST_TOL = 1e-3
 
@@ -68,7 +72,8 @@ def _compare(out, base) -> Tuple[float, float]:
 def _plan(sizes, table, cands: Dict[tuple, int]) -> List[tuple]:
     """Jobs ``(n, blocks, resident, is_table)``: the table's entry on every size first, then the
     candidates (each at one program per SM, then at its residency where that is more)."""
-    first = (table.blocks["BLOCK_M"], table.blocks["BLOCK_N"], table.num_warps, table.num_stages)
+    first = (table.blocks["BLOCK_M"], table.blocks["BLOCK_N"], table.num_warps, table.num_stages,
+             table.blocks["FLAT"])
     jobs = [(n, first, 1, True) for n in sizes]
     for c, resident in cands.items():
         if c == first:
@@ -129,17 +134,17 @@ def tune(out_path: str, *, sizes=(20_000, 60_000), D: int = 512, dtype: str = "b
     base: Dict[int, tuple] = {}
     records, seen_grid = [], set()
     jobs = _plan(sizes, table, SMOKE_CANDIDATES if smoke else kk.FWD_ALTERNATIVES)
-    for run, (n, (bm, bn, w, st), resident, is_table) in enumerate(jobs):
+    for run, (n, (bm, bn, w, st, flat), resident, is_table) in enumerate(jobs):
         S = _splits(kk, n, bm, bn, device, resident)
         rec = dict(run=run, dtype=dtype, entry=entry, M=n, N=n, D=D, k=k, BLOCK_M=bm, BLOCK_N=bn,
-                   num_warps=w, num_stages=st, resident=resident, splits=S, table=is_table,
-                   device=str(device))
-        if (n, bm, bn, w, st, S) in seen_grid:  # the same grid as at one program per SM
+                   num_warps=w, num_stages=st, flat=flat, resident=resident, splits=S,
+                   table=is_table, device=str(device))
+        if (n, bm, bn, w, st, flat, S) in seen_grid:  # the same grid as at one program per SM
             continue
-        seen_grid.add((n, bm, bn, w, st, S))
+        seen_grid.add((n, bm, bn, w, st, flat, S))
         records.append(rec)
         try_candidate(rec, deadline, kk.CONFIGS[fam], entry,
-                      table.with_blocks(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st),
+                      table.with_blocks(BLOCK_M=bm, BLOCK_N=bn, FLAT=flat, num_warps=w, num_stages=st),
                       lambda: _measure(rec, n, S, inputs, base, timer, 1 if smoke else reps,
                                        is_table, device, D, tdtype, k))
     records.sort(key=lambda r: (r["M"], not r["table"], r["run"]))
@@ -150,12 +155,13 @@ def tune(out_path: str, *, sizes=(20_000, 60_000), D: int = 512, dtype: str = "b
 
 def markdown(records: List[dict]) -> str:
     """One table: per shape, each candidate's median time relative to the table's entry."""
-    lines = ["| M = N | BLOCK_M x BLOCK_N, warps, stages | splits (resident) | median ms | speed-up | status |",
+    lines = ["| M = N | BLOCK_M x BLOCK_N, warps, stages (loop) | splits (resident) | median ms | speed-up | status |",
              "|---|---|---|---|---|---|"]
     base: Dict[int, float] = {r["M"]: r["seconds"] for r in records if r.get("table") and "seconds" in r}
     for r in records:
         t, b = r.get("seconds"), base.get(r["M"])
-        cfg = f"{r['BLOCK_M']}x{r['BLOCK_N']}, {r['num_warps']}, {r['num_stages']}" + (" (table)" if r.get("table") else "")
+        cfg = (f"{r['BLOCK_M']}x{r['BLOCK_N']}, {r['num_warps']}, {r['num_stages']}"
+               + (", flat" if r.get("flat") else "") + (" (table)" if r.get("table") else ""))
         grid = f"{r['splits']} ({r['resident']})"
         time_s = f"{t * 1e3:.3f}" if t else "—"
         rel = f"{b / t:.2f}x" if t and b else "—"

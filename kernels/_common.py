@@ -407,14 +407,22 @@ def _dot_rows(a_rows, b_rows, amask, bmask, D, acc, BLOCK_D: tl.constexpr,
         ROUND_TF32: round float32 operands to TF32 before the dot (``round_operands``).
     """
     for d0 in range(0, D, BLOCK_D):
-        dd = d0 + tl.arange(0, BLOCK_D)
-        dmask = dd < D
-        a = tl.load(a_rows + dd[None, :], mask=amask[:, None] & dmask[None, :], other=0.0)
-        b = tl.load(b_rows + dd[None, :], mask=bmask[:, None] & dmask[None, :], other=0.0)
-        a = _round_tf32(a, ROUND_TF32)
-        b = _round_tf32(b, ROUND_TF32)
-        acc = tl.dot(a, tl.trans(b), acc, input_precision=INPUT_PRECISION)
+        acc = _dot_chunk(a_rows, b_rows, amask, bmask, d0, D, acc, BLOCK_D, INPUT_PRECISION, ROUND_TF32)
     return acc
+
+
+@triton.jit
+def _dot_chunk(a_rows, b_rows, amask, bmask, d0, D, acc, BLOCK_D: tl.constexpr,
+               INPUT_PRECISION: tl.constexpr, ROUND_TF32: tl.constexpr = False):
+    """One step of :func:`_dot_rows`: ``acc + A[:, d0:d0+BLOCK_D] B[:, d0:d0+BLOCK_D]^T``
+    (arguments as there; ``d0``: the chunk's first column)."""
+    dd = d0 + tl.arange(0, BLOCK_D)
+    dmask = dd < D
+    a = tl.load(a_rows + dd[None, :], mask=amask[:, None] & dmask[None, :], other=0.0)
+    b = tl.load(b_rows + dd[None, :], mask=bmask[:, None] & dmask[None, :], other=0.0)
+    a = _round_tf32(a, ROUND_TF32)
+    b = _round_tf32(b, ROUND_TF32)
+    return tl.dot(a, tl.trans(b), acc, input_precision=INPUT_PRECISION)
 
 
 @triton.jit

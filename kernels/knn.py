@@ -97,6 +97,7 @@ from ._common import (
     KernelConfig,
     KernelSpec,
     Launch,
+    _dot_chunk,
     _dot_rows,
     compute_dtype,
     direct,
@@ -124,15 +125,59 @@ FINISH = os.environ.get("DAAL_KNN_FINISH", "fused")
 
 # --------------------------------------------------------------------------- kernels
 @triton.jit
+def _knn_merge_tile(acc, n0, lanes, cols, cmask, rows, row_lo, qn, ql, rn_ptr, rl_ptr,
+                    topd, topi, worst, widx, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    HAS_LABELS: tl.constexpr, EXCLUDE_SELF: tl.constexpr):
+    """One tile's epilogue: ``s = max(qn + rn - 2 acc, eps)`` (label and self masks), merged
+    into the running top-KP ``(topd, topi)`` of each row (``worst``/``widx``: the row's worst
+    slot and its column). Returns the updated ``(topd, topi, worst, widx)``.
+
+    While any row has an entry below its worst, each row extracts its minimum (ties: smaller
+    column) into the worst slot; a tile with no candidate costs one masked row-min."""
+    # loaded after the K-loop: hoisted above it, the norms stay live across the MMAs and the
+    # sm_90 builds spill (bf16 KP 16: 199 -> 255 registers + 56 B of stack; fp32 3xTF32: 264 B)
+    rn = tl.load(rn_ptr + cols, mask=cmask, other=float("inf"))
+    s = tl.maximum(qn[:, None] + rn[None, :] - 2.0 * acc, TL_EPS)
+    if HAS_LABELS:
+        rl = tl.load(rl_ptr + cols, mask=cmask, other=0)
+        s = tl.where(ql[:, None] == rl[None, :], s, float("inf"))
+    if EXCLUDE_SELF:
+        # only a tile that meets the diagonal holds self pairs
+        if (n0 < row_lo + BLOCK_M) & (n0 + BLOCK_N > row_lo):
+            s = tl.where(rows[:, None] == cols[None, :], float("inf"), s)
+    # candidates: entries that beat the row's current worst slot; the row's smallest one and
+    # its column come from one reduction (ties -> the smaller column)
+    sm = tl.where(s < worst[:, None], s, float("inf"))
+    v, vc = tl.min(sm, axis=1, return_indices=True, return_indices_tie_break_left=True)
+    take = v < worst
+    while tl.max(take.to(tl.int32), axis=0) > 0:
+        rep = (topi == widx[:, None]) & take[:, None]
+        topd = tl.where(rep, v[:, None], topd)
+        topi = tl.where(rep, (n0 + vc)[:, None], topi)
+        worst = tl.max(topd, axis=1)
+        widx = tl.max(tl.where(topd == worst[:, None], topi, -2147483647), axis=1)
+        sm = tl.where(lanes[None, :] == vc[:, None], float("inf"), sm)
+        v, vc = tl.min(sm, axis=1, return_indices=True, return_indices_tie_break_left=True)
+        take = v < worst
+    return topd, topi, worst, widx
+
+
+@triton.jit
 def _knn_fwd_kernel(
     q_ptr, r_ptr, qn_ptr, rn_ptr, ql_ptr, rl_ptr, top_s_ptr, top_i_ptr, M, N, D, cols_per_split,
     stride_q_m, stride_r_n, stride_top_s, stride_top_m,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, KP: tl.constexpr,
     HAS_LABELS: tl.constexpr, EXCLUDE_SELF: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    ROUND_TF32: tl.constexpr,
+    ROUND_TF32: tl.constexpr, FLAT: tl.constexpr,
 ):
     """Running top-KP of ``s_ij = max(qn_i + rn_j - 2 q_i.r_j, eps)`` over the candidate
     columns ``j`` of split ``program_id(1)``; writes the KP (s, j) slots, unsorted, per row.
+
+    Loops: ``FLAT = False``, a loop over the split's tiles with the K-loop over D inside (the
+    software pipeline fills and drains once per tile); ``FLAT = True``, one loop over the
+    (tile, D-chunk) pairs with the tile's merge (:func:`_knn_merge_tile`) under an ``if`` on
+    its last chunk, so the pipeline loads the next tile's chunks while this tile merges
+    (docs/kernels.md, "Pipelining across tiles"). Same arithmetic, same result.
 
     Args:
         q_ptr, r_ptr: M x D queries and N x D references (one dtype), unit column stride.
@@ -147,6 +192,7 @@ def _knn_fwd_kernel(
             (a power of two >= k). HAS_LABELS: same-label candidates only. EXCLUDE_SELF: drop
             ``j == i``. INPUT_PRECISION: ``tl.dot``'s input precision. ROUND_TF32: round float32
             operands to TF32 first (``_common.round_operands``; qn/rn are norms of rounded rows).
+            FLAT: the loop structure (above).
     """
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -160,6 +206,8 @@ def _knn_fwd_kernel(
     qn = tl.load(qn_ptr + rows, mask=rmask, other=float("inf"))
     if HAS_LABELS:
         ql = tl.load(ql_ptr + rows, mask=rmask, other=0)
+    else:
+        ql = 0  # unused
 
     slots = tl.arange(0, KP)
     topd = tl.zeros([BLOCK_M, KP], dtype=tl.float32) + float("inf")
@@ -170,38 +218,32 @@ def _knn_fwd_kernel(
     n_start = pid_s * cols_per_split
     n_end = tl.minimum(N, n_start + cols_per_split)
     lanes = tl.arange(0, BLOCK_N)
-    for n0 in range(n_start, n_end, BLOCK_N):
-        cols = n0 + lanes
-        cmask = cols < n_end
+    if FLAT:
+        k_steps = tl.cdiv(D, BLOCK_D)
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        acc = _dot_rows(q_rows, r_ptr + cols.to(tl.int64)[:, None] * stride_r_n, rmask, cmask, D,
-                        acc, BLOCK_D, INPUT_PRECISION, ROUND_TF32)
-        # loaded after the K-loop: hoisted above it, the norms stay live across the MMAs and the
-        # sm_90 builds spill (bf16 KP 16: 199 -> 255 registers + 56 B of stack; fp32 3xTF32: 264 B)
-        rn = tl.load(rn_ptr + cols, mask=cmask, other=float("inf"))
-        if HAS_LABELS:
-            rl = tl.load(rl_ptr + cols, mask=cmask, other=0)
-        s = tl.maximum(qn[:, None] + rn[None, :] - 2.0 * acc, TL_EPS)
-        if HAS_LABELS:
-            s = tl.where(ql[:, None] == rl[None, :], s, float("inf"))
-        if EXCLUDE_SELF:
-            # only a tile that meets the diagonal holds self pairs
-            if (n0 < row_lo + BLOCK_M) & (n0 + BLOCK_N > row_lo):
-                s = tl.where(rows[:, None] == cols[None, :], float("inf"), s)
-        # candidates: entries that beat the row's current worst slot; the row's smallest one and
-        # its column come from one reduction (ties -> the smaller column)
-        sm = tl.where(s < worst[:, None], s, float("inf"))
-        v, vc = tl.min(sm, axis=1, return_indices=True, return_indices_tie_break_left=True)
-        take = v < worst
-        while tl.max(take.to(tl.int32), axis=0) > 0:
-            rep = (topi == widx[:, None]) & take[:, None]
-            topd = tl.where(rep, v[:, None], topd)
-            topi = tl.where(rep, (n0 + vc)[:, None], topi)
-            worst = tl.max(topd, axis=1)
-            widx = tl.max(tl.where(topd == worst[:, None], topi, -2147483647), axis=1)
-            sm = tl.where(lanes[None, :] == vc[:, None], float("inf"), sm)
-            v, vc = tl.min(sm, axis=1, return_indices=True, return_indices_tie_break_left=True)
-            take = v < worst
+        for it in range(0, tl.cdiv(n_end - n_start, BLOCK_N) * k_steps):
+            t = it // k_steps
+            kk = it - t * k_steps
+            n0 = n_start + t * BLOCK_N
+            cols = n0 + lanes
+            cmask = cols < n_end
+            acc = _dot_chunk(q_rows, r_ptr + cols.to(tl.int64)[:, None] * stride_r_n, rmask, cmask,
+                             kk * BLOCK_D, D, acc, BLOCK_D, INPUT_PRECISION, ROUND_TF32)
+            if kk == k_steps - 1:
+                topd, topi, worst, widx = _knn_merge_tile(
+                    acc, n0, lanes, cols, cmask, rows, row_lo, qn, ql, rn_ptr, rl_ptr, topd, topi,
+                    worst, widx, BLOCK_M, BLOCK_N, HAS_LABELS, EXCLUDE_SELF)
+                acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    else:
+        for n0 in range(n_start, n_end, BLOCK_N):
+            cols = n0 + lanes
+            cmask = cols < n_end
+            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            acc = _dot_rows(q_rows, r_ptr + cols.to(tl.int64)[:, None] * stride_r_n, rmask, cmask, D,
+                            acc, BLOCK_D, INPUT_PRECISION, ROUND_TF32)
+            topd, topi, worst, widx = _knn_merge_tile(
+                acc, n0, lanes, cols, cmask, rows, row_lo, qn, ql, rn_ptr, rl_ptr, topd, topi, worst,
+                widx, BLOCK_M, BLOCK_N, HAS_LABELS, EXCLUDE_SELF)
 
     out = pid_s.to(tl.int64) * stride_top_s + rows64[:, None] * stride_top_m + slots[None, :]
     tl.store(top_s_ptr + out, topd, mask=rmask[:, None])
@@ -442,19 +484,24 @@ KERNELS: Dict[str, KernelSpec] = {
 _FWD_BLOCKS = {16: (128, 128, 8), 32: (64, 128, 4), 64: (64, 64, 4), 128: (32, 64, 4)}
 KP_ROWS = tuple(_FWD_BLOCKS)
 #: Alternatives to the half family's ``fwd_kp16`` entry (k <= 16), which ``bench/tune_knn.py``
-#: times against it on a GPU: ``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` -> the programs per
-#: SM their sm_90 builds allow (registers x threads within 64K registers, shared memory within
-#: 228 KB; tests/kernels/test_kernel_knn.py compiles them and asserts it). The entry itself (~200
-#: registers x 256 threads) allows one: no program's merge overlaps another's tensor-core work.
-FWD_ALTERNATIVES = {(64, 128, 4, 3): 2, (128, 64, 4, 3): 2, (64, 128, 4, 4): 2, (128, 128, 8, 2): 1,
-                    (128, 64, 8, 3): 1}
+#: times against it on a GPU, most promising first: ``(BLOCK_M, BLOCK_N, num_warps, num_stages,
+#: FLAT)`` -> the programs per SM their sm_90 builds allow (registers x threads within 64K
+#: registers, shared memory within 228 KB; tests/kernels/test_kernel_knn.py compiles them and
+#: asserts it, and no spills). The entry itself (~200 registers x 256 threads) allows one: no
+#: program's merge overlaps another's tensor-core work. ``FLAT``: the loop over (tile, D-chunk)
+#: pairs (``_knn_fwd_kernel``), whose pipeline prefetches across tiles; its 128 x 128 / 8-warp
+#: build spills (255 registers + 56 B), so it is not among them.
+FWD_ALTERNATIVES = {(64, 128, 4, 3, False): 2, (64, 128, 4, 3, True): 2, (128, 64, 4, 3, False): 2,
+                    (128, 64, 4, 3, True): 2, (128, 64, 8, 3, True): 1, (64, 128, 4, 4, False): 2,
+                    (128, 128, 8, 2, False): 1, (128, 64, 8, 3, False): 1}
 
 
 def _fwd_configs(largest_block_d: int, stages: Optional[Dict[int, int]] = None,
                  warps: Optional[Dict[int, int]] = None) -> Dict[str, KernelConfig]:
     stages, warps = stages or {}, warps or {}
-    return {f"fwd_kp{kp}": KernelConfig({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps.get(kp, w),
-                                        num_stages=stages.get(kp, 3), block_d=(16, largest_block_d))
+    return {f"fwd_kp{kp}": KernelConfig({"BLOCK_M": bm, "BLOCK_N": bn, "FLAT": False},
+                                        num_warps=warps.get(kp, w), num_stages=stages.get(kp, 3),
+                                        block_d=(16, largest_block_d))
             for kp, (bm, bn, w) in _FWD_BLOCKS.items()}
 
 

@@ -145,6 +145,38 @@ def test_knn_ties_smaller_index():
     assert (index[:, 1:][eq] > index[:, :-1][eq]).all()
 
 
+@pytest.fixture(params=[False, True], ids=["tile_loop", "flat_loop"])
+def forward_loop(request, monkeypatch):
+    """Both loop structures of ``_knn_fwd_kernel`` (``FLAT``: one loop over (tile, D-chunk)
+    pairs, a tuning candidate) on every family's KP-16 entry, with tiles small enough that the
+    test shapes cross several tiles, diagonal and tail tiles included."""
+    for fam in kk.CONFIGS.values():
+        cfg = fam["fwd_kp16"]
+        monkeypatch.setitem(fam, "fwd_kp16", cfg.with_blocks(FLAT=request.param, BLOCK_M=32, BLOCK_N=32))
+    return request.param
+
+
+@pytest.mark.parametrize("M,N,D,k,labelled,splits", [
+    (37, 37, 129, 5, True, None),  # self kNN, D over several chunks, labels
+    (70, 130, 33, 8, False, 2),  # column splits, tail tiles
+    (5, 300, 17, 3, True, 3),
+    (1, 40, 16, 16, False, None),  # one query, KP = k
+])
+def test_knn_forward_loop_structures(forward_loop, M, N, D, k, labelled, splits):
+    """The flat loop gives what the tile loop gives: the reference's neighbours and distances,
+    and (exact ties) the smaller index first."""
+    q = torch.randn(M, D, device=DEV)
+    same = M == N
+    r = q if same else torch.randn(N, D, device=DEV)
+    labels = (_labels(M, 3), None) if labelled else None
+    if labelled:
+        labels = (labels[0], labels[0] if same else _labels(N, 3))
+    _run(q, r, k, labels=labels, exclude_self=same, splits=splits)
+    base = torch.randint(-3, 4, (10, 6), device=DEV).float()
+    rt = base[torch.randint(0, 10, (150,), device=DEV)]  # exact duplicates
+    _run(base[:7], rt, 12, check_index="all", grad=False, splits=2)
+
+
 def test_knn_ties_labels_exclude_self():
     x = torch.randint(0, 3, (60, 4), device=DEV).float()
     y = _labels(60, 2)
@@ -278,12 +310,13 @@ def test_knn_forward_alternatives_fit_their_residency():
 
     base = next(la for la in kk.launches() if la.entry == "fwd_kp16" and la.x_dtype == torch.bfloat16
                 and la.block_d == 64)
-    blocks = {(128, 128, 8, 3): 1, **kk.FWD_ALTERNATIVES}
+    blocks = {(128, 128, 8, 3, False): 1, **kk.FWD_ALTERNATIVES}
     assert (base.config.blocks["BLOCK_M"], base.config.blocks["BLOCK_N"], base.config.num_warps,
-            base.config.num_stages) == (128, 128, 8, 3)
+            base.config.num_stages, base.config.blocks["FLAT"]) == (128, 128, 8, 3, False)
+    assert any(c[4] for c in kk.FWD_ALTERNATIVES), "the flat loop is among the candidates"
     jobs = [gpu_job(dataclasses.replace(base, config=base.config.with_blocks(
-        num_warps=w, num_stages=st, BLOCK_M=bm, BLOCK_N=bn)), capability=90, specialisation="aligned")
-        for bm, bn, w, st in blocks]
+        num_warps=w, num_stages=st, BLOCK_M=bm, BLOCK_N=bn, FLAT=flat)), capability=90,
+        specialisation="aligned") for bm, bn, w, st, flat in blocks]
     for (cfg, resident), res in zip(blocks.items(), compile_many_for_gpu(jobs)):
         assert not res.get("error"), f"{cfg}:\n{res.get('error')}"
         assert "wgmma.mma_async" in res["ptx"] and res["stack"] == 0, (cfg, res["stack"])
