@@ -7,11 +7,10 @@ One benchmark case is one (operator, shape, precision, provider, pass):
   optimiser step of the VGG-19 embedding network with a loss: does the loss slow training?);
 * providers: ``triton`` (``daal_triton.kernels.*``; for ``loss`` ``DAALLoss(backend="triton")``;
   for ``line_margin`` the default design, v2), ``triton_v1`` (the line margin's first design,
-  timed beside the second until a GPU run decides: docs/kernels.md), ``triton_aten_finish``
-  (the kNN with its earlier aten finish, ``DAAL_KNN_FINISH=aten``: the first H200 run found the
-  fused finish 1.45-3.3x faster; profile "full" only now), ``triton_wave_splits`` (the kNN with
-  its forward's column splits chosen as before that run, ``DAAL_KNN_SPLITS=waves``, timed beside
-  the cost model that replaced it until a GPU run decides: kernels/knn.py, ``PROGRAM_OVERHEAD_TILES``),
+  timed beside the second until a GPU run decides: docs/kernels.md), ``triton_wave_splits`` (the
+  kNN with its forward's column splits chosen as before the first H200 run,
+  ``DAAL_KNN_SPLITS=waves``, timed beside the cost model that replaced it until a GPU run decides:
+  kernels/knn.py, ``PROGRAM_OVERHEAD_TILES``),
   ``eager`` (``daal_triton.reference.*``; ``DAALLoss(backend="reference")``), ``compile``
   (``torch.compile`` of the reference function) and, for kNN only, ``chunked`` (row chunks of
   ``torch.cdist`` + ``torch.topk``, the usual hand-written baseline); for ``train_step`` the loss
@@ -43,7 +42,7 @@ PASSES = OPERATOR_PASSES + ("step",)
 PROFILES = ("smoke", "check", "full")
 PROVIDERS = {
     "pairwise": ("triton", "eager", "compile"),
-    "knn": ("triton", "eager", "compile", "chunked", "triton_aten_finish", "triton_wave_splits"),
+    "knn": ("triton", "eager", "compile", "chunked", "triton_wave_splits"),
     "line_margin": ("triton", "eager", "compile", "triton_v1"),
     "loss": ("triton", "eager", "compile", "triton_aten_glue"),
     "train_step": ("triton", "eager", "proxyanchor", "ce_floor"),
@@ -155,9 +154,8 @@ CHECK: Dict[Tuple[str, str], List[dict]] = {
         dict(dtypes=("fp32",), providers=("triton", "eager"))],
     # the fused glue (issue 13) timed beside the glue of plain PyTorch operators it replaced
     ("loss", "dml"): [dict(dtypes=("fp32",), providers=("triton", "eager", "triton_aten_glue"))],
-    # the loss's in-batch kNN: where the finish's launch count shows (fused vs aten finish)
-    ("knn", "dml"): [dict(dtypes=("bf16",), providers=("triton", "triton_aten_finish"),
-                          passes=("fwd", "fwdbwd"))],
+    # the loss's in-batch kNN: launch-bound, where the finish's launch count shows
+    ("knn", "dml"): [dict(dtypes=("bf16",), providers=("triton",), passes=("fwd", "fwdbwd"))],
     ("knn", "bank"): [dict(dtypes=("bf16",), providers=("triton", "chunked", "eager", "triton_wave_splits"),
                            passes=("fwd", "fwdbwd"))],
     ("pairwise", "large"): [dict(dtypes=("bf16", "fp32"), providers=("triton", "eager"))],
@@ -311,7 +309,7 @@ def knn_chunk_rows(n_ref: int, elems: int = 1 << 28) -> int:
 
 def _knn_bytes(d: dict, prov: str, es: int) -> int:
     mn = d["M"] * d["N"]
-    if prov in ("triton", "triton_aten_finish", "triton_wave_splits"):
+    if prov in ("triton", "triton_wave_splits"):
         return 16 * d["M"] * d["k"] + (64 << 20)
     if prov == "chunked":
         rows = min(d["M"], knn_chunk_rows(d["N"]))

@@ -141,8 +141,6 @@ PROVIDER_FUNCTIONS: Dict[str, Callable[[str], Callable]] = {
     "chunked": lambda op: chunked_knn,
     # the line margin's first design (kernels/line_margin.py, DAAL_LINE_MARGIN_DESIGN=v1)
     "triton_v1": lambda op: import_kernel(op).line_margin_v1,
-    # the kNN's earlier aten finish (kernels/knn.py, DAAL_KNN_FINISH=aten)
-    "triton_aten_finish": lambda op: import_kernel(op).knn_aten_finish,
     # the kNN's column splits as chosen before the first H200 run (DAAL_KNN_SPLITS=waves)
     "triton_wave_splits": lambda op: import_kernel(op).knn_wave_splits,
 }

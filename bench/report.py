@@ -40,6 +40,15 @@ PROVIDER_TITLES = {"triton": "Triton", "eager": "eager", "compile": "compile", "
                    "triton_v1": "Triton v1", "triton_aten_glue": "Triton, PyTorch glue",
                    "triton_aten_finish": "Triton (aten finish)",
                    "triton_wave_splits": "Triton (wave splits)"}
+#: Providers that earlier runs measured and the benchmarks no longer run: the kNN's aten finish,
+#: removed after the 2026-11-30 H200 run decided against it (docs/kernels.md, "Measured
+#: results"). Their stored results still render, after the others.
+RETIRED_PROVIDERS = {"knn": ("triton_aten_finish",)}
+
+
+def columns(op: str) -> Tuple[str, ...]:
+    """The providers of ``op``'s table, in column order: today's, then the retired ones."""
+    return tuple(PROVIDERS[op]) + RETIRED_PROVIDERS.get(op, ())
 # the training step's providers are the losses it trains with
 STEP_PROVIDER_TITLES = {"triton": "DAAL (Triton)", "eager": "DAAL (reference)",
                         "proxyanchor": "ProxyAnchor (PML)", "ce_floor": "CE floor"}
@@ -234,7 +243,7 @@ def op_table(run: dict, op: str) -> List[str]:
                   key=lambda k: (_order(SHAPE_ORDER, k[1]), _order(DTYPES, k[2]), _order(PASSES, k[3])))
     if not keys:
         return []
-    present = [p for p in PROVIDERS[op] if any(k + (p,) in run["cases"] for k in keys)]
+    present = [p for p in columns(op) if any(k + (p,) in run["cases"] for k in keys)]
     others = [p for p in present if p != "triton"]
     head = ["shape", "dtype", "pass"] + [f"{PROVIDER_TITLES[p]}" for p in present]
     head += [f"Triton vs {PROVIDER_TITLES[p]}" for p in others]
@@ -510,9 +519,9 @@ Each case is (shape, precision, provider, pass):
 - providers: `Triton` (`daal_triton.kernels.*`; for the loss `DAALLoss(backend="triton")`),
   `eager` (`daal_triton.reference.*`; `DAALLoss(backend="reference")`), `compile`
   (`torch.compile` of the reference function) and, for kNN, `chunked` (row chunks of
-  `torch.cdist` in the inputs' dtype + `torch.topk`) and `Triton (aten finish)` (the kNN kernel
-  with its earlier aten finish, `DAAL_KNN_FINISH=aten`, beside the fused finish until a GPU run
-  decides); for the line margin `Triton v1` (its first design);
+  `torch.cdist` in the inputs' dtype + `torch.topk`); for the line margin `Triton v1` (its first
+  design). The first run also timed `Triton (aten finish)` (the kNN kernel with its earlier
+  finish), removed after it (the fused finish was 1.45–3.3× faster); its tables still show it;
 - passes: `fwd` (forward with autograd recording, as in training; kNN retrieval evaluation under
   `no_grad`), `bwd` (backward alone; the forward of each round is built outside the timed
   region), `fwdbwd`;

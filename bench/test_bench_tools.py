@@ -261,6 +261,14 @@ def test_readme_generation(tmp_path):
     assert "2000-01-01-testgpu" in text and "No GPU run" not in text
 
 
+def test_retired_providers_still_render():
+    """The first H200 run timed a provider removed after it (the kNN's aten finish): its tables
+    keep its columns and ratios."""
+    text = report.readme(os.path.join(HERE, "results"))
+    for title in ("Triton (aten finish)",):
+        assert f"| {title} |" in text and f"| Triton vs {title} |" in text, title
+
+
 def test_readme_is_up_to_date():
     """bench/README.md is what `python bench/report.py --readme` makes of bench/results/."""
     with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:

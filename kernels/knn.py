@@ -48,11 +48,9 @@ more rounds over the exact keys (in registers) re-sort them by ``(s, j)``; ``dis
 sqrt_rn(max(s, eps))`` (``inf`` for padding) and ``index`` (int64, ``-1`` for padding) are stored
 in their final M x k form.
 
-``DAAL_KNN_FINISH=aten`` (:data:`FINISH`; internal, until a GPU has timed both) keeps the earlier
-finish instead: PyTorch sorts of the slots (``_finish``), the recompute alone
-(``_knn_dist_kernel``), a PyTorch re-sort (``_sort_pairs``) and the square root (~20 launches
-more). Same indices; the same distances up to the square root's last bit where the CPU's is not
-correctly rounded (CUDA's is, as is ``sqrt_rn``).
+(An earlier finish of PyTorch sorts, the recompute alone and a re-sort, ~20 launches more, was
+removed after the 2026-11-30 H200 run measured the fused one 1.45-3.3x faster; docs/kernels.md,
+"Measured results".)
 
 Backward (``_knn_bwd_kernel``): ``dist_ik = d(q_i, r_j)`` with ``j = index_ik``, so with
 ``h_ik = g_ik / sqrt(||q_i - r_j||^2)`` (0 where ``j = -1`` or the clamp binds; the squared
@@ -76,7 +74,8 @@ Inputs are copied once with ``.contiguous()`` only when their rows are not conti
 
 Limits: ``k <= MAX_K`` (128) runs the kernels; larger ``k`` runs ``_select_chunked``, plain
 PyTorch over row chunks of at most ``CHUNK_ELEMS`` distances (still never the full M x N),
-then the aten finish's recompute and re-sort (``_exact``).
+then the exact recompute alone (``_knn_dist_kernel``), a PyTorch re-sort (``_sort_pairs``) and
+the square root (``_exact``).
 float64 inputs raise ``ValueError`` (``daal_triton.knn`` routes them to the reference). ``N``
 must be below 2^31 (int32 column indices inside the kernel).
 """
@@ -114,13 +113,6 @@ from ._common import (
 
 MAX_K = 128
 CHUNK_ELEMS = 1 << 24  # distances per chunk in the PyTorch fallback
-#: The finishes of the kernel path (k <= MAX_K): ``"fused"``, one launch of
-#: ``_knn_finish_kernel``; ``"aten"``, the earlier sorts of the candidate slots (``_finish``), the
-#: exact recompute (``_knn_dist_kernel``), a re-sort (``_sort_pairs``) and the square root.
-FINISHES = ("fused", "aten")
-#: The finish ``knn`` runs: ``"fused"`` unless ``DAAL_KNN_FINISH=aten`` (kept selectable until a
-#: GPU times both: the benchmarks' ``triton`` and ``triton_aten_finish`` providers).
-FINISH = os.environ.get("DAAL_KNN_FINISH", "fused")
 
 
 # --------------------------------------------------------------------------- kernels
@@ -513,9 +505,8 @@ _FINISH = {f"finish_kp{kp}": KernelConfig({"BLOCK_M": bm}, num_warps=4, num_stag
 _BWD = KernelConfig({"BLOCK_M": 64}, num_warps=4, num_stages=1, block_d=(16, 64))
 #: ``CONFIGS[family][entry]``: ``fwd_kp<KP>`` (the forward for padded k up to KP),
 #: ``finish_kp<KP>`` (the fused finish: selection of the k best slots, exact recompute, final
-#: sort and square root), ``dist`` (the exact recompute alone, for the ``"aten"`` finish and
-#: k > MAX_K), ``bwd`` and ``bwd_noref`` (the backward without dRef: the references need no
-#: gradient).
+#: sort and square root), ``dist`` (the exact recompute alone, for k > MAX_K), ``bwd`` and
+#: ``bwd_noref`` (the backward without dRef: the references need no gradient).
 CONFIGS: Dict[str, Dict[str, KernelConfig]] = {
     "half": dict(_fwd_configs(64), **_FINISH, dist=_BWD, bwd=_BWD, bwd_noref=_BWD),
     # float32: BLOCK_D 16, and 4 stages with 8 warps at KP 32, keep the 3xTF32 builds' sm_90
@@ -589,18 +580,6 @@ def _num_splits(M: int, N: int, bm: int, bn: int, device: torch.device, policy: 
     return wave_split(cdiv(M, bm), cdiv(N, bn), sm_count(device), MAX_SPLITS, overhead)
 
 
-def _finish(s: torch.Tensor, idx: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Sort candidate slots (M x C, unsorted) by (s, j), keep ``k``, pad, return (s, index)."""
-    idx = idx.to(torch.int64)
-    order = torch.argsort(idx, dim=1)  # by index, then a stable sort by distance
-    s, idx = torch.gather(s, 1, order), torch.gather(idx, 1, order)
-    s, order = torch.sort(s, dim=1, stable=True)
-    idx = torch.gather(idx, 1, order)
-    s, idx = s[:, :k], idx[:, :k]
-    missing = idx < 0
-    return s.masked_fill(missing, float("inf")), idx.masked_fill(missing, -1)
-
-
 def _candidates(q, r, k, ql, rl, exclude_self, splits: Optional[int] = None):
     """The forward kernel's ``(out_s, out_i)``: S x M x KP candidate slots (q, r prepared, same
     dtype; ``r is q`` computes the squared norms once)."""
@@ -623,16 +602,6 @@ def _candidates(q, r, k, ql, rl, exclude_self, splits: Optional[int] = None):
         M, N, D, cols, q.stride(0), r.stride(0), out_s.stride(0), out_s.stride(1),
         KP=kp, HAS_LABELS=has_labels, EXCLUDE_SELF=bool(exclude_self), **flags, **cfg.launch(D))
     return out_s, out_i
-
-
-def _select_kernel(q, r, k, ql, rl, exclude_self, splits: Optional[int] = None):
-    """(squared distance, index), M x k, from the Triton kernel and the aten finish
-    (``_finish``: sorts of the candidate slots)."""
-    out_s, out_i = _candidates(q, r, k, ql, rl, exclude_self, splits)
-    S, M, kp = out_s.shape
-    s = out_s.permute(1, 0, 2).reshape(M, S * kp)
-    i = out_i.permute(1, 0, 2).reshape(M, S * kp)
-    return _finish(s, i, k)
 
 
 def _finish_fused(out_s: torch.Tensor, out_i: torch.Tensor, q: torch.Tensor, r: torch.Tensor,
@@ -739,13 +708,14 @@ def _knn_backward(g, index, q, r, ref_grad: bool = True):
 # two opaque ops (forward selection, backward scatter) instead of tracing the launchers.
 @torch.library.custom_op("daal_triton::knn", mutates_args=())
 def _knn_op(query: torch.Tensor, ref: torch.Tensor, k: int, query_labels: Optional[torch.Tensor],
-            ref_labels: Optional[torch.Tensor], exclude_self: bool, splits: Optional[int],
-            finish: str) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``(dist, index)`` of the kNN (see :func:`knn`; ``finish``: see :data:`FINISH`)."""
-    return _knn_forward(query, ref, k, query_labels, ref_labels, exclude_self, splits, finish)
+            ref_labels: Optional[torch.Tensor], exclude_self: bool, splits: Optional[int]
+            ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(dist, index)`` of the kNN (see :func:`knn`; ``splits``: the forward's column ranges,
+    ``None`` for the launcher's choice)."""
+    return _knn_forward(query, ref, k, query_labels, ref_labels, exclude_self, splits)
 
 
-def _knn_forward(query, ref, k, query_labels, ref_labels, exclude_self, splits, finish):
+def _knn_forward(query, ref, k, query_labels, ref_labels, exclude_self, splits):
     """The body of ``daal_triton::knn`` (a plain function: the launch-count test calls it)."""
     dtype = compute_dtype("knn", query, ref)
     q = prepare(query, dtype)
@@ -759,19 +729,17 @@ def _knn_forward(query, ref, k, query_labels, ref_labels, exclude_self, splits, 
         dist = torch.full((M, k), float("inf"), dtype=torch.float32, device=q.device)
         index = torch.full((M, k), -1, dtype=torch.int64, device=q.device)
         return dist, index
-    if k > MAX_K:
-        _, index = _select_chunked(q.float(), r.float(), k, ql, rl, exclude_self)
-    elif finish == "aten":
-        _, index = _select_kernel(q, r, k, ql, rl, exclude_self, splits)
-    else:
+    if k <= MAX_K:
         out_s, out_i = _candidates(q, r, k, ql, rl, exclude_self, splits)
         return _finish_fused(out_s, out_i, q, r, k)
+    # k > MAX_K: PyTorch selects, then the exact recompute and re-sort
+    _, index = _select_chunked(q.float(), r.float(), k, ql, rl, exclude_self)
     dist, index = _exact(index.contiguous(), q, r)
     return dist.contiguous(), index.contiguous()
 
 
 @_knn_op.register_fake
-def _knn_fake(query, ref, k, query_labels, ref_labels, exclude_self, splits, finish):
+def _knn_fake(query, ref, k, query_labels, ref_labels, exclude_self, splits):
     M = query.shape[0]
     dist = query.new_empty((M, k), dtype=torch.float32)
     return dist, query.new_empty((M, k), dtype=torch.int64)
@@ -805,10 +773,10 @@ _knn_backward_direct = direct(_knn_backward_op)
 def _knn_autograd_backward(ctx, g, _g_index):
     query, ref, index = ctx.saved_tensors
     if g is None:
-        return (None,) * 8
+        return (None,) * 7
     ref_grad = bool(ctx.needs_input_grad[1])
     dq, dr = _knn_backward_direct(g.contiguous(), index, query, ref, ref_grad)
-    return dq, dr if ref_grad else None, None, None, None, None, None, None
+    return dq, dr if ref_grad else None, None, None, None, None, None
 
 
 _knn_op.register_autograd(_knn_autograd_backward, setup_context=_knn_setup_context)
@@ -836,12 +804,6 @@ def knn(
                 exclude_self=exclude_self)
 
 
-def knn_aten_finish(query: torch.Tensor, ref: torch.Tensor, k: int, **kwargs) -> Tuple[torch.Tensor, torch.Tensor]:
-    """:func:`knn` (same keyword arguments) with the aten finish (``DAAL_KNN_FINISH=aten``; the
-    benchmarks' ``triton_aten_finish`` provider)."""
-    return _knn(query, ref, k, finish="aten", **kwargs)
-
-
 def knn_wave_splits(query: torch.Tensor, ref: torch.Tensor, k: int, **kwargs) -> Tuple[torch.Tensor, torch.Tensor]:
     """:func:`knn` (same keyword arguments) with the forward's splits chosen as before the first
     GPU run (``DAAL_KNN_SPLITS=waves``; the benchmarks' ``triton_wave_splits`` provider)."""
@@ -853,11 +815,7 @@ def knn_wave_splits(query: torch.Tensor, ref: torch.Tensor, k: int, **kwargs) ->
     return _knn(query, ref, k, splits=splits, **kwargs)
 
 
-def _knn(query, ref, k, *, query_labels=None, ref_labels=None, exclude_self=False, splits=None,
-         finish: Optional[str] = None):
-    finish = FINISH if finish is None else finish
-    if finish not in FINISHES:
-        raise ValueError(f"kNN finish must be one of {FINISHES}, got {finish!r}")
+def _knn(query, ref, k, *, query_labels=None, ref_labels=None, exclude_self=False, splits=None):
     if (query_labels is None) != (ref_labels is None):
         raise ValueError("query_labels and ref_labels must be given together")
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
@@ -867,4 +825,4 @@ def _knn(query, ref, k, *, query_labels=None, ref_labels=None, exclude_self=Fals
     compute_dtype("knn", query, ref)
     if ref.shape[0] >= 2**31:
         raise ValueError(f"ref has {ref.shape[0]} rows; the kernel's column indices are int32 (< 2^31)")
-    return _knn_call(query, ref, k, query_labels, ref_labels, bool(exclude_self), splits, finish)
+    return _knn_call(query, ref, k, query_labels, ref_labels, bool(exclude_self), splits)

@@ -372,8 +372,8 @@ def test_knn_no_ref_gradient():
 
 # ------------------------------------------------------------------------- the fused finish
 def _exact_sq(index, q, r):
-    """The squared distances of the selected pairs by ``_knn_dist_kernel`` (the aten finish's
-    recompute)."""
+    """The squared distances of the selected pairs by ``_knn_dist_kernel`` (the recompute of the
+    k > MAX_K path)."""
     M, K = index.shape
     s = torch.empty(M, K, dtype=torch.float32, device=q.device)
     cfg = kk.CONFIGS[family(q.dtype)]["dist"]
@@ -383,21 +383,45 @@ def _exact_sq(index, q, r):
     return s
 
 
-def _fused_vs_aten(q, r, k, **kw):
-    """The fused finish gives the aten finish's result: the same indices, and as distances the
-    correctly rounded square roots of the same exact squared distances (torch's CPU float32 sqrt
-    is not always correctly rounded, so on the CPU the aten path can differ in the last bit;
-    CUDA's is, and there the two are equal)."""
-    dist, index = kk._knn(q, r, k, finish="fused", **kw)
-    dist_a, index_a = kk._knn(q, r, k, finish="aten", **kw)
+def _sorted_finish(q, r, k, *, splits=None, query_labels=None, ref_labels=None, exclude_self=False):
+    """The fused finish's work done by PyTorch, as an oracle: the forward kernel's candidate
+    slots (``kk._candidates``, the same selection), sorted by ``(s, j)`` (``kk._sort_pairs``),
+    the ``k`` best kept, their squared distances recomputed by ``_knn_dist_kernel`` and re-sorted
+    (``kk._exact``, the k > MAX_K path's finish). (The kernels' "aten finish" did this until the
+    2026-11-30 H200 run; it is a test oracle only now.) Returns ``(dist, index)``."""
+    from daal_triton.kernels._common import compute_dtype, prepare
+
+    dtype = compute_dtype("knn", q, r)
+    qp = prepare(q, dtype)
+    rp = qp if r is q else prepare(r, dtype)
+    ql = rl = None
+    if query_labels is not None:
+        ql = query_labels.long().contiguous()
+        rl = ql if ref_labels is query_labels else ref_labels.long().contiguous()
+    out_s, out_i = kk._candidates(qp, rp, k, ql, rl, exclude_self, splits)
+    S, M, kp = out_s.shape
+    s, idx = kk._sort_pairs(out_s.permute(1, 0, 2).reshape(M, S * kp),
+                            out_i.permute(1, 0, 2).reshape(M, S * kp).long())
+    idx = idx[:, :k]
+    idx = idx.masked_fill(idx < 0, -1)  # empty slots hold -1 - slot
+    return kk._exact(idx.contiguous(), qp, rp)
+
+
+def _fused_vs_sorted(q, r, k, **kw):
+    """The fused finish gives the result of :func:`_sorted_finish`: the same indices, and as
+    distances the correctly rounded square roots of the same exact squared distances (torch's CPU
+    float32 sqrt is not always correctly rounded, so on the CPU the oracle can differ in the last
+    bit; CUDA's is, and there the two are equal)."""
+    dist, index = kk._knn(q, r, k, **kw)
+    dist_s, index_s = _sorted_finish(q, r, k, **kw)
     assert dist.dtype == torch.float32 and index.dtype == torch.int64
     assert dist.shape == index.shape == (q.shape[0], k)
-    assert torch.equal(index, index_a)
-    want = _exact_sq(index_a, q, r).clamp(min=1e-12).double().sqrt().float()
-    want = want.masked_fill(index_a < 0, float("inf"))
+    assert torch.equal(index, index_s)
+    want = _exact_sq(index_s, q, r).clamp(min=1e-12).double().sqrt().float()
+    want = want.masked_fill(index_s < 0, float("inf"))
     assert torch.equal(dist, want)
     if DEV == "cuda":
-        assert torch.equal(dist, dist_a)
+        assert torch.equal(dist, dist_s)
     return dist, index
 
 
@@ -408,13 +432,13 @@ def test_knn_fused_finish_odd_shapes(k, splits):
     (rows with fewer than k candidates, padded inf / -1), and the loss's use (one
     tensor as query and ref, labels, self excluded)."""
     q, r = torch.randn(37, 129, device=DEV), torch.randn(53, 129, device=DEV)
-    _fused_vs_aten(q, r, k, splits=splits)
+    _fused_vs_sorted(q, r, k, splits=splits)
     # classes 12 and 13 have no references (and one query each: no candidate without self)
     ql = torch.cat([torch.tensor([12, 13], device=DEV), _labels(35, 12)])
     rl = torch.arange(53, device=DEV) % 12
-    dist, index = _fused_vs_aten(q, r, k, splits=splits, query_labels=ql, ref_labels=rl)
+    dist, index = _fused_vs_sorted(q, r, k, splits=splits, query_labels=ql, ref_labels=rl)
     assert (index[:2] < 0).all() and torch.isinf(dist[:2]).all()
-    dist, index = _fused_vs_aten(q, q, k, splits=splits, query_labels=ql, ref_labels=ql,
+    dist, index = _fused_vs_sorted(q, q, k, splits=splits, query_labels=ql, ref_labels=ql,
                                  exclude_self=True)
     assert (index[:2] < 0).all() and (index != torch.arange(37, device=DEV)[:, None]).all()
     _run(q, r, k, splits=splits, labels=(ql, rl))
@@ -428,28 +452,18 @@ def test_knn_fused_finish_ties(k):
     x = base[torch.randint(0, 7, (37,), device=DEV)]
     r = torch.cat([x[:20], base[torch.randint(0, 7, (33,), device=DEV)]])
     for splits in (None, 2):
-        dist, index = _fused_vs_aten(x, r, k, splits=splits)
+        dist, index = _fused_vs_sorted(x, r, k, splits=splits)
         eq = dist[:, 1:] == dist[:, :-1]
         assert (index[:, 1:][eq] > index[:, :-1][eq]).all()
         assert (dist[:20, 0] == torch.tensor(1e-12).sqrt()).all()  # each query's duplicate
-        _fused_vs_aten(x, x, k, splits=splits, exclude_self=True)
+        _fused_vs_sorted(x, x, k, splits=splits, exclude_self=True)
     _run(x, r, k, check_index="all", grad=False)
 
 
 def test_knn_fused_finish_k17_float16():
     """KP = 32 (k not a power of two) and float16 rows."""
     q, r = torch.randn(37, 70, device=DEV).half(), torch.randn(53, 70, device=DEV).half()
-    _fused_vs_aten(q, r, 17, splits=2, query_labels=_labels(37, 2), ref_labels=_labels(53, 2))
-
-
-def test_knn_finish_switch():
-    """``DAAL_KNN_FINISH`` picks the default finish; an unknown one is refused."""
-    assert kk.FINISH in kk.FINISHES
-    q = torch.randn(4, 3, device=DEV)
-    with pytest.raises(ValueError, match="finish"):
-        kk._knn(q, q, 2, finish="sorted")
-    d, i = kk.knn_aten_finish(q, q, 2)
-    assert torch.equal(i, kk.knn(q, q, 2)[1])
+    _fused_vs_sorted(q, r, 17, splits=2, query_labels=_labels(37, 2), ref_labels=_labels(53, 2))
 
 
 def _count_launches(monkeypatch, fn):
@@ -494,14 +508,14 @@ def test_knn_launch_count(monkeypatch):
     """Issue 13: the loss's kNN (one tensor as query and ref) launches three Triton kernels and
     no aten work in its forward (one squared-norm launch, the selection, the fused finish), and
     the backward two operations in float32 (dRef's zero-fill and the kernel; dQ is not
-    zero-filled). The aten finish launches ~20 more operations."""
+    zero-filled). k > MAX_K selects in PyTorch, then recomputes with ``_knn_dist_kernel``."""
     x = torch.randn(37, 20, device=DEV)
     y = _labels(37, 3)
-    ops, kernels = _count_launches(monkeypatch, lambda: kk._knn_forward(x, x, 3, y, y, True, 2, "fused"))
+    ops, kernels = _count_launches(monkeypatch, lambda: kk._knn_forward(x, x, 3, y, y, True, 2))
     assert ops == [] and kernels == ["_sqnorm_kernel", "_knn_fwd_kernel", "_knn_finish_kernel"]
-    ops_a, kernels_a = _count_launches(monkeypatch, lambda: kk._knn_forward(x, x, 3, y, y, True, 2, "aten"))
-    assert kernels_a == ["_sqnorm_kernel", "_knn_fwd_kernel", "_knn_dist_kernel"] and len(ops_a) > 10
-    dist, index = kk._knn_forward(x, x, 3, y, y, True, None, "fused")
+    _, kernels_c = _count_launches(monkeypatch, lambda: kk._knn_forward(x, x, kk.MAX_K + 1, y, y, True, None))
+    assert kernels_c == ["_knn_dist_kernel"]
+    dist, index = kk._knn_forward(x, x, 3, y, y, True, None)
     g = torch.randn_like(dist)
     ops, kernels = _count_launches(monkeypatch, lambda: kk._knn_backward(g, index, x, x, True))
     assert kernels == ["_knn_bwd_kernel"] and len(ops) == 1, ops  # dRef's zero-fill
