@@ -5,12 +5,10 @@ One benchmark case is one (operator, shape, precision, provider, pass):
 * operators: ``pairwise`` (pairwise distance), ``knn`` (k nearest neighbours), ``line_margin``
   (the fused adaptive line margin), ``loss`` (the whole ``DAALLoss``), ``train_step`` (one
   optimiser step of the VGG-19 embedding network with a loss: does the loss slow training?);
-* providers: ``triton`` (``daal_triton.kernels.*``; for ``loss`` ``DAALLoss(backend="triton")``;
-  for ``line_margin`` the default design, v2), ``triton_v1`` (the line margin's first design,
-  timed beside the second until a GPU run decides: docs/kernels.md), ``triton_wave_splits`` (the
-  kNN with its forward's column splits chosen as before the first H200 run,
-  ``DAAL_KNN_SPLITS=waves``, timed beside the cost model that replaced it until a GPU run decides:
-  kernels/knn.py, ``PROGRAM_OVERHEAD_TILES``),
+* providers: ``triton`` (``daal_triton.kernels.*``; for ``loss`` ``DAALLoss(backend="triton")``),
+  ``triton_wave_splits`` (the kNN with its forward's column splits chosen as before the first
+  H200 run, ``DAAL_KNN_SPLITS=waves``, timed beside the cost model that replaced it until a GPU
+  run decides: kernels/knn.py, ``PROGRAM_OVERHEAD_TILES``),
   ``eager`` (``daal_triton.reference.*``; ``DAALLoss(backend="reference")``), ``compile``
   (``torch.compile`` of the reference function) and, for kNN only, ``chunked`` (row chunks of
   ``torch.cdist`` + ``torch.topk``, the usual hand-written baseline); for ``train_step`` the loss
@@ -43,7 +41,7 @@ PROFILES = ("smoke", "check", "full")
 PROVIDERS = {
     "pairwise": ("triton", "eager", "compile"),
     "knn": ("triton", "eager", "compile", "chunked", "triton_wave_splits"),
-    "line_margin": ("triton", "eager", "compile", "triton_v1"),
+    "line_margin": ("triton", "eager", "compile"),
     "loss": ("triton", "eager", "compile", "triton_aten_glue"),
     "train_step": ("triton", "eager", "proxyanchor", "ce_floor"),
 }
@@ -150,7 +148,7 @@ TARGET_KEYS = frozenset((t.op, t.shape, t.dtype) for t in TARGETS)
 CHECK: Dict[Tuple[str, str], List[dict]] = {
     ("knn", "eval60k"): [dict(dtypes=("bf16",), providers=("triton", "chunked", "triton_wave_splits", "eager"))],
     ("line_margin", "classes100k"): [
-        dict(dtypes=("bf16",), providers=("triton", "eager", "compile", "triton_v1")),
+        dict(dtypes=("bf16",), providers=("triton", "eager", "compile")),
         dict(dtypes=("fp32",), providers=("triton", "eager"))],
     # the fused glue (issue 13) timed beside the glue of plain PyTorch operators it replaced
     ("loss", "dml"): [dict(dtypes=("fp32",), providers=("triton", "eager", "triton_aten_glue"))],
@@ -163,8 +161,8 @@ CHECK: Dict[Tuple[str, str], List[dict]] = {
     ("line_margin", "large"): [dict(dtypes=("bf16",), providers=("triton", "eager"), passes=("fwdbwd",))],
     ("line_margin", "classes11k"): [dict(dtypes=("bf16",), providers=("triton", "eager"), passes=("fwdbwd",))],
     # 1M classes: Triton only fits; eager and compile are recorded (skipped by the memory estimate,
-    # or out of memory), v1 timed beside it
-    ("line_margin", "classes1m"): [dict(dtypes=("bf16",), providers=("triton", "triton_v1", "eager", "compile"),
+    # or out of memory)
+    ("line_margin", "classes1m"): [dict(dtypes=("bf16",), providers=("triton", "eager", "compile"),
                                         passes=("fwdbwd",))],
     ("loss", "classes100k"): [dict(dtypes=("fp32",), providers=("triton", "eager"), passes=("fwdbwd",))],
     # the training step: the targets' shapes only (VGG-19-BN, B=180); the DAAL reference at C=100
@@ -320,12 +318,10 @@ def _knn_bytes(d: dict, prov: str, es: int) -> int:
 
 
 def _line_margin_bytes(d: dict, prov: str) -> int:
-    if prov in ("triton", "triton_aten_glue"):  # design v2: the segment gradient, saved stats, the chunk buffers
+    if prov in ("triton", "triton_aten_glue"):  # the segment gradient, saved stats, the chunk buffers
         from work_model import extra_bytes
 
         return extra_bytes(d["B"], d["C"], d["D"], "fp32") + (64 << 20)
-    if prov == "triton_v1":
-        return 64 * d["B"] * d["D"] * 4 + 16 * d["C"] * d["D"] + (64 << 20)
     if prov == "eager":
         return 80 * d["B"] * d["C"]  # ~15 float32 B x C temporaries kept for backward + an int64 one-hot
     return 24 * d["B"] * d["C"]

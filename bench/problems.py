@@ -139,8 +139,6 @@ PROVIDER_FUNCTIONS: Dict[str, Callable[[str], Callable]] = {
     "eager": _reference,
     "compile": lambda op: compiled(op, _reference(op)),
     "chunked": lambda op: chunked_knn,
-    # the line margin's first design (kernels/line_margin.py, DAAL_LINE_MARGIN_DESIGN=v1)
-    "triton_v1": lambda op: import_kernel(op).line_margin_v1,
     # the kNN's column splits as chosen before the first H200 run (DAAL_KNN_SPLITS=waves)
     "triton_wave_splits": lambda op: import_kernel(op).knn_wave_splits,
 }

@@ -40,15 +40,16 @@ PROVIDER_TITLES = {"triton": "Triton", "eager": "eager", "compile": "compile", "
                    "triton_v1": "Triton v1", "triton_aten_glue": "Triton, PyTorch glue",
                    "triton_aten_finish": "Triton (aten finish)",
                    "triton_wave_splits": "Triton (wave splits)"}
-#: Providers that earlier runs measured and the benchmarks no longer run: the kNN's aten finish,
-#: removed after the 2026-11-30 H200 run decided against it (docs/kernels.md, "Measured
-#: results"). Their stored results still render, after the others.
-RETIRED_PROVIDERS = {"knn": ("triton_aten_finish",)}
+#: Providers that earlier runs measured and the benchmarks no longer run: the line margin's first
+#: design and the kNN's aten finish, removed after the 2026-11-30 H200 run decided against them
+#: (docs/kernels.md, "Measured results"). Their stored results still render, after the others.
+RETIRED_PROVIDERS = {"knn": ("triton_aten_finish",), "line_margin": ("triton_v1",)}
 
 
 def columns(op: str) -> Tuple[str, ...]:
     """The providers of ``op``'s table, in column order: today's, then the retired ones."""
     return tuple(PROVIDERS[op]) + RETIRED_PROVIDERS.get(op, ())
+
 # the training step's providers are the losses it trains with
 STEP_PROVIDER_TITLES = {"triton": "DAAL (Triton)", "eager": "DAAL (reference)",
                         "proxyanchor": "ProxyAnchor (PML)", "ce_floor": "CE floor"}
@@ -336,35 +337,33 @@ def targets_table(run: dict) -> List[str]:
 
 def work_model_table(run: dict, heading_level: int = 2) -> List[str]:
     """The line-margin work model (bench/work_model.py: flops and bytes per kernel, from the shape)
-    beside the measured fwd+bwd times of the two designs (``triton`` = v2, ``triton_v1``), for
-    every line-margin shape the run measured: the achieved rate on the flops each design does."""
+    beside the measured fwd+bwd times of the ``triton`` provider, for every line-margin shape the
+    run measured: the achieved rate on the flops the kernels do. (Runs before the first design's
+    removal also timed ``triton_v1``; the model has no rows for it now.)"""
     import work_model as wm
 
     keys = sorted({k[:4] for k in run["cases"] if k[0] == "line_margin" and k[3] == "fwdbwd"
-                   and any(ok(run["cases"].get(k[:4] + (p,))) for p in ("triton", "triton_v1"))},
+                   and ok(run["cases"].get(k[:4] + ("triton",)))},
                   key=lambda k: (_order(SHAPE_ORDER, k[1]), _order(DTYPES, k[2])))
     if not keys:
         return []
     h = "#" * heading_level
     lines = [f"{h}# Line-margin work model beside the measured times", "",
-             "Flops and compulsory bytes of each design from bench/work_model.py (estimates); time = "
-             "this run's median fwd+bwd; TFLOP/s = the design's own flops / time.", "",
-             "| shape | dtype | design | GFLOP (·BCD) | DRAM GB | global RMW GB | time | TFLOP/s | GB/s (DRAM) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "Flops and compulsory bytes of the kernels from bench/work_model.py (estimates); time = "
+             "this run's median fwd+bwd (Triton); TFLOP/s = the kernels' own flops / time.", "",
+             "| shape | dtype | GFLOP (·BCD) | DRAM GB | global RMW GB | time | TFLOP/s | GB/s (DRAM) |",
+             "|---|---|---|---|---|---|---|---|"]
     for key in keys:
         _op, shape, dtype, _pass = key
         d = SHAPES["line_margin"].get(shape) or (run["cases"].get(key + ("triton",)) or {}).get("dims") or {}
         if not d:
             continue
-        for prov, design in (("triton", "v2"), ("triton_v1", "v1")):
-            s = wm.summary(d["B"], d["C"], d["D"], dtype, design)
-            t = median(run["cases"].get(key + (prov,)))
-            lines.append(f"| {shape} | {dtype} | {design} | {s['flops'] / 1e9:.0f} "
-                         f"({s['flops'] / (d['B'] * d['C'] * d['D']):.0f}) | {s['dram_bytes'] / 1e9:.2f} | "
-                         f"{s['rmw_bytes'] / 1e9:.2f} | {fmt_time(t)} | "
-                         f"{s['flops'] / t / 1e12:.3g} | {s['dram_bytes'] / t / 1e9:.0f} |" if t else
-                         f"| {shape} | {dtype} | {design} | {s['flops'] / 1e9:.0f} | "
-                         f"{s['dram_bytes'] / 1e9:.2f} | {s['rmw_bytes'] / 1e9:.2f} | — | — | — |")
+        s = wm.summary(d["B"], d["C"], d["D"], dtype)
+        t = median(run["cases"].get(key + ("triton",)))
+        lines.append(f"| {shape} | {dtype} | {s['flops'] / 1e9:.0f} "
+                     f"({s['flops'] / (d['B'] * d['C'] * d['D']):.0f}) | {s['dram_bytes'] / 1e9:.2f} | "
+                     f"{s['rmw_bytes'] / 1e9:.2f} | {fmt_time(t)} | "
+                     f"{s['flops'] / t / 1e12:.3g} | {s['dram_bytes'] / t / 1e9:.0f} |")
     return lines + [""]
 
 
@@ -511,7 +510,7 @@ run into Markdown; `gpu_check.sh` is the GPU check; `tune_line_margin.py` times 
 sizes of the line-margin kernels (the check runs it for at least 30 s; its table goes into the
 run's report), `tune_knn.py` those of the kNN forward, its flat loop and grids sized for two programs per SM
 (75 s; its table too); `probe_h200.py` splits host and GPU time on a GPU, `probe_host.py` measures
-the loss's host time besides the kernels on a CPU; `work_model.py` models the flops and bytes of each line-margin kernel of both designs
+the loss's host time besides the kernels on a CPU; `work_model.py` models the flops and bytes of each line-margin kernel
 (printed beside a run's measured times; `python bench/work_model.py B,C,D` prints it alone).
 
 Each case is (shape, precision, provider, pass):
@@ -519,9 +518,10 @@ Each case is (shape, precision, provider, pass):
 - providers: `Triton` (`daal_triton.kernels.*`; for the loss `DAALLoss(backend="triton")`),
   `eager` (`daal_triton.reference.*`; `DAALLoss(backend="reference")`), `compile`
   (`torch.compile` of the reference function) and, for kNN, `chunked` (row chunks of
-  `torch.cdist` in the inputs' dtype + `torch.topk`); for the line margin `Triton v1` (its first
-  design). The first run also timed `Triton (aten finish)` (the kNN kernel with its earlier
-  finish), removed after it (the fused finish was 1.45–3.3× faster); its tables still show it;
+  `torch.cdist` in the inputs' dtype + `torch.topk`). The first run also timed `Triton (aten
+  finish)` (the kNN kernel with its earlier finish) and `Triton v1` (the line margin's first
+  design); both were removed after it (the fused finish was 1.45–3.3× faster, v2 4.1×), and its
+  tables still show them;
 - passes: `fwd` (forward with autograd recording, as in training; kNN retrieval evaluation under
   `no_grad`), `bwd` (backward alone; the forward of each round is built outside the timed
   region), `fwdbwd`;

@@ -262,10 +262,10 @@ def test_readme_generation(tmp_path):
 
 
 def test_retired_providers_still_render():
-    """The first H200 run timed a provider removed after it (the kNN's aten finish): its tables
-    keep its columns and ratios."""
+    """The first H200 run timed two providers removed after it (the line margin's first design,
+    the kNN's aten finish): its tables keep their columns and ratios."""
     text = report.readme(os.path.join(HERE, "results"))
-    for title in ("Triton (aten finish)",):
+    for title in ("Triton v1", "Triton (aten finish)"):
         assert f"| {title} |" in text and f"| Triton vs {title} |" in text, title
 
 
@@ -333,7 +333,7 @@ def test_tune_line_margin_smoke(tmp_path):
     assert lm.CONFIGS == before
     data = json.loads(out.read_text())
     assert data["smoke"] and data["records"] == recs
-    assert [r["kernel"] for r in recs if r["table"]] == ["fwd2", "bwd2", "fwd", "dpq", "dx"]
+    assert [r["kernel"] for r in recs if r["table"]] == ["fwd2", "bwd2"]
     for r in recs:
         assert r["status"] == "measured", r
         assert r["seconds"] > 0
@@ -346,17 +346,17 @@ def test_tune_line_margin_smoke(tmp_path):
 def test_tune_line_margin_flags_failures(tmp_path, monkeypatch):
     out = str(tmp_path / "t.json")
     # 48 rows is not a power of two: tl.arange refuses it -> recorded as failed, exit status 1
-    monkeypatch.setattr(tlm, "SMOKE_CANDIDATES", {"fwd": [(48, 32, 4, 1)], "dpq": [], "dx": []})
-    assert tlm.main([out, "--smoke", "--shape", "20,30,17", "--kernels", "fwd,dpq,dx"]) == 1
+    monkeypatch.setattr(tlm, "SMOKE_CANDIDATES", {"fwd2": [(48, 32, 4, 1)], "bwd2": []})
+    assert tlm.main([out, "--smoke", "--shape", "20,30,17", "--kernels", "fwd2,bwd2"]) == 1
     recs = json.load(open(out))["records"]
-    assert [r["status"].split(":")[0] for r in recs] == ["measured", "failed", "measured", "measured"]
+    assert [r["status"].split(":")[0] for r in recs] == ["measured", "failed", "measured"]
     # a candidate that computes something else is flagged, not timed as a win
-    monkeypatch.setattr(tlm, "SMOKE_CANDIDATES", {"fwd": [(32, 32, 4, 1)], "dpq": [], "dx": []})
+    monkeypatch.setattr(tlm, "SMOKE_CANDIDATES", {"fwd2": [(32, 32, 4, 1)], "bwd2": []})
     monkeypatch.setattr(tlm, "_rel", lambda a, b: 0.5)
-    assert tlm.main([out, "--smoke", "--shape", "20,30,17", "--kernels", "fwd,dpq,dx"]) == 1
+    assert tlm.main([out, "--smoke", "--shape", "20,30,17", "--kernels", "fwd2,bwd2"]) == 1
     assert json.load(open(out))["records"][1]["status"].startswith("WRONG")
     # out of budget: recorded as not run
-    assert tlm.main([out, "--smoke", "--shape", "20,30,17", "--budget-s", "0", "--kernels", "fwd,dpq,dx"]) == 0
+    assert tlm.main([out, "--smoke", "--shape", "20,30,17", "--budget-s", "0", "--kernels", "fwd2,bwd2"]) == 0
     assert {r["status"] for r in json.load(open(out))["records"]} == {"not run: out of the time budget"}
 
 
@@ -366,14 +366,14 @@ def test_tune_line_margin_order(tmp_path, monkeypatch):
     from daal_triton.kernels import line_margin as lm
 
     family = lm.config_family(torch.float32)
-    monkeypatch.setitem(tlm.PREVIOUS, family, {"fwd": (64, 32, 4, 1), "dx": (32, 64, 4, 1)})
-    monkeypatch.setattr(tlm, "SMOKE_CANDIDATES", {"fwd": [(32, 32, 4, 1)], "dpq": [], "dx": []})
+    monkeypatch.setitem(tlm.PREVIOUS, family, {"fwd2": (64, 32, 4, 1), "bwd2": (32, 64, 4, 1)})
+    monkeypatch.setattr(tlm, "SMOKE_CANDIDATES", {"fwd2": [(32, 32, 4, 1)], "bwd2": []})
     recs = tlm.tune(str(tmp_path / "t.json"), shape=(20, 30, 17), dtypes=("fp32",), smoke=True,
-                    kernels=("fwd", "dpq", "dx"))
+                    kernels=("fwd2", "bwd2"))
     by_run = sorted(recs, key=lambda r: r["run"])
-    assert [(r["kernel"], r["table"]) for r in by_run[:3]] == [("fwd", True), ("dpq", True), ("dx", True)]
-    assert [(r["kernel"], r["BLOCK_B"], r["BLOCK_C"]) for r in by_run[3:]] == [
-        ("fwd", 64, 32), ("dx", 32, 64), ("fwd", 32, 32)]
+    assert [(r["kernel"], r["table"]) for r in by_run[:2]] == [("fwd2", True), ("bwd2", True)]
+    assert [(r["kernel"], r["BLOCK_B"], r["BLOCK_C"]) for r in by_run[2:]] == [
+        ("fwd2", 64, 32), ("bwd2", 32, 64), ("fwd2", 32, 32)]
     assert all(r["status"] == "measured" for r in recs)
 
 

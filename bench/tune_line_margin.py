@@ -5,14 +5,11 @@ The launch configurations of the line-margin kernels (``CONFIGS[family][kernel]`
 were chosen by what ``ptxas`` reports (no register spills on sm_90; docs/kernels.md). This tool
 times them against alternatives on the machine it runs on, one kernel at a time (the others keep their table
 entries), and checks that every alternative computes what the table's entry computes:
-
-* design v2 (the default): ``fwd2``: the forward operator ``daal_triton::line_margin2`` (own rows,
-  prep, ``_lm2_fwd_kernel``, merge); ``bwd2``: the backward operator
-  ``daal_triton::line_margin2_backward`` (the
-  chunk kernel ``_lm2_bwd_kernel``, the two ``torch.mm`` and the segment-gradient epilogue);
-* design v1: ``fwd``: the forward operator ``daal_triton::line_lse`` (class statistics +
-  ``_lm_fwd_kernel``); ``dpq`` / ``dx``: the backward operator ``daal_triton::line_lse_backward``
-  (both backward kernels; only the named one changes between candidates).
+``fwd2``: the forward operator ``daal_triton::line_margin2`` (own rows, prep, ``_lm2_fwd_kernel``,
+merge); ``bwd2``: the backward operator ``daal_triton::line_margin2_backward`` (the chunk kernel
+``_lm2_bwd_kernel``, the two ``torch.mm`` and the segment-gradient epilogue). (The first design's
+kernels, timed here too until the 2026-11-30 H200 run retired that design, are gone; that run's
+records still render.)
 
 Each candidate is timed with CUDA events (median of ``--reps`` calls after a warm-up call that
 also compiles it). The table's entries run first, then the block sizes they replaced, then the
@@ -21,7 +18,7 @@ Markdown table. ``--smoke`` runs tiny shapes on the CPU under Triton's interpret
 ``interp`` family; timings meaningless) so that the tool cannot rot.
 
 usage: python bench/tune_line_margin.py OUT.json [--budget-s 90] [--shape 1024,100000,512]
-           [--dtypes bf16,fp32] [--reps 10] [--kernels fwd2,bwd2,fwd,dpq,dx] [--smoke]
+           [--dtypes bf16,fp32] [--reps 10] [--kernels fwd2,bwd2] [--smoke]
 """
 from __future__ import annotations
 
@@ -36,28 +33,20 @@ import torch
 
 # (BLOCK_B, BLOCK_C, num_warps, num_stages); BLOCK_D stays the family's. Order of the runs:
 # first, for every dtype and kernel, the table's entry and the block sizes it replaced (PREVIOUS:
-# v1's first guesses, which spilled registers; v2's entries before the first H200 run,
-# bench/results/2026-11-30-h200); then the other candidates (duplicates dropped).
+# the entries before the first H200 run, bench/results/2026-11-30-h200); then the other
+# candidates (duplicates dropped).
 PREVIOUS = {
-    "half": {"fwd": (128, 128, 8, 3), "dpq": (64, 64, 4, 3), "dx": (64, 64, 4, 3), "bwd2": (128, 64, 8, 4)},
-    "fp32": {"fwd": (64, 128, 8, 2), "dpq": (64, 64, 4, 2), "dx": (64, 64, 4, 2), "fwd2": (64, 128, 8, 3),
-             "bwd2": (64, 128, 8, 3)},
+    "half": {"bwd2": (128, 64, 8, 4)},
+    "fp32": {"fwd2": (64, 128, 8, 3), "bwd2": (64, 128, 8, 3)},
 }
-#: The kernels timed, in order: the default design's first.
-KERNELS = ("fwd2", "bwd2", "fwd", "dpq", "dx")
+#: The kernels timed, in order.
+KERNELS = ("fwd2", "bwd2")
 CANDIDATES = {
-    # v2: 128-wide tiles with >= 3 stages where ptxas keeps everything in registers on sm_90
+    # 128-wide tiles with >= 3 stages where ptxas keeps everything in registers on sm_90
     "fwd2": [(128, 128, 8, 3), (128, 64, 8, 4), (64, 128, 8, 3), (128, 64, 4, 3), (128, 128, 8, 2)],
     "bwd2": [(128, 64, 8, 4), (128, 64, 8, 3), (64, 128, 8, 3), (64, 64, 4, 4), (128, 32, 4, 4)],
-    "fwd": [(128, 64, 8, 3), (64, 128, 8, 2), (64, 128, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2),
-            (64, 64, 4, 3), (128, 64, 4, 3)],
-    "dpq": [(64, 64, 8, 2), (64, 64, 8, 3), (64, 64, 4, 3), (128, 64, 8, 3), (64, 128, 8, 3),
-            (64, 32, 4, 2)],
-    "dx": [(64, 64, 8, 3), (64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2), (64, 128, 8, 3),
-           (64, 32, 4, 3)],
 }
-SMOKE_CANDIDATES = {"fwd": [(32, 32, 4, 1)], "dpq": [(32, 32, 4, 1)], "dx": [(32, 32, 4, 1)],
-                    "fwd2": [(32, 32, 4, 1)], "bwd2": [(32, 32, 4, 1)]}
+SMOKE_CANDIDATES = {"fwd2": [(32, 32, 4, 1)], "bwd2": [(32, 32, 4, 1)]}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 ALPHA = 16.0
 PARITY_TOL = 1e-3  # same arithmetic, another summation order (float32 accumulation)
@@ -65,19 +54,16 @@ PARITY_TOL = 1e-3  # same arithmetic, another summation order (float32 accumulat
 
 def _problem(B: int, C: int, D: int, dtype: torch.dtype, device: torch.device):
     """A line-margin call as DAALLoss makes it: unit embeddings, DAALLoss's initial segments
-    (float32), the own-class distances d_pos; margins and grad_out random."""
+    (float32); margins and grad_out random."""
     from daal_triton import init_segments
-    from daal_triton.reference import own_distance_sq
 
     g = torch.Generator(device="cpu").manual_seed(0)
     x = torch.nn.functional.normalize(torch.randn(B, D, generator=g), dim=1)
     seg = init_segments(C, D, generator=g)
     labels = torch.randint(0, C, (B,), generator=g)
-    d_pos = own_distance_sq(x, labels, seg).sqrt()
     margins = 0.05 + 0.3 * torch.rand(B, generator=g)
     go = torch.rand(B, generator=g)
-    return (x.to(device, dtype), seg.to(device), d_pos.to(device), labels.to(device),
-            margins.to(device), go.to(device))
+    return x.to(device, dtype), seg.to(device), labels.to(device), margins.to(device), go.to(device)
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -117,15 +103,7 @@ def _plan(lm, shape, dtypes, cands, device, kernels=KERNELS):
     runs, plans = {}, []
     for dname in dtypes:
         fam = lm.config_family(DTYPES[dname])
-        x, seg, d_pos, labels, margins, go = _problem(B, C, D, DTYPES[dname], device)
-
-        def fwd(x=x, seg=seg, d_pos=d_pos, labels=labels, margins=margins):
-            return ops.line_lse(x, seg, d_pos, labels, margins, ALPHA)
-
-        lse = fwd()[1]
-
-        def bwd(go=go, x=x, seg=seg, d_pos=d_pos, labels=labels, margins=margins, lse=lse):
-            return ops.line_lse_backward(go, x, seg, d_pos, labels, margins, lse, ALPHA)
+        x, seg, labels, margins, go = _problem(B, C, D, DTYPES[dname], device)
 
         def fwd2(x=x, seg=seg, labels=labels, margins=margins):
             return ops.line_margin2(x, seg, labels, margins, ALPHA, 0.0)
@@ -135,7 +113,7 @@ def _plan(lm, shape, dtypes, cands, device, kernels=KERNELS):
         def bwd2(go=go, x=x, seg=seg, sx=sx2, st=st2, labels=labels, lse=lse2, rs=rs2):
             return ops.line_margin2_backward(go, x, seg, sx, st, labels, lse, rs, ALPHA, 0.0)
 
-        calls = {"fwd": fwd, "dpq": bwd, "dx": bwd, "fwd2": fwd2, "bwd2": bwd2}
+        calls = {"fwd2": fwd2, "bwd2": bwd2}
         for kernel in kernels:
             table = lm.CONFIGS[fam][kernel]
             first = (table.blocks["BLOCK_B"], table.blocks["BLOCK_C"], table.num_warps, table.num_stages)

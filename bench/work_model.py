@@ -1,24 +1,18 @@
-"""The work model of the line-margin kernels: flops and bytes of each kernel of each design at a
-shape, from the shape alone (torch-free, like ``cases.py``: ``report.py`` prints it beside the
-measured times of a run). Estimates, not measurements; docs/kernels.md ("Line margin, second
-design") explains the numbers.
+"""The work model of the line-margin kernels: flops and bytes of each kernel at a shape, from
+the shape alone (torch-free, like ``cases.py``: ``report.py`` prints it beside the measured times
+of a run). Estimates, not measurements; docs/kernels.md ("Fused line margin") explains the
+numbers.
 
 Per kernel: ``flops`` (tensor-core GEMM flops, 2 per multiply-add; the epilogues' elementwise work
 is not counted), ``dram_bytes`` (compulsory traffic: every operand read and every result written
 once per launch that needs it, perfect reuse inside a launch) and ``rmw_bytes`` (float32
-read-modify-write of an accumulator kept in global memory inside an inner loop: what the first
-design does and the second removes).
+read-modify-write of an accumulator kept in global memory inside an inner loop: none, which the
+model keeps visible; the retired first design, v1, had ~19 GB of it at C = 100k).
 
-Designs (``kernels/line_margin.py``; ``DAAL_LINE_MARGIN_DESIGN``):
-
-* ``v1``: forward (x.p, x.u GEMMs: 4 BCD); dP/dQ (recompute 4 BCD + H^T X, (Ht)^T X: 4 BCD) with its
-  C x 2 x D float32 accumulator re-read and re-written per row tile of 64; dX (recompute 4 BCD +
-  H P, (Ht) U: 4 BCD) with its per-split B x D workspace re-read and re-written per class tile
-  of 64. 20 BCD.
-* ``v2``: prep (stats, cast) ; forward (X [P; Q]^T: 4 BCD); per chunk of Cc classes: the fused
-  backward kernel (X [P_c; Q_c]^T once: 4 BCD, writes a~, b~: B x 2Cc), ``torch.mm`` for dX
-  (AB [P_c; Q_c]: 4 B Cc D) and for G = AB^T X (4 B Cc D), and the segment-gradient epilogue.
-  16 BCD.
+The kernels (``kernels/line_margin.py``): prep (stats, cast); forward (X [P; Q]^T: 4 BCD); per
+chunk of Cc classes: the fused backward kernel (X [P_c; Q_c]^T once: 4 BCD, writes a~, b~:
+B x 2Cc), ``torch.mm`` for dX (AB [P_c; Q_c]: 4 B Cc D) and for G = AB^T X (4 B Cc D), and the
+segment-gradient epilogue. 16 BCD.
 """
 from __future__ import annotations
 
@@ -27,7 +21,6 @@ from typing import Dict, List
 #: Mirrors ``kernels/line_margin.CHUNK_ELEMENTS`` (a test keeps them equal).
 CHUNK_ELEMENTS = 1 << 24
 #: Mirrors the half-precision tiles of ``kernels/line_margin.CONFIGS`` (a test keeps them equal).
-V1_TILES = {"dpq": (64, 64), "dx": (64, 64)}
 V2_TILES = {"fwd2": (128, 128), "bwd2": (128, 32)}
 ES = {"bf16": 2, "fp16": 2, "fp32": 4}
 
@@ -37,14 +30,13 @@ def _cdiv(a: int, b: int) -> int:
 
 
 def chunk_width(B: int, C: int, block_c: int = V2_TILES["bwd2"][1]) -> int:
-    """Cc of the v2 backward, ignoring the whole-wave adjustment (which only narrows it):
+    """Cc of the backward, ignoring the whole-wave adjustment (which only narrows it):
     the largest multiple of ``block_c`` with ``B Cc <= CHUNK_ELEMENTS``, at most C rounded up."""
     tiles = max(1, CHUNK_ELEMENTS // max(1, B * block_c))
     return min(tiles, _cdiv(C, block_c)) * block_c
 
 
-def kernels(B: int, C: int, D: int, dtype: str = "bf16", design: str = "v2",
-            seg_dtype: str | None = None) -> List[Dict]:
+def kernels(B: int, C: int, D: int, dtype: str = "bf16", seg_dtype: str | None = None) -> List[Dict]:
     """The kernels of one forward + backward, each ``dict(name, pass_, flops, dram_bytes,
     rmw_bytes, launches)``."""
     es = ES[dtype]
@@ -56,22 +48,6 @@ def kernels(B: int, C: int, D: int, dtype: str = "bf16", design: str = "v2",
         out.append(dict(name=name, pass_=pass_, flops=float(flops), dram_bytes=float(dram),
                         rmw_bytes=float(rmw), launches=launches))
 
-    if design == "v1":
-        k("stats", "fwd", 0, 2 * C * D * ss + 12 * C)
-        k("fwd", "fwd", 4 * bcd, B * D * es + 2 * C * D * ss + 12 * C + 8 * 64 * B)
-        k("stats", "bwd", 0, 2 * C * D * ss + 12 * C)
-        bb, _ = V1_TILES["dpq"]
-        row_tiles = _cdiv(B, bb)
-        k("dpq", "bwd", 8 * bcd, B * D * es + 2 * C * D * ss + 8 * C * D,
-          rmw=(2 * row_tiles - 1) * 8 * C * D)
-        _, bc = V1_TILES["dx"]
-        class_tiles = _cdiv(C, bc)
-        k("dx", "bwd", 8 * bcd, B * D * es + 2 * C * D * ss + 8 * B * D,
-          rmw=(2 * class_tiles - 1) * 4 * B * D)
-        k("casts", "bwd", 0, 8 * C * D + 2 * C * D * ss + 4 * B * D + B * D * es)
-        return out
-    if design != "v2":
-        raise ValueError(f"design must be 'v1' or 'v2', got {design!r}")
     cast = seg_dtype is not None and seg_dtype != dtype
     k("prep2", "fwd", 0, 2 * C * D * ss + (2 * C * D * es if cast else 0) + 16 * C)
     k("fwd2", "fwd", 4 * bcd, B * D * es + 2 * C * D * es + 16 * C + 8 * B * 64)
@@ -87,13 +63,13 @@ def kernels(B: int, C: int, D: int, dtype: str = "bf16", design: str = "v2",
     return out
 
 
-def total_flops(B: int, C: int, D: int, design: str = "v2") -> float:
-    """GEMM flops of one forward + backward of ``design``: 16 BCD for v2, 20 BCD for v1."""
-    return sum(k["flops"] for k in kernels(B, C, D, design=design))
+def total_flops(B: int, C: int, D: int) -> float:
+    """GEMM flops of one forward + backward: 16 BCD."""
+    return sum(k["flops"] for k in kernels(B, C, D))
 
 
 def extra_bytes(B: int, C: int, D: int, dtype: str = "bf16", seg_dtype: str | None = None) -> int:
-    """Peak extra memory of a v2 forward + backward beyond the inputs (estimate): the segment
+    """Peak extra memory of a forward + backward beyond the inputs (estimate): the segment
     gradient, the saved statistics and cast segments, and the chunk buffers (a~ b~, G, partials)."""
     es, ss = ES[dtype], ES[seg_dtype or dtype]
     cc = chunk_width(B, C)
@@ -102,26 +78,25 @@ def extra_bytes(B: int, C: int, D: int, dtype: str = "bf16", seg_dtype: str | No
                + 8 * cc * D + 4 * B * D * 3 + 16 * cc * _cdiv(B, 128) + 4 * B * cc // 64)
 
 
-def summary(B: int, C: int, D: int, dtype: str = "bf16", design: str = "v2") -> Dict:
-    ks = kernels(B, C, D, dtype, design)
-    return dict(design=design, flops=sum(k["flops"] for k in ks),
+def summary(B: int, C: int, D: int, dtype: str = "bf16") -> Dict:
+    ks = kernels(B, C, D, dtype)
+    return dict(flops=sum(k["flops"] for k in ks),
                 dram_bytes=sum(k["dram_bytes"] for k in ks), rmw_bytes=sum(k["rmw_bytes"] for k in ks),
                 launches=sum(k["launches"] for k in ks))
 
 
 def markdown(B: int, C: int, D: int, dtype: str = "bf16") -> List[str]:
-    """One table: per design and kernel, GFLOP, compulsory GB and read-modify-write GB."""
+    """One table: per kernel, GFLOP, compulsory GB and read-modify-write GB."""
     lines = [f"Work model at B={B:,}, C={C:,}, D={D} ({dtype}; estimates from the shape):", "",
-             "| design | kernel | pass | GFLOP | DRAM GB (compulsory) | global RMW GB | launches |",
-             "|---|---|---|---|---|---|---|"]
-    for design in ("v2", "v1"):
-        for k in kernels(B, C, D, dtype, design):
-            lines.append(f"| {design} | {k['name']} | {k['pass_']} | {k['flops'] / 1e9:.1f} | "
-                         f"{k['dram_bytes'] / 1e9:.2f} | {k['rmw_bytes'] / 1e9:.2f} | {k['launches']} |")
-        s = summary(B, C, D, dtype, design)
-        lines.append(f"| {design} | **total** | fwd+bwd | {s['flops'] / 1e9:.1f} "
-                     f"({s['flops'] / (B * C * D):.0f}·BCD) | {s['dram_bytes'] / 1e9:.2f} | "
-                     f"{s['rmw_bytes'] / 1e9:.2f} | {s['launches']} |")
+             "| kernel | pass | GFLOP | DRAM GB (compulsory) | global RMW GB | launches |",
+             "|---|---|---|---|---|---|"]
+    for k in kernels(B, C, D, dtype):
+        lines.append(f"| {k['name']} | {k['pass_']} | {k['flops'] / 1e9:.1f} | "
+                     f"{k['dram_bytes'] / 1e9:.2f} | {k['rmw_bytes'] / 1e9:.2f} | {k['launches']} |")
+    s = summary(B, C, D, dtype)
+    lines.append(f"| **total** | fwd+bwd | {s['flops'] / 1e9:.1f} "
+                 f"({s['flops'] / (B * C * D):.0f}·BCD) | {s['dram_bytes'] / 1e9:.2f} | "
+                 f"{s['rmw_bytes'] / 1e9:.2f} | {s['launches']} |")
     return lines + [""]
 
 

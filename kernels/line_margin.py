@@ -23,84 +23,52 @@ The split
 ---------
 * ``delta_iy`` (own class) is computed in the *direct* form ``|x_i - p_y - t u_y|`` (O(B D),
   float32), exact for points lying on their own segment (where the GEMM form cancels
-  catastrophically). In v2 a kernel does it (``_lm2_own_kernel``) and the backward's last kernel
+  catastrophically): a kernel does it (``_lm2_own_kernel``) and the backward's last kernel
   (``_lm2_finish_kernel``) adds its exact derivative (the ``g_iy`` term of docs/method.md
-  "Gradients" and the pull term) to dX and to the own classes' dP, dQ; in v1 it is
-  :func:`own_distance_sq` in PyTorch, differentiated by autograd. The fused kernels mask the own
-  class ``c == y_i`` out of every tile.
-* the custom operator ``daal_triton::line_lse`` (``torch.library``, with a registered autograd
-  formula and backward operator ``daal_triton::line_lse_backward``) takes ``delta_iy`` as an input
-  and returns ``lse_i / alpha``; its backward gives
-  ``d/d delta_iy = grad_out_i (1 - exp(-lse_i))`` (the total softmax weight of the classes, the
-  ``{0}`` excluded) plus, through the kernels, dX, dP, dQ of the ``c != y_i`` terms.
+  "Gradients" and the pull term) to dX and to the own classes' dP, dQ. The fused kernels mask
+  the own class ``c == y_i`` out of every tile.
+* the custom operators ``daal_triton::line_margin2`` / ``line_margin2_backward``
+  (``torch.library``, with a registered autograd formula) take the rest: the logsumexp over the
+  other classes in the forward, and the envelope-theorem gradients of the ``c != y_i`` terms in
+  the backward. (The "2": a first design, v1, was removed after the 2026-11-30 H200 run measured
+  it 4.1x slower; docs/kernels.md, "Measured results".)
 
-Two designs (docs/kernels.md, "Fused line margin")
+The kernels (docs/kernels.md, "Fused line margin")
 --------------------------------------------------
-``line_margin`` runs ``DESIGN`` ("v2" unless ``DAAL_LINE_MARGIN_DESIGN=v1``):
-
-* **v2** (default; operators ``daal_triton::line_margin2`` / ``line_margin2_backward``): 16 BCD
-  GEMM flops, no global read-modify-write inside any loop, pipelined K-loops; four launches
-  forward (own-class rows, class statistics, logsumexp, merge), 4 per class chunk + 1 backward.
-  ``_lm2_prep_kernel`` computes the class statistics (4 x C) once per call, of the segments rounded
-  to x's dtype (and that rounded contiguous copy ``sx`` when the segments are not already it); the
-  forward saves both for the backward. ``_lm2_fwd_kernel`` is the streaming online-logsumexp kernel
-  whose K-loop is plain tile loads of x, p, q (``x.u = x.q - x.p`` in the epilogue); its (row
-  tiles x splits) grid is sized in whole waves of the device's SMs (:func:`wave_split`). The
-  backward runs per chunk of Cc classes (``B Cc <= CHUNK_ELEMENTS``, :func:`chunk_classes`):
-  ``_lm2_bwd_kernel`` recomputes the chunk's GEMMs once and writes ``a~ = -h(1 - t)``,
-  ``b~ = -h t`` (B x 2Cc, x's dtype, interleaved per class) with deterministic row / column
-  partials; ``torch.mm`` (cuBLAS) gives ``AB [P_c; Q_c]`` (into the float32 dX accumulator) and
-  ``G = AB^T X``; ``_lm2_dseg_kernel`` adds the rank-1 corrections and writes dP, dQ in the
-  segments' dtype. Memory beyond inputs and outputs: O(B Cc + (B + C) D) (tested).
-* **v1** (operators ``daal_triton::line_lse`` / ``line_lse_backward``), described below.
-
-Kernels of v1 (formulas beside each kernel)
--------------------------------------------
-* ``_lm_class_stats_kernel``: ``pp_c = |p_c|^2``, ``pu_c = p_c.u_c``, ``uu_c = |u_c|^2`` in float32.
-* ``_lm_fwd_kernel``: grid (row tiles, class splits). Each program streams the class tiles of its
-  split; per tile it runs the K-loop over D with two ``tl.dot`` (``x.p`` and ``x.u``), forms t, e^2,
-  delta and the logits in registers and folds them into an online (max, sum) pair per row, which
-  starts at (0, 0). It writes only ``m[s, i]``, ``s[s, i]`` (NSPLIT x B); PyTorch then combines
-  ``lse_i = log(exp(0) + sum_s s_si exp(m_si))`` (the ``{0}`` element is the ``+ exp(0)``).
-  Splitting C (flash-decoding style) is what fills the GPU: B = 1024 rows are only 8 row tiles.
-* ``_lm_bwd_dpq_kernel`` (class-tile parallel, like flash attention's dK/dV pass): each program
-  owns BLOCK_C classes and streams over all row tiles, recomputing the tile and
-  ``h_ic = g_ic / delta_ic``, ``g_ic = -grad_out_i exp(logit_ic - lse_i)`` (0 where the clamp
-  binds, for padding, and for c == y_i). With ``e_ic = x_i - p_c - t_ic u_c``::
-
-      A_c = sum_i h_ic e_ic     = [H^T X]_c      - (sum_i h_ic) p_c     - (sum_i h_ic t_ic) u_c
-      B_c = sum_i h_ic t_ic e_ic = [(Ht)^T X]_c  - (sum_i h_ic t_ic) p_c - (sum_i h_ic t_ic^2) u_c
-      dP_c = -(A_c - B_c) = B_c - A_c,   dQ_c = -B_c
-
-  The two GEMMs go through ``tl.dot``; their BLOCK_C x D accumulators are too large for registers
-  at D = 512, so they live in the float32 output buffer (C x 2 x D), which the program owns
-  exclusively and updates read-modify-write per row tile. No atomics: the result is
-  deterministic. The last loop applies the rank-1 column-sum corrections in place.
-* ``_lm_bwd_dx_kernel`` (row-tile parallel, class split like the forward): ``dX_i = sum_c h_ic e_ic
-  = (sum_c h_ic) x_i - [H P]_i - [(Ht) U]_i``, each program accumulating into its own slice of a
-  float32 NSPLIT x B x D workspace (read-modify-write per class tile, no atomics), summed over the
-  splits in PyTorch. (Why not atomics: docs/kernels.md.)
+16 BCD GEMM flops, no global read-modify-write inside any loop, pipelined K-loops; four launches
+forward (own-class rows, class statistics, logsumexp, merge), 4 per class chunk + 1 backward.
+``_lm2_prep_kernel`` computes the class statistics (4 x C) once per call, of the segments rounded
+to x's dtype (and that rounded contiguous copy ``sx`` when the segments are not already it); the
+forward saves both for the backward. ``_lm2_fwd_kernel`` is the streaming online-logsumexp kernel
+whose K-loop is plain tile loads of x, p, q (``x.u = x.q - x.p`` in the epilogue); its (row
+tiles x splits) grid is sized in whole waves of the device's SMs (:func:`wave_split`). The
+backward runs per chunk of Cc classes (``B Cc <= CHUNK_ELEMENTS``, :func:`chunk_classes`):
+``_lm2_bwd_kernel`` recomputes the chunk's GEMMs once and writes ``a~ = -h(1 - t)``,
+``b~ = -h t`` (B x 2Cc, x's dtype, interleaved per class) with deterministic row / column
+partials; ``torch.mm`` (cuBLAS) gives ``AB [P_c; Q_c]`` (into the float32 dX accumulator) and
+``G = AB^T X``; ``_lm2_dseg_kernel`` adds the rank-1 corrections and writes dP, dQ in the
+segments' dtype; ``_lm2_finish_kernel`` forms dX and adds the own-class terms.
 
 Mixed precision
 ---------------
-All dots run in ``x``'s precision with float32 accumulation: segment tiles (of any float dtype) are
-loaded, ``u = q - p`` is formed in float32, then both are cast to ``x.dtype``; the backward's
-``h`` tiles are cast to ``x.dtype`` too (for float16 they are clamped to +-6e4 first: only a
-point within ~1e-5 of a negative segment with ``grad_out ~ 1`` reaches that). Row/column
-statistics, t, e^2, the logsumexp and every accumulator are float32. float32 dots use TF32 on a
-GPU and IEEE under ``TRITON_INTERPRET=1`` (``_common.input_precision``). All pointer offsets are
-64-bit (C x D and B x D may pass 2^31).
+All dots run in ``x``'s precision with float32 accumulation: the segments (of any float dtype)
+are rounded to ``x.dtype`` once per call (``sx``), and the class statistics are taken of those
+rounded values, so the GEMM form is consistent with what the dots see; the backward's ``a~``,
+``b~`` are cast to ``x.dtype`` too (for float16 they are clamped to +-6e4 first: only a point
+within ~1e-5 of a negative segment with ``grad_out ~ 1`` reaches that). Row/column statistics,
+t, e^2, the logsumexp and every accumulator are float32. float32 dots run at float32 accuracy
+(3xTF32 on a GPU, IEEE under ``TRITON_INTERPRET=1``: :func:`_precision`). All pointer offsets
+into B x D and C x 2 x D are 64-bit (they may pass 2^31).
 
 Memory (beyond inputs and outputs)
 ----------------------------------
-Forward saves x, segments, labels, delta_iy, margins, lse (B) and the class stats (3C floats);
-it writes 2 x NSPLIT x B floats of partial stats. Backward: dP/dQ in a float32 C x 2 x D buffer
-(the gradient itself for float32 segments), a float32 NSPLIT_X x B x D dX workspace. Nothing is
-ever B x C.
+The forward saves x, segments, labels, lse (B), the row statistics ``rs`` (3 x B), the class
+statistics ``st`` (4 x C) and, when the segments are not contiguous in x's dtype, their rounded
+copy ``sx`` (C x 2 x D). The backward's temporaries are O(B Cc + (B + C) D): ``a~ b~`` (B x 2Cc),
+``G`` (2Cc x D float32), the partials, the B x D float32 dX accumulator. Nothing is ever B x C.
 """
 from __future__ import annotations
 
-import os
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -124,330 +92,10 @@ from ._common import (
 )
 from ._common import wave_split as _wave_split
 
-__all__ = ["line_margin", "own_distance_sq", "CONFIGS", "KERNELS", "config_family", "launches"]
+__all__ = ["line_margin", "CONFIGS", "KERNELS", "config_family", "launches"]
 
 # ----------------------------------------------------------------------------- kernels
-@triton.jit
-def _lm_class_stats_kernel(seg_ptr, pp_ptr, pu_ptr, uu_ptr, C, D,
-                           stride_seg_c, stride_seg_v, stride_seg_d,
-                           BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
-    """``pp_c = |p_c|^2``, ``pu_c = p_c.(q_c - p_c)``, ``uu_c = |q_c - p_c|^2`` (float32; ``u`` is
-    formed in float32, so ``uu = 0`` exactly for a zero-length segment).
-
-    Args:
-        seg_ptr: C x 2 x D segments (``[:, 0]`` = p, ``[:, 1]`` = q), any float dtype.
-        stride_seg_c, stride_seg_v, stride_seg_d: strides of segments (class, p/q, feature).
-        pp_ptr, pu_ptr, uu_ptr: the C float32 outputs.
-        C, D: sizes.
-        BLOCK_C: classes per program. BLOCK_D: D-chunk.
-    """
-    cls = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = cls < C
-    base = seg_ptr + cls.to(tl.int64)[:, None] * stride_seg_c
-    pp = tl.zeros([BLOCK_C], dtype=tl.float32)
-    pu = tl.zeros([BLOCK_C], dtype=tl.float32)
-    uu = tl.zeros([BLOCK_C], dtype=tl.float32)
-    for k in range(0, D, BLOCK_D):
-        offs_d = k + tl.arange(0, BLOCK_D)
-        m = cmask[:, None] & (offs_d[None, :] < D)
-        od = offs_d.to(tl.int64)[None, :] * stride_seg_d
-        p = tl.load(base + od, mask=m, other=0.0).to(tl.float32)
-        q = tl.load(base + stride_seg_v + od, mask=m, other=0.0).to(tl.float32)
-        u = q - p
-        pp += tl.sum(p * p, 1)
-        pu += tl.sum(p * u, 1)
-        uu += tl.sum(u * u, 1)
-    tl.store(pp_ptr + cls, pp, mask=cmask)
-    tl.store(pu_ptr + cls, pu, mask=cmask)
-    tl.store(uu_ptr + cls, uu, mask=cmask)
-
-
-@triton.jit
-def _tile_geometry(x_ptr, seg_ptr, rows, cls, rmask, cmask, D,
-                   stride_x_b, stride_x_d, stride_seg_c, stride_seg_v, stride_seg_d,
-                   xx, pp, pu, uu, eps, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
-                   BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    """One BLOCK_B x BLOCK_C tile of ``t`` and ``|e|^2`` (GEMM form, docs/method.md step 5).
-
-    K-loop over D: ``XP += X_k P_k^T``, ``XU += X_k U_k^T`` (dots in x's dtype, fp32 accumulate);
-    ``proj = XU - pu``, ``t = clamp(proj / max(uu, eps), 0, 1)``,
-    ``e2 = xx - 2 XP + pp - 2 t proj + t^2 uu``.
-
-    Args:
-        x_ptr, seg_ptr, strides, eps, BLOCK_*, INPUT_PRECISION: as in ``_lm_fwd_kernel``.
-        rows, cls, rmask, cmask: the tile's row and class indices and which of them exist.
-        D: the feature size. xx, pp, pu, uu: the tile's row and class statistics.
-    """
-    xp = tl.zeros([BLOCK_B, BLOCK_C], dtype=tl.float32)
-    xu = tl.zeros([BLOCK_B, BLOCK_C], dtype=tl.float32)
-    xrow = x_ptr + rows.to(tl.int64)[:, None] * stride_x_b
-    crow = seg_ptr + cls.to(tl.int64)[:, None] * stride_seg_c
-    for k in range(0, D, BLOCK_D):
-        offs_d = k + tl.arange(0, BLOCK_D)
-        dmask = offs_d < D
-        od = offs_d.to(tl.int64)[None, :]
-        xt = tl.load(xrow + od * stride_x_d, mask=rmask[:, None] & dmask[None, :], other=0.0)
-        cm = cmask[:, None] & dmask[None, :]
-        p = tl.load(crow + od * stride_seg_d, mask=cm, other=0.0).to(tl.float32)
-        q = tl.load(crow + stride_seg_v + od * stride_seg_d, mask=cm, other=0.0).to(tl.float32)
-        u = q - p
-        xp = tl.dot(xt, tl.trans(p.to(xt.dtype)), xp, input_precision=INPUT_PRECISION)
-        xu = tl.dot(xt, tl.trans(u.to(xt.dtype)), xu, input_precision=INPUT_PRECISION)
-    proj = xu - pu[None, :]
-    t = tl.minimum(tl.maximum(proj / tl.maximum(uu, eps)[None, :], 0.0), 1.0)
-    e2 = xx[:, None] - 2.0 * xp + pp[None, :] - 2.0 * t * proj + t * t * uu[None, :]
-    return t, e2
-
-
-@triton.jit
-def _tile_h(x_ptr, seg_ptr, rows, cls, rmask, cmask, lab, base, lse, go, D,
-            stride_x_b, stride_x_d, stride_seg_c, stride_seg_v, stride_seg_d,
-            xx, pp, pu, uu, alpha, eps, BLOCK_B: tl.constexpr,
-            BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    """Backward tile: ``h_ic = -grad_out_i w_ic / delta_ic`` with ``w_ic = exp(logit_ic - lse_i)``,
-    zero for padding, ``c == y_i`` and where ``|e|^2 < eps`` (the clamp binds); returns (h, t).
-
-    Args:
-        as ``_tile_geometry``, and the tile rows' labels ``lab``, ``base``, ``lse`` and
-        incoming gradient ``go``; ``alpha``: the logit scale.
-    """
-    t, e2 = _tile_geometry(x_ptr, seg_ptr, rows, cls, rmask, cmask, D, stride_x_b, stride_x_d,
-                           stride_seg_c, stride_seg_v, stride_seg_d, xx, pp, pu, uu, eps,
-                           BLOCK_B, BLOCK_C, BLOCK_D, INPUT_PRECISION)
-    delta = tl.sqrt(tl.maximum(e2, eps))
-    valid = rmask[:, None] & cmask[None, :] & (cls[None, :] != lab[:, None]) & (e2 >= eps)
-    logit = base[:, None] - alpha * delta
-    w = tl.exp(tl.where(valid, logit - lse[:, None], 0.0))
-    h = tl.where(valid, -go[:, None] * w / delta, 0.0)
-    return h, t
-
-
-@triton.jit
-def _lm_fwd_kernel(x_ptr, seg_ptr, label_ptr, base_ptr, xx_ptr, pp_ptr, pu_ptr, uu_ptr,
-                   m_ptr, s_ptr, B, C, D, stride_x_b, stride_x_d,
-                   stride_seg_c, stride_seg_v, stride_seg_d, classes_per_split,
-                   alpha, eps, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
-                   BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    """Online logsumexp over the classes of split ``pid(1)`` for rows of tile ``pid(0)``.
-
-    ``logit_ic = base_i - alpha delta_ic`` with ``base_i = alpha (delta_iy + m_i)``, masked to -inf
-    for ``c == y_i`` and padding; running ``M_i = max(M_i, max_c logit)``, ``S_i = S_i e^{M_old - M}
-    + sum_c e^{logit - M}`` from ``(M, S) = (0, 0)``. Writes ``m[split, i]``, ``s[split, i]``.
-
-    Args:
-        x_ptr: B x D embeddings (float32/float16/bfloat16).
-        seg_ptr: C x 2 x D segments (``[:, 0]`` = p, ``[:, 1]`` = q), any float dtype.
-        label_ptr: B labels (int64).
-        base_ptr: B values ``alpha (delta_iy + m_i)`` (float32).
-        xx_ptr: B values ``|x_i|^2`` (float32).
-        pp_ptr, pu_ptr, uu_ptr: the C class statistics (float32, ``_lm_class_stats_kernel``).
-        m_ptr, s_ptr: NSPLIT x B float32 outputs, contiguous: running max and sum per split.
-        B, C, D: sizes.
-        stride_x_b, stride_x_d: strides of x.
-        stride_seg_c, stride_seg_v, stride_seg_d: strides of segments (class, p/q, feature).
-        classes_per_split: classes per split (a multiple of BLOCK_C).
-        alpha: the logit scale. eps: the floor of squared distances and lengths.
-        BLOCK_B, BLOCK_C: rows x classes per tile. BLOCK_D: D-chunk of every GEMM.
-        INPUT_PRECISION: ``tl.dot``'s input precision (operands in x's dtype).
-    """
-    pid_b = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-    rmask = rows < B
-    lab = tl.load(label_ptr + rows, mask=rmask, other=-1)
-    base = tl.load(base_ptr + rows, mask=rmask, other=0.0)
-    xx = tl.load(xx_ptr + rows, mask=rmask, other=0.0)
-    run_m = tl.zeros([BLOCK_B], dtype=tl.float32)
-    run_s = tl.zeros([BLOCK_B], dtype=tl.float32)
-    c_start = pid_s * classes_per_split
-    c_end = tl.minimum(c_start + classes_per_split, C)
-    for c0 in range(c_start, c_end, BLOCK_C):
-        cls = c0 + tl.arange(0, BLOCK_C)
-        cmask = cls < c_end
-        pp = tl.load(pp_ptr + cls, mask=cmask, other=0.0)
-        pu = tl.load(pu_ptr + cls, mask=cmask, other=0.0)
-        uu = tl.load(uu_ptr + cls, mask=cmask, other=0.0)
-        t, e2 = _tile_geometry(x_ptr, seg_ptr, rows, cls, rmask, cmask, D, stride_x_b, stride_x_d,
-                               stride_seg_c, stride_seg_v, stride_seg_d, xx, pp, pu, uu, eps,
-                               BLOCK_B, BLOCK_C, BLOCK_D, INPUT_PRECISION)
-        delta = tl.sqrt(tl.maximum(e2, eps))
-        valid = cmask[None, :] & (cls[None, :] != lab[:, None])
-        logit = tl.where(valid, base[:, None] - alpha * delta, float("-inf"))
-        new_m = tl.maximum(run_m, tl.max(logit, 1))
-        run_s = run_s * tl.exp(run_m - new_m) + tl.sum(tl.exp(logit - new_m[:, None]), 1)
-        run_m = new_m
-    out = pid_s.to(tl.int64) * B + rows
-    tl.store(m_ptr + out, run_m, mask=rmask)
-    tl.store(s_ptr + out, run_s, mask=rmask)
-
-
-@triton.jit
-def _lm_bwd_dpq_kernel(x_ptr, seg_ptr, label_ptr, base_ptr, lse_ptr, go_ptr, xx_ptr, pp_ptr,
-                       pu_ptr, uu_ptr, g_ptr, B, C, D, stride_x_b, stride_x_d,
-                       stride_seg_c, stride_seg_v, stride_seg_d, stride_g_c, stride_g_v, stride_g_d,
-                       alpha, eps, hmax, BLOCK_B: tl.constexpr,
-                       BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    """dP, dQ for the classes of tile ``pid(0)``, streaming all row tiles.
-
-    Per row tile: ``G[:, 0] += H^T X``, ``G[:, 1] += (H t)^T X`` (read-modify-write of this
-    program's own rows of G); column sums ``hs = sum_i h``, ``hts = sum_i h t``,
-    ``htts = sum_i h t^2``. Then in place: ``A = G0 - hs p - hts u``, ``Bc = G1 - hts p - htts u``,
-    ``dP = Bc - A``, ``dQ = -Bc``.
-
-    Args:
-        x_ptr: B x D embeddings (float32/float16/bfloat16).
-        seg_ptr: C x 2 x D segments (``[:, 0]`` = p, ``[:, 1]`` = q), any float dtype.
-        label_ptr: B labels (int64).
-        base_ptr: B values ``alpha (delta_iy + m_i)`` (float32).
-        lse_ptr: B values ``lse_i`` of the forward. go_ptr: B incoming gradients (float32).
-        xx_ptr: B values ``|x_i|^2`` (float32).
-        pp_ptr, pu_ptr, uu_ptr: the C class statistics (float32, ``_lm_class_stats_kernel``).
-        g_ptr: the C x 2 x D float32 output (dP, dQ).
-        B, C, D: sizes.
-        stride_x_b, stride_x_d: strides of x.
-        stride_seg_c, stride_seg_v, stride_seg_d: strides of segments (class, p/q, feature).
-        stride_g_c, stride_g_v, stride_g_d: strides of g.
-        hmax: the clamp of h before it is cast to x's dtype (6e4 for float16).
-        alpha: the logit scale. eps: the floor of squared distances and lengths.
-        BLOCK_B, BLOCK_C: rows x classes per tile. BLOCK_D: D-chunk of every GEMM.
-        INPUT_PRECISION: ``tl.dot``'s input precision (operands in x's dtype).
-    """
-    cls = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = cls < C
-    pp = tl.load(pp_ptr + cls, mask=cmask, other=0.0)
-    pu = tl.load(pu_ptr + cls, mask=cmask, other=0.0)
-    uu = tl.load(uu_ptr + cls, mask=cmask, other=0.0)
-    hs = tl.zeros([BLOCK_C], dtype=tl.float32)
-    hts = tl.zeros([BLOCK_C], dtype=tl.float32)
-    htts = tl.zeros([BLOCK_C], dtype=tl.float32)
-    grow = g_ptr + cls.to(tl.int64)[:, None] * stride_g_c
-    for r0 in range(0, B, BLOCK_B):
-        rows = r0 + tl.arange(0, BLOCK_B)
-        rmask = rows < B
-        lab = tl.load(label_ptr + rows, mask=rmask, other=-1)
-        base = tl.load(base_ptr + rows, mask=rmask, other=0.0)
-        lse = tl.load(lse_ptr + rows, mask=rmask, other=0.0)
-        go = tl.load(go_ptr + rows, mask=rmask, other=0.0)
-        xx = tl.load(xx_ptr + rows, mask=rmask, other=0.0)
-        h, t = _tile_h(x_ptr, seg_ptr, rows, cls, rmask, cmask, lab, base, lse, go, D, stride_x_b,
-                       stride_x_d, stride_seg_c, stride_seg_v, stride_seg_d, xx, pp, pu, uu, alpha,
-                       eps, BLOCK_B, BLOCK_C, BLOCK_D, INPUT_PRECISION)
-        ht = h * t
-        hs += tl.sum(h, 0)
-        hts += tl.sum(ht, 0)
-        htts += tl.sum(ht * t, 0)
-        xrow = x_ptr + rows.to(tl.int64)[:, None] * stride_x_b
-        xdt = x_ptr.dtype.element_ty
-        h_d = tl.trans(tl.minimum(tl.maximum(h, -hmax), hmax).to(xdt))
-        ht_d = tl.trans(tl.minimum(tl.maximum(ht, -hmax), hmax).to(xdt))
-        for k in range(0, D, BLOCK_D):
-            offs_d = k + tl.arange(0, BLOCK_D)
-            dmask = offs_d < D
-            xt = tl.load(xrow + offs_d.to(tl.int64)[None, :] * stride_x_d,
-                         mask=rmask[:, None] & dmask[None, :], other=0.0)
-            gm = cmask[:, None] & dmask[None, :]
-            gp = grow + offs_d.to(tl.int64)[None, :] * stride_g_d
-            acc0 = tl.load(gp, mask=gm & (r0 > 0), other=0.0)
-            acc1 = tl.load(gp + stride_g_v, mask=gm & (r0 > 0), other=0.0)
-            acc0 = tl.dot(h_d, xt, acc0, input_precision=INPUT_PRECISION)
-            acc1 = tl.dot(ht_d, xt, acc1, input_precision=INPUT_PRECISION)
-            tl.store(gp, acc0, mask=gm)
-            tl.store(gp + stride_g_v, acc1, mask=gm)
-    crow = seg_ptr + cls.to(tl.int64)[:, None] * stride_seg_c
-    for k in range(0, D, BLOCK_D):
-        offs_d = k + tl.arange(0, BLOCK_D)
-        gm = cmask[:, None] & (offs_d[None, :] < D)
-        od = offs_d.to(tl.int64)[None, :]
-        gp = grow + od * stride_g_d
-        p = tl.load(crow + od * stride_seg_d, mask=gm, other=0.0).to(tl.float32)
-        q = tl.load(crow + stride_seg_v + od * stride_seg_d, mask=gm, other=0.0).to(tl.float32)
-        u = q - p
-        a = tl.load(gp, mask=gm, other=0.0) - hs[:, None] * p - hts[:, None] * u
-        b = tl.load(gp + stride_g_v, mask=gm, other=0.0) - hts[:, None] * p - htts[:, None] * u
-        tl.store(gp, b - a, mask=gm)
-        tl.store(gp + stride_g_v, -b, mask=gm)
-
-
-@triton.jit
-def _lm_bwd_dx_kernel(x_ptr, seg_ptr, label_ptr, base_ptr, lse_ptr, go_ptr, xx_ptr, pp_ptr,
-                      pu_ptr, uu_ptr, w_ptr, B, C, D, stride_x_b, stride_x_d,
-                      stride_seg_c, stride_seg_v, stride_seg_d,
-                      classes_per_split, alpha, eps, hmax, BLOCK_B: tl.constexpr,
-                      BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    """Partial dX of row tile ``pid(0)`` over the classes of split ``pid(1)``. Per class tile:
-    ``W += H P + (H t) U`` (read-modify-write of this program's own slice), ``hr += sum_c h``;
-    then in place ``W = hr x - W``.
-
-    Args:
-        x_ptr: B x D embeddings (float32/float16/bfloat16).
-        seg_ptr: C x 2 x D segments (``[:, 0]`` = p, ``[:, 1]`` = q), any float dtype.
-        label_ptr: B labels (int64).
-        base_ptr: B values ``alpha (delta_iy + m_i)`` (float32).
-        lse_ptr: B values ``lse_i`` of the forward. go_ptr: B incoming gradients (float32).
-        xx_ptr: B values ``|x_i|^2`` (float32).
-        pp_ptr, pu_ptr, uu_ptr: the C class statistics (float32, ``_lm_class_stats_kernel``).
-        w_ptr: the NSPLIT x B x D float32 workspace (contiguous): partial dX per split.
-        B, C, D: sizes.
-        stride_x_b, stride_x_d: strides of x.
-        stride_seg_c, stride_seg_v, stride_seg_d: strides of segments (class, p/q, feature).
-        classes_per_split: classes per split (a multiple of BLOCK_C).
-        hmax: the clamp of h before it is cast to x's dtype (6e4 for float16).
-        alpha: the logit scale. eps: the floor of squared distances and lengths.
-        BLOCK_B, BLOCK_C: rows x classes per tile. BLOCK_D: D-chunk of every GEMM.
-        INPUT_PRECISION: ``tl.dot``'s input precision (operands in x's dtype).
-    """
-    pid_b = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-    rmask = rows < B
-    lab = tl.load(label_ptr + rows, mask=rmask, other=-1)
-    base = tl.load(base_ptr + rows, mask=rmask, other=0.0)
-    lse = tl.load(lse_ptr + rows, mask=rmask, other=0.0)
-    go = tl.load(go_ptr + rows, mask=rmask, other=0.0)
-    xx = tl.load(xx_ptr + rows, mask=rmask, other=0.0)
-    hr = tl.zeros([BLOCK_B], dtype=tl.float32)
-    wrow = w_ptr + (pid_s.to(tl.int64) * B + rows.to(tl.int64))[:, None] * D
-    xdt = x_ptr.dtype.element_ty
-    c_start = pid_s * classes_per_split
-    c_end = tl.minimum(c_start + classes_per_split, C)
-    for c0 in range(c_start, c_end, BLOCK_C):
-        cls = c0 + tl.arange(0, BLOCK_C)
-        cmask = cls < c_end
-        pp = tl.load(pp_ptr + cls, mask=cmask, other=0.0)
-        pu = tl.load(pu_ptr + cls, mask=cmask, other=0.0)
-        uu = tl.load(uu_ptr + cls, mask=cmask, other=0.0)
-        h, t = _tile_h(x_ptr, seg_ptr, rows, cls, rmask, cmask, lab, base, lse, go, D, stride_x_b,
-                       stride_x_d, stride_seg_c, stride_seg_v, stride_seg_d, xx, pp, pu, uu, alpha,
-                       eps, BLOCK_B, BLOCK_C, BLOCK_D, INPUT_PRECISION)
-        hr += tl.sum(h, 1)
-        h_d = tl.minimum(tl.maximum(h, -hmax), hmax).to(xdt)
-        ht_d = tl.minimum(tl.maximum(h * t, -hmax), hmax).to(xdt)
-        crow = seg_ptr + cls.to(tl.int64)[:, None] * stride_seg_c
-        for k in range(0, D, BLOCK_D):
-            offs_d = k + tl.arange(0, BLOCK_D)
-            dmask = offs_d < D
-            od = offs_d.to(tl.int64)[None, :]
-            cm = cmask[:, None] & dmask[None, :]
-            p = tl.load(crow + od * stride_seg_d, mask=cm, other=0.0).to(tl.float32)
-            q = tl.load(crow + stride_seg_v + od * stride_seg_d, mask=cm, other=0.0).to(tl.float32)
-            u = q - p
-            wm = rmask[:, None] & dmask[None, :]
-            acc = tl.load(wrow + od, mask=wm & (c0 > c_start), other=0.0)
-            acc = tl.dot(h_d, p.to(xdt), acc, input_precision=INPUT_PRECISION)
-            acc = tl.dot(ht_d, u.to(xdt), acc, input_precision=INPUT_PRECISION)
-            tl.store(wrow + od, acc, mask=wm)
-    xrow = x_ptr + rows.to(tl.int64)[:, None] * stride_x_b
-    for k in range(0, D, BLOCK_D):
-        offs_d = k + tl.arange(0, BLOCK_D)
-        wm = rmask[:, None] & (offs_d[None, :] < D)
-        od = offs_d.to(tl.int64)[None, :]
-        xt = tl.load(xrow + od * stride_x_d, mask=wm, other=0.0).to(tl.float32)
-        acc = tl.load(wrow + od, mask=wm, other=0.0)
-        tl.store(wrow + od, hr[:, None] * xt - acc, mask=wm)
-
-
-# ----------------------------------------------------------------------------- design v2 kernels
-# (docs/kernels.md, "Line margin, second design"). The segments reach these kernels as ``sx``: a
+# The segments reach the GEMM kernels as ``sx``: a
 # contiguous C x 2 x D tensor in x's dtype (the segments themselves when they already are), so
 # every GEMM K-step is three plain tile loads (x, p, q) the software pipeline can prefetch; nothing
 # is formed between the loads and the dots. ``x.u`` is ``x.q - x.p`` from the two fp32
@@ -873,28 +521,7 @@ def _lm2_finish_kernel(acc_ptr, rowp_ptr, x_ptr, seg_ptr, label_ptr, lse_ptr, go
             tl.store(grow + dd[None, :], gp, mask=m2)
             tl.store(grow + stride_gseg_v + dd[None, :], gq, mask=m2)
 
-_ROWS_X = ("stride_x_b", "stride_seg_c", "stride_seg_v")
-_UNIT_X = ("stride_x_d", "stride_seg_d")
-_STRIDES = "stride_x_b stride_x_d stride_seg_c stride_seg_v stride_seg_d: i32"
 KERNELS: Dict[str, KernelSpec] = {
-    "stats": KernelSpec(
-        _lm_class_stats_kernel, "seg_ptr: *seg; pp_ptr pu_ptr uu_ptr: *fp32; C D: i32; "
-        "stride_seg_c stride_seg_v stride_seg_d: i32",
-        unit=("stride_seg_d",), rows=("stride_seg_c", "stride_seg_v"), gemm=False),
-    "fwd": KernelSpec(
-        _lm_fwd_kernel, "x_ptr: *x; seg_ptr: *seg; label_ptr: *i64; base_ptr xx_ptr pp_ptr pu_ptr "
-        f"uu_ptr m_ptr s_ptr: *fp32; B C D: i32; {_STRIDES}; classes_per_split: i32; "
-        "alpha eps: fp32", unit=_UNIT_X, rows=_ROWS_X),
-    "dpq": KernelSpec(
-        _lm_bwd_dpq_kernel, "x_ptr: *x; seg_ptr: *seg; label_ptr: *i64; base_ptr lse_ptr go_ptr "
-        f"xx_ptr pp_ptr pu_ptr uu_ptr g_ptr: *fp32; B C D: i32; {_STRIDES}; "
-        "stride_g_c stride_g_v stride_g_d: i32; alpha eps hmax: fp32",
-        unit=(*_UNIT_X, "stride_g_d"), rows=(*_ROWS_X, "stride_g_c", "stride_g_v")),
-    "dx": KernelSpec(
-        _lm_bwd_dx_kernel, "x_ptr: *x; seg_ptr: *seg; label_ptr: *i64; base_ptr lse_ptr go_ptr "
-        f"xx_ptr pp_ptr pu_ptr uu_ptr w_ptr: *fp32; B C D: i32; {_STRIDES}; "
-        "classes_per_split: i32; alpha eps hmax: fp32", unit=_UNIT_X, rows=_ROWS_X),
-    # design v2 (docs/kernels.md, "Line margin, second design")
     "prep2": KernelSpec(
         _lm2_prep_kernel, "seg_ptr: *seg; sx_ptr: *x; st_ptr: *fp32; C D: i32; "
         "stride_seg_c stride_seg_v stride_seg_d: i32",
@@ -926,28 +553,20 @@ KERNELS: Dict[str, KernelSpec] = {
         "alpha lambda_pull eps: fp32",
         rows=("stride_x_b", "stride_seg_c", "stride_seg_v", "stride_gseg_c", "stride_gseg_v"), gemm=False),
 }
-#: The kernels of each design (``DESIGN``); "stats" is v1's.
-DESIGN_KERNELS = {"v1": ("stats", "fwd", "dpq", "dx"),
-                  "v2": ("own2", "prep2", "fwd2", "lse2", "bwd2", "dseg2", "finish2")}
 _HMAX = {torch.float16: 6.0e4, torch.bfloat16: 3.0e38, torch.float32: 3.0e38}
 
 
 # ----------------------------------------------------------------------------- configurations
-def _family_configs(stats, fwd, dpq, dx, block_d, v2) -> Dict[str, KernelConfig]:
-    """One family's entries from (BLOCK_B, BLOCK_C, num_warps, num_stages) tuples (stats: no B);
-    ``v2``: the second design's ``prep2`` / ``dseg2`` (BLOCK_C, warps, stages, block_d) and
-    ``fwd2`` / ``bwd2`` (BLOCK_B, BLOCK_C, warps, stages, block_d)."""
-    out = {"stats": KernelConfig({"BLOCK_C": stats[0]}, stats[1], stats[2], block_d)}
-    for name, (bb, bc, w, st) in (("fwd", fwd), ("dpq", dpq), ("dx", dx)):
-        out[name] = KernelConfig({"BLOCK_B": bb, "BLOCK_C": bc}, w, st, block_d)
-    for name in ("prep2", "dseg2"):
-        bc, w, st, bd = v2[name]
+def _family_configs(*, prep2, dseg2, fwd2, bwd2, rows, lse2) -> Dict[str, KernelConfig]:
+    """One family's entries: ``prep2`` / ``dseg2`` (BLOCK_C, warps, stages, block_d), ``fwd2`` /
+    ``bwd2`` (BLOCK_B, BLOCK_C, warps, stages, block_d), and the row kernels (4 warps, one stage):
+    ``own2`` / ``finish2`` from ``rows`` (BLOCK_B, block_d), ``lse2`` (BLOCK_B, no D loop)."""
+    out = {}
+    for name, (bc, w, st, bd) in (("prep2", prep2), ("dseg2", dseg2)):
         out[name] = KernelConfig({"BLOCK_C": bc}, w, st, bd)
-    for name in ("fwd2", "bwd2"):
-        bb, bc, w, st, bd = v2[name]
+    for name, (bb, bc, w, st, bd) in (("fwd2", fwd2), ("bwd2", bwd2)):
         out[name] = KernelConfig({"BLOCK_B": bb, "BLOCK_C": bc}, w, st, bd)
-    for name in ("own2", "finish2", "lse2"):  # row kernels: O(B D) or O(B)
-        bb, bd = v2.get(name, v2["rows"])
+    for name, (bb, bd) in (("own2", rows), ("finish2", rows), ("lse2", lse2)):  # O(B D) or O(B)
         out[name] = KernelConfig({"BLOCK_B": bb}, 4, 1, None if name == "lse2" else bd)
     return out
 
@@ -956,35 +575,22 @@ def _family_configs(stats, fwd, dpq, dx, block_d, v2) -> Dict[str, KernelConfig]
 #: ``"interp"`` only under ``TRITON_INTERPRET=1`` (few, large blocks, BLOCK_D fitted to D: the
 #: interpreter's cost is per program and per padded element). Why these sizes: docs/kernels.md.
 CONFIGS: Dict[str, Dict[str, KernelConfig]] = {
-    "half": _family_configs((64, 4, 2), fwd=(128, 64, 8, 3), dpq=(64, 64, 8, 2),
-                            dx=(64, 64, 8, 3), block_d=(64, 64),
-                            v2=dict(prep2=(32, 4, 1, (64, 64)), dseg2=(32, 4, 1, (64, 64)),
-                                    rows=(16, (64, 64)), lse2=(256, None),
-                                    fwd2=(128, 128, 8, 3, (64, 64)),
-                                    bwd2=(128, 32, 4, 4, (64, 64)))),
-    "fp32": _family_configs((64, 4, 2), fwd=(64, 128, 8, 2), dpq=(64, 64, 8, 3),
-                            dx=(64, 64, 8, 3), block_d=(64, 64),
-                            v2=dict(prep2=(32, 4, 1, (64, 64)), dseg2=(32, 4, 1, (64, 64)),
-                                    rows=(16, (64, 64)), lse2=(256, None),
-                                    fwd2=(128, 64, 8, 4, (16, 16)),
-                                    bwd2=(128, 32, 4, 4, (16, 16)))),
-    "interp": _family_configs((128, 4, 1), fwd=(128, 128, 4, 1), dpq=(128, 128, 4, 1),
-                              dx=(128, 128, 4, 1), block_d=(16, 128),
-                              v2=dict(prep2=(128, 4, 1, (16, 128)), dseg2=(128, 4, 1, (16, 128)),
-                                      rows=(64, (16, 256)), lse2=(256, None),
-                                      fwd2=(128, 128, 4, 1, (16, 128)),
-                                      bwd2=(128, 128, 4, 1, (16, 128)))),
+    "half": _family_configs(prep2=(32, 4, 1, (64, 64)), dseg2=(32, 4, 1, (64, 64)),
+                            fwd2=(128, 128, 8, 3, (64, 64)), bwd2=(128, 32, 4, 4, (64, 64)),
+                            rows=(16, (64, 64)), lse2=(256, None)),
+    "fp32": _family_configs(prep2=(32, 4, 1, (64, 64)), dseg2=(32, 4, 1, (64, 64)),
+                            fwd2=(128, 64, 8, 4, (16, 16)), bwd2=(128, 32, 4, 4, (16, 16)),
+                            rows=(16, (64, 64)), lse2=(256, None)),
+    "interp": _family_configs(prep2=(128, 4, 1, (16, 128)), dseg2=(128, 4, 1, (16, 128)),
+                              fwd2=(128, 128, 4, 1, (16, 128)), bwd2=(128, 128, 4, 1, (16, 128)),
+                              rows=(64, (16, 256)), lse2=(256, None)),
 }
 assert set(CONFIGS) - {"interp"} == set(FAMILY_DTYPES)
-TARGET_PROGRAMS = 264  # v1: ~2 waves on 132 SMs
-MAX_SPLITS = 64
-#: v2: the B x Cc elements of one class chunk of the backward (a~, b~ are 2 B Cc values in x's
+#: The B x Cc elements of one class chunk of the backward (a~, b~ are 2 B Cc values in x's
 #: dtype); the largest temporaries of the backward are O(B Cc).
 CHUNK_ELEMENTS = 1 << 24
-#: v2: the most class splits of the forward grid.
+#: The most class splits of the forward grid.
 MAX_SPLITS_V2 = 1024
-#: The design ``line_margin`` runs: "v2" (default) or "v1" (``DAAL_LINE_MARGIN_DESIGN``).
-DESIGN = os.environ.get("DAAL_LINE_MARGIN_DESIGN", "v2")
 
 
 def _precision(dtype: torch.dtype, *, gpu: bool | None = None) -> str:
@@ -1000,7 +606,7 @@ def _gpu_flags(entry: str, dtype: torch.dtype):
         return {"CAST": True}
     if entry == "finish2":  # atomics by default; per-row output under deterministic algorithms
         return [{"ATOMIC": True}, {"ATOMIC": False}]
-    if entry in ("stats", "dseg2", "own2", "lse2"):
+    if entry in ("dseg2", "own2", "lse2"):
         return {}
     return {"INPUT_PRECISION": _precision(dtype, gpu=True)}
 
@@ -1012,138 +618,6 @@ def launches() -> List[Launch]:
 
 
 # ----------------------------------------------------------------------------- launchers
-def own_distance_sq(x: torch.Tensor, p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """``|x_i - p_i - t_i u_i|^2`` (B values, floored at eps) for rows ``x``, ``p``, ``q`` (B x D),
-    ``u = q - p``, ``t = clamp((x - p).u / max(|u|^2, eps), 0, 1)``: the direct form."""
-    u = q - p
-    proj = ((x - p) * u).sum(1)
-    t = torch.clamp(proj / torch.clamp((u * u).sum(1), min=EPS), 0.0, 1.0)
-    e = x - p - t[:, None] * u
-    return torch.clamp((e * e).sum(1), min=EPS)
-
-
-def _split(C: int, row_tiles: int, block_c: int):
-    """(classes_per_split, nsplit): about TARGET_PROGRAMS programs, every split non-empty."""
-    tiles = cdiv(C, block_c)
-    want = max(1, min(MAX_SPLITS, cdiv(TARGET_PROGRAMS, row_tiles), tiles))
-    per = cdiv(tiles, want) * block_c
-    return per, cdiv(C, per)
-
-
-def _class_stats(seg: torch.Tensor, cfgs: Dict[str, KernelConfig]):
-    C, _, D = seg.shape
-    pp = torch.empty(C, device=seg.device, dtype=torch.float32)
-    pu = torch.empty_like(pp)
-    uu = torch.empty_like(pp)
-    cfg = cfgs["stats"]
-    _lm_class_stats_kernel[(cdiv(C, cfg.blocks["BLOCK_C"]),)](
-        seg, pp, pu, uu, C, D, seg.stride(0), seg.stride(1), seg.stride(2), **cfg.launch(D))
-    return pp, pu, uu
-
-
-def _forward_lse(x, seg, labels, base, xx, stats, cfgs, alpha):
-    B, D = x.shape
-    C = seg.shape[0]
-    cfg = cfgs["fwd"]
-    row_tiles = cdiv(B, cfg.blocks["BLOCK_B"])
-    per, nsplit = _split(C, row_tiles, cfg.blocks["BLOCK_C"])
-    m = torch.empty(nsplit, B, device=x.device, dtype=torch.float32)
-    s = torch.empty_like(m)
-    _lm_fwd_kernel[(row_tiles, nsplit)](
-        x, seg, labels, base, xx, *stats, m, s, B, C, D, x.stride(0), x.stride(1),
-        seg.stride(0), seg.stride(1), seg.stride(2), per, float(alpha), EPS,
-        INPUT_PRECISION=_precision(x.dtype), **cfg.launch(D))
-    # lse = log(e^0 + sum_s s_s e^{m_s}); every m_s >= 0 (the running max starts at 0).
-    top = m.max(0).values
-    total = torch.exp(-top) + (s * torch.exp(m - top)).sum(0)
-    return top + torch.log(total)
-
-
-def _prepare(x, seg, d_pos, margins, alpha):
-    """Per-call O(B + C) inputs of the kernels: configs, alpha(d_pos + m), |x|^2, class stats."""
-    cfgs = CONFIGS[config_family(x.dtype)]
-    base = (alpha * (d_pos.detach().float() + margins.detach().float())).contiguous()
-    xx = (x.float() * x.float()).sum(1).contiguous()
-    return cfgs, base, xx, _class_stats(seg, cfgs)
-
-
-# Registered with torch.library so torch.compile(fullgraph=True) sees two opaque operators.
-# Only x, segments, labels, d_pos, margins and the B-vector lse are saved for the backward;
-# the O(B + C) statistics are recomputed there.
-@torch.library.custom_op("daal_triton::line_lse", mutates_args=())
-def _line_lse_op(x: torch.Tensor, seg: torch.Tensor, d_pos: torch.Tensor, labels: torch.Tensor,
-                 margins: torch.Tensor, alpha: float) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``(lse_i / alpha, lse_i)``, lse over ``{0} U {alpha(d_pos_i + m_i - delta_ic)}_{c != y_i}``."""
-    cfgs, base, xx, stats = _prepare(x, seg, d_pos, margins, alpha)
-    lse = _forward_lse(x, seg, labels, base, xx, stats, cfgs, alpha)
-    return lse / alpha, lse
-
-
-@_line_lse_op.register_fake
-def _line_lse_fake(x, seg, d_pos, labels, margins, alpha):
-    out = x.new_empty((x.shape[0],), dtype=torch.float32)
-    return out, torch.empty_like(out)
-
-
-@torch.library.custom_op("daal_triton::line_lse_backward", mutates_args=())
-def _line_lse_backward_op(grad_out: torch.Tensor, x: torch.Tensor, seg: torch.Tensor,
-                          d_pos: torch.Tensor, labels: torch.Tensor, margins: torch.Tensor,
-                          lse: torch.Tensor, alpha: float
-                          ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(dX, dSegments, dD_pos)`` by the envelope-theorem formulas, tiles recomputed."""
-    cfgs, base, xx, (pp, pu, uu) = _prepare(x, seg, d_pos, margins, alpha)
-    B, D = x.shape
-    C = seg.shape[0]
-    go = grad_out.float().contiguous()
-    prec = _precision(x.dtype)
-    hmax = _HMAX[x.dtype]
-    grad_dpos = go * (1.0 - torch.exp(-lse))
-    cfg = cfgs["dpq"]
-    g = torch.empty(C, 2, D, device=x.device, dtype=torch.float32)
-    _lm_bwd_dpq_kernel[(cdiv(C, cfg.blocks["BLOCK_C"]),)](
-        x, seg, labels, base, lse, go, xx, pp, pu, uu, g, B, C, D,
-        x.stride(0), x.stride(1), seg.stride(0), seg.stride(1), seg.stride(2),
-        g.stride(0), g.stride(1), g.stride(2), float(alpha), EPS, hmax,
-        INPUT_PRECISION=prec, **cfg.launch(D))
-    cfg = cfgs["dx"]
-    row_tiles = cdiv(B, cfg.blocks["BLOCK_B"])
-    per, nsplit = _split(C, row_tiles, cfg.blocks["BLOCK_C"])
-    w = torch.empty(nsplit, B, D, device=x.device, dtype=torch.float32)
-    _lm_bwd_dx_kernel[(row_tiles, nsplit)](
-        x, seg, labels, base, lse, go, xx, pp, pu, uu, w, B, C, D,
-        x.stride(0), x.stride(1), seg.stride(0), seg.stride(1), seg.stride(2),
-        per, float(alpha), EPS, hmax, INPUT_PRECISION=prec, **cfg.launch(D))
-    grad_x = (w[0] if nsplit == 1 else w.sum(0)).to(x.dtype)
-    return grad_x, g.to(seg.dtype), grad_dpos.to(d_pos.dtype)
-
-
-@_line_lse_backward_op.register_fake
-def _line_lse_backward_fake(grad_out, x, seg, d_pos, labels, margins, lse, alpha):
-    return torch.empty_like(x), torch.empty_like(seg), torch.empty_like(d_pos)
-
-
-def _line_lse_setup_context(ctx, inputs, output):
-    x, seg, d_pos, labels, margins, alpha = inputs
-    ctx.save_for_backward(x, seg, d_pos, labels, margins, output[1])
-    ctx.alpha = alpha
-    ctx.mark_non_differentiable(output[1])
-
-
-_line_lse_backward_direct = direct(_line_lse_backward_op)
-
-
-def _line_lse_autograd_backward(ctx, grad_out, _grad_lse):
-    x, seg, d_pos, labels, margins, lse = ctx.saved_tensors
-    gx, gseg, gpos = _line_lse_backward_direct(
-        grad_out, x, seg, d_pos, labels, margins, lse, ctx.alpha)
-    return gx, gseg, gpos, None, None, None
-
-
-_line_lse_op.register_autograd(_line_lse_autograd_backward, setup_context=_line_lse_setup_context)
-_line_lse = eager(_line_lse_op)
-
-
-# ----------------------------------------------------------------------------- design v2 launchers
 def wave_split(row_tiles: int, class_tiles: int, sms: int, max_splits: int = MAX_SPLITS_V2) -> int:
     """``_common.wave_split`` with the forward's cap on class splits."""
     return _wave_split(row_tiles, class_tiles, sms, max_splits)
@@ -1151,7 +625,7 @@ def wave_split(row_tiles: int, class_tiles: int, sms: int, max_splits: int = MAX
 
 def chunk_classes(B: int, C: int, block_b: int, block_c: int, sms: int,
                   elements: Optional[int] = None) -> int:
-    """Cc, the classes per chunk of the v2 backward: a multiple of ``block_c`` with
+    """Cc, the classes per chunk of the backward: a multiple of ``block_c`` with
     ``B Cc <= elements`` (``CHUNK_ELEMENTS``; at least one class tile), preferring, among the
     widths down to 3/4 of the largest, one whose grid (row tiles x Cc / block_c) is whole waves
     (narrower chunks would mean more launches: at C = 1M they cost more than a partial wave)."""
@@ -1203,7 +677,7 @@ def _unit_feature_stride(seg: torch.Tensor) -> torch.Tensor:
 def _line_margin2_op(x: torch.Tensor, seg: torch.Tensor, labels: torch.Tensor, margins: torch.Tensor,
                      alpha: float, lambda_pull: float
                      ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(out, lse, rs, st, sx)``: the forward of design v2, four launches (own-class rows,
+    """``(out, lse, rs, st, sx)``: the forward, four launches (own-class rows,
     class statistics, the streaming logsumexp, the merge). ``out_i = lse_i / alpha + lambda_pull
     d_i^2``; ``rs`` (3 x B: ``d_pos``, ``|x|^2``, ``alpha (d_pos + m)``), ``st`` (4 x C class
     statistics) and ``sx`` (the segments in x's dtype, or empty when they already are) are
@@ -1273,7 +747,7 @@ def _line_margin2_backward_op(grad_out: torch.Tensor, x: torch.Tensor, seg: torc
                               sx: torch.Tensor, st: torch.Tensor, labels: torch.Tensor,
                               lse: torch.Tensor, rs: torch.Tensor, alpha: float,
                               lambda_pull: float) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``(dX, dSegments)`` of design v2, chunk by chunk of Cc classes: one fused kernel (the
+    """``(dX, dSegments)``, chunk by chunk of Cc classes: one fused kernel (the
     forward GEMMs once, ``a~``, ``b~`` and the row/column partials), then two GEMMs
     (``torch.mm``) and the segment-gradient epilogue; last, ``_lm2_finish_kernel`` forms dX and
     adds the own-class terms (direct form). Autocast is off inside (a backward run under autocast
@@ -1376,15 +850,14 @@ _SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def line_margin(x: torch.Tensor, labels: torch.Tensor, segments: torch.Tensor,
-                margins: torch.Tensor, *, alpha: float, lambda_pull: float,
-                design: Optional[str] = None) -> torch.Tensor:
+                margins: torch.Tensor, *, alpha: float, lambda_pull: float) -> torch.Tensor:
     """Per-sample ``softplus(logsumexp_{c != y_i} alpha(delta_iy + m_i - delta_ic)) / alpha
     + lambda_pull delta_iy^2`` (B values), fused: nothing B x C is ever stored.
 
     ``x`` B x D (already normalised), ``labels`` B ints in [0, C), ``segments`` C x 2 x D,
     ``margins`` B (no gradient). Differentiable w.r.t. ``x`` and ``segments``. Returns float32 for
     float16/bfloat16/float32 inputs; float64 inputs raise ``ValueError`` (the loss routes them to
-    the reference). ``design``: "v1" or "v2" (internal; default ``DESIGN``).
+    the reference). The own-class distance is computed inside (direct form, exact).
     """
     compute_dtype("line_margin", x, segments)
     if x.dtype not in _SUPPORTED or segments.dtype not in _SUPPORTED:
@@ -1394,24 +867,4 @@ def line_margin(x: torch.Tensor, labels: torch.Tensor, segments: torch.Tensor,
         raise ValueError(f"x must be B x D and segments C x 2 x D, got {tuple(x.shape)} and "
                          f"{tuple(segments.shape)}")
     labels = labels.long().contiguous()
-    if _design(design) == "v2":  # the own-class distance inside (direct form, exact)
-        return _line_margin2(x, segments, labels, margins, float(alpha), float(lambda_pull))[0]
-    # v1: own class, direct form, float32: exact on the segment, gradient via autograd (O(B D)).
-    own = segments[labels].float()
-    d_pos = torch.sqrt(own_distance_sq(x.float(), own[:, 0], own[:, 1]))
-    line, _ = _line_lse(x, segments, d_pos, labels, margins, float(alpha))
-    if lambda_pull:
-        line = line + lambda_pull * d_pos * d_pos
-    return line
-
-
-def _design(design: Optional[str]) -> str:
-    design = DESIGN if design is None else design
-    if design not in DESIGN_KERNELS:
-        raise ValueError(f"line-margin design must be one of {sorted(DESIGN_KERNELS)}, got {design!r}")
-    return design
-
-
-def line_margin_v1(x, labels, segments, margins, *, alpha, lambda_pull):
-    """``line_margin`` with the first design (the benchmarks' ``triton_v1`` provider)."""
-    return line_margin(x, labels, segments, margins, alpha=alpha, lambda_pull=lambda_pull, design="v1")
+    return _line_margin2(x, segments, labels, margins, float(alpha), float(lambda_pull))[0]

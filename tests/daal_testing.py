@@ -134,8 +134,9 @@ def resource_usage(cubin: bytes) -> dict:
 
 def gpu_job(launch, *, capability: int, specialisation: str = "generic") -> dict:
     """A JSON-able compile job of a ``Launch`` (kernels/_common.py) for
-    :func:`compile_many_for_gpu` (the kernel is found again by its module and name);
-    ``specialisation``: see :func:`specialise`."""
+    :func:`compile_many_for_gpu` (the kernel is found again by its module and name; a job may
+    also name a ``path``, a folder put on the worker's ``sys.path`` first, for a kernel defined
+    in a test module); ``specialisation``: see :func:`specialise`."""
     if specialisation not in SPECIALISATIONS:
         raise ValueError(f"specialisation must be one of {SPECIALISATIONS}, got {specialisation!r}")
     inner = getattr(launch.kernel, "fn", launch.kernel)
@@ -159,6 +160,8 @@ out = []
 for job in jobs:
     res = {"name": job["name"], "capability": job["capability"],
            "specialisation": job["specialisation"]}
+    if job.get("path") and job["path"] not in sys.path:
+        sys.path.insert(0, job["path"])
     try:
         fn = getattr(importlib.import_module(job["module"]), job["name"])
         k = _compile_here(fn, job["signature"], job["constexprs"], job["capability"],

@@ -1,20 +1,23 @@
 """The fused line margin (kernels/line_margin.py) against the float64 reference.
 
 Values and all three gradients (dX, dP, dQ) under Triton's interpreter on the CPU (IEEE fp32
-dots, tolerance 1e-5; float16 2e-2), the no-B x C-saved-tensor guarantee, and compilation of every
-GPU configuration for sm_80 / sm_90. GPU parity (TF32, bfloat16) is marked ``gpu``. The parity
-tests run the default design (v2, docs/kernels.md "Line margin, second design"); the first design
-(v1, ``DAAL_LINE_MARGIN_DESIGN=v1``) keeps a parity test of its own. The v2-only tests (chunking,
-memory, grids, PTX pipelining) are in test_kernel_line_margin_v2.py.
+dots, tolerance 1e-5; float16 2e-2), the no-B x C-saved-tensor guarantee, compilation of every
+GPU configuration for sm_80 / sm_90, and the sm_90 K-loops' pipelining (PTX). GPU parity (TF32,
+bfloat16) is marked ``gpu``. The tests of the class chunks, memory, determinism and grids are in
+test_kernel_line_margin_v2.py.
 """
+import os
+
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from daal_testing import DEV, compile_launches, random_problem, rel_err, tolerance
 
 from daal_triton import reference
 from daal_triton.kernels import line_margin as lm
-from daal_triton.kernels._common import POINTER
+from daal_triton.kernels._common import POINTER, KernelConfig, KernelSpec, Launch
 
 ALPHA = 16.0
 # Under the interpreter (no GPU) everything runs on the CPU with IEEE dots; on a GPU machine the
@@ -59,19 +62,19 @@ def reference_grads(x, y, seg, m, go, lambda_pull):
     return out.detach(), xr.grad, sr.grad
 
 
-def kernel_grads(x, y, seg, m, go, lambda_pull, design=None):
+def kernel_grads(x, y, seg, m, go, lambda_pull):
     xk = x.clone().requires_grad_()
     sk = seg.clone().requires_grad_()
-    out = lm.line_margin(xk, y, sk, m, alpha=ALPHA, lambda_pull=lambda_pull, design=design)
+    out = lm.line_margin(xk, y, sk, m, alpha=ALPHA, lambda_pull=lambda_pull)
     out.backward(go.to(out.dtype))
     return out.detach(), xk.grad, sk.grad
 
 
-def check_parity(x, y, seg, m, go, lambda_pull, tol, x_dtype, seg_dtype, design=None):
+def check_parity(x, y, seg, m, go, lambda_pull, tol, x_dtype, seg_dtype):
     xk, sk = x.to(x_dtype), seg.to(seg_dtype)
     # the reference sees exactly the (rounded) inputs the kernel sees
     ref, gx_ref, gs_ref = reference_grads(xk, y, sk, m, go, lambda_pull)
-    out, gx, gs = kernel_grads(xk, y, sk, m.float(), go.float(), lambda_pull, design)
+    out, gx, gs = kernel_grads(xk, y, sk, m.float(), go.float(), lambda_pull)
     expect = torch.promote_types(torch.float32, torch.promote_types(x_dtype, seg_dtype))
     assert out.dtype == expect and gx.dtype == x_dtype and gs.dtype == seg_dtype
     assert out.shape == ref.shape
@@ -113,15 +116,6 @@ def test_parity_float32(case):
     check_parity(x, y, seg, m, go, lp, tolerance(torch.float32, tf32=TF32), torch.float32, torch.float32)
 
 
-@pytest.mark.parametrize("x_dtype,tol", [(torch.float32, tolerance(torch.float32, tf32=TF32)),
-                                         (torch.float16, tolerance(torch.float16))], ids=["fp32", "fp16"])
-def test_parity_design_v1(x_dtype, tol):
-    """The first design stays selectable (``design="v1"`` / ``DAAL_LINE_MARGIN_DESIGN=v1``) and
-    correct."""
-    x, y, seg, m, go = make_case(37, 11, 129, zero_len=True, on_own=True, absent=True)
-    check_parity(x, y, seg, m, go, 0.5, tol, x_dtype, torch.float32, design="v1")
-
-
 @pytest.mark.parametrize("seg_dtype", [torch.float16, torch.float32], ids=["seg_fp16", "seg_fp32"])
 @pytest.mark.parametrize("case", [(37, 11, 129, 0.5, "zero_len,on_own"), (130, 300, 33, 0.0, "absent"),
                                   (37, 7, 3, 0.2, "zero_len")],
@@ -160,15 +154,6 @@ def test_float64_is_refused():
         lm.line_margin(x.float(), y, seg, m.float(), alpha=ALPHA, lambda_pull=0.1)
 
 
-def test_own_distance_matches_the_reference():
-    """The kernels' own-class distance is the reference's, to the last bit."""
-    x, y, seg, _, _ = make_case(37, 11, 129, on_own=True)
-    x, seg = x.float(), seg.float()
-    own = seg[y]
-    assert torch.equal(lm.own_distance_sq(x, own[:, 0], own[:, 1]),
-                       reference.own_distance_sq(x, y, seg))
-
-
 def test_rejects_bad_dtype_and_shape():
     x, y, seg, m, _ = make_case(4, 3, 5)
     with pytest.raises(ValueError, match="x and segments"):
@@ -190,7 +175,7 @@ def test_saved_tensors_are_never_b_by_c():
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = lm.line_margin(xk, y, sk, m.float(), alpha=ALPHA, lambda_pull=0.5)
+        lm.line_margin(xk, y, sk, m.float(), alpha=ALPHA, lambda_pull=0.5)
     assert sizes, "nothing was saved: the hook saw no tensors"
     assert max(n for _, n in sizes) < B * C, f"a saved tensor has >= B*C = {B * C} elements: {sizes}"
 
@@ -201,8 +186,8 @@ def test_saved_tensors_are_never_b_by_c():
 # (daal_testing.compile_launches), each both "generic" and "aligned" (the specialisation of a
 # contiguous D = 512 launch: daal_testing.specialise), with float32 segments (the DAALLoss
 # parameters' dtype).
-GEMM_KERNELS = ("fwd", "dpq", "dx", "fwd2", "bwd2")
-ROW_KERNELS = ("own2", "lse2", "finish2")  # v2's O(B D) kernels around the GEMMs
+GEMM_KERNELS = ("fwd2", "bwd2")
+ROW_KERNELS = ("own2", "lse2", "finish2")  # the O(B D) kernels around the GEMMs
 
 
 @pytest.fixture(scope="module")
@@ -245,13 +230,7 @@ def test_hot_path_does_not_spill(compiled):
     if any("stack" not in r for _, r in hot):
         pytest.fail("cuobjdump is missing from triton/backends/nvidia/bin: cannot read the "
                     "register report")
-    # v1 is kept only to be timed against v2 (lm.DESIGN); its float32 kernels, built for float32
-    # accuracy (3xTF32 dots), spill ~0.8-1 KB per thread: a known cost of the old design
-    # (docs/kernels.md), reported here, not a failure.
-    legacy = {c[0].entry for c, _ in hot} & set(lm.DESIGN_KERNELS["v1"])
-    spills = {_what(c): r["stack"] for c, r in hot if r["stack"]
-              and not (c[0].family == "fp32" and c[0].entry in legacy)}
-    print({_what(c): r["stack"] for c, r in hot if c[0].family == "fp32" and c[0].entry in legacy})
+    spills = {_what(c): r["stack"] for c, r in hot if r["stack"]}
     assert not spills, f"local memory (bytes per thread) on the hot path: {spills}"
     rows = {_what(c): r.get("stack") for c, r in compiled
             if c[1] == 90 and c[2] == "aligned" and c[0].entry in ROW_KERNELS}
@@ -339,38 +318,83 @@ def pipeline_facts(ptx: str) -> dict:
     return facts
 
 
+def pipeline_failures(facts: dict, num_stages: int) -> list:
+    """Which conditions of a pipelined K-loop (``test_hot_loop_is_pipelined``) ``facts``
+    (:func:`pipeline_facts`) fails; empty when it is pipelined."""
+    f = facts
+    checks = {
+        "a wgmma K-loop": f["loops"] >= 1,
+        "the load wait leaves later stages in flight": bool(f.get("load_waits")) and min(f["load_waits"]) >= 1,
+        "no wait for the MMA just issued": bool(f.get("mma_waits")) and min(f["mma_waits"]) >= 1,
+        "loads issued while the MMA runs": f.get("loads_in_loop", 0) > 0 and bool(f.get("prefetch_while_mma_in_flight")),
+        "num_stages - 1 stages requested before the loop": f.get("prologue_stages", 0) >= num_stages - 1,
+    }
+    return [what for what, ok in checks.items() if not ok]
+
+
 @pytest.mark.parametrize("entry", ["fwd2", "bwd2"])
 def test_hot_loop_is_pipelined(compiled, entry):
-    """The v2 GEMM K-loops, as a contiguous D = 512 bfloat16/float16 launch builds them for sm_90,
-    overlap loads with tensor-core work. In the loop body: the wait for loaded tiles leaves later
-    stages in flight (``cp.async.wait_group N``, N >= 1), no ``wgmma.wait_group`` waits for the MMA
-    just issued (every N >= 1: step k's MMA is waited on only in step k + 1), and the loads of a
-    later step (16-byte ``cp.async``) are issued in the loop while step k's MMA runs; before the
-    loop, num_stages - 1 stages are already requested. So the loads of step k + 1 are always issued
-    before step k's MMA is waited on."""
+    """The GEMM K-loops (fwd2, bwd2), as a contiguous D = 512 bfloat16/float16 launch builds them
+    for sm_90, overlap loads with tensor-core work. In the loop body: the wait for loaded tiles
+    leaves later stages in flight (``cp.async.wait_group N``, N >= 1), no ``wgmma.wait_group``
+    waits for the MMA just issued (every N >= 1: step k's MMA is waited on only in step k + 1), and
+    the loads of a later step (16-byte ``cp.async``) are issued in the loop while step k's MMA
+    runs; before the loop, num_stages - 1 stages are already requested. So the loads of step k + 1
+    are always issued before step k's MMA is waited on (:func:`pipeline_failures`)."""
     hot = [(c, r) for c, r in compiled if c[0].entry == entry and c[1] == 90 and c[2] == "aligned"
            and c[0].family == "half"]
     assert hot
     for case, res in hot:
         assert not res.get("error"), res.get("error")
         f = pipeline_facts(res["ptx"])
-        what = f"{_what(case)}: {f}"
-        assert f["loops"] >= 1, what
-        assert f["load_waits"] and min(f["load_waits"]) >= 1, what
-        assert f["mma_waits"] and min(f["mma_waits"]) >= 1, what
-        assert f["loads_in_loop"] > 0 and f["prefetch_while_mma_in_flight"], what
-        assert f["prologue_stages"] >= case[0].num_stages - 1, what
+        assert not pipeline_failures(f, case[0].num_stages), f"{_what(case)}: {f}"
+
+
+@triton.jit
+def _serialised_kloop_kernel(x_ptr, seg_ptr, out_ptr, B, C, D, stride_x_b, stride_seg_c, stride_seg_v,
+                             BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
+    """A deliberately serialised K-loop, the negative control of ``test_pipeline_check_can_tell``:
+    ``x.p`` and ``x.u`` of a row tile and a class tile (x in its dtype, float32 segments), with
+    ``u = q - p`` formed in float32 and both cast to x's dtype between the loads and the MMAs (what
+    the line margin's first design did, before the 2026-11-30 H200 run retired it); stores
+    ``x.p + x.u``."""
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    cls = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    rmask = rows < B
+    cmask = cls < C
+    xrow = x_ptr + rows.to(tl.int64)[:, None] * stride_x_b
+    crow = seg_ptr + cls.to(tl.int64)[:, None] * stride_seg_c
+    xp = tl.zeros([BLOCK_B, BLOCK_C], dtype=tl.float32)
+    xu = tl.zeros([BLOCK_B, BLOCK_C], dtype=tl.float32)
+    for k in range(0, D, BLOCK_D):
+        offs_d = k + tl.arange(0, BLOCK_D)
+        dmask = offs_d < D
+        xt = tl.load(xrow + offs_d[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0)
+        cm = cmask[:, None] & dmask[None, :]
+        p = tl.load(crow + offs_d[None, :], mask=cm, other=0.0).to(tl.float32)
+        q = tl.load(crow + stride_seg_v + offs_d[None, :], mask=cm, other=0.0).to(tl.float32)
+        u = q - p
+        xp = tl.dot(xt, tl.trans(p.to(xt.dtype)), xp)
+        xu = tl.dot(xt, tl.trans(u.to(xt.dtype)), xu)
+    out = out_ptr + rows.to(tl.int64)[:, None] * C + cls[None, :]
+    tl.store(out, xp + xu, mask=rmask[:, None] & cmask[None, :])
 
 
 def test_pipeline_check_can_tell():
-    """The PTX reading above rejects a serialised loop (the first design's half forward, whose
-    K-loop forms u = q - p between the loads and the MMAs)."""
+    """The PTX reading above rejects a serialised loop: ``_serialised_kloop_kernel``, built like
+    the half ``fwd2`` (bfloat16, 128 x 128 x 64, 8 warps, 3 stages, sm_90, aligned), has a wgmma
+    K-loop, and ``pipeline_failures`` finds it not pipelined."""
     from daal_testing import compile_many_for_gpu, gpu_job
 
-    la = next(la for la in lm.launches() if la.name == "line_margin_fwd-bf16-bd64")
-    res = compile_many_for_gpu([gpu_job(la, capability=90, specialisation="aligned")], workers=1)[0]
+    spec = KernelSpec(_serialised_kloop_kernel, "x_ptr: *x; seg_ptr: *seg; out_ptr: *fp32; B C D: i32; "
+                      "stride_x_b stride_seg_c stride_seg_v: i32",
+                      rows=("stride_x_b", "stride_seg_c", "stride_seg_v"))
+    cfg = KernelConfig({"BLOCK_B": 128, "BLOCK_C": 128}, num_warps=8, num_stages=3, block_d=(64, 64))
+    la = Launch("test", "half", "serialised", spec, torch.bfloat16, cfg, 64, {})
+    job = dict(gpu_job(la, capability=90, specialisation="aligned"), path=os.path.dirname(__file__))
+    res = compile_many_for_gpu([job], workers=1)[0]
     assert not res.get("error"), res.get("error")
     f = pipeline_facts(res["ptx"])
-    ok = (f["loops"] and f["load_waits"] and min(f["load_waits"]) >= 1 and f["mma_waits"]
-          and min(f["mma_waits"]) >= 1 and f["prefetch_while_mma_in_flight"])
-    assert not ok, f
+    fails = pipeline_failures(f, cfg.num_stages)
+    assert f["loops"] >= 1 and "a wgmma K-loop" not in fails, f
+    assert fails, f

@@ -1,5 +1,5 @@
-"""Design v2 of the line margin (kernels/line_margin.py; docs/kernels.md "Line margin, second
-design"): the class-chunked backward against the float64 reference across several chunks, its
+"""The line margin's class chunks (kernels/line_margin.py; docs/kernels.md "Fused line
+margin"): the class-chunked backward against the float64 reference across several chunks, its
 determinism, the memory bound O(B Cc + (B + C) D) of forward + backward with C >= 20 Cc, gradients
 through ``DAALLoss`` for both reductions, the custom operators' registrations (``opcheck``), and
 the grids (whole waves of the device's SMs). The PTX pipelining and spill tests are in
@@ -89,14 +89,14 @@ def test_memory_is_o_b_cc_plus_b_c_d(small_chunks):
     bound = 4 * max(2 * B * cc, 2 * C * D, B * D, 4 * C)  # float32 elements of each term
     assert largest <= bound, (largest, bound)
     assert largest * 4 <= 4 * B * C  # far from anything B x C
-    # and the test can tell: the first design's dX workspace, or a B x C tensor, would be seen
+    # and the test can tell: a B x C tensor would be seen
     big = _largest_allocation(lambda: torch.empty(B, C).fill_(0))
     assert big >= 4 * B * C
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_daal_loss_gradients(reduction):
-    """Gradients through ``DAALLoss`` (backend "triton": design v2) match the float64 reference
+    """Gradients through ``DAALLoss`` (backend "triton") match the float64 reference
     module's for both reductions (every term on; odd B and D, a class absent from the batch)."""
     z, y, seg = random_problem(37, 11, 129, classes_present=range(8), device=DEV)
     hp = dict(lambda_pull=0.3, lambda_dens=0.5, lambda_len=0.2, l_max=0.2, alpha=12.0,
@@ -118,8 +118,9 @@ def test_daal_loss_gradients(reduction):
 
 
 def test_custom_ops_opcheck():
-    """The v2 operators' schema, fake (meta) functions and autograd registration are consistent
-    (``torch.library.opcheck``), for the cast (fp16 x, fp32 segments) and no-copy paths."""
+    """The operators' (``daal_triton::line_margin2`` and its backward) schema, fake (meta)
+    functions and autograd registration are consistent (``torch.library.opcheck``), for the cast
+    (fp16 x, fp32 segments) and no-copy paths."""
     x, y, seg, m, go = make_case(6, 5, 16)
     for x_dtype in (torch.float32, torch.float16):
         xk = x.to(x_dtype).requires_grad_()
@@ -142,8 +143,7 @@ H200_SMS = 132
 def test_forward_grid_in_whole_waves(B, C):
     """The forward's (row tiles x splits) grid is sized from the SM count: its modelled time
     (waves x class tiles of the longest program) is within 5% of the ideal (all SMs busy, the work
-    split evenly) plus one class tile (the granularity), and never worse than the first design's
-    fixed ~264-program split."""
+    split evenly) plus one class tile (the granularity)."""
     cfg = lm.CONFIGS["half"]["fwd2"]
     rt = -(-B // cfg.blocks["BLOCK_B"])
     tiles = -(-C // cfg.blocks["BLOCK_C"])
@@ -151,9 +151,6 @@ def test_forward_grid_in_whole_waves(B, C):
     cost = -(-rt * s // H200_SMS) * -(-tiles // s)
     ideal = rt * tiles / H200_SMS
     assert cost <= 1.05 * ideal + 1, (s, cost, ideal)
-    per, nsplit_v1 = lm._split(C, rt, cfg.blocks["BLOCK_C"])
-    cost_v1 = -(-rt * nsplit_v1 // H200_SMS) * (per // cfg.blocks["BLOCK_C"])
-    assert cost <= cost_v1
 
 
 def test_backward_chunk_grid():

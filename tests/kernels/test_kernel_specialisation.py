@@ -36,12 +36,12 @@ def test_rule_matches_triton():
 
 
 def test_specialise_aligned_and_generic():
-    spec = lm.KERNELS["stats"]
+    spec = lm.KERNELS["prep2"]
     sig = dict(spec.signature_for(torch.float32, torch.bfloat16), BLOCK_C="constexpr")
     out_sig, ones, divisible = specialise(sig, spec.unit, spec.rows, "aligned")
     assert ones == {"stride_seg_d": 1} and "stride_seg_d" not in out_sig
     # pointers, D and the row strides; C and unlisted strides: nothing
-    assert divisible == {"seg_ptr", "pp_ptr", "pu_ptr", "uu_ptr", "D", "stride_seg_c", "stride_seg_v"}
+    assert divisible == {"seg_ptr", "sx_ptr", "st_ptr", "D", "stride_seg_c", "stride_seg_v"}
     assert specialise(sig, spec.unit, spec.rows, "generic") == (sig, {}, set())
     with pytest.raises(ValueError, match="specialisation"):
         specialise(sig, spec.unit, spec.rows, "fast")
