@@ -42,7 +42,7 @@ PROVIDERS = {
     "pairwise": ("triton", "eager", "compile"),
     "knn": ("triton", "eager", "compile", "chunked", "triton_wave_splits"),
     "line_margin": ("triton", "eager", "compile"),
-    "loss": ("triton", "eager", "compile", "triton_aten_glue"),
+    "loss": ("triton", "eager", "compile", "triton_aten_glue", "triton_graphed"),
     "train_step": ("triton", "eager", "proxyanchor", "ce_floor"),
 }
 
@@ -151,7 +151,8 @@ CHECK: Dict[Tuple[str, str], List[dict]] = {
         dict(dtypes=("bf16",), providers=("triton", "eager", "compile")),
         dict(dtypes=("fp32",), providers=("triton", "eager"))],
     # the fused glue (issue 13) timed beside the glue of plain PyTorch operators it replaced
-    ("loss", "dml"): [dict(dtypes=("fp32",), providers=("triton", "eager", "triton_aten_glue"))],
+    # and the module through torch.cuda.make_graphed_callables (README, "Small batches")
+    ("loss", "dml"): [dict(dtypes=("fp32",), providers=("triton", "eager", "triton_aten_glue", "triton_graphed"))],
     # the loss's in-batch kNN: launch-bound, where the finish's launch count shows
     ("knn", "dml"): [dict(dtypes=("bf16",), providers=("triton",), passes=("fwd", "fwdbwd"))],
     ("knn", "bank"): [dict(dtypes=("bf16",), providers=("triton", "chunked", "eager", "triton_wave_splits"),
@@ -318,7 +319,7 @@ def _knn_bytes(d: dict, prov: str, es: int) -> int:
 
 
 def _line_margin_bytes(d: dict, prov: str) -> int:
-    if prov in ("triton", "triton_aten_glue"):  # the segment gradient, saved stats, the chunk buffers
+    if prov in ("triton", "triton_aten_glue", "triton_graphed"):  # the segment gradient, saved stats, the chunk buffers
         from work_model import extra_bytes
 
         return extra_bytes(d["B"], d["C"], d["D"], "fp32") + (64 << 20)

@@ -38,6 +38,7 @@ OP_TITLES = {
 SHAPE_ORDER = ("tiny", "dml", "large", "bank", "classes11k", "classes100k", "classes1m", "eval60k")
 PROVIDER_TITLES = {"triton": "Triton", "eager": "eager", "compile": "compile", "chunked": "chunked",
                    "triton_v1": "Triton v1", "triton_aten_glue": "Triton, PyTorch glue",
+                   "triton_graphed": "Triton, CUDA graphs",
                    "triton_aten_finish": "Triton (aten finish)",
                    "triton_wave_splits": "Triton (wave splits)"}
 #: Providers that earlier runs measured and the benchmarks no longer run: the line margin's first
@@ -518,7 +519,10 @@ Each case is (shape, precision, provider, pass):
 - providers: `Triton` (`daal_triton.kernels.*`; for the loss `DAALLoss(backend="triton")`),
   `eager` (`daal_triton.reference.*`; `DAALLoss(backend="reference")`), `compile`
   (`torch.compile` of the reference function) and, for kNN, `chunked` (row chunks of
-  `torch.cdist` in the inputs' dtype + `torch.topk`). The first run also timed `Triton (aten
+  `torch.cdist` in the inputs' dtype + `torch.topk`) and `Triton (wave splits)` (the kNN kernel
+  with its earlier grid rule, `DAAL_KNN_SPLITS=waves`); for the whole loss `Triton, PyTorch glue`
+  (`DAAL_GLUE=aten`) and `Triton, CUDA graphs` (the module through
+  `torch.cuda.make_graphed_callables`, README "Small batches"; GPU only). The first run also timed `Triton (aten
   finish)` (the kNN kernel with its earlier finish) and `Triton v1` (the line margin's first
   design); both were removed after it (the fused finish was 1.45–3.3× faster, v2 4.1×), and its
   tables still show them;
