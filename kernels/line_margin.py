@@ -235,12 +235,6 @@ def _lm2_fwd_kernel(x_ptr, sx_ptr, label_ptr, base_ptr, xx_ptr, st_ptr, m_ptr, s
 
 
 @triton.jit
-def _add4(a0, a1, a2, a3, b0, b1, b2, b3):
-    """Combine of a four-way sum reduction (``tl.reduce`` over a tuple of four tensors)."""
-    return a0 + b0, a1 + b1, a2 + b2, a3 + b3
-
-
-@triton.jit
 def _lm2_bwd_kernel(x_ptr, sx_ptr, label_ptr, base_ptr, lse_ptr, go_ptr, xx_ptr, st_ptr,
                     ab_ptr, rowp_ptr, colp_ptr, B, C, D, c0, Cc, stride_x_b, alpha, eps, hmax,
                     BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -303,13 +297,11 @@ def _lm2_bwd_kernel(x_ptr, sx_ptr, label_ptr, base_ptr, lse_ptr, go_ptr, xx_ptr,
     tl.store(ab_ptr + rows.to(tl.int64)[:, None] * (2 * Cc) + col2[None, :], ab,
              mask=rmask[:, None] & c2mask[None, :])
     tl.store(rowp_ptr + pid_c.to(tl.int64) * B + rows, -tl.sum(af + bf, 1), mask=rmask)
-    # the four column sums in one reduction (one pass of shuffles and shared memory, not four)
-    s0, s1, s2, s3 = tl.reduce((af * (1.0 - t), af * t, bf * (1.0 - t), bf * t), 0, _add4)
     cp = colp_ptr + pid_b.to(tl.int64) * 4 * Cc + lcls
-    tl.store(cp, s0, mask=cmask)
-    tl.store(cp + Cc, s1, mask=cmask)
-    tl.store(cp + 2 * Cc, s2, mask=cmask)
-    tl.store(cp + 3 * Cc, s3, mask=cmask)
+    tl.store(cp, tl.sum(af * (1.0 - t), 0), mask=cmask)
+    tl.store(cp + Cc, tl.sum(af * t, 0), mask=cmask)
+    tl.store(cp + 2 * Cc, tl.sum(bf * (1.0 - t), 0), mask=cmask)
+    tl.store(cp + 3 * Cc, tl.sum(bf * t, 0), mask=cmask)
 
 
 @triton.jit
