@@ -50,6 +50,17 @@ def test_case_tables(profile):
             assert m > 0 and n > 0 and k > 0
 
 
+def test_check_profile_runs_the_loss_at_100k_classes_right_after_the_targets():
+    """gpu_check.sh's order across the operators (bench/conftest.py sorts by ``order_key``): the
+    targets, then the whole loss at C = 100k (the first run's budget never reached it), then the rest."""
+    every = sorted((c for op in bc.PROVIDERS for c in bc.cases_for(op, "check")), key=bc.order_key)
+    n_target = next(i for i, c in enumerate(every) if not c.target)  # (heavy targets run last)
+    assert n_target and not any(c.target for c in every[n_target:] if bc.estimate_bytes(c) <= bc.HEAVY_BYTES)
+    nxt = [(c.op, c.shape, c.dtype) for c in every[n_target:]]
+    n_next = nxt.count(("loss", "classes100k", "fp32"))
+    assert n_next >= 2 and set(nxt[:n_next]) == {("loss", "classes100k", "fp32")}, nxt[:n_next + 2]
+
+
 def test_check_profile_covers_the_targets():
     """Every comparison a target of report.py needs is in the profile gpu_check.sh runs."""
     have = {(c.op, c.shape, c.dtype, c.pass_, c.provider) for op in bc.PROVIDERS for c in bc.cases_for(op, "check")}
