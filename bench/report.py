@@ -522,9 +522,9 @@ Each case is (shape, precision, provider, pass):
   `torch.cdist` in the inputs' dtype + `torch.topk`) and `Triton (wave splits)` (the kNN kernel
   with its earlier grid rule, `DAAL_KNN_SPLITS=waves`); for the whole loss `Triton, PyTorch glue`
   (`DAAL_GLUE=aten`) and `Triton, CUDA graphs` (the module through
-  `torch.cuda.make_graphed_callables`, README "Small batches"; GPU only). The first run also timed `Triton (aten
-  finish)` (the kNN kernel with its earlier finish) and `Triton v1` (the line margin's first
-  design); both were removed after it (the fused finish was 1.45–3.3× faster, v2 4.1×), and its
+  `torch.cuda.make_graphed_callables`, README "Small batches"; GPU only). The first run also
+  timed `Triton (aten finish)` (the kNN kernel with its earlier finish) and `Triton v1` (the line
+  margin's first design); both were removed after it (the fused finish was 1.45–3.3× faster, v2 4.1×), and its
   tables still show them;
 - passes: `fwd` (forward with autograd recording, as in training; kNN retrieval evaluation under
   `no_grad`), `bwd` (backward alone; the forward of each round is built outside the timed
