@@ -6,7 +6,8 @@
 #   3. run the benchmarks (bench/, profile "check": the performance targets first, then the whole
 #      loss at 100k classes (cases.NEXT_KEYS), then one representative per operator), with an
 #      in-process deadline so they stop in time; the training-step benchmark (VGG-19-BN, B=180,
-#      C=100 and 11,318) runs after the operators' targets, in a slice of DAAL_BENCH_TRAIN_STEP_S seconds of its own within that deadline,
+#      C=100 and 11,318) runs after the operators' targets, in a slice of DAAL_BENCH_TRAIN_STEP_S
+#      seconds of its own within that deadline,
 #   4. probe where the time goes (bench/probe_h200.py: host cost per launch, the kNN forward's
 #      parts and splits; DAAL_PROBE_S seconds, default 45, 0 skips it), time alternative kNN
 #      forward block sizes, loops and grids (bench/tune_knn.py; DAAL_TUNE_KNN_S seconds, default 75, 0
