@@ -8,7 +8,10 @@ One benchmark case is one (operator, shape, precision, provider, pass):
 * providers: ``triton`` (``daal_triton.kernels.*``; for ``loss`` ``DAALLoss(backend="triton")``),
   ``triton_wave_splits`` (the kNN with its forward's column splits chosen as before the first
   H200 run, ``DAAL_KNN_SPLITS=waves``, timed beside the cost model that replaced it until a GPU
-  run decides: kernels/knn.py, ``PROGRAM_OVERHEAD_TILES``),
+  run decides: kernels/knn.py, ``PROGRAM_OVERHEAD_TILES``), ``triton_atomic_own`` (the line
+  margin, alone or in the loss, with the own-class rows of its segment gradient added by float32
+  atomics into a float32 gradient as the 2026-11-30 run timed it, ``DAAL_LM_OWN_SEG=atomic``,
+  beside the class lists that replaced them: kernels/line_margin.py, ``OWN_SEG_ENV``),
   ``eager`` (``daal_triton.reference.*``; ``DAALLoss(backend="reference")``), ``compile``
   (``torch.compile`` of the reference function) and, for kNN only, ``chunked`` (row chunks of
   ``torch.cdist`` + ``torch.topk``, the usual hand-written baseline); for ``train_step`` the loss
@@ -41,8 +44,8 @@ PROFILES = ("smoke", "check", "full")
 PROVIDERS = {
     "pairwise": ("triton", "eager", "compile"),
     "knn": ("triton", "eager", "compile", "chunked", "triton_wave_splits"),
-    "line_margin": ("triton", "eager", "compile"),
-    "loss": ("triton", "eager", "compile", "triton_aten_glue", "triton_graphed"),
+    "line_margin": ("triton", "eager", "compile", "triton_atomic_own"),
+    "loss": ("triton", "eager", "compile", "triton_aten_glue", "triton_graphed", "triton_atomic_own"),
     "train_step": ("triton", "eager", "proxyanchor", "ce_floor"),
 }
 
@@ -149,10 +152,14 @@ CHECK: Dict[Tuple[str, str], List[dict]] = {
     ("knn", "eval60k"): [dict(dtypes=("bf16",), providers=("triton", "chunked", "triton_wave_splits", "eager"))],
     ("line_margin", "classes100k"): [
         dict(dtypes=("bf16",), providers=("triton", "eager", "compile")),
+        # the own-class segment rows by atomics (DAAL_LM_OWN_SEG=atomic): the forward is the same
+        dict(dtypes=("bf16",), providers=("triton_atomic_own",), passes=("bwd", "fwdbwd")),
         dict(dtypes=("fp32",), providers=("triton", "eager"))],
     # the fused glue (issue 13) timed beside the glue of plain PyTorch operators it replaced
     # and the module through torch.cuda.make_graphed_callables (README, "Small batches")
-    ("loss", "dml"): [dict(dtypes=("fp32",), providers=("triton", "eager", "triton_aten_glue", "triton_graphed"))],
+    # and the own-class segment rows by atomics (DAAL_LM_OWN_SEG=atomic: one launch fewer)
+    ("loss", "dml"): [dict(dtypes=("fp32",), providers=("triton", "eager", "triton_aten_glue", "triton_graphed")),
+                      dict(dtypes=("fp32",), providers=("triton_atomic_own",), passes=("fwdbwd",))],
     # the loss's in-batch kNN: launch-bound, where the finish's launch count shows
     ("knn", "dml"): [dict(dtypes=("bf16",), providers=("triton",), passes=("fwd", "fwdbwd"))],
     ("knn", "bank"): [dict(dtypes=("bf16",), providers=("triton", "chunked", "eager", "triton_wave_splits"),
@@ -326,10 +333,10 @@ def _knn_bytes(d: dict, prov: str, es: int) -> int:
 
 
 def _line_margin_bytes(d: dict, prov: str) -> int:
-    if prov in ("triton", "triton_aten_glue", "triton_graphed"):  # the segment gradient, saved stats, the chunk buffers
-        from work_model import extra_bytes
+    if prov in ("triton", "triton_aten_glue", "triton_graphed", "triton_atomic_own"):
+        from work_model import extra_bytes  # the segment gradient, saved stats, the chunk buffers
 
-        return extra_bytes(d["B"], d["C"], d["D"], "fp32") + (64 << 20)
+        return extra_bytes(d["B"], d["C"], d["D"], "fp32", atomic=prov == "triton_atomic_own") + (64 << 20)
     if prov == "eager":
         return 80 * d["B"] * d["C"]  # ~15 float32 B x C temporaries kept for backward + an int64 one-hot
     return 24 * d["B"] * d["C"]

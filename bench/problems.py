@@ -9,6 +9,7 @@ imports triton or ``daal_triton`` at import time: ``TRITON_INTERPRET`` must be s
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import os
 import statistics
@@ -141,6 +142,10 @@ PROVIDER_FUNCTIONS: Dict[str, Callable[[str], Callable]] = {
     "chunked": lambda op: chunked_knn,
     # the kNN's column splits as chosen before the first H200 run (DAAL_KNN_SPLITS=waves)
     "triton_wave_splits": lambda op: import_kernel(op).knn_wave_splits,
+    # the line margin's own-class segment rows by atomics, as the first H200 run timed them
+    # (DAAL_LM_OWN_SEG=atomic, read by the forward: the backward follows it)
+    "triton_atomic_own": lambda op: functools.partial(
+        _with_env, import_kernel(op).OWN_SEG_ENV, "atomic", getattr(import_kernel(op), FUNCTION_NAMES[op])),
 }
 
 
@@ -244,6 +249,11 @@ def setup_loss(case: Case, device: torch.device) -> Problem:
         module = daal_module("triton", C, D).to(device=device, dtype=dtype)
         return Problem(lambda: _with_env("DAAL_GLUE", "aten", module, emb, labels), [emb, module.segments],
                        None, [emb, module.segments], notes="DAALLoss, DAAL_GLUE=aten")
+    if case.provider == "triton_atomic_own":  # the own-class segment rows by atomics
+        module = daal_module("triton", C, D).to(device=device, dtype=dtype)
+        env = import_kernel("line_margin").OWN_SEG_ENV
+        return Problem(lambda: _with_env(env, "atomic", module, emb, labels), [emb, module.segments],
+                       None, [emb, module.segments], notes=f"DAALLoss, {env}=atomic")
     if case.provider == "triton_graphed":  # README, "Small batches": both passes replay CUDA graphs
         if device.type != "cuda":
             raise NeedsCUDA("torch.cuda.make_graphed_callables captures CUDA graphs")
@@ -257,13 +267,13 @@ def setup_loss(case: Case, device: torch.device) -> Problem:
                    [emb, module.segments], notes="DAALLoss module (validation included)")
 
 
-def _with_env(name: str, value: str, fn, *args):
-    """``fn(*args)`` with environment variable ``name`` set to ``value`` (the autograd graph it
-    builds keeps the operators chosen then, so the backward needs no setting)."""
+def _with_env(name: str, value: str, fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` with environment variable ``name`` set to ``value`` (the autograd
+    graph it builds keeps the operators chosen then, so the backward needs no setting)."""
     old = os.environ.get(name)
     os.environ[name] = value
     try:
-        return fn(*args)
+        return fn(*args, **kwargs)
     finally:
         if old is None:
             del os.environ[name]

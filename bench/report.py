@@ -40,7 +40,8 @@ PROVIDER_TITLES = {"triton": "Triton", "eager": "eager", "compile": "compile", "
                    "triton_v1": "Triton v1", "triton_aten_glue": "Triton, PyTorch glue",
                    "triton_graphed": "Triton, CUDA graphs",
                    "triton_aten_finish": "Triton (aten finish)",
-                   "triton_wave_splits": "Triton (wave splits)"}
+                   "triton_wave_splits": "Triton (wave splits)",
+                   "triton_atomic_own": "Triton, atomic own rows"}
 #: Providers that earlier runs measured and the benchmarks no longer run: the line margin's first
 #: design and the kNN's aten finish, removed after the 2026-11-30 H200 run decided against them
 #: (docs/kernels.md, "Measured results"). Their stored results still render, after the others.
@@ -522,7 +523,10 @@ Each case is (shape, precision, provider, pass):
   `torch.cdist` in the inputs' dtype + `torch.topk`) and `Triton (wave splits)` (the kNN kernel
   with its earlier grid rule, `DAAL_KNN_SPLITS=waves`); for the whole loss `Triton, PyTorch glue`
   (`DAAL_GLUE=aten`) and `Triton, CUDA graphs` (the module through
-  `torch.cuda.make_graphed_callables`, README "Small batches"; GPU only). The first run also
+  `torch.cuda.make_graphed_callables`, README "Small batches"; GPU only); for the line margin and
+  the whole loss `Triton, atomic own rows` (the own-class rows of the segment gradient added by
+  float32 atomics into a float32 gradient, as the first run timed them, `DAAL_LM_OWN_SEG=atomic`,
+  beside the class lists that replaced them; docs/kernels.md "Class-chunked backward"). The first run also
   timed `Triton (aten finish)` (the kNN kernel with its earlier finish) and `Triton v1` (the line
   margin's first design); both were removed after it (the fused finish was 1.45–3.3× faster, v2 4.1×), and its
   tables still show them;

@@ -318,10 +318,12 @@ class Launch:
 
     @property
     def variant(self) -> str:
-        """``"-tf32"`` for a launch with single-pass TF32 dots or TF32-rounded norms; ``"-det"`` for
-        the deterministic (``ATOMIC=False``) variant of a kernel that otherwise uses atomics."""
+        """``"-tf32"`` for a launch with single-pass TF32 dots or TF32-rounded norms; ``"-atomic"``
+        for the line margin's atomic own-class rows (``ATOMIC=True`` / ``HAS_OWN=False``: the
+        design ``DAAL_LM_OWN_SEG=atomic`` keeps selectable)."""
         tf32 = self.flags.get("INPUT_PRECISION") == "tf32" or self.flags.get("ROUND_TF32")
-        return ("-tf32" if tf32 else "") + ("-det" if self.flags.get("ATOMIC") is False else "")
+        atomic = self.flags.get("ATOMIC") is True or self.flags.get("HAS_OWN") is False
+        return ("-tf32" if tf32 else "") + ("-atomic" if atomic else "")
 
     @property
     def kernel(self):

@@ -23,10 +23,11 @@ The split
 ---------
 * ``delta_iy`` (own class) is computed in the *direct* form ``|x_i - p_y - t u_y|`` (O(B D),
   float32), exact for points lying on their own segment (where the GEMM form cancels
-  catastrophically): a kernel does it (``_lm2_own_kernel``) and the backward's last kernel
-  (``_lm2_finish_kernel``) adds its exact derivative (the ``g_iy`` term of docs/method.md
-  "Gradients" and the pull term) to dX and to the own classes' dP, dQ. The fused kernels mask
-  the own class ``c == y_i`` out of every tile.
+  catastrophically): a kernel does it (``_lm2_own_kernel``); in the backward
+  ``_lm2_ownseg_kernel`` writes its exact derivative for the own classes' dP, dQ per sample (the
+  ``g_iy`` term of docs/method.md "Gradients" and the pull term), which ``_lm2_dseg_kernel`` sums
+  per class through class lists (no atomics), and the last kernel (``_lm2_finish_kernel``) adds
+  it to dX. The fused kernels mask the own class ``c == y_i`` out of every tile.
 * the custom operators ``daal_triton::line_margin2`` / ``line_margin2_backward``
   (``torch.library``, with a registered autograd formula) take the rest: the logsumexp over the
   other classes in the forward, and the envelope-theorem gradients of the ``c != y_i`` terms in
@@ -36,7 +37,7 @@ The split
 The kernels (docs/kernels.md, "Fused line margin")
 --------------------------------------------------
 16 BCD GEMM flops, no global read-modify-write inside any loop, pipelined K-loops; four launches
-forward (own-class rows, class statistics, logsumexp, merge), 4 per class chunk + 1 backward.
+forward (own-class rows, class statistics, logsumexp, merge), 4 per class chunk + 2 backward.
 ``_lm2_prep_kernel`` computes the class statistics (4 x C) once per call, of the segments rounded
 to x's dtype (and that rounded contiguous copy ``sx`` when the segments are not already it); the
 forward saves both for the backward. ``_lm2_fwd_kernel`` is the streaming online-logsumexp kernel
@@ -46,8 +47,9 @@ backward runs per chunk of Cc classes (``B Cc <= CHUNK_ELEMENTS``, :func:`chunk_
 ``_lm2_bwd_kernel`` recomputes the chunk's GEMMs once and writes ``a~ = -h(1 - t)``,
 ``b~ = -h t`` (B x 2Cc, x's dtype, interleaved per class) with deterministic row / column
 partials; ``torch.mm`` (cuBLAS) gives ``AB [P_c; Q_c]`` (into the float32 dX accumulator) and
-``G = AB^T X``; ``_lm2_dseg_kernel`` adds the rank-1 corrections and writes dP, dQ in the
-segments' dtype; ``_lm2_finish_kernel`` forms dX and adds the own-class terms.
+``G = AB^T X``; ``_lm2_dseg_kernel`` adds the rank-1 corrections and the own-class rows
+(``_lm2_ownseg_kernel``, before the chunks) and writes dP, dQ in the segments' dtype, rounded
+once; ``_lm2_finish_kernel`` forms dX with its own-class term.
 
 Mixed precision
 ---------------
@@ -65,10 +67,14 @@ Memory (beyond inputs and outputs)
 The forward saves x, segments, labels, lse (B), the row statistics ``rs`` (3 x B), the class
 statistics ``st`` (4 x C) and, when the segments are not contiguous in x's dtype, their rounded
 copy ``sx`` (C x 2 x D). The backward's temporaries are O(B Cc + (B + C) D): ``a~ b~`` (B x 2Cc),
-``G`` (2Cc x D float32), the partials, the B x D float32 dX accumulator. Nothing is ever B x C.
+``G`` (2Cc x D float32), the partials, the B x D float32 dX accumulator, the own-class rows
+(B x 2 x D float32) and their class lists (B + C int32); the segment gradient is written once in
+the segments' dtype (``DAAL_LM_OWN_SEG=atomic``, the earlier design kept selectable until a GPU
+run times both, accumulates it in float32 C x 2 x D). Nothing is ever B x C.
 """
 from __future__ import annotations
 
+import os
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -305,26 +311,37 @@ def _lm2_bwd_kernel(x_ptr, sx_ptr, label_ptr, base_ptr, lse_ptr, go_ptr, xx_ptr,
 
 
 @triton.jit
-def _lm2_dseg_kernel(g_ptr, seg_ptr, colp_ptr, out_ptr, n, D, Cc, R,
+def _lm2_dseg_kernel(g_ptr, seg_ptr, colp_ptr, out_ptr, label_ptr, own_ptr, next_ptr, slot_ptr,
+                     n, D, Cc, R, B, c0,
                      stride_seg_c, stride_seg_v, stride_seg_d,
                      stride_out_c, stride_out_v, stride_out_d,
-                     BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
+                     BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, HAS_OWN: tl.constexpr):
     """dP, dQ of the ``n`` classes of a chunk from ``G = AB^T X`` (2n x D float32: rows
     ``2c, 2c + 1`` = ``[A~^T X]_c``, ``[B~^T X]_c``) and the column partials of the ``R`` row tiles
     (summed here in a fixed order: deterministic)::
 
-        dP_c = G[2c] - s0 p_c - s1 q_c,   dQ_c = G[2c + 1] - s2 p_c - s3 q_c
+        dP_c = G[2c] - s0 p_c - s1 q_c + sum_{i: y_i = c} own_i[0]
+        dQ_c = G[2c + 1] - s2 p_c - s3 q_c + sum_{i: y_i = c} own_i[1]
 
-    written once, in the segments' dtype (no float32 gradient copy).
+    written once, in the segments' dtype (no float32 gradient copy, one rounding). With
+    ``HAS_OWN`` the own-class rows ``own_i`` (``_lm2_ownseg_kernel``) of the class's samples are
+    added in row order: the class's first row is ``slot[c]`` when ``labels[slot[c]] == c`` (the
+    slot map is never initialised: any other value means "no sample of c"), then ``next[i]``
+    until -1. Deterministic: no atomics.
 
     Args:
         g_ptr: 2n x D float32 (contiguous). seg_ptr: the chunk's segments (any float dtype).
         colp_ptr: R x 4 x Cc float32 partials (``_lm2_bwd_kernel``). out_ptr: the chunk's rows of
         the segment gradient (segments' dtype).
+        label_ptr: B int64 labels. own_ptr: B x 2 x D float32 own-class rows (contiguous).
+        next_ptr: B int32, the next row of the same label (-1: none). slot_ptr: C int32 (global
+        class index), the first row of each present class (``HAS_OWN`` only, all four).
         n, D: classes in the chunk, features. Cc: the partials' row length. R: row tiles.
+        B: rows. c0: the chunk's first class.
         stride_seg_c, stride_seg_v, stride_seg_d: strides of segments.
         stride_out_c, stride_out_v, stride_out_d: strides of the gradient.
-        BLOCK_C: classes per program. BLOCK_D: D-chunk.
+        BLOCK_C: classes per program. BLOCK_D: D-chunk. HAS_OWN: add the own-class rows (else the
+        launcher adds them with atomics: ``DAAL_LM_OWN_SEG=atomic``).
     """
     lc = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = lc < n
@@ -342,17 +359,31 @@ def _lm2_dseg_kernel(g_ptr, seg_ptr, colp_ptr, out_ptr, n, D, Cc, R,
     srow = seg_ptr + lc.to(tl.int64)[:, None] * stride_seg_c
     orow = out_ptr + lc.to(tl.int64)[:, None] * stride_out_c
     odt = out_ptr.dtype.element_ty
+    head = tl.full([BLOCK_C], -1, dtype=tl.int32)
+    if HAS_OWN:  # the class's first row, if the (uninitialised) slot map holds a valid one
+        r = tl.load(slot_ptr + c0 + lc, mask=cmask, other=-1)
+        ok = cmask & (r >= 0) & (r < B)
+        lr = tl.load(label_ptr + r, mask=ok, other=-1)
+        head = tl.where(ok & (lr == c0 + lc), r, -1)
     for k in range(0, D, BLOCK_D):
         offs_d = k + tl.arange(0, BLOCK_D)
         m = cmask[:, None] & (offs_d[None, :] < D)
         od = offs_d.to(tl.int64)[None, :]
         p = tl.load(srow + od * stride_seg_d, mask=m, other=0.0).to(tl.float32)
         q = tl.load(srow + stride_seg_v + od * stride_seg_d, mask=m, other=0.0).to(tl.float32)
-        gp = tl.load(grow + od, mask=m, other=0.0)
-        gq = tl.load(grow + D + od, mask=m, other=0.0)
-        tl.store(orow + od * stride_out_d, (gp - s0[:, None] * p - s1[:, None] * q).to(odt), mask=m)
-        tl.store(orow + stride_out_v + od * stride_out_d,
-                 (gq - s2[:, None] * p - s3[:, None] * q).to(odt), mask=m)
+        gp = tl.load(grow + od, mask=m, other=0.0) - s0[:, None] * p - s1[:, None] * q
+        gq = tl.load(grow + D + od, mask=m, other=0.0) - s2[:, None] * p - s3[:, None] * q
+        if HAS_OWN:  # walk each class's rows (most classes of a large C have none: no step)
+            r = head
+            while tl.max(r, 0) >= 0:
+                live = r >= 0
+                m3 = live[:, None] & m
+                own = own_ptr + r.to(tl.int64)[:, None] * (2 * D) + od
+                gp += tl.load(own, mask=m3, other=0.0)
+                gq += tl.load(own + D, mask=m3, other=0.0)
+                r = tl.load(next_ptr + r, mask=live, other=-1)
+        tl.store(orow + od * stride_out_d, gp.to(odt), mask=m)
+        tl.store(orow + stride_out_v + od * stride_out_d, gq.to(odt), mask=m)
 
 
 @triton.jit
@@ -450,33 +481,110 @@ def _lm2_lse_kernel(m_ptr, s_ptr, dpos_ptr, lse_ptr, out_ptr, B, nsplit, alpha, 
 
 
 @triton.jit
+def _own_coeffs(xrow, prow, qrow, rows, rmask, lse_ptr, go_ptr, dpos_ptr, D, lambda_pull, eps,
+                BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The per-row factors of the own-class derivative: with ``g_i = grad_out_i (1 - exp(-lse_i))
+    + 2 lambda_pull d_i grad_out_i`` (``d line_i / d d_i``), ``c_i = g_i / d_i`` where
+    ``|e_i|^2 >= eps`` (else 0), ``e = x - p - t u``, ``eu = e.u``, ``b = max(|u|^2, eps)``,
+    ``tt = (x - p).u / b``, ``s = [0 <= tt <= 1] eu / b`` (the path through t) and ``tt2 = 2 tt``
+    where ``|u|^2 >= eps`` (else 0). Returns ``(t, c, s, tt2)``."""
+    _, uu, b, tt, t, e2, eu, _ = _own_geometry(xrow, prow, qrow, rmask, D, BLOCK_B, BLOCK_D)
+    go = tl.load(go_ptr + rows, mask=rmask, other=0.0)
+    lse = tl.load(lse_ptr + rows, mask=rmask, other=0.0)
+    d = tl.load(dpos_ptr + rows, mask=rmask, other=1.0)
+    g = go * (1.0 - tl.exp(-lse)) + 2.0 * lambda_pull * d * go
+    c = tl.where(rmask & (e2 >= eps), g / d, 0.0)
+    s = tl.where((tt >= 0.0) & (tt <= 1.0), eu / b, 0.0)
+    tt2 = tl.where(uu >= eps, 2.0 * tt, 0.0)
+    return t, c, s, tt2
+
+
+@triton.jit
+def _own_seg_chunk(x, p, u, t, c, s, tt2):
+    """One D-chunk of the own segment's gradient rows (``_own_coeffs``' factors)::
+
+        dP_y += c (-(1 - t) e + s (u + x - p - 2 tt u)),   dQ_y += c (-t e - s (x - p - 2 tt u))
+    """
+    xp = x - p
+    e = xp - t[:, None] * u
+    w = xp - tt2[:, None] * u
+    gp = c[:, None] * (-(1.0 - t[:, None]) * e + s[:, None] * (u + w))
+    gq = c[:, None] * (-t[:, None] * e - s[:, None] * w)
+    return gp, gq
+
+
+@triton.jit
+def _lm2_ownseg_kernel(x_ptr, seg_ptr, label_ptr, lse_ptr, go_ptr, dpos_ptr, own_ptr, next_ptr,
+                       slot_ptr, B, C, D, stride_x_b, stride_seg_c, stride_seg_v, lambda_pull, eps,
+                       BLOCK_B: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The own-class rows of the segment gradient, per sample, and the lists that let
+    ``_lm2_dseg_kernel`` sum them per class without atomics::
+
+        own_i = (dP_y, dQ_y) of sample i (``_own_seg_chunk``; B x 2 x D float32)
+        next_i = min {j > i : y_j = y_i}  (-1 if none)
+        slot[y_i] = i  where i = min {j : y_j = y_i}  (one writer per class)
+
+    The lists cost O(B^2) label compares (B = 1024: 1M, a few microseconds) and nothing of size C
+    but the C int32 slot map, which is never initialised (the reader validates a slot by
+    ``labels[slot[c]] == c``: no fill launch).
+
+    Args:
+        x_ptr, seg_ptr, label_ptr: as ``_lm2_own_kernel``. lse_ptr, go_ptr, dpos_ptr: B float32
+            (``lse``, incoming gradient, own-class distance).
+        own_ptr: B x 2 x D float32 output (contiguous). next_ptr: B int32 output. slot_ptr: C int32.
+        B, C, D: sizes. stride_x_b, stride_seg_c, stride_seg_v: as ``_lm2_own_kernel``.
+        lambda_pull, eps: as the forward. BLOCK_B: rows per program. BLOCK_J: labels compared per
+        step. BLOCK_D: D-chunk.
+    """
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    rmask = rows < B
+    rows64 = rows.to(tl.int64)
+    lab = tl.load(label_ptr + rows, mask=rmask, other=0)
+    first = tl.full([BLOCK_B], B, dtype=tl.int32)
+    nxt = tl.full([BLOCK_B], B, dtype=tl.int32)
+    for j0 in range(0, B, BLOCK_J):
+        js = j0 + tl.arange(0, BLOCK_J)
+        lj = tl.load(label_ptr + js, mask=js < B, other=0)
+        same = (lab[:, None] == lj[None, :]) & (js[None, :] < B)
+        first = tl.minimum(first, tl.min(tl.where(same, js[None, :], B), 1))
+        nxt = tl.minimum(nxt, tl.min(tl.where(same & (js[None, :] > rows[:, None]), js[None, :], B), 1))
+    tl.store(next_ptr + rows, tl.where(nxt < B, nxt, -1), mask=rmask)
+    tl.store(slot_ptr + lab, rows, mask=rmask & (first == rows) & (lab >= 0) & (lab < C))
+    xrow = x_ptr + rows64[:, None] * stride_x_b
+    prow = seg_ptr + lab[:, None] * stride_seg_c
+    qrow = prow + stride_seg_v
+    t, c, s, tt2 = _own_coeffs(xrow, prow, qrow, rows, rmask, lse_ptr, go_ptr, dpos_ptr, D,
+                               lambda_pull, eps, BLOCK_B, BLOCK_D)
+    orow = own_ptr + rows64[:, None] * (2 * D)
+    for d0 in range(0, D, BLOCK_D):
+        dd = d0 + tl.arange(0, BLOCK_D)
+        x, p, u, m2 = _own_chunk(xrow, prow, qrow, rmask, dd, D)
+        gp, gq = _own_seg_chunk(x, p, u, t, c, s, tt2)
+        tl.store(orow + dd[None, :], gp, mask=m2)
+        tl.store(orow + D + dd[None, :], gq, mask=m2)
+
+
+@triton.jit
 def _lm2_finish_kernel(acc_ptr, rowp_ptr, x_ptr, seg_ptr, label_ptr, lse_ptr, go_ptr, dpos_ptr,
                        gx_ptr, gseg_ptr, B, D, R, stride_x_b, stride_seg_c, stride_seg_v,
                        stride_gseg_c, stride_gseg_v, alpha, lambda_pull, eps,
                        BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, ATOMIC: tl.constexpr):
     """dX of the line margin: the GEMM part ``acc_i + (sum_r rowp_ri) x_i`` plus the own-class
-    part by direct differences; and the own-class segment gradients.
-
-    With ``g_i = grad_out_i (1 - exp(-lse_i)) + 2 lambda_pull d_i grad_out_i`` (``d line_i / d d_i``),
-    ``c_i = g_i / d_i`` where ``|e_i|^2 >= eps`` (else 0), ``e = x - p - t u``, ``eu = e.u``,
-    ``b = max(|u|^2, eps)``, ``tt = (x - p).u / b``, ``s = [0 <= tt <= 1] eu / b`` (the path
-    through t; ``2 tt u`` only where ``|u|^2 >= eps``)::
+    part by direct differences (``_own_coeffs``)::
 
         dX_i += c_i (e - s u)
-        dP_y += c_i (-(1 - t) e + s (u + x - p - 2 tt u))
-        dQ_y += c_i (-t e - s (x - p - 2 tt u))
 
-    (the exact derivative of ``d = sqrt(max(|e|^2, eps))``, as autograd takes it). ``ATOMIC``:
-    added into the segment gradient with float32 atomics; else written per row into
-    ``gseg_ptr`` as B x 2 x D (the launcher sums them by label, deterministically).
+    (the exact derivative of ``d = sqrt(max(|e|^2, eps))``, as autograd takes it). ``ATOMIC``
+    (``DAAL_LM_OWN_SEG=atomic``, the design before the class lists): also adds the own classes'
+    dP, dQ rows (``_own_seg_chunk``) into the float32 segment gradient with atomics; by default
+    ``_lm2_ownseg_kernel`` and ``_lm2_dseg_kernel`` do that part and ``gseg_ptr`` is not read.
 
     Args:
         acc_ptr: B x D float32 ``[AB [P; Q]]`` (contiguous). rowp_ptr: R x B float32 row partials.
         x_ptr, seg_ptr, label_ptr: as ``_lm2_own_kernel``. lse_ptr, go_ptr, dpos_ptr: B float32.
-        gx_ptr: B x D output in x's dtype (contiguous). gseg_ptr: C x 2 x D float32 (ATOMIC) or
-            B x 2 x D float32.
+        gx_ptr: B x D output in x's dtype (contiguous). gseg_ptr: C x 2 x D float32 (ATOMIC).
         B, D, R: sizes. stride_x_b, stride_seg_c, stride_seg_v: as ``_lm2_own_kernel``.
-        stride_gseg_c, stride_gseg_v: strides of gseg (class or row, p/q).
+        stride_gseg_c, stride_gseg_v: strides of gseg (class, p/q).
         alpha, lambda_pull, eps: as the forward. BLOCK_B: rows per program. BLOCK_D: D-chunk.
         ATOMIC: see above.
     """
@@ -487,39 +595,25 @@ def _lm2_finish_kernel(acc_ptr, rowp_ptr, x_ptr, seg_ptr, label_ptr, lse_ptr, go
     xrow = x_ptr + rows64[:, None] * stride_x_b
     prow = seg_ptr + lab[:, None] * stride_seg_c
     qrow = prow + stride_seg_v
-    _, uu, b, tt, t, e2, eu, _ = _own_geometry(xrow, prow, qrow, rmask, D, BLOCK_B, BLOCK_D)
+    t, c, s, tt2 = _own_coeffs(xrow, prow, qrow, rows, rmask, lse_ptr, go_ptr, dpos_ptr, D,
+                               lambda_pull, eps, BLOCK_B, BLOCK_D)
     hr = tl.zeros([BLOCK_B], dtype=tl.float32)
     for r in range(0, R):
         hr += tl.load(rowp_ptr + r * B + rows, mask=rmask, other=0.0)
-    go = tl.load(go_ptr + rows, mask=rmask, other=0.0)
-    lse = tl.load(lse_ptr + rows, mask=rmask, other=0.0)
-    d = tl.load(dpos_ptr + rows, mask=rmask, other=1.0)
-    g = go * (1.0 - tl.exp(-lse)) + 2.0 * lambda_pull * d * go
-    c = tl.where(rmask & (e2 >= eps), g / d, 0.0)
-    s = tl.where((tt >= 0.0) & (tt <= 1.0), eu / b, 0.0)
-    tt2 = tl.where(uu >= eps, 2.0 * tt, 0.0)
-    if ATOMIC:
-        grow = gseg_ptr + lab[:, None] * stride_gseg_c
-    else:
-        grow = gseg_ptr + rows64[:, None] * stride_gseg_c
+    grow = gseg_ptr + lab[:, None] * stride_gseg_c
     odt = gx_ptr.dtype.element_ty
     for d0 in range(0, D, BLOCK_D):
         dd = d0 + tl.arange(0, BLOCK_D)
         x, p, u, m2 = _own_chunk(xrow, prow, qrow, rmask, dd, D)
-        xp = x - p
-        e = xp - t[:, None] * u
-        w = xp - tt2[:, None] * u
+        e = x - p - t[:, None] * u
         acc = tl.load(acc_ptr + rows64[:, None] * D + dd[None, :], mask=m2, other=0.0)
         gx = acc + hr[:, None] * x + c[:, None] * (e - s[:, None] * u)
         tl.store(gx_ptr + rows64[:, None] * D + dd[None, :], gx.to(odt), mask=m2)
-        gp = c[:, None] * (-(1.0 - t[:, None]) * e + s[:, None] * (u + w))
-        gq = c[:, None] * (-t[:, None] * e - s[:, None] * w)
         if ATOMIC:
+            gp, gq = _own_seg_chunk(x, p, u, t, c, s, tt2)
             tl.atomic_add(grow + dd[None, :], gp, mask=m2)
             tl.atomic_add(grow + stride_gseg_v + dd[None, :], gq, mask=m2)
-        else:
-            tl.store(grow + dd[None, :], gp, mask=m2)
-            tl.store(grow + stride_gseg_v + dd[None, :], gq, mask=m2)
+
 
 KERNELS: Dict[str, KernelSpec] = {
     "prep2": KernelSpec(
@@ -535,7 +629,8 @@ KERNELS: Dict[str, KernelSpec] = {
         "alpha eps hmax: fp32", rows=("stride_x_b",)),
     "dseg2": KernelSpec(
         _lm2_dseg_kernel, "g_ptr: *fp32; seg_ptr: *seg; colp_ptr: *fp32; out_ptr: *seg; "
-        "n D Cc R: i32; stride_seg_c stride_seg_v stride_seg_d: i32; "
+        "label_ptr: *i64; own_ptr: *fp32; next_ptr slot_ptr: *i32; "
+        "n D Cc R B c0: i32; stride_seg_c stride_seg_v stride_seg_d: i32; "
         "stride_out_c stride_out_v stride_out_d: i32",
         unit=("stride_seg_d", "stride_out_d"),
         rows=("stride_seg_c", "stride_seg_v", "stride_out_c", "stride_out_v"), gemm=False),
@@ -546,6 +641,11 @@ KERNELS: Dict[str, KernelSpec] = {
     "lse2": KernelSpec(
         _lm2_lse_kernel, "m_ptr s_ptr dpos_ptr lse_ptr out_ptr: *fp32; B nsplit: i32; "
         "alpha lambda_pull: fp32", gemm=False),
+    "ownseg2": KernelSpec(
+        _lm2_ownseg_kernel, "x_ptr: *x; seg_ptr: *seg; label_ptr: *i64; lse_ptr go_ptr dpos_ptr: *fp32; "
+        "own_ptr: *fp32; next_ptr slot_ptr: *i32; B C D: i32; "
+        "stride_x_b stride_seg_c stride_seg_v: i32; lambda_pull eps: fp32",
+        rows=("stride_x_b", "stride_seg_c", "stride_seg_v"), gemm=False),
     "finish2": KernelSpec(
         _lm2_finish_kernel, "acc_ptr rowp_ptr: *fp32; x_ptr: *x; seg_ptr: *seg; label_ptr: *i64; "
         "lse_ptr go_ptr dpos_ptr: *fp32; gx_ptr: *x; gseg_ptr: *fp32; B D R: i32; "
@@ -560,7 +660,8 @@ _HMAX = {torch.float16: 6.0e4, torch.bfloat16: 3.0e38, torch.float32: 3.0e38}
 def _family_configs(*, prep2, dseg2, fwd2, bwd2, rows, lse2) -> Dict[str, KernelConfig]:
     """One family's entries: ``prep2`` / ``dseg2`` (BLOCK_C, warps, stages, block_d), ``fwd2`` /
     ``bwd2`` (BLOCK_B, BLOCK_C, warps, stages, block_d), and the row kernels (4 warps, one stage):
-    ``own2`` / ``finish2`` from ``rows`` (BLOCK_B, block_d), ``lse2`` (BLOCK_B, no D loop)."""
+    ``own2`` / ``finish2`` / ``ownseg2`` from ``rows`` (BLOCK_B, block_d; ``ownseg2`` compares
+    4096 labels per step: BLOCK_J = 4096 / BLOCK_B), ``lse2`` (BLOCK_B, no D loop)."""
     out = {}
     for name, (bc, w, st, bd) in (("prep2", prep2), ("dseg2", dseg2)):
         out[name] = KernelConfig({"BLOCK_C": bc}, w, st, bd)
@@ -568,6 +669,8 @@ def _family_configs(*, prep2, dseg2, fwd2, bwd2, rows, lse2) -> Dict[str, Kernel
         out[name] = KernelConfig({"BLOCK_B": bb, "BLOCK_C": bc}, w, st, bd)
     for name, (bb, bd) in (("own2", rows), ("finish2", rows), ("lse2", lse2)):  # O(B D) or O(B)
         out[name] = KernelConfig({"BLOCK_B": bb}, 4, 1, None if name == "lse2" else bd)
+    bb, bd = rows  # the own-class rows and lists: O(B D + B^2 / BLOCK_J) steps
+    out["ownseg2"] = KernelConfig({"BLOCK_B": bb, "BLOCK_J": 4096 // bb}, 4, 1, bd)
     return out
 
 
@@ -604,9 +707,11 @@ def _precision(dtype: torch.dtype, *, gpu: bool | None = None) -> str:
 def _gpu_flags(entry: str, dtype: torch.dtype):
     if entry == "prep2":
         return {"CAST": True}
-    if entry == "finish2":  # atomics by default; per-row output under deterministic algorithms
-        return [{"ATOMIC": True}, {"ATOMIC": False}]
-    if entry in ("dseg2", "own2", "lse2"):
+    if entry == "finish2":  # the own-class segment rows by the class lists, or with atomics
+        return [{"ATOMIC": False}, {"ATOMIC": True}]  # (DAAL_LM_OWN_SEG=atomic)
+    if entry == "dseg2":
+        return [{"HAS_OWN": True}, {"HAS_OWN": False}]
+    if entry in ("own2", "lse2", "ownseg2"):
         return {}
     return {"INPUT_PRECISION": _precision(dtype, gpu=True)}
 
@@ -746,19 +851,47 @@ def mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def _line_margin2_backward_op(grad_out: torch.Tensor, x: torch.Tensor, seg: torch.Tensor,
                               sx: torch.Tensor, st: torch.Tensor, labels: torch.Tensor,
                               lse: torch.Tensor, rs: torch.Tensor, alpha: float,
-                              lambda_pull: float) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``(dX, dSegments)``, chunk by chunk of Cc classes: one fused kernel (the
-    forward GEMMs once, ``a~``, ``b~`` and the row/column partials), then two GEMMs
-    (``torch.mm``) and the segment-gradient epilogue; last, ``_lm2_finish_kernel`` forms dX and
-    adds the own-class terms (direct form). Autocast is off inside (a backward run under autocast
-    must not lower the float32 GEMM outputs the epilogue reads)."""
+                              lambda_pull: float, atomic: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(dX, dSegments)``: the own-class rows of dP, dQ per sample and their class lists
+    (``_lm2_ownseg_kernel``; skipped when ``atomic``, the design kept selectable by
+    ``DAAL_LM_OWN_SEG=atomic``), then chunk by chunk of Cc classes one fused kernel (the forward
+    GEMMs once, ``a~``, ``b~`` and the row/column partials), two GEMMs (``torch.mm``) and the
+    segment-gradient epilogue; last, ``_lm2_finish_kernel`` forms dX with its own-class terms
+    (direct form). Autocast is off inside (a backward run under autocast must not lower the
+    float32 GEMM outputs the epilogue reads)."""
+    args = (grad_out, x, seg, sx, st, labels, lse, rs, alpha, lambda_pull, atomic)
     if not torch.is_autocast_enabled(x.device.type):  # entering a context costs ~7 µs per call
-        return _line_margin2_backward(grad_out, x, seg, sx, st, labels, lse, rs, alpha, lambda_pull)
+        return _line_margin2_backward(*args)
     with torch.autocast(device_type=x.device.type, enabled=False):
-        return _line_margin2_backward(grad_out, x, seg, sx, st, labels, lse, rs, alpha, lambda_pull)
+        return _line_margin2_backward(*args)
 
 
-def _line_margin2_backward(grad_out, x, seg, sx, st, labels, lse, rs, alpha, lambda_pull):
+#: The internal switch of the own-class rows of the segment gradient: "lists" (the default:
+#: ``_lm2_ownseg_kernel`` writes them per sample and ``_lm2_dseg_kernel`` adds them, per class,
+#: before its one rounding: deterministic, the gradient written once in the segments' dtype) or
+#: "atomic" (the design the 2026-11-30 H200 run timed: float32 atomics into a float32 C x 2 x D
+#: gradient, then a cast for half segments). Read on every backward; kept until a GPU run times
+#: both (the benchmarks' ``triton_atomic_own`` provider).
+OWN_SEG_ENV = "DAAL_LM_OWN_SEG"
+OWN_SEG_POLICIES = ("lists", "atomic")
+
+
+def own_seg_policy() -> str:
+    """``DAAL_LM_OWN_SEG`` (default "lists"), read when the forward records its autograd node
+    (the backward follows that choice; "atomic" falls back to the lists under
+    ``torch.use_deterministic_algorithms(True)``)."""
+    policy = os.environ.get(OWN_SEG_ENV, "lists")
+    if policy not in OWN_SEG_POLICIES:
+        raise ValueError(f"{OWN_SEG_ENV} must be one of {OWN_SEG_POLICIES}, got {policy!r}")
+    return policy
+
+
+def _slot_map(C: int, device) -> torch.Tensor:
+    """The C int32 slot map of the class lists: uninitialised (``_lm2_ownseg_kernel``)."""
+    return torch.empty(C, device=device, dtype=torch.int32)
+
+
+def _line_margin2_backward(grad_out, x, seg, sx, st, labels, lse, rs, alpha, lambda_pull, atomic):
     cfgs = CONFIGS[config_family(x.dtype)]
     x = x if x.stride(1) == 1 else x.contiguous()
     seg = _unit_feature_stride(seg)
@@ -766,10 +899,21 @@ def _line_margin2_backward(grad_out, x, seg, sx, st, labels, lse, rs, alpha, lam
     C = seg.shape[0]
     s2 = seg if sx.numel() == 0 else sx
     go = grad_out.float().contiguous()
-    # the own-class segment rows are added with float32 atomics, unless PyTorch is asked for
-    # deterministic algorithms: then summed by label with index_put_ (sorted, deterministic)
-    atomic = not torch.are_deterministic_algorithms_enabled()
+    d_pos, xx, base = rs[0], rs[1], rs[2]
+    atomic = atomic and not torch.are_deterministic_algorithms_enabled()
     gseg = torch.empty(C, 2, D, device=x.device, dtype=torch.float32 if atomic else seg.dtype)
+    none = torch.empty(0, device=x.device, dtype=torch.int32)  # typed placeholders: HAS_OWN =
+    lists = (labels, torch.empty(0, device=x.device), none, none)  # False reads none of them
+    if not atomic:  # the own-class rows per sample and their class lists, before any chunk
+        own = torch.empty(B, 2, D, device=x.device, dtype=torch.float32)
+        nxt = torch.empty(B, device=x.device, dtype=torch.int32)
+        slot = _slot_map(C, x.device)
+        lists = (labels, own, nxt, slot)
+        if B:
+            ocfg = cfgs["ownseg2"]
+            _lm2_ownseg_kernel[(cdiv(B, ocfg.blocks["BLOCK_B"]),)](
+                x, seg, labels, lse, go, d_pos, own, nxt, slot, B, C, D, x.stride(0),
+                seg.stride(0), seg.stride(1), float(lambda_pull), EPS, **ocfg.launch(D))
     cfg, dcfg = cfgs["bwd2"], cfgs["dseg2"]
     bb, bc = cfg.blocks["BLOCK_B"], cfg.blocks["BLOCK_C"]
     row_tiles = cdiv(B, bb)
@@ -780,7 +924,6 @@ def _line_margin2_backward(grad_out, x, seg, sx, st, labels, lse, rs, alpha, lam
     colp = torch.empty(row_tiles, 4, cc, device=x.device, dtype=torch.float32)
     s2rows = s2.view(2 * C, D)
     prec, hmax = _precision(x.dtype), _HMAX[x.dtype]
-    d_pos, xx, base = rs[0], rs[1], rs[2]
     acc, hr, rows_p = None, None, 0
     for c0 in range(0, C, cc):
         n = min(cc, C - c0)
@@ -799,25 +942,24 @@ def _line_margin2_backward(grad_out, x, seg, sx, st, labels, lse, rs, alpha, lam
         g = mm_f32(abn.t(), x).contiguous()  # rows 2c, 2c + 1: [A~^T X]_c, [B~^T X]_c
         gs, ss = gseg[c0: c0 + n], seg[c0: c0 + n]
         _lm2_dseg_kernel[(cdiv(n, dcfg.blocks["BLOCK_C"]),)](
-            g, ss, colp, gs, n, D, cc, row_tiles, ss.stride(0), ss.stride(1), ss.stride(2),
-            gs.stride(0), gs.stride(1), gs.stride(2), **dcfg.launch(D))
+            g, ss, colp, gs, *lists, n, D, cc, row_tiles, B, c0,
+            ss.stride(0), ss.stride(1), ss.stride(2), gs.stride(0), gs.stride(1), gs.stride(2),
+            HAS_OWN=not atomic, **dcfg.launch(D))
     gx = torch.empty(B, D, device=x.device, dtype=x.dtype)
     if B:
         if acc is None:  # no classes
             acc, hr, rows_p = torch.zeros(B, D, device=x.device), torch.zeros(1, B, device=x.device), 1
-        own = gseg if atomic else torch.empty(B, 2, D, device=x.device, dtype=torch.float32)
         fcfg = cfgs["finish2"]
         _lm2_finish_kernel[(cdiv(B, fcfg.blocks["BLOCK_B"]),)](
-            acc.contiguous(), hr.reshape(-1, B).contiguous(), x, seg, labels, lse, go, d_pos, gx, own, B, D,
-            rows_p, x.stride(0), seg.stride(0), seg.stride(1), own.stride(0), own.stride(1),
+            acc.contiguous(), hr.reshape(-1, B).contiguous(), x, seg, labels, lse, go, d_pos, gx, gseg, B, D,
+            rows_p, x.stride(0), seg.stride(0), seg.stride(1), gseg.stride(0), gseg.stride(1),
             float(alpha), float(lambda_pull), EPS, ATOMIC=atomic, **fcfg.launch(D))
-        if not atomic:
-            gseg.index_put_((labels,), own.to(gseg.dtype), accumulate=True)
     return gx, gseg.to(seg.dtype)
 
 
 @_line_margin2_backward_op.register_fake
-def _line_margin2_backward_fake(grad_out, x, seg, sx, st, labels, lse, rs, alpha, lambda_pull):
+def _line_margin2_backward_fake(grad_out, x, seg, sx, st, labels, lse, rs, alpha, lambda_pull,
+                                atomic=False):
     return torch.empty_like(x), torch.empty_like(seg, memory_format=torch.contiguous_format)
 
 
@@ -826,6 +968,7 @@ def _line_margin2_setup_context(ctx, inputs, output):
     _, lse, rs, st, sx = output
     ctx.save_for_backward(x, seg, sx, st, labels, lse, rs)
     ctx.alpha, ctx.lambda_pull = alpha, lambda_pull
+    ctx.atomic = own_seg_policy() == "atomic"  # the switch as the forward saw it
     ctx.mark_non_differentiable(lse, rs, st, sx)
     ctx.set_materialize_grads(False)  # no zero-filled gradients for the saved statistics
 
@@ -838,7 +981,7 @@ def _line_margin2_autograd_backward(ctx, grad_out, _g_lse, _g_rs, _g_st, _g_sx):
         return (None,) * 6
     x, seg, sx, st, labels, lse, rs = ctx.saved_tensors
     gx, gseg = _line_margin2_backward_direct(
-        grad_out, x, seg, sx, st, labels, lse, rs, ctx.alpha, ctx.lambda_pull)
+        grad_out, x, seg, sx, st, labels, lse, rs, ctx.alpha, ctx.lambda_pull, ctx.atomic)
     return gx, gseg, None, None, None, None
 
 

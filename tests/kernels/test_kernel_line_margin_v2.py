@@ -39,13 +39,77 @@ def test_parity_across_chunks(small_chunks, x_dtype, seg_dtype):
 
 
 def test_backward_is_deterministic(small_chunks):
-    """No atomics: two backward passes give the same bits (several chunks and row tiles)."""
+    """No atomics (the own-class rows go through the class lists): two backward passes give the
+    same bits (several chunks and row tiles)."""
     B, C, D = 130, 300, 17
     small_chunks(B)
     x, y, seg, m, go = make_case(B, C, D, zero_len=True)
     a = kernel_grads(x.float(), y, seg.float(), m.float(), go.float(), 0.2)
     b = kernel_grads(x.float(), y, seg.float(), m.float(), go.float(), 0.2)
     assert all(torch.equal(u, v) for u, v in zip(a, b))
+
+
+@pytest.mark.parametrize("seg_dtype", [torch.float32, torch.float16], ids=["seg32", "seg16"])
+def test_own_rows_summed_by_class_lists(small_chunks, monkeypatch, seg_dtype):
+    """The own-class rows of dP, dQ reach their class through the lists of ``_lm2_ownseg_kernel``
+    whatever the uninitialised slot map held: here it is filled with in-range rows of other
+    classes, negative and out-of-range values (only present classes overwrite theirs). Many
+    samples per class (B = 130 over 9 of C = 300 classes, in three chunks), and the same
+    gradients as the atomic design (``DAAL_LM_OWN_SEG=atomic``) and the float64 reference."""
+    B, C, D = 130, 300, 33
+    small_chunks(B)
+    z, y, seg = random_problem(B, C, D, classes_present=[0, 1, 5, 127, 128, 200, 255, 256, 299])
+    x = torch.nn.functional.normalize(z, dim=1)
+    m = 0.05 + 0.45 * torch.rand(B, dtype=torch.float64)
+    go = torch.randn(B, dtype=torch.float64)
+    x, y, seg, m, go = (t.to(DEV) for t in (x, y, seg, m, go))
+    seen = []
+
+    def garbage_slots(n, device):
+        g = torch.randint(-B, 2 * B, (n,), dtype=torch.int32)
+        g[::7] = torch.iinfo(torch.int32).max
+        g[1::7] = torch.iinfo(torch.int32).min
+        seen.append(n)
+        return g.to(device)
+
+    monkeypatch.setattr(lm, "_slot_map", garbage_slots)
+    check_parity(x, y, seg, m, go, 0.3, tolerance(torch.float32, tf32=TF32) if seg_dtype == torch.float32
+                 else tolerance(torch.float16), torch.float32, seg_dtype)
+    assert seen == [C]
+    lists = kernel_grads(x.float(), y, seg.to(seg_dtype), m.float(), go.float(), 0.3)
+    monkeypatch.setenv(lm.OWN_SEG_ENV, "atomic")
+    atomic = kernel_grads(x.float(), y, seg.to(seg_dtype), m.float(), go.float(), 0.3)
+    assert seen == [C, C]  # the atomic design has no slot map
+    tol = 1e-6 if seg_dtype == torch.float32 else 1e-3  # one rounding to float16 either way
+    for a, b in zip(lists, atomic):
+        assert a.dtype == b.dtype and rel_err(a, b) <= tol
+
+
+def test_own_seg_switch(monkeypatch):
+    """``DAAL_LM_OWN_SEG``: "lists" by default, "atomic" selectable, read when the forward runs
+    (the backward follows it, as the benchmarks' provider needs); under deterministic algorithms
+    the lists run whatever it says; anything else is a ValueError naming the variable."""
+    monkeypatch.delenv(lm.OWN_SEG_ENV, raising=False)
+    assert lm.own_seg_policy() == "lists"
+    x, y, seg, m, go = make_case(37, 11, 20)
+    slots = []
+    real = lm._slot_map
+    monkeypatch.setattr(lm, "_slot_map", lambda n, dev: slots.append(n) or real(n, dev))
+    sk = seg.float().requires_grad_()
+    monkeypatch.setenv(lm.OWN_SEG_ENV, "atomic")
+    assert lm.own_seg_policy() == "atomic"
+    out = lm.line_margin(x.float(), y, sk, m.float(), alpha=ALPHA, lambda_pull=0.2)
+    monkeypatch.delenv(lm.OWN_SEG_ENV)
+    out.backward(go.float())
+    assert slots == []  # the atomic design ran
+    monkeypatch.setenv(lm.OWN_SEG_ENV, "atomic")
+    out = lm.line_margin(x.float(), y, sk, m.float(), alpha=ALPHA, lambda_pull=0.2)
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+    out.backward(go.float())
+    assert slots == [11]  # the lists ran
+    monkeypatch.setenv(lm.OWN_SEG_ENV, "atomics")
+    with pytest.raises(ValueError, match="DAAL_LM_OWN_SEG"):
+        lm.line_margin(x.float(), y, sk, m.float(), alpha=ALPHA, lambda_pull=0.2)
 
 
 def test_strided_segments():
@@ -69,6 +133,17 @@ def _largest_allocation(fn) -> int:
     return max(e.self_cpu_memory_usage for e in prof.events())
 
 
+def _forward_backward(x, y, seg, m, go):
+    """A closure running the line margin forward + backward on leaves ``x``, ``seg``."""
+    xk = x.requires_grad_()
+    sk = seg.requires_grad_()
+
+    def run():
+        out = lm.line_margin(xk, y, sk, m.float(), alpha=ALPHA, lambda_pull=0.2)
+        out.backward(go.float())
+    return run
+
+
 def test_memory_is_o_b_cc_plus_b_c_d(small_chunks):
     """Forward + backward never allocate more than O(B Cc + (B + C) D): with C = 3000 >= 20 Cc
     (Cc = 128) and D = 4, B C is 8x the segments' C x 2 x D and 23x B Cc; the largest tensor
@@ -78,13 +153,7 @@ def test_memory_is_o_b_cc_plus_b_c_d(small_chunks):
     cc = lm.chunk_classes(B, C, 128, 128, 1)
     assert C >= 20 * cc
     x, y, seg, m, go = make_case(B, C, D)
-    xk = x.float().requires_grad_()
-    sk = seg.float().requires_grad_()
-
-    def run():
-        out = lm.line_margin(xk, y, sk, m.float(), alpha=ALPHA, lambda_pull=0.2)
-        out.backward(go.float())
-
+    run = _forward_backward(x.float(), y, seg.float(), m, go)
     largest = _largest_allocation(run)
     bound = 4 * max(2 * B * cc, 2 * C * D, B * D, 4 * C)  # float32 elements of each term
     assert largest <= bound, (largest, bound)
@@ -92,6 +161,23 @@ def test_memory_is_o_b_cc_plus_b_c_d(small_chunks):
     # and the test can tell: a B x C tensor would be seen
     big = _largest_allocation(lambda: torch.empty(B, C).fill_(0))
     assert big >= 4 * B * C
+
+
+def test_half_segments_gradient_written_once(small_chunks, monkeypatch):
+    """With float16 x and segments the backward's largest tensor is the float16 segment
+    gradient (C x 2 x D): no float32 copy of it (the atomic design's float32 C x 2 x D
+    accumulator and its cast, the 2026-11-30 run's 730 MB peak at C = 100k, would be seen:
+    checked too)."""
+    B, C, D = 64, 3000, 16
+    small_chunks(B)
+    x, y, seg, m, go = make_case(B, C, D)
+    sk = seg.half().requires_grad_()
+    run = _forward_backward(x.half(), y, sk, m, go)
+    half_grad = 2 * C * D * 2
+    assert _largest_allocation(run) <= half_grad
+    assert sk.grad.dtype == torch.float16
+    monkeypatch.setenv(lm.OWN_SEG_ENV, "atomic")
+    assert _largest_allocation(run) >= 2 * half_grad
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
