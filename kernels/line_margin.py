@@ -902,9 +902,10 @@ def _line_margin2_backward(grad_out, x, seg, sx, st, labels, lse, rs, alpha, lam
     d_pos, xx, base = rs[0], rs[1], rs[2]
     atomic = atomic and not torch.are_deterministic_algorithms_enabled()
     gseg = torch.empty(C, 2, D, device=x.device, dtype=torch.float32 if atomic else seg.dtype)
-    none = torch.empty(0, device=x.device, dtype=torch.int32)  # typed placeholders: HAS_OWN =
-    lists = (labels, torch.empty(0, device=x.device), none, none)  # False reads none of them
-    if not atomic:  # the own-class rows per sample and their class lists, before any chunk
+    if atomic:  # typed placeholders: HAS_OWN = False reads none of them
+        none = torch.empty(0, device=x.device, dtype=torch.int32)
+        lists = (labels, torch.empty(0, device=x.device), none, none)
+    else:  # the own-class rows per sample and their class lists, before any chunk
         own = torch.empty(B, 2, D, device=x.device, dtype=torch.float32)
         nxt = torch.empty(B, device=x.device, dtype=torch.int32)
         slot = _slot_map(C, x.device)
