@@ -58,6 +58,7 @@ def test_own_rows_summed_by_class_lists(small_chunks, monkeypatch, seg_dtype):
     gradients as the atomic design (``DAAL_LM_OWN_SEG=atomic``) and the float64 reference."""
     B, C, D = 130, 300, 33
     small_chunks(B)
+    monkeypatch.delenv(lm.OWN_SEG_ENV, raising=False)  # the default: the class lists
     z, y, seg = random_problem(B, C, D, classes_present=[0, 1, 5, 127, 128, 200, 255, 256, 299])
     x = torch.nn.functional.normalize(z, dim=1)
     m = 0.05 + 0.45 * torch.rand(B, dtype=torch.float64)
@@ -170,6 +171,7 @@ def test_half_segments_gradient_written_once(small_chunks, monkeypatch):
     checked too)."""
     B, C, D = 64, 3000, 16
     small_chunks(B)
+    monkeypatch.delenv(lm.OWN_SEG_ENV, raising=False)  # the default: the class lists
     x, y, seg, m, go = make_case(B, C, D)
     sk = seg.half().requires_grad_()
     run = _forward_backward(x.half(), y, sk, m, go)
