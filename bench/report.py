@@ -509,8 +509,8 @@ pytest-benchmark files, one per operator: `test_bench_pairwise.py`, `test_bench_
 function from a table), `runner.py` (time budget, memory guard, warm-up, timing, NaN check,
 failure triage, statistics, records) and `conftest.py` (options, ordering); `report.py` turns a
 run into Markdown; `gpu_check.sh` is the GPU check; `tune_line_margin.py` times alternative block
-sizes of the line-margin kernels (the check runs it for at least 30 s; its table goes into the
-run's report), `tune_knn.py` those of the kNN forward, its flat loop and grids sized for two programs per SM
+sizes of the line-margin kernels and the backward's class-chunk budget, with peak memory (the
+check runs it for at least 30 s; its table goes into the run's report), `tune_knn.py` those of the kNN forward, its flat loop and grids sized for two programs per SM
 (75 s; its table too); `probe_h200.py` splits host and GPU time on a GPU, `probe_host.py` measures
 the loss's host time besides the kernels on a CPU; `work_model.py` models the flops and bytes of each line-margin kernel
 (printed beside a run's measured times; `python bench/work_model.py B,C,D` prints it alone).

@@ -341,7 +341,7 @@ def test_tune_line_margin_smoke(tmp_path):
     candidate timed and checked against it, the table restored, a report section written."""
     from daal_triton.kernels import line_margin as lm
 
-    before = copy.deepcopy(lm.CONFIGS)
+    before, before_chunk = copy.deepcopy(lm.CONFIGS), lm.CHUNK_ELEMENTS
     run = tmp_path / "run"
     run.mkdir()
     out = run / "tune_line_margin.json"
@@ -355,12 +355,15 @@ def test_tune_line_margin_smoke(tmp_path):
         assert r["seconds"] > 0
         if not r["table"]:
             assert r["max_rel_err_vs_table"] <= 1e-5  # IEEE fp32 in the interpreter
+    assert [r["chunk_elements"] for r in recs if "chunk_elements" in r] == [1 << 12]
+    assert lm.CHUNK_ELEMENTS == before_chunk
     text = "\n".join(report.run_report(report.load_run(str(run))))
-    assert "Line-margin block sizes" in text and "(table)" in text
+    assert "Line-margin block sizes" in text and "(table)" in text and ", chunk 2^12 |" in text
 
 
 def test_tune_line_margin_flags_failures(tmp_path, monkeypatch):
     out = str(tmp_path / "t.json")
+    monkeypatch.setattr(tlm, "SMOKE_CHUNK_CANDIDATES", {})
     # 48 rows is not a power of two: tl.arange refuses it -> recorded as failed, exit status 1
     monkeypatch.setattr(tlm, "SMOKE_CANDIDATES", {"fwd2": [(48, 32, 4, 1)], "bwd2": []})
     assert tlm.main([out, "--smoke", "--shape", "20,30,17", "--kernels", "fwd2,bwd2"]) == 1
@@ -377,8 +380,9 @@ def test_tune_line_margin_flags_failures(tmp_path, monkeypatch):
 
 
 def test_tune_line_margin_order(tmp_path, monkeypatch):
-    """Tables first (every kernel), then the block sizes they replaced, then the rest: a short
-    budget on the GPU still compares each table entry with its predecessor."""
+    """Tables first (every kernel), then the block sizes they replaced, then the backward's
+    class-chunk budgets, then the rest: a short budget on the GPU still compares each table entry
+    with its predecessor."""
     from daal_triton.kernels import line_margin as lm
 
     family = lm.config_family(torch.float32)
@@ -388,8 +392,8 @@ def test_tune_line_margin_order(tmp_path, monkeypatch):
                     kernels=("fwd2", "bwd2"))
     by_run = sorted(recs, key=lambda r: r["run"])
     assert [(r["kernel"], r["table"]) for r in by_run[:2]] == [("fwd2", True), ("bwd2", True)]
-    assert [(r["kernel"], r["BLOCK_B"], r["BLOCK_C"]) for r in by_run[2:]] == [
-        ("fwd2", 64, 32), ("bwd2", 32, 64), ("fwd2", 32, 32)]
+    assert [(r["kernel"], r["BLOCK_B"], r["BLOCK_C"], r.get("chunk_elements")) for r in by_run[2:]] == [
+        ("fwd2", 64, 32, None), ("bwd2", 32, 64, None), ("bwd2", 128, 128, 1 << 12), ("fwd2", 32, 32, None)]
     assert all(r["status"] == "measured" for r in recs)
 
 

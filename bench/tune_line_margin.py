@@ -11,9 +11,16 @@ merge); ``bwd2``: the backward operator ``daal_triton::line_margin2_backward`` (
 kernels, timed here too until the 2026-11-30 H200 run retired that design, are gone; that run's
 records still render.)
 
+``bwd2`` is also timed with the table's block sizes at other class-chunk budgets
+(``CHUNK_CANDIDATES``: ``CHUNK_ELEMENTS`` = B·Cc of 2^22 and 2^23 against the table's 2^24). A
+smaller chunk means more launches but a smaller ``a~ b~`` buffer (B x 2Cc: 67 MB at B = 1024 and
+2^24, more than the H200's 50 MB L2, so the two GEMMs re-read it from DRAM; 17 MB at 2^22) and a
+lower peak memory; each record has its peak extra memory on a GPU.
+
 Each candidate is timed with CUDA events (median of ``--reps`` calls after a warm-up call that
 also compiles it). The table's entries run first, then the block sizes they replaced, then the
-other candidates, until ``--budget-s`` is spent; the rest are recorded as not run. Writes JSON (``OUT``) and prints a
+chunk budgets, then the other candidates, until ``--budget-s`` is spent; the rest are recorded as
+not run. Writes JSON (``OUT``) and prints a
 Markdown table. ``--smoke`` runs tiny shapes on the CPU under Triton's interpreter (the
 ``interp`` family; timings meaningless) so that the tool cannot rot.
 
@@ -23,6 +30,7 @@ usage: python bench/tune_line_margin.py OUT.json [--budget-s 90] [--shape 1024,1
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -47,6 +55,9 @@ CANDIDATES = {
     "bwd2": [(128, 64, 8, 4), (128, 64, 8, 3), (64, 128, 8, 3), (64, 64, 4, 4), (128, 32, 4, 4)],
 }
 SMOKE_CANDIDATES = {"fwd2": [(32, 32, 4, 1)], "bwd2": [(32, 32, 4, 1)]}
+#: Other ``CHUNK_ELEMENTS`` (kernels/line_margin.py) timed with the table's block sizes.
+CHUNK_CANDIDATES = {"bwd2": (1 << 22, 1 << 23)}
+SMOKE_CHUNK_CANDIDATES = {"bwd2": (1 << 12,)}  # the path only: one class tile is the least chunk
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 ALPHA = 16.0
 PARITY_TOL = 1e-3  # same arithmetic, another summation order (float32 accumulation)
@@ -95,9 +106,11 @@ class Timer:
         return times[len(times) // 2]
 
 
-def _plan(lm, shape, dtypes, cands, device, kernels=KERNELS):
+def _plan(lm, shape, dtypes, cands, device, kernels=KERNELS, chunks=None):
     """``(runs, order)``: per (dtype, kernel) the operator to time and the table's entry; the
-    jobs ``(dtype, kernel, (BLOCK_B, BLOCK_C, warps, stages), is_table)`` in run order."""
+    jobs ``(dtype, kernel, (BLOCK_B, BLOCK_C, warps, stages, chunk elements or None), is_table)``
+    in run order (None: the table's ``CHUNK_ELEMENTS``)."""
+    chunks = CHUNK_CANDIDATES if chunks is None else chunks
     B, C, D = shape
     ops = torch.ops.daal_triton
     runs, plans = {}, []
@@ -118,12 +131,14 @@ def _plan(lm, shape, dtypes, cands, device, kernels=KERNELS):
             table = lm.CONFIGS[fam][kernel]
             first = (table.blocks["BLOCK_B"], table.blocks["BLOCK_C"], table.num_warps, table.num_stages)
             runs[dname, kernel] = (fam, calls[kernel], table)
-            rest = [PREVIOUS[fam][kernel]] if kernel in PREVIOUS.get(fam, {}) else []
-            rest += [c for c in cands.get(kernel, []) if c not in rest]
-            plans.append([(dname, kernel, first, True)] +
-                         [(dname, kernel, c, False) for c in rest if c != first])
-    order = [p[0] for p in plans] + [p[1] for p in plans if len(p) > 1]
-    return runs, order + [job for p in plans for job in p[2:]]
+            prev = [PREVIOUS[fam][kernel]] if kernel in PREVIOUS.get(fam, {}) else []
+            rest = [c for c in cands.get(kernel, []) if c not in prev]
+            plans.append(([(dname, kernel, first + (None,), True)],
+                          [(dname, kernel, c + (None,), False) for c in prev if c != first],
+                          [(dname, kernel, first + (e,), False) for e in chunks.get(kernel, ())
+                           if e != lm.CHUNK_ELEMENTS],
+                          [(dname, kernel, c + (None,), False) for c in rest if c != first]))
+    return runs, [job for stage in range(4) for p in plans for job in p[stage]]
 
 
 def _measure(rec: dict, run, timer, reps: int, base_out: dict, is_table: bool, sync: bool) -> None:
@@ -187,18 +202,29 @@ def tune(out_path: str, *, shape=(1024, 100_000, 512), dtypes=("bf16", "fp32"), 
     B, C, D = shape
     timer = Timer(device)
     deadline = time.monotonic() + budget_s
-    runs, order = _plan(lm, shape, dtypes, SMOKE_CANDIDATES if smoke else CANDIDATES, device, tuple(kernels))
+    runs, order = _plan(lm, shape, dtypes, SMOKE_CANDIDATES if smoke else CANDIDATES, device,
+                        tuple(kernels), SMOKE_CHUNK_CANDIDATES if smoke else CHUNK_CANDIDATES)
     records, base_out = [], {}
-    for n, (dname, kernel, (bb, bc, w, s), is_table) in enumerate(order):
+    for n, (dname, kernel, (bb, bc, w, s, chunk), is_table) in enumerate(order):
         fam, run, table = runs[dname, kernel]
         rec = dict(run=n, dtype=dname, family=fam, kernel=kernel, B=B, C=C, D=D, BLOCK_B=bb,
                    BLOCK_C=bc, BLOCK_D=table.block_d_for(D), num_warps=w, num_stages=s,
                    table=is_table, device=str(device))
+        if chunk:
+            rec["chunk_elements"] = chunk
         records.append(rec)
+
+        def measure(rec=rec, run=run, is_table=is_table, chunk=chunk):
+            table_chunk = lm.CHUNK_ELEMENTS
+            lm.CHUNK_ELEMENTS = chunk or table_chunk
+            try:
+                with _peak_memory(rec, device):
+                    _measure(rec, run, timer, 1 if smoke else reps, base_out, is_table, device.type == "cuda")
+            finally:
+                lm.CHUNK_ELEMENTS = table_chunk
+
         try_candidate(rec, deadline, lm.CONFIGS[fam], kernel,
-                      table.with_blocks(BLOCK_B=bb, BLOCK_C=bc, num_warps=w, num_stages=s),
-                      lambda: _measure(rec, run, timer, 1 if smoke else reps, base_out, is_table,
-                                       device.type == "cuda"))
+                      table.with_blocks(BLOCK_B=bb, BLOCK_C=bc, num_warps=w, num_stages=s), measure)
     records.sort(key=lambda r: (dtypes.index(r["dtype"]), tuple(kernels).index(r["kernel"]),
                                 not r["table"]))
     write_records(out_path, records, device, smoke)
@@ -206,10 +232,34 @@ def tune(out_path: str, *, shape=(1024, 100_000, 512), dtypes=("bf16", "fp32"), 
     return records
 
 
+@contextlib.contextmanager
+def _peak_memory(rec: dict, device: torch.device):
+    """On a GPU, ``rec["peak_extra_bytes"]``: the most memory allocated above what was allocated
+    before (the operator's outputs and temporaries)."""
+    if device.type != "cuda":
+        yield
+        return
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    yield
+    torch.cuda.synchronize()
+    rec["peak_extra_bytes"] = torch.cuda.max_memory_allocated() - before
+
+
+def _chunk_note(r: dict) -> str:
+    """``", chunk 2^22"`` for a candidate class-chunk budget (the table's: nothing)."""
+    e = r.get("chunk_elements")
+    if not e:
+        return ""
+    return f", chunk 2^{e.bit_length() - 1}" if e & (e - 1) == 0 else f", chunk {e:,}"
+
+
 def markdown(records: List[dict]) -> str:
-    """One table: per kernel and dtype, each candidate's median time relative to the table's."""
-    lines = ["| dtype | kernel | BLOCK_B x BLOCK_C, warps, stages | median ms | speed-up | status |",
-             "|---|---|---|---|---|---|"]
+    """One table: per kernel and dtype, each candidate's median time relative to the table's, and
+    its peak extra memory where measured (a GPU)."""
+    lines = ["| dtype | kernel | BLOCK_B x BLOCK_C, warps, stages | median ms | speed-up | peak extra | status |",
+             "|---|---|---|---|---|---|---|"]
     base: Dict[tuple, Optional[float]] = {}
     for r in records:
         if r.get("table") and "seconds" in r:
@@ -218,9 +268,12 @@ def markdown(records: List[dict]) -> str:
         t = r.get("seconds")
         b = base.get((r["dtype"], r["kernel"]))
         rel = f"{b / t:.2f}x" if t and b else "—"
-        cfg = f"{r['BLOCK_B']}x{r['BLOCK_C']}, {r['num_warps']}, {r['num_stages']}" + (" (table)" if r.get("table") else "")
-        lines.append(f"| {r['dtype']} | {r['kernel']} | {cfg} | {t * 1e3:.3f} | {rel} | {r['status']} |"
-                     if t else f"| {r['dtype']} | {r['kernel']} | {cfg} | — | — | {r['status']} |")
+        cfg = (f"{r['BLOCK_B']}x{r['BLOCK_C']}, {r['num_warps']}, {r['num_stages']}" + _chunk_note(r)
+               + (" (table)" if r.get("table") else ""))
+        peak = r.get("peak_extra_bytes")
+        mem = f"{peak / 1e6:.0f} MB" if peak is not None else "—"
+        lines.append(f"| {r['dtype']} | {r['kernel']} | {cfg} | {t * 1e3:.3f} | {rel} | {mem} | {r['status']} |"
+                     if t else f"| {r['dtype']} | {r['kernel']} | {cfg} | — | — | — | {r['status']} |")
     return "\n".join(lines)
 
 
