@@ -61,15 +61,18 @@ because the GEMM form loses digits exactly for the close pairs a kNN selects)::
     dL/dr_j = -sum_{(i,k): index_ik = j} h_ik (q_i - r_j)   (atomic adds, fp32 buffer)
 
 a scatter over the M x k selected pairs; atomics make dRef's summation order (last bits)
-nondeterministic. When the references need no gradient (a memory bank: ``ref`` does not require
-grad) the backward computes no dRef at all: no N x D buffer, no atomics (``HAS_DR = False``).
+nondeterministic. Under ``torch.use_deterministic_algorithms(True)`` the kernel stores each
+pair's term instead (an M k x D float32 buffer, ``DR_PAIRS``) and ``index_put_(accumulate=True)``
+sums them by reference row (sorted: deterministic). When the references need no gradient (a
+memory bank: ``ref`` does not require grad) the backward computes no dRef at all: no N x D
+buffer, no atomics (``HAS_DR = False``).
 
 Memory: forward O((M + N) + M * S * KP) besides the inputs (the squared norms and the slot
 buffers), never M x N; backward float32 buffers dQ (M x D; not zero-filled: the row's program
 stores its first pair's term, then adds) and dR (N x D, zero-filled for the atomics; none
 without a ref gradient), cast to the input dtypes at the end (no cast when they are float32);
 nothing of size M x k x D (the exact recompute reads the k selected rows, it does not gather
-them).
+them) but the per-pair dRef buffer under deterministic algorithms.
 Inputs are copied once with ``.contiguous()`` only when their rows are not contiguous.
 
 Limits: ``k <= MAX_K`` (128) runs the kernels; larger ``k`` runs ``_select_chunked``, plain
@@ -368,10 +371,10 @@ def _knn_finish_kernel(
 
 
 @triton.jit
-def _knn_bwd_pair(kk, rows64, rmask, g_ptr, idx_ptr, q_ptr, r_ptr, dq_ptr, dr_ptr, D,
+def _knn_bwd_pair(kk, rows64, rmask, g_ptr, idx_ptr, q_ptr, r_ptr, dq_ptr, dr_ptr, D, K,
                   stride_g_m, stride_g_k, stride_idx_m, stride_q_m, stride_r_n, stride_dq_m,
                   stride_dr_n, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HAS_DR: tl.constexpr,
-                  FIRST: tl.constexpr):
+                  DR_PAIRS: tl.constexpr, FIRST: tl.constexpr):
     """Column ``kk`` of the backward for the rows ``rows64`` (``_knn_bwd_kernel``'s arguments);
     ``FIRST``: the row's first pair, which stores ``0 + h (q_i - r_j)`` into dQ (every element of
     the rows, 0 where the pair contributes nothing) instead of adding to it."""
@@ -395,7 +398,11 @@ def _knn_bwd_pair(kk, rows64, rmask, g_ptr, idx_ptr, q_ptr, r_ptr, dq_ptr, dr_pt
         r = tl.load(r_ptr + j[:, None] * stride_r_n + dd[None, :], mask=m2, other=0.0).to(acc_ty)
         contrib = h[:, None] * (q - r)
         if HAS_DR:
-            tl.atomic_add(dr_ptr + j[:, None] * stride_dr_n + dd[None, :], -contrib, mask=m2)
+            if DR_PAIRS:  # every element of the pair's row (0 where it contributes nothing)
+                tl.store(dr_ptr + (rows64[:, None] * K + kk) * stride_dr_n + dd[None, :], -contrib,
+                         mask=rmask[:, None] & (dd[None, :] < D))
+            else:
+                tl.atomic_add(dr_ptr + j[:, None] * stride_dr_n + dd[None, :], -contrib, mask=m2)
         pq = dq_ptr + rows64[:, None] * stride_dq_m + dd[None, :]
         if FIRST:
             tl.store(pq, contrib + 0.0, mask=rmask[:, None] & (dd[None, :] < D))
@@ -407,12 +414,14 @@ def _knn_bwd_pair(kk, rows64, rmask, g_ptr, idx_ptr, q_ptr, r_ptr, dq_ptr, dr_pt
 def _knn_bwd_kernel(
     g_ptr, idx_ptr, q_ptr, r_ptr, dq_ptr, dr_ptr, M, D, K,
     stride_g_m, stride_g_k, stride_idx_m, stride_q_m, stride_r_n, stride_dq_m, stride_dr_n,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HAS_DR: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HAS_DR: tl.constexpr, DR_PAIRS: tl.constexpr,
 ):
     """For each selected pair ``(i, j = index_ik)``: ``e_ik = ||q_i - r_j||^2`` recomputed by
     direct differences (no GEMM-form cancellation), ``h_ik = g_ik / sqrt(e_ik)`` (0 for
     ``j = -1`` or ``e_ik <= eps``, the clamp); ``dQ_i += h_ik (q_i - r_j)`` (this program owns
-    rows i) and ``dR_j -= h_ik (q_i - r_j)`` by atomic adds. Arithmetic in float32.
+    rows i) and ``dR_j -= h_ik (q_i - r_j)`` by atomic adds, or, with ``DR_PAIRS`` (under
+    ``torch.use_deterministic_algorithms(True)``), ``-h_ik (q_i - r_j)`` stored per pair into an
+    (M k) x D buffer that the launcher sums by ``j`` in a fixed order. Arithmetic in float32.
 
     Args:
         g_ptr: M x K incoming gradient of the distances (float32).
@@ -421,12 +430,13 @@ def _knn_bwd_kernel(
         dq_ptr, dr_ptr: float32 M x D and N x D gradient buffers, unit column stride; dr
             zero-filled (atomics), dq not (each row is written by its one program: stored by
             the pair ``kk = 0``, the ``FIRST`` instance of ``_knn_bwd_pair``, then added to;
-            K >= 1).
+            K >= 1). With ``DR_PAIRS`` dr is the (M K) x D per-pair buffer (not zero-filled).
         M, D, K: sizes.
         stride_g_m, stride_g_k: strides of g. stride_idx_m: row stride of idx.
         stride_q_m, stride_r_n, stride_dq_m, stride_dr_n: row strides of q, r, dq, dr.
         BLOCK_M: queries per program. BLOCK_D: D-chunk. HAS_DR: accumulate dR (false when the
             references need no gradient, e.g. a memory bank: no atomics, dr_ptr unused).
+        DR_PAIRS: dR per pair instead of atomics (see above).
     """
     pid_m = tl.program_id(0)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -434,13 +444,13 @@ def _knn_bwd_kernel(
     rows64 = rows.to(tl.int64)
     # dQ needs no zero-fill: the first pair stores every element of the program's rows (0 where
     # it contributes nothing), the later ones add to it
-    _knn_bwd_pair(0, rows64, rmask, g_ptr, idx_ptr, q_ptr, r_ptr, dq_ptr, dr_ptr, D,
+    _knn_bwd_pair(0, rows64, rmask, g_ptr, idx_ptr, q_ptr, r_ptr, dq_ptr, dr_ptr, D, K,
                   stride_g_m, stride_g_k, stride_idx_m, stride_q_m, stride_r_n, stride_dq_m,
-                  stride_dr_n, BLOCK_M, BLOCK_D, HAS_DR, True)
+                  stride_dr_n, BLOCK_M, BLOCK_D, HAS_DR, DR_PAIRS, True)
     for kk in range(1, K):
-        _knn_bwd_pair(kk, rows64, rmask, g_ptr, idx_ptr, q_ptr, r_ptr, dq_ptr, dr_ptr, D,
+        _knn_bwd_pair(kk, rows64, rmask, g_ptr, idx_ptr, q_ptr, r_ptr, dq_ptr, dr_ptr, D, K,
                       stride_g_m, stride_g_k, stride_idx_m, stride_q_m, stride_r_n, stride_dq_m,
-                      stride_dr_n, BLOCK_M, BLOCK_D, HAS_DR, False)
+                      stride_dr_n, BLOCK_M, BLOCK_D, HAS_DR, DR_PAIRS, False)
 
 
 KERNELS: Dict[str, KernelSpec] = {
@@ -536,8 +546,10 @@ def _gpu_flags(entry: str, dtype: torch.dtype):
         return {}
     if entry.startswith("finish_kp"):
         return {"KP": int(entry[len("finish_kp"):])}
-    if entry.startswith("bwd"):
-        return {"HAS_DR": entry == "bwd"}
+    if entry == "bwd":  # atomics by default; per pair under deterministic algorithms
+        return [{"HAS_DR": True, "DR_PAIRS": False}, {"HAS_DR": True, "DR_PAIRS": True}]
+    if entry == "bwd_noref":
+        return {"HAS_DR": False, "DR_PAIRS": False}
     base = {"KP": int(entry[len("fwd_kp"):]), "HAS_LABELS": True, "EXCLUDE_SELF": True}
     return [dict(base, **fl) for fl in gpu_dot_variants(dtype)]
 
@@ -690,17 +702,22 @@ def _knn_backward(g, index, q, r, ref_grad: bool = True):
     if M == 0 or D == 0 or index.shape[1] == 0 or r.shape[0] == 0:
         return (torch.zeros(M, D, dtype=q.dtype, device=q.device),
                 torch.zeros(rows_r, D, dtype=r.dtype, device=q.device))
+    K = index.shape[1]
     dq = torch.empty(M, D, dtype=torch.float32, device=q.device)
+    pairs = ref_grad and torch.are_deterministic_algorithms_enabled()
     if ref_grad:
         dr = torch.zeros(rows_r, D, dtype=torch.float32, device=q.device)
     else:  # the op's 0 x D placeholder, already in r's dtype
         dr = torch.empty(0, D, dtype=r.dtype, device=q.device)
+    # under deterministic algorithms dR is written per pair, then summed by index in a fixed order
+    out = torch.empty(M * K, D, dtype=torch.float32, device=q.device) if pairs else dr if ref_grad else dq
     g = _cast(g, torch.float32)
     cfg = CONFIGS[family(q.dtype)]["bwd" if ref_grad else "bwd_noref"]
     _knn_bwd_kernel[(cdiv(M, cfg.blocks["BLOCK_M"]),)](
-        g, index, q, r, dq, dr if ref_grad else dq, M, D, index.shape[1],
-        g.stride(0), g.stride(1), index.stride(0), q.stride(0), r.stride(0),
-        dq.stride(0), dr.stride(0) if ref_grad else dq.stride(0), HAS_DR=ref_grad, **cfg.launch(D))
+        g, index, q, r, dq, out, M, D, K, g.stride(0), g.stride(1), index.stride(0), q.stride(0),
+        r.stride(0), dq.stride(0), out.stride(0), HAS_DR=ref_grad, DR_PAIRS=pairs, **cfg.launch(D))
+    if pairs:  # index -1 (no neighbour) contributes zeros: any row will do
+        dr.index_put_((index.reshape(-1).clamp_min(0),), out, accumulate=True)
     return _cast(dq, q.dtype), _cast(dr, r.dtype)
 
 

@@ -190,6 +190,42 @@ def test_knn_shared_neighbour_atomics():
     _run(q, r, 2)
 
 
+@pytest.fixture
+def deterministic():
+    """``torch.use_deterministic_algorithms(True)`` for one test (warn_only: PyTorch operators
+    without a deterministic version warn instead of raising), restored after."""
+    before, warn = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    yield
+    torch.use_deterministic_algorithms(before, warn_only=warn)
+
+
+def test_knn_deterministic_ref_gradient(deterministic):
+    """Under deterministic algorithms dRef is stored per selected pair and summed by reference
+    row with ``index_put_(accumulate=True)`` (no atomics): the same parity with the float64
+    reference (queries sharing a neighbour, and padding: N < k), the same bits on a second run,
+    and the per-pair path is the one taken."""
+    from daal_triton.launch_count import LaunchCount
+
+    q = torch.randn(70, 8, device=DEV) * 0.01
+    r = torch.cat([torch.zeros(1, 8, device=DEV), torch.randn(20, 8, device=DEV) + 5.0])
+    with LaunchCount() as count:
+        _run(q, r, 2)
+    assert count.ops["aten.index_put_"] == 1, count.table()
+    _run(torch.randn(6, 7, device=DEV), torch.randn(3, 7, device=DEV), 8)  # -1 pairs: zeros
+    grads = []
+    for _ in range(2):
+        rk = r.clone().requires_grad_()
+        dist, index = kk.knn(q, rk, 3)
+        (dist * torch.linspace(0.5, 1.5, 3, device=DEV)).sum().backward()
+        grads.append(rk.grad)
+    assert torch.equal(grads[0], grads[1])
+    torch.use_deterministic_algorithms(False)
+    with LaunchCount() as count:
+        _run(q, r, 2)
+    assert "aten.index_put_" not in count.ops  # the atomics by default
+
+
 def test_knn_float16():
     q, r = torch.randn(45, 70, device=DEV).half(), torch.randn(66, 70, device=DEV).half()
     _run(q, r, 6, labels=(_labels(45, 2), _labels(66, 2)))
@@ -335,7 +371,7 @@ def test_knn_launches_cover_the_launcher():
                 entry = kk.fwd_entry(1 << (k - 1).bit_length())
                 for e in (entry, "dist", "bwd", "bwd_noref"):
                     bd = kk.CONFIGS[family(dtype)][e].block_d_for(D)
-                    for v in variants if e == entry else ("",):
+                    for v in variants if e == entry else ("", "-pairs") if e == "bwd" else ("",):
                         assert f"knn_{e}-{POINTER[dtype][1:]}-bd{bd}{v}" in names, (e, dtype, D, v)
 
 

@@ -88,3 +88,27 @@ def test_point_proxies_hold_zero_length_segments():
     assert torch.allclose(loss(z, y), same)
     with pytest.raises(ValueError, match="point_proxies"):
         dt.DAALLoss(4, 6, point_proxies=1)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("deterministic", [False, True], ids=["default", "deterministic"])
+def test_triton_gradients_are_reproducible(deterministic):
+    """On a GPU, two forward+backward passes of DAALLoss (Triton backend) give the same bits for
+    the segments' gradient (the line margin's backward has no atomics); under
+    ``torch.use_deterministic_algorithms(True)`` for the embeddings' gradient too (the kNN's
+    reference-set gradient is then summed per pair in a fixed order). Assumes cuBLAS repeats its
+    GEMMs bit for bit in one stream (warn_only: no CUBLAS_WORKSPACE_CONFIG needed)."""
+    z, y, _ = random_problem(180, 100, 512, dtype=torch.float32, device="cuda")
+    module = dt.DAALLoss(100, 512, backend="triton").cuda()
+    before, warn = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    try:
+        runs = []
+        for _ in range(2):
+            zz = z.clone().requires_grad_()
+            runs.append(torch.autograd.grad(module(zz, y), (zz, module.segments)))
+    finally:
+        torch.use_deterministic_algorithms(before, warn_only=warn)
+    assert torch.equal(runs[0][1], runs[1][1]), "segment gradient"
+    if deterministic:
+        assert torch.equal(runs[0][0], runs[1][0]), "embedding gradient"
