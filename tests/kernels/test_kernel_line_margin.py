@@ -187,7 +187,8 @@ def test_saved_tensors_are_never_b_by_c():
 # contiguous D = 512 launch: daal_testing.specialise), with float32 segments (the DAALLoss
 # parameters' dtype).
 GEMM_KERNELS = ("fwd2", "bwd2")
-ROW_KERNELS = ("own2", "lse2", "finish2")  # the O(B D) kernels around the GEMMs
+# the O(B D) kernels around the GEMMs, and the O(C D) epilogues (prep2 once, dseg2 per chunk)
+ROW_KERNELS = ("own2", "lse2", "finish2", "ownseg2", "prep2", "dseg2")
 
 
 @pytest.fixture(scope="module")
@@ -235,7 +236,7 @@ def test_hot_path_does_not_spill(compiled):
     rows = {_what(c): r.get("stack") for c, r in compiled
             if c[1] == 90 and c[2] == "aligned" and c[0].entry in ROW_KERNELS}
     assert {w.split("-")[0] for w in rows} == {f"line_margin_{e}" for e in ROW_KERNELS}
-    assert not {w: st for w, st in rows.items() if st != 0}, f"row kernels spill: {rows}"
+    assert not {w: st for w, st in rows.items() if st != 0}, f"row and epilogue kernels spill: {rows}"
 
 
 def test_config_table_covers_every_launch():
