@@ -4,7 +4,6 @@ autograd.Function around the same (empty) work, on whatever device this runs on 
 usage: python bench/probe_dispatch.py   (prints microseconds per call)
 """
 import time, torch
-from typing import Tuple
 @torch.library.custom_op("probe::ident", mutates_args=())
 def ident(x: torch.Tensor, k: int) -> torch.Tensor:
     return x.new_empty(x.shape)
