@@ -870,8 +870,9 @@ def _line_margin2_backward_op(grad_out: torch.Tensor, x: torch.Tensor, seg: torc
 #: ``_lm2_ownseg_kernel`` writes them per sample and ``_lm2_dseg_kernel`` adds them, per class,
 #: before its one rounding: deterministic, the gradient written once in the segments' dtype) or
 #: "atomic" (the design the 2026-11-30 H200 run timed: float32 atomics into a float32 C x 2 x D
-#: gradient, then a cast for half segments). Read on every backward; kept until a GPU run times
-#: both (the benchmarks' ``triton_atomic_own`` provider).
+#: gradient, then a cast for half segments). Read by every forward (the backward follows the
+#: choice of its forward); kept until a GPU run times both (the benchmarks' ``triton_atomic_own``
+#: provider).
 OWN_SEG_ENV = "DAAL_LM_OWN_SEG"
 OWN_SEG_POLICIES = ("lists", "atomic")
 
