@@ -4,6 +4,7 @@ import os
 
 import pytest
 import torch
+import triton
 
 from daal_testing import DEV, assert_close, compile_launches, tolerance
 
@@ -102,12 +103,21 @@ def test_pairwise_configs_compile(compiled):
             assert want in ptx, f"{what}: no {want} in the PTX"
 
 
+# Measured exceptions, by Triton release: Triton 3.6 (the GPU image's) gives the float32 3xTF32
+# forward 255 registers and 16 bytes of stack where 3.8 gives 244 and none (docs/kernels.md,
+# "Triton 3.6"); nothing else may spill, and this one no more than that.
+KNOWN_SPILLS = {"3.6": {"pairwise_fwd-fp32-bd16": 16}}
+
+
 def test_pairwise_hot_path_does_not_spill(compiled):
-    """sm_90, specialised as a contiguous D = 512 launch: no local memory (cuobjdump STACK 0)."""
+    """sm_90, specialised as a contiguous D = 512 launch: no local memory (cuobjdump STACK 0),
+    but for the measured exceptions of an older Triton (``KNOWN_SPILLS``)."""
     hot = [(c, r) for c, r in compiled if c[1] == 90 and c[2] == "aligned"]
     assert {c[0].spec for c, _ in hot} == set(kp.KERNELS.values())
     spills = {f"{c[0].name}": r.get("stack", "no cuobjdump report") for c, r in hot if r.get("stack") != 0}
-    assert not spills, f"local memory (bytes per thread) on the hot path: {spills}"
+    allowed = KNOWN_SPILLS.get(".".join(triton.__version__.split(".")[:2]), {})
+    over = {n: st for n, st in spills.items() if not (isinstance(st, int) and st <= allowed.get(n, 0))}
+    assert not over, f"local memory (bytes per thread) on the hot path: {over}"
 
 
 def test_launches_cover_the_launcher():
