@@ -80,6 +80,6 @@ def test_extra_memory_reproduces_the_first_run():
         est = wm.extra_bytes(1024, 100_000, 512, dtype, atomic=True)
         assert abs(est - measured) <= 0.05 * measured, (dtype, est)
     assert wm.extra_bytes(1024, 100_000, 512, "bf16") < 0.5 * 732e6
-    # float32 segments: the float32 gradient is the output either way (+ the own rows, 4 MB)
+    # float32 segments: the float32 gradient is the output either way (+ the own terms, 6 MB)
     fp32 = [wm.extra_bytes(1024, 100_000, 512, "fp32", atomic=a) for a in (False, True)]
-    assert 0 < fp32[0] - fp32[1] <= 8 * 1024 * 512 + 4 * (1024 + 100_000)
+    assert 0 < fp32[0] - fp32[1] <= 12 * 1024 * 512 + 4 * (1024 + 100_000)

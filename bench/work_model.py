@@ -72,13 +72,13 @@ def extra_bytes(B: int, C: int, D: int, dtype: str = "bf16", seg_dtype: str | No
                 atomic: bool = False) -> int:
     """Peak extra memory of a forward + backward beyond the inputs (estimate): the segment
     gradient, the saved statistics and cast segments, the chunk buffers (a~ b~, G, partials) and
-    the own-class rows (B x 2 x D float32) with their class lists (B + C int32). ``atomic``: the
+    the own-class terms (B x 3 x D float32) with their class lists (B + C int32). ``atomic``: the
     design ``DAAL_LM_OWN_SEG=atomic`` keeps, whose gradient is float32 (C x 2 x D) until a cast to
     the segments' dtype at the end (both alive then, for half segments)."""
     es, ss = ES[dtype], ES[seg_dtype or dtype]
     cc = chunk_width(B, C)
     cast = seg_dtype is not None and seg_dtype != dtype
-    grad = 2 * C * D * (4 + (ss if ss != 4 else 0)) if atomic else 2 * C * D * ss + 8 * B * D + 4 * (B + C)
+    grad = 2 * C * D * (4 + (ss if ss != 4 else 0)) if atomic else 2 * C * D * ss + 12 * B * D + 4 * (B + C)
     return int(grad + (2 * C * D * es if cast else 0) + 16 * C + 2 * B * cc * es
                + 8 * cc * D + 4 * B * D * 3 + 16 * cc * _cdiv(B, 128) + 4 * B * cc // 64)
 

@@ -68,8 +68,8 @@ The forward saves x, segments, labels, lse (B), the row statistics ``rs`` (3 x B
 statistics ``st`` (4 x C) and, when the segments are not contiguous in x's dtype, their rounded
 copy ``sx`` (C x 2 x D). The backward's temporaries are O(B Cc + (B + C) D): ``a~ b~`` (B x 2Cc),
 ``G`` (2Cc x D float32), the partials, the B x D float32 dX accumulator, the own-class rows
-(B x 2 x D float32) and their class lists (B + C int32); the segment gradient is written once in
-the segments' dtype (``DAAL_LM_OWN_SEG=atomic``, the earlier design kept selectable until a GPU
+(B x 3 x D float32: dP, dQ and the dX term) and their class lists (B + C int32); the segment
+gradient is written once in the segments' dtype (``DAAL_LM_OWN_SEG=atomic``, the earlier design kept selectable until a GPU
 run times both, accumulates it in float32 C x 2 x D). Nothing is ever B x C.
 """
 from __future__ import annotations
@@ -333,7 +333,8 @@ def _lm2_dseg_kernel(g_ptr, seg_ptr, colp_ptr, out_ptr, label_ptr, own_ptr, next
         g_ptr: 2n x D float32 (contiguous). seg_ptr: the chunk's segments (any float dtype).
         colp_ptr: R x 4 x Cc float32 partials (``_lm2_bwd_kernel``). out_ptr: the chunk's rows of
         the segment gradient (segments' dtype).
-        label_ptr: B int64 labels. own_ptr: B x 2 x D float32 own-class rows (contiguous).
+        label_ptr: B int64 labels. own_ptr: B x 3 x D float32 own-class rows (contiguous; rows 0
+        and 1 are dP, dQ).
         next_ptr: B int32, the next row of the same label (-1: none). slot_ptr: C int32 (global
         class index), the first row of each present class (``HAS_OWN`` only, all four).
         n, D: classes in the chunk, features. Cc: the partials' row length. R: row tiles.
@@ -378,7 +379,7 @@ def _lm2_dseg_kernel(g_ptr, seg_ptr, colp_ptr, out_ptr, label_ptr, own_ptr, next
             while tl.max(r, 0) >= 0:
                 live = r >= 0
                 m3 = live[:, None] & m
-                own = own_ptr + r.to(tl.int64)[:, None] * (2 * D) + od
+                own = own_ptr + r.to(tl.int64)[:, None] * (3 * D) + od
                 gp += tl.load(own, mask=m3, other=0.0)
                 gq += tl.load(own + D, mask=m3, other=0.0)
                 r = tl.load(next_ptr + r, mask=live, other=-1)
@@ -500,27 +501,31 @@ def _own_coeffs(xrow, prow, qrow, rows, rmask, lse_ptr, go_ptr, dpos_ptr, D, lam
 
 
 @triton.jit
-def _own_seg_chunk(x, p, u, t, c, s, tt2):
-    """One D-chunk of the own segment's gradient rows (``_own_coeffs``' factors)::
+def _own_terms(x, p, u, t, c, s, tt2):
+    """One D-chunk of the own-class terms of dX and of the own segment's dP, dQ
+    (``_own_coeffs``' factors; the exact derivative of ``d = sqrt(max(|e|^2, eps))``)::
 
+        dX_i += c (e - s u)
         dP_y += c (-(1 - t) e + s (u + x - p - 2 tt u)),   dQ_y += c (-t e - s (x - p - 2 tt u))
     """
     xp = x - p
     e = xp - t[:, None] * u
     w = xp - tt2[:, None] * u
+    gx = c[:, None] * (e - s[:, None] * u)
     gp = c[:, None] * (-(1.0 - t[:, None]) * e + s[:, None] * (u + w))
     gq = c[:, None] * (-t[:, None] * e - s[:, None] * w)
-    return gp, gq
+    return gx, gp, gq
 
 
 @triton.jit
 def _lm2_ownseg_kernel(x_ptr, seg_ptr, label_ptr, lse_ptr, go_ptr, dpos_ptr, own_ptr, next_ptr,
                        slot_ptr, B, C, D, stride_x_b, stride_seg_c, stride_seg_v, lambda_pull, eps,
                        BLOCK_B: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr):
-    """The own-class rows of the segment gradient, per sample, and the lists that let
-    ``_lm2_dseg_kernel`` sum them per class without atomics::
+    """The own-class terms of the gradients, per sample, and the lists that let
+    ``_lm2_dseg_kernel`` sum the segment rows per class without atomics::
 
-        own_i = (dP_y, dQ_y) of sample i (``_own_seg_chunk``; B x 2 x D float32)
+        own_i = (dP_y, dQ_y, dX_i) own-class terms of sample i (``_own_terms``; B x 3 x D float32;
+                _lm2_finish_kernel adds dX_i: the own geometry is computed once per backward)
         next_i = min {j > i : y_j = y_i}  (-1 if none)
         slot[y_i] = i  where i = min {j : y_j = y_i}  (one writer per class)
 
@@ -531,7 +536,7 @@ def _lm2_ownseg_kernel(x_ptr, seg_ptr, label_ptr, lse_ptr, go_ptr, dpos_ptr, own
     Args:
         x_ptr, seg_ptr, label_ptr: as ``_lm2_own_kernel``. lse_ptr, go_ptr, dpos_ptr: B float32
             (``lse``, incoming gradient, own-class distance).
-        own_ptr: B x 2 x D float32 output (contiguous). next_ptr: B int32 output. slot_ptr: C int32.
+        own_ptr: B x 3 x D float32 output (contiguous). next_ptr: B int32 output. slot_ptr: C int32.
         B, C, D: sizes. stride_x_b, stride_seg_c, stride_seg_v: as ``_lm2_own_kernel``.
         lambda_pull, eps: as the forward. BLOCK_B: rows per program. BLOCK_J: labels compared per
         step. BLOCK_D: D-chunk.
@@ -555,33 +560,31 @@ def _lm2_ownseg_kernel(x_ptr, seg_ptr, label_ptr, lse_ptr, go_ptr, dpos_ptr, own
     qrow = prow + stride_seg_v
     t, c, s, tt2 = _own_coeffs(xrow, prow, qrow, rows, rmask, lse_ptr, go_ptr, dpos_ptr, D,
                                lambda_pull, eps, BLOCK_B, BLOCK_D)
-    orow = own_ptr + rows64[:, None] * (2 * D)
+    orow = own_ptr + rows64[:, None] * (3 * D)
     for d0 in range(0, D, BLOCK_D):
         dd = d0 + tl.arange(0, BLOCK_D)
         x, p, u, m2 = _own_chunk(xrow, prow, qrow, rmask, dd, D)
-        gp, gq = _own_seg_chunk(x, p, u, t, c, s, tt2)
+        gx, gp, gq = _own_terms(x, p, u, t, c, s, tt2)
         tl.store(orow + dd[None, :], gp, mask=m2)
         tl.store(orow + D + dd[None, :], gq, mask=m2)
+        tl.store(orow + 2 * D + dd[None, :], gx, mask=m2)
 
 
 @triton.jit
 def _lm2_finish_kernel(acc_ptr, rowp_ptr, x_ptr, seg_ptr, label_ptr, lse_ptr, go_ptr, dpos_ptr,
-                       gx_ptr, gseg_ptr, B, D, R, stride_x_b, stride_seg_c, stride_seg_v,
+                       own_ptr, gx_ptr, gseg_ptr, B, D, R, stride_x_b, stride_seg_c, stride_seg_v,
                        stride_gseg_c, stride_gseg_v, alpha, lambda_pull, eps,
                        BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, ATOMIC: tl.constexpr):
     """dX of the line margin: the GEMM part ``acc_i + (sum_r rowp_ri) x_i`` plus the own-class
-    part by direct differences (``_own_coeffs``)::
-
-        dX_i += c_i (e - s u)
-
-    (the exact derivative of ``d = sqrt(max(|e|^2, eps))``, as autograd takes it). ``ATOMIC``
-    (``DAAL_LM_OWN_SEG=atomic``, the design before the class lists): also adds the own classes'
-    dP, dQ rows (``_own_seg_chunk``) into the float32 segment gradient with atomics; by default
-    ``_lm2_ownseg_kernel`` and ``_lm2_dseg_kernel`` do that part and ``gseg_ptr`` is not read.
+    term ``c_i (e - s u)`` (``_own_terms``, direct differences), read from the rows
+    ``_lm2_ownseg_kernel`` wrote. ``ATOMIC`` (``DAAL_LM_OWN_SEG=atomic``, the design before the
+    class lists, which has no such rows): computes the own geometry here (``_own_coeffs``) and
+    also adds the own classes' dP, dQ rows into the float32 segment gradient with atomics.
 
     Args:
         acc_ptr: B x D float32 ``[AB [P; Q]]`` (contiguous). rowp_ptr: R x B float32 row partials.
         x_ptr, seg_ptr, label_ptr: as ``_lm2_own_kernel``. lse_ptr, go_ptr, dpos_ptr: B float32.
+        own_ptr: B x 3 x D float32 own-class terms (``_lm2_ownseg_kernel``; not read with ATOMIC).
         gx_ptr: B x D output in x's dtype (contiguous). gseg_ptr: C x 2 x D float32 (ATOMIC).
         B, D, R: sizes. stride_x_b, stride_seg_c, stride_seg_v: as ``_lm2_own_kernel``.
         stride_gseg_c, stride_gseg_v: strides of gseg (class, p/q).
@@ -591,28 +594,32 @@ def _lm2_finish_kernel(acc_ptr, rowp_ptr, x_ptr, seg_ptr, label_ptr, lse_ptr, go
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     rmask = rows < B
     rows64 = rows.to(tl.int64)
-    lab = tl.load(label_ptr + rows, mask=rmask, other=0)
     xrow = x_ptr + rows64[:, None] * stride_x_b
-    prow = seg_ptr + lab[:, None] * stride_seg_c
-    qrow = prow + stride_seg_v
-    t, c, s, tt2 = _own_coeffs(xrow, prow, qrow, rows, rmask, lse_ptr, go_ptr, dpos_ptr, D,
-                               lambda_pull, eps, BLOCK_B, BLOCK_D)
+    if ATOMIC:
+        lab = tl.load(label_ptr + rows, mask=rmask, other=0)
+        prow = seg_ptr + lab[:, None] * stride_seg_c
+        qrow = prow + stride_seg_v
+        t, c, s, tt2 = _own_coeffs(xrow, prow, qrow, rows, rmask, lse_ptr, go_ptr, dpos_ptr, D,
+                                   lambda_pull, eps, BLOCK_B, BLOCK_D)
+        grow = gseg_ptr + lab[:, None] * stride_gseg_c
     hr = tl.zeros([BLOCK_B], dtype=tl.float32)
     for r in range(0, R):
         hr += tl.load(rowp_ptr + r * B + rows, mask=rmask, other=0.0)
-    grow = gseg_ptr + lab[:, None] * stride_gseg_c
     odt = gx_ptr.dtype.element_ty
     for d0 in range(0, D, BLOCK_D):
         dd = d0 + tl.arange(0, BLOCK_D)
-        x, p, u, m2 = _own_chunk(xrow, prow, qrow, rmask, dd, D)
-        e = x - p - t[:, None] * u
-        acc = tl.load(acc_ptr + rows64[:, None] * D + dd[None, :], mask=m2, other=0.0)
-        gx = acc + hr[:, None] * x + c[:, None] * (e - s[:, None] * u)
-        tl.store(gx_ptr + rows64[:, None] * D + dd[None, :], gx.to(odt), mask=m2)
         if ATOMIC:
-            gp, gq = _own_seg_chunk(x, p, u, t, c, s, tt2)
+            x, p, u, m2 = _own_chunk(xrow, prow, qrow, rmask, dd, D)
+            own, gp, gq = _own_terms(x, p, u, t, c, s, tt2)
             tl.atomic_add(grow + dd[None, :], gp, mask=m2)
             tl.atomic_add(grow + stride_gseg_v + dd[None, :], gq, mask=m2)
+        else:
+            m2 = rmask[:, None] & (dd[None, :] < D)
+            x = tl.load(xrow + dd[None, :], mask=m2, other=0.0).to(tl.float32)
+            own = tl.load(own_ptr + rows64[:, None] * (3 * D) + 2 * D + dd[None, :], mask=m2, other=0.0)
+        acc = tl.load(acc_ptr + rows64[:, None] * D + dd[None, :], mask=m2, other=0.0)
+        gx = acc + hr[:, None] * x + own
+        tl.store(gx_ptr + rows64[:, None] * D + dd[None, :], gx.to(odt), mask=m2)
 
 
 KERNELS: Dict[str, KernelSpec] = {
@@ -648,7 +655,7 @@ KERNELS: Dict[str, KernelSpec] = {
         rows=("stride_x_b", "stride_seg_c", "stride_seg_v"), gemm=False),
     "finish2": KernelSpec(
         _lm2_finish_kernel, "acc_ptr rowp_ptr: *fp32; x_ptr: *x; seg_ptr: *seg; label_ptr: *i64; "
-        "lse_ptr go_ptr dpos_ptr: *fp32; gx_ptr: *x; gseg_ptr: *fp32; B D R: i32; "
+        "lse_ptr go_ptr dpos_ptr own_ptr: *fp32; gx_ptr: *x; gseg_ptr: *fp32; B D R: i32; "
         "stride_x_b stride_seg_c stride_seg_v stride_gseg_c stride_gseg_v: i32; "
         "alpha lambda_pull eps: fp32",
         rows=("stride_x_b", "stride_seg_c", "stride_seg_v", "stride_gseg_c", "stride_gseg_v"), gemm=False),
@@ -907,7 +914,7 @@ def _line_margin2_backward(grad_out, x, seg, sx, st, labels, lse, rs, alpha, lam
         none = torch.empty(0, device=x.device, dtype=torch.int32)
         lists = (labels, torch.empty(0, device=x.device), none, none)
     else:  # the own-class rows per sample and their class lists, before any chunk
-        own = torch.empty(B, 2, D, device=x.device, dtype=torch.float32)
+        own = torch.empty(B, 3, D, device=x.device, dtype=torch.float32)
         nxt = torch.empty(B, device=x.device, dtype=torch.int32)
         slot = _slot_map(C, x.device)
         lists = (labels, own, nxt, slot)
@@ -953,7 +960,8 @@ def _line_margin2_backward(grad_out, x, seg, sx, st, labels, lse, rs, alpha, lam
             acc, hr, rows_p = torch.zeros(B, D, device=x.device), torch.zeros(1, B, device=x.device), 1
         fcfg = cfgs["finish2"]
         _lm2_finish_kernel[(cdiv(B, fcfg.blocks["BLOCK_B"]),)](
-            acc.contiguous(), hr.reshape(-1, B).contiguous(), x, seg, labels, lse, go, d_pos, gx, gseg, B, D,
+            acc.contiguous(), hr.reshape(-1, B).contiguous(), x, seg, labels, lse, go, d_pos, lists[1],
+            gx, gseg, B, D,
             rows_p, x.stride(0), seg.stride(0), seg.stride(1), gseg.stride(0), gseg.stride(1),
             float(alpha), float(lambda_pull), EPS, ATOMIC=atomic, **fcfg.launch(D))
     return gx, gseg.to(seg.dtype)
