@@ -30,7 +30,6 @@ usage: python bench/tune_line_margin.py OUT.json [--budget-s 90] [--shape 1024,1
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import sys
@@ -195,6 +194,7 @@ def tune(out_path: str, *, shape=(1024, 100_000, 512), dtypes=("bf16", "fp32"), 
          budget_s: float = 90.0, smoke: bool = False, kernels=KERNELS) -> List[dict]:
     """Time the candidates (see the module docstring); writes ``out_path`` and returns the records."""
     from daal_triton.kernels import line_margin as lm
+    from runner import peak_extra  # the benchmarks' own peak-memory reading
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type != "cuda" and not smoke:
@@ -218,8 +218,9 @@ def tune(out_path: str, *, shape=(1024, 100_000, 512), dtypes=("bf16", "fp32"), 
             table_chunk = lm.CHUNK_ELEMENTS
             lm.CHUNK_ELEMENTS = chunk or table_chunk
             try:
-                with _peak_memory(rec, device):
-                    _measure(rec, run, timer, 1 if smoke else reps, base_out, is_table, device.type == "cuda")
+                _measure(rec, run, timer, 1 if smoke else reps, base_out, is_table, device.type == "cuda")
+                if device.type == "cuda":  # one more call: its peak above what was allocated before
+                    rec["peak_extra_bytes"] = peak_extra(lambda: None, run, device)[0]
             finally:
                 lm.CHUNK_ELEMENTS = table_chunk
 
@@ -230,21 +231,6 @@ def tune(out_path: str, *, shape=(1024, 100_000, 512), dtypes=("bf16", "fp32"), 
     write_records(out_path, records, device, smoke)
     print(markdown(records))
     return records
-
-
-@contextlib.contextmanager
-def _peak_memory(rec: dict, device: torch.device):
-    """On a GPU, ``rec["peak_extra_bytes"]``: the most memory allocated above what was allocated
-    before (the operator's outputs and temporaries)."""
-    if device.type != "cuda":
-        yield
-        return
-    torch.cuda.synchronize()
-    before = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    yield
-    torch.cuda.synchronize()
-    rec["peak_extra_bytes"] = torch.cuda.max_memory_allocated() - before
 
 
 def _chunk_note(r: dict) -> str:
