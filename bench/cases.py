@@ -12,6 +12,9 @@ One benchmark case is one (operator, shape, precision, provider, pass):
   margin, alone or in the loss, with the own-class rows of its segment gradient added by float32
   atomics into a float32 gradient as the 2026-11-30 run timed it, ``DAAL_LM_OWN_SEG=atomic``,
   beside the class lists that replaced them: kernels/line_margin.py, ``OWN_SEG_ENV``),
+  ``triton_checked_merge`` (the kNN with its forward's merge as before 2026-12-01: rounds while
+  any row takes, a block-wide check each, ``DAAL_KNN_MERGE=checked``, beside the counted merge
+  that replaced it: kernels/knn.py, ``MERGE_ENV``),
   ``eager`` (``daal_triton.reference.*``; ``DAALLoss(backend="reference")``), ``compile``
   (``torch.compile`` of the reference function) and, for kNN only, ``chunked`` (row chunks of
   ``torch.cdist`` + ``torch.topk``, the usual hand-written baseline); for ``train_step`` the loss
@@ -43,7 +46,7 @@ PASSES = OPERATOR_PASSES + ("step",)
 PROFILES = ("smoke", "check", "full")
 PROVIDERS = {
     "pairwise": ("triton", "eager", "compile"),
-    "knn": ("triton", "eager", "compile", "chunked", "triton_wave_splits"),
+    "knn": ("triton", "eager", "compile", "chunked", "triton_wave_splits", "triton_checked_merge"),
     "line_margin": ("triton", "eager", "compile", "triton_atomic_own"),
     "loss": ("triton", "eager", "compile", "triton_aten_glue", "triton_graphed", "triton_atomic_own"),
     "train_step": ("triton", "eager", "proxyanchor", "ce_floor"),
@@ -149,7 +152,9 @@ TARGET_KEYS = frozenset((t.op, t.shape, t.dtype) for t in TARGETS)
 
 # What ``bench/gpu_check.sh`` runs (profile "check"): (op, shape) -> dtypes, providers, passes.
 CHECK: Dict[Tuple[str, str], List[dict]] = {
-    ("knn", "eval60k"): [dict(dtypes=("bf16",), providers=("triton", "chunked", "triton_wave_splits", "eager"))],
+    # the merge before 2026-12-01 (DAAL_KNN_MERGE=checked) beside the counted one
+    ("knn", "eval60k"): [dict(dtypes=("bf16",), providers=("triton", "chunked", "triton_checked_merge",
+                                                        "triton_wave_splits", "eager"))],
     ("line_margin", "classes100k"): [
         dict(dtypes=("bf16",), providers=("triton", "eager", "compile")),
         # the own-class segment rows by atomics (DAAL_LM_OWN_SEG=atomic): the forward is the same
@@ -163,7 +168,8 @@ CHECK: Dict[Tuple[str, str], List[dict]] = {
     # the loss's in-batch kNN: launch-bound, where the finish's launch count shows
     ("knn", "dml"): [dict(dtypes=("bf16",), providers=("triton",), passes=("fwd", "fwdbwd"))],
     ("knn", "bank"): [dict(dtypes=("bf16",), providers=("triton", "chunked", "eager", "triton_wave_splits"),
-                           passes=("fwd", "fwdbwd"))],
+                           passes=("fwd", "fwdbwd")),
+                      dict(dtypes=("bf16",), providers=("triton_checked_merge",), passes=("fwd",))],
     ("pairwise", "large"): [dict(dtypes=("bf16", "fp32"), providers=("triton", "eager"))],
     ("line_margin", "dml"): [dict(dtypes=("bf16",), providers=("triton", "eager"))],
     ("line_margin", "large"): [dict(dtypes=("bf16",), providers=("triton", "eager"), passes=("fwdbwd",))],
@@ -322,7 +328,7 @@ def knn_chunk_rows(n_ref: int, elems: int = 1 << 28) -> int:
 
 def _knn_bytes(d: dict, prov: str, es: int) -> int:
     mn = d["M"] * d["N"]
-    if prov in ("triton", "triton_wave_splits"):
+    if prov in ("triton", "triton_wave_splits", "triton_checked_merge"):
         return 16 * d["M"] * d["k"] + (64 << 20)
     if prov == "chunked":
         rows = min(d["M"], knn_chunk_rows(d["N"]))

@@ -12,8 +12,9 @@ script splits both:
   a CUDA graph (GPU time alone).
 * ``knn``: the selection kernel at M = N (bf16, D = 512, k = 8) against kernels that keep its
   GEMM and drop parts of its epilogue: ``gemm_min`` (tiles, s and one row-min per tile), and
-  ``filter`` (+ the candidate filter ``s < worst`` and its row-min, no merge loop); plus
-  ``torch.matmul`` of the same shape.
+  ``filter`` (+ the candidate filter ``s < worst`` and its row-min, no merge loop); the kernel
+  with each merge (``DAAL_KNN_MERGE``: counted, checked) at k = 1 and 8; plus ``torch.matmul``
+  of the same shape.
 
 usage: python bench/probe_h200.py OUT.jsonl [--n 20000] [--smoke]
 (--smoke: tiny shapes and few calls, for a CPU with TRITON_INTERPRET=1: a rehearsal.) One JSON line per measurement.
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 import traceback
@@ -158,6 +160,19 @@ def knn_section(dev, emit, n, reps):
             splits=S, blocks=[bm, bn, cfg.num_warps, cfg.num_stages])
     for kv in (1, 32):
         rec(f"_knn_fwd_kernel k={kv} S=default", gpu_ms(lambda: kk._candidates(q, q, kv, None, None, False), dev, reps))
+    # the two merges side by side (DAAL_KNN_MERGE; docs/kernels.md, "The counted merge")
+    before = os.environ.get(kk.MERGE_ENV)
+    try:
+        for kv in (1, 8):
+            for policy in kk.MERGE_POLICIES:
+                os.environ[kk.MERGE_ENV] = policy
+                rec(f"_knn_fwd_kernel k={kv} S=default merge={policy}",
+                    gpu_ms(lambda: kk._candidates(q, q, kv, None, None, False), dev, reps), merge=policy)
+    finally:
+        if before is None:
+            os.environ.pop(kk.MERGE_ENV, None)
+        else:
+            os.environ[kk.MERGE_ENV] = before
     rec("knn (whole forward: selection + fused finish) k=8", gpu_ms(lambda: kk.knn(q, q, 8), dev, reps))
     for filt in (False, True):
         S = s_default

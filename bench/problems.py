@@ -142,6 +142,9 @@ PROVIDER_FUNCTIONS: Dict[str, Callable[[str], Callable]] = {
     "chunked": lambda op: chunked_knn,
     # the kNN's column splits as chosen before the first H200 run (DAAL_KNN_SPLITS=waves)
     "triton_wave_splits": lambda op: import_kernel(op).knn_wave_splits,
+    # the kNN forward's merge as before 2026-12-01 (DAAL_KNN_MERGE=checked, read by the forward)
+    "triton_checked_merge": lambda op: functools.partial(
+        _with_env, import_kernel(op).MERGE_ENV, "checked", getattr(import_kernel(op), FUNCTION_NAMES[op])),
     # the line margin's own-class segment rows by atomics, as the first H200 run timed them
     # (DAAL_LM_OWN_SEG=atomic, read by the forward: the backward follows it)
     "triton_atomic_own": lambda op: functools.partial(

@@ -41,7 +41,8 @@ PROVIDER_TITLES = {"triton": "Triton", "eager": "eager", "compile": "compile", "
                    "triton_graphed": "Triton, CUDA graphs",
                    "triton_aten_finish": "Triton (aten finish)",
                    "triton_wave_splits": "Triton (wave splits)",
-                   "triton_atomic_own": "Triton, atomic own rows"}
+                   "triton_atomic_own": "Triton, atomic own rows",
+                   "triton_checked_merge": "Triton, checked merge"}
 #: Providers that earlier runs measured and the benchmarks no longer run: the line margin's first
 #: design and the kNN's aten finish, removed after the 2026-11-30 H200 run decided against them
 #: (docs/kernels.md, "Measured results"). Their stored results still render, after the others.
@@ -513,15 +514,19 @@ sizes of the line-margin kernels and the backward's class-chunk budget, with pea
 check runs it for at least 30 s; its table goes into the run's report), `tune_knn.py` those of the kNN forward, its flat loop and grids sized for two programs per SM
 (75 s; its table too); `probe_h200.py` splits host and GPU time on a GPU, `probe_host.py` measures
 the loss's host time besides the kernels on a CPU; `work_model.py` models the flops and bytes of each line-margin kernel
-(printed beside a run's measured times; `python bench/work_model.py B,C,D` prints it alone).
+(printed beside a run's measured times; `python bench/work_model.py B,C,D` prints it alone);
+`knn_merge_model.py` counts the kNN forward's merge rounds and block-wide reductions per tile
+for both merges (a CPU replay of the selection, counts not times).
 
 Each case is (shape, precision, provider, pass):
 
 - providers: `Triton` (`daal_triton.kernels.*`; for the loss `DAALLoss(backend="triton")`),
   `eager` (`daal_triton.reference.*`; `DAALLoss(backend="reference")`), `compile`
   (`torch.compile` of the reference function) and, for kNN, `chunked` (row chunks of
-  `torch.cdist` in the inputs' dtype + `torch.topk`) and `Triton (wave splits)` (the kNN kernel
-  with its earlier grid rule, `DAAL_KNN_SPLITS=waves`); for the whole loss `Triton, PyTorch glue`
+  `torch.cdist` in the inputs' dtype + `torch.topk`), `Triton (wave splits)` (the kNN kernel
+  with its earlier grid rule, `DAAL_KNN_SPLITS=waves`) and `Triton, checked merge` (the kNN
+  kernel with its earlier merge, rounds while any row takes, `DAAL_KNN_MERGE=checked`;
+  docs/kernels.md "The counted merge"); for the whole loss `Triton, PyTorch glue`
   (`DAAL_GLUE=aten`) and `Triton, CUDA graphs` (the module through
   `torch.cuda.make_graphed_callables`, README "Small batches"; GPU only); for the line margin and
   the whole loss `Triton, atomic own rows` (the own-class rows of the segment gradient added by

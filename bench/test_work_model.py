@@ -83,3 +83,54 @@ def test_extra_memory_reproduces_the_first_run():
     # float32 segments: the float32 gradient is the output either way (+ the own terms, 6 MB)
     fp32 = [wm.extra_bytes(1024, 100_000, 512, "fp32", atomic=a) for a in (False, True)]
     assert 0 < fp32[0] - fp32[1] <= 12 * 1024 * 512 + 4 * (1024 + 100_000)
+
+
+# ------------------------------------------------------------------ the kNN merge's rounds
+def test_knn_merge_model_selects_what_the_kernel_selects():
+    """bench/knn_merge_model.py replays the forward's selection tile by tile: on exact integer
+    distances (ties included) its slots are a stable sort's first KP in ``(s, j)`` order and the
+    kernel's own (``_candidates``, same tiles, under the interpreter), and its counts follow the
+    merges' rules. (On such dense ties the count is a loose bound: here the counted merge runs
+    more row-mins than the checked one.)"""
+    import torch
+
+    import knn_merge_model as km
+    from daal_triton.kernels import knn as kk
+
+    g = torch.Generator().manual_seed(3)
+    M, N, k, bn = 32, 300, 6, 32
+    q = torch.randint(-2, 3, (M, 5), generator=g).float()
+    r = torch.randint(-2, 3, (N, 5), generator=g).float()
+    s = ((q[:, None, :] - r[None, :, :]) ** 2).sum(-1)  # exact small integers
+    res = km.merge_rounds(s, k, bn)
+    order = torch.sort(s, dim=1, stable=True).indices[:, :8]
+    assert torch.equal(res["index"], order)
+    assert res["tiles"] == -(-N // bn)
+    assert res["counted_blocks"] == res["tiles"]
+    # the checked merge: at least one row-min per tile, and the first tile fills all 8 slots
+    assert res["checked_mins"] >= res["tiles"] + 8
+    assert res["checked_blocks"] == res["checked_mins"]
+    # the counted one: at most KP rounds per tile, and exactly KP on the first
+    assert 8 <= res["counted_mins"] <= 8 * res["tiles"]
+    cfg = kk.CONFIGS["fp32"][kk.CHECKED_ENTRY]
+    saved = dict(kk.CONFIGS["fp32"])
+    try:
+        kk.CONFIGS["fp32"][kk.CHECKED_ENTRY] = cfg.with_blocks(BLOCK_M=32, BLOCK_N=bn)
+        out_s, out_i = kk._candidates(q, r, k, None, None, False, 1)
+    finally:
+        kk.CONFIGS["fp32"].clear()
+        kk.CONFIGS["fp32"].update(saved)
+    got = torch.sort(out_s[0] * 4096 + out_i[0].double() / 4096, dim=1).indices
+    assert torch.equal(out_i[0].long().gather(1, got), res["index"])
+
+
+def test_knn_merge_model_counts_fewer_reductions():
+    """The counted merge needs fewer row-mins and block-wide reductions per tile than the
+    checked one on a retrieval problem (the figures docs/kernels.md quotes come from the
+    script's own command line at 20k and 60k rows)."""
+    import knn_merge_model as km
+
+    r = km.retrieval(20000, 8, D=64, blocks=1)
+    assert r["counted_blocks"] == 1.0
+    assert r["counted_mins"] < r["checked_mins"]
+    assert 1.0 < r["checked_blocks"] < 8.0

@@ -321,11 +321,13 @@ class Launch:
         """``"-tf32"`` for a launch with single-pass TF32 dots or TF32-rounded norms; ``"-atomic"``
         for the line margin's atomic own-class rows (``ATOMIC=True`` / ``HAS_OWN=False``: the
         design ``DAAL_LM_OWN_SEG=atomic`` keeps selectable); ``"-pairs"`` for the kNN backward's
-        per-pair dRef (``DR_PAIRS=True``: under deterministic algorithms)."""
+        per-pair dRef (``DR_PAIRS=True``: under deterministic algorithms); ``"-checked"`` for the
+        kNN forward's checked merge (``COUNTED=False``: ``DAAL_KNN_MERGE=checked``)."""
         tf32 = self.flags.get("INPUT_PRECISION") == "tf32" or self.flags.get("ROUND_TF32")
         atomic = self.flags.get("ATOMIC") is True or self.flags.get("HAS_OWN") is False
         return (("-tf32" if tf32 else "") + ("-atomic" if atomic else "")
-                + ("-pairs" if self.flags.get("DR_PAIRS") else ""))
+                + ("-pairs" if self.flags.get("DR_PAIRS") else "")
+                + ("-checked" if self.flags.get("COUNTED") is False else ""))
 
     @property
     def kernel(self):

@@ -27,14 +27,15 @@ too few programs for the GPU, per one of ``S`` contiguous column ranges of the r
    rounded operands for "high"/"medium" — and IEEE under the interpreter), then the epilogue ``s = qn + rn - 2 acc`` with the masks;
 2. merge into a running top-k held in registers: ``KP = next_pow2(k)`` slots per row
    (distance, index), *unsorted*, with the row's worst entry ``(worst, widx)`` (the largest in
-   ``(s, j)`` order). Tile entries with ``s < worst`` are candidates; each row's smallest
-   remaining candidate and its column come from one reduction (``tl.min(...,
-   return_indices=True)``, ties -> the smaller column); while any row's smallest beats its
-   worst, those rows overwrite their worst slot with it and recompute the worst, and every row
-   masks the entry it just looked at (one compare-select per element per round: the sm_90 loop
-   body went from 846 to 675 PTX instructions when the rounds stopped re-filtering the tile
-   and finding the column by a second reduction). A tile none of whose entries beats its row's
-   worst costs one masked row-min. Columns arrive in increasing
+   ``(s, j)`` order). Tile entries with ``s < worst`` are candidates, counted per row once
+   per tile; the merge runs ``R = min(KP, max_i c_i)`` rounds (the counted merge): each row's
+   smallest remaining candidate and its column come from one reduction (``tl.min(...,
+   return_indices=True)``, ties -> the smaller column); rows where it beats the worst overwrite
+   their worst slot with it and recompute the worst, and every row masks the entry it just
+   looked at. No block-wide reduction inside the rounds; a tile without candidates runs none.
+   (The checked merge, ``DAAL_KNN_MERGE=checked``, kept for k <= 16 until a GPU times both,
+   runs rounds while any row's smallest beats its worst: a block-wide test each, and one more
+   round that finds nothing; the same slots, bit for bit.) Columns arrive in increasing
    order within a program, so a tie with the worst never displaces it (it has the smaller
    index). Empty slots hold ``(inf, -1 - slot)`` so every slot is distinct.
 3. the KP slots (per column range) are written out (S x M x KP, small), unsorted.
@@ -122,13 +123,25 @@ CHUNK_ELEMS = 1 << 24  # distances per chunk in the PyTorch fallback
 @triton.jit
 def _knn_merge_tile(acc, n0, lanes, cols, cmask, rows, row_lo, qn, ql, rn_ptr, rl_ptr,
                     topd, topi, worst, widx, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    HAS_LABELS: tl.constexpr, EXCLUDE_SELF: tl.constexpr):
+                    KP: tl.constexpr, HAS_LABELS: tl.constexpr, EXCLUDE_SELF: tl.constexpr,
+                    COUNTED: tl.constexpr):
     """One tile's epilogue: ``s = max(qn + rn - 2 acc, eps)`` (label and self masks), merged
     into the running top-KP ``(topd, topi)`` of each row (``worst``/``widx``: the row's worst
     slot and its column). Returns the updated ``(topd, topi, worst, widx)``.
 
-    While any row has an entry below its worst, each row extracts its minimum (ties: smaller
-    column) into the worst slot; a tile with no candidate costs one masked row-min."""
+    Each round, every row extracts its smallest remaining candidate (``s`` below the row's
+    worst at the tile's start; ties: smaller column) and, if it beats the current worst, puts
+    it in the worst slot. How many rounds:
+
+    - ``COUNTED`` (the default): ``R = min(KP, max_i c_i)``, ``c_i`` the row's candidates
+      counted once per tile (one row sum and one block-wide max per tile). ``R`` is enough: a
+      row's extractions ascend, so after ``c_i`` of them (or ``KP``, when all its slots hold
+      this tile's entries) nothing of the row can enter. No block-wide reduction inside the
+      rounds, and a tile without candidates runs none.
+    - checked (``DAAL_KNN_MERGE=checked``): rounds while any row's extraction beats its worst,
+      a block-wide reduction per round and one more round that finds nothing.
+
+    Both extract the same entries in the same order: the same slots, bit for bit."""
     # loaded after the K-loop: hoisted above it, the norms stay live across the MMAs and the
     # sm_90 builds spill (bf16 KP 16: 199 -> 255 registers + 56 B of stack; fp32 3xTF32: 264 B)
     rn = tl.load(rn_ptr + cols, mask=cmask, other=float("inf"))
@@ -143,17 +156,34 @@ def _knn_merge_tile(acc, n0, lanes, cols, cmask, rows, row_lo, qn, ql, rn_ptr, r
     # candidates: entries that beat the row's current worst slot; the row's smallest one and
     # its column come from one reduction (ties -> the smaller column)
     sm = tl.where(s < worst[:, None], s, float("inf"))
-    v, vc = tl.min(sm, axis=1, return_indices=True, return_indices_tie_break_left=True)
-    take = v < worst
-    while tl.max(take.to(tl.int32), axis=0) > 0:
-        rep = (topi == widx[:, None]) & take[:, None]
-        topd = tl.where(rep, v[:, None], topd)
-        topi = tl.where(rep, (n0 + vc)[:, None], topi)
-        worst = tl.max(topd, axis=1)
-        widx = tl.max(tl.where(topd == worst[:, None], topi, -2147483647), axis=1)
-        sm = tl.where(lanes[None, :] == vc[:, None], float("inf"), sm)
+    if COUNTED:
+        # each row's candidates, counted from sm (from the comparison instead, the sm_90 build
+        # of Triton 3.6 spills 16 B: the 64 predicates stay live beside sm)
+        rounds = tl.minimum(tl.max(tl.sum((sm < float("inf")).to(tl.int32), axis=1), axis=0), KP)
+        vc = tl.zeros([BLOCK_M], dtype=tl.int32)
+        for r in range(rounds):
+            if r > 0:  # the entry the last round looked at is spent
+                sm = tl.where(lanes[None, :] == vc[:, None], float("inf"), sm)
+            v, vc = tl.min(sm, axis=1, return_indices=True, return_indices_tie_break_left=True)
+            topd, topi, worst, widx = _knn_take(v, n0 + vc, topd, topi, worst, widx)
+    else:
         v, vc = tl.min(sm, axis=1, return_indices=True, return_indices_tie_break_left=True)
-        take = v < worst
+        while tl.max((v < worst).to(tl.int32), axis=0) > 0:
+            topd, topi, worst, widx = _knn_take(v, n0 + vc, topd, topi, worst, widx)
+            sm = tl.where(lanes[None, :] == vc[:, None], float("inf"), sm)
+            v, vc = tl.min(sm, axis=1, return_indices=True, return_indices_tie_break_left=True)
+    return topd, topi, worst, widx
+
+
+@triton.jit
+def _knn_take(v, j, topd, topi, worst, widx):
+    """Rows whose extracted ``(v, j)`` beats their worst slot put it there; the new worst (the
+    largest slot in ``(s, j)`` order: ties -> the larger column) and its column."""
+    rep = (topi == widx[:, None]) & (v < worst)[:, None]
+    topd = tl.where(rep, v[:, None], topd)
+    topi = tl.where(rep, j[:, None], topi)
+    worst = tl.max(topd, axis=1)
+    widx = tl.max(tl.where(topd == worst[:, None], topi, -2147483647), axis=1)
     return topd, topi, worst, widx
 
 
@@ -163,7 +193,7 @@ def _knn_fwd_kernel(
     stride_q_m, stride_r_n, stride_top_s, stride_top_m,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, KP: tl.constexpr,
     HAS_LABELS: tl.constexpr, EXCLUDE_SELF: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    ROUND_TF32: tl.constexpr, FLAT: tl.constexpr,
+    ROUND_TF32: tl.constexpr, FLAT: tl.constexpr, COUNTED: tl.constexpr,
 ):
     """Running top-KP of ``s_ij = max(qn_i + rn_j - 2 q_i.r_j, eps)`` over the candidate
     columns ``j`` of split ``program_id(1)``; writes the KP (s, j) slots, unsorted, per row.
@@ -227,7 +257,7 @@ def _knn_fwd_kernel(
             if kk == k_steps - 1:
                 topd, topi, worst, widx = _knn_merge_tile(
                     acc, n0, lanes, cols, cmask, rows, row_lo, qn, ql, rn_ptr, rl_ptr, topd, topi,
-                    worst, widx, BLOCK_M, BLOCK_N, HAS_LABELS, EXCLUDE_SELF)
+                    worst, widx, BLOCK_M, BLOCK_N, KP, HAS_LABELS, EXCLUDE_SELF, COUNTED)
                 acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     else:
         for n0 in range(n_start, n_end, BLOCK_N):
@@ -238,7 +268,7 @@ def _knn_fwd_kernel(
                             acc, BLOCK_D, INPUT_PRECISION, ROUND_TF32)
             topd, topi, worst, widx = _knn_merge_tile(
                 acc, n0, lanes, cols, cmask, rows, row_lo, qn, ql, rn_ptr, rl_ptr, topd, topi, worst,
-                widx, BLOCK_M, BLOCK_N, HAS_LABELS, EXCLUDE_SELF)
+                widx, BLOCK_M, BLOCK_N, KP, HAS_LABELS, EXCLUDE_SELF, COUNTED)
 
     out = pid_s.to(tl.int64) * stride_top_s + rows64[:, None] * stride_top_m + slots[None, :]
     tl.store(top_s_ptr + out, topd, mask=rmask[:, None])
@@ -492,10 +522,11 @@ KP_ROWS = tuple(_FWD_BLOCKS)
 #: asserts it, and no spills). The entry itself (~200 registers x 256 threads) allows one: no
 #: program's merge overlaps another's tensor-core work. ``FLAT``: the loop over (tile, D-chunk)
 #: pairs (``_knn_fwd_kernel``), whose pipeline prefetches across tiles; its 128 x 128 / 8-warp
-#: build spills (255 registers + 56 B), so it is not among them.
+#: build spilled with the checked merge (255 registers + 56 B) and, since the counted merge,
+#: does not (255 registers; last, as the least promising).
 FWD_ALTERNATIVES = {(64, 128, 4, 3, False): 2, (64, 128, 4, 3, True): 2, (128, 64, 4, 3, False): 2,
                     (128, 64, 4, 3, True): 2, (128, 64, 8, 3, True): 1, (64, 128, 4, 4, False): 2,
-                    (128, 128, 8, 2, False): 1, (128, 64, 8, 3, False): 1}
+                    (128, 128, 8, 2, False): 1, (128, 64, 8, 3, False): 1, (128, 128, 8, 3, True): 1}
 
 
 def _fwd_configs(largest_block_d: int, stages: Optional[Dict[int, int]] = None,
@@ -551,7 +582,9 @@ def _gpu_flags(entry: str, dtype: torch.dtype):
     if entry == "bwd_noref":
         return {"HAS_DR": False, "DR_PAIRS": False}
     base = {"KP": int(entry[len("fwd_kp"):]), "HAS_LABELS": True, "EXCLUDE_SELF": True}
-    return [dict(base, **fl) for fl in gpu_dot_variants(dtype)]
+    # the counted merge (the default) and, for the entry it is kept for, the checked one
+    merges = (True, False) if entry == CHECKED_ENTRY else (True,)
+    return [dict(base, COUNTED=counted, **fl) for counted in merges for fl in gpu_dot_variants(dtype)]
 
 
 def launches() -> List[Launch]:
@@ -577,6 +610,26 @@ PROGRAM_OVERHEAD_TILES = 2.0
 #: until a GPU run times both: the benchmarks' ``triton_wave_splits`` provider).
 SPLIT_POLICIES = ("model", "waves")
 SPLIT_POLICY = os.environ.get("DAAL_KNN_SPLITS", "model")
+
+
+#: How the forward merges a tile into the running top-k (:func:`_knn_merge_tile`): "counted"
+#: (the default: as many rounds as the tile's most candidates in a row, counted once) or
+#: "checked" (``DAAL_KNN_MERGE=checked``: rounds while any row takes, a block-wide check each;
+#: the merge before 2026-12-01, kept until a GPU run times both: the benchmarks'
+#: ``triton_checked_merge`` provider, k = 8). Read at every forward; the checked merge is kept
+#: (and compiled by the tests) for the ``CHECKED_ENTRY`` forward only (k <= 16), the others
+#: always count.
+MERGE_ENV = "DAAL_KNN_MERGE"
+MERGE_POLICIES = ("counted", "checked")
+CHECKED_ENTRY = "fwd_kp16"
+
+
+def merge_policy() -> str:
+    """``DAAL_KNN_MERGE`` (default "counted"); ``ValueError`` for anything else."""
+    policy = os.environ.get(MERGE_ENV, "counted")
+    if policy not in MERGE_POLICIES:
+        raise ValueError(f"{MERGE_ENV} must be one of {MERGE_POLICIES}, got {policy!r}")
+    return policy
 
 
 def _num_splits(M: int, N: int, bm: int, bn: int, device: torch.device, policy: Optional[str] = None) -> int:
@@ -609,10 +662,12 @@ def _candidates(q, r, k, ql, rl, exclude_self, splits: Optional[int] = None):
     qn = row_sqnorms(q, flags["INPUT_PRECISION"])
     rn = qn if r is q else row_sqnorms(r, flags["INPUT_PRECISION"])
     has_labels = ql is not None
+    counted = merge_policy() == "counted" or fwd_entry(kp) != CHECKED_ENTRY
     _knn_fwd_kernel[(cdiv(M, bm), S)](
         q, r, qn, rn, ql if has_labels else qn, rl if has_labels else rn, out_s, out_i,
         M, N, D, cols, q.stride(0), r.stride(0), out_s.stride(0), out_s.stride(1),
-        KP=kp, HAS_LABELS=has_labels, EXCLUDE_SELF=bool(exclude_self), **flags, **cfg.launch(D))
+        KP=kp, HAS_LABELS=has_labels, EXCLUDE_SELF=bool(exclude_self), COUNTED=counted, **flags,
+        **cfg.launch(D))
     return out_s, out_i
 
 

@@ -177,6 +177,55 @@ def test_knn_forward_loop_structures(forward_loop, M, N, D, k, labelled, splits)
     _run(base[:7], rt, 12, check_index="all", grad=False, splits=2)
 
 
+@pytest.mark.parametrize("flat", [False, True], ids=["tile_loop", "flat_loop"])
+@pytest.mark.parametrize("M,N,D,k,labelled,splits,ties", [
+    (37, 37, 129, 5, True, None, False),  # self kNN, labels, D over several chunks
+    (70, 300, 33, 8, False, 2, False),  # column splits, tail tiles, many rounds per tile
+    (40, 200, 6, 12, False, None, True),  # exact ties (integer rows), KP 16 > k
+    (33, 97, 16, 16, True, 3, True),  # KP = k, labels and ties
+    (50, 120, 8, 1, False, None, False),  # k = 1
+])
+def test_knn_merges_give_the_same_slots(monkeypatch, flat, M, N, D, k, labelled, splits, ties):
+    """The counted merge (default) and the checked one (``DAAL_KNN_MERGE=checked``, kept for
+    k <= 16) extract the same entries in the same order: the forward kernel's S x M x KP slots
+    are equal bit for bit (values and columns), and both are the reference's neighbours."""
+    for fam in kk.CONFIGS.values():
+        cfg = fam[kk.CHECKED_ENTRY]
+        monkeypatch.setitem(fam, kk.CHECKED_ENTRY, cfg.with_blocks(FLAT=flat, BLOCK_M=32, BLOCK_N=32))
+    if ties:
+        q = torch.randint(-2, 3, (M, D), device=DEV).float()
+        r = q if M == N else torch.randint(-2, 3, (N, D), device=DEV).float()
+    else:
+        q = torch.randn(M, D, device=DEV)
+        r = q if M == N else torch.randn(N, D, device=DEV)
+    ql = rl = None
+    if labelled:
+        ql = _labels(M, 3)
+        rl = ql if r is q else _labels(N, 3)
+    out = {}
+    for policy in kk.MERGE_POLICIES:
+        monkeypatch.setenv(kk.MERGE_ENV, policy)
+        assert kk.merge_policy() == policy
+        out[policy] = kk._candidates(q, r, k, ql, rl, r is q, splits)
+        _run(q, r, k, labels=(ql, rl) if labelled else None, exclude_self=r is q, splits=splits,
+             grad=False, check_index="all" if ties else "separated")
+    (cs, ci), (hs, hi) = out["counted"], out["checked"]
+    assert torch.equal(ci, hi)
+    assert torch.equal(cs.view(torch.int32), hs.view(torch.int32))
+    assert (ci >= 0).any(), "the test must fill slots"
+
+
+def test_knn_merge_policy_is_checked(monkeypatch):
+    """``DAAL_KNN_MERGE``: "counted" by default, "checked" selectable, anything else a
+    ValueError naming the variable (read at every forward)."""
+    monkeypatch.delenv(kk.MERGE_ENV, raising=False)
+    assert kk.merge_policy() == "counted"
+    monkeypatch.setenv(kk.MERGE_ENV, "sorted")
+    x = torch.randn(8, 4, device=DEV)
+    with pytest.raises(ValueError, match=kk.MERGE_ENV):
+        kk._knn(x, x, 2)
+
+
 def test_knn_ties_labels_exclude_self():
     x = torch.randint(0, 3, (60, 4), device=DEV).float()
     y = _labels(60, 2)
@@ -371,7 +420,10 @@ def test_knn_launches_cover_the_launcher():
                 entry = kk.fwd_entry(1 << (k - 1).bit_length())
                 for e in (entry, "dist", "bwd", "bwd_noref"):
                     bd = kk.CONFIGS[family(dtype)][e].block_d_for(D)
-                    for v in variants if e == entry else ("", "-pairs") if e == "bwd" else ("",):
+                    vs = variants if e == entry else ("", "-pairs") if e == "bwd" else ("",)
+                    if e == kk.CHECKED_ENTRY:  # DAAL_KNN_MERGE=checked
+                        vs = vs + tuple(v + "-checked" for v in vs)
+                    for v in vs:
                         assert f"knn_{e}-{POINTER[dtype][1:]}-bd{bd}{v}" in names, (e, dtype, D, v)
 
 
