@@ -215,6 +215,23 @@ def test_knn_merges_give_the_same_slots(monkeypatch, flat, M, N, D, k, labelled,
     assert (ci >= 0).any(), "the test must fill slots"
 
 
+@pytest.mark.parametrize("k", [17, 40])
+def test_knn_counted_merge_large_k(monkeypatch, k):
+    """The KP 32/64 entries (counted merge only) with 64-column tiles and few references, so
+    that a tile's entries fill most slots (a merge that stopped early would lose some): exact
+    ties (integer rows) give the reference's neighbours in ``(s, j)`` order, with splits,
+    labels and self exclusion."""
+    for fam in kk.CONFIGS.values():
+        for kp in (32, 64):
+            cfg = fam[f"fwd_kp{kp}"]
+            monkeypatch.setitem(fam, f"fwd_kp{kp}", cfg.with_blocks(BLOCK_M=16, BLOCK_N=64))
+    q = torch.randint(-2, 3, (20, 6), device=DEV).float()
+    r = torch.randint(-2, 3, (100, 6), device=DEV).float()
+    _run(q, r, k, check_index="all", grad=False)
+    _run(q, r, k, labels=(_labels(20, 2), _labels(100, 2)), check_index="all", grad=False, splits=2)
+    _run(r[:70], r[:70], k, exclude_self=True, check_index="all", grad=False)
+
+
 def test_knn_merge_policy_is_checked(monkeypatch):
     """``DAAL_KNN_MERGE``: "counted" by default, "checked" selectable, anything else a
     ValueError naming the variable (read at every forward)."""
