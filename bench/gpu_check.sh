@@ -2,7 +2,9 @@
 # The GPU check: on a machine with one NVIDIA GPU and no network, in under 8 minutes,
 #   1. install this package (pip --no-deps --no-build-isolation -e .; fallbacks: --target, then a
 #      link tree on PYTHONPATH),
-#   2. run the GPU parity tests (pytest tests -m gpu) and the kernel tests (tests/kernels),
+#   2. run the GPU parity tests (pytest tests -m gpu) and the kernel tests (tests/kernels) that
+#      run kernels (not those marked "build", which only build them for GPU targets: CI's job;
+#      step 4 runs them when DAAL_CHECK_BUILD_S reserves time),
 #   3. run the benchmarks (bench/, profile "check": the performance targets first, then the whole
 #      loss at 100k classes (cases.NEXT_KEYS), then one representative per operator), with an
 #      in-process deadline so they stop in time; the training-step benchmark (VGG-19-BN, B=180,
@@ -34,7 +36,9 @@
 # DAAL_CHECK_K (a pytest -k expression for the two test steps, for rehearsals),
 # DAAL_BENCH_PROFILE (default check; "full" needs far more time than 8 minutes), DAAL_TUNE_S
 # (default 30: the seconds reserved for step 4's line-margin tuning, which the first H200 run
-# decided; 0 skips it), DAAL_TUNE_KNN_S (default 75: eight candidates; 0 skips the kNN tuning), DAAL_BENCH_TRAIN_STEP_S (default 80:
+# decided; 0 skips it), DAAL_TUNE_KNN_S (default 75: eight candidates; 0 skips the kNN tuning),
+# DAAL_CHECK_BUILD_S (default 0: the seconds reserved at the end for the kernel tests marked
+# "build", which only build kernels for GPU targets and need no GPU), DAAL_BENCH_TRAIN_STEP_S (default 80:
 # the most the training-step cases may take together in step 3; what they leave goes to the
 # operators' remaining cases).
 set -uo pipefail
@@ -54,6 +58,7 @@ PROFILE=${DAAL_BENCH_PROFILE:-check}
 TUNE_S=${DAAL_TUNE_S:-30}  # reserved for step 4's line-margin tuning (0: none)
 PROBE_S=${DAAL_PROBE_S:-45}  # reserved for step 4's probe (0: no probe)
 TUNE_KNN_S=${DAAL_TUNE_KNN_S:-75}  # reserved for step 4's kNN tuning (0: none)
+BUILD_S=${DAAL_CHECK_BUILD_S:-0}  # reserved for step 4's build-only kernel tests (0: none)
 TMP=$(mktemp -d "${TMPDIR:-/tmp}/daal_gpu_check.XXXXXX")
 STEPS="$OUT/steps.json"
 : > "$STEPS"
@@ -175,12 +180,15 @@ if [ "$INSTALL" != failed ]; then
   step gpu_tests "$(min 130 $(( $(left) - 200 )))" "$PY" -c "$RUNNER" tests -m gpu -q -ra \
       -p no:cacheprovider --junitxml="$OUT/gpu_tests.xml" ${KSEL[@]+"${KSEL[@]}"}
   rc=$?; if [ $rc -ne 0 ] && [ $rc -ne 5 ]; then STATUS=1; fi  # 5: no test collected
-  step kernel_tests "$(min 80 $(( $(left) - 170 )))" "$PY" -c "$RUNNER" tests/kernels -m "not gpu" -q -ra \
+  # the kernel tests that run kernels (on this GPU); the ones that only build them for GPU targets
+  # (marker "build": PTX, registers, spills) need no GPU: CI runs them, and step 4 here if
+  # DAAL_CHECK_BUILD_S reserves time (the first run's kernel_tests step ran out of its 80 s)
+  step kernel_tests "$(min 80 $(( $(left) - 170 )))" "$PY" -c "$RUNNER" tests/kernels -m "not gpu and not build" -q -ra \
       -p no:cacheprovider --junitxml="$OUT/kernel_tests.xml" ${KSEL[@]+"${KSEL[@]}"}
   rc=$?; if [ $rc -ne 0 ] && [ $rc -ne 5 ]; then STATUS=1; fi
 
   # ---------------------------------------------------------------- 3. benchmarks
-  BENCH_LIMIT=$(( $(left) - 25 - TUNE_S - PROBE_S - TUNE_KNN_S ))  # keep time for step 4 and the report
+  BENCH_LIMIT=$(( $(left) - 25 - TUNE_S - PROBE_S - TUNE_KNN_S - BUILD_S ))  # keep time for step 4 and the report
   export DAAL_BENCH_DEADLINE=$(( $(date +%s) + BENCH_LIMIT - 30 ))  # cases stop starting 30 s early
   export DAAL_BENCH_TRAIN_STEP_S=${DAAL_BENCH_TRAIN_STEP_S:-80}
   # Last on the line: of the targets, the training step's run after the operators'.
@@ -196,20 +204,25 @@ if [ "$INSTALL" != failed ]; then
   SMOKE=$("$PY" -c 'import torch; print("" if torch.cuda.is_available() else "--smoke")' 2>/dev/null)
   if [ "$PROBE_S" -gt 0 ]; then
     if [ -n "$SMOKE" ]; then PROBE_ENV=(env TRITON_INTERPRET=1); else PROBE_ENV=(); fi
-    step probe "$(min "$PROBE_S" $(( $(left) - 25 - TUNE_S - TUNE_KNN_S )))" ${PROBE_ENV[@]+"${PROBE_ENV[@]}"} \
+    step probe "$(min "$PROBE_S" $(( $(left) - 25 - TUNE_S - TUNE_KNN_S - BUILD_S )))" ${PROBE_ENV[@]+"${PROBE_ENV[@]}"} \
         "$PY" bench/probe_h200.py "$OUT/probe.jsonl" $SMOKE
   fi
   if [ "$TUNE_KNN_S" -gt 0 ]; then
-    KNN_LIMIT=$(min "$TUNE_KNN_S" $(( $(left) - 25 - TUNE_S )))
+    KNN_LIMIT=$(min "$TUNE_KNN_S" $(( $(left) - 25 - TUNE_S - BUILD_S )))
     step tune_knn "$KNN_LIMIT" "$PY" bench/tune_knn.py \
         "$OUT/tune_knn.json" --budget-s $(( KNN_LIMIT - 25 )) $SMOKE
   fi
   # It gets what the benchmarks left (at least the TUNE_S reserved for it): candidates start
   # until 30 s before the step's limit, which leaves the last one time to finish.
   if [ "$TUNE_S" -gt 0 ]; then
-    TUNE_LEFT=$(( $(left) - 25 ))
+    TUNE_LEFT=$(( $(left) - 25 - BUILD_S ))
     step tune_line_margin "$TUNE_LEFT" "$PY" bench/tune_line_margin.py \
         "$OUT/tune_line_margin.json" --budget-s $(( TUNE_LEFT - 30 )) $SMOKE
+  fi
+  if [ "$BUILD_S" -gt 0 ]; then  # the build-only kernel tests, under this machine's Triton
+    step build_tests "$(( $(left) - 25 ))" "$PY" -c "$RUNNER" tests/kernels -m build -q -ra \
+        -p no:cacheprovider --junitxml="$OUT/build_tests.xml" ${KSEL[@]+"${KSEL[@]}"}
+    rc=$?; if [ $rc -ne 0 ] && [ $rc -ne 5 ]; then STATUS=1; fi
   fi
 fi
 

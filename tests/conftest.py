@@ -21,6 +21,9 @@ HAS_GPU = torch.cuda.is_available()
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped, with the reason shown, on CPU)")
     config.addinivalue_line("markers", "slow: takes more than a few seconds on 2 CPU cores")
+    config.addinivalue_line("markers", "build: builds kernels for GPU targets and reads the result "
+                            "(PTX, registers, spills) without running them: no GPU needed "
+                            "(bench/gpu_check.sh runs these last, with what time is left)")
 
 
 def pytest_collection_modifyitems(config, items):

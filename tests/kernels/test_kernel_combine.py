@@ -61,5 +61,6 @@ def test_custom_ops_opcheck():
                           test_utils=("test_schema", "test_faketensor"))
 
 
+@pytest.mark.build
 def test_gpu_builds():
     assert_compiled_without_spills(compile_launches(kc.launches()))

@@ -372,6 +372,7 @@ def compiled():
     return compile_launches(kk.launches())
 
 
+@pytest.mark.build
 def test_knn_configs_compile(compiled):
     """Each configuration compiles for sm_80 and sm_90 (generic, and with the hot-path
     specialisation for the D = 512 configurations); GEMM kernels use mma.sync (sm_80) and
@@ -386,6 +387,7 @@ def test_knn_configs_compile(compiled):
             assert want in ptx, f"{what}: no {want} in the PTX"
 
 
+@pytest.mark.build
 def test_knn_hot_path_does_not_spill(compiled):
     """sm_90, specialised as a contiguous D = 512 launch: no local memory (cuobjdump STACK 0) for
     every kernel, dtype, KP entry and precision variant (docs/kernels.md, "Compile facts")."""
@@ -402,6 +404,7 @@ def _programs_per_sm(registers: int, warps: int, shared: int) -> int:
     return min(by_regs, 233472 // (shared + 1024))
 
 
+@pytest.mark.build
 def test_knn_forward_alternatives_fit_their_residency():
     """The block sizes bench/tune_knn.py times against the bf16 forward entry (FWD_ALTERNATIVES)
     compile for sm_90 (aligned D = 512) with wgmma and no spills, and allow the programs per SM

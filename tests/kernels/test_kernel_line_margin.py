@@ -201,6 +201,7 @@ def _what(case):
     return f"{launch.name}-sm{cap}-{spec}"
 
 
+@pytest.mark.build
 def test_every_config_compiles(compiled):
     """Compiles; the GEMM kernels use tensor cores (half and TF32 alike: mma.sync on sm_80,
     wgmma on sm_90) and fit the shared memory of an A100 / H100-H200."""
@@ -221,6 +222,7 @@ def test_every_config_compiles(compiled):
     print("\n".join(report))
 
 
+@pytest.mark.build
 def test_hot_path_does_not_spill(compiled):
     """On sm_90, the GEMM kernels as a contiguous D = 512 launch specialises them keep everything
     in registers: no local memory (cuobjdump's STACK is 0). Spilling inside the class loop costs
@@ -333,6 +335,7 @@ def pipeline_failures(facts: dict, num_stages: int) -> list:
     return [what for what, ok in checks.items() if not ok]
 
 
+@pytest.mark.build
 @pytest.mark.parametrize("entry", ["fwd2", "bwd2"])
 def test_hot_loop_is_pipelined(compiled, entry):
     """The GEMM K-loops (fwd2, bwd2), as a contiguous D = 512 bfloat16/float16 launch builds them
@@ -381,6 +384,7 @@ def _serialised_kloop_kernel(x_ptr, seg_ptr, out_ptr, B, C, D, stride_x_b, strid
     tl.store(out, xp + xu, mask=rmask[:, None] & cmask[None, :])
 
 
+@pytest.mark.build
 def test_pipeline_check_can_tell():
     """The PTX reading above rejects a serialised loop: ``_serialised_kloop_kernel``, built like
     the half ``fwd2`` (bfloat16, 128 x 128 x 64, 8 warps, 3 stages, sm_90, aligned), has a wgmma

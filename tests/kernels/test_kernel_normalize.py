@@ -73,6 +73,7 @@ def test_custom_ops_opcheck():
                           test_utils=("test_schema", "test_faketensor"))
 
 
+@pytest.mark.build
 def test_gpu_builds():
     """Each configuration compiles for sm_80 and sm_90; no spills on the sm_90 hot path."""
     assert_compiled_without_spills(compile_launches(kn.launches()))

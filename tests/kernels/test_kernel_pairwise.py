@@ -91,6 +91,7 @@ def compiled():
     return compile_launches(kp.launches())
 
 
+@pytest.mark.build
 def test_pairwise_configs_compile(compiled):
     """Generic, and the D = 512 configurations also with the hot-path specialisation."""
     assert any(spec == "aligned" for (_, _, spec), _ in compiled)
@@ -109,6 +110,7 @@ def test_pairwise_configs_compile(compiled):
 KNOWN_SPILLS = {"3.6": {"pairwise_fwd-fp32-bd16": 16}}
 
 
+@pytest.mark.build
 def test_pairwise_hot_path_does_not_spill(compiled):
     """sm_90, specialised as a contiguous D = 512 launch: no local memory (cuobjdump STACK 0),
     but for the measured exceptions of an older Triton (``KNOWN_SPILLS``)."""

@@ -107,6 +107,7 @@ def ptx():
     return out
 
 
+@pytest.mark.build
 def test_ptx_float32_precision_paths(ptx):
     """"highest" -> 3xTF32 (rounded split, 3x the MMAs); "high"/"medium" -> one TF32 MMA pass on
     operands rounded with cvt.rna (never truncated), norms of the same rounded values."""
@@ -127,6 +128,7 @@ def test_ptx_float32_precision_paths(ptx):
         assert "cvt.rna.tf32.f32" not in ptx[base, 90]
 
 
+@pytest.mark.build
 def test_ptx_bfloat16_backward_uses_bf16_dots(ptx):
     """The pairwise backward of bfloat16 inputs runs bf16 tensor-core dots (H formed once in
     bfloat16), not TF32."""

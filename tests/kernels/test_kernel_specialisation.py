@@ -66,6 +66,7 @@ def test_every_kernel_is_launched():
     assert {la.spec.name for la in every_launch()} == {s.name for s in every_spec()}
 
 
+@pytest.mark.build
 def test_aligned_build_uses_16_byte_async_copies():
     """The attributes reach the compiler: aligned loads become 16-byte cp.async copies (the
     software pipeline); the generic build of the same configuration has none."""
