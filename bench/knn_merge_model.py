@@ -11,8 +11,8 @@ from the whole program (a block-wide reduction goes through shared memory with b
   ``T + 1`` row-mins and ``T + 1`` block-wide reductions, ``T = max_i t_i``, ``t_i`` the tile's
   entries that enter row ``i``'s slots;
 - counted (the default): the rows' candidates ``c_i`` (``s < worst``) counted once (a row sum and
-  one block-wide max), then ``R = min(KP, max_i c_i)`` rounds: ``R`` row-mins, one block-wide
-  reduction.
+  one block-wide max), then ``R = min(KP, max_i c_i)`` rounds: ``R`` row-mins (plus that row sum),
+  one block-wide reduction.
 
 This module replays the selection tile by tile on real distances (random unit vectors, the
 query set its own reference set, self excluded, no labels: the benchmarks' retrieval case) and
