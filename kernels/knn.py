@@ -28,7 +28,7 @@ too few programs for the GPU, per one of ``S`` contiguous column ranges of the r
 2. merge into a running top-k held in registers: ``KP = next_pow2(k)`` slots per row
    (distance, index), *unsorted*, with the row's worst entry ``(worst, widx)`` (the largest in
    ``(s, j)`` order). Tile entries with ``s < worst`` are candidates, counted per row once
-   per tile; the merge runs ``R = min(KP, max_i c_i)`` rounds (the counted merge): each row's
+   per tile (``c_i``); the merge runs ``R = min(KP, max_i c_i)`` rounds (the counted merge): each row's
    smallest remaining candidate and its column come from one reduction (``tl.min(...,
    return_indices=True)``, ties -> the smaller column); rows where it beats the worst overwrite
    their worst slot with it and recompute the worst, and every row masks the entry it just
