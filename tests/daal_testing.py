@@ -108,11 +108,8 @@ def _compile_here(fn, signature, constexprs, capability, num_warps, num_stages,
                           options={"num_warps": num_warps, "num_stages": num_stages})
 
 
-def resource_usage(cubin: bytes) -> dict:
-    """``{"registers": int, "stack": int}`` of a compiled kernel, read by the ``cuobjdump``
-    shipped with Triton (no GPU needed). ``stack`` > 0 bytes means ptxas spilled registers to
-    local memory (Triton kernels use no other stack). ``{}`` when cuobjdump is not there."""
-    import re
+def _cuobjdump(cubin: bytes, flag: str) -> str:
+    """``cuobjdump FLAG`` of a cubin (the tool shipped with Triton); None when it is not there."""
     import subprocess
     import tempfile
 
@@ -120,23 +117,61 @@ def resource_usage(cubin: bytes) -> dict:
 
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     if not os.path.exists(tool):
-        return {}
+        return None
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        out = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True,
-                             timeout=60).stdout
+        return subprocess.run([tool, flag, f.name], capture_output=True, text=True, timeout=60).stdout
+
+
+def resource_usage(cubin: bytes) -> dict:
+    """``{"registers": int, "stack": int}`` of a compiled kernel, read by the ``cuobjdump``
+    shipped with Triton (no GPU needed). ``stack`` > 0 bytes means ptxas spilled registers to
+    local memory (Triton kernels use no other stack). ``{}`` when cuobjdump is not there."""
+    import re
+
+    out = _cuobjdump(cubin, "-res-usage")
+    if out is None:
+        return {}
     regs, stack = re.search(r"REG:(\d+)", out), re.search(r"STACK:(\d+)", out)
     if not regs or not stack:
         raise RuntimeError(f"cannot read cuobjdump -res-usage output:\n{out}")
     return {"registers": int(regs.group(1)), "stack": int(stack.group(1))}
 
 
-def gpu_job(launch, *, capability: int, specialisation: str = "generic") -> dict:
+def sass(cubin: bytes) -> str:
+    """The SASS of a compiled kernel (``cuobjdump -sass``; no GPU needed); "" without the tool."""
+    return _cuobjdump(cubin, "-sass") or ""
+
+
+def sass_loops(text: str) -> list:
+    """The loops of a SASS listing: ``[(start, end, opcodes)]`` for each conditional backward
+    branch (``@P BRA target`` at ``end`` with ``target <= end``), ``opcodes`` the instructions
+    between (their first word, predicates dropped). An unconditional backward ``BRA`` (a
+    divergent path rejoining its loop) is not a loop of its own."""
+    import re
+
+    lines = []
+    for line in text.splitlines():
+        m = re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z0-9_.]+)\s*([^;]*)", line)
+        if m:
+            lines.append((int(m.group(1), 16), bool(m.group(2)), m.group(3), m.group(4)))
+    loops = []
+    for addr, predicated, op, args in lines:
+        if op == "BRA" and predicated:
+            target = re.match(r"\s*(0x[0-9a-f]+)", args)
+            if target and int(target.group(1), 16) <= addr:
+                start = int(target.group(1), 16)
+                loops.append((start, addr, [o for a, _, o, _ in lines if start <= a <= addr]))
+    return loops
+
+
+def gpu_job(launch, *, capability: int, specialisation: str = "generic", with_sass: bool = False) -> dict:
     """A JSON-able compile job of a ``Launch`` (kernels/_common.py) for
     :func:`compile_many_for_gpu` (the kernel is found again by its module and name; a job may
     also name a ``path``, a folder put on the worker's ``sys.path`` first, for a kernel defined
-    in a test module); ``specialisation``: see :func:`specialise`."""
+    in a test module); ``specialisation``: see :func:`specialise`; ``with_sass``: the result
+    also holds the SASS (:func:`sass`)."""
     if specialisation not in SPECIALISATIONS:
         raise ValueError(f"specialisation must be one of {SPECIALISATIONS}, got {specialisation!r}")
     inner = getattr(launch.kernel, "fn", launch.kernel)
@@ -144,7 +179,7 @@ def gpu_job(launch, *, capability: int, specialisation: str = "generic") -> dict
             "constexprs": launch.constexprs, "capability": int(capability),
             "num_warps": launch.num_warps, "num_stages": launch.num_stages,
             "specialisation": specialisation, "unit": list(launch.spec.unit),
-            "rows": list(launch.spec.rows)}
+            "rows": list(launch.spec.rows), "sass": bool(with_sass)}
 
 
 _WORKER = r"""
@@ -154,7 +189,7 @@ import json, os, sys, traceback
 sys.path[:] = [p for p in sys.path if p not in ("", ".", os.getcwd())]
 jobs = json.load(sys.stdin)
 sys.path.insert(0, sys.argv[1])
-from daal_testing import _compile_here, resource_usage
+from daal_testing import _compile_here, resource_usage, sass
 import importlib
 out = []
 for job in jobs:
@@ -171,6 +206,8 @@ for job in jobs:
         res.update(ptx=k.asm["ptx"], metadata={"shared": md.shared, "num_warps": md.num_warps,
                                                "name": md.name},
                    **resource_usage(k.asm["cubin"]))
+        if job.get("sass"):
+            res["sass"] = sass(k.asm["cubin"])
     except Exception:
         res["error"] = traceback.format_exc()
     out.append(res)

@@ -429,6 +429,36 @@ def test_knn_forward_alternatives_fit_their_residency():
         assert got == resident, (cfg, res["registers"], res["metadata"]["shared"], got)
 
 
+@pytest.mark.build
+def test_counted_merge_rounds_have_no_barrier():
+    """sm_90 SASS of the bf16 forward as the 60k benchmark launches it (KP 8, no labels, self
+    excluded, aligned D = 512): the counted merge's rounds (a loop with lane shuffles and no MMA)
+    hold no ``BAR.SYNC``, and no block-wide reduction runs per round; the checked merge's rounds
+    hold its per-round block-wide test (the test can tell). docs/kernels.md, "The counted
+    merge"."""
+    import dataclasses
+
+    from daal_testing import compile_many_for_gpu, gpu_job, sass_loops
+
+    jobs = []
+    for counted in (True, False):
+        la = next(la for la in kk.launches() if la.entry == kk.CHECKED_ENTRY and la.block_d == 64
+                  and la.x_dtype == torch.bfloat16 and la.flags["COUNTED"] is counted)
+        la = dataclasses.replace(la, flags=dict(la.flags, KP=8, HAS_LABELS=False))
+        jobs.append(gpu_job(la, capability=90, specialisation="aligned", with_sass=True))
+    rounds = {}
+    for counted, res in zip((True, False), compile_many_for_gpu(jobs)):
+        assert not res.get("error"), res.get("error")
+        if not res["sass"]:
+            pytest.skip("cuobjdump is not shipped with this Triton")
+        rounds[counted] = [ops for _, _, ops in sass_loops(res["sass"])
+                           if any(o.startswith("SHFL") for o in ops)
+                           and not any(o.startswith("HGMMA") for o in ops)]
+        assert rounds[counted], f"no merge loop found (counted={counted})"
+    assert all(not any(o.startswith("BAR.SYNC") for o in ops) for ops in rounds[True])
+    assert any(sum(o.startswith("BAR.SYNC") for o in ops) >= 1 for ops in rounds[False])
+
+
 def test_knn_launches_cover_the_launcher():
     """Every configuration the launcher picks on a GPU is one the compile tests build (the
     forward compiled with the largest KP of its entry)."""
