@@ -4,7 +4,8 @@
 #      link tree on PYTHONPATH),
 #   2. run the GPU parity tests (pytest tests -m gpu) and the kernel tests (tests/kernels) that
 #      run kernels (not those marked "build", which only build them for GPU targets: CI's job;
-#      step 4 runs them when DAAL_CHECK_BUILD_S reserves time),
+#      step 4 runs them when DAAL_CHECK_BUILD_S reserves time; nor "small_tiles", one JIT build
+#      per case at test-only block sizes),
 #   3. run the benchmarks (bench/, profile "check": the performance targets first, then the whole
 #      loss at 100k classes (cases.NEXT_KEYS), then one representative per operator), with an
 #      in-process deadline so they stop in time; the training-step benchmark (VGG-19-BN, B=180,
@@ -182,8 +183,10 @@ if [ "$INSTALL" != failed ]; then
   rc=$?; if [ $rc -ne 0 ] && [ $rc -ne 5 ]; then STATUS=1; fi  # 5: no test collected
   # the kernel tests that run kernels (on this GPU); the ones that only build them for GPU targets
   # (marker "build": PTX, registers, spills) need no GPU: CI runs them, and step 4 here if
-  # DAAL_CHECK_BUILD_S reserves time (the first run's kernel_tests step ran out of its 80 s)
-  step kernel_tests "$(min 80 $(( $(left) - 170 )))" "$PY" -c "$RUNNER" tests/kernels -m "not gpu and not build" -q -ra \
+  # DAAL_CHECK_BUILD_S reserves time (the first run's kernel_tests step ran out of its 80 s); those
+  # at test-only block sizes ("small_tiles": a JIT build per case here) are CI's too
+  step kernel_tests "$(min 80 $(( $(left) - 170 )))" "$PY" -c "$RUNNER" tests/kernels \
+      -m "not gpu and not build and not small_tiles" -q -ra \
       -p no:cacheprovider --junitxml="$OUT/kernel_tests.xml" ${KSEL[@]+"${KSEL[@]}"}
   rc=$?; if [ $rc -ne 0 ] && [ $rc -ne 5 ]; then STATUS=1; fi
 

@@ -156,6 +156,7 @@ def forward_loop(request, monkeypatch):
     return request.param
 
 
+@pytest.mark.small_tiles
 @pytest.mark.parametrize("M,N,D,k,labelled,splits", [
     (37, 37, 129, 5, True, None),  # self kNN, D over several chunks, labels
     (70, 130, 33, 8, False, 2),  # column splits, tail tiles
@@ -177,6 +178,7 @@ def test_knn_forward_loop_structures(forward_loop, M, N, D, k, labelled, splits)
     _run(base[:7], rt, 12, check_index="all", grad=False, splits=2)
 
 
+@pytest.mark.small_tiles
 @pytest.mark.parametrize("flat", [False, True], ids=["tile_loop", "flat_loop"])
 @pytest.mark.parametrize("M,N,D,k,labelled,splits,ties", [
     (37, 37, 129, 5, True, None, False),  # self kNN, labels, D over several chunks
@@ -215,6 +217,7 @@ def test_knn_merges_give_the_same_slots(monkeypatch, flat, M, N, D, k, labelled,
     assert (ci >= 0).any(), "the test must fill slots"
 
 
+@pytest.mark.small_tiles
 @pytest.mark.parametrize("k", [17, 40])
 def test_knn_counted_merge_large_k(monkeypatch, k):
     """The KP 32/64 entries (counted merge only) with 64-column tiles and few references, so
