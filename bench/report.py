@@ -100,7 +100,7 @@ def _from_benchmark_json(path: str) -> List[dict]:
 def load_run(run_dir: str) -> dict:
     """Everything a run directory holds, as plain dicts."""
     run = dict(dir=run_dir, name=os.path.basename(os.path.normpath(run_dir)), env={}, cases={},
-               matmul=[], steps=[], junit=[], tuning=None, knn_tuning=None)
+               matmul=[], steps=[], junit=[], tuning=None, knn_tuning=None, probe=[])
     recs: List[dict] = []
     rec_path = os.path.join(run_dir, "records.jsonl")
     bench_path = os.path.join(run_dir, "bench.json")
@@ -134,6 +134,12 @@ def load_run(run_dir: str) -> dict:
         summary = junit_summary(xml)
         if summary:
             run["junit"].append(summary)
+    probe_path = os.path.join(run_dir, "probe.jsonl")
+    if os.path.exists(probe_path):
+        try:
+            run["probe"] = _read_jsonl(probe_path)
+        except OSError:
+            pass
     for key, name in (("tuning", "tune_line_margin.json"), ("knn_tuning", "tune_knn.json")):
         tune_path = os.path.join(run_dir, name)
         if os.path.exists(tune_path):
@@ -433,6 +439,33 @@ def env_lines(run: dict) -> List[str]:
     return [f"- {k}: {v}" for k, v in items if v] + [""]
 
 
+def _num(v, fmt: str) -> str:
+    return "—" if v is None else format(v, fmt)
+
+
+def probe_table(run: dict, heading_level: int = 2) -> List[str]:
+    """The probe's lines (bench/probe_h200.py, ``probe.jsonl``): host time per launch or call,
+    and the kNN forward's parts and merges, as measured."""
+    if not run.get("probe"):
+        return []
+    h = "#" * heading_level
+    lines = [f"{h}# Probe (bench/probe_h200.py)", "",
+             "Host µs: wall time per call on the host (launches included); GPU ms: CUDA-event time; "
+             "µs per tile per SM: the kNN forward's time x SMs / its tiles.", "",
+             "| section | what | host µs | GPU ms | TFLOP/s | µs per tile per SM |",
+             "|---|---|---|---|---|---|"]
+    for r in run["probe"]:
+        if r.get("name") == "error":
+            last = (str(r.get("error", "")).strip().splitlines() or [""])[-1][:200]
+            lines.append(f"| {r.get('section', '')} | error: {last} | | | | |")
+            continue
+        gpu_ms = r.get("ms", r.get("gpu_ms"))
+        lines.append(f"| {r.get('section', '')} | {r.get('name', '')} | {_num(r.get('host_us'), '.1f')} "
+                     f"| {_num(gpu_ms, '.3f')} | {_num(r.get('tflops'), '.1f')} "
+                     f"| {_num(r.get('us_per_tile_per_sm'), '.2f')} |")
+    return lines + [""]
+
+
 def run_report(run: dict, *, heading_level: int = 2) -> List[str]:
     h = "#" * heading_level
     lines = [f"{h} Run `{run['name']}`", ""] + env_lines(run)
@@ -473,10 +506,11 @@ def run_report(run: dict, *, heading_level: int = 2) -> List[str]:
                   "splits sized for 1 or 2 programs per SM (\"resident\"); \"speed-up\" = "
                   "time(table's entry) / time(candidate).", "",
                   knn_markdown(run["knn_tuning"]["records"]), ""]
+    lines += probe_table(run, heading_level)
     if not run["cases"]:
         lines += ["No benchmark case was recorded in this run.", ""]
         return lines
-    lines += [f"{h}# Targets (issues 6 and 17, H200)", ""] + targets_table(run)
+    lines += [f"{h}# Targets (issues 6, 13 and 17, H200)", ""] + targets_table(run)
     lines += [f"{h}# Results", "",
               "Median time per call; \"Triton vs X\" = time(X) / time(Triton) (above 1: Triton is "
               "faster); \"% of matmul\" = the operator's useful FLOP/s over `torch.matmul`'s on a "
