@@ -124,22 +124,17 @@ def load_run(run_dir: str) -> dict:
                 run["env"].update({k: v for k, v in json.load(f).items() if v is not None})
         except (OSError, json.JSONDecodeError):
             pass
-    steps_path = os.path.join(run_dir, "steps.json")
-    if os.path.exists(steps_path):
-        try:
-            run["steps"] = _read_jsonl(steps_path)
-        except OSError:
-            pass
+    for key, name in (("steps", "steps.json"), ("probe", "probe.jsonl")):  # one JSON per line
+        path = os.path.join(run_dir, name)
+        if os.path.exists(path):
+            try:
+                run[key] = _read_jsonl(path)
+            except OSError:
+                pass
     for xml in sorted(glob.glob(os.path.join(run_dir, "*.xml"))):
         summary = junit_summary(xml)
         if summary:
             run["junit"].append(summary)
-    probe_path = os.path.join(run_dir, "probe.jsonl")
-    if os.path.exists(probe_path):
-        try:
-            run["probe"] = _read_jsonl(probe_path)
-        except OSError:
-            pass
     for key, name in (("tuning", "tune_line_margin.json"), ("knn_tuning", "tune_knn.json")):
         tune_path = os.path.join(run_dir, name)
         if os.path.exists(tune_path):
