@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 import traceback
@@ -34,6 +33,7 @@ import triton.language as tl
 
 from daal_triton.kernels import _common, knn as kk
 from daal_triton.kernels._common import TL_EPS, _dot_rows, dot_flags, row_sqnorms
+from problems import _with_env
 from tune_line_margin import Timer
 
 
@@ -161,18 +161,11 @@ def knn_section(dev, emit, n, reps):
     for kv in (1, 32):
         rec(f"_knn_fwd_kernel k={kv} S=default", gpu_ms(lambda: kk._candidates(q, q, kv, None, None, False), dev, reps))
     # the two merges side by side (DAAL_KNN_MERGE; docs/kernels.md, "The counted merge")
-    before = os.environ.get(kk.MERGE_ENV)
-    try:
-        for kv in (1, 8):
-            for policy in kk.MERGE_POLICIES:
-                os.environ[kk.MERGE_ENV] = policy
-                rec(f"_knn_fwd_kernel k={kv} S=default merge={policy}",
-                    gpu_ms(lambda: kk._candidates(q, q, kv, None, None, False), dev, reps), merge=policy)
-    finally:
-        if before is None:
-            os.environ.pop(kk.MERGE_ENV, None)
-        else:
-            os.environ[kk.MERGE_ENV] = before
+    for kv in (1, 8):
+        for policy in kk.MERGE_POLICIES:
+            rec(f"_knn_fwd_kernel k={kv} S=default merge={policy}",
+                gpu_ms(lambda: _with_env(kk.MERGE_ENV, policy, kk._candidates, q, q, kv, None, None, False),
+                       dev, reps), merge=policy)
     rec("knn (whole forward: selection + fused finish) k=8", gpu_ms(lambda: kk.knn(q, q, 8), dev, reps))
     for filt in (False, True):
         S = s_default

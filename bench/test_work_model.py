@@ -86,7 +86,7 @@ def test_extra_memory_reproduces_the_first_run():
 
 
 # ------------------------------------------------------------------ the kNN merge's rounds
-def test_knn_merge_model_selects_what_the_kernel_selects():
+def test_knn_merge_model_selects_what_the_kernel_selects(monkeypatch):
     """bench/knn_merge_model.py replays the forward's selection tile by tile: on exact integer
     distances (ties included) its slots are a stable sort's first KP in ``(s, j)`` order and the
     kernel's own (``_candidates``, same tiles, under the interpreter), and its counts follow the
@@ -112,14 +112,9 @@ def test_knn_merge_model_selects_what_the_kernel_selects():
     assert res["checked_blocks"] == res["checked_mins"]
     # the counted one: at most KP rounds per tile, and exactly KP on the first
     assert 8 <= res["counted_mins"] <= 8 * res["tiles"]
-    cfg = kk.CONFIGS["fp32"][kk.CHECKED_ENTRY]
-    saved = dict(kk.CONFIGS["fp32"])
-    try:
-        kk.CONFIGS["fp32"][kk.CHECKED_ENTRY] = cfg.with_blocks(BLOCK_M=32, BLOCK_N=bn)
-        out_s, out_i = kk._candidates(q, r, k, None, None, False, 1)
-    finally:
-        kk.CONFIGS["fp32"].clear()
-        kk.CONFIGS["fp32"].update(saved)
+    fam = kk.CONFIGS["fp32"]
+    monkeypatch.setitem(fam, kk.CHECKED_ENTRY, fam[kk.CHECKED_ENTRY].with_blocks(BLOCK_M=32, BLOCK_N=bn))
+    out_s, out_i = kk._candidates(q, r, k, None, None, False, 1)
     got = torch.sort(out_s[0] * 4096 + out_i[0].double() / 4096, dim=1).indices
     assert torch.equal(out_i[0].long().gather(1, got), res["index"])
 

@@ -651,7 +651,8 @@ def _candidates(q, r, k, ql, rl, exclude_self, splits: Optional[int] = None):
     M, D = q.shape
     N = r.shape[0]
     kp = next_pow2(k)
-    cfg = CONFIGS[family(q.dtype)][fwd_entry(kp)]
+    entry = fwd_entry(kp)
+    cfg = CONFIGS[family(q.dtype)][entry]
     bm, bn = cfg.blocks["BLOCK_M"], cfg.blocks["BLOCK_N"]
     S = splits or _num_splits(M, N, bm, bn, q.device)
     cols = cdiv(cdiv(N, S), bn) * bn
@@ -662,7 +663,7 @@ def _candidates(q, r, k, ql, rl, exclude_self, splits: Optional[int] = None):
     qn = row_sqnorms(q, flags["INPUT_PRECISION"])
     rn = qn if r is q else row_sqnorms(r, flags["INPUT_PRECISION"])
     has_labels = ql is not None
-    counted = merge_policy() == "counted" or fwd_entry(kp) != CHECKED_ENTRY
+    counted = merge_policy() == "counted" or entry != CHECKED_ENTRY  # the setting checked always
     _knn_fwd_kernel[(cdiv(M, bm), S)](
         q, r, qn, rn, ql if has_labels else qn, rl if has_labels else rn, out_s, out_i,
         M, N, D, cols, q.stride(0), r.stride(0), out_s.stride(0), out_s.stride(1),

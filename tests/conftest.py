@@ -23,7 +23,7 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: takes more than a few seconds on 2 CPU cores")
     config.addinivalue_line("markers", "build: builds kernels for GPU targets and reads the result "
                             "(PTX, registers, spills) without running them: no GPU needed "
-                            "(bench/gpu_check.sh runs these last, with what time is left)")
+                            "(bench/gpu_check.sh leaves these to CI unless DAAL_CHECK_BUILD_S reserves time for them)")
     config.addinivalue_line("markers", "small_tiles: runs a kernel at test-only block sizes, so that "
                             "small shapes cross many tiles: one JIT build per case on a GPU "
                             "(bench/gpu_check.sh leaves these to CI, where the interpreter builds nothing)")
