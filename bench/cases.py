@@ -155,6 +155,36 @@ TARGETS: Tuple[Target, ...] = (
 # time budget still has them.
 TARGET_KEYS = frozenset((t.op, t.shape, t.dtype) for t in TARGETS)
 
+# ----------------------------------------------------------------------------- switches
+class Switch(NamedTuple):
+    """An internal switch kept until a GPU run decides (the brief's rule for a design that
+    replaces one no GPU has timed): the environment variable, its default and alternative
+    values, the provider that runs the alternative, and the (op, shape, dtype, pass) cases where
+    the report sets the two side by side. ``memory``: peak memory is part of the decision."""
+
+    env: str
+    default: str
+    alternative: str
+    provider: str
+    cases: Tuple[Tuple[str, str, str, str], ...]
+    memory: bool = False
+
+
+SWITCHES: Tuple[Switch, ...] = (
+    Switch("DAAL_KNN_MERGE", "counted", "checked", "triton_checked_merge",
+           (("knn", "eval60k", "bf16", "fwd"), ("knn", "bank", "bf16", "fwd"))),
+    Switch("DAAL_KNN_SPLITS", "model", "waves", "triton_wave_splits",
+           (("knn", "eval60k", "bf16", "fwd"), ("knn", "bank", "bf16", "fwd"), ("knn", "bank", "bf16", "fwdbwd"))),
+    Switch("DAAL_LM_OWN_SEG", "lists", "atomic", "triton_atomic_own",
+           (("line_margin", "classes100k", "bf16", "fwdbwd"), ("line_margin", "classes100k", "bf16", "bwd"),
+            ("loss", "dml", "fp32", "fwdbwd")), memory=True),
+    Switch("DAAL_GLUE", "fused", "aten", "triton_aten_glue",
+           (("loss", "dml", "fp32", "fwd"), ("loss", "dml", "fp32", "bwd"), ("loss", "dml", "fp32", "fwdbwd"))),
+)
+#: Time differences within this fraction are not a decision (run-to-run noise of a median).
+SWITCH_NOISE = 0.03
+
+
 # What ``bench/gpu_check.sh`` runs (profile "check"): (op, shape) -> dtypes, providers, passes.
 CHECK: Dict[Tuple[str, str], List[dict]] = {
     # the merge before 2026-12-01 (DAAL_KNN_MERGE=checked) beside the counted one

@@ -4,14 +4,23 @@ The first H200 run found the B = 180 loss host-bound (3.9 ms of host time per fo
 against 0.38 ms of GPU time; docs/kernels.md, "Measured results"). Everything the host does for
 a call but launch the Triton kernels — validation, the composition, the operators' dispatch,
 autograd, the launchers' own Python, the few PyTorch operators — runs the same on a CPU, so this
-measures it here: the Triton kernels are replaced by no-ops (the interpreter's ``run``), the value
+measures it here: the Triton kernels are replaced by no-ops (the interpreter's ``run``), and so
+is the arithmetic of the line-margin backward's two PyTorch GEMMs (``mm_f32``: an empty result of
+the GEMM's shape; on the CPU at D = 64 they computed 0.14–0.19 ms per call that a GPU does in its own
+time, not the host's; their launches are counted with the others), the value
 checks are off (the CUDA default), and the loss runs on small CPU tensors (B = 180, C = 100,
 D = 64 by default) in each ``DAAL_EAGER_OPS`` mode, interleaved, median of ``--rounds`` rounds of
 ``--calls`` calls. Also prints the launches one call makes (``daal_triton.launch_count``). What
 a GPU adds — each Triton launch's own host cost (~17 µs for an empty kernel on the H200's host,
-``bench/probe_h200.py``) and each PyTorch launch's — is not in these numbers.
+``bench/probe_h200.py``) and each PyTorch launch's — is not in these numbers; the part of Triton's
+that is Python (``JITFunction.run``'s argument binder and cache key) is measured apart, on each
+launch's arguments, and printed last.
 
 usage: TRITON_INTERPRET=1 python bench/probe_host.py [--B 180 --C 100 --D 64] [--rounds 15 --calls 40]
+
+It measures whichever ``daal_triton`` Python imports: an older commit's, through a link tree on
+``PYTHONPATH`` (as ``bench/gpu_check.sh``'s last-resort install builds it), gives the same
+measurement of the code the first H200 probe timed (docs/kernels.md, "Measured results").
 """
 from __future__ import annotations
 
@@ -39,7 +48,7 @@ def main(argv=None) -> int:
 
     import daal_triton
     from daal_triton import validation
-    from daal_triton.kernels import _common
+    from daal_triton.kernels import _common, line_margin
     from daal_triton.launch_count import LaunchCount
 
     torch.set_num_threads(1)
@@ -60,27 +69,78 @@ def main(argv=None) -> int:
     call()  # compiles nothing (interpreter) but fills the caches
     with LaunchCount() as count:
         call()
-    InterpretedFunction.run = lambda self, *args, **kwargs: None  # the kernels: no-ops from here
+    launched = []  # (kernel function, args, kwargs) of each Triton launch of one call
 
-    times = {mode: [] for mode in _common.EAGER_MODES}
+    def recording_run(self, *args, **kwargs):  # a no-op kernel that keeps its launch's arguments
+        launched.append((self.fn, args, {k: v for k, v in kwargs.items() if k not in ("grid", "warmup")}))
+
+    InterpretedFunction.run = recording_run
+    call()
+    InterpretedFunction.run = lambda self, *args, **kwargs: None  # the kernels: no-ops from here
+    line_margin.mm_f32 = lambda a, b: torch.empty(a.shape[0], b.shape[1], device=a.device)  # and the GEMMs
+
+    # a tree from before the eager calls (e.g. the commit the first H200 probe measured, for a
+    # calibration: docs/kernels.md, "Measured results") has one mode, the operators' dispatch
+    times = {mode: [] for mode in getattr(_common, "EAGER_MODES", ("custom",))}
     for _ in range(3):
         call()
     for _ in range(a.rounds):
         for mode in times:
-            _common.EAGER_OPS = mode
+            if len(times) > 1:
+                _common.EAGER_OPS = mode
             t0 = time.perf_counter()
             for _ in range(a.calls):
                 call()
             times[mode].append((time.perf_counter() - t0) / a.calls)
     print(f"DAALLoss forward + backward, B={a.B} C={a.C} D={a.D}, CPU tensors, Triton kernels as "
-          f"no-ops, value checks off; torch {torch.__version__}")
+          f"no-ops (the backward's GEMMs too), value checks off; torch {torch.__version__}")
     print(f"launches per call: {count.launches} ({sum(count.triton.values())} Triton, "
           f"{count.aten_launches} PyTorch), host syncs: {sum(count.syncs.values())}")
     for mode, ts in times.items():
         print(f"DAAL_EAGER_OPS={mode:8s}  median {statistics.median(ts) * 1e3:.3f} ms, "
               f"min {min(ts) * 1e3:.3f} ms per call")
+    per_kernel = triton_launch_path_us(launched)
+    if per_kernel:
+        print(f"Triton's launch path (JITFunction.run's binder + cache key, for an sm_90 target): "
+              f"{sum(per_kernel.values()):.0f} µs per call over {len(launched)} launches (not in the "
+              f"times above); the heaviest: " + ", ".join(
+                  f"{k} {us:.1f}" for k, us in sorted(per_kernel.items(), key=lambda kv: -kv[1])[:3]))
     return 0
 
+
+def triton_launch_path_us(launched, reps: int = 2000):
+    """Microseconds of Triton's own Python before each launch that the no-op kernels skip: the
+    argument binder (specialisation) and cache key of ``JITFunction.run``, built as for an sm_90
+    GPU (no GPU needed), timed on each recorded launch's arguments and summed per kernel. Not
+    included: what follows them (the device and stream queries, the compiled kernel's C
+    launcher). Empty when this Triton lacks the pieces."""
+    import time as _time
+
+    try:
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler.compiler import make_backend
+        from triton.runtime.jit import JITFunction, compute_cache_key, create_function_from_signature
+        backend = make_backend(GPUTarget("cuda", 90, 32))
+    except Exception:  # another Triton's internals: nothing to report
+        return {}
+    out, binders = {}, {}
+    for fn, args, kwargs in launched:
+        binder = binders.get(fn)
+        if binder is None:
+            jit = JITFunction(fn)
+            binder = binders[fn] = create_function_from_signature(jit.signature, jit.params, backend)
+        key_cache = {}
+
+        def once():
+            _, specialization, options = binder(*args, **kwargs)
+            return compute_cache_key(key_cache, specialization, options)
+
+        once()
+        t0 = _time.perf_counter()
+        for _ in range(reps):
+            once()
+        out[fn.__name__] = out.get(fn.__name__, 0.0) + (_time.perf_counter() - t0) / reps * 1e6
+    return out
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Markdown tables from benchmark runs (standard library only: runs anywhere, no torch needed).
 
-    python bench/report.py RUN_DIR [-o FILE]     # one run -> Markdown (default RUN_DIR/report.md)
+    python bench/report.py RUN_DIR [-o FILE]     # one run -> Markdown (default RUN_DIR/report.md,
+                                                 # never over an existing one; -o - prints it)
     python bench/report.py --readme              # bench/README.md from every run in bench/results/
 
 A run directory (what ``bench/gpu_check.sh OUTDIR`` writes) holds ``records.jsonl`` (one JSON
@@ -26,7 +27,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 if HERE not in sys.path:  # imported from a file path rather than run as bench/report.py
     sys.path.insert(0, HERE)
 
-from cases import DTYPES, PASSES, PROVIDERS, SHAPES, TARGETS  # noqa: E402  (torch-free)
+from cases import DTYPES, PASSES, PROVIDERS, SHAPES, SWITCH_NOISE, SWITCHES, TARGETS  # noqa: E402  (torch-free)
 
 OPS = ("knn", "line_margin", "loss", "pairwise")
 OP_TITLES = {
@@ -339,6 +340,43 @@ def targets_table(run: dict) -> List[str]:
     return lines + [""]
 
 
+def switches_table(run: dict, heading_level: int = 2) -> List[str]:
+    """The internal switches kept until a GPU run decides (``cases.SWITCHES``): per case, the
+    default's and the alternative's times, their ratio, peak memory, and what the numbers say
+    (a difference within ``SWITCH_NOISE`` decides nothing)."""
+    rows = []
+    for sw in SWITCHES:
+        for key in sw.cases:
+            d, a = run["cases"].get(key + ("triton",)), run["cases"].get(key + (sw.provider,))
+            if a is None:  # a run from before the switch, or a profile without its provider
+                continue
+            td, ta = median(d), median(a)
+            if td and ta:
+                ratio = ta / td
+                if abs(ratio - 1.0) <= SWITCH_NOISE:
+                    reading = f"within {SWITCH_NOISE:.0%}"
+                else:
+                    reading = f"{sw.default if ratio > 1 else sw.alternative} faster"
+                shown = fmt_ratio(ratio)
+            else:
+                reading, shown = f"not measured ({_why_missing(run, key, ['triton', sw.provider])})", "—"
+            mem = " / ".join(fmt_bytes(r.get("peak_extra_bytes")) if ok(r) else "—" for r in (d, a))
+            if sw.memory and ok(d) and ok(a) and d.get("peak_extra_bytes") and a.get("peak_extra_bytes"):
+                less = sw.default if d["peak_extra_bytes"] < a["peak_extra_bytes"] else sw.alternative
+                reading += f"; less memory: {less}"
+            rows.append(f"| `{sw.env}` | {' '.join(key[1:])} | {fmt_time(td) if td else '—'} | "
+                        f"{fmt_time(ta) if ta else '—'} | {shown} | {mem} | {reading} |")
+    if not rows:
+        return []
+    h = "#" * heading_level
+    return [f"{h}# Switches kept until a GPU run decides", "",
+            "Each switch's default (provider `triton`) beside its alternative, same run; \"alternative / "
+            "default\" = time(alternative) / time(default) (above 1: the default is faster); peak extra "
+            "memory default / alternative.", "",
+            "| switch | case | default | alternative | alternative / default | peak memory | reading |",
+            "|---|---|---|---|---|---|---|"] + rows + [""]
+
+
 def work_model_table(run: dict, heading_level: int = 2) -> List[str]:
     """The line-margin work model (bench/work_model.py: flops and bytes per kernel, from the shape)
     beside the measured fwd+bwd times of the ``triton`` provider, for every line-margin shape the
@@ -506,6 +544,7 @@ def run_report(run: dict, *, heading_level: int = 2) -> List[str]:
         lines += ["No benchmark case was recorded in this run.", ""]
         return lines
     lines += [f"{h}# Targets (issues 6, 13 and 17, H200)", ""] + targets_table(run)
+    lines += switches_table(run, heading_level)
     lines += [f"{h}# Results", "",
               "Median time per call; \"Triton vs X\" = time(X) / time(Triton) (above 1: Triton is "
               "faster); \"% of matmul\" = the operator's useful FLOP/s over `torch.matmul`'s on a "
@@ -545,7 +584,10 @@ check runs it for at least 30 s; its table goes into the run's report), `tune_kn
 the loss's host time besides the kernels on a CPU; `work_model.py` models the flops and bytes of each line-margin kernel
 (printed beside a run's measured times; `python bench/work_model.py B,C,D` prints it alone);
 `knn_merge_model.py` counts the kNN forward's merge rounds and block-wide reductions per tile
-for both merges (a CPU replay of the selection, counts not times).
+for both merges (a CPU replay of the selection, counts not times). Each run's report sets every
+internal switch kept until a GPU run decides (`cases.SWITCHES`: the kNN's merge and splits, the
+line margin's own-class rows, the loss's glue) beside its alternative, case by case, with what
+the numbers say.
 
 Each case is (shape, precision, provider, pass):
 
@@ -661,12 +703,19 @@ def main(argv=None) -> int:
         text = readme(args.results)
         out = args.output or os.path.join(HERE, "README.md")
     elif args.run_dir:
+        out = args.output or os.path.join(args.run_dir, "report.md")
+        if args.output is None and os.path.exists(out):  # a recorded run's own report: kept
+            print(f"report.py: {out} exists and is not overwritten; give -o FILE (or -o - for "
+                  "standard output)", file=sys.stderr)
+            return 2
         text = "\n".join(run_report(load_run(args.run_dir))).rstrip() + "\n"
         text = "# DAAL benchmark report\n\n" + text
-        out = args.output or os.path.join(args.run_dir, "report.md")
     else:
         ap.error("give a run directory or --readme")
         return 2
+    if out == "-":
+        sys.stdout.write(text)
+        return 0
     with open(out, "w", encoding="utf-8") as f:
         f.write(text)
     print(f"wrote {out}")

@@ -8,6 +8,7 @@ import copy
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -263,6 +264,19 @@ def test_report(tmp_path):
     assert "skip: memory" in text and "would need ~122 GiB" in text and "TestGPU" in text
 
 
+def test_report_keeps_a_runs_own_report(tmp_path, capsys):
+    """Without -o, an existing RUN_DIR/report.md (a recorded run's) is never overwritten."""
+    run = _synthetic_run(tmp_path / "2000-01-01-testgpu")
+    (run / "report.md").write_text("the run's own report\n")
+    assert report.main([str(run)]) == 2
+    assert (run / "report.md").read_text() == "the run's own report\n"
+    assert "not overwritten" in capsys.readouterr().err
+    assert report.main([str(run), "-o", "-"]) == 0
+    assert "# DAAL benchmark report" in capsys.readouterr().out
+    assert report.main([str(run), "-o", str(run / "report.md")]) == 0  # asked for by name
+    assert "# DAAL benchmark report" in (run / "report.md").read_text()
+
+
 def test_readme_generation(tmp_path):
     empty = tmp_path / "results"
     empty.mkdir()
@@ -458,3 +472,61 @@ def test_tune_knn_grid_sizes_for_residency():
     grid = [_common.wave_split(_common.cdiv(20_000, 64), _common.cdiv(20_000, 128), 132 * resident,
                                knn.MAX_SPLITS, knn.PROGRAM_OVERHEAD_TILES) for resident in (1, 2)]
     assert grid == [2, 5]  # 313 row tiles: 626 programs = 4.7 waves of 132; 1565 = 5.9 waves of 264
+
+
+def test_probe_host_smoke():
+    """bench/probe_host.py (in its own process: it turns the kernels and the backward's GEMMs
+    into no-ops) prints the loss's launches, no host synchronisation and a time per mode."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "probe_host.py"), "--B", "37", "--C", "11",
+                           "--D", "16", "--rounds", "1", "--calls", "2"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = proc.stdout
+    launches = re.search(r"launches per call: (\d+) \((\d+) Triton, (\d+) PyTorch\), host syncs: (\d+)", out)
+    assert launches, out
+    total, triton, aten, syncs = map(int, launches.groups())
+    assert total == triton + aten and triton >= 10 and syncs == 0
+    assert re.search(r"DAAL_EAGER_OPS=function\s+median [\d.]+ ms", out), out
+    assert re.search(r"DAAL_EAGER_OPS=custom\s+median [\d.]+ ms", out), out
+    path = re.search(r"Triton's launch path .*?: (\d+) µs per call over (\d+) launches", out)
+    assert path and int(path.group(2)) == triton and int(path.group(1)) > 0, out
+
+
+def test_every_switch_is_timed_on_both_sides_by_the_check():
+    """gpu_check.sh (profile "check") runs each switch's default and alternative on every case
+    the report compares them on, and each switch names an environment variable the package reads."""
+    root = os.path.dirname(HERE)
+    source = "".join(open(os.path.join(root, d, f)).read() for d in ("kernels", "daal_triton")
+                     for f in os.listdir(os.path.join(root, d)) if f.endswith(".py"))
+    for sw in bc.SWITCHES:
+        assert f'"{sw.env}"' in source, sw.env
+        for op, shape, dtype, pass_ in sw.cases:
+            assert sw.provider in bc.PROVIDERS[op]
+            checked = {(c.shape, c.dtype, c.provider, c.pass_) for c in bc.cases_for(op, "check")}
+            for provider in ("triton", sw.provider):
+                assert (shape, dtype, provider, pass_) in checked, (sw.env, op, shape, provider, pass_)
+
+
+def test_switches_table_reads_each_case():
+    def rec(median, peak=None):
+        return {"status": "ok", "median_s": median, "peak_extra_bytes": peak}
+
+    sw_merge, sw_own = bc.SWITCHES[0], next(s for s in bc.SWITCHES if s.memory)
+    cases = {
+        sw_merge.cases[0] + ("triton",): rec(1.0), sw_merge.cases[0] + (sw_merge.provider,): rec(1.5),
+        sw_merge.cases[1] + ("triton",): rec(1.0), sw_merge.cases[1] + (sw_merge.provider,): rec(1.02),
+        sw_own.cases[0] + ("triton",): rec(2.0, 100e6), sw_own.cases[0] + (sw_own.provider,): rec(1.0, 300e6),
+        sw_own.cases[1] + ("triton",): rec(2.0),
+        sw_own.cases[1] + (sw_own.provider,): {"status": "skipped: out of time budget", "median_s": None},
+        # a case without the alternative (a run from before the switch) is left out
+        bc.SWITCHES[1].cases[0] + ("triton",): rec(1.0),
+    }
+    lines = report.switches_table({"cases": cases})
+    rows = [line for line in lines if line.startswith("| `")]
+    assert len(rows) == 4
+    assert "1.5×" in rows[0] and f"{sw_merge.default} faster" in rows[0]
+    assert "within 3%" in rows[1]
+    assert f"{sw_own.alternative} faster" in rows[2] and f"less memory: {sw_own.default}" in rows[2]
+    assert "not measured" in rows[3] and "out of time budget" in rows[3]
+    assert report.switches_table({"cases": {}}) == []
