@@ -433,9 +433,9 @@ def test_tune_knn_smoke(tmp_path):
     data = json.loads(out.read_text())
     assert data["smoke"] and data["records"] == recs
     # on the CPU the grid is one split whatever the residency: the resident-2 jobs are the same grid
-    assert [(r["M"], r["table"], r["flat"]) for r in recs] == [
-        (37, True, False), (37, False, False), (37, False, True),
-        (70, True, False), (70, False, False), (70, False, True)]
+    assert [(r["M"], r["table"], r["flat"], r["maxnreg"]) for r in recs] == [
+        (37, True, False, None), (37, False, False, None), (37, False, True, None), (37, False, False, 128),
+        (70, True, False, None), (70, False, False, None), (70, False, True, None), (70, False, False, 128)]
     for r in recs:
         assert r["status"] == "measured", r
         assert r["seconds"] > 0 and r["splits"] == 1
@@ -443,6 +443,7 @@ def test_tune_knn_smoke(tmp_path):
             assert r["same_rows"] == 1.0 and r["max_dist_diff"] <= 1e-6
     text = "\n".join(report.run_report(report.load_run(str(run))))
     assert "kNN forward block sizes" in text and "(table)" in text and ", flat" in text
+    assert "≤ 128 registers" in text
 
 
 def test_tune_knn_flags_failures_and_budget(tmp_path, monkeypatch):

@@ -12,7 +12,10 @@ wins is a GPU question; this tool asks it.
 Since 2026-12-01 the candidates include the kernel's other loop structure (``FLAT``: one loop over
 (tile, D-chunk) pairs, so the software pipeline loads the next tile while this one merges).
 
-For each candidate ``(BLOCK_M, BLOCK_N, num_warps, num_stages, FLAT)`` of the forward entry serving
+Also a register cap (Triton's ``maxnreg``) on the entry's own 128 x 128 tiles: 128 registers per
+thread fit two programs per SM, at the price of spills in the merge.
+
+For each candidate ``(BLOCK_M, BLOCK_N, num_warps, num_stages, FLAT[, maxnreg])`` of the forward entry serving
 ``k`` (``CONFIGS[family][fwd_kp*]``), and each shape ``M = N`` (the query is the reference set,
 ``exclude_self``, no labels: a retrieval evaluation), the forward ``knn`` (selection + fused
 finish, no gradient) is timed with CUDA events (median of ``--reps`` calls after a warm-up that
@@ -43,7 +46,7 @@ from tune_line_margin import DTYPES, Timer, interpret_without_gpu, try_candidate
 #: (BLOCK_M, BLOCK_N, num_warps, num_stages, FLAT) -> programs per SM (sm_90), after the table's
 #: entry: ``kernels/knn.py``'s FWD_ALTERNATIVES (the tests assert their residency from ptxas's
 #: report). The smoke run takes both loop structures through the interpreter.
-SMOKE_CANDIDATES = {(32, 32, 4, 1, False): 1, (32, 32, 4, 1, True): 1}
+SMOKE_CANDIDATES = {(32, 32, 4, 1, False): 1, (32, 32, 4, 1, True): 1, (32, 32, 4, 1, False, 128): 1}
 SAME_ROWS = 0.999
 DIST_TOL = 1e-3
 
@@ -134,17 +137,20 @@ def tune(out_path: str, *, sizes=(20_000, 60_000), D: int = 512, dtype: str = "b
     base: Dict[int, tuple] = {}
     records, seen_grid = [], set()
     jobs = _plan(sizes, table, SMOKE_CANDIDATES if smoke else kk.FWD_ALTERNATIVES)
-    for run, (n, (bm, bn, w, st, flat), resident, is_table) in enumerate(jobs):
+    for run, (n, cand, resident, is_table) in enumerate(jobs):
+        bm, bn, w, st, flat = cand[:5]
+        maxnreg = cand[5] if len(cand) > 5 else None
         S = _splits(kk, n, bm, bn, device, resident)
         rec = dict(run=run, dtype=dtype, entry=entry, M=n, N=n, D=D, k=k, BLOCK_M=bm, BLOCK_N=bn,
-                   num_warps=w, num_stages=st, flat=flat, resident=resident, splits=S,
+                   num_warps=w, num_stages=st, flat=flat, maxnreg=maxnreg, resident=resident, splits=S,
                    table=is_table, device=str(device))
-        if (n, bm, bn, w, st, flat, S) in seen_grid:  # the same grid as at one program per SM
+        if (n, cand, S) in seen_grid:  # the same grid as at one program per SM
             continue
-        seen_grid.add((n, bm, bn, w, st, flat, S))
+        seen_grid.add((n, cand, S))
         records.append(rec)
         try_candidate(rec, deadline, kk.CONFIGS[fam], entry,
-                      table.with_blocks(BLOCK_M=bm, BLOCK_N=bn, FLAT=flat, num_warps=w, num_stages=st),
+                      table.with_blocks(BLOCK_M=bm, BLOCK_N=bn, FLAT=flat, num_warps=w, num_stages=st,
+                                        maxnreg=maxnreg),
                       lambda: _measure(rec, n, S, inputs, base, timer, 1 if smoke else reps,
                                        is_table, device, D, tdtype, k))
     records.sort(key=lambda r: (r["M"], not r["table"], r["run"]))
@@ -161,7 +167,9 @@ def markdown(records: List[dict]) -> str:
     for r in records:
         t, b = r.get("seconds"), base.get(r["M"])
         cfg = (f"{r['BLOCK_M']}x{r['BLOCK_N']}, {r['num_warps']}, {r['num_stages']}"
-               + (", flat" if r.get("flat") else "") + (" (table)" if r.get("table") else ""))
+               + (", flat" if r.get("flat") else "")
+               + (f", ≤ {r['maxnreg']} registers" if r.get("maxnreg") else "")
+               + (" (table)" if r.get("table") else ""))
         grid = f"{r['splits']} ({r['resident']})"
         time_s = f"{t * 1e3:.3f}" if t else "—"
         rel = f"{b / t:.2f}x" if t and b else "—"

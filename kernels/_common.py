@@ -213,6 +213,8 @@ class KernelConfig:
     num_warps: int
     num_stages: int
     block_d: Optional[Tuple[int, int]] = (16, 64)
+    #: ptxas's register cap per thread (Triton's ``maxnreg`` option; None: the compiler's choice)
+    maxnreg: Optional[int] = None
     #: ``launch``'s keyword arguments by D (filled on first use: a launch costs one dict copy)
     _launch_kwargs: Dict[Optional[int], Dict[str, Any]] = field(
         init=False, default_factory=dict, compare=False, repr=False)
@@ -232,20 +234,24 @@ class KernelConfig:
         return dict(self.blocks) if block_d is None else dict(self.blocks, BLOCK_D=block_d)
 
     def launch(self, D: Optional[int] = None) -> Dict[str, Any]:
-        """Keyword arguments of a kernel launch (tile sizes, BLOCK_D for ``D``, warps, stages)."""
+        """Keyword arguments of a kernel launch (tile sizes, BLOCK_D for ``D``, warps, stages, and
+        the register cap where one is set)."""
         kwargs = self._launch_kwargs.get(D)
         if kwargs is None:
             bd = None if self.block_d is None else self.block_d_for(D)
             kwargs = dict(self.constexprs(bd), num_warps=self.num_warps, num_stages=self.num_stages)
+            if self.maxnreg is not None:
+                kwargs["maxnreg"] = self.maxnreg
             self._launch_kwargs[D] = kwargs
         return dict(kwargs)
 
     def with_blocks(self, num_warps: Optional[int] = None, num_stages: Optional[int] = None,
-                    **blocks: int) -> "KernelConfig":
-        """A copy with some tile sizes, warps or stages replaced."""
+                    maxnreg: Any = ..., **blocks: int) -> "KernelConfig":
+        """A copy with some tile sizes, warps, stages or the register cap (None: none) replaced."""
         return replace(self, blocks=dict(self.blocks, **blocks),
                        num_warps=self.num_warps if num_warps is None else num_warps,
-                       num_stages=self.num_stages if num_stages is None else num_stages)
+                       num_stages=self.num_stages if num_stages is None else num_stages,
+                       maxnreg=self.maxnreg if maxnreg is ... else maxnreg)
 
 
 def parse_signature(text: str) -> Dict[str, str]:

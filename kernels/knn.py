@@ -523,10 +523,15 @@ KP_ROWS = tuple(_FWD_BLOCKS)
 #: program's merge overlaps another's tensor-core work. ``FLAT``: the loop over (tile, D-chunk)
 #: pairs (``_knn_fwd_kernel``), whose pipeline prefetches across tiles; its 128 x 128 / 8-warp
 #: build spilled with the checked merge (255 registers + 56 B) and, since the counted merge,
-#: does not (255 registers; last, as the least promising).
-FWD_ALTERNATIVES = {(64, 128, 4, 3, False): 2, (64, 128, 4, 3, True): 2, (128, 64, 4, 3, False): 2,
-                    (128, 64, 4, 3, True): 2, (128, 64, 8, 3, True): 1, (64, 128, 4, 4, False): 2,
-                    (128, 128, 8, 2, False): 1, (128, 64, 8, 3, False): 1, (128, 128, 8, 3, True): 1}
+#: does not (255 registers; last, as the least promising). A sixth field, where present, caps the
+#: registers per thread (Triton's ``maxnreg``): the entry's own tiles capped at 128 registers
+#: fit two programs per SM with no more L2 traffic per FLOP than the entry, at the price of
+#: spills (bf16 KP 8: 128 B per thread under Triton 3.8, 200 B under 3.6, none in the K-loop:
+#: asserted by the same test; docs/kernels.md, "Two programs per SM at 128 x 128").
+FWD_ALTERNATIVES = {(64, 128, 4, 3, False): 2, (64, 128, 4, 3, True): 2, (128, 128, 8, 3, False, 128): 2,
+                    (128, 64, 4, 3, False): 2, (128, 64, 4, 3, True): 2, (128, 64, 8, 3, True): 1,
+                    (64, 128, 4, 4, False): 2, (128, 128, 8, 2, False): 1, (128, 64, 8, 3, False): 1,
+                    (128, 128, 8, 3, True): 1}
 
 
 def _fwd_configs(largest_block_d: int, stages: Optional[Dict[int, int]] = None,

@@ -93,7 +93,7 @@ def specialise(signature: dict, unit=(), rows=(), specialisation: str = "generic
 
 
 def _compile_here(fn, signature, constexprs, capability, num_warps, num_stages,
-                  specialisation="generic", unit=(), rows=()):
+                  specialisation="generic", unit=(), rows=(), maxnreg=None):
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -104,8 +104,10 @@ def _compile_here(fn, signature, constexprs, capability, num_warps, num_stages,
         sig[name] = "constexpr"
     attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in divisible}
     src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", capability, 32),
-                          options={"num_warps": num_warps, "num_stages": num_stages})
+    options = {"num_warps": num_warps, "num_stages": num_stages}
+    if maxnreg is not None:
+        options["maxnreg"] = maxnreg
+    return triton.compile(src, target=GPUTarget("cuda", capability, 32), options=options)
 
 
 def _cuobjdump(cubin: bytes, flag: str) -> str:
@@ -179,7 +181,8 @@ def gpu_job(launch, *, capability: int, specialisation: str = "generic", with_sa
             "constexprs": launch.constexprs, "capability": int(capability),
             "num_warps": launch.num_warps, "num_stages": launch.num_stages,
             "specialisation": specialisation, "unit": list(launch.spec.unit),
-            "rows": list(launch.spec.rows), "sass": bool(with_sass)}
+            "rows": list(launch.spec.rows), "sass": bool(with_sass),
+            "maxnreg": getattr(launch.config, "maxnreg", None)}
 
 
 _WORKER = r"""
@@ -201,7 +204,7 @@ for job in jobs:
         fn = getattr(importlib.import_module(job["module"]), job["name"])
         k = _compile_here(fn, job["signature"], job["constexprs"], job["capability"],
                           job["num_warps"], job["num_stages"], job["specialisation"],
-                          job["unit"], job["rows"])
+                          job["unit"], job["rows"], job.get("maxnreg"))
         md = k.metadata
         res.update(ptx=k.asm["ptx"], metadata={"shared": md.shared, "num_warps": md.num_warps,
                                                "name": md.name},

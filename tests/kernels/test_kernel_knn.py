@@ -407,14 +407,29 @@ def _programs_per_sm(registers: int, warps: int, shared: int) -> int:
     return min(by_regs, 233472 // (shared + 1024))
 
 
+def test_register_cap_reaches_the_launch():
+    """``KernelConfig.maxnreg`` (a candidate's register cap) is a launch keyword when set, kept
+    by ``with_blocks`` unless replaced; no table entry sets one."""
+    cfg = kk.CONFIGS["half"]["fwd_kp16"]
+    assert cfg.maxnreg is None and "maxnreg" not in cfg.launch(512)
+    capped = cfg.with_blocks(maxnreg=128)
+    assert capped.launch(512)["maxnreg"] == 128 and capped.launch(512)["num_warps"] == cfg.num_warps
+    assert capped.with_blocks(BLOCK_M=64).maxnreg == 128
+    assert "maxnreg" not in capped.with_blocks(maxnreg=None).launch(512)
+    assert all(c.maxnreg is None for fam in kk.CONFIGS.values() for c in fam.values())
+
+
 @pytest.mark.build
 def test_knn_forward_alternatives_fit_their_residency():
     """The block sizes bench/tune_knn.py times against the bf16 forward entry (FWD_ALTERNATIVES)
-    compile for sm_90 (aligned D = 512) with wgmma and no spills, and allow the programs per SM
-    the table says (what the tool sizes their grids for); the entry itself allows one."""
+    compile for sm_90 (aligned D = 512) with wgmma and allow the programs per SM the table says
+    (what the tool sizes their grids for); the entry itself allows one. None spills, but a
+    candidate with a register cap (its sixth field), which spills only outside the K-loop: no
+    local-memory access in the loop that holds the MMAs (SASS), and at most 256 B per thread
+    for the 60k benchmark's build (KP 8, no labels: 128 B under Triton 3.8, 200 B under 3.6)."""
     import dataclasses
 
-    from daal_testing import compile_many_for_gpu, gpu_job
+    from daal_testing import compile_many_for_gpu, gpu_job, sass_loops
 
     base = next(la for la in kk.launches() if la.entry == "fwd_kp16" and la.x_dtype == torch.bfloat16
                 and la.block_d == 64)
@@ -422,14 +437,30 @@ def test_knn_forward_alternatives_fit_their_residency():
     assert (base.config.blocks["BLOCK_M"], base.config.blocks["BLOCK_N"], base.config.num_warps,
             base.config.num_stages, base.config.blocks["FLAT"]) == (128, 128, 8, 3, False)
     assert any(c[4] for c in kk.FWD_ALTERNATIVES), "the flat loop is among the candidates"
-    jobs = [gpu_job(dataclasses.replace(base, config=base.config.with_blocks(
-        num_warps=w, num_stages=st, BLOCK_M=bm, BLOCK_N=bn, FLAT=flat)), capability=90,
-        specialisation="aligned") for bm, bn, w, st, flat in blocks]
+    capped = [c for c in kk.FWD_ALTERNATIVES if len(c) > 5]
+    assert capped, "a register-capped candidate is among them"
+    jobs = []
+    for bm, bn, w, st, flat, *cap in blocks:
+        la = dataclasses.replace(base, config=base.config.with_blocks(
+            num_warps=w, num_stages=st, BLOCK_M=bm, BLOCK_N=bn, FLAT=flat, maxnreg=cap[0] if cap else None))
+        if cap:  # as the 60k benchmark launches it
+            la = dataclasses.replace(la, flags=dict(la.flags, KP=8, HAS_LABELS=False))
+        jobs.append(gpu_job(la, capability=90, specialisation="aligned", with_sass=bool(cap)))
     for (cfg, resident), res in zip(blocks.items(), compile_many_for_gpu(jobs)):
         assert not res.get("error"), f"{cfg}:\n{res.get('error')}"
-        assert "wgmma.mma_async" in res["ptx"] and res["stack"] == 0, (cfg, res["stack"])
+        assert "wgmma.mma_async" in res["ptx"], cfg
         got = _programs_per_sm(res["registers"], cfg[2], res["metadata"]["shared"])
         assert got == resident, (cfg, res["registers"], res["metadata"]["shared"], got)
+        if len(cfg) == 5:
+            assert res["stack"] == 0, (cfg, res["stack"])
+            continue
+        assert res["registers"] <= cfg[5] and 0 < res["stack"] <= 256, (cfg, res["registers"], res["stack"])
+        if not res["sass"]:
+            continue  # no cuobjdump with this Triton: the loop check needs the SASS
+        mma_loops = [ops for _, _, ops in sass_loops(res["sass"])
+                     if any(o.startswith("HGMMA") for o in ops)]
+        inner = min(mma_loops, key=len)  # the K-loop (the tile loop holds it and the merge)
+        assert not any(o.startswith(("LDL", "STL")) for o in inner), cfg
 
 
 @pytest.mark.build
