@@ -142,5 +142,6 @@ def triton_launch_path_us(launched, reps: int = 2000):
         out[fn.__name__] = out.get(fn.__name__, 0.0) + (_time.perf_counter() - t0) / reps * 1e6
     return out
 
+
 if __name__ == "__main__":
     sys.exit(main())

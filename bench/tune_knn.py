@@ -43,9 +43,10 @@ import torch
 
 from tune_line_margin import DTYPES, Timer, interpret_without_gpu, try_candidate, write_records
 
-#: (BLOCK_M, BLOCK_N, num_warps, num_stages, FLAT) -> programs per SM (sm_90), after the table's
-#: entry: ``kernels/knn.py``'s FWD_ALTERNATIVES (the tests assert their residency from ptxas's
-#: report). The smoke run takes both loop structures through the interpreter.
+#: (BLOCK_M, BLOCK_N, num_warps, num_stages, FLAT[, maxnreg]) -> programs per SM (sm_90), after
+#: the table's entry: ``kernels/knn.py``'s FWD_ALTERNATIVES (the tests assert their residency from
+#: ptxas's report). The smoke run takes both loop structures and a register cap through the
+#: interpreter.
 SMOKE_CANDIDATES = {(32, 32, 4, 1, False): 1, (32, 32, 4, 1, True): 1, (32, 32, 4, 1, False, 128): 1}
 SAME_ROWS = 0.999
 DIST_TOL = 1e-3

@@ -182,7 +182,7 @@ def gpu_job(launch, *, capability: int, specialisation: str = "generic", with_sa
             "num_warps": launch.num_warps, "num_stages": launch.num_stages,
             "specialisation": specialisation, "unit": list(launch.spec.unit),
             "rows": list(launch.spec.rows), "sass": bool(with_sass),
-            "maxnreg": getattr(launch.config, "maxnreg", None)}
+            "maxnreg": launch.config.maxnreg}
 
 
 _WORKER = r"""

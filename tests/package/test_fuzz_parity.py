@@ -2,6 +2,7 @@
 on random configurations (a few fixed cases here; the script runs hundreds)."""
 import importlib.util
 import os
+import random
 
 import pytest
 import torch
@@ -22,8 +23,6 @@ def test_fixed_cases_agree(capsys):
 
 def test_a_wrong_gradient_is_reported(monkeypatch):
     """The comparison can fail: a Triton loss whose gradient is 1% off is caught."""
-    import random
-
     real = daal_triton.daal_loss
 
     class Scale(torch.autograd.Function):
@@ -53,8 +52,6 @@ def test_a_wrong_gradient_is_reported(monkeypatch):
 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_draws_are_reproducible(seed):
-    import random
-
     cases = []
     for _ in range(2):
         rs = random.Random(seed)
