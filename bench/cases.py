@@ -14,7 +14,11 @@ One benchmark case is one (operator, shape, precision, provider, pass):
   beside the class lists that replaced them: kernels/line_margin.py, ``OWN_SEG_ENV``),
   ``triton_checked_merge`` (the kNN with its forward's merge as before 2026-12-01: rounds while
   any row takes, a block-wide check each, ``DAAL_KNN_MERGE=checked``, beside the counted merge
-  that replaced it: kernels/knn.py, ``MERGE_ENV``),
+  that replaced it: kernels/knn.py, ``MERGE_ENV``), ``triton_separate`` (the kNN, the line
+  margin or the loss with one launch per kernel as before 2026-12-01's evening,
+  ``DAAL_LAUNCHES=separate``, beside the merged launches that replaced them: the kNN forward
+  finishing its one split, the line margin's row and class kernels in one launch, its merge in
+  the GEMM kernel, its last segment epilogue with dX; kernels/_common.py, ``LAUNCHES_ENV``),
   ``eager`` (``daal_triton.reference.*``; ``DAALLoss(backend="reference")``), ``compile``
   (``torch.compile`` of the reference function) and, for kNN only, ``chunked`` (row chunks of
   ``torch.cdist`` + ``torch.topk``, the usual hand-written baseline); for ``train_step`` the loss
@@ -46,9 +50,11 @@ PASSES = OPERATOR_PASSES + ("step",)
 PROFILES = ("smoke", "check", "full")
 PROVIDERS = {
     "pairwise": ("triton", "eager", "compile"),
-    "knn": ("triton", "eager", "compile", "chunked", "triton_wave_splits", "triton_checked_merge"),
-    "line_margin": ("triton", "eager", "compile", "triton_atomic_own"),
-    "loss": ("triton", "eager", "compile", "triton_aten_glue", "triton_graphed", "triton_atomic_own"),
+    "knn": ("triton", "eager", "compile", "chunked", "triton_wave_splits", "triton_checked_merge",
+            "triton_separate"),
+    "line_margin": ("triton", "eager", "compile", "triton_atomic_own", "triton_separate"),
+    "loss": ("triton", "eager", "compile", "triton_aten_glue", "triton_graphed", "triton_atomic_own",
+             "triton_separate"),
     "train_step": ("triton", "eager", "proxyanchor", "ce_floor"),
 }
 
@@ -180,6 +186,9 @@ SWITCHES: Tuple[Switch, ...] = (
             ("loss", "dml", "fp32", "fwdbwd")), memory=True),
     Switch("DAAL_GLUE", "fused", "aten", "triton_aten_glue",
            (("loss", "dml", "fp32", "fwd"), ("loss", "dml", "fp32", "bwd"), ("loss", "dml", "fp32", "fwdbwd"))),
+    Switch("DAAL_LAUNCHES", "merged", "separate", "triton_separate",
+           (("loss", "dml", "fp32", "fwd"), ("loss", "dml", "fp32", "bwd"), ("loss", "dml", "fp32", "fwdbwd"),
+            ("knn", "dml", "bf16", "fwd"), ("line_margin", "dml", "bf16", "fwdbwd"))),
 )
 #: Time differences within this fraction are not a decision (run-to-run noise of a median).
 SWITCH_NOISE = 0.03
@@ -198,15 +207,19 @@ CHECK: Dict[Tuple[str, str], List[dict]] = {
     # the fused glue (issue 13) timed beside the glue of plain PyTorch operators it replaced
     # and the module through torch.cuda.make_graphed_callables (README, "Small batches")
     # and the own-class segment rows by atomics (DAAL_LM_OWN_SEG=atomic: one launch fewer)
-    ("loss", "dml"): [dict(dtypes=("fp32",), providers=("triton", "eager", "triton_aten_glue", "triton_graphed")),
+    # and one launch per kernel (DAAL_LAUNCHES=separate), as before the merged launches
+    ("loss", "dml"): [dict(dtypes=("fp32",), providers=("triton", "eager", "triton_aten_glue", "triton_graphed",
+                                                       "triton_separate")),
                       dict(dtypes=("fp32",), providers=("triton_atomic_own",), passes=("fwdbwd",))],
     # the loss's in-batch kNN: launch-bound, where the finish's launch count shows
-    ("knn", "dml"): [dict(dtypes=("bf16",), providers=("triton",), passes=("fwd", "fwdbwd"))],
+    ("knn", "dml"): [dict(dtypes=("bf16",), providers=("triton",), passes=("fwd", "fwdbwd")),
+                     dict(dtypes=("bf16",), providers=("triton_separate",), passes=("fwd",))],
     ("knn", "bank"): [dict(dtypes=("bf16",), providers=("triton", "chunked", "eager", "triton_wave_splits"),
                            passes=("fwd", "fwdbwd")),
                       dict(dtypes=("bf16",), providers=("triton_checked_merge",), passes=("fwd",))],
     ("pairwise", "large"): [dict(dtypes=("bf16", "fp32"), providers=("triton", "eager"))],
-    ("line_margin", "dml"): [dict(dtypes=("bf16",), providers=("triton", "eager"))],
+    ("line_margin", "dml"): [dict(dtypes=("bf16",), providers=("triton", "eager")),
+                             dict(dtypes=("bf16",), providers=("triton_separate",), passes=("fwdbwd",))],
     ("line_margin", "large"): [dict(dtypes=("bf16",), providers=("triton", "eager"), passes=("fwdbwd",))],
     ("line_margin", "classes11k"): [dict(dtypes=("bf16",), providers=("triton", "eager"), passes=("fwdbwd",))],
     # 1M classes: Triton only fits; eager and compile are recorded (skipped by the memory estimate,
@@ -363,7 +376,7 @@ def knn_chunk_rows(n_ref: int, elems: int = 1 << 28) -> int:
 
 def _knn_bytes(d: dict, prov: str, es: int) -> int:
     mn = d["M"] * d["N"]
-    if prov in ("triton", "triton_wave_splits", "triton_checked_merge"):
+    if prov in ("triton", "triton_wave_splits", "triton_checked_merge", "triton_separate"):
         return 16 * d["M"] * d["k"] + (64 << 20)
     if prov == "chunked":
         rows = min(d["M"], knn_chunk_rows(d["N"]))
@@ -374,7 +387,7 @@ def _knn_bytes(d: dict, prov: str, es: int) -> int:
 
 
 def _line_margin_bytes(d: dict, prov: str) -> int:
-    if prov in ("triton", "triton_aten_glue", "triton_graphed", "triton_atomic_own"):
+    if prov in ("triton", "triton_aten_glue", "triton_graphed", "triton_atomic_own", "triton_separate"):
         from work_model import extra_bytes  # the segment gradient, saved stats, the chunk buffers
 
         return extra_bytes(d["B"], d["C"], d["D"], "fp32", atomic=prov == "triton_atomic_own") + (64 << 20)

@@ -8,7 +8,8 @@ script splits both:
 * ``launch``: host microseconds per call (a loop of calls, one synchronisation at the end) of an
   empty Triton kernel, of ``_knn_fwd_kernel`` on a tiny problem (its 20 arguments), of a PyTorch
   op, of ``daal_triton.knn``, and of DAALLoss forward / forward + backward at B = 180, C = 100,
-  D = 512 (also with each ``DAAL_EAGER_OPS`` mode); and the same forward + backward replayed from
+  D = 512 (also with each ``DAAL_EAGER_OPS`` mode and each ``DAAL_LAUNCHES`` policy); and the
+  same forward + backward replayed from
   a CUDA graph (GPU time alone).
 * ``knn``: the selection kernel at M = N (bf16, D = 512, k = 8) against kernels that keep its
   GEMM and drop parts of its epilogue: ``gemm_min`` (tiles, s and one row-min per tile), and
@@ -126,6 +127,10 @@ def launch_section(dev, emit, n, reps, shape=(180, 100, 512)):
                  host_us=host_us(fb, dev, n // 4))
         finally:
             _common.EAGER_OPS = saved
+    for policy in _common.LAUNCH_POLICIES:  # merged launches vs one launch per kernel (both ways)
+        emit("launch", f"DAALLoss forward+backward, B={B} C={C} D={D}, DAAL_LAUNCHES={policy}",
+             host_us=host_us(lambda: _with_env(_common.LAUNCHES_ENV, policy, fb), dev, n // 4),
+             gpu_ms=gpu_ms(lambda: _with_env(_common.LAUNCHES_ENV, policy, fb), dev, reps))
     if dev.type == "cuda":
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())

@@ -9,12 +9,14 @@ is the arithmetic of the line-margin backward's two PyTorch GEMMs (``mm_f32``: a
 the GEMM's shape; on the CPU at D = 64 they computed 0.14–0.19 ms per call that a GPU does in its own
 time, not the host's; their launches are counted with the others), the value
 checks are off (the CUDA default), and the loss runs on small CPU tensors (B = 180, C = 100,
-D = 64 by default) in each ``DAAL_EAGER_OPS`` mode, interleaved, median of ``--rounds`` rounds of
-``--calls`` calls. Also prints the launches one call makes (``daal_triton.launch_count``). What
+D = 64 by default) in three settings, interleaved (``DAAL_EAGER_OPS=function`` and ``custom``
+with the merged launches, ``function`` with ``DAAL_LAUNCHES=separate``), median of ``--rounds``
+rounds of ``--calls`` calls. Also prints the launches one call makes in each
+(``daal_triton.launch_count``). What
 a GPU adds — each Triton launch's own host cost (~17 µs for an empty kernel on the H200's host,
 ``bench/probe_h200.py``) and each PyTorch launch's — is not in these numbers; the part of Triton's
 that is Python (``JITFunction.run``'s argument binder and cache key) is measured apart, on each
-launch's arguments, and printed last.
+launch's arguments, and printed last, once per launch policy.
 
 usage: TRITON_INTERPRET=1 python bench/probe_host.py [--B 180 --C 100 --D 64] [--rounds 15 --calls 40]
 
@@ -66,45 +68,72 @@ def main(argv=None) -> int:
         z.grad = loss.segments.grad = None
         loss(z, y).backward()
 
-    call()  # compiles nothing (interpreter) but fills the caches
-    with LaunchCount() as count:
+    # the settings timed side by side: the operators' dispatch (DAAL_EAGER_OPS) and the merged
+    # launches (DAAL_LAUNCHES); a tree from before either (e.g. the commit the first H200 probe
+    # measured, for a calibration: docs/kernels.md, "Measured results") has one setting
+    eager_modes = getattr(_common, "EAGER_MODES", ())
+    launch_env = getattr(_common, "LAUNCHES_ENV", None)
+    settings = [("function", "merged"), ("function", "separate"), ("custom", "merged")]
+    settings = [(e if eager_modes else None, m if launch_env else None) for e, m in settings]
+    settings = list(dict.fromkeys(settings))
+
+    def use(setting):
+        eager_mode, launches = setting
+        if eager_mode is not None:
+            _common.EAGER_OPS = eager_mode
+        if launches is not None:
+            os.environ[launch_env] = launches
+
+    def label(setting):
+        return "  ".join(f"{name}={v:8s}" for name, v in zip(("DAAL_EAGER_OPS", "DAAL_LAUNCHES"), setting)
+                         if v is not None) or "this tree"
+
+    counts, launched = {}, {}  # per setting: the launches of one call, and each Triton launch's
+    real_run = InterpretedFunction.run  # (kernel function, args, kwargs)
+    for setting in settings:
+        use(setting)
+        call()  # compiles nothing (interpreter) but fills the caches
+        with LaunchCount() as counts[setting]:
+            call()
+        launched[setting] = rec = []
+
+        def recording_run(self, *args, _rec=rec, **kwargs):  # a no-op that keeps the arguments
+            _rec.append((self.fn, args, {k: v for k, v in kwargs.items() if k not in ("grid", "warmup")}))
+
+        InterpretedFunction.run = recording_run
         call()
-    launched = []  # (kernel function, args, kwargs) of each Triton launch of one call
-
-    def recording_run(self, *args, **kwargs):  # a no-op kernel that keeps its launch's arguments
-        launched.append((self.fn, args, {k: v for k, v in kwargs.items() if k not in ("grid", "warmup")}))
-
-    InterpretedFunction.run = recording_run
-    call()
+        InterpretedFunction.run = real_run
     InterpretedFunction.run = lambda self, *args, **kwargs: None  # the kernels: no-ops from here
     line_margin.mm_f32 = lambda a, b: torch.empty(a.shape[0], b.shape[1], device=a.device)  # and the GEMMs
 
-    # a tree from before the eager calls (e.g. the commit the first H200 probe measured, for a
-    # calibration: docs/kernels.md, "Measured results") has one mode, the operators' dispatch
-    times = {mode: [] for mode in getattr(_common, "EAGER_MODES", ("custom",))}
-    for _ in range(3):
-        call()
+    times = {setting: [] for setting in settings}
+    for setting in settings:
+        use(setting)
+        for _ in range(3):
+            call()
     for _ in range(a.rounds):
-        for mode in times:
-            if len(times) > 1:
-                _common.EAGER_OPS = mode
+        for setting in settings:
+            use(setting)
             t0 = time.perf_counter()
             for _ in range(a.calls):
                 call()
-            times[mode].append((time.perf_counter() - t0) / a.calls)
+            times[setting].append((time.perf_counter() - t0) / a.calls)
     print(f"DAALLoss forward + backward, B={a.B} C={a.C} D={a.D}, CPU tensors, Triton kernels as "
           f"no-ops (the backward's GEMMs too), value checks off; torch {torch.__version__}")
-    print(f"launches per call: {count.launches} ({sum(count.triton.values())} Triton, "
-          f"{count.aten_launches} PyTorch), host syncs: {sum(count.syncs.values())}")
-    for mode, ts in times.items():
-        print(f"DAAL_EAGER_OPS={mode:8s}  median {statistics.median(ts) * 1e3:.3f} ms, "
-              f"min {min(ts) * 1e3:.3f} ms per call")
-    per_kernel = triton_launch_path_us(launched)
-    if per_kernel:
-        print(f"Triton's launch path (JITFunction.run's binder + cache key, for an sm_90 target): "
-              f"{sum(per_kernel.values()):.0f} µs per call over {len(launched)} launches (not in the "
-              f"times above); the heaviest: " + ", ".join(
-                  f"{k} {us:.1f}" for k, us in sorted(per_kernel.items(), key=lambda kv: -kv[1])[:3]))
+    for setting, ts in times.items():
+        count = counts[setting]
+        print(f"{label(setting)}  median {statistics.median(ts) * 1e3:.3f} ms, min {min(ts) * 1e3:.3f} ms "
+              f"per call; launches {count.launches} ({sum(count.triton.values())} Triton, "
+              f"{count.aten_launches} PyTorch), host syncs {sum(count.syncs.values())}")
+    for setting in dict.fromkeys((None, s[1]) for s in settings):  # once per launch policy
+        rec = next(launched[s] for s in settings if s[1] == setting[1])
+        per_kernel = triton_launch_path_us(rec)
+        if per_kernel:
+            print(f"Triton's launch path (JITFunction.run's binder + cache key, for an sm_90 target)"
+                  f"{'' if setting[1] is None else ', DAAL_LAUNCHES=' + setting[1]}: "
+                  f"{sum(per_kernel.values()):.0f} µs per call over {len(rec)} launches (not in the "
+                  f"times above); the heaviest: " + ", ".join(
+                      f"{k} {us:.1f}" for k, us in sorted(per_kernel.items(), key=lambda kv: -kv[1])[:3]))
     return 0
 
 

@@ -149,6 +149,11 @@ PROVIDER_FUNCTIONS: Dict[str, Callable[[str], Callable]] = {
     # (DAAL_LM_OWN_SEG=atomic, read by the forward: the backward follows it)
     "triton_atomic_own": lambda op: functools.partial(
         _with_env, import_kernel(op).OWN_SEG_ENV, "atomic", getattr(import_kernel(op), FUNCTION_NAMES[op])),
+    # one launch per kernel, as before the merged launches (DAAL_LAUNCHES=separate, read by the
+    # forward: the backward follows it)
+    "triton_separate": lambda op: functools.partial(
+        _with_env, import_kernel("_common").LAUNCHES_ENV, "separate",
+        getattr(import_kernel(op), FUNCTION_NAMES[op])),
 }
 
 
@@ -257,6 +262,11 @@ def setup_loss(case: Case, device: torch.device) -> Problem:
         env = import_kernel("line_margin").OWN_SEG_ENV
         return Problem(lambda: _with_env(env, "atomic", module, emb, labels), [emb, module.segments],
                        None, [emb, module.segments], notes=f"DAALLoss, {env}=atomic")
+    if case.provider == "triton_separate":  # one launch per kernel (DAAL_LAUNCHES=separate)
+        module = daal_module("triton", C, D).to(device=device, dtype=dtype)
+        env = import_kernel("_common").LAUNCHES_ENV
+        return Problem(lambda: _with_env(env, "separate", module, emb, labels), [emb, module.segments],
+                       None, [emb, module.segments], notes=f"DAALLoss, {env}=separate")
     if case.provider == "triton_graphed":  # README, "Small batches": both passes replay CUDA graphs
         if device.type != "cuda":
             raise NeedsCUDA("torch.cuda.make_graphed_callables captures CUDA graphs")

@@ -43,7 +43,8 @@ PROVIDER_TITLES = {"triton": "Triton", "eager": "eager", "compile": "compile", "
                    "triton_aten_finish": "Triton (aten finish)",
                    "triton_wave_splits": "Triton (wave splits)",
                    "triton_atomic_own": "Triton, atomic own rows",
-                   "triton_checked_merge": "Triton, checked merge"}
+                   "triton_checked_merge": "Triton, checked merge",
+                   "triton_separate": "Triton, separate launches"}
 #: Providers that earlier runs measured and the benchmarks no longer run: the line margin's first
 #: design and the kNN's aten finish, removed after the 2026-11-30 H200 run decided against them
 #: (docs/kernels.md, "Measured results"). Their stored results still render, after the others.
@@ -602,7 +603,10 @@ Each case is (shape, precision, provider, pass):
   `torch.cuda.make_graphed_callables`, README "Small batches"; GPU only); for the line margin and
   the whole loss `Triton, atomic own rows` (the own-class rows of the segment gradient added by
   float32 atomics into a float32 gradient, as the first run timed them, `DAAL_LM_OWN_SEG=atomic`,
-  beside the class lists that replaced them; docs/kernels.md "Class-chunked backward"). The first run also
+  beside the class lists that replaced them; docs/kernels.md "Class-chunked backward"); for the kNN,
+  the line margin and the whole loss `Triton, separate launches` (one launch per kernel,
+  `DAAL_LAUNCHES=separate`, beside the merged launches that replaced them; docs/kernels.md
+  "Fewer launches"). The first run also
   timed `Triton (aten finish)` (the kNN kernel with its earlier finish) and `Triton v1` (the line
   margin's first design); both were removed after it (the fused finish was 1.45–3.3× faster, v2 4.1×), and its
   tables still show them;

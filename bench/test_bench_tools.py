@@ -477,21 +477,29 @@ def test_tune_knn_grid_sizes_for_residency():
 
 def test_probe_host_smoke():
     """bench/probe_host.py (in its own process: it turns the kernels and the backward's GEMMs
-    into no-ops) prints the loss's launches, no host synchronisation and a time per mode."""
+    into no-ops) prints, per setting (the operators' dispatch, the merged launches), a time, the
+    loss's launches and no host synchronisation; the merged launches are fewer (the same PyTorch
+    launches), and Triton's launch path is summed over each policy's launches."""
     env = dict(os.environ, TRITON_INTERPRET="1")
     proc = subprocess.run([sys.executable, os.path.join(HERE, "probe_host.py"), "--B", "37", "--C", "11",
                            "--D", "16", "--rounds", "1", "--calls", "2"],
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = proc.stdout
-    launches = re.search(r"launches per call: (\d+) \((\d+) Triton, (\d+) PyTorch\), host syncs: (\d+)", out)
-    assert launches, out
-    total, triton, aten, syncs = map(int, launches.groups())
-    assert total == triton + aten and triton >= 10 and syncs == 0
-    assert re.search(r"DAAL_EAGER_OPS=function\s+median [\d.]+ ms", out), out
-    assert re.search(r"DAAL_EAGER_OPS=custom\s+median [\d.]+ ms", out), out
-    path = re.search(r"Triton's launch path .*?: (\d+) µs per call over (\d+) launches", out)
-    assert path and int(path.group(2)) == triton and int(path.group(1)) > 0, out
+    rows = {}
+    for m in re.finditer(r"DAAL_EAGER_OPS=(\w+)\s+DAAL_LAUNCHES=(\w+)\s+median [\d.]+ ms, min [\d.]+ ms per call; "
+                         r"launches (\d+) \((\d+) Triton, (\d+) PyTorch\), host syncs (\d+)", out):
+        total, triton, aten, syncs = map(int, m.groups()[2:])
+        assert total == triton + aten and triton >= 10 and syncs == 0, m.group(0)
+        rows[m.group(1), m.group(2)] = (triton, aten)
+    assert set(rows) == {("function", "merged"), ("function", "separate"), ("custom", "merged")}, out
+    merged, separate = rows["function", "merged"], rows["function", "separate"]
+    assert merged[0] < separate[0] and merged[1] == separate[1] and rows["custom", "merged"] == merged
+    paths = dict((m.group(1), (int(m.group(2)), int(m.group(3)))) for m in re.finditer(
+        r"Triton's launch path .*?DAAL_LAUNCHES=(\w+): (\d+) µs per call over (\d+) launches", out))
+    assert set(paths) == {"merged", "separate"}, out
+    assert paths["merged"][1] == merged[0] and paths["separate"][1] == separate[0]
+    assert all(us > 0 for us, _ in paths.values())
 
 
 def test_every_switch_is_timed_on_both_sides_by_the_check():

@@ -327,11 +327,15 @@ class Launch:
         """``"-tf32"`` for a launch with single-pass TF32 dots or TF32-rounded norms; ``"-atomic"``
         for the line margin's atomic own-class rows (``ATOMIC=True`` / ``HAS_OWN=False``: the
         design ``DAAL_LM_OWN_SEG=atomic`` keeps selectable); ``"-pairs"`` for the kNN backward's
-        per-pair dRef (``DR_PAIRS=True``: under deterministic algorithms); ``"-checked"`` for the
+        per-pair dRef (``DR_PAIRS=True``: under deterministic algorithms); ``"-lse"`` for the line
+        margin forward that also merges its one split (``LSE=True``); ``"-finish"`` for the kNN
+        forward that finishes its one split (``FINISH=True``); ``"-checked"`` for the
         kNN forward's checked merge (``COUNTED=False``: ``DAAL_KNN_MERGE=checked``)."""
         tf32 = self.flags.get("INPUT_PRECISION") == "tf32" or self.flags.get("ROUND_TF32")
         atomic = self.flags.get("ATOMIC") is True or self.flags.get("HAS_OWN") is False
         return (("-tf32" if tf32 else "") + ("-atomic" if atomic else "")
+                + ("-lse" if self.flags.get("LSE") else "")
+                + ("-finish" if self.flags.get("FINISH") else "")
                 + ("-pairs" if self.flags.get("DR_PAIRS") else "")
                 + ("-checked" if self.flags.get("COUNTED") is False else ""))
 
@@ -479,6 +483,27 @@ def row_sqnorms(x: torch.Tensor, precision: str = "ieee") -> torch.Tensor:
                          ROUND_TF32=round_operands(precision) and x.dtype == torch.float32,
                          **SQNORM_CONFIG.launch(D))
     return out
+
+
+# ----------------------------------------------------------------------------- merged launches
+#: Whether the operators merge independent kernels into one launch where they can: ``"merged"``
+#: (the default; the line margin's own-class rows and class statistics in one launch, its
+#: forward's merge inside the GEMM kernel when the grid has one class split, the last chunk's
+#: segment epilogue with the dX kernel; docs/kernels.md, "Fewer launches") or ``"separate"``
+#: (``DAAL_LAUNCHES=separate``: one launch per kernel, as before 2026-12-01's evening; kept until
+#: a GPU run times both: the benchmarks' ``triton_separate`` provider). Read by each forward;
+#: its backward follows the forward's choice.
+LAUNCHES_ENV = "DAAL_LAUNCHES"
+LAUNCH_POLICIES = ("merged", "separate")
+
+
+def merged_launches() -> bool:
+    """``DAAL_LAUNCHES`` is "merged" (the default); ``ValueError`` for a value not in
+    :data:`LAUNCH_POLICIES`."""
+    policy = os.environ.get(LAUNCHES_ENV, "merged")
+    if policy not in LAUNCH_POLICIES:
+        raise ValueError(f"{LAUNCHES_ENV} must be one of {LAUNCH_POLICIES}, got {policy!r}")
+    return policy == "merged"
 
 
 # ----------------------------------------------------------------------------- eager calls

@@ -47,7 +47,11 @@ order — this also merges the S column ranges; each pick's ``||q_i - r_j||^2`` 
 by direct differences (float32, BLOCK_D chunks, the arithmetic of the backward's recompute); ``k``
 more rounds over the exact keys (in registers) re-sort them by ``(s, j)``; ``dist =
 sqrt_rn(max(s, eps))`` (``inf`` for padding) and ``index`` (int64, ``-1`` for padding) are stored
-in their final M x k form.
+in their final M x k form. With one column split and ``KP <= FUSED_FINISH_KP``
+(``DAAL_LAUNCHES=merged``, the default) the forward kernel does this itself (``FINISH``): its
+program holds its rows' final slots, so the first selection runs over them in registers; each
+family's forward and finish (and backward) take the same D-chunk, so the result is the same bit
+for bit and one launch is saved (the loss's B = 180 batch: docs/kernels.md, "Fewer launches").
 
 (An earlier finish of PyTorch sorts, the recompute alone and a re-sort, ~20 launches more, was
 removed after the 2026-11-30 H200 run measured the fused one 1.45-3.3x faster; docs/kernels.md,
@@ -109,6 +113,7 @@ from ._common import (
     family,
     dot_flags,
     gpu_dot_variants,
+    merged_launches,
     prepare,
     row_sqnorms,
     sm_count,
@@ -189,14 +194,20 @@ def _knn_take(v, j, topd, topi, worst, widx):
 
 @triton.jit
 def _knn_fwd_kernel(
-    q_ptr, r_ptr, qn_ptr, rn_ptr, ql_ptr, rl_ptr, top_s_ptr, top_i_ptr, M, N, D, cols_per_split,
-    stride_q_m, stride_r_n, stride_top_s, stride_top_m,
+    q_ptr, r_ptr, qn_ptr, rn_ptr, ql_ptr, rl_ptr, top_s_ptr, top_i_ptr, dist_ptr, index_ptr,
+    M, N, D, K, cols_per_split, stride_q_m, stride_r_n, stride_top_s, stride_top_m, stride_dist_m,
+    stride_index_m,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, KP: tl.constexpr,
     HAS_LABELS: tl.constexpr, EXCLUDE_SELF: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    ROUND_TF32: tl.constexpr, FLAT: tl.constexpr, COUNTED: tl.constexpr,
+    ROUND_TF32: tl.constexpr, FLAT: tl.constexpr, COUNTED: tl.constexpr, FINISH: tl.constexpr,
 ):
     """Running top-KP of ``s_ij = max(qn_i + rn_j - 2 q_i.r_j, eps)`` over the candidate
     columns ``j`` of split ``program_id(1)``; writes the KP (s, j) slots, unsorted, per row.
+    ``FINISH`` (one split, ``DAAL_LAUNCHES=merged``): the slots are the rows' final candidates,
+    so the program finishes them itself as ``_knn_finish_kernel`` would (the K best by
+    ``(s, j)``, exact recompute in BLOCK_D chunks, re-sort, square root) and writes ``dist`` and
+    ``index`` instead: one launch fewer, the same arithmetic (each family's forward and finish
+    take the same D-chunk).
 
     Loops: ``FLAT = False``, a loop over the split's tiles with the K-loop over D inside (the
     software pipeline fills and drains once per tile); ``FLAT = True``, one loop over the
@@ -209,15 +220,19 @@ def _knn_fwd_kernel(
         qn_ptr, rn_ptr: their squared row norms (float32).
         ql_ptr, rl_ptr: query and reference labels (int64; read only with HAS_LABELS).
         top_s_ptr, top_i_ptr: S x M x KP outputs: squared distances (float32) and column
-            indices (int32) of the slots, unit slot stride.
-        M, N, D: sizes. cols_per_split: reference columns per split (a multiple of BLOCK_N).
+            indices (int32) of the slots, unit slot stride (not written with FINISH).
+        dist_ptr, index_ptr: M x K outputs of FINISH (float32, int64), unit column stride.
+        M, N, D: sizes. K: the neighbours (FINISH). cols_per_split: reference columns per
+            split (a multiple of BLOCK_N).
         stride_q_m, stride_r_n: row strides of q and r.
-        stride_top_s, stride_top_m: split and row strides of both outputs.
+        stride_top_s, stride_top_m: split and row strides of both slot outputs.
+        stride_dist_m, stride_index_m: row strides of dist and index.
         BLOCK_M, BLOCK_N: queries x references per tile. BLOCK_D: D-chunk. KP: slots per row
             (a power of two >= k). HAS_LABELS: same-label candidates only. EXCLUDE_SELF: drop
             ``j == i``. INPUT_PRECISION: ``tl.dot``'s input precision. ROUND_TF32: round float32
             operands to TF32 first (``_common.round_operands``; qn/rn are norms of rounded rows).
-            FLAT: the loop structure (above).
+            FLAT: the loop structure (above). COUNTED: the merge (``_knn_merge_tile``).
+            FINISH: see above.
     """
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -270,9 +285,20 @@ def _knn_fwd_kernel(
                 acc, n0, lanes, cols, cmask, rows, row_lo, qn, ql, rn_ptr, rl_ptr, topd, topi, worst,
                 widx, BLOCK_M, BLOCK_N, KP, HAS_LABELS, EXCLUDE_SELF, COUNTED)
 
-    out = pid_s.to(tl.int64) * stride_top_s + rows64[:, None] * stride_top_m + slots[None, :]
-    tl.store(top_s_ptr + out, topd, mask=rmask[:, None])
-    tl.store(top_i_ptr + out, topi, mask=rmask[:, None])
+    if FINISH:  # one split: these slots are the rows' final candidates
+        key = _pair_key(topd, topi)
+        exact = tl.full([BLOCK_M, KP], _NO_KEY, tl.int64)
+        prev = tl.full([BLOCK_M], -1, tl.int64)
+        for t in range(0, K):
+            best = tl.min(tl.where(key > prev[:, None], key, _NO_KEY), axis=1)
+            prev = best
+            e = _exact_key(best, rows64, q_ptr, r_ptr, D, stride_q_m, stride_r_n, BLOCK_M, BLOCK_D)
+            exact = tl.where(slots[None, :] == t, e[:, None], exact)
+        _store_sorted(exact, rows64, rmask, dist_ptr, index_ptr, K, stride_dist_m, stride_index_m, BLOCK_M)
+    else:
+        out = pid_s.to(tl.int64) * stride_top_s + rows64[:, None] * stride_top_m + slots[None, :]
+        tl.store(top_s_ptr + out, topd, mask=rmask[:, None])
+        tl.store(top_i_ptr + out, topi, mask=rmask[:, None])
 
 
 @triton.jit
@@ -299,13 +325,7 @@ def _knn_dist_kernel(
     for kk in range(0, K):
         j = tl.load(idx_ptr + rows64 * stride_idx_m + kk, mask=rmask, other=-1).to(tl.int64)
         found = rmask & (j >= 0)
-        sq = tl.zeros([BLOCK_M], dtype=tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            dd = d0 + tl.arange(0, BLOCK_D)
-            m2 = found[:, None] & (dd[None, :] < D)
-            q = tl.load(q_ptr + rows64[:, None] * stride_q_m + dd[None, :], mask=m2, other=0.0).to(tl.float32)
-            r = tl.load(r_ptr + j[:, None] * stride_r_n + dd[None, :], mask=m2, other=0.0).to(tl.float32)
-            sq += tl.sum((q - r) * (q - r), axis=1)
+        sq = _pair_sq(found, rows64, j, q_ptr, r_ptr, D, stride_q_m, stride_r_n, BLOCK_M, BLOCK_D)
         sq = tl.where(found, sq, float("inf"))
         tl.store(out_ptr + rows64 * stride_out_m + kk, sq, mask=rmask)
 
@@ -375,19 +395,44 @@ def _knn_finish_kernel(
             ps += stride_top_s
             pi += stride_top_s
         prev = best
-        found = best != _NO_KEY
-        col = tl.where(found, best.to(tl.int32), 0)  # the low 32 bits: j
-        col64 = col.to(tl.int64)
-        # its exact squared distance, by direct differences
-        sq = tl.zeros([BLOCK_M], dtype=tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            dd = d0 + tl.arange(0, BLOCK_D)
-            m2 = found[:, None] & (dd[None, :] < D)
-            q = tl.load(q_ptr + rows64[:, None] * stride_q_m + dd[None, :], mask=m2, other=0.0).to(tl.float32)
-            r = tl.load(r_ptr + col64[:, None] * stride_r_n + dd[None, :], mask=m2, other=0.0).to(tl.float32)
-            sq += tl.sum((q - r) * (q - r), axis=1)
-        exact = tl.where(slots[None, :] == t, _pair_key(sq, tl.where(found, col, -1))[:, None], exact)
-    # re-sort the K exact keys by (e, j) and write the final form
+        e = _exact_key(best, rows64, q_ptr, r_ptr, D, stride_q_m, stride_r_n, BLOCK_M, BLOCK_D)
+        exact = tl.where(slots[None, :] == t, e[:, None], exact)
+    _store_sorted(exact, rows64, rmask, dist_ptr, index_ptr, K, stride_dist_m, stride_index_m, BLOCK_M)
+
+
+@triton.jit
+def _exact_key(best, rows64, q_ptr, r_ptr, D, stride_q_m, stride_r_n, BLOCK_M: tl.constexpr,
+               BLOCK_D: tl.constexpr):
+    """The key ``_pair_key(e, j)`` of each row's selected key ``best`` (``bits(s) << 32 | j``,
+    ``_NO_KEY``: none): ``e = ||q_i - r_j||^2`` recomputed by direct differences (float32, BLOCK_D
+    chunks: the arithmetic of ``_knn_dist_kernel`` and of the backward's recompute)."""
+    found = best != _NO_KEY
+    col = tl.where(found, best.to(tl.int32), 0)  # the low 32 bits: j
+    sq = _pair_sq(found, rows64, col.to(tl.int64), q_ptr, r_ptr, D, stride_q_m, stride_r_n, BLOCK_M, BLOCK_D)
+    return _pair_key(sq, tl.where(found, col, -1))
+
+
+@triton.jit
+def _pair_sq(found, rows64, j64, q_ptr, r_ptr, D, stride_q_m, stride_r_n, BLOCK_M: tl.constexpr,
+             BLOCK_D: tl.constexpr):
+    """``||q_i - r_j||^2`` per row (``j = j64``) by direct differences in float32, BLOCK_D chunks
+    (0 where not ``found``): the exact recompute of a selected pair."""
+    sq = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        dd = d0 + tl.arange(0, BLOCK_D)
+        m2 = found[:, None] & (dd[None, :] < D)
+        q = tl.load(q_ptr + rows64[:, None] * stride_q_m + dd[None, :], mask=m2, other=0.0).to(tl.float32)
+        r = tl.load(r_ptr + j64[:, None] * stride_r_n + dd[None, :], mask=m2, other=0.0).to(tl.float32)
+        sq += tl.sum((q - r) * (q - r), axis=1)
+    return sq
+
+
+@triton.jit
+def _store_sorted(exact, rows64, rmask, dist_ptr, index_ptr, K, stride_dist_m, stride_index_m,
+                  BLOCK_M: tl.constexpr):
+    """The K exact keys of each row (``_exact_key``; KP slots, ``_NO_KEY`` in the others)
+    re-sorted by ``(e, j)`` and written in final form: ``dist = sqrt(max(e, eps))`` (round to
+    nearest), ``index = j`` (``inf`` / ``-1`` where the row has fewer than K candidates)."""
     prev = tl.full([BLOCK_M], -1, tl.int64)
     for t in range(0, K):
         best = tl.min(tl.where(exact > prev[:, None], exact, _NO_KEY), axis=1)
@@ -487,9 +532,10 @@ KERNELS: Dict[str, KernelSpec] = {
     "fwd": KernelSpec(
         _knn_fwd_kernel,
         "q_ptr r_ptr: *x; qn_ptr rn_ptr: *fp32; ql_ptr rl_ptr: *i64; top_s_ptr: *fp32; "
-        "top_i_ptr: *i32; M N D cols_per_split: i32; "
-        "stride_q_m stride_r_n stride_top_s stride_top_m: i64",
-        rows=("stride_q_m", "stride_r_n"), other=("stride_top_s", "stride_top_m")),
+        "top_i_ptr: *i32; dist_ptr: *fp32; index_ptr: *i64; M N D K cols_per_split: i32; "
+        "stride_q_m stride_r_n stride_top_s stride_top_m stride_dist_m stride_index_m: i64",
+        rows=("stride_q_m", "stride_r_n"),
+        other=("stride_top_s", "stride_top_m", "stride_dist_m", "stride_index_m")),
     "bwd": KernelSpec(
         _knn_bwd_kernel,
         "g_ptr: *fp32; idx_ptr: *i64; q_ptr r_ptr: *x; dq_ptr dr_ptr: *fp32; M D K: i32; "
@@ -546,19 +592,30 @@ def _fwd_configs(largest_block_d: int, stages: Optional[Dict[int, int]] = None,
 #: The fused finish's entries by the largest KP they serve -> BLOCK_M: its registers hold the
 #: K exact keys (int64) and one split's KP slots per row, so BLOCK_M * KP stays at 1024.
 _FINISH_BLOCKS = {16: 64, 32: 32, 64: 16, 128: 8}
-_FINISH = {f"finish_kp{kp}": KernelConfig({"BLOCK_M": bm}, num_warps=4, num_stages=1, block_d=(16, 64))
-           for kp, bm in _FINISH_BLOCKS.items()}
-_BWD = KernelConfig({"BLOCK_M": 64}, num_warps=4, num_stages=1, block_d=(16, 64))
+
+
+def _recompute_configs(block_d: Tuple[int, int]) -> Dict[str, KernelConfig]:
+    """The finish, ``dist``, ``bwd`` and ``bwd_noref`` entries, with the D-chunk range of the
+    family's forward: the exact recompute then sums in the same chunks wherever it runs (the
+    finish, the forward that finishes its one split, the k > MAX_K path, the backward), so value
+    and gradient are one function bit for bit."""
+    bwd = KernelConfig({"BLOCK_M": 64}, num_warps=4, num_stages=1, block_d=block_d)
+    return dict({f"finish_kp{kp}": KernelConfig({"BLOCK_M": bm}, num_warps=4, num_stages=1, block_d=block_d)
+                 for kp, bm in _FINISH_BLOCKS.items()}, dist=bwd, bwd=bwd, bwd_noref=bwd)
+
+
 #: ``CONFIGS[family][entry]``: ``fwd_kp<KP>`` (the forward for padded k up to KP),
 #: ``finish_kp<KP>`` (the fused finish: selection of the k best slots, exact recompute, final
 #: sort and square root), ``dist`` (the exact recompute alone, for k > MAX_K), ``bwd`` and
 #: ``bwd_noref`` (the backward without dRef: the references need no gradient).
 CONFIGS: Dict[str, Dict[str, KernelConfig]] = {
-    "half": dict(_fwd_configs(64), **_FINISH, dist=_BWD, bwd=_BWD, bwd_noref=_BWD),
+    "half": dict(_fwd_configs(64), **_recompute_configs((16, 64))),
     # float32: BLOCK_D 16, and 4 stages with 8 warps at KP 32, keep the 3xTF32 builds' sm_90
-    # stack at 0 (4 warps: 40 bytes since the one-reduction merge; docs/kernels.md, "Compile facts")
-    "fp32": dict(_fwd_configs(16, {32: 4}, {32: 8}), **_FINISH, dist=_BWD, bwd=_BWD, bwd_noref=_BWD),
+    # stack at 0 (4 warps: 40 bytes since the one-reduction merge; docs/kernels.md, "Compile facts");
+    # the recompute's chunk is the forward's 16 too (before 2026-12-01's evening: 16-64)
+    "fp32": dict(_fwd_configs(16, {32: 4}, {32: 8}), **_recompute_configs((16, 16))),
 }
+_FINISH = [f"finish_kp{kp}" for kp in _FINISH_BLOCKS]
 _SPEC_OF = {**{f"fwd_kp{kp}": KERNELS["fwd"] for kp in KP_ROWS},
             **{entry: KERNELS["finish"] for entry in _FINISH}, "dist": KERNELS["dist"],
             "bwd": KERNELS["bwd"], "bwd_noref": KERNELS["bwd"]}
@@ -586,10 +643,14 @@ def _gpu_flags(entry: str, dtype: torch.dtype):
         return [{"HAS_DR": True, "DR_PAIRS": False}, {"HAS_DR": True, "DR_PAIRS": True}]
     if entry == "bwd_noref":
         return {"HAS_DR": False, "DR_PAIRS": False}
-    base = {"KP": int(entry[len("fwd_kp"):]), "HAS_LABELS": True, "EXCLUDE_SELF": True}
+    kp = int(entry[len("fwd_kp"):])
+    base = {"KP": kp, "HAS_LABELS": True, "EXCLUDE_SELF": True, "FINISH": False}
     # the counted merge (the default) and, for the entry it is kept for, the checked one
     merges = (True, False) if entry == CHECKED_ENTRY else (True,)
-    return [dict(base, COUNTED=counted, **fl) for counted in merges for fl in gpu_dot_variants(dtype)]
+    out = [dict(base, COUNTED=counted, **fl) for counted in merges for fl in gpu_dot_variants(dtype)]
+    if kp <= FUSED_FINISH_KP:  # one split: the finish in the same launch
+        out += [dict(base, COUNTED=True, FINISH=True, **fl) for fl in gpu_dot_variants(dtype)]
+    return out
 
 
 def launches() -> List[Launch]:
@@ -609,6 +670,16 @@ MAX_SPLITS = 1024
 #: 3.85 ms; a later tile ~9 µs per SM, a one-tile program ~20.6 µs, and the finish of 157
 #: splits ~0.9 ms): ~1.3 tiles per program, ~2 with the finish.
 PROGRAM_OVERHEAD_TILES = 2.0
+#: The cost of the finish's own launch, in column tiles, when one split would make it
+#: unnecessary (``DAAL_LAUNCHES=merged``: the forward finishes its rows itself, ``FINISH``): a
+#: launch and a pass over S x KP slots per row, about one tile of ~9 µs per SM on the H200 (the
+#: first run: a later tile ~9 µs). :func:`_num_splits` takes one split where that costs no more.
+FINISH_LAUNCH_TILES = 1.0
+#: The largest KP whose forward finishes its rows itself (``FINISH``): the ``fwd_kp16`` entry
+#: (k <= 16; DAAL's k is 3 by default). Its registers then also hold the K exact keys (int64)
+#: beside the slots (no local memory on sm_90: tests/kernels/test_kernel_knn.py); the larger
+#: entries keep the finish's launch (and the compile tests fewer builds).
+FUSED_FINISH_KP = 16
 #: How the forward's column splits are chosen: ``"model"`` (default: :func:`_num_splits` with
 #: :data:`PROGRAM_OVERHEAD_TILES`), or ``"waves"`` (``DAAL_KNN_SPLITS=waves``: whole waves and
 #: the fewest tiles per program, no cost per program: the first run's choice, S = 157 above; kept
@@ -637,22 +708,32 @@ def merge_policy() -> str:
     return policy
 
 
-def _num_splits(M: int, N: int, bm: int, bn: int, device: torch.device, policy: Optional[str] = None) -> int:
+def _num_splits(M: int, N: int, bm: int, bn: int, device: torch.device, policy: Optional[str] = None,
+                fused_finish: bool = False) -> int:
     """Column ranges per query block: the S minimising waves x (column tiles of the longest
     program + :data:`PROGRAM_OVERHEAD_TILES`) (``_common.wave_split``; fewest splits among
-    equals; ``policy="waves"``: without the cost per program); 1 on the CPU."""
+    equals; ``policy="waves"``: without the cost per program); 1 on the CPU. With
+    ``fused_finish`` (the forward can finish one split itself) and the model policy: 1 where
+    that costs at most :data:`FINISH_LAUNCH_TILES` more than S."""
     policy = SPLIT_POLICY if policy is None else policy
     if policy not in SPLIT_POLICIES:
         raise ValueError(f"kNN split policy must be one of {SPLIT_POLICIES}, got {policy!r}")
     if device.type != "cuda":
         return 1
     overhead = PROGRAM_OVERHEAD_TILES if policy == "model" else 0.0
-    return wave_split(cdiv(M, bm), cdiv(N, bn), sm_count(device), MAX_SPLITS, overhead)
+    rt, ct, sms = cdiv(M, bm), cdiv(N, bn), sm_count(device)
+    splits = wave_split(rt, ct, sms, MAX_SPLITS, overhead)
+    if fused_finish and policy == "model" and splits > 1:
+        cost = -(-rt * splits // sms) * (-(-ct // splits) + overhead)
+        if -(-rt // sms) * (ct + overhead) <= cost + FINISH_LAUNCH_TILES:
+            return 1
+    return splits
 
 
-def _candidates(q, r, k, ql, rl, exclude_self, splits: Optional[int] = None):
+def _candidates(q, r, k, ql, rl, exclude_self, splits: Optional[int] = None, finish: bool = False):
     """The forward kernel's ``(out_s, out_i)``: S x M x KP candidate slots (q, r prepared, same
-    dtype; ``r is q`` computes the squared norms once)."""
+    dtype; ``r is q`` computes the squared norms once); with ``finish`` (one split, KP <=
+    :data:`FUSED_FINISH_KP`) the kernel finishes them itself: ``(dist, index)`` in final form."""
     M, D = q.shape
     N = r.shape[0]
     kp = next_pow2(k)
@@ -662,19 +743,27 @@ def _candidates(q, r, k, ql, rl, exclude_self, splits: Optional[int] = None):
     S = splits or _num_splits(M, N, bm, bn, q.device)
     cols = cdiv(cdiv(N, S), bn) * bn
     S = cdiv(N, cols)
-    out_s = torch.empty(S, M, kp, dtype=torch.float32, device=q.device)
-    out_i = torch.empty(S, M, kp, dtype=torch.int32, device=q.device)
+    if finish:  # the outputs in final form; the slot buffers are neither read nor written
+        if S != 1 or kp > FUSED_FINISH_KP:
+            raise ValueError(f"the forward finishes one split of KP <= {FUSED_FINISH_KP}, got {S} and {kp}")
+        out_s = dist = torch.empty(M, k, dtype=torch.float32, device=q.device)
+        index = torch.empty(M, k, dtype=torch.int64, device=q.device)
+        out_i = index.view(torch.int32)  # typed for the unused slot pointer, never touched
+    else:
+        out_s = torch.empty(S, M, kp, dtype=torch.float32, device=q.device)
+        out_i = torch.empty(S, M, kp, dtype=torch.int32, device=q.device)
+        dist, index = out_s, out_i  # typed placeholders: FINISH = False writes neither
     flags = dot_flags(q.dtype)
     qn = row_sqnorms(q, flags["INPUT_PRECISION"])
     rn = qn if r is q else row_sqnorms(r, flags["INPUT_PRECISION"])
     has_labels = ql is not None
     counted = merge_policy() == "counted" or entry != CHECKED_ENTRY  # the setting checked always
     _knn_fwd_kernel[(cdiv(M, bm), S)](
-        q, r, qn, rn, ql if has_labels else qn, rl if has_labels else rn, out_s, out_i,
-        M, N, D, cols, q.stride(0), r.stride(0), out_s.stride(0), out_s.stride(1),
-        KP=kp, HAS_LABELS=has_labels, EXCLUDE_SELF=bool(exclude_self), COUNTED=counted, **flags,
-        **cfg.launch(D))
-    return out_s, out_i
+        q, r, qn, rn, ql if has_labels else qn, rl if has_labels else rn, out_s, out_i, dist, index,
+        M, N, D, k, cols, q.stride(0), r.stride(0), out_s.stride(0), out_s.stride(1), dist.stride(0),
+        index.stride(0), KP=kp, HAS_LABELS=has_labels, EXCLUDE_SELF=bool(exclude_self),
+        COUNTED=counted, FINISH=finish, **flags, **cfg.launch(D))
+    return (dist, index) if finish else (out_s, out_i)
 
 
 def _finish_fused(out_s: torch.Tensor, out_i: torch.Tensor, q: torch.Tensor, r: torch.Tensor,
@@ -808,6 +897,14 @@ def _knn_forward(query, ref, k, query_labels, ref_labels, exclude_self, splits):
         index = torch.full((M, k), -1, dtype=torch.int64, device=q.device)
         return dist, index
     if k <= MAX_K:
+        kp = next_pow2(k)
+        if kp <= FUSED_FINISH_KP and merged_launches():
+            cfg = CONFIGS[family(q.dtype)][fwd_entry(kp)]
+            S = splits or _num_splits(M, N, cfg.blocks["BLOCK_M"], cfg.blocks["BLOCK_N"], q.device,
+                                      fused_finish=True)
+            if S == 1:  # one launch of the forward selects and finishes
+                return _candidates(q, r, k, ql, rl, exclude_self, 1, finish=True)
+            splits = S
         out_s, out_i = _candidates(q, r, k, ql, rl, exclude_self, splits)
         return _finish_fused(out_s, out_i, q, r, k)
     # k > MAX_K: PyTorch selects, then the exact recompute and re-sort

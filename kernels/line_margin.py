@@ -37,7 +37,10 @@ The split
 The kernels (docs/kernels.md, "Fused line margin")
 --------------------------------------------------
 16 BCD GEMM flops, no global read-modify-write inside any loop, pipelined K-loops; four launches
-forward (own-class rows, class statistics, logsumexp, merge), 4 per class chunk + 2 backward.
+forward (own-class rows, class statistics, logsumexp, merge), 4 per class chunk + 2 backward; with
+``DAAL_LAUNCHES=merged`` (the default) two forward (the rows with the statistics,
+``_lm2_own_prep_kernel``; the logsumexp with the merge where one class split does) and one fewer
+backward (the last chunk's epilogue with dX, ``_lm2_dseg_finish_kernel``).
 ``_lm2_prep_kernel`` computes the class statistics (4 x C) once per call, of the segments rounded
 to x's dtype (and that rounded contiguous copy ``sx`` when the segments are not already it); the
 forward saves both for the backward. ``_lm2_fwd_kernel`` is the streaming online-logsumexp kernel
@@ -94,6 +97,7 @@ from ._common import (
     eager,
     expand,
     input_precision,
+    merged_launches,
     sm_count,
 )
 from ._common import wave_split as _wave_split
@@ -124,7 +128,15 @@ def _lm2_prep_kernel(seg_ptr, sx_ptr, st_ptr, C, D, stride_seg_c, stride_seg_v, 
         stride_seg_c, stride_seg_v, stride_seg_d: strides of segments (class, p/q, feature).
         BLOCK_C: classes per program. BLOCK_D: D-chunk. CAST: write ``sx``.
     """
-    cls = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    _class_stats(tl.program_id(0), seg_ptr, sx_ptr, st_ptr, C, D, stride_seg_c, stride_seg_v,
+                 stride_seg_d, BLOCK_C, BLOCK_D, CAST)
+
+
+@triton.jit
+def _class_stats(pid, seg_ptr, sx_ptr, st_ptr, C, D, stride_seg_c, stride_seg_v, stride_seg_d,
+                 BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, CAST: tl.constexpr):
+    """``_lm2_prep_kernel``'s program ``pid`` (the classes ``[pid BLOCK_C, (pid + 1) BLOCK_C)``)."""
+    cls = pid * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cls < C
     base = seg_ptr + cls.to(tl.int64)[:, None] * stride_seg_c
     xrow = sx_ptr + cls.to(tl.int64)[:, None] * (2 * D)
@@ -191,34 +203,40 @@ def _lm2_tile(x_ptr, sx_ptr, st_ptr, rows, cls, rmask, cmask, xx, C, D, stride_x
 
 
 @triton.jit
-def _lm2_fwd_kernel(x_ptr, sx_ptr, label_ptr, base_ptr, xx_ptr, st_ptr, m_ptr, s_ptr,
-                    B, C, D, stride_x_b, nsplit, alpha, eps, BLOCK_B: tl.constexpr,
-                    BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+def _lm2_fwd_kernel(x_ptr, sx_ptr, label_ptr, rs_ptr, st_ptr, m_ptr, s_ptr,
+                    B, C, D, stride_x_b, nsplit, alpha, eps, lambda_pull, BLOCK_B: tl.constexpr,
+                    BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                    LSE: tl.constexpr):
     """Online logsumexp over the class tiles of split ``pid(1)`` (split s owns tiles
     ``[s T / nsplit, (s + 1) T / nsplit)`` of the ``T = cdiv(C, BLOCK_C)``) for row tile ``pid(0)``.
 
     ``logit_ic = base_i - alpha delta_ic``, ``base_i = alpha (delta_iy + m_i)``, masked for
     ``c == y_i`` and padding; running ``(M, S)`` from ``(0, 0)``; writes ``m[split, i]``,
-    ``s[split, i]``.
+    ``s[split, i]``. With ``LSE`` (one split, ``DAAL_LAUNCHES=merged``) writes what
+    ``_lm2_lse_kernel`` would, ``lse_i = M + log(e^-M + S)`` and the output, instead (one launch
+    fewer; the same arithmetic).
 
     Args:
         x_ptr: B x D embeddings (unit column stride).
         sx_ptr: C x 2 x D contiguous segments in x's dtype.
-        label_ptr: B labels (int64). base_ptr: B values ``alpha (delta_iy + m_i)`` (float32).
-        xx_ptr: B values ``|x_i|^2`` (float32). st_ptr: 4 x C class statistics (``_lm2_prep_kernel``).
-        m_ptr, s_ptr: nsplit x B float32 outputs: running max and sum per split.
+        label_ptr: B labels (int64). rs_ptr: 3 x B float32 row statistics (``_lm2_own_kernel``:
+            ``delta_iy``, ``|x_i|^2``, ``alpha (delta_iy + m_i)``).
+        st_ptr: 4 x C class statistics (``_lm2_prep_kernel``).
+        m_ptr, s_ptr: nsplit x B float32 outputs: running max and sum per split (``LSE``: B
+            values each, ``lse`` and the operator's output).
         B, C, D: sizes. stride_x_b: row stride of x. nsplit: class splits (grid axis 1).
-        alpha: the logit scale. eps: the floor of squared distances.
+        alpha: the logit scale. eps: the floor of squared distances. lambda_pull: the pull
+            weight (read with ``LSE``).
         BLOCK_B, BLOCK_C: rows x classes per tile. BLOCK_D: the K step.
-        INPUT_PRECISION: ``tl.dot``'s input precision.
+        INPUT_PRECISION: ``tl.dot``'s input precision. LSE: see above.
     """
     pid_b = tl.program_id(0)
     pid_s = tl.program_id(1)
     rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
     rmask = rows < B
     lab = tl.load(label_ptr + rows, mask=rmask, other=-1)
-    base = tl.load(base_ptr + rows, mask=rmask, other=0.0)
-    xx = tl.load(xx_ptr + rows, mask=rmask, other=0.0)
+    base = tl.load(rs_ptr + 2 * B + rows, mask=rmask, other=0.0)
+    xx = tl.load(rs_ptr + B + rows, mask=rmask, other=0.0)
     run_m = tl.zeros([BLOCK_B], dtype=tl.float32)
     run_s = tl.zeros([BLOCK_B], dtype=tl.float32)
     ntiles = tl.cdiv(C, BLOCK_C)
@@ -235,13 +253,26 @@ def _lm2_fwd_kernel(x_ptr, sx_ptr, label_ptr, base_ptr, xx_ptr, st_ptr, m_ptr, s
         new_m = tl.maximum(run_m, tl.max(logit, 1))
         run_s = run_s * tl.exp(run_m - new_m) + tl.sum(tl.exp(logit - new_m[:, None]), 1)
         run_m = new_m
-    out = pid_s.to(tl.int64) * B + rows
-    tl.store(m_ptr + out, run_m, mask=rmask)
-    tl.store(s_ptr + out, run_s, mask=rmask)
+    if LSE:
+        d = tl.load(rs_ptr + rows, mask=rmask, other=0.0)
+        lse, val = _lse_out(run_m, tl.exp(-run_m) + run_s, d, alpha, lambda_pull)
+        tl.store(m_ptr + rows, lse, mask=rmask)
+        tl.store(s_ptr + rows, val, mask=rmask)
+    else:
+        out = pid_s.to(tl.int64) * B + rows
+        tl.store(m_ptr + out, run_m, mask=rmask)
+        tl.store(s_ptr + out, run_s, mask=rmask)
 
 
 @triton.jit
-def _lm2_bwd_kernel(x_ptr, sx_ptr, label_ptr, base_ptr, lse_ptr, go_ptr, xx_ptr, st_ptr,
+def _lse_out(top, total, d, alpha, lambda_pull):
+    """``lse = top + log(total)`` and the operator's output ``lse / alpha + lambda_pull d^2``."""
+    lse = top + tl.log(total)
+    return lse, lse / alpha + lambda_pull * d * d
+
+
+@triton.jit
+def _lm2_bwd_kernel(x_ptr, sx_ptr, label_ptr, rs_ptr, lse_ptr, go_ptr, st_ptr,
                     ab_ptr, rowp_ptr, colp_ptr, B, C, D, c0, Cc, stride_x_b, alpha, eps, hmax,
                     BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
                     INPUT_PRECISION: tl.constexpr):
@@ -265,7 +296,7 @@ def _lm2_bwd_kernel(x_ptr, sx_ptr, label_ptr, base_ptr, lse_ptr, go_ptr, xx_ptr,
     ``colp[pid(0), 0..3, c - c0]`` (the four sums above); no accumulator leaves the program.
 
     Args:
-        x_ptr, sx_ptr, label_ptr, base_ptr, xx_ptr, st_ptr: as ``_lm2_fwd_kernel``.
+        x_ptr, sx_ptr, label_ptr, rs_ptr, st_ptr: as ``_lm2_fwd_kernel``.
         lse_ptr: B values ``lse_i`` of the forward. go_ptr: B incoming gradients (float32).
         ab_ptr: B x 2Cc output in x's dtype (contiguous). rowp_ptr: cdiv(Cc, BLOCK_C) x B
         float32. colp_ptr: cdiv(B, BLOCK_B) x 4 x Cc float32.
@@ -282,10 +313,10 @@ def _lm2_bwd_kernel(x_ptr, sx_ptr, label_ptr, base_ptr, lse_ptr, go_ptr, xx_ptr,
     cls = c0 + lcls
     cmask = (lcls < Cc) & (cls < C)
     lab = tl.load(label_ptr + rows, mask=rmask, other=-1)
-    base = tl.load(base_ptr + rows, mask=rmask, other=0.0)
+    base = tl.load(rs_ptr + 2 * B + rows, mask=rmask, other=0.0)
     lse = tl.load(lse_ptr + rows, mask=rmask, other=0.0)
     go = tl.load(go_ptr + rows, mask=rmask, other=0.0)
-    xx = tl.load(xx_ptr + rows, mask=rmask, other=0.0)
+    xx = tl.load(rs_ptr + B + rows, mask=rmask, other=0.0)
     t, e2 = _lm2_tile(x_ptr, sx_ptr, st_ptr, rows, cls, rmask, cmask, xx, C, D, stride_x_b,
                       BLOCK_B, BLOCK_C, BLOCK_D, INPUT_PRECISION)
     delta = tl.sqrt(tl.maximum(e2, eps))
@@ -344,7 +375,18 @@ def _lm2_dseg_kernel(g_ptr, seg_ptr, colp_ptr, out_ptr, label_ptr, own_ptr, next
         BLOCK_C: classes per program. BLOCK_D: D-chunk. HAS_OWN: add the own-class rows (else the
         launcher adds them with atomics: ``DAAL_LM_OWN_SEG=atomic``).
     """
-    lc = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    _dseg_classes(tl.program_id(0), g_ptr, seg_ptr, colp_ptr, out_ptr, label_ptr, own_ptr, next_ptr,
+                  slot_ptr, n, D, Cc, R, B, c0, stride_seg_c, stride_seg_v, stride_seg_d,
+                  stride_out_c, stride_out_v, stride_out_d, BLOCK_C, BLOCK_D, HAS_OWN)
+
+
+@triton.jit
+def _dseg_classes(pid, g_ptr, seg_ptr, colp_ptr, out_ptr, label_ptr, own_ptr, next_ptr, slot_ptr,
+                  n, D, Cc, R, B, c0, stride_seg_c, stride_seg_v, stride_seg_d,
+                  stride_out_c, stride_out_v, stride_out_d,
+                  BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, HAS_OWN: tl.constexpr):
+    """``_lm2_dseg_kernel``'s program ``pid`` (the chunk's classes ``[pid BLOCK_C, (pid + 1) BLOCK_C)``)."""
+    lc = pid * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = lc < n
     s0 = tl.zeros([BLOCK_C], dtype=tl.float32)
     s1 = tl.zeros([BLOCK_C], dtype=tl.float32)
@@ -424,7 +466,7 @@ def _own_geometry(xrow, prow, qrow, rmask, D, BLOCK_B: tl.constexpr, BLOCK_D: tl
 
 
 @triton.jit
-def _lm2_own_kernel(x_ptr, seg_ptr, label_ptr, m_ptr, dpos_ptr, xx_ptr, base_ptr, B, D,
+def _lm2_own_kernel(x_ptr, seg_ptr, label_ptr, m_ptr, rs_ptr, B, D,
                     stride_x_b, stride_seg_c, stride_seg_v, alpha, eps,
                     BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
     """The own-class distance by direct differences (docs/method.md, "Numerics") and the row
@@ -435,12 +477,20 @@ def _lm2_own_kernel(x_ptr, seg_ptr, label_ptr, m_ptr, dpos_ptr, xx_ptr, base_ptr
     Args:
         x_ptr: B x D embeddings (unit column stride). seg_ptr: C x 2 x D segments (unit feature
             stride, any float dtype). label_ptr: B int64 labels in ``[0, C)``.
-        m_ptr: B float32 margins. dpos_ptr, xx_ptr, base_ptr: B float32 outputs.
+        m_ptr: B float32 margins. rs_ptr: 3 x B float32 output (``d``, ``xx``, ``base``).
         B, D: sizes. stride_x_b: row stride of x. stride_seg_c, stride_seg_v: class and p/q
             strides of the segments. alpha: the logit scale. eps: the floor of squared distances.
         BLOCK_B: rows per program. BLOCK_D: D-chunk.
     """
-    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    _own_distance_rows(tl.program_id(0), x_ptr, seg_ptr, label_ptr, m_ptr, rs_ptr, B, D, stride_x_b,
+                       stride_seg_c, stride_seg_v, alpha, eps, BLOCK_B, BLOCK_D)
+
+
+@triton.jit
+def _own_distance_rows(pid, x_ptr, seg_ptr, label_ptr, m_ptr, rs_ptr, B, D, stride_x_b, stride_seg_c,
+                       stride_seg_v, alpha, eps, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
+    """``_lm2_own_kernel``'s program ``pid`` (the rows ``[pid BLOCK_B, (pid + 1) BLOCK_B)``)."""
+    rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)
     rmask = rows < B
     lab = tl.load(label_ptr + rows, mask=rmask, other=0)
     xrow = x_ptr + rows.to(tl.int64)[:, None] * stride_x_b
@@ -448,9 +498,34 @@ def _lm2_own_kernel(x_ptr, seg_ptr, label_ptr, m_ptr, dpos_ptr, xx_ptr, base_ptr
     _, _, _, _, _, e2, _, xx = _own_geometry(xrow, prow, prow + stride_seg_v, rmask, D, BLOCK_B, BLOCK_D)
     d = tl.sqrt(tl.maximum(e2, eps))
     m = tl.load(m_ptr + rows, mask=rmask, other=0.0)
-    tl.store(dpos_ptr + rows, d, mask=rmask)
-    tl.store(xx_ptr + rows, xx, mask=rmask)
-    tl.store(base_ptr + rows, alpha * (d + m), mask=rmask)
+    tl.store(rs_ptr + rows, d, mask=rmask)
+    tl.store(rs_ptr + B + rows, xx, mask=rmask)
+    tl.store(rs_ptr + 2 * B + rows, alpha * (d + m), mask=rmask)
+
+
+@triton.jit
+def _lm2_own_prep_kernel(x_ptr, seg_ptr, label_ptr, m_ptr, rs_ptr, sx_ptr, st_ptr, B, C, D,
+                         stride_x_b, stride_seg_c, stride_seg_v, alpha, eps, row_programs,
+                         BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+                         CAST: tl.constexpr):
+    """``_lm2_own_kernel`` and ``_lm2_prep_kernel`` in one launch (they are independent): programs
+    ``[0, row_programs)`` compute the own-class rows of ``BLOCK_B`` samples each, the others the
+    class statistics of ``BLOCK_C`` classes each (``DAAL_LAUNCHES=merged``, the default).
+
+    Args:
+        x_ptr, seg_ptr, label_ptr, m_ptr, rs_ptr, B, D, stride_x_b,
+            stride_seg_c, stride_seg_v, alpha, eps, BLOCK_B: as ``_lm2_own_kernel``.
+        sx_ptr, st_ptr, C, BLOCK_C, CAST: as ``_lm2_prep_kernel`` (the segments' feature stride is
+            1, as ``_lm2_own_kernel`` requires).
+        row_programs: ``cdiv(B, BLOCK_B)``. BLOCK_D: the D-chunk of both.
+    """
+    pid = tl.program_id(0)
+    if pid < row_programs:
+        _own_distance_rows(pid, x_ptr, seg_ptr, label_ptr, m_ptr, rs_ptr, B, D, stride_x_b,
+                           stride_seg_c, stride_seg_v, alpha, eps, BLOCK_B, BLOCK_D)
+    else:
+        _class_stats(pid - row_programs, seg_ptr, sx_ptr, st_ptr, C, D, stride_seg_c, stride_seg_v, 1,
+                     BLOCK_C, BLOCK_D, CAST)
 
 
 @triton.jit
@@ -475,10 +550,10 @@ def _lm2_lse_kernel(m_ptr, s_ptr, dpos_ptr, lse_ptr, out_ptr, B, nsplit, alpha, 
     for s in range(0, nsplit):
         m = tl.load(m_ptr + s * B + rows, mask=rmask, other=0.0)
         total += tl.load(s_ptr + s * B + rows, mask=rmask, other=0.0) * tl.exp(m - top)
-    lse = top + tl.log(total)
     d = tl.load(dpos_ptr + rows, mask=rmask, other=0.0)
+    lse, val = _lse_out(top, total, d, alpha, lambda_pull)
     tl.store(lse_ptr + rows, lse, mask=rmask)
-    tl.store(out_ptr + rows, lse / alpha + lambda_pull * d * d, mask=rmask)
+    tl.store(out_ptr + rows, val, mask=rmask)
 
 
 @triton.jit
@@ -591,7 +666,18 @@ def _lm2_finish_kernel(acc_ptr, rowp_ptr, x_ptr, seg_ptr, label_ptr, lse_ptr, go
         alpha, lambda_pull, eps: as the forward. BLOCK_B: rows per program. BLOCK_D: D-chunk.
         ATOMIC: see above.
     """
-    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    _finish_rows(tl.program_id(0), acc_ptr, rowp_ptr, x_ptr, seg_ptr, label_ptr, lse_ptr, go_ptr,
+                 dpos_ptr, own_ptr, gx_ptr, gseg_ptr, B, D, R, stride_x_b, stride_seg_c, stride_seg_v,
+                 stride_gseg_c, stride_gseg_v, alpha, lambda_pull, eps, BLOCK_B, BLOCK_D, ATOMIC)
+
+
+@triton.jit
+def _finish_rows(pid, acc_ptr, rowp_ptr, x_ptr, seg_ptr, label_ptr, lse_ptr, go_ptr, dpos_ptr,
+                 own_ptr, gx_ptr, gseg_ptr, B, D, R, stride_x_b, stride_seg_c, stride_seg_v,
+                 stride_gseg_c, stride_gseg_v, alpha, lambda_pull, eps,
+                 BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, ATOMIC: tl.constexpr):
+    """``_lm2_finish_kernel``'s program ``pid`` (the rows ``[pid BLOCK_B, (pid + 1) BLOCK_B)``)."""
+    rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)
     rmask = rows < B
     rows64 = rows.to(tl.int64)
     xrow = x_ptr + rows64[:, None] * stride_x_b
@@ -622,16 +708,46 @@ def _lm2_finish_kernel(acc_ptr, rowp_ptr, x_ptr, seg_ptr, label_ptr, lse_ptr, go
         tl.store(gx_ptr + rows64[:, None] * D + dd[None, :], gx.to(odt), mask=m2)
 
 
+@triton.jit
+def _lm2_dseg_finish_kernel(g_ptr, seg_ptr, colp_ptr, out_ptr, label_ptr, own_ptr, next_ptr, slot_ptr,
+                            acc_ptr, rowp_ptr, x_ptr, gx_ptr, n, D, Cc, R, B, c0, Rf, stride_x_b,
+                            stride_seg_c, stride_seg_v, stride_out_c, stride_out_v, class_programs,
+                            BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The last chunk's ``_lm2_dseg_kernel`` and ``_lm2_finish_kernel`` in one launch (with the
+    class lists they are independent; ``DAAL_LAUNCHES=merged``, the default): programs
+    ``[0, class_programs)`` write dP, dQ of ``BLOCK_C`` classes each, the others dX of
+    ``BLOCK_B`` rows each.
+
+    Args:
+        g_ptr, seg_ptr, colp_ptr, out_ptr, label_ptr, own_ptr, next_ptr, slot_ptr, n, D, Cc, R, B,
+            c0, stride_seg_c, stride_seg_v, stride_out_c, stride_out_v, BLOCK_C: as
+            ``_lm2_dseg_kernel`` (``HAS_OWN``; unit feature strides).
+        acc_ptr, rowp_ptr, x_ptr, gx_ptr, stride_x_b, BLOCK_B: as ``_lm2_finish_kernel`` (not
+            ``ATOMIC``); Rf: its row partials (its ``R``).
+        class_programs: ``cdiv(n, BLOCK_C)``. BLOCK_D: the D-chunk of both.
+    """
+    pid = tl.program_id(0)
+    if pid < class_programs:
+        _dseg_classes(pid, g_ptr, seg_ptr, colp_ptr, out_ptr, label_ptr, own_ptr, next_ptr, slot_ptr,
+                      n, D, Cc, R, B, c0, stride_seg_c, stride_seg_v, 1, stride_out_c, stride_out_v, 1,
+                      BLOCK_C, BLOCK_D, True)
+    else:  # the lists' dX rows read nothing of the segments, the incoming gradient or the scalars
+        _finish_rows(pid - class_programs, acc_ptr, rowp_ptr, x_ptr, seg_ptr, label_ptr, rowp_ptr,
+                     rowp_ptr, rowp_ptr, own_ptr, gx_ptr, g_ptr, B, D, Rf, stride_x_b, 0, 0, 0, 0,
+                     0.0, 0.0, 0.0, BLOCK_B, BLOCK_D, False)
+
+
 KERNELS: Dict[str, KernelSpec] = {
     "prep2": KernelSpec(
         _lm2_prep_kernel, "seg_ptr: *seg; sx_ptr: *x; st_ptr: *fp32; C D: i32; "
         "stride_seg_c stride_seg_v stride_seg_d: i32",
         unit=("stride_seg_d",), rows=("stride_seg_c", "stride_seg_v"), gemm=False),
     "fwd2": KernelSpec(
-        _lm2_fwd_kernel, "x_ptr sx_ptr: *x; label_ptr: *i64; base_ptr xx_ptr st_ptr m_ptr s_ptr: "
-        "*fp32; B C D: i32; stride_x_b: i32; nsplit: i32; alpha eps: fp32", rows=("stride_x_b",)),
+        _lm2_fwd_kernel, "x_ptr sx_ptr: *x; label_ptr: *i64; rs_ptr st_ptr m_ptr s_ptr: "
+        "*fp32; B C D: i32; stride_x_b: i32; nsplit: i32; alpha eps lambda_pull: fp32",
+        rows=("stride_x_b",)),
     "bwd2": KernelSpec(
-        _lm2_bwd_kernel, "x_ptr sx_ptr: *x; label_ptr: *i64; base_ptr lse_ptr go_ptr xx_ptr "
+        _lm2_bwd_kernel, "x_ptr sx_ptr: *x; label_ptr: *i64; rs_ptr lse_ptr go_ptr "
         "st_ptr: *fp32; ab_ptr: *x; rowp_ptr colp_ptr: *fp32; B C D c0 Cc: i32; stride_x_b: i32; "
         "alpha eps hmax: fp32", rows=("stride_x_b",)),
     "dseg2": KernelSpec(
@@ -642,7 +758,7 @@ KERNELS: Dict[str, KernelSpec] = {
         unit=("stride_seg_d", "stride_out_d"),
         rows=("stride_seg_c", "stride_seg_v", "stride_out_c", "stride_out_v"), gemm=False),
     "own2": KernelSpec(
-        _lm2_own_kernel, "x_ptr: *x; seg_ptr: *seg; label_ptr: *i64; m_ptr dpos_ptr xx_ptr base_ptr: "
+        _lm2_own_kernel, "x_ptr: *x; seg_ptr: *seg; label_ptr: *i64; m_ptr rs_ptr: "
         "*fp32; B D: i32; stride_x_b stride_seg_c stride_seg_v: i32; alpha eps: fp32",
         rows=("stride_x_b", "stride_seg_c", "stride_seg_v"), gemm=False),
     "lse2": KernelSpec(
@@ -659,6 +775,18 @@ KERNELS: Dict[str, KernelSpec] = {
         "stride_x_b stride_seg_c stride_seg_v stride_gseg_c stride_gseg_v: i32; "
         "alpha lambda_pull eps: fp32",
         rows=("stride_x_b", "stride_seg_c", "stride_seg_v", "stride_gseg_c", "stride_gseg_v"), gemm=False),
+    # DAAL_LAUNCHES=merged (the default): two independent kernels in one launch each
+    "ownprep2": KernelSpec(
+        _lm2_own_prep_kernel, "x_ptr: *x; seg_ptr: *seg; label_ptr: *i64; m_ptr rs_ptr: *fp32; "
+        "sx_ptr: *x; st_ptr: *fp32; B C D: i32; stride_x_b stride_seg_c stride_seg_v: i32; "
+        "alpha eps: fp32; row_programs: i32",
+        rows=("stride_x_b", "stride_seg_c", "stride_seg_v"), gemm=False),
+    "dsegfin2": KernelSpec(
+        _lm2_dseg_finish_kernel, "g_ptr: *fp32; seg_ptr: *seg; colp_ptr: *fp32; out_ptr: *seg; "
+        "label_ptr: *i64; own_ptr: *fp32; next_ptr slot_ptr: *i32; acc_ptr rowp_ptr: *fp32; "
+        "x_ptr gx_ptr: *x; n D Cc R B c0 Rf: i32; stride_x_b stride_seg_c stride_seg_v "
+        "stride_out_c stride_out_v: i32; class_programs: i32",
+        rows=("stride_x_b", "stride_seg_c", "stride_seg_v", "stride_out_c", "stride_out_v"), gemm=False),
 }
 _HMAX = {torch.float16: 6.0e4, torch.bfloat16: 3.0e38, torch.float32: 3.0e38}
 
@@ -668,7 +796,9 @@ def _family_configs(*, prep2, dseg2, fwd2, bwd2, rows, lse2) -> Dict[str, Kernel
     """One family's entries: ``prep2`` / ``dseg2`` (BLOCK_C, warps, stages, block_d), ``fwd2`` /
     ``bwd2`` (BLOCK_B, BLOCK_C, warps, stages, block_d), and the row kernels (4 warps, one stage):
     ``own2`` / ``finish2`` / ``ownseg2`` from ``rows`` (BLOCK_B, block_d; ``ownseg2`` compares
-    4096 labels per step: BLOCK_J = 4096 / BLOCK_B), ``lse2`` (BLOCK_B, no D loop)."""
+    4096 labels per step: BLOCK_J = 4096 / BLOCK_B), ``lse2`` (BLOCK_B, no D loop); the merged
+    launches ``ownprep2`` (own2 + prep2) and ``dsegfin2`` (dseg2 + finish2) take their parts'
+    tiles and the row kernels' D-chunk."""
     out = {}
     for name, (bc, w, st, bd) in (("prep2", prep2), ("dseg2", dseg2)):
         out[name] = KernelConfig({"BLOCK_C": bc}, w, st, bd)
@@ -678,6 +808,9 @@ def _family_configs(*, prep2, dseg2, fwd2, bwd2, rows, lse2) -> Dict[str, Kernel
         out[name] = KernelConfig({"BLOCK_B": bb}, 4, 1, None if name == "lse2" else bd)
     bb, bd = rows  # the own-class rows and lists: O(B D + B^2 / BLOCK_J) steps
     out["ownseg2"] = KernelConfig({"BLOCK_B": bb, "BLOCK_J": 4096 // bb}, 4, 1, bd)
+    # the merged launches: each part keeps its tile, the D-chunk is the row kernels'
+    out["ownprep2"] = KernelConfig({"BLOCK_B": bb, "BLOCK_C": prep2[0]}, 4, 1, bd)
+    out["dsegfin2"] = KernelConfig({"BLOCK_B": bb, "BLOCK_C": dseg2[0]}, 4, 1, bd)
     return out
 
 
@@ -718,8 +851,13 @@ def _gpu_flags(entry: str, dtype: torch.dtype):
         return [{"ATOMIC": False}, {"ATOMIC": True}]  # (DAAL_LM_OWN_SEG=atomic)
     if entry == "dseg2":
         return [{"HAS_OWN": True}, {"HAS_OWN": False}]
-    if entry in ("own2", "lse2", "ownseg2"):
+    if entry == "ownprep2":
+        return {"CAST": True}
+    if entry in ("own2", "lse2", "ownseg2", "dsegfin2"):
         return {}
+    if entry == "fwd2":  # LSE: one split, the merge in the same launch (DAAL_LAUNCHES=merged)
+        prec = _precision(dtype, gpu=True)
+        return [{"INPUT_PRECISION": prec, "LSE": False}, {"INPUT_PRECISION": prec, "LSE": True}]
     return {"INPUT_PRECISION": _precision(dtype, gpu=True)}
 
 
@@ -752,77 +890,94 @@ def chunk_classes(B: int, C: int, block_b: int, block_c: int, sms: int,
     return most * block_c
 
 
-def _cast_segments(seg: torch.Tensor, x_dtype: torch.dtype, cfgs) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``(st, sx)``: the 4 x C class statistics and, when the segments are not already contiguous
-    in x's dtype, their contiguous copy in x's dtype (else an empty tensor: ``sx`` is ``seg``)."""
+def _cast_segments(seg: torch.Tensor, x_dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor, bool]:
+    """``(st, sx, cast)``: the 4 x C class statistics (uninitialised), and, when the segments are
+    not already contiguous in x's dtype (``cast``), room for their contiguous copy in x's dtype
+    (else an empty tensor: ``sx`` is ``seg``)."""
     C, _, D = seg.shape
     cast = seg.dtype != x_dtype or not seg.is_contiguous()
     st = torch.empty(4, C, device=seg.device, dtype=torch.float32)
     sx = torch.empty((C, 2, D) if cast else (0,), device=seg.device, dtype=x_dtype)
-    cfg = cfgs["prep2"]
-    if C:
-        _lm2_prep_kernel[(cdiv(C, cfg.blocks["BLOCK_C"]),)](
-            seg, sx if cast else seg, st, C, D, seg.stride(0), seg.stride(1), seg.stride(2),
-            CAST=cast, **cfg.launch(D))
-    return st, sx
-
-
-def _own_rows(x, seg, labels, margins, alpha, cfgs) -> torch.Tensor:
-    """``rs`` (3 x B float32): the own-class distances ``d_pos`` (direct form), ``|x|^2`` and
-    ``alpha (d_pos + m)`` (``_lm2_own_kernel``, one launch)."""
-    B, D = x.shape
-    rs = torch.empty(3, B, device=x.device, dtype=torch.float32)
-    d_pos, xx, base = rs[0], rs[1], rs[2]
-    if B:
-        cfg = cfgs["own2"]
-        _lm2_own_kernel[(cdiv(B, cfg.blocks["BLOCK_B"]),)](
-            x, seg, labels, margins.detach().float().contiguous(), d_pos, xx, base, B, D, x.stride(0),
-            seg.stride(0), seg.stride(1), float(alpha), EPS, **cfg.launch(D))
-    return rs
+    return st, sx, cast
 
 
 def _unit_feature_stride(seg: torch.Tensor) -> torch.Tensor:
     return seg if seg.stride(2) == 1 else seg.contiguous()
 
 
+def forward_splits(row_tiles: int, class_tiles: int, sms: int, merged: bool = True) -> int:
+    """The forward's class splits: :func:`wave_split`'s, or, with ``merged``, 1 when that costs at
+    most one class tile more (waves x tiles per program) than the splits save: one split needs
+    no merge launch (``_lm2_fwd_kernel`` with ``LSE``), which the model counts as one tile."""
+    splits = wave_split(row_tiles, class_tiles, sms)
+    if merged and splits > 1:
+        cost = -(-row_tiles * splits // sms) * -(-class_tiles // splits)
+        if -(-row_tiles // sms) * class_tiles <= cost + 1:
+            return 1
+    return splits
+
+
 @torch.library.custom_op("daal_triton::line_margin2", mutates_args=())
 def _line_margin2_op(x: torch.Tensor, seg: torch.Tensor, labels: torch.Tensor, margins: torch.Tensor,
-                     alpha: float, lambda_pull: float
+                     alpha: float, lambda_pull: float, merged: bool = True
                      ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(out, lse, rs, st, sx)``: the forward, four launches (own-class rows,
-    class statistics, the streaming logsumexp, the merge). ``out_i = lse_i / alpha + lambda_pull
-    d_i^2``; ``rs`` (3 x B: ``d_pos``, ``|x|^2``, ``alpha (d_pos + m)``), ``st`` (4 x C class
-    statistics) and ``sx`` (the segments in x's dtype, or empty when they already are) are
-    computed once per call and handed to the backward with ``lse``."""
+    """``(out, lse, rs, st, sx)``: the forward: the own-class rows (``rs``: 3 x B, ``d_pos``,
+    ``|x|^2``, ``alpha (d_pos + m)``) and the class statistics (``st``: 4 x C, and ``sx``, the
+    segments in x's dtype, or empty when they already are), the streaming logsumexp, the merge
+    of its class splits. ``out_i = lse_i / alpha + lambda_pull d_i^2``. ``merged``
+    (``DAAL_LAUNCHES``): two launches (the rows with the statistics, the logsumexp with the merge
+    where one split does), else four. ``rs``, ``st``, ``sx`` and ``lse`` go to the backward."""
     cfgs = CONFIGS[config_family(x.dtype)]
     x = x if x.stride(1) == 1 else x.contiguous()
     seg = _unit_feature_stride(seg)
     B, D = x.shape
     C = seg.shape[0]
-    rs = _own_rows(x, seg, labels, margins, alpha, cfgs)
-    d_pos, xx, base = rs[0], rs[1], rs[2]
-    st, sx = _cast_segments(seg, x.dtype, cfgs)
-    s2 = seg if sx.numel() == 0 else sx
+    rs = torch.empty(3, B, device=x.device, dtype=torch.float32)
+    st, sx, cast = _cast_segments(seg, x.dtype)
+    m = margins.detach().float().contiguous()
+    if merged and B and C:
+        cfg = cfgs["ownprep2"]
+        rp = cdiv(B, cfg.blocks["BLOCK_B"])
+        _lm2_own_prep_kernel[(rp + cdiv(C, cfg.blocks["BLOCK_C"]),)](
+            x, seg, labels, m, rs, sx if cast else seg, st, B, C, D, x.stride(0), seg.stride(0),
+            seg.stride(1), float(alpha), EPS, rp, CAST=cast, **cfg.launch(D))
+    else:
+        if B:
+            cfg = cfgs["own2"]
+            _lm2_own_kernel[(cdiv(B, cfg.blocks["BLOCK_B"]),)](
+                x, seg, labels, m, rs, B, D, x.stride(0), seg.stride(0), seg.stride(1), float(alpha),
+                EPS, **cfg.launch(D))
+        if C:
+            cfg = cfgs["prep2"]
+            _lm2_prep_kernel[(cdiv(C, cfg.blocks["BLOCK_C"]),)](
+                seg, sx if cast else seg, st, C, D, seg.stride(0), seg.stride(1), seg.stride(2),
+                CAST=cast, **cfg.launch(D))
+    s2 = sx if cast else seg
     cfg = cfgs["fwd2"]
     bb, bc = cfg.blocks["BLOCK_B"], cfg.blocks["BLOCK_C"]
     row_tiles = cdiv(B, bb)
-    nsplit = wave_split(row_tiles, cdiv(C, bc), sm_count(x.device))
-    m = torch.empty(nsplit, B, device=x.device, dtype=torch.float32)
-    s = torch.empty_like(m)
+    nsplit = forward_splits(row_tiles, cdiv(C, bc), sm_count(x.device), merged)
     lse = torch.empty(B, device=x.device, dtype=torch.float32)
     out = torch.empty_like(lse)
     if B:
+        one = nsplit == 1 and merged
+        if one:  # the merge in the same launch: the kernel writes lse and out
+            m_part, s_part = lse, out
+        else:
+            m_part = torch.empty(nsplit, B, device=x.device, dtype=torch.float32)
+            s_part = torch.empty_like(m_part)
         _lm2_fwd_kernel[(row_tiles, nsplit)](
-            x, s2, labels, base, xx, st, m, s, B, C, D, x.stride(0), nsplit, float(alpha), EPS,
-            INPUT_PRECISION=_precision(x.dtype), **cfg.launch(D))
-        lcfg = cfgs["lse2"]
-        _lm2_lse_kernel[(cdiv(B, lcfg.blocks["BLOCK_B"]),)](
-            m, s, d_pos, lse, out, B, nsplit, float(alpha), float(lambda_pull), **lcfg.launch())
+            x, s2, labels, rs, st, m_part, s_part, B, C, D, x.stride(0), nsplit, float(alpha), EPS,
+            float(lambda_pull), INPUT_PRECISION=_precision(x.dtype), LSE=one, **cfg.launch(D))
+        if not one:
+            lcfg = cfgs["lse2"]
+            _lm2_lse_kernel[(cdiv(B, lcfg.blocks["BLOCK_B"]),)](
+                m_part, s_part, rs, lse, out, B, nsplit, float(alpha), float(lambda_pull), **lcfg.launch())
     return out, lse, rs, st, sx
 
 
 @_line_margin2_op.register_fake
-def _line_margin2_fake(x, seg, labels, margins, alpha, lambda_pull):
+def _line_margin2_fake(x, seg, labels, margins, alpha, lambda_pull, merged=True):
     out = x.new_empty((x.shape[0],), dtype=torch.float32)
     C, _, D = seg.shape
     cast = seg.dtype != x.dtype or not seg.is_contiguous()
@@ -858,15 +1013,17 @@ def mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def _line_margin2_backward_op(grad_out: torch.Tensor, x: torch.Tensor, seg: torch.Tensor,
                               sx: torch.Tensor, st: torch.Tensor, labels: torch.Tensor,
                               lse: torch.Tensor, rs: torch.Tensor, alpha: float,
-                              lambda_pull: float, atomic: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+                              lambda_pull: float, atomic: bool = False, merged: bool = True
+                              ) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(dX, dSegments)``: the own-class rows of dP, dQ per sample and their class lists
     (``_lm2_ownseg_kernel``; skipped when ``atomic``, the design kept selectable by
     ``DAAL_LM_OWN_SEG=atomic``), then chunk by chunk of Cc classes one fused kernel (the forward
     GEMMs once, ``a~``, ``b~`` and the row/column partials), two GEMMs (``torch.mm``) and the
     segment-gradient epilogue; last, ``_lm2_finish_kernel`` forms dX with its own-class terms
-    (direct form). Autocast is off inside (a backward run under autocast must not lower the
-    float32 GEMM outputs the epilogue reads)."""
-    args = (grad_out, x, seg, sx, st, labels, lse, rs, alpha, lambda_pull, atomic)
+    (direct form; ``merged`` with the class lists: in the last chunk's epilogue launch,
+    ``_lm2_dseg_finish_kernel``). Autocast is off inside (a backward run under autocast must not
+    lower the float32 GEMM outputs the epilogue reads)."""
+    args = (grad_out, x, seg, sx, st, labels, lse, rs, alpha, lambda_pull, atomic, merged)
     if not torch.is_autocast_enabled(x.device.type):  # entering a context costs ~7 µs per call
         return _line_margin2_backward(*args)
     with torch.autocast(device_type=x.device.type, enabled=False):
@@ -899,7 +1056,7 @@ def _slot_map(C: int, device) -> torch.Tensor:
     return torch.empty(C, device=device, dtype=torch.int32)
 
 
-def _line_margin2_backward(grad_out, x, seg, sx, st, labels, lse, rs, alpha, lambda_pull, atomic):
+def _line_margin2_backward(grad_out, x, seg, sx, st, labels, lse, rs, alpha, lambda_pull, atomic, merged):
     cfgs = CONFIGS[config_family(x.dtype)]
     x = x if x.stride(1) == 1 else x.contiguous()
     seg = _unit_feature_stride(seg)
@@ -907,7 +1064,6 @@ def _line_margin2_backward(grad_out, x, seg, sx, st, labels, lse, rs, alpha, lam
     C = seg.shape[0]
     s2 = seg if sx.numel() == 0 else sx
     go = grad_out.float().contiguous()
-    d_pos, xx, base = rs[0], rs[1], rs[2]
     atomic = atomic and not torch.are_deterministic_algorithms_enabled()
     gseg = torch.empty(C, 2, D, device=x.device, dtype=torch.float32 if atomic else seg.dtype)
     if atomic:  # typed placeholders: HAS_OWN = False reads none of them
@@ -921,7 +1077,7 @@ def _line_margin2_backward(grad_out, x, seg, sx, st, labels, lse, rs, alpha, lam
         if B:
             ocfg = cfgs["ownseg2"]
             _lm2_ownseg_kernel[(cdiv(B, ocfg.blocks["BLOCK_B"]),)](
-                x, seg, labels, lse, go, d_pos, own, nxt, slot, B, C, D, x.stride(0),
+                x, seg, labels, lse, go, rs, own, nxt, slot, B, C, D, x.stride(0),
                 seg.stride(0), seg.stride(1), float(lambda_pull), EPS, **ocfg.launch(D))
     cfg, dcfg = cfgs["bwd2"], cfgs["dseg2"]
     bb, bc = cfg.blocks["BLOCK_B"], cfg.blocks["BLOCK_C"]
@@ -934,10 +1090,11 @@ def _line_margin2_backward(grad_out, x, seg, sx, st, labels, lse, rs, alpha, lam
     s2rows = s2.view(2 * C, D)
     prec, hmax = _precision(x.dtype), _HMAX[x.dtype]
     acc, hr, rows_p = None, None, 0
+    gx = torch.empty(B, D, device=x.device, dtype=x.dtype)
     for c0 in range(0, C, cc):
         n = min(cc, C - c0)
         _lm2_bwd_kernel[(row_tiles, cdiv(n, bc))](
-            x, s2, labels, base, lse, go, xx, st, ab, rowp, colp, B, C, D, c0, cc, x.stride(0),
+            x, s2, labels, rs, lse, go, st, ab, rowp, colp, B, C, D, c0, cc, x.stride(0),
             float(alpha), EPS, hmax, INPUT_PRECISION=prec, **cfg.launch(D))
         nt = cdiv(n, bc)
         abn = ab[:, : 2 * n]
@@ -950,17 +1107,24 @@ def _line_margin2_backward(grad_out, x, seg, sx, st, labels, lse, rs, alpha, lam
             rows_p = 1
         g = mm_f32(abn.t(), x).contiguous()  # rows 2c, 2c + 1: [A~^T X]_c, [B~^T X]_c
         gs, ss = gseg[c0: c0 + n], seg[c0: c0 + n]
+        if merged and not atomic and B and c0 + n == C:  # the last chunk's epilogue and dX at once
+            mcfg = cfgs["dsegfin2"]
+            cp = cdiv(n, mcfg.blocks["BLOCK_C"])
+            _lm2_dseg_finish_kernel[(cp + cdiv(B, mcfg.blocks["BLOCK_B"]),)](
+                g, ss, colp, gs, *lists, acc.contiguous(),
+                hr.reshape(-1, B).contiguous(), x, gx, n, D, cc, row_tiles, B, c0, rows_p, x.stride(0),
+                ss.stride(0), ss.stride(1), gs.stride(0), gs.stride(1), cp, **mcfg.launch(D))
+            return gx, gseg
         _lm2_dseg_kernel[(cdiv(n, dcfg.blocks["BLOCK_C"]),)](
             g, ss, colp, gs, *lists, n, D, cc, row_tiles, B, c0,
             ss.stride(0), ss.stride(1), ss.stride(2), gs.stride(0), gs.stride(1), gs.stride(2),
             HAS_OWN=not atomic, **dcfg.launch(D))
-    gx = torch.empty(B, D, device=x.device, dtype=x.dtype)
     if B:
         if acc is None:  # no classes
             acc, hr, rows_p = torch.zeros(B, D, device=x.device), torch.zeros(1, B, device=x.device), 1
         fcfg = cfgs["finish2"]
         _lm2_finish_kernel[(cdiv(B, fcfg.blocks["BLOCK_B"]),)](
-            acc.contiguous(), hr.reshape(-1, B).contiguous(), x, seg, labels, lse, go, d_pos, lists[1],
+            acc.contiguous(), hr.reshape(-1, B).contiguous(), x, seg, labels, lse, go, rs, lists[1],
             gx, gseg, B, D,
             rows_p, x.stride(0), seg.stride(0), seg.stride(1), gseg.stride(0), gseg.stride(1),
             float(alpha), float(lambda_pull), EPS, ATOMIC=atomic, **fcfg.launch(D))
@@ -969,15 +1133,15 @@ def _line_margin2_backward(grad_out, x, seg, sx, st, labels, lse, rs, alpha, lam
 
 @_line_margin2_backward_op.register_fake
 def _line_margin2_backward_fake(grad_out, x, seg, sx, st, labels, lse, rs, alpha, lambda_pull,
-                                atomic=False):
+                                atomic=False, merged=True):
     return torch.empty_like(x), torch.empty_like(seg, memory_format=torch.contiguous_format)
 
 
 def _line_margin2_setup_context(ctx, inputs, output):
-    x, seg, labels, margins, alpha, lambda_pull = inputs
+    x, seg, labels, margins, alpha, lambda_pull, merged = inputs
     _, lse, rs, st, sx = output
     ctx.save_for_backward(x, seg, sx, st, labels, lse, rs)
-    ctx.alpha, ctx.lambda_pull = alpha, lambda_pull
+    ctx.alpha, ctx.lambda_pull, ctx.merged = alpha, lambda_pull, merged
     ctx.atomic = own_seg_policy() == "atomic"  # the switch as the forward saw it
     ctx.mark_non_differentiable(lse, rs, st, sx)
     ctx.set_materialize_grads(False)  # no zero-filled gradients for the saved statistics
@@ -988,11 +1152,11 @@ _line_margin2_backward_direct = direct(_line_margin2_backward_op)
 
 def _line_margin2_autograd_backward(ctx, grad_out, _g_lse, _g_rs, _g_st, _g_sx):
     if grad_out is None:
-        return (None,) * 6
+        return (None,) * 7
     x, seg, sx, st, labels, lse, rs = ctx.saved_tensors
     gx, gseg = _line_margin2_backward_direct(
-        grad_out, x, seg, sx, st, labels, lse, rs, ctx.alpha, ctx.lambda_pull, ctx.atomic)
-    return gx, gseg, None, None, None, None
+        grad_out, x, seg, sx, st, labels, lse, rs, ctx.alpha, ctx.lambda_pull, ctx.atomic, ctx.merged)
+    return gx, gseg, None, None, None, None, None
 
 
 _line_margin2_op.register_autograd(_line_margin2_autograd_backward, setup_context=_line_margin2_setup_context)
@@ -1020,4 +1184,5 @@ def line_margin(x: torch.Tensor, labels: torch.Tensor, segments: torch.Tensor,
         raise ValueError(f"x must be B x D and segments C x 2 x D, got {tuple(x.shape)} and "
                          f"{tuple(segments.shape)}")
     labels = labels.long().contiguous()
-    return _line_margin2(x, segments, labels, margins, float(alpha), float(lambda_pull))[0]
+    return _line_margin2(x, segments, labels, margins, float(alpha), float(lambda_pull),
+                         merged_launches())[0]

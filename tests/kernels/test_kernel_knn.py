@@ -777,3 +777,77 @@ def test_knn_wave_splits_matches_knn():
     d1, i1 = kk.knn(q, q, 3, exclude_self=True)
     d2, i2 = kk.knn_wave_splits(q, q, 3, exclude_self=True)
     assert torch.equal(i1, i2) and torch.equal(d1, d2)
+
+
+# ------------------------------------------------------------------ the finish in the forward
+@pytest.mark.parametrize("dtype,D", [(torch.float32, 20), (torch.float32, 129), (torch.float16, 70)],
+                         ids=["fp32-D20", "fp32-D129", "fp16-D70"])
+@pytest.mark.parametrize("k", [3, 16])
+def test_knn_forward_finishes_one_split(monkeypatch, dtype, D, k):
+    """``DAAL_LAUNCHES=merged`` (the default): with one split the forward kernel finishes its
+    rows itself (``FINISH``): the squared norms and one launch, where ``separate`` launches the
+    finish too; the same dist and index bit for bit (plain, labels with padded rows, the loss's
+    self-excluded batch, ties). KP > 16 keeps the finish's launch."""
+    from daal_triton.kernels import _common
+
+    g = torch.Generator().manual_seed(k * 1000 + D)
+    base = torch.randn(9, D, generator=g)
+    q = torch.cat([base[torch.randint(0, 9, (12,), generator=g)], torch.randn(25, D, generator=g)]).to(DEV, dtype)
+    r = torch.cat([q[:10], torch.randn(43, D, generator=g).to(DEV, dtype)])
+    ql = torch.cat([torch.tensor([12, 13]), torch.randint(0, 3, (35,), generator=g)]).to(DEV)
+    rl = (torch.arange(53) % 3).to(DEV)
+    calls = [dict(q=q, r=r, kw={}), dict(q=q, r=r, kw=dict(query_labels=ql, ref_labels=rl)),
+             dict(q=q, r=q, kw=dict(query_labels=ql, ref_labels=ql, exclude_self=True))]
+    for c in calls:
+        fn = lambda: kk._knn(c["q"], c["r"], k, **c["kw"])  # noqa: E731
+        norms = ["_sqnorm_kernel"] * (1 if c["r"] is c["q"] else 2)
+        monkeypatch.setenv(_common.LAUNCHES_ENV, "separate")
+        d_sep, i_sep = fn()
+        assert _count_launches(monkeypatch, fn)[1] == norms + ["_knn_fwd_kernel", "_knn_finish_kernel"]
+        monkeypatch.delenv(_common.LAUNCHES_ENV)
+        d, i = fn()
+        assert _count_launches(monkeypatch, fn)[1] == norms + ["_knn_fwd_kernel"]
+        assert torch.equal(i, i_sep) and torch.equal(d, d_sep)
+    assert (i[:2] < 0).all() and torch.isinf(d[:2]).all()  # classes 12, 13: no candidate
+    _, kernels = _count_launches(monkeypatch, lambda: kk._knn(q, q, 17))
+    assert kernels == ["_sqnorm_kernel", "_knn_fwd_kernel", "_knn_finish_kernel"]
+
+
+@pytest.mark.parametrize("M,N", [(180, 180), (180, 300), (1024, 1024), (60000, 60000), (1024, 65536)])
+def test_forward_grid_charges_the_finish_launch(M, N, monkeypatch):
+    """Where the forward can finish one split itself, the model takes one split when that costs at
+    most FINISH_LAUNCH_TILES more than its best (the loss's B = 180 batch: 2 x 2 tiles, where 2
+    splits save one tile and cost the finish's launch); elsewhere the splits are unchanged."""
+    s, rt, ct = _splits(M, N, "model", monkeypatch)
+    cfg = kk.CONFIGS["half"][kk.fwd_entry(8)]
+    fused = kk._num_splits(M, N, cfg.blocks["BLOCK_M"], cfg.blocks["BLOCK_N"], torch.device("cuda"),
+                           "model", fused_finish=True)
+    model = lambda S: -(-rt * S // 132) * (-(-ct // S) + kk.PROGRAM_OVERHEAD_TILES)  # noqa: E731
+    assert fused in (1, s)
+    assert (fused == 1) == (model(1) <= model(s) + kk.FINISH_LAUNCH_TILES)
+    if (M, N) == (180, 180):
+        assert (s, fused) == (2, 1)
+    if (M, N) in ((60000, 60000), (1024, 65536)):
+        assert fused == s > 1
+    waves = kk._num_splits(M, N, cfg.blocks["BLOCK_M"], cfg.blocks["BLOCK_N"], torch.device("cuda"),
+                           "waves", fused_finish=True)
+    assert waves == _splits(M, N, "waves", monkeypatch)[0]  # the old policy: as it was
+
+
+def test_knn_forward_finish_launches_are_compiled():
+    """Every forward that finishes its own split (KP <= FUSED_FINISH_KP, each dtype and D, each
+    float32 precision) is one the compile tests build; and each family's recompute (finish,
+    dist, backward) takes its forward's D-chunk, so the finishing forward sums as they do."""
+    names = {la.name for la in kk.launches()}
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        fam = family(dtype)
+        for e in ("dist", "bwd", "bwd_noref", *(kk.finish_entry(kp) for kp in kk.KP_ROWS)):
+            assert kk.CONFIGS[fam][e].block_d == kk.CONFIGS[fam][kk.fwd_entry(1)].block_d, (fam, e)
+        for D in (1, 20, 33, 129, 512):
+            for k in (1, 3, 8, 16):
+                entry = kk.fwd_entry(1 << (k - 1).bit_length())
+                bd = kk.CONFIGS[fam][entry].block_d_for(D)
+                for v in ("", "-tf32") if dtype == torch.float32 else ("",):
+                    name = f"knn_{entry}-{POINTER[dtype][1:]}-bd{bd}{v}-finish"
+                    assert name in names, name
+    assert not any("-finish" in n and "fwd_kp16" not in n for n in names)

@@ -187,8 +187,9 @@ def test_saved_tensors_are_never_b_by_c():
 # contiguous D = 512 launch: daal_testing.specialise), with float32 segments (the DAALLoss
 # parameters' dtype).
 GEMM_KERNELS = ("fwd2", "bwd2")
-# the O(B D) kernels around the GEMMs, and the O(C D) epilogues (prep2 once, dseg2 per chunk)
-ROW_KERNELS = ("own2", "lse2", "finish2", "ownseg2", "prep2", "dseg2")
+# the O(B D) kernels around the GEMMs, and the O(C D) epilogues (prep2 once, dseg2 per chunk),
+# and the two launches that merge them (DAAL_LAUNCHES=merged)
+ROW_KERNELS = ("own2", "lse2", "finish2", "ownseg2", "prep2", "dseg2", "ownprep2", "dsegfin2")
 
 
 @pytest.fixture(scope="module")

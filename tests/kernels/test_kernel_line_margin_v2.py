@@ -12,7 +12,8 @@ import daal_triton as dt
 from daal_testing import assert_close, random_problem, rel_err, tolerance
 from test_kernel_line_margin import ALPHA, DEV, TF32, check_parity, kernel_grads, make_case
 
-from daal_triton.kernels import line_margin as lm
+from daal_triton.kernels import _common, line_margin as lm
+from daal_triton.launch_count import LaunchCount
 
 
 @pytest.fixture
@@ -307,3 +308,85 @@ def test_backward_under_autocast():
         got = kernel_grads(x.float(), y, seg.float(), m.float(), go.float(), 0.2)
     for a, b in zip(got, ref):
         assert a.dtype == b.dtype and rel_err(a, b) <= 1e-6
+
+
+# ----------------------------------------------------------------------------- merged launches
+def _launched(fn):
+    """``fn()``'s result and the Triton kernels it launched (name -> count)."""
+    with LaunchCount() as count:
+        out = fn()
+    return out, dict(count.triton)
+
+
+@pytest.mark.parametrize("sms,C,chunked", [(1, 11, False), (1, 300, True), (64, 300, True), (64, 300, False)],
+                         ids=["one-split-one-chunk", "one-split-chunks", "splits-chunks", "splits-one-chunk"])
+def test_merged_launches_give_the_same_bits(small_chunks, monkeypatch, sms, C, chunked):
+    """``DAAL_LAUNCHES=merged`` (the default) and ``separate`` run the same arithmetic: value and
+    both gradients agree bit for bit, with one class split (the merge inside the GEMM kernel) or
+    several (``sm_count`` patched: 3 class tiles on 64 SMs), one class chunk or three; and the
+    merged forward makes 2 launches where one split suffices (4 separate) and the backward one
+    launch fewer (the last chunk's segment epilogue with dX)."""
+    B, D = 37, 33
+    if chunked:
+        small_chunks(B)
+    monkeypatch.setattr(lm, "sm_count", lambda device: sms)
+    x, y, seg, m, go = make_case(B, C, D, zero_len=True, on_own=True)
+    args = (x.float(), y, seg.float(), m.float(), go.float(), 0.3)
+    monkeypatch.setenv(_common.LAUNCHES_ENV, "separate")
+    sep, sep_n = _launched(lambda: kernel_grads(*args))
+    monkeypatch.delenv(_common.LAUNCHES_ENV)
+    mer, mer_n = _launched(lambda: kernel_grads(*args))
+    for a, b in zip(mer, sep):
+        assert torch.equal(a, b)
+    splits = lm.forward_splits(1, -(-C // 128), sms)
+    assert (splits > 1) == (sms > 1)
+    fwd_sep = 4  # own rows, class statistics, logsumexp, merge
+    fwd_mer = 2 if splits == 1 else 3
+    chunks = -(-C // lm.chunk_classes(B, C, 128, 128, sms))
+    bwd_sep = 1 + 2 * chunks + 1  # the lists, per chunk the GEMM kernel and the epilogue, dX
+    assert sum(sep_n.values()) == fwd_sep + bwd_sep, sep_n
+    assert sum(mer_n.values()) == fwd_mer + bwd_sep - 1, mer_n
+    assert "_lm2_lse_kernel" in sep_n and ("_lm2_lse_kernel" in mer_n) == (splits > 1)
+    assert mer_n["_lm2_own_prep_kernel"] == 1 and mer_n["_lm2_dseg_finish_kernel"] == 1
+    assert mer_n.get("_lm2_dseg_kernel", 0) == chunks - 1
+
+
+def test_merged_launches_with_the_atomic_design(monkeypatch):
+    """The atomic own-class rows (``DAAL_LM_OWN_SEG=atomic``) add into the segment gradient after
+    every chunk's epilogue has written it: that backward keeps its dX kernel apart (the forward
+    still merges), and gives the lists' gradients."""
+    x, y, seg, m, go = make_case(37, 11, 20)
+    args = (x.float(), y, seg.float(), m.float(), go.float(), 0.2)
+    lists = kernel_grads(*args)
+    monkeypatch.setenv(lm.OWN_SEG_ENV, "atomic")
+    atomic, n = _launched(lambda: kernel_grads(*args))
+    assert "_lm2_finish_kernel" in n and "_lm2_dseg_finish_kernel" not in n and "_lm2_own_prep_kernel" in n
+    for a, b in zip(lists, atomic):
+        assert rel_err(a, b) <= 1e-6
+
+
+def test_launch_switch_is_checked(monkeypatch):
+    """Any value of ``DAAL_LAUNCHES`` but "merged" and "separate" is a ValueError naming it."""
+    x, y, seg, m, _ = make_case(5, 3, 4)
+    monkeypatch.setenv(_common.LAUNCHES_ENV, "fused")
+    with pytest.raises(ValueError, match="DAAL_LAUNCHES"):
+        lm.line_margin(x.float(), y, seg.float(), m.float(), alpha=ALPHA, lambda_pull=0.0)
+
+
+@pytest.mark.parametrize("B,C", [(180, 100), (1024, 100_000), (4096, 1000), (1024, 11318), (256, 2000)])
+def test_forward_splits_charge_the_merge_launch(B, C):
+    """On an H200: the merged forward takes one split where that costs at most one class tile
+    more than the splits (B = 180, C = 100 in float32: 2 x 2 tiles, 2 splits save one tile and
+    cost a launch), and :func:`wave_split`'s splits wherever they save more (C = 100k: 782 tiles)."""
+    for fam in ("fp32", "half"):
+        cfg = lm.CONFIGS[fam]["fwd2"]
+        rt, ct = -(-B // cfg.blocks["BLOCK_B"]), -(-C // cfg.blocks["BLOCK_C"])
+        waves = lm.wave_split(rt, ct, H200_SMS)
+        got = lm.forward_splits(rt, ct, H200_SMS)
+        assert lm.forward_splits(rt, ct, H200_SMS, merged=False) == waves
+        cost = lambda s: -(-rt * s // H200_SMS) * -(-ct // s)  # noqa: E731
+        assert got in (1, waves)
+        assert (got == 1) == (cost(1) <= cost(waves) + 1)
+    cfg = lm.CONFIGS["fp32"]["fwd2"]
+    assert lm.wave_split(2, 2, H200_SMS) == 2 and lm.forward_splits(2, 2, H200_SMS) == 1
+    assert lm.forward_splits(8, -(-100_000 // cfg.blocks["BLOCK_C"]), H200_SMS) > 1

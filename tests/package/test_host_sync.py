@@ -164,6 +164,32 @@ def test_loss_forward_backward_launches(gpu_defaults, bank):
     assert counts["reference"].launches > 3 * tri.launches  # the counter does see glue operators
 
 
+def test_merged_launches_at_b180(gpu_defaults, monkeypatch):
+    """``DAAL_LAUNCHES=merged`` (the default) at B = 180, C = 100 with one split everywhere (as on
+    an H200 at this size: tests/kernels, ``forward_splits`` and ``_num_splits``): 14 Triton
+    launches per forward+backward where ``separate`` makes 18 (the kNN's finish in its forward;
+    the line margin's own-class rows with the class statistics and its merge in the GEMM kernel;
+    the last segment epilogue with dX), the same aten launches, and the same loss and gradients
+    bit for bit."""
+    from daal_triton.kernels import _common
+
+    runs = {}
+    for policy in ("separate", "merged"):
+        monkeypatch.setenv(_common.LAUNCHES_ENV, policy)
+        torch.manual_seed(0)
+        loss = daal_triton.DAALLoss(100, 64)
+        z = torch.randn(180, 64, requires_grad=True)
+        y = torch.arange(180) % 50
+        with LaunchCount() as count:
+            value = loss(z, y)
+            value.backward()
+        runs[policy] = (count, value.detach(), z.grad, loss.segments.grad)
+    (sep, *a), (mer, *b) = runs["separate"], runs["merged"]
+    assert sum(sep.triton.values()) == 18 and sum(mer.triton.values()) == 14, (sep.triton, mer.triton)
+    assert sep.aten_launches == mer.aten_launches and mer.syncs == {}
+    assert all(torch.equal(u, v) for u, v in zip(a, b))
+
+
 def test_check_values_on_cpu_cannot_be_turned_off():
     """CPU tensors are always checked: bad labels are a ValueError naming the argument."""
     y = torch.tensor([0, 1, 11])
