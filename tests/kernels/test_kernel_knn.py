@@ -780,9 +780,8 @@ def test_knn_wave_splits_matches_knn():
 
 
 # ------------------------------------------------------------------ the finish in the forward
-@pytest.mark.parametrize("dtype,D", [(torch.float32, 20), (torch.float32, 129), (torch.float16, 70)],
-                         ids=["fp32-D20", "fp32-D129", "fp16-D70"])
-@pytest.mark.parametrize("k", [3, 16])
+@pytest.mark.parametrize("dtype,D,k", [(torch.float32, 129, 3), (torch.float32, 20, 16), (torch.float16, 70, 5)],
+                         ids=["fp32-D129-k3", "fp32-D20-k16", "fp16-D70-k5"])
 def test_knn_forward_finishes_one_split(monkeypatch, dtype, D, k):
     """``DAAL_LAUNCHES=merged`` (the default): with one split the forward kernel finishes its
     rows itself (``FINISH``): the squared norms and one launch, where ``separate`` launches the
