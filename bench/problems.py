@@ -20,7 +20,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 from torch import nn
 
-from cases import Case, knn_chunk_rows
+from cases import SWITCHES, Case, knn_chunk_rows
 
 TORCH_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -142,19 +142,17 @@ PROVIDER_FUNCTIONS: Dict[str, Callable[[str], Callable]] = {
     "chunked": lambda op: chunked_knn,
     # the kNN's column splits as chosen before the first H200 run (DAAL_KNN_SPLITS=waves)
     "triton_wave_splits": lambda op: import_kernel(op).knn_wave_splits,
-    # the kNN forward's merge as before 2026-12-01 (DAAL_KNN_MERGE=checked, read by the forward)
-    "triton_checked_merge": lambda op: functools.partial(
-        _with_env, import_kernel(op).MERGE_ENV, "checked", getattr(import_kernel(op), FUNCTION_NAMES[op])),
-    # the line margin's own-class segment rows by atomics, as the first H200 run timed them
-    # (DAAL_LM_OWN_SEG=atomic, read by the forward: the backward follows it)
-    "triton_atomic_own": lambda op: functools.partial(
-        _with_env, import_kernel(op).OWN_SEG_ENV, "atomic", getattr(import_kernel(op), FUNCTION_NAMES[op])),
-    # one launch per kernel, as before the merged launches (DAAL_LAUNCHES=separate, read by the
-    # forward: the backward follows it)
-    "triton_separate": lambda op: functools.partial(
-        _with_env, import_kernel("_common").LAUNCHES_ENV, "separate",
-        getattr(import_kernel(op), FUNCTION_NAMES[op])),
 }
+#: The providers that run an internal switch's alternative (``cases.SWITCHES``: the kNN's checked
+#: merge, the line margin's atomic own rows, the loss's aten glue, one launch per kernel) by
+#: setting its environment variable around the call: each is read by the forward, and the
+#: backward follows the forward's choice. (``DAAL_KNN_SPLITS`` is read once at import: its
+#: provider calls ``knn_wave_splits`` above.)
+ENV_PROVIDERS = {sw.provider: sw for sw in SWITCHES if sw.env != "DAAL_KNN_SPLITS"}
+PROVIDER_FUNCTIONS.update({
+    name: (lambda op, sw=sw: functools.partial(_with_env, sw.env, sw.alternative,
+                                               getattr(import_kernel(op), FUNCTION_NAMES[op])))
+    for name, sw in ENV_PROVIDERS.items()})
 
 
 def operator_function(case: Case) -> Callable:
@@ -253,20 +251,11 @@ def setup_loss(case: Case, device: torch.device) -> Problem:
         fn = compiled("loss", reference.daal_loss)
         return Problem(lambda: fn(emb, labels, seg), [emb, seg], None, [emb, seg],
                        notes="torch.compile(daal_triton.reference.daal_loss): no input validation")
-    if case.provider == "triton_aten_glue":  # the glue before the fused operators (DAAL_GLUE=aten)
+    if case.provider in ENV_PROVIDERS:  # a switch's alternative (e.g. DAAL_GLUE=aten)
+        sw = ENV_PROVIDERS[case.provider]
         module = daal_module("triton", C, D).to(device=device, dtype=dtype)
-        return Problem(lambda: _with_env("DAAL_GLUE", "aten", module, emb, labels), [emb, module.segments],
-                       None, [emb, module.segments], notes="DAALLoss, DAAL_GLUE=aten")
-    if case.provider == "triton_atomic_own":  # the own-class segment rows by atomics
-        module = daal_module("triton", C, D).to(device=device, dtype=dtype)
-        env = import_kernel("line_margin").OWN_SEG_ENV
-        return Problem(lambda: _with_env(env, "atomic", module, emb, labels), [emb, module.segments],
-                       None, [emb, module.segments], notes=f"DAALLoss, {env}=atomic")
-    if case.provider == "triton_separate":  # one launch per kernel (DAAL_LAUNCHES=separate)
-        module = daal_module("triton", C, D).to(device=device, dtype=dtype)
-        env = import_kernel("_common").LAUNCHES_ENV
-        return Problem(lambda: _with_env(env, "separate", module, emb, labels), [emb, module.segments],
-                       None, [emb, module.segments], notes=f"DAALLoss, {env}=separate")
+        return Problem(lambda: _with_env(sw.env, sw.alternative, module, emb, labels), [emb, module.segments],
+                       None, [emb, module.segments], notes=f"DAALLoss, {sw.env}={sw.alternative}")
     if case.provider == "triton_graphed":  # README, "Small batches": both passes replay CUDA graphs
         if device.type != "cuda":
             raise NeedsCUDA("torch.cuda.make_graphed_callables captures CUDA graphs")

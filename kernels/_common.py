@@ -162,18 +162,22 @@ def sm_count(device: torch.device) -> int:
 
 @functools.lru_cache(maxsize=1024)  # a pure function of its arguments; up to 1024 candidates each
 def wave_split(row_tiles: int, col_tiles: int, sms: int, max_splits: Optional[int] = None,
-               overhead_tiles: float = 0.0) -> int:
+               overhead_tiles: float = 0.0, one_split_saves: float = 0.0) -> int:
     """The number of column splits ``S`` of a (row tiles x S) grid that minimises the modelled time
     ``ceil(row_tiles S / sms) * (ceil(col_tiles / S) + overhead_tiles)`` (waves x the longest
     program: its tiles and a fixed cost per program, in tiles; the grid in whole waves of the
-    device's SMs); ties go to fewer splits (less merging)."""
-    best, best_cost = 1, None
+    device's SMs); ties go to fewer splits (less merging). ``one_split_saves``: what one split
+    saves besides (a launch of the splits' merge it makes unnecessary, in tiles): 1 wherever its
+    modelled time is at most that much above the best."""
+    best, best_cost, one_cost = 1, None, None
     limit = col_tiles if max_splits is None else min(max_splits, col_tiles)
     for s in range(1, max(1, limit) + 1):
         cost = -(-row_tiles * s // sms) * (-(-col_tiles // s) + overhead_tiles)
         if best_cost is None or cost < best_cost:
             best, best_cost = s, cost
-    return best
+        if s == 1:
+            one_cost = cost
+    return 1 if one_cost <= best_cost + one_split_saves else best
 
 
 def compute_dtype(op: str, *tensors: torch.Tensor) -> torch.dtype:

@@ -720,14 +720,10 @@ def _num_splits(M: int, N: int, bm: int, bn: int, device: torch.device, policy: 
         raise ValueError(f"kNN split policy must be one of {SPLIT_POLICIES}, got {policy!r}")
     if device.type != "cuda":
         return 1
-    overhead = PROGRAM_OVERHEAD_TILES if policy == "model" else 0.0
-    rt, ct, sms = cdiv(M, bm), cdiv(N, bn), sm_count(device)
-    splits = wave_split(rt, ct, sms, MAX_SPLITS, overhead)
-    if fused_finish and policy == "model" and splits > 1:
-        cost = -(-rt * splits // sms) * (-(-ct // splits) + overhead)
-        if -(-rt // sms) * (ct + overhead) <= cost + FINISH_LAUNCH_TILES:
-            return 1
-    return splits
+    if policy == "waves":
+        return wave_split(cdiv(M, bm), cdiv(N, bn), sm_count(device), MAX_SPLITS)
+    return wave_split(cdiv(M, bm), cdiv(N, bn), sm_count(device), MAX_SPLITS, PROGRAM_OVERHEAD_TILES,
+                      FINISH_LAUNCH_TILES if fused_finish else 0.0)
 
 
 def _candidates(q, r, k, ql, rl, exclude_self, splits: Optional[int] = None, finish: bool = False):

@@ -907,14 +907,9 @@ def _unit_feature_stride(seg: torch.Tensor) -> torch.Tensor:
 
 def forward_splits(row_tiles: int, class_tiles: int, sms: int, merged: bool = True) -> int:
     """The forward's class splits: :func:`wave_split`'s, or, with ``merged``, 1 when that costs at
-    most one class tile more (waves x tiles per program) than the splits save: one split needs
-    no merge launch (``_lm2_fwd_kernel`` with ``LSE``), which the model counts as one tile."""
-    splits = wave_split(row_tiles, class_tiles, sms)
-    if merged and splits > 1:
-        cost = -(-row_tiles * splits // sms) * -(-class_tiles // splits)
-        if -(-row_tiles // sms) * class_tiles <= cost + 1:
-            return 1
-    return splits
+    most one class tile more (waves x tiles per program): one split needs no merge launch
+    (``_lm2_fwd_kernel`` with ``LSE``), which the model counts as one tile."""
+    return _wave_split(row_tiles, class_tiles, sms, MAX_SPLITS_V2, 0.0, 1.0 if merged else 0.0)
 
 
 @torch.library.custom_op("daal_triton::line_margin2", mutates_args=())
