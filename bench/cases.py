@@ -19,6 +19,9 @@ One benchmark case is one (operator, shape, precision, provider, pass):
   ``DAAL_LAUNCHES=separate``, beside the merged launches that replaced them: the kNN forward
   finishing its one split, the line margin's row and class kernels in one launch, its merge in
   the GEMM kernel, its last segment epilogue with dX; kernels/_common.py, ``LAUNCHES_ENV``),
+  ``triton_tma`` (the kNN with its forward's tiles loaded through tensor descriptors, the
+  Hopper TMA unit, ``DAAL_KNN_LOADS=tma``, beside the pointer loads it may replace:
+  kernels/knn.py, ``LOADS_ENV``),
   ``eager`` (``daal_triton.reference.*``; ``DAALLoss(backend="reference")``), ``compile``
   (``torch.compile`` of the reference function) and, for kNN only, ``chunked`` (row chunks of
   ``torch.cdist`` + ``torch.topk``, the usual hand-written baseline); for ``train_step`` the loss
@@ -51,7 +54,7 @@ PROFILES = ("smoke", "check", "full")
 PROVIDERS = {
     "pairwise": ("triton", "eager", "compile"),
     "knn": ("triton", "eager", "compile", "chunked", "triton_wave_splits", "triton_checked_merge",
-            "triton_separate"),
+            "triton_separate", "triton_tma"),
     "line_margin": ("triton", "eager", "compile", "triton_atomic_own", "triton_separate"),
     "loss": ("triton", "eager", "compile", "triton_aten_glue", "triton_graphed", "triton_atomic_own",
              "triton_separate"),
@@ -189,6 +192,8 @@ SWITCHES: Tuple[Switch, ...] = (
     Switch("DAAL_LAUNCHES", "merged", "separate", "triton_separate",
            (("loss", "dml", "fp32", "fwd"), ("loss", "dml", "fp32", "bwd"), ("loss", "dml", "fp32", "fwdbwd"),
             ("knn", "dml", "bf16", "fwd"), ("line_margin", "dml", "bf16", "fwdbwd"))),
+    Switch("DAAL_KNN_LOADS", "pointer", "tma", "triton_tma",
+           (("knn", "eval60k", "bf16", "fwd"), ("knn", "bank", "bf16", "fwd"))),
 )
 #: Time differences within this fraction are not a decision (run-to-run noise of a median).
 SWITCH_NOISE = 0.03
@@ -197,7 +202,8 @@ SWITCH_NOISE = 0.03
 # What ``bench/gpu_check.sh`` runs (profile "check"): (op, shape) -> dtypes, providers, passes.
 CHECK: Dict[Tuple[str, str], List[dict]] = {
     # the merge before 2026-12-01 (DAAL_KNN_MERGE=checked) beside the counted one
-    ("knn", "eval60k"): [dict(dtypes=("bf16",), providers=("triton", "chunked", "triton_checked_merge",
+    # and its tiles loaded through tensor descriptors (DAAL_KNN_LOADS=tma)
+    ("knn", "eval60k"): [dict(dtypes=("bf16",), providers=("triton", "chunked", "triton_tma", "triton_checked_merge",
                                                         "triton_wave_splits", "eager"))],
     ("line_margin", "classes100k"): [
         dict(dtypes=("bf16",), providers=("triton", "eager", "compile")),
@@ -216,7 +222,7 @@ CHECK: Dict[Tuple[str, str], List[dict]] = {
                      dict(dtypes=("bf16",), providers=("triton_separate",), passes=("fwd",))],
     ("knn", "bank"): [dict(dtypes=("bf16",), providers=("triton", "chunked", "eager", "triton_wave_splits"),
                            passes=("fwd", "fwdbwd")),
-                      dict(dtypes=("bf16",), providers=("triton_checked_merge",), passes=("fwd",))],
+                      dict(dtypes=("bf16",), providers=("triton_checked_merge", "triton_tma"), passes=("fwd",))],
     ("pairwise", "large"): [dict(dtypes=("bf16", "fp32"), providers=("triton", "eager"))],
     ("line_margin", "dml"): [dict(dtypes=("bf16",), providers=("triton", "eager")),
                              dict(dtypes=("bf16",), providers=("triton_separate",), passes=("fwdbwd",))],
@@ -376,7 +382,7 @@ def knn_chunk_rows(n_ref: int, elems: int = 1 << 28) -> int:
 
 def _knn_bytes(d: dict, prov: str, es: int) -> int:
     mn = d["M"] * d["N"]
-    if prov in ("triton", "triton_wave_splits", "triton_checked_merge", "triton_separate"):
+    if prov in ("triton", "triton_wave_splits", "triton_checked_merge", "triton_separate", "triton_tma"):
         return 16 * d["M"] * d["k"] + (64 << 20)
     if prov == "chunked":
         rows = min(d["M"], knn_chunk_rows(d["N"]))

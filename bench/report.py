@@ -44,7 +44,8 @@ PROVIDER_TITLES = {"triton": "Triton", "eager": "eager", "compile": "compile", "
                    "triton_wave_splits": "Triton (wave splits)",
                    "triton_atomic_own": "Triton, atomic own rows",
                    "triton_checked_merge": "Triton, checked merge",
-                   "triton_separate": "Triton, separate launches"}
+                   "triton_separate": "Triton, separate launches",
+                   "triton_tma": "Triton, TMA loads"}
 #: Providers that earlier runs measured and the benchmarks no longer run: the line margin's first
 #: design and the kNN's aten finish, removed after the 2026-11-30 H200 run decided against them
 #: (docs/kernels.md, "Measured results"). Their stored results still render, after the others.

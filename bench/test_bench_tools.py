@@ -419,23 +419,31 @@ def test_tune_line_margin_order(tmp_path, monkeypatch):
 import tune_knn as tk  # noqa: E402
 
 
-def test_tune_knn_smoke(tmp_path):
+def test_tune_knn_smoke(tmp_path, monkeypatch):
     """The kNN tuning tool on the CPU (interpreter, tiny shapes): the table's entry first on each
-    size, every candidate timed and checked against it, the table restored, a report section."""
+    size, every candidate timed and checked against it, the table restored, a report section;
+    the "tma" candidate's calls (and only those) load through tensor descriptors."""
     from daal_triton.kernels import knn
 
+    made = []
+    real = knn.TensorDescriptor
+    monkeypatch.setattr(knn, "TensorDescriptor", lambda *a: made.append(a[3]) or real(*a))
+    monkeypatch.delenv(knn.LOADS_ENV, raising=False)
     before = copy.deepcopy(knn.CONFIGS)
     run = tmp_path / "run"
     run.mkdir()
     out = run / "tune_knn.json"
-    recs = tk.tune(str(out), sizes=(37, 70), D=33, dtype="fp32", smoke=True, budget_s=600)
-    assert knn.CONFIGS == before
+    recs = tk.tune(str(out), sizes=(37, 70), D=40, dtype="fp16", smoke=True, budget_s=600)
+    assert knn.CONFIGS == before and knn.LOADS_ENV not in os.environ
+    # two descriptors per call of the "tma" candidate (a first call and one timed call per size)
+    assert made and set(map(tuple, made)) == {(32, 64)} and len(made) == 2 * 2 * 2
     data = json.loads(out.read_text())
     assert data["smoke"] and data["records"] == recs
     # on the CPU the grid is one split whatever the residency: the resident-2 jobs are the same grid
-    assert [(r["M"], r["table"], r["flat"], r["maxnreg"]) for r in recs] == [
-        (37, True, False, None), (37, False, False, None), (37, False, True, None), (37, False, False, 128),
-        (70, True, False, None), (70, False, False, None), (70, False, True, None), (70, False, False, 128)]
+    assert [(r["M"], r["table"], r["flat"], r["maxnreg"], r["loads"]) for r in recs] == [
+        (m, *c) for m in (37, 70) for c in ((True, False, None, "pointer"), (False, False, None, "pointer"),
+                                            (False, True, None, "pointer"), (False, False, 128, "pointer"),
+                                            (False, False, None, "tma"))]
     for r in recs:
         assert r["status"] == "measured", r
         assert r["seconds"] > 0 and r["splits"] == 1
@@ -443,7 +451,7 @@ def test_tune_knn_smoke(tmp_path):
             assert r["same_rows"] == 1.0 and r["max_dist_diff"] <= 1e-6
     text = "\n".join(report.run_report(report.load_run(str(run))))
     assert "kNN forward block sizes" in text and "(table)" in text and ", flat" in text
-    assert "≤ 128 registers" in text
+    assert "≤ 128 registers" in text and "TMA loads" in text
 
 
 def test_tune_knn_flags_failures_and_budget(tmp_path, monkeypatch):

@@ -15,7 +15,11 @@ Since 2026-12-01 the candidates include the kernel's other loop structure (``FLA
 Also a register cap (Triton's ``maxnreg``) on the entry's own 128 x 128 tiles: 128 registers per
 thread fit two programs per SM, at the price of spills in the merge.
 
-For each candidate ``(BLOCK_M, BLOCK_N, num_warps, num_stages, FLAT[, maxnreg])`` of the forward entry serving
+Since 2026-12-01 (night) also tiles loaded through tensor descriptors (the Hopper TMA unit,
+``DAAL_KNN_LOADS=tma``, set around the candidate's calls): fewer registers, so the capped entry
+spills less and 4-warp tiles fit three programs per SM.
+
+For each candidate ``(BLOCK_M, BLOCK_N, num_warps, num_stages, FLAT[, maxnreg[, "tma"]])`` of the forward entry serving
 ``k`` (``CONFIGS[family][fwd_kp*]``), and each shape ``M = N`` (the query is the reference set,
 ``exclude_self``, no labels: a retrieval evaluation), the forward ``knn`` (selection + fused
 finish, no gradient) is timed with CUDA events (median of ``--reps`` calls after a warm-up that
@@ -35,6 +39,7 @@ usage: python bench/tune_knn.py OUT.json [--budget-s 60] [--sizes 20000,60000] [
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from typing import Dict, List, Optional, Tuple
@@ -43,11 +48,12 @@ import torch
 
 from tune_line_margin import DTYPES, Timer, interpret_without_gpu, try_candidate, write_records
 
-#: (BLOCK_M, BLOCK_N, num_warps, num_stages, FLAT[, maxnreg]) -> programs per SM (sm_90), after
+#: (BLOCK_M, BLOCK_N, num_warps, num_stages, FLAT[, maxnreg[, loads]]) -> programs per SM (sm_90), after
 #: the table's entry: ``kernels/knn.py``'s FWD_ALTERNATIVES (the tests assert their residency from
 #: ptxas's report). The smoke run takes both loop structures and a register cap through the
 #: interpreter.
-SMOKE_CANDIDATES = {(32, 32, 4, 1, False): 1, (32, 32, 4, 1, True): 1, (32, 32, 4, 1, False, 128): 1}
+SMOKE_CANDIDATES = {(32, 32, 4, 1, False): 1, (32, 32, 4, 1, True): 1, (32, 32, 4, 1, False, 128): 1,
+                    (32, 32, 4, 1, False, None, "tma"): 1}
 SAME_ROWS = 0.999
 DIST_TOL = 1e-3
 
@@ -91,7 +97,7 @@ def _measure(rec: dict, n: int, S: int, inputs: Dict[int, torch.Tensor], base: D
              timer, reps: int, is_table: bool, device: torch.device, D: int, dtype: torch.dtype,
              k: int) -> None:
     """Time the forward at M = N = n with S splits into ``rec`` and check it against the table
-    entry's result (``base``)."""
+    entry's result (``base``); ``rec["loads"]`` is set as ``DAAL_KNN_LOADS`` around each call."""
     from daal_triton.kernels import knn as kk
 
     if n not in inputs:
@@ -99,8 +105,16 @@ def _measure(rec: dict, n: int, S: int, inputs: Dict[int, torch.Tensor], base: D
     x = inputs[n]
 
     def call():
-        with torch.no_grad():
-            return kk._knn(x, x, k, exclude_self=True, splits=S)
+        old = os.environ.get(kk.LOADS_ENV)
+        os.environ[kk.LOADS_ENV] = rec["loads"]
+        try:
+            with torch.no_grad():
+                return kk._knn(x, x, k, exclude_self=True, splits=S)
+        finally:
+            if old is None:
+                del os.environ[kk.LOADS_ENV]
+            else:
+                os.environ[kk.LOADS_ENV] = old
 
     t0 = time.monotonic()
     out = call()
@@ -141,10 +155,11 @@ def tune(out_path: str, *, sizes=(20_000, 60_000), D: int = 512, dtype: str = "b
     for run, (n, cand, resident, is_table) in enumerate(jobs):
         bm, bn, w, st, flat = cand[:5]
         maxnreg = cand[5] if len(cand) > 5 else None
+        loads = cand[6] if len(cand) > 6 else "pointer"
         S = _splits(kk, n, bm, bn, device, resident)
         rec = dict(run=run, dtype=dtype, entry=entry, M=n, N=n, D=D, k=k, BLOCK_M=bm, BLOCK_N=bn,
-                   num_warps=w, num_stages=st, flat=flat, maxnreg=maxnreg, resident=resident, splits=S,
-                   table=is_table, device=str(device))
+                   num_warps=w, num_stages=st, flat=flat, maxnreg=maxnreg, loads=loads, resident=resident,
+                   splits=S, table=is_table, device=str(device))
         if (n, cand, S) in seen_grid:  # the same grid as at one program per SM
             continue
         seen_grid.add((n, cand, S))
@@ -170,6 +185,7 @@ def markdown(records: List[dict]) -> str:
         cfg = (f"{r['BLOCK_M']}x{r['BLOCK_N']}, {r['num_warps']}, {r['num_stages']}"
                + (", flat" if r.get("flat") else "")
                + (f", ≤ {r['maxnreg']} registers" if r.get("maxnreg") else "")
+               + (", TMA loads" if r.get("loads") == "tma" else "")
                + (" (table)" if r.get("table") else ""))
         grid = f"{r['splits']} ({r['resident']})"
         time_s = f"{t * 1e3:.3f}" if t else "—"
@@ -183,8 +199,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("out", help="JSON file to write")
     p.add_argument("--budget-s", type=float, default=60.0)
     p.add_argument("--sizes", default=None, help="M = N values (default 20000,60000; smoke 70,130)")
-    p.add_argument("--dim", type=int, default=None, help="D (default 512; smoke 33)")
-    p.add_argument("--dtype", default=None, help="bf16, fp16 or fp32 (default bf16; smoke fp32: the "
+    p.add_argument("--dim", type=int, default=None, help="D (default 512; smoke 40: rows of 16-byte "
+                   "multiples, so the descriptor candidate loads through descriptors)")
+    p.add_argument("--dtype", default=None, help="bf16, fp16 or fp32 (default bf16; smoke fp16: the "
                    "interpreter cannot run bfloat16 dots)")
     p.add_argument("--k", type=int, default=8)
     p.add_argument("--reps", type=int, default=5)
@@ -193,8 +210,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     if a.smoke:
         interpret_without_gpu()
     sizes = tuple(int(v) for v in a.sizes.split(",")) if a.sizes else ((70, 130) if a.smoke else (20_000, 60_000))
-    recs = tune(a.out, sizes=sizes, D=a.dim or (33 if a.smoke else 512),
-                dtype=a.dtype or ("fp32" if a.smoke else "bf16"), k=a.k, reps=a.reps,
+    recs = tune(a.out, sizes=sizes, D=a.dim or (40 if a.smoke else 512),
+                dtype=a.dtype or ("fp16" if a.smoke else "bf16"), k=a.k, reps=a.reps,
                 budget_s=a.budget_s, smoke=a.smoke)
     bad = [r for r in recs if r["status"].startswith(("WRONG", "failed"))]
     return 1 if bad else 0

@@ -258,6 +258,13 @@ class KernelConfig:
                        maxnreg=self.maxnreg if maxnreg is ... else maxnreg)
 
 
+def descriptor_type(x_dtype: torch.dtype, rows: int, block_d: int) -> str:
+    """Triton's type of a host tensor descriptor of ``x_dtype`` with block ``rows x block_d``
+    (what its JIT derives from a ``triton.tools.tensor_descriptor.TensorDescriptor``; the same
+    text in Triton 3.6 and 3.8: tests/kernels/test_kernel_specialisation.py)."""
+    return f"tensordesc<{POINTER[x_dtype][1:]}[{int(rows)}, {int(block_d)}]>"
+
+
 def parse_signature(text: str) -> Dict[str, str]:
     """``"a_ptr b_ptr: *x; M N: i32"`` -> ``{"a_ptr": "*x", "b_ptr": "*x", "M": "i32", "N": "i32"}``
     (groups separated by ``;``, order kept)."""
@@ -274,7 +281,10 @@ class KernelSpec:
 
     ``signature``: the Triton type of each runtime argument, in order (:func:`parse_signature`
     text); ``*x`` and ``*seg`` stand for pointers of the input and segment dtypes, ``*h`` for an
-    intermediate whose dtype ``h_dtype(x_dtype)`` gives (the pairwise backward's ``H``). ``unit`` /
+    intermediate whose dtype ``h_dtype(x_dtype)`` gives (the pairwise backward's ``H``);
+    ``desc[BLOCK_M]`` for a tensor descriptor of the input dtype, block ``BLOCK_M x BLOCK_D``,
+    present only in launches with ``TMA = True`` (otherwise the argument is the constant None:
+    :meth:`Launch.constexprs`). ``unit`` /
     ``rows`` / ``other``: its stride arguments on the hot path (see the module docstring).
     ``gemm``: whether its hot loop is a tensor-core dot."""
 
@@ -294,11 +304,25 @@ class KernelSpec:
     def name(self) -> str:
         return getattr(self.kernel, "fn", self.kernel).__name__
 
-    def signature_for(self, x_dtype: torch.dtype, seg_dtype: torch.dtype = torch.float32) -> Dict[str, str]:
+    def signature_for(self, x_dtype: torch.dtype, seg_dtype: torch.dtype = torch.float32,
+                      constexprs: Optional[Mapping[str, Any]] = None) -> Dict[str, str]:
+        """The runtime arguments' Triton types for these dtypes; a launch's ``constexprs`` give
+        the descriptors' block shapes (``TMA = True``) or drop them (otherwise: constants)."""
         names = {"*x": POINTER[x_dtype], "*seg": POINTER[seg_dtype]}
         if self.h_dtype is not None:
             names["*h"] = POINTER[self.h_dtype(x_dtype)]
-        return {n: names.get(ty, ty) for n, ty in self.signature.items()}
+        out = {}
+        for n, ty in self.signature.items():
+            if ty.startswith("desc["):
+                if not (constexprs or {}).get("TMA"):
+                    continue
+                ty = descriptor_type(x_dtype, constexprs[ty[5:-1]], constexprs["BLOCK_D"])
+            out[n] = names.get(ty, ty)
+        return out
+
+    def descriptors(self) -> Tuple[str, ...]:
+        """The tensor-descriptor arguments (``desc[...]`` in the signature)."""
+        return tuple(n for n, ty in self.signature.items() if ty.startswith("desc["))
 
     def stride_args(self) -> set:
         return {n for n in self.signature if n.startswith("stride_")}
@@ -333,15 +357,23 @@ class Launch:
         design ``DAAL_LM_OWN_SEG=atomic`` keeps selectable); ``"-pairs"`` for the kNN backward's
         per-pair dRef (``DR_PAIRS=True``: under deterministic algorithms); ``"-lse"`` for the line
         margin forward that also merges its one split (``LSE=True``); ``"-finish"`` for the kNN
-        forward that finishes its one split (``FINISH=True``); ``"-checked"`` for the
+        forward that finishes its one split (``FINISH=True``); ``"-tma"`` for the kNN forward's
+        tensor-descriptor loads (``TMA=True``: ``DAAL_KNN_LOADS=tma``); ``"-checked"`` for the
         kNN forward's checked merge (``COUNTED=False``: ``DAAL_KNN_MERGE=checked``)."""
         tf32 = self.flags.get("INPUT_PRECISION") == "tf32" or self.flags.get("ROUND_TF32")
         atomic = self.flags.get("ATOMIC") is True or self.flags.get("HAS_OWN") is False
         return (("-tf32" if tf32 else "") + ("-atomic" if atomic else "")
                 + ("-lse" if self.flags.get("LSE") else "")
                 + ("-finish" if self.flags.get("FINISH") else "")
+                + ("-tma" if self.flags.get("TMA") else "")
                 + ("-pairs" if self.flags.get("DR_PAIRS") else "")
                 + ("-checked" if self.flags.get("COUNTED") is False else ""))
+
+    @property
+    def aligned_hopper_only(self) -> bool:
+        """Whether the launcher picks this launch only on sm_90+ with 16-byte-aligned rows (the
+        kNN forward's tensor-descriptor loads): the compile tests build it for that alone."""
+        return bool(self.flags.get("TMA"))
 
     @property
     def kernel(self):
@@ -349,11 +381,14 @@ class Launch:
 
     @property
     def signature(self) -> Dict[str, str]:
-        return self.spec.signature_for(self.x_dtype)
+        return self.spec.signature_for(self.x_dtype, constexprs=self.constexprs)
 
     @property
     def constexprs(self) -> Dict[str, Any]:
-        return dict(self.config.constexprs(self.block_d), **self.flags)
+        out = dict(self.config.constexprs(self.block_d), **self.flags)
+        if not out.get("TMA"):  # pointer loads: the descriptor arguments are None
+            out.update((n, None) for n in self.spec.descriptors())
+        return out
 
     @property
     def num_warps(self) -> int:
@@ -442,6 +477,17 @@ def _dot_chunk(a_rows, b_rows, amask, bmask, d0, D, acc, BLOCK_D: tl.constexpr,
     b = tl.load(b_rows + dd[None, :], mask=bmask[:, None] & dmask[None, :], other=0.0)
     a = _round_tf32(a, ROUND_TF32)
     b = _round_tf32(b, ROUND_TF32)
+    return tl.dot(a, tl.trans(b), acc, input_precision=INPUT_PRECISION)
+
+
+@triton.jit
+def _dot_desc_chunk(a_desc, b_desc, a0, b0, d0, acc, INPUT_PRECISION: tl.constexpr,
+                    ROUND_TF32: tl.constexpr = False):
+    """:func:`_dot_chunk` through tensor descriptors (TMA on sm_90): ``acc + A[a0:, d0:]
+    B[b0:, d0:]^T`` for the descriptors' block shapes (rows x BLOCK_D); rows and columns past
+    the descriptors' shapes read 0 (the hardware's bounds), so no mask is computed."""
+    a = _round_tf32(a_desc.load([a0, d0]), ROUND_TF32)
+    b = _round_tf32(b_desc.load([b0, d0]), ROUND_TF32)
     return tl.dot(a, tl.trans(b), acc, input_precision=INPUT_PRECISION)
 
 

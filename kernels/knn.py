@@ -25,6 +25,8 @@ too few programs for the GPU, per one of ``S`` contiguous column ranges of the r
    BLOCK_D chunks (tensor cores, float32 accumulation; float32 inputs follow
    ``torch.get_float32_matmul_precision()`` on a GPU — 3xTF32 for "highest", single-pass TF32 on
    rounded operands for "high"/"medium" — and IEEE under the interpreter), then the epilogue ``s = qn + rn - 2 acc`` with the masks;
+   the chunks arrive through pointer loads or, with ``DAAL_KNN_LOADS=tma`` where eligible
+   (:func:`_tma_eligible`), through tensor descriptors (Hopper's TMA unit): the same dots;
 2. merge into a running top-k held in registers: ``KP = next_pow2(k)`` slots per row
    (distance, index), *unsorted*, with the row's worst entry ``(worst, widx)`` (the largest in
    ``(s, j)`` order). Tile entries with ``s < worst`` are candidates, counted per row once
@@ -90,11 +92,13 @@ must be below 2^31 (int32 column indices inside the kernel).
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from typing import Dict, List, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ._common import (
     cdiv,
@@ -105,6 +109,7 @@ from ._common import (
     KernelSpec,
     Launch,
     _dot_chunk,
+    _dot_desc_chunk,
     _dot_rows,
     compute_dtype,
     direct,
@@ -113,6 +118,7 @@ from ._common import (
     family,
     dot_flags,
     gpu_dot_variants,
+    interpreting,
     merged_launches,
     prepare,
     row_sqnorms,
@@ -194,12 +200,13 @@ def _knn_take(v, j, topd, topi, worst, widx):
 
 @triton.jit
 def _knn_fwd_kernel(
-    q_ptr, r_ptr, qn_ptr, rn_ptr, ql_ptr, rl_ptr, top_s_ptr, top_i_ptr, dist_ptr, index_ptr,
+    q_ptr, r_ptr, q_desc, r_desc, qn_ptr, rn_ptr, ql_ptr, rl_ptr, top_s_ptr, top_i_ptr, dist_ptr, index_ptr,
     M, N, D, K, cols_per_split, stride_q_m, stride_r_n, stride_top_s, stride_top_m, stride_dist_m,
     stride_index_m,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, KP: tl.constexpr,
     HAS_LABELS: tl.constexpr, EXCLUDE_SELF: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     ROUND_TF32: tl.constexpr, FLAT: tl.constexpr, COUNTED: tl.constexpr, FINISH: tl.constexpr,
+    TMA: tl.constexpr,
 ):
     """Running top-KP of ``s_ij = max(qn_i + rn_j - 2 q_i.r_j, eps)`` over the candidate
     columns ``j`` of split ``program_id(1)``; writes the KP (s, j) slots, unsorted, per row.
@@ -267,8 +274,12 @@ def _knn_fwd_kernel(
             n0 = n_start + t * BLOCK_N
             cols = n0 + lanes
             cmask = cols < n_end
-            acc = _dot_chunk(q_rows, r_ptr + cols.to(tl.int64)[:, None] * stride_r_n, rmask, cmask,
-                             kk * BLOCK_D, D, acc, BLOCK_D, INPUT_PRECISION, ROUND_TF32)
+            if TMA:
+                acc = _dot_desc_chunk(q_desc, r_desc, row_lo, n0, kk * BLOCK_D, acc, INPUT_PRECISION,
+                                      ROUND_TF32)
+            else:
+                acc = _dot_chunk(q_rows, r_ptr + cols.to(tl.int64)[:, None] * stride_r_n, rmask, cmask,
+                                 kk * BLOCK_D, D, acc, BLOCK_D, INPUT_PRECISION, ROUND_TF32)
             if kk == k_steps - 1:
                 topd, topi, worst, widx = _knn_merge_tile(
                     acc, n0, lanes, cols, cmask, rows, row_lo, qn, ql, rn_ptr, rl_ptr, topd, topi,
@@ -279,8 +290,12 @@ def _knn_fwd_kernel(
             cols = n0 + lanes
             cmask = cols < n_end
             acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-            acc = _dot_rows(q_rows, r_ptr + cols.to(tl.int64)[:, None] * stride_r_n, rmask, cmask, D,
-                            acc, BLOCK_D, INPUT_PRECISION, ROUND_TF32)
+            if TMA:
+                for d0 in range(0, D, BLOCK_D):
+                    acc = _dot_desc_chunk(q_desc, r_desc, row_lo, n0, d0, acc, INPUT_PRECISION, ROUND_TF32)
+            else:
+                acc = _dot_rows(q_rows, r_ptr + cols.to(tl.int64)[:, None] * stride_r_n, rmask, cmask, D,
+                                acc, BLOCK_D, INPUT_PRECISION, ROUND_TF32)
             topd, topi, worst, widx = _knn_merge_tile(
                 acc, n0, lanes, cols, cmask, rows, row_lo, qn, ql, rn_ptr, rl_ptr, topd, topi, worst,
                 widx, BLOCK_M, BLOCK_N, KP, HAS_LABELS, EXCLUDE_SELF, COUNTED)
@@ -531,7 +546,7 @@ def _knn_bwd_kernel(
 KERNELS: Dict[str, KernelSpec] = {
     "fwd": KernelSpec(
         _knn_fwd_kernel,
-        "q_ptr r_ptr: *x; qn_ptr rn_ptr: *fp32; ql_ptr rl_ptr: *i64; top_s_ptr: *fp32; "
+        "q_ptr r_ptr: *x; q_desc: desc[BLOCK_M]; r_desc: desc[BLOCK_N]; qn_ptr rn_ptr: *fp32; ql_ptr rl_ptr: *i64; top_s_ptr: *fp32; "
         "top_i_ptr: *i32; dist_ptr: *fp32; index_ptr: *i64; M N D K cols_per_split: i32; "
         "stride_q_m stride_r_n stride_top_s stride_top_m stride_dist_m stride_index_m: i64",
         rows=("stride_q_m", "stride_r_n"),
@@ -573,11 +588,18 @@ KP_ROWS = tuple(_FWD_BLOCKS)
 #: registers per thread (Triton's ``maxnreg``): the entry's own tiles capped at 128 registers
 #: fit two programs per SM with no more L2 traffic per FLOP than the entry, at the price of
 #: spills (bf16 KP 8: 128 B per thread under Triton 3.8, 200 B under 3.6, none in the K-loop:
-#: asserted by the same test; docs/kernels.md, "Two programs per SM at 128 x 128").
-FWD_ALTERNATIVES = {(64, 128, 4, 3, False): 2, (64, 128, 4, 3, True): 2, (128, 128, 8, 3, False, 128): 2,
-                    (128, 64, 4, 3, False): 2, (128, 64, 4, 3, True): 2, (128, 64, 8, 3, True): 1,
-                    (64, 128, 4, 4, False): 2, (128, 128, 8, 2, False): 1, (128, 64, 8, 3, False): 1,
-                    (128, 128, 8, 3, True): 1}
+#: asserted by the same test; docs/kernels.md, "Two programs per SM at 128 x 128"). A seventh
+#: field "tma" loads the tiles through tensor descriptors (``DAAL_KNN_LOADS=tma``; the sixth is
+#: then the cap or None): no per-thread addresses, so fewer registers: the capped entry spills
+#: 32 B instead of 128 B, and the 4-warp tiles fit three programs per SM (docs/kernels.md,
+#: "Tensor-descriptor loads"). Their residency is that of the 60k benchmark's build (KP 8, no
+#: labels), which the test compiles.
+FWD_ALTERNATIVES = {(64, 128, 4, 3, False): 2, (128, 128, 8, 3, False, 128, "tma"): 2,
+                    (64, 128, 4, 3, False, None, "tma"): 3, (64, 128, 4, 3, True): 2,
+                    (128, 128, 8, 3, False, 128): 2, (128, 64, 4, 3, False): 2,
+                    (128, 64, 4, 3, False, None, "tma"): 3, (128, 64, 4, 3, True): 2,
+                    (128, 64, 8, 3, True): 1, (64, 128, 4, 4, False): 2, (128, 128, 8, 2, False): 1,
+                    (128, 64, 8, 3, False): 1, (128, 128, 8, 3, True): 1}
 
 
 def _fwd_configs(largest_block_d: int, stages: Optional[Dict[int, int]] = None,
@@ -644,7 +666,7 @@ def _gpu_flags(entry: str, dtype: torch.dtype):
     if entry == "bwd_noref":
         return {"HAS_DR": False, "DR_PAIRS": False}
     kp = int(entry[len("fwd_kp"):])
-    base = {"KP": kp, "HAS_LABELS": True, "EXCLUDE_SELF": True, "FINISH": False}
+    base = {"KP": kp, "HAS_LABELS": True, "EXCLUDE_SELF": True, "FINISH": False, "TMA": False}
     # the counted merge (the default) and, for the entry it is kept for, the checked one
     merges = (True, False) if entry == CHECKED_ENTRY else (True,)
     out = [dict(base, COUNTED=counted, **fl) for counted in merges for fl in gpu_dot_variants(dtype)]
@@ -656,8 +678,13 @@ def _gpu_flags(entry: str, dtype: torch.dtype):
 def launches() -> List[Launch]:
     """Every configuration the launchers of this module can pick on a GPU (compile tests); the
     forward with the largest KP of each entry (the most registers), in each float32 precision
-    variant (``_common.gpu_dot_variants``)."""
-    return expand("knn", CONFIGS, _SPEC_OF, _gpu_flags)
+    variant (``_common.gpu_dot_variants``); and the forward's tensor-descriptor builds
+    (``DAAL_KNN_LOADS=tma``: :func:`_tma_eligible`), which the tests build for sm_90 "aligned"
+    alone (``Launch.aligned_hopper_only``)."""
+    out = expand("knn", CONFIGS, _SPEC_OF, _gpu_flags)
+    return out + [replace(la, flags=dict(la.flags, TMA=True)) for la in out
+                  if la.entry == TMA_ENTRY and la.family == "half" and la.block_d == TMA_BLOCK_D
+                  and la.flags["COUNTED"]]
 
 
 # --------------------------------------------------------------------------- selection
@@ -698,6 +725,47 @@ SPLIT_POLICY = os.environ.get("DAAL_KNN_SPLITS", "model")
 MERGE_ENV = "DAAL_KNN_MERGE"
 MERGE_POLICIES = ("counted", "checked")
 CHECKED_ENTRY = "fwd_kp16"
+
+
+#: How the forward loads its Q and R tiles: "pointer" (the default: ``tl.load`` of pointer
+#: blocks, ``cp.async`` on sm_80/sm_90) or "tma" (``DAAL_KNN_LOADS=tma``: host tensor descriptors,
+#: the Hopper Tensor Memory Accelerator: one thread issues a tile's copy, no per-thread
+#: addresses or masks; rows and columns past the tensor read 0). The same dots in the same
+#: order: the same result bit for bit. "tma" applies where :func:`_tma_eligible` says so (else
+#: the pointer loads run); kept beside the default until a GPU run times both (the benchmarks'
+#: ``triton_tma`` provider, ``bench/tune_knn.py``'s candidates; docs/kernels.md, "Tensor-
+#: descriptor loads").
+LOADS_ENV = "DAAL_KNN_LOADS"
+LOADS_POLICIES = ("pointer", "tma")
+#: The forward entry and D-chunk that take tensor-descriptor loads (k <= 16: DAAL's k = 3 and the
+#: 60k benchmark's k = 8; D > 32: the 64-wide chunk), bfloat16/float16 with the counted merge.
+TMA_ENTRY = "fwd_kp16"
+TMA_BLOCK_D = 64
+
+
+def loads_policy() -> str:
+    """``DAAL_KNN_LOADS`` (default "pointer"); ``ValueError`` for anything else."""
+    policy = os.environ.get(LOADS_ENV, "pointer")
+    if policy not in LOADS_POLICIES:
+        raise ValueError(f"{LOADS_ENV} must be one of {LOADS_POLICIES}, got {policy!r}")
+    return policy
+
+
+def _tma_eligible(q: torch.Tensor, r: torch.Tensor, entry: str, block_d: int, counted: bool) -> bool:
+    """Whether this forward can load through tensor descriptors: the entry, D-chunk, dtypes and
+    merge of the compiled descriptor builds (:data:`TMA_ENTRY`), 16-byte-aligned base pointers
+    and row strides (the TMA unit's rule), rows on both sides, and a device with TMA (sm_90+), or
+    Triton's CPU interpreter (which emulates descriptors: the tests)."""
+    if entry != TMA_ENTRY or block_d != TMA_BLOCK_D or not counted or q.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    if q.shape[0] == 0 or r.shape[0] == 0:  # a descriptor's shape must be positive
+        return False
+    size = q.element_size()
+    if any(t.data_ptr() % 16 or (t.stride(0) * size) % 16 for t in (q, r)):
+        return False
+    if q.device.type == "cuda":
+        return torch.cuda.get_device_capability(q.device)[0] >= 9
+    return interpreting()
 
 
 def merge_policy() -> str:
@@ -754,11 +822,17 @@ def _candidates(q, r, k, ql, rl, exclude_self, splits: Optional[int] = None, fin
     rn = qn if r is q else row_sqnorms(r, flags["INPUT_PRECISION"])
     has_labels = ql is not None
     counted = merge_policy() == "counted" or entry != CHECKED_ENTRY  # the setting checked always
+    launch = cfg.launch(D)
+    q_desc = r_desc = None
+    if loads_policy() == "tma" and _tma_eligible(q, r, entry, launch["BLOCK_D"], counted):
+        # block shapes: the tile's rows x the D-chunk (the kernel's loads)
+        q_desc = TensorDescriptor(q, [M, D], [q.stride(0), 1], [bm, launch["BLOCK_D"]])
+        r_desc = TensorDescriptor(r, [N, D], [r.stride(0), 1], [bn, launch["BLOCK_D"]])
     _knn_fwd_kernel[(cdiv(M, bm), S)](
-        q, r, qn, rn, ql if has_labels else qn, rl if has_labels else rn, out_s, out_i, dist, index,
+        q, r, q_desc, r_desc, qn, rn, ql if has_labels else qn, rl if has_labels else rn, out_s, out_i, dist, index,
         M, N, D, k, cols, q.stride(0), r.stride(0), out_s.stride(0), out_s.stride(1), dist.stride(0),
         index.stride(0), KP=kp, HAS_LABELS=has_labels, EXCLUDE_SELF=bool(exclude_self),
-        COUNTED=counted, FINISH=finish, **flags, **cfg.launch(D))
+        COUNTED=counted, FINISH=finish, TMA=q_desc is not None, **flags, **launch)
     return (dist, index) if finish else (out_s, out_i)
 
 

@@ -279,7 +279,8 @@ def config_jobs(launches, capabilities=(80, 90)):
     hot = largest_block_d(launches)
     chosen = [la for la in launches if COMPILE_ALL_CONFIGS or la.name in hot]
     return [(la, cap, spec) for la in chosen for cap in capabilities
-            for spec in SPECIALISATIONS if spec == "generic" or la.name in hot]
+            for spec in SPECIALISATIONS if spec == "generic" or la.name in hot
+            if not la.aligned_hopper_only or (cap >= 90 and spec == "aligned")]
 
 
 def compile_launches(launches, capabilities=(80, 90)):

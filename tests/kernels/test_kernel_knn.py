@@ -388,6 +388,9 @@ def test_knn_configs_compile(compiled):
             ptx = res["ptx"]
             want = "mma.sync" if cap == 80 or cfg.constexprs["BLOCK_M"] < 64 else "wgmma.mma_async"
             assert want in ptx, f"{what}: no {want} in the PTX"
+            # DAAL_KNN_LOADS=tma: the tiles arrive by TMA copies; the pointer loads never do
+            assert ("cp.async.bulk.tensor" in ptx) == bool(cfg.flags.get("TMA")), what
+    assert any(c.flags.get("TMA") for (c, _, _), _ in compiled), "the descriptor builds are compiled"
 
 
 @pytest.mark.build
@@ -426,7 +429,9 @@ def test_knn_forward_alternatives_fit_their_residency():
     (what the tool sizes their grids for); the entry itself allows one. None spills, but a
     candidate with a register cap (its sixth field), which spills only outside the K-loop: no
     local-memory access in the loop that holds the MMAs (SASS), and at most 256 B per thread
-    for the 60k benchmark's build (KP 8, no labels: 128 B under Triton 3.8, 200 B under 3.6)."""
+    for the 60k benchmark's build (KP 8, no labels: 128 B under Triton 3.8, 200 B under 3.6).
+    A capped or "tma" candidate (seventh field: tensor-descriptor loads, with TMA copies in the
+    PTX) is compiled as that benchmark launches it."""
     import dataclasses
 
     from daal_testing import compile_many_for_gpu, gpu_job, sass_loops
@@ -437,21 +442,24 @@ def test_knn_forward_alternatives_fit_their_residency():
     assert (base.config.blocks["BLOCK_M"], base.config.blocks["BLOCK_N"], base.config.num_warps,
             base.config.num_stages, base.config.blocks["FLAT"]) == (128, 128, 8, 3, False)
     assert any(c[4] for c in kk.FWD_ALTERNATIVES), "the flat loop is among the candidates"
-    capped = [c for c in kk.FWD_ALTERNATIVES if len(c) > 5]
+    capped = [c for c in kk.FWD_ALTERNATIVES if len(c) > 5 and c[5]]
     assert capped, "a register-capped candidate is among them"
+    assert any(c[6:] == ("tma",) for c in kk.FWD_ALTERNATIVES), "a descriptor-load candidate is among them"
     jobs = []
-    for bm, bn, w, st, flat, *cap in blocks:
+    for bm, bn, w, st, flat, *rest in blocks:
+        cap, tma = (rest + [None, None])[:2]
         la = dataclasses.replace(base, config=base.config.with_blocks(
-            num_warps=w, num_stages=st, BLOCK_M=bm, BLOCK_N=bn, FLAT=flat, maxnreg=cap[0] if cap else None))
-        if cap:  # as the 60k benchmark launches it
-            la = dataclasses.replace(la, flags=dict(la.flags, KP=8, HAS_LABELS=False))
+            num_warps=w, num_stages=st, BLOCK_M=bm, BLOCK_N=bn, FLAT=flat, maxnreg=cap))
+        if rest:  # as the 60k benchmark launches it
+            la = dataclasses.replace(la, flags=dict(la.flags, KP=8, HAS_LABELS=False, TMA=tma == "tma"))
         jobs.append(gpu_job(la, capability=90, specialisation="aligned", with_sass=bool(cap)))
     for (cfg, resident), res in zip(blocks.items(), compile_many_for_gpu(jobs)):
         assert not res.get("error"), f"{cfg}:\n{res.get('error')}"
         assert "wgmma.mma_async" in res["ptx"], cfg
         got = _programs_per_sm(res["registers"], cfg[2], res["metadata"]["shared"])
         assert got == resident, (cfg, res["registers"], res["metadata"]["shared"], got)
-        if len(cfg) == 5:
+        assert ("cp.async.bulk.tensor" in res["ptx"]) == (cfg[6:] == ("tma",)), cfg
+        if len(cfg) == 5 or not cfg[5]:
             assert res["stack"] == 0, (cfg, res["stack"])
             continue
         assert res["registers"] <= cfg[5] and 0 < res["stack"] <= 256, (cfg, res["registers"], res["stack"])
@@ -507,6 +515,8 @@ def test_knn_launches_cover_the_launcher():
                     vs = variants if e == entry else ("", "-pairs") if e == "bwd" else ("",)
                     if e == kk.CHECKED_ENTRY:  # DAAL_KNN_MERGE=checked
                         vs = vs + tuple(v + "-checked" for v in vs)
+                    if e == kk.TMA_ENTRY and dtype != torch.float32 and bd == kk.TMA_BLOCK_D:
+                        vs = vs + ("-tma", "-finish-tma")  # DAAL_KNN_LOADS=tma
                     for v in vs:
                         assert f"knn_{e}-{POINTER[dtype][1:]}-bd{bd}{v}" in names, (e, dtype, D, v)
 
@@ -850,3 +860,112 @@ def test_knn_forward_finish_launches_are_compiled():
                     name = f"knn_{entry}-{POINTER[dtype][1:]}-bd{bd}{v}-finish"
                     assert name in names, name
     assert not any("-finish" in n and "fwd_kp16" not in n for n in names)
+
+
+# ------------------------------------------------------------------------- tensor-descriptor loads
+def _count_descriptors(monkeypatch) -> list:
+    """The block shapes of the tensor descriptors the forward makes (appended per descriptor)."""
+    made, real = [], kk.TensorDescriptor
+
+    def counting(tensor, shape, strides, block_shape):
+        made.append(tuple(block_shape))
+        return real(tensor, shape, strides, block_shape)
+
+    monkeypatch.setattr(kk, "TensorDescriptor", counting)
+    return made
+
+
+def _tma_here() -> bool:
+    """Whether this device takes descriptor loads (sm_90+, or the CPU interpreter)."""
+    return DEV != "cuda" or torch.cuda.get_device_capability()[0] >= 9
+
+
+@pytest.mark.parametrize("M,N,D,k,labelled,splits,finish", [
+    (37, 45, 136, 3, True, 1, True),  # rows, columns and the last D-chunk past the tensor; finished in the forward
+    (45, 45, 72, 8, False, 2, False),  # self excluded (r is q), two column splits
+    (130, 150, 64, 16, True, 1, False),  # three row blocks, KP 16, labels
+], ids=["D136-finish", "self-2splits", "kp16-labels"])
+def test_knn_tma_loads_give_the_same_bits(monkeypatch, M, N, D, k, labelled, splits, finish):
+    """``DAAL_KNN_LOADS=tma`` (tensor descriptors; the interpreter emulates them) and the pointer
+    loads give the forward's outputs bit for bit (the same dots in the same order): the slots, or
+    with ``finish`` the final (dist, index); the result is the float64 reference's. float16: the
+    interpreter runs no bfloat16 dots."""
+    made = _count_descriptors(monkeypatch)
+    q = torch.randn(M, D, device=DEV).half()
+    r = q if N == M and not labelled else torch.randn(N, D, device=DEV).half()
+    ql = _labels(M, 3) if labelled else None
+    rl = (ql if r is q else _labels(N, 3)) if labelled else None
+    out = {}
+    for policy in ("pointer", "tma"):
+        monkeypatch.setenv(kk.LOADS_ENV, policy)
+        out[policy] = kk._candidates(q, r, k, ql, rl, r is q, splits, finish)
+    assert made == ([(128, 64), (128, 64)] if _tma_here() else []), "the descriptors of one forward"
+    for a, b in zip(out["pointer"], out["tma"]):
+        assert a.dtype == b.dtype and torch.equal(a.view(torch.int32) if a.is_floating_point() else a,
+                                                  b.view(torch.int32) if b.is_floating_point() else b)
+    assert (out["tma"][1] >= 0).any(), "the test must fill slots"
+    monkeypatch.setenv(kk.LOADS_ENV, "tma")
+    _run(q, r, k, labels=(ql, rl) if labelled else None, exclude_self=r is q, splits=splits, grad=False)
+
+
+def test_knn_tma_loads_where_eligible(monkeypatch):
+    """The descriptors are made only where the compiled descriptor builds apply: float16/bfloat16,
+    k <= 16, the 64-wide D-chunk, the counted merge, 16-byte-aligned base and rows; elsewhere the
+    pointer loads run (and the result is still right)."""
+    monkeypatch.setenv(kk.LOADS_ENV, "tma")
+    made = _count_descriptors(monkeypatch)
+    x = torch.randn(40, 136, device=DEV).half()
+
+    def descriptors(q, k, **env):
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        before = len(made)
+        kk._knn(q, q, k, exclude_self=True)
+        for name in env:
+            monkeypatch.delenv(name)
+        return len(made) - before
+
+    two = 2 if _tma_here() else 0
+    assert descriptors(x, 3) == two
+    assert descriptors(x[:, :130], 3) == two  # D = 130 in rows of 272 bytes: aligned
+    assert descriptors(x[:, 1:], 3) == 0  # base 2 bytes past 16-byte alignment
+    assert descriptors(x[:, :20], 3) == 0  # D-chunk 32
+    assert descriptors(x, 17) == 0  # KP 32: another entry
+    assert descriptors(x.float(), 3) == 0  # float32
+    assert descriptors(x, 3, **{kk.MERGE_ENV: "checked"}) == 0
+    _run(x[:, 1:], x[:, 1:], 3, exclude_self=True, grad=False)
+
+
+def test_knn_loads_policy_is_checked(monkeypatch):
+    """``DAAL_KNN_LOADS``: "pointer" by default, "tma" selectable, anything else a ValueError
+    naming the variable (read at every forward)."""
+    monkeypatch.delenv(kk.LOADS_ENV, raising=False)
+    assert kk.loads_policy() == "pointer"
+    monkeypatch.setenv(kk.LOADS_ENV, "tensor")
+    x = torch.randn(8, 4, device=DEV)
+    with pytest.raises(ValueError, match=kk.LOADS_ENV):
+        kk._knn(x, x, 2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M,N,k,splits", [(700, 2100, 8, None), (700, 2100, 3, 1), (4100, 4100, 16, None)])
+def test_knn_tma_loads_gpu(monkeypatch, M, N, k, splits):
+    """On the GPU (bfloat16, D = 512, labels): the descriptor loads (sm_90: TMA copies) give the
+    pointer loads' outputs bit for bit, at the model's splits and with one split (the forward
+    finishing its rows); and they are the float64 reference's neighbours."""
+    if not _tma_here():
+        pytest.skip("no TMA before sm_90")
+    made = _count_descriptors(monkeypatch)
+    q = torch.randn(M, 512, device="cuda").bfloat16()
+    r = q if M == N else torch.randn(N, 512, device="cuda").bfloat16()
+    ql = _labels(M, 5)
+    rl = ql if r is q else _labels(N, 5)
+    out = {}
+    for policy in ("pointer", "tma"):
+        monkeypatch.setenv(kk.LOADS_ENV, policy)
+        out[policy] = kk._knn(q, r, k, query_labels=ql, ref_labels=rl, exclude_self=r is q, splits=splits)
+    assert len(made) == 2
+    assert torch.equal(out["pointer"][1], out["tma"][1])
+    assert torch.equal(out["pointer"][0].view(torch.int32), out["tma"][0].view(torch.int32))
+    _run(q, r, k, labels=(ql, rl), exclude_self=r is q, splits=splits, grad=False,
+         tol=tolerance(torch.bfloat16, tf32=True), check_index="none")

@@ -35,6 +35,19 @@ def test_rule_matches_triton():
     assert _triton_specialisation(x[:, 1:])[1] == ""  # a misaligned view
 
 
+def test_descriptor_type_is_tritons():
+    """A descriptor argument's type in the compile tests (``_common.descriptor_type``) is what
+    Triton's launcher derives from the ``TensorDescriptor`` the kNN forward passes."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    from daal_triton.kernels._common import descriptor_type
+
+    x = torch.empty(300, 512, dtype=torch.bfloat16)
+    for rows, bd in ((128, 64), (64, 64)):
+        d = TensorDescriptor(x, [300, 512], [512, 1], [rows, bd])
+        assert _triton_specialisation(d)[0] == descriptor_type(torch.bfloat16, rows, bd)
+
+
 def test_specialise_aligned_and_generic():
     spec = lm.KERNELS["prep2"]
     sig = dict(spec.signature_for(torch.float32, torch.bfloat16), BLOCK_C="constexpr")
