@@ -587,7 +587,7 @@ the loss's host time besides the kernels on a CPU; `work_model.py` models the fl
 (printed beside a run's measured times; `python bench/work_model.py B,C,D` prints it alone);
 `knn_merge_model.py` counts the kNN forward's merge rounds and block-wide reductions per tile
 for both merges (a CPU replay of the selection, counts not times). Each run's report sets every
-internal switch kept until a GPU run decides (`cases.SWITCHES`: the kNN's merge and splits, the
+internal switch kept until a GPU run decides (`cases.SWITCHES`: the kNN's merge, splits and loads, the
 line margin's own-class rows, the loss's glue) beside its alternative, case by case, with what
 the numbers say.
 
@@ -607,7 +607,9 @@ Each case is (shape, precision, provider, pass):
   beside the class lists that replaced them; docs/kernels.md "Class-chunked backward"); for the kNN,
   the line margin and the whole loss `Triton, separate launches` (one launch per kernel,
   `DAAL_LAUNCHES=separate`, beside the merged launches that replaced them; docs/kernels.md
-  "Fewer launches"). The first run also
+  "Fewer launches"); for the kNN `Triton, TMA loads` (its forward's tiles loaded through tensor
+  descriptors, `DAAL_KNN_LOADS=tma`, beside the pointer loads; docs/kernels.md "Tensor-descriptor
+  loads"). The first run also
   timed `Triton (aten finish)` (the kNN kernel with its earlier finish) and `Triton v1` (the line
   margin's first design); both were removed after it (the fused finish was 1.45–3.3× faster, v2 4.1×), and its
   tables still show them;
