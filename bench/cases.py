@@ -203,8 +203,9 @@ SWITCH_NOISE = 0.03
 CHECK: Dict[Tuple[str, str], List[dict]] = {
     # the merge before 2026-12-01 (DAAL_KNN_MERGE=checked) beside the counted one
     # and its tiles loaded through tensor descriptors (DAAL_KNN_LOADS=tma)
-    ("knn", "eval60k"): [dict(dtypes=("bf16",), providers=("triton", "chunked", "triton_tma", "triton_checked_merge",
-                                                        "triton_wave_splits", "eager"))],
+    ("knn", "eval60k"): [dict(dtypes=("bf16",), providers=("triton", "chunked", "triton_tma",
+                                                        "triton_checked_merge", "triton_wave_splits",
+                                                        "eager"))],
     ("line_margin", "classes100k"): [
         dict(dtypes=("bf16",), providers=("triton", "eager", "compile")),
         # the own-class segment rows by atomics (DAAL_LM_OWN_SEG=atomic): the forward is the same
@@ -222,7 +223,8 @@ CHECK: Dict[Tuple[str, str], List[dict]] = {
                      dict(dtypes=("bf16",), providers=("triton_separate",), passes=("fwd",))],
     ("knn", "bank"): [dict(dtypes=("bf16",), providers=("triton", "chunked", "eager", "triton_wave_splits"),
                            passes=("fwd", "fwdbwd")),
-                      dict(dtypes=("bf16",), providers=("triton_checked_merge", "triton_tma"), passes=("fwd",))],
+                      dict(dtypes=("bf16",), providers=("triton_checked_merge", "triton_tma"),
+                           passes=("fwd",))],
     ("pairwise", "large"): [dict(dtypes=("bf16", "fp32"), providers=("triton", "eager"))],
     ("line_margin", "dml"): [dict(dtypes=("bf16",), providers=("triton", "eager")),
                              dict(dtypes=("bf16",), providers=("triton_separate",), passes=("fwdbwd",))],

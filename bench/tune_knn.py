@@ -19,8 +19,8 @@ Since 2026-12-01 (night) also tiles loaded through tensor descriptors (the Hoppe
 ``DAAL_KNN_LOADS=tma``, set around the candidate's calls): fewer registers, so the capped entry
 spills less and 4-warp tiles fit three programs per SM.
 
-For each candidate ``(BLOCK_M, BLOCK_N, num_warps, num_stages, FLAT[, maxnreg[, "tma"]])`` of the forward entry serving
-``k`` (``CONFIGS[family][fwd_kp*]``), and each shape ``M = N`` (the query is the reference set,
+For each candidate ``(BLOCK_M, BLOCK_N, num_warps, num_stages, FLAT[, maxnreg[, "tma"]])`` of the
+forward entry serving ``k`` (``CONFIGS[family][fwd_kp*]``), and each shape ``M = N`` (the query is the reference set,
 ``exclude_self``, no labels: a retrieval evaluation), the forward ``knn`` (selection + fused
 finish, no gradient) is timed with CUDA events (median of ``--reps`` calls after a warm-up that
 compiles it) at the column splits the model picks for one program per SM, and — when it differs

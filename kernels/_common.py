@@ -547,13 +547,19 @@ LAUNCHES_ENV = "DAAL_LAUNCHES"
 LAUNCH_POLICIES = ("merged", "separate")
 
 
+def env_choice(name: str, choices: Tuple[str, ...]) -> str:
+    """The environment variable ``name`` (an internal switch), ``choices[0]`` when unset;
+    ``ValueError`` naming the variable for a value not in ``choices``."""
+    value = os.environ.get(name, choices[0])
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+    return value
+
+
 def merged_launches() -> bool:
     """``DAAL_LAUNCHES`` is "merged" (the default); ``ValueError`` for a value not in
     :data:`LAUNCH_POLICIES`."""
-    policy = os.environ.get(LAUNCHES_ENV, "merged")
-    if policy not in LAUNCH_POLICIES:
-        raise ValueError(f"{LAUNCHES_ENV} must be one of {LAUNCH_POLICIES}, got {policy!r}")
-    return policy == "merged"
+    return env_choice(LAUNCHES_ENV, LAUNCH_POLICIES) == "merged"
 
 
 # ----------------------------------------------------------------------------- eager calls

@@ -117,6 +117,7 @@ from ._common import (
     expand,
     family,
     dot_flags,
+    env_choice,
     gpu_dot_variants,
     interpreting,
     merged_launches,
@@ -546,7 +547,8 @@ def _knn_bwd_kernel(
 KERNELS: Dict[str, KernelSpec] = {
     "fwd": KernelSpec(
         _knn_fwd_kernel,
-        "q_ptr r_ptr: *x; q_desc: desc[BLOCK_M]; r_desc: desc[BLOCK_N]; qn_ptr rn_ptr: *fp32; ql_ptr rl_ptr: *i64; top_s_ptr: *fp32; "
+        "q_ptr r_ptr: *x; q_desc: desc[BLOCK_M]; r_desc: desc[BLOCK_N]; qn_ptr rn_ptr: *fp32; "
+        "ql_ptr rl_ptr: *i64; top_s_ptr: *fp32; "
         "top_i_ptr: *i32; dist_ptr: *fp32; index_ptr: *i64; M N D K cols_per_split: i32; "
         "stride_q_m stride_r_n stride_top_s stride_top_m stride_dist_m stride_index_m: i64",
         rows=("stride_q_m", "stride_r_n"),
@@ -745,10 +747,7 @@ TMA_BLOCK_D = 64
 
 def loads_policy() -> str:
     """``DAAL_KNN_LOADS`` (default "pointer"); ``ValueError`` for anything else."""
-    policy = os.environ.get(LOADS_ENV, "pointer")
-    if policy not in LOADS_POLICIES:
-        raise ValueError(f"{LOADS_ENV} must be one of {LOADS_POLICIES}, got {policy!r}")
-    return policy
+    return env_choice(LOADS_ENV, LOADS_POLICIES)
 
 
 def _tma_eligible(q: torch.Tensor, r: torch.Tensor, entry: str, block_d: int, counted: bool) -> bool:
@@ -756,7 +755,9 @@ def _tma_eligible(q: torch.Tensor, r: torch.Tensor, entry: str, block_d: int, co
     merge of the compiled descriptor builds (:data:`TMA_ENTRY`), 16-byte-aligned base pointers
     and row strides (the TMA unit's rule), rows on both sides, and a device with TMA (sm_90+), or
     Triton's CPU interpreter (which emulates descriptors: the tests)."""
-    if entry != TMA_ENTRY or block_d != TMA_BLOCK_D or not counted or q.dtype not in (torch.float16, torch.bfloat16):
+    if entry != TMA_ENTRY or block_d != TMA_BLOCK_D or not counted:
+        return False
+    if q.dtype not in (torch.float16, torch.bfloat16):
         return False
     if q.shape[0] == 0 or r.shape[0] == 0:  # a descriptor's shape must be positive
         return False
@@ -770,10 +771,7 @@ def _tma_eligible(q: torch.Tensor, r: torch.Tensor, entry: str, block_d: int, co
 
 def merge_policy() -> str:
     """``DAAL_KNN_MERGE`` (default "counted"); ``ValueError`` for anything else."""
-    policy = os.environ.get(MERGE_ENV, "counted")
-    if policy not in MERGE_POLICIES:
-        raise ValueError(f"{MERGE_ENV} must be one of {MERGE_POLICIES}, got {policy!r}")
-    return policy
+    return env_choice(MERGE_ENV, MERGE_POLICIES)
 
 
 def _num_splits(M: int, N: int, bm: int, bn: int, device: torch.device, policy: Optional[str] = None,
@@ -829,7 +827,8 @@ def _candidates(q, r, k, ql, rl, exclude_self, splits: Optional[int] = None, fin
         q_desc = TensorDescriptor(q, [M, D], [q.stride(0), 1], [bm, launch["BLOCK_D"]])
         r_desc = TensorDescriptor(r, [N, D], [r.stride(0), 1], [bn, launch["BLOCK_D"]])
     _knn_fwd_kernel[(cdiv(M, bm), S)](
-        q, r, q_desc, r_desc, qn, rn, ql if has_labels else qn, rl if has_labels else rn, out_s, out_i, dist, index,
+        q, r, q_desc, r_desc, qn, rn, ql if has_labels else qn, rl if has_labels else rn, out_s, out_i,
+        dist, index,
         M, N, D, k, cols, q.stride(0), r.stride(0), out_s.stride(0), out_s.stride(1), dist.stride(0),
         index.stride(0), KP=kp, HAS_LABELS=has_labels, EXCLUDE_SELF=bool(exclude_self),
         COUNTED=counted, FINISH=finish, TMA=q_desc is not None, **flags, **launch)

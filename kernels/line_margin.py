@@ -77,7 +77,6 @@ run times both, accumulates it in float32 C x 2 x D). Nothing is ever B x C.
 """
 from __future__ import annotations
 
-import os
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -94,6 +93,7 @@ from ._common import (
     compute_dtype,
     config_family,
     direct,
+    env_choice,
     eager,
     expand,
     input_precision,
@@ -1040,10 +1040,7 @@ def own_seg_policy() -> str:
     """``DAAL_LM_OWN_SEG`` (default "lists"), read when the forward records its autograd node
     (the backward follows that choice; "atomic" falls back to the lists under
     ``torch.use_deterministic_algorithms(True)``)."""
-    policy = os.environ.get(OWN_SEG_ENV, "lists")
-    if policy not in OWN_SEG_POLICIES:
-        raise ValueError(f"{OWN_SEG_ENV} must be one of {OWN_SEG_POLICIES}, got {policy!r}")
-    return policy
+    return env_choice(OWN_SEG_ENV, OWN_SEG_POLICIES)
 
 
 def _slot_map(C: int, device) -> torch.Tensor:

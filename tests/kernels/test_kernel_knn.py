@@ -235,14 +235,20 @@ def test_knn_counted_merge_large_k(monkeypatch, k):
     _run(r[:70], r[:70], k, exclude_self=True, check_index="all", grad=False)
 
 
-def test_knn_merge_policy_is_checked(monkeypatch):
-    """``DAAL_KNN_MERGE``: "counted" by default, "checked" selectable, anything else a
-    ValueError naming the variable (read at every forward)."""
-    monkeypatch.delenv(kk.MERGE_ENV, raising=False)
-    assert kk.merge_policy() == "counted"
-    monkeypatch.setenv(kk.MERGE_ENV, "sorted")
+@pytest.mark.parametrize("env,policy,default,alternative", [
+    (kk.MERGE_ENV, kk.merge_policy, "counted", "checked"), (kk.LOADS_ENV, kk.loads_policy, "pointer", "tma")],
+    ids=["merge", "loads"])
+def test_knn_policy_is_checked(monkeypatch, env, policy, default, alternative):
+    """``DAAL_KNN_MERGE`` ("counted" by default, "checked" selectable) and ``DAAL_KNN_LOADS``
+    ("pointer" by default, "tma" selectable): anything else is a ValueError naming the variable
+    (read at every forward)."""
+    monkeypatch.delenv(env, raising=False)
+    assert policy() == default
+    monkeypatch.setenv(env, alternative)
+    assert policy() == alternative
+    monkeypatch.setenv(env, "sorted")
     x = torch.randn(8, 4, device=DEV)
-    with pytest.raises(ValueError, match=kk.MERGE_ENV):
+    with pytest.raises(ValueError, match=env):
         kk._knn(x, x, 2)
 
 
@@ -881,7 +887,8 @@ def _tma_here() -> bool:
 
 
 @pytest.mark.parametrize("M,N,D,k,labelled,splits,finish", [
-    (37, 45, 136, 3, True, 1, True),  # rows, columns and the last D-chunk past the tensor; finished in the forward
+    # rows, columns and the last D-chunk past the tensor; finished in the forward
+    (37, 45, 136, 3, True, 1, True),
     (45, 45, 72, 8, False, 2, False),  # self excluded (r is q), two column splits
     (130, 150, 64, 16, True, 1, False),  # three row blocks, KP 16, labels
 ], ids=["D136-finish", "self-2splits", "kp16-labels"])
@@ -934,17 +941,6 @@ def test_knn_tma_loads_where_eligible(monkeypatch):
     assert descriptors(x.float(), 3) == 0  # float32
     assert descriptors(x, 3, **{kk.MERGE_ENV: "checked"}) == 0
     _run(x[:, 1:], x[:, 1:], 3, exclude_self=True, grad=False)
-
-
-def test_knn_loads_policy_is_checked(monkeypatch):
-    """``DAAL_KNN_LOADS``: "pointer" by default, "tma" selectable, anything else a ValueError
-    naming the variable (read at every forward)."""
-    monkeypatch.delenv(kk.LOADS_ENV, raising=False)
-    assert kk.loads_policy() == "pointer"
-    monkeypatch.setenv(kk.LOADS_ENV, "tensor")
-    x = torch.randn(8, 4, device=DEV)
-    with pytest.raises(ValueError, match=kk.LOADS_ENV):
-        kk._knn(x, x, 2)
 
 
 @pytest.mark.gpu
