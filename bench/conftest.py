@@ -120,6 +120,8 @@ def pytest_configure(config):
         config.option.benchmark_disable = True
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped, with the reason shown, on CPU)")
     config.addinivalue_line("markers", "slow: takes more than a few seconds on 2 CPU cores")
+    config.addinivalue_line("markers", "build: builds kernels for GPU targets and reads the result "
+                            "without running them: no GPU needed (tests/conftest.py)")
     config.addinivalue_line("markers", "bench: a benchmark case of bench/ (smoke mode without CUDA)")
     config.addinivalue_line("markers", "bench_target: a benchmark case with a performance target (bench/cases.py TARGETS)")
 

@@ -37,7 +37,7 @@
 # DAAL_CHECK_K (a pytest -k expression for the two test steps, for rehearsals),
 # DAAL_BENCH_PROFILE (default check; "full" needs far more time than 8 minutes), DAAL_TUNE_S
 # (default 30: the seconds reserved for step 4's line-margin tuning, which the first H200 run
-# decided; 0 skips it), DAAL_TUNE_KNN_S (default 75: ten candidates, most promising first; 0 skips the kNN tuning),
+# decided; 0 skips it), DAAL_TUNE_KNN_S (default 75: the candidates most promising first, as many as fit; 0 skips the kNN tuning),
 # DAAL_CHECK_BUILD_S (default 0: the seconds reserved at the end for the kernel tests marked
 # "build", which only build kernels for GPU targets and need no GPU), DAAL_BENCH_TRAIN_STEP_S (default 80:
 # the most the training-step cases may take together in step 3; what they leave goes to the

@@ -20,8 +20,12 @@ counts both, per tile, averaged over query blocks. Its selection is checked agai
 ``torch.topk`` by bench/test_work_model.py. What a round costs in time is a GPU question; the
 compiled merge's instructions per round (SASS) are in docs/kernels.md.
 
+A round is one pass over the whole tile, so the merge's work per distance is the rounds per
+tile whatever the tile's size: that is how tile shapes compare here (``--block-m``,
+``--block-n``).
+
 usage: python bench/knn_merge_model.py [--n 20000,60000] [--k 8] [--blocks 4] [--block-m 128]
-           [--classes 0,100,1000] [--spread 0.5] [--ordered]
+           [--block-n 128] [--classes 0,100,1000] [--spread 0.5] [--ordered]
 """
 from __future__ import annotations
 
@@ -108,20 +112,21 @@ def main(argv=None) -> None:
     ap.add_argument("--k", type=int, default=8)
     ap.add_argument("--blocks", type=int, default=4)
     ap.add_argument("--block-m", type=int, default=128)
+    ap.add_argument("--block-n", type=int, default=128)
     ap.add_argument("--classes", default="0", help="comma-separated; 0: no classes")
     ap.add_argument("--spread", type=float, default=0.5)
     ap.add_argument("--ordered", action="store_true", help="rows sorted by class")
     args = ap.parse_args(argv)
-    print("| N | k | BLOCK_M | data | row-mins per tile: checked / counted "
+    print("| N | k | BLOCK_M x BLOCK_N | data | row-mins per tile: checked / counted "
           "| block-wide reductions per tile: checked / counted |")
     print("|---|---|---|---|---|---|")
     for n in (int(v) for v in args.n.split(",")):
         for c in (int(v) for v in args.classes.split(",")):
-            r = retrieval(n, args.k, block_m=args.block_m, blocks=args.blocks, classes=c,
+            r = retrieval(n, args.k, block_m=args.block_m, block_n=args.block_n, blocks=args.blocks, classes=c,
                           spread=args.spread, ordered=args.ordered)
             data = (f"{c} classes, spread {args.spread}" + (", sorted" if args.ordered else "")
                     if c else "uniform")
-            print(f"| {n:,} | {args.k} | {args.block_m} | {data} "
+            print(f"| {n:,} | {args.k} | {args.block_m} x {args.block_n} | {data} "
                   f"| {r['checked_mins']:.2f} / {r['counted_mins']:.2f} "
                   f"| {r['checked_blocks']:.2f} / {r['counted_blocks']:.2f} |")
 

@@ -16,6 +16,10 @@ script splits both:
   ``filter`` (+ the candidate filter ``s < worst`` and its row-min, no merge loop); the kernel
   with each merge (``DAAL_KNN_MERGE``: counted, checked) at k = 1 and 8; plus ``torch.matmul``
   of the same shape.
+* ``tiles`` (after ``knn``): ``gemm_min`` at the tile shapes of ``PROBE_TILES`` (the entry's 128 x 128,
+  the wide 128 x 256 and 256 x 128 of the "tma" candidates, 64 x 128 on 4 warps), each with the
+  bytes its tiles load from L2 (``tile_bytes``) and the rate that makes: does the forward's
+  ceiling follow the L2 traffic per FLOP (docs/kernels.md, "Wider tiles")?
 
 usage: python bench/probe_h200.py OUT.jsonl [--n 20000] [--smoke]
 (--smoke: tiny shapes and few calls, for a CPU with TRITON_INTERPRET=1: a rehearsal.) One JSON line per measurement.
@@ -185,6 +189,47 @@ def knn_section(dev, emit, n, reps):
     rec("torch.matmul q @ q.T", gpu_ms(lambda: q @ q.T, dev, reps))
 
 
+#: The tile shapes of the ``tiles`` section: (BLOCK_M, BLOCK_N, num_warps); the first is the
+#: forward's entry, the wide ones its "tma" candidates in ``kernels/knn.py``'s FWD_ALTERNATIVES.
+PROBE_TILES = ((128, 128, 8), (128, 256, 8), (256, 128, 8), (64, 128, 4))
+
+
+def tile_bytes(n: int, D: int, bm: int, bn: int, elem: int = 2) -> int:
+    """Bytes the tiles of an n x n distance matrix load from L2 (each tile reads its BLOCK_M query
+    rows and BLOCK_N reference rows, D elements each; nothing is kept across tiles):
+    ``ceil(n/bm) ceil(n/bn) (bm + bn) D elem``, i.e. ``bm bn / (bm + bn)`` FLOP per byte."""
+    return triton.cdiv(n, bm) * triton.cdiv(n, bn) * (bm + bn) * D * elem
+
+
+def tiles_section(dev, emit, n, reps):
+    """``gemm_min`` (the forward's tiles and distance epilogue, a row-min instead of the merge)
+    at several tile shapes: if its time follows the bytes the tiles load from L2 rather than
+    the FLOPs, wider tiles lift the forward's ceiling (docs/kernels.md, "Wider tiles")."""
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    q = torch.randn(n, 512, device=dev, dtype=dtype)
+    flags = dot_flags(dtype)
+    qn = row_sqnorms(q, flags["INPUT_PRECISION"])
+    flops = 2.0 * n * n * 512
+    cfg = kk.CONFIGS[kk.family(dtype)][kk.fwd_entry(8)]
+    for bm, bn, w in PROBE_TILES:
+        S = kk._num_splits(n, n, bm, bn, q.device)
+        cols = triton.cdiv(triton.cdiv(n, S), bn) * bn
+        S = triton.cdiv(n, cols)
+        out = torch.empty(S, n, device=dev)
+
+        # the knn section's launch arguments with the tile replaced: at 128 x 128 the same build
+        launch = dict(cfg.launch(512), BLOCK_M=bm, BLOCK_N=bn, num_warps=w)
+
+        def run():
+            _probe_knn_kernel[(triton.cdiv(n, bm), S)](q, q, qn, qn, out, n, n, 512, cols, q.stride(0),
+                                                       q.stride(0), FILTER=False, **flags, **launch)
+        ms = gpu_ms(run, dev, reps)
+        nbytes = tile_bytes(n, 512, bm, bn, q.element_size())
+        emit("tiles", f"probe gemm_min {bm}x{bn}, {w} warps ({bm * bn / (bm + bn):.0f} FLOP per L2 byte)",
+             n=n, ms=ms, tflops=flops / ms / 1e9, splits=S, blocks=[bm, bn, w, 3],
+             l2_bytes=nbytes, l2_tb_per_s=nbytes / ms / 1e9)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("out")
@@ -204,6 +249,7 @@ def main() -> int:
             f.write(json.dumps(line) + "\n")
             f.flush()
         for section, fn in (("knn", lambda: knn_section(dev, emit, n, 2 if args.smoke else 10)),
+                            ("tiles", lambda: tiles_section(dev, emit, n, 2 if args.smoke else 10)),
                             ("launch", lambda: launch_section(dev, emit, calls, reps, (37, 11, 33) if args.smoke else (180, 100, 512)))):
             try:
                 fn()

@@ -486,18 +486,19 @@ def probe_table(run: dict, heading_level: int = 2) -> List[str]:
     h = "#" * heading_level
     lines = [f"{h}# Probe (bench/probe_h200.py)", "",
              "Host µs: wall time per call on the host (launches included); GPU ms: CUDA-event time; "
-             "µs per tile per SM: the kNN forward's time x SMs / its tiles.", "",
-             "| section | what | host µs | GPU ms | TFLOP/s | µs per tile per SM |",
-             "|---|---|---|---|---|---|"]
+             "µs per tile per SM: the kNN forward's time x SMs / its tiles; L2 TB/s: the bytes its "
+             "tiles load from L2 (a model: bench/probe_h200.py, tile_bytes) per second.", "",
+             "| section | what | host µs | GPU ms | TFLOP/s | µs per tile per SM | L2 TB/s |",
+             "|---|---|---|---|---|---|---|"]
     for r in run["probe"]:
         if r.get("name") == "error":
             last = (str(r.get("error", "")).strip().splitlines() or [""])[-1][:200]
-            lines.append(f"| {r.get('section', '')} | error: {last} | | | | |")
+            lines.append(f"| {r.get('section', '')} | error: {last} | | | | | |")
             continue
         gpu_ms = r.get("ms", r.get("gpu_ms"))
         lines.append(f"| {r.get('section', '')} | {r.get('name', '')} | {_num(r.get('host_us'), '.1f')} "
                      f"| {_num(gpu_ms, '.3f')} | {_num(r.get('tflops'), '.1f')} "
-                     f"| {_num(r.get('us_per_tile_per_sm'), '.2f')} |")
+                     f"| {_num(r.get('us_per_tile_per_sm'), '.2f')} | {_num(r.get('l2_tb_per_s'), '.2f')} |")
     return lines + [""]
 
 
@@ -581,8 +582,9 @@ function from a table), `runner.py` (time budget, memory guard, warm-up, timing,
 failure triage, statistics, records) and `conftest.py` (options, ordering); `report.py` turns a
 run into Markdown; `gpu_check.sh` is the GPU check; `tune_line_margin.py` times alternative block
 sizes of the line-margin kernels and the backward's class-chunk budget, with peak memory (the
-check runs it for at least 30 s; its table goes into the run's report), `tune_knn.py` those of the kNN forward, its flat loop and grids sized for two programs per SM
-(75 s; its table too); `probe_h200.py` splits host and GPU time on a GPU, `probe_host.py` measures
+check runs it for at least 30 s; its table goes into the run's report), `tune_knn.py` those of the kNN forward, its flat loop, wide tiles and grids sized for two programs per SM
+(75 s; its table too); `probe_h200.py` splits host and GPU time on a GPU (and times the kNN
+forward's tiles without the merge at four tile shapes: does its ceiling follow the L2 bytes per FLOP?), `probe_host.py` measures
 the loss's host time besides the kernels on a CPU; `work_model.py` models the flops and bytes of each line-margin kernel
 (printed beside a run's measured times; `python bench/work_model.py B,C,D` prints it alone);
 `knn_merge_model.py` counts the kNN forward's merge rounds and block-wide reductions per tile

@@ -328,7 +328,7 @@ def test_gpu_check_rehearsal_on_cpu(tmp_path):
     assert list(steps) == ["install_preinstalled", "gpu_tests", "kernel_tests", "bench", "probe",
                            "tune_knn", "tune_line_margin", "build_tests", "report"], steps
     probe = [json.loads(line) for line in (out / "probe.jsonl").read_text().splitlines()]
-    assert {p["section"] for p in probe} == {"knn", "launch"}
+    assert {p["section"] for p in probe} == {"knn", "launch", "tiles"}
     assert not [p for p in probe if p["name"] == "error"], [p["error"] for p in probe if p["name"] == "error"]
     # 5: no test collected (no GPU test runs on a CPU; the narrowed build step selects none)
     failed = {name: s for name, s in steps.items()
@@ -508,6 +508,46 @@ def test_probe_host_smoke():
     assert set(paths) == {"merged", "separate"}, out
     assert paths["merged"][1] == merged[0] and paths["separate"][1] == separate[0]
     assert all(us > 0 for us, _ in paths.values())
+
+
+def test_probe_tile_bytes():
+    """The L2 byte model of the probe's ``tiles`` section: (BLOCK_M + BLOCK_N) x D elements per
+    tile, so BLOCK_M BLOCK_N / (BLOCK_M + BLOCK_N) FLOP per byte in bf16; tail tiles load whole."""
+    import probe_h200
+
+    n, D = 60_000, 512
+    for bm, bn, intensity in ((128, 128, 64.0), (128, 256, 256 / 3), (256, 128, 256 / 3), (64, 128, 128 / 3)):
+        b = probe_h200.tile_bytes(n, D, bm, bn)
+        tiles = -(-n // bm) * -(-n // bn)
+        assert b == tiles * (bm + bn) * D * 2
+        assert abs(tiles * 2 * bm * bn * D / b - intensity) < 1e-9
+    assert probe_h200.tile_bytes(129, 8, 128, 128, elem=4) == 4 * 256 * 8 * 4
+
+
+@pytest.mark.build
+def test_probe_kernel_builds():
+    """bench/probe_h200.py's kernel compiles for sm_90 (aligned D = 512, bf16) at each tile shape
+    its ``tiles`` section launches, and at the forward entry's tiles with the filter: wgmma, no
+    spill (a probe that spills would measure the spills, not the L2 traffic)."""
+    import probe_h200
+
+    sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
+    from daal_testing import compile_many_for_gpu
+
+    sig = {"q_ptr": "*bf16", "r_ptr": "*bf16", "qn_ptr": "*fp32", "rn_ptr": "*fp32", "out_ptr": "*fp32",
+           "M": "i32", "N": "i32", "D": "i32", "cols_per_split": "i32", "stride_q_m": "i64",
+           "stride_r_n": "i64"}
+    shapes = [(bm, bn, w, False) for bm, bn, w in probe_h200.PROBE_TILES] + [(128, 128, 8, True)]
+    jobs = [{"module": "probe_h200", "name": "_probe_knn_kernel", "path": HERE, "signature": sig,
+             "constexprs": {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_D": 64, "FILTER": filt,
+                            "INPUT_PRECISION": "ieee", "ROUND_TF32": False},
+             "capability": 90, "num_warps": w, "num_stages": 3, "specialisation": "aligned",
+             "unit": [], "rows": ["stride_q_m", "stride_r_n"], "sass": False, "maxnreg": None}
+            for bm, bn, w, filt in shapes]
+    for shape, res in zip(shapes, compile_many_for_gpu(jobs)):
+        assert not res.get("error"), f"{shape}:\n{res.get('error')}"
+        assert "wgmma.mma_async" in res["ptx"], shape
+        assert res.get("stack", 0) == 0, (shape, res.get("registers"), res.get("stack"))
 
 
 def test_every_switch_is_timed_on_both_sides_by_the_check():

@@ -129,3 +129,16 @@ def test_knn_merge_model_counts_fewer_reductions():
     assert r["counted_blocks"] == 1.0
     assert r["counted_mins"] < r["checked_mins"]
     assert 1.0 < r["checked_blocks"] < 8.0
+
+
+def test_knn_merge_model_compares_tile_shapes(capsys):
+    """The script's command line takes the tile shape (``--block-m``, ``--block-n``) into the
+    replay and its table: wider tiles see more candidates per tile, so at least as many rounds
+    per tile as 128 x 128 on the same data (docs/kernels.md, "Wider tiles", quotes it)."""
+    import knn_merge_model as km
+
+    km.main(["--n", "3000", "--blocks", "1", "--block-m", "128", "--block-n", "256"])
+    assert "| 3,000 | 8 | 128 x 256 | uniform |" in capsys.readouterr().out
+    base = km.retrieval(3000, 8, D=64, blocks=2)
+    wide = km.retrieval(3000, 8, D=64, blocks=2, block_n=256)
+    assert wide["block_n"] == 256 and wide["counted_mins"] >= base["counted_mins"]

@@ -19,6 +19,10 @@ Since 2026-12-01 (night) also tiles loaded through tensor descriptors (the Hoppe
 ``DAAL_KNN_LOADS=tma``, set around the candidate's calls): fewer registers, so the capped entry
 spills less and 4-warp tiles fit three programs per SM.
 
+Since 2026-12-01 (day), first in the list: the wide tiles 256 x 128 and 128 x 256 on 8 warps with
+descriptor loads (one program per SM, no spill): 85 FLOP per byte loaded from L2 instead of the
+entry's 64 (docs/kernels.md, "Wider tiles").
+
 For each candidate ``(BLOCK_M, BLOCK_N, num_warps, num_stages, FLAT[, maxnreg[, "tma"]])`` of the
 forward entry serving ``k`` (``CONFIGS[family][fwd_kp*]``), and each shape ``M = N`` (the query is the reference set,
 ``exclude_self``, no labels: a retrieval evaluation), the forward ``knn`` (selection + fused

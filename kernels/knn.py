@@ -595,8 +595,15 @@ KP_ROWS = tuple(_FWD_BLOCKS)
 #: then the cap or None): no per-thread addresses, so fewer registers: the capped entry spills
 #: 32 B instead of 128 B, and the 4-warp tiles fit three programs per SM (docs/kernels.md,
 #: "Tensor-descriptor loads"). Their residency is that of the 60k benchmark's build (KP 8, no
-#: labels), which the test compiles.
-FWD_ALTERNATIVES = {(64, 128, 4, 3, False): 2, (128, 128, 8, 3, False, 128, "tma"): 2,
+#: labels), which the test compiles. First (2026-12-01, day): the wide tiles 256 x 128 and
+#: 128 x 256 on 8 warps with descriptor loads (252-255 registers, no spill, one program per SM;
+#: with pointer loads they spill 168 B and 48 B): a tile loads (BLOCK_M + BLOCK_N) x D elements
+#: for 2 BLOCK_M BLOCK_N D FLOP, so 85 FLOP per L2 byte instead of the entry's 64 (the 4-warp
+#: tiles: 43). If the forward's ceiling is L2 bandwidth, they lift it by a third (an estimate:
+#: docs/kernels.md, "Wider tiles"; bench/probe_h200.py's ``tiles`` section measures it). 256 x 128
+#: first: its merge runs fewer rounds per tile (bench/knn_merge_model.py).
+FWD_ALTERNATIVES = {(256, 128, 8, 3, False, None, "tma"): 1, (128, 256, 8, 3, False, None, "tma"): 1,
+                    (64, 128, 4, 3, False): 2, (128, 128, 8, 3, False, 128, "tma"): 2,
                     (64, 128, 4, 3, False, None, "tma"): 3, (64, 128, 4, 3, True): 2,
                     (128, 128, 8, 3, False, 128): 2, (128, 64, 4, 3, False): 2,
                     (128, 64, 4, 3, False, None, "tma"): 3, (128, 64, 4, 3, True): 2,

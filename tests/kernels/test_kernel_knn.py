@@ -915,6 +915,34 @@ def test_knn_tma_loads_give_the_same_bits(monkeypatch, M, N, D, k, labelled, spl
     _run(q, r, k, labels=(ql, rl) if labelled else None, exclude_self=r is q, splits=splits, grad=False)
 
 
+@pytest.mark.parametrize("cand", [c for c in kk.FWD_ALTERNATIVES if c[6:] == ("tma",)],
+                         ids=lambda c: f"{c[0]}x{c[1]}-{c[2]}w" + (f"-cap{c[5]}" if c[5] else ""))
+def test_knn_tma_candidates_give_the_same_bits(monkeypatch, cand):
+    """Each descriptor-load candidate of ``FWD_ALTERNATIVES`` (the tiles bench/tune_knn.py times
+    on a GPU, the wide 128 x 256 and 256 x 128 ones included), launched as the tool launches it
+    (the table's entry replaced): descriptors of the candidate's tile rows, the pointer loads'
+    slots bit for bit, and the float64 reference's neighbours. Rows and columns past the tensor
+    in both directions (M, N below one wide tile), a partial last D-chunk, labels, two splits."""
+    bm, bn, w, st, flat = cand[:5]
+    cfg = kk.CONFIGS["half"][kk.TMA_ENTRY]
+    monkeypatch.setitem(kk.CONFIGS["half"], kk.TMA_ENTRY, cfg.with_blocks(
+        num_warps=w, num_stages=st, BLOCK_M=bm, BLOCK_N=bn, FLAT=flat, maxnreg=cand[5]))
+    made = _count_descriptors(monkeypatch)
+    M, N, D, k = 150, 300, 72, 8
+    q, r = torch.randn(M, D, device=DEV).half(), torch.randn(N, D, device=DEV).half()
+    ql, rl = _labels(M, 3), _labels(N, 3)
+    out = {}
+    for policy in ("pointer", "tma"):
+        monkeypatch.setenv(kk.LOADS_ENV, policy)
+        out[policy] = kk._candidates(q, r, k, ql, rl, False, 2)
+    assert made == ([(bm, 64), (bn, 64)] if _tma_here() else []), "the descriptors of one forward"
+    for a, b in zip(out["pointer"], out["tma"]):
+        assert torch.equal(a.view(torch.int32) if a.is_floating_point() else a,
+                           b.view(torch.int32) if b.is_floating_point() else b)
+    monkeypatch.setenv(kk.LOADS_ENV, "tma")
+    _run(q, r, k, labels=(ql, rl), exclude_self=False, splits=2, grad=False)
+
+
 def test_knn_tma_loads_where_eligible(monkeypatch):
     """The descriptors are made only where the compiled descriptor builds apply: float16/bfloat16,
     k <= 16, the 64-wide D-chunk, the counted merge, 16-byte-aligned base and rows; elsewhere the
