@@ -449,9 +449,12 @@ def test_tune_knn_smoke(tmp_path, monkeypatch):
         assert r["seconds"] > 0 and r["splits"] == 1
         if not r["table"]:
             assert r["same_rows"] == 1.0 and r["max_dist_diff"] <= 1e-6
+        assert (r.get("matmul_seconds", 0) > 0) == r["table"], "matmul timed beside each table entry"
     text = "\n".join(report.run_report(report.load_run(str(run))))
     assert "kNN forward block sizes" in text and "(table)" in text and ", flat" in text
-    assert "≤ 128 registers" in text and "TMA loads" in text
+    assert "≤ 128 registers" in text and "TMA loads" in text and "| of matmul |" in text
+    shares = [line.split("|")[6].strip() for line in tk.markdown(recs).splitlines()[2:]]
+    assert len(shares) == len(recs) and all(s.endswith("%") for s in shares), shares
 
 
 def test_tune_knn_flags_failures_and_budget(tmp_path, monkeypatch):
