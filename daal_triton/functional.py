@@ -7,13 +7,13 @@ the plain-PyTorch operators of ``daal_triton.reference``.
 from __future__ import annotations
 
 import os
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import torch
 
 from . import reference
 from .backend import choose_backend
-from .core import Hyperparameters, Operators, compose
+from .core import DAALParts, Hyperparameters, Operators, compose
 from .validation import (
     check_float_matrix,
     check_same_device,
@@ -71,7 +71,7 @@ def daal_loss(
     ref_includes_batch: bool = False,
     backend: str = "auto",
     check_values: Optional[bool] = None,
-):
+) -> Union[torch.Tensor, DAALParts]:
     """DAAL loss (docs/method.md). ``embeddings`` B x D, ``labels`` B ints in [0, C), ``segments`` C x 2 x D.
 
     Returns a scalar (``reduction="mean"``) or B per-sample values (``"none"``) in the promoted

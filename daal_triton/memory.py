@@ -13,7 +13,7 @@ does this), so each rank holds the same bank.
 """
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Tuple, Union
 
 import torch
 
@@ -21,7 +21,8 @@ import torch
 class MemoryBank:
     """FIFO queue of ``size`` embeddings (``dim`` wide) and their labels."""
 
-    def __init__(self, size: int, dim: int, *, device="cpu", dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, size: int, dim: int, *, device: Union[str, torch.device] = "cpu",
+                 dtype: torch.dtype = torch.float32) -> None:
         if isinstance(size, bool) or not isinstance(size, int) or size < 1:
             raise ValueError(f"size must be an integer >= 1, got {size!r}")
         if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
