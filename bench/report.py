@@ -499,6 +499,37 @@ def probe_table(run: dict, heading_level: int = 2) -> List[str]:
         lines.append(f"| {r.get('section', '')} | {r.get('name', '')} | {_num(r.get('host_us'), '.1f')} "
                      f"| {_num(gpu_ms, '.3f')} | {_num(r.get('tflops'), '.1f')} "
                      f"| {_num(r.get('us_per_tile_per_sm'), '.2f')} | {_num(r.get('l2_tb_per_s'), '.2f')} |")
+    return lines + [""] + tiles_reading(run["probe"])
+
+
+#: How close (relative) a tile shape's time must follow its L2 bytes, or stay level with the
+#: 128 x 128 tiles', for the probe's ``tiles`` section to read one way or the other.
+TILES_TOLERANCE = 0.15
+
+
+def tiles_reading(probe: List[dict]) -> List[str]:
+    """The probe's ``tiles`` section against the L2 byte model (docs/kernels.md, "Wider tiles"):
+    each shape's time and L2 bytes relative to the 128 x 128 tiles', and what they say: the time
+    follows the bytes (L2 bound), stays level (bound elsewhere), or neither."""
+    rows = [r for r in probe if r.get("section") == "tiles" and r.get("ms") and r.get("l2_bytes")
+            and r.get("blocks")]
+    base = next((r for r in rows if list(r["blocks"][:2]) == [128, 128]), None)
+    if base is None or len(rows) < 2:
+        return []
+    lines = ["Tile shapes against the L2 byte model (`gemm_min`: the forward's tiles without the merge):", "",
+             "| tiles, warps | time / 128 x 128's | L2 bytes / 128 x 128's | reading |", "|---|---|---|---|"]
+    for r in rows:
+        t, b = r["ms"] / base["ms"], r["l2_bytes"] / base["l2_bytes"]
+        if r is base:
+            reading = "(the reference)"
+        elif abs(t / b - 1) <= TILES_TOLERANCE:
+            reading = "follows the L2 bytes"
+        elif abs(t - 1) <= TILES_TOLERANCE:
+            reading = "level: not L2-bound"
+        else:
+            reading = "neither"
+        bm, bn, w = r["blocks"][:3]
+        lines.append(f"| {bm} x {bn}, {w} | {t:.2f} | {b:.2f} | {reading} |")
     return lines + [""]
 
 

@@ -527,6 +527,24 @@ def test_probe_tile_bytes():
     assert probe_h200.tile_bytes(129, 8, 128, 128, elem=4) == 4 * 256 * 8 * 4
 
 
+def test_probe_tiles_reading():
+    """The report reads the probe's tile shapes against the L2 byte model: a time that follows
+    the bytes, one that stays level, and one that does neither are told apart."""
+    import probe_h200
+
+    def row(bm, bn, w, ms):
+        return {"section": "tiles", "blocks": [bm, bn, w, 3], "ms": ms,
+                "l2_bytes": probe_h200.tile_bytes(20000, 512, bm, bn)}
+
+    follows = [row(128, 128, 8, 1.0), row(256, 128, 8, 0.76), row(64, 128, 4, 1.47)]
+    text = "\n".join(report.tiles_reading(follows))
+    assert text.count("follows the L2 bytes") == 2 and "| 256 x 128, 8 | 0.76 | 0.75 |" in text
+    level = "\n".join(report.tiles_reading([row(128, 128, 8, 1.0), row(128, 256, 8, 1.02)]))
+    assert "level: not L2-bound" in level
+    assert "neither" in "\n".join(report.tiles_reading([row(128, 128, 8, 1.0), row(64, 128, 4, 1.25)]))
+    assert report.tiles_reading([row(256, 128, 8, 1.0)]) == []  # no 128 x 128 row: no reading
+
+
 @pytest.mark.build
 def test_probe_kernel_builds():
     """bench/probe_h200.py's kernel compiles for sm_90 (aligned D = 512, bf16) at each tile shape
