@@ -21,7 +21,9 @@ One benchmark case is one (operator, shape, precision, provider, pass):
   the GEMM kernel, its last segment epilogue with dX; kernels/_common.py, ``LAUNCHES_ENV``),
   ``triton_tma`` (the kNN with its forward's tiles loaded through tensor descriptors, the
   Hopper TMA unit, ``DAAL_KNN_LOADS=tma``, beside the pointer loads it may replace:
-  kernels/knn.py, ``LOADS_ENV``),
+  kernels/knn.py, ``LOADS_ENV``), ``triton_wide`` (the kNN with its forward's wide tiles,
+  256 x 128 on 8 warps through tensor descriptors, where they apply: k <= 8, no labels;
+  ``DAAL_KNN_TILES=wide``, beside the table's 128 x 128: kernels/knn.py, ``TILES_ENV``),
   ``eager`` (``daal_triton.reference.*``; ``DAALLoss(backend="reference")``), ``compile``
   (``torch.compile`` of the reference function) and, for kNN only, ``chunked`` (row chunks of
   ``torch.cdist`` + ``torch.topk``, the usual hand-written baseline); for ``train_step`` the loss
@@ -54,7 +56,7 @@ PROFILES = ("smoke", "check", "full")
 PROVIDERS = {
     "pairwise": ("triton", "eager", "compile"),
     "knn": ("triton", "eager", "compile", "chunked", "triton_wave_splits", "triton_checked_merge",
-            "triton_separate", "triton_tma"),
+            "triton_separate", "triton_tma", "triton_wide"),
     "line_margin": ("triton", "eager", "compile", "triton_atomic_own", "triton_separate"),
     "loss": ("triton", "eager", "compile", "triton_aten_glue", "triton_graphed", "triton_atomic_own",
              "triton_separate"),
@@ -194,6 +196,8 @@ SWITCHES: Tuple[Switch, ...] = (
             ("knn", "dml", "bf16", "fwd"), ("line_margin", "dml", "bf16", "fwdbwd"))),
     Switch("DAAL_KNN_LOADS", "pointer", "tma", "triton_tma",
            (("knn", "eval60k", "bf16", "fwd"), ("knn", "bank", "bf16", "fwd"))),
+    Switch("DAAL_KNN_TILES", "table", "wide", "triton_wide",
+           (("knn", "eval60k", "bf16", "fwd"), ("knn", "bank", "bf16", "fwd"))),
 )
 #: Time differences within this fraction are not a decision (run-to-run noise of a median).
 SWITCH_NOISE = 0.03
@@ -203,7 +207,8 @@ SWITCH_NOISE = 0.03
 CHECK: Dict[Tuple[str, str], List[dict]] = {
     # the merge before 2026-12-01 (DAAL_KNN_MERGE=checked) beside the counted one
     # and its tiles loaded through tensor descriptors (DAAL_KNN_LOADS=tma)
-    ("knn", "eval60k"): [dict(dtypes=("bf16",), providers=("triton", "chunked", "triton_tma",
+    # and its wide tiles (DAAL_KNN_TILES=wide: 85 FLOP per L2 byte, the way past 60% of matmul?)
+    ("knn", "eval60k"): [dict(dtypes=("bf16",), providers=("triton", "chunked", "triton_wide", "triton_tma",
                                                         "triton_checked_merge", "triton_wave_splits",
                                                         "eager"))],
     ("line_margin", "classes100k"): [
@@ -223,7 +228,7 @@ CHECK: Dict[Tuple[str, str], List[dict]] = {
                      dict(dtypes=("bf16",), providers=("triton_separate",), passes=("fwd",))],
     ("knn", "bank"): [dict(dtypes=("bf16",), providers=("triton", "chunked", "eager", "triton_wave_splits"),
                            passes=("fwd", "fwdbwd")),
-                      dict(dtypes=("bf16",), providers=("triton_checked_merge", "triton_tma"),
+                      dict(dtypes=("bf16",), providers=("triton_checked_merge", "triton_tma", "triton_wide"),
                            passes=("fwd",))],
     ("pairwise", "large"): [dict(dtypes=("bf16", "fp32"), providers=("triton", "eager"))],
     ("line_margin", "dml"): [dict(dtypes=("bf16",), providers=("triton", "eager")),
@@ -384,7 +389,8 @@ def knn_chunk_rows(n_ref: int, elems: int = 1 << 28) -> int:
 
 def _knn_bytes(d: dict, prov: str, es: int) -> int:
     mn = d["M"] * d["N"]
-    if prov in ("triton", "triton_wave_splits", "triton_checked_merge", "triton_separate", "triton_tma"):
+    if prov in ("triton", "triton_wave_splits", "triton_checked_merge", "triton_separate", "triton_tma",
+                "triton_wide"):
         return 16 * d["M"] * d["k"] + (64 << 20)
     if prov == "chunked":
         rows = min(d["M"], knn_chunk_rows(d["N"]))

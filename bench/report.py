@@ -45,7 +45,7 @@ PROVIDER_TITLES = {"triton": "Triton", "eager": "eager", "compile": "compile", "
                    "triton_atomic_own": "Triton, atomic own rows",
                    "triton_checked_merge": "Triton, checked merge",
                    "triton_separate": "Triton, separate launches",
-                   "triton_tma": "Triton, TMA loads"}
+                   "triton_tma": "Triton, TMA loads", "triton_wide": "Triton, wide tiles"}
 #: Providers that earlier runs measured and the benchmarks no longer run: the line margin's first
 #: design and the kNN's aten finish, removed after the 2026-11-30 H200 run decided against them
 #: (docs/kernels.md, "Measured results"). Their stored results still render, after the others.
@@ -642,7 +642,9 @@ Each case is (shape, precision, provider, pass):
   `DAAL_LAUNCHES=separate`, beside the merged launches that replaced them; docs/kernels.md
   "Fewer launches"); for the kNN `Triton, TMA loads` (its forward's tiles loaded through tensor
   descriptors, `DAAL_KNN_LOADS=tma`, beside the pointer loads; docs/kernels.md "Tensor-descriptor
-  loads"). The first run also
+  loads") and `Triton, wide tiles` (its forward on 256 × 128 tiles through tensor descriptors where
+  they apply, k ≤ 8 without labels, `DAAL_KNN_TILES=wide`, beside the table's 128 × 128;
+  docs/kernels.md "Wider tiles"). The first run also
   timed `Triton (aten finish)` (the kNN kernel with its earlier finish) and `Triton v1` (the line
   margin's first design); both were removed after it (the fused finish was 1.45–3.3× faster, v2 4.1×), and its
   tables still show them;

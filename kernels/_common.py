@@ -358,7 +358,8 @@ class Launch:
         per-pair dRef (``DR_PAIRS=True``: under deterministic algorithms); ``"-lse"`` for the line
         margin forward that also merges its one split (``LSE=True``); ``"-finish"`` for the kNN
         forward that finishes its one split (``FINISH=True``); ``"-tma"`` for the kNN forward's
-        tensor-descriptor loads (``TMA=True``: ``DAAL_KNN_LOADS=tma``); ``"-checked"`` for the
+        tensor-descriptor loads (``TMA=True``: ``DAAL_KNN_LOADS=tma``, and every launch of the
+        wide entry, ``DAAL_KNN_TILES=wide``); ``"-checked"`` for the
         kNN forward's checked merge (``COUNTED=False``: ``DAAL_KNN_MERGE=checked``)."""
         tf32 = self.flags.get("INPUT_PRECISION") == "tf32" or self.flags.get("ROUND_TF32")
         atomic = self.flags.get("ATOMIC") is True or self.flags.get("HAS_OWN") is False

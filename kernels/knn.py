@@ -27,6 +27,8 @@ too few programs for the GPU, per one of ``S`` contiguous column ranges of the r
    rounded operands for "high"/"medium" — and IEEE under the interpreter), then the epilogue ``s = qn + rn - 2 acc`` with the masks;
    the chunks arrive through pointer loads or, with ``DAAL_KNN_LOADS=tma`` where eligible
    (:func:`_tma_eligible`), through tensor descriptors (Hopper's TMA unit): the same dots;
+   with ``DAAL_KNN_TILES=wide`` a retrieval's forward (k <= 8, no labels, where the descriptors
+   apply: :func:`forward_entry`) runs on 256 x 128 tiles (``fwd_wide``) through descriptors;
 2. merge into a running top-k held in registers: ``KP = next_pow2(k)`` slots per row
    (distance, index), *unsorted*, with the row's worst entry ``(worst, widx)`` (the largest in
    ``(s, j)`` order). Tile entries with ``s < worst`` are candidates, counted per row once
@@ -640,14 +642,18 @@ def _recompute_configs(block_d: Tuple[int, int]) -> Dict[str, KernelConfig]:
 #: sort and square root), ``dist`` (the exact recompute alone, for k > MAX_K), ``bwd`` and
 #: ``bwd_noref`` (the backward without dRef: the references need no gradient).
 CONFIGS: Dict[str, Dict[str, KernelConfig]] = {
-    "half": dict(_fwd_configs(64), **_recompute_configs((16, 64))),
+    # + ``fwd_wide``: the retrieval forward's wide tiles (``DAAL_KNN_TILES=wide``, a switch: see
+    # WIDE_ENTRY), 64-wide D-chunks only (it runs where the table's entry takes them)
+    "half": dict(_fwd_configs(64), fwd_wide=KernelConfig({"BLOCK_M": 256, "BLOCK_N": 128, "FLAT": False},
+                                                         num_warps=8, num_stages=3, block_d=(64, 64)),
+                 **_recompute_configs((16, 64))),
     # float32: BLOCK_D 16, and 4 stages with 8 warps at KP 32, keep the 3xTF32 builds' sm_90
     # stack at 0 (4 warps: 40 bytes since the one-reduction merge; docs/kernels.md, "Compile facts");
     # the recompute's chunk is the forward's 16 too (before 2026-12-01's evening: 16-64)
     "fp32": dict(_fwd_configs(16, {32: 4}, {32: 8}), **_recompute_configs((16, 16))),
 }
 _FINISH = [f"finish_kp{kp}" for kp in _FINISH_BLOCKS]
-_SPEC_OF = {**{f"fwd_kp{kp}": KERNELS["fwd"] for kp in KP_ROWS},
+_SPEC_OF = {**{f"fwd_kp{kp}": KERNELS["fwd"] for kp in KP_ROWS}, "fwd_wide": KERNELS["fwd"],
             **{entry: KERNELS["finish"] for entry in _FINISH}, "dist": KERNELS["dist"],
             "bwd": KERNELS["bwd"], "bwd_noref": KERNELS["bwd"]}
 
@@ -674,6 +680,9 @@ def _gpu_flags(entry: str, dtype: torch.dtype):
         return [{"HAS_DR": True, "DR_PAIRS": False}, {"HAS_DR": True, "DR_PAIRS": True}]
     if entry == "bwd_noref":
         return {"HAS_DR": False, "DR_PAIRS": False}
+    if entry == WIDE_ENTRY:  # the retrieval case: KP <= 8, no labels, descriptor loads, counted
+        return [dict(KP=WIDE_KP, HAS_LABELS=False, EXCLUDE_SELF=True, FINISH=finish, TMA=True, COUNTED=True,
+                     **fl) for finish in (False, True) for fl in gpu_dot_variants(dtype)]
     kp = int(entry[len("fwd_kp"):])
     base = {"KP": kp, "HAS_LABELS": True, "EXCLUDE_SELF": True, "FINISH": False, "TMA": False}
     # the counted merge (the default) and, for the entry it is kept for, the checked one
@@ -688,8 +697,8 @@ def launches() -> List[Launch]:
     """Every configuration the launchers of this module can pick on a GPU (compile tests); the
     forward with the largest KP of each entry (the most registers), in each float32 precision
     variant (``_common.gpu_dot_variants``); and the forward's tensor-descriptor builds
-    (``DAAL_KNN_LOADS=tma``: :func:`_tma_eligible`), which the tests build for sm_90 "aligned"
-    alone (``Launch.aligned_hopper_only``)."""
+    (``DAAL_KNN_LOADS=tma``: :func:`_tma_eligible`; and the wide entry's, ``DAAL_KNN_TILES=wide``),
+    which the tests build for sm_90 "aligned" alone (``Launch.aligned_hopper_only``)."""
     out = expand("knn", CONFIGS, _SPEC_OF, _gpu_flags)
     return out + [replace(la, flags=dict(la.flags, TMA=True)) for la in out
                   if la.entry == TMA_ENTRY and la.family == "half" and la.block_d == TMA_BLOCK_D
@@ -757,6 +766,39 @@ def loads_policy() -> str:
     return env_choice(LOADS_ENV, LOADS_POLICIES)
 
 
+#: Which tiles the forward of a retrieval takes: "table" (the default: the ``fwd_kp*`` entries)
+#: or "wide" (``DAAL_KNN_TILES=wide``: :data:`WIDE_ENTRY`, 256 x 128 tiles on 8 warps, loaded
+#: through tensor descriptors, where :func:`forward_entry` says so). Wide tiles read 85 FLOP per
+#: L2 byte instead of 64; they are kept beside the table until a GPU run times both (the
+#: benchmarks' ``triton_wide`` provider; docs/kernels.md, "Wider tiles").
+TILES_ENV = "DAAL_KNN_TILES"
+TILES_POLICIES = ("table", "wide")
+#: The wide entry of ``CONFIGS["half"]`` and the largest KP it serves: its sm_90 builds (KP 8,
+#: no labels, with and without ``FINISH``) hold 249-255 registers and no stack (Triton 3.6 and
+#: 3.8); with labels or at KP 16 they spill (tests/kernels/test_kernel_knn.py compiles them).
+WIDE_ENTRY = "fwd_wide"
+WIDE_KP = 8
+
+
+def tiles_policy() -> str:
+    """``DAAL_KNN_TILES`` (default "table"); ``ValueError`` for anything else."""
+    return env_choice(TILES_ENV, TILES_POLICIES)
+
+
+def forward_entry(q: torch.Tensor, r: torch.Tensor, kp: int, has_labels: bool) -> str:
+    """The ``CONFIGS`` entry of the forward for these inputs: the table's :func:`fwd_entry`, or
+    :data:`WIDE_ENTRY` with ``DAAL_KNN_TILES=wide`` where its builds apply (KP <= :data:`WIDE_KP`,
+    no labels, the counted merge, and the descriptor loads' rules: :func:`_tma_eligible`, with
+    the table's D-chunk 64)."""
+    entry = fwd_entry(kp)
+    if tiles_policy() != "wide" or kp > WIDE_KP or has_labels or merge_policy() != "counted":
+        return entry
+    table = CONFIGS[family(q.dtype)]
+    if WIDE_ENTRY in table and _tma_eligible(q, r, entry, table[entry].block_d_for(q.shape[1]), True):
+        return WIDE_ENTRY
+    return entry
+
+
 def _tma_eligible(q: torch.Tensor, r: torch.Tensor, entry: str, block_d: int, counted: bool) -> bool:
     """Whether this forward can load through tensor descriptors: the entry, D-chunk, dtypes and
     merge of the compiled descriptor builds (:data:`TMA_ENTRY`), 16-byte-aligned base pointers
@@ -806,7 +848,9 @@ def _candidates(q, r, k, ql, rl, exclude_self, splits: Optional[int] = None, fin
     M, D = q.shape
     N = r.shape[0]
     kp = next_pow2(k)
-    entry = fwd_entry(kp)
+    has_labels = ql is not None
+    entry = forward_entry(q, r, kp, has_labels)
+    wide = entry == WIDE_ENTRY
     cfg = CONFIGS[family(q.dtype)][entry]
     bm, bn = cfg.blocks["BLOCK_M"], cfg.blocks["BLOCK_N"]
     S = splits or _num_splits(M, N, bm, bn, q.device)
@@ -825,11 +869,10 @@ def _candidates(q, r, k, ql, rl, exclude_self, splits: Optional[int] = None, fin
     flags = dot_flags(q.dtype)
     qn = row_sqnorms(q, flags["INPUT_PRECISION"])
     rn = qn if r is q else row_sqnorms(r, flags["INPUT_PRECISION"])
-    has_labels = ql is not None
     counted = merge_policy() == "counted" or entry != CHECKED_ENTRY  # the setting checked always
     launch = cfg.launch(D)
     q_desc = r_desc = None
-    if loads_policy() == "tma" and _tma_eligible(q, r, entry, launch["BLOCK_D"], counted):
+    if wide or (loads_policy() == "tma" and _tma_eligible(q, r, entry, launch["BLOCK_D"], counted)):
         # block shapes: the tile's rows x the D-chunk (the kernel's loads)
         q_desc = TensorDescriptor(q, [M, D], [q.stride(0), 1], [bm, launch["BLOCK_D"]])
         r_desc = TensorDescriptor(r, [N, D], [r.stride(0), 1], [bn, launch["BLOCK_D"]])
@@ -975,7 +1018,7 @@ def _knn_forward(query, ref, k, query_labels, ref_labels, exclude_self, splits):
     if k <= MAX_K:
         kp = next_pow2(k)
         if kp <= FUSED_FINISH_KP and merged_launches():
-            cfg = CONFIGS[family(q.dtype)][fwd_entry(kp)]
+            cfg = CONFIGS[family(q.dtype)][forward_entry(q, r, kp, ql is not None)]
             S = splits or _num_splits(M, N, cfg.blocks["BLOCK_M"], cfg.blocks["BLOCK_N"], q.device,
                                       fused_finish=True)
             if S == 1:  # one launch of the forward selects and finishes

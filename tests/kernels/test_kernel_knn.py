@@ -236,12 +236,12 @@ def test_knn_counted_merge_large_k(monkeypatch, k):
 
 
 @pytest.mark.parametrize("env,policy,default,alternative", [
-    (kk.MERGE_ENV, kk.merge_policy, "counted", "checked"), (kk.LOADS_ENV, kk.loads_policy, "pointer", "tma")],
-    ids=["merge", "loads"])
+    (kk.MERGE_ENV, kk.merge_policy, "counted", "checked"), (kk.LOADS_ENV, kk.loads_policy, "pointer", "tma"),
+    (kk.TILES_ENV, kk.tiles_policy, "table", "wide")], ids=["merge", "loads", "tiles"])
 def test_knn_policy_is_checked(monkeypatch, env, policy, default, alternative):
-    """``DAAL_KNN_MERGE`` ("counted" by default, "checked" selectable) and ``DAAL_KNN_LOADS``
-    ("pointer" by default, "tma" selectable): anything else is a ValueError naming the variable
-    (read at every forward)."""
+    """``DAAL_KNN_MERGE`` ("counted" by default, "checked" selectable), ``DAAL_KNN_LOADS``
+    ("pointer" by default, "tma" selectable) and ``DAAL_KNN_TILES`` ("table" by default, "wide"
+    selectable): anything else is a ValueError naming the variable (read at every forward)."""
     monkeypatch.delenv(env, raising=False)
     assert policy() == default
     monkeypatch.setenv(env, alternative)
@@ -525,6 +525,10 @@ def test_knn_launches_cover_the_launcher():
                         vs = vs + ("-tma", "-finish-tma")  # DAAL_KNN_LOADS=tma
                     for v in vs:
                         assert f"knn_{e}-{POINTER[dtype][1:]}-bd{bd}{v}" in names, (e, dtype, D, v)
+                bd = kk.CONFIGS[family(dtype)][entry].block_d_for(D)
+                if dtype != torch.float32 and bd == kk.TMA_BLOCK_D and k <= kk.WIDE_KP:  # DAAL_KNN_TILES=wide
+                    for v in ("-tma", "-finish-tma"):
+                        assert f"knn_{kk.WIDE_ENTRY}-{POINTER[dtype][1:]}-bd{bd}{v}" in names, (dtype, D, v)
 
 
 def test_knn_duplicates_give_the_clamp():
@@ -865,7 +869,7 @@ def test_knn_forward_finish_launches_are_compiled():
                 for v in ("", "-tf32") if dtype == torch.float32 else ("",):
                     name = f"knn_{entry}-{POINTER[dtype][1:]}-bd{bd}{v}-finish"
                     assert name in names, name
-    assert not any("-finish" in n and "fwd_kp16" not in n for n in names)
+    assert not any("-finish" in n and "fwd_kp16" not in n and kk.WIDE_ENTRY not in n for n in names)
 
 
 # ------------------------------------------------------------------------- tensor-descriptor loads
@@ -943,6 +947,49 @@ def test_knn_tma_candidates_give_the_same_bits(monkeypatch, cand):
     _run(q, r, k, labels=(ql, rl), exclude_self=False, splits=2, grad=False)
 
 
+def test_knn_wide_tiles_where_they_apply(monkeypatch):
+    """``DAAL_KNN_TILES=wide`` picks the wide entry only where its builds apply: k <= 8, no
+    labels, the counted merge, and the descriptor loads' rules (float16/bfloat16, the 64-wide
+    D-chunk, 16-byte-aligned rows); everywhere else the table's entry, as by default."""
+    x = torch.randn(40, 136, device=DEV).half()
+    wide = kk.WIDE_ENTRY if _tma_here() else "fwd_kp16"
+
+    def entry(q, kp=8, labels=False, **env):
+        for name, value in {kk.TILES_ENV: "wide", **env}.items():
+            monkeypatch.setenv(name, value)
+        return kk.forward_entry(q, q, kp, labels)
+
+    assert entry(x) == wide and entry(x, kp=1) == wide and entry(x.bfloat16()) == wide
+    assert entry(x, **{kk.TILES_ENV: "table"}) == "fwd_kp16"
+    assert entry(x, kp=16) == "fwd_kp16"  # KP 16: the wide builds spill
+    assert entry(x, labels=True) == "fwd_kp16"
+    assert entry(x, **{kk.MERGE_ENV: "checked"}) == "fwd_kp16"
+    assert entry(x.float()) == "fwd_kp16"
+    assert entry(x[:, :20]) == "fwd_kp16"  # D-chunk 32
+    assert entry(x[:, 1:]) == "fwd_kp16"  # base 2 bytes past 16-byte alignment
+    assert entry(x, kp=32) == "fwd_kp32"
+
+
+@pytest.mark.parametrize("M,N,D,k,same,splits", [
+    (300, 300, 72, 8, True, 1),  # self excluded, one split: the forward finishes its rows
+    (300, 300, 72, 5, True, 2),  # two splits and the finish's own launch; KP 8 > k
+    (37, 520, 136, 3, False, None),  # a memory bank's shape: one row block, columns past the tensor
+])
+def test_knn_wide_tiles_give_the_reference(monkeypatch, M, N, D, k, same, splits):
+    """The wide tiles (256 x 128, descriptor loads; the interpreter emulates them) as the launcher
+    takes them with ``DAAL_KNN_TILES=wide``: descriptors of their block shapes, and the float64
+    reference's neighbours and distances, the gradient included."""
+    monkeypatch.setenv(kk.TILES_ENV, "wide")
+    made = _count_descriptors(monkeypatch)
+    q = torch.randn(M, D, device=DEV).half()
+    r = q if same else torch.randn(N, D, device=DEV).half()
+    _run(q, r, k, exclude_self=same, splits=splits)
+    cfg = kk.CONFIGS["half"][kk.WIDE_ENTRY]
+    assert (cfg.blocks["BLOCK_M"], cfg.blocks["BLOCK_N"]) == (256, 128)
+    if _tma_here():
+        assert made[:2] == [(256, 64), (128, 64)], made
+
+
 def test_knn_tma_loads_where_eligible(monkeypatch):
     """The descriptors are made only where the compiled descriptor builds apply: float16/bfloat16,
     k <= 16, the 64-wide D-chunk, the counted merge, 16-byte-aligned base and rows; elsewhere the
@@ -993,3 +1040,28 @@ def test_knn_tma_loads_gpu(monkeypatch, M, N, k, splits):
     assert torch.equal(out["pointer"][0].view(torch.int32), out["tma"][0].view(torch.int32))
     _run(q, r, k, labels=(ql, rl), exclude_self=r is q, splits=splits, grad=False,
          tol=tolerance(torch.bfloat16, tf32=True), check_index="none")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M,N,k,splits", [(4100, 4100, 8, None), (700, 2100, 5, 1), (1024, 65536, 8, None)])
+def test_knn_wide_tiles_gpu(monkeypatch, M, N, k, splits):
+    """On the GPU (bfloat16, D = 512, no labels): ``DAAL_KNN_TILES=wide`` runs the 256 x 128
+    descriptor tiles (self-kNN at the model's splits, one split that finishes in the forward, a
+    memory bank's shape) and selects what the table's tiles select (another tile shape sums the
+    GEMM form in another order: near-ties may swap, so 99.9% of the rows), with the float64
+    reference's distances."""
+    if not _tma_here():
+        pytest.skip("no TMA before sm_90")
+    made = _count_descriptors(monkeypatch)
+    q = torch.randn(M, 512, device="cuda").bfloat16()
+    r = q if M == N else torch.randn(N, 512, device="cuda").bfloat16()
+    out = {}
+    for policy in ("table", "wide"):
+        monkeypatch.setenv(kk.TILES_ENV, policy)
+        out[policy] = kk._knn(q, r, k, exclude_self=r is q, splits=splits)
+    assert made == [(256, 64), (128, 64)], made
+    same = (out["table"][1] == out["wide"][1]).all(dim=1).float().mean().item()
+    assert same >= 0.999, same
+    assert (out["table"][0] - out["wide"][0]).abs().max().item() <= 1e-3
+    _run(q, r, k, exclude_self=r is q, splits=splits, grad=False, tol=tolerance(torch.bfloat16, tf32=True),
+         check_index="none")
