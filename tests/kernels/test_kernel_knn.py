@@ -1043,13 +1043,13 @@ def test_knn_tma_loads_gpu(monkeypatch, M, N, k, splits):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("M,N,k,splits", [(4100, 4100, 8, None), (700, 2100, 5, 1), (1024, 65536, 8, None)])
+@pytest.mark.parametrize("M,N,k,splits", [(4100, 4100, 8, None), (700, 2100, 5, 1)])
 def test_knn_wide_tiles_gpu(monkeypatch, M, N, k, splits):
     """On the GPU (bfloat16, D = 512, no labels): ``DAAL_KNN_TILES=wide`` runs the 256 x 128
-    descriptor tiles (self-kNN at the model's splits, one split that finishes in the forward, a
-    memory bank's shape) and selects what the table's tiles select (another tile shape sums the
-    GEMM form in another order: near-ties may swap, so 99.9% of the rows), with the float64
-    reference's distances."""
+    descriptor tiles (self-kNN at the model's splits; one split that finishes in the forward; the
+    memory bank's shape is the benchmarks' ``triton_wide`` case) and selects what the table's
+    tiles select (another tile shape sums the GEMM form in another order: near-ties may swap, so
+    99.9% of the rows), with the float64 reference's distances."""
     if not _tma_here():
         pytest.skip("no TMA before sm_90")
     made = _count_descriptors(monkeypatch)
