@@ -149,13 +149,33 @@ def launch_section(dev, emit, n, reps, shape=(180, 100, 512)):
              host_us=host_us(graph.replay, dev, n // 4), gpu_ms=gpu_ms(graph.replay, dev, 2 * reps))
 
 
-def knn_section(dev, emit, n, reps):
+def _problem(dev, n):
+    """The kNN sections' problem: ``n`` x 512 queries (the reference set too; bf16 on a GPU,
+    float32 in the interpreter), their squared norms, the dot flags, the FLOPs of the n x n
+    distances and the forward's table entry for k = 8."""
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     q = torch.randn(n, 512, device=dev, dtype=dtype)
     flags = dot_flags(dtype)
-    qn = row_sqnorms(q, flags["INPUT_PRECISION"])
-    flops = 2.0 * n * n * 512
-    cfg = kk.CONFIGS[kk.family(dtype)][kk.fwd_entry(8)]
+    return (q, row_sqnorms(q, flags["INPUT_PRECISION"]), flags, 2.0 * n * n * 512,
+            kk.CONFIGS[kk.family(dtype)][kk.fwd_entry(8)])
+
+
+def _probe_call(q, qn, flags, S, launch, filt):
+    """``(run, S)``: a call of ``_probe_knn_kernel`` over ``q``'s self distances with about ``S``
+    column splits (rounded to whole BLOCK_N tiles, as the forward does) and ``launch``'s tiles."""
+    n, bm, bn = q.shape[0], launch["BLOCK_M"], launch["BLOCK_N"]
+    cols = triton.cdiv(triton.cdiv(n, S), bn) * bn
+    S = triton.cdiv(n, cols)
+    out = torch.empty(S, n, device=q.device)
+
+    def run():
+        _probe_knn_kernel[(triton.cdiv(n, bm), S)](q, q, qn, qn, out, n, n, q.shape[1], cols, q.stride(0),
+                                                   q.stride(0), FILTER=filt, **flags, **launch)
+    return run, S
+
+
+def knn_section(dev, emit, n, reps):
+    q, qn, flags, flops, cfg = _problem(dev, n)
     bm, bn = cfg.blocks["BLOCK_M"], cfg.blocks["BLOCK_N"]
     tiles = triton.cdiv(n, bm) * triton.cdiv(n, bn)
     s_default = kk._num_splits(n, n, bm, bn, q.device)
@@ -177,14 +197,7 @@ def knn_section(dev, emit, n, reps):
                        dev, reps), merge=policy)
     rec("knn (whole forward: selection + fused finish) k=8", gpu_ms(lambda: kk.knn(q, q, 8), dev, reps))
     for filt in (False, True):
-        S = s_default
-        cols = triton.cdiv(triton.cdiv(n, S), bn) * bn
-        S = triton.cdiv(n, cols)
-        out = torch.empty(S, n, device=dev)
-
-        def run():
-            _probe_knn_kernel[(triton.cdiv(n, bm), S)](q, q, qn, qn, out, n, n, 512, cols, q.stride(0),
-                                                       q.stride(0), FILTER=filt, **flags, **cfg.launch(512))
+        run, S = _probe_call(q, qn, flags, s_default, cfg.launch(512), filt)
         rec("probe " + ("filter" if filt else "gemm_min"), gpu_ms(run, dev, reps), splits=S)
     rec("torch.matmul q @ q.T", gpu_ms(lambda: q @ q.T, dev, reps))
 
@@ -205,24 +218,11 @@ def tiles_section(dev, emit, n, reps):
     """``gemm_min`` (the forward's tiles and distance epilogue, a row-min instead of the merge)
     at several tile shapes: if its time follows the bytes the tiles load from L2 rather than
     the FLOPs, wider tiles lift the forward's ceiling (docs/kernels.md, "Wider tiles")."""
-    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    q = torch.randn(n, 512, device=dev, dtype=dtype)
-    flags = dot_flags(dtype)
-    qn = row_sqnorms(q, flags["INPUT_PRECISION"])
-    flops = 2.0 * n * n * 512
-    cfg = kk.CONFIGS[kk.family(dtype)][kk.fwd_entry(8)]
+    q, qn, flags, flops, cfg = _problem(dev, n)
     for bm, bn, w in PROBE_TILES:
-        S = kk._num_splits(n, n, bm, bn, q.device)
-        cols = triton.cdiv(triton.cdiv(n, S), bn) * bn
-        S = triton.cdiv(n, cols)
-        out = torch.empty(S, n, device=dev)
-
         # the knn section's launch arguments with the tile replaced: at 128 x 128 the same build
         launch = dict(cfg.launch(512), BLOCK_M=bm, BLOCK_N=bn, num_warps=w)
-
-        def run():
-            _probe_knn_kernel[(triton.cdiv(n, bm), S)](q, q, qn, qn, out, n, n, 512, cols, q.stride(0),
-                                                       q.stride(0), FILTER=False, **flags, **launch)
+        run, S = _probe_call(q, qn, flags, kk._num_splits(n, n, bm, bn, q.device), launch, False)
         ms = gpu_ms(run, dev, reps)
         nbytes = tile_bytes(n, 512, bm, bn, q.element_size())
         emit("tiles", f"probe gemm_min {bm}x{bn}, {w} warps ({bm * bn / (bm + bn):.0f} FLOP per L2 byte)",
