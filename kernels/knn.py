@@ -841,15 +841,17 @@ def _num_splits(M: int, N: int, bm: int, bn: int, device: torch.device, policy: 
                       FINISH_LAUNCH_TILES if fused_finish else 0.0)
 
 
-def _candidates(q, r, k, ql, rl, exclude_self, splits: Optional[int] = None, finish: bool = False):
+def _candidates(q, r, k, ql, rl, exclude_self, splits: Optional[int] = None, finish: bool = False,
+                entry: Optional[str] = None):
     """The forward kernel's ``(out_s, out_i)``: S x M x KP candidate slots (q, r prepared, same
     dtype; ``r is q`` computes the squared norms once); with ``finish`` (one split, KP <=
-    :data:`FUSED_FINISH_KP`) the kernel finishes them itself: ``(dist, index)`` in final form."""
+    :data:`FUSED_FINISH_KP`) the kernel finishes them itself: ``(dist, index)`` in final form.
+    ``entry``: :func:`forward_entry`'s choice when the caller has made it."""
     M, D = q.shape
     N = r.shape[0]
     kp = next_pow2(k)
     has_labels = ql is not None
-    entry = forward_entry(q, r, kp, has_labels)
+    entry = entry or forward_entry(q, r, kp, has_labels)
     wide = entry == WIDE_ENTRY
     cfg = CONFIGS[family(q.dtype)][entry]
     bm, bn = cfg.blocks["BLOCK_M"], cfg.blocks["BLOCK_N"]
@@ -1017,14 +1019,15 @@ def _knn_forward(query, ref, k, query_labels, ref_labels, exclude_self, splits):
         return dist, index
     if k <= MAX_K:
         kp = next_pow2(k)
+        entry = forward_entry(q, r, kp, ql is not None)
         if kp <= FUSED_FINISH_KP and merged_launches():
-            cfg = CONFIGS[family(q.dtype)][forward_entry(q, r, kp, ql is not None)]
+            cfg = CONFIGS[family(q.dtype)][entry]
             S = splits or _num_splits(M, N, cfg.blocks["BLOCK_M"], cfg.blocks["BLOCK_N"], q.device,
                                       fused_finish=True)
             if S == 1:  # one launch of the forward selects and finishes
-                return _candidates(q, r, k, ql, rl, exclude_self, 1, finish=True)
+                return _candidates(q, r, k, ql, rl, exclude_self, 1, finish=True, entry=entry)
             splits = S
-        out_s, out_i = _candidates(q, r, k, ql, rl, exclude_self, splits)
+        out_s, out_i = _candidates(q, r, k, ql, rl, exclude_self, splits, entry=entry)
         return _finish_fused(out_s, out_i, q, r, k)
     # k > MAX_K: PyTorch selects, then the exact recompute and re-sort
     _, index = _select_chunked(q.float(), r.float(), k, ql, rl, exclude_self)
