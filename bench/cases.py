@@ -389,8 +389,7 @@ def knn_chunk_rows(n_ref: int, elems: int = 1 << 28) -> int:
 
 def _knn_bytes(d: dict, prov: str, es: int) -> int:
     mn = d["M"] * d["N"]
-    if prov in ("triton", "triton_wave_splits", "triton_checked_merge", "triton_separate", "triton_tma",
-                "triton_wide"):
+    if prov.startswith("triton"):  # the kernel under any switch setting: the k slots and the splits'
         return 16 * d["M"] * d["k"] + (64 << 20)
     if prov == "chunked":
         rows = min(d["M"], knn_chunk_rows(d["N"]))
