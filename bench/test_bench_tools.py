@@ -320,7 +320,10 @@ def test_gpu_check_rehearsal_on_cpu(tmp_path):
     out = tmp_path / "out"
     env = dict(os.environ, PYTHON=sys.executable, DAAL_CHECK_INSTALL="0",
                DAAL_CHECK_K="pairwise and not compile and not spill", DAAL_CHECK_TOTAL_S="400", DAAL_TUNE_S="30",
-               DAAL_CHECK_BUILD_S="20")
+               DAAL_CHECK_BUILD_S="20",
+               # the smoke probe runs its kernels in the interpreter: ≈ 35 s on CI's 2 cores, and
+               # one slow run passed the GPU's 45 s (a timed-out step fails this test)
+               DAAL_PROBE_S="120")
     proc = subprocess.run(["bash", os.path.join(HERE, "gpu_check.sh"), str(out)], env=env,
                           capture_output=True, text=True, timeout=420)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]

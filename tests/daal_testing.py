@@ -186,11 +186,12 @@ def gpu_job(launch, *, capability: int, specialisation: str = "generic", with_sa
 
 
 _WORKER = r"""
-import json, os, sys, traceback
+import json, os, sys, time, traceback
 # the working directory (often the repository root) must not shadow the installed daal_triton:
 # ./daal_triton lacks the kernels/ and reference/ subpackages that setup.py maps into it
 sys.path[:] = [p for p in sys.path if p not in ("", ".", os.getcwd())]
 jobs = json.load(sys.stdin)
+started = time.time()
 sys.path.insert(0, sys.argv[1])
 from daal_testing import _compile_here, resource_usage, sass
 import importlib
@@ -213,6 +214,7 @@ for job in jobs:
             res["sass"] = sass(k.asm["cubin"])
     except Exception:
         res["error"] = traceback.format_exc()
+    res["worker"] = {"pid": os.getpid(), "started": started, "done": time.time()}
     out.append(res)
 json.dump(out, sys.stdout)
 """
@@ -221,13 +223,15 @@ json.dump(out, sys.stdout)
 def compile_many_for_gpu(jobs, *, workers: int | None = None):
     """Compile many :func:`gpu_job` jobs in ``workers`` fresh processes without the interpreter.
 
-    Returns one dict per job, in order: ``name``, ``capability``, ``specialisation``, and
+    Returns one dict per job, in order: ``name``, ``capability``, ``specialisation``,
+    ``worker`` (its process id, when it had read its jobs and when this one was done), and
     ``ptx``, ``metadata``, ``registers``, ``stack`` (:func:`resource_usage`) — or ``error``
     (the traceback) when the compilation failed.
     """
     import json
     import subprocess
     import sys
+    import tempfile
 
     jobs = list(jobs)
     if not jobs:
@@ -238,15 +242,26 @@ def compile_many_for_gpu(jobs, *, workers: int | None = None):
         workers = max(2, min(8, os.cpu_count() or 2))
     workers = max(1, min(workers, len(jobs)))
     slices = [jobs[i::workers] for i in range(workers)]
-    procs = [subprocess.Popen([sys.executable, "-c", _WORKER, here], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
-             for _ in slices]
-    results = []
-    for proc, part in zip(procs, slices):
-        stdout, stderr = proc.communicate(json.dumps(part))
-        if proc.returncode != 0:
-            raise RuntimeError(f"GPU compile worker failed (rc {proc.returncode}):\n{stderr[-4000:]}")
-        results.append(json.loads(stdout))
+    # Each worker reads its jobs from a file and writes to files, so that all of them run at once
+    # (communicate() on one pipe after another would feed the second worker only after the first
+    # had finished) and none can block on a full pipe.
+    with tempfile.TemporaryDirectory() as tmp:
+        procs = []
+        for w, part in enumerate(slices):
+            paths = [os.path.join(tmp, f"{w}.{ext}") for ext in ("in", "out", "err")]
+            with open(paths[0], "w") as f:
+                json.dump(part, f)
+            with open(paths[0]) as stdin, open(paths[1], "w") as stdout, open(paths[2], "w") as stderr:
+                procs.append((subprocess.Popen([sys.executable, "-c", _WORKER, here], stdin=stdin,
+                                               stdout=stdout, stderr=stderr, env=env), paths))
+        results = []
+        for proc, paths in procs:
+            proc.wait()
+            with open(paths[1]) as out, open(paths[2]) as err:
+                stdout, stderr = out.read(), err.read()
+            if proc.returncode != 0:
+                raise RuntimeError(f"GPU compile worker failed (rc {proc.returncode}):\n{stderr[-4000:]}")
+            results.append(json.loads(stdout))
     ordered = [None] * len(jobs)
     for w, part in enumerate(results):
         for i, res in enumerate(part):

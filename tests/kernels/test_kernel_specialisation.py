@@ -91,3 +91,18 @@ def test_aligned_build_uses_16_byte_async_copies():
         assert not r.get("error"), r.get("error")
         copies[spec] = len(re.findall(r"cp\.async\.c[ga]\.shared\.global[^;]*, 0x10", r["ptx"]))
     assert copies["aligned"] > 0 and copies["generic"] == 0, copies
+
+
+@pytest.mark.build
+def test_compile_workers_run_at_once():
+    """``compile_many_for_gpu`` runs its workers side by side (CI's compile tests take half the
+    time on 2 cores): each worker had read its jobs before the other was done. Feeding one
+    worker's pipe after the other's had finished made them take turns."""
+    launches = [la for la in kp.launches() if la.name.startswith("pairwise_fwd")][:2]
+    assert len(launches) == 2
+    res = compile_many_for_gpu([gpu_job(la, capability=90) for la in launches], workers=2)
+    assert not [r["error"] for r in res if r.get("error")]
+    spans = [r["worker"] for r in res]
+    assert spans[0]["pid"] != spans[1]["pid"]
+    assert max(s["started"] for s in spans) < min(s["done"] for s in spans), spans
+
