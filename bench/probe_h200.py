@@ -22,7 +22,7 @@ script splits both:
   ceiling follow the L2 traffic per FLOP (docs/kernels.md, "Wider tiles")?
 
 usage: python bench/probe_h200.py OUT.jsonl [--n 20000] [--smoke]
-(--smoke: tiny shapes and few calls, for a CPU with TRITON_INTERPRET=1: a rehearsal.) One JSON line per measurement.
+(--smoke: tiny shapes (n = 140, D = 64) and few calls, for a CPU with TRITON_INTERPRET=1: a rehearsal.) One JSON line per measurement.
 """
 from __future__ import annotations
 
@@ -149,14 +149,14 @@ def launch_section(dev, emit, n, reps, shape=(180, 100, 512)):
              host_us=host_us(graph.replay, dev, n // 4), gpu_ms=gpu_ms(graph.replay, dev, 2 * reps))
 
 
-def _problem(dev, n):
-    """The kNN sections' problem: ``n`` x 512 queries (the reference set too; bf16 on a GPU,
+def _problem(dev, n, d):
+    """The kNN sections' problem: ``n`` x ``d`` queries (the reference set too; bf16 on a GPU,
     float32 in the interpreter), their squared norms, the dot flags, the FLOPs of the n x n
     distances and the forward's table entry for k = 8."""
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    q = torch.randn(n, 512, device=dev, dtype=dtype)
+    q = torch.randn(n, d, device=dev, dtype=dtype)
     flags = dot_flags(dtype)
-    return (q, row_sqnorms(q, flags["INPUT_PRECISION"]), flags, 2.0 * n * n * 512,
+    return (q, row_sqnorms(q, flags["INPUT_PRECISION"]), flags, 2.0 * n * n * d,
             kk.CONFIGS[kk.family(dtype)][kk.fwd_entry(8)])
 
 
@@ -174,8 +174,8 @@ def _probe_call(q, qn, flags, S, launch, filt):
     return run, S
 
 
-def knn_section(dev, emit, n, reps):
-    q, qn, flags, flops, cfg = _problem(dev, n)
+def knn_section(dev, emit, n, d, reps):
+    q, qn, flags, flops, cfg = _problem(dev, n, d)
     bm, bn = cfg.blocks["BLOCK_M"], cfg.blocks["BLOCK_N"]
     tiles = triton.cdiv(n, bm) * triton.cdiv(n, bn)
     s_default = kk._num_splits(n, n, bm, bn, q.device)
@@ -197,7 +197,7 @@ def knn_section(dev, emit, n, reps):
                        dev, reps), merge=policy)
     rec("knn (whole forward: selection + fused finish) k=8", gpu_ms(lambda: kk.knn(q, q, 8), dev, reps))
     for filt in (False, True):
-        run, S = _probe_call(q, qn, flags, s_default, cfg.launch(512), filt)
+        run, S = _probe_call(q, qn, flags, s_default, cfg.launch(d), filt)
         rec("probe " + ("filter" if filt else "gemm_min"), gpu_ms(run, dev, reps), splits=S)
     rec("torch.matmul q @ q.T", gpu_ms(lambda: q @ q.T, dev, reps))
 
@@ -214,17 +214,17 @@ def tile_bytes(n: int, D: int, bm: int, bn: int, elem: int = 2) -> int:
     return triton.cdiv(n, bm) * triton.cdiv(n, bn) * (bm + bn) * D * elem
 
 
-def tiles_section(dev, emit, n, reps):
+def tiles_section(dev, emit, n, d, reps):
     """``gemm_min`` (the forward's tiles and distance epilogue, a row-min instead of the merge)
     at several tile shapes: if its time follows the bytes the tiles load from L2 rather than
     the FLOPs, wider tiles lift the forward's ceiling (docs/kernels.md, "Wider tiles")."""
-    q, qn, flags, flops, cfg = _problem(dev, n)
+    q, qn, flags, flops, cfg = _problem(dev, n, d)
     for bm, bn, w in PROBE_TILES:
         # the knn section's launch arguments with the tile replaced: at 128 x 128 the same build
-        launch = dict(cfg.launch(512), BLOCK_M=bm, BLOCK_N=bn, num_warps=w)
+        launch = dict(cfg.launch(d), BLOCK_M=bm, BLOCK_N=bn, num_warps=w)
         run, S = _probe_call(q, qn, flags, kk._num_splits(n, n, bm, bn, q.device), launch, False)
         ms = gpu_ms(run, dev, reps)
-        nbytes = tile_bytes(n, 512, bm, bn, q.element_size())
+        nbytes = tile_bytes(n, d, bm, bn, q.element_size())
         emit("tiles", f"probe gemm_min {bm}x{bn}, {w} warps ({bm * bn / (bm + bn):.0f} FLOP per L2 byte)",
              n=n, ms=ms, tflops=flops / ms / 1e9, splits=S, blocks=[bm, bn, w, 3],
              l2_bytes=nbytes, l2_tb_per_s=nbytes / ms / 1e9)
@@ -238,6 +238,7 @@ def main() -> int:
     args = ap.parse_args()
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     n = 140 if args.smoke else args.n
+    d = 64 if args.smoke else 512  # the interpreter's time grows with D; the code path does not
     calls = 4 if args.smoke else 400
     reps = 2 if args.smoke else 20
     with open(args.out, "a") as f:
@@ -248,8 +249,8 @@ def main() -> int:
             print(json.dumps(line), flush=True)
             f.write(json.dumps(line) + "\n")
             f.flush()
-        for section, fn in (("knn", lambda: knn_section(dev, emit, n, 2 if args.smoke else 10)),
-                            ("tiles", lambda: tiles_section(dev, emit, n, 2 if args.smoke else 10)),
+        for section, fn in (("knn", lambda: knn_section(dev, emit, n, d, 2 if args.smoke else 10)),
+                            ("tiles", lambda: tiles_section(dev, emit, n, d, 2 if args.smoke else 10)),
                             ("launch", lambda: launch_section(dev, emit, calls, reps, (37, 11, 33) if args.smoke else (180, 100, 512)))):
             try:
                 fn()
