@@ -5,7 +5,8 @@
 #   2. run the GPU parity tests (pytest tests -m gpu) and the kernel tests (tests/kernels) that
 #      run kernels (not those marked "build", which only build them for GPU targets: CI's job;
 #      step 4 runs them when DAAL_CHECK_BUILD_S reserves time; nor "small_tiles", one JIT build
-#      per case at test-only block sizes),
+#      per case at test-only block sizes), each as DAAL_CHECK_SHARDS pytest processes side by
+#      side (bench/sharded_pytest.py: their time is Triton's JIT builds, one core each),
 #   3. run the benchmarks (bench/, profile "check": the performance targets first, then the whole
 #      loss at 100k classes (cases.NEXT_KEYS), then one representative per operator), with an
 #      in-process deadline so they stop in time; the training-step benchmark (VGG-19-BN, B=180,
@@ -38,7 +39,8 @@
 # DAAL_BENCH_PROFILE (default check; "full" needs far more time than 8 minutes), DAAL_TUNE_S
 # (default 30: the seconds reserved for step 4's line-margin tuning, which the first H200 run
 # decided; 0 skips it), DAAL_TUNE_KNN_S (default 75: the candidates most promising first, as many as fit; 0 skips the kNN tuning),
-# DAAL_CHECK_BUILD_S (default 0: the seconds reserved at the end for the kernel tests marked
+# DAAL_CHECK_SHARDS (default: a quarter of the cores, 1 to 4: the pytest processes each test step of
+# step 2 runs side by side, bench/sharded_pytest.py), DAAL_CHECK_BUILD_S (default 0: the seconds reserved at the end for the kernel tests marked
 # "build", which only build kernels for GPU targets and need no GPU), DAAL_BENCH_TRAIN_STEP_S (default 80:
 # the most the training-step cases may take together in step 3; what they leave goes to the
 # operators' remaining cases).
@@ -60,6 +62,8 @@ TUNE_S=${DAAL_TUNE_S:-30}  # reserved for step 4's line-margin tuning (0: none)
 PROBE_S=${DAAL_PROBE_S:-45}  # reserved for step 4's probe (0: no probe)
 TUNE_KNN_S=${DAAL_TUNE_KNN_S:-75}  # reserved for step 4's kNN tuning (0: none)
 BUILD_S=${DAAL_CHECK_BUILD_S:-0}  # reserved for step 4's build-only kernel tests (0: none)
+NPROC=$(nproc 2>/dev/null || echo 4)
+SHARDS=${DAAL_CHECK_SHARDS:-$(( NPROC / 4 < 1 ? 1 : (NPROC / 4 > 4 ? 4 : NPROC / 4) ))}  # step 2's pytest processes
 TMP=$(mktemp -d "${TMPDIR:-/tmp}/daal_gpu_check.XXXXXX")
 STEPS="$OUT/steps.json"
 : > "$STEPS"
@@ -178,16 +182,18 @@ cat "$OUT/env.json"
 if [ "$INSTALL" != failed ]; then
   KSEL=()  # DAAL_CHECK_K: a pytest -k expression narrowing both test steps (rehearsals)
   if [ -n "${DAAL_CHECK_K:-}" ]; then KSEL=(-k "$DAAL_CHECK_K"); fi
-  step gpu_tests "$(min 130 $(( $(left) - 200 )))" "$PY" -c "$RUNNER" tests -m gpu -q -ra \
-      -p no:cacheprovider --junitxml="$OUT/gpu_tests.xml" ${KSEL[@]+"${KSEL[@]}"}
+  # both test steps run as SHARDS pytest processes side by side (bench/sharded_pytest.py): their
+  # time is Triton's JIT builds, one core each
+  step gpu_tests "$(min 130 $(( $(left) - 200 )))" "$PY" bench/sharded_pytest.py --shards "$SHARDS" \
+      --junitxml "$OUT/gpu_tests.xml" -- tests -m gpu -q -ra -p no:cacheprovider ${KSEL[@]+"${KSEL[@]}"}
   rc=$?; if [ $rc -ne 0 ] && [ $rc -ne 5 ]; then STATUS=1; fi  # 5: no test collected
   # the kernel tests that run kernels (on this GPU); the ones that only build them for GPU targets
   # (marker "build": PTX, registers, spills) need no GPU: CI runs them, and step 4 here if
   # DAAL_CHECK_BUILD_S reserves time (the first run's kernel_tests step ran out of its 80 s); those
   # at test-only block sizes ("small_tiles": a JIT build per case here) are CI's too
-  step kernel_tests "$(min 80 $(( $(left) - 170 )))" "$PY" -c "$RUNNER" tests/kernels \
-      -m "not gpu and not build and not small_tiles" -q -ra \
-      -p no:cacheprovider --junitxml="$OUT/kernel_tests.xml" ${KSEL[@]+"${KSEL[@]}"}
+  step kernel_tests "$(min 80 $(( $(left) - 170 )))" "$PY" bench/sharded_pytest.py --shards "$SHARDS" \
+      --junitxml "$OUT/kernel_tests.xml" -- tests/kernels -m "not gpu and not build and not small_tiles" \
+      -q -ra -p no:cacheprovider ${KSEL[@]+"${KSEL[@]}"}
   rc=$?; if [ $rc -ne 0 ] && [ $rc -ne 5 ]; then STATUS=1; fi
 
   # ---------------------------------------------------------------- 3. benchmarks

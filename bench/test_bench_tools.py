@@ -323,7 +323,8 @@ def test_gpu_check_rehearsal_on_cpu(tmp_path):
                DAAL_CHECK_BUILD_S="20",
                # the smoke probe runs its kernels in the interpreter: ≈ 35 s on CI's 2 cores, and
                # one slow run passed the GPU's 45 s (a timed-out step fails this test)
-               DAAL_PROBE_S="120")
+               DAAL_PROBE_S="120",
+               DAAL_CHECK_SHARDS="2")  # the test steps' sharded runner, as on the GPU machine
     proc = subprocess.run(["bash", os.path.join(HERE, "gpu_check.sh"), str(out)], env=env,
                           capture_output=True, text=True, timeout=420)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
@@ -337,6 +338,14 @@ def test_gpu_check_rehearsal_on_cpu(tmp_path):
     failed = {name: s for name, s in steps.items()
               if s["rc"] not in ((0, 5) if name in ("gpu_tests", "build_tests") else (0,))}
     assert not failed, {name: (s, _tail(out / f"{name}.log")) for name, s in failed.items()}
+    # each test step: two shards, their JUnit merged into one file (the report reads every *.xml)
+    log = (out / "kernel_tests.log").read_text()
+    assert "== shard 0/2: exit 0" in log and "== shard 1/2: exit 0" in log, _tail(out / "kernel_tests.log")
+    kernel_xml = report.junit_summary(str(out / "kernel_tests.xml"))
+    assert kernel_xml["tests"] > 0 and not kernel_xml["failed"], kernel_xml
+    names = {p.name for p in out.glob("*.xml")}
+    assert {"gpu_tests.xml", "kernel_tests.xml"} <= names <= {
+        "gpu_tests.xml", "kernel_tests.xml", "bench_junit.xml", "build_tests.xml"}, names
     env_json = json.loads((out / "env.json").read_text())
     assert env_json["torch"] == torch.__version__ and env_json["cuda_available"] is False
     cases = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
@@ -611,3 +620,58 @@ def test_switches_table_reads_each_case():
     assert f"{sw_own.alternative} faster" in rows[2] and f"less memory: {sw_own.default}" in rows[2]
     assert "not measured" in rows[3] and "out of time budget" in rows[3]
     assert report.switches_table({"cases": {}}) == []
+
+
+def _sharded_pytest():
+    spec = importlib.util.spec_from_file_location("daal_sharded_pytest", os.path.join(HERE, "sharded_pytest.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_sharded_pytest_merges_junit_and_statuses(tmp_path):
+    """The test steps' JUnit files become one the report reads as their sum (a shard killed
+    before writing one is left out), and the step's status is the shards' combined."""
+    sp = _sharded_pytest()
+    suite = ('<testsuites><testsuite name="pytest" tests="{t}" failures="{f}" errors="0" skipped="{s}" '
+             'time="1.0">{cases}</testsuite></testsuites>')
+    a, b = tmp_path / "0.xml", tmp_path / "1.xml"
+    a.write_text(suite.format(t=2, f=1, s=0, cases='<testcase classname="m" name="x"><failure/></testcase>'
+                                                    '<testcase classname="m" name="y"/>'))
+    b.write_text(suite.format(t=3, f=0, s=1, cases='<testcase classname="n" name="z"/>' * 3))
+    out = tmp_path / "merged.xml"
+    totals = sp.merge_junit([str(a), str(tmp_path / "killed.xml"), str(b)], str(out))
+    assert totals == {"tests": 5, "errors": 0, "failures": 1, "skipped": 1}
+    summary = report.junit_summary(str(out))
+    assert (summary["tests"], summary["failures"], summary["skipped"], summary["failed"]) == (5, 1, 1, ["m::x"])
+    assert sp.merge_junit([str(tmp_path / "none.xml")], str(tmp_path / "x.xml")) is None
+    assert not (tmp_path / "x.xml").exists()
+    assert sp.combined_status([0, 0]) == 0 and sp.combined_status([0, 5]) == 0
+    assert sp.combined_status([5, 5]) == 5
+    assert sp.combined_status([0, 1, 2]) == 1 and sp.combined_status([5, None]) == 1
+    with pytest.raises(SystemExit):
+        sp.main(["--shards", "2", "--junitxml", str(out), "tests"])  # pytest's arguments follow --
+
+
+def test_test_shards_split_the_selection():
+    """``DAAL_TEST_SHARD=i/n`` (tests/conftest.py) keeps the i-th of n contiguous slices of what
+    -m/-k select: together the slices are the selection, once each, in order; a bad value is
+    a ValueError naming the variable."""
+    def collect(shard=None):
+        env = {k: v for k, v in os.environ.items() if k != "DAAL_TEST_SHARD"}
+        if shard:
+            env["DAAL_TEST_SHARD"] = shard
+        proc = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+                               os.path.join("tests", "reference"), "-k", "not matches"],
+                              cwd=os.path.dirname(HERE), env=env, capture_output=True, text=True, timeout=120)
+        return proc, [line for line in proc.stdout.splitlines() if "::" in line]
+
+    _, whole = collect()
+    parts = [collect(f"{i}/3")[1] for i in range(3)]
+    assert len(whole) > 6 and not [t for t in whole if "matches" in t]
+    assert sum(parts, []) == whole
+    # sliced after -k: even slices (the deselected tests cluster at both ends of the collection)
+    assert max(map(len, parts)) - min(map(len, parts)) <= 1, [len(p) for p in parts]
+    proc, _ = collect("3/3")
+    assert proc.returncode != 0 and "DAAL_TEST_SHARD must be i/n" in proc.stdout + proc.stderr
+

@@ -29,7 +29,30 @@ def pytest_configure(config):
                             "(bench/gpu_check.sh leaves these to CI, where the interpreter builds nothing)")
 
 
+#: ``DAAL_TEST_SHARD=i/n``: run only the i-th of n contiguous slices of the selection (after
+#: ``-m``/``-k``); bench/sharded_pytest.py runs the n slices side by side on the GPU machine.
+SHARD_ENV = "DAAL_TEST_SHARD"
+
+
+def shard_of(value: str):
+    """``(i, n)`` from ``"i/n"`` (0 <= i < n); ValueError naming the variable otherwise."""
+    try:
+        i, n = (int(v) for v in value.split("/"))
+    except ValueError:
+        i, n = -1, 0
+    if not 0 <= i < n:
+        raise ValueError(f"{SHARD_ENV} must be i/n with 0 <= i < n, got {value!r}")
+    return i, n
+
+
+@pytest.hookimpl(trylast=True)  # after the -m/-k deselection: the slices split what runs
 def pytest_collection_modifyitems(config, items):
+    if os.environ.get(SHARD_ENV):
+        i, n = shard_of(os.environ[SHARD_ENV])
+        keep = items[i * len(items) // n:(i + 1) * len(items) // n]
+        kept = set(map(id, keep))
+        config.hook.pytest_deselected(items=[it for it in items if id(it) not in kept])
+        items[:] = keep
     if HAS_GPU:
         return
     skip = pytest.mark.skip(reason="no CUDA GPU on this machine: GPU parity runs in bench/gpu_check.sh")
