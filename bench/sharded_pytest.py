@@ -113,7 +113,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                         p.wait()
                 break
             time.sleep(0.2)
-        for i, (p, log) in enumerate(zip(procs, logs)):
+        for i, log in enumerate(logs):
             print(f"== shard {i}/{args.shards}: exit {codes[i] if codes[i] is not None else 'killed'}",
                   flush=True)
             with open(log, errors="replace") as f:
