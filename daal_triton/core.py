@@ -150,7 +150,8 @@ def compose(
     ``split_line_pull`` also reports ``L_line`` and ``L_pull`` apart (one more O(B D) pass for the
     own-class distances); callers that only want the loss turn it off. ``sample_weights`` (B values,
     e.g. from a miner's tuples) scale each sample's line, pull and density terms."""
-    dtype = compute_dtype(embeddings, segments)
+    # the reference set takes part in the promotion: a float64 bank is never cast down
+    dtype = compute_dtype(embeddings, segments, *(() if ref_embeddings is None else (ref_embeddings,)))
     with _no_autocast(embeddings.device):
         seg = segments.to(dtype)
         C = seg.shape[0]

@@ -75,7 +75,7 @@ def daal_loss(
     """DAAL loss (docs/method.md). ``embeddings`` B x D, ``labels`` B ints in [0, C), ``segments`` C x 2 x D.
 
     Returns a scalar (``reduction="mean"``) or B per-sample values (``"none"``) in the promoted
-    dtype of embeddings and segments (never below float32 arithmetic), or a
+    dtype of embeddings, segments and ``ref_embeddings`` (never below float32 arithmetic), or a
     :class:`daal_triton.DAALParts` with ``return_parts=True``.
 
     ``ref_embeddings``/``ref_labels`` (a memory bank): the kNN radius of each sample is taken over
@@ -83,8 +83,8 @@ def daal_loss(
     unless ``ref_includes_batch=True``, which says that ``ref_embeddings[:B]`` are the batch's own
     rows (e.g. ``torch.cat([embeddings, bank])``): then row ``i`` is not its own neighbour.
 
-    ``check_values``: the value checks (NaN/inf in the tensors, labels in ``[0, C)``) always run
-    on CPU tensors. On a GPU they would synchronise the host with it on every call, so they run
+    ``check_values``: the value checks (NaN/inf in the tensors, labels in ``[0, C)``) run on CPU
+    tensors (not while ``torch.compile`` traces). On a GPU they would synchronise the host with it on every call, so they run
     only when ``check_values=True`` or ``DAAL_CHECK_VALUES=1``; without them a label outside
     ``[0, C)`` gives that sample a NaN loss, never an out-of-bounds access.
     """
@@ -118,6 +118,8 @@ def loss_with(
                          ref_embeddings=ref_embeddings, ref_labels=ref_labels,
                          ref_includes_batch=ref_includes_batch, check_values=check_values)
     dtype = torch.promote_types(embeddings.dtype, segments.dtype)
+    if ref_embeddings is not None:  # a float64 bank runs in float64, never cast down
+        dtype = torch.promote_types(dtype, ref_embeddings.dtype)
     ops = _ops(choose_backend(backend, embeddings.device, dtype))
     parts = compose(embeddings, labels, segments, hp, ops, ref_embeddings=ref_embeddings,
                     ref_labels=ref_labels, ref_includes_batch=ref_includes_batch,

@@ -22,7 +22,8 @@ LineMarginFn = Callable[..., torch.Tensor]
 # ---------------------------------------------------------------- step 1
 def normalize_rows(z: torch.Tensor) -> torch.Tensor:
     """``x_i = z_i / max(||z_i||, eps)``, written as ``sqrt(max(||z||^2, eps^2))`` so the
-    gradient at a zero row is zero rather than NaN."""
+    gradient at a zero row is finite rather than NaN: there ``x = z / eps`` and the Jacobian is
+    ``I / eps`` (docs/method.md, "Gradients")."""
     norm = torch.sqrt(torch.clamp((z * z).sum(1, keepdim=True), min=EPS * EPS))
     return z / norm
 

@@ -46,7 +46,8 @@ def knn(
 
     - With labels, only references with ``ref_labels[j] == query_labels[i]`` are candidates.
     - ``exclude_self`` drops ``j == i`` (query row i and reference row i are the same point).
-    - Neighbours are sorted by distance; ties go to the smaller index.
+    - Neighbours are sorted by their exact (direct-difference) distance; ties go to the smaller
+      index.
     - Rows with fewer than ``k`` candidates are padded with ``inf`` distance and index ``-1``.
     ``dist`` is differentiable with respect to ``query`` and ``ref``; the neighbours are selected
     on the GEMM form and their distances computed by direct differences.
@@ -65,10 +66,18 @@ def knn(
     # A stable sort keeps equal distances in index order: ties go to the smaller index.
     order = torch.sort(masked, dim=1, stable=True).indices[:, :k]
     found = torch.gather(~invalid, 1, order)
-    index = order.masked_fill(~found, -1)
     # The GEMM form selected the neighbours; their distances are taken by direct differences
     # (docs/method.md, "Numerics"): exact for close points, in the value and the gradient alike.
-    dist = selected_distance(query, ref, order).masked_fill(~found, float("inf"))
+    # The selected pairs are then re-sorted by those exact squared distances, ties to the smaller
+    # index, padding last, as the kernels' finish does (the GEMM form may order close pairs
+    # differently).
+    sq = selected_distance_sq(query, ref, order)
+    by_index = torch.argsort(order.masked_fill(~found, n), dim=1)
+    exact = torch.gather(sq.detach().masked_fill(~found, float("inf")), 1, by_index)
+    perm = torch.gather(by_index, 1, torch.sort(exact, dim=1, stable=True).indices)
+    order, found, sq = (torch.gather(t, 1, perm) for t in (order, found, sq))
+    index = order.masked_fill(~found, -1)
+    dist = torch.sqrt(torch.clamp(sq, min=EPS)).masked_fill(~found, float("inf"))
     if order.shape[1] < k:  # fewer references than k
         pad = k - order.shape[1]
         dist = torch.cat([dist, dist.new_full((m, pad), float("inf"))], 1)
@@ -76,9 +85,15 @@ def knn(
     return dist, index
 
 
-def selected_distance(query: torch.Tensor, ref: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """``sqrt(max(||query_i - ref_{index_ij}||^2, eps))`` by direct differences (M x k, O(M k D));
+def selected_distance_sq(query: torch.Tensor, ref: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``||query_i - ref_{index_ij}||^2`` by direct differences (M x k, O(M k D), no clamp);
     ``index`` must hold valid rows of ``ref``."""
     dtype = compute_dtype(query, ref)
     diff = query.to(dtype)[:, None, :] - ref.to(dtype)[index]
-    return torch.sqrt(torch.clamp((diff * diff).sum(-1), min=EPS))
+    return (diff * diff).sum(-1)
+
+
+def selected_distance(query: torch.Tensor, ref: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``sqrt(max(||query_i - ref_{index_ij}||^2, eps))`` by direct differences (M x k, O(M k D));
+    ``index`` must hold valid rows of ``ref``."""
+    return torch.sqrt(torch.clamp(selected_distance_sq(query, ref, index), min=EPS))

@@ -46,3 +46,23 @@ def test_bank_as_reference_set_changes_radii_and_keeps_gradients():
     other = MemoryBank(32, 4)
     other.load_state_dict(state)
     assert torch.equal(other.get()[0], bank.get()[0])
+
+
+def test_a_float64_bank_is_never_cast_down():
+    """docs/method.md: nothing is cast to a lower precision. A float64 reference set with float32
+    embeddings and segments runs in float64 (on the reference backend): its radii equal those of
+    the all-float64 problem, which a float32 cast of the bank would miss by ~1e-8."""
+    g = torch.Generator().manual_seed(5)
+    z = torch.randn(7, 5, generator=g, dtype=torch.float64)
+    seg = torch.randn(3, 2, 5, generator=g, dtype=torch.float64)
+    y = torch.arange(7) % 3
+    bank = torch.randn(20, 5, generator=g, dtype=torch.float64)
+    bank_y = torch.arange(20) % 3
+    z32, seg32 = z.float(), seg.float()
+    parts = dt.daal_loss(z32, y, seg32, ref_embeddings=bank, ref_labels=bank_y, return_parts=True)
+    exact = dt.daal_loss(z32.double(), y, seg32.double(), ref_embeddings=bank, ref_labels=bank_y,
+                         return_parts=True)
+    assert parts.loss.dtype == parts.radius.dtype == torch.float64
+    assert torch.equal(parts.radius, exact.radius) and torch.equal(parts.loss, exact.loss)
+    with pytest.raises(ValueError, match="float64 inputs run on the reference backend"):
+        dt.daal_loss(z32, y, seg32, ref_embeddings=bank, ref_labels=bank_y, backend="triton")

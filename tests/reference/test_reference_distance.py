@@ -53,6 +53,27 @@ def test_knn_matches_brute_force(labels, exclude_self, k):
     assert i.dtype == torch.int64
 
 
+def test_knn_sorts_close_pairs_by_their_exact_distance():
+    """Points ~1e-4 apart in float32: the GEMM form selects, but its rounding (~1e-7 on squared
+    distances ~1e-8) scrambles the order; the returned distances (direct differences) are sorted,
+    ties to the smaller index, as the kernels' finish returns them."""
+    g = torch.Generator().manual_seed(3)
+    centre = torch.randn(1, 64, generator=g)
+    x = centre + 1e-4 * torch.randn(40, 64, generator=g)
+    y = torch.arange(40) % 2
+    d, i = R.knn(x, x, 6, query_labels=y, ref_labels=y, exclude_self=True)
+    assert (d[:, 1:] >= d[:, :-1]).all(), "distances out of order"
+    tie = d[:, 1:] == d[:, :-1]
+    assert (i[:, 1:][tie] > i[:, :-1][tie]).all()
+    assert torch.equal(d, R.selected_distance(x, x, i))
+    # the same neighbour sets as the GEMM-form selection, only their order changed
+    gemm = R.pairwise_distance(x, x).masked_fill(y[:, None] != y[None, :], float("inf"))
+    gemm.fill_diagonal_(float("inf"))
+    chosen = torch.sort(gemm, dim=1, stable=True).indices[:, :6]
+    assert torch.equal(i.sort(1).values, chosen.sort(1).values)
+    assert not torch.equal(i, chosen), "the case no longer tells: the GEMM order is already exact"
+
+
 def test_knn_ties_go_to_the_smaller_index_and_padding():
     r = torch.tensor([[1.0], [0.0], [1.0], [-1.0], [2.0]], dtype=torch.float64)
     q = torch.tensor([[0.0]], dtype=torch.float64)
