@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple
 
@@ -16,6 +15,7 @@ import torch
 
 from . import reference
 from .reference import compute_dtype, length_term, own_distance_sq
+from .validation import as_float, as_int
 
 KnnFn = Callable[..., Tuple[torch.Tensor, torch.Tensor]]
 LineMarginFn = Callable[..., torch.Tensor]
@@ -49,14 +49,12 @@ class Hyperparameters:
     reduction: str = field(default="mean", metadata=_help("'mean' (a scalar) or 'none' (one value per sample)"))
 
     def __post_init__(self) -> None:
-        k = self.k
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise ValueError(f"k must be an integer >= 1, got {k!r}")
+        # NumPy scalars are accepted and stored as Python numbers (a frozen dataclass: __setattr__
+        # of object)
+        object.__setattr__(self, "k", as_int(self.k, "k"))
         for f in dataclasses.fields(self):
             if f.type in ("float", float):
-                value = getattr(self, f.name)
-                if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                    raise ValueError(f"{f.name} must be a finite number, got {value!r}")
+                object.__setattr__(self, f.name, as_float(getattr(self, f.name), f.name))
         if not self.alpha > 0:
             raise ValueError(f"alpha must be > 0, got {self.alpha}")
         if not 0 <= self.m_min <= self.m_max:

@@ -165,5 +165,5 @@ def knn(
     """
     validate_knn_inputs(query, ref, k, query_labels, ref_labels, check_values=check_values)
     knn_fn = _ops(choose_backend(backend, query.device, torch.promote_types(query.dtype, ref.dtype))).knn
-    return knn_fn(query, ref, k, query_labels=query_labels, ref_labels=ref_labels,
+    return knn_fn(query, ref, int(k), query_labels=query_labels, ref_labels=ref_labels,
                   exclude_self=exclude_self)

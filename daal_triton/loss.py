@@ -1,7 +1,6 @@
 """``DAALLoss``: the nn.Module users put in their training loop."""
 from __future__ import annotations
 
-import math
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
@@ -10,7 +9,7 @@ from torch import nn
 from .backend import BACKENDS
 from .core import Hyperparameters
 from .functional import loss_with
-from .validation import value_checks_on
+from .validation import as_float, as_int, value_checks_on
 
 
 def init_segments(num_classes: int, embedding_dim: int, *, length: float = 0.2,
@@ -31,16 +30,24 @@ def init_segments(num_classes: int, embedding_dim: int, *, length: float = 0.2,
 
 
 def miner_weights(indices_tuple: Sequence[torch.Tensor], batch_size: int, *,
-                  device: Optional[torch.device] = None) -> torch.Tensor:
+                  device: Optional[torch.device] = None, using_ref: bool = False) -> torch.Tensor:
     """Per-sample weights from a miner's tuples, as pytorch-metric-learning's proxy losses use
     them (``lmu.convert_to_weights``): ``count_i / max_j count_j``, where ``count_i`` is how often
-    sample ``i`` appears in any of the tuple's index tensors; all ones when the tuple is empty."""
+    sample ``i`` appears in any of the tuple's index tensors; all ones when the tuple is empty.
+    ``using_ref`` (the tuple was mined against a reference set, ``miner(emb, labels, ref_emb,
+    ref_labels)``): only the anchors index the batch (``a`` of a triplet, ``a1`` and ``a2`` of
+    pairs); the positives and negatives index the reference set and are not counted."""
     if not isinstance(indices_tuple, (tuple, list)) or not 2 <= len(indices_tuple) <= 4:
         raise ValueError("indices_tuple must be a miner's tuple of 2 to 4 index tensors (pairs or "
                          f"triplets), got {type(indices_tuple).__name__}")
+    if using_ref and len(indices_tuple) == 2:
+        raise ValueError("indices_tuple with ref_emb must be a miner's triplets (a, p, n) or pairs "
+                         "(a1, p, a2, n): its anchors say which batch rows count")
     for t in indices_tuple:
         if not isinstance(t, torch.Tensor) or t.ndim != 1 or t.dtype.is_floating_point or t.dtype == torch.bool:
             raise ValueError("indices_tuple must hold 1-D integer tensors of batch indices")
+    if using_ref:  # the anchors: a (triplets) or a1, a2 (pairs)
+        indices_tuple = indices_tuple[:1] if len(indices_tuple) == 3 else indices_tuple[::2]
     flat = torch.cat([t.to(device=device, dtype=torch.long) for t in indices_tuple])
     if flat.numel() == 0:
         return torch.ones(batch_size, device=device)
@@ -63,7 +70,8 @@ class DAALLoss(nn.Module):
     ``alpha``, ``tau``, ``lambda_pull``, ``lambda_dens``, ``lambda_len``, ``l_max``,
     ``normalize``, ``reduction``), validated here; ``backend`` (``"auto"``, ``"triton"``,
     ``"reference"``); ``check_values``: the NaN/inf and label-range checks on GPU tensors, which
-    synchronise the host with the GPU (off by default there, always on for CPU tensors; see
+    synchronise the host with the GPU (off by default there, on for CPU tensors except while
+    ``torch.compile`` traces; see
     ``daal_triton.daal_loss``); ``point_proxies=True``: each class a single learnable point
     (``p = q``, ``segments`` is C x 1 x D), DAAL without its lines, for ablations.
     """
@@ -76,16 +84,15 @@ class DAALLoss(nn.Module):
                  reduction: str = "mean", backend: str = "auto", init_length: float = 0.2,
                  check_values: Optional[bool] = None, point_proxies: bool = False) -> None:
         super().__init__()
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-            raise ValueError(f"num_classes must be an integer >= 1, got {num_classes!r}")
+        num_classes = as_int(num_classes, "num_classes")
         if (embedding_dim is None) == (embedding_size is None):
             raise ValueError("give the embedding width once: embedding_dim (or its "
                              "pytorch-metric-learning name, embedding_size)")
         embedding_dim = embedding_size if embedding_dim is None else embedding_dim
-        if isinstance(embedding_dim, bool) or not isinstance(embedding_dim, int) or embedding_dim < 1:
-            raise ValueError(f"embedding_dim must be an integer >= 1, got {embedding_dim!r}")
-        if not isinstance(init_length, (int, float)) or not math.isfinite(init_length) or init_length < 0:
-            raise ValueError(f"init_length must be a finite number >= 0, got {init_length!r}")
+        embedding_dim = as_int(embedding_dim, "embedding_dim")
+        init_length = as_float(init_length, "init_length")
+        if init_length < 0:
+            raise ValueError(f"init_length must be >= 0, got {init_length!r}")
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.num_classes = num_classes
@@ -95,6 +102,8 @@ class DAALLoss(nn.Module):
                                   lambda_len=lambda_len, l_max=l_max, normalize=normalize,
                                   reduction=reduction)
         self.backend = backend
+        if check_values is not None and not isinstance(check_values, bool):
+            raise ValueError(f"check_values must be None, True or False, got {check_values!r}")
         self.check_values = check_values
         if not isinstance(point_proxies, bool):
             raise ValueError(f"point_proxies must be True or False, got {point_proxies!r}")
@@ -121,13 +130,20 @@ class DAALLoss(nn.Module):
 
         ``indices_tuple``: a miner's output (pairs or triplets of batch indices); as in
         pytorch-metric-learning's proxy losses, each sample's terms are weighted by how often it
-        appears in the tuples (relative to the most frequent; absent samples weigh 0).
+        appears in the tuples (relative to the most frequent; absent samples weigh 0). With
+        ``ref_emb`` the tuple is read as mined against it (``miner(emb, labels, ref_emb,
+        ref_labels)``): only its anchors count, as pytorch-metric-learning's ``using_ref``.
         ``ref_emb``/``ref_labels``: an optional reference set (memory bank) over which the kNN
         radii are taken; ``ref_includes_batch=True`` when ``ref_emb[:B]`` is the batch itself
         (see ``daal_triton.daal_loss``)."""
         weights = None
         if indices_tuple is not None:
-            weights = miner_weights(indices_tuple, embeddings.shape[0], device=embeddings.device)
+            if not isinstance(embeddings, torch.Tensor) or embeddings.ndim != 2:
+                raise ValueError("embeddings must be a 2-D tensor (B x D), got "
+                                 + (f"shape {tuple(embeddings.shape)}" if isinstance(embeddings, torch.Tensor)
+                                    else type(embeddings).__name__))
+            weights = miner_weights(indices_tuple, embeddings.shape[0], device=embeddings.device,
+                                    using_ref=ref_emb is not None)
         return loss_with(embeddings, labels, self.endpoints(), self.hp, ref_embeddings=ref_emb,
                          ref_labels=ref_labels, ref_includes_batch=ref_includes_batch,
                          backend=self.backend, check_values=self.check_values,

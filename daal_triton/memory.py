@@ -17,16 +17,15 @@ from typing import Tuple, Union
 
 import torch
 
+from .validation import as_int
+
 
 class MemoryBank:
     """FIFO queue of ``size`` embeddings (``dim`` wide) and their labels."""
 
     def __init__(self, size: int, dim: int, *, device: Union[str, torch.device] = "cpu",
                  dtype: torch.dtype = torch.float32) -> None:
-        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-            raise ValueError(f"size must be an integer >= 1, got {size!r}")
-        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
-            raise ValueError(f"dim must be an integer >= 1, got {dim!r}")
+        size, dim = as_int(size, "size"), as_int(dim, "dim")
         self.size, self.dim = size, dim
         self.embeddings = torch.zeros(size, dim, device=device, dtype=dtype)
         self.labels = torch.full((size,), -1, device=device, dtype=torch.long)
@@ -39,8 +38,15 @@ class MemoryBank:
     @torch.no_grad()
     def enqueue(self, embeddings: torch.Tensor, labels: torch.Tensor) -> None:
         """Append detached rows, overwriting the oldest once full (the newest ``size`` stay)."""
+        for name, t in (("embeddings", embeddings), ("labels", labels)):
+            if not isinstance(t, torch.Tensor):
+                raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if embeddings.ndim != 2 or embeddings.shape[1] != self.dim:
             raise ValueError(f"embeddings must have shape (n, {self.dim}), got {tuple(embeddings.shape)}")
+        if not embeddings.dtype.is_floating_point:
+            raise ValueError(f"embeddings must be a floating-point tensor, got {embeddings.dtype}")
+        if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+            raise ValueError(f"labels must be an integer tensor, got {labels.dtype}")
         if labels.shape != (embeddings.shape[0],):
             raise ValueError(f"labels must have shape ({embeddings.shape[0]},), got {tuple(labels.shape)}")
         emb = embeddings.detach()[-self.size:].to(self.embeddings)
@@ -62,15 +68,23 @@ class MemoryBank:
     def with_batch(self, embeddings: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """``(cat([embeddings, bank]), cat([labels, bank_labels]))``: a reference set whose first
         rows are the batch (pass ``ref_includes_batch=True`` to the loss). The batch part keeps
-        its gradient; the bank part has none."""
+        its gradient; the bank part has none. The bank comes to the batch's device, and the two
+        meet in their promoted dtype (a float32 bank is not rounded to a bfloat16 batch's)."""
         emb, lab = self.get()
-        return (torch.cat([embeddings, emb.to(embeddings.dtype)]),
+        dtype = torch.promote_types(embeddings.dtype, emb.dtype)
+        return (torch.cat([embeddings.to(dtype), emb.to(embeddings.device, dtype)]),
                 torch.cat([labels.long(), lab.to(labels.device)]))
 
     def state_dict(self) -> dict:
         return {"embeddings": self.embeddings, "labels": self.labels, "ptr": self.ptr, "filled": self.filled}
 
     def load_state_dict(self, state: dict) -> None:
+        for name, have in (("embeddings", self.embeddings), ("labels", self.labels)):
+            got = state.get(name) if isinstance(state, dict) else None
+            if not isinstance(got, torch.Tensor) or got.shape != have.shape:
+                shape = tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
+                raise ValueError(f"state[{name!r}] must be a tensor of shape {tuple(have.shape)} "
+                                 f"(this bank's size and dim), got {shape}")
         self.embeddings.copy_(state["embeddings"])
         self.labels.copy_(state["labels"])
         self.ptr, self.filled = int(state["ptr"]), int(state["filled"])

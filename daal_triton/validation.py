@@ -10,6 +10,8 @@ sample (``daal_triton.core.compose``).
 """
 from __future__ import annotations
 
+import math
+import numbers
 import os
 from typing import Optional
 
@@ -21,6 +23,8 @@ CHECK_VALUES_ENV = "DAAL_CHECK_VALUES"
 def value_checks_on(device: torch.device, check_values: Optional[bool] = None) -> bool:
     """Whether the value checks run for tensors on ``device``: always on the CPU; elsewhere
     ``check_values``, or when it is None the environment variable ``DAAL_CHECK_VALUES``."""
+    if check_values is not None and not isinstance(check_values, bool):
+        raise ValueError(f"check_values must be None, True or False, got {check_values!r}")
     if _is_tracing():
         return False
     if device.type == "cpu":
@@ -78,9 +82,27 @@ def check_same_device(**tensors: Optional[torch.Tensor]) -> None:
         raise ValueError(f"all tensors must be on one device: {desc}")
 
 
-def check_k(k) -> None:
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"k must be an integer >= 1, got {k!r}")
+def as_int(value, name: str, minimum: int = 1) -> int:
+    """An integer argument (a Python or NumPy integer, not a bool) ``>= minimum``, as an ``int``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
+
+def as_float(value, name: str) -> float:
+    """A real argument (a Python or NumPy number, not a bool) that float32 holds, as a ``float``:
+    the kernels and the float32 arithmetic take it as a float32 scalar."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) \
+            or abs(value) > _FLOAT32_MAX:
+        raise ValueError(f"{name} must be a finite number within float32's range, got {value!r}")
+    return float(value)
+
+
+def check_k(k) -> int:
+    return as_int(k, "k")
 
 
 def validate_loss_inputs(

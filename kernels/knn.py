@@ -159,7 +159,9 @@ def _knn_merge_tile(acc, n0, lanes, cols, cmask, rows, row_lo, qn, ql, rn_ptr, r
     # loaded after the K-loop: hoisted above it, the norms stay live across the MMAs and the
     # sm_90 builds spill (bf16 KP 16: 199 -> 255 registers + 56 B of stack; fp32 3xTF32: 264 B)
     rn = tl.load(rn_ptr + cols, mask=cmask, other=float("inf"))
-    s = tl.maximum(qn[:, None] + rn[None, :] - 2.0 * acc, TL_EPS)
+    # NaN stays NaN (never a candidate: NaN < worst is false); a non-propagating max would make
+    # a NaN row everyone's nearest neighbour at the floor
+    s = tl.maximum(qn[:, None] + rn[None, :] - 2.0 * acc, TL_EPS, propagate_nan=tl.PropagateNan.ALL)
     if HAS_LABELS:
         rl = tl.load(rl_ptr + cols, mask=cmask, other=0)
         s = tl.where(ql[:, None] == rl[None, :], s, float("inf"))
@@ -457,7 +459,7 @@ def _store_sorted(exact, rows64, rmask, dist_ptr, index_ptr, K, stride_dist_m, s
         prev = best
         found = best != _NO_KEY
         e = (best >> 32).to(tl.int32).to(tl.float32, bitcast=True)
-        dist = tl.where(found, tl.sqrt_rn(tl.maximum(tl.where(found, e, 1.0), TL_EPS)), float("inf"))
+        dist = tl.where(found, tl.sqrt_rn(tl.maximum(tl.where(found, e, 1.0), TL_EPS, propagate_nan=tl.PropagateNan.ALL)), float("inf"))
         index = tl.where(found, best.to(tl.int32).to(tl.int64), -1)
         tl.store(dist_ptr + rows64 * stride_dist_m + t, dist, mask=rmask)
         tl.store(index_ptr + rows64 * stride_index_m + t, index, mask=rmask)
@@ -913,7 +915,7 @@ def _select_chunked(q, r, k, ql, rl, exclude_self):
     for i0 in range(0, M, step):
         qc = q[i0:i0 + step]
         s = ((qc * qc).sum(1)[:, None] + rn[None, :] - 2.0 * (qc @ r.T)).clamp_(min=EPS)
-        bad = torch.zeros_like(s, dtype=torch.bool)
+        bad = ~torch.isfinite(s)  # NaN/inf in the inputs: no candidate (as in the kernel)
         if ql is not None:
             bad |= ql[i0:i0 + step, None] != rl[None, :]
         if exclude_self:

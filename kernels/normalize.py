@@ -67,7 +67,7 @@ def _prepare_fwd_kernel(z_ptr, x_ptr, n_ptr, label_ptr, label_out_ptr, bad_ptr, 
             dd = d0 + tl.arange(0, BLOCK_D)
             z = tl.load(zrow + dd[None, :], mask=rmask[:, None] & (dd[None, :] < D), other=0.0).to(tl.float32)
             ss += tl.sum(z * z, 1)
-        n = tl.sqrt(tl.maximum(ss, TL_EPS * TL_EPS))
+        n = tl.sqrt(tl.maximum(ss, TL_EPS * TL_EPS, propagate_nan=tl.PropagateNan.ALL))  # a NaN/inf row becomes NaN
         tl.store(n_ptr + rows, tl.where(ss < TL_EPS * TL_EPS, -n, n), mask=rmask)
     for d0 in range(0, D, BLOCK_D):
         dd = d0 + tl.arange(0, BLOCK_D)

@@ -118,7 +118,7 @@ def _pairwise_fwd_kernel(
     xn = tl.load(xn_ptr + rows, mask=rmask, other=0.0)
     yn = tl.load(yn_ptr + cols, mask=cmask, other=0.0)
     sq = xn[:, None] + yn[None, :] - 2.0 * acc
-    dist = tl.sqrt_rn(tl.maximum(sq, TL_EPS))
+    dist = tl.sqrt_rn(tl.maximum(sq, TL_EPS, propagate_nan=tl.PropagateNan.ALL))  # NaN in, NaN out (torch.clamp's rule)
     tl.store(out_ptr + rows64[:, None] * stride_out_m + cols64[None, :], dist,
              mask=rmask[:, None] & cmask[None, :])
 
@@ -154,7 +154,7 @@ def _pairwise_h_kernel(
     g = tl.load(g_ptr + rows64[:, None] * stride_g_m + cols64[None, :] * stride_g_n, mask=m2, other=0.0)
     d = tl.load(dist_ptr + rows64[:, None] * stride_dist_m + cols64[None, :] * stride_dist_n,
                 mask=m2, other=1.0)
-    h = tl.where(m2 & (d > thr), g.to(tl.float32) / d, 0.0)
+    h = tl.where(m2 & ~(d <= thr), g.to(tl.float32) / d, 0.0)  # a NaN d keeps its NaN
     h = _round_tf32(h, ROUND_TF32).to(h_ptr.dtype.element_ty)
     tl.store(h_ptr + rows64[:, None] * stride_h_m + cols64[None, :], h, mask=m2)
     hf = h.to(tl.float32)

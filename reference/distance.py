@@ -49,6 +49,7 @@ def knn(
     - Neighbours are sorted by their exact (direct-difference) distance; ties go to the smaller
       index.
     - Rows with fewer than ``k`` candidates are padded with ``inf`` distance and index ``-1``.
+    - A pair whose distance is NaN or inf (NaN/inf in the inputs) is no candidate.
     ``dist`` is differentiable with respect to ``query`` and ``ref``; the neighbours are selected
     on the GEMM form and their distances computed by direct differences.
     """
@@ -62,6 +63,9 @@ def knn(
     if exclude_self:
         idx = torch.arange(min(m, n), device=d.device)
         invalid[idx, idx] = True
+    # A NaN or inf distance (NaN/inf in the inputs) is no candidate: such a row has no neighbours
+    # and is no one's, as in the kernels (its NaN still reaches the loss through the line margin).
+    invalid |= ~torch.isfinite(d.detach())
     masked = d.detach().masked_fill(invalid, float("inf"))
     # A stable sort keeps equal distances in index order: ties go to the smaller index.
     order = torch.sort(masked, dim=1, stable=True).indices[:, :k]
@@ -71,7 +75,7 @@ def knn(
     # The selected pairs are then re-sorted by those exact squared distances, ties to the smaller
     # index, padding last, as the kernels' finish does (the GEMM form may order close pairs
     # differently).
-    sq = selected_distance_sq(query, ref, order)
+    sq = selected_distance_sq(query, ref, order, found)
     by_index = torch.argsort(order.masked_fill(~found, n), dim=1)
     exact = torch.gather(sq.detach().masked_fill(~found, float("inf")), 1, by_index)
     perm = torch.gather(by_index, 1, torch.sort(exact, dim=1, stable=True).indices)
@@ -85,15 +89,21 @@ def knn(
     return dist, index
 
 
-def selected_distance_sq(query: torch.Tensor, ref: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+def selected_distance_sq(query: torch.Tensor, ref: torch.Tensor, index: torch.Tensor,
+                         found: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``||query_i - ref_{index_ij}||^2`` by direct differences (M x k, O(M k D), no clamp);
-    ``index`` must hold valid rows of ``ref``."""
+    ``index`` must hold valid rows of ``ref``. Where ``found`` is False the pair is 0 and sends no
+    gradient (not even a NaN one: a padding pair of a NaN row must not reach the row it names)."""
     dtype = compute_dtype(query, ref)
     diff = query.to(dtype)[:, None, :] - ref.to(dtype)[index]
+    if found is not None:
+        diff = torch.where(found[..., None], diff, diff.new_zeros(()))
     return (diff * diff).sum(-1)
 
 
-def selected_distance(query: torch.Tensor, ref: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+def selected_distance(query: torch.Tensor, ref: torch.Tensor, index: torch.Tensor,
+                      found: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``sqrt(max(||query_i - ref_{index_ij}||^2, eps))`` by direct differences (M x k, O(M k D));
-    ``index`` must hold valid rows of ``ref``."""
-    return torch.sqrt(torch.clamp(selected_distance_sq(query, ref, index), min=EPS))
+    ``index`` must hold valid rows of ``ref``; pairs where ``found`` is False read the floor and
+    send no gradient (``selected_distance_sq``)."""
+    return torch.sqrt(torch.clamp(selected_distance_sq(query, ref, index, found), min=EPS))

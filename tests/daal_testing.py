@@ -306,6 +306,19 @@ def compile_launches(launches, capabilities=(80, 90)):
     return list(zip(cases, compile_many_for_gpu(jobs)))
 
 
+def assert_floors_keep_nan(compiled, prefixes) -> None:
+    """The builds whose ``Launch.entry`` starts with one of ``prefixes`` take their ``max(., eps)``
+    floors with a NaN-propagating max (PTX ``max.NaN.f32``, Triton's ``propagate_nan=ALL``):
+    NaN/inf inputs reach the loss instead of reading as the floor (docs/method.md, "Bad input")."""
+    seen = set()
+    for (la, cap, spec), res in compiled:
+        hit = [p for p in prefixes if la.entry.startswith(p)]
+        if hit:
+            seen.update(hit)
+            assert "max.NaN.f32" in res["ptx"], f"{la.name}-sm{cap}-{spec}: a floor drops NaN"
+    assert seen == set(prefixes), f"no build of {set(prefixes) - seen}"
+
+
 def assert_compiled_without_spills(compiled) -> None:
     """Every build of :func:`compile_launches` succeeded (PTX with an entry), and the sm_90
     "aligned" builds (the hot path) use no local memory (cuobjdump's STACK 0)."""

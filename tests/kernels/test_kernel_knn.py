@@ -4,7 +4,7 @@ the tie rule, labels, self exclusion, gradients, and compilation of every launch
 import pytest
 import torch
 
-from daal_testing import DEV, assert_close, compile_launches, tolerance
+from daal_testing import DEV, assert_close, assert_floors_keep_nan, compile_launches, tolerance
 
 from daal_triton import reference
 from daal_triton.kernels import knn as kk
@@ -72,7 +72,7 @@ def _run(q, r, k, *, labels=None, exclude_self=False, splits=None, grad=True, to
         # The oracle of the gradient is the float64 function at the kernel's own selection: where
         # two candidates are within rounding of each other (check_index="none"), either may be
         # selected, with the same distance but another gradient.
-        dsel = reference.selected_distance(qr, rr, index.clamp(min=0))
+        dsel = reference.selected_distance(qr, rr, index.clamp(min=0), found)
         (dsel.masked_fill(~found, 0) * g.double()).sum().backward()
         assert_close(dist[found], dsel[found].detach(), tolerance(torch.float32), "dist at the selection")
         gtol = max(tol, tolerance(q.dtype))
@@ -312,6 +312,23 @@ def test_knn_bfloat16_cpu_skip():
     _run(torch.randn(45, 70, device=DEV).bfloat16(), torch.randn(66, 70, device=DEV).bfloat16(), 6)
 
 
+@pytest.mark.parametrize("k", [4, kk.MAX_K + 3], ids=["kernel", "chunked"])
+@pytest.mark.parametrize("bad", ["nan", "inf"])
+def test_knn_non_finite_rows_are_no_neighbours(k, bad):
+    """A row with NaN/inf (value checks off) has no neighbours and is no one's, as in the
+    reference: its GEMM-form distances are NaN, which the floor keeps NaN, which never beats a
+    slot. (A floor that swallowed NaN made it everyone's nearest neighbour at 1e-6.)"""
+    q = torch.randn(30, 9, device=DEV)
+    r = torch.randn(kk.MAX_K + 40, 9, device=DEV)
+    q[5, 2] = float(bad)
+    r[11, 0] = float(bad)
+    dist, index = _run(q, r, k, check_index="all")
+    assert (index[5] == -1).all() and torch.isinf(dist[5]).all()
+    assert not (index == 11).any()
+    dist, index = _run(q, q, min(k, 29), exclude_self=True, check_index="all")
+    assert (index[5] == -1).all() and not (index == 5).any()
+
+
 def test_knn_large_k_fallback_and_float64():
     """k > MAX_K runs the chunked PyTorch path (same semantics); float64 is refused (routed to
     the reference by daal_triton.backend, never lowered by a kernel)."""
@@ -379,6 +396,13 @@ def test_knn_gpu(dtype, k):
 @pytest.fixture(scope="module")
 def compiled():
     return compile_launches(kk.launches())
+
+
+@pytest.mark.build
+def test_knn_floors_keep_nan(compiled):
+    """The selection's ``max(s, eps)`` keeps NaN (so a NaN never beats a slot) and so does the
+    finish's."""
+    assert_floors_keep_nan(compiled, ("fwd_", "finish_"))
 
 
 @pytest.mark.build

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from daal_testing import DEV, compile_launches, random_problem, rel_err, tolerance
+from daal_testing import DEV, assert_floors_keep_nan, compile_launches, random_problem, rel_err, tolerance
 
 from daal_triton import reference
 from daal_triton.kernels import line_margin as lm
@@ -221,6 +221,13 @@ def test_every_config_compiles(compiled):
         report.append(f"{what}: shared={res['metadata']['shared']} registers={res.get('registers')} "
                       f"stack={res.get('stack')}")
     print("\n".join(report))
+
+
+@pytest.mark.build
+def test_floors_keep_nan(compiled):
+    """``delta = sqrt(max(e2, eps))`` in the forward, the backward and the own-class kernels keeps
+    NaN, and so does ``1 / max(|u|^2, eps)``."""
+    assert_floors_keep_nan(compiled, ("fwd2", "bwd2", "own2", "ownprep2", "prep2", "ownseg2"))
 
 
 @pytest.mark.build

@@ -6,7 +6,7 @@ import pytest
 import torch
 import triton
 
-from daal_testing import DEV, assert_close, compile_launches, tolerance
+from daal_testing import DEV, assert_close, assert_floors_keep_nan, compile_launches, tolerance
 
 from daal_triton import reference
 from daal_triton.kernels import pairwise as kp
@@ -63,6 +63,28 @@ def test_pairwise_duplicates_zero_grad():
     assert torch.isfinite(x.grad).all() and x.grad.abs().max().item() == 0.0
 
 
+@pytest.mark.parametrize("bad", ["nan", "inf"])
+def test_pairwise_non_finite_rows_stay_nan(bad):
+    """NaN/inf in a row gives non-finite distances in its row and column where the reference does
+    (NaN, or inf for an inf row), and NaN in its gradient: the floor propagates NaN, it never
+    turns it into 1e-6."""
+    x = torch.randn(9, 20, device=DEV)
+    y = torch.randn(6, 20, device=DEV)
+    x[4, 7] = float(bad)
+    y[2, 0] = float("nan")
+    x.requires_grad_(True)
+    y.requires_grad_(True)
+    d = kp.pairwise_distance(x, y)
+    ref = reference.pairwise_distance(x.detach().double(), y.detach().double())
+    assert torch.equal(torch.isnan(d), torch.isnan(ref)) and torch.equal(torch.isinf(d), torch.isinf(ref))
+    assert not torch.isfinite(d[4]).any() and torch.isnan(d[:, 2]).all()
+    assert_close(d[torch.arange(9) != 4][:, torch.arange(6) != 2],
+                 ref[torch.arange(9) != 4][:, torch.arange(6) != 2], tolerance(torch.float32, tf32=DEV == "cuda"),
+                 "finite entries")
+    d.sum().backward()
+    assert torch.isnan(x.grad[4]).any() and torch.isnan(y.grad[2]).any()
+
+
 def test_pairwise_float64_is_refused():
     """float64 is routed to the reference by daal_triton.backend, never lowered by a kernel."""
     x, y = torch.randn(4, 3, dtype=torch.float64), torch.randn(5, 3, dtype=torch.float64)
@@ -89,6 +111,11 @@ def test_pairwise_gpu(dtype):
 @pytest.fixture(scope="module")
 def compiled():
     return compile_launches(kp.launches())
+
+
+@pytest.mark.build
+def test_pairwise_floor_keeps_nan(compiled):
+    assert_floors_keep_nan(compiled, ("fwd",))
 
 
 @pytest.mark.build

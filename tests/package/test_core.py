@@ -43,12 +43,28 @@ def test_non_finite_hyperparameters_are_refused_at_construction(name, bad):
     (dict(m_min=0.6), "m_min"), (dict(m0=-0.1), "m0"), (dict(tau=-1.0), "tau"),
     (dict(lambda_dens=-1.0), "lambda_dens"), (dict(reduction="sum"), "reduction"),
     (dict(normalize="yes"), "normalize"), (dict(gamma="1"), "gamma"),
+    (dict(m0=1e39, m_max=1e39), "m0"), (dict(alpha=torch.tensor(16.0)), "alpha"),
+    (dict(lambda_dens=-4e38), "lambda_dens"),
 ])
 def test_bad_hyperparameters_name_the_argument(kw, name):
     with pytest.raises(ValueError, match=name):
         Hyperparameters(**kw)
     with pytest.raises(ValueError, match=name):
         daal_triton.DAALLoss(3, 4, **kw)
+
+
+def test_numpy_scalars_are_accepted_as_python_numbers():
+    """Hyperparameters often come from NumPy (configs, sweeps): its integers and floats count, and
+    are stored as Python numbers."""
+    np = pytest.importorskip("numpy")
+    hp = Hyperparameters(k=np.int64(2), alpha=np.float32(8.0), tau=np.float64(0.5))
+    assert hp == Hyperparameters(k=2, alpha=8.0, tau=0.5)
+    assert type(hp.k) is int and type(hp.alpha) is float
+    loss = daal_triton.DAALLoss(np.int64(3), np.int32(4), init_length=np.float32(0.1), k=np.int64(2))
+    assert (loss.num_classes, loss.embedding_dim, loss.hp.k) == (3, 4, 2)
+    assert type(loss.num_classes) is int
+    with pytest.raises(ValueError, match="check_values must be None, True or False"):
+        daal_triton.DAALLoss(3, 4, check_values="no")
 
 
 def test_loss_module_keeps_one_hyperparameter_object():

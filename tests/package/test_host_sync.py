@@ -72,6 +72,48 @@ def test_out_of_range_label_without_checks_is_nan_not_a_fault(gpu_defaults, back
     per_sample.sum().backward()  # the backward runs too (NaN flows where it must)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("bad", ["nan", "inf", "-inf"])
+def test_non_finite_embeddings_without_checks_make_the_loss_nan(gpu_defaults, backend, normalize, bad):
+    """docs/method.md "Bad input": without value checks, NaN/inf in one embedding reaches the loss
+    and that row's gradient on both backends (a floor that swallowed NaN made the Triton loss
+    finite, with a NaN row as everyone's nearest neighbour); the other rows keep the float64
+    reference's values, since a non-finite row is no one's neighbour."""
+    g = torch.Generator().manual_seed(1)
+    z = torch.randn(23, 12, generator=g, dtype=torch.float64)
+    y = torch.arange(23) % 5
+    seg = 0.5 * torch.randn(5, 2, 12, generator=g, dtype=torch.float64)
+    z[7, 3] = float(bad)
+    hp = dict(reduction="none", normalize=normalize, lambda_pull=0.1)
+    zk, sk = z.float().requires_grad_(), seg.float().requires_grad_()
+    per_sample = daal_triton.daal_loss(zk, y, sk, backend=backend, **hp)
+    per_sample.sum().backward()
+    others = torch.arange(23) != 7
+    assert torch.isnan(per_sample[7]) and torch.isfinite(per_sample[others]).all()
+    assert torch.isnan(zk.grad[7]).any() and torch.isfinite(zk.grad[others]).all()
+    assert torch.isnan(sk.grad).flatten(1).any(1).all(), "row 7's NaN reaches every class's segment"
+    assert torch.isnan(daal_triton.daal_loss(zk, y, sk, backend=backend, normalize=normalize))
+    oracle = daal_triton.daal_loss(z, y, seg, backend="reference", **hp)
+    assert torch.isnan(oracle[7])
+    torch.testing.assert_close(per_sample[others].double(), oracle[others], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bad", ["nan", "inf"])
+def test_non_finite_segments_without_checks_make_the_loss_nan(gpu_defaults, backend, bad):
+    """A NaN/inf end point makes every sample's line term NaN (the segment is everyone's negative
+    or own class) and every gradient NaN: nothing is floored to a finite number."""
+    z = torch.randn(11, 8, requires_grad=True)
+    seg = torch.randn(4, 2, 8)
+    seg[2, 1, 5] = float(bad)
+    seg.requires_grad_(True)
+    per_sample = daal_triton.daal_loss(z, torch.arange(11) % 4, seg, backend=backend, reduction="none")
+    per_sample.sum().backward()
+    assert torch.isnan(per_sample).all()
+    assert torch.isnan(z.grad).any(1).all() and torch.isnan(seg.grad).flatten(1).any(1).all()
+
+
 def test_the_counter_sees_inside_custom_operators_and_triton_launches(monkeypatch):
     """Called as its custom operator (as torch.compile calls it; DAAL_EAGER_OPS=custom) the kNN is
     one custom operator whose body's aten operators and Triton kernels count; called in eager

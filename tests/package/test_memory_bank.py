@@ -66,3 +66,22 @@ def test_a_float64_bank_is_never_cast_down():
     assert torch.equal(parts.radius, exact.radius) and torch.equal(parts.loss, exact.loss)
     with pytest.raises(ValueError, match="float64 inputs run on the reference backend"):
         dt.daal_loss(z32, y, seg32, ref_embeddings=bank, ref_labels=bank_y, backend="triton")
+
+
+def test_bank_inputs_are_checked_and_meet_the_batch():
+    bank = MemoryBank(6, 3)
+    with pytest.raises(ValueError, match="labels must be an integer tensor"):
+        bank.enqueue(torch.randn(2, 3), torch.tensor([0.0, 1.7]))
+    with pytest.raises(ValueError, match="labels must be a torch.Tensor"):
+        bank.enqueue(torch.randn(2, 3), [0, 1])
+    with pytest.raises(ValueError, match="embeddings must be a floating-point"):
+        bank.enqueue(torch.ones(2, 3, dtype=torch.long), torch.tensor([0, 1]))
+    rows = torch.randn(4, 3)
+    bank.enqueue(rows, torch.arange(4))
+    batch = torch.randn(2, 3, dtype=torch.bfloat16, requires_grad=True)
+    ref, ref_y = bank.with_batch(batch, torch.tensor([1, 2]))
+    assert ref.dtype == torch.float32 and torch.equal(ref[2:], rows), "the bank is not rounded to bf16"
+    ref.sum().backward()
+    assert batch.grad is not None and ref_y.tolist() == [1, 2, 0, 1, 2, 3]
+    with pytest.raises(ValueError, match=r"state\['embeddings'\] must be a tensor of shape \(6, 3\)"):
+        bank.load_state_dict(MemoryBank(5, 3).state_dict())

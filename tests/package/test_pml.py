@@ -109,3 +109,32 @@ def test_a_pml_training_loop_end_to_end():
     assert {"precision_at_1", "mean_average_precision_at_r", "NMI"} <= set(result)
     assert all(torch.isfinite(torch.tensor(losses)))
     assert result["precision_at_1"] >= before - 0.05 and result["precision_at_1"] > 0.5
+
+
+@pytest.mark.parametrize("miner", [miners.MultiSimilarityMiner(), miners.TripletMarginMiner(margin=0.5)],
+                         ids=["pairs", "triplets"])
+def test_tuples_mined_against_a_reference_set_count_their_anchors(miner):
+    """``miner(emb, labels, ref_emb, ref_labels)`` indexes positives/negatives into the
+    reference set: as pytorch-metric-learning's ``convert_to_weights(using_ref=True)``, only the
+    anchors weigh batch rows (the reference set is larger than the batch here, so counting every
+    index would refuse the tuple or weigh the wrong rows)."""
+    torch.manual_seed(2)
+    z, y = batch()
+    bank, bank_y = torch.randn(40, 16), torch.arange(40) % 6
+    tup = miner(z, y, bank, bank_y)
+    assert max(int(t.max()) for t in tup) >= len(y), "the case no longer tells"
+    ours = miner_weights(tup, len(y), using_ref=True)
+    theirs = lmu.convert_to_weights(tup, y, dtype=torch.float32, using_ref=True)
+    assert torch.allclose(ours, theirs)
+    loss = daal_triton.DAALLoss(6, 16, backend="reference", reduction="none")
+    unweighted = loss(z, y, ref_emb=bank, ref_labels=bank_y)
+    assert torch.allclose(loss(z, y, tup, bank, bank_y), unweighted * theirs)
+    with pytest.raises(ValueError, match="its anchors say which batch rows count"):
+        loss(z, y, tup[:2], bank, bank_y)
+
+
+def test_a_tuple_with_bad_embeddings_is_a_value_error():
+    loss = daal_triton.DAALLoss(6, 16, backend="reference")
+    z, y = batch()
+    with pytest.raises(ValueError, match="embeddings must be a 2-D tensor"):
+        loss(z.tolist(), y, (torch.tensor([0]), torch.tensor([1])))
