@@ -319,3 +319,23 @@ def test_loss_as_a_graphed_callable():
         assert torch.allclose(out, eager, rtol=1e-4, atol=1e-6)
         assert torch.allclose(z.grad, z_eager.grad, rtol=1e-3, atol=1e-6)
         assert torch.allclose(loss.segments.grad, twin.segments.grad, rtol=1e-3, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_non_finite_embeddings_make_the_loss_nan(dtype):
+    """The compiled kernels keep NaN as the interpreter does (PTX max.NaN.f32): with the default
+    options (no value checks on CUDA tensors) a NaN embedding makes its sample's loss and
+    gradient NaN, the other samples stay finite, and it is nobody's kNN neighbour."""
+    z = torch.randn(180, 512, device="cuda").to(dtype)
+    z[7, 3] = float("nan")
+    z.requires_grad_(True)
+    y = torch.arange(180, device="cuda") % 100
+    loss = daal_triton.DAALLoss(100, 512, reduction="none").cuda()
+    per_sample = loss(z, y)
+    per_sample.sum().backward()
+    others = torch.arange(180, device="cuda") != 7
+    assert torch.isnan(per_sample[7]) and torch.isfinite(per_sample[others]).all()
+    assert torch.isnan(z.grad[7]).any() and torch.isfinite(z.grad[others]).all()
+    dist, index = daal_triton.knn(z.detach().float(), z.detach().float(), 4, exclude_self=True)
+    assert (index[7] == -1).all() and not (index == 7).any()
