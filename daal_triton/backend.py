@@ -26,6 +26,26 @@ def interpreter_on() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+_interpreter_ready = False
+
+
+def interpreter_set_too_late() -> bool:
+    """``TRITON_INTERPRET=1`` is set now, but triton was imported without it: its own library
+    functions (``tl.sum``, ...) were then built for a GPU and fail inside the interpreter with
+    "Cannot call @triton.jit'd outside of the scope of a kernel". Imports triton (the caller is
+    about to run it on the CPU); a good answer is remembered."""
+    global _interpreter_ready
+    if _interpreter_ready:
+        return False
+    import triton.language.standard as standard
+    from triton.runtime.interpreter import InterpretedFunction
+    library_fn = getattr(standard, "zeros_like", None)
+    if library_fn is not None and not isinstance(library_fn, InterpretedFunction):
+        return True
+    _interpreter_ready = True
+    return False
+
+
 def triton_reason(device: torch.device, dtype: torch.dtype = torch.float32) -> str:
     """Why Triton cannot run on ``device`` for ``dtype`` inputs (empty when it can)."""
     if dtype == torch.float64:
@@ -35,6 +55,9 @@ def triton_reason(device: torch.device, dtype: torch.dtype = torch.float32) -> s
     if device.type == "cuda":
         return ""
     if device.type == "cpu" and interpreter_on():
+        if interpreter_set_too_late():
+            return ("TRITON_INTERPRET=1 was set after triton was imported: Triton's interpreter is "
+                    "chosen at import, so set it before importing triton (or daal_triton)")
         return ""
     return (f"tensors are on {device.type!r}: Triton runs CUDA tensors, or CPU tensors under "
             "TRITON_INTERPRET=1 set before triton is imported")

@@ -1,4 +1,8 @@
 """Bad input raises ValueError naming the argument, on every public entry point."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -89,6 +93,30 @@ def test_backend_choice(monkeypatch):
     raises("backend='triton' cannot run here: tensors are on 'cpu'", choose_backend, "triton", torch.device("cpu"))
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert choose_backend("auto", torch.device("cpu")) == "triton"
+
+
+def test_interpreter_set_after_triton_is_named(tmp_path):
+    """TRITON_INTERPRET=1 set after ``import triton`` (a fresh process): "auto" runs the reference
+    and a forced "triton" says why, instead of failing inside the interpreter with "Cannot call
+    @triton.jit'd outside of the scope of a kernel"."""
+    script = tmp_path / "late.py"
+    script.write_text(
+        "import os, torch, triton\n"
+        "os.environ['TRITON_INTERPRET'] = '1'\n"
+        "import daal_triton as dt\n"
+        "z, y, seg = torch.randn(6, 4), torch.arange(6) % 3, torch.randn(3, 2, 4)\n"
+        "print(float(dt.daal_loss(z, y, seg)) - float(dt.daal_loss(z, y, seg, backend='reference')))\n"
+        "try:\n"
+        "    dt.daal_loss(z, y, seg, backend='triton')\n"
+        "except ValueError as e:\n"
+        "    print(e)\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    first, second = out.stdout.strip().splitlines()[-2:]
+    assert float(first) == 0.0
+    assert "TRITON_INTERPRET=1 was set after triton was imported" in second
 
 
 def test_nothing_is_silently_downcast():
