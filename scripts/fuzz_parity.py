@@ -26,7 +26,7 @@ import argparse
 import os
 import random
 import sys
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 
 def draw(rs: random.Random, torch) -> Dict:
@@ -62,9 +62,18 @@ def draw(rs: random.Random, torch) -> Dict:
     return case
 
 
-def run_case(case: Dict, torch, daal_triton) -> List[str]:
-    """The case's failures (empty when the backends agree)."""
-    outs = {}
+def case_of(seed: int, i: int, torch) -> Dict:
+    """Case ``i`` of ``--seed seed`` (its own generators: any case can be drawn alone)."""
+    rs = random.Random(seed * 1_000_003 + i)
+    torch.manual_seed(seed * 1_000_003 + i)
+    return draw(rs, torch)
+
+
+def run_case(case: Dict, torch, daal_triton, *, tol: Optional[float] = None,
+             outs: Optional[Dict] = None) -> List[str]:
+    """The case's failures (empty when the backends agree); ``tol`` replaces the dtype's
+    tolerance; ``outs``, a dict, receives both backends' loss and gradients."""
+    outs = {} if outs is None else outs
     for backend in ("triton", "reference"):
         wide = backend == "reference"
         leaf = lambda t, dtype: t.to(dtype).to(torch.float64 if wide else dtype).detach().clone().requires_grad_()
@@ -77,7 +86,8 @@ def run_case(case: Dict, torch, daal_triton) -> List[str]:
         loss = daal_triton.daal_loss(e, case["labels"], s, backend=backend, **case["hp"], **kw)
         (loss.sum() if loss.ndim else loss).backward()
         outs[backend] = dict(loss=loss.detach(), dE=e.grad, dS=s.grad, dR=None if r is None else r.grad)
-    tol = 2e-3 if case["dtype"] == case["seg_dtype"] == torch.float32 else 3e-2
+    if tol is None:
+        tol = 2e-3 if case["dtype"] == case["seg_dtype"] == torch.float32 else 3e-2
     failures = []
     for name, got in outs["triton"].items():
         want = outs["reference"][name]
@@ -110,9 +120,7 @@ def main(argv=None) -> int:
 
     failed = 0
     for i in range(a.cases):
-        rs = random.Random(a.seed * 1_000_003 + i)
-        torch.manual_seed(a.seed * 1_000_003 + i)
-        case = draw(rs, torch)
+        case = case_of(a.seed, i, torch)
         try:
             failures = run_case(case, torch, daal_triton)
         except Exception as exc:  # a crash is a failure of the case, reported with it

@@ -71,6 +71,16 @@ def random_problem(B: int, C: int, D: int, *, dtype=torch.float64, device="cpu",
 SPECIALISATIONS = ("generic", "aligned")
 
 
+def largest_cpu_allocation(fn) -> int:
+    """The largest number of bytes any single op allocated while ``fn`` ran (torch.profiler's
+    per-op self memory on the CPU, which sees allocations inside ATen ops too: an upper bound of
+    the largest tensor made)."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    return max(e.self_cpu_memory_usage for e in prof.events())
+
+
 def specialise(signature: dict, unit=(), rows=(), specialisation: str = "generic") -> tuple[dict, dict, set]:
     """``(signature, extra constexprs, names with tt.divisibility=16)`` of a launch of a kernel
     with this ``signature`` and hot-path stride facts ``unit`` / ``rows``.

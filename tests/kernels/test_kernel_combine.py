@@ -10,14 +10,17 @@ from daal_triton import reference
 from daal_triton.kernels import combine as kc
 
 
-@pytest.mark.parametrize("B", [1, 37, 2500])
+@pytest.mark.parametrize("B", [1, 37, 2500])  # 2500: three blocks of BLOCK_B = 1024
 @pytest.mark.parametrize("weights", [False, True])
 @pytest.mark.parametrize("with_len", [False, True])
-def test_values_and_gradients_match_the_reference(B, weights, with_len):
+@pytest.mark.parametrize("bad_rate", [0.0, 0.05], ids=["clean", "bad_labels"])
+def test_values_and_gradients_match_the_reference(B, weights, with_len, bad_rate):
+    """A bad label makes the total NaN, so the clean cases are the ones that check the total and
+    its gradient across blocks; the bad ones check the NaN pattern and the other outputs."""
     g = torch.Generator().manual_seed(B)
     line, hinge = torch.rand(B, generator=g), torch.rand(B, generator=g)
     valid = torch.rand(B, generator=g) < 0.8
-    bad = torch.rand(B, generator=g) < 0.05
+    bad = torch.rand(B, generator=g) < bad_rate
     w = torch.rand(B, generator=g) if weights else None
     l_len = torch.rand((), generator=g) if with_len else None
     gper, gtot, gdens, glen = torch.randn(B, generator=g), torch.randn(()), torch.randn(()), torch.randn(())
@@ -40,14 +43,21 @@ def test_values_and_gradients_match_the_reference(B, weights, with_len):
         assert torch.equal(torch.isnan(a), torch.isnan(b)), name
         assert_close(a.nan_to_num(), b.nan_to_num(), 1e-6, name)
     assert torch.isnan(outs[0][0][bad]).all() and (outs[0][4][bad] == 0).all()
+    if bad_rate == 0:
+        assert torch.isfinite(outs[1][1]), "the clean case compares a finite total"
+    elif B > 1:
+        assert bad.any(), "the bad-label case has a bad label"
 
 
-def test_only_the_total_is_differentiated():
-    line, hinge = torch.rand(10, device=DEV, requires_grad=True), torch.rand(10, device=DEV, requires_grad=True)
-    valid, bad = torch.ones(10, dtype=torch.bool, device=DEV), torch.zeros(10, dtype=torch.bool, device=DEV)
+@pytest.mark.parametrize("B", [10, 2500])
+def test_only_the_total_is_differentiated(B):
+    line, hinge = torch.rand(B, device=DEV, requires_grad=True), torch.rand(B, device=DEV, requires_grad=True)
+    valid, bad = torch.ones(B, dtype=torch.bool, device=DEV), torch.zeros(B, dtype=torch.bool, device=DEV)
     _, tot, _, _ = kc.combine(line, hinge, valid, bad, None, weights=None, lambda_dens=2.0, lambda_len=0.0)
+    assert torch.allclose(tot, line.mean() + 2.0 * hinge.mean())
     gl, gh = torch.autograd.grad(tot, (line, hinge))
-    assert torch.allclose(gl, torch.full((10,), 0.1, device=DEV)) and torch.allclose(gh, torch.full((10,), 0.2, device=DEV))
+    assert torch.allclose(gl, torch.full((B,), 1.0 / B, device=DEV))
+    assert torch.allclose(gh, torch.full((B,), 2.0 / B, device=DEV))
 
 
 def test_custom_ops_opcheck():

@@ -129,7 +129,8 @@ def test_parity_float16(case, seg_dtype):
 
 def test_point_on_a_negative_segment_is_finite():
     """x_i exactly on another class's segment: the GEMM form's e^2 there is rounding noise around
-    0 (the reference's too); values and gradients must stay finite and close at half tolerance."""
+    0 (the reference's too); values and gradients must stay finite and close: 1e-3 with the
+    interpreter's IEEE dots (measured 1.6e-4 at most), the half tolerance with a GPU's."""
     B, C, D = 16, 5, 8
     x, y, seg, m, go = make_case(B, C, D, zero_len=True)
     y = torch.zeros(B, dtype=torch.long)
@@ -140,9 +141,10 @@ def test_point_on_a_negative_segment_is_finite():
     out, gx, gs = kernel_grads(x.float(), y, seg.float(), m.float(), go.float(), 0.2)
     for got in (out, gx, gs):
         assert torch.isfinite(got).all()
-    assert rel_err(out, ref) <= tolerance(torch.float16)
-    assert rel_err(gx, gx_ref) <= tolerance(torch.float16)
-    assert rel_err(gs, gs_ref) <= tolerance(torch.float16)
+    tol = 1e-3 if DEV == "cpu" else tolerance(torch.float16)
+    assert rel_err(out, ref) <= tol
+    assert rel_err(gx, gx_ref) <= tol
+    assert rel_err(gs, gs_ref) <= tol
 
 
 def test_float64_is_refused():

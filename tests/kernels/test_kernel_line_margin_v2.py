@@ -6,10 +6,9 @@ the grids (whole waves of the device's SMs). The PTX pipelining and spill tests 
 test_kernel_line_margin.py (they share its compiled configurations)."""
 import pytest
 import torch
-from torch.profiler import ProfilerActivity, profile
 
 import daal_triton as dt
-from daal_testing import assert_close, random_problem, rel_err, tolerance
+from daal_testing import assert_close, largest_cpu_allocation, random_problem, rel_err, tolerance
 from test_kernel_line_margin import ALPHA, DEV, TF32, check_parity, kernel_grads, make_case
 
 from daal_triton.kernels import _common, line_margin as lm
@@ -127,14 +126,6 @@ def test_strided_segments():
         assert rel_err(a, b) <= 1e-6
 
 
-def _largest_allocation(fn) -> int:
-    """The largest number of bytes any single op allocated while ``fn`` ran (torch.profiler's
-    per-op self memory on the CPU: an upper bound of its largest tensor)."""
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    return max(e.self_cpu_memory_usage for e in prof.events())
-
-
 def _forward_backward(x, y, seg, m, go):
     """A closure running the line margin forward + backward on leaves ``x``, ``seg``."""
     xk = x.requires_grad_()
@@ -161,20 +152,20 @@ def test_memory_is_o_b_cc_plus_b_c_d(small_chunks):
     assert C >= 20 * cc
     x, y, seg, m, go = make_case(B, C, D)
     run = _forward_backward(x.float(), y, seg.float(), m, go)
-    largest = _largest_allocation(run)
+    largest = largest_cpu_allocation(run)
     bound = 4 * max(2 * B * cc, 2 * C * D, B * D, 4 * C)  # float32 elements of each term
     assert largest <= bound, (largest, bound)
     assert largest * 4 <= 4 * B * C  # far from anything B x C
     # and the test can tell: a B x C tensor would be seen
-    big = _largest_allocation(lambda: torch.empty(B, C).fill_(0))
+    big = largest_cpu_allocation(lambda: torch.empty(B, C).fill_(0))
     assert big >= 4 * B * C
 
 
 def _peak_extra(fn) -> int:
     """On a GPU the most memory allocated while ``fn`` ran above what was allocated before; on
-    the CPU :func:`_largest_allocation` (the profiler does not track CPU totals)."""
+    the CPU :func:`daal_testing.largest_cpu_allocation` (the profiler does not track CPU totals)."""
     if DEV != "cuda":
-        return _largest_allocation(fn)
+        return largest_cpu_allocation(fn)
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()

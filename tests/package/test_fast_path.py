@@ -33,7 +33,8 @@ def check_parity(z, y, seg, *, dtype=torch.float32, seg_dtype=torch.float32, **h
     assert out[1].dtype == dtype and out[2].dtype == seg_dtype
 
 
-@pytest.mark.parametrize("B,C,D", [(37, 11, 129), (20, 3, 2), (64, 40, 17)])
+@pytest.mark.parametrize("B,C,D", [(37, 11, 129), (20, 3, 2), (64, 40, 17),
+                                   (181, 13, 33)])  # 181: several row blocks of every kernel
 @pytest.mark.parametrize("hp", [{}, ALL_TERMS], ids=["defaults", "all_terms"])
 def test_parity_float32(B, C, D, hp):
     z, y, seg = random_problem(B, C, D, classes_present=range(min(C, 6)), device=DEV)
@@ -89,6 +90,12 @@ def test_autocast_keeps_float32():
         cast = dt.daal_loss(emb, y, seg, backend="triton")
     assert cast.dtype == torch.float32
     assert_close(cast, plain, tolerance(torch.bfloat16), "loss under autocast")
+    # inside, the loss computes as without autocast: the same bits as the bf16 embeddings' call
+    # outside it, and the float64 reference on those embeddings to float32's tolerance (bf16
+    # arithmetic inside would be ~3e-4 off)
+    assert torch.equal(cast, dt.daal_loss(emb.detach(), y, seg, backend="triton"))
+    exact = dt.daal_loss(emb.detach().double(), y, seg.double(), backend="reference")
+    assert_close(cast, exact, tolerance(torch.float32, tf32=TF32), "loss under autocast vs float64")
 
 
 def test_memory_bank_parity():
@@ -97,11 +104,15 @@ def test_memory_bank_parity():
     for includes in (False, True):
         ref_e = torch.cat([z, bank]) if includes else bank
         ref_y = torch.cat([y, bank_y]) if includes else bank_y
-        kw = dict(ref_embeddings=ref_e.float(), ref_labels=ref_y, ref_includes_batch=includes, k=3, tau=1.5)
-        fast = dt.daal_loss(z.float(), y, seg.float(), backend="triton", **kw)
-        kw["ref_embeddings"] = ref_e
-        slow = dt.daal_loss(z, y, seg, backend="reference", **kw)
-        assert_close(fast, slow, tolerance(torch.float32, tf32=TF32), f"memory bank (includes batch: {includes})")
+        results = []
+        for backend, dtype in (("triton", torch.float32), ("reference", torch.float64)):
+            zz, ss, rr = (t.detach().to(dtype).requires_grad_() for t in (z, seg, ref_e))
+            loss = dt.daal_loss(zz, y, ss, ref_embeddings=rr, ref_labels=ref_y, ref_includes_batch=includes,
+                                backend=backend, k=3, tau=1.5)
+            results.append((loss, *torch.autograd.grad(loss, (zz, ss, rr))))
+        assert results[1][3].abs().max() > 0, "the bank's rows get a gradient (the density term)"
+        for name, a, b in zip(("loss", "d/dembeddings", "d/dsegments", "d/dbank"), *results):
+            assert_close(a, b, tolerance(torch.float32, tf32=TF32), f"memory bank (includes batch: {includes}): {name}")
 
 
 def test_fast_path_validates_like_the_reference():
