@@ -15,6 +15,7 @@ import hashlib
 import os
 import pickle
 import random
+import warnings
 from typing import Any, Dict, List, Optional
 
 import numpy as np
@@ -59,25 +60,34 @@ def save_checkpoint(path: str, *, model: nn.Module, criterion: nn.Module, cfg: T
     os.replace(tmp, path)
 
 
-def load_checkpoint(path: str) -> Dict[str, Any]:
-    """The checkpoint at ``path``, its digest checked; :class:`CheckpointError` for a missing,
-    empty, damaged or foreign file, or one that would run code when unpickled."""
+def load_plain(path: str, what: str = "checkpoint",
+               expected: str = "a checkpoint of this version of daal-train") -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU; :class:`CheckpointError` naming ``what``
+    (``checkpoint``, ``--weights``) for a missing, empty or damaged file, or one that would run
+    code when unpickled (``expected``: what the file should have been)."""
     if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint {path!r}: no such file")
+        raise CheckpointError(f"{what} {path!r}: no such file")
     if os.path.getsize(path) == 0:
-        raise CheckpointError(f"checkpoint {path!r} is empty (0 bytes)")
+        raise CheckpointError(f"{what} {path!r} is empty (0 bytes)")
     try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # a plain pickle (not torch.save's zip) draws a warning before the refusal
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         if "weights only" in str(e).lower():
-            raise CheckpointError(f"checkpoint {path!r} holds Python objects beyond tensors and plain data: "
-                                  f"refused, as unpickling them could run code (not a checkpoint of this "
-                                  f"version of daal-train)") from None
-        raise CheckpointError(f"checkpoint {path!r} cannot be read: not a PyTorch file, or damaged "
+            raise CheckpointError(f"{what} {path!r} holds Python objects beyond tensors and plain data: "
+                                  f"refused, as unpickling them could run code (not {expected})") from None
+        raise CheckpointError(f"{what} {path!r} cannot be read: not a PyTorch file, or damaged "
                               f"({_first_line(e)})") from None
-    except Exception as e:  # torch reports truncation and zip damage as RuntimeError, EOFError, ...
-        raise CheckpointError(f"checkpoint {path!r} cannot be read: truncated or damaged "
+    except Exception as e:  # torch reports truncation and zip damage as RuntimeError, EOFError, IndexError, ...
+        raise CheckpointError(f"{what} {path!r} cannot be read: truncated or damaged "
                               f"({type(e).__name__}: {_first_line(e)})") from None
+
+
+def load_checkpoint(path: str) -> Dict[str, Any]:
+    """The checkpoint at ``path``, its digest checked; :class:`CheckpointError` for a missing,
+    empty, damaged, incomplete or foreign file, or one that would run code when unpickled."""
+    ck = load_plain(path)
     if not isinstance(ck, dict) or ck.get("format") != FORMAT:
         raise CheckpointError(f"{path!r} is not a daal-train checkpoint (expected checkpoint_last.pt or "
                               f"checkpoint_best.pt written by daal-train)")
@@ -85,7 +95,25 @@ def load_checkpoint(path: str) -> Dict[str, Any]:
     if stored != digest(ck):
         raise CheckpointError(f"checkpoint {path!r} is damaged: its content does not match the SHA-256 digest "
                               f"stored in it")
+    bad = [name for name in ("config", "model", "loss") if not isinstance(ck.get(name), dict)]
+    if bad or isinstance(ck.get("epoch"), bool) or not isinstance(ck.get("epoch"), int):
+        raise CheckpointError(f"checkpoint {path!r} is incomplete: it holds no {' or '.join(bad or ['epoch'])} "
+                              f"entry (every checkpoint daal-train writes has config, model, loss and epoch)")
     return ck
+
+
+def load_weights(module: nn.Module, state: Dict[str, Any], path: str, what: str, why: str = "") -> None:
+    """``module.load_state_dict(state)``, or :class:`CheckpointError`: the ``what`` (network, loss,
+    optimiser) of checkpoint ``path`` does not fit the one built from its configuration (``why``:
+    what may cause it)."""
+    try:
+        module.load_state_dict(state)
+    except (RuntimeError, ValueError, KeyError, TypeError) as e:
+        lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+        detail = lines[1] if len(lines) > 1 and lines[0].startswith("Error(s) in loading") else _first_line(e)
+        why = why or "the checkpoint's weights and configuration do not belong together"
+        raise CheckpointError(f"checkpoint {path!r}: its {what} does not fit the {what} built from its "
+                              f"configuration ({detail.rstrip('.')}): {why}") from None
 
 
 def require_training_state(ck: Dict[str, Any], path: str) -> None:

@@ -47,7 +47,8 @@ def given_flags(parser: argparse.ArgumentParser, argv: Optional[List[str]]) -> s
     finally:
         for a, default in saved:
             a.default = default
-    return {f"daal.{k[5:]}" if k.startswith("daal_") else k for k in vars(ns) if k != "config"}
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}  # not --config, --threads: no setting of the run
+    return {f"daal.{k[5:]}" if k.startswith("daal_") else k for k in vars(ns) if k in fields or k.startswith("daal_")}
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -62,7 +63,7 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", default=_D.dataset, choices=["shapes", "digits", "cub200", "cars196", "sop", "folder"],
-                   help="data set (shapes: embedded, generated from --seed; digits: scikit-learn's "
+                   help="data set (shapes: embedded, generated from --data-seed; digits: scikit-learn's "
                         "8x8 digits; cub200/cars196/sop/folder read --data-root)")
     p.add_argument("--data-root", default=_D.data_root,
                    help="folder holding the data set (cub200: CUB_200_2011/; cars196: cars_annos.mat + car_ims/ "
@@ -266,9 +267,22 @@ def main(argv: Optional[List[str]] = None) -> int:
                                       f"{', '.join(map(str, a.choices))}, got {value!r}")
         run(cfg, given=given)
     except (UsageError, DatasetLayoutError, ConfigError, CheckpointError) as e:
-        print(f"daal-train: error: {e}", file=sys.stderr)
+        print(f"daal-train: error: {_message(e)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:  # run.Interrupted says how to go on
+        print(f"daal-train: {e or 'interrupted (Ctrl-C) before the run started: nothing was written'}",
+              file=sys.stderr)
+        return 130
     return 0
+
+
+def _message(e: Exception) -> str:
+    """The text of an error to print after ``error:``; one raised in a DataLoader worker process
+    comes back with the worker's traceback in its message, of which only the last line is the error."""
+    text = str(e)
+    if "Original Traceback" in text:
+        text = text.strip().splitlines()[-1].split(": ", 1)[-1]
+    return text
 
 
 def _set_threads(n: Optional[int]) -> None:
@@ -299,9 +313,10 @@ def build_eval_parser() -> argparse.ArgumentParser:
     _add_common(p)
     for a in p._actions:  # unset options keep the checkpoint's values
         if a.dest not in ("help", "checkpoint", "out", "baselines", "tsne", "progress", "save_embeddings",
-                          "overwrite"):
+                          "overwrite", "threads"):
             a.default = None
-            a.help = f"{a.help} (default: the checkpoint's)"
+            if not isinstance(a, argparse._StoreConstAction):  # --no-amp: a switch, its help says what it does
+                a.help = f"{a.help} (default: the checkpoint's)"
     return p
 
 
@@ -315,8 +330,11 @@ def eval_main(argv: Optional[List[str]] = None) -> int:
         args = build_eval_parser().parse_args(argv)
         rows = _evaluate_checkpoint(args)
     except (UsageError, DatasetLayoutError, ConfigError, CheckpointError) as e:
-        print(f"daal-eval: error: {e}", file=sys.stderr)
+        print(f"daal-eval: error: {_message(e)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("daal-eval: interrupted (Ctrl-C)", file=sys.stderr)
+        return 130
     from .evaluate import format_table, table_keys
 
     print(format_table(rows, table_keys(rows)))
@@ -338,7 +356,8 @@ def _eval_outputs(args: argparse.Namespace) -> str:
         if os.path.isdir(args.save_embeddings):
             raise ConfigError(f"--save-embeddings {args.save_embeddings}: is a folder (give a file name, e.g. "
                               f"embeddings.pt or embeddings.npz)")
-        _check_writable(os.path.dirname(os.path.abspath(args.save_embeddings)))
+        _check_writable(os.path.dirname(os.path.abspath(args.save_embeddings)), "--save-embeddings",
+                        args.save_embeddings)
         targets.append(args.save_embeddings)
     held = [t for t in targets if os.path.exists(t)]
     if held and not args.overwrite:
@@ -352,14 +371,16 @@ def _evaluate_checkpoint(args: argparse.Namespace) -> Dict[str, Dict[str, float]
     classes; writes eval.json and tsne_eval.png once the checkpoint and the data have loaded."""
     from . import evaluate as E
     from . import plots
-    from .checkpoint import load_checkpoint
+    from .checkpoint import load_checkpoint, load_weights
     from .data import build_datasets
-    from .config import check_backend, checked_device
+    from .config import check_backend, check_numbers, checked_device, note_source
+    from .ddp import ConfigError
     from .devices import place_model, resolve_amp
     from .engine import build_model
     from .log import Log
 
     _set_threads(args.threads)
+    check_numbers(args, {k for k, v in vars(args).items() if v is not None})  # daal-train's bounds
     out = _eval_outputs(args)
     ck = load_checkpoint(args.checkpoint)
     cfg = TrainConfig.from_dict(dict({"width": 1.0}, **ck["config"]))  # checkpoints before --width: full width
@@ -367,14 +388,18 @@ def _evaluate_checkpoint(args: argparse.Namespace) -> Dict[str, Dict[str, float]
         if v is not None and hasattr(cfg, k) and k not in ("out", "overwrite"):
             setattr(cfg, k, v)
     cfg.weights = None  # the checkpoint holds the trained trunk
-    device = checked_device(cfg.device)
-    check_backend("--knn-backend", cfg.knn_backend, device)
+    try:
+        device = checked_device(cfg.device)
+        check_backend("--knn-backend", cfg.knn_backend, device)
+    except ConfigError as e:
+        taken = {k: getattr(cfg, k) for k, v in vars(args).items() if v is None and hasattr(cfg, k)}
+        raise note_source(e, taken, f"the checkpoint {args.checkpoint}") from None
     amp_dtype = resolve_amp(cfg.amp, device, Log("daal-eval"))
     _, test_ds = build_datasets(cfg.dataset, cfg.data_root, cfg.image_size, seed=cfg.data_seed, augment=cfg.augment,
                                 shapes_train_per_class=cfg.shapes_train_per_class,
                                 shapes_test_per_class=cfg.shapes_test_per_class, shapes_nuisance=cfg.shapes_nuisance)
     model = build_model(cfg)
-    model.load_state_dict(ck["model"])
+    load_weights(model, ck["model"], args.checkpoint, "network")
     model = place_model(model, device, cfg.channels_last)
     t0 = time.time()
     emb = E.embed(model, test_ds, device, batch_size=cfg.eval_batch_size, amp_dtype=amp_dtype,
@@ -397,7 +422,7 @@ def _evaluate_checkpoint(args: argparse.Namespace) -> Dict[str, Dict[str, float]
     if cfg.tsne:
         plots.tsne_plot(emb, labels.numpy(), os.path.join(out, "tsne_eval.png"), modes=test_ds.modes,
                         class_names=test_ds.class_names, mode_names=test_ds.mode_names,
-                        max_points=cfg.tsne_max_points, seed=cfg.seed,
+                        max_points=cfg.tsne_max_points, seed=cfg.seed, progress=args.progress,
                         title=f"{cfg.dataset} test classes, {os.path.basename(args.checkpoint)}")
     return rows
 

@@ -100,7 +100,7 @@ MIN_IMAGE_SIZE = 32
 def validate_config(cfg: TrainConfig, world_size: int, device: torch.device) -> None:
     """Refuse what cannot run or would mean nothing (:class:`ConfigError`, a ``ValueError``), in
     a world of ``world_size`` processes on ``device``. Reads no data and writes nothing."""
-    _check_numbers(cfg)
+    check_numbers(cfg)
     _check_loss(cfg)
     for flag, backend in (("--knn-backend", cfg.knn_backend), ("--loss-backend", cfg.loss_backend)):
         check_backend(flag, backend, device)
@@ -122,6 +122,9 @@ def validate_config(cfg: TrainConfig, world_size: int, device: torch.device) -> 
                           f"in your own loop instead)")
     if cfg.save not in SAVE_CHOICES:
         raise ConfigError(f"--save must be one of {', '.join(SAVE_CHOICES)}, got {cfg.save!r}")
+    if cfg.stop_after is not None and cfg.stop_after < cfg.epochs and cfg.save not in ("both", "last"):
+        raise ConfigError(f"--stop-after {cfg.stop_after} with --save {cfg.save}: a stopped run continues from its "
+                          f"checkpoint_last.pt, which --save {cfg.save} does not write (use --save last or both)")
     if cfg.overwrite and cfg.resume:
         raise ConfigError("--overwrite replaces the run in --out, --resume continues it: give one of them")
     if cfg.dist_backend not in ("auto", "nccl", "gloo"):
@@ -156,8 +159,12 @@ _BOUNDS = (
 )
 
 
-def _check_numbers(cfg: TrainConfig) -> None:
+def check_numbers(cfg: Any, names: Optional[set] = None) -> None:
+    """The numeric settings of ``cfg`` (a :class:`TrainConfig`, or daal-eval's arguments: any object
+    with the fields' names) within their bounds; ``names``: only these fields."""
     for flag, name, low, inclusive in _BOUNDS:
+        if names is not None and name not in names:
+            continue
         value = getattr(cfg, name)
         if value is None and name in ("steps_per_epoch", "num_workers", "stop_after"):
             continue
@@ -209,6 +216,8 @@ def check_out(cfg: TrainConfig) -> None:
     """Refuse to write a new run into a folder that holds something, unless ``--resume`` (continue
     the run there) or ``--overwrite`` (replace it) says what to do with it."""
     out = cfg.out
+    if not isinstance(out, str) or not out:
+        raise ConfigError(f"--out must name a folder, got {out!r}")
     if os.path.exists(out) and not os.path.isdir(out):
         raise ConfigError(f"--out {out}: exists and is not a folder")
     _check_writable(out)
@@ -224,19 +233,25 @@ def check_out(cfg: TrainConfig) -> None:
     if held:
         shown = ", ".join(held[:4]) + (", ..." if len(held) > 4 else "")
         last = os.path.join(out, "checkpoint_last.pt")
-        raise ConfigError(f"--out {out} is not empty ({shown}): pass --resume {last} to continue that run, "
-                          f"--overwrite to replace it, or another --out")
+        if os.path.isfile(last):
+            raise ConfigError(f"--out {out} is not empty ({shown}): pass --resume {last} to continue that run, "
+                              f"--overwrite to replace it, or another --out")
+        raise ConfigError(f"--out {out} is not empty ({shown}) and holds no checkpoint_last.pt to resume: pass "
+                          f"--overwrite to replace the run there (files daal-train does not write stay), or "
+                          f"another --out")
 
 
-def _check_writable(out: str) -> None:
-    """``--out`` (or, if it does not exist yet, its nearest existing parent) is a writable folder."""
+def _check_writable(out: str, flag: str = "--out", value: Optional[str] = None) -> None:
+    """``out`` (or, if it does not exist yet, its nearest existing parent) is a writable folder;
+    ``flag value`` (default ``value``: ``out``) names the option that asks for it."""
     probe = os.path.abspath(out)
     while not os.path.exists(probe):
         probe = os.path.dirname(probe)
+    shown = out if value is None else value
     if not os.path.isdir(probe):
-        raise ConfigError(f"--out {out}: {probe} is a file, not a folder")
+        raise ConfigError(f"{flag} {shown}: {probe} is a file, not a folder")
     if not os.access(probe, os.W_OK | os.X_OK):
-        raise ConfigError(f"--out {out}: {probe} is not writable")
+        raise ConfigError(f"{flag} {shown}: {probe} is not writable")
 
 
 # ----------------------------------------------------------------------------- resume and --config
@@ -329,6 +344,41 @@ def resume_config(saved: Dict[str, Any], cfg: TrainConfig, given=None) -> "tuple
     return TrainConfig.from_dict(merged), changes
 
 
+def _field_kinds() -> Dict[str, "tuple[type, bool]"]:
+    """``{field: (type, whether None is allowed)}`` of :class:`TrainConfig`, from its annotations."""
+    import typing
+
+    out = {}
+    for name, hint in typing.get_type_hints(TrainConfig).items():
+        args = typing.get_args(hint)
+        optional = typing.get_origin(hint) is typing.Union and type(None) in args
+        if optional:
+            hint = next(a for a in args if a is not type(None))
+        out[name] = (typing.get_origin(hint) or hint, optional)
+    return out
+
+
+def note_source(e: ConfigError, taken: Dict[str, Any], source: str) -> ConfigError:
+    """``e``, which names a flag, with a note when that flag was not given on the command line but
+    its value taken from ``source`` (``taken``: ``{field: value}`` of those settings), so the user
+    is not told about a flag they never gave without being told where it comes from."""
+    msg = str(e)
+    for name, value in taken.items():
+        flag = flag_name(name)
+        if msg.startswith((flag + " ", flag + ":")):
+            shown = flag if isinstance(value, bool) else f"{flag} {value}"
+            return ConfigError(f"{msg} ({shown} is the setting of {source}, not given on the command line: "
+                               f"give {flag} to override it)")
+    return e
+
+
+def taken_from_checkpoint(cfg: TrainConfig, asked: TrainConfig, given=None) -> Dict[str, Any]:
+    """``{field: value}`` of a resumed run's configuration ``cfg`` not given explicitly in ``asked``
+    (the command line's; ``given``: see :func:`_given_values`): the checkpoint's settings."""
+    explicit = _given_values(asked, given)
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name not in explicit}
+
+
 def config_file(path: str, cfg: TrainConfig, given=None) -> TrainConfig:
     """``--config FILE``: the configuration in ``FILE`` (a run's ``config.json``), with the flags
     given explicitly on top; a new run (``resume`` and ``overwrite`` are never taken from the file)."""
@@ -349,16 +399,20 @@ def config_file(path: str, cfg: TrainConfig, given=None) -> TrainConfig:
         raise ConfigError(f"--config {path}: unknown settings {', '.join(unknown)} (a config.json written by "
                           f"daal-train holds the fields of TrainConfig)")
     merged = TrainConfig().to_dict()
+    kinds = _field_kinds()
     for name, value in saved.items():
-        default = merged.get(name)
-        if name in ("launch", "resumes") or value is None or default is None:
+        if name in ("launch", "resumes", "resume", "stop_after"):  # never taken from the file
             continue
-        ok = (isinstance(value, bool) if isinstance(default, bool) else
-              isinstance(value, (int, float)) and not isinstance(value, bool) if isinstance(default, float) else
-              isinstance(value, int) and not isinstance(value, bool) if isinstance(default, int) else
-              isinstance(value, type(default)))
+        kind, optional = kinds[name]
+        if value is None and optional:
+            continue
+        ok = value is not None and (isinstance(value, bool) if kind is bool else
+                                    isinstance(value, (int, float)) and not isinstance(value, bool) if kind is float
+                                    else isinstance(value, int) and not isinstance(value, bool) if kind is int
+                                    else isinstance(value, kind))
         if not ok:
-            raise ConfigError(f"--config {path}: {name} must be {type(default).__name__}, got {value!r}")
+            raise ConfigError(f"--config {path}: {name} must be {kind.__name__}{' or null' if optional else ''}, "
+                              f"got {value!r}")
     for name in names:
         if name in saved and name not in ("resume", "overwrite", "stop_after"):
             merged[name] = dict(default_daal(), **saved[name]) if name == "daal" and isinstance(saved[name], dict) \

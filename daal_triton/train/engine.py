@@ -59,7 +59,7 @@ def build_miner(miner: Optional[str], miner_kwargs: Optional[Dict[str, Any]] = N
     cls = getattr(pml_miners, miner[4:], None)
     if cls is None or not (isinstance(cls, type) and issubclass(cls, nn.Module)):
         raise ValueError(f"--miner {miner}: pytorch_metric_learning.miners has no miner named {miner[4:]!r}")
-    return cls(**dict(miner_kwargs or {}))
+    return _construct(cls, "--miner", miner, **dict(miner_kwargs or {}))
 
 
 def build_criterion(loss: str, num_classes: int, embedding_dim: int, *, daal: Optional[Dict[str, Any]] = None,
@@ -73,7 +73,8 @@ def build_criterion(loss: str, num_classes: int, embedding_dim: int, *, daal: Op
             raise ValueError(f"--loss-kwargs: DAAL hyperparameters are set with --daal-* flags "
                              f"(e.g. --daal-{twice[0].replace('_', '-')}), not here: {twice}")
         hp = dict(default_daal(), **(daal or {}))
-        return _construct(daal_triton.DAALLoss, "daal", num_classes, embedding_dim, backend=backend, **hp, **kwargs)
+        return _construct(daal_triton.DAALLoss, "--loss", "daal", num_classes, embedding_dim, backend=backend, **hp,
+                          **kwargs)
     if loss.startswith("pml:"):
         name = loss[4:]
         try:
@@ -88,17 +89,17 @@ def build_criterion(loss: str, num_classes: int, embedding_dim: int, *, daal: Op
             kwargs.setdefault("num_classes", num_classes)
         if "embedding_size" in params:
             kwargs.setdefault("embedding_size", embedding_dim)
-        return PMLLoss(_construct(cls, loss, **kwargs), name)
+        return PMLLoss(_construct(cls, "--loss", loss, **kwargs), name)
     raise ValueError(f"--loss must be 'daal' or 'pml:<LossName>', got {loss!r}")
 
 
-def _construct(cls, loss: str, *args: Any, **kwargs: Any) -> nn.Module:
-    """``cls(*args, **kwargs)``; keyword arguments it does not take are a ``ValueError`` that
-    names ``--loss-kwargs``."""
+def _construct(cls, flag: str, value: str, /, *args: Any, **kwargs: Any) -> nn.Module:
+    """``cls(*args, **kwargs)`` for ``flag value`` (``--loss daal``, ``--miner pml:...``); keyword
+    arguments it does not take are a ``ValueError`` that names ``<flag>-kwargs``."""
     try:
         return cls(*args, **kwargs)
     except TypeError as e:
-        raise ValueError(f"--loss {loss}: {e} (check --loss-kwargs)") from None
+        raise ValueError(f"{flag} {value}: {e} (check {flag}-kwargs)") from None
 
 
 def make_optimizer(model: nn.Module, criterion: nn.Module, *, lr: float, loss_lr: float,

@@ -149,12 +149,8 @@ def embed(model: torch.nn.Module, dataset, device: torch.device, *, batch_size: 
     fmt = input_memory_format(model)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False,
                         **loader_options(num_workers, device, persistent=False))
-    if progress:
-        from tqdm.auto import tqdm
-
-        loader = tqdm(loader, desc="embed", leave=False, dynamic_ncols=True)
     out = []
-    for images, _ in loader:
+    for images, _ in _bar(loader, "embed", progress):
         images = images.to(device, non_blocking=True)
         if fmt is torch.channels_last and images.ndim == 4:
             images = images.contiguous(memory_format=torch.channels_last)
@@ -166,7 +162,16 @@ def embed(model: torch.nn.Module, dataset, device: torch.device, *, batch_size: 
     return torch.cat(out, 0).cpu() if out else torch.zeros(0, getattr(model, "embedding_dim", 0))
 
 
-def pixel_vectors(dataset, *, batch_size: int = 256, max_side: int = 32) -> torch.Tensor:
+def _bar(loader, desc: str, progress: bool):
+    """``loader``, behind a tqdm bar named ``desc`` when ``progress`` (the bar of every pass over a test set)."""
+    if not progress:
+        return loader
+    from tqdm.auto import tqdm
+
+    return tqdm(loader, desc=desc, leave=False, dynamic_ncols=True)
+
+
+def pixel_vectors(dataset, *, batch_size: int = 256, max_side: int = 32, progress: bool = False) -> torch.Tensor:
     """Every test image as the test pipeline gives it (resized, normalised), flattened: the
     raw-pixel baseline's "embedding". Images larger than ``max_side`` are first average-pooled
     to at most ``max_side`` x ``max_side`` (a 224 x 224 photo set would otherwise need 150k
@@ -174,7 +179,7 @@ def pixel_vectors(dataset, *, batch_size: int = 256, max_side: int = 32) -> torc
     from torch.utils.data import DataLoader
 
     out = []
-    for images, _ in DataLoader(dataset, batch_size=batch_size):
+    for images, _ in _bar(DataLoader(dataset, batch_size=batch_size), "raw pixels", progress):
         if max(images.shape[-2:]) > max_side:
             images = torch.nn.functional.adaptive_avg_pool2d(images, max_side)
         out.append(images.flatten(1).float())

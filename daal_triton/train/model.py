@@ -99,13 +99,19 @@ def load_vgg_weights(features: nn.Module, path: str) -> None:
     Only the convolutional ``features.*`` entries are required; the ImageNet classifier is dropped.
     Raises ``FileNotFoundError`` / ``ValueError`` with what was expected.
     """
+    from .checkpoint import load_plain
+
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--weights {path!r}: no such file (expected a torchvision VGG state dict, "
                                 "e.g. vgg19-dcbb9e9d.pth; the program never downloads weights)")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = load_plain(path, "--weights", "a torchvision VGG state dict")  # CheckpointError, a ValueError
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
-    feats = {k: v for k, v in state.items() if k.startswith("features.")}
+    if not isinstance(state, dict):
+        raise ValueError(f"--weights {path!r} holds a {type(state).__name__}, not a state dict: not a torchvision "
+                         f"VGG state dict")
+    feats = {k: v for k, v in state.items() if isinstance(k, str) and k.startswith("features.")
+             and isinstance(v, torch.Tensor)}
     if not hasattr(features, "features"):  # the trunk itself: its keys lack the "features." prefix
         feats = {k[len("features."):]: v for k, v in feats.items()}
     if not feats:

@@ -2,6 +2,7 @@
 record modes, a second panel coloured by mode), and the training curves (loss, Recall@1 per epoch)."""
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
@@ -15,6 +16,34 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+@contextmanager
+def ticking(desc: str, progress: bool = True):
+    """A tqdm bar (as the program's others) for one long step that reports no progress of its own
+    (scikit-learn's t-SNE): it shows ``desc`` and the time elapsed, refreshed every second."""
+    if not progress:
+        yield
+        return
+    import threading
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=1, desc=desc, leave=False, dynamic_ncols=True, bar_format="{desc}: {elapsed}")
+    stop = threading.Event()
+
+    def tick() -> None:
+        while not stop.wait(1.0):
+            bar.refresh()
+
+    thread = threading.Thread(target=tick, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        bar.close()
 
 
 def tsne_2d(emb: np.ndarray, *, seed: int = 0, perplexity: float = 30.0, threads: Optional[int] = None) -> np.ndarray:
@@ -44,15 +73,17 @@ def tsne_2d(emb: np.ndarray, *, seed: int = 0, perplexity: float = 30.0, threads
 
 def tsne_plot(emb, labels: Sequence[int], path: str, *, modes: Optional[Sequence[int]] = None,
               class_names: Optional[List[str]] = None, mode_names: Optional[List[str]] = None,
-              max_points: int = 2000, seed: int = 0, title: str = "") -> str:
-    """Save a t-SNE PNG of ``emb`` coloured by class (left) and by mode (right, when given)."""
+              max_points: int = 2000, seed: int = 0, title: str = "", progress: bool = False) -> str:
+    """Save a t-SNE PNG of ``emb`` coloured by class (left) and by mode (right, when given);
+    ``progress``: a bar while the t-SNE runs."""
     plt = _pyplot()
     emb = emb.detach().float().cpu().numpy() if isinstance(emb, torch.Tensor) else np.asarray(emb)
     labels = np.asarray(labels)
     sel = np.arange(len(labels))
     if len(sel) > max_points:
         sel = np.sort(np.random.default_rng(seed).choice(len(sel), max_points, replace=False))
-    xy = tsne_2d(emb[sel], seed=seed)
+    with ticking(f"t-SNE of {len(sel)} points", progress):
+        xy = tsne_2d(emb[sel], seed=seed)
     y = labels[sel]
     panels = [("class", y, class_names)]
     if modes is not None:

@@ -29,8 +29,9 @@ from daal_triton.memory import MemoryBank
 
 from . import ddp
 from . import evaluate as E
-from .checkpoint import load_checkpoint, require_training_state, restore_rng, save_checkpoint
-from .config import TrainConfig, check_out, checked_device, resume_config, validate_config
+from .checkpoint import load_checkpoint, load_weights, require_training_state, restore_rng, save_checkpoint
+from .config import (TrainConfig, check_out, checked_device, note_source, resume_config, taken_from_checkpoint,
+                     validate_config)
 from .data import DistributedPKSampler, PKSampler, build_datasets
 from .ddp import ConfigError
 from .devices import (compile_network, loader_options, place_model, prepare_device, resolve_amp, resolve_backend,
@@ -42,10 +43,15 @@ from .model import NO_WEIGHTS_NOTE
 
 Record = Dict[str, Any]
 
-# Every file a run writes in --out; --overwrite removes these (and only these) first.
+# Every file a run writes in --out, and what daal-eval writes there by default (it describes the run's
+# checkpoints); --overwrite removes these (and only these) first.
 OUTPUTS = ("config.json", "metrics.jsonl", "checkpoint_last.pt", "checkpoint_best.pt", "checkpoint_last.pt.tmp",
            "checkpoint_best.pt.tmp", "config.json.tmp", "metrics.jsonl.tmp", "tsne_test.png", "training_curves.png",
-           "results.txt")
+           "results.txt", "eval.json", "tsne_eval.png")
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during a run; the message says what was kept and how to go on (printed as one line)."""
 
 
 @dataclass
@@ -112,15 +118,23 @@ def run(cfg: TrainConfig, given=None) -> Dict[str, Record]:
     Under torchrun (``WORLD_SIZE`` > 1) this joins the process group (see :mod:`daal_triton.train.ddp`),
     trains data-parallel, and destroys the group at the end."""
     t_start, cpu_start = time.time(), time.process_time()
-    checkpoint, changes = None, {}
+    checkpoint, changes, asked = None, {}, cfg
     if cfg.resume:
         checkpoint = load_checkpoint(cfg.resume)
         require_training_state(checkpoint, cfg.resume)
         cfg, changes = resume_config(checkpoint["config"], cfg, given)
-    device = checked_device(cfg.device)
-    validate_config(cfg, ddp.world_size(), device)
+    try:
+        device = checked_device(cfg.device)
+        validate_config(cfg, ddp.world_size(), device)
+    except ConfigError as e:  # a setting the checkpoint gave, not the command line, is named as such
+        if checkpoint is None:
+            raise
+        raise note_source(e, taken_from_checkpoint(cfg, asked, given), f"the checkpoint {cfg.resume}") from None
+    if checkpoint is not None and _finished(cfg, checkpoint["epoch"]):
+        return {}
     check_out(cfg)
     ctx, device = ddp.setup(device, cfg.dist_backend, cfg.dist_timeout)
+    state = None
     try:
         state = build_run(cfg, ctx, device, Log("daal-train", ctx.rank, ctx.world_size), t_start, cpu_start)
         if checkpoint is not None:
@@ -138,8 +152,44 @@ def run(cfg: TrainConfig, given=None) -> Dict[str, Record]:
             state.log(f"done ({time.time() - t_start:.1f} s); rank 0 wrote the outputs to {cfg.out}")
         ctx.barrier()
         return state.table
+    except KeyboardInterrupt:
+        raise Interrupted(_interrupted(cfg, state)) from None
     finally:
         ctx.close()
+
+
+def _finished(cfg: TrainConfig, epoch: int) -> bool:
+    """``--resume`` of a checkpoint at ``epoch``: :class:`ConfigError` for an ``--epochs`` or
+    ``--stop-after`` it has already passed; True (after saying so) when the run is finished and
+    finished writing (its ``results.txt`` is there): nothing to do, nothing is written."""
+    if cfg.epochs < epoch:
+        raise ConfigError(f"--epochs {cfg.epochs} is below the epoch of --resume {cfg.resume} ({epoch}): a resumed "
+                          f"run continues after it (give --epochs {epoch} or more)")
+    if cfg.stop_after is not None and cfg.stop_after <= epoch < cfg.epochs:
+        raise ConfigError(f"--stop-after {cfg.stop_after}: --resume {cfg.resume} is at epoch {epoch} already "
+                          f"(give a later epoch)")
+    if epoch == cfg.epochs and os.path.isfile(os.path.join(cfg.out, "results.txt")) and \
+            os.path.realpath(cfg.out) == os.path.realpath(os.path.dirname(os.path.abspath(cfg.resume))):
+        Log("daal-train")(f"the run in {cfg.out} is finished (epoch {epoch} of {cfg.epochs}; its results.txt is "
+                          f"there): nothing to do, nothing written; to train it longer, add --epochs N (N > {epoch})")
+        return True
+    return False
+
+
+def _interrupted(cfg: TrainConfig, state: Optional["RunState"]) -> str:
+    """What a run stopped by Ctrl-C says: where it stopped and how to go on."""
+    if state is not None and not state.main:
+        return f"interrupted (Ctrl-C); rank 0 says how to go on (the run writes to {cfg.out})"
+    if state is None or state.metrics_file is None:  # nothing written yet
+        return "interrupted (Ctrl-C) before the run wrote anything: run the same command again to start it"
+    last = state.path("checkpoint_last.pt")
+    where = (f"interrupted (Ctrl-C) in epoch {state.epoch + 1} of {cfg.epochs}" if state.epoch < state.last_epoch
+             else f"interrupted (Ctrl-C) after epoch {state.epoch} of {cfg.epochs}, while writing the outputs")
+    if os.path.isfile(last):
+        return f"{where}: continue from its last checkpoint with daal-train --resume {last}"
+    why = "" if cfg.save in ("both", "last") else f" (--save {cfg.save} writes none)"
+    return (f"{where}, before any checkpoint_last.pt{why}: nothing to resume; start the run again with the same "
+            f"command and --overwrite")
 
 
 # ----------------------------------------------------------------------------- build
@@ -208,13 +258,15 @@ def resume_run(state: RunState, ck: Dict[str, Any], path: str) -> None:
     resume), and the first resumed step runs at the rate the schedule of ``state.cfg`` gives its
     step: the optimiser's saved rate is the one after the last step of the previous call, which
     for a run that ended there is the schedule's end (0)."""
-    state.model.load_state_dict(ck["model"])
-    state.criterion.load_state_dict(ck["loss"])
+    load_weights(state.model, ck["model"], path, "network")
+    load_weights(state.criterion, ck["loss"], path, "loss",
+                 why=f"the loss holds one entry per training class, and {state.cfg.dataset} gives "
+                     f"{state.train_ds.num_classes} here: is the data (--data-root) the run's?")
     groups = [(g["initial_lr"], g["weight_decay"]) for g in state.optimizer.param_groups]  # state.cfg's
     for name in ("optimizer", "scheduler", "scaler"):
         target = getattr(state, name)
         if target is not None and name in ck:
-            target.load_state_dict(ck[name])
+            load_weights(target, ck[name], path, name)
     sched = state.scheduler
     for g, (lr, wd) in zip(state.optimizer.param_groups, groups):
         g["initial_lr"], g["weight_decay"] = lr, wd
@@ -282,9 +334,12 @@ def fit(state: RunState) -> None:
             _train_epoch(state, epoch)
             ctx.barrier()  # the other ranks wait for rank 0's evaluation and checkpoint
         if state.main and not state.stopped:
-            if state.emb is None:  # nothing trained in this call (resumed at the end): evaluate what we have
+            if state.emb is None:  # nothing trained in this call (resumed at the end): the last epoch's evaluation
                 state.emb = _embed_test(state)
-                state.last = _evaluate(state, state.epoch, "trained", state.emb)
+                state.last = next((r for r in reversed(state.history) if r.get("model") == "trained"
+                                   and r.get("epoch") == state.epoch and "recall@1" in r), None)
+                if state.last is None:
+                    state.last = _evaluate(state, state.epoch, "trained", state.emb)
             state.table[f"trained ({cfg.loss}, epoch {state.epoch})"] = state.last
     finally:
         if state.metrics_file is not None:
@@ -333,7 +388,7 @@ def _baselines(state: RunState) -> None:
     history in a resumed one."""
     if state.cfg.baselines and state.start_epoch == 1:
         t0 = time.time()
-        pixels = _evaluate(state, 0, "raw_pixels", E.pixel_vectors(state.test_ds))
+        pixels = _evaluate(state, 0, "raw_pixels", E.pixel_vectors(state.test_ds, progress=state.cfg.progress))
         state.table["raw pixels"] = pixels
         rec = _evaluate(state, 0, "untrained", _embed_test(state), embed_s=round(time.time() - t0, 2))
         state.table["untrained network"] = rec
@@ -394,10 +449,11 @@ def _save(state: RunState, name: str, *, full: bool) -> None:
 
 
 def _embed_test(state: RunState) -> torch.Tensor:
-    """The test set's embeddings by the bare network (DDP's forward would wait for the other ranks)."""
+    """The test set's embeddings by the bare network (DDP's forward would wait for the other ranks),
+    with daal-eval's ``embed`` progress bar."""
     cfg = state.cfg
     return E.embed(state.model, state.test_ds, state.device, batch_size=cfg.eval_batch_size,
-                   amp_dtype=state.amp_dtype, num_workers=cfg.num_workers)
+                   amp_dtype=state.amp_dtype, num_workers=cfg.num_workers, progress=cfg.progress and state.main)
 
 
 def _evaluate(state: RunState, epoch: int, name: str, emb: torch.Tensor, **extra: Any) -> Record:
@@ -453,7 +509,7 @@ def finish(state: RunState) -> None:
             plots.tsne_plot(state.emb, E.dataset_labels(state.test_ds).numpy(), state.path("tsne_test.png"),
                             modes=state.test_ds.modes, class_names=state.test_ds.class_names,
                             mode_names=getattr(state.test_ds, "mode_names", None), max_points=cfg.tsne_max_points,
-                            seed=cfg.seed,
+                            seed=cfg.seed, progress=cfg.progress,
                             title=f"{cfg.dataset} test classes, {cfg.arch} + {cfg.loss}, epoch {state.epoch}")
         except Exception as e:
             state.log(f"t-SNE plot failed: {e}")

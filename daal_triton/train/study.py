@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
+import glob
 import json
 import math
 import os
@@ -268,9 +269,10 @@ def _ci(s: Dict[str, float], digits: int = 3) -> str:
 
 
 def markdown_table(records: List[Dict[str, Any]], configs: Sequence[str], *, command: str = "",
-                   title: str = "study") -> str:
+                   title: str = "study", note: str = "") -> str:
     """The study's Markdown report: the main metrics as mean ± std with the 95% interval, every
-    metric as mean ± std, the differences to the first configuration paired by seed."""
+    metric as mean ± std, the differences to the first configuration paired by seed (``note``:
+    a sentence after the count of runs)."""
     keys = [k for k in METRICS if any(k in r.get("metrics", {}) for r in records)]
     main = [k for k in KEY_METRICS if k in keys]
     st = stats_by_config(records, configs, keys + ["train_loss", "wall_s"])
@@ -280,7 +282,7 @@ def markdown_table(records: List[Dict[str, Any]], configs: Sequence[str], *, com
         lines += ["```bash", command, "```", ""]
     lines += [f"{len(records)} runs; seeds {', '.join(map(str, seeds))}. Mean ± sample standard deviation over "
               "seeds, and the 95% confidence interval of the mean (Student t, n − 1 degrees of freedom). "
-              "Final epoch, held-out classes.", ""]
+              "Final epoch, held-out classes." + (f" {note}" if note else ""), ""]
     head = ["configuration", "n"] + [f"{LABELS[k]} mean ± std" for k in main] + [f"{LABELS[k]} 95% CI" for k in main]
     lines += ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for c in configs:
@@ -467,6 +469,35 @@ def _append_run(path: str, rec: Dict[str, Any]) -> None:
         f.write(json.dumps(rec) + "\n")
 
 
+def finished_cells(out: str) -> List[Tuple[Dict[str, Any], str]]:
+    """``(cell, folder)`` of every finished cell under ``out/cells`` that a study ran (its
+    ``study_cell.json`` names the configuration, seed and arguments), whichever command ran it."""
+    found = []
+    for d in sorted(glob.glob(os.path.join(glob.escape(out), "cells", "*", "seed*"))):
+        if not re.fullmatch(r"seed-?\d+", os.path.basename(d)) or not is_finished(d):
+            continue
+        try:
+            with open(os.path.join(d, "study_cell.json")) as f:
+                info = json.load(f)
+            cell = dict(config=str(info["config"]), slug=os.path.basename(os.path.dirname(d)), seed=int(info["seed"]),
+                        args=list(info["args"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # not a cell a study finished
+        found.append((cell, d))
+    return found
+
+
+def check_names(study: Dict[str, Any], records: Iterable[Dict[str, Any]]) -> None:
+    """A configuration of ``study`` with a finished run (``records``) under other arguments is an
+    error: the report would pool runs of two settings under one name."""
+    want = {c["config"]: c["args"] for c in expand(study)}
+    for r in records:
+        if r["config"] in want and r.get("args") is not None and r["args"] != want[r["config"]]:
+            raise StudyError(f"configuration {r['config']!r} has a finished run ({r.get('dir')}) with "
+                             f"{shlex.join(r['args'])!r}, the study now says {shlex.join(want[r['config']])!r}: rename "
+                             f"the configuration or use another --out (finished runs are never overwritten)")
+
+
 def check_same_args(cell: Dict[str, Any], d: str) -> None:
     """A finished cell run with other arguments than the study now asks for is an error (rename
     the configuration or use another --out): its results would be reported under a wrong name."""
@@ -478,17 +509,40 @@ def check_same_args(cell: Dict[str, Any], d: str) -> None:
                              "rename the configuration or use another --out (finished cells are never overwritten)")
 
 
-def write_report(study: Dict[str, Any], records: List[Dict[str, Any]], out: str, report: str, command: str,
-                 *, plots: bool = True, tsne: bool = True, tsne_seed: Optional[int] = None) -> List[str]:
-    """table.md, study.json and the plots, from the finished runs' records."""
+def report_order(study: Dict[str, Any], records: List[Dict[str, Any]], report: str) -> List[str]:
+    """The configurations of ``records`` in the report's order: that of the report already in
+    ``report`` (its first configuration stays the one the others are compared with), then the
+    study's, then any other."""
+    before: List[Any] = []
+    try:
+        with open(os.path.join(report, "study.json")) as f:
+            old = json.load(f)
+        before = list(old.get("reported") or old.get("configs") or [])
+    except (OSError, ValueError, AttributeError, TypeError):
+        pass
+    have = {r["config"] for r in records}
+    order: List[str] = []
+    for c in before + list(study["configs"]) + [r["config"] for r in records]:
+        if c in have and c not in order:
+            order.append(c)
+    return order
+
+
+def write_report(study: Dict[str, Any], records: List[Dict[str, Any]], configs: Sequence[str], report: str,
+                 command: str, *, note: str = "", plots: bool = True, tsne: bool = True,
+                 tsne_seed: Optional[int] = None) -> List[str]:
+    """table.md, study.json (the study this command described, and ``reported``: the arguments
+    and seeds of every configuration in the report) and the plots, from the finished runs'
+    ``records`` of ``configs``."""
     os.makedirs(report, exist_ok=True)
-    configs = [c for c in study["configs"] if any(r["config"] == c for r in records)]
     written = []
     with open(os.path.join(report, "table.md"), "w") as f:
-        f.write(markdown_table(records, configs, command=command, title=study["name"]))
+        f.write(markdown_table(records, configs, command=command, title=study["name"], note=note))
     written.append(os.path.join(report, "table.md"))
+    reported = {c: dict(args=next(r["args"] for r in records if r["config"] == c),
+                        seeds=sorted(r["seed"] for r in records if r["config"] == c)) for c in configs}
     with open(os.path.join(report, "study.json"), "w") as f:
-        json.dump(dict(study, command=command), f, indent=2)
+        json.dump(dict(study, command=command, reported=reported), f, indent=2)
     written.append(os.path.join(report, "study.json"))
     if plots and records:
         written.append(plot_metrics(records, configs, os.path.join(report, "metrics.png")))
@@ -510,7 +564,9 @@ def write_report(study: Dict[str, Any], records: List[Dict[str, Any]], out: str,
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    from .cli import _Parser  # a bad command line is one error line, as for daal-train
+
+    p = _Parser(
         prog="daal-study", description="Run daal-train over configurations x seeds (resumable) and report mean ± std, "
                                        "95%% confidence intervals and plots.",
         epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -533,7 +589,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-plots", dest="plots", action="store_false", help="table only")
     p.add_argument("--no-tsne", dest="tsne", action="store_false", help="skip the t-SNE panels")
     p.add_argument("--summarize", action="store_true", help="run nothing: rebuild the report from finished cells")
-    p.add_argument("--dry-run", action="store_true", help="print the cells' commands and whether they are done")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the cells' commands and whether they are done (writes nothing)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     return p
 
@@ -546,8 +603,9 @@ def _cores() -> int:
 
 
 def _cells_to_run(study: Dict[str, Any], cells: List[Dict[str, Any]], out: str, first: List[str],
-                  known: Dict[Any, Any], runs_path: str) -> List[Dict[str, Any]]:
-    """The cells still to run, in order; finished cells not yet in ``runs.jsonl`` are recorded.
+                  known: Dict[Any, Any], runs_path: Optional[str]) -> List[Dict[str, Any]]:
+    """The cells still to run, in order; finished cells not yet in ``runs.jsonl`` are recorded
+    (in ``known``, and in ``runs_path`` unless it is None).
 
     Seed-major: every configuration gets its first seed before any gets its second, so a study
     stopped early still compares all of them (``--first NAME``: those configurations' cells, all
@@ -560,7 +618,8 @@ def _cells_to_run(study: Dict[str, Any], cells: List[Dict[str, Any]], out: str, 
             if (cell["config"], cell["seed"]) not in known:  # finished but not yet recorded
                 rec = collect(cell, d)
                 known[(cell["config"], cell["seed"])] = rec
-                _append_run(runs_path, rec)
+                if runs_path is not None:
+                    _append_run(runs_path, rec)
         else:
             todo.append(cell)
     first_set = set(first)
@@ -605,32 +664,52 @@ def _run_cells(todo: List[Dict[str, Any]], out: str, jobs: int, threads: int, pr
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    from .cli import UsageError
+
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)
         study = make_study(args.file, args.config, args.seeds, args.common, args.name)
         unknown = [c for c in args.first if c not in study["configs"]]
         if unknown:
             raise StudyError(f"--first {unknown[0]!r}: no such configuration (have: {', '.join(study['configs'])})")
-    except StudyError as e:
+        if args.jobs < 1 or (args.threads is not None and args.threads < 1):
+            raise StudyError("--jobs and --threads must be >= 1")
+        for flag, path in (("--out", args.out), ("--report", args.report)):
+            if path is not None and (not path or os.path.exists(path) and not os.path.isdir(path)):
+                raise StudyError(f"{flag} {path!r}: not a folder")
+        return _study(args, study, "daal-study " + shlex.join(argv))
+    except (UsageError, StudyError) as e:
         print(f"daal-study: error: {e}", file=sys.stderr)
         return 2
-    if args.jobs < 1 or (args.threads is not None and args.threads < 1):
-        print("daal-study: error: --jobs and --threads must be >= 1", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        print("daal-study: interrupted (Ctrl-C): run the same command again to go on (finished cells are kept, "
+              "half-finished ones resume from their checkpoint_last.pt)", file=sys.stderr)
+        return 130
+
+
+def _study(args: argparse.Namespace, study: Dict[str, Any], command: str) -> int:
+    """Run what is missing of ``study`` and report every finished run of ``args.out`` (the runs of
+    earlier commands too); a report is never replaced by an empty one."""
     threads = args.threads or max(1, _cores() // args.jobs)
     report = args.report or args.out
-    command = "daal-study " + shlex.join(argv)
     cells = expand(study)
-    os.makedirs(args.out, exist_ok=True)
     runs_path = os.path.join(report, "runs.jsonl")
-    os.makedirs(report, exist_ok=True)
     known = {(r["config"], r["seed"]): r for r in _load_runs(runs_path)}
-    try:
+    before = set(known)
+    grid = {os.path.realpath(cell_dir(args.out, c)) for c in cells}  # its own cells are read by _cells_to_run
+    found = [(cell, d) for cell, d in finished_cells(args.out)
+             if os.path.realpath(d) not in grid and (cell["config"], cell["seed"]) not in known]
+    check_names(study, list(known.values()) + [dict(cell, dir=d) for cell, d in found])
+    if args.dry_run:  # writes nothing
+        todo = _cells_to_run(study, cells, args.out, args.first, dict(known), None)
+    else:
+        os.makedirs(args.out, exist_ok=True)
+        os.makedirs(report, exist_ok=True)
+        for cell, d in found:
+            known[(cell["config"], cell["seed"])] = rec = collect(cell, d)
+            _append_run(runs_path, rec)
         todo = _cells_to_run(study, cells, args.out, args.first, known, runs_path)
-    except StudyError as e:
-        print(f"daal-study: error: {e}", file=sys.stderr)
-        return 2
     print(f"[daal-study] {len(cells)} cells ({len(study['configs'])} configurations x {len(study['seeds'])} seeds): "
           f"{len(cells) - len(todo)} finished, {len(todo)} to run"
           + ("" if args.summarize or args.dry_run or not todo else f", {args.jobs} at a time x {threads} threads"),
@@ -644,12 +723,23 @@ def main(argv: Optional[List[str]] = None) -> int:
     failed = []
     if todo and not args.summarize:
         failed = _run_cells(todo, args.out, args.jobs, threads, args.progress, known, runs_path)
-    wanted = {(c["config"], c["seed"]) for c in cells}
-    records = [known[k] for k in [(c["config"], c["seed"]) for c in cells] if k in known and k in wanted]
-    written = write_report(study, records, args.out, report, command, plots=args.plots, tsne=args.tsne,
-                           tsne_seed=args.tsne_seed)
-    print(open(os.path.join(report, "table.md")).read())
-    print("[daal-study] wrote " + ", ".join([runs_path] + written), flush=True)
+    records = list(known.values())
+    table = os.path.join(report, "table.md")
+    if set(known) == before and os.path.isfile(table) and not args.summarize:
+        print(f"[daal-study] no new finished run: the report in {report} is left as it was (--summarize rebuilds "
+              f"it)", flush=True)
+    elif records:
+        wanted = {(c["config"], c["seed"]) for c in cells}
+        earlier = sum((r["config"], r["seed"]) not in wanted for r in records)
+        note = (f"The report covers every finished run in {args.out}: {earlier} of these {len(records)} are not in "
+                f"the study of the command below but come from earlier daal-study commands (runs.jsonl has each "
+                f"run's daal-train command)." if earlier else "")
+        written = write_report(study, records, report_order(study, records, report), report, command, note=note,
+                               plots=args.plots, tsne=args.tsne, tsne_seed=args.tsne_seed)
+        print(open(table).read())
+        print("[daal-study] wrote " + ", ".join([runs_path] + written), flush=True)
+    else:
+        print(f"[daal-study] no finished run to report: nothing written in {report}", flush=True)
     if failed:
         print(f"daal-study: {len(failed)} cell(s) failed; run the same command again to retry them", file=sys.stderr)
         return 1

@@ -108,3 +108,15 @@ def test_module_entry_point_help():
     r = subprocess.run([sys.executable, "-m", "daal_triton.train", "--help"], capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 0 and "daal-train" in r.stdout
+
+
+def test_progress_bars_cover_every_long_step(tmp_path, capsys):
+    """Not only the epochs: the baselines, every embedding of the test set and the t-SNE show a bar."""
+    out = str(tmp_path / "p")
+    assert cli.main([f for f in TINY if f != "--no-progress"] + ["--epochs", "1", "--out", out]) == 0
+    err = capsys.readouterr().err
+    for bar in ("epoch 1/1", "raw pixels", "embed", "t-SNE of 96 points"):
+        assert bar in err, bar
+    assert cli.eval_main([os.path.join(out, "checkpoint_last.pt"), "--out", str(tmp_path / "ev")]) == 0
+    err = capsys.readouterr().err
+    assert "embed" in err and "t-SNE of 96 points" in err

@@ -67,6 +67,19 @@ def test_cub200_root_can_be_the_dataset_folder(tmp_path):
     assert train.num_classes == 3
 
 
+def test_cub200_damaged_lists_name_the_file(tmp_path):
+    base = _fake_cub(str(tmp_path))
+    labels = os.path.join(base, "image_class_labels.txt")
+    with open(labels, "a") as f:
+        f.write("13 sparrow\n")
+    with pytest.raises(DatasetLayoutError, match=r"labels.txt, line 13: expected an integer, got 'sparrow'"):
+        build_datasets("cub200", str(tmp_path), 16)
+    with open(labels, "wb") as f:
+        f.write(b"\xff\xfe\x00garbage")
+    with pytest.raises(DatasetLayoutError, match="image_class_labels.txt"):
+        build_datasets("cub200", str(tmp_path), 16)
+
+
 def test_cub200_missing_files_names_layout(tmp_path):
     with pytest.raises(DatasetLayoutError, match="image_class_labels.txt"):
         build_datasets("cub200", str(tmp_path), 16)
@@ -127,6 +140,20 @@ def test_cars196_torchvision_layout(tmp_path):
     assert test.class_names == ["C99", "C196"]
 
 
+def test_cars196_damaged_mat_files_name_the_file(tmp_path):
+    mat = os.path.join(str(tmp_path), "cars_annos.mat")
+    with open(mat, "wb") as f:
+        f.write(os.urandom(3000))
+    with pytest.raises(DatasetLayoutError, match="cars_annos.mat"):
+        build_datasets("cars196", str(tmp_path), 16)
+    _savemat(mat, something_else=np.zeros(3))
+    with pytest.raises(DatasetLayoutError, match="cars_annos.mat holds no 'annotations'"):
+        build_datasets("cars196", str(tmp_path), 16)
+    _savemat(mat, annotations=_struct([("car_ims/1.jpg", 1), ("car_ims/2.jpg", "x")], ("relative_im_path", "class")))
+    with pytest.raises(DatasetLayoutError, match="cars_annos.mat: a class that is not an integer"):
+        build_datasets("cars196", str(tmp_path), 16)
+
+
 def test_cars196_missing(tmp_path):
     with pytest.raises(DatasetLayoutError, match="cars_annos.mat"):
         build_datasets("cars196", str(tmp_path), 16)
@@ -150,6 +177,16 @@ def test_sop_own_split(tmp_path):
     assert test.class_names == ["11319", "11320"]
 
 
+def test_sop_class_that_is_not_a_number_names_the_file(tmp_path):
+    base = os.path.join(str(tmp_path), "Stanford_Online_Products")
+    os.makedirs(base)
+    for split in ("train", "test"):
+        with open(os.path.join(base, f"Ebay_{split}.txt"), "w") as f:
+            f.write("image_id class_id super_class_id path\n1 1 1 a.JPG\n2 bike 1 b.JPG\n")
+    with pytest.raises(DatasetLayoutError, match=r"Ebay_train.txt, line 3: expected an integer, got 'bike'"):
+        build_datasets("sop", str(tmp_path), 16)
+
+
 def test_sop_missing(tmp_path):
     with pytest.raises(DatasetLayoutError, match="Ebay_train.txt"):
         build_datasets("sop", str(tmp_path), 16)
@@ -167,6 +204,26 @@ def test_folder_tree(tmp_path):
     _check(train, 6, 3)
     _check(test, 4, 2)
     assert test.class_names == ["dog", "eel"]
+
+
+def test_an_unreadable_image_is_one_error_line(tmp_path, error_line):
+    from daal_triton.train import cli
+
+    for split, classes in (("train", ("ant", "bee")), ("test", ("dog", "eel"))):
+        for c in classes:
+            for j in range(2):
+                _png(os.path.join(str(tmp_path), split, c, f"{j}.png"))
+    bad = os.path.join(str(tmp_path), "test", "eel", "1.png")
+    with open(bad, "wb") as f:
+        f.write(b"not a png")
+    _, test = build_datasets("folder", str(tmp_path), 32)
+    with pytest.raises(DatasetLayoutError, match="cannot read the image .*1.png"):
+        test[3]
+    out = str(tmp_path / "out")
+    assert cli.main(["--dataset", "folder", "--data-root", str(tmp_path), "--image-size", "32", "--width", "0.125",
+                     "-P", "2", "-K", "2", "--steps-per-epoch", "1", "--epochs", "1", "--embedding-dim", "8",
+                     "--no-progress", "--no-tsne", "--out", out]) == 2
+    assert bad in error_line("daal-train")
 
 
 def test_folder_missing_and_no_root(tmp_path):

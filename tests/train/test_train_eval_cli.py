@@ -139,4 +139,8 @@ def test_daal_eval_out_is_a_file(run_dir, tmp_path, error_line):
     assert cli.eval_main([_ck(run_dir), "--out", str(tmp_path / "ev"), "--no-tsne",
                           "--save-embeddings", str(tmp_path)]) == 2
     assert "--save-embeddings" in error_line("daal-eval")
-    assert f.read_text() == "mine"
+    assert cli.eval_main([_ck(run_dir), "--out", str(tmp_path / "ev"), "--no-tsne",
+                          "--save-embeddings", str(f / "e.pt")]) == 2
+    line = error_line("daal-eval")
+    assert line.startswith(f"daal-eval: error: --save-embeddings {f / 'e.pt'}: ") and "--out" not in line
+    assert f.read_text() == "mine" and not (tmp_path / "ev").exists()

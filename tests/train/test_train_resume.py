@@ -215,6 +215,10 @@ def test_config_file_reruns_a_run(one_epoch, tmp_path):
 @pytest.mark.parametrize("content, words", [
     (None, "no such file"), ("{not json", "JSON"), ('{"epochz": 3}', "epochz"), ("[1, 2]", "JSON object"),
     ('{"epochs": "3"}', "epochs"), ('{"dataset": "mnist"}', "dataset"), ('{"epochs": 0}', "--epochs"),
+    # settings whose default is None were not type-checked
+    ('{"data_root": 5, "dataset": "folder"}', "data_root must be str"), ('{"miner": 3}', "miner must be str"),
+    ('{"channels_last": "yes"}', "channels_last must be bool"), ('{"steps_per_epoch": 1.5}', "steps_per_epoch"),
+    ('{"dataset": null}', "dataset must be str"),
 ])
 def test_config_file_errors(tmp_path, content, words, error_line):
     path = str(tmp_path / "config.json")
@@ -236,3 +240,130 @@ def test_data_seed_defaults_and_old_checkpoints():
     assert TrainConfig.from_dict({"seed": 5}).data_seed == 5  # an old run's config.json
     assert TrainConfig.from_dict({"seed": 5, "data_seed": 0}).data_seed == 0
     assert "data_seed" in RESUME_FIXED
+
+
+@pytest.fixture
+def keep_threads():
+    """--threads sets torch's thread count for the whole process: put it back afterwards."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def test_threads_goes_with_resume_and_config(one_epoch, tmp_path, keep_threads):
+    """--threads is no setting of the run: it was reported as given and broke --resume and --config."""
+    out = _copy(one_epoch, tmp_path)
+    assert cli.main(["--resume", _last(out), "--epochs", "2", "--threads", "1", "--no-progress"]) == 0
+    assert [r["epoch"] for r in _records(out)] == [1, 2]
+    (entry,) = json.load(open(os.path.join(out, "config.json")))["resumes"]
+    assert "threads" not in entry["changed"]
+    again = str(tmp_path / "again")
+    assert cli.main(["--config", os.path.join(one_epoch, "config.json"), "--threads", "1", "--out", again,
+                     "--no-progress"]) == 0
+    assert json.load(open(os.path.join(again, "config.json")))["embedding_dim"] == 8
+    assert [r["epoch"] for r in _records(again)] == [1]
+
+
+# ----------------------------------------------------------------------------- the run's end
+
+def test_epochs_below_the_checkpoint_and_stop_after_passed_are_refused(tmp_path, error_line):
+    out = str(tmp_path / "two")
+    assert cli.main(TINY + ["--epochs", "3", "--stop-after", "2", "--out", out]) == 0
+    before = {n: open(os.path.join(out, n), "rb").read() for n in os.listdir(out)}
+    assert cli.main(["--resume", _last(out), "--epochs", "1", "--no-progress"]) == 2
+    assert "--epochs 1 is below" in error_line("daal-train")
+    assert cli.main(["--resume", _last(out), "--stop-after", "1", "--no-progress"]) == 2
+    assert "--stop-after 1" in error_line("daal-train")
+    assert {n: open(os.path.join(out, n), "rb").read() for n in os.listdir(out)} == before
+
+
+def test_resuming_a_finished_run_changes_nothing(one_epoch, tmp_path, capsys):
+    out = _copy(one_epoch, tmp_path)
+    before = {n: open(os.path.join(out, n), "rb").read() for n in os.listdir(out)}
+    capsys.readouterr()
+    assert cli.main(["--resume", _last(out), "--no-progress"]) == 0
+    assert "is finished" in capsys.readouterr().out
+    assert {n: open(os.path.join(out, n), "rb").read() for n in os.listdir(out)} == before
+
+
+def test_a_run_stopped_after_its_last_checkpoint_finishes_without_a_second_record(one_epoch, tmp_path):
+    """Killed after the last epoch's checkpoint, before results.txt: --resume writes the table and
+    plots, and metrics.jsonl keeps one record of the last epoch."""
+    out = _copy(one_epoch, tmp_path)
+    os.remove(os.path.join(out, "results.txt"))
+    assert cli.main(["--resume", _last(out), "--no-progress"]) == 0
+    assert [r["epoch"] for r in _records(out)] == [1]
+    assert "trained (daal, epoch 1)" in open(os.path.join(out, "results.txt")).read()
+
+
+# ----------------------------------------------------------------------------- checkpoints that do not fit
+
+def _forge(src, dst, **changes):
+    """A copy of checkpoint ``src`` with ``changes`` (None: the entry removed), its digest redone,
+    as a hand-made file would be."""
+    from daal_triton.train.checkpoint import digest
+
+    ck = torch.load(src, map_location="cpu", weights_only=True)
+    ck.pop("sha256")
+    for k, v in changes.items():
+        if v is None:
+            ck.pop(k)
+        else:
+            ck[k] = v
+    ck["sha256"] = digest(ck)
+    torch.save(ck, dst)
+    return dst
+
+
+def test_checkpoints_whose_config_does_not_fit_are_one_error_line(one_epoch, tmp_path, error_line):
+    src = _last(one_epoch)
+    cfg = _ck(one_epoch)["config"]
+    os.makedirs(tmp_path / "wrong")
+    wrong = _forge(src, str(tmp_path / "wrong" / "checkpoint_last.pt"), config=dict(cfg, embedding_dim=16))
+    bare = str(tmp_path / "bare.pt")
+    _forge(src, bare, config=None)
+    for path, words in ((wrong, "network does not fit"), (bare, "no config")):
+        assert cli.eval_main([path, "--out", str(tmp_path / "ev"), "--no-progress"]) == 2, path
+        assert words in error_line("daal-eval"), path
+        assert cli.main(["--resume", path, "--epochs", "2", "--no-progress"]) == 2, path
+        assert words in error_line("daal-train"), path
+    assert not (tmp_path / "ev").exists() and sorted(os.listdir(tmp_path / "wrong")) == ["checkpoint_last.pt"]
+
+
+def test_resume_onto_data_with_other_classes_is_one_error_line(tmp_path, error_line):
+    from PIL import Image
+    import numpy as np
+
+    def tree(root, train_classes):
+        for split, classes in (("train", train_classes), ("test", ("x", "y"))):
+            for c in classes:
+                os.makedirs(os.path.join(root, split, c))
+                for j in range(2):
+                    Image.fromarray(np.full((8, 8, 3), 40 * j, np.uint8)).save(os.path.join(root, split, c, f"{j}.png"))
+
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    tree(a, ("p", "q", "r"))
+    tree(b, ("p", "q", "r", "s"))
+    out = str(tmp_path / "run")
+    assert cli.main(["--dataset", "folder", "--data-root", a, "--image-size", "32", "--width", "0.125", "-P", "2",
+                     "-K", "2", "--steps-per-epoch", "1", "--embedding-dim", "8", "--epochs", "2", "--stop-after",
+                     "1", "--no-progress", "--no-tsne", "--no-baselines", "--out", out]) == 0
+    before = {n: open(os.path.join(out, n), "rb").read() for n in os.listdir(out)}
+    assert cli.main(["--resume", _last(out), "--data-root", b, "--no-progress"]) == 2
+    line = error_line("daal-train")
+    assert "loss does not fit" in line and "--data-root" in line
+    assert {n: open(os.path.join(out, n), "rb").read() for n in os.listdir(out)} == before
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal needs a machine without CUDA")
+def test_a_checkpoint_device_that_is_not_here_says_where_it_comes_from(one_epoch, tmp_path, error_line):
+    out = _copy(one_epoch, tmp_path)
+    _forge(_last(out), _last(out), config=dict(_ck(out)["config"], device="cuda", knn_backend="triton"))
+    assert cli.main(["--resume", _last(out), "--epochs", "2", "--no-progress"]) == 2
+    line = error_line("daal-train")
+    assert line.startswith("daal-train: error: --device cuda was asked for")
+    assert f"is the setting of the checkpoint {_last(out)}" in line and "give --device to override it" in line
+    assert cli.main(["--resume", _last(out), "--epochs", "2", "--device", "cpu", "--no-progress"]) == 2
+    assert "--knn-backend triton is the setting of the checkpoint" in error_line("daal-train")
+    assert cli.main(["--resume", _last(out), "--epochs", "2", "--device", "cpu", "--knn-backend", "auto",
+                     "--no-progress"]) == 0

@@ -2,6 +2,7 @@
 against a stored digest; a run never replaces another run's outputs unasked; --save."""
 import json
 import os
+import pickle
 import shutil
 import zipfile
 
@@ -119,10 +120,14 @@ def test_overwrite_replaces_and_save_chooses_checkpoints(run_dir, tmp_path):
     shutil.copytree(run_dir, out)
     with open(os.path.join(out, "notes.txt"), "w") as f:
         f.write("mine")
+    os.makedirs(os.path.join(out, "sub"))
+    assert cli.eval_main([os.path.join(out, "checkpoint_last.pt"), "--no-progress", "--tsne-max-points", "8"]) == 0
+    assert {"eval.json", "tsne_eval.png"} <= set(os.listdir(out))
     assert cli.main(TINY + ["--out", out, "--overwrite", "--save", "none", "--no-baselines"]) == 0
     files = set(os.listdir(out))
     assert not any(name.endswith(".pt") for name in files), files  # the old run's checkpoints are gone too
-    assert "notes.txt" in files  # files the program does not write are left alone
+    assert not {"eval.json", "tsne_eval.png"} & files, files  # daal-eval's of the old checkpoint too
+    assert {"notes.txt", "sub"} <= files  # files the program does not write are left alone
     recs = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     assert [r["epoch"] for r in recs] == [1]
     assert json.load(open(os.path.join(out, "config.json")))["save"] == "none"
@@ -133,3 +138,105 @@ def test_save_flag(tmp_path, save, expected):
     out = str(tmp_path / save)
     assert cli.main(TINY + ["--out", out, "--save", save, "--no-baselines"]) == 0
     assert {n for n in os.listdir(out) if n.endswith(".pt")} == expected
+
+
+# ----------------------------------------------------------------------------- --weights files
+
+class _System:
+    """Unpickling this would call os.system: a --weights file must never be unpickled that far."""
+
+    def __reduce__(self):
+        return (os.system, ("true",))
+
+
+@pytest.mark.parametrize("kind", ["empty", "garbage", "list", "code", "pickled-system", "truncated"])
+def test_a_damaged_weights_file_is_one_error_line(kind, tmp_path, error_line):
+    path = str(tmp_path / "vgg19_bn.pth")
+    if kind == "empty":
+        open(path, "wb").close()
+    elif kind == "garbage":
+        with open(path, "wb") as f:
+            f.write(os.urandom(5000))
+    elif kind == "list":
+        torch.save([1, 2, 3], path)
+    elif kind == "code":
+        torch.save({"features.0.weight": _System()}, path)
+    elif kind == "pickled-system":  # a plain pickle, not torch.save's zip: torch warns about it first
+        with open(path, "wb") as f:
+            pickle.dump(os.system, f)
+    else:
+        torch.save({"features.0.weight": torch.zeros(64, 3, 3, 3)}, path)
+        with open(path, "r+b") as f:
+            f.truncate(os.path.getsize(path) // 2)
+    out = tmp_path / "out"
+    assert cli.main(TINY + ["--width", "1", "--weights", path, "--out", str(out)]) == 2
+    assert "--weights" in error_line("daal-train")
+    assert not out.exists()
+
+
+# ----------------------------------------------------------------------------- stopping
+
+@pytest.mark.parametrize("save", ["best", "none"])
+def test_stop_after_needs_checkpoint_last(save, tmp_path, error_line):
+    out = tmp_path / "sb"
+    flags = TINY + ["--epochs", "2", "--stop-after", "1"]  # the later --epochs counts
+    assert cli.main(flags + ["--save", save, "--out", str(out)]) == 2
+    line = error_line("daal-train")
+    assert "--stop-after" in line and "--save last or both" in line
+    assert not out.exists()
+
+
+def _interrupt_in_epoch(monkeypatch, epoch):
+    """The run's epoch ``epoch`` raises KeyboardInterrupt, as Ctrl-C does."""
+    from daal_triton.train import run as R
+
+    real = R.train_one_epoch
+
+    def train(*a, desc="", **k):
+        if desc.startswith(f"epoch {epoch}/"):
+            raise KeyboardInterrupt
+        return real(*a, desc=desc, **k)
+
+    monkeypatch.setattr(R, "train_one_epoch", train)
+
+
+def _main_interrupted(argv):
+    """``cli.main(argv)``; a KeyboardInterrupt that escapes it fails the test (not the whole session)."""
+    try:
+        return cli.main(argv)
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C escaped daal-train as a traceback")
+
+
+def test_ctrl_c_says_how_to_continue(tmp_path, capsys, monkeypatch):
+    out = str(tmp_path / "int")
+    flags = TINY + ["--epochs", "3", "--no-baselines"]
+    _interrupt_in_epoch(monkeypatch, 2)
+    assert _main_interrupted(flags + ["--out", out]) == 130
+    err = capsys.readouterr().err
+    last = os.path.join(out, "checkpoint_last.pt")
+    assert err.strip() == f"daal-train: interrupted (Ctrl-C) in epoch 2 of 3: continue from its last checkpoint " \
+                          f"with daal-train --resume {last}", err
+    monkeypatch.undo()
+    assert cli.main(["--resume", last, "--no-progress"]) == 0
+    assert [json.loads(line)["epoch"] for line in open(os.path.join(out, "metrics.jsonl"))] == [1, 2, 3]
+
+
+def test_ctrl_c_before_the_first_checkpoint(tmp_path, capsys, monkeypatch, error_line):
+    out = str(tmp_path / "int4")
+    _interrupt_in_epoch(monkeypatch, 1)
+    assert _main_interrupted(TINY + ["--out", out]) == 130
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert "nothing to resume" in err and "--overwrite" in err and "--resume" not in err
+    assert sorted(os.listdir(out)) == ["config.json", "metrics.jsonl"]
+    monkeypatch.undo()
+    assert cli.main(TINY + ["--out", out]) == 2  # the refusal's advice must be one that works
+    line = error_line("daal-train")
+    assert "--overwrite" in line and "--resume" not in line
+    assert cli.main(TINY + ["--out", out, "--overwrite"]) == 0
+
+
+def test_empty_out_is_one_error_line(error_line):
+    assert cli.main(TINY + ["--out", ""]) == 2
+    assert "--out" in error_line("daal-train")

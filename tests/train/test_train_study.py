@@ -143,3 +143,71 @@ def test_tiny_real_study(tmp_path):
     # a finished cell asked to run with other arguments is refused
     bad = [a if a != "DAAL=" else "DAAL=--daal-gamma 0" for a in argv]
     assert S.main(bad) == 2
+
+
+def _fake_cell(cell, out_, threads, python=None):
+    """run_cell without daal-train: a finished cell, its study_cell.json as run_cell writes it."""
+    d = S.cell_dir(out_, cell)
+    _fake_finished(d, 0.5 + cell["seed"] / 100)
+    json.dump(dict(config=cell["config"], seed=cell["seed"], args=cell["args"]),
+              open(os.path.join(d, "study_cell.json"), "w"))
+    return S.collect(cell, d)
+
+
+def _failing_cell(cell, out_, threads, python=None):
+    raise RuntimeError(f"cell {cell['config']!r} seed {cell['seed']} failed (exit 2)")
+
+
+def test_a_command_where_nothing_finishes_keeps_the_report(tmp_path, monkeypatch):
+    out = str(tmp_path / "st")
+    flags = ["--out", out, "--no-progress", "--no-tsne"]
+    monkeypatch.setattr(S, "run_cell", _fake_cell)
+    assert S.main(["--config", "A=--epochs 1", "--seeds", "0", "1"] + flags) == 0
+    report = ("table.md", "study.json", "metrics.png", "r1_vs_subcluster_nmi.png", "runs.jsonl")
+    before = {n: open(os.path.join(out, n), "rb").read() for n in report}
+    monkeypatch.setattr(S, "run_cell", _failing_cell)
+    assert S.main(["--config", "B=--epochs -1", "--seeds", "5"] + flags) == 1  # the cell fails: nothing new
+    assert {n: open(os.path.join(out, n), "rb").read() for n in report} == before
+    assert S.main(["--config", "A=--epochs -1", "--seeds", "5"] + flags) == 2  # A's runs had other arguments
+    assert {n: open(os.path.join(out, n), "rb").read() for n in report} == before
+    # a command that adds a run reports every finished run of --out; the first configuration stays first
+    monkeypatch.setattr(S, "run_cell", _fake_cell)
+    assert S.main(["--config", "C=--epochs 2", "--seeds", "0"] + flags) == 0
+    table = open(os.path.join(out, "table.md")).read()
+    assert "3 runs; seeds 0, 1." in table and "2 of these 3 are not in the study of the command below" in table
+    assert table.index("| A | 2 |") < table.index("| C | 1 |") and "Difference to **A**" in table
+    reported = json.load(open(os.path.join(out, "study.json")))["reported"]
+    assert reported == {"A": {"args": ["--epochs", "1"], "seeds": [0, 1]},
+                        "C": {"args": ["--epochs", "2"], "seeds": [0]}}
+    # another --report finds the finished cells of --out by their study_cell.json
+    rep = str(tmp_path / "rep")
+    assert S.main(["--config", "C=--epochs 2", "--seeds", "1", "--report", rep] + flags) == 0
+    assert "4 runs" in open(os.path.join(rep, "table.md")).read()
+    assert len(S._read_jsonl(os.path.join(rep, "runs.jsonl"))) == 4
+
+
+def test_dry_run_writes_nothing_and_bad_arguments_are_one_line(tmp_path, capsys, error_line):
+    out = tmp_path / "st"
+    assert S.main(["--config", "A=", "--seeds", "0", "--out", str(out), "--dry-run"]) == 0
+    assert "todo" in capsys.readouterr().out and not out.exists()
+    for argv in (["--seeds", "x", "--config", "A="], ["--no-such-flag"], ["--config", "A=", "--jobs"]):
+        assert S.main(argv + ["--out", str(out)]) == 2, argv
+        assert "see daal-study --help" in error_line("daal-study"), argv
+    assert S.main(["--config", "A=", "--out", ""]) == 2
+    assert "--out" in error_line("daal-study")
+    assert not out.exists()
+
+
+def test_a_cell_stopped_half_way_resumes(tmp_path):
+    """The study gives every cell --threads and a half-finished one --resume: that pair used to crash."""
+    from daal_triton.train import cli
+
+    out, common = str(tmp_path / "st"), TINY.replace("--epochs 1", "--epochs 2")
+    (cell,) = S.expand(S.make_study(None, ["DAAL="], seeds=[5], common=common))
+    d = S.cell_dir(out, cell)
+    assert cli.main(cell["args"] + ["--seed", "5", "--out", d, "--no-progress", "--stop-after", "1"]) == 0
+    assert S.main(["--seeds", "5", "--common", common, "--config", "DAAL=", "--out", out, "--threads", "1",
+                   "--no-progress", "--no-plots"]) == 0
+    (run,) = S._read_jsonl(os.path.join(out, "runs.jsonl"))
+    assert run["resumed"] and run["epoch"] == 2 and "--resume" in run["command"]
+    assert [r["epoch"] for r in S._read_jsonl(os.path.join(d, "metrics.jsonl"))] == [1, 2]

@@ -42,12 +42,14 @@ BAD_TRAIN = {
     "device": (["--device", "tpu"], "--device"),
     "eval-every": (["--eval-every", "-1"], "--eval-every"),
     "tsne-points": (["--tsne-max-points", "1"], "--tsne-max-points"),
+    "miner-kwargs-unknown": (["--loss", "pml:MultiSimilarityLoss", "--miner", "pml:MultiSimilarityMiner",
+                              "--miner-kwargs", '{"no_such": 1}'], "--miner-kwargs"),
 }
 
 
 @pytest.mark.parametrize("case", sorted(BAD_TRAIN))
 def test_daal_train_refuses_up_front(case, tmp_path, error_line):
-    if case in ("kwargs-unknown", "pml-missing"):
+    if case in ("kwargs-unknown", "pml-missing", "miner-kwargs-unknown"):
         pytest.importorskip("pytorch_metric_learning")
     flags, words = BAD_TRAIN[case]
     out = tmp_path / "out"
@@ -68,15 +70,21 @@ def test_vgg19_weights_with_vgg19_bn_is_one_error_line(tmp_path, error_line):
     assert not out.exists()
 
 
-def test_daal_eval_refuses_up_front(tmp_path, error_line):
+def _checkpoint(tmp_path, **settings):
+    """A checkpoint of an untrained network of ``TrainConfig(embedding_dim=8, **settings)``."""
     from daal_triton.train.checkpoint import save_checkpoint
     from daal_triton.train.config import TrainConfig
     from daal_triton.train.engine import build_criterion, build_model
 
-    cfg = TrainConfig(embedding_dim=8)
+    cfg = TrainConfig(embedding_dim=8, **settings)
     path = str(tmp_path / "checkpoint_best.pt")
     save_checkpoint(path, model=build_model(cfg), criterion=build_criterion("daal", 12, 8, backend="reference"),
                     cfg=cfg, epoch=1, metrics=[])
+    return path
+
+
+def test_daal_eval_refuses_up_front(tmp_path, error_line):
+    path = _checkpoint(tmp_path)
     ev = str(tmp_path / "ev")
     cases = [([str(tmp_path / "missing.pt")], "no such file"), ([path, "--device", "tpu"], "--device")]
     if not torch.cuda.is_available():
@@ -85,6 +93,51 @@ def test_daal_eval_refuses_up_front(tmp_path, error_line):
         assert cli.eval_main(argv + ["--out", ev]) == 2, argv
         assert words in error_line("daal-eval"), argv
     assert not os.path.exists(ev)
+
+
+EVAL_NUMBERS = {
+    "image-size": (["--image-size", "16"], "--image-size"),
+    "batch-0": (["--eval-batch-size", "0"], "--eval-batch-size"),
+    "batch-negative": (["--eval-batch-size", "-5"], "--eval-batch-size"),
+    "workers": (["--num-workers", "-1"], "--num-workers"),
+    "data-seed": (["--data-seed", "-1"], "--data-seed"),
+    "tsne-points": (["--tsne-max-points", "1"], "--tsne-max-points"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(EVAL_NUMBERS))
+def test_daal_eval_checks_numbers_as_daal_train_does(case, tmp_path, error_line):
+    path = _checkpoint(tmp_path, shapes_train_per_class=4, shapes_test_per_class=4, width=0.125)
+    flags, words = EVAL_NUMBERS[case]
+    ev = tmp_path / "ev"
+    assert cli.eval_main([path, "--out", str(ev), "--no-progress"] + flags) == 2
+    line = error_line("daal-eval")
+    assert words in line
+    assert cli.main(TINY + flags + ["--out", str(ev)]) == 2  # the same words as daal-train's
+    assert error_line("daal-train").split("error: ", 1)[1] == line.split("error: ", 1)[1]
+    assert not ev.exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusals need a machine without CUDA")
+def test_a_checkpoint_setting_that_cannot_run_here_says_where_it_comes_from(tmp_path, error_line):
+    for settings, flag in (({"device": "cuda"}, "--device"), ({"knn_backend": "triton", "device": "cpu"},
+                                                                "--knn-backend")):
+        path = _checkpoint(tmp_path, **settings)
+        assert cli.eval_main([path, "--out", str(tmp_path / "ev")]) == 2
+        line = error_line("daal-eval")
+        assert f"is the setting of the checkpoint {path}" in line and f"give {flag} to override it" in line
+    assert cli.eval_main([path, "--out", str(tmp_path / "ev"), "--knn-backend", "triton"]) == 2
+    assert "the checkpoint" not in error_line("daal-eval")  # given here: nothing to explain
+
+
+def test_help_texts_name_the_right_settings():
+    for parser in (cli.build_parser(), cli.build_eval_parser()):
+        (dataset,) = [a for a in parser._actions if a.dest == "dataset"]
+        assert "generated from --data-seed" in dataset.help and "--seed" not in dataset.help.replace("--data-seed", "")
+    actions = {a.option_strings[0]: a for a in cli.build_eval_parser()._actions if a.option_strings}
+    for flag in ("--threads", "--no-amp"):  # not stored in a checkpoint / a switch
+        assert "the checkpoint's" not in actions[flag].help, flag
+    assert "the checkpoint's" in actions["--amp"].help and "the checkpoint's" in actions["--device"].help
 
 
 def test_help_says_what_the_defaults_are():

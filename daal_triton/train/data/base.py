@@ -19,7 +19,15 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".t
 
 
 class DatasetLayoutError(FileNotFoundError):
-    """The files of a dataset are missing or not laid out as expected (the message says how)."""
+    """The files of a dataset are missing, damaged or not laid out as expected (the message says how)."""
+
+
+def parse_int(text: str, path: str, line: int, dataset: str) -> int:
+    """``int(text)``, read from line ``line`` of ``path``, or a :class:`DatasetLayoutError` naming both."""
+    try:
+        return int(text)
+    except ValueError:
+        raise DatasetLayoutError(f"{dataset}: {path}, line {line}: expected an integer, got {text!r}") from None
 
 
 def contiguous(labels: Sequence[int]) -> tuple:
@@ -79,8 +87,12 @@ class ImageFileDataset(MetricDataset):
     def __getitem__(self, index: int):
         from PIL import Image
 
-        with Image.open(self.paths[index]) as im:
-            img = im.convert("RGB")
+        try:
+            with Image.open(self.paths[index]) as im:
+                img = im.convert("RGB")
+        except (OSError, ValueError, SyntaxError) as e:  # PIL: UnidentifiedImageError (an OSError), truncation, ...
+            raise DatasetLayoutError(f"cannot read the image {self.paths[index]} ({type(e).__name__}: "
+                                     f"{str(e).strip() or 'no detail'}): replace or remove the file") from None
         if self.transform is not None:
             img = self.transform(img)
         return img, int(self.labels[index])

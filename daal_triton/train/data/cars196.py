@@ -26,13 +26,31 @@ def _loadmat(path: str):
         import scipy.io as sio
     except ImportError as e:  # pragma: no cover - scipy comes with scikit-learn
         raise ImportError("cars196 needs scipy to read .mat files: pip install scipy") from e
-    return sio.loadmat(path, squeeze_me=True)
+    try:
+        return sio.loadmat(path, squeeze_me=True)
+    except Exception as e:  # scipy: ValueError (not a .mat file), TypeError, OSError, ... on a damaged file
+        raise DatasetLayoutError(f"cars196: cannot read {path} as a MATLAB .mat file ({type(e).__name__}: "
+                                 f"{str(e).strip() or 'no detail'})") from None
 
 
-def _class_names(meta_path: str) -> List[str]:
-    if os.path.exists(meta_path):
-        return [str(n) for n in list(_loadmat(meta_path)["class_names"])]
-    return []
+def _annotations(mat, path: str, fields: Tuple[str, ...]) -> List[Tuple]:
+    """The ``fields`` of every entry of the ``annotations`` struct of ``mat`` (read from ``path``)."""
+    try:
+        return [tuple(_field(a, name) for name in fields) for a in list(mat["annotations"])]
+    except (KeyError, ValueError, IndexError, TypeError) as e:
+        raise DatasetLayoutError(f"cars196: {path} holds no 'annotations' struct with the fields "
+                                 f"{', '.join(fields)} ({type(e).__name__}: {e})") from None
+
+
+def _class_names(mat) -> List[str]:
+    return [str(n) for n in list(mat.get("class_names", []))]
+
+
+def _class_id(value, path: str) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise DatasetLayoutError(f"cars196: {path}: a class that is not an integer: {value!r}") from None
 
 
 def _field(annotation, name):
@@ -46,21 +64,21 @@ def load_cars196(data_root: str, image_size: int = 224) -> Tuple[ImageFileDatase
     root = find_root(data_root, ("cars196", "CARS196", "stanford_cars"), "cars_annos.mat")
     tv_root = find_root(data_root, ("stanford_cars",), os.path.join("devkit", "cars_train_annos.mat"))
     if root is not None:
-        mat = _loadmat(os.path.join(root, "cars_annos.mat"))
-        for a in list(mat["annotations"]):
-            rel = str(_field(a, "relative_im_path"))
-            samples.append((os.path.join(root, rel), int(_field(a, "class"))))
-        if "class_names" in mat:
-            names = [str(n) for n in list(mat["class_names"])]
+        path = os.path.join(root, "cars_annos.mat")
+        mat = _loadmat(path)
+        for rel, c in _annotations(mat, path, ("relative_im_path", "class")):
+            samples.append((os.path.join(root, str(rel)), _class_id(c, path)))
+        names = _class_names(mat)
     elif tv_root is not None:
         parts = [(os.path.join(tv_root, "devkit", "cars_train_annos.mat"), "cars_train"),
                  (os.path.join(tv_root, "cars_test_annos_withlabels.mat"), "cars_test")]
         for mat_path, folder in parts:
             if not os.path.exists(mat_path):
                 raise DatasetLayoutError(f"cars196: missing {mat_path}.\nExpected layout:\n{LAYOUT}")
-            for a in list(_loadmat(mat_path)["annotations"]):
-                samples.append((os.path.join(tv_root, folder, str(_field(a, "fname"))), int(_field(a, "class"))))
-        names = _class_names(os.path.join(tv_root, "devkit", "cars_meta.mat"))
+            for fname, c in _annotations(_loadmat(mat_path), mat_path, ("fname", "class")):
+                samples.append((os.path.join(tv_root, folder, str(fname)), _class_id(c, mat_path)))
+        meta = os.path.join(tv_root, "devkit", "cars_meta.mat")
+        names = _class_names(_loadmat(meta)) if os.path.exists(meta) else []
     else:
         raise DatasetLayoutError(f"cars196: neither cars_annos.mat nor stanford_cars/devkit/cars_train_annos.mat "
                                  f"under {os.path.abspath(data_root)!r}.\nExpected layout:\n{LAYOUT}\n"

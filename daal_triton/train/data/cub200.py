@@ -4,7 +4,8 @@ from __future__ import annotations
 import os
 from typing import Tuple
 
-from .base import DatasetLayoutError, ImageFileDataset, contiguous, image_transforms, locate_root, require_files
+from .base import (DatasetLayoutError, ImageFileDataset, contiguous, image_transforms, locate_root, parse_int,
+                   require_files)
 
 LAYOUT = """  <data-root>/CUB_200_2011/        (or <data-root> itself)
       images.txt                   "<image_id> <relative path>" per line
@@ -17,11 +18,13 @@ def load_cub200(data_root: str, image_size: int = 224) -> Tuple[ImageFileDataset
     """Train on classes 1-100, test on 101-200 (every image of a class goes to its split)."""
     root = locate_root(data_root, "cub200", "CUB_200_2011", "images.txt", LAYOUT)
     require_files(root, ["images.txt", "image_class_labels.txt", "images"], "cub200", LAYOUT)
-    paths = dict(_read_pairs(os.path.join(root, "images.txt")))
-    labels = {k: int(v) for k, v in _read_pairs(os.path.join(root, "image_class_labels.txt"))}
+    paths = {k: v for k, v, _ in _read_pairs(os.path.join(root, "images.txt"))}
+    labels_path = os.path.join(root, "image_class_labels.txt")
+    labels = {k: parse_int(v, labels_path, i, "cub200") for k, v, i in _read_pairs(labels_path)}
     names = {}
-    if os.path.exists(os.path.join(root, "classes.txt")):
-        names = {int(k): v for k, v in _read_pairs(os.path.join(root, "classes.txt"))}
+    classes_path = os.path.join(root, "classes.txt")
+    if os.path.exists(classes_path):
+        names = {parse_int(k, classes_path, i, "cub200"): v for k, v, i in _read_pairs(classes_path)}
     split = {"train": [], "test": []}
     for image_id in sorted(paths, key=lambda s: (len(s), s)):
         if image_id not in labels:
@@ -37,8 +40,12 @@ def load_cub200(data_root: str, image_size: int = 224) -> Tuple[ImageFileDataset
 
 
 def _read_pairs(path: str):
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            parts = line.strip().split(maxsplit=1)
-            if len(parts) == 2:
-                yield parts[0], parts[1]
+    """``(first, rest, line number)`` of every line of ``path`` with two fields."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            for i, line in enumerate(f, 1):
+                parts = line.strip().split(maxsplit=1)
+                if len(parts) == 2:
+                    yield parts[0], parts[1], i
+    except (OSError, UnicodeDecodeError) as e:
+        raise DatasetLayoutError(f"cub200: cannot read {path} as UTF-8 text ({e})") from None

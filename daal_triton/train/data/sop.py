@@ -4,7 +4,8 @@ from __future__ import annotations
 import os
 from typing import Tuple
 
-from .base import DatasetLayoutError, ImageFileDataset, contiguous, image_transforms, locate_root, require_files
+from .base import (DatasetLayoutError, ImageFileDataset, contiguous, image_transforms, locate_root, parse_int,
+                   require_files)
 
 LAYOUT = """  <data-root>/Stanford_Online_Products/   (or <data-root> itself)
       Ebay_train.txt   header "image_id class_id super_class_id path", then one line per image
@@ -13,15 +14,18 @@ LAYOUT = """  <data-root>/Stanford_Online_Products/   (or <data-root> itself)
 
 
 def _read_list(path: str):
-    with open(path, encoding="utf-8") as f:
-        header = f.readline().split()
-        if header[:2] != ["image_id", "class_id"]:
-            raise DatasetLayoutError(f"sop: {path} should start with the header "
-                                     f"'image_id class_id super_class_id path', got {' '.join(header)!r}")
-        for line in f:
-            parts = line.split()
-            if len(parts) >= 4:
-                yield int(parts[1]), parts[3]
+    try:
+        with open(path, encoding="utf-8") as f:
+            header = f.readline().split()
+            if header[:2] != ["image_id", "class_id"]:
+                raise DatasetLayoutError(f"sop: {path} should start with the header "
+                                         f"'image_id class_id super_class_id path', got {' '.join(header)!r}")
+            for i, line in enumerate(f, 2):
+                parts = line.split()
+                if len(parts) >= 4:
+                    yield parse_int(parts[1], path, i, "sop"), parts[3]
+    except UnicodeDecodeError as e:
+        raise DatasetLayoutError(f"sop: cannot read {path} as UTF-8 text ({e})") from None
 
 
 def load_sop(data_root: str, image_size: int = 224) -> Tuple[ImageFileDataset, ImageFileDataset]:
