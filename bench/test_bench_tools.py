@@ -178,6 +178,41 @@ def test_gpu_code_path_on_cpu(tmp_path, op, provider, pass_):
     assert kinds.count("case") == 1 and "matmul" in kinds
 
 
+@pytest.mark.parametrize("op", ["pairwise", "knn", "line_margin", "loss"])
+def test_providers_compute_what_eager_computes(op):
+    """A benchmark times what it says: on the smoke cases' inputs (the same for every provider,
+    ``build_problem`` seeds them), every provider that runs here gives the eager reference's
+    output and gradients to float32 accuracy (the timed runs only check for NaN; a ratio against
+    a wrong kernel would mean nothing)."""
+    device = torch.device("cpu")
+
+    def result(case):
+        pb = problems.build_problem(case, device)
+        out = pb.forward()
+        if pb.no_grad or not pb.leaves:
+            return [out.detach()]
+        out.backward() if pb.grad_out is None else out.backward(pb.grad_out)
+        return [out.detach()] + [leaf.grad for leaf in pb.leaves]
+
+    cases = [c for c in bc.cases_for(op, "smoke") if c.pass_ == bc.passes_for(op, c.dims)[0]]
+    want = result(next(c for c in cases if c.provider == "eager"))
+    compared = []
+    for case in cases:
+        if case.provider == "eager" or case.static_skip:
+            continue
+        try:
+            got = result(case)
+        except problems.ProviderMissing:  # a CUDA-only provider (CUDA graphs)
+            continue
+        for i, (a, b) in enumerate(zip(got, want)):
+            assert a.shape == b.shape, (case.provider, i)
+            err = ((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-30)).item()
+            assert err <= 1e-5, f"{op} {case.provider}: output {i} off by {err:.2e} against eager"
+        compared.append(case.provider)
+    assert "triton" in compared and len(want) > 1, compared
+    print(op, "compared with eager:", compared)
+
+
 def test_skips_are_recorded(tmp_path, monkeypatch):
     st = _State(tmp_path, deadline=0.0)  # the time budget is spent
     with pytest.raises(pytest.skip.Exception):
