@@ -621,8 +621,8 @@ the loss's host time besides the kernels on a CPU; `work_model.py` models the fl
 (printed beside a run's measured times; `python bench/work_model.py B,C,D` prints it alone);
 `knn_merge_model.py` counts the kNN forward's merge rounds and block-wide reductions per tile
 for both merges (a CPU replay of the selection, counts not times). Each run's report sets every
-internal switch kept until a GPU run decides (`cases.SWITCHES`: the kNN's merge, splits and loads, the
-line margin's own-class rows, the loss's glue) beside its alternative, case by case, with what
+internal switch kept until a GPU run decides (`cases.SWITCHES`: the kNN's merge, splits, loads and wide
+tiles, the line margin's own-class rows, the loss's glue, the merged launches) beside its alternative, case by case, with what
 the numbers say.
 
 Each case is (shape, precision, provider, pass):
@@ -652,7 +652,9 @@ Each case is (shape, precision, provider, pass):
 - passes: `fwd` (forward with autograd recording, as in training; kNN retrieval evaluation under
   `no_grad`), `bwd` (backward alone; the forward of each round is built outside the timed
   region), `fwdbwd`;
-- precisions: bf16 inputs (fp32 accumulation) and fp32 with TF32 matmuls, for the operators; the
+- precisions: bf16 inputs (fp32 accumulation) and fp32, for the operators (TF32 matmuls for the
+  references and the baselines and the pairwise/kNN kernels; the line margin's fp32 kernels keep
+  float32 accuracy with 3×TF32 dots whatever the setting); the
   whole loss computes in float32 whatever its inputs (docs/method.md, step 1), so it runs in fp32 only. The
   references keep their own arithmetic (the pairwise/kNN reference upcasts to float32);
 - shapes: DML batch (B=180, C=100, D=512), large batch (B=4096, C=1000), many classes

@@ -62,8 +62,9 @@ def sync(device: torch.device) -> None:
 
 
 class TF32:
-    """TF32 for float32 matmuls inside a benchmark (the Triton kernels use TF32 dots for
-    float32 on a GPU; the eager and compiled references and the matmul baseline get the same),
+    """TF32 for float32 matmuls inside a benchmark (the pairwise and kNN kernels then use TF32
+    dots for float32 on a GPU; the line margin's keep 3xTF32; the eager and compiled references
+    and the matmul baseline get TF32),
     restored afterwards so the parity tests of tests/ are unaffected."""
 
     def __init__(self, device: torch.device):

@@ -1,6 +1,7 @@
 """daal-triton: the DAAL deep-metric-learning loss, fast on GPUs through Triton.
 
-Public API: :class:`DAALLoss`, :func:`daal_loss`, :func:`knn`, :func:`pairwise_distance`.
+Public API: :class:`DAALLoss`, :func:`daal_loss`, :func:`knn`, :func:`pairwise_distance`,
+:class:`MemoryBank`, :class:`Hyperparameters`, :class:`DAALParts`, :func:`init_segments`.
 The plain-PyTorch oracle is :mod:`daal_triton.reference`; the kernels are :mod:`daal_triton.kernels`.
 """
 from .functional import daal_loss, knn, pairwise_distance

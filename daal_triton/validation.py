@@ -3,7 +3,7 @@
 Shape, dtype and device checks read no data and always run. The value checks (NaN/inf, label
 range) read the data, which on a GPU synchronises the host with it on every call: they always run
 on CPU tensors and, on other devices, only when asked (``check_values=True`` or the environment
-variable ``DAAL_CHECK_VALUES=1``; docs/method.md, "Numerics"). They are skipped while
+variable ``DAAL_CHECK_VALUES=1``; docs/method.md, "Bad input"). They are skipped while
 ``torch.compile`` traces (a data-dependent branch would break the graph). Without them an
 out-of-range label cannot reach memory it should not: the loss clamps it and returns NaN for that
 sample (``daal_triton.core.compose``).

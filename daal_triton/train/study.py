@@ -568,7 +568,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _Parser(
         prog="daal-study", description="Run daal-train over configurations x seeds (resumable) and report mean ± std, "
-                                       "95%% confidence intervals and plots.",
+                                       "95% confidence intervals and plots.",
         epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--file", help="study description (JSON; see the example below)")
     p.add_argument("--config", action="append", default=[], metavar="NAME=ARGS",
