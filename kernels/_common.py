@@ -44,6 +44,11 @@ POINTER = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf1
 FAMILY_DTYPES = {"fp32": (torch.float32,), "half": (torch.float16, torch.bfloat16)}
 
 
+#: CUDA's limit on a launch grid's second and third dimensions (gridDim.y, gridDim.z; the first
+#: goes to 2^31 - 1): a count that can grow with the data goes on the first axis, or is capped.
+MAX_GRID_YZ = 65535
+
+
 def cdiv(a: int, b: int) -> int:
     """``ceil(a / b)`` for host code (``triton.cdiv`` is a ``constexpr_function`` in Triton 3.8,
     ~10x the cost of this on every launch)."""

@@ -90,6 +90,7 @@ from ._common import (
     KernelConfig,
     KernelSpec,
     Launch,
+    MAX_GRID_YZ,
     compute_dtype,
     config_family,
     direct,
@@ -880,12 +881,14 @@ def wave_split(row_tiles: int, class_tiles: int, sms: int, max_splits: int = MAX
 def chunk_classes(B: int, C: int, block_b: int, block_c: int, sms: int,
                   elements: Optional[int] = None) -> int:
     """Cc, the classes per chunk of the backward: a multiple of ``block_c`` with
-    ``B Cc <= elements`` (``CHUNK_ELEMENTS``; at least one class tile), preferring, among the
+    ``B Cc <= elements`` (``CHUNK_ELEMENTS``; at least one class tile) and at most ``MAX_GRID_YZ``
+    class tiles (the grid's second axis), preferring, among the
     widths down to 3/4 of the largest, one whose grid (row tiles x Cc / block_c) is whole waves
     (narrower chunks would mean more launches: at C = 1M they cost more than a partial wave)."""
     elements = CHUNK_ELEMENTS if elements is None else elements
     most = max(1, elements // max(1, B * block_c))
-    most = min(most, cdiv(C, block_c))
+    # a chunk's class tiles are the backward grid's second axis (at B = 1, C = 3M: 93,720 tiles)
+    most = min(most, cdiv(C, block_c), MAX_GRID_YZ)
     rt = cdiv(B, block_b)
     if sms > 1:
         for ct in range(most, max(1, (3 * most) // 4) - 1, -1):

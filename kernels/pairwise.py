@@ -142,8 +142,10 @@ def _pairwise_h_kernel(
         thr: the clamped distance (``sqrt_rn(eps)``).
         BLOCK_M, BLOCK_N: tile. ROUND_TF32: round H to TF32 (the values a single-pass TF32 dot sees).
     """
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    # one grid axis (tiles of M x N: either count can pass CUDA's 65535 of a second axis)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    pid_m = tl.program_id(0) // tiles_n
+    pid_n = tl.program_id(0) % tiles_n
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < M
@@ -322,7 +324,7 @@ def _form_h(g: torch.Tensor, dist: torch.Tensor, dtype: torch.dtype, round_tf32:
     tm, tn = cdiv(M, bm), cdiv(N, bn)
     hrow = torch.empty(tn, M, dtype=torch.float32, device=dist.device)
     hcol = torch.empty(tm, N, dtype=torch.float32, device=dist.device)
-    _pairwise_h_kernel[(tm, tn)](
+    _pairwise_h_kernel[(tm * tn,)](
         g, dist, h, hrow, hcol, M, N, g.stride(0), g.stride(1), dist.stride(0), dist.stride(1),
         h.stride(0), hrow.stride(0), hcol.stride(0), CLAMPED_DIST, ROUND_TF32=round_tf32,
         **cfg.launch())
