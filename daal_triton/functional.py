@@ -84,9 +84,10 @@ def daal_loss(
     rows (e.g. ``torch.cat([embeddings, bank])``): then row ``i`` is not its own neighbour.
 
     ``check_values``: the value checks (NaN/inf in the tensors, labels in ``[0, C)``) run on CPU
-    tensors (not while ``torch.compile`` traces). On a GPU they would synchronise the host with it on every call, so they run
-    only when ``check_values=True`` or ``DAAL_CHECK_VALUES=1``; without them a label outside
-    ``[0, C)`` gives that sample a NaN loss, never an out-of-bounds access.
+    tensors (not while ``torch.compile`` traces). On a GPU they would synchronise the host with it
+    on every call, so they run only when ``check_values=True`` or ``DAAL_CHECK_VALUES=1``; without
+    them a label outside ``[0, C)`` gives that sample a NaN loss, never an out-of-bounds access,
+    and NaN/inf in the tensors makes the loss NaN.
     """
     hp = Hyperparameters(k=k, m0=m0, m_min=m_min, m_max=m_max, gamma=gamma, alpha=alpha, tau=tau,
                          lambda_pull=lambda_pull, lambda_dens=lambda_dens, lambda_len=lambda_len,

@@ -459,7 +459,8 @@ def _store_sorted(exact, rows64, rmask, dist_ptr, index_ptr, K, stride_dist_m, s
         prev = best
         found = best != _NO_KEY
         e = (best >> 32).to(tl.int32).to(tl.float32, bitcast=True)
-        dist = tl.where(found, tl.sqrt_rn(tl.maximum(tl.where(found, e, 1.0), TL_EPS, propagate_nan=tl.PropagateNan.ALL)), float("inf"))
+        floor = tl.maximum(tl.where(found, e, 1.0), TL_EPS, propagate_nan=tl.PropagateNan.ALL)
+        dist = tl.where(found, tl.sqrt_rn(floor), float("inf"))
         index = tl.where(found, best.to(tl.int32).to(tl.int64), -1)
         tl.store(dist_ptr + rows64 * stride_dist_m + t, dist, mask=rmask)
         tl.store(index_ptr + rows64 * stride_index_m + t, index, mask=rmask)
