@@ -188,3 +188,26 @@ def test_parity_on_gpu(dtype):
     tol = tolerance(dtype, tf32=True)
     for name, a, b in zip(("loss", "d/dembeddings", "d/dsegments"), out, ref):
         assert_close(a, b, tol, name)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_miner_weights_parity(reduction):
+    """A miner's tuple (per-sample weights on the line, pull and density terms) on the Triton
+    backend against the float64 reference: values and gradients, weights far from uniform."""
+    z, y, seg = random_problem(37, 5, 24, classes_present=range(5), device=DEV)
+    g = torch.Generator().manual_seed(3)
+    anchors = torch.randint(0, 30, (60,), generator=g).to(DEV)  # rows 30-36 in no pair: weight 0
+    tup = (anchors, torch.randint(0, 30, (60,), generator=g).to(DEV), anchors[:20],
+           torch.randint(0, 30, (20,), generator=g).to(DEV))
+    results = []
+    for backend, dtype in (("triton", torch.float32), ("reference", torch.float64)):
+        loss = dt.DAALLoss(5, 24, backend=backend, reduction=reduction, lambda_pull=0.2, tau=1.5).to(DEV, dtype)
+        with torch.no_grad():
+            loss.segments.copy_(seg)
+        zz = z.to(dtype).requires_grad_(True)
+        out = loss(zz, y, tup)
+        results.append((out, *torch.autograd.grad(out.sum(), (zz, loss.segments))))
+    weights = dt.loss.miner_weights(tup, 37, device=DEV)
+    assert (weights == 0).any() and weights.min() < weights.max() < 1.01, "the weights are uneven"
+    for name, a, b in zip(("loss", "d/dembeddings", "d/dsegments"), *results):
+        assert_close(a, b, tolerance(torch.float32, tf32=TF32), f"miner weights: {name}")
