@@ -211,3 +211,21 @@ def test_miner_weights_parity(reduction):
     assert (weights == 0).any() and weights.min() < weights.max() < 1.01, "the weights are uneven"
     for name, a, b in zip(("loss", "d/dembeddings", "d/dsegments"), *results):
         assert_close(a, b, tolerance(torch.float32, tf32=TF32), f"miner weights: {name}")
+
+
+def test_parts_match_the_reference():
+    """``return_parts=True`` on the Triton backend: every part (the line/pull split, the density
+    and length terms, per-sample values, radii, validity, margins, neighbours) against the
+    float64 reference, with every term switched on and a class of one sample (invalid)."""
+    z, y, seg = random_problem(41, 7, 19, classes_present=range(7), device=DEV)
+    y[y == 5] = 4
+    y[1] = 5  # class 5 a singleton: sample 1 has no neighbour (invalid)
+    fast = dt.daal_loss(z.float(), y, seg.float(), backend="triton", return_parts=True, **ALL_TERMS)
+    ref = dt.daal_loss(z, y, seg, backend="reference", return_parts=True, **ALL_TERMS)
+    tol = tolerance(torch.float32, tf32=TF32)
+    assert not ref.valid[1] and torch.equal(fast.valid, ref.valid)
+    for name in ("loss", "line", "pull", "density", "length", "per_sample", "margin"):
+        assert_close(getattr(fast, name), getattr(ref, name), tol, name)
+    assert_close(fast.radius[ref.valid], ref.radius[ref.valid], tol, "radius")
+    assert torch.isinf(fast.radius[~ref.valid]).all() and torch.isinf(ref.radius[~ref.valid]).all()
+    assert torch.equal(fast.neighbors, ref.neighbors)
