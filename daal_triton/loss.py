@@ -9,7 +9,7 @@ from torch import nn
 from .backend import BACKENDS
 from .core import Hyperparameters
 from .functional import loss_with
-from .validation import as_float, as_int, value_checks_on
+from .validation import as_float, as_int, check_flag, check_float_matrix, value_checks_on
 
 
 def init_segments(num_classes: int, embedding_dim: int, *, length: float = 0.2,
@@ -102,9 +102,7 @@ class DAALLoss(nn.Module):
                                   lambda_len=lambda_len, l_max=l_max, normalize=normalize,
                                   reduction=reduction)
         self.backend = backend
-        if check_values is not None and not isinstance(check_values, bool):
-            raise ValueError(f"check_values must be None, True or False, got {check_values!r}")
-        self.check_values = check_values
+        self.check_values = check_flag(check_values, "check_values")
         if not isinstance(point_proxies, bool):
             raise ValueError(f"point_proxies must be True or False, got {point_proxies!r}")
         self.point_proxies = point_proxies
@@ -138,10 +136,7 @@ class DAALLoss(nn.Module):
         (see ``daal_triton.daal_loss``)."""
         weights = None
         if indices_tuple is not None:
-            if not isinstance(embeddings, torch.Tensor) or embeddings.ndim != 2:
-                raise ValueError("embeddings must be a 2-D tensor (B x D), got "
-                                 + (f"shape {tuple(embeddings.shape)}" if isinstance(embeddings, torch.Tensor)
-                                    else type(embeddings).__name__))
+            check_float_matrix(embeddings, "embeddings", values=False)  # the weights need its B
             weights = miner_weights(indices_tuple, embeddings.shape[0], device=embeddings.device,
                                     using_ref=ref_emb is not None)
         return loss_with(embeddings, labels, self.endpoints(), self.hp, ref_embeddings=ref_emb,

@@ -17,7 +17,7 @@ from typing import Tuple, Union
 
 import torch
 
-from .validation import as_int
+from .validation import as_int, check_float_matrix, check_labels
 
 
 class MemoryBank:
@@ -38,17 +38,10 @@ class MemoryBank:
     @torch.no_grad()
     def enqueue(self, embeddings: torch.Tensor, labels: torch.Tensor) -> None:
         """Append detached rows, overwriting the oldest once full (the newest ``size`` stay)."""
-        for name, t in (("embeddings", embeddings), ("labels", labels)):
-            if not isinstance(t, torch.Tensor):
-                raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if embeddings.ndim != 2 or embeddings.shape[1] != self.dim:
+        check_float_matrix(embeddings, "embeddings", values=False)
+        if embeddings.shape[1] != self.dim:
             raise ValueError(f"embeddings must have shape (n, {self.dim}), got {tuple(embeddings.shape)}")
-        if not embeddings.dtype.is_floating_point:
-            raise ValueError(f"embeddings must be a floating-point tensor, got {embeddings.dtype}")
-        if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
-            raise ValueError(f"labels must be an integer tensor, got {labels.dtype}")
-        if labels.shape != (embeddings.shape[0],):
-            raise ValueError(f"labels must have shape ({embeddings.shape[0]},), got {tuple(labels.shape)}")
+        check_labels(labels, "labels", embeddings.shape[0], None, values=False)
         emb = embeddings.detach()[-self.size:].to(self.embeddings)
         lab = labels.detach()[-self.size:].to(self.labels)
         n = emb.shape[0]

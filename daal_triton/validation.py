@@ -23,8 +23,7 @@ CHECK_VALUES_ENV = "DAAL_CHECK_VALUES"
 def value_checks_on(device: torch.device, check_values: Optional[bool] = None) -> bool:
     """Whether the value checks run for tensors on ``device``: always on the CPU; elsewhere
     ``check_values``, or when it is None the environment variable ``DAAL_CHECK_VALUES``."""
-    if check_values is not None and not isinstance(check_values, bool):
-        raise ValueError(f"check_values must be None, True or False, got {check_values!r}")
+    check_flag(check_values, "check_values")
     if _is_tracing():
         return False
     if device.type == "cpu":
@@ -80,6 +79,13 @@ def check_same_device(**tensors: Optional[torch.Tensor]) -> None:
     if len(set(devices.values())) > 1:
         desc = ", ".join(f"{k} on {d}" for k, d in devices.items())
         raise ValueError(f"all tensors must be on one device: {desc}")
+
+
+def check_flag(value: Optional[bool], name: str) -> Optional[bool]:
+    """``value`` when it is None, True or False (a string such as "false" would read as true)."""
+    if value is not None and not isinstance(value, bool):
+        raise ValueError(f"{name} must be None, True or False, got {value!r}")
+    return value
 
 
 def as_int(value, name: str, minimum: int = 1) -> int:

@@ -136,5 +136,5 @@ def test_tuples_mined_against_a_reference_set_count_their_anchors(miner):
 def test_a_tuple_with_bad_embeddings_is_a_value_error():
     loss = daal_triton.DAALLoss(6, 16, backend="reference")
     z, y = batch()
-    with pytest.raises(ValueError, match="embeddings must be a 2-D tensor"):
+    with pytest.raises(ValueError, match="embeddings must be a torch.Tensor"):
         loss(z.tolist(), y, (torch.tensor([0]), torch.tensor([1])))
