@@ -7,7 +7,9 @@ large test set never holds an N x N matrix; with the fused kernel (CUDA) each ch
 The definitions follow pytorch-metric-learning's ``AccuracyCalculator`` (a test checks the numbers
 against it): Recall@K = 1 if any of the K nearest other images shares the query's class; with
 ``R`` = number of other images of the query's class, R-precision = (same-class among the R nearest) / R
-and MAP@R = (1/R) sum_{i<=R} P@i * rel(i); every metric is averaged over queries.
+and MAP@R = (1/R) sum_{i<=R} P@i * rel(i); every metric is averaged over the queries with R > 0
+(a query whose class has no other image can retrieve nothing right: AccuracyCalculator's
+"lone query" rule), NaN when there is none.
 """
 from __future__ import annotations
 
@@ -59,18 +61,17 @@ def retrieval_metrics(emb: torch.Tensor, labels: torch.Tensor, *, ks: Sequence[i
     idx = neighbours(emb, k, backend=backend)
     found = idx >= 0
     same = (labels[idx.clamp_min(0)] == labels[:, None]) & found
-    out: Dict[str, float] = {}
-    for kk in ks:
-        out[f"recall@{kk}"] = same[:, :kk].any(1).double().mean().item()
+    has = r > 0  # lone queries (no other image of their class) count in no metric
+
+    def over_queries(per_query: torch.Tensor) -> float:
+        return per_query[has].double().mean().item() if bool(has.any()) else float("nan")
+
+    out: Dict[str, float] = {f"recall@{kk}": over_queries(same[:, :kk].any(1)) for kk in ks}
     cols = torch.arange(1, idx.shape[1] + 1, device=idx.device)[None, :]
-    within_r = cols <= r[:, None]
-    rel = same & within_r
-    has = r > 0
+    rel = same & (cols <= r[:, None])
     prec_at_i = rel.cumsum(1).double() / cols
-    ap = (prec_at_i * rel).sum(1) / r.clamp_min(1)
-    rp = rel.sum(1).double() / r.clamp_min(1)
-    out["map@r"] = ap[has].mean().item() if bool(has.any()) else float("nan")
-    out["r_precision"] = rp[has].mean().item() if bool(has.any()) else float("nan")
+    out["map@r"] = over_queries((prec_at_i * rel).sum(1) / r.clamp_min(1))
+    out["r_precision"] = over_queries(rel.sum(1).double() / r.clamp_min(1))
     return out
 
 

@@ -256,12 +256,14 @@ def _fmt(x: float, digits: int = 3) -> str:
     return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
 
 
-def _pm(s: Dict[str, float], digits: int = 3) -> str:
+def _pm(s: Dict[str, float], digits: int = 3, row_n: Optional[int] = None) -> str:
+    """mean ± std; "(n=K)" where K, the runs that gave this metric a value, is 1 or not the row's n."""
     if s["n"] == 0:
         return "—"
     if s["n"] == 1:
         return f"{_fmt(s['mean'], digits)} (n=1)"
-    return f"{_fmt(s['mean'], digits)} ± {_fmt(s['std'], digits)}"
+    own_n = f" (n={s['n']})" if row_n is not None and s["n"] != row_n else ""
+    return f"{_fmt(s['mean'], digits)} ± {_fmt(s['std'], digits)}{own_n}"
 
 
 def _ci(s: Dict[str, float], digits: int = 3) -> str:
@@ -287,13 +289,15 @@ def markdown_table(records: List[Dict[str, Any]], configs: Sequence[str], *, com
     lines += ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for c in configs:
         n = st[c][main[0]]["n"] if main else 0
-        lines.append("| " + " | ".join([c, str(n)] + [_pm(st[c][k]) for k in main] + [_ci(st[c][k]) for k in main])
-                     + " |")
+        lines.append("| " + " | ".join([c, str(n)] + [_pm(st[c][k], row_n=n) for k in main]
+                                       + [_ci(st[c][k]) for k in main]) + " |")
     lines += ["", "All metrics (mean ± std):", ""]
     allk = keys + ["train_loss", "wall_s"]
     lines += ["| configuration | " + " | ".join(LABELS[k] for k in allk) + " |", "|" + " --- |" * (len(allk) + 1)]
     for c in configs:
-        lines.append("| " + " | ".join([c] + [_pm(st[c][k], 1 if k == "wall_s" else 3) for k in allk]) + " |")
+        n = st[c][main[0]]["n"] if main else None
+        lines.append("| " + " | ".join([c] + [_pm(st[c][k], 1 if k == "wall_s" else 3, row_n=n) for k in allk])
+                     + " |")
     if len(configs) > 1 and main:
         diff = paired_differences(records, configs, main)
         lines += ["", f"Difference to **{configs[0]}**, paired by seed (mean [95% CI]; an interval that excludes 0 "
@@ -302,7 +306,9 @@ def markdown_table(records: List[Dict[str, Any]], configs: Sequence[str], *, com
                   "|" + " --- |" * (len(main) + 2)]
         for c in configs[1:]:
             d = diff[c]
-            cells = [f"{_fmt(d[k]['mean'], 3)} {_ci(d[k])}" if d[k]["n"] >= 2 else _pm(d[k]) for k in main]
+            own = [f" (n={d[k]['n']})" if d[k]["n"] != d[main[0]]["n"] else "" for k in main]
+            cells = [f"{_fmt(d[k]['mean'], 3)} {_ci(d[k])}{o}" if d[k]["n"] >= 2 else _pm(d[k])
+                     for k, o in zip(main, own)]
             lines.append("| " + " | ".join([c, str(d[main[0]]["n"])] + cells) + " |")
     lines += ["", "Arguments of each configuration (given to `daal-train` with `--seed S --out ...`):", ""]
     for c in configs:

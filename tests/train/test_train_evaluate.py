@@ -36,6 +36,56 @@ def test_retrieval_metrics_by_hand():
     assert m["r_precision"] == pytest.approx(3 / 5)
 
 
+def _brute_force_metrics(emb, labels, ks):
+    """Float64, one query at a time, straight from the definitions (lone queries skipped)."""
+    x = torch.nn.functional.normalize(emb.double(), dim=1)
+    per = {f"recall@{k}": [] for k in ks} | {"map@r": [], "r_precision": []}
+    for q in range(len(x)):
+        others = [i for i in range(len(x)) if i != q]
+        order = sorted(others, key=lambda i: (float((x[i] - x[q]).norm()), i))
+        rel = [int(labels[i] == labels[q]) for i in order]
+        r = sum(rel)
+        if r == 0:
+            continue
+        for k in ks:
+            per[f"recall@{k}"].append(float(any(rel[:k])))
+        per["r_precision"].append(sum(rel[:r]) / r)
+        per["map@r"].append(sum(rel[i] * sum(rel[:i + 1]) / (i + 1) for i in range(r)) / r)
+    return {name: float(np.mean(v)) for name, v in per.items()}
+
+
+@pytest.mark.parametrize("n,c", [(41, 13), (30, 30), (57, 4)])
+def test_retrieval_metrics_match_a_brute_force(n, c):
+    # Small classes (R below 8, so Recall@8 needs more neighbours than R), single-image classes
+    # among them, and (30, 30): every class lone, where every metric is NaN.
+    g = torch.Generator().manual_seed(n)
+    labels = torch.cat([torch.arange(c), torch.randint(0, c // 2 + 1, (n - c,), generator=g)])
+    labels = labels[torch.randperm(n, generator=g)]
+    emb = torch.randn(n, 6, generator=g)
+    ours = E.retrieval_metrics(emb, labels)
+    if n == c:
+        assert all(np.isnan(v) for v in ours.values())
+        return
+    assert int((torch.bincount(labels) == 1).sum()) > 0
+    want = _brute_force_metrics(emb, labels, E.RECALL_KS)
+    assert set(ours) == set(want)
+    for name, value in want.items():
+        assert ours[name] == pytest.approx(value, abs=1e-12), name
+
+
+def test_lone_queries_count_in_no_metric():
+    # Class 2 has one image: it can retrieve nothing right, so (as pytorch-metric-learning's
+    # AccuracyCalculator) it is no query at all; every other query is right.
+    emb = torch.tensor([[1.0, 0.0], [0.99, 0.1], [0.0, 1.0], [0.1, 0.99], [-1.0, 0.0]])
+    labels = torch.tensor([0, 0, 1, 1, 2])
+    m = E.retrieval_metrics(emb, labels)
+    assert m == {"recall@1": 1.0, "recall@2": 1.0, "recall@4": 1.0, "recall@8": 1.0,
+                 "map@r": 1.0, "r_precision": 1.0}
+    theirs = _pml_metrics(emb, labels)
+    assert m["recall@1"] == pytest.approx(theirs["precision_at_1"])
+    assert m["map@r"] == pytest.approx(theirs["mean_average_precision_at_r"])
+
+
 def _pml_metrics(emb, labels, seed=0):
     pytest.importorskip("pytorch_metric_learning")
     from pytorch_metric_learning.distances import LpDistance
@@ -50,8 +100,9 @@ def _pml_metrics(emb, labels, seed=0):
     return calc.get_accuracy(emb, labels)
 
 
-@pytest.mark.parametrize("n,c,d", [(120, 6, 8), (97, 9, 3)])
+@pytest.mark.parametrize("n,c,d", [(120, 6, 8), (97, 9, 3), (60, 40, 4)])
 def test_metrics_match_pytorch_metric_learning(n, c, d):
+    # (60, 40): many classes with a single image, which pml leaves out as "lone" queries.
     g = torch.Generator().manual_seed(n)
     labels = torch.randint(0, c, (n,), generator=g)
     centres = torch.randn(c, d, generator=g)

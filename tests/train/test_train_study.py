@@ -66,6 +66,13 @@ def test_statistics_and_table_on_made_up_runs(tmp_path):
     row = [line for line in md.splitlines() if line.startswith("| B | 3 |")][0]
     assert "0.600 ± 0.100" in row and f"[{0.6 - h:.3f}, {0.6 + h:.3f}]" in row
     assert "| B | 3 | 0.100 [0.100, 0.100]" in md  # paired difference of R@1
+    # A run whose MAP@R is missing (NaN: no query had R > 0) leaves that metric n = 2 beside the row's 3.
+    del recs[3]["metrics"]["map@r"]
+    md = S.markdown_table(recs, ["A", "B"])
+    row = [line for line in md.splitlines() if line.startswith("| B | ")]
+    assert row[0].startswith("| B | 3 | 0.600 ± 0.100 | 0.300 ± 0.000 | 0.200 ± 0.000 (n=2) | 0.300 ± 0.010 |")
+    all_metrics = row[1].split(" | ")
+    assert all_metrics[3] == "0.200 ± 0.000 (n=2)" and all_metrics[1] == "0.600 ± 0.100"
     out = tmp_path / "plots"
     out.mkdir()
     for fn, name in ((S.plot_metrics, "m.png"), (S.plot_tradeoff, "t.png")):
