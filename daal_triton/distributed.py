@@ -34,21 +34,43 @@ def world_size() -> int:
     return dist.get_world_size() if is_distributed() else 1
 
 
-def gather_batch(embeddings: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+def gather_batch(embeddings: torch.Tensor, labels: torch.Tensor, *,
+                 same_size: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
     """All ranks' embeddings (differentiable) and labels, concatenated in rank order.
 
-    Every rank must pass the same number of rows. Without a process group this is the identity.
+    Ranks may pass different numbers of rows (a short last batch), none included: the row counts
+    are gathered first (one integer per rank, and a host synchronisation to read them), every
+    share is padded to the largest for the gather and cut back after it. ``same_size=True``
+    promises that every rank passes as many rows as this one and skips that step (the training
+    program's sampler gives every rank the same share). Without a process group this is the identity.
     """
     if not is_distributed() or world_size() == 1:
         return embeddings, labels
+    if embeddings.shape[:1] != labels.shape[:1]:
+        raise ValueError(f"embeddings has {embeddings.shape[0] if embeddings.dim() else 0} rows but labels "
+                         f"has {labels.shape[0] if labels.dim() else 0}: gather_batch needs one label per row")
     from torch.distributed.nn.functional import all_gather
 
+    n = embeddings.shape[0]
+    sizes = [n] * world_size()
+    if not same_size:
+        count = torch.tensor([n], dtype=torch.int64, device=embeddings.device)
+        counts = [torch.empty_like(count) for _ in sizes]
+        dist.all_gather(counts, count)
+        sizes = torch.cat(counts).tolist()
+    most = max(sizes)
+    if most != n:
+        embeddings = torch.cat([embeddings, embeddings.new_zeros((most - n, *embeddings.shape[1:]))])
+        labels = torch.cat([labels, labels.new_zeros((most - n, *labels.shape[1:]))])
     with warnings.catch_warnings():  # deprecated in favour of a private API; still correct and differentiable
         warnings.simplefilter("ignore", FutureWarning)
-        emb = torch.cat(all_gather(embeddings), 0)
-    labs = [torch.empty_like(labels) for _ in range(world_size())]
+        embs = all_gather(embeddings)
+    labs = [torch.empty_like(labels) for _ in sizes]
     dist.all_gather(labs, labels.contiguous())
-    return emb, torch.cat(labs, 0)
+    if most == min(sizes):
+        return torch.cat(embs, 0), torch.cat(labs, 0)
+    return (torch.cat([e[:k] for e, k in zip(embs, sizes)], 0),
+            torch.cat([y[:k] for y, k in zip(labs, sizes)], 0))
 
 
 @torch.no_grad()

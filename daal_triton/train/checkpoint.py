@@ -37,10 +37,13 @@ class CheckpointError(ValueError):
 def save_checkpoint(path: str, *, model: nn.Module, criterion: nn.Module, cfg: TrainConfig, epoch: int,
                     metrics: List[Dict[str, Any]], optimizer=None, scheduler=None, scaler=None,
                     memory_bank: Optional[MemoryBank] = None, world_size: int = 1,
-                    resumes: Optional[List[Dict[str, Any]]] = None) -> None:
+                    resumes: Optional[List[Dict[str, Any]]] = None,
+                    rank_rng: Optional[List[Dict[str, Any]]] = None) -> None:
     """Write a checkpoint atomically (to ``path.tmp``, then rename). ``model`` is the bare network
     (not its DistributedDataParallel wrapper), so checkpoints of any world size load anywhere.
-    ``resumes``: the run's resumes so far (config.json's ``resumes`` list), kept with its configuration."""
+    ``resumes``: the run's resumes so far (config.json's ``resumes`` list), kept with its configuration.
+    ``rank_rng``: under torchrun, every rank's :func:`rng_state` in rank order (``rng`` is this
+    process's, rank 0's), so each rank resumes its own augmentation draws."""
     state = dict(format=FORMAT, model=model.state_dict(), loss=criterion.state_dict(), config=cfg.to_dict(),
                  epoch=epoch, metrics=metrics, version=daal_triton.__version__, world_size=world_size)
     if resumes:
@@ -54,6 +57,8 @@ def save_checkpoint(path: str, *, model: nn.Module, criterion: nn.Module, cfg: T
     if scaler is not None:
         state["scaler"] = scaler.state_dict()
     state["rng"] = rng_state()
+    if rank_rng is not None:
+        state["rng_ranks"] = rank_rng
     state["sha256"] = digest(state)
     tmp = path + ".tmp"
     torch.save(state, tmp)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Any, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -76,6 +76,14 @@ class DistContext:
             dist.barrier(device_ids=[torch.cuda.current_device()])
         else:
             dist.barrier()
+
+    def all_objects(self, obj: Any) -> List[Any]:
+        """Every rank's ``obj`` (plain, picklable data), in rank order, on every rank: a collective."""
+        if not self.distributed:
+            return [obj]
+        out: List[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
 
     def close(self) -> None:
         if self.owns_group and dist.is_initialized():

@@ -163,7 +163,7 @@ class GlobalBatchLoss:
         self.miner = miner
 
     def __call__(self, criterion: nn.Module, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        emb, labs = gather_batch(embeddings, labels)
+        emb, labs = gather_batch(embeddings, labels, same_size=True)  # PKSampler: equal shares on every rank
         emb = emb.float()
         tuples = self.miner(emb, labs) if self.miner is not None else None
         if self.bank is None:

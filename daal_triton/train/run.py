@@ -29,7 +29,8 @@ from daal_triton.memory import MemoryBank
 
 from . import ddp
 from . import evaluate as E
-from .checkpoint import load_checkpoint, load_weights, require_training_state, restore_rng, save_checkpoint
+from .checkpoint import (load_checkpoint, load_weights, require_training_state, restore_rng, rng_state,
+                         save_checkpoint)
 from .config import (TrainConfig, check_out, checked_device, note_source, resume_config, taken_from_checkpoint,
                      validate_config)
 from .data import DistributedPKSampler, PKSampler, build_datasets
@@ -88,6 +89,7 @@ class RunState:
     emb: Optional[torch.Tensor] = None  # the test embeddings of that evaluation
     metrics_file: Optional[IO[str]] = None
     resumes: List[Record] = field(default_factory=list)  # config.json's "resumes": one entry per --resume
+    rank_rng: Optional[List[Any]] = None  # under torchrun: every rank's generators at the last epoch's end
 
     @property
     def last_epoch(self) -> int:
@@ -280,6 +282,7 @@ def resume_run(state: RunState, ck: Dict[str, Any], path: str) -> None:
     state.epoch = state.start_epoch - 1
     if "rng" in ck and state.main:
         restore_rng(ck["rng"])
+    state.rank_rng = ck.get("rng_ranks")  # the other ranks restore theirs in distribute()
     bank = state.bank
     if bank is not None:
         saved = ck.get("memory_bank")
@@ -304,7 +307,11 @@ def distribute(state: RunState) -> None:
         device_ids = [state.device.index] if state.device.type == "cuda" else None
         state.net = nn.parallel.DistributedDataParallel(state.model, device_ids=device_ids)
         if not ctx.is_main:  # different augmentation draws on every rank (model and segments come from rank 0)
-            seed_everything(cfg.seed + 1000003 * ctx.rank)
+            saved = state.rank_rng if state.start_epoch > 1 else None
+            if saved is not None and len(saved) == ctx.world_size:
+                restore_rng(saved[ctx.rank])  # a resume at the same world size goes on as if never stopped
+            else:  # a fresh run, or a resume at another world size: draws of its own, not epoch 1's again
+                seed_everything(cfg.seed + 1000003 * ctx.rank + 7919 * (state.start_epoch - 1))
     elif cfg.sync_bn:
         state.log("--sync-bn does nothing in a single process")
     if cfg.compile:  # the network only (inside DDP's wrapper); state.model stays the bare one
@@ -416,6 +423,8 @@ def _train_epoch(state: RunState, epoch: int) -> None:
     speed = dict(data_wait_s=round(stats.get("data_wait_s", 0.0), 3),
                  train_images_per_s=round(stats.get("images", 0) / max(train_s, 1e-9), 1))
     state.epoch = epoch
+    if state.ctx.distributed and state.cfg.save in ("both", "last"):  # a collective: every rank, every epoch
+        state.rank_rng = state.ctx.all_objects(rng_state())
     if not state.main:
         return
     msg = (f"epoch {epoch}/{cfg.epochs}: loss {train_loss:.4f} ({train_s:.1f} s, "
@@ -442,7 +451,7 @@ def _save(state: RunState, name: str, *, full: bool) -> None:
     if state.cfg.save not in ("both", name[len("checkpoint_"):-len(".pt")]):
         return
     extra = dict(optimizer=state.optimizer, scheduler=state.scheduler, scaler=state.scaler,
-                 memory_bank=state.bank) if full else {}
+                 memory_bank=state.bank, rank_rng=state.rank_rng) if full else {}
     save_checkpoint(state.path(name), model=state.model, criterion=state.criterion, cfg=state.cfg,
                     epoch=state.epoch, metrics=state.history, world_size=state.ctx.world_size,
                     resumes=state.resumes, **extra)

@@ -1,4 +1,5 @@
-"""DAAL over a global batch gathered across 2 gloo processes equals one process on that batch."""
+"""DAAL over a global batch gathered across 2 or 3 gloo processes (equal, uneven or empty shares)
+equals one process on that batch."""
 import os
 import socket
 
@@ -27,17 +28,17 @@ def _problem():
     return x, y, model, loss
 
 
-def _worker(rank, world, port, out_dir):
+def _worker(rank, world, port, out_dir, shares, same_size):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         x, y, model, loss_fn = _problem()
         ddp = torch.nn.parallel.DistributedDataParallel(model)
-        share = B // world
-        xs, ys = x[rank * share:(rank + 1) * share], y[rank * share:(rank + 1) * share]
+        lo = sum(shares[:rank])
+        xs, ys = x[lo:lo + shares[rank]], y[lo:lo + shares[rank]]
         emb = ddp(xs)
         emb.retain_grad()
-        emb_all, y_all = gather_batch(emb, ys)
+        emb_all, y_all = gather_batch(emb, ys, same_size=same_size)
         assert world_size() == world and torch.equal(y_all, y)
         loss = loss_fn(emb_all, y_all)
         loss.backward()
@@ -58,27 +59,41 @@ def _free_port():
 
 
 @pytest.mark.slow
-def test_two_gloo_ranks_match_one_process(tmp_path):
-    world = 2
-    mp.spawn(_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=True)
+@pytest.mark.parametrize("shares,same_size", [((6, 6), False), ((6, 6), True), ((5, 4, 3), False),
+                                              ((6, 6, 0), False)])
+def test_gloo_ranks_match_one_process(tmp_path, shares, same_size):
+    # Equal shares (with and without the same_size promise), uneven ones (a short last batch)
+    # and a rank with no rows: the global batch, its loss and gradients are one process's.
+    world = len(shares)
+    mp.spawn(_worker, args=(world, _free_port(), str(tmp_path), shares, same_size), nprocs=world, join=True)
     x, y, model, loss_fn = _problem()
     emb = model(x)
     emb.retain_grad()
     loss = loss_fn(emb, y)
     loss.backward()
-    share = B // world
     for r in range(world):
         got = torch.load(tmp_path / f"rank{r}.pt")
         assert torch.allclose(got["loss"], loss.detach(), rtol=1e-12, atol=0)
         assert torch.allclose(got["seg_grad"], loss_fn.segments.grad, rtol=1e-10, atol=1e-14)
+        # DDP averages the ranks' world x gradients: the single-process gradient
         assert torch.allclose(got["w_grad"], model.weight.grad, rtol=1e-10, atol=1e-14)
         assert torch.allclose(got["b_grad"], model.bias.grad, rtol=1e-10, atol=1e-14)
         assert got["broadcast"].tolist() == [1.0, 1.0, 1.0]  # rank 0's values everywhere
         # every rank's copy of the loss reaches this rank's rows: world x the single-process gradient
-        assert torch.allclose(got["emb_grad"] / world, emb.grad[r * share:(r + 1) * share],
-                              rtol=1e-10, atol=1e-14)
+        lo = sum(shares[:r])
+        assert got["emb_grad"].shape == (shares[r], D)
+        assert torch.allclose(got["emb_grad"] / world, emb.grad[lo:lo + shares[r]], rtol=1e-10, atol=1e-14)
 
 
 def test_gather_is_identity_without_process_group():
     e, y = torch.randn(3, 2), torch.arange(3)
     assert gather_batch(e, y)[0] is e and world_size() == 1
+
+
+def test_gather_checks_one_label_per_row(monkeypatch):
+    import daal_triton.distributed as dd
+
+    monkeypatch.setattr(dd, "is_distributed", lambda: True)
+    monkeypatch.setattr(dd, "world_size", lambda: 2)
+    with pytest.raises(ValueError, match="embeddings has 3 rows but labels has 2"):
+        gather_batch(torch.randn(3, 2), torch.arange(2))

@@ -222,3 +222,30 @@ def test_torchrun_two_gloo_processes(single, tmp_path):
     assert any(ln.startswith("[daal-train rank 0/2] epoch 1/1: loss") for ln in lines)
     assert any(ln.startswith("[daal-train rank 1/2] done") for ln in lines)
     assert not any(ln.startswith("[daal-train rank 1/2] epoch") for ln in lines)
+
+
+def _torchrun(args, timeout=300):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "daal_triton.train"] + args
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+
+
+@pytest.mark.slow
+def test_torchrun_resume_goes_on_as_if_never_stopped(tmp_path):
+    # With augmentation every rank draws its own random shifts; a resume restores each rank's
+    # generators (rank 1's used to be reseeded as at epoch 1), so stop + resume = one run.
+    flags = FLAGS[:FLAGS.index("--epochs")] + ["--epochs", "2"] + FLAGS[FLAGS.index("--epochs") + 2:] \
+        + ["--augment", "shift"]
+    whole, halves = str(tmp_path / "whole"), str(tmp_path / "halves")
+    _torchrun(flags + ["--out", whole])
+    _torchrun(flags + ["--out", halves, "--stop-after", "1"])
+    first = _ck(halves)
+    assert len(first.get("rng_ranks", ())) == 2 and not torch.equal(first["rng_ranks"][0]["torch"],
+                                                             first["rng_ranks"][1]["torch"])
+    _torchrun(flags + ["--out", halves, "--resume", os.path.join(halves, "checkpoint_last.pt")])
+    a, b = _ck(whole), _ck(halves)
+    assert a["epoch"] == b["epoch"] == 2
+    assert torch.equal(a["loss"]["segments"], b["loss"]["segments"])
+    assert [k for k in a["model"] if not torch.equal(a["model"][k], b["model"][k])] == []
