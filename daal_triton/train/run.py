@@ -421,7 +421,8 @@ def _train_epoch(state: RunState, epoch: int) -> None:
                                  log_every=cfg.log_every, stats=stats)
     train_s = time.time() - t0
     speed = dict(data_wait_s=round(stats.get("data_wait_s", 0.0), 3),
-                 train_images_per_s=round(stats.get("images", 0) / max(train_s, 1e-9), 1))
+                 # every rank trains an equal share: the run's images, not rank 0's
+                 train_images_per_s=round(stats.get("images", 0) * state.ctx.world_size / max(train_s, 1e-9), 1))
     state.epoch = epoch
     if state.ctx.distributed and state.cfg.save in ("both", "last"):  # a collective: every rank, every epoch
         state.rank_rng = state.ctx.all_objects(rng_state())

@@ -208,6 +208,8 @@ def test_torchrun_two_gloo_processes(single, tmp_path):
     assert cfg["launch"] == {"world_size": 2, "backend": "gloo"}
     recs = _records(out)
     assert [(r["epoch"], r["model"]) for r in recs] == [(1, "trained")] and 0 <= recs[0]["recall@1"] <= 1
+    # the throughput counts both ranks' images: 2 steps of the global batch
+    assert recs[0]["train_images_per_s"] == pytest.approx(2 * GLOBAL_B / recs[0]["train_s"], rel=0.02)
     ck, ck1 = _ck(out), _ck(single)
     assert ck["world_size"] == 2 and not any(k.startswith("module.") for k in ck["model"])
     # the bank holds the gathered global batches: the same images' classes as one process, step by step
