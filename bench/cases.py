@@ -129,37 +129,40 @@ class Target(NamedTuple):
     threshold: float
 
 
+# Each target names the issue that set it: issue 6's (still open: blocked on a GPU) stand beside
+# issue 13's, which are a nearer step on two of them (kNN 60% of matmul, the whole loss 3x eager);
+# a row can therefore pass where its issue-6 neighbour fails.
 # "a small fraction" of eager's peak memory, as the report reads it.
 SMALL_FRACTION = 0.10
 TARGETS: Tuple[Target, ...] = (
-    Target("kNN 60k×60k (bf16, fwd): Triton ≥ 50% of matmul throughput", "knn", "eval60k", "bf16", "fwd",
+    Target("kNN 60k×60k (bf16, fwd): Triton ≥ 50% of matmul throughput (issue 6)", "knn", "eval60k", "bf16", "fwd",
            "fraction", None, 0.5),
-    Target("kNN 60k×60k (bf16, fwd): Triton ≥ 3× chunked torch (cdist + topk)", "knn", "eval60k", "bf16", "fwd",
+    Target("kNN 60k×60k (bf16, fwd): Triton ≥ 3× chunked torch (cdist + topk) (issues 6, 13)", "knn", "eval60k", "bf16", "fwd",
            "speedup", "chunked", 3.0),
     # issue 13: the kNN at 60% of matmul (the 3x chunked bar is the one above)
     Target("kNN 60k×60k (bf16, fwd): Triton ≥ 60% of matmul throughput (issue 13)", "knn", "eval60k", "bf16",
            "fwd", "fraction", None, 0.6),
-    Target("Line margin B=1024, C=100k (bf16), fwd+bwd: ≥ 10× eager", "line_margin", "classes100k", "bf16",
+    Target("Line margin B=1024, C=100k (bf16), fwd+bwd: ≥ 10× eager (issue 6)", "line_margin", "classes100k", "bf16",
            "fwdbwd", "speedup", "eager", 10.0),
-    Target("Line margin B=1024, C=100k (bf16), fwd+bwd: ≥ 3× torch.compile", "line_margin", "classes100k", "bf16",
+    Target("Line margin B=1024, C=100k (bf16), fwd+bwd: ≥ 3× torch.compile (issue 6)", "line_margin", "classes100k", "bf16",
            "fwdbwd", "speedup", "compile", 3.0),
-    Target("Line margin B=1024, C=100k (bf16), fwd+bwd: ≥ 50% of matmul throughput", "line_margin", "classes100k",
+    Target("Line margin B=1024, C=100k (bf16), fwd+bwd: ≥ 50% of matmul throughput (issue 6)", "line_margin", "classes100k",
            "bf16", "fwdbwd", "fraction", None, 0.5),
-    Target(f"Line margin B=1024, C=100k (bf16), fwd+bwd: peak extra memory ≤ {SMALL_FRACTION:.0%} of eager's",
+    Target(f"Line margin B=1024, C=100k (bf16), fwd+bwd: peak extra memory ≤ {SMALL_FRACTION:.0%} of eager's (issue 6)",
            "line_margin", "classes100k", "bf16", "fwdbwd", "memory", "eager", SMALL_FRACTION),
     # issue 12 (the second design): also at most 5% of torch.compile's peak extra memory (its
     # speed bars, >= 5x eager and >= 1x compile, are implied by the targets above)
-    Target("Line margin B=1024, C=100k (bf16), fwd+bwd: peak extra memory ≤ 5% of torch.compile's",
+    Target("Line margin B=1024, C=100k (bf16), fwd+bwd: peak extra memory ≤ 5% of torch.compile's (issue 12)",
            "line_margin", "classes100k", "bf16", "fwdbwd", "memory", "compile", 0.05),
-    Target("DML batch B=180 (fp32): whole DAALLoss fwd+bwd ≥ 5× eager", "loss", "dml", "fp32", "fwdbwd",
+    Target("DML batch B=180 (fp32): whole DAALLoss fwd+bwd ≥ 5× eager (issue 6)", "loss", "dml", "fp32", "fwdbwd",
            "speedup", "eager", 5.0),
     Target("DML batch B=180 (fp32): whole DAALLoss fwd+bwd ≥ 3× eager (issue 13)", "loss", "dml", "fp32",
            "fwdbwd", "speedup", "eager", 3.0),
-    Target("Training step VGG-19-BN 224², B=180, C=100 (bf16): DAAL (Triton) adds ≤ 2% to the CE floor's step",
+    Target("Training step VGG-19-BN 224², B=180, C=100 (bf16): DAAL (Triton) adds ≤ 2% to the CE floor's step (issue 17)",
            "train_step", "vgg19bn-b180-c100", "bf16", "step", "overhead", "ce_floor", 0.02),
-    Target("Training step VGG-19-BN 224², B=180, C=100 (bf16): DAAL (Triton) step no slower than ProxyAnchor's",
+    Target("Training step VGG-19-BN 224², B=180, C=100 (bf16): DAAL (Triton) step no slower than ProxyAnchor's (issue 17)",
            "train_step", "vgg19bn-b180-c100", "bf16", "step", "overhead", "proxyanchor", 0.0),
-    Target("Training step VGG-19-BN 224², B=180, C=11,318 (bf16): DAAL (Triton) adds ≤ 5% to the CE floor's step",
+    Target("Training step VGG-19-BN 224², B=180, C=11,318 (bf16): DAAL (Triton) adds ≤ 5% to the CE floor's step (issue 17)",
            "train_step", "vgg19bn-b180-c11k", "bf16", "step", "overhead", "ce_floor", 0.05),
 )
 # The (op, shape, dtype) a target names: those cases run first, so that a run cut short by its
@@ -331,18 +334,23 @@ def cases_for(op: str, profile: str, *, compile_on_cpu: bool = False) -> List[Ca
 HEAVY_BYTES = 32 * GiB
 
 
+#: (op, shape, dtype) of the open issue's targets (issue 13: the kNN at 60k x 60k, the whole loss
+#: at B = 180): they run before the other targets, so a GPU run cut short by its budget (the test
+#: steps can leave the benchmarks under a minute) still decides that issue.
+FIRST_KEYS = frozenset({("knn", "eval60k", "bf16"), ("loss", "dml", "fp32")})
+
 #: (op, shape, dtype) run right after the targets: the whole loss at 100k classes, the package's
 #: headline use, which the first GPU run's budget never reached.
 NEXT_KEYS = frozenset({("loss", "classes100k", "fp32")})
 
 
 def order_key(case: Case):
-    """Run order: the targets first, then :data:`NEXT_KEYS`, and last of all the heavy cases (an
-    estimated peak over 32 GiB: the eager kNN of 60k x 60k, needed by no target), so that a run
-    cut short by its time budget still has the targets. (Stable sorts keep the table order
-    otherwise.)"""
-    return (estimate_bytes(case) > HEAVY_BYTES, not case.target,
-            (case.op, case.shape, case.dtype) not in NEXT_KEYS)
+    """Run order: the targets first (:data:`FIRST_KEYS`' before the others), then
+    :data:`NEXT_KEYS`, and last of all the heavy cases (an estimated peak over 32 GiB: the eager
+    kNN of 60k x 60k, needed by no target), so that a run cut short by its time budget still has
+    the targets. (Stable sorts keep the table order otherwise.)"""
+    key = (case.op, case.shape, case.dtype)
+    return (estimate_bytes(case) > HEAVY_BYTES, not case.target, key not in FIRST_KEYS, key not in NEXT_KEYS)
 
 
 # ----------------------------------------------------------------------------- FLOPs

@@ -152,7 +152,7 @@ def pytest_collection_modifyitems(config, items):
 
     def key(it):
         case = getattr(getattr(it, "callspec", None), "params", {}).get("case")
-        return cases.order_key(case) if isinstance(case, cases.Case) else (True, True, True)
+        return cases.order_key(case) if isinstance(case, cases.Case) else (True, True, True, True)
 
     ordered = sorted((items[i] for i in idx), key=key)
     for i, it in zip(idx, ordered):

@@ -7,7 +7,7 @@
 #      step 4 runs them when DAAL_CHECK_BUILD_S reserves time; nor "small_tiles", one JIT build
 #      per case at test-only block sizes), each as DAAL_CHECK_SHARDS pytest processes side by
 #      side (bench/sharded_pytest.py: their time is Triton's JIT builds, one core each),
-#   3. run the benchmarks (bench/, profile "check": the performance targets first, then the whole
+#   3. run the benchmarks (bench/, profile "check": the performance targets first (issue 13's before the others), then the whole
 #      loss at 100k classes (cases.NEXT_KEYS), then one representative per operator), with an
 #      in-process deadline so they stop in time; the training-step benchmark (VGG-19-BN, B=180,
 #      C=100 and 11,318) runs after the operators' targets, in a slice of DAAL_BENCH_TRAIN_STEP_S

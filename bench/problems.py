@@ -84,16 +84,18 @@ def chunked_knn(query: torch.Tensor, ref: torch.Tensor, k: int, *, query_labels=
     for s in range(0, m, rows):
         e = min(m, s + rows)
         d = torch.cdist(query[s:e], ref, compute_mode="use_mm_for_euclid_dist")
-        mask = None
+        # In place where no gradient flows (the chunk is cdist's own output): self is one entry
+        # per row, not a chunk x N mask, and a label mask needs no second copy of the chunk.
+        inplace = not d.requires_grad
         if query_labels is not None:
             mask = query_labels[s:e, None] != ref_labels[None, :]
+            d = d.masked_fill_(mask, float("inf")) if inplace else d.masked_fill(mask, float("inf"))
         if exclude_self and s < n:
             r = torch.arange(s, min(e, n), device=query.device)
-            eye = torch.zeros(e - s, n, dtype=torch.bool, device=query.device)
-            eye[r - s, r] = True
-            mask = eye if mask is None else (mask | eye)
-        if mask is not None:
-            d = d.masked_fill(mask, float("inf"))
+            if inplace:
+                d[r - s, r] = float("inf")
+            else:
+                d = d.index_put((r - s, r), d.new_full((), float("inf")))
         v, i = torch.topk(d, kk, dim=1, largest=False, sorted=True)
         dists.append(v)
         idxs.append(i)

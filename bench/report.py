@@ -664,8 +664,10 @@ Each case is (shape, precision, provider, pass):
 Measured per case: the median time of rounds each bracketed by `torch.cuda.synchronize`, the
 peak extra memory (`torch.cuda.max_memory_allocated` after `reset_peak_memory_stats`, above what
 was allocated before the call), and the useful FLOP/s as a fraction of `torch.matmul`'s on a
-comparable GEMM (same precision, same run). FLOP counts: pairwise 2·M·N·D forward (4·M·N·D
-backward); kNN 2·M·N·D; line margin 4·B·C·D forward, 16·B·C·D forward+backward. A provider that
+comparable GEMM (same precision, same run). FLOP counts (the useful GEMMs; a backward's
+recomputation is not counted): pairwise 2·M·N·D forward, 4·M·N·D backward, 6·M·N·D both; kNN
+2·M·N·D; line margin 4·B·C·D forward, 8·B·C·D backward, 12·B·C·D both (the kernels' own work,
+16·B·C·D, is the work-model table's); the whole loss adds its in-batch kNN, 2·B·B·D. A provider that
 would not fit in memory (estimated from the shape against the free GPU memory), runs out of
 memory, is too slow, or is cut by the time budget is recorded with that status, never dropped.
 
