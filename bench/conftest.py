@@ -45,6 +45,7 @@ if _HERE not in sys.path:  # --import-mode=importlib does not add it
 
 import cases  # noqa: E402
 import runner  # noqa: E402
+from interpreter import strict_interpreter  # noqa: E402
 
 
 def pytest_addoption(parser):
@@ -110,6 +111,7 @@ def _state(config) -> BenchState:
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_configure(config):
+    strict_interpreter()  # under the interpreter: what the GPU JIT refuses fails here too
     # Smoke mode (no CUDA): benchmarks run once, untimed, as with --benchmark-disable, whether or
     # not CI passes it (tryfirst: before pytest-benchmark reads the option). --benchmark-enable
     # (or DAAL_BENCH_CPU_TIMING=1) keeps pytest-benchmark's timing of the interpreter.

@@ -38,6 +38,7 @@ import triton.language as tl
 
 from daal_triton.kernels import _common, knn as kk
 from daal_triton.kernels._common import TL_EPS, _dot_rows, dot_flags, row_sqnorms
+from interpreter import strict_interpreter
 from problems import _with_env
 from tune_line_margin import Timer
 
@@ -161,9 +162,16 @@ def _problem(dev, n, d):
             kk.CONFIGS[kk.family(dtype)][kk.fwd_entry(8)])
 
 
+#: The compile options a launch of the probe kernel passes on.
+PROBE_OPTIONS = ("num_warps", "num_stages", "maxnreg")
+
+
 def _probe_call(q, qn, flags, S, launch, filt):
     """``(run, S)``: a call of ``_probe_knn_kernel`` over ``q``'s self distances with about ``S``
     column splits (rounded to whole BLOCK_N tiles, as the forward does) and ``launch``'s tiles."""
+    # the forward's launch arguments that the probe kernel has (not the forward's own switches,
+    # such as FLAT, which a GPU build would refuse), and the compile options
+    launch = {k: v for k, v in launch.items() if k in _probe_knn_kernel.arg_names or k in PROBE_OPTIONS}
     n, bm, bn = q.shape[0], launch["BLOCK_M"], launch["BLOCK_N"]
     cols = triton.cdiv(triton.cdiv(n, S), bn) * bn
     S = triton.cdiv(n, cols)
@@ -238,6 +246,7 @@ def main() -> int:
     ap.add_argument("--smoke", action="store_true")
     args = ap.parse_args()
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    strict_interpreter()  # a rehearsal on the CPU refuses the launches a GPU would refuse
     n = 140 if args.smoke else args.n
     d = 64 if args.smoke else 512  # the interpreter's time grows with D; the code path does not
     calls = 4 if args.smoke else 400

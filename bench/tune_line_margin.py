@@ -269,6 +269,9 @@ def interpret_without_gpu() -> None:
         if "triton" in sys.modules:
             raise SystemExit("--smoke needs TRITON_INTERPRET=1 before triton is imported")
         os.environ["TRITON_INTERPRET"] = "1"
+    from interpreter import strict_interpreter
+
+    strict_interpreter()
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -19,6 +19,10 @@ HAS_GPU = torch.cuda.is_available()
 
 
 def pytest_configure(config):
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        from daal_testing import strict_interpreter_launches
+
+        strict_interpreter_launches()  # what the GPU JIT refuses fails here too
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped, with the reason shown, on CPU)")
     config.addinivalue_line("markers", "slow: takes more than a few seconds on 2 CPU cores")
     config.addinivalue_line("markers", "build: builds kernels for GPU targets and reads the result "

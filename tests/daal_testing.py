@@ -19,6 +19,33 @@ DEV = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+def strict_interpreter_launches() -> None:
+    """Make Triton's interpreter refuse a launch keyword the GPU JIT refuses: one that is neither
+    a parameter of the kernel nor a compile option. The interpreter drops it silently; on a GPU it
+    is a KeyError at the first build (bench/probe_h200.py passed the forward's ``FLAT`` to a probe
+    kernel without it, unseen on the CPU). Installed by the test and bench conftests and by the
+    bench scripts' ``--smoke`` rehearsals; idempotent."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    if getattr(InterpretedFunction.run, "daal_strict", False):
+        return
+    from triton.backends.nvidia.compiler import CUDAOptions
+
+    options = frozenset(CUDAOptions.__dataclass_fields__)
+    plain = InterpretedFunction.run
+
+    def run(self, *args, grid, warmup, **kwargs):
+        unknown = sorted(k for k in kwargs if k not in self.arg_names and k not in options)
+        if unknown:
+            name = getattr(getattr(self, "fn", None), "__name__", "kernel")
+            raise TypeError(f"{name}: launch keyword(s) {unknown} are neither parameters of the kernel nor "
+                            "compile options (the GPU JIT refuses them; the interpreter would drop them)")
+        return plain(self, *args, grid=grid, warmup=warmup, **kwargs)
+
+    run.daal_strict = True
+    InterpretedFunction.run = run
+
+
 def tolerance(dtype: torch.dtype, *, tf32: bool = False) -> float:
     name = str(dtype).replace("torch.", "")
     if name == "float32" and tf32:

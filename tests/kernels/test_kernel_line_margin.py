@@ -133,7 +133,7 @@ def test_point_on_a_negative_segment_is_finite():
     interpreter's IEEE dots (measured 1.6e-4 at most), the half tolerance with a GPU's."""
     B, C, D = 16, 5, 8
     x, y, seg, m, go = make_case(B, C, D, zero_len=True)
-    y = torch.zeros(B, dtype=torch.long)
+    y = torch.zeros(B, dtype=torch.long, device=DEV)
     for i in range(B):  # sample i sits on segment 1 + i % 4 (a negative: every label is 0)
         c = 1 + i % 4
         x[i] = seg[c, 0] + (i / B) * (seg[c, 1] - seg[c, 0])

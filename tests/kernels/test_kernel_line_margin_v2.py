@@ -113,17 +113,25 @@ def test_own_seg_switch(monkeypatch):
         lm.line_margin(x.float(), y, sk, m.float(), alpha=ALPHA, lambda_pull=0.2)
 
 
-def test_strided_segments():
-    """Non-contiguous segments (a view) take the copy path of ``_cast_segments``."""
+def test_strided_segments(monkeypatch):
+    """Non-contiguous segments with unit feature stride (a slice of a wider leaf) take the copy
+    path of ``_cast_segments``; their gradient lands in the slice's places of the leaf."""
     x, y, seg, m, go = make_case(37, 11, 20)
-    wide = torch.zeros(11, 2, 40, dtype=seg.dtype)
-    wide[:, :, ::2] = seg
-    view = wide[:, :, ::2]
-    assert not view.is_contiguous()
-    out, gx, gs = kernel_grads(x.float(), y, view.float(), m.float(), go.float(), 0.2)
+    wide = torch.zeros(11, 2, 40, dtype=torch.float32, device=seg.device)
+    wide[:, :, 5:25] = seg
+    wide.requires_grad_()
+    view = wide[:, :, 5:25]
+    seen = []
+    cast_segments = lm._cast_segments
+    monkeypatch.setattr(lm, "_cast_segments", lambda s, dt: seen.append(s.stride()) or cast_segments(s, dt))
+    xk = x.float().clone().requires_grad_()
+    out = lm.line_margin(xk, y, view, m.float(), alpha=ALPHA, lambda_pull=0.2)
+    out.backward(go.float())
+    assert seen == [(80, 40, 1)]  # the slice itself reached the launcher: no copy before it
     ref = kernel_grads(x.float(), y, seg.float().contiguous(), m.float(), go.float(), 0.2)
-    for a, b in zip((out, gx, gs), ref):
+    for a, b in zip((out.detach(), xk.grad, wide.grad[:, :, 5:25]), ref):
         assert rel_err(a, b) <= 1e-6
+    assert not wide.grad[:, :, :5].any() and not wide.grad[:, :, 25:].any()
 
 
 def _forward_backward(x, y, seg, m, go):

@@ -106,3 +106,24 @@ def test_compile_workers_run_at_once():
     assert spans[0]["pid"] != spans[1]["pid"]
     assert max(s["started"] for s in spans) < min(s["done"] for s in spans), spans
 
+
+
+def test_a_launch_keyword_the_kernel_lacks_fails_here_as_on_a_gpu():
+    """The GPU JIT refuses a launch keyword that is neither a parameter nor a compile option; the
+    interpreter would drop it silently (tests/conftest.py installs
+    ``daal_testing.strict_interpreter_launches`` so that the CPU suite fails as a GPU would)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _copy(x_ptr, y_ptr, BLOCK: tl.constexpr):
+        offs = tl.arange(0, BLOCK)
+        tl.store(y_ptr + offs, tl.load(x_ptr + offs))
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    x = torch.arange(16.0, device=dev)
+    y = torch.empty_like(x)
+    _copy[(1,)](x, y, BLOCK=16, num_warps=1)  # a parameter and a compile option: fine
+    assert torch.equal(y, x)
+    with pytest.raises((TypeError, KeyError), match="FLAT"):
+        _copy[(1,)](x, y, BLOCK=16, FLAT=False)

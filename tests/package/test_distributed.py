@@ -48,6 +48,7 @@ def _worker(rank, world, port, out_dir, shares, same_size):
         torch.save({"loss": loss.detach(), "emb_grad": emb.grad, "seg_grad": loss_fn.segments.grad,
                     "w_grad": model.weight.grad, "b_grad": model.bias.grad, "broadcast": own.detach()},
                    os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()  # no rank closes its connections while another still uses them (gloo aborts)
     finally:
         dist.destroy_process_group()
 

@@ -1,0 +1,19 @@
+"""The bench's runs under Triton's interpreter (CPU rehearsals: ``--smoke``, the CPU bench run)
+refuse what the GPU JIT refuses: :func:`daal_testing.strict_interpreter_launches` (tests/)."""
+from __future__ import annotations
+
+import os
+import sys
+
+
+def strict_interpreter() -> None:
+    """Under ``TRITON_INTERPRET=1``: a launch keyword that is neither a kernel parameter nor a
+    compile option raises (the interpreter alone drops it). Nothing on a GPU."""
+    if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        return
+    tests = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests")
+    if tests not in sys.path:
+        sys.path.append(tests)
+    from daal_testing import strict_interpreter_launches
+
+    strict_interpreter_launches()
