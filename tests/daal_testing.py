@@ -94,7 +94,8 @@ def random_problem(B: int, C: int, D: int, *, dtype=torch.float64, device="cpu",
 # every pointer aligned, D divisible by 16, and the stride facts each kernel declares in its
 # ``KernelSpec`` (kernels/_common.py): ``unit`` strides equal to 1, ``rows`` strides divisible by
 # 16. ``other`` strides and the sizes (B, C, M, N, K) stay unspecialised: the benchmark shapes
-# include odd ones.
+# include odd ones (B = 180, C = 100 or 11,318). Their big shapes are multiples of 16, which a
+# launch specialises too: tests/kernels/test_kernel_specialisation.py builds those bf16 variants.
 SPECIALISATIONS = ("generic", "aligned")
 
 
