@@ -124,6 +124,8 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: takes more than a few seconds on 2 CPU cores")
     config.addinivalue_line("markers", "build: builds kernels for GPU targets and reads the result "
                             "without running them: no GPU needed (tests/conftest.py)")
+    config.addinivalue_line("markers", "interpreter: runs Triton kernels on CPU tensors through the interpreter "
+                            "(skipped on a GPU machine: tests/conftest.py)")
     config.addinivalue_line("markers", "bench: a benchmark case of bench/ (smoke mode without CUDA)")
     config.addinivalue_line("markers", "bench_target: a benchmark case with a performance target (bench/cases.py TARGETS)")
 
@@ -159,6 +161,11 @@ def pytest_collection_modifyitems(config, items):
     ordered = sorted((items[i] for i in idx), key=key)
     for i, it in zip(idx, ordered):
         items[i] = it
+    if HAS_CUDA:  # as tests/conftest.py does (bench/ may run without it)
+        cpu_only = pytest.mark.skip(reason="runs Triton's interpreter on CPU tensors: CPU machines (CI) run it")
+        for it in items:
+            if "interpreter" in it.keywords:
+                it.add_marker(cpu_only)
 
 
 try:

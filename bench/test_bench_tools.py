@@ -217,6 +217,7 @@ def test_chunked_knn_baseline_against_brute_force(grad, labelled):
         assert torch.allclose(rv.grad.double(), rd.grad, atol=1e-5)
 
 
+@pytest.mark.interpreter
 @pytest.mark.parametrize("op", ["pairwise", "knn", "line_margin", "loss"])
 def test_providers_compute_what_eager_computes(op):
     """A benchmark times what it says: on the smoke cases' inputs (the same for every provider,

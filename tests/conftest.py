@@ -25,6 +25,8 @@ def pytest_configure(config):
         strict_interpreter_launches()  # what the GPU JIT refuses fails here too
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped, with the reason shown, on CPU)")
     config.addinivalue_line("markers", "slow: takes more than a few seconds on 2 CPU cores")
+    config.addinivalue_line("markers", "interpreter: runs Triton kernels on CPU tensors through the interpreter "
+                            "(skipped, with the reason shown, on a GPU machine, where TRITON_INTERPRET is not set)")
     config.addinivalue_line("markers", "build: builds kernels for GPU targets and reads the result "
                             "(PTX, registers, spills) without running them: no GPU needed "
                             "(bench/gpu_check.sh leaves these to CI unless DAAL_CHECK_BUILD_S reserves time for them)")
@@ -58,6 +60,10 @@ def pytest_collection_modifyitems(config, items):
         config.hook.pytest_deselected(items=[it for it in items if id(it) not in kept])
         items[:] = keep
     if HAS_GPU:
+        cpu_only = pytest.mark.skip(reason="runs Triton's interpreter on CPU tensors: CPU machines (CI) run it")
+        for item in items:
+            if "interpreter" in item.keywords:
+                item.add_marker(cpu_only)
         return
     skip = pytest.mark.skip(reason="no CUDA GPU on this machine: GPU parity runs in bench/gpu_check.sh")
     for item in items:

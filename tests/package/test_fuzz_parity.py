@@ -9,6 +9,8 @@ import torch
 
 import daal_triton
 
+pytestmark = pytest.mark.interpreter  # the Triton backend on CPU tensors
+
 SCRIPT = os.path.join(os.path.dirname(__file__), "..", "..", "scripts", "fuzz_parity.py")
 spec = importlib.util.spec_from_file_location("fuzz_parity", SCRIPT)
 fuzz = importlib.util.module_from_spec(spec)

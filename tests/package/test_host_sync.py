@@ -14,7 +14,7 @@ import daal_triton
 from daal_triton import validation
 from daal_triton.launch_count import LaunchCount
 
-BACKENDS = ["reference", "triton"]
+BACKENDS = ["reference", pytest.param("triton", marks=pytest.mark.interpreter)]  # CPU tensors
 #: issue 13: one DAALLoss forward+backward at B = 180, C = 100 on the Triton backend.
 MAX_LAUNCHES = 40
 
@@ -114,6 +114,7 @@ def test_non_finite_segments_without_checks_make_the_loss_nan(gpu_defaults, back
     assert torch.isnan(z.grad).any(1).all() and torch.isnan(seg.grad).flatten(1).any(1).all()
 
 
+@pytest.mark.interpreter
 def test_the_counter_sees_inside_custom_operators_and_triton_launches(monkeypatch):
     """Called as its custom operator (as torch.compile calls it; DAAL_EAGER_OPS=custom) the kNN is
     one custom operator whose body's aten operators and Triton kernels count; called in eager
@@ -137,6 +138,7 @@ def test_the_counter_sees_inside_custom_operators_and_triton_launches(monkeypatc
     assert function.triton == custom.triton and function.launches == custom.launches
 
 
+@pytest.mark.interpreter
 def test_eager_calls_skip_every_custom_operator_dispatch(monkeypatch):
     """A plain eager forward+backward of the loss dispatches none of the package's custom
     operators (the forwards run as autograd.Functions, the backward operators' bodies straight:
@@ -182,13 +184,14 @@ def test_the_counter_tells_copies_from_no_ops():
     assert count.launches == 1
 
 
+@pytest.mark.interpreter
 @pytest.mark.parametrize("bank", [False, True], ids=["batch", "memory_bank"])
 def test_loss_forward_backward_launches(gpu_defaults, bank):
     """Issue 13: DAALLoss forward+backward at B = 180, C = 100 (Triton backend) launches at most
     MAX_LAUNCHES kernels (aten operators that launch work + Triton kernels), where the composition
     of plain PyTorch operators launched ~200; the reference backend is counted as the contrast."""
     counts = {}
-    for backend in BACKENDS:
+    for backend in ("reference", "triton"):
         torch.manual_seed(0)
         loss = daal_triton.DAALLoss(100, 64, backend=backend)
         z = torch.randn(180, 64, requires_grad=True)
@@ -206,6 +209,7 @@ def test_loss_forward_backward_launches(gpu_defaults, bank):
     assert counts["reference"].launches > 3 * tri.launches  # the counter does see glue operators
 
 
+@pytest.mark.interpreter
 def test_merged_launches_at_b180(gpu_defaults, monkeypatch):
     """``DAAL_LAUNCHES=merged`` (the default) at B = 180, C = 100 with one split everywhere (as on
     an H200 at this size: tests/kernels, ``forward_splits`` and ``_num_splits``): 14 Triton
