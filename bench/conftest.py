@@ -45,7 +45,7 @@ if _HERE not in sys.path:  # --import-mode=importlib does not add it
 
 import cases  # noqa: E402
 import runner  # noqa: E402
-from interpreter import strict_interpreter  # noqa: E402
+from interpreter import strict_interpreter, tests_on_path  # noqa: E402
 
 
 def pytest_addoption(parser):
@@ -162,10 +162,10 @@ def pytest_collection_modifyitems(config, items):
     for i, it in zip(idx, ordered):
         items[i] = it
     if HAS_CUDA:  # as tests/conftest.py does (bench/ may run without it)
-        cpu_only = pytest.mark.skip(reason="runs Triton's interpreter on CPU tensors: CPU machines (CI) run it")
-        for it in items:
-            if "interpreter" in it.keywords:
-                it.add_marker(cpu_only)
+        tests_on_path()
+        from daal_testing import skip_interpreter_tests_on_gpu
+
+        skip_interpreter_tests_on_gpu(items)
 
 
 try:

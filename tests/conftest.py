@@ -60,10 +60,9 @@ def pytest_collection_modifyitems(config, items):
         config.hook.pytest_deselected(items=[it for it in items if id(it) not in kept])
         items[:] = keep
     if HAS_GPU:
-        cpu_only = pytest.mark.skip(reason="runs Triton's interpreter on CPU tensors: CPU machines (CI) run it")
-        for item in items:
-            if "interpreter" in item.keywords:
-                item.add_marker(cpu_only)
+        from daal_testing import skip_interpreter_tests_on_gpu
+
+        skip_interpreter_tests_on_gpu(items)
         return
     skip = pytest.mark.skip(reason="no CUDA GPU on this machine: GPU parity runs in bench/gpu_check.sh")
     for item in items:

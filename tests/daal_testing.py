@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import torch
 
 # Parity: ||out - ref|| / ||ref|| against the float64 reference (docs/method.md, "Precision").
@@ -17,6 +18,15 @@ TOLERANCE = {
 # Where the kernel tests run: the GPU when there is one, else the CPU through the interpreter.
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def skip_interpreter_tests_on_gpu(items) -> None:
+    """On a GPU machine (no ``TRITON_INTERPRET``): skip, with the reason, the items marked
+    ``interpreter`` (the Triton backend on CPU tensors). Both conftests call it."""
+    cpu_only = pytest.mark.skip(reason="runs Triton's interpreter on CPU tensors: CPU machines (CI) run it")
+    for item in items:
+        if "interpreter" in item.keywords:
+            item.add_marker(cpu_only)
 
 
 def strict_interpreter_launches() -> None:
