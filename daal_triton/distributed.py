@@ -39,10 +39,13 @@ def gather_batch(embeddings: torch.Tensor, labels: torch.Tensor, *,
     """All ranks' embeddings (differentiable) and labels, concatenated in rank order.
 
     Ranks may pass different numbers of rows (a short last batch), none included: the row counts
-    are gathered first (one integer per rank, and a host synchronisation to read them), every
-    share is padded to the largest for the gather and cut back after it. ``same_size=True``
-    promises that every rank passes as many rows as this one and skips that step (the training
-    program's sampler gives every rank the same share). Without a process group this is the identity.
+    are gathered first (a few integers per rank, and a host synchronisation to read them), every
+    share is padded to the largest for the gather and cut back after it. The same gather carries
+    each rank's dtypes and per-row shapes: ranks that disagree raise ``ValueError`` (every rank
+    alike) instead of aborting in the collective. ``same_size=True`` promises that every rank
+    passes as many rows as this one, of the same dtypes and shapes, and skips that step (the
+    training program's sampler gives every rank the same share). Without a process group this is
+    the identity.
     """
     if not is_distributed() or world_size() == 1:
         return embeddings, labels
@@ -54,10 +57,7 @@ def gather_batch(embeddings: torch.Tensor, labels: torch.Tensor, *,
     n = embeddings.shape[0]
     sizes = [n] * world_size()
     if not same_size:
-        count = torch.tensor([n], dtype=torch.int64, device=embeddings.device)
-        counts = [torch.empty_like(count) for _ in sizes]
-        dist.all_gather(counts, count)
-        sizes = torch.cat(counts).tolist()
+        sizes = _gather_shares(embeddings, labels)
     most = max(sizes)
     if most != n:
         embeddings = torch.cat([embeddings, embeddings.new_zeros((most - n, *embeddings.shape[1:]))])
@@ -71,6 +71,36 @@ def gather_batch(embeddings: torch.Tensor, labels: torch.Tensor, *,
         return torch.cat(embs, 0), torch.cat(labs, 0)
     return (torch.cat([e[:k] for e, k in zip(embs, sizes)], 0),
             torch.cat([y[:k] for y, k in zip(labs, sizes)], 0))
+
+
+# dtypes by a stable code, for comparing ranks' tensors in one integer gather
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32,
+           torch.int16, torch.int8, torch.uint8, torch.bool)
+
+
+def _describe(t: torch.Tensor, width: int = 5) -> list:
+    """``width`` integers: the dtype's code, the number of dimensions, the first trailing sizes."""
+    code = _DTYPES.index(t.dtype) if t.dtype in _DTYPES else len(_DTYPES)
+    trailing = list(t.shape[1:width - 1])
+    return [code, t.dim(), *trailing, *([-1] * (width - 2 - len(trailing)))]
+
+
+def _gather_shares(embeddings: torch.Tensor, labels: torch.Tensor) -> list:
+    """Every rank's row count, from one integer all_gather that also carries each rank's dtypes and
+    trailing shapes: ranks that disagree on them get a ``ValueError`` (all ranks raise alike) rather
+    than an abort inside the collective that gathers the rows."""
+    meta = torch.tensor([embeddings.shape[0], *_describe(embeddings), *_describe(labels)],
+                        dtype=torch.int64, device=embeddings.device)
+    metas = [torch.empty_like(meta) for _ in range(world_size())]
+    dist.all_gather(metas, meta)
+    rows = torch.stack(metas).tolist()
+    for name, t, cols in (("embeddings", embeddings, slice(1, 6)), ("labels", labels, slice(6, 11))):
+        seen = {tuple(r[cols]) for r in rows}
+        if len(seen) > 1:
+            raise ValueError(f"{name} differ across ranks in dtype or trailing shape (this rank: {t.dtype}, "
+                             f"shape (n, {', '.join(map(str, t.shape[1:]))})): gather_batch concatenates "
+                             "rows, so every rank must pass the same dtype and per-row shape")
+    return [r[0] for r in rows]
 
 
 @torch.no_grad()

@@ -86,6 +86,38 @@ def test_gloo_ranks_match_one_process(tmp_path, shares, same_size):
         assert torch.allclose(got["emb_grad"] / world, emb.grad[lo:lo + shares[r]], rtol=1e-10, atol=1e-14)
 
 
+def _mismatch_worker(rank, world, port, out_dir, case):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        emb, ys = torch.randn(3 + rank, 5), torch.arange(3 + rank)
+        if rank == 1 and case == "labels":
+            ys = ys.to(torch.int32)
+        if rank == 1 and case == "embeddings":
+            emb = torch.randn(4, 6)
+        try:
+            gather_batch(emb, ys)
+            msg = "no error"
+        except ValueError as exc:
+            msg = str(exc)
+        with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as f:
+            f.write(msg)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["labels", "embeddings"])
+def test_gather_rejects_ranks_that_disagree(tmp_path, case):
+    # int32 labels on one rank, or another embedding width: every rank gets the same ValueError
+    # naming the argument (gloo used to abort the processes inside the row gather).
+    mp.spawn(_mismatch_worker, args=(2, _free_port(), str(tmp_path), case), nprocs=2, join=True)
+    for r in range(2):
+        msg = (tmp_path / f"rank{r}.txt").read_text()
+        assert msg.startswith(f"{case} differ across ranks"), msg
+
+
 def test_gather_is_identity_without_process_group():
     e, y = torch.randn(3, 2), torch.arange(3)
     assert gather_batch(e, y)[0] is e and world_size() == 1
