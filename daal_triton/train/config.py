@@ -225,8 +225,14 @@ def check_out(cfg: TrainConfig) -> None:
         return
     if cfg.resume:  # continue the run in its own folder, or into a new (empty) one
         home = os.path.dirname(os.path.abspath(cfg.resume))
-        if os.path.realpath(home) == os.path.realpath(out) or not os.listdir(out):
+        if not os.listdir(out):
             return
+        if os.path.realpath(home) == os.path.realpath(out):
+            last = os.path.join(out, "checkpoint_last.pt")
+            if not os.path.exists(last) or os.path.realpath(last) == os.path.realpath(cfg.resume):
+                return
+            raise ConfigError(f"--resume {cfg.resume} is not {last}, the run's own last state, which resuming "
+                              f"here would replace: pass another --out for this branch of the run")
         raise ConfigError(f"--out {out} is not empty and is not the folder of --resume {cfg.resume}: a resumed run "
                           f"continues in its checkpoint's folder or in a new, empty one")
     held = sorted(os.listdir(out))

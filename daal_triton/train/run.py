@@ -228,7 +228,11 @@ def build_run(cfg: TrainConfig, ctx: ddp.DistContext, device: torch.device, log:
         miner = build_miner(cfg.miner, cfg.miner_kwargs)
     except (ValueError, ImportError) as e:
         raise ConfigError(str(e)) from None
-    loader = torch.utils.data.DataLoader(train_ds, batch_sampler=sampler, **loader_options(cfg.num_workers, device))
+    # Workers start afresh each epoch (not persistent): their seeds are then drawn from this
+    # process's RNG, which the checkpoints hold, so a resumed run draws the augmentations the
+    # uninterrupted one does. Persistent workers would carry epoch 1's streams into epoch 2.
+    loader = torch.utils.data.DataLoader(train_ds, batch_sampler=sampler,
+                                         **loader_options(cfg.num_workers, device, persistent=False))
     steps = len(sampler) if cfg.steps_per_epoch is None else min(len(sampler), cfg.steps_per_epoch)
     optimizer = make_optimizer(model, criterion, lr=cfg.lr, loss_lr=cfg.loss_lr, weight_decay=cfg.weight_decay)
     return RunState(

@@ -56,6 +56,9 @@ SCHEDULES = {  # 2 epochs of 2 steps, stopped after the first
     "warmup-fractional": ["--epochs", "2", "--warmup-epochs", "0.5"],
     "warmup-spans-resume": ["--epochs", "2", "--warmup-epochs", "1.5", "--eval-every", "2"],
     "memory-bank": ["--epochs", "2", "--warmup-epochs", "0", "--memory-bank", "24"],
+    # a loader worker draws the augmentation: its seed must come from the checkpointed RNG at each
+    # epoch (persistent workers kept the first epoch's stream, which a resumed run cannot restore)
+    "workers-augment": ["--epochs", "2", "--warmup-epochs", "0", "--num-workers", "1", "--augment", "shift"],
 }
 
 
@@ -199,6 +202,22 @@ def test_resume_into_a_new_folder_and_not_into_another_run(one_epoch, tmp_path, 
     cfg = json.load(open(os.path.join(new, "config.json")))
     assert cfg["epochs"] == 1 and cfg["resumes"][0]["changed"]["out"]["to"] == new
     assert _ck(one_epoch)["epoch"] == 1  # the original run is untouched
+
+
+def test_an_older_copy_in_the_run_folder_does_not_replace_its_last_state(one_epoch, tmp_path, error_line):
+    # a snapshot kept beside checkpoint_last.pt: resuming it there would overwrite the later state
+    run = _copy(one_epoch, tmp_path)
+    snapshot = os.path.join(run, "snapshot_epoch1.pt")
+    shutil.copyfile(_last(run), snapshot)
+    before = {f: open(os.path.join(run, f), "rb").read() for f in os.listdir(run) if os.path.isfile(os.path.join(run, f))}
+    assert cli.main(["--resume", snapshot, "--epochs", "2", "--no-progress"]) == 2
+    line = error_line("daal-train")
+    assert "is not" in line and "another --out" in line, line
+    after = {f: open(os.path.join(run, f), "rb").read() for f in os.listdir(run) if os.path.isfile(os.path.join(run, f))}
+    assert after == before
+    branch = str(tmp_path / "branch")
+    assert cli.main(["--resume", snapshot, "--epochs", "2", "--out", branch, "--no-progress"]) == 0
+    assert _ck(branch)["epoch"] == 2 and _ck(run)["epoch"] == 1
 
 
 def test_config_file_reruns_a_run(one_epoch, tmp_path):
