@@ -70,6 +70,10 @@ def load_plain(path: str, what: str = "checkpoint",
     """``torch.load(path, weights_only=True)`` on the CPU; :class:`CheckpointError` naming ``what``
     (``checkpoint``, ``--weights``) for a missing, empty or damaged file, or one that would run
     code when unpickled (``expected``: what the file should have been)."""
+    if os.path.isdir(path):
+        inside = os.path.join(path, "checkpoint_last.pt")
+        hint = f": did you mean {inside!r}?" if os.path.isfile(inside) else ""
+        raise CheckpointError(f"{what} {path!r} is a folder, not a file{hint}")
     if not os.path.isfile(path):
         raise CheckpointError(f"{what} {path!r}: no such file")
     if os.path.getsize(path) == 0:
@@ -79,7 +83,8 @@ def load_plain(path: str, what: str = "checkpoint",
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        if "weights only" in str(e).lower():
+        text = str(e).lower()
+        if "weights only" in text and "unsupported operand" not in text:  # a pickle naming code to run
             raise CheckpointError(f"{what} {path!r} holds Python objects beyond tensors and plain data: "
                                   f"refused, as unpickling them could run code (not {expected})") from None
         raise CheckpointError(f"{what} {path!r} cannot be read: not a PyTorch file, or damaged "

@@ -255,6 +255,21 @@ def _sampler(cfg: TrainConfig, ctx: ddp.DistContext, labels) -> PKSampler:
         raise ConfigError(str(e)) from e
 
 
+_IMPLEMENTATION = ("fused", "foreach", "capturable")
+
+
+def _here(saved: Dict[str, Any], optimizer: torch.optim.Optimizer) -> Dict[str, Any]:
+    """The optimiser state ``saved`` with this device's implementation flags (``make_optimizer``:
+    fused AdamW on CUDA, the default on the CPU) instead of those of the device it was saved on,
+    which ``load_state_dict`` would otherwise keep (and place the step counters by)."""
+    groups = saved.get("param_groups")
+    if not isinstance(groups, list) or len(groups) != len(optimizer.param_groups):
+        return saved  # load_weights says what does not fit
+    return dict(saved, param_groups=[
+        dict(g, **{k: fresh[k] for k in _IMPLEMENTATION if k in fresh}) if isinstance(g, dict) else g
+        for g, fresh in zip(groups, optimizer.param_groups)])
+
+
 def resume_run(state: RunState, ck: Dict[str, Any], path: str) -> None:
     """Continue from checkpoint ``ck`` (read from ``path``): weights, optimiser, schedule, scaler,
     the metrics so far, the RNG states (rank 0) and the memory bank. Every rank reads the file
@@ -272,7 +287,7 @@ def resume_run(state: RunState, ck: Dict[str, Any], path: str) -> None:
     for name in ("optimizer", "scheduler", "scaler"):
         target = getattr(state, name)
         if target is not None and name in ck:
-            load_weights(target, ck[name], path, name)
+            load_weights(target, _here(ck[name], target) if name == "optimizer" else ck[name], path, name)
     sched = state.scheduler
     for g, (lr, wd) in zip(state.optimizer.param_groups, groups):
         g["initial_lr"], g["weight_decay"] = lr, wd

@@ -315,6 +315,19 @@ def test_a_run_stopped_after_its_last_checkpoint_finishes_without_a_second_recor
     assert "trained (daal, epoch 1)" in open(os.path.join(out, "results.txt")).read()
 
 
+def test_resume_uses_this_devices_optimizer_implementation(one_epoch, tmp_path):
+    # a checkpoint saved by fused AdamW (a CUDA run) resumed on the CPU: the CPU's default AdamW,
+    # as a fresh CPU run has, not the saved flag (load_state_dict keeps the saved groups' flags)
+    os.makedirs(tmp_path / "gpu")
+    src = _ck(one_epoch)
+    groups = [dict(g, fused=True, foreach=None) for g in src["optimizer"]["param_groups"]]
+    forged = _forge(_last(one_epoch), str(tmp_path / "gpu" / "checkpoint_last.pt"),
+                    optimizer=dict(src["optimizer"], param_groups=groups))
+    out = str(tmp_path / "cpu")
+    assert cli.main(["--resume", forged, "--epochs", "2", "--out", out, "--no-progress"]) == 0
+    assert [g["fused"] for g in _ck(out)["optimizer"]["param_groups"]] == [None] * len(groups)
+
+
 # ----------------------------------------------------------------------------- checkpoints that do not fit
 
 def _forge(src, dst, **changes):

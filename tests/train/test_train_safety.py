@@ -6,6 +6,7 @@ import pickle
 import shutil
 import zipfile
 
+import numpy as np
 import pytest
 import torch
 
@@ -89,8 +90,14 @@ def test_damaged_and_wrong_files_are_one_error_line(run_dir, tmp_path, error_lin
         g.write(os.urandom(5000))
     wrong = str(tmp_path / "state_dict.pt")
     torch.save({"features.0.weight": torch.zeros(2, 2)}, wrong)
+    text = str(tmp_path / "config.json")  # a run's other files given by mistake: not "could run code"
+    with open(text, "w") as g:
+        g.write('{"epochs": 3}')
+    code = str(tmp_path / "code.pt")  # a pickle that names a global (a class to construct)
+    torch.save({"dtype": np.float64}, code)
     cases = {flipped: "digest", truncated: "", empty: "empty", garbage: "", wrong: "not a daal-train checkpoint",
-             str(tmp_path / "missing.pt"): "no such file"}
+             str(tmp_path / "missing.pt"): "no such file", text: "not a PyTorch file", code: "could run code",
+             run_dir: "is a folder, not a file: did you mean"}
     for path, words in cases.items():
         assert cli.eval_main([path, "--out", str(tmp_path / "ev"), "--no-progress"]) == 2, path
         assert words in error_line("daal-eval"), path
