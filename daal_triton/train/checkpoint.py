@@ -109,6 +109,12 @@ def load_checkpoint(path: str) -> Dict[str, Any]:
     if bad or isinstance(ck.get("epoch"), bool) or not isinstance(ck.get("epoch"), int):
         raise CheckpointError(f"checkpoint {path!r} is incomplete: it holds no {' or '.join(bad or ['epoch'])} "
                               f"entry (every checkpoint daal-train writes has config, model, loss and epoch)")
+    if ck["epoch"] < 0:
+        raise CheckpointError(f"checkpoint {path!r}: its epoch is {ck['epoch']}, not a count of trained epochs")
+    metrics = ck.get("metrics", [])
+    if not isinstance(metrics, list) or not all(isinstance(r, dict) and isinstance(r.get("epoch"), int)
+                                                for r in metrics):
+        raise CheckpointError(f"checkpoint {path!r}: its metrics are not a list of per-epoch records")
     return ck
 
 
@@ -177,13 +183,18 @@ def rng_state() -> Dict[str, Any]:
                 python=dict(version=version, internal=list(internal), gauss=py_gauss))
 
 
-def restore_rng(rng: Dict[str, Any]) -> None:
-    """Set the torch, numpy and Python generators to states saved by :func:`rng_state`."""
-    torch.set_rng_state(rng["torch"])
-    n = rng["numpy"]
-    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
-    p = rng["python"]
-    random.setstate((p["version"], tuple(p["internal"]), p["gauss"]))
+def restore_rng(rng: Dict[str, Any], path: str = "") -> None:
+    """Set the torch, numpy and Python generators to states saved by :func:`rng_state`;
+    :class:`CheckpointError` (naming checkpoint ``path``) for states that are not such."""
+    try:
+        torch.set_rng_state(rng["torch"])
+        n = rng["numpy"]
+        np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+        p = rng["python"]
+        random.setstate((p["version"], tuple(p["internal"]), p["gauss"]))
+    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError, IndexError) as e:
+        raise CheckpointError(f"checkpoint {path!r}: its random-generator states are damaged "
+                              f"({type(e).__name__}: {_first_line(e)})") from None
 
 
 def _first_line(e: BaseException) -> str:

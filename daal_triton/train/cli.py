@@ -16,7 +16,7 @@ from typing import Dict, List, Optional
 
 from daal_triton.core import Hyperparameters
 
-from .config import DAAL_TRAIN_FIELDS, TrainConfig, default_daal
+from .config import CHOICES, DAAL_TRAIN_FIELDS, TrainConfig, default_daal
 from .model import SMALL_DATASETS, SMALL_WIDTH, default_width
 
 _D = TrainConfig()
@@ -62,7 +62,7 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dataset", default=_D.dataset, choices=["shapes", "digits", "cub200", "cars196", "sop", "folder"],
+    p.add_argument("--dataset", default=_D.dataset, choices=CHOICES["dataset"],
                    help="data set (shapes: embedded, generated from --data-seed; digits: scikit-learn's "
                         "8x8 digits; cub200/cars196/sop/folder read --data-root)")
     p.add_argument("--data-root", default=_D.data_root,
@@ -71,7 +71,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image-size", type=int, default=_D.image_size,
                    help="input side in pixels, at least 32 (224 is usual for photos)")
     p.add_argument("--device", default=_D.device, help="auto (CUDA if available), cpu or cuda[:N]")
-    p.add_argument("--amp", default=_D.amp, choices=["auto", "bf16", "fp16", "none"],
+    p.add_argument("--amp", default=_D.amp, choices=CHOICES["amp"],
                    help="autocast of the network on GPU: auto = bf16 on CUDA, float32 on CPU; fp16 adds a "
                         "gradient scaler; the loss always computes in float32")
     p.add_argument("--no-amp", dest="amp", action="store_const", const="none",
@@ -88,7 +88,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-workers", type=int, default=_D.num_workers,
                    help="DataLoader worker processes (default: min(8, CPUs) on CUDA, with pinned memory and "
                         "prefetching; 0 on CPU)")
-    p.add_argument("--knn-backend", default=_D.knn_backend, choices=["auto", "triton", "reference"],
+    p.add_argument("--knn-backend", default=_D.knn_backend, choices=CHOICES["knn_backend"],
                    help="daal_triton.knn backend for evaluation (auto: fused kernel on CUDA, PyTorch on CPU)")
     p.add_argument("--no-tsne", dest="tsne", action="store_false", help="skip the t-SNE plot")
     p.add_argument("--tsne-max-points", type=int, default=_D.tsne_max_points,
@@ -112,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="P: classes in each P x K batch")
     p.add_argument("--samples-per-class", "-K", type=int, default=_D.samples_per_class,
                    help="K: images of each class in a batch")
-    p.add_argument("--arch", default=_D.arch, choices=["vgg19", "vgg19_bn"],
+    p.add_argument("--arch", default=_D.arch, choices=CHOICES["arch"],
                    help="torchvision VGG-19 trunk; vgg19_bn (batch norm) is the default because plain vgg19 "
                         "does not train from scratch in the CPU budget (see docs/training.md)")
     p.add_argument("--width", type=float, default=None,
@@ -127,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weight-decay", type=float, default=_D.weight_decay, help="AdamW weight decay (network weights)")
     p.add_argument("--warmup-epochs", type=float, default=_D.warmup_epochs,
                    help="linear warm-up length before the cosine decay, in epochs (0: none)")
-    p.add_argument("--augment", default=_D.augment, choices=["none", "shift", "crop"],
+    p.add_argument("--augment", default=_D.augment, choices=CHOICES["augment"],
                    help="training augmentation of the in-memory sets (shapes, digits); photos always get random "
                         "resized crop + flip")
     p.add_argument("--shapes-train-per-class", type=int, default=_D.shapes_train_per_class,
@@ -168,7 +168,7 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
                         "tuples go to the loss as indices_tuple, e.g. --loss pml:MultiSimilarityLoss "
                         "--miner pml:MultiSimilarityMiner")
     p.add_argument("--miner-kwargs", default="{}", help="JSON dict of keyword arguments for the miner")
-    p.add_argument("--loss-backend", default=_D.loss_backend, choices=["auto", "triton", "reference"],
+    p.add_argument("--loss-backend", default=_D.loss_backend, choices=CHOICES["loss_backend"],
                    help="DAAL backend (auto: fused kernels on CUDA, PyTorch reference on CPU)")
 
 
@@ -190,7 +190,7 @@ def _add_output_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="replace the run in a non-empty --out (removes its checkpoints, metrics and plots; "
                         "other files stay)")
-    p.add_argument("--save", default=_D.save, choices=["both", "last", "best", "none"],
+    p.add_argument("--save", default=_D.save, choices=CHOICES["save"],
                    help="checkpoints to write: checkpoint_last.pt (every epoch; what --resume needs: with "
                         "the optimiser, about 3x the network), checkpoint_best.pt (the network and loss at "
                         "the best held-out Recall@1), both, or none")
@@ -198,7 +198,7 @@ def _add_output_flags(p: argparse.ArgumentParser) -> None:
 
 def _add_dist_flags(p: argparse.ArgumentParser) -> None:
     d = p.add_argument_group("distributed training (torchrun --nproc_per_node=N -m daal_triton.train ...)")
-    d.add_argument("--dist-backend", default=_D.dist_backend, choices=["auto", "nccl", "gloo"],
+    d.add_argument("--dist-backend", default=_D.dist_backend, choices=CHOICES["dist_backend"],
                    help="torch.distributed backend when started by torchrun (auto: NCCL on GPUs, gloo on CPUs); "
                         "P must be divisible by the number of processes")
     d.add_argument("--dist-timeout", type=float, default=_D.dist_timeout, metavar="MIN",
@@ -243,7 +243,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 def main(argv: Optional[List[str]] = None) -> int:
     """``daal-train``."""
     from .checkpoint import CheckpointError
-    from .config import config_file
+    from .config import check_choices, config_file
     from .data import DatasetLayoutError
     from .ddp import ConfigError
     from .run import run
@@ -260,11 +260,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 raise ConfigError("--config starts a new run from a config.json, --resume continues a checkpoint's "
                                   "run (with the checkpoint's configuration): give one of them")
             cfg = config_file(args.config, cfg, given)
-            for a in parser._actions:  # what argparse checks on the command line, checked in the file
-                value = getattr(cfg, a.dest, None)
-                if a.choices is not None and value is not None and value not in a.choices:
-                    raise ConfigError(f"--config {args.config}: {a.dest} must be one of "
-                                      f"{', '.join(map(str, a.choices))}, got {value!r}")
+            check_choices(cfg, f"--config {args.config}")  # what argparse checks on the command line
         run(cfg, given=given)
     except (UsageError, DatasetLayoutError, ConfigError, CheckpointError) as e:
         print(f"daal-train: error: {_message(e)}", file=sys.stderr)
@@ -373,7 +369,7 @@ def _evaluate_checkpoint(args: argparse.Namespace) -> Dict[str, Dict[str, float]
     from . import plots
     from .checkpoint import load_checkpoint, load_weights
     from .data import build_datasets
-    from .config import check_backend, check_numbers, checked_device, note_source
+    from .config import check_backend, check_choices, check_kinds, check_numbers, checked_device, note_source
     from .ddp import ConfigError
     from .devices import place_model, resolve_amp
     from .engine import build_model
@@ -383,17 +379,21 @@ def _evaluate_checkpoint(args: argparse.Namespace) -> Dict[str, Dict[str, float]
     check_numbers(args, {k for k, v in vars(args).items() if v is not None})  # daal-train's bounds
     out = _eval_outputs(args)
     ck = load_checkpoint(args.checkpoint)
+    source = f"the checkpoint {args.checkpoint}"
+    check_kinds(ck["config"], f"{source}: its configuration")
     cfg = TrainConfig.from_dict(dict({"width": 1.0}, **ck["config"]))  # checkpoints before --width: full width
     for k, v in vars(args).items():
         if v is not None and hasattr(cfg, k) and k not in ("out", "overwrite"):
             setattr(cfg, k, v)
     cfg.weights = None  # the checkpoint holds the trained trunk
     try:
+        check_numbers(cfg)
+        check_choices(cfg)
         device = checked_device(cfg.device)
         check_backend("--knn-backend", cfg.knn_backend, device)
     except ConfigError as e:
         taken = {k: getattr(cfg, k) for k, v in vars(args).items() if v is None and hasattr(cfg, k)}
-        raise note_source(e, taken, f"the checkpoint {args.checkpoint}") from None
+        raise note_source(e, taken, source) from None
     amp_dtype = resolve_amp(cfg.amp, device, Log("daal-eval"))
     _, test_ds = build_datasets(cfg.dataset, cfg.data_root, cfg.image_size, seed=cfg.data_seed, augment=cfg.augment,
                                 shapes_train_per_class=cfg.shapes_train_per_class,

@@ -91,6 +91,23 @@ class TrainConfig:
 
 
 SAVE_CHOICES = ("both", "last", "best", "none")
+#: The settings with a fixed set of values: the flags' ``choices`` (cli), and what
+#: :func:`check_choices` holds a configuration from a file or a checkpoint to.
+CHOICES: Dict[str, tuple] = dict(
+    dataset=("shapes", "digits", "cub200", "cars196", "sop", "folder"), amp=("auto", "bf16", "fp16", "none"),
+    knn_backend=("auto", "triton", "reference"), arch=("vgg19", "vgg19_bn"), augment=("none", "shift", "crop"),
+    loss_backend=("auto", "triton", "reference"), save=SAVE_CHOICES, dist_backend=("auto", "nccl", "gloo"))
+
+
+def check_choices(cfg: Any, source: str = "") -> None:
+    """:class:`ConfigError` for a setting of ``cfg`` outside :data:`CHOICES` (``source``: where the
+    configuration came from, e.g. ``--config FILE``; empty for the command line)."""
+    for name, allowed in CHOICES.items():
+        value = getattr(cfg, name, None)
+        if value is not None and value not in allowed:
+            where = f"{source}: " if source else ""
+            raise ConfigError(f"{where}{flag_name(name) if not source else name} must be one of "
+                              f"{', '.join(allowed)}, got {value!r}")
 
 
 # VGG's five 2x2 max-poolings need at least 2**5 pixels a side.
@@ -101,6 +118,7 @@ def validate_config(cfg: TrainConfig, world_size: int, device: torch.device) -> 
     """Refuse what cannot run or would mean nothing (:class:`ConfigError`, a ``ValueError``), in
     a world of ``world_size`` processes on ``device``. Reads no data and writes nothing."""
     check_numbers(cfg)
+    check_choices(cfg)
     _check_loss(cfg)
     for flag, backend in (("--knn-backend", cfg.knn_backend), ("--loss-backend", cfg.loss_backend)):
         check_backend(flag, backend, device)
@@ -120,15 +138,11 @@ def validate_config(cfg: TrainConfig, world_size: int, device: torch.device) -> 
                           f"--loss {cfg.loss} cannot use it: pytorch-metric-learning's ref_emb does not take "
                           f"the batch as part of the reference set (wrap the loss in its CrossBatchMemory "
                           f"in your own loop instead)")
-    if cfg.save not in SAVE_CHOICES:
-        raise ConfigError(f"--save must be one of {', '.join(SAVE_CHOICES)}, got {cfg.save!r}")
     if cfg.stop_after is not None and cfg.stop_after < cfg.epochs and cfg.save not in ("both", "last"):
         raise ConfigError(f"--stop-after {cfg.stop_after} with --save {cfg.save}: a stopped run continues from its "
                           f"checkpoint_last.pt, which --save {cfg.save} does not write (use --save last or both)")
     if cfg.overwrite and cfg.resume:
         raise ConfigError("--overwrite replaces the run in --out, --resume continues it: give one of them")
-    if cfg.dist_backend not in ("auto", "nccl", "gloo"):
-        raise ConfigError(f"--dist-backend must be auto, nccl or gloo, got {cfg.dist_backend!r}")
     if world_size > 1 and cfg.classes_per_batch % world_size:
         raise ConfigError(f"--classes-per-batch (P) = {cfg.classes_per_batch} must be divisible by the world size "
                           f"{world_size}: each rank takes P / world_size whole classes of every global batch")
@@ -345,8 +359,8 @@ def resume_config(saved: Dict[str, Any], cfg: TrainConfig, given=None) -> "tuple
                           f"change the data, the network or the loss, which a resumed run keeps; start a new "
                           f"run (another --out) instead. On resume these may change: "
                           f"{', '.join(flag_name(n) for n in RESUME_MAY_CHANGE)}")
-    changes = {name: {"from": base[name], "to": merged[name]} for name in merged
-               if name not in _NOT_INHERITED and not _same(base[name], merged[name])}
+    changes = {name: {"from": base[name], "to": merged[name]} for name in merged  # stopping: the launch's
+               if name not in _NOT_INHERITED + ("stop_after",) and not _same(base[name], merged[name])}
     return TrainConfig.from_dict(merged), changes
 
 
@@ -385,6 +399,26 @@ def taken_from_checkpoint(cfg: TrainConfig, asked: TrainConfig, given=None) -> D
     return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name not in explicit}
 
 
+def check_kinds(saved: Dict[str, Any], source: str, skip=("launch", "resumes")) -> None:
+    """:class:`ConfigError` for a field of ``saved`` (a configuration read from ``source``: a
+    config.json, a checkpoint) whose value is not of :class:`TrainConfig`'s type for it; unknown
+    names and those in ``skip`` are not looked at."""
+    kinds = _field_kinds()
+    for name, value in saved.items():
+        if name in skip or name not in kinds:
+            continue
+        kind, optional = kinds[name]
+        if value is None and optional:
+            continue
+        ok = value is not None and (isinstance(value, bool) if kind is bool else
+                                    isinstance(value, (int, float)) and not isinstance(value, bool) if kind is float
+                                    else isinstance(value, int) and not isinstance(value, bool) if kind is int
+                                    else isinstance(value, kind))
+        if not ok:
+            raise ConfigError(f"{source}: {name} must be {kind.__name__}{' or null' if optional else ''}, "
+                              f"got {value!r}")
+
+
 def config_file(path: str, cfg: TrainConfig, given=None) -> TrainConfig:
     """``--config FILE``: the configuration in ``FILE`` (a run's ``config.json``), with the flags
     given explicitly on top; a new run (``resume`` and ``overwrite`` are never taken from the file)."""
@@ -405,20 +439,7 @@ def config_file(path: str, cfg: TrainConfig, given=None) -> TrainConfig:
         raise ConfigError(f"--config {path}: unknown settings {', '.join(unknown)} (a config.json written by "
                           f"daal-train holds the fields of TrainConfig)")
     merged = TrainConfig().to_dict()
-    kinds = _field_kinds()
-    for name, value in saved.items():
-        if name in ("launch", "resumes", "resume", "stop_after"):  # never taken from the file
-            continue
-        kind, optional = kinds[name]
-        if value is None and optional:
-            continue
-        ok = value is not None and (isinstance(value, bool) if kind is bool else
-                                    isinstance(value, (int, float)) and not isinstance(value, bool) if kind is float
-                                    else isinstance(value, int) and not isinstance(value, bool) if kind is int
-                                    else isinstance(value, kind))
-        if not ok:
-            raise ConfigError(f"--config {path}: {name} must be {kind.__name__}{' or null' if optional else ''}, "
-                              f"got {value!r}")
+    check_kinds(saved, f"--config {path}", skip=("launch", "resumes", "resume", "stop_after"))
     for name in names:
         if name in saved and name not in ("resume", "overwrite", "stop_after"):
             merged[name] = dict(default_daal(), **saved[name]) if name == "daal" and isinstance(saved[name], dict) \

@@ -8,6 +8,7 @@ from __future__ import annotations
 import inspect
 import math
 import time
+import warnings
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
@@ -209,7 +210,13 @@ def train_step(model: nn.Module, criterion: nn.Module, images: torch.Tensor, lab
         sync_grads(criterion.parameters())
         optimizer.step()
     if scheduler is not None:
-        scheduler.step()
+        if scaler is None:
+            scheduler.step()
+        else:  # a step the scaler skipped (inf/NaN gradients) still advances the schedule: knowing
+            # which were skipped would read a value back to the host every step
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
+                scheduler.step()
     return loss
 
 

@@ -31,8 +31,8 @@ from . import ddp
 from . import evaluate as E
 from .checkpoint import (load_checkpoint, load_weights, require_training_state, restore_rng, rng_state,
                          save_checkpoint)
-from .config import (TrainConfig, check_out, checked_device, note_source, resume_config, taken_from_checkpoint,
-                     validate_config)
+from .config import (TrainConfig, check_kinds, check_out, checked_device, note_source, resume_config,
+                     taken_from_checkpoint, validate_config)
 from .data import DistributedPKSampler, PKSampler, build_datasets
 from .ddp import ConfigError
 from .devices import (compile_network, loader_options, place_model, prepare_device, resolve_amp, resolve_backend,
@@ -124,6 +124,7 @@ def run(cfg: TrainConfig, given=None) -> Dict[str, Record]:
     if cfg.resume:
         checkpoint = load_checkpoint(cfg.resume)
         require_training_state(checkpoint, cfg.resume)
+        check_kinds(checkpoint["config"], f"the checkpoint {cfg.resume}: its configuration")
         cfg, changes = resume_config(checkpoint["config"], cfg, given)
     try:
         device = checked_device(cfg.device)
@@ -231,6 +232,9 @@ def build_run(cfg: TrainConfig, ctx: ddp.DistContext, device: torch.device, log:
     # Workers start afresh each epoch (not persistent): their seeds are then drawn from this
     # process's RNG, which the checkpoints hold, so a resumed run draws the augmentations the
     # uninterrupted one does. Persistent workers would carry epoch 1's streams into epoch 2.
+    if ctx.is_main and cfg.warmup_epochs >= cfg.epochs > 0 and cfg.warmup_epochs > 0:
+        log(f"--warmup-epochs {cfg.warmup_epochs:g} spans the whole run (--epochs {cfg.epochs}): the learning rate "
+            f"rises to --lr at the end and never decays")
     loader = torch.utils.data.DataLoader(train_ds, batch_sampler=sampler,
                                          **loader_options(cfg.num_workers, device, persistent=False))
     steps = len(sampler) if cfg.steps_per_epoch is None else min(len(sampler), cfg.steps_per_epoch)
@@ -300,7 +304,7 @@ def resume_run(state: RunState, ck: Dict[str, Any], path: str) -> None:
     state.start_epoch = int(ck["epoch"]) + 1
     state.epoch = state.start_epoch - 1
     if "rng" in ck and state.main:
-        restore_rng(ck["rng"])
+        restore_rng(ck["rng"], path)
     state.rank_rng = ck.get("rng_ranks")  # the other ranks restore theirs in distribute()
     bank = state.bank
     if bank is not None:
@@ -328,7 +332,7 @@ def distribute(state: RunState) -> None:
         if not ctx.is_main:  # different augmentation draws on every rank (model and segments come from rank 0)
             saved = state.rank_rng if state.start_epoch > 1 else None
             if saved is not None and len(saved) == ctx.world_size:
-                restore_rng(saved[ctx.rank])  # a resume at the same world size goes on as if never stopped
+                restore_rng(saved[ctx.rank], cfg.resume or "")  # a resume at the same world size goes on as if never stopped
             else:  # a fresh run, or a resume at another world size: draws of its own, not epoch 1's again
                 seed_everything(cfg.seed + 1000003 * ctx.rank + 7919 * (state.start_epoch - 1))
     elif cfg.sync_bn:
@@ -356,6 +360,12 @@ def fit(state: RunState) -> None:
         ctx.barrier()
         state.best = max([r["recall@1"] for r in state.history  # epochs without evaluation have no recall
                           if r.get("model") == "trained" and "recall@1" in r], default=-1.0)
+        if (state.main and cfg.resume and state.best >= 0 and cfg.save in ("both", "best")
+                and not os.path.exists(state.path("checkpoint_best.pt"))):
+            epoch = max((r for r in state.history if r.get("model") == "trained" and "recall@1" in r),
+                        key=lambda r: r["recall@1"])["epoch"]
+            state.log(f"the best evaluation so far (epoch {epoch}, Recall@1 {state.best:.4f}) was saved before the "
+                      f"resume, outside {cfg.out}: this folder gets a checkpoint_best.pt when an epoch beats it")
         for epoch in range(state.start_epoch, state.last_epoch + 1):
             _train_epoch(state, epoch)
             ctx.barrier()  # the other ranks wait for rank 0's evaluation and checkpoint

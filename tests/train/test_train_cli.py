@@ -79,11 +79,13 @@ def test_resume_and_eval(trained, tmp_path):
     assert os.path.isfile(os.path.join(ev, "tsne_eval.png"))
 
 
-def test_pml_baseline_loss(tmp_path):
+def test_pml_baseline_loss(tmp_path, capsys):
     pytest.importorskip("pytorch_metric_learning")
     out = str(tmp_path / "pml")
     assert cli.main(TINY + ["--epochs", "1", "--steps-per-epoch", "1", "--loss", "pml:ProxyAnchorLoss",
                             "--no-tsne", "--no-baselines", "--out", out]) == 0
+    # one epoch under the default 3-epoch warm-up: said, as the schedule never decays
+    assert "--warmup-epochs 3 spans the whole run (--epochs 1)" in capsys.readouterr().out
     recs = _records(out)
     assert recs[-1]["model"] == "trained" and "recall@1" in recs[-1]
     assert os.path.isfile(os.path.join(out, "training_curves.png"))  # also without baselines

@@ -49,6 +49,29 @@ def test_optimizer_groups_and_schedule():
     assert seen[-1] < 0.1e-4 and all(a >= b for a, b in zip(seen[1:], seen[2:]))
 
 
+def test_a_step_the_scaler_skips_advances_the_schedule_without_a_warning():
+    # fp16's GradScaler skips steps with inf gradients (forced here by a huge initial scale): the
+    # schedule goes on (documented), and PyTorch's "lr_scheduler.step() before optimizer.step()"
+    # warning is not printed in the middle of a run
+    import warnings
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 4))
+    crit = engine.build_criterion("daal", 3, 4, backend="reference")
+    opt = engine.make_optimizer(model, crit, lr=1e-3, loss_lr=5e-3, weight_decay=1e-4)
+    sched = engine.make_scheduler(opt, 10, 2)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 60)  # float16 gradients overflow
+    x, y = torch.randn(6, 3, 2, 2), torch.tensor([0, 0, 1, 1, 2, 2])
+    before = [p.detach().clone() for p in model.parameters()]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            engine.train_step(model, crit, x, y, opt, sched, amp_dtype=torch.float16, scaler=scaler)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # both steps skipped
+    assert sched.last_epoch == 2 and scaler.get_scale() == 2.0 ** 58
+    assert not [w for w in caught if "lr_scheduler.step()" in str(w.message)], [str(w.message) for w in caught]
+
+
 def test_build_criterion_daal_uses_training_defaults_and_overrides():
     crit = engine.build_criterion("daal", 5, 8, daal={"alpha": 8.0}, backend="reference")
     assert crit.hparams["alpha"] == 8.0

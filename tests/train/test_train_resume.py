@@ -71,6 +71,8 @@ def test_stopped_then_resumed_equals_uninterrupted(schedule, tmp_path):
     assert _ck(parts)["epoch"] == 1
     assert cli.main(["--resume", _last(parts), "--no-progress"]) == 0  # everything else from the checkpoint
     assert _records(parts) == _records(full)
+    resumes = json.load(open(os.path.join(parts, "config.json")))["resumes"]
+    assert len(resumes) == 1 and resumes[0]["changed"] == {}  # --stop-after is the launch's, not a change
     a, b = _ck(full), _ck(parts)
     assert a["epoch"] == b["epoch"] == 2
     for part in ("model", "loss"):
@@ -188,7 +190,7 @@ def test_best_checkpoint_is_refused_for_resume(one_epoch, tmp_path, error_line):
     assert sorted(os.listdir(out)) == before
 
 
-def test_resume_into_a_new_folder_and_not_into_another_run(one_epoch, tmp_path, error_line):
+def test_resume_into_a_new_folder_and_not_into_another_run(one_epoch, tmp_path, error_line, capsys):
     other = str(tmp_path / "other")
     os.makedirs(other)
     with open(os.path.join(other, "mine.txt"), "w") as f:
@@ -198,6 +200,9 @@ def test_resume_into_a_new_folder_and_not_into_another_run(one_epoch, tmp_path, 
     assert os.listdir(other) == ["mine.txt"]
     new = str(tmp_path / "new")
     assert cli.main(["--resume", _last(one_epoch), "--epochs", "2", "--out", new, "--no-progress"]) == 0
+    # epoch 2 does not beat epoch 1 here: the best checkpoint stays in the first folder, and it is said
+    assert not os.path.exists(os.path.join(new, "checkpoint_best.pt"))
+    assert "was saved before the resume, outside" in capsys.readouterr().out
     assert [r["epoch"] for r in _records(new)] == [1, 2]  # the history comes with the checkpoint
     cfg = json.load(open(os.path.join(new, "config.json")))
     assert cfg["epochs"] == 1 and cfg["resumes"][0]["changed"]["out"]["to"] == new
@@ -360,6 +365,36 @@ def test_checkpoints_whose_config_does_not_fit_are_one_error_line(one_epoch, tmp
         assert cli.main(["--resume", path, "--epochs", "2", "--no-progress"]) == 2, path
         assert words in error_line("daal-train"), path
     assert not (tmp_path / "ev").exists() and sorted(os.listdir(tmp_path / "wrong")) == ["checkpoint_last.pt"]
+
+
+FORGED = {  # a checkpoint of another version, or edited and signed again: what each entry breaks
+    "dataset": (dict(config={"dataset": "imagenet"}), "dataset must be one of"),
+    "augment": (dict(config={"augment": "bogus"}), "augment must be one of"),
+    "knn_backend": (dict(config={"knn_backend": "faiss"}), "knn-backend must be one of"),
+    "arch": (dict(config={"arch": "resnet50"}), "arch must be one of"),
+    "width": (dict(config={"width": "0.25"}), "width must be float"),
+    "image_size": (dict(config={"image_size": "32"}), "image_size must be int"),
+    "epoch": (dict(epoch=-5), "not a count of trained epochs"),
+    "metrics": (dict(metrics={"epoch": 1}), "not a list of per-epoch records"),
+    "rng": (dict(rng={"torch": "x"}), "random-generator states are damaged"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(FORGED))
+def test_forged_checkpoints_are_one_error_line(one_epoch, tmp_path, error_line, case):
+    # every program that reads the checkpoint: one error line, no traceback, nothing written
+    changes, words = FORGED[case]
+    ck = _ck(one_epoch)
+    if "config" in changes:
+        changes = dict(changes, config=dict(ck["config"], **changes["config"]))
+    os.makedirs(tmp_path / "run")
+    path = _forge(_last(one_epoch), str(tmp_path / "run" / "checkpoint_last.pt"), **changes)
+    assert cli.main(["--resume", path, "--epochs", "2", "--no-progress"]) == 2
+    assert words in error_line("daal-train")
+    if case != "rng":  # daal-eval reads all but the generators' states
+        assert cli.eval_main([path, "--out", str(tmp_path / "ev"), "--no-progress"]) == 2
+        assert words in error_line("daal-eval")
+    assert os.listdir(tmp_path / "run") == ["checkpoint_last.pt"] and not (tmp_path / "ev").exists()
 
 
 def test_resume_onto_data_with_other_classes_is_one_error_line(tmp_path, error_line):
