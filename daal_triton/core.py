@@ -1,8 +1,8 @@
 """The loss contract: DAAL's hyperparameters, its result type, and *the* composition of its steps.
 
-Both backends run :func:`compose`; they differ only in the two operators they plug in (the kNN and
-the line margin, :class:`Operators`): plain PyTorch in ``daal_triton.reference``, the fused Triton
-kernels in ``daal_triton.kernels``. The steps and their numbers are those of ``docs/method.md``.
+Both backends run :func:`compose`; they differ only in the operators they plug in (the five steps of
+:class:`Operators`: prepare, kNN, density, line margin, combine): plain PyTorch in
+``daal_triton.reference``, the fused Triton kernels in ``daal_triton.kernels``. The steps and their numbers are those of ``docs/method.md``.
 """
 from __future__ import annotations
 
@@ -142,7 +142,7 @@ def compose(
     split_line_pull: bool = True,
     sample_weights: Optional[torch.Tensor] = None,
 ) -> DAALParts:
-    """docs/method.md steps 1-7 in order, with the backend's kNN and line-margin operators.
+    """docs/method.md steps 1-7 in order, with the backend's operators (:class:`Operators`).
 
     Inputs are assumed valid (``daal_triton.validation`` checks the public API's).
     ``split_line_pull`` also reports ``L_line`` and ``L_pull`` apart (one more O(B D) pass for the

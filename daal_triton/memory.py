@@ -21,11 +21,17 @@ from .validation import as_int, check_float_matrix, check_labels
 
 
 class MemoryBank:
-    """FIFO queue of ``size`` embeddings (``dim`` wide) and their labels."""
+    """FIFO queue of ``size`` embeddings (``dim`` wide) and their labels.
+
+    ``dtype`` (a floating type) is the storage precision, your choice: enqueued rows are stored
+    in it (a float16 bank saves memory and rounds float32 rows; float16 overflows to inf beyond
+    65504, which the loss then refuses or, with value checks off, leaves out)."""
 
     def __init__(self, size: int, dim: int, *, device: Union[str, torch.device] = "cpu",
                  dtype: torch.dtype = torch.float32) -> None:
         size, dim = as_int(size, "size"), as_int(dim, "dim")
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise ValueError(f"dtype must be a floating torch.dtype (the bank's storage precision), got {dtype!r}")
         self.size, self.dim = size, dim
         self.embeddings = torch.zeros(size, dim, device=device, dtype=dtype)
         self.labels = torch.full((size,), -1, device=device, dtype=torch.long)
@@ -35,13 +41,17 @@ class MemoryBank:
     def __len__(self) -> int:
         return self.filled
 
-    @torch.no_grad()
-    def enqueue(self, embeddings: torch.Tensor, labels: torch.Tensor) -> None:
-        """Append detached rows, overwriting the oldest once full (the newest ``size`` stay)."""
+    def _check_rows(self, embeddings: torch.Tensor, labels: torch.Tensor) -> None:
         check_float_matrix(embeddings, "embeddings", values=False)
         if embeddings.shape[1] != self.dim:
             raise ValueError(f"embeddings must have shape (n, {self.dim}), got {tuple(embeddings.shape)}")
         check_labels(labels, "labels", embeddings.shape[0], None, values=False)
+
+    @torch.no_grad()
+    def enqueue(self, embeddings: torch.Tensor, labels: torch.Tensor) -> None:
+        """Append detached rows (stored in the bank's dtype), overwriting the oldest once full (the
+        newest ``size`` stay)."""
+        self._check_rows(embeddings, labels)
         emb = embeddings.detach()[-self.size:].to(self.embeddings)
         lab = labels.detach()[-self.size:].to(self.labels)
         n = emb.shape[0]
@@ -63,6 +73,7 @@ class MemoryBank:
         rows are the batch (pass ``ref_includes_batch=True`` to the loss). The batch part keeps
         its gradient; the bank part has none. The bank comes to the batch's device, and the two
         meet in their promoted dtype (a float32 bank is not rounded to a bfloat16 batch's)."""
+        self._check_rows(embeddings, labels)
         emb, lab = self.get()
         dtype = torch.promote_types(embeddings.dtype, emb.dtype)
         return (torch.cat([embeddings.to(dtype), emb.to(embeddings.device, dtype)]),
@@ -71,6 +82,7 @@ class MemoryBank:
     def state_dict(self) -> dict:
         return {"embeddings": self.embeddings, "labels": self.labels, "ptr": self.ptr, "filled": self.filled}
 
+    @torch.no_grad()  # the bank never carries a gradient, whatever the state's tensors require
     def load_state_dict(self, state: dict) -> None:
         for name, have in (("embeddings", self.embeddings), ("labels", self.labels)):
             got = state.get(name) if isinstance(state, dict) else None
@@ -78,6 +90,13 @@ class MemoryBank:
                 shape = tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
                 raise ValueError(f"state[{name!r}] must be a tensor of shape {tuple(have.shape)} "
                                  f"(this bank's size and dim), got {shape}")
+        filled = as_int(state.get("filled"), "state['filled']", minimum=0)
+        ptr = as_int(state.get("ptr"), "state['ptr']", minimum=0)
+        if filled > self.size:
+            raise ValueError(f"state['filled'] must be <= the bank's size {self.size}, got {filled}")
+        if ptr >= self.size or (filled < self.size and ptr != filled):
+            raise ValueError(f"state['ptr'] must be the next row to write: state['filled'] ({filled}) while the "
+                             f"bank is filling, < size ({self.size}) once full; got {ptr}")
         self.embeddings.copy_(state["embeddings"])
         self.labels.copy_(state["labels"])
-        self.ptr, self.filled = int(state["ptr"]), int(state["filled"])
+        self.ptr, self.filled = ptr, filled

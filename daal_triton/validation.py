@@ -88,6 +88,13 @@ def check_flag(value: Optional[bool], name: str) -> Optional[bool]:
     return value
 
 
+def check_bool(value, name: str) -> bool:
+    """``value`` when it is True or False (a string such as "False" would read as true)."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
 def as_int(value, name: str, minimum: int = 1) -> int:
     """An integer argument (a Python or NumPy integer, not a bool) ``>= minimum``, as an ``int``."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
@@ -116,6 +123,7 @@ def validate_loss_inputs(
     ref_includes_batch=False, check_values: Optional[bool] = None,
 ) -> None:
     """Everything docs/method.md asks of ``daal_loss``'s tensors."""
+    check_bool(ref_includes_batch, "ref_includes_batch")
     for name, t in (("embeddings", embeddings), ("labels", labels), ("segments", segments)):
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")

@@ -1032,9 +1032,14 @@ def _knn_forward(query, ref, k, query_labels, ref_labels, exclude_self, splits):
             splits = S
         out_s, out_i = _candidates(q, r, k, ql, rl, exclude_self, splits, entry=entry)
         return _finish_fused(out_s, out_i, q, r, k)
-    # k > MAX_K: PyTorch selects, then the exact recompute and re-sort
+    # k > MAX_K: PyTorch selects, then the exact recompute and re-sort of the (at most N) found
+    # columns; the padding beyond N costs nothing (a bank of 6 rows at k = 20,000: 6 columns of work)
     _, index = _select_chunked(q.float(), r.float(), k, ql, rl, exclude_self)
-    dist, index = _exact(index.contiguous(), q, r)
+    found = min(k, N)
+    dist, index = _exact(index[:, :found].contiguous(), q, r)
+    if found < k:
+        dist = torch.cat([dist, dist.new_full((M, k - found), float("inf"))], 1)
+        index = torch.cat([index, index.new_full((M, k - found), -1)], 1)
     return dist.contiguous(), index.contiguous()
 
 

@@ -240,8 +240,8 @@ def daal_loss(
     ``embeddings`` B x D, ``labels`` B (int, in [0, C)), ``segments`` C x 2 x D
     (``segments[:, 0]`` = p, ``segments[:, 1]`` = q); ``hyperparameters`` are the fields of
     ``daal_triton.core.Hyperparameters`` (``k``, ``m0``, ..., ``reduction``). Returns the loss (a
-    scalar for ``reduction="mean"``, B values for ``"none"``) in the promoted dtype of embeddings and
-    segments (at least float32), or a ``DAALParts`` when ``return_parts``. With
+    scalar for ``reduction="mean"``, B values for ``"none"``) in the promoted dtype of embeddings,
+    segments and ``ref_embeddings`` (at least float32), or a ``DAALParts`` when ``return_parts``. With
     ``ref_embeddings``/``ref_labels`` the kNN radii are taken over that reference set (a memory
     bank); ``ref_includes_batch=True`` says its first B rows are the batch itself.
     """

@@ -339,6 +339,19 @@ def test_knn_large_k_fallback_and_float64():
         kk.knn(q.double(), r.double(), 4)
 
 
+def test_knn_large_k_over_few_rows_recomputes_only_the_found(monkeypatch):
+    """k > MAX_K over a reference set of fewer rows (a young memory bank): the exact recompute
+    runs over the N found columns, not the k - N padding ones (k = 20,000 took 44 s in the
+    interpreter), and the padding is inf / -1 as in the reference."""
+    seen = []
+    exact = kk._exact
+    monkeypatch.setattr(kk, "_exact", lambda index, q, r: (seen.append(index.shape), exact(index, q, r))[1])
+    q, r = torch.randn(4, 8, device=DEV), torch.randn(6, 8, device=DEV)
+    dist, index = _run(q, r, 2000, check_index="all")
+    assert seen == [(4, 6)]
+    assert (index[:, 6:] == -1).all() and torch.isinf(dist[:, 6:]).all() and (index[:, :6] >= 0).all()
+
+
 def test_knn_k64():
     q, r = torch.randn(9, 6, device=DEV), torch.randn(100, 6, device=DEV)
     _run(q, r, 64, labels=(_labels(9, 2), _labels(100, 2)))

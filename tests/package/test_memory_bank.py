@@ -85,3 +85,67 @@ def test_bank_inputs_are_checked_and_meet_the_batch():
     assert batch.grad is not None and ref_y.tolist() == [1, 2, 0, 1, 2, 3]
     with pytest.raises(ValueError, match=r"state\['embeddings'\] must be a tensor of shape \(6, 3\)"):
         bank.load_state_dict(MemoryBank(5, 3).state_dict())
+    # with_batch checks the batch as enqueue does (a torch.cat error, or a reference set with more
+    # labels than rows that the loss would blame on ref_labels, before)
+    with pytest.raises(ValueError, match=r"embeddings must have shape \(n, 3\)"):
+        bank.with_batch(torch.randn(2, 4), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="labels must have 2 entries"):
+        bank.with_batch(torch.randn(2, 3), torch.tensor([0, 1, 2]))
+    with pytest.raises(ValueError, match="dtype must be a floating torch.dtype"):
+        MemoryBank(4, 3, dtype=torch.long)  # stored 0.4, 1.7, -2.9 as 0, 1, -2
+
+
+def test_bank_state_is_checked_and_carries_no_gradient():
+    bank = MemoryBank(5, 2)
+    bank.enqueue(torch.randn(3, 2), torch.arange(3))
+    state = bank.state_dict()
+    live = dict(state, embeddings=state["embeddings"].clone().requires_grad_(True))
+    other = MemoryBank(5, 2)
+    other.load_state_dict(live)
+    assert not other.embeddings.requires_grad and not other.get()[0].requires_grad
+    assert torch.equal(other.get()[0], bank.get()[0]) and (other.ptr, other.filled) == (3, 3)
+    for change, words in (({"ptr": 7, "filled": 2}, r"state\['ptr'\] must be the next row"),
+                          ({"ptr": 5, "filled": 5}, r"state\['ptr'\] must be the next row"),
+                          ({"filled": 9}, r"state\['filled'\] must be <= the bank's size 5"),
+                          ({"filled": -3}, r"state\['filled'\] must be an integer >= 0"),
+                          ({"ptr": None}, r"state\['ptr'\] must be an integer >= 0")):
+        fresh = MemoryBank(5, 2)
+        with pytest.raises(ValueError, match=words):
+            fresh.load_state_dict(dict(state, **change))
+        assert len(fresh) == 0 and fresh.ptr == 0  # nothing half-loaded
+    full = dict(state, ptr=2, filled=5)  # a full ring may wrap anywhere
+    other.load_state_dict(full)
+    assert len(other) == 5 and other.ptr == 2
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("bank_rows", [0, 3, 50], ids=["empty", "fewer-than-k", "full"])
+def test_bank_loss_matches_float64_on_odd_shapes(bank_rows):
+    """DAAL with a bank on the Triton backend (float32) against the float64 reference on odd
+    shapes: the loss and the gradients of the embeddings and segments; the bank gets none. Bank
+    labels include -1 (an unfilled slot's) and a class absent from the batch."""
+    from daal_testing import assert_close, tolerance
+
+    g = torch.Generator().manual_seed(bank_rows)
+    B, D, C, k = 37, 129, 11, 5
+    z = torch.randn(B, D, generator=g, dtype=torch.float64)
+    y = torch.randint(0, C - 1, (B,), generator=g)
+    seg = torch.randn(C, 2, D, generator=g, dtype=torch.float64)
+    bank = torch.randn(bank_rows, D, generator=g, dtype=torch.float64)
+    bank_y = torch.randint(-1, C, (bank_rows,), generator=g)
+    out = {}
+    for backend, dtype in (("triton", torch.float32), ("reference", torch.float64)):
+        zz = z.to(dtype).requires_grad_(True)
+        ss = seg.to(dtype).requires_grad_(True)
+        mem = MemoryBank(max(bank_rows, 1), D, dtype=dtype)
+        if bank_rows:
+            mem.enqueue(bank.to(dtype), bank_y)
+        ref, ref_y = mem.with_batch(zz, y)
+        loss = dt.daal_loss(zz, y, ss, k=k, ref_embeddings=ref, ref_labels=ref_y, ref_includes_batch=True,
+                            backend=backend)
+        loss.backward()
+        assert not mem.embeddings.requires_grad
+        out[backend] = (loss.detach().double(), zz.grad.double(), ss.grad.double())
+    tol = tolerance(torch.float32)
+    for what, a, b in zip(("loss", "d embeddings", "d segments"), out["triton"], out["reference"]):
+        assert_close(a, b, tol, what)

@@ -56,6 +56,11 @@ def test_loss_errors_name_the_argument(backend):
            ref_labels=torch.zeros(5, dtype=torch.long))
     raises("ref_labels must have 5 entries", f, z, y, seg, ref_embeddings=torch.randn(5, 4),
            ref_labels=torch.zeros(4, dtype=torch.long))
+    # flags: a string reads as true, so it is refused rather than guessed at
+    bank, bank_y = torch.cat([z, torch.randn(3, 4)]), torch.cat([y, torch.arange(3)])
+    raises("ref_includes_batch must be True or False, got 'False'", f, z, y, seg, ref_embeddings=bank,
+           ref_labels=bank_y, ref_includes_batch="False")
+    raises("return_parts must be True or False, got 'yes'", f, z, y, seg, return_parts="yes")
 
 
 def test_module_errors():
