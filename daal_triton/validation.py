@@ -52,9 +52,14 @@ def check_float_matrix(t, name: str, *, ndim: int = 2, values: bool = True) -> N
         check_finite(t, name)
 
 
+class NonFiniteError(ValueError):
+    """A tensor holds NaN or inf (a ``ValueError``; its own type so a training loop can tell a
+    diverged network from a wrong argument)."""
+
+
 def check_finite(t: torch.Tensor, name: str) -> None:
     if t.numel() and not bool(torch.isfinite(t).all()):
-        raise ValueError(f"{name} contains NaN or inf")
+        raise NonFiniteError(f"{name} contains NaN or inf")
 
 
 def check_labels(labels, name: str, size: int, num_classes: Optional[int], *, values: bool = True) -> None:

@@ -246,7 +246,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from .config import check_choices, config_file
     from .data import DatasetLayoutError
     from .ddp import ConfigError
-    from .run import run
+    from .run import Diverged, run
 
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
@@ -265,6 +265,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (UsageError, DatasetLayoutError, ConfigError, CheckpointError) as e:
         print(f"daal-train: error: {_message(e)}", file=sys.stderr)
         return 2
+    except Diverged as e:  # the run started and stopped: not a usage error (exit status 1)
+        print(f"daal-train: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt as e:  # run.Interrupted says how to go on
         print(f"daal-train: {e or 'interrupted (Ctrl-C) before the run started: nothing was written'}",
               file=sys.stderr)
@@ -318,6 +321,8 @@ def build_eval_parser() -> argparse.ArgumentParser:
 
 def eval_main(argv: Optional[List[str]] = None) -> int:
     """``daal-eval CHECKPOINT``: embed the test set, print and save every metric, plot t-SNE."""
+    from daal_triton import NonFiniteError
+
     from .checkpoint import CheckpointError
     from .data import DatasetLayoutError
     from .ddp import ConfigError
@@ -328,6 +333,10 @@ def eval_main(argv: Optional[List[str]] = None) -> int:
     except (UsageError, DatasetLayoutError, ConfigError, CheckpointError) as e:
         print(f"daal-eval: error: {_message(e)}", file=sys.stderr)
         return 2
+    except NonFiniteError as e:
+        print(f"daal-eval: error: the checkpoint's network gives non-finite embeddings ({e}): nothing was written",
+              file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("daal-eval: interrupted (Ctrl-C)", file=sys.stderr)
         return 130

@@ -14,6 +14,7 @@ and MAP@R = (1/R) sum_{i<=R} P@i * rel(i); every metric is averaged over the que
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Dict, Iterable, List, Optional, Sequence
 
 import numpy as np
@@ -79,8 +80,12 @@ def kmeans_labels(x: np.ndarray, n_clusters: int, *, seed: int = 0, n_init: int 
     """k-means (scikit-learn, ``n_init`` restarts) cluster index of each row of ``x``."""
     from sklearn.cluster import KMeans
 
+    from sklearn.exceptions import ConvergenceWarning
+
     n_clusters = max(1, min(n_clusters, len(x)))
-    return KMeans(n_clusters=n_clusters, n_init=n_init, random_state=seed).fit_predict(x)
+    with warnings.catch_warnings():  # collapsed embeddings (fewer distinct points than clusters): the
+        warnings.simplefilter("ignore", ConvergenceWarning)  # NMI says so, a warning per call does not
+        return KMeans(n_clusters=n_clusters, n_init=n_init, random_state=seed).fit_predict(x)
 
 
 def nmi(emb: torch.Tensor, labels: torch.Tensor, *, normalize: bool = True, seed: int = 0) -> float:
@@ -114,7 +119,11 @@ def subcluster_nmi(emb: torch.Tensor, labels: torch.Tensor, modes: Iterable[int]
 
 def all_metrics(emb: torch.Tensor, labels: torch.Tensor, modes: Optional[np.ndarray] = None, *,
                 normalize: bool = True, backend: str = "auto", seed: int = 0) -> Dict[str, float]:
-    """Every retrieval and clustering metric of one set of embeddings."""
+    """Every retrieval and clustering metric of one set of embeddings (:class:`daal_triton.NonFiniteError`
+    when a row holds NaN/inf: neither retrieval nor k-means means anything then)."""
+    bad = int((~torch.isfinite(emb).all(dim=1)).sum()) if emb.numel() else 0
+    if bad:
+        raise daal_triton.NonFiniteError(f"the embeddings of {bad} of {emb.shape[0]} test images contain NaN or inf")
     out = retrieval_metrics(emb, labels, normalize=normalize, backend=backend)
     out["nmi"] = nmi(emb, labels, normalize=normalize, seed=seed)
     if modes is not None:

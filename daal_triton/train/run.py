@@ -24,6 +24,7 @@ from typing import IO, Any, Dict, List, Optional
 import torch
 from torch import nn
 
+from daal_triton import NonFiniteError
 from daal_triton.distributed import broadcast_params
 from daal_triton.memory import MemoryBank
 
@@ -53,6 +54,11 @@ OUTPUTS = ("config.json", "metrics.jsonl", "checkpoint_last.pt", "checkpoint_bes
 
 class Interrupted(KeyboardInterrupt):
     """Ctrl-C during a run; the message says what was kept and how to go on (printed as one line)."""
+
+
+class Diverged(RuntimeError):
+    """The training loss or the embeddings became NaN/inf: the run stops; the message says in which
+    epoch, what is kept and what to change (printed as one line)."""
 
 
 @dataclass
@@ -177,6 +183,17 @@ def _finished(cfg: TrainConfig, epoch: int) -> bool:
                           f"there): nothing to do, nothing written; to train it longer, add --epochs N (N > {epoch})")
         return True
     return False
+
+
+def _diverged(state: "RunState", epoch: int, e: Exception) -> str:
+    """What a run whose training became non-finite in ``epoch`` says: what, what is kept, what to change."""
+    cfg = state.cfg
+    last = state.path("checkpoint_last.pt")
+    kept = (f"{last} holds epoch {state.epoch}" if state.epoch >= 1 and os.path.isfile(last)
+            else "no checkpoint_last.pt was written")
+    return (f"training diverged in epoch {epoch} of {cfg.epochs} ({e}); the run stopped, {kept}. Try a lower "
+            f"--lr / --loss-lr (now {cfg.lr:g} / {cfg.loss_lr:g}) or a longer --warmup-epochs, and start again "
+            f"(another --out, or --overwrite)")
 
 
 def _interrupted(cfg: TrainConfig, state: Optional["RunState"]) -> str:
@@ -443,11 +460,14 @@ def _train_epoch(state: RunState, epoch: int) -> None:
     state.sampler.set_epoch(epoch)
     t0 = time.time()
     stats: Dict[str, Any] = {}
-    train_loss = train_one_epoch(state.net, state.criterion, state.loader, state.optimizer, state.scheduler,
-                                 state.device, amp_dtype=state.amp_dtype, scaler=state.scaler,
-                                 max_steps=state.steps, desc=f"epoch {epoch}/{cfg.epochs}",
-                                 progress=cfg.progress and state.main, loss_fn=state.loss_fn,
-                                 log_every=cfg.log_every, stats=stats)
+    try:
+        train_loss = train_one_epoch(state.net, state.criterion, state.loader, state.optimizer, state.scheduler,
+                                     state.device, amp_dtype=state.amp_dtype, scaler=state.scaler,
+                                     max_steps=state.steps, desc=f"epoch {epoch}/{cfg.epochs}",
+                                     progress=cfg.progress and state.main, loss_fn=state.loss_fn,
+                                     log_every=cfg.log_every, stats=stats)
+    except (FloatingPointError, NonFiniteError) as e:  # the CPU's value checks, or the loss's periodic read
+        raise Diverged(_diverged(state, epoch, e)) from None
     train_s = time.time() - t0
     speed = dict(data_wait_s=round(stats.get("data_wait_s", 0.0), 3),
                  # every rank trains an equal share: the run's images, not rank 0's
@@ -462,8 +482,11 @@ def _train_epoch(state: RunState, epoch: int) -> None:
     evaluated = epoch == cfg.epochs or (cfg.eval_every > 0 and epoch % cfg.eval_every == 0)
     if evaluated:
         state.emb = _embed_test(state)
-        state.last = _evaluate(state, epoch, "trained", state.emb, train_loss=train_loss, train_s=round(train_s, 2),
-                               **speed)
+        try:
+            state.last = _evaluate(state, epoch, "trained", state.emb, train_loss=train_loss,
+                                   train_s=round(train_s, 2), **speed)
+        except NonFiniteError as e:  # a finite loss, but the network in eval mode gives NaN/inf
+            raise Diverged(_diverged(state, epoch, e)) from None
         msg += "  " + "  ".join(f"{k} {state.last[k]:.4f}" for k in ("recall@1", "nmi", "map@r") if k in state.last)
     else:
         _record(state, dict(epoch=epoch, model="trained", train_loss=train_loss, train_s=round(train_s, 2),

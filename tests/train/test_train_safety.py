@@ -247,3 +247,32 @@ def test_ctrl_c_before_the_first_checkpoint(tmp_path, capsys, monkeypatch, error
 def test_empty_out_is_one_error_line(error_line):
     assert cli.main(TINY + ["--out", ""]) == 2
     assert "--out" in error_line("daal-train")
+
+
+def test_a_diverging_run_stops_with_one_error_line(tmp_path, error_line):
+    # a learning rate far too high: the embeddings become NaN in epoch 2 (the CPU's value check) or
+    # the loss's periodic read finds inf (GPU); either way one line says where it stopped, what is
+    # kept and what to change, and the earlier epoch's checkpoint stays usable
+    out = str(tmp_path / "div")
+    flags = TINY + ["--epochs", "3", "--steps-per-epoch", "3", "--warmup-epochs", "0", "--lr", "1e8",
+                    "--loss-lr", "1e8", "--no-baselines", "--out", out]  # the later flags win
+    assert cli.main(flags) == 1
+    line = error_line("daal-train")
+    assert "training diverged in epoch" in line and "--lr" in line and "holds epoch" in line, line
+    epoch = int(line.split("holds epoch ")[1].split(".")[0])
+    assert torch.load(os.path.join(out, "checkpoint_last.pt"), weights_only=True)["epoch"] == epoch
+
+
+def test_a_network_with_non_finite_output_is_one_eval_error(run_dir, tmp_path, error_line):
+    from daal_triton.train.checkpoint import digest
+
+    ck = torch.load(os.path.join(run_dir, "checkpoint_best.pt"), map_location="cpu", weights_only=True)
+    ck.pop("sha256")
+    name = next(k for k, v in ck["model"].items() if v.is_floating_point() and v.ndim == 2)  # the head
+    ck["model"][name] = torch.full_like(ck["model"][name], float("nan"))
+    ck["sha256"] = digest(ck)
+    path = str(tmp_path / "nan.pt")
+    torch.save(ck, path)
+    assert cli.eval_main([path, "--out", str(tmp_path / "ev"), "--no-progress"]) == 1
+    assert "non-finite embeddings" in error_line("daal-eval")
+    assert not (tmp_path / "ev").exists()
