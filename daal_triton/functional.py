@@ -112,14 +112,16 @@ def loss_with(
     backend: str = "auto",
     check_values: Optional[bool] = None,
     sample_weights: Optional[torch.Tensor] = None,
+    ref_name: str = "ref_embeddings",
 ):
     """:func:`daal_loss` with its hyperparameters given as one :class:`Hyperparameters` object;
     ``sample_weights`` (B values) scale each sample's terms (``DAALLoss`` derives them from a
-    miner's ``indices_tuple``)."""
+    miner's ``indices_tuple``); ``ref_name``: the reference set's argument name in error messages."""
     check_bool(return_parts, "return_parts")
     validate_loss_inputs(embeddings, labels, segments, k=hp.k,
                          ref_embeddings=ref_embeddings, ref_labels=ref_labels,
-                         ref_includes_batch=ref_includes_batch, check_values=check_values)
+                         ref_includes_batch=ref_includes_batch, check_values=check_values,
+                         ref_name=ref_name)
     dtype = torch.promote_types(embeddings.dtype, segments.dtype)
     if ref_embeddings is not None:  # a float64 bank runs in float64, never cast down
         dtype = torch.promote_types(dtype, ref_embeddings.dtype)

@@ -19,6 +19,8 @@ def init_segments(num_classes: int, embedding_dim: int, *, length: float = 0.2,
     ``p_c = o_c - (length/2) v_c``, ``q_c = o_c + (length/2) v_c``. Random midpoints on the
     sphere are nearly orthogonal in high dimension, so classes start well apart; the short
     segment (``length`` < ``l_max``) leaves room to grow along the class's main mode of variation.
+    Drawn in float64, returned in the default dtype (``torch.get_default_dtype()``, as
+    ``nn.Linear``'s weights).
     """
     o = torch.randn(num_classes, embedding_dim, generator=generator, dtype=torch.float64)
     o = o / o.norm(dim=1, keepdim=True).clamp_min(1e-12)
@@ -26,17 +28,21 @@ def init_segments(num_classes: int, embedding_dim: int, *, length: float = 0.2,
     v = v - (v * o).sum(1, keepdim=True) * o  # orthogonal to the midpoint (zero when D = 1)
     v = v / v.norm(dim=1, keepdim=True).clamp_min(1e-12)
     half = 0.5 * length * v
-    return torch.stack([o - half, o + half], 1).float()
+    return torch.stack([o - half, o + half], 1).to(torch.get_default_dtype())
 
 
 def miner_weights(indices_tuple: Sequence[torch.Tensor], batch_size: int, *,
-                  device: Optional[torch.device] = None, using_ref: bool = False) -> torch.Tensor:
+                  device: Optional[torch.device] = None, using_ref: bool = False,
+                  dtype: torch.dtype = torch.float32, check_values: Optional[bool] = None) -> torch.Tensor:
     """Per-sample weights from a miner's tuples, as pytorch-metric-learning's proxy losses use
     them (``lmu.convert_to_weights``): ``count_i / max_j count_j``, where ``count_i`` is how often
     sample ``i`` appears in any of the tuple's index tensors; all ones when the tuple is empty.
     ``using_ref`` (the tuple was mined against a reference set, ``miner(emb, labels, ref_emb,
     ref_labels)``): only the anchors index the batch (``a`` of a triplet, ``a1`` and ``a2`` of
-    pairs); the positives and negatives index the reference set and are not counted."""
+    pairs); the positives and negatives index the reference set and are not counted. The weights
+    are in ``dtype`` (the loss's); the index range is checked when the value checks run
+    (``check_values``, see ``daal_triton.daal_loss``); without them an index outside the batch
+    counts for no sample."""
     if not isinstance(indices_tuple, (tuple, list)) or not 2 <= len(indices_tuple) <= 4:
         raise ValueError("indices_tuple must be a miner's tuple of 2 to 4 index tensors (pairs or "
                          f"triplets), got {type(indices_tuple).__name__}")
@@ -50,12 +56,12 @@ def miner_weights(indices_tuple: Sequence[torch.Tensor], batch_size: int, *,
         indices_tuple = indices_tuple[:1] if len(indices_tuple) == 3 else indices_tuple[::2]
     flat = torch.cat([t.to(device=device, dtype=torch.long) for t in indices_tuple])
     if flat.numel() == 0:
-        return torch.ones(batch_size, device=device)
-    if (flat.device.type == "cpu" or value_checks_on(flat.device)) and (
-            int(flat.min()) < 0 or int(flat.max()) >= batch_size):
+        return torch.ones(batch_size, device=device, dtype=dtype)
+    if value_checks_on(flat.device, check_values) and (int(flat.min()) < 0 or int(flat.max()) >= batch_size):
         raise ValueError(f"indices_tuple must index the batch's {batch_size} rows")
-    counts = torch.zeros(batch_size, device=flat.device).index_add_(
-        0, flat.clamp(0, batch_size - 1), torch.ones_like(flat, dtype=torch.float32))
+    inside = (flat >= 0) & (flat < batch_size)  # unchecked: an index outside the batch counts for none
+    counts = torch.zeros(batch_size + 1, device=flat.device, dtype=dtype).index_add_(
+        0, torch.where(inside, flat, batch_size), torch.ones_like(flat, dtype=dtype))[:batch_size]
     return counts / counts.max()
 
 
@@ -106,9 +112,20 @@ class DAALLoss(nn.Module):
         if not isinstance(point_proxies, bool):
             raise ValueError(f"point_proxies must be True or False, got {point_proxies!r}")
         self.point_proxies = point_proxies
+        self.init_length = init_length
         segments = init_segments(num_classes, embedding_dim, length=0.0 if point_proxies else init_length)
         # Point proxies (an ablation: DAAL without lines) keep one end point per class, C x 1 x D.
         self.segments = nn.Parameter(segments[:, :1].clone() if point_proxies else segments)
+
+    @torch.no_grad()
+    def reset_parameters(self, generator: Optional[torch.Generator] = None) -> None:
+        """Draw the segments again (:func:`init_segments`, the constructor's ``init_length``), in
+        place, keeping their dtype and device: for a module built on the meta device and
+        materialised with ``to_empty()``."""
+        fresh = init_segments(self.num_classes, self.embedding_dim,
+                              length=0.0 if self.point_proxies else getattr(self, "init_length", 0.2),
+                              generator=generator)
+        self.segments.copy_(fresh[:, :1] if self.point_proxies else fresh)
 
     def endpoints(self) -> torch.Tensor:
         """The C x 2 x D segments the loss uses (``p = q`` for point proxies)."""
@@ -133,19 +150,25 @@ class DAALLoss(nn.Module):
         ref_labels)``): only its anchors count, as pytorch-metric-learning's ``using_ref``.
         ``ref_emb``/``ref_labels``: an optional reference set (memory bank) over which the kNN
         radii are taken; ``ref_includes_batch=True`` when ``ref_emb[:B]`` is the batch itself
-        (see ``daal_triton.daal_loss``)."""
+        (see ``daal_triton.daal_loss``). ``ref_emb`` that *is* ``embeddings`` (the same tensor,
+        with ``ref_labels`` None or ``labels`` itself) means no reference set, as in
+        pytorch-metric-learning."""
+        if ref_emb is embeddings and (ref_labels is None or ref_labels is labels):
+            ref_emb = ref_labels = None
         weights = None
         if indices_tuple is not None:
             check_float_matrix(embeddings, "embeddings", values=False)  # the weights need its B
+            dtype = torch.promote_types(torch.promote_types(embeddings.dtype, self.segments.dtype), torch.float32)
             weights = miner_weights(indices_tuple, embeddings.shape[0], device=embeddings.device,
-                                    using_ref=ref_emb is not None)
+                                    using_ref=ref_emb is not None, dtype=dtype, check_values=self.check_values)
         return loss_with(embeddings, labels, self.endpoints(), self.hp, ref_embeddings=ref_emb,
                          ref_labels=ref_labels, ref_includes_batch=ref_includes_batch,
                          backend=self.backend, check_values=self.check_values,
-                         sample_weights=weights)
+                         sample_weights=weights, ref_name="ref_emb")
 
     def extra_repr(self) -> str:
-        hp = ", ".join(f"{k}={v}" for k, v in self.hparams.items())
+        hp = ", ".join(f"{k}={v!r}" for k, v in self.hparams.items())
         points = ", point_proxies=True" if self.point_proxies else ""
+        checks = "" if self.check_values is None else f", check_values={self.check_values}"
         return (f"num_classes={self.num_classes}, embedding_dim={self.embedding_dim}, {hp}, "
-                f"backend={self.backend!r}{points}")
+                f"backend={self.backend!r}, init_length={getattr(self, 'init_length', 0.2)!r}{checks}{points}")

@@ -125,15 +125,16 @@ def check_k(k) -> int:
 
 def validate_loss_inputs(
     embeddings, labels, segments, *, k, ref_embeddings=None, ref_labels=None,
-    ref_includes_batch=False, check_values: Optional[bool] = None,
+    ref_includes_batch=False, check_values: Optional[bool] = None, ref_name: str = "ref_embeddings",
 ) -> None:
-    """Everything docs/method.md asks of ``daal_loss``'s tensors."""
+    """Everything docs/method.md asks of ``daal_loss``'s tensors (``ref_name``: what the caller
+    calls the reference set, ``ref_emb`` for ``DAALLoss``)."""
     check_bool(ref_includes_batch, "ref_includes_batch")
     for name, t in (("embeddings", embeddings), ("labels", labels), ("segments", segments)):
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     check_same_device(embeddings=embeddings, labels=labels, segments=segments,
-                      ref_embeddings=ref_embeddings, ref_labels=ref_labels)
+                      **{ref_name: ref_embeddings}, ref_labels=ref_labels)
     values = value_checks_on(embeddings.device, check_values)
     check_float_matrix(embeddings, "embeddings", values=values)
     if embeddings.shape[0] < 1:
@@ -149,20 +150,20 @@ def validate_loss_inputs(
     check_k(k)
     check_labels(labels, "labels", embeddings.shape[0], num_classes, values=values)
     if (ref_embeddings is None) != (ref_labels is None):
-        raise ValueError("ref_embeddings and ref_labels must be given together")
+        raise ValueError(f"{ref_name} and ref_labels must be given together")
     if ref_embeddings is not None:
-        check_float_matrix(ref_embeddings, "ref_embeddings", values=values)
+        check_float_matrix(ref_embeddings, ref_name, values=values)
         if ref_embeddings.shape[1] != embeddings.shape[1]:
             raise ValueError(
-                f"ref_embeddings must have {embeddings.shape[1]} columns like embeddings, "
+                f"{ref_name} must have {embeddings.shape[1]} columns like embeddings, "
                 f"got {ref_embeddings.shape[1]}"
             )
         check_labels(ref_labels, "ref_labels", ref_embeddings.shape[0], None)
         if ref_includes_batch and ref_embeddings.shape[0] < embeddings.shape[0]:
-            raise ValueError("ref_includes_batch=True needs ref_embeddings to start with the batch's "
+            raise ValueError(f"ref_includes_batch=True needs {ref_name} to start with the batch's "
                              f"{embeddings.shape[0]} rows, got {ref_embeddings.shape[0]} rows")
     elif ref_includes_batch:
-        raise ValueError("ref_includes_batch=True needs ref_embeddings and ref_labels")
+        raise ValueError(f"ref_includes_batch=True needs {ref_name} and ref_labels")
 
 
 def validate_knn_inputs(query, ref, k, query_labels=None, ref_labels=None, *,

@@ -1063,7 +1063,7 @@ def _knn_backward_op(g: torch.Tensor, index: torch.Tensor, query: torch.Tensor,
 @_knn_backward_op.register_fake
 def _knn_backward_fake(g, index, query, ref, ref_grad):
     rows = ref.shape[0] if ref_grad else 0
-    return torch.empty_like(query), ref.new_empty((rows, ref.shape[1]))
+    return query.new_empty(query.shape), ref.new_empty((rows, ref.shape[1]))  # contiguous, as the kernel's
 
 
 def _knn_setup_context(ctx, inputs, output):

@@ -370,8 +370,8 @@ def _pairwise_backward_op(g: torch.Tensor, dist: torch.Tensor, x: torch.Tensor,
     xc, yc = prepare(x, dtype), prepare(y, dtype)
     g = g.to(torch.float32)
     M, N = dist.shape
-    if M == 0 or N == 0:
-        return torch.zeros_like(x), torch.zeros_like(y)
+    if M == 0 or N == 0:  # contiguous, as the kernels' results (and the fake) are
+        return x.new_zeros(x.shape), y.new_zeros(y.shape)
     flags = bwd_flags(dtype)
     h, hrow, hcol = _form_h(g, dist, dtype, flags["ROUND_TF32"])
     dx = _backward_gemm(h, hrow, xc, yc, False, flags).to(x.dtype)
@@ -381,7 +381,7 @@ def _pairwise_backward_op(g: torch.Tensor, dist: torch.Tensor, x: torch.Tensor,
 
 @_pairwise_backward_op.register_fake
 def _pairwise_backward_fake(g, dist, x, y):
-    return torch.empty_like(x), torch.empty_like(y)
+    return x.new_empty(x.shape), y.new_empty(y.shape)  # contiguous, whatever x's and y's strides
 
 
 def _pairwise_setup_context(ctx, inputs, output):

@@ -1115,3 +1115,22 @@ def test_knn_wide_tiles_gpu(monkeypatch, M, N, k, splits):
     assert (out["table"][0] - out["wide"][0]).abs().max().item() <= 1e-3
     _run(q, r, k, exclude_self=r is q, splits=splits, grad=False, tol=tolerance(torch.bfloat16, tf32=True),
          check_index="none")
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+def test_custom_ops_opcheck(layout):
+    """Schema, fake (shapes *and strides*: the backward's results are contiguous whatever the
+    inputs' layout, so its fake must be too, or inductor miscompiles the backward of a transposed
+    input) and autograd registration of ``daal_triton::knn`` and its backward."""
+    def rows(n, d):
+        t = torch.randn(d, n, device=DEV).t() if layout == "transposed" else torch.randn(n, d, device=DEV)
+        return t.requires_grad_(True)
+
+    q, r = rows(7, 5), rows(11, 5)
+    utils = ("test_schema", "test_faketensor", "test_autograd_registration")
+    torch.library.opcheck(torch.ops.daal_triton.knn.default, (q, r, 3, None, None, False, None), test_utils=utils)
+    _, index = torch.ops.daal_triton.knn(q, r, 3, None, None, False, None)
+    for ref_grad in (True, False):
+        torch.library.opcheck(torch.ops.daal_triton.knn_backward.default,
+                              (torch.randn(7, 3, device=DEV), index, q.detach(), r.detach(), ref_grad),
+                              test_utils=("test_schema", "test_faketensor"))

@@ -190,3 +190,20 @@ def test_backward_h_formed_once(monkeypatch):
     assert calls == ["_pairwise_h_kernel", "_pairwise_bwd_kernel", "_pairwise_bwd_kernel"]
     assert kp.h_dtype(torch.bfloat16) == torch.bfloat16
     assert kp.h_dtype(torch.float16) == kp.h_dtype(torch.float32) == torch.float32
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "transposed", "empty"])
+def test_custom_ops_opcheck(layout):
+    """Schema, fake (shapes and strides: the backward's results are contiguous whatever the
+    inputs' layout, as its fake says) and autograd registration of the pairwise ops."""
+    def rows(n, d):
+        t = torch.randn(d, n, device=DEV).t() if layout == "transposed" else torch.randn(n, d, device=DEV)
+        return t.requires_grad_(True)
+
+    x, y = rows(0 if layout == "empty" else 6, 5), rows(9, 5)
+    torch.library.opcheck(torch.ops.daal_triton.pairwise_distance.default, (x, y),
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    d = torch.ops.daal_triton.pairwise_distance(x, y)
+    torch.library.opcheck(torch.ops.daal_triton.pairwise_distance_backward.default,
+                          (torch.randn(d.shape, device=DEV), d.detach(), x.detach(), y.detach()),
+                          test_utils=("test_schema", "test_faketensor"))

@@ -36,6 +36,78 @@ def test_state_dict_round_trip_and_repr():
     b.load_state_dict(a.state_dict())
     assert torch.equal(a.segments, b.segments)
     assert "alpha=16.0" in repr(a) and "num_classes=3" in repr(a)
+    assert "reduction='mean'" in repr(a) and "init_length=0.2" in repr(a)
+    assert "check_values=True" in repr(dt.DAALLoss(3, 5, check_values=True))
+
+
+def test_default_dtype_and_reset_parameters():
+    # segments follow the default dtype as nn.Linear's weights do, and a module built on the meta
+    # device gets real segments back with to_empty() + reset_parameters()
+    old = torch.get_default_dtype()
+    try:
+        torch.set_default_dtype(torch.float64)
+        assert dt.DAALLoss(3, 5).segments.dtype == torch.float64
+    finally:
+        torch.set_default_dtype(old)
+    with torch.device("meta"):
+        meta = dt.DAALLoss(4, 6, init_length=0.3)
+    loss = meta.to_empty(device="cpu")
+    loss.reset_parameters(generator=torch.Generator().manual_seed(0))
+    expect = dt.init_segments(4, 6, length=0.3, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(loss.segments, expect) and loss.segments.requires_grad
+    points = dt.DAALLoss(4, 6, point_proxies=True)
+    points.reset_parameters()
+    assert points.segments.shape == (4, 1, 6) and torch.allclose(points.segments.norm(dim=2), torch.ones(4, 1))
+
+
+def test_ref_emb_that_is_the_batch_means_no_reference_set():
+    # pytorch-metric-learning's convention: ref_emb=embeddings (the same tensor) is no reference
+    # set; the sample is not its own neighbour and a miner's tuple counts every index
+    z, y, _ = random_problem(12, 3, 5, dtype=torch.float32)
+    loss = dt.DAALLoss(3, 5, backend="reference", tau=2.0)
+    plain = loss(z, y)
+    assert loss(z, y, None, z, y).item() == plain.item() == loss(z, y, ref_emb=z).item()
+    tup = (torch.tensor([0, 1, 2]), torch.tensor([3, 4, 5]), torch.tensor([6, 7, 8]))
+    assert loss(z, y, tup, z, y).item() == loss(z, y, tup).item()
+    other = loss(z, y, None, z.clone(), y)  # another tensor: a reference set, nothing excluded
+    assert other.item() != plain.item()
+
+
+def test_module_errors_name_its_arguments():
+    z, y, _ = random_problem(6, 3, 5, dtype=torch.float32)
+    loss = dt.DAALLoss(3, 5, backend="reference")
+    with pytest.raises(ValueError, match="^ref_emb and ref_labels must be given together"):
+        loss(z, y, ref_emb=torch.randn(4, 5))
+    with pytest.raises(ValueError, match="^ref_emb must have 5 columns"):
+        loss(z, y, ref_emb=torch.randn(4, 3), ref_labels=torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match="ref_emb contains NaN"):
+        loss(z, y, ref_emb=torch.full((4, 5), float("nan")), ref_labels=torch.zeros(4, dtype=torch.long))
+
+
+def test_miner_weights_in_the_loss_dtype():
+    # a float64 loss weighs its samples in float64 (1/3 is not rounded to float32's 0.33333334)
+    from daal_triton.loss import miner_weights
+
+    tup = (torch.tensor([0, 0, 0, 1]), torch.tensor([2, 2, 2, 2]))
+    w = miner_weights(tup, 3, dtype=torch.float64)
+    assert w.dtype == torch.float64 and w.tolist() == [3 / 4, 1 / 4, 1.0]
+    z, y, seg = random_problem(3, 2, 4)
+    per = dt.DAALLoss(2, 4, backend="reference", reduction="none").double()
+    with torch.no_grad():
+        per.segments.copy_(seg)
+    assert torch.equal(per(z, y, tup), per(z, y) * torch.tensor([3 / 4, 1 / 4, 1.0], dtype=torch.float64))
+
+
+@pytest.mark.interpreter
+def test_compile_fullgraph_with_a_miner_tuple():
+    # the tuple's index-range check must not run while torch.compile traces (a data-dependent read)
+    z, y, _ = random_problem(12, 3, 8, dtype=torch.float32)
+    tup = (torch.tensor([0, 1, 2, 3]), torch.tensor([4, 5, 6, 7]), torch.tensor([8, 9, 10, 11]))
+    for backend in ("reference", "triton"):
+        loss = dt.DAALLoss(3, 8, backend=backend)
+        eager = loss(z, y, tup)
+        compiled = torch.compile(lambda a, b, t: loss(a, b, t), fullgraph=True, backend="aot_eager")(z, y, tup)
+        assert torch.allclose(compiled, eager, rtol=1e-6, atol=0), backend
 
 
 def test_memory_bank_reference_set():
