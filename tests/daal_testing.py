@@ -141,12 +141,15 @@ def specialise(signature: dict, unit=(), rows=(), specialisation: str = "generic
 
 
 def _compile_here(fn, signature, constexprs, capability, num_warps, num_stages,
-                  specialisation="generic", unit=(), rows=(), maxnreg=None):
+                  specialisation="generic", unit=(), rows=(), maxnreg=None, divisible=None):
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    sig, ones, divisible = specialise(signature, unit, rows, specialisation)
+    if specialisation == "recorded":  # a launch as recorded (tests/kernels/launch_recorder.py)
+        sig, ones, divisible = dict(signature), {}, set(divisible or ())
+    else:
+        sig, ones, divisible = specialise(signature, unit, rows, specialisation)
     constexprs = {**constexprs, **ones}
     for name in constexprs:
         sig[name] = "constexpr"
@@ -253,7 +256,7 @@ for job in jobs:
         fn = getattr(importlib.import_module(job["module"]), job["name"])
         k = _compile_here(fn, job["signature"], job["constexprs"], job["capability"],
                           job["num_warps"], job["num_stages"], job["specialisation"],
-                          job["unit"], job["rows"], job.get("maxnreg"))
+                          job["unit"], job["rows"], job.get("maxnreg"), job.get("divisible"))
         md = k.metadata
         res.update(ptx=k.asm["ptx"], metadata={"shared": md.shared, "num_warps": md.num_warps,
                                                "name": md.name},

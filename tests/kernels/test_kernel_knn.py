@@ -480,8 +480,9 @@ def test_knn_forward_alternatives_fit_their_residency():
     candidate with a register cap (its sixth field), which spills only outside the K-loop: no
     local-memory access in the loop that holds the MMAs (SASS), and at most 256 B per thread
     for the 60k benchmark's build (KP 8, no labels: 128 B under Triton 3.8, 200 B under 3.6).
-    A capped or "tma" candidate (seventh field: tensor-descriptor loads, with TMA copies in the
-    PTX) is compiled as that benchmark launches it."""
+    Every candidate (and the entry) is compiled as that benchmark launches it: KP 8, no labels,
+    the "tma" ones (seventh field) with tensor-descriptor loads (TMA copies in the PTX). (Until
+    2026-12-02 only the capped and "tma" ones were; the others were built at KP 16 with labels.)"""
     import dataclasses
 
     from daal_testing import compile_many_for_gpu, gpu_job, sass_loops
@@ -500,8 +501,8 @@ def test_knn_forward_alternatives_fit_their_residency():
         cap, tma = (rest + [None, None])[:2]
         la = dataclasses.replace(base, config=base.config.with_blocks(
             num_warps=w, num_stages=st, BLOCK_M=bm, BLOCK_N=bn, FLAT=flat, maxnreg=cap))
-        if rest:  # as the 60k benchmark launches it
-            la = dataclasses.replace(la, flags=dict(la.flags, KP=8, HAS_LABELS=False, TMA=tma == "tma"))
+        # as the 60k benchmark launches it
+        la = dataclasses.replace(la, flags=dict(la.flags, KP=8, HAS_LABELS=False, TMA=tma == "tma"))
         jobs.append(gpu_job(la, capability=90, specialisation="aligned", with_sass=bool(cap)))
     for (cfg, resident), res in zip(blocks.items(), compile_many_for_gpu(jobs)):
         assert not res.get("error"), f"{cfg}:\n{res.get('error')}"

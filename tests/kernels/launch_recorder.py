@@ -1,0 +1,255 @@
+"""Record the kernel launches the launchers make on an (emulated) H200, for the compile tests.
+
+``launches()`` in each op module lists configurations by hand; what a launcher passes at run time
+also depends on the call: KP from ``k``, flags (labels, self, a memory bank, casts, weights), and
+Triton's own specialisation of every runtime argument (an int below 2^31 is ``i32``, an int equal
+to 1 a constant, a size or pointer divisible by 16 marked so). This records them: every
+``@triton.jit`` kernel of ``daal_triton.kernels`` is replaced by a recorder (nothing runs; integer
+tensor arguments are zero-filled so the aten glue between launches indexes in range), and the
+launchers are told they run on an sm_90 GPU with 132 SMs, on the shapes ``bench/gpu_check.sh``
+times and the training loss uses. ``python tests/kernels/launch_recorder.py OUT.json`` writes one
+job per distinct launch (kernel, signature, constexprs, divisibility, options) with the scenarios
+that launch it; tests/kernels/test_kernel_launched_builds.py compiles each for sm_90 and sm_80.
+
+Run in a process of its own without ``TRITON_INTERPRET`` (the launchers then pick the GPU's
+configurations and precision flags).
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+import json
+import os
+import sys
+
+SM_COUNT = 132  # an H100 / H200
+
+
+def _type_of(value):
+    """Triton's JIT specialisation of one runtime argument: ``(type, divisible by 16)``, or
+    ``("constexpr", value)`` for what it turns into a constant (None, an int equal to 1)."""
+    import torch
+
+    if value is None:
+        return "constexpr", None
+    if isinstance(value, bool):
+        return "i1", False
+    if isinstance(value, int):
+        if value == 1:
+            return "constexpr", 1
+        kind = "i32" if -2**31 <= value < 2**31 else "i64" if value < 2**63 else "u64"
+        return kind, value % 16 == 0
+    if isinstance(value, float):
+        return "fp32", False
+    if type(value).__name__ == "TensorDescriptor":  # the kNN forward's descriptor loads (sm_90)
+        from daal_triton.kernels._common import descriptor_type
+
+        return descriptor_type(value.base.dtype, *value.block_shape), False
+    if isinstance(value, torch.Tensor):
+        names = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int64: "i64",
+                 torch.int32: "i32", torch.int8: "i8", torch.uint8: "u8", torch.bool: "i1"}
+        return "*" + names[value.dtype], value.data_ptr() % 16 == 0
+    raise TypeError(f"no specialisation rule for {type(value).__name__}")
+
+
+class _Recorder:
+    def __init__(self, kernel, sink):
+        self.fn = kernel
+        self.name = kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__
+        self.params = list(inspect.signature(getattr(kernel, "fn", kernel)).parameters)
+        self.sink = sink
+
+    def __getitem__(self, grid):
+        import torch
+
+        def launch(*args, **kwargs):
+            opts = {k: kwargs.pop(k) for k in ("num_warps", "num_stages", "maxnreg") if k in kwargs}
+            unknown = [k for k in kwargs if k not in self.params]
+            if unknown:
+                raise TypeError(f"{self.name}: launch keywords {unknown} are not parameters")
+            signature, constexprs, divisible = {}, dict(kwargs), []
+            for name, value in zip(self.params, args):
+                kind, extra = _type_of(value)
+                if kind == "constexpr":
+                    constexprs[name] = extra
+                    continue
+                signature[name] = kind
+                if extra:
+                    divisible.append(name)
+            for value in args:  # plausible outputs for the glue that reads them
+                if isinstance(value, torch.Tensor) and not value.is_floating_point() and value.dtype != torch.bool:
+                    value.data.zero_()  # .data: no version bump (saved for backward)
+            self.sink(dict(kernel=self.name, signature=signature, constexprs=constexprs,
+                           divisible=sorted(divisible), options=opts))
+        return launch
+
+
+@contextlib.contextmanager
+def _env(**values):
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+
+
+def record() -> list:
+    """Every distinct launch of the scenarios, with the scenarios that make it."""
+    assert "TRITON_INTERPRET" not in os.environ or os.environ["TRITON_INTERPRET"] in ("", "0")
+    import torch
+    from daal_triton import core, functional
+    from daal_triton.kernels import _common, combine, density, knn, line_margin, normalize, pairwise
+
+    jobs, scenario = {}, [""]
+
+    def sink(job):
+        key = json.dumps(job, sort_keys=True, default=str)
+        jobs.setdefault(key, dict(job, scenarios=[]))
+        if scenario[0] not in jobs[key]["scenarios"]:
+            jobs[key]["scenarios"].append(scenario[0])
+
+    modules = (_common, knn, line_margin, pairwise, normalize, density, combine)
+    for mod in modules:
+        for name in dir(mod):
+            obj = getattr(mod, name)
+            if name.startswith("_") and name.endswith("_kernel") and hasattr(obj, "fn"):
+                setattr(mod, name, _Recorder(obj, sink))
+    for mod in modules:  # the launchers believe in an sm_90 GPU
+        if hasattr(mod, "sm_count"):
+            mod.sm_count = lambda device: SM_COUNT
+    splits = knn._num_splits
+    knn._num_splits = lambda M, N, bm, bn, device, *a, **kw: splits(M, N, bm, bn, torch.device("cuda"), *a, **kw)
+    line_margin.mm_f32 = lambda a, b: torch.zeros(a.shape[0], b.shape[1])
+    eligible = knn._tma_eligible  # descriptor loads: an sm_90 device has TMA
+
+    def tma_eligible(*args):
+        saved, knn.interpreting = knn.interpreting, lambda: True  # the rule's last line, on a CPU tensor
+        try:
+            return eligible(*args)
+        finally:
+            knn.interpreting = saved
+    knn._tma_eligible = tma_eligible
+
+    g = torch.Generator().manual_seed(0)
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+    def loss(dt, B, C, D, bank=False):
+        """The loss, forward and backward, as DAALLoss runs it (bench/cases.py "loss")."""
+        emb = torch.randn(B, D, generator=g).to(dtypes[dt]).requires_grad_(True)
+        seg = torch.randn(C, 2, D, generator=g).requires_grad_(True)
+        labels = torch.randint(0, C, (B,), generator=g)
+        kw = dict(ref_embeddings=torch.randn(4096, D, generator=g).to(dtypes[dt]),
+                  ref_labels=torch.randint(0, C, (4096,), generator=g)) if bank else {}
+        parts = core.compose(emb, labels, seg, core.Hyperparameters(), functional._ops("triton"),
+                             split_line_pull=False, **kw)
+        parts.loss.backward()
+
+    def knn_op(dt, M, N, D, k, labelled, own, grad=True):
+        """The kNN on its own (bench/cases.py "knn"; the retrieval evaluation takes no gradient)."""
+        q = torch.randn(M, D, generator=g).to(dtypes[dt])
+        r = q if own else torch.randn(N, D, generator=g).to(dtypes[dt])
+        ql = torch.randint(0, 100, (M,), generator=g) if labelled else None
+        dist, index = knn._knn_forward(q, r, k, ql, ql if own else None, own, None)
+        if grad:
+            knn._knn_backward(torch.ones(M, k), index, q, r, True)
+
+    def line_margin_op(dt, B, C, D, atomic=False, seg_dt=None):
+        """The line margin on its own, segments of the input dtype as the benchmarks build them
+        (``seg_dt``: float32 ones, as DAALLoss and bench/tune_line_margin.py give)."""
+        x = torch.randn(B, D, generator=g).to(dtypes[dt])
+        seg = torch.randn(C, 2, D, generator=g).to(dtypes[seg_dt or dt])
+        labels = torch.randint(0, C, (B,), generator=g)
+        merged = _common.merged_launches()
+        out, lse, rs, st, sx = line_margin._line_margin2_op._init_fn(x, seg, labels, torch.rand(B), 16.0, 0.1, merged)
+        line_margin._line_margin2_backward(torch.ones(B), x, seg, sx, st, labels, lse, rs, 16.0, 0.1, atomic, merged)
+
+    def pairwise_op(dt, M, N, D):
+        x, y = torch.randn(M, D, generator=g).to(dtypes[dt]), torch.randn(N, D, generator=g).to(dtypes[dt])
+        d = pairwise._pairwise_op._init_fn(x, y)
+        pairwise._pairwise_backward_op._init_fn(torch.ones(M, N), d.abs() + 0.1, x, y)
+
+    eval60k, bank = (60000, 60000, 512, 8, False, True, False), (1024, 65536, 512, 8, False, False)
+    scenarios = [  # (name, call, environment): the defaults, then the switches gpu_check times
+        ("loss fp32 dml", lambda: loss("fp32", 180, 100, 512), {}),
+        ("loss bf16 dml", lambda: loss("bf16", 180, 100, 512), {}),
+        ("loss fp32 dml bank", lambda: loss("fp32", 180, 100, 512, bank=True), {}),
+        ("loss fp32 classes11k", lambda: loss("fp32", 1024, 11318, 512), {}),
+        ("loss bf16 large", lambda: loss("bf16", 4096, 1000, 512), {}),
+        ("knn bf16 eval60k", lambda: knn_op("bf16", *eval60k), {}),
+        ("knn bf16 bank", lambda: knn_op("bf16", *bank), {}),
+        ("knn fp32 bank", lambda: knn_op("fp32", *bank), {}),
+        ("knn bf16 dml", lambda: knn_op("bf16", 180, 180, 512, 3, True, True), {}),
+        ("line_margin fp32 dml", lambda: line_margin_op("fp32", 180, 100, 512), {}),
+        ("line_margin bf16 dml", lambda: line_margin_op("bf16", 180, 100, 512), {}),
+        ("line_margin bf16 classes100k", lambda: line_margin_op("bf16", 1024, 100000, 512), {}),
+        ("pairwise fp32 large", lambda: pairwise_op("fp32", 4096, 4096, 512), {}),
+        ("pairwise bf16 large", lambda: pairwise_op("bf16", 4096, 4096, 512), {}),
+        ("pairwise bf16 bank", lambda: pairwise_op("bf16", 1024, 65536, 512), {}),
+        # float32 under torch.set_float32_matmul_precision("high"): single-pass TF32
+        ("loss fp32 dml, tf32", lambda: loss("fp32", 180, 100, 512), {"precision": "high"}),
+        ("knn fp32 bank, tf32", lambda: knn_op("fp32", *bank), {"precision": "high"}),
+        ("pairwise fp32 large, tf32", lambda: pairwise_op("fp32", 4096, 4096, 512), {"precision": "high"}),
+        # the internal switches' alternatives (bench/cases.py SWITCHES)
+        ("knn bf16 eval60k, descriptor loads", lambda: knn_op("bf16", *eval60k), {"DAAL_KNN_LOADS": "tma"}),
+        ("knn bf16 bank, descriptor loads", lambda: knn_op("bf16", *bank), {"DAAL_KNN_LOADS": "tma"}),
+        ("knn bf16 eval60k, checked merge", lambda: knn_op("bf16", *eval60k), {"DAAL_KNN_MERGE": "checked"}),
+        ("knn bf16 bank, checked merge", lambda: knn_op("bf16", *bank), {"DAAL_KNN_MERGE": "checked"}),
+        ("loss fp32 dml, checked merge", lambda: loss("fp32", 180, 100, 512), {"DAAL_KNN_MERGE": "checked"}),
+        ("knn bf16 eval60k, wave splits", lambda: knn_op("bf16", *eval60k), {"split_policy": "waves"}),
+        ("knn bf16 bank, wave splits", lambda: knn_op("bf16", *bank), {"split_policy": "waves"}),
+        ("knn bf16 eval60k, wide tiles", lambda: knn_op("bf16", *eval60k), {"DAAL_KNN_TILES": "wide"}),
+        ("knn bf16 bank, wide tiles", lambda: knn_op("bf16", *bank), {"DAAL_KNN_TILES": "wide"}),
+        ("line_margin bf16 classes100k, atomic own", lambda: line_margin_op("bf16", 1024, 100000, 512, atomic=True),
+         {"DAAL_LM_OWN_SEG": "atomic"}),
+        ("loss fp32 dml, atomic own", lambda: loss("fp32", 180, 100, 512), {"DAAL_LM_OWN_SEG": "atomic"}),
+        ("loss fp32 dml, aten glue", lambda: loss("fp32", 180, 100, 512), {"DAAL_GLUE": "aten"}),
+        ("loss fp32 dml, separate", lambda: loss("fp32", 180, 100, 512), {"DAAL_LAUNCHES": "separate"}),
+        ("knn bf16 dml, separate", lambda: knn_op("bf16", 180, 180, 512, 3, True, True), {"DAAL_LAUNCHES": "separate"}),
+        ("line_margin bf16 dml, separate", lambda: line_margin_op("bf16", 180, 100, 512), {"DAAL_LAUNCHES": "separate"}),
+    ]
+    # bench/tune_line_margin.py's candidates, as it launches them (its shape, float32 segments)
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "bench"))
+    import tune_line_margin as tune
+
+    def with_candidate(fam, kernel, blocks):
+        def call():
+            table = line_margin.CONFIGS[fam][kernel]
+            bb, bc, w, s = blocks
+            line_margin.CONFIGS[fam][kernel] = table.with_blocks(BLOCK_B=bb, BLOCK_C=bc, num_warps=w, num_stages=s)
+            try:
+                line_margin_op("fp32" if fam == "fp32" else "bf16", 1024, 100000, 512, seg_dt="fp32")
+            finally:
+                line_margin.CONFIGS[fam][kernel] = table
+        return call
+
+    for fam in ("half", "fp32"):
+        for kernel in tune.KERNELS:
+            previous = [tune.PREVIOUS[fam][kernel]] if kernel in tune.PREVIOUS.get(fam, {}) else []
+            for blocks in previous + tune.CANDIDATES[kernel]:
+                scenarios.append((f"tune_line_margin {fam} {kernel} {blocks}", with_candidate(fam, kernel, blocks), {}))
+    for name, call, settings in scenarios:
+        scenario[0] = name
+        settings = dict(settings)
+        precision = settings.pop("precision", "highest")
+        policy = settings.pop("split_policy", knn.SPLIT_POLICY)
+        before_policy, before_precision = knn.SPLIT_POLICY, torch.get_float32_matmul_precision()
+        knn.SPLIT_POLICY = policy
+        torch.set_float32_matmul_precision(precision)
+        try:
+            with _env(**settings):
+                call()
+        finally:
+            knn.SPLIT_POLICY = before_policy
+            torch.set_float32_matmul_precision(before_precision)
+    return list(jobs.values())
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit("usage: python tests/kernels/launch_recorder.py OUT.json")
+    recorded = record()
+    with open(sys.argv[1], "w") as f:
+        json.dump(recorded, f, indent=1, default=str)
+    print(f"{len(recorded)} distinct launches")

@@ -1,0 +1,144 @@
+"""Every launch the launchers make on the benchmark and training shapes compiles for sm_90 and
+sm_80 exactly as Triton's JIT would specialise it there, and the sm_90 builds keep their registers.
+
+``launches()`` (kernels/*.py) lists configurations by hand and the other build tests compile
+those; what a GPU actually launches also depends on the call (KP from ``k``, flags for labels,
+self, a memory bank, casts, weights) and on Triton's specialisation of each argument (``i32``
+for ints below 2^31, constants for ints equal to 1, divisibility by 16). An audit found 451 of
+596 launched configurations built by no test. ``launch_recorder.py`` records the real ones on an
+emulated H200 (nothing runs); this builds each (no GPU needed).
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from daal_testing import compile_many_for_gpu
+
+pytestmark = pytest.mark.build
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def allowed_stack(launch) -> int:
+    """The local memory (bytes) an sm_90 build may keep, with the reason; 0 for all others. A
+    launch that spills more fails the test by kernel, constexprs and scenario."""
+    sig = launch["signature"]
+    if launch["kernel"] in ("_lm2_dseg_kernel", "_lm2_dseg_finish_kernel") and sig["seg_ptr"] in ("*bf16", "*fp16"):
+        return 48  # half-precision segments: only the line-margin benchmark's direct calls (DAALLoss
+        # hands the kernels float32 segments, which keep no stack)
+    if launch["kernel"] == "_knn_finish_kernel" and sig["q_ptr"] == "*fp32" and launch["constexprs"]["KP"] == 8:
+        return 8  # the float32 finish at KP 8 (k = 5..8; the loss's k = 3 runs KP 4): 8 B
+    return 0
+
+
+@pytest.fixture(scope="module")
+def recorded(tmp_path_factory):
+    out = tmp_path_factory.mktemp("launches") / "launches.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "launch_recorder.py"), str(out)], env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    with open(out) as f:
+        return json.load(f)
+
+
+def _module_of(kernel: str) -> str:
+    from daal_triton.kernels import _common, combine, density, knn, line_margin, normalize, pairwise
+
+    for mod in (_common, knn, line_margin, pairwise, normalize, density, combine):
+        if hasattr(mod, kernel):
+            return mod.__name__
+    raise LookupError(kernel)
+
+
+def _describe(launch) -> str:
+    shown = {k: v for k, v in launch["constexprs"].items() if v is not None}
+    return f"{launch['kernel']} {launch['options']} {shown} [{'; '.join(launch['scenarios'])}]"
+
+
+def _capabilities(launch):
+    """sm_90, and sm_80 unless the launch loads through tensor descriptors (sm_90 only: the
+    launcher never takes them on an older GPU)."""
+    return (90,) if any(t.startswith("tensordesc") for t in launch["signature"].values()) else (90, 80)
+
+
+@pytest.fixture(scope="module")
+def built(recorded):
+    jobs = []
+    for launch in recorded:
+        for capability in _capabilities(launch):
+            jobs.append({"module": _module_of(launch["kernel"]), "name": launch["kernel"],
+                         "signature": launch["signature"], "constexprs": launch["constexprs"],
+                         "divisible": launch["divisible"], "capability": capability,
+                         "num_warps": launch["options"]["num_warps"],
+                         "num_stages": launch["options"]["num_stages"],
+                         "maxnreg": launch["options"].get("maxnreg"), "specialisation": "recorded",
+                         "unit": [], "rows": [], "sass": False})
+    return list(zip([la for la in recorded for _ in _capabilities(la)], compile_many_for_gpu(jobs)))
+
+
+def test_the_recording_covers_every_kernel_of_the_hot_paths(recorded):
+    # the scenarios reach every kernel the loss, kNN, line margin and pairwise distance launch
+    kernels = {la["kernel"] for la in recorded}
+    expected = {"_knn_fwd_kernel", "_knn_finish_kernel", "_knn_bwd_kernel", "_sqnorm_kernel",
+                "_lm2_fwd_kernel", "_lm2_bwd_kernel", "_lm2_own_prep_kernel", "_lm2_ownseg_kernel",
+                "_lm2_dseg_kernel", "_lm2_dseg_finish_kernel", "_lm2_lse_kernel", "_pairwise_fwd_kernel",
+                "_pairwise_h_kernel", "_pairwise_bwd_kernel", "_prepare_fwd_kernel", "_prepare_bwd_kernel",
+                "_density_fwd_kernel", "_density_bwd_kernel", "_combine_fwd_kernel", "_combine_bwd_kernel"}
+    assert expected <= kernels, expected - kernels
+    # and the launch-time facts the hand-written lists missed: the loss's k = 3 (KP 4), its
+    # float32 segments (no cast), ints typed i32 by value
+    knn_kp = {la["constexprs"].get("KP") for la in recorded if la["kernel"] == "_knn_fwd_kernel"}
+    assert {4, 8} <= knn_kp
+    assert any(la["constexprs"].get("CAST") is False for la in recorded if la["kernel"] == "_lm2_own_prep_kernel")
+    assert all(t != "i64" for la in recorded for t in la["signature"].values())
+    # the switches gpu_check times: the wide tiles (256 rows) and descriptor loads
+    assert any(la["constexprs"].get("BLOCK_M") == 256 and la["constexprs"].get("TMA") for la in recorded)
+
+
+def test_every_recorded_launch_compiles_for_sm90_and_sm80(built):
+    errors = [f"sm_{res['capability']} {_describe(la)}:\n{res['error'][-1500:]}" for la, res in built
+              if "error" in res]
+    assert not errors, "\n\n".join(errors)
+
+
+def _tuning_only(launch) -> bool:
+    return all(s.startswith("tune_") for s in launch["scenarios"])
+
+
+def test_recorded_sm90_launches_do_not_spill(built):
+    spills = []
+    for la, res in built:
+        if res["capability"] != 90 or "stack" not in res or _tuning_only(la):
+            continue
+        if res["stack"] > allowed_stack(la):
+            spills.append(f"{res['stack']} B stack, {res['registers']} registers: {_describe(la)}")
+    assert not spills, "\n".join(spills)
+
+
+def test_line_margin_tuning_candidates_that_spill_are_the_ones_it_skips(built):
+    """bench/tune_line_margin.py times block sizes on the GPU against the table's, in a budget of
+    seconds: its candidates all compile (above), and those whose sm_90 build spills (local
+    memory in the hot loop of a GEMM kernel) are exactly the ones it skips (``SPILLS``), so the
+    device time goes to ones that can win."""
+    sys.path.insert(0, os.path.join(HERE, "..", "..", "bench"))
+    import tune_line_margin as tune
+
+    kernel_of = {"_lm2_fwd_kernel": "fwd2", "_lm2_bwd_kernel": "bwd2"}
+    stack = {}
+    for la, res in built:
+        if res["capability"] != 90 or la["kernel"] not in kernel_of:
+            continue
+        for s in la["scenarios"]:
+            parts = s.split(" ", 3)
+            if parts[0] == "tune_line_margin" and parts[2] == kernel_of[la["kernel"]]:
+                stack[parts[1], parts[2], parts[3]] = res["stack"]
+    expected = 2 * sum(len(tune.CANDIDATES[k]) for k in tune.KERNELS)
+    assert len(stack) >= expected - 2, sorted(stack)  # candidates equal to the table's entry merge
+    spilling = {key for key, b in stack.items() if b > 0}
+    declared = {(fam, kernel, str(tuple(blocks))) for fam, per in tune.SPILLS.items()
+                for kernel, cands in per.items() for blocks in cands}
+    assert spilling == declared, {key: stack[key] for key in spilling ^ declared if key in stack}
