@@ -53,6 +53,19 @@ def _worker(rank, world, port, out_dir, shares, same_size):
         dist.destroy_process_group()
 
 
+def _spawn(worker, args, world, out_dir, suffix):
+    """``mp.spawn`` of ``world`` ranks that each write ``rank<r><suffix>`` in ``out_dir``. gloo can
+    abort a process in its own teardown, after the work, under load ("terminate called without an
+    active exception": seen 1 in ~20 runs on 2 busy cores); that is tolerated when every rank
+    wrote its result first, any other failure is not."""
+    try:
+        mp.spawn(worker, args=args, nprocs=world, join=True)
+    except mp.ProcessExitedException as e:
+        written = all(os.path.exists(os.path.join(out_dir, f"rank{r}{suffix}")) for r in range(world))
+        if not (written and e.signal_name == "SIGABRT"):
+            raise
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -66,7 +79,7 @@ def test_gloo_ranks_match_one_process(tmp_path, shares, same_size):
     # Equal shares (with and without the same_size promise), uneven ones (a short last batch)
     # and a rank with no rows: the global batch, its loss and gradients are one process's.
     world = len(shares)
-    mp.spawn(_worker, args=(world, _free_port(), str(tmp_path), shares, same_size), nprocs=world, join=True)
+    _spawn(_worker, (world, _free_port(), str(tmp_path), shares, same_size), world, str(tmp_path), ".pt")
     x, y, model, loss_fn = _problem()
     emb = model(x)
     emb.retain_grad()
@@ -112,7 +125,7 @@ def _mismatch_worker(rank, world, port, out_dir, case):
 def test_gather_rejects_ranks_that_disagree(tmp_path, case):
     # int32 labels on one rank, or another embedding width: every rank gets the same ValueError
     # naming the argument (gloo used to abort the processes inside the row gather).
-    mp.spawn(_mismatch_worker, args=(2, _free_port(), str(tmp_path), case), nprocs=2, join=True)
+    _spawn(_mismatch_worker, (2, _free_port(), str(tmp_path), case), 2, str(tmp_path), ".txt")
     for r in range(2):
         msg = (tmp_path / f"rank{r}.txt").read_text()
         assert msg.startswith(f"{case} differ across ranks"), msg
