@@ -38,16 +38,20 @@ def save_checkpoint(path: str, *, model: nn.Module, criterion: nn.Module, cfg: T
                     metrics: List[Dict[str, Any]], optimizer=None, scheduler=None, scaler=None,
                     memory_bank: Optional[MemoryBank] = None, world_size: int = 1,
                     resumes: Optional[List[Dict[str, Any]]] = None,
-                    rank_rng: Optional[List[Dict[str, Any]]] = None) -> None:
+                    rank_rng: Optional[List[Dict[str, Any]]] = None,
+                    train_classes: Optional[List[str]] = None) -> None:
     """Write a checkpoint atomically (to ``path.tmp``, then rename). ``model`` is the bare network
     (not its DistributedDataParallel wrapper), so checkpoints of any world size load anywhere.
     ``resumes``: the run's resumes so far (config.json's ``resumes`` list), kept with its configuration.
     ``rank_rng``: under torchrun, every rank's :func:`rng_state` in rank order (``rng`` is this
-    process's, rank 0's), so each rank resumes its own augmentation draws."""
+    process's, rank 0's), so each rank resumes its own augmentation draws. ``train_classes``: the
+    training classes' names in label order (the loss's segments belong to them), checked on resume."""
     state = dict(format=FORMAT, model=model.state_dict(), loss=criterion.state_dict(), config=cfg.to_dict(),
                  epoch=epoch, metrics=metrics, version=daal_triton.__version__, world_size=world_size)
     if resumes:
         state["resumes"] = resumes
+    if train_classes is not None:
+        state["train_classes"] = [str(c) for c in train_classes]
     if memory_bank is not None:
         state["memory_bank"] = memory_bank.state_dict()
     if optimizer is not None:

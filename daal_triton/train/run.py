@@ -30,8 +30,8 @@ from daal_triton.memory import MemoryBank
 
 from . import ddp
 from . import evaluate as E
-from .checkpoint import (load_checkpoint, load_weights, require_training_state, restore_rng, rng_state,
-                         save_checkpoint)
+from .checkpoint import (CheckpointError, load_checkpoint, load_weights, require_training_state, restore_rng,
+                         rng_state, save_checkpoint)
 from .config import (TrainConfig, check_kinds, check_out, checked_device, note_source, resume_config,
                      taken_from_checkpoint, validate_config)
 from .data import DistributedPKSampler, PKSampler, build_datasets
@@ -291,6 +291,21 @@ def _here(saved: Dict[str, Any], optimizer: torch.optim.Optimizer) -> Dict[str, 
         for g, fresh in zip(groups, optimizer.param_groups)])
 
 
+def _check_classes(saved, here: List[str], path: str, dataset: str) -> None:
+    """:class:`CheckpointError` when the checkpoint's training classes (``saved``, in label order;
+    None in checkpoints before 2026-12-02) are not the data's: its segments would belong to others."""
+    if saved is None or list(saved) == here:
+        return
+    if not isinstance(saved, list):
+        raise CheckpointError(f"checkpoint {path!r}: its train_classes entry is not a list of names")
+    first = next((i for i, (a, b) in enumerate(zip(saved, here)) if a != b), min(len(saved), len(here)))
+    there_name = saved[first] if first < len(saved) else "none"
+    here_name = here[first] if first < len(here) else "none"
+    raise CheckpointError(f"checkpoint {path!r} was trained on other classes than {dataset} gives here ({len(saved)} "
+                          f"there, {len(here)} here; class {first}: {there_name!r} there, {here_name!r} here): the "
+                          f"loss's segments belong to its classes; is the data (--data-root) the run's?")
+
+
 def resume_run(state: RunState, ck: Dict[str, Any], path: str) -> None:
     """Continue from checkpoint ``ck`` (read from ``path``): weights, optimiser, schedule, scaler,
     the metrics so far, the RNG states (rank 0) and the memory bank. Every rank reads the file
@@ -301,6 +316,7 @@ def resume_run(state: RunState, ck: Dict[str, Any], path: str) -> None:
     step: the optimiser's saved rate is the one after the last step of the previous call, which
     for a run that ended there is the schedule's end (0)."""
     load_weights(state.model, ck["model"], path, "network")
+    _check_classes(ck.get("train_classes"), list(state.train_ds.class_names), path, state.cfg.dataset)
     load_weights(state.criterion, ck["loss"], path, "loss",
                  why=f"the loss holds one entry per training class, and {state.cfg.dataset} gives "
                      f"{state.train_ds.num_classes} here: is the data (--data-root) the run's?")
@@ -507,7 +523,7 @@ def _save(state: RunState, name: str, *, full: bool) -> None:
                  memory_bank=state.bank, rank_rng=state.rank_rng) if full else {}
     save_checkpoint(state.path(name), model=state.model, criterion=state.criterion, cfg=state.cfg,
                     epoch=state.epoch, metrics=state.history, world_size=state.ctx.world_size,
-                    resumes=state.resumes, **extra)
+                    resumes=state.resumes, train_classes=state.train_ds.class_names, **extra)
 
 
 def _embed_test(state: RunState) -> torch.Tensor:

@@ -233,6 +233,97 @@ def test_folder_missing_and_no_root(tmp_path):
         build_datasets("folder", None, 16)
 
 
+# ------------------------------------------------------------------------------------ what users' copies hold
+
+def test_listed_sets_check_their_index_when_loaded(tmp_path):
+    # a listed image missing on disk, an empty split, ids out of range or twice, a list file that
+    # is a folder: refused when the data loads, before any training (they surfaced at the first
+    # evaluation, or as tracebacks)
+    base = _fake_cub(str(tmp_path / "missing"))
+    os.remove(os.path.join(base, "images", "150.Bird_150", "Bird_150_1.jpg"))
+    with pytest.raises(DatasetLayoutError, match=r"cub200: 1 of the 12 images images.txt lists are missing .*restore"):
+        build_datasets("cub200", str(tmp_path / "missing"), 16)
+    _fake_cub(str(tmp_path / "train_only"), classes=(1, 2))
+    with pytest.raises(DatasetLayoutError, match="cub200: no test images"):
+        build_datasets("cub200", str(tmp_path / "train_only"), 16)
+    base = _fake_cub(str(tmp_path / "range"), classes=(1, 101, 201))
+    with pytest.raises(DatasetLayoutError, match=r"class ids outside 1..200 \(\[201\]\)"):
+        build_datasets("cub200", str(tmp_path / "range"), 16)
+    base = _fake_cub(str(tmp_path / "twice"))
+    with open(os.path.join(base, "images.txt"), "a") as f:
+        f.write("1 001.Bird_1/Bird_1_1.jpg\n")
+    with pytest.raises(DatasetLayoutError, match="images.txt, line 13: image id 1 is listed twice"):
+        build_datasets("cub200", str(tmp_path / "twice"), 16)
+    base = _fake_cub(str(tmp_path / "bom"))
+    for name in ("images.txt", "image_class_labels.txt"):  # saved by an editor with a byte-order mark
+        path = os.path.join(base, name)
+        text = open(path, encoding="utf-8").read()
+        open(path, "w", encoding="utf-8-sig").write(text)
+    assert len(build_datasets("cub200", str(tmp_path / "bom"), 16)[0]) == 6
+    sop = os.path.join(str(tmp_path / "sop"), "Stanford_Online_Products")
+    os.makedirs(os.path.join(sop, "Ebay_train.txt"))
+    open(os.path.join(sop, "Ebay_test.txt"), "w").write("image_id class_id super_class_id path\n")
+    with pytest.raises(DatasetLayoutError, match="sop: cannot read .*Ebay_train.txt"):
+        build_datasets("sop", str(tmp_path / "sop"), 16)
+
+
+def test_cars196_with_a_single_annotation(tmp_path):
+    # scipy squeezes a 1 x 1 struct to a 0-d array: one image is still an image
+    _png(os.path.join(str(tmp_path), "car_ims", "000001.jpg"))
+    _savemat(os.path.join(str(tmp_path), "cars_annos.mat"),
+             annotations=_struct([("car_ims/000001.jpg", 1, 0)], ("relative_im_path", "class", "test")),
+             class_names=np.array(["Car 1"], dtype=object))
+    with pytest.raises(DatasetLayoutError, match="cars196: no test images"):  # read, then found one-sided
+        build_datasets("cars196", str(tmp_path), 16)
+
+
+def test_folder_skips_hidden_follows_links_and_refuses_shared_classes(tmp_path):
+    root = str(tmp_path / "tree")
+    for split, classes in (("train", ("ant", "bee")), ("test", ("dog", "eel"))):
+        for c in classes:
+            _png(os.path.join(root, split, c, "0.png"))
+    _png(os.path.join(root, "train", "__MACOSX", "ant", "0.png"))  # an archive's leftovers
+    open(os.path.join(root, "train", "ant", "._0.png"), "wb").write(b"\x00\x05\x16\x07")
+    elsewhere = str(tmp_path / "elsewhere")
+    _png(os.path.join(elsewhere, "1.png"))
+    os.symlink(elsewhere, os.path.join(root, "train", "bee", "more"))  # a linked subfolder of a class
+    train, test = build_datasets("folder", root, 16)
+    assert train.class_names == ["ant", "bee"] and len(train) == 3
+    assert not any("MACOSX" in p or "._" in p for p in train.paths)
+    _png(os.path.join(root, "test", "ant", "0.png"))
+    with pytest.raises(DatasetLayoutError, match="train/ and test/ share the classes ant"):
+        build_datasets("folder", root, 16)
+
+
+def test_image_modes_orientation_and_bombs(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from daal_triton.train.data.base import ImageFileDataset
+
+    paths = {}
+    ramp = (np.arange(64 * 64, dtype=np.uint32).reshape(64, 64) * 16).astype(np.uint16)  # 0 .. 65520
+    paths["i16"] = str(tmp_path / "ramp16.png")
+    Image.fromarray(ramp).save(paths["i16"])
+    paths["f"] = str(tmp_path / "f.tif")
+    Image.fromarray(ramp.astype(np.float32) / 65535.0).save(paths["f"])
+    paths["exif"] = str(tmp_path / "exif.jpg")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated: shown upright it is 10 wide and 20 high
+    Image.new("RGB", (20, 10), (200, 10, 10)).save(paths["exif"], exif=exif)
+    ds = ImageFileDataset(list(paths.values()), [0, 0, 0], ["x"], transform=None)
+    for (name, _), (img, _) in zip(paths.items(), (ds[i] for i in range(3))):
+        a = np.asarray(img)
+        if name == "exif":
+            assert img.size == (10, 20)
+        else:  # a full range, not clipped to white (16-bit) or black (float)
+            assert a.min() == 0 and a.max() == 255 and 100 < a.mean() < 155, (name, a.min(), a.max(), a.mean())
+    big = str(tmp_path / "big.png")  # over twice PIL's pixel limit (lowered here: 400 MP otherwise)
+    Image.new("L", (100, 100)).save(big)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    with pytest.raises(DatasetLayoutError, match="cannot read the image .*big.png .*DecompressionBombError"):
+        ImageFileDataset([big], [0], ["x"])[0]
+
+
 # ------------------------------------------------------------------------------------ embedded
 
 def test_shapes_split_modes_and_seed():

@@ -418,7 +418,13 @@ def test_resume_onto_data_with_other_classes_is_one_error_line(tmp_path, error_l
     before = {n: open(os.path.join(out, n), "rb").read() for n in os.listdir(out)}
     assert cli.main(["--resume", _last(out), "--data-root", b, "--no-progress"]) == 2
     line = error_line("daal-train")
-    assert "loss does not fit" in line and "--data-root" in line
+    assert "trained on other classes" in line and "--data-root" in line and "(3 there, 4 here" in line
+    assert {n: open(os.path.join(out, n), "rb").read() for n in os.listdir(out)} == before
+    # as many classes, other ones: the segments would belong to other classes (it resumed silently)
+    c = str(tmp_path / "c")
+    tree(c, ("p", "q", "s"))
+    assert cli.main(["--resume", _last(out), "--data-root", c, "--no-progress"]) == 2
+    assert "class 2: 'r' there, 's' here" in error_line("daal-train")
     assert {n: open(os.path.join(out, n), "rb").read() for n in os.listdir(out)} == before
 
 

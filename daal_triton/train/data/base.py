@@ -75,27 +75,69 @@ class ArrayDataset(MetricDataset):
 
 
 class ImageFileDataset(MetricDataset):
-    """Images on disk (any format PIL reads), loaded as RGB and passed through ``transform``."""
+    """Images on disk (any format PIL reads), loaded as RGB and passed through ``transform``.
+
+    ``listed``: the paths come from the data set's index files (CUB, Cars, SOP), so a damaged
+    image has to be restored, not removed. Images are turned upright by their EXIF orientation;
+    16-bit images are scaled to 8 bits, 32-bit integer and float ones by their own range."""
 
     def __init__(self, paths: Sequence[str], labels: Sequence[int], class_names: List[str],
-                 transform: Optional[Callable] = None) -> None:
+                 transform: Optional[Callable] = None, *, listed: bool = False) -> None:
         self.paths = list(paths)
         self.labels = np.asarray(labels, dtype=np.int64)
         self.class_names = list(class_names)
         self.transform = transform
+        self.listed = listed
 
     def __getitem__(self, index: int):
         from PIL import Image
 
         try:
             with Image.open(self.paths[index]) as im:
-                img = im.convert("RGB")
-        except (OSError, ValueError, SyntaxError) as e:  # PIL: UnidentifiedImageError (an OSError), truncation, ...
+                img = to_rgb(im)
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+            # PIL: UnidentifiedImageError (an OSError), truncation, an image over its pixel limit, ...
+            advice = "restore the file (the data set's index lists it)" if getattr(self, "listed", False) \
+                else "replace or remove the file"
             raise DatasetLayoutError(f"cannot read the image {self.paths[index]} ({type(e).__name__}: "
-                                     f"{str(e).strip() or 'no detail'}): replace or remove the file") from None
+                                     f"{str(e).strip() or 'no detail'}): {advice}") from None
         if self.transform is not None:
             img = self.transform(img)
         return img, int(self.labels[index])
+
+
+def to_rgb(im):
+    """An RGB PIL image of ``im``: upright by its EXIF orientation; 16-bit modes scaled by 1/257 and
+    32-bit integer or float ones by their range (``convert`` would clip them to 0/255)."""
+    from PIL import Image, ImageOps
+
+    im = ImageOps.exif_transpose(im)
+    if im.mode.startswith("I;16") or im.mode in ("I", "F"):
+        a = np.asarray(im, dtype=np.float64)
+        if im.mode.startswith("I;16"):
+            a = a / 257.0
+        else:
+            lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+            a = (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)
+        im = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), mode="L")
+    return im.convert("RGB")
+
+
+def require_listed(paths: Sequence[str], dataset: str, index: str) -> None:
+    """:class:`DatasetLayoutError` when images that ``index`` (the data set's list file) names are
+    not on disk: found when the data is loaded, before any training (a stat per image)."""
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        shown = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
+        raise DatasetLayoutError(f"{dataset}: {len(missing)} of the {len(paths)} images {index} lists are missing "
+                                 f"({shown}): restore them (is --data-root the complete data set?)")
+
+
+def require_images(dataset: str, train, test, what: str) -> None:
+    """:class:`DatasetLayoutError` when a split holds no image (``what``: which classes it takes)."""
+    for part, ds in (("training", train), ("test", test)):
+        if len(ds) == 0:
+            raise DatasetLayoutError(f"{dataset}: no {part} images ({what}): is --data-root the complete data set?")
 
 
 def require_files(root: str, names: Sequence[str], dataset: str, layout: str) -> None:

@@ -9,7 +9,10 @@ from __future__ import annotations
 import os
 from typing import List, Tuple
 
-from .base import DatasetLayoutError, ImageFileDataset, contiguous, find_root, image_transforms
+import numpy as np
+
+from .base import (DatasetLayoutError, ImageFileDataset, contiguous, find_root, image_transforms, require_images,
+                   require_listed)
 
 LAYOUT = """  either <data-root>/ (or <data-root>/cars196/) with
       cars_annos.mat               the 'annotations' struct: relative_im_path, class (1..196), ...
@@ -36,14 +39,14 @@ def _loadmat(path: str):
 def _annotations(mat, path: str, fields: Tuple[str, ...]) -> List[Tuple]:
     """The ``fields`` of every entry of the ``annotations`` struct of ``mat`` (read from ``path``)."""
     try:
-        return [tuple(_field(a, name) for name in fields) for a in list(mat["annotations"])]
+        return [tuple(_field(a, name) for name in fields) for a in np.atleast_1d(mat["annotations"]).ravel()]
     except (KeyError, ValueError, IndexError, TypeError) as e:
         raise DatasetLayoutError(f"cars196: {path} holds no 'annotations' struct with the fields "
                                  f"{', '.join(fields)} ({type(e).__name__}: {e})") from None
 
 
 def _class_names(mat) -> List[str]:
-    return [str(n) for n in list(mat.get("class_names", []))]
+    return [str(n) for n in np.atleast_1d(mat.get("class_names", [])).ravel()]
 
 
 def _class_id(value, path: str) -> int:
@@ -83,10 +86,16 @@ def load_cars196(data_root: str, image_size: int = 224) -> Tuple[ImageFileDatase
         raise DatasetLayoutError(f"cars196: neither cars_annos.mat nor stanford_cars/devkit/cars_train_annos.mat "
                                  f"under {os.path.abspath(data_root)!r}.\nExpected layout:\n{LAYOUT}\n"
                                  "(pass the folder with --data-root; nothing is downloaded)")
+    bad = sorted({c for _, c in samples if not 1 <= c <= 196})
+    if bad:
+        raise DatasetLayoutError(f"cars196: class ids outside 1..196 ({bad[:3]}): is this Stanford Cars' annotation?")
+    require_listed([p for p, _ in samples], "cars196", "the annotation .mat")
     out = []
     for part, keep in (("train", lambda c: c <= 98), ("test", lambda c: c > 98)):
         chosen = [(p, c) for p, c in samples if keep(c)]
         y, ids = contiguous([c for _, c in chosen])
         cls = [names[i - 1] if 0 < i <= len(names) else str(i) for i in ids]
-        out.append(ImageFileDataset([p for p, _ in chosen], y, cls, image_transforms(image_size, part == "train")))
+        out.append(ImageFileDataset([p for p, _ in chosen], y, cls, image_transforms(image_size, part == "train"),
+                                    listed=True))
+    require_images("cars196", out[0], out[1], "classes 1-98 train, 99-196 test")
     return out[0], out[1]

@@ -11,20 +11,32 @@ LAYOUT = """  <data-root>/train/<class name>/<image>.jpg|png|...
   (train and test should hold different classes, as deep metric learning tests on unseen ones)"""
 
 
+def _hidden(name: str) -> bool:
+    """Hidden files and folders, and what macOS leaves in archives (``__MACOSX/``, ``._x.jpg``)."""
+    return name.startswith(".") or name == "__MACOSX"
+
+
+def _display(name: str) -> str:
+    """A folder name for tables and plots: bytes that are not UTF-8 (surrogate-escaped by
+    ``os.listdir``) shown as U+FFFD."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
 def _scan(split_dir: str, image_size: int, train: bool) -> ImageFileDataset:
-    classes = sorted(d for d in os.listdir(split_dir) if os.path.isdir(os.path.join(split_dir, d)))
+    classes = sorted(d for d in os.listdir(split_dir) if os.path.isdir(os.path.join(split_dir, d)) and not _hidden(d))
     paths, labels = [], []
     for i, c in enumerate(classes):
-        for dirpath, _, files in sorted(os.walk(os.path.join(split_dir, c))):
+        for dirpath, dirs, files in sorted(os.walk(os.path.join(split_dir, c), followlinks=True)):
+            dirs[:] = [d for d in dirs if not _hidden(d)]
             for f in sorted(files):
-                if f.lower().endswith(IMAGE_EXTENSIONS):
+                if f.lower().endswith(IMAGE_EXTENSIONS) and not _hidden(f):
                     paths.append(os.path.join(dirpath, f))
                     labels.append(i)
     if not paths:
         raise DatasetLayoutError(f"folder: no images in class folders under {split_dir!r}.\nExpected layout:\n{LAYOUT}")
     used = sorted(set(labels))
     remap = {c: j for j, c in enumerate(used)}  # drop empty class folders, keep labels contiguous
-    return ImageFileDataset(paths, [remap[c] for c in labels], [classes[c] for c in used],
+    return ImageFileDataset(paths, [remap[c] for c in labels], [_display(classes[c]) for c in used],
                             image_transforms(image_size, train))
 
 
@@ -36,4 +48,9 @@ def load_folder(data_root: str, image_size: int = 224) -> Tuple[ImageFileDataset
             raise DatasetLayoutError(f"folder: missing {part}/ under {os.path.abspath(data_root)!r}.\n"
                                      f"Expected layout:\n{LAYOUT}")
         out.append(_scan(d, image_size, part == "train"))
+    shared = sorted(set(out[0].class_names) & set(out[1].class_names))
+    if shared:
+        raise DatasetLayoutError(f"folder: train/ and test/ share the classes {', '.join(shared[:5])}"
+                                 f"{', ...' if len(shared) > 5 else ''}: deep metric learning tests on classes it "
+                                 f"never trained on (move them to one split).\nExpected layout:\n{LAYOUT}")
     return out[0], out[1]

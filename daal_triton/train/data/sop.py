@@ -5,7 +5,7 @@ import os
 from typing import Tuple
 
 from .base import (DatasetLayoutError, ImageFileDataset, contiguous, image_transforms, locate_root, parse_int,
-                   require_files)
+                   require_files, require_images, require_listed)
 
 LAYOUT = """  <data-root>/Stanford_Online_Products/   (or <data-root> itself)
       Ebay_train.txt   header "image_id class_id super_class_id path", then one line per image
@@ -24,7 +24,7 @@ def _read_list(path: str):
                 parts = line.split()
                 if len(parts) >= 4:
                     yield parse_int(parts[1], path, i, "sop"), parts[3]
-    except UnicodeDecodeError as e:
+    except (OSError, UnicodeDecodeError) as e:
         raise DatasetLayoutError(f"sop: cannot read {path} as UTF-8 text ({e})") from None
 
 
@@ -34,7 +34,10 @@ def load_sop(data_root: str, image_size: int = 224) -> Tuple[ImageFileDataset, I
     out = []
     for part in ("train", "test"):
         rows = list(_read_list(os.path.join(root, f"Ebay_{part}.txt")))
+        paths = [os.path.join(root, p) for _, p in rows]
+        require_listed(paths, "sop", f"Ebay_{part}.txt")
         y, ids = contiguous([c for c, _ in rows])
-        out.append(ImageFileDataset([os.path.join(root, p) for _, p in rows], y, [str(i) for i in ids],
-                                    image_transforms(image_size, part == "train")))
+        out.append(ImageFileDataset(paths, y, [str(i) for i in ids], image_transforms(image_size, part == "train"),
+                                    listed=True))
+    require_images("sop", out[0], out[1], "Ebay_train.txt, Ebay_test.txt")
     return out[0], out[1]
