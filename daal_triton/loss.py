@@ -62,7 +62,7 @@ def miner_weights(indices_tuple: Sequence[torch.Tensor], batch_size: int, *,
     inside = (flat >= 0) & (flat < batch_size)  # unchecked: an index outside the batch counts for none
     counts = torch.zeros(batch_size + 1, device=flat.device, dtype=dtype).index_add_(
         0, torch.where(inside, flat, batch_size), torch.ones_like(flat, dtype=dtype))[:batch_size]
-    return counts / counts.max()
+    return counts / counts.max().clamp_min(1)  # no index inside the batch (unchecked): all weights 0
 
 
 class DAALLoss(nn.Module):
@@ -155,6 +155,7 @@ class DAALLoss(nn.Module):
         pytorch-metric-learning."""
         if ref_emb is embeddings and (ref_labels is None or ref_labels is labels):
             ref_emb = ref_labels = None
+            ref_includes_batch = False  # "the reference set starts with the batch": it is the batch
         weights = None
         if indices_tuple is not None:
             check_float_matrix(embeddings, "embeddings", values=False)  # the weights need its B

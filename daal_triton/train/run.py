@@ -185,11 +185,13 @@ def _finished(cfg: TrainConfig, epoch: int) -> bool:
     return False
 
 
-def _diverged(state: "RunState", epoch: int, e: Exception) -> str:
-    """What a run whose training became non-finite in ``epoch`` says: what, what is kept, what to change."""
+def _diverged(state: "RunState", epoch: int, e: Exception, kept: int) -> str:
+    """What a run whose training became non-finite in ``epoch`` says: what, what is kept (the
+    checkpoint of epoch ``kept``, the one before: this epoch's is written after its evaluation),
+    what to change."""
     cfg = state.cfg
     last = state.path("checkpoint_last.pt")
-    kept = (f"{last} holds epoch {state.epoch}" if state.epoch >= 1 and os.path.isfile(last)
+    kept = (f"{last} holds epoch {kept}" if kept >= 1 and os.path.isfile(last) and cfg.save in ("both", "last")
             else "no checkpoint_last.pt was written")
     return (f"training diverged in epoch {epoch} of {cfg.epochs} ({e}); the run stopped, {kept}. Try a lower "
             f"--lr / --loss-lr (now {cfg.lr:g} / {cfg.loss_lr:g}) or a longer --warmup-epochs, and start again "
@@ -393,12 +395,14 @@ def fit(state: RunState) -> None:
         ctx.barrier()
         state.best = max([r["recall@1"] for r in state.history  # epochs without evaluation have no recall
                           if r.get("model") == "trained" and "recall@1" in r], default=-1.0)
+        elsewhere = os.path.join(os.path.dirname(os.path.abspath(cfg.resume or "")), "checkpoint_best.pt")
         if (state.main and cfg.resume and state.best >= 0 and cfg.save in ("both", "best")
-                and not os.path.exists(state.path("checkpoint_best.pt"))):
+                and not os.path.exists(state.path("checkpoint_best.pt")) and os.path.isfile(elsewhere)
+                and os.path.realpath(elsewhere) != os.path.realpath(state.path("checkpoint_best.pt"))):
             epoch = max((r for r in state.history if r.get("model") == "trained" and "recall@1" in r),
                         key=lambda r: r["recall@1"])["epoch"]
-            state.log(f"the best evaluation so far (epoch {epoch}, Recall@1 {state.best:.4f}) was saved before the "
-                      f"resume, outside {cfg.out}: this folder gets a checkpoint_best.pt when an epoch beats it")
+            state.log(f"the best evaluation so far (epoch {epoch}, Recall@1 {state.best:.4f}) is in {elsewhere}: "
+                      f"{cfg.out} gets a checkpoint_best.pt when an epoch beats it")
         for epoch in range(state.start_epoch, state.last_epoch + 1):
             _train_epoch(state, epoch)
             ctx.barrier()  # the other ranks wait for rank 0's evaluation and checkpoint
@@ -483,7 +487,7 @@ def _train_epoch(state: RunState, epoch: int) -> None:
                                      progress=cfg.progress and state.main, loss_fn=state.loss_fn,
                                      log_every=cfg.log_every, stats=stats)
     except (FloatingPointError, NonFiniteError) as e:  # the CPU's value checks, or the loss's periodic read
-        raise Diverged(_diverged(state, epoch, e)) from None
+        raise Diverged(_diverged(state, epoch, e, kept=epoch - 1)) from None
     train_s = time.time() - t0
     speed = dict(data_wait_s=round(stats.get("data_wait_s", 0.0), 3),
                  # every rank trains an equal share: the run's images, not rank 0's
@@ -502,7 +506,7 @@ def _train_epoch(state: RunState, epoch: int) -> None:
             state.last = _evaluate(state, epoch, "trained", state.emb, train_loss=train_loss,
                                    train_s=round(train_s, 2), **speed)
         except NonFiniteError as e:  # a finite loss, but the network in eval mode gives NaN/inf
-            raise Diverged(_diverged(state, epoch, e)) from None
+            raise Diverged(_diverged(state, epoch, e, kept=epoch - 1)) from None
         msg += "  " + "  ".join(f"{k} {state.last[k]:.4f}" for k in ("recall@1", "nmi", "map@r") if k in state.last)
     else:
         _record(state, dict(epoch=epoch, model="trained", train_loss=train_loss, train_s=round(train_s, 2),

@@ -27,8 +27,10 @@ import math
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
+import threading
 import time
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -62,7 +64,7 @@ KEY_METRICS = ("recall@1", "nmi", "map@r", "subcluster_nmi")
 LABELS = {"recall@1": "R@1", "recall@2": "R@2", "recall@4": "R@4", "recall@8": "R@8", "nmi": "NMI",
           "map@r": "MAP@R", "r_precision": "R-prec.", "subcluster_nmi": "sub-cluster NMI",
           "train_loss": "final train loss", "wall_s": "wall s"}
-RESERVED = ("--seed", "--out", "--resume", "--threads")
+RESERVED = ("--seed", "--out", "--resume", "--threads", "--stop-after", "--overwrite")
 
 
 class StudyError(ValueError):
@@ -87,10 +89,10 @@ def slug(name: str) -> str:
 def load_study(path: str) -> Dict[str, Any]:
     """Read a study file (JSON: ``configs`` {name: args}, optional ``seeds``, ``common``, ``name``)."""
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             d = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise StudyError(f"--file {path}: {e}") from e
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise StudyError(f"--file {path}: {e}") from None
     if not isinstance(d, dict) or not isinstance(d.get("configs"), dict) or not d["configs"]:
         raise StudyError(f"--file {path}: expected a JSON object with a non-empty 'configs' object")
     unknown = set(d) - {"name", "seeds", "common", "configs", "description"}
@@ -118,22 +120,24 @@ def make_study(file: Optional[str] = None, configs: Sequence[str] = (), seeds: O
         out_configs[k.strip()] = shlex.split(v)
     if not out_configs:
         raise StudyError("no configurations: give --file or at least one --config NAME=ARGS")
-    seeds = list(seeds) if seeds else list(d.get("seeds", [0, 1, 2]))
-    if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+    seeds = seeds if seeds else d.get("seeds", [0, 1, 2])
+    if not isinstance(seeds, (list, tuple)) or not seeds or \
+            not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
         raise StudyError(f"seeds must be a non-empty list of integers, got {seeds!r}")
+    seeds = list(seeds)
     if len(set(seeds)) != len(seeds):
         raise StudyError(f"seeds repeat: {seeds}")
     common_args = shlex.split(common) if common is not None else _as_args(d.get("common", []), "common")
-    slugs: Dict[str, str] = {}
     for k, args in list(out_configs.items()) + [("common", common_args)]:
         bad = [a for a in args if a.split("=", 1)[0] in RESERVED]
         if bad:
             raise StudyError(f"{k!r}: {bad[0]} is set by the study for every cell (reserved: {', '.join(RESERVED)})")
-        if k != "common":
-            s = slug(k)
-            if s in slugs:
-                raise StudyError(f"configurations {slugs[s]!r} and {k!r} map to the same folder name {s!r}")
-            slugs[s] = k
+    slugs: Dict[str, str] = {}
+    for k in out_configs:  # a configuration may be called "common" too
+        s = slug(k)
+        if s in slugs:
+            raise StudyError(f"configurations {slugs[s]!r} and {k!r} map to the same folder name {s!r}")
+        slugs[s] = k
     return dict(name=name or d.get("name") or "study", seeds=seeds, common=common_args, configs=out_configs)
 
 
@@ -161,8 +165,27 @@ def cell_command(cell: Dict[str, Any], out_dir: str, threads: Optional[int], pyt
 # ----------------------------------------------------------------------------- reading a cell
 
 def _read_jsonl(path: str) -> List[Dict[str, Any]]:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """The JSON lines of ``path``; :class:`StudyError` naming the file and line of one that is not
+    (a study killed while writing it leaves a torn last line)."""
+    out = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            for i, line in enumerate(f, 1):
+                if line.strip():
+                    out.append(json.loads(line))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        where = f", line {i}" if isinstance(e, json.JSONDecodeError) else ""
+        raise StudyError(f"{path}{where}: not a JSON line ({e}): a study killed while writing it? Remove that "
+                         f"line and run again") from None
+    return out
+
+
+def _read_json(path: str) -> Any:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise StudyError(f"{path}: cannot be read as JSON ({e})") from None
 
 
 def is_finished(d: str) -> bool:
@@ -172,7 +195,7 @@ def is_finished(d: str) -> bool:
 def collect(cell: Dict[str, Any], d: str) -> Dict[str, Any]:
     """One run's JSON line, from the files the run wrote (and the study's ``study_cell.json``)."""
     recs = _read_jsonl(os.path.join(d, "metrics.jsonl"))
-    cfg = json.load(open(os.path.join(d, "config.json")))
+    cfg = _read_json(os.path.join(d, "config.json"))
     evals = [r for r in recs if r.get("model") == "trained" and "recall@1" in r]
     if not evals:
         raise StudyError(f"{d}: metrics.jsonl holds no evaluation of the trained network")
@@ -180,7 +203,7 @@ def collect(cell: Dict[str, Any], d: str) -> Dict[str, Any]:
     info = {}
     p = os.path.join(d, "study_cell.json")
     if os.path.isfile(p):
-        info = json.load(open(p))
+        info = _read_json(p)
     trained = [r for r in recs if r.get("model") == "trained"]
     rec = dict(config=cell["config"], seed=cell["seed"], args=cell["args"], dir=d,
                command=info.get("command"), wall_s=info.get("wall_s", last.get("elapsed_s")),
@@ -436,27 +459,59 @@ def _move_aside(d: str) -> str:
     return f"{d}.incomplete-{i}"
 
 
+#: The daal-train processes of the cells running now (Ctrl-C stops them: :func:`_run_cells`).
+_RUNNING: set = set()
+_RUNNING_LOCK = threading.Lock()
+
+
+def started_file(d: str) -> str:
+    """What the cell in folder ``d`` was started with, beside it (daal-train wants an empty --out):
+    a cell resumes only under the same arguments."""
+    return d + ".started.json"
+
+
 def run_cell(cell: Dict[str, Any], out: str, threads: Optional[int], python: str = sys.executable) -> Dict[str, Any]:
     """Run one cell to completion (or resume it); returns its JSON line. Raises on failure."""
     d = cell_dir(out, cell)
-    resume = None
+    resume, wall_before = None, 0.0
     if os.path.isdir(d) and os.listdir(d):
         ck = os.path.join(d, "checkpoint_last.pt")
+        started = _read_json(started_file(d)) if os.path.isfile(started_file(d)) else {}
+        if os.path.isfile(ck) and started.get("args", cell["args"]) != cell["args"]:
+            raise RuntimeError(f"{d} was started with {shlex.join(started['args'])!r}, the study now says "
+                               f"{shlex.join(cell['args'])!r}: a resumed run would mix the two; restore the study "
+                               "file, or move that folder aside to start the cell again")
         if os.path.isfile(ck):
-            resume = ck
+            resume, wall_before = ck, float(started.get("wall_s", 0.0))
         else:
             moved = _move_aside(d)
+            if os.path.isfile(started_file(d)):
+                os.replace(started_file(d), started_file(moved))
             print(f"[daal-study] {d} was left unfinished without a checkpoint: moved to {moved}", flush=True)
     os.makedirs(os.path.dirname(d), exist_ok=True)
     cmd = cell_command(cell, d, threads, python, resume)
     log = os.path.join(out, "logs", f"{cell['slug']}-seed{cell['seed']}.log")
     os.makedirs(os.path.dirname(log), exist_ok=True)
     t0 = time.time()
+
+    def note_started(wall_s: float) -> None:
+        with open(started_file(d), "w") as f:
+            json.dump(dict(config=cell["config"], seed=cell["seed"], args=cell["args"], wall_s=round(wall_s, 1)), f)
+
+    note_started(wall_before)
     with open(log, "a") as fh:
         fh.write(f"$ {shlex.join(cmd)}\n")
         fh.flush()
-        rc = subprocess.call(cmd, stdout=fh, stderr=subprocess.STDOUT)
-    wall = time.time() - t0
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT)
+        with _RUNNING_LOCK:
+            _RUNNING.add(proc)
+        try:
+            rc = proc.wait()
+        finally:
+            with _RUNNING_LOCK:
+                _RUNNING.discard(proc)
+            note_started(wall_before + time.time() - t0)  # a resumed cell's wall time adds up
+    wall = wall_before + time.time() - t0
     if rc != 0 or not is_finished(d):
         raise RuntimeError(f"cell {cell['config']!r} seed {cell['seed']} failed (exit {rc}); see {log}")
     shown = ["daal-train", *cmd[3:]]
@@ -509,10 +564,15 @@ def check_same_args(cell: Dict[str, Any], d: str) -> None:
     the configuration or use another --out): its results would be reported under a wrong name."""
     p = os.path.join(d, "study_cell.json")
     if os.path.isfile(p):
-        had = json.load(open(p)).get("args")
+        info = _read_json(p)
+        had = info.get("args")
         if had is not None and had != cell["args"]:
             raise StudyError(f"{d} was run with {shlex.join(had)!r}, the study now says {shlex.join(cell['args'])!r}: "
                              "rename the configuration or use another --out (finished cells are never overwritten)")
+        name = info.get("config")
+        if name is not None and name != cell["config"]:  # e.g. renamed by case only: the same folder
+            raise StudyError(f"{d} holds a run of configuration {name!r}, not {cell['config']!r} (their folder names "
+                             "are the same): keep the name, or use another --out")
 
 
 def report_order(study: Dict[str, Any], records: List[Dict[str, Any]], report: str) -> List[str]:
@@ -619,6 +679,12 @@ def _cells_to_run(study: Dict[str, Any], cells: List[Dict[str, Any]], out: str, 
     todo = []
     for cell in cells:
         d = cell_dir(out, cell)
+        had = known.get((cell["config"], cell["seed"]))
+        if had is not None and not is_finished(d) and os.path.realpath(str(had.get("dir"))) != os.path.realpath(d):
+            # the report already holds this (configuration, seed), run in another --out: not again
+            print(f"[daal-study] {cell['config']} seed {cell['seed']}: the report already has its run in "
+                  f"{had.get('dir')}; not run again", flush=True)
+            continue
         if is_finished(d):
             check_same_args(cell, d)
             if (cell["config"], cell["seed"]) not in known:  # finished but not yet recorded
@@ -644,7 +710,8 @@ def _run_cells(todo: List[Dict[str, Any]], out: str, jobs: int, threads: int, pr
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(todo), desc="daal-study", unit="run", dynamic_ncols=True)
-    with cf.ThreadPoolExecutor(max_workers=jobs) as pool:
+    pool = cf.ThreadPoolExecutor(max_workers=jobs)
+    try:
         futures = {pool.submit(run_cell, cell, out, threads): cell for cell in todo}
         for fut in cf.as_completed(futures):
             cell = futures[fut]
@@ -664,8 +731,16 @@ def _run_cells(todo: List[Dict[str, Any]], out: str, jobs: int, threads: int, pr
                 bar.update(1)
             else:
                 print(msg, flush=True)
-    if bar is not None:
-        bar.close()
+    except KeyboardInterrupt:  # no queued cell starts; the running ones stop as after their own Ctrl-C
+        pool.shutdown(wait=False, cancel_futures=True)
+        with _RUNNING_LOCK:
+            for proc in _RUNNING:
+                proc.send_signal(signal.SIGINT)
+        raise
+    finally:
+        pool.shutdown(wait=True)
+        if bar is not None:
+            bar.close()
     return failed
 
 
@@ -684,14 +759,44 @@ def main(argv: Optional[List[str]] = None) -> int:
         for flag, path in (("--out", args.out), ("--report", args.report)):
             if path is not None and (not path or os.path.exists(path) and not os.path.isdir(path)):
                 raise StudyError(f"{flag} {path!r}: not a folder")
-        return _study(args, study, "daal-study " + shlex.join(argv))
+        os.environ["MPLBACKEND"] = "Agg"  # it writes files; a bad or interactive backend must not stop the report
+        lock = None
+        try:
+            if not args.dry_run and not args.summarize and args.out:
+                os.makedirs(args.out, exist_ok=True)
+                lock = _lock(args.out)
+            return _study(args, study, "daal-study " + shlex.join(argv))
+        finally:
+            if lock is not None:
+                lock.close()
     except (UsageError, StudyError) as e:
         print(f"daal-study: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # --out / --report under a file, a full or read-only disk
+        print(f"daal-study: error: {e.strerror or e}: {e.filename or ''}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("daal-study: interrupted (Ctrl-C): run the same command again to go on (finished cells are kept, "
               "half-finished ones resume from their checkpoint_last.pt)", file=sys.stderr)
         return 130
+
+
+def _lock(out: str):
+    """Hold ``out/.daal-study.lock`` (an advisory ``flock``; the open file is returned: closing it
+    releases the lock): a second daal-study on the same folder would move this one's running
+    cells aside and append to its runs.jsonl; it gets a :class:`StudyError` instead."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        return None
+    f = open(os.path.join(out, ".daal-study.lock"), "w")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        raise StudyError(f"--out {out}: another daal-study is running on this folder (it holds "
+                         f"{os.path.join(out, '.daal-study.lock')}); wait for it or use another --out") from None
+    return f
 
 
 def _study(args: argparse.Namespace, study: Dict[str, Any], command: str) -> int:
@@ -702,7 +807,8 @@ def _study(args: argparse.Namespace, study: Dict[str, Any], command: str) -> int
     cells = expand(study)
     runs_path = os.path.join(report, "runs.jsonl")
     known = {(r["config"], r["seed"]): r for r in _load_runs(runs_path)}
-    before = set(known)
+    identity = lambda: {(k, str(r.get("dir"))) for k, r in known.items()}  # noqa: E731 (a run replaced counts)
+    before = identity()
     grid = {os.path.realpath(cell_dir(args.out, c)) for c in cells}  # its own cells are read by _cells_to_run
     found = [(cell, d) for cell, d in finished_cells(args.out)
              if os.path.realpath(d) not in grid and (cell["config"], cell["seed"]) not in known]
@@ -731,7 +837,7 @@ def _study(args: argparse.Namespace, study: Dict[str, Any], command: str) -> int
         failed = _run_cells(todo, args.out, args.jobs, threads, args.progress, known, runs_path)
     records = list(known.values())
     table = os.path.join(report, "table.md")
-    if set(known) == before and os.path.isfile(table) and not args.summarize:
+    if identity() == before and os.path.isfile(table) and not args.summarize:
         print(f"[daal-study] no new finished run: the report in {report} is left as it was (--summarize rebuilds "
               f"it)", flush=True)
     elif records:

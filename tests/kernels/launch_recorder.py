@@ -181,6 +181,11 @@ def record() -> list:
         ("knn bf16 bank", lambda: knn_op("bf16", *bank), {}),
         ("knn fp32 bank", lambda: knn_op("fp32", *bank), {}),
         ("knn bf16 dml", lambda: knn_op("bf16", 180, 180, 512, 3, True, True), {}),
+        # daal-train's retrieval evaluation (evaluate.neighbours): float32, k = the largest test
+        # class + 1 (SOP ~13, CUB ~61, Cars ~100), above MAX_K for larger classes
+        ("knn fp32 eval k=61", lambda: knn_op("fp32", 2048, 5924, 512, 61, False, False, False), {}),
+        ("knn fp32 eval k=100", lambda: knn_op("fp32", 2048, 8041, 512, 100, False, False, False), {}),
+        ("knn fp32 eval k=200", lambda: knn_op("fp32", 1024, 8041, 512, 200, False, False, False), {}),
         ("line_margin fp32 dml", lambda: line_margin_op("fp32", 180, 100, 512), {}),
         ("line_margin bf16 dml", lambda: line_margin_op("bf16", 180, 100, 512), {}),
         ("line_margin bf16 classes100k", lambda: line_margin_op("bf16", 1024, 100000, 512), {}),

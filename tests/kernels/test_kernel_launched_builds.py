@@ -31,6 +31,8 @@ def allowed_stack(launch) -> int:
         # hands the kernels float32 segments, which keep no stack)
     if launch["kernel"] == "_knn_finish_kernel" and sig["q_ptr"] == "*fp32" and launch["constexprs"]["KP"] == 8:
         return 8  # the float32 finish at KP 8 (k = 5..8; the loss's k = 3 runs KP 4): 8 B
+    if launch["kernel"] == "_knn_fwd_kernel" and sig["q_ptr"] == "*fp32" and launch["constexprs"]["KP"] == 128:
+        return 8  # the float32 forward at KP 128 (k = 65..128: daal-train's evaluation of classes that large)
     return 0
 
 

@@ -67,6 +67,7 @@ def test_ref_emb_that_is_the_batch_means_no_reference_set():
     loss = dt.DAALLoss(3, 5, backend="reference", tau=2.0)
     plain = loss(z, y)
     assert loss(z, y, None, z, y).item() == plain.item() == loss(z, y, ref_emb=z).item()
+    assert loss(z, y, ref_emb=z, ref_labels=y, ref_includes_batch=True).item() == plain.item()
     tup = (torch.tensor([0, 1, 2]), torch.tensor([3, 4, 5]), torch.tensor([6, 7, 8]))
     assert loss(z, y, tup, z, y).item() == loss(z, y, tup).item()
     other = loss(z, y, None, z.clone(), y)  # another tensor: a reference set, nothing excluded

@@ -287,8 +287,10 @@ def test_folder_skips_hidden_follows_links_and_refuses_shared_classes(tmp_path):
     elsewhere = str(tmp_path / "elsewhere")
     _png(os.path.join(elsewhere, "1.png"))
     os.symlink(elsewhere, os.path.join(root, "train", "bee", "more"))  # a linked subfolder of a class
+    _png(os.path.join(root, "train", "ant", ".thumbs", "t.png"))  # a hidden subfolder
+    os.symlink("..", os.path.join(root, "train", "bee", "loop"))  # a link back up: no copies, no wrong labels
     train, test = build_datasets("folder", root, 16)
-    assert train.class_names == ["ant", "bee"] and len(train) == 3
+    assert train.class_names == ["ant", "bee"] and len(train) == 3, train.paths
     assert not any("MACOSX" in p or "._" in p for p in train.paths)
     _png(os.path.join(root, "test", "ant", "0.png"))
     with pytest.raises(DatasetLayoutError, match="train/ and test/ share the classes ant"):

@@ -202,7 +202,7 @@ def test_resume_into_a_new_folder_and_not_into_another_run(one_epoch, tmp_path, 
     assert cli.main(["--resume", _last(one_epoch), "--epochs", "2", "--out", new, "--no-progress"]) == 0
     # epoch 2 does not beat epoch 1 here: the best checkpoint stays in the first folder, and it is said
     assert not os.path.exists(os.path.join(new, "checkpoint_best.pt"))
-    assert "was saved before the resume, outside" in capsys.readouterr().out
+    assert f"is in {os.path.join(one_epoch, 'checkpoint_best.pt')}" in capsys.readouterr().out
     assert [r["epoch"] for r in _records(new)] == [1, 2]  # the history comes with the checkpoint
     cfg = json.load(open(os.path.join(new, "config.json")))
     assert cfg["epochs"] == 1 and cfg["resumes"][0]["changed"]["out"]["to"] == new

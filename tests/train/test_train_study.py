@@ -218,3 +218,70 @@ def test_a_cell_stopped_half_way_resumes(tmp_path):
     (run,) = S._read_jsonl(os.path.join(out, "runs.jsonl"))
     assert run["resumed"] and run["epoch"] == 2 and "--resume" in run["command"]
     assert [r["epoch"] for r in S._read_jsonl(os.path.join(d, "metrics.jsonl"))] == [1, 2]
+
+
+def test_study_inputs_that_were_tracebacks_are_one_line(tmp_path, error_line):
+    # a seeds entry that is not a list, a study file that is not UTF-8, --out under a file, a torn
+    # runs.jsonl (a study killed while appending), flags that would make a cell never finish
+    bad_seeds = tmp_path / "seeds.json"
+    bad_seeds.write_text('{"configs": {"A": []}, "seeds": 5}')
+    latin = tmp_path / "latin.json"
+    latin.write_bytes(b'\xff\xfe{"configs": {"A": []}}')
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    torn = tmp_path / "torn"
+    torn.mkdir()
+    (torn / "runs.jsonl").write_text('{"config": "A", "seed": 0}\n{"config": "A", "se')
+    cases = [(["--file", str(bad_seeds), "--out", str(tmp_path / "o1")], "seeds must be a non-empty list"),
+             (["--file", str(latin), "--out", str(tmp_path / "o2")], "latin.json"),
+             (["--config", "A=", "--seeds", "0", "--out", str(afile / "sub")], "afile"),
+             (["--config", "A=", "--seeds", "0", "--out", str(torn)], "runs.jsonl, line 2: not a JSON line"),
+             (["--config", "A=--stop-after 1", "--seeds", "0", "--out", str(tmp_path / "o3")], "--stop-after is set"),
+             (["--config", "common=", "--config", "Common=--epochs 2", "--out", str(tmp_path / "o4")],
+              "map to the same folder name 'common'")]
+    for argv, words in cases:
+        assert S.main(argv + ["--no-progress"]) == 2, argv
+        assert words in error_line("daal-study"), argv
+
+
+def test_a_second_study_on_the_same_out_is_refused(tmp_path, error_line):
+    out = tmp_path / "st"
+    out.mkdir()
+    held = S._lock(str(out))
+    try:
+        assert S.main(["--config", "A=", "--seeds", "0", "--out", str(out), "--no-progress"]) == 2
+        assert "another daal-study is running on this folder" in error_line("daal-study")
+    finally:
+        held.close()
+
+
+def test_a_report_that_has_a_cell_from_another_out_does_not_run_it_again(tmp_path, monkeypatch, capsys):
+    # docs: --out runs/study --report docs/results/shapes; the report's (config, seed) runs in the
+    # first --out are not run again in a second one (they were, and runs.jsonl got duplicates)
+    ran = []
+
+    def fake_run(cell, out_, threads, python=None):
+        ran.append((cell["config"], cell["seed"]))
+        d = S.cell_dir(out_, cell)
+        _fake_finished(d, 0.5)
+        return S.collect(cell, d)
+
+    monkeypatch.setattr(S, "run_cell", fake_run)
+    report = str(tmp_path / "report")
+    base = ["--config", "A=", "--seeds", "0", "1", "--report", report, "--no-progress", "--no-plots", "--no-tsne"]
+    assert S.main(base + ["--out", str(tmp_path / "old")]) == 0 and len(ran) == 2
+    ran.clear()
+    assert S.main(base + ["--out", str(tmp_path / "new")]) == 0
+    assert ran == [] and "already has its run in" in capsys.readouterr().out
+    assert len(S._read_jsonl(os.path.join(report, "runs.jsonl"))) == 2
+
+
+def test_a_half_finished_cell_resumes_only_under_its_arguments(tmp_path):
+    # the study file edited after an interruption: resuming would mix two settings in one run
+    (cell,) = S.expand(S.make_study(None, ["A=--lr 0.01"], seeds=[0]))
+    d = S.cell_dir(str(tmp_path), cell)
+    os.makedirs(d)
+    open(os.path.join(d, "checkpoint_last.pt"), "wb").write(b"x")
+    json.dump(dict(config="A", seed=0, args=["--lr", "0.001"], wall_s=5.0), open(S.started_file(d), "w"))
+    with pytest.raises(RuntimeError, match="was started with '--lr 0.001', the study now says '--lr 0.01'"):
+        S.run_cell(cell, str(tmp_path), 1, python="/nonexistent")

@@ -22,13 +22,34 @@ def _display(name: str) -> str:
     return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
+def _inside(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def _walk(top: str):
+    """``(folder, sorted file names)`` below class folder ``top`` in sorted order, following links
+    to folders elsewhere, each real folder once; a link back into the split (up the tree, or into
+    another class: copies under the wrong label) is not followed; hidden folders are skipped."""
+    seen = set()
+    top_real = os.path.realpath(top)
+    split_real = os.path.dirname(top_real)
+    for dirpath, dirs, files in os.walk(top, followlinks=True):
+        real = os.path.realpath(dirpath)
+        back = _inside(top_real, real) and real != top_real or (_inside(real, split_real) and not _inside(real, top_real))
+        if real in seen or back:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = sorted(d for d in dirs if not _hidden(d))  # in place: os.walk descends into these
+        yield dirpath, sorted(files)
+
+
 def _scan(split_dir: str, image_size: int, train: bool) -> ImageFileDataset:
     classes = sorted(d for d in os.listdir(split_dir) if os.path.isdir(os.path.join(split_dir, d)) and not _hidden(d))
     paths, labels = [], []
     for i, c in enumerate(classes):
-        for dirpath, dirs, files in sorted(os.walk(os.path.join(split_dir, c), followlinks=True)):
-            dirs[:] = [d for d in dirs if not _hidden(d)]
-            for f in sorted(files):
+        for dirpath, files in _walk(os.path.join(split_dir, c)):
+            for f in files:
                 if f.lower().endswith(IMAGE_EXTENSIONS) and not _hidden(f):
                     paths.append(os.path.join(dirpath, f))
                     labels.append(i)
