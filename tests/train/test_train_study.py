@@ -96,20 +96,23 @@ def _fake_finished(d, r1):
     open(os.path.join(d, "results.txt"), "w").write("done\n")
 
 
+def _recording_run(ran):
+    """A ``run_cell`` that appends ``(config, seed)`` to ``ran`` and leaves a finished fake cell."""
+    def fake_run(cell, out_, threads, python=None):
+        ran.append((cell["config"], cell["seed"]))
+        d = S.cell_dir(out_, cell)
+        _fake_finished(d, 0.5)
+        return S.collect(cell, d)
+    return fake_run
+
+
 def test_resume_skips_finished_cells(tmp_path, monkeypatch):
     out = str(tmp_path / "study")
     st = S.make_study(None, ["A=--epochs 1", "B=--epochs 2"], seeds=[0, 1])
     cells = S.expand(st)
     _fake_finished(S.cell_dir(out, cells[0]), 0.42)  # A seed 0 was finished before
     ran = []
-
-    def fake_run(cell, out_, threads, python=None):
-        ran.append((cell["config"], cell["seed"]))
-        d = S.cell_dir(out_, cell)
-        _fake_finished(d, 0.5)
-        return S.collect(cell, d)
-
-    monkeypatch.setattr(S, "run_cell", fake_run)
+    monkeypatch.setattr(S, "run_cell", _recording_run(ran))
     argv = ["--config", "A=--epochs 1", "--config", "B=--epochs 2", "--seeds", "0", "1", "--out", out,
             "--no-progress", "--no-tsne"]
     assert S.main(argv) == 0
@@ -259,14 +262,7 @@ def test_a_report_that_has_a_cell_from_another_out_does_not_run_it_again(tmp_pat
     # docs: --out runs/study --report docs/results/shapes; the report's (config, seed) runs in the
     # first --out are not run again in a second one (they were, and runs.jsonl got duplicates)
     ran = []
-
-    def fake_run(cell, out_, threads, python=None):
-        ran.append((cell["config"], cell["seed"]))
-        d = S.cell_dir(out_, cell)
-        _fake_finished(d, 0.5)
-        return S.collect(cell, d)
-
-    monkeypatch.setattr(S, "run_cell", fake_run)
+    monkeypatch.setattr(S, "run_cell", _recording_run(ran))
     report = str(tmp_path / "report")
     base = ["--config", "A=", "--seeds", "0", "1", "--report", report, "--no-progress", "--no-plots", "--no-tsne"]
     assert S.main(base + ["--out", str(tmp_path / "old")]) == 0 and len(ran) == 2
