@@ -32,7 +32,7 @@ def _walk(top: str):
     another class: copies under the wrong label) is not followed; hidden folders are skipped."""
     seen = set()
     top_real = os.path.realpath(top)
-    split_real = os.path.dirname(top_real)
+    split_real = os.path.realpath(os.path.dirname(os.path.abspath(top)))  # the split's, even for a linked class
     for dirpath, dirs, files in os.walk(top, followlinks=True):
         real = os.path.realpath(dirpath)
         back = _inside(top_real, real) and real != top_real or (_inside(real, split_real) and not _inside(real, top_real))
