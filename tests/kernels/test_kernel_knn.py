@@ -1118,13 +1118,14 @@ def test_knn_wide_tiles_gpu(monkeypatch, M, N, k, splits):
          check_index="none")
 
 
+@pytest.mark.interpreter  # registrations: the CPU's to check; GPU time goes to the kernels
 @pytest.mark.parametrize("layout", ["contiguous", "transposed"])
 def test_custom_ops_opcheck(layout):
     """Schema, fake (shapes *and strides*: the backward's results are contiguous whatever the
     inputs' layout, so its fake must be too, or inductor miscompiles the backward of a transposed
     input) and autograd registration of ``daal_triton::knn`` and its backward."""
     def rows(n, d):
-        t = torch.randn(d, n, device=DEV).t() if layout == "transposed" else torch.randn(n, d, device=DEV)
+        t = torch.randn(d, n, device="cpu").t() if layout == "transposed" else torch.randn(n, d, device="cpu")
         return t.requires_grad_(True)
 
     q, r = rows(7, 5), rows(11, 5)
@@ -1133,5 +1134,5 @@ def test_custom_ops_opcheck(layout):
     _, index = torch.ops.daal_triton.knn(q, r, 3, None, None, False, None)
     for ref_grad in (True, False):
         torch.library.opcheck(torch.ops.daal_triton.knn_backward.default,
-                              (torch.randn(7, 3, device=DEV), index, q.detach(), r.detach(), ref_grad),
+                              (torch.randn(7, 3, device="cpu"), index, q.detach(), r.detach(), ref_grad),
                               test_utils=("test_schema", "test_faketensor"))

@@ -192,12 +192,13 @@ def test_backward_h_formed_once(monkeypatch):
     assert kp.h_dtype(torch.float16) == kp.h_dtype(torch.float32) == torch.float32
 
 
+@pytest.mark.interpreter  # registrations: the CPU's to check; GPU time goes to the kernels
 @pytest.mark.parametrize("layout", ["contiguous", "transposed", "empty"])
 def test_custom_ops_opcheck(layout):
     """Schema, fake (shapes and strides: the backward's results are contiguous whatever the
     inputs' layout, as its fake says) and autograd registration of the pairwise ops."""
     def rows(n, d):
-        t = torch.randn(d, n, device=DEV).t() if layout == "transposed" else torch.randn(n, d, device=DEV)
+        t = torch.randn(d, n, device="cpu").t() if layout == "transposed" else torch.randn(n, d, device="cpu")
         return t.requires_grad_(True)
 
     x, y = rows(0 if layout == "empty" else 6, 5), rows(9, 5)
@@ -205,5 +206,5 @@ def test_custom_ops_opcheck(layout):
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
     d = torch.ops.daal_triton.pairwise_distance(x, y)
     torch.library.opcheck(torch.ops.daal_triton.pairwise_distance_backward.default,
-                          (torch.randn(d.shape, device=DEV), d.detach(), x.detach(), y.detach()),
+                          (torch.randn(d.shape, device="cpu"), d.detach(), x.detach(), y.detach()),
                           test_utils=("test_schema", "test_faketensor"))
