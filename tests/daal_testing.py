@@ -109,6 +109,17 @@ def random_problem(B: int, C: int, D: int, *, dtype=torch.float64, device="cpu",
 SPECIALISATIONS = ("generic", "aligned")
 
 
+def triton_specialisation(value):
+    """What Triton's JIT launcher derives from one runtime argument: ``(type, "D" when divisible by
+    16 / aligned to 16 bytes)``, or ``("constexpr", value)`` for None and an int equal to 1
+    (Triton 3.6 and 3.8 share this API). The rule :func:`specialise` copies, and what
+    tests/kernels/launch_recorder.py records."""
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.compiler import BaseBackend
+
+    return native_specialize_impl(BaseBackend, value, False, True, True)
+
+
 def largest_cpu_allocation(fn) -> int:
     """The largest number of bytes any single op allocated while ``fn`` ran (torch.profiler's
     per-op self memory on the CPU, which sees allocations inside ATen ops too: an upper bound of

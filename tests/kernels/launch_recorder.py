@@ -24,32 +24,8 @@ import sys
 
 SM_COUNT = 132  # an H100 / H200
 
-
-def _type_of(value):
-    """Triton's JIT specialisation of one runtime argument: ``(type, divisible by 16)``, or
-    ``("constexpr", value)`` for what it turns into a constant (None, an int equal to 1)."""
-    import torch
-
-    if value is None:
-        return "constexpr", None
-    if isinstance(value, bool):
-        return "i1", False
-    if isinstance(value, int):
-        if value == 1:
-            return "constexpr", 1
-        kind = "i32" if -2**31 <= value < 2**31 else "i64" if value < 2**63 else "u64"
-        return kind, value % 16 == 0
-    if isinstance(value, float):
-        return "fp32", False
-    if type(value).__name__ == "TensorDescriptor":  # the kNN forward's descriptor loads (sm_90)
-        from daal_triton.kernels._common import descriptor_type
-
-        return descriptor_type(value.base.dtype, *value.block_shape), False
-    if isinstance(value, torch.Tensor):
-        names = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int64: "i64",
-                 torch.int32: "i32", torch.int8: "i8", torch.uint8: "u8", torch.bool: "i1"}
-        return "*" + names[value.dtype], value.data_ptr() % 16 == 0
-    raise TypeError(f"no specialisation rule for {type(value).__name__}")
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # tests/: daal_testing
+from daal_testing import triton_specialisation  # noqa: E402
 
 
 class _Recorder:
@@ -69,12 +45,12 @@ class _Recorder:
                 raise TypeError(f"{self.name}: launch keywords {unknown} are not parameters")
             signature, constexprs, divisible = {}, dict(kwargs), []
             for name, value in zip(self.params, args):
-                kind, extra = _type_of(value)
+                kind, extra = triton_specialisation(value)  # Triton's own rule, as its launcher applies it
                 if kind == "constexpr":
                     constexprs[name] = extra
                     continue
                 signature[name] = kind
-                if extra:
+                if extra == "D":
                     divisible.append(name)
             for value in args:  # plausible outputs for the glue that reads them
                 if isinstance(value, torch.Tensor) and not value.is_floating_point() and value.dtype != torch.bool:

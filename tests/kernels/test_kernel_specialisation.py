@@ -12,18 +12,11 @@ import pytest
 import torch
 
 from daal_testing import compile_many_for_gpu, gpu_job, specialise
+from daal_testing import triton_specialisation as _triton_specialisation
 
 from daal_triton.kernels import line_margin as lm
 from daal_triton.kernels import pairwise as kp
 from daal_triton.kernels._common import every_launch, every_spec
-
-
-def _triton_specialisation(value):
-    """What the JIT's launcher derives from one argument (Triton 3.6 and 3.8 share this API)."""
-    from triton._C.libtriton import native_specialize_impl
-    from triton.backends.compiler import BaseBackend
-
-    return native_specialize_impl(BaseBackend, value, False, True, True)
 
 
 def test_rule_matches_triton():
