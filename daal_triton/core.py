@@ -15,7 +15,7 @@ import torch
 
 from . import reference
 from .reference import compute_dtype, length_term, own_distance_sq
-from .validation import as_float, as_int
+from .validation import as_float, as_int, check_flag
 
 KnnFn = Callable[..., Tuple[torch.Tensor, torch.Tensor]]
 LineMarginFn = Callable[..., torch.Tensor]
@@ -62,8 +62,7 @@ class Hyperparameters:
         for name in ("m0", "lambda_pull", "lambda_dens", "lambda_len", "tau", "l_max"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if not isinstance(self.normalize, bool):
-            raise ValueError(f"normalize must be True or False, got {self.normalize!r}")
+        check_flag(self.normalize, "normalize", optional=False)
         if self.reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be 'mean' or 'none', got {self.reduction!r}")
 

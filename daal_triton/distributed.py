@@ -78,11 +78,14 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.in
            torch.int16, torch.int8, torch.uint8, torch.bool)
 
 
-def _describe(t: torch.Tensor, width: int = 5) -> list:
-    """``width`` integers: the dtype's code, the number of dimensions, the first trailing sizes."""
+_WIDTH = 5  # integers describing a tensor: dtype code, number of dimensions, 3 trailing sizes
+
+
+def _describe(t: torch.Tensor) -> list:
+    """:data:`_WIDTH` integers: the dtype's code, the number of dimensions, the first trailing sizes."""
     code = _DTYPES.index(t.dtype) if t.dtype in _DTYPES else len(_DTYPES)
-    trailing = list(t.shape[1:width - 1])
-    return [code, t.dim(), *trailing, *([-1] * (width - 2 - len(trailing)))]
+    trailing = list(t.shape[1:_WIDTH - 1])
+    return [code, t.dim(), *trailing, *([-1] * (_WIDTH - 2 - len(trailing)))]
 
 
 def _gather_shares(embeddings: torch.Tensor, labels: torch.Tensor) -> list:
@@ -94,7 +97,8 @@ def _gather_shares(embeddings: torch.Tensor, labels: torch.Tensor) -> list:
     metas = [torch.empty_like(meta) for _ in range(world_size())]
     dist.all_gather(metas, meta)
     rows = torch.stack(metas).tolist()
-    for name, t, cols in (("embeddings", embeddings, slice(1, 6)), ("labels", labels, slice(6, 11))):
+    for name, t, cols in (("embeddings", embeddings, slice(1, 1 + _WIDTH)),
+                          ("labels", labels, slice(1 + _WIDTH, 1 + 2 * _WIDTH))):
         seen = {tuple(r[cols]) for r in rows}
         if len(seen) > 1:
             raise ValueError(f"{name} differ across ranks in dtype or trailing shape (this rank: {t.dtype}, "

@@ -15,7 +15,7 @@ from . import reference
 from .backend import choose_backend
 from .core import DAALParts, Hyperparameters, Operators, compose
 from .validation import (
-    check_bool,
+    check_flag,
     check_float_matrix,
     check_same_device,
     validate_knn_inputs,
@@ -117,7 +117,7 @@ def loss_with(
     """:func:`daal_loss` with its hyperparameters given as one :class:`Hyperparameters` object;
     ``sample_weights`` (B values) scale each sample's terms (``DAALLoss`` derives them from a
     miner's ``indices_tuple``); ``ref_name``: the reference set's argument name in error messages."""
-    check_bool(return_parts, "return_parts")
+    check_flag(return_parts, "return_parts", optional=False)
     validate_loss_inputs(embeddings, labels, segments, k=hp.k,
                          ref_embeddings=ref_embeddings, ref_labels=ref_labels,
                          ref_includes_batch=ref_includes_batch, check_values=check_values,

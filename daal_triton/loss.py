@@ -109,9 +109,7 @@ class DAALLoss(nn.Module):
                                   reduction=reduction)
         self.backend = backend
         self.check_values = check_flag(check_values, "check_values")
-        if not isinstance(point_proxies, bool):
-            raise ValueError(f"point_proxies must be True or False, got {point_proxies!r}")
-        self.point_proxies = point_proxies
+        self.point_proxies = check_flag(point_proxies, "point_proxies", optional=False)
         self.init_length = init_length
         segments = init_segments(num_classes, embedding_dim, length=0.0 if point_proxies else init_length)
         # Point proxies (an ablation: DAAL without lines) keep one end point per class, C x 1 x D.

@@ -86,17 +86,13 @@ def check_same_device(**tensors: Optional[torch.Tensor]) -> None:
         raise ValueError(f"all tensors must be on one device: {desc}")
 
 
-def check_flag(value: Optional[bool], name: str) -> Optional[bool]:
-    """``value`` when it is None, True or False (a string such as "false" would read as true)."""
-    if value is not None and not isinstance(value, bool):
-        raise ValueError(f"{name} must be None, True or False, got {value!r}")
-    return value
-
-
-def check_bool(value, name: str) -> bool:
-    """``value`` when it is True or False (a string such as "False" would read as true)."""
+def check_flag(value: Optional[bool], name: str, *, optional: bool = True) -> Optional[bool]:
+    """``value`` when it is True or False, or None when ``optional`` (a string such as "False"
+    would read as true)."""
+    if optional and value is None:
+        return value
     if not isinstance(value, bool):
-        raise ValueError(f"{name} must be True or False, got {value!r}")
+        raise ValueError(f"{name} must be {'None, ' if optional else ''}True or False, got {value!r}")
     return value
 
 
@@ -129,7 +125,7 @@ def validate_loss_inputs(
 ) -> None:
     """Everything docs/method.md asks of ``daal_loss``'s tensors (``ref_name``: what the caller
     calls the reference set, ``ref_emb`` for ``DAALLoss``)."""
-    check_bool(ref_includes_batch, "ref_includes_batch")
+    check_flag(ref_includes_batch, "ref_includes_batch", optional=False)
     for name, t in (("embeddings", embeddings), ("labels", labels), ("segments", segments)):
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")

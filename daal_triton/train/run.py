@@ -185,13 +185,12 @@ def _finished(cfg: TrainConfig, epoch: int) -> bool:
     return False
 
 
-def _diverged(state: "RunState", epoch: int, e: Exception, kept: int) -> str:
+def _diverged(state: "RunState", epoch: int, e: Exception) -> str:
     """What a run whose training became non-finite in ``epoch`` says: what, what is kept (the
-    checkpoint of epoch ``kept``, the one before: this epoch's is written after its evaluation),
-    what to change."""
+    previous epoch's checkpoint: this epoch's is written after its evaluation), what to change."""
     cfg = state.cfg
     last = state.path("checkpoint_last.pt")
-    kept = (f"{last} holds epoch {kept}" if kept >= 1 and os.path.isfile(last) and cfg.save in ("both", "last")
+    kept = (f"{last} holds epoch {epoch - 1}" if epoch > 1 and os.path.isfile(last) and cfg.save in ("both", "last")
             else "no checkpoint_last.pt was written")
     return (f"training diverged in epoch {epoch} of {cfg.epochs} ({e}); the run stopped, {kept}. Try a lower "
             f"--lr / --loss-lr (now {cfg.lr:g} / {cfg.loss_lr:g}) or a longer --warmup-epochs, and start again "
@@ -251,7 +250,7 @@ def build_run(cfg: TrainConfig, ctx: ddp.DistContext, device: torch.device, log:
     # Workers start afresh each epoch (not persistent): their seeds are then drawn from this
     # process's RNG, which the checkpoints hold, so a resumed run draws the augmentations the
     # uninterrupted one does. Persistent workers would carry epoch 1's streams into epoch 2.
-    if ctx.is_main and cfg.warmup_epochs >= cfg.epochs > 0 and cfg.warmup_epochs > 0:
+    if ctx.is_main and cfg.warmup_epochs >= cfg.epochs > 0:
         log(f"--warmup-epochs {cfg.warmup_epochs:g} spans the whole run (--epochs {cfg.epochs}): the learning rate "
             f"rises to --lr at the end and never decays")
     loader = torch.utils.data.DataLoader(train_ds, batch_sampler=sampler,
@@ -487,7 +486,7 @@ def _train_epoch(state: RunState, epoch: int) -> None:
                                      progress=cfg.progress and state.main, loss_fn=state.loss_fn,
                                      log_every=cfg.log_every, stats=stats)
     except (FloatingPointError, NonFiniteError) as e:  # the CPU's value checks, or the loss's periodic read
-        raise Diverged(_diverged(state, epoch, e, kept=epoch - 1)) from None
+        raise Diverged(_diverged(state, epoch, e)) from None
     train_s = time.time() - t0
     speed = dict(data_wait_s=round(stats.get("data_wait_s", 0.0), 3),
                  # every rank trains an equal share: the run's images, not rank 0's
@@ -506,7 +505,7 @@ def _train_epoch(state: RunState, epoch: int) -> None:
             state.last = _evaluate(state, epoch, "trained", state.emb, train_loss=train_loss,
                                    train_s=round(train_s, 2), **speed)
         except NonFiniteError as e:  # a finite loss, but the network in eval mode gives NaN/inf
-            raise Diverged(_diverged(state, epoch, e, kept=epoch - 1)) from None
+            raise Diverged(_diverged(state, epoch, e)) from None
         msg += "  " + "  ".join(f"{k} {state.last[k]:.4f}" for k in ("recall@1", "nmi", "map@r") if k in state.last)
     else:
         _record(state, dict(epoch=epoch, model="trained", train_loss=train_loss, train_s=round(train_s, 2),

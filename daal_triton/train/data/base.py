@@ -97,8 +97,7 @@ class ImageFileDataset(MetricDataset):
                 img = to_rgb(im)
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
             # PIL: UnidentifiedImageError (an OSError), truncation, an image over its pixel limit, ...
-            advice = "restore the file (the data set's index lists it)" if getattr(self, "listed", False) \
-                else "replace or remove the file"
+            advice = "restore the file (the data set's index lists it)" if self.listed else "replace or remove the file"
             raise DatasetLayoutError(f"cannot read the image {self.paths[index]} ({type(e).__name__}: "
                                      f"{str(e).strip() or 'no detail'}): {advice}") from None
         if self.transform is not None:

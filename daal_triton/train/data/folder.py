@@ -35,7 +35,7 @@ def _walk(top: str):
     split_real = os.path.realpath(os.path.dirname(os.path.abspath(top)))  # the split's, even for a linked class
     for dirpath, dirs, files in os.walk(top, followlinks=True):
         real = os.path.realpath(dirpath)
-        back = _inside(top_real, real) and real != top_real or (_inside(real, split_real) and not _inside(real, top_real))
+        back = not _inside(real, top_real) and (_inside(real, split_real) or _inside(top_real, real))
         if real in seen or back:
             dirs[:] = []
             continue
