@@ -24,6 +24,9 @@ One benchmark case is one (operator, shape, precision, provider, pass):
   kernels/knn.py, ``LOADS_ENV``), ``triton_wide`` (the kNN with its forward's wide tiles,
   256 x 128 on 8 warps through tensor descriptors, where they apply: k <= 8, no labels;
   ``DAAL_KNN_TILES=wide``, beside the table's 128 x 128: kernels/knn.py, ``TILES_ENV``),
+  ``triton_unaligned`` (the kNN or the pairwise distance at a width that is no multiple of 16
+  on its unpadded rows, as before 2026-12-02, ``DAAL_ALIGN_D=off``, beside the rows padded to
+  16 columns that replaced them: kernels/_common.py, ``ALIGN_ENV``; the ``*_d129`` shapes),
   ``eager`` (``daal_triton.reference.*``; ``DAALLoss(backend="reference")``), ``compile``
   (``torch.compile`` of the reference function) and, for kNN only, ``chunked`` (row chunks of
   ``torch.cdist`` + ``torch.topk``, the usual hand-written baseline); for ``train_step`` the loss
@@ -54,9 +57,9 @@ OPERATOR_PASSES = ("fwd", "bwd", "fwdbwd")
 PASSES = OPERATOR_PASSES + ("step",)
 PROFILES = ("smoke", "check", "full")
 PROVIDERS = {
-    "pairwise": ("triton", "eager", "compile"),
+    "pairwise": ("triton", "eager", "compile", "triton_unaligned"),
     "knn": ("triton", "eager", "compile", "chunked", "triton_wave_splits", "triton_checked_merge",
-            "triton_separate", "triton_tma", "triton_wide"),
+            "triton_separate", "triton_tma", "triton_wide", "triton_unaligned"),
     "line_margin": ("triton", "eager", "compile", "triton_atomic_own", "triton_separate"),
     "loss": ("triton", "eager", "compile", "triton_aten_glue", "triton_graphed", "triton_atomic_own",
              "triton_separate"),
@@ -71,11 +74,14 @@ SHAPES: Dict[str, Dict[str, dict]] = {
         "dml": dict(M=180, N=180, D=512),
         "large": dict(M=4096, N=4096, D=512),
         "bank": dict(M=1024, N=65536, D=512),
+        # a width that is no multiple of 16: rows padded to 144 columns (DAAL_ALIGN_D)
+        "large_d129": dict(M=4096, N=4096, D=129),
     },
     "knn": {
         "dml": dict(M=180, N=180, D=512, k=3, labels=100, self=True, grad=True),
         "bank": dict(M=1024, N=65536, D=512, k=8, labels=None, self=False, grad=True),
         "eval60k": dict(M=60000, N=60000, D=512, k=8, labels=None, self=True, grad=False),
+        "bank_d129": dict(M=1024, N=65536, D=129, k=8, labels=None, self=False, grad=True),
     },
     "line_margin": {
         "dml": dict(B=180, C=100, D=512),
@@ -201,6 +207,9 @@ SWITCHES: Tuple[Switch, ...] = (
            (("knn", "eval60k", "bf16", "fwd"), ("knn", "bank", "bf16", "fwd"))),
     Switch("DAAL_KNN_TILES", "table", "wide", "triton_wide",
            (("knn", "eval60k", "bf16", "fwd"), ("knn", "bank", "bf16", "fwd"))),
+    Switch("DAAL_ALIGN_D", "pad", "off", "triton_unaligned",
+           (("knn", "bank_d129", "bf16", "fwd"), ("knn", "bank_d129", "bf16", "fwdbwd"),
+            ("pairwise", "large_d129", "bf16", "fwdbwd")), memory=True),
 )
 #: Time differences within this fraction are not a decision (run-to-run noise of a median).
 SWITCH_NOISE = 0.03
@@ -234,6 +243,11 @@ CHECK: Dict[Tuple[str, str], List[dict]] = {
                       dict(dtypes=("bf16",), providers=("triton_checked_merge", "triton_tma", "triton_wide"),
                            passes=("fwd",))],
     ("pairwise", "large"): [dict(dtypes=("bf16", "fp32"), providers=("triton", "eager"))],
+    # an odd width: the padded rows beside the unaligned ones (DAAL_ALIGN_D=off)
+    ("knn", "bank_d129"): [dict(dtypes=("bf16",), providers=("triton", "triton_unaligned", "chunked"),
+                                passes=("fwd", "fwdbwd"))],
+    ("pairwise", "large_d129"): [dict(dtypes=("bf16",), providers=("triton", "triton_unaligned"),
+                                      passes=("fwdbwd",))],
     ("line_margin", "dml"): [dict(dtypes=("bf16",), providers=("triton", "eager")),
                              dict(dtypes=("bf16",), providers=("triton_separate",), passes=("fwdbwd",))],
     ("line_margin", "large"): [dict(dtypes=("bf16",), providers=("triton", "eager"), passes=("fwdbwd",))],
@@ -395,10 +409,18 @@ def knn_chunk_rows(n_ref: int, elems: int = 1 << 28) -> int:
     return max(1, elems // max(1, n_ref))
 
 
+def _padded_rows_bytes(d: dict, prov: str, es: int) -> int:
+    """The kNN's and pairwise distance's rows padded to 16 columns at an odd width (not with
+    ``DAAL_ALIGN_D=off``: provider triton_unaligned)."""
+    if d["D"] % 16 == 0 or prov == "triton_unaligned":
+        return 0
+    return (d["M"] + d["N"]) * -(-d["D"] // 16) * 16 * es
+
+
 def _knn_bytes(d: dict, prov: str, es: int) -> int:
     mn = d["M"] * d["N"]
     if prov.startswith("triton"):  # the kernel under any switch setting: the k slots and the splits'
-        return 16 * d["M"] * d["k"] + (64 << 20)
+        return 16 * d["M"] * d["k"] + (64 << 20) + _padded_rows_bytes(d, prov, es)
     if prov == "chunked":
         rows = min(d["M"], knn_chunk_rows(d["N"]))
         return rows * d["N"] * (3 * es + 8) + (d["M"] + d["N"]) * d["D"] * 4
@@ -441,8 +463,9 @@ def estimate_bytes(case: Case) -> int:
     prov, op = case.provider, case.op
     if op == "pairwise":
         mn = d["M"] * d["N"]
-        per = {"triton": 8, "eager": 24, "compile": 12}[prov]
-        return per * mn + 4 * mn  # + the M x N upstream gradient of the bwd passes
+        per = {"triton": 8, "triton_unaligned": 8, "eager": 24, "compile": 12}[prov]
+        padded = _padded_rows_bytes(d, prov, es) if prov.startswith("triton") else 0
+        return per * mn + 4 * mn + padded  # + the M x N upstream gradient of the bwd passes
     if op == "knn":
         return _knn_bytes(d, prov, es)
     if op == "train_step":

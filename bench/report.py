@@ -45,7 +45,8 @@ PROVIDER_TITLES = {"triton": "Triton", "eager": "eager", "compile": "compile", "
                    "triton_atomic_own": "Triton, atomic own rows",
                    "triton_checked_merge": "Triton, checked merge",
                    "triton_separate": "Triton, separate launches",
-                   "triton_tma": "Triton, TMA loads", "triton_wide": "Triton, wide tiles"}
+                   "triton_tma": "Triton, TMA loads", "triton_wide": "Triton, wide tiles",
+                   "triton_unaligned": "Triton, unaligned rows"}
 #: Providers that earlier runs measured and the benchmarks no longer run: the line margin's first
 #: design and the kNN's aten finish, removed after the 2026-11-30 H200 run decided against them
 #: (docs/kernels.md, "Measured results"). Their stored results still render, after the others.
@@ -645,7 +646,9 @@ Each case is (shape, precision, provider, pass):
   descriptors, `DAAL_KNN_LOADS=tma`, beside the pointer loads; docs/kernels.md "Tensor-descriptor
   loads") and `Triton, wide tiles` (its forward on 256 × 128 tiles through tensor descriptors where
   they apply, k ≤ 8 without labels, `DAAL_KNN_TILES=wide`, beside the table's 128 × 128;
-  docs/kernels.md "Wider tiles"). The first run also
+  docs/kernels.md "Wider tiles"); for the kNN and the pairwise distance at D = 129 `Triton, unaligned
+  rows` (the kernels on the unpadded rows, `DAAL_ALIGN_D=off`, beside the rows padded to 144
+  columns that replaced them; docs/kernels.md "Odd widths"). The first run also
   timed `Triton (aten finish)` (the kNN kernel with its earlier finish) and `Triton v1` (the line
   margin's first design); both were removed after it (the fused finish was 1.45–3.3× faster, v2 4.1×), and its
   tables still show them;
@@ -659,7 +662,7 @@ Each case is (shape, precision, provider, pass):
   references keep their own arithmetic (the pairwise/kNN reference upcasts to float32);
 - shapes: DML batch (B=180, C=100, D=512), large batch (B=4096, C=1000), many classes
   (B=1024, C=11,318 and C=100,000), kNN evaluation (60,000 × 60,000, k=8), memory bank
-  (1,024 queries × 65,536 references), all with D=512.
+  (1,024 queries × 65,536 references), all with D=512; the same memory bank and the large pairwise at D=129 (`bank_d129`, `large_d129`).
 
 Measured per case: the median time of rounds each bracketed by `torch.cuda.synchronize`, the
 peak extra memory (`torch.cuda.max_memory_allocated` after `reset_peak_memory_stats`, above what

@@ -200,13 +200,49 @@ def compute_dtype(op: str, *tensors: torch.Tensor) -> torch.dtype:
     return dtype
 
 
-def prepare(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``t`` in ``dtype`` with unit column stride (one copy at most)."""
+#: The GEMM-form operators (kNN, pairwise distance) hand their kernels rows whose width and
+#: stride are multiples of :data:`ALIGN` elements and whose start is 16-byte aligned
+#: (:func:`prepare` with ``align``): Triton then marks D and the strides divisible by 16 and
+#: loads 16-byte vectors; at any other D (e.g. 129, 100) every element is loaded with an address
+#: of its own and the sm_90 builds spill (bfloat16 kNN backward 744 B, its finish 256 B, the
+#: pairwise backward 64 B, the forwards 48-56 B; none at D a multiple of 16:
+#: tests/kernels/test_kernel_launched_builds.py). The padding columns are zeros: they add
+#: nothing to a dot product or a squared distance, and the D-chunks are the same, so the results
+#: are those of the unpadded kernels. Cost: one copy of the (M + N) x D inputs per call, against
+#: the M x N x D work. ``DAAL_ALIGN_D=off`` launches the unaligned rows as before 2026-12-02;
+#: kept until a GPU run times both (the benchmarks' ``triton_unaligned`` provider).
+ALIGN = 16
+ALIGN_ENV = "DAAL_ALIGN_D"
+ALIGN_POLICIES = ("pad", "off")
+
+
+def aligned(t: torch.Tensor) -> bool:
+    """Whether Triton's launcher marks the 2-D ``t``'s width, row stride and pointer divisible
+    by 16 (the vectorised builds; a unit column stride is assumed)."""
+    return t.shape[1] % ALIGN == 0 and t.stride(0) % ALIGN == 0 and t.data_ptr() % 16 == 0
+
+
+def prepare(t: torch.Tensor, dtype: torch.dtype, align: bool = False) -> torch.Tensor:
+    """``t`` in ``dtype`` with unit column stride (one copy at most). With ``align`` (and
+    ``DAAL_ALIGN_D`` "pad", the default) also :func:`aligned`: an M x D ``t`` that is not comes
+    back as M x ``ceil(D / 16) * 16``, its columns beyond D zeros (still one copy)."""
+    if align and not aligned(t) and env_choice(ALIGN_ENV, ALIGN_POLICIES) == "pad":
+        M, D = t.shape
+        out = torch.empty(M, cdiv(D, ALIGN) * ALIGN, dtype=dtype, device=t.device)
+        out[:, D:].zero_()
+        out[:, :D].copy_(t)
+        return out
     if t.dtype != dtype:
         t = t.to(dtype)
     if t.stride(-1) != 1 or (t.shape[0] > 1 and t.stride(0) < t.shape[1]):
         t = t.contiguous()
     return t
+
+
+def columns(t: torch.Tensor, D: int, dtype: torch.dtype) -> torch.Tensor:
+    """The first ``D`` columns of a result computed on :func:`prepare`'s padded rows, in
+    ``dtype``, contiguous (``t`` itself when nothing changes)."""
+    return (t[:, :D] if t.shape[1] != D else t).to(dtype).contiguous()
 
 
 # --------------------------------------------------------------------------- the model

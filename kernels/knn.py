@@ -113,6 +113,7 @@ from ._common import (
     _dot_chunk,
     _dot_desc_chunk,
     _dot_rows,
+    columns,
     compute_dtype,
     direct,
     eager,
@@ -1009,8 +1010,8 @@ def _knn_op(query: torch.Tensor, ref: torch.Tensor, k: int, query_labels: Option
 def _knn_forward(query, ref, k, query_labels, ref_labels, exclude_self, splits):
     """The body of ``daal_triton::knn`` (a plain function: the launch-count test calls it)."""
     dtype = compute_dtype("knn", query, ref)
-    q = prepare(query, dtype)
-    r = q if ref is query else prepare(ref, dtype)
+    q = prepare(query, dtype, align=True)
+    r = q if ref is query else prepare(ref, dtype, align=True)
     ql = rl = None
     if query_labels is not None:
         ql = query_labels.to(torch.int64).contiguous()
@@ -1056,8 +1057,11 @@ def _knn_backward_op(g: torch.Tensor, index: torch.Tensor, query: torch.Tensor,
     """Scatter of ``g`` (M x k) over the selected pairs: ``(dL/dquery, dL/dref)``; without
     ``ref_grad`` dL/dref is not computed (an empty 0 x D tensor: no N x D buffer, no atomics)."""
     dtype = compute_dtype("knn", query, ref)
-    dq, dr = _knn_backward(g, index, prepare(query, dtype), prepare(ref, dtype), ref_grad)
-    return _cast(dq, query.dtype), _cast(dr, ref.dtype)
+    q = prepare(query, dtype, align=True)
+    r = q if ref is query else prepare(ref, dtype, align=True)
+    dq, dr = _knn_backward(g, index, q, r, ref_grad)
+    D = query.shape[1]
+    return columns(dq, D, query.dtype), columns(dr, D, ref.dtype)
 
 
 @_knn_backward_op.register_fake

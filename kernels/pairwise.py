@@ -60,6 +60,7 @@ from ._common import (
     Launch,
     _dot_rows,
     _round_tf32,
+    columns,
     compute_dtype,
     dot_flags,
     direct,
@@ -354,7 +355,7 @@ def _backward_gemm(h: torch.Tensor, hsum: torch.Tensor, a: torch.Tensor, b: torc
 def _pairwise_op(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """``d = pairwise_distance(x, y)`` (see the module docstring), float32."""
     dtype = compute_dtype("pairwise_distance", x, y)
-    return _forward(prepare(x, dtype), prepare(y, dtype))
+    return _forward(prepare(x, dtype, align=True), prepare(y, dtype, align=True))
 
 
 @_pairwise_op.register_fake
@@ -367,15 +368,15 @@ def _pairwise_backward_op(g: torch.Tensor, dist: torch.Tensor, x: torch.Tensor,
                           y: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(dL/dx, dL/dy)`` from ``g = dL/dd`` and the saved output ``d``."""
     dtype = compute_dtype("pairwise_distance", x, y)
-    xc, yc = prepare(x, dtype), prepare(y, dtype)
+    xc, yc = prepare(x, dtype, align=True), prepare(y, dtype, align=True)
     g = g.to(torch.float32)
     M, N = dist.shape
     if M == 0 or N == 0:  # contiguous, as the kernels' results (and the fake) are
         return x.new_zeros(x.shape), y.new_zeros(y.shape)
     flags = bwd_flags(dtype)
     h, hrow, hcol = _form_h(g, dist, dtype, flags["ROUND_TF32"])
-    dx = _backward_gemm(h, hrow, xc, yc, False, flags).to(x.dtype)
-    dy = _backward_gemm(h, hcol, yc, xc, True, flags).to(y.dtype)
+    dx = columns(_backward_gemm(h, hrow, xc, yc, False, flags), x.shape[1], x.dtype)
+    dy = columns(_backward_gemm(h, hcol, yc, xc, True, flags), y.shape[1], y.dtype)
     return dx, dy
 
 

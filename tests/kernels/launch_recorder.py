@@ -128,8 +128,8 @@ def record() -> list:
         r = q if own else torch.randn(N, D, generator=g).to(dtypes[dt])
         ql = torch.randint(0, 100, (M,), generator=g) if labelled else None
         dist, index = knn._knn_forward(q, r, k, ql, ql if own else None, own, None)
-        if grad:
-            knn._knn_backward(torch.ones(M, k), index, q, r, True)
+        if grad:  # the op's body: its rows prepared as the forward's
+            knn._knn_backward_op._init_fn(torch.ones(M, k), index, q, r, True)
 
     def line_margin_op(dt, B, C, D, atomic=False, seg_dt=None):
         """The line margin on its own, segments of the input dtype as the benchmarks build them
@@ -187,6 +187,16 @@ def record() -> list:
         ("loss fp32 dml, atomic own", lambda: loss("fp32", 180, 100, 512), {"DAAL_LM_OWN_SEG": "atomic"}),
         ("loss fp32 dml, aten glue", lambda: loss("fp32", 180, 100, 512), {"DAAL_GLUE": "aten"}),
         ("loss fp32 dml, separate", lambda: loss("fp32", 180, 100, 512), {"DAAL_LAUNCHES": "separate"}),
+        # an embedding width that is no multiple of 16 (kernels/_common.py, ALIGN): padded rows by
+        # default, the unaligned ones with DAAL_ALIGN_D=off (the benchmarks' *_d129 cases)
+        ("loss fp32 dml D=129", lambda: loss("fp32", 180, 100, 129), {}),
+        ("loss bf16 large D=129", lambda: loss("bf16", 4096, 1000, 129), {}),
+        ("knn bf16 bank D=129", lambda: knn_op("bf16", 1024, 65536, 129, 8, False, False), {}),
+        ("pairwise bf16 large D=129", lambda: pairwise_op("bf16", 4096, 4096, 129), {}),
+        ("knn bf16 bank D=129, unaligned", lambda: knn_op("bf16", 1024, 65536, 129, 8, False, False),
+         {"DAAL_ALIGN_D": "off"}),
+        ("pairwise bf16 large D=129, unaligned", lambda: pairwise_op("bf16", 4096, 4096, 129),
+         {"DAAL_ALIGN_D": "off"}),
         ("knn bf16 dml, separate", lambda: knn_op("bf16", 180, 180, 512, 3, True, True), {"DAAL_LAUNCHES": "separate"}),
         ("line_margin bf16 dml, separate", lambda: line_margin_op("bf16", 180, 100, 512), {"DAAL_LAUNCHES": "separate"}),
     ]

@@ -9,7 +9,7 @@ from daal_testing import (DEV, assert_close, assert_floors_keep_nan, compile_lau
 
 from daal_triton import reference
 from daal_triton.kernels import knn as kk
-from daal_triton.kernels._common import POINTER, family
+from daal_triton.kernels._common import ALIGN_ENV, POINTER, family
 
 TF32 = DEV == "cuda"
 
@@ -748,11 +748,15 @@ def test_knn_launch_count(monkeypatch):
     """Issue 13: the loss's kNN (one tensor as query and ref) launches three Triton kernels and
     no aten work in its forward (one squared-norm launch, the selection, the fused finish), and
     the backward two operations in float32 (dRef's zero-fill and the kernel; dQ is not
-    zero-filled). k > MAX_K selects in PyTorch, then recomputes with ``_knn_dist_kernel``."""
-    x = torch.randn(37, 20, device=DEV)
+    zero-filled). k > MAX_K selects in PyTorch, then recomputes with ``_knn_dist_kernel``. At a
+    width that is no multiple of 16 the forward adds the padded copy's two operations."""
+    x = torch.randn(37, 32, device=DEV)
     y = _labels(37, 3)
     ops, kernels = _count_launches(monkeypatch, lambda: kk._knn_forward(x, x, 3, y, y, True, 2))
     assert ops == [] and kernels == ["_sqnorm_kernel", "_knn_fwd_kernel", "_knn_finish_kernel"]
+    odd = torch.randn(37, 20, device=DEV)  # padded to 32 columns, once for query and ref
+    ops, kernels = _count_launches(monkeypatch, lambda: kk._knn_forward(odd, odd, 3, y, y, True, 2))
+    assert ops == ["aten.zero_", "aten.copy_"] and kernels == ["_sqnorm_kernel", "_knn_fwd_kernel", "_knn_finish_kernel"]
     _, kernels_c = _count_launches(monkeypatch, lambda: kk._knn_forward(x, x, kk.MAX_K + 1, y, y, True, None))
     assert kernels_c == ["_knn_dist_kernel"]
     dist, index = kk._knn_forward(x, x, 3, y, y, True, None)
@@ -1061,11 +1065,14 @@ def test_knn_tma_loads_where_eligible(monkeypatch):
     two = 2 if _tma_here() else 0
     assert descriptors(x, 3) == two
     assert descriptors(x[:, :130], 3) == two  # D = 130 in rows of 272 bytes: aligned
-    assert descriptors(x[:, 1:], 3) == 0  # base 2 bytes past 16-byte alignment
+    assert descriptors(x[:, 1:], 3) == two  # base 2 bytes past alignment: copied to aligned rows
+    assert descriptors(x[:, 1:], 3, **{ALIGN_ENV: "off"}) == 0  # left so (DAAL_ALIGN_D=off): pointer loads
     assert descriptors(x[:, :20], 3) == 0  # D-chunk 32
     assert descriptors(x, 17) == 0  # KP 32: another entry
     assert descriptors(x.float(), 3) == 0  # float32
     assert descriptors(x, 3, **{kk.MERGE_ENV: "checked"}) == 0
+    _run(x[:, 1:], x[:, 1:], 3, exclude_self=True, grad=False)
+    monkeypatch.setenv(ALIGN_ENV, "off")
     _run(x[:, 1:], x[:, 1:], 3, exclude_self=True, grad=False)
 
 

@@ -111,10 +111,15 @@ def _tuning_only(launch) -> bool:
     return all(s.startswith("tune_") for s in launch["scenarios"])
 
 
+def _unaligned_only(launch) -> bool:
+    """Launched only with ``DAAL_ALIGN_D=off``: the unpadded rows kept for the GPU's timing."""
+    return all(s.endswith(", unaligned") for s in launch["scenarios"])
+
+
 def test_recorded_sm90_launches_do_not_spill(built):
     spills = []
     for la, res in built:
-        if res["capability"] != 90 or "stack" not in res or _tuning_only(la):
+        if res["capability"] != 90 or "stack" not in res or _tuning_only(la) or _unaligned_only(la):
             continue
         if res["stack"] > allowed_stack(la):
             spills.append(f"{res['stack']} B stack, {res['registers']} registers: {_describe(la)}")
@@ -144,3 +149,34 @@ def test_line_margin_tuning_candidates_that_spill_are_the_ones_it_skips(built):
     declared = {(fam, kernel, str(tuple(blocks))) for fam, per in tune.SPILLS.items()
                 for kernel, cands in per.items() for blocks in cands}
     assert spilling == declared, {key: stack[key] for key in spilling ^ declared if key in stack}
+
+
+def test_odd_widths_reach_the_gemm_kernels_as_aligned_rows(recorded, built):
+    """At D = 129 the kNN and pairwise kernels get rows padded to 144 (kernels/_common.py,
+    ``ALIGN``): D and every row stride marked divisible by 16, as at D = 512, so they are the
+    builds that keep no stack (the test above covers them); with ``DAAL_ALIGN_D=off`` the same
+    launches are unmarked, and the bfloat16 kNN backward's sm_90 build keeps stack: what the
+    padding is for."""
+    # D and the row strides of the D-wide operands (the others, of k- or N-wide outputs, are
+    # the call's: k = 8 is no multiple of 16)
+    ROWS = {"D", "stride_q_m", "stride_r_n", "stride_dq_m", "stride_dr_n", "stride_x_m", "stride_y_n",
+            "stride_a_r", "stride_b_c", "stride_da_r"}
+    gemm = ("_knn_fwd_kernel", "_knn_finish_kernel", "_knn_bwd_kernel", "_pairwise_fwd_kernel",
+            "_pairwise_bwd_kernel", "_sqnorm_kernel")
+    seen = {True: set(), False: set()}
+    for la in recorded:
+        if la["kernel"] not in gemm:
+            continue
+        for s in la["scenarios"]:
+            if "D=129" not in s:
+                continue
+            padded = not s.endswith(", unaligned")
+            seen[padded].add(la["kernel"])
+            strides = {n for n in la["signature"] if n in ROWS}
+            marked = strides & set(la["divisible"])
+            assert (marked == strides) if padded else ("D" not in marked), (s, la["kernel"], strides - marked)
+    assert seen[True] == set(gemm), set(gemm) - seen[True]
+    assert {"_knn_bwd_kernel", "_pairwise_bwd_kernel"} <= seen[False]
+    stack = [res["stack"] for la, res in built if res["capability"] == 90 and _unaligned_only(la)
+             and la["kernel"] == "_knn_bwd_kernel"]
+    assert stack and min(stack) > 0, stack

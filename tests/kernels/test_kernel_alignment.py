@@ -1,0 +1,144 @@
+"""Rows padded to a multiple of 16 columns for the GEMM-form kernels (kernels/_common.py, ``ALIGN``).
+
+At a width D that is no multiple of 16 the kNN and pairwise kernels get ``ceil(D / 16) * 16``
+columns, the extra ones zeros: the results must be those of the unpadded rows
+(``DAAL_ALIGN_D=off``, kept for the GPU's timing) bit for bit, match the float64 reference, and
+the gradients come back M x D in the inputs' dtypes. tests/kernels/test_kernel_launched_builds.py
+checks what this is for: the padded launches are the builds that keep no stack.
+"""
+import pytest
+import torch
+
+from daal_testing import DEV, assert_close, tolerance
+
+from daal_triton import reference
+from daal_triton.kernels import _common
+from daal_triton.kernels import knn as kk
+from daal_triton.kernels import pairwise as kp
+
+
+@pytest.mark.parametrize("D", [1, 15, 19, 129])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_prepare_pads_odd_widths_with_zero_columns(D, dtype):
+    t = torch.randn(7, D, device=DEV)
+    p = _common.prepare(t, dtype, align=True)
+    width = -(-D // 16) * 16
+    assert p.shape == (7, width) and p.dtype == dtype and p.is_contiguous()
+    assert _common.aligned(p)
+    assert torch.equal(p[:, :D], t.to(dtype)) and not p[:, D:].any()
+    assert torch.equal(_common.columns(p, D, t.dtype), t.to(dtype).to(t.dtype))
+
+
+def test_prepare_keeps_aligned_rows_and_copies_misaligned_ones():
+    t = torch.randn(9, 32, device=DEV)
+    assert _common.prepare(t, torch.float32, align=True) is t  # nothing to do: no copy
+    view = torch.randn(9, 33, device=DEV)[:, 1:]  # width 32, row stride 33, start 4 bytes in
+    assert not _common.aligned(view)
+    p = _common.prepare(view, torch.float32, align=True)
+    assert p.shape == (9, 32) and _common.aligned(p) and torch.equal(p, view)
+    shifted = torch.randn(10 * 32 + 1, device=DEV)[1:].view(10, 32)  # contiguous, start not 16-byte aligned
+    assert not _common.aligned(shifted) and _common.aligned(_common.prepare(shifted, torch.float32, align=True))
+    # without align (the other kernels) only the unit column stride is asked for
+    assert _common.prepare(view, torch.float32) is view
+
+
+def test_align_policy_is_checked(monkeypatch):
+    """``DAAL_ALIGN_D`` is "pad" by default, "off" selectable, anything else a ValueError naming it
+    (read at every call, only where a copy is at stake)."""
+    monkeypatch.setenv(_common.ALIGN_ENV, "off")
+    t = torch.randn(5, 19, device=DEV)
+    assert _common.prepare(t, torch.float32, align=True) is t
+    monkeypatch.setenv(_common.ALIGN_ENV, "yes")
+    with pytest.raises(ValueError, match=_common.ALIGN_ENV):
+        kp.pairwise_distance(t, t)
+
+
+def _same(a: torch.Tensor, b: torch.Tensor, atomics: bool = False) -> None:
+    """Bit for bit; a gradient summed by float atomics on a GPU (the kNN's dRef) in any order."""
+    assert a.shape == b.shape and a.dtype == b.dtype
+    if atomics and a.is_cuda:
+        assert_close(a, b, 1e-6, "atomic sums")
+    else:
+        assert torch.equal(a, b)
+
+
+def _both(monkeypatch, call):
+    """``call()``'s tensors with the padded rows (default) and with ``DAAL_ALIGN_D=off``."""
+    out = {}
+    for policy in _common.ALIGN_POLICIES:
+        monkeypatch.setenv(_common.ALIGN_ENV, policy)
+        out[policy] = call()
+    return out["pad"], out["off"]
+
+
+@pytest.mark.parametrize("M,N,D", [(37, 53, 129), (20, 9, 19)])
+def test_knn_on_padded_rows_is_the_unpadded_knn(monkeypatch, M, N, D):
+    torch.manual_seed(D)
+    q0, r0 = torch.randn(M, D, device=DEV), torch.randn(N, D, device=DEV)
+    ql, rl = torch.randint(0, 3, (M,), device=DEV), torch.randint(0, 3, (N,), device=DEV)
+    g = torch.randn(M, 4, device=DEV)
+
+    def run():
+        q, r = q0.clone().requires_grad_(True), r0.clone().requires_grad_(True)
+        dist, index = kk.knn(q, r, 4, query_labels=ql, ref_labels=rl)
+        dist.backward(torch.where(torch.isfinite(dist), g, 0.0))
+        return dist.detach(), index, q.grad, r.grad
+
+    padded, unpadded = _both(monkeypatch, run)
+    for i, (a, b) in enumerate(zip(padded, unpadded)):
+        _same(a, b, atomics=i == 3)
+    assert padded[2].shape == (M, D) and padded[3].shape == (N, D)
+    # and the float64 reference agrees (the gradients where both selected the same neighbours)
+    qd, rd = q0.double().requires_grad_(True), r0.double().requires_grad_(True)
+    ref_dist, ref_index = reference.knn(qd, rd, 4, query_labels=ql, ref_labels=rl)
+    assert torch.equal(padded[1], ref_index)
+    found = ref_index >= 0  # rows with fewer than k same-label candidates: inf / -1 in both
+    assert torch.equal(torch.isinf(padded[0]), ~found)
+    assert_close(padded[0][found], ref_dist.detach()[found], tolerance(torch.float32, tf32=DEV == "cuda"), "dist")
+    ref_dist.backward(torch.where(torch.isfinite(ref_dist), g.double(), 0.0))
+    assert_close(padded[2], qd.grad, tolerance(torch.float32, tf32=DEV == "cuda"), "dq")
+    assert_close(padded[3], rd.grad, tolerance(torch.float32, tf32=DEV == "cuda"), "dr")
+
+
+def test_knn_self_search_with_a_half_bank_on_padded_rows(monkeypatch):
+    """``ref is query`` (one padded copy serves both), float16 rows, exclude_self, and a reference
+    set without gradient (a memory bank): the same as unpadded, gradients in float16."""
+    torch.manual_seed(1)
+    x0 = torch.randn(40, 23, device=DEV).half()
+    bank = torch.randn(50, 23, device=DEV).half()
+
+    def run():
+        x = x0.clone().requires_grad_(True)
+        d1, i1 = kk.knn(x, x, 3, exclude_self=True)
+        d2, i2 = kk.knn(x, bank, 5)
+        (d1.sum() + d2.square().sum()).backward()
+        return d1.detach(), i1, d2.detach(), i2, x.grad
+
+    padded, unpadded = _both(monkeypatch, run)
+    for i, (a, b) in enumerate(zip(padded, unpadded)):
+        _same(a, b, atomics=i == 4)  # x.grad: its dRef part by atomics
+    assert padded[-1].dtype == torch.float16 and padded[-1].shape == (40, 23)
+
+
+@pytest.mark.parametrize("M,N,D", [(37, 53, 129), (5, 140, 33)])
+def test_pairwise_on_padded_rows_is_the_unpadded_pairwise(monkeypatch, M, N, D):
+    torch.manual_seed(M)
+    x0, y0 = torch.randn(M, D, device=DEV), torch.randn(N, D, device=DEV)
+    g = torch.randn(M, N, device=DEV)
+
+    def run():
+        x, y = x0.clone().requires_grad_(True), y0.clone().requires_grad_(True)
+        d = kp.pairwise_distance(x, y)
+        d.backward(g)
+        return d.detach(), x.grad, y.grad
+
+    padded, unpadded = _both(monkeypatch, run)
+    for a, b in zip(padded, unpadded):
+        _same(a, b)
+    xd, yd = x0.double().requires_grad_(True), y0.double().requires_grad_(True)
+    dd = reference.pairwise_distance(xd, yd)
+    dd.backward(g.double())
+    tol = tolerance(torch.float32, tf32=DEV == "cuda")
+    assert_close(padded[0], dd, tol, "distance")
+    assert_close(padded[1], xd.grad, tol, "dX")
+    assert_close(padded[2], yd.grad, tol, "dY")
