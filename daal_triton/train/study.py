@@ -846,6 +846,14 @@ def _study(args: argparse.Namespace, study: Dict[str, Any], command: str) -> int
         note = (f"The report covers every finished run in {args.out}: {earlier} of these {len(records)} are not in "
                 f"the study of the command below but come from earlier daal-study commands (runs.jsonl has each "
                 f"run's daal-train command)." if earlier else "")
+        missing = [c for c in cells if (c["config"], c["seed"]) not in known]
+        if missing:  # a configuration's mean then stands on fewer seeds: say which, and why
+            why = {(c["config"], c["seed"]) for c in failed}
+            listed = "; ".join(f"{c['config']} seed {c['seed']}"
+                               + (" (failed)" if (c["config"], c["seed"]) in why else " (not run)")
+                               for c in missing)
+            note = (note + " " if note else "") + (
+                f"{len(missing)} of the study's {len(cells)} runs have no result and are not in the table: {listed}.")
         written = write_report(study, records, report_order(study, records, report), report, command, note=note,
                                plots=args.plots, tsne=args.tsne, tsne_seed=args.tsne_seed)
         print(open(table).read())

@@ -196,6 +196,29 @@ def test_a_command_where_nothing_finishes_keeps_the_report(tmp_path, monkeypatch
     assert len(S._read_jsonl(os.path.join(rep, "runs.jsonl"))) == 4
 
 
+def test_the_table_names_the_runs_that_failed(tmp_path, monkeypatch):
+    """A configuration whose mean stands on fewer seeds than the study asked for says so: the
+    table lists each missing run, failed in this command or not run."""
+    out = str(tmp_path / "st")
+
+    def some_fail(cell, out_, threads, python=None):
+        if cell["config"] == "B" and cell["seed"] == 1:
+            return _failing_cell(cell, out_, threads)
+        return _fake_cell(cell, out_, threads)
+
+    monkeypatch.setattr(S, "run_cell", some_fail)
+    argv = ["--config", "A=--epochs 1", "--config", "B=--epochs 2", "--seeds", "0", "1", "--out", out,
+            "--no-progress", "--no-tsne", "--no-plots"]
+    assert S.main(argv) == 1
+    table = open(os.path.join(out, "table.md")).read()
+    assert "1 of the study's 4 runs have no result and are not in the table: B seed 1 (failed)." in table
+    assert "| B | 1 |" in table
+    monkeypatch.setattr(S, "run_cell", _fake_cell)  # the retry finishes it: the note is gone
+    assert S.main(argv) == 0
+    table = open(os.path.join(out, "table.md")).read()
+    assert "have no result" not in table and "| B | 2 |" in table
+
+
 def test_dry_run_writes_nothing_and_bad_arguments_are_one_line(tmp_path, capsys, error_line):
     out = tmp_path / "st"
     assert S.main(["--config", "A=", "--seeds", "0", "--out", str(out), "--dry-run"]) == 0
