@@ -174,6 +174,10 @@ TARGETS: Tuple[Target, ...] = (
 # The (op, shape, dtype) a target names: those cases run first, so that a run cut short by its
 # time budget still has them.
 TARGET_KEYS = frozenset((t.op, t.shape, t.dtype) for t in TARGETS)
+#: The cases the targets compare: (op, shape, dtype, pass, provider), Triton's and the other
+#: provider's ("fraction" targets time the matmul baseline within Triton's case).
+TARGET_CASES = frozenset((t.op, t.shape, t.dtype, t.pass_, prov) for t in TARGETS
+                         for prov in ("triton",) + ((t.other,) if t.other else ()))
 
 # ----------------------------------------------------------------------------- switches
 class Switch(NamedTuple):
@@ -188,29 +192,35 @@ class Switch(NamedTuple):
     provider: str
     cases: Tuple[Tuple[str, str, str, str], ...]
     memory: bool = False
+    #: the first day a GPU run would time it (ISO date): a later run without the alternative's
+    #: record shows the row as not measured instead of leaving it out (bench/report.py)
+    since: str = ""
 
 
 SWITCHES: Tuple[Switch, ...] = (
     Switch("DAAL_KNN_MERGE", "counted", "checked", "triton_checked_merge",
-           (("knn", "eval60k", "bf16", "fwd"), ("knn", "bank", "bf16", "fwd"))),
+           (("knn", "eval60k", "bf16", "fwd"), ("knn", "bank", "bf16", "fwd")), since="2026-12-01"),
     Switch("DAAL_KNN_SPLITS", "model", "waves", "triton_wave_splits",
-           (("knn", "eval60k", "bf16", "fwd"), ("knn", "bank", "bf16", "fwd"), ("knn", "bank", "bf16", "fwdbwd"))),
+           (("knn", "eval60k", "bf16", "fwd"), ("knn", "bank", "bf16", "fwd"), ("knn", "bank", "bf16", "fwdbwd")), since="2026-12-01"),
     Switch("DAAL_LM_OWN_SEG", "lists", "atomic", "triton_atomic_own",
            (("line_margin", "classes100k", "bf16", "fwdbwd"), ("line_margin", "classes100k", "bf16", "bwd"),
-            ("loss", "dml", "fp32", "fwdbwd")), memory=True),
+            ("loss", "dml", "fp32", "fwdbwd")), memory=True, since="2026-12-01"),
     Switch("DAAL_GLUE", "fused", "aten", "triton_aten_glue",
-           (("loss", "dml", "fp32", "fwd"), ("loss", "dml", "fp32", "bwd"), ("loss", "dml", "fp32", "fwdbwd"))),
+           (("loss", "dml", "fp32", "fwd"), ("loss", "dml", "fp32", "bwd"), ("loss", "dml", "fp32", "fwdbwd")), since="2026-11-30"),
     Switch("DAAL_LAUNCHES", "merged", "separate", "triton_separate",
            (("loss", "dml", "fp32", "fwd"), ("loss", "dml", "fp32", "bwd"), ("loss", "dml", "fp32", "fwdbwd"),
-            ("knn", "dml", "bf16", "fwd"), ("line_margin", "dml", "bf16", "fwdbwd"))),
+            ("knn", "dml", "bf16", "fwd"), ("line_margin", "dml", "bf16", "fwdbwd")), since="2026-12-01"),
     Switch("DAAL_KNN_LOADS", "pointer", "tma", "triton_tma",
-           (("knn", "eval60k", "bf16", "fwd"), ("knn", "bank", "bf16", "fwd"))),
+           (("knn", "eval60k", "bf16", "fwd"), ("knn", "bank", "bf16", "fwd")), since="2026-12-01"),
     Switch("DAAL_KNN_TILES", "table", "wide", "triton_wide",
-           (("knn", "eval60k", "bf16", "fwd"), ("knn", "bank", "bf16", "fwd"))),
+           (("knn", "eval60k", "bf16", "fwd"), ("knn", "bank", "bf16", "fwd")), since="2026-12-02"),
     Switch("DAAL_ALIGN_D", "pad", "off", "triton_unaligned",
            (("knn", "bank_d129", "bf16", "fwd"), ("knn", "bank_d129", "bf16", "fwdbwd"),
-            ("pairwise", "large_d129", "bf16", "fwdbwd")), memory=True),
+            ("pairwise", "large_d129", "bf16", "fwdbwd")), memory=True, since="2026-12-02"),
 )
+#: The cases the switches compare: (op, shape, dtype, pass, provider), the default's and the
+#: alternative's.
+SWITCH_CASES = frozenset(case + (prov,) for sw in SWITCHES for case in sw.cases for prov in ("triton", sw.provider))
 #: Time differences within this fraction are not a decision (run-to-run noise of a median).
 SWITCH_NOISE = 0.03
 
@@ -334,7 +344,7 @@ def _profile_cases(op: str, profile: str) -> List[Case]:
                     for p in spec.get("passes", allowed):
                         if p in allowed:
                             out.append(Case(op, shape, tuple(dims.items()), dtype, provider, p,
-                                            (op, shape, dtype) in TARGET_KEYS))
+                                            (op, shape, dtype, p, provider) in TARGET_CASES))
     return out
 
 
@@ -358,13 +368,29 @@ FIRST_KEYS = frozenset({("knn", "eval60k", "bf16"), ("loss", "dml", "fp32")})
 NEXT_KEYS = frozenset({("loss", "classes100k", "fp32")})
 
 
-def order_key(case: Case):
-    """Run order: the targets first (:data:`FIRST_KEYS`' before the others), then
-    :data:`NEXT_KEYS`, and last of all the heavy cases (an estimated peak over 32 GiB: the eager
-    kNN of 60k x 60k, needed by no target), so that a run cut short by its time budget still has
-    the targets. (Stable sorts keep the table order otherwise.)"""
+def order_key(case: Case) -> Tuple[bool, int]:
+    """Run order, ``(heavy, tier)``: a GPU run's benchmarks may have two minutes, so the cases a
+    target compares come first, case by case (not every provider and pass of a target's shape):
+
+    0. the comparisons of :data:`FIRST_KEYS`' targets (Triton and the provider it is compared with);
+    1. the internal switches on those shapes (``SWITCHES``: the kNN's wide tiles and descriptor
+       loads at 60k, the loss's glue and launches at B = 180: the designs that may reach them);
+    2. the other targets' comparisons;
+    3. :data:`NEXT_KEYS`;
+    4. the other switches' comparisons;
+    5. everything else;
+
+    and last of all the heavy cases (an estimated peak over 32 GiB: the eager kNN of 60k x 60k,
+    needed by no target). (Stable sorts keep the table order within a tier.)"""
     key = (case.op, case.shape, case.dtype)
-    return (estimate_bytes(case) > HEAVY_BYTES, not case.target, key not in FIRST_KEYS, key not in NEXT_KEYS)
+    switch = (case.op, case.shape, case.dtype, case.pass_, case.provider) in SWITCH_CASES
+    if case.target:
+        tier = 0 if key in FIRST_KEYS else 2
+    elif switch:
+        tier = 1 if key in FIRST_KEYS else 4
+    else:
+        tier = 3 if key in NEXT_KEYS else 5
+    return estimate_bytes(case) > HEAVY_BYTES, tier
 
 
 # ----------------------------------------------------------------------------- FLOPs

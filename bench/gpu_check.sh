@@ -2,22 +2,24 @@
 # The GPU check: on a machine with one NVIDIA GPU and no network, in under 8 minutes,
 #   1. install this package (pip --no-deps --no-build-isolation -e .; fallbacks: --target, then a
 #      link tree on PYTHONPATH),
-#   2. run the GPU parity tests (pytest tests -m gpu) and the kernel tests (tests/kernels) that
-#      run kernels (not those marked "build", which only build them for GPU targets: CI's job;
-#      step 4 runs them when DAAL_CHECK_BUILD_S reserves time; nor "small_tiles", one JIT build
-#      per case at test-only block sizes), each as DAAL_CHECK_SHARDS pytest processes side by
-#      side (bench/sharded_pytest.py: their time is Triton's JIT builds, one core each),
-#   3. run the benchmarks (bench/, profile "check": the performance targets first (issue 13's before the others), then the whole
-#      loss at 100k classes (cases.NEXT_KEYS), then one representative per operator), with an
-#      in-process deadline so they stop in time; the training-step benchmark (VGG-19-BN, B=180,
-#      C=100 and 11,318) runs after the operators' targets, in a slice of DAAL_BENCH_TRAIN_STEP_S
-#      seconds of its own within that deadline,
+#   2. run the GPU parity tests (pytest tests -m gpu) as DAAL_CHECK_SHARDS pytest processes side
+#      by side (bench/sharded_pytest.py: their time is Triton's JIT builds, one core each),
+#   3. run the benchmarks (bench/, profile "check", in cases.order_key's order: the comparisons
+#      issue 13's targets make, the internal switches on those shapes, the other targets'
+#      comparisons, the whole loss at 100k classes (cases.NEXT_KEYS), the other switches, then
+#      one representative per operator), with an in-process deadline so they stop in time; the
+#      training-step cases (VGG-19-BN, B=180, C=100 and 11,318) share a slice of
+#      DAAL_BENCH_TRAIN_STEP_S seconds within that deadline,
 #   4. probe where the time goes (bench/probe_h200.py: host cost per launch, the kNN forward's
 #      parts and splits; DAAL_PROBE_S seconds, default 45, 0 skips it), time alternative kNN
 #      forward block sizes, loops and grids (bench/tune_knn.py; DAAL_TUNE_KNN_S seconds, default 75, 0
 #      skips it), then alternative line-margin block sizes (bench/tune_line_margin.py, with the
 #      time the benchmarks leave, at least DAAL_TUNE_S seconds),
-#   5. write OUTDIR/report.md (bench/report.py) from what was recorded.
+#   5. the kernel tests (tests/kernels) that run kernels on this GPU, when DAAL_CHECK_KERNEL_S
+#      reserves time (default 0: the first run's 80 s did not finish them, and they took the
+#      benchmarks' time; the parity tests of step 2 run the kernels here): not those marked
+#      "build" (CI's job; DAAL_CHECK_BUILD_S) nor "small_tiles" (a JIT build per case),
+#   6. write OUTDIR/report.md (bench/report.py) from what was recorded.
 #
 # usage: bash bench/gpu_check.sh OUTDIR
 #
@@ -41,7 +43,8 @@
 # decided; 0 skips it), DAAL_TUNE_KNN_S (default 75: the candidates most promising first, as many as fit; 0 skips the kNN tuning),
 # DAAL_CHECK_SHARDS (default: a quarter of the cores, 1 to 4: the pytest processes each test step of
 # step 2 runs side by side, bench/sharded_pytest.py), DAAL_CHECK_BUILD_S (default 0: the seconds reserved at the end for the kernel tests marked
-# "build", which only build kernels for GPU targets and need no GPU), DAAL_BENCH_TRAIN_STEP_S (default 80:
+# "build", which only build kernels for GPU targets and need no GPU), DAAL_CHECK_KERNEL_S (default 0: the
+# seconds reserved at the end for the kernel tests, step 5), DAAL_BENCH_TRAIN_STEP_S (default 80:
 # the most the training-step cases may take together in step 3; what they leave goes to the
 # operators' remaining cases).
 set -uo pipefail
@@ -62,6 +65,7 @@ TUNE_S=${DAAL_TUNE_S:-30}  # reserved for step 4's line-margin tuning (0: none)
 PROBE_S=${DAAL_PROBE_S:-45}  # reserved for step 4's probe (0: no probe)
 TUNE_KNN_S=${DAAL_TUNE_KNN_S:-75}  # reserved for step 4's kNN tuning (0: none)
 BUILD_S=${DAAL_CHECK_BUILD_S:-0}  # reserved for step 4's build-only kernel tests (0: none)
+KERNEL_S=${DAAL_CHECK_KERNEL_S:-0}  # reserved for step 5's kernel tests (0: none)
 NPROC=$(nproc 2>/dev/null || echo 4)
 SHARDS=${DAAL_CHECK_SHARDS:-$(( NPROC / 4 < 1 ? 1 : (NPROC / 4 > 4 ? 4 : NPROC / 4) ))}  # step 2's pytest processes
 TMP=$(mktemp -d "${TMPDIR:-/tmp}/daal_gpu_check.XXXXXX")
@@ -168,6 +172,20 @@ for mod in ("triton", "pytest", "pytest_benchmark"):
         env[mod] = md.version(mod.replace("_", "-"))
     except Exception:
         env[mod] = None
+# the code that ran: the git revision where the copy has one, and in any case a digest of the
+# package's and benchmarks' sources (python bench/report.py --source-digest computes it for a checkout)
+try:
+    out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+    env["git_revision"] = out.stdout.strip() or None
+except Exception:
+    env["git_revision"] = None
+try:
+    import sys
+    sys.path.insert(0, "bench")
+    from report import source_digest
+    env["source_sha256"] = source_digest(".")
+except Exception as exc:
+    env["source_sha256_error"] = repr(exc)
 try:
     out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
                          capture_output=True, text=True, timeout=15)
@@ -184,20 +202,14 @@ if [ "$INSTALL" != failed ]; then
   if [ -n "${DAAL_CHECK_K:-}" ]; then KSEL=(-k "$DAAL_CHECK_K"); fi
   # both test steps run as SHARDS pytest processes side by side (bench/sharded_pytest.py): their
   # time is Triton's JIT builds, one core each
-  step gpu_tests "$(min 130 $(( $(left) - 200 )))" "$PY" bench/sharded_pytest.py --shards "$SHARDS" \
+  step gpu_tests "$(min 130 $(( $(left) - 250 )))" "$PY" bench/sharded_pytest.py --shards "$SHARDS" \
       --junitxml "$OUT/gpu_tests.xml" -- tests -m gpu -q -ra -p no:cacheprovider ${KSEL[@]+"${KSEL[@]}"}
   rc=$?; if [ $rc -ne 0 ] && [ $rc -ne 5 ]; then STATUS=1; fi  # 5: no test collected
-  # the kernel tests that run kernels (on this GPU); the ones that only build them for GPU targets
-  # (marker "build": PTX, registers, spills) need no GPU: CI runs them, and step 4 here if
-  # DAAL_CHECK_BUILD_S reserves time (the first run's kernel_tests step ran out of its 80 s); those
-  # at test-only block sizes ("small_tiles": a JIT build per case here) are CI's too
-  step kernel_tests "$(min 80 $(( $(left) - 170 )))" "$PY" bench/sharded_pytest.py --shards "$SHARDS" \
-      --junitxml "$OUT/kernel_tests.xml" -- tests/kernels -m "not gpu and not build and not small_tiles" \
-      -q -ra -p no:cacheprovider ${KSEL[@]+"${KSEL[@]}"}
-  rc=$?; if [ $rc -ne 0 ] && [ $rc -ne 5 ]; then STATUS=1; fi
 
   # ---------------------------------------------------------------- 3. benchmarks
-  BENCH_LIMIT=$(( $(left) - 25 - TUNE_S - PROBE_S - TUNE_KNN_S - BUILD_S ))  # keep time for step 4 and the report
+  # (the first H200 run's tests ended at 207 s of 460 and left them 168 s; the kernel tests' 80 s
+  # now come last, if reserved, so that the targets' comparisons get about that again)
+  BENCH_LIMIT=$(( $(left) - 25 - TUNE_S - PROBE_S - TUNE_KNN_S - BUILD_S - KERNEL_S ))  # keep time for steps 4-6
   export DAAL_BENCH_DEADLINE=$(( $(date +%s) + BENCH_LIMIT - 30 ))  # cases stop starting 30 s early
   export DAAL_BENCH_TRAIN_STEP_S=${DAAL_BENCH_TRAIN_STEP_S:-80}
   # Last on the line: of the targets, the training step's run after the operators'.
@@ -213,29 +225,40 @@ if [ "$INSTALL" != failed ]; then
   SMOKE=$("$PY" -c 'import torch; print("" if torch.cuda.is_available() else "--smoke")' 2>/dev/null)
   if [ "$PROBE_S" -gt 0 ]; then
     if [ -n "$SMOKE" ]; then PROBE_ENV=(env TRITON_INTERPRET=1); else PROBE_ENV=(); fi
-    step probe "$(min "$PROBE_S" $(( $(left) - 25 - TUNE_S - TUNE_KNN_S - BUILD_S )))" ${PROBE_ENV[@]+"${PROBE_ENV[@]}"} \
+    step probe "$(min "$PROBE_S" $(( $(left) - 25 - TUNE_S - TUNE_KNN_S - BUILD_S - KERNEL_S )))" ${PROBE_ENV[@]+"${PROBE_ENV[@]}"} \
         "$PY" bench/probe_h200.py "$OUT/probe.jsonl" $SMOKE
   fi
   if [ "$TUNE_KNN_S" -gt 0 ]; then
-    KNN_LIMIT=$(min "$TUNE_KNN_S" $(( $(left) - 25 - TUNE_S - BUILD_S )))
+    KNN_LIMIT=$(min "$TUNE_KNN_S" $(( $(left) - 25 - TUNE_S - BUILD_S - KERNEL_S )))
     step tune_knn "$KNN_LIMIT" "$PY" bench/tune_knn.py \
         "$OUT/tune_knn.json" --budget-s $(( KNN_LIMIT - 25 )) $SMOKE
   fi
   # It gets what the benchmarks left (at least the TUNE_S reserved for it): candidates start
   # until 30 s before the step's limit, which leaves the last one time to finish.
   if [ "$TUNE_S" -gt 0 ]; then
-    TUNE_LEFT=$(( $(left) - 25 - BUILD_S ))
+    TUNE_LEFT=$(( $(left) - 25 - BUILD_S - KERNEL_S ))
     step tune_line_margin "$TUNE_LEFT" "$PY" bench/tune_line_margin.py \
         "$OUT/tune_line_margin.json" --budget-s $(( TUNE_LEFT - 30 )) $SMOKE
   fi
   if [ "$BUILD_S" -gt 0 ]; then  # the build-only kernel tests, under this machine's Triton
-    step build_tests "$(( $(left) - 25 ))" "$PY" -c "$RUNNER" tests/kernels -m build -q -ra \
+    step build_tests "$(( $(left) - 25 - KERNEL_S ))" "$PY" -c "$RUNNER" tests/kernels -m build -q -ra \
         -p no:cacheprovider --junitxml="$OUT/build_tests.xml" ${KSEL[@]+"${KSEL[@]}"}
+    rc=$?; if [ $rc -ne 0 ] && [ $rc -ne 5 ]; then STATUS=1; fi
+  fi
+
+  # ---------------------------------------------------------------- 5. kernel tests (reserved time only)
+  # the kernel tests that run kernels (on this GPU); the ones that only build them for GPU targets
+  # (marker "build": PTX, registers, spills) need no GPU (CI; step 4 with DAAL_CHECK_BUILD_S);
+  # those at test-only block sizes ("small_tiles": a JIT build per case here) are CI's too
+  if [ "$KERNEL_S" -gt 0 ]; then
+    step kernel_tests "$(( $(left) - 25 ))" "$PY" bench/sharded_pytest.py --shards "$SHARDS" \
+        --junitxml "$OUT/kernel_tests.xml" -- tests/kernels -m "not gpu and not build and not small_tiles" \
+        -q -ra -p no:cacheprovider ${KSEL[@]+"${KSEL[@]}"}
     rc=$?; if [ $rc -ne 0 ] && [ $rc -ne 5 ]; then STATUS=1; fi
   fi
 fi
 
-# ------------------------------------------------------------------ 5. report
+# ------------------------------------------------------------------ 6. report
 step report 30 "$PY" bench/report.py "$OUT" -o "$OUT/report.md"
 [ -f "$OUT/report.md" ] && sed -n '1,60p' "$OUT/report.md"
 echo "gpu_check: done in $(elapsed) s (install: $INSTALL, status $STATUS); report: $OUT/report.md"

@@ -326,7 +326,9 @@ def targets_table(run: dict) -> List[str]:
             value = 1.0 / ratio - 1.0 if ratio else None
             if value is not None:
                 theirs = fmt_time(median(run["cases"].get(key + (arg,))), 4)  # 2% apart: 4 digits
-                shown = f"{value:+.1%} ({fmt_time(median(tr), 4)} vs {theirs} of {STEP_PROVIDER_TITLES.get(arg, arg)})"
+                # two decimals: a value that reads as the bound is one (+2.00% passes "at most 2%")
+                value = round(value, 4)
+                shown = f"{value:+.2%} ({fmt_time(median(tr), 4)} vs {theirs} of {STEP_PROVIDER_TITLES.get(arg, arg)})"
             passed = value is not None and value <= thr
             missing = _why_missing(run, key, ["triton", arg])
         else:  # memory
@@ -343,30 +345,36 @@ def targets_table(run: dict) -> List[str]:
     return lines + [""]
 
 
+def _reading(ratio: float, above: str, below: str, what: str) -> str:
+    """``above`` / ``below`` for a ratio above / below 1 by more than ``SWITCH_NOISE``, else
+    "<what>within 3%" (the bound itself included: 1.03 is no decision)."""
+    if abs(ratio - 1.0) <= SWITCH_NOISE * (1 + 1e-9):
+        return f"{what}within {SWITCH_NOISE:.0%}"
+    return above if ratio > 1 else below
+
+
 def switches_table(run: dict, heading_level: int = 2) -> List[str]:
     """The internal switches kept until a GPU run decides (``cases.SWITCHES``): per case, the
     default's and the alternative's times, their ratio, peak memory, and what the numbers say
     (a difference within ``SWITCH_NOISE`` decides nothing)."""
     rows = []
+    date = str(run.get("env", {}).get("date", ""))[:10]
     for sw in SWITCHES:
         for key in sw.cases:
             d, a = run["cases"].get(key + ("triton",)), run["cases"].get(key + (sw.provider,))
-            if a is None:  # a run from before the switch, or a profile without its provider
+            if a is None and (not date or date < sw.since):  # a run from before the switch
                 continue
             td, ta = median(d), median(a)
             if td and ta:
                 ratio = ta / td
-                if abs(ratio - 1.0) <= SWITCH_NOISE:
-                    reading = f"within {SWITCH_NOISE:.0%}"
-                else:
-                    reading = f"{sw.default if ratio > 1 else sw.alternative} faster"
+                reading = _reading(ratio, f"{sw.default} faster", f"{sw.alternative} faster", "")
                 shown = fmt_ratio(ratio)
             else:
                 reading, shown = f"not measured ({_why_missing(run, key, ['triton', sw.provider])})", "—"
             mem = " / ".join(fmt_bytes(r.get("peak_extra_bytes")) if ok(r) else "—" for r in (d, a))
             if sw.memory and ok(d) and ok(a) and d.get("peak_extra_bytes") and a.get("peak_extra_bytes"):
-                less = sw.default if d["peak_extra_bytes"] < a["peak_extra_bytes"] else sw.alternative
-                reading += f"; less memory: {less}"
+                reading += "; " + _reading(a["peak_extra_bytes"] / d["peak_extra_bytes"],
+                                           f"less memory: {sw.default}", f"less memory: {sw.alternative}", "memory ")
             rows.append(f"| `{sw.env}` | {' '.join(key[1:])} | {fmt_time(td) if td else '—'} | "
                         f"{fmt_time(ta) if ta else '—'} | {shown} | {mem} | {reading} |")
     if not rows:
@@ -471,8 +479,32 @@ def env_lines(run: dict) -> List[str]:
         ("pytest-benchmark", env.get("pytest_benchmark")), ("python", env.get("python")),
         ("date (UTC)", env.get("date")), ("profile", env.get("profile")),
         ("install", env.get("install")),
+        ("git revision", env.get("git_revision")),
+        ("source digest", env.get("source_sha256") and f"{env['source_sha256'][:16]} (`python bench/report.py "
+                                                         "--source-digest` of a checkout: the same code when equal)"),
     ]
     return [f"- {k}: {v}" for k, v in items if v] + [""]
+
+
+#: The files whose contents make a run's code: the package, its kernels and reference, the benchmarks.
+SOURCE_GLOBS = ("daal_triton/**/*.py", "kernels/*.py", "reference/*.py", "bench/*.py", "bench/*.sh", "setup.py")
+
+
+def source_digest(root: str) -> str:
+    """SHA-256 over the paths and contents of :data:`SOURCE_GLOBS` under ``root`` (sorted), so that a
+    run's ``env.json`` ties its numbers to the code, with or without a git checkout on the GPU."""
+    import hashlib
+
+    h = hashlib.sha256()
+    paths = sorted({os.path.relpath(p, root) for g in SOURCE_GLOBS
+                    for p in glob.glob(os.path.join(root, g), recursive=True)})
+    for rel in paths:
+        if "__pycache__" in rel:
+            continue
+        h.update(rel.replace(os.sep, "/").encode() + b"\0")
+        with open(os.path.join(root, rel), "rb") as f:
+            h.update(f.read() + b"\0")
+    return h.hexdigest()
 
 
 def _num(v, fmt: str) -> str:
@@ -557,16 +589,16 @@ def run_report(run: dict, *, heading_level: int = 2) -> List[str]:
         if failed:
             lines += ["Failed:", ""] + [f"- `{f}`" for f in failed[:50]] + [""]
     if run["tuning"] and run["tuning"].get("records"):
-        from tune_line_margin import markdown
+        from tune_tables import line_margin_markdown
 
         recs = run["tuning"]["records"]
         r0 = recs[0]
         lines += [f"{h}# Line-margin block sizes (bench/tune_line_margin.py)", "",
                   f"B={r0['B']}, C={r0['C']}, D={r0['D']}; one kernel varied at a time; "
                   "\"speed-up\" = time(table's entry) / time(candidate).", "",
-                  markdown(recs), ""]
+                  line_margin_markdown(recs), ""]
     if run.get("knn_tuning") and run["knn_tuning"].get("records"):
-        from tune_knn import markdown as knn_markdown
+        from tune_tables import knn_markdown
 
         r0 = run["knn_tuning"]["records"][0]
         lines += [f"{h}# kNN forward block sizes and grids (bench/tune_knn.py)", "",
@@ -748,7 +780,12 @@ def main(argv=None) -> int:
     ap.add_argument("-o", "--output", help="where to write the Markdown")
     ap.add_argument("--readme", action="store_true", help="regenerate bench/README.md from bench/results/")
     ap.add_argument("--results", default=os.path.join(HERE, "results"), help="the results directory (--readme)")
+    ap.add_argument("--source-digest", action="store_true",
+                    help="print the source digest of this checkout (a run's env.json source_sha256)")
     args = ap.parse_args(argv)
+    if args.source_digest:
+        print(source_digest(os.path.dirname(HERE)))
+        return 0
     if args.readme:
         text = readme(args.results)
         out = args.output or os.path.join(HERE, "README.md")

@@ -53,6 +53,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from tune_line_margin import DTYPES, Timer, interpret_without_gpu, try_candidate, write_records
+from tune_tables import knn_markdown
 
 #: (BLOCK_M, BLOCK_N, num_warps, num_stages, FLAT[, maxnreg[, loads]]) -> programs per SM (sm_90), after
 #: the table's entry: ``kernels/knn.py``'s FWD_ALTERNATIVES (the tests assert their residency from
@@ -179,29 +180,8 @@ def tune(out_path: str, *, sizes=(20_000, 60_000), D: int = 512, dtype: str = "b
                                        is_table, device, D, tdtype, k))
     records.sort(key=lambda r: (r["M"], not r["table"], r["run"]))
     write_records(out_path, records, device, smoke)
-    print(markdown(records))
+    print(knn_markdown(records))
     return records
-
-
-def markdown(records: List[dict]) -> str:
-    """One table: per shape, each candidate's median time relative to the table's entry."""
-    lines = ["| M = N | BLOCK_M x BLOCK_N, warps, stages (loop) | splits (resident) | median ms | speed-up "
-             "| of matmul | status |", "|---|---|---|---|---|---|---|"]
-    base: Dict[int, float] = {r["M"]: r["seconds"] for r in records if r.get("table") and "seconds" in r}
-    matmul: Dict[int, float] = {r["M"]: r["matmul_seconds"] for r in records if r.get("matmul_seconds")}
-    for r in records:
-        t, b, mm = r.get("seconds"), base.get(r["M"]), matmul.get(r["M"])
-        cfg = (f"{r['BLOCK_M']}x{r['BLOCK_N']}, {r['num_warps']}, {r['num_stages']}"
-               + (", flat" if r.get("flat") else "")
-               + (f", ≤ {r['maxnreg']} registers" if r.get("maxnreg") else "")
-               + (", TMA loads" if r.get("loads") == "tma" else "")
-               + (" (table)" if r.get("table") else ""))
-        grid = f"{r['splits']} ({r['resident']})"
-        time_s = f"{t * 1e3:.3f}" if t else "—"
-        rel = f"{b / t:.2f}x" if t and b else "—"
-        of_mm = f"{mm / t:.0%}" if t and mm else "—"
-        lines.append(f"| {r['M']} | {cfg} | {grid} | {time_s} | {rel} | {of_mm} | {r['status']} |")
-    return "\n".join(lines)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -38,6 +38,8 @@ from typing import Dict, List, Optional
 
 import torch
 
+from tune_tables import line_margin_markdown
+
 # (BLOCK_B, BLOCK_C, num_warps, num_stages); BLOCK_D stays the family's. Order of the runs:
 # first, for every dtype and kernel, the table's entry and the block sizes it replaced (PREVIOUS:
 # the entries before the first H200 run, bench/results/2026-11-30-h200); then the other
@@ -241,38 +243,8 @@ def tune(out_path: str, *, shape=(1024, 100_000, 512), dtypes=("bf16", "fp32"), 
     records.sort(key=lambda r: (dtypes.index(r["dtype"]), tuple(kernels).index(r["kernel"]),
                                 not r["table"]))
     write_records(out_path, records, device, smoke)
-    print(markdown(records))
+    print(line_margin_markdown(records))
     return records
-
-
-def _chunk_note(r: dict) -> str:
-    """``", chunk 2^22"`` for a candidate class-chunk budget (the table's: nothing)."""
-    e = r.get("chunk_elements")
-    if not e:
-        return ""
-    return f", chunk 2^{e.bit_length() - 1}" if e & (e - 1) == 0 else f", chunk {e:,}"
-
-
-def markdown(records: List[dict]) -> str:
-    """One table: per kernel and dtype, each candidate's median time relative to the table's, and
-    its peak extra memory where measured (a GPU)."""
-    lines = ["| dtype | kernel | BLOCK_B x BLOCK_C, warps, stages | median ms | speed-up | peak extra | status |",
-             "|---|---|---|---|---|---|---|"]
-    base: Dict[tuple, Optional[float]] = {}
-    for r in records:
-        if r.get("table") and "seconds" in r:
-            base[(r["dtype"], r["kernel"])] = r["seconds"]
-    for r in records:
-        t = r.get("seconds")
-        b = base.get((r["dtype"], r["kernel"]))
-        rel = f"{b / t:.2f}x" if t and b else "—"
-        cfg = (f"{r['BLOCK_B']}x{r['BLOCK_C']}, {r['num_warps']}, {r['num_stages']}" + _chunk_note(r)
-               + (" (table)" if r.get("table") else ""))
-        peak = r.get("peak_extra_bytes")
-        mem = f"{peak / 1e6:.0f} MB" if peak is not None else "—"
-        lines.append(f"| {r['dtype']} | {r['kernel']} | {cfg} | {t * 1e3:.3f} | {rel} | {mem} | {r['status']} |"
-                     if t else f"| {r['dtype']} | {r['kernel']} | {cfg} | — | — | — | {r['status']} |")
-    return "\n".join(lines)
 
 
 def interpret_without_gpu() -> None:
