@@ -625,6 +625,24 @@ def _operator_call() -> bool:
     return EAGER_OPS != "function" or torch.compiler.is_compiling()
 
 
+def _first_order_only(op) -> None:
+    """Give the backward operator ``op`` an autograd formula that refuses by name: a second
+    derivative (``create_graph=True``, then a backward through the gradient) would otherwise stop
+    in PyTorch's "no autograd formula was registered", which does not say what to do."""
+    name = op._qualname.split("::")[-1]
+
+    def setup_context(ctx, inputs, output):
+        pass
+
+    def backward(ctx, *grads):
+        raise NotImplementedError(
+            f"daal_triton: the Triton backend's backward ({name}) is not differentiable: second derivatives "
+            f"(create_graph=True, then a backward through the gradient) run on the reference backend: "
+            f"DAALLoss(..., backend='reference') or daal_triton.daal_loss(..., backend='reference')")
+
+    op.register_autograd(backward, setup_context=setup_context)
+
+
 def direct(op):
     """A backward operator (a ``torch.library.custom_op`` without autograd) as the backward
     formulas call it: its body, straight, when the call is eager and gradients are not being
@@ -632,6 +650,7 @@ def direct(op):
     (:func:`_operator_call`, a dispatch mode active, or grad mode on: a double backward would differentiate the body's
     own operators). The dispatch costs ~37 µs per call on a 2-core
     CPU (``bench/probe_dispatch.py``): five backward operators per loss call."""
+    _first_order_only(op)
     body = getattr(op, "_init_fn", None)
     if body is None:  # a PyTorch without it: the operator
         return op

@@ -69,6 +69,17 @@ def save_checkpoint(path: str, *, model: nn.Module, criterion: nn.Module, cfg: T
     os.replace(tmp, path)
 
 
+def _looks_saved(path: str) -> bool:
+    """Whether ``path`` starts as ``torch.save`` output does: a zip archive (since PyTorch 1.6) or
+    a pickle (protocol 2+: byte 0x80; the legacy format starts with a pickled magic number)."""
+    import zipfile
+
+    if zipfile.is_zipfile(path):
+        return True
+    with open(path, "rb") as f:
+        return f.read(1) == b"\x80"
+
+
 def load_plain(path: str, what: str = "checkpoint",
                expected: str = "a checkpoint of this version of daal-train") -> Any:
     """``torch.load(path, weights_only=True)`` on the CPU; :class:`CheckpointError` naming ``what``
@@ -91,8 +102,12 @@ def load_plain(path: str, what: str = "checkpoint",
         if "weights only" in text and "unsupported operand" not in text:  # a pickle naming code to run
             raise CheckpointError(f"{what} {path!r} holds Python objects beyond tensors and plain data: "
                                   f"refused, as unpickling them could run code (not {expected})") from None
-        raise CheckpointError(f"{what} {path!r} cannot be read: not a PyTorch file, or damaged "
-                              f"({_first_line(e)})") from None
+        if not _looks_saved(path):  # a JSON, an image, a log...: torch's advice (weights_only=False) is no help
+            raise CheckpointError(f"{what} {path!r} is not a PyTorch file (expected {expected})") from None
+        detail = _first_line(e)
+        if "weights_only" in detail:  # torch's advice to load unsafely: never what this program does
+            detail = detail.split(". In PyTorch")[0].split(". Re-running")[0]
+        raise CheckpointError(f"{what} {path!r} cannot be read: damaged, or not {expected} ({detail})") from None
     except Exception as e:  # torch reports truncation and zip damage as RuntimeError, EOFError, IndexError, ...
         raise CheckpointError(f"{what} {path!r} cannot be read: truncated or damaged "
                               f"({type(e).__name__}: {_first_line(e)})") from None

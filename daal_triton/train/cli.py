@@ -315,7 +315,7 @@ def build_eval_parser() -> argparse.ArgumentParser:
                           "overwrite", "threads"):
             a.default = None
             if not isinstance(a, argparse._StoreConstAction):  # --no-amp: a switch, its help says what it does
-                a.help = f"{a.help} (default: the checkpoint's)"
+                a.help = f"{a.help.split(' (default:')[0]} (default: the checkpoint's)"  # one default, not daal-train's too
     return p
 
 
@@ -329,7 +329,7 @@ def eval_main(argv: Optional[List[str]] = None) -> int:
 
     try:
         args = build_eval_parser().parse_args(argv)
-        rows = _evaluate_checkpoint(args)
+        _evaluate_checkpoint(args)  # prints the table, writes eval.json (and the plot)
     except (UsageError, DatasetLayoutError, ConfigError, CheckpointError) as e:
         print(f"daal-eval: error: {_message(e)}", file=sys.stderr)
         return 2
@@ -340,9 +340,6 @@ def eval_main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:
         print("daal-eval: interrupted (Ctrl-C)", file=sys.stderr)
         return 130
-    from .evaluate import format_table, table_keys
-
-    print(format_table(rows, table_keys(rows)))
     return 0
 
 
@@ -378,7 +375,8 @@ def _evaluate_checkpoint(args: argparse.Namespace) -> Dict[str, Dict[str, float]
     from . import plots
     from .checkpoint import load_checkpoint, load_weights
     from .data import build_datasets
-    from .config import check_backend, check_choices, check_kinds, check_numbers, checked_device, note_source
+    from .config import (check_backend, check_choices, check_data_root, check_kinds, check_numbers, checked_device,
+                         note_source)
     from .ddp import ConfigError
     from .devices import place_model, resolve_amp
     from .engine import build_model
@@ -386,8 +384,8 @@ def _evaluate_checkpoint(args: argparse.Namespace) -> Dict[str, Dict[str, float]
 
     _set_threads(args.threads)
     check_numbers(args, {k for k, v in vars(args).items() if v is not None})  # daal-train's bounds
+    ck = load_checkpoint(args.checkpoint)  # a wrong file is the first thing to hear about
     out = _eval_outputs(args)
-    ck = load_checkpoint(args.checkpoint)
     source = f"the checkpoint {args.checkpoint}"
     check_kinds(ck["config"], f"{source}: its configuration")
     cfg = TrainConfig.from_dict(dict({"width": 1.0}, **ck["config"]))  # checkpoints before --width: full width
@@ -398,6 +396,7 @@ def _evaluate_checkpoint(args: argparse.Namespace) -> Dict[str, Dict[str, float]
     try:
         check_numbers(cfg)
         check_choices(cfg)
+        check_data_root(cfg)
         device = checked_device(cfg.device)
         check_backend("--knn-backend", cfg.knn_backend, device)
     except ConfigError as e:
@@ -428,14 +427,19 @@ def _evaluate_checkpoint(args: argparse.Namespace) -> Dict[str, Dict[str, float]
     with open(os.path.join(out, "eval.json"), "w") as f:
         json.dump(dict(checkpoint=os.path.abspath(args.checkpoint), dataset=cfg.dataset, results=rows,
                        seconds=round(time.time() - t0, 2)), f, indent=2)
+    log = Log("daal-eval")
+    print(E.format_table(rows, E.table_keys(rows)), flush=True)  # the numbers first: the t-SNE takes a while
+    log("wrote " + ", ".join([os.path.join(out, "eval.json")] + ([args.save_embeddings] if args.save_embeddings else [])))
     if cfg.tsne:
+        path = os.path.join(out, "tsne_eval.png")
         try:
-            plots.tsne_plot(emb, labels.numpy(), os.path.join(out, "tsne_eval.png"), modes=test_ds.modes,
+            plots.tsne_plot(emb, labels.numpy(), path, modes=test_ds.modes,
                             class_names=test_ds.class_names, mode_names=test_ds.mode_names,
                             max_points=cfg.tsne_max_points, seed=cfg.seed, progress=args.progress,
                             title=f"{cfg.dataset} test classes, {os.path.basename(args.checkpoint)}")
+            log(f"wrote {path}")
         except Exception as e:  # the metrics are written: a plot must not lose them (as in daal-train)
-            Log("daal-eval")(f"t-SNE plot failed: {e}")
+            log(f"t-SNE plot failed: {e}")
     return rows
 
 

@@ -114,6 +114,15 @@ def check_choices(cfg: Any, source: str = "") -> None:
 MIN_IMAGE_SIZE = 32
 
 
+def check_data_root(cfg: TrainConfig) -> None:
+    """``--data-root`` only with a data set read from a folder (a built-in one would ignore it)."""
+    from .data import NEEDS_ROOT
+
+    if cfg.data_root and cfg.dataset not in NEEDS_ROOT:
+        raise ConfigError(f"--data-root {cfg.data_root}: --dataset {cfg.dataset} is built in and reads no folder; "
+                          f"give --dataset as the data set the folder holds ({', '.join(NEEDS_ROOT)})")
+
+
 def validate_config(cfg: TrainConfig, world_size: int, device: torch.device) -> None:
     """Refuse what cannot run or would mean nothing (:class:`ConfigError`, a ``ValueError``), in
     a world of ``world_size`` processes on ``device``. Reads no data and writes nothing."""
@@ -125,6 +134,7 @@ def validate_config(cfg: TrainConfig, world_size: int, device: torch.device) -> 
     if cfg.width is not None and (isinstance(cfg.width, bool) or not isinstance(cfg.width, (int, float))
                                   or not 0 < cfg.width <= 4):
         raise ConfigError(f"--width must be a number in (0, 4], got {cfg.width!r}")
+    check_data_root(cfg)
     if cfg.weights and cfg.width not in (None, 1, 1.0):
         raise ConfigError(f"--weights needs --width 1 (ImageNet weights exist only for torchvision's full-width "
                           f"VGG-19), got --width {cfg.width}")

@@ -251,8 +251,11 @@ def build_run(cfg: TrainConfig, ctx: ddp.DistContext, device: torch.device, log:
     # process's RNG, which the checkpoints hold, so a resumed run draws the augmentations the
     # uninterrupted one does. Persistent workers would carry epoch 1's streams into epoch 2.
     if ctx.is_main and cfg.warmup_epochs >= cfg.epochs > 0:
+        peak = cfg.lr * cfg.epochs / cfg.warmup_epochs
         log(f"--warmup-epochs {cfg.warmup_epochs:g} spans the whole run (--epochs {cfg.epochs}): the learning rate "
-            f"rises to --lr at the end and never decays")
+            + ("rises to --lr at the end" if peak >= cfg.lr else
+               f"rises only to about {peak:.3g} (--lr {cfg.lr:g} x {cfg.epochs}/{cfg.warmup_epochs:g}) by the end")
+            + " and never decays")
     loader = torch.utils.data.DataLoader(train_ds, batch_sampler=sampler,
                                          **loader_options(cfg.num_workers, device, persistent=False))
     steps = len(sampler) if cfg.steps_per_epoch is None else min(len(sampler), cfg.steps_per_epoch)

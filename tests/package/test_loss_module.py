@@ -185,3 +185,22 @@ def test_triton_gradients_are_reproducible(deterministic):
     assert torch.equal(runs[0][1], runs[1][1]), "segment gradient"
     if deterministic:
         assert torch.equal(runs[0][0], runs[1][0]), "embedding gradient"
+
+
+@pytest.mark.interpreter
+def test_second_derivatives_on_triton_say_where_they_run():
+    """create_graph=True through the Triton backend: the backward's operators refuse to be
+    differentiated by name, pointing at the reference backend (not PyTorch's "no autograd formula
+    was registered"), and the reference backend computes them."""
+    torch.manual_seed(0)
+    emb = torch.randn(12, 16, requires_grad=True)
+    labels = torch.arange(12) % 3
+    for backend in ("triton", "reference"):
+        loss_fn = dt.DAALLoss(3, 16, backend=backend)
+        (g,) = torch.autograd.grad(loss_fn(emb, labels), emb, create_graph=True)
+        if backend == "triton":
+            with pytest.raises(NotImplementedError, match="backend='reference'"):
+                g.square().sum().backward()
+        else:
+            g.square().sum().backward()
+            assert emb.grad is not None and torch.isfinite(emb.grad).all() and emb.grad.abs().sum() > 0

@@ -85,7 +85,9 @@ def test_pml_baseline_loss(tmp_path, capsys):
     assert cli.main(TINY + ["--epochs", "1", "--steps-per-epoch", "1", "--loss", "pml:ProxyAnchorLoss",
                             "--no-tsne", "--no-baselines", "--out", out]) == 0
     # one epoch under the default 3-epoch warm-up: said, as the schedule never decays
-    assert "--warmup-epochs 3 spans the whole run (--epochs 1)" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert "--warmup-epochs 3 spans the whole run (--epochs 1)" in said
+    assert "rises only to about 0.000333 (--lr 0.001 x 1/3)" in said  # not to --lr: a third of the way
     recs = _records(out)
     assert recs[-1]["model"] == "trained" and "recall@1" in recs[-1]
     assert os.path.isfile(os.path.join(out, "training_curves.png"))  # also without baselines

@@ -38,6 +38,8 @@ BAD_TRAIN = {
     "kwargs-unknown": (["--loss", "pml:ContrastiveLoss", "--loss-kwargs", '{"no_such": 1}'], "no_such"),
     "daal-kwargs-unknown": (["--loss-kwargs", '{"no_such": 1}'], "no_such"),
     "weights-missing": (["--weights", "/nonexistent/vgg.pth"], "--weights"),
+    # a folder for a data set that reads none: ignored before, the run trained on shapes
+    "data-root-built-in": (["--data-root", "/tmp/my_cub"], "--dataset shapes is built in"),
     "resume-missing": (["--resume", "/nonexistent/checkpoint_last.pt"], "no such file"),
     "device": (["--device", "tpu"], "--device"),
     "eval-every": (["--eval-every", "-1"], "--eval-every"),
@@ -86,13 +88,20 @@ def _checkpoint(tmp_path, **settings):
 def test_daal_eval_refuses_up_front(tmp_path, error_line):
     path = _checkpoint(tmp_path)
     ev = str(tmp_path / "ev")
-    cases = [([str(tmp_path / "missing.pt")], "no such file"), ([path, "--device", "tpu"], "--device")]
+    cases = [([str(tmp_path / "missing.pt")], "no such file"), ([path, "--device", "tpu"], "--device"),
+             ([path, "--data-root", str(tmp_path)], "--dataset shapes is built in")]
     if not torch.cuda.is_available():
         cases.append(([path, "--device", "cpu", "--knn-backend", "triton"], "--knn-backend triton"))
     for argv, words in cases:
         assert cli.eval_main(argv + ["--out", ev]) == 2, argv
         assert words in error_line("daal-eval"), argv
     assert not os.path.exists(ev)
+    # a file that is no checkpoint is named as such, before the outputs already there are
+    (tmp_path / "eval.json").write_text("{}")
+    config = tmp_path / "config.json"
+    config.write_text('{"epochs": 1}')
+    assert cli.eval_main([str(config)]) == 2
+    assert "not a PyTorch file" in error_line("daal-eval")
 
 
 EVAL_NUMBERS = {
@@ -147,6 +156,8 @@ def test_help_says_what_the_defaults_are():
     ev = " ".join(cli.build_eval_parser().format_help().split())
     assert "default: None" not in ev
     assert "the checkpoint's" in ev
+    for action in cli.build_eval_parser()._actions:  # one default per option (not daal-train's beside it)
+        assert (action.help or "").count("(default:") <= 1, action.help
 
 
 @pytest.mark.parametrize("n", [2, 3, 7, 49, 60])
@@ -173,3 +184,10 @@ def test_table_is_printed_before_plots(tmp_path, capsys, monkeypatch):
     flags = [f for f in TINY if f != "--no-tsne"]
     assert cli.main(flags + ["--out", str(tmp_path / "o")]) == 0
     assert order[0] == "table" and order.count("plot") == 2, order
+    # daal-eval too: the table, then where eval.json went, then the plot (and where it went)
+    order.clear()
+    ev = str(tmp_path / "ev")
+    assert cli.eval_main([os.path.join(str(tmp_path / "o"), "checkpoint_last.pt"), "--out", ev, "--no-progress"]) == 0
+    assert order == ["table", "plot"], order
+    said = capsys.readouterr().out
+    assert f"wrote {os.path.join(ev, 'eval.json')}" in said and f"wrote {os.path.join(ev, 'tsne_eval.png')}" in said
