@@ -141,6 +141,19 @@ def make_study(file: Optional[str] = None, configs: Sequence[str] = (), seeds: O
     return dict(name=name or d.get("name") or "study", seeds=seeds, common=common_args, configs=out_configs)
 
 
+def check_cell_args(study: Dict[str, Any]) -> None:
+    """Every configuration's daal-train arguments parse (an unknown flag, ``--epochs x``):
+    :class:`StudyError` naming the configuration before any cell runs (a cell that failed on
+    them would fail again on every retry)."""
+    from .cli import UsageError, build_parser
+
+    for name, args in study["configs"].items():
+        try:
+            build_parser().parse_args(list(study["common"]) + list(args))
+        except UsageError as e:
+            raise StudyError(f"configuration {name!r}: its daal-train arguments do not parse: {e}") from None
+
+
 def expand(study: Dict[str, Any]) -> List[Dict[str, Any]]:
     """The cells, configuration-major: ``[{"config", "slug", "seed", "args"}]``."""
     return [dict(config=name, slug=slug(name), seed=seed, args=list(study["common"]) + list(args))
@@ -751,6 +764,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         study = make_study(args.file, args.config, args.seeds, args.common, args.name)
+        check_cell_args(study)
         unknown = [c for c in args.first if c not in study["configs"]]
         if unknown:
             raise StudyError(f"--first {unknown[0]!r}: no such configuration (have: {', '.join(study['configs'])})")
@@ -827,9 +841,11 @@ def _study(args: argparse.Namespace, study: Dict[str, Any], command: str) -> int
           + ("" if args.summarize or args.dry_run or not todo else f", {args.jobs} at a time x {threads} threads"),
           flush=True)
     if args.dry_run:
+        pending = {(c["config"], c["seed"]) for c in todo}
         for cell in cells:
             d = cell_dir(args.out, cell)
-            state = "done" if is_finished(d) else "todo"
+            # done here, or done elsewhere and in the report already (not run again): as counted above
+            state = "todo" if (cell["config"], cell["seed"]) in pending else "done"
             print(f"{state}  {shlex.join(cell_command(cell, d, threads))}")
         return 0
     failed = []

@@ -264,7 +264,11 @@ def test_study_inputs_that_were_tracebacks_are_one_line(tmp_path, error_line):
              (["--config", "A=", "--seeds", "0", "--out", str(torn)], "runs.jsonl, line 2: not a JSON line"),
              (["--config", "A=--stop-after 1", "--seeds", "0", "--out", str(tmp_path / "o3")], "--stop-after is set"),
              (["--config", "common=", "--config", "Common=--epochs 2", "--out", str(tmp_path / "o4")],
-              "map to the same folder name 'common'")]
+              "map to the same folder name 'common'"),
+             # a cell's arguments that daal-train cannot parse: refused up front, dry run included
+             (["--config", "A=", "--config", "DAAL=--epochs x", "--out", str(tmp_path / "o5")],
+              "configuration 'DAAL': its daal-train arguments do not parse"),
+             (["--config", "A=--no-such-flag", "--dry-run", "--out", str(tmp_path / "o6")], "--no-such-flag")]
     for argv, words in cases:
         assert S.main(argv + ["--no-progress"]) == 2, argv
         assert words in error_line("daal-study"), argv
@@ -293,6 +297,10 @@ def test_a_report_that_has_a_cell_from_another_out_does_not_run_it_again(tmp_pat
     assert S.main(base + ["--out", str(tmp_path / "new")]) == 0
     assert ran == [] and "already has its run in" in capsys.readouterr().out
     assert len(S._read_jsonl(os.path.join(report, "runs.jsonl"))) == 2
+    # and --dry-run lists them as done, as its count says (it listed them "todo")
+    assert S.main(base + ["--out", str(tmp_path / "new"), "--dry-run"]) == 0
+    said = capsys.readouterr().out
+    assert "2 finished, 0 to run" in said and "\ntodo " not in said and said.count("\ndone ") == 2
 
 
 def test_a_half_finished_cell_resumes_only_under_its_arguments(tmp_path):
