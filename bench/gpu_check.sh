@@ -55,6 +55,14 @@ if [ $# -lt 1 ]; then
 fi
 mkdir -p "$1" || exit 2
 OUT=$(cd "$1" && pwd)
+# a run's folder holds one run: records.jsonl and probe.jsonl are appended to, so a second run
+# into it would mix its records with the first's (the later winning)
+for f in steps.json records.jsonl probe.jsonl; do
+  if [ -s "$OUT/$f" ]; then
+    echo "gpu_check: $OUT already holds a run ($f): give an empty or new OUTDIR" >&2
+    exit 2
+  fi
+done
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 2
 REPO=$(pwd)
 T0=$(date +%s)
@@ -117,7 +125,7 @@ echo "gpu_check: repo $REPO, output $OUT, python $PY, budget ${TOTAL} s, profile
 
 # ------------------------------------------------------------------ 1. install
 verify_import() {  # verify_import [PYTHONPATH]
-  (cd "$TMP" && PYTHONPATH="${1:-${PYTHONPATH:-}}" "$PY" -c \
+  (cd "$TMP" && PYTHONPATH="${1:-${PYTHONPATH:-}}" timeout -k 10 120 "$PY" -c \
     "import daal_triton, daal_triton.kernels, daal_triton.reference; print('imports', daal_triton.__file__)")
 }
 INSTALL=none
@@ -152,7 +160,7 @@ fi
 echo "   install: $INSTALL"
 
 # ------------------------------------------------------------------ environment
-INSTALL="$INSTALL" "$PY" - > "$OUT/env.json" 2> "$OUT/env.log" <<'EOF'
+INSTALL="$INSTALL" timeout -k 10 60 "$PY" - > "$OUT/env.json" 2> "$OUT/env.log" <<'EOF'
 import datetime, json, os, platform, subprocess
 env = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
        "python": platform.python_version(), "install": os.environ.get("INSTALL")}

@@ -79,6 +79,14 @@ def test_check_profile_runs_the_targets_comparisons_first():
     assert tiers == sorted(tiers) and [t[1] for t in tiers[:len(light)]] == sorted(t[1] for t in tiers[:len(light)])
 
 
+def test_the_matmul_baseline_of_an_odd_width_is_aligned():
+    """At D = 129 the baseline GEMM runs at K = 144 (rows cuBLAS reads on its aligned path): the
+    fraction of matmul is then not inflated by a baseline slowed by 258-byte rows."""
+    assert bc.gemm_shape("knn", bc.SHAPES["knn"]["bank_d129"]) == (1024, 65536, 144)
+    assert bc.gemm_shape("pairwise", bc.SHAPES["pairwise"]["large_d129"]) == (4096, 4096, 144)
+    assert bc.gemm_shape("knn", bc.SHAPES["knn"]["eval60k"]) == (4473, 60000, 512)
+
+
 def test_check_profile_covers_the_targets():
     """Every comparison a target of report.py needs is in the profile gpu_check.sh runs."""
     have = {(c.op, c.shape, c.dtype, c.pass_, c.provider) for op in bc.PROVIDERS for c in bc.cases_for(op, "check")}
@@ -407,6 +415,16 @@ def test_readme_is_up_to_date():
 @pytest.mark.skipif(shutil.which("bash") is None, reason="no bash")
 def test_gpu_check_script_parses():
     subprocess.run(["bash", "-n", os.path.join(HERE, "gpu_check.sh")], check=True)
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="no bash")
+def test_gpu_check_refuses_a_folder_that_holds_a_run(tmp_path):
+    """A second run into a run's folder would append to its records.jsonl: refused, untouched."""
+    (tmp_path / "records.jsonl").write_text('{"kind": "case"}\n')
+    proc = subprocess.run(["bash", os.path.join(HERE, "gpu_check.sh"), str(tmp_path)], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 2 and "already holds a run (records.jsonl)" in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["records.jsonl"]
 
 
 def _tail(path, chars: int = 1500) -> str:

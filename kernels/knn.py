@@ -82,7 +82,9 @@ stores its first pair's term, then adds) and dR (N x D, zero-filled for the atom
 without a ref gradient), cast to the input dtypes at the end (no cast when they are float32);
 nothing of size M x k x D (the exact recompute reads the k selected rows, it does not gather
 them) but the per-pair dRef buffer under deterministic algorithms.
-Inputs are copied once with ``.contiguous()`` only when their rows are not contiguous.
+Inputs are read in place when their rows are contiguous and 16-aligned (width, row stride and
+start: ``_common.ALIGN``); other rows are copied once, padded with zero columns to a multiple of
+16 where the width is not one (``DAAL_ALIGN_D=off``: unpadded, copied only when not contiguous).
 
 Limits: ``k <= MAX_K`` (128) runs the kernels; larger ``k`` runs ``_select_chunked``, plain
 PyTorch over row chunks of at most ``CHUNK_ELEMS`` distances (still never the full M x N),
@@ -968,10 +970,10 @@ def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
-def _knn_backward(g, index, q, r, ref_grad: bool = True):
-    """``(dq, dr)`` in the dtypes of q and r; dq needs no zero-fill (the kernel writes each row
-    once before accumulating), dr is zero-filled for the atomics (``0 x D`` without
-    ``ref_grad``)."""
+def _knn_backward(g, index, q, r, ref_grad: bool = True, cast: bool = True):
+    """``(dq, dr)`` in the dtypes of q and r (float32 without ``cast``: the op casts its columns
+    once); dq needs no zero-fill (the kernel writes each row once before accumulating), dr is
+    zero-filled for the atomics (``0 x D`` without ``ref_grad``)."""
     M, D = q.shape
     rows_r = r.shape[0] if ref_grad else 0
     if M == 0 or D == 0 or index.shape[1] == 0 or r.shape[0] == 0:
@@ -993,7 +995,7 @@ def _knn_backward(g, index, q, r, ref_grad: bool = True):
         r.stride(0), dq.stride(0), out.stride(0), HAS_DR=ref_grad, DR_PAIRS=pairs, **cfg.launch(D))
     if pairs:  # index -1 (no neighbour) contributes zeros: any row will do
         dr.index_put_((index.reshape(-1).clamp_min(0),), out, accumulate=True)
-    return _cast(dq, q.dtype), _cast(dr, r.dtype)
+    return (_cast(dq, q.dtype), _cast(dr, r.dtype)) if cast else (dq, dr)
 
 
 # The operators are registered with torch.library so that torch.compile(fullgraph=True) sees
@@ -1010,17 +1012,17 @@ def _knn_op(query: torch.Tensor, ref: torch.Tensor, k: int, query_labels: Option
 def _knn_forward(query, ref, k, query_labels, ref_labels, exclude_self, splits):
     """The body of ``daal_triton::knn`` (a plain function: the launch-count test calls it)."""
     dtype = compute_dtype("knn", query, ref)
+    M, N = query.shape[0], ref.shape[0]
+    if M == 0 or N == 0:  # nothing to search (and no bank to copy)
+        dist = torch.full((M, k), float("inf"), dtype=torch.float32, device=query.device)
+        index = torch.full((M, k), -1, dtype=torch.int64, device=query.device)
+        return dist, index
     q = prepare(query, dtype, align=True)
     r = q if ref is query else prepare(ref, dtype, align=True)
     ql = rl = None
     if query_labels is not None:
         ql = query_labels.to(torch.int64).contiguous()
         rl = ql if ref_labels is query_labels else ref_labels.to(torch.int64).contiguous()
-    M, N = q.shape[0], r.shape[0]
-    if M == 0 or N == 0:
-        dist = torch.full((M, k), float("inf"), dtype=torch.float32, device=q.device)
-        index = torch.full((M, k), -1, dtype=torch.int64, device=q.device)
-        return dist, index
     if k <= MAX_K:
         kp = next_pow2(k)
         entry = forward_entry(q, r, kp, ql is not None)
@@ -1059,7 +1061,7 @@ def _knn_backward_op(g: torch.Tensor, index: torch.Tensor, query: torch.Tensor,
     dtype = compute_dtype("knn", query, ref)
     q = prepare(query, dtype, align=True)
     r = q if ref is query else prepare(ref, dtype, align=True)
-    dq, dr = _knn_backward(g, index, q, r, ref_grad)
+    dq, dr = _knn_backward(g, index, q, r, ref_grad, cast=False)  # float32 (dr: r's dtype when empty)
     D = query.shape[1]
     return columns(dq, D, query.dtype), columns(dr, D, ref.dtype)
 

@@ -33,8 +33,9 @@ inputs (exact in TF32) use single-pass TF32 on ``H`` rounded to TF32 (float16's 
 float32 (docs/method.md, "Numerics"): callers that need close distances exactly (the loss's kNN
 radii) recompute them by direct differences.
 
-Memory. Inputs are read as they are when their rows are contiguous (unit column stride); other
-layouts are copied once with ``.contiguous()``. Forward: the M x N float32 output plus
+Memory. Inputs are read as they are when their rows are contiguous and 16-aligned (width, row
+stride and start: ``_common.ALIGN``); other rows are copied once, padded with zero columns to a
+multiple of 16 where the width is not one (``DAAL_ALIGN_D=off``: unpadded). Forward: the M x N float32 output plus
 M + N float32 norms. Backward: ``H`` (M x N, 2 bytes per element for bfloat16 inputs, else 4)
 and partial sums ((M + N) x tiles / 64, float32); it reads ``g`` and ``d`` once, in place (any
 strides), and writes dX (M x D) and dY (N x D) in the input dtype. All offsets into M x N and
@@ -355,7 +356,8 @@ def _backward_gemm(h: torch.Tensor, hsum: torch.Tensor, a: torch.Tensor, b: torc
 def _pairwise_op(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """``d = pairwise_distance(x, y)`` (see the module docstring), float32."""
     dtype = compute_dtype("pairwise_distance", x, y)
-    return _forward(prepare(x, dtype, align=True), prepare(y, dtype, align=True))
+    xc = prepare(x, dtype, align=True)
+    return _forward(xc, xc if y is x else prepare(y, dtype, align=True))
 
 
 @_pairwise_op.register_fake
@@ -368,7 +370,8 @@ def _pairwise_backward_op(g: torch.Tensor, dist: torch.Tensor, x: torch.Tensor,
                           y: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(dL/dx, dL/dy)`` from ``g = dL/dd`` and the saved output ``d``."""
     dtype = compute_dtype("pairwise_distance", x, y)
-    xc, yc = prepare(x, dtype, align=True), prepare(y, dtype, align=True)
+    xc = prepare(x, dtype, align=True)
+    yc = xc if y is x else prepare(y, dtype, align=True)
     g = g.to(torch.float32)
     M, N = dist.shape
     if M == 0 or N == 0:  # contiguous, as the kernels' results (and the fake) are
@@ -404,8 +407,8 @@ _pairwise = eager(_pairwise_op)
 def pairwise_distance(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """``d_ij = sqrt(max(||x_i - y_j||^2, 1e-12))``: ``x`` M x D, ``y`` N x D -> M x N float32.
 
-    Inputs float32/float16/bfloat16 with any strides (copied once with ``.contiguous()`` when
-    the rows are not contiguous), on CUDA or, under ``TRITON_INTERPRET=1``, on the CPU.
+    Inputs float32/float16/bfloat16 with any strides (copied once when the rows are not
+    contiguous and 16-aligned, padded to a multiple of 16 columns), on CUDA or, under ``TRITON_INTERPRET=1``, on the CPU.
     Differentiable in ``x`` and ``y`` (Triton backward). float64 inputs raise ``ValueError``
     (``daal_triton.pairwise_distance`` routes them to the reference).
     """

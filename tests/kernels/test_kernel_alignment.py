@@ -142,3 +142,42 @@ def test_pairwise_on_padded_rows_is_the_unpadded_pairwise(monkeypatch, M, N, D):
     assert_close(padded[0], dd, tol, "distance")
     assert_close(padded[1], xd.grad, tol, "dX")
     assert_close(padded[2], yd.grad, tol, "dY")
+
+
+def _widths(monkeypatch, module, names, seen):
+    """Record in ``seen`` the ``D`` argument of every launch of ``module``'s kernels ``names``."""
+    import inspect
+
+    class Spy:
+        def __init__(self, kernel):
+            self.kernel = kernel
+            self.at = list(inspect.signature(kernel.fn).parameters).index("D")
+
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                seen.append((self.kernel.fn.__name__, args[self.at]))
+                return self.kernel[grid](*args, **kw)
+            return launch
+
+    for name in names:
+        monkeypatch.setattr(module, name, Spy(getattr(module, name)))
+
+
+def test_the_kernels_see_padded_widths_forward_and_backward(monkeypatch):
+    """What the padding is for, checked where it happens: at D = 129 every kNN and pairwise
+    launch, forward and backward, gets D = 144 (a backward that stopped padding would still give
+    the same numbers, which the tests above compare); with ``DAAL_ALIGN_D=off``, 129."""
+    x = torch.randn(20, 129, device=DEV, requires_grad=True)
+    y = torch.randn(30, 129, device=DEV, requires_grad=True)
+    seen = []
+    _widths(monkeypatch, kk, ("_knn_fwd_kernel", "_knn_finish_kernel", "_knn_bwd_kernel"), seen)
+    _widths(monkeypatch, kp, ("_pairwise_fwd_kernel", "_pairwise_bwd_kernel"), seen)
+    for policy, width in (("pad", 144), ("off", 129)):
+        monkeypatch.setenv(_common.ALIGN_ENV, policy)
+        seen.clear()
+        dist, _ = kk.knn(x, y, 3)
+        dist.sum().backward()
+        kp.pairwise_distance(x, y).sum().backward()
+        kernels = {name for name, _ in seen}
+        assert {"_knn_fwd_kernel", "_knn_bwd_kernel", "_pairwise_fwd_kernel", "_pairwise_bwd_kernel"} <= kernels
+        assert {d for _, d in seen} == {width}, (policy, seen)

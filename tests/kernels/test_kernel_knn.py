@@ -749,7 +749,8 @@ def test_knn_launch_count(monkeypatch):
     no aten work in its forward (one squared-norm launch, the selection, the fused finish), and
     the backward two operations in float32 (dRef's zero-fill and the kernel; dQ is not
     zero-filled). k > MAX_K selects in PyTorch, then recomputes with ``_knn_dist_kernel``. At a
-    width that is no multiple of 16 the forward adds the padded copy's two operations."""
+    width that is no multiple of 16 the forward adds the padded copy's two operations (once:
+    query and ref are one tensor here; a separate ref adds two more)."""
     x = torch.randn(37, 32, device=DEV)
     y = _labels(37, 3)
     ops, kernels = _count_launches(monkeypatch, lambda: kk._knn_forward(x, x, 3, y, y, True, 2))
@@ -1064,7 +1065,10 @@ def test_knn_tma_loads_where_eligible(monkeypatch):
 
     two = 2 if _tma_here() else 0
     assert descriptors(x, 3) == two
-    assert descriptors(x[:, :130], 3) == two  # D = 130 in rows of 272 bytes: aligned
+    wide = torch.randn(40, 144, device=DEV).half()
+    assert descriptors(wide[:, :128], 3) == two  # D = 128 read in place from rows of 144 (288 bytes)
+    assert descriptors(x[:, :128], 3) == two  # rows of 136 (no multiple of 16): copied to contiguous ones
+    assert descriptors(x[:, :130], 3) == two  # D = 130: copied to rows of 144 columns (DAAL_ALIGN_D)
     assert descriptors(x[:, 1:], 3) == two  # base 2 bytes past alignment: copied to aligned rows
     assert descriptors(x[:, 1:], 3, **{ALIGN_ENV: "off"}) == 0  # left so (DAAL_ALIGN_D=off): pointer loads
     assert descriptors(x[:, :20], 3) == 0  # D-chunk 32
