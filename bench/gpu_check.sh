@@ -37,12 +37,12 @@
 #
 # Environment: PYTHON (default python3), DAAL_CHECK_TOTAL_S (default 460: the whole budget),
 # DAAL_CHECK_INSTALL (default 1; 0: use the daal_triton already importable, for rehearsals),
-# DAAL_CHECK_K (a pytest -k expression for the two test steps, for rehearsals),
+# DAAL_CHECK_K (a pytest -k expression for the test steps, for rehearsals),
 # DAAL_BENCH_PROFILE (default check; "full" needs far more time than 8 minutes), DAAL_TUNE_S
 # (default 30: the seconds reserved for step 4's line-margin tuning, which the first H200 run
 # decided; 0 skips it), DAAL_TUNE_KNN_S (default 75: the candidates most promising first, as many as fit; 0 skips the kNN tuning),
-# DAAL_CHECK_SHARDS (default: a quarter of the cores, 1 to 4: the pytest processes each test step of
-# step 2 runs side by side, bench/sharded_pytest.py), DAAL_CHECK_BUILD_S (default 0: the seconds reserved at the end for the kernel tests marked
+# DAAL_CHECK_SHARDS (default: a quarter of the cores, 1 to 4: the pytest processes the parity and the
+# kernel tests each run side by side, bench/sharded_pytest.py), DAAL_CHECK_BUILD_S (default 0: the seconds reserved at the end for the kernel tests marked
 # "build", which only build kernels for GPU targets and need no GPU), DAAL_CHECK_KERNEL_S (default 0: the
 # seconds reserved at the end for the kernel tests, step 5), DAAL_BENCH_TRAIN_STEP_S (default 80:
 # the most the training-step cases may take together in step 3; what they leave goes to the
@@ -206,10 +206,10 @@ cat "$OUT/env.json"
 
 # ------------------------------------------------------------------ 2. parity tests
 if [ "$INSTALL" != failed ]; then
-  KSEL=()  # DAAL_CHECK_K: a pytest -k expression narrowing both test steps (rehearsals)
+  KSEL=()  # DAAL_CHECK_K: a pytest -k expression narrowing the test steps (rehearsals)
   if [ -n "${DAAL_CHECK_K:-}" ]; then KSEL=(-k "$DAAL_CHECK_K"); fi
-  # both test steps run as SHARDS pytest processes side by side (bench/sharded_pytest.py): their
-  # time is Triton's JIT builds, one core each
+  # the test steps (this one and step 5's) run as SHARDS pytest processes side by side
+  # (bench/sharded_pytest.py): their time is Triton's JIT builds, one core each
   step gpu_tests "$(min 130 $(( $(left) - 250 )))" "$PY" bench/sharded_pytest.py --shards "$SHARDS" \
       --junitxml "$OUT/gpu_tests.xml" -- tests -m gpu -q -ra -p no:cacheprovider ${KSEL[@]+"${KSEL[@]}"}
   rc=$?; if [ $rc -ne 0 ] && [ $rc -ne 5 ]; then STATUS=1; fi  # 5: no test collected

@@ -222,11 +222,19 @@ def aligned(t: torch.Tensor) -> bool:
     return t.shape[1] % ALIGN == 0 and t.stride(0) % ALIGN == 0 and t.data_ptr() % 16 == 0
 
 
+def align_rows() -> bool:
+    """``DAAL_ALIGN_D`` is "pad" (the default; ``ValueError`` for a value not in
+    :data:`ALIGN_POLICIES`). Read by each forward; its backward follows the forward's choice
+    (saved by its ``setup_context``), as the benchmarks' provider sets it around the forward."""
+    return env_choice(ALIGN_ENV, ALIGN_POLICIES) == "pad"
+
+
 def prepare(t: torch.Tensor, dtype: torch.dtype, align: bool = False) -> torch.Tensor:
-    """``t`` in ``dtype`` with unit column stride (one copy at most). With ``align`` (and
-    ``DAAL_ALIGN_D`` "pad", the default) also :func:`aligned`: an M x D ``t`` that is not comes
-    back as M x ``ceil(D / 16) * 16``, its columns beyond D zeros (still one copy)."""
-    if align and not aligned(t) and env_choice(ALIGN_ENV, ALIGN_POLICIES) == "pad":
+    """``t`` in ``dtype`` with unit column stride (one copy at most). With ``align`` (the
+    callers pass :func:`align_rows`, or the forward's choice) also :func:`aligned`: an M x D ``t``
+    that is not comes back as M x ``ceil(D / 16) * 16``, its columns beyond D zeros (still one
+    copy)."""
+    if align and not aligned(t):
         M, D = t.shape
         out = torch.empty(M, cdiv(D, ALIGN) * ALIGN, dtype=dtype, device=t.device)
         out[:, D:].zero_()

@@ -115,6 +115,7 @@ from ._common import (
     _dot_chunk,
     _dot_desc_chunk,
     _dot_rows,
+    align_rows,
     columns,
     compute_dtype,
     direct,
@@ -1017,8 +1018,9 @@ def _knn_forward(query, ref, k, query_labels, ref_labels, exclude_self, splits):
         dist = torch.full((M, k), float("inf"), dtype=torch.float32, device=query.device)
         index = torch.full((M, k), -1, dtype=torch.int64, device=query.device)
         return dist, index
-    q = prepare(query, dtype, align=True)
-    r = q if ref is query else prepare(ref, dtype, align=True)
+    pad = align_rows()
+    q = prepare(query, dtype, align=pad)
+    r = q if ref is query else prepare(ref, dtype, align=pad)
     ql = rl = None
     if query_labels is not None:
         ql = query_labels.to(torch.int64).contiguous()
@@ -1055,25 +1057,27 @@ def _knn_fake(query, ref, k, query_labels, ref_labels, exclude_self, splits):
 
 @torch.library.custom_op("daal_triton::knn_backward", mutates_args=())
 def _knn_backward_op(g: torch.Tensor, index: torch.Tensor, query: torch.Tensor,
-                     ref: torch.Tensor, ref_grad: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+                     ref: torch.Tensor, ref_grad: bool, align: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
     """Scatter of ``g`` (M x k) over the selected pairs: ``(dL/dquery, dL/dref)``; without
-    ``ref_grad`` dL/dref is not computed (an empty 0 x D tensor: no N x D buffer, no atomics)."""
+    ``ref_grad`` dL/dref is not computed (an empty 0 x D tensor: no N x D buffer, no atomics).
+    ``align``: rows padded to 16 columns as the forward's were (``_common.align_rows``)."""
     dtype = compute_dtype("knn", query, ref)
-    q = prepare(query, dtype, align=True)
-    r = q if ref is query else prepare(ref, dtype, align=True)
+    q = prepare(query, dtype, align=align)
+    r = q if ref is query else prepare(ref, dtype, align=align)
     dq, dr = _knn_backward(g, index, q, r, ref_grad, cast=False)  # float32 (dr: r's dtype when empty)
     D = query.shape[1]
     return columns(dq, D, query.dtype), columns(dr, D, ref.dtype)
 
 
 @_knn_backward_op.register_fake
-def _knn_backward_fake(g, index, query, ref, ref_grad):
+def _knn_backward_fake(g, index, query, ref, ref_grad, align=True):
     rows = ref.shape[0] if ref_grad else 0
     return query.new_empty(query.shape), ref.new_empty((rows, ref.shape[1]))  # contiguous, as the kernel's
 
 
 def _knn_setup_context(ctx, inputs, output):
     ctx.save_for_backward(inputs[0], inputs[1], output[1])
+    ctx.align = align_rows()  # the forward's rows: the backward pads (or not) as it did
     ctx.mark_non_differentiable(output[1])
     ctx.set_materialize_grads(False)  # no zero-filled gradient for the index
 
@@ -1086,7 +1090,7 @@ def _knn_autograd_backward(ctx, g, _g_index):
     if g is None:
         return (None,) * 7
     ref_grad = bool(ctx.needs_input_grad[1])
-    dq, dr = _knn_backward_direct(g.contiguous(), index, query, ref, ref_grad)
+    dq, dr = _knn_backward_direct(g.contiguous(), index, query, ref, ref_grad, ctx.align)
     return dq, dr if ref_grad else None, None, None, None, None, None
 
 

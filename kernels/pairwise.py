@@ -61,6 +61,7 @@ from ._common import (
     Launch,
     _dot_rows,
     _round_tf32,
+    align_rows,
     columns,
     compute_dtype,
     dot_flags,
@@ -356,8 +357,9 @@ def _backward_gemm(h: torch.Tensor, hsum: torch.Tensor, a: torch.Tensor, b: torc
 def _pairwise_op(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """``d = pairwise_distance(x, y)`` (see the module docstring), float32."""
     dtype = compute_dtype("pairwise_distance", x, y)
-    xc = prepare(x, dtype, align=True)
-    return _forward(xc, xc if y is x else prepare(y, dtype, align=True))
+    pad = align_rows()
+    xc = prepare(x, dtype, align=pad)
+    return _forward(xc, xc if y is x else prepare(y, dtype, align=pad))
 
 
 @_pairwise_op.register_fake
@@ -367,11 +369,12 @@ def _pairwise_fake(x, y):
 
 @torch.library.custom_op("daal_triton::pairwise_distance_backward", mutates_args=())
 def _pairwise_backward_op(g: torch.Tensor, dist: torch.Tensor, x: torch.Tensor,
-                          y: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``(dL/dx, dL/dy)`` from ``g = dL/dd`` and the saved output ``d``."""
+                          y: torch.Tensor, align: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(dL/dx, dL/dy)`` from ``g = dL/dd`` and the saved output ``d``; ``align``: rows padded
+    to 16 columns as the forward's were (``_common.align_rows``)."""
     dtype = compute_dtype("pairwise_distance", x, y)
-    xc = prepare(x, dtype, align=True)
-    yc = xc if y is x else prepare(y, dtype, align=True)
+    xc = prepare(x, dtype, align=align)
+    yc = xc if y is x else prepare(y, dtype, align=align)
     g = g.to(torch.float32)
     M, N = dist.shape
     if M == 0 or N == 0:  # contiguous, as the kernels' results (and the fake) are
@@ -384,12 +387,13 @@ def _pairwise_backward_op(g: torch.Tensor, dist: torch.Tensor, x: torch.Tensor,
 
 
 @_pairwise_backward_op.register_fake
-def _pairwise_backward_fake(g, dist, x, y):
+def _pairwise_backward_fake(g, dist, x, y, align=True):
     return x.new_empty(x.shape), y.new_empty(y.shape)  # contiguous, whatever x's and y's strides
 
 
 def _pairwise_setup_context(ctx, inputs, output):
     ctx.save_for_backward(inputs[0], inputs[1], output)
+    ctx.align = align_rows()  # the forward's rows: the backward pads (or not) as it did
 
 
 _pairwise_distance_backward_direct = direct(_pairwise_backward_op)
@@ -397,7 +401,7 @@ _pairwise_distance_backward_direct = direct(_pairwise_backward_op)
 
 def _pairwise_autograd_backward(ctx, g):
     x, y, dist = ctx.saved_tensors
-    return _pairwise_distance_backward_direct(g, dist, x, y)
+    return _pairwise_distance_backward_direct(g, dist, x, y, ctx.align)
 
 
 _pairwise_op.register_autograd(_pairwise_autograd_backward, setup_context=_pairwise_setup_context)

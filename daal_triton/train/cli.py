@@ -376,7 +376,7 @@ def _evaluate_checkpoint(args: argparse.Namespace) -> Dict[str, Dict[str, float]
     from .checkpoint import load_checkpoint, load_weights
     from .data import build_datasets
     from .config import (check_backend, check_choices, check_data_root, check_kinds, check_numbers, checked_device,
-                         note_source)
+                         drop_unread_data_root, note_source)
     from .ddp import ConfigError
     from .devices import place_model, resolve_amp
     from .engine import build_model
@@ -388,7 +388,9 @@ def _evaluate_checkpoint(args: argparse.Namespace) -> Dict[str, Dict[str, float]
     out = _eval_outputs(args)
     source = f"the checkpoint {args.checkpoint}"
     check_kinds(ck["config"], f"{source}: its configuration")
-    cfg = TrainConfig.from_dict(dict({"width": 1.0}, **ck["config"]))  # checkpoints before --width: full width
+    saved = dict({"width": 1.0}, **ck["config"])  # checkpoints before --width: full width
+    drop_unread_data_root(saved)
+    cfg = TrainConfig.from_dict(saved)
     for k, v in vars(args).items():
         if v is not None and hasattr(cfg, k) and k not in ("out", "overwrite"):
             setattr(cfg, k, v)

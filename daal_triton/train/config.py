@@ -114,6 +114,16 @@ def check_choices(cfg: Any, source: str = "") -> None:
 MIN_IMAGE_SIZE = 32
 
 
+def drop_unread_data_root(config: Dict[str, Any]) -> None:
+    """A checkpoint's ``data_root`` beside a built-in data set: runs made before
+    :func:`check_data_root` kept the folder they were given and never read; it is dropped (the
+    run is the same) instead of refusing to resume or evaluate the run."""
+    from .data import NEEDS_ROOT
+
+    if config.get("dataset") not in NEEDS_ROOT:
+        config["data_root"] = None
+
+
 def check_data_root(cfg: TrainConfig) -> None:
     """``--data-root`` only with a data set read from a folder (a built-in one would ignore it)."""
     from .data import NEEDS_ROOT
@@ -342,6 +352,7 @@ def resume_config(saved: Dict[str, Any], cfg: TrainConfig, given=None) -> "tuple
     :class:`ConfigError` for an explicit flag that would change the data, network or loss."""
     explicit = _given_values(cfg, given)
     base = TrainConfig.from_dict(dict({"width": 1.0}, **saved)).to_dict()  # before --width: full width
+    drop_unread_data_root(base)
     merged = dict(base)
     for name in _NOT_INHERITED:
         merged[name] = getattr(cfg, name)

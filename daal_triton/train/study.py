@@ -148,8 +148,11 @@ def check_cell_args(study: Dict[str, Any]) -> None:
     from .cli import UsageError, build_parser
 
     for name, args in study["configs"].items():
+        full = list(study["common"]) + list(args)
+        if any(a in ("-h", "--help") for a in full):  # argparse would print daal-train's help and exit 0
+            raise StudyError(f"configuration {name!r}: -h/--help is no training argument")
         try:
-            build_parser().parse_args(list(study["common"]) + list(args))
+            build_parser().parse_args(full)
         except UsageError as e:
             raise StudyError(f"configuration {name!r}: its daal-train arguments do not parse: {e}") from None
 

@@ -129,7 +129,7 @@ def record() -> list:
         ql = torch.randint(0, 100, (M,), generator=g) if labelled else None
         dist, index = knn._knn_forward(q, r, k, ql, ql if own else None, own, None)
         if grad:  # the op's body: its rows prepared as the forward's
-            knn._knn_backward_op._init_fn(torch.ones(M, k), index, q, r, True)
+            knn._knn_backward_op._init_fn(torch.ones(M, k), index, q, r, True, _common.align_rows())
 
     def line_margin_op(dt, B, C, D, atomic=False, seg_dt=None):
         """The line margin on its own, segments of the input dtype as the benchmarks build them
@@ -144,7 +144,7 @@ def record() -> list:
     def pairwise_op(dt, M, N, D):
         x, y = torch.randn(M, D, generator=g).to(dtypes[dt]), torch.randn(N, D, generator=g).to(dtypes[dt])
         d = pairwise._pairwise_op._init_fn(x, y)
-        pairwise._pairwise_backward_op._init_fn(torch.ones(M, N), d.abs() + 0.1, x, y)
+        pairwise._pairwise_backward_op._init_fn(torch.ones(M, N), d.abs() + 0.1, x, y, _common.align_rows())
 
     eval60k, bank = (60000, 60000, 512, 8, False, True, False), (1024, 65536, 512, 8, False, False)
     scenarios = [  # (name, call, environment): the defaults, then the switches gpu_check times

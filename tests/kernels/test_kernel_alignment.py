@@ -45,9 +45,11 @@ def test_prepare_keeps_aligned_rows_and_copies_misaligned_ones():
 def test_align_policy_is_checked(monkeypatch):
     """``DAAL_ALIGN_D`` is "pad" by default, "off" selectable, anything else a ValueError naming it
     (read at every call, only where a copy is at stake)."""
+    monkeypatch.delenv(_common.ALIGN_ENV, raising=False)
+    assert _common.align_rows()
     monkeypatch.setenv(_common.ALIGN_ENV, "off")
+    assert not _common.align_rows()
     t = torch.randn(5, 19, device=DEV)
-    assert _common.prepare(t, torch.float32, align=True) is t
     monkeypatch.setenv(_common.ALIGN_ENV, "yes")
     with pytest.raises(ValueError, match=_common.ALIGN_ENV):
         kp.pairwise_distance(t, t)
@@ -166,18 +168,22 @@ def _widths(monkeypatch, module, names, seen):
 def test_the_kernels_see_padded_widths_forward_and_backward(monkeypatch):
     """What the padding is for, checked where it happens: at D = 129 every kNN and pairwise
     launch, forward and backward, gets D = 144 (a backward that stopped padding would still give
-    the same numbers, which the tests above compare); with ``DAAL_ALIGN_D=off``, 129."""
+    the same numbers, which the tests above compare); with ``DAAL_ALIGN_D=off``, 129, in the
+    backward too when the variable is set around the forward only (the benchmarks'
+    ``triton_unaligned`` provider: the backward follows the forward's choice)."""
     x = torch.randn(20, 129, device=DEV, requires_grad=True)
     y = torch.randn(30, 129, device=DEV, requires_grad=True)
     seen = []
     _widths(monkeypatch, kk, ("_knn_fwd_kernel", "_knn_finish_kernel", "_knn_bwd_kernel"), seen)
     _widths(monkeypatch, kp, ("_pairwise_fwd_kernel", "_pairwise_bwd_kernel"), seen)
     for policy, width in (("pad", 144), ("off", 129)):
-        monkeypatch.setenv(_common.ALIGN_ENV, policy)
         seen.clear()
+        monkeypatch.setenv(_common.ALIGN_ENV, policy)
         dist, _ = kk.knn(x, y, 3)
+        d = kp.pairwise_distance(x, y)
+        monkeypatch.delenv(_common.ALIGN_ENV)  # the default ("pad") for the backward passes
         dist.sum().backward()
-        kp.pairwise_distance(x, y).sum().backward()
+        d.sum().backward()
         kernels = {name for name, _ in seen}
         assert {"_knn_fwd_kernel", "_knn_bwd_kernel", "_pairwise_fwd_kernel", "_pairwise_bwd_kernel"} <= kernels
         assert {d for _, d in seen} == {width}, (policy, seen)

@@ -268,7 +268,8 @@ def test_study_inputs_that_were_tracebacks_are_one_line(tmp_path, error_line):
              # a cell's arguments that daal-train cannot parse: refused up front, dry run included
              (["--config", "A=", "--config", "DAAL=--epochs x", "--out", str(tmp_path / "o5")],
               "configuration 'DAAL': its daal-train arguments do not parse"),
-             (["--config", "A=--no-such-flag", "--dry-run", "--out", str(tmp_path / "o6")], "--no-such-flag")]
+             (["--config", "A=--no-such-flag", "--dry-run", "--out", str(tmp_path / "o6")], "--no-such-flag"),
+             (["--config", "A=--help", "--dry-run", "--out", str(tmp_path / "o7")], "-h/--help is no training")]
     for argv, words in cases:
         assert S.main(argv + ["--no-progress"]) == 2, argv
         assert words in error_line("daal-study"), argv

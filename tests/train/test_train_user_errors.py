@@ -191,3 +191,19 @@ def test_table_is_printed_before_plots(tmp_path, capsys, monkeypatch):
     assert order == ["table", "plot"], order
     said = capsys.readouterr().out
     assert f"wrote {os.path.join(ev, 'eval.json')}" in said and f"wrote {os.path.join(ev, 'tsne_eval.png')}" in said
+
+
+def test_a_run_made_with_an_unread_data_root_still_evaluates_and_resumes(tmp_path, error_line):
+    """Runs made before --data-root was refused beside a built-in data set kept the folder they
+    never read: daal-eval and --resume drop it (the run is the same) rather than refuse the run;
+    given explicitly, it is refused as for a new run."""
+    from daal_triton.train.config import TrainConfig, resume_config
+
+    path = _checkpoint(tmp_path, data_root=str(tmp_path / "never_read"), shapes_train_per_class=4,
+                       shapes_test_per_class=4, width=0.125)
+    assert cli.eval_main([path, "--out", str(tmp_path / "ev"), "--no-progress", "--no-tsne"]) == 0
+    assert cli.eval_main([path, "--out", str(tmp_path / "ev2"), "--data-root", str(tmp_path)]) == 2
+    assert "--dataset shapes is built in" in error_line("daal-eval")
+    saved = TrainConfig(embedding_dim=8, data_root=str(tmp_path / "never_read")).to_dict()
+    cfg, changes = resume_config(saved, TrainConfig(resume=path), given=set())
+    assert cfg.data_root is None and "data_root" not in changes
