@@ -217,9 +217,10 @@ ALIGN_POLICIES = ("pad", "off")
 
 
 def aligned(t: torch.Tensor) -> bool:
-    """Whether Triton's launcher marks the 2-D ``t``'s width, row stride and pointer divisible
-    by 16 (the vectorised builds; a unit column stride is assumed)."""
-    return t.shape[1] % ALIGN == 0 and t.stride(0) % ALIGN == 0 and t.data_ptr() % 16 == 0
+    """Whether the 2-D ``t`` has unit column stride and Triton's launcher marks its width, row
+    stride and pointer divisible by 16 (the vectorised builds)."""
+    return (t.stride(-1) == 1 and t.shape[1] % ALIGN == 0 and t.stride(0) % ALIGN == 0
+            and t.data_ptr() % 16 == 0)
 
 
 def align_rows() -> bool:
@@ -657,7 +658,9 @@ def direct(op):
     recorded (an ordinary ``.backward()``); the operator itself otherwise
     (:func:`_operator_call`, a dispatch mode active, or grad mode on: a double backward would differentiate the body's
     own operators). The dispatch costs ~37 µs per call on a 2-core
-    CPU (``bench/probe_dispatch.py``): five backward operators per loss call."""
+    CPU (``bench/probe_dispatch.py``): five backward operators per loss call. Every backward
+    operator passes through here, so this is also where it gets :func:`_first_order_only`'s
+    formula (a named refusal of second derivatives)."""
     _first_order_only(op)
     body = getattr(op, "_init_fn", None)
     if body is None:  # a PyTorch without it: the operator

@@ -40,6 +40,11 @@ def test_prepare_keeps_aligned_rows_and_copies_misaligned_ones():
     assert not _common.aligned(shifted) and _common.aligned(_common.prepare(shifted, torch.float32, align=True))
     # without align (the other kernels) only the unit column stride is asked for
     assert _common.prepare(view, torch.float32) is view
+    # every other column of 64: width 32, row stride 64, but no unit column stride: copied
+    strided = torch.randn(9, 64, device=DEV)[:, ::2]
+    assert not _common.aligned(strided)
+    p = _common.prepare(strided, torch.float32, align=True)
+    assert p.shape == (9, 32) and _common.aligned(p) and torch.equal(p, strided)
 
 
 def test_align_policy_is_checked(monkeypatch):
