@@ -301,8 +301,22 @@ def _why_missing(run: dict, key: Tuple, providers) -> str:
     return "; ".join(parts) or "not measured"
 
 
+# A target decided on fewer timed rounds than this (a case cut short by the time budget) is
+# marked indicative: one round's median is one call.
+FEW_ROUNDS = 3
+
+
+def _rounds(recs) -> Tuple[str, Optional[int]]:
+    """The timed rounds behind a comparison, as a cell ("10 / 40"), and the fewest of them."""
+    counts = [r.get("rounds") if ok(r) else None for r in recs]
+    if not any(c is not None for c in counts):
+        return "—", None
+    known = [c for c in counts if c is not None]
+    return " / ".join("—" if c is None else str(c) for c in counts), min(known)
+
+
 def targets_table(run: dict) -> List[str]:
-    lines = ["| target | measured | result |", "|---|---|---|"]
+    lines = ["| target | measured | rounds | result |", "|---|---|---|---|"]
     for title, op, shape, dtype, pass_, kind, arg, thr in TARGETS:
         key = (op, shape, dtype, pass_)
         tr = run["cases"].get(key + ("triton",))
@@ -340,8 +354,12 @@ def targets_table(run: dict) -> List[str]:
                 shown = f"{fmt_pct(value)} ({fmt_bytes(a)} vs {fmt_bytes(b)})"
             passed = value is not None and value <= thr
             missing = _why_missing(run, key, ["triton", arg])
+        compared = [tr] + ([run["cases"].get(key + (arg,))] if kind != "fraction" else [])
+        rounds, fewest = _rounds(compared)
         result = ("PASS" if passed else "FAIL") if value is not None else f"not measured ({missing})"
-        lines.append(f"| {title} | {shown or '—'} | {result} |")
+        if value is not None and fewest is not None and fewest < FEW_ROUNDS:
+            result += f" (indicative: {fewest} timed round{'s' if fewest != 1 else ''})"
+        lines.append(f"| {title} | {shown or '—'} | {rounds} | {result} |")
     return lines + [""]
 
 
@@ -610,7 +628,10 @@ def run_report(run: dict, *, heading_level: int = 2) -> List[str]:
     if not run["cases"]:
         lines += ["No benchmark case was recorded in this run.", ""]
         return lines
-    lines += [f"{h}# Targets (issues 6, 13 and 17, H200)", ""] + targets_table(run)
+    lines += [f"{h}# Targets (issues 6, 13 and 17, H200)", "",
+              "\"rounds\": the timed rounds behind each side of the comparison (Triton first); a "
+              f"result from fewer than {FEW_ROUNDS} (a case the time budget cut short) is marked "
+              "indicative.", ""] + targets_table(run)
     lines += switches_table(run, heading_level)
     lines += [f"{h}# Results", "",
               "Median time per call; \"Triton vs X\" = time(X) / time(Triton) (above 1: Triton is "

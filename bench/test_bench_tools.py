@@ -380,6 +380,20 @@ def test_an_overhead_that_reads_as_its_bound_passes():
         assert verdict in row and ("+2.00%" in row) == (t == 0.0816), row
 
 
+def test_a_target_from_few_rounds_is_marked_indicative():
+    """The rounds behind each side show in the targets table; a comparison the time budget cut
+    to fewer than 3 timed rounds still decides, but says it is indicative."""
+    key = ("loss", "dml", "fp32", "fwdbwd")
+    for rounds, indicative in (((40, 12), False), ((40, 1), True), ((2, 40), True), ((None, None), False)):
+        cases = {key + ("triton",): {"status": "ok", "median_s": 0.001, "rounds": rounds[0]},
+                 key + ("eager",): {"status": "ok", "median_s": 0.01, "rounds": rounds[1]}}
+        row = [line for line in report.targets_table({"cases": cases}) if "whole DAALLoss" in line][0]
+        cells = [c.strip() for c in row.split("|")]
+        assert cells[-2].startswith("PASS"), row
+        assert ("indicative" in cells[-2]) == indicative, row
+        assert cells[-3] == ("—" if rounds[0] is None else f"{rounds[0]} / {rounds[1]}"), row
+
+
 def test_report_keeps_a_runs_own_report(tmp_path, capsys):
     """Without -o, an existing RUN_DIR/report.md (a recorded run's) is never overwritten."""
     run = _synthetic_run(tmp_path / "2000-01-01-testgpu")
