@@ -427,8 +427,8 @@ def _evaluate_checkpoint(args: argparse.Namespace) -> Dict[str, Dict[str, float]
                           class_names=list(test_ds.class_names), checkpoint=os.path.abspath(args.checkpoint),
                           dataset=cfg.dataset, epoch=ck.get("epoch"))
     with open(os.path.join(out, "eval.json"), "w") as f:
-        json.dump(dict(checkpoint=os.path.abspath(args.checkpoint), dataset=cfg.dataset, results=rows,
-                       seconds=round(time.time() - t0, 2)), f, indent=2)
+        json.dump(dict(checkpoint=os.path.abspath(args.checkpoint), epoch=ck.get("epoch"), dataset=cfg.dataset,
+                       results=rows, seconds=round(time.time() - t0, 2)), f, indent=2)
     log = Log("daal-eval")
     print(E.format_table(rows, E.table_keys(rows)), flush=True)  # the numbers first: the t-SNE takes a while
     log("wrote " + ", ".join([os.path.join(out, "eval.json")] + ([args.save_embeddings] if args.save_embeddings else [])))

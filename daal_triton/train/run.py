@@ -153,6 +153,8 @@ def run(cfg: TrainConfig, given=None) -> Dict[str, Record]:
             if changes and state.main:
                 state.log("resumed with changes: " + ", ".join(f"{k} {v['from']!r} -> {v['to']!r}"
                                                                for k, v in changes.items()))
+            if state.main:
+                _note_earlier_evaluation(state)
         distribute(state)
         fit(state)
         if state.main:
@@ -165,6 +167,23 @@ def run(cfg: TrainConfig, given=None) -> Dict[str, Record]:
         raise Interrupted(_interrupted(cfg, state)) from None
     finally:
         ctx.close()
+
+
+def _note_earlier_evaluation(state: "RunState") -> None:
+    """A resumed run in a folder where daal-eval wrote ``eval.json`` (and ``tsne_eval.png``)
+    leaves them as they are, and says that they describe a checkpoint from before the resume."""
+    found = [n for n in ("eval.json", "tsne_eval.png") if os.path.isfile(state.path(n))]
+    if not found:
+        return
+    epoch = None
+    try:
+        with open(state.path("eval.json")) as f:
+            epoch = json.load(f).get("epoch")
+    except (OSError, ValueError, AttributeError):
+        pass
+    of = f"of epoch {epoch}" if isinstance(epoch, int) else "of a checkpoint from before this resume"
+    state.log(f"kept as it was: daal-eval's {' and '.join(found)} in {state.cfg.out}, {of}; the resumed run's "
+              f"checkpoints are not in it: run daal-eval again once the run ends")
 
 
 def _finished(cfg: TrainConfig, epoch: int) -> bool:

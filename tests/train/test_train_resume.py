@@ -103,6 +103,26 @@ def test_extending_a_finished_run_does_not_restart_at_lr_zero(one_epoch, tmp_pat
     assert seen[0][0] == pytest.approx(0.5 * lr) and seen[0][-1] == pytest.approx(0.5 * loss_lr)
 
 
+def test_resume_says_an_earlier_evaluation_is_of_an_older_checkpoint(one_epoch, tmp_path, capsys):
+    """daal-eval writes eval.json beside the checkpoint it evaluates (with its epoch); a resumed
+    run in that folder keeps the file byte for byte and says it describes epoch 1."""
+    out = _copy(one_epoch, tmp_path)
+    assert cli.eval_main([_last(out), "--no-progress", "--no-tsne"]) == 0
+    path = os.path.join(out, "eval.json")
+    before = open(path, "rb").read()
+    assert json.loads(before)["epoch"] == 1
+    capsys.readouterr()
+    assert cli.main(["--resume", _last(out), "--epochs", "2", "--no-progress"]) == 0
+    log = capsys.readouterr().out
+    assert f"kept as it was: daal-eval's eval.json in {out}, of epoch 1" in log, log
+    assert open(path, "rb").read() == before and _ck(out)["epoch"] == 2
+    shutil.copytree(out, str(tmp_path / "again"))  # no eval.json, no note
+    os.remove(os.path.join(str(tmp_path / "again"), "eval.json"))
+    capsys.readouterr()
+    assert cli.main(["--resume", _last(str(tmp_path / "again")), "--epochs", "3", "--no-progress"]) == 0
+    assert "daal-eval's" not in capsys.readouterr().out
+
+
 # ----------------------------------------------------------------------------- configuration
 
 def test_resume_without_flags_keeps_the_data_set(one_epoch, tmp_path, capsys):
