@@ -99,3 +99,59 @@ def test_compose_runs_the_operators_it_is_given():
     assert calls == ["knn", "line_margin"]
     expected = reference.daal_loss(z, y, seg)
     assert torch.equal(parts.loss, expected)
+
+
+def _own_distance_sq(z: torch.Tensor, y: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
+    """delta_{i,y_i}^2 by docs/method.md step 5, written out in float64 (normalised rows)."""
+    x = z / z.norm(dim=1, keepdim=True)
+    p, q = seg[y, 0], seg[y, 1]
+    u = q - p
+    t = (((x - p) * u).sum(1) / (u * u).sum(1)).clamp(0, 1)
+    e = x - p - t[:, None] * u
+    return (e * e).sum(1).clamp_min(1e-12)
+
+
+# the Triton backend computes in float32 (float64 inputs run on the reference)
+BACKEND_DTYPES = [("reference", torch.float64, 1e-10), ("triton", torch.float32, 2e-5)]
+
+
+@pytest.mark.parametrize("backend, dtype, tol", BACKEND_DTYPES, ids=["reference", "triton"])
+def test_parts_with_sample_weights_weigh_line_and_pull(backend, dtype, tol):
+    """With a miner's sample weights, ``pull`` is mean(w delta_own^2) and ``line`` the weighted
+    mean of the line terms: written out from the unweighted per-sample values (a ``pull`` left
+    unweighted still added up to the loss, through ``line``)."""
+    from daal_triton.functional import loss_with
+
+    g = torch.Generator().manual_seed(5)
+    B, D, C = 21, 7, 4
+    z = torch.randn(B, D, generator=g, dtype=torch.float64)
+    y = torch.arange(B) % C
+    seg = torch.randn(C, 2, D, generator=g, dtype=torch.float64) * 0.5
+    w = torch.rand(B, generator=g, dtype=torch.float64)
+    z, seg = z.to(dtype), seg.to(dtype)  # the float64 expectations below start from the same values
+    hp = Hyperparameters(lambda_pull=0.3, lambda_len=0.2, l_max=0.5)
+    parts = loss_with(z, y, seg, hp, return_parts=True, sample_weights=w.to(dtype), backend=backend)
+    plain = loss_with(z, y, seg, dataclasses.replace(hp, reduction="none"), return_parts=True, backend=backend)
+    own = _own_distance_sq(z.double(), y, seg.double())
+    hinge = torch.where(plain.valid, torch.relu(hp.tau - plain.radius.double()), torch.zeros_like(own))
+    line = plain.per_sample.double() - hp.lambda_pull * own - hp.lambda_dens * hinge
+    torch.testing.assert_close(parts.pull.double(), (w * own).mean(), rtol=tol, atol=0)
+    torch.testing.assert_close(parts.line.double(), (w * line).mean(), rtol=tol, atol=tol)
+    total = parts.line + hp.lambda_pull * parts.pull + hp.lambda_dens * parts.density + hp.lambda_len * parts.length
+    torch.testing.assert_close(total, parts.loss, rtol=tol, atol=0)
+
+
+@pytest.mark.parametrize("backend, dtype, tol", BACKEND_DTYPES, ids=["reference", "triton"])
+def test_parts_report_the_length_term_when_it_does_not_count(backend, dtype, tol):
+    """``length`` is L_len = mean_c max(0, ||u_c|| - l_max)^2 even at lambda_len = 0 (the
+    default): it is read, not added."""
+    g = torch.Generator().manual_seed(6)
+    z, y = torch.randn(10, 5, generator=g, dtype=torch.float64), torch.arange(10) % 3
+    seg = torch.randn(3, 2, 5, generator=g, dtype=torch.float64)  # lengths ~ 3 > l_max = 1
+    z, seg = z.to(dtype), seg.to(dtype)
+    lengths = (seg[:, 1] - seg[:, 0]).double().norm(dim=1)
+    expected = (torch.relu(lengths - 1.0) ** 2).mean()
+    assert expected > 1.0
+    parts = daal_loss(z, y, seg, return_parts=True, backend=backend)
+    torch.testing.assert_close(parts.length.double(), expected, rtol=tol, atol=0)
+    assert torch.equal(parts.loss, daal_loss(z, y, seg, backend=backend))  # not added at lambda_len = 0

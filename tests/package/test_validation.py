@@ -60,6 +60,9 @@ def test_loss_errors_name_the_argument(backend):
     bank, bank_y = torch.cat([z, torch.randn(3, 4)]), torch.cat([y, torch.arange(3)])
     raises("ref_includes_batch must be True or False, got 'False'", f, z, y, seg, ref_embeddings=bank,
            ref_labels=bank_y, ref_includes_batch="False")
+    # a reference set said to start with the batch must hold at least its B rows
+    raises("ref_includes_batch=True needs ref_embeddings to start with the batch's 6 rows, got 5 rows", f, z, y,
+           seg, ref_embeddings=z[:5], ref_labels=y[:5], ref_includes_batch=True)
     raises("return_parts must be True or False, got 'yes'", f, z, y, seg, return_parts="yes")
 
 

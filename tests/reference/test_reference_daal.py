@@ -187,8 +187,22 @@ def test_knn_radius_margins_and_density_by_hand():
 
 
 def test_length_term_by_hand():
-    seg = torch.stack([_t([0.0, 0.0], [2.0, 0.0]), _t([0.0, 0.0], [0.0, 0.5])])
-    assert abs(R.length_term(seg, 1.0).item() - 0.5) < 1e-15  # ((2 - 1)^2 + 0) / 2
+    seg = torch.stack([_t([0.0, 0.0], [3.0, 0.0]), _t([0.0, 0.0], [0.0, 0.5])])
+    assert abs(R.length_term(seg, 1.0).item() - 2.0) < 1e-15  # ((3 - 1)^2 + 0) / 2 (unsquared: 1)
+
+
+def test_margins_average_only_the_valid_radii_by_hand():
+    """rbar_c is the mean over the class's *valid* samples: an invalid one (radius 9, as a row
+    without neighbours could carry) counts neither in the sum nor in the count, and gets m0."""
+    r = _t(0.2, 0.4, 9.0, 0.3, 0.6)
+    valid = torch.tensor([True, True, False, True, True])
+    labels = torch.tensor([0, 0, 0, 1, 1])
+    m = R.adaptive_margins(r, valid, labels, 2, m0=0.2, m_min=0.05, m_max=0.5, gamma=1.0)
+    # class 0: rbar = 0.3 -> 0.2 * 0.2 / 0.3, 0.2 * 0.4 / 0.3; class 1: rbar = 0.45
+    assert torch.allclose(m, _t(0.4 / 3, 0.8 / 3, 0.2, 0.2 / 1.5, 0.4 / 1.5), rtol=1e-15, atol=0)
+    m2 = R.adaptive_margins(r, valid, labels, 2, m0=0.2, m_min=0.15, m_max=0.25, gamma=2.0)
+    # gamma 2: 0.2 * (2/3)^2 = 0.089 -> m_min, 0.2 * (4/3)^2 = 0.356 -> m_max, 0.2 * (2/3)^2, 0.2 * (4/3)^2
+    assert torch.allclose(m2, _t(0.15, 0.25, 0.2, 0.15, 0.25), rtol=1e-15, atol=0)
 
 
 # ------------------------------------------------------------------ docs/method.md "Edge cases"
@@ -266,6 +280,12 @@ def test_zero_embeddings_with_normalize():
     _finite_grads(z, y, seg)  # x = z / eps there: a finite (large) Jacobian I / eps, never NaN
     x = R.normalize_rows(z)
     assert x[0].abs().max() == 0.0 and x[2].abs().max() == 0.0
+    # the Jacobian there is exactly I / eps (eps = 1e-12): the clamp is on ||z||^2 at eps^2
+    zz = z.clone().requires_grad_(True)
+    w = torch.randn_like(z)
+    (R.normalize_rows(zz) * w).sum().backward()
+    torch.testing.assert_close(zz.grad[0], w[0] / 1e-12, rtol=1e-15, atol=0)
+    torch.testing.assert_close(zz.grad[2], w[2] / 1e-12, rtol=1e-15, atol=0)
     parts = R.daal_loss(z, y, seg, return_parts=True)
     assert parts.valid.all() and torch.isfinite(parts.radius).all()
 
