@@ -9,7 +9,7 @@ import torch
 
 import daal_triton as dt
 from daal_testing import assert_close, largest_cpu_allocation, random_problem, rel_err, tolerance
-from test_kernel_line_margin import ALPHA, DEV, TF32, check_parity, kernel_grads, make_case
+from test_kernel_line_margin import ALPHA, DEV, TF32, check_parity, kernel_grads, make_case, reference_grads
 
 from daal_triton.kernels import _common, line_margin as lm
 from daal_triton.launch_count import LaunchCount
@@ -348,6 +348,57 @@ def test_merged_launches_give_the_same_bits(small_chunks, monkeypatch, sms, C, c
     assert "_lm2_lse_kernel" in sep_n and ("_lm2_lse_kernel" in mer_n) == (splits > 1)
     assert mer_n["_lm2_own_prep_kernel"] == 1 and mer_n["_lm2_dseg_finish_kernel"] == 1
     assert mer_n.get("_lm2_dseg_kernel", 0) == chunks - 1
+
+
+class _GridSpy:
+    """Stands in for a ``@triton.jit`` kernel in the launcher's module: records each launch's grid."""
+
+    def __init__(self, kernel):
+        self.kernel, self.grids = kernel, []
+
+    def __getitem__(self, grid):
+        self.grids.append(grid)
+        return self.kernel[grid]
+
+
+def test_parity_across_forward_splits(monkeypatch):
+    """Several class splits merged by ``_lm2_lse_kernel`` (each split's sum rescaled by
+    ``e^{m_s - top}``) against the float64 reference, value and gradients: on the CPU one SM means
+    one split (the merge inside the GEMM kernel), and the merged-launches test only compares this
+    merge with itself. ``sm_count`` patched to 64: C = 300 is 3 class tiles, 3 splits; the forward's
+    grid is checked to hold them, so the test cannot fall back to one split unnoticed."""
+    B, C, D = 37, 300, 33
+    monkeypatch.setattr(lm, "sm_count", lambda device: 64)
+    fwd = _GridSpy(lm._lm2_fwd_kernel)
+    monkeypatch.setattr(lm, "_lm2_fwd_kernel", fwd)
+    x, y, seg, m, go = make_case(B, C, D, zero_len=True, on_own=True)
+    _, n = _launched(lambda: check_parity(x, y, seg, m, go, 0.3, tolerance(torch.float32, tf32=TF32),
+                                          torch.float32, torch.float32))
+    assert len(fwd.grids) == 1 and fwd.grids[0][1] > 1, fwd.grids  # (row tiles, splits)
+    assert n["_lm2_lse_kernel"] == 1, n
+
+
+def test_own_distance_on_the_segment_is_the_floor():
+    """Points exactly on their own segment (its midpoint, p, q: e = 0 exactly in float32) get the
+    own-class distance ``sqrt(eps)``, bit for bit (``rs[0]`` of ``daal_triton::line_margin2``, both
+    launch designs), and the loss is the hand value ``softplus(alpha (1e-6 + m - 0.25)) / alpha +
+    lambda_pull 1e-12`` (float64) within 1e-7: with the negative's logit at ~0 a floor of
+    ``100 eps`` (d = 1e-5) moves the loss by 4.5e-6, which random on-segment points hide in the
+    1e-5 parity tolerance. The negative is a parallel segment 0.25 away (exact in float32)."""
+    x = torch.tensor([[1.0, 0.0], [1.0, -0.5], [1.0, 0.5]], device=DEV)
+    seg = torch.tensor([[[1.0, -0.5], [1.0, 0.5]], [[1.25, -0.5], [1.25, 0.5]]], device=DEV)
+    y = torch.zeros(3, dtype=torch.long, device=DEV)
+    m = torch.full((3,), 0.25, device=DEV)
+    d = torch.tensor(lm.EPS, dtype=torch.float64).sqrt()
+    hand = torch.nn.functional.softplus(ALPHA * (d + 0.25 - 0.25)) / ALPHA + 0.3 * d ** 2
+    ref = reference_grads(x, y, seg, m, torch.ones(3, device=DEV), 0.3)[0]
+    assert (ref - hand).abs().max() <= 1e-12, (ref, hand)
+    floor = torch.tensor(lm.EPS, dtype=torch.float32).sqrt().item()
+    for merged in (True, False):
+        out, _, rs, _, _ = torch.ops.daal_triton.line_margin2(x, seg, y, m, ALPHA, 0.3, merged)
+        assert rs[0].tolist() == [floor] * 3, (merged, rs[0].tolist(), floor)
+        err = (out.double() - hand).abs().max().item()
+        assert err <= 1e-7, f"merged={merged}: loss {out.tolist()} vs the hand value {hand.item()}: off by {err:.1e}"
 
 
 def test_merged_launches_with_the_atomic_design(monkeypatch):
