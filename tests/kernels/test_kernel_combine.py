@@ -49,6 +49,37 @@ def test_values_and_gradients_match_the_reference(B, weights, with_len, bad_rate
         assert bad.any(), "the bad-label case has a bad label"
 
 
+@pytest.mark.parametrize("weights", [False, True])
+def test_bad_rows_get_no_line_gradient(weights):
+    """The line gradient of a bad-label row is exactly 0 under finite upstream gradients of
+    ``per_sample`` and ``total`` themselves (no ``nan_to_num``, whose backward would zero the
+    NaN entries' gradient before it reached the kernel), and the rest matches the reference.
+    Pins the backward's ``where(bad, 0, gl)``: the forward NaN-fills those rows, so the
+    reference's masked_fill sends them nothing, while ``gper_i + gtot / B`` is not 0."""
+    B = 37
+    g = torch.Generator().manual_seed(B)
+    line, hinge = torch.rand(B, generator=g), torch.rand(B, generator=g)
+    valid = torch.rand(B, generator=g) < 0.8
+    bad = torch.zeros(B, dtype=torch.bool)
+    bad[[0, 5, 17, 36]] = True
+    w = torch.rand(B, generator=g) + 0.5 if weights else None
+    gper, gtot = torch.randn(B, generator=g), torch.randn((), generator=g)
+    line, hinge, valid, bad, gper, gtot = (t.to(DEV) for t in (line, hinge, valid, bad, gper, gtot))
+    w = None if w is None else w.to(DEV)
+    outs = []
+    for fn, dtype in ((kc.combine, torch.float32), (reference.combine, torch.float64)):
+        ins = [t.to(dtype).requires_grad_() for t in (line, hinge)]
+        per, tot, _, _ = fn(*ins, valid, bad, None, weights=None if w is None else w.to(dtype),
+                            lambda_dens=0.5, lambda_len=0.3)
+        assert torch.isnan(per[bad]).all() and torch.isnan(tot), "the bad rows make NaN outputs"
+        outs.append(torch.autograd.grad((per, tot), ins, (gper.to(dtype), gtot.to(dtype))))
+    (gl, gh), (gl_ref, gh_ref) = outs
+    assert (gl[bad] == 0).all(), f"line gradient of bad rows: {gl[bad].tolist()}"
+    assert (gl_ref[bad] == 0).all(), "the reference sends the bad rows nothing"
+    assert_close(gl, gl_ref, 1e-6, "d line")
+    assert_close(gh, gh_ref, 1e-6, "d hinge")
+
+
 @pytest.mark.parametrize("B", [10, 2500])
 def test_only_the_total_is_differentiated(B):
     line, hinge = torch.rand(B, device=DEV, requires_grad=True), torch.rand(B, device=DEV, requires_grad=True)

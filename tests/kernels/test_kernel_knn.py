@@ -352,6 +352,23 @@ def test_knn_large_k_over_few_rows_recomputes_only_the_found(monkeypatch):
     assert (index[:, 6:] == -1).all() and torch.isinf(dist[:, 6:]).all() and (index[:, :6] >= 0).all()
 
 
+@pytest.mark.parametrize("labelled,chunks", [(False, 1), (False, 4), (True, 4)],
+                         ids=["one_chunk", "chunks", "chunks_labels"])
+def test_knn_large_k_exclude_self(monkeypatch, labelled, chunks):
+    """k > MAX_K (the chunked PyTorch selection) with self exclusion, as one chunk and, with
+    ``CHUNK_ELEMS`` shrunk, as several: each chunk must drop the diagonal at its own rows
+    (``i0 + row``), not the first chunk's, or self comes back as the nearest neighbour at 1e-6.
+    Gaussian rows (no ties), more than k candidates per row: distances and indices as in the
+    reference (the backward is the one of every k, see test_knn_large_k_fallback_and_float64)."""
+    M, k = kk.MAX_K + 12, kk.MAX_K + 3
+    if chunks > 1:
+        monkeypatch.setattr(kk, "CHUNK_ELEMS", M * -(-M // chunks))
+    x = torch.randn(M, 6, device=DEV)
+    labels = (lambda y: (y, y))(_labels(M, 2)) if labelled else None
+    dist, index = _run(x, x, k, labels=labels, exclude_self=True, check_index="all", grad=False)
+    assert (index != torch.arange(M, device=DEV)[:, None]).all()
+
+
 def test_knn_k64():
     q, r = torch.randn(9, 6, device=DEV), torch.randn(100, 6, device=DEV)
     _run(q, r, 64, labels=(_labels(9, 2), _labels(100, 2)))
@@ -587,6 +604,30 @@ def test_knn_duplicates_give_the_clamp():
     assert (dist[:, 0] == 1e-6).all(), dist[:, 0]
     dist[:, 0].sum().backward()
     assert q.grad.abs().max().item() == 0.0
+
+
+def test_knn_near_duplicates_give_the_clamp():
+    """A query ``0 < ||q - r||^2 < eps`` from a reference row (float32: one coordinate 1e-7 where
+    the row has an exact 0, so the direct difference reads 1e-14): the distance is the clamp
+    sqrt(1e-12) exactly and the pair's gradient is zero for the query and the reference, as the
+    float64 reference says. Pins the backward's floor ``sq > eps``: exact duplicates (sq = 0)
+    cannot tell it from ``sq > 0``, which gives this pair the gradient ``g (q - r) / 1e-7``."""
+    r = torch.randn(40, 16, device=DEV)
+    r[[3, 17], 5] = 0.0
+    q = r[[3, 17]].clone()
+    q[:, 5] = 1e-7
+    sq = ((q - r[[3, 17]]) ** 2).sum(1)  # float32 direct differences, as the kernels'
+    assert ((sq > 0) & (sq < 1e-12)).all(), sq
+    q.requires_grad_(True)
+    r.requires_grad_(True)
+    dist, index = kk.knn(q, r, 3)
+    assert index[:, 0].tolist() == [3, 17]
+    assert (dist[:, 0] == 1e-6).all(), dist[:, 0]
+    dref, iref = reference.knn(q.detach().double(), r.detach().double(), 3)
+    assert torch.equal(index, iref) and (dref[:, 0] == 1e-6).all()
+    dist[:, 0].sum().backward()
+    assert q.grad.abs().max().item() == 0.0, q.grad
+    assert r.grad.abs().max().item() == 0.0, r.grad
 
 
 def test_knn_no_ref_gradient():

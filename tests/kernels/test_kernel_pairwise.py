@@ -63,6 +63,21 @@ def test_pairwise_duplicates_zero_grad():
     assert torch.isfinite(x.grad).all() and x.grad.abs().max().item() == 0.0
 
 
+def test_pairwise_duplicates_full_gradient():
+    """Rows of y copied from x amid random rows, under a full random upstream gradient: dX and dY
+    match the float64 reference, whose gradient is 0 on the duplicate pairs. Pins the backward's
+    ``d <= thr`` (the clamp itself is where it binds): with ``d < thr`` the duplicates' H reads
+    g / 1e-6 and its cancellation in ``diag(rowsum H) X - H Y`` swamps the other pairs' terms.
+    Dyadic values (multiples of 1/16, |x| <= 4) keep the GEMM form exact in every precision
+    (TF32 included), so a duplicate's distance is exactly the clamp, never cancellation noise."""
+    x = torch.randint(-64, 65, (37, 19), device=DEV).float() / 16
+    y = torch.cat([x[[2, 11, 30]], torch.randint(-64, 65, (20, 19), device=DEV).float() / 16])
+    y = y[torch.randperm(23, device=DEV)]
+    d = kp.pairwise_distance(x, y)
+    assert (d == d.new_tensor(1e-6)).sum().item() >= 3, "the clamp binds on the duplicates"
+    _check(x, y, tol=tolerance(torch.float32, tf32=DEV == "cuda"))
+
+
 @pytest.mark.parametrize("bad", ["nan", "inf"])
 def test_pairwise_non_finite_rows_stay_nan(bad):
     """NaN/inf in a row gives non-finite distances in its row and column where the reference does,
