@@ -45,8 +45,13 @@ def _worker(rank, world, port, out_dir, shares, same_size):
         sync_grads(loss_fn.parameters())
         own = torch.nn.Parameter(torch.full((3,), float(rank + 1)))  # differs by rank until broadcast
         broadcast_params([own])
+        # sync_grads averages: gradients that differ by rank (the loss's are equal on every rank)
+        apart, none = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
+        apart.grad = torch.full((2,), float(rank + 1))
+        sync_grads([apart, none])
         torch.save({"loss": loss.detach(), "emb_grad": emb.grad, "seg_grad": loss_fn.segments.grad,
-                    "w_grad": model.weight.grad, "b_grad": model.bias.grad, "broadcast": own.detach()},
+                    "w_grad": model.weight.grad, "b_grad": model.bias.grad, "broadcast": own.detach(),
+                    "synced": apart.grad, "synced_none": none.grad},
                    os.path.join(out_dir, f"rank{rank}.pt"))
         dist.barrier()  # no rank closes its connections while another still uses them (gloo aborts)
     finally:
@@ -93,6 +98,7 @@ def test_gloo_ranks_match_one_process(tmp_path, shares, same_size):
         assert torch.allclose(got["w_grad"], model.weight.grad, rtol=1e-10, atol=1e-14)
         assert torch.allclose(got["b_grad"], model.bias.grad, rtol=1e-10, atol=1e-14)
         assert got["broadcast"].tolist() == [1.0, 1.0, 1.0]  # rank 0's values everywhere
+        assert got["synced"].tolist() == [(world + 1) / 2] * 2 and got["synced_none"] is None  # mean of 1..world
         # every rank's copy of the loss reaches this rank's rows: world x the single-process gradient
         lo = sum(shares[:r])
         assert got["emb_grad"].shape == (shares[r], D)

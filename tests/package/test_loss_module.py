@@ -92,11 +92,25 @@ def test_miner_weights_in_the_loss_dtype():
     tup = (torch.tensor([0, 0, 0, 1]), torch.tensor([2, 2, 2, 2]))
     w = miner_weights(tup, 3, dtype=torch.float64)
     assert w.dtype == torch.float64 and w.tolist() == [3 / 4, 1 / 4, 1.0]
+    with pytest.raises(ValueError, match="indices_tuple must index the batch's 3 rows"):
+        miner_weights((torch.tensor([-1]), torch.tensor([1])), 3)  # CPU tensors: always checked
     z, y, seg = random_problem(3, 2, 4)
     per = dt.DAALLoss(2, 4, backend="reference", reduction="none").double()
     with torch.no_grad():
         per.segments.copy_(seg)
     assert torch.equal(per(z, y, tup), per(z, y) * torch.tensor([3 / 4, 1 / 4, 1.0], dtype=torch.float64))
+
+
+def test_unchecked_miner_indices_outside_the_batch_count_for_no_sample(monkeypatch):
+    """With the value checks off (the CUDA default; on CPU tensors only while torch.compile
+    traces), an index outside the batch, negative or too large, weighs no sample."""
+    from daal_triton import loss as loss_module
+
+    monkeypatch.setattr(loss_module, "value_checks_on", lambda device, check_values=None: False)
+    w = loss_module.miner_weights((torch.tensor([-1, -1, 2, 5]), torch.tensor([1, 1, 1, 3])), 3,
+                                  dtype=torch.float64)
+    assert w.tolist() == [0.0, 1.0, 1 / 3]
+    assert loss_module.miner_weights((torch.tensor([-2]), torch.tensor([7])), 3).tolist() == [0.0, 0.0, 0.0]
 
 
 @pytest.mark.interpreter
@@ -148,7 +162,17 @@ def test_point_proxies_hold_zero_length_segments():
     """The ablation: one learnable point per class; the loss sees p = q, and training keeps it so."""
     loss = dt.DAALLoss(4, 6, point_proxies=True, backend="reference", lambda_len=1.0)
     assert loss.segments.shape == (4, 1, 6)
+    # built on the unit sphere as reset_parameters() draws them (a 0.2 segment's end is not)
+    assert torch.allclose(loss.segments.norm(dim=2), torch.ones(4, 1))
     z, y = torch.randn(10, 6), torch.arange(10) % 4
+    # the point's gradient is the sum of its two ends' (at p = q, t = 0: q's is zero)
+    point = loss.segments.detach().clone()
+    ends = torch.cat([point, point], 1).requires_grad_(True)
+    dt.daal_loss(z, y, ends, backend="reference", lambda_len=1.0).backward()
+    loss(z, y).backward()
+    torch.testing.assert_close(loss.segments.grad[:, 0], ends.grad.sum(1), rtol=1e-6, atol=1e-7)
+    assert loss.segments.grad.abs().max() > 1e-3
+    loss.segments.grad = None
     opt = torch.optim.SGD(loss.parameters(), lr=0.1)
     for _ in range(3):
         opt.zero_grad()

@@ -14,8 +14,11 @@ def test_fifo_keeps_the_newest_rows_in_order():
         bank.enqueue(torch.stack([rows, -rows], 1), rows.long())
     emb, lab = bank.get()
     assert lab.tolist() == [4, 5, 6, 7, 8] and emb[:, 0].tolist() == [4, 5, 6, 7, 8]
-    bank.enqueue(torch.zeros(7, 2), torch.arange(10, 17))  # more than it holds
-    assert bank.get()[1].tolist() == [12, 13, 14, 15, 16]
+    assert len(bank) == 5  # full, not 9
+    rows = torch.arange(10, 17)
+    bank.enqueue(torch.stack([rows, -rows], 1).float(), rows)  # more than it holds: the newest 5
+    emb, lab = bank.get()
+    assert lab.tolist() == [12, 13, 14, 15, 16] and emb[:, 0].tolist() == [12, 13, 14, 15, 16] and len(bank) == 5
 
 
 def test_enqueue_detaches_and_validates():

@@ -15,6 +15,30 @@ def test_neighbours_exclude_self_by_index_even_with_duplicates():
     assert idx.dtype == torch.int64
 
 
+def test_neighbours_drop_the_farthest_when_self_is_not_among_them():
+    """Four identical rows, k = 1: the kNN returns 2 rows (ties to the smaller index), so rows 2
+    and 3 do not find themselves; the extra (k+1-th) neighbour is the one dropped, not the
+    nearest."""
+    assert E.neighbours(torch.zeros(4, 2), 1).tolist() == [[1], [0], [0], [0]]
+
+
+def test_neighbours_and_metrics_use_the_backend_asked_for(monkeypatch):
+    """``--knn-backend`` reaches daal_triton.knn, through all_metrics and retrieval_metrics
+    ("triton": the interpreter here; "auto" would read as the reference on a CPU)."""
+    seen = []
+    real = E.daal_triton.knn
+
+    def spy(*a, backend="auto", **k):
+        seen.append(backend)
+        return real(*a, backend=backend, **k)
+
+    monkeypatch.setattr(E.daal_triton, "knn", spy)
+    emb, labels = torch.randn(12, 3), torch.arange(12) % 3
+    E.neighbours(emb, 2, backend="triton")
+    E.all_metrics(emb, labels, backend="triton")
+    assert len(seen) == 2 and set(seen) == {"triton"}, seen
+
+
 def test_neighbours_chunks_agree():
     emb = torch.randn(37, 5)
     assert torch.equal(E.neighbours(emb, 6, chunk=4), E.neighbours(emb, 6, chunk=100))
@@ -134,6 +158,51 @@ def test_nmi_perfect_and_subclusters():
     flat[:, 1] = 0.05 * torch.randn(len(flat))
     assert E.nmi(flat, labels, normalize=False) == pytest.approx(1.0)
     assert E.subcluster_nmi(flat, labels, np.array(modes), normalize=False) < 0.2
+
+
+def _two_mode_classes(n: int = 20, seed: int = 0):
+    """Classes 0 and 1, each two well-separated modes (2-D points), as in the test above."""
+    rng = np.random.default_rng(seed)
+    labels, modes, pts = [], [], []
+    for (c, m), (x, y) in {(0, 0): (10, 0), (0, 1): (10, 3), (1, 0): (-10, 0), (1, 1): (-10, 3)}.items():
+        for _ in range(n):
+            labels.append(c)
+            modes.append(m)
+            pts.append((x + 0.05 * rng.normal(), y + 0.05 * rng.normal()))
+    return torch.tensor(pts, dtype=torch.float32), torch.tensor(labels), np.array(modes)
+
+
+def test_subcluster_nmi_averages_only_classes_with_modes_to_find():
+    """A class with one mode, or with no more images than modes (k-means would split it
+    perfectly whatever the embedding), counts in no average: adding either leaves the value as it
+    was; with no class left the metric is NaN, not 0 or 1."""
+    emb, labels, modes = _two_mode_classes()
+    flat = emb.clone()
+    flat[:, 1] = 0.05 * torch.randn(len(flat), generator=torch.Generator().manual_seed(1))
+    base = E.subcluster_nmi(flat, labels, modes, normalize=False)
+    assert base < 0.2
+    one_mode = (torch.cat([flat, torch.tensor([[0.0, 50.0], [0.1, 50.0], [0.2, 50.0]])]),
+                torch.cat([labels, torch.tensor([2, 2, 2])]), np.concatenate([modes, [0, 0, 0]]))
+    assert E.subcluster_nmi(*one_mode, normalize=False) == pytest.approx(base)
+    few = (torch.cat([flat, torch.tensor([[0.0, 50.0], [0.1, 50.0]])]),
+           torch.cat([labels, torch.tensor([2, 2])]), np.concatenate([modes, [0, 1]]))
+    assert E.subcluster_nmi(*few, normalize=False) == pytest.approx(base)
+    assert np.isnan(E.subcluster_nmi(flat, labels, np.zeros(len(labels), dtype=int), normalize=False))
+
+
+def test_subcluster_nmi_normalises_by_default():
+    """Modes that differ only in norm (same direction: 1 vs 3 times a class's unit vector) are
+    one point after normalisation, which the metric's default (the one daal-train reports)
+    applies: about 0 then, 1 without it."""
+    g = torch.Generator().manual_seed(2)
+    labels = torch.arange(2).repeat_interleave(40)
+    modes = np.tile(np.repeat([0, 1], 20), 2)
+    direction = torch.tensor([[1.0, 0.0], [0.0, 1.0]])[labels]
+    scale = torch.from_numpy(1.0 + 2.0 * modes).float()[:, None]
+    emb = direction * scale * (1 + 0.01 * torch.randn(80, 1, generator=g))
+    assert E.subcluster_nmi(emb, labels, modes, normalize=False) == pytest.approx(1.0)
+    assert E.subcluster_nmi(emb, labels, modes) < 0.2
+    assert E.all_metrics(emb, labels, modes)["subcluster_nmi"] < 0.2
 
 
 def test_format_table():
