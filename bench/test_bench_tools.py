@@ -380,6 +380,33 @@ def test_an_overhead_that_reads_as_its_bound_passes():
         assert verdict in row and ("+2.00%" in row) == (t == 0.0816), row
 
 
+def _target_row(cases: dict, title_part: str) -> str:
+    rows = [line for line in report.targets_table({"cases": cases}) if title_part in line]
+    assert len(rows) == 1, rows
+    return rows[0].rsplit("|", 2)[-2].strip()  # the result cell
+
+
+def test_targets_on_their_bounds_pass_and_just_past_them_fail():
+    """Each kind of target meets its bound exactly (``≥ 50%`` at 0.5, ``≥ 3×`` at 0.3 s against
+    0.1 s: 2.9999999999999996 in float division, ``≤ 10%`` at 10 of 100 bytes) and fails just
+    past it; a record whose status is not "ok" counts as not measured, whatever its median."""
+    def rec(median, **kw):
+        return dict(status="ok", median_s=median, rounds=10, **kw)
+
+    knn, lm = ("knn", "eval60k", "bf16", "fwd"), ("line_margin", "classes100k", "bf16", "fwdbwd")
+    for fraction, verdict in ((0.5, "PASS"), (0.4999, "FAIL")):
+        cases = {knn + ("triton",): rec(0.1, matmul_fraction=fraction, tflops=1.0, matmul_tflops=2.0)}
+        assert _target_row(cases, "kNN 60k×60k (bf16, fwd): Triton ≥ 50%").startswith(verdict), fraction
+    for chunked, verdict in ((0.3, "PASS"), (0.2999, "FAIL")):
+        cases = {knn + ("triton",): rec(0.1), knn + ("chunked",): rec(chunked)}
+        assert _target_row(cases, "≥ 3× chunked").startswith(verdict), chunked
+    for peak, verdict in ((10, "PASS"), (10.01, "FAIL")):
+        cases = {lm + ("triton",): rec(1.0, peak_extra_bytes=peak), lm + ("eager",): rec(2.0, peak_extra_bytes=100)}
+        assert _target_row(cases, "of eager's (issue 6)").startswith(verdict), peak
+    cases = {knn + ("triton",): rec(0.1), knn + ("chunked",): dict(status="error: CUDA error", median_s=1.0)}
+    assert _target_row(cases, "≥ 3× chunked").startswith("not measured (chunked: error: CUDA error)")
+
+
 def test_a_target_from_few_rounds_is_marked_indicative():
     """The rounds behind each side show in the targets table; a comparison the time budget cut
     to fewer than 3 timed rounds still decides, but says it is indicative."""
@@ -777,6 +804,11 @@ def test_switches_table_reads_each_case():
     rows = [line for line in report.switches_table(run) if "DAAL_ALIGN_D" in line]
     assert "within 3%; memory within 3%" in rows[0]
     assert "within 3%; less memory: pad" in rows[1]
+    # just past the bound decides (4% apart is no noise)
+    near = {k0 + ("triton",): rec(1.0), k0 + (sw_align.provider,): rec(1.04),
+            k1 + ("triton",): rec(1.0), k1 + (sw_align.provider,): rec(0.96)}
+    rows = [line for line in report.switches_table(dict(run, cases=near)) if "DAAL_ALIGN_D" in line]
+    assert f"{sw_align.default} faster" in rows[0] and f"{sw_align.alternative} faster" in rows[1], rows
     # a run made after the switch came in, without the alternative's record (the benchmarks were
     # cut before it): the row says so instead of vanishing; an older run leaves it out
     assert "not measured (triton: not run; triton_unaligned: not run)" in rows[2]
