@@ -1,0 +1,208 @@
+"""Plausible bugs the test suite once let through, each with the tests that now catch it.
+
+Mutation audits (2026-12-02, by hand: about 120 small edits of kernels/, reference/,
+daal_triton/ and bench/report.py, each run against the tests of its subject) found these edits
+passing every test; a test was then written for each. This script checks that they stay caught:
+in a scratch clone of the working tree it applies one mutant at a time (an exact text
+replacement, which must match once), runs the mutant's test selection there with this checkout's
+Python, and expects a failure; then it restores the file and the next one runs. Nothing in
+this checkout is modified.
+
+    .venv/bin/python scripts/mutants.py            # all (about 2 minutes on 2 cores)
+    .venv/bin/python scripts/mutants.py -k knn     # the ones whose name contains "knn"
+    .venv/bin/python scripts/mutants.py --list
+
+Exit status 1 if a mutant survives (its tests pass with the bug in place) or no longer applies
+(the code moved: update its text here), else 0.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from typing import List, NamedTuple, Tuple
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class Mutant(NamedTuple):
+    name: str
+    path: str  # relative to the repository root
+    old: str  # must occur exactly once in the file
+    new: str
+    tests: Tuple[str, ...]  # pytest arguments, run in the scratch clone
+
+
+MUTANTS: Tuple[Mutant, ...] = (
+    Mutant("knn_bwd_floor", "kernels/knn.py", "ok = found & (sq > TL_EPS)", "ok = found & (sq > 0.0)",
+           ("tests/kernels/test_kernel_knn.py", "-k", "near_duplicates_give_the_clamp")),
+    Mutant("knn_large_k_self", "kernels/knn.py",
+           "        if exclude_self:\n            bad |= (i0 + torch.arange(",
+           "        if False:\n            bad |= (i0 + torch.arange(",
+           ("tests/kernels/test_kernel_knn.py", "-k", "large_k_exclude_self")),
+    Mutant("knn_large_k_chunk_offset", "kernels/knn.py",
+           "bad |= (i0 + torch.arange(qc.shape[0]", "bad |= (torch.arange(qc.shape[0]",
+           ("tests/kernels/test_kernel_knn.py", "-k", "large_k_exclude_self")),
+    Mutant("pairwise_bwd_floor", "kernels/pairwise.py", "h = tl.where(m2 & ~(d <= thr)", "h = tl.where(m2 & ~(d < thr)",
+           ("tests/kernels/test_kernel_pairwise.py", "-k", "duplicates_full_gradient")),
+    Mutant("combine_bad_rows_grad", "kernels/combine.py", "tl.store(gline_ptr + rows, tl.where(bad, 0.0, gl), mask=rmask)",
+           "tl.store(gline_ptr + rows, gl, mask=rmask)",
+           ("tests/kernels/test_kernel_combine.py", "-k", "bad_rows_get_no_line_gradient")),
+    Mutant("lm_split_merge_rescale", "kernels/line_margin.py",
+           "total += tl.load(s_ptr + s * B + rows, mask=rmask, other=0.0) * tl.exp(m - top)",
+           "total += tl.load(s_ptr + s * B + rows, mask=rmask, other=0.0)",
+           ("tests/kernels/test_kernel_line_margin_v2.py", "-k", "across_forward_splits")),
+    Mutant("lm_own_floor", "kernels/line_margin.py",
+           "    d = tl.sqrt(tl.maximum(e2, eps, propagate_nan=tl.PropagateNan.ALL))",
+           "    d = tl.sqrt(tl.maximum(e2, eps * 100.0, propagate_nan=tl.PropagateNan.ALL))",
+           ("tests/kernels/test_kernel_line_margin_v2.py", "-k", "on_the_segment_is_the_floor")),
+    Mutant("core_weighted_pull", "daal_triton/core.py", "l_pull = (own_sq if w is None else own_sq * w).mean()",
+           "l_pull = own_sq.mean()", ("tests/package/test_core.py", "-k", "parts_with_sample_weights")),
+    Mutant("core_length_read", "daal_triton/core.py", "if hp.lambda_len or split_line_pull else None",
+           "if hp.lambda_len else None", ("tests/package/test_core.py", "-k", "length_term_when")),
+    Mutant("validation_ref_rows", "daal_triton/validation.py",
+           "if ref_includes_batch and ref_embeddings.shape[0] < embeddings.shape[0]:", "if False:",
+           ("tests/package/test_validation.py", "-k", "errors_name_the_argument")),
+    Mutant("reference_margin_count", "reference/daal.py", "index_add_(0, labels, valid.to(r.dtype))",
+           "index_add_(0, labels, torch.ones_like(r))", ("tests/reference/test_reference_daal.py", "-k", "by_hand")),
+    Mutant("reference_zero_row", "reference/daal.py",
+           "norm = torch.sqrt(torch.clamp((z * z).sum(1, keepdim=True), min=EPS * EPS))",
+           "norm = torch.sqrt(torch.clamp((z * z).sum(1, keepdim=True), min=EPS))",
+           ("tests/reference/test_reference_daal.py", "-k", "zero_embeddings")),
+    Mutant("reference_length_square", "reference/daal.py", "return (torch.relu(norm - l_max) ** 2).mean()",
+           "return torch.relu(norm - l_max).mean()", ("tests/reference/test_reference_daal.py", "-k", "length_term")),
+    Mutant("eval_drop_nearest", "daal_triton/train/evaluate.py", "is_self[no_self, -1] = True",
+           "is_self[no_self, 0] = True", ("tests/train/test_train_evaluate.py", "-k", "neighbours")),
+    Mutant("eval_one_mode_classes", "daal_triton/train/evaluate.py", "if n_modes < 2 or sel.sum() <= n_modes:",
+           "if n_modes < 1 or sel.sum() <= n_modes:", ("tests/train/test_train_evaluate.py", "-k", "subcluster")),
+    Mutant("eval_few_images", "daal_triton/train/evaluate.py", "if n_modes < 2 or sel.sum() <= n_modes:",
+           "if n_modes < 2 or sel.sum() < 2:", ("tests/train/test_train_evaluate.py", "-k", "subcluster")),
+    Mutant("eval_subcluster_normalise", "daal_triton/train/evaluate.py",
+           "    x = _np(emb, normalize)\n    y = labels.cpu().numpy()\n    m = ",
+           "    x = _np(emb, False)\n    y = labels.cpu().numpy()\n    m = ",
+           ("tests/train/test_train_evaluate.py", "-k", "subcluster")),
+    Mutant("eval_backend", "daal_triton/train/evaluate.py",
+           "out = retrieval_metrics(emb, labels, normalize=normalize, backend=backend)",
+           "out = retrieval_metrics(emb, labels, normalize=normalize)",
+           ("tests/train/test_train_evaluate.py", "-k", "backend")),
+    Mutant("bank_oversized_enqueue", "daal_triton/memory.py", "emb = embeddings.detach()[-self.size:]",
+           "emb = embeddings.detach()[:self.size]", ("tests/package/test_memory_bank.py", "-k", "fifo")),
+    Mutant("bank_len", "daal_triton/memory.py", "self.filled = min(self.size, self.filled + n)",
+           "self.filled = self.filled + n", ("tests/package/test_memory_bank.py", "-k", "fifo")),
+    Mutant("miner_outside_batch", "daal_triton/loss.py", "torch.where(inside, flat, batch_size)",
+           "flat.clamp(0, batch_size)", ("tests/package/test_loss_module.py", "-k", "unchecked_miner")),
+    Mutant("point_proxy_init", "daal_triton/loss.py", "length=0.0 if point_proxies else init_length)",
+           "length=init_length)", ("tests/package/test_loss_module.py", "-k", "point_proxies")),
+    Mutant("sync_grads_noop", "daal_triton/distributed.py",
+           "            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)\n            p.grad /= world_size()",
+           "            pass", ("tests/package/test_distributed.py::test_gloo_ranks_match_one_process[shares2-False]",)),
+    Mutant("report_fraction_bound", "bench/report.py", "passed = value is not None and value >= thr * (1 - BOUND_SLACK)\n"
+           "            missing = _why_missing(run, key, [\"triton\"])",
+           "passed = value is not None and value > thr\n            missing = _why_missing(run, key, [\"triton\"])",
+           ("bench/test_bench_tools.py", "-k", "bounds")),
+    Mutant("report_memory_bound", "bench/report.py", "passed = value is not None and value <= thr * (1 + BOUND_SLACK)",
+           "passed = value is not None and value < thr", ("bench/test_bench_tools.py", "-k", "bounds")),
+    Mutant("report_switch_band", "bench/report.py", "if abs(ratio - 1.0) <= SWITCH_NOISE * (1 + BOUND_SLACK):",
+           "if abs(ratio - 1.0) <= 0.05:", ("bench/test_bench_tools.py", "-k", "switches_table")),
+    Mutant("report_ok_status", "bench/report.py",
+           'return bool(rec) and rec.get("status") == "ok" and rec.get("median_s") is not None',
+           'return bool(rec) and rec.get("median_s") is not None', ("bench/test_bench_tools.py", "-k", "bounds")),
+)
+
+
+def scratch_copy() -> str:
+    """A copy of the working tree (tracked and untracked files, ignored ones left out) in a
+    temporary folder; its package is the one the tests import (``_SITECUSTOMIZE``)."""
+    dst = tempfile.mkdtemp(prefix="daal-mutants-")
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, check=True,
+                           capture_output=True).stdout.decode().split("\0")
+    for rel in filter(None, files):
+        src = os.path.join(ROOT, rel)
+        if os.path.isfile(src):
+            os.makedirs(os.path.dirname(os.path.join(dst, rel)), exist_ok=True)
+            shutil.copy2(src, os.path.join(dst, rel))
+    return dst
+
+
+# The scratch copy's package is the one imported: an import hook maps daal_triton,
+# daal_triton.kernels and daal_triton.reference to its folders, ahead of the editable install.
+_SITECUSTOMIZE = '''
+import importlib.machinery, os, sys
+_root = os.environ["DAAL_MUTANTS_ROOT"]
+_dirs = {"daal_triton": "daal_triton", "daal_triton.kernels": "kernels", "daal_triton.reference": "reference"}
+class _Finder:
+    @staticmethod
+    def find_spec(name, path=None, target=None):
+        if name in _dirs:
+            loc = os.path.join(_root, _dirs[name])
+            return importlib.machinery.PathFinder.find_spec(name, [os.path.dirname(loc)]) if name == "daal_triton" \\
+                else importlib.util.spec_from_file_location(name, os.path.join(loc, "__init__.py"),
+                                                            submodule_search_locations=[loc])
+        return None
+import importlib.util
+sys.meta_path.insert(0, _Finder)
+'''
+
+
+def run_one(m: Mutant, root: str, env: dict) -> Tuple[str, float]:
+    path = os.path.join(root, m.path)
+    with open(path) as f:
+        text = f.read()
+    if text.count(m.old) != 1:
+        return f"does not apply ({text.count(m.old)} matches)", 0.0
+    t0 = time.time()
+    try:
+        with open(path, "w") as f:
+            f.write(text.replace(m.old, m.new))
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *m.tests],
+                              cwd=root, env=env, capture_output=True, text=True, timeout=900)
+    finally:
+        with open(path, "w") as f:
+            f.write(text)
+    if proc.returncode == 1:
+        return "caught", time.time() - t0
+    if proc.returncode == 0:
+        return "SURVIVED", time.time() - t0
+    return f"error (pytest exit {proc.returncode}: {proc.stdout.strip().splitlines()[-1:]})", time.time() - t0
+
+
+def main(argv: List[str] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("-k", default="", help="only the mutants whose name contains this")
+    p.add_argument("--list", action="store_true", help="list the mutants and their tests, run nothing")
+    a = p.parse_args(argv)
+    chosen = [m for m in MUTANTS if a.k in m.name]
+    if a.list:
+        for m in chosen:
+            print(f"{m.name:28s} {m.path:34s} {' '.join(m.tests)}")
+        return 0
+    root = scratch_copy()
+    hook = os.path.join(root, ".mutants_hook")
+    os.makedirs(hook)
+    with open(os.path.join(hook, "sitecustomize.py"), "w") as f:
+        f.write(_SITECUSTOMIZE)
+    env = dict(os.environ, DAAL_MUTANTS_ROOT=root, PYTHONPATH=hook)
+    check = subprocess.run([sys.executable, "-c", "import daal_triton.kernels as k, daal_triton.reference as r; "
+                            "print(k.__file__); print(r.__file__)"], env=env, cwd=root, capture_output=True, text=True)
+    if check.returncode != 0 or not all(line.startswith(root) for line in check.stdout.split()):
+        print(f"mutants: the scratch copy's package is not the one imported:\n{check.stdout}{check.stderr}",
+              file=sys.stderr)
+        return 2
+    bad = 0
+    try:
+        for m in chosen:
+            verdict, seconds = run_one(m, root, env)
+            bad += verdict != "caught"
+            print(f"{m.name:28s} {verdict} ({seconds:.1f} s)", flush=True)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    print(f"{len(chosen) - bad} of {len(chosen)} mutants caught")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
