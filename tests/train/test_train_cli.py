@@ -124,3 +124,62 @@ def test_progress_bars_cover_every_long_step(tmp_path, capsys):
     assert cli.eval_main([os.path.join(out, "checkpoint_last.pt"), "--out", str(tmp_path / "ev")]) == 0
     err = capsys.readouterr().err
     assert "embed" in err and "t-SNE of 96 points" in err
+
+
+@pytest.fixture
+def keep_threads():
+    """--threads 1 (a tiny run on a shared CPU is many times faster on one thread) sets torch's
+    thread count for the whole process: put it back afterwards."""
+    import torch
+
+    n = torch.get_num_threads()
+    yield ["--threads", "1"]
+    torch.set_num_threads(n)
+
+
+def test_warmup_epochs_count_steps_per_epoch(tmp_path, monkeypatch, keep_threads):
+    """--warmup-epochs 1 with 2 steps per epoch warms up over 2 steps (make_scheduler: linear
+    (step + 1) / warmup), then decays by cosine to 0 over the other 2: the rate at each of the
+    4 optimiser steps is lr x [1/2, 1, 1, 1/2] (the loss's group at --loss-lr alike)."""
+    from daal_triton.train import engine
+
+    seen = []
+    real = engine.train_step
+
+    def spy(model, criterion, images, labels, optimizer, *a, **k):
+        seen.append((optimizer.param_groups[0]["lr"], optimizer.param_groups[-1]["lr"]))
+        return real(model, criterion, images, labels, optimizer, *a, **k)
+
+    monkeypatch.setattr(engine, "train_step", spy)
+    out = str(tmp_path / "warm")
+    assert cli.main(TINY + ["--epochs", "2", "--warmup-epochs", "1", "--no-tsne", "--no-baselines",
+                            "--out", out] + keep_threads) == 0
+    factors = [0.5, 1.0, 1.0, 0.5]
+    assert [lr for lr, _ in seen] == pytest.approx([1e-3 * f for f in factors])
+    assert [lr for _, lr in seen] == pytest.approx([5e-3 * f for f in factors])
+
+
+def test_the_best_checkpoint_is_the_epoch_of_the_highest_recall_at_1(tmp_path, monkeypatch, keep_threads):
+    """checkpoint_best.pt follows held-out Recall@1, not another metric: Recall@1 peaks in epoch 1
+    while MAP@R peaks in epoch 2 (and beats epoch 1's Recall@1): the best checkpoint holds epoch 1."""
+    import torch
+
+    from daal_triton.train import evaluate as E
+
+    real = E.all_metrics
+    scores = [(0.9, 0.1), (0.5, 0.95), (0.6, 0.2)]  # (recall@1, map@r) of epochs 1, 2, 3
+
+    def metrics(*a, **k):
+        m = dict(real(*a, **k))
+        m["recall@1"], m["map@r"] = scores.pop(0)
+        return m
+
+    monkeypatch.setattr(E, "all_metrics", metrics)
+    out = str(tmp_path / "best")
+    assert cli.main(TINY + ["--epochs", "3", "--steps-per-epoch", "1", "--no-tsne", "--no-baselines",
+                            "--out", out] + keep_threads) == 0
+    assert scores == []
+    assert [r["recall@1"] for r in _records(out)] == [0.9, 0.5, 0.6]
+    best = torch.load(os.path.join(out, "checkpoint_best.pt"), map_location="cpu", weights_only=True)
+    assert best["epoch"] == 1
+    assert torch.load(os.path.join(out, "checkpoint_last.pt"), map_location="cpu", weights_only=True)["epoch"] == 3

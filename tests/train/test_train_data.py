@@ -392,3 +392,16 @@ def test_pk_sampler_more_classes_per_batch_than_classes():
     assert len(s) == 3 and all(len(b) == 4 for b in s)
     with pytest.raises(ValueError):
         PKSampler([0, 1], 0, 2)
+
+
+def test_pk_sampler_draws_distinct_images_of_a_class_that_has_k():
+    """A class with at least K images gives K distinct images (drawn without replacement); only a
+    smaller class repeats images. Every class here holds exactly K = 3."""
+    labels = np.repeat(np.arange(5), 3)
+    s = PKSampler(labels, 4, 3, batches_per_epoch=20, seed=0)
+    for epoch in range(3):
+        s.set_epoch(epoch)
+        for b in s:
+            assert len(set(b)) == len(b) == 12, b
+    small = PKSampler([0, 0, 1, 1, 1], 2, 3, batches_per_epoch=5)  # class 0 has 2 < K: repeats allowed
+    assert all(len(b) == 6 for b in small)

@@ -136,16 +136,21 @@ def test_the_mean_loss_is_the_float64_sum_of_the_step_losses():
     assert mean == total / 7
 
 
-def test_a_non_finite_loss_stops_the_epoch_at_the_next_read(gpu_defaults):
+@pytest.mark.parametrize("bad", ["nan", "inf"])
+def test_a_non_finite_loss_stops_the_epoch_at_the_next_read(gpu_defaults, bad):
+    """NaN and +inf alike (``+ inf`` keeps the gradients finite: the sum stays inf, not NaN, so
+    a check for NaN alone would train on)."""
     model, crit, opt, sched, _ = setup_step()
     calls = []
 
     def loss_fn(c, emb, labels):
         calls.append(1)
         out = engine.loss_from_embeddings(c, emb, labels)
-        return out * float("nan") if len(calls) == 2 else out
+        if len(calls) != 2:
+            return out
+        return out * float("nan") if bad == "nan" else out + float("inf")
 
-    with pytest.raises(FloatingPointError, match="between step 0 and step 2"):
+    with pytest.raises(FloatingPointError, match=f"the loss became {bad} .*between step 0 and step 2"):
         engine.train_one_epoch(model, crit, batches(6), opt, sched, CPU, loss_fn=loss_fn, log_every=3,
                                progress=False)
     assert len(calls) == 3

@@ -185,3 +185,17 @@ def test_miner_feeds_the_loss():
         engine.build_miner("pml:NoSuchMiner")
     with pytest.raises(ValueError, match="pml:"):
         engine.build_miner("MultiSimilarityMiner")
+
+
+def test_schedule_stays_at_zero_past_its_end():
+    """The cosine ends at 0 at total_steps and stays there (a step past the end, as a resumed run
+    with fewer --epochs or a rounding step would take, never rises again)."""
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = engine.make_scheduler(opt, total_steps=4, warmup_steps=1)
+    seen = []
+    for _ in range(12):
+        seen.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert seen[0] == pytest.approx(1.0) and seen[2] == pytest.approx(0.75) and seen[3] == pytest.approx(0.25)
+    assert seen[4:] == [pytest.approx(0.0, abs=1e-12)] * 8, seen

@@ -460,3 +460,28 @@ def test_a_checkpoint_device_that_is_not_here_says_where_it_comes_from(one_epoch
     assert "--knn-backend triton is the setting of the checkpoint" in error_line("daal-train")
     assert cli.main(["--resume", _last(out), "--epochs", "2", "--device", "cpu", "--knn-backend", "auto",
                      "--no-progress"]) == 0
+
+
+def test_restore_rng_restores_python_numpy_and_torch():
+    """A checkpoint's ``rng`` (checkpoint.rng_state) puts back all three generators: Python's
+    ``random``, NumPy's global one and torch's, so each draws after restore_rng what it drew after
+    rng_state."""
+    import random
+
+    import numpy as np
+
+    from daal_triton.train.checkpoint import restore_rng, rng_state
+
+    def draw():
+        return ([random.random() for _ in range(3)], random.gauss(0, 1), np.random.rand(3).tolist(),
+                np.random.randn(), torch.rand(3).tolist())
+
+    random.seed(1)
+    np.random.seed(2)
+    torch.manual_seed(3)
+    random.gauss(0, 1)  # Python's gauss keeps a spare value: part of the state
+    state = rng_state()
+    first = draw()
+    assert draw() != first  # the generators moved on
+    restore_rng(state)
+    assert draw() == first

@@ -278,3 +278,78 @@ def test_a_network_with_non_finite_output_is_one_eval_error(run_dir, tmp_path, e
     assert cli.eval_main([path, "--out", str(tmp_path / "ev"), "--no-progress"]) == 1
     assert "non-finite embeddings" in error_line("daal-eval")
     assert not (tmp_path / "ev").exists()
+
+
+def test_an_infinite_loss_stops_the_run_with_one_error_line(tmp_path, error_line, monkeypatch):
+    """+inf (not only NaN) is divergence: the loss's read raises and the run stops with exit code 1
+    and the one "training diverged" line; ``+ inf`` keeps the gradients and weights finite, so
+    nothing but the loss read can catch it."""
+    from daal_triton.train import engine
+
+    real = engine.GlobalBatchLoss.__call__
+    calls = []
+
+    def infinite_from_epoch_2(self, criterion, embeddings, labels):
+        calls.append(1)
+        loss = real(self, criterion, embeddings, labels)
+        return loss + float("inf") if len(calls) > 1 else loss  # TINY: one step per epoch
+
+    monkeypatch.setattr(engine.GlobalBatchLoss, "__call__", infinite_from_epoch_2)
+    out = str(tmp_path / "inf")
+    assert cli.main(TINY + ["--epochs", "2", "--no-baselines", "--out", out]) == 1
+    line = error_line("daal-train")
+    assert "training diverged in epoch 2 of 2" in line and "the loss became inf" in line, line
+    assert "holds epoch 1" in line, line
+    assert torch.load(os.path.join(out, "checkpoint_last.pt"), weights_only=True)["epoch"] == 1
+
+
+def test_a_checkpoint_without_its_digest_is_refused(run_dir, tmp_path, error_line):
+    """A checkpoint whose ``sha256`` entry was removed (and a weight then changed) is damaged: a
+    missing digest never skips the check, for daal-eval and --resume alike."""
+    ck = torch.load(os.path.join(run_dir, "checkpoint_last.pt"), map_location="cpu", weights_only=True)
+    del ck["sha256"]
+    name = next(k for k, v in ck["model"].items() if v.is_floating_point())
+    ck["model"][name] = ck["model"][name] + 1.0
+    os.makedirs(tmp_path / "run")
+    path = str(tmp_path / "run" / "checkpoint_last.pt")
+    torch.save(ck, path)
+    assert cli.eval_main([path, "--out", str(tmp_path / "ev"), "--no-progress"]) == 2
+    assert "digest" in error_line("daal-eval")
+    assert cli.main(["--resume", path, "--epochs", "2", "--no-progress"]) == 2
+    assert "digest" in error_line("daal-train")
+    assert os.listdir(tmp_path / "run") == ["checkpoint_last.pt"] and not (tmp_path / "ev").exists()
+
+
+def test_a_checkpoint_write_that_fails_midway_keeps_the_previous_one(tmp_path, monkeypatch):
+    """save_checkpoint writes ``path.tmp`` and renames it: a write that dies after part of the file
+    (disk full, killed) leaves the previous checkpoint at ``path`` whole and loadable."""
+    import io
+
+    from torch import nn
+
+    from daal_triton.train import checkpoint as C
+    from daal_triton.train.config import TrainConfig
+
+    torch.manual_seed(0)
+    model, crit = nn.Linear(3, 2), nn.Linear(2, 2)
+    path = str(tmp_path / "checkpoint_last.pt")
+    C.save_checkpoint(path, model=model, criterion=crit, cfg=TrainConfig(), epoch=1, metrics=[])
+    before = open(path, "rb").read()
+    real = torch.save
+
+    def half_then_fail(obj, f, *a, **k):
+        buf = io.BytesIO()
+        real(obj, buf, *a, **k)
+        with open(f, "wb") as g:
+            g.write(buf.getvalue()[: len(buf.getvalue()) // 2])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(C.torch, "save", half_then_fail)
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    with pytest.raises(OSError, match="No space left"):
+        C.save_checkpoint(path, model=model, criterion=crit, cfg=TrainConfig(), epoch=2, metrics=[])
+    monkeypatch.undo()
+    assert open(path, "rb").read() == before
+    ck = C.load_checkpoint(path)
+    assert ck["epoch"] == 1 and not torch.equal(ck["model"]["weight"], model.weight.detach())
