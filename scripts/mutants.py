@@ -1,14 +1,15 @@
 """Plausible bugs the test suite once let through, each with the tests that now catch it.
 
-Mutation audits (2026-12-02, by hand: about 120 small edits of kernels/, reference/,
-daal_triton/ and bench/report.py, each run against the tests of its subject) found these edits
+Mutation audits (2026-12-02, by hand: about 100 small edits of kernels/, reference/,
+daal_triton/ (the training program too) and bench/report.py, each run against the tests of its
+subject) found these edits
 passing every test; a test was then written for each. This script checks that they stay caught:
 in a scratch clone of the working tree it applies one mutant at a time (an exact text
 replacement, which must match once), runs the mutant's test selection there with this checkout's
 Python, and expects a failure; then it restores the file and the next one runs. Nothing in
 this checkout is modified.
 
-    .venv/bin/python scripts/mutants.py            # all (about 2 minutes on 2 cores)
+    .venv/bin/python scripts/mutants.py            # all (about 3 minutes on 2 cores)
     .venv/bin/python scripts/mutants.py -k knn     # the ones whose name contains "knn"
     .venv/bin/python scripts/mutants.py --list
 
@@ -100,6 +101,26 @@ MUTANTS: Tuple[Mutant, ...] = (
     Mutant("sync_grads_noop", "daal_triton/distributed.py",
            "            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)\n            p.grad /= world_size()",
            "            pass", ("tests/package/test_distributed.py::test_gloo_ranks_match_one_process[shares2-False]",)),
+    Mutant("checkpoint_missing_digest", "daal_triton/train/checkpoint.py", "    if stored != digest(ck):",
+           "    if stored is not None and stored != digest(ck):",
+           ("tests/train/test_train_safety.py", "-k", "without_its_digest")),
+    Mutant("checkpoint_atomic_write", "daal_triton/train/checkpoint.py",
+           "    torch.save(state, tmp)\n    os.replace(tmp, path)", "    torch.save(state, path)",
+           ("tests/train/test_train_safety.py", "-k", "fails_midway")),
+    Mutant("checkpoint_numpy_rng", "daal_triton/train/checkpoint.py", "        np.random.set_state((",
+           "        (lambda s: None)((", ("tests/train/test_train_resume.py", "-k", "restore_rng")),
+    Mutant("train_warmup_in_epochs", "daal_triton/train/run.py", "int(round(cfg.warmup_epochs * steps))",
+           "int(round(cfg.warmup_epochs))", ("tests/train/test_train_cli.py", "-k", "warmup_epochs_count")),
+    Mutant("train_best_by_map", "daal_triton/train/run.py",
+           'if evaluated and state.last["recall@1"] > state.best:\n        state.best = state.last["recall@1"]',
+           'if evaluated and state.last["map@r"] > state.best:\n        state.best = state.last["map@r"]',
+           ("tests/train/test_train_cli.py", "-k", "highest_recall")),
+    Mutant("train_inf_loss", "daal_triton/train/engine.py", "        if not math.isfinite(total):",
+           "        if math.isnan(total):", ("tests/train/test_train_safety.py", "-k", "infinite_loss")),
+    Mutant("train_cosine_clamp", "daal_triton/train/engine.py", "math.cos(math.pi * min(1.0, t))",
+           "math.cos(math.pi * t)", ("tests/train/test_train_model.py", "-k", "past_its_end")),
+    Mutant("sampler_with_replacement", "daal_triton/train/data/sampler.py", "replace=len(pool) < self.k)",
+           "replace=True)", ("tests/train/test_train_data.py", "-k", "distinct_images")),
     Mutant("report_fraction_bound", "bench/report.py", "passed = value is not None and value >= thr * (1 - BOUND_SLACK)\n"
            "            missing = _why_missing(run, key, [\"triton\"])",
            "passed = value is not None and value > thr\n            missing = _why_missing(run, key, [\"triton\"])",
