@@ -2,8 +2,7 @@
 
 Mutation audits (2026-12-02, by hand: about 100 small edits of kernels/, reference/,
 daal_triton/ (the training program too) and bench/report.py, each run against the tests of its
-subject) found these edits
-passing every test; a test was then written for each. This script checks that they stay caught:
+subject) found these edits passing every test; a test was then written for each. This script checks that they stay caught:
 in a scratch clone of the working tree it applies one mutant at a time (an exact text
 replacement, which must match once), runs the mutant's test selection there with this checkout's
 Python, and expects a failure; then it restores the file and the next one runs. Nothing in
