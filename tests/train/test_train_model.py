@@ -39,12 +39,7 @@ def test_optimizer_groups_and_schedule():
     assert lrs == [1e-4, 1e-4, 1e-2]
     seg_group = [g for g in opt.param_groups if any(p is crit.segments for p in g["params"])][0]
     assert seg_group["lr"] == 1e-2 and seg_group["weight_decay"] == 0.0
-    sched = engine.make_scheduler(opt, total_steps=10, warmup_steps=2)
-    seen = []
-    for _ in range(10):
-        seen.append(opt.param_groups[0]["lr"])
-        opt.step()
-        sched.step()
+    seen = _rates(opt, engine.make_scheduler(opt, total_steps=10, warmup_steps=2), 10)
     assert seen[0] == pytest.approx(0.5e-4) and seen[1] == pytest.approx(1e-4)
     assert seen[-1] < 0.1e-4 and all(a >= b for a, b in zip(seen[1:], seen[2:]))
 
@@ -187,15 +182,20 @@ def test_miner_feeds_the_loss():
         engine.build_miner("MultiSimilarityMiner")
 
 
+def _rates(opt, sched, steps: int) -> list:
+    """The first group's learning rate at each of ``steps`` optimiser steps."""
+    seen = []
+    for _ in range(steps):
+        seen.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return seen
+
+
 def test_schedule_stays_at_zero_past_its_end():
     """The cosine ends at 0 at total_steps and stays there (a step past the end, as a resumed run
     with fewer --epochs or a rounding step would take, never rises again)."""
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    sched = engine.make_scheduler(opt, total_steps=4, warmup_steps=1)
-    seen = []
-    for _ in range(12):
-        seen.append(opt.param_groups[0]["lr"])
-        opt.step()
-        sched.step()
+    seen = _rates(opt, engine.make_scheduler(opt, total_steps=4, warmup_steps=1), 12)
     assert seen[0] == pytest.approx(1.0) and seen[2] == pytest.approx(0.75) and seen[3] == pytest.approx(0.25)
     assert seen[4:] == [pytest.approx(0.0, abs=1e-12)] * 8, seen
