@@ -309,9 +309,9 @@ FEW_ROUNDS = 3
 def _rounds(recs) -> Tuple[str, Optional[int]]:
     """The timed rounds behind a comparison, as a cell ("10 / 40"), and the fewest of them."""
     counts = [r.get("rounds") if ok(r) else None for r in recs]
-    if not any(c is not None for c in counts):
-        return "—", None
     known = [c for c in counts if c is not None]
+    if not known:
+        return "—", None
     return " / ".join("—" if c is None else str(c) for c in counts), min(known)
 
 

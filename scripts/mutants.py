@@ -24,7 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import List, NamedTuple, Tuple
+from typing import List, NamedTuple, Optional, Tuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -151,7 +151,7 @@ def scratch_copy() -> str:
 # The scratch copy's package is the one imported: an import hook maps daal_triton,
 # daal_triton.kernels and daal_triton.reference to its folders, ahead of the editable install.
 _SITECUSTOMIZE = '''
-import importlib.machinery, os, sys
+import importlib.machinery, importlib.util, os, sys
 _root = os.environ["DAAL_MUTANTS_ROOT"]
 _dirs = {"daal_triton": "daal_triton", "daal_triton.kernels": "kernels", "daal_triton.reference": "reference"}
 class _Finder:
@@ -163,7 +163,6 @@ class _Finder:
                 else importlib.util.spec_from_file_location(name, os.path.join(loc, "__init__.py"),
                                                             submodule_search_locations=[loc])
         return None
-import importlib.util
 sys.meta_path.insert(0, _Finder)
 '''
 
@@ -190,7 +189,7 @@ def run_one(m: Mutant, root: str, env: dict) -> Tuple[str, float]:
     return f"error (pytest exit {proc.returncode}: {proc.stdout.strip().splitlines()[-1:]})", time.time() - t0
 
 
-def main(argv: List[str] = None) -> int:
+def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("-k", default="", help="only the mutants whose name contains this")
     p.add_argument("--list", action="store_true", help="list the mutants and their tests, run nothing")
