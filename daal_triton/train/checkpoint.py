@@ -80,6 +80,51 @@ def _looks_saved(path: str) -> bool:
         return f.read(1) == b"\x80"
 
 
+def _pickle_facts(path: str) -> Optional[tuple]:
+    """``(protocol, names)`` of the pickle in ``path`` (a plain pickle, or the ``data.pkl`` inside
+    ``torch.save``'s zip): its protocol and the ``module.name`` of every global it names, read by
+    :mod:`pickletools`, which parses the opcodes and runs nothing. ``None`` if it does not parse."""
+    import pickletools
+    import zipfile
+
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as z:
+                member = next(n for n in z.namelist() if n.endswith("data.pkl"))
+                data = z.read(member)
+        else:
+            with open(path, "rb") as f:
+                data = f.read()
+        protocol, names, strings, memo = 0, [], [], {}
+        for op, arg, _ in pickletools.genops(data):
+            if op.name == "PROTO":
+                protocol = arg
+            elif op.name == "GLOBAL":  # protocols 0-3: "module name"
+                names.append(arg.replace(" ", "."))
+            elif isinstance(arg, str) and "UNICODE" in op.name:
+                strings.append(arg)
+            elif op.name == "MEMOIZE":
+                memo[len(memo)] = strings[-1] if strings else None
+            elif op.name in ("BINGET", "LONG_BINGET", "GET") and isinstance(memo.get(arg), str):
+                strings.append(memo[arg])
+            elif op.name == "STACK_GLOBAL":  # protocol 4+: module and name pushed as strings before it
+                names.append(".".join(strings[-2:]) if len(strings) >= 2 else "an unnamed global")
+        return protocol, names
+    except Exception:  # damaged, truncated, or no pickle at all
+        return None
+
+
+def _safe_globals() -> set:
+    """The ``module.name`` globals torch's safe loader allows (tensors' rebuild functions, dtypes,
+    ``OrderedDict``, ``set`` ...): a private table of torch's, read where it exists (torch 2.4 to 2.14)."""
+    try:
+        from torch import _weights_only_unpickler
+
+        return set(_weights_only_unpickler._get_allowed_globals())
+    except Exception:  # another torch's internals: every global counts as foreign
+        return set()
+
+
 def load_plain(path: str, what: str = "checkpoint",
                expected: str = "a checkpoint of this version of daal-train") -> Any:
     """``torch.load(path, weights_only=True)`` on the CPU; :class:`CheckpointError` naming ``what``
@@ -104,6 +149,15 @@ def load_plain(path: str, what: str = "checkpoint",
                                   f"refused, as unpickling them could run code (not {expected})") from None
         if not _looks_saved(path):  # a JSON, an image, a log...: torch's advice (weights_only=False) is no help
             raise CheckpointError(f"{what} {path!r} is not a PyTorch file (expected {expected})") from None
+        facts = _pickle_facts(path) if "unsupported operand" in text else None
+        if facts is not None and facts[0] >= 4:  # torch's safe loader stops at protocol 4's first FRAME opcode
+            foreign = sorted(set(facts[1]) - _safe_globals())
+            named = (f"; it names {', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''}, "
+                     f"Python objects beyond tensors and plain data, so unpickling it could run code"
+                     if foreign else "")
+            raise CheckpointError(f"{what} {path!r} was pickled with protocol {facts[0]}, which the safe loader "
+                                  f"(torch.load with weights_only=True) does not read: refused unread{named} "
+                                  f"(not {expected}; torch.save writes protocol 2)") from None
         detail = _first_line(e)
         if "weights_only" in detail:  # torch's advice to load unsafely: never what this program does
             detail = detail.split(". In PyTorch")[0].split(". Re-running")[0]

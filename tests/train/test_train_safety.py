@@ -75,6 +75,26 @@ def _flip_tensor_bytes(path, nbytes=4096):
         f.write(data)
 
 
+def test_protocol_4_pickles_are_named_as_such_not_damaged(tmp_path, error_line):
+    """torch's safe loader stops at protocol 4's first opcode (FRAME), whatever follows: the error
+    says so, and names the globals a pickle holds (read by pickletools, nothing run)."""
+    marker = tmp_path / "pwned"
+    evil = str(tmp_path / "evil4.pkl")  # pickle.dump's default protocol (4 or 5), no torch.save
+    with open(evil, "wb") as f:
+        pickle.dump({"payload": _Mkdir(str(marker))}, f, protocol=4)
+    plain = str(tmp_path / "plain4.pt")  # tensors and plain data, zip format, protocol 4
+    torch.save({"w": torch.zeros(2), "s": {1, 2}}, plain, pickle_protocol=4)
+    cases = {evil: ("protocol 4", "posix.mkdir", "could run code"), plain: ("protocol 4", "refused unread")}
+    for path, words in cases.items():
+        assert cli.eval_main([path, "--out", str(tmp_path / "ev"), "--no-progress"]) == 2, path
+        line = error_line("daal-eval")
+        assert all(w in line for w in words), line
+        assert "damaged" not in line and "weights_only=False" not in line, line
+        if path == plain:  # torch's own globals (tensor rebuilds, set) are not "code"
+            assert "could run code" not in line, line
+    assert not marker.exists() and not (tmp_path / "ev").exists()
+
+
 def test_damaged_and_wrong_files_are_one_error_line(run_dir, tmp_path, error_line):
     good = os.path.join(run_dir, "checkpoint_best.pt")
     flipped = str(tmp_path / "flipped.pt")
