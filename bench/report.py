@@ -177,6 +177,13 @@ def fmt_time(s: Optional[float], digits: int = 3) -> str:
     return f"{s * 1e6:.{digits}g} µs"
 
 
+def fmt_peak(r: dict) -> str:
+    """A record's peak extra memory, and the CUDA graphs' pool beside it where one was reserved
+    at capture (``triton_graphed``: a replay allocates next to nothing, the pool holds it all)."""
+    pool = r.get("graph_pool_bytes")
+    return fmt_bytes(r.get("peak_extra_bytes")) + (f" + {fmt_bytes(pool)} graph pool" if pool else "")
+
+
 def fmt_bytes(b: Optional[float]) -> str:
     if b is None:
         return "—"
@@ -282,7 +289,7 @@ def op_table(run: dict, op: str) -> List[str]:
         tr = recs.get("triton")
         row.append(f"{tr['tflops']:.3g}" if ok(tr) and tr.get("tflops") else "—")
         row.append(fmt_pct(tr.get("matmul_fraction")) if ok(tr) else "—")
-        row.append(" / ".join(fmt_bytes(recs[p].get("peak_extra_bytes")) if ok(recs[p]) else "—" for p in present))
+        row.append(" / ".join(fmt_peak(recs[p]) if ok(recs[p]) else "—" for p in present))
         lines.append("| " + " | ".join(row) + " |")
     lines.append("")
     if notes:
@@ -724,7 +731,8 @@ Each case is (shape, precision, provider, pass):
 
 Measured per case: the median time of rounds each bracketed by `torch.cuda.synchronize`, the
 peak extra memory (`torch.cuda.max_memory_allocated` after `reset_peak_memory_stats`, above what
-was allocated before the call), and the useful FLOP/s as a fraction of `torch.matmul`'s on a
+was allocated before the call; for CUDA graphs "+ … graph pool": the graphs' private pool, reserved at
+capture and holding the intermediates a replay reuses, which that peak does not see), and the useful FLOP/s as a fraction of `torch.matmul`'s on a
 comparable GEMM (same precision, same run). FLOP counts (the useful GEMMs; a backward's
 recomputation is not counted): pairwise 2·M·N·D forward, 4·M·N·D backward, 6·M·N·D both; kNN
 2·M·N·D; line margin 4·B·C·D forward, 8·B·C·D backward, 12·B·C·D both (the kernels' own work,

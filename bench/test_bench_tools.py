@@ -333,6 +333,9 @@ def _synthetic_run(path):
     case("line_margin", "classes100k", "bf16", "fwdbwd", "triton", 0.001, matmul_fraction=0.4,
          tflops=1.0, peak_extra_bytes=100)
     case("line_margin", "classes100k", "bf16", "fwdbwd", "eager", 0.050, peak_extra_bytes=10000)
+    case("loss", "dml", "fp32", "fwdbwd", "triton", 0.002, peak_extra_bytes=3000)
+    case("loss", "dml", "fp32", "fwdbwd", "triton_graphed", 0.0005, peak_extra_bytes=800,
+         graph_pool_bytes=2_500_000)
     for shape, prov, t, share in (("vgg19bn-b180-c100", "ce_floor", 0.100, 0.001),
                                   ("vgg19bn-b180-c100", "triton", 0.101, 0.01),
                                   ("vgg19bn-b180-c100", "proxyanchor", 0.1005, 0.006),
@@ -366,6 +369,7 @@ def test_report(tmp_path):
     assert "PASS" in step[2] and "+4.00%" in step[2]  # 4%, target 5%
     assert "### Training step" in text and "1,782" in text and "DAAL (Triton)" in text  # 180 / 0.101 s
     assert "skip: memory" in text and "would need ~122 GiB" in text and "TestGPU" in text
+    assert "3 kB / 800 B + 2.5 MB graph pool" in text  # a replay's peak misses the pool: shown beside it
 
 
 def test_an_overhead_that_reads_as_its_bound_passes():
