@@ -1,5 +1,5 @@
-"""DAAL over a global batch gathered across 2 or 3 gloo processes (equal, uneven or empty shares)
-equals one process on that batch."""
+"""DAAL over a global batch gathered across 2 or 3 gloo processes (equal, uneven or empty shares;
+float64, float16 or bfloat16 embeddings) equals one process on that batch."""
 import os
 import socket
 
@@ -28,7 +28,7 @@ def _problem():
     return x, y, model, loss
 
 
-def _worker(rank, world, port, out_dir, shares, same_size):
+def _worker(rank, world, port, out_dir, shares, same_size, dtype=torch.float64):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
@@ -38,7 +38,8 @@ def _worker(rank, world, port, out_dir, shares, same_size):
         xs, ys = x[lo:lo + shares[rank]], y[lo:lo + shares[rank]]
         emb = ddp(xs)
         emb.retain_grad()
-        emb_all, y_all = gather_batch(emb, ys, same_size=same_size)
+        emb_all, y_all = gather_batch(emb.to(dtype), ys, same_size=same_size)  # AMP's half embeddings
+        assert emb_all.dtype == dtype
         assert world_size() == world and torch.equal(y_all, y)
         loss = loss_fn(emb_all, y_all)
         loss.backward()
@@ -56,6 +57,16 @@ def _worker(rank, world, port, out_dir, shares, same_size):
         dist.barrier()  # no rank closes its connections while another still uses them (gloo aborts)
     finally:
         dist.destroy_process_group()
+
+
+def _one_process(dtype=torch.float64):
+    """The loss and gradients of the whole batch in one process, embeddings cast as the ranks'."""
+    x, y, model, loss_fn = _problem()
+    emb = model(x)
+    emb.retain_grad()
+    loss = loss_fn(emb.to(dtype), y)
+    loss.backward()
+    return loss, emb, model, loss_fn
 
 
 def _spawn(worker, args, world, out_dir, suffix):
@@ -85,11 +96,7 @@ def test_gloo_ranks_match_one_process(tmp_path, shares, same_size):
     # and a rank with no rows: the global batch, its loss and gradients are one process's.
     world = len(shares)
     _spawn(_worker, (world, _free_port(), str(tmp_path), shares, same_size), world, str(tmp_path), ".pt")
-    x, y, model, loss_fn = _problem()
-    emb = model(x)
-    emb.retain_grad()
-    loss = loss_fn(emb, y)
-    loss.backward()
+    loss, emb, model, loss_fn = _one_process()
     for r in range(world):
         got = torch.load(tmp_path / f"rank{r}.pt")
         assert torch.allclose(got["loss"], loss.detach(), rtol=1e-12, atol=0)
@@ -103,6 +110,28 @@ def test_gloo_ranks_match_one_process(tmp_path, shares, same_size):
         lo = sum(shares[:r])
         assert got["emb_grad"].shape == (shares[r], D)
         assert torch.allclose(got["emb_grad"] / world, emb.grad[lo:lo + shares[r]], rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gloo_ranks_match_one_process_in_half_precision(tmp_path, dtype):
+    # embeddings as autocast gives them: the gather carries them (and their gradients) in half
+    # precision; the global batch is bit for bit one process's, so the loss and the segments'
+    # gradient are too, and the network's gradient within the rounding of the half-precision
+    # gradient sums (DDP's all-reduce adds the ranks' shares in another order)
+    shares = (7, 5)
+    _spawn(_worker, (2, _free_port(), str(tmp_path), shares, False, dtype), 2, str(tmp_path), ".pt")
+    loss, emb, model, loss_fn = _one_process(dtype)
+    tol = dict(rtol=1e-2, atol=1e-3) if dtype == torch.bfloat16 else dict(rtol=2e-3, atol=1e-4)
+    for r in range(2):
+        got = torch.load(tmp_path / f"rank{r}.pt")
+        assert torch.equal(got["loss"], loss.detach())
+        assert torch.equal(got["seg_grad"], loss_fn.segments.grad)
+        lo = sum(shares[:r])
+        assert got["emb_grad"].dtype == torch.float64  # cast back by autograd, through the half gather
+        assert torch.allclose(got["emb_grad"] / 2, emb.grad[lo:lo + shares[r]], **tol)
+        assert torch.allclose(got["w_grad"], model.weight.grad, **tol)
+        assert torch.allclose(got["b_grad"], model.bias.grad, **tol)
 
 
 def _mismatch_worker(rank, world, port, out_dir, case):
