@@ -78,8 +78,10 @@ def _density_fwd_kernel(dist_ptr, idx_ptr, label_ptr, r_ptr, valid_ptr, margin_p
         cnt_r += tl.sum(same.to(tl.float32), 1)
     rbar = sum_r / tl.maximum(cnt_r, 1.0)
     s = tl.where(valid, r, 0.0) / tl.maximum(rbar, TL_EPS)
-    # s^gamma (0^0 = 1, as torch.pow): exp2(gamma log2 s); s > 0 for a valid sample
-    sg = tl.where(gamma == 0.0, 1.0, tl.exp2(gamma * tl.log2(tl.where(s > 0.0, s, 1.0))))
+    # s^gamma as torch.pow: exp2(gamma log2 s), 0^0 = 1, and a radius of 0 (neighbours at
+    # distance 0, reachable by direct calls) gives 0^gamma = 0 (gamma > 0) or inf (gamma < 0);
+    # NaN reads as 1, as before
+    sg = tl.where(gamma == 0.0, 1.0, tl.exp2(gamma * tl.log2(tl.where(s >= 0.0, s, 1.0))))
     m = tl.minimum(tl.maximum(m0 * sg, m_min), m_max)
     m = tl.where(valid, m, m0)
     hinge = tl.where(valid, tl.maximum(tau - tl.where(valid, r, 0.0), 0.0), 0.0)
