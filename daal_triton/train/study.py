@@ -124,6 +124,8 @@ def make_study(file: Optional[str] = None, configs: Sequence[str] = (), seeds: O
     if not isinstance(seeds, (list, tuple)) or not seeds or \
             not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
         raise StudyError(f"seeds must be a non-empty list of integers, got {seeds!r}")
+    if any(s < 0 for s in seeds):  # daal-train refuses them: every cell would fail, every retry too
+        raise StudyError(f"seeds must be >= 0 (daal-train's --seed), got {seeds}")
     seeds = list(seeds)
     if len(set(seeds)) != len(seeds):
         raise StudyError(f"seeds repeat: {seeds}")

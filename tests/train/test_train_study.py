@@ -275,6 +275,42 @@ def test_study_inputs_that_were_tracebacks_are_one_line(tmp_path, error_line):
         assert words in error_line("daal-study"), argv
 
 
+def test_study_flags_out_of_range_and_reserved_cell_flags_are_one_line(tmp_path, error_line):
+    # --dry-run: a check that lets one through must not start real cells
+    seeds_bool = tmp_path / "seeds_bool.json"
+    seeds_bool.write_text('{"configs": {"A": []}, "seeds": [true, false]}')
+    out = tmp_path / "o"
+    cases = [(["--config", "A=", "--jobs", "0"], "--jobs and --threads must be >= 1"),
+             (["--config", "A=", "--threads", "0"], "--jobs and --threads must be >= 1"),
+             (["--config", "A=--overwrite"], "--overwrite is set by the study"),
+             (["--config", "A=--seed=3"], "--seed=3 is set by the study"),
+             (["--common=--out=x", "--config", "A="], "'common': --out=x is set by the study"),
+             (["--file", str(seeds_bool)], "seeds must be a non-empty list of integers"),
+             (["--config", "A=", "--first", "B"], "--first 'B': no such configuration"),
+             (["--config", "A=", "--seeds", "2", "-1"], "seeds must be >= 0 (daal-train's --seed)")]
+    for argv, words in cases:
+        seeds = [] if "--file" in argv or "--seeds" in argv else ["--seeds", "0"]
+        assert S.main(argv + seeds + ["--out", str(out), "--dry-run", "--no-progress"]) == 2, argv
+        assert words in error_line("daal-study"), argv
+    assert not out.exists()
+
+
+def test_a_finished_cell_is_never_reported_under_another_name_or_arguments(tmp_path, monkeypatch, error_line):
+    # "DAAL" renamed "daal" (the same folder), or its arguments edited with the report moved
+    # elsewhere: the finished run would be reported as a run of the new name or arguments
+    out = str(tmp_path / "st")
+    monkeypatch.setattr(S, "run_cell", _fake_cell)
+    flags = ["--seeds", "0", "--out", out, "--no-progress", "--no-plots", "--no-tsne"]
+    assert S.main(["--config", "DAAL=--epochs 1"] + flags) == 0
+    runs = open(os.path.join(out, "runs.jsonl")).read()
+    assert S.main(["--config", "daal=--epochs 1"] + flags) == 2
+    assert "holds a run of configuration 'DAAL', not 'daal'" in error_line("daal-study")
+    report = tmp_path / "elsewhere"
+    assert S.main(["--config", "DAAL=--epochs 2", "--report", str(report)] + flags) == 2
+    assert "was run with '--epochs 1', the study now says '--epochs 2'" in error_line("daal-study")
+    assert open(os.path.join(out, "runs.jsonl")).read() == runs and not (report / "runs.jsonl").exists()
+
+
 def test_a_second_study_on_the_same_out_is_refused(tmp_path, error_line):
     out = tmp_path / "st"
     out.mkdir()
