@@ -47,6 +47,57 @@ def test_prepare_keeps_aligned_rows_and_copies_misaligned_ones():
     assert p.shape == (9, 32) and _common.aligned(p) and torch.equal(p, strided)
 
 
+def test_a_row_stride_off_the_alignment_is_not_aligned():
+    """Width 32 and a 16-byte aligned start, but a row stride of 40: not aligned (the row stride
+    must be a multiple of 16 too), so the padded launch gets a copy with stride 32."""
+    view = torch.randn(9, 40, device=DEV)[:, :32]
+    assert view.data_ptr() % 16 == 0 and view.stride() == (40, 1)
+    assert not _common.aligned(view)
+    p = _common.prepare(view, torch.float32, align=True)
+    assert p is not view and p.stride() == (32, 1) and _common.aligned(p) and torch.equal(p, view)
+
+
+def test_prepare_and_columns_return_the_asked_dtype():
+    """``prepare`` casts with or without align; ``columns`` casts back to the input's dtype (the
+    gradients of a float16 input computed in float32, the float32 ones of half rows)."""
+    t = torch.randn(7, 19, device=DEV).half()
+    for align in (False, True):
+        p = _common.prepare(t, torch.float32, align=align)
+        assert p.dtype == torch.float32 and torch.equal(p[:, :19], t.float())
+    wide = _common.prepare(t, torch.float32, align=True)
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        c = _common.columns(wide, 19, dtype)
+        assert c.dtype == dtype and c.shape == (7, 19) and c.is_contiguous()
+        assert torch.equal(c, t.float().to(dtype))
+    same = torch.randn(7, 16, device=DEV)
+    assert _common.columns(same, 16, torch.float16).dtype == torch.float16
+
+
+def test_row_sqnorms_of_rows_with_a_wider_stride():
+    """``row_sqnorms`` of a prepared view whose rows are longer than D (what ``prepare`` keeps
+    without align: unit column stride, row stride 40 > D = 19) reads each row at its stride."""
+    x = torch.randn(70, 40, device=DEV)[:, 3:22]  # 70 rows: two programs of 64
+    assert _common.prepare(x, torch.float32) is x
+    out = _common.row_sqnorms(x)
+    assert out.dtype == torch.float32 and out.shape == (70,)
+    assert_close(out, (x.double() ** 2).sum(1), 1e-6, "squared norms")
+
+
+def test_compute_dtype_promotes_and_refuses():
+    """The inputs' promotion, in any order (float16 + bfloat16 -> float32), never a lower precision;
+    float64 and integers refused by name."""
+    h, b, f = (torch.zeros(2, 2, dtype=dt, device=DEV) for dt in (torch.float16, torch.bfloat16, torch.float32))
+    assert _common.compute_dtype("op", h) == torch.float16
+    assert _common.compute_dtype("op", b, b) == torch.bfloat16
+    assert _common.compute_dtype("op", h, f) == torch.float32
+    assert _common.compute_dtype("op", h, b) == torch.float32
+    assert _common.compute_dtype("op", b, h, h) == torch.float32
+    with pytest.raises(ValueError, match="op: float64 inputs run on the reference backend"):
+        _common.compute_dtype("op", h, f.double())
+    with pytest.raises(ValueError, match="op takes float16, bfloat16 or float32"):
+        _common.compute_dtype("op", h.long())
+
+
 def test_align_policy_is_checked(monkeypatch):
     """``DAAL_ALIGN_D`` is "pad" by default, "off" selectable, anything else a ValueError naming it
     (read at every call, only where a copy is at stake)."""

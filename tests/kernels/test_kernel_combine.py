@@ -91,6 +91,52 @@ def test_only_the_total_is_differentiated(B):
     assert torch.allclose(gh, torch.full((B,), 2.0 / B, device=DEV))
 
 
+def _both(line, hinge, valid, bad, l_len, w, grads):
+    """Outputs and gradients (of line, hinge, L_len) of the kernel and of the float64 reference."""
+    outs = []
+    for fn, dtype in ((kc.combine, torch.float32), (reference.combine, torch.float64)):
+        ins = [t.detach().to(dtype).requires_grad_() for t in (line, hinge)]
+        ll = l_len.detach().to(dtype).requires_grad_()
+        res = fn(*ins, valid, bad, ll, weights=None if w is None else w.to(dtype), lambda_dens=0.5, lambda_len=0.3)
+        gs = torch.autograd.grad(res, ins + [ll], [gr.to(dtype) for gr in grads])
+        outs.append((*res, *gs))
+    return outs
+
+
+@pytest.mark.parametrize("B", [37, 2500])
+def test_no_valid_sample(B):
+    """Without a valid sample L_dens divides by max(#valid, 1) = 1, forward and backward: finite,
+    the hinges' sum and a gradient of ``g_dens`` (not 0 / 0, not inf)."""
+    g = torch.Generator().manual_seed(B)
+    line, hinge = torch.rand(B, generator=g).to(DEV), torch.rand(B, generator=g).to(DEV)
+    valid, bad = torch.zeros(B, dtype=torch.bool, device=DEV), torch.zeros(B, dtype=torch.bool, device=DEV)
+    l_len = torch.rand((), generator=g).to(DEV)
+    grads = [torch.randn(B, generator=g).to(DEV)] + [torch.randn((), generator=g).to(DEV) for _ in range(3)]
+    ker, ref = _both(line, hinge, valid, bad, l_len, None, grads)
+    for name, a, b in zip(("per_sample", "total", "L_dens", "L_len", "d line", "d hinge", "d L_len"), ker, ref):
+        assert torch.isfinite(a).all(), name
+        assert_close(a, b, 1e-6, name)
+    assert torch.allclose(ker[2], hinge.sum())
+
+
+def test_strided_inputs():
+    """line, hinge, valid, bad and weights that are every other element of a tensor (views with
+    stride 2): read through a contiguous copy, as the reference reads them."""
+    B = 37
+    g = torch.Generator().manual_seed(3)
+    line, hinge, w = (torch.rand(2 * B, generator=g).to(DEV)[::2] for _ in range(3))
+    valid = (torch.rand(2 * B, generator=g) < 0.6).to(DEV)[::2]
+    bad = (torch.rand(2 * B, generator=g) < 0.2).to(DEV)[1::2]
+    assert not any(t.is_contiguous() for t in (line, hinge, w, valid, bad)) and bad.any()
+    l_len = torch.rand((), generator=g).to(DEV)
+    grads = [torch.randn(B, generator=g).to(DEV)] + [torch.zeros(()).to(DEV)] + \
+        [torch.randn((), generator=g).to(DEV) for _ in range(2)]  # total is NaN (a bad row): no gradient of it
+    ker, ref = _both(line, hinge, valid, bad, l_len, w, grads)
+    for name, a, b in zip(("per_sample", "total", "L_dens", "L_len", "d line", "d hinge", "d L_len"), ker, ref):
+        assert torch.equal(torch.isnan(a), torch.isnan(b)), name
+        assert_close(a.nan_to_num(), b.nan_to_num(), 1e-6, name)
+
+
 def test_custom_ops_opcheck():
     line, hinge = torch.rand(7, device=DEV, requires_grad=True), torch.rand(7, device=DEV, requires_grad=True)
     valid, bad = torch.rand(7, device=DEV) < 0.7, torch.rand(7, device=DEV) < 0.2

@@ -45,6 +45,85 @@ def test_values_and_gradients_match_the_reference(normalize, dtype, B):
         assert torch.allclose(gz[3].double(), gzr[3], rtol=max(1e-3, tolerance(dtype)))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gradient_of_rows_below_the_clamp(dtype):
+    """A row with ``0 < |z| < eps`` (not exactly zero: there ``x = 0`` and the projection vanishes
+    anyway) gets ``dz = dx / eps``, without the projection ``x (x . dx)`` (``|x|`` ~ 0.5 here, so
+    keeping it is a 25 % error); a row just above the clamp keeps it. Pins the negated ``n`` of
+    the forward and the backward's ``where(n > 0, dot, 0)``."""
+    B, C, D = 37, 11, 129
+    z = torch.randn(B, D)
+    tiny = [2, 9, 30]  # |z| ~ 0.5 eps: the clamp binds
+    z[tiny] = torch.nn.functional.normalize(torch.randn(len(tiny), D), dim=1) * 0.5e-12
+    z[11] = torch.nn.functional.normalize(torch.randn(D), dim=0) * 3e-12  # just above: the projection stays
+    z = z.to(dtype)
+    gx = torch.randn(B, D)
+    z1 = z.clone().requires_grad_()
+    x, _, _ = kn.prepare(z1, torch.randint(0, C, (B,)), C, dtype=torch.float32, normalize=True)
+    (gz,) = torch.autograd.grad(x, z1, gx)
+    z2 = z.double().requires_grad_()
+    xr = reference.normalize_rows(z2)
+    (gzr,) = torch.autograd.grad(xr, z2, gx.double())
+    assert_close(x, xr, 1e-6, "x")
+    for rows in (tiny, [11], [0, 1, 36]):
+        assert_close(gz[rows].float(), gzr[rows], max(1e-5, tolerance(dtype)), f"dz of rows {rows}")
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # inf / inf in the interpreter
+def test_nan_and_inf_rows():
+    """NaN in a row makes that row's x and gradient NaN (the clamp keeps a NaN: docs/method.md
+    "Bad input"), inf its x NaN/0 as the reference; the other rows are unaffected."""
+    B, D = 37, 129
+    z = torch.randn(B, D)
+    z[4, 17] = float("nan")
+    z[20, 0] = float("inf")
+    gx = torch.randn(B, D)
+    z1 = z.clone().requires_grad_()
+    x, _, _ = kn.prepare(z1, None, 3, dtype=torch.float32, normalize=True)
+    (gz,) = torch.autograd.grad(x, z1, gx)
+    z2 = z.double().requires_grad_()
+    xr = reference.normalize_rows(z2)
+    (gzr,) = torch.autograd.grad(xr, z2, gx.double())
+    assert torch.isnan(x[4]).all() and torch.isnan(gz[4]).all()
+    assert torch.equal(torch.isnan(x), torch.isnan(xr)) and torch.equal(torch.isnan(gz), torch.isnan(gzr))
+    ok = torch.ones(B, dtype=torch.bool)
+    ok[[4, 20]] = False
+    assert_close(x[ok], xr[ok], 1e-6, "x")
+    assert_close(gz[ok], gzr[ok], 1e-5, "dz")
+
+
+@pytest.mark.parametrize("layout", ["row_view", "column_major"])
+def test_strided_embeddings_labels_and_gradients(layout):
+    """Embeddings that are a view (rows of a wider tensor: row stride > D; or column-major), labels
+    that are every other element, and an incoming gradient with either layout: the kernels read
+    them through their strides (or a contiguous copy) and match the reference."""
+    B, C, D = 37, 11, 129
+    base = torch.randn(B, D + 7, requires_grad=True) if layout == "row_view" else torch.randn(D, B, requires_grad=True)
+    z1 = base[:, 3:D + 3] if layout == "row_view" else base.T  # a view: the strides are the input's
+    z = z1.detach()
+    gx = torch.randn(B, D + 5)[:, :D] if layout == "row_view" else torch.randn(D, B).T
+    y = torch.randint(-2, C + 2, (2 * B,))[::2]
+    assert not z1.is_contiguous() and not gx.is_contiguous() and not y.is_contiguous()
+    x, lab, bad = kn.prepare(z1, y, C, dtype=torch.float32, normalize=True)
+    (gz,) = torch.autograd.grad(x, z1, gx)
+    z2 = z.double().requires_grad_()
+    xr, labr, badr = reference.prepare(z2, y, C, dtype=torch.float64, normalize=True)
+    (gzr,) = torch.autograd.grad(xr, z2, gx.double())
+    assert torch.equal(lab, labr) and torch.equal(bad, badr)
+    assert_close(x, xr, 1e-6, "x")
+    assert_close(gz, gzr, 1e-5, "dz")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.int64])
+def test_embeddings_without_a_kernel_dtype_are_refused(dtype):
+    """float64 (or integer) embeddings never reach the kernel, whatever ``dtype`` asks for: float64
+    runs on the reference backend, integers nowhere (``compute_dtype``)."""
+    z = torch.randn(5, 8).to(dtype)
+    match = "reference backend" if dtype == torch.float64 else "float16, bfloat16 or float32"
+    with pytest.raises(ValueError, match=match):
+        kn.prepare(z, None, 2, dtype=torch.float32, normalize=True)
+
+
 def test_without_labels_only_rows():
     z = torch.randn(20, 33)
     x, lab, bad = kn.prepare(z, None, 5, dtype=torch.float32, normalize=True)

@@ -137,6 +137,22 @@ def test_config_errors_are_clear(tmp_path, monkeypatch, capsys):
     assert not os.path.exists(tmp_path / "a") and not os.path.exists(tmp_path / "b")
 
 
+def test_world_size_rules_of_the_configuration():
+    """P must be a multiple of the world size (not the other way round), and --sync-bn in a world of
+    CPU processes is refused from 2 processes on; checked before anything starts."""
+    from daal_triton.train.config import ConfigError, TrainConfig, validate_config
+
+    cpu = torch.device("cpu")
+    for p, world in ((4, 2), (6, 3), (12, 4), (3, 1)):
+        validate_config(TrainConfig(classes_per_batch=p), world, cpu)
+    for p, world in ((3, 2), (2, 4), (4, 3)):
+        with pytest.raises(ConfigError, match=f"= {p} must be divisible by the world size {world}"):
+            validate_config(TrainConfig(classes_per_batch=p), world, cpu)
+    validate_config(TrainConfig(sync_bn=True), 1, cpu)  # one process: a note at the start, no error
+    with pytest.raises(ConfigError, match="^--sync-bn needs CUDA"):
+        validate_config(TrainConfig(sync_bn=True), 2, cpu)
+
+
 # ----------------------------------------------------------------------------- runs
 
 def test_memory_bank_run_and_resume(single, tmp_path):

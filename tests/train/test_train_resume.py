@@ -183,6 +183,8 @@ def test_new_lr_on_resume_is_used_and_recorded(one_epoch, tmp_path, monkeypatch)
     (["--daal-alpha", "0.5"], "--daal-alpha"),
     (["--memory-bank", "12"], "--memory-bank"),
     (["--steps-per-epoch", "3"], "--steps-per-epoch"),
+    (["--augment", "shift"], "--augment"),
+    (["--image-size", "64"], "--image-size"),
 ])
 def test_flags_that_change_data_or_model_are_refused(one_epoch, tmp_path, flags, words, error_line):
     out = _copy(one_epoch, tmp_path)
@@ -199,6 +201,36 @@ def test_a_flag_equal_to_the_checkpoint_is_not_a_change(one_epoch, tmp_path):
                      "--no-progress"]) == 0
     (entry,) = json.load(open(os.path.join(out, "config.json")))["resumes"]
     assert set(entry["changed"]) == {"epochs", "out"}  # out: the copy's folder
+
+
+def test_every_setting_is_fixed_or_may_change_on_resume():
+    """Each field of TrainConfig is in exactly one of the lists: one in neither would change on
+    resume unrefused, unrecorded as a rule."""
+    import dataclasses
+
+    from daal_triton.train import config as C
+
+    names = sorted(f.name for f in dataclasses.fields(C.TrainConfig))
+    assert sorted(C.RESUME_FIXED + C.RESUME_MAY_CHANGE + C._NOT_INHERITED) == names
+
+
+def test_overwrite_and_resume_together_are_refused(one_epoch, tmp_path, error_line):
+    # --overwrite would remove the run's checkpoints, metrics and daal-eval's files it resumes
+    out = _copy(one_epoch, tmp_path)
+    before = {n: open(os.path.join(out, n), "rb").read() for n in os.listdir(out)}
+    assert cli.main(["--resume", _last(out), "--epochs", "2", "--overwrite", "--no-progress"]) == 2
+    line = error_line("daal-train")
+    assert "--overwrite" in line and "--resume" in line and "give one of them" in line
+    assert {n: open(os.path.join(out, n), "rb").read() for n in os.listdir(out)} == before
+
+
+def test_stop_after_at_the_checkpoint_epoch_is_refused(one_epoch, tmp_path, error_line):
+    # --stop-after 1 on a checkpoint of epoch 1 (of 2 now): nothing would train, yet files be rewritten
+    out = _copy(one_epoch, tmp_path)
+    before = {n: open(os.path.join(out, n), "rb").read() for n in os.listdir(out)}
+    assert cli.main(["--resume", _last(out), "--epochs", "2", "--stop-after", "1", "--no-progress"]) == 2
+    assert "--stop-after 1: --resume" in error_line("daal-train")
+    assert {n: open(os.path.join(out, n), "rb").read() for n in os.listdir(out)} == before
 
 
 def test_best_checkpoint_is_refused_for_resume(one_epoch, tmp_path, error_line):
@@ -251,6 +283,23 @@ def test_an_older_copy_in_the_run_folder_does_not_replace_its_last_state(one_epo
     assert _ck(branch)["epoch"] == 2 and _ck(run)["epoch"] == 1
 
 
+def test_config_file_never_takes_overwrite_and_goes_without_resume(one_epoch, tmp_path, error_line):
+    """The config.json of a run made with --overwrite says overwrite: true; rerunning it must not
+    replace the run in a non-empty --out unasked. --config and --resume together are refused."""
+    target = _copy(one_epoch, tmp_path)
+    before = {n: open(os.path.join(target, n), "rb").read() for n in os.listdir(target)}
+    saved = json.load(open(os.path.join(one_epoch, "config.json")))
+    path = str(tmp_path / "overwritten.json")
+    json.dump(dict(saved, overwrite=True), open(path, "w"))
+    assert cli.main(["--config", path, "--out", target, "--no-progress"]) == 2
+    line = error_line("daal-train")
+    assert f"--out {target} is not empty" in line and "--overwrite" in line
+    assert cli.main(["--config", path, "--resume", _last(target), "--no-progress"]) == 2
+    line = error_line("daal-train")
+    assert "--config" in line and "--resume" in line and "give one of them" in line
+    assert {n: open(os.path.join(target, n), "rb").read() for n in os.listdir(target)} == before
+
+
 def test_config_file_reruns_a_run(one_epoch, tmp_path):
     cfg_path = os.path.join(one_epoch, "config.json")
     out = str(tmp_path / "rerun")
@@ -269,6 +318,8 @@ def test_config_file_reruns_a_run(one_epoch, tmp_path):
     ('{"data_root": 5, "dataset": "folder"}', "data_root must be str"), ('{"miner": 3}', "miner must be str"),
     ('{"channels_last": "yes"}', "channels_last must be bool"), ('{"steps_per_epoch": 1.5}', "steps_per_epoch"),
     ('{"dataset": null}', "dataset must be str"),
+    # a value outside a setting's choices is named as the file's, not as a flag never given
+    ('{"augment": "bogus"}', "config.json: augment must be one of none, shift, crop, got 'bogus'"),
 ])
 def test_config_file_errors(tmp_path, content, words, error_line):
     path = str(tmp_path / "config.json")

@@ -137,6 +137,19 @@ def test_a_second_run_into_the_same_out_is_refused(run_dir, error_line):
     assert {name: open(os.path.join(run_dir, name), "rb").read() for name in OUTPUTS} == before
 
 
+def test_a_folder_of_other_files_is_refused(tmp_path, error_line):
+    # no run there, only the user's files, one of them named as a run's output: never written over
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "results.txt").write_text("my results")
+    (out / "notes.md").write_text("my notes")
+    assert cli.main(TINY + ["--no-baselines", "--out", str(out)]) == 2
+    line = error_line("daal-train")
+    assert "is not empty (notes.md, results.txt)" in line and "--overwrite" in line
+    assert sorted(os.listdir(out)) == ["notes.md", "results.txt"]
+    assert (out / "results.txt").read_text() == "my results"
+
+
 def test_nothing_is_written_before_the_configuration_is_valid(tmp_path, capsys):
     out = tmp_path / "o"
     assert cli.main(["--dataset", "cub200", "--data-root", str(tmp_path / "nowhere"), "--out", str(out)]) == 2

@@ -46,6 +46,13 @@ BAD_TRAIN = {
     "tsne-points": (["--tsne-max-points", "1"], "--tsne-max-points"),
     "miner-kwargs-unknown": (["--loss", "pml:MultiSimilarityLoss", "--miner", "pml:MultiSimilarityMiner",
                               "--miner-kwargs", '{"no_such": 1}'], "--miner-kwargs"),
+    # a bound's own value where it is excluded, and settings whose bounds had no case
+    "lr-zero": (["--lr", "0"], "--lr must be > 0"),
+    "dist-timeout-zero": (["--dist-timeout", "0"], "--dist-timeout must be > 0"),
+    "seed-negative": (["--seed", "-1"], "--seed must be >= 0"),
+    "width-above-4": (["--width", "5"], "--width must be a number in (0, 4]"),
+    "memory-bank-negative": (["--memory-bank", "-1"], "--memory-bank must be an integer >= 0"),
+    "threads-zero": (["--threads", "0"], "--threads must be >= 1"),
 }
 
 
@@ -58,6 +65,25 @@ def test_daal_train_refuses_up_front(case, tmp_path, error_line):
     assert cli.main(TINY + flags + ["--out", str(out)]) == 2
     assert words in error_line("daal-train")
     assert not out.exists()
+
+
+def test_every_setting_at_its_lowest_allowed_value_is_accepted():
+    """The other side of the bounds: a value a bound allows (``--eval-every 0``: the last epoch only;
+    ``--stop-after`` at the last epoch: no stop, so any --save) is not refused, and a bool where a
+    number belongs (a program calling ``run``) is."""
+    from daal_triton.train import config
+
+    cpu = torch.device("cpu")
+    lowest = config.TrainConfig(epochs=1, steps_per_epoch=1, classes_per_batch=1, samples_per_class=1,
+                                image_size=config.MIN_IMAGE_SIZE, embedding_dim=1, loss_lr=0.0, weight_decay=0.0,
+                                warmup_epochs=0.0, eval_every=0, eval_batch_size=1, num_workers=0,
+                                shapes_train_per_class=1, shapes_test_per_class=1, shapes_nuisance=0.0,
+                                tsne_max_points=2, log_every=1, stop_after=1, seed=0, data_seed=0, width=4.0,
+                                memory_bank=0, save="best")
+    config.validate_config(lowest, 1, cpu)
+    for name, flag in (("epochs", "--epochs"), ("eval_every", "--eval-every"), ("lr", "--lr")):
+        with pytest.raises(config.ConfigError, match=f"^{flag} must be a finite number, got True"):
+            config.validate_config(config.TrainConfig(**{name: True}), 1, cpu)
 
 
 def test_vgg19_weights_with_vgg19_bn_is_one_error_line(tmp_path, error_line):
