@@ -95,20 +95,25 @@ def _pickle_facts(path: str) -> Optional[tuple]:
         else:
             with open(path, "rb") as f:
                 data = f.read()
-        protocol, names, strings, memo = 0, [], [], {}
+        protocol, names, strings, memo, top = 0, [], [], {}, None  # top: the string last pushed, if it was
         for op, arg, _ in pickletools.genops(data):
+            if op.name == "MEMOIZE":  # memoises the top of the stack, which it leaves as it is
+                memo[len(memo)] = top
+                continue
+            pushed = None
             if op.name == "PROTO":
                 protocol = arg
             elif op.name == "GLOBAL":  # protocols 0-3: "module name"
                 names.append(arg.replace(" ", "."))
             elif isinstance(arg, str) and "UNICODE" in op.name:
-                strings.append(arg)
-            elif op.name == "MEMOIZE":
-                memo[len(memo)] = strings[-1] if strings else None
-            elif op.name in ("BINGET", "LONG_BINGET", "GET") and isinstance(memo.get(arg), str):
-                strings.append(memo[arg])
+                pushed = arg
+            elif op.name in ("BINGET", "LONG_BINGET", "GET"):
+                pushed = memo.get(arg)
             elif op.name == "STACK_GLOBAL":  # protocol 4+: module and name pushed as strings before it
                 names.append(".".join(strings[-2:]) if len(strings) >= 2 else "an unnamed global")
+            if pushed is not None:
+                strings.append(pushed)
+            top = pushed
         return protocol, names
     except Exception:  # damaged, truncated, or no pickle at all
         return None
