@@ -553,7 +553,7 @@ def finished_cells(out: str) -> List[Tuple[Dict[str, Any], str]]:
     ``study_cell.json`` names the configuration, seed and arguments), whichever command ran it."""
     found = []
     for d in sorted(glob.glob(os.path.join(glob.escape(out), "cells", "*", "seed*"))):
-        if not re.fullmatch(r"seed-?\d+", os.path.basename(d)) or not is_finished(d):
+        if not re.fullmatch(r"seed\d+", os.path.basename(d)) or not is_finished(d):
             continue
         try:
             with open(os.path.join(d, "study_cell.json")) as f:
@@ -562,6 +562,8 @@ def finished_cells(out: str) -> List[Tuple[Dict[str, Any], str]]:
                         args=list(info["args"]))
         except (OSError, ValueError, KeyError, TypeError):
             continue  # not a cell a study finished
+        if os.path.basename(d) != f"seed{cell['seed']}":
+            continue  # a folder renamed or copied by hand: its seed is not the one it says
         found.append((cell, d))
     return found
 
@@ -832,6 +834,9 @@ def _study(args: argparse.Namespace, study: Dict[str, Any], command: str) -> int
     found = [(cell, d) for cell, d in finished_cells(args.out)
              if os.path.realpath(d) not in grid and (cell["config"], cell["seed"]) not in known]
     check_names(study, list(known.values()) + [dict(cell, dir=d) for cell, d in found])
+    for cell in cells:  # refused before anything is written (no --report folder, no runs.jsonl line)
+        if is_finished(cell_dir(args.out, cell)):
+            check_same_args(cell, cell_dir(args.out, cell))
     if args.dry_run:  # writes nothing
         todo = _cells_to_run(study, cells, args.out, args.first, dict(known), None)
     else:

@@ -3,6 +3,7 @@ overwritten), the table's mean/std/t-interval arithmetic, the plots, and one tin
 import json
 import math
 import os
+import shutil
 
 import pytest
 
@@ -309,6 +310,34 @@ def test_a_finished_cell_is_never_reported_under_another_name_or_arguments(tmp_p
     assert S.main(["--config", "DAAL=--epochs 2", "--report", str(report)] + flags) == 2
     assert "was run with '--epochs 1', the study now says '--epochs 2'" in error_line("daal-study")
     assert open(os.path.join(out, "runs.jsonl")).read() == runs and not (report / "runs.jsonl").exists()
+
+
+def test_a_changed_cell_is_refused_before_anything_is_written(tmp_path, monkeypatch, error_line):
+    # B's arguments edited, the report sent elsewhere: A (unchanged, finished) was recorded in the
+    # new report's runs.jsonl and its folder made before B's refusal
+    out = str(tmp_path / "st")
+    monkeypatch.setattr(S, "run_cell", _fake_cell)
+    flags = ["--seeds", "0", "--out", out, "--no-progress", "--no-plots", "--no-tsne"]
+    assert S.main(["--config", "A=--epochs 1", "--config", "B=--epochs 1"] + flags) == 0
+    report = tmp_path / "elsewhere"
+    for extra in ([], ["--dry-run"]):
+        argv = ["--config", "A=--epochs 1", "--config", "B=--epochs 2", "--report", str(report)] + flags + extra
+        assert S.main(argv) == 2
+        assert "was run with '--epochs 1', the study now says '--epochs 2'" in error_line("daal-study")
+        assert not report.exists()
+
+
+def test_finished_cells_are_found_by_their_folder_and_record(tmp_path):
+    # a study's cells under --out/cells/<slug>/seed<N>: one copied by hand into another seed's
+    # folder, or a folder named for a negative seed, is not a run of the seed it claims
+    out = str(tmp_path / "st")
+    (cell,) = S.expand(S.make_study(None, ["A=--epochs 1"], seeds=[3]))
+    _fake_cell(cell, out, None)
+    good = S.cell_dir(out, cell)
+    for name, seed in (("seed4", 3), ("seed-1", -1), ("seed03", 3)):
+        _fake_cell(dict(cell, seed=seed), out, None) if name == "seed-1" else shutil.copytree(
+            good, os.path.join(os.path.dirname(good), name))
+    assert [(c["config"], c["seed"], d) for c, d in S.finished_cells(out)] == [("A", 3, good)]
 
 
 def test_a_second_study_on_the_same_out_is_refused(tmp_path, error_line):
