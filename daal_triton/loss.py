@@ -158,6 +158,8 @@ class DAALLoss(nn.Module):
         if indices_tuple is not None:
             check_float_matrix(embeddings, "embeddings", values=False)  # the weights need its B
             dtype = torch.promote_types(torch.promote_types(embeddings.dtype, self.segments.dtype), torch.float32)
+            if isinstance(ref_emb, torch.Tensor):  # the loss's dtype: a float64 bank makes it float64
+                dtype = torch.promote_types(dtype, ref_emb.dtype)
             weights = miner_weights(indices_tuple, embeddings.shape[0], device=embeddings.device,
                                     using_ref=ref_emb is not None, dtype=dtype, check_values=self.check_values)
         return loss_with(embeddings, labels, self.endpoints(), self.hp, ref_embeddings=ref_emb,

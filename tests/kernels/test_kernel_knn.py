@@ -339,6 +339,22 @@ def test_knn_large_k_fallback_and_float64():
         kk.knn(q.double(), r.double(), 4)
 
 
+def test_knn_large_k_ties_smaller_index():
+    """k > MAX_K (the chunked PyTorch selection, then the re-sort of the selected pairs) with
+    exact ties (rows of -1, 0, 1: many equal distances, straddling the k-th): the reference's
+    neighbours exactly, ties to the smaller index. PyTorch's unstable sort reorders ties even
+    on the CPU, so both sorts must be the stable ones. The first three queries are rows of the
+    references: their duplicates read the clamp sqrt(1e-12), never 0."""
+    base = torch.randint(-1, 2, (12, 5), device=DEV).float()
+    r = base[torch.randint(0, 12, (200,), device=DEV)]
+    r[:3] = base[:3]
+    q = torch.cat([base[:3], torch.randint(-1, 2, (3, 5), device=DEV).float()])
+    dist, index = _run(q, r, kk.MAX_K + 3, check_index="all", grad=False)
+    eq = dist[:, 1:] == dist[:, :-1]
+    assert eq.any() and (index[:, 1:][eq] > index[:, :-1][eq]).all()
+    assert (dist[:3, 0] == torch.tensor(1e-12).sqrt()).all(), dist[:3, 0]
+
+
 def test_knn_large_k_over_few_rows_recomputes_only_the_found(monkeypatch):
     """k > MAX_K over a reference set of fewer rows (a young memory bank): the exact recompute
     runs over the N found columns, not the k - N padding ones (k = 20,000 took 44 s in the
@@ -630,6 +646,35 @@ def test_knn_near_duplicates_give_the_clamp():
     assert r.grad.abs().max().item() == 0.0, r.grad
 
 
+def test_knn_pair_just_above_the_floor_has_its_full_gradient():
+    """A query ``||q - r||^2 = 4e-12`` from a reference row (just above eps = 1e-12: one
+    coordinate 2e-6 where the row has an exact 0): the distance is 2e-6, not the clamp, and the
+    gradient is the full unit vector ``g (q - r) / d`` for the query and minus it for the
+    reference, as the float64 reference says; the backward's ``h = g / sqrt(sq)`` must use the
+    recomputed squared distance as it is (any extra eps moves it by 10% here)."""
+    r = torch.randn(40, 16, device=DEV)
+    r[[3, 17], 5] = 0.0
+    q = r[[3, 17]].clone()
+    q[:, 5] = 2e-6
+    q.requires_grad_(True)
+    r.requires_grad_(True)
+    dist, index = kk.knn(q, r, 1)
+    assert index[:, 0].tolist() == [3, 17]
+    qr = q.detach().double().requires_grad_(True)
+    rr = r.detach().double().requires_grad_(True)
+    dref, iref = reference.knn(qr, rr, 1)
+    assert torch.equal(index, iref)
+    assert_close(dist, dref, tolerance(torch.float32), "dist")
+    g = torch.tensor([[1.0], [-2.0]], device=DEV)
+    (dist * g).sum().backward()
+    (dref * g.double()).sum().backward()
+    assert_close(q.grad, qr.grad, tolerance(torch.float32), "d query")
+    assert_close(r.grad, rr.grad, tolerance(torch.float32), "d ref")
+    unit = torch.zeros(2, 16, device=DEV)
+    unit[:, 5] = g[:, 0]
+    assert_close(q.grad, unit, tolerance(torch.float32), "the unit vector")
+
+
 def test_knn_no_ref_gradient():
     """A reference set that needs no gradient (a memory bank): the backward computes no dRef (no
     N x D buffer, no atomics) and dQuery is unchanged."""
@@ -646,6 +691,58 @@ def test_knn_no_ref_gradient():
     assert torch.equal(dq, q.grad)
     dq2, dr2 = torch.ops.daal_triton.knn_backward(g, index, q.detach(), r, True)
     assert dr2.shape == r.shape and torch.allclose(dq2, dq)
+
+
+def _spy_flags(monkeypatch, name, *flags):
+    """Patch kernel ``name`` of kernels/knn.py to record its launches' ``flags`` (a tuple per
+    launch, in the list returned) and launch it as it was."""
+    seen = []
+    kern = getattr(kk, name)
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                seen.append(tuple(kw[f] for f in flags))
+                return kern[grid](*args, **kw)
+            return launch
+
+    monkeypatch.setattr(kk, name, Spy())
+    return seen
+
+
+def test_knn_memory_bank_backward_takes_the_no_ref_launch(monkeypatch):
+    """Through autograd (``DAALLoss``'s memory bank: ``ref`` needs no gradient) the backward
+    launches the kernel without dRef (``HAS_DR = False``: no N x D buffer, no atomics), and with
+    a reference that needs one it launches the dRef build; dQuery matches the float64 reference
+    either way. (Calling the op with ``ref_grad=False`` directly cannot tell whether the autograd
+    formula passes it.)"""
+    seen = _spy_flags(monkeypatch, "_knn_bwd_kernel", "HAS_DR")
+    q, bank = torch.randn(30, 12, device=DEV), torch.randn(80, 12, device=DEV)
+    for bank_grad in (False, True):
+        qk = q.clone().requires_grad_(True)
+        bk = bank.clone().requires_grad_(bank_grad)
+        dist, _ = kk.knn(qk, bk, 4)
+        g = torch.randn_like(dist)
+        (dist * g).sum().backward()
+        qr = q.double().requires_grad_(True)
+        dref, _ = reference.knn(qr, bank.double(), 4)
+        (dref * g.double()).sum().backward()
+        assert_close(qk.grad, qr.grad, tolerance(torch.float32, tf32=TF32), "d query")
+        assert (bk.grad is not None) == bank_grad
+    assert seen == [(False,), (True,)], seen
+
+
+def test_knn_strided_labels():
+    """Labels that are views with a row stride (every other element of a longer tensor, int64:
+    ``.to(torch.int64)`` makes no copy) are read as the labels, not as the underlying memory."""
+    M, N = 37, 53
+    ql = _labels(2 * M, 3)[::2]
+    rl = _labels(2 * N, 3)[::2]
+    assert not ql.is_contiguous() and not rl.is_contiguous() and ql.dtype == torch.int64
+    q, r = torch.randn(M, 19, device=DEV), torch.randn(N, 19, device=DEV)
+    _run(q, r, 5, labels=(ql, rl), grad=False)
+    x = torch.randn(M, 19, device=DEV)
+    _run(x, x, 3, labels=(ql, ql), exclude_self=True, grad=False)
 
 
 # ------------------------------------------------------------------------- the fused finish
@@ -927,6 +1024,50 @@ def test_knn_forward_finishes_one_split(monkeypatch, dtype, D, k):
     assert (i[:2] < 0).all() and torch.isinf(d[:2]).all()  # classes 12, 13: no candidate
     _, kernels = _count_launches(monkeypatch, lambda: kk._knn(q, q, 17))
     assert kernels == ["_sqnorm_kernel", "_knn_fwd_kernel", "_knn_finish_kernel"]
+
+
+def test_knn_forward_finish_keeps_the_k_selected(monkeypatch):
+    """The forward that finishes its one split (``FINISH``) recomputes exactly the ``k`` slots the
+    GEMM form selected, as the finish kernel does, not the best ``k`` of all ``KP`` slots: with
+    near-ties under GEMM-form noise (refs 0.1 from a query of norm 30: the noise, ~1e-4, swamps
+    the ~1e-6 spread of their squared distances) the two orders differ at the k-th slot, and the
+    merged forward must still give the separate finish's (and the PyTorch oracle's) result bit
+    for bit. k = 3: KP = 4, one slot more than k."""
+    from daal_triton.kernels import _common
+
+    g = torch.Generator().manual_seed(7)
+    M, D, per = 8, 64, 6
+    q = torch.nn.functional.normalize(torch.randn(M, D, generator=g), dim=1) * 30.0
+    u = torch.nn.functional.normalize(torch.randn(M, per, D, generator=g), dim=2)
+    scale = 0.1 * (1.0 + 1e-5 * torch.arange(per, dtype=torch.float32))
+    r = (q[:, None, :] + scale[None, :, None] * u).reshape(M * per, D)
+    q, r = q.to(DEV), r.to(DEV)
+    # the inputs do what they are for: in some row the GEMM form's top 3 of the 4 slots is not
+    # the exact top 3
+    out_s, out_i = kk._candidates(q, r, 3, None, None, False, 1)
+    idx = out_i[0].long()
+    exact = ((q[:, None, :].double() - r[idx].double()) ** 2).sum(2)
+    gemm_top = torch.sort(torch.argsort(out_s[0], 1)[:, :3], 1).values
+    exact_top = torch.sort(torch.argsort(exact, 1)[:, :3], 1).values
+    assert (gemm_top != exact_top).any(1).any(), "no row where the GEMM order differs at the k-th slot"
+    monkeypatch.setenv(_common.LAUNCHES_ENV, "separate")
+    d_sep, i_sep = kk._knn(q, r, 3)
+    monkeypatch.delenv(_common.LAUNCHES_ENV)
+    d, i = kk._knn(q, r, 3)
+    assert torch.equal(i, i_sep) and torch.equal(d, d_sep)
+    _fused_vs_sorted(q, r, 3)
+
+
+def test_knn_checked_merge_only_where_it_is_kept(monkeypatch):
+    """``DAAL_KNN_MERGE=checked`` applies to the entry it is kept (and compiled) for, k <= 16;
+    the larger entries count whatever the switch says (their checked builds are never compiled)."""
+    seen = _spy_flags(monkeypatch, "_knn_fwd_kernel", "KP", "COUNTED")
+    x = torch.randn(40, 8, device=DEV)
+    for policy in kk.MERGE_POLICIES:
+        monkeypatch.setenv(kk.MERGE_ENV, policy)
+        for k in (3, 17, 40):
+            kk.knn(x, x, k, exclude_self=True)
+    assert seen == [(4, True), (32, True), (64, True), (4, False), (32, True), (64, True)], seen
 
 
 @pytest.mark.parametrize("M,N", [(180, 180), (180, 300), (1024, 1024), (60000, 60000), (1024, 65536)])

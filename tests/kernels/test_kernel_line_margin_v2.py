@@ -134,6 +134,31 @@ def test_strided_segments(monkeypatch):
     assert not wide.grad[:, :, :5].any() and not wide.grad[:, :, 25:].any()
 
 
+def test_strided_embeddings_labels_margins_and_upstream_gradient():
+    """Column-major embeddings (``x = xT.t()``, column stride B), labels and margins that are
+    every other element of longer tensors, and an upstream gradient that is a strided view (the
+    output goes through ``torch.stack``): value and both gradients match the float64 reference.
+    The kernels read x, labels, margins and grad_out with unit element strides, so the launchers
+    must make them so."""
+    B, C, D = 37, 11, 33
+    x, y, seg, m, go = make_case(B, C, D, on_own=True)
+    ref, gx_ref, gs_ref = reference_grads(x.float(), y, seg.float(), m.float(), go.float(), 0.3)
+    xk = x.float().t().contiguous().t().requires_grad_()  # B x D, strides (1, B)
+    assert xk.stride() == (1, B)
+    y2 = torch.stack([y, torch.randint(0, C, (B,), device=y.device)], 1).reshape(-1)[::2]
+    m2 = torch.stack([m.float(), torch.rand(B, device=m.device)], 1).reshape(-1)[::2]
+    assert torch.equal(y2, y) and torch.equal(m2, m.float()) and y2.stride() == m2.stride() == (2,)
+    sk = seg.float().requires_grad_()
+    out = lm.line_margin(xk, y2, sk, m2, alpha=ALPHA, lambda_pull=0.3)
+    both = torch.stack([out, torch.zeros_like(out)], 1)  # d both / d out: a column of G, stride 2
+    G = torch.stack([go.float(), torch.randn(B, device=go.device)], 1)
+    (both * G).sum().backward()
+    tol = tolerance(torch.float32, tf32=TF32)
+    assert rel_err(out.detach(), ref) <= tol
+    assert rel_err(xk.grad, gx_ref) <= tol
+    assert rel_err(sk.grad, gs_ref) <= tol
+
+
 def _forward_backward(x, y, seg, m, go):
     """A closure running the line margin forward + backward on leaves ``x``, ``seg``."""
     xk = x.requires_grad_()
@@ -361,20 +386,23 @@ class _GridSpy:
         return self.kernel[grid]
 
 
-def test_parity_across_forward_splits(monkeypatch):
+@pytest.mark.parametrize("C,sms,splits", [(300, 64, 3), (600, 4, 3)], ids=["3-tiles-3-splits", "5-tiles-3-splits"])
+def test_parity_across_forward_splits(monkeypatch, C, sms, splits):
     """Several class splits merged by ``_lm2_lse_kernel`` (each split's sum rescaled by
     ``e^{m_s - top}``) against the float64 reference, value and gradients: on the CPU one SM means
     one split (the merge inside the GEMM kernel), and the merged-launches test only compares this
-    merge with itself. ``sm_count`` patched to 64: C = 300 is 3 class tiles, 3 splits; the forward's
-    grid is checked to hold them, so the test cannot fall back to one split unnoticed."""
-    B, C, D = 37, 300, 33
-    monkeypatch.setattr(lm, "sm_count", lambda device: 64)
+    merge with itself. ``sm_count`` patched: C = 300 on 64 SMs is 3 class tiles in 3 splits; C = 600
+    on 4 SMs is 5 tiles in 3 splits (1, 2 and 2 tiles: the split bounds ``s T / nsplit`` must
+    cover every tile when the splits do not divide them); the forward's grid is checked to hold
+    them, so the test cannot fall back to one split unnoticed."""
+    B, D = 37, 33
+    monkeypatch.setattr(lm, "sm_count", lambda device: sms)
     fwd = _GridSpy(lm._lm2_fwd_kernel)
     monkeypatch.setattr(lm, "_lm2_fwd_kernel", fwd)
     x, y, seg, m, go = make_case(B, C, D, zero_len=True, on_own=True)
     _, n = _launched(lambda: check_parity(x, y, seg, m, go, 0.3, tolerance(torch.float32, tf32=TF32),
                                           torch.float32, torch.float32))
-    assert len(fwd.grids) == 1 and fwd.grids[0][1] > 1, fwd.grids  # (row tiles, splits)
+    assert len(fwd.grids) == 1 and fwd.grids[0][1] == splits, fwd.grids  # (row tiles, splits)
     assert n["_lm2_lse_kernel"] == 1, n
 
 
@@ -399,6 +427,30 @@ def test_own_distance_on_the_segment_is_the_floor():
         assert rs[0].tolist() == [floor] * 3, (merged, rs[0].tolist(), floor)
         err = (out.double() - hand).abs().max().item()
         assert err <= 1e-7, f"merged={merged}: loss {out.tolist()} vs the hand value {hand.item()}: off by {err:.1e}"
+
+
+def test_distance_to_a_negative_through_the_point_is_the_floor():
+    """Points exactly on a *negative* segment, at values where the GEMM form is exact (e^2 = 0 in
+    float32): their distance to it is the floor ``sqrt(eps)``, as in the reference, never 0. The
+    loss is the hand value ``softplus(alpha (d_pos + m - 1e-6)) / alpha + lambda_pull d_pos^2``
+    (float64; d_pos = 0.25, exact) within 2e-7, with both launch designs: with the logit at ~8 a
+    distance of 0 moves it by ~1e-6, which random inputs hide in the 1e-5 parity tolerance. The
+    own segment is a parallel one 0.25 away; the gradient at the floor is the reference's."""
+    x = torch.tensor([[1.0, 0.0], [1.0, -0.5], [1.0, 0.5], [1.0, 0.25]], device=DEV)
+    seg = torch.tensor([[[1.25, -0.5], [1.25, 0.5]], [[1.0, -0.5], [1.0, 0.5]]], device=DEV)
+    y = torch.zeros(4, dtype=torch.long, device=DEV)
+    m = torch.full((4,), 0.25, device=DEV)
+    floor = torch.tensor(lm.EPS, dtype=torch.float64).sqrt()
+    hand = torch.nn.functional.softplus(ALPHA * (0.25 + 0.25 - floor)) / ALPHA + 0.3 * 0.25 ** 2
+    go = torch.tensor([1.0, -0.5, 0.25, 2.0], device=DEV)
+    ref, gx_ref, gs_ref = reference_grads(x, y, seg, m, go, 0.3)
+    assert (ref - hand).abs().max() <= 1e-12, (ref, hand)
+    for merged in (True, False):
+        out = torch.ops.daal_triton.line_margin2(x, seg, y, m, ALPHA, 0.3, merged)[0]
+        err = (out.double() - hand).abs().max().item()
+        assert err <= 2e-7, f"merged={merged}: loss {out.tolist()} vs the hand value {hand.item()}: off by {err:.1e}"
+    out, gx, gs = kernel_grads(x, y, seg, m, go, 0.3)
+    assert rel_err(gx, gx_ref) <= 1e-5 and rel_err(gs, gs_ref) <= 1e-5
 
 
 def test_merged_launches_with_the_atomic_design(monkeypatch):

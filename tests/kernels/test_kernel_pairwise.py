@@ -78,6 +78,32 @@ def test_pairwise_duplicates_full_gradient():
     _check(x, y, tol=tolerance(torch.float32, tf32=DEV == "cuda"))
 
 
+def test_pairwise_row_strided_inputs_and_strided_upstream_gradient():
+    """Aligned rows with a wider row stride (width 32 of 64 columns: read in place, no copy) in
+    the forward GEMM and the backward GEMMs, and an upstream gradient that is a transposed view
+    (``d.t()`` downstream: ``g`` has strides (1, M)), which the H kernel reads in place: value and
+    both gradients against the float64 reference. Contiguous inputs and gradients cannot tell a
+    row stride from the width, nor ``g``'s strides from (N, 1)."""
+    from daal_triton.kernels._common import aligned
+
+    x = torch.randn(37, 64, device=DEV)[:, :32]
+    y = torch.randn(41, 64, device=DEV)[:, 16:48]
+    assert aligned(x) and aligned(y) and x.stride(0) == y.stride(0) == 64
+    x.requires_grad_(True)
+    y.requires_grad_(True)
+    d = kp.pairwise_distance(x, y)
+    xr = x.detach().double().requires_grad_(True)
+    yr = y.detach().double().requires_grad_(True)
+    dr = reference.pairwise_distance(xr, yr)
+    tol = tolerance(torch.float32, tf32=DEV == "cuda")
+    assert_close(d, dr, tol, "distance")
+    G = torch.randn(41, 37, device=DEV)
+    (d.t() * G).sum().backward()
+    (dr.t() * G.double()).sum().backward()
+    assert_close(x.grad, xr.grad, tol, "dX")
+    assert_close(y.grad, yr.grad, tol, "dY")
+
+
 @pytest.mark.parametrize("bad", ["nan", "inf"])
 def test_pairwise_non_finite_rows_stay_nan(bad):
     """NaN/inf in a row gives non-finite distances in its row and column where the reference does,

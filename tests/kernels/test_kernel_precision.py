@@ -20,6 +20,7 @@ import daal_triton as dt
 from daal_triton import reference
 from daal_triton.kernels import _common as kc
 from daal_triton.kernels import knn as kk
+from daal_triton.kernels import line_margin as lm
 from daal_triton.kernels import pairwise as kp
 
 GAPS = [0.0, 1e-3, 0.03, 0.1, 0.3]
@@ -50,6 +51,22 @@ def test_rule(matmul_precision):
     if kc.interpreting():
         matmul_precision("medium")
         assert kc.dot_flags(torch.float32) == {"INPUT_PRECISION": "ieee", "ROUND_TF32": False}
+
+
+def test_line_margin_keeps_float32_accuracy(matmul_precision):
+    """The line margin's dots run at float32 accuracy whatever the setting (3xTF32 on a GPU:
+    its operands are not rounded to TF32 as a single pass would need; kernels/line_margin.py,
+    ``_precision``), and its compiled launches carry that precision; half inputs ``"ieee"``."""
+    for setting in ("highest", "high", "medium"):
+        matmul_precision(setting)
+        assert lm._precision(torch.float32, gpu=True) == "tf32x3", setting
+        assert lm._precision(torch.float32, gpu=False) == "ieee"
+        for half in (torch.float16, torch.bfloat16):
+            assert lm._precision(half, gpu=True) == "ieee"
+        for la in lm.launches():
+            if "INPUT_PRECISION" in la.flags:
+                want = "tf32x3" if la.x_dtype == torch.float32 else "ieee"
+                assert la.flags["INPUT_PRECISION"] == want, (setting, la.name)
 
 
 def test_rule_newer_api(matmul_precision):

@@ -45,6 +45,9 @@ def test_non_finite_hyperparameters_are_refused_at_construction(name, bad):
     (dict(normalize="yes"), "normalize"), (dict(gamma="1"), "gamma"),
     (dict(m0=1e39, m_max=1e39), "m0"), (dict(alpha=torch.tensor(16.0)), "alpha"),
     (dict(lambda_dens=-4e38), "lambda_dens"),
+    # every bound of docs/method.md "Hyperparameters", each on its own
+    (dict(m_min=-0.01), "m_min"), (dict(l_max=-0.5), "l_max"), (dict(lambda_pull=-0.1), "lambda_pull"),
+    (dict(lambda_len=-0.1), "lambda_len"), (dict(normalize=None), "normalize"),
 ])
 def test_bad_hyperparameters_name_the_argument(kw, name):
     with pytest.raises(ValueError, match=name):
@@ -155,3 +158,25 @@ def test_parts_report_the_length_term_when_it_does_not_count(backend, dtype, tol
     parts = daal_loss(z, y, seg, return_parts=True, backend=backend)
     torch.testing.assert_close(parts.length.double(), expected, rtol=tol, atol=0)
     assert torch.equal(parts.loss, daal_loss(z, y, seg, backend=backend))  # not added at lambda_len = 0
+
+
+def test_parts_line_and_pull_are_read_only():
+    """The line/pull split is computed for reading: it carries no autograd graph (it would keep the
+    own-class distances' graph alive), while the loss does."""
+    z, y, seg = torch.randn(9, 5, requires_grad=True), torch.arange(9) % 3, torch.randn(3, 2, 5, requires_grad=True)
+    parts = daal_loss(z, y, seg, return_parts=True, lambda_pull=0.3, backend="reference")
+    assert parts.loss.requires_grad
+    assert not parts.line.requires_grad and not parts.pull.requires_grad
+
+
+def test_sample_weights_keep_the_loss_dtype():
+    """Weights in another dtype neither raise nor lower the loss's: float64 weights on a float32
+    loss are taken in float32 (the same bits as float32 weights)."""
+    from daal_triton.functional import loss_with
+
+    z, y, seg = torch.randn(9, 5), torch.arange(9) % 3, torch.randn(3, 2, 5)
+    w = torch.rand(9, dtype=torch.float64)
+    hp = Hyperparameters(reduction="none")
+    out = loss_with(z, y, seg, hp, sample_weights=w, backend="reference")
+    assert out.dtype == torch.float32
+    assert torch.equal(out, loss_with(z, y, seg, hp, sample_weights=w.float(), backend="reference"))

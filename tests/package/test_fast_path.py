@@ -73,6 +73,15 @@ def test_edge_cases(case):
     check_parity(z, y, seg, **hp)
 
 
+def test_more_neighbours_than_the_density_kernel_takes():
+    """k above the fused density kernel's MAX_K: the Triton backend runs the reference's density
+    step on the fused kNN's output, and matches the float64 reference."""
+    from daal_triton.kernels.density import MAX_K
+
+    z, y, seg = random_problem(12, 3, 5, classes_present=range(3), device=DEV)
+    check_parity(z, y, seg, k=MAX_K + 1, tau=1.5)
+
+
 @pytest.mark.parametrize("dtype,seg_dtype", [(torch.float16, torch.float32),
                                              (torch.bfloat16, torch.float32),
                                              (torch.float16, torch.float16)])
@@ -123,6 +132,51 @@ def test_fast_path_validates_like_the_reference():
         dt.daal_loss(z, y, seg.to("meta"), backend="triton")
     with pytest.raises(ValueError, match="float64 inputs run on the reference backend"):
         dt.daal_loss(z.double(), y, seg, backend="triton")
+
+
+def test_mixed_float64_inputs_run_on_the_reference():
+    """``pairwise_distance``/``knn`` with one float64 operand: the promotion (float64) decides the
+    backend, so "auto" runs the reference in float64 (not the kernels, which refuse float64)."""
+    from daal_triton import reference
+
+    x, y = torch.randn(7, 5, device=DEV), torch.randn(9, 5, dtype=torch.float64, device=DEV)
+    d = dt.pairwise_distance(x, y)
+    assert d.dtype == torch.float64 and torch.equal(d, reference.pairwise_distance(x, y))
+    for q, r in ((x, y), (y, x)):
+        dist, index = dt.knn(q, r, 3)
+        want = reference.knn(q, r, 3)
+        assert dist.dtype == torch.float64 and torch.equal(dist, want[0]) and torch.equal(index, want[1])
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_public_knn_passes_exclude_self_and_labels(backend):
+    """``daal_triton.knn(..., exclude_self=True)``: row i is never its own neighbour, only
+    same-label rows count, and the Triton backend returns the reference's neighbours."""
+    from daal_triton import reference
+
+    x = torch.randn(13, 6, device=DEV)
+    y = torch.arange(13, device=DEV) % 3
+    dist, index = dt.knn(x, x, 3, query_labels=y, ref_labels=y, exclude_self=True, backend=backend)
+    want_d, want_i = reference.knn(x.double(), x.double(), 3, query_labels=y, ref_labels=y, exclude_self=True)
+    assert not (index == torch.arange(13, device=DEV)[:, None]).any()
+    assert torch.equal(index, want_i)
+    assert_close(dist, want_d, tolerance(torch.float32, tf32=TF32), "knn distances")
+
+
+def test_aten_glue_runs_the_fused_knn_and_line_margin(monkeypatch):
+    """``DAAL_GLUE=aten`` (the timing switch of daal_triton.functional): the fused kNN and line
+    margin kernels run between the reference's step functions (and no fused prepare, density or
+    combine), with the float64 reference's loss."""
+    from daal_triton.launch_count import LaunchCount
+
+    z, y, seg = random_problem(15, 4, 6, device=DEV)
+    monkeypatch.setenv("DAAL_GLUE", "aten")
+    with LaunchCount() as count:
+        loss = dt.daal_loss(z.float(), y, seg.float(), backend="triton")
+    kernels = " ".join(count.triton)
+    assert "_knn_fwd_kernel" in kernels and "_lm2_fwd_kernel" in kernels, count.triton
+    assert not any(w in kernels for w in ("_prepare_", "_density_", "_combine_")), count.triton
+    assert_close(loss, dt.daal_loss(z, y, seg, backend="reference"), tolerance(torch.float32, tf32=TF32), "loss")
 
 
 def _largest_saved(backend, B, C, D):

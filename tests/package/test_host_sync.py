@@ -245,6 +245,7 @@ def test_check_values_on_cpu_cannot_be_turned_off():
 
 @pytest.mark.parametrize("value, env, expected", [
     (None, None, False), (None, "1", True), (None, "0", False), (True, None, True), (False, "1", False),
+    (None, "true", True), (None, " Yes ", True), (None, "ON", True), (None, "off", False), (None, "2", False),
 ])
 def test_value_checks_switch_for_gpu_tensors(monkeypatch, value, env, expected):
     if env is None:
@@ -253,6 +254,27 @@ def test_value_checks_switch_for_gpu_tensors(monkeypatch, value, env, expected):
         monkeypatch.setenv(validation.CHECK_VALUES_ENV, env)
     assert validation.value_checks_on(torch.device("cuda"), value) is expected
     assert validation.value_checks_on(torch.device("cpu"), value) is True
+
+
+def test_check_values_true_reaches_every_check(monkeypatch):
+    """``check_values=True`` on ``daal_loss`` and on ``DAALLoss`` (its labels and a miner's tuple)
+    reaches the value checks: here they answer as on a GPU, where they run only when asked."""
+    from daal_triton import loss as loss_module
+
+    def as_on_gpu(device, check_values=None):
+        return bool(check_values)
+
+    monkeypatch.setattr(validation, "value_checks_on", as_on_gpu)
+    monkeypatch.setattr(loss_module, "value_checks_on", as_on_gpu)
+    z, seg, bad = torch.randn(4, 3), torch.randn(2, 2, 3), torch.tensor([0, 1, 2, 0])
+    assert torch.isnan(daal_triton.daal_loss(z, bad, seg, backend="reference"))  # unchecked: NaN
+    with pytest.raises(ValueError, match="labels must lie in"):
+        daal_triton.daal_loss(z, bad, seg, check_values=True, backend="reference")
+    loss = daal_triton.DAALLoss(2, 3, check_values=True, backend="reference")
+    with pytest.raises(ValueError, match="labels must lie in"):
+        loss(z, bad)
+    with pytest.raises(ValueError, match="indices_tuple must index the batch's 4 rows"):
+        loss(z, torch.tensor([0, 1, 1, 0]), (torch.tensor([0, 4]), torch.tensor([1, 2])))
 
 
 @pytest.mark.gpu

@@ -94,11 +94,33 @@ def test_miner_weights_in_the_loss_dtype():
     assert w.dtype == torch.float64 and w.tolist() == [3 / 4, 1 / 4, 1.0]
     with pytest.raises(ValueError, match="indices_tuple must index the batch's 3 rows"):
         miner_weights((torch.tensor([-1]), torch.tensor([1])), 3)  # CPU tensors: always checked
+    with pytest.raises(ValueError, match="indices_tuple must index the batch's 3 rows"):
+        miner_weights((torch.tensor([0]), torch.tensor([3])), 3)  # one past the last row
     z, y, seg = random_problem(3, 2, 4)
     per = dt.DAALLoss(2, 4, backend="reference", reduction="none").double()
     with torch.no_grad():
         per.segments.copy_(seg)
     assert torch.equal(per(z, y, tup), per(z, y) * torch.tensor([3 / 4, 1 / 4, 1.0], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("bad", [(torch.tensor([True, False]), torch.tensor([False, True])),
+                                 (torch.tensor([[0, 1]]), torch.tensor([[2, 0]]))], ids=["bool", "2-D"])
+def test_indices_tuple_of_bools_or_matrices_is_refused(bad):
+    """A miner's tuple holds 1-D integer index tensors: boolean masks (read as indices 0 and 1) or
+    2-D tensors are a ValueError naming the argument, not a silent misreading or a RuntimeError."""
+    from daal_triton.loss import miner_weights
+
+    with pytest.raises(ValueError, match="indices_tuple must hold 1-D integer tensors"):
+        miner_weights(bad, 3)
+
+
+def test_init_length_bounds():
+    """``init_length`` >= 0: 0 gives zero-length segments (points on the sphere), < 0 is refused."""
+    loss = dt.DAALLoss(3, 5, init_length=0.0)
+    assert torch.equal(loss.segments[:, 0], loss.segments[:, 1])
+    assert torch.allclose(loss.segments[:, 0].norm(dim=1), torch.ones(3))
+    with pytest.raises(ValueError, match="init_length must be >= 0"):
+        dt.DAALLoss(3, 5, init_length=-0.1)
 
 
 def test_unchecked_miner_indices_outside_the_batch_count_for_no_sample(monkeypatch):
@@ -140,6 +162,35 @@ def test_memory_bank_reference_set():
     expected = d.topk(3, largest=False).values.mean(1)
     assert torch.allclose(parts.radius.double(), expected, atol=1e-5)
     assert torch.allclose(loss(z, y, ref_emb=bank, ref_labels=bank_y), parts.loss)
+
+
+def test_memory_bank_rows_are_left_unnormalised_with_normalize_false():
+    """docs/method.md "Memory banks": the reference rows go through step 1 like the batch, so with
+    normalize=False neither is normalised (radii over the raw rows, far from the unit sphere's)."""
+    z, y, seg = random_problem(8, 2, 4, dtype=torch.float64)
+    bank, bank_y = 3.0 * torch.randn(12, 4, dtype=torch.float64), torch.arange(12) % 2
+    parts = dt.daal_loss(z, y, seg, ref_embeddings=bank, ref_labels=bank_y, normalize=False, k=2,
+                         return_parts=True, backend="reference")
+    d = torch.cdist(z, bank)
+    d[y[:, None] != bank_y[None, :]] = float("inf")
+    torch.testing.assert_close(parts.radius, d.topk(2, largest=False).values.mean(1), rtol=1e-10, atol=0)
+
+
+def test_miner_weights_follow_a_float64_bank():
+    """A float64 reference set makes the loss float64 (docs/method.md "Precision"), its miner
+    weights included: 1/3 and 2/3 are not rounded to float32 on the way (float32 embeddings and
+    segments)."""
+    z, y, seg = random_problem(6, 2, 4, dtype=torch.float32)
+    bank, bank_y = torch.randn(10, 4, dtype=torch.float64), torch.arange(10) % 2
+    per = dt.DAALLoss(2, 4, backend="reference", reduction="none")
+    with torch.no_grad():
+        per.segments.copy_(seg)
+    # triplets mined against the bank: the anchors 0 (three times), 1 (twice) and 2 weigh the batch
+    tup = (torch.tensor([0, 0, 0, 1, 1, 2]), torch.tensor([3, 3, 3, 4, 4, 5]), torch.tensor([7, 7, 7, 7, 7, 7]))
+    w = torch.tensor([3, 2, 1, 0, 0, 0], dtype=torch.float64) / 3
+    out = per(z, y, tup, bank, bank_y)
+    assert out.dtype == torch.float64
+    assert torch.equal(out, per(z, y, None, bank, bank_y) * w)
 
 
 def test_memory_bank_that_starts_with_the_batch_excludes_self():

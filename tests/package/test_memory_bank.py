@@ -107,8 +107,13 @@ def test_bank_state_is_checked_and_carries_no_gradient():
     other.load_state_dict(live)
     assert not other.embeddings.requires_grad and not other.get()[0].requires_grad
     assert torch.equal(other.get()[0], bank.get()[0]) and (other.ptr, other.filled) == (3, 3)
+    assert torch.equal(other.get()[1], bank.get()[1])  # the labels come back too
+    empty = MemoryBank(5, 2)
+    empty.load_state_dict(MemoryBank(5, 2).state_dict())  # a bank saved before its first enqueue
+    assert len(empty) == 0 and empty.ptr == 0
     for change, words in (({"ptr": 7, "filled": 2}, r"state\['ptr'\] must be the next row"),
                           ({"ptr": 5, "filled": 5}, r"state\['ptr'\] must be the next row"),
+                          ({"ptr": 1, "filled": 3}, r"state\['ptr'\] must be the next row"),
                           ({"filled": 9}, r"state\['filled'\] must be <= the bank's size 5"),
                           ({"filled": -3}, r"state\['filled'\] must be an integer >= 0"),
                           ({"ptr": None}, r"state\['ptr'\] must be an integer >= 0")):

@@ -31,10 +31,13 @@ def test_loss_errors_name_the_argument(backend):
     raises("embeddings must have 2 dimensions", f, z[None], y, seg)
     raises("segments must have 3 dimensions", f, z, y, seg[:, 0])
     raises(r"segments must have shape \(C, 2, D\)", f, z, y, torch.randn(3, 3, 4))
+    raises(r"segments must have shape \(C, 2, D\) with C >= 1, got \(0, 2, 4\)", f, z, y, torch.randn(0, 2, 4))
     raises("segments has dimension 5", f, z, y, torch.randn(3, 2, 5))
     raises("labels must have 6 entries", f, z, y[:5], seg)
     raises("labels must be 1-D", f, z, y[:, None], seg)
     raises("labels must be an integer tensor", f, z, y.float(), seg)
+    raises("labels must be an integer tensor, got dtype torch.bool", f, z, y > 0, seg)
+    raises("labels must be an integer tensor, got dtype torch.complex64", f, z, y.to(torch.complex64), seg)
     raises("embeddings must be a floating-point", f, z.long(), y, seg)
     bad = z.clone(); bad[2, 1] = float("nan")
     raises("embeddings contains NaN or inf", f, bad, y, seg)
@@ -52,6 +55,7 @@ def test_loss_errors_name_the_argument(backend):
     raises("embeddings must have at least one row", f, z[:0], y[:0], seg)
     raises("embeddings must be a torch.Tensor", f, z.tolist(), y, seg)
     raises("ref_embeddings and ref_labels must be given together", f, z, y, seg, ref_embeddings=z)
+    raises("ref_embeddings and ref_labels must be given together", f, z, y, seg, ref_labels=y)
     raises("ref_embeddings must have 4 columns", f, z, y, seg, ref_embeddings=torch.randn(5, 3),
            ref_labels=torch.zeros(5, dtype=torch.long))
     raises("ref_labels must have 5 entries", f, z, y, seg, ref_embeddings=torch.randn(5, 4),
@@ -64,6 +68,10 @@ def test_loss_errors_name_the_argument(backend):
     raises("ref_includes_batch=True needs ref_embeddings to start with the batch's 6 rows, got 5 rows", f, z, y,
            seg, ref_embeddings=z[:5], ref_labels=y[:5], ref_includes_batch=True)
     raises("return_parts must be True or False, got 'yes'", f, z, y, seg, return_parts="yes")
+    raises("check_values must be None, True or False, got 'yes'", f, z, y, seg, check_values="yes")
+    # flags that must be given: None is no answer either
+    for flag in ("return_parts", "ref_includes_batch", "normalize"):
+        raises(f"{flag} must be True or False, got None", f, z, y, seg, **{flag: None})
 
 
 def test_module_errors():
@@ -84,9 +92,15 @@ def test_knn_and_pairwise_errors():
     raises("ref_labels must have 5 entries", dt.knn, q, r, 2, query_labels=torch.zeros(4, dtype=torch.long),
            ref_labels=torch.zeros(3, dtype=torch.long))
     raises("query must be a floating-point", dt.knn, q.int(), r, 2)
+    raises("query_labels must have 4 entries", dt.knn, q, r, 2, query_labels=torch.zeros(3, dtype=torch.long),
+           ref_labels=torch.zeros(5, dtype=torch.long))
+    raises("query contains NaN", dt.knn, torch.full((4, 3), float("nan")), r, 2)
+    raises("all tensors must be on one device: .*ref_labels on meta", dt.knn, q, r, 2,
+           query_labels=torch.zeros(4, dtype=torch.long), ref_labels=torch.zeros(5, dtype=torch.long, device="meta"))
     raises("ref contains NaN", dt.knn, q, r.log() - r.log() * 0 + float("nan"), 2)
     raises("x and y must have the same number of columns", dt.pairwise_distance, q, torch.randn(2, 4))
     raises("y must have 2 dimensions", dt.pairwise_distance, q, r[0])
+    raises("y contains NaN", dt.pairwise_distance, q, torch.full((2, 3), float("nan")))
     raises("all tensors must be on one device", dt.pairwise_distance, q, r.to("meta"))
 
 

@@ -205,6 +205,32 @@ def test_margins_average_only_the_valid_radii_by_hand():
     assert torch.allclose(m2, _t(0.15, 0.25, 0.2, 0.15, 0.25), rtol=1e-15, atol=0)
 
 
+def test_margins_of_zero_radii_divide_by_the_floored_mean():
+    """s_i = r_i / max(rbar, eps): a class whose valid radii are all 0 gets s = 0, so m = m_min
+    (a 0 / 0 would make its margins NaN)."""
+    r = _t(0.0, 0.0, 0.5, 0.7)
+    valid = torch.tensor([True, True, True, True])
+    labels = torch.tensor([0, 0, 1, 1])
+    m = R.adaptive_margins(r, valid, labels, 2, m0=0.2, m_min=0.05, m_max=0.5, gamma=1.0)
+    assert torch.allclose(m, _t(0.05, 0.05, 0.2 * 0.5 / 0.6, 0.2 * 0.7 / 0.6), rtol=1e-15, atol=0)
+
+
+def test_knn_radius_by_hand():
+    """knn_radius: without a reference set the other rows of the class (self excluded); with one,
+    its rows of the class, excluding row i only when ref_includes_batch."""
+    x = _t([0.0], [1.0], [3.0], [10.0])
+    y = torch.tensor([0, 0, 0, 1])
+    r, valid, index = R.knn_radius(x, y, 2)
+    assert torch.allclose(r[:3], _t(2.0, 1.5, 2.5), rtol=1e-15, atol=0) and torch.isinf(r[3])
+    assert valid.tolist() == [True, True, True, False] and index[0].tolist() == [1, 2]
+    ref, ref_y = _t([0.0], [1.0], [4.0], [6.0]), torch.tensor([0, 0, 0, 1])
+    r, valid, _ = R.knn_radius(x, y, 1, ref=ref, ref_labels=ref_y)  # nothing excluded: x_0 = ref_0
+    assert torch.allclose(r, _t(1e-6, 1e-6, 1.0, 4.0), rtol=1e-12, atol=0) and valid.all()
+    r, valid, _ = R.knn_radius(x, y, 1, ref=ref, ref_labels=ref_y, ref_includes_batch=True)  # ref_i is x_i's
+    assert torch.allclose(r[:3], _t(1.0, 1.0, 2.0), rtol=1e-12, atol=0) and torch.isinf(r[3])
+    assert valid.tolist() == [True, True, True, False]
+
+
 # ------------------------------------------------------------------ docs/method.md "Edge cases"
 def _finite_grads(z, y, seg, **hp):
     z = z.clone().requires_grad_(True)
