@@ -99,6 +99,16 @@ def daal_loss(
                      check_values=check_values)
 
 
+def inputs_dtype(embeddings: torch.Tensor, segments: torch.Tensor,
+                 ref_embeddings: Optional[torch.Tensor] = None) -> torch.dtype:
+    """The promoted dtype of the loss's float inputs: a float64 reference set (memory bank)
+    makes it float64, never cast down (docs/method.md, "Precision")."""
+    dtype = torch.promote_types(embeddings.dtype, segments.dtype)
+    if isinstance(ref_embeddings, torch.Tensor):
+        dtype = torch.promote_types(dtype, ref_embeddings.dtype)
+    return dtype
+
+
 def loss_with(
     embeddings: torch.Tensor,
     labels: torch.Tensor,
@@ -122,10 +132,7 @@ def loss_with(
                          ref_embeddings=ref_embeddings, ref_labels=ref_labels,
                          ref_includes_batch=ref_includes_batch, check_values=check_values,
                          ref_name=ref_name)
-    dtype = torch.promote_types(embeddings.dtype, segments.dtype)
-    if ref_embeddings is not None:  # a float64 bank runs in float64, never cast down
-        dtype = torch.promote_types(dtype, ref_embeddings.dtype)
-    ops = _ops(choose_backend(backend, embeddings.device, dtype))
+    ops = _ops(choose_backend(backend, embeddings.device, inputs_dtype(embeddings, segments, ref_embeddings)))
     parts = compose(embeddings, labels, segments, hp, ops, ref_embeddings=ref_embeddings,
                     ref_labels=ref_labels, ref_includes_batch=ref_includes_batch,
                     split_line_pull=return_parts, sample_weights=sample_weights)

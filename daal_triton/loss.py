@@ -8,7 +8,7 @@ from torch import nn
 
 from .backend import BACKENDS
 from .core import Hyperparameters
-from .functional import loss_with
+from .functional import inputs_dtype, loss_with
 from .validation import as_float, as_int, check_flag, check_float_matrix, value_checks_on
 
 
@@ -157,9 +157,8 @@ class DAALLoss(nn.Module):
         weights = None
         if indices_tuple is not None:
             check_float_matrix(embeddings, "embeddings", values=False)  # the weights need its B
-            dtype = torch.promote_types(torch.promote_types(embeddings.dtype, self.segments.dtype), torch.float32)
-            if isinstance(ref_emb, torch.Tensor):  # the loss's dtype: a float64 bank makes it float64
-                dtype = torch.promote_types(dtype, ref_emb.dtype)
+            # the loss's dtype (at least float32): a float64 bank makes it float64
+            dtype = torch.promote_types(inputs_dtype(embeddings, self.segments, ref_emb), torch.float32)
             weights = miner_weights(indices_tuple, embeddings.shape[0], device=embeddings.device,
                                     using_ref=ref_emb is not None, dtype=dtype, check_values=self.check_values)
         return loss_with(embeddings, labels, self.endpoints(), self.hp, ref_embeddings=ref_emb,
