@@ -13,6 +13,7 @@ the counts are those a GPU would see; the tests assert them (docs/method.md, "Nu
 from __future__ import annotations
 
 import collections
+import functools
 from typing import Dict, Optional
 
 import torch
@@ -56,6 +57,10 @@ def _patch_triton() -> None:
             continue
         original = cls.run
 
+        # wraps: the wrapper keeps the flags of what it wraps (daal_testing's ``daal_strict``), and
+        # another patch that wraps it with functools.wraps keeps ``_daal_counted``: neither patch
+        # then wraps itself twice, whatever order they come in (a second counter counts twice)
+        @functools.wraps(original)
         def run(self, *args, _original=original, **kwargs):
             if not _ACTIVE or kwargs.get("warmup", False):
                 return _original(self, *args, **kwargs)

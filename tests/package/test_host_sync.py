@@ -138,6 +138,40 @@ def test_the_counter_sees_inside_custom_operators_and_triton_launches(monkeypatc
     assert function.triton == custom.triton and function.launches == custom.launches
 
 
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("counter_first", [True, False], ids=["counter-then-strict", "strict-then-counter"])
+def test_a_launch_counts_once_whatever_patches_the_interpreter_again(monkeypatch, counter_first):
+    """The counter and ``daal_testing.strict_interpreter_launches`` both wrap the interpreter's
+    ``run``, and the strict check is installed again by every in-process bench ``--smoke`` run
+    (bench/test_bench_tools.py calls tune_line_margin's main): each wrap, in either order and
+    repeated, keeps one counter and one strict check, so one launch counts once (a second counter
+    had counted every launch twice, in the tests that ran after such a run in the same worker)."""
+    import triton
+    import triton.language as tl
+    from daal_testing import strict_interpreter_launches
+    from triton.runtime.interpreter import InterpretedFunction
+
+    monkeypatch.setattr(InterpretedFunction, "run", InterpretedFunction.run)  # put back afterwards
+
+    @triton.jit
+    def _copy(x_ptr, y_ptr, BLOCK: tl.constexpr):
+        offs = tl.arange(0, BLOCK)
+        tl.store(y_ptr + offs, tl.load(x_ptr + offs))
+
+    x = torch.arange(16.0)
+    y = torch.empty_like(x)
+    steps = ["count", "strict", "count", "strict", "count"] if counter_first else ["strict", "count", "strict", "count"]
+    for step in steps:
+        if step == "strict":
+            strict_interpreter_launches()
+            continue
+        with LaunchCount() as count:
+            _copy[(1,)](x, y, BLOCK=16)
+        assert dict(count.triton) == {"_copy": 1}
+    with pytest.raises(TypeError, match="FLAT"):  # the strict check is still there
+        _copy[(1,)](x, y, BLOCK=16, FLAT=False)
+
 @pytest.mark.interpreter
 def test_eager_calls_skip_every_custom_operator_dispatch(monkeypatch):
     """A plain eager forward+backward of the loss dispatches none of the package's custom
