@@ -308,8 +308,13 @@ def build_eval_parser() -> argparse.ArgumentParser:
                         "name ends in .npz, else a torch file that loads with torch.load(FILE, weights_only=True)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace eval.json, tsne_eval.png and the --save-embeddings file if they exist "
-                        "(without it, existing files are refused)")
+                        "(without it, existing files are refused; with --no-tsne an earlier tsne_eval.png is "
+                        "removed, as it would not show this evaluation)")
     _add_common(p)
+    for a in p._actions:
+        if a.dest == "seed":  # nothing is initialised here: it draws the metrics' and the plot's randomness
+            a.help = ("seed of the evaluation's random draws: the k-means restarts of NMI and sub-cluster NMI, and "
+                      "the t-SNE (the checkpoint's seed reproduces the metrics recorded in training)")
     for a in p._actions:  # unset options keep the checkpoint's values
         if a.dest not in ("help", "checkpoint", "out", "baselines", "tsne", "progress", "save_embeddings",
                           "overwrite", "threads"):
@@ -430,6 +435,11 @@ def _evaluate_checkpoint(args: argparse.Namespace) -> Dict[str, Dict[str, float]
         json.dump(dict(checkpoint=os.path.abspath(args.checkpoint), epoch=ck.get("epoch"), dataset=cfg.dataset,
                        results=rows, seconds=round(time.time() - t0, 2)), f, indent=2)
     log = Log("daal-eval")
+    stale = os.path.join(out, "tsne_eval.png")
+    if args.overwrite and os.path.isfile(stale):  # an earlier evaluation's: replaced below, or gone (--no-tsne)
+        os.remove(stale)
+        if not cfg.tsne:
+            log(f"removed {stale}: it showed an earlier evaluation (--overwrite, --no-tsne)")
     print(E.format_table(rows, E.table_keys(rows)), flush=True)  # the numbers first: the t-SNE takes a while
     log("wrote " + ", ".join([os.path.join(out, "eval.json")] + ([args.save_embeddings] if args.save_embeddings else [])))
     if cfg.tsne:

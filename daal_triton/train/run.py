@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from typing import IO, Any, Dict, List, Optional
@@ -49,7 +50,7 @@ Record = Dict[str, Any]
 # checkpoints); --overwrite removes these (and only these) first.
 OUTPUTS = ("config.json", "metrics.jsonl", "checkpoint_last.pt", "checkpoint_best.pt", "checkpoint_last.pt.tmp",
            "checkpoint_best.pt.tmp", "config.json.tmp", "metrics.jsonl.tmp", "tsne_test.png", "training_curves.png",
-           "results.txt", "eval.json", "tsne_eval.png")
+           "results.txt", "results.txt.tmp", "eval.json", "tsne_eval.png")
 
 
 class Interrupted(KeyboardInterrupt):
@@ -94,6 +95,7 @@ class RunState:
     last: Optional[Record] = None  # the latest evaluation of the trained network
     emb: Optional[torch.Tensor] = None  # the test embeddings of that evaluation
     metrics_file: Optional[IO[str]] = None
+    out_lock: Optional[int] = None  # the descriptor holding --out's lock (rank 0)
     resumes: List[Record] = field(default_factory=list)  # config.json's "resumes": one entry per --resume
     rank_rng: Optional[List[Any]] = None  # under torchrun: every rank's generators at the last epoch's end
 
@@ -189,19 +191,31 @@ def _note_earlier_evaluation(state: "RunState") -> None:
 def _finished(cfg: TrainConfig, epoch: int) -> bool:
     """``--resume`` of a checkpoint at ``epoch``: :class:`ConfigError` for an ``--epochs`` or
     ``--stop-after`` it has already passed; True (after saying so) when the run is finished and
-    finished writing (its ``results.txt`` is there): nothing to do, nothing is written."""
+    finished writing (its ``results.txt``, written after the plots, holds this epoch's table; one
+    from before a resume that added epochs does not count): nothing to do, nothing is written."""
     if cfg.epochs < epoch:
         raise ConfigError(f"--epochs {cfg.epochs} is below the epoch of --resume {cfg.resume} ({epoch}): a resumed "
                           f"run continues after it (give --epochs {epoch} or more)")
     if cfg.stop_after is not None and cfg.stop_after <= epoch < cfg.epochs:
         raise ConfigError(f"--stop-after {cfg.stop_after}: --resume {cfg.resume} is at epoch {epoch} already "
                           f"(give a later epoch)")
-    if epoch == cfg.epochs and os.path.isfile(os.path.join(cfg.out, "results.txt")) and \
+    if epoch == cfg.epochs and results_epoch(os.path.join(cfg.out, "results.txt")) == epoch and \
             os.path.realpath(cfg.out) == os.path.realpath(os.path.dirname(os.path.abspath(cfg.resume))):
         Log("daal-train")(f"the run in {cfg.out} is finished (epoch {epoch} of {cfg.epochs}; its results.txt is "
                           f"there): nothing to do, nothing written; to train it longer, add --epochs N (N > {epoch})")
         return True
     return False
+
+
+def results_epoch(path: str) -> Optional[int]:
+    """The epoch whose table the ``results.txt`` at ``path`` holds (its row ``trained (LOSS, epoch N)``);
+    None when there is no such file or row."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            found = re.findall(r"^trained \(.*, epoch (\d+)\)", f.read(), re.M)
+    except (OSError, UnicodeDecodeError):
+        return None
+    return int(found[-1]) if found else None
 
 
 def _diverged(state: "RunState", epoch: int, e: Exception) -> str:
@@ -211,9 +225,13 @@ def _diverged(state: "RunState", epoch: int, e: Exception) -> str:
     last = state.path("checkpoint_last.pt")
     kept = (f"{last} holds epoch {epoch - 1}" if epoch > 1 and os.path.isfile(last) and cfg.save in ("both", "last")
             else "no checkpoint_last.pt was written")
+    again = "start again (another --out, or --overwrite)"
+    if cfg.resume:  # --overwrite is no resume's flag: resume again, from this folder's checkpoint if it has one
+        src = last if os.path.isfile(last) else cfg.resume
+        again = f"resume again with daal-train --resume {src}" + (
+            "" if src == last else f" and another (empty) --out: {cfg.out} holds this attempt's files")
     return (f"training diverged in epoch {epoch} of {cfg.epochs} ({e}); the run stopped, {kept}. Try a lower "
-            f"--lr / --loss-lr (now {cfg.lr:g} / {cfg.loss_lr:g}) or a longer --warmup-epochs, and start again "
-            f"(another --out, or --overwrite)")
+            f"--lr / --loss-lr (now {cfg.lr:g} / {cfg.loss_lr:g}) or a longer --warmup-epochs, and {again}")
 
 
 def _interrupted(cfg: TrainConfig, state: Optional["RunState"]) -> str:
@@ -228,6 +246,11 @@ def _interrupted(cfg: TrainConfig, state: Optional["RunState"]) -> str:
     if os.path.isfile(last):
         return f"{where}: continue from its last checkpoint with daal-train --resume {last}"
     why = "" if cfg.save in ("both", "last") else f" (--save {cfg.save} writes none)"
+    if cfg.resume:  # resumed into a new folder: its source is intact; --overwrite is no resume's flag
+        held = ", ".join(sorted(os.listdir(cfg.out))) if os.path.isdir(cfg.out) else "nothing"
+        return (f"{where}, before this part's first checkpoint_last.pt in {cfg.out}{why}: resume again with the "
+                f"same command and another (empty) --out (this attempt left {held} in {cfg.out}; {cfg.resume} is "
+                f"as it was)")
     return (f"{where}, before any checkpoint_last.pt{why}: nothing to resume; start the run again with the same "
             f"command and --overwrite")
 
@@ -438,6 +461,9 @@ def fit(state: RunState) -> None:
     finally:
         if state.metrics_file is not None:
             state.metrics_file.close()
+        if state.out_lock is not None:
+            os.close(state.out_lock)  # releases the lock
+            state.out_lock = None
 
 
 def _write_config(state: RunState) -> None:
@@ -469,12 +495,41 @@ def _write_atomic(path: str, text: str) -> None:
 
 
 def _prepare_out(state: RunState) -> None:
-    """Create --out; with --overwrite, first remove the previous run's outputs (nothing else)."""
+    """Create --out and hold its lock (:func:`_lock_out`); with --overwrite, then remove the
+    previous run's outputs (nothing else)."""
     os.makedirs(state.cfg.out, exist_ok=True)
+    state.out_lock = _lock_out(state.cfg.out)
     if state.cfg.overwrite:
         for name in OUTPUTS:
             if os.path.isfile(state.path(name)):
                 os.remove(state.path(name))
+
+
+def _lock_out(out: str) -> Optional[int]:
+    """An exclusive advisory lock (``flock``) on the folder ``out`` itself, held until the run ends
+    (no file is added): a second daal-train writing there, such as a resumed cell of a daal-study
+    started again while the killed study's cell still runs, is refused before it writes anything
+    (:class:`ConfigError`) instead of interleaving checkpoints with the first. Returns the
+    descriptor holding it; None where locks are not available (not POSIX, a file system without
+    ``flock``)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        return None
+    try:
+        fd = os.open(out, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ConfigError(f"--out {out}: another daal-train is writing this run (it holds the folder's lock): "
+                          f"wait for it to end (or stop it), then run this command again") from None
+    except OSError:  # no flock here: run without the lock
+        os.close(fd)
+        return None
+    return fd
 
 
 def _baselines(state: RunState) -> None:
@@ -533,10 +588,13 @@ def _train_epoch(state: RunState, epoch: int) -> None:
         _record(state, dict(epoch=epoch, model="trained", train_loss=train_loss, train_s=round(train_s, 2),
                             **speed, elapsed_s=round(time.time() - state.t_start, 2)))
     state.log(msg)
-    _save(state, "checkpoint_last.pt", full=True)
+    # best before last: a run stopped between the two resumes from the previous epoch's
+    # checkpoint_last.pt and evaluates this epoch again (the other order would leave a best epoch
+    # recorded in the history that beats every later one but is in no checkpoint_best.pt)
     if evaluated and state.last["recall@1"] > state.best:
         state.best = state.last["recall@1"]
         _save(state, "checkpoint_best.pt", full=False)
+    _save(state, "checkpoint_last.pt", full=True)
 
 
 def _save(state: RunState, name: str, *, full: bool) -> None:
@@ -586,8 +644,10 @@ def _clean(rec: Record) -> Record:
 # ----------------------------------------------------------------------------- finish
 
 def finish(state: RunState) -> None:
-    """Rank 0's end of a run: the final table (printed and in results.txt), then the plots, so
-    that a plot that fails or takes long never holds back or loses the numbers."""
+    """Rank 0's end of a run: the final table printed, the plots, then results.txt (the table again).
+    A plot that fails or takes long never holds back or loses the numbers (printed first; a failing
+    plot is reported and skipped), and results.txt, written last and whole (renamed into place), is
+    what marks the run finished: one interrupted while plotting is completed by ``--resume``."""
     from . import plots
 
     cfg = state.cfg
@@ -599,8 +659,6 @@ def finish(state: RunState) -> None:
     text += (f"\n(held-out classes of {cfg.dataset}; wall time {time.time() - state.t_start:.1f} s, process CPU time "
              f"{time.process_time() - state.cpu_start:.1f} s on {torch.get_num_threads()} threads; "
              f"outputs in {cfg.out})")
-    with open(state.path("results.txt"), "w") as f:
-        f.write(text + "\n")
     print(text)
     try:
         plots.training_curves(state.history, state.path("training_curves.png"))
@@ -616,5 +674,8 @@ def finish(state: RunState) -> None:
                             title=f"{cfg.dataset} test classes, {cfg.arch} + {cfg.loss}, epoch {state.epoch}")
         except Exception as e:
             state.log(f"t-SNE plot failed: {e}")
-            return
-        state.log(f"t-SNE of the test embeddings: {state.path('tsne_test.png')} ({time.time() - t0:.1f} s)")
+        else:
+            state.log(f"t-SNE of the test embeddings: {state.path('tsne_test.png')} ({time.time() - t0:.1f} s)")
+    with open(state.path("results.txt.tmp"), "w", encoding="utf-8") as f:
+        f.write(text + "\n")
+    os.replace(state.path("results.txt.tmp"), state.path("results.txt"))

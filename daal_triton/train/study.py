@@ -32,7 +32,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 EXAMPLE = """\
 A study is a JSON file (configurations: daal-train arguments; "common": given to every cell):
@@ -73,9 +73,17 @@ class StudyError(ValueError):
 
 # ----------------------------------------------------------------------------- the grid
 
+def _split(text: str, where: str) -> List[str]:
+    """``text`` split as a shell would (``shlex``); an unbalanced quote is a :class:`StudyError`."""
+    try:
+        return shlex.split(text)
+    except ValueError as e:
+        raise StudyError(f"{where}: {e} in {text!r}") from None
+
+
 def _as_args(value: Any, where: str) -> List[str]:
     if isinstance(value, str):
-        return shlex.split(value)
+        return _split(value, where)
     if isinstance(value, (list, tuple)) and all(isinstance(v, (str, int, float)) for v in value):
         return [str(v) for v in value]
     raise StudyError(f"{where}: expected a list of daal-train arguments or one string, got {value!r}")
@@ -101,11 +109,29 @@ def load_study(path: str) -> Dict[str, Any]:
     return d
 
 
-def make_study(file: Optional[str] = None, configs: Sequence[str] = (), seeds: Optional[Sequence[int]] = None,
+def saved_study(report: str) -> Dict[str, Any]:
+    """The study a report folder's ``study.json`` describes (what ``--summarize`` with no
+    ``--file``/``--config`` rebuilds the report of)."""
+    path = os.path.join(report, "study.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            d = json.load(f)
+    except FileNotFoundError:
+        raise StudyError(f"no configurations: give --file or at least one --config NAME=ARGS (--summarize alone "
+                         f"reads the study of {path}, which is not there)") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise StudyError(f"{path}: {e}") from None
+    if not isinstance(d, dict) or not isinstance(d.get("configs"), dict) or not d["configs"]:
+        raise StudyError(f"{path}: expected a JSON object with a non-empty 'configs' object")
+    return {k: d[k] for k in ("name", "seeds", "common", "configs") if k in d}
+
+
+def make_study(file: Union[str, Dict[str, Any], None] = None, configs: Sequence[str] = (), seeds: Optional[Sequence[int]] = None,
                common: Optional[str] = None, name: Optional[str] = None) -> Dict[str, Any]:
-    """The study as ``{"name", "seeds", "common", "configs": {name: [args]}}`` from a file and/or
-    flags (flags add configurations and override the file's seeds / common arguments)."""
-    d = load_study(file) if file else {"configs": {}}
+    """The study as ``{"name", "seeds", "common", "configs": {name: [args]}}`` from a file (its path,
+    or its content as :func:`saved_study` returns it) and/or flags (flags add configurations and
+    override the file's seeds / common arguments)."""
+    d = load_study(file) if isinstance(file, str) else (file or {"configs": {}})
     out_configs: Dict[str, List[str]] = {}
     for k, v in d["configs"].items():
         out_configs[str(k)] = _as_args(v, f"configuration {k!r}")
@@ -117,7 +143,7 @@ def make_study(file: Optional[str] = None, configs: Sequence[str] = (), seeds: O
             raise StudyError(f"--config {c!r}: empty name")
         if k.strip() in out_configs:
             raise StudyError(f"configuration {k.strip()!r} is given twice")
-        out_configs[k.strip()] = shlex.split(v)
+        out_configs[k.strip()] = _split(v, f"--config {c!r}")
     if not out_configs:
         raise StudyError("no configurations: give --file or at least one --config NAME=ARGS")
     seeds = seeds if seeds else d.get("seeds", [0, 1, 2])
@@ -129,7 +155,7 @@ def make_study(file: Optional[str] = None, configs: Sequence[str] = (), seeds: O
     seeds = list(seeds)
     if len(set(seeds)) != len(seeds):
         raise StudyError(f"seeds repeat: {seeds}")
-    common_args = shlex.split(common) if common is not None else _as_args(d.get("common", []), "common")
+    common_args = _split(common, "--common") if common is not None else _as_args(d.get("common", []), "common")
     for k, args in list(out_configs.items()) + [("common", common_args)]:
         bad = [a for a in args if a.split("=", 1)[0] in RESERVED]
         if bad:
@@ -144,19 +170,30 @@ def make_study(file: Optional[str] = None, configs: Sequence[str] = (), seeds: O
 
 
 def check_cell_args(study: Dict[str, Any]) -> None:
-    """Every configuration's daal-train arguments parse (an unknown flag, ``--epochs x``):
-    :class:`StudyError` naming the configuration before any cell runs (a cell that failed on
-    them would fail again on every retry)."""
-    from .cli import UsageError, build_parser
+    """Every configuration's daal-train arguments parse (an unknown flag, ``--epochs x``) and hold
+    values daal-train accepts (``--lr -1``; checks that need no device or data): :class:`StudyError`
+    naming the configuration before any cell runs (a cell that failed on them would fail again on
+    every retry). Arguments with ``--config FILE`` are only parsed (the file completes them)."""
+    from .cli import UsageError, build_parser, config_from_args
+    from .config import _check_loss, check_choices, check_numbers
 
     for name, args in study["configs"].items():
         full = list(study["common"]) + list(args)
         if any(a in ("-h", "--help") for a in full):  # argparse would print daal-train's help and exit 0
             raise StudyError(f"configuration {name!r}: -h/--help is no training argument")
         try:
-            build_parser().parse_args(full)
+            parsed = build_parser().parse_args(full)
         except UsageError as e:
             raise StudyError(f"configuration {name!r}: its daal-train arguments do not parse: {e}") from None
+        if parsed.config is not None:
+            continue
+        try:
+            cfg = config_from_args(parsed)
+            check_numbers(cfg)
+            check_choices(cfg)
+            _check_loss(cfg)
+        except (UsageError, ValueError) as e:  # ConfigError is a ValueError
+            raise StudyError(f"configuration {name!r}: daal-train would refuse it: {e}") from None
 
 
 def expand(study: Dict[str, Any]) -> List[Dict[str, Any]]:
@@ -674,7 +711,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tsne-seed", type=int, default=None, help="seed whose runs the t-SNE shows (default: the first)")
     p.add_argument("--no-plots", dest="plots", action="store_false", help="table only")
     p.add_argument("--no-tsne", dest="tsne", action="store_false", help="skip the t-SNE panels")
-    p.add_argument("--summarize", action="store_true", help="run nothing: rebuild the report from finished cells")
+    p.add_argument("--summarize", action="store_true",
+                   help="run nothing: rebuild the report from finished cells (with no --file/--config: the study "
+                        "recorded in the report folder's study.json)")
     p.add_argument("--dry-run", action="store_true",
                    help="print the cells' commands and whether they are done (writes nothing)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
@@ -770,7 +809,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args = build_parser().parse_args(argv)
-        study = make_study(args.file, args.config, args.seeds, args.common, args.name)
+        file = args.file
+        if args.summarize and file is None and not args.config and (args.report or args.out):
+            file = saved_study(args.report or args.out)  # the study the report was made of
+        study = make_study(file, args.config, args.seeds, args.common, args.name)
         check_cell_args(study)
         unknown = [c for c in args.first if c not in study["configs"]]
         if unknown:

@@ -77,6 +77,9 @@ def test_eval_never_replaces_files_unasked(run_dir, tmp_path, error_line):
     assert cli.eval_main(argv + ["--overwrite"]) == 0
     assert json.load(open(ev / "eval.json"))["dataset"] == "shapes"
     assert (ev / "tsne_eval.png").read_bytes()[:4] == b"\x89PNG"
+    # --overwrite --no-tsne: no plot of an earlier evaluation stays beside the new eval.json
+    assert cli.eval_main(argv + ["--overwrite", "--no-tsne"]) == 0
+    assert sorted(os.listdir(ev)) == ["eval.json"]
 
 
 def test_default_out_next_to_the_checkpoint_is_not_replaced(run_dir, error_line):

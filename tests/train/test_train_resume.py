@@ -397,6 +397,85 @@ def test_a_run_stopped_after_its_last_checkpoint_finishes_without_a_second_recor
     assert "trained (daal, epoch 1)" in open(os.path.join(out, "results.txt")).read()
 
 
+def _interrupt(*_, **__):
+    raise KeyboardInterrupt
+
+
+def test_a_run_stopped_while_plotting_is_completed_by_resume(tmp_path, monkeypatch, capsys):
+    """Ctrl-C while the plots are drawn (after the table is printed): results.txt is not there, so
+    the advice printed (--resume) draws the plots and writes it."""
+    from daal_triton.train import plots
+
+    out = str(tmp_path / "o")
+    with monkeypatch.context() as m:
+        m.setattr(plots, "training_curves", _interrupt)
+        assert cli.main(TINY + ["--epochs", "1", "--out", out]) == 130
+    said = capsys.readouterr()
+    assert "trained (daal, epoch 1)" in said.out  # printed before the plots
+    assert f"while writing the outputs: continue from its last checkpoint with daal-train --resume {_last(out)}" \
+        in said.out + said.err
+    assert not os.path.exists(os.path.join(out, "results.txt"))
+    assert cli.main(["--resume", _last(out), "--no-progress"]) == 0
+    assert "is finished" not in capsys.readouterr().out
+    assert os.path.isfile(os.path.join(out, "training_curves.png"))
+    assert "trained (daal, epoch 1)" in open(os.path.join(out, "results.txt")).read()
+    assert [r["epoch"] for r in _records(out)] == [1]
+
+
+def test_an_extended_run_stopped_before_its_table_is_completed_by_resume(one_epoch, tmp_path, monkeypatch, capsys):
+    """--resume --epochs 2 of a finished 1-epoch run, stopped after epoch 2's checkpoint: the folder
+    still holds epoch 1's results.txt, which must not make the run read as finished."""
+    from daal_triton.train import run as R
+
+    out = _copy(one_epoch, tmp_path)
+    with monkeypatch.context() as m:
+        m.setattr(R, "finish", _interrupt)
+        assert cli.main(["--resume", _last(out), "--epochs", "2", "--no-progress"]) == 130
+    assert _ck(out)["epoch"] == 2 and R.results_epoch(os.path.join(out, "results.txt")) == 1
+    capsys.readouterr()
+    assert cli.main(["--resume", _last(out), "--no-progress"]) == 0
+    assert "is finished" not in capsys.readouterr().out
+    assert R.results_epoch(os.path.join(out, "results.txt")) == 2
+    assert [r["epoch"] for r in _records(out)] == [1, 2]
+    before = {n: open(os.path.join(out, n), "rb").read() for n in os.listdir(out)}
+    assert cli.main(["--resume", _last(out), "--no-progress"]) == 0  # now it is finished
+    assert "is finished" in capsys.readouterr().out
+    assert {n: open(os.path.join(out, n), "rb").read() for n in os.listdir(out)} == before
+
+
+def test_a_run_stopped_between_its_checkpoints_keeps_the_best_one(tmp_path, monkeypatch):
+    """Stopped right after an epoch's first checkpoint is written: after --resume, checkpoint_best.pt
+    is the epoch with the best Recall@1 in metrics.jsonl (not an earlier one, which it was when
+    checkpoint_last.pt came first: the history then held a best that no checkpoint had)."""
+    from daal_triton.train import evaluate as E
+    from daal_triton.train import run as R
+
+    calls = []
+    real_metrics, real_save = E.all_metrics, R._save
+
+    def rising(*a, **k):  # every evaluation better than the one before
+        m = real_metrics(*a, **k)
+        calls.append(1)
+        return {**m, "recall@1": len(calls) / 10}
+
+    def stop_in_epoch_2(state, name, **k):
+        real_save(state, name, **k)
+        if state.epoch == 2 and not stop_in_epoch_2.done:
+            stop_in_epoch_2.done = True
+            raise KeyboardInterrupt
+
+    stop_in_epoch_2.done = False
+    monkeypatch.setattr(E, "all_metrics", rising)
+    out = str(tmp_path / "o")
+    with monkeypatch.context() as m:
+        m.setattr(R, "_save", stop_in_epoch_2)
+        assert cli.main(TINY + ["--epochs", "2", "--eval-every", "1", "--out", out]) == 130
+    assert cli.main(["--resume", _last(out), "--no-progress"]) == 0
+    trained = [r for r in _records(out) if r["model"] == "trained" and r.get("recall@1") is not None]
+    best = max(trained, key=lambda r: r["recall@1"])
+    assert best["epoch"] == 2 and _ck(out, "checkpoint_best.pt")["epoch"] == 2, (trained, _ck(out, "checkpoint_best.pt")["epoch"])
+
+
 def test_resume_uses_this_devices_optimizer_implementation(one_epoch, tmp_path):
     # a checkpoint saved by fused AdamW (a CUDA run) resumed on the CPU: the CPU's default AdamW,
     # as a fresh CPU run has, not the saved flag (load_state_dict keeps the saved groups' flags)

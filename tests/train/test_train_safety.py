@@ -279,6 +279,49 @@ def test_ctrl_c_before_the_first_checkpoint(tmp_path, capsys, monkeypatch, error
     assert cli.main(TINY + ["--out", out, "--overwrite"]) == 0
 
 
+def test_ctrl_c_in_a_run_resumed_into_a_new_folder_gives_advice_that_works(tmp_path, capsys, monkeypatch,
+                                                                           error_line):
+    """Stopped before the new folder's first checkpoint: --overwrite is no resume's flag and the
+    folder is no longer empty, so the advice is the same command with another --out."""
+    src = str(tmp_path / "src")
+    assert cli.main(TINY + ["--epochs", "3", "--stop-after", "1", "--no-baselines", "--out", src]) == 0
+    last = os.path.join(src, "checkpoint_last.pt")
+    before = open(last, "rb").read()
+    branch = str(tmp_path / "branch")
+    _interrupt_in_epoch(monkeypatch, 2)
+    assert _main_interrupted(["--resume", last, "--out", branch, "--no-progress"]) == 130
+    err = capsys.readouterr().err
+    assert "resume again with the same command and another (empty) --out" in err and "nothing to resume" not in err
+    assert f"this attempt left config.json, metrics.jsonl in {branch}" in err, err
+    assert open(last, "rb").read() == before
+    monkeypatch.undo()
+    assert cli.main(["--resume", last, "--out", branch, "--no-progress"]) == 2  # as the message says
+    assert "is not empty" in error_line("daal-train")
+    assert cli.main(["--resume", last, "--out", str(tmp_path / "branch2"), "--no-progress"]) == 0
+
+
+def test_a_second_daal_train_writing_the_same_folder_is_refused(run_dir, tmp_path, error_line):
+    """daal-train holds a lock on --out while it writes (a daal-study killed hard leaves its cell
+    running; the study started again resumes that cell): another daal-train there, resuming or
+    overwriting, is refused before it changes anything."""
+    import fcntl
+
+    out = str(tmp_path / "held")
+    shutil.copytree(run_dir, out)
+    before = {n: open(os.path.join(out, n), "rb").read() for n in os.listdir(out)}
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as the running daal-train holds it
+        for argv in (["--resume", os.path.join(out, "checkpoint_last.pt"), "--epochs", "2", "--no-progress"],
+                     TINY + ["--out", out, "--overwrite"]):
+            assert cli.main(argv) == 2, argv
+            assert "another daal-train is writing this run" in error_line("daal-train")
+            assert {n: open(os.path.join(out, n), "rb").read() for n in os.listdir(out)} == before
+    finally:
+        os.close(fd)
+    assert cli.main(["--resume", os.path.join(out, "checkpoint_last.pt"), "--epochs", "2", "--no-progress"]) == 0
+
+
 def test_empty_out_is_one_error_line(error_line):
     assert cli.main(TINY + ["--out", ""]) == 2
     assert "--out" in error_line("daal-train")

@@ -107,6 +107,10 @@ def _recording_run(ran):
     return fake_run
 
 
+def _rows(table):
+    return [line for line in table.splitlines() if line.startswith("|")]
+
+
 def test_resume_skips_finished_cells(tmp_path, monkeypatch):
     out = str(tmp_path / "study")
     st = S.make_study(None, ["A=--epochs 1", "B=--epochs 2"], seeds=[0, 1])
@@ -126,6 +130,11 @@ def test_resume_skips_finished_cells(tmp_path, monkeypatch):
     ran.clear()
     assert S.main(argv) == 0  # everything finished: nothing runs, nothing is appended twice
     assert ran == [] and len(S._read_jsonl(os.path.join(out, "runs.jsonl"))) == 4
+    # --summarize with only --out: the study its study.json records, the same table
+    table = open(os.path.join(out, "table.md")).read()
+    os.remove(os.path.join(out, "table.md"))
+    assert S.main(["--summarize", "--out", out, "--no-progress", "--no-plots"]) == 0
+    assert ran == [] and _rows(open(os.path.join(out, "table.md")).read()) == _rows(table)
     # an unfinished cell without a checkpoint is moved aside (kept), not deleted
     d = S.cell_dir(out, dict(config="C", slug="c", seed=0))
     os.makedirs(d)
@@ -177,9 +186,9 @@ def test_a_command_where_nothing_finishes_keeps_the_report(tmp_path, monkeypatch
     report = ("table.md", "study.json", "metrics.png", "r1_vs_subcluster_nmi.png", "runs.jsonl")
     before = {n: open(os.path.join(out, n), "rb").read() for n in report}
     monkeypatch.setattr(S, "run_cell", _failing_cell)
-    assert S.main(["--config", "B=--epochs -1", "--seeds", "5"] + flags) == 1  # the cell fails: nothing new
+    assert S.main(["--config", "B=--epochs 3", "--seeds", "5"] + flags) == 1  # the cell fails: nothing new
     assert {n: open(os.path.join(out, n), "rb").read() for n in report} == before
-    assert S.main(["--config", "A=--epochs -1", "--seeds", "5"] + flags) == 2  # A's runs had other arguments
+    assert S.main(["--config", "A=--epochs 3", "--seeds", "5"] + flags) == 2  # A's runs had other arguments
     assert {n: open(os.path.join(out, n), "rb").read() for n in report} == before
     # a command that adds a run reports every finished run of --out; the first configuration stays first
     monkeypatch.setattr(S, "run_cell", _fake_cell)
@@ -280,6 +289,8 @@ def test_study_flags_out_of_range_and_reserved_cell_flags_are_one_line(tmp_path,
     # --dry-run: a check that lets one through must not start real cells
     seeds_bool = tmp_path / "seeds_bool.json"
     seeds_bool.write_text('{"configs": {"A": []}, "seeds": [true, false]}')
+    quote = tmp_path / "quote.json"
+    quote.write_text('{"configs": {"A": "--lr \'x"}}')
     out = tmp_path / "o"
     cases = [(["--config", "A=", "--jobs", "0"], "--jobs and --threads must be >= 1"),
              (["--config", "A=", "--threads", "0"], "--jobs and --threads must be >= 1"),
@@ -288,7 +299,13 @@ def test_study_flags_out_of_range_and_reserved_cell_flags_are_one_line(tmp_path,
              (["--common=--out=x", "--config", "A="], "'common': --out=x is set by the study"),
              (["--file", str(seeds_bool)], "seeds must be a non-empty list of integers"),
              (["--config", "A=", "--first", "B"], "--first 'B': no such configuration"),
-             (["--config", "A=", "--seeds", "2", "-1"], "seeds must be >= 0 (daal-train's --seed)")]
+             (["--config", "A=", "--seeds", "2", "-1"], "seeds must be >= 0 (daal-train's --seed)"),
+             (["--config", "A=--lr 'x"], "--config \"A=--lr 'x\": No closing quotation"),
+             (["--common", "--lr 'x", "--config", "A="], "--common: No closing quotation"),
+             (["--file", str(quote)], "configuration 'A': No closing quotation"),
+             (["--config", "A=--lr -1"], "configuration 'A': daal-train would refuse it: --lr must be > 0"),
+             (["--common", "--epochs 0", "--config", "A="], "configuration 'A': daal-train would refuse it: --epochs"),
+             (["--summarize"], "--summarize alone reads the study of")]  # no study.json in --out
     for argv, words in cases:
         seeds = [] if "--file" in argv or "--seeds" in argv else ["--seeds", "0"]
         assert S.main(argv + seeds + ["--out", str(out), "--dry-run", "--no-progress"]) == 2, argv

@@ -173,6 +173,10 @@ def test_help_texts_name_the_right_settings():
     for flag in ("--threads", "--no-amp"):  # not stored in a checkpoint / a switch
         assert "the checkpoint's" not in actions[flag].help, flag
     assert "the checkpoint's" in actions["--amp"].help and "the checkpoint's" in actions["--device"].help
+    # daal-eval initialises no model and draws no batches: its seed draws the metrics' k-means and the t-SNE
+    assert "initialisation" not in actions["--seed"].help and "k-means" in actions["--seed"].help
+    train = {a.option_strings[0]: a for a in cli.build_parser()._actions if a.option_strings}
+    assert "initialisation" in train["--seed"].help
 
 
 def test_help_says_what_the_defaults_are():
