@@ -33,7 +33,9 @@ import torch
 
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
-    if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+    from daal_triton.backend import interpreter_on
+
+    if "triton" in sys.modules and not interpreter_on():
         raise RuntimeError("triton was imported before bench/conftest.py could set TRITON_INTERPRET=1")
     os.environ.setdefault("TRITON_INTERPRET", "1")
 

@@ -16,7 +16,9 @@ def tests_on_path() -> None:
 def strict_interpreter() -> None:
     """Under ``TRITON_INTERPRET=1``: a launch keyword that is neither a kernel parameter nor a
     compile option raises (the interpreter alone drops it). Nothing on a GPU."""
-    if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+    from daal_triton.backend import interpreter_on
+
+    if not interpreter_on():
         return
     tests_on_path()
     from daal_testing import strict_interpreter_launches

@@ -41,7 +41,9 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--calls", type=int, default=40)
     a = p.parse_args(argv)
-    if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+    from daal_triton.backend import interpreter_on
+
+    if not interpreter_on():
         if "triton" in sys.modules:
             raise SystemExit("needs TRITON_INTERPRET=1 before triton is imported")
         os.environ["TRITON_INTERPRET"] = "1"

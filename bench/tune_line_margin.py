@@ -249,7 +249,9 @@ def tune(out_path: str, *, shape=(1024, 100_000, 512), dtypes=("bf16", "fp32"), 
 
 def interpret_without_gpu() -> None:
     """For a ``--smoke`` run: Triton's interpreter when there is no GPU (also bench/tune_knn.py)."""
-    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+    from daal_triton.backend import interpreter_on
+
+    if not torch.cuda.is_available() and not interpreter_on():
         if "triton" in sys.modules:
             raise SystemExit("--smoke needs TRITON_INTERPRET=1 before triton is imported")
         os.environ["TRITON_INTERPRET"] = "1"

@@ -22,8 +22,14 @@ def triton_available() -> bool:
     return _TRITON_INSTALLED
 
 
+#: The values of ``TRITON_INTERPRET`` that turn Triton's interpreter on, as Triton (3.4 and later,
+#: ``triton.knobs``) reads them, case aside: ``0``, ``false``, ``off``, ``no`` and anything else are off.
+INTERPRET_ON = ("1", "true", "on", "yes", "y")
+
+
 def interpreter_on() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """Whether ``TRITON_INTERPRET`` asks for Triton's interpreter (read as Triton reads it)."""
+    return os.environ.get("TRITON_INTERPRET", "").lower() in INTERPRET_ON
 
 
 _interpreter_ready = False
@@ -46,18 +52,27 @@ def interpreter_set_too_late() -> bool:
     return False
 
 
+def _functorch_active() -> bool:
+    check = getattr(torch._C, "_are_functorch_transforms_active", None)
+    return bool(check()) if check is not None else False
+
+
 def triton_reason(device: torch.device, dtype: torch.dtype = torch.float32) -> str:
     """Why Triton cannot run on ``device`` for ``dtype`` inputs (empty when it can)."""
     if dtype == torch.float64:
         return "float64 inputs run on the reference backend (the kernels compute in float32)"
+    if _functorch_active():
+        return ("torch.func transforms (grad, vjp, jacrev, vmap, ...) run on the reference backend (the "
+                "kernels read the tensors' storage, which a transform's wrapped tensors do not expose)")
     if not triton_available():
         return "triton is not installed"
     if device.type == "cuda":
         return ""
     if device.type == "cpu" and interpreter_on():
         if interpreter_set_too_late():
-            return ("TRITON_INTERPRET=1 was set after triton was imported: Triton's interpreter is "
-                    "chosen at import, so set it before importing triton (or daal_triton)")
+            return (f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')} is set but Triton's interpreter is "
+                    "not active: it is chosen when triton is imported, so set TRITON_INTERPRET=1 before "
+                    "importing triton (or daal_triton)")
         return ""
     return (f"tensors are on {device.type!r}: Triton runs CUDA tensors, or CPU tensors under "
             "TRITON_INTERPRET=1 set before triton is imported")

@@ -20,8 +20,16 @@ def init_segments(num_classes: int, embedding_dim: int, *, length: float = 0.2,
     sphere are nearly orthogonal in high dimension, so classes start well apart; the short
     segment (``length`` < ``l_max``) leaves room to grow along the class's main mode of variation.
     Drawn in float64, returned in the default dtype (``torch.get_default_dtype()``, as
-    ``nn.Linear``'s weights).
+    ``nn.Linear``'s weights). ``num_classes`` and ``embedding_dim`` are integers >= 1, ``length``
+    a finite number >= 0 (a ``ValueError`` names the argument otherwise).
     """
+    num_classes = as_int(num_classes, "num_classes")
+    embedding_dim = as_int(embedding_dim, "embedding_dim")
+    length = as_float(length, "length")
+    if length < 0:
+        raise ValueError(f"length must be >= 0, got {length!r}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise ValueError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
     o = torch.randn(num_classes, embedding_dim, generator=generator, dtype=torch.float64)
     o = o / o.norm(dim=1, keepdim=True).clamp_min(1e-12)
     v = torch.randn(num_classes, embedding_dim, generator=generator, dtype=torch.float64)

@@ -17,7 +17,7 @@ from typing import Tuple, Union
 
 import torch
 
-from .validation import as_int, check_float_matrix, check_labels
+from .validation import FLOAT_DTYPES, as_int, check_float_matrix, check_labels
 
 
 class MemoryBank:
@@ -30,8 +30,9 @@ class MemoryBank:
     def __init__(self, size: int, dim: int, *, device: Union[str, torch.device] = "cpu",
                  dtype: torch.dtype = torch.float32) -> None:
         size, dim = as_int(size, "size"), as_int(dim, "dim")
-        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-            raise ValueError(f"dtype must be a floating torch.dtype (the bank's storage precision), got {dtype!r}")
+        if dtype not in FLOAT_DTYPES:
+            raise ValueError(f"dtype must be torch.float16, bfloat16, float32 or float64 (the bank's storage "
+                             f"precision), got {dtype!r}")
         self.size, self.dim = size, dim
         self.embeddings = torch.zeros(size, dim, device=device, dtype=dtype)
         self.labels = torch.full((size,), -1, device=device, dtype=torch.long)

@@ -22,9 +22,10 @@ CHECK_VALUES_ENV = "DAAL_CHECK_VALUES"
 
 def value_checks_on(device: torch.device, check_values: Optional[bool] = None) -> bool:
     """Whether the value checks run for tensors on ``device``: always on the CPU; elsewhere
-    ``check_values``, or when it is None the environment variable ``DAAL_CHECK_VALUES``."""
+    ``check_values``, or when it is None the environment variable ``DAAL_CHECK_VALUES``. Never
+    on the meta device (no values to read) nor while ``torch.compile`` traces."""
     check_flag(check_values, "check_values")
-    if _is_tracing():
+    if _is_tracing() or device.type == "meta":
         return False
     if device.type == "cpu":
         return True
@@ -40,14 +41,24 @@ def _is_tracing() -> bool:
         return False
 
 
+#: The floating dtypes the loss computes with (float8 has no arithmetic in torch: it would fail
+#: deep inside, or be promoted without a rule).
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_float_dtype(dtype, name: str) -> None:
+    if dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{name} must be float16, bfloat16, float32 or float64, got dtype {dtype}")
+
+
 def check_float_matrix(t, name: str, *, ndim: int = 2, values: bool = True) -> None:
-    """``t`` is a floating tensor of ``ndim`` dimensions (with finite values, when ``values``)."""
+    """``t`` is a float16/bfloat16/float32/float64 tensor of ``ndim`` dimensions (with finite values,
+    when ``values``)."""
     if not isinstance(t, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.ndim != ndim:
         raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
-    if not t.is_floating_point():
-        raise ValueError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+    check_float_dtype(t.dtype, name)
     if values:
         check_finite(t, name)
 
@@ -73,7 +84,10 @@ def check_labels(labels, name: str, size: int, num_classes: Optional[int], *, va
     if labels.shape[0] != size:
         raise ValueError(f"{name} must have {size} entries (one per row), got {labels.shape[0]}")
     if values and num_classes is not None and labels.numel():
-        lo, hi = int(labels.min()), int(labels.max())
+        wide = labels.long()  # torch has no min/max for uint16/32/64; the loss reads labels as int64
+        lo, hi = int(wide.min()), int(wide.max())
+        if labels.dtype == torch.uint64 and lo < 0:  # wrapped: above int64's range
+            raise ValueError(f"{name} must lie in [0, {num_classes}), got values above 2**63 - 1")
         if lo < 0 or hi >= num_classes:
             raise ValueError(f"{name} must lie in [0, {num_classes}), got values in [{lo}, {hi}]")
 
@@ -135,6 +149,8 @@ def validate_loss_inputs(
     check_float_matrix(embeddings, "embeddings", values=values)
     if embeddings.shape[0] < 1:
         raise ValueError("embeddings must have at least one row")
+    if embeddings.shape[1] < 1:
+        raise ValueError("embeddings must have at least one column (D >= 1)")
     check_float_matrix(segments, "segments", ndim=3, values=values)
     num_classes, two, dim = segments.shape
     if two != 2 or num_classes < 1:

@@ -111,7 +111,9 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cases", type=int, default=100)
     a = p.parse_args(argv)
-    if os.environ.get("TRITON_INTERPRET", "0") in ("", "0") and "triton" not in sys.modules:
+    from daal_triton.backend import interpreter_on
+
+    if not interpreter_on() and "triton" not in sys.modules:
         import torch
         if not torch.cuda.is_available():
             os.environ["TRITON_INTERPRET"] = "1"

@@ -7,7 +7,10 @@ argument and configuration checks; each run against the tests of its subject) fo
 passing every test; a test was then written for each. A third audit (2026-12-03, the kNN, line
 margin and pairwise launchers, the loss glue and the reference's density steps) left its tests
 but not its mutant lists: 33 mutants were written again for those tests, 32 of which pass the test
-files as they stood before (the 33rd was already caught) and are kept here.
+files as they stood before (the 33rd was already caught) and are kept here. A user's-eye probe of
+the public API and the training programs (2026-12-03) found defects the suite let through (a
+resumed run read as finished, unsigned labels, TRITON_INTERPRET=false, float8, torch.func, study
+arguments); each fix came with a test and the mutant that undoes it.
 
 This script checks that they stay caught:
 in a scratch clone of the working tree it applies one mutant at a time (an exact text
@@ -260,6 +263,36 @@ MUTANTS: Tuple[Mutant, ...] = (
            "if cfg.stop_after is not None and cfg.stop_after <= epoch < cfg.epochs:",
            "if cfg.stop_after is not None and cfg.stop_after < epoch < cfg.epochs:",
            ("tests/train/test_train_resume.py", "-k", "stop_after_at_the_checkpoint")),
+    Mutant("run_finished_by_any_results", "daal_triton/train/run.py",
+           'results_epoch(os.path.join(cfg.out, "results.txt")) == epoch and',
+           'os.path.isfile(os.path.join(cfg.out, "results.txt")) and',
+           ("tests/train/test_train_resume.py", "-k", "extended_run_stopped_before_its_table")),
+    Mutant("run_results_before_plots", "daal_triton/train/run.py",
+           "    print(text)\n    try:\n        plots.training_curves(",
+           '    print(text)\n    open(state.path("results.txt"), "w").write(text)\n    try:\n        plots.training_curves(',
+           ("tests/train/test_train_resume.py", "-k", "stopped_while_plotting")),
+    Mutant("run_last_before_best", "daal_triton/train/run.py",
+           '        _save(state, "checkpoint_best.pt", full=False)\n    _save(state, "checkpoint_last.pt", full=True)\n',
+           '        _save(state, "checkpoint_best.pt", full=False)\n',
+           ("tests/train/test_train_resume.py", "-k", "between_its_checkpoints")),
+    Mutant("labels_unsigned_min", "daal_triton/validation.py", "        wide = labels.long()  #",
+           "        wide = labels  #", ("tests/package/test_validation.py", "-k", "label_dtype")),
+    Mutant("interpret_any_value_on", "daal_triton/backend.py",
+           'return os.environ.get("TRITON_INTERPRET", "").lower() in INTERPRET_ON',
+           'return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")',
+           ("tests/package/test_validation.py", "-k", "read_as_triton_reads")),
+    Mutant("functorch_on_kernels", "daal_triton/backend.py", "    if _functorch_active():\n",
+           "    if False:\n", ("tests/package/test_validation.py", "-k", "func_transforms")),
+    Mutant("float8_accepted", "daal_triton/validation.py", "    check_float_dtype(t.dtype, name)",
+           "    if not t.is_floating_point():\n        raise ValueError(name)",
+           ("tests/package/test_validation.py", "-k", "float8")),
+    Mutant("init_segments_nan_length", "daal_triton/loss.py", '    length = as_float(length, "length")\n',
+           "", ("tests/package/test_loss_module.py", "-k", "init_segments_names")),
+    Mutant("study_cell_values_unchecked", "daal_triton/train/study.py", "            check_numbers(cfg)\n", "",
+           ("tests/train/test_train_study.py", "-k", "out_of_range")),
+    Mutant("study_summarize_needs_configs", "daal_triton/train/study.py",
+           "        if args.summarize and file is None and not args.config and (args.report or args.out):",
+           "        if False:", ("tests/train/test_train_study.py", "-k", "skips_finished")),
     Mutant("study_jobs_zero", "daal_triton/train/study.py", "if args.jobs < 1 or (", "if args.jobs < 0 or (",
            ("tests/train/test_train_study.py", "-k", "out_of_range")),
     Mutant("study_threads_zero", "daal_triton/train/study.py", "(args.threads is not None and args.threads < 1)",

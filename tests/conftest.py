@@ -19,7 +19,9 @@ HAS_GPU = torch.cuda.is_available()
 
 
 def pytest_configure(config):
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    from daal_triton.backend import interpreter_on
+
+    if interpreter_on():
         from daal_testing import strict_interpreter_launches
 
         strict_interpreter_launches()  # what the GPU JIT refuses fails here too

@@ -1,4 +1,5 @@
 """DAALLoss: the module users train with."""
+import numpy as np
 import pytest
 import torch
 
@@ -121,6 +122,25 @@ def test_init_length_bounds():
     assert torch.allclose(loss.segments[:, 0].norm(dim=1), torch.ones(3))
     with pytest.raises(ValueError, match="init_length must be >= 0"):
         dt.DAALLoss(3, 5, init_length=-0.1)
+
+
+@pytest.mark.parametrize("args,kw,message", [
+    ((0, 4), {}, "num_classes must be an integer >= 1"),
+    ((-1, 4), {}, "num_classes must be an integer >= 1"),
+    ((2.5, 4), {}, "num_classes must be an integer >= 1"),
+    ((3, 0), {}, "embedding_dim must be an integer >= 1"),
+    ((3, True), {}, "embedding_dim must be an integer >= 1"),
+    ((3, 4), {"length": float("nan")}, "length must be a finite number"),
+    ((3, 4), {"length": "0.2"}, "length must be a finite number"),
+    ((3, 4), {"length": -1.0}, "length must be >= 0"),
+    ((3, 4), {"generator": 0}, "generator must be a torch.Generator or None"),
+])
+def test_init_segments_names_a_bad_argument(args, kw, message):
+    """The public ``init_segments`` checks what ``DAALLoss`` checks: a NaN length would otherwise
+    give NaN segments silently, a negative count torch's "negative dimension"."""
+    with pytest.raises(ValueError, match=message):
+        dt.init_segments(*args, **kw)
+    assert dt.init_segments(np.int64(3), np.int32(4), length=np.float32(0.0)).shape == (3, 2, 4)
 
 
 def test_unchecked_miner_indices_outside_the_batch_count_for_no_sample(monkeypatch):

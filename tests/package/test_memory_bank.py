@@ -77,7 +77,7 @@ def test_bank_inputs_are_checked_and_meet_the_batch():
         bank.enqueue(torch.randn(2, 3), torch.tensor([0.0, 1.7]))
     with pytest.raises(ValueError, match="labels must be a torch.Tensor"):
         bank.enqueue(torch.randn(2, 3), [0, 1])
-    with pytest.raises(ValueError, match="embeddings must be a floating-point"):
+    with pytest.raises(ValueError, match="embeddings must be float16, bfloat16, float32 or float64"):
         bank.enqueue(torch.ones(2, 3, dtype=torch.long), torch.tensor([0, 1]))
     rows = torch.randn(4, 3)
     bank.enqueue(rows, torch.arange(4))
@@ -94,7 +94,7 @@ def test_bank_inputs_are_checked_and_meet_the_batch():
         bank.with_batch(torch.randn(2, 4), torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="labels must have 2 entries"):
         bank.with_batch(torch.randn(2, 3), torch.tensor([0, 1, 2]))
-    with pytest.raises(ValueError, match="dtype must be a floating torch.dtype"):
+    with pytest.raises(ValueError, match="dtype must be torch.float16, bfloat16, float32 or float64"):
         MemoryBank(4, 3, dtype=torch.long)  # stored 0.4, 1.7, -2.9 as 0, 1, -2
 
 

@@ -38,7 +38,7 @@ def test_loss_errors_name_the_argument(backend):
     raises("labels must be an integer tensor", f, z, y.float(), seg)
     raises("labels must be an integer tensor, got dtype torch.bool", f, z, y > 0, seg)
     raises("labels must be an integer tensor, got dtype torch.complex64", f, z, y.to(torch.complex64), seg)
-    raises("embeddings must be a floating-point", f, z.long(), y, seg)
+    raises("embeddings must be float16, bfloat16, float32 or float64, got dtype torch.int64", f, z.long(), y, seg)
     bad = z.clone(); bad[2, 1] = float("nan")
     raises("embeddings contains NaN or inf", f, bad, y, seg)
     bad = z.clone(); bad[0, 0] = float("inf")
@@ -91,7 +91,7 @@ def test_knn_and_pairwise_errors():
            query_labels=torch.zeros(4, dtype=torch.long))
     raises("ref_labels must have 5 entries", dt.knn, q, r, 2, query_labels=torch.zeros(4, dtype=torch.long),
            ref_labels=torch.zeros(3, dtype=torch.long))
-    raises("query must be a floating-point", dt.knn, q.int(), r, 2)
+    raises("query must be float16, bfloat16, float32 or float64", dt.knn, q.int(), r, 2)
     raises("query_labels must have 4 entries", dt.knn, q, r, 2, query_labels=torch.zeros(3, dtype=torch.long),
            ref_labels=torch.zeros(5, dtype=torch.long))
     raises("query contains NaN", dt.knn, torch.full((4, 3), float("nan")), r, 2)
@@ -117,6 +117,38 @@ def test_backend_choice(monkeypatch):
     assert choose_backend("auto", torch.device("cpu")) == "triton"
 
 
+@pytest.mark.interpreter  # CPU tensors on the Triton backend
+def test_torch_func_transforms_run_on_the_reference():
+    """Inside ``torch.func.grad`` "auto" runs the reference (the kernels cannot read a transform's
+    wrapped tensors) and gives the gradient ``.backward()`` gives; a forced "triton" says why."""
+    z, y, seg = good(B=9, C=3, D=5)
+    g = torch.func.grad(lambda e: dt.daal_loss(e, y, seg, k=2))(z)
+    e = z.clone().requires_grad_(True)
+    dt.daal_loss(e, y, seg, k=2, backend="reference").backward()
+    assert torch.equal(g, e.grad)
+    with pytest.raises(ValueError, match="torch.func transforms .* run on the reference backend"):
+        torch.func.grad(lambda e: dt.daal_loss(e, y, seg, k=2, backend="triton"))(z)
+    assert choose_backend("auto", torch.device("cpu")) == "triton"  # outside a transform: the kernels
+
+
+@pytest.mark.interpreter  # "1" means the interpreter runs CPU tensors
+@pytest.mark.parametrize("value,on", [("1", True), ("true", True), ("ON", True), ("yes", True), ("y", True),
+                                      ("0", False), ("false", False), ("off", False), ("no", False), ("", False),
+                                      ("2", False)])
+def test_triton_interpret_is_read_as_triton_reads_it(monkeypatch, value, on):
+    """TRITON_INTERPRET=false (off, no) is off for Triton: the CPU runs the reference, and a forced
+    "triton" says the tensors are on the CPU, not that the variable was set too late."""
+    import triton
+
+    monkeypatch.setenv("TRITON_INTERPRET", value)
+    if hasattr(triton, "knobs"):  # Triton's own reading, where this Triton has one
+        assert bool(triton.knobs.runtime.interpret) == on
+    assert choose_backend("auto", torch.device("cpu")) == ("triton" if on else "reference")
+    if not on:
+        raises("backend='triton' cannot run here: tensors are on 'cpu'", choose_backend, "triton",
+               torch.device("cpu"))
+
+
 def test_interpreter_set_after_triton_is_named(tmp_path):
     """TRITON_INTERPRET=1 set after ``import triton`` (a fresh process): "auto" runs the reference
     and a forced "triton" says why, instead of failing inside the interpreter with "Cannot call
@@ -138,7 +170,59 @@ def test_interpreter_set_after_triton_is_named(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     first, second = out.stdout.strip().splitlines()[-2:]
     assert float(first) == 0.0
-    assert "TRITON_INTERPRET=1 was set after triton was imported" in second
+    assert "TRITON_INTERPRET=1 is set but Triton's interpreter is not active" in second
+    assert "set TRITON_INTERPRET=1 before importing triton" in second
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=pytest.mark.interpreter)])
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int8, torch.int16, torch.uint16, torch.int32, torch.uint32,
+                                   torch.uint64])
+def test_every_integer_label_dtype_gives_the_int64_loss(backend, dtype):
+    """Labels of any integer dtype are class ids (torch has no min/max for uint16/32/64, which the
+    range check must not need); one out of range is a ValueError naming them, in every dtype."""
+    z, y, seg = good(B=7, C=5, D=6)
+    z.requires_grad_(True)
+    want = dt.daal_loss(z, y, seg, backend=backend, k=2, check_values=True)
+    (gwant,) = torch.autograd.grad(want, z)
+    got = dt.daal_loss(z, y.to(dtype), seg, backend=backend, k=2, check_values=True)
+    (g,) = torch.autograd.grad(got, z)
+    assert torch.equal(got, want) and torch.equal(g, gwant)
+    bad = y.clone()
+    bad[3] = 5
+    raises(r"labels must lie in \[0, 5\), got values in \[0, 5\]", dt.daal_loss, z, bad.to(dtype), seg,
+           backend=backend, k=2, check_values=True)
+
+
+def test_uint64_labels_beyond_int64_are_named():
+    z, y, seg = good()
+    raises(r"labels must lie in \[0, 3\), got values above 2\*\*63 - 1", dt.daal_loss, z,
+           torch.tensor([0, 1, 2, 2**64 - 1, 0, 1], dtype=torch.uint64), seg, check_values=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_float8_is_refused_by_name(dtype):
+    """float8 has no arithmetic in torch (isfinite, promotion): named, not a NotImplementedError."""
+    z, y, seg = good()
+    for backend in ("reference", "auto"):
+        raises(f"embeddings must be float16, bfloat16, float32 or float64, got dtype {dtype}", dt.daal_loss,
+               z.to(dtype), y, seg, backend=backend)
+        raises("segments must be float16, bfloat16, float32 or float64", dt.daal_loss, z, y, seg.to(dtype),
+               backend=backend)
+        raises("ref must be float16", dt.knn, z, z.to(dtype), 2, backend=backend)
+    raises("dtype must be torch.float16, bfloat16, float32 or float64", dt.MemoryBank, 4, 4, dtype=dtype)
+
+
+def test_zero_width_embeddings_are_refused():
+    z, y, seg = good()
+    raises(r"embeddings must have at least one column \(D >= 1\)", dt.daal_loss, z[:, :0], y, seg[..., :0])
+
+
+@pytest.mark.parametrize("check_values", [None, True, False])
+def test_meta_tensors_give_the_loss_shape_whatever_the_value_checks(check_values):
+    """Building on the meta device (shape inference) never reads values, even when asked to."""
+    z, y, seg = (t.to("meta") for t in good())
+    loss = dt.daal_loss(z, y, seg, check_values=check_values, backend="reference")
+    assert loss.device.type == "meta" and loss.shape == ()
 
 
 def test_nothing_is_silently_downcast():
