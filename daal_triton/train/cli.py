@@ -311,11 +311,10 @@ def build_eval_parser() -> argparse.ArgumentParser:
                         "(without it, existing files are refused; with --no-tsne an earlier tsne_eval.png is "
                         "removed, as it would not show this evaluation)")
     _add_common(p)
-    for a in p._actions:
+    for a in p._actions:  # unset options keep the checkpoint's values
         if a.dest == "seed":  # nothing is initialised here: it draws the metrics' and the plot's randomness
             a.help = ("seed of the evaluation's random draws: the k-means restarts of NMI and sub-cluster NMI, and "
                       "the t-SNE (the checkpoint's seed reproduces the metrics recorded in training)")
-    for a in p._actions:  # unset options keep the checkpoint's values
         if a.dest not in ("help", "checkpoint", "out", "baselines", "tsne", "progress", "save_embeddings",
                           "overwrite", "threads"):
             a.default = None

@@ -133,12 +133,18 @@ def check_data_root(cfg: TrainConfig) -> None:
                           f"give --dataset as the data set the folder holds ({', '.join(NEEDS_ROOT)})")
 
 
-def validate_config(cfg: TrainConfig, world_size: int, device: torch.device) -> None:
-    """Refuse what cannot run or would mean nothing (:class:`ConfigError`, a ``ValueError``), in
-    a world of ``world_size`` processes on ``device``. Reads no data and writes nothing."""
+def check_settings(cfg: TrainConfig) -> None:
+    """The checks of :func:`validate_config` that need no device, world size or data: the numbers,
+    the choices and the loss's settings (daal-study runs them on every configuration up front)."""
     check_numbers(cfg)
     check_choices(cfg)
     _check_loss(cfg)
+
+
+def validate_config(cfg: TrainConfig, world_size: int, device: torch.device) -> None:
+    """Refuse what cannot run or would mean nothing (:class:`ConfigError`, a ``ValueError``), in
+    a world of ``world_size`` processes on ``device``. Reads no data and writes nothing."""
+    check_settings(cfg)
     for flag, backend in (("--knn-backend", cfg.knn_backend), ("--loss-backend", cfg.loss_backend)):
         check_backend(flag, backend, device)
     if cfg.width is not None and (isinstance(cfg.width, bool) or not isinstance(cfg.width, (int, float))

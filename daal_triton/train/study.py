@@ -94,6 +94,11 @@ def slug(name: str) -> str:
     return s or "config"
 
 
+def _check_configs(d: Any, where: str) -> None:
+    if not isinstance(d, dict) or not isinstance(d.get("configs"), dict) or not d["configs"]:
+        raise StudyError(f"{where}: expected a JSON object with a non-empty 'configs' object")
+
+
 def load_study(path: str) -> Dict[str, Any]:
     """Read a study file (JSON: ``configs`` {name: args}, optional ``seeds``, ``common``, ``name``)."""
     try:
@@ -101,8 +106,7 @@ def load_study(path: str) -> Dict[str, Any]:
             d = json.load(f)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise StudyError(f"--file {path}: {e}") from None
-    if not isinstance(d, dict) or not isinstance(d.get("configs"), dict) or not d["configs"]:
-        raise StudyError(f"--file {path}: expected a JSON object with a non-empty 'configs' object")
+    _check_configs(d, f"--file {path}")
     unknown = set(d) - {"name", "seeds", "common", "configs", "description"}
     if unknown:
         raise StudyError(f"--file {path}: unknown keys {sorted(unknown)}")
@@ -121,8 +125,7 @@ def saved_study(report: str) -> Dict[str, Any]:
                          f"reads the study of {path}, which is not there)") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise StudyError(f"{path}: {e}") from None
-    if not isinstance(d, dict) or not isinstance(d.get("configs"), dict) or not d["configs"]:
-        raise StudyError(f"{path}: expected a JSON object with a non-empty 'configs' object")
+    _check_configs(d, path)
     return {k: d[k] for k in ("name", "seeds", "common", "configs") if k in d}
 
 
@@ -175,7 +178,7 @@ def check_cell_args(study: Dict[str, Any]) -> None:
     naming the configuration before any cell runs (a cell that failed on them would fail again on
     every retry). Arguments with ``--config FILE`` are only parsed (the file completes them)."""
     from .cli import UsageError, build_parser, config_from_args
-    from .config import _check_loss, check_choices, check_numbers
+    from .config import check_settings
 
     for name, args in study["configs"].items():
         full = list(study["common"]) + list(args)
@@ -188,10 +191,7 @@ def check_cell_args(study: Dict[str, Any]) -> None:
         if parsed.config is not None:
             continue
         try:
-            cfg = config_from_args(parsed)
-            check_numbers(cfg)
-            check_choices(cfg)
-            _check_loss(cfg)
+            check_settings(config_from_args(parsed))
         except (UsageError, ValueError) as e:  # ConfigError is a ValueError
             raise StudyError(f"configuration {name!r}: daal-train would refuse it: {e}") from None
 
