@@ -157,7 +157,7 @@ def _problem(dev, n, d):
     distances and the forward's table entry for k = 8."""
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     q = torch.randn(n, d, device=dev, dtype=dtype)
-    flags = dot_flags(dtype)
+    flags = dot_flags(dtype, device=dev)
     return (q, row_sqnorms(q, flags["INPUT_PRECISION"]), flags, 2.0 * n * n * d,
             kk.CONFIGS[kk.family(dtype)][kk.fwd_entry(8)])
 

@@ -1,8 +1,10 @@
 """Which implementation runs: ``"triton"`` (the fused kernels) or ``"reference"`` (plain PyTorch).
 
-``"auto"`` picks Triton for CUDA tensors, and for CPU tensors when ``TRITON_INTERPRET=1`` (Triton's
-interpreter, used by the tests), and the reference otherwise. A forced ``"triton"`` that cannot run
-raises a ``ValueError`` that says why.
+``"auto"`` picks Triton for tensors on an NVIDIA GPU of compute capability 8.0 or later (Ampere,
+the oldest Triton supports), and for CPU tensors when ``TRITON_INTERPRET=1`` (Triton's
+interpreter, used by the tests), and the reference otherwise. A forced ``"triton"`` also runs on
+sm_70/sm_75 GPUs (Volta, Turing: the kernels are built for them by the tests, never run there);
+where it cannot run it raises a ``ValueError`` that says why.
 """
 from __future__ import annotations
 
@@ -52,13 +54,40 @@ def interpreter_set_too_late() -> bool:
     return False
 
 
+#: The oldest NVIDIA GPUs ``"auto"`` runs the kernels on: sm_80 (Ampere), the oldest Triton supports.
+AUTO_CAPABILITY = (8, 0)
+#: The oldest the kernels build for (sm_70, Volta; tests/kernels/test_kernel_launched_builds.py):
+#: a forced ``"triton"`` runs there. Older GPUs lack instructions they use (ptxas refuses them).
+MIN_CAPABILITY = (7, 0)
+
+
+def _gpu_reason(device: torch.device, forced: bool) -> str:
+    """Why the kernels do not run on the CUDA ``device`` (``forced``: for ``backend="triton"``)."""
+    if getattr(torch.version, "hip", None):
+        return ("ROCm GPUs run the reference backend (the kernels are written and built for NVIDIA GPUs: "
+                "inline PTX, 3xTF32 dots)")
+    from .kernels._common import device_capability  # imports triton: on a GPU, the kernels' next step
+
+    cap = device_capability(device)
+    sm = f"sm_{cap[0]}{cap[1]}"
+    if cap < MIN_CAPABILITY:
+        return (f"the GPU is {sm}; the kernels need sm_{MIN_CAPABILITY[0]}{MIN_CAPABILITY[1]} or later "
+                "(instructions older GPUs lack)")
+    if cap < AUTO_CAPABILITY and not forced:
+        return (f"the GPU is {sm}: backend='auto' runs the kernels on sm_{AUTO_CAPABILITY[0]}{AUTO_CAPABILITY[1]} "
+                "or later (Triton's supported GPUs); backend='triton' runs them here too (built for sm_70+, "
+                "float32 dots without TF32)")
+    return ""
+
+
 def _functorch_active() -> bool:
     check = getattr(torch._C, "_are_functorch_transforms_active", None)
     return bool(check()) if check is not None else False
 
 
-def triton_reason(device: torch.device, dtype: torch.dtype = torch.float32) -> str:
-    """Why Triton cannot run on ``device`` for ``dtype`` inputs (empty when it can)."""
+def triton_reason(device: torch.device, dtype: torch.dtype = torch.float32, *, forced: bool = False) -> str:
+    """Why Triton does not run on ``device`` for ``dtype`` inputs (empty when it does); ``forced``:
+    why ``backend="triton"`` cannot (a GPU older than sm_80 runs it only then)."""
     if dtype == torch.float64:
         return "float64 inputs run on the reference backend (the kernels compute in float32)"
     if _functorch_active():
@@ -67,7 +96,7 @@ def triton_reason(device: torch.device, dtype: torch.dtype = torch.float32) -> s
     if not triton_available():
         return "triton is not installed"
     if device.type == "cuda":
-        return ""
+        return _gpu_reason(device, forced)
     if device.type == "cpu" and interpreter_on():
         if interpreter_set_too_late():
             return (f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')} is set but Triton's interpreter is "
@@ -85,7 +114,7 @@ def choose_backend(backend: str, device: torch.device, dtype: torch.dtype = torc
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "reference":
         return "reference"
-    reason = triton_reason(device, dtype)
+    reason = triton_reason(device, dtype, forced=backend == "triton")
     if backend == "triton" and reason:
         raise ValueError(f"backend='triton' cannot run here: {reason}")
     return "reference" if reason else "triton"

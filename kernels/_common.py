@@ -83,19 +83,42 @@ FP32_DOT = {"highest": "tf32x3", "high": "tf32", "medium": "tf32"}
 FP32_GPU_PRECISIONS = ("tf32x3", "tf32")
 
 
+#: The first GPUs with TF32 tensor cores: sm_80 (Ampere). On older ones (sm_70, sm_75) float32 dots
+#: run as IEEE FMAs whatever the matmul precision, as ``torch.matmul`` runs them there: ``"tf32"``
+#: does not build for them (``cvt.rna.tf32`` needs sm_80) and ``"tf32x3"`` would triple the FMAs.
+TF32_CAPABILITY = (8, 0)
+
+_CAPABILITY: Dict[int, Tuple[int, int]] = {}
+
+
+def device_capability(device: torch.device) -> Tuple[int, int]:
+    """``(major, minor)`` compute capability of a CUDA ``device``, looked up once per device;
+    ``(0, 0)`` for any other device."""
+    if device.type != "cuda":
+        return (0, 0)
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _CAPABILITY:
+        _CAPABILITY[idx] = tuple(torch.cuda.get_device_capability(idx))
+    return _CAPABILITY[idx]
+
+
 def input_precision(dtype: torch.dtype, *, gpu: Optional[bool] = None,
-                    matmul_precision: Optional[str] = None) -> str:
+                    matmul_precision: Optional[str] = None, device: Optional[torch.device] = None) -> str:
     """``tl.dot``'s input precision for operands of ``dtype``.
 
     float32 on a GPU follows ``torch.get_float32_matmul_precision()`` (or ``matmul_precision``)
     through :data:`FP32_DOT`: ``"tf32x3"`` for ``"highest"``, ``"tf32"`` for ``"high"`` /
     ``"medium"``; under the interpreter (and for float16/bfloat16 operands, where Triton ignores
     it) ``"ieee"``. ``gpu``: whether the kernel runs on a GPU (by default, unless the interpreter
-    is on). A kernel given ``"tf32"`` must round its float32 operands to TF32 before the dot
+    is on). ``device``: the tensors' device, where known: a GPU without TF32 (before sm_80,
+    :data:`TF32_CAPABILITY`) gets ``"ieee"``; without it, one with TF32 is assumed (the compile
+    targets). A kernel given ``"tf32"`` must round its float32 operands to TF32 before the dot
     (:func:`round_operands`, :func:`_round_tf32`): the tensor cores truncate raw float32 bits.
     """
     gpu = not interpreting() if gpu is None else gpu
     if dtype != torch.float32 or not gpu:
+        return "ieee"
+    if device is not None and device_capability(device) < TF32_CAPABILITY:
         return "ieee"
     return FP32_DOT[matmul_precision or matmul_setting()]
 
@@ -119,11 +142,11 @@ def round_operands(precision: str) -> bool:
     return precision == "tf32"
 
 
-def dot_flags(dtype: torch.dtype, *, gpu: Optional[bool] = None,
-              matmul_precision: Optional[str] = None) -> Dict[str, Any]:
+def dot_flags(dtype: torch.dtype, *, gpu: Optional[bool] = None, matmul_precision: Optional[str] = None,
+              device: Optional[torch.device] = None) -> Dict[str, Any]:
     """The constexprs ``INPUT_PRECISION`` and ``ROUND_TF32`` of a kernel whose dot operands have
-    ``dtype``, as a launcher passes them now (see :func:`input_precision`)."""
-    prec = input_precision(dtype, gpu=gpu, matmul_precision=matmul_precision)
+    ``dtype``, as a launcher passes them now for tensors on ``device`` (see :func:`input_precision`)."""
+    prec = input_precision(dtype, gpu=gpu, matmul_precision=matmul_precision, device=device)
     return {"INPUT_PRECISION": prec, "ROUND_TF32": round_operands(prec) and dtype == torch.float32}
 
 

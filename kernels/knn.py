@@ -118,6 +118,7 @@ from ._common import (
     align_rows,
     columns,
     compute_dtype,
+    device_capability,
     direct,
     eager,
     expand,
@@ -821,7 +822,7 @@ def _tma_eligible(q: torch.Tensor, r: torch.Tensor, entry: str, block_d: int, co
     if any(t.data_ptr() % 16 or (t.stride(0) * size) % 16 for t in (q, r)):
         return False
     if q.device.type == "cuda":
-        return torch.cuda.get_device_capability(q.device)[0] >= 9
+        return device_capability(q.device) >= (9, 0)
     return interpreting()
 
 
@@ -875,7 +876,7 @@ def _candidates(q, r, k, ql, rl, exclude_self, splits: Optional[int] = None, fin
         out_s = torch.empty(S, M, kp, dtype=torch.float32, device=q.device)
         out_i = torch.empty(S, M, kp, dtype=torch.int32, device=q.device)
         dist, index = out_s, out_i  # typed placeholders: FINISH = False writes neither
-    flags = dot_flags(q.dtype)
+    flags = dot_flags(q.dtype, device=q.device)
     qn = row_sqnorms(q, flags["INPUT_PRECISION"])
     rn = qn if r is q else row_sqnorms(r, flags["INPUT_PRECISION"])
     counted = merge_policy() == "counted" or entry != CHECKED_ENTRY  # the setting checked always

@@ -841,12 +841,13 @@ CHUNK_ELEMENTS = 1 << 24
 MAX_SPLITS_V2 = 1024
 
 
-def _precision(dtype: torch.dtype, *, gpu: bool | None = None) -> str:
+def _precision(dtype: torch.dtype, *, gpu: bool | None = None, device: torch.device | None = None) -> str:
     """The line margin's ``tl.dot`` input precision: float32 accuracy for float32 inputs whatever
     ``torch.get_float32_matmul_precision()`` says (3xTF32 on a GPU, IEEE under the interpreter).
     "high"/"medium" allow single-pass TF32 (docs/method.md, "Numerics") but do not require it, and
-    these kernels do not round their operands to TF32 as a single pass would need."""
-    return input_precision(dtype, gpu=gpu, matmul_precision="highest")
+    these kernels do not round their operands to TF32 as a single pass would need. A GPU without
+    TF32 (``device`` before sm_80) runs IEEE FMAs."""
+    return input_precision(dtype, gpu=gpu, matmul_precision="highest", device=device)
 
 
 def _gpu_flags(entry: str, dtype: torch.dtype):
@@ -970,7 +971,7 @@ def _line_margin2_op(x: torch.Tensor, seg: torch.Tensor, labels: torch.Tensor, m
             s_part = torch.empty_like(m_part)
         _lm2_fwd_kernel[(row_tiles, nsplit)](
             x, s2, labels, rs, st, m_part, s_part, B, C, D, x.stride(0), nsplit, float(alpha), EPS,
-            float(lambda_pull), INPUT_PRECISION=_precision(x.dtype), LSE=one, **cfg.launch(D))
+            float(lambda_pull), INPUT_PRECISION=_precision(x.dtype, device=x.device), LSE=one, **cfg.launch(D))
         if not one:
             lcfg = cfgs["lse2"]
             _lm2_lse_kernel[(cdiv(B, lcfg.blocks["BLOCK_B"]),)](
@@ -1001,13 +1002,18 @@ def mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if a.device.type == "cpu":  # no mm.dtype kernel on the CPU: exact float32 products there
         return torch.mm(a.float(), b.float())
     key = (a.device.type, a.dtype)
-    if _MM_OUT_DTYPE.get(key, True):
+    if key not in _MM_OUT_DTYPE:  # the first call asks this PyTorch (an out-of-memory error answers nothing)
         try:
             out = torch.mm(a, b, out_dtype=torch.float32)
-            _MM_OUT_DTYPE[key] = True
-            return out
+        except torch.OutOfMemoryError:
+            raise
         except (TypeError, RuntimeError, NotImplementedError):
             _MM_OUT_DTYPE[key] = False
+        else:
+            _MM_OUT_DTYPE[key] = True
+            return out
+    if _MM_OUT_DTYPE[key]:
+        return torch.mm(a, b, out_dtype=torch.float32)
     return torch.mm(a, b).float()
 
 
@@ -1087,7 +1093,7 @@ def _line_margin2_backward(grad_out, x, seg, sx, st, labels, lse, rs, alpha, lam
     rowp = torch.empty(ctiles, B, device=x.device, dtype=torch.float32)
     colp = torch.empty(row_tiles, 4, cc, device=x.device, dtype=torch.float32)
     s2rows = s2.view(2 * C, D)
-    prec, hmax = _precision(x.dtype), _HMAX[x.dtype]
+    prec, hmax = _precision(x.dtype, device=x.device), _HMAX[x.dtype]
     acc, hr, rows_p = None, None, 0
     gx = torch.empty(B, D, device=x.device, dtype=x.dtype)
     for c0 in range(0, C, cc):

@@ -249,13 +249,14 @@ KERNELS: Dict[str, KernelSpec] = {
 }
 
 
-def bwd_flags(dtype: torch.dtype, *, gpu=None, matmul_precision=None) -> dict:
-    """``INPUT_PRECISION`` / ``ROUND_TF32`` of the backward for inputs of ``dtype``: float32
-    follows the matmul precision (``_common.dot_flags``); float16 (operands float32 ``H`` and
-    float16 rows, exact in TF32) single-pass TF32 on rounded ``H`` on a GPU; bfloat16 bf16 dots."""
+def bwd_flags(dtype: torch.dtype, *, gpu=None, matmul_precision=None, device=None) -> dict:
+    """``INPUT_PRECISION`` / ``ROUND_TF32`` of the backward for inputs of ``dtype`` on ``device``:
+    float32 follows the matmul precision (``_common.dot_flags``); float16 (operands float32 ``H``
+    and float16 rows, exact in TF32) single-pass TF32 on rounded ``H`` on a GPU with TF32;
+    bfloat16 bf16 dots."""
     if dtype == torch.float16:
-        return dot_flags(torch.float32, gpu=gpu, matmul_precision="high")
-    return dot_flags(h_dtype(dtype), gpu=gpu, matmul_precision=matmul_precision)
+        return dot_flags(torch.float32, gpu=gpu, matmul_precision="high", device=device)
+    return dot_flags(h_dtype(dtype), gpu=gpu, matmul_precision=matmul_precision, device=device)
 
 
 # --------------------------------------------------------------------------- configurations
@@ -308,7 +309,7 @@ def _forward(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     out = torch.empty(M, N, dtype=torch.float32, device=x.device)
     if M == 0 or N == 0:
         return out
-    flags = dot_flags(x.dtype)
+    flags = dot_flags(x.dtype, device=x.device)
     xn, yn = row_sqnorms(x, flags["INPUT_PRECISION"]), row_sqnorms(y, flags["INPUT_PRECISION"])
     cfg = CONFIGS[family(x.dtype)]["fwd"]
     grid = (cdiv(M, cfg.blocks["BLOCK_M"]) * cdiv(N, cfg.blocks["BLOCK_N"]),)
@@ -379,7 +380,7 @@ def _pairwise_backward_op(g: torch.Tensor, dist: torch.Tensor, x: torch.Tensor,
     M, N = dist.shape
     if M == 0 or N == 0:  # contiguous, as the kernels' results (and the fake) are
         return x.new_zeros(x.shape), y.new_zeros(y.shape)
-    flags = bwd_flags(dtype)
+    flags = bwd_flags(dtype, device=x.device)
     h, hrow, hcol = _form_h(g, dist, dtype, flags["ROUND_TF32"])
     dx = columns(_backward_gemm(h, hrow, xc, yc, False, flags), x.shape[1], x.dtype)
     dy = columns(_backward_gemm(h, hcol, yc, xc, True, flags), y.shape[1], y.dtype)

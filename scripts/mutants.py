@@ -10,7 +10,8 @@ but not its mutant lists: 33 mutants were written again for those tests, 32 of w
 files as they stood before (the 33rd was already caught) and are kept here. A user's-eye probe of
 the public API and the training programs (2026-12-03) found defects the suite let through (a
 resumed run read as finished, unsigned labels, TRITON_INTERPRET=false, float8, torch.func, study
-arguments); each fix came with a test and the mutant that undoes it.
+arguments); each fix came with a test and the mutant that undoes it, as did the fixes for GPUs
+before sm_80 (no TF32; ROCm) and for an uncovered-lines review (2026-12-03).
 
 This script checks that they stay caught:
 in a scratch clone of the working tree it applies one mutant at a time (an exact text
@@ -283,6 +284,31 @@ MUTANTS: Tuple[Mutant, ...] = (
            ("tests/package/test_validation.py", "-k", "read_as_triton_reads")),
     Mutant("functorch_on_kernels", "daal_triton/backend.py", "    if _functorch_active():\n",
            "    if False:\n", ("tests/package/test_validation.py", "-k", "func_transforms")),
+    # GPUs before sm_80 (2026-12-03: "tf32" did not build for a T4 or V100; auto ran the kernels there)
+    Mutant("tf32_without_tf32_cores", "kernels/_common.py",
+           "    if device is not None and device_capability(device) < TF32_CAPABILITY:\n        return \"ieee\"\n", "",
+           ("tests/kernels/test_kernel_precision.py", "-k", "without_tf32")),
+    Mutant("knn_precision_no_device", "kernels/knn.py", "    flags = dot_flags(q.dtype, device=q.device)\n",
+           "    flags = dot_flags(q.dtype)\n", ("tests/kernels/test_kernel_launched_builds.py", "-k", "without_tf32")),
+    Mutant("pairwise_bwd_precision_no_device", "kernels/pairwise.py", "    flags = bwd_flags(dtype, device=x.device)\n",
+           "    flags = bwd_flags(dtype)\n", ("tests/kernels/test_kernel_launched_builds.py", "-k", "without_tf32")),
+    Mutant("lm_bwd_precision_no_device", "kernels/line_margin.py",
+           "    prec, hmax = _precision(x.dtype, device=x.device), _HMAX[x.dtype]\n",
+           "    prec, hmax = _precision(x.dtype), _HMAX[x.dtype]\n",
+           ("tests/kernels/test_kernel_launched_builds.py", "-k", "without_tf32")),
+    # an uncovered-lines review (2026-12-03)
+    Mutant("miner_unchecked_up_front", "daal_triton/train/config.py", "    _check_loss(cfg)\n    _check_miner(cfg)\n",
+           "    _check_loss(cfg)\n", ("tests/train/test_train_study.py", "-k", "out_of_range")),
+    Mutant("sop_layout_error_rewrapped", "daal_triton/train/data/sop.py",
+           "    except DatasetLayoutError:  # a FileNotFoundError too: ours, already worded (header, class id)\n"
+           "        raise\n", "", ("tests/train/test_train_data.py", "-k", "sop")),
+    Mutant("mm_f32_oom_taken_as_no_out_dtype", "kernels/line_margin.py",
+           "        except torch.OutOfMemoryError:\n            raise\n", "",
+           ("tests/kernels/test_kernel_line_margin_v2.py", "-k", "asks_for_float32")),
+    Mutant("auto_on_pre_ampere", "daal_triton/backend.py", "    if cap < AUTO_CAPABILITY and not forced:\n",
+           "    if False:\n", ("tests/package/test_validation.py", "-k", "choice_by_gpu")),
+    Mutant("rocm_on_kernels", "daal_triton/backend.py", '    if getattr(torch.version, "hip", None):\n',
+           "    if False:\n", ("tests/package/test_validation.py", "-k", "choice_by_gpu")),
     Mutant("float8_accepted", "daal_triton/validation.py", "    check_float_dtype(t.dtype, name)",
            "    if not t.is_floating_point():\n        raise ValueError(name)",
            ("tests/package/test_validation.py", "-k", "float8")),
@@ -361,8 +387,8 @@ MUTANTS: Tuple[Mutant, ...] = (
            "delta = tl.sqrt(tl.maximum(e2, 0.0, propagate_nan=tl.PropagateNan.ALL))  # NaN",
            ("tests/kernels/test_kernel_line_margin_v2.py", "-k", "negative_through_the_point")),
     Mutant("lm_precision_follows", "kernels/line_margin.py",
-           'return input_precision(dtype, gpu=gpu, matmul_precision="highest")',
-           "return input_precision(dtype, gpu=gpu)",
+           'return input_precision(dtype, gpu=gpu, matmul_precision="highest", device=device)',
+           "return input_precision(dtype, gpu=gpu, device=device)",
            ("tests/kernels/test_kernel_precision.py", "-k", "line_margin_keeps")),
     Mutant("pairwise_g_stride", "kernels/pairwise.py",
            "g.stride(0), g.stride(1), dist.stride(0)",

@@ -139,6 +139,7 @@ def check_settings(cfg: TrainConfig) -> None:
     check_numbers(cfg)
     check_choices(cfg)
     _check_loss(cfg)
+    _check_miner(cfg)
 
 
 def validate_config(cfg: TrainConfig, world_size: int, device: torch.device) -> None:
@@ -235,6 +236,18 @@ def _check_loss(cfg: TrainConfig) -> None:
         raise ConfigError(f"--loss {cfg.loss} needs pytorch-metric-learning: pip install 'daal-triton[pml]'") from None
     if not isinstance(getattr(pml_losses, cfg.loss[4:], None), type):
         raise ConfigError(f"--loss {cfg.loss}: pytorch_metric_learning.losses has no loss named {cfg.loss[4:]!r}")
+
+
+def _check_miner(cfg: TrainConfig) -> None:
+    """``--miner`` and ``--miner-kwargs``: the miner is built once (no data needed) and dropped."""
+    if not isinstance(cfg.miner_kwargs, dict):
+        raise ConfigError(f"--miner-kwargs must be a JSON object ({{\"name\": value, ...}}), got {cfg.miner_kwargs!r}")
+    from .engine import build_miner  # engine imports this module
+
+    try:
+        build_miner(cfg.miner, cfg.miner_kwargs)
+    except (ValueError, ImportError) as e:
+        raise ConfigError(str(e)) from None
 
 
 def checked_device(name: str) -> torch.device:

@@ -31,17 +31,15 @@ def build_model(cfg: TrainConfig) -> EmbeddingNet:
 
 
 class PMLLoss(nn.Module):
-    """A pytorch-metric-learning loss behind DAALLoss's call signature."""
+    """A pytorch-metric-learning loss behind DAALLoss's call signature (without a memory bank:
+    config refuses --memory-bank with these losses)."""
 
     def __init__(self, inner: nn.Module, name: str) -> None:
         super().__init__()
         self.inner = inner
         self.name = name
 
-    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, indices_tuple=None, ref_emb=None,
-                ref_labels=None) -> torch.Tensor:
-        if ref_emb is not None:
-            return self.inner(embeddings.float(), labels, indices_tuple, ref_emb=ref_emb.float(), ref_labels=ref_labels)
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, indices_tuple=None) -> torch.Tensor:
         return self.inner(embeddings.float(), labels, indices_tuple)
 
 

@@ -7,7 +7,8 @@ to 1 a constant, a size or pointer divisible by 16 marked so). This records them
 ``@triton.jit`` kernel of ``daal_triton.kernels`` is replaced by a recorder (nothing runs; integer
 tensor arguments are zero-filled so the aten glue between launches indexes in range), and the
 launchers are told they run on an sm_90 GPU with 132 SMs, on the shapes ``bench/gpu_check.sh``
-times and the training loss uses. ``python tests/kernels/launch_recorder.py OUT.json`` writes one
+times and the training loss uses; the scenarios named ``..., sm_75`` on a GPU without TF32 (a T4:
+what a forced ``backend="triton"`` launches there, built for sm_75 and sm_70). ``python tests/kernels/launch_recorder.py OUT.json`` writes one
 job per distinct launch (kernel, signature, constexprs, divisibility, options) with the scenarios
 that launch it; tests/kernels/test_kernel_launched_builds.py compiles each for sm_90 and sm_80.
 
@@ -23,6 +24,7 @@ import os
 import sys
 
 SM_COUNT = 132  # an H100 / H200
+CAPABILITY = (9, 0)  # the scenarios' GPU; "capability" in a scenario's settings changes it
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # tests/: daal_testing
 from daal_testing import triton_specialisation  # noqa: E402
@@ -92,9 +94,12 @@ def record() -> list:
             obj = getattr(mod, name)
             if name.startswith("_") and name.endswith("_kernel") and hasattr(obj, "fn"):
                 setattr(mod, name, _Recorder(obj, sink))
-    for mod in modules:  # the launchers believe in an sm_90 GPU
+    capability = [CAPABILITY]
+    for mod in modules:  # the launchers believe in an sm_90 GPU (or the scenario's)
         if hasattr(mod, "sm_count"):
             mod.sm_count = lambda device: SM_COUNT
+        if hasattr(mod, "device_capability"):
+            mod.device_capability = lambda device: capability[0]
     splits = knn._num_splits
     knn._num_splits = lambda M, N, bm, bn, device, *a, **kw: splits(M, N, bm, bn, torch.device("cuda"), *a, **kw)
     line_margin.mm_f32 = lambda a, b: torch.zeros(a.shape[0], b.shape[1])
@@ -109,7 +114,7 @@ def record() -> list:
     knn._tma_eligible = tma_eligible
 
     g = torch.Generator().manual_seed(0)
-    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
     def loss(dt, B, C, D, bank=False):
         """The loss, forward and backward, as DAALLoss runs it (bench/cases.py "loss")."""
@@ -200,6 +205,21 @@ def record() -> list:
         ("knn bf16 dml, separate", lambda: knn_op("bf16", 180, 180, 512, 3, True, True), {"DAAL_LAUNCHES": "separate"}),
         ("line_margin bf16 dml, separate", lambda: line_margin_op("bf16", 180, 100, 512), {"DAAL_LAUNCHES": "separate"}),
     ]
+    # a GPU without TF32 (a T4; a V100 launches the same): float32 at both matmul precisions,
+    # float16 (its mixed precision) and bfloat16; _capabilities in the build test adds sm_75, sm_70
+    t4 = (7, 5)
+    for dt in ("fp32", "fp16", "bf16"):
+        for precision in (("highest", "high") if dt == "fp32" else ("highest",)):
+            tag = f"{dt}{', tf32' if precision == 'high' else ''}, sm_75"
+            scenarios += [
+                (f"loss {tag}", lambda dt=dt: loss(dt, 180, 100, 512), {"precision": precision, "capability": t4}),
+                (f"knn {tag}", lambda dt=dt: knn_op(dt, 1024, 4096, 512, 8, False, False),
+                 {"precision": precision, "capability": t4}),
+                (f"line_margin {tag}", lambda dt=dt: line_margin_op(dt, 180, 100, 512),
+                 {"precision": precision, "capability": t4}),
+                (f"pairwise {tag}", lambda dt=dt: pairwise_op(dt, 512, 512, 512),
+                 {"precision": precision, "capability": t4}),
+            ]
     # bench/tune_line_margin.py's candidates, as it launches them (its shape, float32 segments)
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "bench"))
     import tune_line_margin as tune
@@ -225,6 +245,7 @@ def record() -> list:
         settings = dict(settings)
         precision = settings.pop("precision", "highest")
         policy = settings.pop("split_policy", knn.SPLIT_POLICY)
+        capability[0] = settings.pop("capability", CAPABILITY)
         before_policy, before_precision = knn.SPLIT_POLICY, torch.get_float32_matmul_precision()
         knn.SPLIT_POLICY = policy
         torch.set_float32_matmul_precision(precision)
@@ -234,6 +255,7 @@ def record() -> list:
         finally:
             knn.SPLIT_POLICY = before_policy
             torch.set_float32_matmul_precision(before_precision)
+            capability[0] = CAPABILITY
     return list(jobs.values())
 
 

@@ -61,10 +61,21 @@ def _describe(launch) -> str:
     return f"{launch['kernel']} {launch['options']} {shown} [{'; '.join(launch['scenarios'])}]"
 
 
+def _pre_ampere(launch) -> bool:
+    """Launched on a GPU without TF32 (the recorder's scenarios ``..., sm_75``)."""
+    return any(s.endswith("sm_75") for s in launch["scenarios"])
+
+
 def _capabilities(launch):
     """sm_90, and sm_80 unless the launch loads through tensor descriptors (sm_90 only: the
-    launcher never takes them on an older GPU)."""
-    return (90,) if any(t.startswith("tensordesc") for t in launch["signature"].values()) else (90, 80)
+    launcher never takes them on an older GPU); sm_75 and sm_70 for a launch of a GPU without
+    TF32 (a forced ``backend="triton"`` there: daal_triton/backend.py, MIN_CAPABILITY), only
+    those when no newer GPU makes it (its float32 dots are IEEE)."""
+    if any(t.startswith("tensordesc") for t in launch["signature"].values()):
+        return (90,)
+    if not _pre_ampere(launch):
+        return (90, 80)
+    return (75, 70) if all(s.endswith("sm_75") for s in launch["scenarios"]) else (90, 80, 75, 70)
 
 
 @pytest.fixture(scope="module")
@@ -105,6 +116,34 @@ def test_every_recorded_launch_compiles_for_sm90_and_sm80(built):
     errors = [f"sm_{res['capability']} {_describe(la)}:\n{res['error'][-1500:]}" for la, res in built
               if "error" in res]
     assert not errors, "\n\n".join(errors)
+    assert {res["capability"] for _, res in built} == {90, 80, 75, 70}
+
+
+#: The shared memory one program may use (bytes), by the compile target: sm_90 an H100/H200's
+#: 227 KB; sm_80 the 99 KB of the consumer GPUs that run the same configurations (sm_86, sm_89,
+#: sm_120; an A100 has 163 KB: their sm_86 and sm_120 builds used no more than the sm_80 ones,
+#: 98,304 B at most, Triton 3.8, 2026-12-03); sm_75 a T4's 64 KB; sm_70 a V100's 96 KB. A launch
+#: over the limit compiles and then fails on that GPU with OutOfResources.
+SHARED_LIMIT = {90: 227 * 1024, 80: 99 * 1024, 75: 64 * 1024, 70: 96 * 1024}
+
+
+def test_every_recorded_launch_fits_in_shared_memory(built):
+    over = [f"sm_{res['capability']}: {res['metadata']['shared']} B > {SHARED_LIMIT[res['capability']]} B: "
+            f"{_describe(la)}" for la, res in built
+            if "metadata" in res and res["metadata"]["shared"] > SHARED_LIMIT[res["capability"]]]
+    assert not over, "\n".join(over)
+
+
+def test_a_gpu_without_tf32_gets_ieee_dots(recorded):
+    """A T4 or V100 has no TF32: its float32 dots are IEEE FMAs (as torch.matmul's there) whatever
+    the matmul precision, and no operand is rounded to TF32 (``cvt.rna.tf32`` needs sm_80)."""
+    pre = [la for la in recorded if _pre_ampere(la)]
+    assert {la["kernel"] for la in pre} >= {"_knn_fwd_kernel", "_lm2_fwd_kernel", "_lm2_bwd_kernel",
+                                            "_pairwise_fwd_kernel", "_pairwise_bwd_kernel"}
+    assert any("fp32, tf32, sm_75" in s for la in pre for s in la["scenarios"])
+    wrong = [_describe(la) for la in pre if la["constexprs"].get("INPUT_PRECISION", "ieee") != "ieee"
+             or la["constexprs"].get("ROUND_TF32")]
+    assert not wrong, "\n".join(wrong)
 
 
 def _tuning_only(launch) -> bool:

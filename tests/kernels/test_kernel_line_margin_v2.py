@@ -492,3 +492,39 @@ def test_forward_splits_charge_the_merge_launch(B, C):
     cfg = lm.CONFIGS["fp32"]["fwd2"]
     assert lm.wave_split(2, 2, H200_SMS) == 2 and lm.forward_splits(2, 2, H200_SMS) == 1
     assert lm.forward_splits(8, -(-100_000 // cfg.blocks["BLOCK_C"]), H200_SMS) > 1
+
+
+def test_backward_gemm_asks_for_float32_output_once(monkeypatch):
+    """``mm_f32`` (the backward's GEMMs on a GPU) asks ``torch.mm`` for a float32 result once per
+    device type and dtype and remembers the answer; an out-of-memory error is raised, not taken as
+    "this PyTorch has no out_dtype" (which would round every later product to half precision)."""
+    calls = []
+    real_mm = torch.mm
+
+    def fake_mm(a, b, **kw):  # meta tensors: the GPU branch without a GPU
+        calls.append(kw)
+        if kw and failure[0] is not None:
+            raise failure[0]
+        out = real_mm(a, b)
+        return out.to(kw["out_dtype"]) if kw else out
+
+    monkeypatch.setattr(lm, "_MM_OUT_DTYPE", {})
+    monkeypatch.setattr(torch, "mm", fake_mm)
+    a, b = torch.empty(4, 3, dtype=torch.bfloat16, device="meta"), torch.empty(3, 2, dtype=torch.bfloat16, device="meta")
+    failure = [torch.OutOfMemoryError("CUDA out of memory")]
+    with pytest.raises(torch.OutOfMemoryError):
+        lm.mm_f32(a, b)
+    assert lm._MM_OUT_DTYPE == {}  # nothing learnt
+    failure[0] = None
+    assert lm.mm_f32(a, b).dtype == torch.float32 and calls[-1] == {"out_dtype": torch.float32}
+    assert lm._MM_OUT_DTYPE == {("meta", torch.bfloat16): True}
+    lm.mm_f32(a, b)
+    assert calls[-1] == {"out_dtype": torch.float32}  # asked again only as the call itself
+    failure[0] = TypeError("mm() got an unexpected keyword argument 'out_dtype'")  # an older PyTorch
+    h = torch.empty(4, 3, dtype=torch.float16, device="meta"), torch.empty(3, 2, dtype=torch.float16, device="meta")
+    n = len(calls)
+    assert lm.mm_f32(*h).dtype == torch.float32
+    assert calls[n:] == [{"out_dtype": torch.float32}, {}]
+    assert lm._MM_OUT_DTYPE[("meta", torch.float16)] is False
+    lm.mm_f32(*h)
+    assert calls[n + 2:] == [{}]  # not asked again

@@ -53,6 +53,28 @@ def test_rule(matmul_precision):
         assert kc.dot_flags(torch.float32) == {"INPUT_PRECISION": "ieee", "ROUND_TF32": False}
 
 
+@pytest.mark.parametrize("capability,tf32", [((7, 0), False), ((7, 5), False), ((8, 0), True), ((8, 6), True),
+                                             ((9, 0), True), ((12, 0), True)])
+def test_rule_on_a_gpu_without_tf32(matmul_precision, monkeypatch, capability, tf32):
+    """A GPU before sm_80 (a V100, a T4) has no TF32: float32 dots are IEEE FMAs there whatever the
+    setting (as torch.matmul's), for the kNN, pairwise (its float16 backward too) and line-margin
+    launchers, which pass their tensors' device; "tf32" would not build there (``cvt.rna.tf32``)."""
+    monkeypatch.setattr(kc, "_CAPABILITY", {0: capability, 1: (9, 0)})
+    gpu = torch.device("cuda", 0)
+    for setting, want in (("highest", "tf32x3"), ("high", "tf32"), ("medium", "tf32")):
+        matmul_precision(setting)
+        got = kc.dot_flags(torch.float32, gpu=True, device=gpu)
+        assert got == ({"INPUT_PRECISION": want, "ROUND_TF32": want == "tf32"} if tf32
+                       else {"INPUT_PRECISION": "ieee", "ROUND_TF32": False}), setting
+        assert kc.input_precision(torch.float32, gpu=True, device=torch.device("cuda", 1)) == want  # per device
+        assert kp.bwd_flags(torch.float16, gpu=True, device=gpu) == (
+            {"INPUT_PRECISION": "tf32", "ROUND_TF32": True} if tf32 else {"INPUT_PRECISION": "ieee", "ROUND_TF32": False})
+        assert lm._precision(torch.float32, gpu=True, device=gpu) == ("tf32x3" if tf32 else "ieee")
+        for half in (torch.float16, torch.bfloat16):
+            assert kc.input_precision(half, gpu=True, device=gpu) == "ieee"
+    assert kc.device_capability(torch.device("cpu")) == (0, 0)
+
+
 def test_line_margin_keeps_float32_accuracy(matmul_precision):
     """The line margin's dots run at float32 accuracy whatever the setting (3xTF32 on a GPU:
     its operands are not rounded to TF32 as a single pass would need; kernels/line_margin.py,

@@ -163,6 +163,29 @@ def test_public_knn_passes_exclude_self_and_labels(backend):
     assert_close(dist, want_d, tolerance(torch.float32, tf32=TF32), "knn distances")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_public_pairwise_distance_on_the_triton_backend(dtype):
+    """``daal_triton.pairwise_distance(x, y, backend="triton")``: the kernel's distances and
+    gradients against the float64 reference, float32 out for half inputs, on an odd shape (and
+    "auto" picks the same kernel where Triton runs)."""
+    from daal_triton import reference
+
+    x = torch.randn(37, 129, device=DEV).to(dtype).requires_grad_(True)
+    y = torch.randn(11, 129, device=DEV).to(dtype).requires_grad_(True)
+    g = torch.randn(37, 11, device=DEV)
+    d = dt.pairwise_distance(x, y, backend="triton")
+    assert d.dtype == torch.float32 and d.shape == (37, 11)
+    xd, yd = x.detach().double().requires_grad_(True), y.detach().double().requires_grad_(True)
+    want = reference.pairwise_distance(xd, yd)
+    tol = tolerance(dtype, tf32=TF32)
+    assert_close(d, want, tol, "distances")
+    (d * g).sum().backward()
+    (want * g.double()).sum().backward()
+    assert_close(x.grad, xd.grad, tol, "dL/dx")
+    assert_close(y.grad, yd.grad, tol, "dL/dy")
+    assert torch.equal(dt.pairwise_distance(x, y), d)  # "auto": the same kernel
+
+
 def test_aten_glue_runs_the_fused_knn_and_line_margin(monkeypatch):
     """``DAAL_GLUE=aten`` (the timing switch of daal_triton.functional): the fused kNN and line
     margin kernels run between the reference's step functions (and no fused prepare, density or

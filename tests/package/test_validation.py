@@ -117,6 +117,31 @@ def test_backend_choice(monkeypatch):
     assert choose_backend("auto", torch.device("cpu")) == "triton"
 
 
+@pytest.mark.parametrize("capability,auto,forced", [
+    ((9, 0), "triton", "triton"), ((8, 0), "triton", "triton"), ((12, 0), "triton", "triton"),
+    ((7, 5), "reference", "triton"), ((7, 0), "reference", "triton"),
+    ((6, 1), "reference", "the GPU is sm_61; the kernels need sm_70 or later")])
+def test_backend_choice_by_gpu(monkeypatch, capability, auto, forced):
+    """On a GPU "auto" runs the kernels from sm_80 (Triton's supported GPUs); a forced "triton"
+    from sm_70 (what they are built for, tests/kernels/test_kernel_launched_builds.py); older
+    GPUs, and ROCm's, are refused by name."""
+    from daal_triton.kernels import _common as kc
+
+    monkeypatch.setattr(kc, "_CAPABILITY", {0: capability})
+    monkeypatch.setattr(torch.version, "hip", None)
+    gpu = torch.device("cuda", 0)
+    assert choose_backend("auto", gpu) == auto
+    assert choose_backend("reference", gpu) == "reference"
+    if forced in ("triton",):
+        assert choose_backend("triton", gpu) == "triton"
+    else:
+        raises(f"backend='triton' cannot run here: {forced}", choose_backend, "triton", gpu)
+    assert choose_backend("auto", gpu, torch.float64) == "reference"
+    monkeypatch.setattr(torch.version, "hip", "6.4.0")  # a ROCm build: its GPUs are "cuda" devices
+    assert choose_backend("auto", gpu) == "reference"
+    raises("backend='triton' cannot run here: ROCm GPUs run the reference backend", choose_backend, "triton", gpu)
+
+
 @pytest.mark.interpreter  # CPU tensors on the Triton backend
 def test_torch_func_transforms_run_on_the_reference():
     """Inside ``torch.func.grad`` "auto" runs the reference (the kernels cannot read a transform's

@@ -305,6 +305,9 @@ def test_study_flags_out_of_range_and_reserved_cell_flags_are_one_line(tmp_path,
              (["--file", str(quote)], "configuration 'A': No closing quotation"),
              (["--config", "A=--lr -1"], "configuration 'A': daal-train would refuse it: --lr must be > 0"),
              (["--common", "--epochs 0", "--config", "A="], "configuration 'A': daal-train would refuse it: --epochs"),
+             (["--config", "A=--miner bogus"], "configuration 'A': daal-train would refuse it: --miner must be"),
+             (["--config", "A=--miner-kwargs '{\"epsilon\": 0.1}'"],
+              "configuration 'A': daal-train would refuse it: --miner-kwargs needs --miner"),
              (["--summarize"], "--summarize alone reads the study of")]  # no study.json in --out
     for argv, words in cases:
         seeds = [] if "--file" in argv or "--seeds" in argv else ["--seeds", "0"]

@@ -46,6 +46,9 @@ BAD_TRAIN = {
     "tsne-points": (["--tsne-max-points", "1"], "--tsne-max-points"),
     "miner-kwargs-unknown": (["--loss", "pml:MultiSimilarityLoss", "--miner", "pml:MultiSimilarityMiner",
                               "--miner-kwargs", '{"no_such": 1}'], "--miner-kwargs"),
+    "miner-unknown": (["--miner", "pml:NoSuchMiner"], "pytorch_metric_learning.miners has no miner named 'NoSuchMiner'"),
+    "miner-no-pml-prefix": (["--miner", "bogus"], "--miner must be 'pml:<MinerName>', got 'bogus'"),
+    "miner-kwargs-alone": (["--miner-kwargs", '{"epsilon": 0.1}'], "--miner-kwargs needs --miner pml:<MinerName>"),
     # a bound's own value where it is excluded, and settings whose bounds had no case
     "lr-zero": (["--lr", "0"], "--lr must be > 0"),
     "dist-timeout-zero": (["--dist-timeout", "0"], "--dist-timeout must be > 0"),
@@ -58,7 +61,7 @@ BAD_TRAIN = {
 
 @pytest.mark.parametrize("case", sorted(BAD_TRAIN))
 def test_daal_train_refuses_up_front(case, tmp_path, error_line):
-    if case in ("kwargs-unknown", "pml-missing", "miner-kwargs-unknown"):
+    if case in ("kwargs-unknown", "pml-missing", "miner-kwargs-unknown", "miner-unknown"):
         pytest.importorskip("pytorch_metric_learning")
     flags, words = BAD_TRAIN[case]
     out = tmp_path / "out"

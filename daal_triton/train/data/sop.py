@@ -24,6 +24,8 @@ def _read_list(path: str):
                 parts = line.split()
                 if len(parts) >= 4:
                     yield parse_int(parts[1], path, i, "sop"), parts[3]
+    except DatasetLayoutError:  # a FileNotFoundError too: ours, already worded (header, class id)
+        raise
     except (OSError, UnicodeDecodeError) as e:
         raise DatasetLayoutError(f"sop: cannot read {path} as UTF-8 text ({e})") from None
 
