@@ -1188,6 +1188,8 @@ def line_margin(x: torch.Tensor, labels: torch.Tensor, segments: torch.Tensor,
     if x.ndim != 2 or segments.ndim != 3 or segments.shape[1] != 2 or segments.shape[2] != x.shape[1]:
         raise ValueError(f"x must be B x D and segments C x 2 x D, got {tuple(x.shape)} and "
                          f"{tuple(segments.shape)}")
+    if segments.shape[0] == 0:  # no class for any label: the kernels' own-class rows would not exist
+        raise ValueError("segments must hold at least one class (C >= 1), got C = 0")
     labels = labels.long().contiguous()
     return _line_margin2(x, segments, labels, margins, float(alpha), float(lambda_pull),
                          merged_launches())[0]

@@ -107,11 +107,14 @@ def setup(device: torch.device, backend: str = "auto", timeout_min: float = 60.0
 
     Returns the context and the device this rank uses (``cuda:LOCAL_RANK`` for a CUDA run; the
     CPU stays the CPU). A process group that already exists (a caller's own launcher) is used as
-    it is and left open at the end.
+    it is and left open at the end; where that launcher sets no ``LOCAL_RANK`` (``mp.spawn``) a
+    CUDA rank takes GPU ``rank % device_count`` (the ranks of one machine in turn), not all GPU 0.
     """
     if dist.is_available() and dist.is_initialized():
         rank, world = dist.get_rank(), dist.get_world_size()
-        local = int(os.environ.get("LOCAL_RANK", "0"))
+        local = int(os.environ.get("LOCAL_RANK", "-1"))
+        if local < 0:
+            local = rank % torch.cuda.device_count() if device.type == "cuda" else 0
         if device.type == "cuda":
             device = torch.device("cuda", local)
             torch.cuda.set_device(device)

@@ -528,3 +528,12 @@ def test_backward_gemm_asks_for_float32_output_once(monkeypatch):
     assert lm._MM_OUT_DTYPE[("meta", torch.float16)] is False
     lm.mm_f32(*h)
     assert calls[n + 2:] == [{}]  # not asked again
+
+
+def test_no_classes_is_refused():
+    """C = 0 (the public API refuses it first): a ValueError, not a read of a segment that does
+    not exist (it crashed the interpreter)."""
+    x = torch.randn(3, 8)
+    with pytest.raises(ValueError, match=r"segments must hold at least one class \(C >= 1\), got C = 0"):
+        lm.line_margin(x, torch.zeros(3, dtype=torch.long), torch.randn(0, 2, 8), torch.zeros(3), alpha=ALPHA,
+                       lambda_pull=0.5)

@@ -137,6 +137,31 @@ def test_config_errors_are_clear(tmp_path, monkeypatch, capsys):
     assert not os.path.exists(tmp_path / "a") and not os.path.exists(tmp_path / "b")
 
 
+@pytest.mark.parametrize("local_rank,want", [(None, 1), ("3", 3)])
+def test_a_callers_process_group_without_local_rank_spreads_over_the_gpus(monkeypatch, local_rank, want):
+    """A process group made by the caller's own launcher (``mp.spawn`` sets no LOCAL_RANK): rank 5
+    of 8 on a machine of 4 GPUs takes cuda:1, not cuda:0 (every rank on one GPU); a LOCAL_RANK
+    that is set wins. No GPU needed: the device calls are recorded."""
+    from daal_triton.train import ddp
+
+    monkeypatch.setattr(ddp.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(ddp.dist, "get_rank", lambda: 5)
+    monkeypatch.setattr(ddp.dist, "get_world_size", lambda: 8)
+    monkeypatch.setattr(ddp.dist, "get_backend", lambda: "nccl")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    if local_rank is None:
+        monkeypatch.delenv("LOCAL_RANK", raising=False)
+    else:
+        monkeypatch.setenv("LOCAL_RANK", local_rank)
+    ctx, device = ddp.setup(torch.device("cuda"))
+    assert device == torch.device("cuda", want) and chosen == [device]
+    assert (ctx.rank, ctx.world_size, ctx.local_rank, ctx.owns_group) == (5, 8, want, False)
+    ctx, device = ddp.setup(torch.device("cpu"))
+    assert device == torch.device("cpu") and ctx.local_rank == (0 if local_rank is None else want)
+
+
 def test_world_size_rules_of_the_configuration():
     """P must be a multiple of the world size (not the other way round), and --sync-bn in a world of
     CPU processes is refused from 2 processes on; checked before anything starts."""
