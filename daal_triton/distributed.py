@@ -49,6 +49,9 @@ def gather_batch(embeddings: torch.Tensor, labels: torch.Tensor, *,
     """
     if not is_distributed() or world_size() == 1:
         return embeddings, labels
+    if embeddings.dim() == 0 or labels.dim() == 0:
+        raise ValueError(f"gather_batch needs rows: embeddings and labels must have a first dimension, got "
+                         f"shapes {tuple(embeddings.shape)} and {tuple(labels.shape)}")
     if embeddings.shape[:1] != labels.shape[:1]:
         raise ValueError(f"embeddings has {embeddings.shape[0] if embeddings.dim() else 0} rows but labels "
                          f"has {labels.shape[0] if labels.dim() else 0}: gather_batch needs one label per row")

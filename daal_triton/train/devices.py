@@ -89,12 +89,15 @@ def loader_options(num_workers: Optional[int], device: torch.device, *, persiste
     """DataLoader keywords for ``--num-workers`` on ``device``.
 
     ``None`` (auto) -> ``min(8, CPUs available)`` worker processes on CUDA, so that decoding and
-    augmentation run beside the GPU, 0 on the CPU (there the workers would take cores from the
-    step; the default CPU run is unchanged). On CUDA batches go to pinned memory (asynchronous
+    augmentation run beside the GPU (the CPUs shared among torchrun's ``LOCAL_WORLD_SIZE``
+    processes of the machine), 0 on the CPU (there the workers would take cores from the step; the
+    default CPU run is unchanged). On CUDA batches go to pinned memory (asynchronous
     ``non_blocking`` copies); with workers, each keeps 4 batches ready (``prefetch_factor``) and,
     with ``persistent``, lives for the whole run."""
     if num_workers is None:
-        num_workers = min(8, available_cpus()) if device.type == "cuda" else 0
+        local_world = os.environ.get("LOCAL_WORLD_SIZE", "1")
+        local_world = max(1, int(local_world)) if local_world.isdigit() else 1
+        num_workers = min(8, max(1, available_cpus() // local_world)) if device.type == "cuda" else 0
     opts = dict(num_workers=int(num_workers), pin_memory=device.type == "cuda")
     if num_workers > 0:
         opts.update(persistent_workers=persistent, prefetch_factor=4)

@@ -393,7 +393,9 @@ def resume_run(state: RunState, ck: Dict[str, Any], path: str) -> None:
         elif state.main:
             state.log(f"the checkpoint holds no memory bank of {bank.size} x {bank.dim}; starting an empty one")
     if state.main:
-        state.log(f"resumed from {path} at epoch {state.start_epoch}"
+        at = (f"at epoch {state.start_epoch}" if state.start_epoch <= state.last_epoch
+              else f"after its last epoch, {state.start_epoch - 1} (nothing left to train)")
+        state.log(f"resumed from {path} {at}"
                   + (f" with {len(bank)} rows in the memory bank" if bank is not None else ""))
 
 

@@ -178,3 +178,8 @@ def test_gather_checks_one_label_per_row(monkeypatch):
     monkeypatch.setattr(dd, "world_size", lambda: 2)
     with pytest.raises(ValueError, match="embeddings has 3 rows but labels has 2"):
         gather_batch(torch.randn(3, 2), torch.arange(2))
+    # 0-dim tensors have no rows (their shape[:1] agree, and shape[0] raised IndexError)
+    with pytest.raises(ValueError, match=r"gather_batch needs rows: .* got shapes \(\) and \(\)"):
+        gather_batch(torch.tensor(1.0), torch.tensor(0))
+    with pytest.raises(ValueError, match=r"got shapes \(3, 2\) and \(\)"):
+        gather_batch(torch.randn(3, 2), torch.tensor(0))

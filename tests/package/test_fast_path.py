@@ -163,6 +163,18 @@ def test_public_knn_passes_exclude_self_and_labels(backend):
     assert_close(dist, want_d, tolerance(torch.float32, tf32=TF32), "knn distances")
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_public_knn_of_no_queries_or_no_references(backend):
+    """Zero queries give 0 x k; zero references give every query k empty slots (inf, -1), as
+    rows with fewer than k candidates get (docs/method.md); on both backends."""
+    r = torch.randn(6, 5, device=DEV)
+    dist, index = dt.knn(torch.empty(0, 5, device=DEV), r, 3, backend=backend)
+    assert dist.shape == index.shape == (0, 3) and dist.dtype == torch.float32 and index.dtype == torch.int64
+    dist, index = dt.knn(torch.randn(4, 5, device=DEV), torch.empty(0, 5, device=DEV), 3, backend=backend)
+    assert torch.equal(dist, torch.full((4, 3), float("inf"), device=DEV))
+    assert torch.equal(index, torch.full((4, 3), -1, device=DEV))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_public_pairwise_distance_on_the_triton_backend(dtype):
     """``daal_triton.pairwise_distance(x, y, backend="triton")``: the kernel's distances and

@@ -412,3 +412,19 @@ def test_pk_sampler_draws_distinct_images_of_a_class_that_has_k():
             assert len(set(b)) == len(b) == 12, b
     small = PKSampler([0, 0, 1, 1, 1], 2, 3, batches_per_epoch=5)  # class 0 has 2 < K: repeats allowed
     assert all(len(b) == 6 for b in small)
+
+
+@pytest.mark.parametrize("augment", ["none", "shift", "crop"])
+def test_tensor_augmentations_keep_the_size_and_vary_only_in_training(augment):
+    """``--augment`` for the in-memory sets: every choice gives ``image_size`` squares; "shift" and
+    "crop" draw a new image each time in training, and none of them changes a test image."""
+    from daal_triton.train.data.base import tensor_transforms
+
+    torch.manual_seed(0)
+    img = torch.rand(3, 20, 20)
+    train = tensor_transforms(16, True, augment=augment)
+    draws = [train(img) for _ in range(4)]
+    assert all(d.shape == (3, 16, 16) for d in draws)
+    assert any(not torch.equal(draws[0], d) for d in draws[1:]) == (augment != "none")
+    test = tensor_transforms(16, False, augment=augment)
+    assert torch.equal(test(img), tensor_transforms(16, False)(img))

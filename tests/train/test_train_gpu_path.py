@@ -200,6 +200,13 @@ def test_loader_defaults_per_device(monkeypatch):
     assert devices.loader_options(2, CPU, persistent=False)["persistent_workers"] is False
     monkeypatch.setattr(devices, "available_cpus", lambda: 3)
     assert devices.loader_options(None, cuda)["num_workers"] == 3
+    # torchrun's processes of one machine share its CPUs: 8 GPUs on 32 cores, 4 workers each
+    monkeypatch.setattr(devices, "available_cpus", lambda: 32)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert devices.loader_options(None, cuda)["num_workers"] == 4
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "64")
+    assert devices.loader_options(None, cuda)["num_workers"] == 1
+    assert devices.loader_options(None, CPU)["num_workers"] == 0
 
 
 def test_channels_last_on_cuda_only_by_default():

@@ -387,12 +387,15 @@ def test_resuming_a_finished_run_changes_nothing(one_epoch, tmp_path, capsys):
     assert {n: open(os.path.join(out, n), "rb").read() for n in os.listdir(out)} == before
 
 
-def test_a_run_stopped_after_its_last_checkpoint_finishes_without_a_second_record(one_epoch, tmp_path):
+def test_a_run_stopped_after_its_last_checkpoint_finishes_without_a_second_record(one_epoch, tmp_path, capsys):
     """Killed after the last epoch's checkpoint, before results.txt: --resume writes the table and
-    plots, and metrics.jsonl keeps one record of the last epoch."""
+    plots, and metrics.jsonl keeps one record of the last epoch; its log says nothing is left to
+    train (not "at epoch 2" of a 1-epoch run)."""
     out = _copy(one_epoch, tmp_path)
     os.remove(os.path.join(out, "results.txt"))
     assert cli.main(["--resume", _last(out), "--no-progress"]) == 0
+    said = capsys.readouterr()
+    assert f"resumed from {_last(out)} after its last epoch, 1 (nothing left to train)" in said.out + said.err
     assert [r["epoch"] for r in _records(out)] == [1]
     assert "trained (daal, epoch 1)" in open(os.path.join(out, "results.txt")).read()
 
