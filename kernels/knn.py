@@ -822,8 +822,15 @@ def _tma_eligible(q: torch.Tensor, r: torch.Tensor, entry: str, block_d: int, co
     if any(t.data_ptr() % 16 or (t.stride(0) * size) % 16 for t in (q, r)):
         return False
     if q.device.type == "cuda":
-        return device_capability(q.device) >= (9, 0)
+        return tma_device(q.device)
     return interpreting()
+
+
+def tma_device(device: torch.device) -> bool:
+    """Whether the descriptor builds fit ``device``: TMA and a data-centre GPU's 227 KB of shared
+    memory per program (sm_90, sm_100; the wide tiles take 144 KB). The sm_120 consumer GPUs have
+    TMA but 99 KB, and older GPUs no TMA."""
+    return (9, 0) <= device_capability(device) < (12, 0)
 
 
 def merge_policy() -> str:

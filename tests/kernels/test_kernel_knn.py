@@ -8,7 +8,7 @@ from daal_testing import (DEV, assert_close, assert_floors_keep_nan, compile_lau
                            tolerance)
 
 from daal_triton import reference
-from daal_triton.kernels import knn as kk
+from daal_triton.kernels import _common, knn as kk
 from daal_triton.kernels._common import ALIGN_ENV, POINTER, family
 
 TF32 = DEV == "cuda"
@@ -1329,3 +1329,11 @@ def test_custom_ops_opcheck(layout):
         torch.library.opcheck(torch.ops.daal_triton.knn_backward.default,
                               (torch.randn(7, 3, device="cpu"), index, q.detach(), r.detach(), ref_grad),
                               test_utils=("test_schema", "test_faketensor"))
+
+
+def test_descriptor_loads_only_where_their_builds_fit(monkeypatch):
+    """The kNN's tensor-descriptor builds (switches gpu_check times) take TMA and up to 144 KB of
+    shared memory: sm_90 and sm_100 only, not sm_80 (no TMA) nor the 99 KB sm_120 GPUs."""
+    for capability, fits in (((8, 0), False), ((8, 9), False), ((9, 0), True), ((10, 0), True), ((12, 0), False)):
+        monkeypatch.setattr(_common, "_CAPABILITY", {0: capability})
+        assert kk.tma_device(torch.device("cuda", 0)) == fits, capability
