@@ -203,11 +203,17 @@ def load_weights(module: nn.Module, state: Dict[str, Any], path: str, what: str,
     try:
         module.load_state_dict(state)
     except (RuntimeError, ValueError, KeyError, TypeError) as e:
-        lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
-        detail = lines[1] if len(lines) > 1 and lines[0].startswith("Error(s) in loading") else _first_line(e)
         why = why or "the checkpoint's weights and configuration do not belong together"
         raise CheckpointError(f"checkpoint {path!r}: its {what} does not fit the {what} built from its "
-                              f"configuration ({detail.rstrip('.')}): {why}") from None
+                              f"configuration ({load_error_detail(e)}): {why}") from None
+
+
+def load_error_detail(e: BaseException) -> str:
+    """The telling line of a ``load_state_dict`` error: the first after its "Error(s) in loading
+    state_dict for ..." heading (the first size mismatch, missing or unexpected key), else its first."""
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+    detail = lines[1] if len(lines) > 1 and lines[0].startswith("Error(s) in loading") else _first_line(e)
+    return detail.rstrip(".")
 
 
 def require_training_state(ck: Dict[str, Any], path: str) -> None:

@@ -99,7 +99,7 @@ def load_vgg_weights(features: nn.Module, path: str) -> None:
     Only the convolutional ``features.*`` entries are required; the ImageNet classifier is dropped.
     Raises ``FileNotFoundError`` / ``ValueError`` with what was expected.
     """
-    from .checkpoint import load_plain
+    from .checkpoint import load_error_detail, load_plain
 
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--weights {path!r}: no such file (expected a torchvision VGG state dict, "
@@ -120,7 +120,7 @@ def load_vgg_weights(features: nn.Module, path: str) -> None:
         missing, unexpected = features.load_state_dict(feats, strict=False)
     except RuntimeError as e:  # shape mismatches
         raise ValueError(f"--weights {path!r} does not match the VGG trunk: is it vgg19 vs vgg19_bn? "
-                         f"({str(e).splitlines()[0]})") from e
+                         f"({load_error_detail(e)})") from e
     if hasattr(features, "features"):
         missing = [k for k in missing if k.startswith("features.")]
     if missing or unexpected:

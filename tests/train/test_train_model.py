@@ -23,8 +23,9 @@ def test_embedding_net_shapes_and_weights(tmp_path):
     x = torch.randn(2, 3, 32, 32)
     assert net(x).shape == (2, 24)
     assert net.features(x).shape == (2, 512)
-    with pytest.raises(ValueError, match="vgg19 vs vgg19_bn"):
+    with pytest.raises(ValueError, match="vgg19 vs vgg19_bn") as err:
         EmbeddingNet("vgg19", 8, weights=path)
+    assert "(size mismatch for " in str(err.value) and "Error(s) in loading" not in str(err.value)
     with pytest.raises(FileNotFoundError, match="never downloads"):
         EmbeddingNet("vgg19_bn", 8, weights=str(tmp_path / "missing.pth"))
     with pytest.raises(ValueError, match="arch"):
