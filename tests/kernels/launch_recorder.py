@@ -8,7 +8,8 @@ to 1 a constant, a size or pointer divisible by 16 marked so). This records them
 tensor arguments are zero-filled so the aten glue between launches indexes in range), and the
 launchers are told they run on an sm_90 GPU with 132 SMs, on the shapes ``bench/gpu_check.sh``
 times and the training loss uses; the scenarios named ``..., sm_75`` on a GPU without TF32 (a T4:
-what a forced ``backend="triton"`` launches there, built for sm_75 and sm_70). ``python tests/kernels/launch_recorder.py OUT.json`` writes one
+what a forced ``backend="triton"`` launches there, built for sm_75 and sm_70).
+``python tests/kernels/launch_recorder.py OUT.json`` writes one
 job per distinct launch (kernel, signature, constexprs, divisibility, options) with the scenarios
 that launch it; tests/kernels/test_kernel_launched_builds.py compiles each for sm_90 and sm_80.
 
@@ -207,18 +208,15 @@ def record() -> list:
     ]
     # a GPU without TF32 (a T4; a V100 launches the same): float32 at both matmul precisions,
     # float16 (its mixed precision) and bfloat16; _capabilities in the build test adds sm_75, sm_70
-    t4 = (7, 5)
     for dt in ("fp32", "fp16", "bf16"):
         for precision in (("highest", "high") if dt == "fp32" else ("highest",)):
             tag = f"{dt}{', tf32' if precision == 'high' else ''}, sm_75"
+            t4 = {"precision": precision, "capability": (7, 5)}
             scenarios += [
-                (f"loss {tag}", lambda dt=dt: loss(dt, 180, 100, 512), {"precision": precision, "capability": t4}),
-                (f"knn {tag}", lambda dt=dt: knn_op(dt, 1024, 4096, 512, 8, False, False),
-                 {"precision": precision, "capability": t4}),
-                (f"line_margin {tag}", lambda dt=dt: line_margin_op(dt, 180, 100, 512),
-                 {"precision": precision, "capability": t4}),
-                (f"pairwise {tag}", lambda dt=dt: pairwise_op(dt, 512, 512, 512),
-                 {"precision": precision, "capability": t4}),
+                (f"loss {tag}", lambda dt=dt: loss(dt, 180, 100, 512), t4),
+                (f"knn {tag}", lambda dt=dt: knn_op(dt, 1024, 4096, 512, 8, False, False), t4),
+                (f"line_margin {tag}", lambda dt=dt: line_margin_op(dt, 180, 100, 512), t4),
+                (f"pairwise {tag}", lambda dt=dt: pairwise_op(dt, 512, 512, 512), t4),
             ]
     # bench/tune_line_margin.py's candidates, as it launches them (its shape, float32 segments)
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "bench"))
