@@ -1,5 +1,6 @@
-"""Every launch the launchers make on the benchmark and training shapes compiles for sm_90 and
-sm_80 exactly as Triton's JIT would specialise it there, and the sm_90 builds keep their registers.
+"""Every launch the launchers make on the benchmark and training shapes compiles for sm_90, sm_80
+and sm_100 (and a T4's or V100's launches for sm_75 and sm_70) exactly as Triton's JIT would
+specialise it there, fits each target's shared memory, and the sm_90 builds keep their registers.
 
 ``launches()`` (kernels/*.py) lists configurations by hand and the other build tests compile
 those; what a GPU actually launches also depends on the call (KP from ``k``, flags for labels,
@@ -67,15 +68,16 @@ def _pre_ampere(launch) -> bool:
 
 
 def _capabilities(launch):
-    """sm_90, and sm_80 unless the launch loads through tensor descriptors (sm_90 only: the
-    launcher never takes them on an older GPU); sm_75 and sm_70 for a launch of a GPU without
+    """sm_90 and sm_100 (a B200: its tensor-core MMA and pipelining differ from Hopper's, and
+    its builds take more shared memory), and sm_80 unless the launch loads through tensor
+    descriptors (sm_90/sm_100 only: knn.tma_device); sm_75 and sm_70 for a launch of a GPU without
     TF32 (a forced ``backend="triton"`` there: daal_triton/backend.py, MIN_CAPABILITY), only
     those when no newer GPU makes it (its float32 dots are IEEE)."""
     if any(t.startswith("tensordesc") for t in launch["signature"].values()):
-        return (90,)
+        return (90, 100)
     if not _pre_ampere(launch):
-        return (90, 80)
-    return (75, 70) if all(s.endswith("sm_75") for s in launch["scenarios"]) else (90, 80, 75, 70)
+        return (90, 80, 100)
+    return (75, 70) if all(s.endswith("sm_75") for s in launch["scenarios"]) else (90, 80, 100, 75, 70)
 
 
 @pytest.fixture(scope="module")
@@ -112,19 +114,20 @@ def test_the_recording_covers_every_kernel_of_the_hot_paths(recorded):
     assert any(la["constexprs"].get("BLOCK_M") == 256 and la["constexprs"].get("TMA") for la in recorded)
 
 
-def test_every_recorded_launch_compiles_for_sm90_and_sm80(built):
+def test_every_recorded_launch_compiles_for_each_target(built):
     errors = [f"sm_{res['capability']} {_describe(la)}:\n{res['error'][-1500:]}" for la, res in built
               if "error" in res]
     assert not errors, "\n\n".join(errors)
-    assert {res["capability"] for _, res in built} == {90, 80, 75, 70}
+    assert {res["capability"] for _, res in built} == {90, 80, 100, 75, 70}
 
 
 #: The shared memory one program may use (bytes), by the compile target: sm_90 an H100/H200's
-#: 227 KB; sm_80 the 99 KB of the consumer GPUs that run the same configurations (sm_86, sm_89,
+#: and sm_100 a B200's 227 KB (its line-margin builds take 147,488 B where sm_90's take 98,304);
+#: sm_80 the 99 KB of the consumer GPUs that run the same configurations (sm_86, sm_89,
 #: sm_120; an A100 has 163 KB: their sm_86 and sm_120 builds used no more than the sm_80 ones,
 #: 98,304 B at most, Triton 3.8, 2026-12-03); sm_75 a T4's 64 KB; sm_70 a V100's 96 KB. A launch
 #: over the limit compiles and then fails on that GPU with OutOfResources.
-SHARED_LIMIT = {90: 227 * 1024, 80: 99 * 1024, 75: 64 * 1024, 70: 96 * 1024}
+SHARED_LIMIT = {90: 227 * 1024, 100: 227 * 1024, 80: 99 * 1024, 75: 64 * 1024, 70: 96 * 1024}
 
 
 def test_every_recorded_launch_fits_in_shared_memory(built):
