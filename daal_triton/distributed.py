@@ -21,6 +21,8 @@ from typing import Iterable, Tuple
 import torch
 import torch.distributed as dist
 
+from .validation import check_same_device
+
 
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
@@ -45,7 +47,8 @@ def gather_batch(embeddings: torch.Tensor, labels: torch.Tensor, *,
     alike) instead of aborting in the collective. ``same_size=True`` promises that every rank
     passes as many rows as this one, of the same dtypes and shapes, and skips that step (the
     training program's sampler gives every rank the same share). Without a process group this is
-    the identity.
+    the identity. Embeddings and labels must be on one device, a CUDA one under NCCL
+    (``ValueError`` otherwise, before any collective).
     """
     if not is_distributed() or world_size() == 1:
         return embeddings, labels
@@ -55,6 +58,10 @@ def gather_batch(embeddings: torch.Tensor, labels: torch.Tensor, *,
     if embeddings.shape[:1] != labels.shape[:1]:
         raise ValueError(f"embeddings has {embeddings.shape[0] if embeddings.dim() else 0} rows but labels "
                          f"has {labels.shape[0] if labels.dim() else 0}: gather_batch needs one label per row")
+    check_same_device(embeddings=embeddings, labels=labels)
+    if dist.get_backend() == "nccl" and embeddings.device.type != "cuda":
+        raise ValueError(f"the process group's backend is NCCL, which gathers CUDA tensors only: embeddings "
+                         f"and labels are on {embeddings.device}")
     from torch.distributed.nn.functional import all_gather
 
     n = embeddings.shape[0]

@@ -11,7 +11,7 @@ files as they stood before (the 33rd was already caught) and are kept here. A us
 the public API and the training programs (2026-12-03) found defects the suite let through (a
 resumed run read as finished, unsigned labels, TRITON_INTERPRET=false, float8, torch.func, study
 arguments); each fix came with a test and the mutant that undoes it, as did the fixes for GPUs
-before sm_80 (no TF32; ROCm) and for an uncovered-lines review (2026-12-03).
+before sm_80 (no TF32; ROCm) and for two uncovered-lines reviews (2026-12-03).
 
 This script checks that they stay caught:
 in a scratch clone of the working tree it applies one mutant at a time (an exact text
@@ -466,6 +466,15 @@ MUTANTS: Tuple[Mutant, ...] = (
            "                         exclude_self=ref_includes_batch)",
            "                         exclude_self=True)",
            ("tests/reference/test_reference_daal.py", "-k", "knn_radius_by_hand")),
+    Mutant("gather_device_check", "daal_triton/distributed.py",
+           "    check_same_device(embeddings=embeddings, labels=labels)\n", "",
+           ("tests/package/test_distributed.py", "-k", "devices_before_any_collective")),
+    Mutant("config_file_daal_flags", "daal_triton/train/config.py",
+           'merged["daal"] = dict(merged["daal"], **value)', 'merged["daal"] = dict(default_daal(), **value)',
+           ("tests/train/test_train_resume.py", "-k", "daal_flags_on_top")),
+    Mutant("study_started_file_aside", "daal_triton/train/study.py",
+           "                os.replace(started_file(d), started_file(moved))", "                pass",
+           ("tests/train/test_train_study.py", "-k", "unfinished_cell_without")),
 )
 
 

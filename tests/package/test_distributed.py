@@ -183,3 +183,17 @@ def test_gather_checks_one_label_per_row(monkeypatch):
         gather_batch(torch.tensor(1.0), torch.tensor(0))
     with pytest.raises(ValueError, match=r"got shapes \(3, 2\) and \(\)"):
         gather_batch(torch.randn(3, 2), torch.tensor(0))
+
+
+def test_gather_checks_devices_before_any_collective(monkeypatch):
+    """Labels on another device than the embeddings, or CPU tensors under NCCL, get the loss's
+    ValueError, not an error from inside the collective (NCCL's, on every rank)."""
+    import daal_triton.distributed as dd
+
+    monkeypatch.setattr(dd, "is_distributed", lambda: True)
+    monkeypatch.setattr(dd, "world_size", lambda: 2)
+    monkeypatch.setattr(dd.dist, "get_backend", lambda *a: "nccl")
+    with pytest.raises(ValueError, match="one device: embeddings on meta, labels on cpu"):
+        gather_batch(torch.randn(3, 2, device="meta"), torch.arange(3))
+    with pytest.raises(ValueError, match="backend is NCCL, which gathers CUDA tensors only: .* on cpu"):
+        gather_batch(torch.randn(3, 2), torch.arange(3))

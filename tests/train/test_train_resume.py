@@ -311,6 +311,28 @@ def test_config_file_reruns_a_run(one_epoch, tmp_path):
     assert cfg["epochs"] == 2 and cfg["embedding_dim"] == 8 and cfg["warmup_epochs"] == 0
 
 
+def test_config_file_takes_daal_flags_on_top(tmp_path):
+    """``--config FILE --daal-<name> V``: V replaces that one hyperparameter of the file, even when V
+    is the default; the file's other hyperparameters stay."""
+    from daal_triton.train.config import TrainConfig, config_file
+
+    default = TrainConfig().daal
+    saved = TrainConfig().to_dict()
+    saved["daal"] = dict(default, gamma=default["gamma"] * 2 + 1, m0=default["m0"] / 2, k=default["k"] + 2)
+    path = str(tmp_path / "config.json")
+    json.dump(saved, open(path, "w"))
+
+    def merged(*flags):
+        argv = ["--config", path, *flags]
+        parser = cli.build_parser()
+        args = parser.parse_args(argv)
+        return config_file(path, cli.config_from_args(args), cli.given_flags(parser, argv)).daal
+
+    assert merged() == saved["daal"]
+    got = merged("--daal-gamma", "0.25", "--daal-k", str(default["k"]))
+    assert got == dict(saved["daal"], gamma=0.25, k=default["k"])
+
+
 @pytest.mark.parametrize("content, words", [
     (None, "no such file"), ("{not json", "JSON"), ('{"epochz": 3}', "epochz"), ("[1, 2]", "JSON object"),
     ('{"epochs": "3"}', "epochs"), ('{"dataset": "mnist"}', "dataset"), ('{"epochs": 0}', "--epochs"),

@@ -142,6 +142,57 @@ def test_resume_skips_finished_cells(tmp_path, monkeypatch):
     assert S._move_aside(d).endswith(".incomplete-1") and os.path.isfile(d + ".incomplete-1/partial.txt")
 
 
+def test_an_unfinished_cell_without_a_checkpoint_is_kept_aside_and_run_again(tmp_path):
+    """A cell folder left without a checkpoint (killed before its first epoch ended) cannot resume:
+    run_cell moves it, and what it was started with, to ``.incomplete-N`` (never deleted, N never
+    reused) and runs the cell afresh."""
+    import sys
+
+    fake = tmp_path / "fake_python"  # stands for python: writes a finished run into its --out
+    fake.write_text(f"#!{sys.executable}\n" + """import json, os, sys
+out = sys.argv[sys.argv.index("--out") + 1]
+os.makedirs(out)
+open(os.path.join(out, "metrics.jsonl"), "w").write(json.dumps(
+    {"epoch": 1, "model": "trained", "recall@1": 0.75, "nmi": 0.5, "subcluster_nmi": 0.25}) + "\\n")
+json.dump({"width": 0.25}, open(os.path.join(out, "config.json"), "w"))
+open(os.path.join(out, "results.txt"), "w").write("done\\n")
+""")
+    fake.chmod(0o755)
+    out = str(tmp_path / "study")
+    (cell,) = S.expand(S.make_study(None, ["A=--epochs 1"], seeds=[0]))
+    d = S.cell_dir(out, cell)
+    for n in (1, 2):
+        os.makedirs(d)
+        open(os.path.join(d, "partial.txt"), "w").write(f"attempt {n}")
+        json.dump(dict(config="A", seed=0, args=cell["args"], wall_s=1.0), open(S.started_file(d), "w"))
+        rec = S.run_cell(cell, out, 1, python=str(fake))
+        assert rec["metrics"]["recall@1"] == 0.75 and S.is_finished(d)
+        assert open(f"{d}.incomplete-{n}/partial.txt").read() == f"attempt {n}"
+        assert json.load(open(S.started_file(f"{d}.incomplete-{n}")))["wall_s"] == 1.0
+        shutil.rmtree(d)
+    log = open(os.path.join(out, "logs", "a-seed0.log")).read()
+    assert log.count("--out " + d) == 2 and "--resume" not in log
+
+
+def test_the_default_progress_bar_counts_cells_and_keeps_their_lines(tmp_path, monkeypatch, capsys):
+    ran = []
+    good = _recording_run(ran)
+
+    def run(cell, out_, threads, python=None):
+        if cell["seed"] == 1:
+            raise RuntimeError("exit 1")
+        return good(cell, out_, threads)
+
+    monkeypatch.setattr(S, "run_cell", run)
+    todo = S.expand(S.make_study(None, ["A="], seeds=[0, 1]))
+    failed = S._run_cells(todo, str(tmp_path), 1, 1, True, {}, str(tmp_path / "runs.jsonl"))
+    assert [c["seed"] for c in failed] == [1] and ran == [("A", 0)]
+    text = "".join(capsys.readouterr())
+    assert "daal-study" in text and "2/2" in text  # the bar, at its end
+    assert "[daal-study] A seed 0: R@1 0.5000, sub-cluster NMI 0.2000" in text
+    assert "[daal-study] FAILED A seed 1: exit 1" in text
+
+
 def test_tiny_real_study(tmp_path):
     """Two configurations x one seed through the real daal-train subprocess, then the report."""
     pytest.importorskip("pytorch_metric_learning")
