@@ -85,6 +85,30 @@ def _functorch_active() -> bool:
     return bool(check()) if check is not None else False
 
 
+def _vmap_active() -> bool:
+    """Whether a ``torch.func.vmap`` is running (alone or inside another transform)."""
+    if not _functorch_active():
+        return False
+    try:
+        from torch._C._functorch import TransformType
+        from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+        return any(i.key() == TransformType.Vmap for i in retrieve_all_functorch_interpreters())
+    except (ImportError, AttributeError):  # pragma: no cover - a torch without these internals
+        return False
+
+
+def refuse_vmap(function: str) -> None:
+    """``NotImplementedError`` inside ``torch.func.vmap``: the value checks and the kNN's selection
+    read values, which vmap forbids, and the reference's masks are written in place; a batch of
+    problems is a loop (``torch.stack([f(e) for e in batch])``). ``grad``/``vjp``/``jacrev`` run
+    on the reference."""
+    if _vmap_active():
+        raise NotImplementedError(f"{function} cannot run under torch.func.vmap (its checks and the kNN "
+                                  "selection are data-dependent): call it once per problem in a loop, "
+                                  "torch.stack([... for ... in batch]); torch.func.grad, vjp and jacrev work")
+
+
 def triton_reason(device: torch.device, dtype: torch.dtype = torch.float32, *, forced: bool = False) -> str:
     """Why Triton does not run on ``device`` for ``dtype`` inputs (empty when it does); ``forced``:
     why ``backend="triton"`` cannot (a GPU older than sm_80 runs it only then)."""

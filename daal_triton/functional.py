@@ -12,7 +12,7 @@ from typing import Optional, Tuple, Union
 import torch
 
 from . import reference
-from .backend import choose_backend
+from .backend import choose_backend, refuse_vmap
 from .core import DAALParts, Hyperparameters, Operators, compose
 from .validation import (
     check_flag,
@@ -127,6 +127,7 @@ def loss_with(
     """:func:`daal_loss` with its hyperparameters given as one :class:`Hyperparameters` object;
     ``sample_weights`` (B values) scale each sample's terms (``DAALLoss`` derives them from a
     miner's ``indices_tuple``); ``ref_name``: the reference set's argument name in error messages."""
+    refuse_vmap("the DAAL loss (daal_loss, DAALLoss)")
     check_flag(return_parts, "return_parts", optional=False)
     validate_loss_inputs(embeddings, labels, segments, k=hp.k,
                          ref_embeddings=ref_embeddings, ref_labels=ref_labels,
@@ -142,6 +143,7 @@ def loss_with(
 def pairwise_distance(x: torch.Tensor, y: torch.Tensor, *, backend: str = "auto",
                       check_values: Optional[bool] = None) -> torch.Tensor:
     """``d_ij = sqrt(max(||x_i - y_j||^2, 1e-12))``: ``x`` M x D, ``y`` N x D -> M x N."""
+    refuse_vmap("pairwise_distance")
     for name, t in (("x", x), ("y", y)):
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -175,6 +177,7 @@ def knn(
     neighbours are ``inf`` / ``-1``; ties go to the smaller index. The Triton backend never
     builds the M x N matrix.
     """
+    refuse_vmap("knn")
     validate_knn_inputs(query, ref, k, query_labels, ref_labels, check_values=check_values)
     knn_fn = _ops(choose_backend(backend, query.device, torch.promote_types(query.dtype, ref.dtype))).knn
     return knn_fn(query, ref, int(k), query_labels=query_labels, ref_labels=ref_labels,

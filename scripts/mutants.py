@@ -472,6 +472,8 @@ MUTANTS: Tuple[Mutant, ...] = (
     Mutant("config_file_daal_flags", "daal_triton/train/config.py",
            'merged["daal"] = dict(merged["daal"], **value)', 'merged["daal"] = dict(default_daal(), **value)',
            ("tests/train/test_train_resume.py", "-k", "daal_flags_on_top")),
+    Mutant("knn_vmap_refused", "daal_triton/functional.py", '    refuse_vmap("knn")\n', "",
+           ("tests/package/test_validation.py", "-k", "vmap_is_refused")),
     Mutant("study_started_file_aside", "daal_triton/train/study.py",
            "                os.replace(started_file(d), started_file(moved))", "                pass",
            ("tests/train/test_train_study.py", "-k", "unfinished_cell_without")),

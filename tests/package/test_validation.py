@@ -156,6 +156,29 @@ def test_torch_func_transforms_run_on_the_reference():
     assert choose_backend("auto", torch.device("cpu")) == "triton"  # outside a transform: the kernels
 
 
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_vmap_is_refused_with_the_alternative(backend):
+    """torch.func.vmap over the loss, kNN or distances raised vmap's "data-dependent control flow"
+    error from a value check (or a broadcast error from the reference's in-place masks):
+    NotImplementedError naming the function and the loop instead, inside grad(vmap(...)) too; a
+    torch.func.grad around the same call still works (above)."""
+    z, y, seg = good(B=9, C=3, D=5)
+    batch = torch.stack([z, z.flip(0)])
+    module = dt.DAALLoss(3, 5, k=2, backend=backend)
+    calls = {"the DAAL loss": lambda e: dt.daal_loss(e, y, seg, k=2, backend=backend),
+             "DAALLoss": lambda e: module(e, y),
+             "knn": lambda e: dt.knn(e, z, 2, backend=backend)[0],
+             "pairwise_distance": lambda e: dt.pairwise_distance(e, z, backend=backend)}
+    for name, f in calls.items():
+        word = "the DAAL loss" if name == "DAALLoss" else name
+        with pytest.raises(NotImplementedError, match=f"{word}.* cannot run under torch.func.vmap.*in a loop"):
+            torch.func.vmap(f)(batch)
+        with pytest.raises(NotImplementedError, match="cannot run under torch.func.vmap"):
+            torch.func.grad(lambda b: torch.func.vmap(f)(b).sum())(batch)
+        looped = torch.stack([f(e) for e in batch])  # the loop the message suggests
+        assert looped.shape[0] == 2 and torch.isfinite(looped).all()
+
+
 @pytest.mark.interpreter  # "1" means the interpreter runs CPU tensors
 @pytest.mark.parametrize("value,on", [("1", True), ("true", True), ("ON", True), ("yes", True), ("y", True),
                                       ("0", False), ("false", False), ("off", False), ("no", False), ("", False),
