@@ -474,6 +474,8 @@ MUTANTS: Tuple[Mutant, ...] = (
            ("tests/train/test_train_resume.py", "-k", "daal_flags_on_top")),
     Mutant("knn_vmap_refused", "daal_triton/functional.py", '    refuse_vmap("knn")\n', "",
            ("tests/package/test_validation.py", "-k", "vmap_is_refused")),
+    Mutant("barrier_composite_nccl", "daal_triton/train/ddp.py", 'if "nccl" in (self.backend or "") and',
+           'if self.backend == "nccl" and', ("tests/train/test_train_distributed.py", "-k", "barrier_names")),
     Mutant("study_started_file_aside", "daal_triton/train/study.py",
            "                os.replace(started_file(d), started_file(moved))", "                pass",
            ("tests/train/test_train_study.py", "-k", "unfinished_cell_without")),

@@ -72,7 +72,7 @@ class DistContext:
     def barrier(self) -> None:
         if not self.distributed:
             return
-        if self.backend == "nccl" and torch.cuda.is_available():
+        if "nccl" in (self.backend or "") and torch.cuda.is_available():  # "nccl", or "cpu:gloo,cuda:nccl"
             dist.barrier(device_ids=[torch.cuda.current_device()])
         else:
             dist.barrier()

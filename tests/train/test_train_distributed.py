@@ -162,6 +162,21 @@ def test_a_callers_process_group_without_local_rank_spreads_over_the_gpus(monkey
     assert device == torch.device("cpu") and ctx.local_rank == (0 if local_rank is None else want)
 
 
+@pytest.mark.parametrize("backend,nccl", [("nccl", True), ("cpu:gloo,cuda:nccl", True), ("gloo", False)])
+def test_barrier_names_the_gpu_to_nccl(monkeypatch, backend, nccl):
+    """With NCCL in the group (alone, or in a caller's "cpu:gloo,cuda:nccl" group) the barrier names
+    this rank's GPU (NCCL guesses it otherwise, and warns); with gloo it does not. No GPU needed."""
+    from daal_triton.train import ddp
+
+    calls = []
+    monkeypatch.setattr(ddp.dist, "barrier", lambda **kw: calls.append(kw))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    ddp.DistContext(rank=1, world_size=2, backend=backend).barrier()
+    ddp.DistContext(rank=0, world_size=1, backend=backend).barrier()  # one process: no collective
+    assert calls == [{"device_ids": [3]} if nccl else {}]
+
+
 def test_world_size_rules_of_the_configuration():
     """P must be a multiple of the world size (not the other way round), and --sync-bn in a world of
     CPU processes is refused from 2 processes on; checked before anything starts."""
