@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Creates ./.venv (once) with PyTorch, the package (editable) and its dev + train extras.
+# Creates ./.venv (once) with PyTorch, the package (editable) and its dev, train and pml extras.
 # torch/torchvision are pinned to the releases these machines serve from local disk:
 # an unpinned torch would download a several-GB CUDA build.
 set -euo pipefail
