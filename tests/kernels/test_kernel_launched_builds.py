@@ -122,7 +122,8 @@ def test_every_recorded_launch_compiles_for_each_target(built):
 
 
 #: The shared memory one program may use (bytes), by the compile target: sm_90 an H100/H200's
-#: and sm_100 a B200's 227 KB (its line-margin builds take 147,488 B where sm_90's take 98,304);
+#: and sm_100 a B200's 227 KB (its largest builds: 147,504 B, the wide kNN tiles; 147,488 B, the
+#: half-precision line-margin forward, 147,456 B on sm_90);
 #: sm_80 the 99 KB of the consumer GPUs that run the same configurations (sm_86, sm_89,
 #: sm_120; an A100 has 163 KB: their sm_86 and sm_120 builds used no more than the sm_80 ones,
 #: 98,304 B at most, Triton 3.8, 2026-12-03); sm_75 a T4's 64 KB; sm_70 a V100's 96 KB. A launch
