@@ -109,9 +109,12 @@ def refuse_vmap(function: str) -> None:
                                   "torch.stack([... for ... in batch]); torch.func.grad, vjp and jacrev work")
 
 
-def triton_reason(device: torch.device, dtype: torch.dtype = torch.float32, *, forced: bool = False) -> str:
+def triton_reason(device: torch.device, dtype: torch.dtype = torch.float32, *, forced: bool = False,
+                  own_dots: bool = False) -> str:
     """Why Triton does not run on ``device`` for ``dtype`` inputs (empty when it does); ``forced``:
-    why ``backend="triton"`` cannot (a GPU older than sm_80 runs it only then)."""
+    why ``backend="triton"`` cannot (a GPU older than sm_80 runs it only then); ``own_dots``: the
+    kernels take dots of the inputs in their own dtype (``knn``, ``pairwise_distance``; the loss
+    computes in float32), which Triton's interpreter cannot do in bfloat16."""
     if dtype == torch.float64:
         return "float64 inputs run on the reference backend (the kernels compute in float32)"
     if _functorch_active():
@@ -126,19 +129,24 @@ def triton_reason(device: torch.device, dtype: torch.dtype = torch.float32, *, f
             return (f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')} is set but Triton's interpreter is "
                     "not active: it is chosen when triton is imported, so set TRITON_INTERPRET=1 before "
                     "importing triton (or daal_triton)")
+        if own_dots and dtype == torch.bfloat16:
+            return ("Triton's interpreter cannot run bfloat16 dots (it returned wrong distances): bfloat16 "
+                    "inputs on the CPU run on the reference backend (on a GPU, the kernels)")
         return ""
     return (f"tensors are on {device.type!r}: Triton runs CUDA tensors, or CPU tensors under "
             "TRITON_INTERPRET=1 set before triton is imported")
 
 
-def choose_backend(backend: str, device: torch.device, dtype: torch.dtype = torch.float32) -> str:
+def choose_backend(backend: str, device: torch.device, dtype: torch.dtype = torch.float32, *,
+                   own_dots: bool = False) -> str:
     """Resolve ``backend`` (``"auto"``, ``"triton"`` or ``"reference"``) for ``dtype`` tensors on
-    ``device``. Float64 always runs on the reference: the kernels would lower its precision."""
+    ``device`` (``own_dots``: see :func:`triton_reason`). Float64 always runs on the reference: the
+    kernels would lower its precision."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "reference":
         return "reference"
-    reason = triton_reason(device, dtype, forced=backend == "triton")
+    reason = triton_reason(device, dtype, forced=backend == "triton", own_dots=own_dots)
     if backend == "triton" and reason:
         raise ValueError(f"backend='triton' cannot run here: {reason}")
     return "reference" if reason else "triton"

@@ -15,7 +15,7 @@ import torch
 
 from . import reference
 from .reference import compute_dtype, length_term, own_distance_sq
-from .validation import as_float, as_int, check_flag
+from .validation import as_float, check_flag, check_k
 
 KnnFn = Callable[..., Tuple[torch.Tensor, torch.Tensor]]
 LineMarginFn = Callable[..., torch.Tensor]
@@ -51,7 +51,7 @@ class Hyperparameters:
     def __post_init__(self) -> None:
         # NumPy scalars are accepted and stored as Python numbers (a frozen dataclass: __setattr__
         # of object)
-        object.__setattr__(self, "k", as_int(self.k, "k"))
+        object.__setattr__(self, "k", check_k(self.k))
         for f in dataclasses.fields(self):
             if f.type in ("float", float):
                 object.__setattr__(self, f.name, as_float(getattr(self, f.name), f.name))

@@ -13,7 +13,7 @@ import torch
 
 from . import reference
 from .backend import choose_backend, refuse_vmap
-from .core import DAALParts, Hyperparameters, Operators, compose
+from .core import DAALParts, Hyperparameters, Operators, _no_autocast, compose
 from .validation import (
     check_flag,
     check_float_matrix,
@@ -153,11 +153,12 @@ def pairwise_distance(x: torch.Tensor, y: torch.Tensor, *, backend: str = "auto"
     check_float_matrix(y, "y", values=values)
     if x.shape[1] != y.shape[1]:
         raise ValueError(f"x and y must have the same number of columns, got {x.shape[1]} and {y.shape[1]}")
-    if choose_backend(backend, x.device, torch.promote_types(x.dtype, y.dtype)) == "triton":
+    if choose_backend(backend, x.device, torch.promote_types(x.dtype, y.dtype), own_dots=True) == "triton":
         from .kernels.pairwise import pairwise_distance as kernel
 
         return kernel(x, y)
-    return reference.pairwise_distance(x, y)
+    with _no_autocast(x.device):  # an enclosing autocast would run the reference's GEMM in half precision
+        return reference.pairwise_distance(x, y)
 
 
 def knn(
@@ -179,6 +180,9 @@ def knn(
     """
     refuse_vmap("knn")
     validate_knn_inputs(query, ref, k, query_labels, ref_labels, check_values=check_values)
-    knn_fn = _ops(choose_backend(backend, query.device, torch.promote_types(query.dtype, ref.dtype))).knn
-    return knn_fn(query, ref, int(k), query_labels=query_labels, ref_labels=ref_labels,
-                  exclude_self=exclude_self)
+    check_flag(exclude_self, "exclude_self", optional=False)
+    dtype = torch.promote_types(query.dtype, ref.dtype)
+    knn_fn = _ops(choose_backend(backend, query.device, dtype, own_dots=True)).knn
+    with _no_autocast(query.device):  # as the loss: the distances in the inputs' precision
+        return knn_fn(query, ref, int(k), query_labels=query_labels, ref_labels=ref_labels,
+                      exclude_self=exclude_self)

@@ -17,7 +17,7 @@ from typing import Tuple, Union
 
 import torch
 
-from .validation import FLOAT_DTYPES, as_int, check_float_matrix, check_labels
+from .validation import FLOAT_DTYPES, as_int, check_float_matrix, check_labels, value_checks_on
 
 
 class MemoryBank:
@@ -81,7 +81,10 @@ class MemoryBank:
                 torch.cat([labels.long(), lab.to(labels.device)]))
 
     def state_dict(self) -> dict:
-        return {"embeddings": self.embeddings, "labels": self.labels, "ptr": self.ptr, "filled": self.filled}
+        """A snapshot: copies of the rows and labels with the write position, so a state kept in
+        memory (a best-so-far checkpoint) stays one consistent bank while this one moves on."""
+        return {"embeddings": self.embeddings.clone(), "labels": self.labels.clone(), "ptr": self.ptr,
+                "filled": self.filled}
 
     @torch.no_grad()  # the bank never carries a gradient, whatever the state's tensors require
     def load_state_dict(self, state: dict) -> None:
@@ -91,6 +94,11 @@ class MemoryBank:
                 shape = tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
                 raise ValueError(f"state[{name!r}] must be a tensor of shape {tuple(have.shape)} "
                                  f"(this bank's size and dim), got {shape}")
+        # the dtypes enqueue takes: float labels would be truncated, and NaN rows refused only by a
+        # later loss call, as its ref_emb
+        check_float_matrix(state["embeddings"], "state['embeddings']",
+                           values=value_checks_on(state["embeddings"].device))
+        check_labels(state["labels"], "state['labels']", self.size, None, values=False)
         filled = as_int(state.get("filled"), "state['filled']", minimum=0)
         ptr = as_int(state.get("ptr"), "state['ptr']", minimum=0)
         if filled > self.size:

@@ -110,10 +110,13 @@ def check_flag(value: Optional[bool], name: str, *, optional: bool = True) -> Op
     return value
 
 
-def as_int(value, name: str, minimum: int = 1) -> int:
-    """An integer argument (a Python or NumPy integer, not a bool) ``>= minimum``, as an ``int``."""
+def as_int(value, name: str, minimum: int = 1, maximum: Optional[int] = None) -> int:
+    """An integer argument (a Python or NumPy integer, not a bool) ``>= minimum`` (and
+    ``<= maximum``, when given), as an ``int``."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{name} must be an integer in [{minimum}, {maximum}], got {value!r}")
     return int(value)
 
 
@@ -129,8 +132,13 @@ def as_float(value, name: str) -> float:
     return float(value)
 
 
+#: The largest ``k``: the kernels index neighbours with 32-bit integers (a larger ``k`` failed deep
+#: inside, with a TypeError or a storage-size overflow, not as a bad argument).
+K_MAX = 2**31 - 1
+
+
 def check_k(k) -> int:
-    return as_int(k, "k")
+    return as_int(k, "k", maximum=K_MAX)
 
 
 def validate_loss_inputs(

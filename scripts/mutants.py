@@ -11,7 +11,9 @@ files as they stood before (the 33rd was already caught) and are kept here. A us
 the public API and the training programs (2026-12-03) found defects the suite let through (a
 resumed run read as finished, unsigned labels, TRITON_INTERPRET=false, float8, torch.func, study
 arguments); each fix came with a test and the mutant that undoes it, as did the fixes for GPUs
-before sm_80 (no TF32; ROCm) and for two uncovered-lines reviews (2026-12-03).
+before sm_80 (no TF32; ROCm), for two uncovered-lines reviews and for a second user's-eye probe
+(2026-12-03: bfloat16 distances under the interpreter, autocast around knn and pairwise_distance,
+knn's exclude_self, a memory bank's saved state, k's upper bound).
 
 This script checks that they stay caught:
 in a scratch clone of the working tree it applies one mutant at a time (an exact text
@@ -476,6 +478,22 @@ MUTANTS: Tuple[Mutant, ...] = (
            ("tests/package/test_validation.py", "-k", "vmap_is_refused")),
     Mutant("barrier_composite_nccl", "daal_triton/train/ddp.py", 'if "nccl" in (self.backend or "") and',
            'if self.backend == "nccl" and', ("tests/train/test_train_distributed.py", "-k", "barrier_names")),
+    Mutant("interpreter_bf16_dots", "daal_triton/backend.py", "if own_dots and dtype == torch.bfloat16:",
+           "if False:", ("tests/package/test_fast_path.py", "-k", "bfloat16_distances_on_the_interpreter")),
+    Mutant("knn_autocast", "daal_triton/functional.py", "with _no_autocast(query.device):",
+           'with _no_autocast(torch.device("meta")):', ("tests/package/test_fast_path.py", "-k", "enclosing_autocast")),
+    Mutant("pairwise_autocast", "daal_triton/functional.py", "with _no_autocast(x.device):",
+           'with _no_autocast(torch.device("meta")):', ("tests/package/test_fast_path.py", "-k", "enclosing_autocast")),
+    Mutant("knn_exclude_self_flag", "daal_triton/functional.py",
+           '    check_flag(exclude_self, "exclude_self", optional=False)\n', "",
+           ("tests/package/test_validation.py", "-k", "knn_and_pairwise_errors")),
+    Mutant("k_upper_bound", "daal_triton/validation.py", 'return as_int(k, "k", maximum=K_MAX)',
+           'return as_int(k, "k")', ("tests/package/test_validation.py", "-k", "errors_name or knn_and_pairwise")),
+    Mutant("bank_state_label_dtype", "daal_triton/memory.py",
+           """        check_labels(state["labels"], "state['labels']", self.size, None, values=False)\n""", "",
+           ("tests/package/test_memory_bank.py", "-k", "bank_state_is_checked")),
+    Mutant("bank_state_snapshot", "daal_triton/memory.py", '"labels": self.labels.clone(),', '"labels": self.labels,',
+           ("tests/package/test_memory_bank.py", "-k", "bank_state_is_checked")),
     Mutant("study_started_file_aside", "daal_triton/train/study.py",
            "                os.replace(started_file(d), started_file(moved))", "                pass",
            ("tests/train/test_train_study.py", "-k", "unfinished_cell_without")),

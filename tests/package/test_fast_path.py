@@ -175,6 +175,42 @@ def test_public_knn_of_no_queries_or_no_references(backend):
     assert torch.equal(index, torch.full((4, 3), -1, device=DEV))
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_public_knn_and_pairwise_ignore_an_enclosing_autocast(backend):
+    """Under ``torch.autocast`` (bfloat16) the distance operators compute as without it, like the
+    loss: the reference's GEMM ran in bfloat16 there (9.8e-3 off float64 instead of 2.5e-6, other
+    neighbours), while the kernels' did not, so the two backends disagreed."""
+    x = torch.randn(37, 129, device=DEV)
+    # each query has two references close by, told apart by distances far below bfloat16's resolution
+    y = torch.cat([x + 0.01 * torch.randn_like(x), x + 0.01 * torch.randn_like(x), torch.randn(11, 129, device=DEV)])
+    d, (kd, ki) = dt.pairwise_distance(x, y, backend=backend), dt.knn(x, y, 5, backend=backend)
+    with torch.autocast(DEV, dtype=torch.bfloat16):
+        d_cast, (kd_cast, ki_cast) = dt.pairwise_distance(x, y, backend=backend), dt.knn(x, y, 5, backend=backend)
+    assert d_cast.dtype == kd_cast.dtype == torch.float32
+    assert torch.equal(d_cast, d) and torch.equal(kd_cast, kd) and torch.equal(ki_cast, ki)
+
+
+@pytest.mark.interpreter  # bfloat16 on the CPU: Triton's interpreter has no bfloat16 dots
+def test_bfloat16_distances_on_the_interpreter_run_the_reference():
+    """The interpreter returned the 1e-6 floor for every bfloat16 pair and wrong neighbours, with
+    no error: "auto" runs those inputs on the reference, a forced "triton" says why. The loss (it
+    computes in float32) and float16 keep the kernels."""
+    from daal_triton import reference
+    from daal_triton.backend import choose_backend
+
+    x, y = torch.randn(9, 16).bfloat16(), torch.randn(7, 16).bfloat16()
+    assert torch.equal(dt.pairwise_distance(x, y), reference.pairwise_distance(x, y))
+    d, i = dt.knn(x, y, 3)
+    want_d, want_i = reference.knn(x, y, 3)
+    assert torch.equal(i, want_i) and torch.equal(d, want_d)
+    for call in (lambda: dt.pairwise_distance(x, y, backend="triton"), lambda: dt.knn(x, y, 3, backend="triton")):
+        with pytest.raises(ValueError, match="interpreter cannot run bfloat16 dots"):
+            call()
+    cpu = torch.device("cpu")
+    assert choose_backend("auto", cpu, torch.bfloat16) == "triton"  # the loss's choice
+    assert choose_backend("auto", cpu, torch.float16, own_dots=True) == "triton"
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_public_pairwise_distance_on_the_triton_backend(dtype):
     """``daal_triton.pairwise_distance(x, y, backend="triton")``: the kernel's distances and

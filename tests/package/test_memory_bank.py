@@ -116,7 +116,13 @@ def test_bank_state_is_checked_and_carries_no_gradient():
                           ({"ptr": 1, "filled": 3}, r"state\['ptr'\] must be the next row"),
                           ({"filled": 9}, r"state\['filled'\] must be <= the bank's size 5"),
                           ({"filled": -3}, r"state\['filled'\] must be an integer >= 0"),
-                          ({"ptr": None}, r"state\['ptr'\] must be an integer >= 0")):
+                          ({"ptr": None}, r"state\['ptr'\] must be an integer >= 0"),
+                          ({"labels": torch.tensor([0.5, 1.7, 2.2, 3.9, -0.5])},
+                           r"state\['labels'\] must be an integer tensor"),
+                          ({"embeddings": torch.full((5, 2), float("nan"))},
+                           r"state\['embeddings'\] contains NaN or inf"),
+                          ({"embeddings": torch.zeros(5, 2, dtype=torch.int64)},
+                           r"state\['embeddings'\] must be")):
         fresh = MemoryBank(5, 2)
         with pytest.raises(ValueError, match=words):
             fresh.load_state_dict(dict(state, **change))
@@ -124,6 +130,12 @@ def test_bank_state_is_checked_and_carries_no_gradient():
     full = dict(state, ptr=2, filled=5)  # a full ring may wrap anywhere
     other.load_state_dict(full)
     assert len(other) == 5 and other.ptr == 2
+    # a state is a snapshot: the bank moving on does not change one kept in memory
+    kept = bank.state_dict()
+    bank.enqueue(torch.randn(4, 2), torch.arange(4) + 50)
+    again = MemoryBank(5, 2)
+    again.load_state_dict(kept)
+    assert torch.equal(again.get()[1], torch.arange(3)) and again.ptr == 3
 
 
 @pytest.mark.interpreter

@@ -48,6 +48,8 @@ def test_loss_errors_name_the_argument(backend):
     raises("all tensors must be on one device: .*segments on meta", f, z, y, seg.to("meta"))
     raises("k must be an integer >= 1", f, z, y, seg, k=0)
     raises("k must be an integer >= 1", f, z, y, seg, k=2.0)
+    raises(r"k must be an integer in \[1, 2147483647\], got 18446744073709551616", f, z, y, seg, k=2**64)
+    raises(r"k must be an integer in \[1, 2147483647\]", dt.DAALLoss, 3, 4, k=2**63 - 1)  # when it is built
     raises("reduction must be", f, z, y, seg, reduction="sum")
     raises("alpha must be > 0", f, z, y, seg, alpha=0.0)
     raises("m_min and m_max", f, z, y, seg, m_min=0.6, m_max=0.5)
@@ -87,6 +89,9 @@ def test_knn_and_pairwise_errors():
     q, r = torch.randn(4, 3), torch.randn(5, 3)
     raises("query and ref must have the same number of columns", dt.knn, q, torch.randn(5, 2), 2)
     raises("k must be an integer >= 1", dt.knn, q, r, 0)
+    raises(r"k must be an integer in \[1, 2147483647\], got 2147483648", dt.knn, q, r, 2**31)
+    raises("exclude_self must be True or False, got 'False'", dt.knn, q, r, 2, exclude_self="False")
+    raises("exclude_self must be True or False, got 1", dt.knn, q, r, 2, exclude_self=1)
     raises("query_labels and ref_labels must be given together", dt.knn, q, r, 2,
            query_labels=torch.zeros(4, dtype=torch.long))
     raises("ref_labels must have 5 entries", dt.knn, q, r, 2, query_labels=torch.zeros(4, dtype=torch.long),
