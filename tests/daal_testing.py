@@ -166,7 +166,11 @@ def _compile_here(fn, signature, constexprs, capability, num_warps, num_stages,
     constexprs = {**constexprs, **ones}
     for name in constexprs:
         sig[name] = "constexpr"
-    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in divisible}
+    # in argument order: ``divisible`` is a set, whose order follows the process's string-hash
+    # seed, and ``str(attrs)`` is part of Triton's cache key (a set order would miss the cache
+    # in every new process: each CI run compiled the same builds several times)
+    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]]
+             for n in sorted(divisible, key=fn.arg_names.index)}
     src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
     options = {"num_warps": num_warps, "num_stages": num_stages}
     if maxnreg is not None:
@@ -273,7 +277,7 @@ for job in jobs:
         md = k.metadata
         res.update(ptx=k.asm["ptx"], metadata={"shared": md.shared, "num_warps": md.num_warps,
                                                "name": md.name},
-                   **resource_usage(k.asm["cubin"]))
+                   hash=k.hash, **resource_usage(k.asm["cubin"]))
         if job.get("sass"):
             res["sass"] = sass(k.asm["cubin"])
     except Exception:
@@ -289,7 +293,8 @@ def compile_many_for_gpu(jobs, *, workers: int | None = None):
 
     Returns one dict per job, in order: ``name``, ``capability``, ``specialisation``,
     ``worker`` (its process id, when it had read its jobs and when this one was done), and
-    ``ptx``, ``metadata``, ``registers``, ``stack`` (:func:`resource_usage`) — or ``error``
+    ``ptx``, ``metadata``, ``hash`` (Triton's cache key of the build), ``registers``, ``stack``
+    (:func:`resource_usage`) — or ``error``
     (the traceback) when the compilation failed.
     """
     import json

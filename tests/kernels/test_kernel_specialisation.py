@@ -100,6 +100,22 @@ def test_compile_workers_run_at_once():
     assert max(s["started"] for s in spans) < min(s["done"] for s in spans), spans
 
 
+@pytest.mark.build
+def test_a_build_has_one_cache_key_in_every_process(monkeypatch):
+    """The same compile job gets the same Triton cache key in processes with different string-hash
+    seeds, so a build compiled once is read from Triton's cache by every later test of the run
+    (the ``tt.divisibility`` attributes were listed in a set's order: each worker compiled again)."""
+    launch = next(la for la in kp.launches() if la.name.startswith("pairwise_fwd"))
+    job = gpu_job(launch, capability=90, specialisation="aligned")
+    keys = []
+    for seed in ("1", "2", "3"):
+        monkeypatch.setenv("PYTHONHASHSEED", seed)
+        (res,) = compile_many_for_gpu([job], workers=1)
+        assert not res.get("error"), res.get("error")
+        keys.append(res["hash"])
+    assert len(set(keys)) == 1, keys
+
+
 
 def test_a_launch_keyword_the_kernel_lacks_fails_here_as_on_a_gpu():
     """The GPU JIT refuses a launch keyword that is neither a parameter nor a compile option; the
