@@ -102,6 +102,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import triton
 import triton.language as tl
+from triton.language.target_info import cuda_capability_geq
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ._common import (
@@ -180,7 +181,15 @@ def _knn_merge_tile(acc, n0, lanes, cols, cmask, rows, row_lo, qn, ql, rn_ptr, r
     if COUNTED:
         # each row's candidates, counted from sm (from the comparison instead, the sm_90 build
         # of Triton 3.6 spills 16 B: the 64 predicates stay live beside sm)
-        rounds = tl.minimum(tl.max(tl.sum((sm < float("inf")).to(tl.int32), axis=1), axis=0), KP)
+        counts = tl.sum((sm < float("inf")).to(tl.int32), axis=1)
+        if cuda_capability_geq(10):
+            # Blackwell: their max through a reshape (axis=None); the plain 1-D max after the row
+            # sum made Triton 3.6's OptimizeTMemLayouts fail without labels or self pairs ("parent
+            # layout must have at least rank >= 2"). Elsewhere the reshape would add a layout
+            # conversion (two barriers per tile on sm_90), so the other targets keep axis=0.
+            rounds = tl.minimum(tl.max(counts), KP)
+        else:
+            rounds = tl.minimum(tl.max(counts, axis=0), KP)
         vc = tl.zeros([BLOCK_M], dtype=tl.int32)
         for r in range(rounds):
             if r > 0:  # the entry the last round looked at is spent

@@ -158,6 +158,7 @@ def _compile_here(fn, signature, constexprs, capability, num_warps, num_stages,
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
+    from triton.language import target_info
 
     if specialisation == "recorded":  # a launch as recorded (tests/kernels/launch_recorder.py)
         sig, ones, divisible = dict(signature), {}, set(divisible or ())
@@ -175,7 +176,15 @@ def _compile_here(fn, signature, constexprs, capability, num_warps, num_stages,
     options = {"num_warps": num_warps, "num_stages": num_stages}
     if maxnreg is not None:
         options["maxnreg"] = maxnreg
-    return triton.compile(src, target=GPUTarget("cuda", capability, 32), options=options)
+    target = GPUTarget("cuda", capability, 32)
+    # kernels may ask for the target (``cuda_capability_geq``): on a GPU it is the active
+    # device's, here the one compiled for (this process compiles for nothing else)
+    def current_target():
+        return target
+
+    current_target.__triton_builtin__ = True  # as Triton's own (its cache key skips builtins)
+    target_info.current_target = current_target
+    return triton.compile(src, target=target, options=options)
 
 
 def _cuobjdump(cubin: bytes, flag: str) -> str:

@@ -6,10 +6,14 @@ copy that for a contiguous D = 512 launch. If a Triton release changed the rule,
 spill reports of the compile tests would describe kernels nobody launches: these tests fail then.
 """
 import inspect
+import os
 import re
 
 import pytest
 import torch
+import triton
+import triton.language as tl
+from triton.language.target_info import cuda_capability_geq
 
 from daal_testing import compile_many_for_gpu, gpu_job, specialise
 from daal_testing import triton_specialisation as _triton_specialisation
@@ -98,6 +102,32 @@ def test_compile_workers_run_at_once():
     spans = [r["worker"] for r in res]
     assert spans[0]["pid"] != spans[1]["pid"]
     assert max(s["started"] for s in spans) < min(s["done"] for s in spans), spans
+
+
+@triton.jit
+def _target_probe_kernel(out_ptr):
+    if cuda_capability_geq(10):
+        tl.store(out_ptr, 71717)
+    else:
+        tl.store(out_ptr, 90909)
+
+
+@pytest.mark.build
+def test_a_kernel_sees_the_target_it_is_compiled_for(monkeypatch, tmp_path):
+    """``cuda_capability_geq`` (Triton's, used by the kNN forward for Blackwell) reads the target
+    the compile tests build for, as it reads the active GPU's at launch: an sm_100 build takes the
+    Blackwell branch, sm_90 and sm_80 builds the other. Without that the sm_100 builds would be
+    of the branch no B200 runs."""
+    jobs = [{"module": __name__.rpartition(".")[2], "name": "_target_probe_kernel",
+             "signature": {"out_ptr": "*i32"}, "constexprs": {}, "capability": cap, "num_warps": 1,
+             "num_stages": 1, "specialisation": "recorded", "divisible": [], "unit": [], "rows": [],
+             "sass": False, "path": os.path.dirname(os.path.abspath(__file__))} for cap in (100, 90, 80)]
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))  # built here, not read from the cache
+    branch = []
+    for res in compile_many_for_gpu(jobs, workers=1):
+        assert not res.get("error"), res.get("error")
+        branch.append(("71717" in res["ptx"], "90909" in res["ptx"]))
+    assert branch == [(True, False), (False, True), (False, True)], branch
 
 
 @pytest.mark.build
