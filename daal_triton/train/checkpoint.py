@@ -64,9 +64,25 @@ def save_checkpoint(path: str, *, model: nn.Module, criterion: nn.Module, cfg: T
     if rank_rng is not None:
         state["rng_ranks"] = rank_rng
     state["sha256"] = digest(state)
+    write_atomically(path, lambda tmp: torch.save(state, tmp))
+
+
+def write_atomically(path: str, write) -> None:
+    """``write(path + ".tmp")``, then rename it to ``path``: a reader never sees half a file. When
+    the writing fails (a full disk: ``torch.save`` raises a RuntimeError from its zip writer), the
+    ``.tmp`` file is removed and an ``OSError`` names ``path``."""
     tmp = path + ".tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        if isinstance(e, OSError) and e.strerror:
+            raise OSError(e.errno, f"cannot write it ({e.strerror})", path) from None
+        raise OSError(None, f"cannot write it (is the disk full? {str(e).strip().splitlines()[-1]})", path) from None
 
 
 def _looks_saved(path: str) -> bool:

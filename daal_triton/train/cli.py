@@ -237,6 +237,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     daal = {name: getattr(args, f"daal_{name}") for name in DAAL_TRAIN_FIELDS}
     fields = {k: v for k, v in vars(args).items() if not k.startswith("daal_") and k not in kw}
     width = default_width(args.dataset, args.weights) if args.width is None else args.width
+    if fields.get("data_root"):  # recorded absolute: daal-eval and --resume may run from elsewhere
+        fields["data_root"] = os.path.abspath(fields["data_root"])
     return TrainConfig.from_dict(dict(fields, daal=daal, width=width, **kw))
 
 
@@ -268,6 +270,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except Diverged as e:  # the run started and stopped: not a usage error (exit status 1)
         print(f"daal-train: error: {e}", file=sys.stderr)
         return 1
+    except OSError as e:  # the file system refused (a full disk, a folder that cannot be created)
+        print(f"daal-train: error: {os_message(e)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt as e:  # run.Interrupted says how to go on
         print(f"daal-train: {e or 'interrupted (Ctrl-C) before the run started: nothing was written'}",
               file=sys.stderr)
@@ -282,6 +287,13 @@ def _message(e: Exception) -> str:
     if "Original Traceback" in text:
         text = text.strip().splitlines()[-1].split(": ", 1)[-1]
     return text
+
+
+def os_message(e: OSError) -> str:
+    """One line for a file-system failure: what the system said and the file, not a traceback."""
+    if e.strerror and e.filename is not None:
+        return f"{e.strerror}: {e.filename}"
+    return str(e)
 
 
 def _set_threads(n: Optional[int]) -> None:
@@ -340,6 +352,9 @@ def eval_main(argv: Optional[List[str]] = None) -> int:
     except NonFiniteError as e:
         print(f"daal-eval: error: the checkpoint's network gives non-finite embeddings ({e}): nothing was written",
               file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"daal-eval: error: {os_message(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("daal-eval: interrupted (Ctrl-C)", file=sys.stderr)

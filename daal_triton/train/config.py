@@ -184,6 +184,10 @@ def validate_config(cfg: TrainConfig, world_size: int, device: torch.device) -> 
             raise ConfigError(str(e)) from None
 
 
+#: The seeds --seed may take: it also seeds NumPy and scikit-learn's k-means (NMI), which take
+#: 32-bit seeds only (a larger one failed in the first evaluation, after training).
+SEED_LIMIT = 2 ** 32
+
 # (flag, field, lowest allowed value, whether that value itself is allowed)
 _BOUNDS = (
     ("--epochs", "epochs", 1, True), ("--steps-per-epoch", "steps_per_epoch", 1, True),
@@ -215,6 +219,8 @@ def check_numbers(cfg: Any, names: Optional[set] = None) -> None:
             bound = f">= {low}" if inclusive else f"> {low}"
             why = " (VGG's five poolings need 32 pixels a side)" if name == "image_size" else ""
             raise ConfigError(f"{flag} must be {bound}{why}, got {value}")
+        if name == "seed" and value >= SEED_LIMIT:
+            raise ConfigError(f"--seed must be < 2**32 = {SEED_LIMIT} (NumPy's and scikit-learn's seeds), got {value}")
 
 
 def _check_loss(cfg: TrainConfig) -> None:
@@ -311,6 +317,14 @@ def _check_writable(out: str, flag: str = "--out", value: Optional[str] = None) 
         raise ConfigError(f"{flag} {shown}: {probe} is a file, not a folder")
     if not os.access(probe, os.W_OK | os.X_OK):
         raise ConfigError(f"{flag} {shown}: {probe} is not writable")
+    try:
+        name_max = os.pathconf(probe, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):  # not POSIX
+        name_max = 255
+    for part in os.path.relpath(os.path.abspath(out), probe).split(os.sep):
+        if len(os.fsencode(part)) > name_max:
+            raise ConfigError(f"{flag} {shown}: the name {part[:24]}... is longer than the file system's "
+                              f"{name_max} bytes")
 
 
 # ----------------------------------------------------------------------------- resume and --config

@@ -241,15 +241,20 @@ def save_embeddings(path: str, emb: torch.Tensor, labels: torch.Tensor, paths: S
     ``torch.load(path, weights_only=True)`` opens it. Written to ``path.tmp``, then renamed."""
     import os
 
+    from .checkpoint import write_atomically
+
     emb = emb.detach().float().cpu().contiguous()
     labels = labels.detach().long().cpu().contiguous()
-    tmp = path + ".tmp"
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)  # as --out is
     if path.endswith(".npz"):
         arrays = {k: np.asarray(v, dtype=str) if isinstance(v, (list, tuple)) else np.asarray("" if v is None else v)
                   for k, v in meta.items()}
-        with open(tmp, "wb") as f:
-            np.savez(f, embeddings=emb.numpy(), labels=labels.numpy(), paths=np.asarray(list(paths), dtype=str),
-                     **arrays)
+
+        def write(tmp):
+            with open(tmp, "wb") as f:
+                np.savez(f, embeddings=emb.numpy(), labels=labels.numpy(), paths=np.asarray(list(paths), dtype=str),
+                         **arrays)
     else:
-        torch.save(dict(embeddings=emb, labels=labels, paths=list(paths), **meta), tmp)
-    os.replace(tmp, path)
+        def write(tmp):
+            torch.save(dict(embeddings=emb, labels=labels, paths=list(paths), **meta), tmp)
+    write_atomically(path, write)

@@ -499,7 +499,10 @@ def _write_atomic(path: str, text: str) -> None:
 def _prepare_out(state: RunState) -> None:
     """Create --out and hold its lock (:func:`_lock_out`); with --overwrite, then remove the
     previous run's outputs (nothing else)."""
-    os.makedirs(state.cfg.out, exist_ok=True)
+    try:
+        os.makedirs(state.cfg.out, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"--out {state.cfg.out}: cannot create it ({e.strerror or e})") from None
     state.out_lock = _lock_out(state.cfg.out)
     if state.cfg.overwrite:
         for name in OUTPUTS:

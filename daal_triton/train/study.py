@@ -34,6 +34,10 @@ import threading
 import time
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
+#: daal-train's bound on --seed (``config.SEED_LIMIT``; not imported: config imports torch, which
+#: daal-study itself never needs)
+SEED_LIMIT = 2 ** 32
+
 EXAMPLE = """\
 A study is a JSON file (configurations: daal-train arguments; "common": given to every cell):
 
@@ -153,8 +157,9 @@ def make_study(file: Union[str, Dict[str, Any], None] = None, configs: Sequence[
     if not isinstance(seeds, (list, tuple)) or not seeds or \
             not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
         raise StudyError(f"seeds must be a non-empty list of integers, got {seeds!r}")
-    if any(s < 0 for s in seeds):  # daal-train refuses them: every cell would fail, every retry too
-        raise StudyError(f"seeds must be >= 0 (daal-train's --seed), got {seeds}")
+    if any(s < 0 or s >= SEED_LIMIT for s in seeds):  # daal-train refuses them: every cell would
+        # fail, every retry too
+        raise StudyError(f"seeds must be >= 0 and < 2**32 (daal-train's --seed), got {seeds}")
     seeds = list(seeds)
     if len(set(seeds)) != len(seeds):
         raise StudyError(f"seeds repeat: {seeds}")

@@ -48,6 +48,34 @@ def test_save_embeddings_torch_file(run_dir, tmp_path):
     assert retrieval_metrics(d["embeddings"], d["labels"])["recall@1"] == pytest.approx(row["recall@1"])
 
 
+def test_save_embeddings_into_a_new_folder(run_dir, tmp_path):
+    """A --save-embeddings path whose folder does not exist yet is created, as --out is (it was a
+    FileNotFoundError traceback after the whole evaluation)."""
+    path = tmp_path / "new" / "deeper" / "emb.npz"
+    assert cli.eval_main([_ck(run_dir), "--out", str(tmp_path / "ev"), "--no-progress", "--no-tsne",
+                          "--save-embeddings", str(path)]) == 0
+    with np.load(path) as z:
+        assert z["embeddings"].shape == (48, 8)
+    assert os.listdir(path.parent) == ["emb.npz"]  # no .tmp left
+
+
+def test_a_failed_write_is_one_line_and_leaves_no_tmp(run_dir, tmp_path, monkeypatch, error_line):
+    """A disk that fills while the embeddings are written: one error line naming the file, exit
+    status 1, and no half-written ``.tmp`` beside it."""
+    def full_disk(obj, f, *args, **kwargs):
+        with open(f, "wb") as fh:
+            fh.write(b"PK\x03\x04 half a file")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1508032 vs 1507928")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    path = tmp_path / "emb.pt"
+    assert cli.eval_main([_ck(run_dir), "--out", str(tmp_path / "ev"), "--no-progress", "--no-tsne",
+                          "--save-embeddings", str(path)]) == 1
+    line = error_line("daal-eval")
+    assert f"{path}" in line and "cannot write it" in line and "disk full" in line
+    assert not os.path.exists(path) and not os.path.exists(f"{path}.tmp")
+
+
 def test_save_embeddings_npz(run_dir, tmp_path):
     path = str(tmp_path / "emb.npz")
     assert cli.eval_main([_ck(run_dir), "--out", str(tmp_path / "ev"), "--no-progress", "--no-tsne",

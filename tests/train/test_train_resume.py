@@ -609,6 +609,31 @@ def test_resume_onto_data_with_other_classes_is_one_error_line(tmp_path, error_l
     assert {n: open(os.path.join(out, n), "rb").read() for n in os.listdir(out)} == before
 
 
+def test_a_relative_data_root_is_recorded_absolute(tmp_path, monkeypatch):
+    """``--data-root data`` given in one folder: the run records the folder's absolute path, so
+    daal-eval and --resume work from any other working directory (they looked for ./data there)."""
+    from PIL import Image
+    import numpy as np
+
+    for split, classes in (("train", ("p", "q")), ("test", ("x", "y"))):
+        for c in classes:
+            os.makedirs(tmp_path / "data" / split / c)
+            for j in range(2):
+                Image.fromarray(np.full((8, 8, 3), 60 * j, np.uint8)).save(tmp_path / "data" / split / c / f"{j}.png")
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["--dataset", "folder", "--data-root", "data", "--image-size", "32", "--width", "0.125",
+                     "-P", "2", "-K", "2", "--steps-per-epoch", "1", "--embedding-dim", "8", "--epochs", "2",
+                     "--stop-after", "1", "--no-progress", "--no-tsne", "--no-baselines", "--out", "run"]) == 0
+    assert json.load(open(tmp_path / "run" / "config.json"))["data_root"] == str(tmp_path / "data")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert cli.eval_main([str(tmp_path / "run" / "checkpoint_last.pt"), "--out", "ev", "--no-progress",
+                          "--no-tsne"]) == 0
+    assert cli.main(["--resume", str(tmp_path / "run" / "checkpoint_last.pt"), "--no-progress"]) == 0
+    assert [json.loads(ln)["epoch"] for ln in open(tmp_path / "run" / "metrics.jsonl")][-1] == 2
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal needs a machine without CUDA")
 def test_a_checkpoint_device_that_is_not_here_says_where_it_comes_from(one_epoch, tmp_path, error_line):
     out = _copy(one_epoch, tmp_path)

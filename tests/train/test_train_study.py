@@ -350,7 +350,8 @@ def test_study_flags_out_of_range_and_reserved_cell_flags_are_one_line(tmp_path,
              (["--common=--out=x", "--config", "A="], "'common': --out=x is set by the study"),
              (["--file", str(seeds_bool)], "seeds must be a non-empty list of integers"),
              (["--config", "A=", "--first", "B"], "--first 'B': no such configuration"),
-             (["--config", "A=", "--seeds", "2", "-1"], "seeds must be >= 0 (daal-train's --seed)"),
+             (["--config", "A=", "--seeds", "2", "-1"], "seeds must be >= 0 and < 2**32 (daal-train's --seed)"),
+             (["--config", "A=", "--seeds", str(2 ** 32)], "seeds must be >= 0 and < 2**32"),
              (["--config", "A=--lr 'x"], "--config \"A=--lr 'x\": No closing quotation"),
              (["--common", "--lr 'x", "--config", "A="], "--common: No closing quotation"),
              (["--file", str(quote)], "configuration 'A': No closing quotation"),
@@ -449,3 +450,9 @@ def test_a_half_finished_cell_resumes_only_under_its_arguments(tmp_path):
     json.dump(dict(config="A", seed=0, args=["--lr", "0.001"], wall_s=5.0), open(S.started_file(d), "w"))
     with pytest.raises(RuntimeError, match="was started with '--lr 0.001', the study now says '--lr 0.01'"):
         S.run_cell(cell, str(tmp_path), 1, python="/nonexistent")
+
+
+def test_the_study_bounds_seeds_as_daal_train_does():
+    from daal_triton.train import config, study
+
+    assert study.SEED_LIMIT == config.SEED_LIMIT == 2 ** 32

@@ -53,6 +53,9 @@ BAD_TRAIN = {
     "lr-zero": (["--lr", "0"], "--lr must be > 0"),
     "dist-timeout-zero": (["--dist-timeout", "0"], "--dist-timeout must be > 0"),
     "seed-negative": (["--seed", "-1"], "--seed must be >= 0"),
+    # NumPy/scikit-learn take 32-bit seeds: 2**32 trained, then failed in k-means with a traceback
+    "seed-2-32": (["--seed", str(2 ** 32)], "--seed must be < 2**32"),
+    "seed-huge": (["--seed", "99999999999999999999"], "--seed must be < 2**32"),
     "width-above-4": (["--width", "5"], "--width must be a number in (0, 4]"),
     "memory-bank-negative": (["--memory-bank", "-1"], "--memory-bank must be an integer >= 0"),
     "threads-zero": (["--threads", "0"], "--threads must be >= 1"),
@@ -68,6 +71,40 @@ def test_daal_train_refuses_up_front(case, tmp_path, error_line):
     assert cli.main(TINY + flags + ["--out", str(out)]) == 2
     assert words in error_line("daal-train")
     assert not out.exists()
+
+
+def test_an_out_folder_that_cannot_be_made_is_one_line(tmp_path, monkeypatch, error_line):
+    """--out with a name longer than the file system takes is refused up front; one that the
+    system refuses to create (/proc/x as root, a read-only mount) is one line too, not an OSError
+    traceback after the data had loaded."""
+    long = tmp_path / ("x" * 300) / "run"
+    assert cli.main(TINY + ["--out", str(long)]) == 2
+    assert "is longer than the file system's" in error_line("daal-train")
+    from daal_triton.train import run
+
+    def refuse(path, exist_ok=False):
+        raise PermissionError(1, "Operation not permitted", path)
+
+    monkeypatch.setattr(run.os, "makedirs", refuse)
+    out = tmp_path / "ro" / "run"
+    assert cli.main(TINY + ["--out", str(out)]) == 2
+    assert error_line("daal-train").endswith(f"--out {out}: cannot create it (Operation not permitted)")
+
+
+def test_a_full_disk_while_saving_a_checkpoint_is_one_line(tmp_path, monkeypatch, error_line):
+    """torch.save's zip writer fails on a full disk with a RuntimeError: one line naming the
+    checkpoint (exit status 1), and its ``.tmp`` removed."""
+    def full_disk(obj, f, *args, **kwargs):
+        with open(f, "wb") as fh:
+            fh.write(b"PK\x03\x04 half a checkpoint")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1508032 vs 1507928")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    out = tmp_path / "run"
+    assert cli.main(TINY + ["--out", str(out)]) == 1
+    line = error_line("daal-train")
+    assert "cannot write it (is the disk full?" in line and str(out) in line and ".tmp" not in line
+    assert not [n for n in os.listdir(out) if n.endswith(".tmp")]
 
 
 def test_every_setting_at_its_lowest_allowed_value_is_accepted():
@@ -140,6 +177,7 @@ EVAL_NUMBERS = {
     "workers": (["--num-workers", "-1"], "--num-workers"),
     "data-seed": (["--data-seed", "-1"], "--data-seed"),
     "tsne-points": (["--tsne-max-points", "1"], "--tsne-max-points"),
+    "seed-2-32": (["--seed", str(2 ** 32)], "--seed must be < 2**32"),
 }
 
 
