@@ -436,7 +436,7 @@ def _evaluate_checkpoint(args: argparse.Namespace) -> Dict[str, Dict[str, float]
     labels = E.dataset_labels(test_ds)
     rows: Dict[str, Dict[str, float]] = {}
     if args.baselines:
-        rows["raw pixels"] = E.all_metrics(E.pixel_vectors(test_ds), labels, test_ds.modes,
+        rows["raw pixels"] = E.all_metrics(E.pixel_vectors(test_ds, progress=args.progress), labels, test_ds.modes,
                                            backend=cfg.knn_backend, seed=cfg.seed)
     rows[f"checkpoint (epoch {ck.get('epoch')})"] = E.all_metrics(emb.to(device), labels.to(device), test_ds.modes,
                                                                   backend=cfg.knn_backend, seed=cfg.seed)

@@ -219,6 +219,8 @@ def check_numbers(cfg: Any, names: Optional[set] = None) -> None:
             bound = f">= {low}" if inclusive else f"> {low}"
             why = " (VGG's five poolings need 32 pixels a side)" if name == "image_size" else ""
             raise ConfigError(f"{flag} must be {bound}{why}, got {value}")
+        if name == "shapes_nuisance" and value > 1:  # the generator's scales and offsets assume it
+            raise ConfigError(f"--shapes-nuisance must be <= 1 (0 clean .. 1 the default), got {value}")
         if name == "seed" and value >= SEED_LIMIT:
             raise ConfigError(f"--seed must be < 2**32 = {SEED_LIMIT} (NumPy's and scikit-learn's seeds), got {value}")
 

@@ -56,6 +56,8 @@ BAD_TRAIN = {
     # NumPy/scikit-learn take 32-bit seeds: 2**32 trained, then failed in k-means with a traceback
     "seed-2-32": (["--seed", str(2 ** 32)], "--seed must be < 2**32"),
     "seed-huge": (["--seed", "99999999999999999999"], "--seed must be < 2**32"),
+    # above 1 most shapes were drawn off the image (a scale below 0, offsets of several widths)
+    "nuisance-above-1": (["--shapes-nuisance", "1.5"], "--shapes-nuisance must be <= 1"),
     "width-above-4": (["--width", "5"], "--width must be a number in (0, 4]"),
     "memory-bank-negative": (["--memory-bank", "-1"], "--memory-bank must be an integer >= 0"),
     "threads-zero": (["--threads", "0"], "--threads must be >= 1"),
