@@ -15,3 +15,17 @@ def error_line(capsys):
         return lines[0]
 
     return check
+
+
+@pytest.fixture
+def full_disk(monkeypatch):
+    """``torch.save`` fails as on a full disk: half a file written, then the RuntimeError of its
+    zip writer."""
+    import torch
+
+    def save(obj, f, *args, **kwargs):
+        with open(f, "wb") as fh:
+            fh.write(b"PK\x03\x04 half a file")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1508032 vs 1507928")
+
+    monkeypatch.setattr(torch, "save", save)

@@ -59,15 +59,9 @@ def test_save_embeddings_into_a_new_folder(run_dir, tmp_path):
     assert os.listdir(path.parent) == ["emb.npz"]  # no .tmp left
 
 
-def test_a_failed_write_is_one_line_and_leaves_no_tmp(run_dir, tmp_path, monkeypatch, error_line):
+def test_a_failed_write_is_one_line_and_leaves_no_tmp(run_dir, tmp_path, full_disk, error_line):
     """A disk that fills while the embeddings are written: one error line naming the file, exit
     status 1, and no half-written ``.tmp`` beside it."""
-    def full_disk(obj, f, *args, **kwargs):
-        with open(f, "wb") as fh:
-            fh.write(b"PK\x03\x04 half a file")
-        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1508032 vs 1507928")
-
-    monkeypatch.setattr(torch, "save", full_disk)
     path = tmp_path / "emb.pt"
     assert cli.eval_main([_ck(run_dir), "--out", str(tmp_path / "ev"), "--no-progress", "--no-tsne",
                           "--save-embeddings", str(path)]) == 1
