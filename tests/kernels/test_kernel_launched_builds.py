@@ -72,7 +72,10 @@ def _capabilities(launch):
     its builds take more shared memory), and sm_80 unless the launch loads through tensor
     descriptors (sm_90/sm_100 only: knn.tma_device); sm_75 and sm_70 for a launch of a GPU without
     TF32 (a forced ``backend="triton"`` there: daal_triton/backend.py, MIN_CAPABILITY), only
-    those when no newer GPU makes it (its float32 dots are IEEE)."""
+    those when no newer GPU makes it (its float32 dots are IEEE). The launches only gpu_check
+    makes on the H200 (tuning candidates, ``DAAL_ALIGN_D=off``): sm_90 alone."""
+    if _tuning_only(launch) or _unaligned_only(launch):
+        return (90,)  # timed by gpu_check on the H200 alone, never launched elsewhere
     if any(t.startswith("tensordesc") for t in launch["signature"].values()):
         return (90, 100)
     if not _pre_ampere(launch):
