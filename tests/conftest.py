@@ -25,10 +25,6 @@ def pytest_configure(config):
         from daal_testing import strict_interpreter_launches
 
         strict_interpreter_launches()  # what the GPU JIT refuses fails here too
-    if getattr(config.option, "loadscopereorder", None):
-        # loadscope hands out modules in collection order (SLOW_FIRST below), not by test count
-        # (its default: the two slowest modules have few tests and ran last)
-        config.option.loadscopereorder = False
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped, with the reason shown, on CPU)")
     config.addinivalue_line("markers", "slow: takes more than a few seconds on 2 CPU cores")
     config.addinivalue_line("markers", "interpreter: runs Triton kernels on CPU tensors through the interpreter "
@@ -60,8 +56,7 @@ def shard_of(value: str):
 #: The modules that take longest on CI's 2 cores (ptxas builds of every recorded launch, the
 #: gpu_check rehearsal): collected first in an xdist worker, so that ``--dist loadscope`` starts
 #: them at once, one per worker, and the short modules fill in beside them (collected in path
-#: order, or by test count as xdist does by default, the builds started last and ran alone for ~6
-#: minutes: a 21-minute CI run).
+#: order, the builds started last and ran alone for ~6 minutes: a 21-minute CI run).
 SLOW_FIRST = ("tests/kernels/test_kernel_launched_builds.py", "bench/test_bench_tools.py")
 
 
