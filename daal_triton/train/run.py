@@ -32,7 +32,7 @@ from daal_triton.memory import MemoryBank
 from . import ddp
 from . import evaluate as E
 from .checkpoint import (CheckpointError, load_checkpoint, load_weights, require_training_state, restore_rng,
-                         rng_state, save_checkpoint)
+                         rng_state, save_checkpoint, write_atomically)
 from .config import (TrainConfig, check_kinds, check_out, checked_device, note_source, resume_config,
                      taken_from_checkpoint, validate_config)
 from .data import DistributedPKSampler, PKSampler, build_datasets
@@ -491,9 +491,11 @@ def _write_config(state: RunState) -> None:
 
 
 def _write_atomic(path: str, text: str) -> None:
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+
+    write_atomically(path, write)
 
 
 def _prepare_out(state: RunState) -> None:
@@ -681,6 +683,4 @@ def finish(state: RunState) -> None:
             state.log(f"t-SNE plot failed: {e}")
         else:
             state.log(f"t-SNE of the test embeddings: {state.path('tsne_test.png')} ({time.time() - t0:.1f} s)")
-    with open(state.path("results.txt.tmp"), "w", encoding="utf-8") as f:
-        f.write(text + "\n")
-    os.replace(state.path("results.txt.tmp"), state.path("results.txt"))
+    _write_atomic(state.path("results.txt"), text + "\n")
