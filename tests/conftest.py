@@ -53,18 +53,8 @@ def shard_of(value: str):
     return i, n
 
 
-#: The modules that take longest on CI's 2 cores (ptxas builds of every recorded launch, the
-#: gpu_check rehearsal): collected first in an xdist worker, so that ``--dist loadscope`` starts
-#: them at once, one per worker, and the short modules fill in beside them (collected in path
-#: order, the builds started last and ran alone for ~6 minutes: a 21-minute CI run).
-SLOW_FIRST = ("tests/kernels/test_kernel_launched_builds.py", "bench/test_bench_tools.py")
-
-
 @pytest.hookimpl(trylast=True)  # after the -m/-k deselection: the slices split what runs
 def pytest_collection_modifyitems(config, items):
-    if os.environ.get("PYTEST_XDIST_WORKER") and not os.environ.get(SHARD_ENV):
-        rank = {path: i for i, path in enumerate(SLOW_FIRST)}
-        items.sort(key=lambda it: rank.get(it.nodeid.split("::")[0], len(SLOW_FIRST)))  # stable
     if os.environ.get(SHARD_ENV):
         i, n = shard_of(os.environ[SHARD_ENV])
         keep = items[i * len(items) // n:(i + 1) * len(items) // n]
