@@ -13,11 +13,11 @@ does this), so each rank holds the same bank.
 """
 from __future__ import annotations
 
-from typing import Tuple, Union
+from typing import Optional, Tuple, Union
 
 import torch
 
-from .validation import FLOAT_DTYPES, as_int, check_float_matrix, check_labels, value_checks_on
+from .validation import FLOAT_DTYPES, as_int, check_finite, check_float_matrix, check_labels, value_checks_on
 
 
 class MemoryBank:
@@ -25,7 +25,7 @@ class MemoryBank:
 
     ``dtype`` (a floating type) is the storage precision, your choice: enqueued rows are stored
     in it (a float16 bank saves memory and rounds float32 rows; float16 overflows to inf beyond
-    65504, which the loss then refuses or, with value checks off, leaves out)."""
+    65504, which :meth:`enqueue` then refuses or, with value checks off, the loss leaves out)."""
 
     def __init__(self, size: int, dim: int, *, device: Union[str, torch.device] = "cpu",
                  dtype: torch.dtype = torch.float32) -> None:
@@ -49,12 +49,23 @@ class MemoryBank:
         check_labels(labels, "labels", embeddings.shape[0], None, values=False)
 
     @torch.no_grad()
-    def enqueue(self, embeddings: torch.Tensor, labels: torch.Tensor) -> None:
+    def enqueue(self, embeddings: torch.Tensor, labels: torch.Tensor, *,
+                check_values: Optional[bool] = None) -> None:
         """Append detached rows (stored in the bank's dtype), overwriting the oldest once full (the
-        newest ``size`` stay)."""
+        newest ``size`` stay).
+
+        With the value checks (always for CPU tensors; on a GPU with ``check_values=True`` or
+        ``DAAL_CHECK_VALUES=1``, as the loss's, docs/method.md "Bad input") rows that are NaN or
+        inf once stored (a float16 bank overflows beyond 65504) are refused before anything is
+        written: otherwise they would stay in the bank for ``size`` rows, and every loss call
+        given it would be refused (or, with checks off, leave them out). Labels may be any
+        integers: a row whose label is no batch sample's is never a neighbour."""
         self._check_rows(embeddings, labels)
         emb = embeddings.detach()[-self.size:].to(self.embeddings)
         lab = labels.detach()[-self.size:].to(self.labels)
+        if value_checks_on(emb.device, check_values):
+            check_finite(emb, "embeddings" if emb.dtype == embeddings.dtype
+                         else f"embeddings (stored as {str(self.embeddings.dtype).replace('torch.', '')})")
         n = emb.shape[0]
         idx = (self.ptr + torch.arange(n, device=self.embeddings.device)) % self.size
         self.embeddings[idx] = emb

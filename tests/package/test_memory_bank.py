@@ -98,6 +98,36 @@ def test_bank_inputs_are_checked_and_meet_the_batch():
         MemoryBank(4, 3, dtype=torch.long)  # stored 0.4, 1.7, -2.9 as 0, 1, -2
 
 
+def test_enqueue_refuses_rows_that_would_poison_the_bank():
+    """A NaN row, or a row that float16 storage turns into inf, is refused before anything is
+    written (it would otherwise stay for ``size`` rows, and every loss call given the bank would be
+    refused); ``check_values=False`` applies to GPU tensors only: CPU ones are always checked.
+    Labels are free (-1, an unlabelled row, is never a neighbour)."""
+    bank = MemoryBank(6, 3)
+    bank.enqueue(torch.randn(2, 3), torch.tensor([0, 1]))
+    before = [t.clone() for t in bank.get()]
+    nan = torch.randn(3, 3)
+    nan[1, 2] = float("nan")
+    for emb, lab, words in ((nan, torch.arange(3), "embeddings contains NaN or inf"),
+                            (torch.full((2, 3), float("inf")), torch.arange(2), "embeddings contains NaN")):
+        with pytest.raises(ValueError, match=words):
+            bank.enqueue(emb, lab)
+        assert len(bank) == 2 and bank.ptr == 2
+        assert all(torch.equal(a, b) for a, b in zip(bank.get(), before))
+    with pytest.raises(dt.NonFiniteError):
+        bank.enqueue(nan, torch.arange(3), check_values=False)  # on the CPU the checks always run
+    half = MemoryBank(4, 3, dtype=torch.float16)
+    with pytest.raises(ValueError, match=r"embeddings \(stored as float16\) contains NaN or inf"):
+        half.enqueue(torch.tensor([[1.0, 7e4, 0.0]]), torch.tensor([0]))
+    assert len(half) == 0
+    half.enqueue(torch.tensor([[1.0, 6e4, 0.0]]), torch.tensor([0]))  # within float16's range
+    assert len(half) == 1
+    bank.enqueue(torch.randn(2, 3), torch.tensor([-1, 7]))
+    assert bank.get()[1].tolist() == [0, 1, -1, 7]
+    with pytest.raises(ValueError, match="check_values must be None, True or False"):
+        bank.enqueue(torch.randn(1, 3), torch.tensor([0]), check_values="no")
+
+
 def test_bank_state_is_checked_and_carries_no_gradient():
     bank = MemoryBank(5, 2)
     bank.enqueue(torch.randn(3, 2), torch.arange(3))
