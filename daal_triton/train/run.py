@@ -35,7 +35,7 @@ from .checkpoint import (CheckpointError, load_checkpoint, load_weights, require
                          rng_state, save_checkpoint, write_atomically)
 from .config import (TrainConfig, check_kinds, check_out, checked_device, note_source, resume_config,
                      taken_from_checkpoint, validate_config)
-from .data import DistributedPKSampler, PKSampler, build_datasets
+from .data import DistributedPKSampler, PKSampler, SeededDraws, build_datasets
 from .ddp import ConfigError
 from .devices import (compile_network, loader_options, place_model, prepare_device, resolve_amp, resolve_backend,
                       seed_everything)
@@ -289,16 +289,18 @@ def build_run(cfg: TrainConfig, ctx: ddp.DistContext, device: torch.device, log:
         miner = build_miner(cfg.miner, cfg.miner_kwargs)
     except (ValueError, ImportError) as e:
         raise ConfigError(str(e)) from None
-    # Workers start afresh each epoch (not persistent): their seeds are then drawn from this
-    # process's RNG, which the checkpoints hold, so a resumed run draws the augmentations the
-    # uninterrupted one does. Persistent workers would carry epoch 1's streams into epoch 2.
+    # Each image's augmentation is drawn from its own seed, which the sampler draws from --seed,
+    # the epoch and the image's place in the global batch (SeededDraws): the same whatever
+    # --num-workers, the world size or a resume. Workers start afresh each epoch (not persistent),
+    # as the loader then takes one number from this process's generator per epoch whatever their
+    # number, so the network's random draws do not depend on it either.
     if ctx.is_main and cfg.warmup_epochs >= cfg.epochs > 0:
         peak = cfg.lr * cfg.epochs / cfg.warmup_epochs
         log(f"--warmup-epochs {cfg.warmup_epochs:g} spans the whole run (--epochs {cfg.epochs}): the learning rate "
             + ("rises to --lr at the end" if peak >= cfg.lr else
                f"rises only to about {peak:.3g} (--lr {cfg.lr:g} x {cfg.epochs}/{cfg.warmup_epochs:g}) by the end")
             + " and never decays")
-    loader = torch.utils.data.DataLoader(train_ds, batch_sampler=sampler,
+    loader = torch.utils.data.DataLoader(SeededDraws(train_ds), batch_sampler=sampler,
                                          **loader_options(cfg.num_workers, device, persistent=False))
     steps = len(sampler) if cfg.steps_per_epoch is None else min(len(sampler), cfg.steps_per_epoch)
     optimizer = make_optimizer(model, criterion, lr=cfg.lr, loss_lr=cfg.loss_lr, weight_decay=cfg.weight_decay)
@@ -314,10 +316,10 @@ def build_run(cfg: TrainConfig, ctx: ddp.DistContext, device: torch.device, log:
 def _sampler(cfg: TrainConfig, ctx: ddp.DistContext, labels) -> PKSampler:
     """The P x K sampler: the whole global batch in one process, this rank's share under torchrun."""
     if not ctx.distributed:
-        return PKSampler(labels, cfg.classes_per_batch, cfg.samples_per_class, seed=cfg.seed)
+        return PKSampler(labels, cfg.classes_per_batch, cfg.samples_per_class, seed=cfg.seed, seeded=True)
     try:
         return DistributedPKSampler(labels, cfg.classes_per_batch, cfg.samples_per_class,
-                                    rank=ctx.rank, world_size=ctx.world_size, seed=cfg.seed)
+                                    rank=ctx.rank, world_size=ctx.world_size, seed=cfg.seed, seeded=True)
     except ValueError as e:
         raise ConfigError(str(e)) from e
 
@@ -410,7 +412,7 @@ def distribute(state: RunState) -> None:
             state.model = nn.SyncBatchNorm.convert_sync_batchnorm(state.model)
         device_ids = [state.device.index] if state.device.type == "cuda" else None
         state.net = nn.parallel.DistributedDataParallel(state.model, device_ids=device_ids)
-        if not ctx.is_main:  # different augmentation draws on every rank (model and segments come from rank 0)
+        if not ctx.is_main:  # random draws of its own on every rank (model and segments come from rank 0)
             saved = state.rank_rng if state.start_epoch > 1 else None
             if saved is not None and len(saved) == ctx.world_size:
                 restore_rng(saved[ctx.rank], cfg.resume or "")  # a resume at the same world size goes on as if never stopped

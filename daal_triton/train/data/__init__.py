@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Optional, Tuple
 
-from .base import DatasetLayoutError, MetricDataset
+from .base import DatasetLayoutError, MetricDataset, SeededDraws
 from .sampler import DistributedPKSampler, PKSampler
 
 DATASETS = ("shapes", "digits", "cub200", "cars196", "sop", "folder")
@@ -53,4 +53,5 @@ def build_datasets(name: str, data_root: Optional[str] = None, image_size: int =
     raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
 
 
-__all__ = ["DATASETS", "DatasetLayoutError", "DistributedPKSampler", "MetricDataset", "PKSampler", "build_datasets"]
+__all__ = ["DATASETS", "DatasetLayoutError", "DistributedPKSampler", "MetricDataset", "PKSampler", "SeededDraws",
+           "build_datasets"]

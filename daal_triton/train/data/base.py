@@ -54,6 +54,26 @@ class MetricDataset(Dataset):
         return len(self.labels)
 
 
+class SeededDraws(Dataset):
+    """``dataset`` read with ``(index, seed)`` pairs (a :class:`PKSampler` with ``seeded=True``):
+    ``dataset[index]`` with torch's CPU generator seeded by ``seed`` for that one call and restored
+    after it. The random augmentations (torchvision's, drawn from that generator) then depend on the
+    draw alone, not on which loader worker, how many of them, or which rank made it; and the main
+    process's generator (the network's, the checkpoints') is never advanced by the data."""
+
+    def __init__(self, dataset: MetricDataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, item):
+        index, seed = item
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.dataset[index]
+
+
 class ArrayDataset(MetricDataset):
     """In-memory uint8 images (N x H x W x 3) with a tensor transform."""
 

@@ -1,7 +1,7 @@
 """Class-balanced P x K batches: ``P`` classes per batch, ``K`` images of each."""
 from __future__ import annotations
 
-from typing import Iterator, List, Optional, Sequence
+from typing import Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 from torch.utils.data import Sampler
@@ -15,10 +15,15 @@ class PKSampler(Sampler[List[int]]):
     at least ``K``, else with). ``batches_per_epoch`` defaults to ``len(labels) // (P * K)``.
     The draw depends only on ``seed`` and the epoch set with :meth:`set_epoch`, so a resumed run
     and every process of a distributed run (:class:`DistributedPKSampler`) agree.
+
+    ``seeded``: each entry is ``(index, augmentation seed)`` instead of the index, the seed drawn
+    (from ``seed``, the epoch and the entry's place in the global batch, by a generator apart from
+    the one that draws the indices) for :class:`~daal_triton.train.data.base.SeededDraws`: an
+    image's augmentation then depends on neither the number of loader workers nor the world size.
     """
 
     def __init__(self, labels: Sequence[int], classes_per_batch: int, samples_per_class: int, *,
-                 batches_per_epoch: Optional[int] = None, seed: int = 0) -> None:
+                 batches_per_epoch: Optional[int] = None, seed: int = 0, seeded: bool = False) -> None:
         if classes_per_batch < 1 or samples_per_class < 1:
             raise ValueError("classes_per_batch and samples_per_class must be >= 1, got "
                              f"{classes_per_batch} and {samples_per_class}")
@@ -31,6 +36,7 @@ class PKSampler(Sampler[List[int]]):
         self.k = samples_per_class
         self.batches = batches_per_epoch or max(1, len(labels) // (self.p * self.k))
         self.seed = seed
+        self.seeded = seeded
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -43,14 +49,21 @@ class PKSampler(Sampler[List[int]]):
     def __len__(self) -> int:
         return self.batches
 
-    def __iter__(self) -> Iterator[List[int]]:
+    def _global_batches(self) -> Iterator[List[Union[int, Tuple[int, int]]]]:
         rng = np.random.default_rng([self.seed, self.epoch])
+        seeds = np.random.default_rng([self.seed, self.epoch, 1])  # its own stream: the indices stay as before
         for _ in range(self.batches):
             batch: List[int] = []
             for c in rng.choice(self.classes, size=self.p, replace=False):
                 pool = self.by_class[int(c)]
                 batch.extend(rng.choice(pool, size=self.k, replace=len(pool) < self.k).tolist())
-            yield batch
+            if self.seeded:
+                yield list(zip(batch, seeds.integers(0, 2**63, size=len(batch)).tolist()))
+            else:
+                yield batch
+
+    def __iter__(self) -> Iterator[List[Union[int, Tuple[int, int]]]]:
+        return self._global_batches()
 
 
 class DistributedPKSampler(PKSampler):
@@ -64,9 +77,10 @@ class DistributedPKSampler(PKSampler):
     """
 
     def __init__(self, labels: Sequence[int], classes_per_batch: int, samples_per_class: int, *,
-                 rank: int, world_size: int, batches_per_epoch: Optional[int] = None, seed: int = 0) -> None:
+                 rank: int, world_size: int, batches_per_epoch: Optional[int] = None, seed: int = 0,
+                 seeded: bool = False) -> None:
         super().__init__(labels, classes_per_batch, samples_per_class, batches_per_epoch=batches_per_epoch,
-                         seed=seed)
+                         seed=seed, seeded=seeded)
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, world_size), got rank {rank} of {world_size}")
         if self.p % world_size:
@@ -84,8 +98,8 @@ class DistributedPKSampler(PKSampler):
     def batch_size(self) -> int:
         return self.p // self.world_size * self.k
 
-    def __iter__(self) -> Iterator[List[int]]:
+    def __iter__(self) -> Iterator[List[Union[int, Tuple[int, int]]]]:
         k = self.k
-        for batch in super().__iter__():  # the global batch: P blocks of K indices, one block per class
+        for batch in self._global_batches():  # the global batch: P blocks of K indices, one block per class
             blocks = [batch[i * k:(i + 1) * k] for i in range(self.p)]
             yield [i for block in blocks[self.rank::self.world_size] for i in block]
