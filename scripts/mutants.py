@@ -522,6 +522,13 @@ MUTANTS: Tuple[Mutant, ...] = (
     Mutant("data_root_absolute", "daal_triton/train/cli.py",
            'fields["data_root"] = os.path.abspath(fields["data_root"])', 'fields["data_root"] = fields["data_root"]',
            ("tests/train/test_train_resume.py", "-k", "relative_data_root")),
+    Mutant("bank_enqueue_finite", "daal_triton/memory.py",
+           "        if value_checks_on(emb.device, check_values):\n            check_finite(",
+           "        if False:\n            check_finite(",
+           ("tests/package/test_memory_bank.py", "-k", "poison")),
+    Mutant("augment_seed_per_draw", "daal_triton/train/data/base.py", "            torch.manual_seed(seed)\n",
+           "            pass\n",
+           ("tests/train/test_train_resume.py", "-k", "loader_workers or augmentations_vary")),
 )
 
 
