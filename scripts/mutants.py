@@ -529,6 +529,16 @@ MUTANTS: Tuple[Mutant, ...] = (
     Mutant("augment_seed_per_draw", "daal_triton/train/data/base.py", "            torch.manual_seed(seed)\n",
            "            pass\n",
            ("tests/train/test_train_resume.py", "-k", "loader_workers or augmentations_vary")),
+    Mutant("folder_empty_file", "daal_triton/train/data/folder.py", "empty = os.stat(path).st_size == 0",
+           "empty = False", ("tests/train/test_train_data.py", "-k", "cannot_be_images")),
+    Mutant("folder_dead_link", "daal_triton/train/data/folder.py", "                except OSError as e:\n                    bad.append(",
+           "                except OSError as e:\n                    (lambda _: None)(",
+           ("tests/train/test_train_data.py", "-k", "cannot_be_images")),
+    Mutant("folder_notes_logged", "daal_triton/train/run.py", "for note in list(train_ds.notes) + list(test_ds.notes):",
+           "for note in ():", ("tests/train/test_train_data.py", "-k", "cannot_be_images")),
+    Mutant("listed_empty_file", "daal_triton/train/data/base.py",
+           "empty = [p for p in paths if os.path.getsize(p) == 0]", "empty = []",
+           ("tests/train/test_train_data.py", "-k", "check_their_index")),
 )
 
 

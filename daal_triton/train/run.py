@@ -273,6 +273,8 @@ def build_run(cfg: TrainConfig, ctx: ddp.DistContext, device: torch.device, log:
                           f"{train_ds.num_classes} training classes")
     sampler = _sampler(cfg, ctx, train_ds.labels)
     if ctx.is_main:
+        for note in list(train_ds.notes) + list(test_ds.notes):
+            log(note)
         log(f"{cfg.dataset}: {len(train_ds)} training images of {train_ds.num_classes} classes, "
             f"{len(test_ds)} test images of {test_ds.num_classes} held-out classes; device {device}")
     if ctx.distributed:

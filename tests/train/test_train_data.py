@@ -233,6 +233,47 @@ def test_an_unreadable_image_is_one_error_line(tmp_path, error_line):
     assert bad in error_line("daal-train")
 
 
+def test_folder_refuses_files_that_cannot_be_images_and_says_what_it_leaves_out(tmp_path, capsys, error_line):
+    """An empty file or a link to nothing among the images is refused when the data loads (it
+    failed at the first read, after --overwrite had removed the old run); a file of another type
+    and a class folder without images are left out, and the run's log says so."""
+    from daal_triton.train import cli
+
+    root = str(tmp_path / "tree")
+    for split, classes in (("train", ("ant", "bee")), ("test", ("dog", "eel"))):
+        for c in classes:
+            for j in range(2):
+                _png(os.path.join(root, split, c, f"{j}.png"))
+    open(os.path.join(root, "train", "ant", "clip.gif"), "wb").write(b"GIF89a")
+    open(os.path.join(root, "train", "bee", "notes.txt"), "w").write("x")
+    open(os.path.join(root, "train", "bee", "README"), "w").write("x")
+    os.makedirs(os.path.join(root, "test", "fox", "sub"))
+    train, test = build_datasets("folder", root, 16)
+    assert len(train) == 4 and len(test) == 4
+    assert len(train.notes) == 1 and "train/: left out 3 files" in train.notes[0]
+    assert ".gif (1)" in train.notes[0] and ".txt (1)" in train.notes[0] and "no extension (1)" in train.notes[0]
+    assert test.notes == ["folder: test/: left out 1 class folder without images: fox"]
+    flags = ["--dataset", "folder", "--data-root", root, "--image-size", "32", "--width", "0.125", "-P", "2", "-K", "2",
+             "--steps-per-epoch", "1", "--epochs", "1", "--embedding-dim", "8", "--no-progress", "--no-tsne",
+             "--no-baselines", "--eval-every", "0", "--save", "none"]
+    assert cli.main(flags + ["--out", str(tmp_path / "run")]) == 0
+    log = capsys.readouterr().out
+    assert train.notes[0] in log and test.notes[0] in log
+    empty = os.path.join(root, "test", "eel", "2.png")
+    open(empty, "wb").close()
+    with pytest.raises(DatasetLayoutError, match=r"1 file under .*test' cannot be read as images: .*2.png \(empty\)"):
+        build_datasets("folder", root, 16)
+    os.remove(empty)
+    dead = os.path.join(root, "train", "ant", "gone.jpg")
+    os.symlink(str(tmp_path / "nowhere.jpg"), dead)
+    with pytest.raises(DatasetLayoutError, match=r"gone.jpg \(a link to nothing\): replace or remove them"):
+        build_datasets("folder", root, 16)
+    out = str(tmp_path / "run")  # the finished run above: --overwrite keeps it when the data is refused
+    assert cli.main(flags + ["--out", out, "--overwrite"]) == 2
+    assert dead in error_line("daal-train")
+    assert os.path.isfile(os.path.join(out, "metrics.jsonl"))
+
+
 def test_folder_missing_and_no_root(tmp_path):
     with pytest.raises(DatasetLayoutError, match="train/<class name>"):
         build_datasets("folder", str(tmp_path), 16)
@@ -250,6 +291,10 @@ def test_listed_sets_check_their_index_when_loaded(tmp_path):
     os.remove(os.path.join(base, "images", "150.Bird_150", "Bird_150_1.jpg"))
     with pytest.raises(DatasetLayoutError, match=r"cub200: 1 of the 12 images images.txt lists are missing .*restore"):
         build_datasets("cub200", str(tmp_path / "missing"), 16)
+    base = _fake_cub(str(tmp_path / "empty"))
+    open(os.path.join(base, "images", "150.Bird_150", "Bird_150_1.jpg"), "wb").close()  # a copy cut short
+    with pytest.raises(DatasetLayoutError, match=r"cub200: 1 of the 12 images images.txt lists are empty files"):
+        build_datasets("cub200", str(tmp_path / "empty"), 16)
     _fake_cub(str(tmp_path / "train_only"), classes=(1, 2))
     with pytest.raises(DatasetLayoutError, match="cub200: no test images"):
         build_datasets("cub200", str(tmp_path / "train_only"), 16)

@@ -39,12 +39,14 @@ def contiguous(labels: Sequence[int]) -> tuple:
 
 class MetricDataset(Dataset):
     """Base: ``labels`` (N, contiguous from 0), ``class_names``, optional ``modes`` (N, the
-    sub-cluster each image was drawn from, for datasets that record it) and a ``transform``."""
+    sub-cluster each image was drawn from, for datasets that record it), a ``transform`` and
+    ``notes`` (lines for the log: what the loader left out)."""
 
     labels: np.ndarray
     class_names: List[str]
     modes: Optional[np.ndarray] = None
     mode_names: Optional[List[str]] = None
+    notes: Sequence[str] = ()  # what the loader left out, for the run's log
 
     @property
     def num_classes(self) -> int:
@@ -103,6 +105,7 @@ class ImageFileDataset(MetricDataset):
 
     def __init__(self, paths: Sequence[str], labels: Sequence[int], class_names: List[str],
                  transform: Optional[Callable] = None, *, listed: bool = False) -> None:
+        self.notes: List[str] = []
         self.paths = list(paths)
         self.labels = np.asarray(labels, dtype=np.int64)
         self.class_names = list(class_names)
@@ -144,12 +147,18 @@ def to_rgb(im):
 
 def require_listed(paths: Sequence[str], dataset: str, index: str) -> None:
     """:class:`DatasetLayoutError` when images that ``index`` (the data set's list file) names are
-    not on disk: found when the data is loaded, before any training (a stat per image)."""
+    not on disk, or are empty files: found when the data is loaded, before any training (a stat per
+    image)."""
     missing = [p for p in paths if not os.path.isfile(p)]
     if missing:
         shown = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
         raise DatasetLayoutError(f"{dataset}: {len(missing)} of the {len(paths)} images {index} lists are missing "
                                  f"({shown}): restore them (is --data-root the complete data set?)")
+    empty = [p for p in paths if os.path.getsize(p) == 0]
+    if empty:
+        shown = ", ".join(empty[:3]) + (", ..." if len(empty) > 3 else "")
+        raise DatasetLayoutError(f"{dataset}: {len(empty)} of the {len(paths)} images {index} lists are empty "
+                                 f"files ({shown}): restore them (an interrupted copy or download?)")
 
 
 def require_images(dataset: str, train, test, what: str) -> None:

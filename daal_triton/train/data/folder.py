@@ -45,20 +45,53 @@ def _walk(top: str):
 
 
 def _scan(split_dir: str, image_size: int, train: bool) -> ImageFileDataset:
+    """The images below ``split_dir``'s class folders. Files that cannot be images (empty, or links
+    to nothing) are refused here, before any training, rather than when the loader first reads
+    them; files of other types and class folders without images are left out, and said so in the
+    dataset's ``notes``."""
     classes = sorted(d for d in os.listdir(split_dir) if os.path.isdir(os.path.join(split_dir, d)) and not _hidden(d))
-    paths, labels = [], []
+    paths, labels, bad, other = [], [], [], {}
     for i, c in enumerate(classes):
         for dirpath, files in _walk(os.path.join(split_dir, c)):
             for f in files:
-                if f.lower().endswith(IMAGE_EXTENSIONS) and not _hidden(f):
-                    paths.append(os.path.join(dirpath, f))
-                    labels.append(i)
+                if _hidden(f):
+                    continue
+                path = os.path.join(dirpath, f)
+                if not f.lower().endswith(IMAGE_EXTENSIONS):
+                    ext = os.path.splitext(f)[1].lower() or "no extension"
+                    other[ext] = other.get(ext, 0) + 1
+                    continue
+                try:
+                    empty = os.stat(path).st_size == 0
+                except OSError as e:
+                    bad.append(f"{path} ({'a link to nothing' if os.path.islink(path) else e.strerror or e})")
+                    continue
+                if empty:
+                    bad.append(f"{path} (empty)")
+                    continue
+                paths.append(path)
+                labels.append(i)
+    if bad:
+        raise DatasetLayoutError(f"folder: {len(bad)} file{'s' if len(bad) > 1 else ''} under {split_dir!r} cannot "
+                                 f"be read as images: {', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}: "
+                                 "replace or remove them")
     if not paths:
         raise DatasetLayoutError(f"folder: no images in class folders under {split_dir!r}.\nExpected layout:\n{LAYOUT}")
     used = sorted(set(labels))
     remap = {c: j for j, c in enumerate(used)}  # drop empty class folders, keep labels contiguous
-    return ImageFileDataset(paths, [remap[c] for c in labels], [_display(classes[c]) for c in used],
-                            image_transforms(image_size, train))
+    ds = ImageFileDataset(paths, [remap[c] for c in labels], [_display(classes[c]) for c in used],
+                          image_transforms(image_size, train))
+    split = os.path.basename(os.path.normpath(split_dir))
+    if other:
+        n = sum(other.values())
+        kinds = ", ".join(f"{k} ({v})" for k, v in sorted(other.items()))
+        ds.notes.append(f"folder: {split}/: left out {n} file{'s' if n > 1 else ''} of a type not read as an "
+                        f"image: {kinds} (read: {', '.join(IMAGE_EXTENSIONS)})")
+    empty = [_display(classes[c]) for c in range(len(classes)) if c not in remap]
+    if empty:
+        ds.notes.append(f"folder: {split}/: left out {len(empty)} class folder{'s' if len(empty) > 1 else ''} "
+                        f"without images: {', '.join(empty[:5])}{', ...' if len(empty) > 5 else ''}")
+    return ds
 
 
 def load_folder(data_root: str, image_size: int = 224) -> Tuple[ImageFileDataset, ImageFileDataset]:
