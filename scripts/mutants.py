@@ -539,6 +539,9 @@ MUTANTS: Tuple[Mutant, ...] = (
     Mutant("listed_empty_file", "daal_triton/train/data/base.py",
            "empty = [p for p in paths if os.path.getsize(p) == 0]", "empty = []",
            ("tests/train/test_train_data.py", "-k", "check_their_index")),
+    Mutant("eval_json_data_seed", "daal_triton/train/cli.py", "image_size=cfg.image_size, data_seed=cfg.data_seed,",
+           "image_size=cfg.image_size, data_seed=ck['config'].get('data_seed'),",
+           ("tests/train/test_train_eval_cli.py", "-k", "records_the_data")),
 )
 
 

@@ -85,6 +85,15 @@ def write_atomically(path: str, write) -> None:
         raise OSError(None, f"cannot write it (is the disk full? {str(e).strip().splitlines()[-1]})", path) from None
 
 
+def write_text_atomically(path: str, text: str) -> None:
+    """:func:`write_atomically` of a UTF-8 text file."""
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+
+    write_atomically(path, write)
+
+
 def _looks_saved(path: str) -> bool:
     """Whether ``path`` starts as ``torch.save`` output does: a zip archive (since PyTorch 1.6) or
     a pickle (protocol 2+: byte 0x80; the legacy format starts with a pickled magic number)."""

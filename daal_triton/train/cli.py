@@ -392,7 +392,7 @@ def _evaluate_checkpoint(args: argparse.Namespace) -> Dict[str, Dict[str, float]
     classes; writes eval.json and tsne_eval.png once the checkpoint and the data have loaded."""
     from . import evaluate as E
     from . import plots
-    from .checkpoint import load_checkpoint, load_weights
+    from .checkpoint import load_checkpoint, load_weights, write_text_atomically
     from .data import build_datasets
     from .config import (check_backend, check_choices, check_data_root, check_kinds, check_numbers, checked_device,
                          drop_unread_data_root, note_source)
@@ -445,9 +445,16 @@ def _evaluate_checkpoint(args: argparse.Namespace) -> Dict[str, Dict[str, float]
         E.save_embeddings(args.save_embeddings, emb, labels, E.dataset_paths(test_ds, cfg.dataset),
                           class_names=list(test_ds.class_names), checkpoint=os.path.abspath(args.checkpoint),
                           dataset=cfg.dataset, epoch=ck.get("epoch"))
-    with open(os.path.join(out, "eval.json"), "w") as f:
-        json.dump(dict(checkpoint=os.path.abspath(args.checkpoint), epoch=ck.get("epoch"), dataset=cfg.dataset,
-                       results=rows, seconds=round(time.time() - t0, 2)), f, indent=2)
+    # what was evaluated, so the numbers can be made again: the data (its folder, or the generated
+    # set's seed and sizes), the image size and the metrics' seed (k-means for NMI)
+    data = dict(dataset=cfg.dataset, data_root=cfg.data_root, image_size=cfg.image_size, data_seed=cfg.data_seed,
+                seed=cfg.seed, test_images=len(test_ds), test_classes=test_ds.num_classes)
+    if cfg.dataset == "shapes":
+        data.update(shapes_train_per_class=cfg.shapes_train_per_class,
+                    shapes_test_per_class=cfg.shapes_test_per_class, shapes_nuisance=cfg.shapes_nuisance)
+    text = json.dumps(dict(checkpoint=os.path.abspath(args.checkpoint), epoch=ck.get("epoch"), **data,
+                           results=rows, seconds=round(time.time() - t0, 2)), indent=2)
+    write_text_atomically(os.path.join(out, "eval.json"), text)
     log = Log("daal-eval")
     stale = os.path.join(out, "tsne_eval.png")
     if args.overwrite and os.path.isfile(stale):  # an earlier evaluation's: replaced below, or gone (--no-tsne)

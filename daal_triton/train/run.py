@@ -32,7 +32,7 @@ from daal_triton.memory import MemoryBank
 from . import ddp
 from . import evaluate as E
 from .checkpoint import (CheckpointError, load_checkpoint, load_weights, require_training_state, restore_rng,
-                         rng_state, save_checkpoint, write_atomically)
+                         rng_state, save_checkpoint, write_text_atomically)
 from .config import (TrainConfig, check_kinds, check_out, checked_device, note_source, resume_config,
                      taken_from_checkpoint, validate_config)
 from .data import DistributedPKSampler, PKSampler, SeededDraws, build_datasets
@@ -437,7 +437,8 @@ def fit(state: RunState) -> None:
         _prepare_out(state)
         _write_config(state)
         if cfg.resume:  # the metrics so far are the checkpoint's (in a new --out too), then this call's
-            _write_atomic(state.path("metrics.jsonl"), "".join(json.dumps(_clean(r)) + "\n" for r in state.history))
+            write_text_atomically(state.path("metrics.jsonl"),
+                                  "".join(json.dumps(_clean(r)) + "\n" for r in state.history))
         state.metrics_file = open(state.path("metrics.jsonl"), "a" if cfg.resume else "w")
     try:
         if state.main:
@@ -479,7 +480,7 @@ def _write_config(state: RunState) -> None:
     cfg, ctx = state.cfg, state.ctx
     launch = dict(world_size=ctx.world_size, backend=ctx.backend)
     if not state.resumes:
-        _write_atomic(state.path("config.json"), json.dumps(dict(cfg.to_dict(), launch=launch), indent=2))
+        write_text_atomically(state.path("config.json"), json.dumps(dict(cfg.to_dict(), launch=launch), indent=2))
         return
     first = cfg.to_dict()
     for entry in reversed(state.resumes):  # undo every resume's changes: the configuration it started with
@@ -491,15 +492,8 @@ def _write_config(state: RunState) -> None:
             launch = json.load(f).get("launch", launch)
     except (OSError, ValueError, AttributeError):
         pass
-    _write_atomic(state.path("config.json"), json.dumps(dict(first, launch=launch, resumes=state.resumes), indent=2))
-
-
-def _write_atomic(path: str, text: str) -> None:
-    def write(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-
-    write_atomically(path, write)
+    write_text_atomically(state.path("config.json"),
+                          json.dumps(dict(first, launch=launch, resumes=state.resumes), indent=2))
 
 
 def _prepare_out(state: RunState) -> None:
@@ -687,4 +681,4 @@ def finish(state: RunState) -> None:
             state.log(f"t-SNE plot failed: {e}")
         else:
             state.log(f"t-SNE of the test embeddings: {state.path('tsne_test.png')} ({time.time() - t0:.1f} s)")
-    _write_atomic(state.path("results.txt"), text + "\n")
+    write_text_atomically(state.path("results.txt"), text + "\n")

@@ -48,6 +48,19 @@ def test_save_embeddings_torch_file(run_dir, tmp_path):
     assert retrieval_metrics(d["embeddings"], d["labels"])["recall@1"] == pytest.approx(row["recall@1"])
 
 
+def test_eval_json_records_the_data_it_evaluated(run_dir, tmp_path):
+    """eval.json says what was evaluated, so its numbers can be made again: the data set and its
+    folder, the generated set's seed and sizes, the image size and the metrics' seed; a flag that
+    changes one is recorded as given."""
+    ev = tmp_path / "ev"
+    assert cli.eval_main([_ck(run_dir), "--out", str(ev), "--no-progress", "--no-tsne", "--data-seed", "3"]) == 0
+    res = json.load(open(ev / "eval.json"))
+    want = dict(dataset="shapes", data_root=None, image_size=32, data_seed=3, seed=0, test_images=48,
+                test_classes=12, shapes_train_per_class=4, shapes_test_per_class=4, shapes_nuisance=1.0)
+    assert {k: res.get(k) for k in want} == want, res
+    assert os.listdir(ev) == ["eval.json"]  # written atomically: no .tmp left
+
+
 def test_save_embeddings_into_a_new_folder(run_dir, tmp_path):
     """A --save-embeddings path whose folder does not exist yet is created, as --out is (it was a
     FileNotFoundError traceback after the whole evaluation)."""
