@@ -542,6 +542,9 @@ MUTANTS: Tuple[Mutant, ...] = (
     Mutant("eval_json_data_seed", "daal_triton/train/cli.py", "image_size=cfg.image_size, data_seed=cfg.data_seed,",
            "image_size=cfg.image_size, data_seed=ck['config'].get('data_seed'),",
            ("tests/train/test_train_eval_cli.py", "-k", "records_the_data")),
+    Mutant("study_device_precheck", "daal_triton/train/study.py", "validate_config(cfg, 1, checked_device(cfg.device))",
+           'validate_config(cfg, 1, checked_device("cpu"))',
+           ("tests/train/test_train_study.py", "-k", "flags_out_of_range")),
 )
 
 

@@ -179,11 +179,12 @@ def make_study(file: Union[str, Dict[str, Any], None] = None, configs: Sequence[
 
 def check_cell_args(study: Dict[str, Any]) -> None:
     """Every configuration's daal-train arguments parse (an unknown flag, ``--epochs x``) and hold
-    values daal-train accepts (``--lr -1``; checks that need no device or data): :class:`StudyError`
-    naming the configuration before any cell runs (a cell that failed on them would fail again on
-    every retry). Arguments with ``--config FILE`` are only parsed (the file completes them)."""
+    values daal-train accepts on this machine (``--lr -1``, ``--device cuda`` without CUDA, a
+    ``--weights`` file that is not there: the checks that read no data): :class:`StudyError` naming
+    the configuration before any cell runs (a cell that failed on them would fail again on every
+    retry). Arguments with ``--config FILE`` are only parsed (the file completes them)."""
     from .cli import UsageError, build_parser, config_from_args
-    from .config import check_settings
+    from .config import checked_device, validate_config
 
     for name, args in study["configs"].items():
         full = list(study["common"]) + list(args)
@@ -196,7 +197,8 @@ def check_cell_args(study: Dict[str, Any]) -> None:
         if parsed.config is not None:
             continue
         try:
-            check_settings(config_from_args(parsed))
+            cfg = config_from_args(parsed)
+            validate_config(cfg, 1, checked_device(cfg.device))  # each cell is one daal-train process
         except (UsageError, ValueError) as e:  # ConfigError is a ValueError
             raise StudyError(f"configuration {name!r}: daal-train would refuse it: {e}") from None
 

@@ -360,6 +360,11 @@ def test_study_flags_out_of_range_and_reserved_cell_flags_are_one_line(tmp_path,
              (["--config", "A=--miner bogus"], "configuration 'A': daal-train would refuse it: --miner must be"),
              (["--config", "A=--miner-kwargs '{\"epsilon\": 0.1}'"],
               "configuration 'A': daal-train would refuse it: --miner-kwargs needs --miner"),
+             (["--config", "A=--device cuda"], "configuration 'A': daal-train would refuse it: --device cuda"),
+             (["--config", "A=--loss-backend triton"],
+              "configuration 'A': daal-train would refuse it: --loss-backend triton needs a CUDA device"),
+             (["--config", "A=--weights nowhere.pth"], "configuration 'A': daal-train would refuse it: --weights"),
+             (["--config", "A=--data-root x"], "configuration 'A': daal-train would refuse it: --data-root"),
              (["--summarize"], "--summarize alone reads the study of")]  # no study.json in --out
     for argv, words in cases:
         seeds = [] if "--file" in argv or "--seeds" in argv else ["--seeds", "0"]
