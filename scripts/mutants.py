@@ -535,8 +535,8 @@ MUTANTS: Tuple[Mutant, ...] = (
     Mutant("folder_dead_link", "daal_triton/train/data/folder.py", "                except OSError as e:\n                    bad.append(",
            "                except OSError as e:\n                    (lambda _: None)(",
            ("tests/train/test_train_data.py", "-k", "cannot_be_images")),
-    Mutant("folder_notes_logged", "daal_triton/train/run.py", "for note in list(train_ds.notes) + list(test_ds.notes):",
-           "for note in ():", ("tests/train/test_train_data.py", "-k", "cannot_be_images")),
+    Mutant("folder_notes_logged", "daal_triton/train/run.py", "for note in list(train_ds.notes) + list(test_ds.notes) + E.test_split_notes(test_ds):",
+           "for note in E.test_split_notes(test_ds):", ("tests/train/test_train_data.py", "-k", "cannot_be_images")),
     Mutant("listed_empty_file", "daal_triton/train/data/base.py",
            "empty = [p for p in paths if os.path.getsize(p) == 0]", "empty = []",
            ("tests/train/test_train_data.py", "-k", "check_their_index")),
@@ -546,6 +546,12 @@ MUTANTS: Tuple[Mutant, ...] = (
     Mutant("study_device_precheck", "daal_triton/train/study.py", "validate_config(cfg, 1, checked_device(cfg.device))",
            'validate_config(cfg, 1, checked_device("cpu"))',
            ("tests/train/test_train_study.py", "-k", "flags_out_of_range")),
+    Mutant("split_note_lone", "daal_triton/train/evaluate.py", "lone = int((counts == 1).sum())", "lone = 0",
+           ("tests/train/test_train_data.py", "-k", "cannot_measure")),
+    Mutant("split_note_one_class", "daal_triton/train/evaluate.py", "if len(counts) == 1:", "if len(counts) == 0:",
+           ("tests/train/test_train_data.py", "-k", "cannot_measure")),
+    Mutant("few_images_for_k_note", "daal_triton/train/run.py", "        if few:", "        if False:",
+           ("tests/train/test_train_data.py", "-k", "cannot_measure")),
 )
 
 

@@ -427,6 +427,8 @@ def _evaluate_checkpoint(args: argparse.Namespace) -> Dict[str, Dict[str, float]
     _, test_ds = build_datasets(cfg.dataset, cfg.data_root, cfg.image_size, seed=cfg.data_seed, augment=cfg.augment,
                                 shapes_train_per_class=cfg.shapes_train_per_class,
                                 shapes_test_per_class=cfg.shapes_test_per_class, shapes_nuisance=cfg.shapes_nuisance)
+    for note in list(test_ds.notes) + E.test_split_notes(test_ds):
+        Log("daal-eval")(note)
     model = build_model(cfg)
     load_weights(model, ck["model"], args.checkpoint, "network")
     model = place_model(model, device, cfg.channels_last)

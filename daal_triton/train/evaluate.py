@@ -200,6 +200,27 @@ def dataset_labels(dataset) -> torch.Tensor:
     return torch.as_tensor(np.asarray(dataset.labels), dtype=torch.long)
 
 
+def test_split_notes(dataset) -> List[str]:
+    """Lines for the log when the test split cannot measure retrieval as it should: one class
+    (every neighbour is of it: Recall@K, MAP@R and NMI are 1 whatever the embedding), or classes
+    with a single image (their queries have nothing to retrieve and count in no metric; with only
+    such classes the metrics are NaN and no epoch is the best)."""
+    counts = np.bincount(np.asarray(dataset.labels, dtype=np.int64))
+    counts = counts[counts > 0]
+    notes = []
+    if len(counts) == 1:
+        notes.append("the test split has one class: every neighbour is of that class, so Recall@K, MAP@R and NMI "
+                     "are 1 whatever the network (deep metric learning tests on several held-out classes)")
+    lone = int((counts == 1).sum())
+    if lone == len(counts):
+        notes.append("every test class has a single image: no query has another image of its class to retrieve, "
+                     "so the retrieval metrics are NaN (and no checkpoint_best.pt is written)")
+    elif lone:
+        notes.append(f"{lone} of the {len(counts)} test classes have a single image: their queries have nothing to "
+                     f"retrieve and count in no retrieval metric (Recall@K, MAP@R, R-precision)")
+    return notes
+
+
 def table_keys(rows: Dict[str, Dict[str, float]]) -> List[str]:
     """The metric columns of the final table, in a fixed order, that some row has."""
     keys = [f"recall@{k}" for k in RECALL_KS] + ["nmi", "map@r", "r_precision", "subcluster_nmi"]

@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass, field
 from typing import IO, Any, Dict, List, Optional
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -273,8 +274,12 @@ def build_run(cfg: TrainConfig, ctx: ddp.DistContext, device: torch.device, log:
                           f"{train_ds.num_classes} training classes")
     sampler = _sampler(cfg, ctx, train_ds.labels)
     if ctx.is_main:
-        for note in list(train_ds.notes) + list(test_ds.notes):
+        for note in list(train_ds.notes) + list(test_ds.notes) + E.test_split_notes(test_ds):
             log(note)
+        few = int((np.bincount(train_ds.labels)[np.unique(train_ds.labels)] < cfg.samples_per_class).sum())
+        if few:
+            log(f"{few} of the {train_ds.num_classes} training classes have fewer than --samples-per-class (K) = "
+                f"{cfg.samples_per_class} images: their K slots repeat images (drawn with replacement)")
         log(f"{cfg.dataset}: {len(train_ds)} training images of {train_ds.num_classes} classes, "
             f"{len(test_ds)} test images of {test_ds.num_classes} held-out classes; device {device}")
     if ctx.distributed:

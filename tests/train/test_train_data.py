@@ -274,6 +274,39 @@ def test_folder_refuses_files_that_cannot_be_images_and_says_what_it_leaves_out(
     assert os.path.isfile(os.path.join(out, "metrics.jsonl"))
 
 
+@pytest.mark.parametrize("test_images,words", [
+    ({"dog": 1, "eel": 2}, ["1 of the 2 test classes have a single image"]),
+    ({"dog": 2}, ["the test split has one class"]),
+    ({"dog": 1, "eel": 1}, ["every test class has a single image", "NaN (and no checkpoint_best.pt"]),
+    ({"dog": 2, "eel": 2}, []),
+], ids=["one-lone-class", "one-class", "all-lone", "fine"])
+def test_a_test_split_that_cannot_measure_retrieval_is_said_so(test_images, words, tmp_path, capsys):
+    """Held-out classes of one image count in no retrieval metric, and a single held-out class
+    makes every metric 1: the log says so when the data loads (daal-train and daal-eval), as it
+    does for training classes with fewer than K images."""
+    from daal_triton.train import cli
+
+    root = str(tmp_path / "tree")
+    for split, counts in (("train", {"ant": 3, "bee": 1}), ("test", test_images)):
+        for c, n in counts.items():
+            for j in range(n):
+                _png(os.path.join(root, split, c, f"{j}.png"))
+    out = str(tmp_path / "run")
+    assert cli.main(["--dataset", "folder", "--data-root", root, "--image-size", "32", "--width", "0.125", "-P", "2",
+                     "-K", "2", "--steps-per-epoch", "1", "--epochs", "1", "--embedding-dim", "8", "--no-progress",
+                     "--no-tsne", "--no-baselines", "--out", out]) == 0
+    log = capsys.readouterr().out
+    assert "1 of the 2 training classes have fewer than --samples-per-class (K) = 2 images" in log
+    for w in words:
+        assert w in log, log
+    said = [ln for ln in log.splitlines() if "test split" in ln or "test class" in ln]
+    assert len(said) == (1 if words else 0), said  # one line, and none for a split that measures
+    assert os.path.isfile(os.path.join(out, "checkpoint_best.pt")) == (test_images != {"dog": 1, "eel": 1})
+    assert cli.eval_main([os.path.join(out, "checkpoint_last.pt"), "--no-progress", "--no-tsne"]) == 0
+    log = capsys.readouterr().out
+    assert all(w in log for w in words) and "training classes" not in log
+
+
 def test_folder_missing_and_no_root(tmp_path):
     with pytest.raises(DatasetLayoutError, match="train/<class name>"):
         build_datasets("folder", str(tmp_path), 16)
