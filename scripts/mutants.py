@@ -552,6 +552,12 @@ MUTANTS: Tuple[Mutant, ...] = (
            ("tests/train/test_train_data.py", "-k", "cannot_measure")),
     Mutant("few_images_for_k_note", "daal_triton/train/run.py", "        if few:", "        if False:",
            ("tests/train/test_train_data.py", "-k", "cannot_measure")),
+    Mutant("eval_other_dataset_root", "daal_triton/train/cli.py",
+           "        cfg.data_root = None  # the checkpoint's folder holds its own data set",
+           "        pass  # the checkpoint's folder holds its own data set",
+           ("tests/train/test_train_data.py", "-k", "cannot_measure and fine")),
+    Mutant("threads_above_cores_note", "daal_triton/train/cli.py", "        if n > cores:", "        if n > 2 * cores:",
+           ("tests/train/test_train_cli.py", "-k", "more_threads")),
 )
 
 

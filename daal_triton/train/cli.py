@@ -296,8 +296,10 @@ def os_message(e: OSError) -> str:
     return str(e)
 
 
-def _set_threads(n: Optional[int]) -> None:
+def _set_threads(n: Optional[int], program: str = "daal-train") -> None:
     from .ddp import ConfigError
+    from .devices import available_cpus
+    from .log import Log
 
     if n is not None:
         if n < 1:
@@ -305,6 +307,10 @@ def _set_threads(n: Optional[int]) -> None:
         import torch
 
         torch.set_num_threads(n)
+        cores = available_cpus()
+        if n > cores:  # allowed (another process may leave), but usually slower: threads take turns on a core
+            Log(program)(f"--threads {n} is more than the {cores} CPU core{'s' if cores > 1 else ''} this process "
+                         f"may use: threads will take turns, which is usually slower than --threads {cores}")
 
 
 def build_eval_parser() -> argparse.ArgumentParser:
@@ -401,7 +407,7 @@ def _evaluate_checkpoint(args: argparse.Namespace) -> Dict[str, Dict[str, float]
     from .engine import build_model
     from .log import Log
 
-    _set_threads(args.threads)
+    _set_threads(args.threads, "daal-eval")
     check_numbers(args, {k for k, v in vars(args).items() if v is not None})  # daal-train's bounds
     ck = load_checkpoint(args.checkpoint)  # a wrong file is the first thing to hear about
     out = _eval_outputs(args)
@@ -413,6 +419,8 @@ def _evaluate_checkpoint(args: argparse.Namespace) -> Dict[str, Dict[str, float]
     for k, v in vars(args).items():
         if v is not None and hasattr(cfg, k) and k not in ("out", "overwrite"):
             setattr(cfg, k, v)
+    if args.dataset not in (None, saved.get("dataset")) and args.data_root is None:
+        cfg.data_root = None  # the checkpoint's folder holds its own data set, not the one asked for
     cfg.weights = None  # the checkpoint holds the trained trunk
     try:
         check_numbers(cfg)

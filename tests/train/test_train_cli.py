@@ -184,3 +184,17 @@ def test_the_best_checkpoint_is_the_epoch_of_the_highest_recall_at_1(tmp_path, m
     best = torch.load(os.path.join(out, "checkpoint_best.pt"), map_location="cpu", weights_only=True)
     assert best["epoch"] == 1
     assert torch.load(os.path.join(out, "checkpoint_last.pt"), map_location="cpu", weights_only=True)["epoch"] == 3
+
+
+def test_more_threads_than_cores_is_said(tmp_path, capsys, monkeypatch, keep_threads):
+    """--threads above the cores this process may use is allowed but said (threads would take
+    turns); --threads within them says nothing. (The machine's cores are pretended to be 1, so the
+    run itself stays on one thread.)"""
+    from daal_triton.train import devices
+
+    monkeypatch.setattr(devices, "available_cpus", lambda: 1)
+    flags = TINY + ["--epochs", "1", "--no-tsne", "--no-baselines", "--eval-every", "0", "--save", "none"]
+    assert cli.main(flags + ["--threads", "2", "--out", str(tmp_path / "a")]) == 0
+    assert "--threads 2 is more than the 1 CPU core this process may use" in capsys.readouterr().out
+    assert cli.main(flags + keep_threads + ["--out", str(tmp_path / "b")]) == 0
+    assert "--threads" not in capsys.readouterr().out

@@ -1,5 +1,6 @@
 """The data sets of the training program: tiny fake trees of each on-disk layout, the embedded
 sets, and the P x K sampler."""
+import json
 import os
 
 import numpy as np
@@ -305,6 +306,12 @@ def test_a_test_split_that_cannot_measure_retrieval_is_said_so(test_images, word
     assert cli.eval_main([os.path.join(out, "checkpoint_last.pt"), "--no-progress", "--no-tsne"]) == 0
     log = capsys.readouterr().out
     assert all(w in log for w in words) and "training classes" not in log
+    if not words:  # another data set than the checkpoint's: its folder is not inherited (it was refused)
+        ev = tmp_path / "shapes"
+        assert cli.eval_main([os.path.join(out, "checkpoint_last.pt"), "--no-progress", "--no-tsne", "--dataset",
+                              "shapes", "--out", str(ev)]) == 0
+        res = json.load(open(ev / "eval.json"))
+        assert res["dataset"] == "shapes" and res["data_root"] is None and res["test_classes"] == 12
 
 
 def test_folder_missing_and_no_root(tmp_path):
