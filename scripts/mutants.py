@@ -558,6 +558,9 @@ MUTANTS: Tuple[Mutant, ...] = (
            ("tests/train/test_train_data.py", "-k", "cannot_measure and fine")),
     Mutant("threads_above_cores_note", "daal_triton/train/cli.py", "        if n > cores:", "        if n > 2 * cores:",
            ("tests/train/test_train_cli.py", "-k", "more_threads")),
+    Mutant("summarize_new_report_reads_out", "daal_triton/train/study.py",
+           "            file = saved_study(where)", "            file = saved_study(args.report or args.out)",
+           ("tests/train/test_train_study.py", "-k", "resume_skips_finished")),
 )
 
 

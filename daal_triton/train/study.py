@@ -818,7 +818,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         args = build_parser().parse_args(argv)
         file = args.file
         if args.summarize and file is None and not args.config and (args.report or args.out):
-            file = saved_study(args.report or args.out)  # the study the report was made of
+            # the study the report was made of; a new --report folder: the one recorded in --out
+            where = args.report if args.report and (not args.out or os.path.isfile(
+                os.path.join(args.report, "study.json"))) else args.out or args.report
+            file = saved_study(where)
         study = make_study(file, args.config, args.seeds, args.common, args.name)
         check_cell_args(study)
         unknown = [c for c in args.first if c not in study["configs"]]

@@ -135,6 +135,10 @@ def test_resume_skips_finished_cells(tmp_path, monkeypatch):
     os.remove(os.path.join(out, "table.md"))
     assert S.main(["--summarize", "--out", out, "--no-progress", "--no-plots"]) == 0
     assert ran == [] and _rows(open(os.path.join(out, "table.md")).read()) == _rows(table)
+    # ... and into a new --report folder: still the study --out records (it looked for NEW/study.json)
+    new = str(tmp_path / "new_report")
+    assert S.main(["--summarize", "--out", out, "--report", new, "--no-progress", "--no-plots"]) == 0
+    assert ran == [] and _rows(open(os.path.join(new, "table.md")).read()) == _rows(table)
     # an unfinished cell without a checkpoint is moved aside (kept), not deleted
     d = S.cell_dir(out, dict(config="C", slug="c", seed=0))
     os.makedirs(d)
