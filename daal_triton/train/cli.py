@@ -299,7 +299,7 @@ def os_message(e: OSError) -> str:
 def _set_threads(n: Optional[int], program: str = "daal-train") -> None:
     from .ddp import ConfigError
     from .devices import available_cpus
-    from .log import Log
+    from .log import Log, plural
 
     if n is not None:
         if n < 1:
@@ -309,7 +309,7 @@ def _set_threads(n: Optional[int], program: str = "daal-train") -> None:
         torch.set_num_threads(n)
         cores = available_cpus()
         if n > cores:  # allowed (another process may leave), but usually slower: threads take turns on a core
-            Log(program)(f"--threads {n} is more than the {cores} CPU core{'s' if cores > 1 else ''} this process "
+            Log(program)(f"--threads {n} is more than the {plural(cores, 'CPU core')} this process "
                          f"may use: threads will take turns, which is usually slower than --threads {cores}")
 
 

@@ -27,3 +27,8 @@ class Log:
 
     def __call__(self, msg: str) -> None:
         print(f"{self.tag} {msg}", flush=True)
+
+
+def plural(n: int, word: str) -> str:
+    """``"1 thread"``, ``"2 threads"``: ``n`` and ``word``, with an ``s`` unless ``n`` is 1."""
+    return f"{n} {word}{'' if n == 1 else 's'}"

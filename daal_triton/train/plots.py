@@ -129,8 +129,13 @@ def training_curves(history: List[Dict[str, Any]], path: str) -> str:
         ax2.axhline(base["raw_pixels"], color="tab:gray", ls="--", label="raw pixels Recall@1")
     ax2.set_ylabel("held-out Recall@1", color="tab:red")
     ax2.set_ylim(0, 1)
-    fig.legend(loc="lower right", fontsize=7)
-    fig.tight_layout()
+    from matplotlib.ticker import MaxNLocator
+
+    ax1.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs: no 0.25 ticks on short runs
+    handles = ax1.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
+    # above the axes, in one row: inside, it covered the curves or the tick labels
+    fig.legend(handles=handles, loc="upper center", ncol=len(handles), fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 0.94))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

@@ -42,7 +42,7 @@ from .devices import (compile_network, loader_options, place_model, prepare_devi
                       seed_everything)
 from .engine import (GlobalBatchLoss, build_criterion, build_miner, build_model, make_optimizer, make_scheduler,
                      train_one_epoch)
-from .log import Log
+from .log import Log, plural
 from .model import NO_WEIGHTS_NOTE
 
 Record = Dict[str, Any]
@@ -667,7 +667,7 @@ def finish(state: RunState) -> None:
         return
     text = E.format_table(state.table, keys=E.table_keys(state.table))
     text += (f"\n(held-out classes of {cfg.dataset}; wall time {time.time() - state.t_start:.1f} s, process CPU time "
-             f"{time.process_time() - state.cpu_start:.1f} s on {torch.get_num_threads()} threads; "
+             f"{time.process_time() - state.cpu_start:.1f} s on {plural(torch.get_num_threads(), 'thread')}; "
              f"outputs in {cfg.out})")
     print(text)
     try:

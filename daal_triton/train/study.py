@@ -34,6 +34,8 @@ import threading
 import time
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
+from .log import plural
+
 #: daal-train's bound on --seed (``config.SEED_LIMIT``; not imported: config imports torch, which
 #: daal-study itself never needs)
 SEED_LIMIT = 2 ** 32
@@ -898,9 +900,10 @@ def _study(args: argparse.Namespace, study: Dict[str, Any], command: str) -> int
             known[(cell["config"], cell["seed"])] = rec = collect(cell, d)
             _append_run(runs_path, rec)
         todo = _cells_to_run(study, cells, args.out, args.first, known, runs_path)
-    print(f"[daal-study] {len(cells)} cells ({len(study['configs'])} configurations x {len(study['seeds'])} seeds): "
+    print(f"[daal-study] {plural(len(cells), 'cell')} ({plural(len(study['configs']), 'configuration')} x "
+          f"{plural(len(study['seeds']), 'seed')}): "
           f"{len(cells) - len(todo)} finished, {len(todo)} to run"
-          + ("" if args.summarize or args.dry_run or not todo else f", {args.jobs} at a time x {threads} threads"),
+          + ("" if args.summarize or args.dry_run or not todo else f", {args.jobs} at a time x {plural(threads, 'thread')}"),
           flush=True)
     if args.dry_run:
         pending = {(c["config"], c["seed"]) for c in todo}

@@ -217,3 +217,32 @@ def test_pixel_vectors_pool_large_images():
     assert E.pixel_vectors(ds).shape == (3, 3 * 32 * 32)
     small = TensorDataset(torch.rand(2, 3, 16, 16), torch.zeros(2, dtype=torch.long))
     assert E.pixel_vectors(small).shape == (2, 3 * 16 * 16)
+
+
+def test_training_curves_legend_covers_neither_the_curves_nor_the_tick_labels(tmp_path, monkeypatch):
+    """training_curves.png: the legend sits outside both axes (with their tick labels) and the
+    epoch axis has whole-number ticks only (a 2-epoch run had 0.25 steps and the legend over them)."""
+    pytest.importorskip("matplotlib")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from daal_triton.train import plots
+
+    kept = []
+    monkeypatch.setattr(plt, "close", kept.append)
+    history = [{"model": "raw_pixels", "recall@1": 0.1},
+               {"model": "untrained", "recall@1": 0.05}]
+    history += [{"model": "trained", "epoch": e, "train_loss": 1.0 / e, "recall@1": 0.1 * e} for e in (1, 2)]
+    plots.training_curves(history, str(tmp_path / "c.png"))
+    (fig,) = kept
+    renderer = fig.canvas.get_renderer()
+    (legend,) = fig.legends
+    box = legend.get_window_extent(renderer)
+    assert len(legend.get_texts()) == 3
+    for ax in fig.axes:
+        assert not box.overlaps(ax.get_tightbbox(renderer)), "the legend covers an axis"
+    ticks = [t for t in fig.axes[0].get_xticks() if 0 <= t <= 2]
+    assert ticks and all(float(t).is_integer() for t in ticks), ticks
+    plt.close(fig)

@@ -465,3 +465,15 @@ def test_the_study_bounds_seeds_as_daal_train_does():
     from daal_triton.train import config, study
 
     assert study.SEED_LIMIT == config.SEED_LIMIT == 2 ** 32
+
+
+def test_counts_of_one_are_singular(tmp_path, capsys):
+    """"1 cell (1 configuration x 1 seed)", not "1 cells (1 configurations x 1 seeds)"."""
+    from daal_triton.train.log import plural
+
+    assert [plural(n, "thread") for n in (0, 1, 2)] == ["0 threads", "1 thread", "2 threads"]
+    assert S.main(["--config", "A=", "--seeds", "0", "--out", str(tmp_path / "o"), "--dry-run", "--no-progress"]) == 0
+    assert "1 cell (1 configuration x 1 seed): 0 finished, 1 to run" in capsys.readouterr().out
+    assert S.main(["--config", "A=", "--config", "B=", "--seeds", "0", "1", "--out", str(tmp_path / "o"),
+                   "--dry-run", "--no-progress"]) == 0
+    assert "4 cells (2 configurations x 2 seeds)" in capsys.readouterr().out

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 from typing import Tuple
 
+from ..log import plural
 from .base import IMAGE_EXTENSIONS, DatasetLayoutError, ImageFileDataset, image_transforms
 
 LAYOUT = """  <data-root>/train/<class name>/<image>.jpg|png|...
@@ -72,7 +73,7 @@ def _scan(split_dir: str, image_size: int, train: bool) -> ImageFileDataset:
                 paths.append(path)
                 labels.append(i)
     if bad:
-        raise DatasetLayoutError(f"folder: {len(bad)} file{'s' if len(bad) > 1 else ''} under {split_dir!r} cannot "
+        raise DatasetLayoutError(f"folder: {plural(len(bad), 'file')} under {split_dir!r} cannot "
                                  f"be read as images: {', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}: "
                                  "replace or remove them")
     if not paths:
@@ -85,11 +86,11 @@ def _scan(split_dir: str, image_size: int, train: bool) -> ImageFileDataset:
     if other:
         n = sum(other.values())
         kinds = ", ".join(f"{k} ({v})" for k, v in sorted(other.items()))
-        ds.notes.append(f"folder: {split}/: left out {n} file{'s' if n > 1 else ''} of a type not read as an "
+        ds.notes.append(f"folder: {split}/: left out {plural(n, 'file')} of a type not read as an "
                         f"image: {kinds} (read: {', '.join(IMAGE_EXTENSIONS)})")
     empty = [_display(classes[c]) for c in range(len(classes)) if c not in remap]
     if empty:
-        ds.notes.append(f"folder: {split}/: left out {len(empty)} class folder{'s' if len(empty) > 1 else ''} "
+        ds.notes.append(f"folder: {split}/: left out {plural(len(empty), 'class folder')} "
                         f"without images: {', '.join(empty[:5])}{', ...' if len(empty) > 5 else ''}")
     return ds
 
