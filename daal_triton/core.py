@@ -38,7 +38,8 @@ class Hyperparameters:
     m0: float = field(default=0.2, metadata=_help("base margin"))
     m_min: float = field(default=0.05, metadata=_help("smallest adaptive margin"))
     m_max: float = field(default=0.5, metadata=_help("largest adaptive margin"))
-    gamma: float = field(default=1.0, metadata=_help("exponent of the relative sparsity in the margin (0: fixed m0)"))
+    gamma: float = field(default=1.0, metadata=_help("exponent of the relative sparsity in the margin (0: fixed "
+                                                     "m0; below 0, allowed: sparser samples get smaller margins)"))
     alpha: float = field(default=16.0, metadata=_help("scale of the soft-max over negative classes"))
     tau: float = field(default=0.8, metadata=_help("radius below which the density term pushes apart"))
     lambda_pull: float = field(default=0.0, metadata=_help("weight of the pull to the own segment"))
