@@ -67,6 +67,20 @@ def test_distributed_sampler_splits_each_global_batch_by_class():
         DistributedPKSampler(labels, 4, 3, rank=0, world_size=3)
 
 
+def test_distributed_sampler_hands_each_image_the_augmentation_seed_one_process_gives_it():
+    """seeded=True: the ranks' (index, seed) pairs together are exactly the global batch's, so an
+    image is augmented alike whatever the world size."""
+    labels = np.repeat(np.arange(10), 5)
+    glob = PKSampler(labels, 4, 3, seed=7, seeded=True)
+    for world in (2, 4):
+        shares = [DistributedPKSampler(labels, 4, 3, rank=r, world_size=world, seed=7, seeded=True)
+                  for r in range(world)]
+        for s in [glob] + shares:
+            s.set_epoch(2)
+        for g, *bs in zip(glob, *shares):
+            assert sorted(sum(bs, [])) == sorted(g) and len({z for _, z in g}) == len(g)
+
+
 # ----------------------------------------------------------------------------- the step function
 
 class _Recorder(torch.nn.Module):
