@@ -561,6 +561,12 @@ MUTANTS: Tuple[Mutant, ...] = (
     Mutant("summarize_new_report_reads_out", "daal_triton/train/study.py",
            "            file = saved_study(where)", "            file = saved_study(args.report or args.out)",
            ("tests/train/test_train_study.py", "-k", "resume_skips_finished")),
+    Mutant("overwrite_no_restore", "daal_triton/train/run.py",
+           "        if state.replaced is not None:\n            _restore_replaced(state)\n",
+           "        if False:\n            _restore_replaced(state)\n",
+           ("tests/train/test_train_safety.py", "-k", "puts_the_previous")),
+    Mutant("overwrite_never_dropped", "daal_triton/train/run.py", "            _drop_replaced(state)\n",
+           "            pass\n", ("tests/train/test_train_safety.py", "-k", "overwrite")),
 )
 
 

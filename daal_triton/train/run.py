@@ -18,6 +18,7 @@ import json
 import math
 import os
 import re
+import shutil
 import time
 from dataclasses import dataclass, field
 from typing import IO, Any, Dict, List, Optional
@@ -48,10 +49,12 @@ from .model import NO_WEIGHTS_NOTE
 Record = Dict[str, Any]
 
 # Every file a run writes in --out, and what daal-eval writes there by default (it describes the run's
-# checkpoints); --overwrite removes these (and only these) first.
+# checkpoints); --overwrite replaces these (and only these): they are moved into REPLACED first,
+# removed once the new run's first epoch is done, and put back if it stops before.
 OUTPUTS = ("config.json", "metrics.jsonl", "checkpoint_last.pt", "checkpoint_best.pt", "checkpoint_last.pt.tmp",
            "checkpoint_best.pt.tmp", "config.json.tmp", "metrics.jsonl.tmp", "tsne_test.png", "training_curves.png",
            "results.txt", "results.txt.tmp", "eval.json", "tsne_eval.png")
+REPLACED = ".daal-replaced"
 
 
 class Interrupted(KeyboardInterrupt):
@@ -97,6 +100,7 @@ class RunState:
     emb: Optional[torch.Tensor] = None  # the test embeddings of that evaluation
     metrics_file: Optional[IO[str]] = None
     out_lock: Optional[int] = None  # the descriptor holding --out's lock (rank 0)
+    replaced: Optional[str] = None  # --overwrite: the folder holding the previous run until epoch 1 is done
     resumes: List[Record] = field(default_factory=list)  # config.json's "resumes": one entry per --resume
     rank_rng: Optional[List[Any]] = None  # under torchrun: every rank's generators at the last epoch's end
 
@@ -461,6 +465,7 @@ def fit(state: RunState) -> None:
                       f"{cfg.out} gets a checkpoint_best.pt when an epoch beats it")
         for epoch in range(state.start_epoch, state.last_epoch + 1):
             _train_epoch(state, epoch)
+            _drop_replaced(state)
             ctx.barrier()  # the other ranks wait for rank 0's evaluation and checkpoint
         if state.main and not state.stopped:
             if state.emb is None:  # nothing trained in this call (resumed at the end): the last epoch's evaluation
@@ -470,6 +475,10 @@ def fit(state: RunState) -> None:
                 if state.last is None:
                     state.last = _evaluate(state, state.epoch, "trained", state.emb)
             state.table[f"trained ({cfg.loss}, epoch {state.epoch})"] = state.last
+    except BaseException:
+        if state.replaced is not None:
+            _restore_replaced(state)
+        raise
     finally:
         if state.metrics_file is not None:
             state.metrics_file.close()
@@ -502,17 +511,49 @@ def _write_config(state: RunState) -> None:
 
 
 def _prepare_out(state: RunState) -> None:
-    """Create --out and hold its lock (:func:`_lock_out`); with --overwrite, then remove the
-    previous run's outputs (nothing else)."""
+    """Create --out and hold its lock (:func:`_lock_out`); with --overwrite, then move the previous
+    run's outputs (nothing else) into ``--out/.daal-replaced``: :func:`_drop_replaced` removes them
+    once the first epoch is done, :func:`_restore_replaced` puts them back if the run stops before
+    (a damaged image found at its first read, a divergence, Ctrl-C)."""
     try:
         os.makedirs(state.cfg.out, exist_ok=True)
     except OSError as e:
         raise ConfigError(f"--out {state.cfg.out}: cannot create it ({e.strerror or e})") from None
     state.out_lock = _lock_out(state.cfg.out)
     if state.cfg.overwrite:
-        for name in OUTPUTS:
-            if os.path.isfile(state.path(name)):
-                os.remove(state.path(name))
+        held = [name for name in OUTPUTS if os.path.isfile(state.path(name))]
+        aside = state.path(REPLACED)
+        if os.path.isdir(aside):  # what a killed --overwrite run had set aside: that run was to be replaced
+            shutil.rmtree(aside)
+        if held:
+            os.makedirs(aside)
+            for name in held:
+                os.replace(state.path(name), os.path.join(aside, name))
+            state.replaced = aside
+            state.log(f"--overwrite: the previous run's {plural(len(held), 'file')} moved to {aside}, removed once "
+                      f"epoch 1 is done (put back if this run stops before)")
+
+
+def _drop_replaced(state: RunState) -> None:
+    if state.replaced is not None:
+        shutil.rmtree(state.replaced, ignore_errors=True)
+        state.replaced = None
+
+
+def _restore_replaced(state: RunState) -> None:
+    """The run stopped before its first epoch was done: its files go, the previous run's come back."""
+    if state.metrics_file is not None:
+        state.metrics_file.close()
+        state.metrics_file = None
+    for name in OUTPUTS:
+        if os.path.isfile(state.path(name)):
+            os.remove(state.path(name))
+    for name in os.listdir(state.replaced):
+        os.replace(os.path.join(state.replaced, name), state.path(name))
+    os.rmdir(state.replaced)
+    state.replaced = None
+    state.log(f"the run stopped before its first epoch was done: the previous run's files are back in "
+              f"{state.cfg.out}, as they were")
 
 
 def _lock_out(out: str) -> Optional[int]:

@@ -170,9 +170,52 @@ def test_overwrite_replaces_and_save_chooses_checkpoints(run_dir, tmp_path):
     assert not any(name.endswith(".pt") for name in files), files  # the old run's checkpoints are gone too
     assert not {"eval.json", "tsne_eval.png"} & files, files  # daal-eval's of the old checkpoint too
     assert {"notes.txt", "sub"} <= files  # files the program does not write are left alone
+    assert ".daal-replaced" not in files  # the previous run, set aside until epoch 1 was done
     recs = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     assert [r["epoch"] for r in recs] == [1]
     assert json.load(open(os.path.join(out, "config.json")))["save"] == "none"
+
+
+def _fail_in_epoch(monkeypatch, epoch, exc):
+    """The run's epoch ``epoch`` raises ``exc`` (a damaged image found at its first read, Ctrl-C)."""
+    from daal_triton.train import run as R
+
+    real = R.train_one_epoch
+
+    def train(*a, desc="", **k):
+        if desc.startswith(f"epoch {epoch}/"):
+            raise exc
+        return real(*a, desc=desc, **k)
+
+    monkeypatch.setattr(R, "train_one_epoch", train)
+
+
+@pytest.mark.parametrize("stop", ["damaged-image", "ctrl-c"])
+def test_overwrite_puts_the_previous_run_back_when_the_new_one_stops_in_its_first_epoch(
+        stop, run_dir, tmp_path, monkeypatch, capsys):
+    """--overwrite moves the previous run aside and removes it once the new run's first epoch is
+    done: a run that stops before (a damaged image is found only when read) leaves the previous
+    run's files as they were (they were deleted before its first step); one that stops later has
+    replaced them."""
+    from daal_triton.train.data import DatasetLayoutError
+
+    out = str(tmp_path / "again")
+    shutil.copytree(run_dir, out)
+    open(os.path.join(out, "notes.txt"), "w").write("mine")
+    before = {n: open(os.path.join(out, n), "rb").read() for n in os.listdir(out)}
+    exc = KeyboardInterrupt if stop == "ctrl-c" else DatasetLayoutError("cannot read the image x.jpg")
+    _fail_in_epoch(monkeypatch, 1, exc)
+    assert _main_interrupted(TINY + ["--out", out, "--overwrite", "--epochs", "2"]) == (130 if stop == "ctrl-c" else 2)
+    assert {n: open(os.path.join(out, n), "rb").read() for n in os.listdir(out)} == before
+    assert "the previous run's files are back in" in capsys.readouterr().out
+    monkeypatch.undo()
+    _fail_in_epoch(monkeypatch, 2, exc)
+    assert _main_interrupted(TINY + ["--out", out, "--overwrite", "--epochs", "2"]) == (130 if stop == "ctrl-c" else 2)
+    files = set(os.listdir(out))
+    assert ".daal-replaced" not in files and "notes.txt" in files
+    assert open(os.path.join(out, "checkpoint_last.pt"), "rb").read() != before["checkpoint_last.pt"]
+    assert [json.loads(line)["epoch"] for line in open(os.path.join(out, "metrics.jsonl"))
+            if json.loads(line)["model"] == "trained"] == [1]
 
 
 @pytest.mark.parametrize("save, expected", [("best", {"checkpoint_best.pt"}), ("last", {"checkpoint_last.pt"})])
