@@ -273,16 +273,7 @@ def test_stop_after_needs_checkpoint_last(save, tmp_path, error_line):
 
 def _interrupt_in_epoch(monkeypatch, epoch):
     """The run's epoch ``epoch`` raises KeyboardInterrupt, as Ctrl-C does."""
-    from daal_triton.train import run as R
-
-    real = R.train_one_epoch
-
-    def train(*a, desc="", **k):
-        if desc.startswith(f"epoch {epoch}/"):
-            raise KeyboardInterrupt
-        return real(*a, desc=desc, **k)
-
-    monkeypatch.setattr(R, "train_one_epoch", train)
+    _fail_in_epoch(monkeypatch, epoch, KeyboardInterrupt)
 
 
 def _main_interrupted(argv):
