@@ -131,6 +131,8 @@ def check_data_root(cfg: TrainConfig) -> None:
     if cfg.data_root and cfg.dataset not in NEEDS_ROOT:
         raise ConfigError(f"--data-root {cfg.data_root}: --dataset {cfg.dataset} is built in and reads no folder; "
                           f"give --dataset as the data set the folder holds ({', '.join(NEEDS_ROOT)})")
+    if cfg.dataset in NEEDS_ROOT and not cfg.data_root:  # before anything runs (daal-study: before any cell)
+        raise ConfigError(f"--dataset {cfg.dataset} needs --data-root (the folder that holds it)")
 
 
 def check_settings(cfg: TrainConfig) -> None:
@@ -273,6 +275,11 @@ def check_backend(flag: str, backend: str, device: torch.device) -> None:
                           f"(use auto or reference)")
 
 
+#: Where --overwrite keeps the run it replaces until the new one has finished (its first epoch
+#: done, or it is put back).
+REPLACED = ".daal-replaced"
+
+
 def check_out(cfg: TrainConfig) -> None:
     """Refuse to write a new run into a folder that holds something, unless ``--resume`` (continue
     the run there) or ``--overwrite`` (replace it) says what to do with it."""
@@ -297,6 +304,11 @@ def check_out(cfg: TrainConfig) -> None:
         raise ConfigError(f"--out {out} is not empty and is not the folder of --resume {cfg.resume}: a resumed run "
                           f"continues in its checkpoint's folder or in a new, empty one")
     held = sorted(os.listdir(out))
+    if REPLACED in held:  # before the generic advice: --overwrite would decide what becomes of it
+        aside = os.path.join(out, REPLACED)
+        raise ConfigError(f"--out {out} holds {REPLACED}/, the run that an --overwrite run stopped hard (killed) was "
+                          f"replacing: pass --overwrite to replace the run there (the one set aside comes back first "
+                          f"if that run stopped in its first epoch), or move {aside}/* back into {out} by hand")
     if held:
         shown = ", ".join(held[:4]) + (", ..." if len(held) > 4 else "")
         last = os.path.join(out, "checkpoint_last.pt")

@@ -216,7 +216,8 @@ def test_split_notes(dataset) -> List[str]:
         notes.append("every test class has a single image: no query has another image of its class to retrieve, "
                      "so the retrieval metrics are NaN (and no checkpoint_best.pt is written)")
     elif lone:
-        notes.append(f"{lone} of the {len(counts)} test classes have a single image: their queries have nothing to "
+        notes.append(f"{lone} of the {len(counts)} test classes {'has' if lone == 1 else 'have'} a single image: "
+                     f"their queries have nothing to "
                      f"retrieve and count in no retrieval metric (Recall@K, MAP@R, R-precision)")
     return notes
 

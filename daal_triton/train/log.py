@@ -30,5 +30,8 @@ class Log:
 
 
 def plural(n: int, word: str) -> str:
-    """``"1 thread"``, ``"2 threads"``: ``n`` and ``word``, with an ``s`` unless ``n`` is 1."""
-    return f"{n} {word}{'' if n == 1 else 's'}"
+    """``"1 thread"``, ``"2 threads"``, ``"2 classes"``: ``n`` and ``word``, with an ``s`` (``es``
+    after s, x, ch, sh) unless ``n`` is 1."""
+    if n == 1:
+        return f"{n} {word}"
+    return f"{n} {word}{'es' if word.endswith(('s', 'x', 'ch', 'sh')) else 's'}"

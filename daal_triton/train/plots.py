@@ -131,7 +131,11 @@ def training_curves(history: List[Dict[str, Any]], path: str) -> str:
     ax2.set_ylim(0, 1)
     from matplotlib.ticker import MaxNLocator
 
-    ax1.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs: no 0.25 ticks on short runs
+    epochs = sorted({p[0] for p in pts} | set(ep))
+    if len(epochs) <= 12:  # epochs: whole numbers (a run of 1 or 2 had ticks 0.25 or 0.95 apart)
+        ax1.set_xticks(epochs)
+    else:
+        ax1.xaxis.set_major_locator(MaxNLocator(integer=True))
     handles = ax1.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
     # above the axes, in one row: inside, it covered the curves or the tick labels
     fig.legend(handles=handles, loc="upper center", ncol=len(handles), fontsize=7, frameon=False)

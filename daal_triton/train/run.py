@@ -35,7 +35,7 @@ from . import ddp
 from . import evaluate as E
 from .checkpoint import (CheckpointError, load_checkpoint, load_weights, require_training_state, restore_rng,
                          rng_state, save_checkpoint, write_text_atomically)
-from .config import (TrainConfig, check_kinds, check_out, checked_device, note_source, resume_config,
+from .config import (REPLACED, TrainConfig, check_kinds, check_out, checked_device, note_source, resume_config,
                      taken_from_checkpoint, validate_config)
 from .data import DistributedPKSampler, PKSampler, SeededDraws, build_datasets
 from .ddp import ConfigError
@@ -50,11 +50,10 @@ Record = Dict[str, Any]
 
 # Every file a run writes in --out, and what daal-eval writes there by default (it describes the run's
 # checkpoints); --overwrite replaces these (and only these): they are moved into REPLACED first,
-# removed once the new run's first epoch is done, and put back if it stops before.
+# put back if the new run stops before its first epoch is done, removed once it finishes.
 OUTPUTS = ("config.json", "metrics.jsonl", "checkpoint_last.pt", "checkpoint_best.pt", "checkpoint_last.pt.tmp",
            "checkpoint_best.pt.tmp", "config.json.tmp", "metrics.jsonl.tmp", "tsne_test.png", "training_curves.png",
            "results.txt", "results.txt.tmp", "eval.json", "tsne_eval.png")
-REPLACED = ".daal-replaced"
 
 
 class Interrupted(KeyboardInterrupt):
@@ -282,10 +281,11 @@ def build_run(cfg: TrainConfig, ctx: ddp.DistContext, device: torch.device, log:
             log(note)
         few = int((np.bincount(train_ds.labels)[np.unique(train_ds.labels)] < cfg.samples_per_class).sum())
         if few:
-            log(f"{few} of the {train_ds.num_classes} training classes have fewer than --samples-per-class (K) = "
+            log(f"{few} of the {train_ds.num_classes} training classes {'has' if few == 1 else 'have'} fewer than "
+                f"--samples-per-class (K) = "
                 f"{cfg.samples_per_class} images: their K slots repeat images (drawn with replacement)")
-        log(f"{cfg.dataset}: {len(train_ds)} training images of {train_ds.num_classes} classes, "
-            f"{len(test_ds)} test images of {test_ds.num_classes} held-out classes; device {device}")
+        log(f"{cfg.dataset}: {plural(len(train_ds), 'training image')} of {plural(train_ds.num_classes, 'class')}, "
+            f"{plural(len(test_ds), 'test image')} of {plural(test_ds.num_classes, 'held-out class')}; device {device}")
     if ctx.distributed:
         log(f"joined {ctx.world_size} processes ({ctx.backend}) on {device}: global batch "
             f"{sampler.p}x{sampler.k} = {sampler.global_batch_size}, {sampler.batch_size} images on this rank"
@@ -465,7 +465,6 @@ def fit(state: RunState) -> None:
                       f"{cfg.out} gets a checkpoint_best.pt when an epoch beats it")
         for epoch in range(state.start_epoch, state.last_epoch + 1):
             _train_epoch(state, epoch)
-            _drop_replaced(state)
             ctx.barrier()  # the other ranks wait for rank 0's evaluation and checkpoint
         if state.main and not state.stopped:
             if state.emb is None:  # nothing trained in this call (resumed at the end): the last epoch's evaluation
@@ -476,8 +475,13 @@ def fit(state: RunState) -> None:
                     state.last = _evaluate(state, state.epoch, "trained", state.emb)
             state.table[f"trained ({cfg.loss}, epoch {state.epoch})"] = state.last
     except BaseException:
-        if state.replaced is not None:
-            _restore_replaced(state)
+        if state.replaced is not None and state.epoch < state.start_epoch:  # no epoch done: nothing to keep
+            _put_back(state, state.replaced)
+            state.log(f"the run stopped before its first epoch was done: the previous run's files are back in "
+                      f"{cfg.out}, as they were")
+        elif state.replaced is not None:
+            state.log(f"the previous run's files stay in {state.replaced} until this run finishes (daal-train "
+                      f"--resume; or put them back by hand: remove this run's files, then move them into {cfg.out})")
         raise
     finally:
         if state.metrics_file is not None:
@@ -512,48 +516,59 @@ def _write_config(state: RunState) -> None:
 
 def _prepare_out(state: RunState) -> None:
     """Create --out and hold its lock (:func:`_lock_out`); with --overwrite, then move the previous
-    run's outputs (nothing else) into ``--out/.daal-replaced``: :func:`_drop_replaced` removes them
-    once the first epoch is done, :func:`_restore_replaced` puts them back if the run stops before
-    (a damaged image found at its first read, a divergence, Ctrl-C)."""
+    run's outputs (nothing else) into ``--out/.daal-replaced``: put back if the run stops before
+    its first epoch is done (a damaged image found at its first read, a divergence, Ctrl-C),
+    removed by :func:`finish` once the run (or a resume of it) has finished."""
     try:
         os.makedirs(state.cfg.out, exist_ok=True)
     except OSError as e:
         raise ConfigError(f"--out {state.cfg.out}: cannot create it ({e.strerror or e})") from None
     state.out_lock = _lock_out(state.cfg.out)
-    if state.cfg.overwrite:
-        held = [name for name in OUTPUTS if os.path.isfile(state.path(name))]
-        aside = state.path(REPLACED)
-        if os.path.isdir(aside):  # what a killed --overwrite run had set aside: that run was to be replaced
-            shutil.rmtree(aside)
-        if held:
-            os.makedirs(aside)
-            for name in held:
-                os.replace(state.path(name), os.path.join(aside, name))
-            state.replaced = aside
-            state.log(f"--overwrite: the previous run's {plural(len(held), 'file')} moved to {aside}, removed once "
-                      f"epoch 1 is done (put back if this run stops before)")
+    if not state.cfg.overwrite:
+        return
+    aside = state.path(REPLACED)
+    if os.path.isdir(aside):  # an --overwrite run stopped hard (killed) left the run it was replacing there
+        if _trained_epochs(state.path("metrics.jsonl")):
+            shutil.rmtree(aside)  # that run had trained: it is what this one replaces, and it had replaced these
+            state.log(f"--overwrite: removed {aside}, the run that the run in {state.cfg.out} (stopped in epoch 2 "
+                      f"or later, now replaced in turn) had replaced")
+        else:  # it stopped in its first epoch: the run it was replacing is the one this one replaces
+            _put_back(state, aside)
+            state.log(f"--overwrite: put back the run in {aside}, which an --overwrite run stopped in its first "
+                      f"epoch had set aside")
+    held = [name for name in OUTPUTS if os.path.isfile(state.path(name))]
+    if held:
+        os.makedirs(aside)
+        for name in held:
+            os.replace(state.path(name), os.path.join(aside, name))
+        state.replaced = aside
+        state.log(f"--overwrite: the previous run's {plural(len(held), 'file')} moved to {aside}: put back if this "
+                  f"run stops in its first epoch, removed once it finishes")
 
 
-def _drop_replaced(state: RunState) -> None:
-    if state.replaced is not None:
-        shutil.rmtree(state.replaced, ignore_errors=True)
-        state.replaced = None
+def _trained_epochs(metrics_path: str) -> List[int]:
+    """The epochs with a record of the trained network in a metrics.jsonl (none if unreadable)."""
+    try:
+        with open(metrics_path, encoding="utf-8") as f:
+            recs = [json.loads(line) for line in f if line.strip()]
+    except (OSError, ValueError):
+        return []
+    return [r.get("epoch") for r in recs if isinstance(r, dict) and r.get("model") == "trained"]
 
 
-def _restore_replaced(state: RunState) -> None:
-    """The run stopped before its first epoch was done: its files go, the previous run's come back."""
+def _put_back(state: RunState, aside: str) -> None:
+    """The files in ``aside`` (a replaced run) back into --out, in place of the run there."""
     if state.metrics_file is not None:
         state.metrics_file.close()
         state.metrics_file = None
     for name in OUTPUTS:
         if os.path.isfile(state.path(name)):
             os.remove(state.path(name))
-    for name in os.listdir(state.replaced):
-        os.replace(os.path.join(state.replaced, name), state.path(name))
-    os.rmdir(state.replaced)
-    state.replaced = None
-    state.log(f"the run stopped before its first epoch was done: the previous run's files are back in "
-              f"{state.cfg.out}, as they were")
+    for name in os.listdir(aside):
+        os.replace(os.path.join(aside, name), state.path(name))
+    os.rmdir(aside)
+    if state.replaced == aside:
+        state.replaced = None
 
 
 def _lock_out(out: str) -> Optional[int]:
@@ -704,7 +719,9 @@ def finish(state: RunState) -> None:
     cfg = state.cfg
     if state.stopped:
         state.log(f"stopped after epoch {state.epoch} of {cfg.epochs} (--stop-after); continue with "
-                  f"daal-train --resume {state.path('checkpoint_last.pt')}")
+                  f"daal-train --resume {state.path('checkpoint_last.pt')}"
+                  + (f" (the run it replaces stays in {state.path(REPLACED)} until then)"
+                     if os.path.isdir(state.path(REPLACED)) else ""))
         return
     text = E.format_table(state.table, keys=E.table_keys(state.table))
     text += (f"\n(held-out classes of {cfg.dataset}; wall time {time.time() - state.t_start:.1f} s, process CPU time "
@@ -728,3 +745,6 @@ def finish(state: RunState) -> None:
         else:
             state.log(f"t-SNE of the test embeddings: {state.path('tsne_test.png')} ({time.time() - t0:.1f} s)")
     write_text_atomically(state.path("results.txt"), text + "\n")
+    if os.path.isdir(state.path(REPLACED)):  # the run an --overwrite replaced: this one has finished
+        shutil.rmtree(state.path(REPLACED), ignore_errors=True)
+        state.log(f"removed {state.path(REPLACED)}: the previous run, which this one (--overwrite) has replaced")

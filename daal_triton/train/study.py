@@ -942,7 +942,7 @@ def _study(args: argparse.Namespace, study: Dict[str, Any], command: str) -> int
     else:
         print(f"[daal-study] no finished run to report: nothing written in {report}", flush=True)
     if failed:
-        print(f"daal-study: {len(failed)} cell(s) failed; run the same command again to retry them", file=sys.stderr)
+        print(f"daal-study: {plural(len(failed), 'cell')} failed; run the same command again to retry them", file=sys.stderr)
         return 1
     return 0
 

@@ -265,6 +265,11 @@ def test_folder_refuses_files_that_cannot_be_images_and_says_what_it_leaves_out(
     with pytest.raises(DatasetLayoutError, match=r"1 file under .*test' cannot be read as images: .*2.png \(empty\)"):
         build_datasets("folder", root, 16)
     os.remove(empty)
+    gone = os.path.join(root, "test", "gone")  # a class folder that is a link to nothing
+    os.symlink(str(tmp_path / "nowhere"), gone)
+    with pytest.raises(DatasetLayoutError, match=r"test/gone \(a link to nothing\): replace or remove them"):
+        build_datasets("folder", root, 16)
+    os.remove(gone)
     dead = os.path.join(root, "train", "ant", "gone.jpg")
     os.symlink(str(tmp_path / "nowhere.jpg"), dead)
     with pytest.raises(DatasetLayoutError, match=r"gone.jpg \(a link to nothing\): replace or remove them"):
@@ -276,7 +281,7 @@ def test_folder_refuses_files_that_cannot_be_images_and_says_what_it_leaves_out(
 
 
 @pytest.mark.parametrize("test_images,words", [
-    ({"dog": 1, "eel": 2}, ["1 of the 2 test classes have a single image"]),
+    ({"dog": 1, "eel": 2}, ["1 of the 2 test classes has a single image"]),
     ({"dog": 2}, ["the test split has one class"]),
     ({"dog": 1, "eel": 1}, ["every test class has a single image", "NaN (and no checkpoint_best.pt"]),
     ({"dog": 2, "eel": 2}, []),
@@ -297,7 +302,7 @@ def test_a_test_split_that_cannot_measure_retrieval_is_said_so(test_images, word
                      "-K", "2", "--steps-per-epoch", "1", "--epochs", "1", "--embedding-dim", "8", "--no-progress",
                      "--no-tsne", "--no-baselines", "--out", out]) == 0
     log = capsys.readouterr().out
-    assert "1 of the 2 training classes have fewer than --samples-per-class (K) = 2 images" in log
+    assert "1 of the 2 training classes has fewer than --samples-per-class (K) = 2 images" in log
     for w in words:
         assert w in log, log
     said = [ln for ln in log.splitlines() if "test split" in ln or "test class" in ln]

@@ -190,32 +190,65 @@ def _fail_in_epoch(monkeypatch, epoch, exc):
     monkeypatch.setattr(R, "train_one_epoch", train)
 
 
+def _files(folder):
+    return {n: open(os.path.join(folder, n), "rb").read() for n in os.listdir(folder)
+            if os.path.isfile(os.path.join(folder, n))}
+
+
 @pytest.mark.parametrize("stop", ["damaged-image", "ctrl-c"])
-def test_overwrite_puts_the_previous_run_back_when_the_new_one_stops_in_its_first_epoch(
-        stop, run_dir, tmp_path, monkeypatch, capsys):
-    """--overwrite moves the previous run aside and removes it once the new run's first epoch is
-    done: a run that stops before (a damaged image is found only when read) leaves the previous
-    run's files as they were (they were deleted before its first step); one that stops later has
-    replaced them."""
+def test_overwrite_keeps_the_previous_run_until_the_new_one_has_finished(stop, run_dir, tmp_path, monkeypatch,
+                                                                       capsys):
+    """--overwrite sets the previous run aside (``.daal-replaced``) and removes it only when the
+    new run finishes: a run that stops in its first epoch (a damaged image is found only when read)
+    puts it back as it was; one that stops later keeps both, and its resume to the end removes it."""
     from daal_triton.train.data import DatasetLayoutError
 
     out = str(tmp_path / "again")
     shutil.copytree(run_dir, out)
     open(os.path.join(out, "notes.txt"), "w").write("mine")
-    before = {n: open(os.path.join(out, n), "rb").read() for n in os.listdir(out)}
+    before = _files(out)
     exc = KeyboardInterrupt if stop == "ctrl-c" else DatasetLayoutError("cannot read the image x.jpg")
+    rc = 130 if stop == "ctrl-c" else 2
+    flags = TINY + ["--out", out, "--overwrite", "--epochs", "2"]
     _fail_in_epoch(monkeypatch, 1, exc)
-    assert _main_interrupted(TINY + ["--out", out, "--overwrite", "--epochs", "2"]) == (130 if stop == "ctrl-c" else 2)
-    assert {n: open(os.path.join(out, n), "rb").read() for n in os.listdir(out)} == before
+    assert _main_interrupted(flags) == rc
+    assert _files(out) == before and sorted(os.listdir(out)) == sorted(before)
     assert "the previous run's files are back in" in capsys.readouterr().out
     monkeypatch.undo()
     _fail_in_epoch(monkeypatch, 2, exc)
-    assert _main_interrupted(TINY + ["--out", out, "--overwrite", "--epochs", "2"]) == (130 if stop == "ctrl-c" else 2)
-    files = set(os.listdir(out))
-    assert ".daal-replaced" not in files and "notes.txt" in files
-    assert open(os.path.join(out, "checkpoint_last.pt"), "rb").read() != before["checkpoint_last.pt"]
+    assert _main_interrupted(flags) == rc
+    aside = os.path.join(out, ".daal-replaced")
+    assert _files(aside) == {n: b for n, b in before.items() if n != "notes.txt"}  # kept whole
+    assert "notes.txt" in os.listdir(out) and os.path.isfile(os.path.join(out, "checkpoint_last.pt"))
+    assert "stay in" in capsys.readouterr().out
+    monkeypatch.undo()
+    assert cli.main(["--resume", os.path.join(out, "checkpoint_last.pt"), "--no-progress"]) == 0
+    assert not os.path.exists(aside) and "removed" in capsys.readouterr().out
     assert [json.loads(line)["epoch"] for line in open(os.path.join(out, "metrics.jsonl"))
-            if json.loads(line)["model"] == "trained"] == [1]
+            if json.loads(line)["model"] == "trained"] == [1, 2]
+
+
+def test_a_run_set_aside_by_a_killed_overwrite_is_never_lost(run_dir, tmp_path, monkeypatch, capsys, error_line):
+    """An --overwrite run killed (SIGKILL: nothing can be put back) leaves the run it was replacing
+    in .daal-replaced: a new run there is refused with what to do, and --overwrite puts it back
+    before replacing it when the killed run had not finished an epoch."""
+    out = str(tmp_path / "killed")
+    shutil.copytree(run_dir, os.path.join(out, ".daal-replaced"))
+    before = _files(os.path.join(out, ".daal-replaced"))
+    open(os.path.join(out, "config.json"), "w").write("{}")  # the killed run's, written in its first epoch
+    open(os.path.join(out, "metrics.jsonl"), "w").write(json.dumps({"model": "untrained", "epoch": 0}) + "\n")
+    assert cli.main(TINY + ["--out", out]) == 2
+    assert ".daal-replaced/, the run that an --overwrite run stopped hard" in error_line("daal-train")
+    _fail_in_epoch(monkeypatch, 1, KeyboardInterrupt)
+    assert _main_interrupted(TINY + ["--out", out, "--overwrite"]) == 130
+    assert _files(out) == before and sorted(os.listdir(out)) == sorted(before)  # back, as it was
+    assert "put back the run in" in capsys.readouterr().out
+    # a killed run that had trained an epoch is what --overwrite replaces: the older run goes
+    shutil.copytree(out, os.path.join(out, ".daal-replaced"))
+    monkeypatch.undo()
+    assert cli.main(TINY + ["--out", out, "--overwrite"]) == 0
+    assert not os.path.exists(os.path.join(out, ".daal-replaced"))
+    assert "--overwrite: removed" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("save, expected", [("best", {"checkpoint_best.pt"}), ("last", {"checkpoint_last.pt"})])

@@ -369,6 +369,8 @@ def test_study_flags_out_of_range_and_reserved_cell_flags_are_one_line(tmp_path,
               "configuration 'A': daal-train would refuse it: --loss-backend triton needs a CUDA device"),
              (["--config", "A=--weights nowhere.pth"], "configuration 'A': daal-train would refuse it: --weights"),
              (["--config", "A=--data-root x"], "configuration 'A': daal-train would refuse it: --data-root"),
+             (["--config", "A=--dataset folder"],
+              "configuration 'A': daal-train would refuse it: --dataset folder needs --data-root"),
              (["--summarize"], "--summarize alone reads the study of")]  # no study.json in --out
     for argv, words in cases:
         seeds = [] if "--file" in argv or "--seeds" in argv else ["--seeds", "0"]
@@ -472,6 +474,7 @@ def test_counts_of_one_are_singular(tmp_path, capsys):
     from daal_triton.train.log import plural
 
     assert [plural(n, "thread") for n in (0, 1, 2)] == ["0 threads", "1 thread", "2 threads"]
+    assert [plural(n, "held-out class") for n in (1, 3)] == ["1 held-out class", "3 held-out classes"]
     assert S.main(["--config", "A=", "--seeds", "0", "--out", str(tmp_path / "o"), "--dry-run", "--no-progress"]) == 0
     assert "1 cell (1 configuration x 1 seed): 0 finished, 1 to run" in capsys.readouterr().out
     assert S.main(["--config", "A=", "--config", "B=", "--seeds", "0", "1", "--out", str(tmp_path / "o"),

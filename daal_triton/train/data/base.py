@@ -72,7 +72,7 @@ class SeededDraws(Dataset):
     def __getitem__(self, item):
         index, seed = item
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+            torch.default_generator.manual_seed(seed)  # the CPU one only (torch.manual_seed reseeds CUDA's too)
             return self.dataset[index]
 
 

@@ -52,6 +52,10 @@ def _scan(split_dir: str, image_size: int, train: bool) -> ImageFileDataset:
     dataset's ``notes``."""
     classes = sorted(d for d in os.listdir(split_dir) if os.path.isdir(os.path.join(split_dir, d)) and not _hidden(d))
     paths, labels, bad, other = [], [], [], {}
+    for d in sorted(os.listdir(split_dir)):  # a class folder that is a link to nothing: refused, not skipped
+        link = os.path.join(split_dir, d)
+        if not _hidden(d) and os.path.islink(link) and not os.path.exists(link):
+            bad.append(f"{link} (a link to nothing)")
     for i, c in enumerate(classes):
         for dirpath, files in _walk(os.path.join(split_dir, c)):
             for f in files:
