@@ -188,8 +188,9 @@ def _add_output_flags(p: argparse.ArgumentParser) -> None:
                    help="output directory; one run per folder: a folder that holds files is refused unless "
                         "--resume continues the run there or --overwrite replaces it")
     p.add_argument("--overwrite", action="store_true",
-                   help="replace the run in a non-empty --out (removes its checkpoints, metrics and plots; "
-                        "other files stay)")
+                   help="replace the run in a non-empty --out: its checkpoints, metrics and plots are set aside "
+                        "in --out/.daal-replaced, put back if the new run stops in its first epoch, removed when it "
+                        "finishes; other files stay")
     p.add_argument("--save", default=_D.save, choices=CHOICES["save"],
                    help="checkpoints to write: checkpoint_last.pt (every epoch; what --resume needs: with "
                         "the optimiser, about 3x the network), checkpoint_best.pt (the network and loss at "
