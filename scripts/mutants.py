@@ -582,6 +582,9 @@ MUTANTS: Tuple[Mutant, ...] = (
            "            _put_back(state, aside)\n            state.log(f\"--overwrite: put back",
            "            shutil.rmtree(aside)\n            state.log(f\"--overwrite: put back",
            ("tests/train/test_train_safety.py", "-k", "killed")),
+    Mutant("put_back_interruptible", "daal_triton/train/run.py",
+           "    with _deferred_interrupt():  # a second Ctrl-C", "    with contextlib.nullcontext():  # a second Ctrl-C",
+           ("tests/train/test_train_safety.py", "-k", "second_ctrl_c")),
 )
 
 

@@ -14,11 +14,13 @@ Rank 0 alone evaluates and writes; the other ranks wait at barriers.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import re
 import shutil
+import signal
 import time
 from dataclasses import dataclass, field
 from typing import IO, Any, Dict, List, Optional
@@ -538,10 +540,11 @@ def _prepare_out(state: RunState) -> None:
                       f"epoch had set aside")
     held = [name for name in OUTPUTS if os.path.isfile(state.path(name))]
     if held:
-        os.makedirs(aside)
-        for name in held:
-            os.replace(state.path(name), os.path.join(aside, name))
-        state.replaced = aside
+        with _deferred_interrupt():  # never half a run aside
+            os.makedirs(aside)
+            for name in held:
+                os.replace(state.path(name), os.path.join(aside, name))
+            state.replaced = aside
         state.log(f"--overwrite: the previous run's {plural(len(held), 'file')} moved to {aside}: put back if this "
                   f"run stops in its first epoch, removed once it finishes")
 
@@ -561,14 +564,34 @@ def _put_back(state: RunState, aside: str) -> None:
     if state.metrics_file is not None:
         state.metrics_file.close()
         state.metrics_file = None
-    for name in OUTPUTS:
-        if os.path.isfile(state.path(name)):
-            os.remove(state.path(name))
-    for name in os.listdir(aside):
-        os.replace(os.path.join(aside, name), state.path(name))
-    os.rmdir(aside)
+    with _deferred_interrupt():  # a second Ctrl-C (the first one may have brought us here) waits for the end
+        for name in OUTPUTS:
+            if os.path.isfile(state.path(name)):
+                os.remove(state.path(name))
+        for name in os.listdir(aside):
+            os.replace(os.path.join(aside, name), state.path(name))
+        os.rmdir(aside)
     if state.replaced == aside:
         state.replaced = None
+
+
+@contextlib.contextmanager
+def _deferred_interrupt():
+    """Ctrl-C (SIGINT) inside the block is held until its end, then raised as KeyboardInterrupt:
+    moving a run's files is never stopped halfway. Outside the main thread (no signal handlers
+    there) the block runs as it is."""
+    got = []
+    try:
+        previous = signal.signal(signal.SIGINT, lambda *_: got.append(True))
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if got:
+        raise KeyboardInterrupt
 
 
 def _lock_out(out: str) -> Optional[int]:

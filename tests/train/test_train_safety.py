@@ -228,6 +228,31 @@ def test_overwrite_keeps_the_previous_run_until_the_new_one_has_finished(stop, r
             if json.loads(line)["model"] == "trained"] == [1, 2]
 
 
+def test_a_second_ctrl_c_while_the_previous_run_is_put_back_waits_for_it(run_dir, tmp_path, monkeypatch, capsys):
+    """Ctrl-C arriving while the previous run's files are moved back (after a first stop) does not
+    leave half of them aside: it is held until they are all back, then ends the run (130)."""
+    import signal
+
+    from daal_triton.train.data import DatasetLayoutError
+
+    out = str(tmp_path / "twice")
+    shutil.copytree(run_dir, out)
+    before = _files(out)
+    _fail_in_epoch(monkeypatch, 1, DatasetLayoutError("cannot read the image x.jpg"))
+    real, sent = os.replace, []
+
+    def replace(src, dst):
+        if ".daal-replaced" in str(src) and not sent:  # the first file moved back: Ctrl-C
+            sent.append(True)
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    assert _main_interrupted(TINY + ["--out", out, "--overwrite"]) == 130
+    assert sent and _files(out) == before and sorted(os.listdir(out)) == sorted(before)
+    assert "interrupted (Ctrl-C)" in capsys.readouterr().err
+
+
 def test_a_run_set_aside_by_a_killed_overwrite_is_never_lost(run_dir, tmp_path, monkeypatch, capsys, error_line):
     """An --overwrite run killed (SIGKILL: nothing can be put back) leaves the run it was replacing
     in .daal-replaced: a new run there is refused with what to do, and --overwrite puts it back
