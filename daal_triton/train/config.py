@@ -275,8 +275,8 @@ def check_backend(flag: str, backend: str, device: torch.device) -> None:
                           f"(use auto or reference)")
 
 
-#: Where --overwrite keeps the run it replaces until the new one has finished (its first epoch
-#: done, or it is put back).
+#: Where --overwrite keeps the run it replaces until the new one has finished (or stopped in its
+#: first epoch: then it is put back).
 REPLACED = ".daal-replaced"
 
 

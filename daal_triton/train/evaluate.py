@@ -217,8 +217,8 @@ def test_split_notes(dataset) -> List[str]:
                      "so the retrieval metrics are NaN (and no checkpoint_best.pt is written)")
     elif lone:
         notes.append(f"{lone} of the {len(counts)} test classes {'has' if lone == 1 else 'have'} a single image: "
-                     f"their queries have nothing to "
-                     f"retrieve and count in no retrieval metric (Recall@K, MAP@R, R-precision)")
+                     f"their queries have nothing to retrieve and count in no retrieval metric (Recall@K, MAP@R, "
+                     f"R-precision)")
     return notes
 
 

@@ -101,7 +101,7 @@ class RunState:
     emb: Optional[torch.Tensor] = None  # the test embeddings of that evaluation
     metrics_file: Optional[IO[str]] = None
     out_lock: Optional[int] = None  # the descriptor holding --out's lock (rank 0)
-    replaced: Optional[str] = None  # --overwrite: the folder holding the previous run until epoch 1 is done
+    replaced: Optional[str] = None  # --overwrite: the folder holding the previous run until this one finishes
     resumes: List[Record] = field(default_factory=list)  # config.json's "resumes": one entry per --resume
     rank_rng: Optional[List[Any]] = None  # under torchrun: every rank's generators at the last epoch's end
 
@@ -284,8 +284,8 @@ def build_run(cfg: TrainConfig, ctx: ddp.DistContext, device: torch.device, log:
         few = int((np.bincount(train_ds.labels)[np.unique(train_ds.labels)] < cfg.samples_per_class).sum())
         if few:
             log(f"{few} of the {train_ds.num_classes} training classes {'has' if few == 1 else 'have'} fewer than "
-                f"--samples-per-class (K) = "
-                f"{cfg.samples_per_class} images: their K slots repeat images (drawn with replacement)")
+                f"--samples-per-class (K) = {cfg.samples_per_class} images: their K slots repeat images (drawn "
+                f"with replacement)")
         log(f"{cfg.dataset}: {plural(len(train_ds), 'training image')} of {plural(train_ds.num_classes, 'class')}, "
             f"{plural(len(test_ds), 'test image')} of {plural(test_ds.num_classes, 'held-out class')}; device {device}")
     if ctx.distributed:
@@ -530,7 +530,7 @@ def _prepare_out(state: RunState) -> None:
         return
     aside = state.path(REPLACED)
     if os.path.isdir(aside):  # an --overwrite run stopped hard (killed) left the run it was replacing there
-        if _trained_epochs(state.path("metrics.jsonl")):
+        if _has_trained(state.path("metrics.jsonl")):
             shutil.rmtree(aside)  # that run had trained: it is what this one replaces, and it had replaced these
             state.log(f"--overwrite: removed {aside}, the run that the run in {state.cfg.out} (stopped in epoch 2 "
                       f"or later, now replaced in turn) had replaced")
@@ -549,14 +549,14 @@ def _prepare_out(state: RunState) -> None:
                   f"run stops in its first epoch, removed once it finishes")
 
 
-def _trained_epochs(metrics_path: str) -> List[int]:
-    """The epochs with a record of the trained network in a metrics.jsonl (none if unreadable)."""
+def _has_trained(metrics_path: str) -> bool:
+    """Whether a metrics.jsonl records a trained epoch (False if it is missing or unreadable)."""
     try:
         with open(metrics_path, encoding="utf-8") as f:
             recs = [json.loads(line) for line in f if line.strip()]
     except (OSError, ValueError):
-        return []
-    return [r.get("epoch") for r in recs if isinstance(r, dict) and r.get("model") == "trained"]
+        return False
+    return any(isinstance(r, dict) and r.get("model") == "trained" for r in recs)
 
 
 def _put_back(state: RunState, aside: str) -> None:

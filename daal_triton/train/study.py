@@ -34,11 +34,8 @@ import threading
 import time
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
+from .config import SEED_LIMIT  # daal-train's bound on --seed
 from .log import plural
-
-#: daal-train's bound on --seed (``config.SEED_LIMIT``; not imported: config imports torch, which
-#: daal-study itself never needs)
-SEED_LIMIT = 2 ** 32
 
 EXAMPLE = """\
 A study is a JSON file (configurations: daal-train arguments; "common": given to every cell):
@@ -903,7 +900,8 @@ def _study(args: argparse.Namespace, study: Dict[str, Any], command: str) -> int
     print(f"[daal-study] {plural(len(cells), 'cell')} ({plural(len(study['configs']), 'configuration')} x "
           f"{plural(len(study['seeds']), 'seed')}): "
           f"{len(cells) - len(todo)} finished, {len(todo)} to run"
-          + ("" if args.summarize or args.dry_run or not todo else f", {args.jobs} at a time x {plural(threads, 'thread')}"),
+          + ("" if args.summarize or args.dry_run or not todo
+             else f", {args.jobs} at a time x {plural(threads, 'thread')}"),
           flush=True)
     if args.dry_run:
         pending = {(c["config"], c["seed"]) for c in todo}
@@ -942,7 +940,8 @@ def _study(args: argparse.Namespace, study: Dict[str, Any], command: str) -> int
     else:
         print(f"[daal-study] no finished run to report: nothing written in {report}", flush=True)
     if failed:
-        print(f"daal-study: {plural(len(failed), 'cell')} failed; run the same command again to retry them", file=sys.stderr)
+        print(f"daal-study: {plural(len(failed), 'cell')} failed; run the same command again to retry them",
+              file=sys.stderr)
         return 1
     return 0
 

@@ -463,12 +463,6 @@ def test_a_half_finished_cell_resumes_only_under_its_arguments(tmp_path):
         S.run_cell(cell, str(tmp_path), 1, python="/nonexistent")
 
 
-def test_the_study_bounds_seeds_as_daal_train_does():
-    from daal_triton.train import config, study
-
-    assert study.SEED_LIMIT == config.SEED_LIMIT == 2 ** 32
-
-
 def test_counts_of_one_are_singular(tmp_path, capsys):
     """"1 cell (1 configuration x 1 seed)", not "1 cells (1 configurations x 1 seeds)"."""
     from daal_triton.train.log import plural
