@@ -31,9 +31,9 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "daal-train=daal_triton.train.cli:main",
-            "daal-eval=daal_triton.train.cli:eval_main",
-            "daal-study=daal_triton.train.study:main",
+            "daal-train=daal_triton.train.console:train",
+            "daal-eval=daal_triton.train.console:evaluate",
+            "daal-study=daal_triton.train.console:study",
         ]
     },
 )

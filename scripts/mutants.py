@@ -585,6 +585,9 @@ MUTANTS: Tuple[Mutant, ...] = (
     Mutant("put_back_interruptible", "daal_triton/train/run.py",
            "    with _deferred_interrupt():  # a second Ctrl-C", "    with contextlib.nullcontext():  # a second Ctrl-C",
            ("tests/train/test_train_safety.py", "-k", "second_ctrl_c")),
+    Mutant("console_teardown_interruptible", "daal_triton/train/console.py",
+           "    signal.signal(signal.SIGINT, signal.SIG_IGN)\n", "\n",
+           ("tests/train/test_train_console.py", "-k", "teardown")),
 )
 
 

@@ -1,6 +1,6 @@
 """``python -m daal_triton.train`` = ``daal-train``."""
 import sys
 
-from .cli import main
+from .console import train
 
-sys.exit(main())
+sys.exit(train())
