@@ -688,7 +688,7 @@ the loss's host time besides the kernels on a CPU; `work_model.py` models the fl
 `knn_merge_model.py` counts the kNN forward's merge rounds and block-wide reductions per tile
 for both merges (a CPU replay of the selection, counts not times). Each run's report sets every
 internal switch kept until a GPU run decides (`cases.SWITCHES`: the kNN's merge, splits, loads and wide
-tiles, the line margin's own-class rows, the loss's glue, the merged launches) beside its alternative, case by case, with what
+tiles, the line margin's own-class rows, the loss's glue, the merged launches, the padding of odd widths) beside its alternative, case by case, with what
 the numbers say.
 
 Each case is (shape, precision, provider, pass):

@@ -21,7 +21,7 @@ replacement, which must match once), runs the mutant's test selection there with
 Python, and expects a failure; then it restores the file and the next one runs. Nothing in
 this checkout is modified.
 
-    .venv/bin/python scripts/mutants.py            # all (about 11 minutes on 2 cores)
+    .venv/bin/python scripts/mutants.py            # all (about 17 minutes on 2 cores)
     .venv/bin/python scripts/mutants.py -k knn     # the ones whose name contains "knn"
     .venv/bin/python scripts/mutants.py --list
 
