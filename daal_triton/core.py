@@ -91,7 +91,7 @@ class DAALParts:
     radius: torch.Tensor  # r_i (B), inf where invalid
     valid: torch.Tensor  # k_i >= 1 (B, bool)
     margin: torch.Tensor  # m_i (B), detached
-    neighbors: torch.Tensor  # B x k indices into the reference set, -1 padded
+    neighbors: torch.Tensor  # B x min(k, N) indices into the reference set's N rows, -1 padded
 
 
 class Operators(NamedTuple):
@@ -159,7 +159,8 @@ def compose(
         else:
             ref = ops.prepare(ref_embeddings, None, C, dtype=dtype, normalize=hp.normalize)[0]
             ref_labels = ref_labels.long()
-        dist, index = ops.knn(x, ref, hp.k, query_labels=labels, ref_labels=ref_labels,
+        # no row has more than N neighbours: a k beyond the reference set's N rows costs no B x k padding
+        dist, index = ops.knn(x, ref, min(hp.k, ref.shape[0]), query_labels=labels, ref_labels=ref_labels,
                               exclude_self=ref_includes_batch)
         r, valid, margin, hinge = ops.density(dist, index, labels, C, m0=hp.m0, m_min=hp.m_min,
                                               m_max=hp.m_max, gamma=hp.gamma, tau=hp.tau)
@@ -175,8 +176,11 @@ def compose(
             with torch.no_grad():  # the line/pull split is for reading only
                 own_sq = own_distance_sq(x, labels, seg)
                 l_pull = (own_sq if w is None else own_sq * w).mean()
-                line_mean = total - hp.lambda_dens * l_dens - hp.lambda_len * l_len  # mean(line + pull)
-                l_line = line_mean - hp.lambda_pull * l_pull
+                # per sample, not from the total (whose other terms' rounding came through, +-3e-7),
+                # and at least 0 (a softplus; the subtraction's rounding, <= 1e-7 of the pull term,
+                # is not): with one class and lambda_pull = 0 it is exactly 0
+                line = (per_line - hp.lambda_pull * own_sq).clamp_min(0).masked_fill(bad_label, float("nan"))
+                l_line = (line if w is None else line * w).mean()
         return DAALParts(
             loss=total if hp.reduction == "mean" else per_sample,
             line=l_line, pull=l_pull, density=l_dens, length=l_len, per_sample=per_sample,

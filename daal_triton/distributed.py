@@ -48,7 +48,8 @@ def gather_batch(embeddings: torch.Tensor, labels: torch.Tensor, *,
     passes as many rows as this one, of the same dtypes and shapes, and skips that step (the
     training program's sampler gives every rank the same share). Without a process group this is
     the identity. Embeddings and labels must be on one device, a CUDA one under NCCL
-    (``ValueError`` otherwise, before any collective).
+    (``ValueError`` otherwise, before any collective). Labels of any integer dtype arrive bit for bit
+    (those gloo has no type for, int16 and uint16/32/64, travel as bytes).
     """
     if not is_distributed() or world_size() == 1:
         return embeddings, labels
@@ -75,8 +76,12 @@ def gather_batch(embeddings: torch.Tensor, labels: torch.Tensor, *,
     with warnings.catch_warnings():  # deprecated in favour of a private API; still correct and differentiable
         warnings.simplefilter("ignore", FutureWarning)
         embs = all_gather(embeddings)
-    labs = [torch.empty_like(labels) for _ in sizes]
-    dist.all_gather(labs, labels.contiguous())
+    wire = labels.contiguous()
+    if labels.dtype in _AS_BYTES:
+        wire = wire.view(torch.uint8)  # the last dimension's entries as itemsize bytes each
+    labs = [torch.empty_like(wire) for _ in sizes]
+    dist.all_gather(labs, wire)
+    labs = [y.view(labels.dtype) for y in labs]
     if most == min(sizes):
         return torch.cat(embs, 0), torch.cat(labs, 0)
     return (torch.cat([e[:k] for e, k in zip(embs, sizes)], 0),
@@ -85,7 +90,11 @@ def gather_batch(embeddings: torch.Tensor, labels: torch.Tensor, *,
 
 # dtypes by a stable code, for comparing ranks' tensors in one integer gather
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32,
-           torch.int16, torch.int8, torch.uint8, torch.bool)
+           torch.int16, torch.int8, torch.uint8, torch.bool, torch.uint16, torch.uint32, torch.uint64)
+
+# gloo gathers no 16-bit integers nor unsigned 32/64-bit ones ("Invalid scalar type"): labels of
+# those dtypes (which the loss takes) travel as their bytes
+_AS_BYTES = (torch.int16, torch.uint16, torch.uint32, torch.uint64)
 
 
 _WIDTH = 5  # integers describing a tensor: dtype code, number of dimensions, 3 trailing sizes

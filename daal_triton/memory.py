@@ -33,6 +33,11 @@ class MemoryBank:
         if dtype not in FLOAT_DTYPES:
             raise ValueError(f"dtype must be torch.float16, bfloat16, float32 or float64 (the bank's storage "
                              f"precision), got {dtype!r}")
+        try:
+            device = torch.device(device)
+        except (RuntimeError, TypeError):
+            raise ValueError(f"device must be a torch.device or a device string such as 'cuda:0', got {device!r}") \
+                from None
         self.size, self.dim = size, dim
         self.embeddings = torch.zeros(size, dim, device=device, dtype=dtype)
         self.labels = torch.full((size,), -1, device=device, dtype=torch.long)

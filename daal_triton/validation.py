@@ -93,7 +93,11 @@ def check_labels(labels, name: str, size: int, num_classes: Optional[int], *, va
 
 
 def check_same_device(**tensors: Optional[torch.Tensor]) -> None:
+    """The given tensors (None: absent) are tensors on one device."""
     present = {k: v for k, v in tensors.items() if v is not None}
+    for name, t in present.items():  # a NumPy array's .device is the string "cpu": not a device mismatch
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     devices = {k: v.device for k, v in present.items()}
     if len(set(devices.values())) > 1:
         desc = ", ".join(f"{k} on {d}" for k, d in devices.items())

@@ -928,7 +928,7 @@ def _finish_fused(out_s: torch.Tensor, out_i: torch.Tensor, q: torch.Tensor, r: 
 
 
 def _select_chunked(q, r, k, ql, rl, exclude_self):
-    """Plain-PyTorch selection over row chunks (k > MAX_K): (squared distance, index)."""
+    """Plain-PyTorch selection over row chunks (MAX_K < k <= N): (squared distance, index)."""
     M, N = q.shape[0], r.shape[0]
     rn = (r * r).sum(1)
     step = max(1, CHUNK_ELEMS // max(N, 1))
@@ -948,12 +948,7 @@ def _select_chunked(q, r, k, ql, rl, exclude_self):
         idx = idx.masked_fill(torch.isinf(s), -1)
         out_s.append(s)
         out_i.append(idx)
-    s = torch.cat(out_s) if out_s else q.new_empty(0, min(k, N))
-    i = torch.cat(out_i) if out_i else torch.empty(0, min(k, N), dtype=torch.int64, device=q.device)
-    if s.shape[1] < k:
-        s = torch.cat([s, s.new_full((M, k - s.shape[1]), float("inf"))], 1)
-        i = torch.cat([i, i.new_full((M, k - i.shape[1]), -1)], 1)
-    return s, i
+    return torch.cat(out_s), torch.cat(out_i).contiguous()
 
 
 # --------------------------------------------------------------------------- exact distances
@@ -1035,6 +1030,10 @@ def _knn_forward(query, ref, k, query_labels, ref_labels, exclude_self, splits):
         dist = torch.full((M, k), float("inf"), dtype=torch.float32, device=query.device)
         index = torch.full((M, k), -1, dtype=torch.int64, device=query.device)
         return dist, index
+    if k > N:  # at most N neighbours: select N, pad the rest (a bank of 6 rows at k = 20,000: 6 columns of work)
+        dist, index = _knn_forward(query, ref, N, query_labels, ref_labels, exclude_self, splits)
+        return (torch.cat([dist, dist.new_full((M, k - N), float("inf"))], 1),
+                torch.cat([index, index.new_full((M, k - N), -1)], 1))
     pad = align_rows()
     q = prepare(query, dtype, align=pad)
     r = q if ref is query else prepare(ref, dtype, align=pad)
@@ -1054,14 +1053,9 @@ def _knn_forward(query, ref, k, query_labels, ref_labels, exclude_self, splits):
             splits = S
         out_s, out_i = _candidates(q, r, k, ql, rl, exclude_self, splits, entry=entry)
         return _finish_fused(out_s, out_i, q, r, k)
-    # k > MAX_K: PyTorch selects, then the exact recompute and re-sort of the (at most N) found
-    # columns; the padding beyond N costs nothing (a bank of 6 rows at k = 20,000: 6 columns of work)
+    # k > MAX_K (and k <= N): PyTorch selects, then the exact recompute and re-sort
     _, index = _select_chunked(q.float(), r.float(), k, ql, rl, exclude_self)
-    found = min(k, N)
-    dist, index = _exact(index[:, :found].contiguous(), q, r)
-    if found < k:
-        dist = torch.cat([dist, dist.new_full((M, k - found), float("inf"))], 1)
-        index = torch.cat([index, index.new_full((M, k - found), -1)], 1)
+    dist, index = _exact(index, q, r)
     return dist.contiguous(), index.contiguous()
 
 

@@ -4,6 +4,7 @@ and "Bad input").
 Forward (``_prepare_fwd_kernel``), one program per BLOCK_B rows::
 
     n_i = sqrt(max(|z_i|^2, eps^2)),   x_i = z_i / n_i             (NORMALIZE; else x_i = z_i)
+    (a finite row whose |z_i|^2 overflows float32: n_i = |2^-96 z_i| 2^96, from a second sum)
     bad_i = y_i < 0 or y_i >= C,       y_i <- clamp(y_i, 0, C - 1)  (HAS_LABELS)
 
 in float32 (``x`` is float32 whatever ``z``'s dtype: the loss computes in float32). ``n`` is saved
@@ -38,6 +39,10 @@ from ._common import (
 )
 
 
+#: The second sum of squares' scale (``reference.daal.NORM_SCALE``, which the tests compare).
+NORM_SCALE = tl.constexpr(2.0 ** -96)
+
+
 @triton.jit
 def _prepare_fwd_kernel(z_ptr, x_ptr, n_ptr, label_ptr, label_out_ptr, bad_ptr, B, D, C, stride_z_b,
                         BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, NORMALIZE: tl.constexpr,
@@ -63,11 +68,16 @@ def _prepare_fwd_kernel(z_ptr, x_ptr, n_ptr, label_ptr, label_out_ptr, bad_ptr, 
     n = tl.full([BLOCK_B], 1.0, dtype=tl.float32)
     if NORMALIZE:
         ss = tl.zeros([BLOCK_B], dtype=tl.float32)
+        scaled = tl.zeros([BLOCK_B], dtype=tl.float32)  # of 2^-96 z: finite for every finite row
         for d0 in range(0, D, BLOCK_D):
             dd = d0 + tl.arange(0, BLOCK_D)
             z = tl.load(zrow + dd[None, :], mask=rmask[:, None] & (dd[None, :] < D), other=0.0).to(tl.float32)
             ss += tl.sum(z * z, 1)
+            zs = z * NORM_SCALE
+            scaled += tl.sum(zs * zs, 1)
         n = tl.sqrt(tl.maximum(ss, TL_EPS * TL_EPS, propagate_nan=tl.PropagateNan.ALL))  # a NaN/inf row becomes NaN
+        big = (ss == float("inf")) & (scaled < float("inf"))  # finite, |z|^2 beyond float32
+        n = tl.where(big, tl.sqrt(scaled) * (1.0 / NORM_SCALE), n)
         tl.store(n_ptr + rows, tl.where(ss < TL_EPS * TL_EPS, -n, n), mask=rmask)
     for d0 in range(0, D, BLOCK_D):
         dd = d0 + tl.arange(0, BLOCK_D)

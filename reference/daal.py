@@ -20,12 +20,23 @@ LineMarginFn = Callable[..., torch.Tensor]
 
 
 # ---------------------------------------------------------------- step 1
+#: The scale of the second sum of squares that :func:`normalize_rows` keeps for finite rows whose
+#: ``||z||^2`` overflows (``||z|| > 1.8e19`` in float32): ``(2^-96 z)^2`` cannot overflow.
+NORM_SCALE = 2.0 ** -96
+
+
 def normalize_rows(z: torch.Tensor) -> torch.Tensor:
     """``x_i = z_i / max(||z_i||, eps)``, written as ``sqrt(max(||z||^2, eps^2))`` so the
     gradient at a zero row is finite rather than NaN: there ``x = z / eps`` and the Jacobian is
-    ``I / eps`` (docs/method.md, "Gradients")."""
-    norm = torch.sqrt(torch.clamp((z * z).sum(1, keepdim=True), min=EPS * EPS))
-    return z / norm
+    ``I / eps`` (docs/method.md, "Gradients"). A finite row whose ``||z||^2`` overflows takes its
+    norm from ``||2^-96 z|| 2^96`` (it used to read as infinite: the row became 0)."""
+    ss = (z * z).sum(1, keepdim=True)
+    scaled = (z * NORM_SCALE).square().sum(1, keepdim=True)
+    big = torch.isinf(ss) & torch.isfinite(scaled)
+    # the branch not taken must not send a NaN gradient: sqrt'(0) is inf (a normal row's scaled
+    # sum underflows to 0), so it takes the square root of 1 there
+    big_norm = torch.where(big, scaled, torch.ones_like(scaled)).sqrt() / NORM_SCALE
+    return z / torch.where(big, big_norm, torch.sqrt(torch.clamp(ss, min=EPS * EPS)))
 
 
 def prepare(

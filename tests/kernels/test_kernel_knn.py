@@ -355,16 +355,18 @@ def test_knn_large_k_ties_smaller_index():
     assert (dist[:3, 0] == torch.tensor(1e-12).sqrt()).all(), dist[:3, 0]
 
 
-def test_knn_large_k_over_few_rows_recomputes_only_the_found(monkeypatch):
-    """k > MAX_K over a reference set of fewer rows (a young memory bank): the exact recompute
-    runs over the N found columns, not the k - N padding ones (k = 20,000 took 44 s in the
-    interpreter), and the padding is inf / -1 as in the reference."""
+@pytest.mark.parametrize("k", [100, 2000], ids=["kernel", "chunked"])
+def test_knn_k_beyond_the_rows_selects_only_the_rows(monkeypatch, k):
+    """k > N (a young memory bank; a loss whose k exceeds its batch): the forward selects N, on
+    the kernels (k = 100 ran KP 128 for 6 rows) or the chunked path (k = 20,000 recomputed only the
+    found columns but took 44 s in the interpreter), and pads the rest with inf / -1 as the
+    reference does."""
     seen = []
-    exact = kk._exact
-    monkeypatch.setattr(kk, "_exact", lambda index, q, r: (seen.append(index.shape), exact(index, q, r))[1])
+    forward = kk._knn_forward
+    monkeypatch.setattr(kk, "_knn_forward", lambda q, r, k, *a: (seen.append(k), forward(q, r, k, *a))[1])
     q, r = torch.randn(4, 8, device=DEV), torch.randn(6, 8, device=DEV)
-    dist, index = _run(q, r, 2000, check_index="all")
-    assert seen == [(4, 6)]
+    dist, index = _run(q, r, k, check_index="all")
+    assert seen == [k, 6]
     assert (index[:, 6:] == -1).all() and torch.isinf(dist[:, 6:]).all() and (index[:, :6] >= 0).all()
 
 
@@ -886,7 +888,8 @@ def test_knn_launch_count(monkeypatch):
     """Issue 13: the loss's kNN (one tensor as query and ref) launches three Triton kernels and
     no aten work in its forward (one squared-norm launch, the selection, the fused finish), and
     the backward two operations in float32 (dRef's zero-fill and the kernel; dQ is not
-    zero-filled). k > MAX_K selects in PyTorch, then recomputes with ``_knn_dist_kernel``. At a
+    zero-filled). MAX_K < k <= N selects in PyTorch, then recomputes with ``_knn_dist_kernel``; k > N
+    selects N and pads. At a
     width that is no multiple of 16 the forward adds the padded copy's two operations (once:
     query and ref are one tensor here; a separate ref adds two more)."""
     x = torch.randn(37, 32, device=DEV)
@@ -896,8 +899,12 @@ def test_knn_launch_count(monkeypatch):
     odd = torch.randn(37, 20, device=DEV)  # padded to 32 columns, once for query and ref
     ops, kernels = _count_launches(monkeypatch, lambda: kk._knn_forward(odd, odd, 3, y, y, True, 2))
     assert ops == ["aten.zero_", "aten.copy_"] and kernels == ["_sqnorm_kernel", "_knn_fwd_kernel", "_knn_finish_kernel"]
-    _, kernels_c = _count_launches(monkeypatch, lambda: kk._knn_forward(x, x, kk.MAX_K + 1, y, y, True, None))
+    big, yb = torch.randn(kk.MAX_K + 9, 32, device=DEV), _labels(kk.MAX_K + 9, 3)
+    _, kernels_c = _count_launches(monkeypatch, lambda: kk._knn_forward(big, big, kk.MAX_K + 1, yb, yb, True, None))
     assert kernels_c == ["_knn_dist_kernel"]
+    # k > N = 37: the kernels select the 37; the padding is filled and concatenated
+    ops, kernels = _count_launches(monkeypatch, lambda: kk._knn_forward(x, x, kk.MAX_K + 1, y, y, True, 2))
+    assert ops == ["aten.new_full", "aten.cat"] * 2 and kernels == ["_sqnorm_kernel", "_knn_fwd_kernel", "_knn_finish_kernel"]
     dist, index = kk._knn_forward(x, x, 3, y, y, True, None)
     g = torch.randn_like(dist)
     ops, kernels = _count_launches(monkeypatch, lambda: kk._knn_backward(g, index, x, x, True))

@@ -92,6 +92,41 @@ def test_nan_and_inf_rows():
     assert_close(gz[ok], gzr[ok], 1e-5, "dz")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rows_whose_squared_norm_overflows(dtype):
+    """A finite row beyond |z| = 1.8e19 (float32 and bfloat16 hold it; a diverging network makes
+    it) has |z|^2 = inf in float32: it is normalised by its true norm, as float64 does, in the
+    kernel and the float32 reference alike (both read it as 0 before), with its gradient; a NaN/inf
+    row stays NaN; the other rows are unaffected."""
+    assert kn.NORM_SCALE.value == reference.daal.NORM_SCALE
+    B, D = 37, 129
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(B, D, generator=g)
+    z[3] *= 1e20
+    z[5] *= 3e36  # near float32's largest
+    z[9] = z[9] * 1e20
+    z[9, 4] = float("inf")
+    z = z.to(dtype)
+    gx = torch.randn(B, D, generator=g)
+    z1 = z.clone().requires_grad_()
+    x, _, _ = kn.prepare(z1, None, 3, dtype=torch.float32, normalize=True)
+    (gz,) = torch.autograd.grad(x, z1, gx)
+    z3 = z.float().requires_grad_()
+    x32 = reference.normalize_rows(z3)
+    (gz32,) = torch.autograd.grad(x32, z3, gx)
+    z2 = z.double().requires_grad_()
+    xr = reference.normalize_rows(z2)
+    (gzr,) = torch.autograd.grad(xr, z2, gx.double())
+    ok = torch.ones(B, dtype=torch.bool)
+    ok[9] = False
+    assert torch.isnan(x[9]).any() and torch.isnan(x32[9]).any()
+    for got, grad in ((x, gz), (x32, gz32)):
+        assert_close(got[ok], xr[ok], 1e-6, "x")
+        assert got[[3, 5]].norm(dim=1).sub(1).abs().max() < 1e-5
+        # dz = (dx - x (x . dx)) / |z|: about 1e-20 of dx, 1e-36 for row 5 (subnormal or 0 in bfloat16)
+        assert_close(grad[ok].double(), gzr[ok], 1e-5 if dtype == torch.float32 else 1e-2, "dz")
+
+
 @pytest.mark.parametrize("layout", ["row_view", "column_major"])
 def test_strided_embeddings_labels_and_gradients(layout):
     """Embeddings that are a view (rows of a wider tensor: row stride > D; or column-major), labels

@@ -180,3 +180,41 @@ def test_sample_weights_keep_the_loss_dtype():
     out = loss_with(z, y, seg, hp, sample_weights=w, backend="reference")
     assert out.dtype == torch.float32
     assert torch.equal(out, loss_with(z, y, seg, hp, sample_weights=w.float(), backend="reference"))
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_k_beyond_the_reference_rows_costs_no_padding(backend):
+    """No row has more than N neighbours (N: the reference set's rows): a larger k selects N and
+    allocates nothing B x k (at k = 2**31 - 1 the padding alone would be 13 x 2**31 int64)."""
+    g = torch.Generator().manual_seed(5)
+    B, C, D = 13, 3, 7
+    z, y, seg = torch.randn(B, D, generator=g), torch.arange(B) % C, torch.randn(C, 2, D, generator=g)
+    bank, bank_y = torch.randn(20, D, generator=g), torch.arange(20) % C
+    for ref in ({}, {"ref_embeddings": bank, "ref_labels": bank_y}):
+        n = B if not ref else 20
+        exact = daal_loss(z, y, seg, k=n, return_parts=True, backend=backend, **ref)
+        huge = daal_loss(z, y, seg, k=2**31 - 1, return_parts=True, backend=backend, **ref)
+        assert huge.neighbors.shape == (B, n)
+        assert torch.equal(huge.loss, exact.loss) and torch.equal(huge.radius, exact.radius)
+        assert torch.equal(huge.neighbors, exact.neighbors)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_parts_line_is_exact_where_it_is_known(backend):
+    """``line`` is the mean of the per-sample line terms, not the total less the other terms (whose
+    rounding came through: +-3e-7, negative in 36 of 200 seeds): with one class it is 0 (no other
+    segment: docs/method.md, step 6), exactly without a pull term, within the pull's rounding with
+    one, and never negative (a mean of softplus values)."""
+    for seed in range(12):
+        g = torch.Generator().manual_seed(seed)
+        z = torch.randn(1, 6, generator=g) + 0.2 * torch.randn(11, 6, generator=g)  # radii < tau
+        seg, y = torch.randn(1, 2, 6, generator=g), torch.zeros(11, dtype=torch.long)
+        parts = daal_loss(z, y, seg, return_parts=True, backend=backend)
+        assert parts.line.item() == 0.0 and parts.density.item() > 0
+        parts = daal_loss(z, y, seg, return_parts=True, backend=backend, lambda_pull=0.7)
+        assert 0.0 <= parts.line.item() <= 1e-6 * parts.pull.item()
+        z, seg = torch.randn(11, 6, generator=g), torch.randn(4, 2, 6, generator=g) * 5  # far segments
+        for lambda_pull in (0.0, 0.7):
+            parts = daal_loss(z, torch.arange(11) % 4, seg, return_parts=True, backend=backend,
+                              lambda_pull=lambda_pull)
+            assert parts.line.item() >= 0.0

@@ -166,6 +166,36 @@ def test_gather_rejects_ranks_that_disagree(tmp_path, case):
         assert msg.startswith(f"{case} differ across ranks"), msg
 
 
+_BYTE_LABELS = ((torch.int16, -(2**15)),
+                (torch.uint16, 2**16 - 1), (torch.uint32, 2**32 - 1), (torch.uint64, 2**64 - 1))
+
+
+def _byte_labels_worker(rank, world, port, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        got = {}
+        for dtype, top in _BYTE_LABELS:
+            ys = torch.tensor([top, rank, 7][:3 - rank], dtype=dtype)  # uneven shares, the top bit set
+            _, y_all = gather_batch(torch.randn(3 - rank, 5), ys)
+            got[str(dtype)] = (str(y_all.dtype), y_all.tolist())
+        torch.save(got, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_gather_carries_labels_gloo_has_no_type_for(tmp_path):
+    # the loss takes any integer labels; gloo gathers no int16 and no uint16/32/64 ("Invalid scalar
+    # type", then an abort at shutdown): they travel as bytes
+    _spawn(_byte_labels_worker, (2, _free_port(), str(tmp_path)), 2, str(tmp_path), ".pt")
+    for r in range(2):
+        got = torch.load(tmp_path / f"rank{r}.pt")
+        for dtype, top in _BYTE_LABELS:
+            assert got[str(dtype)] == (str(dtype), [top, 0, 7, top, 1])
+
+
 def test_gather_is_identity_without_process_group():
     e, y = torch.randn(3, 2), torch.arange(3)
     assert gather_batch(e, y)[0] is e and world_size() == 1

@@ -96,6 +96,9 @@ def test_bank_inputs_are_checked_and_meet_the_batch():
         bank.with_batch(torch.randn(2, 3), torch.tensor([0, 1, 2]))
     with pytest.raises(ValueError, match="dtype must be torch.float16, bfloat16, float32 or float64"):
         MemoryBank(4, 3, dtype=torch.long)  # stored 0.4, 1.7, -2.9 as 0, 1, -2
+    with pytest.raises(ValueError, match="device must be a torch.device or a device string such as 'cuda:0', "
+                                         "got 'cuda0'"):
+        MemoryBank(4, 3, device="cuda0")
 
 
 def test_enqueue_refuses_rows_that_would_poison_the_bank():

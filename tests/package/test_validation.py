@@ -56,6 +56,11 @@ def test_loss_errors_name_the_argument(backend):
     raises("lambda_dens must be >= 0", f, z, y, seg, lambda_dens=-1.0)
     raises("embeddings must have at least one row", f, z[:0], y[:0], seg)
     raises("embeddings must be a torch.Tensor", f, z.tolist(), y, seg)
+    # the optional tensors too (a NumPy array's .device, the string "cpu", read as another device)
+    raises("ref_labels must be a torch.Tensor, got list", f, z, y, seg, ref_embeddings=z.clone(), ref_labels=y.tolist())
+    raises("ref_embeddings must be a torch.Tensor, got ndarray", f, z, y, seg, ref_embeddings=z.numpy(), ref_labels=y)
+    raises("ref_emb must be a torch.Tensor, got list", dt.DAALLoss(3, 4, backend=backend), z, y,
+           ref_emb=z.tolist(), ref_labels=y)
     raises("ref_embeddings and ref_labels must be given together", f, z, y, seg, ref_embeddings=z)
     raises("ref_embeddings and ref_labels must be given together", f, z, y, seg, ref_labels=y)
     raises("ref_embeddings must have 4 columns", f, z, y, seg, ref_embeddings=torch.randn(5, 3),
@@ -100,6 +105,10 @@ def test_knn_and_pairwise_errors():
     raises("query_labels must have 4 entries", dt.knn, q, r, 2, query_labels=torch.zeros(3, dtype=torch.long),
            ref_labels=torch.zeros(5, dtype=torch.long))
     raises("query contains NaN", dt.knn, torch.full((4, 3), float("nan")), r, 2)
+    raises("query_labels must be a torch.Tensor, got list", dt.knn, q, r, 2, query_labels=[0, 1, 2, 3],
+           ref_labels=torch.zeros(5, dtype=torch.long))
+    raises("ref_labels must be a torch.Tensor, got ndarray", dt.knn, q, r, 2,
+           query_labels=torch.zeros(4, dtype=torch.long), ref_labels=torch.zeros(5, dtype=torch.long).numpy())
     raises("all tensors must be on one device: .*ref_labels on meta", dt.knn, q, r, 2,
            query_labels=torch.zeros(4, dtype=torch.long), ref_labels=torch.zeros(5, dtype=torch.long, device="meta"))
     raises("ref contains NaN", dt.knn, q, r.log() - r.log() * 0 + float("nan"), 2)
