@@ -36,7 +36,8 @@ OP_TITLES = {
     "line_margin": "Line margin (fused, steps 5-6)",
     "loss": "Whole DAALLoss",
 }
-SHAPE_ORDER = ("tiny", "dml", "large", "bank", "classes11k", "classes100k", "classes1m", "eval60k")
+SHAPE_ORDER = ("tiny", "dml", "large", "bank", "bank_d129", "large_d129", "classes11k", "classes100k", "classes1m",
+               "eval60k")
 PROVIDER_TITLES = {"triton": "Triton", "eager": "eager", "compile": "compile", "chunked": "chunked",
                    "triton_v1": "Triton v1", "triton_aten_glue": "Triton, PyTorch glue",
                    "triton_graphed": "Triton, CUDA graphs",
@@ -89,6 +90,11 @@ def _from_benchmark_json(path: str) -> List[dict]:
             continue
         stats = b.get("stats") or {}
         info.setdefault("kind", "case")
+        if "median_s" not in info:  # the runner's summary (after the NaN check) never ran: pytest-
+            # benchmark exports a case that failed or was interrupted after its timed rounds too
+            info["status"] = "error: not confirmed (bench.json alone: the case did not finish its checks)"
+            recs.append(info)
+            continue
         info.setdefault("status", "ok")
         info.setdefault("median_s", stats.get("median"))
         info.setdefault("mean_s", stats.get("mean"))
@@ -153,8 +159,9 @@ def load_run(run_dir: str) -> dict:
 def junit_summary(path: str) -> Optional[dict]:
     try:
         root = ET.parse(path).getroot()
-    except (ET.ParseError, OSError):
-        return None
+    except (ET.ParseError, OSError) as exc:  # cut by a killed step: said, not dropped
+        return dict(name=os.path.basename(path), tests="?", failures="?", errors="?", skipped="?", failed=[],
+                    unreadable=f"{type(exc).__name__}: {exc}")
     suites = [root] if root.tag == "testsuite" else list(root.iter("testsuite"))
     total = dict(name=os.path.basename(path), tests=0, failures=0, errors=0, skipped=0, failed=[])
     for s in suites:
@@ -256,7 +263,7 @@ def speedup(run: dict, key: Tuple, other: str) -> Optional[float]:
 # ----------------------------------------------------------------------------- tables
 def op_table(run: dict, op: str) -> List[str]:
     keys = sorted({k[:4] for k in run["cases"] if k[0] == op},
-                  key=lambda k: (_order(SHAPE_ORDER, k[1]), _order(DTYPES, k[2]), _order(PASSES, k[3])))
+                  key=lambda k: (_order(SHAPE_ORDER, k[1]), str(k[1]), _order(DTYPES, k[2]), _order(PASSES, k[3])))
     if not keys:
         return []
     present = [p for p in columns(op) if any(k + (p,) in run["cases"] for k in keys)]
@@ -375,6 +382,21 @@ def targets_table(run: dict) -> List[str]:
     return lines + [""]
 
 
+def target_caveats(run: dict) -> List[str]:
+    """What a reader must know before the targets table: parity tests that failed in the same run
+    (a fast kernel that is wrong meets no target), a GPU other than the H200 the targets are set for."""
+    notes = []
+    failing = [j for j in run["junit"] if j.get("unreadable") or (j["failures"] or j["errors"])]
+    if failing:
+        names = ", ".join(j["name"] for j in failing)
+        notes.append(f"**Caveat:** tests failed or could not be read in this run ({names}: see \"Test results\"): "
+                     "a result below holds for the speed only, not for kernels shown correct.")
+    gpu = str(run["env"].get("gpu") or "")
+    if gpu and "H200" not in gpu and run["env"].get("profile") != "smoke":
+        notes.append(f"**Caveat:** measured on {gpu}, not an H200: the targets are set for an H200.")
+    return [n + "\n" for n in notes]
+
+
 def _reading(ratio: float, above: str, below: str, what: str) -> str:
     """``above`` / ``below`` for a ratio above / below 1 by more than ``SWITCH_NOISE``, else
     "<what>within 3%" (the bound itself included: 1.03 is no decision)."""
@@ -395,9 +417,12 @@ def switches_table(run: dict, heading_level: int = 2) -> List[str]:
             if a is None and (not date or date < sw.since):  # a run from before the switch
                 continue
             td, ta = median(d), median(a)
+            rounds, fewest = _rounds([d, a])
             if td and ta:
                 ratio = ta / td
                 reading = _reading(ratio, f"{sw.default} faster", f"{sw.alternative} faster", "")
+                if fewest is not None and fewest < FEW_ROUNDS:
+                    reading += f" (indicative: {fewest} timed round{'s' if fewest != 1 else ''})"
                 shown = fmt_ratio(ratio)
             else:
                 reading, shown = f"not measured ({_why_missing(run, key, ['triton', sw.provider])})", "—"
@@ -406,7 +431,7 @@ def switches_table(run: dict, heading_level: int = 2) -> List[str]:
                 reading += "; " + _reading(a["peak_extra_bytes"] / d["peak_extra_bytes"],
                                            f"less memory: {sw.default}", f"less memory: {sw.alternative}", "memory ")
             rows.append(f"| `{sw.env}` | {' '.join(key[1:])} | {fmt_time(td) if td else '—'} | "
-                        f"{fmt_time(ta) if ta else '—'} | {shown} | {mem} | {reading} |")
+                        f"{fmt_time(ta) if ta else '—'} | {shown} | {rounds} | {mem} | {reading} |")
     if not rows:
         return []
     h = "#" * heading_level
@@ -414,8 +439,8 @@ def switches_table(run: dict, heading_level: int = 2) -> List[str]:
             "Each switch's default (provider `triton`) beside its alternative, same run; \"alternative / "
             "default\" = time(alternative) / time(default) (above 1: the default is faster); peak extra "
             "memory default / alternative.", "",
-            "| switch | case | default | alternative | alternative / default | peak memory | reading |",
-            "|---|---|---|---|---|---|---|"] + rows + [""]
+            "| switch | case | default | alternative | alternative / default | rounds | peak memory | reading |",
+            "|---|---|---|---|---|---|---|---|"] + rows + [""]
 
 
 def work_model_table(run: dict, heading_level: int = 2) -> List[str]:
@@ -427,7 +452,7 @@ def work_model_table(run: dict, heading_level: int = 2) -> List[str]:
 
     keys = sorted({k[:4] for k in run["cases"] if k[0] == "line_margin" and k[3] == "fwdbwd"
                    and ok(run["cases"].get(k[:4] + ("triton",)))},
-                  key=lambda k: (_order(SHAPE_ORDER, k[1]), _order(DTYPES, k[2])))
+                  key=lambda k: (_order(SHAPE_ORDER, k[1]), str(k[1]), _order(DTYPES, k[2])))
     if not keys:
         return []
     h = "#" * heading_level
@@ -454,7 +479,7 @@ def train_step_table(run: dict) -> List[str]:
     """One row per (shape, loss): step time, images/s, the step relative to the CE floor's, the
     loss's forward+backward (CUDA events inside the step) and its share, peak memory."""
     keys = sorted({k[:4] for k in run["cases"] if k[0] == "train_step"},
-                  key=lambda k: (_order(STEP_SHAPE_ORDER, k[1]), _order(DTYPES, k[2])))
+                  key=lambda k: (_order(STEP_SHAPE_ORDER, k[1]), str(k[1]), _order(DTYPES, k[2])))
     if not keys:
         return []
     head = ["shape", "loss", "step", "images/s", "vs CE floor", "loss fwd+bwd", "loss share",
@@ -613,11 +638,14 @@ def run_report(run: dict, *, heading_level: int = 2) -> List[str]:
         lines += [f"{h}# Test results (JUnit)", "", "| file | tests | failures | errors | skipped |",
                   "|---|---|---|---|---|"]
         for j in run["junit"]:
-            lines.append(f"| {j['name']} | {j['tests']} | {j['failures']} | {j['errors']} | {j['skipped']} |")
+            name = j["name"] + (f" (unreadable, cut short? {j['unreadable']})" if j.get("unreadable") else "")
+            lines.append(f"| {name} | {j['tests']} | {j['failures']} | {j['errors']} | {j['skipped']} |")
         failed = [f for j in run["junit"] for f in j["failed"]]
         lines.append("")
         if failed:
-            lines += ["Failed:", ""] + [f"- `{f}`" for f in failed[:50]] + [""]
+            lines += ["Failed:", ""] + [f"- `{f}`" for f in failed[:50]]
+            lines += [f"- … and {len(failed) - 50} more"] if len(failed) > 50 else []
+            lines.append("")
     if run["tuning"] and run["tuning"].get("records"):
         from tune_tables import line_margin_markdown
 
@@ -643,7 +671,7 @@ def run_report(run: dict, *, heading_level: int = 2) -> List[str]:
     lines += [f"{h}# Targets (issues 6, 13 and 17, H200)", "",
               "\"rounds\": the timed rounds behind each side of the comparison (Triton first); a "
               f"result from fewer than {FEW_ROUNDS} (a case the time budget cut short) is marked "
-              "indicative.", ""] + targets_table(run)
+              "indicative.", ""] + target_caveats(run) + targets_table(run)
     lines += switches_table(run, heading_level)
     lines += [f"{h}# Results", "",
               "Median time per call; \"Triton vs X\" = time(X) / time(Triton) (above 1: Triton is "
@@ -782,8 +810,9 @@ results section is regenerated from them with `python bench/report.py --readme`.
 def find_runs(results_dir: str) -> List[str]:
     runs = []
     for d in sorted(glob.glob(os.path.join(results_dir, "*"))):
-        if os.path.isdir(d) and (os.path.exists(os.path.join(d, "records.jsonl"))
-                                 or os.path.exists(os.path.join(d, "bench.json"))):
+        # steps.json alone: a run whose install or tests failed before any benchmark (its steps show why)
+        if os.path.isdir(d) and any(os.path.exists(os.path.join(d, f)) for f in ("records.jsonl", "bench.json",
+                                                                                  "steps.json")):
             runs.append(d)
     return runs
 
@@ -796,7 +825,8 @@ def readme(results_dir: str) -> str:
                      "The first run of `bench/gpu_check.sh` on a GPU, committed under "
                      "`bench/results/<date>-<gpu>/`, will fill this section.\n")
         return "\n".join(lines)
-    lines.append("Recorded runs (newest last):\n")
+    lines.append("Recorded runs (newest last; each one's report follows, newest first, so a partial or failed run "
+                 "never hides an earlier run's numbers):\n")
     rel = os.path.relpath(results_dir, HERE)
     for d in runs:
         r = load_run(d)
@@ -804,7 +834,8 @@ def readme(results_dir: str) -> str:
         lines.append(f"- [`{r['name']}`]({rel}/{r['name']}/) — {gpu}, torch {r['env'].get('torch', '?')}, "
                      f"triton {r['env'].get('triton', '?')}, profile {r['env'].get('profile', '?')}")
     lines.append("")
-    lines += run_report(load_run(runs[-1]), heading_level=3)
+    for d in reversed(runs):
+        lines += run_report(load_run(d), heading_level=3)
     return "\n".join(lines)
 
 

@@ -447,6 +447,52 @@ def test_readme_generation(tmp_path):
     assert "2000-01-01-testgpu" in text and "No GPU run" not in text
 
 
+def test_readme_keeps_every_run(tmp_path):
+    """A second run, newest first, beside the first (whose tables, retired providers included,
+    stay): a partial newest run (its bench step died before any case) hides nothing."""
+    results = tmp_path / "results"
+    results.mkdir()
+    shutil.copytree(os.path.join(HERE, "results", "2026-11-30-h200"), results / "2026-11-30-h200")
+    (results / "2099-01-01-h200").mkdir()
+    (results / "2099-01-01-h200" / "records.jsonl").write_text(json.dumps(dict(kind="env", gpu="H200")) + "\n")
+    text = report.readme(str(results))
+    assert text.index("### Run `2099-01-01-h200`") < text.index("### Run `2026-11-30-h200`")
+    for title in ("Triton v1", "Triton (aten finish)"):
+        assert f"| {title} |" in text, title
+    assert text.count("PASS") == report.readme(os.path.join(HERE, "results")).count("PASS") > 0
+    # a run whose install failed wrote no records: listed all the same, with its steps
+    failed = results / "2099-02-01-h200"
+    failed.mkdir()
+    (failed / "steps.json").write_text(json.dumps(dict(step="install_editable", rc=1, seconds=3)) + "\n")
+    text = report.readme(str(results))
+    assert "- [`2099-02-01-h200`]" in text and "| install_editable | 1 | 3 |" in text
+
+
+def test_bench_json_alone_confirms_no_case_the_runner_did_not_finish(tmp_path):
+    """Without records.jsonl the report reads pytest-benchmark's JSON, which also exports a case
+    whose NaN check failed after its timed rounds: only a case carrying the runner's own summary
+    (``median_s``) counts as measured, so such a case can never pass a target."""
+    run = tmp_path / "2000-01-01-testgpu"
+    run.mkdir()
+    base = dict(op="loss", shape="dml", dtype="fp32", pass_="fwdbwd", dims=dict(bc.SHAPES["loss"]["dml"]))
+    benches = [dict(extra_info=dict(base, provider="eager", median_s=0.0065), stats=dict(median=0.0065, rounds=30)),
+               dict(extra_info=dict(base, provider="triton"), stats=dict(median=0.0012, rounds=30))]  # NaN: no summary
+    (run / "bench.json").write_text(json.dumps(dict(benchmarks=benches, machine_info={})))
+    loaded = report.load_run(str(run))
+    assert loaded["cases"][("loss", "dml", "fp32", "fwdbwd", "triton")]["status"].startswith("error: not confirmed")
+    assert report.ok(loaded["cases"][("loss", "dml", "fp32", "fwdbwd", "eager")])
+    rows = [line for line in report.targets_table(loaded) if "≥ 3× eager" in line]
+    assert rows and not any("PASS" in line for line in rows), rows
+
+
+def test_an_unreadable_junit_file_is_said(tmp_path):
+    """A JUnit file cut short by a killed step is a row that says so, not dropped with its failures."""
+    run = _synthetic_run(tmp_path / "2000-01-01-testgpu")
+    (run / "gpu_tests.xml").write_text('<testsuites><testsuite name="pytest" tests="4" failures="1"><testcase')
+    text = "\n".join(report.run_report(report.load_run(str(run))))
+    assert "| gpu_tests.xml (unreadable, cut short? ParseError" in text
+
+
 def test_retired_providers_still_render():
     """The first H200 run timed two providers removed after it (the line margin's first design,
     the kNN's aten finish): its tables keep their columns and ratios."""
@@ -877,3 +923,51 @@ def test_test_shards_split_the_selection():
     proc, _ = collect("3/3")
     assert proc.returncode != 0 and "DAAL_TEST_SHARD must be i/n" in proc.stdout + proc.stderr
 
+
+
+@pytest.mark.parametrize("tool", ["knn", "line_margin"])
+def test_tuning_writes_what_it_measured_when_interrupted(tmp_path, monkeypatch, tool):
+    """The GPU check stops a tuning step with SIGINT (``timeout -s INT``) when its time runs out:
+    the candidates measured by then are written, the one cut short says so, the tables restored
+    (the JSON used to be written only after the whole sweep: an interrupted step left nothing)."""
+    mod = tk if tool == "knn" else tlm
+    calls = []
+
+    def fake_measure(rec, *args, **kwargs):
+        calls.append(rec["run"])
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        rec.update(status="measured", seconds=1e-3)
+
+    monkeypatch.setattr(mod, "_measure", fake_measure)
+    out = tmp_path / f"tune_{tool}.json"
+    with pytest.raises(KeyboardInterrupt):
+        if tool == "knn":
+            tk.tune(str(out), sizes=(37,), D=40, dtype="fp16", smoke=True, budget_s=600)
+        else:
+            tlm.tune(str(out), shape=(20, 30, 17), dtypes=("fp32",), smoke=True, kernels=("fwd2", "bwd2"))
+    recs = json.loads(out.read_text())["records"]
+    assert [r["status"] for r in sorted(recs, key=lambda r: r["run"])] == ["measured", "not run: interrupted"]
+    text = "\n".join(report.run_report(report.load_run(str(tmp_path))))  # the report shows the partial sweep
+    assert ("kNN forward block sizes" if tool == "knn" else "Line-margin block sizes") in text
+    assert "not run: interrupted" in text
+
+
+def test_targets_carry_their_caveats_and_switches_their_rounds(tmp_path):
+    """Failed parity tests in the same run and a GPU other than the H200 are said above the
+    targets; a switch decided on fewer than FEW_ROUNDS timed rounds is marked indicative."""
+    run = _synthetic_run(tmp_path / "2099-01-01-testgpu")
+    env = dict(kind="env", date="2099-01-01T00:00:00")
+    dims = dict(bc.SHAPES["loss"]["dml"])
+    extra = [dict(kind="case", op="loss", shape="dml", dtype="fp32", pass_="fwd", provider=p, dims=dims,
+                  status="ok", median_s=t, rounds=r) for p, t, r in (("triton", 1.3e-3, 30), ("triton_aten_glue", 1.2e-3, 1))]
+    with open(run / "records.jsonl", "a") as f:
+        f.write("\n" + "\n".join(json.dumps(r) for r in [env] + extra) + "\n")
+    text = "\n".join(report.run_report(report.load_run(str(run))))
+    assert "tests failed" not in text and "measured on TestGPU, not an H200" in text
+    row = next(line for line in text.splitlines() if line.startswith("| `DAAL_GLUE` | dml fp32 fwd |"))
+    assert "| 30 / 1 |" in row and "aten faster (indicative: 1 timed round)" in row, row
+    (run / "gpu_tests.xml").write_text('<testsuite name="pytest" tests="2" failures="1" errors="0" skipped="0">'
+                                       '<testcase classname="m" name="x"><failure/></testcase></testsuite>')
+    text = "\n".join(report.run_report(report.load_run(str(run))))
+    assert "**Caveat:** tests failed or could not be read in this run (gpu_tests.xml" in text

@@ -161,25 +161,27 @@ def tune(out_path: str, *, sizes=(20_000, 60_000), D: int = 512, dtype: str = "b
     base: Dict[int, tuple] = {}
     records, seen_grid = [], set()
     jobs = _plan(sizes, table, SMOKE_CANDIDATES if smoke else kk.FWD_ALTERNATIVES)
-    for run, (n, cand, resident, is_table) in enumerate(jobs):
-        bm, bn, w, st, flat = cand[:5]
-        maxnreg = cand[5] if len(cand) > 5 else None
-        loads = cand[6] if len(cand) > 6 else "pointer"
-        S = _splits(kk, n, bm, bn, device, resident)
-        rec = dict(run=run, dtype=dtype, entry=entry, M=n, N=n, D=D, k=k, BLOCK_M=bm, BLOCK_N=bn,
-                   num_warps=w, num_stages=st, flat=flat, maxnreg=maxnreg, loads=loads, resident=resident,
-                   splits=S, table=is_table, device=str(device))
-        if (n, cand, S) in seen_grid:  # the same grid as at one program per SM
-            continue
-        seen_grid.add((n, cand, S))
-        records.append(rec)
-        try_candidate(rec, deadline, kk.CONFIGS[fam], entry,
-                      table.with_blocks(BLOCK_M=bm, BLOCK_N=bn, FLAT=flat, num_warps=w, num_stages=st,
-                                        maxnreg=maxnreg),
-                      lambda: _measure(rec, n, S, inputs, base, timer, 1 if smoke else reps,
-                                       is_table, device, D, tdtype, k))
-    records.sort(key=lambda r: (r["M"], not r["table"], r["run"]))
-    write_records(out_path, records, device, smoke)
+    try:  # what was measured is written even when the step's time runs out (SIGINT) mid-sweep
+        for run, (n, cand, resident, is_table) in enumerate(jobs):
+            bm, bn, w, st, flat = cand[:5]
+            maxnreg = cand[5] if len(cand) > 5 else None
+            loads = cand[6] if len(cand) > 6 else "pointer"
+            S = _splits(kk, n, bm, bn, device, resident)
+            rec = dict(run=run, dtype=dtype, entry=entry, M=n, N=n, D=D, k=k, BLOCK_M=bm, BLOCK_N=bn,
+                       num_warps=w, num_stages=st, flat=flat, maxnreg=maxnreg, loads=loads, resident=resident,
+                       splits=S, table=is_table, device=str(device))
+            if (n, cand, S) in seen_grid:  # the same grid as at one program per SM
+                continue
+            seen_grid.add((n, cand, S))
+            records.append(rec)
+            try_candidate(rec, deadline, kk.CONFIGS[fam], entry,
+                          table.with_blocks(BLOCK_M=bm, BLOCK_N=bn, FLAT=flat, num_warps=w, num_stages=st,
+                                            maxnreg=maxnreg),
+                          lambda: _measure(rec, n, S, inputs, base, timer, 1 if smoke else reps,
+                                           is_table, device, D, tdtype, k))
+    finally:
+        records.sort(key=lambda r: (r["M"], not r["table"], r["run"]))
+        write_records(out_path, records, device, smoke)
     print(knn_markdown(records))
     return records
 

@@ -192,7 +192,10 @@ def try_candidate(rec: dict, deadline: float, configs: dict, entry: str, candida
 
 
 def write_records(out_path: str, records: List[dict], device: torch.device, smoke: bool) -> None:
-    """``{"environment", "smoke", "records"}`` as JSON (also bench/tune_knn.py)."""
+    """``{"environment", "smoke", "records"}`` as JSON (also bench/tune_knn.py); a record the sweep
+    did not finish (Ctrl-C, or the GPU check's ``timeout -s INT``) says so."""
+    for rec in records:
+        rec.setdefault("status", "not run: interrupted")
     env = dict(torch=torch.__version__, gpu=torch.cuda.get_device_name(0) if device.type == "cuda" else None)
     try:
         import triton
@@ -219,30 +222,32 @@ def tune(out_path: str, *, shape=(1024, 100_000, 512), dtypes=("bf16", "fp32"), 
     runs, order = _plan(lm, shape, dtypes, SMOKE_CANDIDATES if smoke else CANDIDATES, device,
                         tuple(kernels), SMOKE_CHUNK_CANDIDATES if smoke else CHUNK_CANDIDATES)
     records, base_out = [], {}
-    for n, (dname, kernel, (bb, bc, w, s, chunk), is_table) in enumerate(order):
-        fam, run, table = runs[dname, kernel]
-        rec = dict(run=n, dtype=dname, family=fam, kernel=kernel, B=B, C=C, D=D, BLOCK_B=bb,
-                   BLOCK_C=bc, BLOCK_D=table.block_d_for(D), num_warps=w, num_stages=s,
-                   table=is_table, device=str(device))
-        if chunk:
-            rec["chunk_elements"] = chunk
-        records.append(rec)
+    try:  # what was measured is written even when the step's time runs out (SIGINT) mid-sweep
+        for n, (dname, kernel, (bb, bc, w, s, chunk), is_table) in enumerate(order):
+            fam, run, table = runs[dname, kernel]
+            rec = dict(run=n, dtype=dname, family=fam, kernel=kernel, B=B, C=C, D=D, BLOCK_B=bb,
+                       BLOCK_C=bc, BLOCK_D=table.block_d_for(D), num_warps=w, num_stages=s,
+                       table=is_table, device=str(device))
+            if chunk:
+                rec["chunk_elements"] = chunk
+            records.append(rec)
 
-        def measure(rec=rec, run=run, is_table=is_table, chunk=chunk):
-            table_chunk = lm.CHUNK_ELEMENTS
-            lm.CHUNK_ELEMENTS = chunk or table_chunk
-            try:
-                _measure(rec, run, timer, 1 if smoke else reps, base_out, is_table, device.type == "cuda")
-                if device.type == "cuda":  # one more call: its peak above what was allocated before
-                    rec["peak_extra_bytes"] = peak_extra(lambda: None, run, device)[0]
-            finally:
-                lm.CHUNK_ELEMENTS = table_chunk
+            def measure(rec=rec, run=run, is_table=is_table, chunk=chunk):
+                table_chunk = lm.CHUNK_ELEMENTS
+                lm.CHUNK_ELEMENTS = chunk or table_chunk
+                try:
+                    _measure(rec, run, timer, 1 if smoke else reps, base_out, is_table, device.type == "cuda")
+                    if device.type == "cuda":  # one more call: its peak above what was allocated before
+                        rec["peak_extra_bytes"] = peak_extra(lambda: None, run, device)[0]
+                finally:
+                    lm.CHUNK_ELEMENTS = table_chunk
 
-        try_candidate(rec, deadline, lm.CONFIGS[fam], kernel,
-                      table.with_blocks(BLOCK_B=bb, BLOCK_C=bc, num_warps=w, num_stages=s), measure)
-    records.sort(key=lambda r: (dtypes.index(r["dtype"]), tuple(kernels).index(r["kernel"]),
-                                not r["table"]))
-    write_records(out_path, records, device, smoke)
+            try_candidate(rec, deadline, lm.CONFIGS[fam], kernel,
+                          table.with_blocks(BLOCK_B=bb, BLOCK_C=bc, num_warps=w, num_stages=s), measure)
+    finally:
+        records.sort(key=lambda r: (dtypes.index(r["dtype"]), tuple(kernels).index(r["kernel"]),
+                                    not r["table"]))
+        write_records(out_path, records, device, smoke)
     print(line_margin_markdown(records))
     return records
 
