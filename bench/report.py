@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import glob
 import json
+import math
 import os
 import sys
 import xml.etree.ElementTree as ET
@@ -54,9 +55,25 @@ PROVIDER_TITLES = {"triton": "Triton", "eager": "eager", "compile": "compile", "
 RETIRED_PROVIDERS = {"knn": ("triton_aten_finish",), "line_margin": ("triton_v1",)}
 
 
-def columns(op: str) -> Tuple[str, ...]:
-    """The providers of ``op``'s table, in column order: today's, then the retired ones."""
-    return tuple(PROVIDERS[op]) + RETIRED_PROVIDERS.get(op, ())
+def columns(op: str, run: Optional[dict] = None) -> Tuple[str, ...]:
+    """The providers of ``op``'s table, in column order: today's, then the retired ones, then (given
+    ``run``) any other its records hold (a provider renamed or removed since: shown under its own name)."""
+    known = tuple(PROVIDERS.get(op, ())) + RETIRED_PROVIDERS.get(op, ())
+    if run is None:
+        return known
+    others = sorted({str(k[4]) for k in run["cases"] if k[0] == op and k[4] not in known})
+    return known + tuple(others)
+
+
+def title(provider: str) -> str:
+    return PROVIDER_TITLES.get(provider, f"`{provider}`")
+
+
+def table_ops(run: dict) -> Tuple[str, ...]:
+    """The operators with a table in ``run``: the known ones in order, then any other its records
+    name (an operator renamed since), never dropped without a word."""
+    others = sorted({str(k[0]) for k in run["cases"] if k[0] not in OPS and k[0] != "train_step"})
+    return OPS + tuple(others)
 
 # the training step's providers are the losses it trains with
 STEP_PROVIDER_TITLES = {"triton": "DAAL (Triton)", "eager": "DAAL (reference)",
@@ -126,6 +143,10 @@ def load_run(run_dir: str) -> dict:
             run["matmul"].append(r)
         elif kind == "case":
             key = (r.get("op"), r.get("shape"), r.get("dtype"), r.get("pass_"), r.get("provider"))
+            m = r.get("median_s")
+            if r.get("status") == "ok" and m is not None and not (isinstance(m, (int, float)) and 0 < m < math.inf):
+                # NaN (a JSON NaN reads as one), zero, negative, a string: no time, whatever the status says
+                r = dict(r, status=f"error: invalid median ({m!r})")
             run["cases"][key] = r  # a later record of the same case wins
     env_path = os.path.join(run_dir, "env.json")
     if os.path.exists(env_path):
@@ -266,11 +287,11 @@ def op_table(run: dict, op: str) -> List[str]:
                   key=lambda k: (_order(SHAPE_ORDER, k[1]), str(k[1]), _order(DTYPES, k[2]), _order(PASSES, k[3])))
     if not keys:
         return []
-    present = [p for p in columns(op) if any(k + (p,) in run["cases"] for k in keys)]
+    present = [p for p in columns(op, run) if any(k + (p,) in run["cases"] for k in keys)]
     others = [p for p in present if p != "triton"]
-    head = ["shape", "dtype", "pass"] + [f"{PROVIDER_TITLES[p]}" for p in present]
-    head += [f"Triton vs {PROVIDER_TITLES[p]}" for p in others]
-    head += ["Triton TFLOP/s", "Triton % of matmul", "peak extra memory (" + " / ".join(PROVIDER_TITLES[p] for p in present) + ")"]
+    head = ["shape", "dtype", "pass"] + [title(p) for p in present]
+    head += [f"Triton vs {title(p)}" for p in others]
+    head += ["Triton TFLOP/s", "Triton % of matmul", "peak extra memory (" + " / ".join(title(p) for p in present) + ")"]
     lines = [f"### {OP_TITLES.get(op, op)}", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     notes = []
@@ -290,7 +311,7 @@ def op_table(run: dict, op: str) -> List[str]:
                 row.append(fmt_time(r["median_s"]))
             else:
                 row.append(short_status(r.get("status", "")))
-                notes.append(f"- {shape} {dtype} {pass_}, {PROVIDER_TITLES[p]}: {r.get('status')}")
+                notes.append(f"- {shape} {dtype} {pass_}, {title(p)}: {r.get('status')}")
         for p in others:
             row.append(fmt_ratio(speedup(run, key, p)))
         tr = recs.get("triton")
@@ -304,7 +325,9 @@ def op_table(run: dict, op: str) -> List[str]:
     return lines
 
 
-def _why_missing(run: dict, key: Tuple, providers) -> str:
+def _why_missing(run: dict, key: Tuple, providers, field: str = "") -> str:
+    """Why a comparison has no value: each provider's missing or failed record, else the field
+    the measured records lack (a run of older code may not record it)."""
     parts = []
     for p in providers:
         r = run["cases"].get(key + (p,))
@@ -312,7 +335,7 @@ def _why_missing(run: dict, key: Tuple, providers) -> str:
             parts.append(f"{p}: not run")
         elif not ok(r):
             parts.append(f"{p}: {r.get('status')}")
-    return "; ".join(parts) or "not measured"
+    return "; ".join(parts) or (f"the records hold no {field}" if field else "no usable value in the records")
 
 
 # A target decided on fewer timed rounds than this (a case cut short by the time budget) is
@@ -346,7 +369,7 @@ def targets_table(run: dict) -> List[str]:
             if value is not None and tr.get("matmul_tflops"):
                 shown += f" ({tr['tflops']:.3g} of {tr['matmul_tflops']:.3g} TFLOP/s)"
             passed = value is not None and value >= thr * (1 - BOUND_SLACK)
-            missing = _why_missing(run, key, ["triton"])
+            missing = _why_missing(run, key, ["triton"], "matmul fraction")
         elif kind == "speedup":
             value = speedup(run, key, arg)
             shown = fmt_ratio(value)
@@ -372,7 +395,7 @@ def targets_table(run: dict) -> List[str]:
                 value = a / b
                 shown = f"{fmt_pct(value)} ({fmt_bytes(a)} vs {fmt_bytes(b)})"
             passed = value is not None and value <= thr * (1 + BOUND_SLACK)
-            missing = _why_missing(run, key, ["triton", arg])
+            missing = _why_missing(run, key, ["triton", arg], "peak extra memory")
         compared = [tr] + ([run["cases"].get(key + (arg,))] if kind != "fraction" else [])
         rounds, fewest = _rounds(compared)
         result = ("PASS" if passed else "FAIL") if value is not None else f"not measured ({missing})"
@@ -495,7 +518,7 @@ def train_step_table(run: dict) -> List[str]:
         _op, shape, dtype, _pass = key
         floor = median(run["cases"].get(key + ("ce_floor",)))
         first = True
-        for p in PROVIDERS["train_step"]:
+        for p in columns("train_step", run):
             r = run["cases"].get(key + (p,))
             if r is None:
                 continue
@@ -503,8 +526,11 @@ def train_step_table(run: dict) -> List[str]:
             cell = ""
             if first:
                 width = f" (width {d['width']:g})" if d.get("width") else ""
-                cell = (f"{shape}: {d.get('arch')}{width} {d.get('H')}², B={d.get('B'):,}, C={d.get('C'):,}, "
-                        f"D={d.get('D')}, {'bf16 autocast' if dtype == 'bf16' else dtype}")
+                size = ", ".join(f"{n}={d[n]:,}" if isinstance(d[n], int) else f"{n}={d[n]}"
+                                 for n in ("B", "C", "D") if d.get(n) is not None)
+                net = " ".join(str(v) for v in (d.get("arch"), width.strip() or None,
+                                                f"{d['H']}²" if d.get("H") else None) if v)
+                cell = f"{shape}: " + ", ".join(v for v in (net, size, 'bf16 autocast' if dtype == 'bf16' else dtype) if v)
                 first = False
             row = [cell, STEP_PROVIDER_TITLES.get(p, p)]
             if ok(r):
@@ -528,6 +554,7 @@ def env_lines(run: dict) -> List[str]:
     env = run["env"]
     items = [
         ("GPU", env.get("gpu") or "none (CPU smoke run)"),
+        ("torch failed to import", env.get("torch_error")),
         ("compute capability", env.get("capability")),
         ("GPU memory", f"{env['gpu_memory_gib']} GiB" if env.get("gpu_memory_gib") else None),
         ("torch", env.get("torch")), ("CUDA", env.get("cuda")), ("triton", env.get("triton")),
@@ -678,9 +705,10 @@ def run_report(run: dict, *, heading_level: int = 2) -> List[str]:
               "faster); \"% of matmul\" = the operator's useful FLOP/s over `torch.matmul`'s on a "
               "comparable GEMM in the same precision and run; peak extra memory = "
               "`max_memory_allocated` above what was allocated before the call. "
-              f"`—`: not run in this run's profile ({run['env'].get('profile', '?')}; "
-              "`check` is the subset gpu_check.sh runs, `full` every combination).", ""]
-    for op in OPS:
+              f"`—`: not run: not in this run's profile ({run['env'].get('profile', '?')}; "
+              "`check` is the subset gpu_check.sh runs, `full` every combination), or not reached "
+              "by a run its time limit cut short (see Steps).", ""]
+    for op in table_ops(run):
         lines += op_table(run, op)
     lines += work_model_table(run, heading_level)
     lines += train_step_table(run)

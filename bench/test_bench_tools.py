@@ -971,3 +971,45 @@ def test_targets_carry_their_caveats_and_switches_their_rounds(tmp_path):
                                        '<testcase classname="m" name="x"><failure/></testcase></testsuite>')
     text = "\n".join(report.run_report(report.load_run(str(run))))
     assert "**Caveat:** tests failed or could not be read in this run (gpu_tests.xml" in text
+
+
+def test_the_report_drops_nothing_it_cannot_place(tmp_path):
+    """A NaN or zero median is an invalid record (not a FAIL, not a time); a provider or operator
+    the benchmarks no longer name (renamed since the run) still gets its column or table; a target
+    whose records lack the field it reads says which; a failed torch import is shown; a training-step
+    record without its dims still renders."""
+    run = _synthetic_run(tmp_path / "2099-01-01-testgpu")
+    dims = dict(bc.SHAPES["loss"]["dml"])
+    base = dict(kind="case", shape="dml", dtype="fp32", pass_="fwd", dims=dims, rounds=10)
+    extra = [dict(base, op="loss", provider="triton", status="ok", median_s=float("nan")),
+             dict(base, op="loss", provider="eager", status="ok", median_s=0.004),
+             dict(base, op="loss", provider="triton_renamed_variant", status="ok", median_s=0.0031),
+             dict(base, op="old_op", provider="triton", status="ok", median_s=0.0042),
+             dict(kind="case", op="train_step", shape="odd", dtype="bf16", pass_="step", provider="triton",
+                  status="ok", median_s=0.1),
+             dict(kind="env", torch_error="ImportError('libcudart.so.13')")]
+    with open(run / "records.jsonl", "a") as f:
+        f.write("\n" + "\n".join(json.dumps(r) for r in extra) + "\n")  # json writes the NaN as NaN
+    loaded = report.load_run(str(run))
+    nan_rec = loaded["cases"][("loss", "dml", "fp32", "fwd", "triton")]
+    assert not report.ok(nan_rec) and nan_rec["status"] == "error: invalid median (nan)"
+    text = "\n".join(report.run_report(loaded))
+    assert "- dml fp32 fwd, Triton: error: invalid median (nan)" in text
+    assert "| `triton_renamed_variant` |" in text and "3.1 ms" in text
+    assert "### old_op" in text and "4.2 ms" in text
+    assert "| odd: bf16 autocast | DAAL (Triton) | 100 ms |" in text
+    assert "- torch failed to import: ImportError('libcudart.so.13')" in text
+    knn = ("knn", "eval60k", "bf16", "fwd")
+    row = _target_row({knn + ("triton",): dict(status="ok", median_s=0.1)}, "Triton ≥ 50% of matmul")
+    assert row == "not measured (the records hold no matmul fraction)", row
+    lm = ("line_margin", "classes100k", "bf16", "fwdbwd")
+    row = _target_row({lm + ("triton",): dict(status="ok", median_s=0.1),
+                       lm + ("eager",): dict(status="ok", median_s=1.0)}, "of eager's (issue 6)")
+    assert row == "not measured (the records hold no peak extra memory)", row
+    for i, bad in enumerate((0, -1.0, "0.1", float("inf"))):  # the normalisation lives in load_run
+        d = tmp_path / f"bad{i}"
+        d.mkdir()
+        (d / "records.jsonl").write_text(json.dumps(dict(base, op="loss", provider="eager", status="ok",
+                                                         median_s=bad)) + "\n")
+        rec = report.load_run(str(d))["cases"][("loss", "dml", "fp32", "fwd", "eager")]
+        assert not report.ok(rec) and rec["status"].startswith("error: invalid median"), bad

@@ -60,6 +60,9 @@ def miner_weights(indices_tuple: Sequence[torch.Tensor], batch_size: int, *,
     for t in indices_tuple:
         if not isinstance(t, torch.Tensor) or t.ndim != 1 or t.dtype.is_floating_point or t.dtype == torch.bool:
             raise ValueError("indices_tuple must hold 1-D integer tensors of batch indices")
+        if t.device.type == "meta" and device is not None and torch.device(device).type != "meta":
+            raise ValueError("indices_tuple must hold real tensors (a meta tensor has no values), got one "
+                             f"on the meta device with embeddings on {device}")
     if using_ref:  # the anchors: a (triplets) or a1, a2 (pairs)
         indices_tuple = indices_tuple[:1] if len(indices_tuple) == 3 else indices_tuple[::2]
     flat = torch.cat([t.to(device=device, dtype=torch.long) for t in indices_tuple])

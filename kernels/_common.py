@@ -512,6 +512,31 @@ def every_spec() -> List[KernelSpec]:
 
 # --------------------------------------------------------------------------- shared kernels
 @triton.jit
+def _log1p(s):
+    """``log(1 + s)`` for ``s >= 0`` at float32 accuracy, also where ``1 + s`` rounds ``s``'s digits
+    off (``log(1 + 3e-7)`` reads 3.58e-7): below 0.5 the series ``2 atanh(z) = 2 (z + z^3/3 + ...
+    + z^11/11)``, ``z = s / (2 + s) <= 0.2`` (truncation below 3e-10 relative, ~12 FMAs); above,
+    ``log(1 + s)`` (at least 0.405: its rounding stays relative). NaN stays NaN, inf gives inf."""
+    z = s / (2.0 + s)
+    z2 = z * z
+    poly = 1.0 + z2 * (0.3333333333333333 + z2 * (0.2 + z2 * (0.14285714285714285 + z2 * (
+        0.1111111111111111 + z2 * 0.09090909090909091))))
+    return tl.where(s < 0.5, 2.0 * z * poly, tl.log(1.0 + s))
+
+
+@triton.jit
+def _one_minus_exp_neg(x):
+    """``1 - exp(-x)`` (``-expm1(-x)``) for ``x >= 0`` at float32 accuracy, also for small ``x``
+    (where the subtraction cancels: ``1 - exp(-1.6e-4)`` is 5e-5 off in float32): below 0.5 the
+    Taylor series through ``x^9 / 9!`` in Horner form (truncation below 6e-10 relative), above,
+    ``1 - exp(-x)`` (at least 0.39). NaN stays NaN, inf gives 1."""
+    poly = 1.0 - x * 0.5 * (1.0 - x * 0.3333333333333333 * (1.0 - x * 0.25 * (1.0 - x * 0.2 * (
+        1.0 - x * 0.16666666666666666 * (1.0 - x * 0.14285714285714285 * (1.0 - x * 0.125 * (
+            1.0 - x * 0.1111111111111111)))))))
+    return tl.where(x < 0.5, x * poly, 1.0 - tl.exp(-x))
+
+
+@triton.jit
 def _round_tf32(x, ROUND_TF32: tl.constexpr):
     """``x`` rounded to TF32 (10 mantissa bits, round to nearest, ties away: ``cvt.rna.tf32.f32``)
     when ``ROUND_TF32``, else ``x`` unchanged (no instruction). Only float32 ``x`` with

@@ -203,6 +203,8 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(valid, bad, weights)
     ctx.lambdas = (lambda_dens, lambda_len)
     ctx.has_len = l_len is not None
+    if l_len is None or not l_len.requires_grad:  # L_len depends on nothing else: as the reference's
+        ctx.mark_non_differentiable(output[3])
     ctx.set_materialize_grads(False)
 
 

@@ -297,8 +297,14 @@ def t_quantile(df: int, q: float = 0.975) -> float:
         return table.get(df) or table[max(k for k in table if k <= df)]
 
 
-def summarize(values: Iterable[float]) -> Dict[str, float]:
-    """n, mean, sample std (ddof 1) and the t-distribution 95% interval of the mean."""
+#: The range every metric of METRICS lies in (a fraction): their intervals are clipped to it, their
+#: paired differences' to [-1, 1]; a t-interval knows no bounds (0.98 ± 0.04 read [0.94, 1.02]).
+METRIC_RANGE = (0.0, 1.0)
+
+
+def summarize(values: Iterable[float], bounds: Optional[Tuple[float, float]] = None) -> Dict[str, float]:
+    """n, mean, sample std (ddof 1) and the t-distribution 95% interval of the mean, clipped to
+    ``bounds`` (the range the values can take) where given."""
     v = [float(x) for x in values if x is not None and not (isinstance(x, float) and math.isnan(x))]
     n = len(v)
     if n == 0:
@@ -308,7 +314,10 @@ def summarize(values: Iterable[float]) -> Dict[str, float]:
         return dict(n=1, mean=mean, std=math.nan, lo=math.nan, hi=math.nan)
     std = math.sqrt(sum((x - mean) ** 2 for x in v) / (n - 1))
     h = t_quantile(n - 1) * std / math.sqrt(n)
-    return dict(n=n, mean=mean, std=std, lo=mean - h, hi=mean + h)
+    lo, hi = mean - h, mean + h
+    if bounds is not None:
+        lo, hi = max(lo, bounds[0]), min(hi, bounds[1])
+    return dict(n=n, mean=mean, std=std, lo=lo, hi=hi)
 
 
 def _value(rec: Dict[str, Any], key: str) -> Optional[float]:
@@ -319,7 +328,8 @@ def _value(rec: Dict[str, Any], key: str) -> Optional[float]:
 
 def stats_by_config(records: List[Dict[str, Any]], configs: Sequence[str],
                     keys: Sequence[str]) -> Dict[str, Dict[str, Dict[str, float]]]:
-    return {c: {k: summarize(_value(r, k) for r in records if r["config"] == c) for k in keys} for c in configs}
+    return {c: {k: summarize((_value(r, k) for r in records if r["config"] == c),
+                             METRIC_RANGE if k in METRICS else None) for k in keys} for c in configs}
 
 
 def paired_differences(records: List[Dict[str, Any]], configs: Sequence[str],
@@ -330,8 +340,9 @@ def paired_differences(records: List[Dict[str, Any]], configs: Sequence[str],
     for c in configs[1:]:
         mine = {r["seed"]: r for r in records if r["config"] == c}
         seeds = sorted(set(ref) & set(mine))
-        out[c] = {k: summarize(_value(mine[s], k) - _value(ref[s], k) for s in seeds
-                               if _value(mine[s], k) is not None and _value(ref[s], k) is not None)
+        out[c] = {k: summarize((_value(mine[s], k) - _value(ref[s], k) for s in seeds
+                                if _value(mine[s], k) is not None and _value(ref[s], k) is not None),
+                               (-METRIC_RANGE[1], METRIC_RANGE[1]) if k in METRICS else None)
                   for k in keys}
     return out
 
@@ -367,7 +378,8 @@ def markdown_table(records: List[Dict[str, Any]], configs: Sequence[str], *, com
     if command:
         lines += ["```bash", command, "```", ""]
     lines += [f"{len(records)} runs; seeds {', '.join(map(str, seeds))}. Mean ± sample standard deviation over "
-              "seeds, and the 95% confidence interval of the mean (Student t, n − 1 degrees of freedom). "
+              "seeds, and the 95% confidence interval of the mean (Student t, n − 1 degrees of freedom; clipped to "
+              "the metric's range [0, 1]). "
               "Final epoch, held-out classes." + (f" {note}" if note else ""), ""]
     head = ["configuration", "n"] + [f"{LABELS[k]} mean ± std" for k in main] + [f"{LABELS[k]} 95% CI" for k in main]
     lines += ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]

@@ -6,6 +6,8 @@ the grids (whole waves of the device's SMs). The PTX pipelining and spill tests 
 test_kernel_line_margin.py (they share its compiled configurations)."""
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 import daal_triton as dt
 from daal_testing import assert_close, largest_cpu_allocation, random_problem, rel_err, tolerance
@@ -537,3 +539,52 @@ def test_no_classes_is_refused():
     with pytest.raises(ValueError, match=r"segments must hold at least one class \(C >= 1\), got C = 0"):
         lm.line_margin(x, torch.zeros(3, dtype=torch.long), torch.randn(0, 2, 8), torch.zeros(3), alpha=ALPHA,
                        lambda_pull=0.5)
+
+
+@triton.jit
+def _small_value_helpers_kernel(x_ptr, log1p_ptr, omexp_ptr, N, BLOCK: tl.constexpr):
+    i = tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + i, mask=i < N, other=0.0)
+    tl.store(log1p_ptr + i, _common._log1p(x), mask=i < N)
+    tl.store(omexp_ptr + i, _common._one_minus_exp_neg(x), mask=i < N)
+
+
+def test_log1p_and_one_minus_exp_keep_small_values():
+    """The line term's ``log(1 + s)`` and the backward's ``1 - exp(-lse)`` (kernels/_common.py):
+    within a few float32 ulps of float64's ``log1p`` and ``-expm1(-x)`` from 1e-38 to 1e10, on both
+    sides of the 0.5 where each switches from its series to the plain formula (a wrong series
+    coefficient shows near 0.5); 0 gives 0, NaN stays NaN, inf gives inf and 1."""
+    x = torch.cat([torch.logspace(-38, 10, 400, dtype=torch.float64),
+                   torch.tensor([0.0, 0.3, 0.4999999, 0.5, 0.5000001, 0.7], dtype=torch.float64)]).float()
+    special = torch.tensor([float("nan"), float("inf")])
+    xs = torch.cat([x, special]).to(DEV)
+    log1p, omexp = torch.empty_like(xs), torch.empty_like(xs)
+    _small_value_helpers_kernel[(1,)](xs, log1p, omexp, xs.numel(), BLOCK=512)
+    log1p, omexp = log1p.cpu(), omexp.cpu()
+    x64 = x.double()
+    for got, want in ((log1p[:-2], torch.log1p(x64)), (omexp[:-2], -torch.expm1(-x64))):
+        err = ((got.double() - want).abs() / want.clamp_min(1e-300)).where(want > 0, got.double().abs())
+        assert err.max().item() < 4e-7, (err.max().item(), x[err.argmax()].item())
+    assert log1p[-2].isnan() and omexp[-2].isnan() and log1p[-1].item() == float("inf") and omexp[-1].item() == 1.0
+
+
+def test_split_merge_keeps_small_line_terms():
+    """``_lm2_lse_kernel`` merges the class splits' running (max, sum): where every split's max is 0
+    (every logit below 0) the line term is ``log1p`` of the summed rest, accurate to float32's
+    relative precision per row down to 1e-12 (``log(1 + s)`` there read 0 or 20% off); rows with a
+    positive logit take ``top + log(e^-top + rest)``."""
+    B, nsplit = 37, 3
+    g = torch.Generator().manual_seed(3)
+    s = (torch.rand(nsplit, B, generator=g, dtype=torch.float64) * torch.logspace(-12, -1, B, dtype=torch.float64)).float()
+    m = torch.zeros(nsplit, B)
+    m[1, ::4] = 0.7  # a positive logit in split 1: that split's sum holds its own e^0
+    s[1, ::4] += 1.0
+    rs = torch.zeros(3, B)
+    rs[0] = torch.rand(B, generator=g)  # the own-class distances (read with lambda_pull)
+    lse, out = torch.empty(B, device=DEV), torch.empty(B, device=DEV)
+    lm._lm2_lse_kernel[(1,)](m.to(DEV), s.to(DEV), rs.to(DEV), lse, out, B, nsplit, 2.0, 0.25, BLOCK_B=64)
+    lse, out = lse.cpu(), out.cpu()
+    rest = (s.double() * m.double().exp()).sum(0)
+    want = torch.log1p(rest)
+    assert (((lse.double() - want) / want).abs().max().item()) < 1e-6
+    torch.testing.assert_close(out.double(), want / 2.0 + 0.25 * rs[0].double() ** 2, rtol=1e-6, atol=0)

@@ -169,6 +169,21 @@ def test_parts_line_and_pull_are_read_only():
     assert not parts.line.requires_grad and not parts.pull.requires_grad
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("segments_grad", [False, True])
+def test_parts_carry_a_graph_only_where_the_loss_has_one(backend, segments_grad):
+    """``length`` (L_len) depends on the segments alone: it needs a gradient on either backend
+    exactly when they do (the Triton combine step used to mark it differentiable whenever the
+    embeddings were, a graph with nothing behind it); ``density`` always does."""
+    z, y = torch.randn(9, 5, requires_grad=True), torch.arange(9) % 3
+    seg = torch.randn(3, 2, 5).requires_grad_(segments_grad)
+    parts = daal_loss(z, y, seg, return_parts=True, backend=backend)
+    assert parts.length.requires_grad == segments_grad
+    assert parts.density.requires_grad and parts.loss.requires_grad
+    parts.loss.backward()
+    assert z.grad is not None and (seg.grad is not None) == segments_grad
+
+
 def test_sample_weights_keep_the_loss_dtype():
     """Weights in another dtype neither raise nor lower the loss's: float64 weights on a float32
     loss are taken in float32 (the same bits as float32 weights)."""

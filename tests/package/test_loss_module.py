@@ -115,6 +115,16 @@ def test_indices_tuple_of_bools_or_matrices_is_refused(bad):
         miner_weights(bad, 3)
 
 
+def test_indices_tuple_on_the_meta_device_is_refused():
+    """Index tensors with no values (the meta device) beside real embeddings: a ValueError naming
+    ``indices_tuple``, not torch's NotImplementedError from copying them."""
+    loss = dt.DAALLoss(2, 4, backend="reference")
+    z, y = torch.randn(5, 4), torch.tensor([0, 1, 0, 1, 0])
+    tup = (torch.tensor([0, 1], device="meta"), torch.tensor([2, 3]), torch.tensor([1, 0]))
+    with pytest.raises(ValueError, match="indices_tuple must hold real tensors"):
+        loss(z, y, tup)
+
+
 def test_init_length_bounds():
     """``init_length`` >= 0: 0 gives zero-length segments (points on the sphere), < 0 is refused."""
     loss = dt.DAALLoss(3, 5, init_length=0.0)

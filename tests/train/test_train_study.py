@@ -46,6 +46,28 @@ def test_grid_from_file_and_flags(tmp_path):
         S.make_study(str(f))
 
 
+def test_intervals_stay_inside_the_metrics_range():
+    """A t-interval knows no bounds: Recall@1 of 0.99, 1.0, 0.95 over three seeds read
+    [0.922, 1.038]. Each metric's interval is clipped to [0, 1] and a paired difference's to
+    [-1, 1]; the training loss and the wall time keep theirs."""
+    s = S.summarize([0.99, 1.0, 0.95], S.METRIC_RANGE)
+    assert s["hi"] == 1.0 and 0.9 < s["lo"] < s["mean"] and s["std"] == pytest.approx(0.026458, abs=1e-6)
+    low = S.summarize([0.0, 0.01, 0.05], S.METRIC_RANGE)
+    assert low["lo"] == 0.0 and low["hi"] > low["mean"]
+    recs = [dict(config=c, seed=seed, args=[], train_loss=x, wall_s=10.0,
+                 metrics={"recall@1": r, "nmi": 0.5, "map@r": 0.5, "subcluster_nmi": 0.5})
+            for c, vals in (("A", (0.0, 0.02, 0.1)), ("B", (1.0, 0.97, 0.92)))
+            for seed, (r, x) in enumerate(zip(vals, (0.1, -0.2, 0.3)))]
+    st = S.stats_by_config(recs, ["A", "B"], ["recall@1", "train_loss"])
+    assert st["A"]["recall@1"]["lo"] == 0.0 and st["B"]["recall@1"]["hi"] == 1.0
+    assert st["A"]["train_loss"]["lo"] < -0.2  # not a fraction: unclipped
+    d = S.paired_differences(recs, ["A", "B"], ["recall@1"])["B"]["recall@1"]
+    assert -1.0 <= d["lo"] and d["hi"] == 1.0 and d["mean"] == pytest.approx(0.9233333)
+    md = S.markdown_table(recs, ["A", "B"])
+    row = next(line for line in md.splitlines() if line.startswith("| B | 3 |"))
+    assert row.endswith(", 1.000] | [0.500, 0.500] | [0.500, 0.500] | [0.500, 0.500] |"), row
+
+
 def test_statistics_and_table_on_made_up_runs(tmp_path):
     s = S.summarize([0.5, 0.6, 0.7])
     assert s["n"] == 3 and s["mean"] == pytest.approx(0.6) and s["std"] == pytest.approx(0.1)
