@@ -4,13 +4,36 @@ Public API: :class:`DAALLoss`, :func:`daal_loss`, :func:`knn`, :func:`pairwise_d
 :class:`MemoryBank`, :class:`Hyperparameters`, :class:`DAALParts`, :func:`init_segments`, and
 :class:`NonFiniteError` (the ``ValueError`` of a value check that finds NaN/inf: a diverged network).
 The plain-PyTorch oracle is :mod:`daal_triton.reference`; the kernels are :mod:`daal_triton.kernels`.
+
+The names are loaded on first use (PEP 562): ``import daal_triton`` alone does not import torch, so
+that the console scripts (``daal_triton.train.console``) hold a Ctrl-C during torch's import, which
+an interrupt could otherwise leave half-done (numpy without its attributes, a lost interrupt).
 """
-from .functional import daal_loss, knn, pairwise_distance
-from .loss import DAALLoss, init_segments
-from .memory import MemoryBank
-from .core import DAALParts, Hyperparameters
-from .validation import NonFiniteError
+import importlib
+from typing import Any, List
 
 __version__ = "0.1.0"
+
+#: public name -> the submodule that defines it
+_EXPORTS = {"daal_loss": "functional", "knn": "functional", "pairwise_distance": "functional",
+            "DAALLoss": "loss", "init_segments": "loss", "MemoryBank": "memory", "DAALParts": "core",
+            "Hyperparameters": "core", "NonFiniteError": "validation"}
+_SUBMODULES = ("backend", "core", "distributed", "functional", "kernels", "launch_count", "loss", "memory",
+               "reference", "train", "validation")
+
 __all__ = ["DAALLoss", "DAALParts", "Hyperparameters", "MemoryBank", "NonFiniteError", "daal_loss", "init_segments",
            "knn", "pairwise_distance"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value  # the next lookup is a plain attribute
+        return value
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> List[str]:
+    return sorted(set(globals()) | set(_EXPORTS) | set(_SUBMODULES))

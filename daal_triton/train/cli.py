@@ -238,8 +238,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     daal = {name: getattr(args, f"daal_{name}") for name in DAAL_TRAIN_FIELDS}
     fields = {k: v for k, v in vars(args).items() if not k.startswith("daal_") and k not in kw}
     width = default_width(args.dataset, args.weights) if args.width is None else args.width
-    if fields.get("data_root"):  # recorded absolute: daal-eval and --resume may run from elsewhere
-        fields["data_root"] = os.path.abspath(fields["data_root"])
+    for name in ("data_root", "weights"):  # recorded absolute: daal-eval and --resume may run from elsewhere
+        if fields.get(name):
+            fields[name] = os.path.abspath(fields[name])
     return TrainConfig.from_dict(dict(fields, daal=daal, width=width, **kw))
 
 

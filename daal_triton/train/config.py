@@ -3,6 +3,7 @@ that refuse, before any work, what cannot run."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -157,7 +158,7 @@ def validate_config(cfg: TrainConfig, world_size: int, device: torch.device) -> 
     if cfg.weights and cfg.width not in (None, 1, 1.0):
         raise ConfigError(f"--weights needs --width 1 (ImageNet weights exist only for torchvision's full-width "
                           f"VGG-19), got --width {cfg.width}")
-    if cfg.weights and not os.path.isfile(cfg.weights):
+    if cfg.weights and not cfg.resume and not os.path.isfile(cfg.weights):  # a resumed run's network is its checkpoint's
         raise ConfigError(f"--weights {cfg.weights}: no such file (expected a torchvision VGG state dict, e.g. "
                           f"vgg19_bn-c79401a0.pth; the program never downloads weights)")
     if isinstance(cfg.memory_bank, bool) or not isinstance(cfg.memory_bank, int) or cfg.memory_bank < 0:
@@ -320,6 +321,30 @@ def check_out(cfg: TrainConfig) -> None:
                           f"another --out")
 
 
+def check_resume_folder(cfg: TrainConfig, saved: Dict[str, Any]) -> None:
+    """A resumed run that continues in the folder its checkpoint lies in writes over that folder's
+    config.json, metrics and plots: refuse when that folder's config.json is another run's (a
+    ``checkpoint_last.pt`` copied into it), i.e. differs in what a resume keeps (RESUME_FIXED)."""
+    path = os.path.join(cfg.out, "config.json")
+    if not cfg.resume or cfg.overwrite or not os.path.isfile(path):
+        return
+    if os.path.realpath(os.path.dirname(os.path.abspath(cfg.resume))) != os.path.realpath(cfg.out):
+        return  # a new, empty folder (check_out refuses any other)
+    try:
+        with open(path, encoding="utf-8") as f:
+            there = json.load(f)
+    except (OSError, ValueError):
+        return  # unreadable: rewritten from the checkpoint, as before
+    if not isinstance(there, dict):
+        return
+    differ = [name for name in RESUME_FIXED if name in there and name in saved and not _same(there[name], saved[name])]
+    if differ:
+        name = differ[0]
+        raise ConfigError(f"--resume {cfg.resume}: the run in {cfg.out} (its config.json) is another run than the "
+                          f"checkpoint's ({flag_name(name)} {there[name]!r} there, {saved[name]!r} in the checkpoint): "
+                          f"resuming here would write over it; pass another --out for this run")
+
+
 def _check_writable(out: str, flag: str = "--out", value: Optional[str] = None) -> None:
     """``out`` (or, if it does not exist yet, its nearest existing parent) is a writable folder;
     ``flag value`` (default ``value``: ``out``) names the option that asks for it."""
@@ -391,6 +416,17 @@ def _same(a: Any, b: Any) -> bool:
                                               and not isinstance(a, bool) and not isinstance(b, bool) and a == b)
 
 
+def _same_file(a: Any, b: Any) -> bool:
+    """Two paths of one file (``--weights`` as the checkpoint recorded it, relative in runs made
+    before it was recorded absolute, and as given now)."""
+    if not (isinstance(a, str) and isinstance(b, str)):
+        return False
+    try:
+        return os.path.realpath(a) == os.path.realpath(b) or os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
 def resume_config(saved: Dict[str, Any], cfg: TrainConfig, given=None) -> "tuple[TrainConfig, Dict[str, Any]]":
     """The configuration of a run resumed from a checkpoint whose configuration is ``saved``: the
     checkpoint's, with the flags given explicitly (``given``: see :func:`_given_values`) that may
@@ -416,7 +452,7 @@ def resume_config(saved: Dict[str, Any], cfg: TrainConfig, given=None) -> "tuple
                 if not _same(base["daal"].get(k), v):
                     refused.append((f"daal.{k}", base["daal"].get(k), v))
         elif name in RESUME_FIXED:
-            if not _same(base[name], value):
+            if not (_same(base[name], value) or (name == "weights" and _same_file(base[name], value))):
                 refused.append((name, base[name], value))
         elif name not in _NOT_INHERITED:
             merged[name] = value

@@ -1,39 +1,70 @@
 """The console scripts ``daal-train``, ``daal-eval`` and ``daal-study`` (setup.py's entry points).
 
-Each runs its program's ``main`` and returns its exit status; then a Ctrl-C is ignored. What is
-left is the interpreter's teardown (DataLoader workers joined, ``atexit`` handlers), which a
-second Ctrl-C used to interrupt with an "Exception ignored in atexit callback" traceback after the
-program had already said how it stopped. The ``main`` functions themselves stay interruptible and
-are what the tests call in-process.
+Each loads its program with a Ctrl-C held (torch, numpy and the rest import in the first second
+or two: an interrupt raised inside those imports printed a traceback, or left numpy half-imported
+so that the run went on and later failed on "module 'numpy' has no attribute ...", or was lost
+altogether); a Ctrl-C held there ends the program with one line and status 130 once the imports
+are done (a second one stops them at once). Then it runs the program's ``main``, whose own handler says how a run stopped, and
+returns its exit status; after that a Ctrl-C is ignored. What is left is the interpreter's
+teardown (DataLoader workers joined, ``atexit`` handlers), which a second Ctrl-C used to
+interrupt with an "Exception ignored in atexit callback" traceback after the program had already
+said how it stopped. The ``main`` functions themselves stay interruptible and are what the tests
+call in-process. (``import daal_triton`` does not import torch: daal_triton/__init__.py.)
 """
 import signal
 import sys
 from typing import Callable
 
 
-def _run(main: Callable[[], int], prog: str) -> int:
+def _run(load: Callable[[], Callable[[], int]], prog: str) -> int:
+    held = []
+
+    def hold(signum, frame):
+        if held:  # a second Ctrl-C while loading: the user insists (an import that hangs)
+            raise KeyboardInterrupt
+        held.append(signum)
+
+    previous = signal.signal(signal.SIGINT, hold)
     try:
+        try:
+            main = load()
+        finally:
+            signal.signal(signal.SIGINT, previous)
+        if held:
+            raise KeyboardInterrupt
         status = main()
-    except KeyboardInterrupt:  # a Ctrl-C before main's own handler (while its imports ran)
+    except KeyboardInterrupt:  # held during the imports, or before main's own handler
         print(f"{prog}: interrupted (Ctrl-C)", file=sys.stderr)
         status = 130
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     return status
 
 
+def _train_main() -> Callable[[], int]:
+    from .cli import main
+    return main
+
+
+def _eval_main() -> Callable[[], int]:
+    from .cli import eval_main
+    return eval_main
+
+
+def _study_main() -> Callable[[], int]:
+    from .study import main
+    return main
+
+
 def train() -> int:
     """``daal-train``."""
-    from .cli import main
-    return _run(main, "daal-train")
+    return _run(_train_main, "daal-train")
 
 
 def evaluate() -> int:
     """``daal-eval``."""
-    from .cli import eval_main
-    return _run(eval_main, "daal-eval")
+    return _run(_eval_main, "daal-eval")
 
 
 def study() -> int:
     """``daal-study``."""
-    from .study import main
-    return _run(main, "daal-study")
+    return _run(_study_main, "daal-study")

@@ -25,9 +25,10 @@ from .model import EmbeddingNet, default_width
 
 
 def build_model(cfg: TrainConfig) -> EmbeddingNet:
-    """The embedding network of ``cfg``."""
+    """The embedding network of ``cfg`` (a resumed run's trunk comes from its checkpoint: the
+    ``--weights`` file, which may have moved since, is not read)."""
     width = default_width(cfg.dataset, cfg.weights) if cfg.width is None else cfg.width
-    return EmbeddingNet(cfg.arch, cfg.embedding_dim, weights=cfg.weights, width=width)
+    return EmbeddingNet(cfg.arch, cfg.embedding_dim, weights=None if cfg.resume else cfg.weights, width=width)
 
 
 class PMLLoss(nn.Module):
@@ -90,6 +91,34 @@ def build_criterion(loss: str, num_classes: int, embedding_dim: int, *, daal: Op
             kwargs.setdefault("embedding_size", embedding_dim)
         return PMLLoss(_construct(cls, "--loss", loss, **kwargs), name)
     raise ValueError(f"--loss must be 'daal' or 'pml:<LossName>', got {loss!r}")
+
+
+def check_pml_on_a_batch(criterion: nn.Module, miner: Optional[nn.Module], num_classes: int, embedding_dim: int,
+                         device: torch.device, *, loss: str, miner_name: Optional[str]) -> None:
+    """A pytorch-metric-learning loss or miner is built from any keyword arguments and only fails
+    at its first call (``--loss-kwargs '{"margin": "a"}'``, an abstract base class): run copies of
+    them once on a made-up batch (8 unit rows, 4 classes; the copies keep the real ones' state
+    untouched: a cross-batch memory enqueues nothing), so that such a setting is one error line
+    before anything is written, not a traceback mid-training. ``ValueError`` naming the flag."""
+    if not (isinstance(criterion, PMLLoss) or miner is not None):
+        return
+    g = torch.Generator().manual_seed(0)  # the run's random streams are not touched (nor below: fork_rng)
+    emb = nn.functional.normalize(torch.randn(8, embedding_dim, generator=g), dim=1).to(device)
+    labels = (torch.arange(8) % min(4, num_classes)).to(device)
+    import copy
+
+    flag, value = ("--miner", miner_name) if miner is not None else ("--loss", loss)
+    try:
+        cuda = [device.index or 0] if device.type == "cuda" else []
+        with torch.no_grad(), torch.random.fork_rng(devices=cuda):  # a loss that draws leaves the run's draws
+            tuples = copy.deepcopy(miner)(emb, labels) if miner is not None else None
+            flag, value = "--loss", loss
+            if isinstance(criterion, PMLLoss):
+                copy.deepcopy(criterion)(emb, labels, tuples)
+    except Exception as e:  # noqa: BLE001 - any failure of the user's setting is reported as one line
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ValueError(f"{flag} {value} fails on a test batch ({type(e).__name__}{': ' + detail if detail else ''}): "
+                         f"check {flag}-kwargs") from None
 
 
 def _construct(cls, flag: str, value: str, /, *args: Any, **kwargs: Any) -> nn.Module:
@@ -249,6 +278,8 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, loader, optimizer: t
 
         bar = tqdm(total=steps, desc=desc, leave=False, dynamic_ncols=True)
 
+    lr_used = optimizer.param_groups[0]["lr"]
+
     def read(i: int) -> None:
         """The host's one look at the loss sum (a synchronisation on a GPU)."""
         nonlocal total, read_at
@@ -257,31 +288,34 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, loader, optimizer: t
             raise FloatingPointError(f"the loss became {total} (summed over steps) between step {read_at} and "
                                      f"step {i} of {desc}")
         read_at = i + 1
-        if bar is not None:
-            bar.set_postfix(loss=f"{total / max(1, n):.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+        if bar is not None:  # the rate the last step used (the scheduler has already set the next one)
+            bar.set_postfix(loss=f"{total / max(1, n):.4f}", lr=f"{lr_used:.2e}")
 
     batches = iter(loader)
-    for i in range(steps):
-        t0 = time.perf_counter()
-        try:
-            images, labels = next(batches)
-        except StopIteration:
-            break
-        wait += time.perf_counter() - t0
-        images, labels = batch_to_device(images, labels, device, fmt)
-        loss = train_step(model, criterion, images, labels, optimizer, scheduler, amp_dtype=amp_dtype,
-                          scaler=scaler, loss_fn=loss_fn)
-        running += loss.detach()
-        n += 1
-        images_seen += images.shape[0]
+    try:
+        for i in range(steps):
+            t0 = time.perf_counter()
+            try:
+                images, labels = next(batches)
+            except StopIteration:
+                break
+            wait += time.perf_counter() - t0
+            images, labels = batch_to_device(images, labels, device, fmt)
+            lr_used = optimizer.param_groups[0]["lr"]
+            loss = train_step(model, criterion, images, labels, optimizer, scheduler, amp_dtype=amp_dtype,
+                              scaler=scaler, loss_fn=loss_fn)
+            running += loss.detach()
+            n += 1
+            images_seen += images.shape[0]
+            if bar is not None:
+                bar.update(1)
+            if n % log_every == 0:
+                read(i)
+        if n and read_at != n:
+            read(n - 1)
+    finally:  # a Ctrl-C or a divergence too: the bar is cleared before the program says why it stopped
         if bar is not None:
-            bar.update(1)
-        if n % log_every == 0:
-            read(i)
-    if n and read_at != n:
-        read(n - 1)
-    if bar is not None:
-        bar.close()
+            bar.close()
     if stats is not None:
         stats.update(data_wait_s=wait, steps=n, images=images_seen)
     return total / max(1, n)

@@ -37,14 +37,14 @@ from . import ddp
 from . import evaluate as E
 from .checkpoint import (CheckpointError, load_checkpoint, load_weights, require_training_state, restore_rng,
                          rng_state, save_checkpoint, write_text_atomically)
-from .config import (REPLACED, TrainConfig, check_kinds, check_out, checked_device, note_source, resume_config,
-                     taken_from_checkpoint, validate_config)
+from .config import (REPLACED, TrainConfig, check_kinds, check_out, check_resume_folder, checked_device, note_source,
+                     resume_config, taken_from_checkpoint, validate_config)
 from .data import DistributedPKSampler, PKSampler, SeededDraws, build_datasets
 from .ddp import ConfigError
 from .devices import (compile_network, loader_options, place_model, prepare_device, resolve_amp, resolve_backend,
                       seed_everything)
-from .engine import (GlobalBatchLoss, build_criterion, build_miner, build_model, make_optimizer, make_scheduler,
-                     train_one_epoch)
+from .engine import (GlobalBatchLoss, build_criterion, build_miner, build_model, check_pml_on_a_batch, make_optimizer,
+                     make_scheduler, train_one_epoch)
 from .log import Log, plural
 from .model import NO_WEIGHTS_NOTE
 
@@ -150,6 +150,8 @@ def run(cfg: TrainConfig, given=None) -> Dict[str, Record]:
     if checkpoint is not None and _finished(cfg, checkpoint["epoch"]):
         return {}
     check_out(cfg)
+    if checkpoint is not None:
+        check_resume_folder(cfg, checkpoint["config"])
     ctx, device = ddp.setup(device, cfg.dist_backend, cfg.dist_timeout)
     state = None
     try:
@@ -300,6 +302,8 @@ def build_run(cfg: TrainConfig, ctx: ddp.DistContext, device: torch.device, log:
                                     loss_kwargs=cfg.loss_kwargs,
                                     backend=resolve_backend(cfg.loss_backend, device)).to(device)
         miner = build_miner(cfg.miner, cfg.miner_kwargs)
+        check_pml_on_a_batch(criterion, miner, train_ds.num_classes, cfg.embedding_dim, device, loss=cfg.loss,
+                             miner_name=cfg.miner)
     except (ValueError, ImportError) as e:
         raise ConfigError(str(e)) from None
     # Each image's augmentation is drawn from its own seed, which the sampler draws from --seed,

@@ -132,6 +132,16 @@ def saved_study(report: str) -> Dict[str, Any]:
     return {k: d[k] for k in ("name", "seeds", "common", "configs") if k in d}
 
 
+def saved_command(report: str) -> Optional[str]:
+    """The ``daal-study`` command a report folder's ``study.json`` records (None: none readable)."""
+    try:
+        with open(os.path.join(report, "study.json"), encoding="utf-8") as f:
+            command = json.load(f).get("command")
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        return None
+    return command if isinstance(command, str) and command else None
+
+
 def make_study(file: Union[str, Dict[str, Any], None] = None, configs: Sequence[str] = (), seeds: Optional[Sequence[int]] = None,
                common: Optional[str] = None, name: Optional[str] = None) -> Dict[str, Any]:
     """The study as ``{"name", "seeds", "common", "configs": {name: [args]}}`` from a file (its path,
@@ -669,6 +679,11 @@ def report_order(study: Dict[str, Any], records: List[Dict[str, Any]], report: s
     return order
 
 
+#: In a report folder while :func:`write_report` writes it (a Ctrl-C during the t-SNE left table.md
+#: without its plots, and the next command, finding no new run, left it so).
+WRITING = ".daal-study-writing"
+
+
 def write_report(study: Dict[str, Any], records: List[Dict[str, Any]], configs: Sequence[str], report: str,
                  command: str, *, note: str = "", plots: bool = True, tsne: bool = True,
                  tsne_seed: Optional[int] = None) -> List[str]:
@@ -676,6 +691,8 @@ def write_report(study: Dict[str, Any], records: List[Dict[str, Any]], configs: 
     and seeds of every configuration in the report) and the plots, from the finished runs'
     ``records`` of ``configs``."""
     os.makedirs(report, exist_ok=True)
+    marker = os.path.join(report, WRITING)
+    open(marker, "w").close()  # removed once every file is written: a report cut short is redone
     written = []
     with open(os.path.join(report, "table.md"), "w") as f:
         f.write(markdown_table(records, configs, command=command, title=study["name"], note=note))
@@ -701,6 +718,7 @@ def write_report(study: Dict[str, Any], records: List[Dict[str, Any]], configs: 
                                    modes, names))
             if panels:
                 written.append(plot_tsne(panels, os.path.join(report, "tsne_by_mode.png"), seed=seed))
+    os.remove(marker)
     return written
 
 
@@ -827,12 +845,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args = build_parser().parse_args(argv)
-        file = args.file
+        file, recorded = args.file, None
         if args.summarize and file is None and not args.config and (args.report or args.out):
             # the study the report was made of; a new --report folder: the one recorded in --out
             where = args.report if args.report and (not args.out or os.path.isfile(
                 os.path.join(args.report, "study.json"))) else args.out or args.report
             file = saved_study(where)
+            recorded = saved_command(where)
         study = make_study(file, args.config, args.seeds, args.common, args.name)
         check_cell_args(study)
         unknown = [c for c in args.first if c not in study["configs"]]
@@ -849,7 +868,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             if not args.dry_run and not args.summarize and args.out:
                 os.makedirs(args.out, exist_ok=True)
                 lock = _lock(args.out)
-            return _study(args, study, "daal-study " + shlex.join(argv))
+            # a report rebuilt from its own study.json keeps the command that ran its cells
+            return _study(args, study, recorded or "daal-study " + shlex.join(argv))
         finally:
             if lock is not None:
                 lock.close()
@@ -928,7 +948,8 @@ def _study(args: argparse.Namespace, study: Dict[str, Any], command: str) -> int
         failed = _run_cells(todo, args.out, args.jobs, threads, args.progress, known, runs_path)
     records = list(known.values())
     table = os.path.join(report, "table.md")
-    if identity() == before and os.path.isfile(table) and not args.summarize:
+    if (identity() == before and os.path.isfile(table) and not os.path.exists(os.path.join(report, WRITING))
+            and not args.summarize):
         print(f"[daal-study] no new finished run: the report in {report} is left as it was (--summarize rebuilds "
               f"it)", flush=True)
     elif records:

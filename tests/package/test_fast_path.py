@@ -75,11 +75,24 @@ def test_edge_cases(case):
 
 def test_more_neighbours_than_the_density_kernel_takes():
     """k above the fused density kernel's MAX_K: the Triton backend runs the reference's density
-    step on the fused kNN's output, and matches the float64 reference."""
-    from daal_triton.kernels.density import MAX_K
+    step on the fused kNN's output, and matches the float64 reference. The batch has more rows than
+    k (the loss selects min(k, B) neighbours: with B = 12 the kernel ran and this test tested
+    nothing), and the reference's density step is seen to run."""
+    from daal_triton.kernels import density
+    from daal_triton import reference
 
-    z, y, seg = random_problem(12, 3, 5, classes_present=range(3), device=DEV)
-    check_parity(z, y, seg, k=MAX_K + 1, tau=1.5)
+    calls = []
+    real = reference.density
+
+    def spy(*args, **kwargs):
+        calls.append(args[0].shape)
+        return real(*args, **kwargs)
+
+    z, y, seg = random_problem(density.MAX_K + 9, 3, 5, classes_present=range(3), device=DEV)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(reference, "density", spy)
+        check_parity(z, y, seg, k=density.MAX_K + 1, tau=1.5)
+    assert (len(z), density.MAX_K + 1) in calls, calls
 
 
 @pytest.mark.parametrize("dtype,seg_dtype", [(torch.float16, torch.float32),

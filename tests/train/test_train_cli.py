@@ -198,3 +198,56 @@ def test_more_threads_than_cores_is_said(tmp_path, capsys, monkeypatch, keep_thr
     assert "--threads 2 is more than the 1 CPU core this process may use" in capsys.readouterr().out
     assert cli.main(flags + keep_threads + ["--out", str(tmp_path / "b")]) == 0
     assert "--threads" not in capsys.readouterr().out
+
+
+def test_the_epoch_bar_is_cleared_on_ctrl_c_and_shows_the_rate_used(monkeypatch):
+    """A Ctrl-C (or a divergence) mid-epoch clears the bar before the program says why it stopped
+    (the message was glued to the bar's line); the bar's ``lr`` is the rate the last step used, not
+    the next one the scheduler has already set."""
+    import torch
+    from daal_triton.train import engine
+
+    bars = []
+
+    class Bar:
+        def __init__(self, **kw):
+            self.closed, self.postfix = False, {}
+            bars.append(self)
+
+        def update(self, n):
+            pass
+
+        def set_postfix(self, **kw):
+            self.postfix = kw
+
+        def close(self):
+            self.closed = True
+
+    monkeypatch.setattr("tqdm.auto.tqdm", Bar)
+    model = torch.nn.Linear(4, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 / (step + 1))
+    batches = [(torch.randn(6, 4), torch.arange(6) % 3) for _ in range(3)]
+
+    class Crit(torch.nn.Module):
+        def forward(self, emb, labels):
+            return emb.pow(2).mean()
+
+    crit = Crit()
+    engine.train_one_epoch(model, crit, batches, opt, sched, torch.device("cpu"), log_every=1,
+                           loss_fn=lambda c, e, y: c(e, y))
+    assert bars[-1].closed and bars[-1].postfix["lr"] == f"{1.0 / 3:.2e}"  # steps at 1, 1/2, 1/3; next 1/4
+    real = engine.train_step
+
+    def stopped(*args, **kwargs):
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    calls = []
+    monkeypatch.setattr(engine, "train_step", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        engine.train_one_epoch(model, crit, batches, opt, sched, torch.device("cpu"), log_every=1,
+                               loss_fn=lambda c, e, y: c(e, y))
+    assert bars[-1].closed

@@ -6,6 +6,7 @@ import re
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -21,14 +22,23 @@ _TEARDOWN = textwrap.dedent("""
         print("teardown finished", flush=True)
 
     atexit.register(teardown)
-    sys.exit(console._run(lambda: {status}, "prog"))
+    sys.exit(console._run(lambda: lambda: {status}, "prog"))
 """)
+
+
+def _interactive_sigint():
+    """In the child before it starts: Ctrl-C as a terminal's program has it. A job started in the
+    background (``cmd &`` without job control: CI scripts, nohup) inherits SIGINT ignored, and Python
+    then never raises KeyboardInterrupt: these tests would pass with nothing to catch."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 @pytest.mark.parametrize("status", [0, 130])
 def test_ctrl_c_during_teardown_is_ignored(status):
     r = subprocess.run([sys.executable, "-c", _TEARDOWN.format(status=status)], capture_output=True, text=True,
-                       timeout=120)
+                       timeout=120, preexec_fn=_interactive_sigint)
     assert r.returncode == status, r.stderr
     assert "teardown finished" in r.stdout, r.stderr
     assert "Traceback" not in r.stderr and "Exception ignored" not in r.stderr, r.stderr
@@ -41,10 +51,86 @@ def test_ctrl_c_before_main_handles_it(capsys):
     import signal
     before = signal.getsignal(signal.SIGINT)
     try:
-        assert console._run(main, "daal-train") == 130
+        assert console._run(lambda: main, "daal-train") == 130
     finally:
         signal.signal(signal.SIGINT, before)  # _run ignores Ctrl-C afterwards: not in pytest's process
     assert capsys.readouterr().err == "daal-train: interrupted (Ctrl-C)\n"
+
+
+def test_ctrl_c_while_the_program_loads_is_held_then_stops_it(capsys):
+    """A Ctrl-C while the program's modules import (torch, numpy: the first second or two) is held
+    until they are done (raised inside them it printed a traceback, left numpy half-imported, or
+    was lost and the run went on); then the program does not start: one line, status 130."""
+    import os
+    import signal
+
+    ran = []
+
+    def load():
+        os.kill(os.getpid(), signal.SIGINT)  # as a Ctrl-C during the imports
+        time.sleep(0.05)
+        return lambda: ran.append(1) or 0
+
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        assert console._run(load, "daal-study") == 130
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)
+    assert not ran and capsys.readouterr().err == "daal-study: interrupted (Ctrl-C)\n"
+
+
+def test_a_second_ctrl_c_stops_a_load_that_hangs(capsys):
+    """The held Ctrl-C is one: a second one while the program still loads (an import that hangs)
+    stops it at once, with the same line and status."""
+    import os
+    import signal
+
+    def load():
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)
+        for _ in range(100):  # "hangs": only the second Ctrl-C ends it
+            time.sleep(0.01)
+        raise AssertionError("the second Ctrl-C did not stop the load")
+
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        assert console._run(load, "daal-train") == 130
+    finally:
+        signal.signal(signal.SIGINT, before)
+    assert capsys.readouterr().err == "daal-train: interrupted (Ctrl-C)\n"
+
+
+def test_the_console_module_loads_without_torch():
+    """The console scripts import ``daal_triton.train.console`` before anything else: it and the
+    package's ``__init__`` import no torch, so that the program's own imports run with a Ctrl-C
+    held; the public names still load on first use."""
+    code = ("import sys, daal_triton.train.console as c; assert 'torch' not in sys.modules, 'torch'; "
+            "import daal_triton; from daal_triton import DAALLoss, knn; import daal_triton.loss; "
+            "assert daal_triton.loss.miner_weights and DAALLoss and knn and 'DAALLoss' in dir(daal_triton); "
+            "print('ok')")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+
+
+@pytest.mark.parametrize("delay", [0.3, 0.9, 1.6])
+def test_an_early_ctrl_c_stops_daal_train_with_one_line(tmp_path, delay):
+    """``python -m daal_triton.train`` (what ``daal-train`` runs) interrupted while it starts:
+    whenever the Ctrl-C lands (imports, argument checks, data), one line and status 130, nothing
+    run to the end, no traceback."""
+    import signal
+
+    args = [sys.executable, "-m", "daal_triton.train", "--epochs", "1", "--steps-per-epoch", "1",
+            "--shapes-train-per-class", "8", "--shapes-test-per-class", "5", "--width", "0.125",
+            "--embedding-dim", "32", "--threads", "1", "--no-tsne", "--no-progress", "--out", str(tmp_path / "run")]
+    p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                         preexec_fn=_interactive_sigint)
+    time.sleep(delay)
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 130, (p.returncode, err[-2000:])
+    assert "Traceback" not in err and "interrupted (Ctrl-C)" in err, err[-2000:]
+    assert not (tmp_path / "run" / "results.txt").exists()
 
 
 def test_setup_names_the_console_functions():

@@ -5,6 +5,7 @@ equals the uninterrupted run for every schedule."""
 import json
 import os
 import shutil
+from dataclasses import replace as dataclasses_replace
 
 import pytest
 import torch
@@ -732,3 +733,60 @@ def test_restore_rng_restores_python_numpy_and_torch():
     assert draw() != first  # the generators moved on
     restore_rng(state)
     assert draw() == first
+
+
+def test_a_resumed_run_needs_no_weights_file(tmp_path, monkeypatch):
+    """``--weights`` is recorded absolute (a relative path named another file, or none, from any
+    other working directory); a resumed run's trunk comes from its checkpoint, so the file is
+    neither required nor read (runs recorded relative could not be resumed elsewhere, and the
+    error's advice, "give --weights", was then refused as a change of the network); a path given
+    again that names the same file is no change."""
+    from daal_triton.train import config, engine, model
+
+    weights = tmp_path / "w" / "vgg.pth"
+    weights.parent.mkdir()
+    weights.write_bytes(b"not read")
+    monkeypatch.chdir(weights.parent)
+    cfg = cli.config_from_args(cli.build_parser().parse_args(["--weights", "vgg.pth"]))
+    assert cfg.weights == str(weights)
+    monkeypatch.chdir(tmp_path)
+    saved = dict(cfg.to_dict(), weights="vgg.pth")  # as runs before this recorded it
+    resumed = config.TrainConfig.from_dict(dict(saved, resume=str(tmp_path / "run" / "checkpoint_last.pt")))
+    config.validate_config(resumed, 1, torch.device("cpu"))  # no "--weights vgg.pth: no such file"
+
+    def never(*args, **kwargs):
+        raise AssertionError("a resumed run read its --weights file")
+
+    monkeypatch.setattr(model, "load_vgg_weights", never)
+    engine.build_model(dataclasses_replace(resumed, embedding_dim=8))
+    asked = config.TrainConfig.from_dict(dict(resumed.to_dict(), weights=str(weights)))
+    same, changes = config.resume_config(dict(cfg.to_dict()), asked, given={"weights"})
+    assert same.weights == str(weights) and "weights" not in changes
+    monkeypatch.chdir(weights.parent)  # the recorded relative path names the file given again
+    config.resume_config(saved, asked, given={"weights"})
+    other = tmp_path / "other.pth"
+    other.write_bytes(b"another file")
+    with pytest.raises(config.ConfigError, match="--weights"):
+        config.resume_config(saved, config.TrainConfig.from_dict(dict(resumed.to_dict(), weights=str(other))),
+                             given={"weights"})
+
+
+def test_a_checkpoint_copied_into_another_runs_folder_does_not_write_over_it(one_epoch, tmp_path, error_line):
+    """``checkpoint_last.pt`` of one run copied into another run's folder and resumed there would
+    write over that run's config.json, metrics, table and plots (and take its best checkpoint for
+    its own): refused when that folder's config.json differs in what a resume keeps; the run's own
+    checkpoint there resumes as before."""
+    other = _copy(one_epoch, tmp_path, "other")
+    cfg_path = os.path.join(other, "config.json")
+    there = json.load(open(cfg_path))
+    there["seed"] = there["seed"] + 1  # another run (another seed) in that folder
+    with open(cfg_path, "w") as f:
+        json.dump(there, f)
+    before = {n: open(os.path.join(other, n), "rb").read() for n in os.listdir(other)
+              if os.path.isfile(os.path.join(other, n))}
+    assert cli.main(["--resume", _last(other), "--epochs", "2", "--no-progress"]) == 2
+    line = error_line("daal-train")
+    assert "is another run" in line and "--seed" in line and "another --out" in line, line
+    assert before == {n: open(os.path.join(other, n), "rb").read() for n in os.listdir(other)
+                      if os.path.isfile(os.path.join(other, n))}
+    assert cli.main(["--resume", _last(other), "--epochs", "2", "--out", str(tmp_path / "new"), "--no-progress"]) == 0

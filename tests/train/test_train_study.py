@@ -3,6 +3,7 @@ overwritten), the table's mean/std/t-interval arithmetic, the plots, and one tin
 import json
 import math
 import os
+import shlex
 import shutil
 
 import pytest
@@ -496,3 +497,32 @@ def test_counts_of_one_are_singular(tmp_path, capsys):
     assert S.main(["--config", "A=", "--config", "B=", "--seeds", "0", "1", "--out", str(tmp_path / "o"),
                    "--dry-run", "--no-progress"]) == 0
     assert "4 cells (2 configurations x 2 seeds)" in capsys.readouterr().out
+
+
+def test_a_report_cut_short_is_written_again_and_summarize_keeps_the_command(tmp_path, monkeypatch):
+    """A Ctrl-C while the report is written (its plots, the t-SNE: seconds to minutes) left
+    table.md without them, and the same command again, finding no new finished run, left it so
+    for good: the report is written again until it is whole. ``--summarize`` rebuilding a report
+    from its own study.json keeps the command that ran the cells (it put its own there)."""
+    out = str(tmp_path / "st")
+    argv = ["--config", "A=--epochs 1", "--seeds", "0", "1", "--out", out, "--no-progress", "--no-tsne"]
+    monkeypatch.setattr(S, "run_cell", _fake_cell)
+    real = S.plot_tradeoff
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(S, "plot_tradeoff", interrupted)
+    assert S.main(argv) == 130
+    assert os.path.isfile(os.path.join(out, "table.md")) and not os.path.exists(os.path.join(out, "r1_vs_subcluster_nmi.png"))
+    monkeypatch.setattr(S, "plot_tradeoff", real)
+    assert S.main(argv) == 0  # nothing new ran: the report is completed all the same
+    assert os.path.getsize(os.path.join(out, "r1_vs_subcluster_nmi.png")) > 0
+    assert not os.path.exists(os.path.join(out, S.WRITING))
+    stamp = os.path.getmtime(os.path.join(out, "table.md"))
+    assert S.main(argv) == 0 and os.path.getmtime(os.path.join(out, "table.md")) == stamp  # whole: left as it was
+    command = "daal-study " + shlex.join(argv)
+    assert json.load(open(os.path.join(out, "study.json")))["command"] == command
+    assert S.main(["--summarize", "--out", out, "--no-progress", "--no-plots"]) == 0
+    assert json.load(open(os.path.join(out, "study.json")))["command"] == command
+    assert f"```bash\n{command}\n```" in open(os.path.join(out, "table.md")).read()

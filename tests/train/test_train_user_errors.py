@@ -61,12 +61,21 @@ BAD_TRAIN = {
     "width-above-4": (["--width", "5"], "--width must be a number in (0, 4]"),
     "memory-bank-negative": (["--memory-bank", "-1"], "--memory-bank must be an integer >= 0"),
     "threads-zero": (["--threads", "0"], "--threads must be >= 1"),
+    # pytorch-metric-learning builds from any keyword value and failed at the first step, mid-run
+    "pml-kwargs-bad-value": (["--loss", "pml:ProxyAnchorLoss", "--loss-kwargs", '{"margin": "a"}'],
+                             "--loss pml:ProxyAnchorLoss fails on a test batch (TypeError"),
+    "pml-abstract-loss": (["--loss", "pml:BaseMetricLossFunction"],
+                          "--loss pml:BaseMetricLossFunction fails on a test batch (NotImplementedError"),
+    "pml-abstract-miner": (["--loss", "pml:ContrastiveLoss", "--miner", "pml:BaseMiner"],
+                           "--miner pml:BaseMiner fails on a test batch (NotImplementedError"),
 }
+PML_CASES = ("kwargs-unknown", "pml-missing", "miner-kwargs-unknown", "miner-unknown", "pml-kwargs-bad-value",
+             "pml-abstract-loss", "pml-abstract-miner")
 
 
 @pytest.mark.parametrize("case", sorted(BAD_TRAIN))
 def test_daal_train_refuses_up_front(case, tmp_path, error_line):
-    if case in ("kwargs-unknown", "pml-missing", "miner-kwargs-unknown", "miner-unknown"):
+    if case in PML_CASES:
         pytest.importorskip("pytorch_metric_learning")
     flags, words = BAD_TRAIN[case]
     out = tmp_path / "out"
