@@ -692,6 +692,8 @@ MUTANTS: Tuple[Mutant, ...] = (
            ("tests/train/test_train_cli.py", "-k", "bar_is_cleared")),
     Mutant("epoch_bar_next_rate", "daal_triton/train/engine.py", 'lr=f"{lr_used:.2e}")',
            "lr=f\"{optimizer.param_groups[0]['lr']:.2e}\")", ("tests/train/test_train_cli.py", "-k", "bar_is_cleared")),
+    Mutant("study_tsne_seed_unchecked", "daal_triton/train/study.py",
+           "and args.tsne_seed not in seeds:", "and False:", ("tests/train/test_train_study.py", "-k", "tsne_seed")),
     Mutant("tune_knn_written_at_the_end", "bench/tune_knn.py",
            '    finally:\n        records.sort(key=lambda r: (r["M"]',
            '    except Exception:\n        raise\n    if True:\n        records.sort(key=lambda r: (r["M"]',

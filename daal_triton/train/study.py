@@ -911,6 +911,10 @@ def _study(args: argparse.Namespace, study: Dict[str, Any], command: str) -> int
     cells = expand(study)
     runs_path = os.path.join(report, "runs.jsonl")
     known = {(r["config"], r["seed"]): r for r in _load_runs(runs_path)}
+    seeds = set(study["seeds"]) | {seed for _, seed in known}
+    if args.tsne and args.plots and args.tsne_seed is not None and args.tsne_seed not in seeds:
+        raise StudyError(f"--tsne-seed {args.tsne_seed}: no such seed in the study or its report (seeds "
+                         f"{', '.join(map(str, sorted(seeds)))}): the t-SNE panel would be left out")
     identity = lambda: {(k, str(r.get("dir"))) for k, r in known.items()}  # noqa: E731 (a run replaced counts)
     before = identity()
     grid = {os.path.realpath(cell_dir(args.out, c)) for c in cells}  # its own cells are read by _cells_to_run

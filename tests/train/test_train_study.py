@@ -526,3 +526,17 @@ def test_a_report_cut_short_is_written_again_and_summarize_keeps_the_command(tmp
     assert S.main(["--summarize", "--out", out, "--no-progress", "--no-plots"]) == 0
     assert json.load(open(os.path.join(out, "study.json")))["command"] == command
     assert f"```bash\n{command}\n```" in open(os.path.join(out, "table.md")).read()
+
+
+def test_a_tsne_seed_the_study_does_not_have_is_refused_up_front(tmp_path, monkeypatch, error_line):
+    """``--tsne-seed 7`` in a study of seeds 0 and 1 (and no earlier run of seed 7 in its report)
+    silently left the t-SNE panel out; it is one error line before any cell runs. A seed of an
+    earlier command's runs in the report is one the panel can show."""
+    out = str(tmp_path / "st")
+    ran = []
+    monkeypatch.setattr(S, "run_cell", _recording_run(ran))
+    base = ["--config", "A=--epochs 1", "--out", out, "--no-progress"]
+    assert S.main(base + ["--seeds", "0", "1", "--tsne-seed", "7"]) == 2
+    assert "--tsne-seed 7: no such seed" in error_line("daal-study") and ran == []
+    assert S.main(base + ["--seeds", "7", "--no-tsne"]) == 0 and ran == [("A", 7)]
+    assert S.main(base + ["--seeds", "0", "--tsne-seed", "7"]) == 0  # 7 is in the report now
