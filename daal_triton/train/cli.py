@@ -265,6 +265,11 @@ def main(argv: Optional[List[str]] = None) -> int:
                                   "run (with the checkpoint's configuration): give one of them")
             cfg = config_file(args.config, cfg, given)
             check_choices(cfg, f"--config {args.config}")  # what argparse checks on the command line
+        daal_flags = sorted(name for name in given if name.startswith("daal."))
+        if daal_flags and not cfg.resume and cfg.loss != "daal":  # recorded, then read as a change of the loss
+            flag = "--daal-" + daal_flags[0][5:].replace("_", "-")
+            raise ConfigError(f"{flag} sets a DAAL hyperparameter, but --loss is {cfg.loss}: it would do nothing "
+                              f"(that loss's settings go in --loss-kwargs)")
         run(cfg, given=given)
     except (UsageError, DatasetLayoutError, ConfigError, CheckpointError) as e:
         print(f"daal-train: error: {_message(e)}", file=sys.stderr)
@@ -274,6 +279,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 1
     except OSError as e:  # the file system refused (a full disk, a folder that cannot be created)
         print(f"daal-train: error: {os_message(e)}", file=sys.stderr)
+        return 1
+    except (MemoryError, RuntimeError) as e:  # sizes the machine cannot hold (--embedding-dim 1e9, --image-size 1e5)
+        if not out_of_memory(e):
+            raise
+        print(f"daal-train: error: {memory_message(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as e:  # run.Interrupted says how to go on
         print(f"daal-train: {e or 'interrupted (Ctrl-C) before the run started: nothing was written'}",
@@ -289,6 +299,21 @@ def _message(e: Exception) -> str:
     if "Original Traceback" in text:
         text = text.strip().splitlines()[-1].split(": ", 1)[-1]
     return text
+
+
+def out_of_memory(e: BaseException) -> bool:
+    """A failed allocation: NumPy's and Python's ``MemoryError``, torch's out-of-memory errors (the
+    CUDA one is a ``RuntimeError`` subclass, the CPU allocator's a plain ``RuntimeError``)."""
+    text = str(e)
+    return isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError" or any(
+        words in text for words in ("can't allocate memory", "not enough memory", "out of memory"))
+
+
+def memory_message(e: BaseException) -> str:
+    """One line for a failed allocation: what could not be allocated, and what to lower."""
+    text = (str(e).strip().splitlines() or [type(e).__name__])[-1]
+    return (f"out of memory ({type(e).__name__}: {text[:300]}): lower the sizes (--embedding-dim, --image-size, "
+            f"--memory-bank, -P/-K, --eval-batch-size) or free memory")
 
 
 def os_message(e: OSError) -> str:
@@ -363,6 +388,11 @@ def eval_main(argv: Optional[List[str]] = None) -> int:
         return 1
     except OSError as e:
         print(f"daal-eval: error: {os_message(e)}", file=sys.stderr)
+        return 1
+    except (MemoryError, RuntimeError) as e:
+        if not out_of_memory(e):
+            raise
+        print(f"daal-eval: error: {memory_message(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("daal-eval: interrupted (Ctrl-C)", file=sys.stderr)

@@ -104,6 +104,7 @@ class RunState:
     replaced: Optional[str] = None  # --overwrite: the folder holding the previous run until this one finishes
     resumes: List[Record] = field(default_factory=list)  # config.json's "resumes": one entry per --resume
     rank_rng: Optional[List[Any]] = None  # under torchrun: every rank's generators at the last epoch's end
+    baselines: bool = False  # the raw-pixel and untrained rows are being evaluated (before epoch 1)
 
     @property
     def last_epoch(self) -> int:
@@ -249,7 +250,8 @@ def _interrupted(cfg: TrainConfig, state: Optional["RunState"]) -> str:
     if state is None or state.metrics_file is None:  # nothing written yet
         return "interrupted (Ctrl-C) before the run wrote anything: run the same command again to start it"
     last = state.path("checkpoint_last.pt")
-    where = (f"interrupted (Ctrl-C) in epoch {state.epoch + 1} of {cfg.epochs}" if state.epoch < state.last_epoch
+    where = (f"interrupted (Ctrl-C) while evaluating the baselines, before epoch 1 of {cfg.epochs}" if state.baselines
+             else f"interrupted (Ctrl-C) in epoch {state.epoch + 1} of {cfg.epochs}" if state.epoch < state.last_epoch
              else f"interrupted (Ctrl-C) after epoch {state.epoch} of {cfg.epochs}, while writing the outputs")
     if os.path.isfile(last):
         return f"{where}: continue from its last checkpoint with daal-train --resume {last}"
@@ -630,10 +632,12 @@ def _baselines(state: RunState) -> None:
     history in a resumed one."""
     if state.cfg.baselines and state.start_epoch == 1:
         t0 = time.time()
+        state.baselines = True
         pixels = _evaluate(state, 0, "raw_pixels", E.pixel_vectors(state.test_ds, progress=state.cfg.progress))
         state.table["raw pixels"] = pixels
         rec = _evaluate(state, 0, "untrained", _embed_test(state), embed_s=round(time.time() - t0, 2))
         state.table["untrained network"] = rec
+        state.baselines = False
         state.log(f"baselines: raw pixels R@1 {pixels['recall@1']:.4f}, "
                   f"untrained network R@1 {rec['recall@1']:.4f} ({time.time() - t0:.1f} s)")
         return
@@ -771,6 +775,9 @@ def finish(state: RunState) -> None:
             state.log(f"t-SNE plot failed: {e}")
         else:
             state.log(f"t-SNE of the test embeddings: {state.path('tsne_test.png')} ({time.time() - t0:.1f} s)")
+    elif os.path.isfile(state.path("tsne_test.png")):  # a resume with --no-tsne: an earlier epoch's picture
+        state.log(f"kept as it was: {state.path('tsne_test.png')}, drawn before this run's last epoch ({state.epoch}) "
+                  f"with --no-tsne; resume it again without --no-tsne to redraw it")
     write_text_atomically(state.path("results.txt"), text + "\n")
     if os.path.isdir(state.path(REPLACED)):  # the run an --overwrite replaced: this one has finished
         shutil.rmtree(state.path(REPLACED), ignore_errors=True)

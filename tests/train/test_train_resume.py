@@ -185,6 +185,19 @@ def test_resume_says_an_earlier_evaluation_is_of_an_older_checkpoint(one_epoch, 
     assert "daal-eval's" not in capsys.readouterr().out
 
 
+def test_a_resume_with_no_tsne_says_the_picture_is_older(one_epoch, tmp_path, capsys):
+    """The one-epoch run (made with --no-tsne) given a t-SNE picture, then resumed to epoch 2 with
+    --no-tsne: the picture is kept as it was, and the log says it is from before the last epoch."""
+    out = _copy(one_epoch, tmp_path)
+    with open(os.path.join(out, "tsne_test.png"), "wb") as f:
+        f.write(b"\x89PNG earlier")
+    capsys.readouterr()
+    assert cli.main(["--resume", _last(out), "--epochs", "2", "--no-progress"]) == 0
+    log = capsys.readouterr().out
+    assert f"kept as it was: {os.path.join(out, 'tsne_test.png')}, drawn before this run's last epoch (2)" in log, log
+    assert open(os.path.join(out, "tsne_test.png"), "rb").read() == b"\x89PNG earlier"
+
+
 # ----------------------------------------------------------------------------- configuration
 
 def test_resume_without_flags_keeps_the_data_set(one_epoch, tmp_path, capsys):

@@ -356,6 +356,21 @@ def test_ctrl_c_says_how_to_continue(tmp_path, capsys, monkeypatch):
     assert [json.loads(line)["epoch"] for line in open(os.path.join(out, "metrics.jsonl"))] == [1, 2, 3]
 
 
+def test_ctrl_c_during_the_baselines_says_so(tmp_path, capsys, monkeypatch):
+    """Interrupted while the raw-pixel and untrained rows are evaluated (before any training), the
+    line says that, not "in epoch 1"."""
+    from daal_triton.train import evaluate as E
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(E, "pixel_vectors", interrupted)
+    assert _main_interrupted(TINY + ["--epochs", "3", "--out", str(tmp_path / "b")]) == 130
+    err = capsys.readouterr().err
+    assert err.startswith("daal-train: interrupted (Ctrl-C) while evaluating the baselines, before epoch 1 of 3"), err
+    assert "in epoch" not in err
+
+
 def test_ctrl_c_before_the_first_checkpoint(tmp_path, capsys, monkeypatch, error_line):
     out = str(tmp_path / "int4")
     _interrupt_in_epoch(monkeypatch, 1)

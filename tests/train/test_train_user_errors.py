@@ -68,9 +68,12 @@ BAD_TRAIN = {
                           "--loss pml:BaseMetricLossFunction fails on a test batch (NotImplementedError"),
     "pml-abstract-miner": (["--loss", "pml:ContrastiveLoss", "--miner", "pml:BaseMiner"],
                            "--miner pml:BaseMiner fails on a test batch (NotImplementedError"),
+    # a DAAL hyperparameter beside another loss did nothing, and later read as a change of the loss
+    "daal-flag-with-pml": (["--loss", "pml:ContrastiveLoss", "--daal-alpha", "16"],
+                           "--daal-alpha sets a DAAL hyperparameter, but --loss is pml:ContrastiveLoss"),
 }
 PML_CASES = ("kwargs-unknown", "pml-missing", "miner-kwargs-unknown", "miner-unknown", "pml-kwargs-bad-value",
-             "pml-abstract-loss", "pml-abstract-miner")
+             "pml-abstract-loss", "pml-abstract-miner", "daal-flag-with-pml")
 
 
 @pytest.mark.parametrize("case", sorted(BAD_TRAIN))
@@ -283,3 +286,26 @@ def test_a_run_made_with_an_unread_data_root_still_evaluates_and_resumes(tmp_pat
     saved = TrainConfig(embedding_dim=8, data_root=str(tmp_path / "never_read")).to_dict()
     cfg, changes = resume_config(saved, TrainConfig(resume=path), given=set())
     assert cfg.data_root is None and "data_root" not in changes
+
+
+@pytest.mark.parametrize("error", [
+    RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: you tried "
+                 "to allocate 4000000000000 bytes. Error code 12 (Cannot allocate memory)"),
+    MemoryError("Unable to allocate 298. GiB for an array with shape (1200, 3, 100000, 100000)"),
+], ids=["torch-cpu", "numpy"])
+def test_sizes_the_machine_cannot_hold_are_one_line(tmp_path, monkeypatch, error_line, error):
+    """``--embedding-dim 1000000000``, ``--memory-bank 10**12``, ``--image-size 100000`` pass the
+    checks (each is a valid size) and fail to allocate: one error line naming what to lower, exit
+    status 1, not a traceback; any other RuntimeError still shows its traceback (a bug)."""
+    from daal_triton.train import run as run_module
+
+    def fails(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(run_module, "build_run", fails)
+    assert cli.main(TINY + ["--out", str(tmp_path / "m")]) == 1
+    line = error_line("daal-train")
+    assert line.startswith("daal-train: error: out of memory (") and "--embedding-dim" in line, line
+    monkeypatch.setattr(run_module, "build_run", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("a bug")))
+    with pytest.raises(RuntimeError, match="a bug"):
+        cli.main(TINY + ["--out", str(tmp_path / "n")])
