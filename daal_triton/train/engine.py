@@ -5,6 +5,7 @@ the loss on the global batch (:class:`GlobalBatchLoss`) and one epoch of trainin
 """
 from __future__ import annotations
 
+import copy
 import inspect
 import math
 import time
@@ -105,8 +106,6 @@ def check_pml_on_a_batch(criterion: nn.Module, miner: Optional[nn.Module], num_c
     g = torch.Generator().manual_seed(0)  # the run's random streams are not touched (nor below: fork_rng)
     emb = nn.functional.normalize(torch.randn(8, embedding_dim, generator=g), dim=1).to(device)
     labels = (torch.arange(8) % min(4, num_classes)).to(device)
-    import copy
-
     flag, value = ("--miner", miner_name) if miner is not None else ("--loss", loss)
     try:
         cuda = [device.index or 0] if device.type == "cuda" else []
