@@ -14,7 +14,9 @@ arguments); each fix came with a test and the mutant that undoes it, as did the 
 before sm_80 (no TF32; ROCm), for two uncovered-lines reviews and for a second user's-eye probe
 (2026-12-03: bfloat16 distances under the interpreter, autocast around knn and pairwise_distance,
 knn's exclude_self, a memory bank's saved state, k's upper bound), and a SPEC conformance audit
-(2026-12-03, night: small line terms lost float32's digits in log(1 + s) and 1 - exp(-lse)).
+(2026-12-03, night: small line terms lost float32's digits in log(1 + s) and 1 - exp(-lse)), and
+the rest of the second probe (2026-12-04: a moved --data-root, daal-eval --out '', an optimiser step
+beyond float32, --stop-after past the end).
 
 This script checks that they stay caught:
 in a scratch clone of the working tree it applies one mutant at a time (an exact text
@@ -703,6 +705,18 @@ MUTANTS: Tuple[Mutant, ...] = (
     Mutant("memory_error_traceback", "daal_triton/train/cli.py",
            "    return isinstance(e, MemoryError) or type(e).__name__", "    return False and isinstance(e, MemoryError) or type(e).__name__",
            ("tests/train/test_train_user_errors.py", "-k", "cannot_hold")),
+    Mutant("data_root_missing_unchecked", "daal_triton/train/config.py",
+           "    if cfg.data_root and not os.path.isdir(cfg.data_root):", "    if False:",
+           ("tests/train/test_train_resume.py", "-k", "moved_data_root")),
+    Mutant("eval_empty_out_is_default", "daal_triton/train/cli.py", "    if args.out is not None and not args.out:",
+           "    if False:", ("tests/train/test_train_safety.py", "-k", "empty_out")),
+    Mutant("optimiser_overflow_traceback", "daal_triton/train/run.py",
+           '    return "cannot be converted to type" in str(e)', '    return False and "cannot be converted to type" in str(e)',
+           ("tests/train/test_train_safety.py", "-k", "beyond_float32")),
+    Mutant("stop_after_past_the_end_unsaid", "daal_triton/train/run.py",
+           "    if ctx.is_main and cfg.stop_after is not None and cfg.stop_after >= cfg.epochs:",
+           "    if ctx.is_main and cfg.stop_after is not None and cfg.stop_after > cfg.epochs:",
+           ("tests/train/test_train_safety.py", "-k", "stop_after_at_or_past")),
     Mutant("tune_knn_written_at_the_end", "bench/tune_knn.py",
            '    finally:\n        records.sort(key=lambda r: (r["M"]',
            '    except Exception:\n        raise\n    if True:\n        records.sort(key=lambda r: (r["M"]',

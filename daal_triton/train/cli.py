@@ -406,6 +406,8 @@ def _eval_outputs(args: argparse.Namespace) -> str:
     from .config import _check_writable
     from .ddp import ConfigError
 
+    if args.out is not None and not args.out:  # as daal-train's --out: '' is no folder, not the default
+        raise ConfigError(f"--out must name a folder, got {args.out!r} (leave it out for the checkpoint's folder)")
     out = args.out or os.path.dirname(os.path.abspath(args.checkpoint))
     if os.path.exists(out) and not os.path.isdir(out):
         raise ConfigError(f"--out {out}: exists and is not a folder")

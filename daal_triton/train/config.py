@@ -126,7 +126,8 @@ def drop_unread_data_root(config: Dict[str, Any]) -> None:
 
 
 def check_data_root(cfg: TrainConfig) -> None:
-    """``--data-root`` only with a data set read from a folder (a built-in one would ignore it)."""
+    """``--data-root`` only with a data set read from a folder (a built-in one would ignore it), and
+    only an existing folder."""
     from .data import NEEDS_ROOT
 
     if cfg.data_root and cfg.dataset not in NEEDS_ROOT:
@@ -134,6 +135,8 @@ def check_data_root(cfg: TrainConfig) -> None:
                           f"give --dataset as the data set the folder holds ({', '.join(NEEDS_ROOT)})")
     if cfg.dataset in NEEDS_ROOT and not cfg.data_root:  # before anything runs (daal-study: before any cell)
         raise ConfigError(f"--dataset {cfg.dataset} needs --data-root (the folder that holds it)")
+    if cfg.data_root and not os.path.isdir(cfg.data_root):  # a resumed run's may have moved: note_source says whose
+        raise ConfigError(f"--data-root {cfg.data_root}: no such folder")
 
 
 def check_settings(cfg: TrainConfig) -> None:

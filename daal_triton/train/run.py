@@ -23,7 +23,7 @@ import shutil
 import signal
 import time
 from dataclasses import dataclass, field
-from typing import IO, Any, Dict, List, Optional
+from typing import IO, Any, Dict, List, Optional, Union
 
 import numpy as np
 import torch
@@ -227,7 +227,13 @@ def results_epoch(path: str) -> Optional[int]:
     return int(found[-1]) if found else None
 
 
-def _diverged(state: "RunState", epoch: int, e: Exception) -> str:
+def optimiser_overflow(e: RuntimeError) -> bool:
+    """The error of a step whose size does not fit the parameters' dtype (``--lr 4e37``: AdamW's
+    ``addcdiv_`` with ``value = -lr / (1 - beta1)``), as opposed to any other failure."""
+    return "cannot be converted to type" in str(e) and "without overflow" in str(e)
+
+
+def _diverged(state: "RunState", epoch: int, e: Union[Exception, str]) -> str:
     """What a run whose training became non-finite in ``epoch`` says: what, what is kept (the
     previous epoch's checkpoint: this epoch's is written after its evaluation), what to change."""
     cfg = state.cfg
@@ -319,6 +325,9 @@ def build_run(cfg: TrainConfig, ctx: ddp.DistContext, device: torch.device, log:
             + ("rises to --lr at the end" if peak >= cfg.lr else
                f"rises only to about {peak:.3g} (--lr {cfg.lr:g} x {cfg.epochs}/{cfg.warmup_epochs:g}) by the end")
             + " and never decays")
+    if ctx.is_main and cfg.stop_after is not None and cfg.stop_after >= cfg.epochs:
+        log(f"--stop-after {cfg.stop_after} is not before the last epoch (--epochs {cfg.epochs}): the run is not "
+            f"stopped early")
     loader = torch.utils.data.DataLoader(SeededDraws(train_ds), batch_sampler=sampler,
                                          **loader_options(cfg.num_workers, device, persistent=False))
     steps = len(sampler) if cfg.steps_per_epoch is None else min(len(sampler), cfg.steps_per_epoch)
@@ -661,6 +670,10 @@ def _train_epoch(state: RunState, epoch: int) -> None:
                                      log_every=cfg.log_every, stats=stats)
     except (FloatingPointError, NonFiniteError) as e:  # the CPU's value checks, or the loss's periodic read
         raise Diverged(_diverged(state, epoch, e)) from None
+    except RuntimeError as e:  # AdamW's first steps take lr / (1 - beta1^t), up to 10 x lr: over float32's range
+        if not optimiser_overflow(e):
+            raise
+        raise Diverged(_diverged(state, epoch, f"the optimiser's step size overflows float32: {e}")) from None
     train_s = time.time() - t0
     speed = dict(data_wait_s=round(stats.get("data_wait_s", 0.0), 3),
                  # every rank trains an equal share: the run's images, not rank 0's

@@ -709,6 +709,30 @@ def test_a_relative_data_root_is_recorded_absolute(tmp_path, monkeypatch):
     assert [json.loads(ln)["epoch"] for ln in open(tmp_path / "run" / "metrics.jsonl")][-1] == 2
 
 
+def test_a_moved_data_root_on_resume_says_it_is_the_checkpoints(tmp_path, error_line):
+    """The data set moved after the run started: the resume names the checkpoint's --data-root as
+    missing and says to give --data-root (it printed a layout error about a missing train/)."""
+    from PIL import Image
+    import numpy as np
+
+    for split, classes in (("train", ("p", "q")), ("test", ("x", "y"))):
+        for c in classes:
+            os.makedirs(tmp_path / "data" / split / c)
+            for j in range(2):
+                Image.fromarray(np.full((8, 8, 3), 60 * j, np.uint8)).save(tmp_path / "data" / split / c / f"{j}.png")
+    out = str(tmp_path / "run")
+    assert cli.main(["--dataset", "folder", "--data-root", str(tmp_path / "data"), "--image-size", "32", "--width",
+                     "0.125", "-P", "2", "-K", "2", "--steps-per-epoch", "1", "--embedding-dim", "8", "--epochs", "2",
+                     "--stop-after", "1", "--no-progress", "--no-tsne", "--no-baselines", "--out", out]) == 0
+    os.rename(tmp_path / "data", tmp_path / "moved")
+    assert cli.main(["--resume", _last(out), "--no-progress"]) == 2
+    line = error_line("daal-train")
+    assert f"--data-root {tmp_path / 'data'}: no such folder" in line, line
+    assert f"is the setting of the checkpoint {_last(out)}" in line and "give --data-root to override it" in line
+    assert cli.main(["--resume", _last(out), "--data-root", str(tmp_path / "moved"), "--no-progress"]) == 0
+    assert [json.loads(ln)["epoch"] for ln in open(os.path.join(out, "metrics.jsonl"))][-1] == 2
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal needs a machine without CUDA")
 def test_a_checkpoint_device_that_is_not_here_says_where_it_comes_from(one_epoch, tmp_path, error_line):
     out = _copy(one_epoch, tmp_path)

@@ -153,6 +153,9 @@ def test_a_folder_of_other_files_is_refused(tmp_path, error_line):
 def test_nothing_is_written_before_the_configuration_is_valid(tmp_path, capsys):
     out = tmp_path / "o"
     assert cli.main(["--dataset", "cub200", "--data-root", str(tmp_path / "nowhere"), "--out", str(out)]) == 2
+    assert capsys.readouterr().err.startswith(f"daal-train: error: --data-root {tmp_path / 'nowhere'}: no such folder")
+    (tmp_path / "empty").mkdir()
+    assert cli.main(["--dataset", "cub200", "--data-root", str(tmp_path / "empty"), "--out", str(out)]) == 2
     assert capsys.readouterr().err.startswith("daal-train: error: cub200: no images.txt")
     assert not out.exists()
 
@@ -429,9 +432,25 @@ def test_a_second_daal_train_writing_the_same_folder_is_refused(run_dir, tmp_pat
     assert cli.main(["--resume", os.path.join(out, "checkpoint_last.pt"), "--epochs", "2", "--no-progress"]) == 0
 
 
-def test_empty_out_is_one_error_line(error_line):
+def test_empty_out_is_one_error_line(run_dir, error_line):
     assert cli.main(TINY + ["--out", ""]) == 2
     assert "--out" in error_line("daal-train")
+    before = sorted(os.listdir(run_dir))  # daal-eval took '' as its default, the checkpoint's folder
+    assert cli.eval_main([os.path.join(run_dir, "checkpoint_last.pt"), "--out", "", "--no-progress"]) == 2
+    assert "--out must name a folder, got ''" in error_line("daal-eval")
+    assert sorted(os.listdir(run_dir)) == before
+
+
+def test_a_stop_after_at_or_past_the_last_epoch_is_said(tmp_path, capsys):
+    assert cli.main(TINY + ["--stop-after", "1", "--no-baselines", "--out", str(tmp_path / "s")]) == 0  # at
+    text = capsys.readouterr()
+    assert "--stop-after 1 is not before the last epoch (--epochs 1)" in text.err + text.out
+    assert cli.main(TINY + ["--stop-after", "3", "--no-baselines", "--out", str(tmp_path / "p")]) == 0  # past
+    text = capsys.readouterr()
+    assert "--stop-after 3 is not before the last epoch (--epochs 1)" in text.err + text.out
+    assert cli.main(TINY + ["--epochs", "2", "--stop-after", "1", "--no-baselines", "--out", str(tmp_path / "t")]) == 0
+    text = capsys.readouterr()
+    assert "is not before the last epoch" not in text.err + text.out
 
 
 def test_a_diverging_run_stops_with_one_error_line(tmp_path, error_line):
@@ -446,6 +465,17 @@ def test_a_diverging_run_stops_with_one_error_line(tmp_path, error_line):
     assert "training diverged in epoch" in line and "--lr" in line and "holds epoch" in line, line
     epoch = int(line.split("holds epoch ")[1].split(".")[0])
     assert torch.load(os.path.join(out, "checkpoint_last.pt"), weights_only=True)["epoch"] == epoch
+
+
+def test_a_step_size_beyond_float32_is_divergence_not_a_traceback(tmp_path, error_line):
+    # --lr 4e37 passes the checks, but AdamW's first step is lr / (1 - beta1) = 4e38 > float32's
+    # largest: its addcdiv_ raised "value cannot be converted to type float without overflow"
+    out = str(tmp_path / "big")
+    assert cli.main(TINY + ["--epochs", "2", "--warmup-epochs", "0", "--lr", "4e37", "--no-baselines",
+                            "--out", out]) == 1
+    line = error_line("daal-train")
+    assert "training diverged in epoch 1 of 2" in line and "step size overflows float32" in line, line
+    assert "Try a lower --lr" in line and not os.path.exists(os.path.join(out, "checkpoint_last.pt"))
 
 
 def test_a_network_with_non_finite_output_is_one_eval_error(run_dir, tmp_path, error_line):

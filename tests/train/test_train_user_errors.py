@@ -41,6 +41,9 @@ BAD_TRAIN = {
     # a folder for a data set that reads none: ignored before, the run trained on shapes
     "data-root-built-in": (["--data-root", "/tmp/my_cub"], "--dataset shapes is built in"),
     "resume-missing": (["--resume", "/nonexistent/checkpoint_last.pt"], "no such file"),
+    # a folder that is not there: the data set's layout message spoke of a missing train/ in it
+    "data-root-missing": (["--dataset", "folder", "--data-root", "/nonexistent/my_cub"],
+                          "--data-root /nonexistent/my_cub: no such folder"),
     "device": (["--device", "tpu"], "--device"),
     "eval-every": (["--eval-every", "-1"], "--eval-every"),
     "tsne-points": (["--tsne-max-points", "1"], "--tsne-max-points"),
@@ -163,7 +166,9 @@ def test_daal_eval_refuses_up_front(tmp_path, error_line):
     path = _checkpoint(tmp_path)
     ev = str(tmp_path / "ev")
     cases = [([str(tmp_path / "missing.pt")], "no such file"), ([path, "--device", "tpu"], "--device"),
-             ([path, "--data-root", str(tmp_path)], "--dataset shapes is built in")]
+             ([path, "--data-root", str(tmp_path)], "--dataset shapes is built in"),
+             ([path, "--dataset", "folder", "--data-root", str(tmp_path / "moved")],
+              f"--data-root {tmp_path / 'moved'}: no such folder")]
     if not torch.cuda.is_available():
         cases.append(([path, "--device", "cpu", "--knn-backend", "triton"], "--knn-backend triton"))
     for argv, words in cases:
