@@ -538,9 +538,10 @@ def test_gpu_check_rehearsal_on_cpu(tmp_path):
     env = dict(os.environ, PYTHON=sys.executable, DAAL_CHECK_INSTALL="0",
                # 460 s (the GPU's default): the reserves below take 330 s, and at 400 s a slow first test
                # step (25 s on a loaded 2-core machine) left the benchmarks 8 s, every case "out of time";
-               # DAAL_BENCH_S caps them at 60 s (cases start for 30 s), what they had when that step ran fast
+               # DAAL_BENCH_S caps them at 80 s (cases start for 50 s): 60 s, what they had when that step
+               # ran fast, was passed once on a machine running another job beside this test
                DAAL_CHECK_K="pairwise and not compile and not spill", DAAL_CHECK_TOTAL_S="460", DAAL_TUNE_S="30",
-               DAAL_BENCH_S="60",
+               DAAL_BENCH_S="80",
                DAAL_CHECK_BUILD_S="20", DAAL_CHECK_KERNEL_S="60",  # the two steps a GPU run leaves out by default
                # the smoke probe runs its kernels in the interpreter: ≈ 35 s on CI's 2 cores, and
                # one slow run passed the GPU's 45 s (a timed-out step fails this test)
@@ -559,7 +560,7 @@ def test_gpu_check_rehearsal_on_cpu(tmp_path):
     failed = {name: s for name, s in steps.items()
               if s["rc"] not in ((0, 5) if name in ("gpu_tests", "build_tests") else (0,))}
     assert steps["kernel_tests"]["limit"] >= 55  # its reserve, kept from the steps before it
-    assert steps["bench"]["limit"] == 60  # DAAL_BENCH_S
+    assert steps["bench"]["limit"] == 80  # DAAL_BENCH_S
     assert not failed, {name: (s, _tail(out / f"{name}.log")) for name, s in failed.items()}
     # each test step: two shards, their JUnit merged into one file (the report reads every *.xml)
     log = (out / "kernel_tests.log").read_text()
