@@ -540,3 +540,25 @@ def test_a_tsne_seed_the_study_does_not_have_is_refused_up_front(tmp_path, monke
     assert "--tsne-seed 7: no such seed" in error_line("daal-study") and ran == []
     assert S.main(base + ["--seeds", "7", "--no-tsne"]) == 0 and ran == [("A", 7)]
     assert S.main(base + ["--seeds", "0", "--tsne-seed", "7"]) == 0  # 7 is in the report now
+
+
+@pytest.mark.parametrize("report", ["shapes", "shapes_12epochs", "shapes_warmup1"])
+def test_published_tables_are_what_their_runs_give(report):
+    """docs/results/*/table.md, the numbers the docs quote: every row and the method sentence are
+    what markdown_table renders today from the runs.jsonl beside them (a hand edit, a table left
+    from an older renderer, or a change of the arithmetic that moves a published number fails)."""
+    base = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                        "docs", "results", report)
+    with open(os.path.join(base, "runs.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    with open(os.path.join(base, "table.md")) as f:
+        published = f.read()
+    names = {r["config"] for r in records}
+    order = list(dict.fromkeys(line.split("|")[1].strip() for line in _rows(published)
+                               if line.split("|")[1].strip() in names))  # the report's order (its --first)
+    assert sorted(order) == sorted(names)
+    sentence = next(line for line in published.splitlines() if line.startswith(f"{len(records)} runs; "))
+    note = sentence.split("Final epoch, held-out classes.", 1)[1].strip()
+    rendered = S.markdown_table(records, order, note=note)
+    assert sentence in rendered.splitlines()
+    assert _rows(published) == _rows(rendered)
