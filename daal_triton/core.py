@@ -63,7 +63,7 @@ class Hyperparameters:
         for name in ("m0", "lambda_pull", "lambda_dens", "lambda_len", "tau", "l_max"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        check_flag(self.normalize, "normalize", optional=False)
+        object.__setattr__(self, "normalize", check_flag(self.normalize, "normalize", optional=False))
         if self.reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be 'mean' or 'none', got {self.reduction!r}")
 
@@ -160,8 +160,13 @@ def compose(
             ref = ops.prepare(ref_embeddings, None, C, dtype=dtype, normalize=hp.normalize)[0]
             ref_labels = ref_labels.long()
         # no row has more than N neighbours: a k beyond the reference set's N rows costs no B x k padding
-        dist, index = ops.knn(x, ref, min(hp.k, ref.shape[0]), query_labels=labels, ref_labels=ref_labels,
-                              exclude_self=ref_includes_batch)
+        k = min(hp.k, ref.shape[0])
+        if k:
+            dist, index = ops.knn(x, ref, k, query_labels=labels, ref_labels=ref_labels,
+                                  exclude_self=ref_includes_batch)
+        else:  # an empty reference set (a memory bank before its first enqueue): no sample has a neighbour
+            dist = x.new_empty((x.shape[0], 0))
+            index = torch.empty((x.shape[0], 0), dtype=torch.long, device=x.device)
         r, valid, margin, hinge = ops.density(dist, index, labels, C, m0=hp.m0, m_min=hp.m_min,
                                               m_max=hp.m_max, gamma=hp.gamma, tau=hp.tau)
         per_line = ops.line_margin(x, labels, seg, margin, alpha=hp.alpha, lambda_pull=hp.lambda_pull)

@@ -6,7 +6,6 @@ the plain-PyTorch operators of ``daal_triton.reference``.
 """
 from __future__ import annotations
 
-import os
 from typing import Optional, Tuple, Union
 
 import torch
@@ -28,11 +27,17 @@ from .validation import (
 #: "fused" (default: the fused prepare / density / combine kernels) or "aten" (the reference's
 #: PyTorch step functions around the fused kNN and line margin, the design before issue 13).
 GLUE_ENV = "DAAL_GLUE"
+GLUE_POLICIES = ("fused", "aten")
 
 
 def _ops(backend: str) -> Operators:
-    """The operators of a resolved backend."""
-    if backend == "triton" and os.environ.get(GLUE_ENV, "fused") == "aten":
+    """The operators of a resolved backend (``ValueError`` naming ``DAAL_GLUE`` for a value not in
+    :data:`GLUE_POLICIES`, as the kernels' switches do)."""
+    if backend == "triton":
+        from .kernels._common import env_choice
+
+        glue = env_choice(GLUE_ENV, GLUE_POLICIES)
+    if backend == "triton" and glue == "aten":
         from .kernels import knn, line_margin
 
         return Operators(knn=knn.knn, line_margin=line_margin.line_margin)
@@ -99,6 +104,16 @@ def daal_loss(
                      check_values=check_values)
 
 
+def _beside(labels, embeddings):
+    """``labels`` on the embeddings' device, as pytorch-metric-learning's losses take them (CPU
+    labels beside CUDA embeddings: one copy, the miner's indices too). Labels on the meta device
+    have no values to move, and anything that is not two tensors is left to the validation."""
+    if (isinstance(labels, torch.Tensor) and isinstance(embeddings, torch.Tensor)
+            and labels.device != embeddings.device and labels.device.type != "meta"):
+        return labels.to(embeddings.device)
+    return labels
+
+
 def inputs_dtype(embeddings: torch.Tensor, segments: torch.Tensor,
                  ref_embeddings: Optional[torch.Tensor] = None) -> torch.dtype:
     """The promoted dtype of the loss's float inputs: a float64 reference set (memory bank)
@@ -129,6 +144,7 @@ def loss_with(
     miner's ``indices_tuple``); ``ref_name``: the reference set's argument name in error messages."""
     refuse_vmap("the DAAL loss (daal_loss, DAALLoss)")
     check_flag(return_parts, "return_parts", optional=False)
+    labels, ref_labels = (_beside(t, embeddings) for t in (labels, ref_labels))
     validate_loss_inputs(embeddings, labels, segments, k=hp.k,
                          ref_embeddings=ref_embeddings, ref_labels=ref_labels,
                          ref_includes_batch=ref_includes_batch, check_values=check_values,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
+import sys
 from typing import Optional
 
 import torch
@@ -23,15 +24,18 @@ CHECK_VALUES_ENV = "DAAL_CHECK_VALUES"
 def value_checks_on(device: torch.device, check_values: Optional[bool] = None) -> bool:
     """Whether the value checks run for tensors on ``device``: always on the CPU; elsewhere
     ``check_values``, or when it is None the environment variable ``DAAL_CHECK_VALUES``. Never
-    on the meta device (no values to read) nor while ``torch.compile`` traces."""
+    on the meta device (no values to read) nor while ``torch.compile`` traces or a
+    ``FakeTensorMode`` is active."""
     check_flag(check_values, "check_values")
     if _is_tracing() or device.type == "meta":
         return False
     if device.type == "cpu":
-        return True
-    if check_values is not None:
-        return bool(check_values)
-    return os.environ.get(CHECK_VALUES_ENV, "0").strip().lower() in ("1", "true", "yes", "on")
+        on = True
+    elif check_values is not None:
+        on = bool(check_values)
+    else:
+        on = os.environ.get(CHECK_VALUES_ENV, "0").strip().lower() in ("1", "true", "yes", "on")
+    return on and not _faking()
 
 
 def _is_tracing() -> bool:
@@ -39,6 +43,16 @@ def _is_tracing() -> bool:
         return torch.compiler.is_compiling()
     except AttributeError:  # pragma: no cover - old torch
         return False
+
+
+_FAKE_KEY = getattr(getattr(torch._C, "_TorchDispatchModeKey", None), "FAKE", None)
+
+
+def _faking() -> bool:
+    """A ``FakeTensorMode`` is active (shape propagation, ``torch.export`` by hand): tensors
+    without values, whose reads raise ``DataDependentOutputException`` (as the kernels'
+    ``_common.faking``, which this module may not import: it imports triton)."""
+    return _FAKE_KEY is not None and torch._C._get_dispatch_mode(_FAKE_KEY) is not None
 
 
 #: The floating dtypes the loss computes with (float8 has no arithmetic in torch: it would fail
@@ -105,13 +119,14 @@ def check_same_device(**tensors: Optional[torch.Tensor]) -> None:
 
 
 def check_flag(value: Optional[bool], name: str, *, optional: bool = True) -> Optional[bool]:
-    """``value`` when it is True or False, or None when ``optional`` (a string such as "False"
-    would read as true)."""
+    """``value`` as a ``bool`` when it is True or False (Python's or NumPy's), or None when
+    ``optional`` (a string such as "False" would read as true)."""
     if optional and value is None:
         return value
-    if not isinstance(value, bool):
+    np = sys.modules.get("numpy")  # a NumPy bool (np.True_, as a NumPy comparison gives) is a bool too
+    if not (isinstance(value, bool) or (np is not None and isinstance(value, np.bool_))):
         raise ValueError(f"{name} must be {'None, ' if optional else ''}True or False, got {value!r}")
-    return value
+    return bool(value)
 
 
 def as_int(value, name: str, minimum: int = 1, maximum: Optional[int] = None) -> int:

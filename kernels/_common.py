@@ -62,9 +62,18 @@ def next_pow2(n: int) -> int:
     return 1 << (n - 1).bit_length() if n > 0 else 0
 
 
+def _triton_interprets() -> bool:
+    """``TRITON_INTERPRET`` read by Triton's own knob, as ``triton.jit`` reads it (``false``,
+    ``off``, ``no``: compiled kernels); the spelling it accepts where there is no knob."""
+    knobs = getattr(triton, "knobs", None)
+    if knobs is not None and hasattr(knobs, "runtime"):
+        return bool(knobs.runtime.interpret)
+    return os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "on", "yes", "y")
+
+
 #: ``TRITON_INTERPRET`` as Triton read it when this module imported it: ``triton.jit`` decides
 #: then whether a kernel is interpreted, so a later change of the variable changes nothing.
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+_INTERPRET = _triton_interprets()
 
 
 def interpreting() -> bool:
@@ -674,12 +683,23 @@ EAGER_MODES = ("function", "custom")
 EAGER_OPS = os.environ.get("DAAL_EAGER_OPS", "function")
 
 
+_FAKE_KEY = getattr(getattr(torch._C, "_TorchDispatchModeKey", None), "FAKE", None)
+
+
+def faking() -> bool:
+    """A ``FakeTensorMode`` is active (tensors without values or storage: shape propagation,
+    ``torch.export``): only the operators' fake implementations can run. ~0.1 us."""
+    return _FAKE_KEY is not None and torch._C._get_dispatch_mode(_FAKE_KEY) is not None
+
+
 def _operator_call() -> bool:
-    """Whether a call goes through the ``torch.library`` operator: under ``torch.compile`` or
-    with ``DAAL_EAGER_OPS=custom`` (checked: another value is a ``ValueError``)."""
+    """Whether a call goes through the ``torch.library`` operator: under ``torch.compile``, with
+    a ``FakeTensorMode`` active (the operator's fake implementation gives the shapes; a launch
+    on fake tensors fails) or with ``DAAL_EAGER_OPS=custom`` (checked: another value is a
+    ``ValueError``)."""
     if EAGER_OPS not in EAGER_MODES:
         raise ValueError(f"DAAL_EAGER_OPS must be one of {EAGER_MODES}, got {EAGER_OPS!r}")
-    return EAGER_OPS != "function" or torch.compiler.is_compiling()
+    return EAGER_OPS != "function" or torch.compiler.is_compiling() or faking()
 
 
 def _first_order_only(op) -> None:

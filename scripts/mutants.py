@@ -16,7 +16,9 @@ before sm_80 (no TF32; ROCm), for two uncovered-lines reviews and for a second u
 knn's exclude_self, a memory bank's saved state, k's upper bound), and a SPEC conformance audit
 (2026-12-03, night: small line terms lost float32's digits in log(1 + s) and 1 - exp(-lse)), and
 the rest of the second probe (2026-12-04: a moved --data-root, daal-eval --out '', an optimiser step
-beyond float32, --stop-after past the end).
+beyond float32, --stop-after past the end) and a third probe of the library (2026-12-04: an empty
+reference set on the Triton backend, TRITON_INTERPRET=false in the kernels' launch settings, a
+misspelt DAAL_GLUE, NumPy bools, FakeTensorMode, CPU labels beside embeddings elsewhere).
 
 This script checks that they stay caught:
 in a scratch clone of the working tree it applies one mutant at a time (an exact text
@@ -436,8 +438,8 @@ MUTANTS: Tuple[Mutant, ...] = (
            "                  exclude_self=False)",
            ("tests/package/test_fast_path.py", "-k", "exclude_self_and_labels")),
     Mutant("fn_glue_ignored", "daal_triton/functional.py",
-           'if backend == "triton" and os.environ.get(GLUE_ENV, "fused") == "aten":',
-           "if False:",
+           '    if backend == "triton" and glue == "aten":',
+           "    if False:",
            ("tests/package/test_fast_path.py", "-k", "aten_glue")),
     Mutant("env_truthy", "daal_triton/validation.py", 'in ("1", "true", "yes", "on")', '== "1"',
            ("tests/package/test_host_sync.py", "-k", "value_checks_switch")),
@@ -599,8 +601,8 @@ MUTANTS: Tuple[Mutant, ...] = (
            "            pass\n", ("tests/package/test_memory_bank.py", "-k", "checked_and_meet")),
     Mutant("gather_labels_as_bytes", "daal_triton/distributed.py", "    if labels.dtype in _AS_BYTES:",
            "    if False:", ("tests/package/test_distributed.py", "-k", "gloo_has_no_type")),
-    Mutant("core_k_beyond_rows", "daal_triton/core.py", "ops.knn(x, ref, min(hp.k, ref.shape[0]),",
-           "ops.knn(x, ref, hp.k,", ("tests/package/test_core.py", "-k", "k_beyond")),
+    Mutant("core_k_beyond_rows", "daal_triton/core.py", "        k = min(hp.k, ref.shape[0])\n",
+           "        k = hp.k if ref.shape[0] else 0\n", ("tests/package/test_core.py", "-k", "k_beyond")),
     Mutant("knn_k_beyond_rows", "kernels/knn.py", "    if k > N:  # at most N neighbours", "    if False:  # at most N neighbours",
            ("tests/kernels/test_kernel_knn.py", "-k", "beyond_the_rows")),
     Mutant("parts_line_from_total", "daal_triton/core.py",
@@ -717,6 +719,29 @@ MUTANTS: Tuple[Mutant, ...] = (
            "    if ctx.is_main and cfg.stop_after is not None and cfg.stop_after >= cfg.epochs:",
            "    if ctx.is_main and cfg.stop_after is not None and cfg.stop_after > cfg.epochs:",
            ("tests/train/test_train_safety.py", "-k", "stop_after_at_or_past")),
+    Mutant("empty_reference_set_launches_knn", "daal_triton/core.py", "        if k:\n            dist, index = ops.knn(",
+           "        if True:\n            dist, index = ops.knn(",
+           ("tests/package/test_memory_bank.py", "-k", "empty_reference")),
+    Mutant("interpret_false_read_as_on", "kernels/_common.py", "_INTERPRET = _triton_interprets()",
+           '_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")',
+           ("tests/package/test_validation.py", "-k", "interpret_false_as_off")),
+    Mutant("glue_misspelt_runs_fused", "daal_triton/functional.py", "        glue = env_choice(GLUE_ENV, GLUE_POLICIES)",
+           '        glue = __import__("os").environ.get(GLUE_ENV, "fused")',
+           ("tests/package/test_fast_path.py", "-k", "aten_glue")),
+    Mutant("numpy_bool_refused", "daal_triton/validation.py",
+           "    if not (isinstance(value, bool) or (np is not None and isinstance(value, np.bool_))):",
+           "    if not isinstance(value, bool):", ("tests/package/test_core.py", "-k", "numpy")),
+    Mutant("numpy_bool_kept", "daal_triton/core.py",
+           '        object.__setattr__(self, "normalize", check_flag(self.normalize, "normalize", optional=False))',
+           '        check_flag(self.normalize, "normalize", optional=False)', ("tests/package/test_core.py", "-k", "numpy")),
+    Mutant("fake_tensor_values_read", "daal_triton/validation.py", "    return on and not _faking()", "    return on",
+           ("tests/package/test_validation.py", "-k", "fake")),
+    Mutant("fake_tensor_kernel_launched", "kernels/_common.py",
+           'return EAGER_OPS != "function" or torch.compiler.is_compiling() or faking()',
+           'return EAGER_OPS != "function" or torch.compiler.is_compiling()', ("tests/package/test_validation.py", "-k", "fake")),
+    Mutant("labels_not_moved", "daal_triton/functional.py",
+           "    labels, ref_labels = (_beside(t, embeddings) for t in (labels, ref_labels))\n", "",
+           ("tests/package/test_validation.py", "-k", "follow_the_embeddings")),
     Mutant("tune_knn_written_at_the_end", "bench/tune_knn.py",
            '    finally:\n        records.sort(key=lambda r: (r["M"]',
            '    except Exception:\n        raise\n    if True:\n        records.sort(key=lambda r: (r["M"]',

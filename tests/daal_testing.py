@@ -96,6 +96,19 @@ def random_problem(B: int, C: int, D: int, *, dtype=torch.float64, device="cpu",
     return z, y, seg.to(dtype=dtype, device=device)
 
 
+def patch_value_checks(monkeypatch, answer) -> None:
+    """``value_checks_on`` replaced by ``answer(device, check_values=None)`` in every package module
+    that calls it: each binds the name at its import (``from .validation import value_checks_on``),
+    and the package imports them lazily, so patching ``validation`` alone missed a module first
+    imported later, and left one imported during the patch bound to the stand-in for good."""
+    import importlib
+
+    # every module imported before any is patched: one imported after would bind the stand-in
+    modules = [importlib.import_module(f"daal_triton.{name}") for name in ("validation", "functional", "loss", "memory")]
+    for module in modules:
+        monkeypatch.setattr(module, "value_checks_on", answer)
+
+
 # ----------------------------------------------------------------------------- specialisation
 # At launch, Triton's JIT specialises each kernel on its arguments: an integer equal to 1 becomes
 # the constant 1, and a pointer aligned to 16 bytes or an integer divisible by 16 gets

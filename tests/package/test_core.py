@@ -68,6 +68,16 @@ def test_numpy_scalars_are_accepted_as_python_numbers():
     assert type(loss.num_classes) is int
     with pytest.raises(ValueError, match="check_values must be None, True or False"):
         daal_triton.DAALLoss(3, 4, check_values="no")
+    # NumPy's bools as well (np.True_: what a NumPy comparison in a sweep gives), stored as bool
+    hp = Hyperparameters(normalize=np.False_)
+    assert hp == Hyperparameters(normalize=False) and type(hp.normalize) is bool
+    loss = daal_triton.DAALLoss(3, 4, normalize=np.bool_(False), check_values=np.True_, point_proxies=np.False_)
+    assert type(loss.hp.normalize) is bool and loss.check_values is True and loss.point_proxies is False
+    z, y = torch.randn(5, 4), torch.arange(5) % 3
+    assert torch.equal(daal_triton.daal_loss(z, y, loss.segments, return_parts=np.True_, backend="reference").loss,
+                       daal_triton.daal_loss(z, y, loss.segments, backend="reference"))
+    with pytest.raises(ValueError, match="normalize must be True or False, got np.int64"):
+        Hyperparameters(normalize=np.int64(1))
 
 
 def test_loss_module_keeps_one_hyperparameter_object():

@@ -261,6 +261,10 @@ def test_aten_glue_runs_the_fused_knn_and_line_margin(monkeypatch):
     assert "_knn_fwd_kernel" in kernels and "_lm2_fwd_kernel" in kernels, count.triton
     assert not any(w in kernels for w in ("_prepare_", "_density_", "_combine_")), count.triton
     assert_close(loss, dt.daal_loss(z, y, seg, backend="reference"), tolerance(torch.float32, tf32=TF32), "loss")
+    # a misspelt value is refused, naming the variable, as the kernels' switches are (it ran "fused")
+    monkeypatch.setenv("DAAL_GLUE", "Aten")
+    with pytest.raises(ValueError, match=r"DAAL_GLUE must be one of \('fused', 'aten'\), got 'Aten'"):
+        dt.daal_loss(z.float(), y, seg.float(), backend="triton")
 
 
 def _largest_saved(backend, B, C, D):
@@ -315,6 +319,22 @@ def test_torch_compile_inductor_on_gpu():
     compiled.backward()
     assert_close(compiled, eager, 5e-3, "inductor-compiled loss")
     assert torch.isfinite(loss_fn.segments.grad).all()
+
+
+@pytest.mark.gpu
+def test_cpu_labels_beside_cuda_embeddings_on_gpu():
+    """pytorch-metric-learning's convention: CPU labels (a DataLoader's) with CUDA embeddings are
+    moved to the GPU, the bank's labels too; the same loss and gradient as CUDA labels."""
+    z, y, seg = random_problem(37, 11, 129, device="cuda")
+    bank, bank_y = torch.randn(20, 129, device="cuda"), torch.arange(20) % 11
+    module = dt.DAALLoss(11, 129).cuda()
+    out = {}
+    for where in ("cpu", "cuda"):
+        zz = z.float().clone().requires_grad_(True)
+        loss = module(zz, y.to(where), ref_emb=bank, ref_labels=bank_y.to(where))
+        out[where] = (loss.detach(), torch.autograd.grad(loss, zz)[0])
+    for what, a, b in zip(("loss", "d/dembeddings"), out["cpu"], out["cuda"]):  # atomics may reorder sums
+        assert_close(a, b, 1e-6, what)
 
 
 @pytest.mark.gpu

@@ -13,6 +13,7 @@ import torch
 import daal_triton
 from daal_triton import validation
 from daal_triton.launch_count import LaunchCount
+from daal_testing import patch_value_checks
 
 BACKENDS = ["reference", pytest.param("triton", marks=pytest.mark.interpreter)]  # CPU tensors
 #: issue 13: one DAALLoss forward+backward at B = 180, C = 100 on the Triton backend.
@@ -22,7 +23,7 @@ MAX_LAUNCHES = 40
 @pytest.fixture
 def gpu_defaults(monkeypatch):
     """Value checks as on a CUDA tensor with the default options: off."""
-    monkeypatch.setattr(validation, "value_checks_on", lambda device, check_values=None: False)
+    patch_value_checks(monkeypatch, lambda device, check_values=None: False)
 
 
 def test_the_counter_sees_a_host_sync():
@@ -293,13 +294,10 @@ def test_value_checks_switch_for_gpu_tensors(monkeypatch, value, env, expected):
 def test_check_values_true_reaches_every_check(monkeypatch):
     """``check_values=True`` on ``daal_loss`` and on ``DAALLoss`` (its labels and a miner's tuple)
     reaches the value checks: here they answer as on a GPU, where they run only when asked."""
-    from daal_triton import loss as loss_module
-
     def as_on_gpu(device, check_values=None):
         return bool(check_values)
 
-    monkeypatch.setattr(validation, "value_checks_on", as_on_gpu)
-    monkeypatch.setattr(loss_module, "value_checks_on", as_on_gpu)
+    patch_value_checks(monkeypatch, as_on_gpu)
     z, seg, bad = torch.randn(4, 3), torch.randn(2, 2, 3), torch.tensor([0, 1, 2, 0])
     assert torch.isnan(daal_triton.daal_loss(z, bad, seg, backend="reference"))  # unchecked: NaN
     with pytest.raises(ValueError, match="labels must lie in"):

@@ -202,3 +202,31 @@ def test_bank_loss_matches_float64_on_odd_shapes(bank_rows):
     tol = tolerance(torch.float32)
     for what, a, b in zip(("loss", "d embeddings", "d segments"), out["triton"], out["reference"]):
         assert_close(a, b, tol, what)
+
+
+@pytest.mark.interpreter
+def test_an_empty_reference_set_gives_no_neighbours_on_both_backends():
+    """A bank read before its first enqueue with ``get()`` (not ``with_batch``): no sample has a
+    neighbour, so every margin is m0 and the density term is 0, on both backends against float64
+    (the Triton backend raised "k must be an integer >= 1, got 0", a k the user never gave)."""
+    from daal_testing import assert_close, tolerance
+
+    g = torch.Generator().manual_seed(11)
+    B, D, C = 37, 129, 11
+    z = torch.randn(B, D, generator=g, dtype=torch.float64)
+    y = torch.randint(0, C, (B,), generator=g)
+    seg = torch.randn(C, 2, D, generator=g, dtype=torch.float64)
+    out = {}
+    for backend, dtype in (("triton", torch.float32), ("reference", torch.float32), ("reference", torch.float64)):
+        zz = z.to(dtype).requires_grad_(True)
+        ss = seg.to(dtype).requires_grad_(True)
+        ref, ref_y = MemoryBank(64, D, dtype=dtype).get()
+        parts = dt.daal_loss(zz, y, ss, ref_embeddings=ref, ref_labels=ref_y, backend=backend, return_parts=True)
+        assert parts.neighbors.shape == (B, 0) and not parts.valid.any()
+        assert torch.all(parts.margin == 0.2) and parts.density.item() == 0  # m0; no hinge
+        parts.loss.backward()
+        out[backend, dtype] = (parts.loss.detach().double(), zz.grad.double(), ss.grad.double())
+    tol = tolerance(torch.float32)
+    for key in (("triton", torch.float32), ("reference", torch.float32)):
+        for what, a, b in zip(("loss", "d embeddings", "d segments"), out[key], out["reference", torch.float64]):
+            assert_close(a, b, tol, f"{key[0]}: {what}")

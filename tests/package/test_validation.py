@@ -46,6 +46,7 @@ def test_loss_errors_name_the_argument(backend):
     bad = seg.clone(); bad[1, 1, 2] = float("-inf")
     raises("segments contains NaN or inf", f, z, y, bad)
     raises("all tensors must be on one device: .*segments on meta", f, z, y, seg.to("meta"))
+    raises("all tensors must be on one device: .*labels on meta", f, z, y.to("meta"), seg)  # no values to move
     raises("k must be an integer >= 1", f, z, y, seg, k=0)
     raises("k must be an integer >= 1", f, z, y, seg, k=2.0)
     raises(r"k must be an integer in \[1, 2147483647\], got 18446744073709551616", f, z, y, seg, k=2**64)
@@ -206,9 +207,27 @@ def test_triton_interpret_is_read_as_triton_reads_it(monkeypatch, value, on):
     if hasattr(triton, "knobs"):  # Triton's own reading, where this Triton has one
         assert bool(triton.knobs.runtime.interpret) == on
     assert choose_backend("auto", torch.device("cpu")) == ("triton" if on else "reference")
+    # the kernels' launch settings read it as Triton does too (they took "false" as the
+    # interpreter's: its large CPU blocks and IEEE float32 dots on a GPU)
+    from daal_triton.kernels import _common
+
+    assert _common._triton_interprets() == on
     if not on:
         raises("backend='triton' cannot run here: tensors are on 'cpu'", choose_backend, "triton",
                torch.device("cpu"))
+
+
+def test_kernels_read_triton_interpret_false_as_off():
+    """A fresh process with TRITON_INTERPRET=false: Triton compiles its kernels, and the kernels'
+    launch settings (block sizes, float32 dot precision) are the GPU's, not the interpreter's."""
+    code = ("import triton\nfrom daal_triton.kernels import _common\n"
+            "print(bool(triton.knobs.runtime.interpret) if hasattr(triton, 'knobs') else None, _common.interpreting())")
+    for value, on in (("false", False), ("1", True)):
+        out = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, TRITON_INTERPRET=value),
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr[-2000:]
+        knob, ours = out.stdout.split()
+        assert ours == str(on) and knob in (str(on), "None"), (value, out.stdout)
 
 
 def test_interpreter_set_after_triton_is_named(tmp_path):
@@ -287,9 +306,46 @@ def test_meta_tensors_give_the_loss_shape_whatever_the_value_checks(check_values
     assert loss.device.type == "meta" and loss.shape == ()
 
 
+@pytest.mark.parametrize("check_values", [None, True])
+def test_fake_tensors_give_the_loss_shape(check_values):
+    """Under ``FakeTensorMode`` (shape propagation on CPU-looking tensors without values) the value
+    checks are skipped as while torch.compile traces: reading a value raised
+    DataDependentOutputException. Outside it, the same call still checks values."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        z, y, seg = good()  # made in the mode: fake
+        loss = dt.daal_loss(z, y, seg, check_values=check_values, backend="reference")
+        # "auto": the Triton backend where it runs (its operators' fake implementations: a launch
+        # on fake tensors failed), and the kNN's
+        auto = dt.daal_loss(z, y, seg, check_values=check_values, backend="auto", reduction="none")
+        knn_dist, _ = dt.knn(z, z, 2, check_values=check_values)
+    assert loss.shape == () and auto.shape == (z.shape[0],) and knn_dist.shape == (z.shape[0], 2)
+    z, y, seg = good()
+    raises(r"labels must lie in \[0, 3\)", dt.daal_loss, z, y + 100, seg, check_values=check_values)
+
+
 def test_nothing_is_silently_downcast():
     z, y, seg = good()
     loss = dt.daal_loss(z.double(), y, seg.double(), backend="auto")
     assert loss.dtype == torch.float64
     loss = dt.daal_loss(z.half(), y.int(), seg, backend="reference")  # int32 labels are fine
     assert loss.dtype == torch.float32
+
+
+def test_labels_follow_the_embeddings_device_as_in_pytorch_metric_learning():
+    """CPU labels beside embeddings elsewhere are moved there (pytorch-metric-learning's losses do
+    the same; the loss refused them), on the functional and the module API, the reference set's
+    labels too; a label outside [0, C) is still refused when values are checked. The meta device
+    stands in for CUDA, whose copies the gpu-marked tests make."""
+    z, y, seg = good()
+    zm, segm = z.to("meta"), seg.to("meta")
+    loss = dt.daal_loss(zm, y, segm, backend="reference")
+    assert loss.device.type == "meta" and loss.shape == ()
+    bank, bank_y = torch.randn(5, 4), torch.arange(5) % 3
+    parts = dt.daal_loss(zm, y, segm, ref_embeddings=bank.to("meta"), ref_labels=bank_y, return_parts=True,
+                         backend="reference", reduction="none")
+    assert parts.loss.shape == (6,) and parts.neighbors.device.type == "meta"
+    module = dt.DAALLoss(3, 4, backend="reference").to("meta")
+    assert module(zm, y).device.type == "meta"
+    raises("labels must lie in", dt.daal_loss, z, y + 3, seg)  # CPU: checked as before

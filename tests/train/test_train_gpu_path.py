@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import daal_triton
-from daal_triton import memory, validation
+from daal_testing import patch_value_checks
 from daal_triton.memory import MemoryBank
 from daal_triton.train import cli, config, devices, engine
 from daal_triton.train import evaluate as E
@@ -76,8 +76,7 @@ def batches(n: int, seed: int = 0):
 def gpu_defaults(monkeypatch):
     """The value checks (the loss's, the memory bank's) as on a CUDA tensor with the default
     options: off."""
-    for module in (validation, memory):
-        monkeypatch.setattr(module, "value_checks_on", lambda device, check_values=None: False)
+    patch_value_checks(monkeypatch, lambda device, check_values=None: False)
 
 
 def setup_step(bank: bool = False, steps: int = 7):
