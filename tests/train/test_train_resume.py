@@ -684,17 +684,22 @@ def test_resume_onto_data_with_other_classes_is_one_error_line(tmp_path, error_l
     assert {n: open(os.path.join(out, n), "rb").read() for n in os.listdir(out)} == before
 
 
-def test_a_relative_data_root_is_recorded_absolute(tmp_path, monkeypatch):
-    """``--data-root data`` given in one folder: the run records the folder's absolute path, so
-    daal-eval and --resume work from any other working directory (they looked for ./data there)."""
+def _two_class_folder(root) -> None:
+    """A --dataset folder tree at ``root``: train classes p, q and test classes x, y, two 8x8 images each."""
     from PIL import Image
     import numpy as np
 
     for split, classes in (("train", ("p", "q")), ("test", ("x", "y"))):
         for c in classes:
-            os.makedirs(tmp_path / "data" / split / c)
+            os.makedirs(os.path.join(root, split, c))
             for j in range(2):
-                Image.fromarray(np.full((8, 8, 3), 60 * j, np.uint8)).save(tmp_path / "data" / split / c / f"{j}.png")
+                Image.fromarray(np.full((8, 8, 3), 60 * j, np.uint8)).save(os.path.join(root, split, c, f"{j}.png"))
+
+
+def test_a_relative_data_root_is_recorded_absolute(tmp_path, monkeypatch):
+    """``--data-root data`` given in one folder: the run records the folder's absolute path, so
+    daal-eval and --resume work from any other working directory (they looked for ./data there)."""
+    _two_class_folder(tmp_path / "data")
     monkeypatch.chdir(tmp_path)
     assert cli.main(["--dataset", "folder", "--data-root", "data", "--image-size", "32", "--width", "0.125",
                      "-P", "2", "-K", "2", "--steps-per-epoch", "1", "--embedding-dim", "8", "--epochs", "2",
@@ -712,14 +717,7 @@ def test_a_relative_data_root_is_recorded_absolute(tmp_path, monkeypatch):
 def test_a_moved_data_root_on_resume_says_it_is_the_checkpoints(tmp_path, error_line):
     """The data set moved after the run started: the resume names the checkpoint's --data-root as
     missing and says to give --data-root (it printed a layout error about a missing train/)."""
-    from PIL import Image
-    import numpy as np
-
-    for split, classes in (("train", ("p", "q")), ("test", ("x", "y"))):
-        for c in classes:
-            os.makedirs(tmp_path / "data" / split / c)
-            for j in range(2):
-                Image.fromarray(np.full((8, 8, 3), 60 * j, np.uint8)).save(tmp_path / "data" / split / c / f"{j}.png")
+    _two_class_folder(tmp_path / "data")
     out = str(tmp_path / "run")
     assert cli.main(["--dataset", "folder", "--data-root", str(tmp_path / "data"), "--image-size", "32", "--width",
                      "0.125", "-P", "2", "-K", "2", "--steps-per-epoch", "1", "--embedding-dim", "8", "--epochs", "2",
