@@ -27,7 +27,8 @@
 # gpu_tests.xml / kernel_tests.xml / bench_junit.xml (JUnit), records.jsonl (one line per
 # benchmark case: measured, skipped with the reason, or failed), bench.json
 # (pytest-benchmark's --benchmark-json), probe.jsonl, tune_knn.json, tune_line_margin.json,
-# nvidia-smi.txt, report.md.
+# nvidia-smi.txt, report.md, and 0-all-files.tar.gz: all of these in one archive (the device tool
+# brings back 8 files).
 # To commit a run: copy OUTDIR to bench/results/<date>-<gpu>/ and run
 # `python bench/report.py --readme`.
 #
@@ -271,6 +272,12 @@ fi
 # ------------------------------------------------------------------ 6. report
 step report 30 "$PY" bench/report.py "$OUT" -o "$OUT/report.md"
 [ -f "$OUT/report.md" ] && sed -n '1,60p' "$OUT/report.md"
+# This workplace's device tool returns at most 8 files of OUTDIR, the first 8 by name (2026-12-04: a run's
+# records, report and probe did not come back): one archive of the whole run, named to sort first,
+# brings it all. To commit the run, unpack it into bench/results/<date>-<gpu>/ (not the archive itself).
+ARCHIVE=0-all-files.tar.gz
+(cd "$OUT" && tar czf "$ARCHIVE.part" --exclude="$ARCHIVE" --exclude="$ARCHIVE.part" . && mv "$ARCHIVE.part" "$ARCHIVE") \
+  || echo "gpu_check: could not write $OUT/$ARCHIVE" >&2
 echo "gpu_check: done in $(elapsed) s (install: $INSTALL, status $STATUS); report: $OUT/report.md"
 rm -rf "$TMP" 2>/dev/null || true
 exit $STATUS

@@ -12,6 +12,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tarfile
 
 import pytest
 import torch
@@ -453,13 +454,14 @@ def test_readme_keeps_every_run(tmp_path):
     results = tmp_path / "results"
     results.mkdir()
     shutil.copytree(os.path.join(HERE, "results", "2026-11-30-h200"), results / "2026-11-30-h200")
+    alone = report.readme(str(results)).count("PASS")
     (results / "2099-01-01-h200").mkdir()
     (results / "2099-01-01-h200" / "records.jsonl").write_text(json.dumps(dict(kind="env", gpu="H200")) + "\n")
     text = report.readme(str(results))
     assert text.index("### Run `2099-01-01-h200`") < text.index("### Run `2026-11-30-h200`")
     for title in ("Triton v1", "Triton (aten finish)"):
         assert f"| {title} |" in text, title
-    assert text.count("PASS") == report.readme(os.path.join(HERE, "results")).count("PASS") > 0
+    assert text.count("PASS") == alone > 0
     # a run whose install failed wrote no records: listed all the same, with its steps
     failed = results / "2099-02-01-h200"
     failed.mkdir()
@@ -588,6 +590,11 @@ def test_gpu_check_rehearsal_on_cpu(tmp_path):
     assert "### Probe (bench/probe_h200.py)" in text and "merge=checked" in text
     assert "kNN forward block sizes" in text
     assert "not measured" in [line for line in text.splitlines() if "B=180, C=100 (bf16): DAAL" in line][0]
+    # the whole run in one archive that sorts first (the device tool brings back 8 files, the first by name)
+    assert sorted(p.name for p in out.iterdir())[0] == "0-all-files.tar.gz"
+    with tarfile.open(out / "0-all-files.tar.gz") as tar:
+        packed = {os.path.basename(n) for n in tar.getnames()}
+    assert {p.name for p in out.iterdir()} - {"0-all-files.tar.gz"} <= packed and "records.jsonl" in packed
 
 
 # ----------------------------------------------------------------------------- tune_line_margin.py
