@@ -276,8 +276,13 @@ step report 30 "$PY" bench/report.py "$OUT" -o "$OUT/report.md"
 # records, report and probe did not come back): one archive of the whole run, named to sort first,
 # brings it all. To commit the run, unpack it into bench/results/<date>-<gpu>/ (not the archive itself).
 ARCHIVE=0-all-files.tar.gz
-(cd "$OUT" && tar czf "$ARCHIVE.part" --exclude="$ARCHIVE" --exclude="$ARCHIVE.part" . && mv "$ARCHIVE.part" "$ARCHIVE") \
-  || echo "gpu_check: could not write $OUT/$ARCHIVE" >&2
+# (written beside, then moved in: an archive growing inside the folder it packs makes tar report
+# "file changed as we read it"; tar's exit 1 is that warning, 2 a failure)
+PART=$(mktemp "${TMPDIR:-/tmp}/gpu_check_archive.XXXXXX")
+tar czf "$PART" -C "$OUT" --exclude="./$ARCHIVE" .
+if [ $? -le 1 ] && mv "$PART" "$OUT/$ARCHIVE"; then :; else
+  rm -f "$PART"; echo "gpu_check: could not write $OUT/$ARCHIVE" >&2
+fi
 echo "gpu_check: done in $(elapsed) s (install: $INSTALL, status $STATUS); report: $OUT/report.md"
 rm -rf "$TMP" 2>/dev/null || true
 exit $STATUS
