@@ -19,11 +19,15 @@ One benchmark case is one (operator, shape, precision, provider, pass):
   ``DAAL_LAUNCHES=separate``, beside the merged launches that replaced them: the kNN forward
   finishing its one split, the line margin's row and class kernels in one launch, its merge in
   the GEMM kernel, its last segment epilogue with dX; kernels/_common.py, ``LAUNCHES_ENV``),
-  ``triton_tma`` (the kNN with its forward's tiles loaded through tensor descriptors, the
-  Hopper TMA unit, ``DAAL_KNN_LOADS=tma``, beside the pointer loads it may replace:
-  kernels/knn.py, ``LOADS_ENV``), ``triton_wide`` (the kNN with its forward's wide tiles,
+  ``triton_tma`` (the kNN with its table tiles loaded through tensor descriptors, the
+  Hopper TMA unit, ``DAAL_KNN_LOADS=tma``, beside the pointer loads: kernels/knn.py,
+  ``LOADS_ENV``; timed by the runs until 2026-12-04, when the narrow tiles, always loaded so,
+  became the default), ``triton_table`` (the kNN with its forward on the table's 128 x 128
+  tiles and pointer loads, the default until 2026-12-04, ``DAAL_KNN_TILES=table``, beside the
+  narrow 64 x 128 tiles through descriptors that replaced it where descriptors apply:
+  kernels/knn.py, ``NARROW_ENTRY``), ``triton_wide`` (the kNN with its forward's wide tiles,
   256 x 128 on 8 warps through tensor descriptors, where they apply: k <= 8, no labels;
-  ``DAAL_KNN_TILES=wide``, beside the table's 128 x 128: kernels/knn.py, ``TILES_ENV``),
+  ``DAAL_KNN_TILES=wide``: kernels/knn.py, ``TILES_ENV``),
   ``triton_unaligned`` (the kNN or the pairwise distance at a width that is no multiple of 16
   on its unpadded rows, as before 2026-12-02, ``DAAL_ALIGN_D=off``, beside the rows padded to
   16 columns that replaced them: kernels/_common.py, ``ALIGN_ENV``; the ``*_d129`` shapes),
@@ -59,7 +63,7 @@ PROFILES = ("smoke", "check", "full")
 PROVIDERS = {
     "pairwise": ("triton", "eager", "compile", "triton_unaligned"),
     "knn": ("triton", "eager", "compile", "chunked", "triton_wave_splits", "triton_checked_merge",
-            "triton_separate", "triton_tma", "triton_wide", "triton_unaligned"),
+            "triton_separate", "triton_tma", "triton_table", "triton_wide", "triton_unaligned"),
     "line_margin": ("triton", "eager", "compile", "triton_atomic_own", "triton_separate"),
     "loss": ("triton", "eager", "compile", "triton_aten_glue", "triton_graphed", "triton_atomic_own",
              "triton_separate"),
@@ -195,6 +199,19 @@ class Switch(NamedTuple):
     #: the first day a GPU run would time it (ISO date): a later run without the alternative's
     #: record shows the row as not measured instead of leaving it out (bench/report.py)
     since: str = ""
+    #: the last day the switch had this meaning (ISO date; "" while it has): a run's default or
+    #: alternative was another design after it. A run that records its switches (env.json
+    #: "switches": [env, default, alternative] each, since 2026-12-04's evening) is matched by them.
+    until: str = ""
+
+    def applies_to(self, env: dict) -> bool:
+        """Whether a run (its env.json) ran this switch's default and alternative: by the
+        defaults it recorded, else by its date within [since, until]."""
+        recorded = env.get("switches")
+        if isinstance(recorded, list):
+            return [self.env, self.default, self.alternative] in recorded
+        date = str(env.get("date", ""))[:10]
+        return not date or ((not self.since or date >= self.since) and (not self.until or date <= self.until))
 
 
 SWITCHES: Tuple[Switch, ...] = (
@@ -210,10 +227,21 @@ SWITCHES: Tuple[Switch, ...] = (
     Switch("DAAL_LAUNCHES", "merged", "separate", "triton_separate",
            (("loss", "dml", "fp32", "fwd"), ("loss", "dml", "fp32", "bwd"), ("loss", "dml", "fp32", "fwdbwd"),
             ("knn", "dml", "bf16", "fwd"), ("line_margin", "dml", "bf16", "fwdbwd")), since="2026-12-01"),
+    # the table tiles' loads: timed until the narrow tiles (always through descriptors) became
+    # the default on 2026-12-04; the variable still chooses the table tiles' loads
     Switch("DAAL_KNN_LOADS", "pointer", "tma", "triton_tma",
-           (("knn", "eval60k", "bf16", "fwd"), ("knn", "bank", "bf16", "fwd")), since="2026-12-01"),
+           (("knn", "eval60k", "bf16", "fwd"), ("knn", "bank", "bf16", "fwd")), since="2026-12-01",
+           until="2026-12-04"),
     Switch("DAAL_KNN_TILES", "table", "wide", "triton_wide",
-           (("knn", "eval60k", "bf16", "fwd"), ("knn", "bank", "bf16", "fwd")), since="2026-12-02"),
+           (("knn", "eval60k", "bf16", "fwd"), ("knn", "bank", "bf16", "fwd")), since="2026-12-02",
+           until="2026-12-04"),
+    # the narrow tiles (64 x 128 through descriptors) beside the table's 128 x 128 they replaced
+    # and the wide 256 x 128 (the 2026-12-04 run timed the narrow ones by bench/tune_knn.py alone)
+    Switch("DAAL_KNN_TILES", "narrow", "table", "triton_table",
+           (("knn", "eval60k", "bf16", "fwd"), ("knn", "bank", "bf16", "fwd"), ("knn", "bank", "bf16", "fwdbwd"),
+            ("knn", "dml", "bf16", "fwd")), since="2026-12-05"),
+    Switch("DAAL_KNN_TILES", "narrow", "wide", "triton_wide",
+           (("knn", "eval60k", "bf16", "fwd"), ("knn", "bank", "bf16", "fwd")), since="2026-12-05"),
     Switch("DAAL_ALIGN_D", "pad", "off", "triton_unaligned",
            (("knn", "bank_d129", "bf16", "fwd"), ("knn", "bank_d129", "bf16", "fwdbwd"),
             ("pairwise", "large_d129", "bf16", "fwdbwd")), memory=True, since="2026-12-02"),
@@ -228,9 +256,9 @@ SWITCH_NOISE = 0.03
 # What ``bench/gpu_check.sh`` runs (profile "check"): (op, shape) -> dtypes, providers, passes.
 CHECK: Dict[Tuple[str, str], List[dict]] = {
     # the merge before 2026-12-01 (DAAL_KNN_MERGE=checked) beside the counted one
-    # and its tiles loaded through tensor descriptors (DAAL_KNN_LOADS=tma)
+    # and the table's 128 x 128 tiles the narrow ones replaced (DAAL_KNN_TILES=table)
     # and its wide tiles (DAAL_KNN_TILES=wide: 85 FLOP per L2 byte, the way past 60% of matmul?)
-    ("knn", "eval60k"): [dict(dtypes=("bf16",), providers=("triton", "chunked", "triton_wide", "triton_tma",
+    ("knn", "eval60k"): [dict(dtypes=("bf16",), providers=("triton", "chunked", "triton_table", "triton_wide",
                                                         "triton_checked_merge", "triton_wave_splits",
                                                         "eager"))],
     ("line_margin", "classes100k"): [
@@ -247,10 +275,11 @@ CHECK: Dict[Tuple[str, str], List[dict]] = {
                       dict(dtypes=("fp32",), providers=("triton_atomic_own",), passes=("fwdbwd",))],
     # the loss's in-batch kNN: launch-bound, where the finish's launch count shows
     ("knn", "dml"): [dict(dtypes=("bf16",), providers=("triton",), passes=("fwd", "fwdbwd")),
-                     dict(dtypes=("bf16",), providers=("triton_separate",), passes=("fwd",))],
-    ("knn", "bank"): [dict(dtypes=("bf16",), providers=("triton", "chunked", "eager", "triton_wave_splits"),
+                     dict(dtypes=("bf16",), providers=("triton_separate", "triton_table"), passes=("fwd",))],
+    ("knn", "bank"): [dict(dtypes=("bf16",), providers=("triton", "chunked", "eager", "triton_wave_splits",
+                                                     "triton_table"),
                            passes=("fwd", "fwdbwd")),
-                      dict(dtypes=("bf16",), providers=("triton_checked_merge", "triton_tma", "triton_wide"),
+                      dict(dtypes=("bf16",), providers=("triton_checked_merge", "triton_wide"),
                            passes=("fwd",))],
     ("pairwise", "large"): [dict(dtypes=("bf16", "fp32"), providers=("triton", "eager"))],
     # an odd width: the padded rows beside the unaligned ones (DAAL_ALIGN_D=off)

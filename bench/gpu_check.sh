@@ -195,6 +195,11 @@ try:
     env["source_sha256"] = source_digest(".")
 except Exception as exc:
     env["source_sha256_error"] = repr(exc)
+try:  # the internal switches this code times (bench/report.py reads a run's by them)
+    from cases import SWITCHES
+    env["switches"] = [[sw.env, sw.default, sw.alternative] for sw in SWITCHES if not sw.until]
+except Exception as exc:
+    env["switches_error"] = repr(exc)
 try:
     out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
                          capture_output=True, text=True, timeout=15)

@@ -193,17 +193,27 @@ def knn_section(dev, emit, n, d, reps):
         emit("knn", name, n=n, ms=ms, tflops=flops / ms / 1e9, us_per_tile_per_sm=None if dev.type != "cuda"
              else ms * 1e3 * torch.cuda.get_device_properties(dev).multi_processor_count / tiles, **kw)
 
+    # the table's entries (as the runs before 2026-12-04 probed them: comparable with theirs), then
+    # the default narrow tiles where they apply (64 x 128 through descriptors: DAAL_KNN_TILES)
     for S in sorted({s_default, 1}):
-        rec(f"_knn_fwd_kernel k=8 S={S}", gpu_ms(lambda: kk._candidates(q, q, 8, None, None, False, S), dev, reps),
+        rec(f"_knn_fwd_kernel k=8 S={S}", gpu_ms(lambda: kk._candidates(q, q, 8, None, None, False, S,
+                                                                        entry=kk.fwd_entry(8)), dev, reps),
             splits=S, blocks=[bm, bn, cfg.num_warps, cfg.num_stages])
     for kv in (1, 32):
-        rec(f"_knn_fwd_kernel k={kv} S=default", gpu_ms(lambda: kk._candidates(q, q, kv, None, None, False), dev, reps))
+        rec(f"_knn_fwd_kernel k={kv} S=default", gpu_ms(lambda: kk._candidates(q, q, kv, None, None, False,
+                                                                               entry=kk.fwd_entry(kv)), dev, reps))
     # the two merges side by side (DAAL_KNN_MERGE; docs/kernels.md, "The counted merge")
     for kv in (1, 8):
         for policy in kk.MERGE_POLICIES:
             rec(f"_knn_fwd_kernel k={kv} S=default merge={policy}",
-                gpu_ms(lambda: _with_env(kk.MERGE_ENV, policy, kk._candidates, q, q, kv, None, None, False),
-                       dev, reps), merge=policy)
+                gpu_ms(lambda: _with_env(kk.MERGE_ENV, policy, kk._candidates, q, q, kv, None, None, False,
+                                         entry=kk.fwd_entry(kv)), dev, reps), merge=policy)
+    if kk.forward_entry(q, q, 8, False) == kk.NARROW_ENTRY:
+        nc = kk.CONFIGS[kk.family(q.dtype)][kk.NARROW_ENTRY]
+        rec("_knn_fwd_kernel k=8 S=default narrow", gpu_ms(lambda: kk._candidates(q, q, 8, None, None, False),
+                                                           dev, reps),
+            splits=kk._num_splits(n, n, nc.blocks["BLOCK_M"], nc.blocks["BLOCK_N"], q.device),
+            blocks=[nc.blocks["BLOCK_M"], nc.blocks["BLOCK_N"], nc.num_warps, nc.num_stages])
     rec("knn (whole forward: selection + fused finish) k=8", gpu_ms(lambda: kk.knn(q, q, 8), dev, reps))
     for filt in (False, True):
         run, S = _probe_call(q, qn, flags, s_default, cfg.launch(d), filt)

@@ -48,6 +48,7 @@ PROVIDER_TITLES = {"triton": "Triton", "eager": "eager", "compile": "compile", "
                    "triton_checked_merge": "Triton, checked merge",
                    "triton_separate": "Triton, separate launches",
                    "triton_tma": "Triton, TMA loads", "triton_wide": "Triton, wide tiles",
+                   "triton_table": "Triton, table tiles",
                    "triton_unaligned": "Triton, unaligned rows"}
 #: Providers that earlier runs measured and the benchmarks no longer run: the line margin's first
 #: design and the kNN's aten finish, removed after the 2026-11-30 H200 run decided against them
@@ -437,7 +438,7 @@ def switches_table(run: dict, heading_level: int = 2) -> List[str]:
     for sw in SWITCHES:
         for key in sw.cases:
             d, a = run["cases"].get(key + ("triton",)), run["cases"].get(key + (sw.provider,))
-            if a is None and (not date or date < sw.since):  # a run from before the switch
+            if not sw.applies_to(run.get("env", {})) or (a is None and not date):  # another design then
                 continue
             td, ta = median(d), median(a)
             rounds, fewest = _rounds([d, a])
@@ -743,8 +744,7 @@ the loss's host time besides the kernels on a CPU; `work_model.py` models the fl
 (printed beside a run's measured times; `python bench/work_model.py B,C,D` prints it alone);
 `knn_merge_model.py` counts the kNN forward's merge rounds and block-wide reductions per tile
 for both merges (a CPU replay of the selection, counts not times). Each run's report sets every
-internal switch kept until a GPU run decides (`cases.SWITCHES`: the kNN's merge, splits, loads and wide
-tiles, the line margin's own-class rows, the loss's glue, the merged launches, the padding of odd widths) beside its alternative, case by case, with what
+internal switch kept until a GPU run decides (`cases.SWITCHES`: the kNN's merge, splits, loads and tiles, the line margin's own-class rows, the loss's glue, the merged launches, the padding of odd widths) beside its alternative, case by case, with what
 the numbers say.
 
 Each case is (shape, precision, provider, pass):
@@ -763,11 +763,14 @@ Each case is (shape, precision, provider, pass):
   beside the class lists that replaced them; docs/kernels.md "Class-chunked backward"); for the kNN,
   the line margin and the whole loss `Triton, separate launches` (one launch per kernel,
   `DAAL_LAUNCHES=separate`, beside the merged launches that replaced them; docs/kernels.md
-  "Fewer launches"); for the kNN `Triton, TMA loads` (its forward's tiles loaded through tensor
-  descriptors, `DAAL_KNN_LOADS=tma`, beside the pointer loads; docs/kernels.md "Tensor-descriptor
-  loads") and `Triton, wide tiles` (its forward on 256 × 128 tiles through tensor descriptors where
-  they apply, k ≤ 8 without labels, `DAAL_KNN_TILES=wide`, beside the table's 128 × 128;
-  docs/kernels.md "Wider tiles"); for the kNN and the pairwise distance at D = 129 `Triton, unaligned
+  "Fewer launches"); for the kNN `Triton, table tiles` (its forward on the table's 128 × 128 tiles
+  with pointer loads, the default until 2026-12-04, `DAAL_KNN_TILES=table`, beside the narrow
+  64 × 128 tiles through tensor descriptors that replaced them where descriptors apply;
+  docs/kernels.md "Narrow tiles through descriptors"), `Triton, TMA loads` (the table's tiles loaded
+  through tensor descriptors, `DAAL_KNN_LOADS=tma`, beside the pointer loads: the runs until
+  2026-12-04; docs/kernels.md "Tensor-descriptor loads") and `Triton, wide tiles` (its forward on
+  256 × 128 tiles through tensor descriptors where they apply, k ≤ 8 without labels,
+  `DAAL_KNN_TILES=wide`, beside the default tiles of the run; docs/kernels.md "Wider tiles"); for the kNN and the pairwise distance at D = 129 `Triton, unaligned
   rows` (the kernels on the unpadded rows, `DAAL_ALIGN_D=off`, beside the rows padded to 144
   columns that replaced them; docs/kernels.md "Odd widths"). The first run also
   timed `Triton (aten finish)` (the kNN kernel with its earlier finish) and `Triton v1` (the line

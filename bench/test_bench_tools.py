@@ -68,8 +68,8 @@ def test_check_profile_runs_the_targets_comparisons_first():
     assert first == {("knn", "eval60k", "bf16", "fwd", "triton"), ("knn", "eval60k", "bf16", "fwd", "chunked"),
                      ("loss", "dml", "fp32", "fwdbwd", "triton"), ("loss", "dml", "fp32", "fwdbwd", "eager")}
     assert every[:len(first)] == run(0)
-    # the switches at those shapes: the 60k kNN's wide tiles and descriptor loads among them
-    assert {("eval60k", "triton_wide"), ("eval60k", "triton_tma"), ("dml", "triton_aten_glue")} <= {
+    # the switches at those shapes: the 60k kNN's wide and table tiles among them
+    assert {("eval60k", "triton_wide"), ("eval60k", "triton_table"), ("dml", "triton_aten_glue")} <= {
         (c.shape, c.provider) for c in run(1)}
     assert every[len(first):len(first) + len(run(1))] == run(1)
     marked = {(c.op, c.shape, c.dtype, c.pass_, c.provider) for c in light if c.target}
@@ -576,6 +576,7 @@ def test_gpu_check_rehearsal_on_cpu(tmp_path):
     assert env_json["torch"] == torch.__version__ and env_json["cuda_available"] is False
     # the code that ran, tied to the run (a checkout's digest is the same when its code is)
     assert env_json["source_sha256"] == report.source_digest(os.path.dirname(HERE))
+    assert env_json["switches"] == [[sw.env, sw.default, sw.alternative] for sw in bc.SWITCHES if not sw.until]
     assert "source digest: " + env_json["source_sha256"][:16] in (out / "report.md").read_text()
     cases = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
     statuses = sorted({c.get("status") for c in cases if c.get("kind") == "case"})
@@ -677,12 +678,13 @@ def test_tune_knn_smoke(tmp_path, monkeypatch):
     real = knn.TensorDescriptor
     monkeypatch.setattr(knn, "TensorDescriptor", lambda *a: made.append(a[3]) or real(*a))
     monkeypatch.delenv(knn.LOADS_ENV, raising=False)
+    monkeypatch.delenv(knn.TILES_ENV, raising=False)  # the default (narrow) tiles: the tool sets the table's
     before = copy.deepcopy(knn.CONFIGS)
     run = tmp_path / "run"
     run.mkdir()
     out = run / "tune_knn.json"
     recs = tk.tune(str(out), sizes=(37, 70), D=40, dtype="fp16", smoke=True, budget_s=600)
-    assert knn.CONFIGS == before and knn.LOADS_ENV not in os.environ
+    assert knn.CONFIGS == before and knn.LOADS_ENV not in os.environ and knn.TILES_ENV not in os.environ
     # two descriptors per call of the "tma" candidate (a first call and one timed call per size)
     assert made and set(map(tuple, made)) == {(32, 64)} and len(made) == 2 * 2 * 2
     data = json.loads(out.read_text())
@@ -827,6 +829,8 @@ def test_every_switch_is_timed_on_both_sides_by_the_check():
                      for f in os.listdir(os.path.join(root, d)) if f.endswith(".py"))
     for sw in bc.SWITCHES:
         assert f'"{sw.env}"' in source, sw.env
+        if sw.until:  # retired: the runs up to then timed it
+            continue
         for op, shape, dtype, pass_ in sw.cases:
             assert sw.provider in bc.PROVIDERS[op]
             checked = {(c.shape, c.dtype, c.provider, c.pass_) for c in bc.cases_for(op, "check")}
@@ -875,7 +879,33 @@ def test_switches_table_reads_each_case():
     assert "not measured (triton: not run; triton_unaligned: not run)" in rows[2]
     old = [line for line in report.switches_table(dict(run, env={"date": "2026-12-01T10:00:00"}))
            if "DAAL_ALIGN_D" in line]
-    assert len(old) == 2
+    assert old == []
+
+
+def test_switches_apply_to_the_runs_that_timed_them():
+    """A switch's rows show for the runs that timed its default and alternative: by the switches
+    a run recorded (env.json "switches", written by gpu_check.sh), else by its date within
+    [since, until]. The DAAL_KNN_TILES rows: "table" vs "wide" for the 2026-12-04 run (the
+    provider ``triton`` then ran the table's tiles), "narrow" vs "table"/"wide" after it."""
+    tiles = [sw for sw in bc.SWITCHES if sw.env == "DAAL_KNN_TILES"]
+    assert {(sw.default, sw.alternative) for sw in tiles} == {("table", "wide"), ("narrow", "table"),
+                                                              ("narrow", "wide")}
+    old = next(sw for sw in tiles if sw.default == "table")
+    new = [sw for sw in tiles if sw.default == "narrow"]
+    assert old.until == "2026-12-04" and all(not sw.until for sw in new)
+    run_1204 = {"date": "2026-12-04T15:35:30+00:00"}
+    assert old.applies_to(run_1204) and not any(sw.applies_to(run_1204) for sw in new)
+    assert not old.applies_to({"date": "2026-12-01T00:00:00"})  # before it came in
+    later = {"date": "2026-12-09T00:00:00"}
+    assert not old.applies_to(later) and all(sw.applies_to(later) for sw in new)
+    # a run that recorded its switches is read by them, whatever its date
+    recorded = {"date": "2026-12-04T20:00:00", "switches": [["DAAL_KNN_TILES", "narrow", "table"]]}
+    assert new[0].applies_to(recorded) != new[1].applies_to(recorded) and not old.applies_to(recorded)
+    assert bc.SWITCHES[0].applies_to({}) and not bc.SWITCHES[0].applies_to({"switches": []})
+    # the 2026-12-04 run's table shows its wide tiles against the table's, as recorded
+    run = report.load_run(os.path.join(HERE, "results", "2026-12-04-h200"))
+    rows = [line for line in report.switches_table(run) if "DAAL_KNN_TILES" in line]
+    assert len(rows) == 2 and all("table faster" in r or "wide faster" in r for r in rows), rows
 
 
 def _sharded_pytest():

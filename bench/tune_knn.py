@@ -19,6 +19,10 @@ Since 2026-12-01 (night) also tiles loaded through tensor descriptors (the Hoppe
 ``DAAL_KNN_LOADS=tma``, set around the candidate's calls): fewer registers, so the capped entry
 spills less and 4-warp tiles fit three programs per SM.
 
+Since 2026-12-04 the default forward is the 64 x 128 / 4-warp descriptor candidate (the
+``fwd_narrow`` entry: it timed 1.36-1.40x the table's entry on the 2026-12-04 H200 run); the
+table's entry stays the baseline here (``DAAL_KNN_TILES=table`` around each call).
+
 Since 2026-12-01 (day), first in the list: the wide tiles 256 x 128 and 128 x 256 on 8 warps with
 descriptor loads (one program per SM, no spill): 85 FLOP per byte loaded from L2 instead of the
 entry's 64 (docs/kernels.md, "Wider tiles").
@@ -104,7 +108,9 @@ def _measure(rec: dict, n: int, S: int, inputs: Dict[int, torch.Tensor], base: D
              timer, reps: int, is_table: bool, device: torch.device, D: int, dtype: torch.dtype,
              k: int) -> None:
     """Time the forward at M = N = n with S splits into ``rec`` and check it against the table
-    entry's result (``base``); ``rec["loads"]`` is set as ``DAAL_KNN_LOADS`` around each call."""
+    entry's result (``base``); ``rec["loads"]`` is set as ``DAAL_KNN_LOADS`` around each call,
+    and ``DAAL_KNN_TILES=table`` (the forward takes the entry the candidate replaces, not the
+    default narrow one)."""
     from daal_triton.kernels import knn as kk
 
     if n not in inputs:
@@ -112,16 +118,19 @@ def _measure(rec: dict, n: int, S: int, inputs: Dict[int, torch.Tensor], base: D
     x = inputs[n]
 
     def call():
-        old = os.environ.get(kk.LOADS_ENV)
-        os.environ[kk.LOADS_ENV] = rec["loads"]
+        # the table's entry (the candidate replaces it), whose loads DAAL_KNN_LOADS chooses
+        settings = {kk.LOADS_ENV: rec["loads"], kk.TILES_ENV: "table"}
+        old = {name: os.environ.get(name) for name in settings}
+        os.environ.update(settings)
         try:
             with torch.no_grad():
                 return kk._knn(x, x, k, exclude_self=True, splits=S)
         finally:
-            if old is None:
-                del os.environ[kk.LOADS_ENV]
-            else:
-                os.environ[kk.LOADS_ENV] = old
+            for name, value in old.items():
+                if value is None:
+                    del os.environ[name]
+                else:
+                    os.environ[name] = value
 
     t0 = time.monotonic()
     out = call()

@@ -27,8 +27,13 @@ too few programs for the GPU, per one of ``S`` contiguous column ranges of the r
    rounded operands for "high"/"medium" — and IEEE under the interpreter), then the epilogue ``s = qn + rn - 2 acc`` with the masks;
    the chunks arrive through pointer loads or, with ``DAAL_KNN_LOADS=tma`` where eligible
    (:func:`_tma_eligible`), through tensor descriptors (Hopper's TMA unit): the same dots;
-   with ``DAAL_KNN_TILES=wide`` a retrieval's forward (k <= 8, no labels, where the descriptors
-   apply: :func:`forward_entry`) runs on 256 x 128 tiles (``fwd_wide``) through descriptors;
+   by default (``DAAL_KNN_TILES=narrow``) a float16/bfloat16 forward with k <= 16 on a GPU with
+   TMA (sm_90, sm_100) runs on 64 x 128 tiles, 4 warps, through descriptors (``fwd_narrow``:
+   three programs per SM, so one program's merge overlaps another's MMAs; the 2026-12-04 H200
+   run timed it 1.36-1.40x faster than the 128 x 128 table entry at 20k and 60k rows:
+   :data:`NARROW_ENTRY`); ``DAAL_KNN_TILES=table`` keeps the table's ``fwd_kp*`` entries (the
+   default before), and with ``DAAL_KNN_TILES=wide`` a retrieval's forward (k <= 8, no labels,
+   where the descriptors apply: :func:`forward_entry`) runs on 256 x 128 tiles (``fwd_wide``);
 2. merge into a running top-k held in registers: ``KP = next_pow2(k)`` slots per row
    (distance, index), *unsorted*, with the row's worst entry ``(worst, widx)`` (the largest in
    ``(s, j)`` order). Tile entries with ``s < worst`` are candidates, counted per row once
@@ -661,8 +666,12 @@ def _recompute_configs(block_d: Tuple[int, int]) -> Dict[str, KernelConfig]:
 CONFIGS: Dict[str, Dict[str, KernelConfig]] = {
     # + ``fwd_wide``: the retrieval forward's wide tiles (``DAAL_KNN_TILES=wide``, a switch: see
     # WIDE_ENTRY), 64-wide D-chunks only (it runs where the table's entry takes them)
+    # + ``fwd_narrow``: the default forward where descriptors apply (``DAAL_KNN_TILES=narrow``:
+    # see NARROW_ENTRY), 64-wide D-chunks only (it runs where the table's entry takes them)
     "half": dict(_fwd_configs(64), fwd_wide=KernelConfig({"BLOCK_M": 256, "BLOCK_N": 128, "FLAT": False},
                                                          num_warps=8, num_stages=3, block_d=(64, 64)),
+                 fwd_narrow=KernelConfig({"BLOCK_M": 64, "BLOCK_N": 128, "FLAT": False},
+                                         num_warps=4, num_stages=3, block_d=(64, 64)),
                  **_recompute_configs((16, 64))),
     # float32: BLOCK_D 16, and 4 stages with 8 warps at KP 32, keep the 3xTF32 builds' sm_90
     # stack at 0 (4 warps: 40 bytes since the one-reduction merge; docs/kernels.md, "Compile facts");
@@ -671,6 +680,7 @@ CONFIGS: Dict[str, Dict[str, KernelConfig]] = {
 }
 _FINISH = [f"finish_kp{kp}" for kp in _FINISH_BLOCKS]
 _SPEC_OF = {**{f"fwd_kp{kp}": KERNELS["fwd"] for kp in KP_ROWS}, "fwd_wide": KERNELS["fwd"],
+            "fwd_narrow": KERNELS["fwd"],
             **{entry: KERNELS["finish"] for entry in _FINISH}, "dist": KERNELS["dist"],
             "bwd": KERNELS["bwd"], "bwd_noref": KERNELS["bwd"]}
 
@@ -700,6 +710,9 @@ def _gpu_flags(entry: str, dtype: torch.dtype):
     if entry == WIDE_ENTRY:  # the retrieval case: KP <= 8, no labels, descriptor loads, counted
         return [dict(KP=WIDE_KP, HAS_LABELS=False, EXCLUDE_SELF=True, FINISH=finish, TMA=True, COUNTED=True,
                      **fl) for finish in (False, True) for fl in gpu_dot_variants(dtype)]
+    if entry == NARROW_ENTRY:  # the table's k <= 16 forward, through descriptors, counted
+        return [dict(KP=16, HAS_LABELS=True, EXCLUDE_SELF=True, FINISH=finish, TMA=True, COUNTED=True, **fl)
+                for finish in (False, True) for fl in gpu_dot_variants(dtype)]
     kp = int(entry[len("fwd_kp"):])
     base = {"KP": kp, "HAS_LABELS": True, "EXCLUDE_SELF": True, "FINISH": False, "TMA": False}
     # the counted merge (the default) and, for the entry it is kept for, the checked one
@@ -714,7 +727,8 @@ def launches() -> List[Launch]:
     """Every configuration the launchers of this module can pick on a GPU (compile tests); the
     forward with the largest KP of each entry (the most registers), in each float32 precision
     variant (``_common.gpu_dot_variants``); and the forward's tensor-descriptor builds
-    (``DAAL_KNN_LOADS=tma``: :func:`_tma_eligible`; and the wide entry's, ``DAAL_KNN_TILES=wide``),
+    (``DAAL_KNN_LOADS=tma``: :func:`_tma_eligible`; the narrow entry's, the default where they
+    apply; and the wide entry's, ``DAAL_KNN_TILES=wide``),
     which the tests build for sm_90 "aligned" alone (``Launch.aligned_hopper_only``)."""
     out = expand("knn", CONFIGS, _SPEC_OF, _gpu_flags)
     return out + [replace(la, flags=dict(la.flags, TMA=True)) for la in out
@@ -762,14 +776,15 @@ MERGE_POLICIES = ("counted", "checked")
 CHECKED_ENTRY = "fwd_kp16"
 
 
-#: How the forward loads its Q and R tiles: "pointer" (the default: ``tl.load`` of pointer
+#: How the table entries' forward (``DAAL_KNN_TILES=table``; the narrow and wide entries always
+#: take descriptors) loads its Q and R tiles: "pointer" (the default: ``tl.load`` of pointer
 #: blocks, ``cp.async`` on sm_80/sm_90) or "tma" (``DAAL_KNN_LOADS=tma``: host tensor descriptors,
 #: the Hopper Tensor Memory Accelerator: one thread issues a tile's copy, no per-thread
 #: addresses or masks; rows and columns past the tensor read 0). The same dots in the same
 #: order: the same result bit for bit. "tma" applies where :func:`_tma_eligible` says so (else
-#: the pointer loads run); kept beside the default until a GPU run times both (the benchmarks'
-#: ``triton_tma`` provider, ``bench/tune_knn.py``'s candidates; docs/kernels.md, "Tensor-
-#: descriptor loads").
+#: the pointer loads run). The 2026-12-04 H200 run timed the table's 128 x 128 tiles through
+#: descriptors 0.94x (60k) and 1.09x (memory bank) of the pointer loads' time; the switch stays
+#: for ``bench/tune_knn.py``'s candidates (docs/kernels.md, "Tensor-descriptor loads").
 LOADS_ENV = "DAAL_KNN_LOADS"
 LOADS_POLICIES = ("pointer", "tma")
 #: The forward entry and D-chunk that take tensor-descriptor loads (k <= 16: DAAL's k = 3 and the
@@ -783,13 +798,25 @@ def loads_policy() -> str:
     return env_choice(LOADS_ENV, LOADS_POLICIES)
 
 
-#: Which tiles the forward of a retrieval takes: "table" (the default: the ``fwd_kp*`` entries)
-#: or "wide" (``DAAL_KNN_TILES=wide``: :data:`WIDE_ENTRY`, 256 x 128 tiles on 8 warps, loaded
-#: through tensor descriptors, where :func:`forward_entry` says so). Wide tiles read 85 FLOP per
-#: L2 byte instead of 64; they are kept beside the table until a GPU run times both (the
-#: benchmarks' ``triton_wide`` provider; docs/kernels.md, "Wider tiles").
+#: Which tiles the forward takes: "narrow" (the default since 2026-12-04: :data:`NARROW_ENTRY`
+#: where tensor descriptors apply, else the table's), "table" (``DAAL_KNN_TILES=table``: the
+#: ``fwd_kp*`` entries, the default before, whose loads ``DAAL_KNN_LOADS`` chooses) or "wide"
+#: (``DAAL_KNN_TILES=wide``: :data:`WIDE_ENTRY`, 256 x 128 tiles on 8 warps, loaded through
+#: tensor descriptors, where :func:`forward_entry` says so). Wide tiles read 85 FLOP per L2
+#: byte instead of 64; table and wide are kept beside the narrow tiles until a GPU run times
+#: them in the benchmark itself (the ``triton_table`` and ``triton_wide`` providers;
+#: docs/kernels.md, "Narrow tiles through descriptors", "Wider tiles").
 TILES_ENV = "DAAL_KNN_TILES"
-TILES_POLICIES = ("table", "wide")
+TILES_POLICIES = ("narrow", "table", "wide")
+#: The default forward where descriptors apply (:func:`_tma_eligible`: float16/bfloat16, k <= 16,
+#: the 64-wide D-chunk, the counted merge, 16-byte-aligned rows, sm_90/sm_100 or the
+#: interpreter): 64 x 128 tiles, 4 warps, 3 stages. bench/tune_knn.py on the 2026-12-04 H200 run
+#: (bf16, D = 512, k = 8, self-kNN; bench/results/2026-12-04-h200/tune_knn.json): 1.73 ms at
+#: 20k rows and 11.28 ms at 60k (the model's splits) against the table entry's 2.34 ms and
+#: 15.48 ms, i.e. 1.36x and 1.37x; the best of 15 candidates at 60k (128 x 128 capped at 128
+#: registers, through descriptors) was 10.95 ms, within 3%, but spills and ran 1.935 ms at 20k.
+#: Its sm_90 build: three programs per SM, no spill (tests/kernels/test_kernel_knn.py).
+NARROW_ENTRY = "fwd_narrow"
 #: The wide entry of ``CONFIGS["half"]`` and the largest KP it serves: its sm_90 builds (KP 8,
 #: no labels, with and without ``FINISH``) hold 249-255 registers and no stack (Triton 3.6 and
 #: 3.8); with labels or at KP 16 they spill (tests/kernels/test_kernel_knn.py compiles them).
@@ -798,21 +825,24 @@ WIDE_KP = 8
 
 
 def tiles_policy() -> str:
-    """``DAAL_KNN_TILES`` (default "table"); ``ValueError`` for anything else."""
+    """``DAAL_KNN_TILES`` (default "narrow"); ``ValueError`` for anything else."""
     return env_choice(TILES_ENV, TILES_POLICIES)
 
 
 def forward_entry(q: torch.Tensor, r: torch.Tensor, kp: int, has_labels: bool) -> str:
-    """The ``CONFIGS`` entry of the forward for these inputs: the table's :func:`fwd_entry`, or
-    :data:`WIDE_ENTRY` with ``DAAL_KNN_TILES=wide`` where its builds apply (KP <= :data:`WIDE_KP`,
-    no labels, the counted merge, and the descriptor loads' rules: :func:`_tma_eligible`, with
-    the table's D-chunk 64)."""
+    """The ``CONFIGS`` entry of the forward for these inputs: by default :data:`NARROW_ENTRY`
+    where the descriptor loads' rules hold (:func:`_tma_eligible`, with the table's D-chunk: the
+    table's ``fwd_kp16``, D-chunk 64, the counted merge); with ``DAAL_KNN_TILES=wide``
+    :data:`WIDE_ENTRY` where its builds apply (KP <= :data:`WIDE_KP`, no labels, and the same
+    rules); elsewhere, and with ``DAAL_KNN_TILES=table``, the table's :func:`fwd_entry`."""
     entry = fwd_entry(kp)
-    if tiles_policy() != "wide" or kp > WIDE_KP or has_labels or merge_policy() != "counted":
+    policy = tiles_policy()
+    if policy == "table" or merge_policy() != "counted" or (policy == "wide" and (kp > WIDE_KP or has_labels)):
         return entry
     table = CONFIGS[family(q.dtype)]
-    if WIDE_ENTRY in table and _tma_eligible(q, r, entry, table[entry].block_d_for(q.shape[1]), True):
-        return WIDE_ENTRY
+    alternative = WIDE_ENTRY if policy == "wide" else NARROW_ENTRY
+    if alternative in table and _tma_eligible(q, r, entry, table[entry].block_d_for(q.shape[1]), True):
+        return alternative
     return entry
 
 
@@ -876,7 +906,7 @@ def _candidates(q, r, k, ql, rl, exclude_self, splits: Optional[int] = None, fin
     kp = next_pow2(k)
     has_labels = ql is not None
     entry = entry or forward_entry(q, r, kp, has_labels)
-    wide = entry == WIDE_ENTRY
+    descriptors = entry in (WIDE_ENTRY, NARROW_ENTRY)  # entries that always load through them
     cfg = CONFIGS[family(q.dtype)][entry]
     bm, bn = cfg.blocks["BLOCK_M"], cfg.blocks["BLOCK_N"]
     S = splits or _num_splits(M, N, bm, bn, q.device)
@@ -898,7 +928,7 @@ def _candidates(q, r, k, ql, rl, exclude_self, splits: Optional[int] = None, fin
     counted = merge_policy() == "counted" or entry != CHECKED_ENTRY  # the setting checked always
     launch = cfg.launch(D)
     q_desc = r_desc = None
-    if wide or (loads_policy() == "tma" and _tma_eligible(q, r, entry, launch["BLOCK_D"], counted)):
+    if descriptors or (loads_policy() == "tma" and _tma_eligible(q, r, entry, launch["BLOCK_D"], counted)):
         # block shapes: the tile's rows x the D-chunk (the kernel's loads)
         q_desc = TensorDescriptor(q, [M, D], [q.stride(0), 1], [bm, launch["BLOCK_D"]])
         r_desc = TensorDescriptor(r, [N, D], [r.stride(0), 1], [bn, launch["BLOCK_D"]])

@@ -179,8 +179,16 @@ def record() -> list:
         ("knn fp32 bank, tf32", lambda: knn_op("fp32", *bank), {"precision": "high"}),
         ("pairwise fp32 large, tf32", lambda: pairwise_op("fp32", 4096, 4096, 512), {"precision": "high"}),
         # the internal switches' alternatives (bench/cases.py SWITCHES)
-        ("knn bf16 eval60k, descriptor loads", lambda: knn_op("bf16", *eval60k), {"DAAL_KNN_LOADS": "tma"}),
-        ("knn bf16 bank, descriptor loads", lambda: knn_op("bf16", *bank), {"DAAL_KNN_LOADS": "tma"}),
+        # the table's tiles (DAAL_KNN_TILES=table: the default until 2026-12-04), with pointer loads
+        # and through descriptors (DAAL_KNN_LOADS=tma: bench/tune_knn.py's candidates)
+        ("knn bf16 eval60k, table tiles", lambda: knn_op("bf16", *eval60k), {"DAAL_KNN_TILES": "table"}),
+        ("knn bf16 bank, table tiles", lambda: knn_op("bf16", *bank), {"DAAL_KNN_TILES": "table"}),
+        ("knn bf16 dml, table tiles", lambda: knn_op("bf16", 180, 180, 512, 3, True, True),
+         {"DAAL_KNN_TILES": "table"}),
+        ("knn bf16 eval60k, table tiles, descriptor loads", lambda: knn_op("bf16", *eval60k),
+         {"DAAL_KNN_TILES": "table", "DAAL_KNN_LOADS": "tma"}),
+        ("knn bf16 bank, table tiles, descriptor loads", lambda: knn_op("bf16", *bank),
+         {"DAAL_KNN_TILES": "table", "DAAL_KNN_LOADS": "tma"}),
         ("knn bf16 eval60k, checked merge", lambda: knn_op("bf16", *eval60k), {"DAAL_KNN_MERGE": "checked"}),
         ("knn bf16 bank, checked merge", lambda: knn_op("bf16", *bank), {"DAAL_KNN_MERGE": "checked"}),
         ("loss fp32 dml, checked merge", lambda: loss("fp32", 180, 100, 512), {"DAAL_KNN_MERGE": "checked"}),

@@ -238,11 +238,13 @@ def test_knn_counted_merge_large_k(monkeypatch, k):
 
 @pytest.mark.parametrize("env,policy,default,alternative", [
     (kk.MERGE_ENV, kk.merge_policy, "counted", "checked"), (kk.LOADS_ENV, kk.loads_policy, "pointer", "tma"),
-    (kk.TILES_ENV, kk.tiles_policy, "table", "wide")], ids=["merge", "loads", "tiles"])
+    (kk.TILES_ENV, kk.tiles_policy, "narrow", "wide"), (kk.TILES_ENV, kk.tiles_policy, "narrow", "table")],
+    ids=["merge", "loads", "tiles-wide", "tiles-table"])
 def test_knn_policy_is_checked(monkeypatch, env, policy, default, alternative):
     """``DAAL_KNN_MERGE`` ("counted" by default, "checked" selectable), ``DAAL_KNN_LOADS``
-    ("pointer" by default, "tma" selectable) and ``DAAL_KNN_TILES`` ("table" by default, "wide"
-    selectable): anything else is a ValueError naming the variable (read at every forward)."""
+    ("pointer" by default, "tma" selectable) and ``DAAL_KNN_TILES`` ("narrow" by default, "wide"
+    and "table" selectable): anything else is a ValueError naming the variable (read at every
+    forward)."""
     monkeypatch.delenv(env, raising=False)
     assert policy() == default
     monkeypatch.setenv(env, alternative)
@@ -486,6 +488,22 @@ def test_knn_hot_path_does_not_spill(compiled):
     assert {c[0].spec for c, _ in hot} == set(kk.KERNELS.values())
     spills = {c[0].name: r.get("stack", "no cuobjdump report") for c, r in hot if r.get("stack") != 0}
     assert not spills, f"local memory (bytes per thread) on the hot path: {spills}"
+
+
+@pytest.mark.build
+def test_knn_narrow_entry_overlaps_programs(compiled):
+    """The default forward's narrow tiles (64 x 128, 4 warps, descriptor loads), as ``launches()``
+    lists them (KP 16, labels, with and without the fused finish: the most registers it takes),
+    fit at least two programs per sm_90 SM: the overlap of one program's merge with another's
+    MMAs that the table's 128 x 128 entry (one per SM) cannot have. TMA copies and wgmma in
+    the PTX."""
+    hot = [(c, r) for c, r in compiled if c[0].entry == kk.NARROW_ENTRY and c[1] == 90 and c[2] == "aligned"]
+    assert {c[0].x_dtype for c, _ in hot} == {torch.float16, torch.bfloat16}
+    assert {c[0].flags["FINISH"] for c, _ in hot} == {False, True}
+    for (la, _, _), res in hot:
+        assert "cp.async.bulk.tensor" in res["ptx"] and "wgmma.mma_async" in res["ptx"], la.name
+        got = _programs_per_sm(res["registers"], la.num_warps, res["metadata"]["shared"])
+        assert got >= 2, (la.name, res["registers"], res["metadata"]["shared"], got)
 
 
 def _programs_per_sm(registers: int, warps: int, shared: int) -> int:
@@ -1114,7 +1132,10 @@ def test_knn_forward_finish_launches_are_compiled():
                 for v in ("", "-tf32") if dtype == torch.float32 else ("",):
                     name = f"knn_{entry}-{POINTER[dtype][1:]}-bd{bd}{v}-finish"
                     assert name in names, name
-    assert not any("-finish" in n and "fwd_kp16" not in n and kk.WIDE_ENTRY not in n for n in names)
+                if dtype != torch.float32 and bd == kk.TMA_BLOCK_D:  # the narrow tiles, by default
+                    assert f"knn_{kk.NARROW_ENTRY}-{POINTER[dtype][1:]}-bd{bd}-finish-tma" in names, (dtype, D, k)
+    assert not any("-finish" in n and "fwd_kp16" not in n and kk.WIDE_ENTRY not in n
+                   and kk.NARROW_ENTRY not in n for n in names)
 
 
 # ------------------------------------------------------------------------- tensor-descriptor loads
@@ -1146,6 +1167,7 @@ def test_knn_tma_loads_give_the_same_bits(monkeypatch, M, N, D, k, labelled, spl
     loads give the forward's outputs bit for bit (the same dots in the same order): the slots, or
     with ``finish`` the final (dist, index); the result is the float64 reference's. float16: the
     interpreter runs no bfloat16 dots."""
+    monkeypatch.setenv(kk.TILES_ENV, "table")  # DAAL_KNN_LOADS chooses the table entries' loads
     made = _count_descriptors(monkeypatch)
     q = torch.randn(M, D, device=DEV).half()
     r = q if N == M and not labelled else torch.randn(N, D, device=DEV).half()
@@ -1172,6 +1194,7 @@ def test_knn_tma_candidates_give_the_same_bits(monkeypatch, cand):
     (the table's entry replaced): descriptors of the candidate's tile rows, the pointer loads'
     slots bit for bit, and the float64 reference's neighbours. Rows and columns past the tensor
     in both directions (M, N below one wide tile), a partial last D-chunk, labels, two splits."""
+    monkeypatch.setenv(kk.TILES_ENV, "table")  # DAAL_KNN_LOADS chooses the table entries' loads
     bm, bn, w, st, flat = cand[:5]
     cfg = kk.CONFIGS["half"][kk.TMA_ENTRY]
     monkeypatch.setitem(kk.CONFIGS["half"], kk.TMA_ENTRY, cfg.with_blocks(
@@ -1235,10 +1258,70 @@ def test_knn_wide_tiles_give_the_reference(monkeypatch, M, N, D, k, same, splits
         assert made[:2] == [(256, 64), (128, 64)], made
 
 
+def test_knn_narrow_tiles_where_they_apply(monkeypatch):
+    """By default (``DAAL_KNN_TILES`` unset, or "narrow") the forward takes the narrow entry
+    (64 x 128, 4 warps, descriptor loads) wherever the descriptor loads' rules hold: float16 and
+    bfloat16, k <= 16 with or without labels, the counted merge, the 64-wide D-chunk, 16-byte-
+    aligned rows; everywhere else, and with ``DAAL_KNN_TILES=table``, the table's entry."""
+    x = torch.randn(40, 136, device=DEV).half()
+    narrow = kk.NARROW_ENTRY if _tma_here() else "fwd_kp16"
+
+    def entry(q, kp=8, labels=False, **env):
+        monkeypatch.delenv(kk.TILES_ENV, raising=False)
+        monkeypatch.delenv(kk.MERGE_ENV, raising=False)
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        return kk.forward_entry(q, q, kp, labels)
+
+    assert kk.tiles_policy() == "narrow"
+    assert entry(x) == narrow and entry(x, kp=1) == narrow and entry(x, kp=16) == narrow
+    assert entry(x, labels=True) == narrow and entry(x.bfloat16()) == narrow
+    assert entry(x, **{kk.TILES_ENV: "narrow"}) == narrow
+    assert entry(x, **{kk.TILES_ENV: "table"}) == "fwd_kp16"
+    assert entry(x, **{kk.MERGE_ENV: "checked"}) == "fwd_kp16"
+    assert entry(x.float()) == "fwd_kp16"
+    assert entry(x[:, :20]) == "fwd_kp16"  # D-chunk 32
+    assert entry(x[:, 1:]) == "fwd_kp16"  # base 2 bytes past 16-byte alignment
+    assert entry(x, kp=32) == "fwd_kp32"
+    cfg = kk.CONFIGS["half"][kk.NARROW_ENTRY]
+    assert (cfg.blocks["BLOCK_M"], cfg.blocks["BLOCK_N"], cfg.num_warps, cfg.num_stages) == (64, 128, 4, 3)
+    assert (64, 128, 4, 3, False, None, "tma") in kk.FWD_ALTERNATIVES, "the candidate the GPU timed"
+
+
+@pytest.mark.parametrize("M,N,D,k,labelled,same,splits", [
+    (37, 37, 136, 3, True, True, None),  # the loss's shape: labels, self excluded, one split finishes
+    (130, 150, 72, 16, True, False, 2),  # three row blocks, KP 16, two splits and the finish's launch
+    (300, 300, 64, 5, False, True, 3),  # self-kNN (a retrieval), KP 8
+    (37, 520, 136, 8, False, False, None),  # a memory bank's shape: columns past the tensor
+], ids=["loss", "kp16-labels-2splits", "self-3splits", "bank"])
+def test_knn_narrow_tiles_give_the_reference(monkeypatch, M, N, D, k, labelled, same, splits):
+    """The narrow tiles as the launcher takes them by default: descriptors of 64- and 128-row
+    blocks, the table entry's outputs bit for bit under the interpreter (the same dots in the
+    same D order; on a GPU another tile shape may order the MMA's sums otherwise:
+    ``test_knn_narrow_tiles_gpu``), and the float64 reference's neighbours, distances and
+    gradient."""
+    monkeypatch.delenv(kk.TILES_ENV, raising=False)
+    made = _count_descriptors(monkeypatch)
+    q = torch.randn(M, D, device=DEV).half()
+    r = q if same else torch.randn(N, D, device=DEV).half()
+    ql = _labels(M, 3) if labelled else None
+    rl = (ql if same else _labels(N, 3)) if labelled else None
+    got = kk._knn(q, r, k, query_labels=ql, ref_labels=rl, exclude_self=same, splits=splits)
+    if _tma_here():
+        assert made[:2] == [(64, 64), (128, 64)], made
+    monkeypatch.setenv(kk.TILES_ENV, "table")
+    table = kk._knn(q, r, k, query_labels=ql, ref_labels=rl, exclude_self=same, splits=splits)
+    if DEV != "cuda":
+        assert torch.equal(got[1], table[1]) and torch.equal(got[0].view(torch.int32), table[0].view(torch.int32))
+    monkeypatch.delenv(kk.TILES_ENV)
+    _run(q, r, k, labels=(ql, rl) if labelled else None, exclude_self=same, splits=splits)
+
+
 def test_knn_tma_loads_where_eligible(monkeypatch):
     """The descriptors are made only where the compiled descriptor builds apply: float16/bfloat16,
     k <= 16, the 64-wide D-chunk, the counted merge, 16-byte-aligned base and rows; elsewhere the
     pointer loads run (and the result is still right)."""
+    monkeypatch.setenv(kk.TILES_ENV, "table")  # DAAL_KNN_LOADS chooses the table entries' loads
     monkeypatch.setenv(kk.LOADS_ENV, "tma")
     made = _count_descriptors(monkeypatch)
     x = torch.randn(40, 136, device=DEV).half()
@@ -1275,6 +1358,7 @@ def test_knn_tma_loads_gpu(monkeypatch, M, N, k, splits):
     """On the GPU (bfloat16, D = 512, labels): the descriptor loads (sm_90: TMA copies) give the
     pointer loads' outputs bit for bit, at the model's splits and with one split (the forward
     finishing its rows); and they are the float64 reference's neighbours."""
+    monkeypatch.setenv(kk.TILES_ENV, "table")  # DAAL_KNN_LOADS chooses the table entries' loads
     if not _tma_here():
         pytest.skip("no TMA before sm_90")
     made = _count_descriptors(monkeypatch)
@@ -1316,6 +1400,34 @@ def test_knn_wide_tiles_gpu(monkeypatch, M, N, k, splits):
     assert (out["table"][0] - out["wide"][0]).abs().max().item() <= 1e-3
     _run(q, r, k, exclude_self=r is q, splits=splits, grad=False, tol=tolerance(torch.bfloat16, tf32=True),
          check_index="none")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M,N,k,labelled,splits", [(4100, 4100, 8, False, None), (700, 2100, 3, True, 1),
+                                                   (1024, 65536, 8, False, None)])
+def test_knn_narrow_tiles_gpu(monkeypatch, M, N, k, labelled, splits):
+    """On the GPU (bfloat16, D = 512): the default narrow tiles (64 x 128 through descriptors)
+    select what the table's 128 x 128 tiles select (another tile shape may sum the GEMM form in
+    another order: near-ties may swap, so 99.9% of the rows), with the float64 reference's
+    distances: self-kNN at the model's splits, the loss's labelled search finishing in one
+    split, and the memory bank's shape."""
+    if not _tma_here():
+        pytest.skip("no TMA before sm_90")
+    made = _count_descriptors(monkeypatch)
+    q = torch.randn(M, 512, device="cuda").bfloat16()
+    r = q if M == N else torch.randn(N, 512, device="cuda").bfloat16()
+    ql = _labels(M, 5) if labelled else None
+    rl = (ql if r is q else _labels(N, 5)) if labelled else None
+    out = {}
+    for policy in ("table", "narrow"):
+        monkeypatch.setenv(kk.TILES_ENV, policy)
+        out[policy] = kk._knn(q, r, k, query_labels=ql, ref_labels=rl, exclude_self=r is q, splits=splits)
+    assert made == [(64, 64), (128, 64)], made
+    same = (out["table"][1] == out["narrow"][1]).all(dim=1).float().mean().item()
+    assert same >= 0.999, same
+    assert (out["table"][0] - out["narrow"][0]).abs().max().item() <= 1e-3
+    _run(q, r, k, labels=(ql, rl) if labelled else None, exclude_self=r is q, splits=splits, grad=False,
+         tol=tolerance(torch.bfloat16, tf32=True), check_index="none")
 
 
 @pytest.mark.interpreter  # registrations: the CPU's to check; GPU time goes to the kernels

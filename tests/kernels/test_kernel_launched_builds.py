@@ -113,8 +113,18 @@ def test_the_recording_covers_every_kernel_of_the_hot_paths(recorded):
     assert {4, 8} <= knn_kp
     assert any(la["constexprs"].get("CAST") is False for la in recorded if la["kernel"] == "_lm2_own_prep_kernel")
     assert all(t != "i64" for la in recorded for t in la["signature"].values())
-    # the switches gpu_check times: the wide tiles (256 rows) and descriptor loads
-    assert any(la["constexprs"].get("BLOCK_M") == 256 and la["constexprs"].get("TMA") for la in recorded)
+    # the default narrow tiles (64 x 128 through descriptors) where the benchmarks' bf16 kNN and
+    # the bf16 loss batch run on an H200, and the switches gpu_check times: the table's 128 x 128
+    # tiles with pointer loads, the wide tiles (256 rows) through descriptors
+    fwd = [la for la in recorded if la["kernel"] == "_knn_fwd_kernel"]
+
+    def tiles(la):
+        c = la["constexprs"]
+        return c.get("BLOCK_M"), c.get("BLOCK_N"), la["options"].get("num_warps"), bool(c.get("TMA"))
+    for scenario in ("knn bf16 eval60k", "knn bf16 bank", "knn bf16 dml"):
+        assert {tiles(la) for la in fwd if scenario in la["scenarios"]} == {(64, 128, 4, True)}, scenario
+        assert {tiles(la) for la in fwd if scenario + ", table tiles" in la["scenarios"]} == {(128, 128, 8, False)}
+    assert any(tiles(la) == (256, 128, 8, True) for la in fwd)
 
 
 def test_every_recorded_launch_compiles_for_each_target(built):
