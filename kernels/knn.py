@@ -625,8 +625,13 @@ KP_ROWS = tuple(_FWD_BLOCKS)
 #: for 2 BLOCK_M BLOCK_N D FLOP, so 85 FLOP per L2 byte instead of the entry's 64 (the 4-warp
 #: tiles: 43). If the forward's ceiling is L2 bandwidth, they lift it by a third (an estimate:
 #: docs/kernels.md, "Wider tiles"; bench/probe_h200.py's ``tiles`` section measures it). 256 x 128
-#: first: its merge runs fewer rounds per tile (bench/knn_merge_model.py).
-FWD_ALTERNATIVES = {(256, 128, 8, 3, False, None, "tma"): 1, (128, 256, 8, 3, False, None, "tma"): 1,
+#: first: its merge runs fewer rounds per tile (bench/knn_merge_model.py). Since 2026-12-04, first
+#: of all: two variants of the default narrow tiles (``fwd_narrow``: 64 x 128, 4 warps, 3 stages,
+#: descriptors, three programs per SM), for the pipeline that drains at every tile boundary: the
+#: flat loop through descriptors (208 registers, no spill: two programs per SM) and 4 stages
+#: (98 KB of shared memory: two per SM).
+FWD_ALTERNATIVES = {(64, 128, 4, 3, True, None, "tma"): 2, (64, 128, 4, 4, False, None, "tma"): 2,
+                    (256, 128, 8, 3, False, None, "tma"): 1, (128, 256, 8, 3, False, None, "tma"): 1,
                     (64, 128, 4, 3, False): 2, (128, 128, 8, 3, False, 128, "tma"): 2,
                     (64, 128, 4, 3, False, None, "tma"): 3, (64, 128, 4, 3, True): 2,
                     (128, 128, 8, 3, False, 128): 2, (128, 64, 4, 3, False): 2,
