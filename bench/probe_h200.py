@@ -15,11 +15,14 @@ script splits both:
   GEMM and drop parts of its epilogue: ``gemm_min`` (tiles, s and one row-min per tile), and
   ``filter`` (+ the candidate filter ``s < worst`` and its row-min, no merge loop); the kernel
   with each merge (``DAAL_KNN_MERGE``: counted, checked) at k = 1 and 8; plus ``torch.matmul``
-  of the same shape.
+  of the same shape; since 2026-12-04 these run the table's entry (comparable with the earlier
+  runs), and the default narrow tiles' forward (64 x 128 through descriptors) is timed beside.
 * ``tiles`` (after ``knn``): ``gemm_min`` at the tile shapes of ``PROBE_TILES`` (the entry's 128 x 128,
   the wide 128 x 256 and 256 x 128 of the "tma" candidates, 64 x 128 on 4 warps), each with the
   bytes its tiles load from L2 (``tile_bytes``) and the rate that makes: does the forward's
-  ceiling follow the L2 traffic per FLOP (docs/kernels.md, "Wider tiles")?
+  ceiling follow the L2 traffic per FLOP (docs/kernels.md, "Wider tiles")? With pointer loads,
+  then (since 2026-12-04, where the GPU has TMA) through tensor descriptors: the narrow tiles'
+  GEMM ceiling beside their forward's time (docs/kernels.md, "Narrow tiles through descriptors").
 
 usage: python bench/probe_h200.py OUT.jsonl [--n 20000] [--smoke]
 (--smoke: tiny shapes (n = 140, D = 64) and few calls, for a CPU with TRITON_INTERPRET=1: a rehearsal.) One JSON line per measurement.
@@ -35,9 +38,10 @@ import traceback
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from daal_triton.kernels import _common, knn as kk
-from daal_triton.kernels._common import TL_EPS, _dot_rows, dot_flags, row_sqnorms
+from daal_triton.kernels._common import TL_EPS, _dot_desc_chunk, _dot_rows, dot_flags, row_sqnorms
 from interpreter import strict_interpreter
 from problems import _with_env
 from tune_line_margin import Timer
@@ -49,13 +53,15 @@ def _empty_kernel(x_ptr):
 
 
 @triton.jit
-def _probe_knn_kernel(q_ptr, r_ptr, qn_ptr, rn_ptr, out_ptr, M, N, D, cols_per_split,
+def _probe_knn_kernel(q_ptr, r_ptr, q_desc, r_desc, qn_ptr, rn_ptr, out_ptr, M, N, D, cols_per_split,
                       stride_q_m, stride_r_n, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                       BLOCK_D: tl.constexpr, FILTER: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-                      ROUND_TF32: tl.constexpr):
+                      ROUND_TF32: tl.constexpr, TMA: tl.constexpr = False):
     """``_knn_fwd_kernel``'s tile loop without its merge: ``s = max(qn + rn - 2 q.r, eps)`` per
     tile, then a running row-min of ``s`` (FILTER=False) or of ``where(s < worst, s, inf)`` with
-    ``worst`` lowered to that min (FILTER=True: the candidate test the merge starts with)."""
+    ``worst`` lowered to that min (FILTER=True: the candidate test the merge starts with).
+    ``TMA``: the chunks arrive through the tensor descriptors, as in the forward's narrow and
+    wide tiles (``q_desc``, ``r_desc``; else they are None and pointer loads run)."""
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -69,8 +75,12 @@ def _probe_knn_kernel(q_ptr, r_ptr, qn_ptr, rn_ptr, out_ptr, M, N, D, cols_per_s
         cols = n0 + tl.arange(0, BLOCK_N)
         cmask = cols < n_end
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        acc = _dot_rows(q_rows, r_ptr + cols.to(tl.int64)[:, None] * stride_r_n, rmask, cmask, D,
-                        acc, BLOCK_D, INPUT_PRECISION, ROUND_TF32)
+        if TMA:
+            for d0 in range(0, D, BLOCK_D):
+                acc = _dot_desc_chunk(q_desc, r_desc, pid_m * BLOCK_M, n0, d0, acc, INPUT_PRECISION, ROUND_TF32)
+        else:
+            acc = _dot_rows(q_rows, r_ptr + cols.to(tl.int64)[:, None] * stride_r_n, rmask, cmask, D,
+                            acc, BLOCK_D, INPUT_PRECISION, ROUND_TF32)
         rn = tl.load(rn_ptr + cols, mask=cmask, other=float("inf"))
         s = tl.maximum(qn[:, None] + rn[None, :] - 2.0 * acc, TL_EPS)
         if FILTER:
@@ -166,9 +176,10 @@ def _problem(dev, n, d):
 PROBE_OPTIONS = ("num_warps", "num_stages", "maxnreg")
 
 
-def _probe_call(q, qn, flags, S, launch, filt):
+def _probe_call(q, qn, flags, S, launch, filt, tma=False):
     """``(run, S)``: a call of ``_probe_knn_kernel`` over ``q``'s self distances with about ``S``
-    column splits (rounded to whole BLOCK_N tiles, as the forward does) and ``launch``'s tiles."""
+    column splits (rounded to whole BLOCK_N tiles, as the forward does) and ``launch``'s tiles;
+    ``tma``: loaded through tensor descriptors."""
     # the forward's launch arguments that the probe kernel has (not the forward's own switches,
     # such as FLAT, which a GPU build would refuse), and the compile options
     launch = {k: v for k, v in launch.items() if k in _probe_knn_kernel.arg_names or k in PROBE_OPTIONS}
@@ -176,10 +187,15 @@ def _probe_call(q, qn, flags, S, launch, filt):
     cols = triton.cdiv(triton.cdiv(n, S), bn) * bn
     S = triton.cdiv(n, cols)
     out = torch.empty(S, n, device=q.device)
+    q_desc = r_desc = None
+    if tma:
+        q_desc = TensorDescriptor(q, list(q.shape), [q.stride(0), 1], [bm, launch["BLOCK_D"]])
+        r_desc = TensorDescriptor(q, list(q.shape), [q.stride(0), 1], [bn, launch["BLOCK_D"]])
 
     def run():
-        _probe_knn_kernel[(triton.cdiv(n, bm), S)](q, q, qn, qn, out, n, n, q.shape[1], cols, q.stride(0),
-                                                   q.stride(0), FILTER=filt, **flags, **launch)
+        _probe_knn_kernel[(triton.cdiv(n, bm), S)](q, q, q_desc, r_desc, qn, qn, out, n, n, q.shape[1], cols,
+                                                   q.stride(0), q.stride(0), FILTER=filt, TMA=tma, **flags,
+                                                   **launch)
     return run, S
 
 
@@ -238,15 +254,20 @@ def tiles_section(dev, emit, n, d, reps):
     at several tile shapes: if its time follows the bytes the tiles load from L2 rather than
     the FLOPs, wider tiles lift the forward's ceiling (docs/kernels.md, "Wider tiles")."""
     q, qn, flags, flops, cfg = _problem(dev, n, d)
-    for bm, bn, w in PROBE_TILES:
-        # the knn section's launch arguments with the tile replaced: at 128 x 128 the same build
-        launch = dict(cfg.launch(d), BLOCK_M=bm, BLOCK_N=bn, num_warps=w)
-        run, S = _probe_call(q, qn, flags, kk._num_splits(n, n, bm, bn, q.device), launch, False)
-        ms = gpu_ms(run, dev, reps)
-        nbytes = tile_bytes(n, d, bm, bn, q.element_size())
-        emit("tiles", f"probe gemm_min {bm}x{bn}, {w} warps ({bm * bn / (bm + bn):.0f} FLOP per L2 byte)",
-             n=n, ms=ms, tflops=flops / ms / 1e9, splits=S, blocks=[bm, bn, w, 3],
-             l2_bytes=nbytes, l2_tb_per_s=nbytes / ms / 1e9)
+    # through descriptors too (since 2026-12-04: the default narrow tiles load so), where the
+    # device has TMA or the interpreter emulates it
+    tma_here = dev.type != "cuda" or kk.tma_device(dev)
+    for tma in (False, True) if tma_here else (False,):
+        for bm, bn, w in PROBE_TILES:
+            # the knn section's launch arguments with the tile replaced: at 128 x 128 the same build
+            launch = dict(cfg.launch(d), BLOCK_M=bm, BLOCK_N=bn, num_warps=w)
+            run, S = _probe_call(q, qn, flags, kk._num_splits(n, n, bm, bn, q.device), launch, False, tma)
+            ms = gpu_ms(run, dev, reps)
+            nbytes = tile_bytes(n, d, bm, bn, q.element_size())
+            emit("tiles", f"probe gemm_min {bm}x{bn}, {w} warps{', TMA loads' if tma else ''} "
+                 f"({bm * bn / (bm + bn):.0f} FLOP per L2 byte)",
+                 n=n, ms=ms, tflops=flops / ms / 1e9, splits=S, blocks=[bm, bn, w, 3], tma=tma,
+                 l2_bytes=nbytes, l2_tb_per_s=nbytes / ms / 1e9)
 
 
 def main() -> int:

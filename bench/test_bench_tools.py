@@ -793,14 +793,22 @@ def test_probe_tiles_reading():
     assert "level: not L2-bound" in level
     assert "neither" in "\n".join(report.tiles_reading([row(128, 128, 8, 1.0), row(64, 128, 4, 1.25)]))
     assert report.tiles_reading([row(256, 128, 8, 1.0)]) == []  # no 128 x 128 row: no reading
+    # descriptor-loaded rows (the probe's second pass) are read against their own 128 x 128
+    tma = [dict(r, tma=True, ms=r["ms"] * 0.5) for r in follows]
+    text = "\n".join(report.tiles_reading(follows + tma))
+    assert text.count("(the reference)") == 2 and text.count("follows the L2 bytes") == 4
+    assert "| 256 x 128, 8, TMA loads | 0.76 | 0.75 |" in text
+    assert report.tiles_reading([row(128, 128, 8, 1.0), dict(row(64, 128, 4, 1.0), tma=True)]) == []
 
 
 @pytest.mark.build
 def test_probe_kernel_builds():
     """bench/probe_h200.py's kernel compiles for sm_90 (aligned D = 512, bf16) at each tile shape
-    its ``tiles`` section launches, and at the forward entry's tiles with the filter: wgmma, no
-    spill (a probe that spills would measure the spills, not the L2 traffic)."""
+    its ``tiles`` section launches, with pointer loads and through tensor descriptors (TMA copies
+    in the PTX), and at the forward entry's tiles with the filter: wgmma, no spill (a probe that
+    spills would measure the spills, not the L2 traffic)."""
     import probe_h200
+    from daal_triton.kernels._common import descriptor_type
 
     sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
     from daal_testing import compile_many_for_gpu
@@ -808,16 +816,22 @@ def test_probe_kernel_builds():
     sig = {"q_ptr": "*bf16", "r_ptr": "*bf16", "qn_ptr": "*fp32", "rn_ptr": "*fp32", "out_ptr": "*fp32",
            "M": "i32", "N": "i32", "D": "i32", "cols_per_split": "i32", "stride_q_m": "i64",
            "stride_r_n": "i64"}
-    shapes = [(bm, bn, w, False) for bm, bn, w in probe_h200.PROBE_TILES] + [(128, 128, 8, True)]
-    jobs = [{"module": "probe_h200", "name": "_probe_knn_kernel", "path": HERE, "signature": sig,
-             "constexprs": {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_D": 64, "FILTER": filt,
-                            "INPUT_PRECISION": "ieee", "ROUND_TF32": False},
-             "capability": 90, "num_warps": w, "num_stages": 3, "specialisation": "aligned",
-             "unit": [], "rows": ["stride_q_m", "stride_r_n"], "sass": False, "maxnreg": None}
-            for bm, bn, w, filt in shapes]
-    for shape, res in zip(shapes, compile_many_for_gpu(jobs)):
+    shapes = ([(bm, bn, w, False, tma) for tma in (False, True) for bm, bn, w in probe_h200.PROBE_TILES]
+              + [(128, 128, 8, True, False)])
+
+    def job(bm, bn, w, filt, tma):
+        consts = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_D": 64, "FILTER": filt, "INPUT_PRECISION": "ieee",
+                  "ROUND_TF32": False, "TMA": tma}
+        descs = {"q_desc": descriptor_type(torch.bfloat16, bm, 64), "r_desc": descriptor_type(torch.bfloat16, bn, 64)}
+        return {"module": "probe_h200", "name": "_probe_knn_kernel", "path": HERE,
+                "signature": dict(sig, **descs) if tma else sig,
+                "constexprs": consts if tma else dict(consts, q_desc=None, r_desc=None),
+                "capability": 90, "num_warps": w, "num_stages": 3, "specialisation": "aligned",
+                "unit": [], "rows": ["stride_q_m", "stride_r_n"], "sass": False, "maxnreg": None}
+    for shape, res in zip(shapes, compile_many_for_gpu([job(*sh) for sh in shapes])):
         assert not res.get("error"), f"{shape}:\n{res.get('error')}"
         assert "wgmma.mma_async" in res["ptx"], shape
+        assert ("cp.async.bulk.tensor" in res["ptx"]) == shape[4], shape
         assert res.get("stack", 0) == 0, (shape, res.get("registers"), res.get("stack"))
 
 
