@@ -22,7 +22,8 @@ One benchmark case is one (operator, shape, precision, provider, pass):
   ``triton_tma`` (the kNN with its table tiles loaded through tensor descriptors, the
   Hopper TMA unit, ``DAAL_KNN_LOADS=tma``, beside the pointer loads: kernels/knn.py,
   ``LOADS_ENV``; timed by the runs until 2026-12-04, when the narrow tiles, always loaded so,
-  became the default), ``triton_table`` (the kNN with its forward on the table's 128 x 128
+  became the default: no longer a case, since under them the variable changes nothing; its
+  records stay in those runs), ``triton_table`` (the kNN with its forward on the table's 128 x 128
   tiles and pointer loads, the default until 2026-12-04, ``DAAL_KNN_TILES=table``, beside the
   narrow 64 x 128 tiles through descriptors that replaced it where descriptors apply:
   kernels/knn.py, ``NARROW_ENTRY``), ``triton_wide`` (the kNN with its forward's wide tiles,
@@ -63,7 +64,7 @@ PROFILES = ("smoke", "check", "full")
 PROVIDERS = {
     "pairwise": ("triton", "eager", "compile", "triton_unaligned"),
     "knn": ("triton", "eager", "compile", "chunked", "triton_wave_splits", "triton_checked_merge",
-            "triton_separate", "triton_tma", "triton_table", "triton_wide", "triton_unaligned"),
+            "triton_separate", "triton_table", "triton_wide", "triton_unaligned"),
     "line_margin": ("triton", "eager", "compile", "triton_atomic_own", "triton_separate"),
     "loss": ("triton", "eager", "compile", "triton_aten_glue", "triton_graphed", "triton_atomic_own",
              "triton_separate"),
@@ -206,7 +207,7 @@ class Switch(NamedTuple):
 
     def applies_to(self, env: dict) -> bool:
         """Whether a run (its env.json) ran this switch's default and alternative: by the
-        defaults it recorded, else by its date within [since, until]."""
+        switches it recorded, else by its date within [since, until]."""
         recorded = env.get("switches")
         if isinstance(recorded, list):
             return [self.env, self.default, self.alternative] in recorded
