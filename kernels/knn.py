@@ -28,7 +28,8 @@ too few programs for the GPU, per one of ``S`` contiguous column ranges of the r
    the chunks arrive through pointer loads or, with ``DAAL_KNN_LOADS=tma`` where eligible
    (:func:`_tma_eligible`), through tensor descriptors (Hopper's TMA unit): the same dots;
    by default (``DAAL_KNN_TILES=narrow``) a float16/bfloat16 forward with k <= 16 on a GPU with
-   TMA (sm_90, sm_100) runs on 64 x 128 tiles, 4 warps, through descriptors (``fwd_narrow``:
+   TMA (sm_90, sm_100) and enough query rows to fill it (``NARROW_MIN_WAVES``) runs on 64 x 128
+   tiles, 4 warps, through descriptors (``fwd_narrow``:
    three programs per SM, so one program's merge overlaps another's MMAs; the 2026-12-04 H200
    run timed it 1.36-1.40x faster than the 128 x 128 table entry at 20k and 60k rows:
    :data:`NARROW_ENTRY`); ``DAAL_KNN_TILES=table`` keeps the table's ``fwd_kp*`` entries (the
@@ -822,6 +823,13 @@ TILES_POLICIES = ("narrow", "table", "wide")
 #: registers, through descriptors) was 10.95 ms, within 3%, but spills and ran 1.935 ms at 20k.
 #: Its sm_90 build: three programs per SM, no spill (tests/kernels/test_kernel_knn.py).
 NARROW_ENTRY = "fwd_narrow"
+#: The narrow tiles run where the table entry's row tiles alone make at least this many waves of
+#: the GPU's SMs (``cdiv(M, 128) >= NARROW_MIN_WAVES * SMs``: M >= 16,769 rows on an H200; any M on
+#: the CPU, where the SM count is 1). The 2026-12-04 second H200 run (bench/results/2026-12-04-h200-2)
+#: timed them 1.38x faster than the table's at 60k rows, but 9% slower on the memory bank
+#: (1024 x 65,536: fwd 702 vs 637 us, fwd+bwd 847 vs 771 us) and 7% slower on the loss batch's
+#: kNN (180 x 180: 190 vs 177 us), where the grid is made of column splits, not rows.
+NARROW_MIN_WAVES = 1.0
 #: The wide entry of ``CONFIGS["half"]`` and the largest KP it serves: its sm_90 builds (KP 8,
 #: no labels, with and without ``FINISH``) hold 249-255 registers and no stack (Triton 3.6 and
 #: 3.8); with labels or at KP 16 they spill (tests/kernels/test_kernel_knn.py compiles them).
@@ -837,7 +845,8 @@ def tiles_policy() -> str:
 def forward_entry(q: torch.Tensor, r: torch.Tensor, kp: int, has_labels: bool) -> str:
     """The ``CONFIGS`` entry of the forward for these inputs: by default :data:`NARROW_ENTRY`
     where the descriptor loads' rules hold (:func:`_tma_eligible`, with the table's D-chunk: the
-    table's ``fwd_kp16``, D-chunk 64, the counted merge); with ``DAAL_KNN_TILES=wide``
+    table's ``fwd_kp16``, D-chunk 64, the counted merge) and the query rows fill the GPU
+    (:data:`NARROW_MIN_WAVES`); with ``DAAL_KNN_TILES=wide``
     :data:`WIDE_ENTRY` where its builds apply (KP <= :data:`WIDE_KP`, no labels, and the same
     rules); elsewhere, and with ``DAAL_KNN_TILES=table``, the table's :func:`fwd_entry`."""
     entry = fwd_entry(kp)
@@ -846,6 +855,9 @@ def forward_entry(q: torch.Tensor, r: torch.Tensor, kp: int, has_labels: bool) -
         return entry
     table = CONFIGS[family(q.dtype)]
     alternative = WIDE_ENTRY if policy == "wide" else NARROW_ENTRY
+    if alternative == NARROW_ENTRY and entry in table and (
+            cdiv(q.shape[0], table[entry].blocks["BLOCK_M"]) < NARROW_MIN_WAVES * sm_count(q.device)):
+        return entry  # few query rows: the table's tiles (see NARROW_MIN_WAVES)
     if alternative in table and _tma_eligible(q, r, entry, table[entry].block_d_for(q.shape[1]), True):
         return alternative
     return entry

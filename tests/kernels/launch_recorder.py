@@ -185,6 +185,9 @@ def record() -> list:
         ("knn bf16 bank, table tiles", lambda: knn_op("bf16", *bank), {"DAAL_KNN_TILES": "table"}),
         ("knn bf16 dml, table tiles", lambda: knn_op("bf16", 180, 180, 512, 3, True, True),
          {"DAAL_KNN_TILES": "table"}),
+        # the narrow tiles with labels (what a labelled search of > 16,768
+        # rows launches; the loss batch's 180 rows take the table's tiles)
+        ("knn bf16 labelled 20k", lambda: knn_op("bf16", 20000, 20000, 512, 3, True, True), {}),
         ("knn bf16 eval60k, table tiles, descriptor loads", lambda: knn_op("bf16", *eval60k),
          {"DAAL_KNN_TILES": "table", "DAAL_KNN_LOADS": "tma"}),
         ("knn bf16 bank, table tiles, descriptor loads", lambda: knn_op("bf16", *bank),

@@ -1288,6 +1288,26 @@ def test_knn_narrow_tiles_where_they_apply(monkeypatch):
     assert (64, 128, 4, 3, False, None, "tma") in kk.FWD_ALTERNATIVES, "the candidate the GPU timed"
 
 
+def test_knn_narrow_tiles_only_where_rows_fill_the_gpu(monkeypatch):
+    """On a GPU the narrow tiles run only where the table entry's row tiles fill its SMs
+    (``NARROW_MIN_WAVES``): the second 2026-12-04 H200 run timed them faster at 60k rows but
+    slower on the memory bank (1024 queries) and the loss batch (180). Emulated: 132 SMs."""
+    if not _tma_here():
+        pytest.skip("no TMA before sm_90")
+    monkeypatch.delenv(kk.TILES_ENV, raising=False)
+    monkeypatch.setattr(kk, "sm_count", lambda device: 132)
+    narrow = kk.NARROW_ENTRY
+
+    def entry(M, labels=False):
+        q = torch.empty(M, 512, device=DEV, dtype=torch.float16)
+        return kk.forward_entry(q, q[:100], 8, labels)
+
+    assert entry(180) == entry(1024) == entry(128 * 131) == "fwd_kp16"
+    assert entry(128 * 131 + 1) == entry(60000) == entry(60000, labels=True) == narrow
+    monkeypatch.setattr(kk, "NARROW_MIN_WAVES", 0.0)  # how the GPU tests force them at small M
+    assert entry(180) == narrow
+
+
 @pytest.mark.parametrize("M,N,D,k,labelled,same,splits", [
     (37, 37, 136, 3, True, True, None),  # the loss's shape: labels, self excluded, one split finishes
     (130, 150, 72, 16, True, False, 2),  # three row blocks, KP 16, two splits and the finish's launch
@@ -1413,6 +1433,7 @@ def test_knn_narrow_tiles_gpu(monkeypatch, M, N, k, labelled, splits):
     split, and the memory bank's shape."""
     if not _tma_here():
         pytest.skip("no TMA before sm_90")
+    monkeypatch.setattr(kk, "NARROW_MIN_WAVES", 0.0)  # these shapes' rows fill no H200: forced
     made = _count_descriptors(monkeypatch)
     q = torch.randn(M, 512, device="cuda").bfloat16()
     r = q if M == N else torch.randn(N, 512, device="cuda").bfloat16()
