@@ -855,7 +855,7 @@ def forward_entry(q: torch.Tensor, r: torch.Tensor, kp: int, has_labels: bool) -
         return entry
     table = CONFIGS[family(q.dtype)]
     alternative = WIDE_ENTRY if policy == "wide" else NARROW_ENTRY
-    if alternative == NARROW_ENTRY and entry in table and (
+    if alternative == NARROW_ENTRY and (
             cdiv(q.shape[0], table[entry].blocks["BLOCK_M"]) < NARROW_MIN_WAVES * sm_count(q.device)):
         return entry  # few query rows: the table's tiles (see NARROW_MIN_WAVES)
     if alternative in table and _tma_eligible(q, r, entry, table[entry].block_d_for(q.shape[1]), True):
