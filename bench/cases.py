@@ -28,7 +28,10 @@ One benchmark case is one (operator, shape, precision, provider, pass):
   narrow 64 x 128 tiles through descriptors that replaced it where descriptors apply:
   kernels/knn.py, ``NARROW_ENTRY``), ``triton_wide`` (the kNN with its forward's wide tiles,
   256 x 128 on 8 warps through tensor descriptors, where they apply: k <= 8, no labels;
-  ``DAAL_KNN_TILES=wide``: kernels/knn.py, ``TILES_ENV``),
+  ``DAAL_KNN_TILES=wide``: kernels/knn.py, ``TILES_ENV``), ``triton_plain`` (the kNN with its
+  float16/bfloat16 forward's epilogue as before 2026-12-04's evening, ``DAAL_KNN_EPILOGUE=plain``,
+  beside the lean one that replaced it: the same slots with fewer instructions per tile;
+  kernels/knn.py, ``EPILOGUE_ENV``),
   ``triton_unaligned`` (the kNN or the pairwise distance at a width that is no multiple of 16
   on its unpadded rows, as before 2026-12-02, ``DAAL_ALIGN_D=off``, beside the rows padded to
   16 columns that replaced them: kernels/_common.py, ``ALIGN_ENV``; the ``*_d129`` shapes),
@@ -64,7 +67,7 @@ PROFILES = ("smoke", "check", "full")
 PROVIDERS = {
     "pairwise": ("triton", "eager", "compile", "triton_unaligned"),
     "knn": ("triton", "eager", "compile", "chunked", "triton_wave_splits", "triton_checked_merge",
-            "triton_separate", "triton_table", "triton_wide", "triton_unaligned"),
+            "triton_separate", "triton_table", "triton_wide", "triton_unaligned", "triton_plain"),
     "line_margin": ("triton", "eager", "compile", "triton_atomic_own", "triton_separate"),
     "loss": ("triton", "eager", "compile", "triton_aten_glue", "triton_graphed", "triton_atomic_own",
              "triton_separate"),
@@ -243,6 +246,11 @@ SWITCHES: Tuple[Switch, ...] = (
             ("knn", "dml", "bf16", "fwd")), since="2026-12-05"),
     Switch("DAAL_KNN_TILES", "narrow", "wide", "triton_wide",
            (("knn", "eval60k", "bf16", "fwd"), ("knn", "bank", "bf16", "fwd")), since="2026-12-05"),
+    # the lean epilogue (padded norms read unmasked, float32 counts, the narrow entry's diagonal
+    # branch) beside the plain one it replaced: no GPU has timed either against the other
+    Switch("DAAL_KNN_EPILOGUE", "lean", "plain", "triton_plain",
+           (("knn", "eval60k", "bf16", "fwd"), ("knn", "bank", "bf16", "fwd"), ("knn", "dml", "bf16", "fwd")),
+           since="2026-12-05"),
     Switch("DAAL_ALIGN_D", "pad", "off", "triton_unaligned",
            (("knn", "bank_d129", "bf16", "fwd"), ("knn", "bank_d129", "bf16", "fwdbwd"),
             ("pairwise", "large_d129", "bf16", "fwdbwd")), memory=True, since="2026-12-02"),
@@ -259,9 +267,10 @@ CHECK: Dict[Tuple[str, str], List[dict]] = {
     # the merge before 2026-12-01 (DAAL_KNN_MERGE=checked) beside the counted one
     # and the table's 128 x 128 tiles the narrow ones replaced (DAAL_KNN_TILES=table)
     # and its wide tiles (DAAL_KNN_TILES=wide: 85 FLOP per L2 byte, the way past 60% of matmul?)
-    ("knn", "eval60k"): [dict(dtypes=("bf16",), providers=("triton", "chunked", "triton_table", "triton_wide",
-                                                        "triton_checked_merge", "triton_wave_splits",
-                                                        "eager"))],
+    # and the plain epilogue the lean one replaced (DAAL_KNN_EPILOGUE=plain)
+    ("knn", "eval60k"): [dict(dtypes=("bf16",), providers=("triton", "chunked", "triton_plain", "triton_table",
+                                                        "triton_wide", "triton_checked_merge",
+                                                        "triton_wave_splits", "eager"))],
     ("line_margin", "classes100k"): [
         dict(dtypes=("bf16",), providers=("triton", "eager", "compile")),
         # the own-class segment rows by atomics (DAAL_LM_OWN_SEG=atomic): the forward is the same
@@ -276,11 +285,12 @@ CHECK: Dict[Tuple[str, str], List[dict]] = {
                       dict(dtypes=("fp32",), providers=("triton_atomic_own",), passes=("fwdbwd",))],
     # the loss's in-batch kNN: launch-bound, where the finish's launch count shows
     ("knn", "dml"): [dict(dtypes=("bf16",), providers=("triton",), passes=("fwd", "fwdbwd")),
-                     dict(dtypes=("bf16",), providers=("triton_separate", "triton_table"), passes=("fwd",))],
+                     dict(dtypes=("bf16",), providers=("triton_separate", "triton_table", "triton_plain"),
+                          passes=("fwd",))],
     ("knn", "bank"): [dict(dtypes=("bf16",), providers=("triton", "chunked", "eager", "triton_wave_splits",
                                                      "triton_table"),
                            passes=("fwd", "fwdbwd")),
-                      dict(dtypes=("bf16",), providers=("triton_checked_merge", "triton_wide"),
+                      dict(dtypes=("bf16",), providers=("triton_checked_merge", "triton_wide", "triton_plain"),
                            passes=("fwd",))],
     ("pairwise", "large"): [dict(dtypes=("bf16", "fp32"), providers=("triton", "eager"))],
     # an odd width: the padded rows beside the unaligned ones (DAAL_ALIGN_D=off)

@@ -16,7 +16,8 @@ script splits both:
   ``filter`` (+ the candidate filter ``s < worst`` and its row-min, no merge loop); the kernel
   with each merge (``DAAL_KNN_MERGE``: counted, checked) at k = 1 and 8; plus ``torch.matmul``
   of the same shape; since 2026-12-04 these run the table's entry (comparable with the earlier
-  runs), and the default narrow tiles' forward (64 x 128 through descriptors) is timed beside.
+  runs), and the default narrow tiles' forward (64 x 128 through descriptors) is timed beside,
+  with self pairs excluded under each epilogue (``DAAL_KNN_EPILOGUE``: lean, plain).
 * ``tiles`` (after ``knn``): ``gemm_min`` at the tile shapes of ``PROBE_TILES`` (the entry's 128 x 128,
   the wide 128 x 256 and 256 x 128 of the "tma" candidates, 64 x 128 on 4 warps), each with the
   bytes its tiles load from L2 (``tile_bytes``) and the rate that makes: does the forward's
@@ -230,6 +231,12 @@ def knn_section(dev, emit, n, d, reps):
                                                            dev, reps),
             splits=kk._num_splits(n, n, nc.blocks["BLOCK_M"], nc.blocks["BLOCK_N"], q.device),
             blocks=[nc.blocks["BLOCK_M"], nc.blocks["BLOCK_N"], nc.num_warps, nc.num_stages])
+        # the two epilogues side by side, self pairs excluded as in the 60k benchmark
+        # (DAAL_KNN_EPILOGUE; docs/kernels.md, "A leaner epilogue")
+        for policy in kk.EPILOGUE_POLICIES:
+            rec(f"_knn_fwd_kernel k=8 S=default narrow self epilogue={policy}",
+                gpu_ms(lambda: _with_env(kk.EPILOGUE_ENV, policy, kk._candidates, q, q, 8, None, None, True),
+                       dev, reps), epilogue=policy)
     rec("knn (whole forward: selection + fused finish) k=8", gpu_ms(lambda: kk.knn(q, q, 8), dev, reps))
     for filt in (False, True):
         run, S = _probe_call(q, qn, flags, s_default, cfg.launch(d), filt)

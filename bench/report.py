@@ -48,7 +48,7 @@ PROVIDER_TITLES = {"triton": "Triton", "eager": "eager", "compile": "compile", "
                    "triton_checked_merge": "Triton, checked merge",
                    "triton_separate": "Triton, separate launches",
                    "triton_tma": "Triton, TMA loads", "triton_wide": "Triton, wide tiles",
-                   "triton_table": "Triton, table tiles",
+                   "triton_table": "Triton, table tiles", "triton_plain": "Triton, plain epilogue",
                    "triton_unaligned": "Triton, unaligned rows"}
 #: Providers that earlier runs measured and the benchmarks no longer run: the line margin's first
 #: design and the kNN's aten finish, removed after the 2026-11-30 H200 run decided against them
@@ -775,7 +775,10 @@ Each case is (shape, precision, provider, pass):
   through tensor descriptors, `DAAL_KNN_LOADS=tma`, beside the pointer loads: the runs until
   2026-12-04; docs/kernels.md "Tensor-descriptor loads") and `Triton, wide tiles` (its forward on
   256 × 128 tiles through tensor descriptors where they apply, k ≤ 8 without labels,
-  `DAAL_KNN_TILES=wide`, beside the default tiles of the run; docs/kernels.md "Wider tiles"); for the kNN and the pairwise distance at D = 129 `Triton, unaligned
+  `DAAL_KNN_TILES=wide`, beside the default tiles of the run; docs/kernels.md "Wider tiles") and
+  `Triton, plain epilogue` (its float16/bfloat16 forward's epilogue as before 2026-12-04's evening,
+  `DAAL_KNN_EPILOGUE=plain`, beside the lean one: the same slots, fewer instructions per tile;
+  docs/kernels.md "A leaner epilogue"); for the kNN and the pairwise distance at D = 129 `Triton, unaligned
   rows` (the kernels on the unpadded rows, `DAAL_ALIGN_D=off`, beside the rows padded to 144
   columns that replaced them; docs/kernels.md "Odd widths"). The first run also
   timed `Triton (aten finish)` (the kNN kernel with its earlier finish) and `Triton v1` (the line

@@ -175,17 +175,18 @@ def tune(out_path: str, *, sizes=(20_000, 60_000), D: int = 512, dtype: str = "b
             bm, bn, w, st, flat = cand[:5]
             maxnreg = cand[5] if len(cand) > 5 else None
             loads = cand[6] if len(cand) > 6 else "pointer"
+            diag = bool(cand[7]) if len(cand) > 7 else False  # the lean epilogue's diagonal branch
             S = _splits(kk, n, bm, bn, device, resident)
             rec = dict(run=run, dtype=dtype, entry=entry, M=n, N=n, D=D, k=k, BLOCK_M=bm, BLOCK_N=bn,
                        num_warps=w, num_stages=st, flat=flat, maxnreg=maxnreg, loads=loads, resident=resident,
-                       splits=S, table=is_table, device=str(device))
+                       splits=S, table=is_table, device=str(device), diag_branch=diag)
             if (n, cand, S) in seen_grid:  # the same grid as at one program per SM
                 continue
             seen_grid.add((n, cand, S))
             records.append(rec)
             try_candidate(rec, deadline, kk.CONFIGS[fam], entry,
                           table.with_blocks(BLOCK_M=bm, BLOCK_N=bn, FLAT=flat, num_warps=w, num_stages=st,
-                                            maxnreg=maxnreg),
+                                            maxnreg=maxnreg, DIAG_BRANCH=diag),
                           lambda: _measure(rec, n, S, inputs, base, timer, 1 if smoke else reps,
                                            is_table, device, D, tdtype, k))
     finally:

@@ -442,7 +442,10 @@ class Launch:
         forward that finishes its one split (``FINISH=True``); ``"-tma"`` for the kNN forward's
         tensor-descriptor loads (``TMA=True``: ``DAAL_KNN_LOADS=tma``, and every launch of the
         wide entry, ``DAAL_KNN_TILES=wide``); ``"-checked"`` for the
-        kNN forward's checked merge (``COUNTED=False``: ``DAAL_KNN_MERGE=checked``)."""
+        kNN forward's checked merge (``COUNTED=False``: ``DAAL_KNN_MERGE=checked``); ``"-plain"``
+        for the kNN forward's earlier epilogue (``LEAN=False``: ``DAAL_KNN_EPILOGUE=plain``; float32's
+        only one, so unmarked there); ``"-padded"`` for the squared norms padded with ``inf`` to
+        whole tiles (``PAD_INF=True``: the kNN forward's lean epilogue reads them)."""
         tf32 = self.flags.get("INPUT_PRECISION") == "tf32" or self.flags.get("ROUND_TF32")
         atomic = self.flags.get("ATOMIC") is True or self.flags.get("HAS_OWN") is False
         return (("-tf32" if tf32 else "") + ("-atomic" if atomic else "")
@@ -450,7 +453,9 @@ class Launch:
                 + ("-finish" if self.flags.get("FINISH") else "")
                 + ("-tma" if self.flags.get("TMA") else "")
                 + ("-pairs" if self.flags.get("DR_PAIRS") else "")
-                + ("-checked" if self.flags.get("COUNTED") is False else ""))
+                + ("-checked" if self.flags.get("COUNTED") is False else "")
+                + ("-plain" if self.flags.get("LEAN") is False and self.x_dtype != torch.float32 else "")
+                + ("-padded" if self.flags.get("PAD_INF") else ""))
 
     @property
     def aligned_hopper_only(self) -> bool:
@@ -601,7 +606,7 @@ def _dot_desc_chunk(a_desc, b_desc, a0, b0, d0, acc, INPUT_PRECISION: tl.constex
 
 @triton.jit
 def _sqnorm_kernel(x_ptr, out_ptr, M, D, stride_x_m, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-                   ROUND_TF32: tl.constexpr):
+                   ROUND_TF32: tl.constexpr, PAD_INF: tl.constexpr):
     """``out_i = sum_d x_id^2`` in float32 (of ``x`` rounded to TF32 with ``ROUND_TF32``: the
     values a single-pass TF32 dot sees).
 
@@ -611,6 +616,8 @@ def _sqnorm_kernel(x_ptr, out_ptr, M, D, stride_x_m, BLOCK_M: tl.constexpr, BLOC
         M, D: sizes.
         stride_x_m: row stride of x.
         BLOCK_M: rows per program. BLOCK_D: D-chunk of the loop. ROUND_TF32: see above.
+        PAD_INF: ``out`` has one entry per row of the grid (a whole number of BLOCK_M past M):
+            ``inf`` past M (the kNN forward's lean epilogue reads whole tiles of norms).
     """
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < M
@@ -621,7 +628,10 @@ def _sqnorm_kernel(x_ptr, out_ptr, M, D, stride_x_m, BLOCK_M: tl.constexpr, BLOC
         x = tl.load(base + dd[None, :], mask=rmask[:, None] & (dd[None, :] < D), other=0.0).to(tl.float32)
         x = _round_tf32(x, ROUND_TF32)
         acc += tl.sum(x * x, axis=1)
-    tl.store(out_ptr + rows, acc, mask=rmask)
+    if PAD_INF:
+        tl.store(out_ptr + rows, tl.where(rmask, acc, float("inf")))
+    else:
+        tl.store(out_ptr + rows, acc, mask=rmask)
 
 
 SQNORM = KernelSpec(_sqnorm_kernel, "x_ptr: *x; out_ptr: *fp32; M D: i32; stride_x_m: i64",
@@ -629,17 +639,22 @@ SQNORM = KernelSpec(_sqnorm_kernel, "x_ptr: *x; out_ptr: *fp32; M D: i32; stride
 SQNORM_CONFIG = KernelConfig({"BLOCK_M": 64}, num_warps=4, num_stages=1, block_d=(64, 64))
 
 
-def row_sqnorms(x: torch.Tensor, precision: str = "ieee") -> torch.Tensor:
+def row_sqnorms(x: torch.Tensor, precision: str = "ieee", pad: int = 1) -> torch.Tensor:
     """``||x_i||^2`` in float32 for a prepared ``x`` (M x D, unit column stride), of the values
-    a dot of input ``precision`` sees (rounded to TF32 for ``"tf32"``: :func:`round_operands`)."""
+    a dot of input ``precision`` sees (rounded to TF32 for ``"tf32"``: :func:`round_operands`).
+    ``pad`` > 1 (a multiple of the kernel's BLOCK_M, 64): ``cdiv(M, pad) * pad`` entries, ``inf``
+    past M, written by the same launch."""
     M, D = x.shape
-    out = torch.empty(M, dtype=torch.float32, device=x.device)
+    bm = SQNORM_CONFIG.blocks["BLOCK_M"]
+    if pad < 1 or (pad > 1 and pad % bm):
+        raise ValueError(f"pad must be 1 or a multiple of {bm}, got {pad}")
+    out = torch.empty(cdiv(M, pad) * pad, dtype=torch.float32, device=x.device)
     if M == 0:
         return out
-    grid = (cdiv(M, SQNORM_CONFIG.blocks["BLOCK_M"]),)
+    grid = (cdiv(out.shape[0], bm),)
     _sqnorm_kernel[grid](x, out, M, D, x.stride(0),
                          ROUND_TF32=round_operands(precision) and x.dtype == torch.float32,
-                         **SQNORM_CONFIG.launch(D))
+                         PAD_INF=pad > 1, **SQNORM_CONFIG.launch(D))
     return out
 
 

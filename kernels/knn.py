@@ -47,7 +47,13 @@ too few programs for the GPU, per one of ``S`` contiguous column ranges of the r
    runs rounds while any row's smallest beats its worst: a block-wide test each, and one more
    round that finds nothing; the same slots, bit for bit.) Columns arrive in increasing
    order within a program, so a tie with the worst never displaces it (it has the smaller
-   index). Empty slots hold ``(inf, -1 - slot)`` so every slot is distinct.
+   index). Empty slots hold ``(inf, -1 - slot)`` so every slot is distinct. The float16/bfloat16
+   forward's epilogue is the lean one by default (``DAAL_KNN_EPILOGUE=lean``, ``LEAN``: the
+   reference norms padded with ``inf`` to whole tiles and read unmasked, the counts summed in
+   float32, the first round peeled out of the rounds loop, and, in the narrow entry, the self
+   mask only in a branch for the tiles that meet the diagonal): the same slots bit for bit with
+   fewer instructions per tile (docs/kernels.md, "A leaner epilogue"); ``plain`` keeps the
+   earlier one (float32's, whose 3xTF32 build spills with the lean one).
 3. the KP slots (per column range) are written out (S x M x KP, small), unsorted.
 
 Finish (``_knn_finish_kernel``), one program per BLOCK_M queries: ``k`` rounds of
@@ -137,6 +143,7 @@ from ._common import (
     merged_launches,
     prepare,
     row_sqnorms,
+    SQNORM_CONFIG,
     sm_count,
     wave_split,
 )
@@ -150,7 +157,7 @@ CHUNK_ELEMS = 1 << 24  # distances per chunk in the PyTorch fallback
 def _knn_merge_tile(acc, n0, lanes, cols, cmask, rows, row_lo, qn, ql, rn_ptr, rl_ptr,
                     topd, topi, worst, widx, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     KP: tl.constexpr, HAS_LABELS: tl.constexpr, EXCLUDE_SELF: tl.constexpr,
-                    COUNTED: tl.constexpr):
+                    COUNTED: tl.constexpr, LEAN: tl.constexpr):
     """One tile's epilogue: ``s = max(qn + rn - 2 acc, eps)`` (label and self masks), merged
     into the running top-KP ``(topd, topi)`` of each row (``worst``/``widx``: the row's worst
     slot and its column). Returns the updated ``(topd, topi, worst, widx)``.
@@ -167,10 +174,21 @@ def _knn_merge_tile(acc, n0, lanes, cols, cmask, rows, row_lo, qn, ql, rn_ptr, r
     - checked (``DAAL_KNN_MERGE=checked``): rounds while any row's extraction beats its worst,
       a block-wide reduction per round and one more round that finds nothing.
 
-    Both extract the same entries in the same order: the same slots, bit for bit."""
+    Both extract the same entries in the same order: the same slots, bit for bit.
+
+    ``LEAN`` (``DAAL_KNN_EPILOGUE=lean``, the default for float16/bfloat16): the same slots with
+    fewer instructions per tile: the reference norms are read without a bounds mask (the
+    launcher pads them with ``inf`` to whole tiles: ``row_sqnorms(pad=BLOCK_N)``), the counts
+    are summed in float32 (exact: at most BLOCK_N; two sm_90 instructions per entry instead of
+    three), and the first round is peeled out of the loop, whose spent-entry mask (if-converted
+    by the compiler: every round paid it) then runs from the second round on (docs/kernels.md,
+    "A leaner epilogue")."""
     # loaded after the K-loop: hoisted above it, the norms stay live across the MMAs and the
     # sm_90 builds spill (bf16 KP 16: 199 -> 255 registers + 56 B of stack; fp32 3xTF32: 264 B)
-    rn = tl.load(rn_ptr + cols, mask=cmask, other=float("inf"))
+    if LEAN:  # padded with inf to whole tiles: no mask, and the pairs load as one 8-byte access
+        rn = tl.load(rn_ptr + cols)
+    else:
+        rn = tl.load(rn_ptr + cols, mask=cmask, other=float("inf"))
     # NaN stays NaN (never a candidate: NaN < worst is false); a non-propagating max would make
     # a NaN row everyone's nearest neighbour at the floor
     s = tl.maximum(qn[:, None] + rn[None, :] - 2.0 * acc, TL_EPS, propagate_nan=tl.PropagateNan.ALL)
@@ -187,7 +205,10 @@ def _knn_merge_tile(acc, n0, lanes, cols, cmask, rows, row_lo, qn, ql, rn_ptr, r
     if COUNTED:
         # each row's candidates, counted from sm (from the comparison instead, the sm_90 build
         # of Triton 3.6 spills 16 B: the 64 predicates stay live beside sm)
-        counts = tl.sum((sm < float("inf")).to(tl.int32), axis=1)
+        if LEAN:
+            counts = tl.sum(tl.where(sm < float("inf"), 1.0, 0.0), axis=1).to(tl.int32)
+        else:
+            counts = tl.sum((sm < float("inf")).to(tl.int32), axis=1)
         if cuda_capability_geq(10):
             # Blackwell: their max through a reshape (axis=None); the plain 1-D max after the row
             # sum made Triton 3.6's OptimizeTMemLayouts fail without labels or self pairs ("parent
@@ -196,12 +217,23 @@ def _knn_merge_tile(acc, n0, lanes, cols, cmask, rows, row_lo, qn, ql, rn_ptr, r
             rounds = tl.minimum(tl.max(counts), KP)
         else:
             rounds = tl.minimum(tl.max(counts, axis=0), KP)
-        vc = tl.zeros([BLOCK_M], dtype=tl.int32)
-        for r in range(rounds):
-            if r > 0:  # the entry the last round looked at is spent
-                sm = tl.where(lanes[None, :] == vc[:, None], float("inf"), sm)
-            v, vc = tl.min(sm, axis=1, return_indices=True, return_indices_tie_break_left=True)
-            topd, topi, worst, widx = _knn_take(v, n0 + vc, topd, topi, worst, widx)
+        if LEAN:
+            # the first round peeled: the loop's spent-entry mask runs from the second on (in
+            # the loop, its test is if-converted: every round paid it)
+            if rounds > 0:
+                v, vc = tl.min(sm, axis=1, return_indices=True, return_indices_tie_break_left=True)
+                topd, topi, worst, widx = _knn_take(v, n0 + vc, topd, topi, worst, widx)
+                for r in range(1, rounds):
+                    sm = tl.where(lanes[None, :] == vc[:, None], float("inf"), sm)
+                    v, vc = tl.min(sm, axis=1, return_indices=True, return_indices_tie_break_left=True)
+                    topd, topi, worst, widx = _knn_take(v, n0 + vc, topd, topi, worst, widx)
+        else:
+            vc = tl.zeros([BLOCK_M], dtype=tl.int32)
+            for r in range(rounds):
+                if r > 0:  # the entry the last round looked at is spent
+                    sm = tl.where(lanes[None, :] == vc[:, None], float("inf"), sm)
+                v, vc = tl.min(sm, axis=1, return_indices=True, return_indices_tie_break_left=True)
+                topd, topi, worst, widx = _knn_take(v, n0 + vc, topd, topi, worst, widx)
     else:
         v, vc = tl.min(sm, axis=1, return_indices=True, return_indices_tie_break_left=True)
         while tl.max((v < worst).to(tl.int32), axis=0) > 0:
@@ -231,7 +263,7 @@ def _knn_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, KP: tl.constexpr,
     HAS_LABELS: tl.constexpr, EXCLUDE_SELF: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     ROUND_TF32: tl.constexpr, FLAT: tl.constexpr, COUNTED: tl.constexpr, FINISH: tl.constexpr,
-    TMA: tl.constexpr,
+    TMA: tl.constexpr, LEAN: tl.constexpr, DIAG_BRANCH: tl.constexpr,
 ):
     """Running top-KP of ``s_ij = max(qn_i + rn_j - 2 q_i.r_j, eps)`` over the candidate
     columns ``j`` of split ``program_id(1)``; writes the KP (s, j) slots, unsorted, per row.
@@ -264,7 +296,14 @@ def _knn_fwd_kernel(
             ``j == i``. INPUT_PRECISION: ``tl.dot``'s input precision. ROUND_TF32: round float32
             operands to TF32 first (``_common.round_operands``; qn/rn are norms of rounded rows).
             FLAT: the loop structure (above). COUNTED: the merge (``_knn_merge_tile``).
-            FINISH: see above.
+            FINISH: see above. LEAN: the epilogue of ``DAAL_KNN_EPILOGUE=lean`` (the default):
+            ``rn_ptr`` padded with ``inf`` to whole BLOCK_N tiles, read unmasked; the counts
+            summed in float32; the first round peeled (:func:`_knn_merge_tile`). The same slots
+            as without, bit for bit.
+            DIAG_BRANCH (a configuration's choice; with LEAN, EXCLUDE_SELF and FLAT = False):
+            the tiles that meet the diagonal merge in a branch of their own, the others without
+            the self mask (a second copy of the merge: the narrow entry's; the 128-row builds
+            spill with it).
     """
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -308,7 +347,7 @@ def _knn_fwd_kernel(
             if kk == k_steps - 1:
                 topd, topi, worst, widx = _knn_merge_tile(
                     acc, n0, lanes, cols, cmask, rows, row_lo, qn, ql, rn_ptr, rl_ptr, topd, topi,
-                    worst, widx, BLOCK_M, BLOCK_N, KP, HAS_LABELS, EXCLUDE_SELF, COUNTED)
+                    worst, widx, BLOCK_M, BLOCK_N, KP, HAS_LABELS, EXCLUDE_SELF, COUNTED, LEAN)
                 acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     else:
         for n0 in range(n_start, n_end, BLOCK_N):
@@ -321,9 +360,21 @@ def _knn_fwd_kernel(
             else:
                 acc = _dot_rows(q_rows, r_ptr + cols.to(tl.int64)[:, None] * stride_r_n, rmask, cmask, D,
                                 acc, BLOCK_D, INPUT_PRECISION, ROUND_TF32)
-            topd, topi, worst, widx = _knn_merge_tile(
-                acc, n0, lanes, cols, cmask, rows, row_lo, qn, ql, rn_ptr, rl_ptr, topd, topi, worst,
-                widx, BLOCK_M, BLOCK_N, KP, HAS_LABELS, EXCLUDE_SELF, COUNTED)
+            if EXCLUDE_SELF and LEAN and DIAG_BRANCH:
+                # the self mask on the tiles that meet the diagonal alone, a branch per tile: under
+                # one merge the compiler if-converts the mask's test, and every tile pays it
+                if (n0 < row_lo + BLOCK_M) & (n0 + BLOCK_N > row_lo):
+                    topd, topi, worst, widx = _knn_merge_tile(
+                        acc, n0, lanes, cols, cmask, rows, row_lo, qn, ql, rn_ptr, rl_ptr, topd, topi,
+                        worst, widx, BLOCK_M, BLOCK_N, KP, HAS_LABELS, True, COUNTED, LEAN)
+                else:
+                    topd, topi, worst, widx = _knn_merge_tile(
+                        acc, n0, lanes, cols, cmask, rows, row_lo, qn, ql, rn_ptr, rl_ptr, topd, topi,
+                        worst, widx, BLOCK_M, BLOCK_N, KP, HAS_LABELS, False, COUNTED, LEAN)
+            else:
+                topd, topi, worst, widx = _knn_merge_tile(
+                    acc, n0, lanes, cols, cmask, rows, row_lo, qn, ql, rn_ptr, rl_ptr, topd, topi, worst,
+                    widx, BLOCK_M, BLOCK_N, KP, HAS_LABELS, EXCLUDE_SELF, COUNTED, LEAN)
 
     if FINISH:  # one split: these slots are the rows' final candidates
         key = _pair_key(topd, topi)
@@ -630,21 +681,26 @@ KP_ROWS = tuple(_FWD_BLOCKS)
 #: of all: two variants of the default narrow tiles (``fwd_narrow``: 64 x 128, 4 warps, 3 stages,
 #: descriptors, three programs per SM), for the pipeline that drains at every tile boundary: the
 #: flat loop through descriptors (208 registers, no spill: two programs per SM) and 4 stages
-#: (98 KB of shared memory: two per SM).
-FWD_ALTERNATIVES = {(64, 128, 4, 3, True, None, "tma"): 2, (64, 128, 4, 4, False, None, "tma"): 2,
+#: (98 KB of shared memory: two per SM). Since 2026-12-04's evening, first: an eighth field True
+#: runs the lean epilogue's diagonal branch (``DIAG_BRANCH``, the narrow entry's), and the 128-row
+#: tiles on one warpgroup: 128 x 128 on 4 warps (240 registers, no spill: two programs per SM at
+#: the L2 traffic per FLOP of the table's 128 x 128, two thirds of the narrow tiles') and
+#: 128 x 64 on 4 warps (three per SM); docs/kernels.md, "A leaner epilogue".
+FWD_ALTERNATIVES = {(128, 128, 4, 3, False, None, "tma", True): 2, (128, 64, 4, 3, False, None, "tma", True): 3,
+                    (64, 128, 4, 3, True, None, "tma"): 2, (64, 128, 4, 4, False, None, "tma"): 2,
                     (256, 128, 8, 3, False, None, "tma"): 1, (128, 256, 8, 3, False, None, "tma"): 1,
                     (64, 128, 4, 3, False): 2, (128, 128, 8, 3, False, 128, "tma"): 2,
                     (64, 128, 4, 3, False, None, "tma"): 3, (64, 128, 4, 3, True): 2,
                     (128, 128, 8, 3, False, 128): 2, (128, 64, 4, 3, False): 2,
                     (128, 64, 4, 3, False, None, "tma"): 3, (128, 64, 4, 3, True): 2,
-                    (128, 64, 8, 3, True): 1, (64, 128, 4, 4, False): 2, (128, 128, 8, 2, False): 1,
+                    (128, 64, 8, 3, True): 2, (64, 128, 4, 4, False): 2, (128, 128, 8, 2, False): 1,
                     (128, 64, 8, 3, False): 1, (128, 128, 8, 3, True): 1}
 
 
 def _fwd_configs(largest_block_d: int, stages: Optional[Dict[int, int]] = None,
                  warps: Optional[Dict[int, int]] = None) -> Dict[str, KernelConfig]:
     stages, warps = stages or {}, warps or {}
-    return {f"fwd_kp{kp}": KernelConfig({"BLOCK_M": bm, "BLOCK_N": bn, "FLAT": False},
+    return {f"fwd_kp{kp}": KernelConfig({"BLOCK_M": bm, "BLOCK_N": bn, "FLAT": False, "DIAG_BRANCH": False},
                                         num_warps=warps.get(kp, w), num_stages=stages.get(kp, 3),
                                         block_d=(16, largest_block_d))
             for kp, (bm, bn, w) in _FWD_BLOCKS.items()}
@@ -674,9 +730,10 @@ CONFIGS: Dict[str, Dict[str, KernelConfig]] = {
     # WIDE_ENTRY), 64-wide D-chunks only (it runs where the table's entry takes them)
     # + ``fwd_narrow``: the default forward where descriptors apply (``DAAL_KNN_TILES=narrow``:
     # see NARROW_ENTRY), 64-wide D-chunks only (it runs where the table's entry takes them)
-    "half": dict(_fwd_configs(64), fwd_wide=KernelConfig({"BLOCK_M": 256, "BLOCK_N": 128, "FLAT": False},
+    "half": dict(_fwd_configs(64), fwd_wide=KernelConfig({"BLOCK_M": 256, "BLOCK_N": 128, "FLAT": False,
+                                                          "DIAG_BRANCH": False},
                                                          num_warps=8, num_stages=3, block_d=(64, 64)),
-                 fwd_narrow=KernelConfig({"BLOCK_M": 64, "BLOCK_N": 128, "FLAT": False},
+                 fwd_narrow=KernelConfig({"BLOCK_M": 64, "BLOCK_N": 128, "FLAT": False, "DIAG_BRANCH": True},
                                          num_warps=4, num_stages=3, block_d=(64, 64)),
                  **_recompute_configs((16, 64))),
     # float32: BLOCK_D 16, and 4 stages with 8 warps at KP 32, keep the 3xTF32 builds' sm_90
@@ -704,6 +761,25 @@ def finish_entry(kp: int) -> str:
     return "finish" + fwd_entry(kp)[len("fwd"):]
 
 
+def _forward_flags(entry: str, dtype: torch.dtype) -> List[Dict]:
+    """The forward builds of ``entry``, each with the default epilogue (``LEAN``: :func:`lean_epilogue`)."""
+    lean = dtype != torch.float32
+    if entry == WIDE_ENTRY:  # the retrieval case: KP <= 8, no labels, descriptor loads, counted, plain
+        return [dict(KP=WIDE_KP, HAS_LABELS=False, EXCLUDE_SELF=True, FINISH=finish, TMA=True, COUNTED=True,
+                     LEAN=False, **fl) for finish in (False, True) for fl in gpu_dot_variants(dtype)]
+    if entry == NARROW_ENTRY:  # the table's k <= 16 forward, through descriptors, counted
+        return [dict(KP=16, HAS_LABELS=True, EXCLUDE_SELF=True, FINISH=finish, TMA=True, COUNTED=True, LEAN=lean,
+                     **fl) for finish in (False, True) for fl in gpu_dot_variants(dtype)]
+    kp = int(entry[len("fwd_kp"):])
+    base = {"KP": kp, "HAS_LABELS": True, "EXCLUDE_SELF": True, "FINISH": False, "TMA": False, "LEAN": lean}
+    # the counted merge (the default) and, for the entry it is kept for, the checked one
+    merges = (True, False) if entry == CHECKED_ENTRY else (True,)
+    out = [dict(base, COUNTED=counted, **fl) for counted in merges for fl in gpu_dot_variants(dtype)]
+    if kp <= FUSED_FINISH_KP:  # one split: the finish in the same launch
+        out += [dict(base, COUNTED=True, FINISH=True, **fl) for fl in gpu_dot_variants(dtype)]
+    return out
+
+
 def _gpu_flags(entry: str, dtype: torch.dtype):
     if entry == "dist":
         return {}
@@ -713,20 +789,7 @@ def _gpu_flags(entry: str, dtype: torch.dtype):
         return [{"HAS_DR": True, "DR_PAIRS": False}, {"HAS_DR": True, "DR_PAIRS": True}]
     if entry == "bwd_noref":
         return {"HAS_DR": False, "DR_PAIRS": False}
-    if entry == WIDE_ENTRY:  # the retrieval case: KP <= 8, no labels, descriptor loads, counted
-        return [dict(KP=WIDE_KP, HAS_LABELS=False, EXCLUDE_SELF=True, FINISH=finish, TMA=True, COUNTED=True,
-                     **fl) for finish in (False, True) for fl in gpu_dot_variants(dtype)]
-    if entry == NARROW_ENTRY:  # the table's k <= 16 forward, through descriptors, counted
-        return [dict(KP=16, HAS_LABELS=True, EXCLUDE_SELF=True, FINISH=finish, TMA=True, COUNTED=True, **fl)
-                for finish in (False, True) for fl in gpu_dot_variants(dtype)]
-    kp = int(entry[len("fwd_kp"):])
-    base = {"KP": kp, "HAS_LABELS": True, "EXCLUDE_SELF": True, "FINISH": False, "TMA": False}
-    # the counted merge (the default) and, for the entry it is kept for, the checked one
-    merges = (True, False) if entry == CHECKED_ENTRY else (True,)
-    out = [dict(base, COUNTED=counted, **fl) for counted in merges for fl in gpu_dot_variants(dtype)]
-    if kp <= FUSED_FINISH_KP:  # one split: the finish in the same launch
-        out += [dict(base, COUNTED=True, FINISH=True, **fl) for fl in gpu_dot_variants(dtype)]
-    return out
+    return _forward_flags(entry, dtype)
 
 
 def launches() -> List[Launch]:
@@ -737,9 +800,15 @@ def launches() -> List[Launch]:
     apply; and the wide entry's, ``DAAL_KNN_TILES=wide``),
     which the tests build for sm_90 "aligned" alone (``Launch.aligned_hopper_only``)."""
     out = expand("knn", CONFIGS, _SPEC_OF, _gpu_flags)
-    return out + [replace(la, flags=dict(la.flags, TMA=True)) for la in out
-                  if la.entry == TMA_ENTRY and la.family == "half" and la.block_d == TMA_BLOCK_D
-                  and la.flags["COUNTED"]]
+    out += [replace(la, flags=dict(la.flags, TMA=True)) for la in out
+            if la.entry == TMA_ENTRY and la.family == "half" and la.block_d == TMA_BLOCK_D
+            and la.flags["COUNTED"]]
+    # DAAL_KNN_EPILOGUE=plain (kept until a GPU times both): the forward builds with the earlier
+    # epilogue, at the D-chunk a D = 512 launch takes (the largest of each family)
+    largest = {fam: max(la.block_d for la in out if la.family == fam and la.spec is KERNELS["fwd"])
+               for fam in CONFIGS}
+    return out + [replace(la, flags=dict(la.flags, LEAN=False)) for la in out
+                  if la.spec is KERNELS["fwd"] and la.flags["LEAN"] and la.block_d == largest[la.family]]
 
 
 # --------------------------------------------------------------------------- selection
@@ -835,6 +904,30 @@ NARROW_MIN_WAVES = 1.0
 #: 3.8); with labels or at KP 16 they spill (tests/kernels/test_kernel_knn.py compiles them).
 WIDE_ENTRY = "fwd_wide"
 WIDE_KP = 8
+
+
+#: The float16/bfloat16 forward's epilogue (an internal switch): "lean" (the default since
+#: 2026-12-04's evening: the norms padded to whole tiles and read unmasked, the counts summed in
+#: float32, and in the narrow entry the self mask only on the tiles that meet the diagonal) or
+#: "plain" (before; float32 keeps it: :func:`lean_epilogue`). The same slots bit for bit, with
+#: fewer instructions per tile in the sm_90 builds (docs/kernels.md, "A leaner epilogue"). Kept
+#: until a GPU run times both (the benchmarks' provider ``triton_plain``).
+EPILOGUE_ENV = "DAAL_KNN_EPILOGUE"
+EPILOGUE_POLICIES = ("lean", "plain")
+
+
+def epilogue_policy() -> str:
+    """The forward's epilogue, ``DAAL_KNN_EPILOGUE`` (:data:`EPILOGUE_POLICIES`)."""
+    return env_choice(EPILOGUE_ENV, EPILOGUE_POLICIES)
+
+
+def lean_epilogue(dtype: torch.dtype) -> bool:
+    """Whether a forward of ``dtype`` inputs runs the lean epilogue: float16/bfloat16 under
+    ``DAAL_KNN_EPILOGUE=lean`` (the default). float32 keeps the plain one: its 3xTF32 build
+    that finishes its split spills 16 B per thread on sm_90 with the lean one. (The launcher also
+    leaves the wide tiles, ``DAAL_KNN_TILES=wide``, an alternative under test, on the plain one:
+    their sm_90 builds spill 8 B per thread with it under Triton 3.6.)"""
+    return dtype != torch.float32 and epilogue_policy() == "lean"
 
 
 def tiles_policy() -> str:
@@ -940,8 +1033,11 @@ def _candidates(q, r, k, ql, rl, exclude_self, splits: Optional[int] = None, fin
         out_i = torch.empty(S, M, kp, dtype=torch.int32, device=q.device)
         dist, index = out_s, out_i  # typed placeholders: FINISH = False writes neither
     flags = dot_flags(q.dtype, device=q.device)
-    qn = row_sqnorms(q, flags["INPUT_PRECISION"])
-    rn = qn if r is q else row_sqnorms(r, flags["INPUT_PRECISION"])
+    lean = lean_epilogue(q.dtype) and entry != WIDE_ENTRY
+    # the lean epilogue reads whole tiles of norms: inf past N (in whole sqnorm blocks of 64 rows)
+    pad = max(bn, SQNORM_CONFIG.blocks["BLOCK_M"]) if lean else 1
+    qn = row_sqnorms(q, flags["INPUT_PRECISION"], pad=pad if r is q else 1)
+    rn = qn if r is q else row_sqnorms(r, flags["INPUT_PRECISION"], pad=pad)
     counted = merge_policy() == "counted" or entry != CHECKED_ENTRY  # the setting checked always
     launch = cfg.launch(D)
     q_desc = r_desc = None
@@ -954,7 +1050,7 @@ def _candidates(q, r, k, ql, rl, exclude_self, splits: Optional[int] = None, fin
         dist, index,
         M, N, D, k, cols, q.stride(0), r.stride(0), out_s.stride(0), out_s.stride(1), dist.stride(0),
         index.stride(0), KP=kp, HAS_LABELS=has_labels, EXCLUDE_SELF=bool(exclude_self),
-        COUNTED=counted, FINISH=finish, TMA=q_desc is not None, **flags, **launch)
+        COUNTED=counted, FINISH=finish, TMA=q_desc is not None, LEAN=lean, **flags, **launch)
     return (dist, index) if finish else (out_s, out_i)
 
 

@@ -288,7 +288,9 @@ def _gpu_flags(entry: str, dtype: torch.dtype):
     if entry == "fwd":
         return gpu_dot_variants(dtype)
     if entry == "sqnorm":
-        return [{"ROUND_TF32": fl["ROUND_TF32"]} for fl in gpu_dot_variants(dtype)]
+        # PAD_INF: the kNN forward's padded norms (knn.py's lean epilogue: float16/bfloat16)
+        return [{"ROUND_TF32": fl["ROUND_TF32"], "PAD_INF": pad} for fl in gpu_dot_variants(dtype)
+                for pad in ((False,) if dtype == torch.float32 else (False, True))]
     variants = [bwd_flags(dtype, gpu=True, matmul_precision=p) for p in FP32_DOT]
     variants = [v for i, v in enumerate(variants) if v not in variants[:i]]
     if entry == "h":

@@ -197,6 +197,11 @@ def record() -> list:
         ("loss fp32 dml, checked merge", lambda: loss("fp32", 180, 100, 512), {"DAAL_KNN_MERGE": "checked"}),
         ("knn bf16 eval60k, wave splits", lambda: knn_op("bf16", *eval60k), {"split_policy": "waves"}),
         ("knn bf16 bank, wave splits", lambda: knn_op("bf16", *bank), {"split_policy": "waves"}),
+        # the plain epilogue (DAAL_KNN_EPILOGUE=plain: the default until 2026-12-04's evening)
+        ("knn bf16 eval60k, plain epilogue", lambda: knn_op("bf16", *eval60k), {"DAAL_KNN_EPILOGUE": "plain"}),
+        ("knn bf16 bank, plain epilogue", lambda: knn_op("bf16", *bank), {"DAAL_KNN_EPILOGUE": "plain"}),
+        ("knn bf16 dml, plain epilogue", lambda: knn_op("bf16", 180, 180, 512, 3, True, True),
+         {"DAAL_KNN_EPILOGUE": "plain"}),
         ("knn bf16 eval60k, wide tiles", lambda: knn_op("bf16", *eval60k), {"DAAL_KNN_TILES": "wide"}),
         ("knn bf16 bank, wide tiles", lambda: knn_op("bf16", *bank), {"DAAL_KNN_TILES": "wide"}),
         ("line_margin bf16 classes100k, atomic own", lambda: line_margin_op("bf16", 1024, 100000, 512, atomic=True),

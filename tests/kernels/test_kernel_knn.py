@@ -506,6 +506,53 @@ def test_knn_narrow_entry_overlaps_programs(compiled):
         assert got >= 2, (la.name, res["registers"], res["metadata"]["shared"], got)
 
 
+@pytest.mark.build
+def test_knn_lean_epilogue_runs_fewer_instructions():
+    """The lean epilogue's sm_90 facts, for the 60k benchmark's build (the narrow entry, bf16,
+    KP 8, no labels, self pairs excluded, aligned D = 512, the split width a multiple of 16 as
+    launched) against the plain one's (docs/kernels.md, "A leaner epilogue"): a tile that misses
+    the diagonal and merges one round runs at most 80% of the plain build's instructions outside
+    the K-loop (the lean build without self pairs is that path: the diagonal branch's other arm;
+    its first round is peeled out of the rounds loop), and each further round no more; the
+    diagonal branch is a branch (two merge-round loops, the plain build one); the registers
+    still fit three programs per SM; no local memory."""
+    import dataclasses
+
+    from daal_testing import compile_many_for_gpu, gpu_job, sass_loops
+
+    base = next(la for la in kk.launches() if la.entry == kk.NARROW_ENTRY and la.x_dtype == torch.bfloat16
+                and not la.flags["FINISH"] and la.flags["LEAN"])
+    assert base.config.blocks["DIAG_BRANCH"]
+    builds = {"lean": (True, True), "lean_noself": (True, False), "plain": (False, True)}
+    jobs = []
+    for lean, self_ in builds.values():
+        la = dataclasses.replace(base, flags=dict(base.flags, KP=8, HAS_LABELS=False, EXCLUDE_SELF=self_, LEAN=lean))
+        job = gpu_job(la, capability=90, specialisation="aligned", with_sass=True)
+        job["rows"] = job["rows"] + ["cols_per_split"]  # a multiple of BLOCK_N at every launch
+        jobs.append(job)
+    facts = {}
+    for name, res in zip(builds, compile_many_for_gpu(jobs)):
+        assert not res.get("error"), res.get("error")
+        if not res["sass"]:
+            pytest.skip("cuobjdump is not shipped with this Triton")
+        loops = sass_loops(res["sass"])
+        outer = max(loops, key=lambda lp: len(lp[2]))
+        inner = [lp for lp in loops if lp is not outer and outer[0] <= lp[0] and lp[1] <= outer[1]]
+        rounds = [lp for lp in inner if not any(o.startswith("HGMMA") for o in lp[2])]
+        facts[name] = dict(epilogue=len(outer[2]) - sum(len(lp[2]) for lp in inner), rounds=len(rounds),
+                           loop=max(len(lp[2]) for lp in rounds),
+                           registers=res["registers"], stack=res["stack"], shared=res["metadata"]["shared"])
+    # a tile of R >= 1 merge rounds: lean E + (R - 1) L (its first round is peeled out of the
+    # loop, into E), plain E + R L
+    one_round = {name: f["epilogue"] + (f["loop"] if name == "plain" else 0) for name, f in facts.items()}
+    assert one_round["lean_noself"] <= 0.8 * one_round["plain"], facts
+    assert facts["lean_noself"]["loop"] <= facts["plain"]["loop"], facts
+    assert facts["lean"]["rounds"] == 2 and facts["plain"]["rounds"] == 1, facts
+    assert all(f["stack"] == 0 for f in facts.values()), facts
+    lean = facts["lean"]
+    assert _programs_per_sm(lean["registers"], base.num_warps, lean["shared"]) >= 3, facts
+
+
 def _programs_per_sm(registers: int, warps: int, shared: int) -> int:
     """Resident programs per sm_90 SM: 64K registers (allocated per warp in multiples of 8 per
     thread) and 228 KB of shared memory (1 KB of it reserved per program)."""
@@ -534,14 +581,18 @@ def test_knn_forward_alternatives_fit_their_residency():
     local-memory access in the loop that holds the MMAs (SASS), and at most 256 B per thread
     for the 60k benchmark's build (KP 8, no labels: 128 B under Triton 3.8, 200 B under 3.6).
     Every candidate (and the entry) is compiled as that benchmark launches it: KP 8, no labels,
-    the "tma" ones (seventh field) with tensor-descriptor loads (TMA copies in the PTX). (Until
-    2026-12-02 only the capped and "tma" ones were; the others were built at KP 16 with labels.)"""
+    the "tma" ones (seventh field) with tensor-descriptor loads (TMA copies in the PTX), with
+    self pairs excluded and the default (lean) epilogue, and the ones with an eighth field True
+    with its diagonal branch. (Until 2026-12-02 only the capped and "tma" ones were; the others
+    were built at KP 16 with labels.)"""
     import dataclasses
 
     from daal_testing import compile_many_for_gpu, gpu_job, sass_loops
 
     base = next(la for la in kk.launches() if la.entry == "fwd_kp16" and la.x_dtype == torch.bfloat16
                 and la.block_d == 64)
+    assert base.flags["LEAN"] and base.flags["EXCLUDE_SELF"] and not base.config.blocks["DIAG_BRANCH"]
+    assert any(c[7:] == (True,) for c in kk.FWD_ALTERNATIVES), "a candidate with the diagonal branch"
     blocks = {(128, 128, 8, 3, False): 1, **kk.FWD_ALTERNATIVES}
     assert (base.config.blocks["BLOCK_M"], base.config.blocks["BLOCK_N"], base.config.num_warps,
             base.config.num_stages, base.config.blocks["FLAT"]) == (128, 128, 8, 3, False)
@@ -551,9 +602,9 @@ def test_knn_forward_alternatives_fit_their_residency():
     assert any(c[6:] == ("tma",) for c in kk.FWD_ALTERNATIVES), "a descriptor-load candidate is among them"
     jobs = []
     for bm, bn, w, st, flat, *rest in blocks:
-        cap, tma = (rest + [None, None])[:2]
+        cap, tma, diag = (rest + [None, None, False])[:3]
         la = dataclasses.replace(base, config=base.config.with_blocks(
-            num_warps=w, num_stages=st, BLOCK_M=bm, BLOCK_N=bn, FLAT=flat, maxnreg=cap))
+            num_warps=w, num_stages=st, BLOCK_M=bm, BLOCK_N=bn, FLAT=flat, maxnreg=cap, DIAG_BRANCH=bool(diag)))
         # as the 60k benchmark launches it
         la = dataclasses.replace(la, flags=dict(la.flags, KP=8, HAS_LABELS=False, TMA=tma == "tma"))
         jobs.append(gpu_job(la, capability=90, specialisation="aligned", with_sass=bool(cap)))
@@ -562,7 +613,7 @@ def test_knn_forward_alternatives_fit_their_residency():
         assert "wgmma.mma_async" in res["ptx"], cfg
         got = _programs_per_sm(res["registers"], cfg[2], res["metadata"]["shared"])
         assert got == resident, (cfg, res["registers"], res["metadata"]["shared"], got)
-        assert ("cp.async.bulk.tensor" in res["ptx"]) == (cfg[6:] == ("tma",)), cfg
+        assert ("cp.async.bulk.tensor" in res["ptx"]) == (cfg[6:7] == ("tma",)), cfg
         if len(cfg) == 5 or not cfg[5]:
             assert res["stack"] == 0, (cfg, res["stack"])
             continue
@@ -625,7 +676,7 @@ def test_knn_launches_cover_the_launcher():
                         assert f"knn_{e}-{POINTER[dtype][1:]}-bd{bd}{v}" in names, (e, dtype, D, v)
                 bd = kk.CONFIGS[family(dtype)][entry].block_d_for(D)
                 if dtype != torch.float32 and bd == kk.TMA_BLOCK_D and k <= kk.WIDE_KP:  # DAAL_KNN_TILES=wide
-                    for v in ("-tma", "-finish-tma"):
+                    for v in ("-tma-plain", "-finish-tma-plain"):  # the plain epilogue: lean_epilogue
                         assert f"knn_{kk.WIDE_ENTRY}-{POINTER[dtype][1:]}-bd{bd}{v}" in names, (dtype, D, v)
 
 
@@ -1335,6 +1386,56 @@ def test_knn_narrow_tiles_give_the_reference(monkeypatch, M, N, D, k, labelled, 
         assert torch.equal(got[1], table[1]) and torch.equal(got[0].view(torch.int32), table[0].view(torch.int32))
     monkeypatch.delenv(kk.TILES_ENV)
     _run(q, r, k, labels=(ql, rl) if labelled else None, exclude_self=same, splits=splits)
+
+
+@pytest.mark.parametrize("M,N,D,k,labelled,same,splits,tiles", [
+    (37, 37, 136, 3, True, True, None, "narrow"),  # the loss's shape: one split finishes, diagonal branch
+    (200, 200, 72, 8, False, True, 3, "narrow"),  # self-kNN, 3 splits: diagonal tiles in some splits
+    (130, 301, 64, 16, True, False, 2, "table"),  # KP 16, labels, two splits, columns past a tile
+    (150, 150, 64, 5, False, True, None, "table"),  # 128-row tiles with self pairs: no branch there
+], ids=["loss-narrow", "self-3splits-narrow", "kp16-labels-2splits-table", "self-table"])
+def test_knn_lean_epilogue_gives_the_plain_slots(monkeypatch, M, N, D, k, labelled, same, splits, tiles):
+    """``DAAL_KNN_EPILOGUE=lean`` (the default for float16/bfloat16: unmasked padded norms,
+    float32 counts, the narrow entry's diagonal branch) writes the plain epilogue's slots bit for
+    bit, before the finish (the S x M x KP candidates) and after it; and the float64 reference's
+    neighbours, distances and gradient."""
+    monkeypatch.delenv(kk.EPILOGUE_ENV, raising=False)
+    monkeypatch.setenv(kk.TILES_ENV, tiles)
+    assert kk.epilogue_policy() == "lean" and kk.lean_epilogue(torch.float16)
+    assert not kk.lean_epilogue(torch.float32)  # float32 keeps the plain one
+    q = torch.randn(M, D, device=DEV).half()
+    r = q if same else torch.randn(N, D, device=DEV).half()
+    ql = _labels(M, 3) if labelled else None
+    rl = (ql if same else _labels(N, 3)) if labelled else None
+    entry = kk.forward_entry(q, r, 1 << (k - 1).bit_length(), labelled)
+    assert entry == (kk.NARROW_ENTRY if tiles == "narrow" and _tma_here() else "fwd_kp16")
+    seen = _spy_flags(monkeypatch, "_knn_fwd_kernel", "LEAN", "DIAG_BRANCH")
+    out = {}
+    for policy in ("lean", "plain"):
+        monkeypatch.setenv(kk.EPILOGUE_ENV, policy)
+        slots = kk._candidates(q, r, k, ql, rl, same, splits=splits or 2)
+        final = kk._knn(q, r, k, query_labels=ql, ref_labels=rl, exclude_self=same, splits=splits)
+        out[policy] = [t.view(torch.int32) if t.dtype == torch.float32 else t for t in (*slots, *final)]
+    assert seen[-4:] == [(True, entry == kk.NARROW_ENTRY)] * 2 + [(False, entry == kk.NARROW_ENTRY)] * 2, seen
+    for lean, plain in zip(out["lean"], out["plain"]):
+        assert torch.equal(lean, plain)
+    monkeypatch.delenv(kk.EPILOGUE_ENV)
+    _run(q, r, k, labels=(ql, rl) if labelled else None, exclude_self=same, splits=splits)
+
+
+def test_row_sqnorms_pad_with_inf():
+    """``row_sqnorms(pad=P)``: the same norms, ``inf`` to a whole number of P rows (what the lean
+    epilogue reads unmasked); a pad that is no multiple of the kernel's 64 rows is refused."""
+    x = torch.randn(130, 40, device=DEV).half()
+    plain = _common.row_sqnorms(x)
+    padded = _common.row_sqnorms(x, pad=128)
+    assert plain.shape == (130,) and padded.shape == (256,)
+    assert torch.equal(padded[:130], plain) and torch.isinf(padded[130:]).all() and (padded[130:] > 0).all()
+    assert _common.row_sqnorms(x[:128], pad=128).shape == (128,)
+    assert _common.row_sqnorms(x[:0], pad=128).shape == (0,)
+    for bad in (0, 100):
+        with pytest.raises(ValueError, match="pad"):
+            _common.row_sqnorms(x, pad=bad)
 
 
 def test_knn_tma_loads_where_eligible(monkeypatch):
