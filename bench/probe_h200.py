@@ -245,8 +245,10 @@ def knn_section(dev, emit, n, d, reps):
 
 
 #: The tile shapes of the ``tiles`` section: (BLOCK_M, BLOCK_N, num_warps); the first is the
-#: forward's entry, the wide ones its "tma" candidates in ``kernels/knn.py``'s FWD_ALTERNATIVES.
-PROBE_TILES = ((128, 128, 8), (128, 256, 8), (256, 128, 8), (64, 128, 4))
+#: forward's entry, the wide ones its "tma" candidates in ``kernels/knn.py``'s FWD_ALTERNATIVES,
+#: 64 x 128 the default narrow tiles, and (since 2026-12-04's evening, last) 128 x 128 on one
+#: warpgroup: the GEMM ceiling of the candidate the lean epilogue lets fit two programs per SM.
+PROBE_TILES = ((128, 128, 8), (128, 256, 8), (256, 128, 8), (64, 128, 4), (128, 128, 4))
 
 
 def tile_bytes(n: int, D: int, bm: int, bn: int, elem: int = 2) -> int:
