@@ -1552,6 +1552,37 @@ def test_knn_narrow_tiles_gpu(monkeypatch, M, N, k, labelled, splits):
          tol=tolerance(torch.bfloat16, tf32=True), check_index="none")
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("M,N,k,labelled,splits,tiles", [
+    (4100, 4100, 8, False, None, "narrow"), (4100, 4100, 16, True, 3, "narrow"), (700, 2100, 3, True, 1, "narrow"),
+    (4100, 4100, 8, False, None, "table"), (1024, 65536, 8, False, None, "table")])
+def test_knn_lean_epilogue_gpu(monkeypatch, M, N, k, labelled, splits, tiles):
+    """On the GPU (bfloat16, D = 512): the lean epilogue (the default) and the plain one
+    (``DAAL_KNN_EPILOGUE=plain``) give the same neighbours and distances bit for bit (the same
+    tiles, dots and order: only the epilogue's instructions differ), on the narrow tiles (self
+    pairs excluded: their diagonal branch; labels with three splits; the loss's one split) and
+    the table's (self-kNN, the memory bank's shape); and the float64 reference's."""
+    if tiles == "narrow" and not _tma_here():
+        pytest.skip("no TMA before sm_90")
+    monkeypatch.setattr(kk, "NARROW_MIN_WAVES", 0.0)  # these shapes' rows fill no H200: forced
+    monkeypatch.setenv(kk.TILES_ENV, tiles)
+    q = torch.randn(M, 512, device="cuda").bfloat16()
+    r = q if M == N else torch.randn(N, 512, device="cuda").bfloat16()
+    ql = _labels(M, 5) if labelled else None
+    rl = (ql if r is q else _labels(N, 5)) if labelled else None
+    seen = _spy_flags(monkeypatch, "_knn_fwd_kernel", "LEAN")
+    out = {}
+    for policy in kk.EPILOGUE_POLICIES:
+        monkeypatch.setenv(kk.EPILOGUE_ENV, policy)
+        out[policy] = kk._knn(q, r, k, query_labels=ql, ref_labels=rl, exclude_self=r is q, splits=splits)
+    assert seen == [(True,), (False,)], seen
+    assert torch.equal(out["lean"][1], out["plain"][1])
+    assert torch.equal(out["lean"][0].view(torch.int32), out["plain"][0].view(torch.int32))
+    monkeypatch.delenv(kk.EPILOGUE_ENV)
+    _run(q, r, k, labels=(ql, rl) if labelled else None, exclude_self=r is q, splits=splits, grad=False,
+         tol=tolerance(torch.bfloat16, tf32=True), check_index="none")
+
+
 @pytest.mark.interpreter  # registrations: the CPU's to check; GPU time goes to the kernels
 @pytest.mark.parametrize("layout", ["contiguous", "transposed"])
 def test_custom_ops_opcheck(layout):
