@@ -763,10 +763,10 @@ def finish_entry(kp: int) -> str:
 
 def _forward_flags(entry: str, dtype: torch.dtype) -> List[Dict]:
     """The forward builds of ``entry``, each with the default epilogue (``LEAN``: :func:`lean_epilogue`)."""
-    lean = dtype != torch.float32
-    if entry == WIDE_ENTRY:  # the retrieval case: KP <= 8, no labels, descriptor loads, counted, plain
+    lean = lean_epilogue(dtype, entry, EPILOGUE_POLICIES[0])
+    if entry == WIDE_ENTRY:  # the retrieval case: KP <= 8, no labels, descriptor loads, counted
         return [dict(KP=WIDE_KP, HAS_LABELS=False, EXCLUDE_SELF=True, FINISH=finish, TMA=True, COUNTED=True,
-                     LEAN=False, **fl) for finish in (False, True) for fl in gpu_dot_variants(dtype)]
+                     LEAN=lean, **fl) for finish in (False, True) for fl in gpu_dot_variants(dtype)]
     if entry == NARROW_ENTRY:  # the table's k <= 16 forward, through descriptors, counted
         return [dict(KP=16, HAS_LABELS=True, EXCLUDE_SELF=True, FINISH=finish, TMA=True, COUNTED=True, LEAN=lean,
                      **fl) for finish in (False, True) for fl in gpu_dot_variants(dtype)]
@@ -921,13 +921,15 @@ def epilogue_policy() -> str:
     return env_choice(EPILOGUE_ENV, EPILOGUE_POLICIES)
 
 
-def lean_epilogue(dtype: torch.dtype) -> bool:
-    """Whether a forward of ``dtype`` inputs runs the lean epilogue: float16/bfloat16 under
-    ``DAAL_KNN_EPILOGUE=lean`` (the default). float32 keeps the plain one: its 3xTF32 build
-    that finishes its split spills 16 B per thread on sm_90 with the lean one. (The launcher also
-    leaves the wide tiles, ``DAAL_KNN_TILES=wide``, an alternative under test, on the plain one:
-    their sm_90 builds spill 8 B per thread with it under Triton 3.6.)"""
-    return dtype != torch.float32 and epilogue_policy() == "lean"
+def lean_epilogue(dtype: torch.dtype, entry: str = "", policy: Optional[str] = None) -> bool:
+    """Whether a forward of ``dtype`` inputs on ``entry`` runs the lean epilogue: float16/bfloat16
+    under ``DAAL_KNN_EPILOGUE=lean`` (``policy``: that setting, read when None; "lean" is the
+    default), on every entry but the wide tiles. float32 keeps the plain one: its 3xTF32 build
+    that finishes its split spills 16 B per thread on sm_90 with the lean one; so do the wide
+    tiles (``DAAL_KNN_TILES=wide``, an alternative under test): their sm_90 builds spill 8 B per
+    thread with it under Triton 3.6."""
+    policy = epilogue_policy() if policy is None else policy
+    return dtype != torch.float32 and entry != WIDE_ENTRY and policy == "lean"
 
 
 def tiles_policy() -> str:
@@ -1033,7 +1035,7 @@ def _candidates(q, r, k, ql, rl, exclude_self, splits: Optional[int] = None, fin
         out_i = torch.empty(S, M, kp, dtype=torch.int32, device=q.device)
         dist, index = out_s, out_i  # typed placeholders: FINISH = False writes neither
     flags = dot_flags(q.dtype, device=q.device)
-    lean = lean_epilogue(q.dtype) and entry != WIDE_ENTRY
+    lean = lean_epilogue(q.dtype, entry)
     # the lean epilogue reads whole tiles of norms: inf past N (in whole sqnorm blocks of 64 rows)
     pad = max(bn, SQNORM_CONFIG.blocks["BLOCK_M"]) if lean else 1
     qn = row_sqnorms(q, flags["INPUT_PRECISION"], pad=pad if r is q else 1)

@@ -1401,8 +1401,10 @@ def test_knn_lean_epilogue_gives_the_plain_slots(monkeypatch, M, N, D, k, labell
     neighbours, distances and gradient."""
     monkeypatch.delenv(kk.EPILOGUE_ENV, raising=False)
     monkeypatch.setenv(kk.TILES_ENV, tiles)
-    assert kk.epilogue_policy() == "lean" and kk.lean_epilogue(torch.float16)
-    assert not kk.lean_epilogue(torch.float32)  # float32 keeps the plain one
+    assert kk.epilogue_policy() == "lean" and kk.lean_epilogue(torch.float16, kk.NARROW_ENTRY)
+    assert kk.lean_epilogue(torch.bfloat16, "fwd_kp16") and not kk.lean_epilogue(torch.bfloat16, "fwd_kp16", "plain")
+    assert not kk.lean_epilogue(torch.float32, "fwd_kp16")  # float32 keeps the plain one
+    assert not kk.lean_epilogue(torch.float16, kk.WIDE_ENTRY)  # and so do the wide tiles
     q = torch.randn(M, D, device=DEV).half()
     r = q if same else torch.randn(N, D, device=DEV).half()
     ql = _labels(M, 3) if labelled else None
