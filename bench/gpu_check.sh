@@ -214,6 +214,10 @@ cat "$OUT/env.json"
 if [ "$INSTALL" != failed ]; then
   KSEL=()  # DAAL_CHECK_K: a pytest -k expression narrowing the test steps (rehearsals)
   if [ -n "${DAAL_CHECK_K:-}" ]; then KSEL=(-k "$DAAL_CHECK_K"); fi
+  # the Gluon kNN forward (kernels/knn_gluon.py, never run on a GPU before) is timed by the
+  # benchmarks only once its parity test has passed here (a hang or a wrong result stays in
+  # this step): the test writes its name to this file (tests/kernels/test_kernel_knn_gluon.py)
+  export DAAL_GLUON_CANARY="$OUT/gluon_canary.txt"
   # the test steps (this one and step 5's) run as SHARDS pytest processes side by side
   # (bench/sharded_pytest.py): their time is Triton's JIT builds, one core each
   step gpu_tests "$(min 130 $(( $(left) - 250 )))" "$PY" bench/sharded_pytest.py --shards "$SHARDS" \

@@ -157,8 +157,24 @@ PROVIDER_FUNCTIONS.update({
     for name, sw in ENV_PROVIDERS.items()})
 
 
+#: A file the Gluon forward's GPU parity test writes when it passes
+#: (tests/kernels/test_kernel_knn_gluon.py); where this variable names one (bench/gpu_check.sh
+#: does), ``triton_gluon`` is timed only after a pass: a kernel no GPU has run before must not
+#: hang or mistime the benchmarks.
+GLUON_CANARY_ENV = "DAAL_GLUON_CANARY"
+
+
+class NotVetted(ProviderMissing):
+    """A provider whose kernel has not passed its parity test in this run."""
+
+    reason = "not vetted on this GPU"
+
+
 def operator_function(case: Case) -> Callable:
     """The function ``case.provider`` computes ``case.op`` with (not for the whole loss)."""
+    canary = os.environ.get(GLUON_CANARY_ENV)
+    if case.provider == "triton_gluon" and canary and not (os.path.exists(canary) and os.path.getsize(canary)):
+        raise NotVetted(f"the Gluon forward's GPU parity test has not passed in this run ({canary} is empty)")
     return PROVIDER_FUNCTIONS[case.provider](case.op)
 
 

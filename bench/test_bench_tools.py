@@ -900,10 +900,10 @@ def test_switches_apply_to_the_runs_that_timed_them():
     """A switch's rows show for the runs that timed its default and alternative: by the switches
     a run recorded (env.json "switches", written by gpu_check.sh), else by its date within
     [since, until]. The DAAL_KNN_TILES rows: "table" vs "wide" for the 2026-12-04 run (the
-    provider ``triton`` then ran the table's tiles), "narrow" vs "table"/"wide" after it."""
+    provider ``triton`` then ran the table's tiles), "narrow" vs "table"/"wide"/"gluon" after it."""
     tiles = [sw for sw in bc.SWITCHES if sw.env == "DAAL_KNN_TILES"]
     assert {(sw.default, sw.alternative) for sw in tiles} == {("table", "wide"), ("narrow", "table"),
-                                                              ("narrow", "wide")}
+                                                              ("narrow", "wide"), ("narrow", "gluon")}
     old = next(sw for sw in tiles if sw.default == "table")
     new = [sw for sw in tiles if sw.default == "narrow"]
     assert old.until == "2026-12-04" and all(not sw.until for sw in new)
@@ -914,7 +914,7 @@ def test_switches_apply_to_the_runs_that_timed_them():
     assert not old.applies_to(later) and all(sw.applies_to(later) for sw in new)
     # a run that recorded its switches is read by them, whatever its date
     recorded = {"date": "2026-12-04T20:00:00", "switches": [["DAAL_KNN_TILES", "narrow", "table"]]}
-    assert new[0].applies_to(recorded) != new[1].applies_to(recorded) and not old.applies_to(recorded)
+    assert [sw.alternative for sw in new if sw.applies_to(recorded)] == ["table"] and not old.applies_to(recorded)
     assert bc.SWITCHES[0].applies_to({}) and not bc.SWITCHES[0].applies_to({"switches": []})
     # the 2026-12-04 run's table shows its wide tiles against the table's, as recorded
     run = report.load_run(os.path.join(HERE, "results", "2026-12-04-h200"))

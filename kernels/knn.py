@@ -34,7 +34,9 @@ too few programs for the GPU, per one of ``S`` contiguous column ranges of the r
    run timed it 1.36-1.40x faster than the 128 x 128 table entry at 20k and 60k rows:
    :data:`NARROW_ENTRY`); ``DAAL_KNN_TILES=table`` keeps the table's ``fwd_kp*`` entries (the
    default before), and with ``DAAL_KNN_TILES=wide`` a retrieval's forward (k <= 8, no labels,
-   where the descriptors apply: :func:`forward_entry`) runs on 256 x 128 tiles (``fwd_wide``);
+   where the descriptors apply: :func:`forward_entry`) runs on 256 x 128 tiles (``fwd_wide``),
+   and with ``DAAL_KNN_TILES=gluon`` on sm_90 the Gluon forward of kernels/knn_gluon.py (its
+   queries resident in shared memory; a candidate no GPU has timed: :data:`GLUON_ENTRY`);
 2. merge into a running top-k held in registers: ``KP = next_pow2(k)`` slots per row
    (distance, index), *unsorted*, with the row's worst entry ``(worst, widx)`` (the largest in
    ``(s, j)`` order). Tile entries with ``s < worst`` are candidates, counted per row once
@@ -114,6 +116,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import triton
 import triton.language as tl
+from triton.experimental.gluon import language as gl
 from triton.language.target_info import cuda_capability_geq
 from triton.tools.tensor_descriptor import TensorDescriptor
 
@@ -157,7 +160,7 @@ CHUNK_ELEMS = 1 << 24  # distances per chunk in the PyTorch fallback
 def _knn_merge_tile(acc, n0, lanes, cols, cmask, rows, row_lo, qn, ql, rn_ptr, rl_ptr,
                     topd, topi, worst, widx, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     KP: tl.constexpr, HAS_LABELS: tl.constexpr, EXCLUDE_SELF: tl.constexpr,
-                    COUNTED: tl.constexpr, LEAN: tl.constexpr):
+                    COUNTED: tl.constexpr, LEAN: tl.constexpr, GLUON: tl.constexpr = False):
     """One tile's epilogue: ``s = max(qn + rn - 2 acc, eps)`` (label and self masks), merged
     into the running top-KP ``(topd, topi)`` of each row (``worst``/``widx``: the row's worst
     slot and its column). Returns the updated ``(topd, topi, worst, widx)``.
@@ -175,6 +178,9 @@ def _knn_merge_tile(acc, n0, lanes, cols, cmask, rows, row_lo, qn, ql, rn_ptr, r
       a block-wide reduction per round and one more round that finds nothing.
 
     Both extract the same entries in the same order: the same slots, bit for bit.
+
+    ``GLUON``: called from the Gluon forward (``kernels/knn_gluon.py``), whose tensors carry
+    explicit layouts (:func:`_row_argmin`).
 
     ``LEAN`` (``DAAL_KNN_EPILOGUE=lean``, the default for float16/bfloat16): the same slots with
     fewer instructions per tile: the reference norms are read without a bounds mask (the
@@ -201,7 +207,7 @@ def _knn_merge_tile(acc, n0, lanes, cols, cmask, rows, row_lo, qn, ql, rn_ptr, r
             s = tl.where(rows[:, None] == cols[None, :], float("inf"), s)
     # candidates: entries that beat the row's current worst slot; the row's smallest one and
     # its column come from one reduction (ties -> the smaller column)
-    sm = tl.where(s < worst[:, None], s, float("inf"))
+    sm = tl.where(s < _layout_of(worst, qn, GLUON)[:, None], s, float("inf"))
     if COUNTED:
         # each row's candidates, counted from sm (from the comparison instead, the sm_90 build
         # of Triton 3.6 spills 16 B: the 64 predicates stay live beside sm)
@@ -221,32 +227,64 @@ def _knn_merge_tile(acc, n0, lanes, cols, cmask, rows, row_lo, qn, ql, rn_ptr, r
             # the first round peeled: the loop's spent-entry mask runs from the second on (in
             # the loop, its test is if-converted: every round paid it)
             if rounds > 0:
-                v, vc = tl.min(sm, axis=1, return_indices=True, return_indices_tie_break_left=True)
-                topd, topi, worst, widx = _knn_take(v, n0 + vc, topd, topi, worst, widx)
+                v, vc = _row_argmin(sm, lanes, GLUON)
+                topd, topi, worst, widx = _knn_take(v, n0 + vc, topd, topi, worst, widx, GLUON)
                 for r in range(1, rounds):
                     sm = tl.where(lanes[None, :] == vc[:, None], float("inf"), sm)
-                    v, vc = tl.min(sm, axis=1, return_indices=True, return_indices_tie_break_left=True)
-                    topd, topi, worst, widx = _knn_take(v, n0 + vc, topd, topi, worst, widx)
+                    v, vc = _row_argmin(sm, lanes, GLUON)
+                    topd, topi, worst, widx = _knn_take(v, n0 + vc, topd, topi, worst, widx, GLUON)
         else:
             vc = tl.zeros([BLOCK_M], dtype=tl.int32)
             for r in range(rounds):
                 if r > 0:  # the entry the last round looked at is spent
                     sm = tl.where(lanes[None, :] == vc[:, None], float("inf"), sm)
-                v, vc = tl.min(sm, axis=1, return_indices=True, return_indices_tie_break_left=True)
-                topd, topi, worst, widx = _knn_take(v, n0 + vc, topd, topi, worst, widx)
+                v, vc = _row_argmin(sm, lanes, GLUON)
+                topd, topi, worst, widx = _knn_take(v, n0 + vc, topd, topi, worst, widx, GLUON)
     else:
-        v, vc = tl.min(sm, axis=1, return_indices=True, return_indices_tie_break_left=True)
+        v, vc = _row_argmin(sm, lanes, GLUON)
         while tl.max((v < worst).to(tl.int32), axis=0) > 0:
-            topd, topi, worst, widx = _knn_take(v, n0 + vc, topd, topi, worst, widx)
+            topd, topi, worst, widx = _knn_take(v, n0 + vc, topd, topi, worst, widx, GLUON)
             sm = tl.where(lanes[None, :] == vc[:, None], float("inf"), sm)
-            v, vc = tl.min(sm, axis=1, return_indices=True, return_indices_tie_break_left=True)
+            v, vc = _row_argmin(sm, lanes, GLUON)
     return topd, topi, worst, widx
 
 
 @triton.jit
-def _knn_take(v, j, topd, topi, worst, widx):
+def _layout_of(x, like, GLUON: tl.constexpr):
+    """``x`` in ``like``'s layout under Gluon (explicit layouts: the Gluon forward keeps its
+    slots in a narrower MMA layout than the tile's, ``kernels/knn_gluon.py``; the two row layouts
+    are the same map of rows to threads, so the conversion moves nothing); ``x`` elsewhere."""
+    if GLUON:
+        return gl.convert_layout(x, like.type.layout)
+    else:
+        return x
+
+
+@triton.jit
+def _argmin_left(v1, i1, v2, i2):
+    """Combine of :func:`_row_argmin`: the smaller value; ties -> the smaller index."""
+    lt = (v1 < v2) | ((v1 == v2) & (i1 < i2))
+    return tl.where(lt, v1, v2), tl.where(lt, i1, i2)
+
+
+@triton.jit
+def _row_argmin(sm, lanes, GLUON: tl.constexpr):
+    """Each row's smallest entry of ``sm`` and its lane (ties -> the smaller lane): ``tl.min``
+    with indices; with ``GLUON`` the same reduction over ``(sm, lanes)`` pairs spelled out, since
+    ``tl.min`` builds its indices with an ``arange`` that has no layout, which Gluon refuses."""
+    if GLUON:
+        return tl.reduce((sm, tl.broadcast_to(lanes[None, :], sm.shape)), 1, _argmin_left)
+    else:
+        return tl.min(sm, axis=1, return_indices=True, return_indices_tie_break_left=True)
+
+
+@triton.jit
+def _knn_take(v, j, topd, topi, worst, widx, GLUON: tl.constexpr = False):
     """Rows whose extracted ``(v, j)`` beats their worst slot put it there; the new worst (the
-    largest slot in ``(s, j)`` order: ties -> the larger column) and its column."""
+    largest slot in ``(s, j)`` order: ties -> the larger column) and its column. ``GLUON``: the
+    slots' layout is not the tile's (:func:`_layout_of`)."""
+    v = _layout_of(v, worst, GLUON)
+    j = _layout_of(j, worst, GLUON)
     rep = (topi == widx[:, None]) & (v < worst)[:, None]
     topd = tl.where(rep, v[:, None], topd)
     topi = tl.where(rep, j[:, None], topi)
@@ -880,9 +918,16 @@ def loads_policy() -> str:
 #: tensor descriptors, where :func:`forward_entry` says so). Wide tiles read 85 FLOP per L2
 #: byte instead of 64; table and wide are kept beside the narrow tiles until a GPU run times
 #: them in the benchmark itself (the ``triton_table`` and ``triton_wide`` providers;
-#: docs/kernels.md, "Narrow tiles through descriptors", "Wider tiles").
+#: docs/kernels.md, "Narrow tiles through descriptors", "Wider tiles"). "gluon"
+#: (``DAAL_KNN_TILES=gluon``, since 2026-12-04's night: :data:`GLUON_ENTRY`, the Gluon forward of
+#: kernels/knn_gluon.py, its queries resident in shared memory, where :func:`knn_gluon.eligible`
+#: and the narrow tiles' row rule hold; elsewhere the narrow default): a candidate no GPU has
+#: timed yet (the ``triton_gluon`` provider).
 TILES_ENV = "DAAL_KNN_TILES"
-TILES_POLICIES = ("narrow", "table", "wide")
+TILES_POLICIES = ("narrow", "table", "wide", "gluon")
+#: The Gluon forward's entry name (not a ``CONFIGS`` entry: kernels/knn_gluon.py holds its
+#: blocks); :func:`forward_entry` returns it under ``DAAL_KNN_TILES=gluon``.
+GLUON_ENTRY = "fwd_gluon"
 #: The default forward where descriptors apply (:func:`_tma_eligible`: float16/bfloat16, k <= 16,
 #: the 64-wide D-chunk, the counted merge, 16-byte-aligned rows, sm_90/sm_100 or the
 #: interpreter): 64 x 128 tiles, 4 warps, 3 stages. bench/tune_knn.py on the 2026-12-04 H200 run
@@ -943,7 +988,9 @@ def forward_entry(q: torch.Tensor, r: torch.Tensor, kp: int, has_labels: bool) -
     table's ``fwd_kp16``, D-chunk 64, the counted merge) and the query rows fill the GPU
     (:data:`NARROW_MIN_WAVES`); with ``DAAL_KNN_TILES=wide``
     :data:`WIDE_ENTRY` where its builds apply (KP <= :data:`WIDE_KP`, no labels, and the same
-    rules); elsewhere, and with ``DAAL_KNN_TILES=table``, the table's :func:`fwd_entry`."""
+    rules); with ``DAAL_KNN_TILES=gluon`` :data:`GLUON_ENTRY` where the narrow tiles would run
+    and :func:`knn_gluon.eligible` holds (sm_90), else what the default chooses; elsewhere, and
+    with ``DAAL_KNN_TILES=table``, the table's :func:`fwd_entry`."""
     entry = fwd_entry(kp)
     policy = tiles_policy()
     if policy == "table" or merge_policy() != "counted" or (policy == "wide" and (kp > WIDE_KP or has_labels)):
@@ -953,9 +1000,18 @@ def forward_entry(q: torch.Tensor, r: torch.Tensor, kp: int, has_labels: bool) -
     if alternative == NARROW_ENTRY and (
             cdiv(q.shape[0], table[entry].blocks["BLOCK_M"]) < NARROW_MIN_WAVES * sm_count(q.device)):
         return entry  # few query rows: the table's tiles (see NARROW_MIN_WAVES)
+    if policy == "gluon" and knn_gluon().eligible(q, r, kp):
+        return GLUON_ENTRY
     if alternative in table and _tma_eligible(q, r, entry, table[entry].block_d_for(q.shape[1]), True):
         return alternative
     return entry
+
+
+def knn_gluon():
+    """kernels/knn_gluon.py (imported on first use: it imports this module's merge)."""
+    from . import knn_gluon as module
+
+    return module
 
 
 def _tma_eligible(q: torch.Tensor, r: torch.Tensor, entry: str, block_d: int, counted: bool) -> bool:
@@ -1018,6 +1074,12 @@ def _candidates(q, r, k, ql, rl, exclude_self, splits: Optional[int] = None, fin
     kp = next_pow2(k)
     has_labels = ql is not None
     entry = entry or forward_entry(q, r, kp, has_labels)
+    if entry == GLUON_ENTRY:  # its own launcher; it never finishes a split itself
+        if finish:
+            raise ValueError("the Gluon forward does not finish its split: call it with finish=False")
+        gl_fwd = knn_gluon()
+        S = splits or _num_splits(M, N, gl_fwd.BLOCK_M, gl_fwd.BLOCK_N, q.device)
+        return gl_fwd.candidates(q, r, k, ql, rl, exclude_self, S)
     descriptors = entry in (WIDE_ENTRY, NARROW_ENTRY)  # entries that always load through them
     cfg = CONFIGS[family(q.dtype)][entry]
     bm, bn = cfg.blocks["BLOCK_M"], cfg.blocks["BLOCK_N"]
@@ -1189,7 +1251,7 @@ def _knn_forward(query, ref, k, query_labels, ref_labels, exclude_self, splits):
     if k <= MAX_K:
         kp = next_pow2(k)
         entry = forward_entry(q, r, kp, ql is not None)
-        if kp <= FUSED_FINISH_KP and merged_launches():
+        if kp <= FUSED_FINISH_KP and merged_launches() and entry != GLUON_ENTRY:
             cfg = CONFIGS[family(q.dtype)][entry]
             S = splits or _num_splits(M, N, cfg.blocks["BLOCK_M"], cfg.blocks["BLOCK_N"], q.device,
                                       fused_finish=True)

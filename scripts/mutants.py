@@ -413,6 +413,22 @@ MUTANTS: Tuple[Mutant, ...] = (
     Mutant("common_sqnorm_pad_zero", "kernels/_common.py",
            'tl.store(out_ptr + rows, tl.where(rmask, acc, float("inf")))', "tl.store(out_ptr + rows, tl.where(rmask, acc, 0.0))",
            ("tests/kernels/test_kernel_knn.py", "-k", "lean_epilogue or pad_with_inf")),
+    Mutant("knn_gluon_any_kp", "kernels/knn_gluon.py", "    if kp > MAX_KP or", "    if kp > 2 * MAX_KP or",
+           ("tests/kernels/test_kernel_knn_gluon.py", "-k", "eligibility")),
+    Mutant("knn_gluon_any_device", "kernels/knn_gluon.py",
+           "device_capability(q.device) != (9, 0):", "device_capability(q.device) < (9, 0):",
+           ("tests/kernels/test_kernel_knn_gluon.py", "-k", "eligibility")),
+    Mutant("knn_gluon_chosen_unchecked", "kernels/knn.py",
+           'if policy == "gluon" and knn_gluon().eligible(q, r, kp):', 'if policy == "gluon":',
+           ("tests/kernels/test_kernel_knn_gluon.py", "-k", "chosen_only")),
+    # the queries reloaded for every tile, as the Triton forward does: what the kernel exists to avoid
+    Mutant("knn_gluon_queries_reloaded", "kernels/knn_gluon.py",
+           "            c = t * ND + kk\n",
+           "            c = t * ND + kk\n"
+           "            mbarrier.expect(q_bar, q_desc.block_type.nbytes)\n"
+           "            tma.async_copy_global_to_shared(q_desc, [row_lo, kk * BLOCK_D], q_bar, q_smem.index(kk))\n"
+           "            mbarrier.wait(q_bar, (t * ND + kk + 1) & 1)\n",
+           ("tests/kernels/test_kernel_knn_gluon.py", "-m", "build")),
     Mutant("tune_knn_default_tiles", "bench/tune_knn.py",
            'settings = {kk.LOADS_ENV: rec["loads"], kk.TILES_ENV: "table"}', 'settings = {kk.LOADS_ENV: rec["loads"]}',
            ("bench/test_bench_tools.py", "-k", "tune_knn_smoke")),

@@ -185,7 +185,12 @@ def _compile_here(fn, signature, constexprs, capability, num_warps, num_stages,
     # in every new process: each CI run compiled the same builds several times)
     attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]]
              for n in sorted(divisible, key=fn.arg_names.index)}
-    src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
+    if getattr(fn, "is_gluon", lambda: False)():  # a Gluon kernel (kernels/knn_gluon.py)
+        from triton.experimental.gluon._runtime import GluonASTSource
+
+        src = GluonASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
+    else:
+        src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
     options = {"num_warps": num_warps, "num_stages": num_stages}
     if maxnreg is not None:
         options["maxnreg"] = maxnreg

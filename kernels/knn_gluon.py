@@ -1,0 +1,240 @@
+"""The kNN forward's selection in Gluon, with the queries resident in shared memory (a tuning
+candidate for Hopper, ``DAAL_KNN_TILES=gluon``; docs/kernels.md, "Queries resident in shared
+memory: a Gluon forward").
+
+The same selection as ``_knn_fwd_kernel`` (kernels/knn.py): for each query row ``i`` of the
+program's BLOCK_M rows, the running top-KP of
+
+    s_ij = max(||q_i||^2 + ||r_j||^2 - 2 q_i . r_j, eps)
+
+over the columns ``j`` of the program's split (labels and self pairs masked), merged tile by tile
+by the same code (``knn._knn_merge_tile``, the lean, counted merge), written out as S x M x KP
+unsorted slots for ``_knn_finish_kernel``. What differs is how the GEMM is fed:
+
+- the program's 64 query rows, all of D (D <= 512: at most 64 KB of bfloat16), are loaded once
+  by TMA into shared memory and stay there: each 64 x 128 tile then reads only its 128 reference
+  rows from L2, 64 FLOP per byte against the Triton forward's 43 (it re-reads the query chunks
+  for every tile: Triton has no way to keep a dot operand in shared memory across a loop of
+  loads that share one ring of buffers);
+- the reference rows stream through one ring of STAGES buffers of 128 x 64 chunks, loaded
+  STAGES - 1 chunks ahead across tile boundaries: while a tile merges, the next tile's first
+  chunks are in flight (the Triton forward's software pipeline drains at every tile);
+- one warpgroup (4 warps) per program; 64 KB + STAGES x 16 KB of shared memory (112 KB at
+  three stages) and about 200 registers per thread, so two programs fit per SM and one merges
+  while the other multiplies.
+
+Gluon kernels run only on a GPU (sm_90: ``warpgroup_mma`` is Hopper's instruction); Triton's
+interpreter cannot run them. So this entry is chosen only on sm_90, where the inputs allow
+(:func:`eligible`), and only when asked for; the tests compile it for sm_90 under the Triton of
+the machine (tests/kernels/test_kernel_knn_gluon.py) and check it against the float64 reference on
+a GPU (marked ``gpu``).
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+
+from ._common import cdiv, device_capability, next_pow2, row_sqnorms
+from .knn import _knn_merge_tile
+
+BLOCK_M = 64  # query rows per program: one warpgroup's wgmma height
+BLOCK_N = 128  # reference rows per tile
+BLOCK_D = 64  # the D-chunk of a TMA load and of the ring's buffers (128 bytes of bfloat16: the swizzle)
+STAGES = 3  # buffers in the reference ring
+NUM_WARPS = 4
+MAX_D = 512  # the queries' 64 x D block must fit beside the ring, two programs per SM
+MAX_KP = 16
+GL_DTYPES = {torch.float16: gl.float16, torch.bfloat16: gl.bfloat16}
+
+
+@gluon.jit
+def _load_chunk(r_desc, r_smem, ready, c, n_start, BLOCK_N: gl.constexpr, BLOCK_D: gl.constexpr,
+                ND: gl.constexpr, STAGES: gl.constexpr):
+    """Start the TMA load of reference chunk ``c`` (tile ``c // ND``, D-chunk ``c % ND``) into
+    ring buffer ``c % STAGES``; ``ready[c % STAGES]`` completes when it has arrived."""
+    slot = c % STAGES
+    tile = c // ND
+    mbarrier.expect(ready.index(slot), r_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(r_desc, [n_start + tile * BLOCK_N, (c - tile * ND) * BLOCK_D],
+                                    ready.index(slot), r_smem.index(slot))
+
+
+@gluon.jit
+def _knn_fwd_gluon_kernel(
+    q_desc, r_desc, qn_ptr, rn_ptr, ql_ptr, rl_ptr, top_s_ptr, top_i_ptr,
+    M, N, cols_per_split, stride_top_s, stride_top_m,
+    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_D: gl.constexpr, ND: gl.constexpr,
+    STAGES: gl.constexpr, KP: gl.constexpr, HAS_LABELS: gl.constexpr, EXCLUDE_SELF: gl.constexpr,
+):
+    """Running top-KP of ``s_ij = max(qn_i + rn_j - 2 q_i.r_j, eps)`` over the columns of split
+    ``program_id(1)`` for rows ``program_id(0) * BLOCK_M + [0, BLOCK_M)``; writes the KP
+    ``(s, j)`` slots, unsorted, per row (as ``_knn_fwd_kernel`` without ``FINISH``).
+
+    Args:
+        q_desc, r_desc: Gluon tensor descriptors of the M x D queries and N x D references
+            (float16/bfloat16), blocks BLOCK_M x BLOCK_D and BLOCK_N x BLOCK_D; rows and columns
+            past their shapes read 0 (TMA's bounds).
+        qn_ptr, rn_ptr: squared row norms (float32); ``rn`` padded with ``inf`` to whole BLOCK_N
+            tiles (``row_sqnorms(pad=...)``: the lean merge reads it unmasked).
+        ql_ptr, rl_ptr: labels (int64; read only with HAS_LABELS).
+        top_s_ptr, top_i_ptr: S x M x KP slots (float32 distances, int32 columns), unit slot
+            stride.
+        M, N: sizes. cols_per_split: columns per split, a multiple of BLOCK_N.
+        stride_top_s, stride_top_m: the slots' split and row strides.
+        ND: D-chunks (``cdiv(D, BLOCK_D)``). STAGES: ring buffers. KP: slots per row.
+    """
+    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                  instr_shape=[16, BLOCK_N, 16])
+    # the slots in the accumulator layout of an n = 8 wgmma: the tile's row map, KP columns
+    # without replicas (in the tile's own layout a 64 x 8 tensor repeats over 128 columns: the
+    # registers of 16 copies)
+    slot_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                     instr_shape=[16, 8, 16])
+    rows_l: gl.constexpr = gl.SliceLayout(1, mma)
+    pid_m = gl.program_id(0)
+    pid_s = gl.program_id(1)
+    row_lo = pid_m * BLOCK_M
+    n_start = pid_s * cols_per_split
+    n_end = gl.minimum(N, n_start + cols_per_split)
+    n_tiles = gl.cdiv(n_end - n_start, BLOCK_N)
+    total = n_tiles * ND  # reference chunks of this program, in (tile, D-chunk) order
+
+    q_smem = gl.allocate_shared_memory(q_desc.dtype, [ND, BLOCK_M, BLOCK_D], q_desc.layout)
+    r_smem = gl.allocate_shared_memory(r_desc.dtype, [STAGES, BLOCK_N, BLOCK_D], r_desc.layout)
+    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(q_bar, count=1)
+    for s in gl.static_range(STAGES):
+        mbarrier.init(ready.index(s), count=1)
+    mbarrier.expect(q_bar, ND * q_desc.block_type.nbytes)
+    for i in gl.static_range(ND):
+        tma.async_copy_global_to_shared(q_desc, [row_lo, i * BLOCK_D], q_bar, q_smem.index(i))
+    for c0 in gl.static_range(STAGES - 1):
+        if c0 < total:
+            _load_chunk(r_desc, r_smem, ready, c0, n_start, BLOCK_N, BLOCK_D, ND, STAGES)
+
+    # masked rows read an infinite norm: their s is inf, never a candidate
+    rows = row_lo + gl.arange(0, BLOCK_M, layout=rows_l)
+    qn = gl.load(qn_ptr + rows, mask=rows < M, other=float("inf"))
+    if HAS_LABELS:
+        ql = gl.load(ql_ptr + rows, mask=rows < M, other=0)
+    else:
+        ql = 0  # unused
+    lanes = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, mma))
+    slots = gl.arange(0, KP, layout=gl.SliceLayout(0, slot_l))
+    topd = gl.full([BLOCK_M, KP], float("inf"), gl.float32, layout=slot_l)
+    topi = gl.full([BLOCK_M, KP], -1, gl.int32, layout=slot_l) - slots[None, :]
+    worst = gl.full([BLOCK_M], float("inf"), gl.float32, layout=gl.SliceLayout(1, slot_l))
+    widx = gl.full([BLOCK_M], -1, gl.int32, layout=gl.SliceLayout(1, slot_l))
+    mbarrier.wait(q_bar, 0)
+
+    for t in range(n_tiles):
+        n0 = n_start + t * BLOCK_N
+        acc = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=mma)
+        for kk in gl.static_range(ND):
+            c = t * ND + kk
+            mbarrier.wait(ready.index(c % STAGES), (c // STAGES) & 1)
+            acc = warpgroup_mma(q_smem.index(kk), r_smem.index(c % STAGES).permute((1, 0)), acc,
+                                is_async=True)
+            # chunk c - 1's MMA is done: its buffer, (c - 1) % STAGES, takes chunk c + STAGES - 1
+            acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
+            if c + STAGES - 1 < total:
+                _load_chunk(r_desc, r_smem, ready, c + STAGES - 1, n_start, BLOCK_N, BLOCK_D, ND, STAGES)
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+        cols = n0 + lanes
+        cmask = cols < n_end
+        if EXCLUDE_SELF and not HAS_LABELS:
+            # the self mask in a branch for the tiles that meet the diagonal (as the narrow
+            # entry's DIAG_BRANCH): under one merge the compiler if-converts its test. With labels
+            # the second copy of the merge spills under Triton 3.8 (float16: 255 registers + 8 B)
+            if (n0 < row_lo + BLOCK_M) & (n0 + BLOCK_N > row_lo):
+                topd, topi, worst, widx = _knn_merge_tile(
+                    acc, n0, lanes, cols, cmask, rows, row_lo, qn, ql, rn_ptr, rl_ptr, topd, topi, worst,
+                    widx, BLOCK_M, BLOCK_N, KP, HAS_LABELS, True, True, True, True)
+            else:
+                topd, topi, worst, widx = _knn_merge_tile(
+                    acc, n0, lanes, cols, cmask, rows, row_lo, qn, ql, rn_ptr, rl_ptr, topd, topi, worst,
+                    widx, BLOCK_M, BLOCK_N, KP, HAS_LABELS, False, True, True, True)
+        else:
+            topd, topi, worst, widx = _knn_merge_tile(
+                acc, n0, lanes, cols, cmask, rows, row_lo, qn, ql, rn_ptr, rl_ptr, topd, topi, worst,
+                widx, BLOCK_M, BLOCK_N, KP, HAS_LABELS, EXCLUDE_SELF, True, True, True)
+
+    mbarrier.invalidate(q_bar)
+    for s in gl.static_range(STAGES):
+        mbarrier.invalidate(ready.index(s))
+    out_rows = gl.convert_layout(rows, gl.SliceLayout(1, slot_l)).to(gl.int64)
+    out = pid_s.to(gl.int64) * stride_top_s + out_rows[:, None] * stride_top_m + slots[None, :]
+    gl.store(top_s_ptr + out, topd, mask=(out_rows < M)[:, None])
+    gl.store(top_i_ptr + out, topi, mask=(out_rows < M)[:, None])
+
+
+def eligible(q: torch.Tensor, r: torch.Tensor, kp: int) -> bool:
+    """Whether the Gluon forward can take these prepared inputs: float16/bfloat16 on an sm_90 GPU
+    (``warpgroup_mma``), KP <= :data:`MAX_KP`, 0 < D <= :data:`MAX_D`, rows on both sides, and
+    16-byte-aligned base pointers and row strides (TMA's rule)."""
+    if q.device.type != "cuda" or q.dtype not in GL_DTYPES or device_capability(q.device) != (9, 0):
+        return False
+    if kp > MAX_KP or not 0 < q.shape[1] <= MAX_D or q.shape[0] == 0 or r.shape[0] == 0:
+        return False
+    size = q.element_size()
+    return not any(t.data_ptr() % 16 or (t.stride(0) * size) % 16 for t in (q, r))
+
+
+def descriptor(x: torch.Tensor, rows: int):
+    """The Gluon tensor descriptor of a prepared M x D ``x`` with blocks ``rows x BLOCK_D`` (the
+    swizzled shared layout wgmma reads)."""
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    layout = gl.NVMMASharedLayout.get_default_for([rows, BLOCK_D], GL_DTYPES[x.dtype])
+    return TensorDescriptor(x, list(x.shape), [x.stride(0), 1], [rows, BLOCK_D], layout)
+
+
+def candidates(q: torch.Tensor, r: torch.Tensor, k: int, ql: Optional[torch.Tensor],
+               rl: Optional[torch.Tensor], exclude_self: bool, splits: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(out_s, out_i)``: S x M x KP candidate slots of the prepared ``q``, ``r`` (as
+    ``knn._candidates`` without ``finish``) from ``splits`` column ranges; the caller has checked
+    :func:`eligible`."""
+    M, D = q.shape
+    N = r.shape[0]
+    kp = max(8, next_pow2(k))  # at least the slot layout's 8 columns (the finish takes the k best)
+    cols = cdiv(cdiv(N, splits), BLOCK_N) * BLOCK_N
+    S = cdiv(N, cols)
+    out_s = torch.empty(S, M, kp, dtype=torch.float32, device=q.device)
+    out_i = torch.empty(S, M, kp, dtype=torch.int32, device=q.device)
+    qn = row_sqnorms(q, pad=BLOCK_N if r is q else 1)
+    rn = qn if r is q else row_sqnorms(r, pad=BLOCK_N)
+    has_labels = ql is not None
+    _knn_fwd_gluon_kernel[(cdiv(M, BLOCK_M), S)](
+        descriptor(q, BLOCK_M), descriptor(r, BLOCK_N), qn, rn, ql if has_labels else qn,
+        rl if has_labels else rn, out_s, out_i, M, N, cols, out_s.stride(0), out_s.stride(1),
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, ND=cdiv(D, BLOCK_D), STAGES=STAGES, KP=kp,
+        HAS_LABELS=has_labels, EXCLUDE_SELF=bool(exclude_self), num_warps=NUM_WARPS)
+    return out_s, out_i
+
+
+def signature(dtype: torch.dtype, has_labels: bool) -> dict:
+    """The kernel's argument types for ``dtype`` inputs, as Triton's JIT derives them at a launch
+    of :func:`candidates` (the descriptors' types carry their shared layouts; without labels the
+    label pointers are the norms'): what a compile job for this kernel without a GPU needs."""
+    from triton.runtime.jit import mangle_type
+
+    x = torch.empty(BLOCK_N, BLOCK_D, dtype=dtype)
+    labels = "*i64" if has_labels else "*fp32"
+    return {"q_desc": mangle_type(descriptor(x, BLOCK_M)), "r_desc": mangle_type(descriptor(x, BLOCK_N)),
+            "qn_ptr": "*fp32", "rn_ptr": "*fp32", "ql_ptr": labels, "rl_ptr": labels, "top_s_ptr": "*fp32",
+            "top_i_ptr": "*i32", "M": "i32", "N": "i32", "cols_per_split": "i32", "stride_top_s": "i32",
+            "stride_top_m": "i32"}
+
+
+def builds() -> List[dict]:
+    """The builds a launch can ask for, as compile jobs' facts: ``{"dtype", "KP", "HAS_LABELS",
+    "EXCLUDE_SELF", "ND"}`` for float16/bfloat16, KP 8 and 16, with and without labels and self
+    pairs, at the largest ND (D = 512; a smaller D has fewer chunks, less shared memory and
+    the same code per chunk)."""
+    return [{"dtype": dtype, "KP": kp, "HAS_LABELS": labels, "EXCLUDE_SELF": self_, "ND": cdiv(MAX_D, BLOCK_D)}
+            for dtype in GL_DTYPES for kp in (8, 16) for labels in (False, True) for self_ in (True, False)]
