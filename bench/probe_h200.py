@@ -17,7 +17,10 @@ script splits both:
   with each merge (``DAAL_KNN_MERGE``: counted, checked) at k = 1 and 8; plus ``torch.matmul``
   of the same shape; since 2026-12-04 these run the table's entry (comparable with the earlier
   runs), and the default narrow tiles' forward (64 x 128 through descriptors) is timed beside,
-  with self pairs excluded under each epilogue (``DAAL_KNN_EPILOGUE``: lean, plain).
+  with self pairs excluded under each epilogue (``DAAL_KNN_EPILOGUE``: lean, plain); and, on
+  sm_90 once its GPU parity test has passed in the run (``DAAL_GLUON_CANARY``), the Gluon forward
+  (kernels/knn_gluon.py: the queries resident in shared memory) with self pairs excluded, and its
+  GEMM-only ceiling (``GEMM_ONLY``: the distance epilogue and a row-min, its L2 bytes and rate).
 * ``tiles`` (after ``knn``): ``gemm_min`` at the tile shapes of ``PROBE_TILES`` (the entry's 128 x 128,
   the wide 128 x 256 and 256 x 128 of the "tma" candidates, 64 x 128 on 4 warps), each with the
   bytes its tiles load from L2 (``tile_bytes``) and the rate that makes: does the forward's
@@ -44,7 +47,8 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from daal_triton.kernels import _common, knn as kk
 from daal_triton.kernels._common import TL_EPS, _dot_desc_chunk, _dot_rows, dot_flags, row_sqnorms
 from interpreter import strict_interpreter
-from problems import _with_env
+from daal_triton.kernels import knn_gluon
+from problems import _with_env, gluon_unvetted
 from tune_line_margin import Timer
 
 
@@ -237,6 +241,16 @@ def knn_section(dev, emit, n, d, reps):
             rec(f"_knn_fwd_kernel k=8 S=default narrow self epilogue={policy}",
                 gpu_ms(lambda: _with_env(kk.EPILOGUE_ENV, policy, kk._candidates, q, q, 8, None, None, True),
                        dev, reps), epilogue=policy)
+        # the Gluon forward (queries resident in shared memory; docs/kernels.md, "Queries resident
+        # in shared memory"), self pairs excluded, and its GEMM-only ceiling: once vetted in this run
+        if dev.type == "cuda" and knn_gluon.eligible(q, q, 8) and not gluon_unvetted():
+            S = kk._num_splits(n, n, knn_gluon.BLOCK_M, knn_gluon.BLOCK_N, q.device)
+            rec("_knn_fwd_gluon_kernel k=8 S=default self", gpu_ms(
+                lambda: knn_gluon.candidates(q, q, 8, None, None, True, S), dev, reps), splits=S)
+            ms = gpu_ms(lambda: knn_gluon.candidates(q, q, 8, None, None, False, S, gemm_only=True), dev, reps)
+            nbytes = tile_bytes(n, d, 0, knn_gluon.BLOCK_N, q.element_size(), knn_gluon.BLOCK_M)
+            rec("probe gemm_min gluon 64x128, 4 warps, queries resident", ms, splits=S, l2_bytes=nbytes,
+                l2_tb_per_s=nbytes / ms / 1e9)
     rec("knn (whole forward: selection + fused finish) k=8", gpu_ms(lambda: kk.knn(q, q, 8), dev, reps))
     for filt in (False, True):
         run, S = _probe_call(q, qn, flags, s_default, cfg.launch(d), filt)
@@ -251,10 +265,14 @@ def knn_section(dev, emit, n, d, reps):
 PROBE_TILES = ((128, 128, 8), (128, 256, 8), (256, 128, 8), (64, 128, 4), (128, 128, 4))
 
 
-def tile_bytes(n: int, D: int, bm: int, bn: int, elem: int = 2) -> int:
+def tile_bytes(n: int, D: int, bm: int, bn: int, elem: int = 2, rows: int = 0) -> int:
     """Bytes the tiles of an n x n distance matrix load from L2 (each tile reads its BLOCK_M query
     rows and BLOCK_N reference rows, D elements each; nothing is kept across tiles):
-    ``ceil(n/bm) ceil(n/bn) (bm + bn) D elem``, i.e. ``bm bn / (bm + bn)`` FLOP per byte."""
+    ``ceil(n/bm) ceil(n/bn) (bm + bn) D elem``, i.e. ``bm bn / (bm + bn)`` FLOP per byte.
+    ``bm = 0`` and ``rows``: the queries kept resident (the Gluon forward), ``rows``-row tiles
+    reading their BLOCK_N references alone (the queries' one load per program left out)."""
+    if bm == 0:
+        return triton.cdiv(n, rows) * triton.cdiv(n, bn) * bn * D * elem
     return triton.cdiv(n, bm) * triton.cdiv(n, bn) * (bm + bn) * D * elem
 
 

@@ -170,11 +170,19 @@ class NotVetted(ProviderMissing):
     reason = "not vetted on this GPU"
 
 
+def gluon_unvetted() -> Optional[str]:
+    """Why the Gluon forward may not be timed in this run (``GLUON_CANARY_ENV`` names a file its
+    parity test has not written to), or None."""
+    canary = os.environ.get(GLUON_CANARY_ENV)
+    if canary and not (os.path.exists(canary) and os.path.getsize(canary)):
+        return f"the Gluon forward's GPU parity test has not passed in this run ({canary} is empty)"
+    return None
+
+
 def operator_function(case: Case) -> Callable:
     """The function ``case.provider`` computes ``case.op`` with (not for the whole loss)."""
-    canary = os.environ.get(GLUON_CANARY_ENV)
-    if case.provider == "triton_gluon" and canary and not (os.path.exists(canary) and os.path.getsize(canary)):
-        raise NotVetted(f"the Gluon forward's GPU parity test has not passed in this run ({canary} is empty)")
+    if case.provider == "triton_gluon" and gluon_unvetted():
+        raise NotVetted(gluon_unvetted())
     return PROVIDER_FUNCTIONS[case.provider](case.op)
 
 

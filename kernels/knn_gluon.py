@@ -38,7 +38,7 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 
-from ._common import cdiv, device_capability, next_pow2, row_sqnorms
+from ._common import TL_EPS, cdiv, device_capability, next_pow2, row_sqnorms
 from .knn import _knn_merge_tile
 
 BLOCK_M = 64  # query rows per program: one warpgroup's wgmma height
@@ -69,6 +69,7 @@ def _knn_fwd_gluon_kernel(
     M, N, cols_per_split, stride_top_s, stride_top_m,
     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_D: gl.constexpr, ND: gl.constexpr,
     STAGES: gl.constexpr, KP: gl.constexpr, HAS_LABELS: gl.constexpr, EXCLUDE_SELF: gl.constexpr,
+    GEMM_ONLY: gl.constexpr = False,
 ):
     """Running top-KP of ``s_ij = max(qn_i + rn_j - 2 q_i.r_j, eps)`` over the columns of split
     ``program_id(1)`` for rows ``program_id(0) * BLOCK_M + [0, BLOCK_M)``; writes the KP
@@ -86,6 +87,8 @@ def _knn_fwd_gluon_kernel(
         M, N: sizes. cols_per_split: columns per split, a multiple of BLOCK_N.
         stride_top_s, stride_top_m: the slots' split and row strides.
         ND: D-chunks (``cdiv(D, BLOCK_D)``). STAGES: ring buffers. KP: slots per row.
+        GEMM_ONLY: bench/probe_h200.py's ceiling of these tiles: each tile's ``s`` and one row-min
+            instead of the merge (slot 0 gets each row's smallest ``s``; no selection).
     """
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                   instr_shape=[16, BLOCK_N, 16])
@@ -147,7 +150,11 @@ def _knn_fwd_gluon_kernel(
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
         cols = n0 + lanes
         cmask = cols < n_end
-        if EXCLUDE_SELF and not HAS_LABELS:
+        if GEMM_ONLY:  # the probe's ceiling: the distance epilogue and a row-min, no merge
+            rn = gl.load(rn_ptr + cols)
+            dist = gl.maximum(qn[:, None] + rn[None, :] - 2.0 * acc, TL_EPS)
+            worst = gl.minimum(worst, gl.convert_layout(gl.min(dist, axis=1), worst.type.layout))
+        elif EXCLUDE_SELF and not HAS_LABELS:
             # the self mask in a branch for the tiles that meet the diagonal (as the narrow
             # entry's DIAG_BRANCH): under one merge the compiler if-converts its test. With labels
             # the second copy of the merge spills under Triton 3.8 (float16: 255 registers + 8 B)
@@ -167,6 +174,8 @@ def _knn_fwd_gluon_kernel(
     mbarrier.invalidate(q_bar)
     for s in gl.static_range(STAGES):
         mbarrier.invalidate(ready.index(s))
+    if GEMM_ONLY:
+        topd = gl.where(slots[None, :] == 0, worst[:, None], topd)
     out_rows = gl.convert_layout(rows, gl.SliceLayout(1, slot_l)).to(gl.int64)
     out = pid_s.to(gl.int64) * stride_top_s + out_rows[:, None] * stride_top_m + slots[None, :]
     gl.store(top_s_ptr + out, topd, mask=(out_rows < M)[:, None])
@@ -195,10 +204,11 @@ def descriptor(x: torch.Tensor, rows: int):
 
 
 def candidates(q: torch.Tensor, r: torch.Tensor, k: int, ql: Optional[torch.Tensor],
-               rl: Optional[torch.Tensor], exclude_self: bool, splits: int) -> Tuple[torch.Tensor, torch.Tensor]:
+               rl: Optional[torch.Tensor], exclude_self: bool, splits: int,
+               gemm_only: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(out_s, out_i)``: S x M x KP candidate slots of the prepared ``q``, ``r`` (as
     ``knn._candidates`` without ``finish``) from ``splits`` column ranges; the caller has checked
-    :func:`eligible`."""
+    :func:`eligible`. ``gemm_only``: the probe's ceiling instead (``GEMM_ONLY``; no selection)."""
     M, D = q.shape
     N = r.shape[0]
     kp = max(8, next_pow2(k))  # at least the slot layout's 8 columns (the finish takes the k best)
@@ -213,7 +223,7 @@ def candidates(q: torch.Tensor, r: torch.Tensor, k: int, ql: Optional[torch.Tens
         descriptor(q, BLOCK_M), descriptor(r, BLOCK_N), qn, rn, ql if has_labels else qn,
         rl if has_labels else rn, out_s, out_i, M, N, cols, out_s.stride(0), out_s.stride(1),
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, ND=cdiv(D, BLOCK_D), STAGES=STAGES, KP=kp,
-        HAS_LABELS=has_labels, EXCLUDE_SELF=bool(exclude_self), num_warps=NUM_WARPS)
+        HAS_LABELS=has_labels, EXCLUDE_SELF=bool(exclude_self), GEMM_ONLY=gemm_only, num_warps=NUM_WARPS)
     return out_s, out_i
 
 
@@ -233,8 +243,10 @@ def signature(dtype: torch.dtype, has_labels: bool) -> dict:
 
 def builds() -> List[dict]:
     """The builds a launch can ask for, as compile jobs' facts: ``{"dtype", "KP", "HAS_LABELS",
-    "EXCLUDE_SELF", "ND"}`` for float16/bfloat16, KP 8 and 16, with and without labels and self
-    pairs, at the largest ND (D = 512; a smaller D has fewer chunks, less shared memory and
-    the same code per chunk)."""
-    return [{"dtype": dtype, "KP": kp, "HAS_LABELS": labels, "EXCLUDE_SELF": self_, "ND": cdiv(MAX_D, BLOCK_D)}
-            for dtype in GL_DTYPES for kp in (8, 16) for labels in (False, True) for self_ in (True, False)]
+    "EXCLUDE_SELF", "ND", "GEMM_ONLY"}`` for float16/bfloat16, KP 8 and 16, with and without
+    labels and self pairs, at the largest ND (D = 512; a smaller D has fewer chunks, less shared
+    memory and the same code per chunk); and the probe's ``GEMM_ONLY`` build (bfloat16)."""
+    nd = cdiv(MAX_D, BLOCK_D)
+    return [{"dtype": dtype, "KP": kp, "HAS_LABELS": labels, "EXCLUDE_SELF": self_, "ND": nd, "GEMM_ONLY": False}
+            for dtype in GL_DTYPES for kp in (8, 16) for labels in (False, True) for self_ in (True, False)] + [
+        {"dtype": torch.bfloat16, "KP": 8, "HAS_LABELS": False, "EXCLUDE_SELF": False, "ND": nd, "GEMM_ONLY": True}]

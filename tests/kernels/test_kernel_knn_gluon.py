@@ -18,7 +18,7 @@ def _job(build: dict, capability: int = 90) -> dict:
     the launch's specialisation: 16-byte-aligned pointers, the split width a multiple of 16."""
     constexprs = {"BLOCK_M": kg.BLOCK_M, "BLOCK_N": kg.BLOCK_N, "BLOCK_D": kg.BLOCK_D, "ND": build["ND"],
                   "STAGES": kg.STAGES, "KP": build["KP"], "HAS_LABELS": build["HAS_LABELS"],
-                  "EXCLUDE_SELF": build["EXCLUDE_SELF"]}
+                  "EXCLUDE_SELF": build["EXCLUDE_SELF"], "GEMM_ONLY": build["GEMM_ONLY"]}
     return {"module": kg.__name__, "name": "_knn_fwd_gluon_kernel",
             "signature": kg.signature(build["dtype"], build["HAS_LABELS"]), "constexprs": constexprs,
             "capability": capability, "num_warps": kg.NUM_WARPS, "num_stages": kg.STAGES,
@@ -35,14 +35,15 @@ def _programs_per_sm(registers: int, warps: int, shared: int) -> int:
 @pytest.mark.build
 def test_gluon_forward_builds_for_hopper():
     """Every build a launch can ask for (float16/bfloat16, KP 8 and 16, with and without labels
-    and self pairs, D = 512) compiles for sm_90 under this machine's Triton with no local memory,
+    and self pairs, D = 512; and the probe's GEMM-only ceiling) compiles for sm_90 under this machine's Triton with no local memory,
     fits two programs per SM, keeps its queries resident (the tile loop issues one TMA load per
     D-chunk, the references'; the queries' ND loads come before it) and runs the MMAs from
     shared memory: 4 wgmma k-steps of 64 x 128 x 16 per 64-wide chunk."""
     from daal_testing import compile_many_for_gpu, sass_loops
 
     builds = kg.builds()
-    assert len(builds) == 16 and {b["ND"] for b in builds} == {kg.MAX_D // kg.BLOCK_D}
+    assert len(builds) == 17 and {b["ND"] for b in builds} == {kg.MAX_D // kg.BLOCK_D}
+    assert [b["GEMM_ONLY"] for b in builds].count(True) == 1  # bench/probe_h200.py's ceiling
     results = compile_many_for_gpu([_job(b) for b in builds])
     for build, res in zip(builds, results):
         assert not res.get("error"), (build, res.get("error"))
@@ -156,3 +157,19 @@ def test_gluon_forward_gpu(monkeypatch, request, M, N, D, k, labelled, splits):
     if canary:
         with open(canary, "a") as f:
             f.write(f"{request.node.name}\n")
+
+
+@pytest.mark.gpu
+def test_gluon_gemm_only_gpu():
+    """On an sm_90 GPU: the probe's ``GEMM_ONLY`` build (bench/probe_h200.py's ceiling of the
+    Gluon tiles) writes each row's smallest squared distance over its split into slot 0."""
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the Gluon forward runs on sm_90")
+    q = torch.randn(3000, 512, device="cuda").bfloat16()
+    r = torch.randn(2900, 512, device="cuda").bfloat16()
+    out_s, _ = kg.candidates(q, r, 8, None, None, False, 2, gemm_only=True)
+    d2 = torch.cdist(q.float(), r.float()).square()
+    cols = kg.cdiv(kg.cdiv(r.shape[0], 2), kg.BLOCK_N) * kg.BLOCK_N  # the launcher's split width
+    want = torch.stack([d2[:, i * cols:(i + 1) * cols].min(dim=1).values for i in range(out_s.shape[0])])
+    assert out_s.shape[0] == 2
+    assert torch.allclose(out_s[:, :, 0], want, rtol=2e-2, atol=1e-2)
