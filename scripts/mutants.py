@@ -421,6 +421,9 @@ MUTANTS: Tuple[Mutant, ...] = (
     Mutant("knn_gluon_chosen_unchecked", "kernels/knn.py",
            'if policy == "gluon" and knn_gluon().eligible(q, r, kp):', 'if policy == "gluon":',
            ("tests/kernels/test_kernel_knn_gluon.py", "-k", "chosen_only")),
+    Mutant("knn_gluon_fused_finish", "kernels/knn.py",
+           "merged_launches() and entry != GLUON_ENTRY:", "merged_launches():",
+           ("tests/kernels/test_kernel_knn_gluon.py", "-k", "glue")),
     # the queries reloaded for every tile, as the Triton forward does: what the kernel exists to avoid
     Mutant("knn_gluon_queries_reloaded", "kernels/knn_gluon.py",
            "            c = t * ND + kk\n",

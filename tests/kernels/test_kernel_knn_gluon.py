@@ -173,3 +173,29 @@ def test_gluon_gemm_only_gpu():
     want = torch.stack([d2[:, i * cols:(i + 1) * cols].min(dim=1).values for i in range(out_s.shape[0])])
     assert out_s.shape[0] == 2
     assert torch.allclose(out_s[:, :, 0], want, rtol=2e-2, atol=1e-2)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("k,splits", [(3, None), (8, 2), (13, 1)])
+def test_gluon_entry_glue(monkeypatch, k, splits):
+    """The forward's glue around the Gluon entry, on the CPU with the Gluon launcher stood in for
+    by the Triton forward's slots (KP = max(8, next_pow2(k)), as the Gluon forward writes them):
+    the splits it is given (the caller's, else the model's), no fused finish, and the separate
+    finish turning the slots into the default forward's neighbours and distances."""
+    x = torch.randn(150, 48, dtype=torch.float16)
+    lab = torch.randint(0, 3, (150,))
+    want = kk._knn(x, x, k, query_labels=lab, ref_labels=lab, exclude_self=True, splits=splits)
+    seen = []
+
+    def stand_in(q, r, k_, ql, rl, exclude_self, S):
+        seen.append((k_, S, exclude_self))
+        return kk._candidates(q, r, max(8, kk.next_pow2(k_)), ql, rl, exclude_self, S, entry=kk.NARROW_ENTRY)
+
+    monkeypatch.setattr(kg, "candidates", stand_in)
+    monkeypatch.setattr(kk, "forward_entry", lambda *a: kk.GLUON_ENTRY)
+    got = kk._knn(x, x, k, query_labels=lab, ref_labels=lab, exclude_self=True, splits=splits)
+    assert seen == [(k, splits or 1, True)], seen
+    assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
+    with pytest.raises(ValueError, match="does not finish"):
+        kk._candidates(kk.prepare(x, torch.float16, align=kk.align_rows()), x, k, None, None, False, 1,
+                       finish=True, entry=kk.GLUON_ENTRY)
