@@ -205,6 +205,13 @@ def _compile_here(fn, signature, constexprs, capability, num_warps, num_stages,
     return triton.compile(src, target=target, options=options)
 
 
+def programs_per_sm(registers: int, warps: int, shared: int) -> int:
+    """Resident programs per sm_90 SM: 64K registers (allocated per warp in multiples of 8 per
+    thread) and 228 KB of shared memory (1 KB of it reserved per program)."""
+    by_regs = 65536 // (-(-registers // 8) * 8 * 32 * warps)
+    return min(by_regs, 233472 // (shared + 1024))
+
+
 def _cuobjdump(cubin: bytes, flag: str) -> str:
     """``cuobjdump FLAG`` of a cubin (the tool shipped with Triton); None when it is not there."""
     import subprocess

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from daal_testing import (DEV, assert_close, assert_floors_keep_nan, compile_launches, largest_cpu_allocation,
-                           tolerance)
+                           programs_per_sm, tolerance)
 
 from daal_triton import reference
 from daal_triton.kernels import _common, knn as kk
@@ -502,7 +502,7 @@ def test_knn_narrow_entry_overlaps_programs(compiled):
     assert {c[0].flags["FINISH"] for c, _ in hot} == {False, True}
     for (la, _, _), res in hot:
         assert "cp.async.bulk.tensor" in res["ptx"] and "wgmma.mma_async" in res["ptx"], la.name
-        got = _programs_per_sm(res["registers"], la.num_warps, res["metadata"]["shared"])
+        got = programs_per_sm(res["registers"], la.num_warps, res["metadata"]["shared"])
         assert got >= 2, (la.name, res["registers"], res["metadata"]["shared"], got)
 
 
@@ -550,14 +550,7 @@ def test_knn_lean_epilogue_runs_fewer_instructions():
     assert facts["lean"]["rounds"] == 2 and facts["plain"]["rounds"] == 1, facts
     assert all(f["stack"] == 0 for f in facts.values()), facts
     lean = facts["lean"]
-    assert _programs_per_sm(lean["registers"], base.num_warps, lean["shared"]) >= 3, facts
-
-
-def _programs_per_sm(registers: int, warps: int, shared: int) -> int:
-    """Resident programs per sm_90 SM: 64K registers (allocated per warp in multiples of 8 per
-    thread) and 228 KB of shared memory (1 KB of it reserved per program)."""
-    by_regs = 65536 // (-(-registers // 8) * 8 * 32 * warps)
-    return min(by_regs, 233472 // (shared + 1024))
+    assert programs_per_sm(lean["registers"], base.num_warps, lean["shared"]) >= 3, facts
 
 
 def test_register_cap_reaches_the_launch():
@@ -611,7 +604,7 @@ def test_knn_forward_alternatives_fit_their_residency():
     for (cfg, resident), res in zip(blocks.items(), compile_many_for_gpu(jobs)):
         assert not res.get("error"), f"{cfg}:\n{res.get('error')}"
         assert "wgmma.mma_async" in res["ptx"], cfg
-        got = _programs_per_sm(res["registers"], cfg[2], res["metadata"]["shared"])
+        got = programs_per_sm(res["registers"], cfg[2], res["metadata"]["shared"])
         assert got == resident, (cfg, res["registers"], res["metadata"]["shared"], got)
         assert ("cp.async.bulk.tensor" in res["ptx"]) == (cfg[6:7] == ("tma",)), cfg
         if len(cfg) == 5 or not cfg[5]:

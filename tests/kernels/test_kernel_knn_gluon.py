@@ -8,7 +8,7 @@ from collections import Counter
 import pytest
 import torch
 
-from daal_testing import tolerance
+from daal_testing import programs_per_sm, tolerance
 from daal_triton import reference
 from daal_triton.kernels import knn as kk, knn_gluon as kg
 
@@ -23,13 +23,6 @@ def _job(build: dict, capability: int = 90) -> dict:
             "signature": kg.signature(build["dtype"], build["HAS_LABELS"]), "constexprs": constexprs,
             "capability": capability, "num_warps": kg.NUM_WARPS, "num_stages": kg.STAGES,
             "specialisation": "aligned", "unit": [], "rows": ["cols_per_split"], "sass": True, "maxnreg": None}
-
-
-def _programs_per_sm(registers: int, warps: int, shared: int) -> int:
-    """Resident programs per sm_90 SM: 64K registers (allocated per warp in multiples of 8 per
-    thread) and 228 KB of shared memory (1 KB of it reserved per program)."""
-    by_regs = 65536 // (-(-registers // 8) * 8 * 32 * warps)
-    return min(by_regs, 233472 // (shared + 1024))
 
 
 @pytest.mark.build
@@ -50,7 +43,7 @@ def test_gluon_forward_builds_for_hopper():
         assert res["stack"] == 0, (build, res["registers"], res["stack"])
         shared = res["metadata"]["shared"]
         assert shared >= build["ND"] * kg.BLOCK_M * kg.BLOCK_D * 2 + kg.STAGES * kg.BLOCK_N * kg.BLOCK_D * 2
-        assert _programs_per_sm(res["registers"], kg.NUM_WARPS, shared) >= 2, (build, res["registers"], shared)
+        assert programs_per_sm(res["registers"], kg.NUM_WARPS, shared) >= 2, (build, res["registers"], shared)
         if not res["sass"]:
             pytest.skip("cuobjdump is not shipped with this Triton")
         loops = sass_loops(res["sass"])
