@@ -33,7 +33,8 @@ One benchmark case is one (operator, shape, precision, provider, pass):
   beside the lean one that replaced it: the same slots with fewer instructions per tile;
   kernels/knn.py, ``EPILOGUE_ENV``), ``triton_gluon`` (the kNN with its forward in Gluon, the
   queries resident in shared memory, ``DAAL_KNN_TILES=gluon``, on sm_90 where the narrow tiles
-  would run: kernels/knn_gluon.py),
+  would run: kernels/knn_gluon.py), ``triton_gluon128`` (the same with 128 query rows per
+  program on two warpgroups, ``DAAL_KNN_TILES=gluon128``),
   ``triton_unaligned`` (the kNN or the pairwise distance at a width that is no multiple of 16
   on its unpadded rows, as before 2026-12-02, ``DAAL_ALIGN_D=off``, beside the rows padded to
   16 columns that replaced them: kernels/_common.py, ``ALIGN_ENV``; the ``*_d129`` shapes),
@@ -70,7 +71,7 @@ PROVIDERS = {
     "pairwise": ("triton", "eager", "compile", "triton_unaligned"),
     "knn": ("triton", "eager", "compile", "chunked", "triton_wave_splits", "triton_checked_merge",
             "triton_separate", "triton_table", "triton_wide", "triton_unaligned", "triton_plain",
-            "triton_gluon"),
+            "triton_gluon", "triton_gluon128"),
     "line_margin": ("triton", "eager", "compile", "triton_atomic_own", "triton_separate"),
     "loss": ("triton", "eager", "compile", "triton_aten_glue", "triton_graphed", "triton_atomic_own",
              "triton_separate"),
@@ -258,6 +259,9 @@ SWITCHES: Tuple[Switch, ...] = (
     # a candidate no GPU has run
     Switch("DAAL_KNN_TILES", "narrow", "gluon", "triton_gluon", (("knn", "eval60k", "bf16", "fwd"),),
            since="2026-12-05"),
+    # and its 128-row variant (two warpgroups sharing the ring: half the L2 traffic, one program per SM)
+    Switch("DAAL_KNN_TILES", "narrow", "gluon128", "triton_gluon128", (("knn", "eval60k", "bf16", "fwd"),),
+           since="2026-12-05"),
     Switch("DAAL_ALIGN_D", "pad", "off", "triton_unaligned",
            (("knn", "bank_d129", "bf16", "fwd"), ("knn", "bank_d129", "bf16", "fwdbwd"),
             ("pairwise", "large_d129", "bf16", "fwdbwd")), memory=True, since="2026-12-02"),
@@ -275,8 +279,9 @@ CHECK: Dict[Tuple[str, str], List[dict]] = {
     # and the table's 128 x 128 tiles the narrow ones replaced (DAAL_KNN_TILES=table)
     # and its wide tiles (DAAL_KNN_TILES=wide: 85 FLOP per L2 byte, the way past 60% of matmul?)
     # and the plain epilogue the lean one replaced (DAAL_KNN_EPILOGUE=plain)
-    # and the Gluon forward (DAAL_KNN_TILES=gluon: the queries resident in shared memory)
-    ("knn", "eval60k"): [dict(dtypes=("bf16",), providers=("triton", "chunked", "triton_gluon", "triton_plain",
+    # and the Gluon forwards (DAAL_KNN_TILES=gluon, gluon128: the queries resident in shared memory)
+    ("knn", "eval60k"): [dict(dtypes=("bf16",), providers=("triton", "chunked", "triton_gluon", "triton_gluon128",
+                                                        "triton_plain",
                                                         "triton_table",
                                                         "triton_wide", "triton_checked_merge",
                                                         "triton_wave_splits", "eager"))],

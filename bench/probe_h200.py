@@ -18,9 +18,10 @@ script splits both:
   of the same shape; since 2026-12-04 these run the table's entry (comparable with the earlier
   runs), and the default narrow tiles' forward (64 x 128 through descriptors) is timed beside,
   with self pairs excluded under each epilogue (``DAAL_KNN_EPILOGUE``: lean, plain); and, on
-  sm_90 once its GPU parity test has passed in the run (``DAAL_GLUON_CANARY``), the Gluon forward
-  (kernels/knn_gluon.py: the queries resident in shared memory) with self pairs excluded, and its
-  GEMM-only ceiling (``GEMM_ONLY``: the distance epilogue and a row-min, its L2 bytes and rate).
+  sm_90 once their GPU tests have passed in the run (``DAAL_GLUON_CANARY``), the Gluon forwards
+  (kernels/knn_gluon.py: the queries resident in shared memory; 64 and 128 rows) with self pairs
+  excluded, and their GEMM-only ceilings (``GEMM_ONLY``: the distance epilogue and a row-min, the
+  L2 bytes and rate).
 * ``tiles`` (after ``knn``): ``gemm_min`` at the tile shapes of ``PROBE_TILES`` (the entry's 128 x 128,
   the wide 128 x 256 and 256 x 128 of the "tma" candidates, 64 x 128 on 4 warps), each with the
   bytes its tiles load from L2 (``tile_bytes``) and the rate that makes: does the forward's
@@ -243,14 +244,18 @@ def knn_section(dev, emit, n, d, reps):
                        dev, reps), epilogue=policy)
         # the Gluon forward (queries resident in shared memory; docs/kernels.md, "Queries resident
         # in shared memory"), self pairs excluded, and its GEMM-only ceiling: once vetted in this run
-        if dev.type == "cuda" and knn_gluon.eligible(q, q, 8) and not gluon_unvetted():
-            S = kk._num_splits(n, n, knn_gluon.BLOCK_M, knn_gluon.BLOCK_N, q.device)
-            rec("_knn_fwd_gluon_kernel k=8 S=default self", gpu_ms(
-                lambda: knn_gluon.candidates(q, q, 8, None, None, True, S), dev, reps), splits=S)
-            ms = gpu_ms(lambda: knn_gluon.candidates(q, q, 8, None, None, False, S, gemm_only=True), dev, reps)
-            nbytes = tile_bytes(n, d, 0, knn_gluon.BLOCK_N, q.element_size(), knn_gluon.BLOCK_M)
-            rec("probe gemm_min gluon 64x128, 4 warps, queries resident", ms, splits=S, l2_bytes=nbytes,
-                l2_tb_per_s=nbytes / ms / 1e9)
+        # (each variant: 64 rows on 4 warps, 128 rows on 8)
+        for name, v in knn_gluon.VARIANTS.items():
+            if dev.type != "cuda" or not knn_gluon.eligible(q, q, 8) or gluon_unvetted(name):
+                continue
+            S = kk._num_splits(n, n, v.block_m, knn_gluon.BLOCK_N, q.device)
+            rec(f"_knn_fwd_gluon_kernel {name} k=8 S=default self", gpu_ms(
+                lambda: knn_gluon.candidates(q, q, 8, None, None, True, S, variant=name), dev, reps), splits=S)
+            ms = gpu_ms(lambda: knn_gluon.candidates(q, q, 8, None, None, False, S, gemm_only=True, variant=name),
+                        dev, reps)
+            nbytes = tile_bytes(n, d, 0, knn_gluon.BLOCK_N, q.element_size(), v.block_m)
+            rec(f"probe gemm_min {name} {v.block_m}x{knn_gluon.BLOCK_N}, {v.warps} warps, queries resident", ms,
+                splits=S, l2_bytes=nbytes, l2_tb_per_s=nbytes / ms / 1e9)
     rec("knn (whole forward: selection + fused finish) k=8", gpu_ms(lambda: kk.knn(q, q, 8), dev, reps))
     for filt in (False, True):
         run, S = _probe_call(q, qn, flags, s_default, cfg.launch(d), filt)

@@ -157,11 +157,13 @@ PROVIDER_FUNCTIONS.update({
     for name, sw in ENV_PROVIDERS.items()})
 
 
-#: A file the Gluon forward's GPU parity test writes when it passes
-#: (tests/kernels/test_kernel_knn_gluon.py); where this variable names one (bench/gpu_check.sh
-#: does), ``triton_gluon`` is timed only after a pass: a kernel no GPU has run before must not
-#: hang or mistime the benchmarks.
+#: A file the Gluon forwards' GPU tests append their outcomes to, a line ``variant pass|fail
+#: test`` each (tests/kernels/test_kernel_knn_gluon.py); where this variable names one
+#: (bench/gpu_check.sh does), a Gluon provider is timed only after its variant passed and never
+#: failed: a kernel no GPU has run before must not hang or mistime the benchmarks.
 GLUON_CANARY_ENV = "DAAL_GLUON_CANARY"
+#: The providers of the Gluon forwards and their variants (kernels/knn_gluon.py, ``VARIANTS``).
+GLUON_PROVIDERS = {"triton_gluon": "gluon", "triton_gluon128": "gluon128"}
 
 
 class NotVetted(ProviderMissing):
@@ -170,19 +172,27 @@ class NotVetted(ProviderMissing):
     reason = "not vetted on this GPU"
 
 
-def gluon_unvetted() -> Optional[str]:
-    """Why the Gluon forward may not be timed in this run (``GLUON_CANARY_ENV`` names a file its
-    parity test has not written to), or None."""
+def gluon_unvetted(variant: str = "gluon") -> Optional[str]:
+    """Why the Gluon forward ``variant`` may not be timed in this run (``GLUON_CANARY_ENV`` names
+    a file that records no pass of its GPU tests, or a failure), or None."""
     canary = os.environ.get(GLUON_CANARY_ENV)
-    if canary and not (os.path.exists(canary) and os.path.getsize(canary)):
-        return f"the Gluon forward's GPU parity test has not passed in this run ({canary} is empty)"
+    if not canary:
+        return None
+    outcomes = set()
+    if os.path.exists(canary):
+        with open(canary) as f:
+            outcomes = {line.split()[1] for line in f if len(line.split()) >= 2 and line.split()[0] == variant}
+    if "fail" in outcomes:
+        return f"the {variant} forward failed a GPU test in this run ({canary})"
+    if "pass" not in outcomes:
+        return f"the {variant} forward's GPU tests have not passed in this run ({canary})"
     return None
 
 
 def operator_function(case: Case) -> Callable:
     """The function ``case.provider`` computes ``case.op`` with (not for the whole loss)."""
-    if case.provider == "triton_gluon" and gluon_unvetted():
-        raise NotVetted(gluon_unvetted())
+    if case.provider in GLUON_PROVIDERS and gluon_unvetted(GLUON_PROVIDERS[case.provider]):
+        raise NotVetted(gluon_unvetted(GLUON_PROVIDERS[case.provider]))
     return PROVIDER_FUNCTIONS[case.provider](case.op)
 
 

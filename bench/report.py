@@ -49,7 +49,7 @@ PROVIDER_TITLES = {"triton": "Triton", "eager": "eager", "compile": "compile", "
                    "triton_separate": "Triton, separate launches",
                    "triton_tma": "Triton, TMA loads", "triton_wide": "Triton, wide tiles",
                    "triton_table": "Triton, table tiles", "triton_plain": "Triton, plain epilogue",
-                   "triton_gluon": "Triton, Gluon forward",
+                   "triton_gluon": "Triton, Gluon forward", "triton_gluon128": "Triton, Gluon forward, 128 rows",
                    "triton_unaligned": "Triton, unaligned rows"}
 #: Providers that earlier runs measured and the benchmarks no longer run: the line margin's first
 #: design and the kNN's aten finish, removed after the 2026-11-30 H200 run decided against them

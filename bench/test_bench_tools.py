@@ -200,6 +200,35 @@ def _tiny(op, provider, pass_, shape="tiny"):
     return bc.Case(op, shape, tuple(dims.items()), "fp32", provider, pass_)
 
 
+def test_gluon_providers_wait_for_their_variants_tests(tmp_path, monkeypatch):
+    """Where gpu_check.sh names a canary file, a Gluon provider is timed only once its variant's
+    GPU tests recorded a pass and no failure there (tests/kernels/test_kernel_knn_gluon.py writes
+    ``variant pass|fail test`` lines); without the variable nothing is held back."""
+    from daal_triton.kernels import knn_gluon
+
+    assert set(problems.GLUON_PROVIDERS.values()) == set(knn_gluon.VARIANTS)
+    assert set(problems.GLUON_PROVIDERS) <= set(bc.PROVIDERS["knn"])
+    for provider, variant in problems.GLUON_PROVIDERS.items():  # the switch that runs it asks for that variant
+        assert problems.ENV_PROVIDERS[provider].alternative == variant
+    case = _tiny("knn", "triton_gluon128", "fwd")
+    monkeypatch.delenv(problems.GLUON_CANARY_ENV, raising=False)
+    assert problems.gluon_unvetted("gluon") is None and problems.gluon_unvetted("gluon128") is None
+    canary = tmp_path / "canary.txt"
+    monkeypatch.setenv(problems.GLUON_CANARY_ENV, str(canary))
+    assert "not passed" in problems.gluon_unvetted("gluon")  # no file yet: nothing ran
+    with pytest.raises(problems.NotVetted):
+        problems.operator_function(case)
+    canary.write_text("gluon pass test_gluon_forward_gpu[gluon-4100]\n")
+    assert problems.gluon_unvetted("gluon") is None
+    assert "not passed" in problems.gluon_unvetted("gluon128")  # another variant's pass
+    with pytest.raises(problems.NotVetted):
+        problems.operator_function(case)
+    canary.write_text("gluon128 pass a\ngluon128 fail b\ngluon pass c\n")
+    assert "failed" in problems.gluon_unvetted("gluon128") and problems.gluon_unvetted("gluon") is None
+    canary.write_text("gluon128 pass a\n")
+    assert callable(problems.operator_function(case))
+
+
 @pytest.mark.parametrize("op,provider,pass_", [("line_margin", "eager", "fwdbwd"), ("knn", "chunked", "bwd"),
                                                ("pairwise", "eager", "fwd"), ("loss", "eager", "bwd")])
 def test_gpu_code_path_on_cpu(tmp_path, op, provider, pass_):
@@ -900,10 +929,11 @@ def test_switches_apply_to_the_runs_that_timed_them():
     """A switch's rows show for the runs that timed its default and alternative: by the switches
     a run recorded (env.json "switches", written by gpu_check.sh), else by its date within
     [since, until]. The DAAL_KNN_TILES rows: "table" vs "wide" for the 2026-12-04 run (the
-    provider ``triton`` then ran the table's tiles), "narrow" vs "table"/"wide"/"gluon" after it."""
+    provider ``triton`` then ran the table's tiles), "narrow" vs "table"/"wide"/"gluon"/"gluon128" after it."""
     tiles = [sw for sw in bc.SWITCHES if sw.env == "DAAL_KNN_TILES"]
     assert {(sw.default, sw.alternative) for sw in tiles} == {("table", "wide"), ("narrow", "table"),
-                                                              ("narrow", "wide"), ("narrow", "gluon")}
+                                                              ("narrow", "wide"), ("narrow", "gluon"),
+                                                              ("narrow", "gluon128")}
     old = next(sw for sw in tiles if sw.default == "table")
     new = [sw for sw in tiles if sw.default == "narrow"]
     assert old.until == "2026-12-04" and all(not sw.until for sw in new)

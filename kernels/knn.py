@@ -35,8 +35,9 @@ too few programs for the GPU, per one of ``S`` contiguous column ranges of the r
    :data:`NARROW_ENTRY`); ``DAAL_KNN_TILES=table`` keeps the table's ``fwd_kp*`` entries (the
    default before), and with ``DAAL_KNN_TILES=wide`` a retrieval's forward (k <= 8, no labels,
    where the descriptors apply: :func:`forward_entry`) runs on 256 x 128 tiles (``fwd_wide``),
-   and with ``DAAL_KNN_TILES=gluon`` on sm_90 the Gluon forward of kernels/knn_gluon.py (its
-   queries resident in shared memory; a candidate no GPU has timed: :data:`GLUON_ENTRY`);
+   and with ``DAAL_KNN_TILES=gluon`` (``gluon128``) on sm_90 the Gluon forward of
+   kernels/knn_gluon.py (its queries resident in shared memory, 64 (128) rows per program;
+   candidates no GPU has timed: :data:`GLUON_ENTRIES`);
 2. merge into a running top-k held in registers: ``KP = next_pow2(k)`` slots per row
    (distance, index), *unsorted*, with the row's worst entry ``(worst, widx)`` (the largest in
    ``(s, j)`` order). Tile entries with ``s < worst`` are candidates, counted per row once
@@ -920,14 +921,20 @@ def loads_policy() -> str:
 #: them in the benchmark itself (the ``triton_table`` and ``triton_wide`` providers;
 #: docs/kernels.md, "Narrow tiles through descriptors", "Wider tiles"). "gluon"
 #: (``DAAL_KNN_TILES=gluon``, since 2026-12-04's night: :data:`GLUON_ENTRY`, the Gluon forward of
-#: kernels/knn_gluon.py, its queries resident in shared memory, where :func:`knn_gluon.eligible`
-#: and the narrow tiles' row rule hold; elsewhere the narrow default): a candidate no GPU has
-#: timed yet (the ``triton_gluon`` provider).
+#: kernels/knn_gluon.py, its queries resident in shared memory, 64 rows per program, where
+#: :func:`knn_gluon.eligible` and the narrow tiles' row rule hold; elsewhere the narrow default)
+#: and "gluon128" (``DAAL_KNN_TILES=gluon128``, since 2026-12-05: :data:`GLUON128_ENTRY`, the
+#: same with 128 rows on two warpgroups, half the L2 traffic, one program per SM): candidates no
+#: GPU has timed yet (the ``triton_gluon`` and ``triton_gluon128`` providers).
 TILES_ENV = "DAAL_KNN_TILES"
-TILES_POLICIES = ("narrow", "table", "wide", "gluon")
-#: The Gluon forward's entry name (not a ``CONFIGS`` entry: kernels/knn_gluon.py holds its
-#: blocks); :func:`forward_entry` returns it under ``DAAL_KNN_TILES=gluon``.
+TILES_POLICIES = ("narrow", "table", "wide", "gluon", "gluon128")
+#: The Gluon forwards' entry names (not ``CONFIGS`` entries: kernels/knn_gluon.py holds their
+#: blocks, ``VARIANTS``); :func:`forward_entry` returns them under ``DAAL_KNN_TILES=gluon`` and
+#: ``gluon128``. :data:`GLUON_ENTRIES` maps each to its variant (and policy) name.
 GLUON_ENTRY = "fwd_gluon"
+GLUON128_ENTRY = "fwd_gluon128"
+GLUON_ENTRIES = {GLUON_ENTRY: "gluon", GLUON128_ENTRY: "gluon128"}
+GLUON_POLICIES = {policy: entry for entry, policy in GLUON_ENTRIES.items()}
 #: The default forward where descriptors apply (:func:`_tma_eligible`: float16/bfloat16, k <= 16,
 #: the 64-wide D-chunk, the counted merge, 16-byte-aligned rows, sm_90/sm_100 or the
 #: interpreter): 64 x 128 tiles, 4 warps, 3 stages. bench/tune_knn.py on the 2026-12-04 H200 run
@@ -988,8 +995,9 @@ def forward_entry(q: torch.Tensor, r: torch.Tensor, kp: int, has_labels: bool) -
     table's ``fwd_kp16``, D-chunk 64, the counted merge) and the query rows fill the GPU
     (:data:`NARROW_MIN_WAVES`); with ``DAAL_KNN_TILES=wide``
     :data:`WIDE_ENTRY` where its builds apply (KP <= :data:`WIDE_KP`, no labels, and the same
-    rules); with ``DAAL_KNN_TILES=gluon`` :data:`GLUON_ENTRY` where the narrow tiles would run
-    and :func:`knn_gluon.eligible` holds (sm_90), else what the default chooses; elsewhere, and
+    rules); with ``DAAL_KNN_TILES=gluon`` (``gluon128``) :data:`GLUON_ENTRY`
+    (:data:`GLUON128_ENTRY`) where the narrow tiles would run and :func:`knn_gluon.eligible`
+    holds (sm_90), else what the default chooses; elsewhere, and
     with ``DAAL_KNN_TILES=table``, the table's :func:`fwd_entry`."""
     entry = fwd_entry(kp)
     policy = tiles_policy()
@@ -1000,8 +1008,8 @@ def forward_entry(q: torch.Tensor, r: torch.Tensor, kp: int, has_labels: bool) -
     if alternative == NARROW_ENTRY and (
             cdiv(q.shape[0], table[entry].blocks["BLOCK_M"]) < NARROW_MIN_WAVES * sm_count(q.device)):
         return entry  # few query rows: the table's tiles (see NARROW_MIN_WAVES)
-    if policy == "gluon" and knn_gluon().eligible(q, r, kp):
-        return GLUON_ENTRY
+    if policy in GLUON_POLICIES and knn_gluon().eligible(q, r, kp):
+        return GLUON_POLICIES[policy]
     if alternative in table and _tma_eligible(q, r, entry, table[entry].block_d_for(q.shape[1]), True):
         return alternative
     return entry
@@ -1074,12 +1082,13 @@ def _candidates(q, r, k, ql, rl, exclude_self, splits: Optional[int] = None, fin
     kp = next_pow2(k)
     has_labels = ql is not None
     entry = entry or forward_entry(q, r, kp, has_labels)
-    if entry == GLUON_ENTRY:  # its own launcher; it never finishes a split itself
+    if entry in GLUON_ENTRIES:  # its own launcher; it never finishes a split itself
         if finish:
             raise ValueError("the Gluon forward does not finish its split: call it with finish=False")
         gl_fwd = knn_gluon()
-        S = splits or _num_splits(M, N, gl_fwd.BLOCK_M, gl_fwd.BLOCK_N, q.device)
-        return gl_fwd.candidates(q, r, k, ql, rl, exclude_self, S)
+        variant = GLUON_ENTRIES[entry]
+        S = splits or _num_splits(M, N, gl_fwd.VARIANTS[variant].block_m, gl_fwd.BLOCK_N, q.device)
+        return gl_fwd.candidates(q, r, k, ql, rl, exclude_self, S, variant=variant)
     descriptors = entry in (WIDE_ENTRY, NARROW_ENTRY)  # entries that always load through them
     cfg = CONFIGS[family(q.dtype)][entry]
     bm, bn = cfg.blocks["BLOCK_M"], cfg.blocks["BLOCK_N"]
@@ -1251,7 +1260,7 @@ def _knn_forward(query, ref, k, query_labels, ref_labels, exclude_self, splits):
     if k <= MAX_K:
         kp = next_pow2(k)
         entry = forward_entry(q, r, kp, ql is not None)
-        if kp <= FUSED_FINISH_KP and merged_launches() and entry != GLUON_ENTRY:
+        if kp <= FUSED_FINISH_KP and merged_launches() and entry not in GLUON_ENTRIES:
             cfg = CONFIGS[family(q.dtype)][entry]
             S = splits or _num_splits(M, N, cfg.blocks["BLOCK_M"], cfg.blocks["BLOCK_N"], q.device,
                                       fused_finish=True)

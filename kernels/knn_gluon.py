@@ -1,6 +1,6 @@
-"""The kNN forward's selection in Gluon, with the queries resident in shared memory (a tuning
-candidate for Hopper, ``DAAL_KNN_TILES=gluon``; docs/kernels.md, "Queries resident in shared
-memory: a Gluon forward").
+"""The kNN forward's selection in Gluon, with the queries resident in shared memory (tuning
+candidates for Hopper, ``DAAL_KNN_TILES=gluon`` and ``gluon128``; docs/kernels.md, "Queries
+resident in shared memory: a Gluon forward").
 
 The same selection as ``_knn_fwd_kernel`` (kernels/knn.py): for each query row ``i`` of the
 program's BLOCK_M rows, the running top-KP of
@@ -11,17 +11,19 @@ over the columns ``j`` of the program's split (labels and self pairs masked), me
 by the same code (``knn._knn_merge_tile``, the lean, counted merge), written out as S x M x KP
 unsorted slots for ``_knn_finish_kernel``. What differs is how the GEMM is fed:
 
-- the program's 64 query rows, all of D (D <= 512: at most 64 KB of bfloat16), are loaded once
-  by TMA into shared memory and stay there: each 64 x 128 tile then reads only its 128 reference
-  rows from L2, 64 FLOP per byte against the Triton forward's 43 (it re-reads the query chunks
-  for every tile: Triton has no way to keep a dot operand in shared memory across a loop of
-  loads that share one ring of buffers);
+- the program's query rows, all of D (D <= 512: at most 64 KB of bfloat16 per 64 rows), are
+  loaded once by TMA into shared memory and stay there: each tile then reads only its 128
+  reference rows from L2: 64 FLOP per byte at 64 rows, 128 at 128, against the Triton forward's
+  43 (it re-reads the query chunks for every tile: its pipeliner gives each unrolled load its own
+  buffers, docs/kernels.md);
 - the reference rows stream through one ring of STAGES buffers of 128 x 64 chunks, loaded
   STAGES - 1 chunks ahead across tile boundaries: while a tile merges, the next tile's first
   chunks are in flight (the Triton forward's software pipeline drains at every tile);
-- one warpgroup (4 warps) per program; 64 KB + STAGES x 16 KB of shared memory (112 KB at
-  three stages) and about 200 registers per thread, so two programs fit per SM and one merges
-  while the other multiplies.
+- two shapes (:data:`VARIANTS`): "gluon", 64 rows on one warpgroup (4 warps), 64 KB + STAGES x
+  16 KB of shared memory (112 KB at three stages) and about 200 registers per thread, so two
+  programs fit per SM and one merges while the other multiplies; "gluon128", 128 rows on two
+  warpgroups that share a ring of 5 buffers (208 KB, one program per SM): half the L2 traffic,
+  no overlap of one program's merge with another's MMAs.
 
 Gluon kernels run only on a GPU (sm_90: ``warpgroup_mma`` is Hopper's instruction); Triton's
 interpreter cannot run them. So this entry is chosen only on sm_90, where the inputs allow
@@ -31,7 +33,7 @@ a GPU (marked ``gpu``).
 """
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 from triton.experimental import gluon
@@ -41,13 +43,32 @@ from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warp
 from ._common import TL_EPS, cdiv, device_capability, next_pow2, row_sqnorms
 from .knn import _knn_merge_tile
 
-BLOCK_M = 64  # query rows per program: one warpgroup's wgmma height
 BLOCK_N = 128  # reference rows per tile
 BLOCK_D = 64  # the D-chunk of a TMA load and of the ring's buffers (128 bytes of bfloat16: the swizzle)
-STAGES = 3  # buffers in the reference ring
-NUM_WARPS = 4
-MAX_D = 512  # the queries' 64 x D block must fit beside the ring, two programs per SM
+MAX_D = 512  # the queries' block must fit beside the ring (64 rows: two programs per SM)
 MAX_KP = 16
+
+
+class Variant(NamedTuple):
+    """One shape of the Gluon forward: ``block_m`` query rows per program on ``warps`` warps
+    (one warpgroup per 64 rows, all sharing the program's one reference ring of ``stages``
+    buffers), ``per_sm`` programs resident per SM (what its sm_90 builds must fit)."""
+
+    name: str  # the DAAL_KNN_TILES policy that asks for it (kernels/knn.py)
+    block_m: int
+    warps: int
+    stages: int
+    per_sm: int
+
+
+#: "gluon": 64 query rows on one warpgroup, 112 KB of shared memory, two programs per SM, each
+#: 64 x 128 tile reading 128 KB from L2 (64 FLOP per byte); one program merges while the other
+#: multiplies. "gluon128": 128 rows on two warpgroups sharing a ring of 5 buffers, 208 KB, one
+#: program per SM, each 128 x 128 tile reading 128 KB (128 FLOP per byte: half the L2 traffic),
+#: but the two warpgroups merge at the same time, the tensor cores idle meanwhile (the deeper
+#: ring has 4 chunks of the next tile loaded by the merge's end; docs/kernels.md,
+#: "Queries resident in shared memory: a Gluon forward"). Candidates no GPU has timed yet.
+VARIANTS = {"gluon": Variant("gluon", 64, 4, 3, 2), "gluon128": Variant("gluon128", 128, 8, 5, 1)}
 GL_DTYPES = {torch.float16: gl.float16, torch.bfloat16: gl.bfloat16}
 
 
@@ -69,7 +90,7 @@ def _knn_fwd_gluon_kernel(
     M, N, cols_per_split, stride_top_s, stride_top_m,
     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_D: gl.constexpr, ND: gl.constexpr,
     STAGES: gl.constexpr, KP: gl.constexpr, HAS_LABELS: gl.constexpr, EXCLUDE_SELF: gl.constexpr,
-    GEMM_ONLY: gl.constexpr = False,
+    GEMM_ONLY: gl.constexpr = False, WARPS: gl.constexpr = 4,
 ):
     """Running top-KP of ``s_ij = max(qn_i + rn_j - 2 q_i.r_j, eps)`` over the columns of split
     ``program_id(1)`` for rows ``program_id(0) * BLOCK_M + [0, BLOCK_M)``; writes the KP
@@ -87,15 +108,17 @@ def _knn_fwd_gluon_kernel(
         M, N: sizes. cols_per_split: columns per split, a multiple of BLOCK_N.
         stride_top_s, stride_top_m: the slots' split and row strides.
         ND: D-chunks (``cdiv(D, BLOCK_D)``). STAGES: ring buffers. KP: slots per row.
+        WARPS: the program's warps (``num_warps``), 4 per 64 rows.
         GEMM_ONLY: bench/probe_h200.py's ceiling of these tiles: each tile's ``s`` and one row-min
             instead of the merge (slot 0 gets each row's smallest ``s``; no selection).
     """
-    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+    # WARPS / 4 warpgroups, each 64 rows of the tile (wgmma's height)
+    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
                                                   instr_shape=[16, BLOCK_N, 16])
     # the slots in the accumulator layout of an n = 8 wgmma: the tile's row map, KP columns
     # without replicas (in the tile's own layout a 64 x 8 tensor repeats over 128 columns: the
     # registers of 16 copies)
-    slot_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+    slot_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
                                                      instr_shape=[16, 8, 16])
     rows_l: gl.constexpr = gl.SliceLayout(1, mma)
     pid_m = gl.program_id(0)
@@ -205,10 +228,12 @@ def descriptor(x: torch.Tensor, rows: int):
 
 def candidates(q: torch.Tensor, r: torch.Tensor, k: int, ql: Optional[torch.Tensor],
                rl: Optional[torch.Tensor], exclude_self: bool, splits: int,
-               gemm_only: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+               gemm_only: bool = False, variant: str = "gluon") -> Tuple[torch.Tensor, torch.Tensor]:
     """``(out_s, out_i)``: S x M x KP candidate slots of the prepared ``q``, ``r`` (as
-    ``knn._candidates`` without ``finish``) from ``splits`` column ranges; the caller has checked
-    :func:`eligible`. ``gemm_only``: the probe's ceiling instead (``GEMM_ONLY``; no selection)."""
+    ``knn._candidates`` without ``finish``) from ``splits`` column ranges, by the
+    :data:`VARIANTS` entry ``variant``; the caller has checked :func:`eligible`. ``gemm_only``:
+    the probe's ceiling instead (``GEMM_ONLY``; no selection)."""
+    v = VARIANTS[variant]
     M, D = q.shape
     N = r.shape[0]
     kp = max(8, next_pow2(k))  # at least the slot layout's 8 columns (the finish takes the k best)
@@ -219,15 +244,16 @@ def candidates(q: torch.Tensor, r: torch.Tensor, k: int, ql: Optional[torch.Tens
     qn = row_sqnorms(q, pad=BLOCK_N if r is q else 1)
     rn = qn if r is q else row_sqnorms(r, pad=BLOCK_N)
     has_labels = ql is not None
-    _knn_fwd_gluon_kernel[(cdiv(M, BLOCK_M), S)](
-        descriptor(q, BLOCK_M), descriptor(r, BLOCK_N), qn, rn, ql if has_labels else qn,
+    _knn_fwd_gluon_kernel[(cdiv(M, v.block_m), S)](
+        descriptor(q, v.block_m), descriptor(r, BLOCK_N), qn, rn, ql if has_labels else qn,
         rl if has_labels else rn, out_s, out_i, M, N, cols, out_s.stride(0), out_s.stride(1),
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, ND=cdiv(D, BLOCK_D), STAGES=STAGES, KP=kp,
-        HAS_LABELS=has_labels, EXCLUDE_SELF=bool(exclude_self), GEMM_ONLY=gemm_only, num_warps=NUM_WARPS)
+        BLOCK_M=v.block_m, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, ND=cdiv(D, BLOCK_D), STAGES=v.stages, KP=kp,
+        HAS_LABELS=has_labels, EXCLUDE_SELF=bool(exclude_self), GEMM_ONLY=gemm_only, WARPS=v.warps,
+        num_warps=v.warps)
     return out_s, out_i
 
 
-def signature(dtype: torch.dtype, has_labels: bool) -> dict:
+def signature(dtype: torch.dtype, has_labels: bool, variant: str = "gluon") -> dict:
     """The kernel's argument types for ``dtype`` inputs, as Triton's JIT derives them at a launch
     of :func:`candidates` (the descriptors' types carry their shared layouts; without labels the
     label pointers are the norms'): what a compile job for this kernel without a GPU needs."""
@@ -235,18 +261,24 @@ def signature(dtype: torch.dtype, has_labels: bool) -> dict:
 
     x = torch.empty(BLOCK_N, BLOCK_D, dtype=dtype)
     labels = "*i64" if has_labels else "*fp32"
-    return {"q_desc": mangle_type(descriptor(x, BLOCK_M)), "r_desc": mangle_type(descriptor(x, BLOCK_N)),
+    return {"q_desc": mangle_type(descriptor(x, VARIANTS[variant].block_m)), "r_desc": mangle_type(descriptor(x, BLOCK_N)),
             "qn_ptr": "*fp32", "rn_ptr": "*fp32", "ql_ptr": labels, "rl_ptr": labels, "top_s_ptr": "*fp32",
             "top_i_ptr": "*i32", "M": "i32", "N": "i32", "cols_per_split": "i32", "stride_top_s": "i32",
             "stride_top_m": "i32"}
 
 
 def builds() -> List[dict]:
-    """The builds a launch can ask for, as compile jobs' facts: ``{"dtype", "KP", "HAS_LABELS",
-    "EXCLUDE_SELF", "ND", "GEMM_ONLY"}`` for float16/bfloat16, KP 8 and 16, with and without
-    labels and self pairs, at the largest ND (D = 512; a smaller D has fewer chunks, less shared
-    memory and the same code per chunk); and the probe's ``GEMM_ONLY`` build (bfloat16)."""
+    """The builds a launch can ask for, as compile jobs' facts: ``{"variant", "dtype", "KP",
+    "HAS_LABELS", "EXCLUDE_SELF", "ND", "GEMM_ONLY"}`` for each of :data:`VARIANTS`,
+    float16/bfloat16, KP 8 and 16, with and without labels and self pairs, at the largest ND
+    (D = 512; a smaller D has fewer chunks, less shared memory and the same code per chunk); and
+    each variant's ``GEMM_ONLY`` build for the probe (bfloat16)."""
     nd = cdiv(MAX_D, BLOCK_D)
-    return [{"dtype": dtype, "KP": kp, "HAS_LABELS": labels, "EXCLUDE_SELF": self_, "ND": nd, "GEMM_ONLY": False}
-            for dtype in GL_DTYPES for kp in (8, 16) for labels in (False, True) for self_ in (True, False)] + [
-        {"dtype": torch.bfloat16, "KP": 8, "HAS_LABELS": False, "EXCLUDE_SELF": False, "ND": nd, "GEMM_ONLY": True}]
+    out = []
+    for variant in VARIANTS:
+        out += [{"variant": variant, "dtype": dtype, "KP": kp, "HAS_LABELS": labels, "EXCLUDE_SELF": self_, "ND": nd,
+                 "GEMM_ONLY": False}
+                for dtype in GL_DTYPES for kp in (8, 16) for labels in (False, True) for self_ in (True, False)]
+        out.append({"variant": variant, "dtype": torch.bfloat16, "KP": 8, "HAS_LABELS": False, "EXCLUDE_SELF": False,
+                    "ND": nd, "GEMM_ONLY": True})
+    return out

@@ -58,6 +58,26 @@ def strict_interpreter_launches() -> None:
     InterpretedFunction.run = run
 
 
+def run_with_deadline(code: str, seconds: float, cwd: str) -> "str | None":
+    """Run ``code`` in a fresh Python (this one, its environment, in ``cwd``: not a checkout's
+    root, whose ./daal_triton would shadow the installed package); None when it exits 0 within
+    ``seconds``, else why not: "hung" (killed at the deadline: a kernel that never returns, as a
+    wrong barrier phase makes one) or its exit status and the end of its output. A kernel no GPU
+    has run yet is first launched this way (tests/kernels/test_kernel_knn_gluon.py): a hang costs
+    the deadline, not the test process and every test after it."""
+    import subprocess
+    import sys
+
+    try:
+        done = subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True,
+                              timeout=seconds)
+    except subprocess.TimeoutExpired:
+        return f"hung: no exit within {seconds:g} s (killed)"
+    if done.returncode:
+        return f"exit status {done.returncode}: {(done.stdout + done.stderr)[-2000:]}"
+    return None
+
+
 def tolerance(dtype: torch.dtype, *, tf32: bool = False) -> float:
     name = str(dtype).replace("torch.", "")
     if name == "float32" and tf32:

@@ -1,14 +1,15 @@
-"""The Gluon kNN forward (kernels/knn_gluon.py, ``DAAL_KNN_TILES=gluon``): its sm_90 builds
-(registers, shared memory, the queries loaded once), where it is chosen, and on a GPU its
-selection against the Triton forward's and the float64 reference's."""
+"""The Gluon kNN forwards (kernels/knn_gluon.py, ``DAAL_KNN_TILES=gluon`` and ``gluon128``):
+their sm_90 builds (registers, shared memory, the queries loaded once), where they are chosen,
+and on a GPU their selection against the Triton forward's and the float64 reference's."""
 import os
 import re
+import tempfile
 from collections import Counter
 
 import pytest
 import torch
 
-from daal_testing import programs_per_sm, tolerance
+from daal_testing import programs_per_sm, run_with_deadline, tolerance
 from daal_triton import reference
 from daal_triton.kernels import knn as kk, knn_gluon as kg
 
@@ -16,34 +17,40 @@ from daal_triton.kernels import knn as kk, knn_gluon as kg
 def _job(build: dict, capability: int = 90) -> dict:
     """A compile job (tests/daal_testing.py, ``compile_many_for_gpu``) of one Gluon build, with
     the launch's specialisation: 16-byte-aligned pointers, the split width a multiple of 16."""
-    constexprs = {"BLOCK_M": kg.BLOCK_M, "BLOCK_N": kg.BLOCK_N, "BLOCK_D": kg.BLOCK_D, "ND": build["ND"],
-                  "STAGES": kg.STAGES, "KP": build["KP"], "HAS_LABELS": build["HAS_LABELS"],
-                  "EXCLUDE_SELF": build["EXCLUDE_SELF"], "GEMM_ONLY": build["GEMM_ONLY"]}
+    v = kg.VARIANTS[build["variant"]]
+    constexprs = {"BLOCK_M": v.block_m, "BLOCK_N": kg.BLOCK_N, "BLOCK_D": kg.BLOCK_D, "ND": build["ND"],
+                  "STAGES": v.stages, "KP": build["KP"], "HAS_LABELS": build["HAS_LABELS"],
+                  "EXCLUDE_SELF": build["EXCLUDE_SELF"], "GEMM_ONLY": build["GEMM_ONLY"], "WARPS": v.warps}
     return {"module": kg.__name__, "name": "_knn_fwd_gluon_kernel",
-            "signature": kg.signature(build["dtype"], build["HAS_LABELS"]), "constexprs": constexprs,
-            "capability": capability, "num_warps": kg.NUM_WARPS, "num_stages": kg.STAGES,
+            "signature": kg.signature(build["dtype"], build["HAS_LABELS"], v.name), "constexprs": constexprs,
+            "capability": capability, "num_warps": v.warps, "num_stages": v.stages,
             "specialisation": "aligned", "unit": [], "rows": ["cols_per_split"], "sass": True, "maxnreg": None}
 
 
 @pytest.mark.build
 def test_gluon_forward_builds_for_hopper():
-    """Every build a launch can ask for (float16/bfloat16, KP 8 and 16, with and without labels
-    and self pairs, D = 512; and the probe's GEMM-only ceiling) compiles for sm_90 under this machine's Triton with no local memory,
-    fits two programs per SM, keeps its queries resident (the tile loop issues one TMA load per
-    D-chunk, the references'; the queries' ND loads come before it) and runs the MMAs from
-    shared memory: 4 wgmma k-steps of 64 x 128 x 16 per 64-wide chunk."""
+    """Every build a launch can ask for (each variant; float16/bfloat16, KP 8 and 16, with and
+    without labels and self pairs, D = 512; and the probe's GEMM-only ceilings) compiles for
+    sm_90 under this machine's Triton with no local memory, fits its variant's programs per SM
+    (two at 64 rows, one at 128), keeps its queries resident (the tile loop issues one TMA load
+    per D-chunk, the references'; the queries' ND loads come before it) and runs the MMAs from
+    shared memory: 4 wgmma k-steps of 64 x 128 x 16 per 64-wide chunk and warpgroup. At 128
+    rows a block-wide barrier separates each chunk's wgmma wait from the TMA load that reuses
+    the buffer: the other warpgroup may still be reading it."""
     from daal_testing import compile_many_for_gpu, sass_loops
 
     builds = kg.builds()
-    assert len(builds) == 17 and {b["ND"] for b in builds} == {kg.MAX_D // kg.BLOCK_D}
-    assert [b["GEMM_ONLY"] for b in builds].count(True) == 1  # bench/probe_h200.py's ceiling
+    assert len(builds) == 17 * len(kg.VARIANTS) and {b["ND"] for b in builds} == {kg.MAX_D // kg.BLOCK_D}
+    assert [b["GEMM_ONLY"] for b in builds].count(True) == len(kg.VARIANTS)  # bench/probe_h200.py's ceilings
+    assert {(v.block_m, v.warps, v.per_sm) for v in kg.VARIANTS.values()} == {(64, 4, 2), (128, 8, 1)}
     results = compile_many_for_gpu([_job(b) for b in builds])
     for build, res in zip(builds, results):
+        v = kg.VARIANTS[build["variant"]]
         assert not res.get("error"), (build, res.get("error"))
         assert res["stack"] == 0, (build, res["registers"], res["stack"])
         shared = res["metadata"]["shared"]
-        assert shared >= build["ND"] * kg.BLOCK_M * kg.BLOCK_D * 2 + kg.STAGES * kg.BLOCK_N * kg.BLOCK_D * 2
-        assert programs_per_sm(res["registers"], kg.NUM_WARPS, shared) >= 2, (build, res["registers"], shared)
+        assert shared >= build["ND"] * v.block_m * kg.BLOCK_D * 2 + v.stages * kg.BLOCK_N * kg.BLOCK_D * 2
+        assert programs_per_sm(res["registers"], v.warps, shared) >= v.per_sm, (build, res["registers"], shared)
         if not res["sass"]:
             pytest.skip("cuobjdump is not shipped with this Triton")
         loops = sass_loops(res["sass"])
@@ -55,17 +62,26 @@ def test_gluon_forward_builds_for_hopper():
         # m64 n128 k16, the queries' operand a shared-memory descriptor (not registers)
         lines = [ln for ln in res["sass"].splitlines() if " HGMMA." in ln]
         assert lines and all(re.search(r"HGMMA\.64x128x16\.F32(\.BF16)? R\d+, gdesc\[", ln) for ln in lines), lines[:2]
+        # between each wgmma wait and the next TMA load into the ring, a barrier of all warps
+        body = [o.split(".")[0] + ("." + o.split(".")[1] if o.startswith("WARPGROUP.") else "") for o in tile_loop[2]]
+        waits = [i for i, o in enumerate(body) if o == "WARPGROUP.DEPBAR"]
+        assert len(waits) >= build["ND"], (build, len(waits))
+        for i in waits:
+            nxt = next((j for j in range(i + 1, len(body)) if body[j] in ("UTMALDG", "HGMMA")), None)
+            if nxt is not None and body[nxt] == "UTMALDG":
+                assert "BAR" in body[i:nxt], (build, body[i:nxt + 1])
 
 
 @pytest.mark.interpreter
-def test_gluon_forward_is_chosen_only_where_it_runs(monkeypatch):
-    """``DAAL_KNN_TILES=gluon`` takes the Gluon forward only on sm_90 for what it serves; on this
-    machine's tensors (CPU: the interpreter cannot run Gluon) the forward falls back to the
-    default narrow tiles and gives their result; ``eligible`` refuses float32, KP > 16, D > 512
-    and misaligned rows whatever the device."""
+@pytest.mark.parametrize("policy", sorted(kk.GLUON_POLICIES))
+def test_gluon_forward_is_chosen_only_where_it_runs(monkeypatch, policy):
+    """``DAAL_KNN_TILES=gluon`` (``gluon128``) takes a Gluon forward only on sm_90 for what it
+    serves; on this machine's tensors (CPU: the interpreter cannot run Gluon) the forward falls
+    back to the default narrow tiles and gives their result; ``eligible`` refuses float32,
+    KP > 16, D > 512 and misaligned rows whatever the device."""
     q = torch.randn(37, 129)
     assert not kg.eligible(q.half(), q.half(), 8)
-    monkeypatch.setenv(kk.TILES_ENV, "gluon")
+    monkeypatch.setenv(kk.TILES_ENV, policy)
     x = torch.randn(150, 64, dtype=torch.float16)
     prepared = kk.prepare(x, torch.float16, align=kk.align_rows())
     if x.device.type == "cpu":
@@ -79,6 +95,8 @@ def test_gluon_forward_is_chosen_only_where_it_runs(monkeypatch):
 def test_gluon_eligibility_rules(monkeypatch):
     """The rules of :func:`knn_gluon.eligible` on a device that reports sm_90 (faked: the rule
     reads the capability and the tensors' facts only)."""
+    assert set(kk.GLUON_POLICIES) == set(kg.VARIANTS) <= set(kk.TILES_POLICIES)  # one policy per variant
+    assert all(kk.GLUON_ENTRIES[entry] == policy for policy, entry in kk.GLUON_POLICIES.items())
     monkeypatch.setattr(kg, "device_capability", lambda device: (9, 0))
 
     class Cuda(torch.Tensor):  # a CPU tensor that says it lives on a GPU
@@ -104,19 +122,74 @@ def _labels(n: int, classes: int) -> torch.Tensor:
     return torch.randint(0, classes, (n,), device="cuda")
 
 
+def _canary(variant: str, outcome: str, name: str) -> None:
+    """Where ``DAAL_GLUON_CANARY`` names a file (bench/gpu_check.sh), append ``variant outcome
+    name``: the benchmarks time a variant only after a pass and no failure of its GPU tests
+    (bench/problems.py, ``gluon_unvetted``)."""
+    canary = os.environ.get("DAAL_GLUON_CANARY")
+    if canary:
+        with open(canary, "a") as f:
+            f.write(f"{variant} {outcome} {name}\n")
+
+
+#: The child process's first launches of a variant (kernels/knn_gluon.py: never run on a GPU
+#: before 2026-12-05): the shapes of the corner cases (fewer chunks than the ring's prefetch,
+#: one tile, partial tiles, several splits, D = 512), each checked to take the Gluon entry.
+_SMOKE = """
+import os, torch
+os.environ["DAAL_KNN_TILES"] = {variant!r}
+from daal_triton.kernels import knn as kk
+kk.NARROW_MIN_WAVES = 0.0
+for M, N, D, k, splits in ((200, 50, 64, 3, 1), (300, 700, 64, 5, 3), (1100, 1100, 512, 8, None)):
+    q = torch.randn(M, D, device="cuda").bfloat16()
+    r = q if M == N else torch.randn(N, D, device="cuda").bfloat16()
+    assert kk.forward_entry(q, r, kk.next_pow2(k), False) == kk.GLUON_POLICIES[{variant!r}]
+    kk._knn(q, r, k, exclude_self=r is q, splits=splits)
+    torch.cuda.synchronize()
+print("ok")
+"""
+#: Seconds the child may take (a Python start, three JIT builds, the launches): a hang costs this.
+SMOKE_S = 75
+_smoked = {}
+
+
+def _gluon_on_gpu(variant: str, name: str) -> None:
+    """Skip without an sm_90 GPU; else fail (and record the failure in the canary) unless the
+    variant's first launches, in a child process with a deadline (``run_with_deadline``),
+    returned: a kernel that hangs would otherwise take this test process and the tests after it."""
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the Gluon forward runs on sm_90")
+    if variant not in _smoked:
+        with tempfile.TemporaryDirectory() as cwd:
+            _smoked[variant] = run_with_deadline(_SMOKE.format(variant=variant), SMOKE_S, cwd)
+    if _smoked[variant]:
+        _canary(variant, "fail", name)
+        pytest.fail(f"the {variant} forward's first launches in a child process: {_smoked[variant]}")
+
+
 @pytest.mark.gpu
+@pytest.mark.parametrize("variant", sorted(kg.VARIANTS))
 @pytest.mark.parametrize("M,N,D,k,labelled,splits", [
     (4100, 4100, 512, 8, False, None), (4100, 4100, 512, 16, True, 3), (700, 2100, 129, 3, True, 1),
     (1024, 65536, 512, 8, False, None), (5000, 5000, 64, 1, False, 2)])
-def test_gluon_forward_gpu(monkeypatch, request, M, N, D, k, labelled, splits):
-    """On an sm_90 GPU (bfloat16): the Gluon forward selects what the narrow Triton forward
-    selects (another summation order of the GEMM form may swap near-ties: 99.9% of the rows),
-    with the float64 reference's distances; self-kNN at the model's splits, labels with three
-    splits, odd D with one split, the memory bank's shape, k = 1. Where ``DAAL_GLUON_CANARY``
-    names a file (bench/gpu_check.sh), a pass appends the test's name to it: the benchmarks time
-    the Gluon forward only after one (bench/problems.py, ``GLUON_CANARY_ENV``)."""
-    if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
-        pytest.skip("the Gluon forward runs on sm_90")
+def test_gluon_forward_gpu(monkeypatch, request, variant, M, N, D, k, labelled, splits):
+    """On an sm_90 GPU (bfloat16), after its first launches returned in a child process: each
+    Gluon forward selects what the narrow Triton forward selects (another summation order of the
+    GEMM form may swap near-ties: 99.9% of the rows), with the float64 reference's distances;
+    self-kNN at the model's splits, labels with three splits, odd D with one split, the memory
+    bank's shape, k = 1. Where ``DAAL_GLUON_CANARY`` names a file (bench/gpu_check.sh), the
+    outcome is appended to it: the benchmarks time a variant only after passes and no failure
+    (bench/problems.py, ``GLUON_CANARY_ENV``)."""
+    _gluon_on_gpu(variant, request.node.name)
+    try:
+        _check_gluon_forward(monkeypatch, variant, M, N, D, k, labelled, splits)
+    except BaseException:
+        _canary(variant, "fail", request.node.name)
+        raise
+    _canary(variant, "pass", request.node.name)
+
+
+def _check_gluon_forward(monkeypatch, variant, M, N, D, k, labelled, splits) -> None:
     monkeypatch.setattr(kk, "NARROW_MIN_WAVES", 0.0)  # these shapes' rows fill no H200: forced
     q = torch.randn(M, D, device="cuda").bfloat16()
     r = q if M == N else torch.randn(N, D, device="cuda").bfloat16()
@@ -124,16 +197,17 @@ def test_gluon_forward_gpu(monkeypatch, request, M, N, D, k, labelled, splits):
     rl = (ql if r is q else _labels(N, 5)) if labelled else None
     launched = []
     real = kg.candidates
-    monkeypatch.setattr(kg, "candidates", lambda *a: launched.append(a[-1]) or real(*a))
+    monkeypatch.setattr(kg, "candidates", lambda *a, **kw: launched.append((a[6], kw)) or real(*a, **kw))
     out = {}
-    for policy in ("narrow", "gluon"):
+    for policy in ("narrow", variant):
         monkeypatch.setenv(kk.TILES_ENV, policy)
         out[policy] = kk._knn(q, r, k, query_labels=ql, ref_labels=rl, exclude_self=r is q, splits=splits)
-    assert len(launched) == 1 and (splits is None or launched[0] == splits), launched
-    same = (out["narrow"][1] == out["gluon"][1]).all(dim=1).float().mean().item()
+    assert len(launched) == 1 and launched[0][1] == {"variant": variant}, launched
+    assert splits is None or launched[0][0] == splits, launched
+    same = (out["narrow"][1] == out[variant][1]).all(dim=1).float().mean().item()
     assert same >= 0.999, same
-    assert (out["narrow"][0] - out["gluon"][0]).abs().max().item() <= 1e-3
-    dist, index = out["gluon"]
+    assert (out["narrow"][0] - out[variant][0]).abs().max().item() <= 1e-3
+    dist, index = out[variant]
     ref_d, _ = reference.knn(q.double(), r.double(), k, query_labels=ql, ref_labels=rl, exclude_self=r is q)
     finite = torch.isfinite(ref_d)
     assert torch.equal(torch.isfinite(dist), finite)
@@ -146,21 +220,17 @@ def test_gluon_forward_gpu(monkeypatch, request, M, N, D, k, labelled, splits):
         assert not (index == torch.arange(M, device="cuda")[:, None]).any()
     if labelled:
         assert (rl[index.clamp(min=0)] == ql[:, None])[valid].all()
-    canary = os.environ.get("DAAL_GLUON_CANARY")  # bench/gpu_check.sh: the benchmarks may time it now
-    if canary:
-        with open(canary, "a") as f:
-            f.write(f"{request.node.name}\n")
 
 
 @pytest.mark.gpu
-def test_gluon_gemm_only_gpu():
-    """On an sm_90 GPU: the probe's ``GEMM_ONLY`` build (bench/probe_h200.py's ceiling of the
+@pytest.mark.parametrize("variant", sorted(kg.VARIANTS))
+def test_gluon_gemm_only_gpu(request, variant):
+    """On an sm_90 GPU: each variant's ``GEMM_ONLY`` build (bench/probe_h200.py's ceiling of the
     Gluon tiles) writes each row's smallest squared distance over its split into slot 0."""
-    if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
-        pytest.skip("the Gluon forward runs on sm_90")
+    _gluon_on_gpu(variant, request.node.name)
     q = torch.randn(3000, 512, device="cuda").bfloat16()
     r = torch.randn(2900, 512, device="cuda").bfloat16()
-    out_s, _ = kg.candidates(q, r, 8, None, None, False, 2, gemm_only=True)
+    out_s, _ = kg.candidates(q, r, 8, None, None, False, 2, gemm_only=True, variant=variant)
     d2 = torch.cdist(q.float(), r.float()).square()
     cols = kg.cdiv(kg.cdiv(r.shape[0], 2), kg.BLOCK_N) * kg.BLOCK_N  # the launcher's split width
     want = torch.stack([d2[:, i * cols:(i + 1) * cols].min(dim=1).values for i in range(out_s.shape[0])])
@@ -169,26 +239,71 @@ def test_gluon_gemm_only_gpu():
 
 
 @pytest.mark.interpreter
+@pytest.mark.parametrize("entry", sorted(kk.GLUON_ENTRIES))
 @pytest.mark.parametrize("k,splits", [(3, None), (8, 2), (13, 1)])
-def test_gluon_entry_glue(monkeypatch, k, splits):
-    """The forward's glue around the Gluon entry, on the CPU with the Gluon launcher stood in for
-    by the Triton forward's slots (KP = max(8, next_pow2(k)), as the Gluon forward writes them):
-    the splits it is given (the caller's, else the model's), no fused finish, and the separate
-    finish turning the slots into the default forward's neighbours and distances."""
+def test_gluon_entry_glue(monkeypatch, k, splits, entry):
+    """The forward's glue around each Gluon entry, on the CPU with the Gluon launcher stood in
+    for by the Triton forward's slots (KP = max(8, next_pow2(k)), as the Gluon forward writes
+    them): the entry's variant, the splits it is given (the caller's, else the model's), no fused
+    finish, and the separate finish turning the slots into the default forward's neighbours and
+    distances."""
     x = torch.randn(150, 48, dtype=torch.float16)
     lab = torch.randint(0, 3, (150,))
     want = kk._knn(x, x, k, query_labels=lab, ref_labels=lab, exclude_self=True, splits=splits)
     seen = []
 
-    def stand_in(q, r, k_, ql, rl, exclude_self, S):
-        seen.append((k_, S, exclude_self))
+    def stand_in(q, r, k_, ql, rl, exclude_self, S, variant):
+        seen.append((k_, S, exclude_self, variant))
         return kk._candidates(q, r, max(8, kk.next_pow2(k_)), ql, rl, exclude_self, S, entry=kk.NARROW_ENTRY)
 
     monkeypatch.setattr(kg, "candidates", stand_in)
-    monkeypatch.setattr(kk, "forward_entry", lambda *a: kk.GLUON_ENTRY)
+    monkeypatch.setattr(kk, "forward_entry", lambda *a: entry)
     got = kk._knn(x, x, k, query_labels=lab, ref_labels=lab, exclude_self=True, splits=splits)
-    assert seen == [(k, splits or 1, True)], seen
+    assert seen == [(k, splits or 1, True, kk.GLUON_ENTRIES[entry])], seen
     assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
     with pytest.raises(ValueError, match="does not finish"):
         kk._candidates(kk.prepare(x, torch.float16, align=kk.align_rows()), x, k, None, None, False, 1,
-                       finish=True, entry=kk.GLUON_ENTRY)
+                       finish=True, entry=entry)
+
+
+def test_run_with_deadline_reports_hangs_and_failures(tmp_path):
+    """The child-process launch the GPU tests guard a new kernel with: None on a clean exit, a
+    hang killed at the deadline, a failure with its exit status and output."""
+    assert run_with_deadline("print('ok')", 60, str(tmp_path)) is None
+    assert run_with_deadline("import time; time.sleep(30)", 1, str(tmp_path)).startswith("hung")
+    why = run_with_deadline("import sys; print('boom'); sys.exit(3)", 60, str(tmp_path))
+    assert why.startswith("exit status 3") and "boom" in why
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("variant", sorted(kg.VARIANTS))
+def test_gluon_launch_is_the_compiled_build(monkeypatch, variant):
+    """What :func:`knn_gluon.candidates` launches (the kernel stood in for: Gluon runs on no CPU)
+    is what the build test compiles: the variant's constexprs and warps (``_job``), its grid of
+    ``cdiv(M, rows)`` x splits, descriptors with ``rows x 64`` and ``128 x 64`` blocks, and the
+    argument types of :func:`knn_gluon.signature`."""
+    from triton.runtime.jit import mangle_type
+
+    v = kg.VARIANTS[variant]
+    calls = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            return lambda *args, **kw: calls.append((grid, args, kw))
+
+    monkeypatch.setattr(kg, "_knn_fwd_gluon_kernel", Recorder())
+    q = torch.randn(300, 512, dtype=torch.bfloat16)
+    r = torch.randn(700, 512, dtype=torch.bfloat16)
+    out_s, out_i = kg.candidates(q, r, 5, None, None, False, 3, variant=variant)
+    assert out_s.shape == out_i.shape == (3, 300, 8)
+    (grid, args, kw), = calls
+    assert grid == (kg.cdiv(300, v.block_m), 3)
+    assert [args[0].block_shape, args[1].block_shape] == [[v.block_m, kg.BLOCK_D], [kg.BLOCK_N, kg.BLOCK_D]]
+    build = {"variant": variant, "dtype": torch.bfloat16, "KP": 8, "HAS_LABELS": False, "EXCLUDE_SELF": False,
+             "ND": 8, "GEMM_ONLY": False}
+    assert build in kg.builds()
+    job = _job(build)
+    assert {name: kw[name] for name in job["constexprs"]} == job["constexprs"]
+    assert kw["num_warps"] == job["num_warps"] and set(kw) == set(job["constexprs"]) | {"num_warps"}
+    names = list(job["signature"])
+    assert [mangle_type(a) for a in args[:2]] == [job["signature"][n] for n in names[:2]]
