@@ -189,6 +189,27 @@ def gluon_unvetted(variant: str = "gluon") -> Optional[str]:
     return None
 
 
+class NotApplicable(ProviderMissing):
+    """A switch's alternative that would not run on this case here (the default would, timed
+    under the alternative's name)."""
+
+    reason = "does not apply here"
+
+
+def gluon_applies(variant: str, q: torch.Tensor, r: torch.Tensor, k: int, has_labels: bool) -> Optional[str]:
+    """None where ``DAAL_KNN_TILES=variant`` runs the Gluon forward on these kNN inputs, else
+    what runs instead (kernels/knn.py, ``forward_entry``: sm_90, the narrow tiles' rows, and
+    ``knn_gluon.eligible``)."""
+    from daal_triton.kernels import knn as kk
+
+    if k > kk.MAX_K:
+        return f"k = {k} takes the large-k path"
+    qp = kk.prepare(q.detach(), q.dtype, align=kk.align_rows())
+    rp = qp if r is q else kk.prepare(r.detach(), r.dtype, align=kk.align_rows())
+    entry = _with_env(kk.TILES_ENV, variant, kk.forward_entry, qp, rp, kk.next_pow2(k), has_labels)
+    return None if entry == kk.GLUON_POLICIES[variant] else f"the forward's entry here is {entry}"
+
+
 def operator_function(case: Case) -> Callable:
     """The function ``case.provider`` computes ``case.op`` with (not for the whole loss)."""
     if case.provider in GLUON_PROVIDERS and gluon_unvetted(GLUON_PROVIDERS[case.provider]):
@@ -242,6 +263,10 @@ def setup_knn(case: Case, device: torch.device) -> Problem:
         lab = make_labels(d["M"], d["labels"], device)
         kw.update(query_labels=lab, ref_labels=lab if d["self"] else make_labels(d["N"], d["labels"], device))
     fn = operator_function(case)
+    if case.provider in GLUON_PROVIDERS:  # timed only where it runs, not the default under its name
+        why = gluon_applies(GLUON_PROVIDERS[case.provider], q, r, k, "query_labels" in kw)
+        if why:
+            raise NotApplicable(why)
     g = torch.randn(d["M"], k, device=device, dtype=torch.float32)
     notes = ("chunked: torch.cdist(use_mm) in the input dtype + topk, "
              f"{knn_chunk_rows(d['N'])} rows per chunk" if case.provider == "chunked" else "")

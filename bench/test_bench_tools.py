@@ -229,6 +229,27 @@ def test_gluon_providers_wait_for_their_variants_tests(tmp_path, monkeypatch):
     assert callable(problems.operator_function(case))
 
 
+def test_gluon_providers_time_only_the_gluon_forward(monkeypatch):
+    """A Gluon provider's case is skipped ("does not apply here") where its setting would run
+    another forward (here, on the CPU: the narrow tiles), so that the default's time is never
+    recorded under the alternative's name; where ``forward_entry`` picks its variant, it runs."""
+    from daal_triton.kernels import knn as kk
+
+    monkeypatch.delenv(problems.GLUON_CANARY_ENV, raising=False)
+    x = torch.randn(64, 64, dtype=torch.float16)
+    assert "fwd_narrow" in problems.gluon_applies("gluon", x, x, 4, False)
+    assert "large-k" in problems.gluon_applies("gluon", x, x, kk.MAX_K + 1, False)
+    case = _tiny("knn", "triton_gluon", "fwd")
+    with pytest.raises(problems.NotApplicable):
+        problems.build_problem(case, torch.device("cpu"))
+    seen = []
+    monkeypatch.setattr(kk, "forward_entry", lambda q, r, kp, labels: seen.append(os.environ.get(kk.TILES_ENV))
+                        or kk.GLUON_POLICIES[seen[-1]])
+    for provider, variant in problems.GLUON_PROVIDERS.items():
+        assert problems.gluon_applies(variant, x, x, 4, False) is None and seen[-1] == variant
+    assert problems.build_problem(case, torch.device("cpu")) is not None
+
+
 @pytest.mark.parametrize("op,provider,pass_", [("line_margin", "eager", "fwdbwd"), ("knn", "chunked", "bwd"),
                                                ("pairwise", "eager", "fwd"), ("loss", "eager", "bwd")])
 def test_gpu_code_path_on_cpu(tmp_path, op, provider, pass_):
