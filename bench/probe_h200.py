@@ -20,7 +20,8 @@ script splits both:
   with self pairs excluded under each epilogue (``DAAL_KNN_EPILOGUE``: lean, plain); and, on
   sm_90 once their GPU tests have passed in the run (``DAAL_GLUON_CANARY``), the Gluon forwards
   (kernels/knn_gluon.py: the queries resident in shared memory; 64 and 128 rows) with self pairs
-  excluded, and their GEMM-only ceilings (``GEMM_ONLY``: the distance epilogue and a row-min, the
+  excluded (and at the ring depths of ``knn_gluon.PROBE_STAGES``, each once its GPU test
+  passed), and their GEMM-only ceilings (``GEMM_ONLY``: the distance epilogue and a row-min, the
   L2 bytes and rate).
 * ``tiles`` (after ``knn``): ``gemm_min`` at the tile shapes of ``PROBE_TILES`` (the entry's 128 x 128,
   the wide 128 x 256 and 256 x 128 of the "tma" candidates, 64 x 128 on 4 warps), each with the
@@ -250,7 +251,13 @@ def knn_section(dev, emit, n, d, reps):
                 continue
             S = kk._num_splits(n, n, v.block_m, knn_gluon.BLOCK_N, q.device)
             rec(f"_knn_fwd_gluon_kernel {name} k=8 S=default self", gpu_ms(
-                lambda: knn_gluon.candidates(q, q, 8, None, None, True, S, variant=name), dev, reps), splits=S)
+                lambda: knn_gluon.candidates(q, q, 8, None, None, True, S, variant=name), dev, reps), splits=S,
+                stages=v.stages)
+            for st in knn_gluon.PROBE_STAGES.get(name, ()):  # another ring depth (its GPU test passed)
+                if not gluon_unvetted(f"{name}-stages{st}"):
+                    rec(f"_knn_fwd_gluon_kernel {name} stages={st} k=8 S=default self", gpu_ms(
+                        lambda: knn_gluon.candidates(q, q, 8, None, None, True, S, variant=name, stages=st),
+                        dev, reps), splits=S, stages=st)
             ms = gpu_ms(lambda: knn_gluon.candidates(q, q, 8, None, None, False, S, gemm_only=True, variant=name),
                         dev, reps)
             nbytes = tile_bytes(n, d, 0, knn_gluon.BLOCK_N, q.element_size(), v.block_m)

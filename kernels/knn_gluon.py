@@ -69,6 +69,12 @@ class Variant(NamedTuple):
 #: ring has 4 chunks of the next tile loaded by the merge's end; docs/kernels.md,
 #: "Queries resident in shared memory: a Gluon forward"). Candidates no GPU has timed yet.
 VARIANTS = {"gluon": Variant("gluon", 64, 4, 3, 2), "gluon128": Variant("gluon128", 128, 8, 5, 1)}
+#: Ring depths bench/probe_h200.py times besides a variant's own (its bf16, KP 8, self-excluded
+#: build at D = 512): 4 buffers divide D = 512's 8 chunks, so every chunk's buffer index and
+#: barrier phase is a compile-time constant (sm_90, instructions per warp per tile outside the
+#: merge rounds: 12% fewer than at 5 buffers under Triton 3.8, 5% under 3.6), one chunk less
+#: loaded ahead. A GPU test checks that it selects bit for bit what the variant's own depth does.
+PROBE_STAGES = {"gluon128": (4,)}
 GL_DTYPES = {torch.float16: gl.float16, torch.bfloat16: gl.bfloat16}
 
 
@@ -228,12 +234,15 @@ def descriptor(x: torch.Tensor, rows: int):
 
 def candidates(q: torch.Tensor, r: torch.Tensor, k: int, ql: Optional[torch.Tensor],
                rl: Optional[torch.Tensor], exclude_self: bool, splits: int,
-               gemm_only: bool = False, variant: str = "gluon") -> Tuple[torch.Tensor, torch.Tensor]:
+               gemm_only: bool = False, variant: str = "gluon",
+               stages: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(out_s, out_i)``: S x M x KP candidate slots of the prepared ``q``, ``r`` (as
     ``knn._candidates`` without ``finish``) from ``splits`` column ranges, by the
     :data:`VARIANTS` entry ``variant``; the caller has checked :func:`eligible`. ``gemm_only``:
-    the probe's ceiling instead (``GEMM_ONLY``; no selection)."""
+    the probe's ceiling instead (``GEMM_ONLY``; no selection); ``stages``: another ring depth
+    (:data:`PROBE_STAGES`) than the variant's."""
     v = VARIANTS[variant]
+    stages = stages or v.stages
     M, D = q.shape
     N = r.shape[0]
     kp = max(8, next_pow2(k))  # at least the slot layout's 8 columns (the finish takes the k best)
@@ -247,7 +256,7 @@ def candidates(q: torch.Tensor, r: torch.Tensor, k: int, ql: Optional[torch.Tens
     _knn_fwd_gluon_kernel[(cdiv(M, v.block_m), S)](
         descriptor(q, v.block_m), descriptor(r, BLOCK_N), qn, rn, ql if has_labels else qn,
         rl if has_labels else rn, out_s, out_i, M, N, cols, out_s.stride(0), out_s.stride(1),
-        BLOCK_M=v.block_m, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, ND=cdiv(D, BLOCK_D), STAGES=v.stages, KP=kp,
+        BLOCK_M=v.block_m, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, ND=cdiv(D, BLOCK_D), STAGES=stages, KP=kp,
         HAS_LABELS=has_labels, EXCLUDE_SELF=bool(exclude_self), GEMM_ONLY=gemm_only, WARPS=v.warps,
         num_warps=v.warps)
     return out_s, out_i
@@ -269,16 +278,19 @@ def signature(dtype: torch.dtype, has_labels: bool, variant: str = "gluon") -> d
 
 def builds() -> List[dict]:
     """The builds a launch can ask for, as compile jobs' facts: ``{"variant", "dtype", "KP",
-    "HAS_LABELS", "EXCLUDE_SELF", "ND", "GEMM_ONLY"}`` for each of :data:`VARIANTS`,
+    "HAS_LABELS", "EXCLUDE_SELF", "ND", "GEMM_ONLY", "STAGES"}`` for each of :data:`VARIANTS`,
     float16/bfloat16, KP 8 and 16, with and without labels and self pairs, at the largest ND
-    (D = 512; a smaller D has fewer chunks, less shared memory and the same code per chunk); and
-    each variant's ``GEMM_ONLY`` build for the probe (bfloat16)."""
+    (D = 512; a smaller D has fewer chunks, less shared memory and the same code per chunk), at
+    the variant's ring depth; each variant's ``GEMM_ONLY`` build for the probe (bfloat16); and
+    the probe's other ring depths (:data:`PROBE_STAGES`: bfloat16, KP 8, self pairs excluded)."""
     nd = cdiv(MAX_D, BLOCK_D)
     out = []
-    for variant in VARIANTS:
+    for variant, v in VARIANTS.items():
         out += [{"variant": variant, "dtype": dtype, "KP": kp, "HAS_LABELS": labels, "EXCLUDE_SELF": self_, "ND": nd,
-                 "GEMM_ONLY": False}
+                 "GEMM_ONLY": False, "STAGES": v.stages}
                 for dtype in GL_DTYPES for kp in (8, 16) for labels in (False, True) for self_ in (True, False)]
         out.append({"variant": variant, "dtype": torch.bfloat16, "KP": 8, "HAS_LABELS": False, "EXCLUDE_SELF": False,
-                    "ND": nd, "GEMM_ONLY": True})
+                    "ND": nd, "GEMM_ONLY": True, "STAGES": v.stages})
+        out += [{"variant": variant, "dtype": torch.bfloat16, "KP": 8, "HAS_LABELS": False, "EXCLUDE_SELF": True,
+                 "ND": nd, "GEMM_ONLY": False, "STAGES": st} for st in PROBE_STAGES.get(variant, ())]
     return out

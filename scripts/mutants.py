@@ -436,6 +436,8 @@ MUTANTS: Tuple[Mutant, ...] = (
     # the benchmarks' vetting; a hang reported as a clean exit
     Mutant("knn_gluon_launch_warps", "kernels/knn_gluon.py", "GEMM_ONLY=gemm_only, WARPS=v.warps,",
            "GEMM_ONLY=gemm_only, WARPS=4,", ("tests/kernels/test_kernel_knn_gluon.py", "-k", "launch_is")),
+    Mutant("knn_gluon_probe_stages_ignored", "kernels/knn_gluon.py", "    stages = stages or v.stages",
+           "    stages = v.stages", ("tests/kernels/test_kernel_knn_gluon.py", "-k", "launch_is")),
     Mutant("gluon_vetting_ignores_failures", "bench/problems.py", '    if "fail" in outcomes:', "    if False:",
            ("bench/test_bench_tools.py", "-k", "gluon_providers")),
     Mutant("gluon_provider_times_the_default", "bench/problems.py",

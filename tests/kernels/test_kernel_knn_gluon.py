@@ -19,11 +19,11 @@ def _job(build: dict, capability: int = 90) -> dict:
     the launch's specialisation: 16-byte-aligned pointers, the split width a multiple of 16."""
     v = kg.VARIANTS[build["variant"]]
     constexprs = {"BLOCK_M": v.block_m, "BLOCK_N": kg.BLOCK_N, "BLOCK_D": kg.BLOCK_D, "ND": build["ND"],
-                  "STAGES": v.stages, "KP": build["KP"], "HAS_LABELS": build["HAS_LABELS"],
+                  "STAGES": build["STAGES"], "KP": build["KP"], "HAS_LABELS": build["HAS_LABELS"],
                   "EXCLUDE_SELF": build["EXCLUDE_SELF"], "GEMM_ONLY": build["GEMM_ONLY"], "WARPS": v.warps}
     return {"module": kg.__name__, "name": "_knn_fwd_gluon_kernel",
             "signature": kg.signature(build["dtype"], build["HAS_LABELS"], v.name), "constexprs": constexprs,
-            "capability": capability, "num_warps": v.warps, "num_stages": v.stages,
+            "capability": capability, "num_warps": v.warps, "num_stages": build["STAGES"],
             "specialisation": "aligned", "unit": [], "rows": ["cols_per_split"], "sass": True, "maxnreg": None}
 
 
@@ -42,17 +42,19 @@ def test_gluon_forward_builds_for_hopper():
     from daal_testing import compile_many_for_gpu, sass_loops
 
     builds = kg.builds()
-    assert len(builds) == 17 * len(kg.VARIANTS) and {b["ND"] for b in builds} == {kg.MAX_D // kg.BLOCK_D}
+    probe_depths = sum(map(len, kg.PROBE_STAGES.values()))
+    assert len(builds) == 17 * len(kg.VARIANTS) + probe_depths and {b["ND"] for b in builds} == {kg.MAX_D // kg.BLOCK_D}
+    assert all(b["STAGES"] in (kg.VARIANTS[b["variant"]].stages,) + kg.PROBE_STAGES.get(b["variant"], ()) for b in builds)
     assert [b["GEMM_ONLY"] for b in builds].count(True) == len(kg.VARIANTS)  # bench/probe_h200.py's ceilings
     assert {(v.block_m, v.warps, v.per_sm) for v in kg.VARIANTS.values()} == {(64, 4, 2), (128, 8, 1)}
     results = compile_many_for_gpu([_job(b) for b in builds])
-    per_warp = {}
+    per_warp, depth = {}, {}
     for build, res in zip(builds, results):
         v = kg.VARIANTS[build["variant"]]
         assert not res.get("error"), (build, res.get("error"))
         assert res["stack"] == 0, (build, res["registers"], res["stack"])
         shared = res["metadata"]["shared"]
-        assert shared >= build["ND"] * v.block_m * kg.BLOCK_D * 2 + v.stages * kg.BLOCK_N * kg.BLOCK_D * 2
+        assert shared >= build["ND"] * v.block_m * kg.BLOCK_D * 2 + build["STAGES"] * kg.BLOCK_N * kg.BLOCK_D * 2
         assert programs_per_sm(res["registers"], v.warps, shared) >= v.per_sm, (build, res["registers"], shared)
         if not res["sass"]:
             pytest.skip("cuobjdump is not shipped with this Triton")
@@ -73,6 +75,12 @@ def test_gluon_forward_builds_for_hopper():
             nxt = next((j for j in range(i + 1, len(body)) if body[j] in ("UTMALDG", "HGMMA")), None)
             if nxt is not None and body[nxt] == "UTMALDG":
                 assert "BAR" in body[i:nxt], (build, body[i:nxt + 1])
+        if (build["dtype"], build["KP"], build["HAS_LABELS"], not build["GEMM_ONLY"]) == (torch.bfloat16, 8, False, True):
+            # the tile loop outside the merge rounds of the probe's build, at each ring depth
+            outer = max(loops, key=lambda lp: len(lp[2]))
+            inner = [lp for lp in loops if lp is not outer and outer[0] <= lp[0] and lp[1] <= outer[1]]
+            depth[(build["variant"], build["EXCLUDE_SELF"], build["STAGES"])] = (
+                len(outer[2]) - sum(len(lp[2]) for lp in inner))
         if (build["dtype"], build["KP"], build["HAS_LABELS"], build["EXCLUDE_SELF"], build["GEMM_ONLY"]) == (
                 torch.bfloat16, 8, False, False, False):  # the 60k benchmark's path off the diagonal
             outer = max(loops, key=lambda lp: len(lp[2]))
@@ -85,6 +93,13 @@ def test_gluon_forward_builds_for_hopper():
     assert set(per_warp) == set(kg.VARIANTS), per_warp
     assert per_warp["gluon128"][0] <= 1.1 * per_warp["gluon"][0], per_warp
     assert per_warp["gluon128"][1] <= 1.1 * per_warp["gluon"][1], per_warp
+    # a ring depth that divides the 8 chunks makes every buffer index and phase a constant: fewer
+    # instructions per tile than at the variant's own depth (docs/kernels.md: 12% fewer under
+    # Triton 3.8, 5% under 3.6, whose 5-buffer build already keeps more of it in uniform registers)
+    for variant, depths in kg.PROBE_STAGES.items():
+        own = depth[(variant, True, kg.VARIANTS[variant].stages)]
+        for st in depths:
+            assert (kg.MAX_D // kg.BLOCK_D) % st == 0 and depth[(variant, True, st)] < own, depth
 
 
 @pytest.mark.interpreter
@@ -160,6 +175,11 @@ for M, N, D, k, splits in ((200, 50, 64, 3, 1), (300, 700, 64, 5, 3), (1100, 110
     r = q if M == N else torch.randn(N, D, device="cuda").bfloat16()
     assert kk.forward_entry(q, r, kk.next_pow2(k), False) == kk.GLUON_POLICIES[{variant!r}]
     kk._knn(q, r, k, exclude_self=r is q, splits=splits)
+    torch.cuda.synchronize()
+from daal_triton.kernels import knn_gluon as kg
+for st in kg.PROBE_STAGES.get({variant!r}, ()):  # the probe's other ring depths
+    x = torch.randn(1100, 512, device="cuda").bfloat16()
+    kg.candidates(x, x, 8, None, None, True, 1, variant={variant!r}, stages=st)
     torch.cuda.synchronize()
 print("ok")
 """
@@ -238,6 +258,23 @@ def _check_gluon_forward(monkeypatch, variant, M, N, D, k, labelled, splits) -> 
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("variant", sorted(kg.PROBE_STAGES))
+def test_gluon_probe_stages_gpu(request, variant):
+    """On an sm_90 GPU: each of the probe's other ring depths (``PROBE_STAGES``) writes the same
+    slots, bit for bit, as the variant's own (the same MMAs in the same order; only the loads'
+    buffers differ). Where ``DAAL_GLUON_CANARY`` names a file, the outcome is appended under
+    ``variant-stagesN``: the probe times a depth only after its pass."""
+    _gluon_on_gpu(variant, request.node.name)
+    q = torch.randn(4100, 512, device="cuda").bfloat16()
+    want = kg.candidates(q, q, 8, None, None, True, 2, variant=variant)
+    for st in kg.PROBE_STAGES[variant]:
+        got = kg.candidates(q, q, 8, None, None, True, 2, variant=variant, stages=st)
+        same = torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+        _canary(f"{variant}-stages{st}", "pass" if same else "fail", request.node.name)
+        assert same, (st, (got[1] != want[1]).sum().item())
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("variant", sorted(kg.VARIANTS))
 def test_gluon_gemm_only_gpu(request, variant):
     """On an sm_90 GPU: each variant's ``GEMM_ONLY`` build (bench/probe_h200.py's ceiling of the
@@ -296,7 +333,8 @@ def test_gluon_launch_is_the_compiled_build(monkeypatch, variant):
     """What :func:`knn_gluon.candidates` launches (the kernel stood in for: Gluon runs on no CPU)
     is what the build test compiles: the variant's constexprs and warps (``_job``), its grid of
     ``cdiv(M, rows)`` x splits, descriptors with ``rows x 64`` and ``128 x 64`` blocks, and the
-    argument types of :func:`knn_gluon.signature`."""
+    argument types of :func:`knn_gluon.signature`; and the probe's other ring depths
+    (``PROBE_STAGES``), one of ``knn_gluon.builds()`` each."""
     from triton.runtime.jit import mangle_type
 
     v = kg.VARIANTS[variant]
@@ -315,10 +353,17 @@ def test_gluon_launch_is_the_compiled_build(monkeypatch, variant):
     assert grid == (kg.cdiv(300, v.block_m), 3)
     assert [args[0].block_shape, args[1].block_shape] == [[v.block_m, kg.BLOCK_D], [kg.BLOCK_N, kg.BLOCK_D]]
     build = {"variant": variant, "dtype": torch.bfloat16, "KP": 8, "HAS_LABELS": False, "EXCLUDE_SELF": False,
-             "ND": 8, "GEMM_ONLY": False}
+             "ND": 8, "GEMM_ONLY": False, "STAGES": v.stages}
     assert build in kg.builds()
     job = _job(build)
     assert {name: kw[name] for name in job["constexprs"]} == job["constexprs"]
     assert kw["num_warps"] == job["num_warps"] and set(kw) == set(job["constexprs"]) | {"num_warps"}
     names = list(job["signature"])
     assert [mangle_type(a) for a in args[:2]] == [job["signature"][n] for n in names[:2]]
+    for st in kg.PROBE_STAGES.get(variant, ()):  # the probe's other ring depths: compiled too
+        calls.clear()
+        kg.candidates(q, q, 8, None, None, True, 1, variant=variant, stages=st)
+        (grid, args, kw), = calls
+        build = dict(build, EXCLUDE_SELF=True, STAGES=st)
+        assert build in kg.builds() and kw["STAGES"] == st
+        assert {name: kw[name] for name in _job(build)["constexprs"]} == _job(build)["constexprs"]
