@@ -181,7 +181,7 @@ def gluon_unvetted(variant: str = "gluon") -> Optional[str]:
     outcomes = set()
     if os.path.exists(canary):
         with open(canary) as f:
-            outcomes = {line.split()[1] for line in f if len(line.split()) >= 2 and line.split()[0] == variant}
+            outcomes = {words[1] for words in map(str.split, f) if len(words) >= 2 and words[0] == variant}
     if "fail" in outcomes:
         return f"the {variant} forward failed a GPU test in this run ({canary})"
     if "pass" not in outcomes:
@@ -202,10 +202,12 @@ def gluon_applies(variant: str, q: torch.Tensor, r: torch.Tensor, k: int, has_la
     ``knn_gluon.eligible``)."""
     from daal_triton.kernels import knn as kk
 
+    k = min(k, r.shape[0])  # as kk._knn_forward: at most N neighbours are selected
     if k > kk.MAX_K:
         return f"k = {k} takes the large-k path"
-    qp = kk.prepare(q.detach(), q.dtype, align=kk.align_rows())
-    rp = qp if r is q else kk.prepare(r.detach(), r.dtype, align=kk.align_rows())
+    dtype = kk.compute_dtype("knn", q, r)  # the inputs as the forward prepares them
+    qp = kk.prepare(q.detach(), dtype, align=kk.align_rows())
+    rp = qp if r is q else kk.prepare(r.detach(), dtype, align=kk.align_rows())
     entry = _with_env(kk.TILES_ENV, variant, kk.forward_entry, qp, rp, kk.next_pow2(k), has_labels)
     return None if entry == kk.GLUON_POLICIES[variant] else f"the forward's entry here is {entry}"
 

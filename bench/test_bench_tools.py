@@ -238,7 +238,9 @@ def test_gluon_providers_time_only_the_gluon_forward(monkeypatch):
     monkeypatch.delenv(problems.GLUON_CANARY_ENV, raising=False)
     x = torch.randn(64, 64, dtype=torch.float16)
     assert "fwd_narrow" in problems.gluon_applies("gluon", x, x, 4, False)
-    assert "large-k" in problems.gluon_applies("gluon", x, x, kk.MAX_K + 1, False)
+    bank = torch.randn(kk.MAX_K + 10, 64, dtype=torch.float16)
+    assert "large-k" in problems.gluon_applies("gluon", bank, bank, kk.MAX_K + 1, False)
+    assert "large-k" not in problems.gluon_applies("gluon", x, x, kk.MAX_K + 1, False)  # k > N: N neighbours
     case = _tiny("knn", "triton_gluon", "fwd")
     with pytest.raises(problems.NotApplicable):
         problems.build_problem(case, torch.device("cpu"))

@@ -290,6 +290,16 @@ def sass_loops(text: str) -> list:
     return loops
 
 
+def tile_loop_parts(loops: list) -> tuple[int, list]:
+    """Of a kernel's :func:`sass_loops`, the longest (a kNN forward's loop over column tiles):
+    ``(outside, rounds)``, its instructions outside the loops nested in it, and the lengths of
+    the nested loops that issue no ``HGMMA`` (the merge rounds; the D-loop's do)."""
+    outer = max(loops, key=lambda lp: len(lp[2]))
+    inner = [lp for lp in loops if lp is not outer and outer[0] <= lp[0] and lp[1] <= outer[1]]
+    rounds = [len(lp[2]) for lp in inner if not any(o.startswith("HGMMA") for o in lp[2])]
+    return len(outer[2]) - sum(len(lp[2]) for lp in inner), rounds
+
+
 def gpu_job(launch, *, capability: int, specialisation: str = "generic", with_sass: bool = False) -> dict:
     """A JSON-able compile job of a ``Launch`` (kernels/_common.py) for
     :func:`compile_many_for_gpu` (the kernel is found again by its module and name; a job may

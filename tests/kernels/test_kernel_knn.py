@@ -518,7 +518,7 @@ def test_knn_lean_epilogue_runs_fewer_instructions():
     still fit three programs per SM; no local memory."""
     import dataclasses
 
-    from daal_testing import compile_many_for_gpu, gpu_job, sass_loops
+    from daal_testing import compile_many_for_gpu, gpu_job, sass_loops, tile_loop_parts
 
     base = next(la for la in kk.launches() if la.entry == kk.NARROW_ENTRY and la.x_dtype == torch.bfloat16
                 and not la.flags["FINISH"] and la.flags["LEAN"])
@@ -535,12 +535,8 @@ def test_knn_lean_epilogue_runs_fewer_instructions():
         assert not res.get("error"), res.get("error")
         if not res["sass"]:
             pytest.skip("cuobjdump is not shipped with this Triton")
-        loops = sass_loops(res["sass"])
-        outer = max(loops, key=lambda lp: len(lp[2]))
-        inner = [lp for lp in loops if lp is not outer and outer[0] <= lp[0] and lp[1] <= outer[1]]
-        rounds = [lp for lp in inner if not any(o.startswith("HGMMA") for o in lp[2])]
-        facts[name] = dict(epilogue=len(outer[2]) - sum(len(lp[2]) for lp in inner), rounds=len(rounds),
-                           loop=max(len(lp[2]) for lp in rounds),
+        outside, rounds = tile_loop_parts(sass_loops(res["sass"]))
+        facts[name] = dict(epilogue=outside, rounds=len(rounds), loop=max(rounds),
                            registers=res["registers"], stack=res["stack"], shared=res["metadata"]["shared"])
     # a tile of R >= 1 merge rounds: lean E + (R - 1) L (its first round is peeled out of the
     # loop, into E), plain E + R L

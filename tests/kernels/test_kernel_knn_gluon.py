@@ -39,7 +39,7 @@ def test_gluon_forward_builds_for_hopper():
     the buffer: the other warpgroup may still be reading it. A warp's instructions per tile, off
     the diagonal, are within 10% at 128 rows of those at 64 (outside the merge rounds and per
     round)."""
-    from daal_testing import compile_many_for_gpu, sass_loops
+    from daal_testing import compile_many_for_gpu, sass_loops, tile_loop_parts
 
     builds = kg.builds()
     probe_depths = sum(map(len, kg.PROBE_STAGES.values()))
@@ -75,19 +75,13 @@ def test_gluon_forward_builds_for_hopper():
             nxt = next((j for j in range(i + 1, len(body)) if body[j] in ("UTMALDG", "HGMMA")), None)
             if nxt is not None and body[nxt] == "UTMALDG":
                 assert "BAR" in body[i:nxt], (build, body[i:nxt + 1])
-        if (build["dtype"], build["KP"], build["HAS_LABELS"], not build["GEMM_ONLY"]) == (torch.bfloat16, 8, False, True):
+        if (build["dtype"], build["KP"], build["HAS_LABELS"], build["GEMM_ONLY"]) == (torch.bfloat16, 8, False, False):
+            outside, rounds = tile_loop_parts(loops)
             # the tile loop outside the merge rounds of the probe's build, at each ring depth
-            outer = max(loops, key=lambda lp: len(lp[2]))
-            inner = [lp for lp in loops if lp is not outer and outer[0] <= lp[0] and lp[1] <= outer[1]]
-            depth[(build["variant"], build["EXCLUDE_SELF"], build["STAGES"])] = (
-                len(outer[2]) - sum(len(lp[2]) for lp in inner))
-        if (build["dtype"], build["KP"], build["HAS_LABELS"], build["EXCLUDE_SELF"], build["GEMM_ONLY"]) == (
-                torch.bfloat16, 8, False, False, False):  # the 60k benchmark's path off the diagonal
-            outer = max(loops, key=lambda lp: len(lp[2]))
-            inner = [lp for lp in loops if lp is not outer and outer[0] <= lp[0] and lp[1] <= outer[1]]
-            rounds = [lp for lp in inner if not any(o.startswith("HGMMA") for o in lp[2])]
-            assert len(rounds) == 1, (build, [len(lp[2]) for lp in inner])
-            per_warp[build["variant"]] = (len(outer[2]) - sum(len(lp[2]) for lp in inner), len(rounds[0][2]))
+            depth[(build["variant"], build["EXCLUDE_SELF"], build["STAGES"])] = outside
+            if not build["EXCLUDE_SELF"]:  # the 60k benchmark's path off the diagonal
+                assert len(rounds) == 1, (build, rounds)
+                per_warp[build["variant"]] = (outside, rounds[0])
     # a warp's instructions per tile (outside the merge rounds, and per round) do not grow with
     # the program's rows: 128 rows are two warpgroups' 64 each (docs/kernels.md: 1,420 and 1,457)
     assert set(per_warp) == set(kg.VARIANTS), per_warp
