@@ -70,11 +70,13 @@ class Variant(NamedTuple):
 #: "Queries resident in shared memory: a Gluon forward"). Candidates no GPU has timed yet.
 VARIANTS = {"gluon": Variant("gluon", 64, 4, 3, 2), "gluon128": Variant("gluon128", 128, 8, 5, 1)}
 #: Ring depths bench/probe_h200.py times besides a variant's own (its bf16, KP 8, self-excluded
-#: build at D = 512): 4 buffers divide D = 512's 8 chunks, so every chunk's buffer index and
-#: barrier phase is a compile-time constant (sm_90, instructions per warp per tile outside the
-#: merge rounds: 12% fewer than at 5 buffers under Triton 3.8, 5% under 3.6), one chunk less
-#: loaded ahead. A GPU test checks that it selects bit for bit what the variant's own depth does.
-PROBE_STAGES = {"gluon128": (4,)}
+#: build at D = 512): a depth that divides D = 512's 8 chunks makes every chunk's buffer index and
+#: barrier phase a compile-time constant, at one chunk less loaded ahead. "gluon128" at 4 buffers
+#: (sm_90, instructions per warp per tile outside the merge rounds: 12% fewer than at 5 under
+#: Triton 3.8, 5% under 3.6); "gluon" at 2 (fewer than at 3; with one chunk ahead, whether two
+#: programs per SM hide the loads' latency is what its time says). A GPU test checks that each
+#: selects bit for bit what the variant's own depth does.
+PROBE_STAGES = {"gluon128": (4,), "gluon": (2,)}
 GL_DTYPES = {torch.float16: gl.float16, torch.bfloat16: gl.bfloat16}
 
 

@@ -88,8 +88,9 @@ def test_gluon_forward_builds_for_hopper():
     assert per_warp["gluon128"][0] <= 1.1 * per_warp["gluon"][0], per_warp
     assert per_warp["gluon128"][1] <= 1.1 * per_warp["gluon"][1], per_warp
     # a ring depth that divides the 8 chunks makes every buffer index and phase a constant: fewer
-    # instructions per tile than at the variant's own depth (docs/kernels.md: 12% fewer under
-    # Triton 3.8, 5% under 3.6, whose 5-buffer build already keeps more of it in uniform registers)
+    # instructions per tile than at the variant's own depth (docs/kernels.md: at 128 rows 12% fewer
+    # under Triton 3.8, 5% under 3.6, whose 5-buffer build already keeps more of it in uniform
+    # registers; at 64 rows, 2 buffers against 3, 10%)
     for variant, depths in kg.PROBE_STAGES.items():
         own = depth[(variant, True, kg.VARIANTS[variant].stages)]
         for st in depths:
