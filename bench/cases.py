@@ -7,8 +7,8 @@ One benchmark case is one (operator, shape, precision, provider, pass):
   optimiser step of the VGG-19 embedding network with a loss: does the loss slow training?);
 * providers: ``triton`` (``daal_triton.kernels.*``; for ``loss`` ``DAALLoss(backend="triton")``),
   ``triton_wave_splits`` (the kNN with its forward's column splits chosen as before the first
-  H200 run, ``DAAL_KNN_SPLITS=waves``, timed beside the cost model that replaced it until a GPU
-  run decides: kernels/knn.py, ``PROGRAM_OVERHEAD_TILES``), ``triton_atomic_own`` (the line
+  H200 run, ``DAAL_KNN_SPLITS=waves``, beside the cost model that replaced it:
+  kernels/knn.py, ``PROGRAM_OVERHEAD_TILES``), ``triton_atomic_own`` (the line
   margin, alone or in the loss, with the own-class rows of its segment gradient added by float32
   atomics into a float32 gradient as the 2026-11-30 run timed it, ``DAAL_LM_OWN_SEG=atomic``,
   beside the class lists that replaced them: kernels/line_margin.py, ``OWN_SEG_ENV``),
@@ -37,7 +37,11 @@ One benchmark case is one (operator, shape, precision, provider, pass):
   program on two warpgroups, ``DAAL_KNN_TILES=gluon128``),
   ``triton_unaligned`` (the kNN or the pairwise distance at a width that is no multiple of 16
   on its unpadded rows, as before 2026-12-02, ``DAAL_ALIGN_D=off``, beside the rows padded to
-  16 columns that replaced them: kernels/_common.py, ``ALIGN_ENV``; the ``*_d129`` shapes),
+  16 columns that replaced them: kernels/_common.py, ``ALIGN_ENV``; the ``*_d129`` shapes).
+  The switches the GPU runs have decided (``Switch.decided``: the wave splits, the atomic own
+  rows, the checked merge, the separate launches, the table's and the wide tiles, PyTorch's
+  glue) keep their providers for the ``full`` profile; the ``check`` profile no longer times
+  them. Besides:
   ``eager`` (``daal_triton.reference.*``; ``DAALLoss(backend="reference")``), ``compile``
   (``torch.compile`` of the reference function) and, for kNN only, ``chunked`` (row chunks of
   ``torch.cdist`` + ``torch.topk``, the usual hand-written baseline); for ``train_step`` the loss
@@ -194,7 +198,7 @@ TARGET_CASES = frozenset((t.op, t.shape, t.dtype, t.pass_, prov) for t in TARGET
 # ----------------------------------------------------------------------------- switches
 class Switch(NamedTuple):
     """An internal switch kept until a GPU run decides (the brief's rule for a design that
-    replaces one no GPU has timed): the environment variable, its default and alternative
+    replaces one no GPU has timed), timed by every run until then (``decided``: not after): the environment variable, its default and alternative
     values, the provider that runs the alternative, and the (op, shape, dtype, pass) cases where
     the report sets the two side by side. ``memory``: peak memory is part of the decision."""
 
@@ -211,6 +215,13 @@ class Switch(NamedTuple):
     #: alternative was another design after it. A run that records its switches (env.json
     #: "switches": [env, default, alternative] each, since 2026-12-04's evening) is matched by them.
     until: str = ""
+    #: what the GPU runs decided ("" while undecided): the default kept, and why. A decided switch
+    #: is no longer timed (``until`` is the last day a run timed it); its variable still selects
+    #: the alternative. bench/report.py's README lists each decided switch with every committed
+    #: run's reading of its first case (the one that decides), and a test checks that at least
+    #: two runs read the default faster there (or, for a ``memory`` switch, leaner) and none the
+    #: alternative faster.
+    decided: str = ""
 
     def applies_to(self, env: dict) -> bool:
         """Whether a run (its env.json) ran this switch's default and alternative: by the
@@ -224,17 +235,29 @@ class Switch(NamedTuple):
 
 SWITCHES: Tuple[Switch, ...] = (
     Switch("DAAL_KNN_MERGE", "counted", "checked", "triton_checked_merge",
-           (("knn", "eval60k", "bf16", "fwd"), ("knn", "bank", "bf16", "fwd")), since="2026-12-01"),
+           (("knn", "eval60k", "bf16", "fwd"), ("knn", "bank", "bf16", "fwd")), since="2026-12-01",
+           until="2026-12-04", decided="counted: 1.35x faster at 60k in both runs of the narrow tiles, "
+                                       "never slower; the bank within 3%"),
     Switch("DAAL_KNN_SPLITS", "model", "waves", "triton_wave_splits",
-           (("knn", "eval60k", "bf16", "fwd"), ("knn", "bank", "bf16", "fwd"), ("knn", "bank", "bf16", "fwdbwd")), since="2026-12-01"),
+           (("knn", "eval60k", "bf16", "fwd"), ("knn", "bank", "bf16", "fwd"), ("knn", "bank", "bf16", "fwdbwd")),
+           since="2026-12-01", until="2026-12-04",
+           decided="model: 2.3-2.4x faster at 60k in three runs (the waves' grid needs 1.8 GB of slots); "
+                   "the bank within 10% either way"),
     Switch("DAAL_LM_OWN_SEG", "lists", "atomic", "triton_atomic_own",
            (("line_margin", "classes100k", "bf16", "fwdbwd"), ("line_margin", "classes100k", "bf16", "bwd"),
-            ("loss", "dml", "fp32", "fwdbwd")), memory=True, since="2026-12-01"),
+            ("loss", "dml", "fp32", "fwdbwd")), memory=True, since="2026-12-01", until="2026-12-04",
+           decided="lists: 418 MB against 711 MB of peak memory at 100k classes, as fast or faster "
+                   "in 6 of 7 timed rows"),
     Switch("DAAL_GLUE", "fused", "aten", "triton_aten_glue",
-           (("loss", "dml", "fp32", "fwd"), ("loss", "dml", "fp32", "bwd"), ("loss", "dml", "fp32", "fwdbwd")), since="2026-11-30"),
+           (("loss", "dml", "fp32", "fwd"), ("loss", "dml", "fp32", "bwd"), ("loss", "dml", "fp32", "fwdbwd")),
+           since="2026-11-30", until="2026-12-04",
+           decided="fused: 1.55-3.14x faster in every row of the three runs of 2026-12-04, with less "
+                   "memory (the first run, with an earlier fused glue, read its backward 0.76x)"),
     Switch("DAAL_LAUNCHES", "merged", "separate", "triton_separate",
            (("loss", "dml", "fp32", "fwd"), ("loss", "dml", "fp32", "bwd"), ("loss", "dml", "fp32", "fwdbwd"),
-            ("knn", "dml", "bf16", "fwd"), ("line_margin", "dml", "bf16", "fwdbwd")), since="2026-12-01"),
+            ("knn", "dml", "bf16", "fwd"), ("line_margin", "dml", "bf16", "fwdbwd")), since="2026-12-01",
+           until="2026-12-04", decided="merged: 1.23-1.56x faster forward in three runs, faster in 11 "
+                                       "of 14 timed rows, slower in 2"),
     # the table tiles' loads: timed until the narrow tiles (always through descriptors) became
     # the default on 2026-12-04; the variable still chooses the table tiles' loads
     Switch("DAAL_KNN_LOADS", "pointer", "tma", "triton_tma",
@@ -244,12 +267,18 @@ SWITCHES: Tuple[Switch, ...] = (
            (("knn", "eval60k", "bf16", "fwd"), ("knn", "bank", "bf16", "fwd")), since="2026-12-02",
            until="2026-12-04"),
     # the narrow tiles (64 x 128 through descriptors) beside the table's 128 x 128 they replaced
-    # and the wide 256 x 128 (the 2026-12-04 run timed the narrow ones by bench/tune_knn.py alone)
+    # and the wide 256 x 128 (the 2026-12-04 run timed the narrow ones by bench/tune_knn.py alone):
+    # timed only by the two runs of 2026-12-04's evening, which recorded their switches (so no
+    # date falls within [since, until])
     Switch("DAAL_KNN_TILES", "narrow", "table", "triton_table",
            (("knn", "eval60k", "bf16", "fwd"), ("knn", "bank", "bf16", "fwd"), ("knn", "bank", "bf16", "fwdbwd"),
-            ("knn", "dml", "bf16", "fwd")), since="2026-12-05"),
+            ("knn", "dml", "bf16", "fwd")), since="2026-12-05", until="2026-12-04",
+           decided="narrow where the query rows fill the GPU: 1.35-1.38x faster at 60k in two runs; the "
+                   "table's tiles elsewhere (the narrow policy's own choice since a451bdb, after the "
+                   "second run timed them faster on the bank)"),
     Switch("DAAL_KNN_TILES", "narrow", "wide", "triton_wide",
-           (("knn", "eval60k", "bf16", "fwd"), ("knn", "bank", "bf16", "fwd")), since="2026-12-05"),
+           (("knn", "eval60k", "bf16", "fwd"), ("knn", "bank", "bf16", "fwd")), since="2026-12-05",
+           until="2026-12-04", decided="narrow: 1.11x faster at 60k and 1.18x on the bank in two runs"),
     # the lean epilogue (padded norms read unmasked, float32 counts, the narrow entry's diagonal
     # branch) beside the plain one it replaced: no GPU has timed either against the other
     Switch("DAAL_KNN_EPILOGUE", "lean", "plain", "triton_plain",
@@ -266,54 +295,41 @@ SWITCHES: Tuple[Switch, ...] = (
            (("knn", "bank_d129", "bf16", "fwd"), ("knn", "bank_d129", "bf16", "fwdbwd"),
             ("pairwise", "large_d129", "bf16", "fwdbwd")), memory=True, since="2026-12-02"),
 )
-#: The cases the switches compare: (op, shape, dtype, pass, provider), the default's and the
-#: alternative's.
-SWITCH_CASES = frozenset(case + (prov,) for sw in SWITCHES for case in sw.cases for prov in ("triton", sw.provider))
+#: The cases the timed switches compare: (op, shape, dtype, pass, provider), the default's and
+#: the alternative's.
+#: The switches the runs still time (neither decided nor retired with their design).
+TIMED_SWITCHES: Tuple[Switch, ...] = tuple(sw for sw in SWITCHES if not sw.until)
+SWITCH_CASES = frozenset(case + (prov,) for sw in TIMED_SWITCHES for case in sw.cases for prov in ("triton", sw.provider))
 #: Time differences within this fraction are not a decision (run-to-run noise of a median).
 SWITCH_NOISE = 0.03
 
 
 # What ``bench/gpu_check.sh`` runs (profile "check"): (op, shape) -> dtypes, providers, passes.
 CHECK: Dict[Tuple[str, str], List[dict]] = {
-    # the merge before 2026-12-01 (DAAL_KNN_MERGE=checked) beside the counted one
-    # and the table's 128 x 128 tiles the narrow ones replaced (DAAL_KNN_TILES=table)
-    # and its wide tiles (DAAL_KNN_TILES=wide: 85 FLOP per L2 byte, the way past 60% of matmul?)
-    # and the plain epilogue the lean one replaced (DAAL_KNN_EPILOGUE=plain)
+    # (the switches decided by the GPU runs, ``Switch.decided``, are no longer timed here: the
+    # checked merge, the wave splits, the table and wide tiles on these shapes, the atomic own-class
+    # rows, PyTorch's glue, the separate launches)
+    # the plain epilogue the lean one replaced (DAAL_KNN_EPILOGUE=plain)
     # and the Gluon forwards (DAAL_KNN_TILES=gluon, gluon128: the queries resident in shared memory)
     ("knn", "eval60k"): [dict(dtypes=("bf16",), providers=("triton", "chunked", "triton_gluon", "triton_gluon128",
-                                                        "triton_plain",
-                                                        "triton_table",
-                                                        "triton_wide", "triton_checked_merge",
-                                                        "triton_wave_splits", "eager"))],
+                                                        "triton_plain", "eager"))],
     ("line_margin", "classes100k"): [
         dict(dtypes=("bf16",), providers=("triton", "eager", "compile")),
-        # the own-class segment rows by atomics (DAAL_LM_OWN_SEG=atomic): the forward is the same
-        dict(dtypes=("bf16",), providers=("triton_atomic_own",), passes=("bwd", "fwdbwd")),
         dict(dtypes=("fp32",), providers=("triton", "eager"))],
-    # the fused glue (issue 13) timed beside the glue of plain PyTorch operators it replaced
-    # and the module through torch.cuda.make_graphed_callables (README, "Small batches")
-    # and the own-class segment rows by atomics (DAAL_LM_OWN_SEG=atomic: one launch fewer)
-    # and one launch per kernel (DAAL_LAUNCHES=separate), as before the merged launches
-    ("loss", "dml"): [dict(dtypes=("fp32",), providers=("triton", "eager", "triton_aten_glue", "triton_graphed",
-                                                       "triton_separate")),
-                      dict(dtypes=("fp32",), providers=("triton_atomic_own",), passes=("fwdbwd",))],
+    # the module through torch.cuda.make_graphed_callables (README, "Small batches")
+    ("loss", "dml"): [dict(dtypes=("fp32",), providers=("triton", "eager", "triton_graphed"))],
     # the loss's in-batch kNN: launch-bound, where the finish's launch count shows
     ("knn", "dml"): [dict(dtypes=("bf16",), providers=("triton",), passes=("fwd", "fwdbwd")),
-                     dict(dtypes=("bf16",), providers=("triton_separate", "triton_table", "triton_plain"),
-                          passes=("fwd",))],
-    ("knn", "bank"): [dict(dtypes=("bf16",), providers=("triton", "chunked", "eager", "triton_wave_splits",
-                                                     "triton_table"),
-                           passes=("fwd", "fwdbwd")),
-                      dict(dtypes=("bf16",), providers=("triton_checked_merge", "triton_wide", "triton_plain"),
-                           passes=("fwd",))],
+                     dict(dtypes=("bf16",), providers=("triton_plain",), passes=("fwd",))],
+    ("knn", "bank"): [dict(dtypes=("bf16",), providers=("triton", "chunked", "eager"), passes=("fwd", "fwdbwd")),
+                      dict(dtypes=("bf16",), providers=("triton_plain",), passes=("fwd",))],
     ("pairwise", "large"): [dict(dtypes=("bf16", "fp32"), providers=("triton", "eager"))],
     # an odd width: the padded rows beside the unaligned ones (DAAL_ALIGN_D=off)
     ("knn", "bank_d129"): [dict(dtypes=("bf16",), providers=("triton", "triton_unaligned", "chunked"),
                                 passes=("fwd", "fwdbwd"))],
     ("pairwise", "large_d129"): [dict(dtypes=("bf16",), providers=("triton", "triton_unaligned"),
                                       passes=("fwdbwd",))],
-    ("line_margin", "dml"): [dict(dtypes=("bf16",), providers=("triton", "eager")),
-                             dict(dtypes=("bf16",), providers=("triton_separate",), passes=("fwdbwd",))],
+    ("line_margin", "dml"): [dict(dtypes=("bf16",), providers=("triton", "eager"))],
     ("line_margin", "large"): [dict(dtypes=("bf16",), providers=("triton", "eager"), passes=("fwdbwd",))],
     ("line_margin", "classes11k"): [dict(dtypes=("bf16",), providers=("triton", "eager"), passes=("fwdbwd",))],
     # 1M classes: Triton only fits; eager and compile are recorded (skipped by the memory estimate,
@@ -427,8 +443,8 @@ def order_key(case: Case) -> Tuple[bool, int]:
     target compares come first, case by case (not every provider and pass of a target's shape):
 
     0. the comparisons of :data:`FIRST_KEYS`' targets (Triton and the provider it is compared with);
-    1. the internal switches on those shapes (``SWITCHES``: the kNN's wide tiles and descriptor
-       loads at 60k, the loss's glue and launches at B = 180: the designs that may reach them);
+    1. the internal switches still timed on those shapes (``TIMED_SWITCHES``: the kNN's Gluon
+       forwards and plain epilogue at 60k: the designs that may reach its target);
     2. the other targets' comparisons;
     3. the training-step cases no target compares (the DAAL reference's step, ProxyAnchor's at
        11k classes): right after the targets' steps, within the training step's time slice

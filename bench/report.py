@@ -430,10 +430,10 @@ def _reading(ratio: float, above: str, below: str, what: str) -> str:
     return above if ratio > 1 else below
 
 
-def switches_table(run: dict, heading_level: int = 2) -> List[str]:
-    """The internal switches kept until a GPU run decides (``cases.SWITCHES``): per case, the
-    default's and the alternative's times, their ratio, peak memory, and what the numbers say
-    (a difference within ``SWITCH_NOISE`` decides nothing)."""
+def switch_rows(run: dict) -> List[Tuple[object, tuple, str, str]]:
+    """``(switch, case, table row, reading)`` for each internal switch (``cases.SWITCHES``) the run
+    timed and each of its cases: the default's and the alternative's times, their ratio, peak
+    memory, and what the numbers say (a difference within ``SWITCH_NOISE`` decides nothing)."""
     rows = []
     date = str(run.get("env", {}).get("date", ""))[:10]
     for sw in SWITCHES:
@@ -455,8 +455,15 @@ def switches_table(run: dict, heading_level: int = 2) -> List[str]:
             if sw.memory and ok(d) and ok(a) and d.get("peak_extra_bytes") and a.get("peak_extra_bytes"):
                 reading += "; " + _reading(a["peak_extra_bytes"] / d["peak_extra_bytes"],
                                            f"less memory: {sw.default}", f"less memory: {sw.alternative}", "memory ")
-            rows.append(f"| `{sw.env}` | {' '.join(key[1:])} | {fmt_time(td) if td else '—'} | "
-                        f"{fmt_time(ta) if ta else '—'} | {shown} | {rounds} | {mem} | {reading} |")
+            rows.append((sw, key, f"| `{sw.env}` | {' '.join(key[1:])} | {fmt_time(td) if td else '—'} | "
+                                  f"{fmt_time(ta) if ta else '—'} | {shown} | {rounds} | {mem} | {reading} |",
+                         (shown + " " + reading) if td and ta else ""))
+    return rows
+
+
+def switches_table(run: dict, heading_level: int = 2) -> List[str]:
+    """The internal switches the run timed (:func:`switch_rows`), as a Markdown table."""
+    rows = [row for _sw, _key, row, _reading in switch_rows(run)]
     if not rows:
         return []
     h = "#" * heading_level
@@ -466,6 +473,31 @@ def switches_table(run: dict, heading_level: int = 2) -> List[str]:
             "memory default / alternative.", "",
             "| switch | case | default | alternative | alternative / default | rounds | peak memory | reading |",
             "|---|---|---|---|---|---|---|---|"] + rows + [""]
+
+
+def decided_readings(sw, runs: List[dict]) -> List[Tuple[str, str]]:
+    """``(run name, "ratio reading")`` of a switch's first case, the one that decides it, in each
+    run that timed both sides of it."""
+    return [(run["name"], reading) for run in runs for o, key, _row, reading in switch_rows(run)
+            if o is sw and key == sw.cases[0] and reading]
+
+
+def decided_table(runs: List[dict], heading_level: int = 2) -> List[str]:
+    """The switches the runs decided (``Switch.decided``): the default kept, the alternative no
+    longer timed, why, and every run's reading of the case that decides it."""
+    rows = []
+    for sw in SWITCHES:
+        if sw.decided:
+            seen = "; ".join(f"`{name}` {reading}" for name, reading in decided_readings(sw, runs)) or "—"
+            rows.append(f"| `{sw.env}` | {sw.default} | {sw.alternative} | {sw.decided} | "
+                        f"{' '.join(sw.cases[0][1:])} | {seen} |")
+    if not rows:
+        return []
+    h = "#" * heading_level
+    return [f"{h}# Switches decided", "",
+            "Kept: the default; no longer timed: the alternative (its variable still selects it). Each run's "
+            "reading of the case that decides: time(alternative) / time(default) and what it says.", "",
+            "| switch | kept | alternative | decided | case | readings |", "|---|---|---|---|---|---|"] + rows + [""]
 
 
 def work_model_table(run: dict, heading_level: int = 2) -> List[str]:
@@ -750,8 +782,10 @@ the loss's host time besides the kernels on a CPU; `work_model.py` models the fl
 (printed beside a run's measured times; `python bench/work_model.py B,C,D` prints it alone);
 `knn_merge_model.py` counts the kNN forward's merge rounds and block-wide reductions per tile
 for both merges (a CPU replay of the selection, counts not times). Each run's report sets every
-internal switch kept until a GPU run decides (`cases.SWITCHES`: the kNN's merge, splits, loads and tiles, the line margin's own-class rows, the loss's glue, the merged launches, the padding of odd widths) beside its alternative, case by case, with what
-the numbers say.
+internal switch it timed (`cases.SWITCHES`: the kNN's merge, splits, loads, tiles, epilogue and Gluon forwards, the line margin's own-class rows, the loss's glue, the merged launches, the padding of odd widths) beside its alternative, case by case, with what
+the numbers say. A switch the runs have decided is no longer timed (`Switch.decided`; its variable
+still selects the alternative): "Switches decided" below lists each with every run's reading of
+the case that decides it.
 
 Each case is (shape, precision, provider, pass):
 
@@ -874,6 +908,7 @@ def readme(results_dir: str) -> str:
         lines.append(f"- [`{r['name']}`]({rel}/{r['name']}/) — {gpu}, torch {r['env'].get('torch', '?')}, "
                      f"triton {r['env'].get('triton', '?')}, profile {r['env'].get('profile', '?')}")
     lines.append("")
+    lines += decided_table([load_run(d) for d in runs], heading_level=2)
     for d in reversed(runs):
         lines += run_report(load_run(d), heading_level=3)
     return "\n".join(lines)

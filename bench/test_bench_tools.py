@@ -68,9 +68,9 @@ def test_check_profile_runs_the_targets_comparisons_first():
     assert first == {("knn", "eval60k", "bf16", "fwd", "triton"), ("knn", "eval60k", "bf16", "fwd", "chunked"),
                      ("loss", "dml", "fp32", "fwdbwd", "triton"), ("loss", "dml", "fp32", "fwdbwd", "eager")}
     assert every[:len(first)] == run(0)
-    # the switches at those shapes: the 60k kNN's wide and table tiles among them
-    assert {("eval60k", "triton_wide"), ("eval60k", "triton_table"), ("dml", "triton_aten_glue")} <= {
-        (c.shape, c.provider) for c in run(1)}
+    # the switches still timed at those shapes: the 60k kNN's Gluon forwards and plain epilogue
+    assert {(c.shape, c.provider) for c in run(1)} == {("eval60k", "triton_gluon"), ("eval60k", "triton_gluon128"),
+                                                      ("eval60k", "triton_plain")}
     assert every[len(first):len(first) + len(run(1))] == run(1)
     marked = {(c.op, c.shape, c.dtype, c.pass_, c.provider) for c in light if c.target}
     assert marked == {(c.op, c.shape, c.dtype, c.pass_, c.provider) for c in run(0) + run(2)}
@@ -629,6 +629,7 @@ def test_gpu_check_rehearsal_on_cpu(tmp_path):
     # the code that ran, tied to the run (a checkout's digest is the same when its code is)
     assert env_json["source_sha256"] == report.source_digest(os.path.dirname(HERE))
     assert env_json["switches"] == [[sw.env, sw.default, sw.alternative] for sw in bc.SWITCHES if not sw.until]
+    assert not any(sw.decided for sw in bc.SWITCHES if [sw.env, sw.default, sw.alternative] in env_json["switches"])
     assert "source digest: " + env_json["source_sha256"][:16] in (out / "report.md").read_text()
     cases = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
     statuses = sorted({c.get("status") for c in cases if c.get("kind") == "case"})
@@ -904,6 +905,33 @@ def test_every_switch_is_timed_on_both_sides_by_the_check():
                 assert (shape, dtype, provider, pass_) in checked, (sw.env, op, shape, provider, pass_)
 
 
+def test_decided_switches_are_backed_by_the_runs_and_no_longer_timed():
+    """A switch marked decided (``Switch.decided``) is retired from the check (``until`` set, its
+    alternative not among the check's cases on its shapes, not recorded by new runs) and the
+    committed runs back it: on its first case, at least two runs read its default faster (or,
+    for a ``memory`` switch, leaner) and none its alternative faster. The README lists it."""
+    runs = [report.load_run(d) for d in report.find_runs(os.path.join(HERE, "results"))]
+    decided = [sw for sw in bc.SWITCHES if sw.decided]
+    assert {sw.env for sw in decided} >= {"DAAL_KNN_MERGE", "DAAL_KNN_SPLITS", "DAAL_GLUE", "DAAL_LAUNCHES"}
+    checked = {(c.op, c.shape, c.dtype, c.pass_, c.provider) for op in bc.PROVIDERS for c in bc.cases_for(op, "check")}
+    for sw in decided:
+        assert sw.until and sw not in bc.TIMED_SWITCHES, sw
+        assert not any(case + (sw.provider,) in checked for case in sw.cases), sw
+        readings = [r for _name, r in report.decided_readings(sw, runs)]
+        backing = [r for r in readings if f"{sw.default} faster" in r or (sw.memory and f"less memory: {sw.default}" in r)]
+        assert len(backing) >= 2 and not any(f"{sw.alternative} faster" in r for r in readings), (sw.env, readings)
+    table = report.decided_table(runs)
+    assert sum(line.startswith("| `") for line in table) == len(decided)
+    assert "\n".join(table) in open(os.path.join(HERE, "README.md")).read()
+    # a reading against the decision would show: the same runs with the alternative twice as fast
+    sw = decided[0]
+    key = sw.cases[0]
+    flipped = [dict(r, cases={**r["cases"], key + (sw.provider,): dict(r["cases"][key + ("triton",)],
+                                                                       median_s=r["cases"][key + ("triton",)]["median_s"] / 2)})
+               for r in runs if key + ("triton",) in r["cases"] and key + (sw.provider,) in r["cases"]]
+    assert any(f"{sw.alternative} faster" in r for _n, r in report.decided_readings(sw, flipped))
+
+
 def test_switches_table_reads_each_case():
     def rec(median, peak=None):
         return {"status": "ok", "median_s": median, "peak_extra_bytes": peak}
@@ -959,12 +987,17 @@ def test_switches_apply_to_the_runs_that_timed_them():
                                                               ("narrow", "gluon128")}
     old = next(sw for sw in tiles if sw.default == "table")
     new = [sw for sw in tiles if sw.default == "narrow"]
-    assert old.until == "2026-12-04" and all(not sw.until for sw in new)
+    # the narrow tiles against the table's and the wide ones: decided by the two runs of
+    # 2026-12-04's evening, which recorded their switches (no date falls within since..until)
+    decided = [sw for sw in new if sw.decided]
+    assert old.until == "2026-12-04" and {sw.alternative for sw in decided} == {"table", "wide"}
+    assert all(sw.until and sw.until < sw.since for sw in decided)
+    assert all(not sw.until for sw in new if not sw.decided)  # the Gluon forwards: still timed
     run_1204 = {"date": "2026-12-04T15:35:30+00:00"}
     assert old.applies_to(run_1204) and not any(sw.applies_to(run_1204) for sw in new)
     assert not old.applies_to({"date": "2026-12-01T00:00:00"})  # before it came in
     later = {"date": "2026-12-09T00:00:00"}
-    assert not old.applies_to(later) and all(sw.applies_to(later) for sw in new)
+    assert not old.applies_to(later) and [sw.applies_to(later) for sw in new] == [not sw.decided for sw in new]
     # a run that recorded its switches is read by them, whatever its date
     recorded = {"date": "2026-12-04T20:00:00", "switches": [["DAAL_KNN_TILES", "narrow", "table"]]}
     assert [sw.alternative for sw in new if sw.applies_to(recorded)] == ["table"] and not old.applies_to(recorded)
@@ -1063,15 +1096,17 @@ def test_targets_carry_their_caveats_and_switches_their_rounds(tmp_path):
     targets; a switch decided on fewer than FEW_ROUNDS timed rounds is marked indicative."""
     run = _synthetic_run(tmp_path / "2099-01-01-testgpu")
     env = dict(kind="env", date="2099-01-01T00:00:00")
-    dims = dict(bc.SHAPES["loss"]["dml"])
-    extra = [dict(kind="case", op="loss", shape="dml", dtype="fp32", pass_="fwd", provider=p, dims=dims,
-                  status="ok", median_s=t, rounds=r) for p, t, r in (("triton", 1.3e-3, 30), ("triton_aten_glue", 1.2e-3, 1))]
+    sw = next(s for s in bc.TIMED_SWITCHES if s.env == "DAAL_KNN_EPILOGUE")
+    op, shape, dtype, pass_ = next(c for c in sw.cases if c[1] == "dml")
+    dims = dict(bc.SHAPES[op][shape])
+    extra = [dict(kind="case", op=op, shape=shape, dtype=dtype, pass_=pass_, provider=p, dims=dims,
+                  status="ok", median_s=t, rounds=r) for p, t, r in (("triton", 1.3e-3, 30), (sw.provider, 1.2e-3, 1))]
     with open(run / "records.jsonl", "a") as f:
         f.write("\n" + "\n".join(json.dumps(r) for r in [env] + extra) + "\n")
     text = "\n".join(report.run_report(report.load_run(str(run))))
     assert "tests failed" not in text and "measured on TestGPU, not an H200" in text
-    row = next(line for line in text.splitlines() if line.startswith("| `DAAL_GLUE` | dml fp32 fwd |"))
-    assert "| 30 / 1 |" in row and "aten faster (indicative: 1 timed round)" in row, row
+    row = next(line for line in text.splitlines() if line.startswith(f"| `{sw.env}` | {shape} {dtype} {pass_} |"))
+    assert "| 30 / 1 |" in row and f"{sw.alternative} faster (indicative: 1 timed round)" in row, row
     (run / "gpu_tests.xml").write_text('<testsuite name="pytest" tests="2" failures="1" errors="0" skipped="0">'
                                        '<testcase classname="m" name="x"><failure/></testcase></testsuite>')
     text = "\n".join(report.run_report(report.load_run(str(run))))

@@ -23,7 +23,8 @@ from .validation import (
 )
 
 
-#: Environment switch of the Triton backend's glue (internal, for timing until a GPU run decides):
+#: Environment switch of the Triton backend's glue (internal; the GPU runs decided for "fused",
+#: bench/README.md "Switches decided"; "aten" stays selectable, no longer timed):
 #: "fused" (default: the fused prepare / density / combine kernels) or "aten" (the reference's
 #: PyTorch step functions around the fused kNN and line margin, the design before issue 13).
 GLUE_ENV = "DAAL_GLUE"

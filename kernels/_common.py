@@ -242,7 +242,8 @@ def compute_dtype(op: str, *tensors: torch.Tensor) -> torch.dtype:
 #: nothing to a dot product or a squared distance, and the D-chunks are the same, so the results
 #: are those of the unpadded kernels. Cost: one copy of the (M + N) x D inputs per call, against
 #: the M x N x D work. ``DAAL_ALIGN_D=off`` launches the unaligned rows as before 2026-12-02;
-#: kept until a GPU run times both (the benchmarks' ``triton_unaligned`` provider).
+#: timed by every GPU run beside the padding until they decide (the benchmarks'
+#: ``triton_unaligned`` provider; the first three runs were split: bench/README.md).
 ALIGN = 16
 ALIGN_ENV = "DAAL_ALIGN_D"
 ALIGN_POLICIES = ("pad", "off")
@@ -663,8 +664,8 @@ def row_sqnorms(x: torch.Tensor, precision: str = "ieee", pad: int = 1) -> torch
 #: (the default; the line margin's own-class rows and class statistics in one launch, its
 #: forward's merge inside the GEMM kernel when the grid has one class split, the last chunk's
 #: segment epilogue with the dX kernel; docs/kernels.md, "Fewer launches") or ``"separate"``
-#: (``DAAL_LAUNCHES=separate``: one launch per kernel, as before 2026-12-01's evening; kept until
-#: a GPU run times both: the benchmarks' ``triton_separate`` provider). Read by each forward;
+#: (``DAAL_LAUNCHES=separate``: one launch per kernel, as before 2026-12-01's evening;
+#: decided by the GPU runs for the default (bench/README.md, "Switches decided"), still selectable, no longer timed: the benchmarks' ``triton_separate`` provider). Read by each forward;
 #: its backward follows the forward's choice.
 LAUNCHES_ENV = "DAAL_LAUNCHES"
 LAUNCH_POLICIES = ("merged", "separate")

@@ -46,8 +46,8 @@ too few programs for the GPU, per one of ``S`` contiguous column ranges of the r
    return_indices=True)``, ties -> the smaller column); rows where it beats the worst overwrite
    their worst slot with it and recompute the worst, and every row masks the entry it just
    looked at. No block-wide reduction inside the rounds; a tile without candidates runs none.
-   (The checked merge, ``DAAL_KNN_MERGE=checked``, kept for k <= 16 until a GPU times both,
-   runs rounds while any row's smallest beats its worst: a block-wide test each, and one more
+   (The checked merge, ``DAAL_KNN_MERGE=checked``, selectable for k <= 16 (the GPU runs
+   decided for the counted one), runs rounds while any row's smallest beats its worst: a block-wide test each, and one more
    round that finds nothing; the same slots, bit for bit.) Columns arrive in increasing
    order within a program, so a tie with the worst never displaces it (it has the smaller
    index). Empty slots hold ``(inf, -1 - slot)`` so every slot is distinct. The float16/bfloat16
@@ -872,8 +872,8 @@ FINISH_LAUNCH_TILES = 1.0
 FUSED_FINISH_KP = 16
 #: How the forward's column splits are chosen: ``"model"`` (default: :func:`_num_splits` with
 #: :data:`PROGRAM_OVERHEAD_TILES`), or ``"waves"`` (``DAAL_KNN_SPLITS=waves``: whole waves and
-#: the fewest tiles per program, no cost per program: the first run's choice, S = 157 above; kept
-#: until a GPU run times both: the benchmarks' ``triton_wave_splits`` provider).
+#: the fewest tiles per program, no cost per program: the first run's choice, S = 157 above;
+#: decided by the GPU runs for the default (bench/README.md, "Switches decided"), still selectable, no longer timed: the benchmarks' ``triton_wave_splits`` provider).
 SPLIT_POLICIES = ("model", "waves")
 SPLIT_POLICY = os.environ.get("DAAL_KNN_SPLITS", "model")
 
@@ -881,7 +881,7 @@ SPLIT_POLICY = os.environ.get("DAAL_KNN_SPLITS", "model")
 #: How the forward merges a tile into the running top-k (:func:`_knn_merge_tile`): "counted"
 #: (the default: as many rounds as the tile's most candidates in a row, counted once) or
 #: "checked" (``DAAL_KNN_MERGE=checked``: rounds while any row takes, a block-wide check each;
-#: the merge before 2026-12-01, kept until a GPU run times both: the benchmarks'
+#: the merge before 2026-12-01; decided by the GPU runs for the default (bench/README.md, "Switches decided"), still selectable, no longer timed: the benchmarks'
 #: ``triton_checked_merge`` provider, k = 8). Read at every forward; the checked merge is kept
 #: (and compiled by the tests) for the ``CHECKED_ENTRY`` forward only (k <= 16), the others
 #: always count.
@@ -917,8 +917,8 @@ def loads_policy() -> str:
 #: ``fwd_kp*`` entries, the default before, whose loads ``DAAL_KNN_LOADS`` chooses) or "wide"
 #: (``DAAL_KNN_TILES=wide``: :data:`WIDE_ENTRY`, 256 x 128 tiles on 8 warps, loaded through
 #: tensor descriptors, where :func:`forward_entry` says so). Wide tiles read 85 FLOP per L2
-#: byte instead of 64; table and wide are kept beside the narrow tiles until a GPU run times
-#: them in the benchmark itself (the ``triton_table`` and ``triton_wide`` providers;
+#: byte instead of 64; table and wide stay selectable beside the narrow tiles, which two GPU runs
+#: decided for (the ``triton_table`` and ``triton_wide`` providers, no longer timed;
 #: docs/kernels.md, "Narrow tiles through descriptors", "Wider tiles"). "gluon"
 #: (``DAAL_KNN_TILES=gluon``, since 2026-12-04's night: :data:`GLUON_ENTRY`, the Gluon forward of
 #: kernels/knn_gluon.py, its queries resident in shared memory, 64 rows per program, where
