@@ -34,7 +34,10 @@ One benchmark case is one (operator, shape, precision, provider, pass):
   kernels/knn.py, ``EPILOGUE_ENV``), ``triton_gluon`` (the kNN with its forward in Gluon, the
   queries resident in shared memory, ``DAAL_KNN_TILES=gluon``, on sm_90 where the narrow tiles
   would run: kernels/knn_gluon.py), ``triton_gluon128`` (the same with 128 query rows per
-  program on two warpgroups, ``DAAL_KNN_TILES=gluon128``),
+  program on two warpgroups, ``DAAL_KNN_TILES=gluon128``), ``triton_threshold`` (the kNN
+  selected by a threshold from a 1 / 16 sample, a filter that lists the few entries below it and
+  a selection among them, ``DAAL_KNN_SELECT=threshold``: kernels/knn_threshold.py; where it
+  applies: float16/bfloat16, no labels, k <= 16),
   ``triton_unaligned`` (the kNN or the pairwise distance at a width that is no multiple of 16
   on its unpadded rows, as before 2026-12-02, ``DAAL_ALIGN_D=off``, beside the rows padded to
   16 columns that replaced them: kernels/_common.py, ``ALIGN_ENV``; the ``*_d129`` shapes).
@@ -75,7 +78,7 @@ PROVIDERS = {
     "pairwise": ("triton", "eager", "compile", "triton_unaligned"),
     "knn": ("triton", "eager", "compile", "chunked", "triton_wave_splits", "triton_checked_merge",
             "triton_separate", "triton_table", "triton_wide", "triton_unaligned", "triton_plain",
-            "triton_gluon", "triton_gluon128"),
+            "triton_gluon", "triton_gluon128", "triton_threshold"),
     "line_margin": ("triton", "eager", "compile", "triton_atomic_own", "triton_separate"),
     "loss": ("triton", "eager", "compile", "triton_aten_glue", "triton_graphed", "triton_atomic_own",
              "triton_separate"),
@@ -291,6 +294,10 @@ SWITCHES: Tuple[Switch, ...] = (
     # and its 128-row variant (two warpgroups sharing the ring: half the L2 traffic, one program per SM)
     Switch("DAAL_KNN_TILES", "narrow", "gluon128", "triton_gluon128", (("knn", "eval60k", "bf16", "fwd"),),
            since="2026-12-05"),
+    # selection by a threshold instead of the running merge (kernels/knn_threshold.py): a
+    # candidate no GPU has run
+    Switch("DAAL_KNN_SELECT", "merge", "threshold", "triton_threshold",
+           (("knn", "eval60k", "bf16", "fwd"), ("knn", "bank", "bf16", "fwd")), memory=True, since="2026-12-05"),
     Switch("DAAL_ALIGN_D", "pad", "off", "triton_unaligned",
            (("knn", "bank_d129", "bf16", "fwd"), ("knn", "bank_d129", "bf16", "fwdbwd"),
             ("pairwise", "large_d129", "bf16", "fwdbwd")), memory=True, since="2026-12-02"),
@@ -311,8 +318,10 @@ CHECK: Dict[Tuple[str, str], List[dict]] = {
     # rows, PyTorch's glue, the separate launches)
     # the plain epilogue the lean one replaced (DAAL_KNN_EPILOGUE=plain)
     # and the Gluon forwards (DAAL_KNN_TILES=gluon, gluon128: the queries resident in shared memory)
+    # and the selection by a threshold (DAAL_KNN_SELECT=threshold; after the others: a kernel no GPU
+    # has run, unlike the Gluon forwards not vetted in a child process first)
     ("knn", "eval60k"): [dict(dtypes=("bf16",), providers=("triton", "chunked", "triton_gluon", "triton_gluon128",
-                                                        "triton_plain", "eager"))],
+                                                        "triton_plain", "triton_threshold", "eager"))],
     ("line_margin", "classes100k"): [
         dict(dtypes=("bf16",), providers=("triton", "eager", "compile")),
         dict(dtypes=("fp32",), providers=("triton", "eager"))],
@@ -322,7 +331,7 @@ CHECK: Dict[Tuple[str, str], List[dict]] = {
     ("knn", "dml"): [dict(dtypes=("bf16",), providers=("triton",), passes=("fwd", "fwdbwd")),
                      dict(dtypes=("bf16",), providers=("triton_plain",), passes=("fwd",))],
     ("knn", "bank"): [dict(dtypes=("bf16",), providers=("triton", "chunked", "eager"), passes=("fwd", "fwdbwd")),
-                      dict(dtypes=("bf16",), providers=("triton_plain",), passes=("fwd",))],
+                      dict(dtypes=("bf16",), providers=("triton_plain", "triton_threshold"), passes=("fwd",))],
     ("pairwise", "large"): [dict(dtypes=("bf16", "fp32"), providers=("triton", "eager"))],
     # an odd width: the padded rows beside the unaligned ones (DAAL_ALIGN_D=off)
     ("knn", "bank_d129"): [dict(dtypes=("bf16",), providers=("triton", "triton_unaligned", "chunked"),
@@ -443,8 +452,9 @@ def order_key(case: Case) -> Tuple[bool, int]:
     target compares come first, case by case (not every provider and pass of a target's shape):
 
     0. the comparisons of :data:`FIRST_KEYS`' targets (Triton and the provider it is compared with);
-    1. the internal switches still timed on those shapes (``TIMED_SWITCHES``: the kNN's Gluon
-       forwards and plain epilogue at 60k: the designs that may reach its target);
+    1. the internal switches still timed on those shapes (``TIMED_SWITCHES``: the kNN's
+       selection by a threshold, Gluon forwards and plain epilogue at 60k: the designs that may
+       reach its target);
     2. the other targets' comparisons;
     3. the training-step cases no target compares (the DAAL reference's step, ProxyAnchor's at
        11k classes): right after the targets' steps, within the training step's time slice
@@ -521,10 +531,20 @@ def _padded_rows_bytes(d: dict, prov: str, es: int) -> int:
     return (d["M"] + d["N"]) * -(-d["D"] // 16) * 16 * es
 
 
+#: kernels/knn_threshold.py's lists: CAP (512) slots of 8 bytes per query row, in row chunks of at
+#: most LIST_BYTES (256 MiB) (this module is torch-free: the values are repeated, and a test
+#: checks them against the kernel module's)
+THRESHOLD_LIST_ROW_BYTES = 512 * 8
+THRESHOLD_LIST_BYTES = 256 << 20
+
+
 def _knn_bytes(d: dict, prov: str, es: int) -> int:
     mn = d["M"] * d["N"]
     if prov.startswith("triton"):  # the kernel under any switch setting: the k slots and the splits'
-        return 16 * d["M"] * d["k"] + (64 << 20) + _padded_rows_bytes(d, prov, es)
+        lists = 0
+        if prov == "triton_threshold":  # its lists (kernels/knn_threshold.py: CAP slots of 8 bytes per row)
+            lists = min(d["M"] * THRESHOLD_LIST_ROW_BYTES, THRESHOLD_LIST_BYTES)
+        return 16 * d["M"] * d["k"] + (64 << 20) + lists + _padded_rows_bytes(d, prov, es)
     if prov == "chunked":
         rows = min(d["M"], knn_chunk_rows(d["N"]))
         return rows * d["N"] * (3 * es + 8) + (d["M"] + d["N"]) * d["D"] * 4

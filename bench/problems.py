@@ -196,6 +196,15 @@ class NotApplicable(ProviderMissing):
     reason = "does not apply here"
 
 
+def _prepared(q: torch.Tensor, r: torch.Tensor):
+    """The kNN inputs as its forward prepares them (``compute_dtype``, aligned rows)."""
+    from daal_triton.kernels import knn as kk
+
+    dtype = kk.compute_dtype("knn", q, r)
+    qp = kk.prepare(q.detach(), dtype, align=kk.align_rows())
+    return qp, (qp if r is q else kk.prepare(r.detach(), dtype, align=kk.align_rows()))
+
+
 def gluon_applies(variant: str, q: torch.Tensor, r: torch.Tensor, k: int, has_labels: bool) -> Optional[str]:
     """None where ``DAAL_KNN_TILES=variant`` runs the Gluon forward on these kNN inputs, else
     what runs instead (kernels/knn.py, ``forward_entry``: sm_90, the narrow tiles' rows, and
@@ -205,11 +214,22 @@ def gluon_applies(variant: str, q: torch.Tensor, r: torch.Tensor, k: int, has_la
     k = min(k, r.shape[0])  # as kk._knn_forward: at most N neighbours are selected
     if k > kk.MAX_K:
         return f"k = {k} takes the large-k path"
-    dtype = kk.compute_dtype("knn", q, r)  # the inputs as the forward prepares them
-    qp = kk.prepare(q.detach(), dtype, align=kk.align_rows())
-    rp = qp if r is q else kk.prepare(r.detach(), dtype, align=kk.align_rows())
+    qp, rp = _prepared(q, r)
     entry = _with_env(kk.TILES_ENV, variant, kk.forward_entry, qp, rp, kk.next_pow2(k), has_labels)
     return None if entry == kk.GLUON_POLICIES[variant] else f"the forward's entry here is {entry}"
+
+
+def threshold_applies(q: torch.Tensor, r: torch.Tensor, k: int, has_labels: bool) -> Optional[str]:
+    """None where ``DAAL_KNN_SELECT=threshold`` selects these kNN inputs by a threshold, else why
+    not (kernels/knn_threshold.py, ``eligible``, on the inputs as the forward prepares them)."""
+    from daal_triton.kernels import knn_threshold as kt
+
+    k = min(k, r.shape[0])
+    qp, rp = _prepared(q, r)
+    if kt.eligible(qp, rp, k, has_labels):
+        return None
+    return f"the threshold selection does not take {str(qp.dtype).replace('torch.', '')}, k = {k}" + (
+        ", labels" if has_labels else "") + f", {r.shape[0]} references"
 
 
 def operator_function(case: Case) -> Callable:
@@ -267,6 +287,10 @@ def setup_knn(case: Case, device: torch.device) -> Problem:
     fn = operator_function(case)
     if case.provider in GLUON_PROVIDERS:  # timed only where it runs, not the default under its name
         why = gluon_applies(GLUON_PROVIDERS[case.provider], q, r, k, "query_labels" in kw)
+        if why:
+            raise NotApplicable(why)
+    if case.provider == "triton_threshold":  # likewise
+        why = threshold_applies(q, r, k, "query_labels" in kw)
         if why:
             raise NotApplicable(why)
     g = torch.randn(d["M"], k, device=device, dtype=torch.float32)

@@ -50,6 +50,7 @@ PROVIDER_TITLES = {"triton": "Triton", "eager": "eager", "compile": "compile", "
                    "triton_tma": "Triton, TMA loads", "triton_wide": "Triton, wide tiles",
                    "triton_table": "Triton, table tiles", "triton_plain": "Triton, plain epilogue",
                    "triton_gluon": "Triton, Gluon forward", "triton_gluon128": "Triton, Gluon forward, 128 rows",
+                   "triton_threshold": "Triton, threshold selection",
                    "triton_unaligned": "Triton, unaligned rows"}
 #: Providers that earlier runs measured and the benchmarks no longer run: the line margin's first
 #: design and the kNN's aten finish, removed after the 2026-11-30 H200 run decided against them
@@ -782,7 +783,7 @@ the loss's host time besides the kernels on a CPU; `work_model.py` models the fl
 (printed beside a run's measured times; `python bench/work_model.py B,C,D` prints it alone);
 `knn_merge_model.py` counts the kNN forward's merge rounds and block-wide reductions per tile
 for both merges (a CPU replay of the selection, counts not times). Each run's report sets every
-internal switch it timed (`cases.SWITCHES`: the kNN's merge, splits, loads, tiles, epilogue and Gluon forwards, the line margin's own-class rows, the loss's glue, the merged launches, the padding of odd widths) beside its alternative, case by case, with what
+internal switch it timed (`cases.SWITCHES`: the kNN's merge, splits, loads, tiles, epilogue, Gluon forwards and selection by a threshold, the line margin's own-class rows, the loss's glue, the merged launches, the padding of odd widths) beside its alternative, case by case, with what
 the numbers say. A switch the runs have decided is no longer timed (`Switch.decided`; its variable
 still selects the alternative): "Switches decided" below lists each with every run's reading of
 the case that decides it.
@@ -813,7 +814,11 @@ Each case is (shape, precision, provider, pass):
   `DAAL_KNN_TILES=wide`, beside the default tiles of the run; docs/kernels.md "Wider tiles") and
   `Triton, plain epilogue` (its float16/bfloat16 forward's epilogue as before 2026-12-04's evening,
   `DAAL_KNN_EPILOGUE=plain`, beside the lean one: the same slots, fewer instructions per tile;
-  docs/kernels.md "A leaner epilogue"); for the kNN and the pairwise distance at D = 129 `Triton, unaligned
+  docs/kernels.md "A leaner epilogue"), the Gluon forwards (`Triton, Gluon forward`, `..., 128 rows`:
+  `DAAL_KNN_TILES=gluon`, `gluon128`; docs/kernels.md "Queries resident in shared memory") and
+  `Triton, threshold selection` (a bound from a 1/16 sample, a filter that lists the entries below
+  it, a selection among them, `DAAL_KNN_SELECT=threshold`; float16/bfloat16 without labels, skipped
+  elsewhere; docs/kernels.md "Selection by a threshold"); for the kNN and the pairwise distance at D = 129 `Triton, unaligned
   rows` (the kernels on the unpadded rows, `DAAL_ALIGN_D=off`, beside the rows padded to 144
   columns that replaced them; docs/kernels.md "Odd widths"). The first run also
   timed `Triton (aten finish)` (the kNN kernel with its earlier finish) and `Triton v1` (the line

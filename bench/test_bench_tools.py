@@ -70,7 +70,7 @@ def test_check_profile_runs_the_targets_comparisons_first():
     assert every[:len(first)] == run(0)
     # the switches still timed at those shapes: the 60k kNN's Gluon forwards and plain epilogue
     assert {(c.shape, c.provider) for c in run(1)} == {("eval60k", "triton_gluon"), ("eval60k", "triton_gluon128"),
-                                                      ("eval60k", "triton_plain")}
+                                                      ("eval60k", "triton_plain"), ("eval60k", "triton_threshold")}
     assert every[len(first):len(first) + len(run(1))] == run(1)
     marked = {(c.op, c.shape, c.dtype, c.pass_, c.provider) for c in light if c.target}
     assert marked == {(c.op, c.shape, c.dtype, c.pass_, c.provider) for c in run(0) + run(2)}
@@ -227,6 +227,26 @@ def test_gluon_providers_wait_for_their_variants_tests(tmp_path, monkeypatch):
     assert "failed" in problems.gluon_unvetted("gluon128") and problems.gluon_unvetted("gluon") is None
     canary.write_text("gluon128 pass a\n")
     assert callable(problems.operator_function(case))
+
+
+def test_the_threshold_provider_times_only_the_threshold_selection(monkeypatch):
+    """``triton_threshold``'s case is skipped ("does not apply here") where its setting would run
+    the merge (float32, labels, too few references): the default's time is never recorded under
+    its name; where the path applies it runs, and under its setting it takes that path."""
+    from daal_triton.kernels import knn_threshold as kt
+
+    x = torch.randn(2048, 64, dtype=torch.float16)
+    assert problems.threshold_applies(x, x, 8, False) is None
+    assert "float32" in problems.threshold_applies(x.float(), x.float(), 8, False)
+    assert "labels" in problems.threshold_applies(x, x, 8, True)
+    assert "1000 references" in problems.threshold_applies(x[:64], x[:1000], 8, False)
+    assert problems.ENV_PROVIDERS["triton_threshold"].alternative == "threshold"
+    with pytest.raises(problems.NotApplicable):  # the CPU smoke case: float32
+        problems.setup_knn(_tiny("knn", "triton_threshold", "fwd"), torch.device("cpu"))
+    calls = []
+    monkeypatch.setattr(kt, "select", lambda *a: calls.append(a) or (torch.zeros(1), torch.zeros(1)))
+    problems.operator_function(_tiny("knn", "triton_threshold", "fwd"))(x, x, 8, exclude_self=True)
+    assert len(calls) == 1
 
 
 def test_gluon_providers_time_only_the_gluon_forward(monkeypatch):
@@ -903,6 +923,17 @@ def test_every_switch_is_timed_on_both_sides_by_the_check():
             checked = {(c.shape, c.dtype, c.provider, c.pass_) for c in bc.cases_for(op, "check")}
             for provider in ("triton", sw.provider):
                 assert (shape, dtype, provider, pass_) in checked, (sw.env, op, shape, provider, pass_)
+
+
+def test_the_threshold_providers_memory_estimate_is_the_kernel_modules():
+    """The torch-free estimate of the threshold selection's lists repeats kernels/knn_threshold.py's
+    CAP and LIST_BYTES; at 60k queries the lists add 240 MiB to the estimate."""
+    from daal_triton.kernels import knn_threshold as kt
+
+    assert bc.THRESHOLD_LIST_ROW_BYTES == kt.CAP * 8 and bc.THRESHOLD_LIST_BYTES == kt.LIST_BYTES
+    case = next(c for c in bc.cases_for("knn", "check") if c.shape == "eval60k" and c.provider == "triton_threshold")
+    plain = next(c for c in bc.cases_for("knn", "check") if c.shape == "eval60k" and c.provider == "triton")
+    assert bc.estimate_bytes(case) - bc.estimate_bytes(plain) == 60000 * kt.CAP * 8
 
 
 def test_decided_switches_are_backed_by_the_runs_and_no_longer_timed():

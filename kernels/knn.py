@@ -72,6 +72,10 @@ program holds its rows' final slots, so the first selection runs over them in re
 family's forward and finish (and backward) take the same D-chunk, so the result is the same bit
 for bit and one launch is saved (the loss's B = 180 batch: docs/kernels.md, "Fewer launches").
 
+(``DAAL_KNN_SELECT=threshold``, a candidate: float16/bfloat16 searches without labels select
+the same neighbours without the running merge instead: a bound from a 1 / 16 sample, a filter
+that lists the few entries below it, a selection among them; kernels/knn_threshold.py.)
+
 (An earlier finish of PyTorch sorts, the recompute alone and a re-sort, ~20 launches more, was
 removed after the 2026-11-30 H200 run measured the fused one 1.45-3.3x faster; docs/kernels.md,
 "Measured results".)
@@ -416,15 +420,8 @@ def _knn_fwd_kernel(
                     widx, BLOCK_M, BLOCK_N, KP, HAS_LABELS, EXCLUDE_SELF, COUNTED, LEAN)
 
     if FINISH:  # one split: these slots are the rows' final candidates
-        key = _pair_key(topd, topi)
-        exact = tl.full([BLOCK_M, KP], _NO_KEY, tl.int64)
-        prev = tl.full([BLOCK_M], -1, tl.int64)
-        for t in range(0, K):
-            best = tl.min(tl.where(key > prev[:, None], key, _NO_KEY), axis=1)
-            prev = best
-            e = _exact_key(best, rows64, q_ptr, r_ptr, D, stride_q_m, stride_r_n, BLOCK_M, BLOCK_D)
-            exact = tl.where(slots[None, :] == t, e[:, None], exact)
-        _store_sorted(exact, rows64, rmask, dist_ptr, index_ptr, K, stride_dist_m, stride_index_m, BLOCK_M)
+        _knn_finish_slots(topd, topi, rows64, rmask, slots, q_ptr, r_ptr, dist_ptr, index_ptr, D, K,
+                          stride_q_m, stride_r_n, stride_dist_m, stride_index_m, BLOCK_M, BLOCK_D, KP)
     else:
         out = pid_s.to(tl.int64) * stride_top_s + rows64[:, None] * stride_top_m + slots[None, :]
         tl.store(top_s_ptr + out, topd, mask=rmask[:, None])
@@ -524,6 +521,25 @@ def _knn_finish_kernel(
             best = tl.minimum(best, tl.min(tl.where(key > prev[:, None], key, _NO_KEY), axis=1))
             ps += stride_top_s
             pi += stride_top_s
+        prev = best
+        e = _exact_key(best, rows64, q_ptr, r_ptr, D, stride_q_m, stride_r_n, BLOCK_M, BLOCK_D)
+        exact = tl.where(slots[None, :] == t, e[:, None], exact)
+    _store_sorted(exact, rows64, rmask, dist_ptr, index_ptr, K, stride_dist_m, stride_index_m, BLOCK_M)
+
+
+@triton.jit
+def _knn_finish_slots(topd, topi, rows64, rmask, slots, q_ptr, r_ptr, dist_ptr, index_ptr, D, K,
+                      stride_q_m, stride_r_n, stride_dist_m, stride_index_m, BLOCK_M: tl.constexpr,
+                      BLOCK_D: tl.constexpr, KP: tl.constexpr):
+    """A program's KP final slots per row (``topd``, ``topi``) in final form, as
+    ``_knn_finish_kernel`` writes them from one split: the K best by ``(s, j)``, recomputed
+    exactly, re-sorted, square root; rows outside ``rmask`` are not written (the forward's
+    ``FINISH``, and kernels/knn_threshold.py's rescan)."""
+    key = _pair_key(topd, topi)
+    exact = tl.full([BLOCK_M, KP], _NO_KEY, tl.int64)
+    prev = tl.full([BLOCK_M], -1, tl.int64)
+    for t in range(0, K):
+        best = tl.min(tl.where(key > prev[:, None], key, _NO_KEY), axis=1)
         prev = best
         e = _exact_key(best, rows64, q_ptr, r_ptr, D, stride_q_m, stride_r_n, BLOCK_M, BLOCK_D)
         exact = tl.where(slots[None, :] == t, e[:, None], exact)
@@ -1015,6 +1031,26 @@ def forward_entry(q: torch.Tensor, r: torch.Tensor, kp: int, has_labels: bool) -
     return entry
 
 
+#: How the forward selects: "merge" (the default: the running top-KP of every tile, above) or
+#: "threshold" (``DAAL_KNN_SELECT=threshold``: kernels/knn_threshold.py, a bound from a 1 / 16
+#: sample, a filter that lists the few entries below it, a selection among them; where
+#: :func:`knn_threshold.eligible` holds: float16/bfloat16, no labels, k <= 16, references of at
+#: least 1,024 rows). A candidate no GPU has timed (the benchmarks' ``triton_threshold``).
+SELECT_ENV = "DAAL_KNN_SELECT"
+SELECT_POLICIES = ("merge", "threshold")
+
+
+def select_policy() -> str:
+    """``DAAL_KNN_SELECT`` (default "merge"); ``ValueError`` for anything else."""
+    return env_choice(SELECT_ENV, SELECT_POLICIES)
+
+
+def knn_threshold():
+    """kernels/knn_threshold.py (imported on first use: it imports this module's helpers)."""
+    from . import knn_threshold as module
+    return module
+
+
 def knn_gluon():
     """kernels/knn_gluon.py (imported on first use: it imports this module's merge)."""
     from . import knn_gluon as module
@@ -1257,6 +1293,15 @@ def _knn_forward(query, ref, k, query_labels, ref_labels, exclude_self, splits):
     if query_labels is not None:
         ql = query_labels.to(torch.int64).contiguous()
         rl = ql if ref_labels is query_labels else ref_labels.to(torch.int64).contiguous()
+    if splits is None and select_policy() == "threshold" and knn_threshold().eligible(q, r, k, ql is not None):
+        return knn_threshold().select(q, r, k, exclude_self)
+    return _knn_merge_path(q, r, k, ql, rl, exclude_self, splits)
+
+
+def _knn_merge_path(q, r, k, ql, rl, exclude_self, splits):
+    """``(dist, index)`` of the prepared inputs by the running merge (the default forward, its
+    finish, or the k > MAX_K path): ``_knn_forward``'s work after the preparation."""
+    M, N = q.shape[0], r.shape[0]
     if k <= MAX_K:
         kp = next_pow2(k)
         entry = forward_entry(q, r, kp, ql is not None)

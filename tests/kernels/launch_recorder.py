@@ -79,7 +79,7 @@ def record() -> list:
     assert "TRITON_INTERPRET" not in os.environ or os.environ["TRITON_INTERPRET"] in ("", "0")
     import torch
     from daal_triton import core, functional
-    from daal_triton.kernels import _common, combine, density, knn, line_margin, normalize, pairwise
+    from daal_triton.kernels import _common, combine, density, knn, knn_threshold, line_margin, normalize, pairwise
 
     jobs, scenario = {}, [""]
 
@@ -89,7 +89,7 @@ def record() -> list:
         if scenario[0] not in jobs[key]["scenarios"]:
             jobs[key]["scenarios"].append(scenario[0])
 
-    modules = (_common, knn, line_margin, pairwise, normalize, density, combine)
+    modules = (_common, knn, knn_threshold, line_margin, pairwise, normalize, density, combine)
     for mod in modules:
         for name in dir(mod):
             obj = getattr(mod, name)
@@ -113,6 +113,16 @@ def record() -> list:
         finally:
             knn.interpreting = saved
     knn._tma_eligible = tma_eligible
+    # the threshold filter's descriptor loads: an sm_90 device has TMA (its own alignment rule)
+    tma_ok = knn_threshold._tma_ok
+
+    def threshold_tma_ok(q, r):
+        saved, knn_threshold.interpreting = knn_threshold.interpreting, lambda: True
+        try:
+            return tma_ok(q, r)
+        finally:
+            knn_threshold.interpreting = saved
+    knn_threshold._tma_ok = threshold_tma_ok
 
     g = torch.Generator().manual_seed(0)
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -220,6 +230,14 @@ def record() -> list:
         ("pairwise bf16 large D=129, unaligned", lambda: pairwise_op("bf16", 4096, 4096, 129),
          {"DAAL_ALIGN_D": "off"}),
         ("knn bf16 dml, separate", lambda: knn_op("bf16", 180, 180, 512, 3, True, True), {"DAAL_LAUNCHES": "separate"}),
+        # selection by a threshold (DAAL_KNN_SELECT=threshold: kernels/knn_threshold.py), bf16 and
+        # fp16, with and without self pairs, k = 8 and 16, D = 512 and an odd width
+        ("knn bf16 eval60k, threshold", lambda: knn_op("bf16", *eval60k), {"DAAL_KNN_SELECT": "threshold"}),
+        ("knn bf16 bank, threshold", lambda: knn_op("bf16", *bank), {"DAAL_KNN_SELECT": "threshold"}),
+        ("knn fp16 eval 20k k=16, threshold", lambda: knn_op("fp16", 20000, 20000, 512, 16, False, True, False),
+         {"DAAL_KNN_SELECT": "threshold"}),
+        ("knn fp16 bank D=129, threshold", lambda: knn_op("fp16", 1024, 65536, 129, 8, False, False),
+         {"DAAL_KNN_SELECT": "threshold"}),
         ("line_margin bf16 dml, separate", lambda: line_margin_op("bf16", 180, 100, 512), {"DAAL_LAUNCHES": "separate"}),
     ]
     # a GPU without TF32 (a T4; a V100 launches the same): float32 at both matmul precisions,

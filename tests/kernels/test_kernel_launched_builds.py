@@ -49,9 +49,9 @@ def recorded(tmp_path_factory):
 
 
 def _module_of(kernel: str) -> str:
-    from daal_triton.kernels import _common, combine, density, knn, line_margin, normalize, pairwise
+    from daal_triton.kernels import _common, combine, density, knn, knn_threshold, line_margin, normalize, pairwise
 
-    for mod in (_common, knn, line_margin, pairwise, normalize, density, combine):
+    for mod in (_common, knn, knn_threshold, line_margin, pairwise, normalize, density, combine):
         if hasattr(mod, kernel):
             return mod.__name__
     raise LookupError(kernel)
@@ -128,6 +128,14 @@ def test_the_recording_covers_every_kernel_of_the_hot_paths(recorded):
         assert {tiles(la) for la in fwd if scenario + ", table tiles" in la["scenarios"]} == {(128, 128, 8, False)}
     assert {tiles(la) for la in fwd if "knn bf16 labelled 20k" in la["scenarios"]} == {(64, 128, 4, True)}
     assert any(tiles(la) == (256, 128, 8, True) for la in fwd)
+    # selection by a threshold (DAAL_KNN_SELECT=threshold): its sample's default forward, the
+    # filter on 128 x 128 tiles (one warpgroup) through descriptors, the selection and the rescan
+    threshold = [la for la in recorded if any(s.endswith(", threshold") for s in la["scenarios"])]
+    assert {"_knn_fwd_kernel", "_knn_filter_kernel", "_knn_select_kernel", "_knn_rescan_kernel"} <= {
+        la["kernel"] for la in threshold}
+    filt = [la for la in threshold if la["kernel"] == "_knn_filter_kernel"]
+    assert {tiles(la) for la in filt if "knn bf16 eval60k, threshold" in la["scenarios"]} == {(128, 128, 4, True)}
+    assert {la["constexprs"]["EXCLUDE_SELF"] for la in filt} == {False, True}
 
 
 def test_every_recorded_launch_compiles_for_each_target(built):
@@ -183,6 +191,22 @@ def test_recorded_sm90_launches_do_not_spill(built):
         if res["stack"] > allowed_stack(la):
             spills.append(f"{res['stack']} B stack, {res['registers']} registers: {_describe(la)}")
     assert not spills, "\n".join(spills)
+
+
+def test_threshold_filter_fits_two_programs_per_sm(built):
+    """DAAL_KNN_SELECT=threshold (kernels/knn_threshold.py): the filter's sm_90 builds (128 x 128
+    tiles on 4 warps through descriptors) run wgmma, keep no stack, and fit two programs per SM
+    (registers and shared memory), so one program's compare-and-append overlaps the other's MMAs:
+    the premise of its estimate (docs/kernels.md, "Selection by a threshold")."""
+    from daal_testing import programs_per_sm
+
+    filt = [(la, res) for la, res in built if la["kernel"] == "_knn_filter_kernel" and res["capability"] == 90]
+    assert len(filt) >= 3, len(filt)
+    for la, res in filt:
+        assert "wgmma.mma_async" in res["ptx"] and "cp.async.bulk.tensor" in res["ptx"], _describe(la)
+        assert res["stack"] == 0, (res["registers"], _describe(la))
+        assert programs_per_sm(res["registers"], la["options"]["num_warps"], res["metadata"]["shared"]) >= 2, (
+            res["registers"], res["metadata"]["shared"], _describe(la))
 
 
 def test_line_margin_tuning_candidates_that_spill_are_the_ones_it_skips(built):

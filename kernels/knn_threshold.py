@@ -1,0 +1,360 @@
+"""The kNN forward by a threshold instead of a running merge (``DAAL_KNN_SELECT=threshold``;
+docs/kernels.md, "Selection by a threshold").
+
+The default forward (kernels/knn.py) merges every tile of distances into a running top-KP per
+row: its epilogue, not its GEMM, is most of its time. This path selects the same neighbours with
+almost no per-tile merge work, in three steps, each on the device, with no host synchronisation:
+
+1. **An upper bound per row.** The default forward on a strided sample of the references,
+   ``r[::STRIDE]`` (N / STRIDE rows: a 1 / STRIDE share of the work), gives each query's
+   ``k' = k + exclude_self`` nearest sample distances. Their largest, ``e_i``, bounds the
+   query's k-th neighbour over all of ``r`` from above (the sample is a subset; with self pairs
+   excluded the query itself may be in it, hence one more). The threshold adds what the GEMM
+   form may differ from the exact squared distance by (float32 rounding over D; see
+   :func:`thresholds`):
+
+       t_i = e_i (1 + 2^-10) + 2^-12 (||q_i||^2 + max_j ||r_j||^2)
+
+2. **A filter.** ``_knn_filter_kernel`` computes every tile of ``s_ij = max(||q_i||^2 +
+   ||r_j||^2 - 2 q_i . r_j, eps)`` (the default forward's GEMM form, the same D-chunks) and
+   appends each ``(s_ij, j)`` with ``s_ij <= t_i`` (``j != i`` when self pairs are excluded) to
+   row ``i``'s list of CAP slots (one atomic per row and tile reserves them). About
+   ``(k + 1) STRIDE`` entries per row pass (the number of points below the (k+1)-th smallest of a
+   1 / STRIDE sample does not depend on the data: a negative hypergeometric count), so a tile's
+   epilogue is a compare, a count and about two rounds of listing (the most entries of one row in
+   the tile), with no running top-k to keep: no KP slots per row in registers, which lets the
+   tiles be 128 x 128 at two programs per SM.
+
+3. **A selection.** ``_knn_select_kernel`` takes each row's K best listed entries by ``(s, j)``
+   (ties: the smaller column), recomputes their squared distances exactly by direct differences
+   and writes ``dist = sqrt(max(e, eps))`` and ``index`` sorted by ``(e, j)``: the default
+   finish's arithmetic (``knn._exact_key``, ``knn._store_sorted``).
+
+Every one of a row's k best pairs by ``(s, j)`` passes the filter (their ``s`` is at most
+``t_i``), so when a row's list did not overflow the result is the default forward's. A row whose
+count passed CAP (duplicates, an unrepresentative sample) is rescanned: ``_knn_rescan_kernel``
+runs the default forward's merge over all columns for the row blocks that hold one (the other
+programs return at once) and rewrites those rows: slow, rare, exact.
+
+Eligible (:func:`eligible`): float16/bfloat16 inputs (the threshold's rounding margin is that of
+their float32 GEMM), no labels, ``k <= MAX_K`` and a sample of at least ``MIN_SAMPLE`` rows.
+Memory: CAP x 8 bytes per query row for the lists (4 KB at CAP = 512), the queries in chunks of at
+most ``LIST_BYTES``.
+"""
+from __future__ import annotations
+
+from typing import List, Tuple
+
+import torch
+import triton
+import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
+
+from ._common import (
+    TL_EPS,
+    KernelConfig,
+    _dot_desc_chunk,
+    _dot_rows,
+    cdiv,
+    dot_flags,
+    family,
+    interpreting,
+    next_pow2,
+    row_sqnorms,
+)
+from .knn import _NO_KEY, _exact_key, _knn_finish_slots, _knn_merge_tile, _pair_key, _store_sorted
+
+#: The sample's row stride: 1 / STRIDE of the references bound the rows' k-th distances.
+STRIDE = 16
+#: List slots per query row (float32 distance + int32 column each): about (k + 1) STRIDE = 144
+#: entries pass at k = 8; a count above CAP (a Gamma(k + 1) tail beyond 3.5 times its mean:
+#: ~4e-7 per row at k = 8) sends the row to the rescan.
+CAP = 512
+#: The most k this path serves (the selection keeps K exact keys per row in registers).
+MAX_K = 16
+#: The fewest sample rows (smaller reference sets: the default forward).
+MIN_SAMPLE = 64
+#: The most bytes of lists at once: larger query sets run in row chunks.
+LIST_BYTES = 256 << 20
+
+#: The filter's tiles: 128 x 128 on one warpgroup (4 warps), D-chunks of 64, through tensor
+#: descriptors where they apply. The GEMM-only ceiling of 128 x 128 tiles was 571 TFLOP/s on the
+#: 2026-12-04 H200 run (bench/probe_h200.py), against 407 for the default forward's 64 x 128, which
+#: L2 bandwidth bounds. Its sm_90 builds hold 215-255 registers and 98 KB of shared memory, no
+#: stack (Triton 3.6 and 3.8): two programs per SM, so one lists while the other multiplies (on
+#: 8 warps: 161-188 registers, one per SM; capped at 128, they spill). The selection's rows; the
+#: rescan's tiles (64 x 64).
+CONFIGS = {
+    "filter": KernelConfig({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=4, num_stages=3, block_d=(16, 64)),
+    "select": KernelConfig({"BLOCK_M": 16, "BLOCK_C": 64}, num_warps=4, num_stages=1, block_d=(16, 64)),
+    "rescan": KernelConfig({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2, block_d=(16, 64)),
+}
+
+
+@triton.jit
+def _knn_filter_kernel(
+    q_ptr, r_ptr, q_desc, r_desc, qn_ptr, rn_ptr, thr_ptr, count_ptr, list_s_ptr, list_i_ptr,
+    M, N, D, row0, cols_per_split, stride_q_m, stride_r_n,
+    CAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    EXCLUDE_SELF: tl.constexpr, INPUT_PRECISION: tl.constexpr, ROUND_TF32: tl.constexpr,
+    TMA: tl.constexpr,
+):
+    """Append ``(s_ij, j)`` to row ``i``'s list for every ``s_ij = max(qn_i + rn_j - 2 q_i.r_j,
+    eps) <= t_i`` over the columns of split ``program_id(1)`` (``j != row0 + i`` with
+    EXCLUDE_SELF): slot ``count_i`` (an atomic add), written while below CAP; ``count_i`` keeps
+    counting past it (the rescan's cue).
+
+    Args:
+        q_ptr, r_ptr: M x D queries (this chunk's) and N x D references, unit column stride.
+        q_desc, r_desc: their tensor descriptors (blocks BLOCK_M/BLOCK_N x BLOCK_D) with TMA,
+            else None.
+        qn_ptr, rn_ptr: squared row norms (float32); masked rows and columns read inf.
+        thr_ptr: the rows' thresholds t_i (float32). count_ptr: the rows' counts (int32, zeroed).
+        list_s_ptr, list_i_ptr: M x CAP list slots (float32 s, int32 j).
+        M, N, D: sizes. row0: the chunk's first query row (the self mask's). cols_per_split:
+            columns per split, a multiple of BLOCK_N. stride_q_m, stride_r_n: row strides.
+    """
+    pid_m = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    row_lo = pid_m * BLOCK_M
+    rows = row_lo + tl.arange(0, BLOCK_M)
+    rmask = rows < M
+    rows64 = rows.to(tl.int64)
+    q_rows = q_ptr + rows64[:, None] * stride_q_m
+    qn = tl.load(qn_ptr + rows, mask=rmask, other=float("inf"))
+    thr = tl.load(thr_ptr + rows, mask=rmask, other=-1.0)
+    lanes = tl.arange(0, BLOCK_N)
+    n_start = pid_s * cols_per_split
+    n_end = tl.minimum(N, n_start + cols_per_split)
+    for n0 in range(n_start, n_end, BLOCK_N):
+        cols = n0 + lanes
+        cmask = cols < n_end
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        if TMA:
+            for d0 in range(0, D, BLOCK_D):
+                acc = _dot_desc_chunk(q_desc, r_desc, row_lo, n0, d0, acc, INPUT_PRECISION, ROUND_TF32)
+        else:
+            acc = _dot_rows(q_rows, r_ptr + cols.to(tl.int64)[:, None] * stride_r_n, rmask, cmask, D,
+                            acc, BLOCK_D, INPUT_PRECISION, ROUND_TF32)
+        rn = tl.load(rn_ptr + cols, mask=cmask, other=float("inf"))
+        # NaN stays NaN: never below a threshold
+        s = tl.maximum(qn[:, None] + rn[None, :] - 2.0 * acc, TL_EPS, propagate_nan=tl.PropagateNan.ALL)
+        hits = tl.where(s <= thr[:, None], s, float("inf"))
+        if EXCLUDE_SELF:  # only a tile that meets the diagonal holds self pairs
+            if (n0 < row0 + row_lo + BLOCK_M) & (n0 + BLOCK_N > row0 + row_lo):
+                hits = tl.where((rows + row0)[:, None] == cols[None, :], float("inf"), hits)
+        # each row's entries below its threshold: counted (exact in float32: at most BLOCK_N),
+        # their slots reserved by one atomic per row, then listed one per round, smallest first
+        # (an atomic per entry returning its slot does not compile for sm_90 under Triton 3.8:
+        # the layout pass asserts on its 2-D result)
+        n_row = tl.sum(tl.where(hits < float("inf"), 1.0, 0.0), axis=1).to(tl.int32)
+        rounds = tl.max(n_row, axis=0)
+        if rounds > 0:
+            base = tl.atomic_add(count_ptr + rows, n_row, mask=n_row > 0, sem="relaxed")
+            at = rows64 * CAP + base
+            for t in range(0, rounds):
+                v, vc = tl.min(hits, axis=1, return_indices=True, return_indices_tie_break_left=True)
+                keep = (t < n_row) & (base + t < CAP)
+                tl.store(list_s_ptr + at + t, v, mask=keep)
+                tl.store(list_i_ptr + at + t, n0 + vc, mask=keep)
+                hits = tl.where(lanes[None, :] == vc[:, None], float("inf"), hits)
+
+
+@triton.jit
+def _knn_select_kernel(
+    count_ptr, list_s_ptr, list_i_ptr, q_ptr, r_ptr, dist_ptr, index_ptr, M, D, K,
+    stride_q_m, stride_r_n, stride_dist_m, stride_index_m,
+    CAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+    KP: tl.constexpr,
+):
+    """From each row's ``min(count_i, CAP)`` listed ``(s, j)``, the ``K`` best by ``(s, j)``
+    (``knn._pair_key``: K rounds of the smallest key above the last), their squared distances
+    recomputed exactly ``e = ||q_i - r_j||^2`` (``knn._exact_key``), re-sorted by ``(e, j)`` and
+    written as ``dist = sqrt(max(e, eps))``, ``index = j`` (``inf`` / ``-1`` past the row's
+    entries; ``knn._store_sorted``). A row over CAP reads no slot (``inf`` / ``-1``: the rescan
+    rewrites it).
+
+    Args: count_ptr (M, int32), list_s_ptr / list_i_ptr (M x CAP), q_ptr / r_ptr (the queries
+    of this chunk and the references, unit column stride), dist_ptr / index_ptr (M x K outputs,
+    float32 / int64, unit column stride), sizes and row strides; BLOCK_C: list slots per load;
+    BLOCK_D: the recompute's D-chunk (the default finish's); KP: next_pow2(K) key slots.
+    """
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < M
+    rows64 = rows.to(tl.int64)
+    # a row over CAP (its list full or never written: a row without a bound starts there) is
+    # the rescan's: none of its slots is read here
+    count = tl.load(count_ptr + rows, mask=rmask, other=0)
+    n = tl.where(count > CAP, 0, count)
+    longest = tl.max(n, axis=0)
+    slots = tl.arange(0, KP)
+    lanes = tl.arange(0, BLOCK_C)
+    exact = tl.full([BLOCK_M, KP], _NO_KEY, tl.int64)
+    prev = tl.full([BLOCK_M], -1, tl.int64)
+    for t in range(0, K):
+        best = tl.full([BLOCK_M], _NO_KEY, tl.int64)
+        for c0 in range(0, longest, BLOCK_C):
+            c = c0 + lanes
+            m = c[None, :] < n[:, None]
+            at = rows64[:, None] * CAP + c[None, :]
+            s = tl.load(list_s_ptr + at, mask=m, other=float("inf"))
+            j = tl.load(list_i_ptr + at, mask=m, other=-1)
+            key = _pair_key(s, j)
+            best = tl.minimum(best, tl.min(tl.where(key > prev[:, None], key, _NO_KEY), axis=1))
+        prev = best
+        e = _exact_key(best, rows64, q_ptr, r_ptr, D, stride_q_m, stride_r_n, BLOCK_M, BLOCK_D)
+        exact = tl.where(slots[None, :] == t, e[:, None], exact)
+    _store_sorted(exact, rows64, rmask, dist_ptr, index_ptr, K, stride_dist_m, stride_index_m, BLOCK_M)
+
+
+@triton.jit
+def _knn_rescan_kernel(
+    q_ptr, r_ptr, qn_ptr, rn_ptr, count_ptr, dist_ptr, index_ptr, M, N, D, K,
+    stride_q_m, stride_r_n, stride_dist_m, stride_index_m,
+    CAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    KP: tl.constexpr, EXCLUDE_SELF: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    ROUND_TF32: tl.constexpr,
+):
+    """The exact fallback: for a block of BLOCK_M query rows holding one whose count passed CAP,
+    the default forward's running top-KP over all N columns (``knn._knn_merge_tile``: the counted
+    merge, self pairs masked) and its finish (``knn._knn_finish_slots``), written for those rows
+    only; a block without one returns at once (one load of its counts)."""
+    pid = tl.program_id(0)
+    row_lo = pid * BLOCK_M
+    rows = row_lo + tl.arange(0, BLOCK_M)
+    rmask = rows < M
+    over = tl.load(count_ptr + rows, mask=rmask, other=0) > CAP
+    if tl.max(over.to(tl.int32), axis=0) > 0:
+        rows64 = rows.to(tl.int64)
+        q_rows = q_ptr + rows64[:, None] * stride_q_m
+        qn = tl.load(qn_ptr + rows, mask=rmask, other=float("inf"))
+        slots = tl.arange(0, KP)
+        topd = tl.zeros([BLOCK_M, KP], dtype=tl.float32) + float("inf")
+        topi = tl.zeros([BLOCK_M, KP], dtype=tl.int32) + (-1 - slots)[None, :]
+        worst = tl.zeros([BLOCK_M], dtype=tl.float32) + float("inf")
+        widx = tl.zeros([BLOCK_M], dtype=tl.int32) - 1
+        lanes = tl.arange(0, BLOCK_N)
+        for n0 in range(0, N, BLOCK_N):
+            cols = n0 + lanes
+            cmask = cols < N
+            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            acc = _dot_rows(q_rows, r_ptr + cols.to(tl.int64)[:, None] * stride_r_n, rmask, cmask, D,
+                            acc, BLOCK_D, INPUT_PRECISION, ROUND_TF32)
+            topd, topi, worst, widx = _knn_merge_tile(
+                acc, n0, lanes, cols, cmask, rows, row_lo, qn, 0, rn_ptr, rn_ptr, topd, topi, worst, widx,
+                BLOCK_M, BLOCK_N, KP, False, EXCLUDE_SELF, True, False)
+        _knn_finish_slots(topd, topi, rows64, rmask & over, slots, q_ptr, r_ptr, dist_ptr, index_ptr, D, K,
+                          stride_q_m, stride_r_n, stride_dist_m, stride_index_m, BLOCK_M, BLOCK_D, KP)
+
+
+def eligible(q: torch.Tensor, r: torch.Tensor, k: int, has_labels: bool) -> bool:
+    """Whether the threshold path takes these prepared inputs: float16/bfloat16, no labels,
+    ``0 < k <= MAX_K``, and a sample of at least ``MIN_SAMPLE`` rows (and more than k + 1)."""
+    if q.dtype not in (torch.float16, torch.bfloat16) or has_labels or not 0 < k <= MAX_K:
+        return False
+    sample = cdiv(r.shape[0], STRIDE)
+    return sample >= max(MIN_SAMPLE, k + 2) and q.shape[0] > 0 and q.shape[1] > 0
+
+
+def thresholds(e_sample: torch.Tensor, qn: torch.Tensor, rn: torch.Tensor) -> torch.Tensor:
+    """``t_i = e_i (1 + 2^-10) + 2^-12 (qn_i + max_j rn_j)`` (float32) from the sample's largest
+    kept squared distance ``e_i`` (exact, by direct differences): above every ``s_ij`` of the GEMM
+    form whose exact value is at most ``e_i``. The GEMM form's error, for inputs rounded to
+    float16/bfloat16 (exact products, float32 sums over D <= 2^13 terms), is at most about
+    ``2 D 2^-24 (qn_i + rn_j) + 2^-22 (qn_i + rn_j)`` (the dot's and the norms' sums, the last
+    additions): 2^-12 covers it up to D = 2^10 with room, and the relative term the direct
+    differences' own rounding (docs/kernels.md, "Selection by a threshold")."""
+    rn_max = torch.where(torch.isfinite(rn), rn, 0.0).amax()  # on the device: no host sync
+    return e_sample * (1.0 + 2.0 ** -10) + (qn[: e_sample.shape[0]] + rn_max) * 2.0 ** -12
+
+
+def _descriptors(q: torch.Tensor, r: torch.Tensor, bm: int, bn: int, bd: int, tma: bool):
+    if not tma:
+        return None, None
+    return (TensorDescriptor(q, list(q.shape), [q.stride(0), 1], [bm, bd]),
+            TensorDescriptor(r, list(r.shape), [r.stride(0), 1], [bn, bd]))
+
+
+def select(q: torch.Tensor, r: torch.Tensor, k: int, exclude_self: bool
+           ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(dist, index)`` (M x k, float32 / int64) of the prepared ``q``, ``r`` (same dtype, unit
+    column stride; ``r is q`` for a self-kNN) by the three steps of this module; the caller has
+    checked :func:`eligible`. The same result as the default forward's (``knn._knn_merge_path``)."""
+    from . import knn as kk
+
+    M, D = q.shape
+    N = r.shape[0]
+    kk_sample = k + 1 if exclude_self else k
+    sample = r[::STRIDE].contiguous()
+    e_sample = kk._knn_merge_path(q, sample, kk_sample, None, None, False, None)[0][:, kk_sample - 1].square()
+    flags = dot_flags(q.dtype, device=q.device)
+    qn = row_sqnorms(q, flags["INPUT_PRECISION"])
+    rn = qn if r is q else row_sqnorms(r, flags["INPUT_PRECISION"])
+    thr = thresholds(e_sample, qn, rn)
+    # a row without a finite bound (fewer than k' finite distances in the sample: non-finite
+    # inputs) lists nothing and starts over CAP: the rescan selects it exactly
+    finite = torch.isfinite(thr)
+    count = torch.where(finite, 0, CAP + 1).to(torch.int32)
+    thr = torch.where(finite, thr, -1.0)
+    dist = torch.empty(M, k, dtype=torch.float32, device=q.device)
+    index = torch.empty(M, k, dtype=torch.int64, device=q.device)
+    kp = next_pow2(k)
+    fcfg, scfg, rcfg = CONFIGS["filter"], CONFIGS["select"], CONFIGS["rescan"]
+    bm, bn = fcfg.blocks["BLOCK_M"], fcfg.blocks["BLOCK_N"]
+    flaunch = fcfg.launch(D)
+    S = kk._num_splits(M, N, bm, bn, q.device)
+    cols = cdiv(cdiv(N, S), bn) * bn
+    S = cdiv(N, cols)
+    # the recompute sums in the default finish's D-chunks: the same exact distances
+    slaunch = scfg.launch(D)
+    slaunch["BLOCK_D"] = kk.CONFIGS[family(q.dtype)][kk.finish_entry(kp)].block_d_for(D)
+    tma = _tma_ok(q, r)
+    chunk = max(bm, (LIST_BYTES // (CAP * 8)) // bm * bm)
+    for i0 in range(0, M, chunk):
+        qc = q[i0:i0 + chunk]
+        m = qc.shape[0]
+        list_s = torch.empty(m, CAP, dtype=torch.float32, device=q.device)
+        list_i = torch.empty(m, CAP, dtype=torch.int32, device=q.device)
+        q_desc, r_desc = _descriptors(qc, r, bm, bn, flaunch["BLOCK_D"], tma)
+        _knn_filter_kernel[(cdiv(m, bm), S)](
+            qc, r, q_desc, r_desc, qn[i0:], rn, thr[i0:], count[i0:], list_s, list_i,
+            m, N, D, i0, cols, qc.stride(0), r.stride(0),
+            CAP=CAP, EXCLUDE_SELF=bool(exclude_self), TMA=tma, **flags, **flaunch)
+        _knn_select_kernel[(cdiv(m, scfg.blocks["BLOCK_M"]),)](
+            count[i0:], list_s, list_i, qc, r, dist[i0:], index[i0:], m, D, k,
+            qc.stride(0), r.stride(0), dist.stride(0), index.stride(0), CAP=CAP, KP=kp, **slaunch)
+    rlaunch = rcfg.launch(D)
+    rlaunch["BLOCK_D"] = slaunch["BLOCK_D"]
+    _knn_rescan_kernel[(cdiv(M, rcfg.blocks["BLOCK_M"]),)](
+        q, r, qn, rn, count, dist, index, M, N, D, k, q.stride(0), r.stride(0), dist.stride(0),
+        index.stride(0), CAP=CAP, KP=kp, EXCLUDE_SELF=bool(exclude_self), **flags, **rlaunch)
+    return dist, index
+
+
+def _tma_ok(q: torch.Tensor, r: torch.Tensor) -> bool:
+    """Tensor-descriptor loads for the filter: 16-byte-aligned base pointers and row strides, a
+    device with TMA (sm_90, sm_100) or the interpreter (``knn.tma_device``)."""
+    from . import knn as kk
+
+    size = q.element_size()
+    if any(t.data_ptr() % 16 or (t.stride(0) * size) % 16 for t in (q, r)):
+        return False
+    return kk.tma_device(q.device) if q.device.type == "cuda" else interpreting()
+
+
+def launches() -> List[dict]:
+    """The builds a launch can ask for, as compile jobs' facts (tests): per kernel, float16 and
+    bfloat16, with and without self pairs (filter, rescan), the filter with and without tensor
+    descriptors, KP 8 and 16 (select, rescan), at D = 512's chunk (64)."""
+    out = []
+    for dtype in (torch.float16, torch.bfloat16):
+        for self_ in (False, True):
+            for tma in (False, True):
+                out.append(dict(kernel="filter", dtype=dtype, EXCLUDE_SELF=self_, TMA=tma))
+            for kp in (8, 16):
+                out.append(dict(kernel="rescan", dtype=dtype, EXCLUDE_SELF=self_, KP=kp))
+        for kp in (8, 16):
+            out.append(dict(kernel="select", dtype=dtype, KP=kp))
+    return out
+

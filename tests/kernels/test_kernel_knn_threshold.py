@@ -1,0 +1,195 @@
+"""Selection by a threshold (kernels/knn_threshold.py, ``DAAL_KNN_SELECT=threshold``): the same
+neighbours as the default merge, bit for bit under the interpreter, on odd shapes, self pairs,
+close pairs and duplicates, non-finite rows, row chunks, and rows whose lists overflow (the
+rescan); its threshold bounds the GEMM form; its rules; no host synchronisation. Its sm_90
+builds: tests/kernels/test_kernel_launched_builds.py (the recorded launches)."""
+import pytest
+import torch
+
+from daal_triton import reference
+from daal_triton.kernels import knn as kk, knn_threshold as kt
+from daal_triton.launch_count import LaunchCount
+
+pytestmark = pytest.mark.interpreter
+
+
+@pytest.fixture
+def small(monkeypatch):
+    """The path at test sizes: a sample of one row in 4, at least 8 rows."""
+    monkeypatch.setattr(kt, "STRIDE", 4)
+    monkeypatch.setattr(kt, "MIN_SAMPLE", 8)
+
+
+def _both(monkeypatch, q, r, k, exclude_self):
+    """``(threshold, merge)`` results of ``kk.knn``; asserts the threshold path ran."""
+    calls = []
+    select = kt.select
+    monkeypatch.setattr(kt, "select", lambda *a, **kw: calls.append(a) or select(*a, **kw))
+    monkeypatch.setenv(kk.SELECT_ENV, "threshold")
+    got = kk.knn(q, r, k, exclude_self=exclude_self)
+    assert len(calls) == 1, "the threshold path did not run"
+    monkeypatch.setenv(kk.SELECT_ENV, "merge")
+    want = kk.knn(q, r, k, exclude_self=exclude_self)
+    assert len(calls) == 1
+    return got, want
+
+
+@pytest.mark.parametrize("M, N, D, k, own", [(37, 300, 129, 8, False), (150, 150, 40, 5, True),
+                                              (64, 260, 64, 16, True), (33, 129, 16, 1, False),
+                                              (96, 96, 16, 1, True)])
+def test_threshold_selects_what_the_merge_selects(small, monkeypatch, M, N, D, k, own):
+    """Odd shapes, self pairs and not, k from 1 to 16: the same distances and indices as the
+    default forward bit for bit, and the float64 reference's. (At k = 1 with self pairs a query in
+    the sample finds itself there: its bound is the sample's second nearest.)"""
+    x = torch.randn(N, D).half()
+    q = x if own else torch.randn(M, D).half()
+    (dist, index), want = _both(monkeypatch, q, x, k, own)
+    assert torch.equal(dist, want[0]) and torch.equal(index, want[1])
+    ref_d, ref_i = reference.knn(q.double(), x.double(), k, exclude_self=own)
+    assert torch.allclose(dist.double(), ref_d, rtol=1e-3, atol=1e-3)
+    assert (index == ref_i).float().mean() > 0.99  # near-ties may swap in float16's GEMM form
+
+
+def test_close_pairs_and_duplicates_give_the_clamp(small, monkeypatch):
+    """Neighbours at d in {0, 1e-3, 0.03, 0.1, 0.3} of each query (issue 13's close pairs): the
+    merge's result, and a duplicate reads the clamp, sqrt(eps)."""
+    torch.manual_seed(1)
+    base = torch.nn.functional.normalize(torch.randn(40, 64), dim=1)
+    gaps = torch.tensor([0.0, 1e-3, 0.03, 0.1, 0.3])
+    direction = torch.nn.functional.normalize(torch.randn(40, 5, 64), dim=2)
+    near = base[:, None, :] + gaps[None, :, None] * direction
+    x = torch.cat([base, near.reshape(-1, 64), torch.nn.functional.normalize(torch.randn(60, 64), dim=1)]).half()
+    (dist, index), want = _both(monkeypatch, x[:40], x, 4, False)
+    assert torch.equal(dist, want[0]) and torch.equal(index, want[1])
+    clamp = torch.tensor(kk.EPS).sqrt()
+    assert (dist[:, 0] == clamp).all() and (dist[:, 1] == clamp).all()  # the row itself and its duplicate
+
+
+def test_rows_past_the_list_are_rescanned(small, monkeypatch):
+    """Each row with 12 exact duplicates and lists of 6 slots: every row overflows, the rescan
+    selects them (ties to the smaller index) as the merge does; without the rescan the result
+    would differ (so the test sees it)."""
+    monkeypatch.setattr(kt, "CAP", 6)
+    base = torch.randn(20, 32)
+    x = base.repeat_interleave(12, dim=0).half()
+    (dist, index), want = _both(monkeypatch, x, x, 5, True)
+    assert torch.equal(dist, want[0]) and torch.equal(index, want[1])
+
+    class NoRescan:
+        def __getitem__(self, grid):
+            return lambda *a, **kw: None
+    monkeypatch.setattr(kt, "_knn_rescan_kernel", NoRescan())
+    monkeypatch.setenv(kk.SELECT_ENV, "threshold")
+    skipped = kk.knn(x, x, 5, exclude_self=True)
+    assert not torch.equal(skipped[1], want[1])
+
+
+def test_non_finite_rows(small, monkeypatch):
+    """A NaN query row, an infinite reference row and a reference row of NaNs: the merge's
+    result (the NaN query finds nothing; the others never enter)."""
+    x = torch.randn(120, 48).half()
+    q = torch.randn(30, 48).half()
+    q[3] = float("nan")
+    x[7] = float("inf")
+    x[11, 5] = float("nan")
+    (dist, index), want = _both(monkeypatch, q, x, 6, False)
+    assert torch.equal(dist, want[0]) and torch.equal(index, want[1])
+    assert (index[3] == -1).all() and not ((index == 7) | (index == 11)).any()
+    # a sample of NaN rows: no query has a finite bound, so every row goes to the rescan
+    x[::kt.STRIDE] = float("nan")
+    (dist, index), want = _both(monkeypatch, q, x, 6, False)
+    assert torch.equal(dist, want[0]) and torch.equal(index, want[1])
+    assert (index[torch.arange(30) != 3] >= 0).all()
+
+
+def test_query_chunks_keep_the_self_mask(small, monkeypatch):
+    """Lists of at most 3 chunks of 128 query rows: the chunks' self masks and outputs line up."""
+    monkeypatch.setattr(kt, "LIST_BYTES", 128 * kt.CAP * 8)
+    x = torch.randn(300, 24).half()
+    (dist, index), want = _both(monkeypatch, x, x, 3, True)
+    assert torch.equal(dist, want[0]) and torch.equal(index, want[1])
+    assert not (index == torch.arange(300)[:, None]).any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_thresholds_bound_the_gemm_form(dtype):
+    """``thresholds`` lies above the GEMM form ``max(qn + rn - 2 q.r, eps)`` (float32 sums, in
+    two orders: one pass and 64-wide chunks) of every pair whose exact squared distance is at
+    most the row's bound, for close pairs of large and of unit vectors at D = 512; and above it
+    by little for unit vectors (at most 0.2% of the bound plus 5e-4)."""
+    torch.manual_seed(2)
+    for scale in (1.0, 30.0):
+        q = (torch.randn(64, 512) * scale / 22.6).to(dtype)
+        r = torch.cat([q + (torch.randn(64, 512) * 1e-3 * scale).to(dtype), (torch.randn(192, 512) * scale / 22.6).to(dtype)])
+        qf, rf = q.float(), r.float()
+        exact = torch.cdist(q.double(), r.double()).square()
+        qn, rn = (qf * qf).sum(1), (rf * rf).sum(1)
+        one = (qn[:, None] + rn[None, :] - 2.0 * (qf @ rf.T)).clamp_min(kk.EPS)
+        chunked = sum(qf[:, d:d + 64] @ rf[:, d:d + 64].T for d in range(0, 512, 64))
+        two = (qn[:, None] + rn[None, :] - 2.0 * chunked).clamp_min(kk.EPS)
+        bound = exact.sort(1).values[:, 9]  # a row's 10th nearest: the sample's largest kept
+        e = bound.float()
+        t = kt.thresholds(e, qn, rn)
+        inside = exact <= bound[:, None]
+        assert (one[inside] <= t[:, None].expand_as(one)[inside]).all()
+        assert (two[inside] <= t[:, None].expand_as(two)[inside]).all()
+        if scale == 1.0:
+            assert ((t - e) <= 2e-3 * e + 5e-4).all()
+
+
+def test_eligibility_and_the_switch(small, monkeypatch):
+    """float16/bfloat16, no labels, 0 < k <= 16, a sample of at least MIN_SAMPLE (and k + 2)
+    rows; labels, float32, an explicit split count and k > 16 run the merge; a misspelt
+    DAAL_KNN_SELECT is a ValueError naming it."""
+    x = torch.randn(200, 32).half()
+    assert kt.eligible(x, x, 8, False) and kt.eligible(x.bfloat16(), x.bfloat16(), 16, False)
+    assert not kt.eligible(x.float(), x.float(), 8, False)
+    assert not kt.eligible(x, x, 8, True) and not kt.eligible(x, x, 17, False) and not kt.eligible(x, x, 0, False)
+    assert not kt.eligible(x, x[:28], 8, False)  # a sample of 7 rows
+    calls = []
+    monkeypatch.setattr(kt, "select", lambda *a, **kw: calls.append(a))
+    monkeypatch.setenv(kk.SELECT_ENV, "threshold")
+    labels = torch.randint(0, 5, (200,))
+    kk.knn(x, x, 4, query_labels=labels, ref_labels=labels, exclude_self=True)
+    kk.knn(x.float(), x.float(), 4)
+    kk.knn(x, x, 20)
+    kk._knn_forward(x, x, 4, None, None, False, 2)
+    assert calls == []
+    monkeypatch.setenv(kk.SELECT_ENV, "Threshold")
+    with pytest.raises(ValueError, match="DAAL_KNN_SELECT"):
+        kk.knn(x, x, 4)
+
+
+def test_the_threshold_path_never_syncs(small):
+    """Its bound, counts and chunks stay on the device: no operator copies a value to the host."""
+    x = torch.randn(200, 32).half()
+    with LaunchCount() as count:
+        kt.select(x, x, 5, True)
+    assert not count.syncs, count.syncs
+    launched = {name.split(".")[-1] for name in count.triton}  # the sample's forward, then these three
+    assert {"_knn_filter_kernel", "_knn_select_kernel", "_knn_rescan_kernel"} <= launched, count.triton
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M, N, k, own", [(4100, 4100, 8, True), (1024, 65536, 8, False), (3000, 20000, 16, False)])
+def test_threshold_gpu(monkeypatch, M, N, k, own):
+    """On the GPU (bfloat16, D = 512; the filter through descriptors on sm_90): the merge's
+    neighbours (the filter's 128 x 128 tiles may sum the GEMM form in another order than the
+    merge's tiles: near-ties may swap, so 99.9% of the rows) and the float64 reference's
+    distances, self-kNN and a memory bank's shape; then with 24-slot lists, where most rows
+    overflow and are rescanned."""
+    q = torch.nn.functional.normalize(torch.randn(M, 512, device="cuda"), dim=1).bfloat16()
+    r = q if own else torch.nn.functional.normalize(torch.randn(N, 512, device="cuda"), dim=1).bfloat16()
+    for cap in (kt.CAP, 24):
+        monkeypatch.setattr(kt, "CAP", cap)
+        monkeypatch.setenv(kk.SELECT_ENV, "threshold")
+        got = kk.knn(q, r, k, exclude_self=own)
+        monkeypatch.setenv(kk.SELECT_ENV, "merge")
+        want = kk.knn(q, r, k, exclude_self=own)
+        same = (got[1] == want[1]).all(dim=1).float().mean().item()
+        assert same >= 0.999, (cap, same)
+        assert (got[0] - want[0]).abs().max().item() <= 1e-3, cap
+        assert torch.isfinite(got[0]).all() and (got[1] >= 0).all()
+    ref_d, _ = reference.knn(q[:512].double(), r.double(), k, exclude_self=False)
+    if not own:
+        assert (got[0][:512].double() - ref_d).abs().max().item() <= 1e-3
