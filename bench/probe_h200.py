@@ -47,7 +47,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from daal_triton.kernels import _common, knn as kk
-from daal_triton.kernels._common import TL_EPS, _dot_desc_chunk, _dot_rows, dot_flags, row_sqnorms
+from daal_triton.kernels._common import TL_EPS, _dot_tile, dot_flags, row_sqnorms
 from interpreter import strict_interpreter
 from daal_triton.kernels import knn_gluon
 from problems import _with_env, gluon_unvetted
@@ -81,13 +81,8 @@ def _probe_knn_kernel(q_ptr, r_ptr, q_desc, r_desc, qn_ptr, rn_ptr, out_ptr, M, 
     for n0 in range(n_start, n_end, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         cmask = cols < n_end
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        if TMA:
-            for d0 in range(0, D, BLOCK_D):
-                acc = _dot_desc_chunk(q_desc, r_desc, pid_m * BLOCK_M, n0, d0, acc, INPUT_PRECISION, ROUND_TF32)
-        else:
-            acc = _dot_rows(q_rows, r_ptr + cols.to(tl.int64)[:, None] * stride_r_n, rmask, cmask, D,
-                            acc, BLOCK_D, INPUT_PRECISION, ROUND_TF32)
+        acc = _dot_tile(q_rows, r_ptr, q_desc, r_desc, pid_m * BLOCK_M, n0, cols, rmask, cmask, D, stride_r_n,
+                        BLOCK_M, BLOCK_N, BLOCK_D, INPUT_PRECISION, ROUND_TF32, TMA)
         rn = tl.load(rn_ptr + cols, mask=cmask, other=float("inf"))
         s = tl.maximum(qn[:, None] + rn[None, :] - 2.0 * acc, TL_EPS)
         if FILTER:

@@ -606,6 +606,25 @@ def _dot_desc_chunk(a_desc, b_desc, a0, b0, d0, acc, INPUT_PRECISION: tl.constex
 
 
 @triton.jit
+def _dot_tile(q_rows, r_ptr, q_desc, r_desc, row_lo, n0, cols, rmask, cmask, D, stride_r_n,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+              INPUT_PRECISION: tl.constexpr, ROUND_TF32: tl.constexpr, TMA: tl.constexpr):
+    """A tile of the GEMM form's dots, ``Q[row_lo:+BLOCK_M] R[n0:+BLOCK_N]^T`` (float32, over all
+    of D in BLOCK_D chunks): through the tensor descriptors with ``TMA`` (:func:`_dot_desc_chunk`),
+    else through pointer loads from ``q_rows`` and the rows ``cols`` of ``r_ptr``
+    (:func:`_dot_rows`, masked by ``rmask``/``cmask``). The kNN forward's, its threshold filter's
+    and the probe's tiles."""
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    if TMA:
+        for d0 in range(0, D, BLOCK_D):
+            acc = _dot_desc_chunk(q_desc, r_desc, row_lo, n0, d0, acc, INPUT_PRECISION, ROUND_TF32)
+    else:
+        acc = _dot_rows(q_rows, r_ptr + cols.to(tl.int64)[:, None] * stride_r_n, rmask, cmask, D,
+                        acc, BLOCK_D, INPUT_PRECISION, ROUND_TF32)
+    return acc
+
+
+@triton.jit
 def _sqnorm_kernel(x_ptr, out_ptr, M, D, stride_x_m, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
                    ROUND_TF32: tl.constexpr, PAD_INF: tl.constexpr):
     """``out_i = sum_d x_id^2`` in float32 (of ``x`` rounded to TF32 with ``ROUND_TF32``: the

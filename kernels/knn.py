@@ -135,7 +135,7 @@ from ._common import (
     Launch,
     _dot_chunk,
     _dot_desc_chunk,
-    _dot_rows,
+    _dot_tile,
     align_rows,
     columns,
     compute_dtype,
@@ -396,13 +396,8 @@ def _knn_fwd_kernel(
         for n0 in range(n_start, n_end, BLOCK_N):
             cols = n0 + lanes
             cmask = cols < n_end
-            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-            if TMA:
-                for d0 in range(0, D, BLOCK_D):
-                    acc = _dot_desc_chunk(q_desc, r_desc, row_lo, n0, d0, acc, INPUT_PRECISION, ROUND_TF32)
-            else:
-                acc = _dot_rows(q_rows, r_ptr + cols.to(tl.int64)[:, None] * stride_r_n, rmask, cmask, D,
-                                acc, BLOCK_D, INPUT_PRECISION, ROUND_TF32)
+            acc = _dot_tile(q_rows, r_ptr, q_desc, r_desc, row_lo, n0, cols, rmask, cmask, D, stride_r_n,
+                            BLOCK_M, BLOCK_N, BLOCK_D, INPUT_PRECISION, ROUND_TF32, TMA)
             if EXCLUDE_SELF and LEAN and DIAG_BRANCH:
                 # the self mask on the tiles that meet the diagonal alone, a branch per tile: under
                 # one merge the compiler if-converts the mask's test, and every tile pays it

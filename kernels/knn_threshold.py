@@ -53,8 +53,8 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from ._common import (
     TL_EPS,
     KernelConfig,
-    _dot_desc_chunk,
     _dot_rows,
+    _dot_tile,
     cdiv,
     dot_flags,
     family,
@@ -129,13 +129,8 @@ def _knn_filter_kernel(
     for n0 in range(n_start, n_end, BLOCK_N):
         cols = n0 + lanes
         cmask = cols < n_end
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        if TMA:
-            for d0 in range(0, D, BLOCK_D):
-                acc = _dot_desc_chunk(q_desc, r_desc, row_lo, n0, d0, acc, INPUT_PRECISION, ROUND_TF32)
-        else:
-            acc = _dot_rows(q_rows, r_ptr + cols.to(tl.int64)[:, None] * stride_r_n, rmask, cmask, D,
-                            acc, BLOCK_D, INPUT_PRECISION, ROUND_TF32)
+        acc = _dot_tile(q_rows, r_ptr, q_desc, r_desc, row_lo, n0, cols, rmask, cmask, D, stride_r_n,
+                        BLOCK_M, BLOCK_N, BLOCK_D, INPUT_PRECISION, ROUND_TF32, TMA)
         rn = tl.load(rn_ptr + cols, mask=cmask, other=float("inf"))
         # NaN stays NaN: never below a threshold
         s = tl.maximum(qn[:, None] + rn[None, :] - 2.0 * acc, TL_EPS, propagate_nan=tl.PropagateNan.ALL)
