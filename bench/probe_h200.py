@@ -14,7 +14,9 @@ script splits both:
 * ``knn``: the selection kernel at M = N (bf16, D = 512, k = 8) against kernels that keep its
   GEMM and drop parts of its epilogue: ``gemm_min`` (tiles, s and one row-min per tile), and
   ``filter`` (+ the candidate filter ``s < worst`` and its row-min, no merge loop); the kernel
-  with each merge (``DAAL_KNN_MERGE``: counted, checked) at k = 1 and 8; plus ``torch.matmul``
+  at k = 1, 8 and 32 (until 2026-12-05 also with each merge, ``DAAL_KNN_MERGE``, since decided);
+  the selection by a threshold (``DAAL_KNN_SELECT=threshold``: whole, and its sample's forward
+  alone); plus ``torch.matmul``
   of the same shape; since 2026-12-04 these run the table's entry (comparable with the earlier
   runs), and the default narrow tiles' forward (64 x 128 through descriptors) is timed beside,
   with self pairs excluded under each epilogue (``DAAL_KNN_EPILOGUE``: lean, plain); and, on
@@ -49,7 +51,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from daal_triton.kernels import _common, knn as kk
 from daal_triton.kernels._common import TL_EPS, _dot_tile, dot_flags, row_sqnorms
 from interpreter import strict_interpreter
-from daal_triton.kernels import knn_gluon
+from daal_triton.kernels import knn_gluon, knn_threshold
 from problems import _with_env, gluon_unvetted
 from tune_line_margin import Timer
 
@@ -220,12 +222,17 @@ def knn_section(dev, emit, n, d, reps):
     for kv in (1, 32):
         rec(f"_knn_fwd_kernel k={kv} S=default", gpu_ms(lambda: kk._candidates(q, q, kv, None, None, False,
                                                                                entry=kk.fwd_entry(kv)), dev, reps))
-    # the two merges side by side (DAAL_KNN_MERGE; docs/kernels.md, "The counted merge")
-    for kv in (1, 8):
-        for policy in kk.MERGE_POLICIES:
-            rec(f"_knn_fwd_kernel k={kv} S=default merge={policy}",
-                gpu_ms(lambda: _with_env(kk.MERGE_ENV, policy, kk._candidates, q, q, kv, None, None, False,
-                                         entry=kk.fwd_entry(kv)), dev, reps), merge=policy)
+    # (the two merges, DAAL_KNN_MERGE, were timed side by side here until the runs decided them:
+    # bench/README.md, "Switches decided")
+    # the selection by a threshold (DAAL_KNN_SELECT=threshold; docs/kernels.md, "Selection by a
+    # threshold"), self pairs excluded: the whole path, and its sample's forward alone (1/16 of
+    # the columns, k' = 9), so the filter's and the selection's share is their difference
+    if knn_threshold.eligible(q, q, 8, False):
+        rec("knn threshold k=8 self (sample, filter, selection)",
+            gpu_ms(lambda: knn_threshold.select(q, q, 8, True), dev, reps))
+        sample = q[::knn_threshold.STRIDE].contiguous()
+        rec("knn threshold: the sample's forward alone (k'=9, 1/16 of the columns)",
+            gpu_ms(lambda: kk._knn_merge_path(q, sample, 9, None, None, False, None), dev, reps))
     if kk.forward_entry(q, q, 8, False) == kk.NARROW_ENTRY:
         nc = kk.CONFIGS[kk.family(q.dtype)][kk.NARROW_ENTRY]
         rec("_knn_fwd_kernel k=8 S=default narrow", gpu_ms(lambda: kk._candidates(q, q, 8, None, None, False),
