@@ -48,6 +48,7 @@ from typing import List, Tuple
 import torch
 import triton
 import triton.language as tl
+from triton.language.target_info import cuda_capability_geq
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ._common import (
@@ -143,7 +144,10 @@ def _knn_filter_kernel(
         # (an atomic per entry returning its slot does not compile for sm_90 under Triton 3.8:
         # the layout pass asserts on its 2-D result)
         n_row = tl.sum(tl.where(hits < float("inf"), 1.0, 0.0), axis=1).to(tl.int32)
-        rounds = tl.max(n_row, axis=0)
+        if cuda_capability_geq(10):  # Blackwell: as the forward's merge (kernels/knn.py), the max
+            rounds = tl.max(n_row)  # through a reshape: the 1-D max fails Triton 3.6's sm_100 build
+        else:
+            rounds = tl.max(n_row, axis=0)
         if rounds > 0:
             base = tl.atomic_add(count_ptr + rows, n_row, mask=n_row > 0, sem="relaxed")
             at = rows64 * CAP + base
