@@ -661,7 +661,7 @@ def test_gpu_check_rehearsal_on_cpu(tmp_path):
     assert tune_knn["smoke"] and tune_knn["records"] and all(r["status"] == "measured" for r in tune_knn["records"])
     text = (out / "report.md").read_text()
     assert "CPU smoke run" in text and "Line-margin block sizes" in text and "### Training step" in text
-    assert "### Probe (bench/probe_h200.py)" in text and "merge=checked" in text
+    assert "### Probe (bench/probe_h200.py)" in text and "_knn_fwd_kernel k=1 S=default" in text
     assert "kNN forward block sizes" in text
     assert "not measured" in [line for line in text.splitlines() if "B=180, C=100 (bf16): DAAL" in line][0]
     # the whole run in one archive that sorts first (the device tool brings back 8 files, the first by name)

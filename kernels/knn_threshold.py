@@ -43,7 +43,7 @@ most ``LIST_BYTES``.
 """
 from __future__ import annotations
 
-from typing import List, Tuple
+from typing import Tuple
 
 import torch
 import triton
@@ -284,9 +284,9 @@ def select(q: torch.Tensor, r: torch.Tensor, k: int, exclude_self: bool
 
     M, D = q.shape
     N = r.shape[0]
-    kk_sample = k + 1 if exclude_self else k
+    k_sample = k + 1 if exclude_self else k
     sample = r[::STRIDE].contiguous()
-    e_sample = kk._knn_merge_path(q, sample, kk_sample, None, None, False, None)[0][:, kk_sample - 1].square()
+    e_sample = kk._knn_merge_path(q, sample, k_sample, None, None, False, None)[0][:, k_sample - 1].square()
     flags = dot_flags(q.dtype, device=q.device)
     qn = row_sqnorms(q, flags["INPUT_PRECISION"])
     rn = qn if r is q else row_sqnorms(r, flags["INPUT_PRECISION"])
@@ -340,20 +340,3 @@ def _tma_ok(q: torch.Tensor, r: torch.Tensor) -> bool:
     if any(t.data_ptr() % 16 or (t.stride(0) * size) % 16 for t in (q, r)):
         return False
     return kk.tma_device(q.device) if q.device.type == "cuda" else interpreting()
-
-
-def launches() -> List[dict]:
-    """The builds a launch can ask for, as compile jobs' facts (tests): per kernel, float16 and
-    bfloat16, with and without self pairs (filter, rescan), the filter with and without tensor
-    descriptors, KP 8 and 16 (select, rescan), at D = 512's chunk (64)."""
-    out = []
-    for dtype in (torch.float16, torch.bfloat16):
-        for self_ in (False, True):
-            for tma in (False, True):
-                out.append(dict(kernel="filter", dtype=dtype, EXCLUDE_SELF=self_, TMA=tma))
-            for kp in (8, 16):
-                out.append(dict(kernel="rescan", dtype=dtype, EXCLUDE_SELF=self_, KP=kp))
-        for kp in (8, 16):
-            out.append(dict(kernel="select", dtype=dtype, KP=kp))
-    return out
-

@@ -458,7 +458,7 @@ MUTANTS: Tuple[Mutant, ...] = (
            "    return e_sample + 0.0 * rn_max",
            ("tests/kernels/test_kernel_knn_threshold.py", "-k", "bound_the_gemm_form")),
     Mutant("threshold_self_not_counted", "kernels/knn_threshold.py",
-           "kk_sample = k + 1 if exclude_self else k", "kk_sample = k",
+           "k_sample = k + 1 if exclude_self else k", "k_sample = k",
            ("tests/kernels/test_kernel_knn_threshold.py", "-k", "selects_what_the_merge")),
     Mutant("threshold_chunk_self_mask", "kernels/knn_threshold.py",
            "hits = tl.where((rows + row0)[:, None] == cols[None, :], float(\"inf\"), hits)",

@@ -293,8 +293,10 @@ def test_torchrun_two_gloo_processes(single, tmp_path):
     # every log line says which rank wrote it; rank 0 did the epochs, rank 1 waited
     lines = [ln for ln in r.stdout.splitlines() if "daal-train" in ln]
     assert not [ln for ln in lines if ln.startswith("[daal-train]")], lines
-    assert any(ln.startswith("[daal-train rank 0/2] epoch 1/1: loss") for ln in lines)
-    assert any(ln.startswith("[daal-train rank 1/2] done") for ln in lines)
+    assert any(ln.startswith("[daal-train rank 0/2] epoch 1/1: loss") for ln in lines), lines
+    # (found anywhere in the output: the two processes share one pipe, and once, on a loaded CI
+    # machine, rank 1's line did not start a line of it)
+    assert "[daal-train rank 1/2] done" in r.stdout, r.stdout[-3000:]
     assert not any(ln.startswith("[daal-train rank 1/2] epoch") for ln in lines)
 
 
