@@ -302,10 +302,10 @@ SWITCHES: Tuple[Switch, ...] = (
            (("knn", "bank_d129", "bf16", "fwd"), ("knn", "bank_d129", "bf16", "fwdbwd"),
             ("pairwise", "large_d129", "bf16", "fwdbwd")), memory=True, since="2026-12-02"),
 )
-#: The cases the timed switches compare: (op, shape, dtype, pass, provider), the default's and
-#: the alternative's.
 #: The switches the runs still time (neither decided nor retired with their design).
 TIMED_SWITCHES: Tuple[Switch, ...] = tuple(sw for sw in SWITCHES if not sw.until)
+#: The cases the timed switches compare: (op, shape, dtype, pass, provider), the default's and
+#: the alternative's.
 SWITCH_CASES = frozenset(case + (prov,) for sw in TIMED_SWITCHES for case in sw.cases for prov in ("triton", sw.provider))
 #: Time differences within this fraction are not a decision (run-to-run noise of a median).
 SWITCH_NOISE = 0.03
