@@ -201,9 +201,10 @@ TARGET_CASES = frozenset((t.op, t.shape, t.dtype, t.pass_, prov) for t in TARGET
 # ----------------------------------------------------------------------------- switches
 class Switch(NamedTuple):
     """An internal switch kept until a GPU run decides (the brief's rule for a design that
-    replaces one no GPU has timed), timed by every run until then (``decided``: not after): the environment variable, its default and alternative
-    values, the provider that runs the alternative, and the (op, shape, dtype, pass) cases where
-    the report sets the two side by side. ``memory``: peak memory is part of the decision."""
+    replaces one no GPU has timed), timed by every run until then (``decided``: not after): the
+    environment variable, its default and alternative values, the provider that runs the
+    alternative, and the (op, shape, dtype, pass) cases where the report sets the two side by
+    side. ``memory``: peak memory is part of the decision."""
 
     env: str
     default: str

@@ -679,13 +679,13 @@ def row_sqnorms(x: torch.Tensor, precision: str = "ieee", pad: int = 1) -> torch
 
 
 # ----------------------------------------------------------------------------- merged launches
-#: Whether the operators merge independent kernels into one launch where they can: ``"merged"``
-#: (the default; the line margin's own-class rows and class statistics in one launch, its
-#: forward's merge inside the GEMM kernel when the grid has one class split, the last chunk's
-#: segment epilogue with the dX kernel; docs/kernels.md, "Fewer launches") or ``"separate"``
-#: (``DAAL_LAUNCHES=separate``: one launch per kernel, as before 2026-12-01's evening;
-#: decided by the GPU runs for the default (bench/README.md, "Switches decided"), still selectable, no longer timed: the benchmarks' ``triton_separate`` provider). Read by each forward;
-#: its backward follows the forward's choice.
+#: Whether the operators merge independent kernels into one launch where they can: ``"merged"`` (the
+#: default; the line margin's own-class rows and class statistics in one launch, its forward's merge
+#: inside the GEMM kernel when the grid has one class split, the last chunk's segment epilogue with
+#: the dX kernel; docs/kernels.md, "Fewer launches") or ``"separate"`` (``DAAL_LAUNCHES=separate``:
+#: one launch per kernel, as before 2026-12-01's evening; decided by the GPU runs for the default
+#: (bench/README.md, "Switches decided"), still selectable, no longer timed: the benchmarks'
+#: ``triton_separate`` provider). Read by each forward; its backward follows the forward's choice.
 LAUNCHES_ENV = "DAAL_LAUNCHES"
 LAUNCH_POLICIES = ("merged", "separate")
 

@@ -47,8 +47,8 @@ too few programs for the GPU, per one of ``S`` contiguous column ranges of the r
    their worst slot with it and recompute the worst, and every row masks the entry it just
    looked at. No block-wide reduction inside the rounds; a tile without candidates runs none.
    (The checked merge, ``DAAL_KNN_MERGE=checked``, selectable for k <= 16 (the GPU runs
-   decided for the counted one), runs rounds while any row's smallest beats its worst: a block-wide test each, and one more
-   round that finds nothing; the same slots, bit for bit.) Columns arrive in increasing
+   decided for the counted one), runs rounds while any row's smallest beats its worst: a
+   block-wide test each, and one more round that finds nothing; the same slots, bit for bit.) Columns arrive in increasing
    order within a program, so a tie with the worst never displaces it (it has the smaller
    index). Empty slots hold ``(inf, -1 - slot)`` so every slot is distinct. The float16/bfloat16
    forward's epilogue is the lean one by default (``DAAL_KNN_EPILOGUE=lean``, ``LEAN``: the
@@ -882,20 +882,21 @@ FINISH_LAUNCH_TILES = 1.0
 #: entries keep the finish's launch (and the compile tests fewer builds).
 FUSED_FINISH_KP = 16
 #: How the forward's column splits are chosen: ``"model"`` (default: :func:`_num_splits` with
-#: :data:`PROGRAM_OVERHEAD_TILES`), or ``"waves"`` (``DAAL_KNN_SPLITS=waves``: whole waves and
-#: the fewest tiles per program, no cost per program: the first run's choice, S = 157 above;
-#: decided by the GPU runs for the default (bench/README.md, "Switches decided"), still selectable, no longer timed: the benchmarks' ``triton_wave_splits`` provider).
+#: :data:`PROGRAM_OVERHEAD_TILES`), or ``"waves"`` (``DAAL_KNN_SPLITS=waves``: whole waves and the
+#: fewest tiles per program, no cost per program: the first run's choice, S = 157 above; decided by
+#: the GPU runs for the default (bench/README.md, "Switches decided"), still selectable, no longer
+#: timed: the benchmarks' ``triton_wave_splits`` provider).
 SPLIT_POLICIES = ("model", "waves")
 SPLIT_POLICY = os.environ.get("DAAL_KNN_SPLITS", "model")
 
 
-#: How the forward merges a tile into the running top-k (:func:`_knn_merge_tile`): "counted"
-#: (the default: as many rounds as the tile's most candidates in a row, counted once) or
-#: "checked" (``DAAL_KNN_MERGE=checked``: rounds while any row takes, a block-wide check each;
-#: the merge before 2026-12-01; decided by the GPU runs for the default (bench/README.md, "Switches decided"), still selectable, no longer timed: the benchmarks'
-#: ``triton_checked_merge`` provider, k = 8). Read at every forward; the checked merge is kept
-#: (and compiled by the tests) for the ``CHECKED_ENTRY`` forward only (k <= 16), the others
-#: always count.
+#: How the forward merges a tile into the running top-k (:func:`_knn_merge_tile`): "counted" (the
+#: default: as many rounds as the tile's most candidates in a row, counted once) or "checked"
+#: (``DAAL_KNN_MERGE=checked``: rounds while any row takes, a block-wide check each; the merge
+#: before 2026-12-01; decided by the GPU runs for the default (bench/README.md, "Switches decided"),
+#: still selectable, no longer timed: the benchmarks' ``triton_checked_merge`` provider, k = 8).
+#: Read at every forward; the checked merge is kept (and compiled by the tests) for the
+#: ``CHECKED_ENTRY`` forward only (k <= 16), the others always count.
 MERGE_ENV = "DAAL_KNN_MERGE"
 MERGE_POLICIES = ("counted", "checked")
 CHECKED_ENTRY = "fwd_kp16"

@@ -265,7 +265,7 @@ def thresholds(e_sample: torch.Tensor, qn: torch.Tensor, rn: torch.Tensor) -> to
     additions): 2^-12 covers it up to D = 2^10 with room, and the relative term the direct
     differences' own rounding (docs/kernels.md, "Selection by a threshold")."""
     rn_max = torch.where(torch.isfinite(rn), rn, 0.0).amax()  # on the device: no host sync
-    return e_sample * (1.0 + 2.0 ** -10) + (qn[: e_sample.shape[0]] + rn_max) * 2.0 ** -12
+    return e_sample * (1.0 + 2.0 ** -10) + (qn + rn_max) * 2.0 ** -12
 
 
 def _descriptors(q: torch.Tensor, r: torch.Tensor, bm: int, bn: int, bd: int, tma: bool):

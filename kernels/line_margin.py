@@ -72,8 +72,9 @@ statistics ``st`` (4 x C) and, when the segments are not contiguous in x's dtype
 copy ``sx`` (C x 2 x D). The backward's temporaries are O(B Cc + (B + C) D): ``a~ b~`` (B x 2Cc),
 ``G`` (2Cc x D float32), the partials, the B x D float32 dX accumulator, the own-class rows
 (B x 3 x D float32: dP, dQ and the dX term) and their class lists (B + C int32); the segment
-gradient is written once in the segments' dtype (``DAAL_LM_OWN_SEG=atomic``, the earlier design, still selectable after the GPU
-runs decided for the lists, accumulates it in float32 C x 2 x D). Nothing is ever B x C.
+gradient is written once in the segments' dtype (``DAAL_LM_OWN_SEG=atomic``, the earlier design,
+still selectable after the GPU runs decided for the lists, accumulates it in float32 C x 2 x D).
+Nothing is ever B x C.
 """
 from __future__ import annotations
 
@@ -1049,9 +1050,9 @@ def _line_margin2_backward_op(grad_out: torch.Tensor, x: torch.Tensor, seg: torc
 #: ``_lm2_ownseg_kernel`` writes them per sample and ``_lm2_dseg_kernel`` adds them, per class,
 #: before its one rounding: deterministic, the gradient written once in the segments' dtype) or
 #: "atomic" (the design the 2026-11-30 H200 run timed: float32 atomics into a float32 C x 2 x D
-#: gradient, then a cast for half segments). Read by every forward (the backward follows the
-#: choice of its forward); decided by the GPU runs for the default (bench/README.md, "Switches decided"), still selectable, no longer timed (the benchmarks'
-#: ``triton_atomic_own`` provider).
+#: gradient, then a cast for half segments). Read by every forward (the backward follows the choice
+#: of its forward); decided by the GPU runs for the default (bench/README.md, "Switches decided"),
+#: still selectable, no longer timed (the benchmarks' ``triton_atomic_own`` provider).
 OWN_SEG_ENV = "DAAL_LM_OWN_SEG"
 OWN_SEG_POLICIES = ("lists", "atomic")
 
