@@ -15,10 +15,11 @@ almost no per-tile merge work, in three steps, each on the device, with no host 
 
        t_i = e_i (1 + 2^-10) + 2^-12 (||q_i||^2 + max_j ||r_j||^2)
 
-2. **A filter.** ``_knn_filter_kernel`` computes every tile of ``s_ij = max(||q_i||^2 +
-   ||r_j||^2 - 2 q_i . r_j, eps)`` (the default forward's GEMM form, the same D-chunks) and
-   appends each ``(s_ij, j)`` with ``s_ij <= t_i`` (``j != i`` when self pairs are excluded) to
-   row ``i``'s list of CAP slots (one atomic per row and tile reserves them). About
+2. **A filter.** ``_knn_filter_kernel`` computes every tile of ``s_ij = ||q_i||^2 +
+   ||r_j||^2 - 2 q_i . r_j`` (the default forward's GEMM form, the same D-chunks) and appends
+   each ``(max(s_ij, eps), j)`` with ``s_ij <= t_i`` (``j != i`` when self pairs are excluded),
+   packed in one int64 key (``knn._pair_key``), to row ``i``'s list of CAP slots (one atomic
+   per row and tile reserves them). About
    ``(k + 1) STRIDE`` entries per row pass (the number of points below the (k+1)-th smallest of a
    1 / STRIDE sample does not depend on the data: a negative hypergeometric count), so a tile's
    epilogue is a compare, a count and about two rounds of listing (the most entries of one row in
@@ -30,8 +31,8 @@ almost no per-tile merge work, in three steps, each on the device, with no host 
    and writes ``dist = sqrt(max(e, eps))`` and ``index`` sorted by ``(e, j)``: the default
    finish's arithmetic (``knn._exact_key``, ``knn._store_sorted``).
 
-Every one of a row's k best pairs by ``(s, j)`` passes the filter (their ``s`` is at most
-``t_i``), so when a row's list did not overflow the result is the default forward's. A row whose
+Every one of a row's k best pairs by ``(s, j)`` passes the filter (their clamped ``s``, at
+least the unclamped one, is at most ``t_i``), so when a row's list did not overflow the result is the default forward's. A row whose
 count passed CAP (duplicates, an unrepresentative sample) is rescanned: ``_knn_rescan_kernel``
 runs the default forward's merge over all columns for the row blocks that hold one (the other
 programs return at once) and rewrites those rows: slow, rare, exact.
@@ -81,7 +82,7 @@ LIST_BYTES = 256 << 20
 #: The filter's tiles: 128 x 128 on one warpgroup (4 warps), D-chunks of 64, through tensor
 #: descriptors where they apply. The GEMM-only ceiling of 128 x 128 tiles was 571 TFLOP/s on the
 #: 2026-12-04 H200 run (bench/probe_h200.py), against 407 for the default forward's 64 x 128, which
-#: L2 bandwidth bounds. Its sm_90 builds hold 215-255 registers and 98 KB of shared memory, no
+#: L2 bandwidth bounds. Its sm_90 builds hold 216-239 registers and 98 KB of shared memory, no
 #: stack (Triton 3.6 and 3.8): two programs per SM, so one lists while the other multiplies (on
 #: 8 warps: 161-188 registers, one per SM; capped at 128, they spill). The selection's rows; the
 #: rescan's tiles (64 x 64).
@@ -94,16 +95,16 @@ CONFIGS = {
 
 @triton.jit
 def _knn_filter_kernel(
-    q_ptr, r_ptr, q_desc, r_desc, qn_ptr, rn_ptr, thr_ptr, count_ptr, list_s_ptr, list_i_ptr,
+    q_ptr, r_ptr, q_desc, r_desc, qn_ptr, rn_ptr, thr_ptr, count_ptr, list_ptr,
     M, N, D, row0, cols_per_split, stride_q_m, stride_r_n,
     CAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     EXCLUDE_SELF: tl.constexpr, INPUT_PRECISION: tl.constexpr, ROUND_TF32: tl.constexpr,
     TMA: tl.constexpr,
 ):
-    """Append ``(s_ij, j)`` to row ``i``'s list for every ``s_ij = max(qn_i + rn_j - 2 q_i.r_j,
-    eps) <= t_i`` over the columns of split ``program_id(1)`` (``j != row0 + i`` with
-    EXCLUDE_SELF): slot ``count_i`` (an atomic add), written while below CAP; ``count_i`` keeps
-    counting past it (the rescan's cue).
+    """Append the key of ``(max(s_ij, eps), j)`` (``knn._pair_key``) to row ``i``'s list for
+    every ``s_ij = qn_i + rn_j - 2 q_i.r_j <= t_i`` over the columns of split ``program_id(1)``
+    (``j != row0 + i`` with EXCLUDE_SELF): slot ``count_i`` (an atomic add), written while below
+    CAP; ``count_i`` keeps counting past it (the rescan's cue).
 
     Args:
         q_ptr, r_ptr: M x D queries (this chunk's) and N x D references, unit column stride.
@@ -111,7 +112,7 @@ def _knn_filter_kernel(
             else None.
         qn_ptr, rn_ptr: squared row norms (float32); masked rows and columns read inf.
         thr_ptr: the rows' thresholds t_i (float32). count_ptr: the rows' counts (int32, zeroed).
-        list_s_ptr, list_i_ptr: M x CAP list slots (float32 s, int32 j).
+        list_ptr: M x CAP list slots (int64 keys).
         M, N, D: sizes. row0: the chunk's first query row (the self mask's). cols_per_split:
             columns per split, a multiple of BLOCK_N. stride_q_m, stride_r_n: row strides.
     """
@@ -130,11 +131,12 @@ def _knn_filter_kernel(
     for n0 in range(n_start, n_end, BLOCK_N):
         cols = n0 + lanes
         cmask = cols < n_end
+        rn = tl.load(rn_ptr + cols, mask=cmask, other=float("inf"))  # in flight during the MMAs
         acc = _dot_tile(q_rows, r_ptr, q_desc, r_desc, row_lo, n0, cols, rmask, cmask, D, stride_r_n,
                         BLOCK_M, BLOCK_N, BLOCK_D, INPUT_PRECISION, ROUND_TF32, TMA)
-        rn = tl.load(rn_ptr + cols, mask=cmask, other=float("inf"))
-        # NaN stays NaN: never below a threshold
-        s = tl.maximum(qn[:, None] + rn[None, :] - 2.0 * acc, TL_EPS, propagate_nan=tl.PropagateNan.ALL)
+        # the default forward's s before its clamp (NaN: never below a threshold): the listed
+        # entries are clamped, and a set that may hold more entries below eps selects the same
+        s = qn[:, None] + rn[None, :] - 2.0 * acc
         hits = tl.where(s <= thr[:, None], s, float("inf"))
         if EXCLUDE_SELF:  # only a tile that meets the diagonal holds self pairs
             if (n0 < row0 + row_lo + BLOCK_M) & (n0 + BLOCK_N > row0 + row_lo):
@@ -142,7 +144,8 @@ def _knn_filter_kernel(
         # each row's entries below its threshold: counted (exact in float32: at most BLOCK_N),
         # their slots reserved by one atomic per row, then listed one per round, smallest first
         # (an atomic per entry returning its slot does not compile for sm_90 under Triton 3.8:
-        # the layout pass asserts on its 2-D result)
+        # the layout pass asserts on its 2-D result), each as one (s, j) key: one layout
+        # conversion per round (rows of the MMA layout to the store's), not one per field
         n_row = tl.sum(tl.where(hits < float("inf"), 1.0, 0.0), axis=1).to(tl.int32)
         if cuda_capability_geq(10):  # Blackwell: as the forward's merge (kernels/knn.py), the max
             rounds = tl.max(n_row)  # through a reshape: the 1-D max fails Triton 3.6's sm_100 build
@@ -150,30 +153,30 @@ def _knn_filter_kernel(
             rounds = tl.max(n_row, axis=0)
         if rounds > 0:
             base = tl.atomic_add(count_ptr + rows, n_row, mask=n_row > 0, sem="relaxed")
-            at = rows64 * CAP + base
+            at = list_ptr + rows64 * CAP + base
             for t in range(0, rounds):
-                v, vc = tl.min(hits, axis=1, return_indices=True, return_indices_tie_break_left=True)
+                # any order lists the same set: no tie-break
+                v, vc = tl.min(hits, axis=1, return_indices=True, return_indices_tie_break_left=False)
                 keep = (t < n_row) & (base + t < CAP)
-                tl.store(list_s_ptr + at + t, v, mask=keep)
-                tl.store(list_i_ptr + at + t, n0 + vc, mask=keep)
+                tl.store(at + t, _pair_key(tl.maximum(v, TL_EPS), n0 + vc), mask=keep)
                 hits = tl.where(lanes[None, :] == vc[:, None], float("inf"), hits)
 
 
 @triton.jit
 def _knn_select_kernel(
-    count_ptr, list_s_ptr, list_i_ptr, q_ptr, r_ptr, dist_ptr, index_ptr, M, D, K,
+    count_ptr, list_ptr, q_ptr, r_ptr, dist_ptr, index_ptr, M, D, K,
     stride_q_m, stride_r_n, stride_dist_m, stride_index_m,
     CAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
     KP: tl.constexpr,
 ):
-    """From each row's ``min(count_i, CAP)`` listed ``(s, j)``, the ``K`` best by ``(s, j)``
-    (``knn._pair_key``: K rounds of the smallest key above the last), their squared distances
+    """From each row's ``min(count_i, CAP)`` listed keys of ``(s, j)`` (``knn._pair_key``), the
+    ``K`` best (K rounds of the smallest key above the last), their squared distances
     recomputed exactly ``e = ||q_i - r_j||^2`` (``knn._exact_key``), re-sorted by ``(e, j)`` and
     written as ``dist = sqrt(max(e, eps))``, ``index = j`` (``inf`` / ``-1`` past the row's
     entries; ``knn._store_sorted``). A row over CAP reads no slot (``inf`` / ``-1``: the rescan
     rewrites it).
 
-    Args: count_ptr (M, int32), list_s_ptr / list_i_ptr (M x CAP), q_ptr / r_ptr (the queries
+    Args: count_ptr (M, int32), list_ptr (M x CAP, int64), q_ptr / r_ptr (the queries
     of this chunk and the references, unit column stride), dist_ptr / index_ptr (M x K outputs,
     float32 / int64, unit column stride), sizes and row strides; BLOCK_C: list slots per load;
     BLOCK_D: the recompute's D-chunk (the default finish's); KP: next_pow2(K) key slots.
@@ -196,10 +199,7 @@ def _knn_select_kernel(
         for c0 in range(0, longest, BLOCK_C):
             c = c0 + lanes
             m = c[None, :] < n[:, None]
-            at = rows64[:, None] * CAP + c[None, :]
-            s = tl.load(list_s_ptr + at, mask=m, other=float("inf"))
-            j = tl.load(list_i_ptr + at, mask=m, other=-1)
-            key = _pair_key(s, j)
+            key = tl.load(list_ptr + rows64[:, None] * CAP + c[None, :], mask=m, other=_NO_KEY)
             best = tl.minimum(best, tl.min(tl.where(key > prev[:, None], key, _NO_KEY), axis=1))
         prev = best
         e = _exact_key(best, rows64, q_ptr, r_ptr, D, stride_q_m, stride_r_n, BLOCK_M, BLOCK_D)
@@ -313,15 +313,14 @@ def select(q: torch.Tensor, r: torch.Tensor, k: int, exclude_self: bool
     for i0 in range(0, M, chunk):
         qc = q[i0:i0 + chunk]
         m = qc.shape[0]
-        list_s = torch.empty(m, CAP, dtype=torch.float32, device=q.device)
-        list_i = torch.empty(m, CAP, dtype=torch.int32, device=q.device)
+        lists = torch.empty(m, CAP, dtype=torch.int64, device=q.device)
         q_desc, r_desc = _descriptors(qc, r, bm, bn, flaunch["BLOCK_D"], tma)
         _knn_filter_kernel[(cdiv(m, bm), S)](
-            qc, r, q_desc, r_desc, qn[i0:], rn, thr[i0:], count[i0:], list_s, list_i,
+            qc, r, q_desc, r_desc, qn[i0:], rn, thr[i0:], count[i0:], lists,
             m, N, D, i0, cols, qc.stride(0), r.stride(0),
             CAP=CAP, EXCLUDE_SELF=bool(exclude_self), TMA=tma, **flags, **flaunch)
         _knn_select_kernel[(cdiv(m, scfg.blocks["BLOCK_M"]),)](
-            count[i0:], list_s, list_i, qc, r, dist[i0:], index[i0:], m, D, k,
+            count[i0:], lists, qc, r, dist[i0:], index[i0:], m, D, k,
             qc.stride(0), r.stride(0), dist.stride(0), index.stride(0), CAP=CAP, KP=kp, **slaunch)
     rlaunch = rcfg.launch(D)
     rlaunch["BLOCK_D"] = slaunch["BLOCK_D"]

@@ -468,6 +468,22 @@ MUTANTS: Tuple[Mutant, ...] = (
            "count = torch.where(finite, 0, CAP + 1).to(torch.int32)",
            "count = torch.zeros_like(thr, dtype=torch.int32)",
            ("tests/kernels/test_kernel_knn_threshold.py", "-k", "non_finite")),
+    # 2026-12-05 (second session): the filter's listed keys, its loads and its compare
+    Mutant("threshold_listed_unclamped", "kernels/knn_threshold.py",
+           "_pair_key(tl.maximum(v, TL_EPS), n0 + vc)", "_pair_key(v, n0 + vc)",
+           ("tests/kernels/test_kernel_knn_threshold.py", "-k", "close_pairs")),
+    Mutant("threshold_norms_after_mma", "kernels/knn_threshold.py",
+           "        rn = tl.load(rn_ptr + cols, mask=cmask, other=float(\"inf\"))  # in flight during the MMAs\n"
+           "        acc = _dot_tile(q_rows, r_ptr, q_desc, r_desc, row_lo, n0, cols, rmask, cmask, D, stride_r_n,\n"
+           "                        BLOCK_M, BLOCK_N, BLOCK_D, INPUT_PRECISION, ROUND_TF32, TMA)\n",
+           "        acc = _dot_tile(q_rows, r_ptr, q_desc, r_desc, row_lo, n0, cols, rmask, cmask, D, stride_r_n,\n"
+           "                        BLOCK_M, BLOCK_N, BLOCK_D, INPUT_PRECISION, ROUND_TF32, TMA)\n"
+           "        rn = tl.load(rn_ptr + cols, mask=cmask, other=float(\"inf\"))\n",
+           ("tests/kernels/test_kernel_knn_threshold.py", "-m", "build", "-k", "one_conversion")),
+    Mutant("threshold_clamp_in_compare", "kernels/knn_threshold.py",
+           "        s = qn[:, None] + rn[None, :] - 2.0 * acc\n",
+           "        s = tl.maximum(qn[:, None] + rn[None, :] - 2.0 * acc, TL_EPS, propagate_nan=tl.PropagateNan.ALL)\n",
+           ("tests/kernels/test_kernel_knn_threshold.py", "-m", "build", "-k", "one_conversion")),
     Mutant("threshold_provider_times_the_merge", "bench/problems.py",
            "    if kt.eligible(qp, rp, k, has_labels):\n        return None",
            "    if True:\n        return None",

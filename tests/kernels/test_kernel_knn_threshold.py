@@ -193,3 +193,56 @@ def test_threshold_gpu(monkeypatch, M, N, k, own):
     ref_d, _ = reference.knn(q[:512].double(), r.double(), k, exclude_self=False)
     if not own:
         assert (got[0][:512].double() - ref_d).abs().max().item() <= 1e-3
+
+
+def _filter_job(exclude_self: bool, capability: int = 90) -> dict:
+    """A compile job (tests/daal_testing.py, ``compile_many_for_gpu``) of the filter as the 60k
+    evaluation (self pairs excluded) or the memory bank (not) launches it: bfloat16 through
+    descriptors, D = 512, ints and pointers divisible by 16 (as recorded by
+    tests/kernels/launch_recorder.py), with its SASS."""
+    cfg = kt.CONFIGS["filter"]
+    launch = cfg.launch(512)
+    desc = lambda rows: f"tensordesc<bf16[{rows}, {launch['BLOCK_D']}]>"  # noqa: E731
+    types = {"q_ptr": "*bf16", "r_ptr": "*bf16", "q_desc": desc(cfg.blocks["BLOCK_M"]),
+             "r_desc": desc(cfg.blocks["BLOCK_N"]), "qn_ptr": "*fp32", "rn_ptr": "*fp32", "thr_ptr": "*fp32",
+             "count_ptr": "*i32", "list_ptr": "*i64"}
+    jit = kt._knn_filter_kernel
+    constexprs = {"CAP": kt.CAP, "EXCLUDE_SELF": exclude_self, "TMA": True, "INPUT_PRECISION": "ieee",
+                  "ROUND_TF32": False, **{k: v for k, v in launch.items() if k not in ("num_warps", "num_stages")}}
+    signature = {name: types.get(name, "i32") for name in jit.arg_names if name not in constexprs}
+    return {"module": jit.fn.__module__, "name": jit.fn.__name__, "signature": signature, "constexprs": constexprs,
+            "divisible": [n for n in signature if not n.endswith("_desc")], "capability": capability,
+            "num_warps": launch["num_warps"], "num_stages": launch["num_stages"], "maxnreg": None,
+            "specialisation": "recorded", "unit": [], "rows": [], "sass": True}
+
+
+@pytest.mark.build
+def test_filter_lists_with_one_conversion_per_round():
+    """The filter's sm_90 SASS (docs/kernels.md, "Selection by a threshold"): every global load of
+    a tile (the column norms) is issued before its first MMA, so none waits after the K-loop;
+    a listing round (the loop without MMAs that stores) writes one 64-bit key per row (one
+    ``STG.E.64``, no load) after one layout conversion (at most two ``BAR.SYNC``: the two
+    fields stored apart took two conversions, four); and the tile's compare keeps no clamp
+    (``FMNMX``) outside the rounds. Both the 60k evaluation's build and the bank's."""
+    import re
+
+    from daal_testing import compile_many_for_gpu, sass_loops
+
+    for exclude_self, res in zip((True, False), compile_many_for_gpu([_filter_job(True), _filter_job(False)])):
+        assert not res.get("error"), res.get("error")
+        if not res["sass"]:
+            pytest.skip("cuobjdump is not shipped with this Triton")
+        ops = [(int(m.group(1), 16), m.group(2)) for m in
+               re.finditer(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)", res["sass"])]
+        mma = [a for a, o in ops if o.startswith("HGMMA")]
+        loops = sass_loops(res["sass"])
+        listing = [lp for lp in loops if "STG.E.64" in lp[2] and not any(o.startswith("HGMMA") for o in lp[2])]
+        assert len(listing) == 1, [(lp[0], lp[1], len(lp[2])) for lp in loops]
+        start, end, body = listing[0]
+        assert body.count("STG.E.64") == 1 and not [o for o in body if o.startswith(("LDG", "STG.E "))], body
+        assert sum(o.startswith("BAR.SYNC") for o in body) <= 2, (exclude_self, body.count("BAR.SYNC.DEFER_BLOCKING"))
+        tile_end = max(a for a, o in ops if o == "EXIT")
+        loads = [a for a, o in ops if o.startswith("LDG") and mma[0] < a < tile_end]
+        assert not loads, (exclude_self, [hex(a) for a in loads])
+        clamps = [a for a, o in ops if o.startswith("FMNMX") and mma[-1] < a < start]
+        assert not clamps, (exclude_self, len(clamps))
