@@ -82,7 +82,7 @@ LIST_BYTES = 256 << 20
 #: The filter's tiles: 128 x 128 on one warpgroup (4 warps), D-chunks of 64, through tensor
 #: descriptors where they apply. The GEMM-only ceiling of 128 x 128 tiles was 571 TFLOP/s on the
 #: 2026-12-04 H200 run (bench/probe_h200.py), against 407 for the default forward's 64 x 128, which
-#: L2 bandwidth bounds. Its sm_90 builds hold 216-239 registers and 98 KB of shared memory, no
+#: L2 bandwidth bounds. Its sm_90 builds hold 214-239 registers and 98 KB of shared memory, no
 #: stack (Triton 3.6 and 3.8): two programs per SM, so one lists while the other multiplies (on
 #: 8 warps: 161-188 registers, one per SM; capped at 128, they spill). The selection's rows; the
 #: rescan's tiles (64 x 64).
@@ -154,12 +154,23 @@ def _knn_filter_kernel(
         if rounds > 0:
             base = tl.atomic_add(count_ptr + rows, n_row, mask=n_row > 0, sem="relaxed")
             at = list_ptr + rows64 * CAP + base
-            for t in range(0, rounds):
-                # any order lists the same set: no tie-break
-                v, vc = tl.min(hits, axis=1, return_indices=True, return_indices_tie_break_left=False)
-                keep = (t < n_row) & (base + t < CAP)
-                tl.store(at + t, _pair_key(tl.maximum(v, TL_EPS), n0 + vc), mask=keep)
+            # the last round leaves its entry in the tile: each later round first knocks out the
+            # one before (R rounds, R - 1 knock-outs)
+            vc = _list_round(hits, 0, n_row, base, at, n0, CAP)
+            for t in range(1, rounds):
                 hits = tl.where(lanes[None, :] == vc[:, None], float("inf"), hits)
+                vc = _list_round(hits, t, n_row, base, at, n0, CAP)
+
+
+@triton.jit
+def _list_round(hits, t, n_row, base, at, n0, CAP: tl.constexpr):
+    """One round of the filter's listing: each row's smallest remaining entry (any order lists
+    the same set: no tie-break) stored as its (max(s, eps), j) key in slot ``base + t`` while
+    ``t < n_row`` and the slot is below CAP; returns its lane."""
+    v, vc = tl.min(hits, axis=1, return_indices=True, return_indices_tie_break_left=False)
+    keep = (t < n_row) & (base + t < CAP)
+    tl.store(at + t, _pair_key(tl.maximum(v, TL_EPS), n0 + vc), mask=keep)
+    return vc
 
 
 @triton.jit

@@ -472,6 +472,9 @@ MUTANTS: Tuple[Mutant, ...] = (
     Mutant("threshold_listed_unclamped", "kernels/knn_threshold.py",
            "_pair_key(tl.maximum(v, TL_EPS), n0 + vc)", "_pair_key(v, n0 + vc)",
            ("tests/kernels/test_kernel_knn_threshold.py", "-k", "close_pairs")),
+    Mutant("threshold_first_round_twice", "kernels/knn_threshold.py",
+           "            for t in range(1, rounds):\n", "            for t in range(0, rounds):\n",
+           ("tests/kernels/test_kernel_knn_threshold.py", "-k", "selects_what_the_merge")),
     Mutant("threshold_norms_after_mma", "kernels/knn_threshold.py",
            "        rn = tl.load(rn_ptr + cols, mask=cmask, other=float(\"inf\"))  # in flight during the MMAs\n"
            "        acc = _dot_tile(q_rows, r_ptr, q_desc, r_desc, row_lo, n0, cols, rmask, cmask, D, stride_r_n,\n"
