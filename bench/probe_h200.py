@@ -225,14 +225,14 @@ def knn_section(dev, emit, n, d, reps):
     # (the two merges, DAAL_KNN_MERGE, were timed side by side here until the runs decided them:
     # bench/README.md, "Switches decided")
     # the selection by a threshold (DAAL_KNN_SELECT=threshold; docs/kernels.md, "Selection by a
-    # threshold"), self pairs excluded: the whole path, and its sample's forward alone (1/16 of
-    # the columns, k' = 9), so the filter's and the selection's share is their difference
+    # threshold"), self pairs excluded: the whole path, and its sample's bounds alone (1/16 of
+    # the columns at k = 8, and the sample's own kNN), so the filter's and the selection's share
+    # is their difference
     if knn_threshold.eligible(q, q, 8, False):
         rec("knn threshold k=8 self (sample, filter, selection)",
             gpu_ms(lambda: knn_threshold.select(q, q, 8, True), dev, reps))
-        sample = q[::knn_threshold.STRIDE].contiguous()
-        rec("knn threshold: the sample's forward alone (k'=9, 1/16 of the columns)",
-            gpu_ms(lambda: kk._knn_merge_path(q, sample, 9, None, None, False, None), dev, reps))
+        rec("knn threshold: the sample's bounds alone (k=8, 1/16 of the columns, + the sample's self-kNN)",
+            gpu_ms(lambda: knn_threshold.sample_bounds(q, q, 8, True), dev, reps))
     if kk.forward_entry(q, q, 8, False) == kk.NARROW_ENTRY:
         nc = kk.CONFIGS[kk.family(q.dtype)][kk.NARROW_ENTRY]
         rec("_knn_fwd_kernel k=8 S=default narrow", gpu_ms(lambda: kk._candidates(q, q, 8, None, None, False),

@@ -6,12 +6,13 @@ row: its epilogue, not its GEMM, is most of its time. This path selects the same
 almost no per-tile merge work, in three steps, each on the device, with no host synchronisation:
 
 1. **An upper bound per row.** The default forward on a strided sample of the references,
-   ``r[::STRIDE]`` (N / STRIDE rows: a 1 / STRIDE share of the work), gives each query's
-   ``k' = k + exclude_self`` nearest sample distances. Their largest, ``e_i``, bounds the
-   query's k-th neighbour over all of ``r`` from above (the sample is a subset; with self pairs
-   excluded the query itself may be in it, hence one more). The threshold adds what the GEMM
-   form may differ from the exact squared distance by (float32 rounding over D; see
-   :func:`thresholds`):
+   ``r[::STRIDE]`` (N / STRIDE rows: a 1 / STRIDE share of the work), gives each query's k
+   nearest sample distances. Their largest, ``e_i``, bounds the query's k-th neighbour over all
+   of ``r`` from above (the sample is a subset). With self pairs excluded, a query ``i =
+   STRIDE m`` is the sample's row m: its ``e_i`` comes from a second forward, of ``q[::STRIDE]``
+   against the sample with self pairs excluded (a 1 / STRIDE^2 share); no other query can meet
+   itself in the sample. The threshold adds what the GEMM form may differ from the exact squared
+   distance by (float32 rounding over D; see :func:`thresholds`):
 
        t_i = e_i (1 + 2^-10) + 2^-12 (||q_i||^2 + max_j ||r_j||^2)
 
@@ -19,11 +20,10 @@ almost no per-tile merge work, in three steps, each on the device, with no host 
    ||r_j||^2 - 2 q_i . r_j`` (the default forward's GEMM form, the same D-chunks) and appends
    each ``(max(s_ij, eps), j)`` with ``s_ij <= t_i`` (``j != i`` when self pairs are excluded),
    packed in one int64 key (``knn._pair_key``), to row ``i``'s list of CAP slots (one atomic
-   per row and tile reserves them). About
-   ``(k + 1) STRIDE`` entries per row pass (the number of points below the (k+1)-th smallest of a
-   1 / STRIDE sample does not depend on the data: a negative hypergeometric count), so a tile's
-   epilogue is a compare, a count and about two rounds of listing (the most entries of one row in
-   the tile), with no running top-k to keep: no KP slots per row in registers, which lets the
+   per row and tile reserves them). About ``k STRIDE`` entries per row pass (the number of
+   points below the k-th smallest of a 1 / STRIDE sample does not depend on the data: a negative
+   hypergeometric count), so a tile's epilogue is a compare, a count and about two rounds of
+   listing (the most entries of one row in the tile), with no running top-k to keep: no KP slots per row in registers, which lets the
    tiles be 128 x 128 at two programs per SM.
 
 3. **A selection.** ``_knn_select_kernel`` takes each row's K best listed entries by ``(s, j)``
@@ -68,9 +68,9 @@ from .knn import _NO_KEY, _exact_key, _knn_finish_slots, _knn_merge_tile, _pair_
 
 #: The sample's row stride: 1 / STRIDE of the references bound the rows' k-th distances.
 STRIDE = 16
-#: List slots per query row (float32 distance + int32 column each): about (k + 1) STRIDE = 144
-#: entries pass at k = 8; a count above CAP (a Gamma(k + 1) tail beyond 3.5 times its mean:
-#: ~4e-7 per row at k = 8) sends the row to the rescan.
+#: List slots per query row (one int64 key of (s, j) each): about k STRIDE = 128 entries pass at
+#: k = 8; a count above CAP (a Gamma(k) tail beyond 4 times its mean: ~1e-7 per row at k = 8)
+#: sends the row to the rescan.
 CAP = 512
 #: The most k this path serves (the selection keeps K exact keys per row in registers).
 MAX_K = 16
@@ -267,6 +267,21 @@ def eligible(q: torch.Tensor, r: torch.Tensor, k: int, has_labels: bool) -> bool
     return sample >= max(MIN_SAMPLE, k + 2) and q.shape[0] > 0 and q.shape[1] > 0
 
 
+def sample_bounds(q: torch.Tensor, r: torch.Tensor, k: int, exclude_self: bool) -> torch.Tensor:
+    """Step 1's ``e_i`` (M, float32): the squared distance of each query's k-th nearest row of
+    the sample ``r[::STRIDE]`` (exact, as the default forward gives it), self pairs excluded
+    where asked; an upper bound of its k-th over all of ``r``."""
+    from . import knn as kk
+
+    sample = r[::STRIDE].contiguous()
+    e_sample = kk._knn_merge_path(q, sample, k, None, None, False, None)[0][:, k - 1].square()
+    if exclude_self:  # rows i = STRIDE m meet themselves in the sample (column m): their bound
+        # is the sample's own kNN without self pairs (a 1 / STRIDE^2 share); no other row can
+        own = sample if r is q else q[::STRIDE].contiguous()
+        e_sample[::STRIDE] = kk._knn_merge_path(own, sample, k, None, None, True, None)[0][:, k - 1].square()
+    return e_sample
+
+
 def thresholds(e_sample: torch.Tensor, qn: torch.Tensor, rn: torch.Tensor) -> torch.Tensor:
     """``t_i = e_i (1 + 2^-10) + 2^-12 (qn_i + max_j rn_j)`` (float32) from the sample's largest
     kept squared distance ``e_i`` (exact, by direct differences): above every ``s_ij`` of the GEMM
@@ -295,9 +310,7 @@ def select(q: torch.Tensor, r: torch.Tensor, k: int, exclude_self: bool
 
     M, D = q.shape
     N = r.shape[0]
-    k_sample = k + 1 if exclude_self else k
-    sample = r[::STRIDE].contiguous()
-    e_sample = kk._knn_merge_path(q, sample, k_sample, None, None, False, None)[0][:, k_sample - 1].square()
+    e_sample = sample_bounds(q, r, k, exclude_self)
     flags = dot_flags(q.dtype, device=q.device)
     qn = row_sqnorms(q, flags["INPUT_PRECISION"])
     rn = qn if r is q else row_sqnorms(r, flags["INPUT_PRECISION"])

@@ -39,8 +39,8 @@ def _both(monkeypatch, q, r, k, exclude_self):
                                               (96, 96, 16, 1, True)])
 def test_threshold_selects_what_the_merge_selects(small, monkeypatch, M, N, D, k, own):
     """Odd shapes, self pairs and not, k from 1 to 16: the same distances and indices as the
-    default forward bit for bit, and the float64 reference's. (At k = 1 with self pairs a query in
-    the sample finds itself there: its bound is the sample's second nearest.)"""
+    default forward bit for bit, and the float64 reference's. (With self pairs a query in the
+    sample would find itself there: its bound is the sample's own kNN without self pairs.)"""
     x = torch.randn(N, D).half()
     q = x if own else torch.randn(M, D).half()
     (dist, index), want = _both(monkeypatch, q, x, k, own)
@@ -48,6 +48,19 @@ def test_threshold_selects_what_the_merge_selects(small, monkeypatch, M, N, D, k
     ref_d, ref_i = reference.knn(q.double(), x.double(), k, exclude_self=own)
     assert torch.allclose(dist.double(), ref_d, rtol=1e-3, atol=1e-3)
     assert (index == ref_i).float().mean() > 0.99  # near-ties may swap in float16's GEMM form
+
+
+@pytest.mark.parametrize("noise", [0.0, 0.7])
+def test_self_pairs_between_two_tensors(small, monkeypatch, noise):
+    """Self pairs (i, i) excluded between queries and references that are two tensors (a copy,
+    or each query its reference moved): the bound of query 16 m comes from the strided queries
+    against the sample, not the sample against itself; the merge's result."""
+    torch.manual_seed(3)
+    x = torch.randn(150, 40)
+    q = (x + noise * torch.randn(150, 40)).half()
+    (dist, index), want = _both(monkeypatch, q, x.half(), 5, True)
+    assert torch.equal(dist, want[0]) and torch.equal(index, want[1])
+    assert not (index == torch.arange(150)[:, None]).any()
 
 
 def test_close_pairs_and_duplicates_give_the_clamp(small, monkeypatch):
