@@ -38,7 +38,8 @@ runs the default forward's merge over all columns for the row blocks that hold o
 programs return at once) and rewrites those rows: slow, rare, exact.
 
 Eligible (:func:`eligible`): float16/bfloat16 inputs (the threshold's rounding margin is that of
-their float32 GEMM), no labels, ``k <= MAX_K`` and a sample of at least ``MIN_SAMPLE`` rows.
+their float32 GEMM), no labels, ``k <= MAX_K``, a sample of at least ``MIN_SAMPLE`` rows, and the
+filter's descriptor loads (sm_90/sm_100, aligned rows: :func:`_tma_ok`).
 Memory: CAP x 8 bytes per query row for the lists (4 KB at CAP = 512), the queries in chunks of at
 most ``LIST_BYTES``.
 """
@@ -260,11 +261,13 @@ def _knn_rescan_kernel(
 
 def eligible(q: torch.Tensor, r: torch.Tensor, k: int, has_labels: bool) -> bool:
     """Whether the threshold path takes these prepared inputs: float16/bfloat16, no labels,
-    ``0 < k <= MAX_K``, and a sample of at least ``MIN_SAMPLE`` rows (and more than k + 1)."""
+    ``0 < k <= MAX_K``, a sample of at least ``MIN_SAMPLE`` rows (and more than k + 1), and the
+    filter's descriptor loads (:func:`_tma_ok`: sm_90/sm_100, 16-byte-aligned rows; its pointer
+    loads would spill on sm_90 and were never tuned: elsewhere the default merge runs)."""
     if q.dtype not in (torch.float16, torch.bfloat16) or has_labels or not 0 < k <= MAX_K:
         return False
     sample = cdiv(r.shape[0], STRIDE)
-    return sample >= max(MIN_SAMPLE, k + 2) and q.shape[0] > 0 and q.shape[1] > 0
+    return sample >= max(MIN_SAMPLE, k + 2) and q.shape[0] > 0 and q.shape[1] > 0 and _tma_ok(q, r)
 
 
 def sample_bounds(q: torch.Tensor, r: torch.Tensor, k: int, exclude_self: bool) -> torch.Tensor:

@@ -106,20 +106,21 @@ def record() -> list:
     line_margin.mm_f32 = lambda a, b: torch.zeros(a.shape[0], b.shape[1])
     eligible = knn._tma_eligible  # descriptor loads: an sm_90 device has TMA
 
-    def tma_eligible(*args):
+    def tma_eligible(*args):  # (an sm_80 scenario's device has none)
         saved, knn.interpreting = knn.interpreting, lambda: True  # the rule's last line, on a CPU tensor
         try:
-            return eligible(*args)
+            return eligible(*args) and knn.tma_device(torch.device("cuda"))
         finally:
             knn.interpreting = saved
     knn._tma_eligible = tma_eligible
-    # the threshold filter's descriptor loads: an sm_90 device has TMA (its own alignment rule)
+    # the threshold filter's descriptor loads: an sm_90 device has TMA (its own alignment rule),
+    # an sm_80 one (a scenario's "capability") none: the filter's pointer loads
     tma_ok = knn_threshold._tma_ok
 
     def threshold_tma_ok(q, r):
         saved, knn_threshold.interpreting = knn_threshold.interpreting, lambda: True
         try:
-            return tma_ok(q, r)
+            return tma_ok(q, r) and knn.tma_device(torch.device("cuda"))
         finally:
             knn_threshold.interpreting = saved
     knn_threshold._tma_ok = threshold_tma_ok
@@ -238,6 +239,9 @@ def record() -> list:
          {"DAAL_KNN_SELECT": "threshold"}),
         ("knn fp16 bank D=129, threshold", lambda: knn_op("fp16", 1024, 65536, 129, 8, False, False),
          {"DAAL_KNN_SELECT": "threshold"}),
+        # and on an A100: no descriptor loads, so not the threshold path but the default's tiles
+        ("knn bf16 eval 20k, threshold, sm_80", lambda: knn_op("bf16", 20000, 20000, 512, 8, False, True, False),
+         {"DAAL_KNN_SELECT": "threshold", "capability": (8, 0)}),
         ("line_margin bf16 dml, separate", lambda: line_margin_op("bf16", 180, 100, 512), {"DAAL_LAUNCHES": "separate"}),
     ]
     # a GPU without TF32 (a T4; a V100 launches the same): float32 at both matmul precisions,

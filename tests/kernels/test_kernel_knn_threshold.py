@@ -152,13 +152,19 @@ def test_thresholds_bound_the_gemm_form(dtype):
 
 def test_eligibility_and_the_switch(small, monkeypatch):
     """float16/bfloat16, no labels, 0 < k <= 16, a sample of at least MIN_SAMPLE (and k + 2)
-    rows; labels, float32, an explicit split count and k > 16 run the merge; a misspelt
-    DAAL_KNN_SELECT is a ValueError naming it."""
+    rows, descriptor loads (an sm_90/sm_100 device, 16-byte-aligned rows: not an A100, not a
+    misaligned view); labels, float32, an explicit split count and k > 16 run the merge; a
+    misspelt DAAL_KNN_SELECT is a ValueError naming it."""
     x = torch.randn(200, 32).half()
     assert kt.eligible(x, x, 8, False) and kt.eligible(x.bfloat16(), x.bfloat16(), 16, False)
     assert not kt.eligible(x.float(), x.float(), 8, False)
     assert not kt.eligible(x, x, 8, True) and not kt.eligible(x, x, 17, False) and not kt.eligible(x, x, 0, False)
     assert not kt.eligible(x, x[:28], 8, False)  # a sample of 7 rows
+    odd = torch.randn(200, 33).half()[:, 1:]  # rows of 32 columns, 66 bytes apart
+    assert not kt.eligible(odd, odd, 8, False) and not kt.eligible(x, odd, 8, False)
+    with monkeypatch.context() as m:  # no descriptor loads (a CPU tensor outside the interpreter)
+        m.setattr(kt, "interpreting", lambda: False)
+        assert not kt.eligible(x, x, 8, False)
     calls = []
     monkeypatch.setattr(kt, "select", lambda *a, **kw: calls.append(a))
     monkeypatch.setenv(kk.SELECT_ENV, "threshold")

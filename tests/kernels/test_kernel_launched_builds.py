@@ -136,6 +136,10 @@ def test_the_recording_covers_every_kernel_of_the_hot_paths(recorded):
     filt = [la for la in threshold if la["kernel"] == "_knn_filter_kernel"]
     assert {tiles(la) for la in filt if "knn bf16 eval60k, threshold" in la["scenarios"]} == {(128, 128, 4, True)}
     assert {la["constexprs"]["EXCLUDE_SELF"] for la in filt} == {False, True}
+    # on an A100 (no descriptor loads) the switch leaves the default forward, on its table tiles
+    a100 = [la for la in recorded if "knn bf16 eval 20k, threshold, sm_80" in la["scenarios"]]
+    assert {la["kernel"] for la in a100} == {"_sqnorm_kernel", "_knn_fwd_kernel", "_knn_finish_kernel"}, a100
+    assert {tiles(la) for la in a100 if la["kernel"] == "_knn_fwd_kernel"} == {(128, 128, 8, False)}
 
 
 def test_every_recorded_launch_compiles_for_each_target(built):
