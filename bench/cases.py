@@ -532,9 +532,9 @@ def _padded_rows_bytes(d: dict, prov: str, es: int) -> int:
     return (d["M"] + d["N"]) * -(-d["D"] // 16) * 16 * es
 
 
-#: kernels/knn_threshold.py's lists: CAP (512) slots of 8 bytes per query row, in row chunks of at
-#: most LIST_BYTES (256 MiB) (this module is torch-free: the values are repeated, and a test
-#: checks them against the kernel module's)
+#: kernels/knn_threshold.py's lists: CAP (512) slots of 8 bytes per query row and 8 neighbours
+#: (``list_cap``), in row chunks of at most LIST_BYTES (256 MiB) (this module is torch-free: the
+#: values are repeated, and a test checks them against the kernel module's)
 THRESHOLD_LIST_ROW_BYTES = 512 * 8
 THRESHOLD_LIST_BYTES = 256 << 20
 
@@ -543,8 +543,8 @@ def _knn_bytes(d: dict, prov: str, es: int) -> int:
     mn = d["M"] * d["N"]
     if prov.startswith("triton"):  # the kernel under any switch setting: the k slots and the splits'
         lists = 0
-        if prov == "triton_threshold":  # its lists (kernels/knn_threshold.py: CAP slots of 8 bytes per row)
-            lists = min(d["M"] * THRESHOLD_LIST_ROW_BYTES, THRESHOLD_LIST_BYTES)
+        if prov == "triton_threshold":  # its lists (kernels/knn_threshold.py: list_cap(k) slots of 8 bytes per row)
+            lists = min(d["M"] * THRESHOLD_LIST_ROW_BYTES * -(-d["k"] // 8), THRESHOLD_LIST_BYTES)
         return 16 * d["M"] * d["k"] + (64 << 20) + lists + _padded_rows_bytes(d, prov, es)
     if prov == "chunked":
         rows = min(d["M"], knn_chunk_rows(d["N"]))

@@ -927,10 +927,12 @@ def test_every_switch_is_timed_on_both_sides_by_the_check():
 
 def test_the_threshold_providers_memory_estimate_is_the_kernel_modules():
     """The torch-free estimate of the threshold selection's lists repeats kernels/knn_threshold.py's
-    CAP and LIST_BYTES; at 60k queries the lists add 240 MiB to the estimate."""
+    ``list_cap`` (for every k it serves) and LIST_BYTES; at 60k queries and k = 8 the lists add
+    240 MiB to the estimate."""
     from daal_triton.kernels import knn_threshold as kt
 
-    assert bc.THRESHOLD_LIST_ROW_BYTES == kt.CAP * 8 and bc.THRESHOLD_LIST_BYTES == kt.LIST_BYTES
+    assert all(bc.THRESHOLD_LIST_ROW_BYTES * -(-k // 8) == kt.list_cap(k) * 8 for k in range(1, kt.MAX_K + 1))
+    assert bc.THRESHOLD_LIST_BYTES == kt.LIST_BYTES
     case = next(c for c in bc.cases_for("knn", "check") if c.shape == "eval60k" and c.provider == "triton_threshold")
     plain = next(c for c in bc.cases_for("knn", "check") if c.shape == "eval60k" and c.provider == "triton")
     assert bc.estimate_bytes(case) - bc.estimate_bytes(plain) == 60000 * kt.CAP * 8

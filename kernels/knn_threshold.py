@@ -40,8 +40,8 @@ programs return at once) and rewrites those rows: slow, rare, exact.
 Eligible (:func:`eligible`): float16/bfloat16 inputs (the threshold's rounding margin is that of
 their float32 GEMM), no labels, ``k <= MAX_K``, a sample of at least ``MIN_SAMPLE`` rows, and the
 filter's descriptor loads (sm_90/sm_100, aligned rows: :func:`_tma_ok`).
-Memory: CAP x 8 bytes per query row for the lists (4 KB at CAP = 512), the queries in chunks of at
-most ``LIST_BYTES``.
+Memory: :func:`list_cap` x 8 bytes per query row for the lists (4 KB at k <= 8, 8 KB up to 16),
+the queries in chunks of at most ``LIST_BYTES``.
 """
 from __future__ import annotations
 
@@ -69,9 +69,10 @@ from .knn import _NO_KEY, _exact_key, _knn_finish_slots, _knn_merge_tile, _pair_
 
 #: The sample's row stride: 1 / STRIDE of the references bound the rows' k-th distances.
 STRIDE = 16
-#: List slots per query row (one int64 key of (s, j) each): about k STRIDE = 128 entries pass at
-#: k = 8; a count above CAP (a Gamma(k) tail beyond 4 times its mean: ~1e-7 per row at k = 8)
-#: sends the row to the rescan.
+#: List slots per query row (one int64 key of (s, j) each) for k <= 8, and as many more per 8
+#: more (:func:`list_cap`): about k STRIDE entries pass (128 at k = 8, 256 at k = 16); a count
+#: above the cap (a Gamma(k) tail beyond 4 times its mean at k = 8 and 16: ~1e-7 and ~1e-13 per
+#: row; at 512 slots, k = 16 would send 40 of 60k rows to the rescan) sends the row there.
 CAP = 512
 #: The most k this path serves (the selection keeps K exact keys per row in registers).
 MAX_K = 16
@@ -259,6 +260,11 @@ def _knn_rescan_kernel(
                           stride_q_m, stride_r_n, stride_dist_m, stride_index_m, BLOCK_M, BLOCK_D, KP)
 
 
+def list_cap(k: int) -> int:
+    """The list slots per query row at this k: :data:`CAP` per 8 neighbours."""
+    return CAP * cdiv(k, 8)
+
+
 def eligible(q: torch.Tensor, r: torch.Tensor, k: int, has_labels: bool) -> bool:
     """Whether the threshold path takes these prepared inputs: float16/bfloat16, no labels,
     ``0 < k <= MAX_K``, a sample of at least ``MIN_SAMPLE`` rows (and more than k + 1), and the
@@ -321,7 +327,8 @@ def select(q: torch.Tensor, r: torch.Tensor, k: int, exclude_self: bool
     # a row without a finite bound (fewer than k' finite distances in the sample: non-finite
     # inputs) lists nothing and starts over CAP: the rescan selects it exactly
     finite = torch.isfinite(thr)
-    count = torch.where(finite, 0, CAP + 1).to(torch.int32)
+    cap = list_cap(k)
+    count = torch.where(finite, 0, cap + 1).to(torch.int32)
     thr = torch.where(finite, thr, -1.0)
     dist = torch.empty(M, k, dtype=torch.float32, device=q.device)
     index = torch.empty(M, k, dtype=torch.int64, device=q.device)
@@ -336,24 +343,24 @@ def select(q: torch.Tensor, r: torch.Tensor, k: int, exclude_self: bool
     slaunch = scfg.launch(D)
     slaunch["BLOCK_D"] = kk.CONFIGS[family(q.dtype)][kk.finish_entry(kp)].block_d_for(D)
     tma = _tma_ok(q, r)
-    chunk = max(bm, (LIST_BYTES // (CAP * 8)) // bm * bm)
+    chunk = max(bm, (LIST_BYTES // (cap * 8)) // bm * bm)
     for i0 in range(0, M, chunk):
         qc = q[i0:i0 + chunk]
         m = qc.shape[0]
-        lists = torch.empty(m, CAP, dtype=torch.int64, device=q.device)
+        lists = torch.empty(m, cap, dtype=torch.int64, device=q.device)
         q_desc, r_desc = _descriptors(qc, r, bm, bn, flaunch["BLOCK_D"], tma)
         _knn_filter_kernel[(cdiv(m, bm), S)](
             qc, r, q_desc, r_desc, qn[i0:], rn, thr[i0:], count[i0:], lists,
             m, N, D, i0, cols, qc.stride(0), r.stride(0),
-            CAP=CAP, EXCLUDE_SELF=bool(exclude_self), TMA=tma, **flags, **flaunch)
+            CAP=cap, EXCLUDE_SELF=bool(exclude_self), TMA=tma, **flags, **flaunch)
         _knn_select_kernel[(cdiv(m, scfg.blocks["BLOCK_M"]),)](
             count[i0:], lists, qc, r, dist[i0:], index[i0:], m, D, k,
-            qc.stride(0), r.stride(0), dist.stride(0), index.stride(0), CAP=CAP, KP=kp, **slaunch)
+            qc.stride(0), r.stride(0), dist.stride(0), index.stride(0), CAP=cap, KP=kp, **slaunch)
     rlaunch = rcfg.launch(D)
     rlaunch["BLOCK_D"] = slaunch["BLOCK_D"]
     _knn_rescan_kernel[(cdiv(M, rcfg.blocks["BLOCK_M"]),)](
         q, r, qn, rn, count, dist, index, M, N, D, k, q.stride(0), r.stride(0), dist.stride(0),
-        index.stride(0), CAP=CAP, KP=kp, EXCLUDE_SELF=bool(exclude_self), **flags, **rlaunch)
+        index.stride(0), CAP=cap, KP=kp, EXCLUDE_SELF=bool(exclude_self), **flags, **rlaunch)
     return dist, index
 
 

@@ -469,7 +469,7 @@ MUTANTS: Tuple[Mutant, ...] = (
            "hits = tl.where(rows[:, None] == cols[None, :], float(\"inf\"), hits)",
            ("tests/kernels/test_kernel_knn_threshold.py", "-k", "chunks")),
     Mutant("threshold_unbounded_rows_listed", "kernels/knn_threshold.py",
-           "count = torch.where(finite, 0, CAP + 1).to(torch.int32)",
+           "count = torch.where(finite, 0, cap + 1).to(torch.int32)",
            "count = torch.zeros_like(thr, dtype=torch.int32)",
            ("tests/kernels/test_kernel_knn_threshold.py", "-k", "non_finite")),
     # 2026-12-05 (second session): the filter's listed keys, its loads and its compare
@@ -482,6 +482,9 @@ MUTANTS: Tuple[Mutant, ...] = (
     Mutant("threshold_filter_without_descriptors", "kernels/knn_threshold.py",
            "q.shape[0] > 0 and q.shape[1] > 0 and _tma_ok(q, r)", "q.shape[0] > 0 and q.shape[1] > 0",
            ("tests/kernels/test_kernel_knn_threshold.py", "-k", "eligibility")),
+    Mutant("threshold_lists_ignore_k", "kernels/knn_threshold.py",
+           "    return CAP * cdiv(k, 8)", "    return CAP",
+           ("tests/kernels/test_kernel_knn_threshold.py", "-k", "lists_hold")),
     Mutant("threshold_first_round_twice", "kernels/knn_threshold.py",
            "            for t in range(1, rounds):\n", "            for t in range(0, rounds):\n",
            ("tests/kernels/test_kernel_knn_threshold.py", "-k", "selects_what_the_merge")),

@@ -78,6 +78,22 @@ def test_close_pairs_and_duplicates_give_the_clamp(small, monkeypatch):
     assert (dist[:, 0] == clamp).all() and (dist[:, 1] == clamp).all()  # the row itself and its duplicate
 
 
+def test_lists_hold_the_counts_of_every_k():
+    """The lists' slots per row (``list_cap``) against the count a row lists, about k STRIDE
+    (Gamma(k) in units of STRIDE): for every k the path serves, at 60k rows fewer than 0.01
+    rows overflow on average (each one a rescan of its row block over every column: at k = 16,
+    512 slots would send about 40 there)."""
+    import math
+
+    def over(k, cap):  # P(Gamma(k, STRIDE) > cap)
+        x = cap / kt.STRIDE
+        return math.exp(-x) * sum(x ** i / math.factorial(i) for i in range(k))
+    assert [kt.list_cap(k) for k in (1, 8, 9, 16)] == [kt.CAP, kt.CAP, 2 * kt.CAP, 2 * kt.CAP]
+    for k in range(1, kt.MAX_K + 1):
+        assert 60000 * over(k, kt.list_cap(k)) < 0.01, k
+    assert 60000 * over(16, kt.CAP) > 10
+
+
 def test_rows_past_the_list_are_rescanned(small, monkeypatch):
     """Each row with 12 exact duplicates and lists of 6 slots: every row overflows, the rescan
     selects them (ties to the smaller index) as the merge does; without the rescan the result
