@@ -19,12 +19,12 @@ almost no per-tile merge work, in three steps, each on the device, with no host 
 2. **A filter.** ``_knn_filter_kernel`` computes every tile of ``s_ij = ||q_i||^2 +
    ||r_j||^2 - 2 q_i . r_j`` (the default forward's GEMM form, the same D-chunks) and appends
    each ``(max(s_ij, eps), j)`` with ``s_ij <= t_i`` (``j != i`` when self pairs are excluded),
-   packed in one int64 key (``knn._pair_key``), to row ``i``'s list of CAP slots (one atomic
-   per row and tile reserves them). About ``k STRIDE`` entries per row pass (the number of
-   points below the k-th smallest of a 1 / STRIDE sample does not depend on the data: a negative
-   hypergeometric count), so a tile's epilogue is a compare, a count and about two rounds of
-   listing (the most entries of one row in the tile), with no running top-k to keep: no KP slots per row in registers, which lets the
-   tiles be 128 x 128 at two programs per SM.
+   packed in one int64 key (``knn._pair_key``), to row ``i``'s list of :func:`list_cap` slots
+   (one atomic per row and tile reserves them). About ``k STRIDE`` entries per row pass (the
+   number of points below the k-th smallest of a 1 / STRIDE sample does not depend on the data:
+   a negative hypergeometric count), so a tile's epilogue is a compare, a count and about two
+   rounds of listing (the most entries of one row in the tile), with no running top-k to keep:
+   no KP slots per row in registers, which lets the tiles be 128 x 128 at two programs per SM.
 
 3. **A selection.** ``_knn_select_kernel`` takes each row's K best listed entries by ``(s, j)``
    (ties: the smaller column), recomputes their squared distances exactly by direct differences
@@ -32,10 +32,11 @@ almost no per-tile merge work, in three steps, each on the device, with no host 
    finish's arithmetic (``knn._exact_key``, ``knn._store_sorted``).
 
 Every one of a row's k best pairs by ``(s, j)`` passes the filter (their clamped ``s``, at
-least the unclamped one, is at most ``t_i``), so when a row's list did not overflow the result is the default forward's. A row whose
-count passed CAP (duplicates, an unrepresentative sample) is rescanned: ``_knn_rescan_kernel``
-runs the default forward's merge over all columns for the row blocks that hold one (the other
-programs return at once) and rewrites those rows: slow, rare, exact.
+least the unclamped one, is at most ``t_i``), so when a row's list did not overflow the result
+is the default forward's. A row whose count passed its slots (duplicates, an unrepresentative
+sample) is rescanned: ``_knn_rescan_kernel`` runs the default forward's merge over all columns
+for the row blocks that hold one (the other programs return at once) and rewrites those rows:
+slow, rare, exact.
 
 Eligible (:func:`eligible`): float16/bfloat16 inputs (the threshold's rounding margin is that of
 their float32 GEMM), no labels, ``k <= MAX_K``, a sample of at least ``MIN_SAMPLE`` rows, and the
