@@ -273,3 +273,23 @@ def test_the_unpadded_rows_are_what_spills(built):
     stack = [res["stack"] for la, res in built if res["capability"] == 90 and _unaligned_only(la)
              and la["kernel"] == "_knn_bwd_kernel"]
     assert stack and min(stack) > 0, stack
+
+
+def test_sass_tile_loop_script_counts_the_filter(recorded, tmp_path, capsys):
+    """scripts/sass_tile_loop.py (the instruction counts docs/kernels.md quotes for the
+    threshold filter) reads a recorded launch's sm_90 build: its D-loop (HGMMA), its listing
+    rounds and what lies outside them; a scenario no launch matches is refused."""
+    import importlib.util
+
+    path = tmp_path / "launches.json"
+    path.write_text(json.dumps(recorded))
+    spec = importlib.util.spec_from_file_location("sass_tile_loop", os.path.join(HERE, "..", "..", "scripts",
+                                                                                "sass_tile_loop.py"))
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.main(["_knn_filter_kernel", "bf16 bank, threshold", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "0 B stack" in out and "D-loop" in out and "outside the nested loops" in out, out
+    rounds = [line for line in out.splitlines() if line.strip().startswith("rounds")]
+    assert len(rounds) == 1 and " 2 BAR.SYNC" in rounds[0], out
+    assert script.main(["_knn_filter_kernel", "no such scenario", str(path)]) == 2
