@@ -233,6 +233,12 @@ def knn_section(dev, emit, n, d, reps):
             gpu_ms(lambda: knn_threshold.select(q, q, 8, True), dev, reps))
         rec("knn threshold: the sample's bounds alone (k=8, 1/16 of the columns, + the sample's self-kNN)",
             gpu_ms(lambda: knn_threshold.sample_bounds(q, q, 8, True), dev, reps))
+        # other sample strides: the sample's cost against the listing rounds (about k STRIDE
+        # entries per row), the model of docs/kernels.md's estimate
+        for stride in knn_threshold.PROBE_STRIDES:
+            with knn_threshold.sampled_every(stride):
+                rec(f"knn threshold k=8 self, a 1/{stride} sample",
+                    gpu_ms(lambda: knn_threshold.select(q, q, 8, True), dev, reps), stride=stride)
     if kk.forward_entry(q, q, 8, False) == kk.NARROW_ENTRY:
         nc = kk.CONFIGS[kk.family(q.dtype)][kk.NARROW_ENTRY]
         rec("_knn_fwd_kernel k=8 S=default narrow", gpu_ms(lambda: kk._candidates(q, q, 8, None, None, False),

@@ -46,7 +46,8 @@ the queries in chunks of at most ``LIST_BYTES``.
 """
 from __future__ import annotations
 
-from typing import Tuple
+import contextlib
+from typing import Iterator, Tuple
 
 import torch
 import triton
@@ -81,6 +82,9 @@ MAX_K = 16
 MIN_SAMPLE = 64
 #: The most bytes of lists at once: larger query sets run in row chunks.
 LIST_BYTES = 256 << 20
+#: Sample strides bench/probe_h200.py times beside STRIDE (:func:`sampled_every`): a larger
+#: sample costs more, a smaller one lists more entries per row (more listing rounds per tile).
+PROBE_STRIDES = (8, 32)
 
 #: The filter's tiles: 128 x 128 on one warpgroup (4 warps), D-chunks of 64, through tensor
 #: descriptors where they apply. The GEMM-only ceiling of 128 x 128 tiles was 571 TFLOP/s on the
@@ -259,6 +263,20 @@ def _knn_rescan_kernel(
                 BLOCK_M, BLOCK_N, KP, False, EXCLUDE_SELF, True, False)
         _knn_finish_slots(topd, topi, rows64, rmask & over, slots, q_ptr, r_ptr, dist_ptr, index_ptr, D, K,
                           stride_q_m, stride_r_n, stride_dist_m, stride_index_m, BLOCK_M, BLOCK_D, KP)
+
+
+@contextlib.contextmanager
+def sampled_every(stride: int) -> Iterator[None]:
+    """Within: STRIDE = ``stride`` and CAP scaled with it (the lists keep four times the mean
+    count of k = 8), for the probe's timings (:data:`PROBE_STRIDES`; the launch recorder builds
+    them: tests/kernels/launch_recorder.py)."""
+    global STRIDE, CAP
+    saved = STRIDE, CAP
+    STRIDE, CAP = stride, CAP * stride // STRIDE
+    try:
+        yield
+    finally:
+        STRIDE, CAP = saved
 
 
 def list_cap(k: int) -> int:

@@ -125,6 +125,10 @@ def record() -> list:
             knn_threshold.interpreting = saved
     knn_threshold._tma_ok = threshold_tma_ok
 
+    def _sampled(stride, call):
+        with knn_threshold.sampled_every(stride):
+            call()
+
     g = torch.Generator().manual_seed(0)
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -239,6 +243,11 @@ def record() -> list:
          {"DAAL_KNN_SELECT": "threshold"}),
         ("knn fp16 bank D=129, threshold", lambda: knn_op("fp16", 1024, 65536, 129, 8, False, False),
          {"DAAL_KNN_SELECT": "threshold"}),
+        # the probe's other sample strides (bench/probe_h200.py at 20k: kernels/knn_threshold.py,
+        # PROBE_STRIDES; the lists scale with them)
+        *[(f"knn bf16 probe 20k, threshold, a 1/{stride} sample",
+           lambda stride=stride: _sampled(stride, lambda: knn_op("bf16", 20000, 20000, 512, 8, False, True, False)),
+           {"DAAL_KNN_SELECT": "threshold"}) for stride in knn_threshold.PROBE_STRIDES],
         # and on an A100: no descriptor loads, so not the threshold path but the default's tiles
         ("knn bf16 eval 20k, threshold, sm_80", lambda: knn_op("bf16", 20000, 20000, 512, 8, False, True, False),
          {"DAAL_KNN_SELECT": "threshold", "capability": (8, 0)}),

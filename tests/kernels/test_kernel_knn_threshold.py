@@ -94,6 +94,26 @@ def test_lists_hold_the_counts_of_every_k():
     assert 60000 * over(16, kt.CAP) > 10
 
 
+def test_sampled_every_scales_the_lists_and_restores(monkeypatch):
+    """The probe's other sample strides (``sampled_every``, bench/probe_h200.py): inside, STRIDE
+    is the given one and the lists scale with it (about k STRIDE entries per row); after it, even
+    past an exception, both are back; under it the path selects what the merge selects."""
+    stride, cap = kt.STRIDE, kt.CAP
+    for s in kt.PROBE_STRIDES:
+        with kt.sampled_every(s):
+            assert (kt.STRIDE, kt.CAP) == (s, cap * s // stride)
+            assert kt.list_cap(16) == 2 * cap * s // stride
+        assert (kt.STRIDE, kt.CAP) == (stride, cap)
+    with pytest.raises(RuntimeError), kt.sampled_every(kt.PROBE_STRIDES[0]):
+        raise RuntimeError
+    assert (kt.STRIDE, kt.CAP) == (stride, cap)
+    monkeypatch.setattr(kt, "MIN_SAMPLE", 8)
+    x = torch.randn(200, 40).half()
+    with kt.sampled_every(8):
+        (dist, index), want = _both(monkeypatch, x, x, 5, True)
+    assert torch.equal(dist, want[0]) and torch.equal(index, want[1])
+
+
 def test_rows_past_the_list_are_rescanned(small, monkeypatch):
     """Each row with 12 exact duplicates and lists of 6 slots: every row overflows, the rescan
     selects them (ties to the smaller index) as the merge does; without the rescan the result
