@@ -25,6 +25,8 @@ script splits both:
   excluded (and at the ring depths of ``knn_gluon.PROBE_STAGES``, each once its GPU test
   passed), and their GEMM-only ceilings (``GEMM_ONLY``: the distance epilogue and a row-min, the
   L2 bytes and rate).
+* ``strides`` (after ``tiles``): the selection by a threshold with samples of 1/8 and 1/32
+  (``knn_threshold.PROBE_STRIDES``), recorded as section ``knn``.
 * ``tiles`` (after ``knn``): ``gemm_min`` at the tile shapes of ``PROBE_TILES`` (the entry's 128 x 128,
   the wide 128 x 256 and 256 x 128 of the "tma" candidates, 64 x 128 on 4 warps), each with the
   bytes its tiles load from L2 (``tile_bytes``) and the rate that makes: does the forward's
@@ -165,11 +167,11 @@ def launch_section(dev, emit, n, reps, shape=(180, 100, 512)):
              host_us=host_us(graph.replay, dev, n // 4), gpu_ms=gpu_ms(graph.replay, dev, 2 * reps))
 
 
-def _problem(dev, n, d):
-    """The kNN sections' problem: ``n`` x ``d`` queries (the reference set too; bf16 on a GPU,
-    float32 in the interpreter), their squared norms, the dot flags, the FLOPs of the n x n
-    distances and the forward's table entry for k = 8."""
-    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+def _problem(dev, n, d, dtype=None):
+    """The kNN sections' problem: ``n`` x ``d`` queries (the reference set too; ``dtype``, by
+    default bf16 on a GPU and float32 in the interpreter), their squared norms, the dot flags,
+    the FLOPs of the n x n distances and the forward's table entry for k = 8."""
+    dtype = dtype or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
     q = torch.randn(n, d, device=dev, dtype=dtype)
     flags = dot_flags(dtype, device=dev)
     return (q, row_sqnorms(q, flags["INPUT_PRECISION"]), flags, 2.0 * n * n * d,
@@ -203,15 +205,22 @@ def _probe_call(q, qn, flags, S, launch, filt, tma=False):
     return run, S
 
 
-def knn_section(dev, emit, n, d, reps):
-    q, qn, flags, flops, cfg = _problem(dev, n, d)
-    bm, bn = cfg.blocks["BLOCK_M"], cfg.blocks["BLOCK_N"]
-    tiles = triton.cdiv(n, bm) * triton.cdiv(n, bn)
-    s_default = kk._num_splits(n, n, bm, bn, q.device)
+def _knn_rec(dev, emit, n, flops, cfg):
+    """``rec(name, ms, **kw)``: one ``knn`` line, with TFLOP/s and microseconds per tile of the
+    table entry ``cfg`` per SM."""
+    tiles = triton.cdiv(n, cfg.blocks["BLOCK_M"]) * triton.cdiv(n, cfg.blocks["BLOCK_N"])
 
     def rec(name, ms, **kw):
         emit("knn", name, n=n, ms=ms, tflops=flops / ms / 1e9, us_per_tile_per_sm=None if dev.type != "cuda"
              else ms * 1e3 * torch.cuda.get_device_properties(dev).multi_processor_count / tiles, **kw)
+    return rec
+
+
+def knn_section(dev, emit, n, d, reps):
+    q, qn, flags, flops, cfg = _problem(dev, n, d)
+    bm, bn = cfg.blocks["BLOCK_M"], cfg.blocks["BLOCK_N"]
+    s_default = kk._num_splits(n, n, bm, bn, q.device)
+    rec = _knn_rec(dev, emit, n, flops, cfg)
 
     # the table's entries (as the runs before 2026-12-04 probed them: comparable with theirs), then
     # the default narrow tiles where they apply (64 x 128 through descriptors: DAAL_KNN_TILES)
@@ -233,12 +242,7 @@ def knn_section(dev, emit, n, d, reps):
             gpu_ms(lambda: knn_threshold.select(q, q, 8, True), dev, reps))
         rec("knn threshold: the sample's bounds alone (k=8, 1/16 of the columns, + the sample's self-kNN)",
             gpu_ms(lambda: knn_threshold.sample_bounds(q, q, 8, True), dev, reps))
-        # other sample strides: the sample's cost against the listing rounds (about k STRIDE
-        # entries per row), the model of docs/kernels.md's estimate
-        for stride in knn_threshold.PROBE_STRIDES:
-            with knn_threshold.sampled_every(stride):
-                rec(f"knn threshold k=8 self, a 1/{stride} sample",
-                    gpu_ms(lambda: knn_threshold.select(q, q, 8, True), dev, reps), stride=stride)
+        # (its other sample strides: the ``strides`` section, after the tiles' GEMM ceilings)
     if kk.forward_entry(q, q, 8, False) == kk.NARROW_ENTRY:
         nc = kk.CONFIGS[kk.family(q.dtype)][kk.NARROW_ENTRY]
         rec("_knn_fwd_kernel k=8 S=default narrow", gpu_ms(lambda: kk._candidates(q, q, 8, None, None, False),
@@ -317,6 +321,22 @@ def tiles_section(dev, emit, n, d, reps):
                  l2_bytes=nbytes, l2_tb_per_s=nbytes / ms / 1e9)
 
 
+def strides_section(dev, emit, n, d, reps, dtype=None):
+    """The selection by a threshold with the samples of ``knn_threshold.PROBE_STRIDES`` (1/8 and
+    1/32) beside the ``knn`` section's 1/16: the sample's cost against the listing rounds (about
+    k STRIDE entries per row), the model of docs/kernels.md's estimate. After ``tiles``: each
+    stride JIT-builds another filter, and a probe cut short by its budget keeps the GEMM
+    ceilings. (``dtype``: float16 for a test in the interpreter, where bf16 dots cannot run.)"""
+    q, _, _, flops, cfg = _problem(dev, n, d, dtype)
+    if not knn_threshold.eligible(q, q, 8, False):
+        return
+    rec = _knn_rec(dev, emit, n, flops, cfg)
+    for stride in knn_threshold.PROBE_STRIDES:
+        with knn_threshold.sampled_every(stride):
+            rec(f"knn threshold k=8 self, a 1/{stride} sample",
+                gpu_ms(lambda: knn_threshold.select(q, q, 8, True), dev, reps), stride=stride)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("out")
@@ -329,9 +349,10 @@ def main() -> int:
     d = 64 if args.smoke else 512  # the interpreter's time grows with D; the code path does not
     calls = 4 if args.smoke else 400
     reps = 2 if args.smoke else 20
+    t0 = time.perf_counter()
     with open(args.out, "a") as f:
-        def emit(section, name, **kw):
-            line = dict(section=section, name=name, device=str(dev),
+        def emit(section, name, **kw):  # t_s: seconds since the start (JIT builds included)
+            line = dict(section=section, name=name, t_s=round(time.perf_counter() - t0, 1), device=str(dev),
                         gpu=torch.cuda.get_device_name(0) if dev.type == "cuda" else None,
                         torch=torch.__version__, triton=triton.__version__, **kw)
             print(json.dumps(line), flush=True)
@@ -339,6 +360,7 @@ def main() -> int:
             f.flush()
         for section, fn in (("knn", lambda: knn_section(dev, emit, n, d, 2 if args.smoke else 10)),
                             ("tiles", lambda: tiles_section(dev, emit, n, d, 2 if args.smoke else 10)),
+                            ("strides", lambda: strides_section(dev, emit, n, d, 2 if args.smoke else 10)),
                             ("launch", lambda: launch_section(dev, emit, calls, reps, (37, 11, 33) if args.smoke else (180, 100, 512)))):
             try:
                 fn()

@@ -182,31 +182,33 @@ def _list_round(hits, t, n_row, base, at, n0, CAP: tl.constexpr):
 
 @triton.jit
 def _knn_select_kernel(
-    count_ptr, list_ptr, q_ptr, r_ptr, dist_ptr, index_ptr, M, D, K,
+    count_ptr, list_ptr, q_ptr, r_ptr, dist_ptr, index_ptr, M, D, K, cap,
     stride_q_m, stride_r_n, stride_dist_m, stride_index_m,
-    CAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
     KP: tl.constexpr,
 ):
-    """From each row's ``min(count_i, CAP)`` listed keys of ``(s, j)`` (``knn._pair_key``), the
+    """From each row's ``min(count_i, cap)`` listed keys of ``(s, j)`` (``knn._pair_key``), the
     ``K`` best (K rounds of the smallest key above the last), their squared distances
     recomputed exactly ``e = ||q_i - r_j||^2`` (``knn._exact_key``), re-sorted by ``(e, j)`` and
     written as ``dist = sqrt(max(e, eps))``, ``index = j`` (``inf`` / ``-1`` past the row's
-    entries; ``knn._store_sorted``). A row over CAP reads no slot (``inf`` / ``-1``: the rescan
+    entries; ``knn._store_sorted``). A row over ``cap`` reads no slot (``inf`` / ``-1``: the rescan
     rewrites it).
 
-    Args: count_ptr (M, int32), list_ptr (M x CAP, int64), q_ptr / r_ptr (the queries
+    Args: count_ptr (M, int32), list_ptr (M x cap, int64), q_ptr / r_ptr (the queries
     of this chunk and the references, unit column stride), dist_ptr / index_ptr (M x K outputs,
-    float32 / int64, unit column stride), sizes and row strides; BLOCK_C: list slots per load;
-    BLOCK_D: the recompute's D-chunk (the default finish's); KP: next_pow2(K) key slots.
+    float32 / int64, unit column stride), sizes and row strides (``cap``: the list slots per row,
+    a runtime argument here and in the rescan, so that every :func:`list_cap` and probe stride
+    shares their builds; the filter's stays a constant of its hot loop); BLOCK_C: list slots per
+    load; BLOCK_D: the recompute's D-chunk (the default finish's); KP: next_pow2(K) key slots.
     """
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < M
     rows64 = rows.to(tl.int64)
-    # a row over CAP (its list full or never written: a row without a bound starts there) is
+    # a row over cap (its list full or never written: a row without a bound starts there) is
     # the rescan's: none of its slots is read here
     count = tl.load(count_ptr + rows, mask=rmask, other=0)
-    n = tl.where(count > CAP, 0, count)
+    n = tl.where(count > cap, 0, count)
     longest = tl.max(n, axis=0)
     slots = tl.arange(0, KP)
     lanes = tl.arange(0, BLOCK_C)
@@ -217,7 +219,7 @@ def _knn_select_kernel(
         for c0 in range(0, longest, BLOCK_C):
             c = c0 + lanes
             m = c[None, :] < n[:, None]
-            key = tl.load(list_ptr + rows64[:, None] * CAP + c[None, :], mask=m, other=_NO_KEY)
+            key = tl.load(list_ptr + rows64[:, None] * cap + c[None, :], mask=m, other=_NO_KEY)
             best = tl.minimum(best, tl.min(tl.where(key > prev[:, None], key, _NO_KEY), axis=1))
         prev = best
         e = _exact_key(best, rows64, q_ptr, r_ptr, D, stride_q_m, stride_r_n, BLOCK_M, BLOCK_D)
@@ -227,13 +229,13 @@ def _knn_select_kernel(
 
 @triton.jit
 def _knn_rescan_kernel(
-    q_ptr, r_ptr, qn_ptr, rn_ptr, count_ptr, dist_ptr, index_ptr, M, N, D, K,
+    q_ptr, r_ptr, qn_ptr, rn_ptr, count_ptr, dist_ptr, index_ptr, M, N, D, K, cap,
     stride_q_m, stride_r_n, stride_dist_m, stride_index_m,
-    CAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     KP: tl.constexpr, EXCLUDE_SELF: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     ROUND_TF32: tl.constexpr,
 ):
-    """The exact fallback: for a block of BLOCK_M query rows holding one whose count passed CAP,
+    """The exact fallback: for a block of BLOCK_M query rows holding one whose count passed ``cap``,
     the default forward's running top-KP over all N columns (``knn._knn_merge_tile``: the counted
     merge, self pairs masked) and its finish (``knn._knn_finish_slots``), written for those rows
     only; a block without one returns at once (one load of its counts)."""
@@ -241,7 +243,7 @@ def _knn_rescan_kernel(
     row_lo = pid * BLOCK_M
     rows = row_lo + tl.arange(0, BLOCK_M)
     rmask = rows < M
-    over = tl.load(count_ptr + rows, mask=rmask, other=0) > CAP
+    over = tl.load(count_ptr + rows, mask=rmask, other=0) > cap
     if tl.max(over.to(tl.int32), axis=0) > 0:
         rows64 = rows.to(tl.int64)
         q_rows = q_ptr + rows64[:, None] * stride_q_m
@@ -373,13 +375,13 @@ def select(q: torch.Tensor, r: torch.Tensor, k: int, exclude_self: bool
             m, N, D, i0, cols, qc.stride(0), r.stride(0),
             CAP=cap, EXCLUDE_SELF=bool(exclude_self), TMA=tma, **flags, **flaunch)
         _knn_select_kernel[(cdiv(m, scfg.blocks["BLOCK_M"]),)](
-            count[i0:], lists, qc, r, dist[i0:], index[i0:], m, D, k,
-            qc.stride(0), r.stride(0), dist.stride(0), index.stride(0), CAP=cap, KP=kp, **slaunch)
+            count[i0:], lists, qc, r, dist[i0:], index[i0:], m, D, k, cap,
+            qc.stride(0), r.stride(0), dist.stride(0), index.stride(0), KP=kp, **slaunch)
     rlaunch = rcfg.launch(D)
     rlaunch["BLOCK_D"] = slaunch["BLOCK_D"]
     _knn_rescan_kernel[(cdiv(M, rcfg.blocks["BLOCK_M"]),)](
-        q, r, qn, rn, count, dist, index, M, N, D, k, q.stride(0), r.stride(0), dist.stride(0),
-        index.stride(0), CAP=cap, KP=kp, EXCLUDE_SELF=bool(exclude_self), **flags, **rlaunch)
+        q, r, qn, rn, count, dist, index, M, N, D, k, cap, q.stride(0), r.stride(0), dist.stride(0),
+        index.stride(0), KP=kp, EXCLUDE_SELF=bool(exclude_self), **flags, **rlaunch)
     return dist, index
 
 

@@ -500,6 +500,12 @@ MUTANTS: Tuple[Mutant, ...] = (
            "        s = qn[:, None] + rn[None, :] - 2.0 * acc\n",
            "        s = tl.maximum(qn[:, None] + rn[None, :] - 2.0 * acc, TL_EPS, propagate_nan=tl.PropagateNan.ALL)\n",
            ("tests/kernels/test_kernel_knn_threshold.py", "-m", "build", "-k", "one_conversion")),
+    # 2026-12-05 (fourth session): the list size a runtime argument of the rescan (and of the
+    # selection: a wrong row stride there reads unwritten slots, whose indices crash the interpreter)
+    Mutant("threshold_rescan_past_the_list_plus_one", "kernels/knn_threshold.py",
+           "    over = tl.load(count_ptr + rows, mask=rmask, other=0) > cap\n",
+           "    over = tl.load(count_ptr + rows, mask=rmask, other=0) > cap + 1\n",
+           ("tests/kernels/test_kernel_knn_threshold.py", "-k", "rescanned or non_finite")),
     Mutant("threshold_provider_times_the_merge", "bench/problems.py",
            "    if kt.eligible(qp, rp, k, has_labels):\n        return None",
            "    if True:\n        return None",

@@ -73,8 +73,9 @@ def _capabilities(launch):
     descriptors (sm_90/sm_100 only: knn.tma_device); sm_75 and sm_70 for a launch of a GPU without
     TF32 (a forced ``backend="triton"`` there: daal_triton/backend.py, MIN_CAPABILITY), only
     those when no newer GPU makes it (its float32 dots are IEEE). The launches only gpu_check
-    makes on the H200 (tuning candidates, ``DAAL_ALIGN_D=off``): sm_90 alone."""
-    if _tuning_only(launch) or _unaligned_only(launch):
+    makes on the H200 (tuning candidates, ``DAAL_ALIGN_D=off``, the probe's other sample strides):
+    sm_90 alone."""
+    if _tuning_only(launch) or _unaligned_only(launch) or _probe_only(launch):
         return (90,)  # timed by gpu_check on the H200 alone, never launched elsewhere
     if any(t.startswith("tensordesc") for t in launch["signature"].values()):
         return (90, 100)
@@ -180,6 +181,12 @@ def test_a_gpu_without_tf32_gets_ieee_dots(recorded):
 
 def _tuning_only(launch) -> bool:
     return all(s.startswith("tune_") for s in launch["scenarios"])
+
+
+def _probe_only(launch) -> bool:
+    """Launched only by bench/probe_h200.py's other sample strides (the recorder's ``knn bf16
+    probe 20k, ...`` scenarios: ``knn_threshold.sampled_every``)."""
+    return all(s.startswith("knn bf16 probe ") for s in launch["scenarios"])
 
 
 def _unaligned_only(launch) -> bool:
