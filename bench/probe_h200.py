@@ -25,8 +25,10 @@ script splits both:
   excluded (and at the ring depths of ``knn_gluon.PROBE_STAGES``, each once its GPU test
   passed), and their GEMM-only ceilings (``GEMM_ONLY``: the distance epilogue and a row-min, the
   L2 bytes and rate).
-* ``strides`` (after ``tiles``): the selection by a threshold with samples of 1/8 and 1/32
-  (``knn_threshold.PROBE_STRIDES``), recorded as section ``knn``.
+* ``threshold`` (after ``tiles``, recorded as section ``knn``): the selection by a threshold at
+  60k rows with the filter's grid in waves of 2 and of 1 program per SM
+  (``knn_threshold.PROGRAMS_PER_SM``), and at 20k with samples of 1/8 and 1/32
+  (``knn_threshold.PROBE_STRIDES``).
 * ``tiles`` (after ``knn``): ``gemm_min`` at the tile shapes of ``PROBE_TILES`` (the entry's 128 x 128,
   the wide 128 x 256 and 256 x 128 of the "tma" candidates, 64 x 128 on 4 warps), each with the
   bytes its tiles load from L2 (``tile_bytes``) and the rate that makes: does the forward's
@@ -40,6 +42,7 @@ usage: python bench/probe_h200.py OUT.jsonl [--n 20000] [--smoke]
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -242,7 +245,8 @@ def knn_section(dev, emit, n, d, reps):
             gpu_ms(lambda: knn_threshold.select(q, q, 8, True), dev, reps))
         rec("knn threshold: the sample's bounds alone (k=8, 1/16 of the columns, + the sample's self-kNN)",
             gpu_ms(lambda: knn_threshold.sample_bounds(q, q, 8, True), dev, reps))
-        # (its other sample strides: the ``strides`` section, after the tiles' GEMM ceilings)
+        # (its other sample strides and the 60k grids: the ``threshold`` section, after the tiles'
+        # GEMM ceilings)
     if kk.forward_entry(q, q, 8, False) == kk.NARROW_ENTRY:
         nc = kk.CONFIGS[kk.family(q.dtype)][kk.NARROW_ENTRY]
         rec("_knn_fwd_kernel k=8 S=default narrow", gpu_ms(lambda: kk._candidates(q, q, 8, None, None, False),
@@ -321,12 +325,40 @@ def tiles_section(dev, emit, n, d, reps):
                  l2_bytes=nbytes, l2_tb_per_s=nbytes / ms / 1e9)
 
 
-def strides_section(dev, emit, n, d, reps, dtype=None):
-    """The selection by a threshold with the samples of ``knn_threshold.PROBE_STRIDES`` (1/8 and
-    1/32) beside the ``knn`` section's 1/16: the sample's cost against the listing rounds (about
-    k STRIDE entries per row), the model of docs/kernels.md's estimate. After ``tiles``: each
-    stride JIT-builds another filter, and a probe cut short by its budget keeps the GEMM
-    ceilings. (``dtype``: float16 for a test in the interpreter, where bf16 dots cannot run.)"""
+@contextlib.contextmanager
+def _setting(module, name: str, value):
+    """Within: ``module.name = value`` (restored after, even past an exception)."""
+    saved = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, saved)
+
+
+def threshold_section(dev, emit, n, d, reps, dtype=None, n_grid=60000):
+    """The selection by a threshold beyond the ``knn`` section's line (recorded as section
+    ``knn``), after ``tiles``: each line JIT-builds another filter or needs 60k rows, and a probe
+    cut short by its budget keeps the GEMM ceilings.
+
+    1. At the 60k evaluation's shape (``n_grid`` rows), the filter's grid with waves of
+       ``knn_threshold.PROGRAMS_PER_SM`` (2) programs per SM beside waves of 1 (the split count
+       until 2026-12-05: S = 7 against 5 on an H200), which no GPU has timed.
+    2. At ``n`` rows, samples of ``knn_threshold.PROBE_STRIDES`` (1/8 and 1/32) beside the
+       ``knn`` section's 1/16: the sample's cost against the listing rounds (about k STRIDE
+       entries per row), the model of docs/kernels.md's estimate.
+
+    (``dtype``: float16 for a test in the interpreter, where bf16 dots cannot run.)"""
+    q, _, _, flops, cfg = _problem(dev, n_grid, d, dtype)
+    if knn_threshold.eligible(q, q, 8, False):
+        rec = _knn_rec(dev, emit, n_grid, flops, cfg)
+        for per_sm in sorted({knn_threshold.PROGRAMS_PER_SM, 1}, reverse=True):
+            S = knn_threshold.filter_splits(n_grid, n_grid, dev, per_sm)
+            with _setting(knn_threshold, "PROGRAMS_PER_SM", per_sm):
+                ms = gpu_ms(lambda: knn_threshold.select(q, q, 8, True), dev, reps)
+            rec(f"knn threshold k=8 self, the filter's grid in waves of {per_sm} program(s) per SM (S={S})", ms,
+                splits=S, programs_per_sm=per_sm)
+    del q
     q, _, _, flops, cfg = _problem(dev, n, d, dtype)
     if not knn_threshold.eligible(q, q, 8, False):
         return
@@ -360,7 +392,8 @@ def main() -> int:
             f.flush()
         for section, fn in (("knn", lambda: knn_section(dev, emit, n, d, 2 if args.smoke else 10)),
                             ("tiles", lambda: tiles_section(dev, emit, n, d, 2 if args.smoke else 10)),
-                            ("strides", lambda: strides_section(dev, emit, n, d, 2 if args.smoke else 10)),
+                            ("threshold", lambda: threshold_section(dev, emit, n, d, 2 if args.smoke else 10,
+                                                                    n_grid=n if args.smoke else 60000)),
                             ("launch", lambda: launch_section(dev, emit, calls, reps, (37, 11, 33) if args.smoke else (180, 100, 512)))):
             try:
                 fn()

@@ -850,23 +850,25 @@ def test_probe_tile_bytes():
     assert probe_h200.tile_bytes(129, 8, 128, 128, elem=4) == 4 * 256 * 8 * 4
 
 
-def test_probe_strides_section_times_each_stride(monkeypatch):
-    """The probe's ``strides`` section (the threshold path with the samples of PROBE_STRIDES, code
-    that only a GPU run reaches: the CPU rehearsal's float32 is not eligible) runs in the
-    interpreter on float16 inputs, one line per stride, and leaves the sample's stride and lists
-    as they were."""
+def test_probe_threshold_section_times_each_grid_and_stride(monkeypatch):
+    """The probe's ``threshold`` section (the threshold path with the filter's grid in waves of 2
+    and 1 programs per SM, and with the samples of PROBE_STRIDES: code that only a GPU run
+    reaches, as the CPU rehearsal's float32 is not eligible) runs in the interpreter on float16
+    inputs, one line per grid and per stride, and leaves the module's settings as they were."""
     import probe_h200
     from daal_triton.kernels import knn_threshold as kt
 
     monkeypatch.setattr(kt, "MIN_SAMPLE", 8)
     lines = []
-    stride, cap = kt.STRIDE, kt.CAP
-    probe_h200.strides_section(torch.device("cpu"), lambda section, name, **kw: lines.append((section, name, kw)),
-                               320, 32, 1, dtype=torch.float16)
-    assert [kw["stride"] for _, _, kw in lines] == list(kt.PROBE_STRIDES)
-    assert all(section == "knn" and f"a 1/{kw['stride']} sample" in name and kw["ms"] > 0
-               for section, name, kw in lines), lines
-    assert (kt.STRIDE, kt.CAP) == (stride, cap)
+    settings = kt.STRIDE, kt.CAP, kt.PROGRAMS_PER_SM
+    probe_h200.threshold_section(torch.device("cpu"), lambda section, name, **kw: lines.append((section, name, kw)),
+                                 320, 32, 1, dtype=torch.float16, n_grid=256)
+    assert all(section == "knn" and kw["ms"] > 0 for section, _, kw in lines), lines
+    grids = [(kw["n"], kw["programs_per_sm"]) for _, name, kw in lines if "the filter's grid" in name]
+    assert grids == [(256, 2), (256, 1)], lines
+    strides = [(kw["n"], kw["stride"]) for _, name, kw in lines if "sample" in name]
+    assert strides == [(320, s) for s in kt.PROBE_STRIDES], lines
+    assert (kt.STRIDE, kt.CAP, kt.PROGRAMS_PER_SM) == settings
 
 
 def test_probe_tiles_reading():

@@ -47,7 +47,7 @@ the queries in chunks of at most ``LIST_BYTES``.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Tuple
+from typing import Iterator, Optional, Tuple
 
 import torch
 import triton
@@ -66,6 +66,8 @@ from ._common import (
     interpreting,
     next_pow2,
     row_sqnorms,
+    sm_count,
+    wave_split,
 )
 from .knn import _NO_KEY, _exact_key, _knn_finish_slots, _knn_merge_tile, _pair_key, _store_sorted
 
@@ -98,6 +100,13 @@ CONFIGS = {
     "select": KernelConfig({"BLOCK_M": 16, "BLOCK_C": 64}, num_warps=4, num_stages=1, block_d=(16, 64)),
     "rescan": KernelConfig({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2, block_d=(16, 64)),
 }
+#: Filter programs resident on one SM at once (its sm_90 builds' registers and shared memory:
+#: tests/kernels/test_kernel_launched_builds.py, ``test_threshold_filter_fits_two_programs_per_sm``):
+#: :func:`filter_splits` counts the grid's waves in as many programs per SM. Until 2026-12-05's
+#: fourth session the grid took the forward's waves of one program per SM: at 60k x 60k, S = 7
+#: (3,283 programs: 12.4 waves of 264) against S = 5 (2,345: 8.9 waves), a 3.8% longer modelled
+#: time. 1 restores it; bench/probe_h200.py times both at 60k (no GPU has yet).
+PROGRAMS_PER_SM = 2
 
 
 @triton.jit
@@ -281,6 +290,21 @@ def sampled_every(stride: int) -> Iterator[None]:
         STRIDE, CAP = saved
 
 
+def filter_splits(m: int, n: int, device: torch.device, programs_per_sm: Optional[int] = None) -> int:
+    """Column splits of the filter's grid over ``m`` query rows and ``n`` references: the
+    forward's wave model (``_common.wave_split`` with ``knn.PROGRAM_OVERHEAD_TILES``, at most
+    ``knn.MAX_SPLITS``) with waves of ``programs_per_sm`` (default :data:`PROGRAMS_PER_SM`) x the
+    device's SMs; 1 on the CPU. (The splits append to the same lists: none needs a merge.)"""
+    from . import knn as kk
+
+    if device.type != "cuda":
+        return 1
+    per_sm = PROGRAMS_PER_SM if programs_per_sm is None else programs_per_sm
+    bm, bn = CONFIGS["filter"].blocks["BLOCK_M"], CONFIGS["filter"].blocks["BLOCK_N"]
+    return wave_split(cdiv(m, bm), cdiv(n, bn), per_sm * sm_count(device), kk.MAX_SPLITS,
+                      kk.PROGRAM_OVERHEAD_TILES)
+
+
 def list_cap(k: int) -> int:
     """The list slots per query row at this k: :data:`CAP` per 8 neighbours."""
     return CAP * cdiv(k, 8)
@@ -357,14 +381,14 @@ def select(q: torch.Tensor, r: torch.Tensor, k: int, exclude_self: bool
     fcfg, scfg, rcfg = CONFIGS["filter"], CONFIGS["select"], CONFIGS["rescan"]
     bm, bn = fcfg.blocks["BLOCK_M"], fcfg.blocks["BLOCK_N"]
     flaunch = fcfg.launch(D)
-    S = kk._num_splits(M, N, bm, bn, q.device)
+    chunk = max(bm, (LIST_BYTES // (cap * 8)) // bm * bm)
+    S = filter_splits(min(M, chunk), N, q.device)
     cols = cdiv(cdiv(N, S), bn) * bn
     S = cdiv(N, cols)
     # the recompute sums in the default finish's D-chunks: the same exact distances
     slaunch = scfg.launch(D)
     slaunch["BLOCK_D"] = kk.CONFIGS[family(q.dtype)][kk.finish_entry(kp)].block_d_for(D)
     tma = _tma_ok(q, r)
-    chunk = max(bm, (LIST_BYTES // (cap * 8)) // bm * bm)
     for i0 in range(0, M, chunk):
         qc = q[i0:i0 + chunk]
         m = qc.shape[0]

@@ -160,6 +160,26 @@ def test_query_chunks_keep_the_self_mask(small, monkeypatch):
     assert not (index == torch.arange(300)[:, None]).any()
 
 
+def test_filter_grid_counts_waves_of_resident_programs(small, monkeypatch):
+    """The filter's column splits count waves of PROGRAMS_PER_SM programs per SM (on an H200's
+    132 SMs: S = 5 at 60k x 60k, where one per SM gave 7; 32 on the memory bank's 8 row tiles), 1
+    on the CPU; ``select`` takes them for each chunk's rows, and any split count selects what the
+    merge selects (the splits append to the same lists)."""
+    monkeypatch.setattr(kt, "sm_count", lambda device: 132)
+    h200 = torch.device("cuda")
+    assert kt.PROGRAMS_PER_SM == 2
+    assert [kt.filter_splits(60000, 60000, h200), kt.filter_splits(60000, 60000, h200, 1)] == [5, 7]
+    assert [kt.filter_splits(1024, 65536, h200), kt.filter_splits(1024, 65536, h200, 1)] == [32, 16]
+    assert kt.filter_splits(60000, 60000, torch.device("cpu")) == 1
+    monkeypatch.setattr(kt, "LIST_BYTES", 128 * kt.CAP * 8)
+    asked = []
+    monkeypatch.setattr(kt, "filter_splits", lambda m, n, device: asked.append((m, n)) or 3)
+    x = torch.randn(300, 24).half()
+    (dist, index), want = _both(monkeypatch, x, x, 4, True)
+    assert asked == [(128, 300)]
+    assert torch.equal(dist, want[0]) and torch.equal(index, want[1])
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_thresholds_bound_the_gemm_form(dtype):
     """``thresholds`` lies above the GEMM form ``max(qn + rn - 2 q.r, eps)`` (float32 sums, in
