@@ -610,7 +610,7 @@ def test_gpu_check_rehearsal_on_cpu(tmp_path):
     pairwise tests, the benchmarks and the tuning tool in their smoke modes, the report."""
     out = tmp_path / "out"
     env = dict(os.environ, PYTHON=sys.executable, DAAL_CHECK_INSTALL="0",
-               # 460 s (the GPU's default): the reserves below take 330 s, and at 400 s a slow first test
+               # 460 s (the GPU's default): the reserves below take 315 s, and at 400 s a slow first test
                # step (25 s on a loaded 2-core machine) left the benchmarks 8 s, every case "out of time";
                # DAAL_BENCH_S caps them at 80 s (cases start for 50 s): 60 s, what they had when that step
                # ran fast, was passed once on a machine running another job beside this test
@@ -618,7 +618,7 @@ def test_gpu_check_rehearsal_on_cpu(tmp_path):
                DAAL_BENCH_S="80",
                DAAL_CHECK_BUILD_S="20", DAAL_CHECK_KERNEL_S="60",  # the two steps a GPU run leaves out by default
                # the smoke probe runs its kernels in the interpreter: ≈ 35 s on CI's 2 cores, and
-               # one slow run passed the GPU's 45 s (a timed-out step fails this test)
+               # one slow run passed the GPU's 45 s, now 60 (a timed-out step fails this test)
                DAAL_PROBE_S="120",
                DAAL_CHECK_SHARDS="2")  # the test steps' sharded runner, as on the GPU machine
     proc = subprocess.run(["bash", os.path.join(HERE, "gpu_check.sh"), str(out)], env=env,
