@@ -105,7 +105,9 @@ CONFIGS = {
 #: :func:`filter_splits` counts the grid's waves in as many programs per SM. Until 2026-12-05's
 #: fourth session the grid took the forward's waves of one program per SM: at 60k x 60k, S = 7
 #: (3,283 programs: 12.4 waves of 264) against S = 5 (2,345: 8.9 waves), a 3.8% longer modelled
-#: time. 1 restores it; bench/probe_h200.py times both at 60k (no GPU has yet).
+#: time. The nearest measurement: the forward's 128 x 128 tiles at two programs per SM (a
+#: bench/tune_knn.py candidate, 2026-12-04-h200-3) ran 60k in 10.65 ms at S = 5 against 11.16 at
+#: S = 7. 1 restores the old grid; bench/probe_h200.py times both for the filter (no GPU has yet).
 PROGRAMS_PER_SM = 2
 
 
