@@ -25,16 +25,16 @@ script splits both:
   excluded (and at the ring depths of ``knn_gluon.PROBE_STAGES``, each once its GPU test
   passed), and their GEMM-only ceilings (``GEMM_ONLY``: the distance epilogue and a row-min, the
   L2 bytes and rate).
-* ``threshold`` (after ``tiles``, recorded as section ``knn``): the selection by a threshold at
-  60k rows with the filter's grid in waves of 2 and of 1 program per SM
-  (``knn_threshold.PROGRAMS_PER_SM``), and at 20k with samples of 1/8 and 1/32
-  (``knn_threshold.PROBE_STRIDES``).
 * ``tiles`` (after ``knn``): ``gemm_min`` at the tile shapes of ``PROBE_TILES`` (the entry's 128 x 128,
   the wide 128 x 256 and 256 x 128 of the "tma" candidates, 64 x 128 on 4 warps), each with the
   bytes its tiles load from L2 (``tile_bytes``) and the rate that makes: does the forward's
   ceiling follow the L2 traffic per FLOP (docs/kernels.md, "Wider tiles")? With pointer loads,
   then (since 2026-12-04, where the GPU has TMA) through tensor descriptors: the narrow tiles'
   GEMM ceiling beside their forward's time (docs/kernels.md, "Narrow tiles through descriptors").
+* ``threshold`` (after ``tiles``, recorded as section ``knn``): the selection by a threshold at
+  60k rows with the filter's grid in waves of 2 and of 1 program per SM
+  (``knn_threshold.PROGRAMS_PER_SM``), and at 20k with samples of 1/8 and 1/32
+  (``knn_threshold.PROBE_STRIDES``).
 
 usage: python bench/probe_h200.py OUT.jsonl [--n 20000] [--smoke]
 (--smoke: tiny shapes (n = 140, D = 64) and few calls, for a CPU with TRITON_INTERPRET=1: a rehearsal.) One JSON line per measurement.
