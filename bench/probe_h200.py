@@ -42,11 +42,11 @@ usage: python bench/probe_h200.py OUT.jsonl [--n 20000] [--smoke]
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
 import time
 import traceback
+from unittest import mock
 
 import torch
 import triton
@@ -325,17 +325,6 @@ def tiles_section(dev, emit, n, d, reps):
                  l2_bytes=nbytes, l2_tb_per_s=nbytes / ms / 1e9)
 
 
-@contextlib.contextmanager
-def _setting(module, name: str, value):
-    """Within: ``module.name = value`` (restored after, even past an exception)."""
-    saved = getattr(module, name)
-    setattr(module, name, value)
-    try:
-        yield
-    finally:
-        setattr(module, name, saved)
-
-
 def threshold_section(dev, emit, n, d, reps, dtype=None, n_grid=60000):
     """The selection by a threshold beyond the ``knn`` section's line (recorded as section
     ``knn``), after ``tiles``: each line JIT-builds another filter or needs 60k rows, and a probe
@@ -354,7 +343,7 @@ def threshold_section(dev, emit, n, d, reps, dtype=None, n_grid=60000):
         rec = _knn_rec(dev, emit, n_grid, flops, cfg)
         for per_sm in sorted({knn_threshold.PROGRAMS_PER_SM, 1}, reverse=True):
             S = knn_threshold.filter_splits(n_grid, n_grid, dev, per_sm)
-            with _setting(knn_threshold, "PROGRAMS_PER_SM", per_sm):
+            with mock.patch.object(knn_threshold, "PROGRAMS_PER_SM", per_sm):
                 ms = gpu_ms(lambda: knn_threshold.select(q, q, 8, True), dev, reps)
             rec(f"knn threshold k=8 self, the filter's grid in waves of {per_sm} program(s) per SM (S={S})", ms,
                 splits=S, programs_per_sm=per_sm)

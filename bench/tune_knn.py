@@ -32,7 +32,7 @@ forward entry serving ``k`` (``CONFIGS[family][fwd_kp*]``), and each shape ``M =
 ``exclude_self``, no labels: a retrieval evaluation), the forward ``knn`` (selection + fused
 finish, no gradient) is timed with CUDA events (median of ``--reps`` calls after a warm-up that
 compiles it) at the column splits the model picks for one program per SM, and — when it differs
-— for the programs per SM the candidate's build allows (``_common.wave_split`` with waves of
+— for the programs per SM the candidate's build allows (``knn._num_splits`` with waves of
 SMs x resident; ``FWD_ALTERNATIVES`` in kernels/knn.py). Each
 result is checked against the table entry's (and the table's entry is timed beside
 ``x @ x.T``, so that the table gives each candidate's time as a share of matmul's: the "of
@@ -75,12 +75,7 @@ def _problem(n: int, D: int, dtype: torch.dtype, device: torch.device) -> torch.
 
 
 def _splits(kk, n: int, bm: int, bn: int, device: torch.device, resident: int) -> int:
-    from daal_triton.kernels._common import cdiv, sm_count, wave_split
-
-    if device.type != "cuda":
-        return 1
-    return wave_split(cdiv(n, bm), cdiv(n, bn), sm_count(device) * resident, kk.MAX_SPLITS,
-                      kk.PROGRAM_OVERHEAD_TILES)
+    return kk._num_splits(n, n, bm, bn, device, policy="model", resident=resident)
 
 
 def _compare(out, base) -> Tuple[float, float]:

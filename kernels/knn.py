@@ -1086,20 +1086,23 @@ def merge_policy() -> str:
 
 
 def _num_splits(M: int, N: int, bm: int, bn: int, device: torch.device, policy: Optional[str] = None,
-                fused_finish: bool = False) -> int:
+                fused_finish: bool = False, resident: int = 1) -> int:
     """Column ranges per query block: the S minimising waves x (column tiles of the longest
     program + :data:`PROGRAM_OVERHEAD_TILES`) (``_common.wave_split``; fewest splits among
-    equals; ``policy="waves"``: without the cost per program); 1 on the CPU. With
-    ``fused_finish`` (the forward can finish one split itself) and the model policy: 1 where
-    that costs at most :data:`FINISH_LAUNCH_TILES` more than S."""
+    equals; ``policy="waves"``: without the cost per program); 1 on the CPU. A wave is
+    ``resident`` programs per SM (the programs a build fits on one at once: 1 for the table's
+    entries; bench/tune_knn.py's candidates, the threshold filter's 2). With ``fused_finish``
+    (the forward can finish one split itself) and the model policy: 1 where that costs at most
+    :data:`FINISH_LAUNCH_TILES` more than S."""
     policy = SPLIT_POLICY if policy is None else policy
     if policy not in SPLIT_POLICIES:
         raise ValueError(f"kNN split policy must be one of {SPLIT_POLICIES}, got {policy!r}")
     if device.type != "cuda":
         return 1
+    wave = sm_count(device) * resident
     if policy == "waves":
-        return wave_split(cdiv(M, bm), cdiv(N, bn), sm_count(device), MAX_SPLITS)
-    return wave_split(cdiv(M, bm), cdiv(N, bn), sm_count(device), MAX_SPLITS, PROGRAM_OVERHEAD_TILES,
+        return wave_split(cdiv(M, bm), cdiv(N, bn), wave, MAX_SPLITS)
+    return wave_split(cdiv(M, bm), cdiv(N, bn), wave, MAX_SPLITS, PROGRAM_OVERHEAD_TILES,
                       FINISH_LAUNCH_TILES if fused_finish else 0.0)
 
 

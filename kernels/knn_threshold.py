@@ -66,8 +66,6 @@ from ._common import (
     interpreting,
     next_pow2,
     row_sqnorms,
-    sm_count,
-    wave_split,
 )
 from .knn import _NO_KEY, _exact_key, _knn_finish_slots, _knn_merge_tile, _pair_key, _store_sorted
 
@@ -294,17 +292,14 @@ def sampled_every(stride: int) -> Iterator[None]:
 
 def filter_splits(m: int, n: int, device: torch.device, programs_per_sm: Optional[int] = None) -> int:
     """Column splits of the filter's grid over ``m`` query rows and ``n`` references: the
-    forward's wave model (``_common.wave_split`` with ``knn.PROGRAM_OVERHEAD_TILES``, at most
-    ``knn.MAX_SPLITS``) with waves of ``programs_per_sm`` (default :data:`PROGRAMS_PER_SM`) x the
-    device's SMs; 1 on the CPU. (The splits append to the same lists: none needs a merge.)"""
+    forward's (``knn._num_splits``) with waves of ``programs_per_sm`` (default
+    :data:`PROGRAMS_PER_SM`) programs per SM; 1 on the CPU. (The splits append to the same
+    lists: none needs a merge.)"""
     from . import knn as kk
 
-    if device.type != "cuda":
-        return 1
     per_sm = PROGRAMS_PER_SM if programs_per_sm is None else programs_per_sm
     bm, bn = CONFIGS["filter"].blocks["BLOCK_M"], CONFIGS["filter"].blocks["BLOCK_N"]
-    return wave_split(cdiv(m, bm), cdiv(n, bn), per_sm * sm_count(device), kk.MAX_SPLITS,
-                      kk.PROGRAM_OVERHEAD_TILES)
+    return kk._num_splits(m, n, bm, bn, device, resident=per_sm)
 
 
 def list_cap(k: int) -> int:

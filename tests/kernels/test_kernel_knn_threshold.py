@@ -165,7 +165,7 @@ def test_filter_grid_counts_waves_of_resident_programs(small, monkeypatch):
     132 SMs: S = 5 at 60k x 60k, where one per SM gave 7; 32 on the memory bank's 8 row tiles), 1
     on the CPU; ``select`` takes them for each chunk's rows, and any split count selects what the
     merge selects (the splits append to the same lists)."""
-    monkeypatch.setattr(kt, "sm_count", lambda device: 132)
+    monkeypatch.setattr(kk, "sm_count", lambda device: 132)
     h200 = torch.device("cuda")
     assert kt.PROGRAMS_PER_SM == 2
     assert [kt.filter_splits(60000, 60000, h200), kt.filter_splits(60000, 60000, h200, 1)] == [5, 7]
