@@ -33,8 +33,9 @@ script splits both:
   GEMM ceiling beside their forward's time (docs/kernels.md, "Narrow tiles through descriptors").
 * ``threshold`` (after ``tiles``, recorded as section ``knn``): the selection by a threshold at
   60k rows with the filter's grid in waves of 2 and of 1 program per SM
-  (``knn_threshold.PROGRAMS_PER_SM``), and at 20k with samples of 1/8 and 1/32
-  (``knn_threshold.PROBE_STRIDES``).
+  (``knn_threshold.PROGRAMS_PER_SM``) and with the filter on the other tiles of
+  ``knn_threshold.FILTER_ALTERNATIVES`` (since 2026-12-05's fifth session), and at 20k with
+  samples of 1/8 and 1/32 (``knn_threshold.PROBE_STRIDES``).
 
 usage: python bench/probe_h200.py OUT.jsonl [--n 20000] [--smoke]
 (--smoke: tiny shapes (n = 140, D = 64) and few calls, for a CPU with TRITON_INTERPRET=1: a rehearsal.) One JSON line per measurement.
@@ -325,6 +326,13 @@ def tiles_section(dev, emit, n, d, reps):
                  l2_bytes=nbytes, l2_tb_per_s=nbytes / ms / 1e9)
 
 
+def filter_tiles_name(blocks) -> str:
+    """``"128x128 tiles, 8 warps, 3 stages, <= 128 registers"`` for a
+    ``knn_threshold.FILTER_ALTERNATIVES`` key."""
+    bm, bn, warps, stages, maxnreg = blocks
+    return f"{bm}x{bn} tiles, {warps} warps, {stages} stages" + (f", <= {maxnreg} registers" if maxnreg else "")
+
+
 def threshold_section(dev, emit, n, d, reps, dtype=None, n_grid=60000):
     """The selection by a threshold beyond the ``knn`` section's line (recorded as section
     ``knn``), after ``tiles``: each line JIT-builds another filter or needs 60k rows, and a probe
@@ -332,7 +340,10 @@ def threshold_section(dev, emit, n, d, reps, dtype=None, n_grid=60000):
 
     1. At the 60k evaluation's shape (``n_grid`` rows), the filter's grid with waves of
        ``knn_threshold.PROGRAMS_PER_SM`` (2) programs per SM beside waves of 1 (the split count
-       until 2026-12-05: S = 7 against 5 on an H200), which no GPU has timed.
+       until 2026-12-05: S = 7 against 5 on an H200), which no GPU has timed; then the filter on
+       each of ``knn_threshold.FILTER_ALTERNATIVES``' tiles (its grid in waves of their programs
+       per SM), with the share of rows whose neighbours are the default tiles' (``same_rows``:
+       another tile shape sums the GEMM form in another order, so near-ties may swap).
     2. At ``n`` rows, samples of ``knn_threshold.PROBE_STRIDES`` (1/8 and 1/32) beside the
        ``knn`` section's 1/16: the sample's cost against the listing rounds (about k STRIDE
        entries per row), the model of docs/kernels.md's estimate.
@@ -347,6 +358,15 @@ def threshold_section(dev, emit, n, d, reps, dtype=None, n_grid=60000):
                 ms = gpu_ms(lambda: knn_threshold.select(q, q, 8, True), dev, reps)
             rec(f"knn threshold k=8 self, the filter's grid in waves of {per_sm} program(s) per SM (S={S})", ms,
                 splits=S, programs_per_sm=per_sm)
+        want = knn_threshold.select(q, q, 8, True)[1]
+        for blocks, per_sm in knn_threshold.FILTER_ALTERNATIVES.items():
+            with knn_threshold.filter_tiles(blocks):
+                S = knn_threshold.filter_splits(n_grid, n_grid, dev)
+                ms = gpu_ms(lambda: knn_threshold.select(q, q, 8, True), dev, reps)
+                same = float((knn_threshold.select(q, q, 8, True)[1] == want).all(dim=1).float().mean())
+            rec(f"knn threshold k=8 self, the filter on {filter_tiles_name(blocks)} ({per_sm} per SM, S={S})", ms,
+                splits=S, programs_per_sm=per_sm, filter_blocks=list(blocks), same_rows=same)
+        del want
     del q
     q, _, _, flops, cfg = _problem(dev, n, d, dtype)
     if not knn_threshold.eligible(q, q, 8, False):

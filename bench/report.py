@@ -29,6 +29,7 @@ if HERE not in sys.path:  # imported from a file path rather than run as bench/r
     sys.path.insert(0, HERE)
 
 from cases import DTYPES, PASSES, PROVIDERS, SHAPES, SWITCH_NOISE, SWITCHES, TARGETS  # noqa: E402  (torch-free)
+from tune_tables import SAME_ROWS  # noqa: E402  (torch-free)
 
 OPS = ("knn", "line_margin", "loss", "pairwise")
 OP_TITLES = {
@@ -646,7 +647,11 @@ def probe_table(run: dict, heading_level: int = 2) -> List[str]:
             lines.append(f"| {r.get('section', '')} | error: {last} | | | | | |")
             continue
         gpu_ms = r.get("ms", r.get("gpu_ms"))
-        lines.append(f"| {r.get('section', '')} | {r.get('name', '')} | {_num(r.get('host_us'), '.1f')} "
+        name = r.get("name", "")
+        if r.get("same_rows") is not None:  # another tile shape's neighbours against the default's
+            name += f"; the same neighbours in {r['same_rows']:.2%} of rows"
+            name += "" if r["same_rows"] >= SAME_ROWS else f" (WRONG: fewer than {SAME_ROWS:.1%})"
+        lines.append(f"| {r.get('section', '')} | {name} | {_num(r.get('host_us'), '.1f')} "
                      f"| {_num(gpu_ms, '.3f')} | {_num(r.get('tflops'), '.1f')} "
                      f"| {_num(r.get('us_per_tile_per_sm'), '.2f')} | {_num(r.get('l2_tb_per_s'), '.2f')} |")
     return lines + [""] + tiles_reading(run["probe"])

@@ -852,23 +852,50 @@ def test_probe_tile_bytes():
 
 def test_probe_threshold_section_times_each_grid_and_stride(monkeypatch):
     """The probe's ``threshold`` section (the threshold path with the filter's grid in waves of 2
-    and 1 programs per SM, and with the samples of PROBE_STRIDES: code that only a GPU run
-    reaches, as the CPU rehearsal's float32 is not eligible) runs in the interpreter on float16
-    inputs, one line per grid and per stride, and leaves the module's settings as they were."""
+    and 1 programs per SM, on each of FILTER_ALTERNATIVES' tiles, and with the samples of
+    PROBE_STRIDES: code that only a GPU run reaches, as the CPU rehearsal's float32 is not
+    eligible) runs in the interpreter on float16 inputs, one line per grid, per tile shape (which
+    ran: the filter's launches had its tiles; the default tiles' neighbours) and per stride, and
+    leaves the module's settings as they were."""
     import probe_h200
     from daal_triton.kernels import knn_threshold as kt
 
     monkeypatch.setattr(kt, "MIN_SAMPLE", 8)
-    lines = []
-    settings = kt.STRIDE, kt.CAP, kt.PROGRAMS_PER_SM
+    lines, tiles = [], []
+
+    class Filter:  # records each launch's tiles, then launches the kernel
+        def __getitem__(self, grid):
+            def run(*args, **kw):
+                tiles.append((kw["BLOCK_M"], kw["BLOCK_N"], kw["num_warps"], kw["num_stages"], kw.get("maxnreg")))
+                return kernel[grid](*args, **kw)
+            return run
+    kernel = kt._knn_filter_kernel
+    monkeypatch.setattr(kt, "_knn_filter_kernel", Filter())
+    settings = kt.STRIDE, kt.CAP, kt.PROGRAMS_PER_SM, kt.CONFIGS["filter"]
     probe_h200.threshold_section(torch.device("cpu"), lambda section, name, **kw: lines.append((section, name, kw)),
                                  320, 32, 1, dtype=torch.float16, n_grid=256)
     assert all(section == "knn" and kw["ms"] > 0 for section, _, kw in lines), lines
     grids = [(kw["n"], kw["programs_per_sm"]) for _, name, kw in lines if "the filter's grid" in name]
     assert grids == [(256, 2), (256, 1)], lines
+    alternatives = [kw for _, name, kw in lines if "the filter on " in name]
+    assert [tuple(kw["filter_blocks"]) for kw in alternatives] == list(kt.FILTER_ALTERNATIVES), lines
+    assert [kw["programs_per_sm"] for kw in alternatives] == list(kt.FILTER_ALTERNATIVES.values())
+    assert all(kw["n"] == 256 and kw["same_rows"] == 1.0 for kw in alternatives), alternatives
+    assert set(kt.FILTER_ALTERNATIVES) <= set(tiles), tiles
     strides = [(kw["n"], kw["stride"]) for _, name, kw in lines if "sample" in name]
     assert strides == [(320, s) for s in kt.PROBE_STRIDES], lines
-    assert (kt.STRIDE, kt.CAP, kt.PROGRAMS_PER_SM) == settings
+    assert (kt.STRIDE, kt.CAP, kt.PROGRAMS_PER_SM, kt.CONFIGS["filter"]) == settings
+
+
+def test_probe_table_says_which_filter_tiles_gave_other_neighbours():
+    """A probe line of the filter on other tiles shows the share of rows with the default tiles'
+    neighbours, and calls it wrong below tune_knn's SAME_ROWS; other lines show no share."""
+    line = dict(section="knn", name="knn threshold k=8 self, the filter on 128x64 tiles", ms=9.0, tflops=410.0)
+    text = "\n".join(report.probe_table({"probe": [dict(line, same_rows=1.0), dict(line, same_rows=0.99),
+                                                   dict(line, name="other")]}))
+    assert "128x64 tiles; the same neighbours in 100.00% of rows |" in text
+    assert "the same neighbours in 99.00% of rows (WRONG: fewer than 99.9%)" in text
+    assert "| other |" in text and text.count("the same neighbours") == 2
 
 
 def test_probe_tiles_reading():

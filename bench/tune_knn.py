@@ -57,7 +57,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from tune_line_margin import DTYPES, Timer, interpret_without_gpu, try_candidate, write_records
-from tune_tables import knn_markdown
+from tune_tables import SAME_ROWS, knn_markdown
 
 #: (BLOCK_M, BLOCK_N, num_warps, num_stages, FLAT[, maxnreg[, loads]]) -> programs per SM (sm_90), after
 #: the table's entry: ``kernels/knn.py``'s FWD_ALTERNATIVES (the tests assert their residency from
@@ -65,7 +65,6 @@ from tune_tables import knn_markdown
 #: interpreter.
 SMOKE_CANDIDATES = {(32, 32, 4, 1, False): 1, (32, 32, 4, 1, True): 1, (32, 32, 4, 1, False, 128): 1,
                     (32, 32, 4, 1, False, None, "tma"): 1}
-SAME_ROWS = 0.999
 DIST_TOL = 1e-3
 
 

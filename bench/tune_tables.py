@@ -4,6 +4,11 @@ from __future__ import annotations
 
 from typing import Dict, List, Optional
 
+#: The share of rows whose neighbours another tile shape must give as the reference's do (a
+#: bench/tune_knn.py candidate against the table's entry, a bench/probe_h200.py filter tile
+#: against the default's): near-ties may swap when the GEMM sums in another order.
+SAME_ROWS = 0.999
+
 
 def _chunk_note(r: dict) -> str:
     """``", chunk 2^22"`` for a candidate class-chunk budget (the table's: nothing)."""

@@ -107,6 +107,18 @@ CONFIGS = {
 #: bench/tune_knn.py candidate, 2026-12-04-h200-3) ran 60k in 10.65 ms at S = 5 against 11.16 at
 #: S = 7. 1 restores the old grid; bench/probe_h200.py times both for the filter (no GPU has yet).
 PROGRAMS_PER_SM = 2
+#: Other tiles for the filter, which bench/probe_h200.py times at the 60k evaluation's shape
+#: beside :data:`CONFIGS` (no GPU has timed any of them): ``(BLOCK_M, BLOCK_N, num_warps,
+#: num_stages, maxnreg)`` -> the programs per SM their sm_90 builds allow (registers and shared
+#: memory, Triton 3.8; ``test_threshold_filter_alternatives_fit_their_residency``), which their
+#: grids count waves of (:func:`filter_tiles`):
+#:
+#: - 128 x 128 on 8 warps capped at 128 registers: two per SM (40 B of stack under Triton 3.8,
+#:   80 B under 3.6, outside the K-loop); the forward's tiles of this shape were its fastest at 60k on the 2026-12-04-h200-3
+#:   run (10.65 ms against the default's 10.95);
+#: - 128 x 64 on 4 warps: 152 registers, three per SM, at 1.5 times the L2 bytes per FLOP;
+#: - 256 x 128 on 8 warps: 85 FLOP per L2 byte instead of 64, one per SM (239 registers).
+FILTER_ALTERNATIVES = {(128, 128, 8, 3, 128): 2, (128, 64, 4, 3, None): 3, (256, 128, 8, 3, None): 1}
 
 
 @triton.jit
@@ -288,6 +300,25 @@ def sampled_every(stride: int) -> Iterator[None]:
         yield
     finally:
         STRIDE, CAP = saved
+
+
+@contextlib.contextmanager
+def filter_tiles(blocks: Tuple[int, int, int, int, Optional[int]]) -> Iterator[None]:
+    """Within: the filter runs on ``blocks``, a key of :data:`FILTER_ALTERNATIVES`, and its grid
+    counts waves of the programs per SM given there (for bench/probe_h200.py's timings; the
+    launch recorder builds them: tests/kernels/launch_recorder.py). ``KeyError`` for other
+    blocks."""
+    global PROGRAMS_PER_SM
+    per_sm = FILTER_ALTERNATIVES[blocks]
+    bm, bn, warps, stages, maxnreg = blocks
+    saved = CONFIGS["filter"], PROGRAMS_PER_SM
+    CONFIGS["filter"] = saved[0].with_blocks(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages,
+                                             maxnreg=maxnreg)
+    PROGRAMS_PER_SM = per_sm
+    try:
+        yield
+    finally:
+        CONFIGS["filter"], PROGRAMS_PER_SM = saved
 
 
 def filter_splits(m: int, n: int, device: torch.device, programs_per_sm: Optional[int] = None) -> int:

@@ -516,6 +516,13 @@ MUTANTS: Tuple[Mutant, ...] = (
     Mutant("threshold_grid_of_all_rows", "kernels/knn_threshold.py",
            "    S = filter_splits(min(M, chunk), N, q.device)", "    S = filter_splits(M, N, q.device)",
            ("tests/kernels/test_kernel_knn_threshold.py", "-k", "grid_counts_waves")),
+    # 2026-12-05 (fifth session): the probe's other filter tiles
+    Mutant("threshold_filter_tiles_keep_the_waves", "kernels/knn_threshold.py",
+           "    PROGRAMS_PER_SM = per_sm\n    try:", "    try:",
+           ("tests/kernels/test_kernel_knn_threshold.py", "-k", "filter_tiles")),
+    Mutant("probe_filter_tiles_unchecked", "bench/report.py",
+           'name += "" if r["same_rows"] >= SAME_ROWS else', 'name += "" if True else',
+           ("bench/test_bench_tools.py", "-k", "filter_tiles_gave")),
     Mutant("threshold_provider_times_the_merge", "bench/problems.py",
            "    if kt.eligible(qp, rp, k, has_labels):\n        return None",
            "    if True:\n        return None",

@@ -41,16 +41,11 @@ def main(argv) -> int:
         print(f"{len(launches)} launches of {kernel} match {scenario!r}: name one", file=sys.stderr)
         return 2
     la = launches[0]
-    from daal_testing import compile_many_for_gpu
+    from daal_testing import compile_many_for_gpu, recorded_job
 
     module = {"_knn_filter_kernel": "knn_threshold", "_knn_select_kernel": "knn_threshold",
               "_knn_rescan_kernel": "knn_threshold"}.get(kernel, "knn")
-    job = {"module": f"daal_triton.kernels.{module}", "name": kernel, "signature": la["signature"],
-           "constexprs": la["constexprs"], "divisible": la["divisible"], "capability": 90,
-           "num_warps": la["options"]["num_warps"], "num_stages": la["options"]["num_stages"],
-           "maxnreg": la["options"].get("maxnreg"), "specialisation": "recorded", "unit": [], "rows": [],
-           "sass": True}
-    res = compile_many_for_gpu([job])[0]
+    res = compile_many_for_gpu([recorded_job(la, f"daal_triton.kernels.{module}", 90, sass=True)])[0]
     if res.get("error"):
         print(res["error"], file=sys.stderr)
         return 1

@@ -402,6 +402,16 @@ def compile_many_for_gpu(jobs, *, workers: int | None = None):
     return ordered
 
 
+def recorded_job(launch: dict, module: str, capability: int, sass: bool = False) -> dict:
+    """The :func:`compile_many_for_gpu` job of a launch as tests/kernels/launch_recorder.py
+    recorded it (its kernel in ``module``), for one target."""
+    return {"module": module, "name": launch["kernel"], "signature": launch["signature"],
+            "constexprs": launch["constexprs"], "divisible": launch["divisible"], "capability": capability,
+            "num_warps": launch["options"]["num_warps"], "num_stages": launch["options"]["num_stages"],
+            "maxnreg": launch["options"].get("maxnreg"), "specialisation": "recorded", "unit": [], "rows": [],
+            "sass": sass}
+
+
 #: Compile every configuration the launchers can choose for both GPU targets (the default, and
 #: what CI runs). ``DAAL_ALL_CONFIGS=0`` compiles only the configurations a D = 512 launch picks
 #: (every kernel and dtype) for quick local runs.

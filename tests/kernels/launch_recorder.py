@@ -125,8 +125,8 @@ def record() -> list:
             knn_threshold.interpreting = saved
     knn_threshold._tma_ok = threshold_tma_ok
 
-    def _sampled(stride, call):
-        with knn_threshold.sampled_every(stride):
+    def _within(context, call):
+        with context:
             call()
 
     g = torch.Generator().manual_seed(0)
@@ -246,8 +246,13 @@ def record() -> list:
         # the probe's other sample strides (bench/probe_h200.py at 20k: kernels/knn_threshold.py,
         # PROBE_STRIDES; the lists scale with them)
         *[(f"knn bf16 probe 20k, threshold, a 1/{stride} sample",
-           lambda stride=stride: _sampled(stride, lambda: knn_op("bf16", 20000, 20000, 512, 8, False, True, False)),
+           lambda stride=stride: _within(knn_threshold.sampled_every(stride),
+                                         lambda: knn_op("bf16", 20000, 20000, 512, 8, False, True, False)),
            {"DAAL_KNN_SELECT": "threshold"}) for stride in knn_threshold.PROBE_STRIDES],
+        # and its filter's other tiles at 60k (knn_threshold.FILTER_ALTERNATIVES)
+        *[(f"knn bf16 probe 60k, threshold, filter tiles {blocks}",
+           lambda blocks=blocks: _within(knn_threshold.filter_tiles(blocks), lambda: knn_op("bf16", *eval60k)),
+           {"DAAL_KNN_SELECT": "threshold"}) for blocks in knn_threshold.FILTER_ALTERNATIVES],
         # and on an A100: no descriptor loads, so not the threshold path but the default's tiles
         ("knn bf16 eval 20k, threshold, sm_80", lambda: knn_op("bf16", 20000, 20000, 512, 8, False, True, False),
          {"DAAL_KNN_SELECT": "threshold", "capability": (8, 0)}),

@@ -114,6 +114,30 @@ def test_sampled_every_scales_the_lists_and_restores(monkeypatch):
     assert torch.equal(dist, want[0]) and torch.equal(index, want[1])
 
 
+def test_filter_tiles_set_the_filter_and_its_waves_and_restore():
+    """The probe's other filter tiles (``filter_tiles``, bench/probe_h200.py): inside, the filter's
+    launch takes the alternative's blocks, warps, stages and register cap, and its grid the
+    alternative's programs per SM; after it, even past an exception, both are back; blocks not
+    in FILTER_ALTERNATIVES are refused. (That each selects what the default tiles select, in the
+    interpreter: bench/test_bench_tools.py, ``test_probe_threshold_section_times_each_grid_and_stride``.)"""
+    default = kt.CONFIGS["filter"], kt.PROGRAMS_PER_SM
+    for blocks, per_sm in kt.FILTER_ALTERNATIVES.items():
+        with kt.filter_tiles(blocks):
+            launch = kt.CONFIGS["filter"].launch(512)
+            got = (launch["BLOCK_M"], launch["BLOCK_N"], launch["num_warps"], launch["num_stages"],
+                   launch.get("maxnreg"))
+            assert got == blocks and kt.PROGRAMS_PER_SM == per_sm
+            assert launch["BLOCK_D"] == default[0].launch(512)["BLOCK_D"]
+        assert (kt.CONFIGS["filter"], kt.PROGRAMS_PER_SM) == default
+    with pytest.raises(RuntimeError), kt.filter_tiles(next(iter(kt.FILTER_ALTERNATIVES))):
+        raise RuntimeError
+    assert (kt.CONFIGS["filter"], kt.PROGRAMS_PER_SM) == default
+    with pytest.raises(KeyError):
+        with kt.filter_tiles((64, 64, 4, 3, None)):
+            pass
+    assert (kt.CONFIGS["filter"], kt.PROGRAMS_PER_SM) == default
+
+
 def test_rows_past_the_list_are_rescanned(small, monkeypatch):
     """Each row with 12 exact duplicates and lists of 6 slots: every row overflows, the rescan
     selects them (ties to the smaller index) as the merge does; without the rescan the result

@@ -16,7 +16,7 @@ import sys
 
 import pytest
 
-from daal_testing import compile_many_for_gpu
+from daal_testing import compile_many_for_gpu, recorded_job
 
 pytestmark = pytest.mark.build
 
@@ -34,6 +34,9 @@ def allowed_stack(launch) -> int:
         return 8  # the float32 finish at KP 8 (k = 5..8; the loss's k = 3 runs KP 4): 8 B
     if launch["kernel"] == "_knn_fwd_kernel" and sig["q_ptr"] == "*fp32" and launch["constexprs"]["KP"] == 128:
         return 8  # the float32 forward at KP 128 (k = 65..128: daal-train's evaluation of classes that large)
+    if launch["kernel"] == "_knn_filter_kernel" and launch["options"].get("maxnreg") and _probe_only(launch):
+        return 64  # the probe's filter tiles capped at 128 registers: 40 B, outside the K-loop
+        # (test_threshold_filter_alternatives_fit_their_residency)
     return 0
 
 
@@ -84,18 +87,13 @@ def _capabilities(launch):
     return (75, 70) if all(s.endswith("sm_75") for s in launch["scenarios"]) else (90, 80, 100, 75, 70)
 
 
+def _job(launch, capability: int, sass: bool = False) -> dict:
+    return recorded_job(launch, _module_of(launch["kernel"]), capability, sass)
+
+
 @pytest.fixture(scope="module")
 def built(recorded):
-    jobs = []
-    for launch in recorded:
-        for capability in _capabilities(launch):
-            jobs.append({"module": _module_of(launch["kernel"]), "name": launch["kernel"],
-                         "signature": launch["signature"], "constexprs": launch["constexprs"],
-                         "divisible": launch["divisible"], "capability": capability,
-                         "num_warps": launch["options"]["num_warps"],
-                         "num_stages": launch["options"]["num_stages"],
-                         "maxnreg": launch["options"].get("maxnreg"), "specialisation": "recorded",
-                         "unit": [], "rows": [], "sass": False})
+    jobs = [_job(launch, capability) for launch in recorded for capability in _capabilities(launch)]
     return list(zip([la for la in recorded for _ in _capabilities(la)], compile_many_for_gpu(jobs)))
 
 
@@ -213,7 +211,8 @@ def test_threshold_filter_fits_two_programs_per_sm(built):
     from daal_testing import programs_per_sm
     from daal_triton.kernels import knn_threshold as kt
 
-    filt = [(la, res) for la, res in built if la["kernel"] == "_knn_filter_kernel" and res["capability"] == 90]
+    filt = [(la, res) for la, res in built if la["kernel"] == "_knn_filter_kernel" and res["capability"] == 90
+            and not _filter_tiles_only(la)]
     assert len(filt) >= 3, len(filt)
     for la, res in filt:
         assert "wgmma.mma_async" in res["ptx"] and "cp.async.bulk.tensor" in res["ptx"], _describe(la)
@@ -221,6 +220,45 @@ def test_threshold_filter_fits_two_programs_per_sm(built):
         assert programs_per_sm(res["registers"], la["options"]["num_warps"], res["metadata"]["shared"]) >= max(
             2, kt.PROGRAMS_PER_SM), (
             res["registers"], res["metadata"]["shared"], _describe(la))
+
+
+def _filter_tiles_only(launch) -> bool:
+    """Launched only on the probe's other filter tiles (``knn_threshold.filter_tiles``)."""
+    return all(", filter tiles " in s for s in launch["scenarios"])
+
+
+def test_threshold_filter_alternatives_fit_their_residency(built):
+    """The filter's other tiles that bench/probe_h200.py times at 60k (``knn_threshold.
+    FILTER_ALTERNATIVES``), built as recorded: each runs wgmma on descriptor loads and allows
+    exactly the programs per SM the table says (what their grids count waves of); none keeps a
+    stack but one capped by ``maxnreg``, whose spills (at most 64 B) stay out of the K-loop
+    (its sm_90 SASS: no local-memory access in the loop that holds the MMAs)."""
+    from daal_testing import compile_many_for_gpu, programs_per_sm, sass_loops
+    from daal_triton.kernels import knn_threshold as kt
+
+    def blocks(la):
+        c, o = la["constexprs"], la["options"]
+        return c["BLOCK_M"], c["BLOCK_N"], o["num_warps"], o["num_stages"], o.get("maxnreg")
+    alt = {blocks(la): (la, res) for la, res in built if la["kernel"] == "_knn_filter_kernel"
+           and res["capability"] == 90 and _filter_tiles_only(la)}
+    assert set(alt) == set(kt.FILTER_ALTERNATIVES), set(alt)
+    capped = []
+    for key, (la, res) in alt.items():
+        assert "wgmma.mma_async" in res["ptx"] and "cp.async.bulk.tensor" in res["ptx"], _describe(la)
+        got = programs_per_sm(res["registers"], key[2], res["metadata"]["shared"])
+        assert got == kt.FILTER_ALTERNATIVES[key], (key, res["registers"], res["metadata"]["shared"], got)
+        if key[4] is None:
+            assert res["stack"] == 0, (key, res["stack"])
+        else:
+            assert res["registers"] <= key[4] and res["stack"] <= 64, (key, res["registers"], res["stack"])
+            capped.append(la)
+    assert capped, "a register-capped candidate is among them"
+    for la, res in zip(capped, compile_many_for_gpu([_job(la, 90, sass=True) for la in capped])):
+        if not res["sass"]:
+            pytest.skip("cuobjdump is not shipped with this Triton")
+        mma_loops = [ops for _, _, ops in sass_loops(res["sass"]) if any(o.startswith("HGMMA") for o in ops)]
+        inner = min(mma_loops, key=len)  # the K-loop (the tile loop holds it and the listing)
+        assert not any(o.startswith(("LDL", "STL")) for o in inner), _describe(la)
 
 
 def test_line_margin_tuning_candidates_that_spill_are_the_ones_it_skips(built):
