@@ -360,10 +360,17 @@ def threshold_section(dev, emit, n, d, reps, dtype=None, n_grid=60000):
                 splits=S, programs_per_sm=per_sm)
         want = knn_threshold.select(q, q, 8, True)[1]
         for blocks, per_sm in knn_threshold.FILTER_ALTERNATIVES.items():
-            with knn_threshold.filter_tiles(blocks):
-                S = knn_threshold.filter_splits(n_grid, n_grid, dev)
-                ms = gpu_ms(lambda: knn_threshold.select(q, q, 8, True), dev, reps)
-                same = float((knn_threshold.select(q, q, 8, True)[1] == want).all(dim=1).float().mean())
+            try:  # a build no GPU has run: its failure is its line, and the others still run
+                with knn_threshold.filter_tiles(blocks):
+                    S = knn_threshold.filter_splits(n_grid, n_grid, dev)
+                    ms = gpu_ms(lambda: knn_threshold.select(q, q, 8, True), dev, reps)
+                    same = float((knn_threshold.select(q, q, 8, True)[1] == want).all(dim=1).float().mean())
+            except Exception:
+                tb = traceback.format_exc()[-3000:]
+                last = (tb.strip().splitlines() or [""])[-1]  # the line the report shows, with the tiles
+                emit("knn", "error", error=f"{tb}\nthe filter on {filter_tiles_name(blocks)}: {last}",
+                     filter_blocks=list(blocks))
+                continue
             rec(f"knn threshold k=8 self, the filter on {filter_tiles_name(blocks)} ({per_sm} per SM, S={S})", ms,
                 splits=S, programs_per_sm=per_sm, filter_blocks=list(blocks), same_rows=same)
         del want

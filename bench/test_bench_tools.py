@@ -855,8 +855,9 @@ def test_probe_threshold_section_times_each_grid_and_stride(monkeypatch):
     and 1 programs per SM, on each of FILTER_ALTERNATIVES' tiles, and with the samples of
     PROBE_STRIDES: code that only a GPU run reaches, as the CPU rehearsal's float32 is not
     eligible) runs in the interpreter on float16 inputs, one line per grid, per tile shape (which
-    ran: the filter's launches had its tiles; the default tiles' neighbours) and per stride, and
-    leaves the module's settings as they were."""
+    ran: the filter's launches had its tiles; the default tiles' neighbours; a tile shape that
+    fails is an error line naming it, and the next still run) and per stride, and leaves the
+    module's settings as they were."""
     import probe_h200
     from daal_triton.kernels import knn_threshold as kt
 
@@ -867,21 +868,30 @@ def test_probe_threshold_section_times_each_grid_and_stride(monkeypatch):
         def __getitem__(self, grid):
             def run(*args, **kw):
                 tiles.append((kw["BLOCK_M"], kw["BLOCK_N"], kw["num_warps"], kw["num_stages"], kw.get("maxnreg")))
+                if tiles[-1] == broken:
+                    raise RuntimeError("out of resource: shared memory")
                 return kernel[grid](*args, **kw)
             return run
     kernel = kt._knn_filter_kernel
     monkeypatch.setattr(kt, "_knn_filter_kernel", Filter())
+    listed = list(kt.FILTER_ALTERNATIVES)
+    broken = (32, 32, 4, 3, None)  # first among them: a build that fails on the GPU
+    monkeypatch.setattr(kt, "FILTER_ALTERNATIVES", {broken: 1, **kt.FILTER_ALTERNATIVES})
     settings = kt.STRIDE, kt.CAP, kt.PROGRAMS_PER_SM, kt.CONFIGS["filter"]
     probe_h200.threshold_section(torch.device("cpu"), lambda section, name, **kw: lines.append((section, name, kw)),
                                  320, 32, 1, dtype=torch.float16, n_grid=256)
+    errors = [kw for _, name, kw in lines if name == "error"]
+    assert len(errors) == 1 and errors[0]["error"].endswith(
+        "the filter on 32x32 tiles, 4 warps, 3 stages: RuntimeError: out of resource: shared memory"), errors
+    lines = [line for line in lines if line[1] != "error"]
     assert all(section == "knn" and kw["ms"] > 0 for section, _, kw in lines), lines
     grids = [(kw["n"], kw["programs_per_sm"]) for _, name, kw in lines if "the filter's grid" in name]
     assert grids == [(256, 2), (256, 1)], lines
     alternatives = [kw for _, name, kw in lines if "the filter on " in name]
-    assert [tuple(kw["filter_blocks"]) for kw in alternatives] == list(kt.FILTER_ALTERNATIVES), lines
-    assert [kw["programs_per_sm"] for kw in alternatives] == list(kt.FILTER_ALTERNATIVES.values())
+    assert [tuple(kw["filter_blocks"]) for kw in alternatives] == listed, lines
+    assert [kw["programs_per_sm"] for kw in alternatives] == [kt.FILTER_ALTERNATIVES[b] for b in listed]
     assert all(kw["n"] == 256 and kw["same_rows"] == 1.0 for kw in alternatives), alternatives
-    assert set(kt.FILTER_ALTERNATIVES) <= set(tiles), tiles
+    assert set(listed) <= set(tiles), tiles
     strides = [(kw["n"], kw["stride"]) for _, name, kw in lines if "sample" in name]
     assert strides == [(320, s) for s in kt.PROBE_STRIDES], lines
     assert (kt.STRIDE, kt.CAP, kt.PROGRAMS_PER_SM, kt.CONFIGS["filter"]) == settings
