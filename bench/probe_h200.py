@@ -340,7 +340,9 @@ def threshold_section(dev, emit, n, d, reps, dtype=None, n_grid=60000):
 
     1. At the 60k evaluation's shape (``n_grid`` rows), the filter's grid with waves of
        ``knn_threshold.PROGRAMS_PER_SM`` (2) programs per SM beside waves of 1 (the split count
-       until 2026-12-05: S = 7 against 5 on an H200), which no GPU has timed; then the filter on
+       until 2026-12-05: S = 7 against 5 on an H200), which no GPU has timed; its time up to
+       the end of its first two steps (the sample's bounds, the filter: ``select``'s ``until``),
+       so the steps' shares are differences; then the filter on
        each of ``knn_threshold.FILTER_ALTERNATIVES``' tiles (its grid in waves of their programs
        per SM), with the share of rows whose neighbours are the default tiles' (``same_rows``:
        another tile shape sums the GEMM form in another order, so near-ties may swap).
@@ -364,6 +366,10 @@ def threshold_section(dev, emit, n, d, reps, dtype=None, n_grid=60000):
                 want = last[0][1]  # the default tiles' neighbours
             rec(f"knn threshold k=8 self, the filter's grid in waves of {per_sm} program(s) per SM (S={S})", ms,
                 splits=S, programs_per_sm=per_sm)
+        # the default's time up to the end of each earlier step (the rest: the selection and the rescan)
+        for step in knn_threshold.STEPS[:-1]:
+            emit("knn", f"knn threshold k=8 self, its steps up to {step}", n=n_grid, until=step,
+                 ms=gpu_ms(lambda: knn_threshold.select(q, q, 8, True, until=step), dev, reps))
         for blocks, per_sm in knn_threshold.FILTER_ALTERNATIVES.items():
             try:  # a build no GPU has run: its failure is its line, and the others still run
                 with knn_threshold.filter_tiles(blocks):

@@ -887,6 +887,8 @@ def test_probe_threshold_section_times_each_grid_and_stride(monkeypatch):
     assert all(section == "knn" and kw["ms"] > 0 for section, _, kw in lines), lines
     grids = [(kw["n"], kw["programs_per_sm"]) for _, name, kw in lines if "the filter's grid" in name]
     assert grids == [(256, 2), (256, 1)], lines
+    assert [(kw["n"], kw["until"]) for _, name, kw in lines if "its steps up to" in name] == [
+        (256, "bounds"), (256, "filter")], lines
     alternatives = [kw for _, name, kw in lines if "the filter on " in name]
     assert [tuple(kw["filter_blocks"]) for kw in alternatives] == listed, lines
     assert [kw["programs_per_sm"] for kw in alternatives] == [kt.FILTER_ALTERNATIVES[b] for b in listed]

@@ -383,13 +383,22 @@ def _descriptors(q: torch.Tensor, r: torch.Tensor, bm: int, bn: int, bd: int, tm
             TensorDescriptor(r, list(r.shape), [r.stride(0), 1], [bn, bd]))
 
 
-def select(q: torch.Tensor, r: torch.Tensor, k: int, exclude_self: bool
+#: The steps of :func:`select`, in order (its ``until``).
+STEPS = ("bounds", "filter", "select")
+
+
+def select(q: torch.Tensor, r: torch.Tensor, k: int, exclude_self: bool, *, until: str = "select"
            ) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(dist, index)`` (M x k, float32 / int64) of the prepared ``q``, ``r`` (same dtype, unit
     column stride; ``r is q`` for a self-kNN) by the three steps of this module; the caller has
-    checked :func:`eligible`. The same result as the default forward's (``knn._knn_merge_path``)."""
+    checked :func:`eligible`. The same result as the default forward's (``knn._knn_merge_path``).
+
+    ``until`` (one of :data:`STEPS`): "bounds" or "filter" stops after that step and returns the
+    outputs unwritten: bench/probe_h200.py times the steps so."""
     from . import knn as kk
 
+    if until not in STEPS:
+        raise ValueError(f"until must be one of {STEPS}, got {until!r}")
     M, D = q.shape
     N = r.shape[0]
     e_sample = sample_bounds(q, r, k, exclude_self)
@@ -405,6 +414,8 @@ def select(q: torch.Tensor, r: torch.Tensor, k: int, exclude_self: bool
     thr = torch.where(finite, thr, -1.0)
     dist = torch.empty(M, k, dtype=torch.float32, device=q.device)
     index = torch.empty(M, k, dtype=torch.int64, device=q.device)
+    if until == "bounds":
+        return dist, index
     kp = next_pow2(k)
     fcfg, scfg, rcfg = CONFIGS["filter"], CONFIGS["select"], CONFIGS["rescan"]
     bm, bn = fcfg.blocks["BLOCK_M"], fcfg.blocks["BLOCK_N"]
@@ -426,9 +437,13 @@ def select(q: torch.Tensor, r: torch.Tensor, k: int, exclude_self: bool
             qc, r, q_desc, r_desc, qn[i0:], rn, thr[i0:], count[i0:], lists,
             m, N, D, i0, cols, qc.stride(0), r.stride(0),
             CAP=cap, EXCLUDE_SELF=bool(exclude_self), TMA=tma, **flags, **flaunch)
+        if until == "filter":
+            continue
         _knn_select_kernel[(cdiv(m, scfg.blocks["BLOCK_M"]),)](
             count[i0:], lists, qc, r, dist[i0:], index[i0:], m, D, k, cap,
             qc.stride(0), r.stride(0), dist.stride(0), index.stride(0), KP=kp, **slaunch)
+    if until == "filter":
+        return dist, index
     rlaunch = rcfg.launch(D)
     rlaunch["BLOCK_D"] = slaunch["BLOCK_D"]
     _knn_rescan_kernel[(cdiv(M, rcfg.blocks["BLOCK_M"]),)](

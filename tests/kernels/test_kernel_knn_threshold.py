@@ -138,6 +138,29 @@ def test_filter_tiles_set_the_filter_and_its_waves_and_restore():
     assert (kt.CONFIGS["filter"], kt.PROGRAMS_PER_SM) == default
 
 
+def test_select_stops_after_a_step(small, monkeypatch):
+    """``select(..., until=step)`` (bench/probe_h200.py times the steps so): "bounds" launches none
+    of the three kernels, "filter" the filter alone, "select" all three; another step is refused."""
+    launched = []
+
+    class Recorded:
+        def __init__(self, name, kernel):
+            self.name, self.kernel = name, kernel
+
+        def __getitem__(self, grid):
+            launched.append(self.name)
+            return self.kernel[grid]
+    for step in ("filter", "select", "rescan"):
+        monkeypatch.setattr(kt, f"_knn_{step}_kernel", Recorded(step, getattr(kt, f"_knn_{step}_kernel")))
+    x = torch.randn(64, 16).half()
+    for until, want in (("bounds", []), ("filter", ["filter"]), ("select", ["filter", "select", "rescan"])):
+        launched.clear()
+        kt.select(x, x, 3, True, until=until)
+        assert launched == want, until
+    with pytest.raises(ValueError, match="until"):
+        kt.select(x, x, 3, True, until="lists")
+
+
 def test_rows_past_the_list_are_rescanned(small, monkeypatch):
     """Each row with 12 exact duplicates and lists of 6 slots: every row overflows, the rescan
     selects them (ties to the smaller index) as the merge does; without the rescan the result
