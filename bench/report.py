@@ -406,7 +406,28 @@ def targets_table(run: dict) -> List[str]:
         if value is not None and fewest is not None and fewest < FEW_ROUNDS:
             result += f" (indicative: {fewest} timed round{'s' if fewest != 1 else ''})"
         lines.append(f"| {title} | {shown or '—'} | {rounds} | {result} |")
+        if kind == "fraction":
+            lines += _alternative_fractions(run, key, thr)
     return lines + [""]
+
+
+def _alternative_fractions(run: dict, key: tuple, thr: float) -> List[str]:
+    """Rows under a throughput target: the same case with each timed switch's alternative (a
+    design that could become the default, e.g. ``DAAL_KNN_SELECT=threshold``), where the run
+    measured it: what the default would read if a run decided for it. Not the target's result."""
+    rows = []
+    for sw in SWITCHES:
+        rec = run["cases"].get(key + (sw.provider,))
+        if sw.until or key not in sw.cases or not ok(rec) or rec.get("matmul_fraction") is None:
+            continue
+        value = rec["matmul_fraction"]
+        shown = fmt_pct(value)
+        if rec.get("tflops") and rec.get("matmul_tflops"):
+            shown += f" ({rec['tflops']:.3g} of {rec['matmul_tflops']:.3g} TFLOP/s)"
+        verdict = "would pass" if value >= thr * (1 - BOUND_SLACK) else "would fail"
+        rows.append(f"| ↳ the same with `{sw.env}={sw.alternative}` (an alternative, not the default) | {shown} "
+                    f"| {_rounds([rec])[0]} | {verdict} |")
+    return rows
 
 
 def target_caveats(run: dict) -> List[str]:
@@ -743,7 +764,9 @@ def run_report(run: dict, *, heading_level: int = 2) -> List[str]:
     lines += [f"{h}# Targets (issues 6, 13 and 17, H200)", "",
               "\"rounds\": the timed rounds behind each side of the comparison (Triton first); a "
               f"result from fewer than {FEW_ROUNDS} (a case the time budget cut short) is marked "
-              "indicative.", ""] + target_caveats(run) + targets_table(run)
+              "indicative. A row \"↳ the same with ...\" under a throughput target: an internal switch's "
+              "alternative on the same case, what the default would read if a run decided for it (not "
+              "the target's result).", ""] + target_caveats(run) + targets_table(run)
     lines += switches_table(run, heading_level)
     lines += [f"{h}# Results", "",
               "Median time per call; \"Triton vs X\" = time(X) / time(Triton) (above 1: Triton is "

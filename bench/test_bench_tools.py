@@ -445,6 +445,30 @@ def test_report(tmp_path):
     assert "3 kB / 800 B + 2.5 MB graph pool" in text  # a replay's peak misses the pool: shown beside it
 
 
+def test_a_throughput_target_shows_the_alternatives_measured_beside_it():
+    """Under a "% of matmul" target, a row per timed switch alternative the run measured on its
+    case (what the default would read if a run decided for it: "would pass" / "would fail",
+    never the target's PASS or FAIL), none for an alternative not measured or no longer timed."""
+    key = ("knn", "eval60k", "bf16", "fwd")
+
+    def rec(fraction):
+        return {"status": "ok", "median_s": 0.01, "rounds": 20, "matmul_fraction": fraction, "tflops": 400.0,
+                "matmul_tflops": 650.0}
+    run = {"cases": {key + ("triton",): rec(0.48), key + ("triton_threshold",): rec(0.61),
+                     key + ("triton_gluon",): rec(0.55), key + ("triton_gluon128",): {"status": "error: boom"},
+                     key + ("triton_table",): rec(0.9)}}  # the table tiles' switch is retired
+    table = report.targets_table(run)
+    at = next(i for i, line in enumerate(table) if "≥ 60% of matmul" in line)
+    assert "FAIL" in table[at]
+    below = table[at + 1:at + 3]
+    assert below[0].startswith("| ↳ the same with `DAAL_KNN_TILES=gluon`") and "| would fail |" in below[0], below
+    assert below[1].startswith("| ↳ the same with `DAAL_KNN_SELECT=threshold`") and "| 61% (" in below[1], below
+    assert "| would pass |" in below[1] and "(400 of 650 TFLOP/s)" in below[1], below
+    assert not table[at + 3].startswith("| ↳"), table
+    assert sum(line.startswith("| ↳") for line in table) == 4  # under the 50% and the 60% targets
+    assert not any("table" in line for line in table if line.startswith("| ↳"))
+
+
 def test_an_overhead_that_reads_as_its_bound_passes():
     """+2% over the CE floor's step (81.6 ms against 80 ms) meets "adds ≤ 2%" whatever the float
     arithmetic makes of 81.6 / 80; the row shows the value it judged (two decimals)."""
