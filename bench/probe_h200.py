@@ -342,9 +342,9 @@ def threshold_section(dev, emit, n, d, reps, dtype=None, n_grid=60000):
        ``knn_threshold.PROGRAMS_PER_SM`` (2) programs per SM beside waves of 1 (the split count
        until 2026-12-05: S = 7 against 5 on an H200), which no GPU has timed; its time up to
        the end of its first two steps (the sample's bounds, the filter: ``select``'s ``until``),
-       so the steps' shares are differences; then the filter on
-       each of ``knn_threshold.FILTER_ALTERNATIVES``' tiles (its grid in waves of their programs
-       per SM), with the share of rows whose neighbours are the default tiles' (``same_rows``:
+       so the steps' shares are differences; then the filter on each of
+       ``knn_threshold.FILTER_ALTERNATIVES``' tiles (its grid in waves of their programs per
+       SM), with the share of rows whose neighbours are the default tiles' (``same_rows``:
        another tile shape sums the GEMM form in another order, so near-ties may swap).
     2. At ``n`` rows, samples of ``knn_threshold.PROBE_STRIDES`` (1/8 and 1/32) beside the
        ``knn`` section's 1/16: the sample's cost against the listing rounds (about k STRIDE

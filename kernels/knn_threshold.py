@@ -114,8 +114,8 @@ PROGRAMS_PER_SM = 2
 #: grids count waves of (:func:`filter_tiles`):
 #:
 #: - 128 x 128 on 8 warps capped at 128 registers: two per SM (40 B of stack under Triton 3.8,
-#:   80 B under 3.6, outside the K-loop); the forward's tiles of this shape were its fastest at 60k on the 2026-12-04-h200-3
-#:   run (10.65 ms against the default's 10.95);
+#:   80 B under 3.6, outside the K-loop); the forward's tiles of this shape were its fastest at
+#:   60k on the 2026-12-04-h200-3 run (10.65 ms against the default's 10.95);
 #: - 128 x 64 on 4 warps: 152 registers, three per SM, at 1.5 times the L2 bytes per FLOP;
 #: - 256 x 128 on 8 warps: 85 FLOP per L2 byte instead of 64, one per SM (239 registers).
 FILTER_ALTERNATIVES = {(128, 128, 8, 3, 128): 2, (128, 64, 4, 3, None): 3, (256, 128, 8, 3, None): 1}
