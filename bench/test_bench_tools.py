@@ -886,20 +886,18 @@ def test_probe_threshold_section_times_each_grid_and_stride(monkeypatch):
     from daal_triton.kernels import knn_threshold as kt
 
     monkeypatch.setattr(kt, "MIN_SAMPLE", 8)
-    lines, tiles = [], []
+    from daal_testing import spy_launches
 
-    class Filter:  # records each launch's tiles, then launches the kernel
-        def __getitem__(self, grid):
-            def run(*args, **kw):
-                tiles.append((kw["BLOCK_M"], kw["BLOCK_N"], kw["num_warps"], kw["num_stages"], kw.get("maxnreg")))
-                if tiles[-1] == broken:
-                    raise RuntimeError("out of resource: shared memory")
-                return kernel[grid](*args, **kw)
-            return run
-    kernel = kt._knn_filter_kernel
-    monkeypatch.setattr(kt, "_knn_filter_kernel", Filter())
-    listed = list(kt.FILTER_ALTERNATIVES)
+    lines = []
     broken = (32, 32, 4, 3, None)  # first among them: a build that fails on the GPU
+
+    def tiles_of(_name, _args, kw):  # each launch's tiles; the broken ones fail
+        blocks = (kw["BLOCK_M"], kw["BLOCK_N"], kw["num_warps"], kw["num_stages"], kw.get("maxnreg"))
+        if blocks == broken:
+            raise RuntimeError("out of resource: shared memory")
+        return blocks
+    tiles = spy_launches(monkeypatch, kt, ["_knn_filter_kernel"], tiles_of)
+    listed = list(kt.FILTER_ALTERNATIVES)
     monkeypatch.setattr(kt, "FILTER_ALTERNATIVES", {broken: 1, **kt.FILTER_ALTERNATIVES})
     settings = kt.STRIDE, kt.CAP, kt.PROGRAMS_PER_SM, kt.CONFIGS["filter"]
     probe_h200.threshold_section(torch.device("cpu"), lambda section, name, **kw: lines.append((section, name, kw)),

@@ -402,6 +402,26 @@ def compile_many_for_gpu(jobs, *, workers: int | None = None):
     return ordered
 
 
+def spy_launches(monkeypatch, module, names, record=None, launched: list | None = None) -> list:
+    """Wrap the Triton kernels ``names`` of ``module`` (for the test's duration): each launch
+    appends ``record(name, args, kwargs)`` (default: the kernel's name) to ``launched`` (default:
+    a new list), which is returned, and then launches the kernel (not when ``record`` raises)."""
+    launched = [] if launched is None else launched
+
+    class Spy:
+        def __init__(self, name, kernel):
+            self.name, self.kernel = name, kernel
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launched.append(self.name if record is None else record(self.name, args, kwargs))
+                return self.kernel[grid](*args, **kwargs)
+            return launch
+    for name in names:
+        monkeypatch.setattr(module, name, Spy(name, getattr(module, name)))
+    return launched
+
+
 def recorded_job(launch: dict, module: str, capability: int, sass: bool = False) -> dict:
     """The :func:`compile_many_for_gpu` job of a launch as tests/kernels/launch_recorder.py
     recorded it (its kernel in ``module``), for one target."""

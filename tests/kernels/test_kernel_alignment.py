@@ -206,19 +206,10 @@ def _widths(monkeypatch, module, names, seen):
     """Record in ``seen`` the ``D`` argument of every launch of ``module``'s kernels ``names``."""
     import inspect
 
-    class Spy:
-        def __init__(self, kernel):
-            self.kernel = kernel
-            self.at = list(inspect.signature(kernel.fn).parameters).index("D")
+    from daal_testing import spy_launches
 
-        def __getitem__(self, grid):
-            def launch(*args, **kw):
-                seen.append((self.kernel.fn.__name__, args[self.at]))
-                return self.kernel[grid](*args, **kw)
-            return launch
-
-    for name in names:
-        monkeypatch.setattr(module, name, Spy(getattr(module, name)))
+    at = {name: list(inspect.signature(getattr(module, name).fn).parameters).index("D") for name in names}
+    spy_launches(monkeypatch, module, names, lambda name, args, _kw: (name, args[at[name]]), launched=seen)
 
 
 def test_the_kernels_see_padded_widths_forward_and_backward(monkeypatch):

@@ -756,18 +756,9 @@ def test_knn_no_ref_gradient():
 def _spy_flags(monkeypatch, name, *flags):
     """Patch kernel ``name`` of kernels/knn.py to record its launches' ``flags`` (a tuple per
     launch, in the list returned) and launch it as it was."""
-    seen = []
-    kern = getattr(kk, name)
+    from daal_testing import spy_launches
 
-    class Spy:
-        def __getitem__(self, grid):
-            def launch(*args, **kw):
-                seen.append(tuple(kw[f] for f in flags))
-                return kern[grid](*args, **kw)
-            return launch
-
-    monkeypatch.setattr(kk, name, Spy())
-    return seen
+    return spy_launches(monkeypatch, kk, [name], lambda _name, _args, kw: tuple(kw[f] for f in flags))
 
 
 def test_knn_memory_bank_backward_takes_the_no_ref_launch(monkeypatch):

@@ -141,22 +141,14 @@ def test_filter_tiles_set_the_filter_and_its_waves_and_restore():
 def test_select_stops_after_a_step(small, monkeypatch):
     """``select(..., until=step)`` (bench/probe_h200.py times the steps so): "bounds" launches none
     of the three kernels, "filter" the filter alone, "select" all three; another step is refused."""
-    launched = []
+    from daal_testing import spy_launches
 
-    class Recorded:
-        def __init__(self, name, kernel):
-            self.name, self.kernel = name, kernel
-
-        def __getitem__(self, grid):
-            launched.append(self.name)
-            return self.kernel[grid]
-    for step in ("filter", "select", "rescan"):
-        monkeypatch.setattr(kt, f"_knn_{step}_kernel", Recorded(step, getattr(kt, f"_knn_{step}_kernel")))
+    launched = spy_launches(monkeypatch, kt, [f"_knn_{step}_kernel" for step in ("filter", "select", "rescan")])
     x = torch.randn(64, 16).half()
     for until, want in (("bounds", []), ("filter", ["filter"]), ("select", ["filter", "select", "rescan"])):
         launched.clear()
         kt.select(x, x, 3, True, until=until)
-        assert launched == want, until
+        assert launched == [f"_knn_{step}_kernel" for step in want], until
     with pytest.raises(ValueError, match="until"):
         kt.select(x, x, 3, True, until="lists")
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 import triton
 
-from daal_testing import DEV, assert_close, assert_floors_keep_nan, compile_launches, tolerance
+from daal_testing import DEV, assert_close, assert_floors_keep_nan, compile_launches, spy_launches, tolerance
 
 from daal_triton import reference
 from daal_triton.kernels import pairwise as kp
@@ -213,18 +213,7 @@ def test_launches_cover_the_launcher():
 def test_backward_h_formed_once(monkeypatch):
     """The backward reads g and d once (one H kernel launch) and runs two GEMM launches; H and
     the sums are of one rounding (bfloat16 H for bfloat16 inputs)."""
-    calls = []
-    for name in ("_pairwise_h_kernel", "_pairwise_bwd_kernel"):
-        kern = getattr(kp, name)
-
-        class Spy:
-            def __init__(self, kern, name):
-                self.kern, self.name = kern, name
-
-            def __getitem__(self, grid):
-                calls.append(self.name)
-                return self.kern[grid]
-        monkeypatch.setattr(kp, name, Spy(kern, name))
+    calls = spy_launches(monkeypatch, kp, ("_pairwise_h_kernel", "_pairwise_bwd_kernel"))
     x = torch.randn(70, 20, device=DEV, requires_grad=True)
     y = torch.randn(90, 20, device=DEV, requires_grad=True)
     kp.pairwise_distance(x, y).sum().backward()
