@@ -924,10 +924,10 @@ def test_probe_threshold_section_times_each_grid_and_stride(monkeypatch):
 def test_probe_table_says_which_filter_tiles_gave_other_neighbours():
     """A probe line of the filter on other tiles shows the share of rows with the default tiles'
     neighbours, and calls it wrong below tune_knn's SAME_ROWS; other lines show no share."""
-    line = dict(section="knn", name="knn threshold k=8 self, the filter on 128x64 tiles", ms=9.0, tflops=410.0)
+    line = dict(section="knn", name="knn threshold k=8 self, the filter on 128x256 tiles", ms=9.0, tflops=410.0)
     text = "\n".join(report.probe_table({"probe": [dict(line, same_rows=1.0), dict(line, same_rows=0.99),
                                                    dict(line, name="other")]}))
-    assert "128x64 tiles; the same neighbours in 100.00% of rows |" in text
+    assert "128x256 tiles; the same neighbours in 100.00% of rows |" in text
     assert "the same neighbours in 99.00% of rows (WRONG: fewer than 99.9%)" in text
     assert "| other |" in text and text.count("the same neighbours") == 2
 
