@@ -11,8 +11,8 @@
 #      training-step cases (VGG-19-BN, B=180, C=100 and 11,318) share a slice of
 #      DAAL_BENCH_TRAIN_STEP_S seconds within that deadline,
 #   4. probe where the time goes (bench/probe_h200.py: host cost per launch, the kNN forward's
-#      parts and splits; DAAL_PROBE_S seconds, default 60, 0 skips it), time alternative kNN
-#      forward block sizes, loops and grids (bench/tune_knn.py; DAAL_TUNE_KNN_S seconds, default 60, 0
+#      parts and splits; DAAL_PROBE_S seconds, default 75, 0 skips it), time alternative kNN
+#      forward block sizes, loops and grids (bench/tune_knn.py; DAAL_TUNE_KNN_S seconds, default 45, 0
 #      skips it), then alternative line-margin block sizes (bench/tune_line_margin.py, with the
 #      time the benchmarks leave, at least DAAL_TUNE_S seconds),
 #   5. the kernel tests (tests/kernels) that run kernels on this GPU, when DAAL_CHECK_KERNEL_S
@@ -41,7 +41,7 @@
 # DAAL_CHECK_K (a pytest -k expression for the test steps, for rehearsals),
 # DAAL_BENCH_PROFILE (default check; "full" needs far more time than 8 minutes), DAAL_TUNE_S
 # (default 30: the seconds reserved for step 4's line-margin tuning, which the first H200 run
-# decided; 0 skips it), DAAL_TUNE_KNN_S (default 60: the candidates most promising first, as many as fit (the 2026-12-04 runs used 10-23 s); 0 skips the kNN tuning),
+# decided; 0 skips it), DAAL_TUNE_KNN_S (default 45: the candidates most promising first, as many as fit (the 2026-12-04 runs used 10-23 s, and three runs have timed them); 0 skips the kNN tuning),
 # DAAL_CHECK_SHARDS (default: a third of the cores, 1 to 6: the pytest processes the parity and the
 # kernel tests each run side by side, bench/sharded_pytest.py), DAAL_CHECK_BUILD_S (default 0: the seconds reserved at the end for the kernel tests marked
 # "build", which only build kernels for GPU targets and need no GPU), DAAL_CHECK_KERNEL_S (default 0: the
@@ -71,8 +71,9 @@ TOTAL=${DAAL_CHECK_TOTAL_S:-460}
 PY=${PYTHON:-$(command -v python3 || command -v python)}
 PROFILE=${DAAL_BENCH_PROFILE:-check}
 TUNE_S=${DAAL_TUNE_S:-30}  # reserved for step 4's line-margin tuning (0: none)
-PROBE_S=${DAAL_PROBE_S:-60}  # reserved for step 4's probe (0: no probe; 45 until the threshold lines came, 2026-12-05)
-TUNE_KNN_S=${DAAL_TUNE_KNN_S:-60}  # reserved for step 4's kNN tuning (0: none)
+PROBE_S=${DAAL_PROBE_S:-75}  # reserved for step 4's probe (0: no probe; 45 until the threshold lines came, 60 until
+# the filter's other tiles and the steps' lines came, 2026-12-05: five more filter builds to JIT)
+TUNE_KNN_S=${DAAL_TUNE_KNN_S:-45}  # reserved for step 4's kNN tuning (0: none; 60 until 2026-12-05's fifth session)
 BUILD_S=${DAAL_CHECK_BUILD_S:-0}  # reserved for step 4's build-only kernel tests (0: none)
 KERNEL_S=${DAAL_CHECK_KERNEL_S:-0}  # reserved for step 5's kernel tests (0: none)
 NPROC=$(nproc 2>/dev/null || echo 4)

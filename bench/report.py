@@ -805,8 +805,9 @@ run into Markdown; `gpu_check.sh` is the GPU check (its two test steps run as py
 `sharded_pytest.py`, one slice of the selection each); `tune_line_margin.py` times alternative block
 sizes of the line-margin kernels and the backward's class-chunk budget, with peak memory (the
 check runs it for at least 30 s; its table goes into the run's report), `tune_knn.py` those of the kNN forward, its flat loop, wide tiles and grids sized for two programs per SM
-(60 s; its table too); `probe_h200.py` splits host and GPU time on a GPU (and times the kNN
-forward's tiles without the merge at four tile shapes: does its ceiling follow the L2 bytes per FLOP?), `probe_host.py` measures
+(45 s; its table too); `probe_h200.py` splits host and GPU time on a GPU (and times the kNN
+forward's tiles without the merge at five tile shapes: does its ceiling follow the L2 bytes per FLOP?; and the
+selection by a threshold: its steps, its filter's grid and other tiles, its sample's stride; 75 s), `probe_host.py` measures
 the loss's host time besides the kernels on a CPU; `work_model.py` models the flops and bytes of each line-margin kernel
 (printed beside a run's measured times; `python bench/work_model.py B,C,D` prints it alone);
 `knn_merge_model.py` counts the kNN forward's merge rounds and block-wide reductions per tile
