@@ -662,6 +662,9 @@ def probe_table(run: dict, heading_level: int = 2) -> List[str]:
              "tiles load from L2 (a model: bench/probe_h200.py, tile_bytes) per second.", "",
              "| section | what | host µs | GPU ms | TFLOP/s | µs per tile per SM | L2 TB/s |",
              "|---|---|---|---|---|---|---|"]
+    # a line at the 60k evaluation's rows, against the same run's matmul there (issue 13's 60%)
+    eval60k = run.get("cases", {}).get(("knn", "eval60k", "bf16", "fwd", "triton")) or {}
+    mm60k = eval60k.get("matmul_tflops") if ok(eval60k) else None
     for r in run["probe"]:
         if r.get("name") == "error":
             last = (str(r.get("error", "")).strip().splitlines() or [""])[-1][:200]
@@ -672,6 +675,8 @@ def probe_table(run: dict, heading_level: int = 2) -> List[str]:
         if r.get("same_rows") is not None:  # another tile shape's neighbours against the default's
             name += f"; the same neighbours in {r['same_rows']:.2%} of rows"
             name += "" if r["same_rows"] >= SAME_ROWS else f" (WRONG: fewer than {SAME_ROWS:.1%})"
+        if mm60k and r.get("tflops") and r.get("n") == SHAPES["knn"]["eval60k"]["M"]:
+            name += f" [{r['tflops'] / mm60k:.1%} of the benchmarks' matmul at 60k]"
         lines.append(f"| {r.get('section', '')} | {name} | {_num(r.get('host_us'), '.1f')} "
                      f"| {_num(gpu_ms, '.3f')} | {_num(r.get('tflops'), '.1f')} "
                      f"| {_num(r.get('us_per_tile_per_sm'), '.2f')} | {_num(r.get('l2_tb_per_s'), '.2f')} |")

@@ -923,13 +923,18 @@ def test_probe_threshold_section_times_each_grid_and_stride(monkeypatch):
 
 def test_probe_table_says_which_filter_tiles_gave_other_neighbours():
     """A probe line of the filter on other tiles shows the share of rows with the default tiles'
-    neighbours, and calls it wrong below tune_knn's SAME_ROWS; other lines show no share."""
+    neighbours, and calls it wrong below tune_knn's SAME_ROWS; other lines show no share. A line
+    at 60k rows shows its share of the same run's matmul there."""
     line = dict(section="knn", name="knn threshold k=8 self, the filter on 128x256 tiles", ms=9.0, tflops=410.0)
     text = "\n".join(report.probe_table({"probe": [dict(line, same_rows=1.0), dict(line, same_rows=0.99),
                                                    dict(line, name="other")]}))
     assert "128x256 tiles; the same neighbours in 100.00% of rows |" in text
     assert "the same neighbours in 99.00% of rows (WRONG: fewer than 99.9%)" in text
     assert "| other |" in text and text.count("the same neighbours") == 2
+    # at the 60k evaluation's rows, against the run's matmul there (issue 13's 60%)
+    eval60k = {("knn", "eval60k", "bf16", "fwd", "triton"): {"status": "ok", "median_s": 0.011, "matmul_tflops": 650.0}}
+    text = "\n".join(report.probe_table({"cases": eval60k, "probe": [dict(line, n=60000), dict(line, n=20000)]}))
+    assert text.count("of the benchmarks' matmul at 60k]") == 1 and "[63.1% of the benchmarks' matmul at 60k]" in text
 
 
 def test_probe_tiles_reading():
