@@ -233,7 +233,7 @@ def test_threshold_filter_alternatives_fit_their_residency(built):
     exactly the programs per SM the table says (what their grids count waves of); none keeps a
     stack but one capped by ``maxnreg``, whose spills (at most 64 B) stay out of the K-loop
     (its sm_90 SASS: no local-memory access in the loop that holds the MMAs)."""
-    from daal_testing import compile_many_for_gpu, programs_per_sm, sass_loops
+    from daal_testing import programs_per_sm, sass_loops
     from daal_triton.kernels import knn_threshold as kt
 
     def blocks(la):
