@@ -290,36 +290,33 @@ def _knn_rescan_kernel(
 
 
 @contextlib.contextmanager
-def sampled_every(stride: int) -> Iterator[None]:
-    """Within: STRIDE = ``stride`` and CAP scaled with it (the lists keep four times the mean
-    count of k = 8), for the probe's timings (:data:`PROBE_STRIDES`; the launch recorder builds
-    them: tests/kernels/launch_recorder.py)."""
-    global STRIDE, CAP
-    saved = STRIDE, CAP
-    STRIDE, CAP = stride, CAP * stride // STRIDE
+def _settings(**values) -> Iterator[None]:
+    """Within: this module's globals ``values`` (the probe's other settings); after, even past an
+    exception, what they were."""
+    saved = {name: globals()[name] for name in values}
+    globals().update(values)
     try:
         yield
     finally:
-        STRIDE, CAP = saved
+        globals().update(saved)
 
 
-@contextlib.contextmanager
-def filter_tiles(blocks: Tuple[int, int, int, int, Optional[int]]) -> Iterator[None]:
+def sampled_every(stride: int) -> contextlib.AbstractContextManager:
+    """Within: STRIDE = ``stride`` and CAP scaled with it (the lists keep four times the mean
+    count of k = 8), for the probe's timings (:data:`PROBE_STRIDES`; the launch recorder builds
+    them: tests/kernels/launch_recorder.py)."""
+    return _settings(STRIDE=stride, CAP=CAP * stride // STRIDE)
+
+
+def filter_tiles(blocks: Tuple[int, int, int, int, Optional[int]]) -> contextlib.AbstractContextManager:
     """Within: the filter runs on ``blocks``, a key of :data:`FILTER_ALTERNATIVES`, and its grid
     counts waves of the programs per SM given there (for bench/probe_h200.py's timings; the
     launch recorder builds them: tests/kernels/launch_recorder.py). ``KeyError`` for other
     blocks."""
-    global PROGRAMS_PER_SM
-    per_sm = FILTER_ALTERNATIVES[blocks]
     bm, bn, warps, stages, maxnreg = blocks
-    saved = CONFIGS["filter"], PROGRAMS_PER_SM
-    CONFIGS["filter"] = saved[0].with_blocks(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages,
-                                             maxnreg=maxnreg)
-    PROGRAMS_PER_SM = per_sm
-    try:
-        yield
-    finally:
-        CONFIGS["filter"], PROGRAMS_PER_SM = saved
+    tiles = CONFIGS["filter"].with_blocks(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages,
+                                          maxnreg=maxnreg)
+    return _settings(CONFIGS=dict(CONFIGS, filter=tiles), PROGRAMS_PER_SM=FILTER_ALTERNATIVES[blocks])
 
 
 def filter_splits(m: int, n: int, device: torch.device, programs_per_sm: Optional[int] = None) -> int:

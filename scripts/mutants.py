@@ -518,7 +518,8 @@ MUTANTS: Tuple[Mutant, ...] = (
            ("tests/kernels/test_kernel_knn_threshold.py", "-k", "grid_counts_waves")),
     # 2026-12-05 (fifth session): the probe's other filter tiles
     Mutant("threshold_filter_tiles_keep_the_waves", "kernels/knn_threshold.py",
-           "    PROGRAMS_PER_SM = per_sm\n    try:", "    try:",
+           "CONFIGS=dict(CONFIGS, filter=tiles), PROGRAMS_PER_SM=FILTER_ALTERNATIVES[blocks])",
+           "CONFIGS=dict(CONFIGS, filter=tiles))",
            ("tests/kernels/test_kernel_knn_threshold.py", "-k", "filter_tiles")),
     Mutant("threshold_until_filter_selects", "kernels/knn_threshold.py",
            "        if until == \"filter\":\n            continue\n", "",
