@@ -1032,8 +1032,10 @@ def forward_entry(q: torch.Tensor, r: torch.Tensor, kp: int, has_labels: bool) -
 #: sample, a filter that lists the few entries below it, a selection among them; where
 #: :func:`knn_threshold.eligible` holds: float16/bfloat16, no labels, k <= 16, references of at
 #: least 1,024 rows). A candidate no GPU has timed (the benchmarks' ``triton_threshold``).
+#: "half" (``DAAL_KNN_SELECT=half``): the same, with a self-search's filter on half the tiles
+#: (``s_ij = s_ji``: :func:`knn_threshold.halves`), another (``triton_threshold_half``).
 SELECT_ENV = "DAAL_KNN_SELECT"
-SELECT_POLICIES = ("merge", "threshold")
+SELECT_POLICIES = ("merge", "threshold", "half")
 
 
 def select_policy() -> str:
@@ -1292,8 +1294,9 @@ def _knn_forward(query, ref, k, query_labels, ref_labels, exclude_self, splits):
     if query_labels is not None:
         ql = query_labels.to(torch.int64).contiguous()
         rl = ql if ref_labels is query_labels else ref_labels.to(torch.int64).contiguous()
-    if splits is None and select_policy() == "threshold" and knn_threshold().eligible(q, r, k, ql is not None):
-        return knn_threshold().select(q, r, k, exclude_self)
+    policy = select_policy() if splits is None else "merge"
+    if policy != "merge" and knn_threshold().eligible(q, r, k, ql is not None):
+        return knn_threshold().select(q, r, k, exclude_self, half=policy == "half")
     return _knn_merge_path(q, r, k, ql, rl, exclude_self, splits)
 
 

@@ -25,6 +25,10 @@ almost no per-tile merge work, in three steps, each on the device, with no host 
    a negative hypergeometric count), so a tile's epilogue is a compare, a count and about two
    rounds of listing (the most entries of one row in the tile), with no running top-k to keep:
    no KP slots per row in registers, which lets the tiles be 128 x 128 at two programs per SM.
+   In a self-search (``r is q``) with ``DAAL_KNN_SELECT=half``, ``_knn_filter_half_kernel``
+   computes only the tiles ``J >= I`` and lists from each both directions (``s_ij = s_ji``):
+   the same lists from half the GEMM (:func:`halves`; docs/kernels.md, "Half the tiles of a
+   self-search").
 
 3. **A selection.** ``_knn_select_kernel`` takes each row's K best listed entries by ``(s, j)``
    (ties: the smaller column), recomputes their squared distances exactly by direct differences
@@ -66,6 +70,7 @@ from ._common import (
     interpreting,
     next_pow2,
     row_sqnorms,
+    wave_split,
 )
 from .knn import _NO_KEY, _exact_key, _knn_finish_slots, _knn_merge_tile, _pair_key, _store_sorted
 
@@ -170,25 +175,38 @@ def _knn_filter_kernel(
         if EXCLUDE_SELF:  # only a tile that meets the diagonal holds self pairs
             if (n0 < row0 + row_lo + BLOCK_M) & (n0 + BLOCK_N > row0 + row_lo):
                 hits = tl.where((rows + row0)[:, None] == cols[None, :], float("inf"), hits)
-        # each row's entries below its threshold: counted (exact in float32: at most BLOCK_N),
-        # their slots reserved by one atomic per row, then listed one per round, smallest first
-        # (an atomic per entry returning its slot does not compile for sm_90 under Triton 3.8:
-        # the layout pass asserts on its 2-D result), each as one (s, j) key: one layout
-        # conversion per round (rows of the MMA layout to the store's), not one per field
         n_row = tl.sum(tl.where(hits < float("inf"), 1.0, 0.0), axis=1).to(tl.int32)
-        if cuda_capability_geq(10):  # Blackwell: as the forward's merge (kernels/knn.py), the max
-            rounds = tl.max(n_row)  # through a reshape: the 1-D max fails Triton 3.6's sm_100 build
-        else:
-            rounds = tl.max(n_row, axis=0)
-        if rounds > 0:
-            base = tl.atomic_add(count_ptr + rows, n_row, mask=n_row > 0, sem="relaxed")
-            at = list_ptr + rows64 * CAP + base
-            # the last round leaves its entry in the tile: each later round first knocks out the
-            # one before (R rounds, R - 1 knock-outs)
-            vc = _list_round(hits, 0, n_row, base, at, n0, CAP)
-            for t in range(1, rounds):
-                hits = tl.where(lanes[None, :] == vc[:, None], float("inf"), hits)
-                vc = _list_round(hits, t, n_row, base, at, n0, CAP)
+        _list_rows(hits, n_row, rows, rows64, lanes, n0, count_ptr, list_ptr, CAP)
+
+
+@triton.jit
+def _block_max(n):
+    """The largest of the 1-D ``n`` (a row's or a column's counts)."""
+    if cuda_capability_geq(10):  # Blackwell: as the forward's merge (kernels/knn.py), the max
+        return tl.max(n)  # through a reshape: the 1-D max fails Triton 3.6's sm_100 build
+    else:
+        return tl.max(n, axis=0)
+
+
+@triton.jit
+def _list_rows(hits, n_row, rows, rows64, lanes, n0, count_ptr, list_ptr, CAP: tl.constexpr):
+    """List each row's ``n_row`` finite entries of ``hits`` (columns ``n0 + lanes``) in its list.
+
+    Each row's entries below its threshold, counted (``n_row``, exact in float32: at most
+    BLOCK_N), get their slots reserved by one atomic per row, then are listed one per round,
+    smallest first (an atomic per entry returning its slot does not compile for sm_90 under
+    Triton 3.8: the layout pass asserts on its 2-D result), each as one (s, j) key: one layout
+    conversion per round (rows of the MMA layout to the store's), not one per field."""
+    rounds = _block_max(n_row)
+    if rounds > 0:
+        base = tl.atomic_add(count_ptr + rows, n_row, mask=n_row > 0, sem="relaxed")
+        at = list_ptr + rows64 * CAP + base
+        # the last round leaves its entry in the tile: each later round first knocks out the
+        # one before (R rounds, R - 1 knock-outs)
+        vc = _list_round(hits, 0, n_row, base, at, n0, CAP)
+        for t in range(1, rounds):
+            hits = tl.where(lanes[None, :] == vc[:, None], float("inf"), hits)
+            vc = _list_round(hits, t, n_row, base, at, n0, CAP)
 
 
 @triton.jit
@@ -200,6 +218,91 @@ def _list_round(hits, t, n_row, base, at, n0, CAP: tl.constexpr):
     keep = (t < n_row) & (base + t < CAP)
     tl.store(at + t, _pair_key(tl.maximum(v, TL_EPS), n0 + vc), mask=keep)
     return vc
+
+
+@triton.jit
+def _knn_filter_half_kernel(
+    x_ptr, x_desc, xn_ptr, thr_ptr, count_ptr, list_ptr, M, D, tiles_per_split, stride_x_m,
+    CAP: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, EXCLUDE_SELF: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, ROUND_TF32: tl.constexpr, TMA: tl.constexpr,
+):
+    """The filter of a self-search (``r is q``) on half the tiles: ``s_ij = s_ji`` (the GEMM
+    form's ``xn_i + xn_j - 2 x_i.x_j``: the same products over the same D-chunks), so the tile
+    ``(I, J)``, ``J >= I``, lists both ``(s_ij, j)`` in row ``i``'s list where ``s_ij <= t_i``
+    and ``(s_ij, i)`` in row ``j``'s where ``s_ij <= t_j``: what :func:`_knn_filter_kernel` lists
+    from the tiles ``(I, J)`` and ``(J, I)`` (on ``I = J`` only the first, ``j != i`` with
+    EXCLUDE_SELF). ``nb (nb + 1) / 2`` tiles of ``nb = cdiv(M, BLOCK)``, half the GEMM.
+
+    Program ``(p, s)`` walks row block ``a = p`` against column blocks ``a .. nb - 1``, then row
+    block ``b = nb - 1 - p`` against ``b .. nb - 1`` (``nb + 1`` tiles per pair; ``b = a``: only
+    the first), the ``s``-th run of ``tiles_per_split`` of them.
+
+    One tile of registers holds both directions, the columns' by its sign: ``h = -max(s, eps)``
+    where ``s <= t_j``, else ``max(s, eps)`` where ``s <= t_i``, else ``inf`` (so that the
+    rounds hold no column thresholds: 32 registers a thread). The columns' entries list first,
+    by rows: a round takes each row ``i``'s most negative ``h_ij`` (any order lists the same
+    set), appends ``(-h_ij, i)`` to row ``j``'s list (an atomic per row and round returns the
+    slot: rows of one round may meet in a column; a column reduction instead took 2,320
+    instructions and 33 barriers per warp and round on sm_90) and flips its sign. Then the rows
+    list ``|h| <= t_i`` as :func:`_knn_filter_kernel` does.
+
+    Args:
+        x_ptr: M x D rows (queries and references), unit column stride; x_desc: its tensor
+            descriptor (blocks BLOCK x BLOCK_D) with TMA, else None.
+        xn_ptr: squared row norms (float32); thr_ptr: thresholds t_i (float32; -1: none);
+        count_ptr: counts (int32); list_ptr: M x CAP list slots (int64 keys).
+        M, D: sizes. tiles_per_split: tiles of a program. stride_x_m: row stride.
+    """
+    pid_p = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    nb = tl.cdiv(M, BLOCK)
+    a = pid_p
+    b = nb - 1 - pid_p
+    first_len = nb - a
+    total = first_len + tl.where(b > a, nb - b, 0)
+    t_lo = pid_s * tiles_per_split
+    t_hi = tl.minimum(total, t_lo + tiles_per_split)
+    lanes = tl.arange(0, BLOCK)
+    for t in range(t_lo, t_hi):
+        in_first = t < first_len
+        blk_i = tl.where(in_first, a, b)
+        blk_j = tl.where(in_first, a + t, b + t - first_len)
+        row_lo = blk_i * BLOCK
+        n0 = blk_j * BLOCK
+        rows = row_lo + lanes
+        cols = n0 + lanes
+        rmask = rows < M
+        cmask = cols < M
+        rows64 = rows.to(tl.int64)
+        cols64 = cols.to(tl.int64)
+        # norms and thresholds in flight during the MMAs
+        xn_r = tl.load(xn_ptr + rows, mask=rmask, other=float("inf"))
+        xn_c = tl.load(xn_ptr + cols, mask=cmask, other=float("inf"))
+        thr_r = tl.load(thr_ptr + rows, mask=rmask, other=-1.0)
+        thr_c = tl.load(thr_ptr + cols, mask=cmask & (blk_j != blk_i), other=-1.0)  # none on the diagonal
+        acc = _dot_tile(x_ptr + rows64[:, None] * stride_x_m, x_ptr, x_desc, x_desc, row_lo, n0, cols,
+                        rmask, cmask, D, stride_x_m, BLOCK, BLOCK, BLOCK_D, INPUT_PRECISION, ROUND_TF32, TMA)
+        s = xn_r[:, None] + xn_c[None, :] - 2.0 * acc
+        # compared before the clamp (NaN passes neither), clamped after: every listed value > 0
+        sc = tl.maximum(s, TL_EPS)
+        h = tl.where(s <= thr_c[None, :], -sc, tl.where(s <= thr_r[:, None], sc, float("inf")))
+        if EXCLUDE_SELF:  # self pairs: the diagonal tiles' (which list no columns' entries)
+            if blk_i == blk_j:
+                h = tl.where(lanes[:, None] == lanes[None, :], float("inf"), h)
+        n_rev = tl.sum(tl.where(h < 0, 1.0, 0.0), axis=1).to(tl.int32)
+        n_row = tl.sum(tl.where(tl.abs(h) <= thr_r[:, None], 1.0, 0.0), axis=1).to(tl.int32)
+        rounds = _block_max(n_rev)
+        for r in range(0, rounds):
+            # any order lists the same set: the most negative (a plain min, no select)
+            v, vc = tl.min(h, axis=1, return_indices=True, return_indices_tie_break_left=False)
+            col = n0 + vc
+            slot = tl.atomic_add(count_ptr + col, 1, mask=r < n_rev, sem="relaxed")
+            tl.store(list_ptr + col.to(tl.int64) * CAP + slot, _pair_key(-v, rows), mask=(r < n_rev) & (slot < CAP))
+            # past a row's count vc may point anywhere: a sign flip no later store reads (rows read |h|)
+            h = tl.where(lanes[None, :] == vc[:, None], -h, h)
+        h = tl.abs(h)
+        _list_rows(tl.where(h <= thr_r[:, None], h, float("inf")), n_row, rows, rows64, lanes, n0,
+                   count_ptr, list_ptr, CAP)
 
 
 @triton.jit
@@ -331,6 +434,28 @@ def filter_splits(m: int, n: int, device: torch.device, programs_per_sm: Optiona
     return kk._num_splits(m, n, bm, bn, device, resident=per_sm)
 
 
+def half_splits(m: int, device: torch.device, programs_per_sm: Optional[int] = None) -> int:
+    """Splits of each pair's ``nb + 1`` tiles in :func:`_knn_filter_half_kernel`'s grid over a
+    self-search of ``m`` rows (``nb = cdiv(m, BLOCK)``, ``cdiv(nb, 2)`` pairs): the forward's wave
+    model (``_common.wave_split``, its cost per program) in waves of ``programs_per_sm`` (default
+    :data:`PROGRAMS_PER_SM`); 1 on the CPU."""
+    from . import knn as kk
+
+    if device.type != "cuda":
+        return 1
+    per_sm = PROGRAMS_PER_SM if programs_per_sm is None else programs_per_sm
+    nb = cdiv(m, CONFIGS["filter"].blocks["BLOCK_M"])
+    return wave_split(cdiv(nb, 2), nb + 1, kk.sm_count(device) * per_sm, kk.MAX_SPLITS, kk.PROGRAM_OVERHEAD_TILES)
+
+
+def halves(q: torch.Tensor, r: torch.Tensor, k: int) -> bool:
+    """Whether the filter of these prepared inputs can run on half the tiles
+    (:func:`_knn_filter_half_kernel`): a self-search (``r is q``), square filter tiles, and every
+    row's list at once (a tile writes to its columns' lists too: no query chunks)."""
+    blocks = CONFIGS["filter"].blocks
+    return r is q and blocks["BLOCK_M"] == blocks["BLOCK_N"] and q.shape[0] * list_cap(k) * 8 <= LIST_BYTES
+
+
 def list_cap(k: int) -> int:
     """The list slots per query row at this k: :data:`CAP` per 8 neighbours."""
     return CAP * cdiv(k, 8)
@@ -385,14 +510,15 @@ def _descriptors(q: torch.Tensor, r: torch.Tensor, bm: int, bn: int, bd: int, tm
 STEPS = ("bounds", "filter", "select")
 
 
-def select(q: torch.Tensor, r: torch.Tensor, k: int, exclude_self: bool, *, until: str = "select"
-           ) -> Tuple[torch.Tensor, torch.Tensor]:
+def select(q: torch.Tensor, r: torch.Tensor, k: int, exclude_self: bool, *, until: str = "select",
+           half: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(dist, index)`` (M x k, float32 / int64) of the prepared ``q``, ``r`` (same dtype, unit
     column stride; ``r is q`` for a self-kNN) by the three steps of this module; the caller has
     checked :func:`eligible`. The same result as the default forward's (``knn._knn_merge_path``).
 
     ``until`` (one of :data:`STEPS`): "bounds" or "filter" stops after that step and returns the
-    outputs unwritten: bench/probe_h200.py times the steps so."""
+    outputs unwritten: bench/probe_h200.py times the steps so. ``half``: the filter on half the
+    tiles where :func:`halves` holds (``DAAL_KNN_SELECT=half``), else on all."""
     from . import knn as kk
 
     if until not in STEPS:
@@ -415,26 +541,22 @@ def select(q: torch.Tensor, r: torch.Tensor, k: int, exclude_self: bool, *, unti
     if until == "bounds":
         return dist, index
     kp = next_pow2(k)
-    fcfg, scfg, rcfg = CONFIGS["filter"], CONFIGS["select"], CONFIGS["rescan"]
-    bm, bn = fcfg.blocks["BLOCK_M"], fcfg.blocks["BLOCK_N"]
-    flaunch = fcfg.launch(D)
-    chunk = max(bm, (LIST_BYTES // (cap * 8)) // bm * bm)
-    S = filter_splits(min(M, chunk), N, q.device)
-    cols = cdiv(cdiv(N, S), bn) * bn
-    S = cdiv(N, cols)
+    scfg, rcfg = CONFIGS["select"], CONFIGS["rescan"]
+    on_half = half and halves(q, r, k)
+    bm = CONFIGS["filter"].blocks["BLOCK_M"]
+    chunk = M if on_half else max(bm, (LIST_BYTES // (cap * 8)) // bm * bm)
+    S = None if on_half else filter_splits(min(M, chunk), N, q.device)
     # the recompute sums in the default finish's D-chunks: the same exact distances
     slaunch = scfg.launch(D)
     slaunch["BLOCK_D"] = kk.CONFIGS[family(q.dtype)][kk.finish_entry(kp)].block_d_for(D)
-    tma = _tma_ok(q, r)
     for i0 in range(0, M, chunk):
         qc = q[i0:i0 + chunk]
         m = qc.shape[0]
         lists = torch.empty(m, cap, dtype=torch.int64, device=q.device)
-        q_desc, r_desc = _descriptors(qc, r, bm, bn, flaunch["BLOCK_D"], tma)
-        _knn_filter_kernel[(cdiv(m, bm), S)](
-            qc, r, q_desc, r_desc, qn[i0:], rn, thr[i0:], count[i0:], lists,
-            m, N, D, i0, cols, qc.stride(0), r.stride(0),
-            CAP=cap, EXCLUDE_SELF=bool(exclude_self), TMA=tma, **flags, **flaunch)
+        if on_half:
+            _filter_half(q, qn, thr, count, lists, exclude_self, flags)
+        else:
+            _filter(qc, r, i0, qn[i0:], rn, thr[i0:], count[i0:], lists, exclude_self, flags, S)
         if until == "filter":
             continue
         _knn_select_kernel[(cdiv(m, scfg.blocks["BLOCK_M"]),)](
@@ -448,6 +570,37 @@ def select(q: torch.Tensor, r: torch.Tensor, k: int, exclude_self: bool, *, unti
         q, r, qn, rn, count, dist, index, M, N, D, k, cap, q.stride(0), r.stride(0), dist.stride(0),
         index.stride(0), KP=kp, EXCLUDE_SELF=bool(exclude_self), **flags, **rlaunch)
     return dist, index
+
+
+def _filter(qc, r, i0, qn, rn, thr, count, lists, exclude_self, flags, S):
+    """Step 2 on the query chunk ``qc`` (rows ``i0`` on) against all of ``r``:
+    :func:`_knn_filter_kernel` on every tile, in ``S`` column splits."""
+    cfg = CONFIGS["filter"]
+    bm, bn = cfg.blocks["BLOCK_M"], cfg.blocks["BLOCK_N"]
+    (m, D), N = qc.shape, r.shape[0]
+    launch = cfg.launch(D)
+    cols = cdiv(cdiv(N, S), bn) * bn
+    tma = _tma_ok(qc, r)
+    q_desc, r_desc = _descriptors(qc, r, bm, bn, launch["BLOCK_D"], tma)
+    _knn_filter_kernel[(cdiv(m, bm), cdiv(N, cols))](
+        qc, r, q_desc, r_desc, qn, rn, thr, count, lists, m, N, D, i0, cols, qc.stride(0), r.stride(0),
+        CAP=lists.shape[1], EXCLUDE_SELF=bool(exclude_self), TMA=tma, **flags, **launch)
+
+
+def _filter_half(x, xn, thr, count, lists, exclude_self, flags):
+    """Step 2 of a self-search on half the tiles: :func:`_knn_filter_half_kernel` (the caller
+    has checked :func:`halves`)."""
+    cfg = CONFIGS["filter"]
+    bm = cfg.blocks["BLOCK_M"]
+    M, D = x.shape
+    launch = {name: v for name, v in cfg.launch(D).items() if name not in ("BLOCK_M", "BLOCK_N")}
+    nb = cdiv(M, bm)
+    per = cdiv(nb + 1, half_splits(M, x.device))
+    tma = _tma_ok(x, x)
+    x_desc = _descriptors(x, x, bm, bm, launch["BLOCK_D"], tma)[0]
+    _knn_filter_half_kernel[(cdiv(nb, 2), cdiv(nb + 1, per))](
+        x, x_desc, xn, thr, count, lists, M, D, per, x.stride(0),
+        CAP=lists.shape[1], BLOCK=bm, EXCLUDE_SELF=bool(exclude_self), TMA=tma, **flags, **launch)
 
 
 def _tma_ok(q: torch.Tensor, r: torch.Tensor) -> bool:

@@ -243,6 +243,10 @@ def record() -> list:
          {"DAAL_KNN_SELECT": "threshold"}),
         ("knn fp16 bank D=129, threshold", lambda: knn_op("fp16", 1024, 65536, 129, 8, False, False),
          {"DAAL_KNN_SELECT": "threshold"}),
+        # and a self-search's filter on half the tiles (DAAL_KNN_SELECT=half), k = 8 and 16
+        ("knn bf16 eval60k, half", lambda: knn_op("bf16", *eval60k), {"DAAL_KNN_SELECT": "half"}),
+        ("knn fp16 eval 20k k=16, half", lambda: knn_op("fp16", 20000, 20000, 512, 16, False, True, False),
+         {"DAAL_KNN_SELECT": "half"}),
         # the probe's other sample strides (bench/probe_h200.py at 20k: kernels/knn_threshold.py,
         # PROBE_STRIDES; the lists scale with them)
         *[(f"knn bf16 probe 20k, threshold, a 1/{stride} sample",

@@ -20,14 +20,27 @@ def small(monkeypatch):
     monkeypatch.setattr(kt, "MIN_SAMPLE", 8)
 
 
-def _both(monkeypatch, q, r, k, exclude_self):
-    """``(threshold, merge)`` results of ``kk.knn``; asserts the threshold path ran."""
+@pytest.fixture(params=["threshold", "half"])
+def policy(request):
+    """Both threshold paths: the filter on every tile, and (``DAAL_KNN_SELECT=half``) a
+    self-search's on half of them (elsewhere the same path)."""
+    return request.param
+
+
+def _both(monkeypatch, q, r, k, exclude_self, policy="threshold"):
+    """``(threshold, merge)`` results of ``kk.knn``; asserts the threshold path ran (with
+    ``policy`` "half", on half the tiles where :func:`kt.halves` holds, else on all)."""
+    from daal_testing import spy_launches
+
     calls = []
     select = kt.select
     monkeypatch.setattr(kt, "select", lambda *a, **kw: calls.append(a) or select(*a, **kw))
-    monkeypatch.setenv(kk.SELECT_ENV, "threshold")
+    filters = spy_launches(monkeypatch, kt, ["_knn_filter_kernel", "_knn_filter_half_kernel"])
+    monkeypatch.setenv(kk.SELECT_ENV, policy)
     got = kk.knn(q, r, k, exclude_self=exclude_self)
     assert len(calls) == 1, "the threshold path did not run"
+    half = policy == "half" and kt.halves(*calls[0][:3])
+    assert set(filters) == {"_knn_filter_half_kernel" if half else "_knn_filter_kernel"}, filters
     monkeypatch.setenv(kk.SELECT_ENV, "merge")
     want = kk.knn(q, r, k, exclude_self=exclude_self)
     assert len(calls) == 1
@@ -37,13 +50,13 @@ def _both(monkeypatch, q, r, k, exclude_self):
 @pytest.mark.parametrize("M, N, D, k, own", [(37, 300, 129, 8, False), (150, 150, 40, 5, True),
                                               (64, 260, 64, 16, True), (33, 129, 16, 1, False),
                                               (96, 96, 16, 1, True)])
-def test_threshold_selects_what_the_merge_selects(small, monkeypatch, M, N, D, k, own):
+def test_threshold_selects_what_the_merge_selects(small, monkeypatch, policy, M, N, D, k, own):
     """Odd shapes, self pairs and not, k from 1 to 16: the same distances and indices as the
     default forward bit for bit, and the float64 reference's. (With self pairs a query in the
     sample would find itself there: its bound is the sample's own kNN without self pairs.)"""
     x = torch.randn(N, D).half()
     q = x if own else torch.randn(M, D).half()
-    (dist, index), want = _both(monkeypatch, q, x, k, own)
+    (dist, index), want = _both(monkeypatch, q, x, k, own, policy)
     assert torch.equal(dist, want[0]) and torch.equal(index, want[1])
     ref_d, ref_i = reference.knn(q.double(), x.double(), k, exclude_self=own)
     assert torch.allclose(dist.double(), ref_d, rtol=1e-3, atol=1e-3)
@@ -153,21 +166,21 @@ def test_select_stops_after_a_step(small, monkeypatch):
         kt.select(x, x, 3, True, until="lists")
 
 
-def test_rows_past_the_list_are_rescanned(small, monkeypatch):
+def test_rows_past_the_list_are_rescanned(small, monkeypatch, policy):
     """Each row with 12 exact duplicates and lists of 6 slots: every row overflows, the rescan
     selects them (ties to the smaller index) as the merge does; without the rescan the result
     would differ (so the test sees it)."""
     monkeypatch.setattr(kt, "CAP", 6)
     base = torch.randn(20, 32)
     x = base.repeat_interleave(12, dim=0).half()
-    (dist, index), want = _both(monkeypatch, x, x, 5, True)
+    (dist, index), want = _both(monkeypatch, x, x, 5, True, policy)
     assert torch.equal(dist, want[0]) and torch.equal(index, want[1])
 
     class NoRescan:
         def __getitem__(self, grid):
             return lambda *a, **kw: None
     monkeypatch.setattr(kt, "_knn_rescan_kernel", NoRescan())
-    monkeypatch.setenv(kk.SELECT_ENV, "threshold")
+    monkeypatch.setenv(kk.SELECT_ENV, policy)
     skipped = kk.knn(x, x, 5, exclude_self=True)
     assert not torch.equal(skipped[1], want[1])
 
@@ -190,11 +203,12 @@ def test_non_finite_rows(small, monkeypatch):
     assert (index[torch.arange(30) != 3] >= 0).all()
 
 
-def test_query_chunks_keep_the_self_mask(small, monkeypatch):
-    """Lists of at most 3 chunks of 128 query rows: the chunks' self masks and outputs line up."""
+def test_query_chunks_keep_the_self_mask(small, monkeypatch, policy):
+    """Lists of at most 3 chunks of 128 query rows: the chunks' self masks and outputs line up
+    (where the lists of all rows do not fit at once, "half" filters every tile)."""
     monkeypatch.setattr(kt, "LIST_BYTES", 128 * kt.CAP * 8)
     x = torch.randn(300, 24).half()
-    (dist, index), want = _both(monkeypatch, x, x, 3, True)
+    (dist, index), want = _both(monkeypatch, x, x, 3, True, policy)
     assert torch.equal(dist, want[0]) and torch.equal(index, want[1])
     assert not (index == torch.arange(300)[:, None]).any()
 
@@ -217,6 +231,87 @@ def test_filter_grid_counts_waves_of_resident_programs(small, monkeypatch):
     (dist, index), want = _both(monkeypatch, x, x, 4, True)
     assert asked == [(128, 300)]
     assert torch.equal(dist, want[0]) and torch.equal(index, want[1])
+
+
+def _lists(monkeypatch, x, k, policy, splits=None):
+    """``(count, lists)`` as the selection reads them after the filter of ``policy``, ``splits``
+    runs of each pair's tiles on half (default: the CPU's 1)."""
+    from daal_testing import spy_launches
+
+    with monkeypatch.context() as m:
+        if splits is not None:
+            m.setattr(kt, "half_splits", lambda rows, device: splits)
+        seen = spy_launches(m, kt, ["_knn_select_kernel"],
+                            record=lambda name, args, kwargs: (args[0].clone(), args[1].clone()))
+        m.setenv(kk.SELECT_ENV, policy)
+        out = kk.knn(x, x, k, exclude_self=True)
+    (count, lists), = seen
+    return count, lists, out
+
+
+def _rows_of(count, lists):
+    cap = lists.shape[1]
+    return [sorted(lists[i, :min(int(c), cap)].tolist()) if c <= cap else None for i, c in enumerate(count)]
+
+
+@pytest.mark.parametrize("splits", [1, 2, 5])
+def test_half_lists_what_every_tile_lists(small, monkeypatch, splits):
+    """The filter of a self-search on half the tiles (``DAAL_KNN_SELECT=half``) lists each row's
+    entries, keys (s, j) bit for bit, as the filter on every tile does: clustered rows (many
+    entries in other row blocks' tiles), duplicates across blocks, a NaN row and an infinite row,
+    4 row blocks and a tail of 71 rows, each pair's tiles in 1, 2 or 5 runs (a run may cross from
+    the pair's first row block to its second); the selection then gives the merge's result."""
+    torch.manual_seed(11)
+    centers = torch.randn(9, 40)
+    x = (centers[torch.randint(0, 9, (455,))] + 0.3 * torch.randn(455, 40)).half()
+    x[300] = x[17]
+    x[451] = x[2]
+    x[40] = float("nan")
+    x[200] = float("inf")
+    count, lists, got = _lists(monkeypatch, x, 8, "threshold")
+    count_h, lists_h, got_h = _lists(monkeypatch, x, 8, "half", splits)
+    assert torch.equal(count, count_h)
+    assert _rows_of(count, lists) == _rows_of(count_h, lists_h)
+    assert sum(len(r) for r in _rows_of(count, lists) if r) > 455 * 8  # the lists are not empty
+    monkeypatch.setenv(kk.SELECT_ENV, "merge")
+    want = kk.knn(x, x, 8, exclude_self=True)
+    for out in (got, got_h):
+        assert torch.equal(out[0], want[0]) and torch.equal(out[1], want[1])
+
+
+@pytest.mark.parametrize("N, D, k", [(129, 64, 1), (260, 129, 5), (520, 16, 16)])
+def test_half_with_self_pairs_kept(small, monkeypatch, N, D, k):
+    """A self-search that keeps self pairs (the diagonal tiles list ``j = i``), one tail row,
+    odd D, k up to 16: the merge's result on half the tiles."""
+    x = torch.randn(N, D).half()
+    (dist, index), want = _both(monkeypatch, x, x, k, False, "half")
+    assert torch.equal(dist, want[0]) and torch.equal(index, want[1])
+    assert (index[:, 0] == torch.arange(N)).all()
+
+
+def test_half_applies_to_square_tiles_of_one_self_search(small, monkeypatch):
+    """``halves``: the same tensor as queries and references (not a copy), square filter tiles
+    (not 256 x 128), and every row's list at once (not the query chunks of a smaller LIST_BYTES)."""
+    x = torch.randn(300, 32).half()
+    assert kt.halves(x, x, 8) and not kt.halves(x, x.clone(), 8)
+    with kt.filter_tiles((256, 128, 8, 3, None)):
+        assert not kt.halves(x, x, 8)
+    with kt.filter_tiles((128, 128, 8, 3, 128)):
+        assert kt.halves(x, x, 8)
+    monkeypatch.setattr(kt, "LIST_BYTES", 299 * kt.CAP * 8)
+    y = x[:299]
+    assert not kt.halves(x, x, 8) and kt.halves(y, y, 8)
+    assert not kt.halves(y, y, 9)  # twice the slots per row from k = 9
+
+
+def test_half_grid_counts_waves_of_resident_programs(monkeypatch):
+    """Runs per pair of row blocks (``half_splits``): at 60k rows on an H200's 132 SMs, 235 pairs
+    of 470 tiles in 10 runs at two programs per SM (2,350 programs: 8.9 waves of 264), 5 at one;
+    1 on the CPU."""
+    monkeypatch.setattr(kk, "sm_count", lambda device: 132)
+    h200 = torch.device("cuda")
+    assert [kt.half_splits(60000, h200), kt.half_splits(60000, h200, 1)] == [10, 5]
+    assert kt.half_splits(60000, torch.device("cpu")) == 1
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -275,13 +370,15 @@ def test_eligibility_and_the_switch(small, monkeypatch):
 
 
 def test_the_threshold_path_never_syncs(small):
-    """Its bound, counts and chunks stay on the device: no operator copies a value to the host."""
+    """Its bound, counts and chunks stay on the device, on every tile or half of them: no
+    operator copies a value to the host."""
     x = torch.randn(200, 32).half()
-    with LaunchCount() as count:
-        kt.select(x, x, 5, True)
-    assert not count.syncs, count.syncs
-    launched = {name.split(".")[-1] for name in count.triton}  # the sample's forward, then these three
-    assert {"_knn_filter_kernel", "_knn_select_kernel", "_knn_rescan_kernel"} <= launched, count.triton
+    for half, name in ((False, "_knn_filter_kernel"), (True, "_knn_filter_half_kernel")):
+        with LaunchCount() as count:
+            kt.select(x, x, 5, True, half=half)
+        assert not count.syncs, (half, count.syncs)
+        launched = {name.split(".")[-1] for name in count.triton}  # the sample's forward, then these three
+        assert {name, "_knn_select_kernel", "_knn_rescan_kernel"} <= launched, count.triton
 
 
 @pytest.mark.gpu
@@ -291,38 +388,44 @@ def test_threshold_gpu(monkeypatch, M, N, k, own):
     neighbours (the filter's 128 x 128 tiles may sum the GEMM form in another order than the
     merge's tiles: near-ties may swap, so 99.9% of the rows) and the float64 reference's
     distances, self-kNN and a memory bank's shape; then with 24-slot lists, where most rows
-    overflow and are rescanned."""
+    overflow and are rescanned. A self-search also with its filter on half the tiles
+    (``DAAL_KNN_SELECT=half``)."""
     q = torch.nn.functional.normalize(torch.randn(M, 512, device="cuda"), dim=1).bfloat16()
     r = q if own else torch.nn.functional.normalize(torch.randn(N, 512, device="cuda"), dim=1).bfloat16()
-    for cap in (kt.CAP, 24):
-        monkeypatch.setattr(kt, "CAP", cap)
-        monkeypatch.setenv(kk.SELECT_ENV, "threshold")
-        got = kk.knn(q, r, k, exclude_self=own)
-        monkeypatch.setenv(kk.SELECT_ENV, "merge")
-        want = kk.knn(q, r, k, exclude_self=own)
-        same = (got[1] == want[1]).all(dim=1).float().mean().item()
-        assert same >= 0.999, (cap, same)
-        assert (got[0] - want[0]).abs().max().item() <= 1e-3, cap
-        assert torch.isfinite(got[0]).all() and (got[1] >= 0).all()
+    for policy in ("threshold", "half") if own else ("threshold",):
+        for cap in (kt.CAP, 24):
+            monkeypatch.setattr(kt, "CAP", cap)
+            monkeypatch.setenv(kk.SELECT_ENV, policy)
+            got = kk.knn(q, r, k, exclude_self=own)
+            monkeypatch.setenv(kk.SELECT_ENV, "merge")
+            want = kk.knn(q, r, k, exclude_self=own)
+            same = (got[1] == want[1]).all(dim=1).float().mean().item()
+            assert same >= 0.999, (policy, cap, same)
+            assert (got[0] - want[0]).abs().max().item() <= 1e-3, (policy, cap)
+            assert torch.isfinite(got[0]).all() and (got[1] >= 0).all()
     ref_d, _ = reference.knn(q[:512].double(), r.double(), k, exclude_self=False)
     if not own:
         assert (got[0][:512].double() - ref_d).abs().max().item() <= 1e-3
 
 
-def _filter_job(exclude_self: bool, capability: int = 90) -> dict:
+def _filter_job(exclude_self: bool, capability: int = 90, half: bool = False) -> dict:
     """A compile job (tests/daal_testing.py, ``compile_many_for_gpu``) of the filter as the 60k
-    evaluation (self pairs excluded) or the memory bank (not) launches it: bfloat16 through
-    descriptors, D = 512, ints and pointers divisible by 16 (as recorded by
-    tests/kernels/launch_recorder.py), with its SASS."""
+    evaluation (self pairs excluded) or the memory bank (not) launches it (``half``: the 60k
+    evaluation's filter on half the tiles): bfloat16 through descriptors, D = 512, ints and
+    pointers divisible by 16 (as recorded by tests/kernels/launch_recorder.py), with its SASS."""
     cfg = kt.CONFIGS["filter"]
     launch = cfg.launch(512)
     desc = lambda rows: f"tensordesc<bf16[{rows}, {launch['BLOCK_D']}]>"  # noqa: E731
     types = {"q_ptr": "*bf16", "r_ptr": "*bf16", "q_desc": desc(cfg.blocks["BLOCK_M"]),
              "r_desc": desc(cfg.blocks["BLOCK_N"]), "qn_ptr": "*fp32", "rn_ptr": "*fp32", "thr_ptr": "*fp32",
-             "count_ptr": "*i32", "list_ptr": "*i64"}
-    jit = kt._knn_filter_kernel
+             "count_ptr": "*i32", "list_ptr": "*i64", "x_ptr": "*bf16", "x_desc": desc(cfg.blocks["BLOCK_M"]),
+             "xn_ptr": "*fp32"}
+    jit = kt._knn_filter_half_kernel if half else kt._knn_filter_kernel
+    blocks = {k: v for k, v in launch.items() if k not in ("num_warps", "num_stages")}
+    if half:
+        blocks = {"BLOCK": blocks.pop("BLOCK_M"), "BLOCK_D": blocks["BLOCK_D"]}
     constexprs = {"CAP": kt.CAP, "EXCLUDE_SELF": exclude_self, "TMA": True, "INPUT_PRECISION": "ieee",
-                  "ROUND_TF32": False, **{k: v for k, v in launch.items() if k not in ("num_warps", "num_stages")}}
+                  "ROUND_TF32": False, **blocks}
     signature = {name: types.get(name, "i32") for name in jit.arg_names if name not in constexprs}
     return {"module": jit.fn.__module__, "name": jit.fn.__name__, "signature": signature, "constexprs": constexprs,
             "divisible": [n for n in signature if not n.endswith("_desc")], "capability": capability,
@@ -363,3 +466,34 @@ def test_filter_lists_with_one_conversion_per_round():
         assert sum(o == "STG.E.64" for a, o in ops if mma[-1] < a < start) == 1, exclude_self
         clamps = [a for a, o in ops if o.startswith("FMNMX") and mma[-1] < a < start]
         assert len(clamps) <= 8, (exclude_self, len(clamps))  # a clamp per entry: 128
+
+
+@pytest.mark.build
+def test_half_filter_lists_both_ways_by_rows():
+    """The sm_90 SASS of the filter on half the tiles (docs/kernels.md, "Half the tiles of a
+    self-search"): no local memory; its norms and thresholds loaded before the MMAs (no global
+    load after the first); two listing loops, each one 64-bit key store a round: the columns'
+    entries with one atomic a round (the slot) and at most 8 ``BAR.SYNC`` (a column reduction
+    took 33), the rows' with no atomic and at most 2."""
+    import re
+
+    from daal_testing import compile_many_for_gpu, sass_loops
+
+    res, = compile_many_for_gpu([_filter_job(True, half=True)])
+    assert not res.get("error"), res.get("error")
+    if not res["sass"]:
+        pytest.skip("cuobjdump is not shipped with this Triton")
+    ops = [(int(m.group(1), 16), m.group(2)) for m in
+           re.finditer(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)", res["sass"])]
+    assert res["stack"] == 0 and not [o for _, o in ops if o.startswith(("LDL", "STL"))]
+    mma = [a for a, o in ops if o.startswith("HGMMA")]
+    tile_end = max(a for a, o in ops if o == "EXIT")
+    assert not [a for a, o in ops if o.startswith("LDG") and mma[0] < a < tile_end]
+    listing = [body for _, _, body in sass_loops(res["sass"])
+               if "STG.E.64" in body and not any(o.startswith("HGMMA") for o in body)]
+    assert len(listing) == 2, [len(body) for body in listing]
+    columns, rows = listing
+    assert columns.count("STG.E.64") == 1 and sum(o.startswith("ATOMG") for o in columns) == 1
+    assert sum(o.startswith("BAR.SYNC") for o in columns) <= 8, columns
+    assert rows.count("STG.E.64") == 1 and not any(o.startswith("ATOMG") for o in rows)
+    assert sum(o.startswith("BAR.SYNC") for o in rows) <= 2, rows

@@ -135,6 +135,13 @@ def test_the_recording_covers_every_kernel_of_the_hot_paths(recorded):
     filt = [la for la in threshold if la["kernel"] == "_knn_filter_kernel"]
     assert {tiles(la) for la in filt if "knn bf16 eval60k, threshold" in la["scenarios"]} == {(128, 128, 4, True)}
     assert {la["constexprs"]["EXCLUDE_SELF"] for la in filt} == {False, True}
+    # DAAL_KNN_SELECT=half: a self-search's filter on half the tiles (128 x 128, one warpgroup,
+    # descriptors), not the filter on every tile
+    half = [la for la in recorded if any(s.endswith(", half") for s in la["scenarios"])]
+    assert {la["kernel"] for la in half} >= {"_knn_filter_half_kernel", "_knn_select_kernel", "_knn_rescan_kernel"}
+    assert "_knn_filter_kernel" not in {la["kernel"] for la in half}
+    assert {(la["constexprs"]["BLOCK"], la["options"]["num_warps"], la["constexprs"]["TMA"]) for la in half
+            if la["kernel"] == "_knn_filter_half_kernel"} == {(128, 4, True)}
     # on an A100 (no descriptor loads) the switch leaves the default forward, on its table tiles
     a100 = [la for la in recorded if "knn bf16 eval 20k, threshold, sm_80" in la["scenarios"]]
     assert {la["kernel"] for la in a100} == {"_sqnorm_kernel", "_knn_fwd_kernel", "_knn_finish_kernel"}, a100
@@ -203,17 +210,18 @@ def test_recorded_sm90_launches_do_not_spill(built):
 
 
 def test_threshold_filter_fits_two_programs_per_sm(built):
-    """DAAL_KNN_SELECT=threshold (kernels/knn_threshold.py): the filter's sm_90 builds (128 x 128
-    tiles on 4 warps through descriptors) run wgmma, keep no stack, and fit two programs per SM
-    (registers and shared memory), so one program's compare-and-append overlaps the other's MMAs:
-    the premise of its estimate (docs/kernels.md, "Selection by a threshold") and of its grid's
-    waves (``knn_threshold.PROGRAMS_PER_SM``)."""
+    """DAAL_KNN_SELECT=threshold and half (kernels/knn_threshold.py): the filters' sm_90 builds
+    (128 x 128 tiles on 4 warps through descriptors; every tile, or half of a self-search's) run
+    wgmma, keep no stack, and fit two programs per SM (registers and shared memory), so one
+    program's compare-and-append overlaps the other's MMAs: the premise of their estimates
+    (docs/kernels.md, "Selection by a threshold") and of their grids' waves
+    (``knn_threshold.PROGRAMS_PER_SM``)."""
     from daal_testing import programs_per_sm
     from daal_triton.kernels import knn_threshold as kt
 
-    filt = [(la, res) for la, res in built if la["kernel"] == "_knn_filter_kernel" and res["capability"] == 90
-            and not _filter_tiles_only(la)]
-    assert len(filt) >= 3, len(filt)
+    filt = [(la, res) for la, res in built if la["kernel"] in ("_knn_filter_kernel", "_knn_filter_half_kernel")
+            and res["capability"] == 90 and not _filter_tiles_only(la)]
+    assert len(filt) >= 5 and {la["kernel"] for la, _ in filt} == {"_knn_filter_kernel", "_knn_filter_half_kernel"}
     for la, res in filt:
         assert "wgmma.mma_async" in res["ptx"] and "cp.async.bulk.tensor" in res["ptx"], _describe(la)
         assert res["stack"] == 0, (res["registers"], _describe(la))
