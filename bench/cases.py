@@ -37,7 +37,9 @@ One benchmark case is one (operator, shape, precision, provider, pass):
   program on two warpgroups, ``DAAL_KNN_TILES=gluon128``), ``triton_threshold`` (the kNN
   selected by a threshold from a 1 / 16 sample, a filter that lists the few entries below it and
   a selection among them, ``DAAL_KNN_SELECT=threshold``: kernels/knn_threshold.py; where it
-  applies: float16/bfloat16, no labels, k <= 16),
+  applies: float16/bfloat16, no labels, k <= 16), ``triton_threshold_half`` (the same with a
+  self-search's filter on half the tiles, ``s_ij = s_ji``, ``DAAL_KNN_SELECT=half``; where it
+  applies: the queries are the references, every row's list at once),
   ``triton_unaligned`` (the kNN or the pairwise distance at a width that is no multiple of 16
   on its unpadded rows, as before 2026-12-02, ``DAAL_ALIGN_D=off``, beside the rows padded to
   16 columns that replaced them: kernels/_common.py, ``ALIGN_ENV``; the ``*_d129`` shapes).
@@ -78,7 +80,7 @@ PROVIDERS = {
     "pairwise": ("triton", "eager", "compile", "triton_unaligned"),
     "knn": ("triton", "eager", "compile", "chunked", "triton_wave_splits", "triton_checked_merge",
             "triton_separate", "triton_table", "triton_wide", "triton_unaligned", "triton_plain",
-            "triton_gluon", "triton_gluon128", "triton_threshold"),
+            "triton_gluon", "triton_gluon128", "triton_threshold", "triton_threshold_half"),
     "line_margin": ("triton", "eager", "compile", "triton_atomic_own", "triton_separate"),
     "loss": ("triton", "eager", "compile", "triton_aten_glue", "triton_graphed", "triton_atomic_own",
              "triton_separate"),
@@ -299,6 +301,9 @@ SWITCHES: Tuple[Switch, ...] = (
     # candidate no GPU has run
     Switch("DAAL_KNN_SELECT", "merge", "threshold", "triton_threshold",
            (("knn", "eval60k", "bf16", "fwd"), ("knn", "bank", "bf16", "fwd")), memory=True, since="2026-12-05"),
+    # and with a self-search's filter on half the tiles (s_ij = s_ji): half the GEMM
+    Switch("DAAL_KNN_SELECT", "merge", "half", "triton_threshold_half", (("knn", "eval60k", "bf16", "fwd"),),
+           memory=True, since="2026-12-05"),
     Switch("DAAL_ALIGN_D", "pad", "off", "triton_unaligned",
            (("knn", "bank_d129", "bf16", "fwd"), ("knn", "bank_d129", "bf16", "fwdbwd"),
             ("pairwise", "large_d129", "bf16", "fwdbwd")), memory=True, since="2026-12-02"),
@@ -322,7 +327,8 @@ CHECK: Dict[Tuple[str, str], List[dict]] = {
     # and the selection by a threshold (DAAL_KNN_SELECT=threshold; after the others: a kernel no GPU
     # has run, unlike the Gluon forwards not vetted in a child process first)
     ("knn", "eval60k"): [dict(dtypes=("bf16",), providers=("triton", "chunked", "triton_gluon", "triton_gluon128",
-                                                        "triton_plain", "triton_threshold", "eager"))],
+                                                        "triton_plain", "triton_threshold", "triton_threshold_half",
+                                                        "eager"))],
     ("line_margin", "classes100k"): [
         dict(dtypes=("bf16",), providers=("triton", "eager", "compile")),
         dict(dtypes=("fp32",), providers=("triton", "eager"))],
@@ -543,7 +549,8 @@ def _knn_bytes(d: dict, prov: str, es: int) -> int:
     mn = d["M"] * d["N"]
     if prov.startswith("triton"):  # the kernel under any switch setting: the k slots and the splits'
         lists = 0
-        if prov == "triton_threshold":  # its lists (kernels/knn_threshold.py: list_cap(k) slots of 8 bytes per row)
+        if prov in ("triton_threshold", "triton_threshold_half"):  # its lists (kernels/knn_threshold.py:
+            # list_cap(k) slots of 8 bytes per row; on half the tiles every row's at once)
             lists = min(d["M"] * THRESHOLD_LIST_ROW_BYTES * -(-d["k"] // 8), THRESHOLD_LIST_BYTES)
         return 16 * d["M"] * d["k"] + (64 << 20) + lists + _padded_rows_bytes(d, prov, es)
     if prov == "chunked":

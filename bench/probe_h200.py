@@ -345,7 +345,9 @@ def threshold_section(dev, emit, n, d, reps, dtype=None, n_grid=60000):
        so the steps' shares are differences; then the filter on each of
        ``knn_threshold.FILTER_ALTERNATIVES``' tiles (its grid in waves of their programs per
        SM), with the share of rows whose neighbours are the default tiles' (``same_rows``:
-       another tile shape sums the GEMM form in another order, so near-ties may swap).
+       another tile shape sums the GEMM form in another order, so near-ties may swap). Before
+       those, the filter on half the tiles (``DAAL_KNN_SELECT=half``) in both grids' waves, and
+       up to its end.
     2. At ``n`` rows, samples of ``knn_threshold.PROBE_STRIDES`` (1/8 and 1/32) beside the
        ``knn`` section's 1/16: the sample's cost against the listing rounds (about k STRIDE
        entries per row), the model of docs/kernels.md's estimate.
@@ -356,8 +358,20 @@ def threshold_section(dev, emit, n, d, reps, dtype=None, n_grid=60000):
         rec = _knn_rec(dev, emit, n_grid, flops, cfg)
         last = []  # the last timed call's (dist, index)
 
-        def call():
-            last[:] = [knn_threshold.select(q, q, 8, True)]
+        def call(half=False):
+            last[:] = [knn_threshold.select(q, q, 8, True, half=half)]
+
+        def attempt(what, time, **fields):
+            """``(ms, same_rows)`` of ``time()``, or None after an error line naming ``what`` (a
+            build no GPU has run: its failure is its line, and the others still run)."""
+            try:
+                ms = time()
+                return ms, float((last[0][1] == want).all(dim=1).float().mean())
+            except Exception:
+                tb = traceback.format_exc()[-3000:]
+                final = (tb.strip().splitlines() or [""])[-1]  # the line the report shows, with what failed
+                emit("knn", "error", error=f"{tb}\n{what}: {final}", **fields)
+                return None
         for per_sm in sorted({knn_threshold.PROGRAMS_PER_SM, 1}, reverse=True):
             S = knn_threshold.filter_splits(n_grid, n_grid, dev, per_sm)
             with mock.patch.object(knn_threshold, "PROGRAMS_PER_SM", per_sm):
@@ -366,24 +380,28 @@ def threshold_section(dev, emit, n, d, reps, dtype=None, n_grid=60000):
                 want = last[0][1]  # the default tiles' neighbours
             rec(f"knn threshold k=8 self, the filter's grid in waves of {per_sm} program(s) per SM (S={S})", ms,
                 splits=S, programs_per_sm=per_sm)
-        # the default's time up to the end of each earlier step (the rest: the selection and the rescan)
-        for step in knn_threshold.STEPS[:-1]:
-            emit("knn", f"knn threshold k=8 self, its steps up to {step}", n=n_grid, until=step,
-                 ms=gpu_ms(lambda: knn_threshold.select(q, q, 8, True, until=step), dev, reps))
+        # a self-search's filter on half the tiles (DAAL_KNN_SELECT=half), in both grids' waves
+        for per_sm in sorted({knn_threshold.PROGRAMS_PER_SM, 1}, reverse=True):
+            S = knn_threshold.half_splits(n_grid, dev, per_sm)
+            with mock.patch.object(knn_threshold, "PROGRAMS_PER_SM", per_sm):
+                got = attempt("the filter on half the tiles", lambda: gpu_ms(lambda: call(True), dev, reps), half=True)
+            if got:
+                rec(f"knn threshold k=8 self, half the tiles, in waves of {per_sm} program(s) per SM ({S} runs "
+                    "per pair)", got[0], splits=S, programs_per_sm=per_sm, half=True, same_rows=got[1])
+        # the time up to the end of each earlier step (the rest: the selection and the rescan)
+        for half in (False, True):
+            for step in knn_threshold.STEPS[:-1] if not half else ("filter",):
+                emit("knn", f"knn threshold k=8 self{', half the tiles' if half else ''}, its steps up to {step}",
+                     n=n_grid, until=step, half=half,
+                     ms=gpu_ms(lambda: knn_threshold.select(q, q, 8, True, until=step, half=half), dev, reps))
         for blocks, per_sm in knn_threshold.FILTER_ALTERNATIVES.items():
-            try:  # a build no GPU has run: its failure is its line, and the others still run
-                with knn_threshold.filter_tiles(blocks):
-                    S = knn_threshold.filter_splits(n_grid, n_grid, dev)
-                    ms = gpu_ms(call, dev, reps)
-                same = float((last[0][1] == want).all(dim=1).float().mean())
-            except Exception:
-                tb = traceback.format_exc()[-3000:]
-                final = (tb.strip().splitlines() or [""])[-1]  # the line the report shows, with the tiles
-                emit("knn", "error", error=f"{tb}\nthe filter on {filter_tiles_name(blocks)}: {final}",
-                     filter_blocks=list(blocks))
-                continue
-            rec(f"knn threshold k=8 self, the filter on {filter_tiles_name(blocks)} ({per_sm} per SM, S={S})", ms,
-                splits=S, programs_per_sm=per_sm, filter_blocks=list(blocks), same_rows=same)
+            with knn_threshold.filter_tiles(blocks):
+                S = knn_threshold.filter_splits(n_grid, n_grid, dev)
+                got = attempt(f"the filter on {filter_tiles_name(blocks)}", lambda: gpu_ms(call, dev, reps),
+                              filter_blocks=list(blocks))
+            if got:
+                rec(f"knn threshold k=8 self, the filter on {filter_tiles_name(blocks)} ({per_sm} per SM, S={S})",
+                    got[0], splits=S, programs_per_sm=per_sm, filter_blocks=list(blocks), same_rows=got[1])
         del want, last
     del q
     q, _, _, flops, cfg = _problem(dev, n, d, dtype)

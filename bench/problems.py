@@ -219,17 +219,22 @@ def gluon_applies(variant: str, q: torch.Tensor, r: torch.Tensor, k: int, has_la
     return None if entry == kk.GLUON_POLICIES[variant] else f"the forward's entry here is {entry}"
 
 
-def threshold_applies(q: torch.Tensor, r: torch.Tensor, k: int, has_labels: bool) -> Optional[str]:
-    """None where ``DAAL_KNN_SELECT=threshold`` selects these kNN inputs by a threshold, else why
-    not (kernels/knn_threshold.py, ``eligible``, on the inputs as the forward prepares them)."""
+def threshold_applies(q: torch.Tensor, r: torch.Tensor, k: int, has_labels: bool, half: bool = False
+                      ) -> Optional[str]:
+    """None where ``DAAL_KNN_SELECT=threshold`` selects these kNN inputs by a threshold (with
+    ``half``: ``DAAL_KNN_SELECT=half``, its filter on half the tiles), else why not
+    (kernels/knn_threshold.py, ``eligible`` and ``halves``, on the inputs as the forward prepares
+    them)."""
     from daal_triton.kernels import knn_threshold as kt
 
     k = min(k, r.shape[0])
     qp, rp = _prepared(q, r)
-    if kt.eligible(qp, rp, k, has_labels):
-        return None
-    return f"the threshold selection does not take {str(qp.dtype).replace('torch.', '')}, k = {k}" + (
-        ", labels" if has_labels else "") + f", {r.shape[0]} references"
+    if not kt.eligible(qp, rp, k, has_labels):
+        return f"the threshold selection does not take {str(qp.dtype).replace('torch.', '')}, k = {k}" + (
+            ", labels" if has_labels else "") + f", {r.shape[0]} references"
+    if half and not kt.halves(qp, rp, k):
+        return "the filter on half the tiles takes a self-search whose lists fit at once"
+    return None
 
 
 def operator_function(case: Case) -> Callable:
@@ -289,8 +294,8 @@ def setup_knn(case: Case, device: torch.device) -> Problem:
         why = gluon_applies(GLUON_PROVIDERS[case.provider], q, r, k, "query_labels" in kw)
         if why:
             raise NotApplicable(why)
-    if case.provider == "triton_threshold":  # likewise
-        why = threshold_applies(q, r, k, "query_labels" in kw)
+    if case.provider in ("triton_threshold", "triton_threshold_half"):  # likewise
+        why = threshold_applies(q, r, k, "query_labels" in kw, half=case.provider.endswith("_half"))
         if why:
             raise NotApplicable(why)
     g = torch.randn(d["M"], k, device=device, dtype=torch.float32)

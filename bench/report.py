@@ -52,6 +52,7 @@ PROVIDER_TITLES = {"triton": "Triton", "eager": "eager", "compile": "compile", "
                    "triton_table": "Triton, table tiles", "triton_plain": "Triton, plain epilogue",
                    "triton_gluon": "Triton, Gluon forward", "triton_gluon128": "Triton, Gluon forward, 128 rows",
                    "triton_threshold": "Triton, threshold selection",
+                   "triton_threshold_half": "Triton, threshold selection on half the tiles",
                    "triton_unaligned": "Triton, unaligned rows"}
 #: Providers that earlier runs measured and the benchmarks no longer run: the line margin's first
 #: design and the kNN's aten finish, removed after the 2026-11-30 H200 run decided against them
@@ -852,7 +853,9 @@ Each case is (shape, precision, provider, pass):
   `DAAL_KNN_TILES=gluon`, `gluon128`; docs/kernels.md "Queries resident in shared memory") and
   `Triton, threshold selection` (a bound from a 1/16 sample, a filter that lists the entries below
   it, a selection among them, `DAAL_KNN_SELECT=threshold`; float16/bfloat16 without labels, skipped
-  elsewhere; docs/kernels.md "Selection by a threshold"); for the kNN and the pairwise distance at D = 129 `Triton, unaligned
+  elsewhere; docs/kernels.md "Selection by a threshold") with `..., on half the tiles` (a
+  self-search's filter on the tiles J ≥ I, each listing both directions, `DAAL_KNN_SELECT=half`;
+  docs/kernels.md "Half the tiles of a self-search"); for the kNN and the pairwise distance at D = 129 `Triton, unaligned
   rows` (the kernels on the unpadded rows, `DAAL_ALIGN_D=off`, beside the rows padded to 144
   columns that replaced them; docs/kernels.md "Odd widths"). The first run also
   timed `Triton (aten finish)` (the kNN kernel with its earlier finish) and `Triton v1` (the line

@@ -70,7 +70,8 @@ def test_check_profile_runs_the_targets_comparisons_first():
     assert every[:len(first)] == run(0)
     # the switches still timed at those shapes: the 60k kNN's Gluon forwards and plain epilogue
     assert {(c.shape, c.provider) for c in run(1)} == {("eval60k", "triton_gluon"), ("eval60k", "triton_gluon128"),
-                                                      ("eval60k", "triton_plain"), ("eval60k", "triton_threshold")}
+                                                      ("eval60k", "triton_plain"), ("eval60k", "triton_threshold"),
+                                                      ("eval60k", "triton_threshold_half")}
     assert every[len(first):len(first) + len(run(1))] == run(1)
     marked = {(c.op, c.shape, c.dtype, c.pass_, c.provider) for c in light if c.target}
     assert marked == {(c.op, c.shape, c.dtype, c.pass_, c.provider) for c in run(0) + run(2)}
@@ -231,8 +232,10 @@ def test_gluon_providers_wait_for_their_variants_tests(tmp_path, monkeypatch):
 
 def test_the_threshold_provider_times_only_the_threshold_selection(monkeypatch):
     """``triton_threshold``'s case is skipped ("does not apply here") where its setting would run
-    the merge (float32, labels, too few references): the default's time is never recorded under
-    its name; where the path applies it runs, and under its setting it takes that path."""
+    the merge (float32, labels, too few references), and ``triton_threshold_half``'s also where
+    its filter would run on every tile (not a self-search): the default's time is never recorded
+    under their names; where the path applies it runs, and under each setting it takes that
+    path (on half the tiles or not)."""
     from daal_triton.kernels import knn_threshold as kt
 
     x = torch.randn(2048, 64, dtype=torch.float16)
@@ -241,12 +244,19 @@ def test_the_threshold_provider_times_only_the_threshold_selection(monkeypatch):
     assert "labels" in problems.threshold_applies(x, x, 8, True)
     assert "1000 references" in problems.threshold_applies(x[:64], x[:1000], 8, False)
     assert problems.ENV_PROVIDERS["triton_threshold"].alternative == "threshold"
-    with pytest.raises(problems.NotApplicable):  # the CPU smoke case: float32
-        problems.setup_knn(_tiny("knn", "triton_threshold", "fwd"), torch.device("cpu"))
+    # triton_threshold_half: a self-search (the same tensor) whose lists fit at once
+    assert problems.threshold_applies(x, x, 8, False, half=True) is None
+    assert "self-search" in problems.threshold_applies(x, x.clone(), 8, False, half=True)
+    assert "float32" in problems.threshold_applies(x.float(), x.float(), 8, False, half=True)
+    assert problems.ENV_PROVIDERS["triton_threshold_half"].alternative == "half"
+    for prov in ("triton_threshold", "triton_threshold_half"):
+        with pytest.raises(problems.NotApplicable):  # the CPU smoke case: float32
+            problems.setup_knn(_tiny("knn", prov, "fwd"), torch.device("cpu"))
     calls = []
-    monkeypatch.setattr(kt, "select", lambda *a: calls.append(a) or (torch.zeros(1), torch.zeros(1)))
+    monkeypatch.setattr(kt, "select", lambda *a, **kw: calls.append(kw["half"]) or (torch.zeros(1), torch.zeros(1)))
     problems.operator_function(_tiny("knn", "triton_threshold", "fwd"))(x, x, 8, exclude_self=True)
-    assert len(calls) == 1
+    problems.operator_function(_tiny("knn", "triton_threshold_half", "fwd"))(x, x, 8, exclude_self=True)
+    assert calls == [False, True]
 
 
 def test_gluon_providers_time_only_the_gluon_forward(monkeypatch):
@@ -876,7 +886,7 @@ def test_probe_tile_bytes():
 
 def test_probe_threshold_section_times_each_grid_and_stride(monkeypatch):
     """The probe's ``threshold`` section (the threshold path with the filter's grid in waves of 2
-    and 1 programs per SM, on each of FILTER_ALTERNATIVES' tiles, and with the samples of
+    and 1 programs per SM, on half the tiles in both, on each of FILTER_ALTERNATIVES' tiles, and with the samples of
     PROBE_STRIDES: code that only a GPU run reaches, as the CPU rehearsal's float32 is not
     eligible) runs in the interpreter on float16 inputs, one line per grid, per tile shape (which
     ran: the filter's launches had its tiles; the default tiles' neighbours; a tile shape that
@@ -897,6 +907,7 @@ def test_probe_threshold_section_times_each_grid_and_stride(monkeypatch):
             raise RuntimeError("out of resource: shared memory")
         return blocks
     tiles = spy_launches(monkeypatch, kt, ["_knn_filter_kernel"], tiles_of)
+    halved = spy_launches(monkeypatch, kt, ["_knn_filter_half_kernel"])
     listed = list(kt.FILTER_ALTERNATIVES)
     monkeypatch.setattr(kt, "FILTER_ALTERNATIVES", {broken: 1, **kt.FILTER_ALTERNATIVES})
     settings = kt.STRIDE, kt.CAP, kt.PROGRAMS_PER_SM, kt.CONFIGS["filter"]
@@ -909,8 +920,11 @@ def test_probe_threshold_section_times_each_grid_and_stride(monkeypatch):
     assert all(section == "knn" and kw["ms"] > 0 for section, _, kw in lines), lines
     grids = [(kw["n"], kw["programs_per_sm"]) for _, name, kw in lines if "the filter's grid" in name]
     assert grids == [(256, 2), (256, 1)], lines
-    assert [(kw["n"], kw["until"]) for _, name, kw in lines if "its steps up to" in name] == [
-        (256, "bounds"), (256, "filter")], lines
+    assert [(kw["n"], kw["until"], kw["half"]) for _, name, kw in lines if "its steps up to" in name] == [
+        (256, "bounds", False), (256, "filter", False), (256, "filter", True)], lines
+    halves = [kw for _, name, kw in lines if ", half the tiles, in waves" in name]
+    assert [(kw["n"], kw["programs_per_sm"], kw["same_rows"]) for kw in halves] == [(256, 2, 1.0), (256, 1, 1.0)]
+    assert len(halved) >= 3, halved  # two grids, its steps up to the filter
     alternatives = [kw for _, name, kw in lines if "the filter on " in name]
     assert [tuple(kw["filter_blocks"]) for kw in alternatives] == listed, lines
     assert [kw["programs_per_sm"] for kw in alternatives] == [kt.FILTER_ALTERNATIVES[b] for b in listed]
@@ -1015,7 +1029,7 @@ def test_every_switch_is_timed_on_both_sides_by_the_check():
 def test_the_threshold_providers_memory_estimate_is_the_kernel_modules():
     """The torch-free estimate of the threshold selection's lists repeats kernels/knn_threshold.py's
     ``list_cap`` (for every k it serves) and LIST_BYTES; at 60k queries and k = 8 the lists add
-    240 MiB to the estimate."""
+    240 MiB to the estimate, on every tile or half of them."""
     from daal_triton.kernels import knn_threshold as kt
 
     assert all(bc.THRESHOLD_LIST_ROW_BYTES * -(-k // 8) == kt.list_cap(k) * 8 for k in range(1, kt.MAX_K + 1))
@@ -1023,6 +1037,8 @@ def test_the_threshold_providers_memory_estimate_is_the_kernel_modules():
     case = next(c for c in bc.cases_for("knn", "check") if c.shape == "eval60k" and c.provider == "triton_threshold")
     plain = next(c for c in bc.cases_for("knn", "check") if c.shape == "eval60k" and c.provider == "triton")
     assert bc.estimate_bytes(case) - bc.estimate_bytes(plain) == 60000 * kt.CAP * 8
+    half = next(c for c in bc.cases_for("knn", "check") if c.shape == "eval60k" and c.provider == "triton_threshold_half")
+    assert bc.estimate_bytes(half) == bc.estimate_bytes(case)  # every row's lists at once: the same 240 MiB
 
 
 def test_decided_switches_are_backed_by_the_runs_and_no_longer_timed():
