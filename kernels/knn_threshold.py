@@ -274,7 +274,6 @@ def _knn_filter_half_kernel(
         rmask = rows < M
         cmask = cols < M
         rows64 = rows.to(tl.int64)
-        cols64 = cols.to(tl.int64)
         # norms and thresholds in flight during the MMAs
         xn_r = tl.load(xn_ptr + rows, mask=rmask, other=float("inf"))
         xn_c = tl.load(xn_ptr + cols, mask=cmask, other=float("inf"))
@@ -292,17 +291,26 @@ def _knn_filter_half_kernel(
         n_rev = tl.sum(tl.where(h < 0, 1.0, 0.0), axis=1).to(tl.int32)
         n_row = tl.sum(tl.where(tl.abs(h) <= thr_r[:, None], 1.0, 0.0), axis=1).to(tl.int32)
         rounds = _block_max(n_rev)
-        for r in range(0, rounds):
-            # any order lists the same set: the most negative (a plain min, no select)
-            v, vc = tl.min(h, axis=1, return_indices=True, return_indices_tie_break_left=False)
-            col = n0 + vc
-            slot = tl.atomic_add(count_ptr + col, 1, mask=r < n_rev, sem="relaxed")
-            tl.store(list_ptr + col.to(tl.int64) * CAP + slot, _pair_key(-v, rows), mask=(r < n_rev) & (slot < CAP))
+        for r in range(0, rounds):  # (its first round before the loop, for R - 1 flips: 64 B of spills under 3.6)
+            vc = _list_columns_round(h, r, n_rev, rows, n0, count_ptr, list_ptr, CAP)
             # past a row's count vc may point anywhere: a sign flip no later store reads (rows read |h|)
             h = tl.where(lanes[None, :] == vc[:, None], -h, h)
         h = tl.abs(h)
         _list_rows(tl.where(h <= thr_r[:, None], h, float("inf")), n_row, rows, rows64, lanes, n0,
                    count_ptr, list_ptr, CAP)
+
+
+@triton.jit
+def _list_columns_round(h, r, n_rev, rows, n0, count_ptr, list_ptr, CAP: tl.constexpr):
+    """One round of the columns' entries in :func:`_knn_filter_half_kernel`: each row ``i``'s
+    most negative ``h_ij`` (any order lists the same set: a plain min, no select) appended as the
+    key of ``(-h_ij, i)`` to row ``j = n0 + lane``'s list, its slot from an atomic (rows of one
+    round may meet in a column), while ``r < n_rev`` and the slot is below CAP; returns the lane."""
+    v, vc = tl.min(h, axis=1, return_indices=True, return_indices_tie_break_left=False)
+    col = n0 + vc
+    slot = tl.atomic_add(count_ptr + col, 1, mask=r < n_rev, sem="relaxed")
+    tl.store(list_ptr + col.to(tl.int64) * CAP + slot, _pair_key(-v, rows), mask=(r < n_rev) & (slot < CAP))
+    return vc
 
 
 @triton.jit
