@@ -142,3 +142,29 @@ def test_knn_merge_model_compares_tile_shapes(capsys):
     base = km.retrieval(3000, 8, D=64, blocks=2)
     wide = km.retrieval(3000, 8, D=64, blocks=2, block_n=256)
     assert wide["block_n"] == 256 and wide["counted_mins"] >= base["counted_mins"]
+
+
+# ------------------------------------------------------------------ the threshold filter's rounds
+def test_knn_threshold_model_counts_what_the_filter_lists(monkeypatch):
+    """bench/knn_threshold_model.py replays the threshold filter's lists: each row's count is
+    the kernel's (``DAAL_KNN_SELECT=half`` under the interpreter: a 1/4 sample, 455 float16 unit
+    rows, k = 8), and its rounds per tile follow from them: the half filter's tiles take at least
+    one rows' round, and on random rows no more columns' rounds than rows' and one (the figures
+    docs/kernels.md quotes come from its command line at 60k rows)."""
+    import torch
+
+    import knn_threshold_model as km
+    from daal_testing import spy_launches
+    from daal_triton.kernels import knn as kk, knn_threshold as kt
+
+    monkeypatch.setattr(kt, "STRIDE", 4)
+    monkeypatch.setattr(kt, "MIN_SAMPLE", 8)
+    g = torch.Generator().manual_seed(5)
+    x = torch.nn.functional.normalize(torch.randn(455, 32, generator=g), dim=1).half()
+    seen = spy_launches(monkeypatch, kt, ["_knn_select_kernel"], record=lambda name, args, kw: args[0].clone())
+    monkeypatch.setenv(kk.SELECT_ENV, "half")
+    kk.knn(x, x, 8, exclude_self=True)
+    r = km.listing_rounds(x.float(), 8, 4)
+    assert torch.equal(seen[0].long(), r["counts"])
+    assert 28 <= r["entries_per_row"] <= 36  # about k * STRIDE
+    assert 1.0 <= r["rows_half"] <= r["rows_all"] + 1 and 0.0 < r["columns_half"] <= r["rows_half"] + 1

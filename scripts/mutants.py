@@ -548,6 +548,9 @@ MUTANTS: Tuple[Mutant, ...] = (
            "                        rmask, cmask, D, stride_x_m, BLOCK, BLOCK, BLOCK_D, INPUT_PRECISION, ROUND_TF32, TMA)\n"
            "        thr_c = tl.load(thr_ptr + cols, mask=cmask & (blk_j != blk_i), other=-1.0)\n",
            ("tests/kernels/test_kernel_knn_threshold.py", "-m", "build", "-k", "both_ways")),
+    Mutant("threshold_model_without_margin", "bench/knn_threshold_model.py",
+           "    return e * (1.0 + 2.0 ** -10) + (xn + xn.max()) * 2.0 ** -12", "    return e * (1.0 + 2.0 ** -10)",
+           ("bench/test_work_model.py", "-k", "threshold_model")),
     Mutant("half_of_a_copy", "kernels/knn_threshold.py",
            "    return r is q and blocks", "    return blocks",
            ("tests/kernels/test_kernel_knn_threshold.py", "-k", "half_applies")),
