@@ -813,11 +813,13 @@ sizes of the line-margin kernels and the backward's class-chunk budget, with pea
 check runs it for at least 30 s; its table goes into the run's report), `tune_knn.py` those of the kNN forward, its flat loop, wide tiles and grids sized for two programs per SM
 (45 s; its table too); `probe_h200.py` splits host and GPU time on a GPU (and times the kNN
 forward's tiles without the merge at five tile shapes: does its ceiling follow the L2 bytes per FLOP?; and the
-selection by a threshold: its steps, its filter's grid and other tiles, its sample's stride; 75 s), `probe_host.py` measures
+selection by a threshold: its steps, its filter's grid and other tiles, on half the tiles, its sample's stride; 75 s), `probe_host.py` measures
 the loss's host time besides the kernels on a CPU; `work_model.py` models the flops and bytes of each line-margin kernel
 (printed beside a run's measured times; `python bench/work_model.py B,C,D` prints it alone);
 `knn_merge_model.py` counts the kNN forward's merge rounds and block-wide reductions per tile
-for both merges (a CPU replay of the selection, counts not times). Each run's report sets every
+for both merges (a CPU replay of the selection, counts not times); `knn_threshold_model.py` counts
+the threshold filter's listing rounds per tile, on every tile and on half of them (a CPU replay of
+its lists). Each run's report sets every
 internal switch it timed (`cases.SWITCHES`: the kNN's merge, splits, loads, tiles, epilogue, Gluon forwards and selection by a threshold, the line margin's own-class rows, the loss's glue, the merged launches, the padding of odd widths) beside its alternative, case by case, with what
 the numbers say. A switch the runs have decided is no longer timed (`Switch.decided`; its variable
 still selects the alternative): "Switches decided" below lists each with every run's reading of
