@@ -304,6 +304,32 @@ def test_half_applies_to_square_tiles_of_one_self_search(small, monkeypatch):
     assert not kt.halves(y, y, 9)  # twice the slots per row from k = 9
 
 
+@pytest.mark.parametrize("M, splits", [(1000, 1), (1100, 3)])
+def test_half_tiles_share_their_column_blocks(small, monkeypatch, M, splits):
+    """The half filter's tiles (each tile's blocks, read under the interpreter): every pair
+    ``I <= J`` of the ``nb`` row blocks once (nb even and odd, in 1 and 3 runs per pair), and
+    the k-th tile of every pair of row blocks on the same column block, or one of two (the L2
+    footprint of the other filter: the programs of a wave share their column blocks)."""
+    seen = []
+    dot = kt._dot_tile
+
+    def spy(q_rows, r_ptr, q_desc, r_desc, row_lo, n0, *rest):
+        seen.append((int(row_lo) // 128, int(n0) // 128))
+        return dot(q_rows, r_ptr, q_desc, r_desc, row_lo, n0, *rest)
+    monkeypatch.setattr(kt, "_dot_tile", spy)
+    monkeypatch.setattr(kt, "half_splits", lambda m, device: splits)
+    x = torch.randn(M, 16).half()
+    kt.select(x, x, 4, True, until="filter", half=True)
+    nb = -(-M // 128)
+    assert sorted(seen) == [(i, j) for i in range(nb) for j in range(i, nb)]
+    pairs = {}
+    for i, j in seen:  # each pair's tiles in their order (its runs launch in order)
+        pairs.setdefault(min(i, nb - 1 - i), []).append(j)
+    assert len(pairs) == -(-nb // 2)
+    for k in range(nb + 1):
+        assert len({cols[k] for cols in pairs.values() if k < len(cols)}) <= 2, k
+
+
 def test_half_grid_counts_waves_of_resident_programs(monkeypatch):
     """Runs per pair of row blocks (``half_splits``): at 60k rows on an H200's 132 SMs, 235 pairs
     of 470 tiles in 10 runs at two programs per SM (2,350 programs: 8.9 waves of 264), 5 at one;
