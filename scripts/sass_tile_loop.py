@@ -43,8 +43,8 @@ def main(argv) -> int:
     la = launches[0]
     from daal_testing import compile_many_for_gpu, recorded_job
 
-    module = {"_knn_filter_kernel": "knn_threshold", "_knn_select_kernel": "knn_threshold",
-              "_knn_rescan_kernel": "knn_threshold"}.get(kernel, "knn")
+    module = {"_knn_filter_kernel": "knn_threshold", "_knn_filter_half_kernel": "knn_threshold",
+              "_knn_select_kernel": "knn_threshold", "_knn_rescan_kernel": "knn_threshold"}.get(kernel, "knn")
     res = compile_many_for_gpu([recorded_job(la, f"daal_triton.kernels.{module}", 90, sass=True)])[0]
     if res.get("error"):
         print(res["error"], file=sys.stderr)
