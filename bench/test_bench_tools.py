@@ -465,17 +465,19 @@ def test_a_throughput_target_shows_the_alternatives_measured_beside_it():
         return {"status": "ok", "median_s": 0.01, "rounds": 20, "matmul_fraction": fraction, "tflops": 400.0,
                 "matmul_tflops": 650.0}
     run = {"cases": {key + ("triton",): rec(0.48), key + ("triton_threshold",): rec(0.61),
+                     key + ("triton_threshold_half",): rec(0.59),
                      key + ("triton_gluon",): rec(0.55), key + ("triton_gluon128",): {"status": "error: boom"},
                      key + ("triton_table",): rec(0.9)}}  # the table tiles' switch is retired
     table = report.targets_table(run)
     at = next(i for i, line in enumerate(table) if "≥ 60% of matmul" in line)
     assert "FAIL" in table[at]
-    below = table[at + 1:at + 3]
+    below = table[at + 1:at + 4]
     assert below[0].startswith("| ↳ the same with `DAAL_KNN_TILES=gluon`") and "| would fail |" in below[0], below
     assert below[1].startswith("| ↳ the same with `DAAL_KNN_SELECT=threshold`") and "| 61% (" in below[1], below
     assert "| would pass |" in below[1] and "(400 of 650 TFLOP/s)" in below[1], below
-    assert not table[at + 3].startswith("| ↳"), table
-    assert sum(line.startswith("| ↳") for line in table) == 4  # under the 50% and the 60% targets
+    assert below[2].startswith("| ↳ the same with `DAAL_KNN_SELECT=half`") and "| would fail |" in below[2], below
+    assert not table[at + 4].startswith("| ↳"), table
+    assert sum(line.startswith("| ↳") for line in table) == 6  # under the 50% and the 60% targets
     assert not any("table" in line for line in table if line.startswith("| ↳"))
 
 
