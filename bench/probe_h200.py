@@ -389,11 +389,10 @@ def threshold_section(dev, emit, n, d, reps, dtype=None, n_grid=60000):
                 rec(f"knn threshold k=8 self, half the tiles, in waves of {per_sm} program(s) per SM ({S} runs "
                     "per pair)", got[0], splits=S, programs_per_sm=per_sm, half=True, same_rows=got[1])
         # the time up to the end of each earlier step (the rest: the selection and the rescan)
-        for half in (False, True):
-            for step in knn_threshold.STEPS[:-1] if not half else ("filter",):
-                emit("knn", f"knn threshold k=8 self{', half the tiles' if half else ''}, its steps up to {step}",
-                     n=n_grid, until=step, half=half,
-                     ms=gpu_ms(lambda: knn_threshold.select(q, q, 8, True, until=step, half=half), dev, reps))
+        for half, step in [(False, step) for step in knn_threshold.STEPS[:-1]] + [(True, "filter")]:
+            emit("knn", f"knn threshold k=8 self{', half the tiles' if half else ''}, its steps up to {step}",
+                 n=n_grid, until=step, half=half,
+                 ms=gpu_ms(lambda: knn_threshold.select(q, q, 8, True, until=step, half=half), dev, reps))
         for blocks, per_sm in knn_threshold.FILTER_ALTERNATIVES.items():
             with knn_threshold.filter_tiles(blocks):
                 S = knn_threshold.filter_splits(n_grid, n_grid, dev)

@@ -514,11 +514,9 @@ def thresholds(e_sample: torch.Tensor, qn: torch.Tensor, rn: torch.Tensor) -> to
     return e_sample * (1.0 + 2.0 ** -10) + (qn + rn_max) * 2.0 ** -12
 
 
-def _descriptors(q: torch.Tensor, r: torch.Tensor, bm: int, bn: int, bd: int, tma: bool):
-    if not tma:
-        return None, None
-    return (TensorDescriptor(q, list(q.shape), [q.stride(0), 1], [bm, bd]),
-            TensorDescriptor(r, list(r.shape), [r.stride(0), 1], [bn, bd]))
+def _descriptor(t: torch.Tensor, rows: int, bd: int, tma: bool):
+    """The filters' tensor descriptor of ``t`` (blocks ``rows x bd``) with ``tma``, else None."""
+    return TensorDescriptor(t, list(t.shape), [t.stride(0), 1], [rows, bd]) if tma else None
 
 
 #: The steps of :func:`select`, in order (its ``until``).
@@ -596,7 +594,7 @@ def _filter(qc, r, i0, qn, rn, thr, count, lists, exclude_self, flags, S):
     launch = cfg.launch(D)
     cols = cdiv(cdiv(N, S), bn) * bn
     tma = _tma_ok(qc, r)
-    q_desc, r_desc = _descriptors(qc, r, bm, bn, launch["BLOCK_D"], tma)
+    q_desc, r_desc = _descriptor(qc, bm, launch["BLOCK_D"], tma), _descriptor(r, bn, launch["BLOCK_D"], tma)
     _knn_filter_kernel[(cdiv(m, bm), cdiv(N, cols))](
         qc, r, q_desc, r_desc, qn, rn, thr, count, lists, m, N, D, i0, cols, qc.stride(0), r.stride(0),
         CAP=lists.shape[1], EXCLUDE_SELF=bool(exclude_self), TMA=tma, **flags, **launch)
@@ -612,7 +610,7 @@ def _filter_half(x, xn, thr, count, lists, exclude_self, flags):
     nb = cdiv(M, bm)
     per = cdiv(nb + 1, half_splits(M, x.device))
     tma = _tma_ok(x, x)
-    x_desc = _descriptors(x, x, bm, bm, launch["BLOCK_D"], tma)[0]
+    x_desc = _descriptor(x, bm, launch["BLOCK_D"], tma)
     _knn_filter_half_kernel[(cdiv(nb, 2), cdiv(nb + 1, per))](
         x, x_desc, xn, thr, count, lists, M, D, per, x.stride(0),
         CAP=lists.shape[1], BLOCK=bm, EXCLUDE_SELF=bool(exclude_self), TMA=tma, **flags, **launch)
