@@ -215,14 +215,16 @@ cat "$OUT/env.json"
 if [ "$INSTALL" != failed ]; then
   KSEL=()  # DAAL_CHECK_K: a pytest -k expression narrowing the test steps (rehearsals)
   if [ -n "${DAAL_CHECK_K:-}" ]; then KSEL=(-k "$DAAL_CHECK_K"); fi
-  # the Gluon kNN forward (kernels/knn_gluon.py, never run on a GPU before) is timed by the
-  # benchmarks only once its parity test has passed here (a hang or a wrong result stays in
-  # this step): the test writes its name to this file (tests/kernels/test_kernel_knn_gluon.py)
-  export DAAL_GLUON_CANARY="$OUT/gluon_canary.txt"
+  # kernels no GPU had run before (the Gluon forwards, the selection by a threshold: on every
+  # tile, on half of them, the filter's other tiles) are timed by the benchmarks and the probe
+  # only once their GPU tests have passed here (a hang, a fault or a wrong result stays in this
+  # step): the tests write their outcomes to this file (tests/gpu_canary.py)
+  export DAAL_GPU_CANARY="$OUT/gpu_canary.txt"
   # the test steps (this one and step 5's) run as SHARDS pytest processes side by side
   # (bench/sharded_pytest.py): their time is Triton's JIT builds, one core each
   # (2026-12-04's third run: 84 tests, 70 s on 4 shards, the slowest 61 s; since 2026-12-05 12
-  # more, the two Gluon variants', each first launched in a child process with a 75 s deadline)
+  # more, the two Gluon variants', each first launched in a child process with a 75 s deadline;
+  # since the sixth session of 2026-12-05 the threshold path's: 7 more, 5 children of 90 s)
   step gpu_tests "$(min 170 $(( $(left) - 250 )))" "$PY" bench/sharded_pytest.py --shards "$SHARDS" \
       --junitxml "$OUT/gpu_tests.xml" -- tests -m gpu -q -ra -p no:cacheprovider ${KSEL[@]+"${KSEL[@]}"}
   rc=$?; if [ $rc -ne 0 ] && [ $rc -ne 5 ]; then STATUS=1; fi  # 5: no test collected

@@ -20,7 +20,7 @@ script splits both:
   of the same shape; since 2026-12-04 these run the table's entry (comparable with the earlier
   runs), and the default narrow tiles' forward (64 x 128 through descriptors) is timed beside,
   with self pairs excluded under each epilogue (``DAAL_KNN_EPILOGUE``: lean, plain); and, on
-  sm_90 once their GPU tests have passed in the run (``DAAL_GLUON_CANARY``), the Gluon forwards
+  sm_90 once their GPU tests have passed in the run (tests/gpu_canary.py), the Gluon forwards
   (kernels/knn_gluon.py: the queries resident in shared memory; 64 and 128 rows) with self pairs
   excluded (and at the ring depths of ``knn_gluon.PROBE_STAGES``, each once its GPU test
   passed), and their GEMM-only ceilings (``GEMM_ONLY``: the distance epilogue and a row-min, the
@@ -36,6 +36,11 @@ script splits both:
   (``knn_threshold.PROGRAMS_PER_SM``) and with the filter on the other tiles of
   ``knn_threshold.FILTER_ALTERNATIVES`` (since 2026-12-05's fifth session), and at 20k with
   samples of 1/8 and 1/32 (``knn_threshold.PROBE_STRIDES``).
+
+Kernels no GPU had run before the check (the Gluon forwards, the selection by a threshold, on
+half the tiles, and the filter's other tiles) are timed only once their GPU tests passed in the
+run (tests/gpu_canary.py, since 2026-12-05's sixth session also the threshold's): a line "not
+timed: ..." stands for them otherwise, so that a kernel that faults cannot take the lines after it.
 
 usage: python bench/probe_h200.py OUT.jsonl [--n 20000] [--smoke]
 (--smoke: tiny shapes (n = 140, D = 64) and few calls, for a CPU with TRITON_INTERPRET=1: a rehearsal.) One JSON line per measurement.
@@ -58,7 +63,8 @@ from daal_triton.kernels import _common, knn as kk
 from daal_triton.kernels._common import TL_EPS, _dot_tile, dot_flags, row_sqnorms
 from interpreter import strict_interpreter
 from daal_triton.kernels import knn_gluon, knn_threshold
-from problems import _with_env, gluon_unvetted
+from problems import _with_env, unvetted
+from gpu_canary import filter_tiles_variant  # (tests/, on the path once problems is imported)
 from tune_line_margin import Timer
 
 
@@ -241,7 +247,7 @@ def knn_section(dev, emit, n, d, reps):
     # threshold"), self pairs excluded: the whole path, and its sample's bounds alone (1/16 of
     # the columns at k = 8, and the sample's own kNN), so the filter's and the selection's share
     # is their difference
-    if knn_threshold.eligible(q, q, 8, False):
+    if knn_threshold.eligible(q, q, 8, False) and vetted(emit, "threshold"):
         rec("knn threshold k=8 self (sample, filter, selection)",
             gpu_ms(lambda: knn_threshold.select(q, q, 8, True), dev, reps))
         rec("knn threshold: the sample's bounds alone (k=8, 1/16 of the columns, + the sample's self-kNN)",
@@ -264,14 +270,14 @@ def knn_section(dev, emit, n, d, reps):
         # in shared memory"), self pairs excluded, and its GEMM-only ceiling: once vetted in this run
         # (each variant: 64 rows on 4 warps, 128 rows on 8)
         for name, v in knn_gluon.VARIANTS.items():
-            if dev.type != "cuda" or not knn_gluon.eligible(q, q, 8) or gluon_unvetted(name):
+            if dev.type != "cuda" or not knn_gluon.eligible(q, q, 8) or not vetted(emit, name):
                 continue
             S = kk._num_splits(n, n, v.block_m, knn_gluon.BLOCK_N, q.device)
             rec(f"_knn_fwd_gluon_kernel {name} k=8 S=default self", gpu_ms(
                 lambda: knn_gluon.candidates(q, q, 8, None, None, True, S, variant=name), dev, reps), splits=S,
                 stages=v.stages)
             for st in knn_gluon.PROBE_STAGES.get(name, ()):  # another ring depth (its GPU test passed)
-                if not gluon_unvetted(f"{name}-stages{st}"):
+                if vetted(emit, f"{name}-stages{st}"):
                     rec(f"_knn_fwd_gluon_kernel {name} stages={st} k=8 S=default self", gpu_ms(
                         lambda: knn_gluon.candidates(q, q, 8, None, None, True, S, variant=name, stages=st),
                         dev, reps), splits=S, stages=st)
@@ -326,6 +332,16 @@ def tiles_section(dev, emit, n, d, reps):
                  l2_bytes=nbytes, l2_tb_per_s=nbytes / ms / 1e9)
 
 
+def vetted(emit, variant: str) -> bool:
+    """Whether ``variant`` (a kernel no GPU had run before this check) passed its GPU tests in
+    this run, and none failed (tests/gpu_canary.py; True without a canary, as in a rehearsal);
+    if not, a line saying why stands in the table for its lines."""
+    why = unvetted(variant)
+    if why:
+        emit("knn", f"not timed: {why}", variant=variant)
+    return why is None
+
+
 def filter_tiles_name(blocks) -> str:
     """``"128x128 tiles, 8 warps, 3 stages, <= 128 registers"`` for a
     ``knn_threshold.FILTER_ALTERNATIVES`` key."""
@@ -353,6 +369,8 @@ def threshold_section(dev, emit, n, d, reps, dtype=None, n_grid=60000):
        entries per row), the model of docs/kernels.md's estimate.
 
     (``dtype``: float16 for a test in the interpreter, where bf16 dots cannot run.)"""
+    if not vetted(emit, "threshold"):  # every line runs its sample's forward and selection
+        return
     q, _, _, flops, cfg = _problem(dev, n_grid, d, dtype)
     if knn_threshold.eligible(q, q, 8, False):
         rec = _knn_rec(dev, emit, n_grid, flops, cfg)
@@ -381,7 +399,8 @@ def threshold_section(dev, emit, n, d, reps, dtype=None, n_grid=60000):
             rec(f"knn threshold k=8 self, the filter's grid in waves of {per_sm} program(s) per SM (S={S})", ms,
                 splits=S, programs_per_sm=per_sm)
         # a self-search's filter on half the tiles (DAAL_KNN_SELECT=half), in both grids' waves
-        for per_sm in sorted({knn_threshold.PROGRAMS_PER_SM, 1}, reverse=True):
+        half_waves = sorted({knn_threshold.PROGRAMS_PER_SM, 1}, reverse=True) if vetted(emit, "half") else []
+        for per_sm in half_waves:
             S = knn_threshold.half_splits(n_grid, dev, per_sm)
             with mock.patch.object(knn_threshold, "PROGRAMS_PER_SM", per_sm):
                 got = attempt("the filter on half the tiles", lambda: gpu_ms(lambda: call(True), dev, reps), half=True)
@@ -389,11 +408,16 @@ def threshold_section(dev, emit, n, d, reps, dtype=None, n_grid=60000):
                 rec(f"knn threshold k=8 self, half the tiles, in waves of {per_sm} program(s) per SM ({S} runs "
                     "per pair)", got[0], splits=S, programs_per_sm=per_sm, half=True, same_rows=got[1])
         # the time up to the end of each earlier step (the rest: the selection and the rescan)
-        for half, step in [(False, step) for step in knn_threshold.STEPS[:-1]] + [(True, "filter")]:
+        steps = [(False, step) for step in knn_threshold.STEPS[:-1]]
+        if unvetted("half") is None:  # (its "not timed" line came with its grids')
+            steps.append((True, "filter"))
+        for half, step in steps:
             emit("knn", f"knn threshold k=8 self{', half the tiles' if half else ''}, its steps up to {step}",
                  n=n_grid, until=step, half=half,
                  ms=gpu_ms(lambda: knn_threshold.select(q, q, 8, True, until=step, half=half), dev, reps))
         for blocks, per_sm in knn_threshold.FILTER_ALTERNATIVES.items():
+            if not vetted(emit, filter_tiles_variant(blocks)):
+                continue
             with knn_threshold.filter_tiles(blocks):
                 S = knn_threshold.filter_splits(n_grid, n_grid, dev)
                 got = attempt(f"the filter on {filter_tiles_name(blocks)}", lambda: gpu_ms(call, dev, reps),

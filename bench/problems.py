@@ -21,6 +21,10 @@ import torch
 from torch import nn
 
 from cases import SWITCHES, Case, knn_chunk_rows
+from interpreter import tests_on_path
+
+tests_on_path()
+from gpu_canary import unvetted  # noqa: E402  (tests/: the canary the GPU tests write)
 
 TORCH_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -157,36 +161,22 @@ PROVIDER_FUNCTIONS.update({
     for name, sw in ENV_PROVIDERS.items()})
 
 
-#: A file the Gluon forwards' GPU tests append their outcomes to, a line ``variant pass|fail
-#: test`` each (tests/kernels/test_kernel_knn_gluon.py); where this variable names one
-#: (bench/gpu_check.sh does), a Gluon provider is timed only after its variant passed and never
-#: failed: a kernel no GPU has run before must not hang or mistime the benchmarks.
-GLUON_CANARY_ENV = "DAAL_GLUON_CANARY"
 #: The providers of the Gluon forwards and their variants (kernels/knn_gluon.py, ``VARIANTS``).
 GLUON_PROVIDERS = {"triton_gluon": "gluon", "triton_gluon128": "gluon128"}
+#: The providers of the selection by a threshold (kernels/knn_threshold.py): on every tile, and a
+#: self-search's filter on half the tiles.
+THRESHOLD_PROVIDERS = {"triton_threshold": "threshold", "triton_threshold_half": "half"}
+#: The providers of kernels no GPU had run before, and their canary variants: where
+#: bench/gpu_check.sh names a canary (tests/gpu_canary.py, ``DAAL_GPU_CANARY``), each is timed only
+#: after its variant's GPU tests passed and none failed in the run: a kernel that hangs, faults
+#: (the CUDA context lost for every case after it) or mis-selects stays in the test step.
+VETTED_PROVIDERS = {**GLUON_PROVIDERS, **THRESHOLD_PROVIDERS}
 
 
 class NotVetted(ProviderMissing):
     """A provider whose kernel has not passed its parity test in this run."""
 
     reason = "not vetted on this GPU"
-
-
-def gluon_unvetted(variant: str = "gluon") -> Optional[str]:
-    """Why the Gluon forward ``variant`` may not be timed in this run (``GLUON_CANARY_ENV`` names
-    a file that records no pass of its GPU tests, or a failure), or None."""
-    canary = os.environ.get(GLUON_CANARY_ENV)
-    if not canary:
-        return None
-    outcomes = set()
-    if os.path.exists(canary):
-        with open(canary) as f:
-            outcomes = {words[1] for words in map(str.split, f) if len(words) >= 2 and words[0] == variant}
-    if "fail" in outcomes:
-        return f"the {variant} forward failed a GPU test in this run ({canary})"
-    if "pass" not in outcomes:
-        return f"the {variant} forward's GPU tests have not passed in this run ({canary})"
-    return None
 
 
 class NotApplicable(ProviderMissing):
@@ -239,8 +229,9 @@ def threshold_applies(q: torch.Tensor, r: torch.Tensor, k: int, has_labels: bool
 
 def operator_function(case: Case) -> Callable:
     """The function ``case.provider`` computes ``case.op`` with (not for the whole loss)."""
-    if case.provider in GLUON_PROVIDERS and gluon_unvetted(GLUON_PROVIDERS[case.provider]):
-        raise NotVetted(gluon_unvetted(GLUON_PROVIDERS[case.provider]))
+    why = case.provider in VETTED_PROVIDERS and unvetted(VETTED_PROVIDERS[case.provider])
+    if why:
+        raise NotVetted(why)
     return PROVIDER_FUNCTIONS[case.provider](case.op)
 
 
@@ -294,8 +285,8 @@ def setup_knn(case: Case, device: torch.device) -> Problem:
         why = gluon_applies(GLUON_PROVIDERS[case.provider], q, r, k, "query_labels" in kw)
         if why:
             raise NotApplicable(why)
-    if case.provider in ("triton_threshold", "triton_threshold_half"):  # likewise
-        why = threshold_applies(q, r, k, "query_labels" in kw, half=case.provider.endswith("_half"))
+    if case.provider in THRESHOLD_PROVIDERS:  # likewise
+        why = threshold_applies(q, r, k, "query_labels" in kw, half=THRESHOLD_PROVIDERS[case.provider] == "half")
         if why:
             raise NotApplicable(why)
     g = torch.randn(d["M"], k, device=device, dtype=torch.float32)

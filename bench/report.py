@@ -808,7 +808,8 @@ pytest-benchmark files, one per operator: `test_bench_pairwise.py`, `test_bench_
 function from a table), `runner.py` (time budget, memory guard, warm-up, timing, NaN check,
 failure triage, statistics, records) and `conftest.py` (options, ordering); `report.py` turns a
 run into Markdown; `gpu_check.sh` is the GPU check (its two test steps run as pytest processes side by side:
-`sharded_pytest.py`, one slice of the selection each); `tune_line_margin.py` times alternative block
+`sharded_pytest.py`, one slice of the selection each; kernels no GPU had run, the Gluon forwards and the
+threshold selection's, are timed only after their GPU tests passed in the run: `tests/gpu_canary.py`); `tune_line_margin.py` times alternative block
 sizes of the line-margin kernels and the backward's class-chunk budget, with peak memory (the
 check runs it for at least 30 s; its table goes into the run's report), `tune_knn.py` those of the kNN forward, its flat loop, wide tiles and grids sized for two programs per SM
 (45 s; its table too); `probe_h200.py` splits host and GPU time on a GPU (and times the kNN

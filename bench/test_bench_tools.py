@@ -201,31 +201,39 @@ def _tiny(op, provider, pass_, shape="tiny"):
     return bc.Case(op, shape, tuple(dims.items()), "fp32", provider, pass_)
 
 
-def test_gluon_providers_wait_for_their_variants_tests(tmp_path, monkeypatch):
-    """Where gpu_check.sh names a canary file, a Gluon provider is timed only once its variant's
-    GPU tests recorded a pass and no failure there (tests/kernels/test_kernel_knn_gluon.py writes
-    ``variant pass|fail test`` lines); without the variable nothing is held back."""
-    from daal_triton.kernels import knn_gluon
+def test_new_kernels_providers_wait_for_their_variants_tests(tmp_path, monkeypatch):
+    """Where gpu_check.sh names a canary file, a provider of a kernel no GPU had run (the Gluon
+    forwards, the threshold selection on every tile and on half) is timed only once its variant's
+    GPU tests recorded a pass and no failure there (tests/gpu_canary.py: ``variant pass|fail
+    test`` lines); without the variable nothing is held back."""
+    from daal_triton.kernels import knn as kk, knn_gluon
+
+    from gpu_canary import CANARY_ENV
 
     assert set(problems.GLUON_PROVIDERS.values()) == set(knn_gluon.VARIANTS)
-    assert set(problems.GLUON_PROVIDERS) <= set(bc.PROVIDERS["knn"])
-    for provider, variant in problems.GLUON_PROVIDERS.items():  # the switch that runs it asks for that variant
+    assert set(problems.THRESHOLD_PROVIDERS.values()) == set(kk.SELECT_POLICIES) - {"merge"}
+    assert set(problems.VETTED_PROVIDERS) <= set(bc.PROVIDERS["knn"])
+    for provider, variant in problems.VETTED_PROVIDERS.items():  # the switch that runs it asks for that variant
         assert problems.ENV_PROVIDERS[provider].alternative == variant
-    case = _tiny("knn", "triton_gluon128", "fwd")
-    monkeypatch.delenv(problems.GLUON_CANARY_ENV, raising=False)
-    assert problems.gluon_unvetted("gluon") is None and problems.gluon_unvetted("gluon128") is None
+    case, half = _tiny("knn", "triton_gluon128", "fwd"), _tiny("knn", "triton_threshold_half", "fwd")
+    monkeypatch.delenv(CANARY_ENV, raising=False)
+    assert all(problems.unvetted(v) is None for v in problems.VETTED_PROVIDERS.values())
     canary = tmp_path / "canary.txt"
-    monkeypatch.setenv(problems.GLUON_CANARY_ENV, str(canary))
-    assert "not passed" in problems.gluon_unvetted("gluon")  # no file yet: nothing ran
+    monkeypatch.setenv(CANARY_ENV, str(canary))
+    assert "not passed" in problems.unvetted("gluon")  # no file yet: nothing ran
+    for c in (case, half):
+        with pytest.raises(problems.NotVetted):
+            problems.operator_function(c)
+    canary.write_text("gluon pass test_gluon_forward_gpu[gluon-4100]\nthreshold pass t\n")
+    assert problems.unvetted("gluon") is None and problems.unvetted("threshold") is None
+    assert "not passed" in problems.unvetted("gluon128")  # another variant's pass
     with pytest.raises(problems.NotVetted):
         problems.operator_function(case)
-    canary.write_text("gluon pass test_gluon_forward_gpu[gluon-4100]\n")
-    assert problems.gluon_unvetted("gluon") is None
-    assert "not passed" in problems.gluon_unvetted("gluon128")  # another variant's pass
-    with pytest.raises(problems.NotVetted):
-        problems.operator_function(case)
-    canary.write_text("gluon128 pass a\ngluon128 fail b\ngluon pass c\n")
-    assert "failed" in problems.gluon_unvetted("gluon128") and problems.gluon_unvetted("gluon") is None
+    with pytest.raises(problems.NotVetted):  # the threshold's pass is not half's
+        problems.operator_function(half)
+    canary.write_text("gluon128 pass a\ngluon128 fail b\ngluon pass c\nhalf pass d\n")
+    assert "failed" in problems.unvetted("gluon128") and problems.unvetted("gluon") is None
+    assert callable(problems.operator_function(half))
     canary.write_text("gluon128 pass a\n")
     assert callable(problems.operator_function(case))
 
@@ -265,7 +273,7 @@ def test_gluon_providers_time_only_the_gluon_forward(monkeypatch):
     recorded under the alternative's name; where ``forward_entry`` picks its variant, it runs."""
     from daal_triton.kernels import knn as kk
 
-    monkeypatch.delenv(problems.GLUON_CANARY_ENV, raising=False)
+    monkeypatch.delenv("DAAL_GPU_CANARY", raising=False)
     x = torch.randn(64, 64, dtype=torch.float16)
     assert "fwd_narrow" in problems.gluon_applies("gluon", x, x, 4, False)
     bank = torch.randn(kk.MAX_K + 10, 64, dtype=torch.float16)
@@ -898,6 +906,7 @@ def test_probe_threshold_section_times_each_grid_and_stride(monkeypatch):
     from daal_triton.kernels import knn_threshold as kt
 
     monkeypatch.setattr(kt, "MIN_SAMPLE", 8)
+    monkeypatch.delenv("DAAL_GPU_CANARY", raising=False)  # a rehearsal: nothing held back
     from daal_testing import spy_launches
 
     lines = []
@@ -935,6 +944,42 @@ def test_probe_threshold_section_times_each_grid_and_stride(monkeypatch):
     strides = [(kw["n"], kw["stride"]) for _, name, kw in lines if "sample" in name]
     assert strides == [(320, s) for s in kt.PROBE_STRIDES], lines
     assert (kt.STRIDE, kt.CAP, kt.PROGRAMS_PER_SM, kt.CONFIGS["filter"]) == settings
+
+
+def test_probe_times_only_what_its_gpu_tests_vetted(tmp_path, monkeypatch):
+    """With a canary (tests/gpu_canary.py), the probe's threshold lines run only for what passed
+    its GPU tests in the run: nothing of the path without the threshold's pass (one "not timed"
+    line), and with it neither half the tiles nor the filter's other tiles without theirs (a
+    line each says so, and their kernels never launch)."""
+    import probe_h200
+    from daal_triton.kernels import knn_threshold as kt
+    from daal_testing import spy_launches
+    from gpu_canary import CANARY_ENV, filter_tiles_variant
+
+    monkeypatch.setattr(kt, "MIN_SAMPLE", 8)
+    canary = tmp_path / "canary.txt"
+    monkeypatch.setenv(CANARY_ENV, str(canary))
+    halved = spy_launches(monkeypatch, kt, ["_knn_filter_half_kernel"])
+    tiles = spy_launches(monkeypatch, kt, ["_knn_filter_kernel"],
+                         lambda _n, _a, kw: (kw["BLOCK_M"], kw["BLOCK_N"], kw["num_warps"], kw["num_stages"],
+                                             kw.get("maxnreg")))
+    lines = []
+    emit = lambda section, name, **kw: lines.append((name, kw))  # noqa: E731
+    args = (torch.device("cpu"), emit, 320, 32, 1)
+    probe_h200.threshold_section(*args, dtype=torch.float16, n_grid=256)
+    assert [name for name, _ in lines] == ["not timed: threshold's GPU tests have not passed in this run "
+                                           f"({canary})"] and not tiles and not halved
+    first, *others = kt.FILTER_ALTERNATIVES
+    canary.write_text(f"threshold pass a\nhalf pass b\nhalf fail c\n{filter_tiles_variant(first)} pass d\n")
+    lines.clear()
+    probe_h200.threshold_section(*args, dtype=torch.float16, n_grid=256)
+    skipped = [kw["variant"] for name, kw in lines if name.startswith("not timed")]
+    assert skipped == ["half"] + [filter_tiles_variant(b) for b in others], lines
+    assert not halved and not any("half" in name for name, _ in lines if not name.startswith("not timed"))
+    assert [kw["filter_blocks"] for name, kw in lines if "the filter on " in name] == [list(first)]
+    assert set(tiles) == {tuple(kt.CONFIGS["filter"].blocks[b] for b in ("BLOCK_M", "BLOCK_N"))
+                          + (kt.CONFIGS["filter"].num_warps, kt.CONFIGS["filter"].num_stages, None), first}, tiles
+    assert any("a 1/8 sample" in name for name, _ in lines)
 
 
 def test_probe_table_says_which_filter_tiles_gave_other_neighbours():

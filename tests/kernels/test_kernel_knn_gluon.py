@@ -1,15 +1,14 @@
 """The Gluon kNN forwards (kernels/knn_gluon.py, ``DAAL_KNN_TILES=gluon`` and ``gluon128``):
 their sm_90 builds (registers, shared memory, the queries loaded once), where they are chosen,
 and on a GPU their selection against the Triton forward's and the float64 reference's."""
-import os
 import re
-import tempfile
 from collections import Counter
 
 import pytest
 import torch
 
-from daal_testing import programs_per_sm, run_with_deadline, tolerance
+from daal_testing import programs_per_sm, tolerance
+from gpu_canary import canary, first_launches, record
 from daal_triton import reference
 from daal_triton.kernels import knn as kk, knn_gluon as kg
 
@@ -147,16 +146,6 @@ def _labels(n: int, classes: int) -> torch.Tensor:
     return torch.randint(0, classes, (n,), device="cuda")
 
 
-def _canary(variant: str, outcome: str, name: str) -> None:
-    """Where ``DAAL_GLUON_CANARY`` names a file (bench/gpu_check.sh), append ``variant outcome
-    name``: the benchmarks time a variant only after a pass and no failure of its GPU tests
-    (bench/problems.py, ``gluon_unvetted``)."""
-    canary = os.environ.get("DAAL_GLUON_CANARY")
-    if canary:
-        with open(canary, "a") as f:
-            f.write(f"{variant} {outcome} {name}\n")
-
-
 #: The child process's first launches of a variant (kernels/knn_gluon.py: never run on a GPU
 #: before 2026-12-05): the shapes of the corner cases (fewer chunks than the ring's prefetch,
 #: one tile, partial tiles, several splits, D = 512), each checked to take the Gluon entry.
@@ -180,21 +169,16 @@ print("ok")
 """
 #: Seconds the child may take (a Python start, three JIT builds, the launches): a hang costs this.
 SMOKE_S = 75
-_smoked = {}
 
 
 def _gluon_on_gpu(variant: str, name: str) -> None:
     """Skip without an sm_90 GPU; else fail (and record the failure in the canary) unless the
-    variant's first launches, in a child process with a deadline (``run_with_deadline``),
-    returned: a kernel that hangs would otherwise take this test process and the tests after it."""
+    variant's first launches returned in a child process with a deadline
+    (``gpu_canary.first_launches``): a kernel that hangs would otherwise take this test process
+    and the tests after it."""
     if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("the Gluon forward runs on sm_90")
-    if variant not in _smoked:
-        with tempfile.TemporaryDirectory() as cwd:
-            _smoked[variant] = run_with_deadline(_SMOKE.format(variant=variant), SMOKE_S, cwd)
-    if _smoked[variant]:
-        _canary(variant, "fail", name)
-        pytest.fail(f"the {variant} forward's first launches in a child process: {_smoked[variant]}")
+    first_launches(variant, _SMOKE.format(variant=variant), SMOKE_S, name)
 
 
 @pytest.mark.gpu
@@ -207,16 +191,11 @@ def test_gluon_forward_gpu(monkeypatch, request, variant, M, N, D, k, labelled, 
     Gluon forward selects what the narrow Triton forward selects (another summation order of the
     GEMM form may swap near-ties: 99.9% of the rows), with the float64 reference's distances;
     self-kNN at the model's splits, labels with three splits, odd D with one split, the memory
-    bank's shape, k = 1. Where ``DAAL_GLUON_CANARY`` names a file (bench/gpu_check.sh), the
-    outcome is appended to it: the benchmarks time a variant only after passes and no failure
-    (bench/problems.py, ``GLUON_CANARY_ENV``)."""
+    bank's shape, k = 1. Its outcome goes to the canary (tests/gpu_canary.py): the
+    benchmarks time a variant only after passes and no failure."""
     _gluon_on_gpu(variant, request.node.name)
-    try:
+    with canary(variant, request.node.name):
         _check_gluon_forward(monkeypatch, variant, M, N, D, k, labelled, splits)
-    except BaseException:
-        _canary(variant, "fail", request.node.name)
-        raise
-    _canary(variant, "pass", request.node.name)
 
 
 def _check_gluon_forward(monkeypatch, variant, M, N, D, k, labelled, splits) -> None:
@@ -257,7 +236,7 @@ def _check_gluon_forward(monkeypatch, variant, M, N, D, k, labelled, splits) -> 
 def test_gluon_probe_stages_gpu(request, variant):
     """On an sm_90 GPU: each of the probe's other ring depths (``PROBE_STAGES``) writes the same
     slots, bit for bit, as the variant's own (the same MMAs in the same order; only the loads'
-    buffers differ). Where ``DAAL_GLUON_CANARY`` names a file, the outcome is appended under
+    buffers differ). The outcome goes to the canary (tests/gpu_canary.py) under
     ``variant-stagesN``: the probe times a depth only after its pass."""
     _gluon_on_gpu(variant, request.node.name)
     q = torch.randn(4100, 512, device="cuda").bfloat16()
@@ -265,7 +244,7 @@ def test_gluon_probe_stages_gpu(request, variant):
     for st in kg.PROBE_STAGES[variant]:
         got = kg.candidates(q, q, 8, None, None, True, 2, variant=variant, stages=st)
         same = torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
-        _canary(f"{variant}-stages{st}", "pass" if same else "fail", request.node.name)
+        record(f"{variant}-stages{st}", "pass" if same else "fail", request.node.name)
         assert same, (st, (got[1] != want[1]).sum().item())
 
 
@@ -311,15 +290,6 @@ def test_gluon_entry_glue(monkeypatch, k, splits, entry):
     with pytest.raises(ValueError, match="does not finish"):
         kk._candidates(kk.prepare(x, torch.float16, align=kk.align_rows()), x, k, None, None, False, 1,
                        finish=True, entry=entry)
-
-
-def test_run_with_deadline_reports_hangs_and_failures(tmp_path):
-    """The child-process launch the GPU tests guard a new kernel with: None on a clean exit, a
-    hang killed at the deadline, a failure with its exit status and output."""
-    assert run_with_deadline("print('ok')", 60, str(tmp_path)) is None
-    assert run_with_deadline("import time; time.sleep(30)", 1, str(tmp_path)).startswith("hung")
-    why = run_with_deadline("import sys; print('boom'); sys.exit(3)", 60, str(tmp_path))
-    assert why.startswith("exit status 3") and "boom" in why
 
 
 @pytest.mark.interpreter

@@ -9,6 +9,7 @@ import torch
 from daal_triton import reference
 from daal_triton.kernels import knn as kk, knn_threshold as kt
 from daal_triton.launch_count import LaunchCount
+from gpu_canary import canary, filter_tiles_variant, first_launches, record, unvetted
 
 pytestmark = pytest.mark.interpreter
 
@@ -407,31 +408,136 @@ def test_the_threshold_path_never_syncs(small):
         assert {name, "_knn_select_kernel", "_knn_rescan_kernel"} <= launched, count.triton
 
 
+#: The threshold path's first launches on a GPU, in a child process (``gpu_canary.first_launches``):
+#: the 60k evaluation's self-search as the benchmarks and the probe launch it, the memory bank's
+#: shape (on every tile), then 24-slot lists at 4100 rows (most rows overflow: the rescan); each
+#: result's indices in range. ``policy``: "threshold" or "half"; ``blocks``: one of the filter's
+#: other tiles (``FILTER_ALTERNATIVES``), or None; the sizes: :data:`GPU_SIZES`.
+_SMOKE = """
+import contextlib, torch
+from daal_triton.kernels import knn_threshold as kt
+policy, blocks = {policy!r}, {blocks!r}
+unit = lambda n: torch.nn.functional.normalize(torch.randn(n, {d}, device={device!r}), dim=1).to(torch.{dtype})
+x = unit({n})
+inputs = [(x, x)] + ([(unit({bank[0]}), unit({bank[1]}))] if policy == "threshold" and blocks is None else [])
+with kt.filter_tiles(blocks) if blocks else contextlib.nullcontext():
+    for q, r in inputs:
+        assert kt.eligible(q, r, 8, False) and (policy != "half" or kt.halves(q, r, 8))
+        dist, index = kt.select(q, r, 8, r is q, half=policy == "half")
+        torch.cuda.synchronize() if q.is_cuda else None
+        assert bool(torch.isfinite(dist).all()) and bool(((index >= 0) & (index < r.shape[0])).all())
+    kt.CAP = 24
+    y = x[:{small}]
+    kt.select(y, y, 8, True, half=policy == "half")
+    torch.cuda.synchronize() if y.is_cuda else None
+print("ok")
+"""
+GPU_SIZES = dict(device="cuda", dtype="bfloat16", n=60000, bank=(1024, 65536), small=4100, d=512)
+
+
+def smoke(policy: str, blocks=None, **sizes) -> str:
+    """The code of :data:`_SMOKE` for ``policy`` and ``blocks`` at :data:`GPU_SIZES` (``sizes``
+    replacing some: the CPU test's)."""
+    return _SMOKE.format(policy=policy, blocks=blocks, **{**GPU_SIZES, **sizes})
+
+
+#: Seconds a child may take (a Python start, the path's JIT builds, its launches: about 10-20 s
+#: expected, an estimate): a hang costs this.
+SMOKE_S = 60
+
+
+def _on_gpu(variant: str, name: str, policy: str = "threshold", blocks=None) -> None:
+    """Skip where the threshold path does not run (no GPU, no descriptor loads); else fail, and
+    record the failure in the canary, unless its first launches returned in a child process:
+    a filter that faults would otherwise take this test process and the tests after it (and
+    until 2026-12-05 the benchmarks timed it unvetted). The filter on other tiles (``blocks``)
+    fails at once where the canary records a failure of the path on its own tiles."""
+    x = torch.empty(4100, 512, device="cuda", dtype=torch.bfloat16)
+    if not kt.eligible(x, x, 8, False):
+        pytest.skip("the threshold path needs the filter's descriptor loads (sm_90, sm_100)")
+    why = unvetted("threshold")
+    if blocks is not None and why and "failed" in why:  # the path on its own tiles failed: no child
+        record(variant, "fail", name)
+        pytest.fail(f"not tried: {why}")
+    first_launches(variant, smoke(policy, blocks), SMOKE_S, name)
+
+
+def _against_merge(monkeypatch, q, r, k, own, policy) -> tuple:
+    """``policy``'s ``(dist, index)`` of ``kk.knn``, checked against the merge's: the same
+    neighbours in 99.9% of the rows (the filter's tiles may sum the GEMM form in another order
+    than the merge's: near-ties may swap) and distances within 1e-3; with the default lists and
+    with 24 slots (most rows overflow and are rescanned)."""
+    for cap in (kt.CAP, 24):
+        monkeypatch.setattr(kt, "CAP", cap)
+        monkeypatch.setenv(kk.SELECT_ENV, policy)
+        got = kk.knn(q, r, k, exclude_self=own)
+        monkeypatch.setenv(kk.SELECT_ENV, "merge")
+        want = kk.knn(q, r, k, exclude_self=own)
+        same = (got[1] == want[1]).all(dim=1).float().mean().item()
+        assert same >= 0.999, (policy, cap, same)
+        assert (got[0] - want[0]).abs().max().item() <= 1e-3, (policy, cap)
+        assert torch.isfinite(got[0]).all() and (got[1] >= 0).all()
+    return got
+
+
+def _unit(n: int) -> torch.Tensor:
+    return torch.nn.functional.normalize(torch.randn(n, 512, device="cuda"), dim=1).bfloat16()
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("M, N, k, own", [(4100, 4100, 8, True), (1024, 65536, 8, False), (3000, 20000, 16, False)])
-def test_threshold_gpu(monkeypatch, M, N, k, own):
-    """On the GPU (bfloat16, D = 512; the filter through descriptors on sm_90): the merge's
-    neighbours (the filter's 128 x 128 tiles may sum the GEMM form in another order than the
-    merge's tiles: near-ties may swap, so 99.9% of the rows) and the float64 reference's
-    distances, self-kNN and a memory bank's shape; then with 24-slot lists, where most rows
-    overflow and are rescanned. A self-search also with its filter on half the tiles
-    (``DAAL_KNN_SELECT=half``)."""
-    q = torch.nn.functional.normalize(torch.randn(M, 512, device="cuda"), dim=1).bfloat16()
-    r = q if own else torch.nn.functional.normalize(torch.randn(N, 512, device="cuda"), dim=1).bfloat16()
-    for policy in ("threshold", "half") if own else ("threshold",):
-        for cap in (kt.CAP, 24):
-            monkeypatch.setattr(kt, "CAP", cap)
-            monkeypatch.setenv(kk.SELECT_ENV, policy)
-            got = kk.knn(q, r, k, exclude_self=own)
-            monkeypatch.setenv(kk.SELECT_ENV, "merge")
-            want = kk.knn(q, r, k, exclude_self=own)
-            same = (got[1] == want[1]).all(dim=1).float().mean().item()
-            assert same >= 0.999, (policy, cap, same)
-            assert (got[0] - want[0]).abs().max().item() <= 1e-3, (policy, cap)
-            assert torch.isfinite(got[0]).all() and (got[1] >= 0).all()
-    ref_d, _ = reference.knn(q[:512].double(), r.double(), k, exclude_self=False)
-    if not own:
-        assert (got[0][:512].double() - ref_d).abs().max().item() <= 1e-3
+@pytest.mark.parametrize("M, N, k, own, policy", [
+    (4100, 4100, 8, True, "threshold"), (4100, 4100, 8, True, "half"), (1024, 65536, 8, False, "threshold"),
+    (3000, 20000, 16, False, "threshold")])
+def test_threshold_gpu(monkeypatch, request, M, N, k, own, policy):
+    """On the GPU (bfloat16, D = 512; the filter through descriptors), after the path's first
+    launches returned in a child process: the merge's neighbours and the float64 reference's
+    distances, self-kNN (also with the filter on half the tiles, ``DAAL_KNN_SELECT=half``), a
+    memory bank's shape, k = 16. Each outcome goes to the canary (tests/gpu_canary.py) under
+    the policy's name: the benchmarks and the probe time a policy only after passes and no
+    failure."""
+    _on_gpu(policy, request.node.name, policy)
+    with canary(policy, request.node.name):
+        q = _unit(M)
+        r = q if own else _unit(N)
+        got = _against_merge(monkeypatch, q, r, k, own, policy)
+        if not own:
+            ref_d, _ = reference.knn(q[:512].double(), r.double(), k, exclude_self=False)
+            assert (got[0][:512].double() - ref_d).abs().max().item() <= 1e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("blocks", sorted(kt.FILTER_ALTERNATIVES, key=str), ids=filter_tiles_variant)
+def test_filter_tiles_gpu(monkeypatch, request, blocks):
+    """On the GPU, after its first launches returned in a child process: the filter on each of
+    the probe's other tiles (``FILTER_ALTERNATIVES``) selects the merge's neighbours (self-kNN,
+    4100 rows, default and 24-slot lists). The outcome goes to the canary under
+    ``gpu_canary.filter_tiles_variant(blocks)``: the probe times those tiles only after a pass."""
+    variant = filter_tiles_variant(blocks)
+    _on_gpu(variant, request.node.name, blocks=blocks)
+    with canary(variant, request.node.name), kt.filter_tiles(blocks):
+        q = _unit(4100)
+        _against_merge(monkeypatch, q, q, 8, True, "threshold")
+
+
+@pytest.mark.parametrize("policy, blocks", [("threshold", None), ("half", None),
+                                           ("threshold", next(iter(kt.FILTER_ALTERNATIVES)))],
+                         ids=["threshold", "half", "other-tiles"])
+def test_first_launches_code_runs(monkeypatch, capsys, small, policy, blocks):
+    """The code the GPU tests first run in a child process (``smoke``), here in-process under
+    the interpreter at small sizes: it takes the path it names and checks what it returns (an
+    error in it would fail every GPU test of the path, and hold back its benchmarks)."""
+    from daal_testing import spy_launches
+
+    monkeypatch.setattr(kt, "CAP", kt.CAP)  # it sets 24: restored after
+    name = "_knn_filter_half_kernel" if policy == "half" else "_knn_filter_kernel"
+    launched = spy_launches(monkeypatch, kt, [name])
+    seen = []
+    tiles = kt.filter_tiles
+    monkeypatch.setattr(kt, "filter_tiles", lambda b: seen.append(b) or tiles(b))
+    exec(smoke(policy, blocks, device="cpu", dtype="float16", n=300, bank=(64, 1100), small=200, d=64), {})
+    assert capsys.readouterr().out.strip().endswith("ok")
+    assert launched.count(name) == (3 if policy == "threshold" and blocks is None else 2), launched
+    assert seen == ([blocks] if blocks else [])
 
 
 def _filter_job(exclude_self: bool, capability: int = 90, half: bool = False) -> dict:
