@@ -369,64 +369,62 @@ def threshold_section(dev, emit, n, d, reps, dtype=None, n_grid=60000):
        entries per row), the model of docs/kernels.md's estimate.
 
     (``dtype``: float16 for a test in the interpreter, where bf16 dots cannot run.)"""
-    if not vetted(emit, "threshold"):  # every line runs its sample's forward and selection
-        return
     q, _, _, flops, cfg = _problem(dev, n_grid, d, dtype)
-    if knn_threshold.eligible(q, q, 8, False):
-        rec = _knn_rec(dev, emit, n_grid, flops, cfg)
-        last = []  # the last timed call's (dist, index)
+    if not knn_threshold.eligible(q, q, 8, False) or not vetted(emit, "threshold"):
+        return  # (every line runs the path's sample forward, filter and selection)
+    rec = _knn_rec(dev, emit, n_grid, flops, cfg)
+    last = []  # the last timed call's (dist, index)
 
-        def call(half=False):
-            last[:] = [knn_threshold.select(q, q, 8, True, half=half)]
+    def call(half=False):
+        last[:] = [knn_threshold.select(q, q, 8, True, half=half)]
 
-        def attempt(what, time, **fields):
-            """``(ms, same_rows)`` of ``time()``, or None after an error line naming ``what`` (a
-            build no GPU has run: its failure is its line, and the others still run)."""
-            try:
-                ms = time()
-                return ms, float((last[0][1] == want).all(dim=1).float().mean())
-            except Exception:
-                tb = traceback.format_exc()[-3000:]
-                final = (tb.strip().splitlines() or [""])[-1]  # the line the report shows, with what failed
-                emit("knn", "error", error=f"{tb}\n{what}: {final}", **fields)
-                return None
-        for per_sm in sorted({knn_threshold.PROGRAMS_PER_SM, 1}, reverse=True):
-            S = knn_threshold.filter_splits(n_grid, n_grid, dev, per_sm)
-            with mock.patch.object(knn_threshold, "PROGRAMS_PER_SM", per_sm):
-                ms = gpu_ms(call, dev, reps)
-            if per_sm == knn_threshold.PROGRAMS_PER_SM:
-                want = last[0][1]  # the default tiles' neighbours
-            rec(f"knn threshold k=8 self, the filter's grid in waves of {per_sm} program(s) per SM (S={S})", ms,
-                splits=S, programs_per_sm=per_sm)
-        # a self-search's filter on half the tiles (DAAL_KNN_SELECT=half), in both grids' waves
-        half_waves = sorted({knn_threshold.PROGRAMS_PER_SM, 1}, reverse=True) if vetted(emit, "half") else []
-        for per_sm in half_waves:
-            S = knn_threshold.half_splits(n_grid, dev, per_sm)
-            with mock.patch.object(knn_threshold, "PROGRAMS_PER_SM", per_sm):
-                got = attempt("the filter on half the tiles", lambda: gpu_ms(lambda: call(True), dev, reps), half=True)
-            if got:
-                rec(f"knn threshold k=8 self, half the tiles, in waves of {per_sm} program(s) per SM ({S} runs "
-                    "per pair)", got[0], splits=S, programs_per_sm=per_sm, half=True, same_rows=got[1])
-        # the time up to the end of each earlier step (the rest: the selection and the rescan)
-        steps = [(False, step) for step in knn_threshold.STEPS[:-1]]
-        if unvetted("half") is None:  # (its "not timed" line came with its grids')
-            steps.append((True, "filter"))
-        for half, step in steps:
-            emit("knn", f"knn threshold k=8 self{', half the tiles' if half else ''}, its steps up to {step}",
-                 n=n_grid, until=step, half=half,
-                 ms=gpu_ms(lambda: knn_threshold.select(q, q, 8, True, until=step, half=half), dev, reps))
-        for blocks, per_sm in knn_threshold.FILTER_ALTERNATIVES.items():
-            if not vetted(emit, filter_tiles_variant(blocks)):
-                continue
-            with knn_threshold.filter_tiles(blocks):
-                S = knn_threshold.filter_splits(n_grid, n_grid, dev)
-                got = attempt(f"the filter on {filter_tiles_name(blocks)}", lambda: gpu_ms(call, dev, reps),
-                              filter_blocks=list(blocks))
-            if got:
-                rec(f"knn threshold k=8 self, the filter on {filter_tiles_name(blocks)} ({per_sm} per SM, S={S})",
-                    got[0], splits=S, programs_per_sm=per_sm, filter_blocks=list(blocks), same_rows=got[1])
-        del want, last
-    del q
+    def attempt(what, time, **fields):
+        """``(ms, same_rows)`` of ``time()``, or None after an error line naming ``what`` (a
+        build no GPU has run: its failure is its line, and the others still run)."""
+        try:
+            ms = time()
+            return ms, float((last[0][1] == want).all(dim=1).float().mean())
+        except Exception:
+            tb = traceback.format_exc()[-3000:]
+            final = (tb.strip().splitlines() or [""])[-1]  # the line the report shows, with what failed
+            emit("knn", "error", error=f"{tb}\n{what}: {final}", **fields)
+            return None
+    for per_sm in sorted({knn_threshold.PROGRAMS_PER_SM, 1}, reverse=True):
+        S = knn_threshold.filter_splits(n_grid, n_grid, dev, per_sm)
+        with mock.patch.object(knn_threshold, "PROGRAMS_PER_SM", per_sm):
+            ms = gpu_ms(call, dev, reps)
+        if per_sm == knn_threshold.PROGRAMS_PER_SM:
+            want = last[0][1]  # the default tiles' neighbours
+        rec(f"knn threshold k=8 self, the filter's grid in waves of {per_sm} program(s) per SM (S={S})", ms,
+            splits=S, programs_per_sm=per_sm)
+    # a self-search's filter on half the tiles (DAAL_KNN_SELECT=half), in both grids' waves
+    half_waves = sorted({knn_threshold.PROGRAMS_PER_SM, 1}, reverse=True) if vetted(emit, "half") else []
+    for per_sm in half_waves:
+        S = knn_threshold.half_splits(n_grid, dev, per_sm)
+        with mock.patch.object(knn_threshold, "PROGRAMS_PER_SM", per_sm):
+            got = attempt("the filter on half the tiles", lambda: gpu_ms(lambda: call(True), dev, reps), half=True)
+        if got:
+            rec(f"knn threshold k=8 self, half the tiles, in waves of {per_sm} program(s) per SM ({S} runs "
+                "per pair)", got[0], splits=S, programs_per_sm=per_sm, half=True, same_rows=got[1])
+    # the time up to the end of each earlier step (the rest: the selection and the rescan)
+    steps = [(False, step) for step in knn_threshold.STEPS[:-1]]
+    if unvetted("half") is None:  # (its "not timed" line came with its grids')
+        steps.append((True, "filter"))
+    for half, step in steps:
+        emit("knn", f"knn threshold k=8 self{', half the tiles' if half else ''}, its steps up to {step}",
+             n=n_grid, until=step, half=half,
+             ms=gpu_ms(lambda: knn_threshold.select(q, q, 8, True, until=step, half=half), dev, reps))
+    for blocks, per_sm in knn_threshold.FILTER_ALTERNATIVES.items():
+        if not vetted(emit, filter_tiles_variant(blocks)):
+            continue
+        with knn_threshold.filter_tiles(blocks):
+            S = knn_threshold.filter_splits(n_grid, n_grid, dev)
+            got = attempt(f"the filter on {filter_tiles_name(blocks)}", lambda: gpu_ms(call, dev, reps),
+                          filter_blocks=list(blocks))
+        if got:
+            rec(f"knn threshold k=8 self, the filter on {filter_tiles_name(blocks)} ({per_sm} per SM, S={S})",
+                got[0], splits=S, programs_per_sm=per_sm, filter_blocks=list(blocks), same_rows=got[1])
+    del want, last, q
     q, _, _, flops, cfg = _problem(dev, n, d, dtype)
     if not knn_threshold.eligible(q, q, 8, False):
         return
