@@ -5,8 +5,9 @@ usage: python bench/sharded_pytest.py --shards N --junitxml OUT.xml -- PYTEST_AR
 On the GPU machine those steps' time is Triton's JIT builds, one CPU core each: the first H200
 run's kernel-test step got through 34 of its tests in its 80 s. Shard i of N runs the i-th of N
 contiguous slices of the selection (``DAAL_TEST_SHARD=i/N``, tests/conftest.py; contiguous, so
-a test's cases, which build the same kernels, mostly stay in one process) in a session of its
-own. Their JUnit test suites go into OUT.xml and their output follows, in shard order, with a
+a test's cases, which build the same kernels, mostly stay in one process; of about equal weight,
+a test marked ``shard_weight(w)`` counting w: since 2026-12-05 the tests that first launch a
+kernel in a child process weigh 8-15 ordinary ones, an estimate) in a session of its own. Their JUnit test suites go into OUT.xml and their output follows, in shard order, with a
 summary line last.
 
 The step's timeout (``timeout -s INT``) interrupts this process, which passes one SIGINT to each

@@ -1246,6 +1246,27 @@ def test_test_shards_split_the_selection():
 
 
 
+def test_test_shards_weigh_about_the_same():
+    """``daal_testing.shard_slice``: contiguous slices that together hold every item once, in
+    order, each within one item's weight of an equal share (a test that first launches a kernel
+    in a child process weighs ~12 ordinary ones: ``shard_weight``); equal weights give slices
+    within one item of each other."""
+    from daal_testing import shard_slice
+
+    for weights in ([1.0] * 7, [1.0] * 10 + [12.0] + [1.0] * 10 + [15.0, 12.0] + [1.0] * 20, [1.0, 100.0, 1.0],
+                    [8.0] * 3 + [1.0] * 50, []):
+        for n in (1, 2, 3, 5):
+            parts = [shard_slice(weights, i, n) for i in range(n)]
+            assert [j for p in parts for j in p] == list(range(len(weights))), (weights, n, parts)
+            share = sum(weights) / n
+            assert all(sum(weights[j] for j in p) <= share + max(weights, default=0) for p in parts), (weights, n)
+            if len(set(weights)) == 1:
+                assert max(map(len, parts)) - min(map(len, parts)) <= 1, (n, parts)
+    parts = [shard_slice([1.0] * 10 + [12.0] + [1.0] * 10 + [15.0, 12.0] + [1.0] * 20, i, 5) for i in range(5)]
+    assert [len(p) for p in parts] != [9, 9, 9, 9, 8]  # not the count's split: the heavy ones apart
+    assert not any({10, 21} <= set(p) or {21, 22} <= set(p) for p in parts), parts
+
+
 @pytest.mark.parametrize("tool", ["knn", "line_margin"])
 def test_tuning_writes_what_it_measured_when_interrupted(tmp_path, monkeypatch, tool):
     """The GPU check stops a tuning step with SIGINT (``timeout -s INT``) when its time runs out:

@@ -27,6 +27,8 @@ def pytest_configure(config):
         strict_interpreter_launches()  # what the GPU JIT refuses fails here too
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped, with the reason shown, on CPU)")
     config.addinivalue_line("markers", "slow: takes more than a few seconds on 2 CPU cores")
+    config.addinivalue_line("markers", "shard_weight(w): this test takes about w times an ordinary one "
+                            "(its first launches in child processes): DAAL_TEST_SHARD's slices weigh it so")
     config.addinivalue_line("markers", "interpreter: runs Triton kernels on CPU tensors through the interpreter "
                             "(skipped, with the reason shown, on a GPU machine, where TRITON_INTERPRET is not set)")
     config.addinivalue_line("markers", "build: builds kernels for GPU targets and reads the result "
@@ -38,7 +40,8 @@ def pytest_configure(config):
 
 
 #: ``DAAL_TEST_SHARD=i/n``: run only the i-th of n contiguous slices of the selection (after
-#: ``-m``/``-k``); bench/sharded_pytest.py runs the n slices side by side on the GPU machine.
+#: ``-m``/``-k``), of about equal weight; bench/sharded_pytest.py runs the n slices side by side
+#: on the GPU machine.
 SHARD_ENV = "DAAL_TEST_SHARD"
 
 
@@ -57,7 +60,9 @@ def shard_of(value: str):
 def pytest_collection_modifyitems(config, items):
     if os.environ.get(SHARD_ENV):
         i, n = shard_of(os.environ[SHARD_ENV])
-        keep = items[i * len(items) // n:(i + 1) * len(items) // n]
+        from daal_testing import item_weight, shard_slice
+
+        keep = [items[j] for j in shard_slice([item_weight(it) for it in items], i, n)]
         kept = set(map(id, keep))
         config.hook.pytest_deselected(items=[it for it in items if id(it) not in kept])
         items[:] = keep

@@ -30,6 +30,27 @@ def skip_interpreter_tests_on_gpu(items) -> None:
             item.add_marker(cpu_only)
 
 
+def item_weight(item) -> float:
+    """A test's expected time against an ordinary one's, for the shards' split: the argument of
+    its ``shard_weight`` marker, else 1."""
+    mark = item.get_closest_marker("shard_weight")
+    return float(mark.args[0]) if mark else 1.0
+
+
+def shard_slice(weights, i: int, n: int) -> range:
+    """The indices of the i-th of n contiguous slices of items with these ``weights``: an item
+    goes to the slice its weight's midpoint falls in (n equal parts of the total), so the slices
+    weigh about the same and together hold every item once, in order."""
+    total = sum(weights) or 1.0
+    starts, acc = [], 0.0
+    for w in weights:
+        starts.append(min(n - 1, int((acc + w / 2) * n / total)))
+        acc += w
+    first = next((j for j, s in enumerate(starts) if s >= i), len(weights))
+    last = next((j for j, s in enumerate(starts) if s > i), len(weights))
+    return range(first, last)
+
+
 def strict_interpreter_launches() -> None:
     """Make Triton's interpreter refuse a launch keyword the GPU JIT refuses: one that is neither
     a parameter of the kernel nor a compile option. The interpreter drops it silently; on a GPU it

@@ -486,8 +486,12 @@ def _unit(n: int) -> torch.Tensor:
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("M, N, k, own, policy", [
-    (4100, 4100, 8, True, "threshold"), (4100, 4100, 8, True, "half"), (1024, 65536, 8, False, "threshold"),
-    (3000, 20000, 16, False, "threshold")])
+    # each policy's first test launches it in a child first (shard_weight: an estimate,
+    # tests/conftest.py; a Python start and about seven JIT builds: the sample's forwards, the
+    # filters at two list sizes, with and without self pairs, the selection, the rescan)
+    pytest.param(4100, 4100, 8, True, "threshold", marks=pytest.mark.shard_weight(15)),
+    pytest.param(4100, 4100, 8, True, "half", marks=pytest.mark.shard_weight(12)),
+    (1024, 65536, 8, False, "threshold"), (3000, 20000, 16, False, "threshold")])
 def test_threshold_gpu(monkeypatch, request, M, N, k, own, policy):
     """On the GPU (bfloat16, D = 512; the filter through descriptors), after the path's first
     launches returned in a child process: the merge's neighbours and the float64 reference's
@@ -506,6 +510,7 @@ def test_threshold_gpu(monkeypatch, request, M, N, k, own, policy):
 
 
 @pytest.mark.gpu
+@pytest.mark.shard_weight(8)  # a child each: a Python start, the filter's two builds (an estimate)
 @pytest.mark.parametrize("blocks", sorted(kt.FILTER_ALTERNATIVES, key=str), ids=filter_tiles_variant)
 def test_filter_tiles_gpu(monkeypatch, request, blocks):
     """On the GPU, after its first launches returned in a child process: the filter on each of
