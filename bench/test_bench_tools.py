@@ -1246,6 +1246,34 @@ def test_test_shards_split_the_selection():
 
 
 
+def test_a_gpu_machine_runs_every_gpu_and_build_test(tmp_path):
+    """On a GPU machine the conftests skip the interpreter's tests (``skip_interpreter_tests_on_gpu``)
+    but none marked ``gpu`` or ``build``, even in a module marked ``interpreter`` as a whole
+    (tests/kernels/test_kernel_knn_threshold.py: its GPU tests vet the threshold path before the
+    benchmarks time it): the rule applied to every collected test, as on the GPU."""
+    plugin = tmp_path / "gpu_rule.py"
+    plugin.write_text(
+        "def pytest_collection_finish(session):\n"
+        "    from daal_testing import CPU_ONLY, skip_interpreter_tests_on_gpu\n"
+        "    skip_interpreter_tests_on_gpu(session.items)\n"
+        "    for it in session.items:\n"
+        "        cpu_only = any(m.kwargs.get('reason') == CPU_ONLY for m in it.iter_markers('skip'))\n"
+        "        kind = 'gpu' if 'gpu' in it.keywords else 'build' if 'build' in it.keywords else 'other'\n"
+        "        print('RULE', kind, int(cpu_only), int('interpreter' in it.keywords), it.nodeid)\n")
+    proc = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+                           "-p", "gpu_rule", "-m", "gpu or build or interpreter", "tests"],
+                          cwd=os.path.dirname(HERE), capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, PYTHONPATH=os.pathsep.join(
+                              [str(tmp_path), os.environ.get("PYTHONPATH", "")])))
+    rows = [line.split(" ", 4)[1:] for line in proc.stdout.splitlines() if line.startswith("RULE ")]
+    assert rows, proc.stdout[-2000:] + proc.stderr[-2000:]
+    skipped = [(kind, nodeid) for kind, cpu_only, _, nodeid in rows if cpu_only == "1"]
+    assert not [s for s in skipped if s[0] != "other"], skipped
+    assert skipped and all(interp == "1" for _, cpu_only, interp, _ in rows if cpu_only == "1")
+    threshold = [kind for kind, _, interp, nodeid in rows if "test_kernel_knn_threshold.py" in nodeid]
+    assert {"gpu", "build", "other"} <= set(threshold)  # the module marked as a whole has all three
+
+
 def test_test_shards_weigh_about_the_same():
     """``daal_testing.shard_slice``: contiguous slices that together hold every item once, in
     order, each within one item's weight of an equal share (a test that first launches a kernel

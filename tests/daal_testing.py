@@ -21,12 +21,19 @@ DEV = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+#: Why :func:`skip_interpreter_tests_on_gpu` skips a test.
+CPU_ONLY = "runs Triton's interpreter on CPU tensors: CPU machines (CI) run it"
+
+
 def skip_interpreter_tests_on_gpu(items) -> None:
     """On a GPU machine (no ``TRITON_INTERPRET``): skip, with the reason, the items marked
-    ``interpreter`` (the Triton backend on CPU tensors). Both conftests call it."""
-    cpu_only = pytest.mark.skip(reason="runs Triton's interpreter on CPU tensors: CPU machines (CI) run it")
+    ``interpreter`` (the Triton backend on CPU tensors), but never one also marked ``gpu`` or
+    ``build`` (a module's ``pytestmark = pytest.mark.interpreter`` reaches its GPU and build tests
+    too: until 2026-12-05's sixth session it would have skipped the threshold path's GPU tests on
+    the GPU). Both conftests call it."""
+    cpu_only = pytest.mark.skip(reason=CPU_ONLY)
     for item in items:
-        if "interpreter" in item.keywords:
+        if "interpreter" in item.keywords and "gpu" not in item.keywords and "build" not in item.keywords:
             item.add_marker(cpu_only)
 
 
