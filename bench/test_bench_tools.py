@@ -1279,8 +1279,15 @@ def test_test_shards_weigh_about_the_same():
     order, each within one item's weight of an equal share (a test that first launches a kernel
     in a child process weighs ~12 ordinary ones: ``shard_weight``); equal weights give slices
     within one item of each other."""
-    from daal_testing import shard_slice
+    from daal_testing import item_weight, shard_slice
 
+    class Item:  # what item_weight reads of a collected test
+        def __init__(self, mark):
+            self.mark = mark
+
+        def get_closest_marker(self, name):
+            return self.mark if name == "shard_weight" else None
+    assert item_weight(Item(pytest.mark.shard_weight(12).mark)) == 12.0 and item_weight(Item(None)) == 1.0
     for weights in ([1.0] * 7, [1.0] * 10 + [12.0] + [1.0] * 10 + [15.0, 12.0] + [1.0] * 20, [1.0, 100.0, 1.0],
                     [8.0] * 3 + [1.0] * 50, []):
         for n in (1, 2, 3, 5):
