@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import types
 
 import pytest
 import torch
@@ -1287,7 +1288,7 @@ def test_test_shards_weigh_about_the_same():
 
         def get_closest_marker(self, name):
             return self.mark if name == "shard_weight" else None
-    assert item_weight(Item(pytest.mark.shard_weight(12).mark)) == 12.0 and item_weight(Item(None)) == 1.0
+    assert item_weight(Item(types.SimpleNamespace(args=(12,)))) == 12.0 and item_weight(Item(None)) == 1.0
     for weights in ([1.0] * 7, [1.0] * 10 + [12.0] + [1.0] * 10 + [15.0, 12.0] + [1.0] * 20, [1.0, 100.0, 1.0],
                     [8.0] * 3 + [1.0] * 50, []):
         for n in (1, 2, 3, 5):
