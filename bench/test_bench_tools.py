@@ -958,6 +958,8 @@ def test_probe_times_only_what_its_gpu_tests_vetted(tmp_path, monkeypatch):
     from gpu_canary import CANARY_ENV, filter_tiles_variant
 
     monkeypatch.setattr(kt, "MIN_SAMPLE", 8)
+    monkeypatch.setattr(kt, "PROGRAMS_PER_SM", 1)  # one grid, one stride: what is timed is not the point
+    monkeypatch.setattr(kt, "PROBE_STRIDES", kt.PROBE_STRIDES[:1])
     canary = tmp_path / "canary.txt"
     monkeypatch.setenv(CANARY_ENV, str(canary))
     halved = spy_launches(monkeypatch, kt, ["_knn_filter_half_kernel"])
@@ -966,21 +968,21 @@ def test_probe_times_only_what_its_gpu_tests_vetted(tmp_path, monkeypatch):
                                              kw.get("maxnreg")))
     lines = []
     emit = lambda section, name, **kw: lines.append((name, kw))  # noqa: E731
-    args = (torch.device("cpu"), emit, 320, 32, 1)
-    probe_h200.threshold_section(*args, dtype=torch.float16, n_grid=256)
+    args = (torch.device("cpu"), emit, 200, 32, 1)
+    probe_h200.threshold_section(*args, dtype=torch.float16, n_grid=200)
     assert [name for name, _ in lines] == ["not timed: threshold's GPU tests have not passed in this run "
                                            f"({canary})"] and not tiles and not halved
     first, *others = kt.FILTER_ALTERNATIVES
     canary.write_text(f"threshold pass a\nhalf pass b\nhalf fail c\n{filter_tiles_variant(first)} pass d\n")
     lines.clear()
-    probe_h200.threshold_section(*args, dtype=torch.float16, n_grid=256)
+    probe_h200.threshold_section(*args, dtype=torch.float16, n_grid=200)
     skipped = [kw["variant"] for name, kw in lines if name.startswith("not timed")]
     assert skipped == ["half"] + [filter_tiles_variant(b) for b in others], lines
     assert not halved and not any("half" in name for name, _ in lines if not name.startswith("not timed"))
     assert [kw["filter_blocks"] for name, kw in lines if "the filter on " in name] == [list(first)]
     assert set(tiles) == {tuple(kt.CONFIGS["filter"].blocks[b] for b in ("BLOCK_M", "BLOCK_N"))
                           + (kt.CONFIGS["filter"].num_warps, kt.CONFIGS["filter"].num_stages, None), first}, tiles
-    assert any("a 1/8 sample" in name for name, _ in lines)
+    assert any(f"a 1/{kt.PROBE_STRIDES[0]} sample" in name for name, _ in lines)
 
 
 def test_probe_table_says_which_filter_tiles_gave_other_neighbours():
