@@ -10,7 +10,14 @@ teardown (DataLoader workers joined, ``atexit`` handlers), which a second Ctrl-C
 interrupt with an "Exception ignored in atexit callback" traceback after the program had already
 said how it stopped. The ``main`` functions themselves stay interruptible and are what the tests
 call in-process. (``import daal_triton`` does not import torch: daal_triton/__init__.py.)
+
+The loaders import what ``main`` imports, torch among them (``cli`` imports its program's
+modules inside ``main``): until 2026-12-05 they loaded ``cli`` alone, so torch's import ran in
+``main`` without the hold, where a Ctrl-C that landed in one of the import system's weakref
+callbacks was "ignored" by the interpreter and the run went on to the end (status 0: a CI run
+of test_an_early_ctrl_c_stops_daal_train_with_one_line).
 """
+import importlib
 import signal
 import sys
 from typing import Callable
@@ -40,13 +47,31 @@ def _run(load: Callable[[], Callable[[], int]], prog: str) -> int:
     return status
 
 
+#: What ``daal-train`` and ``daal-eval`` import before their first epoch or evaluation, imported
+#: by their loaders under the hold: the program's modules (which ``cli`` imports inside its
+#: ``main``s: torch, numpy), torchvision (the network), the loss, and scikit-learn's metrics (the
+#: baselines' NMI). (t-SNE and matplotlib come at the end of a run: not held.)
+PRELOAD = ("daal_triton.train.run", "daal_triton.train.evaluate", "daal_triton.loss", "torchvision",
+           "sklearn.cluster", "sklearn.metrics")
+
+
+def _preload() -> None:
+    """Import :data:`PRELOAD`; for ``--help`` only the first (``main`` imports it before it
+    parses: the rest would add ~2.4 s to the help on a 2-core CPU)."""
+    help_only = bool({"-h", "--help"} & set(sys.argv[1:]))
+    for name in PRELOAD[:1] if help_only else PRELOAD:
+        importlib.import_module(name)
+
+
 def _train_main() -> Callable[[], int]:
     from .cli import main
+    _preload()
     return main
 
 
 def _eval_main() -> Callable[[], int]:
     from .cli import eval_main
+    _preload()
     return eval_main
 
 

@@ -1,5 +1,6 @@
 """The console scripts (daal_triton/train/console.py): what setup.py installs, and a Ctrl-C after
 the program has finished."""
+import ast
 import importlib
 import pathlib
 import re
@@ -111,6 +112,37 @@ def test_the_console_module_loads_without_torch():
             "print('ok')")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+
+
+def test_the_loader_imports_what_the_run_imports_before_training(tmp_path):
+    """What ``daal-train`` imports before its first epoch loads under the held Ctrl-C (the
+    console's loader): a run of ``main`` after it imports none of torch, numpy, torchvision,
+    scikit-learn or triton, nor most of their submodules. (A Ctrl-C that lands in one of the
+    import system's weakref callbacks is dropped by the interpreter: with torch imported inside
+    ``main`` a CI run went on to the end with status 0.) ``--help`` preloads only what ``main``
+    imports before it parses."""
+    code = f"""
+import sys
+from daal_triton.train import console
+main = console._train_main()
+before = set(sys.modules)
+status = main(["--epochs", "1", "--steps-per-epoch", "1", "--shapes-train-per-class", "8",
+               "--shapes-test-per-class", "5", "--width", "0.125", "--embedding-dim", "32", "--threads", "1",
+               "--no-tsne", "--no-progress", "--out", {str(tmp_path / "run")!r}])
+new = set(sys.modules) - before
+heavy = ("torch", "numpy", "torchvision", "sklearn", "triton", "scipy")
+print(status, sorted(m for m in new if m.split(".")[0] in heavy))
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    status, _, late = r.stdout.strip().splitlines()[-1].partition(" ")
+    late = ast.literal_eval(late)  # the printed list of module names
+    assert status == "0" and not [m for m in late if "." not in m], late
+    assert len(late) <= 20, late  # (torch imports a few submodules on first use)
+    code = ("import sys; sys.argv[1:] = ['--help']; from daal_triton.train import console; console._train_main(); "
+            "print('torchvision' in sys.modules, 'torch' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert r.stdout.split() == ["False", "True"], r.stderr[-2000:]
 
 
 @pytest.mark.parametrize("delay", [0.3, 0.9, 1.6])
