@@ -35,6 +35,13 @@ def _run(load: Callable[[], Callable[[], int]], prog: str) -> int:
     try:
         try:
             main = load()
+        except ModuleNotFoundError as e:  # the "train" extra not installed: one line, not a traceback
+            top = (e.name or "").split(".")[0]
+            if top not in TRAIN_EXTRA:
+                raise
+            print(f"{prog}: error: {TRAIN_EXTRA[top]} is not installed; the training programs need the \"train\" "
+                  "extra: pip install 'daal-triton[train]'", file=sys.stderr)
+            return 1
         finally:
             signal.signal(signal.SIGINT, previous)
         if held:
@@ -47,6 +54,9 @@ def _run(load: Callable[[], Callable[[], int]], prog: str) -> int:
     return status
 
 
+#: The top-level modules of setup.py's "train" extra (the loaders import two of them) and their
+#: distributions' names.
+TRAIN_EXTRA = {"torchvision": "torchvision", "sklearn": "scikit-learn", "tqdm": "tqdm", "matplotlib": "matplotlib"}
 #: What ``daal-train`` and ``daal-eval`` import before their first epoch or evaluation, imported
 #: by their loaders under the hold: the program's modules (which ``cli`` imports inside its
 #: ``main``s: torch, numpy), torchvision (the network), the loss, and scikit-learn's metrics (the

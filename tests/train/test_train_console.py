@@ -145,6 +145,27 @@ print(status, sorted(m for m in new if m.split(".")[0] in heavy))
     assert r.stdout.split() == ["False", "True"], r.stderr[-2000:]
 
 
+@pytest.mark.parametrize("missing", ["torchvision", "sklearn"])
+def test_a_missing_train_extra_is_one_line(tmp_path, missing):
+    """Without the "train" extra (torchvision, scikit-learn, ...) ``daal-train`` says so in one line
+    with the install command, status 1, no traceback; a module of the package itself that cannot
+    be imported is a bug and keeps its traceback."""
+    code = (f"import sys; sys.modules[{missing!r}] = None; from daal_triton.train import console; "
+            "sys.exit(console.train())")
+    r = subprocess.run([sys.executable, "-c", code, "--epochs", "1"], capture_output=True, text=True, timeout=300,
+                       cwd=tmp_path)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    name = {"sklearn": "scikit-learn"}.get(missing, missing)
+    assert r.stderr.strip() == (f"daal-train: error: {name} is not installed; the training programs need the "
+                                "\"train\" extra: pip install 'daal-triton[train]'"), r.stderr
+    text = (pathlib.Path(__file__).resolve().parents[2] / "setup.py").read_text()
+    extra = re.search(r'"train": \[([^\]]*)\]', text).group(1)
+    assert sorted(console.TRAIN_EXTRA.values()) == sorted(re.findall(r'"([\w-]+)[<>=]', extra))  # setup.py's
+    code = "import sys; sys.modules['daal_triton.train.run'] = None; from daal_triton.train import console; console.train()"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert r.returncode == 1 and "ModuleNotFoundError" in r.stderr and "Traceback" in r.stderr, r.stderr[-2000:]
+
+
 @pytest.mark.parametrize("delay", [0.3, 0.9, 1.6])
 def test_an_early_ctrl_c_stops_daal_train_with_one_line(tmp_path, delay):
     """``python -m daal_triton.train`` (what ``daal-train`` runs) interrupted while it starts:
