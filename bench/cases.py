@@ -42,7 +42,8 @@ One benchmark case is one (operator, shape, precision, provider, pass):
   applies: the queries are the references, every row's list at once),
   ``triton_unaligned`` (the kNN or the pairwise distance at a width that is no multiple of 16
   on its unpadded rows, as before 2026-12-02, ``DAAL_ALIGN_D=off``, beside the rows padded to
-  16 columns that replaced them: kernels/_common.py, ``ALIGN_ENV``; the ``*_d129`` shapes).
+  16 columns that replaced them: kernels/_common.py, ``ALIGN_ENV``; the ``*_d129`` shapes; the
+  pairwise distance's default again since the runs decided, so timed for the kNN only).
   The switches the GPU runs have decided (``Switch.decided``: the wave splits, the atomic own
   rows, the checked merge, the separate launches, the table's and the wide tiles, PyTorch's
   glue) keep their providers for the ``full`` profile; the ``check`` profile no longer times
@@ -95,7 +96,7 @@ SHAPES: Dict[str, Dict[str, dict]] = {
         "dml": dict(M=180, N=180, D=512),
         "large": dict(M=4096, N=4096, D=512),
         "bank": dict(M=1024, N=65536, D=512),
-        # a width that is no multiple of 16: rows padded to 144 columns (DAAL_ALIGN_D)
+        # a width that is no multiple of 16: rows read unpadded (DAAL_ALIGN_D=pad: 144 columns)
         "large_d129": dict(M=4096, N=4096, D=129),
     },
     "knn": {
@@ -225,9 +226,12 @@ class Switch(NamedTuple):
     #: is no longer timed (``until`` is the last day a run timed it); its variable still selects
     #: the alternative. bench/report.py's README lists each decided switch with every committed
     #: run's reading of its first case (the one that decides), and a test checks that at least
-    #: two runs read the default faster there (or, for a ``memory`` switch, leaner) and none the
-    #: alternative faster.
+    #: two runs read the kept value faster there (or, for a ``memory`` switch, leaner) and none
+    #: the other faster.
     decided: str = ""
+    #: the value a decision kept, where it is the alternative ("": the default): the code's
+    #: default became the alternative, which its variable's former default now selects
+    kept: str = ""
 
     def applies_to(self, env: dict) -> bool:
         """Whether a run (its env.json) ran this switch's default and alternative: by the
@@ -304,9 +308,22 @@ SWITCHES: Tuple[Switch, ...] = (
     # and with a self-search's filter on half the tiles (s_ij = s_ji): half the GEMM
     Switch("DAAL_KNN_SELECT", "merge", "half", "triton_threshold_half", (("knn", "eval60k", "bf16", "fwd"),),
            memory=True, since="2026-12-05"),
+    # the rows padded to 16 columns at an odd width (DAAL_ALIGN_D=pad, then the default for both
+    # operators) beside the unpadded ones (=off), as the runs of 2026-12-02 to 2026-12-04 timed them:
+    # for the kNN (split: still timed, below, as "auto" against "off") and for the pairwise
+    # distance, decided for the unpadded rows (kernels/_common.py, ALIGN_DEFAULT)
     Switch("DAAL_ALIGN_D", "pad", "off", "triton_unaligned",
-           (("knn", "bank_d129", "bf16", "fwd"), ("knn", "bank_d129", "bf16", "fwdbwd"),
-            ("pairwise", "large_d129", "bf16", "fwdbwd")), memory=True, since="2026-12-02"),
+           (("knn", "bank_d129", "bf16", "fwd"), ("knn", "bank_d129", "bf16", "fwdbwd")), memory=True,
+           since="2026-12-02", until="2026-12-04"),
+    Switch("DAAL_ALIGN_D", "pad", "off", "triton_unaligned", (("pairwise", "large_d129", "bf16", "fwdbwd"),),
+           memory=True, since="2026-12-02", until="2026-12-04", kept="off",
+           decided="off: the unpadded rows 0.63-0.89x the padded time in all three runs, with less memory "
+                   "(the padding's copies are 10 of the forward and backward's 18 launches); padded "
+                   "with DAAL_ALIGN_D=pad"),
+    # "auto" (DAAL_ALIGN_D unset): the kNN pads, beside its unpadded rows
+    Switch("DAAL_ALIGN_D", "auto", "off", "triton_unaligned",
+           (("knn", "bank_d129", "bf16", "fwd"), ("knn", "bank_d129", "bf16", "fwdbwd")), memory=True,
+           since="2026-12-05"),
 )
 #: The switches the runs still time (neither decided nor retired with their design).
 TIMED_SWITCHES: Tuple[Switch, ...] = tuple(sw for sw in SWITCHES if not sw.until)
@@ -340,11 +357,11 @@ CHECK: Dict[Tuple[str, str], List[dict]] = {
     ("knn", "bank"): [dict(dtypes=("bf16",), providers=("triton", "chunked", "eager"), passes=("fwd", "fwdbwd")),
                       dict(dtypes=("bf16",), providers=("triton_plain", "triton_threshold"), passes=("fwd",))],
     ("pairwise", "large"): [dict(dtypes=("bf16", "fp32"), providers=("triton", "eager"))],
-    # an odd width: the padded rows beside the unaligned ones (DAAL_ALIGN_D=off)
+    # an odd width: the kNN's padded rows beside the unaligned ones (DAAL_ALIGN_D=off); the
+    # pairwise distance's unpadded rows (its default since the runs decided: no longer timed padded)
     ("knn", "bank_d129"): [dict(dtypes=("bf16",), providers=("triton", "triton_unaligned", "chunked"),
                                 passes=("fwd", "fwdbwd"))],
-    ("pairwise", "large_d129"): [dict(dtypes=("bf16",), providers=("triton", "triton_unaligned"),
-                                      passes=("fwdbwd",))],
+    ("pairwise", "large_d129"): [dict(dtypes=("bf16",), providers=("triton",), passes=("fwdbwd",))],
     ("line_margin", "dml"): [dict(dtypes=("bf16",), providers=("triton", "eager"))],
     ("line_margin", "large"): [dict(dtypes=("bf16",), providers=("triton", "eager"), passes=("fwdbwd",))],
     ("line_margin", "classes11k"): [dict(dtypes=("bf16",), providers=("triton", "eager"), passes=("fwdbwd",))],
@@ -531,8 +548,8 @@ def knn_chunk_rows(n_ref: int, elems: int = 1 << 28) -> int:
 
 
 def _padded_rows_bytes(d: dict, prov: str, es: int) -> int:
-    """The kNN's and pairwise distance's rows padded to 16 columns at an odd width (not with
-    ``DAAL_ALIGN_D=off``: provider triton_unaligned)."""
+    """The kNN's rows padded to 16 columns at an odd width (not with ``DAAL_ALIGN_D=off``:
+    provider triton_unaligned)."""
     if d["D"] % 16 == 0 or prov == "triton_unaligned":
         return 0
     return (d["M"] + d["N"]) * -(-d["D"] // 16) * 16 * es
@@ -596,8 +613,8 @@ def estimate_bytes(case: Case) -> int:
     if op == "pairwise":
         mn = d["M"] * d["N"]
         per = {"triton": 8, "triton_unaligned": 8, "eager": 24, "compile": 12}[prov]
-        padded = _padded_rows_bytes(d, prov, es) if prov.startswith("triton") else 0
-        return per * mn + 4 * mn + padded  # + the M x N upstream gradient of the bwd passes
+        # (its rows unpadded at an odd width: kernels/_common.py, ALIGN_DEFAULT)
+        return per * mn + 4 * mn  # + the M x N upstream gradient of the bwd passes
     if op == "knn":
         return _knn_bytes(d, prov, es)
     if op == "train_step":

@@ -506,6 +506,13 @@ def decided_readings(sw, runs: List[dict]) -> List[Tuple[str, str]]:
             if o is sw and key == sw.cases[0] and reading]
 
 
+def decided_values(sw) -> Tuple[str, str]:
+    """``(kept, other)``: the value a decided switch kept (its default unless ``Switch.kept``
+    names the alternative) and the one it dropped."""
+    kept = sw.kept or sw.default
+    return kept, (sw.default if kept == sw.alternative else sw.alternative)
+
+
 def decided_table(runs: List[dict], heading_level: int = 2) -> List[str]:
     """The switches the runs decided (``Switch.decided``): the default kept, the alternative no
     longer timed, why, and every run's reading of the case that decides it."""
@@ -513,15 +520,17 @@ def decided_table(runs: List[dict], heading_level: int = 2) -> List[str]:
     for sw in SWITCHES:
         if sw.decided:
             seen = "; ".join(f"`{name}` {reading}" for name, reading in decided_readings(sw, runs)) or "—"
-            rows.append(f"| `{sw.env}` | {sw.default} | {sw.alternative} | {sw.decided} | "
+            kept, other = decided_values(sw)
+            rows.append(f"| `{sw.env}` | {kept} | {other} | {sw.decided} | "
                         f"{' '.join(sw.cases[0][1:])} | {seen} |")
     if not rows:
         return []
     h = "#" * heading_level
     return [f"{h}# Switches decided", "",
-            "Kept: the default; no longer timed: the alternative (its variable still selects it). Each run's "
-            "reading of the case that decides: time(alternative) / time(default) and what it says.", "",
-            "| switch | kept | alternative | decided | case | readings |", "|---|---|---|---|---|---|"] + rows + [""]
+            "Kept: the code's default (the switch's default, or its alternative where the runs decided for "
+            "it); no longer timed: the other (its variable still selects it). Each run's reading of the case "
+            "that decides: time(alternative) / time(default) as that run named them, and what it says.", "",
+            "| switch | kept | no longer timed | decided | case | readings |", "|---|---|---|---|---|---|"] + rows + [""]
 
 
 def work_model_table(run: dict, heading_level: int = 2) -> List[str]:
@@ -858,9 +867,10 @@ Each case is (shape, precision, provider, pass):
   it, a selection among them, `DAAL_KNN_SELECT=threshold`; float16/bfloat16 without labels, skipped
   elsewhere; docs/kernels.md "Selection by a threshold") with `..., on half the tiles` (a
   self-search's filter on the tiles J ≥ I, each listing both directions, `DAAL_KNN_SELECT=half`;
-  docs/kernels.md "Half the tiles of a self-search"); for the kNN and the pairwise distance at D = 129 `Triton, unaligned
+  docs/kernels.md "Half the tiles of a self-search"); for the kNN at D = 129 `Triton, unaligned
   rows` (the kernels on the unpadded rows, `DAAL_ALIGN_D=off`, beside the rows padded to 144
-  columns that replaced them; docs/kernels.md "Odd widths"). The first run also
+  columns that replaced them; docs/kernels.md "Odd widths"; the runs of 2026-12-04 timed the
+  pairwise distance so too, and its default is the unpadded rows since). The first run also
   timed `Triton (aten finish)` (the kNN kernel with its earlier finish) and `Triton v1` (the line
   margin's first design); both were removed after it (the fused finish was 1.45–3.3× faster, v2 4.1×), and its
   tables still show them;

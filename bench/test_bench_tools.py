@@ -83,7 +83,10 @@ def test_check_profile_runs_the_targets_comparisons_first():
     steps = [i for i, c in enumerate(light) if c.op == "train_step"]
     assert steps == list(range(steps[0], steps[0] + len(steps)))  # the slice's cases run back to back
     assert run(4) and {(c.op, c.shape) for c in run(4)} == {("loss", "classes100k")}
-    assert {(c.op, c.shape) for c in run(5)} >= {("knn", "bank_d129"), ("pairwise", "large_d129")}
+    assert {(c.op, c.shape) for c in run(5)} >= {("knn", "bank_d129")}
+    # the pairwise distance's odd width: its default alone since the runs decided (no switch)
+    assert {(c.op, c.shape, c.provider) for c in light if c.shape == "large_d129"} == {("pairwise", "large_d129", "triton")}
+    assert all(bc.order_key(c)[1] == 6 for c in light if c.shape == "large_d129")
     assert all(not bc.order_key(c)[0] for c in light) and all(bc.order_key(c)[0] for c in every[len(light):])
 
 
@@ -1094,18 +1097,22 @@ def test_the_threshold_providers_memory_estimate_is_the_kernel_modules():
 def test_decided_switches_are_backed_by_the_runs_and_no_longer_timed():
     """A switch marked decided (``Switch.decided``) is retired from the check (``until`` set, its
     alternative not among the check's cases on its shapes, not recorded by new runs) and the
-    committed runs back it: on its first case, at least two runs read its default faster (or,
-    for a ``memory`` switch, leaner) and none its alternative faster. The README lists it."""
+    committed runs back it: on its first case, at least two runs read the value it kept (its
+    default, or its alternative where ``Switch.kept`` says so: the pairwise distance's unpadded
+    rows) faster (or, for a ``memory`` switch, leaner) and none the other faster. The README
+    lists it."""
     runs = [report.load_run(d) for d in report.find_runs(os.path.join(HERE, "results"))]
     decided = [sw for sw in bc.SWITCHES if sw.decided]
     assert {sw.env for sw in decided} >= {"DAAL_KNN_MERGE", "DAAL_KNN_SPLITS", "DAAL_GLUE", "DAAL_LAUNCHES"}
+    assert [(sw.env, sw.kept) for sw in decided if sw.kept] == [("DAAL_ALIGN_D", "off")]
     checked = {(c.op, c.shape, c.dtype, c.pass_, c.provider) for op in bc.PROVIDERS for c in bc.cases_for(op, "check")}
     for sw in decided:
         assert sw.until and sw not in bc.TIMED_SWITCHES, sw
         assert not any(case + (sw.provider,) in checked for case in sw.cases), sw
         readings = [r for _name, r in report.decided_readings(sw, runs)]
-        backing = [r for r in readings if f"{sw.default} faster" in r or (sw.memory and f"less memory: {sw.default}" in r)]
-        assert len(backing) >= 2 and not any(f"{sw.alternative} faster" in r for r in readings), (sw.env, readings)
+        kept, other = report.decided_values(sw)
+        backing = [r for r in readings if f"{kept} faster" in r or (sw.memory and f"less memory: {kept}" in r)]
+        assert len(backing) >= 2 and not any(f"{other} faster" in r for r in readings), (sw.env, readings)
     table = report.decided_table(runs)
     assert sum(line.startswith("| `") for line in table) == len(decided)
     assert "\n".join(table) in open(os.path.join(HERE, "README.md")).read()
@@ -1142,7 +1149,7 @@ def test_switches_table_reads_each_case():
     assert report.switches_table({"cases": {}}) == []
     # the bound itself is no decision (1.03 and 0.97, in float arithmetic), nor is memory within 3%
     sw_align = next(s for s in bc.SWITCHES if s.env == "DAAL_ALIGN_D")
-    k0, k1, k2 = sw_align.cases
+    k0, k1 = sw_align.cases  # the kNN's (the runs of 2026-12-02 to -04; the pairwise distance's: the next record)
     cases = {k0 + ("triton",): rec(1.0, 5000), k0 + (sw_align.provider,): rec(1.03, 5001),
              k1 + ("triton",): rec(1.0, 1000), k1 + (sw_align.provider,): rec(0.97, 2000)}
     run = {"cases": cases, "env": {"date": "2026-12-03T10:00:00+00:00"}}

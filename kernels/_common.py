@@ -241,12 +241,21 @@ def compute_dtype(op: str, *tensors: torch.Tensor) -> torch.dtype:
 #: tests/kernels/test_kernel_launched_builds.py). The padding columns are zeros: they add
 #: nothing to a dot product or a squared distance, and the D-chunks are the same, so the results
 #: are those of the unpadded kernels. Cost: one copy of the (M + N) x D inputs per call, against
-#: the M x N x D work. ``DAAL_ALIGN_D=off`` launches the unaligned rows as before 2026-12-02;
-#: timed by every GPU run beside the padding until they decide (the benchmarks'
-#: ``triton_unaligned`` provider; the first three runs were split: bench/README.md).
+#: the M x N x D work, and two more launches per input (a zero fill and a copy) in the forward,
+#: again in the backward, and one per gradient (its D columns): the pairwise distance's forward
+#: and backward at D = 129 launch 18 kernels padded, 8 not. Where the H200 runs timed the
+#: unpadded rows faster, the operator reads them as they are: :data:`ALIGN_DEFAULT`.
 ALIGN = 16
 ALIGN_ENV = "DAAL_ALIGN_D"
-ALIGN_POLICIES = ("pad", "off")
+#: ``DAAL_ALIGN_D``: "auto" (unset) pads where the operator's :data:`ALIGN_DEFAULT` says so;
+#: "pad" pads for every operator, "off" for none (the unaligned rows as before 2026-12-02).
+ALIGN_POLICIES = ("auto", "pad", "off")
+#: Whether "auto" pads, by operator. The kNN pads: the H200 runs timed it against ``off`` split
+#: (bench/README.md, still timed: the benchmarks' ``triton_unaligned`` provider). The pairwise
+#: distance does not: all three runs of 2026-12-04 timed its unpadded rows faster (the 4,096 x
+#: 4,096 forward and backward at D = 129, 0.63-0.89x the padded time) and leaner
+#: (bench/README.md, "Switches decided"), spill (64 B) and all.
+ALIGN_DEFAULT = {"knn": True, "pairwise": False}
 
 
 def aligned(t: torch.Tensor) -> bool:
@@ -256,11 +265,13 @@ def aligned(t: torch.Tensor) -> bool:
             and t.data_ptr() % 16 == 0)
 
 
-def align_rows() -> bool:
-    """``DAAL_ALIGN_D`` is "pad" (the default; ``ValueError`` for a value not in
-    :data:`ALIGN_POLICIES`). Read by each forward; its backward follows the forward's choice
-    (saved by its ``setup_context``), as the benchmarks' provider sets it around the forward."""
-    return env_choice(ALIGN_ENV, ALIGN_POLICIES) == "pad"
+def align_rows(op: str) -> bool:
+    """Whether operator ``op`` ("knn", "pairwise") pads its rows: ``DAAL_ALIGN_D`` (one of
+    :data:`ALIGN_POLICIES`, "auto" when unset: :data:`ALIGN_DEFAULT`; ``ValueError`` for another
+    value). Read by each forward; its backward follows the forward's choice (saved by its
+    ``setup_context``), as the benchmarks' providers set it around the forward."""
+    policy = env_choice(ALIGN_ENV, ALIGN_POLICIES)
+    return ALIGN_DEFAULT[op] if policy == "auto" else policy == "pad"
 
 
 def prepare(t: torch.Tensor, dtype: torch.dtype, align: bool = False) -> torch.Tensor:

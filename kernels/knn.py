@@ -1287,7 +1287,7 @@ def _knn_forward(query, ref, k, query_labels, ref_labels, exclude_self, splits):
         dist, index = _knn_forward(query, ref, N, query_labels, ref_labels, exclude_self, splits)
         return (torch.cat([dist, dist.new_full((M, k - N), float("inf"))], 1),
                 torch.cat([index, index.new_full((M, k - N), -1)], 1))
-    pad = align_rows()
+    pad = align_rows("knn")
     q = prepare(query, dtype, align=pad)
     r = q if ref is query else prepare(ref, dtype, align=pad)
     ql = rl = None
@@ -1351,7 +1351,7 @@ def _knn_backward_fake(g, index, query, ref, ref_grad, align=True):
 
 def _knn_setup_context(ctx, inputs, output):
     ctx.save_for_backward(inputs[0], inputs[1], output[1])
-    ctx.align = align_rows()  # the forward's rows: the backward pads (or not) as it did
+    ctx.align = align_rows("knn")  # the forward's rows: the backward pads (or not) as it did
     ctx.mark_non_differentiable(output[1])
     ctx.set_materialize_grads(False)  # no zero-filled gradient for the index
 

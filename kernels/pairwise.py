@@ -33,9 +33,10 @@ inputs (exact in TF32) use single-pass TF32 on ``H`` rounded to TF32 (float16's 
 float32 (docs/method.md, "Numerics"): callers that need close distances exactly (the loss's kNN
 radii) recompute them by direct differences.
 
-Memory. Inputs are read as they are when their rows are contiguous and 16-aligned (width, row
-stride and start: ``_common.ALIGN``); other rows are copied once, padded with zero columns to a
-multiple of 16 where the width is not one (``DAAL_ALIGN_D=off``: unpadded). Forward: the M x N float32 output plus
+Memory. Inputs of the compute dtype are read in place when each row is contiguous (unit column
+stride, any row stride, any width: the H200 runs timed rows padded to a multiple of 16 columns
+slower, ``_common.ALIGN_DEFAULT``); others are copied once (``DAAL_ALIGN_D=pad``: rows padded with
+zero columns to a multiple of 16, copied too when not 16-aligned: ``_common.ALIGN``). Forward: the M x N float32 output plus
 M + N float32 norms. Backward: ``H`` (M x N, 2 bytes per element for bfloat16 inputs, else 4)
 and partial sums ((M + N) x tiles / 64, float32); it reads ``g`` and ``d`` once, in place (any
 strides), and writes dX (M x D) and dY (N x D) in the input dtype. All offsets into M x N and
@@ -360,7 +361,7 @@ def _backward_gemm(h: torch.Tensor, hsum: torch.Tensor, a: torch.Tensor, b: torc
 def _pairwise_op(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """``d = pairwise_distance(x, y)`` (see the module docstring), float32."""
     dtype = compute_dtype("pairwise_distance", x, y)
-    pad = align_rows()
+    pad = align_rows("pairwise")
     xc = prepare(x, dtype, align=pad)
     return _forward(xc, xc if y is x else prepare(y, dtype, align=pad))
 
@@ -396,7 +397,7 @@ def _pairwise_backward_fake(g, dist, x, y, align=True):
 
 def _pairwise_setup_context(ctx, inputs, output):
     ctx.save_for_backward(inputs[0], inputs[1], output)
-    ctx.align = align_rows()  # the forward's rows: the backward pads (or not) as it did
+    ctx.align = align_rows("pairwise")  # the forward's rows: the backward pads (or not) as it did
 
 
 _pairwise_distance_backward_direct = direct(_pairwise_backward_op)
@@ -415,7 +416,7 @@ def pairwise_distance(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """``d_ij = sqrt(max(||x_i - y_j||^2, 1e-12))``: ``x`` M x D, ``y`` N x D -> M x N float32.
 
     Inputs float32/float16/bfloat16 with any strides (copied once when the rows are not
-    contiguous and 16-aligned, padded to a multiple of 16 columns), on CUDA or, under ``TRITON_INTERPRET=1``, on the CPU.
+    contiguous), on CUDA or, under ``TRITON_INTERPRET=1``, on the CPU.
     Differentiable in ``x`` and ``y`` (Triton backward). float64 inputs raise ``ValueError``
     (``daal_triton.pairwise_distance`` routes them to the reference).
     """

@@ -1,10 +1,11 @@
 """Rows padded to a multiple of 16 columns for the GEMM-form kernels (kernels/_common.py, ``ALIGN``).
 
 At a width D that is no multiple of 16 the kNN and pairwise kernels get ``ceil(D / 16) * 16``
-columns, the extra ones zeros: the results must be those of the unpadded rows
-(``DAAL_ALIGN_D=off``, kept for the GPU's timing) bit for bit, match the float64 reference, and
-the gradients come back M x D in the inputs' dtypes. tests/kernels/test_kernel_launched_builds.py
-checks what this is for: the padded launches are the builds that keep no stack.
+columns, the extra ones zeros, where ``DAAL_ALIGN_D`` asks for it ("auto", the default: the kNN
+pads, the pairwise distance does not, as the H200 runs decided; "pad": both; "off": neither): the
+results must be those of the unpadded rows bit for bit, match the float64 reference, and the
+gradients come back M x D in the inputs' dtypes. tests/kernels/test_kernel_launched_builds.py
+checks what the padding is for: the padded launches are the builds that keep no stack.
 """
 import pytest
 import torch
@@ -99,16 +100,21 @@ def test_compute_dtype_promotes_and_refuses():
 
 
 def test_align_policy_is_checked(monkeypatch):
-    """``DAAL_ALIGN_D`` is "pad" by default, "off" selectable, anything else a ValueError naming it
-    (read at every call, only where a copy is at stake)."""
+    """``DAAL_ALIGN_D`` is "auto" by default (the kNN pads, the pairwise distance does not), "pad"
+    and "off" for every operator, anything else a ValueError naming it (read at every call, only
+    where a copy is at stake)."""
     monkeypatch.delenv(_common.ALIGN_ENV, raising=False)
-    assert _common.align_rows()
-    monkeypatch.setenv(_common.ALIGN_ENV, "off")
-    assert not _common.align_rows()
+    assert _common.align_rows("knn") and not _common.align_rows("pairwise")
+    for policy, pads in (("auto", True), ("pad", True), ("off", False)):
+        monkeypatch.setenv(_common.ALIGN_ENV, policy)
+        assert _common.align_rows("knn") == pads
+        assert _common.align_rows("pairwise") == (policy == "pad")
     t = torch.randn(5, 19, device=DEV)
     monkeypatch.setenv(_common.ALIGN_ENV, "yes")
     with pytest.raises(ValueError, match=_common.ALIGN_ENV):
         kp.pairwise_distance(t, t)
+    with pytest.raises(ValueError, match=_common.ALIGN_ENV):
+        kk.knn(t, t, 2)
 
 
 def _same(a: torch.Tensor, b: torch.Tensor, atomics: bool = False) -> None:
@@ -121,9 +127,9 @@ def _same(a: torch.Tensor, b: torch.Tensor, atomics: bool = False) -> None:
 
 
 def _both(monkeypatch, call):
-    """``call()``'s tensors with the padded rows (default) and with ``DAAL_ALIGN_D=off``."""
+    """``call()``'s tensors with the padded rows (``DAAL_ALIGN_D=pad``) and unpadded (``off``)."""
     out = {}
-    for policy in _common.ALIGN_POLICIES:
+    for policy in ("pad", "off"):
         monkeypatch.setenv(_common.ALIGN_ENV, policy)
         out[policy] = call()
     return out["pad"], out["off"]
@@ -213,24 +219,52 @@ def _widths(monkeypatch, module, names, seen):
 
 
 def test_the_kernels_see_padded_widths_forward_and_backward(monkeypatch):
-    """What the padding is for, checked where it happens: at D = 129 every kNN and pairwise
+    """What the padding is for, checked where it happens: at D = 129 every padded kNN and pairwise
     launch, forward and backward, gets D = 144 (a backward that stopped padding would still give
-    the same numbers, which the tests above compare); with ``DAAL_ALIGN_D=off``, 129, in the
-    backward too when the variable is set around the forward only (the benchmarks'
-    ``triton_unaligned`` provider: the backward follows the forward's choice)."""
+    the same numbers, which the tests above compare), every unpadded one 129, in the backward too
+    when the variable is set around the forward only (the benchmarks' ``triton_unaligned``
+    provider: the backward follows the forward's choice). By default ("auto") the kNN pads and
+    the pairwise distance does not."""
     x = torch.randn(20, 129, device=DEV, requires_grad=True)
     y = torch.randn(30, 129, device=DEV, requires_grad=True)
     seen = []
     _widths(monkeypatch, kk, ("_knn_fwd_kernel", "_knn_finish_kernel", "_knn_bwd_kernel"), seen)
     _widths(monkeypatch, kp, ("_pairwise_fwd_kernel", "_pairwise_bwd_kernel"), seen)
-    for policy, width in (("pad", 144), ("off", 129)):
+    for policy, knn_width, pairwise_width in (("pad", 144, 144), ("off", 129, 129), (None, 144, 129)):
         seen.clear()
-        monkeypatch.setenv(_common.ALIGN_ENV, policy)
+        if policy is None:
+            monkeypatch.delenv(_common.ALIGN_ENV, raising=False)
+        else:
+            monkeypatch.setenv(_common.ALIGN_ENV, policy)
         dist, _ = kk.knn(x, y, 3)
         d = kp.pairwise_distance(x, y)
-        monkeypatch.delenv(_common.ALIGN_ENV)  # the default ("pad") for the backward passes
+        monkeypatch.setenv(_common.ALIGN_ENV, "off" if policy == "pad" else "pad")  # not the backward's choice
         dist.sum().backward()
         d.sum().backward()
         kernels = {name for name, _ in seen}
         assert {"_knn_fwd_kernel", "_knn_bwd_kernel", "_pairwise_fwd_kernel", "_pairwise_bwd_kernel"} <= kernels
-        assert {d for _, d in seen} == {width}, (policy, seen)
+        assert {d for name, d in seen if name.startswith("_knn")} == {knn_width}, (policy, seen)
+        assert {d for name, d in seen if name.startswith("_pairwise")} == {pairwise_width}, (policy, seen)
+
+
+def test_unpadded_pairwise_launches_no_copies(monkeypatch):
+    """The cost the default pairwise distance avoids, counted: at D = 129 its forward and backward
+    launch 8 kernels (6 Triton, 2 sums of partial row sums) and copy nothing unpadded (its rows
+    contiguous), 18 padded (a zero fill and a copy per input, forward and backward, and each
+    gradient's D columns)."""
+    from daal_triton.launch_count import LaunchCount
+
+    x = torch.randn(20, 129, device=DEV, requires_grad=True)
+    y = torch.randn(30, 129, device=DEV, requires_grad=True)
+    counts = {}
+    for policy in (None, "pad"):
+        if policy is None:
+            monkeypatch.delenv(_common.ALIGN_ENV, raising=False)
+        else:
+            monkeypatch.setenv(_common.ALIGN_ENV, policy)
+        g = torch.ones(20, 30, device=DEV)
+        with LaunchCount() as n:
+            d = kp._pairwise_op(x, y)
+            kp._pairwise_backward_op(g, d, x.detach(), y.detach(), _common.align_rows("pairwise"))
+        counts[policy] = n.launches
+    assert counts == {None: 8, "pad": 18}, counts

@@ -107,7 +107,7 @@ def test_gluon_forward_is_chosen_only_where_it_runs(monkeypatch, policy):
     assert not kg.eligible(q.half(), q.half(), 8)
     monkeypatch.setenv(kk.TILES_ENV, policy)
     x = torch.randn(150, 64, dtype=torch.float16)
-    prepared = kk.prepare(x, torch.float16, align=kk.align_rows())
+    prepared = kk.prepare(x, torch.float16, align=kk.align_rows("knn"))
     if x.device.type == "cpu":
         assert kk.forward_entry(prepared, prepared, 8, False) == kk.NARROW_ENTRY
     got = kk._knn(x, x, 5, exclude_self=True)
@@ -290,7 +290,7 @@ def test_gluon_entry_glue(monkeypatch, k, splits, entry):
     assert seen == [(k, splits or 1, True, kk.GLUON_ENTRIES[entry])], seen
     assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
     with pytest.raises(ValueError, match="does not finish"):
-        kk._candidates(kk.prepare(x, torch.float16, align=kk.align_rows()), x, k, None, None, False, 1,
+        kk._candidates(kk.prepare(x, torch.float16, align=kk.align_rows("knn")), x, k, None, None, False, 1,
                        finish=True, entry=entry)
 
 

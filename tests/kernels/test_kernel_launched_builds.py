@@ -23,6 +23,11 @@ pytestmark = pytest.mark.build
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+#: The sm_90 stack (bytes) of the pairwise kernels on unpadded rows at D = 129 (bfloat16, Triton 3.8
+#: and 3.6), held to these values by test_recorded_sm90_launches_do_not_spill.
+PAIRWISE_UNPADDED_STACK = {"_pairwise_bwd_kernel": 64}
+
+
 def allowed_stack(launch) -> int:
     """The local memory (bytes) an sm_90 build may keep, with the reason; 0 for all others. A
     launch that spills more fails the test by kernel, constexprs and scenario."""
@@ -34,6 +39,10 @@ def allowed_stack(launch) -> int:
         return 8  # the float32 finish at KP 8 (k = 5..8; the loss's k = 3 runs KP 4): 8 B
     if launch["kernel"] == "_knn_fwd_kernel" and sig["q_ptr"] == "*fp32" and launch["constexprs"]["KP"] == 128:
         return 8  # the float32 forward at KP 128 (k = 65..128: daal-train's evaluation of classes that large)
+    if launch["kernel"].startswith("_pairwise_") and "D" not in launch["divisible"]:
+        return PAIRWISE_UNPADDED_STACK.get(launch["kernel"], 0)  # the pairwise distance's rows as they
+        # are at an odd D, its default since the H200 runs timed them faster than the padded ones
+        # (kernels/_common.py, ALIGN_DEFAULT): the backward's 64 B, nothing else
     if launch["kernel"] == "_knn_filter_kernel" and launch["options"].get("maxnreg") and _probe_only(launch):
         return 64  # the probe's filter tiles capped at 128 registers: 40 B, outside the K-loop
         # (test_threshold_filter_alternatives_fit_their_residency)
@@ -294,11 +303,22 @@ def test_line_margin_tuning_candidates_that_spill_are_the_ones_it_skips(built):
     assert spilling == declared, {key: stack[key] for key in spilling ^ declared if key in stack}
 
 
+def _padded_scenario(scenario: str) -> bool:
+    """Whether a D = 129 scenario's kNN or pairwise rows are padded: "..., unaligned" (with
+    ``DAAL_ALIGN_D=off``) never, "..., padded" (``=pad``) always, else by the operator's default
+    (kernels/_common.py, ``ALIGN_DEFAULT``; the loss's rows are its kNN's)."""
+    from daal_triton.kernels import _common
+
+    if scenario.endswith((", unaligned", ", padded")):
+        return scenario.endswith(", padded")
+    return _common.ALIGN_DEFAULT["pairwise" if scenario.startswith("pairwise") else "knn"]
+
+
 def test_odd_widths_reach_the_gemm_kernels_as_aligned_rows(recorded):
-    """At D = 129 the kNN and pairwise kernels get rows padded to 144 (kernels/_common.py,
+    """At D = 129 the padded kNN and pairwise launches get rows of 144 (kernels/_common.py,
     ``ALIGN``): D and every row stride marked divisible by 16, as at D = 512, so they are the
-    builds that keep no stack (the test above covers them); with ``DAAL_ALIGN_D=off`` the same
-    launches are unmarked."""
+    builds that keep no stack (the test above covers them); the unpadded ones (the kNN with
+    ``DAAL_ALIGN_D=off``, the pairwise distance by default) are unmarked."""
     # D and the row strides of the D-wide operands (the others, of k- or N-wide outputs, are
     # the call's: k = 8 is no multiple of 16)
     ROWS = {"D", "stride_q_m", "stride_r_n", "stride_dq_m", "stride_dr_n", "stride_x_m", "stride_y_n",
@@ -312,23 +332,35 @@ def test_odd_widths_reach_the_gemm_kernels_as_aligned_rows(recorded):
         for s in la["scenarios"]:
             if "D=129" not in s:
                 continue
-            padded = not s.endswith(", unaligned")
+            padded = _padded_scenario(s)
             seen[padded].add(la["kernel"])
             strides = {n for n in la["signature"] if n in ROWS}
             marked = strides & set(la["divisible"])
             assert (marked == strides) if padded else ("D" not in marked), (s, la["kernel"], strides - marked)
     assert seen[True] == set(gemm), set(gemm) - seen[True]
-    assert {"_knn_bwd_kernel", "_pairwise_bwd_kernel"} <= seen[False]
+    assert {"_knn_bwd_kernel", "_pairwise_fwd_kernel", "_pairwise_bwd_kernel"} <= seen[False]
+    assert not _padded_scenario("pairwise bf16 large D=129") and _padded_scenario("knn bf16 bank D=129")
 
 
 def test_the_unpadded_rows_are_what_spills(built):
     """What the padding is for: the unpadded bfloat16 kNN backward at D = 129 keeps stack on
     sm_90 (744 B with Triton 3.8 and 3.6), where its padded launch keeps none. Should a Triton
     release stop spilling it, the padding's copy may no longer pay: time ``DAAL_ALIGN_D=off``
-    (the benchmarks' ``triton_unaligned``) before keeping it."""
+    (the benchmarks' ``triton_unaligned``) before keeping it. The pairwise distance runs its
+    unpadded rows by default, spill and all (the H200 runs timed them faster): its backward's
+    stack (the more of its two launches, dX's and dY's; one keeps none) is the one
+    :data:`PAIRWISE_UNPADDED_STACK` allows, not less (a build that stopped spilling would leave
+    the allowance standing for nothing), and its forward keeps none."""
     stack = [res["stack"] for la, res in built if res["capability"] == 90 and _unaligned_only(la)
              and la["kernel"] == "_knn_bwd_kernel"]
     assert stack and min(stack) > 0, stack
+    worst = {}
+    for la, res in built:
+        if res["capability"] == 90 and la["kernel"].startswith("_pairwise_") and "D" in la["signature"] \
+                and "D" not in la["divisible"]:
+            worst[la["kernel"]] = max(worst.get(la["kernel"], 0), res["stack"])
+    assert set(worst) == {"_pairwise_fwd_kernel", "_pairwise_bwd_kernel"}, worst
+    assert {k: st for k, st in worst.items() if st} == PAIRWISE_UNPADDED_STACK, worst
 
 
 def test_sass_tile_loop_script_counts_the_filter(recorded, tmp_path, capsys):
