@@ -832,7 +832,7 @@ def _family_configs(*, prep2, dseg2, fwd2, bwd2, rows, lse2) -> Dict[str, Kernel
 #: interpreter's cost is per program and per padded element). Why these sizes: docs/kernels.md.
 CONFIGS: Dict[str, Dict[str, KernelConfig]] = {
     "half": _family_configs(prep2=(32, 4, 1, (64, 64)), dseg2=(32, 4, 1, (64, 64)),
-                            fwd2=(128, 128, 8, 3, (64, 64)), bwd2=(128, 32, 4, 4, (64, 64)),
+                            fwd2=(128, 64, 4, 3, (64, 64)), bwd2=(128, 32, 4, 4, (64, 64)),
                             rows=(16, (64, 64)), lse2=(256, None)),
     "fp32": _family_configs(prep2=(32, 4, 1, (64, 64)), dseg2=(32, 4, 1, (64, 64)),
                             fwd2=(128, 64, 8, 4, (16, 16)), bwd2=(128, 32, 4, 4, (16, 16)),
