@@ -397,7 +397,7 @@ def _serialised_kloop_kernel(x_ptr, seg_ptr, out_ptr, B, C, D, stride_x_b, strid
 @pytest.mark.build
 def test_pipeline_check_can_tell():
     """The PTX reading above rejects a serialised loop: ``_serialised_kloop_kernel``, built like
-    the half ``fwd2`` (bfloat16, 128 x 128 x 64, 8 warps, 3 stages, sm_90, aligned), has a wgmma
+    the half ``fwd2`` was until 2026-12-05 (bfloat16, 128 x 128 x 64, 8 warps, 3 stages, sm_90, aligned), has a wgmma
     K-loop, and ``pipeline_failures`` finds it not pipelined."""
     from daal_testing import compile_many_for_gpu, gpu_job
 
