@@ -254,7 +254,8 @@ ALIGN_POLICIES = ("auto", "pad", "off")
 #: (bench/README.md, still timed: the benchmarks' ``triton_unaligned`` provider). The pairwise
 #: distance does not: all three runs of 2026-12-04 timed its unpadded rows faster (the 4,096 x
 #: 4,096 forward and backward at D = 129, 0.63-0.89x the padded time) and leaner
-#: (bench/README.md, "Switches decided"), spill (64 B) and all.
+#: (bench/README.md, "Switches decided"). (Their unpadded builds keep no stack under Triton 3.6,
+#: the runs'; 3.8 spills 64 B in the backward.)
 ALIGN_DEFAULT = {"knn": True, "pairwise": False}
 
 
