@@ -163,7 +163,7 @@ def tune(out_path: str, *, sizes=(20_000, 60_000), D: int = 512, dtype: str = "b
     inputs: Dict[int, torch.Tensor] = {}
     base: Dict[int, tuple] = {}
     records, seen_grid = [], set()
-    jobs = _plan(sizes, table, SMOKE_CANDIDATES if smoke else kk.FWD_ALTERNATIVES)
+    jobs = _plan(sizes, table, SMOKE_CANDIDATES if smoke else kk.fwd_alternatives())
     try:  # what was measured is written even when the step's time runs out (SIGINT) mid-sweep
         for run, (n, cand, resident, is_table) in enumerate(jobs):
             bm, bn, w, st, flat = cand[:5]

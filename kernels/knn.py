@@ -745,6 +745,18 @@ FWD_ALTERNATIVES = {(128, 128, 4, 3, False, None, "tma", True): 2, (128, 64, 4, 
                     (128, 64, 4, 3, False, None, "tma"): 3, (128, 64, 4, 3, True): 2,
                     (128, 64, 8, 3, True): 2, (64, 128, 4, 4, False): 2, (128, 128, 8, 2, False): 1,
                     (128, 64, 8, 3, False): 1, (128, 128, 8, 3, True): 1}
+#: Where a Triton release's sm_90 builds fit fewer programs per SM than :data:`FWD_ALTERNATIVES`
+#: says (its counts are Triton 3.8's): under 3.6, the GPU image's, 128 x 64 on 4 warps with the
+#: diagonal branch keeps 196 registers (two per SM, not three) and 128 x 64 flat on 8 warps 159
+#: (one, not two). :func:`fwd_alternatives` applies them.
+FWD_ALTERNATIVES_BY_TRITON = {"3.6": {(128, 64, 4, 3, False, None, "tma", True): 2, (128, 64, 8, 3, True): 1}}
+
+
+def fwd_alternatives() -> Dict[tuple, int]:
+    """:data:`FWD_ALTERNATIVES` with the programs per SM of the running Triton's builds
+    (:data:`FWD_ALTERNATIVES_BY_TRITON`): what bench/tune_knn.py sizes their grids for."""
+    release = ".".join(triton.__version__.split(".")[:2])
+    return {**FWD_ALTERNATIVES, **FWD_ALTERNATIVES_BY_TRITON.get(release, {})}
 
 
 def _fwd_configs(largest_block_d: int, stages: Optional[Dict[int, int]] = None,
