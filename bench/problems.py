@@ -191,8 +191,9 @@ def _prepared(q: torch.Tensor, r: torch.Tensor):
     from daal_triton.kernels import knn as kk
 
     dtype = kk.compute_dtype("knn", q, r)
-    qp = kk.prepare(q.detach(), dtype, align=kk.align_rows("knn"))
-    return qp, (qp if r is q else kk.prepare(r.detach(), dtype, align=kk.align_rows("knn")))
+    pad = kk.align_rows("knn")
+    qp = kk.prepare(q.detach(), dtype, align=pad)
+    return qp, (qp if r is q else kk.prepare(r.detach(), dtype, align=pad))
 
 
 def gluon_applies(variant: str, q: torch.Tensor, r: torch.Tensor, k: int, has_labels: bool) -> Optional[str]:

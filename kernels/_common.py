@@ -702,6 +702,12 @@ LAUNCHES_ENV = "DAAL_LAUNCHES"
 LAUNCH_POLICIES = ("merged", "separate")
 
 
+def triton_release() -> str:
+    """The running Triton's "major.minor" (e.g. "3.6", the GPU image's; "3.8", CI's): the key of
+    the facts that differ by release (programs per SM, stack of a build)."""
+    return ".".join(triton.__version__.split(".")[:2])
+
+
 def env_choice(name: str, choices: Tuple[str, ...]) -> str:
     """The environment variable ``name`` (an internal switch), ``choices[0]`` when unset;
     ``ValueError`` naming the variable for a value not in ``choices``."""

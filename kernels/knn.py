@@ -146,6 +146,7 @@ from ._common import (
     family,
     dot_flags,
     env_choice,
+    triton_release,
     gpu_dot_variants,
     interpreting,
     merged_launches,
@@ -755,8 +756,7 @@ FWD_ALTERNATIVES_BY_TRITON = {"3.6": {(128, 64, 4, 3, False, None, "tma", True):
 def fwd_alternatives() -> Dict[tuple, int]:
     """:data:`FWD_ALTERNATIVES` with the programs per SM of the running Triton's builds
     (:data:`FWD_ALTERNATIVES_BY_TRITON`): what bench/tune_knn.py sizes their grids for."""
-    release = ".".join(triton.__version__.split(".")[:2])
-    return {**FWD_ALTERNATIVES, **FWD_ALTERNATIVES_BY_TRITON.get(release, {})}
+    return {**FWD_ALTERNATIVES, **FWD_ALTERNATIVES_BY_TRITON.get(triton_release(), {})}
 
 
 def _fwd_configs(largest_block_d: int, stages: Optional[Dict[int, int]] = None,

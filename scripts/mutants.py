@@ -203,7 +203,7 @@ MUTANTS: Tuple[Mutant, ...] = (
     Mutant("common_sqnorm_stride", "kernels/_common.py", "_sqnorm_kernel[grid](x, out, M, D, x.stride(0),",
            "_sqnorm_kernel[grid](x, out, M, D, D,", ("tests/kernels/test_kernel_alignment.py", "-k", "wider_stride")),
     Mutant("knn_alternatives_by_triton", "kernels/knn.py",
-           "return {**FWD_ALTERNATIVES, **FWD_ALTERNATIVES_BY_TRITON.get(release, {})}",
+           "return {**FWD_ALTERNATIVES, **FWD_ALTERNATIVES_BY_TRITON.get(triton_release(), {})}",
            "return dict(FWD_ALTERNATIVES)", ("tests/kernels/test_kernel_knn.py", "-k", "follow_the_running")),
     Mutant("align_pairwise_pads", "kernels/_common.py", 'ALIGN_DEFAULT = {"knn": True, "pairwise": False}',
            'ALIGN_DEFAULT = {"knn": True, "pairwise": True}', ("tests/kernels/test_kernel_alignment.py", "-k", "widths")),

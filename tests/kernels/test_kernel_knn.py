@@ -598,7 +598,7 @@ def test_knn_forward_alternatives_fit_their_residency():
 
     from daal_testing import compile_many_for_gpu, gpu_job, sass_loops
 
-    release = ".".join(triton.__version__.split(".")[:2])
+    release = _common.triton_release()
     base = next(la for la in kk.launches() if la.entry == "fwd_kp16" and la.x_dtype == torch.bfloat16
                 and la.block_d == 64)
     assert base.flags["LEAN"] and base.flags["EXCLUDE_SELF"] and not base.config.blocks["DIAG_BRANCH"]

@@ -15,9 +15,9 @@ import subprocess
 import sys
 
 import pytest
-import triton
 
 from daal_testing import compile_many_for_gpu, recorded_job
+from daal_triton.kernels._common import triton_release
 
 pytestmark = pytest.mark.build
 
@@ -29,7 +29,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 #: timed them) nothing. Allowed by allowed_stack, held exact by test_the_unpadded_rows_are_what_spills
 #: (a release not listed may keep none).
 PAIRWISE_UNPADDED_STACKS = {"3.8": {"_pairwise_bwd_kernel": 64}, "3.6": {}}
-PAIRWISE_UNPADDED_STACK = PAIRWISE_UNPADDED_STACKS.get(".".join(triton.__version__.split(".")[:2]), {})
+PAIRWISE_UNPADDED_STACK = PAIRWISE_UNPADDED_STACKS.get(triton_release(), {})
 
 
 def allowed_stack(launch) -> int:
