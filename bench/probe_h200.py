@@ -31,7 +31,16 @@ script splits both:
   ceiling follow the L2 traffic per FLOP (docs/kernels.md, "Wider tiles")? With pointer loads,
   then (since 2026-12-04, where the GPU has TMA) through tensor descriptors: the narrow tiles'
   GEMM ceiling beside their forward's time (docs/kernels.md, "Narrow tiles through descriptors").
-* ``threshold`` (after ``tiles``, recorded as section ``knn``): the selection by a threshold at
+* ``host`` (after ``launch``, both before ``threshold``; since 2026-12-05's seventh session):
+  where the host time of the B = 180 loss's forward + backward goes (1,966 µs on the H200's
+  host in 2026-12-04-h200-3, against 0.41 ms of glue and 79 µs of Triton's binder on a CPU,
+  bench/probe_host.py): the functions with the most own time under ``cProfile`` (Python 3.12
+  profiles every thread, so the backward's, which autograd runs on its device thread, is in it;
+  an older Python sees the calling thread only, and says so), and the PyTorch operators with
+  the most own CPU time under ``torch.profiler`` (every thread), µs per call, each call
+  synchronised; and cProfile's own time summed by origin (Python in Triton, in PyTorch, in the
+  package; the C calls each makes: Triton's launcher, the operators, the synchronisation). Both profilers add their own cost: read the split, not the sum.
+* ``threshold`` (last, recorded as section ``knn``): the selection by a threshold at
   60k rows with the filter's grid in waves of 2 and of 1 program per SM
   (``knn_threshold.PROGRAMS_PER_SM``) and with the filter on the other tiles of
   ``knn_threshold.FILTER_ALTERNATIVES`` (since 2026-12-05's fifth session), and at 20k with
@@ -175,6 +184,110 @@ def launch_section(dev, emit, n, reps, shape=(180, 100, 512)):
             fb()
         emit("launch", "DAALLoss forward+backward from a CUDA graph (replay)",
              host_us=host_us(graph.replay, dev, n // 4), gpu_ms=gpu_ms(graph.replay, dev, 2 * reps))
+
+
+#: How many functions / operators the ``host`` section lists, by own time.
+HOST_TOP = 12
+
+
+def _where(file: str, line: int, func: str) -> str:
+    """A profile entry's name: the package- or library-relative file, or the builtin."""
+    if file == "~":  # a builtin: cProfile's "<built-in method ...>"
+        return func
+    for marker in ("/daal_triton/", "/kernels/", "/reference/", "/bench/", "/tests/", "/site-packages/",
+                   "/lib/python"):
+        if marker in file:
+            file = file[file.rindex(marker) + 1:]
+            break
+    return f"{file}:{line}({func})"
+
+
+#: Where a profiled function's file lies, first match: Triton's, PyTorch's, this package's.
+ORIGINS = (("Triton", ("/triton/",)), ("PyTorch", ("/torch/",)),
+           ("daal_triton", ("/daal_triton/", "/kernels/", "/reference/")))
+
+
+def _origin(file: str) -> str:
+    return next((name for name, marks in ORIGINS if any(m in file for m in marks)), "other")
+
+
+def host_profile_rows(fn, calls: int, top: int = HOST_TOP):
+    """``fn`` called ``calls`` times under cProfile (after one unprofiled call): the ``top``
+    functions by own time, as ``(name, calls per call, own µs per call, cumulative µs per call)``;
+    all own time by origin, ``{origin: µs per call}`` (Python functions by their file: "Python in
+    Triton", ...; a builtin's own time by its caller's file: "C called from Triton" takes Triton's
+    launcher and the driver, "C called from daal_triton" the PyTorch operators the package calls,
+    ...; :data:`ORIGINS`); and the profiled wall µs per call."""
+    import cProfile
+    import pstats
+
+    fn()
+    prof = cProfile.Profile()
+    t0 = time.perf_counter()
+    prof.enable()
+    for _ in range(calls):
+        fn()
+    prof.disable()
+    wall = (time.perf_counter() - t0) / calls * 1e6
+    stats = pstats.Stats(prof).stats  # {(file, line, func): (prim calls, calls, own s, cumulative s, callers)}
+    by_origin: dict = {}
+    for (file, _, _), (_, _, tt, _, callers) in stats.items():
+        if file != "~":
+            key = f"Python in {_origin(file)}"
+            by_origin[key] = by_origin.get(key, 0.0) + tt / calls * 1e6
+            continue
+        seen = 0.0
+        for (cfile, _, _), caller in callers.items():  # {caller: (prim calls, calls, own s, cumulative s)}
+            key = f"C called from {_origin(cfile) if cfile != '~' else 'C'}"
+            by_origin[key] = by_origin.get(key, 0.0) + caller[2] / calls * 1e6
+            seen += caller[2]
+        if tt > seen:  # no caller recorded (the profiler's own disable(), at the top)
+            by_origin["C called from other"] = by_origin.get("C called from other", 0.0) + (tt - seen) / calls * 1e6
+    rows = sorted(stats.items(), key=lambda kv: -kv[1][2])[:top]
+    return ([(_where(*key), nc / calls, tt / calls * 1e6, ct / calls * 1e6)
+             for key, (_, nc, tt, ct, _) in rows],
+            dict(sorted(by_origin.items(), key=lambda kv: -kv[1])), wall)
+
+
+def op_profile_rows(fn, calls: int, top: int = HOST_TOP):
+    """``fn`` called ``calls`` times under ``torch.profiler`` (CPU activity: every thread's
+    PyTorch operators): the ``top`` operators by own CPU time, as ``(name, calls per call, own
+    µs per call)``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(calls):
+            fn()
+    avgs = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:top]
+    return [(e.key, e.count / calls, e.self_cpu_time_total / calls) for e in avgs]
+
+
+def host_section(dev, emit, calls, shape=(180, 100, 512)):
+    """The B = 180 loss's forward + backward under cProfile and under torch.profiler (see the
+    module's docstring, ``host``)."""
+    import daal_triton as dt
+    B, C, D = shape
+    loss = dt.DAALLoss(C, D, backend="triton").to(dev)
+    z = torch.randn(B, D, device=dev, requires_grad=True)
+    y = torch.randint(0, C, (B,), device=dev)
+
+    def fb():
+        z.grad = loss.segments.grad = None
+        loss(z, y).backward()
+        _sync(dev)  # inside: the profiled time is the call's, queue included
+
+    threads = ("every thread" if sys.version_info >= (3, 12) or dev.type != "cuda"
+               else "the calling thread only (Python < 3.12: not the backward's autograd thread)")
+    rows, by_origin, wall = host_profile_rows(fb, calls)
+    emit("host", f"DAALLoss forward+backward, B={B} C={C} D={D}, under cProfile ({threads})", host_us=wall)
+    for origin, us in by_origin.items():
+        emit("host", f"cProfile own time by origin: {origin}", host_us=us)
+    for name, n, own, cum in rows:
+        emit("host", f"cProfile own time: {name} ({n:g} calls, cumulative {cum:.0f} µs)",
+             host_us=own, calls=n, cum_us=cum)
+    for name, n, own in op_profile_rows(fb, calls):
+        emit("host", f"torch.profiler own CPU time: {name} ({n:g} calls)", host_us=own, calls=n)
 
 
 def _problem(dev, n, d, dtype=None):
@@ -458,9 +571,13 @@ def main() -> int:
             f.flush()
         for section, fn in (("knn", lambda: knn_section(dev, emit, n, d, 2 if args.smoke else 10)),
                             ("tiles", lambda: tiles_section(dev, emit, n, d, 2 if args.smoke else 10)),
+                            # the two cheap host sections before the threshold's kernels, which no GPU
+                            # has run (a fault there ends the process's CUDA context) nor timed
+                            ("launch", lambda: launch_section(dev, emit, calls, reps, (37, 11, 33) if args.smoke else (180, 100, 512))),
+                            ("host", lambda: host_section(dev, emit, 2 if args.smoke else 100,
+                                                          (37, 11, 33) if args.smoke else (180, 100, 512))),
                             ("threshold", lambda: threshold_section(dev, emit, n, d, 2 if args.smoke else 10,
-                                                                    n_grid=n if args.smoke else 60000)),
-                            ("launch", lambda: launch_section(dev, emit, calls, reps, (37, 11, 33) if args.smoke else (180, 100, 512)))):
+                                                                    n_grid=n if args.smoke else 60000))):
             try:
                 fn()
             except Exception:

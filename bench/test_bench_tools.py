@@ -676,7 +676,8 @@ def test_gpu_check_rehearsal_on_cpu(tmp_path):
     assert list(steps) == ["install_preinstalled", "gpu_tests", "bench", "probe",
                            "tune_knn", "tune_line_margin", "build_tests", "kernel_tests", "report"], steps
     probe = [json.loads(line) for line in (out / "probe.jsonl").read_text().splitlines()]
-    assert {p["section"] for p in probe} == {"knn", "launch", "tiles"}
+    assert {p["section"] for p in probe} == {"knn", "launch", "tiles", "host"}
+    assert any(p["section"] == "host" and p["name"].startswith("cProfile own time: ") for p in probe)
     assert not [p for p in probe if p["name"] == "error"], [p["error"] for p in probe if p["name"] == "error"]
     # 5: no test collected (no GPU test runs on a CPU; the narrowed build step selects none)
     failed = {name: s for name, s in steps.items()
@@ -896,6 +897,69 @@ def test_probe_tile_bytes():
         assert b == tiles * (bm + bn) * D * 2
         assert abs(tiles * 2 * bm * bn * D / b - intensity) < 1e-9
     assert probe_h200.tile_bytes(129, 8, 128, 128, elem=4) == 4 * 256 * 8 * 4
+
+
+def _burn(n: int) -> int:
+    return sum(i * i for i in range(n))
+
+
+def test_probe_host_profile_rows_name_the_work_per_call():
+    """``host_profile_rows``: the functions by own time, per call of the profiled function (its
+    calls counted per call, own time no more than the cumulative), named by the file relative to
+    the library or package, not by the machine's paths."""
+    import probe_h200
+
+    def work():
+        _burn(20000)
+        _burn(20000)
+        probe_h200.tile_bytes(129, 8, 128, 128)
+    rows, by_origin, wall = probe_h200.host_profile_rows(work, 5, top=50)
+    byname = {name: (n, own, cum) for name, n, own, cum in rows}
+    burn = [name for name in byname if name.endswith("(_burn)")]
+    assert len(burn) == 1 and byname[burn[0]][0] == 2, rows  # twice per call
+    assert burn[0].startswith("bench/test_bench_tools.py:"), burn
+    owns = [own for _, _, own, _ in rows]
+    assert owns == sorted(owns, reverse=True) and all(own <= cum + 1e-6 for _, _, own, cum in rows)
+    assert 0 < byname[burn[0]][2] <= wall and sum(owns) <= wall * 1.5
+    assert any(name.endswith("(tile_bytes)") and byname[name][0] == 1 for name in byname), rows
+    # by origin: the generator's Python is "other" (this file), sum()'s C time called from here
+    assert set(by_origin) <= {f"{kind} {o}" for kind in ("Python in", "C called from")
+                              for o in ("Triton", "PyTorch", "daal_triton", "other", "C")}, by_origin
+    assert by_origin["Python in other"] > 0 and by_origin["C called from other"] > 0
+    assert sum(by_origin.values()) == pytest.approx(sum(own for _, _, own, _ in rows), rel=1e-6)  # all 50 rows
+    assert list(by_origin.values()) == sorted(by_origin.values(), reverse=True)
+    assert [probe_h200._origin(f) for f in ("/v/site-packages/triton/runtime/jit.py", "/v/torch/autograd/function.py",
+            "/w/main/kernels/knn.py", "/w/main/daal_triton/loss.py", "/w/main/bench/x.py")] == [
+        "Triton", "PyTorch", "daal_triton", "daal_triton", "other"]
+    assert probe_h200._where("/x/.venv/lib/python3.11/site-packages/triton/runtime/jit.py", 7, "run") == \
+        "site-packages/triton/runtime/jit.py:7(run)"
+    assert probe_h200._where("/w/main/daal_triton/loss.py", 3, "forward") == "daal_triton/loss.py:3(forward)"
+    assert probe_h200._where("~", 0, "<built-in method torch.empty>") == "<built-in method torch.empty>"
+
+
+def test_probe_host_section_splits_the_loss_call():
+    """The probe's ``host`` section (cProfile and torch.profiler over the loss's forward +
+    backward) runs on the CPU: a profiled wall time, then HOST_TOP functions by own time (each
+    with its calls and cumulative time per call), then HOST_TOP PyTorch operators, aten's among
+    them."""
+    import probe_h200
+
+    lines = []
+    probe_h200.host_section(torch.device("cpu"), lambda section, name, **kw: lines.append((section, name, kw)),
+                            2, (37, 11, 33))
+    assert {section for section, _, _ in lines} == {"host"}
+    (_, first, total), funcs = lines[0], [line for line in lines if line[1].startswith("cProfile own time: ")]
+    ops = [line for line in lines if line[1].startswith("torch.profiler own CPU time: ")]
+    origins = [line for line in lines if line[1].startswith("cProfile own time by origin: ")]
+    assert "under cProfile (every thread)" in first and total["host_us"] > 0
+    assert len(funcs) == len(ops) == probe_h200.HOST_TOP and len(lines) == 1 + len(origins) + 2 * probe_h200.HOST_TOP
+    # the loss's own Python and the interpreter's (Triton's) are both in it, and the launches
+    assert {"cProfile own time by origin: Python in daal_triton", "cProfile own time by origin: Python in Triton",
+            "cProfile own time by origin: C called from daal_triton"} <= {name for _, name, _ in origins}, origins
+    assert all(0 <= kw["host_us"] <= kw["cum_us"] + 1e-6 and kw["calls"] > 0 for _, _, kw in funcs), funcs
+    assert not any("/work/" in name or "/home/" in name or "/tmp/" in name for _, name, _ in funcs), funcs
+    assert any("aten::" in name for _, name, _ in ops), [n for _, n, _ in ops]
+    assert all(kw["calls"] > 0 and kw["host_us"] >= 0 for _, _, kw in ops)
 
 
 def test_probe_threshold_section_times_each_grid_and_stride(monkeypatch):
