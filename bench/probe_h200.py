@@ -10,7 +10,9 @@ script splits both:
   op, of ``daal_triton.knn``, and of DAALLoss forward / forward + backward at B = 180, C = 100,
   D = 512 (also with each ``DAAL_EAGER_OPS`` mode and each ``DAAL_LAUNCHES`` policy); and the
   same forward + backward replayed from
-  a CUDA graph (GPU time alone).
+  a CUDA graph (GPU time alone); since 2026-12-05's seventh session also the benchmarks' large
+  pairwise distance (4,096², D = 512, bf16) forward and forward + backward, in a loop, as the
+  benchmarks time them, and from a CUDA graph (``pairwise_split``: host- or GPU-bound?).
 * ``knn``: the selection kernel at M = N (bf16, D = 512, k = 8) against kernels that keep its
   GEMM and drop parts of its epilogue: ``gemm_min`` (tiles, s and one row-min per tile), and
   ``filter`` (+ the candidate filter ``s < worst`` and its row-min, no merge loop); the kernel
@@ -172,18 +174,58 @@ def launch_section(dev, emit, n, reps, shape=(180, 100, 512)):
         emit("launch", f"DAALLoss forward+backward, B={B} C={C} D={D}, DAAL_LAUNCHES={policy}",
              host_us=host_us(lambda: _with_env(_common.LAUNCHES_ENV, policy, fb), dev, n // 4),
              gpu_ms=gpu_ms(lambda: _with_env(_common.LAUNCHES_ENV, policy, fb), dev, reps))
-    if dev.type == "cuda":
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                fb()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fb()
+    graph = captured(fb, dev)
+    if graph is not None:
         emit("launch", "DAALLoss forward+backward from a CUDA graph (replay)",
              host_us=host_us(graph.replay, dev, n // 4), gpu_ms=gpu_ms(graph.replay, dev, 2 * reps))
+    pairwise_split(dev, emit, n // 4, reps, (64, 32) if shape[0] < 180 else (4096, 512))
+
+
+def captured(fn, dev):
+    """``fn`` captured in a CUDA graph (after two warm-up calls on a side stream), or None off
+    CUDA: its replay's time is the GPU's alone."""
+    if dev.type != "cuda":
+        return None
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph
+
+
+def pairwise_split(dev, emit, n, reps, shape=(4096, 512)):
+    """The benchmarks' large pairwise distance (M = N = 4,096, D = 512, bfloat16 on a GPU; float32
+    in the interpreter) forward and forward + backward: host µs per call (a loop, one
+    synchronisation), one call's time between CUDA events (as each of the benchmarks' rounds, it
+    includes the host time of a host-bound call), and the GPU's own from a CUDA graph's replay. The benchmarks read it at
+    11–12% of matmul (251–265 µs forward, 2026-12-04); host or GPU, no run had split it."""
+    import daal_triton as dt
+    M, D = shape
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    x = _unit(M, D, dev, dtype).requires_grad_(True)
+    y = _unit(M, D, dev, dtype).requires_grad_(True)
+    g = torch.randn(M, M, device=dev)
+
+    def fwd():
+        return dt.pairwise_distance(x, y)
+
+    def fwdbwd():
+        return torch.autograd.grad(dt.pairwise_distance(x, y), (x, y), g)
+    what = f"pairwise_distance M=N={M} D={D} {str(dtype).replace('torch.', '')}"
+    for name, fn in (("forward", fwd), ("forward+backward", fwdbwd)):
+        emit("launch", f"{what}, {name}", host_us=host_us(fn, dev, n), gpu_ms=gpu_ms(fn, dev, reps))
+        graph = captured(fn, dev)
+        if graph is not None:
+            emit("launch", f"{what}, {name} from a CUDA graph (replay)", gpu_ms=gpu_ms(graph.replay, dev, 2 * reps))
+
+
+def _unit(n, d, dev, dtype):
+    return torch.nn.functional.normalize(torch.randn(n, d, device=dev), dim=1).to(dtype)
 
 
 #: How many functions / operators the ``host`` section lists, by own time.

@@ -678,6 +678,8 @@ def test_gpu_check_rehearsal_on_cpu(tmp_path):
     probe = [json.loads(line) for line in (out / "probe.jsonl").read_text().splitlines()]
     assert {p["section"] for p in probe} == {"knn", "launch", "tiles", "host"}
     assert any(p["section"] == "host" and p["name"].startswith("cProfile own time: ") for p in probe)
+    assert {p["name"] for p in probe if p["name"].startswith("pairwise_distance ")} == {
+        f"pairwise_distance M=N=64 D=32 float32, {what}" for what in ("forward", "forward+backward")}
     assert not [p for p in probe if p["name"] == "error"], [p["error"] for p in probe if p["name"] == "error"]
     # 5: no test collected (no GPU test runs on a CPU; the narrowed build step selects none)
     failed = {name: s for name, s in steps.items()
