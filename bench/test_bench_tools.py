@@ -676,7 +676,7 @@ def test_gpu_check_rehearsal_on_cpu(tmp_path):
     assert list(steps) == ["install_preinstalled", "gpu_tests", "bench", "probe",
                            "tune_knn", "tune_line_margin", "build_tests", "kernel_tests", "report"], steps
     probe = [json.loads(line) for line in (out / "probe.jsonl").read_text().splitlines()]
-    assert {p["section"] for p in probe} == {"knn", "launch", "tiles", "host"}
+    assert {p["section"] for p in probe} == {"knn", "launch", "tiles", "host", "pairwise"}
     assert any(p["section"] == "host" and p["name"].startswith("cProfile own time: ") for p in probe)
     assert {p["name"] for p in probe if p["name"].startswith("pairwise_distance ")} == {
         f"pairwise_distance M=N=64 D=32 float32, {what}" for what in ("forward", "forward+backward")}
