@@ -288,7 +288,8 @@ step report 30 "$PY" bench/report.py "$OUT" -o "$OUT/report.md"
 [ -f "$OUT/report.md" ] && sed -n '1,60p' "$OUT/report.md"
 # This workplace's device tool returns at most 8 files of OUTDIR, the first 8 by name (2026-12-04: a run's
 # records, report and probe did not come back): one archive of the whole run, named to sort first,
-# brings it all. To commit the run, unpack it into bench/results/<date>-<gpu>/ (not the archive itself).
+# brings it all. To commit the run, unpack it into bench/results/<date>-<gpu>/ (not the archive itself):
+# python bench/file_run.py FILES_AT does it, with the folder's README and bench/README.md.
 ARCHIVE=0-all-files.tar.gz
 # (written beside, then moved in: an archive growing inside the folder it packs makes tar report
 # "file changed as we read it"; tar's exit 1 is that warning, 2 a failure)

@@ -816,14 +816,16 @@ pytest-benchmark files, one per operator: `test_bench_pairwise.py`, `test_bench_
 `report.py` reads the same tables), `problems.py` (one set-up per operator, the provider's
 function from a table), `runner.py` (time budget, memory guard, warm-up, timing, NaN check,
 failure triage, statistics, records) and `conftest.py` (options, ordering); `report.py` turns a
-run into Markdown; `gpu_check.sh` is the GPU check (its two test steps run as pytest processes side by side:
+run into Markdown; `file_run.py` files a run's archive under `results/` (a new folder, its README,
+this file regenerated); `gpu_check.sh` is the GPU check (its two test steps run as pytest processes side by side:
 `sharded_pytest.py`, one slice of the selection each; kernels no GPU had run, the Gluon forwards and the
 threshold selection's, are timed only after their GPU tests passed in the run: `tests/gpu_canary.py`); `tune_line_margin.py` times alternative block
 sizes of the line-margin kernels and the backward's class-chunk budget, with peak memory (the
 check runs it for at least 30 s; its table goes into the run's report), `tune_knn.py` those of the kNN forward, its flat loop, wide tiles and grids sized for two programs per SM
 (45 s; its table too); `probe_h200.py` splits host and GPU time on a GPU (and profiles the
 B = 180 loss's host time: cProfile by function and by origin, Triton's launcher, the package's
-Python, PyTorch's operators; torch.profiler by operator; and times the kNN
+Python, PyTorch's operators; torch.profiler by operator; the large pairwise distance's host, event and
+CUDA-graph times; and times the kNN
 forward's tiles without the merge at five tile shapes: does its ceiling follow the L2 bytes per FLOP?; and the
 selection by a threshold: its steps, its filter's grid and other tiles, on half the tiles, its sample's stride; 75 s), `probe_host.py` measures
 the loss's host time besides the kernels on a CPU; `work_model.py` models the flops and bytes of each line-margin kernel

@@ -1,0 +1,240 @@
+"""File a GPU run of ``bench/gpu_check.sh`` under ``bench/results/``: the standing order's steps in one.
+
+The device tool brings back ``0-all-files.tar.gz`` (the run's whole OUTDIR: it returns 8 files at
+most). This unpacks it, unedited, into a new folder ``bench/results/<date>-<gpu>[-N]`` (never an
+existing one: a second run of a day gets the next free suffix, and ``--name`` an existing folder is
+refused), writes the folder's README.md (the command, the steps with their exit status and time,
+and which code ran: the run's ``source_sha256`` against this checkout's digest and, where they
+differ, the recent commit whose code it was), and regenerates ``bench/README.md``
+(``report.py --readme``). What is left is to read the numbers and commit the folder.
+
+usage: python bench/file_run.py FILES_AT [--name NAME] [--command CMD] [--wall SECONDS]
+FILES_AT: the folder the device tool returned (holding ``0-all-files.tar.gz``), or the archive.
+Exit status 2 (one line, no traceback) for a missing or unsafe archive or a folder that exists.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+import tarfile
+import tempfile
+from typing import List, Optional, Tuple
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+
+import report  # noqa: E402  (bench/report.py: the digest and the README)
+
+ARCHIVE = "0-all-files.tar.gz"
+#: How many commits back ``code_commits`` looks for the run's code.
+COMMITS_BACK = 150
+#: What ``code_commits`` takes of each commit: every file ``report.SOURCE_GLOBS`` can match.
+DIGEST_PATHS = ("daal_triton", "kernels", "reference", "bench/*.py", "bench/*.sh", "setup.py")
+
+
+class FilingError(Exception):
+    """A user error: printed as one line, exit status 2."""
+
+
+def _archive(files_at: str) -> str:
+    path = os.path.join(files_at, ARCHIVE) if os.path.isdir(files_at) else files_at
+    if not os.path.isfile(path):
+        raise FilingError(f"no {ARCHIVE} at {files_at}")
+    return path
+
+
+def _members(tar: tarfile.TarFile) -> List[tarfile.TarInfo]:
+    """The archive's regular files and folders, each a relative path inside the run's folder;
+    anything else (a link, a device, an absolute path, a ``..``) refuses the whole archive."""
+    out = []
+    for m in tar.getmembers():
+        name = m.name
+        parts = [p for p in name.replace("\\", "/").split("/") if p not in ("", ".")]
+        if name.startswith("/") or ".." in parts or not (m.isfile() or m.isdir()):
+            raise FilingError(f"the archive holds {name!r}, which is not a plain file inside the run's folder")
+        if parts:
+            out.append(m)
+    return out
+
+
+def run_name(env: dict, results: str) -> str:
+    """``<date>-<gpu>``, or with the first free ``-N`` suffix (N = 2, 3, ...): the run's date
+    (``env.json``'s, else today's) and its GPU's model (``NVIDIA H200`` gives ``h200``)."""
+    date = str(env.get("date") or datetime.date.today().isoformat())[:10]
+    words = [w for w in re.split(r"[^a-z0-9]+", str(env.get("gpu") or "").lower()) if w and w != "nvidia"]
+    base = f"{date}-{words[0] if words else 'gpu'}"
+    name, n = base, 1
+    while os.path.exists(os.path.join(results, name)):
+        n += 1
+        name = f"{base}-{n}"
+    return name
+
+
+def code_commits(digest: str, back: int = COMMITS_BACK) -> Optional[Tuple[str, str]]:
+    """``(oldest, newest)``: the run of commits among the last ``back`` whose ``report.py
+    --source-digest`` is ``digest`` (the code a run measured: introduced by the oldest, unchanged
+    through the newest), or None."""
+    try:
+        revs = subprocess.run(["git", "-C", ROOT, "rev-list", f"--max-count={back}", "HEAD"],
+                              capture_output=True, text=True, check=True).stdout.split()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    found: List[str] = []
+    for rev in revs:  # newest first
+        tree = subprocess.run(["git", "-C", ROOT, "archive", rev, "--", *DIGEST_PATHS], capture_output=True)
+        if tree.returncode:
+            break
+        with tempfile.TemporaryDirectory() as tmp:
+            with tarfile.open(fileobj=io.BytesIO(tree.stdout)) as tar:
+                _extract(tar, tmp, _members(tar))
+            same = report.source_digest(tmp) == digest
+        if same:
+            found.append(rev[:7])
+        elif found:
+            break
+    return (found[-1], found[0]) if found else None
+
+
+def _extract(tar: tarfile.TarFile, dest: str, members: List[tarfile.TarInfo]) -> None:
+    """``members`` (checked by :func:`_members`) into ``dest``, with tarfile's "data" filter where
+    this Python has it (3.11.4+, 3.12)."""
+    if hasattr(tarfile, "data_filter"):
+        tar.extractall(dest, members=members, filter="data")
+    else:
+        tar.extractall(dest, members=members)
+
+
+def _head() -> str:
+    try:
+        return subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "?"
+
+
+def _read_json(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
+def _steps(path: str) -> List[dict]:
+    out = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    out.append(json.loads(line))
+                except ValueError:
+                    continue
+    except OSError:
+        pass
+    return out
+
+
+def readme_text(folder: str, command: str, wall: Optional[float]) -> str:
+    """The run folder's README.md: what ran, its steps, and whose code."""
+    env = _read_json(os.path.join(folder, "env.json"))
+    steps = _steps(os.path.join(folder, "steps.json"))
+    date = str(env.get("date") or "")[:10] or "undated"
+    lines = [f"# {date} ({env.get('gpu') or 'GPU ?'}, torch {env.get('torch', '?')}, "
+             f"Triton {env.get('triton', '?')})", "",
+             f"`{command}`, one call" + (f", {wall:.0f} s" if wall else "") + f"; unpacked unedited from its "
+             f"`{ARCHIVE}` by `python bench/file_run.py`.", ""]
+    if steps:
+        failed = [s for s in steps if s.get("rc") not in (0, None)]
+        lines.append("Steps (`steps.json`): " + "; ".join(
+            f"{s.get('step')} exit {s.get('rc')} in {s.get('seconds')} s (limit {s.get('limit')})" for s in steps)
+            + (". Every step exit 0." if not failed else
+               ". Not exit 0: " + ", ".join(str(s.get("step")) for s in failed) + " (their logs say why)."))
+    else:
+        lines.append("No `steps.json`: the run ended before its first step was recorded.")
+    lines.append("")
+    digest, head = env.get("source_sha256"), _head()
+    if not digest:
+        lines.append("`env.json` has no `source_sha256`: which code ran is not recorded.")
+    elif digest == report.source_digest(ROOT):
+        lines.append(f"The code is this checkout's (`{head}` when filed): `env.json`'s `source_sha256` equals "
+                     "`python bench/report.py --source-digest`.")
+    else:
+        revs = code_commits(digest)
+        through = "" if not revs or revs[0] == revs[1] else f" (unchanged through `{revs[1]}`)"
+        lines.append(f"The code is that of `{revs[0]}`{through}: `env.json`'s `source_sha256` equals `python "
+                     f"bench/report.py --source-digest` of that commit, not of `{head}`, where this was filed."
+                     if revs else
+                     f"`env.json`'s `source_sha256` ({digest[:16]}…) matches neither this checkout (`{head}`) nor "
+                     f"any of its last {COMMITS_BACK} commits: the run measured code that is not committed here.")
+    if env.get("git_revision"):
+        lines.append(f"Its `git_revision` (`{str(env['git_revision'])[:7]}`) is the device copy's git "
+                     "metadata, which may be stale: the digest says which code ran.")
+    return "\n".join(lines) + "\n"
+
+
+def file_run(files_at: str, results: str, name: Optional[str] = None, command: str = "bash bench/gpu_check.sh $OUT",
+             wall: Optional[float] = None, regenerate: bool = True) -> str:
+    """Unpack, describe and tabulate one run (module docstring); returns its folder."""
+    path = _archive(files_at)
+    try:
+        tar = tarfile.open(path)
+    except (tarfile.TarError, OSError) as e:
+        raise FilingError(f"{path} is not a readable archive: {e}") from None
+    with tar:
+        members = _members(tar)
+        names = {os.path.basename(m.name) for m in members if m.isfile()}
+        if not names & {"env.json", "steps.json", "records.jsonl"}:
+            raise FilingError(f"{path} holds no env.json, steps.json or records.jsonl: not a gpu_check.sh run")
+        os.makedirs(results, exist_ok=True)
+        if name is None:
+            env = {}
+            env_member = next((m for m in members if os.path.basename(m.name) == "env.json"), None)
+            if env_member is not None:
+                try:
+                    env = json.load(tar.extractfile(env_member))
+                except ValueError:
+                    env = {}
+            name = run_name(env, results)
+        folder = os.path.join(results, name)
+        if os.path.exists(folder):
+            raise FilingError(f"{folder} exists: a run is never overwritten (give another --name)")
+        os.makedirs(folder)
+        _extract(tar, folder, members)
+    readme = os.path.join(folder, "README.md")
+    if not os.path.exists(readme):  # the run's own README (none today) is kept
+        with open(readme, "w", encoding="utf-8") as f:
+            f.write(readme_text(folder, command, wall))
+    if regenerate:
+        report.main(["--readme", "--results", results])
+    return folder
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("files_at", help=f"the device tool's folder (holding {ARCHIVE}) or the archive")
+    ap.add_argument("--results", default=os.path.join(HERE, "results"))
+    ap.add_argument("--name", help="the run's folder name (default: <date>-<gpu>, or the next free -N)")
+    ap.add_argument("--command", default="bash bench/gpu_check.sh $OUT", help="the command that ran")
+    ap.add_argument("--wall", type=float, help="the call's seconds (the device tool's wall_s)")
+    ap.add_argument("--no-readme", action="store_true", help="do not regenerate bench/README.md")
+    a = ap.parse_args(argv)
+    try:
+        folder = file_run(a.files_at, a.results, a.name, a.command, a.wall, regenerate=not a.no_readme)
+    except FilingError as e:
+        print(f"file_run.py: {e}", file=sys.stderr)
+        return 2
+    rel = os.path.relpath(folder, ROOT)
+    rel = folder if rel.startswith("..") else rel
+    print(f"filed {rel}; read {rel}/report.md, then: git add {rel} bench/README.md && git commit")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
