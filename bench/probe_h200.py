@@ -36,10 +36,10 @@ script splits both:
   bench/probe_host.py): the functions with the most own time under ``cProfile`` (Python 3.12
   profiles every thread, so the backward's, which autograd runs on its device thread, is in it; an
   older Python sees the calling thread only, and says so), and the PyTorch operators with the most
-  own CPU time under ``torch.profiler`` (every thread), µs per call, each call synchronised; and
-  cProfile's own time summed by origin (Python in Triton, in PyTorch, in the package; the C calls
-  each makes: Triton's launcher, the operators, the synchronisation). Both profilers add their own
-  cost: read the split, not the sum.
+  own CPU time under ``torch.profiler`` (every thread), µs per call (one synchronisation after
+  the calls, as the loss is host-bound); and cProfile's own time summed by origin (Python in
+  Triton, in PyTorch, in the package; the C calls each makes: Triton's launcher, the operators).
+  Both profilers add their own cost: read the split, not the sum.
 * ``threshold`` (after ``host``, recorded as section ``knn``): the selection by a threshold at
   60k rows with the filter's grid in waves of 2 and of 1 program per SM
   (``knn_threshold.PROGRAMS_PER_SM``) and with the filter on the other tiles of
@@ -257,8 +257,9 @@ def _origin(file: str) -> str:
     return next((name for name, marks in ORIGINS if any(m in file for m in marks)), "other")
 
 
-def host_profile_rows(fn, calls: int, top: int = HOST_TOP):
-    """``fn`` called ``calls`` times under cProfile (after one unprofiled call): the ``top``
+def host_profile_rows(fn, calls: int, top: int = HOST_TOP, after=None):
+    """``fn`` called ``calls`` times under cProfile (after one unprofiled call; ``after()``, a
+    synchronisation, once the profile ends and before the wall time is read): the ``top``
     functions by own time, as ``(name, calls per call, own µs per call, cumulative µs per call)``;
     all own time by origin, ``{origin: µs per call}`` (Python functions by their file: "Python in
     Triton", ...; a builtin's own time by its caller's file: "C called from Triton" takes Triton's
@@ -268,12 +269,16 @@ def host_profile_rows(fn, calls: int, top: int = HOST_TOP):
     import pstats
 
     fn()
+    if after is not None:
+        after()
     prof = cProfile.Profile()
     t0 = time.perf_counter()
     prof.enable()
     for _ in range(calls):
         fn()
     prof.disable()
+    if after is not None:
+        after()
     wall = (time.perf_counter() - t0) / calls * 1e6
     stats = pstats.Stats(prof).stats  # {(file, line, func): (prim calls, calls, own s, cumulative s, callers)}
     by_origin: dict = {}
@@ -296,16 +301,18 @@ def host_profile_rows(fn, calls: int, top: int = HOST_TOP):
             dict(sorted(by_origin.items(), key=lambda kv: -kv[1])), wall)
 
 
-def op_profile_rows(fn, calls: int, top: int = HOST_TOP):
+def op_profile_rows(fn, calls: int, top: int = HOST_TOP, after=None):
     """``fn`` called ``calls`` times under ``torch.profiler`` (CPU activity: every thread's
-    PyTorch operators): the ``top`` operators by own CPU time, as ``(name, calls per call, own
-    µs per call)``."""
+    PyTorch operators; ``after()`` once after the calls, inside): the ``top`` operators by own
+    CPU time, as ``(name, calls per call, own µs per call)``."""
     from torch.profiler import ProfilerActivity, profile
 
     fn()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(calls):
             fn()
+        if after is not None:
+            after()
     avgs = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:top]
     return [(e.key, e.count / calls, e.self_cpu_time_total / calls) for e in avgs]
 
@@ -319,21 +326,20 @@ def host_section(dev, emit, calls, shape=(180, 100, 512)):
     z = torch.randn(B, D, device=dev, requires_grad=True)
     y = torch.randint(0, C, (B,), device=dev)
 
-    def fb():
+    def fb():  # no synchronisation inside: the host's own time (the GPU's is a quarter of it)
         z.grad = loss.segments.grad = None
         loss(z, y).backward()
-        _sync(dev)  # inside: the profiled time is the call's, queue included
 
     threads = ("every thread" if sys.version_info >= (3, 12) or dev.type != "cuda"
                else "the calling thread only (Python < 3.12: not the backward's autograd thread)")
-    rows, by_origin, wall = host_profile_rows(fb, calls)
+    rows, by_origin, wall = host_profile_rows(fb, calls, after=lambda: _sync(dev))
     emit("host", f"DAALLoss forward+backward, B={B} C={C} D={D}, under cProfile ({threads})", host_us=wall)
     for origin, us in by_origin.items():
         emit("host", f"cProfile own time by origin: {origin}", host_us=us)
     for name, n, own, cum in rows:
         emit("host", f"cProfile own time: {name} ({n:g} calls, cumulative {cum:.0f} µs)",
              host_us=own, calls=n, cum_us=cum)
-    for name, n, own in op_profile_rows(fb, calls):
+    for name, n, own in op_profile_rows(fb, calls, after=lambda: _sync(dev)):
         emit("host", f"torch.profiler own CPU time: {name} ({n:g} calls)", host_us=own, calls=n)
 
 
