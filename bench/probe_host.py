@@ -19,6 +19,7 @@ that is Python (``JITFunction.run``'s argument binder and cache key) is measured
 launch's arguments, and printed last, once per launch policy.
 
 usage: TRITON_INTERPRET=1 python bench/probe_host.py [--B 180 --C 100 --D 64] [--rounds 15 --calls 40]
+           [--profile]  (the split bench/probe_h200.py's ``host`` section makes on a GPU's host)
 
 It measures whichever ``daal_triton`` Python imports: an older commit's, through a link tree on
 ``PYTHONPATH`` (as ``bench/gpu_check.sh``'s last-resort install builds it), gives the same
@@ -40,6 +41,9 @@ def main(argv=None) -> int:
     p.add_argument("--D", type=int, default=64)
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--calls", type=int, default=40)
+    p.add_argument("--profile", action="store_true",
+                   help="also profile the default setting (bench/probe_h200.py's host section: by origin, "
+                        "then the functions with the most own time), to set beside a GPU run's")
     a = p.parse_args(argv)
     from daal_triton.backend import interpreter_on
 
@@ -136,6 +140,16 @@ def main(argv=None) -> int:
                   f"{sum(per_kernel.values()):.0f} µs per call over {len(rec)} launches (not in the "
                   f"times above); the heaviest: " + ", ".join(
                       f"{k} {us:.1f}" for k, us in sorted(per_kernel.items(), key=lambda kv: -kv[1])[:3]))
+    if a.profile:
+        from probe_h200 import host_profile_rows  # the GPU probe's split, for the same call here
+
+        use(settings[0])
+        rows, by_origin, wall = host_profile_rows(call, a.calls * a.rounds)
+        print(f"under cProfile, {label(settings[0])}: {wall:.0f} µs per call (the profiler's cost "
+              "included; Triton's launch path is not: the kernels are no-ops here); own time by origin: "
+              + "; ".join(f"{origin} {us:.0f} µs" for origin, us in by_origin.items()))
+        for name, n, own, cum in rows:
+            print(f"  {own:7.1f} µs own, {cum:7.1f} µs cumulative, {n:g} calls: {name}")
     return 0
 
 

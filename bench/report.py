@@ -828,7 +828,7 @@ Python, PyTorch's operators; torch.profiler by operator; the large pairwise dist
 CUDA-graph times; and times the kNN
 forward's tiles without the merge at five tile shapes: does its ceiling follow the L2 bytes per FLOP?; and the
 selection by a threshold: its steps, its filter's grid and other tiles, on half the tiles, its sample's stride; 75 s), `probe_host.py` measures
-the loss's host time besides the kernels on a CPU; `work_model.py` models the flops and bytes of each line-margin kernel
+the loss's host time besides the kernels on a CPU (`--profile`: the same split as the probe's host section); `work_model.py` models the flops and bytes of each line-margin kernel
 (printed beside a run's measured times; `python bench/work_model.py B,C,D` prints it alone);
 `knn_merge_model.py` counts the kNN forward's merge rounds and block-wide reductions per tile
 for both merges (a CPU replay of the selection, counts not times); `knn_threshold_model.py` counts

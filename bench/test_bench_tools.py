@@ -867,7 +867,7 @@ def test_probe_host_smoke():
     launches), and Triton's launch path is summed over each policy's launches."""
     env = dict(os.environ, TRITON_INTERPRET="1")
     proc = subprocess.run([sys.executable, os.path.join(HERE, "probe_host.py"), "--B", "37", "--C", "11",
-                           "--D", "16", "--rounds", "1", "--calls", "2"],
+                           "--D", "16", "--rounds", "1", "--calls", "2", "--profile"],
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = proc.stdout
@@ -883,6 +883,12 @@ def test_probe_host_smoke():
     paths = dict((m.group(1), (int(m.group(2)), int(m.group(3)))) for m in re.finditer(
         r"Triton's launch path .*?DAAL_LAUNCHES=(\w+): (\d+) µs per call over (\d+) launches", out))
     assert set(paths) == {"merged", "separate"}, out
+    # --profile: the GPU probe's split of the default setting, the package's own Python in it
+    prof = re.search(r"under cProfile, DAAL_EAGER_OPS=function\s+DAAL_LAUNCHES=merged\s*: (\d+) µs per call.*"
+                     r"own time by origin: (.*)", out)
+    assert prof and int(prof.group(1)) > 0, out
+    assert re.search(r"Python in daal_triton \d+ µs", prof.group(2)), prof.group(2)
+    assert len(re.findall(r"^ +[\d.]+ µs own, +[\d.]+ µs cumulative, [\d.]+ calls: ", out, re.M)) == 12, out
     assert paths["merged"][1] == merged[0] and paths["separate"][1] == separate[0]
     assert all(us > 0 for us, _ in paths.values())
 
