@@ -720,6 +720,13 @@ def test_gpu_check_rehearsal_on_cpu(tmp_path):
     with tarfile.open(out / "0-all-files.tar.gz") as tar:
         packed = {os.path.basename(n) for n in tar.getnames()}
     assert {p.name for p in out.iterdir()} - {"0-all-files.tar.gz"} <= packed and "records.jsonl" in packed
+    # filed as a GPU session files it (bench/file_run.py): every file back, unedited, and its README
+    import file_run
+    assert file_run.main([str(out), "--results", str(tmp_path / "results"), "--no-readme"]) == 0
+    (folder,) = (tmp_path / "results").iterdir()
+    assert {p.name for p in folder.iterdir()} == packed - {"."} | {"README.md"}
+    assert (folder / "records.jsonl").read_bytes() == (out / "records.jsonl").read_bytes()
+    assert "The code is this checkout's" in (folder / "README.md").read_text()
 
 
 # ----------------------------------------------------------------------------- tune_line_margin.py
