@@ -989,6 +989,19 @@ MUTANTS: Tuple[Mutant, ...] = (
            '    finally:\n        records.sort(key=lambda r: (dtypes.index',
            '    except Exception:\n        raise\n    if True:\n        records.sort(key=lambda r: (dtypes.index',
            ("bench/test_bench_tools.py", "-k", "interrupted")),
+    # bench/file_run.py and the probe's host split (2026-12-05, seventh session)
+    Mutant("file_run_lets_a_parent_path_through", "bench/file_run.py",
+           'if name.startswith("/") or ".." in parts or not',
+           'if name.startswith("/") or not',
+           ("bench/test_file_run.py", "-k", "refuses")),
+    Mutant("file_run_names_over_a_run", "bench/file_run.py",
+           "    while os.path.exists(os.path.join(results, name)):",
+           "    while False:",
+           ("bench/test_file_run.py", "-k", "free_name or by_date")),
+    Mutant("probe_host_builtins_unattributed", "bench/probe_h200.py",
+           "key = f\"C called from {_origin(cfile) if cfile != '~' else 'C'}\"",
+           "key = \"C called from other\"",
+           ("bench/test_bench_tools.py", "-k", "host_section or host_profile")),
 )
 
 
