@@ -1118,6 +1118,7 @@ def _line_margin2_backward(grad_out, x, seg, sx, st, labels, lse, rs, alpha, lam
             acc = part if acc is None else acc + part
             hr = rowp[:nt].sum(0) if hr is None else hr + rowp[:nt].sum(0)
             rows_p = 1
+        del part  # summed into acc (or acc itself): not alive beside the next chunk's
         g = mm_f32(abn.t(), x).contiguous()  # rows 2c, 2c + 1: [A~^T X]_c, [B~^T X]_c
         gs, ss = gseg[c0: c0 + n], seg[c0: c0 + n]
         if merged and not atomic and B and c0 + n == C:  # the last chunk's epilogue and dX at once
@@ -1132,6 +1133,10 @@ def _line_margin2_backward(grad_out, x, seg, sx, st, labels, lse, rs, alpha, lam
             g, ss, colp, gs, *lists, n, D, cc, row_tiles, B, c0,
             ss.stride(0), ss.stride(1), ss.stride(2), gs.stride(0), gs.stride(1), gs.stride(2),
             HAS_OWN=not atomic, **dcfg.launch(D))
+        # one chunk's G at a time: bound to g, it lived on through the next chunk's GEMM (2 Cc x D
+        # float32: 67 MB at B = 1024, C = 100k, about what the runs' 418 MB peak had over the
+        # model's 355 MB: bench/work_model.py extra_bytes)
+        del g
     if B:
         if acc is None:  # no classes
             acc, hr, rows_p = torch.zeros(B, D, device=x.device), torch.zeros(1, B, device=x.device), 1
