@@ -565,6 +565,7 @@ def select(q: torch.Tensor, r: torch.Tensor, k: int, exclude_self: bool, *, unti
     for i0 in range(0, M, chunk):
         qc = q[i0:i0 + chunk]
         m = qc.shape[0]
+        lists = None  # the last chunk's lists go before this chunk's come: LIST_BYTES at once, not twice
         lists = torch.empty(m, cap, dtype=torch.int64, device=q.device)
         if on_half:
             _filter_half(q, qn, thr, count, lists, exclude_self, flags)

@@ -1002,6 +1002,19 @@ MUTANTS: Tuple[Mutant, ...] = (
            "key = f\"C called from {_origin(cfile) if cfile != '~' else 'C'}\"",
            "key = \"C called from other\"",
            ("bench/test_bench_tools.py", "-k", "host_section or host_profile")),
+    # memory held across chunk loops (2026-12-05, seventh session)
+    Mutant("lm_backward_keeps_the_last_chunks_g", "kernels/line_margin.py",
+           "        del g\n",
+           "",
+           ("tests/kernels/test_kernel_line_margin_v2.py", "-k", "one_chunks")),
+    Mutant("knn_large_k_keeps_sorted_views", "kernels/knn.py",
+           "s, idx = s[:, :k].contiguous(), idx[:, :k].contiguous()",
+           "s, idx = s[:, :k], idx[:, :k]",
+           ("tests/kernels/test_kernel_knn.py", "-k", "one_chunk")),
+    Mutant("threshold_lists_twice_at_once", "kernels/knn_threshold.py",
+           "        lists = None  # the last chunk's lists go",
+           "        pass  # the last chunk's lists go",
+           ("tests/kernels/test_kernel_knn_threshold.py", "-k", "one_chunks")),
 )
 
 

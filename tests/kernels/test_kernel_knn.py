@@ -342,6 +342,32 @@ def test_knn_large_k_fallback_and_float64():
         kk.knn(q.double(), r.double(), 4)
 
 
+def test_knn_large_k_keeps_one_chunk_of_sorted_rows(monkeypatch):
+    """The chunked selection (k > MAX_K) keeps the k best of each row chunk as copies: when a
+    chunk's rows are sorted, no earlier chunk's sorted rows (step x N distances and indices) are
+    alive (until 2026-12-05 views of the distances were: M x N float32 by the end), and the
+    selection is the one a single chunk makes."""
+    import weakref
+
+    q, r = torch.randn(40, 6, device=DEV), torch.randn(kk.MAX_K + 30, 6, device=DEV)
+    k = kk.MAX_K + 3
+    whole = kk._select_chunked(q, r, k, None, None, False)
+    monkeypatch.setattr(kk, "CHUNK_ELEMS", 8 * r.shape[0])  # 8 rows per chunk: 5 chunks
+    sorted_rows, alive_at = [], []
+    real = torch.sort
+
+    def recording(*args, **kwargs):
+        alive_at.append(sum(ref() is not None for ref in sorted_rows))
+        out = real(*args, **kwargs)
+        sorted_rows.extend(weakref.ref(t) for t in out)
+        return out
+    monkeypatch.setattr(torch, "sort", recording)
+    got = kk._select_chunked(q, r, k, None, None, False)
+    assert alive_at == [0] * 5, alive_at
+    assert torch.equal(got[0], whole[0]) and torch.equal(got[1], whole[1])
+    assert got[0].untyped_storage().nbytes() == 40 * k * 4
+
+
 def test_knn_large_k_ties_smaller_index():
     """k > MAX_K (the chunked PyTorch selection, then the re-sort of the selected pairs) with
     exact ties (rows of -1, 0, 1: many equal distances, straddling the k-th): the reference's

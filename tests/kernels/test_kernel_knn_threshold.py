@@ -214,6 +214,31 @@ def test_query_chunks_keep_the_self_mask(small, monkeypatch, policy):
     assert not (index == torch.arange(300)[:, None]).any()
 
 
+def test_query_chunks_hold_one_chunks_lists_at_a_time(small, monkeypatch):
+    """At most LIST_BYTES of lists at once: when a query chunk's lists are allocated, no earlier
+    chunk's are alive (until 2026-12-05 the last chunk's were, bound to their variable until the
+    next chunk's had been allocated: twice LIST_BYTES at the peak)."""
+    import weakref
+
+    monkeypatch.setattr(kt, "LIST_BYTES", 128 * kt.CAP * 8)
+    lists, alive_at = [], []
+    real = torch.empty
+
+    def recording(*size, **kwargs):
+        is_list = kwargs.get("dtype") == torch.int64 and len(size) == 2 and size[1] == kt.list_cap(3)
+        if is_list:
+            alive_at.append(sum(ref() is not None for ref in lists))
+        out = real(*size, **kwargs)
+        if is_list:
+            lists.append(weakref.ref(out))
+        return out
+    monkeypatch.setattr(torch, "empty", recording)
+    x = torch.randn(300, 24).half()
+    (dist, index), want = _both(monkeypatch, x, x, 3, True)
+    assert alive_at == [0, 0, 0], alive_at  # three chunks of at most 128 rows
+    assert torch.equal(dist, want[0]) and torch.equal(index, want[1])
+
+
 def test_filter_grid_counts_waves_of_resident_programs(small, monkeypatch):
     """The filter's column splits count waves of PROGRAMS_PER_SM programs per SM (on an H200's
     132 SMs: S = 5 at 60k x 60k, where one per SM gave 7; 32 on the memory bank's 8 row tiles), 1
