@@ -119,32 +119,10 @@ def _head() -> str:
         return "?"
 
 
-def _read_json(path: str) -> dict:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return {}
-
-
-def _steps(path: str) -> List[dict]:
-    out = []
-    try:
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                try:
-                    out.append(json.loads(line))
-                except ValueError:
-                    continue
-    except OSError:
-        pass
-    return out
-
-
 def readme_text(folder: str, command: str, wall: Optional[float]) -> str:
     """The run folder's README.md: what ran, its steps, and whose code."""
-    env = _read_json(os.path.join(folder, "env.json"))
-    steps = _steps(os.path.join(folder, "steps.json"))
+    run = report.load_run(folder)
+    env, steps = run["env"], run["steps"]
     date = str(env.get("date") or "")[:10] or "undated"
     lines = [f"# {date} ({env.get('gpu') or 'GPU ?'}, torch {env.get('torch', '?')}, "
              f"Triton {env.get('triton', '?')})", "",

@@ -77,7 +77,7 @@ from daal_triton.kernels import _common, knn as kk
 from daal_triton.kernels._common import TL_EPS, _dot_tile, dot_flags, row_sqnorms
 from interpreter import strict_interpreter
 from daal_triton.kernels import knn_gluon, knn_threshold
-from problems import _with_env, unvetted
+from problems import _unit_rows, _with_env, unvetted
 from gpu_canary import filter_tiles_variant  # (tests/, on the path once problems is imported)
 from tune_line_margin import Timer
 
@@ -210,8 +210,8 @@ def pairwise_split(dev, emit, n, reps, shape=(4096, 512)):
     import daal_triton as dt
     M, D = shape
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    x = _unit(M, D, dev, dtype).requires_grad_(True)
-    y = _unit(M, D, dev, dtype).requires_grad_(True)
+    x = _unit_rows(M, D, dtype, dev).requires_grad_(True)  # the benchmarks' inputs
+    y = _unit_rows(M, D, dtype, dev).requires_grad_(True)
     g = torch.randn(M, M, device=dev)
 
     def fwd():
@@ -226,10 +226,6 @@ def pairwise_split(dev, emit, n, reps, shape=(4096, 512)):
         if graph is not None:
             emit("pairwise", f"{what}, {name} from a CUDA graph (replay)",
                  gpu_ms=gpu_ms(graph.replay, dev, 2 * reps))
-
-
-def _unit(n, d, dev, dtype):
-    return torch.nn.functional.normalize(torch.randn(n, d, device=dev), dim=1).to(dtype)
 
 
 #: How many functions / operators the ``host`` section lists, by own time.

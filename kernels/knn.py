@@ -1209,10 +1209,10 @@ def _select_chunked(q, r, k, ql, rl, exclude_self):
             bad |= (i0 + torch.arange(qc.shape[0], device=q.device))[:, None] == cols[None, :]
         s = s.masked_fill_(bad, float("inf"))
         s, idx = torch.sort(s, dim=1, stable=True)
-        # copies of the k columns: views kept each chunk's whole sorted distances alive until the
-        # cat below (M x N float32 by the end, the chunking undone)
-        s, idx = s[:, :k].contiguous(), idx[:, :k].contiguous()
-        idx = idx.masked_fill(torch.isinf(s), -1)
+        # copies of the k columns (masked_fill copies the indices): views kept each chunk's whole
+        # sorted distances alive until the cat below (M x N float32 by the end, the chunking undone)
+        s = s[:, :k].contiguous()
+        idx = idx[:, :k].masked_fill(torch.isinf(s), -1)
         out_s.append(s)
         out_i.append(idx)
     return torch.cat(out_s), torch.cat(out_i).contiguous()
