@@ -72,18 +72,29 @@ class MemoryBank:
             check_finite(emb, "embeddings" if emb.dtype == embeddings.dtype
                          else f"embeddings (stored as {str(self.embeddings.dtype).replace('torch.', '')})")
         n = emb.shape[0]
-        idx = (self.ptr + torch.arange(n, device=self.embeddings.device)) % self.size
-        self.embeddings[idx] = emb
-        self.labels[idx] = lab
+        # the ring as at most two slices (no index tensor: two copies, not arange, % and a scatter)
+        first = min(n, self.size - self.ptr)
+        for dst, src in ((self.embeddings, emb), (self.labels, lab)):
+            dst[self.ptr:self.ptr + first].copy_(src[:first])
+            dst[:n - first].copy_(src[first:])
         self.ptr = (self.ptr + n) % self.size
         self.filled = min(self.size, self.filled + n)
 
+    def _oldest_first(self):
+        """The stored rows and labels as slices of the ring, oldest first (views, no copy)."""
+        if self.filled < self.size or self.ptr == 0:
+            n = self.filled
+            return [self.embeddings[:n]], [self.labels[:n]]
+        return ([self.embeddings[self.ptr:], self.embeddings[:self.ptr]],
+                [self.labels[self.ptr:], self.labels[:self.ptr]])
+
     def get(self) -> Tuple[torch.Tensor, torch.Tensor]:
-        """The stored rows (oldest first) and their labels."""
-        if self.filled < self.size:
-            return self.embeddings[: self.filled], self.labels[: self.filled]
-        order = (self.ptr + torch.arange(self.size, device=self.embeddings.device)) % self.size
-        return self.embeddings[order], self.labels[order]
+        """The stored rows (oldest first) and their labels: views of the bank's storage while
+        the oldest row is its first (a later :meth:`enqueue` writes into them), else copies."""
+        emb, lab = self._oldest_first()
+        if len(emb) == 1:
+            return emb[0], lab[0]
+        return torch.cat(emb), torch.cat(lab)
 
     def with_batch(self, embeddings: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """``(cat([embeddings, bank]), cat([labels, bank_labels]))``: a reference set whose first
@@ -91,10 +102,13 @@ class MemoryBank:
         its gradient; the bank part has none. The bank comes to the batch's device, and the two
         meet in their promoted dtype (a float32 bank is not rounded to a bfloat16 batch's)."""
         self._check_rows(embeddings, labels)
-        emb, lab = self.get()
-        dtype = torch.promote_types(embeddings.dtype, emb.dtype)
-        return (torch.cat([embeddings.to(dtype), emb.to(embeddings.device, dtype)]),
-                torch.cat([labels.long(), lab.to(labels.device)]))
+        emb, lab = self._oldest_first()
+        # one torch.cat of the batch and the ring's slices: the bank is copied once, in the
+        # promoted dtype (cat's type promotion), not gathered into order first and then copied
+        # again (it moves to the batch's device first only where it lives elsewhere)
+        emb = [e.to(embeddings.device) for e in emb]
+        lab = [t.to(labels.device) for t in lab]
+        return torch.cat([embeddings, *emb]), torch.cat([labels.long(), *lab])
 
     def state_dict(self) -> dict:
         """A snapshot: copies of the rows and labels with the write position, so a state kept in

@@ -230,3 +230,66 @@ def test_an_empty_reference_set_gives_no_neighbours_on_both_backends():
     for key in (("triton", torch.float32), ("reference", torch.float32)):
         for what, a, b in zip(("loss", "d embeddings", "d segments"), out[key], out["reference", torch.float64]):
             assert_close(a, b, tol, f"{key[0]}: {what}")
+
+
+class _BankOps:
+    """Context manager recording each aten op's name and the elements of its tensor outputs."""
+
+    def __enter__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        ops = self.ops = []
+
+        class Record(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types_, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                outs = out if isinstance(out, (tuple, list)) else (out,)
+                ops.append((str(func.overloadpacket),
+                            sum(t.numel() for t in outs if isinstance(t, torch.Tensor))))
+                return out
+
+        self._mode = Record()
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._mode.__exit__(*exc)
+
+    def copies(self, at_least: int) -> list:
+        """The ops that wrote at least ``at_least`` elements (views write none)."""
+        return [name for name, n in self.ops if n >= at_least and name not in VIEW_OPS]
+
+
+VIEW_OPS = {"aten.slice", "aten.view", "aten.alias", "aten.detach"}
+
+
+@pytest.mark.parametrize("writes", [[3], [5], [4, 3], [6, 3, 4], [2, 2, 2, 2, 2, 2]],
+                         ids=["filling", "full-at-0", "wrapped-1", "wrapped-3", "wrapped-2"])
+def test_the_ring_is_read_oldest_first_with_one_copy(writes):
+    """Wherever the ring's oldest row stands, ``get`` and ``with_batch`` give the rows oldest first,
+    and ``with_batch`` copies the bank once: one ``torch.cat`` of the batch and the ring's slices
+    (it used to gather the ring into order, then copy that again: two bank-sized copies a step, an
+    arange and an index). ``enqueue`` writes at most two slices (no index tensor, no scatter)."""
+    size, dim = 5, 3
+    bank = MemoryBank(size, dim)
+    written = []
+    for n in writes:
+        rows = torch.arange(len(written), len(written) + n)
+        written += rows.tolist()
+        with _BankOps() as rec:
+            bank.enqueue(torch.stack([rows, -rows, rows * 2], 1).float(), rows)
+        names = [name for name, _ in rec.ops]
+        assert not {"aten.arange", "aten.remainder", "aten.index_put", "aten.index_put_"} & set(names), names
+        assert names.count("aten.copy_") <= 4, names  # rows and labels, at most two slices each
+    newest = written[-size:]
+    emb, lab = bank.get()
+    assert lab.tolist() == newest and emb[:, 0].tolist() == newest and emb[:, 1].tolist() == [-v for v in newest]
+    batch = torch.randn(2, dim, dtype=torch.bfloat16, requires_grad=True)
+    with _BankOps() as rec:
+        ref, ref_y = bank.with_batch(batch, torch.tensor([7, 8], dtype=torch.int32))
+    assert rec.copies(len(newest) * dim) == ["aten.cat"], rec.ops  # one copy of the bank: the cat's
+    assert rec.copies(len(newest)) == ["aten.cat", "aten.cat"], rec.ops  # and the labels'
+    assert ref.dtype == torch.float32 and ref_y.dtype == torch.long
+    assert torch.equal(ref[:2], batch.float()) and torch.equal(ref[2:], emb) and ref_y.tolist() == [7, 8] + newest
+    ref.sum().backward()
+    assert torch.equal(batch.grad, torch.ones_like(batch))
