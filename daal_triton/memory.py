@@ -13,7 +13,7 @@ does this), so each rank holds the same bank.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple, Union
+from typing import List, Optional, Tuple, Union
 
 import torch
 
@@ -80,7 +80,7 @@ class MemoryBank:
         self.ptr = (self.ptr + n) % self.size
         self.filled = min(self.size, self.filled + n)
 
-    def _oldest_first(self):
+    def _oldest_first(self) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
         """The stored rows and labels as slices of the ring, oldest first (views, no copy)."""
         if self.filled < self.size or self.ptr == 0:
             n = self.filled
