@@ -1,6 +1,7 @@
 """The FIFO cross-batch memory."""
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import daal_triton as dt
 from daal_triton.memory import MemoryBank
@@ -232,28 +233,18 @@ def test_an_empty_reference_set_gives_no_neighbours_on_both_backends():
             assert_close(a, b, tol, f"{key[0]}: {what}")
 
 
-class _BankOps:
-    """Context manager recording each aten op's name and the elements of its tensor outputs."""
+class _BankOps(TorchDispatchMode):
+    """Records each aten op's name and the elements of its tensor outputs."""
 
-    def __enter__(self):
-        from torch.utils._python_dispatch import TorchDispatchMode
+    def __init__(self):
+        super().__init__()
+        self.ops = []
 
-        ops = self.ops = []
-
-        class Record(TorchDispatchMode):
-            def __torch_dispatch__(self, func, types_, args=(), kwargs=None):
-                out = func(*args, **(kwargs or {}))
-                outs = out if isinstance(out, (tuple, list)) else (out,)
-                ops.append((str(func.overloadpacket),
-                            sum(t.numel() for t in outs if isinstance(t, torch.Tensor))))
-                return out
-
-        self._mode = Record()
-        self._mode.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        self._mode.__exit__(*exc)
+    def __torch_dispatch__(self, func, types_, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        outs = out if isinstance(out, (tuple, list)) else (out,)
+        self.ops.append((str(func.overloadpacket), sum(t.numel() for t in outs if isinstance(t, torch.Tensor))))
+        return out
 
     def copies(self, at_least: int) -> list:
         """The ops that wrote at least ``at_least`` elements (views write none)."""
