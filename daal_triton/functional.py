@@ -159,7 +159,8 @@ def loss_with(
 
 def pairwise_distance(x: torch.Tensor, y: torch.Tensor, *, backend: str = "auto",
                       check_values: Optional[bool] = None) -> torch.Tensor:
-    """``d_ij = sqrt(max(||x_i - y_j||^2, 1e-12))``: ``x`` M x D, ``y`` N x D -> M x N."""
+    """``d_ij = sqrt(max(||x_i - y_j||^2, 1e-12))``: ``x`` M x D, ``y`` N x D -> M x N, float32
+    for float16/bfloat16/float32 inputs (float64 for float64); the gradients in the inputs' dtypes."""
     refuse_vmap("pairwise_distance")
     for name, t in (("x", x), ("y", y)):
         if not isinstance(t, torch.Tensor):
@@ -193,7 +194,8 @@ def knn(
 
     With labels only same-label references count; ``exclude_self`` drops ``j == i``; missing
     neighbours are ``inf`` / ``-1``; ties go to the smaller index. The Triton backend never
-    builds the M x N matrix.
+    builds the M x N matrix. ``dist`` is float32 for float16/bfloat16/float32 inputs (float64 for
+    float64), ``index`` int64; the gradients come back in the inputs' dtypes.
     """
     refuse_vmap("knn")
     validate_knn_inputs(query, ref, k, query_labels, ref_labels, check_values=check_values)
