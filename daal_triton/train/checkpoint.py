@@ -70,16 +70,19 @@ def save_checkpoint(path: str, *, model: nn.Module, criterion: nn.Module, cfg: T
 def write_atomically(path: str, write) -> None:
     """``write(path + ".tmp")``, then rename it to ``path``: a reader never sees half a file. When
     the writing fails (a full disk: ``torch.save`` raises a RuntimeError from its zip writer), the
-    ``.tmp`` file is removed and an ``OSError`` names ``path``."""
+    ``.tmp`` file is removed and an ``OSError`` names ``path``; anything else raised midway
+    (Ctrl-C's KeyboardInterrupt) removes it too and goes on as it was."""
     tmp = path + ".tmp"
     try:
         write(tmp)
         os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:
+    except BaseException as e:  # a full disk, Ctrl-C midway: no half-written .tmp is left behind
         try:
             os.remove(tmp)
         except OSError:
             pass
+        if not isinstance(e, (OSError, RuntimeError)):
+            raise
         if isinstance(e, OSError) and e.strerror:
             raise OSError(e.errno, f"cannot write it ({e.strerror})", path) from None
         raise OSError(None, f"cannot write it (is the disk full? {str(e).strip().splitlines()[-1]})", path) from None
@@ -95,14 +98,16 @@ def write_text_atomically(path: str, text: str) -> None:
 
 
 def _looks_saved(path: str) -> bool:
-    """Whether ``path`` starts as ``torch.save`` output does: a zip archive (since PyTorch 1.6) or
-    a pickle (protocol 2+: byte 0x80; the legacy format starts with a pickled magic number)."""
+    """Whether ``path`` starts as ``torch.save`` output does: a zip archive (since PyTorch 1.6; a
+    truncated one still starts with its first entry's header) or a pickle (protocol 2+: byte 0x80;
+    the legacy format starts with a pickled magic number)."""
     import zipfile
 
     if zipfile.is_zipfile(path):
         return True
     with open(path, "rb") as f:
-        return f.read(1) == b"\x80"
+        head = f.read(4)
+    return head[:1] == b"\x80" or head == b"PK\x03\x04"
 
 
 def _pickle_facts(path: str) -> Optional[tuple]:
@@ -193,6 +198,8 @@ def load_plain(path: str, what: str = "checkpoint",
             detail = detail.split(". In PyTorch")[0].split(". Re-running")[0]
         raise CheckpointError(f"{what} {path!r} cannot be read: damaged, or not {expected} ({detail})") from None
     except Exception as e:  # torch reports truncation and zip damage as RuntimeError, EOFError, IndexError, ...
+        if not _looks_saved(path):  # a text file whose first byte is a pickle opcode ("h": KeyError 101)
+            raise CheckpointError(f"{what} {path!r} is not a PyTorch file (expected {expected})") from None
         raise CheckpointError(f"{what} {path!r} cannot be read: truncated or damaged "
                               f"({type(e).__name__}: {_first_line(e)})") from None
 

@@ -189,8 +189,8 @@ def _add_output_flags(p: argparse.ArgumentParser) -> None:
                         "--resume continues the run there or --overwrite replaces it")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the run in a non-empty --out: its checkpoints, metrics and plots are set aside "
-                        "in --out/.daal-replaced, put back if the new run stops in its first epoch, removed when it "
-                        "finishes; other files stay")
+                        "in --out/.daal-replaced, put back if the new run stops before its first checkpoint_last.pt, "
+                        "removed when it finishes; other files stay")
     p.add_argument("--save", default=_D.save, choices=CHOICES["save"],
                    help="checkpoints to write: checkpoint_last.pt (every epoch; what --resume needs: with "
                         "the optimiser, about 3x the network), checkpoint_best.pt (the network and loss at "
@@ -468,7 +468,8 @@ def _evaluate_checkpoint(args: argparse.Namespace) -> Dict[str, Dict[str, float]
     amp_dtype = resolve_amp(cfg.amp, device, Log("daal-eval"))
     _, test_ds = build_datasets(cfg.dataset, cfg.data_root, cfg.image_size, seed=cfg.data_seed, augment=cfg.augment,
                                 shapes_train_per_class=cfg.shapes_train_per_class,
-                                shapes_test_per_class=cfg.shapes_test_per_class, shapes_nuisance=cfg.shapes_nuisance)
+                                shapes_test_per_class=cfg.shapes_test_per_class, shapes_nuisance=cfg.shapes_nuisance,
+                                progress=args.progress)
     for note in list(test_ds.notes) + E.test_split_notes(test_ds):
         Log("daal-eval")(note)
     model = build_model(cfg)

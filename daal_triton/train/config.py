@@ -279,8 +279,8 @@ def check_backend(flag: str, backend: str, device: torch.device) -> None:
                           f"(use auto or reference)")
 
 
-#: Where --overwrite keeps the run it replaces until the new one has finished (or stopped in its
-#: first epoch: then it is put back).
+#: Where --overwrite keeps the run it replaces until the new one has finished (or stopped before
+#: its first checkpoint_last.pt: then it is put back).
 REPLACED = ".daal-replaced"
 
 
@@ -312,7 +312,7 @@ def check_out(cfg: TrainConfig) -> None:
         aside = os.path.join(out, REPLACED)
         raise ConfigError(f"--out {out} holds {REPLACED}/, the run that an --overwrite run stopped hard (killed) was "
                           f"replacing: pass --overwrite to replace the run there (the one set aside comes back first "
-                          f"if that run stopped in its first epoch), or move {aside}/* back into {out} by hand")
+                          f"if that run wrote no checkpoint_last.pt), or move {aside}/* back into {out} by hand")
     if held:
         shown = ", ".join(held[:4]) + (", ..." if len(held) > 4 else "")
         last = os.path.join(out, "checkpoint_last.pt")

@@ -47,8 +47,9 @@ def ticking(desc: str, progress: bool = True):
 
 
 def tsne_2d(emb: np.ndarray, *, seed: int = 0, perplexity: float = 30.0, threads: Optional[int] = None) -> np.ndarray:
-    """Barnes-Hut t-SNE (scikit-learn) of L2-normalised embeddings, PCA-initialised, for any
-    number of points >= 2, on at most ``threads`` threads (default: torch's thread count, the
+    """Barnes-Hut t-SNE (scikit-learn) of L2-normalised embeddings, PCA-initialised (randomly for
+    two points or one dimension, where PCA has no second component), for any number of points >= 2
+    and any width, on at most ``threads`` threads (default: torch's thread count, the
     share of the machine the run was given)."""
     from sklearn.manifold import TSNE
     from threadpoolctl import threadpool_limits
@@ -67,7 +68,7 @@ def tsne_2d(emb: np.ndarray, *, seed: int = 0, perplexity: float = 30.0, threads
             x = PCA(n_components=components, random_state=seed).fit_transform(x)
         # about n / 3 neighbours per point for small sets; scikit-learn needs perplexity < n
         perplexity = float(min(perplexity, max(2.0, (n - 1) / 3), n - 1 if n > 2 else 0.5))
-        return TSNE(n_components=2, method="barnes_hut", perplexity=perplexity, init="pca" if n > 2 else "random",
+        return TSNE(n_components=2, method="barnes_hut", perplexity=perplexity, init="pca" if n > 2 and x.shape[1] >= 2 else "random",
                     random_state=seed, n_jobs=threads).fit_transform(x)
 
 

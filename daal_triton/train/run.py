@@ -52,7 +52,7 @@ Record = Dict[str, Any]
 
 # Every file a run writes in --out, and what daal-eval writes there by default (it describes the run's
 # checkpoints); --overwrite replaces these (and only these): they are moved into REPLACED first,
-# put back if the new run stops before its first epoch is done, removed once it finishes.
+# put back if the new run stops before it can be resumed (run._resumable), removed once it finishes.
 OUTPUTS = ("config.json", "metrics.jsonl", "checkpoint_last.pt", "checkpoint_best.pt", "checkpoint_last.pt.tmp",
            "checkpoint_best.pt.tmp", "config.json.tmp", "metrics.jsonl.tmp", "tsne_test.png", "training_curves.png",
            "results.txt", "results.txt.tmp", "eval.json", "tsne_eval.png")
@@ -96,6 +96,7 @@ class RunState:
     table: Dict[str, Record] = field(default_factory=dict)  # the final table's rows
     start_epoch: int = 1
     epoch: int = 0  # the last epoch trained
+    done: int = 0  # the last epoch whose evaluation and checkpoints are written (rank 0)
     best: float = -1.0  # best held-out Recall@1 so far (checkpoint_best.pt)
     last: Optional[Record] = None  # the latest evaluation of the trained network
     emb: Optional[torch.Tensor] = None  # the test embeddings of that evaluation
@@ -257,8 +258,8 @@ def _interrupted(cfg: TrainConfig, state: Optional["RunState"]) -> str:
         return "interrupted (Ctrl-C) before the run wrote anything: run the same command again to start it"
     last = state.path("checkpoint_last.pt")
     where = (f"interrupted (Ctrl-C) while evaluating the baselines, before epoch 1 of {cfg.epochs}" if state.baselines
-             else f"interrupted (Ctrl-C) in epoch {state.epoch + 1} of {cfg.epochs}" if state.epoch < state.last_epoch
-             else f"interrupted (Ctrl-C) after epoch {state.epoch} of {cfg.epochs}, while writing the outputs")
+             else f"interrupted (Ctrl-C) in epoch {state.done + 1} of {cfg.epochs}" if state.done < state.last_epoch
+             else f"interrupted (Ctrl-C) after epoch {state.done} of {cfg.epochs}, while writing the outputs")
     if os.path.isfile(last):
         return f"{where}: continue from its last checkpoint with daal-train --resume {last}"
     why = "" if cfg.save in ("both", "last") else f" (--save {cfg.save} writes none)"
@@ -283,10 +284,11 @@ def build_run(cfg: TrainConfig, ctx: ddp.DistContext, device: torch.device, log:
     train_ds, test_ds = build_datasets(cfg.dataset, cfg.data_root, cfg.image_size, seed=cfg.data_seed,
                                        augment=cfg.augment, shapes_train_per_class=cfg.shapes_train_per_class,
                                        shapes_test_per_class=cfg.shapes_test_per_class,
-                                       shapes_nuisance=cfg.shapes_nuisance)
+                                       shapes_nuisance=cfg.shapes_nuisance, progress=cfg.progress and ctx.is_main)
     if cfg.classes_per_batch > train_ds.num_classes:
         raise ConfigError(f"--classes-per-batch (P) = {cfg.classes_per_batch}, but {cfg.dataset} has "
-                          f"{train_ds.num_classes} training classes")
+                          f"{train_ds.num_classes} training classes: pass --classes-per-batch "
+                          f"{train_ds.num_classes} (-P) or fewer")
     sampler = _sampler(cfg, ctx, train_ds.labels)
     if ctx.is_main:
         for note in list(train_ds.notes) + list(test_ds.notes) + E.test_split_notes(test_ds):
@@ -411,7 +413,7 @@ def resume_run(state: RunState, ck: Dict[str, Any], path: str) -> None:
     state.resumes = list(ck.get("resumes", []))
     state.history = list(ck.get("metrics", []))
     state.start_epoch = int(ck["epoch"]) + 1
-    state.epoch = state.start_epoch - 1
+    state.epoch = state.done = state.start_epoch - 1
     if "rng" in ck and state.main:
         restore_rng(ck["rng"], path)
     state.rank_rng = ck.get("rng_ranks")  # the other ranks restore theirs in distribute()
@@ -492,10 +494,10 @@ def fit(state: RunState) -> None:
                     state.last = _evaluate(state, state.epoch, "trained", state.emb)
             state.table[f"trained ({cfg.loss}, epoch {state.epoch})"] = state.last
     except BaseException:
-        if state.replaced is not None and state.epoch < state.start_epoch:  # no epoch done: nothing to keep
+        if state.replaced is not None and not _resumable(state):  # nothing to go on from: nothing to keep
             _put_back(state, state.replaced)
-            state.log(f"the run stopped before its first epoch was done: the previous run's files are back in "
-                      f"{cfg.out}, as they were")
+            state.log(f"the run stopped before it wrote a checkpoint_last.pt to resume from: the previous run's "
+                      f"files are back in {cfg.out}, as they were")
         elif state.replaced is not None:
             state.log(f"the previous run's files stay in {state.replaced} until this run finishes (daal-train "
                       f"--resume; or put them back by hand: remove this run's files, then move them into {cfg.out})")
@@ -534,8 +536,9 @@ def _write_config(state: RunState) -> None:
 def _prepare_out(state: RunState) -> None:
     """Create --out and hold its lock (:func:`_lock_out`); with --overwrite, then move the previous
     run's outputs (nothing else) into ``--out/.daal-replaced``: put back if the run stops before
-    its first epoch is done (a damaged image found at its first read, a divergence, Ctrl-C),
-    removed by :func:`finish` once the run (or a resume of it) has finished."""
+    it can be resumed (:func:`_resumable`: in its first epoch, up to its checkpoint's last byte; a
+    damaged image found at its first read, a divergence, Ctrl-C; or at any time with ``--save
+    best|none``), removed by :func:`finish` once the run (or a resume of it) has finished."""
     try:
         os.makedirs(state.cfg.out, exist_ok=True)
     except OSError as e:
@@ -545,14 +548,14 @@ def _prepare_out(state: RunState) -> None:
         return
     aside = state.path(REPLACED)
     if os.path.isdir(aside):  # an --overwrite run stopped hard (killed) left the run it was replacing there
-        if _has_trained(state.path("metrics.jsonl")):
-            shutil.rmtree(aside)  # that run had trained: it is what this one replaces, and it had replaced these
-            state.log(f"--overwrite: removed {aside}, the run that the run in {state.cfg.out} (stopped in epoch 2 "
-                      f"or later, now replaced in turn) had replaced")
-        else:  # it stopped in its first epoch: the run it was replacing is the one this one replaces
+        if _resumable(state):
+            shutil.rmtree(aside)  # that run could be resumed: it is what this one replaces, and it had replaced these
+            state.log(f"--overwrite: removed {aside}, the run that the run in {state.cfg.out} (stopped after it "
+                      f"wrote a checkpoint_last.pt, now replaced in turn) had replaced")
+        else:  # it stopped before it could be resumed: the run it was replacing is the one this one replaces
             _put_back(state, aside)
-            state.log(f"--overwrite: put back the run in {aside}, which an --overwrite run stopped in its first "
-                      f"epoch had set aside")
+            state.log(f"--overwrite: put back the run in {aside}, which an --overwrite run stopped before its "
+                      f"first checkpoint_last.pt had set aside")
     held = [name for name in OUTPUTS if os.path.isfile(state.path(name))]
     if held:
         with _deferred_interrupt():  # never half a run aside
@@ -561,17 +564,15 @@ def _prepare_out(state: RunState) -> None:
                 os.replace(state.path(name), os.path.join(aside, name))
             state.replaced = aside
         state.log(f"--overwrite: the previous run's {plural(len(held), 'file')} moved to {aside}: put back if this "
-                  f"run stops in its first epoch, removed once it finishes")
+                  f"run stops before its first checkpoint_last.pt, removed once it finishes")
 
 
-def _has_trained(metrics_path: str) -> bool:
-    """Whether a metrics.jsonl records a trained epoch (False if it is missing or unreadable)."""
-    try:
-        with open(metrics_path, encoding="utf-8") as f:
-            recs = [json.loads(line) for line in f if line.strip()]
-    except (OSError, ValueError):
-        return False
-    return any(isinstance(r, dict) and r.get("model") == "trained" for r in recs)
+def _resumable(state: RunState) -> bool:
+    """Whether the run in --out (an --overwrite run's: the previous run's files are aside) can be
+    resumed: it wrote a checkpoint_last.pt (renamed into place when complete). Its metrics.jsonl
+    records an epoch before that epoch's checkpoints are written, and ``--save best|none`` writes
+    none: such a run has nothing to go on from, so the run it replaced is what is kept."""
+    return os.path.isfile(state.path("checkpoint_last.pt"))
 
 
 def _put_back(state: RunState, aside: str) -> None:
@@ -705,6 +706,7 @@ def _train_epoch(state: RunState, epoch: int) -> None:
         state.best = state.last["recall@1"]
         _save(state, "checkpoint_best.pt", full=False)
     _save(state, "checkpoint_last.pt", full=True)
+    state.done = epoch
 
 
 def _save(state: RunState, name: str, *, full: bool) -> None:

@@ -30,6 +30,34 @@ def _check(ds, n_images, n_classes):
     assert isinstance(y, int) and 0 <= y < n_classes
 
 
+def test_shapes_shows_a_bar_while_it_draws(monkeypatch):
+    """Drawing the shapes set at a large --image-size takes minutes of silence otherwise: a tqdm
+    bar (shown once it has taken a second) counts the images; the images are the same with it."""
+    import tqdm.auto
+
+    bars = []
+
+    class Bar:
+        def __init__(self, total=None, **kwargs):
+            self.total, self.n, self.closed, self.kwargs = total, 0, False, kwargs
+            bars.append(self)
+
+        def update(self, n=1):
+            self.n += n
+
+        def close(self):
+            self.closed = True
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", Bar)
+    quiet = S.generate(range(3), 2, 16, 0)
+    assert bars == []
+    shown = S.generate(range(3), 2, 16, 0, progress=True)
+    assert all(np.array_equal(a, b) for a, b in zip(quiet, shown))
+    assert len(bars) == 1 and bars[0].total == bars[0].n == 6 and bars[0].closed and bars[0].kwargs["delay"] > 0
+    build_datasets("shapes", image_size=16, shapes_train_per_class=2, shapes_test_per_class=1, progress=True)
+    assert [(b.kwargs["desc"], b.total) for b in bars[1:]] == [("shapes (train)", 24), ("shapes (test)", 12)]
+
+
 # ------------------------------------------------------------------------------------ cub200
 
 def _fake_cub(root, classes=(1, 2, 100, 101, 150, 200), per_class=2):

@@ -113,10 +113,14 @@ def test_damaged_and_wrong_files_are_one_error_line(run_dir, tmp_path, error_lin
     text = str(tmp_path / "config.json")  # a run's other files given by mistake: not "could run code"
     with open(text, "w") as g:
         g.write('{"epochs": 3}')
+    notes = str(tmp_path / "notes.txt")  # its first byte, "h", is a pickle opcode (BINGET): not "damaged"
+    with open(notes, "w") as g:
+        g.write("hello\n")
     code = str(tmp_path / "code.pt")  # a pickle that names a global (a class to construct)
     torch.save({"dtype": np.float64}, code)
-    cases = {flipped: "digest", truncated: "", empty: "empty", garbage: "", wrong: "not a daal-train checkpoint",
-             str(tmp_path / "missing.pt"): "no such file", text: "not a PyTorch file", code: "could run code",
+    cases = {flipped: "digest", truncated: "truncated or damaged", empty: "empty", garbage: "",
+             wrong: "not a daal-train checkpoint", str(tmp_path / "missing.pt"): "no such file",
+             text: "not a PyTorch file", notes: "not a PyTorch file", code: "could run code",
              run_dir: "is a folder, not a file: did you mean"}
     for path, words in cases.items():
         assert cli.eval_main([path, "--out", str(tmp_path / "ev"), "--no-progress"]) == 2, path
@@ -202,7 +206,7 @@ def _files(folder):
 def test_overwrite_keeps_the_previous_run_until_the_new_one_has_finished(stop, run_dir, tmp_path, monkeypatch,
                                                                        capsys):
     """--overwrite sets the previous run aside (``.daal-replaced``) and removes it only when the
-    new run finishes: a run that stops in its first epoch (a damaged image is found only when read)
+    new run finishes: a run that stops in its first epoch's training (a damaged image is found only when read)
     puts it back as it was; one that stops later keeps both, and its resume to the end removes it."""
     from daal_triton.train.data import DatasetLayoutError
 
@@ -229,6 +233,63 @@ def test_overwrite_keeps_the_previous_run_until_the_new_one_has_finished(stop, r
     assert not os.path.exists(aside) and "removed" in capsys.readouterr().out
     assert [json.loads(line)["epoch"] for line in open(os.path.join(out, "metrics.jsonl"))
             if json.loads(line)["model"] == "trained"] == [1, 2]
+
+
+def _fail_after_training(monkeypatch, where, exc, call=1):
+    """The ``call``-th evaluation of the trained network (``where="evaluation"``: its test
+    embeddings) or write of checkpoint_last.pt (``"checkpoint"``) raises ``exc``: a run stopped
+    after an epoch's training, before its checkpoint is complete."""
+    from daal_triton.train import run as R
+
+    name = "_embed_test" if where == "evaluation" else "save_checkpoint"
+    real, calls = getattr(R, name), []
+
+    def fail(*a, **k):
+        if where == "evaluation" or str(a[0]).endswith("checkpoint_last.pt"):
+            calls.append(True)
+            if len(calls) == call:
+                raise exc
+        return real(*a, **k)
+
+    monkeypatch.setattr(R, name, fail)
+
+
+@pytest.mark.parametrize("where", ["evaluation", "checkpoint"])
+@pytest.mark.parametrize("stop", ["damaged-image", "ctrl-c", "disk-full"])
+def test_an_overwrite_stopped_before_its_first_checkpoint_puts_the_previous_run_back(where, stop, run_dir, tmp_path,
+                                                                                   monkeypatch, capsys):
+    """Epoch 1 trained, then its evaluation or checkpoint writing stops (a damaged test image,
+    Ctrl-C, a full disk): the run cannot be resumed, so the previous run comes back as it was
+    (until 2026-12-05 it stayed aside, and a later --overwrite deleted it)."""
+    from daal_triton.train.data import DatasetLayoutError
+
+    out = str(tmp_path / "again")
+    shutil.copytree(run_dir, out)
+    before = _files(out)
+    exc, rc = {"damaged-image": (DatasetLayoutError("cannot read the image x.jpg"), 2),
+               "ctrl-c": (KeyboardInterrupt(), 130),
+               "disk-full": (OSError(28, "cannot write it (No space left on device)", "x"), 1)}[stop]
+    _fail_after_training(monkeypatch, where, exc)
+    assert _main_interrupted(TINY + ["--out", out, "--overwrite", "--epochs", "2", "--no-baselines"]) == rc
+    assert _files(out) == before and sorted(os.listdir(out)) == sorted(before)
+    io = capsys.readouterr()
+    assert "the previous run's files are back in" in io.out
+    if stop == "ctrl-c":  # its own files are gone: the advice is to start it again
+        assert io.err.strip() == ("daal-train: interrupted (Ctrl-C) before the run wrote anything: run the same "
+                                  "command again to start it"), io.err
+
+
+def test_ctrl_c_while_an_epoch_is_evaluated_names_that_epoch(tmp_path, capsys, monkeypatch):
+    """Ctrl-C during epoch 2's evaluation: "in epoch 2", and the checkpoint to go on from is epoch 1's."""
+    out = str(tmp_path / "int_eval")
+    _fail_after_training(monkeypatch, "evaluation", KeyboardInterrupt(), call=2)
+    assert _main_interrupted(TINY + ["--epochs", "3", "--eval-every", "1", "--no-baselines", "--out", out]) == 130
+    err = capsys.readouterr().err
+    assert err.startswith("daal-train: interrupted (Ctrl-C) in epoch 2 of 3: continue from its last checkpoint"), err
+    monkeypatch.undo()
+    from daal_triton.train.checkpoint import load_checkpoint
+
+    assert load_checkpoint(os.path.join(out, "checkpoint_last.pt"))["epoch"] == 1
 
 
 def test_a_second_ctrl_c_while_the_previous_run_is_put_back_waits_for_it(run_dir, tmp_path, monkeypatch, capsys):
@@ -259,7 +320,7 @@ def test_a_second_ctrl_c_while_the_previous_run_is_put_back_waits_for_it(run_dir
 def test_a_run_set_aside_by_a_killed_overwrite_is_never_lost(run_dir, tmp_path, monkeypatch, capsys, error_line):
     """An --overwrite run killed (SIGKILL: nothing can be put back) leaves the run it was replacing
     in .daal-replaced: a new run there is refused with what to do, and --overwrite puts it back
-    before replacing it when the killed run had not finished an epoch."""
+    before replacing it when the killed run had written no checkpoint_last.pt (nothing to resume)."""
     out = str(tmp_path / "killed")
     shutil.copytree(run_dir, os.path.join(out, ".daal-replaced"))
     before = _files(os.path.join(out, ".daal-replaced"))
@@ -271,7 +332,16 @@ def test_a_run_set_aside_by_a_killed_overwrite_is_never_lost(run_dir, tmp_path, 
     assert _main_interrupted(TINY + ["--out", out, "--overwrite"]) == 130
     assert _files(out) == before and sorted(os.listdir(out)) == sorted(before)  # back, as it was
     assert "put back the run in" in capsys.readouterr().out
-    # a killed run that had trained an epoch is what --overwrite replaces: the older run goes
+    # killed after epoch 1's record but before its checkpoint_last.pt (or with --save best|none):
+    # nothing to resume, so the run it set aside comes back too
+    shutil.copytree(run_dir, os.path.join(out, ".daal-replaced"))
+    for name in ("checkpoint_last.pt", "checkpoint_best.pt", "results.txt", "training_curves.png"):
+        os.remove(os.path.join(out, name))
+    open(os.path.join(out, "metrics.jsonl"), "w").write(json.dumps({"model": "trained", "epoch": 1}) + "\n")
+    assert _main_interrupted(TINY + ["--out", out, "--overwrite"]) == 130
+    assert _files(out) == before and sorted(os.listdir(out)) == sorted(before)
+    assert "put back the run in" in capsys.readouterr().out
+    # a killed run that could be resumed (its checkpoint_last.pt) is what --overwrite replaces: the older run goes
     shutil.copytree(out, os.path.join(out, ".daal-replaced"))
     monkeypatch.undo()
     assert cli.main(TINY + ["--out", out, "--overwrite"]) == 0
@@ -533,9 +603,11 @@ def test_a_checkpoint_without_its_digest_is_refused(run_dir, tmp_path, error_lin
     assert os.listdir(tmp_path / "run") == ["checkpoint_last.pt"] and not (tmp_path / "ev").exists()
 
 
-def test_a_checkpoint_write_that_fails_midway_keeps_the_previous_one(tmp_path, monkeypatch):
+@pytest.mark.parametrize("stop", ["disk-full", "ctrl-c"])
+def test_a_checkpoint_write_that_fails_midway_keeps_the_previous_one(stop, tmp_path, monkeypatch):
     """save_checkpoint writes ``path.tmp`` and renames it: a write that dies after part of the file
-    (disk full, killed) leaves the previous checkpoint at ``path`` whole and loadable."""
+    (disk full, Ctrl-C) leaves the previous checkpoint at ``path`` whole and loadable, and no
+    ``.tmp``."""
     import io
 
     from torch import nn
@@ -555,14 +627,15 @@ def test_a_checkpoint_write_that_fails_midway_keeps_the_previous_one(tmp_path, m
         real(obj, buf, *a, **k)
         with open(f, "wb") as g:
             g.write(buf.getvalue()[: len(buf.getvalue()) // 2])
-        raise OSError(28, "No space left on device")
+        raise OSError(28, "No space left on device") if stop == "disk-full" else KeyboardInterrupt
 
     monkeypatch.setattr(C.torch, "save", half_then_fail)
     with torch.no_grad():
         model.weight.add_(1.0)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(OSError, match="No space left") if stop == "disk-full" else pytest.raises(KeyboardInterrupt):
         C.save_checkpoint(path, model=model, criterion=crit, cfg=TrainConfig(), epoch=2, metrics=[])
     monkeypatch.undo()
+    assert os.listdir(tmp_path) == ["checkpoint_last.pt"]  # no half-written checkpoint_last.pt.tmp
     assert open(path, "rb").read() == before
     ck = C.load_checkpoint(path)
     assert ck["epoch"] == 1 and not torch.equal(ck["model"]["weight"], model.weight.detach())

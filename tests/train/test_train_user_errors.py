@@ -26,7 +26,7 @@ BAD_TRAIN = {
     "weight-decay": (["--weight-decay", "-1"], "--weight-decay"),
     "epochs": (["--epochs", "0"], "--epochs"),
     "steps": (["--steps-per-epoch", "0"], "--steps-per-epoch"),
-    "P-too-large": (["-P", "13"], "12 training classes"),
+    "P-too-large": (["-P", "13"], "12 training classes: pass --classes-per-batch 12 (-P) or fewer"),
     "K0": (["-K", "0"], "--samples-per-class"),
     "image-size": (["--image-size", "8"], "--image-size"),
     "knn-triton-cpu": (["--device", "cpu", "--knn-backend", "triton"], "--knn-backend triton"),
@@ -244,9 +244,10 @@ def test_help_says_what_the_defaults_are():
         assert (action.help or "").count("(default:") <= 1, action.help
 
 
-@pytest.mark.parametrize("n", [2, 3, 7, 49, 60])
-def test_tsne_any_size(n):
-    emb = np.random.default_rng(0).normal(size=(n, 64)).astype(np.float32)
+@pytest.mark.parametrize("n, d", [(2, 64), (3, 64), (7, 64), (49, 64), (60, 64), (2, 1), (40, 1), (40, 2)])
+def test_tsne_any_size(n, d):
+    """Any test set of two or more images, at any --embedding-dim (1: no PCA initialisation)."""
+    emb = np.random.default_rng(0).normal(size=(n, d)).astype(np.float32)
     xy = plots.tsne_2d(emb, seed=0)
     assert xy.shape == (n, 2) and np.isfinite(xy).all()
 

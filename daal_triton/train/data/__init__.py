@@ -17,8 +17,9 @@ NEEDS_ROOT = ("cub200", "cars196", "sop", "folder")
 def build_datasets(name: str, data_root: Optional[str] = None, image_size: int = 32, *, seed: int = 0,
                    augment: str = "none", shapes_train_per_class: int = 120,
                    shapes_test_per_class: int = 100,
-                   shapes_nuisance: float = 1.0) -> Tuple[MetricDataset, MetricDataset]:
-    """``(train, test)`` of data set ``name`` (one of :data:`DATASETS`).
+                   shapes_nuisance: float = 1.0, progress: bool = False) -> Tuple[MetricDataset, MetricDataset]:
+    """``(train, test)`` of data set ``name`` (one of :data:`DATASETS`); ``progress``: a bar while
+    ``shapes`` draws its images, where that takes more than a second.
 
     ``augment`` applies to the in-memory sets (``shapes``, ``digits``); photos always get random
     resized crop + flip for training and resize + centre crop for testing.
@@ -27,7 +28,8 @@ def build_datasets(name: str, data_root: Optional[str] = None, image_size: int =
         from .synthetic import load_shapes
 
         return load_shapes(image_size, seed=seed, train_per_class=shapes_train_per_class,
-                           test_per_class=shapes_test_per_class, nuisance=shapes_nuisance, augment=augment)
+                           test_per_class=shapes_test_per_class, nuisance=shapes_nuisance, augment=augment,
+                           progress=progress)
     if name == "digits":
         from .synthetic import load_digits
 

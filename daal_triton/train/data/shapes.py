@@ -136,9 +136,12 @@ def render(shape: int, pattern: int, palette: int, size: int, rng: np.random.Gen
 
 
 def generate(classes: Sequence[int], per_class: int, size: int, seed: int,
-             *, nuisance: float = 1.0) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+             *, nuisance: float = 1.0, progress: bool = False,
+             desc: str = "shapes") -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Images (N x size x size x 3 uint8), class indices (global, into :func:`class_table`) and
     modes (palette index) for ``per_class`` images of each class, palettes balanced within a class.
+    ``progress``: a tqdm bar named ``desc``, shown once the drawing has taken a second (a large
+    ``--image-size``: about 27 ms an image at 224 px, 0.8 ms at 32 px, on this project's CPU).
 
     Image ``i`` of class ``c`` is drawn from its own seed ``(seed, c, i)``: a class's images do not
     depend on which other classes are generated.
@@ -146,6 +149,11 @@ def generate(classes: Sequence[int], per_class: int, size: int, seed: int,
     table = class_table()
     n_pal = len(PALETTES)
     images, labels, modes = [], [], []
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(classes) * per_class, desc=desc, unit="image", leave=False, dynamic_ncols=True, delay=1.0)
     for c in classes:
         s, p = table[c]
         for i in range(per_class):
@@ -154,5 +162,9 @@ def generate(classes: Sequence[int], per_class: int, size: int, seed: int,
             images.append(render(s, p, mode, size, rng, nuisance=nuisance))
             labels.append(c)
             modes.append(mode)
+            if bar is not None:
+                bar.update()
+    if bar is not None:
+        bar.close()
     return (np.stack(images) if images else np.zeros((0, size, size, 3), np.uint8),
             np.asarray(labels, dtype=np.int64), np.asarray(modes, dtype=np.int64))

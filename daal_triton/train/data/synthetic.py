@@ -12,15 +12,17 @@ from .base import ArrayDataset, tensor_transforms
 
 def load_shapes(image_size: int = 32, *, seed: int = 0, train_per_class: int = 120,
                 test_per_class: int = 100, nuisance: float = 1.0,
-                augment: str = "none") -> Tuple[ArrayDataset, ArrayDataset]:
+                augment: str = "none", progress: bool = False) -> Tuple[ArrayDataset, ArrayDataset]:
     """The ``shapes`` set (see :mod:`daal_triton.train.data.shapes`): classes 0-11 train,
     12-23 test, rendered at ``image_size``; train and test images come from different seeds.
-    ``dataset.modes`` holds each image's palette (4 modes per class)."""
+    ``dataset.modes`` holds each image's palette (4 modes per class). ``progress``: a bar while
+    the images are drawn, where that takes more than a second."""
     names = S.class_names()
     half = len(names) // 2
-    tr_img, tr_lab, tr_mode = S.generate(range(half), train_per_class, image_size, seed, nuisance=nuisance)
+    tr_img, tr_lab, tr_mode = S.generate(range(half), train_per_class, image_size, seed, nuisance=nuisance,
+                                         progress=progress, desc="shapes (train)")
     te_img, te_lab, te_mode = S.generate(range(half, 2 * half), test_per_class, image_size,
-                                         seed + 1_000_003, nuisance=nuisance)
+                                         seed + 1_000_003, nuisance=nuisance, progress=progress, desc="shapes (test)")
     train = ArrayDataset(tr_img, tr_lab, names[:half], tensor_transforms(image_size, True, augment=augment),
                          modes=tr_mode, mode_names=list(S.PALETTE_NAMES))
     test = ArrayDataset(te_img, te_lab - half, names[half:], tensor_transforms(image_size, False),
