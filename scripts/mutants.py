@@ -1044,6 +1044,10 @@ MUTANTS: Tuple[Mutant, ...] = (
            "        if not _looks_saved(path):  # a text file whose first byte",
            "        if False:  # a text file whose first byte",
            ("tests/train/test_train_safety.py", "-k", "damaged_and_wrong")),
+    Mutant("data_flag_for_another_set", "daal_triton/train/cli.py",
+           "        if name in given and cfg.dataset not in readers:",
+           "        if False:",
+           ("tests/train/test_train_user_errors.py", "-k", "data_set_ignores")),
 )
 
 

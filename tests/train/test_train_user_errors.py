@@ -90,6 +90,24 @@ def test_daal_train_refuses_up_front(case, tmp_path, error_line):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("dataset, flags, words", [
+    ("digits", ["--shapes-train-per-class", "4"], "--shapes-train-per-class is read by --dataset shapes only, but "
+                                                   "--dataset is digits: it would do nothing"),
+    ("digits", ["--shapes-nuisance", "0.5"], "--shapes-nuisance is read by --dataset shapes only"),
+    ("folder", ["--shapes-test-per-class", "3"], "--shapes-test-per-class is read by --dataset shapes only"),
+    ("folder", ["--augment", "crop"], "--augment is read by --dataset shapes and digits only, but --dataset is folder: "
+                                      "it would do nothing (the photo sets always train on random resized crops"),
+])
+def test_a_data_flag_the_data_set_ignores_is_refused(dataset, flags, words, tmp_path, error_line):
+    """It would do nothing, yet config.json would record it as if it had (as --data-root with a
+    built-in set, --daal-* with another loss)."""
+    root = ["--data-root", str(tmp_path)] if dataset == "folder" else []
+    out = tmp_path / "out"
+    assert cli.main(["--dataset", dataset, *root, *flags, "--out", str(out), "--no-progress"]) == 2
+    assert words in error_line("daal-train")
+    assert not out.exists()
+
+
 def test_an_out_folder_that_cannot_be_made_is_one_line(tmp_path, monkeypatch, error_line):
     """--out with a name longer than the file system takes is refused up front; one that the
     system refuses to create (/proc/x as root, a read-only mount) is one line too, not an OSError
