@@ -204,7 +204,7 @@ def test_split_notes(dataset) -> List[str]:
     """Lines for the log when the test split cannot measure retrieval as it should: one class
     (every neighbour is of it: Recall@K, MAP@R and NMI are 1 whatever the embedding), or classes
     with a single image (their queries have nothing to retrieve and count in no metric; with only
-    such classes the metrics are NaN and no epoch is the best)."""
+    such classes the retrieval metrics are NaN, no epoch is the best, and NMI is 1)."""
     counts = np.bincount(np.asarray(dataset.labels, dtype=np.int64))
     counts = counts[counts > 0]
     notes = []
@@ -214,7 +214,8 @@ def test_split_notes(dataset) -> List[str]:
     lone = int((counts == 1).sum())
     if lone == len(counts):
         notes.append("every test class has a single image: no query has another image of its class to retrieve, "
-                     "so the retrieval metrics are NaN (and no checkpoint_best.pt is written)")
+                     "so the retrieval metrics are NaN (and no checkpoint_best.pt is written), and NMI is 1 whatever "
+                     "the network (k-means with a cluster per class puts each image in one of its own)")
     elif lone:
         notes.append(f"{lone} of the {len(counts)} test classes {'has' if lone == 1 else 'have'} a single image: "
                      f"their queries have nothing to retrieve and count in no retrieval metric (Recall@K, MAP@R, "
