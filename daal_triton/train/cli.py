@@ -209,33 +209,6 @@ def _add_dist_flags(p: argparse.ArgumentParser) -> None:
                         "(CUDA only)")
 
 
-#: The data flags that only some data sets read: flag -> (field, the data sets that read it).
-DATA_SET_FLAGS = {"--augment": ("augment", ("shapes", "digits")),
-                  "--shapes-train-per-class": ("shapes_train_per_class", ("shapes",)),
-                  "--shapes-test-per-class": ("shapes_test_per_class", ("shapes",)),
-                  "--shapes-nuisance": ("shapes_nuisance", ("shapes",))}
-
-
-def _refuse_unused_data_flags(cfg: TrainConfig, given: set) -> None:
-    """A data flag given on the command line for a data set that ignores it (``--augment`` with
-    the photo sets, which always crop and flip; ``--shapes-*`` with any set but ``shapes``) is a
-    :class:`ConfigError`, as ``--data-root`` with a built-in set is: it would do nothing, but be
-    recorded in config.json as if it had. A resume's data set is its checkpoint's: not checked here.
-    After ``--data-root``'s own checks: a missing data folder is the first thing to fix."""
-    from .config import check_data_root
-    from .ddp import ConfigError
-
-    if cfg.resume:
-        return
-    check_data_root(cfg)
-    for flag, (name, readers) in DATA_SET_FLAGS.items():
-        if name in given and cfg.dataset not in readers:
-            raise ConfigError(f"{flag} is read by --dataset {' and '.join(readers)} only, but --dataset is "
-                              f"{cfg.dataset}: it would do nothing"
-                              + (" (the photo sets always train on random resized crops and flips)"
-                                 if name == "augment" else ""))
-
-
 def _add_daal_flags(p: argparse.ArgumentParser) -> None:
     """One ``--daal-<name>`` flag per field of :class:`daal_triton.Hyperparameters` (its help and
     default; the loss validates the values)."""
@@ -297,7 +270,6 @@ def main(argv: Optional[List[str]] = None) -> int:
             flag = "--daal-" + daal_flags[0][5:].replace("_", "-")
             raise ConfigError(f"{flag} sets a DAAL hyperparameter, but --loss is {cfg.loss}: it would do nothing "
                               f"(that loss's settings go in --loss-kwargs)")
-        _refuse_unused_data_flags(cfg, given)
         run(cfg, given=given)
     except (UsageError, DatasetLayoutError, ConfigError, CheckpointError) as e:
         print(f"daal-train: error: {_message(e)}", file=sys.stderr)

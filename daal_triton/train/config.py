@@ -7,7 +7,7 @@ import json
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Iterable, Optional
 
 import torch
 
@@ -137,6 +137,26 @@ def check_data_root(cfg: TrainConfig) -> None:
         raise ConfigError(f"--dataset {cfg.dataset} needs --data-root (the folder that holds it)")
     if cfg.data_root and not os.path.isdir(cfg.data_root):  # a resumed run's may have moved: note_source says whose
         raise ConfigError(f"--data-root {cfg.data_root}: no such folder")
+
+
+#: The data flags that only some data sets read: flag -> (field, the data sets that read it).
+DATA_SET_FLAGS = {"--augment": ("augment", ("shapes", "digits")),
+                  "--shapes-train-per-class": ("shapes_train_per_class", ("shapes",)),
+                  "--shapes-test-per-class": ("shapes_test_per_class", ("shapes",)),
+                  "--shapes-nuisance": ("shapes_nuisance", ("shapes",))}
+
+
+def check_data_flags(cfg: TrainConfig, given: Iterable[str]) -> None:
+    """A data flag given on the command line (``given``: the fields set there) for a data set that
+    ignores it (``--augment`` with the photo sets, which always crop and flip; ``--shapes-*`` with
+    any set but ``shapes``) is a :class:`ConfigError`, as ``--data-root`` with a built-in set is
+    (:func:`check_data_root`): it would do nothing, but be recorded in config.json as if it had."""
+    for flag, (name, readers) in DATA_SET_FLAGS.items():
+        if name in given and cfg.dataset not in readers:
+            raise ConfigError(f"{flag} is read by --dataset {' and '.join(readers)} only, but --dataset is "
+                              f"{cfg.dataset}: it would do nothing"
+                              + (" (the photo sets always train on random resized crops and flips)"
+                                 if name == "augment" else ""))
 
 
 def check_settings(cfg: TrainConfig) -> None:

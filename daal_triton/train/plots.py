@@ -68,7 +68,8 @@ def tsne_2d(emb: np.ndarray, *, seed: int = 0, perplexity: float = 30.0, threads
             x = PCA(n_components=components, random_state=seed).fit_transform(x)
         # about n / 3 neighbours per point for small sets; scikit-learn needs perplexity < n
         perplexity = float(min(perplexity, max(2.0, (n - 1) / 3), n - 1 if n > 2 else 0.5))
-        return TSNE(n_components=2, method="barnes_hut", perplexity=perplexity, init="pca" if n > 2 and x.shape[1] >= 2 else "random",
+        init = "pca" if n > 2 and x.shape[1] >= 2 else "random"
+        return TSNE(n_components=2, method="barnes_hut", perplexity=perplexity, init=init,
                     random_state=seed, n_jobs=threads).fit_transform(x)
 
 

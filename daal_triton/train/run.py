@@ -37,8 +37,8 @@ from . import ddp
 from . import evaluate as E
 from .checkpoint import (CheckpointError, load_checkpoint, load_weights, require_training_state, restore_rng,
                          rng_state, save_checkpoint, write_text_atomically)
-from .config import (REPLACED, TrainConfig, check_kinds, check_out, check_resume_folder, checked_device, note_source,
-                     resume_config, taken_from_checkpoint, validate_config)
+from .config import (REPLACED, TrainConfig, check_data_flags, check_kinds, check_out, check_resume_folder,
+                     checked_device, note_source, resume_config, taken_from_checkpoint, validate_config)
 from .data import DistributedPKSampler, PKSampler, SeededDraws, build_datasets
 from .ddp import ConfigError
 from .devices import (compile_network, loader_options, place_model, prepare_device, resolve_amp, resolve_backend,
@@ -145,6 +145,8 @@ def run(cfg: TrainConfig, given=None) -> Dict[str, Record]:
     try:
         device = checked_device(cfg.device)
         validate_config(cfg, ddp.world_size(), device)
+        if checkpoint is None and given:  # a resume's data set is its checkpoint's
+            check_data_flags(cfg, given)
     except ConfigError as e:  # a setting the checkpoint gave, not the command line, is named as such
         if checkpoint is None:
             raise
