@@ -47,3 +47,46 @@ def test_ci_runs_the_readme_test_command_with_what_setup_installs():
         dev = f.read().split('"dev": [', 1)[1].split("]", 1)[0]
     if " -n " in f" {test_cmd} ":
         assert '"pytest-xdist' in dev
+
+
+def _build(source, out, what):
+    """Build ``what`` ("sdist" or "wheel") of the project in ``source`` into ``out`` (setuptools'
+    PEP 517 backend, in a child process: no network, no build isolation); its file name."""
+    code = f"from setuptools import build_meta as b; print(b.build_{what}({str(out)!r}))"
+    done = subprocess.run([sys.executable, "-c", code], cwd=source, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return os.path.join(out, done.stdout.strip().splitlines()[-1])
+
+
+def test_the_sdist_and_the_wheel_hold_the_package_and_what_it_links_to(tmp_path):
+    """The wheel installs ``daal_triton`` alone (kernels and reference inside it); the sdist holds
+    what builds it (README.md, which setup.py reads) and the docs the README links to, no test
+    file without the conftest and helpers it imports, and builds the same wheel on its own."""
+    import shutil
+    import tarfile
+    import zipfile
+
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                            cwd=ROOT, capture_output=True, check=True).stdout.decode().split("\0")
+    src = tmp_path / "src"
+    for name in filter(None, listed):
+        if os.path.isfile(os.path.join(ROOT, name)):  # a deleted file not yet committed is skipped
+            (src / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(os.path.join(ROOT, name), src / name)
+    sdist = _build(src, tmp_path / "dist", "sdist")
+    wheel = _build(src, tmp_path / "dist", "wheel")
+    with tarfile.open(sdist) as tar:
+        top = tar.getnames()[0].split("/")[0]
+        in_sdist = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
+        tar.extractall(tmp_path / "unpacked", filter="data")
+    assert {"README.md", "setup.py", "pyproject.toml", "docs/method.md", "docs/training.md",
+            "docs/kernels.md", "kernels/knn.py", "reference/daal.py"} <= in_sdist
+    assert not [n for n in in_sdist if n.startswith(("tests/", "bench/", "scripts/"))]
+    with zipfile.ZipFile(wheel) as whl:
+        in_wheel = sorted(n for n in whl.namelist() if ".dist-info/" not in n)
+    assert {n.split("/")[0] for n in in_wheel} == {"daal_triton"}
+    assert {"daal_triton/kernels/knn.py", "daal_triton/reference/daal.py",
+            "daal_triton/train/data/shapes.py"} <= set(in_wheel)
+    again = _build(tmp_path / "unpacked" / top, tmp_path / "again", "wheel")
+    with zipfile.ZipFile(again) as whl:
+        assert sorted(n for n in whl.namelist() if ".dist-info/" not in n) == in_wheel
