@@ -77,7 +77,7 @@ def _density_fwd_kernel(dist_ptr, idx_ptr, label_ptr, r_ptr, valid_ptr, margin_p
         sum_r += tl.sum(tl.where(same, rj[None, :], 0.0), 1)
         cnt_r += tl.sum(same.to(tl.float32), 1)
     rbar = sum_r / tl.maximum(cnt_r, 1.0)
-    s = tl.where(valid, r, 0.0) / tl.maximum(rbar, TL_EPS)
+    s = tl.where(valid, r / tl.maximum(rbar, TL_EPS), 1.0)  # 1: no log2(0) where m0 is kept
     # s^gamma as torch.pow: exp2(gamma log2 s), 0^0 = 1, and a radius of 0 (neighbours at
     # distance 0, reachable by direct calls) gives 0^gamma = 0 (gamma > 0) or inf (gamma < 0);
     # NaN reads as 1, as before
