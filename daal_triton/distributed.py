@@ -11,7 +11,14 @@ through ``torch.distributed.nn.functional.all_gather``, so a rank's local embedd
 ``world_size`` times the single-process one; DistributedDataParallel's gradient *averaging* then
 gives the model exactly the single-process gradient of the global loss. The loss's segments are
 not inside DDP: every rank computes the same full gradient for them; ``sync_grads`` averages it
-anyway so they can never drift apart.
+anyway so they can never drift apart. They must also *start* equal: DDP copies rank 0's network to
+every rank, not the loss, so call ``broadcast_params(loss_fn.parameters())`` once before training
+(ranks seeded differently would otherwise each keep their own segments)::
+
+    broadcast_params(loss_fn.parameters())              # once
+    ...
+    loss.backward()
+    sync_grads(loss_fn.parameters())                     # every step, before optimizer.step()
 """
 from __future__ import annotations
 
