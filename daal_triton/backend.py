@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 
 import torch
 
@@ -18,6 +19,26 @@ BACKENDS = ("auto", "triton", "reference")
 
 # Looked up once, without importing triton (TRITON_INTERPRET must be set before that import).
 _TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+
+#: The oldest Triton the kernels run on: 3.5 (torch 2.9's) first has the modules they import
+#: (``triton.experimental.gluon``, ``triton.language.target_info``). torch 2.4-2.8 bring 3.0-3.4:
+#: with those, ``"auto"`` runs the reference. The suite runs with 3.6 and 3.8.
+MIN_TRITON = (3, 5)
+
+
+def triton_version() -> tuple[int, int] | None:
+    """The installed Triton's (major, minor), read from its distribution's metadata without
+    importing it; ``None`` when it cannot be read (a build from source: then it is trusted)."""
+    from importlib import metadata
+
+    for dist in ("triton", "pytorch-triton"):
+        try:
+            version = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+        match = re.match(r"(\d+)\.(\d+)", version)
+        return (int(match[1]), int(match[2])) if match else None
+    return None
 
 
 def triton_available() -> bool:
@@ -85,6 +106,14 @@ def _functorch_active() -> bool:
     return bool(check()) if check is not None else False
 
 
+def _forward_ad_active() -> bool:
+    """Whether a ``torch.autograd.forward_ad.dual_level`` is open (dual tensors exist only there):
+    the kernels' operators have no forward-mode formula."""
+    from torch.autograd import forward_ad
+
+    return getattr(forward_ad, "_current_level", -1) >= 0
+
+
 def _vmap_active() -> bool:
     """Whether a ``torch.func.vmap`` is running (alone or inside another transform)."""
     if not _functorch_active():
@@ -120,8 +149,15 @@ def triton_reason(device: torch.device, dtype: torch.dtype = torch.float32, *, f
     if _functorch_active():
         return ("torch.func transforms (grad, vjp, jacrev, vmap, ...) run on the reference backend (the "
                 "kernels read the tensors' storage, which a transform's wrapped tensors do not expose)")
+    if _forward_ad_active():
+        return ("forward-mode AD (torch.autograd.forward_ad) runs on the reference backend (the kernels "
+                "have no forward-mode formula)")
     if not triton_available():
         return "triton is not installed"
+    version = triton_version()
+    if version is not None and version < MIN_TRITON:
+        return (f"triton {version[0]}.{version[1]} is installed; the kernels need Triton "
+                f"{MIN_TRITON[0]}.{MIN_TRITON[1]} or later (torch 2.9 and later bring it)")
     if device.type == "cuda":
         return _gpu_reason(device, forced)
     if device.type == "cpu" and interpreter_on():

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
 from dataclasses import dataclass, field, replace
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
@@ -773,6 +774,16 @@ def _first_order_only(op) -> None:
     op.register_autograd(backward, setup_context=setup_context)
 
 
+_batched_backward = threading.local()
+
+
+def _batched(t) -> bool:
+    """Whether ``t`` is a vmapped tensor: autograd's ``is_grads_batched=True`` (and
+    ``jacobian(..., vectorize=True)``) runs a backward on such gradients (the legacy vmap's
+    "Batched", torch.func's "FuncTorchBatched"), whose storage no kernel can read."""
+    return t is not None and "Batched" in str(torch._C._dispatch_keys(t))
+
+
 def direct(op):
     """A backward operator (a ``torch.library.custom_op`` without autograd) as the backward
     formulas call it: its body, straight, when the call is eager and gradients are not being
@@ -790,7 +801,9 @@ def direct(op):
     def call(*args):
         # any TorchDispatchMode (fake tensors, make_fx, functionalisation, the launch counter)
         # must see the operator, not its body
-        if torch.is_grad_enabled() or _operator_call() or torch._C._len_torch_dispatch_stack() > 0:
+        # and a batch of gradients the operator, which vmap's fallback calls once per gradient
+        if (torch.is_grad_enabled() or _operator_call() or torch._C._len_torch_dispatch_stack() > 0
+                or getattr(_batched_backward, "on", False)):
             return op(*args)
         return body(*args)
 
@@ -816,7 +829,13 @@ def eager(op):
 
         @staticmethod
         def backward(ctx, *grads):
-            return backward(ctx, *grads)
+            if not any(_batched(g) for g in grads):
+                return backward(ctx, *grads)
+            _batched_backward.on = True  # the backward operators through the dispatcher (direct)
+            try:
+                return backward(ctx, *grads)
+            finally:
+                _batched_backward.on = False
 
     Call.__name__ = Call.__qualname__ = op._qualname.split("::")[-1] + "_eager"
 

@@ -18,7 +18,9 @@ knn's exclude_self, a memory bank's saved state, k's upper bound), and a SPEC co
 the rest of the second probe (2026-12-04: a moved --data-root, daal-eval --out '', an optimiser step
 beyond float32, --stop-after past the end) and a third probe of the library (2026-12-04: an empty
 reference set on the Triton backend, TRITON_INTERPRET=false in the kernels' launch settings, a
-misspelt DAAL_GLUE, NumPy bools, FakeTensorMode, CPU labels beside embeddings elsewhere).
+misspelt DAAL_GLUE, NumPy bools, FakeTensorMode, CPU labels beside embeddings elsewhere), and a
+packaging and integration probe (2026-12-06: a Triton older than the kernels' imports, forward-mode
+AD, a batch of gradients, the interpreter's log2(0) warning, a test file alone in the sdist).
 
 This script checks that they stay caught:
 in a scratch clone of the working tree it applies one mutant at a time (an exact text
@@ -1048,6 +1050,26 @@ MUTANTS: Tuple[Mutant, ...] = (
            "        if name in given and cfg.dataset not in readers:",
            "        if False:",
            ("tests/train/test_train_user_errors.py", "-k", "data_set_ignores")),
+    Mutant("triton_version_unchecked", "daal_triton/backend.py",
+           "    if version is not None and version < MIN_TRITON:",
+           "    if False:",
+           ("tests/package/test_validation.py", "-k", "older_than_the_kernels")),
+    Mutant("forward_ad_on_the_kernels", "daal_triton/backend.py",
+           "    if _forward_ad_active():\n",
+           "    if False:\n",
+           ("tests/package/test_validation.py", "-k", "forward_mode_ad")),
+    Mutant("batched_grads_into_the_kernels", "kernels/_common.py",
+           '    return t is not None and "Batched" in str(torch._C._dispatch_keys(t))',
+           "    return False",
+           ("tests/package/test_validation.py", "-k", "batch_of_gradients")),
+    Mutant("density_log2_of_zero", "kernels/density.py",
+           "    s = tl.where(valid, r / tl.maximum(rbar, TL_EPS), 1.0)",
+           "    s = tl.where(valid, r, 0.0) / tl.maximum(rbar, TL_EPS)",
+           ("tests/package/test_fuzz_parity.py", "-k", "warns_nothing")),
+    Mutant("sdist_with_stray_tests", "MANIFEST.in",
+           "prune tests\n",
+           "",
+           ("tests/package/test_install.py", "-k", "sdist")),
 )
 
 

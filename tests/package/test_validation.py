@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import daal_triton as dt
+from daal_testing import assert_close, tolerance
 from daal_triton.backend import choose_backend
 
 
@@ -192,6 +193,99 @@ def test_vmap_is_refused_with_the_alternative(backend):
             torch.func.grad(lambda b: torch.func.vmap(f)(b).sum())(batch)
         looped = torch.stack([f(e) for e in batch])  # the loop the message suggests
         assert looped.shape[0] == 2 and torch.isfinite(looped).all()
+
+
+@pytest.mark.interpreter  # CPU tensors on the Triton backend
+def test_a_triton_older_than_the_kernels_need_runs_the_reference(monkeypatch):
+    """torch 2.4-2.8 (setup.py allows them) bring Triton 3.0-3.4, which lack modules the kernels
+    import: "auto" chose the kernels and stopped in ModuleNotFoundError (triton.experimental,
+    triton.language.target_info). It now runs the reference there; a forced "triton" says why.
+    The version is read from the distribution's metadata (triton, or pytorch-triton's builds)."""
+    from importlib import metadata
+
+    import daal_triton.backend as backend
+
+    found = {"triton": "3.4.0"}
+
+    def version(dist):
+        if dist not in found:
+            raise metadata.PackageNotFoundError(dist)
+        return found[dist]
+
+    monkeypatch.setattr(metadata, "version", version)
+    assert backend.triton_version() == (3, 4)
+    cpu = torch.device("cpu")
+    assert choose_backend("auto", cpu) == "reference"
+    raises(r"backend='triton' cannot run here: triton 3.4 is installed; the kernels need Triton 3.5 or later",
+           choose_backend, "triton", cpu)
+    z, y, seg = good()
+    assert torch.equal(dt.daal_loss(z, y, seg, k=2), dt.daal_loss(z, y, seg, k=2, backend="reference"))
+    for installed, read in [({"pytorch-triton": "3.2.0+git35c6c7c6"}, (3, 2)), ({"triton": "3.5.0"}, (3, 5)),
+                            ({"triton": "3.10.1"}, (3, 10)), ({"triton": "main"}, None), ({}, None)]:
+        found = installed
+        assert backend.triton_version() == read, installed
+    found = {"triton": "3.5.1"}
+    assert choose_backend("auto", cpu) == "triton"
+
+
+@pytest.mark.interpreter  # CPU tensors on the Triton backend
+def test_forward_mode_ad_runs_on_the_reference():
+    """Inside a ``torch.autograd.forward_ad.dual_level`` "auto" runs the reference (the kernels'
+    operators have no forward-mode formula: PyTorch's "You must implement the jvp function" came
+    from the kernels), whose tangent is the directional derivative the backward gives; a forced
+    "triton" says why; outside the level the kernels run again."""
+    from torch.autograd import forward_ad as fwad
+
+    z, y, seg = good(B=9, C=3, D=5)
+    z = z.double()
+    seg = seg.double()
+    t = torch.randn_like(z)
+    e = z.clone().requires_grad_(True)
+    dt.daal_loss(e, y, seg, k=2, backend="reference").backward()
+    d_ref, _ = dt.knn(z, z, 2, backend="reference")
+    with fwad.dual_level():
+        dual = fwad.make_dual(z.float(), t.float())
+        tangent = fwad.unpack_dual(dt.daal_loss(dual, y, seg.float(), k=2)).tangent
+        d_primal, d_tangent = fwad.unpack_dual(dt.knn(dual, z.float(), 2)[0])
+        pw_tangent = fwad.unpack_dual(dt.pairwise_distance(dual, z.float()[:4])).tangent
+        assert choose_backend("auto", torch.device("cpu")) == "reference"
+        with pytest.raises(ValueError, match=r"forward-mode AD \(torch.autograd.forward_ad\) runs on the reference"):
+            dt.daal_loss(dual, y, seg.float(), k=2, backend="triton")
+    assert torch.allclose(tangent.double(), (e.grad * t).sum(), rtol=1e-4, atol=1e-6)
+    q = z.clone().requires_grad_(True)
+    d_back, _ = dt.knn(q, z, 2, backend="reference")
+    d_back[:, 1].sum().backward()  # column 0: each row itself, at the clamp (no gradient)
+    assert torch.allclose(d_primal.double(), d_ref, rtol=1e-5)
+    assert torch.allclose(d_tangent[:, 1].sum().double(), (q.grad * t).sum(), rtol=1e-4, atol=1e-6)
+    assert pw_tangent.shape == (9, 4) and torch.isfinite(pw_tangent).all()
+    assert choose_backend("auto", torch.device("cpu")) == "triton"
+
+
+@pytest.mark.interpreter  # CPU tensors on the Triton backend
+def test_a_batch_of_gradients_runs_on_the_kernels():
+    """``torch.autograd.grad(..., is_grads_batched=True)`` vmaps the backward over its gradients
+    after the forward chose the kernels; their backward read the batched tensors' storage
+    ("Cannot access storage of BatchedTensorImpl"). The backward operators now go through the
+    dispatcher there (vmap's fallback: one call per gradient): each row of the batch is the
+    float64 reference's."""
+    torch.manual_seed(3)
+    z, y, seg = good(B=13, C=4, D=7)
+    rows = torch.eye(13)
+
+    def jac(backend, dtype, fn):
+        e = z.to(dtype).requires_grad_(True)
+        out = fn(e, backend)
+        return torch.autograd.grad(out, e, rows.to(dtype)[:, : out.shape[0], None].expand(-1, -1, *out.shape[1:])
+                                   if out.dim() > 1 else rows.to(dtype), is_grads_batched=True)[0]
+
+    cases = {"loss": lambda e, b: dt.daal_loss(e, y, seg.to(e.dtype), k=2, reduction="none", backend=b),
+             "knn": lambda e, b: dt.knn(e, e, 3, backend=b)[0],
+             "pairwise_distance": lambda e, b: dt.pairwise_distance(e, e[:5], backend=b)}
+    for name, fn in cases.items():
+        got = jac("auto", torch.float32, fn)
+        want = jac("reference", torch.float64, fn)
+        assert got.shape == want.shape == (13, 13, 7), name
+        assert_close(got, want, tolerance(torch.float32), name)
 
 
 @pytest.mark.interpreter  # "1" means the interpreter runs CPU tensors
