@@ -43,7 +43,11 @@ One benchmark case is one (operator, shape, precision, provider, pass):
   ``triton_unaligned`` (the kNN or the pairwise distance at a width that is no multiple of 16
   on its unpadded rows, as before 2026-12-02, ``DAAL_ALIGN_D=off``, beside the rows padded to
   16 columns that replaced them: kernels/_common.py, ``ALIGN_ENV``; the ``*_d129`` shapes; the
-  pairwise distance's default again since the runs decided, so timed for the kNN only).
+  pairwise distance's default again since the runs decided, so timed for the kNN only),
+  ``triton_xu_difference`` (the line margin, alone or in the loss, with step 5's ``x.u`` taken
+  as ``x.q - x.p`` from the segments themselves, as every run until 2026-12-04 timed it,
+  ``DAAL_LM_XU=difference``, beside one dot with ``u`` from a copy ``[p~, u~]`` that replaced it
+  for short segments' accuracy: kernels/line_margin.py, ``XU_ENV``).
   The switches the GPU runs have decided (``Switch.decided``: the wave splits, the atomic own
   rows, the checked merge, the separate launches, the table's and the wide tiles, PyTorch's
   glue) keep their providers for the ``full`` profile; the ``check`` profile no longer times
@@ -82,9 +86,9 @@ PROVIDERS = {
     "knn": ("triton", "eager", "compile", "chunked", "triton_wave_splits", "triton_checked_merge",
             "triton_separate", "triton_table", "triton_wide", "triton_unaligned", "triton_plain",
             "triton_gluon", "triton_gluon128", "triton_threshold", "triton_threshold_half"),
-    "line_margin": ("triton", "eager", "compile", "triton_atomic_own", "triton_separate"),
+    "line_margin": ("triton", "eager", "compile", "triton_atomic_own", "triton_separate", "triton_xu_difference"),
     "loss": ("triton", "eager", "compile", "triton_aten_glue", "triton_graphed", "triton_atomic_own",
-             "triton_separate"),
+             "triton_separate", "triton_xu_difference"),
     "train_step": ("triton", "eager", "proxyanchor", "ce_floor"),
 }
 
@@ -320,6 +324,11 @@ SWITCHES: Tuple[Switch, ...] = (
            decided="off: the unpadded rows 0.63-0.89x the padded time in all three runs, with less memory "
                    "(the padding's copies are 10 of the forward and backward's 18 launches); padded "
                    "with DAAL_ALIGN_D=pad"),
+    # step 5's x.u as one dot with u from the copy [p~, u~] (exact t for short segments; the copy
+    # costs C x 2 x D in x's dtype where the segments were used as they are) beside x.q - x.p
+    Switch("DAAL_LM_XU", "dot", "difference", "triton_xu_difference",
+           (("line_margin", "classes100k", "bf16", "fwdbwd"), ("line_margin", "dml", "bf16", "fwdbwd"),
+            ("loss", "dml", "fp32", "fwdbwd")), memory=True, since="2026-12-06"),
     # "auto" (DAAL_ALIGN_D unset): the kNN pads, beside its unpadded rows
     Switch("DAAL_ALIGN_D", "auto", "off", "triton_unaligned",
            (("knn", "bank_d129", "bf16", "fwd"), ("knn", "bank_d129", "bf16", "fwdbwd")), memory=True,
@@ -346,11 +355,14 @@ CHECK: Dict[Tuple[str, str], List[dict]] = {
     ("knn", "eval60k"): [dict(dtypes=("bf16",), providers=("triton", "chunked", "triton_gluon", "triton_gluon128",
                                                         "triton_plain", "triton_threshold", "triton_threshold_half",
                                                         "eager"))],
+    # x.u as x.q - x.p (DAAL_LM_XU=difference: the timed design, no copy of the segments)
     ("line_margin", "classes100k"): [
         dict(dtypes=("bf16",), providers=("triton", "eager", "compile")),
+        dict(dtypes=("bf16",), providers=("triton_xu_difference",), passes=("fwdbwd",)),
         dict(dtypes=("fp32",), providers=("triton", "eager"))],
     # the module through torch.cuda.make_graphed_callables (README, "Small batches")
-    ("loss", "dml"): [dict(dtypes=("fp32",), providers=("triton", "eager", "triton_graphed"))],
+    ("loss", "dml"): [dict(dtypes=("fp32",), providers=("triton", "eager", "triton_graphed")),
+                      dict(dtypes=("fp32",), providers=("triton_xu_difference",), passes=("fwdbwd",))],
     # the loss's in-batch kNN: launch-bound, where the finish's launch count shows
     ("knn", "dml"): [dict(dtypes=("bf16",), providers=("triton",), passes=("fwd", "fwdbwd")),
                      dict(dtypes=("bf16",), providers=("triton_plain",), passes=("fwd",))],
@@ -362,7 +374,8 @@ CHECK: Dict[Tuple[str, str], List[dict]] = {
     ("knn", "bank_d129"): [dict(dtypes=("bf16",), providers=("triton", "triton_unaligned", "chunked"),
                                 passes=("fwd", "fwdbwd"))],
     ("pairwise", "large_d129"): [dict(dtypes=("bf16",), providers=("triton",), passes=("fwdbwd",))],
-    ("line_margin", "dml"): [dict(dtypes=("bf16",), providers=("triton", "eager"))],
+    ("line_margin", "dml"): [dict(dtypes=("bf16",), providers=("triton", "eager")),
+                             dict(dtypes=("bf16",), providers=("triton_xu_difference",), passes=("fwdbwd",))],
     ("line_margin", "large"): [dict(dtypes=("bf16",), providers=("triton", "eager"), passes=("fwdbwd",))],
     ("line_margin", "classes11k"): [dict(dtypes=("bf16",), providers=("triton", "eager"), passes=("fwdbwd",))],
     # 1M classes: Triton only fits; eager and compile are recorded (skipped by the memory estimate,
@@ -579,10 +592,12 @@ def _knn_bytes(d: dict, prov: str, es: int) -> int:
 
 
 def _line_margin_bytes(d: dict, prov: str) -> int:
-    if prov in ("triton", "triton_aten_glue", "triton_graphed", "triton_atomic_own", "triton_separate"):
+    if prov in ("triton", "triton_aten_glue", "triton_graphed", "triton_atomic_own", "triton_separate",
+                "triton_xu_difference"):
         from work_model import extra_bytes  # the segment gradient, saved stats, the chunk buffers
 
-        return extra_bytes(d["B"], d["C"], d["D"], "fp32", atomic=prov == "triton_atomic_own") + (64 << 20)
+        return extra_bytes(d["B"], d["C"], d["D"], "fp32", atomic=prov == "triton_atomic_own",
+                           xu=prov != "triton_xu_difference") + (64 << 20)
     if prov == "eager":
         return 80 * d["B"] * d["C"]  # ~15 float32 B x C temporaries kept for backward + an int64 one-hot
     return 24 * d["B"] * d["C"]

@@ -53,7 +53,8 @@ PROVIDER_TITLES = {"triton": "Triton", "eager": "eager", "compile": "compile", "
                    "triton_gluon": "Triton, Gluon forward", "triton_gluon128": "Triton, Gluon forward, 128 rows",
                    "triton_threshold": "Triton, threshold selection",
                    "triton_threshold_half": "Triton, threshold selection on half the tiles",
-                   "triton_unaligned": "Triton, unaligned rows"}
+                   "triton_unaligned": "Triton, unaligned rows",
+                   "triton_xu_difference": "Triton, x.u as x.q - x.p"}
 #: Providers that earlier runs measured and the benchmarks no longer run: the line margin's first
 #: design and the kNN's aten finish, removed after the 2026-11-30 H200 run decided against them
 #: (docs/kernels.md, "Measured results"). Their stored results still render, after the others.
@@ -551,12 +552,14 @@ def work_model_table(run: dict, heading_level: int = 2) -> List[str]:
              "this run's median fwd+bwd (Triton); TFLOP/s = the kernels' own flops / time.", "",
              "| shape | dtype | GFLOP (·BCD) | DRAM GB | global RMW GB | time | TFLOP/s | GB/s (DRAM) |",
              "|---|---|---|---|---|---|---|---|"]
+    # the copy [p~, u~] of DAAL_LM_XU=dot where the run's code had it (earlier runs: x.q - x.p)
+    xu = any(sw.env == "DAAL_LM_XU" and sw.applies_to(run.get("env") or {}) for sw in SWITCHES)
     for key in keys:
         _op, shape, dtype, _pass = key
         d = SHAPES["line_margin"].get(shape) or (run["cases"].get(key + ("triton",)) or {}).get("dims") or {}
         if not d:
             continue
-        s = wm.summary(d["B"], d["C"], d["D"], dtype)
+        s = wm.summary(d["B"], d["C"], d["D"], dtype, xu=xu)
         t = median(run["cases"].get(key + ("triton",)))
         lines.append(f"| {shape} | {dtype} | {s['flops'] / 1e9:.0f} "
                      f"({s['flops'] / (d['B'] * d['C'] * d['D']):.0f}) | {s['dram_bytes'] / 1e9:.2f} | "
@@ -834,7 +837,7 @@ the loss's host time besides the kernels on a CPU (`--profile`: the same split a
 for both merges (a CPU replay of the selection, counts not times); `knn_threshold_model.py` counts
 the threshold filter's listing rounds per tile, on every tile and on half of them (a CPU replay of
 its lists). Each run's report sets every
-internal switch it timed (`cases.SWITCHES`: the kNN's merge, splits, loads, tiles, epilogue, Gluon forwards and selection by a threshold, the line margin's own-class rows, the loss's glue, the merged launches, the padding of odd widths) beside its alternative, case by case, with what
+internal switch it timed (`cases.SWITCHES`: the kNN's merge, splits, loads, tiles, epilogue, Gluon forwards and selection by a threshold, the line margin's own-class rows and its x·u, the loss's glue, the merged launches, the padding of odd widths) beside its alternative, case by case, with what
 the numbers say. A switch the runs have decided is no longer timed (`Switch.decided`; its variable
 still selects the alternative): "Switches decided" below lists each with every run's reading of
 the case that decides it.
@@ -852,7 +855,10 @@ Each case is (shape, precision, provider, pass):
   `torch.cuda.make_graphed_callables`, README "Small batches"; GPU only); for the line margin and
   the whole loss `Triton, atomic own rows` (the own-class rows of the segment gradient added by
   float32 atomics into a float32 gradient, as the first run timed them, `DAAL_LM_OWN_SEG=atomic`,
-  beside the class lists that replaced them; docs/kernels.md "Class-chunked backward"); for the kNN,
+  beside the class lists that replaced them; docs/kernels.md "Class-chunked backward") and
+  `Triton, x.u as x.q - x.p` (step 5's `x·u` from the segments as they are, as every run until
+  2026-12-04 timed it, `DAAL_LM_XU=difference`, beside one dot with `u` from a copy `[p~, u~]`;
+  docs/kernels.md "x·u, one dot"); for the kNN,
   the line margin and the whole loss `Triton, separate launches` (one launch per kernel,
   `DAAL_LAUNCHES=separate`, beside the merged launches that replaced them; docs/kernels.md
   "Fewer launches"); for the kNN `Triton, table tiles` (its forward on the table's 128 × 128 tiles

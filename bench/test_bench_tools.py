@@ -69,10 +69,12 @@ def test_check_profile_runs_the_targets_comparisons_first():
     assert first == {("knn", "eval60k", "bf16", "fwd", "triton"), ("knn", "eval60k", "bf16", "fwd", "chunked"),
                      ("loss", "dml", "fp32", "fwdbwd", "triton"), ("loss", "dml", "fp32", "fwdbwd", "eager")}
     assert every[:len(first)] == run(0)
-    # the switches still timed at those shapes: the 60k kNN's Gluon forwards and plain epilogue
+    # the switches still timed at those shapes: the 60k kNN's Gluon forwards and plain epilogue,
+    # the B = 180 loss's x.q - x.p
     assert {(c.shape, c.provider) for c in run(1)} == {("eval60k", "triton_gluon"), ("eval60k", "triton_gluon128"),
                                                       ("eval60k", "triton_plain"), ("eval60k", "triton_threshold"),
-                                                      ("eval60k", "triton_threshold_half")}
+                                                      ("eval60k", "triton_threshold_half"),
+                                                      ("dml", "triton_xu_difference")}
     assert every[len(first):len(first) + len(run(1))] == run(1)
     marked = {(c.op, c.shape, c.dtype, c.pass_, c.provider) for c in light if c.target}
     assert marked == {(c.op, c.shape, c.dtype, c.pass_, c.provider) for c in run(0) + run(2)}

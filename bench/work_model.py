@@ -36,9 +36,11 @@ def chunk_width(B: int, C: int, block_c: int = V2_TILES["bwd2"][1]) -> int:
     return min(tiles, _cdiv(C, block_c)) * block_c
 
 
-def kernels(B: int, C: int, D: int, dtype: str = "bf16", seg_dtype: str | None = None) -> List[Dict]:
+def kernels(B: int, C: int, D: int, dtype: str = "bf16", seg_dtype: str | None = None,
+            xu: bool = True) -> List[Dict]:
     """The kernels of one forward + backward, each ``dict(name, pass_, flops, dram_bytes,
-    rmw_bytes, launches)``."""
+    rmw_bytes, launches)``; ``xu`` (``DAAL_LM_XU=dot``): the prep kernel always writes the copy
+    ``[p~, u~]``."""
     es = ES[dtype]
     ss = ES[seg_dtype or dtype]
     bcd = B * C * D
@@ -48,7 +50,7 @@ def kernels(B: int, C: int, D: int, dtype: str = "bf16", seg_dtype: str | None =
         out.append(dict(name=name, pass_=pass_, flops=float(flops), dram_bytes=float(dram),
                         rmw_bytes=float(rmw), launches=launches))
 
-    cast = seg_dtype is not None and seg_dtype != dtype
+    cast = xu or (seg_dtype is not None and seg_dtype != dtype)
     k("prep2", "fwd", 0, 2 * C * D * ss + (2 * C * D * es if cast else 0) + 16 * C)
     k("fwd2", "fwd", 4 * bcd, B * D * es + 2 * C * D * es + 16 * C + 8 * B * 64)
     cc = chunk_width(B, C)
@@ -69,22 +71,24 @@ def total_flops(B: int, C: int, D: int) -> float:
 
 
 def extra_bytes(B: int, C: int, D: int, dtype: str = "bf16", seg_dtype: str | None = None,
-                atomic: bool = False) -> int:
+                atomic: bool = False, xu: bool = True) -> int:
     """Peak extra memory of a forward + backward beyond the inputs (estimate): the segment
     gradient, the saved statistics and cast segments, the chunk buffers (a~ b~, G, partials) and
     the own-class terms (B x 3 x D float32) with their class lists (B + C int32). ``atomic``: the
     design ``DAAL_LM_OWN_SEG=atomic`` keeps, whose gradient is float32 (C x 2 x D) until a cast to
-    the segments' dtype at the end (both alive then, for half segments)."""
+    the segments' dtype at the end (both alive then, for half segments). ``xu``
+    (``DAAL_LM_XU=dot``, the default): the cast segments ``[p~, u~]`` are always a copy (with
+    ``difference``, only for segments of another dtype)."""
     es, ss = ES[dtype], ES[seg_dtype or dtype]
     cc = chunk_width(B, C)
-    cast = seg_dtype is not None and seg_dtype != dtype
+    cast = xu or (seg_dtype is not None and seg_dtype != dtype)
     grad = 2 * C * D * (4 + (ss if ss != 4 else 0)) if atomic else 2 * C * D * ss + 12 * B * D + 4 * (B + C)
     return int(grad + (2 * C * D * es if cast else 0) + 16 * C + 2 * B * cc * es
                + 8 * cc * D + 4 * B * D * 3 + 16 * cc * _cdiv(B, 128) + 4 * B * cc // 64)
 
 
-def summary(B: int, C: int, D: int, dtype: str = "bf16") -> Dict:
-    ks = kernels(B, C, D, dtype)
+def summary(B: int, C: int, D: int, dtype: str = "bf16", xu: bool = True) -> Dict:
+    ks = kernels(B, C, D, dtype, xu=xu)
     return dict(flops=sum(k["flops"] for k in ks),
                 dram_bytes=sum(k["dram_bytes"] for k in ks), rmw_bytes=sum(k["rmw_bytes"] for k in ks),
                 launches=sum(k["launches"] for k in ks))

@@ -117,7 +117,7 @@ __all__ = ["line_margin", "CONFIGS", "KERNELS", "config_family", "launches"]
 # taken of the same values). Class statistics ``st`` (4 x C float32: |p|^2, p.u, |u|^2,
 # 1 / max(|u|^2, eps)) are computed once per call and saved for the backward.
 @triton.jit
-def _lm2_prep_kernel(seg_ptr, sx_ptr, st_ptr, C, D, stride_seg_c, stride_seg_v, stride_seg_d,
+def _lm2_prep_kernel(seg_ptr, sx_ptr, st_ptr, C, D, stride_seg_c, stride_seg_v, stride_seg_d, xu,
                      BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, CAST: tl.constexpr):
     """``st[0] = |p~|^2``, ``st[1] = p~.u~``, ``st[2] = |u~|^2``, ``st[3] = 1 / max(|u~|^2, eps)``
     with ``p~``, ``q~`` the segments rounded to the dtype of ``sx`` and ``u~ = q~ - p~`` (float32:
@@ -130,14 +130,17 @@ def _lm2_prep_kernel(seg_ptr, sx_ptr, st_ptr, C, D, stride_seg_c, stride_seg_v, 
         st_ptr: 4 x C float32 statistics (contiguous).
         C, D: sizes.
         stride_seg_c, stride_seg_v, stride_seg_d: strides of segments (class, p/q, feature).
+        xu: 1.0 (``DAAL_LM_XU=dot``, the default): ``sx[:, 1]`` holds ``u~``, ``q~ - p~`` rounded
+            to x's dtype (the statistics are of that ``u~``), so the dots give ``x.u`` itself;
+            0.0 (``difference``): ``sx[:, 1]`` holds ``q~``. With 1.0, ``CAST`` must be set.
         BLOCK_C: classes per program. BLOCK_D: D-chunk. CAST: write ``sx``.
     """
     _class_stats(tl.program_id(0), seg_ptr, sx_ptr, st_ptr, C, D, stride_seg_c, stride_seg_v,
-                 stride_seg_d, BLOCK_C, BLOCK_D, CAST)
+                 stride_seg_d, xu, BLOCK_C, BLOCK_D, CAST)
 
 
 @triton.jit
-def _class_stats(pid, seg_ptr, sx_ptr, st_ptr, C, D, stride_seg_c, stride_seg_v, stride_seg_d,
+def _class_stats(pid, seg_ptr, sx_ptr, st_ptr, C, D, stride_seg_c, stride_seg_v, stride_seg_d, xu,
                  BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, CAST: tl.constexpr):
     """``_lm2_prep_kernel``'s program ``pid`` (the classes ``[pid BLOCK_C, (pid + 1) BLOCK_C)``)."""
     cls = pid * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -154,11 +157,12 @@ def _class_stats(pid, seg_ptr, sx_ptr, st_ptr, C, D, stride_seg_c, stride_seg_v,
         od = offs_d.to(tl.int64)[None, :] * stride_seg_d
         p = tl.load(base + od, mask=m, other=0.0).to(xdt)
         q = tl.load(base + stride_seg_v + od, mask=m, other=0.0).to(xdt)
+        pf = p.to(tl.float32)
+        v = (q.to(tl.float32) - xu * pf).to(xdt)  # xu = 0: q~ itself; 1: u~ = q~ - p~, rounded
         if CAST:
             tl.store(xrow + offs_d[None, :], p, mask=m)
-            tl.store(xrow + D + offs_d[None, :], q, mask=m)
-        pf = p.to(tl.float32)
-        u = q.to(tl.float32) - pf
+            tl.store(xrow + D + offs_d[None, :], v, mask=m)
+        u = v.to(tl.float32) - (1.0 - xu) * pf
         pp += tl.sum(pf * pf, 1)
         pu += tl.sum(pf * u, 1)
         uu += tl.sum(u * u, 1)
@@ -169,19 +173,21 @@ def _class_stats(pid, seg_ptr, sx_ptr, st_ptr, C, D, stride_seg_c, stride_seg_v,
 
 
 @triton.jit
-def _lm2_tile(x_ptr, sx_ptr, st_ptr, rows, cls, rmask, cmask, xx, C, D, stride_x_b,
+def _lm2_tile(x_ptr, sx_ptr, st_ptr, rows, cls, rmask, cmask, xx, C, D, stride_x_b, xu,
               BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
               INPUT_PRECISION: tl.constexpr):
     """One BLOCK_B x BLOCK_C tile of ``t`` and ``|e|^2`` (GEMM form, docs/method.md step 5).
 
-    K-loop over D, tile loads only: ``XP += X_k P_k^T``, ``XQ += X_k Q_k^T`` (fp32 accumulate).
-    Epilogue: ``proj = XQ - XP - pu``, ``t = clamp(proj inv, 0, 1)``,
-    ``e2 = xx - 2 XP + pp - 2 t proj + t^2 uu``.
+    K-loop over D, tile loads only: ``XP += X_k P_k^T``, ``XV += X_k V_k^T`` (fp32 accumulate;
+    ``V`` is ``sx[:, 1]``: ``U`` with ``xu = 1``, ``Q`` with ``xu = 0``).
+    Epilogue: ``proj = XV - (1 - xu) XP - pu`` (``x.u - p.u``; with ``xu = 0`` the difference
+    ``x.q - x.p`` of two O(|x||p|) dots, which loses ``t`` for a segment shorter than ~1e-2),
+    ``t = clamp(proj inv, 0, 1)``, ``e2 = xx - 2 XP + pp - 2 t proj + t^2 uu``.
 
     Args:
         x_ptr, sx_ptr, st_ptr, C, D, stride_x_b, BLOCK_*, INPUT_PRECISION: as ``_lm2_fwd_kernel``.
         rows, cls, rmask, cmask: the tile's rows and classes and which of them exist.
-        xx: the rows' ``|x|^2``.
+        xx: the rows' ``|x|^2``. xu: the layout of ``sx`` (``_lm2_prep_kernel``).
     """
     xp = tl.zeros([BLOCK_B, BLOCK_C], dtype=tl.float32)
     xq = tl.zeros([BLOCK_B, BLOCK_C], dtype=tl.float32)
@@ -200,7 +206,7 @@ def _lm2_tile(x_ptr, sx_ptr, st_ptr, rows, cls, rmask, cmask, xx, C, D, stride_x
     pu = tl.load(st_ptr + C + cls, mask=cmask, other=0.0)
     uu = tl.load(st_ptr + 2 * C + cls, mask=cmask, other=0.0)
     inv = tl.load(st_ptr + 3 * C + cls, mask=cmask, other=0.0)
-    proj = xq - xp - pu[None, :]
+    proj = xq - (1.0 - xu) * xp - pu[None, :]
     # a NaN t (NaN in x, p or u) need not survive the clamp: e2 is then NaN through proj, xx, xp or
     # uu anyway, and the plain clamp folds into the product (mul.sat: 128 SASS instructions fewer
     # per bf16 fwd2 tile than a NaN-keeping clamp)
@@ -211,7 +217,7 @@ def _lm2_tile(x_ptr, sx_ptr, st_ptr, rows, cls, rmask, cmask, xx, C, D, stride_x
 
 @triton.jit
 def _lm2_fwd_kernel(x_ptr, sx_ptr, label_ptr, rs_ptr, st_ptr, m_ptr, s_ptr,
-                    B, C, D, stride_x_b, nsplit, alpha, eps, lambda_pull, BLOCK_B: tl.constexpr,
+                    B, C, D, stride_x_b, nsplit, alpha, eps, lambda_pull, xu, BLOCK_B: tl.constexpr,
                     BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
                     LSE: tl.constexpr):
     """Online logsumexp over the class tiles of split ``pid(1)`` (split s owns tiles
@@ -233,7 +239,7 @@ def _lm2_fwd_kernel(x_ptr, sx_ptr, label_ptr, rs_ptr, st_ptr, m_ptr, s_ptr,
             values each, ``lse`` and the operator's output).
         B, C, D: sizes. stride_x_b: row stride of x. nsplit: class splits (grid axis 1).
         alpha: the logit scale. eps: the floor of squared distances. lambda_pull: the pull
-            weight (read with ``LSE``).
+            weight (read with ``LSE``). xu: the layout of ``sx`` (``_lm2_prep_kernel``).
         BLOCK_B, BLOCK_C: rows x classes per tile. BLOCK_D: the K step.
         INPUT_PRECISION: ``tl.dot``'s input precision. LSE: see above.
     """
@@ -252,7 +258,7 @@ def _lm2_fwd_kernel(x_ptr, sx_ptr, label_ptr, rs_ptr, st_ptr, m_ptr, s_ptr,
     for ct in range(t_start, t_end):
         cls = ct * BLOCK_C + tl.arange(0, BLOCK_C)
         cmask = cls < C
-        t, e2 = _lm2_tile(x_ptr, sx_ptr, st_ptr, rows, cls, rmask, cmask, xx, C, D, stride_x_b,
+        t, e2 = _lm2_tile(x_ptr, sx_ptr, st_ptr, rows, cls, rmask, cmask, xx, C, D, stride_x_b, xu,
                           BLOCK_B, BLOCK_C, BLOCK_D, INPUT_PRECISION)
         delta = tl.sqrt(tl.maximum(e2, eps, propagate_nan=tl.PropagateNan.ALL))  # NaN reaches the sum (tl.max skips it)
         valid = cmask[None, :] & (cls[None, :] != lab[:, None])
@@ -284,7 +290,7 @@ def _lse_out(top, rest, d, alpha, lambda_pull):
 
 @triton.jit
 def _lm2_bwd_kernel(x_ptr, sx_ptr, label_ptr, rs_ptr, lse_ptr, go_ptr, st_ptr,
-                    ab_ptr, rowp_ptr, colp_ptr, B, C, D, c0, Cc, stride_x_b, alpha, eps, hmax,
+                    ab_ptr, rowp_ptr, colp_ptr, B, C, D, c0, Cc, stride_x_b, alpha, eps, hmax, xu,
                     BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
                     INPUT_PRECISION: tl.constexpr):
     """Backward of one chunk of classes ``[c0, c0 + Cc)``, tile ``(pid(0), pid(1))``: the GEMMs of
@@ -313,7 +319,9 @@ def _lm2_bwd_kernel(x_ptr, sx_ptr, label_ptr, rs_ptr, lse_ptr, go_ptr, st_ptr,
         float32. colp_ptr: cdiv(B, BLOCK_B) x 4 x Cc float32.
         B, C, D: sizes. c0, Cc: the chunk's first class and its width. stride_x_b: row stride of x.
         alpha: the logit scale. eps: the floor of squared distances. hmax: the clamp of a, b
-        before the cast to x's dtype (6e4 for float16).
+        before the cast to x's dtype (6e4 for float16). xu: the layout of ``sx``
+        (``_lm2_prep_kernel``): with 1, ``ab`` holds ``(a~ + b~, b~)``, the coefficients of
+        ``[p_c; u_c]`` (the sums below are of the implied ``a~``).
         BLOCK_B, BLOCK_C, BLOCK_D, INPUT_PRECISION: as ``_lm2_fwd_kernel``.
     """
     pid_b = tl.program_id(0)
@@ -328,7 +336,7 @@ def _lm2_bwd_kernel(x_ptr, sx_ptr, label_ptr, rs_ptr, lse_ptr, go_ptr, st_ptr,
     lse = tl.load(lse_ptr + rows, mask=rmask, other=0.0)
     go = tl.load(go_ptr + rows, mask=rmask, other=0.0)
     xx = tl.load(rs_ptr + B + rows, mask=rmask, other=0.0)
-    t, e2 = _lm2_tile(x_ptr, sx_ptr, st_ptr, rows, cls, rmask, cmask, xx, C, D, stride_x_b,
+    t, e2 = _lm2_tile(x_ptr, sx_ptr, st_ptr, rows, cls, rmask, cmask, xx, C, D, stride_x_b, xu,
                       BLOCK_B, BLOCK_C, BLOCK_D, INPUT_PRECISION)
     delta = tl.sqrt(tl.maximum(e2, eps, propagate_nan=tl.PropagateNan.ALL))
     # 0 where the floor binds; a NaN e2 keeps its NaN (not `e2 >= eps`, false for NaN)
@@ -336,10 +344,12 @@ def _lm2_bwd_kernel(x_ptr, sx_ptr, label_ptr, rs_ptr, lse_ptr, go_ptr, st_ptr,
     w = tl.exp(tl.where(valid, base[:, None] - alpha * delta - lse[:, None], 0.0))
     hn = tl.where(valid, go[:, None] * w / delta, 0.0)  # -h
     xdt = x_ptr.dtype.element_ty
-    a = tl.clamp(hn * (1.0 - t), -hmax, hmax, propagate_nan=tl.PropagateNan.ALL).to(xdt)
+    # the coefficients of [p; v] (v = sx[:, 1]): xu = 1, [-h, -h t] (-h (p + t u)); xu = 0,
+    # [-h (1 - t), -h t] (-h ((1 - t) p + t q)); af below is p's coefficient in the second form
+    a = tl.clamp(hn * (1.0 - (1.0 - xu) * t), -hmax, hmax, propagate_nan=tl.PropagateNan.ALL).to(xdt)
     b = tl.clamp(hn * t, -hmax, hmax, propagate_nan=tl.PropagateNan.ALL).to(xdt)
-    af = a.to(tl.float32)
     bf = b.to(tl.float32)
+    af = a.to(tl.float32) - xu * bf
     ab = tl.reshape(tl.join(a, b), (BLOCK_B, 2 * BLOCK_C))
     col2 = pid_c * (2 * BLOCK_C) + tl.arange(0, 2 * BLOCK_C)
     c2mask = (col2 // 2 < Cc) & (c0 + col2 // 2 < C)
@@ -357,7 +367,7 @@ def _lm2_bwd_kernel(x_ptr, sx_ptr, label_ptr, rs_ptr, lse_ptr, go_ptr, st_ptr,
 def _lm2_dseg_kernel(g_ptr, seg_ptr, colp_ptr, out_ptr, label_ptr, own_ptr, next_ptr, slot_ptr,
                      n, D, Cc, R, B, c0,
                      stride_seg_c, stride_seg_v, stride_seg_d,
-                     stride_out_c, stride_out_v, stride_out_d,
+                     stride_out_c, stride_out_v, stride_out_d, xu,
                      BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, HAS_OWN: tl.constexpr):
     """dP, dQ of the ``n`` classes of a chunk from ``G = AB^T X`` (2n x D float32: rows
     ``2c, 2c + 1`` = ``[A~^T X]_c``, ``[B~^T X]_c``) and the column partials of the ``R`` row tiles
@@ -384,18 +394,20 @@ def _lm2_dseg_kernel(g_ptr, seg_ptr, colp_ptr, out_ptr, label_ptr, own_ptr, next
         B: rows. c0: the chunk's first class.
         stride_seg_c, stride_seg_v, stride_seg_d: strides of segments.
         stride_out_c, stride_out_v, stride_out_d: strides of the gradient.
+        xu: the layout of ``sx`` the GEMMs read (``_lm2_prep_kernel``): with 1, G's rows are
+        ``[(A~ + B~)^T X]_c``, ``[B~^T X]_c``.
         BLOCK_C: classes per program. BLOCK_D: D-chunk. HAS_OWN: add the own-class rows (else the
         launcher adds them with atomics: ``DAAL_LM_OWN_SEG=atomic``).
     """
     _dseg_classes(tl.program_id(0), g_ptr, seg_ptr, colp_ptr, out_ptr, label_ptr, own_ptr, next_ptr,
                   slot_ptr, n, D, Cc, R, B, c0, stride_seg_c, stride_seg_v, stride_seg_d,
-                  stride_out_c, stride_out_v, stride_out_d, BLOCK_C, BLOCK_D, HAS_OWN)
+                  stride_out_c, stride_out_v, stride_out_d, xu, BLOCK_C, BLOCK_D, HAS_OWN)
 
 
 @triton.jit
 def _dseg_classes(pid, g_ptr, seg_ptr, colp_ptr, out_ptr, label_ptr, own_ptr, next_ptr, slot_ptr,
                   n, D, Cc, R, B, c0, stride_seg_c, stride_seg_v, stride_seg_d,
-                  stride_out_c, stride_out_v, stride_out_d,
+                  stride_out_c, stride_out_v, stride_out_d, xu,
                   BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, HAS_OWN: tl.constexpr):
     """``_lm2_dseg_kernel``'s program ``pid`` (the chunk's classes ``[pid BLOCK_C, (pid + 1) BLOCK_C)``)."""
     lc = pid * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -426,8 +438,10 @@ def _dseg_classes(pid, g_ptr, seg_ptr, colp_ptr, out_ptr, label_ptr, own_ptr, ne
         od = offs_d.to(tl.int64)[None, :]
         p = tl.load(srow + od * stride_seg_d, mask=m, other=0.0).to(tl.float32)
         q = tl.load(srow + stride_seg_v + od * stride_seg_d, mask=m, other=0.0).to(tl.float32)
-        gp = tl.load(grow + od, mask=m, other=0.0) - s0[:, None] * p - s1[:, None] * q
-        gq = tl.load(grow + D + od, mask=m, other=0.0) - s2[:, None] * p - s3[:, None] * q
+        gv = tl.load(grow + D + od, mask=m, other=0.0)
+        # xu = 1: G's rows are [(A~ + B~)^T X]_c, [B~^T X]_c
+        gp = tl.load(grow + od, mask=m, other=0.0) - xu * gv - s0[:, None] * p - s1[:, None] * q
+        gq = gv - s2[:, None] * p - s3[:, None] * q
         if HAS_OWN:  # walk each class's rows (most classes of a large C have none: no step)
             r = head
             while tl.max(r, 0) >= 0:
@@ -517,7 +531,7 @@ def _own_distance_rows(pid, x_ptr, seg_ptr, label_ptr, m_ptr, rs_ptr, B, D, stri
 
 @triton.jit
 def _lm2_own_prep_kernel(x_ptr, seg_ptr, label_ptr, m_ptr, rs_ptr, sx_ptr, st_ptr, B, C, D,
-                         stride_x_b, stride_seg_c, stride_seg_v, alpha, eps, row_programs,
+                         stride_x_b, stride_seg_c, stride_seg_v, alpha, eps, row_programs, xu,
                          BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
                          CAST: tl.constexpr):
     """``_lm2_own_kernel`` and ``_lm2_prep_kernel`` in one launch (they are independent): programs
@@ -527,7 +541,7 @@ def _lm2_own_prep_kernel(x_ptr, seg_ptr, label_ptr, m_ptr, rs_ptr, sx_ptr, st_pt
     Args:
         x_ptr, seg_ptr, label_ptr, m_ptr, rs_ptr, B, D, stride_x_b,
             stride_seg_c, stride_seg_v, alpha, eps, BLOCK_B: as ``_lm2_own_kernel``.
-        sx_ptr, st_ptr, C, BLOCK_C, CAST: as ``_lm2_prep_kernel`` (the segments' feature stride is
+        sx_ptr, st_ptr, C, BLOCK_C, CAST, xu: as ``_lm2_prep_kernel`` (the segments' feature stride is
             1, as ``_lm2_own_kernel`` requires).
         row_programs: ``cdiv(B, BLOCK_B)``. BLOCK_D: the D-chunk of both.
     """
@@ -537,7 +551,7 @@ def _lm2_own_prep_kernel(x_ptr, seg_ptr, label_ptr, m_ptr, rs_ptr, sx_ptr, st_pt
                            stride_seg_c, stride_seg_v, alpha, eps, BLOCK_B, BLOCK_D)
     else:
         _class_stats(pid - row_programs, seg_ptr, sx_ptr, st_ptr, C, D, stride_seg_c, stride_seg_v, 1,
-                     BLOCK_C, BLOCK_D, CAST)
+                     xu, BLOCK_C, BLOCK_D, CAST)
 
 
 @triton.jit
@@ -724,7 +738,7 @@ def _finish_rows(pid, acc_ptr, rowp_ptr, x_ptr, seg_ptr, label_ptr, lse_ptr, go_
 @triton.jit
 def _lm2_dseg_finish_kernel(g_ptr, seg_ptr, colp_ptr, out_ptr, label_ptr, own_ptr, next_ptr, slot_ptr,
                             acc_ptr, rowp_ptr, x_ptr, gx_ptr, n, D, Cc, R, B, c0, Rf, stride_x_b,
-                            stride_seg_c, stride_seg_v, stride_out_c, stride_out_v, class_programs,
+                            stride_seg_c, stride_seg_v, stride_out_c, stride_out_v, class_programs, xu,
                             BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
     """The last chunk's ``_lm2_dseg_kernel`` and ``_lm2_finish_kernel`` in one launch (with the
     class lists they are independent; ``DAAL_LAUNCHES=merged``, the default): programs
@@ -737,13 +751,13 @@ def _lm2_dseg_finish_kernel(g_ptr, seg_ptr, colp_ptr, out_ptr, label_ptr, own_pt
             ``_lm2_dseg_kernel`` (``HAS_OWN``; unit feature strides).
         acc_ptr, rowp_ptr, x_ptr, gx_ptr, stride_x_b, BLOCK_B: as ``_lm2_finish_kernel`` (not
             ``ATOMIC``); Rf: its row partials (its ``R``).
-        class_programs: ``cdiv(n, BLOCK_C)``. BLOCK_D: the D-chunk of both.
+        class_programs: ``cdiv(n, BLOCK_C)``. xu: as ``_lm2_dseg_kernel``. BLOCK_D: the D-chunk of both.
     """
     pid = tl.program_id(0)
     if pid < class_programs:
         _dseg_classes(pid, g_ptr, seg_ptr, colp_ptr, out_ptr, label_ptr, own_ptr, next_ptr, slot_ptr,
                       n, D, Cc, R, B, c0, stride_seg_c, stride_seg_v, 1, stride_out_c, stride_out_v, 1,
-                      BLOCK_C, BLOCK_D, True)
+                      xu, BLOCK_C, BLOCK_D, True)
     else:  # the lists' dX rows read nothing of the segments, the incoming gradient or the scalars
         _finish_rows(pid - class_programs, acc_ptr, rowp_ptr, x_ptr, seg_ptr, label_ptr, rowp_ptr,
                      rowp_ptr, rowp_ptr, own_ptr, gx_ptr, g_ptr, B, D, Rf, stride_x_b, 0, 0, 0, 0,
@@ -753,21 +767,21 @@ def _lm2_dseg_finish_kernel(g_ptr, seg_ptr, colp_ptr, out_ptr, label_ptr, own_pt
 KERNELS: Dict[str, KernelSpec] = {
     "prep2": KernelSpec(
         _lm2_prep_kernel, "seg_ptr: *seg; sx_ptr: *x; st_ptr: *fp32; C D: i32; "
-        "stride_seg_c stride_seg_v stride_seg_d: i32",
+        "stride_seg_c stride_seg_v stride_seg_d: i32; xu: fp32",
         unit=("stride_seg_d",), rows=("stride_seg_c", "stride_seg_v"), gemm=False),
     "fwd2": KernelSpec(
         _lm2_fwd_kernel, "x_ptr sx_ptr: *x; label_ptr: *i64; rs_ptr st_ptr m_ptr s_ptr: "
-        "*fp32; B C D: i32; stride_x_b: i32; nsplit: i32; alpha eps lambda_pull: fp32",
+        "*fp32; B C D: i32; stride_x_b: i32; nsplit: i32; alpha eps lambda_pull xu: fp32",
         rows=("stride_x_b",)),
     "bwd2": KernelSpec(
         _lm2_bwd_kernel, "x_ptr sx_ptr: *x; label_ptr: *i64; rs_ptr lse_ptr go_ptr "
         "st_ptr: *fp32; ab_ptr: *x; rowp_ptr colp_ptr: *fp32; B C D c0 Cc: i32; stride_x_b: i32; "
-        "alpha eps hmax: fp32", rows=("stride_x_b",)),
+        "alpha eps hmax xu: fp32", rows=("stride_x_b",)),
     "dseg2": KernelSpec(
         _lm2_dseg_kernel, "g_ptr: *fp32; seg_ptr: *seg; colp_ptr: *fp32; out_ptr: *seg; "
         "label_ptr: *i64; own_ptr: *fp32; next_ptr slot_ptr: *i32; "
         "n D Cc R B c0: i32; stride_seg_c stride_seg_v stride_seg_d: i32; "
-        "stride_out_c stride_out_v stride_out_d: i32",
+        "stride_out_c stride_out_v stride_out_d: i32; xu: fp32",
         unit=("stride_seg_d", "stride_out_d"),
         rows=("stride_seg_c", "stride_seg_v", "stride_out_c", "stride_out_v"), gemm=False),
     "own2": KernelSpec(
@@ -792,13 +806,13 @@ KERNELS: Dict[str, KernelSpec] = {
     "ownprep2": KernelSpec(
         _lm2_own_prep_kernel, "x_ptr: *x; seg_ptr: *seg; label_ptr: *i64; m_ptr rs_ptr: *fp32; "
         "sx_ptr: *x; st_ptr: *fp32; B C D: i32; stride_x_b stride_seg_c stride_seg_v: i32; "
-        "alpha eps: fp32; row_programs: i32",
+        "alpha eps: fp32; row_programs: i32; xu: fp32",
         rows=("stride_x_b", "stride_seg_c", "stride_seg_v"), gemm=False),
     "dsegfin2": KernelSpec(
         _lm2_dseg_finish_kernel, "g_ptr: *fp32; seg_ptr: *seg; colp_ptr: *fp32; out_ptr: *seg; "
         "label_ptr: *i64; own_ptr: *fp32; next_ptr slot_ptr: *i32; acc_ptr rowp_ptr: *fp32; "
         "x_ptr gx_ptr: *x; n D Cc R B c0 Rf: i32; stride_x_b stride_seg_c stride_seg_v "
-        "stride_out_c stride_out_v: i32; class_programs: i32",
+        "stride_out_c stride_out_v: i32; class_programs: i32; xu: fp32",
         rows=("stride_x_b", "stride_seg_c", "stride_seg_v", "stride_out_c", "stride_out_v"), gemm=False),
 }
 _HMAX = {torch.float16: 6.0e4, torch.bfloat16: 3.0e38, torch.float32: 3.0e38}
@@ -906,12 +920,30 @@ def chunk_classes(B: int, C: int, block_b: int, block_c: int, sms: int,
     return most * block_c
 
 
-def _cast_segments(seg: torch.Tensor, x_dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor, bool]:
-    """``(st, sx, cast)``: the 4 x C class statistics (uninitialised), and, when the segments are
-    not already contiguous in x's dtype (``cast``), room for their contiguous copy in x's dtype
-    (else an empty tensor: ``sx`` is ``seg``)."""
+#: The internal switch of step 5's ``x.u``: "dot" (the default: ``sx`` holds ``[p~, u~]``, so
+#: one dot gives ``x.u``, as docs/method.md's GEMM form writes it; ``sx`` is then always a copy)
+#: or "difference" (the design the H200 runs of 2026-11-30 and 2026-12-04 timed: ``sx`` holds
+#: ``[p~, q~]``, the segments themselves when they are contiguous in x's dtype, and
+#: ``x.u = x.q - x.p``: two O(|x||p|) dots whose float32 rounding (~1e-6) is all of ``x.u`` for a
+#: segment shorter than ~1e-3, so ``t`` and the split of a segment's gradient between p and q
+#: were noise there: 38% off at a length of 1e-4). The same kernels, one runtime scalar apart
+#: (``xu``); read by every forward (the backward follows its forward); gpu_check.sh times both.
+XU_ENV = "DAAL_LM_XU"
+XU_POLICIES = ("dot", "difference")
+
+
+def xu_dot() -> bool:
+    """``DAAL_LM_XU`` is "dot" (the default); ``ValueError`` naming it for another value."""
+    return env_choice(XU_ENV, XU_POLICIES) == "dot"
+
+
+def _cast_segments(seg: torch.Tensor, x_dtype: torch.dtype, xu: bool = True
+                   ) -> Tuple[torch.Tensor, torch.Tensor, bool]:
+    """``(st, sx, cast)``: the 4 x C class statistics (uninitialised), and, with ``xu`` (``sx``
+    holds ``u~``) or when the segments are not already contiguous in x's dtype (``cast``), room
+    for their contiguous copy in x's dtype (else an empty tensor: ``sx`` is ``seg``)."""
     C, _, D = seg.shape
-    cast = seg.dtype != x_dtype or not seg.is_contiguous()
+    cast = xu or seg.dtype != x_dtype or not seg.is_contiguous()
     st = torch.empty(4, C, device=seg.device, dtype=torch.float32)
     sx = torch.empty((C, 2, D) if cast else (0,), device=seg.device, dtype=x_dtype)
     return st, sx, cast
@@ -930,28 +962,30 @@ def forward_splits(row_tiles: int, class_tiles: int, sms: int, merged: bool = Tr
 
 @torch.library.custom_op("daal_triton::line_margin2", mutates_args=())
 def _line_margin2_op(x: torch.Tensor, seg: torch.Tensor, labels: torch.Tensor, margins: torch.Tensor,
-                     alpha: float, lambda_pull: float, merged: bool = True
+                     alpha: float, lambda_pull: float, merged: bool = True, xu: bool = True
                      ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(out, lse, rs, st, sx)``: the forward: the own-class rows (``rs``: 3 x B, ``d_pos``,
     ``|x|^2``, ``alpha (d_pos + m)``) and the class statistics (``st``: 4 x C, and ``sx``, the
     segments in x's dtype, or empty when they already are), the streaming logsumexp, the merge
     of its class splits. ``out_i = lse_i / alpha + lambda_pull d_i^2``. ``merged``
     (``DAAL_LAUNCHES``): two launches (the rows with the statistics, the logsumexp with the merge
-    where one split does), else four. ``rs``, ``st``, ``sx`` and ``lse`` go to the backward."""
+    where one split does), else four. ``xu`` (``DAAL_LM_XU=dot``): ``sx`` holds ``[p~, u~]`` (else
+    ``[p~, q~]``, :data:`XU_ENV`). ``rs``, ``st``, ``sx`` and ``lse`` go to the backward."""
     cfgs = CONFIGS[config_family(x.dtype)]
     x = x if x.stride(1) == 1 else x.contiguous()
     seg = _unit_feature_stride(seg)
     B, D = x.shape
     C = seg.shape[0]
     rs = torch.empty(3, B, device=x.device, dtype=torch.float32)
-    st, sx, cast = _cast_segments(seg, x.dtype)
+    st, sx, cast = _cast_segments(seg, x.dtype, xu)
     m = margins.detach().float().contiguous()
+    xuf = 1.0 if xu else 0.0
     if merged and B and C:
         cfg = cfgs["ownprep2"]
         rp = cdiv(B, cfg.blocks["BLOCK_B"])
         _lm2_own_prep_kernel[(rp + cdiv(C, cfg.blocks["BLOCK_C"]),)](
             x, seg, labels, m, rs, sx if cast else seg, st, B, C, D, x.stride(0), seg.stride(0),
-            seg.stride(1), float(alpha), EPS, rp, CAST=cast, **cfg.launch(D))
+            seg.stride(1), float(alpha), EPS, rp, xuf, CAST=cast, **cfg.launch(D))
     else:
         if B:
             cfg = cfgs["own2"]
@@ -961,7 +995,7 @@ def _line_margin2_op(x: torch.Tensor, seg: torch.Tensor, labels: torch.Tensor, m
         if C:
             cfg = cfgs["prep2"]
             _lm2_prep_kernel[(cdiv(C, cfg.blocks["BLOCK_C"]),)](
-                seg, sx if cast else seg, st, C, D, seg.stride(0), seg.stride(1), seg.stride(2),
+                seg, sx if cast else seg, st, C, D, seg.stride(0), seg.stride(1), seg.stride(2), xuf,
                 CAST=cast, **cfg.launch(D))
     s2 = sx if cast else seg
     cfg = cfgs["fwd2"]
@@ -979,7 +1013,8 @@ def _line_margin2_op(x: torch.Tensor, seg: torch.Tensor, labels: torch.Tensor, m
             s_part = torch.empty_like(m_part)
         _lm2_fwd_kernel[(row_tiles, nsplit)](
             x, s2, labels, rs, st, m_part, s_part, B, C, D, x.stride(0), nsplit, float(alpha), EPS,
-            float(lambda_pull), INPUT_PRECISION=_precision(x.dtype, device=x.device), LSE=one, **cfg.launch(D))
+            float(lambda_pull), xuf, INPUT_PRECISION=_precision(x.dtype, device=x.device), LSE=one,
+            **cfg.launch(D))
         if not one:
             lcfg = cfgs["lse2"]
             _lm2_lse_kernel[(cdiv(B, lcfg.blocks["BLOCK_B"]),)](
@@ -988,10 +1023,10 @@ def _line_margin2_op(x: torch.Tensor, seg: torch.Tensor, labels: torch.Tensor, m
 
 
 @_line_margin2_op.register_fake
-def _line_margin2_fake(x, seg, labels, margins, alpha, lambda_pull, merged=True):
+def _line_margin2_fake(x, seg, labels, margins, alpha, lambda_pull, merged=True, xu=True):
     out = x.new_empty((x.shape[0],), dtype=torch.float32)
     C, _, D = seg.shape
-    cast = seg.dtype != x.dtype or not seg.is_contiguous()
+    cast = xu or seg.dtype != x.dtype or not seg.is_contiguous()
     sx = x.new_empty((C, 2, D) if cast else (0,))
     return (out, torch.empty_like(out), x.new_empty((3, x.shape[0]), dtype=torch.float32),
             x.new_empty((4, C), dtype=torch.float32), sx)
@@ -1029,8 +1064,8 @@ def mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def _line_margin2_backward_op(grad_out: torch.Tensor, x: torch.Tensor, seg: torch.Tensor,
                               sx: torch.Tensor, st: torch.Tensor, labels: torch.Tensor,
                               lse: torch.Tensor, rs: torch.Tensor, alpha: float,
-                              lambda_pull: float, atomic: bool = False, merged: bool = True
-                              ) -> Tuple[torch.Tensor, torch.Tensor]:
+                              lambda_pull: float, atomic: bool = False, merged: bool = True,
+                              xu: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(dX, dSegments)``: the own-class rows of dP, dQ per sample and their class lists
     (``_lm2_ownseg_kernel``; skipped when ``atomic``, the design kept selectable by
     ``DAAL_LM_OWN_SEG=atomic``), then chunk by chunk of Cc classes one fused kernel (the forward
@@ -1038,8 +1073,8 @@ def _line_margin2_backward_op(grad_out: torch.Tensor, x: torch.Tensor, seg: torc
     segment-gradient epilogue; last, ``_lm2_finish_kernel`` forms dX with its own-class terms
     (direct form; ``merged`` with the class lists: in the last chunk's epilogue launch,
     ``_lm2_dseg_finish_kernel``). Autocast is off inside (a backward run under autocast must not
-    lower the float32 GEMM outputs the epilogue reads)."""
-    args = (grad_out, x, seg, sx, st, labels, lse, rs, alpha, lambda_pull, atomic, merged)
+    lower the float32 GEMM outputs the epilogue reads). ``xu``: the forward's layout of ``sx``."""
+    args = (grad_out, x, seg, sx, st, labels, lse, rs, alpha, lambda_pull, atomic, merged, xu)
     if not torch.is_autocast_enabled(x.device.type):  # entering a context costs ~7 µs per call
         return _line_margin2_backward(*args)
     with torch.autocast(device_type=x.device.type, enabled=False):
@@ -1069,7 +1104,7 @@ def _slot_map(C: int, device) -> torch.Tensor:
     return torch.empty(C, device=device, dtype=torch.int32)
 
 
-def _line_margin2_backward(grad_out, x, seg, sx, st, labels, lse, rs, alpha, lambda_pull, atomic, merged):
+def _line_margin2_backward(grad_out, x, seg, sx, st, labels, lse, rs, alpha, lambda_pull, atomic, merged, xu):
     cfgs = CONFIGS[config_family(x.dtype)]
     x = x if x.stride(1) == 1 else x.contiguous()
     seg = _unit_feature_stride(seg)
@@ -1102,16 +1137,17 @@ def _line_margin2_backward(grad_out, x, seg, sx, st, labels, lse, rs, alpha, lam
     colp = torch.empty(row_tiles, 4, cc, device=x.device, dtype=torch.float32)
     s2rows = s2.view(2 * C, D)
     prec, hmax = _precision(x.dtype, device=x.device), _HMAX[x.dtype]
+    xuf = 1.0 if xu else 0.0
     acc, hr, rows_p = None, None, 0
     gx = torch.empty(B, D, device=x.device, dtype=x.dtype)
     for c0 in range(0, C, cc):
         n = min(cc, C - c0)
         _lm2_bwd_kernel[(row_tiles, cdiv(n, bc))](
             x, s2, labels, rs, lse, go, st, ab, rowp, colp, B, C, D, c0, cc, x.stride(0),
-            float(alpha), EPS, hmax, INPUT_PRECISION=prec, **cfg.launch(D))
+            float(alpha), EPS, hmax, xuf, INPUT_PRECISION=prec, **cfg.launch(D))
         nt = cdiv(n, bc)
         abn = ab[:, : 2 * n]
-        part = mm_f32(abn, s2rows[2 * c0: 2 * (c0 + n)])  # sum_c a~ p_c + b~ q_c
+        part = mm_f32(abn, s2rows[2 * c0: 2 * (c0 + n)])  # sum_c a~ p_c + b~ q_c (xu: (a~ + b~) p_c + b~ u_c)
         if acc is None and C <= cc:  # one chunk: the partials go to the finish kernel as they are
             acc, hr, rows_p = part, rowp, nt
         else:
@@ -1119,7 +1155,7 @@ def _line_margin2_backward(grad_out, x, seg, sx, st, labels, lse, rs, alpha, lam
             hr = rowp[:nt].sum(0) if hr is None else hr + rowp[:nt].sum(0)
             rows_p = 1
         del part  # summed into acc (or acc itself): not alive beside the next chunk's
-        g = mm_f32(abn.t(), x).contiguous()  # rows 2c, 2c + 1: [A~^T X]_c, [B~^T X]_c
+        g = mm_f32(abn.t(), x).contiguous()  # rows 2c, 2c + 1: [A~^T X]_c (xu: [(A~ + B~)^T X]_c), [B~^T X]_c
         gs, ss = gseg[c0: c0 + n], seg[c0: c0 + n]
         if merged and not atomic and B and c0 + n == C:  # the last chunk's epilogue and dX at once
             mcfg = cfgs["dsegfin2"]
@@ -1127,11 +1163,11 @@ def _line_margin2_backward(grad_out, x, seg, sx, st, labels, lse, rs, alpha, lam
             _lm2_dseg_finish_kernel[(cp + cdiv(B, mcfg.blocks["BLOCK_B"]),)](
                 g, ss, colp, gs, *lists, acc.contiguous(),
                 hr.reshape(-1, B).contiguous(), x, gx, n, D, cc, row_tiles, B, c0, rows_p, x.stride(0),
-                ss.stride(0), ss.stride(1), gs.stride(0), gs.stride(1), cp, **mcfg.launch(D))
+                ss.stride(0), ss.stride(1), gs.stride(0), gs.stride(1), cp, xuf, **mcfg.launch(D))
             return gx, gseg
         _lm2_dseg_kernel[(cdiv(n, dcfg.blocks["BLOCK_C"]),)](
             g, ss, colp, gs, *lists, n, D, cc, row_tiles, B, c0,
-            ss.stride(0), ss.stride(1), ss.stride(2), gs.stride(0), gs.stride(1), gs.stride(2),
+            ss.stride(0), ss.stride(1), ss.stride(2), gs.stride(0), gs.stride(1), gs.stride(2), xuf,
             HAS_OWN=not atomic, **dcfg.launch(D))
         # one chunk's G at a time: bound to g, it lived on through the next chunk's GEMM (2 Cc x D
         # float32: 67 MB at B = 1024, C = 100k, about what the runs' 418 MB peak had over the
@@ -1151,15 +1187,15 @@ def _line_margin2_backward(grad_out, x, seg, sx, st, labels, lse, rs, alpha, lam
 
 @_line_margin2_backward_op.register_fake
 def _line_margin2_backward_fake(grad_out, x, seg, sx, st, labels, lse, rs, alpha, lambda_pull,
-                                atomic=False, merged=True):
+                                atomic=False, merged=True, xu=True):
     return torch.empty_like(x), torch.empty_like(seg, memory_format=torch.contiguous_format)
 
 
 def _line_margin2_setup_context(ctx, inputs, output):
-    x, seg, labels, margins, alpha, lambda_pull, merged = inputs
+    x, seg, labels, margins, alpha, lambda_pull, merged, xu = inputs
     _, lse, rs, st, sx = output
     ctx.save_for_backward(x, seg, sx, st, labels, lse, rs)
-    ctx.alpha, ctx.lambda_pull, ctx.merged = alpha, lambda_pull, merged
+    ctx.alpha, ctx.lambda_pull, ctx.merged, ctx.xu = alpha, lambda_pull, merged, xu
     ctx.atomic = own_seg_policy() == "atomic"  # the switch as the forward saw it
     ctx.mark_non_differentiable(lse, rs, st, sx)
     ctx.set_materialize_grads(False)  # no zero-filled gradients for the saved statistics
@@ -1170,11 +1206,12 @@ _line_margin2_backward_direct = direct(_line_margin2_backward_op)
 
 def _line_margin2_autograd_backward(ctx, grad_out, _g_lse, _g_rs, _g_st, _g_sx):
     if grad_out is None:
-        return (None,) * 7
+        return (None,) * 8
     x, seg, sx, st, labels, lse, rs = ctx.saved_tensors
     gx, gseg = _line_margin2_backward_direct(
-        grad_out, x, seg, sx, st, labels, lse, rs, ctx.alpha, ctx.lambda_pull, ctx.atomic, ctx.merged)
-    return gx, gseg, None, None, None, None, None
+        grad_out, x, seg, sx, st, labels, lse, rs, ctx.alpha, ctx.lambda_pull, ctx.atomic, ctx.merged,
+        ctx.xu)
+    return gx, gseg, None, None, None, None, None, None
 
 
 _line_margin2_op.register_autograd(_line_margin2_autograd_backward, setup_context=_line_margin2_setup_context)
@@ -1205,4 +1242,4 @@ def line_margin(x: torch.Tensor, labels: torch.Tensor, segments: torch.Tensor,
         raise ValueError("segments must hold at least one class (C >= 1), got C = 0")
     labels = labels.long().contiguous()
     return _line_margin2(x, segments, labels, margins, float(alpha), float(lambda_pull),
-                         merged_launches())[0]
+                         merged_launches(), xu_dot())[0]

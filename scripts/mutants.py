@@ -20,7 +20,8 @@ beyond float32, --stop-after past the end) and a third probe of the library (202
 reference set on the Triton backend, TRITON_INTERPRET=false in the kernels' launch settings, a
 misspelt DAAL_GLUE, NumPy bools, FakeTensorMode, CPU labels beside embeddings elsewhere), and a
 packaging and integration probe (2026-12-06: a Triton older than the kernels' imports, forward-mode
-AD, a batch of gradients, the interpreter's log2(0) warning, a test file alone in the sdist).
+AD, a batch of gradients, the interpreter's log2(0) warning, a test file alone in the sdist) and a
+numerical probe (2026-12-06: the line margin's x.u as x.q - x.p for short segments).
 
 This script checks that they stay caught:
 in a scratch clone of the working tree it applies one mutant at a time (an exact text
@@ -1066,6 +1067,22 @@ MUTANTS: Tuple[Mutant, ...] = (
            "    s = tl.where(valid, r / tl.maximum(rbar, TL_EPS), 1.0)",
            "    s = tl.where(valid, r, 0.0) / tl.maximum(rbar, TL_EPS)",
            ("tests/package/test_fuzz_parity.py", "-k", "warns_nothing")),
+    Mutant("lm_xu_difference_by_default", "kernels/line_margin.py",
+           'XU_POLICIES = ("dot", "difference")',
+           'XU_POLICIES = ("difference", "dot")',
+           ("tests/kernels/test_kernel_line_margin_v2.py", "-k", "short_segments")),
+    Mutant("lm_dseg_reads_g_as_a", "kernels/line_margin.py",
+           "gp = tl.load(grow + od, mask=m, other=0.0) - xu * gv - s0[:, None] * p - s1[:, None] * q",
+           "gp = tl.load(grow + od, mask=m, other=0.0) - s0[:, None] * p - s1[:, None] * q",
+           ("tests/kernels/test_kernel_line_margin_v2.py", "-k", "short_segments or xu_switch")),
+    Mutant("lm_bwd_a_without_b", "kernels/line_margin.py",
+           "    af = a.to(tl.float32) - xu * bf",
+           "    af = a.to(tl.float32)",
+           ("tests/kernels/test_kernel_line_margin_v2.py", "-k", "short_segments or xu_switch")),
+    Mutant("lm_copy_holds_q", "kernels/line_margin.py",
+           "        v = (q.to(tl.float32) - xu * pf).to(xdt)",
+           "        v = q",
+           ("tests/kernels/test_kernel_line_margin_v2.py", "-k", "short_segments or xu_switch")),
     Mutant("sdist_with_stray_tests", "MANIFEST.in",
            "prune tests\n",
            "",

@@ -158,9 +158,11 @@ def record() -> list:
         x = torch.randn(B, D, generator=g).to(dtypes[dt])
         seg = torch.randn(C, 2, D, generator=g).to(dtypes[seg_dt or dt])
         labels = torch.randint(0, C, (B,), generator=g)
-        merged = _common.merged_launches()
-        out, lse, rs, st, sx = line_margin._line_margin2_op._init_fn(x, seg, labels, torch.rand(B), 16.0, 0.1, merged)
-        line_margin._line_margin2_backward(torch.ones(B), x, seg, sx, st, labels, lse, rs, 16.0, 0.1, atomic, merged)
+        merged, xu = _common.merged_launches(), line_margin.xu_dot()
+        out, lse, rs, st, sx = line_margin._line_margin2_op._init_fn(x, seg, labels, torch.rand(B), 16.0, 0.1,
+                                                                     merged, xu)
+        line_margin._line_margin2_backward(torch.ones(B), x, seg, sx, st, labels, lse, rs, 16.0, 0.1, atomic,
+                                           merged, xu)
 
     def pairwise_op(dt, M, N, D):
         x, y = torch.randn(M, D, generator=g).to(dtypes[dt]), torch.randn(N, D, generator=g).to(dtypes[dt])
@@ -222,6 +224,11 @@ def record() -> list:
         ("line_margin bf16 classes100k, atomic own", lambda: line_margin_op("bf16", 1024, 100000, 512, atomic=True),
          {"DAAL_LM_OWN_SEG": "atomic"}),
         ("loss fp32 dml, atomic own", lambda: loss("fp32", 180, 100, 512), {"DAAL_LM_OWN_SEG": "atomic"}),
+        # x.u as x.q - x.p (DAAL_LM_XU=difference: the default until 2026-12-06): the segments
+        # themselves when they are contiguous in x's dtype (prep without CAST)
+        ("line_margin bf16 classes100k, xu difference", lambda: line_margin_op("bf16", 1024, 100000, 512),
+         {"DAAL_LM_XU": "difference"}),
+        ("loss fp32 dml, xu difference", lambda: loss("fp32", 180, 100, 512), {"DAAL_LM_XU": "difference"}),
         ("loss fp32 dml, aten glue", lambda: loss("fp32", 180, 100, 512), {"DAAL_GLUE": "aten"}),
         ("loss fp32 dml, separate", lambda: loss("fp32", 180, 100, 512), {"DAAL_LAUNCHES": "separate"}),
         # an embedding width that is no multiple of 16 (kernels/_common.py, ALIGN): the kNN's rows

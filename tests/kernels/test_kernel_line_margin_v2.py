@@ -125,7 +125,7 @@ def test_strided_segments(monkeypatch):
     view = wide[:, :, 5:25]
     seen = []
     cast_segments = lm._cast_segments
-    monkeypatch.setattr(lm, "_cast_segments", lambda s, dt: seen.append(s.stride()) or cast_segments(s, dt))
+    monkeypatch.setattr(lm, "_cast_segments", lambda s, dt, xu: seen.append(s.stride()) or cast_segments(s, dt, xu))
     xk = x.float().clone().requires_grad_()
     out = lm.line_margin(xk, y, view, m.float(), alpha=ALPHA, lambda_pull=0.2)
     out.backward(go.float())
@@ -617,3 +617,72 @@ def test_split_merge_keeps_small_line_terms():
     want = torch.log1p(rest)
     assert (((lse.double() - want) / want).abs().max().item()) < 1e-6
     torch.testing.assert_close(out.double(), want / 2.0 + 0.25 * rs[0].double() ** 2, rtol=1e-6, atol=0)
+
+
+def _inside_a_short_segment(length, B=32, C=4, D=32, seed=0):
+    """Unit rows that all project inside class 0's segment of ``length`` (a negative for 3/4 of
+    them), float64: the case where ``t`` decides how a segment's gradient splits between p and q."""
+    g = torch.Generator().manual_seed(seed)
+    seg = dt.init_segments(C, D, length=length, generator=g).double()
+    v = seg[0, 1] - seg[0, 0]
+    v = v / v.norm()
+    y = torch.arange(B) % C
+    x = torch.nn.functional.normalize(torch.randn(B, D, generator=g, dtype=torch.float64), dim=1)
+    x = x - (x @ v)[:, None] * v + (torch.rand(B, generator=g, dtype=torch.float64) - 0.5)[:, None] * 0.9 * length * v
+    m = 0.05 + 0.45 * torch.rand(B, generator=g, dtype=torch.float64)
+    go = torch.randn(B, generator=g, dtype=torch.float64)
+    return tuple(t.to(DEV) for t in (x, y, seg, m, go))
+
+
+@pytest.mark.parametrize("length", [1e-2, 1e-3, 1e-4, 1e-6])
+def test_short_segments_split_their_gradient_as_the_reference(monkeypatch, length):
+    """``x.u`` is one dot with ``u`` (docs/method.md step 5's GEMM form), not ``x.q - x.p``: that
+    difference of two O(1) float32 dots carried ~1e-6 of rounding, all of ``x.u`` for a short
+    segment, so ``t`` and the split of the segment's gradient between p and q were noise (dP, dQ
+    1e-2 off at a length of 1e-3, 38% at 1e-4). ``x.u - p.u`` still cancels as ``(x - p).u`` would
+    not, by a factor ~1/|u| less: the float32 reference, which takes the same GEMM form, is 1.4e-5
+    off at 1e-3; the kernels must be within 1e-5 or 3x the float32 reference's own error."""
+    monkeypatch.delenv(lm.XU_ENV, raising=False)
+    x, y, seg, m, go = _inside_a_short_segment(length)
+    x32, seg32 = x.float().double(), seg.float().double()  # the inputs both see
+    want = reference_grads(x32, y, seg32, m, go, 0.2)
+    xr, sr = x.float().requires_grad_(), seg.float().requires_grad_()  # the float32 reference
+    out32 = dt.reference.line_margin(xr, y, sr, m.float(), alpha=ALPHA, lambda_pull=0.2)
+    out32.backward(go.float())
+    ref32 = (out32.detach(), xr.grad, sr.grad)
+    got = kernel_grads(x.float(), y, seg.float(), m.float(), go.float(), 0.2)
+    for name, a, r, w in zip(("value", "dX", "dSegments"), got, ref32, want):
+        bound = max(tolerance(torch.float32, tf32=TF32), 3 * rel_err(r, w))
+        assert rel_err(a, w) <= bound, (name, rel_err(a, w), rel_err(r, w))
+    check_parity(x, y, seg, m, go, 0.2, tolerance(torch.float16), torch.float16, torch.float16)
+
+
+def test_xu_switch(monkeypatch):
+    """``DAAL_LM_XU``: "dot" by default (``sx`` holds ``[p~, u~]``, always a copy), "difference"
+    selectable (the design the H200 runs timed: the segments themselves when they are contiguous
+    in x's dtype, ``x.q - x.p``), read when the forward runs (its backward follows it); both match
+    the float64 reference on ordinary segments; another value is a ValueError naming it."""
+    monkeypatch.delenv(lm.XU_ENV, raising=False)
+    assert lm.xu_dot()
+    x, y, seg, m, go = make_case(37, 11, 20, zero_len=True, on_own=True)
+    seen = []
+    cast_segments = lm._cast_segments
+    monkeypatch.setattr(lm, "_cast_segments", lambda s, dt, xu: seen.append(xu) or cast_segments(s, dt, xu))
+    for policy, xu in (("difference", False), ("dot", True)):
+        monkeypatch.setenv(lm.XU_ENV, policy)
+        sk = seg.float().contiguous().requires_grad_()
+        xk = x.float().requires_grad_()
+        out = lm.line_margin(xk, y, sk, m.float(), alpha=ALPHA, lambda_pull=0.2)
+        monkeypatch.setenv(lm.XU_ENV, "dot" if policy == "difference" else "difference")
+        out.backward(go.float())  # the forward's choice, whatever the variable says now
+        assert seen.pop() is xu
+        ref = reference_grads(x.float(), y, seg.float(), m, go, 0.2)
+        for a, b in zip((out, xk.grad, sk.grad), ref):
+            assert rel_err(a, b) <= tolerance(torch.float32, tf32=TF32), policy
+    _, _, _, _, sx = torch.ops.daal_triton.line_margin2(x.float(), seg.float().contiguous(), y, m.float(),
+                                                         ALPHA, 0.2, True, True)
+    assert torch.equal(sx[:, 0], seg.float()[:, 0])
+    assert torch.equal(sx[:, 1], seg.float()[:, 1] - seg.float()[:, 0])  # u~: q - p rounded once
+    monkeypatch.setenv(lm.XU_ENV, "q-p")
+    with pytest.raises(ValueError, match="DAAL_LM_XU"):
+        lm.line_margin(x.float(), y, seg.float(), m.float(), alpha=ALPHA, lambda_pull=0.2)
