@@ -6,7 +6,7 @@ existing one: a second run of a day gets the next free suffix, and ``--name`` an
 refused), writes the folder's README.md (the command, the steps with their exit status and time,
 and which code ran: the run's ``source_sha256`` against this checkout's digest and, where they
 differ, the recent commit whose code it was), and regenerates ``bench/README.md``
-(``report.py --readme``). What is left is to read the numbers and commit the folder.
+(``report.py --readme``; not for a run filed under another ``--results`` folder). What is left is to read the numbers and commit the folder.
 
 usage: python bench/file_run.py FILES_AT [--name NAME] [--command CMD] [--wall SECONDS]
 FILES_AT: the folder the device tool returned (holding ``0-all-files.tar.gz``), or the archive.
@@ -20,10 +20,12 @@ import io
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tarfile
 import tempfile
+import zlib
 from typing import List, Optional, Tuple
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -162,35 +164,52 @@ def file_run(files_at: str, results: str, name: Optional[str] = None, command: s
     """Unpack, describe and tabulate one run (module docstring); returns its folder."""
     path = _archive(files_at)
     try:
-        tar = tarfile.open(path)
-    except (tarfile.TarError, OSError) as e:
-        raise FilingError(f"{path} is not a readable archive: {e}") from None
-    with tar:
-        members = _members(tar)
-        names = {os.path.basename(m.name) for m in members if m.isfile()}
-        if not names & {"env.json", "steps.json", "records.jsonl"}:
-            raise FilingError(f"{path} holds no env.json, steps.json or records.jsonl: not a gpu_check.sh run")
-        os.makedirs(results, exist_ok=True)
-        if name is None:
-            env = {}
-            env_member = next((m for m in members if os.path.basename(m.name) == "env.json"), None)
-            if env_member is not None:
-                try:
-                    env = json.load(tar.extractfile(env_member))
-                except ValueError:
-                    env = {}
-            name = run_name(env, results)
-        folder = os.path.join(results, name)
-        if os.path.exists(folder):
-            raise FilingError(f"{folder} exists: a run is never overwritten (give another --name)")
-        os.makedirs(folder)
-        _extract(tar, folder, members)
+        with tarfile.open(path) as tar:
+            folder = _unpack(tar, path, results, name)
+    except (tarfile.TarError, EOFError, zlib.error) as e:  # a truncated or damaged archive
+        raise FilingError(f"{path} is not a readable archive: {type(e).__name__}: {' '.join(str(e).split())}") from None
+    except OSError as e:
+        raise FilingError(f"{path} could not be filed: {type(e).__name__}: {' '.join(str(e).split())}") from None
     readme = os.path.join(folder, "README.md")
     if not os.path.exists(readme):  # the run's own README (none today) is kept
         with open(readme, "w", encoding="utf-8") as f:
             f.write(readme_text(folder, command, wall))
     if regenerate:
         report.main(["--readme", "--results", results])
+    return folder
+
+
+def _unpack(tar: tarfile.TarFile, path: str, results: str, name: Optional[str]) -> str:
+    """:func:`file_run`'s checks and extraction into a new folder, which is removed again if the
+    archive turns out damaged midway (a partial run is never left to be read as one)."""
+    members = _members(tar)
+    # the run's files at the archive's top, as gpu_check.sh packs them ("./env.json"): a run in
+    # a sub-folder would be filed as a folder holding a folder, which no report reads
+    names = {os.path.normpath(m.name) for m in members if m.isfile()}
+    if not names & {"env.json", "steps.json", "records.jsonl"}:
+        inner = sorted(n for n in names if os.path.basename(n) in ("env.json", "steps.json", "records.jsonl"))
+        raise FilingError(f"{path} holds no env.json, steps.json or records.jsonl at its top"
+                          + (f" (they are in a sub-folder: {inner[0]})" if inner else "")
+                          + ": not a gpu_check.sh run")
+    os.makedirs(results, exist_ok=True)
+    if name is None:
+        env = {}
+        env_member = next((m for m in members if os.path.normpath(m.name) == "env.json"), None)
+        if env_member is not None:
+            try:
+                env = json.load(tar.extractfile(env_member))
+            except ValueError:
+                env = {}
+        name = run_name(env, results)
+    folder = os.path.join(results, name)
+    if os.path.exists(folder):
+        raise FilingError(f"{folder} exists: a run is never overwritten (give another --name)")
+    os.makedirs(folder)
+    try:
+        _extract(tar, folder, members)
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
     return folder
 
 
@@ -203,14 +222,17 @@ def main(argv=None) -> int:
     ap.add_argument("--wall", type=float, help="the call's seconds (the device tool's wall_s)")
     ap.add_argument("--no-readme", action="store_true", help="do not regenerate bench/README.md")
     a = ap.parse_args(argv)
+    # bench/README.md tabulates bench/results/: a run filed elsewhere leaves it alone
+    ours = os.path.realpath(a.results) == os.path.realpath(os.path.join(HERE, "results"))
     try:
-        folder = file_run(a.files_at, a.results, a.name, a.command, a.wall, regenerate=not a.no_readme)
+        folder = file_run(a.files_at, a.results, a.name, a.command, a.wall, regenerate=not a.no_readme and ours)
     except FilingError as e:
         print(f"file_run.py: {e}", file=sys.stderr)
         return 2
     rel = os.path.relpath(folder, ROOT)
     rel = folder if rel.startswith("..") else rel
-    print(f"filed {rel}; read {rel}/report.md, then: git add {rel} bench/README.md && git commit")
+    print(f"filed {rel}; read {rel}/report.md" + (f", then: git add {rel} bench/README.md && git commit" if ours else
+                                                  " (outside bench/results/: bench/README.md left as it was)"))
     return 0
 
 

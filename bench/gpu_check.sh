@@ -57,9 +57,11 @@ fi
 mkdir -p "$1" || exit 2
 OUT=$(cd "$1" && pwd)
 # a run's folder holds one run: records.jsonl and probe.jsonl are appended to, so a second run
-# into it would mix its records with the first's (the later winning)
-for f in steps.json records.jsonl probe.jsonl; do
-  if [ -s "$OUT/$f" ]; then
+# into it would mix its records with the first's (the later winning); an earlier run's other
+# outputs (a failing kernel_tests.xml) would be read into this run's report and archive
+for f in steps.json records.jsonl probe.jsonl env.json report.md bench.json gpu_tests.xml kernel_tests.xml \
+         bench_junit.xml tune_knn.json tune_line_margin.json 0-all-files.tar.gz; do
+  if [ -e "$OUT/$f" ]; then
     echo "gpu_check: $OUT already holds a run ($f): give an empty or new OUTDIR" >&2
     exit 2
   fi

@@ -20,7 +20,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 from torch import nn
 
-from cases import SWITCHES, Case, knn_chunk_rows
+from cases import SWITCHES, Case, Switch, knn_chunk_rows
 from interpreter import tests_on_path
 
 tests_on_path()
@@ -228,6 +228,37 @@ def threshold_applies(q: torch.Tensor, r: torch.Tensor, k: int, has_labels: bool
     return None
 
 
+#: The kNN switches whose alternative may run the default's code on a case (the forward's entry,
+#: its epilogue and the rows' width decide): their cases are timed only where it differs.
+PLANNED_KNN_SWITCHES = ("DAAL_KNN_TILES", "DAAL_KNN_EPILOGUE", "DAAL_ALIGN_D")
+
+
+def _knn_plan(q: torch.Tensor, r: torch.Tensor, k: int, has_labels: bool) -> tuple:
+    """What the kNN forward runs on these inputs under the current settings: its entry (or the
+    large-k path), whether its epilogue is the lean one, and the width of its prepared rows."""
+    from daal_triton.kernels import knn as kk
+
+    k = min(k, r.shape[0])
+    qp, rp = _prepared(q, r)
+    if k > kk.MAX_K:
+        return ("the large-k path", False, qp.shape[1])
+    entry = kk.forward_entry(qp, rp, kk.next_pow2(k), has_labels)
+    return (entry, kk.lean_epilogue(qp.dtype, entry), qp.shape[1])
+
+
+def knn_switch_applies(sw: Switch, q: torch.Tensor, r: torch.Tensor, k: int, has_labels: bool) -> Optional[str]:
+    """None where ``sw``'s alternative runs other kNN code than its default on these inputs, else
+    what both run (a case timed under the alternative's name would time the default: the float32
+    smoke cases' table, wide, plain and unaligned providers, and on a GPU the table tiles and the
+    plain epilogue where the narrow policy takes the table's tiles)."""
+    default, alternative = (_with_env(sw.env, v, _knn_plan, q, r, k, has_labels) for v in (sw.default, sw.alternative))
+    if default != alternative:
+        return None
+    entry, lean, width = default
+    return (f"{sw.env}={sw.alternative} runs what {sw.default} runs here: the entry {entry}, "
+            f"{'lean' if lean else 'plain'} epilogue, rows of {width}")
+
+
 def operator_function(case: Case) -> Callable:
     """The function ``case.provider`` computes ``case.op`` with (not for the whole loss)."""
     why = case.provider in VETTED_PROVIDERS and unvetted(VETTED_PROVIDERS[case.provider])
@@ -288,6 +319,11 @@ def setup_knn(case: Case, device: torch.device) -> Problem:
             raise NotApplicable(why)
     if case.provider in THRESHOLD_PROVIDERS:  # likewise
         why = threshold_applies(q, r, k, "query_labels" in kw, half=THRESHOLD_PROVIDERS[case.provider] == "half")
+        if why:
+            raise NotApplicable(why)
+    sw = ENV_PROVIDERS.get(case.provider)
+    if sw is not None and sw.env in PLANNED_KNN_SWITCHES and case.provider not in GLUON_PROVIDERS:  # likewise
+        why = knn_switch_applies(sw, q, r, k, "query_labels" in kw)
         if why:
             raise NotApplicable(why)
     g = torch.randn(d["M"], k, device=device, dtype=torch.float32)

@@ -273,6 +273,26 @@ def test_the_threshold_provider_times_only_the_threshold_selection(monkeypatch):
     assert calls == [False, True]
 
 
+def test_knn_switch_providers_time_only_a_different_forward():
+    """A kNN switch's provider (tiles, epilogue, odd-width rows) is skipped ("does not apply
+    here") where its setting runs what the default runs: the CPU smoke case (float32, D = 16,
+    labels) timed the default under the table, wide, plain and unaligned names, and a GPU run
+    read the table tiles and the plain epilogue against themselves on the bank and the loss's
+    batch. Where the alternative differs (half precision: the lean epilogue; an odd width:
+    padded rows) it runs."""
+    sw = problems.ENV_PROVIDERS
+    x = torch.randn(64, 16)
+    for prov in ("triton_table", "triton_wide", "triton_plain", "triton_unaligned"):
+        assert "runs what" in problems.knn_switch_applies(sw[prov], x, x, 3, True), prov
+        with pytest.raises(problems.NotApplicable):  # the CPU smoke case
+            problems.setup_knn(_tiny("knn", prov, "fwd"), torch.device("cpu"))
+    h = torch.randn(64, 64, dtype=torch.float16)
+    assert problems.knn_switch_applies(sw["triton_plain"], h, h, 8, False) is None  # lean against plain
+    odd = torch.randn(64, 17)
+    assert problems.knn_switch_applies(sw["triton_unaligned"], odd, odd, 3, False) is None  # 32 against 17
+    assert "runs what" in problems.knn_switch_applies(sw["triton_unaligned"], h, h, 3, False)  # 64: aligned
+
+
 def test_gluon_providers_time_only_the_gluon_forward(monkeypatch):
     """A Gluon provider's case is skipped ("does not apply here") where its setting would run
     another forward (here, on the CPU: the narrow tiles), so that the default's time is never
@@ -638,13 +658,15 @@ def test_gpu_check_script_parses():
 
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="no bash")
-def test_gpu_check_refuses_a_folder_that_holds_a_run(tmp_path):
-    """A second run into a run's folder would append to its records.jsonl: refused, untouched."""
-    (tmp_path / "records.jsonl").write_text('{"kind": "case"}\n')
+@pytest.mark.parametrize("left", ["records.jsonl", "kernel_tests.xml", "0-all-files.tar.gz"])
+def test_gpu_check_refuses_a_folder_that_holds_a_run(tmp_path, left):
+    """A second run into a run's folder would append to its records.jsonl, or read an earlier
+    run's failing kernel tests into its report and archive: refused, untouched."""
+    (tmp_path / left).write_text('{"kind": "case"}\n')
     proc = subprocess.run(["bash", os.path.join(HERE, "gpu_check.sh"), str(tmp_path)], capture_output=True,
                           text=True, timeout=60)
-    assert proc.returncode == 2 and "already holds a run (records.jsonl)" in proc.stderr
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["records.jsonl"]
+    assert proc.returncode == 2 and f"already holds a run ({left})" in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == [left]
 
 
 def _tail(path, chars: int = 1500) -> str:

@@ -92,6 +92,40 @@ def test_refuses_an_archive_that_is_not_a_plain_run(tmp_path, capsys, bad):
     assert not (tmp_path / "evil.txt").exists()
 
 
+def test_refuses_a_run_in_a_sub_folder_and_a_damaged_archive(tmp_path, capsys):
+    """A run archived inside a sub-folder was filed as a folder holding a folder (an "undated"
+    run no report reads); a truncated archive ended in an EOFError traceback. Both are refused in
+    one line, exit 2, and leave no folder behind."""
+    results = tmp_path / "results"
+    nested = _archive_with(tmp_path, lambda tar: [_file(tar, f"stage/{n}") for n in ("env.json", "steps.json")])
+    assert file_run.main([nested, "--results", str(results), "--no-readme"]) == 2
+    err = capsys.readouterr().err
+    assert "at its top (they are in a sub-folder: stage/env.json)" in err and err.count("\n") == 1
+    whole = _outdir(tmp_path, "0" * 64) / file_run.ARCHIVE
+    data = whole.read_bytes()
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    for size in (len(data) // 3, 2 * len(data) // 3):
+        (cut / file_run.ARCHIVE).write_bytes(data[:size])
+        assert file_run.main([str(cut), "--results", str(results), "--no-readme"]) == 2
+        err = capsys.readouterr().err
+        assert "is not a readable archive" in err and err.count("\n") == 1 and "Traceback" not in err
+    assert not results.exists() or not any(results.iterdir())
+
+
+def test_a_run_filed_elsewhere_leaves_the_benchmarks_readme(tmp_path, monkeypatch):
+    """``--results DIR`` other than bench/results/ rewrote bench/README.md with DIR's runs alone;
+    it is regenerated only for the default folder."""
+    calls = []
+    monkeypatch.setattr(report, "main", lambda argv: calls.append(argv) or 0)
+    out = _outdir(tmp_path, "0" * 64)
+    assert file_run.main([str(out), "--results", str(tmp_path / "results")]) == 0
+    assert calls == []
+    monkeypatch.setattr(file_run, "HERE", str(tmp_path))  # the default folder is HERE/results
+    assert file_run.main([str(out), "--results", str(tmp_path / "results")]) == 0
+    assert calls == [["--readme", "--results", str(tmp_path / "results")]]
+
+
 def test_names_the_commits_whose_code_ran(tmp_path, monkeypatch):
     """The run's digest found among the recent commits: the oldest with that code and the newest
     (HEAD's digest: HEAD is the newest); a digest of no commit: None, and the README says so."""

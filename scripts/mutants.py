@@ -21,7 +21,8 @@ reference set on the Triton backend, TRITON_INTERPRET=false in the kernels' laun
 misspelt DAAL_GLUE, NumPy bools, FakeTensorMode, CPU labels beside embeddings elsewhere), and a
 packaging and integration probe (2026-12-06: a Triton older than the kernels' imports, forward-mode
 AD, a batch of gradients, the interpreter's log2(0) warning, a test file alone in the sdist) and a
-numerical probe (2026-12-06: the line margin's x.u as x.q - x.p for short segments).
+numerical probe (2026-12-06: the line margin's x.u as x.q - x.p for short segments) and a probe of
+the benchmark tools (switch cases that ran the default, file_run.py's folders and archives, gpu_check's OUTDIR).
 
 This script checks that they stay caught:
 in a scratch clone of the working tree it applies one mutant at a time (an exact text
@@ -1083,6 +1084,22 @@ MUTANTS: Tuple[Mutant, ...] = (
            "        v = (q.to(tl.float32) - xu * pf).to(xdt)",
            "        v = q",
            ("tests/kernels/test_kernel_line_margin_v2.py", "-k", "short_segments or xu_switch")),
+    Mutant("bench_switch_always_applies", "bench/problems.py",
+           "    if default != alternative:\n        return None\n",
+           "    if True:\n        return None\n",
+           ("bench/test_bench_tools.py", "-k", "knn_switch_providers")),
+    Mutant("file_run_nested_run", "bench/file_run.py",
+           '    names = {os.path.normpath(m.name) for m in members if m.isfile()}',
+           '    names = {os.path.basename(m.name) for m in members if m.isfile()}',
+           ("bench/test_file_run.py", "-k", "sub_folder")),
+    Mutant("file_run_readme_elsewhere", "bench/file_run.py",
+           "regenerate=not a.no_readme and ours)",
+           "regenerate=not a.no_readme)",
+           ("bench/test_file_run.py", "-k", "filed_elsewhere")),
+    Mutant("gpu_check_guard_three_files", "bench/gpu_check.sh",
+           "for f in steps.json records.jsonl probe.jsonl env.json report.md bench.json gpu_tests.xml kernel_tests.xml \\\n",
+           "for f in steps.json records.jsonl probe.jsonl; do break; done; for f in steps.json records.jsonl probe.jsonl \\\n",
+           ("bench/test_bench_tools.py", "-k", "refuses_a_folder_that_holds")),
     Mutant("sdist_with_stray_tests", "MANIFEST.in",
            "prune tests\n",
            "",
