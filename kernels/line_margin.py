@@ -42,14 +42,17 @@ forward (own-class rows, class statistics, logsumexp, merge), 4 per class chunk 
 ``_lm2_own_prep_kernel``; the logsumexp with the merge where one class split does) and one fewer
 backward (the last chunk's epilogue with dX, ``_lm2_dseg_finish_kernel``).
 ``_lm2_prep_kernel`` computes the class statistics (4 x C) once per call, of the segments rounded
-to x's dtype (and that rounded contiguous copy ``sx`` when the segments are not already it); the
-forward saves both for the backward. ``_lm2_fwd_kernel`` is the streaming online-logsumexp kernel
-whose K-loop is plain tile loads of x, p, q (``x.u = x.q - x.p`` in the epilogue); its (row
+to x's dtype, and their contiguous copy ``sx`` in x's dtype holding ``[p~, u~]`` (``u~ = q~ - p~``
+rounded once; ``DAAL_LM_XU=difference``: ``[p~, q~]``, and only when the segments are not already
+it); the forward saves both for the backward. ``_lm2_fwd_kernel`` is the streaming online-logsumexp
+kernel whose K-loop is plain tile loads of x, p, u (``difference``: x, p, q, and
+``x.u = x.q - x.p`` in the epilogue); its (row
 tiles x splits) grid is sized in whole waves of the device's SMs (:func:`wave_split`). The
 backward runs per chunk of Cc classes (``B Cc <= CHUNK_ELEMENTS``, :func:`chunk_classes`):
 ``_lm2_bwd_kernel`` recomputes the chunk's GEMMs once and writes ``a~ = -h(1 - t)``,
-``b~ = -h t`` (B x 2Cc, x's dtype, interleaved per class) with deterministic row / column
-partials; ``torch.mm`` (cuBLAS) gives ``AB [P_c; Q_c]`` (into the float32 dX accumulator) and
+``b~ = -h t`` (B x 2Cc, x's dtype, interleaved per class; with ``[p~, u~]`` it holds ``a~ + b~``
+in ``a~``'s place) with deterministic row / column partials; ``torch.mm`` (cuBLAS) gives
+``AB [P_c; Q_c]`` (``[P_c; U_c]``: the same sum; into the float32 dX accumulator) and
 ``G = AB^T X``; ``_lm2_dseg_kernel`` adds the rank-1 corrections and the own-class rows
 (``_lm2_ownseg_kernel``, before the chunks) and writes dP, dQ in the segments' dtype, rounded
 once; ``_lm2_finish_kernel`` forms dX with its own-class term.
@@ -68,8 +71,8 @@ into B x D and C x 2 x D are 64-bit (they may pass 2^31).
 Memory (beyond inputs and outputs)
 ----------------------------------
 The forward saves x, segments, labels, lse (B), the row statistics ``rs`` (3 x B), the class
-statistics ``st`` (4 x C) and, when the segments are not contiguous in x's dtype, their rounded
-copy ``sx`` (C x 2 x D). The backward's temporaries are O(B Cc + (B + C) D): ``a~ b~`` (B x 2Cc),
+statistics ``st`` (4 x C) and the rounded copy ``sx`` (C x 2 x D in x's dtype; with
+``DAAL_LM_XU=difference`` only when the segments are not contiguous in x's dtype). The backward's temporaries are O(B Cc + (B + C) D): ``a~ b~`` (B x 2Cc),
 ``G`` (2Cc x D float32), the partials, the B x D float32 dX accumulator, the own-class rows
 (B x 3 x D float32: dP, dQ and the dX term) and their class lists (B + C int32); the segment
 gradient is written once in the segments' dtype (``DAAL_LM_OWN_SEG=atomic``, the earlier design,
@@ -110,11 +113,12 @@ __all__ = ["line_margin", "CONFIGS", "KERNELS", "config_family", "launches"]
 
 # ----------------------------------------------------------------------------- kernels
 # The segments reach the GEMM kernels as ``sx``: a
-# contiguous C x 2 x D tensor in x's dtype (the segments themselves when they already are), so
-# every GEMM K-step is three plain tile loads (x, p, q) the software pipeline can prefetch; nothing
-# is formed between the loads and the dots. ``x.u`` is ``x.q - x.p`` from the two fp32
-# accumulators (the dots see p~, q~, the values rounded to x's dtype; the class statistics are
-# taken of the same values). Class statistics ``st`` (4 x C float32: |p|^2, p.u, |u|^2,
+# contiguous C x 2 x D tensor in x's dtype holding ``[p~, u~]`` (``u~ = q~ - p~``, rounded once), so
+# every GEMM K-step is three plain tile loads (x, p, u) the software pipeline can prefetch; nothing
+# is formed between the loads and the dots, and ``x.u`` is one dot (``DAAL_LM_XU=difference``: the
+# segments themselves when they are contiguous in x's dtype, and ``x.u = x.q - x.p`` from two fp32
+# accumulators, noise for a segment shorter than ~1e-3). The class statistics are taken of the
+# values the dots see. Class statistics ``st`` (4 x C float32: |p|^2, p.u, |u|^2,
 # 1 / max(|u|^2, eps)) are computed once per call and saved for the backward.
 @triton.jit
 def _lm2_prep_kernel(seg_ptr, sx_ptr, st_ptr, C, D, stride_seg_c, stride_seg_v, stride_seg_d, xu,
@@ -181,7 +185,7 @@ def _lm2_tile(x_ptr, sx_ptr, st_ptr, rows, cls, rmask, cmask, xx, C, D, stride_x
     K-loop over D, tile loads only: ``XP += X_k P_k^T``, ``XV += X_k V_k^T`` (fp32 accumulate;
     ``V`` is ``sx[:, 1]``: ``U`` with ``xu = 1``, ``Q`` with ``xu = 0``).
     Epilogue: ``proj = XV - (1 - xu) XP - pu`` (``x.u - p.u``; with ``xu = 0`` the difference
-    ``x.q - x.p`` of two O(|x||p|) dots, which loses ``t`` for a segment shorter than ~1e-2),
+    ``x.q - x.p`` of two O(|x||p|) dots, which loses ``t`` for a segment shorter than ~1e-3),
     ``t = clamp(proj inv, 0, 1)``, ``e2 = xx - 2 XP + pp - 2 t proj + t^2 uu``.
 
     Args:
@@ -966,7 +970,8 @@ def _line_margin2_op(x: torch.Tensor, seg: torch.Tensor, labels: torch.Tensor, m
                      ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(out, lse, rs, st, sx)``: the forward: the own-class rows (``rs``: 3 x B, ``d_pos``,
     ``|x|^2``, ``alpha (d_pos + m)``) and the class statistics (``st``: 4 x C, and ``sx``, the
-    segments in x's dtype, or empty when they already are), the streaming logsumexp, the merge
+    segments in x's dtype: ``[p~, u~]``, or with ``difference`` ``[p~, q~]`` or empty when they already
+    are), the streaming logsumexp, the merge
     of its class splits. ``out_i = lse_i / alpha + lambda_pull d_i^2``. ``merged``
     (``DAAL_LAUNCHES``): two launches (the rows with the statistics, the logsumexp with the merge
     where one split does), else four. ``xu`` (``DAAL_LM_XU=dot``): ``sx`` holds ``[p~, u~]`` (else
