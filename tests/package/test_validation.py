@@ -229,6 +229,8 @@ def test_a_triton_older_than_the_kernels_need_runs_the_reference(monkeypatch):
 
 
 @pytest.mark.interpreter  # CPU tensors on the Triton backend
+# PyTorch's forward-mode formulas of some operators are torch.jit.script-ed decompositions
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
 def test_forward_mode_ad_runs_on_the_reference():
     """Inside a ``torch.autograd.forward_ad.dual_level`` "auto" runs the reference (the kernels'
     operators have no forward-mode formula: PyTorch's "You must implement the jvp function" came
