@@ -251,12 +251,12 @@ SWITCHES: Tuple[Switch, ...] = (
     Switch("DAAL_KNN_MERGE", "counted", "checked", "triton_checked_merge",
            (("knn", "eval60k", "bf16", "fwd"), ("knn", "bank", "bf16", "fwd")), since="2026-12-01",
            until="2026-12-04", decided="counted: 1.35x faster at 60k in both runs of the narrow tiles, "
-                                       "never slower; the bank within 3%"),
+                                       "never slower; the bank within 3% in two runs, 1.04x faster in the third"),
     Switch("DAAL_KNN_SPLITS", "model", "waves", "triton_wave_splits",
            (("knn", "eval60k", "bf16", "fwd"), ("knn", "bank", "bf16", "fwd"), ("knn", "bank", "bf16", "fwdbwd")),
            since="2026-12-01", until="2026-12-04",
            decided="model: 2.3-2.4x faster at 60k in three runs (the waves' grid needs 1.8 GB of slots); "
-                   "the bank within 10% either way"),
+                   "the bank within 11% either way (0.89-1.07x)"),
     Switch("DAAL_LM_OWN_SEG", "lists", "atomic", "triton_atomic_own",
            (("line_margin", "classes100k", "bf16", "fwdbwd"), ("line_margin", "classes100k", "bf16", "bwd"),
             ("loss", "dml", "fp32", "fwdbwd")), memory=True, since="2026-12-01", until="2026-12-04",
@@ -270,7 +270,7 @@ SWITCHES: Tuple[Switch, ...] = (
     Switch("DAAL_LAUNCHES", "merged", "separate", "triton_separate",
            (("loss", "dml", "fp32", "fwd"), ("loss", "dml", "fp32", "bwd"), ("loss", "dml", "fp32", "fwdbwd"),
             ("knn", "dml", "bf16", "fwd"), ("line_margin", "dml", "bf16", "fwdbwd")), since="2026-12-01",
-           until="2026-12-04", decided="merged: 1.23-1.56x faster forward in three runs, faster in 11 "
+           until="2026-12-04", decided="merged: 1.23-1.56x faster forward in three runs, faster in 12 "
                                        "of 14 timed rows, slower in 2"),
     # the table tiles' loads: timed until the narrow tiles (always through descriptors) became
     # the default on 2026-12-04; the variable still chooses the table tiles' loads
