@@ -26,7 +26,7 @@ _TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 MIN_TRITON = (3, 5)
 
 
-def triton_version() -> tuple[int, int] | None:
+def read_triton_version() -> tuple[int, int] | None:
     """The installed Triton's (major, minor), read from its distribution's metadata without
     importing it; ``None`` when it cannot be read (a build from source: then it is trusted)."""
     from importlib import metadata
@@ -39,6 +39,11 @@ def triton_version() -> tuple[int, int] | None:
         match = re.match(r"(\d+)\.(\d+)", version)
         return (int(match[1]), int(match[2])) if match else None
     return None
+
+
+#: Read once, here: reading it takes ~150 µs, and every call of the loss asks (as a constant,
+#: ``torch.compile`` traces nothing of it).
+TRITON_VERSION = read_triton_version() if _TRITON_INSTALLED else None
 
 
 def triton_available() -> bool:
@@ -109,9 +114,7 @@ def _functorch_active() -> bool:
 def _forward_ad_active() -> bool:
     """Whether a ``torch.autograd.forward_ad.dual_level`` is open (dual tensors exist only there):
     the kernels' operators have no forward-mode formula."""
-    from torch.autograd import forward_ad
-
-    return getattr(forward_ad, "_current_level", -1) >= 0
+    return getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0
 
 
 def _vmap_active() -> bool:
@@ -154,7 +157,7 @@ def triton_reason(device: torch.device, dtype: torch.dtype = torch.float32, *, f
                 "have no forward-mode formula)")
     if not triton_available():
         return "triton is not installed"
-    version = triton_version()
+    version = TRITON_VERSION
     if version is not None and version < MIN_TRITON:
         return (f"triton {version[0]}.{version[1]} is installed; the kernels need Triton "
                 f"{MIN_TRITON[0]}.{MIN_TRITON[1]} or later (torch 2.9 and later bring it)")
