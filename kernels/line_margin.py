@@ -1030,11 +1030,8 @@ def _line_margin2_op(x: torch.Tensor, seg: torch.Tensor, labels: torch.Tensor, m
 @_line_margin2_op.register_fake
 def _line_margin2_fake(x, seg, labels, margins, alpha, lambda_pull, merged=True, xu=True):
     out = x.new_empty((x.shape[0],), dtype=torch.float32)
-    C, _, D = seg.shape
-    cast = xu or seg.dtype != x.dtype or not seg.is_contiguous()
-    sx = x.new_empty((C, 2, D) if cast else (0,))
-    return (out, torch.empty_like(out), x.new_empty((3, x.shape[0]), dtype=torch.float32),
-            x.new_empty((4, C), dtype=torch.float32), sx)
+    st, sx, _ = _cast_segments(seg, x.dtype, xu)  # the forward's rule for the copy
+    return out, torch.empty_like(out), x.new_empty((3, x.shape[0]), dtype=torch.float32), st, sx
 
 
 _MM_OUT_DTYPE: Dict[Tuple[str, torch.dtype], bool] = {}
