@@ -47,7 +47,10 @@ One benchmark case is one (operator, shape, precision, provider, pass):
   ``triton_xu_difference`` (the line margin, alone or in the loss, with step 5's ``x.u`` taken
   as ``x.q - x.p`` from the segments themselves, as every run until 2026-12-04 timed it,
   ``DAAL_LM_XU=difference``, beside one dot with ``u`` from a copy ``[p~, u~]`` that replaced it
-  for short segments' accuracy: kernels/line_margin.py, ``XU_ENV``).
+  for short segments' accuracy: kernels/line_margin.py, ``XU_ENV``), ``triton_copy_whole`` (the
+  line margin with the forward's whole copy of the segments saved for the backward,
+  ``DAAL_LM_COPY=whole``, beside the backward's copy per class chunk that replaced it: nothing
+  C x 2 x D held from the forward to the backward; kernels/line_margin.py, ``COPY_ENV``).
   The switches the GPU runs have decided (``Switch.decided``: the wave splits, the atomic own
   rows, the checked merge, the separate launches, the table's and the wide tiles, PyTorch's
   glue) keep their providers for the ``full`` profile; the ``check`` profile no longer times
@@ -86,7 +89,8 @@ PROVIDERS = {
     "knn": ("triton", "eager", "compile", "chunked", "triton_wave_splits", "triton_checked_merge",
             "triton_separate", "triton_table", "triton_wide", "triton_unaligned", "triton_plain",
             "triton_gluon", "triton_gluon128", "triton_threshold", "triton_threshold_half"),
-    "line_margin": ("triton", "eager", "compile", "triton_atomic_own", "triton_separate", "triton_xu_difference"),
+    "line_margin": ("triton", "eager", "compile", "triton_atomic_own", "triton_separate", "triton_xu_difference",
+                    "triton_copy_whole"),
     "loss": ("triton", "eager", "compile", "triton_aten_glue", "triton_graphed", "triton_atomic_own",
              "triton_separate", "triton_xu_difference"),
     "train_step": ("triton", "eager", "proxyanchor", "ce_floor"),
@@ -329,6 +333,10 @@ SWITCHES: Tuple[Switch, ...] = (
     Switch("DAAL_LM_XU", "dot", "difference", "triton_xu_difference",
            (("line_margin", "classes100k", "bf16", "fwdbwd"), ("line_margin", "dml", "bf16", "fwdbwd"),
             ("loss", "dml", "fp32", "fwdbwd")), memory=True, since="2026-12-06"),
+    # the backward's copy of the segments chunk by chunk (nothing C x 2 x D kept from the forward)
+    # beside the forward's whole copy saved for it (the copy of DAAL_LM_XU=dot, as first made)
+    Switch("DAAL_LM_COPY", "chunks", "whole", "triton_copy_whole",
+           (("line_margin", "classes100k", "bf16", "fwdbwd"),), memory=True, since="2026-12-06"),
     # "auto" (DAAL_ALIGN_D unset): the kNN pads, beside its unpadded rows
     Switch("DAAL_ALIGN_D", "auto", "off", "triton_unaligned",
            (("knn", "bank_d129", "bf16", "fwd"), ("knn", "bank_d129", "bf16", "fwdbwd")), memory=True,
@@ -355,10 +363,11 @@ CHECK: Dict[Tuple[str, str], List[dict]] = {
     ("knn", "eval60k"): [dict(dtypes=("bf16",), providers=("triton", "chunked", "triton_gluon", "triton_gluon128",
                                                         "triton_plain", "triton_threshold", "triton_threshold_half",
                                                         "eager"))],
-    # x.u as x.q - x.p (DAAL_LM_XU=difference: the timed design, no copy of the segments)
+    # x.u as x.q - x.p (DAAL_LM_XU=difference: the timed design, no copy of the segments), and the
+    # forward's whole copy saved for the backward (DAAL_LM_COPY=whole)
     ("line_margin", "classes100k"): [
         dict(dtypes=("bf16",), providers=("triton", "eager", "compile")),
-        dict(dtypes=("bf16",), providers=("triton_xu_difference",), passes=("fwdbwd",)),
+        dict(dtypes=("bf16",), providers=("triton_xu_difference", "triton_copy_whole"), passes=("fwdbwd",)),
         dict(dtypes=("fp32",), providers=("triton", "eager"))],
     # the module through torch.cuda.make_graphed_callables (README, "Small batches")
     ("loss", "dml"): [dict(dtypes=("fp32",), providers=("triton", "eager", "triton_graphed")),
@@ -593,11 +602,12 @@ def _knn_bytes(d: dict, prov: str, es: int) -> int:
 
 def _line_margin_bytes(d: dict, prov: str) -> int:
     if prov in ("triton", "triton_aten_glue", "triton_graphed", "triton_atomic_own", "triton_separate",
-                "triton_xu_difference"):
+                "triton_xu_difference", "triton_copy_whole"):
         from work_model import extra_bytes  # the segment gradient, saved stats, the chunk buffers
 
         return extra_bytes(d["B"], d["C"], d["D"], "fp32", atomic=prov == "triton_atomic_own",
-                           xu=prov != "triton_xu_difference") + (64 << 20)
+                           xu=prov != "triton_xu_difference",
+                           copy="whole" if prov == "triton_copy_whole" else "chunks") + (64 << 20)
     if prov == "eager":
         return 80 * d["B"] * d["C"]  # ~15 float32 B x C temporaries kept for backward + an int64 one-hot
     return 24 * d["B"] * d["C"]

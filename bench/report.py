@@ -54,7 +54,8 @@ PROVIDER_TITLES = {"triton": "Triton", "eager": "eager", "compile": "compile", "
                    "triton_threshold": "Triton, threshold selection",
                    "triton_threshold_half": "Triton, threshold selection on half the tiles",
                    "triton_unaligned": "Triton, unaligned rows",
-                   "triton_xu_difference": "Triton, x.u as x.q - x.p"}
+                   "triton_xu_difference": "Triton, x.u as x.q - x.p",
+                   "triton_copy_whole": "Triton, whole copy saved"}
 #: Providers that earlier runs measured and the benchmarks no longer run: the line margin's first
 #: design and the kNN's aten finish, removed after the 2026-11-30 H200 run decided against them
 #: (docs/kernels.md, "Measured results"). Their stored results still render, after the others.
@@ -554,12 +555,15 @@ def work_model_table(run: dict, heading_level: int = 2) -> List[str]:
              "|---|---|---|---|---|---|---|---|"]
     # the copy [p~, u~] of DAAL_LM_XU=dot where the run's code had it (earlier runs: x.q - x.p)
     xu = any(sw.env == "DAAL_LM_XU" and sw.applies_to(run.get("env") or {}) for sw in SWITCHES)
+    # and its copy per class chunk in the backward (DAAL_LM_COPY=chunks) where the run's code had it
+    copy = "chunks" if any(sw.env == "DAAL_LM_COPY" and sw.applies_to(run.get("env") or {})
+                           for sw in SWITCHES) else "whole"
     for key in keys:
         _op, shape, dtype, _pass = key
         d = SHAPES["line_margin"].get(shape) or (run["cases"].get(key + ("triton",)) or {}).get("dims") or {}
         if not d:
             continue
-        s = wm.summary(d["B"], d["C"], d["D"], dtype, xu=xu)
+        s = wm.summary(d["B"], d["C"], d["D"], dtype, xu=xu, copy=copy)
         t = median(run["cases"].get(key + ("triton",)))
         lines.append(f"| {shape} | {dtype} | {s['flops'] / 1e9:.0f} "
                      f"({s['flops'] / (d['B'] * d['C'] * d['D']):.0f}) | {s['dram_bytes'] / 1e9:.2f} | "

@@ -66,7 +66,11 @@ def test_report_prints_the_model_beside_times():
     run["cases"][("line_margin", "classes11k", "bf16", "fwdbwd", "triton_v1")] = dict(
         status="ok", median_s=0.002, dims=dict(B=1024, C=11318, D=512))
     text = "\n".join(report.work_model_table(run))
-    assert "| classes100k | bf16 | 839 (16) | 3.56 | 0.00 | 4 ms | 210 |" in text  # the copy [p~, u~]
+    # the copy [p~, u~], written again chunk by chunk in the backward (+0.41 GB)
+    assert "| classes100k | bf16 | 839 (16) | 3.98 | 0.00 | 4 ms | 210 |" in text
+    run["env"]["switches"] = [["DAAL_LM_XU", "dot", "difference"]]  # a run before DAAL_LM_COPY
+    assert "| classes100k | bf16 | 839 (16) | 3.56 | 0.00 | 4 ms | 210 |" in "\n".join(report.work_model_table(run))
+    del run["env"]["switches"]
     run["env"]["date"] = "2026-12-04"  # before DAAL_LM_XU: the segments read as they are
     assert "| classes100k | bf16 | 839 (16) | 3.36 | 0.00 | 4 ms | 210 |" in "\n".join(report.work_model_table(run))
     assert "classes11k" not in text and text.count("| classes100k |") == 1
@@ -79,14 +83,21 @@ def test_extra_memory_reproduces_the_first_run():
     peaks at B = 1024, C = 100k, D = 512 (fwd+bwd: bf16 732 MB, fp32 629 MB); the class lists
     that replaced it write the bf16 gradient once, under half of that (an estimate until a run).
     Both read the segments as they were (``xu=False``, ``DAAL_LM_XU=difference``); the copy
-    ``[p~, u~]`` of the default adds C x 2 x D in x's dtype."""
+    ``[p~, u~]`` of the default adds one class chunk's (Cc x 2 x D in x's dtype: the backward
+    copies chunk by chunk), the whole C x 2 x D with ``DAAL_LM_COPY=whole``; with one chunk
+    (C <= Cc) the forward's copy is saved either way."""
     for dtype, measured in (("bf16", 732e6), ("fp32", 629e6)):
         est = wm.extra_bytes(1024, 100_000, 512, dtype, atomic=True, xu=False)
         assert abs(est - measured) <= 0.05 * measured, (dtype, est)
     assert wm.extra_bytes(1024, 100_000, 512, "bf16", xu=False) < 0.5 * 732e6
     for dtype, es in (("bf16", 2), ("fp32", 4)):
-        added = wm.extra_bytes(1024, 100_000, 512, dtype) - wm.extra_bytes(1024, 100_000, 512, dtype, xu=False)
-        assert added == 2 * 100_000 * 512 * es
+        plain = wm.extra_bytes(1024, 100_000, 512, dtype, xu=False)
+        cc = wm.chunk_width(1024, 100_000)
+        assert cc < 100_000 and wm.extra_bytes(1024, 100_000, 512, dtype) - plain == 2 * cc * 512 * es
+        assert wm.extra_bytes(1024, 100_000, 512, dtype, copy="whole") - plain == 2 * 100_000 * 512 * es
+        one = wm.chunk_width(1024, 1000)
+        assert one >= 1000 and all(wm.extra_bytes(1024, 1000, 512, dtype, copy=c) - wm.extra_bytes(
+            1024, 1000, 512, dtype, xu=False) == 2 * 1000 * 512 * es for c in ("chunks", "whole"))
     # float32 segments: the float32 gradient is the output either way (+ the own terms, 6 MB)
     fp32 = [wm.extra_bytes(1024, 100_000, 512, "fp32", atomic=a, xu=False) for a in (False, True)]
     assert 0 < fp32[0] - fp32[1] <= 12 * 1024 * 512 + 4 * (1024 + 100_000)

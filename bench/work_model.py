@@ -36,11 +36,18 @@ def chunk_width(B: int, C: int, block_c: int = V2_TILES["bwd2"][1]) -> int:
     return min(tiles, _cdiv(C, block_c)) * block_c
 
 
+def _copies_per_chunk(B: int, C: int, cast: bool, copy: str) -> bool:
+    """The backward copies each chunk's segments (``DAAL_LM_COPY=chunks``, the default): where
+    there is a copy and more than one chunk (with one, the forward's copy is saved)."""
+    return cast and copy == "chunks" and chunk_width(B, C) < C
+
+
 def kernels(B: int, C: int, D: int, dtype: str = "bf16", seg_dtype: str | None = None,
-            xu: bool = True) -> List[Dict]:
+            xu: bool = True, copy: str = "chunks") -> List[Dict]:
     """The kernels of one forward + backward, each ``dict(name, pass_, flops, dram_bytes,
     rmw_bytes, launches)``; ``xu`` (``DAAL_LM_XU=dot``): the prep kernel always writes the copy
-    ``[p~, u~]``."""
+    ``[p~, u~]``; ``copy`` (``DAAL_LM_COPY``): "chunks", the backward writes it again chunk by
+    chunk where it has several, "whole", the forward's is saved."""
     es = ES[dtype]
     ss = ES[seg_dtype or dtype]
     bcd = B * C * D
@@ -62,6 +69,8 @@ def kernels(B: int, C: int, D: int, dtype: str = "bf16", seg_dtype: str | None =
     k("mm G (AB^T X)", "bwd", 4 * bcd, ab + chunks * B * D * es + 8 * C * D, launches=chunks)
     k("dseg2", "bwd", 0, 8 * C * D + 2 * C * D * ss * 2 + 16 * C * _cdiv(B, V2_TILES["bwd2"][0]),
       launches=chunks)
+    if _copies_per_chunk(B, C, cast, copy):
+        k("prep2 (chunk copies)", "bwd", 0, 2 * C * D * ss + 2 * C * D * es + 16 * C, launches=chunks)
     return out
 
 
@@ -71,24 +80,30 @@ def total_flops(B: int, C: int, D: int) -> float:
 
 
 def extra_bytes(B: int, C: int, D: int, dtype: str = "bf16", seg_dtype: str | None = None,
-                atomic: bool = False, xu: bool = True) -> int:
-    """Peak extra memory of a forward + backward beyond the inputs (estimate): the segment
-    gradient, the saved statistics and cast segments, the chunk buffers (a~ b~, G, partials) and
-    the own-class terms (B x 3 x D float32) with their class lists (B + C int32). ``atomic``: the
-    design ``DAAL_LM_OWN_SEG=atomic`` keeps, whose gradient is float32 (C x 2 x D) until a cast to
-    the segments' dtype at the end (both alive then, for half segments). ``xu``
-    (``DAAL_LM_XU=dot``, the default): the cast segments ``[p~, u~]`` are always a copy (with
-    ``difference``, only for segments of another dtype)."""
+                atomic: bool = False, xu: bool = True, copy: str = "chunks") -> int:
+    """Peak extra memory of a forward + backward beyond the inputs (estimate): the backward's
+    (the segment gradient, the saved statistics and cast segments, the chunk buffers (a~ b~, G,
+    partials) and the own-class terms (B x 3 x D float32) with their class lists (B + C int32))
+    or the forward's (its copy of the segments and the statistics), whichever is larger.
+    ``atomic``: the design ``DAAL_LM_OWN_SEG=atomic`` keeps, whose gradient is float32
+    (C x 2 x D) until a cast to the segments' dtype at the end (both alive then, for half
+    segments). ``xu`` (``DAAL_LM_XU=dot``, the default): the cast segments ``[p~, u~]`` are
+    always a copy (with ``difference``, only for segments of another dtype). ``copy``
+    (``DAAL_LM_COPY``): "chunks" (the default), the backward holds one chunk's copy (Cc x 2 x D)
+    where it has several; "whole", the forward's whole copy is saved for it."""
     es, ss = ES[dtype], ES[seg_dtype or dtype]
     cc = chunk_width(B, C)
     cast = xu or (seg_dtype is not None and seg_dtype != dtype)
+    rows = cc if _copies_per_chunk(B, C, cast, copy) else C
     grad = 2 * C * D * (4 + (ss if ss != 4 else 0)) if atomic else 2 * C * D * ss + 12 * B * D + 4 * (B + C)
-    return int(grad + (2 * C * D * es if cast else 0) + 16 * C + 2 * B * cc * es
-               + 8 * cc * D + 4 * B * D * 3 + 16 * cc * _cdiv(B, 128) + 4 * B * cc // 64)
+    backward = (grad + (2 * rows * D * es if cast else 0) + 16 * C + 2 * B * cc * es
+                + 8 * cc * D + 4 * B * D * 3 + 16 * cc * _cdiv(B, 128) + 4 * B * cc // 64)
+    forward = (2 * C * D * es if cast else 0) + 16 * C + 20 * B
+    return int(max(backward, forward))
 
 
-def summary(B: int, C: int, D: int, dtype: str = "bf16", xu: bool = True) -> Dict:
-    ks = kernels(B, C, D, dtype, xu=xu)
+def summary(B: int, C: int, D: int, dtype: str = "bf16", xu: bool = True, copy: str = "chunks") -> Dict:
+    ks = kernels(B, C, D, dtype, xu=xu, copy=copy)
     return dict(flops=sum(k["flops"] for k in ks),
                 dram_bytes=sum(k["dram_bytes"] for k in ks), rmw_bytes=sum(k["rmw_bytes"] for k in ks),
                 launches=sum(k["launches"] for k in ks))

@@ -37,14 +37,17 @@ The split
 The kernels (docs/kernels.md, "Fused line margin")
 --------------------------------------------------
 16 BCD GEMM flops, no global read-modify-write inside any loop, pipelined K-loops; four launches
-forward (own-class rows, class statistics, logsumexp, merge), 4 per class chunk + 2 backward; with
+forward (own-class rows, class statistics, logsumexp, merge), 4 per class chunk + 2 backward (5
+per chunk where several chunks copy the segments: ``DAAL_LM_COPY``); with
 ``DAAL_LAUNCHES=merged`` (the default) two forward (the rows with the statistics,
 ``_lm2_own_prep_kernel``; the logsumexp with the merge where one class split does) and one fewer
 backward (the last chunk's epilogue with dX, ``_lm2_dseg_finish_kernel``).
 ``_lm2_prep_kernel`` computes the class statistics (4 x C) once per call, of the segments rounded
 to x's dtype, and their contiguous copy ``sx`` in x's dtype holding ``[p~, u~]`` (``u~ = q~ - p~``
 rounded once; ``DAAL_LM_XU=difference``: ``[p~, q~]``, and only when the segments are not already
-it); the forward saves both for the backward. ``_lm2_fwd_kernel`` is the streaming online-logsumexp
+it); the forward saves the statistics for the backward, and the copy where the backward runs
+one class chunk (with more, the backward rounds each chunk's again into one Cc x 2 x D buffer:
+``DAAL_LM_COPY``, :data:`COPY_ENV`). ``_lm2_fwd_kernel`` is the streaming online-logsumexp
 kernel whose K-loop is plain tile loads of x, p, u (``difference``: x, p, q, and
 ``x.u = x.q - x.p`` in the epilogue); its (row
 tiles x splits) grid is sized in whole waves of the device's SMs (:func:`wave_split`). The
@@ -71,8 +74,10 @@ into B x D and C x 2 x D are 64-bit (they may pass 2^31).
 Memory (beyond inputs and outputs)
 ----------------------------------
 The forward saves x, segments, labels, lse (B), the row statistics ``rs`` (3 x B), the class
-statistics ``st`` (4 x C) and the rounded copy ``sx`` (C x 2 x D in x's dtype; with
-``DAAL_LM_XU=difference`` only when the segments are not contiguous in x's dtype). The backward's temporaries are O(B Cc + (B + C) D): ``a~ b~`` (B x 2Cc),
+statistics ``st`` (4 x C) and, where the backward runs one class chunk (or with
+``DAAL_LM_COPY=whole``), the rounded copy ``sx`` (C x 2 x D in x's dtype; with
+``DAAL_LM_XU=difference`` only when the segments are not contiguous in x's dtype). The backward's
+temporaries are O(B Cc + (B + C) D): the chunk's copy (Cc x 2 x D), ``a~ b~`` (B x 2Cc),
 ``G`` (2Cc x D float32), the partials, the B x D float32 dX accumulator, the own-class rows
 (B x 3 x D float32: dP, dQ and the dX term) and their class lists (B + C int32); the segment
 gradient is written once in the segments' dtype (``DAAL_LM_OWN_SEG=atomic``, the earlier design,
@@ -177,7 +182,7 @@ def _class_stats(pid, seg_ptr, sx_ptr, st_ptr, C, D, stride_seg_c, stride_seg_v,
 
 
 @triton.jit
-def _lm2_tile(x_ptr, sx_ptr, st_ptr, rows, cls, rmask, cmask, xx, C, D, stride_x_b, xu,
+def _lm2_tile(x_ptr, sx_ptr, st_ptr, rows, cls, rmask, cmask, xx, C, D, stride_x_b, xu, sx_c0,
               BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
               INPUT_PRECISION: tl.constexpr):
     """One BLOCK_B x BLOCK_C tile of ``t`` and ``|e|^2`` (GEMM form, docs/method.md step 5).
@@ -192,11 +197,12 @@ def _lm2_tile(x_ptr, sx_ptr, st_ptr, rows, cls, rmask, cmask, xx, C, D, stride_x
         x_ptr, sx_ptr, st_ptr, C, D, stride_x_b, BLOCK_*, INPUT_PRECISION: as ``_lm2_fwd_kernel``.
         rows, cls, rmask, cmask: the tile's rows and classes and which of them exist.
         xx: the rows' ``|x|^2``. xu: the layout of ``sx`` (``_lm2_prep_kernel``).
+        sx_c0: the first class ``sx`` holds (0: every class; the backward: its chunk's first).
     """
     xp = tl.zeros([BLOCK_B, BLOCK_C], dtype=tl.float32)
     xq = tl.zeros([BLOCK_B, BLOCK_C], dtype=tl.float32)
     xrow = x_ptr + rows.to(tl.int64)[:, None] * stride_x_b
-    prow = sx_ptr + cls.to(tl.int64)[:, None] * (2 * D)
+    prow = sx_ptr + (cls - sx_c0).to(tl.int64)[:, None] * (2 * D)
     for k in range(0, D, BLOCK_D):
         offs_d = k + tl.arange(0, BLOCK_D)
         dmask = offs_d < D
@@ -262,7 +268,7 @@ def _lm2_fwd_kernel(x_ptr, sx_ptr, label_ptr, rs_ptr, st_ptr, m_ptr, s_ptr,
     for ct in range(t_start, t_end):
         cls = ct * BLOCK_C + tl.arange(0, BLOCK_C)
         cmask = cls < C
-        t, e2 = _lm2_tile(x_ptr, sx_ptr, st_ptr, rows, cls, rmask, cmask, xx, C, D, stride_x_b, xu,
+        t, e2 = _lm2_tile(x_ptr, sx_ptr, st_ptr, rows, cls, rmask, cmask, xx, C, D, stride_x_b, xu, 0,
                           BLOCK_B, BLOCK_C, BLOCK_D, INPUT_PRECISION)
         delta = tl.sqrt(tl.maximum(e2, eps, propagate_nan=tl.PropagateNan.ALL))  # NaN reaches the sum (tl.max skips it)
         valid = cmask[None, :] & (cls[None, :] != lab[:, None])
@@ -317,7 +323,9 @@ def _lm2_bwd_kernel(x_ptr, sx_ptr, label_ptr, rs_ptr, lse_ptr, go_ptr, st_ptr,
     ``colp[pid(0), 0..3, c - c0]`` (the four sums above); no accumulator leaves the program.
 
     Args:
-        x_ptr, sx_ptr, label_ptr, rs_ptr, st_ptr: as ``_lm2_fwd_kernel``.
+        x_ptr, label_ptr, rs_ptr, st_ptr: as ``_lm2_fwd_kernel``.
+        sx_ptr: the chunk's rows of ``sx`` (classes ``[c0, c0 + Cc)``, contiguous, x's dtype): of
+            the forward's copy, or of the chunk's own (``DAAL_LM_COPY=chunks``).
         lse_ptr: B values ``lse_i`` of the forward. go_ptr: B incoming gradients (float32).
         ab_ptr: B x 2Cc output in x's dtype (contiguous). rowp_ptr: cdiv(Cc, BLOCK_C) x B
         float32. colp_ptr: cdiv(B, BLOCK_B) x 4 x Cc float32.
@@ -340,7 +348,7 @@ def _lm2_bwd_kernel(x_ptr, sx_ptr, label_ptr, rs_ptr, lse_ptr, go_ptr, st_ptr,
     lse = tl.load(lse_ptr + rows, mask=rmask, other=0.0)
     go = tl.load(go_ptr + rows, mask=rmask, other=0.0)
     xx = tl.load(rs_ptr + B + rows, mask=rmask, other=0.0)
-    t, e2 = _lm2_tile(x_ptr, sx_ptr, st_ptr, rows, cls, rmask, cmask, xx, C, D, stride_x_b, xu,
+    t, e2 = _lm2_tile(x_ptr, sx_ptr, st_ptr, rows, cls, rmask, cmask, xx, C, D, stride_x_b, xu, c0,
                       BLOCK_B, BLOCK_C, BLOCK_D, INPUT_PRECISION)
     delta = tl.sqrt(tl.maximum(e2, eps, propagate_nan=tl.PropagateNan.ALL))
     # 0 where the floor binds; a NaN e2 keeps its NaN (not `e2 >= eps`, false for NaN)
@@ -941,16 +949,57 @@ def xu_dot() -> bool:
     return env_choice(XU_ENV, XU_POLICIES) == "dot"
 
 
+def _copies(seg: torch.Tensor, x_dtype: torch.dtype, xu: bool) -> bool:
+    """The GEMMs read a copy ``sx`` of the segments: with ``xu`` (it holds ``u~``), or when the
+    segments are not already contiguous in x's dtype."""
+    return xu or seg.dtype != x_dtype or not seg.is_contiguous()
+
+
 def _cast_segments(seg: torch.Tensor, x_dtype: torch.dtype, xu: bool = True
                    ) -> Tuple[torch.Tensor, torch.Tensor, bool]:
-    """``(st, sx, cast)``: the 4 x C class statistics (uninitialised), and, with ``xu`` (``sx``
-    holds ``u~``) or when the segments are not already contiguous in x's dtype (``cast``), room
-    for their contiguous copy in x's dtype (else an empty tensor: ``sx`` is ``seg``)."""
+    """``(st, sx, cast)``: the 4 x C class statistics (uninitialised), and, where the GEMMs read a
+    copy (``cast``, :func:`_copies`), room for it, contiguous in x's dtype (else an empty tensor:
+    ``sx`` is ``seg``)."""
     C, _, D = seg.shape
-    cast = xu or seg.dtype != x_dtype or not seg.is_contiguous()
+    cast = _copies(seg, x_dtype, xu)
     st = torch.empty(4, C, device=seg.device, dtype=torch.float32)
     sx = torch.empty((C, 2, D) if cast else (0,), device=seg.device, dtype=x_dtype)
     return st, sx, cast
+
+
+#: The internal switch of the copy ``sx`` between the forward and the backward: "chunks" (the
+#: default: where the backward runs more than one class chunk the forward's whole copy is dropped,
+#: and the backward rounds each chunk's segments again into a Cc x 2 x D buffer, one launch of
+#: ``_lm2_prep_kernel`` per chunk: nothing C x 2 x D in x's dtype is held from the forward to the
+#: backward, 205 MB at C = 100k, D = 512 in bfloat16) or "whole" (the forward's copy saved for
+#: the backward, as from 2026-12-06's ``[p~, u~]`` until this switch; no GPU has timed either).
+#: Read by every forward (the backward follows what it was given); gpu_check.sh times both.
+COPY_ENV = "DAAL_LM_COPY"
+COPY_POLICIES = ("chunks", "whole")
+
+
+def copy_policy() -> str:
+    """``DAAL_LM_COPY`` (default "chunks"); ``ValueError`` naming it for another value."""
+    return env_choice(COPY_ENV, COPY_POLICIES)
+
+
+def _backward_chunk(x: torch.Tensor, C: int) -> int:
+    """Cc, the classes per chunk of the backward of ``x`` (B x D) against C classes."""
+    cfg = CONFIGS[config_family(x.dtype)]["bwd2"]
+    return chunk_classes(x.shape[0], C, cfg.blocks["BLOCK_B"], cfg.blocks["BLOCK_C"], sm_count(x.device))
+
+
+def _kept_copy(sx: torch.Tensor, x: torch.Tensor, C: int) -> torch.Tensor:
+    """What the forward saves of its copy ``sx`` for the backward: all of it with
+    ``DAAL_LM_COPY=whole``, where the backward runs one chunk (the chunk's copy would be as large)
+    or where the shapes are symbolic (``torch.compile(dynamic=True)``: no guard on them); else an
+    empty tensor, and the backward copies chunk by chunk (:data:`COPY_ENV`)."""
+    whole = copy_policy() == "whole"  # read (and checked) on every forward, as the other switches
+    if whole or sx.numel() == 0 or not isinstance(x.shape[0], int) or not isinstance(C, int):
+        return sx
+    if C <= _backward_chunk(x, C):
+        return sx
+    return sx.new_empty(0)
 
 
 def _unit_feature_stride(seg: torch.Tensor) -> torch.Tensor:
@@ -1112,6 +1161,9 @@ def _line_margin2_backward(grad_out, x, seg, sx, st, labels, lse, rs, alpha, lam
     seg = _unit_feature_stride(seg)
     B, D = x.shape
     C = seg.shape[0]
+    # the forward's copy, the segments themselves, or (the forward kept no copy: _kept_copy) a
+    # copy per chunk, rounded by the forward's kernel into one Cc x 2 x D buffer
+    rebuild = sx.numel() == 0 and _copies(seg, x.dtype, xu)
     s2 = seg if sx.numel() == 0 else sx
     go = grad_out.float().contiguous()
     atomic = atomic and not torch.are_deterministic_algorithms_enabled()
@@ -1132,24 +1184,34 @@ def _line_margin2_backward(grad_out, x, seg, sx, st, labels, lse, rs, alpha, lam
     cfg, dcfg = cfgs["bwd2"], cfgs["dseg2"]
     bb, bc = cfg.blocks["BLOCK_B"], cfg.blocks["BLOCK_C"]
     row_tiles = cdiv(B, bb)
-    cc = chunk_classes(B, C, bb, bc, sm_count(x.device))
+    cc = _backward_chunk(x, C)
     ctiles = cc // bc
+    if rebuild:  # the chunk's copy and its statistics (the same values as the forward's st)
+        pcfg = cfgs["prep2"]
+        sxc = torch.empty(min(cc, C), 2, D, device=x.device, dtype=x.dtype)
+        stc = torch.empty(4, min(cc, C), device=x.device, dtype=torch.float32)
     ab = torch.empty(B, 2 * cc, device=x.device, dtype=x.dtype)
     rowp = torch.empty(ctiles, B, device=x.device, dtype=torch.float32)
     colp = torch.empty(row_tiles, 4, cc, device=x.device, dtype=torch.float32)
-    s2rows = s2.view(2 * C, D)
     prec, hmax = _precision(x.dtype, device=x.device), _HMAX[x.dtype]
     xuf = 1.0 if xu else 0.0
     acc, hr, rows_p = None, None, 0
     gx = torch.empty(B, D, device=x.device, dtype=x.dtype)
     for c0 in range(0, C, cc):
         n = min(cc, C - c0)
+        if rebuild:
+            _lm2_prep_kernel[(cdiv(n, pcfg.blocks["BLOCK_C"]),)](
+                seg[c0: c0 + n], sxc, stc, n, D, seg.stride(0), seg.stride(1), seg.stride(2), xuf,
+                CAST=True, **pcfg.launch(D))
+            s2c = sxc[:n]
+        else:
+            s2c = s2[c0: c0 + n]
         _lm2_bwd_kernel[(row_tiles, cdiv(n, bc))](
-            x, s2, labels, rs, lse, go, st, ab, rowp, colp, B, C, D, c0, cc, x.stride(0),
+            x, s2c, labels, rs, lse, go, st, ab, rowp, colp, B, C, D, c0, cc, x.stride(0),
             float(alpha), EPS, hmax, xuf, INPUT_PRECISION=prec, **cfg.launch(D))
         nt = cdiv(n, bc)
         abn = ab[:, : 2 * n]
-        part = mm_f32(abn, s2rows[2 * c0: 2 * (c0 + n)])  # sum_c a~ p_c + b~ q_c (xu: (a~ + b~) p_c + b~ u_c)
+        part = mm_f32(abn, s2c.reshape(2 * n, D))  # sum_c a~ p_c + b~ q_c (xu: (a~ + b~) p_c + b~ u_c)
         if acc is None and C <= cc:  # one chunk: the partials go to the finish kernel as they are
             acc, hr, rows_p = part, rowp, nt
         else:
@@ -1196,7 +1258,7 @@ def _line_margin2_backward_fake(grad_out, x, seg, sx, st, labels, lse, rs, alpha
 def _line_margin2_setup_context(ctx, inputs, output):
     x, seg, labels, margins, alpha, lambda_pull, merged, xu = inputs
     _, lse, rs, st, sx = output
-    ctx.save_for_backward(x, seg, sx, st, labels, lse, rs)
+    ctx.save_for_backward(x, seg, _kept_copy(sx, x, seg.shape[0]), st, labels, lse, rs)
     ctx.alpha, ctx.lambda_pull, ctx.merged, ctx.xu = alpha, lambda_pull, merged, xu
     ctx.atomic = own_seg_policy() == "atomic"  # the switch as the forward saw it
     ctx.mark_non_differentiable(lse, rs, st, sx)

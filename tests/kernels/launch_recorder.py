@@ -161,7 +161,8 @@ def record() -> list:
         merged, xu = _common.merged_launches(), line_margin.xu_dot()
         out, lse, rs, st, sx = line_margin._line_margin2_op._init_fn(x, seg, labels, torch.rand(B), 16.0, 0.1,
                                                                      merged, xu)
-        line_margin._line_margin2_backward(torch.ones(B), x, seg, sx, st, labels, lse, rs, 16.0, 0.1, atomic,
+        kept = line_margin._kept_copy(sx, x, C)  # as the autograd formula saves it
+        line_margin._line_margin2_backward(torch.ones(B), x, seg, kept, st, labels, lse, rs, 16.0, 0.1, atomic,
                                            merged, xu)
 
     def pairwise_op(dt, M, N, D):
@@ -229,6 +230,9 @@ def record() -> list:
         ("line_margin bf16 classes100k, xu difference", lambda: line_margin_op("bf16", 1024, 100000, 512),
          {"DAAL_LM_XU": "difference"}),
         ("loss fp32 dml, xu difference", lambda: loss("fp32", 180, 100, 512), {"DAAL_LM_XU": "difference"}),
+        # the forward's whole copy saved for the backward (DAAL_LM_COPY=whole: no copy per chunk)
+        ("line_margin bf16 classes100k, whole copy", lambda: line_margin_op("bf16", 1024, 100000, 512),
+         {"DAAL_LM_COPY": "whole"}),
         ("loss fp32 dml, aten glue", lambda: loss("fp32", 180, 100, 512), {"DAAL_GLUE": "aten"}),
         ("loss fp32 dml, separate", lambda: loss("fp32", 180, 100, 512), {"DAAL_LAUNCHES": "separate"}),
         # an embedding width that is no multiple of 16 (kernels/_common.py, ALIGN): the kNN's rows

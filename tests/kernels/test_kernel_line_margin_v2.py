@@ -380,7 +380,8 @@ def test_merged_launches_give_the_same_bits(small_chunks, monkeypatch, sms, C, c
     both gradients agree bit for bit, with one class split (the merge inside the GEMM kernel) or
     several (``sm_count`` patched: 3 class tiles on 64 SMs), one class chunk or three; and the
     merged forward makes 2 launches where one split suffices (4 separate) and the backward one
-    launch fewer (the last chunk's segment epilogue with dX)."""
+    launch fewer (the last chunk's segment epilogue with dX); with more than one chunk the
+    backward copies each chunk's segments (``DAAL_LM_COPY=chunks``)."""
     B, D = 37, 33
     if chunked:
         small_chunks(B)
@@ -398,7 +399,8 @@ def test_merged_launches_give_the_same_bits(small_chunks, monkeypatch, sms, C, c
     fwd_sep = 4  # own rows, class statistics, logsumexp, merge
     fwd_mer = 2 if splits == 1 else 3
     chunks = -(-C // lm.chunk_classes(B, C, 128, 128, sms))
-    bwd_sep = 1 + 2 * chunks + 1  # the lists, per chunk the GEMM kernel and the epilogue, dX
+    # the lists, per chunk (its copy,) the GEMM kernel and the epilogue, dX
+    bwd_sep = 1 + (3 if chunks > 1 else 2) * chunks + 1
     assert sum(sep_n.values()) == fwd_sep + bwd_sep, sep_n
     assert sum(mer_n.values()) == fwd_mer + bwd_sep - 1, mer_n
     assert "_lm2_lse_kernel" in sep_n and ("_lm2_lse_kernel" in mer_n) == (splits > 1)
@@ -686,3 +688,58 @@ def test_xu_switch(monkeypatch):
     monkeypatch.setenv(lm.XU_ENV, "q-p")
     with pytest.raises(ValueError, match="DAAL_LM_XU"):
         lm.line_margin(x.float(), y, seg.float(), m.float(), alpha=ALPHA, lambda_pull=0.2)
+
+
+def _saved_copies(monkeypatch, policy, x, y, seg, m, go):
+    """``((value, dX, dSegments), copies)`` of the kernels under ``DAAL_LM_COPY=policy``: the
+    tensors of C x 2 x D elements other than the segments that the forward saved for the backward."""
+    monkeypatch.setenv(lm.COPY_ENV, policy)
+    saved = []
+    xk, sk = x.detach().clone().requires_grad_(), seg.detach().clone().requires_grad_()
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = lm.line_margin(xk, y, sk, m.float(), alpha=ALPHA, lambda_pull=0.2)
+    monkeypatch.setenv(lm.COPY_ENV, "whole" if policy == "chunks" else "chunks")
+    out.backward(go.float())  # the forward's choice, whatever the variable says now
+    copies = [t for t in saved if t.numel() == seg.numel() and t.data_ptr() != sk.data_ptr()]
+    return (out.detach(), xk.grad, sk.grad), copies
+
+
+@pytest.mark.parametrize("x_dtype,seg_dtype,xu", [(torch.float32, torch.float32, "dot"),
+                                                  (torch.float16, torch.float32, "dot"),
+                                                  (torch.float16, torch.float32, "difference"),
+                                                  (torch.float32, torch.float32, "difference")],
+                         ids=["fp32", "fp16-seg32", "fp16-seg32-difference", "fp32-difference"])
+def test_the_backward_copies_the_segments_chunk_by_chunk(small_chunks, monkeypatch, x_dtype, seg_dtype, xu):
+    """``DAAL_LM_COPY``: with "chunks" (the default) and more than one class chunk the forward
+    saves no C x 2 x D copy of the segments for the backward (205 MB at C = 100k, D = 512 in
+    bfloat16), which rounds each chunk's into one Cc x 2 x D buffer with the forward's kernel;
+    "whole" saves the forward's copy; the gradients are the same bits and the float64
+    reference's. With one chunk both save the copy (the chunk's would be as large) and launch
+    the same kernels. Where no copy is made (``difference``, segments contiguous in x's dtype)
+    nothing changes. Another value is a ValueError naming the variable."""
+    monkeypatch.setenv(lm.XU_ENV, xu)
+    B, C, D = 37, 300, 33
+    small_chunks(B)
+    x, y, seg, m, go = make_case(B, C, D, zero_len=True, on_own=True)
+    x, seg = x.to(x_dtype), seg.to(seg_dtype)
+    copying = xu == "dot" or x_dtype != seg_dtype
+    got, copies = _saved_copies(monkeypatch, "chunks", x, y, seg, m, go)
+    assert copies == []
+    whole, copies = _saved_copies(monkeypatch, "whole", x, y, seg, m, go)
+    assert len(copies) == int(copying) and all(c.dtype == x_dtype for c in copies)
+    for a, b in zip(got, whole):
+        assert torch.equal(a, b)
+    ref = reference_grads(x.double(), y, seg.double(), m, go, 0.2)
+    tol = tolerance(torch.float32, tf32=TF32) if x_dtype == torch.float32 else tolerance(torch.float16)
+    for a, b in zip(got, ref):
+        assert rel_err(a, b) <= tol
+    # one chunk: the forward's copy is kept, and the backward makes none
+    x1, y1, seg1, m1, go1 = make_case(B, 11, D, zero_len=True)
+    for policy in lm.COPY_POLICIES:
+        (_, copies), n = _launched(lambda: _saved_copies(monkeypatch, policy, x1.to(x_dtype), y1,
+                                                              seg1.to(seg_dtype), m1, go1))
+        assert len(copies) == int(copying) and n.get("_lm2_prep_kernel", 0) + n.get(
+            "_lm2_own_prep_kernel", 0) == 1, (policy, n)
+    monkeypatch.setenv(lm.COPY_ENV, "none")
+    with pytest.raises(ValueError, match="DAAL_LM_COPY"):
+        lm.line_margin(x.requires_grad_(), y, seg, m.float(), alpha=ALPHA, lambda_pull=0.2)
