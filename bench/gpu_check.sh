@@ -163,6 +163,23 @@ else
 fi
 echo "   install: $INSTALL"
 
+# ------------------------------------------------------------------ ProxyAnchor's loss
+# The training-step benchmark compares DAAL with pytorch-metric-learning's ProxyAnchorLoss, which
+# the GPU image lacks (and the machine has no network): its wheel travels with the repository
+# (bench/wheels/README.md), installed into a folder of this run on PYTHONPATH.
+if ! (cd "$TMP" && timeout -k 5 60 "$PY" -c "import pytorch_metric_learning" > /dev/null 2>&1); then
+  for whl in "$REPO"/bench/wheels/pytorch_metric_learning-*.whl; do
+    [ -f "$whl" ] || continue
+    if timeout -k 5 60 "$PY" -m pip install -q --no-deps --no-index --no-compile --target "$TMP/pml" "$whl" \
+        > "$OUT/install_pml.log" 2>&1; then
+      export PYTHONPATH="$TMP/pml${PYTHONPATH:+:$PYTHONPATH}"
+      echo "   pytorch-metric-learning: $(basename "$whl")"
+    else
+      echo "   pytorch-metric-learning: not installed (install_pml.log)"
+    fi
+  done
+fi
+
 # ------------------------------------------------------------------ environment
 INSTALL="$INSTALL" timeout -k 10 60 "$PY" - > "$OUT/env.json" 2> "$OUT/env.log" <<'EOF'
 import datetime, json, os, platform, subprocess
@@ -178,7 +195,7 @@ try:
                    gpu_count=torch.cuda.device_count())
 except Exception as exc:
     env["torch_error"] = repr(exc)
-for mod in ("triton", "pytest", "pytest_benchmark"):
+for mod in ("triton", "pytest", "pytest_benchmark", "pytorch_metric_learning"):
     try:
         import importlib.metadata as md
         env[mod] = md.version(mod.replace("_", "-"))
