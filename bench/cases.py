@@ -141,8 +141,8 @@ SMOKE_SHAPES: Dict[str, Dict[str, dict]] = {
     # the training program's VGG-19 with 1/16 of its channels (``width``), 32 x 32 images
     "train_step": {"tiny": dict(arch="vgg19", B=12, C=5, D=16, H=32, width=1 / 16)},
 }
-# The whole loss computes in float32 whatever the embeddings' dtype (docs/method.md step 1: "at least
-# float32"), so it is benchmarked in float32 only. The operators in bfloat16 and float32 (TF32).
+# The whole loss computes in float32 whatever the embeddings' dtype (docs/method.md step 1: float32 "or
+# wider"), so it is benchmarked in float32 only. The operators in bfloat16 and float32 (TF32).
 # The training step runs under bf16 autocast (float32 without autocast in the smoke mode).
 OP_DTYPES = {"pairwise": ("bf16", "fp32"), "knn": ("bf16", "fp32"),
              "line_margin": ("bf16", "fp32"), "loss": ("fp32",), "train_step": ("bf16",)}

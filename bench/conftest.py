@@ -17,7 +17,8 @@ Options (each also as an environment variable, for ``bench/gpu_check.sh``):
 skipped with the reason, failed); ``bench/report.py`` reads it.
 ``--bench-time-budget SECONDS`` (``DAAL_BENCH_DEADLINE``, an absolute Unix time): cases that
 would start after the budget is spent are recorded as "skipped: out of time budget".
-``--bench-compile-on-cpu``: run the torch.compile provider in smoke mode too (~20 s per graph).
+``--bench-compile-on-cpu`` (``DAAL_BENCH_COMPILE_ON_CPU``): run the torch.compile provider in
+smoke mode too (~20 s per graph).
 
 Timing: every round of ``benchmark.pedantic`` is bracketed by ``torch.cuda.synchronize``
 (the setup ends with one, the timed function ends with one), so pytest-benchmark's wall-clock

@@ -24,7 +24,8 @@
 # usage: bash bench/gpu_check.sh OUTDIR
 #
 # OUTDIR receives: env.json, steps.json (one line per step: exit status, seconds), *.log,
-# gpu_tests.xml / kernel_tests.xml / bench_junit.xml (JUnit), records.jsonl (one line per
+# gpu_tests.xml / kernel_tests.xml / bench_junit.xml / build_tests.xml (JUnit; the last with
+# DAAL_CHECK_BUILD_S), records.jsonl (one line per
 # benchmark case: measured, skipped with the reason, or failed), bench.json
 # (pytest-benchmark's --benchmark-json), probe.jsonl, tune_knn.json, tune_line_margin.json,
 # nvidia-smi.txt, report.md, and 0-all-files.tar.gz: all of these in one archive (the device tool
@@ -60,7 +61,7 @@ OUT=$(cd "$1" && pwd)
 # into it would mix its records with the first's (the later winning); an earlier run's other
 # outputs (a failing kernel_tests.xml) would be read into this run's report and archive
 for f in steps.json records.jsonl probe.jsonl env.json report.md bench.json gpu_tests.xml kernel_tests.xml \
-         bench_junit.xml tune_knn.json tune_line_margin.json 0-all-files.tar.gz; do
+         bench_junit.xml build_tests.xml tune_knn.json tune_line_margin.json 0-all-files.tar.gz; do
   if [ -e "$OUT/$f" ]; then
     echo "gpu_check: $OUT already holds a run ($f): give an empty or new OUTDIR" >&2
     exit 2

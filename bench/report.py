@@ -897,7 +897,8 @@ Each case is (shape, precision, provider, pass):
   whole loss computes in float32 whatever its inputs (docs/method.md, step 1), so it runs in fp32 only. The
   references keep their own arithmetic (the pairwise/kNN reference upcasts to float32);
 - shapes: DML batch (B=180, C=100, D=512), large batch (B=4096, C=1000), many classes
-  (B=1024, C=11,318 and C=100,000), kNN evaluation (60,000 × 60,000, k=8), memory bank
+  (B=1024, C=11,318 and C=100,000; the line margin alone also at B=4096, C=1,000,000, `classes1m`),
+  kNN evaluation (60,000 × 60,000, k=8), memory bank
   (1,024 queries × 65,536 references), all with D=512; the same memory bank and the large pairwise at D=129 (`bank_d129`, `large_d129`).
 
 Measured per case: the median time of rounds each bracketed by `torch.cuda.synchronize`, the

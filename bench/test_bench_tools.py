@@ -658,7 +658,7 @@ def test_gpu_check_script_parses():
 
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="no bash")
-@pytest.mark.parametrize("left", ["records.jsonl", "kernel_tests.xml", "0-all-files.tar.gz"])
+@pytest.mark.parametrize("left", ["records.jsonl", "kernel_tests.xml", "build_tests.xml", "0-all-files.tar.gz"])
 def test_gpu_check_refuses_a_folder_that_holds_a_run(tmp_path, left):
     """A second run into a run's folder would append to its records.jsonl, or read an earlier
     run's failing kernel tests into its report and archive: refused, untouched."""

@@ -717,7 +717,7 @@ KP_ROWS = tuple(_FWD_BLOCKS)
 #: registers per thread (Triton's ``maxnreg``): the entry's own tiles capped at 128 registers
 #: fit two programs per SM with no more L2 traffic per FLOP than the entry, at the price of
 #: spills (bf16 KP 8: 128 B per thread under Triton 3.8, 200 B under 3.6, none in the K-loop:
-#: asserted by the same test; docs/kernels.md, "Two programs per SM at 128 x 128"). A seventh
+#: asserted by the same test; docs/kernels.md, "Two programs per SM at 128 × 128"). A seventh
 #: field "tma" loads the tiles through tensor descriptors (``DAAL_KNN_LOADS=tma``; the sixth is
 #: then the cap or None): no per-thread addresses, so fewer registers: the capped entry spills
 #: 32 B instead of 128 B, and the 4-warp tiles fit three programs per SM (docs/kernels.md,
