@@ -104,6 +104,34 @@ def test_miner_weights_in_the_loss_dtype():
     assert torch.equal(per(z, y, tup), per(z, y) * torch.tensor([3 / 4, 1 / 4, 1.0], dtype=torch.float64))
 
 
+@pytest.mark.parametrize("backend,dtype,tol", [("reference", torch.float64, 1e-12), ("triton", torch.float32, 1e-5)])
+def test_a_miner_tuple_weighs_the_terms_as_the_method_says(backend, dtype, tol):
+    """docs/method.md step 7, "With a miner's tuple": ``L = (1/B) sum_i w_i (line_i + pull_i) +
+    lambda_dens (1/|V|) sum_{i in V} w_i max(0, tau - r_i) + lambda_len L_len``: the means keep
+    their denominators, the length term is not weighted (uneven weights, an invalid sample, every
+    term on)."""
+    B, C, D = 16, 4, 8
+    z, _, seg = random_problem(B, C, D)
+    y = torch.cat([torch.tensor([3]), torch.arange(B - 1) % 3])  # class 3: one sample, invalid
+    hp = dict(tau=1.5, lambda_len=1.0, l_max=0.05, lambda_pull=0.3, lambda_dens=0.5)
+    tup = (torch.tensor([0, 0, 1, 3, 0]), torch.tensor([5, 6, 7, 8, 2]), torch.tensor([9, 10, 11, 12, 2]))
+    count = torch.bincount(torch.cat(tup), minlength=B).double()
+    w = count / count.max()
+    loss = dt.DAALLoss(C, D, backend=backend, **hp).to(dtype)
+    with torch.no_grad():
+        loss.segments.copy_(3 * seg)
+    parts = dt.daal_loss(z.to(dtype), y, loss.segments, reduction="none", return_parts=True, backend=backend, **hp)
+    hinge = torch.where(parts.valid, (hp["tau"] - parts.radius).clamp_min(0), torch.zeros_like(parts.radius))
+    line_pull = parts.per_sample - hp["lambda_dens"] * hinge
+    assert not parts.valid[0] and parts.valid[1:].all()
+    line_pull, hinge, length = line_pull.detach(), hinge.detach(), parts.length.detach()
+    want = ((w * line_pull.double()).sum() / B + hp["lambda_dens"] * (w * hinge.double()).sum() / parts.valid.sum()
+            + hp["lambda_len"] * length.double())
+    got = loss(z.to(dtype), y, tup).detach()
+    assert abs(float(got) - float(want)) <= tol * abs(float(want)), (float(got), float(want))
+    assert length > 0 and hinge.sum() > 0 and len(set(w.tolist())) > 2  # every term counts
+
+
 @pytest.mark.parametrize("bad", [(torch.tensor([True, False]), torch.tensor([False, True])),
                                  (torch.tensor([[0, 1]]), torch.tensor([[2, 0]]))], ids=["bool", "2-D"])
 def test_indices_tuple_of_bools_or_matrices_is_refused(bad):
