@@ -129,6 +129,20 @@ def _no_autocast(device: torch.device):
         return contextlib.nullcontext()
 
 
+def _on_device(device: torch.device):
+    """Triton launches its kernels on the *current* CUDA device, not on the tensors' (tensors on
+    cuda:1 while cuda:0 is current end in Triton's "Pointer argument cannot be accessed from
+    Triton"): the tensors' device is made current for the call, as PyTorch's own CUDA operators
+    do. (No context where it already is current, on other devices, and while ``torch.compile``
+    traces: its generated code guards the device itself.) The backward needs none: autograd runs
+    each device's backward on a thread with that device current."""
+    if device.type != "cuda" or device.index is None or torch.compiler.is_compiling():
+        return contextlib.nullcontext()
+    if device.index == torch.cuda.current_device():
+        return contextlib.nullcontext()
+    return torch.cuda.device(device)
+
+
 def compose(
     embeddings: torch.Tensor,
     labels: torch.Tensor,
@@ -150,7 +164,7 @@ def compose(
     e.g. from a miner's tuples) scale each sample's line, pull and density terms."""
     # the reference set takes part in the promotion: a float64 bank is never cast down
     dtype = compute_dtype(embeddings, segments, *(() if ref_embeddings is None else (ref_embeddings,)))
-    with _no_autocast(embeddings.device):
+    with _no_autocast(embeddings.device), _on_device(embeddings.device):
         seg = segments.to(dtype)
         C = seg.shape[0]
         x, labels, bad_label = ops.prepare(embeddings, labels, C, dtype=dtype, normalize=hp.normalize)

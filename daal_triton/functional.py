@@ -12,7 +12,7 @@ import torch
 
 from . import reference
 from .backend import choose_backend, refuse_vmap
-from .core import DAALParts, Hyperparameters, Operators, _no_autocast, compose
+from .core import DAALParts, Hyperparameters, Operators, _no_autocast, _on_device, compose
 from .validation import (
     check_flag,
     check_float_matrix,
@@ -174,7 +174,8 @@ def pairwise_distance(x: torch.Tensor, y: torch.Tensor, *, backend: str = "auto"
     if choose_backend(backend, x.device, torch.promote_types(x.dtype, y.dtype), own_dots=True) == "triton":
         from .kernels.pairwise import pairwise_distance as kernel
 
-        return kernel(x, y)
+        with _on_device(x.device):
+            return kernel(x, y)
     with _no_autocast(x.device):  # an enclosing autocast would run the reference's GEMM in half precision
         return reference.pairwise_distance(x, y)
 
@@ -202,6 +203,7 @@ def knn(
     check_flag(exclude_self, "exclude_self", optional=False)
     dtype = torch.promote_types(query.dtype, ref.dtype)
     knn_fn = _ops(choose_backend(backend, query.device, dtype, own_dots=True)).knn
-    with _no_autocast(query.device):  # as the loss: the distances in the inputs' precision
+    # as the loss: the distances in the inputs' precision, on the inputs' device
+    with _no_autocast(query.device), _on_device(query.device):
         return knn_fn(query, ref, int(k), query_labels=query_labels, ref_labels=ref_labels,
                       exclude_self=exclude_self)

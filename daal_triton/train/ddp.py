@@ -121,6 +121,8 @@ def setup(device: torch.device, backend: str = "auto", timeout_min: float = 60.0
         return DistContext(rank, world, local, dist.get_backend(), owns_group=False), device
     rank, world, local = env_world()
     if world == 1:
+        if device.type == "cuda" and device.index is not None:  # --device cuda:N: N current, as for a
+            torch.cuda.set_device(device)  # rank (Triton launches on the current device; memory stats read it)
         return DistContext(), device
     if not dist.is_available():
         raise ConfigError("WORLD_SIZE > 1 but this torch build has no torch.distributed")

@@ -20,7 +20,10 @@ def resolve_device(name: str) -> torch.device:
         raise RuntimeError("--device cuda was asked for but torch sees no CUDA GPU")
     if name not in ("cpu",) and not name.startswith("cuda"):
         raise ValueError(f"--device must be auto, cpu or cuda[:N], got {name!r}")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
 
 
 AMP_CHOICES = ("auto", "bf16", "fp16", "none")

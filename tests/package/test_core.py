@@ -243,3 +243,47 @@ def test_parts_line_is_exact_where_it_is_known(backend):
             parts = daal_loss(z, torch.arange(11) % 4, seg, return_parts=True, backend=backend,
                               lambda_pull=lambda_pull)
             assert parts.line.item() >= 0.0
+
+
+def test_the_kernels_run_on_the_tensors_device(monkeypatch):
+    """Triton launches on the *current* CUDA device: tensors on cuda:1 while cuda:0 is current
+    must make cuda:1 current for the call (else "Pointer argument cannot be accessed from
+    Triton"). ``_on_device`` enters ``torch.cuda.device`` exactly then (the device calls are
+    recorded: no GPU needed), and the loss, the pairwise distance and the kNN take the guard with
+    their inputs' device. (On two GPUs, tests/package/test_fast_path.py runs them on cuda:1.)"""
+    import contextlib
+
+    from daal_triton import core, functional
+
+    entered = []
+
+    class Guard:
+        def __init__(self, device):
+            entered.append(torch.device(device))
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "device", Guard)
+    for dev, guarded in (("cuda:1", True), ("cuda:0", False), ("cuda", False), ("cpu", False)):
+        with core._on_device(torch.device(dev)):
+            pass
+        assert entered == ([torch.device(dev)] if guarded else []), dev
+        entered.clear()
+    seen = []
+
+    def recording(device):
+        seen.append(device)
+        return contextlib.nullcontext()
+
+    monkeypatch.setattr(core, "_on_device", recording)
+    monkeypatch.setattr(functional, "_on_device", recording)
+    z, y = torch.randn(12, 8), torch.arange(12) % 3
+    functional.daal_loss(z, y, torch.randn(3, 2, 8), backend="reference")
+    functional.knn(z, z, 2, backend="reference")
+    functional.pairwise_distance(z, z, backend="triton")
+    assert seen == [z.device] * 3

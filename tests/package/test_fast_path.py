@@ -322,6 +322,32 @@ def test_torch_compile_inductor_on_gpu():
 
 
 @pytest.mark.gpu
+def test_tensors_on_another_gpu_than_the_current_one():
+    """Triton launches on the current device: the loss (forward and backward), the kNN and the
+    pairwise distance on cuda:1 while cuda:0 is current give what they give with cuda:1 current
+    (core._on_device). Needs two GPUs."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip(f"needs two CUDA GPUs, this machine has {torch.cuda.device_count()}")
+    torch.cuda.set_device(0)
+    z, y, seg = random_problem(37, 11, 129, dtype=torch.float32)
+    out = {}
+    for current in (1, 0):
+        torch.cuda.set_device(current)
+        zz = z.to("cuda:1").requires_grad_()
+        module = dt.DAALLoss(11, 129, backend="triton").to("cuda:1")
+        with torch.no_grad():
+            module.segments.copy_(seg)
+        loss = module(zz, y.to("cuda:1"))
+        loss.backward()
+        d, i = dt.knn(zz.detach(), zz.detach(), 3, backend="triton")
+        pw = dt.pairwise_distance(zz.detach(), zz.detach(), backend="triton")
+        out[current] = [t.cpu() for t in (loss.detach(), zz.grad, module.segments.grad, d, i, pw)]
+    torch.cuda.set_device(0)
+    for a, b in zip(out[0], out[1]):  # (the kNN backward's atomics may reorder the last bits)
+        assert torch.equal(a, b) if not a.is_floating_point() else torch.allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.gpu
 def test_cpu_labels_beside_cuda_embeddings_on_gpu():
     """pytorch-metric-learning's convention: CPU labels (a DataLoader's) with CUDA embeddings are
     moved to the GPU, the bank's labels too; the same loss and gradient as CUDA labels."""

@@ -325,3 +325,26 @@ def test_torchrun_resume_goes_on_as_if_never_stopped(tmp_path):
     assert a["epoch"] == b["epoch"] == 2
     assert torch.equal(a["loss"]["segments"], b["loss"]["segments"])
     assert [k for k in a["model"] if not torch.equal(a["model"][k], b["model"][k])] == []
+
+
+def test_one_process_on_another_gpu_makes_it_current(monkeypatch):
+    """``--device cuda:1`` without torchrun: cuda:1 is made the current device (Triton launches its
+    kernels on the current device, and CUDA memory statistics read it), and a GPU the machine does
+    not have is a configuration error naming the flag. No GPU needed: the device calls are recorded."""
+    from daal_triton.train import ddp, devices
+
+    monkeypatch.setattr(ddp.dist, "is_initialized", lambda: False)
+    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    ctx, device = ddp.setup(torch.device("cuda", 1))
+    assert device == torch.device("cuda", 1) and chosen == [device] and ctx.world_size == 1
+    ddp.setup(torch.device("cuda"))  # no index: the current device stays
+    ddp.setup(torch.device("cpu"))
+    assert chosen == [device]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert devices.resolve_device("cuda:1") == torch.device("cuda", 1)
+    with pytest.raises(ValueError, match="--device cuda:2: this machine has 2 CUDA device"):
+        devices.resolve_device("cuda:2")
