@@ -134,14 +134,19 @@ def input_precision(dtype: torch.dtype, *, gpu: Optional[bool] = None,
 
 
 def matmul_setting() -> str:
-    """``torch.get_float32_matmul_precision()``; where PyTorch refuses to answer it (the legacy
-    and the newer ``torch.backends.cuda.matmul.fp32_precision`` API mixed), ``"high"`` when the
-    CUDA matmul precision is ``"tf32"``, else ``"highest"``."""
+    """What cuBLAS does for float32 matmuls, as ``torch.get_float32_matmul_precision()`` names it:
+    the newer ``torch.backends.cuda.matmul.fp32_precision`` (PyTorch >= 2.9) where it is set
+    (``"tf32"`` -> ``"high"``, ``"ieee"`` -> ``"highest"``: it is what cuBLAS follows, and after
+    ``set_float32_matmul_precision("high")`` then ``fp32_precision = "ieee"`` the legacy getter
+    still answers "high"), else the legacy getter; where PyTorch refuses to answer that (the two
+    APIs mixed), ``"highest"``."""
+    fp32 = getattr(getattr(torch.backends.cuda, "matmul", None), "fp32_precision", None)
+    if fp32 in ("tf32", "ieee"):
+        return "high" if fp32 == "tf32" else "highest"
     try:
         return torch.get_float32_matmul_precision()
     except RuntimeError:
-        fp32 = getattr(getattr(torch.backends.cuda, "matmul", None), "fp32_precision", "ieee")
-        return "high" if fp32 == "tf32" else "highest"
+        return "highest"
 
 
 def round_operands(precision: str) -> bool:

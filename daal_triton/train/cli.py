@@ -481,8 +481,10 @@ def _evaluate_checkpoint(args: argparse.Namespace) -> Dict[str, Dict[str, float]
     labels = E.dataset_labels(test_ds)
     rows: Dict[str, Dict[str, float]] = {}
     if args.baselines:
-        rows["raw pixels"] = E.all_metrics(E.pixel_vectors(test_ds, progress=args.progress), labels, test_ds.modes,
-                                           backend=cfg.knn_backend, seed=cfg.seed)
+        # on the run's device, as daal-train's baseline (a CPU tensor with --knn-backend triton on
+        # a GPU machine was refused; with "auto" the kNN ran on the CPU)
+        rows["raw pixels"] = E.all_metrics(E.pixel_vectors(test_ds, progress=args.progress).to(device),
+                                           labels.to(device), test_ds.modes, backend=cfg.knn_backend, seed=cfg.seed)
     rows[f"checkpoint (epoch {ck.get('epoch')})"] = E.all_metrics(emb.to(device), labels.to(device), test_ds.modes,
                                                                   backend=cfg.knn_backend, seed=cfg.seed)
     os.makedirs(out, exist_ok=True)

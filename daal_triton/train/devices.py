@@ -45,9 +45,14 @@ def resolve_amp(amp: str, device: torch.device, log: Optional[Callable[[str], No
             log(f"--amp {amp} is for GPUs; running in float32 on {device.type}")
         return None
     if amp == "auto":
-        if not torch.cuda.is_bf16_supported():
+        # the run's own GPU, and its hardware: torch.cuda.is_bf16_supported() asks the current
+        # device and answers True where bfloat16 is only emulated (a V100, a T4: slow, and cuDNN
+        # has no bfloat16 convolutions there)
+        major, minor = torch.cuda.get_device_capability(device)
+        if major < 8:
             if log is not None:
-                log("--amp auto: this GPU has no bfloat16; running in float32 (--amp fp16 for mixed precision)")
+                log(f"--amp auto: this GPU (sm_{major}{minor}) has no bfloat16; running in float32 "
+                    "(--amp fp16 for mixed precision)")
             return None
         return torch.bfloat16
     return torch.bfloat16 if amp == "bf16" else torch.float16

@@ -93,7 +93,11 @@ def test_line_margin_keeps_float32_accuracy(matmul_precision):
 
 def test_rule_newer_api(matmul_precision):
     """``torch.backends.cuda.matmul.fp32_precision`` (PyTorch's newer API), where
-    ``get_float32_matmul_precision`` may refuse to answer: "tf32" -> single-pass TF32."""
+    ``get_float32_matmul_precision`` may refuse to answer: "tf32" -> single-pass TF32. Mixed with
+    the legacy API the newer one is what cuBLAS follows, so the kernels follow it too:
+    ``set_float32_matmul_precision("high")`` then ``fp32_precision = "ieee"`` leaves the legacy
+    getter answering "high" while cuBLAS runs IEEE (the kernels ran single-pass TF32 until
+    2026-12-06)."""
     matmuls = getattr(torch.backends.cuda, "matmul", None)
     if not hasattr(matmuls, "fp32_precision"):
         pytest.skip("this PyTorch has no torch.backends.cuda.matmul.fp32_precision")
@@ -102,6 +106,12 @@ def test_rule_newer_api(matmul_precision):
         assert kc.input_precision(torch.float32, gpu=True) == "tf32"
         matmuls.fp32_precision = "ieee"
         assert kc.input_precision(torch.float32, gpu=True) == "tf32x3"
+        matmul_precision("high")
+        matmuls.fp32_precision = "ieee"
+        assert matmuls.fp32_precision == "ieee" and torch.get_float32_matmul_precision() == "high"
+        assert kc.input_precision(torch.float32, gpu=True) == "tf32x3"
+        matmul_precision("high")  # the legacy setter last: both APIs say TF32
+        assert kc.input_precision(torch.float32, gpu=True) == "tf32"
     finally:
         matmul_precision("highest")  # resets both APIs (the fixture restores the setting after)
 

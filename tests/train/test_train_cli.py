@@ -53,6 +53,39 @@ def test_end_to_end_outputs(trained, capsys):
         assert row in table
 
 
+def test_eval_baselines_run_on_the_device(trained, tmp_path, monkeypatch):
+    """daal-eval's raw-pixel baseline is measured on the run's device, as daal-train's: its vectors
+    were left on the CPU (refused with --knn-backend triton on a GPU machine; with "auto" the kNN
+    ran on the CPU). The meta device stands in for a GPU: the metrics' inputs are recorded."""
+    import torch
+
+    from daal_triton.train import config, devices, evaluate
+
+    class Stop(Exception):
+        pass
+
+    seen = []
+
+    def all_metrics(emb, labels, *a, **k):
+        seen.append((emb.device, labels.device))
+        if len(seen) == 2:
+            raise Stop
+        return {}
+
+    meta = torch.device("meta")
+    monkeypatch.setattr(config, "checked_device", lambda name: meta)
+    monkeypatch.setattr(config, "check_backend", lambda *a: None)
+    monkeypatch.setattr(devices, "resolve_amp", lambda *a: None)
+    monkeypatch.setattr(devices, "place_model", lambda model, *a: model)
+    monkeypatch.setattr(evaluate, "embed", lambda model, ds, *a, **k: torch.zeros(len(ds), 4))
+    monkeypatch.setattr(evaluate, "all_metrics", all_metrics)
+    args = cli.build_eval_parser().parse_args([os.path.join(trained, "checkpoint_last.pt"), "--out",
+                                               str(tmp_path / "ev"), "--no-progress", "--baselines"])
+    with pytest.raises(Stop):
+        cli._evaluate_checkpoint(args)
+    assert seen == [(meta, meta), (meta, meta)]
+
+
 def test_resume_and_eval(trained, tmp_path):
     import torch
 

@@ -171,12 +171,21 @@ def test_amp_auto_is_bf16_on_cuda_float32_on_cpu(monkeypatch):
     cuda = torch.device("cuda")
     assert devices.resolve_amp("auto", CPU) is None
     assert devices.resolve_amp("none", cuda) is None
+    asked = []
+
+    def capability(device=None):
+        asked.append(device)
+        return {0: (7, 5), 1: (8, 0)}[torch.device(device).index or 0]
+
+    # the run's GPU's own hardware (is_bf16_supported() asks the current device, and says True on
+    # a T4 or V100, where bfloat16 is only emulated)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
-    assert devices.resolve_amp("auto", cuda) is torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "get_device_capability", capability)
+    assert devices.resolve_amp("auto", torch.device("cuda", 1)) is torch.bfloat16
     assert devices.resolve_amp("fp16", cuda) is torch.float16
     notes = []
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
-    assert devices.resolve_amp("auto", cuda, notes.append) is None and "no bfloat16" in notes[0]
+    assert devices.resolve_amp("auto", cuda, notes.append) is None and "sm_75) has no bfloat16" in notes[0]
+    assert asked == [torch.device("cuda", 1), cuda]
     args = cli.build_parser().parse_args([])
     assert args.amp == "auto" and args.channels_last is None and args.num_workers is None
     assert not args.compile and args.log_every == engine.LOG_EVERY
