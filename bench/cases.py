@@ -254,7 +254,7 @@ class Switch(NamedTuple):
 SWITCHES: Tuple[Switch, ...] = (
     Switch("DAAL_KNN_MERGE", "counted", "checked", "triton_checked_merge",
            (("knn", "eval60k", "bf16", "fwd"), ("knn", "bank", "bf16", "fwd")), since="2026-12-01",
-           until="2026-12-04", decided="counted: 1.35x faster at 60k in both runs of the narrow tiles, "
+           until="2026-12-04", decided="counted: 1.34-1.35x faster at 60k in both runs of the narrow tiles, "
                                        "never slower; the bank within 3% in two runs, 1.04x faster in the third"),
     Switch("DAAL_KNN_SPLITS", "model", "waves", "triton_wave_splits",
            (("knn", "eval60k", "bf16", "fwd"), ("knn", "bank", "bf16", "fwd"), ("knn", "bank", "bf16", "fwdbwd")),
@@ -265,12 +265,13 @@ SWITCHES: Tuple[Switch, ...] = (
            (("line_margin", "classes100k", "bf16", "fwdbwd"), ("line_margin", "classes100k", "bf16", "bwd"),
             ("loss", "dml", "fp32", "fwdbwd")), memory=True, since="2026-12-01", until="2026-12-04",
            decided="lists: 418 MB against 711 MB of peak memory at 100k classes, as fast or faster "
-                   "in 6 of 7 timed rows"),
+                   "(within 3%) in 6 of 7 timed rows, strictly faster in 5"),
     Switch("DAAL_GLUE", "fused", "aten", "triton_aten_glue",
            (("loss", "dml", "fp32", "fwd"), ("loss", "dml", "fp32", "bwd"), ("loss", "dml", "fp32", "fwdbwd")),
            since="2026-11-30", until="2026-12-04",
            decided="fused: 1.55-3.14x faster in every row of the three runs of 2026-12-04, with less "
-                   "memory (the first run, with an earlier fused glue, read its backward 0.76x)"),
+                   "memory forward and forward + backward (the backward's peak equal, 2.86 MB; the "
+                   "first run, with an earlier fused glue, read its backward 0.76x)"),
     Switch("DAAL_LAUNCHES", "merged", "separate", "triton_separate",
            (("loss", "dml", "fp32", "fwd"), ("loss", "dml", "fp32", "bwd"), ("loss", "dml", "fp32", "fwdbwd"),
             ("knn", "dml", "bf16", "fwd"), ("line_margin", "dml", "bf16", "fwdbwd")), since="2026-12-01",
@@ -296,7 +297,7 @@ SWITCHES: Tuple[Switch, ...] = (
                    "second run timed them faster on the bank)"),
     Switch("DAAL_KNN_TILES", "narrow", "wide", "triton_wide",
            (("knn", "eval60k", "bf16", "fwd"), ("knn", "bank", "bf16", "fwd")), since="2026-12-05",
-           until="2026-12-04", decided="narrow: 1.11x faster at 60k and 1.18x on the bank in two runs"),
+           until="2026-12-04", decided="narrow: 1.11x faster at 60k and 1.18-1.19x on the bank in two runs"),
     # the lean epilogue (padded norms read unmasked, float32 counts, the narrow entry's diagonal
     # branch) beside the plain one it replaced: no GPU has timed either against the other
     Switch("DAAL_KNN_EPILOGUE", "lean", "plain", "triton_plain",

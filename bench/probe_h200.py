@@ -2,7 +2,7 @@
 
 The first H200 run (bench/results/2026-11-30-h200) measured the whole DAALLoss at B = 180 at
 3.8 ms per forward + backward (25 launches: ~150 µs each, against ~20 µs of GPU time inside a
-training step) and the kNN forward at ~25 µs per 128 x 128 tile (the MMA alone: ~2.5 µs). This
+training step) and the kNN forward at ~25 µs per 128 x 128 tile (the MMA alone: ~2.5 µs, an estimate from the tile's FLOP at peak). This
 script splits both:
 
 * ``launch`` (after ``tiles``): host microseconds per call (a loop of calls, one synchronisation at

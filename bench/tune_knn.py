@@ -20,7 +20,7 @@ Since 2026-12-01 (night) also tiles loaded through tensor descriptors (the Hoppe
 spills less and 4-warp tiles fit three programs per SM.
 
 Since 2026-12-04 the default forward is the 64 x 128 / 4-warp descriptor candidate (the
-``fwd_narrow`` entry: it timed 1.36-1.40x the table's entry on the 2026-12-04 H200 run); the
+``fwd_narrow`` entry: it timed 1.36-1.37x the table's entry on the 2026-12-04 H200 run); the
 table's entry stays the baseline here (``DAAL_KNN_TILES=table`` around each call).
 
 Since 2026-12-01 (day), first in the list: the wide tiles 256 x 128 and 128 x 256 on 8 warps with

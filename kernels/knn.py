@@ -31,7 +31,7 @@ too few programs for the GPU, per one of ``S`` contiguous column ranges of the r
    TMA (sm_90, sm_100) and enough query rows to fill it (``NARROW_MIN_WAVES``) runs on 64 x 128
    tiles, 4 warps, through descriptors (``fwd_narrow``:
    three programs per SM, so one program's merge overlaps another's MMAs; the 2026-12-04 H200
-   run timed it 1.36-1.40x faster than the 128 x 128 table entry at 20k and 60k rows:
+   run timed it 1.36-1.37x faster than the 128 x 128 table entry at 20k and 60k rows:
    :data:`NARROW_ENTRY`); ``DAAL_KNN_TILES=table`` keeps the table's ``fwd_kp*`` entries (the
    default before), and with ``DAAL_KNN_TILES=wide`` a retrieval's forward (k <= 8, no labels,
    where the descriptors apply: :func:`forward_entry`) runs on 256 x 128 tiles (``fwd_wide``),

@@ -93,7 +93,7 @@ PROBE_STRIDES = (8, 32)
 
 #: The filter's tiles: 128 x 128 on one warpgroup (4 warps), D-chunks of 64, through tensor
 #: descriptors where they apply. The GEMM-only ceiling of 128 x 128 tiles was 571 TFLOP/s on the
-#: 2026-12-04 H200 run (bench/probe_h200.py), against 407 for the default forward's 64 x 128, which
+#: 2026-12-04-h200-3 run (bench/probe_h200.py), against 407 for the default forward's 64 x 128, which
 #: L2 bandwidth bounds. Its sm_90 builds hold 214-239 registers and 98 KB of shared memory, no
 #: stack (Triton 3.6 and 3.8): two programs per SM, so one lists while the other multiplies (on
 #: 8 warps: 161-188 registers, one per SM; capped at 128, they spill). The selection's rows; the
@@ -122,8 +122,8 @@ PROGRAMS_PER_SM = 2
 #:   80 B under 3.6, outside the K-loop); the forward's tiles of this shape were its fastest at
 #:   60k on the 2026-12-04-h200-3 run (10.65 ms against the default's 10.95);
 #: - 256 x 128 and 128 x 256 on 8 warps: 85 FLOP per L2 byte instead of 64, one per SM (239 and
-#:   254 registers; their GEMM-only ceilings were the highest of the 2026-12-04 run's, 562 and
-#:   583 TFLOP/s at 20k, and a row of 256 columns lists about twice the entries per tile).
+#:   254 registers; their GEMM-only ceilings in 2026-12-04-h200-3's probe were 562 and 583
+#:   TFLOP/s at 20k (the 128 x 256 the highest), and a row of 256 columns lists about twice the entries per tile).
 FILTER_ALTERNATIVES = {(128, 128, 8, 3, 128): 2, (256, 128, 8, 3, None): 1, (128, 256, 8, 3, None): 1}
 
 
