@@ -54,28 +54,24 @@ def gather_batch(embeddings: torch.Tensor, labels: torch.Tensor, *,
     alike) instead of aborting in the collective. ``same_size=True`` promises that every rank
     passes as many rows as this one, of the same dtypes and shapes, and skips that step (the
     training program's sampler gives every rank the same share). Without a process group this is
-    the identity. Embeddings and labels must be on one device, a CUDA one under NCCL
-    (``ValueError`` otherwise, before any collective). Labels of any integer dtype arrive bit for bit
+    the identity. Embeddings and labels must be on one device, a CUDA one under NCCL, with one
+    label per row, and carry a gradient on every rank or on none (``ValueError`` otherwise: on every
+    rank, from the gather of the shares, so no rank is left inside a collective; with
+    ``same_size=True`` on the offending rank only, before any collective). Labels of any integer dtype arrive bit for bit
     (those gloo has no type for, int16 and uint16/32/64, travel as bytes).
     """
     if not is_distributed() or world_size() == 1:
         return embeddings, labels
-    if embeddings.dim() == 0 or labels.dim() == 0:
-        raise ValueError(f"gather_batch needs rows: embeddings and labels must have a first dimension, got "
-                         f"shapes {tuple(embeddings.shape)} and {tuple(labels.shape)}")
-    if embeddings.shape[:1] != labels.shape[:1]:
-        raise ValueError(f"embeddings has {embeddings.shape[0] if embeddings.dim() else 0} rows but labels "
-                         f"has {labels.shape[0] if labels.dim() else 0}: gather_batch needs one label per row")
-    check_same_device(embeddings=embeddings, labels=labels)
-    if dist.get_backend() == "nccl" and embeddings.device.type != "cuda":
-        raise ValueError(f"the process group's backend is NCCL, which gathers CUDA tensors only: embeddings "
-                         f"and labels are on {embeddings.device}")
+    problem = _local_problem(embeddings, labels)
+    if same_size:  # no gather of the shares: a local problem can only be raised here
+        if problem is not None:
+            raise ValueError(problem)
     from torch.distributed.nn.functional import all_gather
 
     n = embeddings.shape[0]
     sizes = [n] * world_size()
     if not same_size:
-        sizes = _gather_shares(embeddings, labels)
+        sizes = _gather_shares(embeddings, labels, problem)
     most = max(sizes)
     if most != n:
         embeddings = torch.cat([embeddings, embeddings.new_zeros((most - n, *embeddings.shape[1:]))])
@@ -93,6 +89,24 @@ def gather_batch(embeddings: torch.Tensor, labels: torch.Tensor, *,
         return torch.cat(embs, 0), torch.cat(labs, 0)
     return (torch.cat([e[:k] for e, k in zip(embs, sizes)], 0),
             torch.cat([y[:k] for y, k in zip(labs, sizes)], 0))
+
+
+def _local_problem(embeddings: torch.Tensor, labels: torch.Tensor):
+    """What is wrong with this rank's share alone (a message), or None."""
+    if embeddings.dim() == 0 or labels.dim() == 0:
+        return (f"gather_batch needs rows: embeddings and labels must have a first dimension, got "
+                f"shapes {tuple(embeddings.shape)} and {tuple(labels.shape)}")
+    if embeddings.shape[:1] != labels.shape[:1]:
+        return (f"embeddings has {embeddings.shape[0]} rows but labels has {labels.shape[0]}: "
+                "gather_batch needs one label per row")
+    try:
+        check_same_device(embeddings=embeddings, labels=labels)
+    except ValueError as e:
+        return str(e)
+    if dist.get_backend() == "nccl" and embeddings.device.type != "cuda":
+        return (f"the process group's backend is NCCL, which gathers CUDA tensors only: embeddings "
+                f"and labels are on {embeddings.device}")
+    return None
 
 
 # dtypes by a stable code, for comparing ranks' tensors in one integer gather
@@ -114,15 +128,31 @@ def _describe(t: torch.Tensor) -> list:
     return [code, t.dim(), *trailing, *([-1] * (_WIDTH - 2 - len(trailing)))]
 
 
-def _gather_shares(embeddings: torch.Tensor, labels: torch.Tensor) -> list:
-    """Every rank's row count, from one integer all_gather that also carries each rank's dtypes and
-    trailing shapes: ranks that disagree on them get a ``ValueError`` (all ranks raise alike) rather
-    than an abort inside the collective that gathers the rows."""
-    meta = torch.tensor([embeddings.shape[0], *_describe(embeddings), *_describe(labels)],
-                        dtype=torch.int64, device=embeddings.device)
+def _gather_shares(embeddings: torch.Tensor, labels: torch.Tensor, problem=None) -> list:
+    """Every rank's row count, from one integer all_gather that also carries each rank's dtypes,
+    trailing shapes, whether its share is usable at all (``problem``: a local check's message) and
+    whether it carries a gradient: ranks that disagree, or any rank whose share is refused, make
+    every rank raise ``ValueError`` alike, rather than one rank leaving the others inside a
+    collective (a hang, or the next step's gather paired with this one's)."""
+    grad = int(embeddings.requires_grad and torch.is_grad_enabled())
+    rows0 = embeddings.shape[0] if embeddings.dim() else 0
+    device = embeddings.device
+    if dist.get_backend() == "nccl" and device.type != "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())
+    meta = torch.tensor([rows0, *_describe(embeddings), *_describe(labels), int(problem is not None), grad],
+                        dtype=torch.int64, device=device)
     metas = [torch.empty_like(meta) for _ in range(world_size())]
     dist.all_gather(metas, meta)
     rows = torch.stack(metas).tolist()
+    if problem is not None:
+        raise ValueError(problem)
+    refused = [r for r, m in enumerate(rows) if m[-2]]
+    if refused:
+        raise ValueError(f"gather_batch: rank(s) {refused} passed a share they refused (see their error); every "
+                         "rank raises so that none is left inside the gather")
+    if len({m[-1] for m in rows}) > 1:
+        raise ValueError("embeddings carry a gradient on some ranks and not on others (requires_grad, or "
+                         "torch.no_grad on one rank): the gather's backward would wait for ranks that never run it")
     for name, t, cols in (("embeddings", embeddings, slice(1, 1 + _WIDTH)),
                           ("labels", labels, slice(1 + _WIDTH, 1 + 2 * _WIDTH))):
         seen = {tuple(r[cols]) for r in rows}

@@ -206,13 +206,15 @@ def test_gather_checks_one_label_per_row(monkeypatch):
 
     monkeypatch.setattr(dd, "is_distributed", lambda: True)
     monkeypatch.setattr(dd, "world_size", lambda: 2)
+    # with same_size=True the local checks raise before any collective (without it they travel in
+    # the gather of the shares: test_gather_refuses_a_bad_share_on_every_rank)
     with pytest.raises(ValueError, match="embeddings has 3 rows but labels has 2"):
-        gather_batch(torch.randn(3, 2), torch.arange(2))
+        gather_batch(torch.randn(3, 2), torch.arange(2), same_size=True)
     # 0-dim tensors have no rows (their shape[:1] agree, and shape[0] raised IndexError)
     with pytest.raises(ValueError, match=r"gather_batch needs rows: .* got shapes \(\) and \(\)"):
-        gather_batch(torch.tensor(1.0), torch.tensor(0))
+        gather_batch(torch.tensor(1.0), torch.tensor(0), same_size=True)
     with pytest.raises(ValueError, match=r"got shapes \(3, 2\) and \(\)"):
-        gather_batch(torch.randn(3, 2), torch.tensor(0))
+        gather_batch(torch.randn(3, 2), torch.tensor(0), same_size=True)
 
 
 def test_gather_checks_devices_before_any_collective(monkeypatch):
@@ -224,6 +226,45 @@ def test_gather_checks_devices_before_any_collective(monkeypatch):
     monkeypatch.setattr(dd, "world_size", lambda: 2)
     monkeypatch.setattr(dd.dist, "get_backend", lambda *a: "nccl")
     with pytest.raises(ValueError, match="one device: embeddings on meta, labels on cpu"):
-        gather_batch(torch.randn(3, 2, device="meta"), torch.arange(3))
+        gather_batch(torch.randn(3, 2, device="meta"), torch.arange(3), same_size=True)
     with pytest.raises(ValueError, match="backend is NCCL, which gathers CUDA tensors only: .* on cpu"):
-        gather_batch(torch.randn(3, 2), torch.arange(3))
+        gather_batch(torch.randn(3, 2), torch.arange(3), same_size=True)
+
+
+def _bad_share_worker(rank, world, port, out_dir, case):
+    import datetime
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    # a short timeout: a rank left inside a collective fails the test instead of hanging it
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=30))
+    try:
+        got = []
+        for step in range(2):  # a loop that skips a refused batch and goes on
+            emb = torch.full((3, 2), float(10 * step + rank), requires_grad=True)
+            y = torch.full((3,), 10 * step + rank)
+            bad = rank == 1 and step == 0
+            try:
+                if bad and case == "rows":
+                    gather_batch(emb, y[:-1])
+                elif bad and case == "no_grad":
+                    with torch.no_grad():
+                        gather_batch(emb, y)
+                else:
+                    got.append(gather_batch(emb, y)[1].tolist())
+            except ValueError:
+                got.append("ValueError")
+        torch.save(got, os.path.join(out_dir, f"rank{rank}.bad"))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["rows", "no_grad"])
+def test_gather_refuses_a_bad_share_on_every_rank(tmp_path, case):
+    # one rank's share is refused (a label short; no gradient where the others have one): every rank
+    # raises, so the next step's gathers pair up again (rank 0 used to be left inside the collective,
+    # which then took rank 1's next batch: a silent misalignment, then a hang)
+    _spawn(_bad_share_worker, (2, _free_port(), str(tmp_path), case), 2, str(tmp_path), ".bad")
+    for r in range(2):
+        assert torch.load(tmp_path / f"rank{r}.bad") == ["ValueError", [10] * 3 + [11] * 3]
