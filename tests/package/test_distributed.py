@@ -1,5 +1,7 @@
 """DAAL over a global batch gathered across 2 or 3 gloo processes (equal, uneven or empty shares;
 float64, float16 or bfloat16 embeddings) equals one process on that batch."""
+import contextlib
+import datetime
 import os
 import socket
 
@@ -28,10 +30,23 @@ def _problem():
     return x, y, model, loss
 
 
-def _worker(rank, world, port, out_dir, shares, same_size, dtype=torch.float64):
+@contextlib.contextmanager
+def _gloo_group(rank, world, port, timeout_s=None):
+    """A worker's gloo process group: joined, then (after a barrier, so that no rank closes its
+    connections while another still uses them: gloo aborts) left, whatever happened inside.
+    ``timeout_s``: a short one makes a rank left inside a collective fail instead of hang."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    kw = {} if timeout_s is None else {"timeout": datetime.timedelta(seconds=timeout_s)}
+    dist.init_process_group("gloo", rank=rank, world_size=world, **kw)
     try:
+        yield
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def _worker(rank, world, port, out_dir, shares, same_size, dtype=torch.float64):
+    with _gloo_group(rank, world, port):
         x, y, model, loss_fn = _problem()
         ddp = torch.nn.parallel.DistributedDataParallel(model)
         lo = sum(shares[:rank])
@@ -54,9 +69,6 @@ def _worker(rank, world, port, out_dir, shares, same_size, dtype=torch.float64):
                     "w_grad": model.weight.grad, "b_grad": model.bias.grad, "broadcast": own.detach(),
                     "synced": apart.grad, "synced_none": none.grad},
                    os.path.join(out_dir, f"rank{rank}.pt"))
-        dist.barrier()  # no rank closes its connections while another still uses them (gloo aborts)
-    finally:
-        dist.destroy_process_group()
 
 
 def _one_process(dtype=torch.float64):
@@ -135,9 +147,7 @@ def test_gloo_ranks_match_one_process_in_half_precision(tmp_path, dtype):
 
 
 def _mismatch_worker(rank, world, port, out_dir, case):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
+    with _gloo_group(rank, world, port):
         emb, ys = torch.randn(3 + rank, 5), torch.arange(3 + rank)
         if rank == 1 and case == "labels":
             ys = ys.to(torch.int32)
@@ -150,9 +160,6 @@ def _mismatch_worker(rank, world, port, out_dir, case):
             msg = str(exc)
         with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as f:
             f.write(msg)
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.slow
@@ -171,18 +178,13 @@ _BYTE_LABELS = ((torch.int16, -(2**15)),
 
 
 def _byte_labels_worker(rank, world, port, out_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
+    with _gloo_group(rank, world, port):
         got = {}
         for dtype, top in _BYTE_LABELS:
             ys = torch.tensor([top, rank, 7][:3 - rank], dtype=dtype)  # uneven shares, the top bit set
             _, y_all = gather_batch(torch.randn(3 - rank, 5), ys)
             got[str(dtype)] = (str(y_all.dtype), y_all.tolist())
         torch.save(got, os.path.join(out_dir, f"rank{rank}.pt"))
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.slow
@@ -232,12 +234,7 @@ def test_gather_checks_devices_before_any_collective(monkeypatch):
 
 
 def _bad_share_worker(rank, world, port, out_dir, case):
-    import datetime
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    # a short timeout: a rank left inside a collective fails the test instead of hanging it
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=30))
-    try:
+    with _gloo_group(rank, world, port, timeout_s=30):  # a rank left inside the gather fails, not hangs
         got = []
         for step in range(2):  # a loop that skips a refused batch and goes on
             emb = torch.full((3, 2), float(10 * step + rank), requires_grad=True)
@@ -254,9 +251,6 @@ def _bad_share_worker(rank, world, port, out_dir, case):
             except ValueError:
                 got.append("ValueError")
         torch.save(got, os.path.join(out_dir, f"rank{rank}.bad"))
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.slow
