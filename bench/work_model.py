@@ -63,7 +63,8 @@ def kernels(B: int, C: int, D: int, dtype: str = "bf16", seg_dtype: str | None =
     cc = chunk_width(B, C)
     chunks = _cdiv(C, cc)
     ab = 2 * B * C * es  # a~, b~ of every chunk, written once and read twice
-    k("bwd2", "bwd", 4 * bcd, chunks * B * D * es + 2 * C * D * es + 16 * C + ab + 4 * B * C // 64
+    k("bwd2", "bwd", 4 * bcd, chunks * B * D * es + 2 * C * D * es + 16 * C + ab
+      + 4 * B * C // V2_TILES["bwd2"][1]
       + 16 * C * _cdiv(B, V2_TILES["bwd2"][0]), launches=chunks)
     k("mm dX (AB [P;Q])", "bwd", 4 * bcd, ab + 2 * C * D * es + chunks * 2 * 4 * B * D, launches=chunks)
     k("mm G (AB^T X)", "bwd", 4 * bcd, ab + chunks * B * D * es + 8 * C * D, launches=chunks)
@@ -94,10 +95,12 @@ def extra_bytes(B: int, C: int, D: int, dtype: str = "bf16", seg_dtype: str | No
     es, ss = ES[dtype], ES[seg_dtype or dtype]
     cc = chunk_width(B, C)
     cast = xu or (seg_dtype is not None and seg_dtype != dtype)
-    rows = cc if _copies_per_chunk(B, C, cast, copy) else C
+    per_chunk = _copies_per_chunk(B, C, cast, copy)
+    rows = cc if per_chunk else C
     grad = 2 * C * D * (4 + (ss if ss != 4 else 0)) if atomic else 2 * C * D * ss + 12 * B * D + 4 * (B + C)
     backward = (grad + (2 * rows * D * es if cast else 0) + 16 * C + 2 * B * cc * es
-                + 8 * cc * D + 4 * B * D * 3 + 16 * cc * _cdiv(B, 128) + 4 * B * cc // 64)
+                + 8 * cc * D + 4 * B * D * 3 + 16 * cc * _cdiv(B, V2_TILES["bwd2"][0])
+                + 4 * B * cc // V2_TILES["bwd2"][1] + (16 * cc if per_chunk else 0))
     forward = (2 * C * D * es if cast else 0) + 16 * C + 20 * B
     return int(max(backward, forward))
 

@@ -191,14 +191,15 @@ def _prepare_fake(z, labels, num_classes, normalize):
 
 
 @torch.library.custom_op("daal_triton::prepare_backward", mutates_args=())
-def _prepare_backward_op(gx: torch.Tensor, x: torch.Tensor, n: torch.Tensor, z: torch.Tensor,
+def _prepare_backward_op(gx: torch.Tensor, x: torch.Tensor, n: torch.Tensor, dtype: torch.dtype,
                          normalize: bool) -> torch.Tensor:
-    """``dL/dz`` in z's dtype (``z`` is read for its dtype and shape only)."""
+    """``dL/dz`` in z's ``dtype`` (the forward's input itself is not kept for the backward: a
+    memory bank's ``cat([emb, bank])`` is not held alive until the backward for its dtype)."""
     B, D = x.shape
-    gz = torch.empty(B, D, device=x.device, dtype=z.dtype)
+    gz = torch.empty(B, D, device=x.device, dtype=dtype)
     if B:
         gx = prepare_rows(gx, torch.float32)
-        cfg = CONFIGS[config_family(z.dtype)]["bwd"]
+        cfg = CONFIGS[config_family(dtype)]["bwd"]
         _prepare_bwd_kernel[(cdiv(B, cfg.blocks["BLOCK_B"]),)](
             gx, x, n if normalize else x, gz, B, D, gx.stride(0), gz.stride(0),
             NORMALIZE=bool(normalize), **cfg.launch(D))
@@ -206,14 +207,15 @@ def _prepare_backward_op(gx: torch.Tensor, x: torch.Tensor, n: torch.Tensor, z: 
 
 
 @_prepare_backward_op.register_fake
-def _prepare_backward_fake(gx, x, n, z, normalize):
-    return torch.empty_like(x, dtype=z.dtype)
+def _prepare_backward_fake(gx, x, n, dtype, normalize):
+    return torch.empty_like(x, dtype=dtype)
 
 
 def _setup_context(ctx, inputs, output):
     z, _, _, normalize = inputs
     x, n, lab, bad = output
-    ctx.save_for_backward(x, n, z)
+    ctx.save_for_backward(x, n)
+    ctx.dtype = z.dtype  # z itself is not saved: the backward needs its dtype only
     ctx.normalize = normalize
     ctx.mark_non_differentiable(n, lab, bad)
     ctx.set_materialize_grads(False)  # no zero-filled gradients for n, labels, bad
@@ -225,8 +227,8 @@ _prepare_backward_direct = direct(_prepare_backward_op)
 def _backward(ctx, gx, _gn, _glab, _gbad):
     if gx is None:
         return None, None, None, None
-    x, n, z = ctx.saved_tensors
-    return _prepare_backward_direct(gx, x, n, z, ctx.normalize), None, None, None
+    x, n = ctx.saved_tensors
+    return _prepare_backward_direct(gx, x, n, ctx.dtype, ctx.normalize), None, None, None
 
 
 _prepare_op.register_autograd(_backward, setup_context=_setup_context)

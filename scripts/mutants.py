@@ -86,6 +86,13 @@ MUTANTS: Tuple[Mutant, ...] = (
            "l_pull = own_sq.mean()", ("tests/package/test_core.py", "-k", "parts_with_sample_weights")),
     Mutant("core_length_read", "daal_triton/core.py", "if hp.lambda_len or split_line_pull else None",
            "if hp.lambda_len else None", ("tests/package/test_core.py", "-k", "length_term_when")),
+    Mutant("validation_finite_by_sum_only", "daal_triton/validation.py",
+           "if bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all()):", "if bool(torch.isfinite(t.sum())):",
+           ("tests/package/test_validation.py", "-k", "every_non_finite")),
+    Mutant("validation_finite_with_grad", "daal_triton/validation.py",
+           "    with torch.no_grad():\n        if bool(torch.isfinite(t.sum()))",
+           "    with torch.enable_grad():\n        if bool(torch.isfinite(t.sum()))",
+           ("tests/package/test_validation.py", "-k", "every_non_finite")),
     Mutant("validation_ref_rows", "daal_triton/validation.py",
            "if ref_includes_batch and ref_embeddings.shape[0] < embeddings.shape[0]:", "if False:",
            ("tests/package/test_validation.py", "-k", "errors_name_the_argument")),
@@ -1152,6 +1159,15 @@ MUTANTS: Tuple[Mutant, ...] = (
            "prune tests\n",
            "",
            ("tests/package/test_install.py", "-k", "sdist")),
+    # docs/method.md "Bad input": a clamped bad label still counts in its class's radii (2026-12-06)
+    Mutant("bad_label_query_has_no_neighbours", "daal_triton/core.py",
+           "dist, index = ops.knn(x, ref, k, query_labels=labels, ref_labels=ref_labels,",
+           "dist, index = ops.knn(x, ref, k, query_labels=labels.masked_fill(bad_label, -1), ref_labels=ref_labels,",
+           ("tests/package/test_host_sync.py", "-k", "counts_in_its_clamped_class")),
+    Mutant("bad_label_is_no_ones_neighbour", "daal_triton/core.py",
+           "ref, ref_labels, ref_includes_batch = x, labels, True",
+           "ref, ref_labels, ref_includes_batch = x, labels.masked_fill(bad_label, -1), True",
+           ("tests/package/test_host_sync.py", "-k", "counts_in_its_clamped_class")),
 )
 
 

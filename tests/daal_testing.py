@@ -4,7 +4,9 @@ without a GPU."""
 from __future__ import annotations
 
 import functools
+import gc
 import os
+import sys
 
 import pytest
 import torch
@@ -191,6 +193,55 @@ def largest_cpu_allocation(fn) -> int:
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     return max(e.self_cpu_memory_usage for e in prof.events())
+
+
+def peak_live_cpu_bytes(fn) -> int:
+    """The most bytes of CPU tensor storage alive at once while ``fn`` ran, counting only storage
+    made during the call (its extra memory beyond the inputs): every op's new storages are recorded
+    by a dispatch mode and followed until freed (garbage collected at each new allocation). The package's custom operators run as their
+    bodies inside the mode, so their temporaries count too; the Triton interpreter's own copies
+    of the kernels' arguments do not (they stand for GPU registers)."""
+    from torch._library.custom_ops import OPDEFS
+    from torch.multiprocessing.reductions import StorageWeakRef
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    def interpreter_copy() -> bool:
+        f = sys._getframe(2)
+        while f is not None:
+            if "triton/runtime/interpreter" in f.f_code.co_filename:
+                return True
+            f = f.f_back
+        return False
+
+    class Live(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.alive, self.peak = {}, 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func.namespace == "daal_triton":
+                with self:
+                    return OPDEFS[func._schema.name]._init_fn(*args, **kwargs)
+            out = func(*args, **kwargs)
+            inputs = {t.untyped_storage()._cdata for t in tree_flatten((args, kwargs))[0]
+                      if isinstance(t, torch.Tensor)}
+            made = [t.untyped_storage() for t in tree_flatten(out)[0]
+                    if isinstance(t, torch.Tensor) and t.device.type == "cpu"]
+            made = [st for st in made if st._cdata not in inputs and st.nbytes()]
+            if made and not interpreter_copy():
+                for st in made:
+                    self.alive[st._cdata] = (StorageWeakRef(st), st.nbytes())
+                gc.collect()  # the interpreter's reference cycles hold launch arguments (a GPU's do not)
+            self.alive = {k: v for k, v in self.alive.items() if not v[0].expired()}
+            self.peak = max(self.peak, sum(n for _, n in self.alive.values()))
+            return out
+
+    mode = Live()
+    with mode:
+        fn()
+    return mode.peak
 
 
 def specialise(signature: dict, unit=(), rows=(), specialisation: str = "generic") -> tuple[dict, dict, set]:

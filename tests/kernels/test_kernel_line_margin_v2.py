@@ -4,8 +4,11 @@ determinism, the memory bound O(B Cc + (B + C) D) of forward + backward with C >
 through ``DAALLoss`` for both reductions, the custom operators' registrations (``opcheck``), and
 the grids (whole waves of the device's SMs). The PTX pipelining and spill tests are in
 test_kernel_line_margin.py (they share its compiled configurations)."""
+import gc
+
 import pytest
 import torch
+from torch.multiprocessing.reductions import StorageWeakRef
 import triton
 import triton.language as tl
 
@@ -694,14 +697,27 @@ def _saved_copies(monkeypatch, policy, x, y, seg, m, go):
     """``((value, dX, dSegments), copies)`` of the kernels under ``DAAL_LM_COPY=policy``: the
     tensors of C x 2 x D elements other than the segments that the forward saved for the backward."""
     monkeypatch.setenv(lm.COPY_ENV, policy)
-    saved = []
+    saved, made = [], []
+    cast_segments = lm._cast_segments
+
+    def recording(*args, **kwargs):  # the forward's copy, followed until it is freed
+        st, sx, cast = cast_segments(*args, **kwargs)
+        if sx.numel():
+            made.append(StorageWeakRef(sx.untyped_storage()))
+        return st, sx, cast
+    monkeypatch.setattr(lm, "_cast_segments", recording)
     xk, sk = x.detach().clone().requires_grad_(), seg.detach().clone().requires_grad_()
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         out = lm.line_margin(xk, y, sk, m.float(), alpha=ALPHA, lambda_pull=0.2)
+    monkeypatch.setattr(lm, "_cast_segments", cast_segments)
+    gc.collect()  # the Triton interpreter's reference cycles hold launch arguments (not a GPU's)
+    alive = [not r.expired() for r in made]
+    saved = [t for t in saved if t.numel() == seg.numel() and t.data_ptr() != sk.data_ptr()]
+    # what is saved is alive; an unsaved copy must be gone before the backward
+    assert alive == [bool(saved)] * len(made), (alive, len(saved))
     monkeypatch.setenv(lm.COPY_ENV, "whole" if policy == "chunks" else "chunks")
     out.backward(go.float())  # the forward's choice, whatever the variable says now
-    copies = [t for t in saved if t.numel() == seg.numel() and t.data_ptr() != sk.data_ptr()]
-    return (out.detach(), xk.grad, sk.grad), copies
+    return (out.detach(), xk.grad, sk.grad), saved
 
 
 @pytest.mark.parametrize("x_dtype,seg_dtype,xu", [(torch.float32, torch.float32, "dot"),

@@ -184,8 +184,27 @@ def test_custom_ops_opcheck():
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
     x, n, _, _ = torch.ops.daal_triton.prepare(z, y, 4, True)
     torch.library.opcheck(torch.ops.daal_triton.prepare_backward.default,
-                          (torch.randn(6, 16), x.detach(), n, z.detach(), True),
+                          (torch.randn(6, 16), x.detach(), n, z.dtype, True),
                           test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_the_backward_keeps_the_input_s_dtype_not_the_input(dtype):
+    """Autograd keeps x and the norms, not z: a memory bank's ``cat([emb, bank])`` (N x D) is not
+    held until the backward for its dtype; the gradient still comes in z's dtype and matches the
+    float64 normalisation's."""
+    torch.manual_seed(3)
+    z = (torch.randn(37, 129) * 3).to(dtype).requires_grad_()
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+        x, _, _ = kn.prepare(z, None, 4, dtype=torch.float32, normalize=True)
+    assert not any(t.data_ptr() == z.data_ptr() for t in kept), [tuple(t.shape) for t in kept]
+    g = torch.randn_like(x)
+    (gz,) = torch.autograd.grad(x, z, g)
+    z64 = z.detach().double().requires_grad_()
+    (want,) = torch.autograd.grad(reference.normalize_rows(z64), z64, g.double())
+    assert gz.dtype == dtype
+    assert_close(gz.double(), want.to(dtype).double(), 1e-2 if dtype != torch.float32 else 1e-5, "dz")
 
 
 @pytest.mark.build

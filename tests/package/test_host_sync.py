@@ -397,3 +397,49 @@ def test_cuda_non_finite_embeddings_make_the_loss_nan(dtype):
     assert torch.isnan(z.grad[7]).any() and torch.isfinite(z.grad[others]).all()
     dist, index = daal_triton.knn(z.detach().float(), z.detach().float(), 4, exclude_self=True)
     assert (index[7] == -1).all() and not (index == 7).any()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bad, clamped", [(-1, 0), (-7, 0), (5, 4), (10 ** 6, 4)])
+def test_out_of_range_label_without_checks_counts_in_its_clamped_class(gpu_defaults, backend, bad, clamped):
+    """docs/method.md "Bad input": without value checks (``check_values=False``; on CPU tensors
+    the checks are patched away as on a GPU) a label outside ``[0, C)`` is clamped into it, and
+    the other samples still see that sample as a member of its clamped class, in the class's kNN
+    radii (it is a neighbour, and it has neighbours) and so in its mean radius and margins: with
+    ``reduction="none"`` their values, and the gradients of their sum (embeddings and segments,
+    every row), are those of the batch with the label clamped (not a batch without the sample,
+    nor one where the sample is no one's neighbour or has none). The clamped class has 4 or 5 other
+    members (B = 23, C = 5), ``gamma = 1`` and margins inside ``[m_min, m_max]``, so a rule that
+    left the sample out of the class's radii would move the margins of the class."""
+    B, C, D, i = 23, 5, 33, 7
+    g = torch.Generator().manual_seed(3)
+    dtype = torch.float64 if backend == "reference" else torch.float32
+    z = torch.randn(B, D, generator=g, dtype=torch.float64).to(dtype)
+    seg = (0.5 * torch.randn(C, 2, D, generator=g, dtype=torch.float64)).to(dtype)
+    y_clamped = torch.arange(B) % C
+    y_clamped[i] = clamped
+    y_bad = y_clamped.clone()
+    y_bad[i] = bad
+    others = torch.arange(B) != i
+    hp = dict(reduction="none", k=4, lambda_pull=0.1, tau=1.5, backend=backend)
+    results = {}
+    for name, y in (("bad", y_bad), ("clamped", y_clamped)):
+        zz, ss = z.clone().requires_grad_(True), seg.clone().requires_grad_(True)
+        per_sample = daal_triton.daal_loss(zz, y, ss, check_values=False, **hp)
+        per_sample[others].sum().backward()
+        results[name] = (per_sample.detach(), zz.grad, ss.grad)
+    (v_bad, gz_bad, gs_bad), (v_ok, gz_ok, gs_ok) = results["bad"], results["clamped"]
+    assert torch.isnan(v_bad[i]) and torch.isfinite(v_ok).all()
+    tol = dict(rtol=1e-12, atol=1e-14) if dtype == torch.float64 else dict(rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(v_bad[others], v_ok[others], **tol)
+    torch.testing.assert_close(gz_bad, gz_ok, **tol)
+    torch.testing.assert_close(gs_bad, gs_ok, **tol)
+    # the sample does count: its clamped class's margins differ from those of a batch without it
+    parts = daal_triton.daal_loss(z, y_clamped, seg, backend="reference", return_parts=True, k=4, tau=1.5)
+    without = daal_triton.daal_loss(z[others], y_clamped[others], seg, backend="reference",
+                                    return_parts=True, k=4, tau=1.5)
+    members = (y_clamped == clamped) & others
+    assert members.sum() >= 4 and parts.valid[members].all()
+    assert not torch.allclose(parts.margin[members], without.margin[members[others]], rtol=1e-3, atol=0)
+    margins = parts.margin[y_clamped == clamped]
+    assert ((margins > 0.05 + 1e-3) & (margins < 0.5 - 1e-3)).all(), margins

@@ -449,3 +449,29 @@ def test_labels_follow_the_embeddings_device_as_in_pytorch_metric_learning():
     module = dt.DAALLoss(3, 4, backend="reference").to("meta")
     assert module(zm, y).device.type == "meta"
     raises("labels must lie in", dt.daal_loss, z, y + 3, seg)  # CPU: checked as before
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_the_value_check_finds_every_non_finite_and_passes_overflowing_sums(dtype):
+    """``check_finite`` settles most tensors by their sum: a NaN, inf or -inf anywhere (inf and
+    -inf together sum to NaN) is refused; finite values whose sum overflows are not; and a
+    tensor that requires grad leaves no autograd record."""
+    from daal_triton.validation import NonFiniteError, check_finite
+    big = torch.finfo(dtype).max
+    z = torch.full((37, 129), big, dtype=dtype)
+    check_finite(z, "embeddings")  # the sum is inf, every value finite
+    check_finite(-z, "embeddings")
+    for bad in ([float("nan")], [float("inf")], [-float("inf")], [float("inf"), -float("inf")]):
+        w = torch.randn(37, 129).to(dtype)
+        w.view(-1)[torch.randperm(w.numel())[:len(bad)]] = torch.tensor(bad, dtype=dtype)
+        with pytest.raises(NonFiniteError, match="embeddings contains NaN or inf"):
+            check_finite(w, "embeddings")
+        z2 = z.clone()
+        z2[5, 7] = bad[0]
+        with pytest.raises(NonFiniteError):
+            check_finite(z2, "embeddings")
+    g = torch.randn(5, 3, dtype=dtype, requires_grad=True)
+    seen = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: seen.append(t) or t, lambda t: t):
+        check_finite(g, "embeddings")
+    assert not seen

@@ -15,19 +15,33 @@ HP = dict(k=3, m0=0.2, m_min=0.05, m_max=0.5, gamma=1.0, alpha=16.0, tau=0.8,
 
 # ------------------------------------------------------------------ an independent oracle
 def independent_daal(z, y, seg, *, k, m0, m_min, m_max, gamma, alpha, tau, lambda_pull,
-                     lambda_dens, lambda_len, l_max, normalize):
-    """docs/method.md written again, loop by loop, in the difference form (not the GEMM form)."""
+                     lambda_dens, lambda_len, l_max, normalize, reduction="mean", ref=None,
+                     ref_labels=None, ref_includes_batch=False):
+    """docs/method.md written again, loop by loop, in the difference form (not the GEMM form).
+
+    ``reduction="none"``: the B per-sample values of step 7. ``ref``/``ref_labels``: the kNN radii
+    over that reference set ("Memory banks": its rows go through step 1 too; row i is left out
+    for sample i only with ``ref_includes_batch``); without one, over the batch, self left out."""
     B, C = z.shape[0], seg.shape[0]
-    xs = []
-    for i in range(B):
-        n = torch.sqrt(torch.clamp((z[i] ** 2).sum(), min=EPS * EPS))
-        xs.append(z[i] / n if normalize else z[i])
+
+    def project(rows):
+        out = []
+        for row in rows:
+            n = torch.sqrt(torch.clamp((row ** 2).sum(), min=EPS * EPS))
+            out.append(row / n if normalize else row)
+        return out
+
+    xs = project(z)
+    if ref is None:
+        refs, ref_y, skip_self = xs, y, True
+    else:
+        refs, ref_y, skip_self = project(ref), ref_labels, ref_includes_batch
     radius, valid = [], []
     for i in range(B):
         cand = []
-        for j in range(B):
-            if j != i and int(y[j]) == int(y[i]):
-                d = torch.sqrt(torch.clamp(((xs[i] - xs[j]) ** 2).sum(), min=EPS))
+        for j in range(len(refs)):
+            if not (skip_self and j == i) and int(ref_y[j]) == int(y[i]):
+                d = torch.sqrt(torch.clamp(((xs[i] - refs[j]) ** 2).sum(), min=EPS))
                 cand.append((d.item(), j, d))
         cand.sort(key=lambda c: (c[0], c[1]))
         chosen = cand[:min(k, len(cand))]
@@ -70,6 +84,10 @@ def independent_daal(z, y, seg, *, k, m0, m_min, m_max, gamma, alpha, tau, lambd
         u = seg[c, 1] - seg[c, 0]
         lens.append(torch.relu(torch.sqrt(torch.clamp((u * u).sum(), min=EPS * EPS)) - l_max) ** 2)
     l_len = sum(lens) / C
+    if reduction == "none":
+        return torch.stack([line[i] + lambda_pull * pull[i]
+                            + (lambda_dens * torch.relu(tau - radius[i]) if valid[i] else 0 * line[i])
+                            for i in range(B)])
     return l_line + lambda_pull * l_pull + lambda_dens * l_dens + lambda_len * l_len
 
 
@@ -322,6 +340,112 @@ def test_batch_of_one():
     parts = R.daal_loss(z, y, seg, return_parts=True)
     assert not parts.valid[0] and parts.density.item() == 0.0
     _finite_grads(z, y, seg)
+
+
+def _edge_one_sample_class():
+    z, _, seg = random_problem(9, 4, 33)
+    return z, torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 3]), seg, {}  # class 3: one sample
+
+
+def _edge_k_beyond_every_class():
+    z, _, seg = random_problem(11, 3, 33)
+    return z, torch.arange(11) % 3, seg, dict(k=50)
+
+
+def _edge_one_class():
+    z, _, seg = random_problem(7, 1, 33)
+    return z, torch.zeros(7, dtype=torch.long), seg, dict(tau=3.0, lambda_pull=0.3)
+
+
+def _edge_absent_class():
+    z, _, seg = random_problem(10, 5, 33)
+    return z, torch.tensor([0, 1, 2, 4, 0, 1, 2, 4, 0, 1]), seg, dict(alpha=2.0)  # no class 3
+
+
+def _edge_zero_length_segment():
+    z, _, seg = random_problem(9, 3, 129)
+    seg[1, 1] = seg[1, 0]
+    return z, torch.arange(9) % 3, seg, dict(lambda_pull=0.3)
+
+
+def _edge_duplicates():
+    z, _, seg = random_problem(9, 3, 33)
+    z[1] = z[0]
+    z[2] = z[0]
+    z[7] = 2 * z[4]  # the same row once normalised (the scale is a power of 2: exact)
+    return z, torch.tensor([0, 0, 0, 1, 1, 2, 2, 1, 2]), seg, dict(k=1)
+
+
+def _edge_zero_embeddings():
+    z, _, seg = random_problem(8, 3, 33)
+    z[0] = 0.0
+    z[3] = 0.0
+    return z, torch.tensor([0, 1, 2, 0, 1, 2, 0, 1]), seg, {}
+
+
+def _edge_batch_of_one():
+    z, _, seg = random_problem(1, 3, 129)
+    return z, torch.tensor([2]), seg, {}
+
+
+def _edge_bank(includes_batch):
+    def make():
+        z, _, seg = random_problem(7, 4, 33)
+        y = torch.tensor([0, 1, 2, 0, 1, 2, 3])
+        bank = torch.randn(10, 33, dtype=torch.float64)
+        bank_y = torch.tensor([0, 1, 1, 2, 3, 3, 1, 0, 5, 2])  # 5: no sample's label
+        return z, y, seg, dict(bank=bank, bank_labels=bank_y, includes_batch=includes_batch, k=2)
+    return make
+
+
+EDGE_CASES = {
+    "one_sample_class": _edge_one_sample_class,
+    "k_beyond_every_class": _edge_k_beyond_every_class,
+    "C1": _edge_one_class,
+    "absent_class": _edge_absent_class,
+    "zero_length_segment": _edge_zero_length_segment,
+    "duplicates": _edge_duplicates,
+    "zero_embeddings": _edge_zero_embeddings,
+    "B1": _edge_batch_of_one,
+    "bank_includes_batch": _edge_bank(True),
+    "bank_apart": _edge_bank(False),
+}
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("case", list(EDGE_CASES))
+def test_edge_cases_match_independent_implementation(case, reduction):
+    """docs/method.md "Edge cases": each case, loss and gradients (embeddings, segments, and a
+    memory bank's rows), against the independent float64 implementation of the page above; with
+    ``reduction="none"`` the gradient is that of a random weighting of the B values, so that each
+    sample's gradient counts."""
+    z, y, seg, extra = EDGE_CASES[case]()
+    bank = extra.pop("bank", None)
+    bank_y = extra.pop("bank_labels", None)
+    includes_batch = extra.pop("includes_batch", False)
+    hp = {**HP, "tau": 1.5, "lambda_len": 0.2, "l_max": 0.3, **extra, "reduction": reduction}
+    z.requires_grad_(True)
+    seg.requires_grad_(True)
+    leaves = (z, seg)
+    kw, ind_kw = {}, {}
+    if bank is not None:
+        bank.requires_grad_(True)
+        leaves = (z, seg, bank)
+        ref = torch.cat([z, bank]) if includes_batch else bank
+        ref_y = torch.cat([y, bank_y]) if includes_batch else bank_y
+        kw = dict(ref_embeddings=ref, ref_labels=ref_y, ref_includes_batch=includes_batch)
+        ind_kw = dict(ref=ref, ref_labels=ref_y, ref_includes_batch=includes_batch)
+    out = R.daal_loss(z, y, seg, **hp, **kw)
+    expected = independent_daal(z, y, seg, **hp, **ind_kw)
+    assert out.shape == expected.shape and torch.isfinite(out).all()
+    assert ((out - expected).abs() <= 1e-9 * expected.abs().clamp(min=1.0)).all(), (out, expected)
+    w = torch.rand(out.shape, dtype=out.dtype) + 0.5
+    g_out = torch.autograd.grad(out, leaves, w)
+    g_ref = torch.autograd.grad(expected, leaves, w)
+    for name, a, b in zip(("embeddings", "segments", "bank"), g_out, g_ref):
+        # row by row: a zero embedding's row is ~1e12 (the Jacobian I / eps) and would hide the others'
+        err, size = (a - b).flatten(1).norm(dim=1), b.flatten(1).norm(dim=1)
+        assert torch.isfinite(a).all() and (err <= 1e-9 * size.clamp(min=1.0)).all(), (name, err, size)
 
 
 # ------------------------------------------------------------------ reduction, dtypes
