@@ -17,6 +17,8 @@ from . import reference
 from .reference import compute_dtype, length_term, own_distance_sq
 from .validation import as_float, check_flag, check_k
 
+#: ``knn(query, ref, k, *, query_labels, ref_labels, exclude_self[, batch_rows]) -> (dist, index)``
+#: (:class:`Operators`; ``batch_rows`` is passed only when it is not 0)
 KnnFn = Callable[..., Tuple[torch.Tensor, torch.Tensor]]
 LineMarginFn = Callable[..., torch.Tensor]
 REDUCTIONS = ("mean", "none")
@@ -100,8 +102,11 @@ class Operators(NamedTuple):
 
     * ``prepare(embeddings, labels, C, *, dtype, normalize) -> (x, labels, bad)``: step 1 and the
       label range (``labels`` None: only ``x``);
-    * ``knn(query, ref, k, *, query_labels, ref_labels, exclude_self) -> (dist, index)``: step 3's
-      neighbours, exact distances;
+    * ``knn(query, ref, k, *, query_labels, ref_labels, exclude_self, batch_rows=0) -> (dist,
+      index)``: step 3's neighbours, exact distances; ``batch_rows``: the first ``batch_rows``
+      rows of ``ref`` are the query rows, and their reference-role gradient is added to the
+      query's (passed, and only then, for ``ref_includes_batch=True`` with a reference set that
+      carries no gradient while the embeddings do: ``MemoryBank.with_batch``'s);
     * ``density(dist, index, labels, C, *, m0, m_min, m_max, gamma, tau) -> (r, valid, margin,
       hinge)``: steps 3-4 and the density hinge;
     * ``line_margin(x, labels, segments, margins, *, alpha, lambda_pull) -> B values``: steps 5-6;
@@ -175,9 +180,15 @@ def compose(
             ref_labels = ref_labels.long()
         # no row has more than N neighbours: a k beyond the reference set's N rows costs no B x k padding
         k = min(hp.k, ref.shape[0])
+        # ref[:B] declared to be the batch but carrying no gradient (MemoryBank.with_batch's detached
+        # cat): the kNN passes those rows' reference-role gradient to x itself, so it reaches the
+        # embeddings as through a grad-carrying cat, without a (B + N) x D gradient of the reference
+        # set. A reference set that requires grad carries it (no batch_rows: no double count).
+        batch = ({"batch_rows": x.shape[0]} if ref_includes_batch and ref is not x and x.requires_grad
+                 and not ref.requires_grad else {})
         if k:
             dist, index = ops.knn(x, ref, k, query_labels=labels, ref_labels=ref_labels,
-                                  exclude_self=ref_includes_batch)
+                                  exclude_self=ref_includes_batch, **batch)
         else:  # an empty reference set (a memory bank before its first enqueue): no sample has a neighbour
             dist = x.new_empty((x.shape[0], 0))
             index = torch.empty((x.shape[0], 0), dtype=torch.long, device=x.device)

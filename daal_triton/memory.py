@@ -4,7 +4,7 @@ Used as DAAL's reference set for the kNN density, so radii are estimated from ma
 same-class samples than one batch holds::
 
     bank = MemoryBank(size=4096, dim=512)
-    ref, ref_labels = bank.with_batch(emb, labels)          # batch first, then the bank
+    ref, ref_labels = bank.with_batch(emb, labels)          # batch first, then the bank (detached)
     loss = loss_fn(emb, labels, ref_emb=ref, ref_labels=ref_labels, ref_includes_batch=True)
     bank.enqueue(emb, labels)                               # detached; oldest rows drop out
 
@@ -97,10 +97,18 @@ class MemoryBank:
         return torch.cat(emb), torch.cat(lab)
 
     def with_batch(self, embeddings: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """``(cat([embeddings, bank]), cat([labels, bank_labels]))``: a reference set whose first
-        rows are the batch (pass ``ref_includes_batch=True`` to the loss). The batch part keeps
-        its gradient; the bank part has none. The bank comes to the batch's device, and the two
-        meet in their promoted dtype (a float32 bank is not rounded to a bfloat16 batch's)."""
+        """``(cat([embeddings.detach(), bank]), cat([labels, bank_labels]))``: a reference set whose
+        first rows are the batch (pass ``ref_includes_batch=True`` to the loss). It carries no
+        gradient at all: with ``ref_includes_batch=True`` the loss itself passes the batch rows'
+        reference-role gradient (the density's, as neighbours of other samples) to ``embeddings``
+        (docs/method.md, "Memory banks"), so the backward builds no (B + N) x D gradient of the
+        reference set only to drop its bank rows: the Triton backend's kNN and normalisation
+        backwards allocate no (B + N) x D float32 buffer (two of them before: 2 x 134 MB a step
+        at N = 65,536, D = 512, by arithmetic). The bank comes to the batch's device, and the two
+        meet in their promoted dtype (a float32 bank is not rounded to a bfloat16 batch's).
+
+        A reference set built by hand that requires grad (``torch.cat([emb, bank])``, or a bank
+        that is itself trained) keeps it: its rows receive their gradient through it, as before."""
         self._check_rows(embeddings, labels)
         emb, lab = self._oldest_first()
         # one torch.cat of the batch and the ring's slices: the bank is copied once, in the
@@ -108,7 +116,8 @@ class MemoryBank:
         # again (it moves to the batch's device first only where it lives elsewhere)
         emb = [e.to(embeddings.device) for e in emb]
         lab = [t.to(labels.device) for t in lab]
-        return torch.cat([embeddings, *emb]), torch.cat([labels.long(), *lab])
+        # detached: the loss routes the batch rows' gradient itself (ref_includes_batch=True)
+        return torch.cat([embeddings.detach(), *emb]), torch.cat([labels.long(), *lab])
 
     def state_dict(self) -> dict:
         """A snapshot: copies of the rows and labels with the write position, so a state kept in

@@ -91,14 +91,20 @@ because the GEMM form loses digits exactly for the close pairs a kNN selects)::
 a scatter over the M x k selected pairs; atomics make dRef's summation order (last bits)
 nondeterministic. Under ``torch.use_deterministic_algorithms(True)`` the kernel stores each
 pair's term instead (an M k x D float32 buffer, ``DR_PAIRS``) and ``index_put_(accumulate=True)``
-sums them by reference row (sorted: deterministic). When the references need no gradient (a
-memory bank: ``ref`` does not require grad) the backward computes no dRef at all: no N x D
-buffer, no atomics (``HAS_DR = False``).
+sums them by reference row (sorted: deterministic). When the references need no gradient
+(``ref`` does not require grad: a bank passed alone, or ``MemoryBank.with_batch``'s detached
+``cat([emb, bank])``) the backward computes no dRef at all: no N x D buffer, no atomics
+(``HAS_DR = False``). With ``batch_rows = b`` (the loss's ``ref_includes_batch=True`` on such
+a reference set: ``ref[:b]`` *are* the query's first rows) the b batch rows' reference-role
+term still reaches dQ: a second launch of the same kernel on ``ref[:b]``, with the index set
+to ``-1`` where it is ``>= b`` (pairs the kernel skips), scatters it into a b x D dR that is
+added to ``dQ[:b]`` (its dQ output, M x D, is scratch): O(M + b) x D float32, never N x D.
 
 Memory: forward O((M + N) + M * S * KP) besides the inputs (the squared norms and the slot
 buffers), never M x N; backward float32 buffers dQ (M x D; not zero-filled: the row's program
 stores its first pair's term, then adds) and dR (N x D, zero-filled for the atomics; none
-without a ref gradient), cast to the input dtypes at the end (no cast when they are float32);
+without a ref gradient, b x D with ``batch_rows``), cast to the input dtypes at the end (no
+cast when they are float32);
 nothing of size M x k x D (the exact recompute reads the k selected rows, it does not gather
 them) but the per-pair dRef buffer under deterministic algorithms.
 Inputs are read in place when their rows are contiguous and 16-aligned (width, row stride and
@@ -1282,10 +1288,10 @@ def _knn_backward(g, index, q, r, ref_grad: bool = True, cast: bool = True):
 # two opaque ops (forward selection, backward scatter) instead of tracing the launchers.
 @torch.library.custom_op("daal_triton::knn", mutates_args=())
 def _knn_op(query: torch.Tensor, ref: torch.Tensor, k: int, query_labels: Optional[torch.Tensor],
-            ref_labels: Optional[torch.Tensor], exclude_self: bool, splits: Optional[int]
-            ) -> Tuple[torch.Tensor, torch.Tensor]:
+            ref_labels: Optional[torch.Tensor], exclude_self: bool, splits: Optional[int],
+            batch_rows: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(dist, index)`` of the kNN (see :func:`knn`; ``splits``: the forward's column ranges,
-    ``None`` for the launcher's choice)."""
+    ``None`` for the launcher's choice; ``batch_rows`` changes only the backward)."""
     return _knn_forward(query, ref, k, query_labels, ref_labels, exclude_self, splits)
 
 
@@ -1337,7 +1343,7 @@ def _knn_merge_path(q, r, k, ql, rl, exclude_self, splits):
 
 
 @_knn_op.register_fake
-def _knn_fake(query, ref, k, query_labels, ref_labels, exclude_self, splits):
+def _knn_fake(query, ref, k, query_labels, ref_labels, exclude_self, splits, batch_rows=0):
     M = query.shape[0]
     dist = query.new_empty((M, k), dtype=torch.float32)
     return dist, query.new_empty((M, k), dtype=torch.int64)
@@ -1365,6 +1371,7 @@ def _knn_backward_fake(g, index, query, ref, ref_grad, align=True):
 
 def _knn_setup_context(ctx, inputs, output):
     ctx.save_for_backward(inputs[0], inputs[1], output[1])
+    ctx.batch_rows = inputs[7] if len(inputs) > 7 else 0  # ref[:batch_rows] are the query's first rows
     ctx.align = align_rows("knn")  # the forward's rows: the backward pads (or not) as it did
     ctx.mark_non_differentiable(output[1])
     ctx.set_materialize_grads(False)  # no zero-filled gradient for the index
@@ -1376,10 +1383,20 @@ _knn_backward_direct = direct(_knn_backward_op)
 def _knn_autograd_backward(ctx, g, _g_index):
     query, ref, index = ctx.saved_tensors
     if g is None:
-        return (None,) * 7
+        return (None,) * 8
     ref_grad = bool(ctx.needs_input_grad[1])
-    dq, dr = _knn_backward_direct(g.contiguous(), index, query, ref, ref_grad, ctx.align)
-    return dq, dr if ref_grad else None, None, None, None, None, None
+    g = g.contiguous()
+    dq, dr = _knn_backward_direct(g, index, query, ref, ref_grad, ctx.align)
+    b = ctx.batch_rows
+    if b:  # ref[:b] are query[:b]: their reference-role gradient goes to the query's rows
+        if ref_grad:  # already in dr (N x D): moved from its first b rows to dq's
+            dq = torch.cat([(dq[:b] + dr[:b]).to(dq.dtype), dq[b:]])
+            dr = torch.cat([dr.new_zeros((b, dr.shape[1])), dr[b:]])
+        else:  # no N x D buffer: the same kernel on ref[:b] alone, pairs beyond it skipped (-1)
+            _, dr_b = _knn_backward_direct(g, index.masked_fill(index >= b, -1), query, ref[:b], True,
+                                           ctx.align)
+            dq = torch.cat([(dq[:b] + dr_b).to(dq.dtype), dq[b:]])
+    return dq, dr if ref_grad else None, None, None, None, None, None, None
 
 
 _knn_op.register_autograd(_knn_autograd_backward, setup_context=_knn_setup_context)
@@ -1394,6 +1411,7 @@ def knn(
     query_labels: Optional[torch.Tensor] = None,
     ref_labels: Optional[torch.Tensor] = None,
     exclude_self: bool = False,
+    batch_rows: int = 0,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """The ``k`` nearest rows of ``ref`` (N x D) for each row of ``query`` (M x D).
 
@@ -1402,9 +1420,16 @@ def knn(
     ``ref_labels[j] == query_labels[i]`` counts; ``exclude_self`` drops ``j == i``; rows with
     fewer than ``k`` candidates are padded with ``inf`` / ``-1``. ``dist`` is differentiable in
     ``query`` and ``ref``; ``index`` is not. Never allocates an M x N buffer.
+
+    ``batch_rows`` (``0 <= batch_rows <= min(M, N)``): the first ``batch_rows`` rows of ``ref``
+    are the first rows of ``query`` (a memory bank's ``cat([batch, bank])``); their
+    reference-role gradient is added to ``query``'s and those rows of ``ref`` receive none (as
+    ``daal_triton.reference.knn``). The loss passes it for ``ref_includes_batch=True`` when the
+    reference set carries no gradient: the backward then builds no N x D buffer (module
+    docstring, "Backward").
     """
     return _knn(query, ref, k, query_labels=query_labels, ref_labels=ref_labels,
-                exclude_self=exclude_self)
+                exclude_self=exclude_self, batch_rows=batch_rows)
 
 
 def knn_wave_splits(query: torch.Tensor, ref: torch.Tensor, k: int, **kwargs) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -1418,7 +1443,7 @@ def knn_wave_splits(query: torch.Tensor, ref: torch.Tensor, k: int, **kwargs) ->
     return _knn(query, ref, k, splits=splits, **kwargs)
 
 
-def _knn(query, ref, k, *, query_labels=None, ref_labels=None, exclude_self=False, splits=None):
+def _knn(query, ref, k, *, query_labels=None, ref_labels=None, exclude_self=False, splits=None, batch_rows=0):
     if (query_labels is None) != (ref_labels is None):
         raise ValueError("query_labels and ref_labels must be given together")
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
@@ -1428,4 +1453,9 @@ def _knn(query, ref, k, *, query_labels=None, ref_labels=None, exclude_self=Fals
     compute_dtype("knn", query, ref)
     if ref.shape[0] >= 2**31:
         raise ValueError(f"ref has {ref.shape[0]} rows; the kernel's column indices are int32 (< 2^31)")
-    return _knn_call(query, ref, k, query_labels, ref_labels, bool(exclude_self), splits)
+    limit = min(query.shape[0], ref.shape[0])
+    if (isinstance(batch_rows, bool) or not isinstance(batch_rows, (int, torch.SymInt))
+            or not 0 <= batch_rows <= limit):
+        raise ValueError(f"batch_rows must be an integer in [0, min(M, N)] = [0, {limit}] (the reference rows "
+                         f"that are the query's first rows), got {batch_rows!r}")
+    return _knn_call(query, ref, k, query_labels, ref_labels, bool(exclude_self), splits, batch_rows)

@@ -41,6 +41,7 @@ def knn(
     query_labels: Optional[torch.Tensor] = None,
     ref_labels: Optional[torch.Tensor] = None,
     exclude_self: bool = False,
+    batch_rows: int = 0,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """The ``k`` nearest rows of ``ref`` for each row of ``query``: ``(dist, index)``, each M x k.
 
@@ -52,9 +53,18 @@ def knn(
     - A pair whose distance is NaN or inf (NaN/inf in the inputs) is no candidate.
     ``dist`` is differentiable with respect to ``query`` and ``ref``; the neighbours are selected
     on the GEMM form and their distances computed by direct differences.
+
+    ``batch_rows`` (``0 <= batch_rows <= min(M, N)``) declares that the first ``batch_rows`` rows
+    of ``ref`` *are* the first rows of ``query`` (a memory bank's ``cat([batch, bank])``): their
+    reference-role gradient (as neighbours of other rows) is added to ``query``'s, and those
+    rows of ``ref`` receive none. Here the reference rows are simply ``cat([query[:batch_rows],
+    ref[batch_rows:]])``, so autograd does it.
     """
     if (query_labels is None) != (ref_labels is None):
         raise ValueError("query_labels and ref_labels must be given together")
+    batch_rows = check_batch_rows(batch_rows, query, ref)
+    if batch_rows:
+        ref = torch.cat([query[:batch_rows], ref[batch_rows:]])
     d = pairwise_distance(query, ref)
     m, n = d.shape
     invalid = torch.zeros(m, n, dtype=torch.bool, device=d.device)
@@ -87,6 +97,16 @@ def knn(
         dist = torch.cat([dist, dist.new_full((m, pad), float("inf"))], 1)
         index = torch.cat([index, index.new_full((m, pad), -1)], 1)
     return dist, index
+
+
+def check_batch_rows(batch_rows, query: torch.Tensor, ref: torch.Tensor) -> int:
+    """``batch_rows`` of :func:`knn` as an int, ``ValueError`` unless ``0 <= batch_rows <= min(M, N)``."""
+    limit = min(query.shape[0], ref.shape[0])
+    if (isinstance(batch_rows, bool) or not isinstance(batch_rows, (int, torch.SymInt))
+            or not 0 <= batch_rows <= limit):
+        raise ValueError(f"batch_rows must be an integer in [0, min(M, N)] = [0, {limit}] (the reference rows "
+                         f"that are the query's first rows), got {batch_rows!r}")
+    return batch_rows
 
 
 def selected_distance_sq(query: torch.Tensor, ref: torch.Tensor, index: torch.Tensor,

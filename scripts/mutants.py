@@ -1168,6 +1168,15 @@ MUTANTS: Tuple[Mutant, ...] = (
            "ref, ref_labels, ref_includes_batch = x, labels, True",
            "ref, ref_labels, ref_includes_batch = x, labels.masked_fill(bad_label, -1), True",
            ("tests/package/test_host_sync.py", "-k", "counts_in_its_clamped_class")),
+    # MemoryBank.with_batch's detached cat: the batch rows' reference-role gradient reaches the
+    # embeddings through the kNN's batch_rows (2026-12-07)
+    Mutant("bank_batch_rows_unwired", "daal_triton/core.py",
+           "exclude_self=ref_includes_batch, **batch)", "exclude_self=ref_includes_batch)",
+           ("tests/package/test_memory_bank.py", "-k", "gradients_of_a_grad_carrying_cat")),
+    Mutant("knn_batch_rows_sign", "kernels/knn.py",
+           "dq = torch.cat([(dq[:b] + dr_b).to(dq.dtype), dq[b:]])",
+           "dq = torch.cat([(dq[:b] - dr_b).to(dq.dtype), dq[b:]])",
+           ("tests/kernels/test_kernel_knn.py", "-k", "batch_rows")),
 )
 
 

@@ -800,6 +800,45 @@ def test_knn_no_ref_gradient():
     assert dr2.shape == r.shape and torch.allclose(dq2, dq)
 
 
+@pytest.mark.parametrize("impl", ["triton", "reference"])
+@pytest.mark.parametrize("ref_grad", [False, True], ids=["detached-ref", "ref-with-grad"])
+def test_knn_batch_rows_give_the_query_the_reference_role_gradient(impl, ref_grad):
+    """``batch_rows=b``: ``ref[:b]`` are ``query[:b]`` (a memory bank's ``cat([batch, bank])``),
+    so their reference-role gradient is added to the query's: the same ``(dist, index)`` and the
+    same query gradient as the float64 kNN on the grad-carrying ``cat([query[:b], bank])``, and
+    ``ref[:b]`` gets none (a reference set with grad: its bank rows get theirs). Labels, self
+    exclusion, padding (a row with fewer than k candidates), b < M and odd widths."""
+    torch.manual_seed(7)
+    M, b, N, D, k = 29, 23, 41, 33, 4
+    q = torch.randn(M, D, device=DEV)
+    bank = torch.randn(N, D, device=DEV)
+    ql = _labels(M, 3)
+    ql[0] = 5  # a label no other row has: its one candidate, itself, is excluded (all padding)
+    rl = torch.cat([ql[:b], _labels(N, 3)])
+    g = torch.rand(M, k, device=DEV) + 0.5
+    # the float64 oracle: the grad-carrying cat
+    q64, bank64 = q.double().requires_grad_(True), bank.double().requires_grad_(True)
+    want_d, want_i = reference.knn(q64, torch.cat([q64[:b], bank64]), k, query_labels=ql, ref_labels=rl,
+                                   exclude_self=True)
+    (want_d.masked_fill(want_i < 0, 0) * g.double()).sum().backward()
+    knn = kk.knn if impl == "triton" else reference.knn
+    qq = q.clone().requires_grad_(True)
+    ref = torch.cat([q[:b], bank]).requires_grad_(ref_grad)
+    dist, index = knn(qq, ref, k, query_labels=ql, ref_labels=rl, exclude_self=True, batch_rows=b)
+    assert torch.equal(index, want_i) and (index[0] == -1).all()
+    (dist.masked_fill(index < 0, 0) * g).sum().backward()
+    tol = tolerance(torch.float32, tf32=TF32)
+    assert_close(dist.masked_fill(index < 0, 0), want_d.masked_fill(want_i < 0, 0), tol, "dist")
+    assert_close(qq.grad, q64.grad, tol, f"{impl}: d query (both roles)")
+    if ref_grad:
+        assert torch.equal(ref.grad[:b], torch.zeros_like(ref.grad[:b])), "the batch rows' went to the query"
+        assert_close(ref.grad[b:], bank64.grad, tol, f"{impl}: d bank")
+    else:
+        assert ref.grad is None
+    with pytest.raises(ValueError, match=r"batch_rows must be an integer in \[0, min\(M, N\)\] = \[0, 29\]"):
+        knn(qq, ref, k, batch_rows=M + 1)
+
+
 def _spy_flags(monkeypatch, name, *flags):
     """Patch kernel ``name`` of kernels/knn.py to record its launches' ``flags`` (a tuple per
     launch, in the list returned) and launch it as it was."""
@@ -1625,6 +1664,11 @@ def test_custom_ops_opcheck(layout):
     q, r = rows(7, 5), rows(11, 5)
     utils = ("test_schema", "test_faketensor", "test_autograd_registration")
     torch.library.opcheck(torch.ops.daal_triton.knn.default, (q, r, 3, None, None, False, None), test_utils=utils)
+    # batch_rows (the loss's memory bank: ref[:b] are the query's rows), with ref carrying no grad
+    # and with it
+    for ref_rows in (r.detach(), r):
+        torch.library.opcheck(torch.ops.daal_triton.knn.default, (q, ref_rows, 3, None, None, True, None, 5),
+                              test_utils=utils)
     _, index = torch.ops.daal_triton.knn(q, r, 3, None, None, False, None)
     for ref_grad in (True, False):
         torch.library.opcheck(torch.ops.daal_triton.knn_backward.default,

@@ -85,8 +85,8 @@ def test_bank_inputs_are_checked_and_meet_the_batch():
     batch = torch.randn(2, 3, dtype=torch.bfloat16, requires_grad=True)
     ref, ref_y = bank.with_batch(batch, torch.tensor([1, 2]))
     assert ref.dtype == torch.float32 and torch.equal(ref[2:], rows), "the bank is not rounded to bf16"
-    ref.sum().backward()
-    assert batch.grad is not None and ref_y.tolist() == [1, 2, 0, 1, 2, 3]
+    assert not ref.requires_grad, "the loss routes the batch rows' gradient itself (ref_includes_batch=True)"
+    assert torch.equal(ref[:2], batch.detach().float()) and ref_y.tolist() == [1, 2, 0, 1, 2, 3]
     with pytest.raises(ValueError, match=r"state\['embeddings'\] must be a tensor of shape \(6, 3\)"):
         bank.load_state_dict(MemoryBank(5, 3).state_dict())
     # with_batch checks the batch as enqueue does (a torch.cat error, or a reference set with more
@@ -282,5 +282,172 @@ def test_the_ring_is_read_oldest_first_with_one_copy(writes):
     assert rec.copies(len(newest)) == ["aten.cat", "aten.cat"], rec.ops  # and the labels'
     assert ref.dtype == torch.float32 and ref_y.dtype == torch.long
     assert torch.equal(ref[:2], batch.float()) and torch.equal(ref[2:], emb) and ref_y.tolist() == [7, 8] + newest
-    ref.sum().backward()
-    assert torch.equal(batch.grad, torch.ones_like(batch))
+    assert not ref.requires_grad  # detached: the loss passes the batch rows' gradient (ref_includes_batch)
+
+
+def _bank_problem(seed: int = 3, B: int = 37, D: int = 33, N: int = 50, C: int = 5):
+    """Odd shapes: a batch, segments and a bank whose labels overlap the batch's (every bank row
+    is some batch sample's possible neighbour), float64."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(B, D, generator=g, dtype=torch.float64)
+    y = torch.randint(0, C, (B,), generator=g)
+    seg = torch.randn(C, 2, D, generator=g, dtype=torch.float64)
+    bank = torch.randn(N, D, generator=g, dtype=torch.float64)
+    bank_y = torch.randint(0, C, (N,), generator=g)
+    return z, y, seg, bank, bank_y
+
+
+def _bank_loss(z, y, seg, bank, bank_y, *, style, backend, dtype, k=4, tau=2.0, bank_grad=False):
+    """The loss, its density term and the gradients of the embeddings, segments and (``bank_grad``)
+    the bank, with the reference set built by ``style``: ``"with_batch"`` (MemoryBank's detached
+    cat), ``"cat"`` (a grad-carrying ``torch.cat([emb, bank])``, the README's usage before) or
+    ``"detached"`` (``torch.cat([emb.detach(), bank])`` by hand)."""
+    zz = z.to(dtype).clone().requires_grad_(True)
+    ss = seg.to(dtype).clone().requires_grad_(True)
+    bb = bank.to(dtype).clone().requires_grad_(bank_grad)
+    if style == "with_batch":
+        mem = MemoryBank(bank.shape[0], bank.shape[1], dtype=dtype)
+        mem.enqueue(bb, bank_y)
+        ref, ref_y = mem.with_batch(zz, y)
+        assert not ref.requires_grad, "with_batch's reference set carries no gradient"
+    else:
+        ref = torch.cat([zz if style == "cat" else zz.detach(), bb])
+        ref_y = torch.cat([y, bank_y])
+    parts = dt.daal_loss(zz, y, ss, k=k, tau=tau, ref_embeddings=ref, ref_labels=ref_y, ref_includes_batch=True,
+                         backend=backend, return_parts=True)
+    parts.loss.backward()
+    out = [parts.loss.detach().double(), parts.density.detach().double(), zz.grad.double(), ss.grad.double()]
+    return out + [bb.grad.double()] if bank_grad else out
+
+
+BANK_BACKENDS = [pytest.param("triton", torch.float32, marks=pytest.mark.interpreter, id="triton"),
+                 pytest.param("reference", torch.float32, id="reference-float32"),
+                 pytest.param("reference", torch.float64, id="reference-float64")]
+# and the Triton backend's "aten" glue (DAAL_GLUE=aten: the reference's steps around the fused kNN)
+GLUE_BACKENDS = BANK_BACKENDS + [pytest.param("triton-aten", torch.float32, marks=pytest.mark.interpreter,
+                                              id="triton-aten-glue")]
+
+
+@pytest.mark.parametrize("backend, dtype", GLUE_BACKENDS)
+def test_with_batch_gives_the_gradients_of_a_grad_carrying_cat(backend, dtype, monkeypatch):
+    """``with_batch``'s reference set carries no gradient, yet with ``ref_includes_batch=True`` the
+    batch rows' reference-role (density) gradient still reaches the embeddings: the loss and the
+    embeddings' and segments' gradients equal those of a grad-carrying ``cat([emb, bank])`` (the
+    old usage) and of a detached cat built by hand, on both backends, and the float64
+    reference's. The batch rows' term is not negligible here (without it the embeddings'
+    gradient is off by far more than the tolerance)."""
+    from daal_testing import assert_close, tolerance
+
+    if backend == "triton-aten":
+        from daal_triton.functional import GLUE_ENV
+        monkeypatch.setenv(GLUE_ENV, "aten")
+        backend = "triton"
+
+    problem = _bank_problem()
+    exact = _bank_loss(*problem, style="cat", backend="reference", dtype=torch.float64)
+    assert exact[1] > 0, "the density term is active"
+    tol = 1e-12 if dtype == torch.float64 else tolerance(torch.float32)
+    names = ("loss", "L_dens", "d embeddings", "d segments")
+    for style in ("with_batch", "detached", "cat"):
+        got = _bank_loss(*problem, style=style, backend=backend, dtype=dtype)
+        for what, a, b in zip(names, got, exact):
+            assert_close(a, b, tol, f"{backend} {style}: {what}")
+    # the batch rows' reference-role term is what with_batch's detached cat must not lose
+    z, y, seg, bank, bank_y = problem
+    zz = z.clone().requires_grad_(True)
+    ref = torch.cat([zz.detach(), bank])
+    ops = dt.core.Operators()
+    lone = dt.core.compose(zz, y, seg, dt.core.Hyperparameters(k=4, tau=2.0), ops, ref_embeddings=ref,
+                           ref_labels=torch.cat([y, bank_y]), ref_includes_batch=True)
+    # the same call with the query role only (a knn that drops batch_rows)
+    def query_role_only(*a, batch_rows=0, **kw):
+        return dt.reference.knn(*a, **kw)
+    zq = z.clone().requires_grad_(True)
+    only = dt.core.compose(zq, y, seg, dt.core.Hyperparameters(k=4, tau=2.0), ops._replace(knn=query_role_only),
+                           ref_embeddings=ref, ref_labels=torch.cat([y, bank_y]), ref_includes_batch=True)
+    (g_all,), (g_query,) = torch.autograd.grad(lone.loss, [zz]), torch.autograd.grad(only.loss, [zq])
+    assert (g_all - g_query).norm() > 1e-3 * g_all.norm(), "the batch rows' reference-role term matters here"
+
+
+@pytest.mark.parametrize("backend, dtype", BANK_BACKENDS)
+def test_a_grad_carrying_reference_set_keeps_its_gradient(backend, dtype):
+    """docs/method.md: a reference set that requires grad receives the density's gradient. A
+    user's own ``cat([emb, bank])`` with a bank that requires grad: the bank rows get theirs (the
+    float64 reference's), and the embeddings get the batch rows' term once, through the cat (the
+    same gradient as with_batch's detached reference set: no double count)."""
+    from daal_testing import assert_close, tolerance
+
+    problem = _bank_problem(seed=4)
+    exact = _bank_loss(*problem, style="cat", backend="reference", dtype=torch.float64, bank_grad=True)
+    got = _bank_loss(*problem, style="cat", backend=backend, dtype=dtype, bank_grad=True)
+    assert exact[4].abs().max() > 0, "the bank rows receive a gradient"
+    tol = 1e-12 if dtype == torch.float64 else tolerance(torch.float32)
+    for what, a, b in zip(("loss", "L_dens", "d embeddings", "d segments", "d bank"), got, exact):
+        assert_close(a, b, tol, f"{backend}: {what}")
+    bank_free = _bank_loss(*problem, style="with_batch", backend=backend, dtype=dtype)
+    assert_close(got[2], bank_free[2], tol, f"{backend}: d embeddings, grad-carrying cat vs with_batch")
+
+
+@pytest.mark.interpreter
+def test_with_batch_backward_builds_nothing_of_the_reference_sets_size():
+    """The Triton backend's backward for ``with_batch``'s reference set allocates no (B + N) x D
+    buffer: the kNN's dRef (zero-filled, atomics) and the normalisation's gradient of the
+    reference set were both that size (2 x 134 MB at N = 65,536, D = 512, float32), only for
+    the cat's backward to drop the bank rows. Peak live bytes of the backward (tensors it made,
+    custom operators' bodies included), against the grad-carrying cat's, which has them (the test
+    can tell the difference). D = 64: aligned rows, which the kNN's backward reads in place."""
+    from daal_testing import peak_live_cpu_bytes
+
+    B, D, N, C = 16, 64, 1024, 4
+    z, y, seg, bank, bank_y = _bank_problem(seed=6, B=B, D=D, N=N, C=C)
+    full = (B + N) * D * 4  # one float32 gradient of the reference set
+    peak = {}
+    for style in ("with_batch", "cat"):
+        zz = z.float().requires_grad_(True)
+        ss = seg.float().requires_grad_(True)
+        if style == "with_batch":
+            mem = MemoryBank(N, D)
+            mem.enqueue(bank.float(), bank_y)
+            ref, ref_y = mem.with_batch(zz, y)
+        else:
+            ref, ref_y = torch.cat([zz, bank.float()]), torch.cat([y, bank_y])
+        loss = dt.daal_loss(zz, y, ss, k=4, tau=2.0, ref_embeddings=ref, ref_labels=ref_y,
+                            ref_includes_batch=True, backend="triton")
+        peak[style] = peak_live_cpu_bytes(loss.backward)
+        assert zz.grad is not None and zz.grad.abs().sum() > 0
+    assert peak["cat"] >= 2 * full, peak  # the test sees the two buffers
+    assert peak["with_batch"] < full // 4, peak
+
+
+@pytest.mark.interpreter
+def test_with_batch_under_torch_compile():
+    """``torch.compile(fullgraph=True)`` of a step with ``with_batch``: the kNN's custom operator
+    takes ``batch_rows`` (traced as a constant) and the compiled step's loss and gradients equal
+    the eager ones, and the grad-carrying cat's."""
+    from daal_testing import assert_close
+
+    torch.manual_seed(0)
+    B, D, N = 12, 16, 30
+    model = torch.nn.Linear(10, D)
+    loss_fn = dt.DAALLoss(4, D, backend="triton", tau=2.0)
+    bank = MemoryBank(N, D)
+    bank.enqueue(torch.randn(N, D), torch.arange(N) % 4)
+    x, y = torch.randn(B, 10), torch.arange(B) % 4
+
+    def step(inp, lab, own_cat=False):
+        emb = model(inp)
+        if own_cat:
+            ref, ref_y = torch.cat([emb, bank.get()[0]]), torch.cat([lab, bank.get()[1]])
+        else:
+            ref, ref_y = bank.with_batch(emb, lab)
+        return loss_fn(emb, lab, ref_emb=ref, ref_labels=ref_y, ref_includes_batch=True)
+
+    params = [*model.parameters(), loss_fn.segments]
+    results = {}
+    for name, fn in (("eager", step), ("cat", lambda a, b: step(a, b, True)),
+                     ("compiled", torch.compile(step, fullgraph=True, backend="aot_eager"))):
+        loss = fn(x, y)
+        results[name] = (loss, *torch.autograd.grad(loss, params))
+    for name in ("compiled", "cat"):
+        for i, (a, b) in enumerate(zip(results[name], results["eager"])):
+            assert_close(a, b, 1e-6, f"{name} vs eager: output {i}")

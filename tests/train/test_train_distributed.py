@@ -108,7 +108,8 @@ def test_step_uses_batch_plus_bank_as_reference_then_enqueues():
     y = torch.tensor([0, 0, 1, 1])
     loss = GlobalBatchLoss(bank)(crit, emb, y)
     (call,) = crit.calls
-    assert call["includes"] and call["ref_grad"]
+    # MemoryBank.with_batch's reference set is detached: the loss passes the batch rows' gradient itself
+    assert call["includes"] and not call["ref_grad"]
     assert call["ref"].shape == (9, 3)
     assert torch.equal(call["ref"][:4], emb.detach()) and torch.equal(call["ref"][4:], old_e)
     assert call["ref_labels"].tolist() == [0, 0, 1, 1, 7, 7, 8, 8, 9]
