@@ -282,15 +282,18 @@ def builds() -> List[dict]:
     """The builds a launch can ask for, as compile jobs' facts: ``{"variant", "dtype", "KP",
     "HAS_LABELS", "EXCLUDE_SELF", "ND", "GEMM_ONLY", "STAGES"}`` for each of :data:`VARIANTS`,
     float16/bfloat16, KP 8 and 16, with and without labels and self pairs, at the largest ND
-    (D = 512; a smaller D has fewer chunks, less shared memory and the same code per chunk), at
-    the variant's ring depth; each variant's ``GEMM_ONLY`` build for the probe (bfloat16); and
-    the probe's other ring depths (:data:`PROBE_STAGES`: bfloat16, KP 8, self pairs excluded)."""
+    (D = 512), at the variant's ring depth; the same in bfloat16 at every smaller ND (D = 1..448:
+    ND = cdiv(D, 64) chunks; the register allocation differs with ND, not only the shared memory:
+    at ND = 6 the 64-row build with labels keeps stack, 2026-12-06; float16 differs from bfloat16
+    only in the MMA's operand type); each variant's ``GEMM_ONLY`` build for the probe (bfloat16);
+    and the probe's other ring depths (:data:`PROBE_STAGES`: bfloat16, KP 8, self pairs excluded)."""
     nd = cdiv(MAX_D, BLOCK_D)
     out = []
     for variant, v in VARIANTS.items():
-        out += [{"variant": variant, "dtype": dtype, "KP": kp, "HAS_LABELS": labels, "EXCLUDE_SELF": self_, "ND": nd,
+        out += [{"variant": variant, "dtype": dtype, "KP": kp, "HAS_LABELS": labels, "EXCLUDE_SELF": self_, "ND": n,
                  "GEMM_ONLY": False, "STAGES": v.stages}
-                for dtype in GL_DTYPES for kp in (8, 16) for labels in (False, True) for self_ in (True, False)]
+                for n in range(1, nd + 1) for dtype in (GL_DTYPES if n == nd else (torch.bfloat16,))
+                for kp in (8, 16) for labels in (False, True) for self_ in (True, False)]
         out.append({"variant": variant, "dtype": torch.bfloat16, "KP": 8, "HAS_LABELS": False, "EXCLUDE_SELF": False,
                     "ND": nd, "GEMM_ONLY": True, "STAGES": v.stages})
         out += [{"variant": variant, "dtype": torch.bfloat16, "KP": 8, "HAS_LABELS": False, "EXCLUDE_SELF": True,

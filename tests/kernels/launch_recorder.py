@@ -132,16 +132,27 @@ def record() -> list:
     g = torch.Generator().manual_seed(0)
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
-    def loss(dt, B, C, D, bank=False):
-        """The loss, forward and backward, as DAALLoss runs it (bench/cases.py "loss")."""
+    def loss(dt, B, C, D, bank=False, weights=False, split=False, radius_grad=False, **hp):
+        """The loss, forward and backward, as DAALLoss runs it (bench/cases.py "loss"); ``hp``:
+        its hyperparameters (k, normalize, reduction, ...), ``weights`` a miner's per-sample
+        weights, ``split`` the line/pull parts (``return_parts``), ``radius_grad`` a gradient
+        through the radii as well."""
         emb = torch.randn(B, D, generator=g).to(dtypes[dt]).requires_grad_(True)
         seg = torch.randn(C, 2, D, generator=g).requires_grad_(True)
         labels = torch.randint(0, C, (B,), generator=g)
         kw = dict(ref_embeddings=torch.randn(4096, D, generator=g).to(dtypes[dt]),
                   ref_labels=torch.randint(0, C, (4096,), generator=g)) if bank else {}
-        parts = core.compose(emb, labels, seg, core.Hyperparameters(), functional._ops("triton"),
-                             split_line_pull=False, **kw)
-        parts.loss.backward()
+        if bank == "with_batch":  # MemoryBank.with_batch's detached cat (the kNN's batch_rows backward)
+            kw = dict(ref_embeddings=torch.cat([emb.detach(), kw["ref_embeddings"]]),
+                      ref_labels=torch.cat([labels, kw["ref_labels"]]), ref_includes_batch=True)
+        if weights:
+            kw["sample_weights"] = torch.rand(B, generator=g)
+        parts = core.compose(emb, labels, seg, core.Hyperparameters(**hp), functional._ops("triton"),
+                             split_line_pull=split, **kw)
+        total = parts.loss.sum()
+        if radius_grad:
+            total = total + parts.radius.nan_to_num(posinf=0.0).sum()
+        total.backward()
 
     def knn_op(dt, M, N, D, k, labelled, own, grad=True):
         """The kNN on its own (bench/cases.py "knn"; the retrieval evaluation takes no gradient)."""
@@ -274,6 +285,70 @@ def record() -> list:
          {"DAAL_KNN_SELECT": "threshold", "capability": (8, 0)}),
         ("line_margin bf16 dml, separate", lambda: line_margin_op("bf16", 180, 100, 512), {"DAAL_LAUNCHES": "separate"}),
     ]
+    # What a call can ask for beyond the benchmarks' shapes (a 2026-12-06 audit found 346 sm_90
+    # launches built by no test): the loss's options (KP from k, no normalisation, per-sample
+    # values, a miner's weights, the parts, a gradient through the radii, half precision) ...
+    for name, options in (("k=1", dict(k=1)), ("k=2", dict(k=2)), ("k=8", dict(k=8)), ("k=16", dict(k=16)),
+                          ("k=32", dict(k=32)), ("k=64", dict(k=64)), ("k=100", dict(k=100)),
+                          ("no normalisation", dict(normalize=False)), ("per sample", dict(reduction="none")),
+                          ("weights", dict(weights=True)), ("parts", dict(split=True)),
+                          ("weights and parts", dict(weights=True, split=True)),
+                          ("radius gradient", dict(radius_grad=True)), ("bank with the batch", dict(bank="with_batch"))):
+        scenarios.append((f"call: loss fp32 dml, {name}", lambda options=options: loss("fp32", 180, 100, 512, **options), {}))
+    for dt in ("bf16", "fp16"):
+        for k in (1, 8, 16):
+            scenarios.append((f"call: loss {dt} dml, k={k}", lambda dt=dt, k=k: loss(dt, 180, 100, 512, k=k), {}))
+    scenarios.append(("loss fp16 large", lambda: loss("fp16", 4096, 1000, 512), {}))
+    # ... the kNN at every KP (k = 1, 2, 5, 9, 17, 33, 65), each dtype, without labels or self
+    # (a bank), with both (the loss batch's table tiles) and a self-search that fills the GPU
+    # (the narrow tiles); float32 at "high" precision too ...
+    for dt in ("fp32", "bf16", "fp16"):
+        for k in (1, 2, 5, 9, 17, 33, 65):
+            scenarios += [
+                (f"call: knn {dt} bank 8k k={k}", lambda dt=dt, k=k: knn_op(dt, 1024, 8192, 512, k, False, False), {}),
+                (f"call: knn {dt} dml k={k}", lambda dt=dt, k=k: knn_op(dt, 180, 180, 512, k, True, True), {}),
+                (f"call: knn {dt} self 20k k={k}", lambda dt=dt, k=k: knn_op(dt, 20000, 20000, 512, k, False, True, False),
+                 {}),
+            ]
+    for k in (1, 2, 9, 33, 65):
+        scenarios.append((f"call: knn fp32 bank 8k k={k}, tf32", lambda k=k: knn_op("fp32", 1024, 8192, 512, k, False, False),
+                          {"precision": "high"}))
+    # ... narrow embeddings (one BLOCK_D of 16 or 32) ...
+    for dt in ("fp32", "bf16", "fp16"):
+        for d in (1, 16, 32):
+            scenarios.append((f"call: knn {dt} bank 8k D={d}", lambda dt=dt, d=d: knn_op(dt, 1024, 8192, d, 8, False, False), {}))
+        scenarios.append((f"call: loss {dt} dml D=32", lambda dt=dt: loss(dt, 180, 100, 32), {}))
+    # ... the switches gpu_check times, crossed with the other dtypes, KPs and an A100 ...
+    switches = (("plain epilogue", {"DAAL_KNN_EPILOGUE": "plain"}), ("wide tiles", {"DAAL_KNN_TILES": "wide"}),
+                ("table tiles, descriptor loads", {"DAAL_KNN_TILES": "table", "DAAL_KNN_LOADS": "tma"}),
+                ("checked merge", {"DAAL_KNN_MERGE": "checked"}), ("table tiles", {"DAAL_KNN_TILES": "table"}))
+    for tag, env in switches:
+        for dt, k in (("fp16", 16), ("fp32", 8), ("bf16", 1), ("bf16", 33)):
+            scenarios += [
+                (f"call: knn {dt} self 20k k={k}, {tag}", lambda dt=dt, k=k: knn_op(dt, 20000, 20000, 512, k, False, True, False),
+                 env),
+                (f"call: knn {dt} bank 8k k={k}, {tag}", lambda dt=dt, k=k: knn_op(dt, 1024, 8192, 512, k, False, False), env),
+            ]
+        scenarios.append((f"call: knn bf16 self 20k k=8, {tag}, sm_80",
+                          lambda: knn_op("bf16", 20000, 20000, 512, 8, False, True, False), dict(env, capability=(8, 0))))
+    for policy in ("threshold", "half"):
+        scenarios += [
+            (f"call: knn fp16 eval 20k D=129, {policy}", lambda: knn_op("fp16", 20000, 20000, 129, 8, False, True, False),
+             {"DAAL_KNN_SELECT": policy}),
+            (f"call: knn bf16 eval 20k k=1, {policy}", lambda: knn_op("bf16", 20000, 20000, 512, 1, False, True, False),
+             {"DAAL_KNN_SELECT": policy}),
+            (f"call: knn fp16 eval 20k k=2, {policy}", lambda: knn_op("fp16", 20000, 20000, 512, 2, False, True, False),
+             {"DAAL_KNN_SELECT": policy}),
+        ]
+    # ... and the line margin with segments of each dtype beside x's (the benchmarks' direct calls;
+    # DAALLoss hands it float32 segments), both x.u designs
+    for dt, seg_dt in (("fp16", None), ("fp16", "bf16"), ("bf16", "fp16"), ("fp16", "fp32"), ("fp32", "bf16"),
+                       ("fp32", "fp16")):
+        for xu in ("dot", "difference"):
+            scenarios.append((f"call: line_margin {dt} dml seg {seg_dt or dt}, xu {xu}",
+                              lambda dt=dt, seg_dt=seg_dt: line_margin_op(dt, 180, 100, 512, seg_dt=seg_dt),
+                              {"DAAL_LM_XU": xu}))
+    scenarios.append(("call: pairwise fp16 large", lambda: pairwise_op("fp16", 4096, 4096, 512), {}))
     # a GPU without TF32 (a T4; a V100 launches the same): float32 at both matmul precisions,
     # float16 (its mixed precision) and bfloat16; _capabilities in the build test adds sm_75, sm_70
     for dt in ("fp32", "fp16", "bf16"):

@@ -93,7 +93,10 @@ def _capabilities(launch):
     sm_90 alone."""
     if _tuning_only(launch) or _unaligned_only(launch) or _probe_only(launch):
         return (90,)  # timed by gpu_check on the H200 alone, never launched elsewhere
-    if any(t.startswith("tensordesc") for t in launch["signature"].values()):
+    descriptors = any(t.startswith("tensordesc") for t in launch["signature"].values())
+    if _call_only(launch):  # the calls beyond the benchmarks' shapes: Hopper and Ampere (CI's time)
+        return (90,) if descriptors else (90, 80)
+    if descriptors:
         return (90, 100)
     if not _pre_ampere(launch):
         return (90, 80, 100)
@@ -205,6 +208,14 @@ def _probe_only(launch) -> bool:
     """Launched only by bench/probe_h200.py's other sample strides (the recorder's ``knn bf16
     probe 20k, ...`` scenarios: ``knn_threshold.sampled_every``)."""
     return all(s.startswith("knn bf16 probe ") for s in launch["scenarios"])
+
+
+def _call_only(launch) -> bool:
+    """Launched only by the recorder's ``call: ...`` scenarios: what a call can ask for beyond the
+    benchmarks' and the training program's shapes (each k's KP, each dtype, the loss's options,
+    narrow embeddings, the switches crossed with them; 208 launches no test built until
+    2026-12-06). Built for sm_90 and sm_80 (sm_100 is the benchmarks' alone: CI's time)."""
+    return all(s.startswith("call: ") for s in launch["scenarios"])
 
 
 def _unaligned_only(launch) -> bool:
