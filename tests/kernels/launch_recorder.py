@@ -348,6 +348,17 @@ def record() -> list:
             scenarios.append((f"call: line_margin {dt} dml seg {seg_dt or dt}, xu {xu}",
                               lambda dt=dt, seg_dt=seg_dt: line_margin_op(dt, 180, 100, 512, seg_dt=seg_dt),
                               {"DAAL_LM_XU": xu}))
+    # ... and sizes the JIT makes constants or marks divisible otherwise: one sample, one class
+    # (docs/method.md's edge cases), one query row, odd row counts
+    scenarios += [
+        ("call: loss fp32 B=1", lambda: loss("fp32", 1, 100, 512), {}),
+        ("call: loss fp32 C=1", lambda: loss("fp32", 180, 1, 512), {}),
+        ("call: loss bf16 B=1 C=1", lambda: loss("bf16", 1, 1, 512), {}),
+        ("call: knn bf16 one query", lambda: knn_op("bf16", 1, 8192, 512, 8, False, False), {}),
+        ("call: knn fp32 odd rows", lambda: knn_op("fp32", 1001, 4099, 512, 8, False, False), {}),
+        ("call: line_margin fp32 B=1 C=1", lambda: line_margin_op("fp32", 1, 1, 512), {}),
+        ("call: pairwise fp32 one row", lambda: pairwise_op("fp32", 1, 4099, 512), {}),
+    ]
     scenarios.append(("call: pairwise fp16 large", lambda: pairwise_op("fp16", 4096, 4096, 512), {}))
     # a GPU without TF32 (a T4; a V100 launches the same): float32 at both matmul precisions,
     # float16 (its mixed precision) and bfloat16; _capabilities in the build test adds sm_75, sm_70

@@ -24,7 +24,13 @@ def _job(build: dict, capability: int = 90) -> dict:
     return {"module": kg.__name__, "name": "_knn_fwd_gluon_kernel",
             "signature": kg.signature(build["dtype"], build["HAS_LABELS"], v.name), "constexprs": constexprs,
             "capability": capability, "num_warps": v.warps, "num_stages": build["STAGES"],
-            "specialisation": "aligned", "unit": [], "rows": ["cols_per_split"], "sass": True, "maxnreg": None}
+            "specialisation": "aligned", "unit": [], "rows": ["cols_per_split"], "sass": build["ND"] in _SASS_ND,
+            "maxnreg": None}
+
+
+#: The chunk counts whose SASS the build test reads (cuobjdump per build: CI's time): D = 512's
+#: and the narrowest; the others are compiled and checked for stack and residency.
+_SASS_ND = (1, kg.MAX_D // kg.BLOCK_D)
 
 
 #: The sm_90 stack (bytes) the 64-row forward keeps at ND = 6 (D = 321..384) with labels, by Triton
@@ -73,6 +79,8 @@ def test_gluon_forward_builds_for_hopper():
         shared = res["metadata"]["shared"]
         assert shared >= build["ND"] * v.block_m * kg.BLOCK_D * 2 + build["STAGES"] * kg.BLOCK_N * kg.BLOCK_D * 2
         assert programs_per_sm(res["registers"], v.warps, shared) >= v.per_sm, (build, res["registers"], shared)
+        if build["ND"] not in _SASS_ND:
+            continue
         if not res["sass"]:
             pytest.skip("cuobjdump is not shipped with this Triton")
         loops = sass_loops(res["sass"])
