@@ -1388,14 +1388,14 @@ def _knn_autograd_backward(ctx, g, _g_index):
     g = g.contiguous()
     dq, dr = _knn_backward_direct(g, index, query, ref, ref_grad, ctx.align)
     b = ctx.batch_rows
-    if b:  # ref[:b] are query[:b]: their reference-role gradient goes to the query's rows
+    if b:  # ref[:b] are query[:b]: their reference-role gradient goes to the query's rows (in place:
+        # both are this backward's own buffers)
         if ref_grad:  # already in dr (N x D): moved from its first b rows to dq's
-            dq = torch.cat([(dq[:b] + dr[:b]).to(dq.dtype), dq[b:]])
-            dr = torch.cat([dr.new_zeros((b, dr.shape[1])), dr[b:]])
+            dq[:b] += dr[:b]
+            dr[:b] = 0
         else:  # no N x D buffer: the same kernel on ref[:b] alone, pairs beyond it skipped (-1)
-            _, dr_b = _knn_backward_direct(g, index.masked_fill(index >= b, -1), query, ref[:b], True,
-                                           ctx.align)
-            dq = torch.cat([(dq[:b] + dr_b).to(dq.dtype), dq[b:]])
+            dq[:b] += _knn_backward_direct(g, index.masked_fill(index >= b, -1), query, ref[:b], True,
+                                           ctx.align)[1]
     return dq, dr if ref_grad else None, None, None, None, None, None, None
 
 

@@ -1174,8 +1174,8 @@ MUTANTS: Tuple[Mutant, ...] = (
            "exclude_self=ref_includes_batch, **batch)", "exclude_self=ref_includes_batch)",
            ("tests/package/test_memory_bank.py", "-k", "gradients_of_a_grad_carrying_cat")),
     Mutant("knn_batch_rows_sign", "kernels/knn.py",
-           "dq = torch.cat([(dq[:b] + dr_b).to(dq.dtype), dq[b:]])",
-           "dq = torch.cat([(dq[:b] - dr_b).to(dq.dtype), dq[b:]])",
+           "            dq[:b] += _knn_backward_direct(",
+           "            dq[:b] -= _knn_backward_direct(",
            ("tests/kernels/test_kernel_knn.py", "-k", "batch_rows")),
 )
 
