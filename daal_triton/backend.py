@@ -29,9 +29,15 @@ MIN_TRITON = (3, 5)
 def read_triton_version() -> tuple[int, int] | None:
     """The installed Triton's (major, minor), read from its distribution's metadata without
     importing it; ``None`` when it cannot be read (a build from source: then it is trusted)."""
+    return read_version(("triton", "pytorch-triton"))
+
+
+def read_version(dists: tuple[str, ...]) -> tuple[int, int] | None:
+    """The (major, minor) of the first installed distribution of ``dists``, from its metadata
+    (nothing imported); ``None`` when none is installed or its version cannot be read."""
     from importlib import metadata
 
-    for dist in ("triton", "pytorch-triton"):
+    for dist in dists:
         try:
             version = metadata.version(dist)
         except metadata.PackageNotFoundError:
@@ -44,6 +50,13 @@ def read_triton_version() -> tuple[int, int] | None:
 #: Read once, here: reading it takes ~150 µs, and every call of the loss asks (as a constant,
 #: ``torch.compile`` traces nothing of it).
 TRITON_VERSION = read_triton_version() if _TRITON_INSTALLED else None
+
+#: Triton's interpreter before 3.7 takes a loop bound as ``int()`` of a one-element array, which
+#: NumPy 2.4 and later refuse ("only 0-dimensional arrays can be converted to Python scalars"):
+#: every kernel fails there. Triton 3.7 fixed it. Only the CPU interpreter is concerned.
+INTERPRETER_NUMPY_FIX = (3, 7)
+NUMPY_REFUSES = (2, 4)
+NUMPY_VERSION = read_version(("numpy",))
 
 
 def triton_available() -> bool:
@@ -168,6 +181,11 @@ def triton_reason(device: torch.device, dtype: torch.dtype = torch.float32, *, f
             return (f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')} is set but Triton's interpreter is "
                     "not active: it is chosen when triton is imported, so set TRITON_INTERPRET=1 before "
                     "importing triton (or daal_triton)")
+        if (TRITON_VERSION is not None and TRITON_VERSION < INTERPRETER_NUMPY_FIX and NUMPY_VERSION is not None
+                and NUMPY_VERSION >= NUMPY_REFUSES):
+            return (f"Triton {TRITON_VERSION[0]}.{TRITON_VERSION[1]}'s interpreter fails with NumPy "
+                    f"{NUMPY_VERSION[0]}.{NUMPY_VERSION[1]} (NumPy 2.4 and later; Triton 3.7 fixed it): install "
+                    "'numpy<2.4' or Triton 3.7 or later to run the kernels on the CPU")
         if own_dots and dtype == torch.bfloat16:
             return ("Triton's interpreter cannot run bfloat16 dots (it returned wrong distances): bfloat16 "
                     "inputs on the CPU run on the reference backend (on a GPU, the kernels)")

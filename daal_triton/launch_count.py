@@ -41,21 +41,30 @@ _ACTIVE: list = []
 _IN_KERNEL: list = []
 
 
-def _patch_triton() -> None:
-    """Count Triton launches: wrap ``run`` of the JIT and the interpreter's kernel classes once."""
+def _launch_points() -> list:
+    """The (class, method) pairs every Triton launch passes through: the JIT's ``run`` and the
+    interpreter's. The interpreter launches through ``InterpretedFunction.run`` from Triton 3.6 on;
+    Triton 3.5's binds ``run`` per instance and launches through ``GridExecutor.__call__``."""
     import triton.runtime.jit as jit
 
-    classes = [jit.JITFunction]
+    points = [(jit.JITFunction, "run")]
     try:
-        from triton.runtime.interpreter import InterpretedFunction
-
-        classes.append(InterpretedFunction)
+        from triton.runtime import interpreter
     except ImportError:  # a Triton without the interpreter
-        pass
-    for cls in classes:
-        if getattr(cls.run, "_daal_counted", False):
+        return points
+    if hasattr(interpreter.InterpretedFunction, "run"):
+        points.append((interpreter.InterpretedFunction, "run"))
+    else:
+        points.append((interpreter.GridExecutor, "__call__"))
+    return points
+
+
+def _patch_triton() -> None:
+    """Count Triton launches: wrap the launch methods of the JIT and of the interpreter once."""
+    for cls, name in _launch_points():
+        original = getattr(cls, name)
+        if getattr(original, "_daal_counted", False):
             continue
-        original = cls.run
 
         # wraps: the wrapper keeps the flags of what it wraps (daal_testing's ``daal_strict``), and
         # another patch that wraps it with functools.wraps keeps ``_daal_counted``: neither patch
@@ -73,7 +82,7 @@ def _patch_triton() -> None:
                 _IN_KERNEL.pop()
 
         run._daal_counted = True
-        cls.run = run
+        setattr(cls, name, run)
 
 
 def _free(name: str) -> bool:

@@ -6,7 +6,7 @@ import torch
 import triton
 
 from daal_testing import (DEV, assert_close, assert_floors_keep_nan, compile_launches, largest_cpu_allocation,
-                           programs_per_sm, tolerance)
+                           programs_per_sm, require_recorded_compiler_facts, tolerance)
 
 from daal_triton import reference
 from daal_triton.kernels import _common, knn as kk
@@ -511,6 +511,7 @@ def test_knn_configs_compile(compiled):
 def test_knn_hot_path_does_not_spill(compiled):
     """sm_90, specialised as a contiguous D = 512 launch: no local memory (cuobjdump STACK 0) for
     every kernel, dtype, KP entry and precision variant (docs/kernels.md, "Compile facts")."""
+    require_recorded_compiler_facts()
     hot = [(c, r) for c, r in compiled if c[1] == 90 and c[2] == "aligned"]
     assert {c[0].spec for c, _ in hot} == set(kk.KERNELS.values())
     spills = {c[0].name: r.get("stack", "no cuobjdump report") for c, r in hot if r.get("stack") != 0}
@@ -543,6 +544,7 @@ def test_knn_lean_epilogue_runs_fewer_instructions():
     its first round is peeled out of the rounds loop), and each further round no more; the
     diagonal branch is a branch (two merge-round loops, the plain build one); the registers
     still fit three programs per SM; no local memory."""
+    require_recorded_compiler_facts()
     import dataclasses
 
     from daal_testing import compile_many_for_gpu, gpu_job, sass_loops, tile_loop_parts
@@ -620,6 +622,7 @@ def test_knn_forward_alternatives_fit_their_residency():
     self pairs excluded and the default (lean) epilogue, and the ones with an eighth field True
     with its diagonal branch. (Until 2026-12-02 only the capped and "tma" ones were; the others
     were built at KP 16 with labels.)"""
+    require_recorded_compiler_facts()
     import dataclasses
 
     from daal_testing import compile_many_for_gpu, gpu_job, sass_loops
@@ -669,6 +672,7 @@ def test_counted_merge_rounds_have_no_barrier():
     hold no ``BAR.SYNC``, and no block-wide reduction runs per round; the checked merge's rounds
     hold its per-round block-wide test (the test can tell). docs/kernels.md, "The counted
     merge"."""
+    require_recorded_compiler_facts()
     import dataclasses
 
     from daal_testing import compile_many_for_gpu, gpu_job, sass_loops

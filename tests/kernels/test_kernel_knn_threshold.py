@@ -6,6 +6,7 @@ builds: tests/kernels/test_kernel_launched_builds.py (the recorded launches)."""
 import pytest
 import torch
 
+from daal_testing import require_recorded_compiler_facts
 from daal_triton import reference
 from daal_triton.kernels import knn as kk, knn_threshold as kt
 from daal_triton.launch_count import LaunchCount
@@ -637,6 +638,7 @@ def test_half_filter_lists_both_ways_by_rows():
     load after the first); two listing loops, each one 64-bit key store a round: the columns'
     entries with one atomic a round (the slot) and at most 8 ``BAR.SYNC`` (a column reduction
     took 33), the rows' with no atomic and at most 2."""
+    require_recorded_compiler_facts()
     import re
 
     from daal_testing import compile_many_for_gpu, sass_loops

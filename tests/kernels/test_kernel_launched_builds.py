@@ -16,7 +16,7 @@ import sys
 
 import pytest
 
-from daal_testing import compile_many_for_gpu, recorded_job
+from daal_testing import compile_many_for_gpu, recorded_job, require_recorded_compiler_facts
 from daal_triton.kernels._common import triton_release
 
 pytestmark = pytest.mark.build
@@ -228,6 +228,7 @@ def _unaligned_only(launch) -> bool:
 
 
 def test_recorded_sm90_launches_do_not_spill(built):
+    require_recorded_compiler_facts()
     spills = []
     for la, res in built:
         if res["capability"] != 90 or "stack" not in res or _tuning_only(la) or _unaligned_only(la):
@@ -244,6 +245,7 @@ def test_threshold_filter_fits_two_programs_per_sm(built):
     program's compare-and-append overlaps the other's MMAs: the premise of their estimates
     (docs/kernels.md, "Selection by a threshold") and of their grids' waves
     (``knn_threshold.PROGRAMS_PER_SM``)."""
+    require_recorded_compiler_facts()
     from daal_testing import programs_per_sm
     from daal_triton.kernels import knn_threshold as kt
 
@@ -371,6 +373,7 @@ def test_the_unpadded_rows_are_what_spills(built):
     the one :data:`PAIRWISE_UNPADDED_STACKS` lists for this Triton (3.8: the backward's 64 B, the
     more of its two launches; 3.6: none), not less (a build that stopped spilling would leave the
     allowance standing for nothing), and their forward keeps none."""
+    require_recorded_compiler_facts()
     stack = [res["stack"] for la, res in built if res["capability"] == 90 and _unaligned_only(la)
              and la["kernel"] == "_knn_bwd_kernel"]
     assert stack and min(stack) > 0, stack

@@ -13,7 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from daal_testing import DEV, assert_floors_keep_nan, compile_launches, random_problem, rel_err, tolerance
+from daal_testing import (DEV, assert_floors_keep_nan, compile_launches, random_problem, rel_err,
+                           require_recorded_compiler_facts, tolerance)
 
 from daal_triton import reference
 from daal_triton.kernels import line_margin as lm
@@ -237,6 +238,7 @@ def test_hot_path_does_not_spill(compiled):
     """On sm_90, the GEMM kernels as a contiguous D = 512 launch specialises them keep everything
     in registers: no local memory (cuobjdump's STACK is 0). Spilling inside the class loop costs
     local-memory traffic on every tile; the block sizes in lm.CONFIGS were chosen for this."""
+    require_recorded_compiler_facts()
     hot = [(c, r) for c, r in compiled if c[1] == 90 and c[2] == "aligned" and c[0].entry in GEMM_KERNELS]
     assert {c[0].family for c, _ in hot} == {"fp32", "half"}
     assert {c[0].entry for c, _ in hot} == set(GEMM_KERNELS)

@@ -229,7 +229,36 @@ def test_a_triton_older_than_the_kernels_need_runs_the_reference(monkeypatch):
         found = installed
         assert backend.read_triton_version() == read, installed
     monkeypatch.setattr(backend, "TRITON_VERSION", (3, 5))
+    monkeypatch.setattr(backend, "NUMPY_VERSION", (2, 3))
     assert choose_backend("auto", cpu) == "triton"
+
+
+@pytest.mark.interpreter  # CPU tensors on the Triton backend
+def test_an_interpreter_that_numpy_breaks_runs_the_reference(monkeypatch):
+    """Triton 3.5's and 3.6's interpreters take a loop bound as int() of a one-element array, which
+    NumPy 2.4 refuses: every kernel failed with "only 0-dimensional arrays can be converted to
+    Python scalars" (423 tests under torch 2.11, Triton 3.6, NumPy 2.4.6; Triton 3.7 fixed it).
+    "auto" then runs the reference on the CPU, a forced "triton" says why; a GPU is not concerned,
+    nor is a newer Triton or an older NumPy."""
+    from importlib import metadata
+
+    import daal_triton.backend as backend
+
+    monkeypatch.setattr(metadata, "version", lambda dist: {"numpy": "2.4.6", "triton": "3.6.0"}[dist])
+    assert backend.read_version(("numpy",)) == (2, 4)
+    cpu = torch.device("cpu")
+    for triton_v, numpy_v, chosen in [((3, 6), (2, 4), "reference"), ((3, 5), (2, 5), "reference"),
+                                      ((3, 6), (2, 3), "triton"), ((3, 7), (2, 4), "triton"),
+                                      ((3, 8), (3, 0), "triton"), ((3, 6), None, "triton")]:
+        monkeypatch.setattr(backend, "TRITON_VERSION", triton_v)
+        monkeypatch.setattr(backend, "NUMPY_VERSION", numpy_v)
+        assert choose_backend("auto", cpu) == chosen, (triton_v, numpy_v)
+    monkeypatch.setattr(backend, "TRITON_VERSION", (3, 6))
+    monkeypatch.setattr(backend, "NUMPY_VERSION", (2, 4))
+    raises(r"backend='triton' cannot run here: Triton 3.6's interpreter fails with NumPy 2.4 .*'numpy<2.4'",
+           choose_backend, "triton", cpu)
+    z, y, seg = good()
+    assert torch.equal(dt.daal_loss(z, y, seg, k=2), dt.daal_loss(z, y, seg, k=2, backend="reference"))
 
 
 @pytest.mark.interpreter  # CPU tensors on the Triton backend
