@@ -33,7 +33,8 @@ def thresholds(x: torch.Tensor, k: int, stride: int) -> torch.Tensor:
     """``t_i`` (float32) of a self-search of ``x`` with self pairs excluded, as
     ``knn_threshold.sample_bounds`` and ``thresholds`` make them: the k-th smallest exact squared
     distance to the rows ``x[::stride]`` (a row of the sample skips itself), through the path's
-    ``sqrt(max(e, eps))`` and back, then ``e (1 + 2^-10) + 2^-12 (|x_i|^2 + max_j |x_j|^2)``."""
+    ``sqrt(max(e, eps))`` and back, then ``e (1 + 2^-10) + c_D (|x_i|^2 + max_j |x_j|^2)``,
+    ``c_D = 2^-12 max(1, D / 2^10)``."""
     xd = x.double()
     sample = xd[::stride]
     e = torch.cdist(xd, sample).square()
@@ -42,7 +43,7 @@ def thresholds(x: torch.Tensor, k: int, stride: int) -> torch.Tensor:
     e = e.kthvalue(k, dim=1).values.float()
     e = e.clamp_min(EPS).sqrt().square()
     xn = (x.float() ** 2).sum(1)
-    return e * (1.0 + 2.0 ** -10) + (xn + xn.max()) * 2.0 ** -12
+    return e * (1.0 + 2.0 ** -10) + (xn + xn.max()) * (2.0 ** -12 * max(1.0, x.shape[1] / 2.0 ** 10))
 
 
 def listing_rounds(x: torch.Tensor, k: int = 8, stride: int = 16, block: int = 128,

@@ -1,5 +1,6 @@
-"""What the three operators share: constants, the dtype rule, input preparation, the
-``@triton.jit`` helpers, and the one launch-configuration model.
+"""What the kernel modules share (pairwise, knn, line_margin, normalize, density, combine):
+constants, the dtype rule, input preparation, the ``@triton.jit`` helpers, and the one
+launch-configuration model.
 
 The configuration model (docs/kernels.md, "Launch configurations")
 ------------------------------------------------------------------
@@ -292,11 +293,11 @@ def prepare(t: torch.Tensor, dtype: torch.dtype, align: bool = False) -> torch.T
         out[:, D:].zero_()
         out[:, :D].copy_(t)
         return out
-    if t.dtype != dtype:
-        t = t.to(dtype)
     if t.stride(-1) != 1 or (t.shape[0] > 1 and t.stride(0) < t.shape[1]):
-        t = t.contiguous()
-    return t
+        # cast and lay out in one copy (a plain .to() keeps a transposed tensor's strides; with
+        # the dtype unchanged .to() returns t whatever the memory format asked)
+        return t.contiguous() if t.dtype == dtype else t.to(dtype, memory_format=torch.contiguous_format)
+    return t.to(dtype)  # t itself when it is in dtype
 
 
 def columns(t: torch.Tensor, D: int, dtype: torch.dtype) -> torch.Tensor:
@@ -528,7 +529,7 @@ def expand(op: str, configs: Mapping[str, Mapping[str, KernelConfig]],
 
 
 def every_launch() -> List[Launch]:
-    """The launches of all three operators (what the compile tests build)."""
+    """The launches of every kernel module's ``launches()`` (what the compile tests build)."""
     from . import combine, density, knn, line_margin, normalize, pairwise
 
     return (pairwise.launches() + knn.launches() + line_margin.launches() + normalize.launches()
@@ -536,7 +537,7 @@ def every_launch() -> List[Launch]:
 
 
 def every_spec() -> List[KernelSpec]:
-    """The spec of every kernel of the three operators."""
+    """The spec of every kernel of those modules."""
     from . import combine, density, knn, line_margin, normalize, pairwise
 
     return [*pairwise.KERNELS.values(), *knn.KERNELS.values(), *line_margin.KERNELS.values(),
@@ -548,7 +549,7 @@ def every_spec() -> List[KernelSpec]:
 def _log1p(s):
     """``log(1 + s)`` for ``s >= 0`` at float32 accuracy, also where ``1 + s`` rounds ``s``'s digits
     off (``log(1 + 3e-7)`` reads 3.58e-7): below 0.5 the series ``2 atanh(z) = 2 (z + z^3/3 + ...
-    + z^11/11)``, ``z = s / (2 + s) <= 0.2`` (truncation below 3e-10 relative, ~12 FMAs); above,
+    + z^11/11)``, ``z = s / (2 + s) <= 0.2`` (truncation below 3.3e-10 relative, ~12 FMAs); above,
     ``log(1 + s)`` (at least 0.405: its rounding stays relative). NaN stays NaN, inf gives inf."""
     z = s / (2.0 + s)
     z2 = z * z
@@ -561,7 +562,7 @@ def _log1p(s):
 def _one_minus_exp_neg(x):
     """``1 - exp(-x)`` (``-expm1(-x)``) for ``x >= 0`` at float32 accuracy, also for small ``x``
     (where the subtraction cancels: ``1 - exp(-1.6e-4)`` is 5e-5 off in float32): below 0.5 the
-    Taylor series through ``x^9 / 9!`` in Horner form (truncation below 6e-10 relative), above,
+    Taylor series through ``x^9 / 9!`` in Horner form (truncation below 6.6e-10 relative), above,
     ``1 - exp(-x)`` (at least 0.39). NaN stays NaN, inf gives 1."""
     poly = 1.0 - x * 0.5 * (1.0 - x * 0.3333333333333333 * (1.0 - x * 0.25 * (1.0 - x * 0.2 * (
         1.0 - x * 0.16666666666666666 * (1.0 - x * 0.14285714285714285 * (1.0 - x * 0.125 * (

@@ -10,7 +10,8 @@ Forward (``_density_fwd_kernel``), one program per BLOCK_B samples ``i``, from t
     hinge_i = max(0, tau - r_i)                                  (valid; else 0)
 
 The class means are taken over the batch by comparing labels: each program walks all B samples
-in BLOCK_J chunks (recomputing their radii from ``dist``), so the work is O(B^2 / BLOCK) compares,
+in BLOCK_J chunks (recomputing their radii from ``dist``), so the work is B^2 label compares (in
+B^2 / (BLOCK_B BLOCK_J) block steps),
 nothing of size C (the classes can number millions), no atomics: deterministic.
 
 Backward (``_density_bwd_kernel``): with ``g_r_i = g_radius_i - g_hinge_i [valid_i, tau > r_i]``
@@ -32,7 +33,8 @@ from ._common import TL_EPS, KernelConfig, KernelSpec, Launch, config_family, di
 
 @triton.jit
 def _radius_rows(dist_ptr, idx_ptr, rows, rmask, K, stride_dist_b, stride_idx_b, KP: tl.constexpr):
-    """``(r, valid, k)`` of a block of samples from their kNN rows (see the module docstring)."""
+    """``(r, valid, cnt, found)`` of a block of samples from their kNN rows (see the module
+    docstring): the radius, whether any neighbour was found, how many (float32), and which slots."""
     ks = tl.arange(0, KP)
     m2 = rmask[:, None] & (ks[None, :] < K)
     rows64 = rows.to(tl.int64)

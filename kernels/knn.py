@@ -98,7 +98,8 @@ sums them by reference row (sorted: deterministic). When the references need no 
 a reference set: ``ref[:b]`` *are* the query's first rows) the b batch rows' reference-role
 term still reaches dQ: a second launch of the same kernel on ``ref[:b]``, with the index set
 to ``-1`` where it is ``>= b`` (pairs the kernel skips), scatters it into a b x D dR that is
-added to ``dQ[:b]`` (its dQ output, M x D, is scratch): O(M + b) x D float32, never N x D.
+added to ``dQ[:b]`` (its dQ output, M x D, is scratch): O(M + b) x D float32, never N x D
+(under deterministic algorithms its per-pair buffer, M x k x D float32, as below).
 
 Memory: forward O((M + N) + M * S * KP) besides the inputs (the squared norms and the slot
 buffers), never M x N; backward float32 buffers dQ (M x D; not zero-filled: the row's program
@@ -1381,6 +1382,9 @@ _knn_backward_direct = direct(_knn_backward_op)
 
 
 def _knn_autograd_backward(ctx, g, _g_index):
+    """``dQ_i = sum_k h_ik (q_i - r_j)``, ``dR_j = -sum_{(i,k): idx_ik = j} h_ik (q_i - r_j)``,
+    ``h_ik = g_ik / d_ik`` (0 where the floor binds; ``_knn_backward_op``); with ``batch_rows = b``
+    the rows ``ref[:b]`` are ``query[:b]``, so their dR rows are added to dQ's first b rows."""
     query, ref, index = ctx.saved_tensors
     if g is None:
         return (None,) * 8

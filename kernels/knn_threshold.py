@@ -46,7 +46,9 @@ Eligible (:func:`eligible`): float16/bfloat16 inputs (the threshold's rounding m
 their float32 GEMM), no labels, ``k <= MAX_K``, a sample of at least ``MIN_SAMPLE`` rows, and the
 filter's descriptor loads (sm_90/sm_100, aligned rows: :func:`_tma_ok`).
 Memory: :func:`list_cap` x 8 bytes per query row for the lists (4 KB at k <= 8, 8 KB up to 16),
-the queries in chunks of at most ``LIST_BYTES``.
+the queries in chunks of at most ``LIST_BYTES``; the sample ``r[::STRIDE]`` copied (N / 16 x D in
+the inputs' dtype, and ``q[::STRIDE]`` for a self-search's own bounds) with its kNN's buffers (the
+default forward's, on 1/16 of the columns); O(M + N) float32/int32 vectors (norms, bounds, counts).
 """
 from __future__ import annotations
 
@@ -145,7 +147,8 @@ def _knn_filter_kernel(
         q_desc, r_desc: their tensor descriptors (blocks BLOCK_M/BLOCK_N x BLOCK_D) with TMA,
             else None.
         qn_ptr, rn_ptr: squared row norms (float32); masked rows and columns read inf.
-        thr_ptr: the rows' thresholds t_i (float32). count_ptr: the rows' counts (int32, zeroed).
+        thr_ptr: the rows' thresholds t_i (float32). count_ptr: the rows' counts (int32: 0, or CAP + 1
+            for a row without a finite bound, which then goes to the rescan).
         list_ptr: M x CAP list slots (int64 keys).
         M, N, D: sizes. row0: the chunk's first query row (the self mask's). cols_per_split:
             columns per split, a multiple of BLOCK_N. stride_q_m, stride_r_n: row strides.
@@ -502,16 +505,17 @@ def sample_bounds(q: torch.Tensor, r: torch.Tensor, k: int, exclude_self: bool) 
     return e_sample
 
 
-def thresholds(e_sample: torch.Tensor, qn: torch.Tensor, rn: torch.Tensor) -> torch.Tensor:
-    """``t_i = e_i (1 + 2^-10) + 2^-12 (qn_i + max_j rn_j)`` (float32) from the sample's largest
-    kept squared distance ``e_i`` (exact, by direct differences): above every ``s_ij`` of the GEMM
-    form whose exact value is at most ``e_i``. The GEMM form's error, for inputs rounded to
-    float16/bfloat16 (exact products, float32 sums over D <= 2^13 terms), is at most about
-    ``2 D 2^-24 (qn_i + rn_j) + 2^-22 (qn_i + rn_j)`` (the dot's and the norms' sums, the last
-    additions): 2^-12 covers it up to D = 2^10 with room, and the relative term the direct
-    differences' own rounding (docs/kernels.md, "Selection by a threshold")."""
+def thresholds(e_sample: torch.Tensor, qn: torch.Tensor, rn: torch.Tensor, d: int) -> torch.Tensor:
+    """``t_i = e_i (1 + 2^-10) + c_D (qn_i + max_j rn_j)`` (float32), ``c_D = 2^-12 max(1, D / 2^10)``,
+    from the sample's largest kept squared distance ``e_i`` (exact, by direct differences) and the
+    rows' width ``d``: above every ``s_ij`` of the GEMM form whose exact value is at most ``e_i``.
+    The GEMM form's error, for inputs rounded to float16/bfloat16 (exact products, float32 sums
+    over D terms), is at most about ``2 D 2^-24 (qn_i + rn_j) + 2^-22 (qn_i + rn_j)`` (the dot's
+    and the norms' sums, the last additions): ``c_D`` covers it at every D with a factor of about
+    two (2^-12 up to D = 2^10, then growing with D), and the relative term the direct differences'
+    own rounding (docs/kernels.md, "Selection by a threshold")."""
     rn_max = torch.where(torch.isfinite(rn), rn, 0.0).amax()  # on the device: no host sync
-    return e_sample * (1.0 + 2.0 ** -10) + (qn + rn_max) * 2.0 ** -12
+    return e_sample * (1.0 + 2.0 ** -10) + (qn + rn_max) * (2.0 ** -12 * max(1.0, d / 2.0 ** 10))
 
 
 def _descriptor(t: torch.Tensor, rows: int, bd: int, tma: bool):
@@ -542,7 +546,7 @@ def select(q: torch.Tensor, r: torch.Tensor, k: int, exclude_self: bool, *, unti
     flags = dot_flags(q.dtype, device=q.device)
     qn = row_sqnorms(q, flags["INPUT_PRECISION"])
     rn = qn if r is q else row_sqnorms(r, flags["INPUT_PRECISION"])
-    thr = thresholds(e_sample, qn, rn)
+    thr = thresholds(e_sample, qn, rn, D)
     # a row without a finite bound (fewer than k' finite distances in the sample: non-finite
     # inputs) lists nothing and starts over CAP: the rescan selects it exactly
     finite = torch.isfinite(thr)

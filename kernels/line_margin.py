@@ -129,9 +129,11 @@ __all__ = ["line_margin", "CONFIGS", "KERNELS", "config_family", "launches"]
 def _lm2_prep_kernel(seg_ptr, sx_ptr, st_ptr, C, D, stride_seg_c, stride_seg_v, stride_seg_d, xu,
                      BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, CAST: tl.constexpr):
     """``st[0] = |p~|^2``, ``st[1] = p~.u~``, ``st[2] = |u~|^2``, ``st[3] = 1 / max(|u~|^2, eps)``
-    with ``p~``, ``q~`` the segments rounded to the dtype of ``sx`` and ``u~ = q~ - p~`` (float32:
-    zero exactly for a zero-length segment); with ``CAST`` also writes ``sx`` (the rounded
-    segments, contiguous C x 2 x D).
+    with ``p~``, ``q~`` the segments rounded to the dtype of ``sx`` and ``u~`` the difference: with
+    ``xu = 1`` (the default) ``q~ - p~`` taken in float32 and rounded to ``sx``'s dtype (what the
+    copy holds, and the dots see), with ``xu = 0`` (``DAAL_LM_XU=difference``) ``q~ - p~`` in
+    float32; zero exactly for a zero-length segment either way. With ``CAST`` also writes ``sx``
+    (contiguous C x 2 x D: ``[p~, u~]`` with ``xu = 1``, ``[p~, q~]`` with 0).
 
     Args:
         seg_ptr: C x 2 x D segments (``[:, 0]`` = p, ``[:, 1]`` = q), any float dtype.
@@ -620,7 +622,9 @@ def _own_terms(x, p, u, t, c, s, tt2):
     (``_own_coeffs``' factors; the exact derivative of ``d = sqrt(max(|e|^2, eps))``)::
 
         dX_i += c (e - s u)
-        dP_y += c (-(1 - t) e + s (u + x - p - 2 tt u)),   dQ_y += c (-t e - s (x - p - 2 tt u))
+        dP_y += c (-(1 - t) e + s (u + w)),   dQ_y += c (-t e - s w),   w = x - p - tt2 u
+
+    (``tt2 = 2 tt``, or 0 where ``|u|^2 < eps``: ``_own_coeffs``.)
     """
     xp = x - p
     e = xp - t[:, None] * u
@@ -1156,6 +1160,12 @@ def _slot_map(C: int, device) -> torch.Tensor:
 
 
 def _line_margin2_backward(grad_out, x, seg, sx, st, labels, lse, rs, alpha, lambda_pull, atomic, merged, xu):
+    """``(dX, dSeg)`` of the line margin (docs/method.md, "Gradients"; the module docstring's
+    kernels): per chunk of Cc classes, ``h_ic = g_ic / delta_ic`` from the recomputed GEMMs and the
+    saved ``lse``, ``AB = [a~ = -h (1 - t), b~ = -h t]``, ``dX += AB [P_c; Q_c]`` and
+    ``[dP_c; dQ_c] = AB^T X`` plus the rank-1 corrections; the own class's exact terms
+    (``_own_terms``) by the class lists (or float32 atomics with ``atomic``). Memory: O(B Cc) per
+    chunk besides dSeg (C x 2 x D) and the float32 dX (B x D)."""
     cfgs = CONFIGS[config_family(x.dtype)]
     x = x if x.stride(1) == 1 else x.contiguous()
     seg = _unit_feature_stride(seg)

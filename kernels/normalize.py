@@ -14,7 +14,9 @@ Backward (``_prepare_bwd_kernel``)::
 
     dz_i = (dx_i - x_i (x_i . dx_i)) / n_i     (|z_i| >= eps; where the clamp binds dz_i = dx_i / n_i)
 
-written in ``z``'s dtype. Memory: the B x D output and B floats; two passes over each row.
+written in ``z``'s dtype. Memory: the B x D float32 output, B floats (``n``) and, with labels,
+B int64 labels and B flags (a label's int64 copy too when it comes in another integer dtype);
+``z`` is read in place when its rows have unit stride (else copied once); two passes over each row.
 """
 from __future__ import annotations
 

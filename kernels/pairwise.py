@@ -38,7 +38,8 @@ stride, any row stride, any width: the H200 runs timed rows padded to a multiple
 slower, ``_common.ALIGN_DEFAULT``); others are copied once (``DAAL_ALIGN_D=pad``: rows padded with
 zero columns to a multiple of 16, copied too when not 16-aligned: ``_common.ALIGN``). Forward: the M x N float32 output plus
 M + N float32 norms. Backward: ``H`` (M x N, 2 bytes per element for bfloat16 inputs, else 4)
-and partial sums ((M + N) x tiles / 64, float32); it reads ``g`` and ``d`` once, in place (any
+and H's partial row and column sums, one per 64 x 64 tile (ceil(N / 64) x M + ceil(M / 64) x N
+float32: 2 M N / 64 floats, 1/32 of H's elements); it reads ``g`` and ``d`` once, in place (any
 strides), and writes dX (M x D) and dY (N x D) in the input dtype. All offsets into M x N and
 M x D / N x D arrays are 64-bit.
 """
@@ -307,6 +308,8 @@ def launches() -> List[Launch]:
 
 # --------------------------------------------------------------------------- launchers
 def _forward(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``d_ij = sqrt(max(|x_i|^2 + |y_j|^2 - 2 x_i . y_j, eps))`` (M x N float32; the GEMM form,
+    ``_pairwise_fwd_kernel``) from prepared rows; memory: the output and M + N squared norms."""
     M, D = x.shape
     N = y.shape[0]
     out = torch.empty(M, N, dtype=torch.float32, device=x.device)

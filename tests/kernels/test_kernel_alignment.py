@@ -74,6 +74,23 @@ def test_prepare_and_columns_return_the_asked_dtype():
     assert _common.columns(same, 16, torch.float16).dtype == torch.float16
 
 
+def test_prepare_casts_and_lays_out_in_one_copy():
+    """A transposed float16 tensor asked for in float32: one copy, cast and laid out at once (a
+    plain ``.to()`` keeps a transposed tensor's strides, so a ``.contiguous()`` after it had made a
+    second copy of the size of the input)."""
+    from daal_triton.launch_count import LaunchCount
+
+    for t in (torch.randn(40, 24, device=DEV).half().t(), torch.randn(24, 80, device=DEV).half()[:, ::2]):
+        with LaunchCount() as n:
+            p = _common.prepare(t, torch.float32)
+        assert p.dtype == torch.float32 and p.is_contiguous() and torch.equal(p, t.float())
+        assert n.launches == 1, dict(n.ops)
+    same = torch.randn(40, 24, device=DEV).t()  # only laid out
+    with LaunchCount() as n:
+        p = _common.prepare(same, torch.float32)
+    assert p.is_contiguous() and torch.equal(p, same) and n.launches == 1, dict(n.ops)
+
+
 def test_row_sqnorms_of_rows_with_a_wider_stride():
     """``row_sqnorms`` of a prepared view whose rows are longer than D (what ``prepare`` keeps
     without align: unit column stride, row stride 40 > D = 19) reads each row at its stride."""

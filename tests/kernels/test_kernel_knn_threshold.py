@@ -385,12 +385,27 @@ def test_thresholds_bound_the_gemm_form(dtype):
         two = (qn[:, None] + rn[None, :] - 2.0 * chunked).clamp_min(kk.EPS)
         bound = exact.sort(1).values[:, 9]  # a row's 10th nearest: the sample's largest kept
         e = bound.float()
-        t = kt.thresholds(e, qn, rn)
+        t = kt.thresholds(e, qn, rn, 512)
         inside = exact <= bound[:, None]
         assert (one[inside] <= t[:, None].expand_as(one)[inside]).all()
         assert (two[inside] <= t[:, None].expand_as(two)[inside]).all()
         if scale == 1.0:
             assert ((t - e) <= 2e-3 * e + 5e-4).all()
+
+
+def test_thresholds_cover_the_worst_case_error_at_every_width():
+    """The margin above ``e_i (1 + 2^-10)`` covers the GEMM form's worst-case error for float16 /
+    bfloat16 inputs, ``2 D 2^-24 (qn_i + rn_j) + 2^-22 (qn_i + rn_j)``, at every width D: a fixed
+    2^-12 covered it up to D = 2^10 only (wide embeddings, D = 2048, could lose a true neighbour to
+    the filter), so the margin grows with D beyond it."""
+    qn = torch.tensor([1.0, 4.0, 900.0])
+    rn = torch.tensor([2.0, 0.5, 30.0])
+    e = torch.tensor([0.1, 0.0, 5.0])
+    for d in (1, 64, 512, 1024, 1025, 2048, 4096, 1 << 14):
+        margin = kt.thresholds(e, qn, rn, d).double() - e.double() * (1.0 + 2.0 ** -10)
+        worst = (2 * d * 2.0 ** -24 + 2.0 ** -22) * (qn.double() + rn.max().double())
+        assert (margin >= worst * (1 - 1e-6)).all(), (d, margin, worst)
+        assert (margin <= 4 * worst + 2.0 ** -12 * (qn + rn.max())).all(), (d, margin, worst)  # and not loose
 
 
 def test_eligibility_and_the_switch(small, monkeypatch):
