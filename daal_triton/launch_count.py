@@ -41,22 +41,26 @@ _ACTIVE: list = []
 _IN_KERNEL: list = []
 
 
-def _launch_points() -> list:
-    """The (class, method) pairs every Triton launch passes through: the JIT's ``run`` and the
-    interpreter's. The interpreter launches through ``InterpretedFunction.run`` from Triton 3.6 on;
-    Triton 3.5's binds ``run`` per instance and launches through ``GridExecutor.__call__``."""
-    import triton.runtime.jit as jit
-
-    points = [(jit.JITFunction, "run")]
+def interpreter_launch_point() -> Optional[tuple]:
+    """``(class, method)`` through which Triton's interpreter launches a kernel, or None for a
+    Triton without an interpreter: ``InterpretedFunction.run`` from Triton 3.6 on; Triton 3.5's
+    binds ``run`` per instance and launches through ``GridExecutor.__call__``."""
     try:
         from triton.runtime import interpreter
-    except ImportError:  # a Triton without the interpreter
-        return points
+    except ImportError:
+        return None
     if hasattr(interpreter.InterpretedFunction, "run"):
-        points.append((interpreter.InterpretedFunction, "run"))
-    else:
-        points.append((interpreter.GridExecutor, "__call__"))
-    return points
+        return interpreter.InterpretedFunction, "run"
+    return interpreter.GridExecutor, "__call__"
+
+
+def _launch_points() -> list:
+    """The (class, method) pairs every Triton launch passes through: the JIT's ``run`` and the
+    interpreter's (:func:`interpreter_launch_point`)."""
+    import triton.runtime.jit as jit
+
+    point = interpreter_launch_point()
+    return [(jit.JITFunction, "run")] + ([point] if point else [])
 
 
 def _patch_triton() -> None:

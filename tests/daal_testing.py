@@ -83,12 +83,12 @@ def strict_interpreter_launches() -> None:
     kernel without it, unseen on the CPU). Installed by the test and bench conftests and by the
     bench scripts' ``--smoke`` rehearsals; idempotent."""
     from triton.backends.nvidia.compiler import CUDAOptions
-    from triton.runtime import interpreter
+
+    from daal_triton.launch_count import interpreter_launch_point
 
     # Triton 3.6 on launches through InterpretedFunction.run(*args, grid, warmup, **kwargs); 3.5
     # through GridExecutor.__call__(*args, **kwargs) (grid and warmup among the keywords)
-    cls, name = ((interpreter.InterpretedFunction, "run") if hasattr(interpreter.InterpretedFunction, "run")
-                 else (interpreter.GridExecutor, "__call__"))
+    cls, name = interpreter_launch_point()
     plain = getattr(cls, name)
     if getattr(plain, "daal_strict", False):
         return
