@@ -4,7 +4,7 @@ The first H200 run found the B = 180 loss host-bound (3.9 ms of host time per fo
 against 0.38 ms of GPU time; docs/kernels.md, "Measured results"). Everything the host does for
 a call but launch the Triton kernels — validation, the composition, the operators' dispatch,
 autograd, the launchers' own Python, the few PyTorch operators — runs the same on a CPU, so this
-measures it here: the Triton kernels are replaced by no-ops (the interpreter's ``run``), and so
+measures it here: the Triton kernels are replaced by no-ops (the interpreter's launch), and so
 is the arithmetic of the line-margin backward's two PyTorch GEMMs (``mm_f32``: an empty result of
 the GEMM's shape; on the CPU at D = 64 they computed 0.14–0.19 ms per call that a GPU does in its own
 time, not the host's; their launches are counted with the others), the value
@@ -52,12 +52,18 @@ def main(argv=None) -> int:
             raise SystemExit("needs TRITON_INTERPRET=1 before triton is imported")
         os.environ["TRITON_INTERPRET"] = "1"
     import torch
-    from triton.runtime.interpreter import InterpretedFunction
 
     import daal_triton
     from daal_triton import validation
     from daal_triton.kernels import _common, line_margin
     from daal_triton.launch_count import LaunchCount
+
+    try:  # where the interpreter launches a kernel: InterpretedFunction.run, Triton 3.5's GridExecutor
+        from daal_triton.launch_count import interpreter_launch_point
+        launch_cls, launch_name = interpreter_launch_point()
+    except ImportError:  # an older commit's package (see above), from before Triton 3.5's support
+        from triton.runtime.interpreter import InterpretedFunction as launch_cls
+        launch_name = "run"
 
     torch.set_num_threads(1)
     # the no-op kernels leave their outputs uninitialised, and the few PyTorch GEMMs of the
@@ -95,7 +101,7 @@ def main(argv=None) -> int:
                          if v is not None) or "this tree"
 
     counts, launched = {}, {}  # per setting: the launches of one call, and each Triton launch's
-    real_run = InterpretedFunction.run  # (kernel function, args, kwargs)
+    real_run = getattr(launch_cls, launch_name)  # (kernel function, args, kwargs)
     for setting in settings:
         use(setting)
         call()  # compiles nothing (interpreter) but fills the caches
@@ -106,10 +112,10 @@ def main(argv=None) -> int:
         def recording_run(self, *args, _rec=rec, **kwargs):  # a no-op that keeps the arguments
             _rec.append((self.fn, args, {k: v for k, v in kwargs.items() if k not in ("grid", "warmup")}))
 
-        InterpretedFunction.run = recording_run
+        setattr(launch_cls, launch_name, recording_run)
         call()
-        InterpretedFunction.run = real_run
-    InterpretedFunction.run = lambda self, *args, **kwargs: None  # the kernels: no-ops from here
+        setattr(launch_cls, launch_name, real_run)
+    setattr(launch_cls, launch_name, lambda self, *args, **kwargs: None)  # the kernels: no-ops from here
     line_margin.mm_f32 = lambda a, b: torch.empty(a.shape[0], b.shape[1], device=a.device)  # and the GEMMs
 
     times = {setting: [] for setting in settings}
