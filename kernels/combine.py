@@ -14,6 +14,9 @@ and ``L_len`` (each may be absent)::
     dL/dline_i  = [not bad_i] w_i (g_total / B + g_per_i)
     dL/dhinge_i = w_i (lambda_dens g_per_i + (lambda_dens g_total + g_dens) / max(#valid, 1))
     dL/dL_len   = lambda_len g_total + g_len
+
+Memory: the outputs only (forward: B floats and three scalars; backward: 2B floats and a scalar).
+Each B-vector is read once, but the backward reads ``valid`` twice (its count comes first).
 """
 from __future__ import annotations
 
@@ -199,6 +202,8 @@ def _combine_backward_fake(g_per, g_total, g_dens, g_len, valid, bad, weights, l
 
 
 def _setup_context(ctx, inputs, output):
+    """Save ``valid``, ``bad`` and the weights (the backward's formulas need no term's value) and
+    the lambdas; ``L_len`` is differentiable only when the given one requires a gradient."""
     _, _, valid, bad, weights, l_len, lambda_dens, lambda_len = inputs
     ctx.save_for_backward(valid, bad, weights)
     ctx.lambdas = (lambda_dens, lambda_len)
@@ -212,6 +217,8 @@ _combine_backward_direct = direct(_combine_backward_op)
 
 
 def _backward(ctx, g_per, g_total, g_dens, g_len):
+    """``dL/dline``, ``dL/dhinge``, ``dL/dL_len`` from whichever outputs' gradients came (module
+    docstring), in one launch."""
     valid, bad, weights = ctx.saved_tensors
     if g_per is None and g_total is None and g_dens is None and g_len is None:
         return (None,) * 8

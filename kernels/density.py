@@ -221,6 +221,8 @@ def _density_backward_fake(g_hinge, g_r, dist, index, tau):
 
 
 def _setup_context(ctx, inputs, output):
+    """Save ``dist`` and ``index`` (the backward recomputes ``k_i``, ``r_i`` and the hinge's
+    activity from them) and ``tau``; ``valid`` and the margins carry no gradient."""
     dist, index = inputs[0], inputs[1]
     ctx.save_for_backward(dist, index)
     ctx.tau = inputs[7]
@@ -232,6 +234,8 @@ _density_backward_direct = direct(_density_backward_op)
 
 
 def _backward(ctx, g_r, _g_valid, _g_margin, g_hinge):
+    """``dL/ddist_ik = (g_radius_i - g_hinge_i [valid_i, tau > r_i]) / k_i`` where ``index_ik >= 0``,
+    else 0 (module docstring), in one launch; ``dist`` is the only differentiable input."""
     dist, index = ctx.saved_tensors
     if g_r is None and g_hinge is None:
         return (None,) * 8

@@ -214,6 +214,8 @@ def _prepare_backward_fake(gx, x, n, dtype, normalize):
 
 
 def _setup_context(ctx, inputs, output):
+    """Save ``x`` and ``n`` (the signed norms) for the backward, not ``z``; ``n``, the labels and
+    the flags carry no gradient."""
     z, _, _, normalize = inputs
     x, n, lab, bad = output
     ctx.save_for_backward(x, n)
@@ -227,6 +229,8 @@ _prepare_backward_direct = direct(_prepare_backward_op)
 
 
 def _backward(ctx, gx, _gn, _glab, _gbad):
+    """``dz_i = (dx_i - x_i (x_i . dx_i)) / n_i`` (``dx_i / n_i`` where the clamp bound; module
+    docstring) in one launch, in ``z``'s dtype; nothing for the labels."""
     if gx is None:
         return None, None, None, None
     x, n = ctx.saved_tensors

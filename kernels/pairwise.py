@@ -399,6 +399,7 @@ def _pairwise_backward_fake(g, dist, x, y, align=True):
 
 
 def _pairwise_setup_context(ctx, inputs, output):
+    """Save ``x``, ``y`` and ``d`` (``H = g / d`` is formed from them) and the forward's row rule."""
     ctx.save_for_backward(inputs[0], inputs[1], output)
     ctx.align = align_rows("pairwise")  # the forward's rows: the backward pads (or not) as it did
 
@@ -407,6 +408,8 @@ _pairwise_distance_backward_direct = direct(_pairwise_backward_op)
 
 
 def _pairwise_autograd_backward(ctx, g):
+    """``dX = diag(rowsum H) X - H Y``, ``dY = diag(colsum H) Y - H^T X`` with ``h_ij = g_ij / d_ij``
+    (0 where the clamp binds; module docstring): ``H`` and its partial sums formed once, then two GEMMs."""
     x, y, dist = ctx.saved_tensors
     return _pairwise_distance_backward_direct(g, dist, x, y, ctx.align)
 
