@@ -96,10 +96,9 @@ sums them by reference row (sorted: deterministic). When the references need no 
 ``cat([emb, bank])``) the backward computes no dRef at all: no N x D buffer, no atomics
 (``HAS_DR = False``). With ``batch_rows = b`` (the loss's ``ref_includes_batch=True`` on such
 a reference set: ``ref[:b]`` *are* the query's first rows) the b batch rows' reference-role
-term still reaches dQ: a second launch of the same kernel on ``ref[:b]``, with the index set
-to ``-1`` where it is ``>= b`` (pairs the kernel skips), scatters it into a b x D dR that is
-added to ``dQ[:b]`` (its dQ output, M x D, is scratch): O(M + b) x D float32, never N x D
-(under deterministic algorithms its per-pair buffer, M x k x D float32, as below).
+term still reaches dQ: the same launch scatters the pairs with ``j < b`` (``N_DR = b``) into a
+b x D dR that is added to ``dQ[:b]``: O(M + b) x D float32, never N x D (under deterministic
+algorithms its per-pair buffer, M x k x D float32, as below).
 
 Memory: forward O((M + N) + M * S * KP) besides the inputs (the squared norms and the slot
 buffers), never M x N; backward float32 buffers dQ (M x D; not zero-filled: the row's program
@@ -596,7 +595,7 @@ def _store_sorted(exact, rows64, rmask, dist_ptr, index_ptr, K, stride_dist_m, s
 
 
 @triton.jit
-def _knn_bwd_pair(kk, rows64, rmask, g_ptr, idx_ptr, q_ptr, r_ptr, dq_ptr, dr_ptr, D, K,
+def _knn_bwd_pair(kk, rows64, rmask, g_ptr, idx_ptr, q_ptr, r_ptr, dq_ptr, dr_ptr, D, K, N_DR,
                   stride_g_m, stride_g_k, stride_idx_m, stride_q_m, stride_r_n, stride_dq_m,
                   stride_dr_n, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HAS_DR: tl.constexpr,
                   DR_PAIRS: tl.constexpr, FIRST: tl.constexpr):
@@ -623,11 +622,12 @@ def _knn_bwd_pair(kk, rows64, rmask, g_ptr, idx_ptr, q_ptr, r_ptr, dq_ptr, dr_pt
         r = tl.load(r_ptr + j[:, None] * stride_r_n + dd[None, :], mask=m2, other=0.0).to(acc_ty)
         contrib = h[:, None] * (q - r)
         if HAS_DR:
+            to_dr = (j < N_DR)[:, None]  # the rows dR holds (N, or the batch rows' b)
             if DR_PAIRS:  # every element of the pair's row (0 where it contributes nothing)
-                tl.store(dr_ptr + (rows64[:, None] * K + kk) * stride_dr_n + dd[None, :], -contrib,
-                         mask=rmask[:, None] & (dd[None, :] < D))
+                tl.store(dr_ptr + (rows64[:, None] * K + kk) * stride_dr_n + dd[None, :],
+                         tl.where(to_dr, -contrib, 0.0), mask=rmask[:, None] & (dd[None, :] < D))
             else:
-                tl.atomic_add(dr_ptr + j[:, None] * stride_dr_n + dd[None, :], -contrib, mask=m2)
+                tl.atomic_add(dr_ptr + j[:, None] * stride_dr_n + dd[None, :], -contrib, mask=m2 & to_dr)
         pq = dq_ptr + rows64[:, None] * stride_dq_m + dd[None, :]
         if FIRST:
             tl.store(pq, contrib + 0.0, mask=rmask[:, None] & (dd[None, :] < D))
@@ -637,26 +637,28 @@ def _knn_bwd_pair(kk, rows64, rmask, g_ptr, idx_ptr, q_ptr, r_ptr, dq_ptr, dr_pt
 
 @triton.jit
 def _knn_bwd_kernel(
-    g_ptr, idx_ptr, q_ptr, r_ptr, dq_ptr, dr_ptr, M, D, K,
+    g_ptr, idx_ptr, q_ptr, r_ptr, dq_ptr, dr_ptr, M, D, K, N_DR,
     stride_g_m, stride_g_k, stride_idx_m, stride_q_m, stride_r_n, stride_dq_m, stride_dr_n,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HAS_DR: tl.constexpr, DR_PAIRS: tl.constexpr,
 ):
     """For each selected pair ``(i, j = index_ik)``: ``e_ik = ||q_i - r_j||^2`` recomputed by
     direct differences (no GEMM-form cancellation), ``h_ik = g_ik / sqrt(e_ik)`` (0 for
     ``j = -1`` or ``e_ik <= eps``, the clamp); ``dQ_i += h_ik (q_i - r_j)`` (this program owns
-    rows i) and ``dR_j -= h_ik (q_i - r_j)`` by atomic adds, or, with ``DR_PAIRS`` (under
-    ``torch.use_deterministic_algorithms(True)``), ``-h_ik (q_i - r_j)`` stored per pair into an
-    (M k) x D buffer that the launcher sums by ``j`` in a fixed order. Arithmetic in float32.
+    rows i) and, where ``j < N_DR``, ``dR_j -= h_ik (q_i - r_j)`` by atomic adds, or, with
+    ``DR_PAIRS`` (under ``torch.use_deterministic_algorithms(True)``), ``-h_ik (q_i - r_j)`` (0
+    where ``j >= N_DR``) stored per pair into an (M k) x D buffer that the launcher sums by ``j``
+    in a fixed order. Arithmetic in float32.
 
     Args:
         g_ptr: M x K incoming gradient of the distances (float32).
         idx_ptr: M x K selected columns (int64, -1 for none), unit column stride.
         q_ptr, r_ptr: M x D queries and N x D references, unit column stride.
-        dq_ptr, dr_ptr: float32 M x D and N x D gradient buffers, unit column stride; dr
+        dq_ptr, dr_ptr: float32 M x D and N_DR x D gradient buffers, unit column stride; dr
             zero-filled (atomics), dq not (each row is written by its one program: stored by
             the pair ``kk = 0``, the ``FIRST`` instance of ``_knn_bwd_pair``, then added to;
             K >= 1). With ``DR_PAIRS`` dr is the (M K) x D per-pair buffer (not zero-filled).
-        M, D, K: sizes.
+        M, D, K: sizes. N_DR: the reference rows dR holds (N; ``batch_rows``' b when only the
+            rows that are the query's own need theirs: pairs with ``j >= N_DR`` reach dQ only).
         stride_g_m, stride_g_k: strides of g. stride_idx_m: row stride of idx.
         stride_q_m, stride_r_n, stride_dq_m, stride_dr_n: row strides of q, r, dq, dr.
         BLOCK_M: queries per program. BLOCK_D: D-chunk. HAS_DR: accumulate dR (false when the
@@ -669,11 +671,11 @@ def _knn_bwd_kernel(
     rows64 = rows.to(tl.int64)
     # dQ needs no zero-fill: the first pair stores every element of the program's rows (0 where
     # it contributes nothing), the later ones add to it
-    _knn_bwd_pair(0, rows64, rmask, g_ptr, idx_ptr, q_ptr, r_ptr, dq_ptr, dr_ptr, D, K,
+    _knn_bwd_pair(0, rows64, rmask, g_ptr, idx_ptr, q_ptr, r_ptr, dq_ptr, dr_ptr, D, K, N_DR,
                   stride_g_m, stride_g_k, stride_idx_m, stride_q_m, stride_r_n, stride_dq_m,
                   stride_dr_n, BLOCK_M, BLOCK_D, HAS_DR, DR_PAIRS, True)
     for kk in range(1, K):
-        _knn_bwd_pair(kk, rows64, rmask, g_ptr, idx_ptr, q_ptr, r_ptr, dq_ptr, dr_ptr, D, K,
+        _knn_bwd_pair(kk, rows64, rmask, g_ptr, idx_ptr, q_ptr, r_ptr, dq_ptr, dr_ptr, D, K, N_DR,
                       stride_g_m, stride_g_k, stride_idx_m, stride_q_m, stride_r_n, stride_dq_m,
                       stride_dr_n, BLOCK_M, BLOCK_D, HAS_DR, DR_PAIRS, False)
 
@@ -689,7 +691,7 @@ KERNELS: Dict[str, KernelSpec] = {
         other=("stride_top_s", "stride_top_m", "stride_dist_m", "stride_index_m")),
     "bwd": KernelSpec(
         _knn_bwd_kernel,
-        "g_ptr: *fp32; idx_ptr: *i64; q_ptr r_ptr: *x; dq_ptr dr_ptr: *fp32; M D K: i32; "
+        "g_ptr: *fp32; idx_ptr: *i64; q_ptr r_ptr: *x; dq_ptr dr_ptr: *fp32; M D K N_DR: i32; "
         "stride_g_m stride_g_k stride_idx_m stride_q_m stride_r_n stride_dq_m stride_dr_n: i64",
         unit=("stride_g_k",), rows=("stride_q_m", "stride_r_n", "stride_dq_m", "stride_dr_n"),
         other=("stride_g_m", "stride_idx_m"), gemm=False),
@@ -1257,12 +1259,13 @@ def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
-def _knn_backward(g, index, q, r, ref_grad: bool = True, cast: bool = True):
+def _knn_backward(g, index, q, r, ref_grad: bool = True, cast: bool = True, dr_rows: int = -1):
     """``(dq, dr)`` in the dtypes of q and r (float32 without ``cast``: the op casts its columns
     once); dq needs no zero-fill (the kernel writes each row once before accumulating), dr is
-    zero-filled for the atomics (``0 x D`` without ``ref_grad``)."""
+    zero-filled for the atomics (``0 x D`` without ``ref_grad``); ``dr_rows >= 0``: dr holds
+    only the first ``dr_rows`` reference rows' gradients (``batch_rows``)."""
     M, D = q.shape
-    rows_r = r.shape[0] if ref_grad else 0
+    rows_r = (r.shape[0] if dr_rows < 0 else dr_rows) if ref_grad else 0
     if M == 0 or D == 0 or index.shape[1] == 0 or r.shape[0] == 0:
         return (torch.zeros(M, D, dtype=q.dtype, device=q.device),
                 torch.zeros(rows_r, D, dtype=r.dtype, device=q.device))
@@ -1278,10 +1281,10 @@ def _knn_backward(g, index, q, r, ref_grad: bool = True, cast: bool = True):
     g = _cast(g, torch.float32)
     cfg = CONFIGS[family(q.dtype)]["bwd" if ref_grad else "bwd_noref"]
     _knn_bwd_kernel[(cdiv(M, cfg.blocks["BLOCK_M"]),)](
-        g, index, q, r, dq, out, M, D, K, g.stride(0), g.stride(1), index.stride(0), q.stride(0),
+        g, index, q, r, dq, out, M, D, K, rows_r, g.stride(0), g.stride(1), index.stride(0), q.stride(0),
         r.stride(0), dq.stride(0), out.stride(0), HAS_DR=ref_grad, DR_PAIRS=pairs, **cfg.launch(D))
-    if pairs:  # index -1 (no neighbour) contributes zeros: any row will do
-        dr.index_put_((index.reshape(-1).clamp_min(0),), out, accumulate=True)
+    if pairs:  # index -1 (no neighbour) and rows beyond dr's contribute zeros: any row will do
+        dr.index_put_((index.reshape(-1).clamp(0, rows_r - 1),), out, accumulate=True)
     return (_cast(dq, q.dtype), _cast(dr, r.dtype)) if cast else (dq, dr)
 
 
@@ -1352,21 +1355,24 @@ def _knn_fake(query, ref, k, query_labels, ref_labels, exclude_self, splits, bat
 
 @torch.library.custom_op("daal_triton::knn_backward", mutates_args=())
 def _knn_backward_op(g: torch.Tensor, index: torch.Tensor, query: torch.Tensor,
-                     ref: torch.Tensor, ref_grad: bool, align: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
+                     ref: torch.Tensor, ref_grad: bool, align: bool = True,
+                     ref_rows: int = -1) -> Tuple[torch.Tensor, torch.Tensor]:
     """Scatter of ``g`` (M x k) over the selected pairs: ``(dL/dquery, dL/dref)``; without
-    ``ref_grad`` dL/dref is not computed (an empty 0 x D tensor: no N x D buffer, no atomics).
-    ``align``: rows padded to 16 columns as the forward's were (``_common.align_rows``)."""
+    ``ref_grad`` dL/dref is not computed (an empty 0 x D tensor: no N x D buffer, no atomics);
+    ``ref_rows >= 0``: dL/dref of the first ``ref_rows`` rows only (``ref_rows`` x D; the
+    ``batch_rows`` backward). ``align``: rows padded to 16 columns as the forward's were
+    (``_common.align_rows``)."""
     dtype = compute_dtype("knn", query, ref)
     q = prepare(query, dtype, align=align)
     r = q if ref is query else prepare(ref, dtype, align=align)
-    dq, dr = _knn_backward(g, index, q, r, ref_grad, cast=False)  # float32 (dr: r's dtype when empty)
+    dq, dr = _knn_backward(g, index, q, r, ref_grad, cast=False, dr_rows=ref_rows)  # float32 (dr: r's dtype when empty)
     D = query.shape[1]
     return columns(dq, D, query.dtype), columns(dr, D, ref.dtype)
 
 
 @_knn_backward_op.register_fake
-def _knn_backward_fake(g, index, query, ref, ref_grad, align=True):
-    rows = ref.shape[0] if ref_grad else 0
+def _knn_backward_fake(g, index, query, ref, ref_grad, align=True, ref_rows=-1):
+    rows = (ref.shape[0] if ref_rows < 0 else ref_rows) if ref_grad else 0
     return query.new_empty(query.shape), ref.new_empty((rows, ref.shape[1]))  # contiguous, as the kernel's
 
 
@@ -1390,16 +1396,16 @@ def _knn_autograd_backward(ctx, g, _g_index):
         return (None,) * 8
     ref_grad = bool(ctx.needs_input_grad[1])
     g = g.contiguous()
-    dq, dr = _knn_backward_direct(g, index, query, ref, ref_grad, ctx.align)
     b = ctx.batch_rows
-    if b:  # ref[:b] are query[:b]: their reference-role gradient goes to the query's rows (in place:
-        # both are this backward's own buffers)
-        if ref_grad:  # already in dr (N x D): moved from its first b rows to dq's
-            dq[:b] += dr[:b]
+    # ref[:b] are query[:b]: their reference-role gradient goes to the query's rows (in place: both
+    # are this backward's own buffers). Without a ref gradient, dR holds those b rows alone (b x D,
+    # no N x D buffer), scattered by the same launch that computes dQ
+    dq, dr = _knn_backward_direct(g, index, query, ref, ref_grad or b > 0, ctx.align,
+                                  -1 if ref_grad else b)
+    if b:
+        dq[:b] += dr[:b]
+        if ref_grad:  # moved from dr's first b rows to dq's
             dr[:b] = 0
-        else:  # no N x D buffer: the same kernel on ref[:b] alone, pairs beyond it skipped (-1)
-            dq[:b] += _knn_backward_direct(g, index.masked_fill(index >= b, -1), query, ref[:b], True,
-                                           ctx.align)[1]
     return dq, dr if ref_grad else None, None, None, None, None, None, None
 
 

@@ -1181,13 +1181,25 @@ MUTANTS: Tuple[Mutant, ...] = (
            "ref, ref_labels, ref_includes_batch = x, labels.masked_fill(bad_label, -1), True",
            ("tests/package/test_host_sync.py", "-k", "counts_in_its_clamped_class")),
     # MemoryBank.with_batch's detached cat: the batch rows' reference-role gradient reaches the
-    # embeddings through the kNN's batch_rows (2026-12-07)
+    # embeddings through the kNN's batch_rows (2026-12-06; in the launch that computes dQ since
+    # that day's afternoon: the pairs with j < b scatter into a b x D dRef, N_DR)
     Mutant("bank_batch_rows_unwired", "daal_triton/core.py",
            "exclude_self=ref_includes_batch, **batch)", "exclude_self=ref_includes_batch)",
            ("tests/package/test_memory_bank.py", "-k", "gradients_of_a_grad_carrying_cat")),
     Mutant("knn_batch_rows_sign", "kernels/knn.py",
-           "            dq[:b] += _knn_backward_direct(",
-           "            dq[:b] -= _knn_backward_direct(",
+           "        dq[:b] += dr[:b]",
+           "        dq[:b] -= dr[:b]",
+           ("tests/kernels/test_kernel_knn.py", "-k", "batch_rows")),
+    Mutant("knn_batch_rows_pairs_unmasked", "kernels/knn.py",
+           "tl.where(to_dr, -contrib, 0.0), mask=",
+           "-contrib, mask=",
+           ("tests/kernels/test_kernel_knn.py", "-k", "batch_rows")),
+    Mutant("knn_batch_rows_second_launch", "kernels/knn.py",
+           "    dq, dr = _knn_backward_direct(g, index, query, ref, ref_grad or b > 0, ctx.align,\n"
+           "                                  -1 if ref_grad else b)",
+           "    dq, dr = _knn_backward_direct(g, index, query, ref, ref_grad, ctx.align)\n"
+           "    if b and not ref_grad:\n"
+           "        dr = _knn_backward_direct(g, index.masked_fill(index >= b, -1), query, ref[:b], True, ctx.align)[1]",
            ("tests/kernels/test_kernel_knn.py", "-k", "batch_rows")),
 )
 

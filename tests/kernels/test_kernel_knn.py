@@ -806,12 +806,29 @@ def test_knn_no_ref_gradient():
 
 @pytest.mark.parametrize("impl", ["triton", "reference"])
 @pytest.mark.parametrize("ref_grad", [False, True], ids=["detached-ref", "ref-with-grad"])
-def test_knn_batch_rows_give_the_query_the_reference_role_gradient(impl, ref_grad):
+@pytest.mark.parametrize("pairs", [False, True], ids=["atomics", "deterministic"])
+def test_knn_batch_rows_give_the_query_the_reference_role_gradient(impl, ref_grad, pairs):
     """``batch_rows=b``: ``ref[:b]`` are ``query[:b]`` (a memory bank's ``cat([batch, bank])``),
     so their reference-role gradient is added to the query's: the same ``(dist, index)`` and the
     same query gradient as the float64 kNN on the grad-carrying ``cat([query[:b], bank])``, and
     ``ref[:b]`` gets none (a reference set with grad: its bank rows get theirs). Labels, self
-    exclusion, padding (a row with fewer than k candidates), b < M and odd widths."""
+    exclusion, padding (a row with fewer than k candidates), b < M and odd widths; dRef by atomics
+    and per pair (deterministic algorithms). The Triton backward is one kernel launch whichever
+    the case: the pairs with a batch row scatter into a b x D dRef in the launch that computes dQ
+    (before, a second launch redid the whole dQ work into a scratch)."""
+    from daal_triton.launch_count import LaunchCount
+
+    if pairs:
+        before, warn = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        _batch_rows_case(impl, ref_grad, pairs, LaunchCount)
+    finally:
+        if pairs:
+            torch.use_deterministic_algorithms(before, warn_only=warn)
+
+
+def _batch_rows_case(impl, ref_grad, pairs, LaunchCount):
     torch.manual_seed(7)
     M, b, N, D, k = 29, 23, 41, 33, 4
     q = torch.randn(M, D, device=DEV)
@@ -830,7 +847,11 @@ def test_knn_batch_rows_give_the_query_the_reference_role_gradient(impl, ref_gra
     ref = torch.cat([q[:b], bank]).requires_grad_(ref_grad)
     dist, index = knn(qq, ref, k, query_labels=ql, ref_labels=rl, exclude_self=True, batch_rows=b)
     assert torch.equal(index, want_i) and (index[0] == -1).all()
-    (dist.masked_fill(index < 0, 0) * g).sum().backward()
+    with LaunchCount() as count:
+        (dist.masked_fill(index < 0, 0) * g).sum().backward()
+    if impl == "triton":
+        assert count.triton["_knn_bwd_kernel"] == 1, count.table()
+        assert count.ops["aten.index_put_"] == (1 if pairs else 0), count.table()
     tol = tolerance(torch.float32, tf32=TF32)
     assert_close(dist.masked_fill(index < 0, 0), want_d.masked_fill(want_i < 0, 0), tol, "dist")
     assert_close(qq.grad, q64.grad, tol, f"{impl}: d query (both roles)")
