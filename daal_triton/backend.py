@@ -119,9 +119,23 @@ def _gpu_reason(device: torch.device, forced: bool) -> str:
     return ""
 
 
+#: torch.compile traces the functorch query below from torch 2.9 on (checked: 2.9 and later);
+#: torch 2.4's refuses it ("torch.* op returned non-Tensor bool"), which broke
+#: ``torch.compile(fullgraph=True)`` of the reference there. 2.5-2.8 are unchecked: treated as 2.4.
+TRACES_FUNCTORCH_QUERY = (2, 9)
+TORCH_VERSION = read_version(("torch",))
+
+
 def _functorch_active() -> bool:
+    """Whether a ``torch.func`` transform is active (the kernels cannot run inside one); False
+    while torch.compile traces on a torch that cannot trace the query."""
     check = getattr(torch._C, "_are_functorch_transforms_active", None)
-    return bool(check()) if check is not None else False
+    if check is None:
+        return False
+    if (TORCH_VERSION is not None and TORCH_VERSION < TRACES_FUNCTORCH_QUERY
+            and torch.compiler.is_compiling()):
+        return False
+    return bool(check())
 
 
 def _forward_ad_active() -> bool:

@@ -71,6 +71,14 @@ def pytest_collection_modifyitems(config, items):
 
         skip_interpreter_tests_on_gpu(items)
         return
+    from daal_testing import KERNELS_RUN, KERNELS_SKIP_REASON
+
+    if not KERNELS_RUN:  # torch 2.4-2.8 (Triton 3.0-3.4): only the reference runs
+        skip_kernels = pytest.mark.skip(reason=KERNELS_SKIP_REASON)
+        for item in items:  # CPU tensors on the Triton backend, or a case of its parameter "triton"
+            params = getattr(getattr(item, "callspec", None), "params", {})
+            if "interpreter" in item.keywords or "triton" in params.values():
+                item.add_marker(skip_kernels)
     skip = pytest.mark.skip(reason="no CUDA GPU on this machine: GPU parity runs in bench/gpu_check.sh")
     for item in items:
         if "gpu" in item.keywords:

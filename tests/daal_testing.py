@@ -11,6 +11,16 @@ import sys
 import pytest
 import torch
 
+from daal_triton import backend as _backend
+
+#: Whether the kernels can run at all here: Triton installed, 3.5 or later (torch 2.4-2.8 bring
+#: 3.0-3.4, where "auto" runs the reference and a forced "triton" raises ValueError).
+KERNELS_RUN = _backend.triton_available() and (_backend.TRITON_VERSION is None
+                                               or _backend.TRITON_VERSION >= _backend.MIN_TRITON)
+KERNELS_SKIP_REASON = (f"the kernels need Triton {_backend.MIN_TRITON[0]}.{_backend.MIN_TRITON[1]} or later "
+                       f"(installed: {_backend.TRITON_VERSION}); the reference's tests run")
+needs_kernels = pytest.mark.skipif(not KERNELS_RUN, reason=KERNELS_SKIP_REASON)
+
 # Parity: ||out - ref|| / ||ref|| against the float64 reference (docs/method.md, "Precision").
 TOLERANCE = {
     "float32": 1e-5,  # IEEE fp32 dots (the interpreter)

@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from daal_testing import needs_kernels
 import daal_triton
 from daal_triton import reference
 from daal_triton.core import Hyperparameters, Operators, compose
@@ -76,7 +77,7 @@ def test_numpy_scalars_are_accepted_as_python_numbers():
     z, y = torch.randn(5, 4), torch.arange(5) % 3
     assert torch.equal(daal_triton.daal_loss(z, y, loss.segments, return_parts=np.True_, backend="reference").loss,
                        daal_triton.daal_loss(z, y, loss.segments, backend="reference"))
-    with pytest.raises(ValueError, match="normalize must be True or False, got np.int64"):
+    with pytest.raises(ValueError, match=r"normalize must be True or False, got (np\.int64\()?1"):
         Hyperparameters(normalize=np.int64(1))
 
 
@@ -245,6 +246,7 @@ def test_parts_line_is_exact_where_it_is_known(backend):
             assert parts.line.item() >= 0.0
 
 
+@needs_kernels
 def test_the_kernels_run_on_the_tensors_device(monkeypatch):
     """Triton launches on the *current* CUDA device: tensors on cuda:1 while cuda:0 is current
     must make cuda:1 current for the call (else "Pointer argument cannot be accessed from

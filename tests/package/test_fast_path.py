@@ -5,7 +5,9 @@ import pytest
 import torch
 
 import daal_triton as dt
-from daal_testing import assert_close, random_problem, tolerance
+from daal_testing import assert_close, needs_kernels, random_problem, tolerance
+
+pytestmark = needs_kernels
 
 # The interpreter on the CPU (IEEE float32 dots); CUDA tensors (TF32 dots) on a GPU machine.
 DEV = "cuda" if torch.cuda.is_available() else "cpu"

@@ -13,7 +13,7 @@ import torch
 import daal_triton
 from daal_triton import validation
 from daal_triton.launch_count import LaunchCount
-from daal_testing import patch_value_checks
+from daal_testing import needs_kernels, patch_value_checks
 
 BACKENDS = ["reference", pytest.param("triton", marks=pytest.mark.interpreter)]  # CPU tensors
 #: issue 13: one DAALLoss forward+backward at B = 180, C = 100 on the Triton backend.
@@ -203,6 +203,7 @@ def test_eager_calls_skip_every_custom_operator_dispatch(monkeypatch):
         assert torch.equal(a, b)
 
 
+@needs_kernels
 def test_a_bad_eager_mode_is_refused(monkeypatch):
     from daal_triton.kernels import _common, knn
 

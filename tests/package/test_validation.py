@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import daal_triton as dt
-from daal_testing import assert_close, tolerance
+from daal_testing import needs_kernels, assert_close, tolerance
 from daal_triton.backend import choose_backend
 
 
@@ -120,6 +120,7 @@ def test_knn_and_pairwise_errors():
     raises("all tensors must be on one device", dt.pairwise_distance, q, r.to("meta"))
 
 
+@needs_kernels
 def test_backend_choice(monkeypatch):
     raises("backend must be one of", choose_backend, "cuda", torch.device("cpu"))
     assert choose_backend("reference", torch.device("cpu")) == "reference"
@@ -133,6 +134,7 @@ def test_backend_choice(monkeypatch):
     assert choose_backend("auto", torch.device("cpu")) == "triton"
 
 
+@needs_kernels
 @pytest.mark.parametrize("capability,auto,forced", [
     ((9, 0), "triton", "triton"), ((8, 0), "triton", "triton"), ((12, 0), "triton", "triton"),
     ((7, 5), "reference", "triton"), ((7, 0), "reference", "triton"),
@@ -261,6 +263,24 @@ def test_an_interpreter_that_numpy_breaks_runs_the_reference(monkeypatch):
     assert torch.equal(dt.daal_loss(z, y, seg, k=2), dt.daal_loss(z, y, seg, k=2, backend="reference"))
 
 
+def test_a_torch_that_cannot_trace_the_functorch_query_is_not_asked_while_compiling(monkeypatch):
+    """torch 2.4's dynamo refuses ``torch._C._are_functorch_transforms_active`` ("torch.* op
+    returned non-Tensor bool"): ``torch.compile(fullgraph=True)`` of the loss failed there on the
+    reference (a compatibility run, 2026-12-06; torch 2.9 traces it). Before 2.9 the query is
+    not asked while compiling; outside compilation, and from 2.9 on, it is."""
+    import daal_triton.backend as backend
+
+    asked = []
+    monkeypatch.setattr(torch._C, "_are_functorch_transforms_active", lambda: asked.append(1) or True)
+    for torch_v, compiling, want in [((2, 4), True, False), ((2, 8), True, False), ((2, 4), False, True),
+                                     ((2, 9), True, True), ((2, 14), True, True), (None, True, True)]:
+        monkeypatch.setattr(backend, "TORCH_VERSION", torch_v)
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda c=compiling: c)
+        asked.clear()
+        assert backend._functorch_active() is want, (torch_v, compiling)
+        assert asked == ([1] if want else []), (torch_v, compiling)
+
+
 @pytest.mark.interpreter  # CPU tensors on the Triton backend
 # PyTorch's forward-mode formulas of some operators are torch.jit.script-ed decompositions
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
@@ -359,6 +379,7 @@ def test_kernels_read_triton_interpret_false_as_off():
         assert ours == str(on) and knob in (str(on), "None"), (value, out.stdout)
 
 
+@needs_kernels
 def test_interpreter_set_after_triton_is_named(tmp_path):
     """TRITON_INTERPRET=1 set after ``import triton`` (a fresh process): "auto" runs the reference
     and a forced "triton" says why, instead of failing inside the interpreter with "Cannot call
