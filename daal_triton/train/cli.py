@@ -57,7 +57,8 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         if action.nargs == 0 or action.default is None:
-            return action.help or ""
+            # Python 3.9's BooleanOptionalAction adds the default to the help itself (3.10 dropped it)
+            return (action.help or "").replace(" (default: %(default)s)", "")
         return super()._get_help_string(action)
 
 

@@ -18,7 +18,22 @@ import sys
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-STDLIB = set(sys.stdlib_module_names) | {"__future__"}
+
+
+def _stdlib_names():
+    """The standard library's top-level modules: ``sys.stdlib_module_names`` (Python 3.10+); on
+    Python 3.9 the builtins and what the standard library's folders hold."""
+    names = getattr(sys, "stdlib_module_names", None)
+    if names is not None:
+        return set(names)
+    import pkgutil
+    import sysconfig
+    stdlib = sysconfig.get_paths()["stdlib"]
+    folders = [stdlib, os.path.join(stdlib, "lib-dynload")]
+    return set(sys.builtin_module_names) | {m.name for m in pkgutil.iter_modules(folders)}
+
+
+STDLIB = _stdlib_names() | {"__future__"}
 
 
 def _imports(path: pathlib.Path):

@@ -22,6 +22,7 @@ def test_neighbours_drop_the_farthest_when_self_is_not_among_them():
     assert E.neighbours(torch.zeros(4, 2), 1).tolist() == [[1], [0], [0], [0]]
 
 
+@pytest.mark.interpreter
 def test_neighbours_and_metrics_use_the_backend_asked_for(monkeypatch):
     """``--knn-backend`` reaches daal_triton.knn, through all_metrics and retrieval_metrics
     ("triton": the interpreter here; "auto" would read as the reference on a CPU)."""
