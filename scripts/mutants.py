@@ -1071,6 +1071,16 @@ MUTANTS: Tuple[Mutant, ...] = (
            "and NUMPY_VERSION >= NUMPY_REFUSES):",
            "and NUMPY_VERSION > NUMPY_REFUSES):",
            ("tests/package/test_validation.py", "-k", "numpy_breaks")),
+    # a compatibility run on torch 2.4 (2026-12-06): dynamo before 2.9 cannot trace the functorch query
+    Mutant("functorch_query_asked_while_compiling", "daal_triton/backend.py",
+           "    if (TORCH_VERSION is not None and TORCH_VERSION < TRACES_FUNCTORCH_QUERY",
+           "    if (TORCH_VERSION is not None and TORCH_VERSION < (2, 4)",
+           ("tests/package/test_validation.py", "-k", "functorch_query")),
+    # Python 3.9's BooleanOptionalAction adds "(default: ...)" to a switch's help itself
+    Mutant("switch_help_default_twice", "daal_triton/train/cli.py",
+           '            return (action.help or "").replace(" (default: %(default)s)", "")',
+           '            return action.help or ""',
+           ("tests/train/test_train_user_errors.py", "-k", "help_names_its_default")),
     Mutant("prepare_copies_twice", "kernels/_common.py",
            "t.to(dtype, memory_format=torch.contiguous_format)",
            "t.to(dtype).contiguous()",

@@ -251,6 +251,16 @@ def test_help_texts_name_the_right_settings():
     assert "initialisation" in train["--seed"].help
 
 
+def test_a_switch_whose_help_names_its_default_says_it_once():
+    """Python 3.9's ``argparse.BooleanOptionalAction`` appends `` (default: %(default)s)`` to a
+    switch's help itself (3.10 stopped): the formatter, which leaves switches' help as written,
+    must not print it (on 3.9 ``--daal-normalize`` read "... first (default: True)")."""
+    import argparse
+
+    switch = argparse.Action(["--x", "--no-x"], "x", nargs=0, default=True, help="do x (default: %(default)s)")
+    assert cli._HelpFormatter("prog")._get_help_string(switch) == "do x"
+
+
 def test_help_says_what_the_defaults_are():
     text = " ".join(cli.build_parser().format_help().split())
     assert "default: True" not in text and "default: False" not in text and "default: None" not in text
