@@ -807,7 +807,7 @@ def test_knn_no_ref_gradient():
 @pytest.mark.parametrize("impl", ["triton", "reference"])
 @pytest.mark.parametrize("ref_grad", [False, True], ids=["detached-ref", "ref-with-grad"])
 @pytest.mark.parametrize("pairs", [False, True], ids=["atomics", "deterministic"])
-def test_knn_batch_rows_give_the_query_the_reference_role_gradient(impl, ref_grad, pairs):
+def test_knn_batch_rows_give_the_query_the_reference_role_gradient(impl, ref_grad, pairs, request):
     """``batch_rows=b``: ``ref[:b]`` are ``query[:b]`` (a memory bank's ``cat([batch, bank])``),
     so their reference-role gradient is added to the query's: the same ``(dist, index)`` and the
     same query gradient as the float64 kNN on the grad-carrying ``cat([query[:b], bank])``, and
@@ -819,16 +819,7 @@ def test_knn_batch_rows_give_the_query_the_reference_role_gradient(impl, ref_gra
     from daal_triton.launch_count import LaunchCount
 
     if pairs:
-        before, warn = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
-        torch.use_deterministic_algorithms(True, warn_only=True)
-    try:
-        _batch_rows_case(impl, ref_grad, pairs, LaunchCount)
-    finally:
-        if pairs:
-            torch.use_deterministic_algorithms(before, warn_only=warn)
-
-
-def _batch_rows_case(impl, ref_grad, pairs, LaunchCount):
+        request.getfixturevalue("deterministic")  # set for this test, restored after
     torch.manual_seed(7)
     M, b, N, D, k = 29, 23, 41, 33, 4
     q = torch.randn(M, D, device=DEV)
