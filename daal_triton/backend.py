@@ -119,10 +119,10 @@ def _gpu_reason(device: torch.device, forced: bool) -> str:
     return ""
 
 
-#: torch.compile traces the functorch query below from torch 2.8 on (checked: 2.8, 2.9 and later);
-#: torch 2.4's refuses it ("torch.* op returned non-Tensor bool"), which broke
-#: ``torch.compile(fullgraph=True)`` of the reference there. 2.5-2.7 are unchecked: treated as 2.4.
-TRACES_FUNCTORCH_QUERY = (2, 8)
+#: torch.compile traces the functorch query below from torch 2.5 on (checked: 2.5.1, 2.6.0, 2.7.1,
+#: 2.8, 2.9 and later); torch 2.4's refuses it ("torch.* op returned non-Tensor bool"), which broke
+#: ``torch.compile(fullgraph=True)`` of the reference there.
+TRACES_FUNCTORCH_QUERY = (2, 5)
 TORCH_VERSION = read_version(("torch",))
 
 

@@ -1071,7 +1071,7 @@ MUTANTS: Tuple[Mutant, ...] = (
            "and NUMPY_VERSION >= NUMPY_REFUSES):",
            "and NUMPY_VERSION > NUMPY_REFUSES):",
            ("tests/package/test_validation.py", "-k", "numpy_breaks")),
-    # a compatibility run on torch 2.4 (2026-12-06): its dynamo cannot trace the functorch query (2.8's can)
+    # a compatibility run on torch 2.4 (2026-12-06): its dynamo cannot trace the functorch query (2.5's can)
     Mutant("functorch_query_asked_while_compiling", "daal_triton/backend.py",
            "    if (TORCH_VERSION is not None and TORCH_VERSION < TRACES_FUNCTORCH_QUERY",
            "    if (TORCH_VERSION is not None and TORCH_VERSION < (2, 4)",

@@ -266,14 +266,15 @@ def test_an_interpreter_that_numpy_breaks_runs_the_reference(monkeypatch):
 def test_a_torch_that_cannot_trace_the_functorch_query_is_not_asked_while_compiling(monkeypatch):
     """torch 2.4's dynamo refuses ``torch._C._are_functorch_transforms_active`` ("torch.* op
     returned non-Tensor bool"): ``torch.compile(fullgraph=True)`` of the loss failed there on the
-    reference (a compatibility run, 2026-12-06; torch 2.8 and 2.9 trace it). Before 2.8 the query
-    is not asked while compiling; outside compilation, and from 2.8 on, it is."""
+    reference (a compatibility run, 2026-12-06; torch 2.5.1, 2.6.0, 2.7.1, 2.8 and 2.9 trace it).
+    Before 2.5 the query is not asked while compiling; outside compilation, and from 2.5 on, it is."""
     import daal_triton.backend as backend
 
     asked = []
     monkeypatch.setattr(torch._C, "_are_functorch_transforms_active", lambda: asked.append(1) or True)
-    for torch_v, compiling, want in [((2, 4), True, False), ((2, 7), True, False), ((2, 4), False, True),
-                                     ((2, 8), True, True), ((2, 14), True, True), (None, True, True)]:
+    for torch_v, compiling, want in [((2, 4), True, False), ((2, 4), False, True), ((2, 5), True, True),
+                                     ((2, 7), True, True), ((2, 8), True, True), ((2, 14), True, True),
+                                     (None, True, True)]:
         monkeypatch.setattr(backend, "TORCH_VERSION", torch_v)
         monkeypatch.setattr(torch.compiler, "is_compiling", lambda c=compiling: c)
         asked.clear()
