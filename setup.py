@@ -25,7 +25,7 @@ setup(
     packages=list(PACKAGE_DIR),
     install_requires=["torch>=2.4", "numpy"],
     extras_require={
-        "dev": ["pytest>=7", "pytest-benchmark>=4", "pytest-xdist>=3"],
+        "dev": ["pytest>=7", "pytest-benchmark>=4", "pytest-xdist>=3", "wheel"],  # wheel: test_install builds one
         "train": ["torchvision>=0.19", "scikit-learn>=1.2", "tqdm>=4.60", "matplotlib>=3.5"],
         "pml": ["pytorch-metric-learning>=2.0", "faiss-cpu"],
     },
