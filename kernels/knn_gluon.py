@@ -43,6 +43,11 @@ from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warp
 from ._common import TL_EPS, cdiv, device_capability, next_pow2, row_sqnorms
 from .knn import _knn_merge_tile
 
+#: TMA's copy of a block from global to shared memory: ``tma.async_load`` from Triton 3.7 on (3.8
+#: keeps the old name as an alias; 3.9 removed it: a RuntimeError at the first build), its old
+#: name ``tma.async_copy_global_to_shared`` before (3.5, 3.6). Same arguments in both.
+tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+
 BLOCK_N = 128  # reference rows per tile
 BLOCK_D = 64  # the D-chunk of a TMA load and of the ring's buffers (128 bytes of bfloat16: the swizzle)
 MAX_D = 512  # the queries' block must fit beside the ring (64 rows: two programs per SM)
@@ -88,8 +93,8 @@ def _load_chunk(r_desc, r_smem, ready, c, n_start, BLOCK_N: gl.constexpr, BLOCK_
     slot = c % STAGES
     tile = c // ND
     mbarrier.expect(ready.index(slot), r_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(r_desc, [n_start + tile * BLOCK_N, (c - tile * ND) * BLOCK_D],
-                                    ready.index(slot), r_smem.index(slot))
+    tma_load(r_desc, [n_start + tile * BLOCK_N, (c - tile * ND) * BLOCK_D], ready.index(slot),
+             r_smem.index(slot))
 
 
 @gluon.jit
@@ -146,7 +151,7 @@ def _knn_fwd_gluon_kernel(
         mbarrier.init(ready.index(s), count=1)
     mbarrier.expect(q_bar, ND * q_desc.block_type.nbytes)
     for i in gl.static_range(ND):
-        tma.async_copy_global_to_shared(q_desc, [row_lo, i * BLOCK_D], q_bar, q_smem.index(i))
+        tma_load(q_desc, [row_lo, i * BLOCK_D], q_bar, q_smem.index(i))
     for c0 in gl.static_range(STAGES - 1):
         if c0 < total:
             _load_chunk(r_desc, r_smem, ready, c0, n_start, BLOCK_N, BLOCK_D, ND, STAGES)

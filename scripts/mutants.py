@@ -448,7 +448,7 @@ MUTANTS: Tuple[Mutant, ...] = (
            "            c = t * ND + kk\n",
            "            c = t * ND + kk\n"
            "            mbarrier.expect(q_bar, q_desc.block_type.nbytes)\n"
-           "            tma.async_copy_global_to_shared(q_desc, [row_lo, kk * BLOCK_D], q_bar, q_smem.index(kk))\n"
+           "            tma_load(q_desc, [row_lo, kk * BLOCK_D], q_bar, q_smem.index(kk))\n"
            "            mbarrier.wait(q_bar, (t * ND + kk + 1) & 1)\n",
            ("tests/kernels/test_kernel_knn_gluon.py", "-m", "build")),
     # 2026-12-05: the 128-row variant launched on one warpgroup's layout; failures ignored by
