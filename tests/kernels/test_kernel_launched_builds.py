@@ -39,8 +39,10 @@ def allowed_stack(launch) -> int:
     if launch["kernel"] in ("_lm2_dseg_kernel", "_lm2_dseg_finish_kernel") and sig["seg_ptr"] in ("*bf16", "*fp16"):
         return 48  # half-precision segments: only the line-margin benchmark's direct calls (DAALLoss
         # hands the kernels float32 segments, which keep no stack)
-    if launch["kernel"] == "_knn_finish_kernel" and sig["q_ptr"] == "*fp32" and launch["constexprs"]["KP"] == 8:
-        return 8  # the float32 finish at KP 8 (k = 5..8; the loss's k = 3 runs KP 4): 8 B
+    if launch["kernel"] == "_knn_finish_kernel" and launch["constexprs"]["KP"] == 8 and (
+            sig["q_ptr"] == "*fp32" or launch["constexprs"]["BLOCK_D"] == 16):
+        return 8  # the finish at KP 8 (k = 5..8; the loss's k = 3 runs KP 4): float32 8 B; float16 and
+        # bfloat16 rows of D <= 16 (BLOCK_D 16) 8 B under Triton 3.6, none under 3.8 (the call scenarios)
     if launch["kernel"] == "_knn_fwd_kernel" and sig["q_ptr"] == "*fp32" and launch["constexprs"]["KP"] == 128:
         return 8  # the float32 forward at KP 128 (k = 65..128: daal-train's evaluation of classes that large)
     if launch["kernel"].startswith("_pairwise_") and "D" not in launch["divisible"]:
