@@ -758,8 +758,10 @@ FWD_ALTERNATIVES = {(128, 128, 4, 3, False, None, "tma", True): 2, (128, 64, 4, 
 #: Where a Triton release's sm_90 builds fit fewer programs per SM than :data:`FWD_ALTERNATIVES`
 #: says (its counts are Triton 3.8's): under 3.6, the GPU image's, 128 x 64 on 4 warps with the
 #: diagonal branch keeps 196 registers (two per SM, not three) and 128 x 64 flat on 8 warps 159
-#: (one, not two). :func:`fwd_alternatives` applies them.
-FWD_ALTERNATIVES_BY_TRITON = {"3.6": {(128, 64, 4, 3, False, None, "tma", True): 2, (128, 64, 8, 3, True): 1}}
+#: (one, not two); under 3.7 (torch 2.12's and 2.13's) the flat one keeps 156 (one, not two).
+#: :func:`fwd_alternatives` applies them.
+FWD_ALTERNATIVES_BY_TRITON = {"3.6": {(128, 64, 4, 3, False, None, "tma", True): 2, (128, 64, 8, 3, True): 1},
+                              "3.7": {(128, 64, 8, 3, True): 1}}
 
 
 def fwd_alternatives() -> Dict[tuple, int]:

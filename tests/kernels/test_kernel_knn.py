@@ -592,14 +592,17 @@ def test_register_cap_reaches_the_launch():
 
 def test_fwd_alternatives_follow_the_running_triton(monkeypatch):
     """bench/tune_knn.py sizes each candidate's grid for the programs per SM of the running
-    Triton's build: 3.8's table, with 3.6's fewer for the two candidates that fit fewer there."""
+    Triton's build: 3.8's table, with 3.6's and 3.7's fewer for the candidates that fit fewer
+    there."""
     monkeypatch.setattr(triton, "__version__", "3.8.0")
     assert kk.fwd_alternatives() == kk.FWD_ALTERNATIVES
-    monkeypatch.setattr(triton, "__version__", "3.6.0")
-    got = kk.fwd_alternatives()
-    assert set(got) == set(kk.FWD_ALTERNATIVES)
-    assert {c: r for c, r in got.items() if r != kk.FWD_ALTERNATIVES[c]} == {
-        (128, 64, 4, 3, False, None, "tma", True): 2, (128, 64, 8, 3, True): 1}
+    fewer = {"3.6.0": {(128, 64, 4, 3, False, None, "tma", True): 2, (128, 64, 8, 3, True): 1},
+             "3.7.1": {(128, 64, 8, 3, True): 1}}
+    for version, expected in fewer.items():
+        monkeypatch.setattr(triton, "__version__", version)
+        got = kk.fwd_alternatives()
+        assert set(got) == set(kk.FWD_ALTERNATIVES)
+        assert {c: r for c, r in got.items() if r != kk.FWD_ALTERNATIVES[c]} == expected, version
 
 
 #: The uncapped candidates' sm_90 stack by Triton release where not 0 (3.6, the GPU image's: the
@@ -616,7 +619,7 @@ def test_knn_forward_alternatives_fit_their_residency():
     local-memory access in the loop that holds the MMAs (SASS), and at most 256 B per thread
     for the 60k benchmark's build (KP 8, no labels: 128 B under Triton 3.8, 120 B under 3.6; the
     capped one through descriptors keeps none under 3.6). The programs per SM are the running
-    Triton's (``kk.fwd_alternatives()``: two candidates fit fewer under 3.6).
+    Triton's (``kk.fwd_alternatives()``: two candidates fit fewer under 3.6, one under 3.7).
     Every candidate (and the entry) is compiled as that benchmark launches it: KP 8, no labels,
     the "tma" ones (seventh field) with tensor-descriptor loads (TMA copies in the PTX), with
     self pairs excluded and the default (lean) epilogue, and the ones with an eighth field True
