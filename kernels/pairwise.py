@@ -309,14 +309,16 @@ def launches() -> List[Launch]:
 # --------------------------------------------------------------------------- launchers
 def _forward(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """``d_ij = sqrt(max(|x_i|^2 + |y_j|^2 - 2 x_i . y_j, eps))`` (M x N float32; the GEMM form,
-    ``_pairwise_fwd_kernel``) from prepared rows; memory: the output and M + N squared norms."""
+    ``_pairwise_fwd_kernel``) from prepared rows; memory: the output and M + N squared norms (M
+    and one launch fewer when ``y`` is ``x``)."""
     M, D = x.shape
     N = y.shape[0]
     out = torch.empty(M, N, dtype=torch.float32, device=x.device)
     if M == 0 or N == 0:
         return out
     flags = dot_flags(x.dtype, device=x.device)
-    xn, yn = row_sqnorms(x, flags["INPUT_PRECISION"]), row_sqnorms(y, flags["INPUT_PRECISION"])
+    xn = row_sqnorms(x, flags["INPUT_PRECISION"])
+    yn = xn if y is x else row_sqnorms(y, flags["INPUT_PRECISION"])
     cfg = CONFIGS[family(x.dtype)]["fwd"]
     grid = (cdiv(M, cfg.blocks["BLOCK_M"]) * cdiv(N, cfg.blocks["BLOCK_N"]),)
     _pairwise_fwd_kernel[grid](

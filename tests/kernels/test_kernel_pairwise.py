@@ -214,6 +214,25 @@ def test_launches_cover_the_launcher():
     assert os.environ.get("TRITON_INTERPRET") or torch.cuda.is_available()
 
 
+def test_self_distance_computes_the_norms_once(monkeypatch):
+    """``pairwise_distance(x, x)`` launches one squared-norm kernel (two for distinct inputs), with
+    the same distances, bit for bit, as for a copy of ``x``, and the float64 reference's gradient."""
+    from daal_triton.kernels import _common
+
+    x = torch.randn(37, 129, device=DEV, requires_grad=True)
+    calls = spy_launches(monkeypatch, _common, ("_sqnorm_kernel",))
+    d_self = kp.pairwise_distance(x, x)
+    assert calls == ["_sqnorm_kernel"]
+    d_copy = kp.pairwise_distance(x, x.detach().clone())
+    assert calls == ["_sqnorm_kernel"] * 3
+    assert torch.equal(d_self, d_copy)
+    g = torch.randn_like(d_self)
+    (dx,) = torch.autograd.grad(d_self, x, g)
+    x64 = x.detach().double().requires_grad_()
+    (dx64,) = torch.autograd.grad(reference.pairwise_distance(x64, x64), x64, g.double())
+    assert_close(dx, dx64, 1e-3, "dX")
+
+
 def test_backward_h_formed_once(monkeypatch):
     """The backward reads g and d once (one H kernel launch) and runs two GEMM launches; H and
     the sums are of one rounding (bfloat16 H for bfloat16 inputs)."""
