@@ -37,7 +37,8 @@ Memory. Inputs of the compute dtype are read in place when each row is contiguou
 stride, any row stride, any width: the H200 runs timed rows padded to a multiple of 16 columns
 slower, ``_common.ALIGN_DEFAULT``); others are copied once (``DAAL_ALIGN_D=pad``: rows padded with
 zero columns to a multiple of 16, copied too when not 16-aligned: ``_common.ALIGN``). Forward: the M x N float32 output plus
-M + N float32 norms. Backward: ``H`` (M x N, 2 bytes per element for bfloat16 inputs, else 4)
+M + N float32 norms. Backward: ``H`` (M x N_PAD, N rounded up to 16 columns so that its loads are
+vector loads at any N; 2 bytes per element for bfloat16 inputs, else 4)
 and H's partial row and column sums, one per 64 x 64 tile (ceil(N / 64) x M + ceil(M / 64) x N
 float32: 2 M N / 64 floats, 1/32 of H's elements); it reads ``g`` and ``d`` once, in place (any
 strides), and writes dX (M x D) and dY (N x D) in the input dtype. All offsets into M x N and
@@ -78,6 +79,8 @@ from ._common import (
 
 # The value of d where the clamp binds, exactly as the forward epilogue rounds it (sqrt_rn).
 CLAMPED_DIST = float(torch.sqrt(torch.tensor(EPS, dtype=torch.float32)))
+# H's columns are stored in multiples of this (Triton specialises sizes divisible by 16).
+H_ALIGN = 16
 
 
 # --------------------------------------------------------------------------- kernels
@@ -130,19 +133,21 @@ def _pairwise_fwd_kernel(
 
 @triton.jit
 def _pairwise_h_kernel(
-    g_ptr, dist_ptr, h_ptr, hrow_ptr, hcol_ptr, M, N,
+    g_ptr, dist_ptr, h_ptr, hrow_ptr, hcol_ptr, M, N, N_PAD,
     stride_g_m, stride_g_n, stride_dist_m, stride_dist_n, stride_h_m, stride_hrow_s, stride_hcol_s,
     thr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROUND_TF32: tl.constexpr,
 ):
     """``H = g / d`` (0 where ``d <= thr``, the clamp) in ``h_ptr``'s dtype, formed once, and the
-    partial row and column sums of the stored (rounded) ``H`` per tile.
+    partial row and column sums of the stored (rounded) ``H`` per tile. ``H``'s columns ``N`` to
+    ``N_PAD`` are written as zeros (the GEMMs read them: see ``_pairwise_bwd_kernel``).
 
     Args:
         g_ptr, dist_ptr: the incoming gradient and the saved distances (float32, M x N, any strides).
-        h_ptr: the M x N output (the backward GEMMs' operand dtype), unit column stride.
+        h_ptr: the M x N_PAD output (the backward GEMMs' operand dtype), unit column stride.
         hrow_ptr: (N / BLOCK_N) x M float32 partial row sums (one row per column tile).
         hcol_ptr: (M / BLOCK_M) x N float32 partial column sums (one row per row tile).
-        M, N: sizes. stride_g_m, stride_g_n, stride_dist_m, stride_dist_n: strides of g and dist.
+        M, N: sizes. N_PAD: H's stored columns (N rounded up to a multiple of 16, <= the tiles' columns).
+        stride_g_m, stride_g_n, stride_dist_m, stride_dist_n: strides of g and dist.
         stride_h_m: row stride of h. stride_hrow_s, stride_hcol_s: row strides of hrow, hcol.
         thr: the clamped distance (``sqrt_rn(eps)``).
         BLOCK_M, BLOCK_N: tile. ROUND_TF32: round H to TF32 (the values a single-pass TF32 dot sees).
@@ -163,7 +168,8 @@ def _pairwise_h_kernel(
                 mask=m2, other=1.0)
     h = tl.where(m2 & ~(d <= thr), g.to(tl.float32) / d, 0.0)  # a NaN d keeps its NaN
     h = _round_tf32(h, ROUND_TF32).to(h_ptr.dtype.element_ty)
-    tl.store(h_ptr + rows64[:, None] * stride_h_m + cols64[None, :], h, mask=m2)
+    tl.store(h_ptr + rows64[:, None] * stride_h_m + cols64[None, :], h,
+             mask=rmask[:, None] & (cols < N_PAD)[None, :])  # h is 0 past N
     hf = h.to(tl.float32)
     tl.store(hrow_ptr + pid_n.to(tl.int64) * stride_hrow_s + rows64, tl.sum(hf, axis=1), mask=rmask)
     tl.store(hcol_ptr + pid_m.to(tl.int64) * stride_hcol_s + cols64, tl.sum(hf, axis=0), mask=cmask)
@@ -171,7 +177,7 @@ def _pairwise_h_kernel(
 
 @triton.jit
 def _pairwise_bwd_kernel(
-    h_ptr, hsum_ptr, a_ptr, b_ptr, da_ptr, R, C, D, stride_h_m, stride_a_r, stride_b_c, stride_da_r,
+    h_ptr, hsum_ptr, a_ptr, b_ptr, da_ptr, R, C, D, N_PAD, stride_h_m, stride_a_r, stride_b_c, stride_da_r,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, TRANS_H: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, ROUND_TF32: tl.constexpr,
 ):
@@ -180,13 +186,17 @@ def _pairwise_bwd_kernel(
 
     Program (r-block, d-block) computes one BLOCK_R x BLOCK_D tile of dA, streaming over C in
     BLOCK_C steps. ``TRANS_H``: read ``H`` (stored M x N) transposed, i.e. rows r are H's columns
-    (dY = diag(colsum H) Y - H^T X).
+    (dY = diag(colsum H) Y - H^T X). ``H`` is stored ``N_PAD`` (a multiple of 16) columns wide,
+    zeros past N, and its loads are masked at ``N_PAD`` along its unit-stride axis (the true size
+    masks ``B`` and the output): a mask at N, no multiple of 16 in general (M = N = 1,000), would
+    make those loads scalar and, for 16-bit H, synchronous (sm_90 SASS: LDG.E.U16 against
+    LDGSTS.128; tests/kernels/test_kernel_pairwise.py).
 
     Args:
         h_ptr: H, M x N, unit column stride (the dot's operand dtype). hsum_ptr: its R row sums
             (column sums with TRANS_H), float32.
         a_ptr, b_ptr: R x D and C x D inputs, unit column stride. da_ptr: the R x D output (a's dtype).
-        R, C, D: sizes. stride_h_m: row stride of H.
+        R, C, D: sizes. N_PAD: H's stored columns (see above). stride_h_m: row stride of H.
         stride_a_r, stride_b_c, stride_da_r: row strides of a, b, da.
         BLOCK_R, BLOCK_C: tile of H. BLOCK_D: columns of the dA tile. TRANS_H: see above.
         INPUT_PRECISION: ``tl.dot``'s input precision. ROUND_TF32: round float32 operands to TF32.
@@ -205,9 +215,11 @@ def _pairwise_bwd_kernel(
         cols64 = cols.to(tl.int64)
         if TRANS_H:
             hp = h_ptr + cols64[None, :] * stride_h_m + rows64[:, None]
+            hmask = (rows < N_PAD)[:, None] & cmask[None, :]
         else:
             hp = h_ptr + rows64[:, None] * stride_h_m + cols64[None, :]
-        h = tl.load(hp, mask=rmask[:, None] & cmask[None, :], other=0.0)
+            hmask = rmask[:, None] & (cols < N_PAD)[None, :]
+        h = tl.load(hp, mask=hmask, other=0.0)
         b = tl.load(b_ptr + cols64[:, None] * stride_b_c + dd[None, :],
                     mask=cmask[:, None] & dmask[None, :], other=0.0).to(h.dtype)
         h = _round_tf32(h, ROUND_TF32)
@@ -228,10 +240,11 @@ def h_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
 
 
-_BWD_SIG = ("h_ptr: *h; hsum_ptr: *fp32; a_ptr b_ptr da_ptr: *x; R C D: i32; "
+_BWD_SIG = ("h_ptr: *h; hsum_ptr: *fp32; a_ptr b_ptr da_ptr: *x; R C D N_PAD: i32; "
             "stride_h_m stride_a_r stride_b_c stride_da_r: i64")
-_BWD_SPEC = KernelSpec(_pairwise_bwd_kernel, _BWD_SIG, rows=("stride_a_r", "stride_b_c", "stride_da_r"),
-                       other=("stride_h_m",), h_dtype=h_dtype)
+# N_PAD and H's row stride are multiples of 16 at every launch (_form_h): "rows" to the build tests
+_BWD_SPEC = KernelSpec(_pairwise_bwd_kernel, _BWD_SIG,
+                       rows=("stride_a_r", "stride_b_c", "stride_da_r", "N_PAD", "stride_h_m"), h_dtype=h_dtype)
 KERNELS: Dict[str, KernelSpec] = {
     "fwd": KernelSpec(
         _pairwise_fwd_kernel,
@@ -240,11 +253,11 @@ KERNELS: Dict[str, KernelSpec] = {
         rows=("stride_x_m", "stride_y_n"), other=("stride_out_m",)),
     "h": KernelSpec(
         _pairwise_h_kernel,
-        "g_ptr dist_ptr: *fp32; h_ptr: *h; hrow_ptr hcol_ptr: *fp32; M N: i32; "
+        "g_ptr dist_ptr: *fp32; h_ptr: *h; hrow_ptr hcol_ptr: *fp32; M N N_PAD: i32; "
         "stride_g_m stride_g_n stride_dist_m stride_dist_n stride_h_m stride_hrow_s "
         "stride_hcol_s: i64; thr: fp32",
-        unit=("stride_g_n", "stride_dist_n"),
-        other=("stride_g_m", "stride_dist_m", "stride_h_m", "stride_hrow_s", "stride_hcol_s"),
+        unit=("stride_g_n", "stride_dist_n"), rows=("N_PAD", "stride_h_m"),
+        other=("stride_g_m", "stride_dist_m", "stride_hrow_s", "stride_hcol_s"),
         gemm=False, h_dtype=h_dtype),
     "bwd": _BWD_SPEC,
     "sqnorm": SQNORM,
@@ -328,16 +341,18 @@ def _forward(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def _form_h(g: torch.Tensor, dist: torch.Tensor, dtype: torch.dtype, round_tf32: bool):
-    """``(H, rowsum H, colsum H)``: H = g / dist (0 at the clamp) in ``h_dtype(dtype)``."""
+    """``(H, rowsum H, colsum H)``: H = g / dist (0 at the clamp) in ``h_dtype(dtype)``, stored
+    ``H_ALIGN``-aligned: ``H`` is M x N_PAD (N rounded up to ``H_ALIGN`` columns, zeros past N), so
+    the GEMMs' loads of it are vector loads at any N (``_pairwise_bwd_kernel``)."""
     M, N = dist.shape
-    h = torch.empty(M, N, dtype=h_dtype(dtype), device=dist.device)
+    h = torch.empty(M, cdiv(N, H_ALIGN) * H_ALIGN, dtype=h_dtype(dtype), device=dist.device)
     cfg = CONFIGS[family(dtype)]["h"]
     bm, bn = cfg.blocks["BLOCK_M"], cfg.blocks["BLOCK_N"]
     tm, tn = cdiv(M, bm), cdiv(N, bn)
     hrow = torch.empty(tn, M, dtype=torch.float32, device=dist.device)
     hcol = torch.empty(tm, N, dtype=torch.float32, device=dist.device)
     _pairwise_h_kernel[(tm * tn,)](
-        g, dist, h, hrow, hcol, M, N, g.stride(0), g.stride(1), dist.stride(0), dist.stride(1),
+        g, dist, h, hrow, hcol, M, N, h.shape[1], g.stride(0), g.stride(1), dist.stride(0), dist.stride(1),
         h.stride(0), hrow.stride(0), hcol.stride(0), CLAMPED_DIST, ROUND_TF32=round_tf32,
         **cfg.launch())
     return h, hrow.sum(0), hcol.sum(0)
@@ -356,7 +371,7 @@ def _backward_gemm(h: torch.Tensor, hsum: torch.Tensor, a: torch.Tensor, b: torc
     cfg = CONFIGS[family(a.dtype)]["bwd_dy" if transpose else "bwd_dx"]
     grid = (cdiv(R, cfg.blocks["BLOCK_R"]), cdiv(D, cfg.block_d_for(D)))
     _pairwise_bwd_kernel[grid](
-        h, hsum, a, b, da, R, C, D, h.stride(0), a.stride(0), b.stride(0), da.stride(0),
+        h, hsum, a, b, da, R, C, D, h.shape[1], h.stride(0), a.stride(0), b.stride(0), da.stride(0),
         TRANS_H=transpose, **flags, **cfg.launch(D))
     return da
 

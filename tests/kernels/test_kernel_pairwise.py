@@ -195,6 +195,31 @@ def test_pairwise_hot_path_does_not_spill(compiled):
     compiler_fact(not over, f"local memory (bytes per thread) on the hot path: {over}")
 
 
+@pytest.mark.build
+def test_pairwise_backward_loads_are_vector_loads(compiled):
+    """sm_90 builds as a launch at M = N = 1,000 specialises them (D = 512; M and N no multiple of
+    16; ``N_PAD``, H's row stride, the pointers multiples of 16: the "aligned" builds): the
+    backward GEMMs copy H and the rows into shared memory 16 bytes at a time (``cp.async.cg``; no
+    ``cp.async.ca``, which copies 4 or 8 bytes, no synchronous 16-bit global load), and the H
+    kernel stores H in vectors, never 16-bit scalars. Masked at N instead, H's loads were scalar:
+    16 synchronous ``ld.global.b16`` per thread and K-step for bfloat16 H, 48 4-byte copies
+    (``cp.async.ca``) for float32 (kernels/pairwise.py, ``_pairwise_bwd_kernel``)."""
+    import re
+
+    builds = [(c[0], r) for c, r in compiled if c[1] == 90 and c[2] == "aligned" and c[0].entry in ("bwd_dx", "bwd_dy", "h")]
+    assert {la.entry for la, _ in builds} == {"bwd_dx", "bwd_dy", "h"}
+    for la, res in builds:
+        ptx = res["ptx"]
+        if la.entry == "h":
+            stores = re.findall(r"\bst\.global(?:\.\w+)*", ptx)
+            compiler_fact("st.global.b16" not in stores and any(".v" in st for st in stores),
+                          f"{la.name}: H stored as {sorted(set(stores))}")
+        else:
+            scalar = re.findall(r"\bcp\.async\.ca\.\S+|\bld\.global(?:\.\w+)*\.[bu]16\b", ptx)
+            assert "cp.async.cg" in ptx, la.name
+            compiler_fact(not scalar, f"{la.name}: scalar loads in the backward GEMM: {sorted(set(scalar))}")
+
+
 def test_launches_cover_the_launcher():
     """Every configuration the launcher picks on a GPU is one the compile tests build."""
     names = {la.name for la in kp.launches()}
@@ -243,6 +268,36 @@ def test_backward_h_formed_once(monkeypatch):
     assert calls == ["_pairwise_h_kernel", "_pairwise_bwd_kernel", "_pairwise_bwd_kernel"]
     assert kp.h_dtype(torch.bfloat16) == torch.bfloat16
     assert kp.h_dtype(torch.float16) == kp.h_dtype(torch.float32) == torch.float32
+
+
+def test_backward_h_is_stored_16_wide_with_zeros_past_n(monkeypatch):
+    """At N = 37 (no multiple of 16) ``H`` is stored 48 columns wide, its columns past N zero, and
+    the GEMMs read it masked at 48 (vector loads: test_pairwise_backward_loads_are_vector_loads):
+    every new float tensor starts as NaN here, so a pad column left unwritten by the H kernel would
+    make dX NaN (NaN x the masked row of Y), and a GEMM reading past 48 columns or a store past N
+    would show in the gradients against the float64 reference."""
+    formed = []
+    form_h = kp._form_h
+
+    def spy(*args, **kwargs):
+        out = form_h(*args, **kwargs)
+        formed.append(out[0])
+        return out
+
+    empty = torch.empty
+
+    def poisoned(*args, **kwargs):
+        t = empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(kp, "_form_h", spy)
+    monkeypatch.setattr(torch, "empty", poisoned)
+    x = torch.randn(29, 21, device=DEV)
+    y = torch.randn(37, 21, device=DEV)
+    _check(x, y, tol=tolerance(torch.float32, tf32=DEV == "cuda"))
+    (h,) = formed
+    assert h.shape == (29, 48) and h.stride(0) % kp.H_ALIGN == 0
+    assert torch.isfinite(h).all() and h[:, 37:].abs().max().item() == 0.0
 
 
 @pytest.mark.interpreter  # registrations: the CPU's to check; GPU time goes to the kernels
