@@ -16,9 +16,12 @@ and the tolerance can then be exceeded: seeds 0-7 (150 cases each, 2026-12-01) f
 all at D = 1 with a sample at distance 0 from another class's segment (8 float32, 1 bfloat16);
 none at D >= 3.
 
+A failing case with a sample closer than ``NEAR`` (1e-3, in float64 by direct differences) to
+another class's segment is marked expected; the others (and any crash) are defects.
+
 usage: TRITON_INTERPRET=1 python scripts/fuzz_parity.py [--seed 0] [--cases 100]
 (on a CPU the Triton kernels run in the interpreter: ~1 s per case). Exit status 1 if any case
-failed; each failure is printed with its configuration.
+failed that is not expected; each failure is printed with its configuration.
 """
 from __future__ import annotations
 
@@ -106,6 +109,30 @@ def run_case(case: Dict, torch, daal_triton, *, tol: Optional[float] = None,
     return failures
 
 
+#: A point closer than this to another class's segment is where the GEMM form of ``delta_ic``
+#: loses float32 digits (docs/method.md, "Numerics"): a failure there is the documented deviation.
+NEAR = 1e-3
+
+
+def nearest_negative_segment(case: Dict, torch) -> float:
+    """The smallest distance, in float64, from a sample (normalised as the loss normalises it) to
+    the segment of a class other than its own: below :data:`NEAR` a failure of the case is the
+    documented deviation of the GEMM form, otherwise a defect."""
+    from daal_triton import reference
+
+    x = case["emb"].to(case["dtype"]).double()
+    x = reference.daal.normalize_rows(x) if case["hp"]["normalize"] else x
+    seg = case["seg"].to(case["seg_dtype"]).double()
+    p, q = seg[:, 0], seg[:, 1]
+    u = q - p
+    # direct differences, never the GEMM form whose digits are in question
+    t = (((x[:, None] - p[None]) * u[None]).sum(-1) / (u * u).sum(-1).clamp_min(1e-300)).clamp(0, 1)
+    delta = (x[:, None] - p[None] - t[..., None] * u[None]).norm(dim=-1)
+    own = torch.nn.functional.one_hot(case["labels"], case["C"]).bool()
+    delta = delta.masked_fill(own, float("inf"))
+    return float(delta.min()) if delta.numel() else float("inf")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seed", type=int, default=0)
@@ -120,20 +147,26 @@ def main(argv=None) -> int:
     import torch
     import daal_triton
 
-    failed = 0
+    failed = expected = 0
     for i in range(a.cases):
         case = case_of(a.seed, i, torch)
+        crashed = False
         try:
             failures = run_case(case, torch, daal_triton)
         except Exception as exc:  # a crash is a failure of the case, reported with it
-            failures = [f"{type(exc).__name__}: {str(exc)[:200]}"]
+            failures, crashed = [f"{type(exc).__name__}: {str(exc)[:200]}"], True
         if failures:
             failed += 1
+            near = nearest_negative_segment(case, torch)
+            why = ""
+            if near < NEAR and not crashed:  # a crash is a defect wherever the points lie
+                expected += 1
+                why = f"  [expected: a sample {near:.2g} from another class's segment, docs/method.md \"Numerics\"]"
             desc = {k: (str(v) if k in ("dtype", "seg_dtype") else v) for k, v in case.items()
                     if k in ("B", "C", "D", "dtype", "seg_dtype", "hp")}
-            print(f"case {i}: {'; '.join(failures)}  {desc}  bank={case['bank'] is not None}")
-    print(f"{a.cases} cases (seed {a.seed}), {failed} failed")
-    return 1 if failed else 0
+            print(f"case {i}: {'; '.join(failures)}  {desc}  bank={case['bank'] is not None}{why}")
+    print(f"{a.cases} cases (seed {a.seed}), {failed} failed ({expected} expected, {failed - expected} not)")
+    return 1 if failed > expected else 0
 
 
 if __name__ == "__main__":
