@@ -242,9 +242,9 @@ def h_dtype(dtype: torch.dtype) -> torch.dtype:
 
 _BWD_SIG = ("h_ptr: *h; hsum_ptr: *fp32; a_ptr b_ptr da_ptr: *x; R C D N_PAD: i32; "
             "stride_h_m stride_a_r stride_b_c stride_da_r: i64")
-# N_PAD and H's row stride are multiples of 16 at every launch (_form_h): "rows" to the build tests
-_BWD_SPEC = KernelSpec(_pairwise_bwd_kernel, _BWD_SIG,
-                       rows=("stride_a_r", "stride_b_c", "stride_da_r", "N_PAD", "stride_h_m"), h_dtype=h_dtype)
+# N_PAD and H's row stride are multiples of 16 at every launch (_form_h)
+_BWD_SPEC = KernelSpec(_pairwise_bwd_kernel, _BWD_SIG, rows=("stride_a_r", "stride_b_c", "stride_da_r", "stride_h_m"),
+                       padded=("N_PAD",), h_dtype=h_dtype)
 KERNELS: Dict[str, KernelSpec] = {
     "fwd": KernelSpec(
         _pairwise_fwd_kernel,
@@ -256,7 +256,7 @@ KERNELS: Dict[str, KernelSpec] = {
         "g_ptr dist_ptr: *fp32; h_ptr: *h; hrow_ptr hcol_ptr: *fp32; M N N_PAD: i32; "
         "stride_g_m stride_g_n stride_dist_m stride_dist_n stride_h_m stride_hrow_s "
         "stride_hcol_s: i64; thr: fp32",
-        unit=("stride_g_n", "stride_dist_n"), rows=("N_PAD", "stride_h_m"),
+        unit=("stride_g_n", "stride_dist_n"), rows=("stride_h_m",), padded=("N_PAD",),
         other=("stride_g_m", "stride_dist_m", "stride_hrow_s", "stride_hcol_s"),
         gemm=False, h_dtype=h_dtype),
     "bwd": _BWD_SPEC,
