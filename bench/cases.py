@@ -106,6 +106,10 @@ SHAPES: Dict[str, Dict[str, dict]] = {
         "bank": dict(M=1024, N=65536, D=512),
         # a width that is no multiple of 16: rows read unpadded (DAAL_ALIGN_D=pad: 144 columns)
         "large_d129": dict(M=4096, N=4096, D=129),
+        # sizes that are no multiple of 16 (4,104 = 16 x 256 + 8): the backward's H stored 16 columns
+        # wide, so its GEMM loads stay vector loads (kernels/pairwise.py); beside "large", the
+        # odd size's cost in one run (the work grows by (4,104 / 4,096)^2 = 1.004)
+        "large_odd": dict(M=4104, N=4104, D=512),
     },
     "knn": {
         "dml": dict(M=180, N=180, D=512, k=3, labels=100, self=True, grad=True),
@@ -384,6 +388,7 @@ CHECK: Dict[Tuple[str, str], List[dict]] = {
     ("knn", "bank_d129"): [dict(dtypes=("bf16",), providers=("triton", "triton_unaligned", "chunked"),
                                 passes=("fwd", "fwdbwd"))],
     ("pairwise", "large_d129"): [dict(dtypes=("bf16",), providers=("triton",), passes=("fwdbwd",))],
+    ("pairwise", "large_odd"): [dict(dtypes=("bf16",), providers=("triton",), passes=("bwd",))],
     ("line_margin", "dml"): [dict(dtypes=("bf16",), providers=("triton", "eager")),
                              dict(dtypes=("bf16",), providers=("triton_xu_difference",), passes=("fwdbwd",))],
     ("line_margin", "large"): [dict(dtypes=("bf16",), providers=("triton", "eager"), passes=("fwdbwd",))],

@@ -38,7 +38,7 @@ OP_TITLES = {
     "line_margin": "Line margin (fused, steps 5-6)",
     "loss": "Whole DAALLoss",
 }
-SHAPE_ORDER = ("tiny", "dml", "large", "bank", "bank_d129", "large_d129", "classes11k", "classes100k", "classes1m",
+SHAPE_ORDER = ("tiny", "dml", "large", "bank", "bank_d129", "large_d129", "large_odd", "classes11k", "classes100k", "classes1m",
                "eval60k")
 PROVIDER_TITLES = {"triton": "Triton", "eager": "eager", "compile": "compile", "chunked": "chunked",
                    "triton_v1": "Triton v1", "triton_aten_glue": "Triton, PyTorch glue",
@@ -899,7 +899,8 @@ Each case is (shape, precision, provider, pass):
 - shapes: DML batch (B=180, C=100, D=512), large batch (B=4096, C=1000), many classes
   (B=1024, C=11,318 and C=100,000; the line margin alone also at B=4096, C=1,000,000, `classes1m`),
   kNN evaluation (60,000 × 60,000, k=8), memory bank
-  (1,024 queries × 65,536 references), all with D=512; the same memory bank and the large pairwise at D=129 (`bank_d129`, `large_d129`).
+  (1,024 queries × 65,536 references), all with D=512; the same memory bank and the large pairwise at D=129 (`bank_d129`, `large_d129`); the large pairwise's backward at
+  M = N = 4,104, no multiple of 16 (`large_odd`).
 
 Measured per case: the median time of rounds each bracketed by `torch.cuda.synchronize`, the
 peak extra memory (`torch.cuda.max_memory_allocated` after `reset_peak_memory_stats`, above what

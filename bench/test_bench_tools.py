@@ -89,6 +89,10 @@ def test_check_profile_runs_the_targets_comparisons_first():
     # the pairwise distance's odd width: its default alone since the runs decided (no switch)
     assert {(c.op, c.shape, c.provider) for c in light if c.shape == "large_d129"} == {("pairwise", "large_d129", "triton")}
     assert all(bc.order_key(c)[1] == 6 for c in light if c.shape == "large_d129")
+    # the pairwise backward at a size no multiple of 16 (H stored 16 wide): with everything else
+    assert {(c.op, c.shape, c.dtype, c.pass_, c.provider) for c in light if c.shape == "large_odd"} == {
+        ("pairwise", "large_odd", "bf16", "bwd", "triton")}
+    assert all(bc.order_key(c)[1] == 6 for c in light if c.shape == "large_odd")
     assert all(not bc.order_key(c)[0] for c in light) and all(bc.order_key(c)[0] for c in every[len(light):])
 
 
