@@ -187,13 +187,13 @@ def _pairwise_bwd_kernel(
     Program (r-block, d-block) computes one BLOCK_R x BLOCK_D tile of dA, streaming over C in
     BLOCK_C steps. ``TRANS_H``: read ``H`` (stored M x N) transposed, i.e. rows r are H's columns
     (dY = diag(colsum H) Y - H^T X). ``H`` is stored ``N_PAD`` (a multiple of 16) columns wide,
-    zeros past N, and its loads are masked at ``N_PAD`` along its unit-stride axis (the true size
-    masks ``B`` and the output): a mask at N, no multiple of 16 in general (M = N = 1,000), would
+    zeros past N, and its loads are masked at ``N_PAD`` along its unit-stride axis (the true sizes
+    mask ``b`` and the output): a mask at N, no multiple of 16 in general (M = N = 1,000), would
     make those loads scalar and, for 16-bit H, synchronous (sm_90 SASS: LDG.E.U16 against
     LDGSTS.128; tests/kernels/test_kernel_pairwise.py).
 
     Args:
-        h_ptr: H, M x N, unit column stride (the dot's operand dtype). hsum_ptr: its R row sums
+        h_ptr: H, M x N_PAD, unit column stride (the dot's operand dtype). hsum_ptr: its R row sums
             (column sums with TRANS_H), float32.
         a_ptr, b_ptr: R x D and C x D inputs, unit column stride. da_ptr: the R x D output (a's dtype).
         R, C, D: sizes. N_PAD: H's stored columns (see above). stride_h_m: row stride of H.
@@ -295,6 +295,8 @@ CONFIGS: Dict[str, Dict[str, KernelConfig]] = {
 }
 for _fam in CONFIGS.values():
     _fam["bwd_dy"] = _fam["bwd_dx"]
+    # the H kernel's column tiles cover N_PAD (it writes the pad columns' zeros)
+    assert _fam["h"].blocks["BLOCK_N"] % H_ALIGN == 0
 _SPEC_OF = {"fwd": KERNELS["fwd"], "h": KERNELS["h"], "bwd_dx": _BWD_SPEC, "bwd_dy": _BWD_SPEC,
             "sqnorm": SQNORM}
 
