@@ -7,9 +7,8 @@ The configuration model (docs/kernels.md, "Launch configurations")
 * :class:`KernelSpec` describes one ``@triton.jit`` kernel: the Triton type of each runtime
   argument, whether its hot loop is a tensor-core dot, and how each stride argument looks on the
   hot path (a contiguous launch with ``D % 16 == 0``): ``unit`` (a last-dimension stride, equal
-  to 1), ``rows`` (the row stride of a D-wide tensor, or of one its launcher pads, divisible by
-  16) or ``other`` (depends on other sizes); ``padded``: size arguments a multiple of 16 at every
-  launch (a launcher's padded width). Each op module declares the spec of each kernel next to the kernel.
+  to 1), ``rows`` (the row stride of a D-wide tensor, divisible by 16) or ``other`` (depends on
+  other sizes). Each op module declares the spec of each kernel next to the kernel.
 * :class:`KernelConfig` is one launch configuration: tile sizes (``BLOCK_*``, ``GROUP_M``),
   ``num_warps``, ``num_stages`` and the range of the D-chunk ``BLOCK_D``.
 * Each op module holds ``CONFIGS[family][entry]``: the configurations its launchers pick from,
@@ -388,8 +387,7 @@ class KernelSpec:
     ``desc[BLOCK_M]`` for a tensor descriptor of the input dtype, block ``BLOCK_M x BLOCK_D``,
     present only in launches with ``TMA = True`` (otherwise the argument is the constant None:
     :meth:`Launch.constexprs`). ``unit`` /
-    ``rows`` / ``other``: its stride arguments on the hot path, ``padded``: its sizes that are
-    multiples of 16 at every launch (see the module docstring).
+    ``rows`` / ``other``: its stride arguments on the hot path (see the module docstring).
     ``gemm``: whether its hot loop is a tensor-core dot."""
 
     kernel: Any
@@ -397,7 +395,6 @@ class KernelSpec:
     unit: Tuple[str, ...] = ()
     rows: Tuple[str, ...] = ()
     other: Tuple[str, ...] = ()
-    padded: Tuple[str, ...] = ()
     gemm: bool = True
     h_dtype: Any = None
     signature: Dict[str, str] = field(init=False, compare=False)

@@ -133,22 +133,23 @@ def _pairwise_fwd_kernel(
 
 @triton.jit
 def _pairwise_h_kernel(
-    g_ptr, dist_ptr, h_ptr, hrow_ptr, hcol_ptr, M, N, N_PAD,
+    g_ptr, dist_ptr, h_ptr, hrow_ptr, hcol_ptr, M, N,
     stride_g_m, stride_g_n, stride_dist_m, stride_dist_n, stride_h_m, stride_hrow_s, stride_hcol_s,
     thr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROUND_TF32: tl.constexpr,
 ):
     """``H = g / d`` (0 where ``d <= thr``, the clamp) in ``h_ptr``'s dtype, formed once, and the
-    partial row and column sums of the stored (rounded) ``H`` per tile. ``H``'s columns ``N`` to
-    ``N_PAD`` are written as zeros (the GEMMs read them: see ``_pairwise_bwd_kernel``).
+    partial row and column sums of the stored (rounded) ``H`` per tile. ``H`` is stored
+    ``stride_h_m`` columns wide (N rounded up to 16, ``_form_h``): its columns past N are written as
+    zeros (the GEMMs read them: see ``_pairwise_bwd_kernel``).
 
     Args:
         g_ptr, dist_ptr: the incoming gradient and the saved distances (float32, M x N, any strides).
-        h_ptr: the M x N_PAD output (the backward GEMMs' operand dtype), unit column stride.
+        h_ptr: the M x stride_h_m output (the backward GEMMs' operand dtype), contiguous.
         hrow_ptr: (N / BLOCK_N) x M float32 partial row sums (one row per column tile).
         hcol_ptr: (M / BLOCK_M) x N float32 partial column sums (one row per row tile).
-        M, N: sizes. N_PAD: H's stored columns (N rounded up to a multiple of 16, <= the tiles' columns).
-        stride_g_m, stride_g_n, stride_dist_m, stride_dist_n: strides of g and dist.
-        stride_h_m: row stride of h. stride_hrow_s, stride_hcol_s: row strides of hrow, hcol.
+        M, N: sizes. stride_g_m, stride_g_n, stride_dist_m, stride_dist_n: strides of g and dist.
+        stride_h_m: row stride of h, its stored width (a multiple of 16, <= the tiles' columns).
+        stride_hrow_s, stride_hcol_s: row strides of hrow, hcol.
         thr: the clamped distance (``sqrt_rn(eps)``).
         BLOCK_M, BLOCK_N: tile. ROUND_TF32: round H to TF32 (the values a single-pass TF32 dot sees).
     """
@@ -169,7 +170,7 @@ def _pairwise_h_kernel(
     h = tl.where(m2 & ~(d <= thr), g.to(tl.float32) / d, 0.0)  # a NaN d keeps its NaN
     h = _round_tf32(h, ROUND_TF32).to(h_ptr.dtype.element_ty)
     tl.store(h_ptr + rows64[:, None] * stride_h_m + cols64[None, :], h,
-             mask=rmask[:, None] & (cols < N_PAD)[None, :])  # h is 0 past N
+             mask=rmask[:, None] & (cols < stride_h_m)[None, :])  # h is 0 past N
     hf = h.to(tl.float32)
     tl.store(hrow_ptr + pid_n.to(tl.int64) * stride_hrow_s + rows64, tl.sum(hf, axis=1), mask=rmask)
     tl.store(hcol_ptr + pid_m.to(tl.int64) * stride_hcol_s + cols64, tl.sum(hf, axis=0), mask=cmask)
@@ -177,7 +178,7 @@ def _pairwise_h_kernel(
 
 @triton.jit
 def _pairwise_bwd_kernel(
-    h_ptr, hsum_ptr, a_ptr, b_ptr, da_ptr, R, C, D, N_PAD, stride_h_m, stride_a_r, stride_b_c, stride_da_r,
+    h_ptr, hsum_ptr, a_ptr, b_ptr, da_ptr, R, C, D, stride_h_m, stride_a_r, stride_b_c, stride_da_r,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, TRANS_H: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, ROUND_TF32: tl.constexpr,
 ):
@@ -186,17 +187,17 @@ def _pairwise_bwd_kernel(
 
     Program (r-block, d-block) computes one BLOCK_R x BLOCK_D tile of dA, streaming over C in
     BLOCK_C steps. ``TRANS_H``: read ``H`` (stored M x N) transposed, i.e. rows r are H's columns
-    (dY = diag(colsum H) Y - H^T X). ``H`` is stored ``N_PAD`` (a multiple of 16) columns wide,
-    zeros past N, and its loads are masked at ``N_PAD`` along its unit-stride axis (the true sizes
-    mask ``b`` and the output): a mask at N, no multiple of 16 in general (M = N = 1,000), would
+    (dY = diag(colsum H) Y - H^T X). ``H`` is stored contiguous, ``stride_h_m`` (a multiple of 16)
+    columns wide, zeros past N, and its loads are masked at ``stride_h_m`` along its unit-stride
+    axis (the true sizes mask ``b`` and the output): a mask at N, no multiple of 16 in general (M = N = 1,000), would
     make those loads scalar and, for 16-bit H, synchronous (sm_90 SASS: LDG.E.U16 against
     LDGSTS.128; tests/kernels/test_kernel_pairwise.py).
 
     Args:
-        h_ptr: H, M x N_PAD, unit column stride (the dot's operand dtype). hsum_ptr: its R row sums
+        h_ptr: H, M x stride_h_m, contiguous (the dot's operand dtype). hsum_ptr: its R row sums
             (column sums with TRANS_H), float32.
         a_ptr, b_ptr: R x D and C x D inputs, unit column stride. da_ptr: the R x D output (a's dtype).
-        R, C, D: sizes. N_PAD: H's stored columns (see above). stride_h_m: row stride of H.
+        R, C, D: sizes. stride_h_m: row stride of H, its stored width (see above).
         stride_a_r, stride_b_c, stride_da_r: row strides of a, b, da.
         BLOCK_R, BLOCK_C: tile of H. BLOCK_D: columns of the dA tile. TRANS_H: see above.
         INPUT_PRECISION: ``tl.dot``'s input precision. ROUND_TF32: round float32 operands to TF32.
@@ -215,10 +216,10 @@ def _pairwise_bwd_kernel(
         cols64 = cols.to(tl.int64)
         if TRANS_H:
             hp = h_ptr + cols64[None, :] * stride_h_m + rows64[:, None]
-            hmask = (rows < N_PAD)[:, None] & cmask[None, :]
+            hmask = (rows < stride_h_m)[:, None] & cmask[None, :]
         else:
             hp = h_ptr + rows64[:, None] * stride_h_m + cols64[None, :]
-            hmask = rmask[:, None] & (cols < N_PAD)[None, :]
+            hmask = rmask[:, None] & (cols < stride_h_m)[None, :]
         h = tl.load(hp, mask=hmask, other=0.0)
         b = tl.load(b_ptr + cols64[:, None] * stride_b_c + dd[None, :],
                     mask=cmask[:, None] & dmask[None, :], other=0.0).to(h.dtype)
@@ -240,11 +241,11 @@ def h_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
 
 
-_BWD_SIG = ("h_ptr: *h; hsum_ptr: *fp32; a_ptr b_ptr da_ptr: *x; R C D N_PAD: i32; "
+_BWD_SIG = ("h_ptr: *h; hsum_ptr: *fp32; a_ptr b_ptr da_ptr: *x; R C D: i32; "
             "stride_h_m stride_a_r stride_b_c stride_da_r: i64")
-# N_PAD and H's row stride are multiples of 16 at every launch (_form_h)
+# H's row stride, its stored width, is a multiple of 16 at every launch (_form_h)
 _BWD_SPEC = KernelSpec(_pairwise_bwd_kernel, _BWD_SIG, rows=("stride_a_r", "stride_b_c", "stride_da_r", "stride_h_m"),
-                       padded=("N_PAD",), h_dtype=h_dtype)
+                       h_dtype=h_dtype)
 KERNELS: Dict[str, KernelSpec] = {
     "fwd": KernelSpec(
         _pairwise_fwd_kernel,
@@ -253,10 +254,10 @@ KERNELS: Dict[str, KernelSpec] = {
         rows=("stride_x_m", "stride_y_n"), other=("stride_out_m",)),
     "h": KernelSpec(
         _pairwise_h_kernel,
-        "g_ptr dist_ptr: *fp32; h_ptr: *h; hrow_ptr hcol_ptr: *fp32; M N N_PAD: i32; "
+        "g_ptr dist_ptr: *fp32; h_ptr: *h; hrow_ptr hcol_ptr: *fp32; M N: i32; "
         "stride_g_m stride_g_n stride_dist_m stride_dist_n stride_h_m stride_hrow_s "
         "stride_hcol_s: i64; thr: fp32",
-        unit=("stride_g_n", "stride_dist_n"), rows=("stride_h_m",), padded=("N_PAD",),
+        unit=("stride_g_n", "stride_dist_n"), rows=("stride_h_m",),
         other=("stride_g_m", "stride_dist_m", "stride_hrow_s", "stride_hcol_s"),
         gemm=False, h_dtype=h_dtype),
     "bwd": _BWD_SPEC,
@@ -295,7 +296,7 @@ CONFIGS: Dict[str, Dict[str, KernelConfig]] = {
 }
 for _fam in CONFIGS.values():
     _fam["bwd_dy"] = _fam["bwd_dx"]
-    # the H kernel's column tiles cover N_PAD (it writes the pad columns' zeros)
+    # the H kernel's column tiles cover H's stored width (it writes the pad columns' zeros)
     assert _fam["h"].blocks["BLOCK_N"] % H_ALIGN == 0
 _SPEC_OF = {"fwd": KERNELS["fwd"], "h": KERNELS["h"], "bwd_dx": _BWD_SPEC, "bwd_dy": _BWD_SPEC,
             "sqnorm": SQNORM}
@@ -344,8 +345,9 @@ def _forward(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 def _form_h(g: torch.Tensor, dist: torch.Tensor, dtype: torch.dtype, round_tf32: bool):
     """``(H, rowsum H, colsum H)``: H = g / dist (0 at the clamp) in ``h_dtype(dtype)``, stored
-    ``H_ALIGN``-aligned: ``H`` is M x N_PAD (N rounded up to ``H_ALIGN`` columns, zeros past N), so
-    the GEMMs' loads of it are vector loads at any N (``_pairwise_bwd_kernel``)."""
+    ``H_ALIGN``-aligned: ``H`` is a contiguous M x N_PAD (N rounded up to ``H_ALIGN`` columns, zeros
+    past N: the kernels take its row stride for N_PAD), so the GEMMs' loads of it are vector loads at
+    any N (``_pairwise_bwd_kernel``)."""
     M, N = dist.shape
     h = torch.empty(M, cdiv(N, H_ALIGN) * H_ALIGN, dtype=h_dtype(dtype), device=dist.device)
     cfg = CONFIGS[family(dtype)]["h"]
@@ -354,7 +356,7 @@ def _form_h(g: torch.Tensor, dist: torch.Tensor, dtype: torch.dtype, round_tf32:
     hrow = torch.empty(tn, M, dtype=torch.float32, device=dist.device)
     hcol = torch.empty(tm, N, dtype=torch.float32, device=dist.device)
     _pairwise_h_kernel[(tm * tn,)](
-        g, dist, h, hrow, hcol, M, N, h.shape[1], g.stride(0), g.stride(1), dist.stride(0), dist.stride(1),
+        g, dist, h, hrow, hcol, M, N, g.stride(0), g.stride(1), dist.stride(0), dist.stride(1),
         h.stride(0), hrow.stride(0), hcol.stride(0), CLAMPED_DIST, ROUND_TF32=round_tf32,
         **cfg.launch())
     return h, hrow.sum(0), hcol.sum(0)
@@ -373,7 +375,7 @@ def _backward_gemm(h: torch.Tensor, hsum: torch.Tensor, a: torch.Tensor, b: torc
     cfg = CONFIGS[family(a.dtype)]["bwd_dy" if transpose else "bwd_dx"]
     grid = (cdiv(R, cfg.blocks["BLOCK_R"]), cdiv(D, cfg.block_d_for(D)))
     _pairwise_bwd_kernel[grid](
-        h, hsum, a, b, da, R, C, D, h.shape[1], h.stride(0), a.stride(0), b.stride(0), da.stride(0),
+        h, hsum, a, b, da, R, C, D, h.stride(0), a.stride(0), b.stride(0), da.stride(0),
         TRANS_H=transpose, **flags, **cfg.launch(D))
     return da
 

@@ -219,11 +219,11 @@ MUTANTS: Tuple[Mutant, ...] = (
            ("tests/kernels/test_kernel_pairwise.py", "-k", "self_distance")),
     # 2026-12-06: H stored 16 columns wide, its loads masked there (vector loads at any N)
     Mutant("pairwise_h_pad_unwritten", "kernels/pairwise.py",
-           "             mask=rmask[:, None] & (cols < N_PAD)[None, :])  # h is 0 past N",
+           "             mask=rmask[:, None] & (cols < stride_h_m)[None, :])  # h is 0 past N",
            "             mask=m2)  # h is 0 past N",
            ("tests/kernels/test_kernel_pairwise.py", "-k", "stored_16_wide")),
     Mutant("pairwise_h_loads_masked_at_n", "kernels/pairwise.py",
-           "            hmask = rmask[:, None] & (cols < N_PAD)[None, :]",
+           "            hmask = rmask[:, None] & (cols < stride_h_m)[None, :]",
            "            hmask = rmask[:, None] & cmask[None, :]",
            ("tests/kernels/test_kernel_pairwise.py", "-m", "build", "-k", "vector_loads")),
     Mutant("fuzz_expected_counts_as_failed", "scripts/fuzz_parity.py",

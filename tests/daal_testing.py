@@ -436,8 +436,7 @@ def gpu_job(launch, *, capability: int, specialisation: str = "generic", with_sa
     :func:`compile_many_for_gpu` (the kernel is found again by its module and name; a job may
     also name a ``path``, a folder put on the worker's ``sys.path`` first, for a kernel defined
     in a test module); ``specialisation``: see :func:`specialise`; ``with_sass``: the result
-    also holds the SASS (:func:`sass`). The kernel's ``padded`` sizes are marked divisible with
-    its ``rows`` (they are multiples of 16 at every launch)."""
+    also holds the SASS (:func:`sass`)."""
     if specialisation not in SPECIALISATIONS:
         raise ValueError(f"specialisation must be one of {SPECIALISATIONS}, got {specialisation!r}")
     inner = getattr(launch.kernel, "fn", launch.kernel)
@@ -445,7 +444,7 @@ def gpu_job(launch, *, capability: int, specialisation: str = "generic", with_sa
             "constexprs": launch.constexprs, "capability": int(capability),
             "num_warps": launch.num_warps, "num_stages": launch.num_stages,
             "specialisation": specialisation, "unit": list(launch.spec.unit),
-            "rows": list(launch.spec.rows) + list(launch.spec.padded), "sass": bool(with_sass),
+            "rows": list(launch.spec.rows), "sass": bool(with_sass),
             "maxnreg": launch.config.maxnreg}
 
 

@@ -198,7 +198,7 @@ def test_pairwise_hot_path_does_not_spill(compiled):
 @pytest.mark.build
 def test_pairwise_backward_loads_are_vector_loads(compiled):
     """sm_90 builds as a launch at M = N = 1,000 specialises them (D = 512; M and N no multiple of
-    16; ``N_PAD``, H's row stride, the pointers multiples of 16: the "aligned" builds): the
+    16; H's row stride, its stored width, and the pointers multiples of 16: the "aligned" builds): the
     backward GEMMs copy H and the rows into shared memory 16 bytes at a time (``cp.async.cg``; no
     ``cp.async.ca``, which copies 4 or 8 bytes, no synchronous 16-bit global load), and the H
     kernel stores H in vectors, never 16-bit scalars. Masked at N instead, H's loads were scalar:

@@ -69,8 +69,6 @@ def test_every_stride_is_classified(spec):
     assert len(listed) == len(set(listed))
     assert set(listed) == spec.stride_args()
     assert all(n.startswith("stride_") for n in listed)
-    # sizes its launcher pads to a multiple of 16 (the aligned builds assume them divisible)
-    assert all(spec.signature.get(n) == "i32" for n in spec.padded)
 
 
 def test_every_kernel_is_launched():
