@@ -20,7 +20,7 @@ A failing case with a sample closer than ``NEAR`` (1e-3, in float64 by direct di
 another class's segment is marked expected; the others (and any crash) are defects.
 
 usage: TRITON_INTERPRET=1 python scripts/fuzz_parity.py [--seed 0] [--cases 100]
-(on a CPU the Triton kernels run in the interpreter: ~1 s per case). Exit status 1 if any case
+(on a CPU the Triton kernels run in the interpreter: 150 cases in ~35 s, 2026-12-06). Exit status 1 if any case
 failed that is not expected; each failure is printed with its configuration.
 """
 from __future__ import annotations

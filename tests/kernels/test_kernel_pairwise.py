@@ -202,8 +202,8 @@ def test_pairwise_backward_loads_are_vector_loads(compiled):
     backward GEMMs copy H and the rows into shared memory 16 bytes at a time (``cp.async.cg``; no
     ``cp.async.ca``, which copies 4 or 8 bytes, no synchronous 16-bit global load), and the H
     kernel stores H in vectors, never 16-bit scalars. Masked at N instead, H's loads were scalar:
-    16 synchronous ``ld.global.b16`` per thread and K-step for bfloat16 H, 48 4-byte copies
-    (``cp.async.ca``) for float32 (kernels/pairwise.py, ``_pairwise_bwd_kernel``)."""
+    16 synchronous ``ld.global.b16`` per thread and K-step for bfloat16 H, 16 four-byte copies
+    (``cp.async.ca``) for float32 (sm_90 SASS; kernels/pairwise.py, ``_pairwise_bwd_kernel``)."""
     import re
 
     builds = [(c[0], r) for c, r in compiled if c[1] == 90 and c[2] == "aligned" and c[0].entry in ("bwd_dx", "bwd_dy", "h")]
