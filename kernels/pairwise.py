@@ -189,9 +189,9 @@ def _pairwise_bwd_kernel(
     BLOCK_C steps. ``TRANS_H``: read ``H`` (stored M x N) transposed, i.e. rows r are H's columns
     (dY = diag(colsum H) Y - H^T X). ``H`` is stored contiguous, ``stride_h_m`` (a multiple of 16)
     columns wide, zeros past N, and its loads are masked at ``stride_h_m`` along its unit-stride
-    axis (the true sizes mask ``b`` and the output): a mask at N, no multiple of 16 in general (M = N = 1,000), would
-    make those loads scalar and, for 16-bit H, synchronous (sm_90 SASS: LDG.E.U16 against
-    LDGSTS.128; tests/kernels/test_kernel_pairwise.py).
+    axis (the true sizes mask ``b`` and the output): a mask at N, in general no multiple of 16
+    (M = N = 1,000), would make those loads scalar and, for 16-bit H, synchronous (sm_90 SASS:
+    LDG.E.U16 against LDGSTS.128; tests/kernels/test_kernel_pairwise.py).
 
     Args:
         h_ptr: H, M x stride_h_m, contiguous (the dot's operand dtype). hsum_ptr: its R row sums

@@ -123,13 +123,12 @@ def nearest_negative_segment(case: Dict, torch) -> float:
     x = case["emb"].to(case["dtype"]).double()
     x = reference.daal.normalize_rows(x) if case["hp"]["normalize"] else x
     seg = case["seg"].to(case["seg_dtype"]).double()
-    p, q = seg[:, 0], seg[:, 1]
-    u = q - p
-    # direct differences, never the GEMM form whose digits are in question
-    t = (((x[:, None] - p[None]) * u[None]).sum(-1) / (u * u).sum(-1).clamp_min(1e-300)).clamp(0, 1)
-    delta = (x[:, None] - p[None] - t[..., None] * u[None]).norm(dim=-1)
-    own = torch.nn.functional.one_hot(case["labels"], case["C"]).bool()
-    delta = delta.masked_fill(own, float("inf"))
+    B, C = x.shape[0], case["C"]
+    # every (sample, class) pair by the reference's direct differences (own_distance_sq), never the
+    # GEMM form whose digits are in question
+    cls = torch.arange(C).repeat(B)
+    delta = reference.daal.own_distance_sq(x.repeat_interleave(C, 0), cls, seg).sqrt().view(B, C)
+    delta = delta.masked_fill(cls.view(B, C) == case["labels"][:, None], float("inf"))
     return float(delta.min()) if delta.numel() else float("inf")
 
 

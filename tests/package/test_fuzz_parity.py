@@ -111,7 +111,7 @@ def test_expected_failures_are_told_apart(monkeypatch, capsys):
     monkeypatch.setattr(fuzz, "case_of", lambda seed, i, torch: near)
     assert fuzz.main(["--cases", "1"]) == 0
     out = capsys.readouterr().out
-    assert "1 failed (1 expected, 0 not)" in out and "[expected: a sample 0 from another class's segment" in out
+    assert "1 failed (1 expected, 0 not)" in out and "[expected: a sample 1e-06 from another class's segment" in out
     monkeypatch.setattr(fuzz, "case_of", lambda seed, i, torch: [near, far][i])
     assert fuzz.main(["--cases", "2"]) == 1
     assert "2 failed (1 expected, 1 not)" in capsys.readouterr().out
