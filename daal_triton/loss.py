@@ -9,7 +9,7 @@ from torch import nn
 from .backend import BACKENDS
 from .core import Hyperparameters
 from .functional import inputs_dtype, loss_with
-from .validation import as_float, as_int, check_flag, check_float_matrix, value_checks_on
+from .validation import as_float, as_int, check_dense, check_flag, check_float_matrix, value_checks_on
 
 
 def init_segments(num_classes: int, embedding_dim: int, *, length: float = 0.2,
@@ -39,6 +39,19 @@ def init_segments(num_classes: int, embedding_dim: int, *, length: float = 0.2,
     return torch.stack([o - half, o + half], 1).to(torch.get_default_dtype())
 
 
+def _hyperparameter(name: str) -> property:
+    """``DAALLoss.<name>``: ``hp.<name>``; setting it replaces ``hp`` by a copy with the new value,
+    checked by :class:`Hyperparameters` (a ``ValueError`` naming it; ``hp`` unchanged then)."""
+
+    def get(self: DAALLoss) -> Any:
+        return getattr(self.hp, name)
+
+    def set_(self: DAALLoss, value: Any) -> None:
+        self.hp = self.hp.replace(**{name: value})
+
+    return property(get, set_, doc=f"The hyperparameter ``{name}`` (``hp.{name}``): settable, checked.")
+
+
 def miner_weights(indices_tuple: Sequence[torch.Tensor], batch_size: int, *,
                   device: Optional[torch.device] = None, using_ref: bool = False,
                   dtype: torch.dtype = torch.float32, check_values: Optional[bool] = None) -> torch.Tensor:
@@ -58,6 +71,8 @@ def miner_weights(indices_tuple: Sequence[torch.Tensor], batch_size: int, *,
         raise ValueError("indices_tuple with ref_emb must be a miner's triplets (a, p, n) or pairs "
                          "(a1, p, a2, n): its anchors say which batch rows count")
     for t in indices_tuple:
+        if isinstance(t, torch.Tensor):
+            check_dense(t, "indices_tuple's tensors")
         if not isinstance(t, torch.Tensor) or t.ndim != 1 or t.dtype.is_floating_point or t.dtype == torch.bool:
             raise ValueError("indices_tuple must hold 1-D integer tensors of batch indices")
         if t.device.type == "meta" and device is not None and torch.device(device).type != "meta":
@@ -91,6 +106,11 @@ class DAALLoss(nn.Module):
     ``torch.compile`` traces; see
     ``daal_triton.daal_loss``); ``point_proxies=True``: each class a single learnable point
     (``p = q``, ``segments`` is C x 1 x D), DAAL without its lines, for ablations.
+
+    Each hyperparameter is also an attribute (``loss.alpha``, read from ``loss.hp``): setting one
+    (``loss.alpha = 32.0``, a schedule's step) checks the value as the constructor does and takes
+    effect on the next call; ``loss.hp = loss.hp.replace(m_min=..., m_max=...)`` changes several
+    at once.
     """
 
     def __init__(self, num_classes: int, embedding_dim: Optional[int] = None, *,
@@ -183,3 +203,7 @@ class DAALLoss(nn.Module):
         checks = "" if self.check_values is None else f", check_values={self.check_values}"
         return (f"num_classes={self.num_classes}, embedding_dim={self.embedding_dim}, {hp}, "
                 f"backend={self.backend!r}, init_length={getattr(self, 'init_length', 0.2)!r}{checks}{points}")
+
+
+for _name in Hyperparameters.names():  # before this, ``loss.alpha = 32.0`` set an attribute nothing read
+    setattr(DAALLoss, _name, _hyperparameter(_name))

@@ -65,11 +65,22 @@ def check_float_dtype(dtype, name: str) -> None:
         raise ValueError(f"{name} must be float16, bfloat16, float32 or float64, got dtype {dtype}")
 
 
+def check_dense(t: torch.Tensor, name: str) -> None:
+    """``t`` is an ordinary dense tensor: strided, not nested (the kernels and the reference read
+    rows by strides; a sparse, mkldnn or nested tensor would fail deep inside torch)."""
+    if t.is_nested:
+        raise ValueError(f"{name} must be dense (torch.strided), got a nested tensor: pass one tensor "
+                         "of rows (torch.cat(t.unbind()))")
+    if t.layout != torch.strided:
+        raise ValueError(f"{name} must be dense (torch.strided), got layout {t.layout}: convert it with .to_dense()")
+
+
 def check_float_matrix(t, name: str, *, ndim: int = 2, values: bool = True) -> None:
-    """``t`` is a float16/bfloat16/float32/float64 tensor of ``ndim`` dimensions (with finite values,
-    when ``values``)."""
+    """``t`` is a dense float16/bfloat16/float32/float64 tensor of ``ndim`` dimensions (with finite
+    values, when ``values``)."""
     if not isinstance(t, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    check_dense(t, name)
     if t.ndim != ndim:
         raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
     check_float_dtype(t.dtype, name)
@@ -96,9 +107,10 @@ def check_finite(t: torch.Tensor, name: str) -> None:
 
 
 def check_labels(labels, name: str, size: int, num_classes: Optional[int], *, values: bool = True) -> None:
-    """``labels`` is an integer vector of ``size`` entries (in ``[0, num_classes)``, when ``values``)."""
+    """``labels`` is a dense integer vector of ``size`` entries (in ``[0, num_classes)``, when ``values``)."""
     if not isinstance(labels, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(labels).__name__}")
+    check_dense(labels, name)
     if labels.ndim != 1:
         raise ValueError(f"{name} must be 1-D, got shape {tuple(labels.shape)}")
     if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:

@@ -22,7 +22,9 @@ misspelt DAAL_GLUE, NumPy bools, FakeTensorMode, CPU labels beside embeddings el
 packaging and integration probe (2026-12-06: a Triton older than the kernels' imports, forward-mode
 AD, a batch of gradients, the interpreter's log2(0) warning, a test file alone in the sdist) and a
 numerical probe (2026-12-06: the line margin's x.u as x.q - x.p for short segments) and a probe of
-the benchmark tools (switch cases that ran the default, file_run.py's folders and archives, gpu_check's OUTDIR).
+the benchmark tools (switch cases that ran the default, file_run.py's folders and archives, gpu_check's OUTDIR)
+and a fourth probe of the library (2026-12-06, evening: sparse, mkldnn and nested tensors, hyperparameters
+set as attributes).
 
 This script checks that they stay caught:
 in a scratch clone of the working tree it applies one mutant at a time (an exact text
@@ -1227,6 +1229,20 @@ MUTANTS: Tuple[Mutant, ...] = (
            "    if b and not ref_grad:\n"
            "        dr = _knn_backward_direct(g, index.masked_fill(index >= b, -1), query, ref[:b], True, ctx.align)[1]",
            ("tests/kernels/test_kernel_knn.py", "-k", "batch_rows")),
+    # a fourth user's-eye probe of the library (2026-12-06, evening): sparse, mkldnn and nested
+    # tensors failed deep inside torch; ``loss.alpha = 32.0`` set an attribute nothing read
+    Mutant("dense_layout_unchecked", "daal_triton/validation.py",
+           "    if t.layout != torch.strided:\n", "    if False:\n",
+           ("tests/package/test_validation.py", "-k", "not_dense")),
+    Mutant("nested_unchecked", "daal_triton/validation.py",
+           "    if t.is_nested:\n", "    if False:\n",
+           ("tests/package/test_validation.py", "-k", "not_dense")),
+    Mutant("miner_tuple_layout_unchecked", "daal_triton/loss.py",
+           "            check_dense(t, \"indices_tuple's tensors\")\n", "            pass\n",
+           ("tests/package/test_validation.py", "-k", "not_dense")),
+    Mutant("hyperparameter_attribute_unread", "daal_triton/loss.py",
+           "        self.hp = self.hp.replace(**{name: value})", "        self.__dict__[name] = value",
+           ("tests/package/test_loss_module.py", "-k", "attributes_that_take_effect")),
 )
 
 

@@ -41,6 +41,35 @@ def test_state_dict_round_trip_and_repr():
     assert "check_values=True" in repr(dt.DAALLoss(3, 5, check_values=True))
 
 
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=pytest.mark.interpreter)])
+def test_hyperparameters_are_attributes_that_take_effect(backend):
+    """``loss.alpha = 32.0`` (a schedule's step) is checked and changes the next call as building
+    the module with it does; before, it set an attribute nothing read (a user's-eye probe)."""
+    z, y, _ = random_problem(11, 3, 5, dtype=torch.float32)
+    loss = dt.DAALLoss(3, 5, backend=backend, lambda_pull=0.1)
+    assert {n: getattr(loss, n) for n in dt.Hyperparameters.names()} == loss.hparams
+    changes = {"alpha": 32.0, "k": 2, "m0": 0.3, "tau": 1.5, "gamma": 0.5, "lambda_pull": 0.0,
+               "lambda_len": 0.2, "l_max": 0.1, "normalize": False, "reduction": "none"}
+    for name, value in changes.items():
+        setattr(loss, name, value)
+        assert getattr(loss, name) == value and getattr(loss.hp, name) == value
+        built = dt.DAALLoss(3, 5, backend=backend, **{**loss.hparams})
+        built.load_state_dict(loss.state_dict())
+        assert torch.equal(loss(z, y), built(z, y)), name
+    assert loss(z, y).shape == (11,)  # reduction "none"
+    assert "alpha=32.0" in repr(loss) and "k=2" in repr(loss)
+    before = loss.hp
+    for name, value, message in (("alpha", 0.0, "alpha must be > 0"), ("k", 0, "k must be an integer"),
+                                 ("m_min", 0.9, "m_min and m_max must satisfy"), ("reduction", "sum", "reduction must be"),
+                                 ("tau", float("nan"), "tau must be a finite number")):
+        with pytest.raises(ValueError, match=message):
+            setattr(loss, name, value)
+        assert loss.hp is before  # unchanged by a refused value
+    loss.hp = loss.hp.replace(m_min=0.6, m_max=0.9)  # several at once
+    assert (loss.m_min, loss.m_max) == (0.6, 0.9)
+    assert set(loss.state_dict()) == {"segments"}  # hyperparameters are not state
+
+
 def test_default_dtype_and_reset_parameters():
     # segments follow the default dtype as nn.Linear's weights do, and a module built on the meta
     # device gets real segments back with to_empty() + reset_parameters()

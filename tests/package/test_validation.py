@@ -120,6 +120,57 @@ def test_knn_and_pairwise_errors():
     raises("all tensors must be on one device", dt.pairwise_distance, q, r.to("meta"))
 
 
+def _not_dense(t: torch.Tensor, layout: str) -> torch.Tensor:
+    """``t`` in ``layout``: "sparse_coo", "sparse_csr" (2-D; 1-D tensors stay COO), "mkldnn" (float32;
+    others COO) or "nested" (one component per row, or the vector itself)."""
+    if layout == "nested":
+        return torch.nested.nested_tensor(list(t) if t.ndim > 1 else [t])
+    if layout == "sparse_csr" and t.ndim == 2:
+        return t.to_sparse_csr()
+    if layout == "mkldnn" and t.dtype == torch.float32:
+        return t.to_mkldnn()
+    return t.to_sparse()
+
+
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors is in prototype stage")
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta state")
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=[pytest.mark.interpreter, needs_kernels])])
+@pytest.mark.parametrize("layout", ["sparse_coo", "sparse_csr", "mkldnn", "nested"])
+def test_a_tensor_that_is_not_dense_is_named(backend, layout):
+    """Sparse, mkldnn and nested tensors: a ValueError naming the argument, not an error from deep
+    inside torch (a user's-eye probe, 2026-12-06, found each of these failing so)."""
+    z, y, seg = good()
+    bank, bank_y = torch.randn(5, 4), torch.arange(5) % 3
+    loss = dt.DAALLoss(3, 4, backend=backend)
+    f = lambda *a, **k: dt.daal_loss(*a, backend=backend, **k)  # noqa: E731
+    nd = lambda t: _not_dense(t, layout)  # noqa: E731
+    kind = "a nested tensor" if layout == "nested" else "layout torch."
+    calls = [
+        ("embeddings", loss, (nd(z), y), {}),
+        ("labels", loss, (z, nd(y)), {}),
+        ("ref_emb", loss, (z, y), {"ref_emb": nd(bank), "ref_labels": bank_y}),
+        ("ref_labels", loss, (z, y), {"ref_emb": bank, "ref_labels": nd(bank_y)}),
+        ("indices_tuple's tensors", loss, (z, y, (nd(torch.tensor([0, 1])), torch.tensor([1, 2]),
+                                                   torch.tensor([2, 3]))), {}),
+        ("segments", f, (z, y, nd(seg)), {}),
+        ("query", dt.knn, (nd(z), bank, 2), {"backend": backend}),
+        ("ref", dt.knn, (z, nd(bank), 2), {"backend": backend}),
+        ("query_labels", dt.knn, (z, bank, 2), {"query_labels": nd(y), "ref_labels": bank_y, "backend": backend}),
+        ("x", dt.pairwise_distance, (nd(z), bank), {"backend": backend}),
+        ("y", dt.pairwise_distance, (z, nd(bank)), {"backend": backend}),
+    ]
+    for name, fn, args, kw in calls:
+        with pytest.raises(ValueError) as err:
+            fn(*args, **kw)
+        assert str(err.value).startswith(f"{name} must be dense (torch.strided), got {kind}"), (name, str(err.value))
+    mem = dt.MemoryBank(8, 4)
+    for name, args in (("embeddings", (nd(z), y)), ("labels", (z, nd(y)))):
+        with pytest.raises(ValueError, match=f"^{name} must be dense"):
+            mem.enqueue(*args)
+    # the same calls with dense tensors pass (the check refuses the layout, nothing else)
+    assert torch.isfinite(loss(z, y, (torch.tensor([0, 1]), torch.tensor([1, 2]), torch.tensor([2, 3]))))
+
+
 @needs_kernels
 def test_backend_choice(monkeypatch):
     raises("backend must be one of", choose_backend, "cuda", torch.device("cpu"))
