@@ -10,7 +10,6 @@ sample (``daal_triton.core.compose``).
 """
 from __future__ import annotations
 
-import math
 import numbers
 import os
 import sys
@@ -165,8 +164,11 @@ _FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 def as_float(value, name: str) -> float:
     """A real argument (a Python or NumPy number, not a bool) that float32 holds, as a ``float``:
     the kernels and the float32 arithmetic take it as a float32 scalar."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) \
-            or abs(value) > _FLOAT32_MAX:
+    if isinstance(value, torch.Tensor):
+        raise ValueError(f"{name} must be a Python or NumPy number, not a tensor (its .item()), got {value!r}")
+    # ``not abs(value) <= max`` refuses NaN and inf too, and traces (``torch.compile(dynamic=True)``
+    # makes a float argument symbolic: ``math.isfinite`` of one cannot be traced)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not abs(value) <= _FLOAT32_MAX:
         raise ValueError(f"{name} must be a finite number within float32's range, got {value!r}")
     return float(value)
 

@@ -24,7 +24,7 @@ AD, a batch of gradients, the interpreter's log2(0) warning, a test file alone i
 numerical probe (2026-12-06: the line margin's x.u as x.q - x.p for short segments) and a probe of
 the benchmark tools (switch cases that ran the default, file_run.py's folders and archives, gpu_check's OUTDIR)
 and a fourth probe of the library (2026-12-06, evening: sparse, mkldnn and nested tensors, hyperparameters
-set as attributes).
+set as attributes) and an integration probe (the same evening: symbolic hyperparameters under torch.compile).
 
 This script checks that they stay caught:
 in a scratch clone of the working tree it applies one mutant at a time (an exact text
@@ -1243,6 +1243,12 @@ MUTANTS: Tuple[Mutant, ...] = (
     Mutant("hyperparameter_attribute_unread", "daal_triton/loss.py",
            "        self.hp = self.hp.replace(**{name: value})", "        self.__dict__[name] = value",
            ("tests/package/test_loss_module.py", "-k", "attributes_that_take_effect")),
+    # an integration probe (2026-12-06, evening): daal_loss under torch.compile(dynamic=True, fullgraph=True)
+    Mutant("as_float_untraceable", "daal_triton/validation.py",
+           "not isinstance(value, numbers.Real) or not abs(value) <= _FLOAT32_MAX:",
+           "not isinstance(value, numbers.Real) or not __import__('math').isfinite(value) \\\n"
+           "            or abs(value) > _FLOAT32_MAX:",
+           ("tests/package/test_fast_path.py", "-k", "symbolic_hyperparameters")),
 )
 
 

@@ -310,6 +310,33 @@ def test_torch_compile_fullgraph_matches_eager():
         assert_close(g, e, 1e-6, "compiled gradient")
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_compiled_functional_takes_symbolic_hyperparameters(backend):
+    """``torch.compile(dynamic=True, fullgraph=True)`` makes ``daal_loss``'s float hyperparameters
+    symbolic: building ``Hyperparameters`` in the traced call must not need their values
+    (``math.isfinite`` of one failed to trace; an integration probe, 2026-12-06); and a compiled
+    ``DAALLoss`` sees a hyperparameter set as an attribute between calls."""
+    torch.manual_seed(0)
+    z = torch.randn(10, 6, device=DEV, requires_grad=True)
+    y, seg = torch.arange(10, device=DEV) % 3, torch.randn(3, 2, 6, device=DEV, requires_grad=True)
+    f = torch.compile(lambda e, lab, s, a: dt.daal_loss(e, lab, s, alpha=a, backend=backend),
+                      fullgraph=True, dynamic=True, backend="aot_eager")
+    for alpha in (16.0, 32.0, 8.0):
+        out, eager = f(z, y, seg, alpha), dt.daal_loss(z, y, seg, alpha=alpha, backend=backend)
+        assert_close(out, eager, 1e-6, f"alpha={alpha}")
+        grads = torch.autograd.grad(out, [z, seg])
+        for g, e in zip(grads, torch.autograd.grad(eager, [z, seg])):
+            assert_close(g, e, 1e-6, f"gradient, alpha={alpha}")
+    loss_fn = dt.DAALLoss(3, 6, backend=backend).to(DEV)
+    compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
+    seen = []
+    for alpha in (16.0, 4.0):
+        loss_fn.alpha = alpha
+        seen.append(compiled(z, y))
+        assert_close(seen[-1], loss_fn(z, y), 1e-6, f"module, alpha={alpha}")
+    assert abs(seen[0].item() - seen[1].item()) > 1e-3  # a stale alpha would give the first value again
+
+
 @pytest.mark.gpu
 def test_torch_compile_inductor_on_gpu():
     model = torch.nn.Linear(32, 64).cuda()
