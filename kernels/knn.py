@@ -1458,6 +1458,8 @@ def knn_wave_splits(query: torch.Tensor, ref: torch.Tensor, k: int, **kwargs) ->
 def _knn(query, ref, k, *, query_labels=None, ref_labels=None, exclude_self=False, splits=None, batch_rows=0):
     if (query_labels is None) != (ref_labels is None):
         raise ValueError("query_labels and ref_labels must be given together")
+    if isinstance(k, torch.SymInt):  # torch.export with a dynamic batch: the loss's k = min(hp.k, N) is
+        k = int(k)  # symbolic; the kernels' KP needs a number: specialised (a guard on N, e.g. N >= 3)
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be an integer >= 1, got {k!r}")
     if query.ndim != 2 or ref.ndim != 2 or query.shape[1] != ref.shape[1]:

@@ -1249,6 +1249,9 @@ MUTANTS: Tuple[Mutant, ...] = (
            "not isinstance(value, numbers.Real) or not __import__('math').isfinite(value) \\\n"
            "            or abs(value) > _FLOAT32_MAX:",
            ("tests/package/test_fast_path.py", "-k", "symbolic_hyperparameters")),
+    Mutant("knn_symbolic_k_refused", "kernels/knn.py",
+           "    if isinstance(k, torch.SymInt):  # torch.export", "    if False:  # torch.export",
+           ("tests/package/test_fast_path.py", "-k", "export_with_a_dynamic_batch")),
 )
 
 

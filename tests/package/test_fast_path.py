@@ -337,6 +337,29 @@ def test_compiled_functional_takes_symbolic_hyperparameters(backend):
     assert abs(seen[0].item() - seen[1].item()) > 1e-3  # a stale alpha would give the first value again
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_export_with_a_dynamic_batch(backend):
+    """``torch.export`` with a dynamic batch size: the loss's ``k = min(hp.k, B)`` is symbolic
+    there, and the kernels specialise it (a guard B >= k) instead of refusing it as a bad ``k``
+    (an integration probe, 2026-12-06); the exported program matches eager at other sizes."""
+    class Step(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.loss = dt.DAALLoss(3, 6, backend=backend, lambda_pull=0.1)
+
+        def forward(self, e, lab):
+            return self.loss(e, lab)
+
+    torch.manual_seed(0)
+    step = Step().to(DEV)
+    batch = torch.export.Dim("batch", min=4, max=64)
+    e, lab = torch.randn(16, 6, device=DEV), torch.arange(16, device=DEV) % 3
+    program = torch.export.export(step, (e, lab), dynamic_shapes=({0: batch}, {0: batch}))
+    for n in (16, 11, 4):
+        e, lab = torch.randn(n, 6, device=DEV), torch.arange(n, device=DEV) % 3
+        assert_close(program.module()(e, lab), step(e, lab), 1e-6, f"B={n}")
+
+
 @pytest.mark.gpu
 def test_torch_compile_inductor_on_gpu():
     model = torch.nn.Linear(32, 64).cuda()
