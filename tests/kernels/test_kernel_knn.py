@@ -90,6 +90,7 @@ CASES = [  # M, N, D, k
     (70, 9, 1, 4),  # D = 1
     (6, 3, 7, 8),  # N < k
     (40, 60, 24, 17),  # k not a power of two, KP = 32
+    (13, 40, 2048, 5),  # wide rows: the D >= 512 blocks
 ]
 
 

@@ -34,7 +34,7 @@ def _check(x, y, *, tol, grad=True):
         assert_close(y.grad, yr.grad, max(tol, tolerance(y.dtype)), "dY")
 
 
-@pytest.mark.parametrize("M,N,D", [(37, 53, 19), (1, 5, 1), (130, 3, 70), (5, 140, 33)])
+@pytest.mark.parametrize("M,N,D", [(37, 53, 19), (1, 5, 1), (130, 3, 70), (5, 140, 33), (13, 40, 700)])
 def test_pairwise_float32(M, N, D):
     _check(torch.randn(M, D, device=DEV), torch.randn(N, D, device=DEV), tol=tolerance(torch.float32, tf32=DEV == "cuda"))
 

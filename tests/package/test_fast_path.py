@@ -36,7 +36,8 @@ def check_parity(z, y, seg, *, dtype=torch.float32, seg_dtype=torch.float32, **h
 
 
 @pytest.mark.parametrize("B,C,D", [(37, 11, 129), (20, 3, 2), (64, 40, 17),
-                                   (181, 13, 33)])  # 181: several row blocks of every kernel
+                                   (181, 13, 33),  # 181: several row blocks of every kernel
+                                   (21, 5, 2048)])  # wide (a ResNet-50's features): the D >= 512 blocks
 @pytest.mark.parametrize("hp", [{}, ALL_TERMS], ids=["defaults", "all_terms"])
 def test_parity_float32(B, C, D, hp):
     z, y, seg = random_problem(B, C, D, classes_present=range(min(C, 6)), device=DEV)
