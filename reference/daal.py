@@ -139,7 +139,9 @@ def adaptive_margins(
     count = r.new_zeros(num_classes).index_add_(0, labels, valid.to(r.dtype))
     rbar = total / count.clamp(min=1)
     s = r0 / torch.clamp(rbar[labels], min=EPS)
-    m = torch.clamp(m0 * s.pow(gamma), min=m_min, max=m_max)
+    # m0 = 0: the margin is m_min whatever s^gamma is (in float32 s^gamma overflows at |gamma| large
+    # enough, and 0 * inf would be NaN, a loss of NaN for finite inputs)
+    m = torch.clamp(m0 * s.pow(gamma) if m0 else torch.zeros_like(s), min=m_min, max=m_max)
     return torch.where(valid, m, torch.full_like(m, m0)).detach()
 
 

@@ -24,7 +24,8 @@ AD, a batch of gradients, the interpreter's log2(0) warning, a test file alone i
 numerical probe (2026-12-06: the line margin's x.u as x.q - x.p for short segments) and a probe of
 the benchmark tools (switch cases that ran the default, file_run.py's folders and archives, gpu_check's OUTDIR)
 and a fourth probe of the library (2026-12-06, evening: sparse, mkldnn and nested tensors, hyperparameters
-set as attributes) and an integration probe (the same evening: symbolic hyperparameters under torch.compile).
+set as attributes) and an integration probe (the same evening: symbolic hyperparameters under torch.compile) and a
+numerical probe (the same evening: the float32 reference's margins at m0 = 0).
 
 This script checks that they stay caught:
 in a scratch clone of the working tree it applies one mutant at a time (an exact text
@@ -1252,6 +1253,10 @@ MUTANTS: Tuple[Mutant, ...] = (
     Mutant("knn_symbolic_k_refused", "kernels/knn.py",
            "    if isinstance(k, torch.SymInt):  # torch.export", "    if False:  # torch.export",
            ("tests/package/test_fast_path.py", "-k", "export_with_a_dynamic_batch")),
+    # a numerical probe (2026-12-06, evening): m0 = 0 with an overflowing s^gamma in float32
+    Mutant("reference_margin_zero_times_inf", "reference/daal.py",
+           "m0 * s.pow(gamma) if m0 else torch.zeros_like(s)", "m0 * s.pow(gamma)",
+           ("tests/reference/test_reference_daal.py", "-k", "overflows")),
 )
 
 

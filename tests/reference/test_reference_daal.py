@@ -233,6 +233,28 @@ def test_margins_of_zero_radii_divide_by_the_floored_mean():
     assert torch.allclose(m, _t(0.05, 0.05, 0.2 * 0.5 / 0.6, 0.2 * 0.7 / 0.6), rtol=1e-15, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_margins_with_m0_zero_where_s_to_the_gamma_overflows(dtype):
+    """m0 = 0 gives m_min whatever s^gamma is: in float32 a duplicate's floored radius (s ~ 1e-6)
+    to the power -7 overflows, and 0 * inf was NaN, the loss NaN for finite inputs (a numerical
+    probe, 2026-12-06); the float64 loss is finite, and the float32 one now matches it."""
+    r = _t(1e-6, 0.5, 0.7, 1.0).to(torch.float32)
+    valid, labels = torch.ones(4, dtype=torch.bool), torch.tensor([0, 0, 1, 1])
+    m = R.adaptive_margins(r, valid, labels, 2, m0=0.0, m_min=0.05, m_max=0.5, gamma=-7.0)
+    assert torch.equal(m, torch.full((4,), 0.05))
+    big = R.adaptive_margins(r, valid, labels, 2, m0=0.2, m_min=0.05, m_max=0.5, gamma=-7.0)
+    assert big[0].item() == 0.5  # m0 > 0: an overflowing s^gamma still clamps to m_max
+    torch.manual_seed(0)
+    z, y, seg = torch.randn(32, 16), torch.randint(0, 6, (32,)), torch.randn(6, 2, 16)
+    for c in range(6):  # a duplicate pair in each class: radius floor 1e-6
+        i = (y == c).nonzero().flatten()
+        z[i[1]] = z[i[0]]
+    hp = {**HP, "m0": 0.0, "gamma": -7.0, "k": 1}
+    exact = R.daal_loss(z.double(), y, seg.double(), **hp)
+    low = R.daal_loss(z.to(dtype), y, seg, **hp)
+    assert torch.isfinite(exact) and abs(low.item() - exact.item()) <= 1e-3 * abs(exact.item())
+
+
 def test_knn_radius_by_hand():
     """knn_radius: without a reference set the other rows of the class (self excluded); with one,
     its rows of the class, excluding row i only when ref_includes_batch."""
