@@ -96,6 +96,12 @@ class DAALParts:
     neighbors: torch.Tensor  # B x min(k, N) indices into the reference set's N rows, -1 padded
 
 
+try:  # a pytree node, so that torch.export takes it as an output (return_parts=True) and saves it
+    torch.export.register_dataclass(DAALParts, serialized_type_name="daal_triton.DAALParts")
+except (ValueError, TypeError, AttributeError):  # registered already (this module imported again), or
+    pass  # a torch without the function or its keyword: only torch.export of the parts is lost there
+
+
 class Operators(NamedTuple):
     """The operators a backend supplies, one per step of docs/method.md (each field's reference
     implementation in ``daal_triton.reference`` documents its contract):

@@ -1257,6 +1257,10 @@ MUTANTS: Tuple[Mutant, ...] = (
     Mutant("reference_margin_zero_times_inf", "reference/daal.py",
            "m0 * s.pow(gamma) if m0 else torch.zeros_like(s)", "m0 * s.pow(gamma)",
            ("tests/reference/test_reference_daal.py", "-k", "overflows")),
+    Mutant("parts_not_a_pytree_node", "daal_triton/core.py",
+           "    torch.export.register_dataclass(DAALParts, serialized_type_name=\"daal_triton.DAALParts\")",
+           "    pass",
+           ("tests/package/test_fast_path.py", "-k", "returns_the_parts")),
 )
 
 
