@@ -46,6 +46,17 @@ def test_parity_float32(B, C, D, hp):
     check_parity(z, y, seg, **hp)
 
 
+def test_margins_at_m0_zero_where_s_to_the_gamma_overflows():
+    """m0 = 0 with a duplicate pair per class (radius floor 1e-6) and gamma = -7: s^gamma overflows
+    float32, and the margin must still be m_min, as in float64 (the float32 reference gave NaN until
+    2026-12-06; the kernel's non-propagating maximum gives m_min, held here on both machines)."""
+    z, y, seg = random_problem(32, 6, 16, classes_present=range(6), device=DEV)
+    for c in range(6):
+        i = (y == c).nonzero().flatten()
+        z[i[1]] = z[i[0]]
+    check_parity(z, y, seg, m0=0.0, gamma=-7.0, k=1)
+
+
 def test_reduction_none_parity():
     z, y, seg = random_problem(21, 5, 9, device=DEV)
     check_parity(z, y, seg, reduction="none", **ALL_TERMS)
