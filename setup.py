@@ -23,9 +23,13 @@ setup(
     python_requires=">=3.9",
     package_dir=PACKAGE_DIR,
     packages=list(PACKAGE_DIR),
+    package_data={"daal_triton": ["py.typed"]},  # PEP 561: type checkers read the package's own hints
     install_requires=["torch>=2.4", "numpy"],
     extras_require={
-        "dev": ["pytest>=7", "pytest-benchmark>=4", "pytest-xdist>=3", "wheel"],  # wheel: test_install builds one
+        # wheel: test_install builds one; mypy (pinned: a release that checks more would fail the suite;
+        # Python >= 3.10): test_typing reads the types users' checkers see
+        "dev": ["pytest>=7", "pytest-benchmark>=4", "pytest-xdist>=3", "wheel",
+                "mypy==2.4.1; python_version >= '3.10'"],
         "train": ["torchvision>=0.19", "scikit-learn>=1.2", "tqdm>=4.60", "matplotlib>=3.5"],
         "pml": ["pytorch-metric-learning>=2.0", "faiss-cpu"],
     },

@@ -10,7 +10,7 @@ that the console scripts (``daal_triton.train.console``) hold a Ctrl-C during to
 an interrupt could otherwise leave half-done (numpy without its attributes, a lost interrupt).
 """
 import importlib
-from typing import Any, List
+from typing import TYPE_CHECKING, Any, List
 
 __version__ = "0.1.0"
 
@@ -20,6 +20,14 @@ _EXPORTS = {"daal_loss": "functional", "knn": "functional", "pairwise_distance":
             "Hyperparameters": "core", "NonFiniteError": "validation"}
 _SUBMODULES = ("backend", "core", "distributed", "functional", "kernels", "launch_count", "loss", "memory",
                "reference", "train", "validation")
+
+if TYPE_CHECKING:  # what type checkers and IDEs see (py.typed marks the package as typed)
+    from . import backend, core, distributed, functional, kernels, launch_count, loss, memory, reference, validation
+    from .core import DAALParts, Hyperparameters
+    from .functional import daal_loss, knn, pairwise_distance
+    from .loss import DAALLoss, init_segments
+    from .memory import MemoryBank
+    from .validation import NonFiniteError
 
 __all__ = ["DAALLoss", "DAALParts", "Hyperparameters", "MemoryBank", "NonFiniteError", "daal_loss", "init_segments",
            "knn", "pairwise_distance"]

@@ -183,7 +183,7 @@ def compose(
             ref, ref_labels, ref_includes_batch = x, labels, True
         else:
             ref = ops.prepare(ref_embeddings, None, C, dtype=dtype, normalize=hp.normalize)[0]
-            ref_labels = ref_labels.long()
+            ref_labels = ref_labels.long()  # type: ignore[union-attr]  # given with ref_embeddings
         # no row has more than N neighbours: a k beyond the reference set's N rows costs no B x k padding
         k = min(hp.k, ref.shape[0])
         # ref[:B] declared to be the batch but carrying no gradient (MemoryBank.with_batch's detached

@@ -6,7 +6,7 @@ the plain-PyTorch operators of ``daal_triton.reference``.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple, Union
+from typing import TYPE_CHECKING, Literal, Optional, Tuple, TypedDict, Union, overload
 
 import torch
 
@@ -21,6 +21,9 @@ from .validation import (
     validate_loss_inputs,
     value_checks_on,
 )
+
+if TYPE_CHECKING:  # PEP 692's ``**options: Unpack[...]``: a checker of Python < 3.11 reads Any there
+    from typing import Unpack
 
 
 #: Environment switch of the Triton backend's glue (internal; the GPU runs decided for "fused",
@@ -52,6 +55,45 @@ def _ops(backend: str) -> Operators:
         return Operators(knn=knn.knn, line_margin=line_margin.line_margin, prepare=normalize.prepare,
                          density=fused_density, combine=combine.combine)
     return Operators()
+
+
+class LossOptions(TypedDict, total=False):
+    """The keyword arguments of :func:`daal_loss` other than ``return_parts``, for the type of
+    its overloads (a ``return_parts=True`` call returns :class:`DAALParts`, any other a tensor)."""
+
+    k: int
+    m0: float
+    m_min: float
+    m_max: float
+    gamma: float
+    alpha: float
+    tau: float
+    lambda_pull: float
+    lambda_dens: float
+    lambda_len: float
+    l_max: float
+    normalize: bool
+    reduction: str
+    ref_embeddings: Optional[torch.Tensor]
+    ref_labels: Optional[torch.Tensor]
+    ref_includes_batch: bool
+    backend: str
+    check_values: Optional[bool]
+
+
+@overload
+def daal_loss(embeddings: torch.Tensor, labels: torch.Tensor, segments: torch.Tensor, *,
+              return_parts: Literal[False] = False, **options: Unpack[LossOptions]) -> torch.Tensor: ...
+
+
+@overload
+def daal_loss(embeddings: torch.Tensor, labels: torch.Tensor, segments: torch.Tensor, *,
+              return_parts: Literal[True], **options: Unpack[LossOptions]) -> DAALParts: ...
+
+
+@overload
+def daal_loss(embeddings: torch.Tensor, labels: torch.Tensor, segments: torch.Tensor, *,
+              return_parts: bool, **options: Unpack[LossOptions]) -> Union[torch.Tensor, DAALParts]: ...
 
 
 def daal_loss(

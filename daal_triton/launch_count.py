@@ -85,7 +85,7 @@ def _patch_triton() -> None:
             finally:
                 _IN_KERNEL.pop()
 
-        run._daal_counted = True
+        setattr(run, "_daal_counted", True)
         setattr(cls, name, run)
 
 

@@ -113,6 +113,22 @@ class DAALLoss(nn.Module):
     at once.
     """
 
+    # The hyperparameter attributes (properties, made from Hyperparameters.names() at the end of
+    # this module), declared with their Hyperparameters field types for type checkers and IDEs:
+    k: int
+    m0: float
+    m_min: float
+    m_max: float
+    gamma: float
+    alpha: float
+    tau: float
+    lambda_pull: float
+    lambda_dens: float
+    lambda_len: float
+    l_max: float
+    normalize: bool
+    reduction: str
+
     def __init__(self, num_classes: int, embedding_dim: Optional[int] = None, *,
                  embedding_size: Optional[int] = None, k: int = 3, m0: float = 0.2,
                  m_min: float = 0.05, m_max: float = 0.5, gamma: float = 1.0, alpha: float = 16.0,

@@ -151,9 +151,9 @@ def check_flag(value: Optional[bool], name: str, *, optional: bool = True) -> Op
 def as_int(value, name: str, minimum: int = 1, maximum: Optional[int] = None) -> int:
     """An integer argument (a Python or NumPy integer, not a bool) ``>= minimum`` (and
     ``<= maximum``, when given), as an ``int``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or int(value) < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    if maximum is not None and value > maximum:
+    if maximum is not None and int(value) > maximum:
         raise ValueError(f"{name} must be an integer in [{minimum}, {maximum}], got {value!r}")
     return int(value)
 
@@ -167,8 +167,10 @@ def as_float(value, name: str) -> float:
     if isinstance(value, torch.Tensor):
         raise ValueError(f"{name} must be a Python or NumPy number, not a tensor (its .item()), got {value!r}")
     # ``not abs(value) <= max`` refuses NaN and inf too, and traces (``torch.compile(dynamic=True)``
-    # makes a float argument symbolic: ``math.isfinite`` of one cannot be traced)
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not abs(value) <= _FLOAT32_MAX:
+    # makes a float argument symbolic: ``math.isfinite`` of one cannot be traced); numbers.Real has
+    # no ``<=`` for mypy
+    if (isinstance(value, bool) or not isinstance(value, numbers.Real)
+            or not abs(value) <= _FLOAT32_MAX):  # type: ignore[operator]
         raise ValueError(f"{name} must be a finite number within float32's range, got {value!r}")
     return float(value)
 

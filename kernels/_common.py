@@ -109,7 +109,7 @@ def device_capability(device: torch.device) -> Tuple[int, int]:
         return (0, 0)
     idx = device.index if device.index is not None else torch.cuda.current_device()
     if idx not in _CAPABILITY:
-        _CAPABILITY[idx] = tuple(torch.cuda.get_device_capability(idx))
+        _CAPABILITY[idx] = tuple(torch.cuda.get_device_capability(idx))  # type: ignore[assignment]
     return _CAPABILITY[idx]
 
 
@@ -221,7 +221,7 @@ def wave_split(row_tiles: int, col_tiles: int, sms: int, max_splits: Optional[in
             best, best_cost = s, cost
         if s == 1:
             one_cost = cost
-    return 1 if one_cost <= best_cost + one_split_saves else best
+    return 1 if one_cost <= best_cost + one_split_saves else best  # type: ignore[operator]  # s = 1 set both
 
 
 def compute_dtype(op: str, *tensors: torch.Tensor) -> torch.dtype:
@@ -326,7 +326,7 @@ class KernelConfig:
         init=False, default_factory=dict, compare=False, repr=False)
 
     def block_d_for(self, D: int) -> int:
-        lo, hi = self.block_d
+        lo, hi = self.block_d  # type: ignore[misc]  # only configs with a BLOCK_D range
         return min(hi, max(lo, next_pow2(max(int(D), 1))))
 
     def block_d_choices(self) -> List[Optional[int]]:
@@ -344,7 +344,7 @@ class KernelConfig:
         the register cap where one is set)."""
         kwargs = self._launch_kwargs.get(D)
         if kwargs is None:
-            bd = None if self.block_d is None else self.block_d_for(D)
+            bd = None if self.block_d is None else self.block_d_for(D)  # type: ignore[arg-type]
             kwargs = dict(self.constexprs(bd), num_warps=self.num_warps, num_stages=self.num_stages)
             if self.maxnreg is not None:
                 kwargs["maxnreg"] = self.maxnreg
@@ -370,7 +370,7 @@ def descriptor_type(x_dtype: torch.dtype, rows: int, block_d: int) -> str:
 def parse_signature(text: str) -> Dict[str, str]:
     """``"a_ptr b_ptr: *x; M N: i32"`` -> ``{"a_ptr": "*x", "b_ptr": "*x", "M": "i32", "N": "i32"}``
     (groups separated by ``;``, order kept)."""
-    out = {}
+    out: Dict[str, str] = {}
     for group in text.split(";"):
         names, ty = group.split(":")
         out.update((n, ty.strip()) for n in names.split())
@@ -413,12 +413,12 @@ class KernelSpec:
         names = {"*x": POINTER[x_dtype], "*seg": POINTER[seg_dtype]}
         if self.h_dtype is not None:
             names["*h"] = POINTER[self.h_dtype(x_dtype)]
-        out = {}
+        out: Dict[str, str] = {}
         for n, ty in self.signature.items():
             if ty.startswith("desc["):
                 if not (constexprs or {}).get("TMA"):
                     continue
-                ty = descriptor_type(x_dtype, constexprs[ty[5:-1]], constexprs["BLOCK_D"])
+                ty = descriptor_type(x_dtype, constexprs[ty[5:-1]], constexprs["BLOCK_D"])  # type: ignore[index]
             out[n] = names.get(ty, ty)
         return out
 

@@ -760,8 +760,9 @@ FWD_ALTERNATIVES = {(128, 128, 4, 3, False, None, "tma", True): 2, (128, 64, 4, 
 #: diagonal branch keeps 196 registers (two per SM, not three) and 128 x 64 flat on 8 warps 159
 #: (one, not two); under 3.7 (torch 2.12's and 2.13's) the flat one keeps 156 (one, not two).
 #: :func:`fwd_alternatives` applies them.
-FWD_ALTERNATIVES_BY_TRITON = {"3.6": {(128, 64, 4, 3, False, None, "tma", True): 2, (128, 64, 8, 3, True): 1},
-                              "3.7": {(128, 64, 8, 3, True): 1}}
+FWD_ALTERNATIVES_BY_TRITON: Dict[str, Dict[tuple, int]] = {
+    "3.6": {(128, 64, 4, 3, False, None, "tma", True): 2, (128, 64, 8, 3, True): 1},
+    "3.7": {(128, 64, 8, 3, True): 1}}
 
 
 def fwd_alternatives() -> Dict[tuple, int]:
@@ -878,7 +879,7 @@ def launches() -> List[Launch]:
             and la.flags["COUNTED"]]
     # DAAL_KNN_EPILOGUE=plain (kept until a GPU times both): the forward builds with the earlier
     # epilogue, at the D-chunk a D = 512 launch takes (the largest of each family)
-    largest = {fam: max(la.block_d for la in out if la.family == fam and la.spec is KERNELS["fwd"])
+    largest = {fam: max(la.block_d or 0 for la in out if la.family == fam and la.spec is KERNELS["fwd"])
                for fam in CONFIGS}
     return out + [replace(la, flags=dict(la.flags, LEAN=False)) for la in out
                   if la.spec is KERNELS["fwd"] and la.flags["LEAN"] and la.block_d == largest[la.family]]

@@ -68,7 +68,7 @@ def knn(
     d = pairwise_distance(query, ref)
     m, n = d.shape
     invalid = torch.zeros(m, n, dtype=torch.bool, device=d.device)
-    if query_labels is not None:
+    if query_labels is not None and ref_labels is not None:  # both or neither (checked above)
         invalid |= query_labels[:, None] != ref_labels[None, :]
     if exclude_self:
         idx = torch.arange(min(m, n), device=d.device)
@@ -106,7 +106,7 @@ def check_batch_rows(batch_rows, query: torch.Tensor, ref: torch.Tensor) -> int:
             or not 0 <= batch_rows <= limit):
         raise ValueError(f"batch_rows must be an integer in [0, min(M, N)] = [0, {limit}] (the reference rows "
                          f"that are the query's first rows), got {batch_rows!r}")
-    return batch_rows
+    return batch_rows  # type: ignore[return-value]  # a SymInt is an int to its callers
 
 
 def selected_distance_sq(query: torch.Tensor, ref: torch.Tensor, index: torch.Tensor,

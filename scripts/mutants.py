@@ -25,7 +25,9 @@ numerical probe (2026-12-06: the line margin's x.u as x.q - x.p for short segmen
 the benchmark tools (switch cases that ran the default, file_run.py's folders and archives, gpu_check's OUTDIR)
 and a fourth probe of the library (2026-12-06, evening: sparse, mkldnn and nested tensors, hyperparameters
 set as attributes) and an integration probe (the same evening: symbolic hyperparameters under torch.compile) and a
-numerical probe (the same evening: the float32 reference's margins at m0 = 0).
+numerical probe (the same evening: the float32 reference's margins at m0 = 0) and a typing probe
+(2026-12-06, night: py.typed in the wheel, the public names under TYPE_CHECKING, daal_loss's
+overloads by return_parts, the declared hyperparameter attributes and LossOptions).
 
 This script checks that they stay caught:
 in a scratch clone of the working tree it applies one mutant at a time (an exact text
@@ -1246,9 +1248,8 @@ MUTANTS: Tuple[Mutant, ...] = (
            ("tests/package/test_loss_module.py", "-k", "attributes_that_take_effect")),
     # an integration probe (2026-12-06, evening): daal_loss under torch.compile(dynamic=True, fullgraph=True)
     Mutant("as_float_untraceable", "daal_triton/validation.py",
-           "not isinstance(value, numbers.Real) or not abs(value) <= _FLOAT32_MAX:",
-           "not isinstance(value, numbers.Real) or not __import__('math').isfinite(value) \\\n"
-           "            or abs(value) > _FLOAT32_MAX:",
+           "            or not abs(value) <= _FLOAT32_MAX):",
+           "            or not __import__('math').isfinite(value) or abs(value) > _FLOAT32_MAX):",
            ("tests/package/test_fast_path.py", "-k", "symbolic_hyperparameters")),
     Mutant("knn_symbolic_k_refused", "kernels/knn.py",
            "    if isinstance(k, torch.SymInt):  # torch.export", "    if False:  # torch.export",
@@ -1265,6 +1266,22 @@ MUTANTS: Tuple[Mutant, ...] = (
            "    torch.export.register_dataclass(DAALParts, serialized_type_name=\"daal_triton.DAALParts\")",
            "    pass",
            ("tests/package/test_fast_path.py", "-k", "returns_the_parts")),
+    Mutant("py_typed_left_out_of_the_wheel", "setup.py",
+           "    package_data={\"daal_triton\": [\"py.typed\"]},", "",
+           ("tests/package/test_install.py", "-k", "sdist_and_the_wheel")),
+    Mutant("daal_loss_parts_typed_as_a_tensor", "daal_triton/functional.py",
+           "return_parts: Literal[True], **options: Unpack[LossOptions]) -> DAALParts: ...",
+           "return_parts: Literal[True], **options: Unpack[LossOptions]) -> torch.Tensor: ...",
+           ("tests/package/test_typing.py",)),
+    Mutant("public_names_seen_as_any", "daal_triton/__init__.py",
+           "    from .loss import DAALLoss, init_segments\n", "",
+           ("tests/package/test_typing.py",)),
+    Mutant("hyperparameter_attribute_declared_int", "daal_triton/loss.py",
+           "    alpha: float\n    tau: float\n", "    alpha: int\n    tau: float\n",
+           ("tests/package/test_typing.py",)),
+    Mutant("loss_options_missing_a_keyword", "daal_triton/functional.py",
+           "    ref_includes_batch: bool\n    backend: str\n", "    backend: str\n",
+           ("tests/package/test_typing.py",)),
 )
 
 

@@ -86,7 +86,7 @@ def test_the_sdist_and_the_wheel_hold_the_package_and_what_it_links_to(tmp_path)
         in_wheel = sorted(n for n in whl.namelist() if ".dist-info/" not in n)
     assert {n.split("/")[0] for n in in_wheel} == {"daal_triton"}
     assert {"daal_triton/kernels/knn.py", "daal_triton/reference/daal.py",
-            "daal_triton/train/data/shapes.py"} <= set(in_wheel)
+            "daal_triton/train/data/shapes.py", "daal_triton/py.typed"} <= set(in_wheel)
     again = _build(tmp_path / "unpacked" / top, tmp_path / "again", "wheel")
     with zipfile.ZipFile(again) as whl:
         assert sorted(n for n in whl.namelist() if ".dist-info/" not in n) == in_wheel
