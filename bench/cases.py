@@ -330,9 +330,10 @@ SWITCHES: Tuple[Switch, ...] = (
            since="2026-12-02", until="2026-12-04"),
     Switch("DAAL_ALIGN_D", "pad", "off", "triton_unaligned", (("pairwise", "large_d129", "bf16", "fwdbwd"),),
            memory=True, since="2026-12-02", until="2026-12-04", kept="off",
-           decided="off: the unpadded rows 0.63-0.89x the padded time in all three runs, with less memory "
-                   "(the padding's copies are 10 of the forward and backward's 18 launches); padded "
-                   "with DAAL_ALIGN_D=pad"),
+           decided="off for the pairwise distance: the unpadded rows 0.63-0.89x the padded time in all "
+                   "three runs, with less memory (the padding's copies are 10 of the forward and "
+                   "backward's 18 launches); the default (auto, DAAL_ALIGN_D unset) leaves its rows "
+                   "unpadded and pads the kNN's (timed below); padded with DAAL_ALIGN_D=pad"),
     # step 5's x.u as one dot with u from the copy [p~, u~] (exact t for short segments; the copy
     # costs C x 2 x D in x's dtype where the segments were used as they are) beside x.q - x.p
     Switch("DAAL_LM_XU", "dot", "difference", "triton_xu_difference",

@@ -123,8 +123,9 @@ def daal_loss(
 ) -> Union[torch.Tensor, DAALParts]:
     """DAAL loss (docs/method.md). ``embeddings`` B x D, ``labels`` B ints in [0, C), ``segments`` C x 2 x D.
 
-    Returns a scalar (``reduction="mean"``) or B per-sample values (``"none"``) in the promoted
-    dtype of embeddings, segments and ``ref_embeddings`` (never below float32 arithmetic), or a
+    Returns a scalar (``reduction="mean"``) or B per-sample values (``"none"``) in the promotion
+    of the embeddings', segments' and ``ref_embeddings``' dtypes, raised to float32 at least
+    (float16/bfloat16 inputs give float32, a float64 one float64), or a
     :class:`daal_triton.DAALParts` with ``return_parts=True``.
 
     ``ref_embeddings``/``ref_labels`` (a memory bank): the kNN radius of each sample is taken over
@@ -202,7 +203,12 @@ def loss_with(
 def pairwise_distance(x: torch.Tensor, y: torch.Tensor, *, backend: str = "auto",
                       check_values: Optional[bool] = None) -> torch.Tensor:
     """``d_ij = sqrt(max(||x_i - y_j||^2, 1e-12))``: ``x`` M x D, ``y`` N x D -> M x N, float32
-    for float16/bfloat16/float32 inputs (float64 for float64); the gradients in the inputs' dtypes."""
+    for float16/bfloat16/float32 inputs (float64 for float64); the gradients in the inputs' dtypes.
+
+    Computed in the GEMM form ``||x_i||^2 + ||y_j||^2 - 2 x_i.y_j``, as ``torch.cdist`` computes
+    large inputs: its absolute error is about ``sqrt(eps) * max(||x_i||, ||y_j||)`` (float32: ~1e-2
+    at norms ~10, ~1e-3 for unit rows), so close pairs, a row's distance to itself included, are
+    not resolved. :func:`knn` takes the distances it returns by direct differences: exact there."""
     refuse_vmap("pairwise_distance")
     for name, t in (("x", x), ("y", y)):
         if not isinstance(t, torch.Tensor):

@@ -19,8 +19,9 @@ def init_segments(num_classes: int, embedding_dim: int, *, length: float = 0.2,
     ``p_c = o_c - (length/2) v_c``, ``q_c = o_c + (length/2) v_c``. Random midpoints on the
     sphere are nearly orthogonal in high dimension, so classes start well apart; the short
     segment (``length`` < ``l_max``) leaves room to grow along the class's main mode of variation.
-    Drawn in float64, returned in the default dtype (``torch.get_default_dtype()``, as
-    ``nn.Linear``'s weights). ``num_classes`` and ``embedding_dim`` are integers >= 1, ``length``
+    With ``embedding_dim = 1`` no direction is orthogonal to the midpoint: the segments have length
+    0 (``p = q = o``) whatever ``length`` is. Drawn in float64, returned in the default dtype
+    (``torch.get_default_dtype()``, as ``nn.Linear``'s weights). ``num_classes`` and ``embedding_dim`` are integers >= 1, ``length``
     a finite number >= 0 (a ``ValueError`` names the argument otherwise).
     """
     num_classes = as_int(num_classes, "num_classes")

@@ -87,8 +87,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                         "the same data and are evaluated on the same held-out images)")
     p.add_argument("--eval-batch-size", type=int, default=_D.eval_batch_size, help="batch size when embedding the test set")
     p.add_argument("--num-workers", type=int, default=_D.num_workers,
-                   help="DataLoader worker processes (default: min(8, CPUs) on CUDA, with pinned memory and "
-                        "prefetching; 0 on CPU)")
+                   help="DataLoader worker processes (default: min(8, CPUs / LOCAL_WORLD_SIZE) on CUDA, the "
+                        "machine's CPUs shared among torchrun's processes, with pinned memory and prefetching; "
+                        "0 on CPU)")
     p.add_argument("--knn-backend", default=_D.knn_backend, choices=CHOICES["knn_backend"],
                    help="daal_triton.knn backend for evaluation (auto: fused kernel on CUDA, PyTorch on CPU)")
     p.add_argument("--no-tsne", dest="tsne", action="store_false", help="skip the t-SNE plot")
@@ -117,8 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torchvision VGG-19 trunk; vgg19_bn (batch norm) is the default because plain vgg19 "
                         "does not train from scratch in the CPU budget (see docs/training.md)")
     p.add_argument("--width", type=float, default=None,
-                   help=f"channel multiplier of the VGG-19 trunk (same 19-layer topology, channels x WIDTH; 1.0 = "
-                        f"torchvision's VGG-19 exactly, required with --weights). Default: {SMALL_WIDTH} on "
+                   help=f"channel multiplier of the VGG-19 trunk, in (0, 4] (same 19-layer topology, channels x "
+                        f"WIDTH; 1.0 = torchvision's VGG-19 exactly, required with --weights). Default: {SMALL_WIDTH} on "
                         f"{'/'.join(SMALL_DATASETS)} (the CPU main job), 1.0 on photo data sets and with --weights")
     _add_model_flags(p)
     _add_daal_flags(p)
@@ -219,7 +220,7 @@ def _add_daal_flags(p: argparse.ArgumentParser) -> None:
         flag, help_text = f"--daal-{name.replace('_', '-')}", fields[name].metadata["help"]
         if isinstance(default, bool):
             g.add_argument(flag, dest=f"daal_{name}", action=argparse.BooleanOptionalAction, default=default,
-                           help=help_text)
+                           help=f"{help_text} ({'on' if default else 'off'} by default)")
         else:
             g.add_argument(flag, dest=f"daal_{name}", type=type(default), default=default, help=help_text)
 
