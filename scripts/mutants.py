@@ -27,7 +27,10 @@ and a fourth probe of the library (2026-12-06, evening: sparse, mkldnn and neste
 set as attributes) and an integration probe (the same evening: symbolic hyperparameters under torch.compile) and a
 numerical probe (the same evening: the float32 reference's margins at m0 = 0) and a typing probe
 (2026-12-06, night: py.typed in the wheel, the public names under TYPE_CHECKING, daal_loss's
-overloads by return_parts, the declared hyperparameter attributes and LossOptions).
+overloads by return_parts, the declared hyperparameter attributes and LossOptions) and an
+environment probe of the training programs (the same night: ASCII terminals and locales, non-ASCII
+folder names, daal-study's table written whole, --save-embeddings onto daal-eval's own files, a
+checkpoint's width, daal-study's folders named by their flags, MPLBACKEND).
 
 This script checks that they stay caught:
 in a scratch clone of the working tree it applies one mutant at a time (an exact text
@@ -137,7 +140,7 @@ MUTANTS: Tuple[Mutant, ...] = (
     Mutant("checkpoint_missing_digest", "daal_triton/train/checkpoint.py", "    if stored != digest(ck):",
            "    if stored is not None and stored != digest(ck):",
            ("tests/train/test_train_safety.py", "-k", "without_its_digest")),
-    Mutant("checkpoint_atomic_write", "daal_triton/train/checkpoint.py",
+    Mutant("checkpoint_atomic_write", "daal_triton/train/files.py",
            "        write(tmp)\n        os.replace(tmp, path)", "        write(path)",
            ("tests/train/test_train_safety.py", "-k", "fails_midway")),
     Mutant("checkpoint_numpy_rng", "daal_triton/train/checkpoint.py", "        np.random.set_state((",
@@ -786,7 +789,7 @@ MUTANTS: Tuple[Mutant, ...] = (
     Mutant("out_name_too_long", "daal_triton/train/config.py", "if len(os.fsencode(part)) > name_max:",
            "if len(os.fsencode(part)) > 4 * name_max:",
            ("tests/train/test_train_user_errors.py", "-k", "cannot_be_made")),
-    Mutant("write_leaves_tmp", "daal_triton/train/checkpoint.py", "            os.remove(tmp)\n",
+    Mutant("write_leaves_tmp", "daal_triton/train/files.py", "            os.remove(tmp)\n",
            "            pass\n", ("tests/train/test_train_user_errors.py", "-k", "full_disk")),
     Mutant("embeddings_folder_made", "daal_triton/train/evaluate.py",
            "    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)  # as --out is",
@@ -1060,7 +1063,7 @@ MUTANTS: Tuple[Mutant, ...] = (
            "    state.done = epoch\n",
            "",
            ("tests/train/test_train_safety.py", "-k", "names_that_epoch or how_to_continue")),
-    Mutant("atomic_write_keeps_tmp_on_ctrl_c", "daal_triton/train/checkpoint.py",
+    Mutant("atomic_write_keeps_tmp_on_ctrl_c", "daal_triton/train/files.py",
            "    except BaseException as e:  # a full disk, Ctrl-C midway",
            "    except (OSError, RuntimeError) as e:  # a full disk, Ctrl-C midway",
            ("tests/train/test_train_safety.py", "-k", "fails_midway")),
@@ -1282,6 +1285,37 @@ MUTANTS: Tuple[Mutant, ...] = (
     Mutant("loss_options_missing_a_keyword", "daal_triton/functional.py",
            "    ref_includes_batch: bool\n    backend: str\n", "    backend: str\n",
            ("tests/package/test_typing.py",)),
+    Mutant("output_not_escaped", "daal_triton/train/console.py",
+           '            reconfigure(errors="daal-escape")', "            pass",
+           ("tests/train/test_train_console.py", "-k", "encode or non_ascii")),
+    Mutant("path_surrogates_written_strictly", "daal_triton/train/files.py",
+           'encoding="utf-8", errors="surrogateescape"', 'encoding="utf-8"',
+           ("tests/train/test_train_console.py", "-k", "non_ascii")),
+    Mutant("study_table_emptied_before_written", "daal_triton/train/study.py",
+           '    write_text_atomically(os.path.join(report, "table.md"),\n'
+           '                          markdown_table(',
+           '    with open(os.path.join(report, "table.md"), "w") as f:\n'
+           '        f.write(markdown_table(',
+           ("tests/train/test_train_study.py", "-k", "fails_midway")),
+    Mutant("save_embeddings_onto_outputs", "daal_triton/train/cli.py",
+           "        if os.path.realpath(save) in taken:", "        if False:",
+           ("tests/train/test_train_eval_cli.py", "-k", "onto_what")),
+    Mutant("save_embeddings_name_unchecked", "daal_triton/train/cli.py",
+           "        _check_writable(save if not os.path.exists(save) else os.path.dirname(os.path.abspath(save)),",
+           "        _check_writable(os.path.dirname(os.path.abspath(save)),",
+           ("tests/train/test_train_eval_cli.py", "-k", "onto_what")),
+    Mutant("eval_width_unchecked", "daal_triton/train/cli.py",
+           "    try:  # daal-eval has no --width: the checkpoint's own (a traceback from the network's constructor before)\n"
+           "        check_width(cfg)",
+           "    try:  # daal-eval has no --width: the checkpoint's own (a traceback from the network's constructor before)\n"
+           "        pass",
+           ("tests/train/test_train_eval_cli.py", "-k", "out_of_range")),
+    Mutant("study_folders_unnamed", "daal_triton/train/study.py",
+           "                    _check_writable(path, flag)", "                    pass",
+           ("tests/train/test_train_study.py", "-k", "cannot_make")),
+    Mutant("mplbackend_from_the_environment", "daal_triton/train/plots.py",
+           '    os.environ["MPLBACKEND"] = "Agg"\n', "",
+           ("tests/train/test_train_user_errors.py", "-k", "mplbackend")),
 )
 
 

@@ -26,6 +26,7 @@ import daal_triton
 from daal_triton.memory import MemoryBank
 
 from .config import TrainConfig
+from .files import write_atomically
 
 FORMAT = "daal-train checkpoint"
 
@@ -65,36 +66,6 @@ def save_checkpoint(path: str, *, model: nn.Module, criterion: nn.Module, cfg: T
         state["rng_ranks"] = rank_rng
     state["sha256"] = digest(state)
     write_atomically(path, lambda tmp: torch.save(state, tmp))
-
-
-def write_atomically(path: str, write) -> None:
-    """``write(path + ".tmp")``, then rename it to ``path``: a reader never sees half a file. When
-    the writing fails (a full disk: ``torch.save`` raises a RuntimeError from its zip writer), the
-    ``.tmp`` file is removed and an ``OSError`` names ``path``; anything else raised midway
-    (Ctrl-C's KeyboardInterrupt) removes it too and goes on as it was."""
-    tmp = path + ".tmp"
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException as e:  # a full disk, Ctrl-C midway: no half-written .tmp is left behind
-        try:
-            os.remove(tmp)
-        except OSError:
-            pass
-        if not isinstance(e, (OSError, RuntimeError)):
-            raise
-        if isinstance(e, OSError) and e.strerror:
-            raise OSError(e.errno, f"cannot write it ({e.strerror})", path) from None
-        raise OSError(None, f"cannot write it (is the disk full? {str(e).strip().splitlines()[-1]})", path) from None
-
-
-def write_text_atomically(path: str, text: str) -> None:
-    """:func:`write_atomically` of a UTF-8 text file."""
-    def write(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-
-    write_atomically(path, write)
 
 
 def _looks_saved(path: str) -> bool:

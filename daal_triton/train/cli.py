@@ -416,12 +416,20 @@ def _eval_outputs(args: argparse.Namespace) -> str:
     _check_writable(out)
     targets = [os.path.join(out, "eval.json")] + ([os.path.join(out, "tsne_eval.png")] if args.tsne else [])
     if args.save_embeddings:
-        if os.path.isdir(args.save_embeddings):
-            raise ConfigError(f"--save-embeddings {args.save_embeddings}: is a folder (give a file name, e.g. "
+        save = args.save_embeddings
+        taken = {os.path.realpath(out): "the --out folder", os.path.realpath(args.checkpoint): "the checkpoint "
+                 "being evaluated", **{os.path.realpath(t): f"where daal-eval writes {os.path.basename(t)}"
+                                       for t in targets}}
+        if os.path.realpath(save) in taken:  # written over by daal-eval's own files, or the checkpoint lost
+            raise ConfigError(f"--save-embeddings {save}: is {taken[os.path.realpath(save)]} (give another file "
+                              f"name, e.g. embeddings.pt or embeddings.npz)")
+        if os.path.isdir(save):
+            raise ConfigError(f"--save-embeddings {save}: is a folder (give a file name, e.g. "
                               f"embeddings.pt or embeddings.npz)")
-        _check_writable(os.path.dirname(os.path.abspath(args.save_embeddings)), "--save-embeddings",
-                        args.save_embeddings)
-        targets.append(args.save_embeddings)
+        # its folder writable, and the names still to be made (the file's own too) not too long
+        _check_writable(save if not os.path.exists(save) else os.path.dirname(os.path.abspath(save)),
+                        "--save-embeddings", save)
+        targets.append(save)
     held = [t for t in targets if os.path.exists(t)]
     if held and not args.overwrite:
         raise ConfigError(f"{', '.join(held)} already exist{'s' if len(held) == 1 else ''}: pass --overwrite to "
@@ -434,10 +442,11 @@ def _evaluate_checkpoint(args: argparse.Namespace) -> Dict[str, Dict[str, float]
     classes; writes eval.json and tsne_eval.png once the checkpoint and the data have loaded."""
     from . import evaluate as E
     from . import plots
-    from .checkpoint import load_checkpoint, load_weights, write_text_atomically
+    from .checkpoint import load_checkpoint, load_weights
+    from .files import write_text_atomically
     from .data import build_datasets
-    from .config import (check_backend, check_choices, check_data_root, check_kinds, check_numbers, checked_device,
-                         drop_unread_data_root, note_source)
+    from .config import (check_backend, check_choices, check_data_root, check_kinds, check_numbers, check_width,
+                         checked_device, drop_unread_data_root, note_source)
     from .ddp import ConfigError
     from .devices import place_model, resolve_amp
     from .engine import build_model
@@ -458,6 +467,10 @@ def _evaluate_checkpoint(args: argparse.Namespace) -> Dict[str, Dict[str, float]
     if args.dataset not in (None, saved.get("dataset")) and args.data_root is None:
         cfg.data_root = None  # the checkpoint's folder holds its own data set, not the one asked for
     cfg.weights = None  # the checkpoint holds the trained trunk
+    try:  # daal-eval has no --width: the checkpoint's own (a traceback from the network's constructor before)
+        check_width(cfg)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: its configuration: {e}") from None
     try:
         check_numbers(cfg)
         check_choices(cfg)

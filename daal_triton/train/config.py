@@ -174,9 +174,7 @@ def validate_config(cfg: TrainConfig, world_size: int, device: torch.device) -> 
     check_settings(cfg)
     for flag, backend in (("--knn-backend", cfg.knn_backend), ("--loss-backend", cfg.loss_backend)):
         check_backend(flag, backend, device)
-    if cfg.width is not None and (isinstance(cfg.width, bool) or not isinstance(cfg.width, (int, float))
-                                  or not 0 < cfg.width <= 4):
-        raise ConfigError(f"--width must be a number in (0, 4], got {cfg.width!r}")
+    check_width(cfg)
     check_data_root(cfg)
     if cfg.weights and cfg.width not in (None, 1, 1.0):
         raise ConfigError(f"--weights needs --width 1 (ImageNet weights exist only for torchvision's full-width "
@@ -228,6 +226,13 @@ _BOUNDS = (
     ("--dist-timeout", "dist_timeout", 0.0, False), ("--log-every", "log_every", 1, True),
     ("--stop-after", "stop_after", 1, True), ("--seed", "seed", 0, True), ("--data-seed", "data_seed", 0, True),
 )
+
+
+def check_width(cfg: TrainConfig) -> None:
+    """``--width`` in (0, 4] (None: the data set's default), as :func:`vgg19_features` builds it."""
+    if cfg.width is not None and (isinstance(cfg.width, bool) or not isinstance(cfg.width, (int, float))
+                                  or not 0 < cfg.width <= 4):
+        raise ConfigError(f"--width must be a number in (0, 4], got {cfg.width!r}")
 
 
 def check_numbers(cfg: Any, names: Optional[set] = None) -> None:

@@ -17,13 +17,38 @@ modules inside ``main``): until 2026-12-05 they loaded ``cli`` alone, so torch's
 callbacks was "ignored" by the interpreter and the run went on to the end (status 0: a CI run
 of test_an_early_ctrl_c_stops_daal_train_with_one_line).
 """
+import codecs
 import importlib
 import signal
 import sys
 from typing import Callable
 
 
+def _escape(error: UnicodeError):
+    """The codec error handler of the programs' output: a path's undecodable bytes (surrogates, in a
+    non-UTF-8 locale) go out as those bytes, as the name is on the disk; any other character the
+    stream cannot encode as an escape (``\\xb1`` for the tables' ±)."""
+    if isinstance(error, UnicodeEncodeError):
+        chunk = error.object[error.start:error.end]
+        if all(0xDC80 <= ord(c) <= 0xDCFF for c in chunk):
+            return codecs.lookup_error("surrogateescape")(error)
+        return codecs.lookup_error("backslashreplace")(error)
+    raise error
+
+
+def _tolerant_output() -> None:
+    """stdout and stderr with :func:`_escape` for what they cannot encode (an ASCII terminal or
+    pipe: ``LC_ALL=C`` with ``PYTHONUTF8=0``, ``PYTHONIOENCODING=ascii``): before, a ± or a path's
+    non-ASCII name ended a finished run with a UnicodeEncodeError traceback, its results unwritten."""
+    codecs.register_error("daal-escape", _escape)
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)  # a TextIOWrapper (None: closed, replaced)
+        if reconfigure is not None:
+            reconfigure(errors="daal-escape")
+
+
 def _run(load: Callable[[], Callable[[], int]], prog: str) -> int:
+    _tolerant_output()
     held = []
 
     def hold(signum, frame):

@@ -264,7 +264,7 @@ def save_embeddings(path: str, emb: torch.Tensor, labels: torch.Tensor, paths: S
     ``torch.load(path, weights_only=True)`` opens it. Written to ``path.tmp``, then renamed."""
     import os
 
-    from .checkpoint import write_atomically
+    from .files import write_atomically
 
     emb = emb.detach().float().cpu().contiguous()
     labels = labels.detach().long().cpu().contiguous()

@@ -2,6 +2,7 @@
 record modes, a second panel coloured by mode), and the training curves (loss, Recall@1 per epoch)."""
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -10,6 +11,9 @@ import torch
 
 
 def _pyplot():
+    # the programs write files only: a display backend is never needed, and a bad MPLBACKEND (read
+    # by matplotlib's import) dropped every plot of a finished run with a warning that did not name it
+    os.environ["MPLBACKEND"] = "Agg"
     import matplotlib
 
     matplotlib.use("Agg")

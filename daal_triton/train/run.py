@@ -36,7 +36,7 @@ from daal_triton.memory import MemoryBank
 from . import ddp
 from . import evaluate as E
 from .checkpoint import (CheckpointError, load_checkpoint, load_weights, require_training_state, restore_rng,
-                         rng_state, save_checkpoint, write_text_atomically)
+                         rng_state, save_checkpoint)
 from .config import (REPLACED, TrainConfig, check_data_flags, check_kinds, check_out, check_resume_folder,
                      checked_device, note_source, resume_config, taken_from_checkpoint, validate_config)
 from .data import DistributedPKSampler, PKSampler, SeededDraws, build_datasets
@@ -45,6 +45,7 @@ from .devices import (compile_network, loader_options, place_model, prepare_devi
                       seed_everything)
 from .engine import (GlobalBatchLoss, build_criterion, build_miner, build_model, check_pml_on_a_batch, make_optimizer,
                      make_scheduler, train_one_epoch)
+from .files import write_text_atomically
 from .log import Log, plural
 from .model import NO_WEIGHTS_NOTE
 

@@ -34,7 +34,8 @@ import threading
 import time
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
-from .config import SEED_LIMIT  # daal-train's bound on --seed
+from .config import SEED_LIMIT, _check_writable  # daal-train's bound on --seed; --out's check
+from .files import write_text_atomically
 from .log import plural
 
 EXAMPLE = """\
@@ -694,13 +695,15 @@ def write_report(study: Dict[str, Any], records: List[Dict[str, Any]], configs: 
     marker = os.path.join(report, WRITING)
     open(marker, "w").close()  # removed once every file is written: a report cut short is redone
     written = []
-    with open(os.path.join(report, "table.md"), "w") as f:
-        f.write(markdown_table(records, configs, command=command, title=study["name"], note=note))
+    # UTF-8 whatever the locale (the table holds ±), and whole or not at all: a failure leaves the
+    # previous table.md as it was
+    write_text_atomically(os.path.join(report, "table.md"),
+                          markdown_table(records, configs, command=command, title=study["name"], note=note))
     written.append(os.path.join(report, "table.md"))
     reported = {c: dict(args=next(r["args"] for r in records if r["config"] == c),
                         seeds=sorted(r["seed"] for r in records if r["config"] == c)) for c in configs}
-    with open(os.path.join(report, "study.json"), "w") as f:
-        json.dump(dict(study, command=command, reported=reported), f, indent=2)
+    write_text_atomically(os.path.join(report, "study.json"),
+                          json.dumps(dict(study, command=command, reported=reported), indent=2))
     written.append(os.path.join(report, "study.json"))
     if plots and records:
         written.append(plot_metrics(records, configs, os.path.join(report, "metrics.png")))
@@ -862,6 +865,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         for flag, path in (("--out", args.out), ("--report", args.report)):
             if path is not None and (not path or os.path.exists(path) and not os.path.isdir(path)):
                 raise StudyError(f"{flag} {path!r}: not a folder")
+            if path and not args.dry_run and not (args.summarize and flag == "--out"):  # the folders it writes
+                try:  # named up front, as daal-train names --out: not "Permission denied: ro/st" afterwards
+                    _check_writable(path, flag)
+                except ValueError as e:
+                    raise StudyError(str(e)) from None
         os.environ["MPLBACKEND"] = "Agg"  # it writes files; a bad or interactive backend must not stop the report
         lock = None
         try:
@@ -972,7 +980,8 @@ def _study(args: argparse.Namespace, study: Dict[str, Any], command: str) -> int
                 f"{len(missing)} of the study's {len(cells)} runs have no result and are not in the table: {listed}.")
         written = write_report(study, records, report_order(study, records, report), report, command, note=note,
                                plots=args.plots, tsne=args.tsne, tsne_seed=args.tsne_seed)
-        print(open(table).read())
+        with open(table, encoding="utf-8", errors="surrogateescape") as f:
+            print(f.read())
         print("[daal-study] wrote " + ", ".join([runs_path] + written), flush=True)
     else:
         print(f"[daal-study] no finished run to report: nothing written in {report}", flush=True)

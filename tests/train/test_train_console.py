@@ -2,6 +2,7 @@
 the program has finished."""
 import ast
 import importlib
+import os
 import pathlib
 import re
 import subprocess
@@ -211,3 +212,50 @@ def test_each_wrapper_runs_its_main(monkeypatch, wrapper, module, name):
         assert wrapper() == 7
     finally:
         signal.signal(signal.SIGINT, before)
+
+
+_ENCODINGS = {"ascii": {"PYTHONIOENCODING": "ascii"}, "C-locale": {"LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0"}}
+
+
+@pytest.mark.parametrize("env", list(_ENCODINGS), ids=list(_ENCODINGS))
+def test_output_the_terminal_cannot_encode_is_escaped(env):
+    """On an ASCII stdout (``PYTHONIOENCODING=ascii``; ``LC_ALL=C`` with ``PYTHONUTF8=0``) a ± or
+    a path's non-ASCII name ended a finished run with a UnicodeEncodeError traceback before its
+    results were written (a probe, 2026-12-06). The programs print ± as ``\\xb1``, and a name the
+    file system's encoding could not decode (surrogates) as the bytes it has on the disk."""
+    code = ("import sys; from daal_triton.train import console\n"
+            "def main():\n"
+            "    print('0.600 \\u00b1 0.100 in run \\udcc3\\udcbc', flush=True)\n"
+            "    print('an error \\u00d7', file=sys.stderr)\n"
+            "    return 0\n"
+            "sys.exit(console._run(lambda: main, 'prog'))\n")
+    environ = {k: v for k, v in os.environ.items() if k not in ("PYTHONIOENCODING", "LC_ALL", "LANG", "PYTHONUTF8")}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120,
+                       env=dict(environ, **_ENCODINGS[env]))
+    assert r.returncode == 0, r.stderr.decode(errors="replace")
+    assert r.stdout == b"0.600 \\xb1 0.100 in run \xc3\xbc\n"
+    assert r.stderr == b"an error \\xd7\n"
+
+
+def test_a_run_into_a_folder_with_a_non_ascii_name_finishes_in_an_ascii_locale(tmp_path):
+    """``daal-train --out "run ü×"`` under ``LC_ALL=C PYTHONUTF8=0``: the file system's encoding
+    (ASCII) gives the name surrogates; results.txt failed to encode them at the end of a finished
+    run (UnicodeEncodeError, no results). Now every file is written and results.txt names the folder
+    by its bytes on the disk."""
+    pytest.importorskip("torchvision")
+    pytest.importorskip("sklearn")
+    from test_train_user_errors import TINY
+
+    name = "run ü×"
+    code = ("import sys; from daal_triton.train import console; "
+            f"sys.argv = ['daal-train'] + {list(TINY)!r} + ['--out', {ascii(name)}.encode().decode('ascii', "
+            "'surrogateescape')]; "
+            "sys.exit(console.train())")
+    environ = {k: v for k, v in os.environ.items() if k not in ("PYTHONIOENCODING", "LC_ALL", "LANG", "PYTHONUTF8")}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=600, cwd=tmp_path,
+                       env=dict(environ, LC_ALL="C", LANG="C", PYTHONUTF8="0"))
+    assert r.returncode == 0, r.stderr.decode(errors="replace")[-3000:]
+    folder = tmp_path / name
+    assert {"config.json", "metrics.jsonl", "results.txt", "checkpoint_last.pt"} <= set(os.listdir(folder))
+    assert f"outputs in {name})".encode() in (folder / "results.txt").read_bytes()
+    assert f"outputs in {name})".encode() in r.stdout

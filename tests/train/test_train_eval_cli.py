@@ -182,3 +182,39 @@ def test_daal_eval_out_is_a_file(run_dir, tmp_path, error_line):
     line = error_line("daal-eval")
     assert line.startswith(f"daal-eval: error: --save-embeddings {f / 'e.pt'}: ") and "--out" not in line
     assert f.read_text() == "mine" and not (tmp_path / "ev").exists()
+
+
+@pytest.mark.parametrize("target", ["eval.json", "tsne_eval.png", "the-out-folder", "the-checkpoint", "a-long-name"])
+def test_save_embeddings_onto_what_daal_eval_reads_or_writes_is_refused(run_dir, tmp_path, target, error_line):
+    """``--save-embeddings`` at daal-eval's own eval.json or t-SNE (also by another spelling of the
+    path), at the --out folder, or at the checkpoint it evaluates (even with --overwrite): one of
+    the two files was lost in silence (exit 0), the checkpoint replaced by embeddings; a name too
+    long failed after the whole evaluation (a probe, 2026-12-06). Refused up front, naming the flag."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    ck = run / "checkpoint_last.pt"
+    before = ck.read_bytes()
+    ev = tmp_path / "ev"
+    save = {"eval.json": f"{tmp_path}/ev/../ev/eval.json", "tsne_eval.png": str(ev / "tsne_eval.png"),
+            "the-out-folder": str(ev), "the-checkpoint": str(ck), "a-long-name": str(tmp_path / ("e" * 300))}[target]
+    argv = [str(ck), "--out", str(ev), "--no-progress", "--tsne-max-points", "48", "--save-embeddings", save]
+    assert cli.eval_main(argv + ["--overwrite"] * (target == "the-checkpoint")) == 2
+    assert error_line("daal-eval").startswith(f"daal-eval: error: --save-embeddings {save}: ")
+    assert ck.read_bytes() == before and not ev.exists()
+
+
+def test_a_checkpoint_whose_configuration_is_out_of_range_is_one_line(run_dir, tmp_path, error_line):
+    """A checkpoint's own configuration, digest and all, with a width the network cannot have: a
+    traceback from its constructor before; now the error daal-train gives for --width."""
+    from daal_triton.train import checkpoint as C
+
+    ck = C.load_checkpoint(_ck(run_dir))
+    ck["config"]["width"] = -1.0  # load_checkpoint took the digest out
+    ck["sha256"] = C.digest(ck)
+    path = str(tmp_path / "edited.pt")
+    torch.save(ck, path)
+    assert cli.eval_main([path, "--out", str(tmp_path / "ev"), "--no-progress", "--no-tsne"]) == 2
+    line = error_line("daal-eval")
+    assert "--width must be a number in (0, 4], got -1.0" in line and path in line

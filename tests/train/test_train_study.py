@@ -562,3 +562,40 @@ def test_published_tables_are_what_their_runs_give(report):
     rendered = S.markdown_table(records, order, note=note)
     assert sentence in rendered.splitlines()
     assert _rows(published) == _rows(rendered)
+
+
+def test_a_report_that_fails_midway_keeps_the_previous_table(tmp_path, monkeypatch):
+    """table.md was opened for writing (emptied) before its text existed: a failure then (an ASCII
+    locale's UnicodeEncodeError on the ±, found by a probe under LC_ALL=C PYTHONUTF8=0) left the
+    previous report's table empty. It is written whole or not at all, as UTF-8 whatever the locale."""
+    out = str(tmp_path / "st")
+    argv = ["--config", "A=--epochs 1", "--seeds", "0", "1", "--out", out, "--no-progress", "--no-plots"]
+    monkeypatch.setattr(S, "run_cell", _fake_cell)
+    assert S.main(argv) == 0
+    table = os.path.join(out, "table.md")
+    before = open(table, "rb").read()
+    assert "±".encode() in before
+
+    def failing(*args, **kwargs):
+        raise UnicodeEncodeError("ascii", "±", 0, 1, "ordinal not in range(128)")
+
+    monkeypatch.setattr(S, "markdown_table", failing)
+    with pytest.raises(UnicodeEncodeError):
+        S.main(argv + ["--seeds", "2"])
+    assert open(table, "rb").read() == before
+    assert sorted(os.listdir(out)) == sorted(n for n in os.listdir(out) if not n.endswith(".tmp"))
+
+
+@pytest.mark.parametrize("flag", ["--out", "--report"])
+def test_a_folder_the_study_cannot_make_is_named_by_its_flag(tmp_path, monkeypatch, flag, error_line):
+    """``--out afile/st`` (or ``--report``) said "Not a directory: afile/st", naming no flag (a
+    probe, 2026-12-06); checked up front now, as daal-train's --out is. Nothing is written."""
+    blocker = tmp_path / "afile"
+    blocker.write_text("mine")
+    monkeypatch.setattr(S, "run_cell", _fake_cell)
+    path = str(blocker / "st")
+    out = path if flag == "--out" else str(tmp_path / "out")
+    argv = ["--config", "A=--epochs 1", "--seeds", "0", "--out", out, "--no-progress", "--no-plots"]
+    assert S.main(argv + (["--report", path] if flag == "--report" else [])) == 2
+    assert error_line("daal-study") == f"daal-study: error: {flag} {path}: {blocker} is a file, not a folder"
+    assert sorted(os.listdir(tmp_path)) == ["afile"] and blocker.read_text() == "mine"
