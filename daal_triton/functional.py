@@ -22,8 +22,8 @@ from .validation import (
     value_checks_on,
 )
 
-if TYPE_CHECKING:  # PEP 692's ``**options: Unpack[...]``: a checker of Python < 3.11 reads Any there
-    from typing import Unpack
+if TYPE_CHECKING:  # PEP 692's ``**options: Unpack[...]`` (typing has it from Python 3.11; read by checkers only)
+    from typing_extensions import Unpack
 
 
 #: Environment switch of the Triton backend's glue (internal; the GPU runs decided for "fused",

@@ -30,7 +30,8 @@ numerical probe (the same evening: the float32 reference's margins at m0 = 0) an
 overloads by return_parts, the declared hyperparameter attributes and LossOptions) and an
 environment probe of the training programs (the same night: ASCII terminals and locales, non-ASCII
 folder names, daal-study's table written whole, --save-embeddings onto daal-eval's own files, a
-checkpoint's width, daal-study's folders named by their flags, MPLBACKEND).
+checkpoint's width, daal-study's folders named by their flags, MPLBACKEND; and from a review of
+those fixes, the streams restored after an in-process run and mixed runs of the escape handler).
 
 This script checks that they stay caught:
 in a scratch clone of the working tree it applies one mutant at a time (an exact text
@@ -1286,7 +1287,7 @@ MUTANTS: Tuple[Mutant, ...] = (
            "    ref_includes_batch: bool\n    backend: str\n", "    backend: str\n",
            ("tests/package/test_typing.py",)),
     Mutant("output_not_escaped", "daal_triton/train/console.py",
-           '            reconfigure(errors="daal-escape")', "            pass",
+           '            stream.reconfigure(errors="daal-escape")', "            pass",
            ("tests/train/test_train_console.py", "-k", "encode or non_ascii")),
     Mutant("path_surrogates_written_strictly", "daal_triton/train/files.py",
            'encoding="utf-8", errors="surrogateescape"', 'encoding="utf-8"',
@@ -1316,6 +1317,12 @@ MUTANTS: Tuple[Mutant, ...] = (
     Mutant("mplbackend_from_the_environment", "daal_triton/train/plots.py",
            '    os.environ["MPLBACKEND"] = "Agg"\n', "",
            ("tests/train/test_train_user_errors.py", "-k", "mplbackend")),
+    Mutant("streams_left_escaping", "daal_triton/train/console.py",
+           "                stream.reconfigure(errors=errors)", "                pass",
+           ("tests/train/test_train_console.py", "-k", "restored")),
+    Mutant("escape_whole_runs_as_one_kind", "daal_triton/train/console.py",
+           "    while end < error.end and surrogate(text[end]) == kind:", "    while end < error.end:",
+           ("tests/train/test_train_console.py", "-k", "encode")),
 )
 
 

@@ -21,34 +21,63 @@ import codecs
 import importlib
 import signal
 import sys
-from typing import Callable
+from typing import Any, Callable, List, Tuple
 
 
 def _escape(error: UnicodeError):
-    """The codec error handler of the programs' output: a path's undecodable bytes (surrogates, in a
-    non-UTF-8 locale) go out as those bytes, as the name is on the disk; any other character the
-    stream cannot encode as an escape (``\\xb1`` for the tables' ±)."""
-    if isinstance(error, UnicodeEncodeError):
-        chunk = error.object[error.start:error.end]
-        if all(0xDC80 <= ord(c) <= 0xDCFF for c in chunk):
-            return codecs.lookup_error("surrogateescape")(error)
-        return codecs.lookup_error("backslashreplace")(error)
-    raise error
+    """The codec error handler of the programs' output, for encoding: a path's undecodable bytes
+    (surrogates, in a non-UTF-8 locale) go out as those bytes, as the name is on the disk; any
+    other character the stream cannot encode as an escape (``\\xb1`` for the tables' ±). The
+    encoder hands over a whole run of characters: its leading part of one kind is handled and the
+    encoder comes back for the rest. (A decoding error, should a stream be read, is replaced.)"""
+    if not isinstance(error, UnicodeEncodeError):
+        return codecs.lookup_error("replace")(error)
+    text, end = error.object, error.start
+
+    def surrogate(c: str) -> bool:
+        return 0xDC80 <= ord(c) <= 0xDCFF
+
+    kind = surrogate(text[end])
+    while end < error.end and surrogate(text[end]) == kind:
+        end += 1
+    part = UnicodeEncodeError(error.encoding, text, error.start, end, error.reason)
+    return codecs.lookup_error("surrogateescape" if kind else "backslashreplace")(part)
 
 
-def _tolerant_output() -> None:
+codecs.register_error("daal-escape", _escape)
+
+
+def _tolerant_output() -> List[Tuple[Any, str]]:
     """stdout and stderr with :func:`_escape` for what they cannot encode (an ASCII terminal or
     pipe: ``LC_ALL=C`` with ``PYTHONUTF8=0``, ``PYTHONIOENCODING=ascii``): before, a ± or a path's
-    non-ASCII name ended a finished run with a UnicodeEncodeError traceback, its results unwritten."""
-    codecs.register_error("daal-escape", _escape)
+    non-ASCII name ended a finished run with a UnicodeEncodeError traceback, its results unwritten.
+    Returns ``(stream, its errors before)`` of the streams changed, for :func:`_run` to restore."""
+    changed = []
     for stream in (sys.stdout, sys.stderr):
-        reconfigure = getattr(stream, "reconfigure", None)  # a TextIOWrapper (None: closed, replaced)
-        if reconfigure is not None:
-            reconfigure(errors="daal-escape")
+        try:  # a TextIOWrapper; not one that is closed, nor a replacement without reconfigure
+            before = stream.errors
+            stream.reconfigure(errors="daal-escape")
+        except (AttributeError, ValueError, OSError):
+            continue
+        changed.append((stream, before))
+    return changed
 
 
 def _run(load: Callable[[], Callable[[], int]], prog: str) -> int:
-    _tolerant_output()
+    """:func:`_run_program` with the streams of :func:`_tolerant_output`, restored afterwards (the
+    programs also run in-process: a notebook's or pytest's streams are left as they were)."""
+    changed = _tolerant_output()
+    try:
+        return _run_program(load, prog)
+    finally:
+        for stream, errors in changed:
+            try:
+                stream.reconfigure(errors=errors)
+            except (ValueError, OSError):  # closed meanwhile
+                pass
+
+
+def _run_program(load: Callable[[], Callable[[], int]], prog: str) -> int:
     held = []
 
     def hold(signum, frame):

@@ -13,8 +13,15 @@ import torch
 def _pyplot():
     # the programs write files only: a display backend is never needed, and a bad MPLBACKEND (read
     # by matplotlib's import) dropped every plot of a finished run with a warning that did not name it
+    before = os.environ.get("MPLBACKEND")
     os.environ["MPLBACKEND"] = "Agg"
-    import matplotlib
+    try:
+        import matplotlib
+    finally:  # the process's environment as it was (an in-process caller, child processes)
+        if before is None:
+            del os.environ["MPLBACKEND"]
+        else:
+            os.environ["MPLBACKEND"] = before
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

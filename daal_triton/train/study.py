@@ -865,7 +865,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         for flag, path in (("--out", args.out), ("--report", args.report)):
             if path is not None and (not path or os.path.exists(path) and not os.path.isdir(path)):
                 raise StudyError(f"{flag} {path!r}: not a folder")
-            if path and not args.dry_run and not (args.summarize and flag == "--out"):  # the folders it writes
+            if path and not args.dry_run and not (args.summarize and flag == "--out" and args.report):  # written
                 try:  # named up front, as daal-train names --out: not "Permission denied: ro/st" afterwards
                     _check_writable(path, flag)
                 except ValueError as e:

@@ -46,13 +46,16 @@ def _imports(path: pathlib.Path):
     package = parts[:-1] if parts[-1] != "__init__" else parts[:-1]
     tree = ast.parse(path.read_text())
     top_level = {id(n) for n in tree.body}
+    typing_only = set()  # under ``if TYPE_CHECKING:``: read by type checkers, never imported
     for node in tree.body:  # imports under `if`/`try` at module level are module-level too
         if isinstance(node, (ast.If, ast.Try)):
             top_level |= {id(n) for n in ast.walk(node)}
+        if isinstance(node, ast.If) and getattr(node.test, "id", getattr(node.test, "attr", None)) == "TYPE_CHECKING":
+            typing_only |= {id(n) for n in ast.walk(node)}
     out = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
-            out += [(a.name, id(node) in top_level) for a in node.names]
+            out += [(a.name, id(node) in top_level, id(node)) for a in node.names]
         elif isinstance(node, ast.ImportFrom):
             if node.level:
                 base = package[:len(package) - node.level + 1]
@@ -60,8 +63,10 @@ def _imports(path: pathlib.Path):
                 names = [mod] if node.module else [f"{mod}.{a.name}" for a in node.names]
             else:
                 names = [node.module]
-            out += [(m, id(node) in top_level) for m in names]
-    return [(m, top) for m, top in out if m.split(".")[0] not in STDLIB]
+            out += [(m, id(node) in top_level, id(node)) for m in names]
+    # typing_extensions (a dependency of torch) where only type checkers read it, as the standard library
+    return [(m, top) for m, top, node in out if m.split(".")[0] not in STDLIB
+            and not (m == "typing_extensions" and node in typing_only)]
 
 
 def _files(folder):

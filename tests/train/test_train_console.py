@@ -225,7 +225,7 @@ def test_output_the_terminal_cannot_encode_is_escaped(env):
     file system's encoding could not decode (surrogates) as the bytes it has on the disk."""
     code = ("import sys; from daal_triton.train import console\n"
             "def main():\n"
-            "    print('0.600 \\u00b1 0.100 in run \\udcc3\\udcbc', flush=True)\n"
+            "    print('0.600 \\u00b1 0.100 in run \\udcc3\\udcbc, \\u00b1\\udcc3\\udcbc\\u00b1', flush=True)\n"
             "    print('an error \\u00d7', file=sys.stderr)\n"
             "    return 0\n"
             "sys.exit(console._run(lambda: main, 'prog'))\n")
@@ -233,8 +233,26 @@ def test_output_the_terminal_cannot_encode_is_escaped(env):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120,
                        env=dict(environ, **_ENCODINGS[env]))
     assert r.returncode == 0, r.stderr.decode(errors="replace")
-    assert r.stdout == b"0.600 \\xb1 0.100 in run \xc3\xbc\n"
+    assert r.stdout == b"0.600 \\xb1 0.100 in run \xc3\xbc, \\xb1\xc3\xbc\\xb1\n"  # runs of both kinds
     assert r.stderr == b"an error \\xd7\n"
+
+
+def test_the_streams_are_restored_after_an_in_process_run():
+    """The programs run in-process too (a notebook, these tests): the escaping handler is theirs
+    only while they run, and the caller's streams keep their own error handling afterwards."""
+    import io
+    import signal
+
+    stream = io.TextIOWrapper(io.BytesIO(), encoding="ascii", errors="strict")
+    before, handler = sys.stdout, signal.getsignal(signal.SIGINT)
+    sys.stdout = stream
+    try:
+        assert console._run(lambda: lambda: print("\u00b1") or 0, "prog") == 0
+    finally:
+        sys.stdout = before
+        signal.signal(signal.SIGINT, handler)  # _run ignores Ctrl-C afterwards: not in pytest's process
+    stream.flush()
+    assert stream.buffer.getvalue() == b"\\xb1\n" and stream.errors == "strict"
 
 
 def test_a_run_into_a_folder_with_a_non_ascii_name_finishes_in_an_ascii_locale(tmp_path):
