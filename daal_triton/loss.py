@@ -21,8 +21,9 @@ def init_segments(num_classes: int, embedding_dim: int, *, length: float = 0.2,
     segment (``length`` < ``l_max``) leaves room to grow along the class's main mode of variation.
     With ``embedding_dim = 1`` no direction is orthogonal to the midpoint: the segments have length
     0 (``p = q = o``) whatever ``length`` is. Drawn in float64, returned in the default dtype
-    (``torch.get_default_dtype()``, as ``nn.Linear``'s weights). ``num_classes`` and ``embedding_dim`` are integers >= 1, ``length``
-    a finite number >= 0 (a ``ValueError`` names the argument otherwise).
+    (``torch.get_default_dtype()``, as ``nn.Linear``'s weights). ``num_classes`` and
+    ``embedding_dim`` are integers >= 1, ``length`` a finite number >= 0 (a ``ValueError`` names
+    the argument otherwise).
     """
     num_classes = as_int(num_classes, "num_classes")
     embedding_dim = as_int(embedding_dim, "embedding_dim")

@@ -119,8 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "does not train from scratch in the CPU budget (see docs/training.md)")
     p.add_argument("--width", type=float, default=None,
                    help=f"channel multiplier of the VGG-19 trunk, in (0, 4] (same 19-layer topology, channels x "
-                        f"WIDTH; 1.0 = torchvision's VGG-19 exactly, required with --weights). Default: {SMALL_WIDTH} on "
-                        f"{'/'.join(SMALL_DATASETS)} (the CPU main job), 1.0 on photo data sets and with --weights")
+                        f"WIDTH; 1.0 = torchvision's VGG-19 exactly, required with --weights). Default: "
+                        f"{SMALL_WIDTH} on {'/'.join(SMALL_DATASETS)} (the CPU main job), 1.0 on photo data sets and "
+                        f"with --weights")
     _add_model_flags(p)
     _add_daal_flags(p)
     p.add_argument("--lr", type=float, default=_D.lr, help="AdamW learning rate of the network")
