@@ -151,11 +151,12 @@ def check_flag(value: Optional[bool], name: str, *, optional: bool = True) -> Op
 def as_int(value, name: str, minimum: int = 1, maximum: Optional[int] = None) -> int:
     """An integer argument (a Python or NumPy integer, not a bool) ``>= minimum`` (and
     ``<= maximum``, when given), as an ``int``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or int(value) < minimum:
+    number = int(value) if isinstance(value, numbers.Integral) and not isinstance(value, bool) else None
+    if number is None or number < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    if maximum is not None and int(value) > maximum:
+    if maximum is not None and number > maximum:
         raise ValueError(f"{name} must be an integer in [{minimum}, {maximum}], got {value!r}")
-    return int(value)
+    return number
 
 
 _FLOAT32_MAX = float(torch.finfo(torch.float32).max)
