@@ -14,10 +14,13 @@ from __future__ import annotations
 
 import collections
 import functools
+import threading
 from typing import Dict, Optional
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, _get_current_dispatch_mode_stack
+
+from .backend import interpreter_launch_point
 
 #: Operators that launch nothing: views and metadata.
 VIEWS = frozenset({
@@ -37,21 +40,19 @@ SYNCING = frozenset({"aten._local_scalar_dense", "aten.is_nonzero", "aten.nonzer
 MAYBE_ALIAS = frozenset({"aten.to", "aten.contiguous", "aten.reshape", "aten.type_as", "aten.flatten"})
 CUSTOM_NAMESPACE = "daal_triton."
 
-_ACTIVE: list = []
-_IN_KERNEL: list = []
+#: Per thread: how deep this thread is inside a Triton launch (the interpreter runs a kernel in the
+#: thread that launches it; the operators it dispatches to do so are not the code's).
+_THREAD = threading.local()
 
 
-def interpreter_launch_point() -> Optional[tuple]:
-    """``(class, method)`` through which Triton's interpreter launches a kernel, or None for a
-    Triton without an interpreter: ``InterpretedFunction.run`` from Triton 3.6 on; Triton 3.5's
-    binds ``run`` per instance and launches through ``GridExecutor.__call__``."""
-    try:
-        from triton.runtime import interpreter
-    except ImportError:
-        return None
-    if hasattr(interpreter.InterpretedFunction, "run"):
-        return interpreter.InterpretedFunction, "run"
-    return interpreter.GridExecutor, "__call__"
+def _counter() -> Optional["LaunchCount"]:
+    """The counter of the code running in this thread: the innermost :class:`LaunchCount` on its
+    dispatch-mode stack (thread-local state, which autograd's device threads inherit), or None.
+    Another thread's launches are not charged to it."""
+    for mode in reversed(_get_current_dispatch_mode_stack()):
+        if isinstance(mode, LaunchCount):
+            return mode._root or mode
+    return None
 
 
 def _launch_points() -> list:
@@ -75,15 +76,16 @@ def _patch_triton() -> None:
         # then wraps itself twice, whatever order they come in (a second counter counts twice)
         @functools.wraps(original)
         def run(self, *args, _original=original, **kwargs):
-            if not _ACTIVE or kwargs.get("warmup", False):
+            counter = _counter()
+            if counter is None or kwargs.get("warmup", False):
                 return _original(self, *args, **kwargs)
             fn = getattr(self, "fn", self)
-            _ACTIVE[-1].triton[getattr(fn, "__name__", "kernel")] += 1
-            _IN_KERNEL.append(True)  # what the interpreter dispatches to run it is not the code's
-            try:
+            counter.triton[getattr(fn, "__name__", "kernel")] += 1
+            _THREAD.in_kernel = getattr(_THREAD, "in_kernel", 0) + 1  # what the interpreter dispatches
+            try:  # to run it is not the code's
                 return _original(self, *args, **kwargs)
             finally:
-                _IN_KERNEL.pop()
+                _THREAD.in_kernel -= 1
 
         setattr(run, "_daal_counted", True)
         setattr(cls, name, run)
@@ -123,18 +125,11 @@ class LaunchCount(TorchDispatchMode):
     def __enter__(self):
         if self._root is None:
             _patch_triton()
-            _ACTIVE.append(self)
         return super().__enter__()
-
-    def __exit__(self, *exc):
-        out = super().__exit__(*exc)
-        if self._root is None:
-            _ACTIVE.remove(self)
-        return out
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         root = self._root or self
-        if _IN_KERNEL:
+        if getattr(_THREAD, "in_kernel", 0):
             return func(*args, **(kwargs or {}))
         name = str(func.overloadpacket)
         body = _custom_body(name) if name.startswith(CUSTOM_NAMESPACE) else None

@@ -31,7 +31,9 @@ overloads by return_parts, the declared hyperparameter attributes and LossOption
 environment probe of the training programs (the same night: ASCII terminals and locales, non-ASCII
 folder names, daal-study's table written whole, --save-embeddings onto daal-eval's own files, a
 checkpoint's width, daal-study's folders named by their flags, MPLBACKEND; and from a review of
-those fixes, the streams restored after an in-process run and mixed runs of the escape handler).
+those fixes, the streams restored after an in-process run and mixed runs of the escape handler)
+and a concurrency probe (2026-12-07: launches in Triton's interpreter from several threads, the
+launch counter's threads).
 
 This script checks that they stay caught:
 in a scratch clone of the working tree it applies one mutant at a time (an exact text
@@ -1323,6 +1325,13 @@ MUTANTS: Tuple[Mutant, ...] = (
     Mutant("escape_whole_runs_as_one_kind", "daal_triton/train/console.py",
            "    while end < error.end and surrogate(text[end]) == kind:", "    while end < error.end:",
            ("tests/train/test_train_console.py", "-k", "encode")),
+    Mutant("interpreter_launches_unserialised", "daal_triton/backend.py",
+           "            with INTERPRETER_LOCK:\n                return _original(self, *args, **kwargs)",
+           "            return _original(self, *args, **kwargs)",
+           ("tests/package/test_threads.py", "-k", "equals_each_call_alone")),
+    Mutant("launch_count_in_kernel_process_wide", "daal_triton/launch_count.py",
+           "_THREAD = threading.local()", "_THREAD = type('Shared', (), {})()",
+           ("tests/package/test_threads.py", "-k", "own_thread_only")),
 )
 
 
