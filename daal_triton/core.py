@@ -82,15 +82,20 @@ class Hyperparameters:
 
 @dataclass
 class DAALParts:
-    """The loss and everything it is made of (``return_parts=True``)."""
+    """The loss and everything it is made of (``return_parts=True``).
+
+    ``loss``, ``per_sample``, ``density``, ``length`` and ``radius`` are differentiable (part of
+    the graph: one kept from a call that is never backpropagated keeps that graph's memory alive,
+    so ``.detach()`` what is kept for logging); ``line``, ``pull``, ``margin``, ``valid`` and
+    ``neighbors`` are not (for reading only)."""
 
     loss: torch.Tensor  # the reduced loss (scalar) or the B per-sample values
-    line: Optional[torch.Tensor]  # L_line (scalar); None unless the split was asked for
-    pull: Optional[torch.Tensor]  # L_pull (scalar); None unless the split was asked for
+    line: Optional[torch.Tensor]  # L_line (scalar), detached; None unless the split was asked for
+    pull: Optional[torch.Tensor]  # L_pull (scalar), detached; None unless the split was asked for
     density: torch.Tensor  # L_dens (scalar)
     length: torch.Tensor  # L_len (scalar)
     per_sample: torch.Tensor  # B values, what reduction="none" returns
-    radius: torch.Tensor  # r_i (B), inf where invalid
+    radius: torch.Tensor  # r_i (B), inf where invalid; differentiable (a density regulariser of one's own)
     valid: torch.Tensor  # k_i >= 1 (B, bool)
     margin: torch.Tensor  # m_i (B), detached
     neighbors: torch.Tensor  # B x min(k, N) indices into the reference set's N rows, -1 padded

@@ -141,8 +141,17 @@ def adaptive_margins(
     s = r0 / torch.clamp(rbar[labels], min=EPS)
     # m0 = 0: the margin is m_min whatever s^gamma is (in float32 s^gamma overflows at |gamma| large
     # enough, and 0 * inf would be NaN, a loss of NaN for finite inputs)
-    m = torch.clamp(m0 * s.pow(gamma) if m0 else torch.zeros_like(s), min=m_min, max=m_max)
-    return torch.where(valid, m, torch.full_like(m, m0)).detach()
+    m = m0 * s.pow(_filled(s, gamma)) if m0 else torch.zeros_like(s)
+    m = torch.minimum(torch.maximum(m, _filled(m, m_min)), _filled(m, m_max))  # clamp(m, m_min, m_max)
+    return torch.where(valid, m, _filled(m, m0)).detach()
+
+
+def _filled(like: torch.Tensor, value: float) -> torch.Tensor:
+    """``value`` everywhere, shaped and typed like ``like`` (``torch.full_like``). Built by an addition,
+    and taken by the operators above in place of a Python float, so that ``torch.compile`` keeps a
+    hyperparameter symbolic: ``clamp``, ``pow`` and ``full_like`` with a float recompile for each new
+    value (a schedule of ``m_max`` or ``gamma`` recompiled every step, and ran uncompiled after 8)."""
+    return torch.zeros_like(like) + value
 
 
 # ---------------------------------------------------------------- step 5
@@ -199,7 +208,8 @@ def softplus_logsumexp(v: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------- step 6 (density, length)
 def density_hinge(r: torch.Tensor, valid: torch.Tensor, tau: float) -> torch.Tensor:
     """``max(0, tau - r_i)`` for valid i, 0 otherwise (B values)."""
-    return torch.where(valid, torch.relu(tau - torch.where(valid, r, torch.zeros_like(r))), torch.zeros_like(r))
+    # -(r - tau), not tau - r (the same value): a float on the left recompiles under torch.compile per tau
+    return torch.where(valid, torch.relu(-(torch.where(valid, r, torch.zeros_like(r)) - tau)), torch.zeros_like(r))
 
 
 def length_term(segments: torch.Tensor, l_max: float) -> torch.Tensor:

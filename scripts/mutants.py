@@ -33,7 +33,8 @@ folder names, daal-study's table written whole, --save-embeddings onto daal-eval
 checkpoint's width, daal-study's folders named by their flags, MPLBACKEND; and from a review of
 those fixes, the streams restored after an in-process run and mixed runs of the escape handler)
 and a concurrency probe (2026-12-07: launches in Triton's interpreter from several threads, the
-launch counter's threads).
+launch counter's threads) and a long-run probe (the same day: the compiled reference's recompiles
+per value of m_min, m_max, gamma, m0, tau).
 
 This script checks that they stay caught:
 in a scratch clone of the working tree it applies one mutant at a time (an exact text
@@ -1332,6 +1333,14 @@ MUTANTS: Tuple[Mutant, ...] = (
     Mutant("launch_count_in_kernel_process_wide", "daal_triton/launch_count.py",
            "_THREAD = threading.local()", "_THREAD = type('Shared', (), {})()",
            ("tests/package/test_threads.py", "-k", "own_thread_only")),
+    Mutant("reference_margin_clamp_by_value", "reference/daal.py",
+           "    m = torch.minimum(torch.maximum(m, _filled(m, m_min)), _filled(m, m_max))",
+           "    m = torch.clamp(m, min=m_min, max=m_max)",
+           ("tests/package/test_fast_path.py", "-k", "scheduled and m_m")),
+    Mutant("reference_hinge_float_on_the_left", "reference/daal.py",
+           "torch.relu(-(torch.where(valid, r, torch.zeros_like(r)) - tau))",
+           "torch.relu(tau - torch.where(valid, r, torch.zeros_like(r)))",
+           ("tests/package/test_fast_path.py", "-k", "scheduled and tau")),
 )
 
 

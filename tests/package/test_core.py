@@ -191,6 +191,9 @@ def test_parts_carry_a_graph_only_where_the_loss_has_one(backend, segments_grad)
     parts = daal_loss(z, y, seg, return_parts=True, backend=backend)
     assert parts.length.requires_grad == segments_grad
     assert parts.density.requires_grad and parts.loss.requires_grad
+    # as DAALParts' docstring says: the radius and the per-sample values carry the graph, the rest not
+    assert parts.radius.requires_grad and parts.per_sample.requires_grad
+    assert not (parts.margin.requires_grad or parts.valid.requires_grad or parts.neighbors.requires_grad)
     parts.loss.backward()
     assert z.grad is not None and (seg.grad is not None) == segments_grad
 

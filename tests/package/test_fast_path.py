@@ -351,6 +351,41 @@ def test_compiled_functional_takes_symbolic_hyperparameters(backend):
     assert abs(seen[0].item() - seen[1].item()) > 1e-3  # a stale alpha would give the first value again
 
 
+#: A schedule for each float hyperparameter (valid with the others at their defaults).
+SCHEDULES = {"m0": (0.2, 0.3, 0.25, 0.35), "m_min": (0.05, 0.3, 0.4, 0.35), "m_max": (0.5, 0.3, 0.2, 0.25),
+             "gamma": (1.0, 2.0, 0.5, 1.5), "tau": (0.8, 1.2, 1.0, 1.4), "lambda_pull": (0.1, 0.2, 0.3, 0.4),
+             "lambda_dens": (0.5, 1.0, 2.0, 3.0), "lambda_len": (0.1, 0.5, 1.0, 2.0), "l_max": (1.0, 0.1, 0.05, 0.02)}
+
+
+@pytest.mark.parametrize("name", sorted(SCHEDULES))
+def test_compiled_reference_keeps_a_scheduled_hyperparameter_symbolic(name):
+    """On the reference backend a compiled ``DAALLoss`` follows a schedule of any float
+    hyperparameter with at most two graphs (the first value's, then a symbolic one), each step
+    equal to eager. ``clamp``, ``pow`` and ``full_like`` with a float (``m_min``, ``m_max``,
+    ``gamma``, ``m0``), and ``tau - r``, recompiled for every value, so a schedule ran uncompiled
+    after 8 steps, or failed with ``fullgraph=True`` (a long-run probe, 2026-12-07)."""
+    import torch._dynamo as dynamo
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    z = torch.randn(24, 8, device=DEV, requires_grad=True)
+    y = torch.arange(24, device=DEV) % 5
+    loss_fn = dt.DAALLoss(5, 8, backend="reference", lambda_pull=0.1, lambda_len=0.1, tau=1.5).to(DEV)
+    with torch.no_grad():  # every term depends on its hyperparameters: radii below tau, segments above l_max
+        loss_fn.segments.mul_(10.0)
+    dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
+    seen = []
+    for value in SCHEDULES[name]:
+        setattr(loss_fn, name, value)
+        out = compiled(z, y)
+        assert_close(out, loss_fn(z, y), 1e-6, f"{name}={value}")
+        seen.append(out.item())
+    assert counters["stats"]["unique_graphs"] <= 2, f"{name}: one graph per value"
+    assert len({round(v, 7) for v in seen}) > 1, f"{name}: the schedule changes nothing here"
+
+
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_export_with_a_dynamic_batch(backend):
     """``torch.export`` with a dynamic batch size: the loss's ``k = min(hp.k, B)`` is symbolic
