@@ -59,7 +59,7 @@ def main(argv=None) -> int:
     from daal_triton.launch_count import LaunchCount
 
     try:  # where the interpreter launches a kernel: InterpretedFunction.run, Triton 3.5's GridExecutor
-        from daal_triton.launch_count import interpreter_launch_point
+        from daal_triton.kernels._common import interpreter_launch_point
         launch_cls, launch_name = interpreter_launch_point()
     except ImportError:  # an older commit's package (see above), from before Triton 3.5's support
         from triton.runtime.interpreter import InterpretedFunction as launch_cls

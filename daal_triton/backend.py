@@ -8,11 +8,9 @@ where it cannot run it raises a ``ValueError`` that says why.
 """
 from __future__ import annotations
 
-import functools
 import importlib.util
 import os
 import re
-import threading
 
 import torch
 
@@ -77,66 +75,21 @@ def interpreter_on() -> bool:
 
 _interpreter_ready = False
 
-#: Held by every launch in Triton's interpreter (:func:`serialise_interpreter`).
-INTERPRETER_LOCK = threading.RLock()
-
-
-def interpreter_launch_point() -> tuple | None:
-    """``(class, method)`` through which Triton's interpreter launches a kernel, or None for a
-    Triton without an interpreter: ``InterpretedFunction.run`` from Triton 3.6 on; Triton 3.5's
-    binds ``run`` per instance and launches through ``GridExecutor.__call__``."""
-    try:
-        from triton.runtime import interpreter
-    except ImportError:
-        return None
-    if hasattr(interpreter.InterpretedFunction, "run"):
-        return interpreter.InterpretedFunction, "run"
-    return interpreter.GridExecutor, "__call__"
-
-
-def serialise_interpreter() -> None:
-    """Make launches in Triton's interpreter run one at a time, whatever thread makes them.
-
-    The interpreter is not thread-safe: it keeps one process-wide builder whose grid and program
-    index each launch sets, and it swaps functions of ``triton.language`` in and out around each
-    launch. Two threads launching at once (a loss per thread, a DataLoader thread, a server's
-    requests) then failed with "x >= grid_dim[0]", or returned wrong values without an error.
-    Wraps the launch point once (idempotent, whoever else wraps it, as ``launch_count`` does)."""
-    point = interpreter_launch_point()
-    if point is None:
-        return
-    cls, name = point
-    with INTERPRETER_LOCK:
-        original = getattr(cls, name)
-        if getattr(original, "_daal_serialised", False):
-            return
-
-        @functools.wraps(original)
-        def launch(self, *args, _original=original, **kwargs):
-            with INTERPRETER_LOCK:
-                return _original(self, *args, **kwargs)
-
-        setattr(launch, "_daal_serialised", True)
-        setattr(cls, name, launch)
-
 
 def interpreter_set_too_late() -> bool:
     """``TRITON_INTERPRET=1`` is set now, but triton was imported without it: its own library
     functions (``tl.sum``, ...) were then built for a GPU and fail inside the interpreter with
     "Cannot call @triton.jit'd outside of the scope of a kernel". Imports triton (the caller is
-    about to run it on the CPU); a good answer is remembered, and then launches in the interpreter
-    are serialised (:func:`serialise_interpreter`)."""
+    about to run it on the CPU); a good answer is remembered."""
     global _interpreter_ready
     if _interpreter_ready:
         return False
     import triton.language.standard as standard
     from triton.runtime.interpreter import InterpretedFunction
-    with INTERPRETER_LOCK:  # not while another thread's launch has swapped triton.language's functions
-        library_fn = getattr(standard, "zeros_like", None)
-        if library_fn is not None and not isinstance(library_fn, InterpretedFunction):
-            return True
-        serialise_interpreter()
-        _interpreter_ready = True
+    library_fn = getattr(standard, "zeros_like", None)
+    if library_fn is not None and not isinstance(library_fn, InterpretedFunction):
+        return True
+    _interpreter_ready = True
     return False
 
 

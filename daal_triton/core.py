@@ -84,10 +84,11 @@ class Hyperparameters:
 class DAALParts:
     """The loss and everything it is made of (``return_parts=True``).
 
-    ``loss``, ``per_sample``, ``density``, ``length`` and ``radius`` are differentiable (part of
-    the graph: one kept from a call that is never backpropagated keeps that graph's memory alive,
-    so ``.detach()`` what is kept for logging); ``line``, ``pull``, ``margin``, ``valid`` and
-    ``neighbors`` are not (for reading only)."""
+    ``loss``, ``per_sample``, ``density``, ``length`` and ``radius`` carry the autograd graph
+    where what they are made of needs a gradient (``length``: the segments; ``radius`` and
+    ``density``: the embeddings, when there are neighbours). One kept from a call that is never
+    backpropagated keeps that graph's memory alive: ``.detach()`` what is kept for logging.
+    ``line``, ``pull``, ``margin``, ``valid`` and ``neighbors`` never do (for reading only)."""
 
     loss: torch.Tensor  # the reduced loss (scalar) or the B per-sample values
     line: Optional[torch.Tensor]  # L_line (scalar), detached; None unless the split was asked for

@@ -20,8 +20,6 @@ from typing import Dict, Optional
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode, _get_current_dispatch_mode_stack
 
-from .backend import interpreter_launch_point
-
 #: Operators that launch nothing: views and metadata.
 VIEWS = frozenset({
     "aten.detach", "aten.expand", "aten.unsqueeze", "aten.select", "aten.squeeze", "aten.view", "aten.t",
@@ -52,13 +50,15 @@ def _counter() -> Optional["LaunchCount"]:
     for mode in reversed(_get_current_dispatch_mode_stack()):
         if isinstance(mode, LaunchCount):
             return mode._root or mode
-    return None
+    return getattr(_THREAD, "dispatching", None)  # an operator the counter runs, off the stack meanwhile
 
 
 def _launch_points() -> list:
     """The (class, method) pairs every Triton launch passes through: the JIT's ``run`` and the
     interpreter's (:func:`interpreter_launch_point`)."""
     import triton.runtime.jit as jit
+
+    from daal_triton.kernels._common import interpreter_launch_point
 
     point = interpreter_launch_point()
     return [(jit.JITFunction, "run")] + ([point] if point else [])
@@ -137,7 +137,11 @@ class LaunchCount(TorchDispatchMode):
             root.custom[name] += 1
             with LaunchCount(root=root):  # the operator's body: its aten operators count too
                 return body(*args, **(kwargs or {}))
-        out = func(*args, **(kwargs or {}))
+        outer, _THREAD.dispatching = getattr(_THREAD, "dispatching", None), root  # an opaque operator's
+        try:  # own launches (a custom operator of another namespace) count too
+            out = func(*args, **(kwargs or {}))
+        finally:
+            _THREAD.dispatching = outer
         if name in MAYBE_ALIAS and _same_storage(out, args):
             name += " (no copy)"
         root.ops[name] += 1

@@ -865,3 +865,59 @@ def eager(op):
         return op(*args) if _operator_call() else Call.apply(*args)
 
     return call
+
+
+#: Held by every launch in Triton's interpreter (:func:`serialise_interpreter`); a new one in a
+#: forked child (a DataLoader worker forked while another thread launched would wait for ever).
+INTERPRETER_LOCK = threading.RLock()
+
+
+def _new_lock_in_child() -> None:
+    global INTERPRETER_LOCK
+    INTERPRETER_LOCK = threading.RLock()
+
+
+os.register_at_fork(after_in_child=_new_lock_in_child)
+
+
+def interpreter_launch_point() -> Optional[tuple]:
+    """``(class, method)`` through which Triton's interpreter launches a kernel, or None for a
+    Triton without an interpreter: ``InterpretedFunction.run`` from Triton 3.6 on; Triton 3.5's
+    binds ``run`` per instance and launches through ``GridExecutor.__call__``."""
+    try:
+        from triton.runtime import interpreter
+    except ImportError:
+        return None
+    if hasattr(interpreter.InterpretedFunction, "run"):
+        return interpreter.InterpretedFunction, "run"
+    return interpreter.GridExecutor, "__call__"
+
+
+def serialise_interpreter() -> None:
+    """Make launches in Triton's interpreter run one at a time, whatever thread makes them.
+
+    The interpreter is not thread-safe: it keeps one process-wide builder whose grid and program
+    index each launch sets, and it swaps functions of ``triton.language`` in and out around each
+    launch. Two threads launching at once (a loss per thread, a server's requests) then failed with
+    "x >= grid_dim[0]", or returned wrong values without an error. Wraps the launch point once
+    (idempotent, whoever else wraps it: ``daal_triton.launch_count`` does), when this module is
+    imported, so the launchers' direct callers are covered too. Only interpreted launches pass there."""
+    point = interpreter_launch_point()
+    if point is None:
+        return
+    cls, name = point
+    with INTERPRETER_LOCK:
+        original = getattr(cls, name)
+        if getattr(original, "_daal_serialised", False):
+            return
+
+        @functools.wraps(original)
+        def launch(self, *args, _original=original, **kwargs):
+            with INTERPRETER_LOCK:  # the module's global, looked up per launch (a child's own)
+                return _original(self, *args, **kwargs)
+
+        setattr(launch, "_daal_serialised", True)
+        setattr(cls, name, launch)
+
+
+serialise_interpreter()

@@ -1326,8 +1326,9 @@ MUTANTS: Tuple[Mutant, ...] = (
     Mutant("escape_whole_runs_as_one_kind", "daal_triton/train/console.py",
            "    while end < error.end and surrogate(text[end]) == kind:", "    while end < error.end:",
            ("tests/train/test_train_console.py", "-k", "encode")),
-    Mutant("interpreter_launches_unserialised", "daal_triton/backend.py",
-           "            with INTERPRETER_LOCK:\n                return _original(self, *args, **kwargs)",
+    Mutant("interpreter_launches_unserialised", "kernels/_common.py",
+           "            with INTERPRETER_LOCK:  # the module's global, looked up per launch (a child's own)\n"
+           "                return _original(self, *args, **kwargs)",
            "            return _original(self, *args, **kwargs)",
            ("tests/package/test_threads.py", "-k", "equals_each_call_alone")),
     Mutant("launch_count_in_kernel_process_wide", "daal_triton/launch_count.py",
@@ -1341,6 +1342,12 @@ MUTANTS: Tuple[Mutant, ...] = (
            "torch.relu(-(torch.where(valid, r, torch.zeros_like(r)) - tau))",
            "torch.relu(tau - torch.where(valid, r, torch.zeros_like(r)))",
            ("tests/package/test_fast_path.py", "-k", "scheduled and tau")),
+    Mutant("forked_child_keeps_a_held_lock", "kernels/_common.py",
+           "os.register_at_fork(after_in_child=_new_lock_in_child)", "pass",
+           ("tests/package/test_threads.py", "-k", "forked")),
+    Mutant("launch_count_blind_inside_opaque_operators", "daal_triton/launch_count.py",
+           '    return getattr(_THREAD, "dispatching", None)', "    return None",
+           ("tests/package/test_threads.py", "-k", "namespace")),
 )
 
 

@@ -112,7 +112,7 @@ def strict_interpreter_launches() -> None:
     bench scripts' ``--smoke`` rehearsals; idempotent."""
     from triton.backends.nvidia.compiler import CUDAOptions
 
-    from daal_triton.launch_count import interpreter_launch_point
+    from daal_triton.kernels._common import interpreter_launch_point
 
     # Triton 3.6 on launches through InterpretedFunction.run(*args, grid, warmup, **kwargs); 3.5
     # through GridExecutor.__call__(*args, **kwargs) (grid and warmup among the keywords)

@@ -151,7 +151,7 @@ def test_a_launch_counts_once_whatever_patches_the_interpreter_again(monkeypatch
     import triton
     import triton.language as tl
     from daal_testing import strict_interpreter_launches
-    from daal_triton.launch_count import interpreter_launch_point
+    from daal_triton.kernels._common import interpreter_launch_point
 
     cls, name = interpreter_launch_point()  # its run (Triton 3.5: GridExecutor's call)
     monkeypatch.setattr(cls, name, getattr(cls, name))  # put back afterwards

@@ -3,18 +3,22 @@
 Triton's interpreter is not thread-safe (one process-wide builder holds the grid and the program
 index of the launch running; each launch swaps functions of ``triton.language``): unserialised,
 two threads on the Triton backend on the CPU failed with "x >= grid_dim[0]" or returned wrong
-distances without an error. ``backend.serialise_interpreter`` makes the launches take turns.
+distances without an error. ``kernels/_common.py``'s ``serialise_interpreter`` makes the launches
+take turns.
 """
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
+import textwrap
 import threading
 
 import pytest
 import torch
 
 import daal_triton as dt
-from daal_triton import backend
+from daal_triton.kernels import _common
 
 pytestmark = pytest.mark.interpreter
 
@@ -81,10 +85,10 @@ def test_triton_backend_from_threads_equals_each_call_alone(fast_switching):
 def test_interpreter_launches_are_wrapped_once():
     """Serialising is idempotent: the launch point is wrapped once however often it is asked."""
     dt.pairwise_distance(torch.randn(4, 3), torch.randn(5, 3), backend="triton")
-    cls, name = backend.interpreter_launch_point()
+    cls, name = _common.interpreter_launch_point()
     first = getattr(cls, name)
     assert getattr(first, "_daal_serialised", False)
-    backend.serialise_interpreter()
+    _common.serialise_interpreter()
     assert getattr(cls, name) is first
 
 
@@ -135,3 +139,79 @@ def test_launch_count_counts_its_own_thread_only():
         assert alone[0] == {} and alone_distances[0]
         assert all(c == alone for c in beside), f"another thread's launches changed this thread's counts ({count=})"
     assert other_counts and all(c == alone_distances for c in other_counts)
+
+
+def _run(code: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True,
+                          timeout=240)
+
+
+def test_kernels_serialise_on_import_for_their_direct_callers():
+    """``daal_triton.kernels`` serialise the interpreter's launches when imported: a caller of the
+    launchers (no backend choice made) is covered too."""
+    out = _run("""
+        import daal_triton.kernels.pairwise
+        from daal_triton.kernels._common import interpreter_launch_point
+        cls, name = interpreter_launch_point()
+        print(getattr(getattr(cls, name), "_daal_serialised", False))
+    """)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["True"]
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="os.fork: POSIX only")
+def test_a_child_forked_during_a_launch_can_launch():
+    """A process forked while another of its threads holds the launch lock (a DataLoader worker
+    forked beside a launching thread) gets a lock of its own: its first launch used to wait for ever."""
+    out = _run("""
+        import os, signal, threading, torch
+        from daal_triton.kernels import _common
+        from daal_triton.kernels.pairwise import pairwise_distance
+        x = torch.randn(9, 4)
+        expected = pairwise_distance(x, x)
+        held, release = threading.Event(), threading.Event()
+        def hold():
+            with _common.INTERPRETER_LOCK:
+                held.set()
+                release.wait()
+        t = threading.Thread(target=hold)
+        t.start()
+        held.wait()
+        pid = os.fork()
+        if pid == 0:
+            signal.alarm(60)
+            os._exit(0 if torch.equal(pairwise_distance(x, x), expected) else 3)
+        _, status = os.waitpid(pid, 0)
+        release.set()
+        t.join()
+        print(os.waitstatus_to_exitcode(status))
+    """)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["0"], "the forked child's launch did not finish (alarm) or was wrong"
+
+
+def test_launch_count_counts_launches_inside_another_namespaces_operator():
+    """A custom operator the counter cannot open (not ``daal_triton::``) runs while the counter is
+    off the dispatch stack: the Triton launches of its body still count."""
+    import triton
+    import triton.language as tl
+
+    from daal_triton.launch_count import LaunchCount
+
+    @triton.jit
+    def _copy_kernel(x_ptr, y_ptr, BLOCK: tl.constexpr):
+        offs = tl.arange(0, BLOCK)
+        tl.store(y_ptr + offs, tl.load(x_ptr + offs))
+
+    @torch.library.custom_op("daal_threads_test::copy", mutates_args=())
+    def copy(x: torch.Tensor) -> torch.Tensor:
+        y = torch.empty_like(x)
+        _copy_kernel[(1,)](x, y, BLOCK=16)
+        return y
+
+    x = torch.arange(16.0)
+    with LaunchCount() as n:
+        y = copy(x)
+    assert torch.equal(y, x)
+    assert dict(n.triton) == {"_copy_kernel": 1}
