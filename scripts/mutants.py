@@ -34,7 +34,8 @@ checkpoint's width, daal-study's folders named by their flags, MPLBACKEND; and f
 those fixes, the streams restored after an in-process run and mixed runs of the escape handler)
 and a concurrency probe (2026-12-07: launches in Triton's interpreter from several threads, the
 launch counter's threads) and a long-run probe (the same day: the compiled reference's recompiles
-per value of m_min, m_max, gamma, m0, tau).
+per value of m_min, m_max, gamma, m0, tau) and a CLI fuzz (the same day: integers beyond int64,
+--threads beyond a C int, sizes beyond any memory).
 
 This script checks that they stay caught:
 in a scratch clone of the working tree it applies one mutant at a time (an exact text
@@ -1348,6 +1349,16 @@ MUTANTS: Tuple[Mutant, ...] = (
     Mutant("launch_count_blind_inside_opaque_operators", "daal_triton/launch_count.py",
            '    return getattr(_THREAD, "dispatching", None)', "    return None",
            ("tests/package/test_threads.py", "-k", "namespace")),
+    Mutant("int_settings_unbounded_above", "daal_triton/train/config.py",
+           "        if isinstance(value, int) and value > INT_MAX:", "        if False:",
+           ("tests/train/test_train_user_errors.py", "-k", "int64")),
+    Mutant("threads_unbounded_above", "daal_triton/train/cli.py",
+           "        if not 1 <= n <= MAX_THREADS:", "        if not 1 <= n:",
+           ("tests/train/test_train_user_errors.py", "-k", "refuses_up_front and huge")),
+    Mutant("sizes_beyond_memory_a_traceback", "daal_triton/train/cli.py",
+           'words in text for words in ("can\'t allocate memory", "not enough memory", "out of memory") + TOO_LARGE)',
+           'words in text for words in ("can\'t allocate memory", "not enough memory", "out of memory"))',
+           ("tests/train/test_train_user_errors.py", "-k", "cannot_hold")),
 )
 
 

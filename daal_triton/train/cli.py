@@ -283,7 +283,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except OSError as e:  # the file system refused (a full disk, a folder that cannot be created)
         print(f"daal-train: error: {os_message(e)}", file=sys.stderr)
         return 1
-    except (MemoryError, RuntimeError) as e:  # sizes the machine cannot hold (--embedding-dim 1e9, --image-size 1e5)
+    except (MemoryError, RuntimeError, ValueError) as e:  # sizes the machine cannot hold (--embedding-dim 1e9)
         if not out_of_memory(e):
             raise
         print(f"daal-train: error: {memory_message(e)}", file=sys.stderr)
@@ -309,7 +309,12 @@ def out_of_memory(e: BaseException) -> bool:
     CUDA one is a ``RuntimeError`` subclass, the CPU allocator's a plain ``RuntimeError``)."""
     text = str(e)
     return isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError" or any(
-        words in text for words in ("can't allocate memory", "not enough memory", "out of memory"))
+        words in text for words in ("can't allocate memory", "not enough memory", "out of memory") + TOO_LARGE)
+
+
+#: What torch and NumPy say of a size beyond any memory (-K or --memory-bank of 2**62): reported
+#: as a failed allocation (they were tracebacks).
+TOO_LARGE = ("Storage size calculation overflowed", "array is too big", "Maximum allowed size exceeded")
 
 
 def memory_message(e: BaseException) -> str:
@@ -326,14 +331,18 @@ def os_message(e: OSError) -> str:
     return str(e)
 
 
+#: The most --threads may ask for (a larger value was a traceback from torch.set_num_threads).
+MAX_THREADS = 4096
+
+
 def _set_threads(n: Optional[int], program: str = "daal-train") -> None:
     from .ddp import ConfigError
     from .devices import available_cpus
     from .log import Log, plural
 
     if n is not None:
-        if n < 1:
-            raise ConfigError(f"--threads must be >= 1, got {n}")
+        if not 1 <= n <= MAX_THREADS:  # torch takes a C int; far more threads than cores only take turns
+            raise ConfigError(f"--threads must be between 1 and {MAX_THREADS}, got {n}")
         import torch
 
         torch.set_num_threads(n)
@@ -392,7 +401,7 @@ def eval_main(argv: Optional[List[str]] = None) -> int:
     except OSError as e:
         print(f"daal-eval: error: {os_message(e)}", file=sys.stderr)
         return 1
-    except (MemoryError, RuntimeError) as e:
+    except (MemoryError, RuntimeError, ValueError) as e:
         if not out_of_memory(e):
             raise
         print(f"daal-eval: error: {memory_message(e)}", file=sys.stderr)

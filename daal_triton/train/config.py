@@ -212,6 +212,13 @@ def validate_config(cfg: TrainConfig, world_size: int, device: torch.device) -> 
 #: 32-bit seeds only (a larger one failed in the first evaluation, after training).
 SEED_LIMIT = 2 ** 32
 
+#: The largest integer setting: sizes go to torch and NumPy as 64-bit integers (a larger
+#: --embedding-dim or --image-size was a traceback from their conversion, not an error message).
+INT_MAX = 2 ** 63 - 1
+#: The largest --image-size (3 x 65,536^2 pixels: 13 GB a float32 image; a size beyond it could fail
+#: in NumPy's reshapes, not as a failed allocation).
+MAX_IMAGE_SIZE = 65536
+
 # (flag, field, lowest allowed value, whether that value itself is allowed)
 _BOUNDS = (
     ("--epochs", "epochs", 1, True), ("--steps-per-epoch", "steps_per_epoch", 1, True),
@@ -250,10 +257,14 @@ def check_numbers(cfg: Any, names: Optional[set] = None) -> None:
             bound = f">= {low}" if inclusive else f"> {low}"
             why = " (VGG's five poolings need 32 pixels a side)" if name == "image_size" else ""
             raise ConfigError(f"{flag} must be {bound}{why}, got {value}")
+        if name == "image_size" and value > MAX_IMAGE_SIZE:
+            raise ConfigError(f"--image-size must be <= {MAX_IMAGE_SIZE}, got {value}")
         if name == "shapes_nuisance" and value > 1:  # the generator's scales and offsets assume it
             raise ConfigError(f"--shapes-nuisance must be <= 1 (0 clean .. 1 the default), got {value}")
         if name == "seed" and value >= SEED_LIMIT:
             raise ConfigError(f"--seed must be < 2**32 = {SEED_LIMIT} (NumPy's and scikit-learn's seeds), got {value}")
+        if isinstance(value, int) and value > INT_MAX:  # a size torch or NumPy take as a 64-bit integer
+            raise ConfigError(f"{flag} must be at most 2**63 - 1 (a 64-bit integer), got {value}")
 
 
 def _check_loss(cfg: TrainConfig) -> None:

@@ -63,7 +63,12 @@ BAD_TRAIN = {
     "nuisance-above-1": (["--shapes-nuisance", "1.5"], "--shapes-nuisance must be <= 1"),
     "width-above-4": (["--width", "5"], "--width must be a number in (0, 4]"),
     "memory-bank-negative": (["--memory-bank", "-1"], "--memory-bank must be an integer >= 0"),
-    "threads-zero": (["--threads", "0"], "--threads must be >= 1"),
+    "threads-zero": (["--threads", "0"], "--threads must be between 1 and 4096"),
+    # sizes beyond what torch and NumPy take (a CLI fuzz, 2026-12-07): tracebacks from their conversions
+    "threads-huge": (["--threads", str(10 ** 30)], "--threads must be between 1 and 4096"),
+    "embedding-dim-beyond-int64": (["--embedding-dim", str(2 ** 63)], "--embedding-dim must be at most 2**63 - 1"),
+    "log-every-beyond-int64": (["--log-every", str(10 ** 30)], "--log-every must be at most 2**63 - 1"),
+    "image-size-huge": (["--image-size", str(2 ** 40)], "--image-size must be <= 65536"),
     # pytorch-metric-learning builds from any keyword value and failed at the first step, mid-run
     "pml-kwargs-bad-value": (["--loss", "pml:ProxyAnchorLoss", "--loss-kwargs", '{"margin": "a"}'],
                              "--loss pml:ProxyAnchorLoss fails on a test batch (TypeError"),
@@ -325,10 +330,14 @@ def test_a_run_made_with_an_unread_data_root_still_evaluates_and_resumes(tmp_pat
 @pytest.mark.parametrize("error", [
     RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: you tried "
                  "to allocate 4000000000000 bytes. Error code 12 (Cannot allocate memory)"),
-    MemoryError("Unable to allocate 298. GiB for an array with shape (1200, 3, 100000, 100000)"),
-], ids=["torch-cpu", "numpy"])
+    MemoryError("Unable to allocate 298. GiB for an array with shape (1200, 3, 50000, 50000)"),
+    # sizes beyond any memory (--memory-bank or --embedding-dim of 2**62, -K 2**62): tracebacks before
+    RuntimeError("Storage size calculation overflowed with sizes=[4611686018427387904, 8]"),
+    ValueError("array is too big; `arr.size * arr.dtype.itemsize` is larger than the maximum possible size."),
+    ValueError("Maximum allowed size exceeded"),
+], ids=["torch-cpu", "numpy", "torch-overflow", "numpy-too-big", "numpy-maximum"])
 def test_sizes_the_machine_cannot_hold_are_one_line(tmp_path, monkeypatch, error_line, error):
-    """``--embedding-dim 1000000000``, ``--memory-bank 10**12``, ``--image-size 100000`` pass the
+    """``--embedding-dim 1000000000``, ``--memory-bank 10**12``, ``--image-size 50000`` pass the
     checks (each is a valid size) and fail to allocate: one error line naming what to lower, exit
     status 1, not a traceback; any other RuntimeError still shows its traceback (a bug)."""
     from daal_triton.train import run as run_module
@@ -340,9 +349,10 @@ def test_sizes_the_machine_cannot_hold_are_one_line(tmp_path, monkeypatch, error
     assert cli.main(TINY + ["--out", str(tmp_path / "m")]) == 1
     line = error_line("daal-train")
     assert line.startswith("daal-train: error: out of memory (") and "--embedding-dim" in line, line
-    monkeypatch.setattr(run_module, "build_run", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("a bug")))
-    with pytest.raises(RuntimeError, match="a bug"):
-        cli.main(TINY + ["--out", str(tmp_path / "n")])
+    for bug in (RuntimeError("a bug"), ValueError("a bug")):
+        monkeypatch.setattr(run_module, "build_run", lambda *a, _bug=bug, **k: (_ for _ in ()).throw(_bug))
+        with pytest.raises(type(bug), match="a bug"):
+            cli.main(TINY + ["--out", str(tmp_path / "n")])
 
 
 def test_a_bad_mplbackend_does_not_drop_the_plots():
