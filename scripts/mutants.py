@@ -35,7 +35,8 @@ those fixes, the streams restored after an in-process run and mixed runs of the 
 and a concurrency probe (2026-12-07: launches in Triton's interpreter from several threads, the
 launch counter's threads) and a long-run probe (the same day: the compiled reference's recompiles
 per value of m_min, m_max, gamma, m0, tau) and a CLI fuzz (the same day: integers beyond int64,
---threads beyond a C int, sizes beyond any memory).
+--threads beyond a C int, sizes beyond any memory, daal-study's reserved flags abbreviated, Ctrl-C's
+empty line).
 
 This script checks that they stay caught:
 in a scratch clone of the working tree it applies one mutant at a time (an exact text
@@ -1359,6 +1360,13 @@ MUTANTS: Tuple[Mutant, ...] = (
            'words in text for words in ("can\'t allocate memory", "not enough memory", "out of memory") + TOO_LARGE)',
            'words in text for words in ("can\'t allocate memory", "not enough memory", "out of memory"))',
            ("tests/train/test_train_user_errors.py", "-k", "cannot_hold")),
+    Mutant("study_reserved_abbreviations_pass", "daal_triton/train/study.py",
+           "    return len(matches) == 1 and matches[0] in RESERVED", "    return False",
+           ("tests/train/test_train_study.py", "-k", "reserved_cell")),
+    Mutant("ctrl_c_before_the_run_empty", "daal_triton/train/cli.py",
+           "        print(f\"daal-train: {str(e) or 'interrupted",
+           "        print(f\"daal-train: {e or 'interrupted",
+           ("tests/train/test_train_user_errors.py", "-k", "ctrl_c")),
 )
 
 

@@ -289,7 +289,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"daal-train: error: {memory_message(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as e:  # run.Interrupted says how to go on
-        print(f"daal-train: {e or 'interrupted (Ctrl-C) before the run started: nothing was written'}",
+        print(f"daal-train: {str(e) or 'interrupted (Ctrl-C) before the run started: nothing was written'}",
               file=sys.stderr)
         return 130
     return 0

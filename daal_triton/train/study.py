@@ -175,7 +175,7 @@ def make_study(file: Union[str, Dict[str, Any], None] = None, configs: Sequence[
         raise StudyError(f"seeds repeat: {seeds}")
     common_args = _split(common, "--common") if common is not None else _as_args(d.get("common", []), "common")
     for k, args in list(out_configs.items()) + [("common", common_args)]:
-        bad = [a for a in args if a.split("=", 1)[0] in RESERVED]
+        bad = [a for a in args if _reserved(a)]
         if bad:
             raise StudyError(f"{k!r}: {bad[0]} is set by the study for every cell (reserved: {', '.join(RESERVED)})")
     slugs: Dict[str, str] = {}
@@ -185,6 +185,24 @@ def make_study(file: Union[str, Dict[str, Any], None] = None, configs: Sequence[
             raise StudyError(f"configurations {slugs[s]!r} and {k!r} map to the same folder name {s!r}")
         slugs[s] = k
     return dict(name=name or d.get("name") or "study", seeds=seeds, common=common_args, configs=out_configs)
+
+
+def _reserved(arg: str) -> bool:
+    """Whether ``arg`` is a reserved flag as daal-train's parser reads it: its full name, or an
+    abbreviation of it that argparse takes (``--resum`` for ``--resume``: passed through before, a
+    cell resumed another run)."""
+    name = arg.split("=", 1)[0]
+    if not name.startswith("--"):
+        return False
+    if name in RESERVED:
+        return True
+    from .cli import build_parser
+
+    options = [o for o in build_parser()._option_string_actions if o.startswith("--")]
+    if name in options:
+        return False
+    matches = [o for o in options if o.startswith(name)]
+    return len(matches) == 1 and matches[0] in RESERVED
 
 
 def check_cell_args(study: Dict[str, Any]) -> None:

@@ -368,3 +368,18 @@ def test_a_bad_mplbackend_does_not_drop_the_plots():
                        env=dict(os.environ, MPLBACKEND="nonsense"))
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.lower().split() == ["agg", "nonsense"]  # and the environment left as it was
+
+
+def test_ctrl_c_before_the_run_starts_says_so(tmp_path, monkeypatch, capsys):
+    """Ctrl-C while the settings are read (a ``--config`` FIFO, a checkpoint loading) printed
+    ``daal-train: `` and nothing after it: a KeyboardInterrupt is true even without a message
+    (a CLI fuzz, 2026-12-07)."""
+    from daal_triton.train import run as run_module
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run_module, "run", interrupted)  # as if in run's checks, before its own handler
+    assert cli.main(TINY + ["--out", str(tmp_path / "c")]) == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "daal-train: interrupted (Ctrl-C) before the run started: nothing was written")
