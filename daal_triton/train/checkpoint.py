@@ -26,7 +26,7 @@ import daal_triton
 from daal_triton.memory import MemoryBank
 
 from .config import TrainConfig
-from .files import write_atomically
+from .files import special_text, write_atomically
 
 FORMAT = "daal-train checkpoint"
 
@@ -141,7 +141,8 @@ def load_plain(path: str, what: str = "checkpoint",
         hint = f": did you mean {inside!r}?" if os.path.isfile(inside) else ""
         raise CheckpointError(f"{what} {path!r} is a folder, not a file{hint}")
     if not os.path.isfile(path):
-        raise CheckpointError(f"{what} {path!r}: no such file")
+        raise CheckpointError(f"{what} {path!r} {special_text(path)}" if os.path.exists(path) else
+                              f"{what} {path!r}: no such file")
     if os.path.getsize(path) == 0:
         raise CheckpointError(f"{what} {path!r} is empty (0 bytes)")
     try:

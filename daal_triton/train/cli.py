@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import sys
 import time
 from typing import Dict, List, Optional
@@ -17,6 +18,7 @@ from typing import Dict, List, Optional
 from daal_triton.core import Hyperparameters
 
 from .config import CHOICES, DAAL_TRAIN_FIELDS, TrainConfig, default_daal
+from .files import is_special, loads_json, special_text
 from .model import SMALL_DATASETS, SMALL_WIDTH, default_width
 
 _D = TrainConfig()
@@ -28,7 +30,13 @@ class UsageError(ValueError):
 
 class _Parser(argparse.ArgumentParser):
     """argparse, but a bad command line is one ``<prog>: error: ...`` line (no usage block) that
-    :func:`main` / :func:`eval_main` print and answer with exit status 2."""
+    :func:`main` / :func:`eval_main` print and answer with exit status 2. A value such as ``-1e-3``
+    or ``-inf`` is a negative number, not a flag (Python 3.11's argparse knew only ``-1`` and ``-.5``:
+    ``--lr -1e-3`` was "expected one argument")."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-(inf|infinity|nan)$", re.I)
 
     def error(self, message: str):  # type: ignore[override]
         raise UsageError(f"{message} (see {self.prog} --help)")
@@ -233,8 +241,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     for name in ("loss_kwargs", "miner_kwargs"):
         flag = f"--{name.replace('_', '-')}"
         try:
-            kw[name] = json.loads(getattr(args, name))
-        except json.JSONDecodeError as e:
+            kw[name] = loads_json(getattr(args, name))
+        except ValueError as e:
             raise ConfigError(f"{flag} is not valid JSON: {e}") from None
         if not isinstance(kw[name], dict):
             raise ConfigError(f"{flag} must be a JSON object, got {getattr(args, name)!r}")
@@ -314,14 +322,15 @@ def out_of_memory(e: BaseException) -> bool:
 
 #: What torch and NumPy say of a size beyond any memory (-K or --memory-bank of 2**62): reported
 #: as a failed allocation (they were tracebacks).
-TOO_LARGE = ("Storage size calculation overflowed", "array is too big", "Maximum allowed size exceeded")
+TOO_LARGE = ("Storage size calculation overflowed", "array is too big", "Maximum allowed size exceeded",
+             "Maximum allowed dimension exceeded")
 
 
 def memory_message(e: BaseException) -> str:
     """One line for a failed allocation: what could not be allocated, and what to lower."""
     text = (str(e).strip().splitlines() or [type(e).__name__])[-1]
     return (f"out of memory ({type(e).__name__}: {text[:300]}): lower the sizes (--embedding-dim, --image-size, "
-            f"--memory-bank, -P/-K, --eval-batch-size) or free memory")
+            f"--memory-bank, -P/-K, --eval-batch-size, --shapes-train/test-per-class) or free memory")
 
 
 def os_message(e: OSError) -> str:
@@ -418,7 +427,7 @@ def _eval_outputs(args: argparse.Namespace) -> str:
     from .config import _check_writable
     from .ddp import ConfigError
 
-    if args.out is not None and not args.out:  # as daal-train's --out: '' is no folder, not the default
+    if args.out is not None and not args.out.strip():  # as daal-train's --out: '' is no folder, not the default
         raise ConfigError(f"--out must name a folder, got {args.out!r} (leave it out for the checkpoint's folder)")
     out = args.out or os.path.dirname(os.path.abspath(args.checkpoint))
     if os.path.exists(out) and not os.path.isdir(out):
@@ -433,13 +442,17 @@ def _eval_outputs(args: argparse.Namespace) -> str:
         if os.path.realpath(save) in taken:  # written over by daal-eval's own files, or the checkpoint lost
             raise ConfigError(f"--save-embeddings {save}: is {taken[os.path.realpath(save)]} (give another file "
                               f"name, e.g. embeddings.pt or embeddings.npz)")
-        if os.path.isdir(save):
-            raise ConfigError(f"--save-embeddings {save}: is a folder (give a file name, e.g. "
+        if is_special(save):  # a folder; a FIFO or a device (/dev/null) the rename would replace, even as root
+            raise ConfigError(f"--save-embeddings {save}: {special_text(save)} (give a file name, e.g. "
                               f"embeddings.pt or embeddings.npz)")
         # its folder writable, and the names still to be made (the file's own too) not too long
         _check_writable(save if not os.path.exists(save) else os.path.dirname(os.path.abspath(save)),
                         "--save-embeddings", save)
         targets.append(save)
+    for t in targets[:-1] if args.save_embeddings else targets:
+        if is_special(t):
+            raise ConfigError(f"{t} {special_text(t)}: daal-eval writes its {os.path.basename(t)} there (move it "
+                              f"away, or give another --out)")
     held = [t for t in targets if os.path.exists(t)]
     if held and not args.overwrite:
         raise ConfigError(f"{', '.join(held)} already exist{'s' if len(held) == 1 else ''}: pass --overwrite to "
@@ -455,8 +468,8 @@ def _evaluate_checkpoint(args: argparse.Namespace) -> Dict[str, Dict[str, float]
     from .checkpoint import load_checkpoint, load_weights
     from .files import write_text_atomically
     from .data import build_datasets
-    from .config import (check_backend, check_choices, check_data_root, check_kinds, check_numbers, check_width,
-                         checked_device, drop_unread_data_root, note_source)
+    from .config import (check_backend, check_choices, check_data_flags, check_data_root, check_kinds, check_numbers,
+                         check_width, checked_device, drop_unread_data_root, note_source)
     from .ddp import ConfigError
     from .devices import place_model, resolve_amp
     from .engine import build_model
@@ -485,6 +498,7 @@ def _evaluate_checkpoint(args: argparse.Namespace) -> Dict[str, Dict[str, float]
         check_numbers(cfg)
         check_choices(cfg)
         check_data_root(cfg)
+        check_data_flags(cfg, {k for k, v in vars(args).items() if v is not None})  # --data-seed with digits
         device = checked_device(cfg.device)
         check_backend("--knn-backend", cfg.knn_backend, device)
     except ConfigError as e:
@@ -494,7 +508,7 @@ def _evaluate_checkpoint(args: argparse.Namespace) -> Dict[str, Dict[str, float]
     _, test_ds = build_datasets(cfg.dataset, cfg.data_root, cfg.image_size, seed=cfg.data_seed, augment=cfg.augment,
                                 shapes_train_per_class=cfg.shapes_train_per_class,
                                 shapes_test_per_class=cfg.shapes_test_per_class, shapes_nuisance=cfg.shapes_nuisance,
-                                progress=args.progress)
+                                progress=args.progress, train=False)
     for note in list(test_ds.notes) + E.test_split_notes(test_ds):
         Log("daal-eval")(note)
     model = build_model(cfg)

@@ -3,7 +3,6 @@ that refuse, before any work, what cannot run."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -15,6 +14,7 @@ from daal_triton.core import Hyperparameters
 
 from .ddp import ConfigError
 from .devices import AMP_CHOICES, check_compile, resolve_device
+from .files import read_json, special_text
 
 # The DAAL hyperparameters a run sets (``--daal-*``): all of the loss's but the reduction, which
 # training fixes to "mean". Their defaults are the loss's own (daal_triton.Hyperparameters).
@@ -143,7 +143,8 @@ def check_data_root(cfg: TrainConfig) -> None:
 DATA_SET_FLAGS = {"--augment": ("augment", ("shapes", "digits")),
                   "--shapes-train-per-class": ("shapes_train_per_class", ("shapes",)),
                   "--shapes-test-per-class": ("shapes_test_per_class", ("shapes",)),
-                  "--shapes-nuisance": ("shapes_nuisance", ("shapes",))}
+                  "--shapes-nuisance": ("shapes_nuisance", ("shapes",)),
+                  "--data-seed": ("data_seed", ("shapes",))}  # the other sets are fixed files
 
 
 def check_data_flags(cfg: TrainConfig, given: Iterable[str]) -> None:
@@ -180,7 +181,8 @@ def validate_config(cfg: TrainConfig, world_size: int, device: torch.device) -> 
         raise ConfigError(f"--weights needs --width 1 (ImageNet weights exist only for torchvision's full-width "
                           f"VGG-19), got --width {cfg.width}")
     if cfg.weights and not cfg.resume and not os.path.isfile(cfg.weights):  # a resumed run's network is its checkpoint's
-        raise ConfigError(f"--weights {cfg.weights}: no such file (expected a torchvision VGG state dict, e.g. "
+        found = special_text(cfg.weights) if os.path.exists(cfg.weights) else "no such file"
+        raise ConfigError(f"--weights {cfg.weights}: {found} (expected a torchvision VGG state dict, e.g. "
                           f"vgg19_bn-c79401a0.pth; the program never downloads weights)")
     if isinstance(cfg.memory_bank, bool) or not isinstance(cfg.memory_bank, int) or cfg.memory_bank < 0:
         raise ConfigError(f"--memory-bank must be an integer >= 0 (0: off), got {cfg.memory_bank!r}")
@@ -218,6 +220,9 @@ INT_MAX = 2 ** 63 - 1
 #: The largest --image-size (3 x 65,536^2 pixels: 13 GB a float32 image; a size beyond it could fail
 #: in NumPy's reshapes, not as a failed allocation).
 MAX_IMAGE_SIZE = 65536
+#: The most --num-workers: each is a process forked at the start of every epoch (10**30 forked one
+#: after another until the machine ran out, and no longer heard Ctrl-C).
+MAX_NUM_WORKERS = 256
 
 # (flag, field, lowest allowed value, whether that value itself is allowed)
 _BOUNDS = (
@@ -259,6 +264,8 @@ def check_numbers(cfg: Any, names: Optional[set] = None) -> None:
             raise ConfigError(f"{flag} must be {bound}{why}, got {value}")
         if name == "image_size" and value > MAX_IMAGE_SIZE:
             raise ConfigError(f"--image-size must be <= {MAX_IMAGE_SIZE}, got {value}")
+        if name == "num_workers" and value > MAX_NUM_WORKERS:
+            raise ConfigError(f"--num-workers must be <= {MAX_NUM_WORKERS} (worker processes), got {value}")
         if name == "shapes_nuisance" and value > 1:  # the generator's scales and offsets assume it
             raise ConfigError(f"--shapes-nuisance must be <= 1 (0 clean .. 1 the default), got {value}")
         if name == "seed" and value >= SEED_LIMIT:
@@ -272,6 +279,7 @@ def _check_loss(cfg: TrainConfig) -> None:
     without building the loss."""
     if not isinstance(cfg.loss_kwargs, dict):
         raise ConfigError(f"--loss-kwargs must be a JSON object ({{\"name\": value, ...}}), got {cfg.loss_kwargs!r}")
+    _check_finite(cfg.loss_kwargs, "--loss-kwargs")
     if cfg.loss == "daal":
         try:
             Hyperparameters(**dict(default_daal(), **cfg.daal))
@@ -288,10 +296,22 @@ def _check_loss(cfg: TrainConfig) -> None:
         raise ConfigError(f"--loss {cfg.loss}: pytorch_metric_learning.losses has no loss named {cfg.loss[4:]!r}")
 
 
+def _check_finite(value: Any, flag: str, where: str = "") -> None:
+    """Every number in ``value`` (a ``--loss-kwargs`` object, nested lists and objects) finite:
+    Python's JSON reads ``NaN`` and ``Infinity``, and a loss built with one diverged at its first
+    step (``{"neg_margin": Infinity}``), blamed on --lr."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{flag}: {where or 'a value'} is {value}, not a finite number")
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        _check_finite(item, flag, f"{where}[{key!r}]" if where else repr(key))
+
+
 def _check_miner(cfg: TrainConfig) -> None:
     """``--miner`` and ``--miner-kwargs``: the miner is built once (no data needed) and dropped."""
     if not isinstance(cfg.miner_kwargs, dict):
         raise ConfigError(f"--miner-kwargs must be a JSON object ({{\"name\": value, ...}}), got {cfg.miner_kwargs!r}")
+    _check_finite(cfg.miner_kwargs, "--miner-kwargs")
     from .engine import build_miner  # engine imports this module
 
     try:
@@ -324,7 +344,7 @@ def check_out(cfg: TrainConfig) -> None:
     """Refuse to write a new run into a folder that holds something, unless ``--resume`` (continue
     the run there) or ``--overwrite`` (replace it) says what to do with it."""
     out = cfg.out
-    if not isinstance(out, str) or not out:
+    if not isinstance(out, str) or not out.strip():  # '' or blanks: a quoting slip ("$OUT" unset), no folder
         raise ConfigError(f"--out must name a folder, got {out!r}")
     if os.path.exists(out) and not os.path.isdir(out):
         raise ConfigError(f"--out {out}: exists and is not a folder")
@@ -370,8 +390,7 @@ def check_resume_folder(cfg: TrainConfig, saved: Dict[str, Any]) -> None:
     if os.path.realpath(os.path.dirname(os.path.abspath(cfg.resume))) != os.path.realpath(cfg.out):
         return  # a new, empty folder (check_out refuses any other)
     try:
-        with open(path, encoding="utf-8") as f:
-            there = json.load(f)
+        there = read_json(path)
     except (OSError, ValueError):
         return  # unreadable: rewritten from the checkpoint, as before
     if not isinstance(there, dict):
@@ -565,14 +584,13 @@ def check_kinds(saved: Dict[str, Any], source: str, skip=("launch", "resumes")) 
 def config_file(path: str, cfg: TrainConfig, given=None) -> TrainConfig:
     """``--config FILE``: the configuration in ``FILE`` (a run's ``config.json``), with the flags
     given explicitly on top; a new run (``resume`` and ``overwrite`` are never taken from the file)."""
-    import json
-
     try:
-        with open(path) as f:
-            saved = json.load(f)
+        saved = read_json(path)
     except FileNotFoundError:
         raise ConfigError(f"--config {path}: no such file") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except OSError as e:
+        raise ConfigError(f"--config {path}: {e.strerror or e}") from None
+    except ValueError as e:
         raise ConfigError(f"--config {path}: not a readable JSON file ({e})") from None
     if not isinstance(saved, dict):
         raise ConfigError(f"--config {path}: expected a JSON object of daal-train settings (a run's config.json)")

@@ -38,14 +38,14 @@ from . import evaluate as E
 from .checkpoint import (CheckpointError, load_checkpoint, load_weights, require_training_state, restore_rng,
                          rng_state, save_checkpoint)
 from .config import (REPLACED, TrainConfig, check_data_flags, check_kinds, check_out, check_resume_folder,
-                     checked_device, note_source, resume_config, taken_from_checkpoint, validate_config)
+                     checked_device, default_daal, note_source, resume_config, taken_from_checkpoint, validate_config)
 from .data import DistributedPKSampler, PKSampler, SeededDraws, build_datasets
 from .ddp import ConfigError
 from .devices import (compile_network, loader_options, place_model, prepare_device, resolve_amp, resolve_backend,
                       seed_everything)
 from .engine import (GlobalBatchLoss, build_criterion, build_miner, build_model, check_pml_on_a_batch, make_optimizer,
                      make_scheduler, train_one_epoch)
-from .files import write_text_atomically
+from .files import read_json, write_text_atomically
 from .log import Log, plural
 from .model import NO_WEIGHTS_NOTE
 
@@ -192,8 +192,7 @@ def _note_earlier_evaluation(state: "RunState") -> None:
         return
     epoch = None
     try:
-        with open(state.path("eval.json")) as f:
-            epoch = json.load(f).get("epoch")
+        epoch = read_json(state.path("eval.json")).get("epoch")
     except (OSError, ValueError, AttributeError):
         pass
     of = f"of epoch {epoch}" if isinstance(epoch, int) else "of a checkpoint from before this resume"
@@ -249,6 +248,11 @@ def _diverged(state: "RunState", epoch: int, e: Union[Exception, str]) -> str:
         src = last if os.path.isfile(last) else cfg.resume
         again = f"resume again with daal-train --resume {src}" + (
             "" if src == last else f" and another (empty) --out: {cfg.out} holds this attempt's files")
+    if cfg.weight_decay >= 1 and cfg.lr * cfg.weight_decay >= 1:  # AdamW scales the weights by 1 - lr x decay
+        return (f"training diverged in epoch {epoch} of {cfg.epochs} ({e}); the run stopped, {kept}. --weight-decay "
+                f"{cfg.weight_decay:g} is too large for --lr {cfg.lr:g}: AdamW scales the weights by 1 - lr x weight "
+                f"decay = {1 - cfg.lr * cfg.weight_decay:.3g} at each step; give a --weight-decay well below "
+                f"{1 / cfg.lr:g} (1 / --lr), and {again}")
     return (f"training diverged in epoch {epoch} of {cfg.epochs} ({e}); the run stopped, {kept}. Try a lower "
             f"--lr / --loss-lr (now {cfg.lr:g} / {cfg.loss_lr:g}) or a longer --warmup-epochs, and {again}")
 
@@ -330,6 +334,12 @@ def build_run(cfg: TrainConfig, ctx: ddp.DistContext, device: torch.device, log:
             + ("rises to --lr at the end" if peak >= cfg.lr else
                f"rises only to about {peak:.3g} (--lr {cfg.lr:g} x {cfg.epochs}/{cfg.warmup_epochs:g}) by the end")
             + " and never decays")
+    k = dict(default_daal(), **cfg.daal).get("k") if cfg.loss == "daal" else None
+    if ctx.is_main and isinstance(k, int) and not cfg.memory_bank and cfg.samples_per_class <= k:
+        others = cfg.samples_per_class - 1  # the kNN's reference set: the batch (docs/method.md: k_i = min(k, |S_i|))
+        radius = f"its radius averages {plural(others, 'distance')}" if others else "it has no radius (inf)"
+        log(f"--daal-k {k}: with -K {cfg.samples_per_class} a sample has {plural(others, 'other sample')} of its class "
+            f"in a batch, so {radius}; give -K {k + 1} or more, or a --memory-bank, for {k} neighbours")
     if ctx.is_main and cfg.stop_after is not None and cfg.stop_after >= cfg.epochs:
         log(f"--stop-after {cfg.stop_after} is not before the last epoch (--epochs {cfg.epochs}): the run is not "
             f"stopped early")
@@ -340,10 +350,17 @@ def build_run(cfg: TrainConfig, ctx: ddp.DistContext, device: torch.device, log:
     return RunState(
         cfg=cfg, ctx=ctx, device=device, log=log, amp_dtype=amp_dtype, train_ds=train_ds, test_ds=test_ds,
         sampler=sampler, loader=loader, steps=steps, model=model, criterion=criterion, optimizer=optimizer,
-        scheduler=make_scheduler(optimizer, cfg.epochs * steps, int(round(cfg.warmup_epochs * steps))),
+        scheduler=make_scheduler(optimizer, cfg.epochs * steps, warmup_steps(cfg.warmup_epochs, steps)),
         scaler=torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None,
         bank=MemoryBank(cfg.memory_bank, cfg.embedding_dim, device=device) if cfg.memory_bank else None,
         miner=miner, t_start=t_start, cpu_start=cpu_start)
+
+
+def warmup_steps(warmup_epochs: float, steps: int) -> int:
+    """The steps of ``--warmup-epochs`` at ``steps`` a epoch. One far beyond the run (``1e307``:
+    an infinite product, an OverflowError when made an integer) is held at 2**62 steps: the rate
+    stays about 0 all run, as it would."""
+    return int(round(min(warmup_epochs * steps, 2.0 ** 62)))
 
 
 def _sampler(cfg: TrainConfig, ctx: ddp.DistContext, labels) -> PKSampler:
@@ -528,8 +545,7 @@ def _write_config(state: RunState) -> None:
             first[name] = change["from"]
     first["resume"] = None
     try:
-        with open(state.path("config.json")) as f:
-            launch = json.load(f).get("launch", launch)
+        launch = read_json(state.path("config.json")).get("launch", launch)
     except (OSError, ValueError, AttributeError):
         pass
     write_text_atomically(state.path("config.json"),

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
+import functools
 import glob
 import json
 import math
@@ -35,7 +36,7 @@ import time
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 from .config import SEED_LIMIT, _check_writable  # daal-train's bound on --seed; --out's check
-from .files import write_text_atomically
+from .files import loads_json, read_json, write_text_atomically
 from .log import plural
 
 EXAMPLE = """\
@@ -106,10 +107,12 @@ def _check_configs(d: Any, where: str) -> None:
 def load_study(path: str) -> Dict[str, Any]:
     """Read a study file (JSON: ``configs`` {name: args}, optional ``seeds``, ``common``, ``name``)."""
     try:
-        with open(path, encoding="utf-8") as f:
-            d = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise StudyError(f"--file {path}: {e}") from None
+        d = read_json(path)
+    except OSError as e:
+        raise StudyError(f"--file {path}: {'no such file' if isinstance(e, FileNotFoundError) else e.strerror or e}") \
+            from None
+    except ValueError as e:
+        raise StudyError(f"--file {path}: not a readable JSON file ({e})") from None
     _check_configs(d, f"--file {path}")
     unknown = set(d) - {"name", "seeds", "common", "configs", "description"}
     if unknown:
@@ -122,13 +125,12 @@ def saved_study(report: str) -> Dict[str, Any]:
     ``--file``/``--config`` rebuilds the report of)."""
     path = os.path.join(report, "study.json")
     try:
-        with open(path, encoding="utf-8") as f:
-            d = json.load(f)
+        d = read_json(path)
     except FileNotFoundError:
         raise StudyError(f"no configurations: give --file or at least one --config NAME=ARGS (--summarize alone "
                          f"reads the study of {path}, which is not there)") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise StudyError(f"{path}: {e}") from None
+    except (OSError, ValueError) as e:
+        raise StudyError(f"{path}: {e.strerror if isinstance(e, OSError) and e.strerror else e}") from None
     _check_configs(d, path)
     return {k: d[k] for k in ("name", "seeds", "common", "configs") if k in d}
 
@@ -136,9 +138,8 @@ def saved_study(report: str) -> Dict[str, Any]:
 def saved_command(report: str) -> Optional[str]:
     """The ``daal-study`` command a report folder's ``study.json`` records (None: none readable)."""
     try:
-        with open(os.path.join(report, "study.json"), encoding="utf-8") as f:
-            command = json.load(f).get("command")
-    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        command = read_json(os.path.join(report, "study.json")).get("command")
+    except (OSError, ValueError, AttributeError):
         return None
     return command if isinstance(command, str) and command else None
 
@@ -191,18 +192,29 @@ def _reserved(arg: str) -> bool:
     """Whether ``arg`` is a reserved flag as daal-train's parser reads it: its full name, or an
     abbreviation of it that argparse takes (``--resum`` for ``--resume``: passed through before, a
     cell resumed another run)."""
+    return _train_flag(arg) in RESERVED
+
+
+def _train_flag(arg: str) -> Optional[str]:
+    """The daal-train long flag that ``arg`` sets as daal-train's parser reads it: its name (before
+    any ``=``), or the one flag that it abbreviates (argparse takes ``--hel`` for ``--help``);
+    None for an argument that is no flag, and for an unknown or ambiguous abbreviation."""
     name = arg.split("=", 1)[0]
     if not name.startswith("--"):
-        return False
-    if name in RESERVED:
-        return True
+        return None
+    options = _train_options()
+    if name in RESERVED or name in options:
+        return name
+    matches = [o for o in options if o.startswith(name)]
+    return matches[0] if len(matches) == 1 else None
+
+
+@functools.lru_cache(maxsize=1)
+def _train_options() -> Tuple[str, ...]:
+    """daal-train's long flags (its parser is built once)."""
     from .cli import build_parser
 
-    options = [o for o in build_parser()._option_string_actions if o.startswith("--")]
-    if name in options:
-        return False
-    matches = [o for o in options if o.startswith(name)]
-    return len(matches) == 1 and matches[0] in RESERVED
+    return tuple(o for o in build_parser()._option_string_actions if o.startswith("--"))
 
 
 def check_cell_args(study: Dict[str, Any]) -> None:
@@ -216,7 +228,7 @@ def check_cell_args(study: Dict[str, Any]) -> None:
 
     for name, args in study["configs"].items():
         full = list(study["common"]) + list(args)
-        if any(a in ("-h", "--help") for a in full):  # argparse would print daal-train's help and exit 0
+        if any(a == "-h" or _train_flag(a) == "--help" for a in full):  # argparse would print the help, exit 0
             raise StudyError(f"configuration {name!r}: -h/--help is no training argument")
         try:
             parsed = build_parser().parse_args(full)
@@ -262,9 +274,9 @@ def _read_jsonl(path: str) -> List[Dict[str, Any]]:
         with open(path, encoding="utf-8") as f:
             for i, line in enumerate(f, 1):
                 if line.strip():
-                    out.append(json.loads(line))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        where = f", line {i}" if isinstance(e, json.JSONDecodeError) else ""
+                    out.append(loads_json(line))
+    except (OSError, ValueError) as e:
+        where = f", line {i}" if isinstance(e, ValueError) and not isinstance(e, UnicodeDecodeError) else ""
         raise StudyError(f"{path}{where}: not a JSON line ({e}): a study killed while writing it? Remove that "
                          f"line and run again") from None
     return out
@@ -272,9 +284,8 @@ def _read_jsonl(path: str) -> List[Dict[str, Any]]:
 
 def _read_json(path: str) -> Any:
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        return read_json(path)
+    except (OSError, ValueError) as e:
         raise StudyError(f"{path}: cannot be read as JSON ({e})") from None
 
 
@@ -506,11 +517,12 @@ def embed_run(d: str) -> Tuple[Any, Any, Any, List[str]]:
     from .config import TrainConfig
     from .engine import build_model
 
-    cfg = TrainConfig.from_dict(dict({"width": 1.0}, **json.load(open(os.path.join(d, "config.json")))))
+    cfg = TrainConfig.from_dict(dict({"width": 1.0}, **read_json(os.path.join(d, "config.json"))))
     cfg.weights = None
     _, test_ds = build_datasets(cfg.dataset, cfg.data_root, cfg.image_size, seed=cfg.data_seed, augment=cfg.augment,
                                 shapes_train_per_class=cfg.shapes_train_per_class,
-                                shapes_test_per_class=cfg.shapes_test_per_class, shapes_nuisance=cfg.shapes_nuisance)
+                                shapes_test_per_class=cfg.shapes_test_per_class, shapes_nuisance=cfg.shapes_nuisance,
+                                train=False)
     ck = load_checkpoint(os.path.join(d, "checkpoint_last.pt"))  # digest-checked, weights_only
     model = build_model(cfg)
     model.load_state_dict(ck["model"])
@@ -640,8 +652,7 @@ def finished_cells(out: str) -> List[Tuple[Dict[str, Any], str]]:
         if not re.fullmatch(r"seed\d+", os.path.basename(d)) or not is_finished(d):
             continue
         try:
-            with open(os.path.join(d, "study_cell.json")) as f:
-                info = json.load(f)
+            info = read_json(os.path.join(d, "study_cell.json"))
             cell = dict(config=str(info["config"]), slug=os.path.basename(os.path.dirname(d)), seed=int(info["seed"]),
                         args=list(info["args"]))
         except (OSError, ValueError, KeyError, TypeError):
@@ -685,8 +696,7 @@ def report_order(study: Dict[str, Any], records: List[Dict[str, Any]], report: s
     study's, then any other."""
     before: List[Any] = []
     try:
-        with open(os.path.join(report, "study.json")) as f:
-            old = json.load(f)
+        old = read_json(os.path.join(report, "study.json"))
         before = list(old.get("reported") or old.get("configs") or [])
     except (OSError, ValueError, AttributeError, TypeError):
         pass
@@ -732,7 +742,12 @@ def write_report(study: Dict[str, Any], records: List[Dict[str, Any]], configs: 
             for c in configs:
                 rs = [r for r in records if r["config"] == c and r["seed"] == seed]
                 if rs and os.path.isfile(os.path.join(rs[0]["dir"], "checkpoint_last.pt")):
-                    emb, labels, modes, names = embed_run(rs[0]["dir"])
+                    try:
+                        emb, labels, modes, names = embed_run(rs[0]["dir"])
+                    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:  # a damaged checkpoint
+                        print(f"[daal-study] no t-SNE panel for {c} (seed {seed}): {rs[0]['dir']} cannot be "
+                              f"embedded: {e}", flush=True)
+                        continue
                     r1 = rs[0]["metrics"].get("recall@1", math.nan)
                     sub = rs[0]["metrics"].get("subcluster_nmi", math.nan)
                     panels.append((f"{c} (seed {seed})\nR@1 {r1:.3f}, sub-cluster NMI {sub:.3f}", emb, labels,
@@ -880,8 +895,12 @@ def main(argv: Optional[List[str]] = None) -> int:
             raise StudyError(f"--first {unknown[0]!r}: no such configuration (have: {', '.join(study['configs'])})")
         if args.jobs < 1 or (args.threads is not None and args.threads < 1):
             raise StudyError("--jobs and --threads must be >= 1")
+        from .cli import MAX_THREADS  # each cell's daal-train --threads: refused there, in every cell, after the start
+
+        if args.threads is not None and args.threads > MAX_THREADS:
+            raise StudyError(f"--threads must be between 1 and {MAX_THREADS}, got {args.threads}")
         for flag, path in (("--out", args.out), ("--report", args.report)):
-            if path is not None and (not path or os.path.exists(path) and not os.path.isdir(path)):
+            if path is not None and (not path.strip() or os.path.exists(path) and not os.path.isdir(path)):
                 raise StudyError(f"{flag} {path!r}: not a folder")
             if path and not args.dry_run and not (args.summarize and flag == "--out" and args.report):  # written
                 try:  # named up front, as daal-train names --out: not "Permission denied: ro/st" afterwards

@@ -218,3 +218,22 @@ def test_a_checkpoint_whose_configuration_is_out_of_range_is_one_line(run_dir, t
     assert cli.eval_main([path, "--out", str(tmp_path / "ev"), "--no-progress", "--no-tsne"]) == 2
     line = error_line("daal-eval")
     assert "--width must be a number in (0, 4], got -1.0" in line and path in line
+
+
+def test_daal_eval_draws_the_test_images_only(run_dir, tmp_path, monkeypatch):
+    """daal-eval evaluates the held-out classes; it drew the shapes training split too, which it
+    never reads (at 224 px, about 27 ms an image: the default 1,440 took some 39 s). The same test
+    images as before: the embeddings equal those of a dataset built with both splits."""
+    from daal_triton.train.data import build_datasets, shapes
+
+    real, drawn = shapes.render, []
+    monkeypatch.setattr(shapes, "render", lambda *a, **k: drawn.append(1) or real(*a, **k))
+    path = str(tmp_path / "emb.pt")
+    assert cli.eval_main([_ck(run_dir), "--out", str(tmp_path / "ev"), "--no-progress", "--no-tsne",
+                          "--save-embeddings", path]) == 0
+    assert len(drawn) == 12 * 4  # the 12 held-out classes x --shapes-test-per-class 4, no training image
+    monkeypatch.setattr(shapes, "render", real)
+    _, both = build_datasets("shapes", None, 32, shapes_train_per_class=4, shapes_test_per_class=4)
+    train, alone = build_datasets("shapes", None, 32, shapes_train_per_class=4, shapes_test_per_class=4, train=False)
+    assert len(train) == 0 and len(alone) == len(both) == 48
+    assert all(torch.equal(alone[i][0], both[i][0]) and alone[i][1] == both[i][1] for i in range(48))

@@ -502,13 +502,24 @@ def test_a_second_daal_train_writing_the_same_folder_is_refused(run_dir, tmp_pat
     assert cli.main(["--resume", os.path.join(out, "checkpoint_last.pt"), "--epochs", "2", "--no-progress"]) == 0
 
 
-def test_empty_out_is_one_error_line(run_dir, error_line):
+def test_empty_out_is_one_error_line(run_dir, error_line, tmp_path, monkeypatch):
     assert cli.main(TINY + ["--out", ""]) == 2
     assert "--out" in error_line("daal-train")
     before = sorted(os.listdir(run_dir))  # daal-eval took '' as its default, the checkpoint's folder
     assert cli.eval_main([os.path.join(run_dir, "checkpoint_last.pt"), "--out", "", "--no-progress"]) == 2
     assert "--out must name a folder, got ''" in error_line("daal-eval")
     assert sorted(os.listdir(run_dir)) == before
+    # blanks (a CLI fuzz, 2026-12-07: a folder named '  ' was made): no folder either
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(TINY + ["--out", "  "]) == 2
+    assert "--out must name a folder, got '  '" in error_line("daal-train")
+    assert cli.eval_main([os.path.join(run_dir, "checkpoint_last.pt"), "--out", " ", "--no-progress"]) == 2
+    assert "--out must name a folder, got ' '" in error_line("daal-eval")
+    from daal_triton.train import study
+
+    assert study.main(["--config", "A=", "--out", " ", "--dry-run", "--no-progress"]) == 2
+    assert "--out ' ': not a folder" in error_line("daal-study")
+    assert not os.path.exists(" ") and not os.path.exists("  ")
 
 
 def test_a_stop_after_at_or_past_the_last_epoch_is_said(tmp_path, capsys):
@@ -639,3 +650,13 @@ def test_a_checkpoint_write_that_fails_midway_keeps_the_previous_one(stop, tmp_p
     assert open(path, "rb").read() == before
     ck = C.load_checkpoint(path)
     assert ck["epoch"] == 1 and not torch.equal(ck["model"]["weight"], model.weight.detach())
+
+
+def test_a_divergence_of_the_weight_decay_names_it(tmp_path, error_line):
+    """``--weight-decay 1e308`` (a CLI fuzz, 2026-12-07) diverged, and the run advised a lower --lr:
+    AdamW multiplies the weights by ``1 - lr x weight decay`` at each step, here far below -1."""
+    out = str(tmp_path / "wd")
+    assert cli.main(TINY + ["--epochs", "1", "--weight-decay", "1e308", "--no-baselines", "--out", out]) == 1
+    line = error_line("daal-train")
+    assert "training diverged in epoch 1 of 1" in line and "--weight-decay 1e+308 is too large for --lr 0.001" in line
+    assert "give a --weight-decay well below 1000 (1 / --lr)" in line and "Try a lower --lr" not in line, line

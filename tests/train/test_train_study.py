@@ -378,6 +378,9 @@ def test_study_flags_out_of_range_and_reserved_cell_flags_are_one_line(tmp_path,
              # abbreviations argparse takes for them (a CLI fuzz, 2026-12-07: --resum resumed another run)
              (["--config", "A=--resum other/checkpoint_last.pt"], "--resum is set by the study"),
              (["--config", "A=--thread 3"], "--thread is set by the study"),
+             # a CLI fuzz, 2026-12-07: accepted, then every cell refused it; --hel printed daal-train's help
+             (["--config", "A=", "--threads", str(10 ** 30)], "--threads must be between 1 and 4096"),
+             (["--config", "A=--hel"], "configuration 'A': -h/--help is no training argument"),
              (["--common=--ou=x", "--config", "A="], "'common': --ou=x is set by the study"),
              (["--file", str(seeds_bool)], "seeds must be a non-empty list of integers"),
              (["--config", "A=", "--first", "B"], "--first 'B': no such configuration"),
@@ -602,3 +605,22 @@ def test_a_folder_the_study_cannot_make_is_named_by_its_flag(tmp_path, monkeypat
     assert S.main(argv + (["--report", path] if flag == "--report" else [])) == 2
     assert error_line("daal-study") == f"daal-study: error: {flag} {path}: {blocker} is a file, not a folder"
     assert sorted(os.listdir(tmp_path)) == ["afile"] and blocker.read_text() == "mine"
+
+
+def test_a_damaged_checkpoint_leaves_its_tsne_panel_out(tmp_path, monkeypatch, capsys):
+    """The t-SNE panels embed each configuration's run with its ``checkpoint_last.pt``; a damaged one
+    (a CLI fuzz, 2026-12-07) ended ``daal-study`` and ``--summarize`` with a CheckpointError
+    traceback, no plots written after it. Its panel is left out, saying why; the report is whole."""
+    out = str(tmp_path / "st")
+    monkeypatch.setattr(S, "run_cell", _fake_cell)
+    argv = ["--config", "A=--epochs 1", "--seeds", "0", "--out", out, "--no-progress"]
+    assert S.main(argv + ["--no-tsne"]) == 0
+    cell = os.path.join(out, "cells", "a", "seed0")
+    with open(os.path.join(cell, "checkpoint_last.pt"), "wb") as f:
+        f.write(b"PK\x03\x04 half a checkpoint")
+    capsys.readouterr()
+    assert S.main(["--summarize", "--out", out, "--no-progress"]) == 0
+    said = capsys.readouterr()
+    assert f"[daal-study] no t-SNE panel for A (seed 0): {cell} cannot be embedded: checkpoint" in said.out
+    assert "Traceback" not in said.out + said.err
+    assert os.path.getsize(os.path.join(out, "metrics.png")) > 0 and not os.path.exists(os.path.join(out, S.WRITING))

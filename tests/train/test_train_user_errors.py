@@ -23,6 +23,10 @@ BAD_TRAIN = {
     "loss-lr": (["--loss-lr", "-0.1"], "--loss-lr"),
     "warmup": (["--warmup-epochs", "-5"], "--warmup-epochs"),
     "lr-nan": (["--lr", "nan"], "--lr"),
+    # argparse (Python 3.11) read a negative number with an exponent as a flag: "expected one argument"
+    "lr-negative-exponent": (["--lr", "-1e-3"], "--lr must be > 0.0, got -0.001"),
+    "m0-negative-exponent": (["--daal-m0", "-1e308"], "m0"),
+    "lr-minus-inf": (["--lr", "-inf"], "--lr must be a finite number"),
     "weight-decay": (["--weight-decay", "-1"], "--weight-decay"),
     "epochs": (["--epochs", "0"], "--epochs"),
     "steps": (["--steps-per-epoch", "0"], "--steps-per-epoch"),
@@ -35,6 +39,10 @@ BAD_TRAIN = {
     "loss-foo": (["--loss", "foo"], "--loss"),
     "kwargs-json": (["--loss-kwargs", "{not json"], "--loss-kwargs"),
     "kwargs-list": (["--loss-kwargs", "[1]"], "--loss-kwargs"),
+    # Python's JSON reads NaN and Infinity: {"neg_margin": Infinity} diverged at once, blamed on --lr
+    "kwargs-nan": (["--loss-kwargs", '{"margin": [1, NaN]}'], "--loss-kwargs: 'margin'[1] is nan, not a finite number"),
+    "miner-kwargs-infinity": (["--miner-kwargs", '{"epsilon": -Infinity}'],
+                              "--miner-kwargs: 'epsilon' is -inf, not a finite number"),
     "kwargs-unknown": (["--loss", "pml:ContrastiveLoss", "--loss-kwargs", '{"no_such": 1}'], "no_such"),
     "daal-kwargs-unknown": (["--loss-kwargs", '{"no_such": 1}'], "no_such"),
     "weights-missing": (["--weights", "/nonexistent/vgg.pth"], "--weights"),
@@ -69,6 +77,11 @@ BAD_TRAIN = {
     "embedding-dim-beyond-int64": (["--embedding-dim", str(2 ** 63)], "--embedding-dim must be at most 2**63 - 1"),
     "log-every-beyond-int64": (["--log-every", str(10 ** 30)], "--log-every must be at most 2**63 - 1"),
     "image-size-huge": (["--image-size", str(2 ** 40)], "--image-size must be <= 65536"),
+    # forked worker after worker until the machine ran out, deaf to Ctrl-C
+    "num-workers-huge": (["--num-workers", str(10 ** 30)], "--num-workers must be <= 256"),
+    "loss-kwargs-deep": (["--loss-kwargs", "[" * 5000 + "]" * 5000], "--loss-kwargs is not valid JSON: nested too"),
+    "loss-kwargs-long-int": (["--loss-kwargs", '{"margin": ' + "1" * 5000 + "}"],
+                             "--loss-kwargs is not valid JSON: an integer of more than 4,300 digits"),
     # pytorch-metric-learning builds from any keyword value and failed at the first step, mid-run
     "pml-kwargs-bad-value": (["--loss", "pml:ProxyAnchorLoss", "--loss-kwargs", '{"margin": "a"}'],
                              "--loss pml:ProxyAnchorLoss fails on a test batch (TypeError"),
@@ -100,6 +113,7 @@ def test_daal_train_refuses_up_front(case, tmp_path, error_line):
                                                    "--dataset is digits: it would do nothing"),
     ("digits", ["--shapes-nuisance", "0.5"], "--shapes-nuisance is read by --dataset shapes only"),
     ("folder", ["--shapes-test-per-class", "3"], "--shapes-test-per-class is read by --dataset shapes only"),
+    ("digits", ["--data-seed", "3"], "--data-seed is read by --dataset shapes only"),  # a CLI fuzz, 2026-12-07
     ("folder", ["--augment", "crop"], "--augment is read by --dataset shapes and digits only, but --dataset is folder: "
                                       "it would do nothing (the photo sets always train on random resized crops"),
 ])
@@ -191,7 +205,8 @@ def test_daal_eval_refuses_up_front(tmp_path, error_line):
     cases = [([str(tmp_path / "missing.pt")], "no such file"), ([path, "--device", "tpu"], "--device"),
              ([path, "--data-root", str(tmp_path)], "--dataset shapes is built in"),
              ([path, "--dataset", "folder", "--data-root", str(tmp_path / "moved")],
-              f"--data-root {tmp_path / 'moved'}: no such folder")]
+              f"--data-root {tmp_path / 'moved'}: no such folder"),
+             ([path, "--dataset", "digits", "--data-seed", "3"], "--data-seed is read by --dataset shapes only")]
     if not torch.cuda.is_available():
         cases.append(([path, "--device", "cpu", "--knn-backend", "triton"], "--knn-backend triton"))
     for argv, words in cases:
@@ -335,7 +350,8 @@ def test_a_run_made_with_an_unread_data_root_still_evaluates_and_resumes(tmp_pat
     RuntimeError("Storage size calculation overflowed with sizes=[4611686018427387904, 8]"),
     ValueError("array is too big; `arr.size * arr.dtype.itemsize` is larger than the maximum possible size."),
     ValueError("Maximum allowed size exceeded"),
-], ids=["torch-cpu", "numpy", "torch-overflow", "numpy-too-big", "numpy-maximum"])
+    ValueError("Maximum allowed dimension exceeded"),  # np.empty of 12 x 2**60 images (--shapes-train-per-class)
+], ids=["torch-cpu", "numpy", "torch-overflow", "numpy-too-big", "numpy-maximum", "numpy-dimension"])
 def test_sizes_the_machine_cannot_hold_are_one_line(tmp_path, monkeypatch, error_line, error):
     """``--embedding-dim 1000000000``, ``--memory-bank 10**12``, ``--image-size 50000`` pass the
     checks (each is a valid size) and fail to allocate: one error line naming what to lower, exit
@@ -383,3 +399,142 @@ def test_ctrl_c_before_the_run_starts_says_so(tmp_path, monkeypatch, capsys):
     assert cli.main(TINY + ["--out", str(tmp_path / "c")]) == 130
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "daal-train: interrupted (Ctrl-C) before the run started: nothing was written")
+
+
+@pytest.fixture
+def fifo(tmp_path):
+    """A FIFO (named pipe). Should a program open it and wait for a writer (the defect), a thread
+    gives it ``{}`` after 5 s, so that the test fails instead of hanging."""
+    import threading
+    import time
+
+    path = tmp_path / "fifo"
+    os.mkfifo(path)
+    done = threading.Event()
+
+    def rescue():
+        deadline = time.monotonic() + 5
+        while not done.wait(0.05):
+            if time.monotonic() < deadline:
+                continue
+            try:  # succeeds only while a reader waits
+                fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+            except OSError:
+                continue
+            try:
+                os.write(fd, b"{}")
+            except OSError:
+                pass
+            os.close(fd)
+
+    thread = threading.Thread(target=rescue, daemon=True)
+    thread.start()
+    yield str(path)
+    done.set()
+    thread.join()
+
+
+def test_files_of_settings_that_are_not_json_files_are_one_line(tmp_path, fifo, error_line):
+    """``--config`` and ``daal-study --file`` (a CLI fuzz, 2026-12-07): a FIFO hung, /dev/zero was
+    read until memory ran out (22 GB), deep nesting and long integers were tracebacks."""
+    from daal_triton.train import files, study
+
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    long_int = tmp_path / "long_int.json"
+    long_int.write_text('{"epochs": ' + "1" * 5000 + "}")
+    huge = tmp_path / "huge.json"
+    with open(huge, "wb") as f:  # sparse: over the limit without writing it
+        f.truncate(16 * 2 ** 20 + 1)
+    # a FIFO stands for /dev/zero too: a device read by a regressed build would take the machine's
+    # memory (22 GB), which no test may risk; files.special_text names a device below
+    cases = {fifo: "a FIFO (named pipe), not a file", str(tmp_path): "a folder, not a file", str(deep): "not a readable JSON file (nested too deeply",
+             str(long_int): "not a readable JSON file (an integer of more than 4,300 digits)",
+             str(huge): "larger than 16 MiB"}
+    out = tmp_path / "out"
+    for path, words in cases.items():
+        assert cli.main(TINY + ["--config", path, "--out", str(out)]) == 2, path
+        assert f"--config {path}: {words}" in error_line("daal-train"), path
+        assert study.main(["--file", path, "--out", str(out), "--dry-run", "--no-progress"]) == 2, path
+        assert f"--file {path}: {words}" in error_line("daal-study"), path
+    assert not out.exists()
+    # a JSON file of settings within the limit is read as before
+    good = tmp_path / "good.json"
+    good.write_text('{"epochs": 1}')
+    assert files.read_json(str(good)) == {"epochs": 1} and files.MAX_JSON_BYTES == 16 * 2 ** 20
+    if os.path.exists("/dev/null"):  # stat only: nothing opens it
+        assert files.special_text("/dev/null") == "is a device, not a file" and files.is_special("/dev/null")
+
+
+def test_no_output_replaces_a_fifo_or_a_device(tmp_path, fifo, error_line):
+    """``--save-embeddings /dev/null --overwrite`` would, as root, have replaced /dev/null by a file
+    (the rename of daal-eval's atomic write: a regressed build did so to this machine's while this
+    test was written, so a FIFO stands for the device here); a FIFO at an output was replaced the
+    same way. Special files where a checkpoint is read are named as what they are, not as "no such
+    file"."""
+    from daal_triton.train import files
+
+    path = _checkpoint(tmp_path, shapes_train_per_class=4, shapes_test_per_class=4, width=0.125)
+    ev = tmp_path / "ev"
+    assert cli.eval_main([path, "--out", str(ev), "--no-progress", "--save-embeddings", fifo, "--overwrite"]) == 2
+    assert f"--save-embeddings {fifo}: is a FIFO (named pipe), not a file" in error_line("daal-eval")
+    assert not os.path.isfile(fifo)
+    ev.mkdir()
+    os.mkfifo(ev / "eval.json")
+    assert cli.eval_main([path, "--out", str(ev), "--no-progress", "--overwrite"]) == 2
+    assert "eval.json is a FIFO (named pipe), not a file: daal-eval writes its eval.json there" in \
+        error_line("daal-eval")
+    assert sorted(os.listdir(ev)) == ["eval.json"] and not os.path.isfile(ev / "eval.json")
+    with pytest.raises(OSError, match="a FIFO .* is there, not a file"):  # the last guard, under every writer
+        files.write_text_atomically(str(ev / "eval.json"), "{}")
+    assert cli.eval_main([fifo]) == 2
+    assert f"checkpoint {fifo!r} is a FIFO (named pipe), not a file" in error_line("daal-eval")
+    assert cli.main(TINY + ["--weights", fifo, "--out", str(tmp_path / "out")]) == 2
+    assert f"--weights {fifo}: is a FIFO (named pipe), not a file" in error_line("daal-train")
+
+
+def test_a_warmup_far_beyond_the_run_trains(tmp_path, capsys):
+    """``--warmup-epochs 1e307`` (a CLI fuzz, 2026-12-07): an OverflowError traceback from the
+    infinite number of warm-up steps; now the rate stays about 0, as a long warm-up's does."""
+    argv = TINY + ["--steps-per-epoch", "2", "--warmup-epochs", "1e308", "--out", str(tmp_path / "out")]
+    assert cli.main(argv) == 0  # 2e308 warm-up steps: an infinite float
+    assert "Traceback" not in capsys.readouterr().err
+    from daal_triton.train.run import warmup_steps
+
+    assert warmup_steps(1e308, 2) == 2 ** 62 and warmup_steps(1.5, 4) == 6 and warmup_steps(0.0, 7) == 0
+
+
+def test_a_shapes_set_beyond_any_memory_fails_at_once(tmp_path, monkeypatch, error_line):
+    """``--shapes-train-per-class 10**30`` (a CLI fuzz, 2026-12-07; now 2**60: a 64-bit integer) drew images for ever, holding
+    each in a list to be stacked at the end; the set is now allocated before the first is drawn:
+    a size beyond any memory is the out-of-memory line at once (here: before the 100th image)."""
+    from daal_triton.train.data import shapes
+
+    real, drawn = shapes.render, []
+
+    def render(*args, **kwargs):
+        drawn.append(1)
+        if len(drawn) > 100:
+            raise AssertionError("drawing images of a set that cannot be held")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(shapes, "render", render)
+    assert cli.main(TINY + ["--shapes-train-per-class", str(2 ** 60), "--out", str(tmp_path / "out")]) == 1
+    line = error_line("daal-train")
+    assert line.startswith("daal-train: error: out of memory (") and "--shapes-train/test-per-class" in line, line
+    images, labels, modes = shapes.generate([0, 3], 5, 32, seed=1)  # a set that fits: as before
+    assert images.shape == (10, 32, 32, 3) and images.dtype == np.uint8 and labels.tolist() == [0] * 5 + [3] * 5
+    assert np.array_equal(images[7], real(*shapes.class_table()[3], 2, 32, np.random.default_rng([1, 3, 2])))
+
+
+def test_a_k_the_batch_cannot_give_is_said(tmp_path, capsys):
+    """DAAL's radius averages ``min(k, |S_i|)`` same-class distances (docs/method.md): ``-K 2``
+    with ``--daal-k 3`` silently used one (a CLI fuzz, 2026-12-07). The run says so; it does not
+    where -K gives k others, or where a memory bank adds references."""
+    assert cli.main(TINY + ["--daal-k", "3", "--out", str(tmp_path / "a")]) == 0  # TINY: -K 2
+    said = capsys.readouterr().out
+    assert ("--daal-k 3: with -K 2 a sample has 1 other sample of its class in a batch, so its radius averages "
+            "1 distance; give -K 4 or more, or a --memory-bank, for 3 neighbours") in said
+    for flags in (["-K", "4"], ["--memory-bank", "12"]):
+        assert cli.main(TINY + ["--daal-k", "3", *flags, "--out", str(tmp_path / flags[0].strip("-"))]) == 0
+        assert "--daal-k" not in capsys.readouterr().out, flags

@@ -17,9 +17,12 @@ NEEDS_ROOT = ("cub200", "cars196", "sop", "folder")
 def build_datasets(name: str, data_root: Optional[str] = None, image_size: int = 32, *, seed: int = 0,
                    augment: str = "none", shapes_train_per_class: int = 120,
                    shapes_test_per_class: int = 100,
-                   shapes_nuisance: float = 1.0, progress: bool = False) -> Tuple[MetricDataset, MetricDataset]:
+                   shapes_nuisance: float = 1.0, progress: bool = False,
+                   train: bool = True) -> Tuple[MetricDataset, MetricDataset]:
     """``(train, test)`` of data set ``name`` (one of :data:`DATASETS`); ``progress``: a bar while
-    ``shapes`` draws its images, where that takes more than a second.
+    ``shapes`` draws its images, where that takes more than a second. ``train=False`` (daal-eval,
+    daal-study's t-SNE: the test split only): ``shapes`` draws no training images (its training
+    split is empty: at 224 px, about 27 ms an image, the default 1,440 took about 39 s).
 
     ``augment`` applies to the in-memory sets (``shapes``, ``digits``); photos always get random
     resized crop + flip for training and resize + centre crop for testing.
@@ -27,7 +30,7 @@ def build_datasets(name: str, data_root: Optional[str] = None, image_size: int =
     if name == "shapes":
         from .synthetic import load_shapes
 
-        return load_shapes(image_size, seed=seed, train_per_class=shapes_train_per_class,
+        return load_shapes(image_size, seed=seed, train_per_class=shapes_train_per_class if train else 0,
                            test_per_class=shapes_test_per_class, nuisance=shapes_nuisance, augment=augment,
                            progress=progress)
     if name == "digits":

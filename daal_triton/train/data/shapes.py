@@ -148,7 +148,10 @@ def generate(classes: Sequence[int], per_class: int, size: int, seed: int,
     """
     table = class_table()
     n_pal = len(PALETTES)
-    images, labels, modes = [], [], []
+    # allocated up front: a count beyond any memory (--shapes-train-per-class 10**30) fails here, at
+    # once, instead of drawing for ever; and no list of images is stacked (twice the memory)
+    images = np.empty((len(classes) * per_class, size, size, 3), np.uint8)
+    labels, modes = [], []
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -159,12 +162,11 @@ def generate(classes: Sequence[int], per_class: int, size: int, seed: int,
         for i in range(per_class):
             rng = np.random.default_rng([seed, c, i])
             mode = i % n_pal
-            images.append(render(s, p, mode, size, rng, nuisance=nuisance))
+            images[len(labels)] = render(s, p, mode, size, rng, nuisance=nuisance)
             labels.append(c)
             modes.append(mode)
             if bar is not None:
                 bar.update()
     if bar is not None:
         bar.close()
-    return (np.stack(images) if images else np.zeros((0, size, size, 3), np.uint8),
-            np.asarray(labels, dtype=np.int64), np.asarray(modes, dtype=np.int64))
+    return images, np.asarray(labels, dtype=np.int64), np.asarray(modes, dtype=np.int64)
