@@ -16,7 +16,7 @@ import os
 import pickle
 import random
 import warnings
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple, cast
 
 import numpy as np
 import torch
@@ -96,7 +96,11 @@ def _pickle_facts(path: str) -> Optional[tuple]:
         else:
             with open(path, "rb") as f:
                 data = f.read()
-        protocol, names, strings, memo, top = 0, [], [], {}, None  # top: the string last pushed, if it was
+        protocol, top = 0, None  # top: the string last pushed, if it was
+        names: List[str] = []
+        strings: List[str] = []
+        memo: Dict[int, Optional[str]] = {}
+        arg: Any
         for op, arg, _ in pickletools.genops(data):
             if op.name == "MEMOIZE":  # memoises the top of the stack, which it leaves as it is
                 memo[len(memo)] = top
@@ -263,7 +267,7 @@ def _feed(h, obj: Any) -> None:
 
 def rng_state() -> Dict[str, Any]:
     """The torch, numpy and Python generators' states as tensors, lists and numbers."""
-    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    name, keys, pos, has_gauss, gauss = cast(Tuple[str, np.ndarray, int, int, float], np.random.get_state())
     version, internal, py_gauss = random.getstate()
     return dict(torch=torch.get_rng_state(),
                 numpy=dict(name=name, keys=torch.from_numpy(keys.astype(np.int64)), pos=int(pos),

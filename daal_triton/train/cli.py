@@ -9,11 +9,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import re
 import sys
 import time
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 from daal_triton.core import Hyperparameters
 
@@ -36,7 +37,9 @@ class _Parser(argparse.ArgumentParser):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-(inf|infinity|nan)$", re.I)
+        digits = r"\d[\d_]*"  # 1_000: as float() and newer argparse read it
+        self._negative_number_matcher = re.compile(
+            rf"^-({digits}\.?[\d_]*|\.{digits})([eE][-+]?{digits})?$|^-(inf|infinity|nan)$", re.I)
 
     def error(self, message: str):  # type: ignore[override]
         raise UsageError(f"{message} (see {self.prog} --help)")
@@ -67,7 +70,7 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         if action.nargs == 0 or action.default is None:
             # Python 3.9's BooleanOptionalAction adds the default to the help itself (3.10 dropped it)
             return (action.help or "").replace(" (default: %(default)s)", "")
-        return super()._get_help_string(action)
+        return super()._get_help_string(action) or ""
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -385,7 +388,7 @@ def build_eval_parser() -> argparse.ArgumentParser:
                           "overwrite", "threads"):
             a.default = None
             if not isinstance(a, argparse._StoreConstAction):  # --no-amp: a switch, its help says what it does
-                a.help = f"{a.help.split(' (default:')[0]} (default: the checkpoint's)"  # one default, not daal-train's too
+                a.help = f"{(a.help or '').split(' (default:')[0]} (default: the checkpoint's)"  # one default, not daal-train's too
     return p
 
 
@@ -511,9 +514,9 @@ def _evaluate_checkpoint(args: argparse.Namespace) -> Dict[str, Dict[str, float]
                                 progress=args.progress, train=False)
     for note in list(test_ds.notes) + E.test_split_notes(test_ds):
         Log("daal-eval")(note)
-    model = build_model(cfg)
-    load_weights(model, ck["model"], args.checkpoint, "network")
-    model = place_model(model, device, cfg.channels_last)
+    net = build_model(cfg)
+    load_weights(net, ck["model"], args.checkpoint, "network")
+    model = place_model(net, device, cfg.channels_last)
     t0 = time.time()
     emb = E.embed(model, test_ds, device, batch_size=cfg.eval_batch_size, amp_dtype=amp_dtype,
                   num_workers=cfg.num_workers, progress=args.progress)
@@ -533,13 +536,16 @@ def _evaluate_checkpoint(args: argparse.Namespace) -> Dict[str, Dict[str, float]
                           dataset=cfg.dataset, epoch=ck.get("epoch"))
     # what was evaluated, so the numbers can be made again: the data (its folder, or the generated
     # set's seed and sizes), the image size and the metrics' seed (k-means for NMI)
-    data = dict(dataset=cfg.dataset, data_root=cfg.data_root, image_size=cfg.image_size, data_seed=cfg.data_seed,
-                seed=cfg.seed, test_images=len(test_ds), test_classes=test_ds.num_classes)
+    data: Dict[str, Any] = dict(dataset=cfg.dataset, data_root=cfg.data_root, image_size=cfg.image_size,
+                                data_seed=cfg.data_seed, seed=cfg.seed, test_images=len(test_ds),
+                                test_classes=test_ds.num_classes)
     if cfg.dataset == "shapes":
         data.update(shapes_train_per_class=cfg.shapes_train_per_class,
                     shapes_test_per_class=cfg.shapes_test_per_class, shapes_nuisance=cfg.shapes_nuisance)
+    results = {name: {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in row.items()}
+               for name, row in rows.items()}  # a metric undefined here: null, as in metrics.jsonl (NaN is no JSON)
     text = json.dumps(dict(checkpoint=os.path.abspath(args.checkpoint), epoch=ck.get("epoch"), **data,
-                           results=rows, seconds=round(time.time() - t0, 2)), indent=2)
+                           results=results, seconds=round(time.time() - t0, 2)), indent=2)
     write_text_atomically(os.path.join(out, "eval.json"), text)
     log = Log("daal-eval")
     stale = os.path.join(out, "tsne_eval.png")

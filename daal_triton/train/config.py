@@ -186,6 +186,8 @@ def validate_config(cfg: TrainConfig, world_size: int, device: torch.device) -> 
                           f"vgg19_bn-c79401a0.pth; the program never downloads weights)")
     if isinstance(cfg.memory_bank, bool) or not isinstance(cfg.memory_bank, int) or cfg.memory_bank < 0:
         raise ConfigError(f"--memory-bank must be an integer >= 0 (0: off), got {cfg.memory_bank!r}")
+    if cfg.memory_bank > INT_MAX:  # a traceback from torch.zeros before (a docs audit, 2026-12-07)
+        raise ConfigError(f"--memory-bank must be at most 2**63 - 1 (a 64-bit integer), got {cfg.memory_bank}")
     if cfg.memory_bank and cfg.loss != "daal":
         raise ConfigError(f"--memory-bank is for --loss daal (its kNN density takes the bank as reference set); "
                           f"--loss {cfg.loss} cannot use it: pytorch-metric-learning's ref_emb does not take "
@@ -296,15 +298,17 @@ def _check_loss(cfg: TrainConfig) -> None:
         raise ConfigError(f"--loss {cfg.loss}: pytorch_metric_learning.losses has no loss named {cfg.loss[4:]!r}")
 
 
-def _check_finite(value: Any, flag: str, where: str = "") -> None:
+def _check_finite(value: Any, flag: str) -> None:
     """Every number in ``value`` (a ``--loss-kwargs`` object, nested lists and objects) finite:
     Python's JSON reads ``NaN`` and ``Infinity``, and a loss built with one diverged at its first
-    step (``{"neg_margin": Infinity}``), blamed on --lr."""
-    if isinstance(value, float) and not math.isfinite(value):
-        raise ConfigError(f"{flag}: {where or 'a value'} is {value}, not a finite number")
-    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
-    for key, item in items:
-        _check_finite(item, flag, f"{where}[{key!r}]" if where else repr(key))
+    step (``{"neg_margin": Infinity}``), blamed on --lr. Walked without recursion."""
+    todo = [("", value)]
+    while todo:
+        where, v = todo.pop()
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ConfigError(f"{flag}: {where or 'a value'} is {v}, not a finite number")
+        items = v.items() if isinstance(v, dict) else enumerate(v) if isinstance(v, list) else ()
+        todo.extend((f"{where}[{key!r}]" if where else repr(key), item) for key, item in reversed(list(items)))
 
 
 def _check_miner(cfg: TrainConfig) -> None:
@@ -500,6 +504,7 @@ def resume_config(saved: Dict[str, Any], cfg: TrainConfig, given=None) -> "tuple
     merged["stop_after"] = cfg.stop_after  # stopping is the launch's choice, never the checkpoint's
     # A resumed run writes where its checkpoint lies unless --out says otherwise.
     if "out" not in explicit:
+        assert cfg.resume is not None  # a resume's configuration
         here = os.path.dirname(os.path.abspath(cfg.resume))
         if os.path.realpath(str(base["out"])) != os.path.realpath(here):
             merged["out"] = here

@@ -52,7 +52,8 @@ def _tolerant_output() -> List[Tuple[Any, str]]:
     pipe: ``LC_ALL=C`` with ``PYTHONUTF8=0``, ``PYTHONIOENCODING=ascii``): before, a ± or a path's
     non-ASCII name ended a finished run with a UnicodeEncodeError traceback, its results unwritten.
     Returns ``(stream, its errors before)`` of the streams changed, for :func:`_run` to restore."""
-    changed = []
+    changed: List[Tuple[Any, str]] = []
+    stream: Any
     for stream in (sys.stdout, sys.stderr):
         try:  # a TextIOWrapper; not one that is closed, nor a replacement without reconfigure
             before = stream.errors
@@ -78,7 +79,7 @@ def _run(load: Callable[[], Callable[[], int]], prog: str) -> int:
 
 
 def _run_program(load: Callable[[], Callable[[], int]], prog: str) -> int:
-    held = []
+    held: List[int] = []
 
     def hold(signum, frame):
         if held:  # a second Ctrl-C while loading: the user insists (an import that hangs)

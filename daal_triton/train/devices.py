@@ -6,7 +6,7 @@ import os
 import random
 import shutil
 import sys
-from typing import Callable, Optional
+from typing import Callable, Optional, cast
 
 import numpy as np
 import torch
@@ -69,7 +69,8 @@ def place_model(model: torch.nn.Module, device: torch.device, channels_last: Opt
     """``model`` moved to ``device``, its 4-d weights in channels_last where
     :func:`use_channels_last` says so (the step then feeds it channels_last images)."""
     if use_channels_last(channels_last, device):
-        return model.to(device=device, memory_format=torch.channels_last)
+        # torch's stubs list the two keywords in separate overloads; Module.to takes them together
+        return model.to(device=device, memory_format=torch.channels_last)  # type: ignore[call-overload]
     return model.to(device)
 
 
@@ -103,8 +104,8 @@ def loader_options(num_workers: Optional[int], device: torch.device, *, persiste
     ``non_blocking`` copies); with workers, each keeps 4 batches ready (``prefetch_factor``) and,
     with ``persistent``, lives for the whole run."""
     if num_workers is None:
-        local_world = os.environ.get("LOCAL_WORLD_SIZE", "1")
-        local_world = max(1, int(local_world)) if local_world.isdigit() else 1
+        given = os.environ.get("LOCAL_WORLD_SIZE", "1")
+        local_world = max(1, int(given)) if given.isdigit() else 1
         num_workers = min(8, max(1, available_cpus() // local_world)) if device.type == "cuda" else 0
     opts = dict(num_workers=int(num_workers), pin_memory=device.type == "cuda")
     if num_workers > 0:
@@ -145,7 +146,7 @@ def compile_network(net: torch.nn.Module) -> torch.nn.Module:
     """``--compile``: ``torch.compile(net)`` (default mode). The parameters stay those of ``net``
     (the bare network is what is evaluated and saved). The loss is not compiled: its custom
     operators already trace, and it runs outside the compiled graph."""
-    return torch.compile(net)
+    return cast(torch.nn.Module, torch.compile(net))  # an OptimizedModule, typed as a callable
 
 
 def resolve_backend(name: str, device: torch.device) -> str:

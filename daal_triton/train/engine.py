@@ -10,7 +10,7 @@ import inspect
 import math
 import time
 import warnings
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -138,12 +138,13 @@ def make_optimizer(model: nn.Module, criterion: nn.Module, *, lr: float, loss_lr
     kernel for the whole update, step counters on the device, so the step never reads a value
     back to the host (the for-each implementation reads each CPU step counter). The CPU keeps
     the default implementation (and its numbers)."""
-    decay, no_decay = [], []
+    decay: List[nn.Parameter] = []
+    no_decay: List[nn.Parameter] = []
     for name, p in model.named_parameters():
         if p.requires_grad:
             (no_decay if p.ndim <= 1 else decay).append(p)
-    groups = [dict(params=decay, lr=lr, weight_decay=weight_decay),
-              dict(params=no_decay, lr=lr, weight_decay=0.0)]
+    groups: List[Dict[str, Any]] = [dict(params=decay, lr=lr, weight_decay=weight_decay),
+                                    dict(params=no_decay, lr=lr, weight_decay=0.0)]
     loss_params = [p for p in criterion.parameters() if p.requires_grad]
     if loss_params:
         groups.append(dict(params=loss_params, lr=loss_lr, weight_decay=0.0))
@@ -151,7 +152,7 @@ def make_optimizer(model: nn.Module, criterion: nn.Module, *, lr: float, loss_lr
     if fused is None:
         params = [p for g in groups for p in g["params"]]
         fused = bool(params) and all(p.device.type == "cuda" and p.is_floating_point() for p in params)
-    return torch.optim.AdamW(groups, **(dict(fused=True) if fused else {}))
+    return torch.optim.AdamW(groups, fused=True) if fused else torch.optim.AdamW(groups)
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int) -> torch.optim.lr_scheduler.LambdaLR:

@@ -166,7 +166,7 @@ def embed(model: torch.nn.Module, dataset, device: torch.device, *, batch_size: 
             images = images.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device_type=device.type, dtype=amp_dtype or torch.float32,
                             enabled=amp_dtype is not None):
-            e = model.features(images) if features else model(images)
+            e = model.features(images) if features else model(images)  # type: ignore[operator]  # Module attribute
         out.append(e.float())
     model.train(was_training)
     return torch.cat(out, 0).cpu() if out else torch.zeros(0, getattr(model, "embedding_dim", 0))

@@ -6,12 +6,17 @@ import errno
 import json
 import os
 import stat
-from typing import Any
+import sys
+from typing import Any, List, Optional
 
 #: The largest JSON file the programs read (a run's ``config.json``, a study file, a report's
 #: ``study.json``): theirs are a few kB; a larger one, or ``/dev/zero``, is refused, not read on
 #: until memory runs out.
 MAX_JSON_BYTES = 16 * 2 ** 20
+#: The deepest nesting of arrays and objects in the JSON the programs read (theirs: 4 levels). Deeper
+#: input was a RecursionError traceback (Python 3.11's parser), or, parsed (3.12+), one in the code
+#: that walked it.
+MAX_JSON_DEPTH = 100
 
 
 def write_atomically(path: str, write) -> None:
@@ -48,12 +53,13 @@ def write_text_atomically(path: str, text: str) -> None:
     write_atomically(path, write)
 
 
-def _kind(path: str) -> str:
-    """What is at ``path`` in words, when it is not a regular file."""
-    try:
-        mode = os.stat(path).st_mode
-    except OSError:
-        return "something that cannot be read"
+def _kind(path: str, mode: Optional[int] = None) -> str:
+    """What is at ``path`` (of ``mode``, where given) in words, when it is not a regular file."""
+    if mode is None:
+        try:
+            mode = os.stat(path).st_mode
+        except OSError:
+            return "something that cannot be read"
     if stat.S_ISDIR(mode):
         return "a folder"
     if stat.S_ISFIFO(mode):
@@ -79,28 +85,45 @@ def special_text(path: str) -> str:
 
 def loads_json(text: str) -> Any:
     """``json.loads``, with every way it fails a ``ValueError``: malformed JSON, an integer of more
-    digits than Python converts (4,300), arrays or objects nested deeper than Python's recursion
-    (a ``RecursionError`` from the parser)."""
+    digits than Python converts (4,300 unless ``PYTHONINTMAXSTRDIGITS`` says otherwise), arrays or
+    objects nested deeper than :data:`MAX_JSON_DEPTH` (or than the parser's recursion)."""
+    too_deep = f"nested too deeply to be read (more than {MAX_JSON_DEPTH} levels)"
     try:
-        return json.loads(text)
+        value = json.loads(text)
     except RecursionError:
-        raise ValueError("nested too deeply to be read") from None
+        raise ValueError(too_deep) from None
     except ValueError as e:
         if isinstance(e, json.JSONDecodeError) or "digits" not in str(e):
             raise
-        raise ValueError("an integer of more than 4,300 digits") from None
+        digits = getattr(sys, "get_int_max_str_digits", lambda: 4300)()
+        raise ValueError(f"an integer of more than {digits:,} digits") from None
+    level: List[Any] = [value] if isinstance(value, (dict, list)) else []
+    for _ in range(MAX_JSON_DEPTH):  # the containers one level down at a time, without recursion
+        if not level:
+            return value
+        level = [v for x in level for v in (x.values() if isinstance(x, dict) else x) if isinstance(v, (dict, list))]
+    if not level:
+        return value
+    raise ValueError(too_deep)
 
 
 def read_json(path: str) -> Any:
-    """The JSON value in the file at ``path``, read as UTF-8. ``FileNotFoundError`` where nothing is
-    there; another ``OSError`` (its ``strerror`` says why) for a folder, a FIFO or a device (a FIFO
-    is opened without waiting for a writer, and nothing is read from it), a file over
-    :data:`MAX_JSON_BYTES`, or one that cannot be read; ``ValueError`` for what is not JSON (see
-    :func:`loads_json`; ``UnicodeDecodeError`` is one)."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    """The JSON value in the file at ``path``, read as UTF-8: a regular file, or a pipe (``--config
+    <(...)``, ``/dev/stdin``). ``FileNotFoundError`` where nothing is there; another ``OSError``
+    (its ``strerror`` says why) for a folder, a device or a socket (refused before they are opened:
+    opening a device can act), more than :data:`MAX_JSON_BYTES` (``/dev/zero`` behind a pipe), or a
+    file that cannot be read; ``ValueError`` for what is not JSON (see :func:`loads_json`;
+    ``UnicodeDecodeError`` is one). A FIFO is opened without waiting for a writer: with none, it
+    reads as empty, not JSON."""
+    mode = os.stat(path).st_mode
+    if not (stat.S_ISREG(mode) or stat.S_ISFIFO(mode)):
+        raise OSError(errno.EINVAL, f"{_kind(path, mode)}, not a file", path)
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0))
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OSError(errno.EINVAL, f"{_kind(path)}, not a file", path)
+        mode = os.fstat(fd).st_mode  # what was opened (the path may have changed since)
+        if not (stat.S_ISREG(mode) or stat.S_ISFIFO(mode)):
+            raise OSError(errno.EINVAL, f"{_kind(path, mode)}, not a file", path)
+        os.set_blocking(fd, True)  # a pipe's writer may be slow; one that never wrote reads as the end
         chunks, size = [], 0
         while size <= MAX_JSON_BYTES:
             chunk = os.read(fd, MAX_JSON_BYTES + 1 - size)

@@ -26,7 +26,7 @@ def default_width(dataset: str, weights: Optional[str] = None) -> float:
 
 def scaled_channels(width: float) -> list:
     """VGG-19's layer plan with every convolution's channels times ``width`` (at least 1)."""
-    return [c if c == "M" else max(1, int(round(c * width))) for c in VGG19_PLAN]
+    return [c if isinstance(c, str) else max(1, int(round(c * width))) for c in VGG19_PLAN]
 
 
 def vgg19_features(arch: str, width: float = 1.0) -> nn.Sequential:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 from contextlib import contextmanager
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
+
+from .data.base import Labels
 
 
 def _pyplot():
@@ -84,7 +86,7 @@ def tsne_2d(emb: np.ndarray, *, seed: int = 0, perplexity: float = 30.0, threads
                     random_state=seed, n_jobs=threads).fit_transform(x)
 
 
-def tsne_plot(emb, labels: Sequence[int], path: str, *, modes: Optional[Sequence[int]] = None,
+def tsne_plot(emb, labels: Labels, path: str, *, modes: Optional[Labels] = None,
               class_names: Optional[List[str]] = None, mode_names: Optional[List[str]] = None,
               max_points: int = 2000, seed: int = 0, title: str = "", progress: bool = False) -> str:
     """Save a t-SNE PNG of ``emb`` coloured by class (left) and by mode (right, when given);

@@ -137,7 +137,9 @@ def run(cfg: TrainConfig, given=None) -> Dict[str, Record]:
     Under torchrun (``WORLD_SIZE`` > 1) this joins the process group (see :mod:`daal_triton.train.ddp`),
     trains data-parallel, and destroys the group at the end."""
     t_start, cpu_start = time.time(), time.process_time()
-    checkpoint, changes, asked = None, {}, cfg
+    checkpoint: Optional[Dict[str, Any]] = None
+    changes: Dict[str, Any] = {}
+    asked = cfg
     if cfg.resume:
         checkpoint = load_checkpoint(cfg.resume)
         require_training_state(checkpoint, cfg.resume)
@@ -162,6 +164,7 @@ def run(cfg: TrainConfig, given=None) -> Dict[str, Record]:
     try:
         state = build_run(cfg, ctx, device, Log("daal-train", ctx.rank, ctx.world_size), t_start, cpu_start)
         if checkpoint is not None:
+            assert cfg.resume is not None  # the checkpoint's file
             resume_run(state, checkpoint, cfg.resume)
             state.resumes.append(dict(checkpoint=os.path.abspath(cfg.resume), epoch=state.epoch, changed=changes,
                                       launch=dict(world_size=ctx.world_size, backend=ctx.backend)))
@@ -205,6 +208,7 @@ def _finished(cfg: TrainConfig, epoch: int) -> bool:
     ``--stop-after`` it has already passed; True (after saying so) when the run is finished and
     finished writing (its ``results.txt``, written after the plots, holds this epoch's table; one
     from before a resume that added epochs does not count): nothing to do, nothing is written."""
+    assert cfg.resume is not None
     if cfg.epochs < epoch:
         raise ConfigError(f"--epochs {cfg.epochs} is below the epoch of --resume {cfg.resume} ({epoch}): a resumed "
                           f"run continues after it (give --epochs {epoch} or more)")
@@ -335,11 +339,12 @@ def build_run(cfg: TrainConfig, ctx: ddp.DistContext, device: torch.device, log:
                f"rises only to about {peak:.3g} (--lr {cfg.lr:g} x {cfg.epochs}/{cfg.warmup_epochs:g}) by the end")
             + " and never decays")
     k = dict(default_daal(), **cfg.daal).get("k") if cfg.loss == "daal" else None
-    if ctx.is_main and isinstance(k, int) and not cfg.memory_bank and cfg.samples_per_class <= k:
+    if ctx.is_main and isinstance(k, int) and not cfg.memory_bank and cfg.samples_per_class <= k and not cfg.resume:
         others = cfg.samples_per_class - 1  # the kNN's reference set: the batch (docs/method.md: k_i = min(k, |S_i|))
         radius = f"its radius averages {plural(others, 'distance')}" if others else "it has no radius (inf)"
-        log(f"--daal-k {k}: with -K {cfg.samples_per_class} a sample has {plural(others, 'other sample')} of its class "
-            f"in a batch, so {radius}; give -K {k + 1} or more, or a --memory-bank, for {k} neighbours")
+        log(f"DAAL's k is {k} (--daal-k), but with -K {cfg.samples_per_class} a sample has "
+            f"{plural(others, 'other sample')} of its class in a batch, so {radius}; give -K {k + 1} or more, or a "
+            f"--memory-bank, for {k} neighbours")
     if ctx.is_main and cfg.stop_after is not None and cfg.stop_after >= cfg.epochs:
         log(f"--stop-after {cfg.stop_after} is not before the last epoch (--epochs {cfg.epochs}): the run is not "
             f"stopped early")
@@ -512,6 +517,7 @@ def fit(state: RunState) -> None:
                                    and r.get("epoch") == state.epoch and "recall@1" in r), None)
                 if state.last is None:
                     state.last = _evaluate(state, state.epoch, "trained", state.emb)
+            assert state.last is not None
             state.table[f"trained ({cfg.loss}, epoch {state.epoch})"] = state.last
     except BaseException:
         if state.replaced is not None and not _resumable(state):  # nothing to go on from: nothing to keep
@@ -682,6 +688,7 @@ def _train_epoch(state: RunState, epoch: int) -> None:
     state.sampler.set_epoch(epoch)
     t0 = time.time()
     stats: Dict[str, Any] = {}
+    assert state.net is not None and state.loss_fn is not None  # set by distribute()
     try:
         train_loss = train_one_epoch(state.net, state.criterion, state.loader, state.optimizer, state.scheduler,
                                      state.device, amp_dtype=state.amp_dtype, scaler=state.scaler,
@@ -721,7 +728,7 @@ def _train_epoch(state: RunState, epoch: int) -> None:
     # best before last: a run stopped between the two resumes from the previous epoch's
     # checkpoint_last.pt and evaluates this epoch again (the other order would leave a best epoch
     # recorded in the history that beats every later one but is in no checkpoint_best.pt)
-    if evaluated and state.last["recall@1"] > state.best:
+    if evaluated and state.last is not None and state.last["recall@1"] > state.best:
         state.best = state.last["recall@1"]
         _save(state, "checkpoint_best.pt", full=False)
     _save(state, "checkpoint_last.pt", full=True)
@@ -733,8 +740,8 @@ def _save(state: RunState, name: str, *, full: bool) -> None:
     metrics; ``full`` adds what ``--resume`` needs (optimiser, schedule, scaler, memory bank)."""
     if state.cfg.save not in ("both", name[len("checkpoint_"):-len(".pt")]):
         return
-    extra = dict(optimizer=state.optimizer, scheduler=state.scheduler, scaler=state.scaler,
-                 memory_bank=state.bank, rank_rng=state.rank_rng) if full else {}
+    extra: Dict[str, Any] = dict(optimizer=state.optimizer, scheduler=state.scheduler, scaler=state.scaler,
+                                 memory_bank=state.bank, rank_rng=state.rank_rng) if full else {}
     save_checkpoint(state.path(name), model=state.model, criterion=state.criterion, cfg=state.cfg,
                     epoch=state.epoch, metrics=state.history, world_size=state.ctx.world_size,
                     resumes=state.resumes, train_classes=state.train_ds.class_names, **extra)
@@ -763,6 +770,7 @@ def _evaluate(state: RunState, epoch: int, name: str, emb: torch.Tensor, **extra
 def _record(state: RunState, rec: Record) -> None:
     """Append ``rec`` to the history and to metrics.jsonl (NaN, a metric undefined on this data,
     is written as null)."""
+    assert state.metrics_file is not None  # rank 0's, opened with --out
     state.metrics_file.write(json.dumps(_clean(rec)) + "\n")
     state.metrics_file.flush()
     state.history.append(rec)

@@ -223,8 +223,8 @@ def check_cell_args(study: Dict[str, Any]) -> None:
     ``--weights`` file that is not there: the checks that read no data): :class:`StudyError` naming
     the configuration before any cell runs (a cell that failed on them would fail again on every
     retry). Arguments with ``--config FILE`` are only parsed (the file completes them)."""
-    from .cli import UsageError, build_parser, config_from_args
-    from .config import checked_device, validate_config
+    from .cli import UsageError, build_parser, config_from_args, given_flags
+    from .config import check_data_flags, checked_device, validate_config
 
     for name, args in study["configs"].items():
         full = list(study["common"]) + list(args)
@@ -239,6 +239,7 @@ def check_cell_args(study: Dict[str, Any]) -> None:
         try:
             cfg = config_from_args(parsed)
             validate_config(cfg, 1, checked_device(cfg.device))  # each cell is one daal-train process
+            check_data_flags(cfg, given_flags(build_parser(), full))  # --data-seed with digits
         except (UsageError, ValueError) as e:  # ConfigError is a ValueError
             raise StudyError(f"configuration {name!r}: daal-train would refuse it: {e}") from None
 
@@ -342,7 +343,7 @@ def t_quantile(df: int, q: float = 0.975) -> float:
 METRIC_RANGE = (0.0, 1.0)
 
 
-def summarize(values: Iterable[float], bounds: Optional[Tuple[float, float]] = None) -> Dict[str, float]:
+def summarize(values: Iterable[Optional[float]], bounds: Optional[Tuple[float, float]] = None) -> Dict[str, float]:
     """n, mean, sample std (ddof 1) and the t-distribution 95% interval of the mean, clipped to
     ``bounds`` (the range the values can take) where given."""
     v = [float(x) for x in values if x is not None and not (isinstance(x, float) and math.isnan(x))]
@@ -380,8 +381,8 @@ def paired_differences(records: List[Dict[str, Any]], configs: Sequence[str],
     for c in configs[1:]:
         mine = {r["seed"]: r for r in records if r["config"] == c}
         seeds = sorted(set(ref) & set(mine))
-        out[c] = {k: summarize((_value(mine[s], k) - _value(ref[s], k) for s in seeds
-                                if _value(mine[s], k) is not None and _value(ref[s], k) is not None),
+        out[c] = {k: summarize((a - b for a, b in ((_value(mine[s], k), _value(ref[s], k)) for s in seeds)
+                                if a is not None and b is not None),
                                (-METRIC_RANGE[1], METRIC_RANGE[1]) if k in METRICS else None)
                   for k in keys}
     return out
@@ -424,15 +425,15 @@ def markdown_table(records: List[Dict[str, Any]], configs: Sequence[str], *, com
     head = ["configuration", "n"] + [f"{LABELS[k]} mean ± std" for k in main] + [f"{LABELS[k]} 95% CI" for k in main]
     lines += ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for c in configs:
-        n = st[c][main[0]]["n"] if main else 0
+        n = int(st[c][main[0]]["n"]) if main else 0
         lines.append("| " + " | ".join([c, str(n)] + [_pm(st[c][k], row_n=n) for k in main]
                                        + [_ci(st[c][k]) for k in main]) + " |")
     lines += ["", "All metrics (mean ± std):", ""]
     allk = keys + ["train_loss", "wall_s"]
     lines += ["| configuration | " + " | ".join(LABELS[k] for k in allk) + " |", "|" + " --- |" * (len(allk) + 1)]
     for c in configs:
-        n = st[c][main[0]]["n"] if main else None
-        lines.append("| " + " | ".join([c] + [_pm(st[c][k], 1 if k == "wall_s" else 3, row_n=n) for k in allk])
+        n_or_none = int(st[c][main[0]]["n"]) if main else None
+        lines.append("| " + " | ".join([c] + [_pm(st[c][k], 1 if k == "wall_s" else 3, row_n=n_or_none) for k in allk])
                      + " |")
     if len(configs) > 1 and main:
         diff = paired_differences(records, configs, main)
@@ -507,7 +508,7 @@ def plot_tradeoff(records: List[Dict[str, Any]], configs: Sequence[str], path: s
     return path
 
 
-def embed_run(d: str) -> Tuple[Any, Any, Any, List[str]]:
+def embed_run(d: str) -> Tuple[Any, Any, Any, Optional[List[str]]]:
     """Embed the held-out classes with the run's ``checkpoint_last.pt`` (its own config.json)."""
     import torch
 
@@ -738,7 +739,7 @@ def write_report(study: Dict[str, Any], records: List[Dict[str, Any]], configs: 
         written.append(plot_tradeoff(records, configs, os.path.join(report, "r1_vs_subcluster_nmi.png")))
         if tsne:
             seed = study["seeds"][0] if tsne_seed is None else tsne_seed
-            panels = []
+            panels: List[Tuple[str, Any, Any, Any, Optional[List[str]]]] = []
             for c in configs:
                 rs = [r for r in records if r["config"] == c and r["seed"] == seed]
                 if rs and os.path.isfile(os.path.join(rs[0]["dir"], "checkpoint_last.pt")):
@@ -770,7 +771,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a configuration: its name and its daal-train arguments (repeatable; added to --file's)")
     p.add_argument("--seeds", type=int, nargs="+", help="seeds (default: the file's, else 0 1 2)")
     p.add_argument("--common", default=None, help="daal-train arguments given to every cell (replaces the file's)")
-    p.add_argument("--name", default=None, help="title of the report (default: the file's name)")
+    p.add_argument("--name", default=None, help="title of the report (default: the file's \"name\" field, else study)")
     p.add_argument("--out", default="runs/study", help="folder of the cells (cells/<config>/seed<S>/) and logs "
                                                        "(default %(default)s)")
     p.add_argument("--report", default=None, help="folder of runs.jsonl, table.md and the plots (default: --out)")

@@ -2,8 +2,9 @@
 install has: ``daal_triton`` with ``kernels/`` and ``reference/`` inside it (setup.py's
 ``package_dir``), found on the path as an installed package is, so only through ``py.typed``.
 
-- the package type-checks (pyproject.toml ``[tool.mypy]``: the training program is not yet held to
-  it, and ``warn_unused_ignores`` keeps each ``# type: ignore`` needed);
+- the package type-checks (pyproject.toml ``[tool.mypy]``), the training program
+  ``daal_triton.train`` included since 2026-12-07 (its untyped third-party imports, scikit-learn,
+  torchvision, tqdm, SciPy, pytorch-metric-learning, are read as ``Any``);
 - a user's script sees the public API's own types: ``DAALLoss``, the hyperparameter attributes,
   ``daal_loss``'s return type by ``return_parts`` (its overloads), and mypy refuses a misspelled
   keyword or a string for a float hyperparameter.

@@ -51,10 +51,18 @@ def test_save_embeddings_torch_file(run_dir, tmp_path):
 def test_eval_json_records_the_data_it_evaluated(run_dir, tmp_path):
     """eval.json says what was evaluated, so its numbers can be made again: the data set and its
     folder, the generated set's seed and sizes, the image size and the metrics' seed; a flag that
-    changes one is recorded as given."""
+    changes one is recorded as given. It is strict JSON: a metric undefined on this data (the
+    sub-cluster NMI of 4 images a class) is null, as in metrics.jsonl, not NaN (a docs audit,
+    2026-12-07)."""
     ev = tmp_path / "ev"
     assert cli.eval_main([_ck(run_dir), "--out", str(ev), "--no-progress", "--no-tsne", "--data-seed", "3"]) == 0
-    res = json.load(open(ev / "eval.json"))
+
+    def no_constants(name):
+        raise ValueError(f"{name} in eval.json")
+
+    res = json.loads((ev / "eval.json").read_text(), parse_constant=no_constants)
+    (row,) = res["results"].values()
+    assert row["subcluster_nmi"] is None and 0 <= row["recall@1"] <= 1
     want = dict(dataset="shapes", data_root=None, image_size=32, data_seed=3, seed=0, test_images=48,
                 test_classes=12, shapes_train_per_class=4, shapes_test_per_class=4, shapes_nuisance=1.0)
     assert {k: res.get(k) for k in want} == want, res

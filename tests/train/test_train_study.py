@@ -381,6 +381,8 @@ def test_study_flags_out_of_range_and_reserved_cell_flags_are_one_line(tmp_path,
              # a CLI fuzz, 2026-12-07: accepted, then every cell refused it; --hel printed daal-train's help
              (["--config", "A=", "--threads", str(10 ** 30)], "--threads must be between 1 and 4096"),
              (["--config", "A=--hel"], "configuration 'A': -h/--help is no training argument"),
+             (["--config", "A=--dataset digits --data-seed 1"],
+              "configuration 'A': daal-train would refuse it: --data-seed is read by --dataset shapes only"),
              (["--common=--ou=x", "--config", "A="], "'common': --ou=x is set by the study"),
              (["--file", str(seeds_bool)], "seeds must be a non-empty list of integers"),
              (["--config", "A=", "--first", "B"], "--first 'B': no such configuration"),

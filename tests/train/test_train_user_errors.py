@@ -71,6 +71,7 @@ BAD_TRAIN = {
     "nuisance-above-1": (["--shapes-nuisance", "1.5"], "--shapes-nuisance must be <= 1"),
     "width-above-4": (["--width", "5"], "--width must be a number in (0, 4]"),
     "memory-bank-negative": (["--memory-bank", "-1"], "--memory-bank must be an integer >= 0"),
+    "memory-bank-beyond-int64": (["--memory-bank", str(2 ** 63)], "--memory-bank must be at most 2**63 - 1"),
     "threads-zero": (["--threads", "0"], "--threads must be between 1 and 4096"),
     # sizes beyond what torch and NumPy take (a CLI fuzz, 2026-12-07): tracebacks from their conversions
     "threads-huge": (["--threads", str(10 ** 30)], "--threads must be between 1 and 4096"),
@@ -80,6 +81,9 @@ BAD_TRAIN = {
     # forked worker after worker until the machine ran out, deaf to Ctrl-C
     "num-workers-huge": (["--num-workers", str(10 ** 30)], "--num-workers must be <= 256"),
     "loss-kwargs-deep": (["--loss-kwargs", "[" * 5000 + "]" * 5000], "--loss-kwargs is not valid JSON: nested too"),
+    # parsed by Python 3.12+'s json at 5000 levels too: refused by the depth limit on every Python
+    "loss-kwargs-101-deep": (["--loss-kwargs", '{"a": ' + "[" * 100 + "]" * 100 + "}"],
+                             "--loss-kwargs is not valid JSON: nested too deeply to be read (more than 100 levels)"),
     "loss-kwargs-long-int": (["--loss-kwargs", '{"margin": ' + "1" * 5000 + "}"],
                              "--loss-kwargs is not valid JSON: an integer of more than 4,300 digits"),
     # pytorch-metric-learning builds from any keyword value and failed at the first step, mid-run
@@ -434,21 +438,25 @@ def fifo(tmp_path):
     thread.join()
 
 
-def test_files_of_settings_that_are_not_json_files_are_one_line(tmp_path, fifo, error_line):
+def test_files_of_settings_that_are_not_json_files_are_one_line(tmp_path, fifo, error_line, monkeypatch):
     """``--config`` and ``daal-study --file`` (a CLI fuzz, 2026-12-07): a FIFO hung, /dev/zero was
-    read until memory ran out (22 GB), deep nesting and long integers were tracebacks."""
+    read until memory ran out (22 GB), deep nesting and long integers were tracebacks. A FIFO
+    without a writer now reads as empty; a pipe with one (``--config <(...)``, ``/dev/stdin``) is
+    read as before; a device is refused before it is opened."""
     from daal_triton.train import files, study
 
     deep = tmp_path / "deep.json"
     deep.write_text("[" * 100_000 + "]" * 100_000)
+    deep_101 = tmp_path / "deep_101.json"  # parsed by every Python's json; refused by the depth limit
+    deep_101.write_text('{"loss_kwargs": {"a": ' + "[" * 100 + "]" * 100 + "}}")
     long_int = tmp_path / "long_int.json"
     long_int.write_text('{"epochs": ' + "1" * 5000 + "}")
     huge = tmp_path / "huge.json"
     with open(huge, "wb") as f:  # sparse: over the limit without writing it
         f.truncate(16 * 2 ** 20 + 1)
-    # a FIFO stands for /dev/zero too: a device read by a regressed build would take the machine's
-    # memory (22 GB), which no test may risk; files.special_text names a device below
-    cases = {fifo: "a FIFO (named pipe), not a file", str(tmp_path): "a folder, not a file", str(deep): "not a readable JSON file (nested too deeply",
+    cases = {fifo: "not a readable JSON file (Expecting value", str(tmp_path): "a folder, not a file",
+             str(deep): "not a readable JSON file (nested too deeply to be read (more than 100 levels))",
+             str(deep_101): "not a readable JSON file (nested too deeply",
              str(long_int): "not a readable JSON file (an integer of more than 4,300 digits)",
              str(huge): "larger than 16 MiB"}
     out = tmp_path / "out"
@@ -458,12 +466,43 @@ def test_files_of_settings_that_are_not_json_files_are_one_line(tmp_path, fifo, 
         assert study.main(["--file", path, "--out", str(out), "--dry-run", "--no-progress"]) == 2, path
         assert f"--file {path}: {words}" in error_line("daal-study"), path
     assert not out.exists()
-    # a JSON file of settings within the limit is read as before
-    good = tmp_path / "good.json"
-    good.write_text('{"epochs": 1}')
-    assert files.read_json(str(good)) == {"epochs": 1} and files.MAX_JSON_BYTES == 16 * 2 ** 20
-    if os.path.exists("/dev/null"):  # stat only: nothing opens it
+    # a device is named without being opened (a FIFO stands for /dev/zero above: a regressed build
+    # reading a device could take the machine's memory; /dev/null reads as empty)
+    if os.path.exists("/dev/null"):
+        opened, real_open = [], os.open
+        monkeypatch.setattr(os, "open", lambda path, *a, **k: opened.append(path) or real_open(path, *a, **k))
+        with pytest.raises(OSError, match="a device, not a file"):
+            files.read_json("/dev/null")
+        monkeypatch.setattr(os, "open", real_open)
+        assert opened == []  # opening a device can act (a tty, a tape)
         assert files.special_text("/dev/null") == "is a device, not a file" and files.is_special("/dev/null")
+    # files and pipes within the limits are read as before: 100 levels, a pipe's settings
+    good = tmp_path / "good.json"
+    good.write_text('{"a": ' + "[" * 98 + "[1, 2.5]" + "]" * 98 + "}")  # 100 levels: the object, 99 arrays
+    value, depth = files.read_json(str(good))["a"], 1
+    while len(value) == 1:
+        value, depth = value[0], depth + 1
+    assert value == [1, 2.5] and depth == 99 and files.MAX_JSON_BYTES == 16 * 2 ** 20
+    hundred = files.loads_json("[" * 100 + "]" * 100)  # the limit itself is read
+    for _ in range(99):
+        (hundred,) = hundred
+    assert hundred == []
+    with pytest.raises(ValueError, match="more than 100 levels"):
+        files.loads_json("[" * 101 + "]" * 101)
+    for program in ("daal-train", "daal-study"):
+        read, write = os.pipe()
+        os.write(write, b'{"configs": {"A": "--epochs 1"}, "seeds": [0]}' if program == "daal-study" else
+                 b'{"epochs": 1, "embedding_dim": 8}')
+        os.close(write)
+        try:
+            if program == "daal-train":
+                assert cli.main(TINY + ["--config", f"/dev/fd/{read}", "--out", str(tmp_path / "piped")]) == 0
+                assert '"embedding_dim": 8' in (tmp_path / "piped" / "config.json").read_text()
+            else:
+                assert study.main(["--file", f"/dev/fd/{read}", "--out", str(tmp_path / "st"), "--dry-run",
+                                   "--no-progress"]) == 0
+        finally:
+            os.close(read)
 
 
 def test_no_output_replaces_a_fifo_or_a_device(tmp_path, fifo, error_line):
@@ -529,12 +568,17 @@ def test_a_shapes_set_beyond_any_memory_fails_at_once(tmp_path, monkeypatch, err
 
 def test_a_k_the_batch_cannot_give_is_said(tmp_path, capsys):
     """DAAL's radius averages ``min(k, |S_i|)`` same-class distances (docs/method.md): ``-K 2``
-    with ``--daal-k 3`` silently used one (a CLI fuzz, 2026-12-07). The run says so; it does not
-    where -K gives k others, or where a memory bank adds references."""
-    assert cli.main(TINY + ["--daal-k", "3", "--out", str(tmp_path / "a")]) == 0  # TINY: -K 2
-    said = capsys.readouterr().out
-    assert ("--daal-k 3: with -K 2 a sample has 1 other sample of its class in a batch, so its radius averages "
-            "1 distance; give -K 4 or more, or a --memory-bank, for 3 neighbours") in said
-    for flags in (["-K", "4"], ["--memory-bank", "12"]):
-        assert cli.main(TINY + ["--daal-k", "3", *flags, "--out", str(tmp_path / flags[0].strip("-"))]) == 0
-        assert "--daal-k" not in capsys.readouterr().out, flags
+    with ``--daal-k 3`` silently used one (a CLI fuzz, 2026-12-07). The run says so, at -K = k too;
+    it does not where -K gives k others, where a memory bank adds references, or on a resume
+    (which keeps -K and the bank)."""
+    assert cli.main(TINY + ["--out", str(tmp_path / "a")]) == 0  # TINY: -K 2, the default k (3)
+    assert ("DAAL's k is 3 (--daal-k), but with -K 2 a sample has 1 other sample of its class in a batch, so its "
+            "radius averages 1 distance; give -K 4 or more, or a --memory-bank, for 3 neighbours") \
+        in capsys.readouterr().out
+    assert cli.main(TINY + ["-K", "3", "--daal-k", "3", "--out", str(tmp_path / "b")]) == 0
+    assert "with -K 3 a sample has 2 other samples of its class in a batch, so its radius averages 2 distances" \
+        in capsys.readouterr().out
+    for name, flags in (("c", ["-K", "4", "--daal-k", "3"]), ("d", ["--memory-bank", "12"]),
+                        ("a", ["--resume", str(tmp_path / "a" / "checkpoint_last.pt"), "--epochs", "2"])):
+        assert cli.main(TINY + flags + ["--out", str(tmp_path / name)]) == 0, flags
+        assert "DAAL's k" not in capsys.readouterr().out, flags

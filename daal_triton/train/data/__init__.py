@@ -39,22 +39,23 @@ def build_datasets(name: str, data_root: Optional[str] = None, image_size: int =
         return load_digits(image_size, augment=augment)
     if name in NEEDS_ROOT and not data_root:
         raise DatasetLayoutError(f"--dataset {name} needs --data-root (the folder that holds it)")
+    root = data_root or ""  # the sets below need one: checked above
     if name == "cub200":
         from .cub200 import load_cub200
 
-        return load_cub200(data_root, image_size)
+        return load_cub200(root, image_size)
     if name == "cars196":
         from .cars196 import load_cars196
 
-        return load_cars196(data_root, image_size)
+        return load_cars196(root, image_size)
     if name == "sop":
         from .sop import load_sop
 
-        return load_sop(data_root, image_size)
+        return load_sop(root, image_size)
     if name == "folder":
         from .folder import load_folder
 
-        return load_folder(data_root, image_size)
+        return load_folder(root, image_size)
     raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
 
 

@@ -6,7 +6,7 @@ contiguous from 0 within each split, as deep metric learning trains and tests on
 from __future__ import annotations
 
 import os
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -76,10 +76,14 @@ class SeededDraws(Dataset):
             return self.dataset[index]
 
 
+#: Class indices or modes, one per image: a list or a NumPy array.
+Labels = Union[Sequence[int], np.ndarray]
+
+
 class ArrayDataset(MetricDataset):
     """In-memory uint8 images (N x H x W x 3) with a tensor transform."""
 
-    def __init__(self, images: np.ndarray, labels: Sequence[int], class_names: List[str],
+    def __init__(self, images: np.ndarray, labels: Labels, class_names: List[str],
                  transform: Optional[Callable] = None, modes: Optional[np.ndarray] = None,
                  mode_names: Optional[List[str]] = None) -> None:
         self.images = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).contiguous()

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-from typing import Tuple
+from typing import Dict, List, Tuple
 
 from .base import (DatasetLayoutError, ImageFileDataset, contiguous, image_transforms, locate_root, parse_int,
                    require_files, require_images, require_listed)
@@ -30,7 +30,7 @@ def load_cub200(data_root: str, image_size: int = 224) -> Tuple[ImageFileDataset
     classes_path = os.path.join(root, "classes.txt")
     if os.path.exists(classes_path):
         names = {parse_int(k, classes_path, i, "cub200"): v for k, v, i in _read_pairs(classes_path)}
-    split = {"train": [], "test": []}
+    split: Dict[str, List[Tuple[str, int]]] = {"train": [], "test": []}
     for image_id in sorted(paths, key=lambda s: (len(s), s)):
         if image_id not in labels:
             raise DatasetLayoutError(f"cub200: image {image_id} has no line in image_class_labels.txt")

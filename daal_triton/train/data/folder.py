@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-from typing import Tuple
+from typing import Dict, List, Tuple
 
 from ..log import plural
 from .base import IMAGE_EXTENSIONS, DatasetLayoutError, ImageFileDataset, image_transforms
@@ -51,7 +51,10 @@ def _scan(split_dir: str, image_size: int, train: bool) -> ImageFileDataset:
     them; files of other types and class folders without images are left out, and said so in the
     dataset's ``notes``."""
     classes = sorted(d for d in os.listdir(split_dir) if os.path.isdir(os.path.join(split_dir, d)) and not _hidden(d))
-    paths, labels, bad, other = [], [], [], {}
+    paths: List[str] = []
+    labels: List[int] = []
+    bad: List[str] = []
+    other: Dict[str, int] = {}
     for d in sorted(os.listdir(split_dir)):  # a class folder that is a link to nothing: refused, not skipped
         link = os.path.join(split_dir, d)
         if not _hidden(d) and os.path.islink(link) and not os.path.exists(link):
@@ -92,10 +95,10 @@ def _scan(split_dir: str, image_size: int, train: bool) -> ImageFileDataset:
         kinds = ", ".join(f"{k} ({v})" for k, v in sorted(other.items()))
         ds.notes.append(f"folder: {split}/: left out {plural(n, 'file')} of a type not read as an "
                         f"image: {kinds} (read: {', '.join(IMAGE_EXTENSIONS)})")
-    empty = [_display(classes[c]) for c in range(len(classes)) if c not in remap]
-    if empty:
-        ds.notes.append(f"folder: {split}/: left out {plural(len(empty), 'class folder')} "
-                        f"without images: {', '.join(empty[:5])}{', ...' if len(empty) > 5 else ''}")
+    unused = [_display(classes[c]) for c in range(len(classes)) if c not in remap]
+    if unused:
+        ds.notes.append(f"folder: {split}/: left out {plural(len(unused), 'class folder')} "
+                        f"without images: {', '.join(unused[:5])}{', ...' if len(unused) > 5 else ''}")
     return ds
 
 

@@ -1,13 +1,17 @@
 """Class-balanced P x K batches: ``P`` classes per batch, ``K`` images of each."""
 from __future__ import annotations
 
-from typing import Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Iterator, List, Optional, Sequence, Tuple, Union, cast
 
 import numpy as np
 from torch.utils.data import Sampler
 
 
-class PKSampler(Sampler[List[int]]):
+#: A batch of dataset indices, or of (index, seed) pairs where the sampler is ``seeded``.
+Batch = Union[List[int], List[Tuple[int, int]]]
+
+
+class PKSampler(Sampler[Batch]):
     """A batch sampler yielding lists of ``P * K`` dataset indices.
 
     Each batch draws ``P`` distinct classes (uniformly, without replacement; all of them when
@@ -27,11 +31,11 @@ class PKSampler(Sampler[List[int]]):
         if classes_per_batch < 1 or samples_per_class < 1:
             raise ValueError("classes_per_batch and samples_per_class must be >= 1, got "
                              f"{classes_per_batch} and {samples_per_class}")
-        labels = np.asarray(labels, dtype=np.int64)
-        if labels.size == 0:
+        label_array = np.asarray(labels, dtype=np.int64)
+        if label_array.size == 0:
             raise ValueError("labels is empty: no images to sample from")
-        self.classes = np.unique(labels)
-        self.by_class = {int(c): np.flatnonzero(labels == c) for c in self.classes}
+        self.classes = np.unique(label_array)
+        self.by_class = {int(c): np.flatnonzero(label_array == c) for c in self.classes}
         self.p = min(classes_per_batch, len(self.classes))
         self.k = samples_per_class
         self.batches = batches_per_epoch or max(1, len(labels) // (self.p * self.k))
@@ -46,10 +50,15 @@ class PKSampler(Sampler[List[int]]):
     def batch_size(self) -> int:
         return self.p * self.k
 
+    @property
+    def global_batch_size(self) -> int:
+        """Images in a batch of all ranks together (P x K)."""
+        return self.p * self.k
+
     def __len__(self) -> int:
         return self.batches
 
-    def _global_batches(self) -> Iterator[List[Union[int, Tuple[int, int]]]]:
+    def _global_batches(self) -> Iterator[Batch]:
         rng = np.random.default_rng([self.seed, self.epoch])
         seeds = np.random.default_rng([self.seed, self.epoch, 1])  # its own stream: the indices stay as before
         for _ in range(self.batches):
@@ -62,7 +71,7 @@ class PKSampler(Sampler[List[int]]):
             else:
                 yield batch
 
-    def __iter__(self) -> Iterator[List[Union[int, Tuple[int, int]]]]:
+    def __iter__(self) -> Iterator[Batch]:
         return self._global_batches()
 
 
@@ -91,15 +100,11 @@ class DistributedPKSampler(PKSampler):
         self.rank, self.world_size = rank, world_size
 
     @property
-    def global_batch_size(self) -> int:
-        return self.p * self.k
-
-    @property
     def batch_size(self) -> int:
         return self.p // self.world_size * self.k
 
-    def __iter__(self) -> Iterator[List[Union[int, Tuple[int, int]]]]:
+    def __iter__(self) -> Iterator[Batch]:
         k = self.k
         for batch in self._global_batches():  # the global batch: P blocks of K indices, one block per class
             blocks = [batch[i * k:(i + 1) * k] for i in range(self.p)]
-            yield [i for block in blocks[self.rank::self.world_size] for i in block]
+            yield cast(Batch, [i for block in blocks[self.rank::self.world_size] for i in block])

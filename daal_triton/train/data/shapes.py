@@ -117,14 +117,14 @@ def render(shape: int, pattern: int, palette: int, size: int, rng: np.random.Gen
     pc = np.clip(pc + rng.uniform(-jit, jit, 3), 0, 1)
     # Background: a random linear gradient around the palette's colour.
     g = rng.normal(size=2)
-    g = g / max(np.linalg.norm(g), 1e-9)
+    g = g / max(float(np.linalg.norm(g)), 1e-9)
     grad = (xx * g[0] + yy * g[1])[..., None] * (0.25 * nuisance) * rng.uniform(-1, 1, 3)
     img = np.clip(bg + grad, 0, 1)
     # Distractor strokes in random colours, under the shape.
     for _ in range(int(rng.integers(0, 3)) if nuisance > 0 else 0):
         p0 = rng.uniform(-1, 1, 2)
         d = rng.normal(size=2)
-        d = d / max(np.linalg.norm(d), 1e-9)
+        d = d / max(float(np.linalg.norm(d)), 1e-9)
         dist = np.abs((xx - p0[0]) * d[1] - (yy - p0[1]) * d[0])
         img = np.where((dist < 0.05)[..., None], rng.random(3), img)
     img = np.where(inside[..., None], fg, img)
@@ -151,7 +151,8 @@ def generate(classes: Sequence[int], per_class: int, size: int, seed: int,
     # allocated up front: a count beyond any memory (--shapes-train-per-class 10**30) fails here, at
     # once, instead of drawing for ever; and no list of images is stacked (twice the memory)
     images = np.empty((len(classes) * per_class, size, size, 3), np.uint8)
-    labels, modes = [], []
+    labels: List[int] = []
+    modes: List[int] = []
     bar = None
     if progress:
         from tqdm.auto import tqdm

@@ -39,10 +39,10 @@ def load_digits(image_size: int = 32, *, augment: str = "shift") -> Tuple[ArrayD
     img = torch.from_numpy(d.images.astype(np.float32) / 16.0)[:, None]  # N x 1 x 8 x 8
     img = torch.nn.functional.interpolate(img, size=(image_size, image_size), mode="bilinear",
                                           align_corners=False).clamp_(0, 1)
-    img = (img.repeat(1, 3, 1, 1).permute(0, 2, 3, 1).numpy() * 255 + 0.5).astype(np.uint8)
+    pixels = (img.repeat(1, 3, 1, 1).permute(0, 2, 3, 1).numpy() * 255 + 0.5).astype(np.uint8)
     y = d.target.astype(np.int64)
     tr, te = y < 5, y >= 5
-    train = ArrayDataset(img[tr], y[tr], [str(i) for i in range(5)],
+    train = ArrayDataset(pixels[tr], y[tr], [str(i) for i in range(5)],
                          tensor_transforms(image_size, True, augment=augment))
-    test = ArrayDataset(img[te], y[te] - 5, [str(i) for i in range(5, 10)], tensor_transforms(image_size, False))
+    test = ArrayDataset(pixels[te], y[te] - 5, [str(i) for i in range(5, 10)], tensor_transforms(image_size, False))
     return train, test
