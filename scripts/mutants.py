@@ -44,7 +44,11 @@ a silent k above the batch, a weight-decay divergence blamed on --lr; and daal-e
 shapes training split it never reads; and from a review of those fixes: pipes refused, devices opened
 before being refused, nesting that Python 3.12's parser reads, daal-study missing the --data-seed
 refusal, the k note on a resume and at -K = k; and a docs audit: --memory-bank beyond 64 bits,
-NaN in eval.json).
+NaN in eval.json; and a file-safety probe: a live --overwrite run called killed (its set-aside run
+then lost), daal-eval writing beside it, links in --out written through, an empty set-aside putting
+back nothing but removing the run, the report's study.json as --file; and a reproducibility probe:
+the evaluations and baselines drawing from torch's global generator; names and paths that fit only
+without their .tmp or their files).
 
 This script checks that they stay caught:
 in a scratch clone of the working tree it applies one mutant at a time (an exact text
@@ -802,8 +806,9 @@ MUTANTS: Tuple[Mutant, ...] = (
     Mutant("out_cannot_be_made", "daal_triton/train/run.py",
            '        raise ConfigError(f"--out {state.cfg.out}: cannot create it ({e.strerror or e})") from None',
            "        raise", ("tests/train/test_train_user_errors.py", "-k", "cannot_be_made")),
-    Mutant("out_name_too_long", "daal_triton/train/config.py", "if len(os.fsencode(part)) > name_max:",
-           "if len(os.fsencode(part)) > 4 * name_max:",
+    Mutant("out_name_too_long", "daal_triton/train/config.py",
+           'if len(os.fsencode(part + (".tmp" if file and i == len(parts) - 1 else ""))) > name_max:',
+           'if len(os.fsencode(part + (".tmp" if file and i == len(parts) - 1 else ""))) > 4 * name_max:',
            ("tests/train/test_train_user_errors.py", "-k", "cannot_be_made")),
     Mutant("write_leaves_tmp", "daal_triton/train/files.py", "            os.remove(tmp)\n",
            "            pass\n", ("tests/train/test_train_user_errors.py", "-k", "full_disk")),
@@ -1317,8 +1322,8 @@ MUTANTS: Tuple[Mutant, ...] = (
            "        if os.path.realpath(save) in taken:", "        if False:",
            ("tests/train/test_train_eval_cli.py", "-k", "onto_what")),
     Mutant("save_embeddings_name_unchecked", "daal_triton/train/cli.py",
-           "        _check_writable(save if not os.path.exists(save) else os.path.dirname(os.path.abspath(save)),",
-           "        _check_writable(os.path.dirname(os.path.abspath(save)),",
+           '        _check_writable(save, "--save-embeddings", save, file=True)',
+           '        _check_writable(os.path.dirname(os.path.abspath(save)), "--save-embeddings", save)',
            ("tests/train/test_train_eval_cli.py", "-k", "onto_what")),
     Mutant("eval_width_unchecked", "daal_triton/train/cli.py",
            "    try:  # daal-eval has no --width: the checkpoint's own (a traceback from the network's constructor before)\n"
@@ -1517,6 +1522,54 @@ MUTANTS: Tuple[Mutant, ...] = (
            "                           results=results, seconds=",
            "                           results=rows, seconds=",
            ("tests/train/test_train_eval_cli.py", "-k", "records_the_data")),
+    Mutant("out_in_use_unchecked", "daal_triton/train/config.py",
+           "    if os.path.isdir(out) and folder_in_use(out):  # before any advice",
+           "    if False:  # before any advice",
+           ("tests/train/test_train_safety.py", "-k", "live_overwrite")),
+    Mutant("eval_beside_a_live_overwrite", "daal_triton/train/cli.py",
+           "    if os.path.isdir(os.path.join(out, REPLACED)) and folder_in_use(out):",
+           "    if False:",
+           ("tests/train/test_train_safety.py", "-k", "live_overwrite")),
+    Mutant("folder_in_use_never", "daal_triton/train/files.py",
+           "    except BlockingIOError:\n        return True",
+           "    except BlockingIOError:\n        return False",
+           ("tests/train/test_train_safety.py", "-k", "live_overwrite")),
+    Mutant("tmp_link_written_through", "daal_triton/train/files.py",
+           "    unlink_if_link(tmp)  # writing through",
+           "    pass  # writing through",
+           ("tests/train/test_train_safety.py", "-k", "written_through")),
+    Mutant("curves_link_written_through", "daal_triton/train/plots.py",
+           "    unlink_if_link(path)  # as for the t-SNE",
+           "    pass  # as for the t-SNE",
+           ("tests/train/test_train_safety.py", "-k", "written_through")),
+    Mutant("replaced_link_followed", "daal_triton/train/run.py",
+           "    if os.path.islink(aside) or os.path.lexists(aside) and not os.path.isdir(aside):  # not daal-train's",
+           "    if False:  # not daal-train's",
+           ("tests/train/test_train_safety.py", "-k", "written_through")),
+    Mutant("put_back_empty_removes", "daal_triton/train/run.py",
+           "        for name in OUTPUTS if os.listdir(aside) else ():",
+           "        for name in OUTPUTS:",
+           ("tests/train/test_train_safety.py", "-k", "empty_set_aside")),
+    Mutant("study_file_is_the_report", "daal_triton/train/study.py",
+           "        if file is not None and (args.report or args.out) and os.path.realpath(file) == os.path.realpath(written):",
+           "        if False:",
+           ("tests/train/test_train_study.py", "-k", "report_study_json")),
+    Mutant("embed_draws_the_global_generator", "daal_triton/train/evaluate.py",
+           "shuffle=False, generator=torch.Generator(),",
+           "shuffle=False,",
+           ("tests/train/test_train_evaluate.py", "-k", "global_generator")),
+    Mutant("pixels_draw_the_global_generator", "daal_triton/train/evaluate.py",
+           "DataLoader(dataset, batch_size=batch_size, generator=torch.Generator()), \"raw pixels\",",
+           "DataLoader(dataset, batch_size=batch_size), \"raw pixels\",",
+           ("tests/train/test_train_evaluate.py", "-k", "global_generator")),
+    Mutant("save_embeddings_tmp_name_unchecked", "daal_triton/train/config.py",
+           "part + (\".tmp\" if file and i == len(parts) - 1 else \"\")",
+           "part",
+           ("tests/train/test_train_eval_cli.py", "-k", "onto_what")),
+    Mutant("out_path_length_unchecked", "daal_triton/train/config.py",
+           "    if len(os.fsencode(longest)) >= path_max:",
+           "    if False:",
+           ("tests/train/test_train_user_errors.py", "-k", "cannot_be_made")),
 )
 
 

@@ -19,7 +19,7 @@ from typing import Any, Dict, List, Optional
 from daal_triton.core import Hyperparameters
 
 from .config import CHOICES, DAAL_TRAIN_FIELDS, TrainConfig, default_daal
-from .files import is_special, loads_json, special_text
+from .files import folder_in_use, is_special, loads_json, special_text
 from .model import SMALL_DATASETS, SMALL_WIDTH, default_width
 
 _D = TrainConfig()
@@ -427,7 +427,7 @@ def eval_main(argv: Optional[List[str]] = None) -> int:
 def _eval_outputs(args: argparse.Namespace) -> str:
     """``daal-eval``'s output folder, checked before any work: writable, and nothing in it (or at
     ``--save-embeddings``) replaced without ``--overwrite``."""
-    from .config import _check_writable
+    from .config import REPLACED, _check_writable
     from .ddp import ConfigError
 
     if args.out is not None and not args.out.strip():  # as daal-train's --out: '' is no folder, not the default
@@ -436,6 +436,11 @@ def _eval_outputs(args: argparse.Namespace) -> str:
     if os.path.exists(out) and not os.path.isdir(out):
         raise ConfigError(f"--out {out}: exists and is not a folder")
     _check_writable(out)
+    if os.path.isdir(os.path.join(out, REPLACED)) and folder_in_use(out):  # a live --overwrite run may put back
+        raise ConfigError(f"--out {out}: a daal-train --overwrite run is replacing the run there (it holds the "
+                          f"folder's lock; the run it replaces is in {REPLACED}/ until its first checkpoint_last.pt): "
+                          f"what daal-eval wrote there would be removed if that run stops; wait for its first epoch "
+                          f"to end, or give another --out")
     targets = [os.path.join(out, "eval.json")] + ([os.path.join(out, "tsne_eval.png")] if args.tsne else [])
     if args.save_embeddings:
         save = args.save_embeddings
@@ -449,8 +454,7 @@ def _eval_outputs(args: argparse.Namespace) -> str:
             raise ConfigError(f"--save-embeddings {save}: {special_text(save)} (give a file name, e.g. "
                               f"embeddings.pt or embeddings.npz)")
         # its folder writable, and the names still to be made (the file's own too) not too long
-        _check_writable(save if not os.path.exists(save) else os.path.dirname(os.path.abspath(save)),
-                        "--save-embeddings", save)
+        _check_writable(save, "--save-embeddings", save, file=True)
         targets.append(save)
     for t in targets[:-1] if args.save_embeddings else targets:
         if is_special(t):

@@ -14,7 +14,7 @@ from daal_triton.core import Hyperparameters
 
 from .ddp import ConfigError
 from .devices import AMP_CHOICES, check_compile, resolve_device
-from .files import read_json, special_text
+from .files import folder_in_use, read_json, special_text
 
 # The DAAL hyperparameters a run sets (``--daal-*``): all of the loss's but the reduction, which
 # training fixes to "mean". Their defaults are the loss's own (daal_triton.Hyperparameters).
@@ -344,6 +344,12 @@ def check_backend(flag: str, backend: str, device: torch.device) -> None:
 REPLACED = ".daal-replaced"
 
 
+def in_use(out: str) -> str:
+    """What daal-train says of an --out whose lock another daal-train holds."""
+    return (f"--out {out}: another daal-train is writing this run (it holds the folder's lock): wait for it to end "
+            f"(or stop it), then run this command again")
+
+
 def check_out(cfg: TrainConfig) -> None:
     """Refuse to write a new run into a folder that holds something, unless ``--resume`` (continue
     the run there) or ``--overwrite`` (replace it) says what to do with it."""
@@ -353,6 +359,8 @@ def check_out(cfg: TrainConfig) -> None:
     if os.path.exists(out) and not os.path.isdir(out):
         raise ConfigError(f"--out {out}: exists and is not a folder")
     _check_writable(out)
+    if os.path.isdir(out) and folder_in_use(out):  # before any advice on what is in it: a run is writing it
+        raise ConfigError(in_use(out))
     if cfg.overwrite or not os.path.isdir(out):
         return
     if cfg.resume:  # continue the run in its own folder, or into a new (empty) one
@@ -407,10 +415,19 @@ def check_resume_folder(cfg: TrainConfig, saved: Dict[str, Any]) -> None:
                           f"resuming here would write over it; pass another --out for this run")
 
 
-def _check_writable(out: str, flag: str = "--out", value: Optional[str] = None) -> None:
+#: The longest name the programs write inside an output folder (written as NAME.tmp, then renamed).
+LONGEST_OUTPUT = "r1_vs_subcluster_nmi.png.tmp"
+
+
+def _check_writable(out: str, flag: str = "--out", value: Optional[str] = None, *, file: bool = False) -> None:
     """``out`` (or, if it does not exist yet, its nearest existing parent) is a writable folder;
-    ``flag value`` (default ``value``: ``out``) names the option that asks for it."""
+    ``flag value`` (default ``value``: ``out``) names the option that asks for it. The names to be
+    made fit the file system: each within its name limit, and the whole path within its path
+    limit with what is written there (``file``: ``out`` is a file, written as ``out.tmp``; else a
+    folder that gets :data:`LONGEST_OUTPUT`): a path too long failed after the work, not before."""
     probe = os.path.abspath(out)
+    if file:  # its folder must be writable
+        probe = os.path.dirname(probe)
     while not os.path.exists(probe):
         probe = os.path.dirname(probe)
     shown = out if value is None else value
@@ -422,10 +439,19 @@ def _check_writable(out: str, flag: str = "--out", value: Optional[str] = None) 
         name_max = os.pathconf(probe, "PC_NAME_MAX")
     except (OSError, ValueError, AttributeError):  # not POSIX
         name_max = 255
-    for part in os.path.relpath(os.path.abspath(out), probe).split(os.sep):
-        if len(os.fsencode(part)) > name_max:
+    parts = os.path.relpath(os.path.abspath(out), probe).split(os.sep)
+    for i, part in enumerate(parts):
+        if len(os.fsencode(part + (".tmp" if file and i == len(parts) - 1 else ""))) > name_max:
             raise ConfigError(f"{flag} {shown}: the name {part[:24]}... is longer than the file system's "
-                              f"{name_max} bytes")
+                              f"{name_max} bytes" + (" (with the .tmp it is first written as)" if file else ""))
+    try:
+        path_max = os.pathconf(probe, "PC_PATH_MAX")
+    except (OSError, ValueError, AttributeError):  # not POSIX
+        path_max = 4096
+    longest = os.path.abspath(out) + (".tmp" if file else os.sep + LONGEST_OUTPUT)
+    if len(os.fsencode(longest)) >= path_max:
+        raise ConfigError(f"{flag} {shown}: the path is too long for the file system ({path_max} bytes with "
+                          f"{'its .tmp' if file else 'the files written in it'})")
 
 
 # ----------------------------------------------------------------------------- resume and --config

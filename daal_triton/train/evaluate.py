@@ -157,7 +157,10 @@ def embed(model: torch.nn.Module, dataset, device: torch.device, *, batch_size: 
     was_training = model.training
     model.eval()
     fmt = input_memory_format(model)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False,
+    # a generator of its own: each pass over a DataLoader draws its workers' base seed from it, and
+    # from torch's global one without it; training (a loss or miner that draws) then depended on
+    # --eval-every and --baselines (a reproducibility probe, 2026-12-07)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, generator=torch.Generator(),
                         **loader_options(num_workers, device, persistent=False))
     out = []
     for images, _ in _bar(loader, "embed", progress):
@@ -189,7 +192,8 @@ def pixel_vectors(dataset, *, batch_size: int = 256, max_side: int = 32, progres
     from torch.utils.data import DataLoader
 
     out = []
-    for images, _ in _bar(DataLoader(dataset, batch_size=batch_size), "raw pixels", progress):
+    for images, _ in _bar(DataLoader(dataset, batch_size=batch_size, generator=torch.Generator()), "raw pixels",
+                          progress):  # the global generator untouched, as in embed
         if max(images.shape[-2:]) > max_side:
             images = torch.nn.functional.adaptive_avg_pool2d(images, max_side)
         out.append(images.flatten(1).float())

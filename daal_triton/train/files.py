@@ -27,6 +27,7 @@ def write_atomically(path: str, write) -> None:
     tmp = path + ".tmp"
     if os.path.exists(path) and not os.path.isfile(path):  # the rename would replace a FIFO, a device, a folder
         raise OSError(errno.EEXIST, f"cannot write it: {_kind(path)} is there, not a file", path)
+    unlink_if_link(tmp)  # writing through a link left at NAME.tmp would change the file it points to
     try:
         write(tmp)
         os.replace(tmp, path)
@@ -136,3 +137,32 @@ def read_json(path: str) -> Any:
     if size > MAX_JSON_BYTES:
         raise OSError(errno.EFBIG, f"larger than {MAX_JSON_BYTES // 2 ** 20} MiB: not a file of settings", path)
     return loads_json(b"".join(chunks).decode("utf-8"))
+
+
+def unlink_if_link(path: str) -> None:
+    """Remove ``path`` where it is a symbolic link (the link only: what it points to stays), so that
+    opening it to write makes a file here instead of writing through the link into another folder."""
+    if os.path.islink(path):
+        os.remove(path)
+
+
+def folder_in_use(path: str) -> bool:
+    """Whether a daal-train holds the lock on the folder ``path`` (an exclusive ``flock`` on the
+    folder itself, held for the whole run). False where locks are not available."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        return False
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)  # closing it releases a lock taken here
+    return False

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from .data.base import Labels
+from .files import unlink_if_link
 
 
 def _pyplot():
@@ -120,6 +121,7 @@ def tsne_plot(emb, labels: Labels, path: str, *, modes: Optional[Labels] = None,
     if title:
         fig.suptitle(title)
     fig.tight_layout()
+    unlink_if_link(path)  # a link there: replaced, not written through
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -155,6 +157,7 @@ def training_curves(history: List[Dict[str, Any]], path: str) -> str:
     # above the axes, in one row: inside, it covered the curves or the tick labels
     fig.legend(handles=handles, loc="upper center", ncol=len(handles), fontsize=7, frameon=False)
     fig.tight_layout(rect=(0, 0, 1, 0.94))
+    unlink_if_link(path)  # as for the t-SNE
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

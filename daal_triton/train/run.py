@@ -38,14 +38,15 @@ from . import evaluate as E
 from .checkpoint import (CheckpointError, load_checkpoint, load_weights, require_training_state, restore_rng,
                          rng_state, save_checkpoint)
 from .config import (REPLACED, TrainConfig, check_data_flags, check_kinds, check_out, check_resume_folder,
-                     checked_device, default_daal, note_source, resume_config, taken_from_checkpoint, validate_config)
+                     checked_device, default_daal, in_use, note_source, resume_config, taken_from_checkpoint,
+                     validate_config)
 from .data import DistributedPKSampler, PKSampler, SeededDraws, build_datasets
 from .ddp import ConfigError
 from .devices import (compile_network, loader_options, place_model, prepare_device, resolve_amp, resolve_backend,
                       seed_everything)
 from .engine import (GlobalBatchLoss, build_criterion, build_miner, build_model, check_pml_on_a_batch, make_optimizer,
                      make_scheduler, train_one_epoch)
-from .files import read_json, write_text_atomically
+from .files import read_json, unlink_if_link, write_text_atomically
 from .log import Log, plural
 from .model import NO_WEIGHTS_NOTE
 
@@ -492,6 +493,8 @@ def fit(state: RunState) -> None:
         if cfg.resume:  # the metrics so far are the checkpoint's (in a new --out too), then this call's
             write_text_atomically(state.path("metrics.jsonl"),
                                   "".join(json.dumps(_clean(r)) + "\n" for r in state.history))
+        if not cfg.resume:
+            unlink_if_link(state.path("metrics.jsonl"))  # a link there: a new file, not one written through it
         state.metrics_file = open(state.path("metrics.jsonl"), "a" if cfg.resume else "w")
     try:
         if state.main:
@@ -572,6 +575,9 @@ def _prepare_out(state: RunState) -> None:
     if not state.cfg.overwrite:
         return
     aside = state.path(REPLACED)
+    if os.path.islink(aside) or os.path.lexists(aside) and not os.path.isdir(aside):  # not daal-train's
+        raise ConfigError(f"--out {state.cfg.out} holds {REPLACED}, which is not a folder daal-train made (a link or "
+                          f"a file): --overwrite would move files through it; move it away, then run this again")
     if os.path.isdir(aside):  # an --overwrite run stopped hard (killed) left the run it was replacing there
         if _resumable(state):
             shutil.rmtree(aside)  # that run could be resumed: it is what this one replaces, and it had replaced these
@@ -581,7 +587,8 @@ def _prepare_out(state: RunState) -> None:
             _put_back(state, aside)
             state.log(f"--overwrite: put back the run in {aside}, which an --overwrite run stopped before its "
                       f"first checkpoint_last.pt had set aside")
-    held = [name for name in OUTPUTS if os.path.isfile(state.path(name))]
+    # links too (one that points nowhere is no file): a link left here would be written through
+    held = [name for name in OUTPUTS if os.path.isfile(state.path(name)) or os.path.islink(state.path(name))]
     if held:
         with _deferred_interrupt():  # never half a run aside
             os.makedirs(aside)
@@ -606,7 +613,7 @@ def _put_back(state: RunState, aside: str) -> None:
         state.metrics_file.close()
         state.metrics_file = None
     with _deferred_interrupt():  # a second Ctrl-C (the first one may have brought us here) waits for the end
-        for name in OUTPUTS:
+        for name in OUTPUTS if os.listdir(aside) else ():  # an empty one puts nothing back: nothing to remove
             if os.path.isfile(state.path(name)):
                 os.remove(state.path(name))
         for name in os.listdir(aside):
@@ -654,8 +661,7 @@ def _lock_out(out: str) -> Optional[int]:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise ConfigError(f"--out {out}: another daal-train is writing this run (it holds the folder's lock): "
-                          f"wait for it to end (or stop it), then run this command again") from None
+        raise ConfigError(in_use(out)) from None
     except OSError:  # no flock here: run without the lock
         os.close(fd)
         return None

@@ -36,7 +36,7 @@ import time
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 from .config import SEED_LIMIT, _check_writable  # daal-train's bound on --seed; --out's check
-from .files import loads_json, read_json, write_text_atomically
+from .files import loads_json, read_json, unlink_if_link, write_text_atomically
 from .log import plural
 
 EXAMPLE = """\
@@ -484,6 +484,7 @@ def plot_metrics(records: List[Dict[str, Any]], configs: Sequence[str], path: st
         ax.set_xticklabels(configs, rotation=45, ha="right", fontsize=7)
         ax.set_title(f"{LABELS[k]} (mean, 95% CI)", fontsize=9)
     fig.tight_layout()
+    unlink_if_link(path)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -503,6 +504,7 @@ def plot_tradeoff(records: List[Dict[str, Any]], configs: Sequence[str], path: s
     ax.legend(fontsize=7, loc="best")
     ax.grid(alpha=0.3)
     fig.tight_layout()
+    unlink_if_link(path)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -559,6 +561,7 @@ def plot_tsne(panels: List[Tuple[str, Any, Any, Any, Optional[List[str]]]], path
     axes.flat[0].legend(fontsize=7, markerscale=3, loc="best", title="mode")
     fig.suptitle("held-out classes, t-SNE coloured by mode (one seed per configuration)")
     fig.tight_layout()
+    unlink_if_link(path)
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
@@ -883,6 +886,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         file, recorded = args.file, None
+        written = os.path.join(args.report or args.out or "", "study.json")
+        if file is not None and (args.report or args.out) and os.path.realpath(file) == os.path.realpath(written):
+            raise StudyError(f"--file {file} is the report's study.json, which daal-study writes (the study and "
+                             f"the command it ran): keep the study file elsewhere (--summarize alone rebuilds the "
+                             f"report from it)")
         if args.summarize and file is None and not args.config and (args.report or args.out):
             # the study the report was made of; a new --report folder: the one recorded in --out
             where = args.report if args.report and (not args.out or os.path.isfile(

@@ -192,7 +192,8 @@ def test_daal_eval_out_is_a_file(run_dir, tmp_path, error_line):
     assert f.read_text() == "mine" and not (tmp_path / "ev").exists()
 
 
-@pytest.mark.parametrize("target", ["eval.json", "tsne_eval.png", "the-out-folder", "the-checkpoint", "a-long-name"])
+@pytest.mark.parametrize("target", ["eval.json", "tsne_eval.png", "the-out-folder", "the-checkpoint", "a-long-name",
+                                    "long-with-its-tmp"])
 def test_save_embeddings_onto_what_daal_eval_reads_or_writes_is_refused(run_dir, tmp_path, target, error_line):
     """``--save-embeddings`` at daal-eval's own eval.json or t-SNE (also by another spelling of the
     path), at the --out folder, or at the checkpoint it evaluates (even with --overwrite): one of
@@ -206,7 +207,9 @@ def test_save_embeddings_onto_what_daal_eval_reads_or_writes_is_refused(run_dir,
     before = ck.read_bytes()
     ev = tmp_path / "ev"
     save = {"eval.json": f"{tmp_path}/ev/../ev/eval.json", "tsne_eval.png": str(ev / "tsne_eval.png"),
-            "the-out-folder": str(ev), "the-checkpoint": str(ck), "a-long-name": str(tmp_path / ("e" * 300))}[target]
+            "the-out-folder": str(ev), "the-checkpoint": str(ck), "a-long-name": str(tmp_path / ("e" * 300)),
+            # 253 bytes fit, not its NAME.tmp: it failed after the evaluation (a file-safety probe, 2026-12-07)
+            "long-with-its-tmp": str(tmp_path / ("e" * 250 + ".pt"))}[target]
     argv = [str(ck), "--out", str(ev), "--no-progress", "--tsne-max-points", "48", "--save-embeddings", save]
     assert cli.eval_main(argv + ["--overwrite"] * (target == "the-checkpoint")) == 2
     assert error_line("daal-eval").startswith(f"daal-eval: error: --save-embeddings {save}: ")

@@ -252,3 +252,20 @@ def test_training_curves_legend_covers_neither_the_curves_nor_the_tick_labels(tm
     (fig,) = kept
     assert list(fig.axes[0].get_xticks()) == [1]
     plt.close(fig)
+
+
+def test_evaluation_leaves_the_global_generator_as_it_was():
+    """A reproducibility probe (2026-12-07): each pass over a DataLoader drew its base seed from
+    torch's global generator, so the evaluations (--eval-every) and the baseline rows (--baselines)
+    changed a training whose loss or miner draws random numbers. Now they draw from their own."""
+    from daal_triton.train import evaluate as E
+    from daal_triton.train.data import build_datasets
+
+    _, test_ds = build_datasets("shapes", None, 32, shapes_train_per_class=1, shapes_test_per_class=2)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 4))
+    torch.manual_seed(3)
+    before = torch.get_rng_state()
+    emb = E.embed(net, test_ds, torch.device("cpu"), batch_size=5)
+    pixels = E.pixel_vectors(test_ds, batch_size=5)
+    assert torch.equal(torch.get_rng_state(), before)
+    assert emb.shape == (24, 4) and pixels.shape == (24, 3 * 32 * 32)

@@ -660,3 +660,98 @@ def test_a_divergence_of_the_weight_decay_names_it(tmp_path, error_line):
     line = error_line("daal-train")
     assert "training diverged in epoch 1 of 1" in line and "--weight-decay 1e+308 is too large for --lr 0.001" in line
     assert "give a --weight-decay well below 1000 (1 / --lr)" in line and "Try a lower --lr" not in line, line
+
+
+def _sha(path):
+    import hashlib
+
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def test_a_live_overwrite_run_is_not_called_killed_and_daal_eval_does_not_write_beside_it(run_dir, tmp_path,
+                                                                                          error_line):
+    """A file-safety probe (2026-12-07): while an --overwrite run held the folder (the run it
+    replaces in .daal-replaced/), a second daal-train called that run "killed" and advised moving
+    .daal-replaced/* back by hand; done, the live run stopping before its first checkpoint deleted
+    them all. daal-eval wrote eval.json there, which that stop removed too. Both are refused while
+    the lock is held; once it is free, the advice for a run stopped hard is given as before."""
+    import fcntl
+
+    out = str(tmp_path / "live")
+    shutil.copytree(run_dir, out)
+    os.makedirs(os.path.join(out, ".daal-replaced"))
+    before = {n: _sha(os.path.join(out, n)) for n in os.listdir(out) if os.path.isfile(os.path.join(out, n))}
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as the live --overwrite run holds it
+        assert cli.main(TINY + ["--out", out]) == 2
+        assert "another daal-train is writing this run" in error_line("daal-train")
+        ev = [os.path.join(out, "checkpoint_best.pt"), "--no-progress", "--no-tsne", "--overwrite"]
+        assert cli.eval_main(ev) == 2
+        assert "a daal-train --overwrite run is replacing the run there" in error_line("daal-eval")
+    finally:
+        os.close(fd)
+    assert {n: _sha(os.path.join(out, n)) for n in before} == before and not os.path.exists(
+        os.path.join(out, "eval.json"))
+    assert cli.main(TINY + ["--out", out]) == 2  # no lock: an --overwrite run stopped hard left it
+    assert "the run that an --overwrite run stopped hard (killed) was replacing" in error_line("daal-train")
+
+
+def test_links_in_the_out_folder_are_never_written_through(run_dir, tmp_path, error_line):
+    """A file-safety probe (2026-12-07): links left in --out (to files, to nothing, to a folder)
+    made daal-train write into the folders they point to: a training_curves.png link (the plot
+    written through it), a dangling metrics.jsonl link (a file created there), a NAME.tmp link (a
+    checkpoint written through it), and a .daal-replaced link (--overwrite moved the linked folder's
+    files into --out and the run's files away). The user's files stay as they were."""
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "figure.png").write_bytes(b"my figure")
+    (precious / "thesis.txt").write_text("my thesis")
+    keep = {n: _sha(precious / n) for n in os.listdir(precious)}
+    out = tmp_path / "run"
+    shutil.copytree(run_dir, out)
+    os.remove(out / "training_curves.png")
+    os.symlink(precious / "figure.png", out / "training_curves.png")
+    os.symlink(precious / "thesis.txt", out / "checkpoint_last.pt.tmp")
+    os.remove(out / "metrics.jsonl")
+    os.symlink(precious / "made-by-daal-train.jsonl", out / "metrics.jsonl")  # dangling
+    assert cli.main(TINY + ["--out", str(out), "--overwrite"]) == 0
+    assert {n: _sha(precious / n) for n in os.listdir(precious)} == keep  # nothing written into it
+    for name in ("training_curves.png", "metrics.jsonl", "checkpoint_last.pt"):
+        assert os.path.isfile(out / name) and not os.path.islink(out / name), name
+    # a resume moves nothing aside: the plot and the checkpoint's NAME.tmp replace the links
+    resumed = tmp_path / "resumed"
+    shutil.copytree(run_dir, resumed)
+    os.remove(resumed / "training_curves.png")
+    os.symlink(precious / "figure.png", resumed / "training_curves.png")
+    os.symlink(precious / "thesis.txt", resumed / "checkpoint_last.pt.tmp")
+    assert cli.main(["--resume", str(resumed / "checkpoint_last.pt"), "--epochs", "2", "--no-progress"]) == 0
+    assert {n: _sha(precious / n) for n in os.listdir(precious)} == keep
+    assert not os.path.islink(resumed / "training_curves.png")
+    assert not os.path.lexists(resumed / "checkpoint_last.pt.tmp")
+    # a .daal-replaced that is a link: refused before anything moves
+    other = tmp_path / "other"
+    shutil.copytree(run_dir, other)
+    os.remove(other / "checkpoint_last.pt")  # as if stopped before its first checkpoint
+    os.symlink(precious, other / ".daal-replaced")
+    listed = sorted(os.listdir(other))
+    assert cli.main(TINY + ["--out", str(other), "--overwrite"]) == 2
+    assert ".daal-replaced, which is not a folder daal-train made (a link or a file)" in error_line("daal-train")
+    assert sorted(os.listdir(other)) == listed and {n: _sha(precious / n) for n in os.listdir(precious)} == keep
+
+
+def test_an_empty_set_aside_puts_nothing_back_and_removes_nothing(run_dir, tmp_path):
+    """_put_back removed the run's files from --out, then moved back what .daal-replaced held:
+    with nothing there (its files moved back by hand), it deleted the only copy."""
+    from types import SimpleNamespace
+
+    from daal_triton.train import run as R
+
+    out = tmp_path / "run"
+    shutil.copytree(run_dir, out)
+    (out / ".daal-replaced").mkdir()
+    before = {n: _sha(out / n) for n in os.listdir(out) if os.path.isfile(out / n)}
+    state = SimpleNamespace(metrics_file=None, replaced=None, path=lambda name: str(out / name))
+    R._put_back(state, str(out / ".daal-replaced"))
+    assert {n: _sha(out / n) for n in os.listdir(out)} == before

@@ -609,6 +609,19 @@ def test_a_folder_the_study_cannot_make_is_named_by_its_flag(tmp_path, monkeypat
     assert sorted(os.listdir(tmp_path)) == ["afile"] and blocker.read_text() == "mine"
 
 
+def test_the_report_study_json_is_no_study_file(tmp_path, error_line):
+    """``--file OUT/study.json`` (a file-safety probe, 2026-12-07): a hand-written study file in the
+    report folder was replaced by the report's study.json (its notes gone), and the same command
+    then failed on that file's 'command' and 'reported'. Refused before anything runs."""
+    out = tmp_path / "st"
+    out.mkdir()
+    mine = out / "study.json"
+    mine.write_text('{"configs": {"A": "--epochs 1"}, "seeds": [0], "description": "my notes"}')
+    assert S.main(["--file", str(mine), "--out", str(out), "--no-progress"]) == 2
+    assert "is the report's study.json, which daal-study writes" in error_line("daal-study")
+    assert "my notes" in mine.read_text() and sorted(os.listdir(out)) == ["study.json"]
+
+
 def test_a_damaged_checkpoint_leaves_its_tsne_panel_out(tmp_path, monkeypatch, capsys):
     """The t-SNE panels embed each configuration's run with its ``checkpoint_last.pt``; a damaged one
     (a CLI fuzz, 2026-12-07) ended ``daal-study`` and ``--summarize`` with a CheckpointError

@@ -138,6 +138,11 @@ def test_an_out_folder_that_cannot_be_made_is_one_line(tmp_path, monkeypatch, er
     long = tmp_path / ("x" * 300) / "run"
     assert cli.main(TINY + ["--out", str(long)]) == 2
     assert "is longer than the file system's" in error_line("daal-train")
+    # a path whose files would pass the path limit: it trained an epoch, then failed to write (a
+    # file-safety probe, 2026-12-07)
+    deep = os.path.join(str(tmp_path), *["d" * 200] * 21)
+    assert cli.main(TINY + ["--out", deep]) == 2
+    assert "the path is too long for the file system" in error_line("daal-train")
     from daal_triton.train import run
 
     def refuse(path, exist_ok=False):
