@@ -146,23 +146,37 @@ def unlink_if_link(path: str) -> None:
         os.remove(path)
 
 
-def folder_in_use(path: str) -> bool:
-    """Whether a daal-train holds the lock on the folder ``path`` (an exclusive ``flock`` on the
-    folder itself, held for the whole run). False where locks are not available."""
+def lock_folder(path: str, *, shared: bool = False) -> Optional[int]:
+    """A non-blocking advisory lock (``flock``) on the folder ``path`` itself, exclusive unless
+    ``shared``: the descriptor that holds it (closing it releases the lock). ``BlockingIOError``
+    where another process holds a lock in the way; None where locks are not available (not
+    POSIX, a file system without ``flock``, a folder that cannot be opened)."""
     try:
         import fcntl
     except ImportError:  # pragma: no cover - not POSIX
-        return False
+        return None
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
-        return False
+        return None
     try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise
+    except OSError:  # no flock here
+        os.close(fd)
+        return None
+    return fd
+
+
+def folder_in_use(path: str) -> bool:
+    """Whether a daal-train holds the lock on the folder ``path`` (:func:`lock_folder`, taken for
+    the whole run). False where locks are not available."""
+    try:
+        fd = lock_folder(path, shared=True)
     except BlockingIOError:
         return True
-    except OSError:
-        return False
-    finally:
-        os.close(fd)  # closing it releases a lock taken here
+    if fd is not None:
+        os.close(fd)
     return False

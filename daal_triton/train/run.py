@@ -46,7 +46,7 @@ from .devices import (compile_network, loader_options, place_model, prepare_devi
                       seed_everything)
 from .engine import (GlobalBatchLoss, build_criterion, build_miner, build_model, check_pml_on_a_batch, make_optimizer,
                      make_scheduler, train_one_epoch)
-from .files import read_json, unlink_if_link, write_text_atomically
+from .files import lock_folder, read_json, unlink_if_link, write_text_atomically
 from .log import Log, plural
 from .model import NO_WEIGHTS_NOTE
 
@@ -650,22 +650,9 @@ def _lock_out(out: str) -> Optional[int]:
     descriptor holding it; None where locks are not available (not POSIX, a file system without
     ``flock``)."""
     try:
-        import fcntl
-    except ImportError:  # pragma: no cover - not POSIX
-        return None
-    try:
-        fd = os.open(out, os.O_RDONLY)
-    except OSError:
-        return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return lock_folder(out)
     except BlockingIOError:
-        os.close(fd)
         raise ConfigError(in_use(out)) from None
-    except OSError:  # no flock here: run without the lock
-        os.close(fd)
-        return None
-    return fd
 
 
 def _baselines(state: RunState) -> None:
