@@ -439,8 +439,8 @@ def _eval_outputs(args: argparse.Namespace) -> str:
     if os.path.isdir(os.path.join(out, REPLACED)) and folder_in_use(out):  # a live --overwrite run may put back
         raise ConfigError(f"--out {out}: a daal-train --overwrite run is replacing the run there (it holds the "
                           f"folder's lock; the run it replaces is in {REPLACED}/ until its first checkpoint_last.pt): "
-                          f"what daal-eval wrote there would be removed if that run stops; wait for its first epoch "
-                          f"to end, or give another --out")
+                          f"what daal-eval wrote there would be removed if that run stops; wait for it to end, or "
+                          f"give another --out")
     targets = [os.path.join(out, "eval.json")] + ([os.path.join(out, "tsne_eval.png")] if args.tsne else [])
     if args.save_embeddings:
         save = args.save_embeddings
