@@ -1503,7 +1503,7 @@ MUTANTS: Tuple[Mutant, ...] = (
            "    for _ in range(MAX_JSON_DEPTH - 1):  # the containers",
            ("tests/train/test_train_user_errors.py", "-k", "not_json")),
     Mutant("study_data_flags_unchecked", "daal_triton/train/study.py",
-           "            check_data_flags(cfg, given_flags(build_parser(), full))",
+           "            check_data_flags(cfg, given_flags(parser, full))",
            "            pass",
            ("tests/train/test_train_study.py", "-k", "flags_out_of_range")),
     Mutant("k_note_on_resume", "daal_triton/train/run.py",

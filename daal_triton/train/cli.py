@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 import re
 import sys
@@ -19,7 +18,7 @@ from typing import Any, Dict, List, Optional
 from daal_triton.core import Hyperparameters
 
 from .config import CHOICES, DAAL_TRAIN_FIELDS, TrainConfig, default_daal
-from .files import folder_in_use, is_special, loads_json, special_text
+from .files import folder_in_use, is_special, loads_json, nan_to_null, special_text
 from .model import SMALL_DATASETS, SMALL_WIDTH, default_width
 
 _D = TrainConfig()
@@ -546,8 +545,7 @@ def _evaluate_checkpoint(args: argparse.Namespace) -> Dict[str, Dict[str, float]
     if cfg.dataset == "shapes":
         data.update(shapes_train_per_class=cfg.shapes_train_per_class,
                     shapes_test_per_class=cfg.shapes_test_per_class, shapes_nuisance=cfg.shapes_nuisance)
-    results = {name: {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in row.items()}
-               for name, row in rows.items()}  # a metric undefined here: null, as in metrics.jsonl (NaN is no JSON)
+    results = {name: nan_to_null(row) for name, row in rows.items()}  # null, as in metrics.jsonl
     text = json.dumps(dict(checkpoint=os.path.abspath(args.checkpoint), epoch=ck.get("epoch"), **data,
                            results=results, seconds=round(time.time() - t0, 2)), indent=2)
     write_text_atomically(os.path.join(out, "eval.json"), text)

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import stat
 import sys
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 #: The largest JSON file the programs read (a run's ``config.json``, a study file, a report's
 #: ``study.json``): theirs are a few kB; a larger one, or ``/dev/zero``, is refused, not read on
@@ -82,6 +83,12 @@ def special_text(path: str) -> str:
     """``is a folder``, ``is a FIFO (named pipe), not a file`` ...: what :func:`is_special` found."""
     kind = _kind(path)
     return f"is {kind}" if kind == "a folder" else f"is {kind}, not a file"
+
+
+def nan_to_null(record: Dict[str, Any]) -> Dict[str, Any]:
+    """``record`` with each NaN value (a metric undefined on the data) as None: ``null`` in JSON,
+    which has no NaN (``metrics.jsonl``, ``eval.json``)."""
+    return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in record.items()}
 
 
 def loads_json(text: str) -> Any:

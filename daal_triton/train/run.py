@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import re
 import shutil
@@ -46,7 +45,7 @@ from .devices import (compile_network, loader_options, place_model, prepare_devi
                       seed_everything)
 from .engine import (GlobalBatchLoss, build_criterion, build_miner, build_model, check_pml_on_a_batch, make_optimizer,
                      make_scheduler, train_one_epoch)
-from .files import lock_folder, read_json, unlink_if_link, write_text_atomically
+from .files import lock_folder, nan_to_null, read_json, unlink_if_link, write_text_atomically
 from .log import Log, plural
 from .model import NO_WEIGHTS_NOTE
 
@@ -492,7 +491,7 @@ def fit(state: RunState) -> None:
         _write_config(state)
         if cfg.resume:  # the metrics so far are the checkpoint's (in a new --out too), then this call's
             write_text_atomically(state.path("metrics.jsonl"),
-                                  "".join(json.dumps(_clean(r)) + "\n" for r in state.history))
+                                  "".join(json.dumps(nan_to_null(r)) + "\n" for r in state.history))
         if not cfg.resume:
             unlink_if_link(state.path("metrics.jsonl"))  # a link there: a new file, not one written through it
         state.metrics_file = open(state.path("metrics.jsonl"), "a" if cfg.resume else "w")
@@ -764,13 +763,9 @@ def _record(state: RunState, rec: Record) -> None:
     """Append ``rec`` to the history and to metrics.jsonl (NaN, a metric undefined on this data,
     is written as null)."""
     assert state.metrics_file is not None  # rank 0's, opened with --out
-    state.metrics_file.write(json.dumps(_clean(rec)) + "\n")
+    state.metrics_file.write(json.dumps(nan_to_null(rec)) + "\n")
     state.metrics_file.flush()
     state.history.append(rec)
-
-
-def _clean(rec: Record) -> Record:
-    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in rec.items()}
 
 
 # ----------------------------------------------------------------------------- finish

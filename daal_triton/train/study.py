@@ -226,12 +226,13 @@ def check_cell_args(study: Dict[str, Any]) -> None:
     from .cli import UsageError, build_parser, config_from_args, given_flags
     from .config import check_data_flags, checked_device, validate_config
 
+    parser = build_parser()  # reused: parse_args leaves it as it was, and given_flags restores its defaults
     for name, args in study["configs"].items():
         full = list(study["common"]) + list(args)
         if any(a == "-h" or _train_flag(a) == "--help" for a in full):  # argparse would print the help, exit 0
             raise StudyError(f"configuration {name!r}: -h/--help is no training argument")
         try:
-            parsed = build_parser().parse_args(full)
+            parsed = parser.parse_args(full)
         except UsageError as e:
             raise StudyError(f"configuration {name!r}: its daal-train arguments do not parse: {e}") from None
         if parsed.config is not None:
@@ -239,7 +240,7 @@ def check_cell_args(study: Dict[str, Any]) -> None:
         try:
             cfg = config_from_args(parsed)
             validate_config(cfg, 1, checked_device(cfg.device))  # each cell is one daal-train process
-            check_data_flags(cfg, given_flags(build_parser(), full))  # --data-seed with digits
+            check_data_flags(cfg, given_flags(parser, full))  # --data-seed with digits
         except (UsageError, ValueError) as e:  # ConfigError is a ValueError
             raise StudyError(f"configuration {name!r}: daal-train would refuse it: {e}") from None
 
