@@ -48,7 +48,9 @@ NaN in eval.json; and a file-safety probe: a live --overwrite run called killed 
 then lost), daal-eval writing beside it, links in --out written through, an empty set-aside putting
 back nothing but removing the run, the report's study.json as --file; and a reproducibility probe:
 the evaluations and baselines drawing from torch's global generator; names and paths that fit only
-without their .tmp or their files).
+without their .tmp or their files; and a review of the files the study writes (2026-12-07, after
+noon: links at a cell's log, .started.json, runs.jsonl or .daal-study.lock written through, a FIFO
+at the lock hanging the study, a user's X.tmp beside --save-embeddings X written over)).
 
 This script checks that they stay caught:
 in a scratch clone of the working tree it applies one mutant at a time (an exact text
@@ -56,7 +58,7 @@ replacement, which must match once), runs the mutant's test selection there with
 Python, and expects a failure; then it restores the file and the next one runs. Nothing in
 this checkout is modified.
 
-    .venv/bin/python scripts/mutants.py            # all (about 17 minutes on 2 cores)
+    .venv/bin/python scripts/mutants.py            # all (about an hour on 2 cores)
     .venv/bin/python scripts/mutants.py -k knn     # the ones whose name contains "knn"
     .venv/bin/python scripts/mutants.py --list
 
@@ -1570,6 +1572,26 @@ MUTANTS: Tuple[Mutant, ...] = (
            "    if len(os.fsencode(longest)) >= path_max:",
            "    if False:",
            ("tests/train/test_train_user_errors.py", "-k", "cannot_be_made")),
+    Mutant("study_lock_truncates_link", "daal_triton/train/study.py",
+           "    f = open_here(os.path.join(out, \".daal-study.lock\"), \"a\")",
+           "    f = open(os.path.join(out, \".daal-study.lock\"), \"w\")",
+           ("tests/train/test_train_study.py", "-k", "links_and_fifos",)),
+    Mutant("study_log_through_link", "daal_triton/train/study.py",
+           "    with open_here(log, \"a\") as fh:",
+           "    with open(log, \"a\") as fh:",
+           ("tests/train/test_train_study.py", "-k", "links_and_fifos",)),
+    Mutant("open_here_follows_links", "daal_triton/train/files.py",
+           "    unlink_if_link(path)\n    if is_special(path):",
+           "    if is_special(path):",
+           ("tests/train/test_train_study.py", "-k", "links_and_fifos",)),
+    Mutant("open_here_opens_fifo", "daal_triton/train/files.py",
+           "    if is_special(path):\n        raise OSError(errno.EEXIST, f\"cannot write it: {_kind(path)} is there, not a file\", path)\n    return open(path, mode",
+           "    return open(path, mode",
+           ("tests/train/test_train_study.py", "-k", "links_and_fifos",)),
+    Mutant("eval_save_tmp_overwritten", "daal_triton/train/cli.py",
+           "        if os.path.lexists(save + \".tmp\") and not os.path.islink(save + \".tmp\"):",
+           "        if False:",
+           ("tests/train/test_train_eval_cli.py", "-k", "tmp_name",)),
 )
 
 

@@ -452,6 +452,10 @@ def _eval_outputs(args: argparse.Namespace) -> str:
         if is_special(save):  # a folder; a FIFO or a device (/dev/null) the rename would replace, even as root
             raise ConfigError(f"--save-embeddings {save}: {special_text(save)} (give a file name, e.g. "
                               f"embeddings.pt or embeddings.npz)")
+        if os.path.lexists(save + ".tmp") and not os.path.islink(save + ".tmp"):  # a file of the user's, maybe
+            raise ConfigError(f"--save-embeddings {save}: {save}.tmp is there, and daal-eval writes the embeddings "
+                              f"to {os.path.basename(save)}.tmp first, then renames it: move or remove that file "
+                              f"(a daal-eval stopped hard leaves one), or give another file name")
         # its folder writable, and the names still to be made (the file's own too) not too long
         _check_writable(save, "--save-embeddings", save, file=True)
         targets.append(save)

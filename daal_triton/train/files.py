@@ -8,7 +8,7 @@ import math
 import os
 import stat
 import sys
-from typing import Any, Dict, List, Optional
+from typing import IO, Any, Dict, List, Optional
 
 #: The largest JSON file the programs read (a run's ``config.json``, a study file, a report's
 #: ``study.json``): theirs are a few kB; a larger one, or ``/dev/zero``, is refused, not read on
@@ -151,6 +151,17 @@ def unlink_if_link(path: str) -> None:
     opening it to write makes a file here instead of writing through the link into another folder."""
     if os.path.islink(path):
         os.remove(path)
+
+
+def open_here(path: str, mode: str = "w") -> IO[str]:
+    """``open(path, mode)`` for writing a file of the programs' own (a log, a marker, a lock, a
+    record appended to), never through a link: a link at ``path`` is removed first (what it points
+    to stays), so a planted link cannot truncate or append to a file elsewhere. A FIFO, device or
+    folder there is refused with an ``OSError`` naming ``path`` (a FIFO would hang the open)."""
+    unlink_if_link(path)
+    if is_special(path):
+        raise OSError(errno.EEXIST, f"cannot write it: {_kind(path)} is there, not a file", path)
+    return open(path, mode, encoding="utf-8")
 
 
 def lock_folder(path: str, *, shared: bool = False) -> Optional[int]:

@@ -36,7 +36,7 @@ import time
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 from .config import SEED_LIMIT, _check_writable  # daal-train's bound on --seed; --out's check
-from .files import loads_json, read_json, unlink_if_link, write_text_atomically
+from .files import loads_json, open_here, read_json, unlink_if_link, write_text_atomically
 from .log import plural
 
 EXAMPLE = """\
@@ -614,11 +614,11 @@ def run_cell(cell: Dict[str, Any], out: str, threads: Optional[int], python: str
     t0 = time.time()
 
     def note_started(wall_s: float) -> None:
-        with open(started_file(d), "w") as f:
+        with open_here(started_file(d)) as f:
             json.dump(dict(config=cell["config"], seed=cell["seed"], args=cell["args"], wall_s=round(wall_s, 1)), f)
 
     note_started(wall_before)
-    with open(log, "a") as fh:
+    with open_here(log, "a") as fh:
         fh.write(f"$ {shlex.join(cmd)}\n")
         fh.flush()
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT)
@@ -634,7 +634,7 @@ def run_cell(cell: Dict[str, Any], out: str, threads: Optional[int], python: str
     if rc != 0 or not is_finished(d):
         raise RuntimeError(f"cell {cell['config']!r} seed {cell['seed']} failed (exit {rc}); see {log}")
     shown = ["daal-train", *cmd[3:]]
-    with open(os.path.join(d, "study_cell.json"), "w") as f:
+    with open_here(os.path.join(d, "study_cell.json")) as f:
         json.dump(dict(config=cell["config"], seed=cell["seed"], args=cell["args"], command=shlex.join(shown),
                        wall_s=round(wall, 1), threads=threads, resumed=resume is not None), f, indent=1)
     return collect(cell, d)
@@ -645,7 +645,7 @@ def _load_runs(path: str) -> List[Dict[str, Any]]:
 
 
 def _append_run(path: str, rec: Dict[str, Any]) -> None:
-    with open(path, "a") as f:
+    with open_here(path, "a") as f:
         f.write(json.dumps(rec) + "\n")
 
 
@@ -726,7 +726,7 @@ def write_report(study: Dict[str, Any], records: List[Dict[str, Any]], configs: 
     ``records`` of ``configs``."""
     os.makedirs(report, exist_ok=True)
     marker = os.path.join(report, WRITING)
-    open(marker, "w").close()  # removed once every file is written: a report cut short is redone
+    open_here(marker).close()  # removed once every file is written: a report cut short is redone
     written = []
     # UTF-8 whatever the locale (the table holds ±), and whole or not at all: a failure leaves the
     # previous table.md as it was
@@ -948,7 +948,7 @@ def _lock(out: str):
         import fcntl
     except ImportError:  # pragma: no cover - not POSIX
         return None
-    f = open(os.path.join(out, ".daal-study.lock"), "w")
+    f = open_here(os.path.join(out, ".daal-study.lock"), "a")  # "a": truncates nothing
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:

@@ -248,3 +248,21 @@ def test_daal_eval_draws_the_test_images_only(run_dir, tmp_path, monkeypatch):
     train, alone = build_datasets("shapes", None, 32, shapes_train_per_class=4, shapes_test_per_class=4, train=False)
     assert len(train) == 0 and len(alone) == len(both) == 48
     assert all(torch.equal(alone[i][0], both[i][0]) and alone[i][1] == both[i][1] for i in range(48))
+
+
+def test_a_users_file_at_the_save_embeddings_tmp_name_is_kept(run_dir, tmp_path, error_line):
+    """daal-eval writes --save-embeddings X to X.tmp, then renames it: a file of the user's named
+    X.tmp was written over and then renamed away (lost), even without --overwrite. Refused up front;
+    a link there is only a link (write_atomically replaces it, what it points to stays)."""
+    emb = tmp_path / "emb.pt"
+    mine = tmp_path / "emb.pt.tmp"
+    mine.write_text("my notes")
+    argv = [_ck(run_dir), "--out", str(tmp_path / "ev"), "--no-tsne", "--no-progress", "--save-embeddings", str(emb)]
+    assert cli.eval_main(argv) == 2
+    assert f"{mine} is there, and daal-eval writes the embeddings to emb.pt.tmp first" in error_line("daal-eval")
+    assert mine.read_text() == "my notes" and not emb.exists() and not (tmp_path / "ev").exists()
+    os.remove(mine)
+    os.symlink(tmp_path / "elsewhere.txt", mine)  # dangling
+    assert cli.eval_main(argv) == 0
+    assert torch.load(emb, weights_only=True)["embeddings"].ndim == 2
+    assert not os.path.lexists(mine) and not (tmp_path / "elsewhere.txt").exists()

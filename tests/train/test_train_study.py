@@ -639,3 +639,59 @@ def test_a_damaged_checkpoint_leaves_its_tsne_panel_out(tmp_path, monkeypatch, c
     assert f"[daal-study] no t-SNE panel for A (seed 0): {cell} cannot be embedded: checkpoint" in said.out
     assert "Traceback" not in said.out + said.err
     assert os.path.getsize(os.path.join(out, "metrics.png")) > 0 and not os.path.exists(os.path.join(out, S.WRITING))
+
+
+def test_links_and_fifos_in_a_study_folder_are_never_written_through(tmp_path, error_line):
+    """daal-study opened its own files with open(): a link planted at a cell's log, its
+    .started.json, runs.jsonl or .daal-study.lock wrote (appended, or truncated: the lock was
+    opened "w") into the file it points to; a FIFO at the lock hung the study. Links are replaced
+    by files, what they point to stays; a FIFO is one error line."""
+    import signal
+    import sys
+
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    for name in ("log.txt", "started.txt", "runs.txt", "lock.txt"):
+        (precious / name).write_text(f"my {name}")
+    keep = {n: (precious / n).read_text() for n in os.listdir(precious)}
+    fake = tmp_path / "fake_python"  # stands for python: writes a finished run into its --out
+    fake.write_text(f"#!{sys.executable}\n" + """import json, os, sys
+out = sys.argv[sys.argv.index("--out") + 1]
+os.makedirs(out)
+open(os.path.join(out, "metrics.jsonl"), "w").write(json.dumps(
+    {"epoch": 1, "model": "trained", "recall@1": 0.75, "nmi": 0.5, "subcluster_nmi": 0.25}) + "\\n")
+json.dump({"width": 0.25}, open(os.path.join(out, "config.json"), "w"))
+open(os.path.join(out, "results.txt"), "w").write("done\\n")
+""")
+    fake.chmod(0o755)
+    out = tmp_path / "study"
+    (cell,) = S.expand(S.make_study(None, ["A=--epochs 1"], seeds=[0]))
+    d = S.cell_dir(str(out), cell)
+    os.makedirs(os.path.dirname(d))
+    (out / "logs").mkdir()
+    os.symlink(precious / "log.txt", out / "logs" / "a-seed0.log")
+    os.symlink(precious / "started.txt", S.started_file(d))
+    os.symlink(precious / "runs.txt", out / "runs.jsonl")
+    os.symlink(precious / "lock.txt", out / ".daal-study.lock")
+    assert S.run_cell(cell, str(out), 1, python=str(fake))["metrics"]["recall@1"] == 0.75
+    S._append_run(str(out / "runs.jsonl"), {"config": "A", "seed": 0})
+    S._lock(str(out)).close()
+    assert {n: (precious / n).read_text() for n in os.listdir(precious)} == keep
+    for path in (out / "logs" / "a-seed0.log", S.started_file(d), out / "runs.jsonl", out / ".daal-study.lock"):
+        assert os.path.isfile(path) and not os.path.islink(path), path
+    assert "--out " + d in (out / "logs" / "a-seed0.log").read_text()
+    # a FIFO at the lock: one line, not a study that waits for ever for a reader
+    os.remove(out / ".daal-study.lock")
+    os.mkfifo(out / ".daal-study.lock")
+
+    def hung(*_):
+        raise AssertionError("daal-study hung opening the FIFO at .daal-study.lock")
+
+    old = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(20)
+    try:
+        assert S.main(["--config", "A=--epochs 1", "--seeds", "0", "--out", str(out), "--no-progress"]) == 2
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+    assert "a FIFO (named pipe) is there, not a file" in error_line("daal-study")
