@@ -48,8 +48,8 @@ NaN in eval.json; and a file-safety probe: a live --overwrite run called killed 
 then lost), daal-eval writing beside it, links in --out written through, an empty set-aside putting
 back nothing but removing the run, the report's study.json as --file; and a reproducibility probe:
 the evaluations and baselines drawing from torch's global generator; names and paths that fit only
-without their .tmp or their files; and a review of the files the study writes (2026-12-07, after
-noon: links at a cell's log, .started.json, runs.jsonl or .daal-study.lock written through, a FIFO
+without their .tmp or their files; and a review of the files the study writes (2026-12-07, the next
+session: links at a cell's log, .started.json, runs.jsonl or .daal-study.lock written through, a FIFO
 at the lock hanging the study, a user's X.tmp beside --save-embeddings X written over)).
 
 This script checks that they stay caught:
