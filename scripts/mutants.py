@@ -50,7 +50,8 @@ back nothing but removing the run, the report's study.json as --file; and a repr
 the evaluations and baselines drawing from torch's global generator; names and paths that fit only
 without their .tmp or their files; and a review of the files the study writes (2026-12-07, the next
 session: links at a cell's log, .started.json, runs.jsonl or .daal-study.lock written through, a FIFO
-at the lock hanging the study, a user's X.tmp beside --save-embeddings X written over)).
+at the lock hanging the study, a user's X.tmp beside --save-embeddings X written over, daal-eval
+refused beside a live --overwrite run that could no longer put anything back)).
 
 This script checks that they stay caught:
 in a scratch clone of the working tree it applies one mutant at a time (an exact text
@@ -1529,8 +1530,8 @@ MUTANTS: Tuple[Mutant, ...] = (
            "    if False:  # before any advice",
            ("tests/train/test_train_safety.py", "-k", "live_overwrite")),
     Mutant("eval_beside_a_live_overwrite", "daal_triton/train/cli.py",
-           "    if os.path.isdir(os.path.join(out, REPLACED)) and folder_in_use(out):",
-           "    if False:",
+           "    if (os.path.isdir(os.path.join(out, REPLACED)) and not os.path.isfile(os.path.join(out, \"checkpoint_last.pt\"))",
+           "    if (False",
            ("tests/train/test_train_safety.py", "-k", "live_overwrite")),
     Mutant("folder_in_use_never", "daal_triton/train/files.py",
            "        fd = lock_folder(path, shared=True)\n    except BlockingIOError:\n        return True",
@@ -1592,6 +1593,10 @@ MUTANTS: Tuple[Mutant, ...] = (
            "        if os.path.lexists(save + \".tmp\") and not os.path.islink(save + \".tmp\"):",
            "        if False:",
            ("tests/train/test_train_eval_cli.py", "-k", "tmp_name",)),
+    Mutant("eval_beside_overwrite_too_wide", "daal_triton/train/cli.py",
+           " and not os.path.isfile(os.path.join(out, \"checkpoint_last.pt\"))\n",
+           "\n",
+           ("tests/train/test_train_safety.py", "-k", "live_overwrite",)),
 )
 
 

@@ -435,7 +435,10 @@ def _eval_outputs(args: argparse.Namespace) -> str:
     if os.path.exists(out) and not os.path.isdir(out):
         raise ConfigError(f"--out {out}: exists and is not a folder")
     _check_writable(out)
-    if os.path.isdir(os.path.join(out, REPLACED)) and folder_in_use(out):  # a live --overwrite run may put back
+    # a live --overwrite run puts the run it replaces back if it stops before its first checkpoint_last.pt,
+    # removing what is there then; once it has one (its own: the old one is aside), nothing is put back
+    if (os.path.isdir(os.path.join(out, REPLACED)) and not os.path.isfile(os.path.join(out, "checkpoint_last.pt"))
+            and folder_in_use(out)):
         raise ConfigError(f"--out {out}: a daal-train --overwrite run is replacing the run there (it holds the "
                           f"folder's lock; the run it replaces is in {REPLACED}/ until its first checkpoint_last.pt): "
                           f"what daal-eval wrote there would be removed if that run stops; wait for it to end, or "

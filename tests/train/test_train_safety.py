@@ -675,7 +675,8 @@ def test_a_live_overwrite_run_is_not_called_killed_and_daal_eval_does_not_write_
     replaces in .daal-replaced/), a second daal-train called that run "killed" and advised moving
     .daal-replaced/* back by hand; done, the live run stopping before its first checkpoint deleted
     them all. daal-eval wrote eval.json there, which that stop removed too. Both are refused while
-    the lock is held; once it is free, the advice for a run stopped hard is given as before."""
+    the lock is held (daal-eval only until that run has a checkpoint_last.pt of its own: it puts
+    nothing back then); once it is free, the advice for a run stopped hard is given as before."""
     import fcntl
 
     out = str(tmp_path / "live")
@@ -688,12 +689,18 @@ def test_a_live_overwrite_run_is_not_called_killed_and_daal_eval_does_not_write_
         assert cli.main(TINY + ["--out", out]) == 2
         assert "another daal-train is writing this run" in error_line("daal-train")
         ev = [os.path.join(out, "checkpoint_best.pt"), "--no-progress", "--no-tsne", "--overwrite"]
+        last = os.path.join(out, "checkpoint_last.pt")
+        os.replace(last, str(tmp_path / "last.pt"))  # the live run before its first checkpoint_last.pt
         assert cli.eval_main(ev) == 2
         assert "a daal-train --overwrite run is replacing the run there" in error_line("daal-eval")
+        assert not os.path.exists(os.path.join(out, "eval.json"))
+        # with its own checkpoint_last.pt that run puts nothing back: daal-eval's files are safe there
+        os.replace(str(tmp_path / "last.pt"), last)
+        assert cli.eval_main(ev) == 0
     finally:
         os.close(fd)
-    assert {n: _sha(os.path.join(out, n)) for n in before} == before and not os.path.exists(
-        os.path.join(out, "eval.json"))
+    assert {n: _sha(os.path.join(out, n)) for n in before} == before and os.path.isfile(os.path.join(out, "eval.json"))
+    os.remove(os.path.join(out, "eval.json"))
     assert cli.main(TINY + ["--out", out]) == 2  # no lock: an --overwrite run stopped hard left it
     assert "the run that an --overwrite run stopped hard (killed) was replacing" in error_line("daal-train")
 
