@@ -242,7 +242,8 @@ def knn(
     """The ``k`` nearest ``ref`` rows of each ``query`` row: ``(dist, index)``, M x k each.
 
     With labels only same-label references count; ``exclude_self`` drops ``j == i``; missing
-    neighbours are ``inf`` / ``-1``; ties go to the smaller index. The Triton backend never
+    neighbours are ``inf`` / ``-1``; ties go to the smaller index (float32's ties: distances equal
+    in exact arithmetic may differ in the last bit, docs/method.md "Numerics"). The Triton backend never
     builds the M x N matrix. ``dist`` is float32 for float16/bfloat16/float32 inputs (float64 for
     float64), ``index`` int64; the gradients come back in the inputs' dtypes.
     """

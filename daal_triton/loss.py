@@ -179,6 +179,26 @@ class DAALLoss(nn.Module):
         return torch.cat([self.segments, self.segments], 1) if self.point_proxies else self.segments
 
     @property
+    def hp(self) -> Hyperparameters:
+        """The hyperparameters (an immutable :class:`Hyperparameters`): assign a new one, e.g.
+        ``loss.hp = loss.hp.replace(m_min=..., m_max=...)``, to change several at once; anything
+        else is a ``ValueError`` naming ``hp`` (a dict failed at the next call, an AttributeError).
+        They are the module's settings, not its state: ``state_dict()`` holds the segments only."""
+        return self.__dict__["_hp"]
+
+    @hp.setter
+    def hp(self, value: Hyperparameters) -> None:
+        if not isinstance(value, Hyperparameters):
+            raise ValueError(f"hp must be a daal_triton.Hyperparameters (e.g. loss.hp.replace(alpha=32.0), or "
+                             f"Hyperparameters(**loss.hparams)), got {type(value).__name__}")
+        self.__dict__["_hp"] = value
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        if "hp" in state:  # pickled before hp was a property
+            state["_hp"] = state.pop("hp")
+        super().__setstate__(state)
+
+    @property
     def hparams(self) -> Dict[str, Any]:
         """The hyperparameters as a dict (a copy of ``self.hp``'s fields)."""
         return self.hp.as_dict()

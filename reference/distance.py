@@ -26,11 +26,18 @@ def pairwise_distance(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     Uses the GEMM form ``||x_i||^2 + ||y_j||^2 - 2 x_i.y_j``; the clamp makes the gradient zero
     where it binds (duplicates), never NaN.
     """
+    return torch.sqrt(pairwise_distance_sq(x, y))
+
+
+def pairwise_distance_sq(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``max(||x_i - y_j||^2, eps)`` in the GEMM form: what :func:`pairwise_distance` takes the root
+    of, and what :func:`knn` selects on (as the kernels do: a root would merge squared distances a
+    unit in the last place apart into ties)."""
     dtype = compute_dtype(x, y)
     x = x.to(dtype)
     y = y.to(dtype)
     sq = (x * x).sum(1)[:, None] + (y * y).sum(1)[None, :] - 2.0 * (x @ y.T)
-    return torch.sqrt(torch.clamp(sq, min=EPS))
+    return torch.clamp(sq, min=EPS)
 
 
 def knn(
@@ -65,7 +72,7 @@ def knn(
     batch_rows = check_batch_rows(batch_rows, query, ref)
     if batch_rows:
         ref = torch.cat([query[:batch_rows], ref[batch_rows:]])
-    d = pairwise_distance(query, ref)
+    d = pairwise_distance_sq(query, ref).detach()  # selection only: no graph
     m, n = d.shape
     invalid = torch.zeros(m, n, dtype=torch.bool, device=d.device)
     if query_labels is not None and ref_labels is not None:  # both or neither (checked above)
@@ -75,8 +82,8 @@ def knn(
         invalid[idx, idx] = True
     # A NaN or inf distance (NaN/inf in the inputs) is no candidate: such a row has no neighbours
     # and is no one's, as in the kernels (its NaN still reaches the loss through the line margin).
-    invalid |= ~torch.isfinite(d.detach())
-    masked = d.detach().masked_fill(invalid, float("inf"))
+    invalid |= ~torch.isfinite(d)
+    masked = d.masked_fill(invalid, float("inf"))
     # A stable sort keeps equal distances in index order: ties go to the smaller index.
     order = torch.sort(masked, dim=1, stable=True).indices[:, :k]
     found = torch.gather(~invalid, 1, order)

@@ -51,7 +51,10 @@ the evaluations and baselines drawing from torch's global generator; names and p
 without their .tmp or their files; and a review of the files the study writes (2026-12-07, the next
 session: links at a cell's log, .started.json, runs.jsonl or .daal-study.lock written through, a FIFO
 at the lock hanging the study, a user's X.tmp beside --save-embeddings X written over, daal-eval
-refused beside a live --overwrite run that could no longer put anything back)).
+refused beside a live --overwrite run that could no longer put anything back; and an evaluation
+probe: the reference kNN selecting on the root of the GEMM form, negative or sparse labels counted
+by bincount; and a library probe: DAALLoss.hp taking any object, a module pickled before hp was
+checked)).
 
 This script checks that they stay caught:
 in a scratch clone of the working tree it applies one mutant at a time (an exact text
@@ -1597,6 +1600,26 @@ MUTANTS: Tuple[Mutant, ...] = (
            " and not os.path.isfile(os.path.join(out, \"checkpoint_last.pt\"))\n",
            "\n",
            ("tests/train/test_train_safety.py", "-k", "live_overwrite",)),
+    Mutant("ref_knn_selects_on_root", "reference/distance.py",
+           "    d = pairwise_distance_sq(query, ref).detach()",
+           "    d = pairwise_distance(query, ref).detach()",
+           ("tests/reference/test_reference_distance.py", "-k", "squared",)),
+    Mutant("eval_labels_bincount", "daal_triton/train/evaluate.py",
+           "    _, cls, counts = torch.unique(labels, return_inverse=True, return_counts=True)\n    r = counts[cls] - 1",
+           "    counts = torch.bincount(labels)\n    r = counts[labels] - 1",
+           ("tests/train/test_train_evaluate.py", "-k", "any_label",)),
+    Mutant("split_notes_bincount", "daal_triton/train/evaluate.py",
+           "    counts = np.unique(np.asarray(dataset.labels), return_counts=True)[1]",
+           "    counts = np.bincount(np.asarray(dataset.labels, dtype=np.int64))\n    counts = counts[counts > 0]",
+           ("tests/train/test_train_evaluate.py", "-k", "any_label",)),
+    Mutant("loss_hp_unchecked", "daal_triton/loss.py",
+           "        if not isinstance(value, Hyperparameters):",
+           "        if False:",
+           ("tests/package/test_loss_module.py", "-k", "attributes_that_take_effect",)),
+    Mutant("loss_hp_old_pickle", "daal_triton/loss.py",
+           "        if \"hp\" in state:",
+           "        if False:",
+           ("tests/package/test_loss_module.py", "-k", "attributes_that_take_effect",)),
 )
 
 

@@ -29,7 +29,9 @@ RECALL_KS = (1, 2, 4, 8)
 
 def neighbours(emb: torch.Tensor, k: int, *, backend: str = "auto", chunk: int = 2048) -> torch.Tensor:
     """Indices (N x k, int64) of the ``k`` nearest other rows of ``emb`` (self excluded by index,
-    ties to the smaller index; -1 where fewer than ``k`` other rows exist)."""
+    ties to the smaller index; -1 where fewer than ``k`` other rows exist). Ties are float32's:
+    distances equal in exact arithmetic may differ in their last bit and be ordered either way
+    (:func:`daal_triton.knn`), which can move a metric at such a tie with ``k`` or the backend."""
     n = emb.shape[0]
     k = max(1, min(k, n - 1)) if n > 1 else 1
     backend = resolve_backend(backend, emb.device)
@@ -56,8 +58,9 @@ def retrieval_metrics(emb: torch.Tensor, labels: torch.Tensor, *, ks: Sequence[i
     if normalize:
         emb = torch.nn.functional.normalize(emb, dim=1)
     labels = labels.to(emb.device).long()
-    counts = torch.bincount(labels)
-    r = counts[labels] - 1  # other images of the query's class
+    # any label values (negative, sparse: bincount refused the first and allocated the largest + 1)
+    _, cls, counts = torch.unique(labels, return_inverse=True, return_counts=True)
+    r = counts[cls] - 1  # other images of the query's class
     k = int(max(max(ks), int(r.max()) if len(r) else 1))
     idx = neighbours(emb, k, backend=backend)
     found = idx >= 0
@@ -208,9 +211,9 @@ def test_split_notes(dataset) -> List[str]:
     """Lines for the log when the test split cannot measure retrieval as it should: one class
     (every neighbour is of it: Recall@K, MAP@R and NMI are 1 whatever the embedding), or classes
     with a single image (their queries have nothing to retrieve and count in no metric; with only
-    such classes the retrieval metrics are NaN, no epoch is the best, and NMI is 1)."""
-    counts = np.bincount(np.asarray(dataset.labels, dtype=np.int64))
-    counts = counts[counts > 0]
+    such classes the retrieval metrics are NaN, no epoch is the best, and NMI is 1 unless images
+    share an embedding)."""
+    counts = np.unique(np.asarray(dataset.labels), return_counts=True)[1]
     notes = []
     if len(counts) == 1:
         notes.append("the test split has one class: every neighbour is of that class, so Recall@K, MAP@R and NMI "
@@ -218,8 +221,9 @@ def test_split_notes(dataset) -> List[str]:
     lone = int((counts == 1).sum())
     if lone == len(counts):
         notes.append("every test class has a single image: no query has another image of its class to retrieve, "
-                     "so the retrieval metrics are NaN (and no checkpoint_best.pt is written), and NMI is 1 whatever "
-                     "the network (k-means with a cluster per class puts each image in one of its own)")
+                     "so the retrieval metrics are NaN (and no checkpoint_best.pt is written), and NMI is 1 for any "
+                     "network that tells the images apart (k-means with a cluster per class puts each image in one "
+                     "of its own)")
     elif lone:
         notes.append(f"{lone} of the {len(counts)} test classes {'has' if lone == 1 else 'have'} a single image: "
                      f"their queries have nothing to retrieve and count in no retrieval metric (Recall@K, MAP@R, "

@@ -324,6 +324,21 @@ def test_torch_compile_fullgraph_matches_eager():
         assert_close(g, e, 1e-6, "compiled gradient")
 
 
+def test_a_refused_input_under_fullgraph_names_the_check():
+    """README: under ``torch.compile(fullgraph=True)`` a ``ValueError`` of the checks reaches the
+    user as ``torch._dynamo.exc.Unsupported``, whose message quotes it (README said the
+    ``ValueError`` was its ``__cause__``: it is Dynamo's ``ObservedValueErrorError``, a
+    RuntimeError); without ``fullgraph``, as itself."""
+    emb, labels, segments = torch.randn(10, 5), torch.randint(0, 4, (10,)), dt.init_segments(4, 6)
+    said = "segments has dimension 6 but embeddings has 5"
+    with pytest.raises(torch._dynamo.exc.Unsupported) as caught:
+        torch.compile(lambda e, y, s: dt.daal_loss(e, y, s), fullgraph=True, backend="eager")(emb, labels, segments)
+    assert f"ValueError('{said}" in str(caught.value)
+    torch._dynamo.reset()
+    with pytest.raises(ValueError, match=said):
+        torch.compile(lambda e, y, s: dt.daal_loss(e, y, s), backend="eager")(emb, labels, segments)
+
+
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_compiled_functional_takes_symbolic_hyperparameters(backend):
     """``torch.compile(dynamic=True, fullgraph=True)`` makes ``daal_loss``'s float hyperparameters

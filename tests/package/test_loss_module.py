@@ -68,6 +68,23 @@ def test_hyperparameters_are_attributes_that_take_effect(backend):
     loss.hp = loss.hp.replace(m_min=0.6, m_max=0.9)  # several at once
     assert (loss.m_min, loss.m_max) == (0.6, 0.9)
     assert set(loss.state_dict()) == {"segments"}  # hyperparameters are not state
+    # hp itself is checked too: a dict (the natural slip) was taken, then failed at the next call
+    # with an AttributeError ('dict' object has no attribute 'k'); hp stays as it was
+    for wrong in (loss.hparams | {"alpha": 3.0}, None, "alpha=3"):
+        with pytest.raises(ValueError, match="hp must be a daal_triton.Hyperparameters"):
+            loss.hp = wrong
+        assert loss.hp == dt.Hyperparameters(**loss.hparams) and loss.m_min == 0.6
+    loss.hp = dt.Hyperparameters(**(loss.hparams | {"alpha": 3.0}))
+    assert loss.alpha == 3.0 and loss(z, y).shape == (11,)
+    # a module pickled while hp was a plain attribute still loads, with its hyperparameters
+    import pickle
+
+    state = dict(loss.__dict__)
+    state["hp"] = state.pop("_hp")
+    old = dt.DAALLoss.__new__(dt.DAALLoss)
+    old.__setstate__(state)
+    assert old.hp == loss.hp and torch.equal(old(z, y), loss(z, y))
+    assert pickle.loads(pickle.dumps(loss)).hp == loss.hp
 
 
 def test_default_dtype_and_reset_parameters():

@@ -312,7 +312,7 @@ def test_folder_refuses_files_that_cannot_be_images_and_says_what_it_leaves_out(
     ({"dog": 1, "eel": 2}, ["1 of the 2 test classes has a single image"]),
     ({"dog": 2}, ["the test split has one class"]),
     ({"dog": 1, "eel": 1}, ["every test class has a single image", "NaN (and no checkpoint_best.pt",
-                                   "NMI is 1 whatever the network"]),
+                                   "NMI is 1 for any network that tells the images apart"]),
     ({"dog": 2, "eel": 2}, []),
 ], ids=["one-lone-class", "one-class", "all-lone", "fine"])
 def test_a_test_split_that_cannot_measure_retrieval_is_said_so(test_images, words, tmp_path, capsys):

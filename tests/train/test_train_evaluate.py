@@ -98,6 +98,21 @@ def test_retrieval_metrics_match_a_brute_force(n, c):
         assert ours[name] == pytest.approx(value, abs=1e-12), name
 
 
+def test_metrics_take_any_label_values():
+    """torch.bincount counted the classes: negative labels were a RuntimeError, and labels near
+    2**40 asked for 8.8 TB (an evaluation probe). Only equality of labels matters."""
+    g = torch.Generator().manual_seed(0)
+    emb, y = torch.randn(30, 4, generator=g), torch.randint(0, 4, (30,), generator=g)
+    expect = E.retrieval_metrics(emb, y)
+    for relabelled in (y - 2, y + 2 ** 40, 7 - 1000 * y, y.int()):
+        assert E.retrieval_metrics(emb, relabelled) == expect
+    from types import SimpleNamespace
+
+    assert E.test_split_notes(SimpleNamespace(labels=[-3, -3, 2 ** 40])) == E.test_split_notes(
+        SimpleNamespace(labels=[0, 0, 1]))
+    assert len(E.test_split_notes(SimpleNamespace(labels=[-3, 2 ** 40]))) == 1
+
+
 def test_lone_queries_count_in_no_metric():
     # Class 2 has one image: it can retrieve nothing right, so (as pytorch-metric-learning's
     # AccuracyCalculator) it is no query at all; every other query is right.
