@@ -54,7 +54,7 @@ at the lock hanging the study, a user's X.tmp beside --save-embeddings X written
 refused beside a live --overwrite run that could no longer put anything back; and an evaluation
 probe: the reference kNN selecting on the root of the GEMM form, negative or sparse labels counted
 by bincount; and a library probe: DAALLoss.hp taking any object, a module pickled before hp was
-checked)).
+checked; Ctrl-C after the previous run was put back said nothing had been written)).
 
 This script checks that they stay caught:
 in a scratch clone of the working tree it applies one mutant at a time (an exact text
@@ -1620,6 +1620,10 @@ MUTANTS: Tuple[Mutant, ...] = (
            "        if \"hp\" in state:",
            "        if False:",
            ("tests/package/test_loss_module.py", "-k", "attributes_that_take_effect",)),
+    Mutant("ctrl_c_after_put_back_says_nothing_written", "daal_triton/train/run.py",
+           "        state.replaced = None\n        state.put_back = True\n",
+           "        state.replaced = None\n",
+           ("tests/train/test_train_safety.py", "-k", "puts_the_previous_run_back and ctrl",)),
 )
 
 

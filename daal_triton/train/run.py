@@ -104,6 +104,7 @@ class RunState:
     metrics_file: Optional[IO[str]] = None
     out_lock: Optional[int] = None  # the descriptor holding --out's lock (rank 0)
     replaced: Optional[str] = None  # --overwrite: the folder holding the previous run until this one finishes
+    put_back: bool = False  # that run was put back (this one stopped before it could be resumed)
     resumes: List[Record] = field(default_factory=list)  # config.json's "resumes": one entry per --resume
     rank_rng: Optional[List[Any]] = None  # under torchrun: every rank's generators at the last epoch's end
     baselines: bool = False  # the raw-pixel and untrained rows are being evaluated (before epoch 1)
@@ -265,12 +266,15 @@ def _interrupted(cfg: TrainConfig, state: Optional["RunState"]) -> str:
     """What a run stopped by Ctrl-C says: where it stopped and how to go on."""
     if state is not None and not state.main:
         return f"interrupted (Ctrl-C); rank 0 says how to go on (the run writes to {cfg.out})"
-    if state is None or state.metrics_file is None:  # nothing written yet
+    if state is None or state.metrics_file is None and not state.put_back:  # nothing written yet
         return "interrupted (Ctrl-C) before the run wrote anything: run the same command again to start it"
     last = state.path("checkpoint_last.pt")
     where = (f"interrupted (Ctrl-C) while evaluating the baselines, before epoch 1 of {cfg.epochs}" if state.baselines
              else f"interrupted (Ctrl-C) in epoch {state.done + 1} of {cfg.epochs}" if state.done < state.last_epoch
              else f"interrupted (Ctrl-C) after epoch {state.done} of {cfg.epochs}, while writing the outputs")
+    if state.put_back:  # what it wrote is gone, the run it was replacing back in place
+        return (f"{where}, before its first checkpoint_last.pt: its files are removed and the run it was replacing "
+                f"is back in {cfg.out}; run the same command again to start it")
     if os.path.isfile(last):
         return f"{where}: continue from its last checkpoint with daal-train --resume {last}"
     why = "" if cfg.save in ("both", "last") else f" (--save {cfg.save} writes none)"
@@ -620,6 +624,7 @@ def _put_back(state: RunState, aside: str) -> None:
         os.rmdir(aside)
     if state.replaced == aside:
         state.replaced = None
+        state.put_back = True
 
 
 @contextlib.contextmanager

@@ -274,9 +274,11 @@ def test_an_overwrite_stopped_before_its_first_checkpoint_puts_the_previous_run_
     assert _files(out) == before and sorted(os.listdir(out)) == sorted(before)
     io = capsys.readouterr()
     assert "the previous run's files are back in" in io.out
-    if stop == "ctrl-c":  # its own files are gone: the advice is to start it again
-        assert io.err.strip() == ("daal-train: interrupted (Ctrl-C) before the run wrote anything: run the same "
-                                  "command again to start it"), io.err
+    if stop == "ctrl-c":  # its own files are gone: the advice is to start it again (it said "before the run
+        # wrote anything", which it had: epoch 1, removed when the previous run came back)
+        assert io.err.strip() == ("daal-train: interrupted (Ctrl-C) in epoch 1 of 2, before its first "
+                                  f"checkpoint_last.pt: its files are removed and the run it was replacing is back "
+                                  f"in {out}; run the same command again to start it"), io.err
 
 
 def test_ctrl_c_while_an_epoch_is_evaluated_names_that_epoch(tmp_path, capsys, monkeypatch):
