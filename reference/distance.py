@@ -85,7 +85,9 @@ def knn(
     invalid |= ~torch.isfinite(d)
     masked = d.masked_fill(invalid, float("inf"))
     # A stable sort keeps equal distances in index order: ties go to the smaller index.
-    order = torch.sort(masked, dim=1, stable=True).indices[:, :k]
+    # (the first k columns by index_select, a copy: a view's contiguity, k == N or not, would be a
+    # guard B != k under torch.export with a dynamic batch)
+    order = torch.sort(masked, dim=1, stable=True).indices.index_select(1, torch.arange(min(k, n), device=d.device))
     found = torch.gather(~invalid, 1, order)
     # The GEMM form selected the neighbours; their distances are taken by direct differences
     # (docs/method.md, "Numerics"): exact for close points, in the value and the gradient alike.

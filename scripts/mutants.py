@@ -54,7 +54,7 @@ at the lock hanging the study, a user's X.tmp beside --save-embeddings X written
 refused beside a live --overwrite run that could no longer put anything back; and an evaluation
 probe: the reference kNN selecting on the root of the GEMM form, negative or sparse labels counted
 by bincount; and a library probe: DAALLoss.hp taking any object, a module pickled before hp was
-checked; Ctrl-C after the previous run was put back said nothing had been written)).
+checked; Ctrl-C after the previous run was put back said nothing had been written; the reference's export guard B != k)).
 
 This script checks that they stay caught:
 in a scratch clone of the working tree it applies one mutant at a time (an exact text
@@ -1624,6 +1624,10 @@ MUTANTS: Tuple[Mutant, ...] = (
            "        state.replaced = None\n        state.put_back = True\n",
            "        state.replaced = None\n",
            ("tests/train/test_train_safety.py", "-k", "puts_the_previous_run_back and ctrl",)),
+    Mutant("ref_knn_slice_view_guard", "reference/distance.py",
+           "    order = torch.sort(masked, dim=1, stable=True).indices.index_select(1, torch.arange(min(k, n), device=d.device))",
+           "    order = torch.sort(masked, dim=1, stable=True).indices[:, :k]",
+           ("tests/package/test_fast_path.py", "-k", "export_with_a_dynamic_batch",)),
 )
 
 
