@@ -1122,7 +1122,7 @@ def _num_splits(M: int, N: int, bm: int, bn: int, device: torch.device, policy: 
     :data:`FINISH_LAUNCH_TILES` more than S."""
     policy = SPLIT_POLICY if policy is None else policy
     if policy not in SPLIT_POLICIES:
-        raise ValueError(f"kNN split policy must be one of {SPLIT_POLICIES}, got {policy!r}")
+        raise ValueError(f"DAAL_KNN_SPLITS (the kNN's split policy) must be one of {SPLIT_POLICIES}, got {policy!r}")
     if device.type != "cuda":
         return 1
     wave = sm_count(device) * resident
@@ -1175,7 +1175,7 @@ def _candidates(q, r, k, ql, rl, exclude_self, splits: Optional[int] = None, fin
     counted = merge_policy() == "counted" or entry != CHECKED_ENTRY  # the setting checked always
     launch = cfg.launch(D)
     q_desc = r_desc = None
-    if descriptors or (loads_policy() == "tma" and _tma_eligible(q, r, entry, launch["BLOCK_D"], counted)):
+    if (loads_policy() == "tma" and _tma_eligible(q, r, entry, launch["BLOCK_D"], counted)) or descriptors:
         # block shapes: the tile's rows x the D-chunk (the kernel's loads)
         q_desc = TensorDescriptor(q, [M, D], [q.stride(0), 1], [bm, launch["BLOCK_D"]])
         r_desc = TensorDescriptor(r, [N, D], [r.stride(0), 1], [bn, launch["BLOCK_D"]])

@@ -54,7 +54,8 @@ at the lock hanging the study, a user's X.tmp beside --save-embeddings X written
 refused beside a live --overwrite run that could no longer put anything back; and an evaluation
 probe: the reference kNN selecting on the root of the GEMM form, negative or sparse labels counted
 by bincount; and a library probe: DAALLoss.hp taking any object, a module pickled before hp was
-checked; Ctrl-C after the previous run was put back said nothing had been written; the reference's export guard B != k)).
+checked; Ctrl-C after the previous run was put back said nothing had been written; the reference's export guard B != k; and an audit of docs/kernels.md: a misspelt DAAL_KNN_LOADS
+taken without a word on the default tiles)).
 
 This script checks that they stay caught:
 in a scratch clone of the working tree it applies one mutant at a time (an exact text
@@ -1628,6 +1629,10 @@ MUTANTS: Tuple[Mutant, ...] = (
            "    order = torch.sort(masked, dim=1, stable=True).indices.index_select(1, torch.arange(min(k, n), device=d.device))",
            "    order = torch.sort(masked, dim=1, stable=True).indices[:, :k]",
            ("tests/package/test_fast_path.py", "-k", "export_with_a_dynamic_batch",)),
+    Mutant("knn_loads_unchecked_on_narrow", "kernels/knn.py",
+           "    if (loads_policy() == \"tma\" and _tma_eligible(q, r, entry, launch[\"BLOCK_D\"], counted)) or descriptors:",
+           "    if descriptors or (loads_policy() == \"tma\" and _tma_eligible(q, r, entry, launch[\"BLOCK_D\"], counted)):",
+           ("tests/kernels/test_kernel_knn.py", "-k", "policy_is_checked",)),
 )
 
 

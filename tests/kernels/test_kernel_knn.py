@@ -246,14 +246,24 @@ def test_knn_policy_is_checked(monkeypatch, env, policy, default, alternative):
     """``DAAL_KNN_MERGE`` ("counted" by default, "checked" selectable), ``DAAL_KNN_LOADS``
     ("pointer" by default, "tma" selectable) and ``DAAL_KNN_TILES`` ("narrow" by default, "wide"
     and "table" selectable): anything else is a ValueError naming the variable (read at every
-    forward)."""
+    forward), also on the default narrow tiles, which load through descriptors whatever
+    ``DAAL_KNN_LOADS`` says (a misspelt value was taken there without a word: a docs audit)."""
     monkeypatch.delenv(env, raising=False)
     assert policy() == default
     monkeypatch.setenv(env, alternative)
     assert policy() == alternative
     monkeypatch.setenv(env, "sorted")
+    for x in (torch.randn(8, 4, device=DEV), torch.randn(64, 64, device=DEV).half()):
+        with pytest.raises(ValueError, match=env):
+            kk._knn(x, x, 2)
+
+
+def test_a_misspelt_split_policy_names_its_variable(monkeypatch):
+    """``DAAL_KNN_SPLITS`` is read at import; a misspelt value is refused at the first kNN call,
+    naming the variable as the other switches do (it said "kNN split policy")."""
+    monkeypatch.setattr(kk, "SPLIT_POLICY", "wave")
     x = torch.randn(8, 4, device=DEV)
-    with pytest.raises(ValueError, match=env):
+    with pytest.raises(ValueError, match="DAAL_KNN_SPLITS"):
         kk._knn(x, x, 2)
 
 
