@@ -4,7 +4,8 @@ and "Bad input").
 Forward (``_prepare_fwd_kernel``), one program per BLOCK_B rows::
 
     n_i = sqrt(max(|z_i|^2, eps^2)),   x_i = z_i / n_i             (NORMALIZE; else x_i = z_i)
-    (a finite row whose |z_i|^2 overflows float32: n_i = |2^-96 z_i| 2^96, from a second sum)
+    (a finite row whose |z_i|^2 overflows float32: x_i = 2^-96 z_i / |2^-96 z_i|, from a second
+    sum, and n_i = |2^-96 z_i| 2^96, inf where |z_i| itself is beyond float32: dz_i = 0 there)
     bad_i = y_i < 0 or y_i >= C,       y_i <- clamp(y_i, 0, C - 1)  (HAS_LABELS)
 
 in float32 (``x`` is float32 whatever ``z``'s dtype: the loss computes in float32). ``n`` is saved
@@ -79,14 +80,16 @@ def _prepare_fwd_kernel(z_ptr, x_ptr, n_ptr, label_ptr, label_out_ptr, bad_ptr, 
             scaled += tl.sum(zs * zs, 1)
         n = tl.sqrt(tl.maximum(ss, TL_EPS * TL_EPS, propagate_nan=tl.PropagateNan.ALL))  # a NaN/inf row becomes NaN
         big = (ss == float("inf")) & (scaled < float("inf"))  # finite, |z|^2 beyond float32
-        n = tl.where(big, tl.sqrt(scaled) * (1.0 / NORM_SCALE), n)
+        pre = tl.where(big, NORM_SCALE, 1.0)  # such a row is divided at scale 2^-96: its norm may be inf
+        div = tl.where(big, tl.sqrt(scaled), n)
+        n = tl.where(big, div * (1.0 / NORM_SCALE), n)
         tl.store(n_ptr + rows, tl.where(ss < TL_EPS * TL_EPS, -n, n), mask=rmask)
     for d0 in range(0, D, BLOCK_D):
         dd = d0 + tl.arange(0, BLOCK_D)
         m2 = rmask[:, None] & (dd[None, :] < D)
         z = tl.load(zrow + dd[None, :], mask=m2, other=0.0).to(tl.float32)
         if NORMALIZE:
-            z = z / n[:, None]
+            z = (z * pre[:, None]) / div[:, None]
         tl.store(xrow + dd[None, :], z, mask=m2)
     if HAS_LABELS:
         lab = tl.load(label_ptr + rows, mask=rmask, other=0)

@@ -28,15 +28,16 @@ NORM_SCALE = 2.0 ** -96
 def normalize_rows(z: torch.Tensor) -> torch.Tensor:
     """``x_i = z_i / max(||z_i||, eps)``, written as ``sqrt(max(||z||^2, eps^2))`` so the
     gradient at a zero row is finite rather than NaN: there ``x = z / eps`` and the Jacobian is
-    ``I / eps`` (docs/method.md, "Gradients"). A finite row whose ``||z||^2`` overflows takes its
-    norm from ``||2^-96 z|| 2^96`` (it used to read as infinite: the row became 0)."""
+    ``I / eps`` (docs/method.md, "Gradients"). A finite row whose ``||z||^2`` overflows is
+    normalised at scale ``2^-96``: ``2^-96 z / ||2^-96 z||`` (it used to read as infinite: the
+    row became 0; and its norm itself can exceed float32: dividing ``z`` by it gave 0 too)."""
     ss = (z * z).sum(1, keepdim=True)
     scaled = (z * NORM_SCALE).square().sum(1, keepdim=True)
     big = torch.isinf(ss) & torch.isfinite(scaled)
     # the branch not taken must not send a NaN gradient: sqrt'(0) is inf (a normal row's scaled
     # sum underflows to 0), so it takes the square root of 1 there
-    big_norm = torch.where(big, scaled, torch.ones_like(scaled)).sqrt() / NORM_SCALE
-    return z / torch.where(big, big_norm, torch.sqrt(torch.clamp(ss, min=EPS * EPS)))
+    big_norm = torch.where(big, scaled, torch.ones_like(scaled)).sqrt()
+    return torch.where(big, (z * NORM_SCALE) / big_norm, z / torch.sqrt(torch.clamp(ss, min=EPS * EPS)))
 
 
 def prepare(

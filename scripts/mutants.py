@@ -55,7 +55,8 @@ refused beside a live --overwrite run that could no longer put anything back; an
 probe: the reference kNN selecting on the root of the GEMM form, negative or sparse labels counted
 by bincount; and a library probe: DAALLoss.hp taking any object, a module pickled before hp was
 checked; Ctrl-C after the previous run was put back said nothing had been written; the reference's export guard B != k; and an audit of docs/kernels.md: a misspelt DAAL_KNN_LOADS
-taken without a word on the default tiles)).
+taken without a word on the default tiles; and a numerical probe at extreme magnitudes: a row whose
+norm itself exceeds float32 normalised to 0)).
 
 This script checks that they stay caught:
 in a scratch clone of the working tree it applies one mutant at a time (an exact text
@@ -915,7 +916,7 @@ MUTANTS: Tuple[Mutant, ...] = (
            "line = (per_line - hp.lambda_pull * own_sq).clamp_min(0)", "line = (per_line - hp.lambda_pull * own_sq)",
            ("tests/package/test_core.py", "-k", "exact_where")),
     Mutant("normalize_kernel_overflow", "kernels/normalize.py",
-           "        n = tl.where(big, tl.sqrt(scaled) * (1.0 / NORM_SCALE), n)\n", "",
+           "        pre = tl.where(big, NORM_SCALE, 1.0)", "        pre = tl.where(big, 1.0, 1.0)",
            ("tests/kernels/test_kernel_normalize.py", "-k", "overflows")),
     Mutant("normalize_reference_overflow", "reference/daal.py",
            "    big = torch.isinf(ss) & torch.isfinite(scaled)", "    big = torch.zeros_like(ss, dtype=torch.bool)",
@@ -1633,6 +1634,14 @@ MUTANTS: Tuple[Mutant, ...] = (
            "    if (loads_policy() == \"tma\" and _tma_eligible(q, r, entry, launch[\"BLOCK_D\"], counted)) or descriptors:",
            "    if descriptors or (loads_policy() == \"tma\" and _tma_eligible(q, r, entry, launch[\"BLOCK_D\"], counted)):",
            ("tests/kernels/test_kernel_knn.py", "-k", "policy_is_checked",)),
+    Mutant("normalize_reference_beyond_float32", "reference/daal.py",
+           "    return torch.where(big, (z * NORM_SCALE) / big_norm,",
+           "    return torch.where(big, z / (big_norm / NORM_SCALE),",
+           ("tests/kernels/test_kernel_normalize.py", "-k", "overflows",)),
+    Mutant("normalize_kernel_beyond_float32", "kernels/normalize.py",
+           "            z = (z * pre[:, None]) / div[:, None]",
+           "            z = z / n[:, None]",
+           ("tests/kernels/test_kernel_normalize.py", "-k", "overflows",)),
 )
 
 

@@ -104,6 +104,7 @@ def test_rows_whose_squared_norm_overflows(dtype):
     z = torch.randn(B, D, generator=g)
     z[3] *= 1e20
     z[5] *= 3e36  # near float32's largest
+    z[7] = torch.full((D,), 1e38)  # |z| = 1.1e39: beyond float32 itself (dividing by it gave 0)
     z[9] = z[9] * 1e20
     z[9, 4] = float("inf")
     z = z.to(dtype)
@@ -122,7 +123,7 @@ def test_rows_whose_squared_norm_overflows(dtype):
     assert torch.isnan(x[9]).any() and torch.isnan(x32[9]).any()
     for got, grad in ((x, gz), (x32, gz32)):
         assert_close(got[ok], xr[ok], 1e-6, "x")
-        assert got[[3, 5]].norm(dim=1).sub(1).abs().max() < 1e-5
+        assert got[[3, 5, 7]].norm(dim=1).sub(1).abs().max() < 1e-5
         # dz = (dx - x (x . dx)) / |z|: about 1e-20 of dx, 1e-36 for row 5 (subnormal or 0 in bfloat16)
         assert_close(grad[ok].double(), gzr[ok], 1e-5 if dtype == torch.float32 else 1e-2, "dz")
 
