@@ -56,7 +56,10 @@ probe: the reference kNN selecting on the root of the GEMM form, negative or spa
 by bincount; and a library probe: DAALLoss.hp taking any object, a module pickled before hp was
 checked; Ctrl-C after the previous run was put back said nothing had been written; the reference's export guard B != k; and an audit of docs/kernels.md: a misspelt DAAL_KNN_LOADS
 taken without a word on the default tiles; and a numerical probe at extreme magnitudes: a row whose
-norm itself exceeds float32 normalised to 0)).
+norm itself exceeds float32 normalised to 0; and a probe of image folders: one file under two
+labels or in both splits through links, unreadable folders left out unsaid, loose files, names
+that are not UTF-8 or differ in Unicode form, daal-eval needing train/, elongated images resized
+to 21 GB, float images blacked out by one NaN pixel)).
 
 This script checks that they stay caught:
 in a scratch clone of the working tree it applies one mutant at a time (an exact text
@@ -1642,6 +1645,42 @@ MUTANTS: Tuple[Mutant, ...] = (
            "            z = (z * pre[:, None]) / div[:, None]",
            "            z = z / n[:, None]",
            ("tests/kernels/test_kernel_normalize.py", "-k", "overflows",)),
+    Mutant("folder_same_file_two_labels", "daal_triton/train/data/folder.py",
+           "                if first != path and os.path.relpath(first, split_dir).split(os.sep)[0] != c:",
+           "                if False:",
+           ("tests/train/test_train_data.py", "-k", "two_labels",)),
+    Mutant("folder_same_file_both_splits", "daal_triton/train/data/folder.py",
+           "    if both:  # a link or hard link",
+           "    if False:  # a link or hard link",
+           ("tests/train/test_train_data.py", "-k", "two_labels",)),
+    Mutant("folder_unreadable_unsaid", "daal_triton/train/data/folder.py",
+           "        for dirpath, files in _walk(os.path.join(split_dir, c), bad):",
+           "        for dirpath, files in _walk(os.path.join(split_dir, c)):",
+           ("tests/train/test_train_data.py", "-k", "cannot_read_and",)),
+    Mutant("folder_loose_unsaid", "daal_triton/train/data/folder.py",
+           "    if loose:",
+           "    if False:",
+           ("tests/train/test_train_data.py", "-k", "cannot_read_and",)),
+    Mutant("folder_names_replaced", "daal_triton/train/data/folder.py",
+           "decode(\"utf-8\", \"backslashreplace\")",
+           "decode(\"utf-8\", \"replace\")",
+           ("tests/train/test_train_data.py", "-k", "bytes_and_unicode",)),
+    Mutant("folder_names_not_nfc", "daal_triton/train/data/folder.py",
+           "if unicodedata.normalize(\"NFC\", n) in nfc}",
+           "if n in nfc}",
+           ("tests/train/test_train_data.py", "-k", "bytes_and_unicode",)),
+    Mutant("folder_eval_needs_train", "daal_triton/train/data/__init__.py",
+           "        return load_folder(root, image_size, train=train)",
+           "        return load_folder(root, image_size)",
+           ("tests/train/test_train_data.py", "-k", "test_folder_only",)),
+    Mutant("test_transform_unbounded_aspect", "daal_triton/train/data/base.py",
+           "    return T.Compose([LimitAspect(MAX_ASPECT), T.Resize(",
+           "    return T.Compose([T.Resize(",
+           ("tests/train/test_train_data.py", "-k", "test_folder_only",)),
+    Mutant("float_image_nonfinite_range", "daal_triton/train/data/base.py",
+           "            lo, hi = (float(a[finite].min()), float(a[finite].max()))",
+           "            lo, hi = (float(a.min()), float(a.max()))",
+           ("tests/train/test_train_data.py", "-k", "nan_or_inf",)),
 )
 
 

@@ -547,3 +547,129 @@ def test_tensor_augmentations_keep_the_size_and_vary_only_in_training(augment):
     assert any(not torch.equal(draws[0], d) for d in draws[1:]) == (augment != "none")
     test = tensor_transforms(16, False, augment=augment)
     assert torch.equal(test(img), tensor_transforms(16, False)(img))
+
+
+# ------------------------------------------------------------------- folder: a probe of real trees
+
+def _split_tree(root, train=("ant", "bee"), test=("dog", "eel"), n=2):
+    for split, classes in (("train", train), ("test", test)):
+        for c in classes:
+            for j in range(n):
+                _png(os.path.join(root, split, c, f"{j}.png"), value=10 * j)
+
+
+def test_folder_refuses_one_file_under_two_labels_or_in_both_splits(tmp_path):
+    """A folder probe (2026-12-07): a class folder linked to a sibling class, a file linked or hard
+    linked into another class, or a test class linked to a training one put the same images under
+    two labels, or trained on the test images, without a word. Refused, naming the file; the same
+    file twice in one class is said in the notes."""
+    root = str(tmp_path / "t")
+    _split_tree(root)
+    os.symlink("ant", os.path.join(root, "train", "ant2"))
+    with pytest.raises(DatasetLayoutError, match=r"ant2/0.png \(the same file as .*ant/0.png, of another class\)"):
+        build_datasets("folder", root, 16)
+    os.remove(os.path.join(root, "train", "ant2"))
+    os.link(os.path.join(root, "train", "ant", "0.png"), os.path.join(root, "train", "bee", "hard.png"))
+    with pytest.raises(DatasetLayoutError, match=r"bee/hard.png \(the same file as .*ant/0.png"):
+        build_datasets("folder", root, 16)
+    os.remove(os.path.join(root, "train", "bee", "hard.png"))
+    os.symlink(os.path.join(root, "train", "ant"), os.path.join(root, "test", "zebra"))
+    with pytest.raises(DatasetLayoutError, match=r"2 images of test/ are also in train/ .*test/zebra/0.png"):
+        build_datasets("folder", root, 16)
+    os.remove(os.path.join(root, "test", "zebra"))
+    os.symlink("0.png", os.path.join(root, "test", "dog", "again.png"))
+    train, test = build_datasets("folder", root, 16)
+    assert len(test) == 5 and any("1 image is the same file as another of its class" in n for n in test.notes)
+
+
+def test_folder_refuses_folders_it_cannot_read_and_notes_loose_files(tmp_path):
+    """Unreadable folders were left out unsaid (a class's 3 images "without images", a subfolder's
+    images gone); images put beside the class folders were ignored without a note."""
+    root = str(tmp_path / "t")
+    _split_tree(root)
+    _png(os.path.join(root, "train", "loose.png"))
+    train, _ = build_datasets("folder", root, 16)
+    assert any("left out 1 file beside the class folders (loose.png)" in n for n in train.notes), train.notes
+    if os.geteuid() == 0:  # root reads through chmod: stand for a folder os.walk cannot list
+        import daal_triton.train.data.folder as F
+
+        real_walk = os.walk
+
+        def walk(top, onerror=None, followlinks=False):
+            if top.endswith("bee"):
+                onerror(PermissionError(13, "Permission denied", top))
+                return iter(())
+            return real_walk(top, onerror=onerror, followlinks=followlinks)
+
+        F.os.walk, restore = walk, real_walk
+    else:
+        os.chmod(os.path.join(root, "train", "bee"), 0)
+        restore = None
+    try:
+        with pytest.raises(DatasetLayoutError, match=r"bee \(a folder that cannot be read: Permission denied\)"):
+            build_datasets("folder", root, 16)
+    finally:
+        if restore is not None:
+            F.os.walk = restore
+        else:
+            os.chmod(os.path.join(root, "train", "bee"), 0o755)
+
+
+def test_folder_class_names_by_their_bytes_and_unicode_forms(tmp_path):
+    """Names that are not UTF-8 became U+FFFD: two folders one name (and a false "shared" refusal
+    between splits); names that differ only in Unicode normal form (macOS's e + U+0301 against é)
+    were two classes across the splits. Escaped bytes keep them apart; normal forms are compared."""
+    root = str(tmp_path / "t")
+    _split_tree(root, train=("a", "b"), test=("c", "d"))
+    os.rename(os.path.join(root, "train", "a"), os.path.join(root, "train", os.fsdecode(b"caf\xe9")))
+    os.rename(os.path.join(root, "train", "b"), os.path.join(root, "train", os.fsdecode(b"caf\xe8")))
+    os.rename(os.path.join(root, "test", "c"), os.path.join(root, "test", os.fsdecode(b"caf\xea")))
+    train, test = build_datasets("folder", root, 16)
+    assert train.class_names == ["caf\\xe8", "caf\\xe9"] and "caf\\xea" in test.class_names
+    os.rename(os.path.join(root, "test", "d"), os.path.join(root, "test", "cafe\u0301"))
+    os.rename(os.path.join(root, "train", os.fsdecode(b"caf\xe8")), os.path.join(root, "train", "caf\u00e9"))
+    with pytest.raises(DatasetLayoutError, match="train/ and test/ share the classes cafe\u0301"):
+        build_datasets("folder", root, 16)
+
+
+def test_daal_eval_reads_the_test_folder_only_and_elongated_images_stay_small(tmp_path):
+    """daal-eval's folder needed (and checked) a train/ it never reads. A 100000 x 1 image (177
+    bytes) was resized to 256 on its short side: 21 GB; the long side is cut to MAX_ASPECT times
+    the short one first."""
+    from PIL import Image
+
+    from daal_triton.train.data.base import MAX_ASPECT
+
+    root = str(tmp_path / "t")
+    _split_tree(root)
+    import shutil
+
+    shutil.rmtree(os.path.join(root, "train"))
+    strip = os.path.join(root, "test", "dog", "strip.png")
+    Image.new("RGB", (100000, 1), (128, 0, 0)).save(strip)
+    train, test = build_datasets("folder", root, 16, train=False)
+    assert len(train) == 0 and len(test) == 5
+    img, _ = test[test.paths.index(strip)]
+    assert img.shape == (3, 16, 16)
+    with pytest.raises(DatasetLayoutError, match="missing train/"):
+        build_datasets("folder", root, 16)
+    from daal_triton.train.data.base import LimitAspect
+
+    assert isinstance(test.transform.transforms[0], LimitAspect)  # before the resize
+    assert LimitAspect(MAX_ASPECT)(Image.new("RGB", (100000, 1))).size == (MAX_ASPECT, 1)
+    assert LimitAspect(MAX_ASPECT)(Image.new("RGB", (3, 100))).size == (3, 3 * MAX_ASPECT)
+    assert LimitAspect(MAX_ASPECT)(Image.new("RGB", (40, 30))).size == (40, 30)
+
+
+def test_float_images_with_nan_or_inf_pixels_keep_their_picture():
+    """A float image with one NaN or inf pixel was scaled by a NaN/inf range: all black."""
+    from PIL import Image
+
+    from daal_triton.train.data.base import to_rgb
+
+    ramp = np.linspace(0, 1, 40 * 40, dtype=np.float32).reshape(40, 40)
+    for bad in (np.nan, np.inf, -np.inf):
+        a = ramp.copy()
+        a[0, 0] = bad
+        out = np.asarray(to_rgb(Image.fromarray(a)))
+        assert out.max() == 255 and out[0, 0, 0] == 0 and 100 < out.mean() < 155, (bad, out.mean())

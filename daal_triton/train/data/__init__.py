@@ -55,7 +55,7 @@ def build_datasets(name: str, data_root: Optional[str] = None, image_size: int =
     if name == "folder":
         from .folder import load_folder
 
-        return load_folder(root, image_size)
+        return load_folder(root, image_size, train=train)
     raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
 
 

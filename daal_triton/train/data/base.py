@@ -142,9 +142,10 @@ def to_rgb(im):
         a = np.asarray(im, dtype=np.float64)
         if im.mode.startswith("I;16"):
             a = a / 257.0
-        else:
-            lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
-            a = (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)
+        else:  # by the range of its finite pixels (one NaN or inf pixel made the whole image black)
+            finite = np.isfinite(a)
+            lo, hi = (float(a[finite].min()), float(a[finite].max())) if finite.any() else (0.0, 0.0)
+            a = np.where(finite, (a - lo) * (255.0 / (hi - lo)) if hi > lo else 0.0, 0.0)
         im = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), mode="L")
     return im.convert("RGB")
 
@@ -201,6 +202,29 @@ def locate_root(data_root: str, dataset: str, folder: str, marker: str, layout: 
     return root
 
 
+#: The test transform first cuts an image's long side (centred) to at most this many times its
+#: short side, then resizes the short side to 8/7 of the size and crops the centre.
+MAX_ASPECT = 16
+
+
+class LimitAspect:
+    """A PIL image's long side cut, centred, to at most ``ratio`` times its short side (a
+    transform: picklable for the loader's workers)."""
+
+    def __init__(self, ratio: int) -> None:
+        self.ratio = ratio
+
+    def __call__(self, img):
+        w, h = img.size
+        if max(w, h) <= self.ratio * min(w, h):
+            return img
+        if w > h:
+            keep = self.ratio * h
+            return img.crop(((w - keep) // 2, 0, (w - keep) // 2 + keep, h))
+        keep = self.ratio * w
+        return img.crop((0, (h - keep) // 2, w, (h - keep) // 2 + keep))
+
+
 def image_transforms(image_size: int, train: bool, *, normalize: bool = True):
     """Usual augmentations for real photos: random resized crop + horizontal flip for training,
     resize (to 8/7 of the size) + centre crop for testing; then ImageNet normalisation."""
@@ -210,7 +234,10 @@ def image_transforms(image_size: int, train: bool, *, normalize: bool = True):
     if train:
         return T.Compose([T.RandomResizedCrop(image_size, scale=(0.2, 1.0)),
                           T.RandomHorizontalFlip()] + norm)
-    return T.Compose([T.Resize(int(round(image_size * 8 / 7))), T.CenterCrop(image_size)] + norm)
+    # the long side cut (centred) to at most MAX_ASPECT times the short one first: a 100000 x 1
+    # image (177 bytes as a PNG) resized to 256 on its short side took 21 GB
+    return T.Compose([LimitAspect(MAX_ASPECT), T.Resize(int(round(image_size * 8 / 7))),
+                      T.CenterCrop(image_size)] + norm)
 
 
 def tensor_transforms(image_size: int, train: bool, *, augment: str = "none", normalize: bool = True):
