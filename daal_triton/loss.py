@@ -184,7 +184,10 @@ class DAALLoss(nn.Module):
         ``loss.hp = loss.hp.replace(m_min=..., m_max=...)``, to change several at once; anything
         else is a ``ValueError`` naming ``hp`` (a dict failed at the next call, an AttributeError).
         They are the module's settings, not its state: ``state_dict()`` holds the segments only."""
-        return self.__dict__["_hp"]
+        try:
+            return self.__dict__["_hp"]
+        except KeyError:  # not built (DAALLoss.__new__): hasattr says False, as for any missing attribute
+            raise AttributeError("'DAALLoss' object has no attribute 'hp' (the module was not initialised)") from None
 
     @hp.setter
     def hp(self, value: Hyperparameters) -> None:

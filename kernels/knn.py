@@ -1055,7 +1055,7 @@ def forward_entry(q: torch.Tensor, r: torch.Tensor, kp: int, has_labels: bool) -
 #: "threshold" (``DAAL_KNN_SELECT=threshold``: kernels/knn_threshold.py, a bound from a 1 / 16
 #: sample, a filter that lists the few entries below it, a selection among them; where
 #: :func:`knn_threshold.eligible` holds: float16/bfloat16, no labels, k <= 16, references of at
-#: least 1,024 rows). A candidate no GPU has timed (the benchmarks' ``triton_threshold``).
+#: least 1,009 rows). A candidate no GPU has timed (the benchmarks' ``triton_threshold``).
 #: "half" (``DAAL_KNN_SELECT=half``): the same, with a self-search's filter on half the tiles
 #: (``s_ij = s_ji``: :func:`knn_threshold.halves`), another (``triton_threshold_half``).
 SELECT_ENV = "DAAL_KNN_SELECT"

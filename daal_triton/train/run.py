@@ -273,7 +273,7 @@ def _interrupted(cfg: TrainConfig, state: Optional["RunState"]) -> str:
              else f"interrupted (Ctrl-C) in epoch {state.done + 1} of {cfg.epochs}" if state.done < state.last_epoch
              else f"interrupted (Ctrl-C) after epoch {state.done} of {cfg.epochs}, while writing the outputs")
     if state.put_back:  # what it wrote is gone, the run it was replacing back in place
-        return (f"{where}, before its first checkpoint_last.pt: its files are removed and the run it was replacing "
+        return (f"{where}, before it could be resumed: its files are removed and the run it was replacing "
                 f"is back in {cfg.out}; run the same command again to start it")
     if os.path.isfile(last):
         return f"{where}: continue from its last checkpoint with daal-train --resume {last}"
@@ -398,10 +398,16 @@ def _here(saved: Dict[str, Any], optimizer: torch.optim.Optimizer) -> Dict[str, 
         for g, fresh in zip(groups, optimizer.param_groups)])
 
 
+def _as_recorded_before(name: str) -> str:
+    """A class folder's name as checkpoints before 2026-12-07 recorded it: its bytes that are not
+    UTF-8 as U+FFFD, where the names are now escaped (``caf\\xe9``)."""
+    return re.sub(r"\\x[89a-f][0-9a-f]", "\ufffd", name)
+
+
 def _check_classes(saved, here: List[str], path: str, dataset: str) -> None:
     """:class:`CheckpointError` when the checkpoint's training classes (``saved``, in label order;
     None in checkpoints before 2026-12-02) are not the data's: its segments would belong to others."""
-    if saved is None or list(saved) == here:
+    if saved is None or list(saved) == here or list(saved) == [_as_recorded_before(n) for n in here]:
         return
     if not isinstance(saved, list):
         raise CheckpointError(f"checkpoint {path!r}: its train_classes entry is not a list of names")

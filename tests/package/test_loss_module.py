@@ -85,6 +85,7 @@ def test_hyperparameters_are_attributes_that_take_effect(backend):
     old.__setstate__(state)
     assert old.hp == loss.hp and torch.equal(old(z, y), loss(z, y))
     assert pickle.loads(pickle.dumps(loss)).hp == loss.hp
+    assert not hasattr(dt.DAALLoss.__new__(dt.DAALLoss), "hp")  # unbuilt: AttributeError, not KeyError
 
 
 def test_default_dtype_and_reset_parameters():

@@ -276,8 +276,8 @@ def test_an_overwrite_stopped_before_its_first_checkpoint_puts_the_previous_run_
     assert "the previous run's files are back in" in io.out
     if stop == "ctrl-c":  # its own files are gone: the advice is to start it again (it said "before the run
         # wrote anything", which it had: epoch 1, removed when the previous run came back)
-        assert io.err.strip() == ("daal-train: interrupted (Ctrl-C) in epoch 1 of 2, before its first "
-                                  f"checkpoint_last.pt: its files are removed and the run it was replacing is back "
+        assert io.err.strip() == ("daal-train: interrupted (Ctrl-C) in epoch 1 of 2, before it could be "
+                                  f"resumed: its files are removed and the run it was replacing is back "
                                   f"in {out}; run the same command again to start it"), io.err
 
 

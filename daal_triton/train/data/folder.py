@@ -56,16 +56,16 @@ def _scan(split_dir: str, image_size: int, train: bool) -> Tuple[ImageFileDatase
     """The images below ``split_dir``'s class folders, with the class folders' names as on the disk
     and each image's file identity ``(st_dev, st_ino)``. Files that cannot be images (empty, or
     links to nothing) and folders that cannot be read are refused here, before any training,
-    rather than when the loader first reads them; so is one file under two classes (a link or a
-    hard link: the same image under two labels); files of other types, files beside the class
-    folders and class folders without images are left out, and said so in the dataset's
-    ``notes``."""
+    rather than when the loader first reads them; files of other types, files beside the class
+    folders and class folders without images are left out, and one file found under two classes
+    (a link or a hard link) kept; each is said in the dataset's ``notes``."""
     classes = sorted(d for d in os.listdir(split_dir) if os.path.isdir(os.path.join(split_dir, d)) and not _hidden(d))
     paths: List[str] = []
     labels: List[int] = []
     bad: List[str] = []
     other: Dict[str, int] = {}
     ids: List[Tuple[int, int]] = []
+    across: List[str] = []  # files found again under another class
     owner: Dict[Tuple[int, int], str] = {}  # a file's identity: the first path it was found at
     loose = [f for f in os.listdir(split_dir) if not _hidden(f) and os.path.isfile(os.path.join(split_dir, f))]
     for d in sorted(os.listdir(split_dir)):  # a class folder that is a link to nothing: refused, not skipped
@@ -90,14 +90,14 @@ def _scan(split_dir: str, image_size: int, train: bool) -> Tuple[ImageFileDatase
                 if st.st_size == 0:
                     bad.append(f"{path} (empty)")
                     continue
-                key = (st.st_dev, st.st_ino)
-                first = owner.setdefault(key, path)
-                if first != path and os.path.relpath(first, split_dir).split(os.sep)[0] != c:
-                    bad.append(f"{path} (the same file as {first}, of another class)")
-                    continue
+                if st.st_ino:  # 0: a file system without inode numbers (some network shares)
+                    key = (st.st_dev, st.st_ino)
+                    first = owner.setdefault(key, path)
+                    if first != path and os.path.relpath(first, split_dir).split(os.sep)[0] != c:
+                        across.append(f"{path} (as {first})")
+                    ids.append(key)
                 paths.append(path)
                 labels.append(i)
-                ids.append(key)
     if bad:
         raise DatasetLayoutError(f"folder: {plural(len(bad), 'file')} under {split_dir!r} cannot "
                                  f"be read as images: {', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}: "
@@ -113,7 +113,11 @@ def _scan(split_dir: str, image_size: int, train: bool) -> Tuple[ImageFileDatase
         ds.notes.append(f"folder: {split}/: left out {plural(len(loose), 'file')} beside the class folders "
                         f"({', '.join(sorted(loose)[:3])}{', ...' if len(loose) > 3 else ''}): images go in "
                         f"{split}/<class name>/")
-    repeated = len(ids) - len(set(ids))
+    if across:  # said, not refused: content-addressed stores (git-annex) link identical pictures
+        ds.notes.append(f"folder: {split}/: {plural(len(across), 'image')} {'is' if len(across) == 1 else 'are'} "
+                        f"the same file as an image of another class (a link or a hard link: one picture under "
+                        f"two labels), e.g. {across[0]}: check the class folders")
+    repeated = len(ids) - len(set(ids)) - len(across)
     if repeated:
         ds.notes.append(f"folder: {split}/: {plural(repeated, 'image')} {'is' if repeated == 1 else 'are'} the "
                         f"same file as another of its class (links): each copy counts, and in the test split "
@@ -152,9 +156,9 @@ def load_folder(data_root: str, image_size: int = 224, *, train: bool = True
                                  f"{', ...' if len(shared) > 5 else ''}: deep metric learning tests on classes it "
                                  f"never trained on (move them to one split).\nExpected layout:\n{LAYOUT}")
     both = set(tr_ids) & set(te_ids)
-    if both:  # a link or hard link: the same image in both splits
+    if both:  # a link or hard link: the same image in both splits (said: a store may link identical pictures)
         first = next(p for p, key in zip(te.paths, te_ids) if key in both)
-        raise DatasetLayoutError(f"folder: {plural(len(both), 'image')} of test/ {'is' if len(both) == 1 else 'are'} "
-                                 f"also in train/ (the same file: a link), e.g. {first}: deep metric learning tests "
-                                 f"on images it never trained on (remove the links)")
+        te.notes.append(f"folder: {plural(len(both), 'image')} of test/ {'is' if len(both) == 1 else 'are'} also in "
+                        f"train/ (the same file, through a link or a hard link), e.g. {first}: the test measures "
+                        f"retrieval on images the network trained on")
     return tr, te
