@@ -84,7 +84,7 @@ def _density_fwd_kernel(dist_ptr, idx_ptr, label_ptr, r_ptr, valid_ptr, margin_p
     # distance 0, reachable by direct calls) gives 0^gamma = 0 (gamma > 0) or inf (gamma < 0);
     # NaN reads as 1, as before
     sg = tl.where(gamma == 0.0, 1.0, tl.exp2(gamma * tl.log2(tl.where(s >= 0.0, s, 1.0))))
-    m = tl.minimum(tl.maximum(m0 * sg, m_min), m_max)
+    m = tl.minimum(tl.maximum(tl.where(m0 == 0.0, 0.0, m0 * sg), m_min), m_max)  # 0 * inf: no NaN to max
     m = tl.where(valid, m, m0)
     hinge = tl.where(valid, tl.maximum(tau - tl.where(valid, r, 0.0), 0.0), 0.0)
     tl.store(r_ptr + rows, r, mask=rmask)

@@ -1295,7 +1295,7 @@ MUTANTS: Tuple[Mutant, ...] = (
            "m0 * s.pow(_filled(s, gamma)) if m0 else torch.zeros_like(s)", "m0 * s.pow(_filled(s, gamma))",
            ("tests/reference/test_reference_daal.py", "-k", "overflows")),
     Mutant("density_margin_keeps_zero_times_inf", "kernels/density.py",
-           "m = tl.minimum(tl.maximum(m0 * sg, m_min), m_max)",
+           "m = tl.minimum(tl.maximum(tl.where(m0 == 0.0, 0.0, m0 * sg), m_min), m_max)",
            "m = tl.minimum(tl.maximum(m0 * sg, m_min, propagate_nan=tl.PropagateNan.ALL), m_max)",
            ("tests/package/test_fast_path.py", "-k", "m0_zero")),
     Mutant("parts_not_a_pytree_node", "daal_triton/core.py",
