@@ -169,13 +169,12 @@ def test_resume_skips_finished_cells(tmp_path, monkeypatch):
     assert S._move_aside(d).endswith(".incomplete-1") and os.path.isfile(d + ".incomplete-1/partial.txt")
 
 
-def test_an_unfinished_cell_without_a_checkpoint_is_kept_aside_and_run_again(tmp_path):
-    """A cell folder left without a checkpoint (killed before its first epoch ended) cannot resume:
-    run_cell moves it, and what it was started with, to ``.incomplete-N`` (never deleted, N never
-    reused) and runs the cell afresh."""
+def _fake_python(tmp_path):
+    """An executable that stands for python in run_cell: writes a finished run into its --out
+    (Recall@1 0.75)."""
     import sys
 
-    fake = tmp_path / "fake_python"  # stands for python: writes a finished run into its --out
+    fake = tmp_path / "fake_python"
     fake.write_text(f"#!{sys.executable}\n" + """import json, os, sys
 out = sys.argv[sys.argv.index("--out") + 1]
 os.makedirs(out)
@@ -185,6 +184,14 @@ json.dump({"width": 0.25}, open(os.path.join(out, "config.json"), "w"))
 open(os.path.join(out, "results.txt"), "w").write("done\\n")
 """)
     fake.chmod(0o755)
+    return fake
+
+
+def test_an_unfinished_cell_without_a_checkpoint_is_kept_aside_and_run_again(tmp_path):
+    """A cell folder left without a checkpoint (killed before its first epoch ended) cannot resume:
+    run_cell moves it, and what it was started with, to ``.incomplete-N`` (never deleted, N never
+    reused) and runs the cell afresh."""
+    fake = _fake_python(tmp_path)
     out = str(tmp_path / "study")
     (cell,) = S.expand(S.make_study(None, ["A=--epochs 1"], seeds=[0]))
     d = S.cell_dir(out, cell)
@@ -647,23 +654,13 @@ def test_links_and_fifos_in_a_study_folder_are_never_written_through(tmp_path, e
     opened "w") into the file it points to; a FIFO at the lock hung the study. Links are replaced
     by files, what they point to stays; a FIFO is one error line."""
     import signal
-    import sys
 
     precious = tmp_path / "precious"
     precious.mkdir()
     for name in ("log.txt", "started.txt", "runs.txt", "lock.txt"):
         (precious / name).write_text(f"my {name}")
     keep = {n: (precious / n).read_text() for n in os.listdir(precious)}
-    fake = tmp_path / "fake_python"  # stands for python: writes a finished run into its --out
-    fake.write_text(f"#!{sys.executable}\n" + """import json, os, sys
-out = sys.argv[sys.argv.index("--out") + 1]
-os.makedirs(out)
-open(os.path.join(out, "metrics.jsonl"), "w").write(json.dumps(
-    {"epoch": 1, "model": "trained", "recall@1": 0.75, "nmi": 0.5, "subcluster_nmi": 0.25}) + "\\n")
-json.dump({"width": 0.25}, open(os.path.join(out, "config.json"), "w"))
-open(os.path.join(out, "results.txt"), "w").write("done\\n")
-""")
-    fake.chmod(0o755)
+    fake = _fake_python(tmp_path)
     out = tmp_path / "study"
     (cell,) = S.expand(S.make_study(None, ["A=--epochs 1"], seeds=[0]))
     d = S.cell_dir(str(out), cell)
