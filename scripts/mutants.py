@@ -781,7 +781,7 @@ MUTANTS: Tuple[Mutant, ...] = (
            "                         exclude_self=True)",
            ("tests/reference/test_reference_daal.py", "-k", "knn_radius_by_hand")),
     Mutant("gather_device_check", "daal_triton/distributed.py",
-           "    check_same_device(embeddings=embeddings, labels=labels)\n", "",
+           "        check_same_device(embeddings=embeddings, labels=labels)\n", "        pass\n",
            ("tests/package/test_distributed.py", "-k", "devices_before_any_collective")),
     Mutant("config_file_daal_flags", "daal_triton/train/config.py",
            'merged["daal"] = dict(merged["daal"], **value)', 'merged["daal"] = dict(default_daal(), **value)',
