@@ -72,7 +72,7 @@ def knn(
     batch_rows = check_batch_rows(batch_rows, query, ref)
     if batch_rows:
         ref = torch.cat([query[:batch_rows], ref[batch_rows:]])
-    d = pairwise_distance_sq(query, ref).detach()  # selection only: no graph
+    d = pairwise_distance_sq(query.detach(), ref.detach())  # selection only: no M x N graph recorded
     m, n = d.shape
     invalid = torch.zeros(m, n, dtype=torch.bool, device=d.device)
     if query_labels is not None and ref_labels is not None:  # both or neither (checked above)
