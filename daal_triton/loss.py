@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from .backend import BACKENDS
-from .core import Hyperparameters
+from .core import Hyperparameters, _no_autocast
 from .functional import inputs_dtype, loss_with
 from .validation import as_float, as_int, check_dense, check_flag, check_float_matrix, value_checks_on
 
@@ -176,7 +176,12 @@ class DAALLoss(nn.Module):
 
     def endpoints(self) -> torch.Tensor:
         """The C x 2 x D segments the loss uses (``p = q`` for point proxies)."""
-        return torch.cat([self.segments, self.segments], 1) if self.point_proxies else self.segments
+        if not self.point_proxies:
+            return self.segments
+        # autocast off: its cat refuses half-precision segments of the other half type (a .half()
+        # module under a bfloat16 region was a RuntimeError from autocast's type promotion)
+        with _no_autocast(self.segments.device):
+            return torch.cat([self.segments, self.segments], 1)
 
     @property
     def hp(self) -> Hyperparameters:

@@ -17,6 +17,7 @@ from typing import List, Optional, Tuple, Union
 
 import torch
 
+from .core import _no_autocast
 from .validation import FLOAT_DTYPES, as_int, check_finite, check_float_matrix, check_labels, value_checks_on
 
 
@@ -116,8 +117,10 @@ class MemoryBank:
         # again (it moves to the batch's device first only where it lives elsewhere)
         emb = [e.to(embeddings.device) for e in emb]
         lab = [t.to(labels.device) for t in lab]
-        # detached: the loss routes the batch rows' gradient itself (ref_includes_batch=True)
-        return torch.cat([embeddings.detach(), *emb]), torch.cat([labels.long(), *lab])
+        # detached: the loss routes the batch rows' gradient itself (ref_includes_batch=True);
+        # autocast off: its cat refuses a half-precision bank of the other half type
+        with _no_autocast(embeddings.device):
+            return torch.cat([embeddings.detach(), *emb]), torch.cat([labels.long(), *lab])
 
     def state_dict(self) -> dict:
         """A snapshot: copies of the rows and labels with the write position, so a state kept in

@@ -14,11 +14,13 @@ from .daal import (
     prepare,
     radius,
 )
-from .distance import EPS, compute_dtype, knn, pairwise_distance, pairwise_distance_sq, selected_distance
+from .distance import (
+    EPS, autocast_off, compute_dtype, knn, matmul_nt, pairwise_distance, pairwise_distance_sq, selected_distance,
+)
 
 __all__ = [
-    "EPS", "adaptive_margins", "combine", "compute_dtype", "daal_loss", "density",
+    "EPS", "adaptive_margins", "autocast_off", "combine", "compute_dtype", "daal_loss", "density",
     "density_hinge", "knn", "knn_radius", "length_term", "line_distances", "line_margin",
-    "normalize_rows", "own_distance_sq", "pairwise_distance", "pairwise_distance_sq", "prepare", "radius",
+    "matmul_nt", "normalize_rows", "own_distance_sq", "pairwise_distance", "pairwise_distance_sq", "prepare", "radius",
     "selected_distance",
 ]

@@ -13,7 +13,7 @@ from typing import Callable, Optional, Tuple
 
 import torch
 
-from .distance import EPS, knn
+from .distance import EPS, knn, matmul_nt
 
 KnnFn = Callable[..., Tuple[torch.Tensor, torch.Tensor]]
 LineMarginFn = Callable[..., torch.Tensor]
@@ -160,7 +160,7 @@ def line_distances(x: torch.Tensor, segments: torch.Tensor) -> torch.Tensor:
     """``delta_ic`` = distance from ``x_i`` to the segment ``[p_c, q_c]`` (B x C), GEMM form."""
     p, q = segments[:, 0], segments[:, 1]
     u = q - p
-    xu, xp = x @ u.T, x @ p.T
+    xu, xp = matmul_nt(x, u), matmul_nt(x, p)
     pu, uu, pp = (p * u).sum(1), (u * u).sum(1), (p * p).sum(1)
     xx = (x * x).sum(1)[:, None]
     proj = xu - pu

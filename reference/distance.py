@@ -5,6 +5,7 @@ readable, not frugal. Arithmetic happens in the inputs' own dtype promoted to at
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional, Tuple
 
 import torch
@@ -18,6 +19,56 @@ def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
     for t in tensors:
         dtype = torch.promote_types(dtype, t.dtype)
     return dtype
+
+
+def autocast_off(device: torch.device, *, always: bool = False):
+    """Autocast switched off for ``device``'s type: it would silently run the GEMMs in half
+    precision. (No context at all when autocast is off, unless ``always``: entering one costs ~7 µs
+    of host time.)"""
+    try:
+        if always or torch.is_autocast_enabled(device.type):
+            return torch.autocast(device_type=device.type, enabled=False)
+    except (RuntimeError, AssertionError):  # a device type autocast does not know (meta, an unregistered backend)
+        pass
+    return contextlib.nullcontext()
+
+
+class _MatmulNT(torch.autograd.Function):
+    """``a @ b.T`` whose backward, too, runs in the operands' dtype: a ``backward()`` called inside
+    an autocast region would otherwise run the two gradient GEMMs in bfloat16/float16
+    (docs/method.md, "Precision")."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        with autocast_off(a.device):
+            return a @ b.T
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(*inputs)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        a, b = ctx.saved_tensors
+        # always the context: torch.compile traces this backward where the forward runs (autocast
+        # off, so autocast_off would give no context) and AOTAutograd then traces it again in the
+        # autocast region the call was compiled in (bfloat16 GEMMs, 4e-3 off)
+        with autocast_off(grad.device, always=True):
+            return (grad @ b if ctx.needs_input_grad[0] else None,
+                    grad.T @ a if ctx.needs_input_grad[1] else None)
+
+
+def matmul_nt(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b.T`` in the operands' dtype whatever autocast says, forward and backward (also under
+    ``torch.compile``, which traced the backward's GEMMs in the autocast region it compiled in).
+    In forward-mode AD the plain product: an autograd.Function would need a ``jvp``, which
+    ``torch.compile`` refuses."""
+    if getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0:
+        with autocast_off(a.device):
+            return a @ b.T
+    return _MatmulNT.apply(a, b)
 
 
 def pairwise_distance(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -36,7 +87,7 @@ def pairwise_distance_sq(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     dtype = compute_dtype(x, y)
     x = x.to(dtype)
     y = y.to(dtype)
-    sq = (x * x).sum(1)[:, None] + (y * y).sum(1)[None, :] - 2.0 * (x @ y.T)
+    sq = (x * x).sum(1)[:, None] + (y * y).sum(1)[None, :] - 2.0 * matmul_nt(x, y)
     return torch.clamp(sq, min=EPS)
 
 

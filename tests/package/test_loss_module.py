@@ -384,3 +384,17 @@ def test_second_derivatives_on_triton_say_where_they_run():
         else:
             g.square().sum().backward()
             assert emb.grad is not None and torch.isfinite(emb.grad).all() and emb.grad.abs().sum() > 0
+
+
+def test_half_precision_point_proxies_under_the_other_autocast_type():
+    """A ``.half()`` point-proxy module under a bfloat16 autocast region (and ``.bfloat16()`` under
+    float16) duplicated its points with autocast's ``cat``, which refuses the other half type: a
+    RuntimeError from PyTorch's type promotion. The loss is now what it is outside the region."""
+    for module_dtype, cast in ((torch.float16, torch.bfloat16), (torch.bfloat16, torch.float16)):
+        loss_fn = dt.DAALLoss(3, 8, point_proxies=True, backend="reference").to(module_dtype)
+        emb, labels = torch.randn(12, 8), torch.arange(12) % 3
+        with torch.autocast("cpu", dtype=cast):
+            inside = loss_fn(emb, labels)
+        assert inside.dtype == torch.float32 and torch.equal(inside, loss_fn(emb, labels))
+        inside.backward()
+        assert loss_fn.segments.grad.dtype == module_dtype and bool(torch.isfinite(loss_fn.segments.grad).all())

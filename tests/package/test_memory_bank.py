@@ -451,3 +451,18 @@ def test_with_batch_under_torch_compile():
     for name in ("compiled", "cat"):
         for i, (a, b) in enumerate(zip(results[name], results["eager"])):
             assert_close(a, b, 1e-6, f"{name} vs eager: output {i}")
+
+
+def test_half_precision_banks_meet_a_batch_of_the_other_half_type_under_autocast():
+    """Inside a bfloat16 autocast region a float16 bank (and the other way round) met the batch in
+    autocast's ``cat``, which refuses the other half type: a RuntimeError from PyTorch's type
+    promotion instead of the promoted reference set it gives outside the region."""
+    for bank_dtype, cast in ((torch.float16, torch.bfloat16), (torch.bfloat16, torch.float16)):
+        bank = MemoryBank(32, 8, dtype=bank_dtype)
+        rows = torch.randn(12, 8)
+        bank.enqueue(rows, torch.arange(12) % 3)
+        with torch.autocast("cpu", dtype=cast):
+            batch = torch.nn.functional.linear(torch.randn(5, 8), torch.eye(8))
+            ref, ref_labels = bank.with_batch(batch, torch.arange(5) % 3)
+        assert ref.dtype == torch.float32 and ref.shape == (17, 8) and ref_labels.shape == (17,)
+        assert torch.equal(ref[:5], batch.float()) and torch.equal(ref[5:], rows.to(bank_dtype).float())
