@@ -29,6 +29,26 @@ if TYPE_CHECKING:  # what type checkers and IDEs see (py.typed marks the package
     from .memory import MemoryBank
     from .validation import NonFiniteError
 
+
+
+def _check_subpackages() -> None:
+    """``kernels/`` and ``reference/`` sit at the repository's top and install *inside* the package
+    (setup.py's ``package_dir``); the source folder ``daal_triton/`` alone lacks them. With a
+    non-editable install, ``python -m ...``, ``python -c`` or a script run from a clone's root
+    imported that folder (the current directory comes first on ``sys.path``) and failed later
+    with "No module named 'daal_triton.reference'"."""
+    from importlib.util import find_spec
+
+    if find_spec(f"{__name__}.reference") is None:
+        raise ImportError(
+            f"daal_triton was imported from {__path__[0]}, a source folder without the subpackages "
+            "kernels/ and reference/ (they install inside the package): the current directory, a "
+            "clone of daal-triton, hides the installed package. Run from another directory, or "
+            "install the clone with `pip install -e .`")
+
+
+_check_subpackages()
+
 __all__ = ["DAALLoss", "DAALParts", "Hyperparameters", "MemoryBank", "NonFiniteError", "daal_loss", "init_segments",
            "knn", "pairwise_distance"]
 

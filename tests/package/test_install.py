@@ -26,6 +26,22 @@ def test_subpackages_import(tmp_path):
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+def test_the_source_folder_alone_says_why_it_cannot_be_imported(tmp_path):
+    """With a non-editable install, ``python -c``/``-m`` or a script run from a clone's root import
+    the source folder ``daal_triton/``, which lacks ``kernels/`` and ``reference/`` (they install
+    inside the package): "No module named 'daal_triton.reference'" came at the first loss. Here the
+    source folder is imported without site-packages (``-S``: no editable install to fill it in)."""
+    import shutil
+
+    shutil.copytree(os.path.join(ROOT, "daal_triton"), tmp_path / "daal_triton",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    out = subprocess.run([sys.executable, "-S", "-c", "import daal_triton"], cwd=tmp_path,
+                         env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, capture_output=True, text=True)
+    assert out.returncode == 1
+    assert "a source folder without the subpackages kernels/ and reference/" in out.stderr
+    assert "Run from another directory, or install the clone with `pip install -e .`" in out.stderr
+
+
 def _readme_commands():
     with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
         block = f.read().split("```bash\n", 1)[1].split("```", 1)[0]
