@@ -551,13 +551,13 @@ def _knn_finish_slots(topd, topi, rows64, rmask, slots, q_ptr, r_ptr, dist_ptr, 
 @triton.jit
 def _exact_key(best, rows64, q_ptr, r_ptr, D, stride_q_m, stride_r_n, BLOCK_M: tl.constexpr,
                BLOCK_D: tl.constexpr):
-    """The key ``_pair_key(e, j)`` of each row's selected key ``best`` (``bits(s) << 32 | j``,
-    ``_NO_KEY``: none): ``e = ||q_i - r_j||^2`` recomputed by direct differences (float32, BLOCK_D
-    chunks: the arithmetic of ``_knn_dist_kernel`` and of the backward's recompute)."""
+    """The key ``_pair_key(max(e, eps), j)`` of each row's selected key ``best`` (``_NO_KEY``: none):
+    ``e = ||q_i - r_j||^2`` by direct differences (float32, BLOCK_D chunks, as ``_knn_dist_kernel``
+    and the backward), floored as the distance returned: pairs below the floor go in index order."""
     found = best != _NO_KEY
     col = tl.where(found, best.to(tl.int32), 0)  # the low 32 bits: j
     sq = _pair_sq(found, rows64, col.to(tl.int64), q_ptr, r_ptr, D, stride_q_m, stride_r_n, BLOCK_M, BLOCK_D)
-    return _pair_key(sq, tl.where(found, col, -1))
+    return _pair_key(tl.maximum(sq, TL_EPS), tl.where(found, col, -1))  # floored: equal distances, index order
 
 
 @triton.jit

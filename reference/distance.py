@@ -142,12 +142,12 @@ def knn(
     found = torch.gather(~invalid, 1, order)
     # The GEMM form selected the neighbours; their distances are taken by direct differences
     # (docs/method.md, "Numerics"): exact for close points, in the value and the gradient alike.
-    # The selected pairs are then re-sorted by those exact squared distances, ties to the smaller
-    # index, padding last, as the kernels' finish does (the GEMM form may order close pairs
-    # differently).
+    # The selected pairs are then re-sorted by those exact squared distances, floored as the
+    # distances returned are (pairs below the floor are equal), ties to the smaller index, padding
+    # last, as the kernels' finish does (the GEMM form may order close pairs differently).
     sq = selected_distance_sq(query, ref, order, found)
     by_index = torch.argsort(order.masked_fill(~found, n), dim=1)
-    exact = torch.gather(sq.detach().masked_fill(~found, float("inf")), 1, by_index)
+    exact = torch.gather(sq.detach().clamp(min=EPS).masked_fill(~found, float("inf")), 1, by_index)
     perm = torch.gather(by_index, 1, torch.sort(exact, dim=1, stable=True).indices)
     order, found, sq = (torch.gather(t, 1, perm) for t in (order, found, sq))
     index = order.masked_fill(~found, -1)

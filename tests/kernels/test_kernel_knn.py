@@ -771,6 +771,22 @@ def test_knn_near_duplicates_give_the_clamp():
     assert r.grad.abs().max().item() == 0.0, r.grad
 
 
+def test_knn_pairs_below_the_floor_go_in_index_order():
+    """Rows within sqrt(eps) of the query all read the clamp 1e-6: equal distances, so they go in
+    index order, as every other tie (docs/method.md). They were re-sorted by the squared distance
+    before the floor (rows 2, 1, 3 here), on the kernels and on the reference alike; also among
+    k of more such rows than k (the threshold path's finish is this one)."""
+    x = torch.tensor([[.5, .25, 0], [.5, .25, 7e-7], [.5, .25, 3e-7], [.5, .25, 9e-7], [3., 3, 3], [1., 1, 1]],
+                     device=DEV)
+    for k in (3, 2):
+        dist, index = kk.knn(x, x, k, exclude_self=True)
+        assert index[0].tolist() == [1, 2, 3][:k] and (dist[0] == 1e-6).all(), (dist[0], index[0])
+        for q in (x.cpu().double(), x.cpu()):
+            dref, iref = reference.knn(q, q, k, exclude_self=True)
+            assert iref[0].tolist() == [1, 2, 3][:k] and (dref[0] == 1e-6).all(), (dref[0], iref[0])
+            assert torch.equal(iref, index.cpu()), (iref, index)
+
+
 def test_knn_pair_just_above_the_floor_has_its_full_gradient():
     """A query ``||q - r||^2 = 4e-12`` from a reference row (just above eps = 1e-12: one
     coordinate 2e-6 where the row has an exact 0): the distance is 2e-6, not the clamp, and the
