@@ -223,6 +223,24 @@ def test_margins_average_only_the_valid_radii_by_hand():
     assert torch.allclose(m2, _t(0.15, 0.25, 0.2, 0.15, 0.25), rtol=1e-15, atol=0)
 
 
+def test_an_invalid_sample_keeps_m0_outside_the_clamp_range():
+    """docs/method.md: an invalid sample's margin is m0 itself, not clamped to [m_min, m_max]
+    (here m0 = 0.9 > m_max): pinned on the reference too, not only through the kernels' test.
+    The valid ones are clamped as usual; so is a whole loss's one-sample class."""
+    r = _t(0.2, 0.4, 9.0, 0.3, 0.6)
+    valid = torch.tensor([True, True, False, True, True])
+    labels = torch.tensor([0, 0, 0, 1, 1])
+    m = R.adaptive_margins(r, valid, labels, 2, m0=0.9, m_min=0.05, m_max=0.5, gamma=1.0)
+    assert torch.equal(m, _t(0.5, 0.5, 0.9, 0.5, 0.5))
+    m = R.adaptive_margins(r, valid, labels, 2, m0=0.01, m_min=0.05, m_max=0.5, gamma=1.0)
+    assert torch.allclose(m, _t(0.05, 0.05, 0.01, 0.05, 0.05), rtol=1e-15, atol=0)
+    z, y, seg = random_problem(9, 3, 5)
+    y = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1, 2])  # class 2: one sample, invalid
+    import daal_triton as dt
+    parts = dt.daal_loss(z, y, seg, m0=0.9, m_max=0.5, backend="reference", return_parts=True)
+    assert parts.margin[8].item() == 0.9 and bool((parts.margin[:8] <= 0.5).all())
+
+
 def test_margins_of_zero_radii_divide_by_the_floored_mean():
     """s_i = r_i / max(rbar, eps): a class whose valid radii are all 0 gets s = 0, so m = m_min
     (a 0 / 0 would make its margins NaN)."""
