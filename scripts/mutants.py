@@ -1718,6 +1718,10 @@ MUTANTS: Tuple[Mutant, ...] = (
            "sq.detach().clamp(min=EPS).masked_fill(~found",
            "sq.detach().masked_fill(~found",
            ("tests/kernels/test_kernel_knn.py", "-k", "below_the_floor",)),
+    Mutant("eval_chunk_bound", "daal_triton/train/evaluate.py",
+           "    chunk = max(1, min(chunk, CHUNK_ELEMENTS // max(1, n, (k + 1) * emb.shape[1])))",
+           "    chunk = max(1, chunk)",
+           ("tests/train/test_train_evaluate.py", "-k", "bound_a_chunk",)),
 )
 
 

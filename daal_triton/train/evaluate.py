@@ -27,14 +27,23 @@ from .devices import resolve_backend
 RECALL_KS = (1, 2, 4, 8)
 
 
+#: The most elements (2**26) of a chunk's largest block: chunk x N distances, or the reference's
+#: chunk x (k + 1) x D direct differences (k is the largest class's size for MAP@R: 2,048 queries
+#: of a 1,000-image class at D = 512 asked for 4.2 GB, and two such blocks coexist).
+CHUNK_ELEMENTS = 2 ** 26
+
+
 def neighbours(emb: torch.Tensor, k: int, *, backend: str = "auto", chunk: int = 2048) -> torch.Tensor:
     """Indices (N x k, int64) of the ``k`` nearest other rows of ``emb`` (self excluded by index,
     ties to the smaller index; -1 where fewer than ``k`` other rows exist). Ties are float32's:
     distances equal in exact arithmetic may differ in their last bit and be ordered either way
-    (:func:`daal_triton.knn`), which can move a metric at such a tie with ``k`` or the backend."""
+    (:func:`daal_triton.knn`), which can move a metric at such a tie with ``k`` or the backend.
+    At most ``chunk`` queries at a time, fewer where a chunk's block would exceed
+    :data:`CHUNK_ELEMENTS`."""
     n = emb.shape[0]
     k = max(1, min(k, n - 1)) if n > 1 else 1
     backend = resolve_backend(backend, emb.device)
+    chunk = max(1, min(chunk, CHUNK_ELEMENTS // max(1, n, (k + 1) * emb.shape[1])))
     out = []
     for start in range(0, n, chunk):
         q = emb[start:start + chunk]

@@ -45,6 +45,31 @@ def test_neighbours_chunks_agree():
     assert torch.equal(E.neighbours(emb, 6, chunk=4), E.neighbours(emb, 6, chunk=100))
 
 
+def test_neighbours_bound_a_chunk_by_the_classes_size(monkeypatch):
+    """MAP@R asks for k = the largest class's size; the reference's direct differences hold
+    chunk x (k + 1) x D: 2,048 queries of a 1,000-image class at D = 512 asked for 4.2 GB (a
+    shapes run with 1,000 test images a class died of it). A chunk now shrinks so that neither
+    that block nor chunk x N passes CHUNK_ELEMENTS; the neighbours stay the same."""
+    sizes = []
+    real = E.daal_triton.knn
+
+    def spy(q, ref, k, **kw):
+        sizes.append((q.shape[0], k))
+        return real(q, ref, k, **kw)
+
+    emb = torch.randn(300, 16)
+    want = E.neighbours(emb, 120)
+    monkeypatch.setattr(E, "CHUNK_ELEMENTS", 8_000)
+    monkeypatch.setattr(E.daal_triton, "knn", spy)
+    got = E.neighbours(emb, 120)
+    assert torch.equal(got, want)
+    rows = {m for m, _ in sizes}
+    assert max(rows) == 8_000 // (121 * 16) == 4 and sum(m for m, _ in sizes) == 300
+    sizes.clear()
+    E.neighbours(emb, 2)  # a small k: chunk x N is the larger block
+    assert max(m for m, _ in sizes) == 8_000 // 300
+
+
 def test_retrieval_metrics_by_hand():
     # 1-D points; classes a = {0, 1, 10}, b = {11, 12}
     emb = torch.tensor([[0.0], [1.0], [10.0], [11.0], [12.0]])
