@@ -1722,6 +1722,10 @@ MUTANTS: Tuple[Mutant, ...] = (
            "    chunk = max(1, min(chunk, CHUNK_ELEMENTS // max(1, n, (k + 1) * emb.shape[1])))",
            "    chunk = max(1, chunk)",
            ("tests/train/test_train_evaluate.py", "-k", "bound_a_chunk",)),
+    Mutant("summarize_keeps_command_with_config", "daal_triton/train/study.py",
+           "            recorded = saved_command(where)",
+           "            recorded = saved_command(where) if not (args.config or args.file) else None",
+           ("tests/train/test_train_study.py", "-k", "summarize_keeps",)),
 )
 
 

@@ -892,11 +892,14 @@ def main(argv: Optional[List[str]] = None) -> int:
             raise StudyError(f"--file {file} is the report's study.json, which daal-study writes (the study and "
                              f"the command it ran): keep the study file elsewhere (--summarize alone rebuilds the "
                              f"report from it)")
-        if args.summarize and file is None and not args.config and (args.report or args.out):
+        if args.summarize and (args.report or args.out):
             # the study the report was made of; a new --report folder: the one recorded in --out
             where = args.report if args.report and (not args.out or os.path.isfile(
                 os.path.join(args.report, "study.json"))) else args.out or args.report
-            file = saved_study(where)
+            if file is None and not args.config:
+                file = saved_study(where)
+            # the command that ran the cells, also when --file/--config name the study again (the
+            # summarize command replaced it, and a later --summarize kept that one)
             recorded = saved_command(where)
         study = make_study(file, args.config, args.seeds, args.common, args.name)
         check_cell_args(study)

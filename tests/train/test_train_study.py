@@ -542,6 +542,9 @@ def test_a_report_cut_short_is_written_again_and_summarize_keeps_the_command(tmp
     assert S.main(["--summarize", "--out", out, "--no-progress", "--no-plots"]) == 0
     assert json.load(open(os.path.join(out, "study.json")))["command"] == command
     assert f"```bash\n{command}\n```" in open(os.path.join(out, "table.md")).read()
+    # naming the study again (--config here, --file alike) kept the summarize command instead
+    assert S.main(["--summarize", "--config", "A=--epochs 1", "--out", out, "--no-progress", "--no-plots"]) == 0
+    assert json.load(open(os.path.join(out, "study.json")))["command"] == command
 
 
 def test_a_tsne_seed_the_study_does_not_have_is_refused_up_front(tmp_path, monkeypatch, error_line):
