@@ -1726,6 +1726,14 @@ MUTANTS: Tuple[Mutant, ...] = (
            "            recorded = saved_command(where)",
            "            recorded = saved_command(where) if not (args.config or args.file) else None",
            ("tests/train/test_train_study.py", "-k", "summarize_keeps",)),
+    Mutant("smallest_ties_by_index", "reference/distance.py",
+           "    take = (values < kth) | (at & (at.cumsum(1, dtype=torch.int32) <= need))",
+           "    take = (values < kth) | at",
+           ("tests/reference/test_reference_distance.py", "-k", "smallest_is_the_stable",)),
+    Mutant("ref_knn_batch_rows_from_query", "reference/distance.py",
+           "    if batch_rows:\n        mine = index < batch_rows",
+           "    if False:\n        mine = index < batch_rows",
+           ("tests/reference/test_reference_distance.py", "-k", "batch_rows_sends",)),
 )
 
 

@@ -99,3 +99,61 @@ def test_knn_distance_gradient_flows_to_query_and_ref():
     q = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
     r = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda a, b: R.knn(a, b, 3)[0], (q, r))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_smallest_is_the_stable_sorts_first_k(seed):
+    """``smallest`` (topk, then the ties at the k-th value in index order) picks and orders exactly
+    what a stable sort's first k columns do: rows full of ties, inf padding, k = 1 .. N."""
+    g = torch.Generator().manual_seed(seed)
+    values = torch.randint(0, 4, (23, 17), generator=g).double()
+    values[torch.rand(23, 17, generator=g) < 0.3] = float("inf")
+    values[0] = float("inf")  # a row with no finite value
+    values[1] = 2.0  # a row of one tie
+    for k in (1, 2, 5, 16, 17):
+        want = torch.sort(values, dim=1, stable=True).indices[:, :k]
+        assert torch.equal(R.smallest(values, k), want), k
+    assert R.smallest(values, 0).shape == (23, 0)
+    assert R.smallest(values[:, :0], 0).shape == (23, 0)
+
+
+def test_a_bank_below_batch_rows_sends_its_gradient_to_the_query_only():
+    """``batch_rows``: neighbours among the first rows of ``ref`` are read from ``query`` (the
+    gradient goes there, as with a reference set built by ``cat([query, bank])`` that carries it),
+    and a detached bank builds no gradient of its own size: the same distances and gradients as
+    the grad-carrying cat, float64."""
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(9, 6, generator=g, dtype=torch.float64)
+    bank = torch.randn(30, 6, generator=g, dtype=torch.float64)
+    a = q.clone().requires_grad_(True)
+    d1, i1 = R.knn(a, torch.cat([a, bank]), 4, exclude_self=True)
+    b = q.clone().requires_grad_(True)
+    d2, i2 = R.knn(b, torch.cat([q, bank]), 4, exclude_self=True, batch_rows=9)
+    w = torch.randn(9, 4, generator=g, dtype=torch.float64)
+    (d1 * w).sum().backward()
+    (d2 * w).sum().backward()
+    assert torch.equal(i1, i2) and torch.allclose(d1, d2, rtol=1e-15, atol=0)
+    assert (i2 < 9).any() and (i2 >= 9).any()  # both kinds of neighbour
+    assert torch.allclose(a.grad, b.grad, rtol=1e-12, atol=1e-15)
+    # a reference set that carries a gradient: its batch rows get none, its bank rows theirs
+    ref = torch.cat([q, bank]).requires_grad_(True)
+    d3, _ = R.knn(q, ref, 4, exclude_self=True, batch_rows=9)
+    (d3 * w).sum().backward()
+    assert ref.grad[:9].abs().max() == 0 and ref.grad[9:].abs().max() > 0
+
+
+def test_a_detached_bank_costs_no_bank_sized_copy_or_gradient():
+    """With ``batch_rows`` and a detached bank the reference neither copies the bank (it built
+    ``cat([query[:B], ref[B:]])``, (B + N) x D, every call) nor gives it a (B + N) x D gradient
+    buffer (the backward of indexing that cat): one bank-sized allocation is left, the squares
+    of the selection's row norms."""
+    from torch.profiler import ProfilerActivity, profile
+
+    q = torch.randn(8, 256, requires_grad=True)
+    ref = torch.cat([q.detach(), torch.randn(3000, 256)])  # what MemoryBank.with_batch gives
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        d, _ = R.knn(q, ref, 3, exclude_self=True, batch_rows=8)
+        d.sum().backward()
+    bank_bytes = ref.numel() * ref.element_size()
+    big = [e.name for e in prof.events() if e.self_cpu_memory_usage >= bank_bytes * 0.9]
+    assert len(big) == 1, big
