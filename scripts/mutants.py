@@ -1734,6 +1734,22 @@ MUTANTS: Tuple[Mutant, ...] = (
            "    if batch_rows:\n        mine = index < batch_rows",
            "    if False:\n        mine = index < batch_rows",
            ("tests/reference/test_reference_distance.py", "-k", "batch_rows_sends",)),
+    Mutant("nmi_auto_limit", "daal_triton/train/evaluate.py",
+           "    if mode == \"auto\" and size > NMI_AUTO_LIMIT:",
+           "    if mode == \"auto\" and size >= NMI_AUTO_LIMIT:",
+           ("tests/train/test_train_evaluate.py", "-k", "nmi_is_left_out",)),
+    Mutant("nmi_off", "daal_triton/train/evaluate.py",
+           "    if mode == \"off\":\n        return \"NMI left out (--nmi off)\"",
+           "    if mode == \"of\":\n        return \"NMI left out (--nmi off)\"",
+           ("tests/train/test_train_evaluate.py", "-k", "nmi_is_left_out",)),
+    Mutant("nmi_logged_once", "daal_triton/train/run.py",
+           "    if why and why not in state.noted:",
+           "    if why:",
+           ("tests/train/test_train_cli.py", "-k", "nmi_off_leaves",)),
+    Mutant("nmi_mode_passed_eval", "daal_triton/train/cli.py",
+           "backend=cfg.knn_backend, seed=cfg.seed, nmi_mode=cfg.nmi)\n    os.makedirs",
+           "backend=cfg.knn_backend, seed=cfg.seed)\n    os.makedirs",
+           ("tests/train/test_train_eval_cli.py", "-k", "nmi_off_is_null",)),
 )
 
 

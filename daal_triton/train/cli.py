@@ -105,6 +105,10 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-tsne", dest="tsne", action="store_false", help="skip the t-SNE plot")
     p.add_argument("--tsne-max-points", type=int, default=_D.tsne_max_points,
                    help="subsample the test set to this many points for t-SNE")
+    p.add_argument("--nmi", default=_D.nmi, choices=CHOICES["nmi"],
+                   help="NMI's k-means (scikit-learn, on the CPU, with as many clusters as test classes): auto "
+                        "leaves it out, with a note, where test images x classes x D exceeds 1e10 (SOP: hours per "
+                        "evaluation); on: always; off: never")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm progress bars")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for PyTorch (torch.set_num_threads; default: PyTorch's choice, usually all cores)")
@@ -473,6 +477,16 @@ def _eval_outputs(args: argparse.Namespace) -> str:
     return out
 
 
+def _note_nmi(emb: Any, labels: Any, mode: str, what: str) -> None:
+    """daal-eval's log line when ``--nmi`` leaves NMI out of ``what``'s row."""
+    from . import evaluate as E
+    from .log import Log
+
+    why = E.nmi_skipped(emb, labels, mode)
+    if why:
+        Log("daal-eval")(f"{what}: {why}")
+
+
 def _evaluate_checkpoint(args: argparse.Namespace) -> Dict[str, Dict[str, float]]:
     """The work of ``daal-eval``: the checkpoint's network on its (or the given) data set's test
     classes; writes eval.json and tsne_eval.png once the checkpoint and the data have loaded."""
@@ -535,10 +549,13 @@ def _evaluate_checkpoint(args: argparse.Namespace) -> Dict[str, Dict[str, float]
     if args.baselines:
         # on the run's device, as daal-train's baseline (a CPU tensor with --knn-backend triton on
         # a GPU machine was refused; with "auto" the kNN ran on the CPU)
-        rows["raw pixels"] = E.all_metrics(E.pixel_vectors(test_ds, progress=args.progress).to(device),
-                                           labels.to(device), test_ds.modes, backend=cfg.knn_backend, seed=cfg.seed)
+        pixels = E.pixel_vectors(test_ds, progress=args.progress)
+        _note_nmi(pixels, labels, cfg.nmi, "raw pixels")
+        rows["raw pixels"] = E.all_metrics(pixels.to(device), labels.to(device), test_ds.modes,
+                                           backend=cfg.knn_backend, seed=cfg.seed, nmi_mode=cfg.nmi)
+    _note_nmi(emb, labels, cfg.nmi, "the checkpoint")
     rows[f"checkpoint (epoch {ck.get('epoch')})"] = E.all_metrics(emb.to(device), labels.to(device), test_ds.modes,
-                                                                  backend=cfg.knn_backend, seed=cfg.seed)
+                                                                  backend=cfg.knn_backend, seed=cfg.seed, nmi_mode=cfg.nmi)
     os.makedirs(out, exist_ok=True)
     if args.save_embeddings:
         E.save_embeddings(args.save_embeddings, emb, labels, E.dataset_paths(test_ds, cfg.dataset),

@@ -71,6 +71,7 @@ class TrainConfig:
     baselines: bool = True
     tsne: bool = True
     tsne_max_points: int = 2000
+    nmi: str = "auto"  # evaluate.nmi_skipped: "auto" leaves out a k-means of hours (SOP's 11,316 clusters)
     progress: bool = True
     memory_bank: int = 0
     dist_backend: str = "auto"
@@ -97,7 +98,8 @@ SAVE_CHOICES = ("both", "last", "best", "none")
 CHOICES: Dict[str, tuple] = dict(
     dataset=("shapes", "digits", "cub200", "cars196", "sop", "folder"), amp=("auto", "bf16", "fp16", "none"),
     knn_backend=("auto", "triton", "reference"), arch=("vgg19", "vgg19_bn"), augment=("none", "shift", "crop"),
-    loss_backend=("auto", "triton", "reference"), save=SAVE_CHOICES, dist_backend=("auto", "nccl", "gloo"))
+    loss_backend=("auto", "triton", "reference"), save=SAVE_CHOICES, dist_backend=("auto", "nccl", "gloo"),
+    nmi=("auto", "on", "off"))
 
 
 def check_choices(cfg: Any, source: str = "") -> None:
@@ -463,7 +465,7 @@ def _check_writable(out: str, flag: str = "--out", value: Optional[str] = None, 
 
 RESUME_MAY_CHANGE = ("epochs", "lr", "loss_lr", "weight_decay", "warmup_epochs", "stop_after", "eval_every",
                      "eval_batch_size", "num_workers", "knn_backend", "loss_backend", "device", "amp", "out",
-                     "save", "tsne", "tsne_max_points", "progress", "baselines", "dist_backend", "dist_timeout",
+                     "save", "tsne", "tsne_max_points", "nmi", "progress", "baselines", "dist_backend", "dist_timeout",
                      "sync_bn", "data_root", "channels_last", "compile", "log_every")
 RESUME_FIXED = ("dataset", "image_size", "steps_per_epoch", "classes_per_batch", "samples_per_class", "arch",
                 "embedding_dim", "weights", "loss", "daal", "loss_kwargs", "seed", "data_seed", "augment", "width", "miner",

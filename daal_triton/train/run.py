@@ -22,7 +22,7 @@ import shutil
 import signal
 import time
 from dataclasses import dataclass, field
-from typing import IO, Any, Dict, List, Optional, Union
+from typing import IO, Any, Dict, List, Optional, Set, Union
 
 import numpy as np
 import torch
@@ -108,6 +108,7 @@ class RunState:
     resumes: List[Record] = field(default_factory=list)  # config.json's "resumes": one entry per --resume
     rank_rng: Optional[List[Any]] = None  # under torchrun: every rank's generators at the last epoch's end
     baselines: bool = False  # the raw-pixel and untrained rows are being evaluated (before epoch 1)
+    noted: Set[str] = field(default_factory=set)  # the evaluation's notes logged so far (--nmi)
 
     @property
     def last_epoch(self) -> int:
@@ -762,8 +763,12 @@ def _evaluate(state: RunState, epoch: int, name: str, emb: torch.Tensor, **extra
     """Every metric of ``emb`` on the test classes, recorded as one metrics.jsonl line."""
     t0 = time.time()
     labels = E.dataset_labels(state.test_ds).to(state.device)
+    why = E.nmi_skipped(emb, labels, state.cfg.nmi)
+    if why and why not in state.noted:  # once a run (a resumed one: once again)
+        state.noted.add(why)
+        state.log(why)
     m = E.all_metrics(emb.to(state.device), labels, state.test_ds.modes, backend=state.cfg.knn_backend,
-                      seed=state.cfg.seed)
+                      seed=state.cfg.seed, nmi_mode=state.cfg.nmi)
     rec = dict(epoch=epoch, model=name, **m, **extra, eval_s=round(time.time() - t0, 2),
                elapsed_s=round(time.time() - state.t_start, 2))
     _record(state, rec)

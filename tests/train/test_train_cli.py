@@ -284,3 +284,16 @@ def test_the_epoch_bar_is_cleared_on_ctrl_c_and_shows_the_rate_used(monkeypatch)
         engine.train_one_epoch(model, crit, batches, opt, sched, torch.device("cpu"), log_every=1,
                                loss_fn=lambda c, e, y: c(e, y))
     assert bars[-1].closed
+
+
+def test_nmi_off_leaves_nmi_null_and_says_so_once(tmp_path, capsys):
+    """``daal-train --nmi off``: every metrics.jsonl record has NMI null and the other metrics; the
+    log says why once (not at each evaluation), and the setting may change on --resume."""
+    out = str(tmp_path / "r")
+    flags = TINY + ["--epochs", "2", "--no-tsne", "--no-baselines", "--save", "last"]
+    assert cli.main(flags + ["--nmi", "off", "--out", out]) == 0
+    records = _records(out)
+    assert len(records) == 2 and all(r["nmi"] is None and 0 <= r["recall@1"] <= 1 for r in records)
+    assert capsys.readouterr().out.count("NMI left out (--nmi off)") == 1
+    assert cli.main(flags + ["--epochs", "3", "--nmi", "on", "--resume", os.path.join(out, "checkpoint_last.pt")]) == 0
+    assert 0 <= _records(out)[-1]["nmi"] <= 1

@@ -266,3 +266,16 @@ def test_a_users_file_at_the_save_embeddings_tmp_name_is_kept(run_dir, tmp_path,
     assert cli.eval_main(argv) == 0
     assert torch.load(emb, weights_only=True)["embeddings"].ndim == 2
     assert not os.path.lexists(mine) and not (tmp_path / "elsewhere.txt").exists()
+
+
+def test_nmi_off_is_null_and_said(run_dir, tmp_path, capsys):
+    """``--nmi off`` (daal-eval, as daal-train): NMI is null in eval.json, the other metrics are
+    there, and the log says why; "auto" on this small set computes it."""
+    ev = tmp_path / "ev"
+    assert cli.eval_main([_ck(run_dir), "--out", str(ev), "--no-progress", "--no-tsne", "--nmi", "off"]) == 0
+    (row,) = json.load(open(ev / "eval.json"))["results"].values()
+    assert row["nmi"] is None and 0 <= row["recall@1"] <= 1
+    assert "the checkpoint: NMI left out (--nmi off)" in capsys.readouterr().out
+    assert cli.eval_main([_ck(run_dir), "--out", str(tmp_path / "ev2"), "--no-progress", "--no-tsne"]) == 0
+    (row,) = json.load(open(tmp_path / "ev2" / "eval.json"))["results"].values()
+    assert 0 <= row["nmi"] <= 1 and "NMI left out" not in capsys.readouterr().out

@@ -309,3 +309,24 @@ def test_evaluation_leaves_the_global_generator_as_it_was():
     pixels = E.pixel_vectors(test_ds, batch_size=5)
     assert torch.equal(torch.get_rng_state(), before)
     assert emb.shape == (24, 4) and pixels.shape == (24, 3 * 32 * 32)
+
+
+def test_nmi_is_left_out_where_its_k_means_would_take_hours(monkeypatch):
+    """``--nmi``: "auto" leaves NMI out (NaN, with the reason) where test images x classes x D
+    exceeds NMI_AUTO_LIMIT (SOP: 60,502 x 11,316 x 512, a k-means of hours on the CPU, where
+    scikit-learn runs it also on a GPU machine); "on" computes it whatever the size, "off" never.
+    The other metrics are the same either way."""
+    emb, labels = torch.randn(60, 8), torch.arange(60) % 6
+    assert E.nmi_skipped(emb, labels, "auto") is None and E.nmi_skipped(emb, labels, "on") is None
+    assert "--nmi off" in E.nmi_skipped(emb, labels, "off")
+    monkeypatch.setattr(E, "NMI_AUTO_LIMIT", 60 * 6 * 8 - 1)
+    why = E.nmi_skipped(emb, labels, "auto")
+    assert why.startswith("NMI left out: k-means with 6 clusters of 60 points of dimension 8 (2.9e+03 > ")
+    assert "--nmi on computes it" in why and E.nmi_skipped(emb, labels, "on") is None
+    full = E.all_metrics(emb, labels, nmi_mode="on")
+    for mode in ("auto", "off"):
+        left = E.all_metrics(emb, labels, nmi_mode=mode)
+        assert np.isnan(left.pop("nmi")) and left == {k: v for k, v in full.items() if k != "nmi"}
+    assert 0 <= full["nmi"] <= 1
+    monkeypatch.setattr(E, "NMI_AUTO_LIMIT", 60 * 6 * 8)  # at the limit: computed
+    assert E.all_metrics(emb, labels, nmi_mode="auto")["nmi"] == full["nmi"]
