@@ -1750,6 +1750,14 @@ MUTANTS: Tuple[Mutant, ...] = (
            "backend=cfg.knn_backend, seed=cfg.seed, nmi_mode=cfg.nmi)\n    os.makedirs",
            "backend=cfg.knn_backend, seed=cfg.seed)\n    os.makedirs",
            ("tests/train/test_train_eval_cli.py", "-k", "nmi_off_is_null",)),
+    Mutant("rank0_random_used", "daal_triton/train/engine.py",
+           "    if dist.get_rank() == 0:\n        yield\n        return\n    state = state.cpu()",
+           "    if True:\n        yield\n        return\n    state = state.cpu()",
+           ("tests/train/test_train_distributed.py", "-k", "random_miner",)),
+    Mutant("dist_timeout_range", "daal_triton/train/config.py",
+           "        if name == \"dist_timeout\" and not DIST_TIMEOUT_RANGE[0] <= value <= DIST_TIMEOUT_RANGE[1]:",
+           "        if name == \"dist_timeout\" and not DIST_TIMEOUT_RANGE[0] <= value:",
+           ("tests/train/test_train_user_errors.py", "-k", "dist-timeout",)),
 )
 
 

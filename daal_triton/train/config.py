@@ -227,6 +227,9 @@ MAX_IMAGE_SIZE = 65536
 #: The most --num-workers: each is a process forked at the start of every epoch (10**30 forked one
 #: after another until the machine ran out, and no longer heard Ctrl-C).
 MAX_NUM_WORKERS = 256
+#: --dist-timeout's range in minutes: a second (below, the process group's timedelta rounded to 0 and
+#: its start failed with a C++ trace) to 10^6 minutes (1e13 overflowed a C int: a traceback).
+DIST_TIMEOUT_RANGE = (1 / 60, 1e6)
 
 # (flag, field, lowest allowed value, whether that value itself is allowed)
 _BOUNDS = (
@@ -270,6 +273,9 @@ def check_numbers(cfg: Any, names: Optional[set] = None) -> None:
             raise ConfigError(f"--image-size must be <= {MAX_IMAGE_SIZE}, got {value}")
         if name == "num_workers" and value > MAX_NUM_WORKERS:
             raise ConfigError(f"--num-workers must be <= {MAX_NUM_WORKERS} (worker processes), got {value}")
+        if name == "dist_timeout" and not DIST_TIMEOUT_RANGE[0] <= value <= DIST_TIMEOUT_RANGE[1]:
+            raise ConfigError(f"--dist-timeout must be between 1/60 (a second) and {DIST_TIMEOUT_RANGE[1]:g} "
+                              f"minutes, got {value:g}")
         if name == "shapes_nuisance" and value > 1:  # the generator's scales and offsets assume it
             raise ConfigError(f"--shapes-nuisance must be <= 1 (0 clean .. 1 the default), got {value}")
         if name == "seed" and value >= SEED_LIMIT:

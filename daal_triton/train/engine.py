@@ -5,12 +5,13 @@ the loss on the global batch (:class:`GlobalBatchLoss`) and one epoch of trainin
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import math
 import time
 import warnings
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -184,6 +185,9 @@ class GlobalBatchLoss:
     3. then enqueues the global batch's detached embeddings, so every rank holds the same bank.
 
     With a ``miner`` (``--miner``), its tuple of the global batch is passed as ``indices_tuple``.
+    The miner and a loss of pytorch-metric-learning draw random numbers (UniformHistogramMiner,
+    ManifoldLoss) from rank 0's generators on every rank (:func:`rank0_random`): each rank had
+    drawn its own, so the ranks mined different tuples and computed different losses.
     """
 
     def __init__(self, bank: Optional[MemoryBank] = None, miner: Optional[nn.Module] = None) -> None:
@@ -193,14 +197,46 @@ class GlobalBatchLoss:
     def __call__(self, criterion: nn.Module, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         emb, labs = gather_batch(embeddings, labels, same_size=True)  # PKSampler: equal shares on every rank
         emb = emb.float()
-        tuples = self.miner(emb, labs) if self.miner is not None else None
-        if self.bank is None:
-            return criterion(emb, labs, tuples) if tuples is not None else criterion(emb, labs)
-        ref, ref_labels = self.bank.with_batch(emb, labs)
-        kw = dict(ref_emb=ref, ref_labels=ref_labels, ref_includes_batch=True)
-        loss = criterion(emb, labs, tuples, **kw) if tuples is not None else criterion(emb, labs, **kw)
+        # DAAL draws nothing at random: no collective for it
+        shared = rank0_random(emb.device) if self.miner is not None or not isinstance(
+            criterion, daal_triton.DAALLoss) else contextlib.nullcontext()
+        with shared:
+            tuples = self.miner(emb, labs) if self.miner is not None else None
+            if self.bank is None:
+                return criterion(emb, labs, tuples) if tuples is not None else criterion(emb, labs)
+            ref, ref_labels = self.bank.with_batch(emb, labs)
+            kw = dict(ref_emb=ref, ref_labels=ref_labels, ref_includes_batch=True)
+            loss = criterion(emb, labs, tuples, **kw) if tuples is not None else criterion(emb, labs, **kw)
         self.bank.enqueue(emb.detach(), labs)
         return loss
+
+
+@contextlib.contextmanager
+def rank0_random(device: torch.device) -> Iterator[None]:
+    """Inside, every rank draws rank 0's random numbers (torch's CPU generator, and ``device``'s if
+    CUDA), and rank 0 draws them as it would alone; the other ranks' own generators are as before
+    afterwards. One broadcast of rank 0's generator states (a few KB); nothing in one process."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        yield
+        return
+    cpu = torch.get_rng_state()
+    cuda = device.type == "cuda"
+    state = torch.cat([cpu, torch.cuda.get_rng_state(device)]) if cuda else cpu
+    # NCCL moves CUDA tensors only; gloo both
+    on = device if cuda and dist.get_backend() == "nccl" else torch.device("cpu")
+    state = state.to(on)
+    dist.broadcast(state, src=0)
+    if dist.get_rank() == 0:
+        yield
+        return
+    state = state.cpu()
+    with torch.random.fork_rng(devices=[device] if cuda else []):
+        torch.set_rng_state(state[:cpu.numel()])
+        if cuda:
+            torch.cuda.set_rng_state(state[cpu.numel():], device)
+        yield
 
 
 LOG_EVERY = 50  # default --log-every: steps between two reads of the running loss

@@ -20,6 +20,7 @@ pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
 pytest.importorskip("tqdm")
 
+from daal_triton import DAALLoss  # noqa: E402
 from daal_triton.memory import MemoryBank  # noqa: E402
 from daal_triton.train import cli  # noqa: E402
 from daal_triton.train.data import DistributedPKSampler, PKSampler  # noqa: E402
@@ -262,6 +263,67 @@ GUARD = textwrap.dedent('''
                 return g
             setattr(os, _name, _wrap(getattr(os, _name)))
 ''')
+
+
+def _random_miner_worker(rank, world, port, out_dir):
+    import datetime
+
+    import torch.distributed as dist
+    from pytorch_metric_learning import miners
+
+    import daal_triton
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
+    try:
+        emb, labels = _random_miner_problem()
+        torch.manual_seed(7)
+        criterion = daal_triton.DAALLoss(4, 8, backend="reference")  # the same segments (daal-train broadcasts them)
+        torch.manual_seed(100 + rank)  # every rank's generators differ, as daal-train's
+        share = slice(rank * 4, rank * 4 + 4)
+        step = GlobalBatchLoss(miner=miners.UniformHistogramMiner(num_bins=4, pos_per_bin=3, neg_per_bin=3))
+        losses = [step(criterion, emb[share], labels[share]).detach() for _ in range(3)]
+        after = torch.rand(1)  # a rank's own generator goes on as before
+        torch.save({"losses": torch.stack(losses), "after": after}, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def _random_miner_problem():
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(8, 8, generator=g), torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])
+
+
+@pytest.mark.slow
+def test_a_random_miner_mines_the_same_tuples_on_every_rank(tmp_path):
+    """UniformHistogramMiner draws random numbers: each rank drew its own, so the ranks mined
+    different tuples of the same global batch and computed different losses (a distributed probe,
+    2026-12-07: 0.608 vs 0.601), where the docs say the loss is identical on every rank. The
+    miner now draws rank 0's numbers everywhere: every rank's loss is that of one process seeded
+    as rank 0, and rank 1's own generator is left as it was."""
+    pytest.importorskip("pytorch_metric_learning")
+    import socket
+
+    import torch.multiprocessing as mp
+    from pytorch_metric_learning import miners
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_random_miner_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    emb, labels = _random_miner_problem()
+    torch.manual_seed(7)
+    criterion = DAALLoss(4, 8, backend="reference")
+    torch.manual_seed(100)
+    step = GlobalBatchLoss(miner=miners.UniformHistogramMiner(num_bins=4, pos_per_bin=3, neg_per_bin=3))
+    alone = torch.stack([step(criterion, emb, labels).detach() for _ in range(3)])
+    assert torch.equal(r0["losses"], r1["losses"]), (r0["losses"], r1["losses"])
+    assert torch.allclose(r0["losses"], alone, rtol=1e-6, atol=0)
+    assert len(set(alone.tolist())) > 1  # the miner's draws do change the loss from step to step
+    torch.manual_seed(101)
+    assert torch.equal(r1["after"], torch.rand(1))  # rank 1's first own draw after the three steps
 
 
 @pytest.mark.slow

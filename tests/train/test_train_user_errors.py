@@ -63,6 +63,9 @@ BAD_TRAIN = {
     # a bound's own value where it is excluded, and settings whose bounds had no case
     "lr-zero": (["--lr", "0"], "--lr must be > 0"),
     "dist-timeout-zero": (["--dist-timeout", "0"], "--dist-timeout must be > 0"),
+    # 1e-9 minutes rounded to a 0 ms timeout (a C++ trace at the start), 1e13 overflowed a C int
+    "dist-timeout-tiny": (["--dist-timeout", "1e-9"], "--dist-timeout must be between 1/60 (a second) and 1e+06 minutes, got 1e-09"),
+    "dist-timeout-huge": (["--dist-timeout", "1e13"], "--dist-timeout must be between 1/60 (a second) and 1e+06 minutes, got 1e+13"),
     "seed-negative": (["--seed", "-1"], "--seed must be >= 0"),
     # NumPy/scikit-learn take 32-bit seeds: 2**32 trained, then failed in k-means with a traceback
     "seed-2-32": (["--seed", str(2 ** 32)], "--seed must be < 2**32"),
