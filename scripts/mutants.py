@@ -1758,6 +1758,10 @@ MUTANTS: Tuple[Mutant, ...] = (
            "        if name == \"dist_timeout\" and not DIST_TIMEOUT_RANGE[0] <= value <= DIST_TIMEOUT_RANGE[1]:",
            "        if name == \"dist_timeout\" and not DIST_TIMEOUT_RANGE[0] <= value:",
            ("tests/train/test_train_user_errors.py", "-k", "dist-timeout",)),
+    Mutant("peer_stopped_line", "daal_triton/train/cli.py",
+           "        peer = _peer_stopped(e)\n        if peer:",
+           "        peer = None\n        if peer:",
+           ("tests/train/test_train_distributed.py", "-k", "peer_stopped",)),
 )
 
 

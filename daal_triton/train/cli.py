@@ -298,6 +298,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"daal-train: error: {os_message(e)}", file=sys.stderr)
         return 1
     except (MemoryError, RuntimeError, ValueError) as e:  # sizes the machine cannot hold (--embedding-dim 1e9)
+        peer = _peer_stopped(e)
+        if peer:
+            print(f"daal-train: error: {peer}", file=sys.stderr)
+            return 1
         if not out_of_memory(e):
             raise
         print(f"daal-train: error: {memory_message(e)}", file=sys.stderr)
@@ -307,6 +311,26 @@ def main(argv: Optional[List[str]] = None) -> int:
               file=sys.stderr)
         return 130
     return 0
+
+
+#: What gloo and NCCL say in a rank whose peer process has gone (it stopped on an error of its own)
+PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
+
+
+def _peer_stopped(e: BaseException) -> Optional[str]:
+    """Under torchrun, the line for a collective that failed because another rank stopped (a user
+    error there, printed by that rank): a ~40-line gloo traceback here before (a distributed
+    probe, 2026-12-07). None otherwise."""
+    try:
+        world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return None
+    kind = type(e).__name__
+    if world < 2 or not (kind in ("DistBackendError", "DistNetworkError") or any(s in str(e) for s in PEER_GONE)):
+        return None
+    last = (str(e).strip().splitlines() or [""])[-1][:200]
+    return (f"rank {rank}/{world}: another process of the run stopped, so this one cannot go on (that process's "
+            f"error is above, or in torchrun's report; {kind}: {last})")
 
 
 def _message(e: Exception) -> str:

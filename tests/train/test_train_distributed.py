@@ -198,6 +198,30 @@ def test_barrier_names_the_gpu_to_nccl(monkeypatch, backend, nccl):
     assert calls == [{"device_ids": [3]} if nccl else {}]
 
 
+@pytest.mark.parametrize("error", [RuntimeError("[../gloo/transport/tcp/pair.cc:561] Connection closed by peer [127.0.0.1]:1"),
+                                   torch.distributed.DistBackendError("NCCL communicator was aborted") if hasattr(
+                                       torch.distributed, "DistBackendError") else RuntimeError("Connection reset by peer")])
+def test_a_rank_whose_peer_stopped_says_so_in_one_line(monkeypatch, capsys, error):
+    """When one torchrun process stops on a user error (its own one line), the others fail in their
+    next collective: that was a ~40-line gloo traceback. It is one line naming the rank and
+    pointing at the other process's error, exit status 1; outside torchrun the error stays a
+    traceback (a bug of ours, not a peer's)."""
+    from daal_triton.train import run as run_module
+
+    def failing(cfg, given=()):
+        raise error
+
+    monkeypatch.setattr(run_module, "run", failing)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert cli.main(["--out", "unused", "--no-progress"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("daal-train: error: rank 1/2: another process of the run stopped")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with pytest.raises(type(error)):
+        cli.main(["--out", "unused", "--no-progress"])
+
+
 def test_world_size_rules_of_the_configuration():
     """P must be a multiple of the world size (not the other way round), and --sync-bn in a world of
     CPU processes is refused from 2 processes on; checked before anything starts."""
