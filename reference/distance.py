@@ -56,6 +56,7 @@ class _MatmulNT(torch.autograd.Function):
         # off, so autocast_off would give no context) and AOTAutograd then traces it again in the
         # autocast region the call was compiled in (bfloat16 GEMMs, 4e-3 off)
         with autocast_off(grad.device, always=True):
+            # the products autograd forms for a @ b.T (mm's backward, row-major operands): the same bits
             return (grad @ b if ctx.needs_input_grad[0] else None,
                     grad.T @ a if ctx.needs_input_grad[1] else None)
 
@@ -193,11 +194,14 @@ def selected_distance_sq(query: torch.Tensor, ref: torch.Tensor, index: torch.Te
     ``batch_rows`` (:func:`knn`): rows of ``ref`` below it are read from ``query``, where their
     gradient goes (a detached memory bank then gets no (B + N) x D gradient at all)."""
     dtype = compute_dtype(query, ref)
+    # the query's view first, then the rows: the order autograd records them in is the order their
+    # gradients are summed in (where ``ref`` is ``query``), and so the bits of a training run
+    q = query.to(dtype)[:, None, :]
     rows = ref.to(dtype)[index]
     if batch_rows:
         mine = index < batch_rows
         rows = torch.where(mine[..., None], query.to(dtype)[index.clamp(max=batch_rows - 1)], rows)
-    diff = query.to(dtype)[:, None, :] - rows
+    diff = q - rows
     if found is not None:
         diff = torch.where(found[..., None], diff, diff.new_zeros(()))
     return (diff * diff).sum(-1)
