@@ -56,9 +56,10 @@ class _MatmulNT(torch.autograd.Function):
         # off, so autocast_off would give no context) and AOTAutograd then traces it again in the
         # autocast region the call was compiled in (bfloat16 GEMMs, 4e-3 off)
         with autocast_off(grad.device, always=True):
-            # the products autograd forms for a @ b.T (mm's backward, row-major operands): the same bits
-            return (grad @ b if ctx.needs_input_grad[0] else None,
-                    grad.T @ a if ctx.needs_input_grad[1] else None)
+            # the products autograd forms for a @ b.T (mm's backward, row-major operands): the same
+            # bits; through matmul_nt, so that a double backward keeps float32 too
+            return (matmul_nt(grad, b.T) if ctx.needs_input_grad[0] else None,
+                    matmul_nt(grad.T, a.T) if ctx.needs_input_grad[1] else None)
 
 
 def matmul_nt(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -66,8 +67,8 @@ def matmul_nt(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     ``torch.compile``, which traced the backward's GEMMs in the autocast region it compiled in).
     In forward-mode AD the plain product: an autograd.Function would need a ``jvp``, which
     ``torch.compile`` refuses."""
-    if getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0:
-        with autocast_off(a.device):
+    if not (a.requires_grad or b.requires_grad) or getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0:
+        with autocast_off(a.device):  # no backward to protect (a kNN's selection): the plain product
             return a @ b.T
     return _MatmulNT.apply(a, b)
 
@@ -165,15 +166,26 @@ def check_batch_rows(batch_rows, query: torch.Tensor, ref: torch.Tensor) -> int:
     return batch_rows  # type: ignore[return-value]  # a SymInt is an int to its callers
 
 
+#: Rows of at most this many columns are sorted whole (fewer operators: a loss's batch); wider ones
+#: (an evaluation's chunks, a memory bank) go through ``topk``.
+SORT_COLUMNS = 512
+
+
 def smallest(values: torch.Tensor, k: int) -> torch.Tensor:
-    """The columns of each row's ``k`` smallest ``values`` (M x N, no NaN), in ``(value, column)``
-    order: ``torch.sort(values, dim=1, stable=True).indices[:, :k]``, without sorting whole rows
-    (a stable sort of 2,048 x 20,000 distances took 5.7 s on a CPU, ``topk`` 0.24 s). The k-th
-    smallest value ``v`` (``topk``) splits a row: every column below ``v``, then the columns at
-    ``v`` in index order until there are ``k``; those ``k`` columns, ascending, are sorted stably
-    by value."""
+    """The columns of each row's ``k`` smallest ``values`` (M x N, no NaN: :func:`knn` makes them
+    inf), in ``(value, column)`` order: ``torch.sort(values, dim=1, stable=True).indices[:, :k]``.
+    Wide rows are not sorted whole (a stable sort of 2,048 x 20,000 distances took 5.7 s on a CPU,
+    ``topk`` 0.24 s): the k-th smallest value ``v`` (``topk``) splits a row: every column below
+    ``v``, then the columns at ``v`` in index order until there are ``k``; those ``k`` columns,
+    ascending, are sorted stably by value. Narrow rows, and symbolic sizes (``torch.export`` with
+    a dynamic batch: ``topk``'s ``k <= N`` would be a guard it cannot prove), take the sort
+    (its first ``k`` columns by ``index_select``, a copy: a view's contiguity would guard
+    ``B != k``)."""
     m, n = values.shape
-    if k == 0 or n == 0:
+    if isinstance(n, torch.SymInt) or isinstance(k, torch.SymInt) or n <= SORT_COLUMNS:
+        order = torch.sort(values, dim=1, stable=True).indices
+        return order.index_select(1, torch.arange(k, device=values.device))
+    if k == 0:
         return torch.zeros(m, 0, dtype=torch.long, device=values.device)
     kth = values.topk(k, dim=1, largest=False).values[:, -1:]
     at = values == kth

@@ -107,7 +107,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="subsample the test set to this many points for t-SNE")
     p.add_argument("--nmi", default=_D.nmi, choices=CHOICES["nmi"],
                    help="NMI's k-means (scikit-learn, on the CPU, with as many clusters as test classes): auto "
-                        "leaves it out, with a note, where test images x classes x D exceeds 1e10 (SOP: hours per "
+                        "leaves it out, with a note, where test images x classes x D exceeds 1e10 (SOP: days per "
                         "evaluation); on: always; off: never")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm progress bars")
     p.add_argument("--threads", type=int, default=None,
@@ -298,7 +298,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"daal-train: error: {os_message(e)}", file=sys.stderr)
         return 1
     except (MemoryError, RuntimeError, ValueError) as e:  # sizes the machine cannot hold (--embedding-dim 1e9)
-        peer = _peer_stopped(e)
+        peer = None if out_of_memory(e) else _peer_stopped(e)
         if peer:
             print(f"daal-train: error: {peer}", file=sys.stderr)
             return 1
@@ -313,8 +313,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     return 0
 
 
-#: What gloo and NCCL say in a rank whose peer process has gone (it stopped on an error of its own)
-PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
+#: What gloo and NCCL say in a rank whose peer process has gone (it stopped on an error of its own);
+#: any other collective error (NCCL's own out of memory, an invalid usage: a bug) stays a traceback
+PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "communicator was aborted",
+             "remote process exited")
 
 
 def _peer_stopped(e: BaseException) -> Optional[str]:
@@ -326,7 +328,7 @@ def _peer_stopped(e: BaseException) -> Optional[str]:
     except ValueError:
         return None
     kind = type(e).__name__
-    if world < 2 or not (kind in ("DistBackendError", "DistNetworkError") or any(s in str(e) for s in PEER_GONE)):
+    if world < 2 or not any(s in str(e) for s in PEER_GONE):
         return None
     last = (str(e).strip().splitlines() or [""])[-1][:200]
     return (f"rank {rank}/{world}: another process of the run stopped, so this one cannot go on (that process's "

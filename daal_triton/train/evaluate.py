@@ -29,7 +29,7 @@ RECALL_KS = (1, 2, 4, 8)
 
 #: The most elements (2**26) of a chunk's largest block: chunk x N distances, or the reference's
 #: chunk x (k + 1) x D direct differences (k is the largest class's size for MAP@R: 2,048 queries
-#: of a 1,000-image class at D = 512 asked for 4.2 GB, and two such blocks coexist).
+#: of a 1,000-image class at D = 512 asked for 4.2 GB, and up to three such blocks coexist).
 CHUNK_ELEMENTS = 2 ** 26
 
 
@@ -102,7 +102,8 @@ def kmeans_labels(x: np.ndarray, n_clusters: int, *, seed: int = 0, n_init: int 
 
 #: ``--nmi auto`` leaves NMI out above this many test images x classes x D: k-means costs about that
 #: times its iterations and restarts (1,000 clusters of 8,000 128-d points, 1e9, took 73 s on this
-#: project's 2-core machine; SOP's 60,502 images of 11,316 classes at D = 512, 3.5e14, hours), and
+#: project's 2-core machine; SOP's 60,502 images of 11,316 classes at D = 512, 3.5e14, would take
+#: months there by that rate, days on a large machine), and
 #: scikit-learn runs it on the CPU also on a GPU machine.
 NMI_AUTO_LIMIT = 10 ** 10
 
@@ -115,8 +116,8 @@ def nmi_skipped(emb: torch.Tensor, labels: torch.Tensor, mode: str = "auto") -> 
     size = emb.shape[0] * classes * (emb.shape[1] if emb.dim() > 1 else 1)
     if mode == "auto" and size > NMI_AUTO_LIMIT:
         return (f"NMI left out: k-means with {classes:,} clusters of {emb.shape[0]:,} points of dimension "
-                f"{emb.shape[1]} ({size:.1e} > {NMI_AUTO_LIMIT:.0e} images x classes x D) takes hours on a CPU, "
-                f"where scikit-learn runs it; --nmi on computes it")
+                f"{emb.shape[1]} ({size:.1e} > {NMI_AUTO_LIMIT:.0e} images x classes x D) would take hours to "
+                f"days on a CPU, where scikit-learn runs it; --nmi on computes it")
     return None
 
 

@@ -102,9 +102,14 @@ def test_knn_distance_gradient_flows_to_query_and_ref():
 
 
 @pytest.mark.parametrize("seed", range(4))
-def test_smallest_is_the_stable_sorts_first_k(seed):
-    """``smallest`` (topk, then the ties at the k-th value in index order) picks and orders exactly
-    what a stable sort's first k columns do: rows full of ties, inf padding, k = 1 .. N."""
+@pytest.mark.parametrize("sort_columns", [0, 512], ids=["topk", "sort"])
+def test_smallest_is_the_stable_sorts_first_k(seed, sort_columns, monkeypatch):
+    """``smallest`` (topk, then the ties at the k-th value in index order; narrow rows: the sort
+    itself) picks and orders exactly what a stable sort's first k columns do: rows full of ties,
+    inf padding, k = 1 .. N."""
+    from daal_triton.reference import distance
+
+    monkeypatch.setattr(distance, "SORT_COLUMNS", sort_columns)
     g = torch.Generator().manual_seed(seed)
     values = torch.randint(0, 4, (23, 17), generator=g).double()
     values[torch.rand(23, 17, generator=g) < 0.3] = float("inf")
@@ -157,3 +162,19 @@ def test_a_detached_bank_costs_no_bank_sized_copy_or_gradient():
     bank_bytes = ref.numel() * ref.element_size()
     big = [e.name for e in prof.events() if e.self_cpu_memory_usage >= bank_bytes * 0.9]
     assert len(big) == 1, big
+
+
+def test_a_double_backward_inside_autocast_keeps_float32():
+    """The backward's own GEMMs go through ``matmul_nt`` too: a second derivative taken inside a
+    bfloat16 autocast region (a gradient penalty) was 2.9e-3 off the one taken outside it."""
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(9, 17, generator=g), torch.randn(7, 17, generator=g)
+
+    def second(inside):
+        a, b = x.clone().requires_grad_(True), y.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=inside):
+            (ga,) = torch.autograd.grad((R.pairwise_distance(a, b) ** 2).sum(), a, create_graph=True)
+            (gb,) = torch.autograd.grad((ga ** 2).sum(), b)
+        return gb
+
+    assert torch.equal(second(True), second(False))

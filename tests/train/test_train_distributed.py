@@ -222,6 +222,31 @@ def test_a_rank_whose_peer_stopped_says_so_in_one_line(monkeypatch, capsys, erro
         cli.main(["--out", "unused", "--no-progress"])
 
 
+def test_a_ranks_own_collective_error_is_not_blamed_on_a_peer(monkeypatch, capsys):
+    """Only what gloo and NCCL say when a peer has gone is the one line of the test above: NCCL's
+    own out of memory stays the memory line, and any other collective error (an invalid usage: a
+    bug of ours) its traceback, under torchrun too."""
+    from daal_triton.train import run as run_module
+
+    errors = [RuntimeError("NCCL communicator was aborted on rank 0: NCCL error: unhandled cuda error\n"
+                           "ncclUnhandledCudaError: Cuda failure 2 'out of memory'"),
+              RuntimeError("NCCL error in: ProcessGroupNCCL.cpp:1970, invalid usage, ncclInvalidUsage")]
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    for error in errors:
+        def failing(cfg, given=(), error=error):
+            raise error
+
+        monkeypatch.setattr(run_module, "run", failing)
+        if error is errors[0]:
+            assert cli.main(["--out", "unused", "--no-progress"]) == 1
+            err = capsys.readouterr().err
+            assert "out of memory" in err and "another process" not in err
+        else:
+            with pytest.raises(RuntimeError, match="ncclInvalidUsage"):
+                cli.main(["--out", "unused", "--no-progress"])
+
+
 def test_world_size_rules_of_the_configuration():
     """P must be a multiple of the world size (not the other way round), and --sync-bn in a world of
     CPU processes is refused from 2 processes on; checked before anything starts."""
