@@ -67,8 +67,11 @@ def matmul_nt(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     ``torch.compile``, which traced the backward's GEMMs in the autocast region it compiled in).
     In forward-mode AD the plain product: an autograd.Function would need a ``jvp``, which
     ``torch.compile`` refuses."""
-    if not (a.requires_grad or b.requires_grad) or getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0:
-        with autocast_off(a.device):  # no backward to protect (a kNN's selection): the plain product
+    if (not (torch.is_grad_enabled() and (a.requires_grad or b.requires_grad))
+            or getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0):
+        # no backward to protect (a kNN's selection, the backward's own products without
+        # create_graph): the plain product (autograd.Function.apply costs ~20 µs of host time)
+        with autocast_off(a.device):
             return a @ b.T
     return _MatmulNT.apply(a, b)
 
