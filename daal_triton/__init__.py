@@ -30,7 +30,6 @@ if TYPE_CHECKING:  # what type checkers and IDEs see (py.typed marks the package
     from .validation import NonFiniteError
 
 
-
 def _check_subpackages() -> None:
     """``kernels/`` and ``reference/`` sit at the repository's top and install *inside* the package
     (setup.py's ``package_dir``); the source folder ``daal_triton/`` alone lacks them. With a

@@ -191,9 +191,9 @@ def smallest(values: torch.Tensor, k: int) -> torch.Tensor:
     if k == 0:
         return torch.zeros(m, 0, dtype=torch.long, device=values.device)
     kth = values.topk(k, dim=1, largest=False).values[:, -1:]
-    at = values == kth
-    need = k - (values < kth).sum(1, keepdim=True)
-    take = (values < kth) | (at & (at.cumsum(1, dtype=torch.int32) <= need))
+    below, at = values < kth, values == kth
+    need = k - below.sum(1, keepdim=True)
+    take = below | (at & (at.cumsum(1, dtype=torch.int32) <= need))
     # the k taken columns, ascending (exactly k a row): the largest of n - column where taken
     rank = torch.arange(n, 0, -1, device=values.device, dtype=torch.int32)
     columns = torch.topk(torch.where(take, rank, 0), k, dim=1).indices
@@ -211,11 +211,11 @@ def selected_distance_sq(query: torch.Tensor, ref: torch.Tensor, index: torch.Te
     dtype = compute_dtype(query, ref)
     # the query's view first, then the rows: the order autograd records them in is the order their
     # gradients are summed in (where ``ref`` is ``query``), and so the bits of a training run
-    q = query.to(dtype)[:, None, :]
+    query = query.to(dtype)
+    q = query[:, None, :]
     rows = ref.to(dtype)[index]
     if batch_rows:
-        mine = index < batch_rows
-        rows = torch.where(mine[..., None], query.to(dtype)[index.clamp(max=batch_rows - 1)], rows)
+        rows = torch.where((index < batch_rows)[..., None], query[index.clamp(max=batch_rows - 1)], rows)
     diff = q - rows
     if found is not None:
         diff = torch.where(found[..., None], diff, diff.new_zeros(()))

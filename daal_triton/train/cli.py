@@ -298,13 +298,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"daal-train: error: {os_message(e)}", file=sys.stderr)
         return 1
     except (MemoryError, RuntimeError, ValueError) as e:  # sizes the machine cannot hold (--embedding-dim 1e9)
-        peer = None if out_of_memory(e) else _peer_stopped(e)
-        if peer:
-            print(f"daal-train: error: {peer}", file=sys.stderr)
-            return 1
-        if not out_of_memory(e):
+        # this rank's own out of memory; else, under torchrun, a collective whose peer had stopped
+        message = memory_message(e) if out_of_memory(e) else _peer_stopped(e)
+        if not message:
             raise
-        print(f"daal-train: error: {memory_message(e)}", file=sys.stderr)
+        print(f"daal-train: error: {message}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as e:  # run.Interrupted says how to go on
         print(f"daal-train: {str(e) or 'interrupted (Ctrl-C) before the run started: nothing was written'}",

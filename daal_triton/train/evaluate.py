@@ -113,7 +113,7 @@ def nmi_skipped(emb: torch.Tensor, labels: torch.Tensor, mode: str = "auto") -> 
     if mode == "off":
         return "NMI left out (--nmi off)"
     classes = len(torch.unique(labels)) if labels.numel() else 0
-    size = emb.shape[0] * classes * (emb.shape[1] if emb.dim() > 1 else 1)
+    size = emb.shape[0] * classes * emb.shape[1]
     if mode == "auto" and size > NMI_AUTO_LIMIT:
         return (f"NMI left out: k-means with {classes:,} clusters of {emb.shape[0]:,} points of dimension "
                 f"{emb.shape[1]} ({size:.1e} > {NMI_AUTO_LIMIT:.0e} images x classes x D) would take hours to "
