@@ -1773,6 +1773,10 @@ MUTANTS: Tuple[Mutant, ...] = (
            "    if world < 2 or not any(s in str(e) for s in PEER_GONE):",
            "    if world < 2:",
            ("tests/train/test_train_distributed.py", "-k", "own_collective",)),
+    Mutant("cli_rank_tag", "daal_triton/train/cli.py",
+           "    return f\"rank {rank}/{world}: \" if world >= 2 else \"\"",
+           "    return f\"rank {rank}/{world}: \" if world >= 3 else \"\"",
+           ("tests/train/test_train_distributed.py", "-k", "every_error_line",)),
 )
 
 

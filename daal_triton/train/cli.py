@@ -289,23 +289,23 @@ def main(argv: Optional[List[str]] = None) -> int:
                               f"(that loss's settings go in --loss-kwargs)")
         run(cfg, given=given)
     except (UsageError, DatasetLayoutError, ConfigError, CheckpointError) as e:
-        print(f"daal-train: error: {_message(e)}", file=sys.stderr)
+        print(f"daal-train: error: {_rank()}{_message(e)}", file=sys.stderr)
         return 2
     except Diverged as e:  # the run started and stopped: not a usage error (exit status 1)
-        print(f"daal-train: error: {e}", file=sys.stderr)
+        print(f"daal-train: error: {_rank()}{e}", file=sys.stderr)
         return 1
     except OSError as e:  # the file system refused (a full disk, a folder that cannot be created)
-        print(f"daal-train: error: {os_message(e)}", file=sys.stderr)
+        print(f"daal-train: error: {_rank()}{os_message(e)}", file=sys.stderr)
         return 1
     except (MemoryError, RuntimeError, ValueError) as e:  # sizes the machine cannot hold (--embedding-dim 1e9)
         # this rank's own out of memory; else, under torchrun, a collective whose peer had stopped
         message = memory_message(e) if out_of_memory(e) else _peer_stopped(e)
         if not message:
             raise
-        print(f"daal-train: error: {message}", file=sys.stderr)
+        print(f"daal-train: error: {_rank()}{message}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as e:  # run.Interrupted says how to go on
-        print(f"daal-train: {str(e) or 'interrupted (Ctrl-C) before the run started: nothing was written'}",
+        print(f"daal-train: {_rank()}{str(e) or 'interrupted (Ctrl-C) before the run started: nothing was written'}",
               file=sys.stderr)
         return 130
     return 0
@@ -321,16 +321,22 @@ def _peer_stopped(e: BaseException) -> Optional[str]:
     """Under torchrun, the line for a collective that failed because another rank stopped (a user
     error there, printed by that rank): a ~40-line gloo traceback here before (a distributed
     probe, 2026-12-07). None otherwise."""
+    if not _rank() or not any(s in str(e) for s in PEER_GONE):
+        return None
+    last = (str(e).strip().splitlines() or [""])[-1][:200]
+    return (f"another process of the run stopped, so this one cannot go on (that process's "
+            f"error is above, or in torchrun's report; {type(e).__name__}: {last})")
+
+
+def _rank() -> str:
+    """``"rank R/W: "`` under torchrun with two or more processes, else ``""``: what starts this
+    process's error line, so the one that failed first is told from the others (each rank prints
+    its own: a run that diverged says so on every rank, and a peer's "cannot go on" follows)."""
     try:
         world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     except ValueError:
-        return None
-    kind = type(e).__name__
-    if world < 2 or not any(s in str(e) for s in PEER_GONE):
-        return None
-    last = (str(e).strip().splitlines() or [""])[-1][:200]
-    return (f"rank {rank}/{world}: another process of the run stopped, so this one cannot go on (that process's "
-            f"error is above, or in torchrun's report; {kind}: {last})")
+        return ""
+    return f"rank {rank}/{world}: " if world >= 2 else ""
 
 
 def _message(e: Exception) -> str:

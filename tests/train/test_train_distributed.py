@@ -222,6 +222,27 @@ def test_a_rank_whose_peer_stopped_says_so_in_one_line(monkeypatch, capsys, erro
         cli.main(["--out", "unused", "--no-progress"])
 
 
+def test_every_error_line_names_its_rank_under_torchrun(monkeypatch, capsys):
+    """Under torchrun each process prints its own error line: a run that diverged says so on every
+    rank, and the first to fail is followed by the others' "cannot go on". Each line names its
+    rank (it did only in the peer's line); in one process nothing is added."""
+    from daal_triton.train import run as run_module
+
+    for error, status in [(run_module.Diverged("training diverged in epoch 3 of 20 (loss nan)"), 1),
+                          (cli.UsageError("--batch-size must be even"), 2), (OSError(28, "No space left on device"), 1)]:
+        def failing(cfg, given=(), error=error):
+            raise error
+
+        monkeypatch.setattr(run_module, "run", failing)
+        for world, rank, tag in [("2", "1", "rank 1/2: "), ("4", "0", "rank 0/4: "), ("1", "0", "")]:
+            monkeypatch.setenv("WORLD_SIZE", world)
+            monkeypatch.setenv("RANK", rank)
+            assert cli.main(["--out", "unused", "--no-progress"]) == status
+            err = capsys.readouterr().err.strip().splitlines()
+            assert len(err) == 1 and err[0].startswith("daal-train: error: " + tag), err
+            assert tag or "rank" not in err[0]
+
+
 def test_a_ranks_own_collective_error_is_not_blamed_on_a_peer(monkeypatch, capsys):
     """Only what gloo and NCCL say when a peer has gone is the one line of the test above: NCCL's
     own out of memory stays the memory line, and any other collective error (an invalid usage: a
