@@ -1777,6 +1777,10 @@ MUTANTS: Tuple[Mutant, ...] = (
            "    return f\"rank {rank}/{world}: \" if world >= 2 else \"\"",
            "    return f\"rank {rank}/{world}: \" if world >= 3 else \"\"",
            ("tests/train/test_train_distributed.py", "-k", "every_error_line",)),
+    Mutant("P_checked_up_front", "daal_triton/train/config.py",
+           "    check_classes_per_batch(cfg)\n",
+           "",
+           ("tests/train/test_train_study.py", "-k", "out_of_range",)),
 )
 
 

@@ -162,6 +162,18 @@ def check_data_flags(cfg: TrainConfig, given: Iterable[str]) -> None:
                                  if name == "augment" else ""))
 
 
+def check_classes_per_batch(cfg: TrainConfig) -> None:
+    """``-P`` at most the data set's training classes where they are known without reading it
+    (daal-study: before any cell runs); else run.py's check, once the data are read."""
+    from .data import MOST_TRAIN_CLASSES, NEEDS_ROOT
+
+    most = MOST_TRAIN_CLASSES.get(cfg.dataset)
+    if most is not None and cfg.classes_per_batch > most:
+        raise ConfigError(f"--classes-per-batch (P) = {cfg.classes_per_batch}, but {cfg.dataset} has "
+                          f"{'at most ' if cfg.dataset in NEEDS_ROOT else ''}{most} training classes: pass "
+                          f"--classes-per-batch {most} (-P) or fewer")
+
+
 def check_settings(cfg: TrainConfig) -> None:
     """The checks of :func:`validate_config` that need no device, world size or data: the numbers,
     the choices and the loss's settings (daal-study runs them on every configuration up front)."""
@@ -179,6 +191,7 @@ def validate_config(cfg: TrainConfig, world_size: int, device: torch.device) -> 
         check_backend(flag, backend, device)
     check_width(cfg)
     check_data_root(cfg)
+    check_classes_per_batch(cfg)
     if cfg.weights and cfg.width not in (None, 1, 1.0):
         raise ConfigError(f"--weights needs --width 1 (ImageNet weights exist only for torchvision's full-width "
                           f"VGG-19), got --width {cfg.width}")

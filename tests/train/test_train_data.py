@@ -686,3 +686,14 @@ def test_float_images_with_nan_or_inf_pixels_keep_their_picture():
         a[0, 0] = bad
         out = np.asarray(to_rgb(Image.fromarray(a)))
         assert out.max() == 255 and out[0, 0, 0] == 0 and 100 < out.mean() < 155, (bad, out.mean())
+
+
+def test_the_fixed_class_counts_daal_train_checks_P_against_are_the_data_sets():
+    """``-P`` is refused before any data is read where a data set's training classes are fixed
+    (config.check_data_root): the table must say what the loaders give."""
+    from daal_triton.train.data import MOST_TRAIN_CLASSES, build_datasets
+
+    for name in ("shapes", "digits"):
+        train, _ = build_datasets(name, image_size=32, shapes_train_per_class=1, shapes_test_per_class=1)
+        assert train.num_classes == MOST_TRAIN_CLASSES[name], name
+    assert set(MOST_TRAIN_CLASSES) == {"shapes", "digits", "cub200", "cars196"}

@@ -388,7 +388,7 @@ def test_study_flags_out_of_range_and_reserved_cell_flags_are_one_line(tmp_path,
              # a CLI fuzz, 2026-12-07: accepted, then every cell refused it; --hel printed daal-train's help
              (["--config", "A=", "--threads", str(10 ** 30)], "--threads must be between 1 and 4096"),
              (["--config", "A=--hel"], "configuration 'A': -h/--help is no training argument"),
-             (["--config", "A=--dataset digits --data-seed 1"],
+             (["--config", "A=--dataset digits -P 5 --data-seed 1"],
               "configuration 'A': daal-train would refuse it: --data-seed is read by --dataset shapes only"),
              (["--common=--ou=x", "--config", "A="], "'common': --ou=x is set by the study"),
              (["--file", str(seeds_bool)], "seeds must be a non-empty list of integers"),
@@ -410,6 +410,12 @@ def test_study_flags_out_of_range_and_reserved_cell_flags_are_one_line(tmp_path,
              (["--config", "A=--data-root x"], "configuration 'A': daal-train would refuse it: --data-root"),
              (["--config", "A=--dataset folder"],
               "configuration 'A': daal-train would refuse it: --dataset folder needs --data-root"),
+             # failed in every cell (exit status 2 in its log) before: digits has 5 training classes
+             (["--config", "A=--dataset digits"],
+              "configuration 'A': daal-train would refuse it: --classes-per-batch (P) = 12, but digits has 5 "
+              "training classes"),
+             (["--config", "A=--dataset cars196 --data-root . -P 99"],
+              "daal-train would refuse it: --classes-per-batch (P) = 99, but cars196 has at most 98 training classes"),
              (["--summarize"], "--summarize alone reads the study of")]  # no study.json in --out
     for argv, words in cases:
         seeds = [] if "--file" in argv or "--seeds" in argv else ["--seeds", "0"]

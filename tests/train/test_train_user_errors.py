@@ -127,7 +127,7 @@ def test_daal_train_refuses_up_front(case, tmp_path, error_line):
 def test_a_data_flag_the_data_set_ignores_is_refused(dataset, flags, words, tmp_path, error_line):
     """It would do nothing, yet config.json would record it as if it had (as --data-root with a
     built-in set, --daal-* with another loss)."""
-    root = ["--data-root", str(tmp_path)] if dataset == "folder" else []
+    root = ["--data-root", str(tmp_path)] if dataset == "folder" else ["-P", "5"]  # digits: 5 training classes
     out = tmp_path / "out"
     assert cli.main(["--dataset", dataset, *root, *flags, "--out", str(out), "--no-progress"]) == 2
     assert words in error_line("daal-train")

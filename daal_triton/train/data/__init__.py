@@ -12,6 +12,10 @@ from .sampler import DistributedPKSampler, PKSampler
 
 DATASETS = ("shapes", "digits", "cub200", "cars196", "sop", "folder")
 NEEDS_ROOT = ("cub200", "cars196", "sop", "folder")
+#: The training classes of the data sets split by class number (a photo set's folder may hold fewer:
+#: an upper bound), so a ``-P`` above it is refused before any data is read (daal-study: before
+#: any cell runs); ``sop``'s and ``folder``'s are known only once their files are read
+MOST_TRAIN_CLASSES = {"shapes": 12, "digits": 5, "cub200": 100, "cars196": 98}
 
 
 def build_datasets(name: str, data_root: Optional[str] = None, image_size: int = 32, *, seed: int = 0,
@@ -59,5 +63,5 @@ def build_datasets(name: str, data_root: Optional[str] = None, image_size: int =
     raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
 
 
-__all__ = ["DATASETS", "DatasetLayoutError", "DistributedPKSampler", "MetricDataset", "PKSampler", "SeededDraws",
-           "build_datasets"]
+__all__ = ["DATASETS", "DatasetLayoutError", "DistributedPKSampler", "MOST_TRAIN_CLASSES", "MetricDataset", "PKSampler",
+           "SeededDraws", "build_datasets"]
