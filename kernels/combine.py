@@ -224,6 +224,15 @@ def _backward(ctx, g_per, g_total, g_dens, g_len):
         return (None,) * 8
     gline, ghinge, gllen = _combine_backward_direct(
         g_per, g_total, g_dens, g_len, valid, bad, weights, *ctx.lambdas)
+    # none for a term no given gradient reaches (a backward of L_dens or L_len alone): zeros would
+    # run the line margin's backward for nothing and give the segments a zero gradient, which
+    # weight decay and momentum then move (the reference leaves them None)
+    if g_per is None and g_total is None:
+        gline = None
+        if g_dens is None:
+            ghinge = None
+    if g_total is None and g_len is None:
+        gllen = None
     return gline, ghinge, None, None, None, gllen if ctx.has_len else None, None, None
 
 

@@ -1368,7 +1368,8 @@ def _knn_backward_op(g: torch.Tensor, index: torch.Tensor, query: torch.Tensor,
     dtype = compute_dtype("knn", query, ref)
     q = prepare(query, dtype, align=align)
     r = q if ref is query else prepare(ref, dtype, align=align)
-    dq, dr = _knn_backward(g, index, q, r, ref_grad, cast=False, dr_rows=ref_rows)  # float32 (dr: r's dtype when empty)
+    # index.contiguous(): the forward's result as it wrote it (a saved-tensor hook may relayout it)
+    dq, dr = _knn_backward(g, index.contiguous(), q, r, ref_grad, cast=False, dr_rows=ref_rows)  # float32 (dr: r's dtype when empty)
     D = query.shape[1]
     return columns(dq, D, query.dtype), columns(dr, D, ref.dtype)
 

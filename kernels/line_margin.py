@@ -1169,6 +1169,10 @@ def _line_margin2_backward(grad_out, x, seg, sx, st, labels, lse, rs, alpha, lam
     cfgs = CONFIGS[config_family(x.dtype)]
     x = x if x.stride(1) == 1 else x.contiguous()
     seg = _unit_feature_stride(seg)
+    # the forward's own results, read as it wrote them (contiguous): a saved-tensor hook
+    # (torch.autograd.graph.saved_tensors_hooks: offload, compression) may give them back in
+    # another layout, and the kernels take no strides for them; free when it did not
+    sx, st, labels, lse, rs = (t.contiguous() for t in (sx, st, labels, lse, rs))
     B, D = x.shape
     C = seg.shape[0]
     # the forward's copy, the segments themselves, or (the forward kept no copy: _kept_copy) a

@@ -203,6 +203,9 @@ def _prepare_backward_op(gx: torch.Tensor, x: torch.Tensor, n: torch.Tensor, dty
     B, D = x.shape
     gz = torch.empty(B, D, device=x.device, dtype=dtype)
     if B:
+        # the forward's results as it wrote them: a saved-tensor hook may relayout them (the
+        # kernel reads x as rows * D and n with unit stride); free when it did not
+        x, n = x.contiguous(), n.contiguous()
         gx = prepare_rows(gx, torch.float32)
         cfg = CONFIGS[config_family(dtype)]["bwd"]
         _prepare_bwd_kernel[(cdiv(B, cfg.blocks["BLOCK_B"]),)](
