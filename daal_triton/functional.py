@@ -15,6 +15,7 @@ from .backend import choose_backend, refuse_vmap
 from .core import DAALParts, Hyperparameters, Operators, _no_autocast, _on_device, compose
 from .validation import (
     check_flag,
+    check_distance_range,
     check_float_matrix,
     check_same_device,
     validate_knn_inputs,
@@ -208,7 +209,9 @@ def pairwise_distance(x: torch.Tensor, y: torch.Tensor, *, backend: str = "auto"
     Computed in the GEMM form ``||x_i||^2 + ||y_j||^2 - 2 x_i.y_j``, as ``torch.cdist`` computes
     large inputs: its absolute error is about ``sqrt(eps) * max(||x_i||, ||y_j||)`` (float32: ~1e-2
     at norms ~10, ~1e-3 for unit rows), so close pairs, a row's distance to itself included, are
-    not resolved. :func:`knn` takes the distances it returns by direct differences: exact there."""
+    not resolved. :func:`knn` takes the distances it returns by direct differences: exact there.
+    Its squares overflow for rows of norm beyond ``2^62`` (float32; ``2^510`` in float64): the
+    value check refuses them (docs/method.md, "Bad input")."""
     refuse_vmap("pairwise_distance")
     for name, t in (("x", x), ("y", y)):
         if not isinstance(t, torch.Tensor):
@@ -219,6 +222,10 @@ def pairwise_distance(x: torch.Tensor, y: torch.Tensor, *, backend: str = "auto"
     check_float_matrix(y, "y", values=values)
     if x.shape[1] != y.shape[1]:
         raise ValueError(f"x and y must have the same number of columns, got {x.shape[1]} and {y.shape[1]}")
+    if values:
+        dtype = torch.promote_types(torch.promote_types(x.dtype, y.dtype), torch.float32)
+        check_distance_range(x, "x", dtype)
+        check_distance_range(y, "y", dtype)
     if choose_backend(backend, x.device, torch.promote_types(x.dtype, y.dtype), own_dots=True) == "triton":
         from .kernels.pairwise import pairwise_distance as kernel
 
@@ -245,7 +252,9 @@ def knn(
     neighbours are ``inf`` / ``-1``; ties go to the smaller index (float32's ties: distances equal
     in exact arithmetic may differ in the last bit, docs/method.md "Numerics"). The Triton backend never
     builds the M x N matrix. ``dist`` is float32 for float16/bfloat16/float32 inputs (float64 for
-    float64), ``index`` int64; the gradients come back in the inputs' dtypes.
+    float64), ``index`` int64; the gradients come back in the inputs' dtypes. Rows of norm beyond
+    ``2^62`` (float32; ``2^510`` in float64) are refused by the value check: their squared
+    distances would overflow (docs/method.md, "Bad input").
     """
     refuse_vmap("knn")
     validate_knn_inputs(query, ref, k, query_labels, ref_labels, check_values=check_values)

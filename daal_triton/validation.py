@@ -10,6 +10,7 @@ sample (``daal_triton.core.compose``).
 """
 from __future__ import annotations
 
+import math
 import numbers
 import os
 import sys
@@ -103,6 +104,34 @@ def check_finite(t: torch.Tensor, name: str) -> None:
         if bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all()):
             return
     raise NonFiniteError(f"{name} contains NaN or inf")
+
+
+#: The largest row norm whose squared distances the GEMM form ``||x||^2 + ||y||^2 - 2 x.y`` holds,
+#: by compute dtype (float32 for float16/bfloat16/float32 rows): every term and sum stays below
+#: ``2^126`` (float32) or ``2^1022`` (float64), so nothing overflows to inf or turns into NaN
+DISTANCE_NORM_LIMIT = {torch.float32: 2.0 ** 62, torch.float64: 2.0 ** 510}
+
+
+def check_distance_range(t: torch.Tensor, name: str, dtype: torch.dtype) -> None:
+    """Refuses a row of ``t`` whose norm passes :data:`DISTANCE_NORM_LIMIT` for the compute
+    ``dtype``: its squared distances would overflow (``inf - inf``: NaN, or a row with no
+    neighbour), which a finite input must not silently give (a layout probe, 2026-12-07: rows of
+    norm 3e19 had NaN distances and no kNN neighbour on both backends). One max-reduction
+    settles almost every call: ``max |t_ij| sqrt(D)`` bounds every row's norm."""
+    limit = DISTANCE_NORM_LIMIT[dtype]
+    if not t.numel():
+        return
+    with torch.no_grad():
+        if float(torch.linalg.vector_norm(t, ord=math.inf)) * math.sqrt(t.shape[1]) <= limit:
+            return
+        norms = torch.linalg.vector_norm(t.double(), dim=1)
+        over = (norms > limit).nonzero()
+        if not over.numel():
+            return
+        i = int(over[0, 0])
+    raise ValueError(f"{name}: row {i} has norm {float(norms[i]):.3g}, above {limit:.3g} (2^{int(math.log2(limit))}): "
+                     f"its squared distances overflow {str(dtype)[6:]} (||x||^2 + ||y||^2 - 2 x.y); scale the rows down"
+                     + (" or pass float64 rows" if dtype != torch.float64 else ""))
 
 
 def check_labels(labels, name: str, size: int, num_classes: Optional[int], *, values: bool = True) -> None:
@@ -242,6 +271,10 @@ def validate_knn_inputs(query, ref, k, query_labels=None, ref_labels=None, *,
     if query.shape[1] != ref.shape[1]:
         raise ValueError(f"query and ref must have the same number of columns, got {query.shape[1]} and {ref.shape[1]}")
     check_k(k)
+    if values:
+        dtype = torch.promote_types(torch.promote_types(query.dtype, ref.dtype), torch.float32)
+        check_distance_range(query, "query", dtype)
+        check_distance_range(ref, "ref", dtype)
     if (query_labels is None) != (ref_labels is None):
         raise ValueError("query_labels and ref_labels must be given together")
     if query_labels is not None:

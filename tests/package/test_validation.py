@@ -120,6 +120,38 @@ def test_knn_and_pairwise_errors():
     raises("all tensors must be on one device", dt.pairwise_distance, q, r.to("meta"))
 
 
+@pytest.mark.parametrize("backend, dtype", [
+    ("reference", torch.float32), ("reference", torch.bfloat16),
+    # bfloat16 knn/pairwise_distance need a GPU on the kernels (the interpreter has no bf16 dot)
+    pytest.param("triton", torch.float32, marks=[pytest.mark.interpreter, needs_kernels])])
+def test_rows_whose_squared_distances_overflow_are_named(backend, dtype):
+    """Finite rows of norm beyond 2^62 (float32 and bfloat16 rows reach 3e38) gave NaN distances
+    and "no neighbour" (-1) on both backends: refused, naming the argument and the row. At the
+    limit the distances are finite and right (GEMM form: ~sqrt(eps) of the norm); float64 rows,
+    computed in float64, are not refused."""
+    D = 129
+    x = torch.nn.functional.normalize(torch.randn(9, D, dtype=torch.float64), dim=1) * 2.0 ** 62 * 0.999
+    x[0] = x[1]
+    x[2] = -x[3]
+    big = x.clone()
+    big[5] *= 1.01
+    raises(r"query: row 5 has norm 4.6\de\+18, above 4.61e\+18 \(2\^62\): its squared distances overflow float32",
+           dt.knn, big.to(dtype), x.to(dtype), 2, backend=backend)
+    raises("ref: row 5 has norm", dt.knn, x.to(dtype), big.to(dtype), 2, backend=backend)
+    raises("y: row 5 has norm", dt.pairwise_distance, x.to(dtype), big.to(dtype), backend=backend)
+    xs = x.to(dtype).requires_grad_()
+    d = dt.pairwise_distance(xs, xs, backend=backend)
+    d.sum().backward()
+    want = torch.cdist(xs.detach().double(), xs.detach().double())
+    assert torch.isfinite(d).all() and torch.isfinite(xs.grad).all()
+    assert (d.double() - want).abs().max() < 1e-3 * want.max()
+    dist, index = dt.knn(xs.detach(), xs.detach(), 3, exclude_self=True, backend=backend)
+    assert torch.isfinite(dist).all() and (index >= 0).all()
+    assert index[0, 0] == 1 and index[1, 0] == 0
+    d64 = dt.pairwise_distance(big, big)  # float64: its own limit, 2^510
+    assert torch.isfinite(d64).all()
+
+
 def _not_dense(t: torch.Tensor, layout: str) -> torch.Tensor:
     """``t`` in ``layout``: "sparse_coo", "sparse_csr" (2-D; 1-D tensors stay COO), "mkldnn" (float32;
     others COO) or "nested" (one component per row, or the vector itself)."""
