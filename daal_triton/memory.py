@@ -137,9 +137,13 @@ class MemoryBank:
                 raise ValueError(f"state[{name!r}] must be a tensor of shape {tuple(have.shape)} "
                                  f"(this bank's size and dim), got {shape}")
         # the dtypes enqueue takes: float labels would be truncated, and NaN rows refused only by a
-        # later loss call, as its ref_emb
-        check_float_matrix(state["embeddings"], "state['embeddings']",
-                           values=value_checks_on(state["embeddings"].device))
+        # later loss call, as its ref_emb; the values as stored, as enqueue checks them (a float32
+        # state's 1e5 is inf in a float16 bank: accepted before, then every loss call refused it)
+        check_float_matrix(state["embeddings"], "state['embeddings']", values=False)
+        if value_checks_on(state["embeddings"].device):
+            stored = state["embeddings"].to(self.embeddings.dtype)
+            check_finite(stored, "state['embeddings']" if stored.dtype == state["embeddings"].dtype
+                         else f"state['embeddings'] (stored as {str(stored.dtype).replace('torch.', '')})")
         check_labels(state["labels"], "state['labels']", self.size, None, values=False)
         filled = as_int(state.get("filled"), "state['filled']", minimum=0)
         ptr = as_int(state.get("ptr"), "state['ptr']", minimum=0)

@@ -192,7 +192,9 @@ def smallest(values: torch.Tensor, k: int) -> torch.Tensor:
         return torch.zeros(m, 0, dtype=torch.long, device=values.device)
     kth = values.topk(k, dim=1, largest=False).values[:, -1:]
     below, at = values < kth, values == kth
-    need = k - below.sum(1, keepdim=True)
+    # int32 throughout: an int64 sum or comparison made two M x N int64 copies, the largest blocks
+    # of a 512 x 20,000 kNN (a memory probe, 2026-12-07)
+    need = k - below.sum(1, keepdim=True, dtype=torch.int32)
     take = below | (at & (at.cumsum(1, dtype=torch.int32) <= need))
     # the k taken columns, ascending (exactly k a row): the largest of n - column where taken
     rank = torch.arange(n, 0, -1, device=values.device, dtype=torch.int32)

@@ -1809,6 +1809,14 @@ MUTANTS: Tuple[Mutant, ...] = (
            "        check_distance_range(y, \"y\", dtype)\n",
            "",
            ("tests/package/test_validation.py", "-k", "squared_distances_overflow",)),
+    Mutant("smallest_int64_count", "reference/distance.py",
+           "below.sum(1, keepdim=True, dtype=torch.int32)",
+           "below.sum(1, keepdim=True)",
+           ("tests/reference/test_reference_distance.py", "-k", "int64",)),
+    Mutant("bank_state_checked_unstored", "daal_triton/memory.py",
+           "            stored = state[\"embeddings\"].to(self.embeddings.dtype)\n",
+           "            stored = state[\"embeddings\"]\n",
+           ("tests/package/test_memory_bank.py", "-k", "state",)),
 )
 
 

@@ -161,6 +161,14 @@ def test_bank_state_is_checked_and_carries_no_gradient():
         with pytest.raises(ValueError, match=words):
             fresh.load_state_dict(dict(state, **change))
         assert len(fresh) == 0 and fresh.ptr == 0  # nothing half-loaded
+    # checked as stored, as enqueue checks (a memory probe, 2026-12-07: a float32 state's 1e5 became
+    # inf in a float16 bank, and every later loss call refused its ref_emb)
+    half = MemoryBank(5, 2, dtype=torch.float16)
+    with pytest.raises(ValueError, match=r"state\['embeddings'\] \(stored as float16\) contains NaN or inf"):
+        half.load_state_dict(dict(state, embeddings=torch.full((5, 2), 1e5)))
+    assert len(half) == 0
+    half.load_state_dict(dict(state, embeddings=torch.full((5, 2), 6e4)))  # within float16's range
+    assert torch.equal(half.get()[0], torch.full((3, 2), 6e4, dtype=torch.float16))
     full = dict(state, ptr=2, filled=5)  # a full ring may wrap anywhere
     other.load_state_dict(full)
     assert len(other) == 5 and other.ptr == 2
