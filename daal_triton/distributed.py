@@ -22,8 +22,9 @@ every rank, not the loss, so call ``broadcast_params(loss_fn.parameters())`` onc
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
-from typing import Iterable, Tuple
+from typing import Iterable, Iterator, Tuple
 
 import torch
 import torch.distributed as dist
@@ -184,3 +185,31 @@ def broadcast_params(params: Iterable[torch.Tensor], src: int = 0) -> None:
         return
     for p in params:
         dist.broadcast(p.data, src=src)
+
+
+@contextlib.contextmanager
+def rank0_random(device: torch.device) -> Iterator[None]:
+    """Inside, every rank draws rank 0's random numbers (torch's CPU generator, and ``device``'s if
+    CUDA), and rank 0 draws them as it would alone; the other ranks' own generators are as before
+    afterwards. One broadcast of rank 0's generator states (a few KB); nothing in one process.
+    For what draws random numbers on the global batch (a random miner or loss: each rank would
+    mine its own tuples); ``daal-train`` runs its miner and pytorch-metric-learning losses in it."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        yield
+        return
+    cpu = torch.get_rng_state()
+    cuda = device.type == "cuda"
+    state = torch.cat([cpu, torch.cuda.get_rng_state(device)]) if cuda else cpu
+    # NCCL moves CUDA tensors only; gloo both
+    on = device if cuda and dist.get_backend() == "nccl" else torch.device("cpu")
+    state = state.to(on)
+    dist.broadcast(state, src=0)
+    if dist.get_rank() == 0:
+        yield
+        return
+    state = state.cpu()
+    with torch.random.fork_rng(devices=[device] if cuda else []):
+        torch.set_rng_state(state[:cpu.numel()])
+        if cuda:
+            torch.cuda.set_rng_state(state[cpu.numel():], device)
+        yield

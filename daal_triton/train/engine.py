@@ -11,7 +11,7 @@ import inspect
 import math
 import time
 import warnings
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -19,7 +19,7 @@ from torch import nn
 import daal_triton
 
 from daal_triton.core import Hyperparameters
-from daal_triton.distributed import gather_batch, sync_grads
+from daal_triton.distributed import gather_batch, rank0_random, sync_grads  # noqa: F401  (engine.rank0_random)
 from daal_triton.memory import MemoryBank
 
 from .config import DAAL_TRAIN_FIELDS, TrainConfig, default_daal  # noqa: F401  (engine.default_daal)
@@ -209,34 +209,6 @@ class GlobalBatchLoss:
             loss = criterion(emb, labs, tuples, **kw) if tuples is not None else criterion(emb, labs, **kw)
         self.bank.enqueue(emb.detach(), labs)
         return loss
-
-
-@contextlib.contextmanager
-def rank0_random(device: torch.device) -> Iterator[None]:
-    """Inside, every rank draws rank 0's random numbers (torch's CPU generator, and ``device``'s if
-    CUDA), and rank 0 draws them as it would alone; the other ranks' own generators are as before
-    afterwards. One broadcast of rank 0's generator states (a few KB); nothing in one process."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        yield
-        return
-    cpu = torch.get_rng_state()
-    cuda = device.type == "cuda"
-    state = torch.cat([cpu, torch.cuda.get_rng_state(device)]) if cuda else cpu
-    # NCCL moves CUDA tensors only; gloo both
-    on = device if cuda and dist.get_backend() == "nccl" else torch.device("cpu")
-    state = state.to(on)
-    dist.broadcast(state, src=0)
-    if dist.get_rank() == 0:
-        yield
-        return
-    state = state.cpu()
-    with torch.random.fork_rng(devices=[device] if cuda else []):
-        torch.set_rng_state(state[:cpu.numel()])
-        if cuda:
-            torch.cuda.set_rng_state(state[cpu.numel():], device)
-        yield
 
 
 LOG_EVERY = 50  # default --log-every: steps between two reads of the running loss

@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import daal_triton as dt
-from daal_triton.distributed import broadcast_params, gather_batch, sync_grads, world_size
+from daal_triton.distributed import broadcast_params, gather_batch, rank0_random, sync_grads, world_size
 
 B, D_IN, D, C = 12, 6, 5, 4
 
@@ -262,3 +262,27 @@ def test_gather_refuses_a_bad_share_on_every_rank(tmp_path, case):
     _spawn(_bad_share_worker, (2, _free_port(), str(tmp_path), case), 2, str(tmp_path), ".bad")
     for r in range(2):
         assert torch.load(tmp_path / f"rank{r}.bad") == ["ValueError", [10] * 3 + [11] * 3]
+
+
+def _rank0_random_worker(rank, world, port, out_dir):
+    torch.manual_seed(100 + rank)  # ranks seeded differently, as a user's might be
+    with _gloo_group(rank, world, port):
+        with rank0_random(torch.device("cpu")):
+            shared = torch.rand(4)
+        own = torch.rand(4)
+        torch.save((shared, own), os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+@pytest.mark.slow
+def test_rank0_random_draws_rank_0s_numbers_on_every_rank(tmp_path):
+    """Inside, every rank draws what rank 0 draws (and rank 0 what it would alone); afterwards each
+    rank's own generator goes on as if nothing had been drawn. Nothing happens in one process."""
+    _spawn(_rank0_random_worker, (2, _free_port(), str(tmp_path)), 2, str(tmp_path), ".pt")
+    (s0, o0), (s1, o1) = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    alone = torch.Generator().manual_seed(100)
+    assert torch.equal(s0, torch.rand(4, generator=alone)) and torch.equal(s1, s0)
+    assert torch.equal(o0, torch.rand(4, generator=alone))
+    assert torch.equal(o1, torch.rand(4, generator=torch.Generator().manual_seed(101)))
+    before = torch.get_rng_state()
+    with rank0_random(torch.device("cpu")):
+        assert torch.equal(torch.get_rng_state(), before)
