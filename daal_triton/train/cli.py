@@ -18,6 +18,7 @@ from typing import Any, Dict, List, Optional
 from daal_triton.core import Hyperparameters
 
 from .config import CHOICES, DAAL_TRAIN_FIELDS, TrainConfig, default_daal
+from .console import stop_name
 from .files import folder_in_use, is_special, loads_json, nan_to_null, special_text
 from .model import SMALL_DATASETS, SMALL_WIDTH, default_width
 
@@ -305,7 +306,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"daal-train: error: {_rank()}{message}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as e:  # run.Interrupted says how to go on
-        print(f"daal-train: {_rank()}{str(e) or 'interrupted (Ctrl-C) before the run started: nothing was written'}",
+        print(f"daal-train: {_rank()}{str(e) or f'interrupted ({stop_name()}) before the run started: nothing was written'}",
               file=sys.stderr)
         return 130
     return 0
@@ -452,7 +453,7 @@ def eval_main(argv: Optional[List[str]] = None) -> int:
         print(f"daal-eval: error: {memory_message(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("daal-eval: interrupted (Ctrl-C)", file=sys.stderr)
+        print(f"daal-eval: interrupted ({stop_name()})", file=sys.stderr)
         return 130
     return 0
 

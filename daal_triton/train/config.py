@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import shlex
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, Optional
 
@@ -390,6 +391,13 @@ def check_out(cfg: TrainConfig) -> None:
             return
         if os.path.realpath(home) == os.path.realpath(out):
             last = os.path.join(out, "checkpoint_last.pt")
+            if os.path.exists(last) and cfg.save not in ("both", "last"):
+                # its checkpoint_last.pt would stay behind while the run trained on: a later --resume
+                # of it replaced those epochs' records, silently (a run-folder probe, 2026-12-07)
+                raise ConfigError(f"--save {cfg.save} with --resume in the run's own folder would leave its "
+                                  f"{last} at this checkpoint's epoch while the run trains on, and a later "
+                                  f"--resume of it would replace the epochs trained since: keep --save both or "
+                                  f"last here, or pass another --out for this part of the run")
             if not os.path.exists(last) or os.path.realpath(last) == os.path.realpath(cfg.resume):
                 return
             raise ConfigError(f"--resume {cfg.resume} is not {last}, the run's own last state, which resuming "
@@ -406,7 +414,7 @@ def check_out(cfg: TrainConfig) -> None:
         shown = ", ".join(held[:4]) + (", ..." if len(held) > 4 else "")
         last = os.path.join(out, "checkpoint_last.pt")
         if os.path.isfile(last):
-            raise ConfigError(f"--out {out} is not empty ({shown}): pass --resume {last} to continue that run, "
+            raise ConfigError(f"--out {out} is not empty ({shown}): pass --resume {shlex.quote(last)} to continue that run, "
                               f"--overwrite to replace it, or another --out")
         raise ConfigError(f"--out {out} is not empty ({shown}) and holds no checkpoint_last.pt to resume: pass "
                           f"--overwrite to replace the run there (files daal-train does not write stay), or "

@@ -78,8 +78,30 @@ def _run(load: Callable[[], Callable[[], int]], prog: str) -> int:
                 pass
 
 
+#: What stopped the program, for its "interrupted (...)" line: Ctrl-C (SIGINT) or SIGTERM (``kill``,
+#: ``timeout``, a batch system's or a container's stop)
+STOPPED_BY = ["Ctrl-C"]
+
+
+def stop_name() -> str:
+    return STOPPED_BY[-1]
+
+
+def _stop_once(signum: int, frame: Any) -> None:
+    """While the program runs, the first SIGINT or SIGTERM stops it as Ctrl-C does (a
+    KeyboardInterrupt: the run cleans up and says how to go on); every later one is ignored, so
+    nothing cuts that short. (A second Ctrl-C that landed while the line was printed gave a
+    traceback; SIGTERM ended the program with no line, could leave a ``NAME.tmp``, and left a
+    study's running cells orphaned: a run-folder probe, 2026-12-07.)"""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    STOPPED_BY.append("SIGTERM" if signum == signal.SIGTERM else "Ctrl-C")
+    raise KeyboardInterrupt
+
+
 def _run_program(load: Callable[[], Callable[[], int]], prog: str) -> int:
     held: List[int] = []
+    STOPPED_BY[:] = ["Ctrl-C"]
 
     def hold(signum, frame):
         if held:  # a second Ctrl-C while loading: the user insists (an import that hangs)
@@ -87,6 +109,10 @@ def _run_program(load: Callable[[], Callable[[], int]], prog: str) -> int:
         held.append(signum)
 
     previous = signal.signal(signal.SIGINT, hold)
+    term = signal.getsignal(signal.SIGTERM)
+    term = signal.SIG_DFL if term is None else term
+    if term != signal.SIG_IGN:  # a SIGTERM is held as a Ctrl-C is (it killed the imports outright)
+        signal.signal(signal.SIGTERM, hold)
     try:
         try:
             main = load()
@@ -99,11 +125,21 @@ def _run_program(load: Callable[[], Callable[[], int]], prog: str) -> int:
             return 1
         finally:
             signal.signal(signal.SIGINT, previous)
+            signal.signal(signal.SIGTERM, term)
         if held:
+            STOPPED_BY.append("SIGTERM" if held[0] == signal.SIGTERM else "Ctrl-C")
             raise KeyboardInterrupt
-        status = main()
+        # a signal the process inherited ignored (a background job's SIGINT) stays ignored
+        if signal.getsignal(signal.SIGINT) != signal.SIG_IGN:
+            signal.signal(signal.SIGINT, _stop_once)
+        if term != signal.SIG_IGN:
+            signal.signal(signal.SIGTERM, _stop_once)
+        try:
+            status = main()
+        finally:  # a SIGTERM while Python shuts down ends it, as before
+            signal.signal(signal.SIGTERM, term)
     except KeyboardInterrupt:  # held during the imports, or before main's own handler
-        print(f"{prog}: interrupted (Ctrl-C)", file=sys.stderr)
+        print(f"{prog}: interrupted ({stop_name()})", file=sys.stderr)
         status = 130
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     return status

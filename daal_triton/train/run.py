@@ -18,6 +18,7 @@ import contextlib
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import time
@@ -39,6 +40,7 @@ from .checkpoint import (CheckpointError, load_checkpoint, load_weights, require
 from .config import (REPLACED, TrainConfig, check_data_flags, check_kinds, check_out, check_resume_folder,
                      checked_device, default_daal, in_use, note_source, resume_config, taken_from_checkpoint,
                      validate_config)
+from .console import stop_name
 from .data import DistributedPKSampler, PKSampler, SeededDraws, build_datasets
 from .ddp import ConfigError
 from .devices import (compile_network, loader_options, place_model, prepare_device, resolve_amp, resolve_backend,
@@ -252,7 +254,7 @@ def _diverged(state: "RunState", epoch: int, e: Union[Exception, str]) -> str:
     again = "start again (another --out, or --overwrite)"
     if cfg.resume:  # --overwrite is no resume's flag: resume again, from this folder's checkpoint if it has one
         src = last if os.path.isfile(last) else cfg.resume
-        again = f"resume again with daal-train --resume {src}" + (
+        again = f"resume again with daal-train --resume {shlex.quote(src)}" + (
             "" if src == last else f" and another (empty) --out: {cfg.out} holds this attempt's files")
     if cfg.weight_decay >= 1 and cfg.lr * cfg.weight_decay >= 1:  # AdamW scales the weights by 1 - lr x decay
         return (f"training diverged in epoch {epoch} of {cfg.epochs} ({e}); the run stopped, {kept}. --weight-decay "
@@ -263,21 +265,30 @@ def _diverged(state: "RunState", epoch: int, e: Union[Exception, str]) -> str:
             f"--lr / --loss-lr (now {cfg.lr:g} / {cfg.loss_lr:g}) or a longer --warmup-epochs, and {again}")
 
 
+def resume_command(state: "RunState") -> str:
+    """The command that continues the run: ``daal-train --resume`` its ``checkpoint_last.pt``
+    (quoted for a shell: a path with spaces was printed as it is), with ``--threads`` on the CPU,
+    where PyTorch's sums depend on the thread count and a resume is bit-identical only at the same
+    one (``--threads`` is a setting of the process, not recorded: a run-folder probe, 2026-12-07)."""
+    cmd = f"daal-train --resume {shlex.quote(state.path('checkpoint_last.pt'))}"
+    return cmd + (f" --threads {torch.get_num_threads()}" if state.device.type == "cpu" else "")
+
+
 def _interrupted(cfg: TrainConfig, state: Optional["RunState"]) -> str:
     """What a run stopped by Ctrl-C says: where it stopped and how to go on."""
     if state is not None and not state.main:
-        return f"interrupted (Ctrl-C); rank 0 says how to go on (the run writes to {cfg.out})"
+        return f"interrupted ({stop_name()}); rank 0 says how to go on (the run writes to {cfg.out})"
     if state is None or state.metrics_file is None and not state.put_back:  # nothing written yet
-        return "interrupted (Ctrl-C) before the run wrote anything: run the same command again to start it"
+        return f"interrupted ({stop_name()}) before the run wrote anything: run the same command again to start it"
     last = state.path("checkpoint_last.pt")
-    where = (f"interrupted (Ctrl-C) while evaluating the baselines, before epoch 1 of {cfg.epochs}" if state.baselines
-             else f"interrupted (Ctrl-C) in epoch {state.done + 1} of {cfg.epochs}" if state.done < state.last_epoch
-             else f"interrupted (Ctrl-C) after epoch {state.done} of {cfg.epochs}, while writing the outputs")
+    where = (f"interrupted ({stop_name()}) while evaluating the baselines, before epoch 1 of {cfg.epochs}" if state.baselines
+             else f"interrupted ({stop_name()}) in epoch {state.done + 1} of {cfg.epochs}" if state.done < state.last_epoch
+             else f"interrupted ({stop_name()}) after epoch {state.done} of {cfg.epochs}, while writing the outputs")
     if state.put_back:  # what it wrote is gone, the run it was replacing back in place
         return (f"{where}, before it could be resumed: its files are removed and the run it was replacing "
                 f"is back in {cfg.out}; run the same command again to start it")
     if os.path.isfile(last):
-        return f"{where}: continue from its last checkpoint with daal-train --resume {last}"
+        return f"{where}: continue from its last checkpoint with {resume_command(state)}"
     why = "" if cfg.save in ("both", "last") else f" (--save {cfg.save} writes none)"
     if cfg.resume:  # resumed into a new folder: its source is intact; --overwrite is no resume's flag
         held = ", ".join(sorted(os.listdir(cfg.out))) if os.path.isdir(cfg.out) else "nothing"
@@ -639,18 +650,28 @@ def _deferred_interrupt():
     """Ctrl-C (SIGINT) inside the block is held until its end, then raised as KeyboardInterrupt:
     moving a run's files is never stopped halfway. Outside the main thread (no signal handlers
     there) the block runs as it is."""
-    got = []
+    got: List[int] = []
     try:
-        previous = signal.signal(signal.SIGINT, lambda *_: got.append(True))
+        previous = signal.signal(signal.SIGINT, lambda signum, _: got.append(signum))
     except ValueError:  # not the main thread
         yield
         return
+    term = signal.getsignal(signal.SIGTERM)
+    hold_term = callable(term)  # the console's handler: a SIGTERM is held as a Ctrl-C is
+    if hold_term:
+        signal.signal(signal.SIGTERM, lambda signum, _: got.append(signum))
     try:
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
-    if got:
-        raise KeyboardInterrupt
+        if hold_term:
+            signal.signal(signal.SIGTERM, term)
+    if got:  # delivered now, to the handler the block held it from (ignored where that ignores it)
+        handler = previous if got[0] == signal.SIGINT else term
+        if callable(handler):
+            handler(got[0], None)
+        if handler != signal.SIG_IGN:
+            raise KeyboardInterrupt
 
 
 def _lock_out(out: str) -> Optional[int]:
@@ -796,7 +817,7 @@ def finish(state: RunState) -> None:
     cfg = state.cfg
     if state.stopped:
         state.log(f"stopped after epoch {state.epoch} of {cfg.epochs} (--stop-after); continue with "
-                  f"daal-train --resume {state.path('checkpoint_last.pt')}"
+                  f"{resume_command(state)}"
                   + (f" (the run it replaces stays in {state.path(REPLACED)} until then)"
                      if os.path.isdir(state.path(REPLACED)) else ""))
         return

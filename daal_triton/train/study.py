@@ -36,6 +36,7 @@ import time
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 from .config import SEED_LIMIT, _check_writable  # daal-train's bound on --seed; --out's check
+from .console import stop_name
 from .files import loads_json, open_here, read_json, unlink_if_link, write_text_atomically
 from .log import plural
 
@@ -938,7 +939,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"daal-study: error: {e.strerror or e}: {e.filename or ''}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("daal-study: interrupted (Ctrl-C): run the same command again to go on (finished cells are kept, "
+        print(f"daal-study: interrupted ({stop_name()}): run the same command again to go on (finished cells are kept, "
               "half-finished ones resume from their checkpoint_last.pt)", file=sys.stderr)
         return 130
 

@@ -358,6 +358,23 @@ def test_an_older_copy_in_the_run_folder_does_not_replace_its_last_state(one_epo
     assert _ck(branch)["epoch"] == 2 and _ck(run)["epoch"] == 1
 
 
+@pytest.mark.parametrize("save", ["best", "none"])
+def test_a_resume_in_place_that_would_leave_its_last_state_behind_is_refused(one_epoch, tmp_path, error_line, save):
+    """A run resumed in its own folder with --save best|none trained on while checkpoint_last.pt stayed
+    at its epoch: a later --resume of that file replaced the epochs trained since, records and all,
+    with no word (a run-folder probe, 2026-12-07). Refused up front; into another --out it goes."""
+    run = _copy(one_epoch, tmp_path)
+    before = {f: open(os.path.join(run, f), "rb").read() for f in os.listdir(run) if os.path.isfile(os.path.join(run, f))}
+    assert cli.main(["--resume", _last(run), "--epochs", "2", "--save", save, "--no-progress"]) == 2
+    line = error_line("daal-train")
+    assert f"--save {save} with --resume in the run's own folder" in line and "another --out" in line, line
+    after = {f: open(os.path.join(run, f), "rb").read() for f in os.listdir(run) if os.path.isfile(os.path.join(run, f))}
+    assert after == before
+    branch = str(tmp_path / "branch")
+    assert cli.main(["--resume", _last(run), "--epochs", "2", "--save", save, "--out", branch, "--no-progress"]) == 0
+    assert [r["epoch"] for r in _records(branch) if r["model"] == "trained"][-1] == 2
+
+
 def test_config_file_never_takes_overwrite_and_goes_without_resume(one_epoch, tmp_path, error_line):
     """The config.json of a run made with --overwrite says overwrite: true; rerunning it must not
     replace the run in a non-empty --out unasked. --config and --resume together are refused."""

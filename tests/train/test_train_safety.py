@@ -417,6 +417,27 @@ def _main_interrupted(argv):
         pytest.fail("Ctrl-C escaped daal-train as a traceback")
 
 
+def test_the_resume_command_printed_can_be_pasted(tmp_path, capsys, monkeypatch):
+    """A folder with a space (or a quote) in its name is quoted for a shell in the command the
+    program prints (it was printed as it is: pasted, it failed), with the thread count the run had."""
+    import shlex
+
+    out = str(tmp_path / "my runs" / "it's")
+    _interrupt_in_epoch(monkeypatch, 2)
+    assert _main_interrupted(TINY + ["--epochs", "3", "--no-baselines", "--threads", "1", "--out", out]) == 130
+    err = capsys.readouterr().err.strip()
+    command = err.split("continue from its last checkpoint with ", 1)[1]
+    assert shlex.split(command) == ["daal-train", "--resume", os.path.join(out, "checkpoint_last.pt"),
+                                    "--threads", "1"], err
+    monkeypatch.undo()
+    other = str(tmp_path / "my runs" / "it's another")
+    assert cli.main(TINY + ["--epochs", "3", "--no-baselines", "--stop-after", "1", "--out", other]) == 0
+    logged = capsys.readouterr().out
+    line = next(ln for ln in logged.splitlines() if "(--stop-after); continue with " in ln)
+    assert shlex.split(line.split("continue with ", 1)[1])[:3] == ["daal-train", "--resume",
+                                                                  os.path.join(other, "checkpoint_last.pt")], line
+
+
 def test_ctrl_c_says_how_to_continue(tmp_path, capsys, monkeypatch):
     out = str(tmp_path / "int")
     flags = TINY + ["--epochs", "3", "--no-baselines"]
@@ -425,7 +446,7 @@ def test_ctrl_c_says_how_to_continue(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err
     last = os.path.join(out, "checkpoint_last.pt")
     assert err.strip() == f"daal-train: interrupted (Ctrl-C) in epoch 2 of 3: continue from its last checkpoint " \
-                          f"with daal-train --resume {last}", err
+                          f"with daal-train --resume {last} --threads {torch.get_num_threads()}", err
     monkeypatch.undo()
     assert cli.main(["--resume", last, "--no-progress"]) == 0
     assert [json.loads(line)["epoch"] for line in open(os.path.join(out, "metrics.jsonl"))] == [1, 2, 3]
