@@ -1842,6 +1842,14 @@ MUTANTS: Tuple[Mutant, ...] = (
            "shlex.quote(state.path('checkpoint_last.pt'))",
            "state.path('checkpoint_last.pt')",
            ("tests/train/test_train_safety.py", "-k", "pasted",)),
+    Mutant("checkpoint_metric_values", "daal_triton/train/checkpoint.py",
+           "            and all(v is None or isinstance(v, (int, float)) for k, v in r.items() if k != \"model\")\n",
+           "",
+           ("tests/train/test_train_resume.py", "-k", "forged and metric",)),
+    Mutant("checkpoint_optimizer_state", "daal_triton/train/checkpoint.py",
+           "    bad = [name for name in (\"optimizer\", \"scheduler\") if name in ck and not isinstance(ck[name], dict)]",
+           "    bad = []",
+           ("tests/train/test_train_resume.py", "-k", "forged and optimizer",)),
 )
 
 

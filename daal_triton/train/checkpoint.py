@@ -198,9 +198,20 @@ def load_checkpoint(path: str) -> Dict[str, Any]:
     if ck["epoch"] < 0:
         raise CheckpointError(f"checkpoint {path!r}: its epoch is {ck['epoch']}, not a count of trained epochs")
     metrics = ck.get("metrics", [])
-    if not isinstance(metrics, list) or not all(isinstance(r, dict) and isinstance(r.get("epoch"), int)
-                                                for r in metrics):
+    # numbers or null but the model's name: a hand-made file with another value ended in a
+    # traceback where the records are compared and written (a run-folder probe, 2026-12-07)
+    if not isinstance(metrics, list) or not all(
+            isinstance(r, dict) and isinstance(r.get("epoch"), int) and isinstance(r.get("model", ""), str)
+            and all(v is None or isinstance(v, (int, float)) for k, v in r.items() if k != "model")
+            for r in metrics):
         raise CheckpointError(f"checkpoint {path!r}: its metrics are not a list of per-epoch records")
+    resumes = ck.get("resumes", [])
+    if not isinstance(resumes, list) or not all(isinstance(r, dict) and isinstance(r.get("changed", {}), dict)
+                                                for r in resumes):
+        raise CheckpointError(f"checkpoint {path!r}: its resumes are not a list of records of the run's resumes")
+    bad = [name for name in ("optimizer", "scheduler") if name in ck and not isinstance(ck[name], dict)]
+    if bad:
+        raise CheckpointError(f"checkpoint {path!r}: its {' and '.join(bad)} state is not a state dict")
     return ck
 
 

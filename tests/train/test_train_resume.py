@@ -650,6 +650,13 @@ FORGED = {  # a checkpoint of another version, or edited and signed again: what 
     "epoch": (dict(epoch=-5), "not a count of trained epochs"),
     "metrics": (dict(metrics={"epoch": 1}), "not a list of per-epoch records"),
     "rng": (dict(rng={"torch": "x"}), "random-generator states are damaged"),
+    # tracebacks where the records are compared or written, or the optimiser's state is read
+    # (a run-folder probe, 2026-12-07)
+    "metric-value": (dict(metrics=[{"epoch": 1, "model": "trained", "recall@1": "x"}]),
+                     "not a list of per-epoch records"),
+    "optimizer": (dict(optimizer="x"), "its optimizer state is not a state dict"),
+    "resumes": (dict(resumes="x"), "its resumes are not a list"),
+    "resumes-changed": (dict(resumes=[{"changed": "x"}]), "its resumes are not a list"),
 }
 
 
