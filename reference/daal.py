@@ -33,8 +33,8 @@ def normalize_rows(z: torch.Tensor) -> torch.Tensor:
     row became 0; and its norm itself can exceed float32: dividing ``z`` by it gave 0 too).
     One expression for both: every row is scaled by ``s`` (``2^-96`` where ``||z||^2`` is
     infinite, else 1: the same bits) and divided by its scaled norm, so no sync and no second
-    full-size branch (the two branches and a ``where`` took 7x ``F.normalize``'s time on a
-    60,000-row memory bank on a CPU, 2026-12-07; this takes 2x to 4x)."""
+    full-size branch (60,180 x 512 rows, 1 thread, 2026-12-07: 0.555 s with the two branches and
+    a ``where``, 0.301 s now; ``F.normalize`` 0.073 s)."""
     ss = (z * z).sum(1, keepdim=True)
     s = torch.where(torch.isinf(ss), ss.new_full((), NORM_SCALE), ss.new_ones(()))
     zs = z * s
