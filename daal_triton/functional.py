@@ -193,7 +193,7 @@ def loss_with(
     validate_loss_inputs(embeddings, labels, segments, k=hp.k,
                          ref_embeddings=ref_embeddings, ref_labels=ref_labels,
                          ref_includes_batch=ref_includes_batch, check_values=check_values,
-                         ref_name=ref_name)
+                         ref_name=ref_name, normalize=hp.normalize)
     ops = _ops(choose_backend(backend, embeddings.device, inputs_dtype(embeddings, segments, ref_embeddings)))
     parts = compose(embeddings, labels, segments, hp, ops, ref_embeddings=ref_embeddings,
                     ref_labels=ref_labels, ref_includes_batch=ref_includes_batch,

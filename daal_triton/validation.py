@@ -217,9 +217,11 @@ def check_k(k) -> int:
 def validate_loss_inputs(
     embeddings, labels, segments, *, k, ref_embeddings=None, ref_labels=None,
     ref_includes_batch=False, check_values: Optional[bool] = None, ref_name: str = "ref_embeddings",
+    normalize: bool = True,
 ) -> None:
     """Everything docs/method.md asks of ``daal_loss``'s tensors (``ref_name``: what the caller
-    calls the reference set, ``ref_emb`` for ``DAALLoss``)."""
+    calls the reference set, ``ref_emb`` for ``DAALLoss``; ``normalize=False``: the rows are used
+    as they are, so their norms must keep the GEMM form's squares finite)."""
     check_flag(ref_includes_batch, "ref_includes_batch", optional=False)
     for name, t in (("embeddings", embeddings), ("labels", labels), ("segments", segments)):
         if not isinstance(t, torch.Tensor):
@@ -257,6 +259,11 @@ def validate_loss_inputs(
                              f"{embeddings.shape[0]} rows, got {ref_embeddings.shape[0]} rows")
     elif ref_includes_batch:
         raise ValueError(f"ref_includes_batch=True needs {ref_name} and ref_labels")
+    if values and not normalize:  # normalised rows have norm 1
+        dtype = torch.promote_types(embeddings.dtype, segments.dtype)
+        for name, t in (("embeddings", embeddings), (ref_name, ref_embeddings)):
+            if t is not None:
+                check_distance_range(t, name, torch.promote_types(torch.promote_types(dtype, t.dtype), torch.float32))
 
 
 def validate_knn_inputs(query, ref, k, query_labels=None, ref_labels=None, *,

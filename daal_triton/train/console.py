@@ -95,6 +95,11 @@ def _stop_once(signum: int, frame: Any) -> None:
     study's running cells orphaned: a run-folder probe, 2026-12-07.)"""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # a SIGTERM sent to the process group (scancel, systemd, kill -TERM -PGID) kills the DataLoader
+    # workers too, and torch's SIGCHLD handler then raised "DataLoader worker ... killed by signal"
+    # inside the stop, a traceback (a review, 2026-12-07): the program is stopping, its workers with it
+    if hasattr(signal, "SIGCHLD"):
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     STOPPED_BY.append("SIGTERM" if signum == signal.SIGTERM else "Ctrl-C")
     raise KeyboardInterrupt
 

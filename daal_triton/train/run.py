@@ -23,7 +23,7 @@ import shutil
 import signal
 import time
 from dataclasses import dataclass, field
-from typing import IO, Any, Dict, List, Optional, Set, Union
+from typing import IO, Any, Dict, Iterator, List, Optional, Set, Union
 
 import numpy as np
 import torch
@@ -40,7 +40,7 @@ from .checkpoint import (CheckpointError, load_checkpoint, load_weights, require
 from .config import (REPLACED, TrainConfig, check_data_flags, check_kinds, check_out, check_resume_folder,
                      checked_device, default_daal, in_use, note_source, resume_config, taken_from_checkpoint,
                      validate_config)
-from .console import stop_name
+from .console import _stop_once, stop_name
 from .data import DistributedPKSampler, PKSampler, SeededDraws, build_datasets
 from .ddp import ConfigError
 from .devices import (compile_network, loader_options, place_model, prepare_device, resolve_amp, resolve_backend,
@@ -646,7 +646,7 @@ def _put_back(state: RunState, aside: str) -> None:
 
 
 @contextlib.contextmanager
-def _deferred_interrupt():
+def _deferred_interrupt() -> Iterator[None]:
     """Ctrl-C (SIGINT) inside the block is held until its end, then raised as KeyboardInterrupt:
     moving a run's files is never stopped halfway. Outside the main thread (no signal handlers
     there) the block runs as it is."""
@@ -657,7 +657,7 @@ def _deferred_interrupt():
         yield
         return
     term = signal.getsignal(signal.SIGTERM)
-    hold_term = callable(term)  # the console's handler: a SIGTERM is held as a Ctrl-C is
+    hold_term = term is _stop_once  # the console's: a SIGTERM is held as a Ctrl-C is (a caller's own is not)
     if hold_term:
         signal.signal(signal.SIGTERM, lambda signum, _: got.append(signum))
     try:
@@ -666,11 +666,12 @@ def _deferred_interrupt():
         signal.signal(signal.SIGINT, previous)
         if hold_term:
             signal.signal(signal.SIGTERM, term)
-    if got:  # delivered now, to the handler the block held it from (ignored where that ignores it)
+    if got:  # delivered now, to the handler the block held it from: it raises (the console's, Python's
+        # default_int_handler), does what its owner wants (a caller's), or ignores it (SIG_IGN)
         handler = previous if got[0] == signal.SIGINT else term
         if callable(handler):
             handler(got[0], None)
-        if handler != signal.SIG_IGN:
+        elif handler == signal.SIG_DFL:
             raise KeyboardInterrupt
 
 

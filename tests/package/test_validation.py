@@ -150,6 +150,12 @@ def test_rows_whose_squared_distances_overflow_are_named(backend, dtype):
     assert index[0, 0] == 1 and index[1, 0] == 0
     d64 = dt.pairwise_distance(big, big)  # float64: its own limit, 2^510
     assert torch.isfinite(d64).all()
+    # the loss uses its rows as they are with normalize=False (a review: NaN from finite rows)
+    y, seg = torch.arange(9) % 3, torch.randn(3, 2, D, dtype=dtype)
+    raises("embeddings: row 5 has norm", dt.daal_loss, big.to(dtype), y, seg, normalize=False, backend=backend)
+    raises("ref_embeddings: row 5 has norm", dt.daal_loss, x.to(dtype), y, seg, normalize=False, backend=backend,
+           ref_embeddings=big.to(dtype), ref_labels=y)
+    assert torch.isfinite(dt.daal_loss(big.to(dtype), y, seg, backend=backend))  # normalised: norm 1
 
 
 def _not_dense(t: torch.Tensor, layout: str) -> torch.Tensor:

@@ -251,6 +251,19 @@ def test_margins_of_zero_radii_divide_by_the_floored_mean():
     assert torch.allclose(m, _t(0.05, 0.05, 0.2 * 0.5 / 0.6, 0.2 * 0.7 / 0.6), rtol=1e-15, atol=0)
 
 
+def test_float64_rows_whose_squared_norm_overflows_are_normalised():
+    """float64 rows of norm beyond 2^512 are normalised at their own scale, 2^-600 (2^-96 left
+    those beyond 2^608 infinite, then zero: a review, 2026-12-07); float32's scale is unchanged."""
+    z = torch.tensor([[1e300, 2e300, 0.0], [3e200, 0.0, -4e200], [1.0, 2.0, 2.0]], dtype=torch.float64,
+                     requires_grad=True)
+    x = R.normalize_rows(z)
+    want = torch.tensor([[1, 2, 0], [0.6, 0, -0.8], [1 / 3, 2 / 3, 2 / 3]], dtype=torch.float64)
+    want[0] /= 5 ** 0.5
+    assert torch.allclose(x, want, rtol=1e-12, atol=0)
+    (g,) = torch.autograd.grad((x * torch.tensor([0.0, 1.0, 0.0], dtype=torch.float64)).sum(), z)
+    assert torch.isfinite(g).all() and g[0].abs().max() > 0
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_margins_with_m0_zero_where_s_to_the_gamma_overflows(dtype):
     """m0 = 0 gives m_min whatever s^gamma is: in float32 a duplicate's floored radius (s ~ 1e-6)

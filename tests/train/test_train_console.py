@@ -106,7 +106,7 @@ def test_a_second_ctrl_c_stops_a_load_that_hangs(capsys):
 def _restoring_signals(fn):
     import signal
 
-    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGCHLD)}
     try:
         return fn()
     finally:
@@ -129,8 +129,11 @@ def test_sigterm_stops_the_program_as_ctrl_c_does(capsys):
         return main
 
     def run():
+        signal.signal(signal.SIGCHLD, lambda *_: None)  # as torch's DataLoader installs one
         assert console._run(load, "daal-train") == 130
         assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+        # its workers die with a process group's SIGTERM: no "worker killed" error inside the stop
+        assert signal.getsignal(signal.SIGCHLD) == signal.SIG_DFL
     _restoring_signals(run)
     assert capsys.readouterr().err == "daal-train: interrupted (SIGTERM)\n"
 
@@ -173,6 +176,14 @@ def test_a_sigterm_inside_a_deferred_block_waits_for_its_end():
                 done.append(1)
         assert done == [1] and console.stop_name() == "SIGTERM"
         assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN  # what follows is not cut short
+        # a library caller's own SIGTERM handler is not held, nor turned into a KeyboardInterrupt
+        flag = []
+        signal.signal(signal.SIGTERM, lambda *_: flag.append("term"))
+        with run_module._deferred_interrupt():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)
+            assert flag == ["term"]  # run at once, as outside the block
+        assert flag == ["term"]
     _restoring_signals(body)
 
 
@@ -241,7 +252,7 @@ def test_a_missing_train_extra_is_one_line(tmp_path, missing):
     assert r.returncode == 1 and "Traceback" in r.stderr and last.startswith("ModuleNotFoundError"), r.stderr[-2000:]
 
 
-@pytest.mark.parametrize("when", ["loading", "training"])
+@pytest.mark.parametrize("when", ["loading", "training", "training-group"])
 def test_sigterm_stops_daal_train_with_one_line_and_leaves_no_tmp(tmp_path, when):
     """SIGTERM while daal-train loads (held until the imports are done) or trains (after its first
     epoch's line): one line naming it, status 130, no traceback, no NAME.tmp (it ended the process
@@ -251,14 +262,20 @@ def test_sigterm_stops_daal_train_with_one_line_and_leaves_no_tmp(tmp_path, when
     args = [sys.executable, "-m", "daal_triton.train", "--epochs", "50", "--steps-per-epoch", "1",
             "--shapes-train-per-class", "8", "--shapes-test-per-class", "5", "--width", "0.125",
             "--embedding-dim", "32", "--threads", "1", "--no-tsne", "--no-progress", "--out", str(tmp_path / "run")]
-    p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    group = when == "training-group"  # scancel, systemd: the workers get it too (a traceback, 3 runs in 5)
+    args += ["--num-workers", "2"] if group else []
+    p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                         start_new_session=group)
     if when == "loading":
         time.sleep(0.5)
     else:
         for line in p.stdout:
             if "epoch 1/50" in line:
                 break
-    p.send_signal(signal.SIGTERM)
+    if group:
+        os.killpg(p.pid, signal.SIGTERM)
+    else:
+        p.send_signal(signal.SIGTERM)
     out, err = p.communicate(timeout=300)
     assert p.returncode == 130, (p.returncode, err[-2000:])
     assert "Traceback" not in err and "interrupted (SIGTERM)" in err, err[-2000:]
