@@ -1866,6 +1866,10 @@ MUTANTS: Tuple[Mutant, ...] = (
            "    hold_term = term is _stop_once",
            "    hold_term = callable(term)",
            ("tests/train/test_train_console.py", "-k", "deferred_block",)),
+    Mutant("study_cell_after_stop", "daal_triton/train/study.py",
+           "            if _STOPPING.is_set():\n                raise KeyboardInterrupt(\"the study is stopping: this cell was not started\")\n",
+           "",
+           ("tests/train/test_train_study.py", "-k", "stopping",)),
 )
 
 

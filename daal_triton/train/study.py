@@ -582,6 +582,9 @@ def _move_aside(d: str) -> str:
 #: The daal-train processes of the cells running now (Ctrl-C stops them: :func:`_run_cells`).
 _RUNNING: set = set()
 _RUNNING_LOCK = threading.Lock()
+#: Set when the study stops (Ctrl-C, SIGTERM): no cell starts after it (one started then inherited
+#: the signals ignored, so the study's stop never reached it and the study waited for its end)
+_STOPPING = threading.Event()
 
 
 def started_file(d: str) -> str:
@@ -622,8 +625,10 @@ def run_cell(cell: Dict[str, Any], out: str, threads: Optional[int], python: str
     with open_here(log, "a") as fh:
         fh.write(f"$ {shlex.join(cmd)}\n")
         fh.flush()
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT)
-        with _RUNNING_LOCK:
+        with _RUNNING_LOCK:  # started and listed at once: the study's stop reaches every cell it started
+            if _STOPPING.is_set():
+                raise KeyboardInterrupt("the study is stopping: this cell was not started")
+            proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT)
             _RUNNING.add(proc)
         try:
             rc = proc.wait()
@@ -848,6 +853,7 @@ def _run_cells(todo: List[Dict[str, Any]], out: str, jobs: int, threads: int, pr
 
         bar = tqdm(total=len(todo), desc="daal-study", unit="run", dynamic_ncols=True)
     pool = cf.ThreadPoolExecutor(max_workers=jobs)
+    _STOPPING.clear()
     try:
         futures = {pool.submit(run_cell, cell, out, threads): cell for cell in todo}
         for fut in cf.as_completed(futures):
@@ -871,6 +877,7 @@ def _run_cells(todo: List[Dict[str, Any]], out: str, jobs: int, threads: int, pr
     except KeyboardInterrupt:  # no queued cell starts; the running ones stop as after their own Ctrl-C
         pool.shutdown(wait=False, cancel_futures=True)
         with _RUNNING_LOCK:
+            _STOPPING.set()
             for proc in _RUNNING:
                 proc.send_signal(signal.SIGINT)
         raise

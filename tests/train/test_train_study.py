@@ -208,6 +208,23 @@ def test_an_unfinished_cell_without_a_checkpoint_is_kept_aside_and_run_again(tmp
     assert log.count("--out " + d) == 2 and "--resume" not in log
 
 
+def test_no_cell_starts_once_the_study_is_stopping(tmp_path):
+    """A cell a pool thread started after the study's stop inherited its signals ignored: the stop
+    never reached it and the study waited for its end (a review, 2026-12-07). Once stopping, no
+    cell starts; before, one does."""
+    fake = _fake_python(tmp_path)
+    out = str(tmp_path / "study")
+    (cell,) = S.expand(S.make_study(None, ["A=--epochs 1"], seeds=[0]))
+    S._STOPPING.set()
+    try:
+        with pytest.raises(KeyboardInterrupt, match="not started"):
+            S.run_cell(cell, out, 1, python=str(fake))
+    finally:
+        S._STOPPING.clear()
+    assert not os.path.isdir(S.cell_dir(out, cell))
+    assert S.run_cell(cell, out, 1, python=str(fake))["metrics"]["recall@1"] == 0.75
+
+
 def test_the_default_progress_bar_counts_cells_and_keeps_their_lines(tmp_path, monkeypatch, capsys):
     ran = []
     good = _recording_run(ran)
