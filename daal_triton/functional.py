@@ -15,9 +15,9 @@ from .backend import choose_backend, refuse_vmap
 from .core import DAALParts, Hyperparameters, Operators, _no_autocast, _on_device, compose
 from .validation import (
     check_flag,
-    check_distance_range,
     check_float_matrix,
     check_same_device,
+    distance_rows,
     validate_knn_inputs,
     validate_loss_inputs,
     value_checks_on,
@@ -223,9 +223,7 @@ def pairwise_distance(x: torch.Tensor, y: torch.Tensor, *, backend: str = "auto"
     if x.shape[1] != y.shape[1]:
         raise ValueError(f"x and y must have the same number of columns, got {x.shape[1]} and {y.shape[1]}")
     if values:
-        dtype = torch.promote_types(torch.promote_types(x.dtype, y.dtype), torch.float32)
-        check_distance_range(x, "x", dtype)
-        check_distance_range(y, "y", dtype)
+        distance_rows(("x", x), ("y", y))
     if choose_backend(backend, x.device, torch.promote_types(x.dtype, y.dtype), own_dots=True) == "triton":
         from .kernels.pairwise import pairwise_distance as kernel
 

@@ -112,6 +112,22 @@ def check_finite(t: torch.Tensor, name: str) -> None:
 DISTANCE_NORM_LIMIT = {torch.float32: 2.0 ** 62, torch.float64: 2.0 ** 510}
 
 
+def distance_rows(*named: "tuple[str, Optional[torch.Tensor]]", also: torch.dtype = torch.float32
+                  ) -> None:
+    """:func:`check_distance_range` for each ``(name, rows)`` given (None skipped; a tensor given
+    twice, a kNN of a set against itself, checked once), in the dtype they are computed in: the
+    promotion of theirs, ``also``'s (the segments') and float32."""
+    dtype = also
+    for _, t in named:
+        dtype = dtype if t is None else torch.promote_types(dtype, t.dtype)
+    dtype = torch.promote_types(dtype, torch.float32)
+    seen: list = []
+    for name, t in named:
+        if t is not None and not any(t is s for s in seen):
+            seen.append(t)
+            check_distance_range(t, name, dtype)
+
+
 def check_distance_range(t: torch.Tensor, name: str, dtype: torch.dtype) -> None:
     """Refuses a row of ``t`` whose norm passes :data:`DISTANCE_NORM_LIMIT` for the compute
     ``dtype``: its squared distances would overflow (``inf - inf``: NaN, or a row with no
@@ -260,10 +276,7 @@ def validate_loss_inputs(
     elif ref_includes_batch:
         raise ValueError(f"ref_includes_batch=True needs {ref_name} and ref_labels")
     if values and not normalize:  # normalised rows have norm 1
-        dtype = torch.promote_types(embeddings.dtype, segments.dtype)
-        for name, t in (("embeddings", embeddings), (ref_name, ref_embeddings)):
-            if t is not None:
-                check_distance_range(t, name, torch.promote_types(torch.promote_types(dtype, t.dtype), torch.float32))
+        distance_rows(("embeddings", embeddings), (ref_name, ref_embeddings), also=segments.dtype)
 
 
 def validate_knn_inputs(query, ref, k, query_labels=None, ref_labels=None, *,
@@ -279,9 +292,7 @@ def validate_knn_inputs(query, ref, k, query_labels=None, ref_labels=None, *,
         raise ValueError(f"query and ref must have the same number of columns, got {query.shape[1]} and {ref.shape[1]}")
     check_k(k)
     if values:
-        dtype = torch.promote_types(torch.promote_types(query.dtype, ref.dtype), torch.float32)
-        check_distance_range(query, "query", dtype)
-        check_distance_range(ref, "ref", dtype)
+        distance_rows(("query", query), ("ref", ref))
     if (query_labels is None) != (ref_labels is None):
         raise ValueError("query_labels and ref_labels must be given together")
     if query_labels is not None:

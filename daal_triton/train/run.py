@@ -276,14 +276,15 @@ def resume_command(state: "RunState") -> str:
 
 def _interrupted(cfg: TrainConfig, state: Optional["RunState"]) -> str:
     """What a run stopped by Ctrl-C says: where it stopped and how to go on."""
+    how = f"interrupted ({stop_name()})"
     if state is not None and not state.main:
-        return f"interrupted ({stop_name()}); rank 0 says how to go on (the run writes to {cfg.out})"
+        return f"{how}; rank 0 says how to go on (the run writes to {cfg.out})"
     if state is None or state.metrics_file is None and not state.put_back:  # nothing written yet
-        return f"interrupted ({stop_name()}) before the run wrote anything: run the same command again to start it"
+        return f"{how} before the run wrote anything: run the same command again to start it"
     last = state.path("checkpoint_last.pt")
-    where = (f"interrupted ({stop_name()}) while evaluating the baselines, before epoch 1 of {cfg.epochs}" if state.baselines
-             else f"interrupted ({stop_name()}) in epoch {state.done + 1} of {cfg.epochs}" if state.done < state.last_epoch
-             else f"interrupted ({stop_name()}) after epoch {state.done} of {cfg.epochs}, while writing the outputs")
+    where = (f"{how} while evaluating the baselines, before epoch 1 of {cfg.epochs}" if state.baselines
+             else f"{how} in epoch {state.done + 1} of {cfg.epochs}" if state.done < state.last_epoch
+             else f"{how} after epoch {state.done} of {cfg.epochs}, while writing the outputs")
     if state.put_back:  # what it wrote is gone, the run it was replacing back in place
         return (f"{where}, before it could be resumed: its files are removed and the run it was replacing "
                 f"is back in {cfg.out}; run the same command again to start it")
