@@ -1870,6 +1870,14 @@ MUTANTS: Tuple[Mutant, ...] = (
            "            if _STOPPING.is_set():\n                raise KeyboardInterrupt(\"the study is stopping: this cell was not started\")\n",
            "",
            ("tests/train/test_train_study.py", "-k", "stopping",)),
+    Mutant("save_embeddings_onto_run_records", "daal_triton/train/cli.py",
+           "                for folder in (out, os.path.dirname(os.path.abspath(args.checkpoint))) for name in OUTPUTS}",
+           "                for folder in (out, os.path.dirname(os.path.abspath(args.checkpoint))) for name in ()}",
+           ("tests/train/test_train_eval_cli.py", "-k", "onto_what",)),
+    Mutant("save_embeddings_onto_run_records_out_only", "daal_triton/train/cli.py",
+           "                for folder in (out, os.path.dirname(os.path.abspath(args.checkpoint))) for name in OUTPUTS}",
+           "                for folder in (out,) for name in OUTPUTS}",
+           ("tests/train/test_train_eval_cli.py", "-k", "onto_what",)),
 )
 
 

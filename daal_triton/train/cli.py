@@ -461,7 +461,7 @@ def eval_main(argv: Optional[List[str]] = None) -> int:
 def _eval_outputs(args: argparse.Namespace) -> str:
     """``daal-eval``'s output folder, checked before any work: writable, and nothing in it (or at
     ``--save-embeddings``) replaced without ``--overwrite``."""
-    from .config import REPLACED, _check_writable
+    from .config import OUTPUTS, REPLACED, _check_writable
     from .ddp import ConfigError
 
     if args.out is not None and not args.out.strip():  # as daal-train's --out: '' is no folder, not the default
@@ -481,9 +481,12 @@ def _eval_outputs(args: argparse.Namespace) -> str:
     targets = [os.path.join(out, "eval.json")] + ([os.path.join(out, "tsne_eval.png")] if args.tsne else [])
     if args.save_embeddings:
         save = args.save_embeddings
-        taken = {os.path.realpath(out): "the --out folder", os.path.realpath(args.checkpoint): "the checkpoint "
-                 "being evaluated", **{os.path.realpath(t): f"where daal-eval writes {os.path.basename(t)}"
-                                       for t in targets}}
+        # a run's own records too (its folder's and --out's), which --overwrite would not protect
+        runs = {os.path.realpath(os.path.join(folder, name)): f"the run folder's {name}"
+                for folder in (out, os.path.dirname(os.path.abspath(args.checkpoint))) for name in OUTPUTS}
+        taken = {**runs, os.path.realpath(out): "the --out folder", os.path.realpath(args.checkpoint): "the "
+                 "checkpoint being evaluated", **{os.path.realpath(t): f"where daal-eval writes "
+                                                  f"{os.path.basename(t)}" for t in targets}}
         if os.path.realpath(save) in taken:  # written over by daal-eval's own files, or the checkpoint lost
             raise ConfigError(f"--save-embeddings {save}: is {taken[os.path.realpath(save)]} (give another file "
                               f"name, e.g. embeddings.pt or embeddings.npz)")

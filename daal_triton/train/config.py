@@ -365,6 +365,13 @@ def check_backend(flag: str, backend: str, device: torch.device) -> None:
 #: its first checkpoint_last.pt: then it is put back).
 REPLACED = ".daal-replaced"
 
+#: Every file a run writes in --out, and what daal-eval writes there by default (it describes the run's
+#: checkpoints); --overwrite replaces these (and only these): they are moved into REPLACED first,
+#: put back if the new run stops before it can be resumed (run._resumable), removed once it finishes.
+OUTPUTS = ("config.json", "metrics.jsonl", "checkpoint_last.pt", "checkpoint_best.pt", "checkpoint_last.pt.tmp",
+           "checkpoint_best.pt.tmp", "config.json.tmp", "metrics.jsonl.tmp", "tsne_test.png", "training_curves.png",
+           "results.txt", "results.txt.tmp", "eval.json", "tsne_eval.png")
+
 
 def in_use(out: str) -> str:
     """What daal-train says of an --out whose lock another daal-train holds."""

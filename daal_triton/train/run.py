@@ -37,9 +37,9 @@ from . import ddp
 from . import evaluate as E
 from .checkpoint import (CheckpointError, load_checkpoint, load_weights, require_training_state, restore_rng,
                          rng_state, save_checkpoint)
-from .config import (REPLACED, TrainConfig, check_data_flags, check_kinds, check_out, check_resume_folder,
-                     checked_device, default_daal, in_use, note_source, resume_config, taken_from_checkpoint,
-                     validate_config)
+from .config import (OUTPUTS, REPLACED, TrainConfig, check_data_flags, check_kinds, check_out,
+                     check_resume_folder, checked_device, default_daal, in_use, note_source, resume_config,
+                     taken_from_checkpoint, validate_config)
 from .console import _stop_once, stop_name
 from .data import DistributedPKSampler, PKSampler, SeededDraws, build_datasets
 from .ddp import ConfigError
@@ -52,14 +52,6 @@ from .log import Log, plural
 from .model import NO_WEIGHTS_NOTE
 
 Record = Dict[str, Any]
-
-# Every file a run writes in --out, and what daal-eval writes there by default (it describes the run's
-# checkpoints); --overwrite replaces these (and only these): they are moved into REPLACED first,
-# put back if the new run stops before it can be resumed (run._resumable), removed once it finishes.
-OUTPUTS = ("config.json", "metrics.jsonl", "checkpoint_last.pt", "checkpoint_best.pt", "checkpoint_last.pt.tmp",
-           "checkpoint_best.pt.tmp", "config.json.tmp", "metrics.jsonl.tmp", "tsne_test.png", "training_curves.png",
-           "results.txt", "results.txt.tmp", "eval.json", "tsne_eval.png")
-
 
 class Interrupted(KeyboardInterrupt):
     """Ctrl-C during a run; the message says what was kept and how to go on (printed as one line)."""

@@ -193,12 +193,14 @@ def test_daal_eval_out_is_a_file(run_dir, tmp_path, error_line):
 
 
 @pytest.mark.parametrize("target", ["eval.json", "tsne_eval.png", "the-out-folder", "the-checkpoint", "a-long-name",
-                                    "long-with-its-tmp"])
+                                    "long-with-its-tmp", "the-runs-metrics", "the-runs-config-via-out"])
 def test_save_embeddings_onto_what_daal_eval_reads_or_writes_is_refused(run_dir, tmp_path, target, error_line):
     """``--save-embeddings`` at daal-eval's own eval.json or t-SNE (also by another spelling of the
     path), at the --out folder, or at the checkpoint it evaluates (even with --overwrite): one of
     the two files was lost in silence (exit 0), the checkpoint replaced by embeddings; a name too
-    long failed after the whole evaluation (a probe, 2026-12-06). Refused up front, naming the flag."""
+    long failed after the whole evaluation (a probe, 2026-12-06). Refused up front, naming the flag.
+    So are the run's own records, in its folder or in --out: --overwrite replaced metrics.jsonl or
+    config.json with embeddings (2026-12-07)."""
     import shutil
 
     run = tmp_path / "run"
@@ -209,11 +211,18 @@ def test_save_embeddings_onto_what_daal_eval_reads_or_writes_is_refused(run_dir,
     save = {"eval.json": f"{tmp_path}/ev/../ev/eval.json", "tsne_eval.png": str(ev / "tsne_eval.png"),
             "the-out-folder": str(ev), "the-checkpoint": str(ck), "a-long-name": str(tmp_path / ("e" * 300)),
             # 253 bytes fit, not its NAME.tmp: it failed after the evaluation (a file-safety probe, 2026-12-07)
-            "long-with-its-tmp": str(tmp_path / ("e" * 250 + ".pt"))}[target]
+            "long-with-its-tmp": str(tmp_path / ("e" * 250 + ".pt")), "the-runs-metrics": str(run / "metrics.jsonl"),
+            "the-runs-config-via-out": str(run / "config.json")}[target]
+    if target == "the-runs-config-via-out":
+        ev = run  # daal-eval writes into the run's folder, as it does by default
+    records = {name: (run / name).read_bytes() for name in ("metrics.jsonl", "config.json")}
     argv = [str(ck), "--out", str(ev), "--no-progress", "--tsne-max-points", "48", "--save-embeddings", save]
-    assert cli.eval_main(argv + ["--overwrite"] * (target == "the-checkpoint")) == 2
-    assert error_line("daal-eval").startswith(f"daal-eval: error: --save-embeddings {save}: ")
-    assert ck.read_bytes() == before and not ev.exists()
+    assert cli.eval_main(argv + ["--overwrite"] * (target.startswith("the-"))) == 2
+    line = error_line("daal-eval")
+    assert line.startswith(f"daal-eval: error: --save-embeddings {save}: ")
+    assert ("the run folder's" in line) == target.startswith("the-runs")
+    assert ck.read_bytes() == before and (ev == run or not ev.exists())
+    assert {name: (run / name).read_bytes() for name in records} == records
 
 
 def test_a_checkpoint_whose_configuration_is_out_of_range_is_one_line(run_dir, tmp_path, error_line):
