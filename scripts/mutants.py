@@ -1878,6 +1878,18 @@ MUTANTS: Tuple[Mutant, ...] = (
            "                for folder in (out, os.path.dirname(os.path.abspath(args.checkpoint))) for name in OUTPUTS}",
            "                for folder in (out,) for name in OUTPUTS}",
            ("tests/train/test_train_eval_cli.py", "-k", "onto_what",)),
+    Mutant("study_forwards_sigint_after_sigterm", "daal_triton/train/study.py",
+           "        stop = signal.SIGTERM if stop_name() == \"SIGTERM\" else signal.SIGINT",
+           "        stop = signal.SIGINT",
+           ("tests/train/test_train_study.py", "-k", "stopped_by_sigterm",)),
+    Mutant("study_resumes_at_the_studys_threads", "daal_triton/train/study.py",
+           "                threads = first\n",
+           "                pass\n",
+           ("tests/train/test_train_study.py", "-k", "own_thread_count",)),
+    Mutant("study_started_threads_not_recorded", "daal_triton/train/study.py",
+           "            json.dump(dict(config=cell[\"config\"], seed=cell[\"seed\"], args=cell[\"args\"], wall_s=round(wall_s, 1),\n                           threads=threads), f)",
+           "            json.dump(dict(config=cell[\"config\"], seed=cell[\"seed\"], args=cell[\"args\"], wall_s=round(wall_s, 1)), f)",
+           ("tests/train/test_train_study.py", "-k", "own_thread_count",)),
 )
 
 

@@ -606,6 +606,13 @@ def run_cell(cell: Dict[str, Any], out: str, threads: Optional[int], python: str
                                "file, or move that folder aside to start the cell again")
         if os.path.isfile(ck):
             resume, wall_before = ck, float(started.get("wall_s", 0.0))
+            # its own thread count, which a bit-identical resume on the CPU needs (another --threads
+            # resumed it silently, its record naming only the last: a determinism probe, 2026-12-07)
+            first = started.get("threads")
+            if isinstance(first, int) and not isinstance(first, bool) and first >= 1 and first != threads:
+                print(f"[daal-study] {d} resumes with --threads {first}, as it was started (the study now says "
+                      f"{threads}): PyTorch's CPU sums depend on the thread count", flush=True)
+                threads = first
         else:
             moved = _move_aside(d)
             if os.path.isfile(started_file(d)):
@@ -619,7 +626,8 @@ def run_cell(cell: Dict[str, Any], out: str, threads: Optional[int], python: str
 
     def note_started(wall_s: float) -> None:
         with open_here(started_file(d)) as f:
-            json.dump(dict(config=cell["config"], seed=cell["seed"], args=cell["args"], wall_s=round(wall_s, 1)), f)
+            json.dump(dict(config=cell["config"], seed=cell["seed"], args=cell["args"], wall_s=round(wall_s, 1),
+                           threads=threads), f)
 
     note_started(wall_before)
     with open_here(log, "a") as fh:
@@ -876,10 +884,14 @@ def _run_cells(todo: List[Dict[str, Any]], out: str, jobs: int, threads: int, pr
                 print(msg, flush=True)
     except KeyboardInterrupt:  # no queued cell starts; the running ones stop as after their own Ctrl-C
         pool.shutdown(wait=False, cancel_futures=True)
+        # the signal that stopped the study, which its cells inherited as it did (not ignored): a
+        # study started in the background without job control has SIGINT ignored, and so have its
+        # cells, which a forwarded SIGINT never stopped after a SIGTERM (a determinism probe, 2026-12-07)
+        stop = signal.SIGTERM if stop_name() == "SIGTERM" else signal.SIGINT
         with _RUNNING_LOCK:
             _STOPPING.set()
             for proc in _RUNNING:
-                proc.send_signal(signal.SIGINT)
+                proc.send_signal(stop)
         raise
     finally:
         pool.shutdown(wait=True)

@@ -225,6 +225,63 @@ def test_no_cell_starts_once_the_study_is_stopping(tmp_path):
     assert S.run_cell(cell, out, 1, python=str(fake))["metrics"]["recall@1"] == 0.75
 
 
+@pytest.mark.parametrize("sigint", ["ignored", "default"])
+def test_a_study_stopped_by_sigterm_stops_its_running_cell(tmp_path, sigint):
+    """A study started in the background without job control (``daal-study ... &`` in a script)
+    inherits SIGINT ignored, and so do its cells: the SIGINT it passed on after a SIGTERM never
+    reached them, and the study waited for the cell to train to its end (a determinism probe,
+    2026-12-07). It passes on the signal that stopped it. The cell here is daal-train's console
+    around a minute's sleep."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    started = tmp_path / "cell-started"
+    fake = tmp_path / "fake_python"
+    fake.write_text(f"#!{sys.executable}\n" + f"""import sys, time
+from daal_triton.train import console
+def main():
+    open({str(started)!r}, "w").close()
+    time.sleep(60)
+    return 0
+sys.exit(console._run_program(lambda: main, "daal-train"))
+""")
+    fake.chmod(0o755)
+    driver = tmp_path / "driver.py"
+    driver.write_text(f"""import functools, signal, sys
+if {sigint == "ignored"}:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+from daal_triton.train import console, study as S
+S.run_cell = functools.partial(S.run_cell, python={str(fake)!r})
+todo = S.expand(S.make_study(None, ["A=--epochs 1"], seeds=[0]))
+def main():
+    S._run_cells(todo, {str(tmp_path / "study")!r}, 1, 1, False, {{}}, {str(tmp_path / "runs.jsonl")!r})
+    return 0
+sys.exit(console._run_program(lambda: main, "daal-study"))
+""")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    proc = subprocess.Popen([sys.executable, str(driver)], stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL), start_new_session=True)
+    try:
+        deadline = time.time() + 60
+        while not started.exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert started.exists(), proc.stderr.read() if proc.poll() is not None else "the cell did not start"
+        t0 = time.time()
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=40)
+    finally:
+        try:  # the study and its cell, whatever happened
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert time.time() - t0 < 30, "the study waited for its cell's end"
+    assert proc.returncode == 130 and err.endswith("daal-study: interrupted (SIGTERM)\n"), err
+    log = open(tmp_path / "study" / "logs" / "a-seed0.log").read()
+    assert log.endswith("daal-train: interrupted (SIGTERM)\n"), log
+
+
 def test_the_default_progress_bar_counts_cells_and_keeps_their_lines(tmp_path, monkeypatch, capsys):
     ran = []
     good = _recording_run(ran)
@@ -356,6 +413,31 @@ def test_a_cell_stopped_half_way_resumes(tmp_path):
     (run,) = S._read_jsonl(os.path.join(out, "runs.jsonl"))
     assert run["resumed"] and run["epoch"] == 2 and "--resume" in run["command"]
     assert [r["epoch"] for r in S._read_jsonl(os.path.join(d, "metrics.jsonl"))] == [1, 2]
+
+
+def test_a_half_finished_cell_resumes_with_its_own_thread_count(tmp_path, capsys):
+    """A cell started at --threads 1 and resumed by a study at --threads 2 ran its second part at 2
+    threads, without a word, and its record named 2 alone: neither run's numbers (PyTorch's CPU sums
+    depend on the thread count; a determinism probe, 2026-12-07). It resumes at its own count, and
+    says so; a cell started before the count was recorded takes the study's."""
+    fake = tmp_path / "fake_python"
+    fake.write_text(_fake_python(tmp_path).read_text().replace("os.makedirs(out)", "os.makedirs(out, exist_ok=True)"))
+    out = str(tmp_path / "study")
+    (cell,) = S.expand(S.make_study(None, ["A=--epochs 1"], seeds=[0]))
+    d = S.cell_dir(out, cell)
+    for recorded, used in ((1, 1), (None, 2)):
+        os.makedirs(d)
+        open(os.path.join(d, "checkpoint_last.pt"), "w").close()  # half-finished: it resumes
+        json.dump(dict(config="A", seed=0, args=cell["args"], wall_s=1.0, **({"threads": recorded} if recorded else {})),
+                  open(S.started_file(d), "w"))
+        S.run_cell(cell, out, 2, python=str(fake))
+        said = capsys.readouterr().out
+        assert ("resumes with --threads 1, as it was started" in said) == (recorded == 1), said
+        command = open(os.path.join(out, "logs", "a-seed0.log")).read().splitlines()[-1]
+        assert f"--threads {used} --resume" in command
+        assert json.load(open(os.path.join(d, "study_cell.json")))["threads"] == used
+        assert json.load(open(S.started_file(d)))["threads"] == used
+        shutil.rmtree(d)
 
 
 def test_study_inputs_that_were_tracebacks_are_one_line(tmp_path, error_line):
