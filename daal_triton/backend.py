@@ -157,15 +157,15 @@ def _vmap_active() -> bool:
         return False
 
 
-def refuse_vmap(function: str) -> None:
+def refuse_vmap(function: str, why: str = "its checks and the kNN selection are data-dependent") -> None:
     """``NotImplementedError`` inside ``torch.func.vmap``: the value checks and the kNN's selection
     read values, which vmap forbids, and the reference's masks are written in place; a batch of
     problems is a loop (``torch.stack([f(e) for e in batch])``). ``grad``/``vjp``/``jacrev`` run
-    on the reference."""
+    on the reference. ``why``: what in ``function`` reads values."""
     if _vmap_active():
-        raise NotImplementedError(f"{function} cannot run under torch.func.vmap (its checks and the kNN "
-                                  "selection are data-dependent): call it once per problem in a loop, "
-                                  "torch.stack([... for ... in batch]); torch.func.grad, vjp and jacrev work")
+        raise NotImplementedError(f"{function} cannot run under torch.func.vmap ({why}): call it once per "
+                                  "problem in a loop, torch.stack([... for ... in batch]); torch.func.grad, vjp "
+                                  "and jacrev work")
 
 
 def triton_reason(device: torch.device, dtype: torch.dtype = torch.float32, *, forced: bool = False,

@@ -212,7 +212,7 @@ def pairwise_distance(x: torch.Tensor, y: torch.Tensor, *, backend: str = "auto"
     not resolved. :func:`knn` takes the distances it returns by direct differences: exact there.
     Its squares overflow for rows of norm beyond ``2^62`` (float32; ``2^510`` in float64): the
     value check refuses them (docs/method.md, "Bad input")."""
-    refuse_vmap("pairwise_distance")
+    refuse_vmap("pairwise_distance", "its checks of the inputs' values are data-dependent")
     for name, t in (("x", x), ("y", y)):
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")

@@ -217,7 +217,7 @@ def _density_backward_op(g_hinge: Optional[torch.Tensor], g_r: Optional[torch.Te
 
 @_density_backward_op.register_fake
 def _density_backward_fake(g_hinge, g_r, dist, index, tau):
-    return torch.empty_like(dist, dtype=torch.float32)
+    return dist.new_empty(dist.shape, dtype=torch.float32)  # contiguous, as the kernel's (any input strides)
 
 
 def _setup_context(ctx, inputs, output):

@@ -1266,7 +1266,7 @@ def _line_margin2_backward(grad_out, x, seg, sx, st, labels, lse, rs, alpha, lam
 @_line_margin2_backward_op.register_fake
 def _line_margin2_backward_fake(grad_out, x, seg, sx, st, labels, lse, rs, alpha, lambda_pull,
                                 atomic=False, merged=True, xu=True):
-    return torch.empty_like(x), torch.empty_like(seg, memory_format=torch.contiguous_format)
+    return x.new_empty(x.shape), seg.new_empty(seg.shape)  # contiguous, as the kernels' (any input strides)
 
 
 def _line_margin2_setup_context(ctx, inputs, output):

@@ -216,7 +216,7 @@ def _prepare_backward_op(gx: torch.Tensor, x: torch.Tensor, n: torch.Tensor, dty
 
 @_prepare_backward_op.register_fake
 def _prepare_backward_fake(gx, x, n, dtype, normalize):
-    return torch.empty_like(x, dtype=dtype)
+    return x.new_empty(x.shape, dtype=dtype)  # contiguous, as the kernel's (any input strides)
 
 
 def _setup_context(ctx, inputs, output):

@@ -1890,6 +1890,18 @@ MUTANTS: Tuple[Mutant, ...] = (
            "            json.dump(dict(config=cell[\"config\"], seed=cell[\"seed\"], args=cell[\"args\"], wall_s=round(wall_s, 1),\n                           threads=threads), f)",
            "            json.dump(dict(config=cell[\"config\"], seed=cell[\"seed\"], args=cell[\"args\"], wall_s=round(wall_s, 1)), f)",
            ("tests/train/test_train_study.py", "-k", "own_thread_count",)),
+    Mutant("line_margin_backward_fake_copies_strides", "kernels/line_margin.py",
+           "    return x.new_empty(x.shape), seg.new_empty(seg.shape)  # contiguous, as the kernels' (any input strides)\n",
+           "    return torch.empty_like(x), torch.empty_like(seg)\n",
+           ("tests/kernels/test_kernel_line_margin_v2.py", "-k", "opcheck",)),
+    Mutant("density_backward_fake_copies_strides", "kernels/density.py",
+           "    return dist.new_empty(dist.shape, dtype=torch.float32)  # contiguous, as the kernel's (any input strides)\n",
+           "    return torch.empty_like(dist, dtype=torch.float32)\n",
+           ("tests/kernels/test_kernel_density.py", "-k", "opcheck",)),
+    Mutant("prepare_backward_fake_copies_strides", "kernels/normalize.py",
+           "    return x.new_empty(x.shape, dtype=dtype)  # contiguous, as the kernel's (any input strides)\n",
+           "    return torch.empty_like(x, dtype=dtype)\n",
+           ("tests/kernels/test_kernel_normalize.py", "-k", "opcheck",)),
 )
 
 

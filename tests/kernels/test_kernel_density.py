@@ -150,9 +150,10 @@ def test_custom_ops_opcheck():
     dist = dist.requires_grad_()
     torch.library.opcheck(torch.ops.daal_triton.density.default, (dist, index, y, 0.2, 0.05, 0.5, 1.0, 0.8),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
-    torch.library.opcheck(torch.ops.daal_triton.density_backward.default,
-                          (torch.randn(9, device=DEV), None, dist.detach(), index, 0.8),
-                          test_utils=("test_schema", "test_faketensor"))
+    for d in (dist.detach(), dist.detach().t().contiguous().t()):  # the fake copied a transposed dist's strides
+        torch.library.opcheck(torch.ops.daal_triton.density_backward.default,
+                              (torch.randn(9, device=DEV), None, d, index, 0.8),
+                              test_utils=("test_schema", "test_faketensor"))
 
 
 @pytest.mark.build

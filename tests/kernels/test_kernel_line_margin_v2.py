@@ -315,9 +315,18 @@ def test_custom_ops_opcheck():
         torch.library.opcheck(torch.ops.daal_triton.line_margin2.default, args,
                               test_utils=("test_schema", "test_faketensor"))
         out, lse, rs, st, sx = torch.ops.daal_triton.line_margin2(*args)
-        bargs = (go.float(), xk.detach(), sk.detach(), sx, st, y, lse, rs, ALPHA, 0.1)
-        torch.library.opcheck(torch.ops.daal_triton.line_margin2_backward.default, bargs,
-                              test_utils=("test_schema", "test_faketensor"))
+        # and x and the segments in other layouts: the fake copied them, the kernels return
+        # contiguous gradients (inductor's stride asserts failed; a torch.library probe, 2026-12-07)
+        for xb, sb in ((xk.detach(), sk.detach()), (_other_layout(xk.detach()), _other_layout(sk.detach()))):
+            bargs = (go.float(), xb, sb, sx, st, y, lse, rs, ALPHA, 0.1)
+            torch.library.opcheck(torch.ops.daal_triton.line_margin2_backward.default, bargs,
+                                  test_utils=("test_schema", "test_faketensor"))
+
+
+def _other_layout(t):
+    """``t``'s values with its dimensions' order reversed in memory (a transposed x: strides (1, B))."""
+    dims = list(range(t.dim()))[::-1]
+    return t.permute(dims).contiguous().permute(dims)
 
 
 # ----------------------------------------------------------------------------- grids

@@ -184,9 +184,10 @@ def test_custom_ops_opcheck():
     torch.library.opcheck(torch.ops.daal_triton.prepare.default, (z, y, 4, True),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
     x, n, _, _ = torch.ops.daal_triton.prepare(z, y, 4, True)
-    torch.library.opcheck(torch.ops.daal_triton.prepare_backward.default,
-                          (torch.randn(6, 16), x.detach(), n, z.dtype, True),
-                          test_utils=("test_schema", "test_faketensor"))
+    for xb in (x.detach(), x.detach().t().contiguous().t()):  # the fake copied a transposed x's strides
+        torch.library.opcheck(torch.ops.daal_triton.prepare_backward.default,
+                              (torch.randn(6, 16), xb, n, z.dtype, True),
+                              test_utils=("test_schema", "test_faketensor"))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
