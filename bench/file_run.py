@@ -179,6 +179,23 @@ def file_run(files_at: str, results: str, name: Optional[str] = None, command: s
     return folder
 
 
+def _records_env(tar: tarfile.TarFile, members: List[tarfile.TarInfo]) -> dict:
+    """The date and GPU of the ``env`` lines of the archive's ``records.jsonl`` (the runner writes
+    one per pytest process), for a run whose ``env.json`` says nothing."""
+    member = next((m for m in members if m.isfile() and os.path.normpath(m.name) == "records.jsonl"), None)
+    env: dict = {}
+    if member is None:
+        return env
+    for line in tar.extractfile(member).read().decode("utf-8", "replace").splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:  # a line cut short
+            continue
+        if isinstance(rec, dict) and rec.get("kind") == "env":
+            env.update({k: rec[k] for k in ("date", "gpu") if rec.get(k) and k not in env})  # the first's
+    return env
+
+
 def _unpack(tar: tarfile.TarFile, path: str, results: str, name: Optional[str]) -> str:
     """:func:`file_run`'s checks and extraction into a new folder, which is removed again if the
     archive turns out damaged midway (a partial run is never left to be read as one)."""
@@ -200,6 +217,9 @@ def _unpack(tar: tarfile.TarFile, path: str, results: str, name: Optional[str]) 
                 env = json.load(tar.extractfile(env_member))
             except ValueError:
                 env = {}
+        env = env if isinstance(env, dict) else {}
+        if not (env.get("date") and env.get("gpu")):  # env.json empty (a hung env step): the records' env lines
+            env = dict(_records_env(tar, members), **{k: v for k, v in env.items() if v})
         name = run_name(env, results)
     folder = os.path.join(results, name)
     if os.path.exists(folder):

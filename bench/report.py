@@ -141,7 +141,10 @@ def load_run(run_dir: str) -> dict:
     if os.path.exists(rec_path):
         recs = _read_jsonl(rec_path)
     elif os.path.exists(bench_path):
-        recs = _from_benchmark_json(bench_path)
+        try:
+            recs = _from_benchmark_json(bench_path)
+        except (OSError, ValueError) as exc:  # empty or cut short (a step killed while pytest-benchmark wrote it)
+            run["bench_unreadable"] = f"{type(exc).__name__}: {exc}"
     for r in recs:
         kind = r.get("kind")
         if kind == "env":
@@ -481,8 +484,10 @@ def switch_rows(run: dict) -> List[Tuple[object, tuple, str, str]]:
             if sw.memory and ok(d) and ok(a) and d.get("peak_extra_bytes") and a.get("peak_extra_bytes"):
                 reading += "; " + _reading(a["peak_extra_bytes"] / d["peak_extra_bytes"],
                                            f"less memory: {sw.default}", f"less memory: {sw.alternative}", "memory ")
-            rows.append((sw, key, f"| `{sw.env}` | {' '.join(key[1:])} | {fmt_time(td) if td else '—'} | "
-                                  f"{fmt_time(ta) if ta else '—'} | {shown} | {rounds} | {mem} | {reading} |",
+            # the alternative and the operator named: switches share a variable (DAAL_KNN_TILES: table,
+            # wide, gluon, gluon128) and one switch times the kernel and the whole loss (a probe, 2026-12-07)
+            rows.append((sw, key, f"| `{sw.env}={sw.alternative}` | {' '.join(key)} | "
+                                  f"{fmt_time(td) if td else '—'} | {fmt_time(ta) if ta else '—'} | {shown} | {rounds} | {mem} | {reading} |",
                          (shown + " " + reading) if td and ta else ""))
     return rows
 
@@ -781,7 +786,9 @@ def run_report(run: dict, *, heading_level: int = 2) -> List[str]:
                   knn_markdown(run["knn_tuning"]["records"]), ""]
     lines += probe_table(run, heading_level)
     if not run["cases"]:
-        lines += ["No benchmark case was recorded in this run.", ""]
+        lines += ["No benchmark case was recorded in this run"
+                  + (f" (bench.json unreadable, cut short? {run['bench_unreadable']})." if run.get("bench_unreadable")
+                     else "."), ""]
         return lines
     lines += [f"{h}# Targets (issues 6, 13 and 17, H200)", "",
               "\"rounds\": the timed rounds behind each side of the comparison (Triton first); a "

@@ -1257,6 +1257,10 @@ def test_switches_table_reads_each_case():
     assert "within 3%" in rows[1]
     assert f"{sw_own.alternative} faster" in rows[2] and f"less memory: {sw_own.default}" in rows[2]
     assert "not measured" in rows[3] and "out of time budget" in rows[3]
+    # each row names the alternative and the operator: switches share a variable (DAAL_KNN_TILES:
+    # table, wide, gluon, gluon128) and one times the kernel and the whole loss (a probe, 2026-12-07)
+    assert rows[0].startswith(f"| `{sw_merge.env}={sw_merge.alternative}` | {' '.join(sw_merge.cases[0])} |"), rows[0]
+    assert rows[2].startswith(f"| `{sw_own.env}={sw_own.alternative}` | {' '.join(sw_own.cases[0])} |"), rows[2]
     assert report.switches_table({"cases": {}}) == []
     # the bound itself is no decision (1.03 and 0.97, in float arithmetic), nor is memory within 3%
     sw_align = next(s for s in bc.SWITCHES if s.env == "DAAL_ALIGN_D")
@@ -1465,7 +1469,7 @@ def test_targets_carry_their_caveats_and_switches_their_rounds(tmp_path):
         f.write("\n" + "\n".join(json.dumps(r) for r in [env] + extra) + "\n")
     text = "\n".join(report.run_report(report.load_run(str(run))))
     assert "tests failed" not in text and "measured on TestGPU, not an H200" in text
-    row = next(line for line in text.splitlines() if line.startswith(f"| `{sw.env}` | {shape} {dtype} {pass_} |"))
+    row = next(line for line in text.splitlines() if line.startswith(f"| `{sw.env}={sw.alternative}` | {op} {shape} {dtype} {pass_} |"))
     assert "| 30 / 1 |" in row and f"{sw.alternative} faster (indicative: 1 timed round)" in row, row
     (run / "gpu_tests.xml").write_text('<testsuite name="pytest" tests="2" failures="1" errors="0" skipped="0">'
                                        '<testcase classname="m" name="x"><failure/></testcase></testsuite>')
@@ -1513,3 +1517,20 @@ def test_the_report_drops_nothing_it_cannot_place(tmp_path):
                                                          median_s=bad)) + "\n")
         rec = report.load_run(str(d))["cases"][("loss", "dml", "fp32", "fwd", "eager")]
         assert not report.ok(rec) and rec["status"].startswith("error: invalid median"), bad
+
+
+@pytest.mark.parametrize("content", ["", '{"benchmarks": [{"extra_info": {"op": "kn'])
+def test_a_run_whose_bench_json_is_cut_short_is_reported(tmp_path, content):
+    """A run with no records.jsonl and an empty or cut-short bench.json (a step killed while
+    pytest-benchmark wrote it: the first H200 run left an empty one) stopped report.py with a
+    JSONDecodeError traceback, and file_run.py after filing the folder (a probe, 2026-12-07). The
+    report says so and shows the rest."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "env.json").write_text(json.dumps({"date": "2026-12-07T10:00:00+00:00", "gpu": "NVIDIA H200"}))
+    (run / "steps.json").write_text(json.dumps(dict(step="bench", rc=130, seconds=300, limit=300)) + "\n")
+    (run / "bench.json").write_text(content)
+    loaded = report.load_run(str(run))
+    assert loaded["cases"] == {} and "JSONDecodeError" in loaded["bench_unreadable"]
+    text = "\n".join(report.run_report(loaded))
+    assert "No benchmark case was recorded in this run (bench.json unreadable, cut short?" in text

@@ -155,3 +155,19 @@ def test_names_runs_by_date_and_gpu(tmp_path):
                              str(tmp_path)) == "2026-12-04-h100-2"
     assert file_run.run_name({"date": "2026-12-04", "gpu": "NVIDIA H200"}, str(tmp_path)) == "2026-12-04-h200"
     assert file_run.run_name({"date": "2026-12-04"}, str(tmp_path)) == "2026-12-04-gpu"
+
+
+def test_a_run_whose_env_json_is_empty_is_named_from_its_records(tmp_path):
+    """An empty env.json (a hung env step) named the folder ``<today>-gpu`` while its README said
+    NVIDIA H200 (a probe, 2026-12-07): the records' env lines give the date and the GPU."""
+    out = _outdir(tmp_path, report.source_digest(ROOT))
+    with tarfile.open(out / file_run.ARCHIVE) as tar:
+        files = {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
+    files["./env.json"] = b""
+    env = [{"kind": "env", "date": "2026-12-06T23:59:00+00:00", "gpu": "NVIDIA H200", "profile": "check"},
+           {"kind": "env", "date": "2026-12-07T00:01:00+00:00", "gpu": "NVIDIA H200"}]
+    files["./records.jsonl"] = "".join(json.dumps(e) + "\n" for e in env).encode() + b'{"kind": "ca'
+    redone = _archive_with(tmp_path, lambda tar: [_file(tar, n, d) for n, d in files.items()])
+    results = tmp_path / "results"
+    assert file_run.main([redone, "--results", str(results), "--no-readme"]) == 0
+    assert [p.name for p in results.iterdir()] == ["2026-12-06-h200"]
