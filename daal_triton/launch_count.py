@@ -4,7 +4,11 @@
 code dispatches, *including those inside the package's custom operators* (``daal_triton::*``,
 whose bodies a plain dispatch mode does not see), and every Triton kernel launch. On a CPU this
 is the path CUDA takes (with the value checks off, as they are for CUDA tensors by default), so
-the counts are those a GPU would see; the tests assert them (docs/method.md, "Numerics").
+the counts are those a GPU would see, for float32 inputs at sizes one GPU split covers; the tests
+assert them (docs/method.md, "Numerics"). Two differences: the line margin's float16/bfloat16
+backward widens the GEMM operands on a CPU (two ``aten.to`` per GEMM: CUDA's ``mm`` with
+``out_dtype`` has no CPU kernel), and a CPU counts one SM, so the class and column splits a large
+problem takes on a GPU are not counted.
 
 * :attr:`LaunchCount.launches`: the operators that launch device work (everything but views,
   metadata and bare allocations) plus the Triton kernels;
