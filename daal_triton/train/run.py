@@ -490,7 +490,7 @@ def distribute(state: RunState) -> None:
                 seed_everything(cfg.seed + 1000003 * ctx.rank + 7919 * (state.start_epoch - 1))
     elif cfg.sync_bn:
         state.log("--sync-bn does nothing in a single process")
-    if cfg.compile:  # the network only (inside DDP's wrapper); state.model stays the bare one
+    if cfg.compile:  # the network only (the DDP wrapper under torchrun: compile(DDP(net))); state.model stays bare
         state.net = compile_network(state.net)
     state.loss_fn = GlobalBatchLoss(state.bank, state.miner)
 
