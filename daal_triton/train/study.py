@@ -100,6 +100,23 @@ def slug(name: str) -> str:
     return s or "config"
 
 
+#: The longest folder name a configuration may map to: its log, ``<slug>-seed<S>.log``, must fit a
+#: file name's 255 bytes (a longer name passed every check, then every cell failed: a probe, 2026-12-07).
+SLUG_MAX = 200
+
+
+def _shown(name: str) -> str:
+    """A configuration's name as matplotlib draws it literally: a ``$`` starts no math (a name with
+    ``$\\lamda$`` stopped every report), and a leading ``_`` (which a legend leaves out) is kept."""
+    name = name.replace("$", r"\$")
+    return " " + name if name.startswith("_") else name
+
+
+def _cell_text(name: str) -> str:
+    """A configuration's name in a Markdown table's cell: a ``|`` would end the cell."""
+    return name.replace("|", r"\|")
+
+
 def _check_configs(d: Any, where: str) -> None:
     if not isinstance(d, dict) or not isinstance(d.get("configs"), dict) or not d["configs"]:
         raise StudyError(f"{where}: expected a JSON object with a non-empty 'configs' object")
@@ -183,6 +200,9 @@ def make_study(file: Union[str, Dict[str, Any], None] = None, configs: Sequence[
     slugs: Dict[str, str] = {}
     for k in out_configs:  # a configuration may be called "common" too
         s = slug(k)
+        if len(s) > SLUG_MAX:
+            raise StudyError(f"configuration {k[:40]!r}...: its folder name would be {len(s)} characters long (at most "
+                             f"{SLUG_MAX}: a file name holds 255 bytes); give it a shorter name")
         if s in slugs:
             raise StudyError(f"configurations {slugs[s]!r} and {k!r} map to the same folder name {s!r}")
         slugs[s] = k
@@ -428,14 +448,15 @@ def markdown_table(records: List[Dict[str, Any]], configs: Sequence[str], *, com
     lines += ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for c in configs:
         n = int(st[c][main[0]]["n"]) if main else 0
-        lines.append("| " + " | ".join([c, str(n)] + [_pm(st[c][k], row_n=n) for k in main]
+        lines.append("| " + " | ".join([_cell_text(c), str(n)] + [_pm(st[c][k], row_n=n) for k in main]
                                        + [_ci(st[c][k]) for k in main]) + " |")
     lines += ["", "All metrics (mean ± std):", ""]
     allk = keys + ["train_loss", "wall_s"]
     lines += ["| configuration | " + " | ".join(LABELS[k] for k in allk) + " |", "|" + " --- |" * (len(allk) + 1)]
     for c in configs:
         n_or_none = int(st[c][main[0]]["n"]) if main else None
-        lines.append("| " + " | ".join([c] + [_pm(st[c][k], 1 if k == "wall_s" else 3, row_n=n_or_none) for k in allk])
+        lines.append("| " + " | ".join([_cell_text(c)] + [_pm(st[c][k], 1 if k == "wall_s" else 3, row_n=n_or_none)
+                                           for k in allk])
                      + " |")
     if len(configs) > 1 and main:
         diff = paired_differences(records, configs, main)
@@ -448,7 +469,7 @@ def markdown_table(records: List[Dict[str, Any]], configs: Sequence[str], *, com
             own = [f" (n={d[k]['n']})" if d[k]["n"] != d[main[0]]["n"] else "" for k in main]
             cells = [f"{_fmt(d[k]['mean'], 3)} {_ci(d[k])}{o}" if d[k]["n"] >= 2 else _pm(d[k])
                      for k, o in zip(main, own)]
-            lines.append("| " + " | ".join([c, str(d[main[0]]["n"])] + cells) + " |")
+            lines.append("| " + " | ".join([_cell_text(c), str(d[main[0]]["n"])] + cells) + " |")
     lines += ["", "Arguments of each configuration (given to `daal-train` with `--seed S --out ...`):", ""]
     for c in configs:
         args = next((r["args"] for r in records if r["config"] == c), None)
@@ -483,7 +504,7 @@ def plot_metrics(records: List[Dict[str, Any]], configs: Sequence[str], path: st
             pts = [_value(r, k) for r in records if r["config"] == c and _value(r, k) is not None]
             ax.scatter([i] * len(pts), pts, s=10, color="black", zorder=3)
         ax.set_xticks(range(len(configs)))
-        ax.set_xticklabels(configs, rotation=45, ha="right", fontsize=7)
+        ax.set_xticklabels([_shown(c) for c in configs], rotation=45, ha="right", fontsize=7)
         ax.set_title(f"{LABELS[k]} (mean, 95% CI)", fontsize=9)
     fig.tight_layout()
     unlink_if_link(path)
@@ -500,7 +521,7 @@ def plot_tradeoff(records: List[Dict[str, Any]], configs: Sequence[str], path: s
     for i, c in enumerate(configs):
         rs = [r for r in records if r["config"] == c and "subcluster_nmi" in r["metrics"]]
         ax.scatter([r["metrics"]["subcluster_nmi"] for r in rs], [r["metrics"]["recall@1"] for r in rs],
-                   color=cmap(i % 10), label=c, s=28)
+                   color=cmap(i % 10), label=_shown(c), s=28)
     ax.set_xlabel("sub-cluster NMI (modes kept inside each class)")
     ax.set_ylabel("held-out Recall@1")
     ax.legend(fontsize=7, loc="best")
@@ -593,31 +614,43 @@ def started_file(d: str) -> str:
     return d + ".started.json"
 
 
-def run_cell(cell: Dict[str, Any], out: str, threads: Optional[int], python: str = sys.executable) -> Dict[str, Any]:
-    """Run one cell to completion (or resume it); returns its JSON line. Raises on failure."""
+def cell_plan(cell: Dict[str, Any], out: str,
+              threads: Optional[int]) -> Tuple[Optional[str], float, Optional[int], bool]:
+    """How the cell will run (reading only): ``(checkpoint it resumes or None, its wall time so
+    far, its --threads, whether an unfinished folder without a checkpoint is moved aside first)``.
+    A half-finished cell resumes with the --threads it was started with, which a bit-identical
+    resume on the CPU needs (another --threads resumed it silently, its record naming only the
+    last: a determinism probe, 2026-12-07); under other arguments it is a RuntimeError."""
     d = cell_dir(out, cell)
-    resume, wall_before = None, 0.0
-    if os.path.isdir(d) and os.listdir(d):
-        ck = os.path.join(d, "checkpoint_last.pt")
-        started = _read_json(started_file(d)) if os.path.isfile(started_file(d)) else {}
-        if os.path.isfile(ck) and started.get("args", cell["args"]) != cell["args"]:
-            raise RuntimeError(f"{d} was started with {shlex.join(started['args'])!r}, the study now says "
-                               f"{shlex.join(cell['args'])!r}: a resumed run would mix the two; restore the study "
-                               "file, or move that folder aside to start the cell again")
-        if os.path.isfile(ck):
-            resume, wall_before = ck, float(started.get("wall_s", 0.0))
-            # its own thread count, which a bit-identical resume on the CPU needs (another --threads
-            # resumed it silently, its record naming only the last: a determinism probe, 2026-12-07)
-            first = started.get("threads")
-            if isinstance(first, int) and not isinstance(first, bool) and first >= 1 and first != threads:
-                print(f"[daal-study] {d} resumes with --threads {first}, as it was started (the study now says "
-                      f"{threads}): PyTorch's CPU sums depend on the thread count", flush=True)
-                threads = first
-        else:
-            moved = _move_aside(d)
-            if os.path.isfile(started_file(d)):
-                os.replace(started_file(d), started_file(moved))
-            print(f"[daal-study] {d} was left unfinished without a checkpoint: moved to {moved}", flush=True)
+    if not (os.path.isdir(d) and os.listdir(d)):
+        return None, 0.0, threads, False
+    ck = os.path.join(d, "checkpoint_last.pt")
+    if not os.path.isfile(ck):
+        return None, 0.0, threads, True
+    started = _read_json(started_file(d)) if os.path.isfile(started_file(d)) else {}
+    if started.get("args", cell["args"]) != cell["args"]:
+        raise RuntimeError(f"{d} was started with {shlex.join(started['args'])!r}, the study now says "
+                           f"{shlex.join(cell['args'])!r}: a resumed run would mix the two; restore the study "
+                           "file, or move that folder aside to start the cell again")
+    first = started.get("threads")
+    if isinstance(first, int) and not isinstance(first, bool) and first >= 1:
+        threads = first
+    return ck, float(started.get("wall_s", 0.0)), threads, False
+
+
+def run_cell(cell: Dict[str, Any], out: str, threads: Optional[int], python: str = sys.executable) -> Dict[str, Any]:
+    """Run one cell to completion (or resume it: :func:`cell_plan`); returns its JSON line. Raises on failure."""
+    d = cell_dir(out, cell)
+    resume, wall_before, own, stale = cell_plan(cell, out, threads)
+    if own != threads:
+        print(f"[daal-study] {d} resumes with --threads {own}, as it was started (the study now says "
+              f"{threads}): PyTorch's CPU sums depend on the thread count", flush=True)
+        threads = own
+    if stale:
+        moved = _move_aside(d)
+        if os.path.isfile(started_file(d)):
+            os.replace(started_file(d), started_file(moved))
+        print(f"[daal-study] {d} was left unfinished without a checkpoint: moved to {moved}", flush=True)
     os.makedirs(os.path.dirname(d), exist_ok=True)
     cmd = cell_command(cell, d, threads, python, resume)
     log = os.path.join(out, "logs", f"{cell['slug']}-seed{cell['seed']}.log")
@@ -655,7 +688,15 @@ def run_cell(cell: Dict[str, Any], out: str, threads: Optional[int], python: str
 
 
 def _load_runs(path: str) -> List[Dict[str, Any]]:
-    return _read_jsonl(path) if os.path.isfile(path) else []
+    """The runs a report's ``runs.jsonl`` records; :class:`StudyError` for a record daal-study did
+    not write (another program's file there gave a KeyError traceback: a probe, 2026-12-07)."""
+    runs = _read_jsonl(path) if os.path.isfile(path) else []
+    for i, r in enumerate(runs, 1):
+        if not (isinstance(r, dict) and isinstance(r.get("config"), str) and isinstance(r.get("seed"), int)
+                and isinstance(r.get("metrics"), dict)):
+            raise StudyError(f"{path}: record {i} is not a run daal-study recorded (an object with config, seed and "
+                             f"metrics): is the file daal-study's? Move it away, or give another --report")
+    return runs
 
 
 def _append_run(path: str, rec: Dict[str, Any]) -> None:
@@ -727,6 +768,32 @@ def report_order(study: Dict[str, Any], records: List[Dict[str, Any]], report: s
     return order
 
 
+#: The report's files that :func:`write_report` replaces (and ``study.json``).
+REPORT_FILES = ("table.md", "metrics.png", "r1_vs_subcluster_nmi.png", "tsne_by_mode.png")
+
+
+def check_report_folder(report: str) -> None:
+    """The report folder's files are daal-study's (its ``study.json`` describes a study) or absent:
+    a ``table.md`` or ``study.json`` of the user's in ``--report`` was replaced without a word (a
+    probe, 2026-12-07). A report cut short (:data:`WRITING` there) is daal-study's."""
+    if os.path.exists(os.path.join(report, WRITING)):
+        return
+    path = os.path.join(report, "study.json")
+    if os.path.lexists(path):
+        try:
+            _check_configs(read_json(path), path)
+        except (OSError, ValueError, StudyError):
+            raise StudyError(f"{path} is not a report's study.json that daal-study wrote (a JSON object with its "
+                             f"'configs'), and daal-study would replace it and the files beside it "
+                             f"({', '.join(REPORT_FILES)}): move it away, or give another --report") from None
+        return
+    held = [name for name in REPORT_FILES if os.path.lexists(os.path.join(report, name))]
+    if held:
+        raise StudyError(f"{report} holds {', '.join(held)} without the study.json daal-study writes beside its "
+                         f"report: not daal-study's, and it would replace {'it' if len(held) == 1 else 'them'}; move "
+                         f"{'it' if len(held) == 1 else 'them'} away, or give another --report")
+
+
 #: In a report folder while :func:`write_report` writes it (a Ctrl-C during the t-SNE left table.md
 #: without its plots, and the next command, finding no new run, left it so).
 WRITING = ".daal-study-writing"
@@ -769,7 +836,7 @@ def write_report(study: Dict[str, Any], records: List[Dict[str, Any]], configs: 
                         continue
                     r1 = rs[0]["metrics"].get("recall@1", math.nan)
                     sub = rs[0]["metrics"].get("subcluster_nmi", math.nan)
-                    panels.append((f"{c} (seed {seed})\nR@1 {r1:.3f}, sub-cluster NMI {sub:.3f}", emb, labels,
+                    panels.append((f"{_shown(c)} (seed {seed})\nR@1 {r1:.3f}, sub-cluster NMI {sub:.3f}", emb, labels,
                                    modes, names))
             if panels:
                 written.append(plot_tsne(panels, os.path.join(report, "tsne_by_mode.png"), seed=seed))
@@ -986,6 +1053,7 @@ def _study(args: argparse.Namespace, study: Dict[str, Any], command: str) -> int
     earlier commands too); a report is never replaced by an empty one."""
     threads = args.threads or max(1, _cores() // args.jobs)
     report = args.report or args.out
+    check_report_folder(report)
     cells = expand(study)
     runs_path = os.path.join(report, "runs.jsonl")
     known = {(r["config"], r["seed"]): r for r in _load_runs(runs_path)}
@@ -1017,13 +1085,21 @@ def _study(args: argparse.Namespace, study: Dict[str, Any], command: str) -> int
           + ("" if args.summarize or args.dry_run or not todo
              else f", {args.jobs} at a time x {plural(threads, 'thread')}"),
           flush=True)
-    if args.dry_run:
+    if args.dry_run:  # the finished cells, then those to run in the order and with the commands they will run
         pending = {(c["config"], c["seed"]) for c in todo}
-        for cell in cells:
+        for cell in cells:  # done here, or done elsewhere and in the report already (not run again): as counted
+            if (cell["config"], cell["seed"]) not in pending:
+                print(f"done  {shlex.join(cell_command(cell, cell_dir(args.out, cell), threads))}")
+        for cell in todo:  # (it printed the study's order and fresh commands: a probe, 2026-12-07)
             d = cell_dir(args.out, cell)
-            # done here, or done elsewhere and in the report already (not run again): as counted above
-            state = "todo" if (cell["config"], cell["seed"]) in pending else "done"
-            print(f"{state}  {shlex.join(cell_command(cell, d, threads))}")
+            try:
+                resume, _, own, stale = cell_plan(cell, args.out, threads)
+            except RuntimeError as e:  # started under other arguments: the run would fail this cell
+                print(f"fails {shlex.join(cell_command(cell, d, threads))}  # {e}")
+                continue
+            state = "resume" if resume else "todo"
+            print(f"{state}  {shlex.join(cell_command(cell, d, own, resume=resume))}"
+                  + (f"  # {d} (unfinished, no checkpoint) is moved aside first" if stale else ""))
         return 0
     failed = []
     if todo and not args.summarize:

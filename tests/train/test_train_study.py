@@ -800,3 +800,85 @@ def test_links_and_fifos_in_a_study_folder_are_never_written_through(tmp_path, e
         signal.alarm(0)
         signal.signal(signal.SIGALRM, old)
     assert "a FIFO (named pipe) is there, not a file" in error_line("daal-study")
+
+
+def test_configuration_names_are_text_in_the_table_and_the_plots(tmp_path, monkeypatch, capsys):
+    """Names are the user's text: ``$\\lamda$`` stopped every report in matplotlib's TeX parser
+    (a traceback, and the same again at every command), ``$5 vs $10`` lost its dollars, a leading
+    ``_`` left the legend, and a ``|`` shifted every column of table.md (a probe, 2026-12-07)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    names = ["DAAL $\\lamda$ 0.1", "price $5 vs $10", "_baseline", "A|B"]
+    out = str(tmp_path / "st")
+    monkeypatch.setattr(S, "run_cell", _fake_cell)
+    argv = sum((["--config", f"{n}=--epochs {i + 1}"] for i, n in enumerate(names)), [])
+    assert S.main(argv + ["--seeds", "0", "1", "--out", out, "--no-progress", "--no-tsne"]) == 0
+    table = open(os.path.join(out, "table.md"), encoding="utf-8").read()
+    rows = [r for r in _rows(table) if r.startswith("| A\\|B |")]
+    assert len(rows) == 3 and all(r.replace("\\|", "").count("|") == _rows(table)[0].count("|") for r in rows[:1])
+    seen = {}
+    real_savefig = matplotlib.figure.Figure.savefig
+
+    def savefig(fig, path, *a, **k):
+        seen[os.path.basename(path)] = fig
+        return real_savefig(fig, path, *a, **k)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", savefig)
+    records = S._load_runs(os.path.join(out, "runs.jsonl"))
+    S.plot_metrics(records, names, str(tmp_path / "m.png"))
+    S.plot_tradeoff(records, names, str(tmp_path / "t.png"))
+    ticks = [t.get_text() for t in seen["m.png"].axes[0].get_xticklabels()]
+    assert ticks == ["DAAL \\$\\lamda\\$ 0.1", "price \\$5 vs \\$10", " _baseline", "A|B"]
+    legend = [t.get_text() for t in seen["t.png"].axes[0].get_legend().get_texts()]
+    assert len(legend) == 4 and " _baseline" in legend
+
+
+def test_a_name_too_long_for_a_folder_is_refused_up_front():
+    S.make_study(None, ["x" * S.SLUG_MAX + "="])
+    with pytest.raises(S.StudyError, match="folder name would be 250 characters long"):
+        S.make_study(None, ["x" * 250 + "="])
+
+
+@pytest.mark.parametrize("mine", ["runs.jsonl", "table.md", "study.json", "metrics.png"])
+def test_a_report_folder_with_files_not_daal_studys_is_refused(tmp_path, monkeypatch, mine, error_line):
+    """A runs.jsonl of another program in --report gave a KeyError traceback; a user's table.md,
+    study.json or plot there was replaced without a word (a probe, 2026-12-07)."""
+    report = tmp_path / "r"
+    report.mkdir()
+    content = {"runs.jsonl": '{"x": 1}\n', "study.json": '{"my": "data"}'}.get(mine, "mine")
+    (report / mine).write_text(content)
+    monkeypatch.setattr(S, "run_cell", _fake_cell)
+    argv = ["--config", "A=", "--seeds", "0", "--out", str(tmp_path / "o"), "--report", str(report), "--no-progress",
+            "--no-tsne"]
+    assert S.main(argv) == 2
+    line = error_line("daal-study")
+    assert str(report / mine) in line or f"holds {mine}" in line, line
+    assert (report / mine).read_text() == content and sorted(p.name for p in report.iterdir()) == [mine]
+    # daal-study's own report is rewritten by the next command
+    (report / mine).unlink()
+    assert S.main(argv) == 0
+    assert S.main(argv + ["--summarize"]) == 0
+
+
+def test_the_dry_run_shows_the_commands_in_the_order_they_run(tmp_path, capsys):
+    """The dry run printed the study's order (configuration-major) and fresh commands: a
+    half-finished cell's --resume and its own --threads, and a folder moved aside, were not shown
+    (a probe, 2026-12-07)."""
+    out = str(tmp_path / "o")
+    study = S.make_study(None, ["A=", "B=--epochs 2"], seeds=[0, 1])
+    a0, a1, b0, b1 = S.expand(study)
+    d = S.cell_dir(out, a0)
+    os.makedirs(d)
+    open(os.path.join(d, "checkpoint_last.pt"), "w").close()
+    json.dump(dict(config="A", seed=0, args=a0["args"], wall_s=3.0, threads=2), open(S.started_file(d), "w"))
+    os.makedirs(S.cell_dir(out, a1))
+    open(os.path.join(S.cell_dir(out, a1), "partial"), "w").close()
+    assert S.main(["--config", "A=", "--config", "B=--epochs 2", "--seeds", "0", "1", "--out", out, "--threads", "1",
+                   "--dry-run", "--no-progress"]) == 0
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if not ln.startswith("[daal-study]")]
+    assert [ln.split()[0] for ln in lines] == ["resume", "todo", "todo", "todo"]
+    assert "--threads 2 --resume " + os.path.join(d, "checkpoint_last.pt") in lines[0]
+    assert [ln.split("--seed ")[1].split()[0] for ln in lines] == ["0", "0", "1", "1"]  # seed-major, as they run
+    assert S.cell_dir(out, b0) in lines[1] and "moved aside first" in lines[2] and S.cell_dir(out, b1) in lines[3]
+    assert os.path.exists(os.path.join(S.cell_dir(out, a1), "partial"))  # and nothing moved
