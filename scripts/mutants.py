@@ -1934,6 +1934,14 @@ MUTANTS: Tuple[Mutant, ...] = (
            "            print(f\"{state}  {shlex.join(cell_command(cell, d, own, resume=resume))}\"\n",
            "            print(f\"{state}  {shlex.join(cell_command(cell, d, threads))}\"\n",
            ("tests/train/test_train_study.py", "-k", "dry_run_shows",)),
+    Mutant("study_stale_plots_kept", "daal_triton/train/study.py",
+           "        if path not in written and os.path.isfile(path) and not os.path.islink(path):\n",
+           "        if False:\n",
+           ("tests/train/test_train_study.py", "-k", "earlier_report_are_not",)),
+    Mutant("study_cell_lines_past_the_bar", "daal_triton/train/study.py",
+           "        if _BAR:\n            _BAR[0].write(msg)\n",
+           "        if False:\n            _BAR[0].write(msg)\n",
+           ("tests/train/test_train_study.py", "-k", "through_the_progress",)),
 )
 
 

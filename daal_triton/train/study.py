@@ -606,6 +606,20 @@ _RUNNING_LOCK = threading.Lock()
 #: Set when the study stops (Ctrl-C, SIGTERM): no cell starts after it (one started then inherited
 #: the signals ignored, so the study's stop never reached it and the study waited for its end)
 _STOPPING = threading.Event()
+#: The cells' progress bar while they run (empty: none); :func:`_say` writes through it.
+_BAR: List[Any] = []
+_SAY_LOCK = threading.Lock()
+
+
+def _say(msg: str) -> None:
+    """One whole line of the study's, from any of its threads: through the progress bar while it
+    runs (a line a cell's thread printed broke it), and never two lines run together (a cell's
+    thread and the main one merged theirs: a probe, 2026-12-07)."""
+    with _SAY_LOCK:
+        if _BAR:
+            _BAR[0].write(msg)
+        else:
+            print(msg, flush=True)
 
 
 def started_file(d: str) -> str:
@@ -643,14 +657,14 @@ def run_cell(cell: Dict[str, Any], out: str, threads: Optional[int], python: str
     d = cell_dir(out, cell)
     resume, wall_before, own, stale = cell_plan(cell, out, threads)
     if own != threads:
-        print(f"[daal-study] {d} resumes with --threads {own}, as it was started (the study now says "
-              f"{threads}): PyTorch's CPU sums depend on the thread count", flush=True)
+        _say(f"[daal-study] {d} resumes with --threads {own}, as it was started (the study now says "
+             f"{threads}): PyTorch's CPU sums depend on the thread count")
         threads = own
     if stale:
         moved = _move_aside(d)
         if os.path.isfile(started_file(d)):
             os.replace(started_file(d), started_file(moved))
-        print(f"[daal-study] {d} was left unfinished without a checkpoint: moved to {moved}", flush=True)
+        _say(f"[daal-study] {d} was left unfinished without a checkpoint: moved to {moved}")
     os.makedirs(os.path.dirname(d), exist_ok=True)
     cmd = cell_command(cell, d, threads, python, resume)
     log = os.path.join(out, "logs", f"{cell['slug']}-seed{cell['seed']}.log")
@@ -840,6 +854,11 @@ def write_report(study: Dict[str, Any], records: List[Dict[str, Any]], configs: 
                                    modes, names))
             if panels:
                 written.append(plot_tsne(panels, os.path.join(report, "tsne_by_mode.png"), seed=seed))
+    for name in REPORT_FILES[1:]:  # an earlier command's plot beside this table showed other runs (a probe, 2026-12-07)
+        path = os.path.join(report, name)
+        if path not in written and os.path.isfile(path) and not os.path.islink(path):
+            os.remove(path)
+            print(f"[daal-study] removed {path}: it showed an earlier report's runs", flush=True)
     os.remove(marker)
     return written
 
@@ -927,6 +946,7 @@ def _run_cells(todo: List[Dict[str, Any]], out: str, jobs: int, threads: int, pr
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(todo), desc="daal-study", unit="run", dynamic_ncols=True)
+        _BAR[:] = [bar]
     pool = cf.ThreadPoolExecutor(max_workers=jobs)
     _STOPPING.clear()
     try:
@@ -944,11 +964,9 @@ def _run_cells(todo: List[Dict[str, Any]], out: str, jobs: int, threads: int, pr
                 msg = (f"[daal-study] {cell['config']} seed {cell['seed']}: R@1 {rec['metrics'].get('recall@1', 0):.4f}"
                        f", sub-cluster NMI {rec['metrics'].get('subcluster_nmi', math.nan):.4f}"
                        + (f" ({rec['wall_s']:.0f} s)" if rec.get("wall_s") is not None else ""))
+            _say(msg)
             if bar is not None:
-                bar.write(msg)
                 bar.update(1)
-            else:
-                print(msg, flush=True)
     except KeyboardInterrupt:  # no queued cell starts; the running ones stop as after their own Ctrl-C
         pool.shutdown(wait=False, cancel_futures=True)
         # the signal that stopped the study, which its cells inherited as it did (not ignored): a
@@ -962,6 +980,7 @@ def _run_cells(todo: List[Dict[str, Any]], out: str, jobs: int, threads: int, pr
         raise
     finally:
         pool.shutdown(wait=True)
+        _BAR.clear()
         if bar is not None:
             bar.close()
     return failed

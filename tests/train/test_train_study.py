@@ -882,3 +882,39 @@ def test_the_dry_run_shows_the_commands_in_the_order_they_run(tmp_path, capsys):
     assert [ln.split("--seed ")[1].split()[0] for ln in lines] == ["0", "0", "1", "1"]  # seed-major, as they run
     assert S.cell_dir(out, b0) in lines[1] and "moved aside first" in lines[2] and S.cell_dir(out, b1) in lines[3]
     assert os.path.exists(os.path.join(S.cell_dir(out, a1), "partial"))  # and nothing moved
+
+
+def test_plots_of_an_earlier_report_are_not_left_beside_a_new_table(tmp_path, monkeypatch, capsys):
+    """A --no-plots command that added runs left the earlier metrics.png and
+    r1_vs_subcluster_nmi.png beside a table of more runs (a probe, 2026-12-07): removed, and said."""
+    out = str(tmp_path / "st")
+    monkeypatch.setattr(S, "run_cell", _fake_cell)
+    flags = ["--config", "A=", "--out", out, "--no-progress", "--no-tsne"]
+    assert S.main(flags + ["--seeds", "0"]) == 0
+    assert os.path.isfile(os.path.join(out, "metrics.png"))
+    capsys.readouterr()
+    assert S.main(flags + ["--seeds", "0", "1", "--no-plots"]) == 0
+    said = capsys.readouterr().out
+    for name in ("metrics.png", "r1_vs_subcluster_nmi.png"):
+        assert not os.path.exists(os.path.join(out, name))
+        assert f"removed {os.path.join(out, name)}: it showed an earlier report's runs" in said
+    assert "| A | 2 |" in open(os.path.join(out, "table.md"), encoding="utf-8").read()
+
+
+def test_a_cells_lines_go_through_the_progress_bar(tmp_path, monkeypatch):
+    """run_cell's lines (a folder moved aside, a resume's threads) come from the pool's threads:
+    printed past the bar they broke it, and two threads' lines ran together (a probe, 2026-12-07)."""
+    lines = []
+
+    class Bar:
+        def write(self, msg):
+            lines.append(msg)
+
+    fake = _fake_python(tmp_path)
+    out = str(tmp_path / "study")
+    (cell,) = S.expand(S.make_study(None, ["A=--epochs 1"], seeds=[0]))
+    os.makedirs(S.cell_dir(out, cell))
+    open(os.path.join(S.cell_dir(out, cell), "partial"), "w").close()
+    monkeypatch.setattr(S, "_BAR", [Bar()])
+    S.run_cell(cell, out, 1, python=str(fake))
+    assert len(lines) == 1 and "was left unfinished without a checkpoint: moved to" in lines[0]
