@@ -289,7 +289,7 @@ def check_numbers(cfg: Any, names: Optional[set] = None) -> None:
             raise ConfigError(f"--num-workers must be <= {MAX_NUM_WORKERS} (worker processes), got {value}")
         if name == "dist_timeout" and not DIST_TIMEOUT_RANGE[0] <= value <= DIST_TIMEOUT_RANGE[1]:
             raise ConfigError(f"--dist-timeout must be between 1/60 (a second) and {DIST_TIMEOUT_RANGE[1]:g} "
-                              f"minutes, got {value:g}")
+                              f"minutes, got {value!r}")  # :g showed 1000001 as 1e+06, the limit
         if name == "shapes_nuisance" and value > 1:  # the generator's scales and offsets assume it
             raise ConfigError(f"--shapes-nuisance must be <= 1 (0 clean .. 1 the default), got {value}")
         if name == "seed" and value >= SEED_LIMIT:

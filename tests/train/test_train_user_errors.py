@@ -65,7 +65,9 @@ BAD_TRAIN = {
     "dist-timeout-zero": (["--dist-timeout", "0"], "--dist-timeout must be > 0"),
     # 1e-9 minutes rounded to a 0 ms timeout (a C++ trace at the start), 1e13 overflowed a C int
     "dist-timeout-tiny": (["--dist-timeout", "1e-9"], "--dist-timeout must be between 1/60 (a second) and 1e+06 minutes, got 1e-09"),
-    "dist-timeout-huge": (["--dist-timeout", "1e13"], "--dist-timeout must be between 1/60 (a second) and 1e+06 minutes, got 1e+13"),
+    "dist-timeout-huge": (["--dist-timeout", "1e13"], "--dist-timeout must be between 1/60 (a second) and 1e+06 minutes, got 10000000000000.0"),
+    # just past the limit: :g printed it as the limit itself (a probe, 2026-12-07)
+    "dist-timeout-past": (["--dist-timeout", "1000001"], "--dist-timeout must be between 1/60 (a second) and 1e+06 minutes, got 1000001.0"),
     "seed-negative": (["--seed", "-1"], "--seed must be >= 0"),
     # NumPy/scikit-learn take 32-bit seeds: 2**32 trained, then failed in k-means with a traceback
     "seed-2-32": (["--seed", str(2 ** 32)], "--seed must be < 2**32"),
