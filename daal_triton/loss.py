@@ -9,7 +9,7 @@ from torch import nn
 from .backend import BACKENDS
 from .core import Hyperparameters, _no_autocast
 from .functional import inputs_dtype, loss_with
-from .validation import as_float, as_int, check_dense, check_flag, check_float_matrix, value_checks_on
+from .validation import _is_tracing, as_float, as_int, check_dense, check_flag, check_float_matrix, value_checks_on
 
 
 def init_segments(num_classes: int, embedding_dim: int, *, length: float = 0.2,
@@ -91,6 +91,23 @@ def miner_weights(indices_tuple: Sequence[torch.Tensor], batch_size: int, *,
     counts = torch.zeros(batch_size + 1, device=flat.device, dtype=dtype).index_add_(
         0, torch.where(inside, flat, batch_size), torch.ones_like(flat, dtype=dtype))[:batch_size]
     return counts / counts.max().clamp_min(1)  # no index inside the batch (unchecked): all weights 0
+
+
+def _same_tensor(a: Optional[torch.Tensor], b: torch.Tensor) -> bool:
+    """``a`` is ``b``, or another tensor object over the same memory with the same shape, strides,
+    dtype and gradient requirement: a module's full backward hook hands ``forward`` new objects for
+    its inputs, and ``ref_emb=embeddings`` silently became a reference set, each sample its own
+    neighbour (a user-loop probe, 2026-12-07). A copy (``.clone()``) or ``.detach()`` is another tensor."""
+    if a is b:
+        return True
+    if not isinstance(a, torch.Tensor) or a.device != b.device or a.device.type == "meta" or _is_tracing():
+        return False  # torch.compile keeps the objects (and traces no data_ptr)
+    if (a.shape, a.dtype, a.requires_grad) != (b.shape, b.dtype, b.requires_grad) or a.stride() != b.stride():
+        return False
+    try:
+        return a.data_ptr() == b.data_ptr() != 0
+    except (RuntimeError, NotImplementedError):  # no storage (a fake or functional tensor): not the same
+        return False
 
 
 class DAALLoss(nn.Module):
@@ -226,9 +243,9 @@ class DAALLoss(nn.Module):
         ``ref_emb``/``ref_labels``: an optional reference set (memory bank) over which the kNN
         radii are taken; ``ref_includes_batch=True`` when ``ref_emb[:B]`` is the batch itself
         (see ``daal_triton.daal_loss``). ``ref_emb`` that *is* ``embeddings`` (the same tensor,
-        with ``ref_labels`` None or ``labels`` itself) means no reference set, as in
-        pytorch-metric-learning."""
-        if ref_emb is embeddings and (ref_labels is None or ref_labels is labels):
+        with ``ref_labels`` None or ``labels`` itself, or another tensor object over the same memory,
+        as a module hook hands ``forward``) means no reference set, as in pytorch-metric-learning."""
+        if _same_tensor(ref_emb, embeddings) and (ref_labels is None or _same_tensor(ref_labels, labels)):
             ref_emb = ref_labels = None
             ref_includes_batch = False  # "the reference set starts with the batch": it is the batch
         weights = None

@@ -1942,6 +1942,14 @@ MUTANTS: Tuple[Mutant, ...] = (
            "        if _BAR:\n            _BAR[0].write(msg)\n",
            "        if False:\n            _BAR[0].write(msg)\n",
            ("tests/train/test_train_study.py", "-k", "through_the_progress",)),
+    Mutant("loss_ref_emb_identity_only", "daal_triton/loss.py",
+           "        return a.data_ptr() == b.data_ptr() != 0\n",
+           "        return False\n",
+           ("tests/package/test_loss_module.py", "-k", "ref_emb_that",)),
+    Mutant("loss_ref_emb_alias_ignores_grad", "daal_triton/loss.py",
+           "    if (a.shape, a.dtype, a.requires_grad) != (b.shape, b.dtype, b.requires_grad) or a.stride() != b.stride():\n",
+           "    if (a.shape, a.dtype) != (b.shape, b.dtype) or a.stride() != b.stride():\n",
+           ("tests/package/test_loss_module.py", "-k", "ref_emb_that",)),
 )
 
 

@@ -122,6 +122,26 @@ def test_ref_emb_that_is_the_batch_means_no_reference_set():
     assert other.item() != plain.item()
 
 
+def test_ref_emb_that_is_the_batch_stays_so_under_a_module_backward_hook():
+    """A full backward hook on the module hands forward new tensor objects over the same memory:
+    ``ref_emb=embeddings`` silently became a reference set (each sample its own neighbour), and
+    ``ref_emb`` alone a "must be given together" error (a user-loop probe, 2026-12-07). A copy or
+    a detached view still is a reference set."""
+    z, y, _ = random_problem(12, 3, 5, dtype=torch.float32)
+    loss = dt.DAALLoss(3, 5, backend="reference", tau=2.0)
+    e = z.clone().requires_grad_()
+    plain = loss(e, y)
+    (g_plain,) = torch.autograd.grad(plain, e)
+    seen = []
+    loss.register_full_backward_hook(lambda m, gi, go: seen.append(1))
+    for value in (loss(e, y, None, e, y), loss(e, y, ref_emb=e)):
+        (g,) = torch.autograd.grad(value, e)
+        assert value.item() == plain.item() and torch.equal(g, g_plain)
+    assert len(seen) == 2
+    assert loss(e, y, None, e.clone(), y).item() != plain.item()
+    assert loss(e, y, None, e.detach(), y).item() != plain.item()  # no gradient through it: a reference set
+
+
 def test_module_errors_name_its_arguments():
     z, y, _ = random_problem(6, 3, 5, dtype=torch.float32)
     loss = dt.DAALLoss(3, 5, backend="reference")
