@@ -181,7 +181,8 @@ def file_run(files_at: str, results: str, name: Optional[str] = None, command: s
 
 def _records_env(tar: tarfile.TarFile, members: List[tarfile.TarInfo]) -> dict:
     """The date and GPU of the ``env`` lines of the archive's ``records.jsonl`` (the runner writes
-    one per pytest process), for a run whose ``env.json`` says nothing."""
+    one per pytest process; the last wins, as in the report's heading), for a run whose ``env.json``
+    says nothing."""
     member = next((m for m in members if m.isfile() and os.path.normpath(m.name) == "records.jsonl"), None)
     env: dict = {}
     if member is None:
@@ -192,7 +193,7 @@ def _records_env(tar: tarfile.TarFile, members: List[tarfile.TarInfo]) -> dict:
         except ValueError:  # a line cut short
             continue
         if isinstance(rec, dict) and rec.get("kind") == "env":
-            env.update({k: rec[k] for k in ("date", "gpu") if rec.get(k) and k not in env})  # the first's
+            env.update({k: rec[k] for k in ("date", "gpu") if rec.get(k)})  # the last's, as report.load_run
     return env
 
 

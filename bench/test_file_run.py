@@ -170,4 +170,5 @@ def test_a_run_whose_env_json_is_empty_is_named_from_its_records(tmp_path):
     redone = _archive_with(tmp_path, lambda tar: [_file(tar, n, d) for n, d in files.items()])
     results = tmp_path / "results"
     assert file_run.main([redone, "--results", str(results), "--no-readme"]) == 0
-    assert [p.name for p in results.iterdir()] == ["2026-12-06-h200"]
+    (folder,) = results.iterdir()  # the last env line's date, as the README's heading says
+    assert folder.name == "2026-12-07-h200" and (folder / "README.md").read_text().startswith("# 2026-12-07 (NVIDIA H200")

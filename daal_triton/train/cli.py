@@ -483,7 +483,9 @@ def _eval_outputs(args: argparse.Namespace) -> str:
         save = args.save_embeddings
         # a run's own records too (its folder's and --out's), which --overwrite would not protect
         runs = {os.path.realpath(os.path.join(folder, name)): f"the run folder's {name}"
-                for folder in (out, os.path.dirname(os.path.abspath(args.checkpoint))) for name in OUTPUTS}
+                for folder in (out, os.path.dirname(os.path.abspath(args.checkpoint)),
+                               os.path.dirname(os.path.realpath(args.checkpoint)))  # through a link: its run's
+                for name in OUTPUTS}
         taken = {**runs, os.path.realpath(out): "the --out folder", os.path.realpath(args.checkpoint): "the "
                  "checkpoint being evaluated", **{os.path.realpath(t): f"where daal-eval writes "
                                                   f"{os.path.basename(t)}" for t in targets}}

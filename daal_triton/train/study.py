@@ -112,9 +112,11 @@ def _shown(name: str) -> str:
     return " " + name if name.startswith("_") else name
 
 
-def _cell_text(name: str) -> str:
-    """A configuration's name in a Markdown table's cell: a ``|`` would end the cell."""
-    return name.replace("|", r"\|")
+def _md(name: str) -> str:
+    """A configuration's name as Markdown text (table.md's cells and lists): a ``|`` ended a table's
+    cell, a line break its row (control characters are shown as spaces). (Underscores stay: inside a
+    word they start no emphasis, and the committed reports keep their names.)"""
+    return re.sub(r"[\x00-\x1f\x7f]", " ", name).replace("|", r"\|")
 
 
 def _check_configs(d: Any, where: str) -> None:
@@ -448,19 +450,19 @@ def markdown_table(records: List[Dict[str, Any]], configs: Sequence[str], *, com
     lines += ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for c in configs:
         n = int(st[c][main[0]]["n"]) if main else 0
-        lines.append("| " + " | ".join([_cell_text(c), str(n)] + [_pm(st[c][k], row_n=n) for k in main]
+        lines.append("| " + " | ".join([_md(c), str(n)] + [_pm(st[c][k], row_n=n) for k in main]
                                        + [_ci(st[c][k]) for k in main]) + " |")
     lines += ["", "All metrics (mean ± std):", ""]
     allk = keys + ["train_loss", "wall_s"]
     lines += ["| configuration | " + " | ".join(LABELS[k] for k in allk) + " |", "|" + " --- |" * (len(allk) + 1)]
     for c in configs:
         n_or_none = int(st[c][main[0]]["n"]) if main else None
-        lines.append("| " + " | ".join([_cell_text(c)] + [_pm(st[c][k], 1 if k == "wall_s" else 3, row_n=n_or_none)
+        lines.append("| " + " | ".join([_md(c)] + [_pm(st[c][k], 1 if k == "wall_s" else 3, row_n=n_or_none)
                                            for k in allk])
                      + " |")
     if len(configs) > 1 and main:
         diff = paired_differences(records, configs, main)
-        lines += ["", f"Difference to **{configs[0]}**, paired by seed (mean [95% CI]; an interval that excludes 0 "
+        lines += ["", f"Difference to **{_md(configs[0])}**, paired by seed (mean [95% CI]; an interval that excludes 0 "
                       "is a difference at the 5% level):", ""]
         lines += ["| configuration | n | " + " | ".join(f"Δ {LABELS[k]}" for k in main) + " |",
                   "|" + " --- |" * (len(main) + 2)]
@@ -469,12 +471,12 @@ def markdown_table(records: List[Dict[str, Any]], configs: Sequence[str], *, com
             own = [f" (n={d[k]['n']})" if d[k]["n"] != d[main[0]]["n"] else "" for k in main]
             cells = [f"{_fmt(d[k]['mean'], 3)} {_ci(d[k])}{o}" if d[k]["n"] >= 2 else _pm(d[k])
                      for k, o in zip(main, own)]
-            lines.append("| " + " | ".join([_cell_text(c), str(d[main[0]]["n"])] + cells) + " |")
+            lines.append("| " + " | ".join([_md(c), str(d[main[0]]["n"])] + cells) + " |")
     lines += ["", "Arguments of each configuration (given to `daal-train` with `--seed S --out ...`):", ""]
     for c in configs:
         args = next((r["args"] for r in records if r["config"] == c), None)
-        lines.append(f"- **{c}**: `{shlex.join(args) if args else '(defaults)'}`" if args is not None
-                     else f"- **{c}**: (no finished run)")
+        lines.append(f"- **{_md(c)}**: `{shlex.join(args) if args else '(defaults)'}`" if args is not None
+                     else f"- **{_md(c)}**: (no finished run)")
     return "\n".join(lines) + "\n"
 
 
@@ -628,6 +630,26 @@ def started_file(d: str) -> str:
     return d + ".started.json"
 
 
+def _started(d: str) -> Dict[str, Any]:
+    """What the cell in folder ``d`` was started with (``{}``: no record); a RuntimeError (the
+    cell fails, the others run) for a record that is not what :func:`run_cell` writes: torn by a
+    kill, or edited (a dry run stopped in a traceback: a review, 2026-12-07)."""
+    path = started_file(d)
+    if not os.path.isfile(path):
+        return {}
+    try:
+        started = _read_json(path)
+    except StudyError as e:
+        raise RuntimeError(f"{e}: move {d} and that file aside to start the cell again") from None
+    ok = isinstance(started, dict)
+    args, wall = (started.get("args"), started.get("wall_s", 0.0)) if ok else (None, None)
+    if not (ok and (args is None or (isinstance(args, list) and all(isinstance(a, str) for a in args)))
+            and isinstance(wall, (int, float)) and not isinstance(wall, bool) and math.isfinite(wall)):
+        raise RuntimeError(f"{path} is not what daal-study writes (config, seed, args, wall_s, threads): move {d} "
+                           "and that file aside to start the cell again")
+    return started
+
+
 def cell_plan(cell: Dict[str, Any], out: str,
               threads: Optional[int]) -> Tuple[Optional[str], float, Optional[int], bool]:
     """How the cell will run (reading only): ``(checkpoint it resumes or None, its wall time so
@@ -641,7 +663,7 @@ def cell_plan(cell: Dict[str, Any], out: str,
     ck = os.path.join(d, "checkpoint_last.pt")
     if not os.path.isfile(ck):
         return None, 0.0, threads, True
-    started = _read_json(started_file(d)) if os.path.isfile(started_file(d)) else {}
+    started = _started(d)
     if started.get("args", cell["args"]) != cell["args"]:
         raise RuntimeError(f"{d} was started with {shlex.join(started['args'])!r}, the study now says "
                            f"{shlex.join(cell['args'])!r}: a resumed run would mix the two; restore the study "
@@ -671,10 +693,10 @@ def run_cell(cell: Dict[str, Any], out: str, threads: Optional[int], python: str
     os.makedirs(os.path.dirname(log), exist_ok=True)
     t0 = time.time()
 
-    def note_started(wall_s: float) -> None:
-        with open_here(started_file(d)) as f:
-            json.dump(dict(config=cell["config"], seed=cell["seed"], args=cell["args"], wall_s=round(wall_s, 1),
-                           threads=threads), f)
+    def note_started(wall_s: float) -> None:  # whole or not at all: a kill while writing tore it
+        write_text_atomically(started_file(d), json.dumps(dict(config=cell["config"], seed=cell["seed"],
+                                                               args=cell["args"], wall_s=round(wall_s, 1),
+                                                               threads=threads)))
 
     note_started(wall_before)
     with open_here(log, "a") as fh:
@@ -706,11 +728,24 @@ def _load_runs(path: str) -> List[Dict[str, Any]]:
     not write (another program's file there gave a KeyError traceback: a probe, 2026-12-07)."""
     runs = _read_jsonl(path) if os.path.isfile(path) else []
     for i, r in enumerate(runs, 1):
-        if not (isinstance(r, dict) and isinstance(r.get("config"), str) and isinstance(r.get("seed"), int)
-                and isinstance(r.get("metrics"), dict)):
-            raise StudyError(f"{path}: record {i} is not a run daal-study recorded (an object with config, seed and "
-                             f"metrics): is the file daal-study's? Move it away, or give another --report")
+        if not _is_run(r):
+            raise StudyError(f"{path}: record {i} is not a run daal-study recorded (an object with config, seed, "
+                             f"args, dir and numeric metrics): is the file daal-study's? Move it away, or give "
+                             f"another --report")
     return runs
+
+
+def _is_run(r: Any) -> bool:
+    """``r`` has what the report reads of a run (:func:`collect` writes it so): a partial record
+    passed the first check, was appended to, and stopped the table in a KeyError (a review, 2026-12-07)."""
+    def number(x: Any) -> bool:
+        return x is None or (isinstance(x, (int, float)) and not isinstance(x, bool))
+
+    return (isinstance(r, dict) and isinstance(r.get("config"), str) and isinstance(r.get("seed"), int)
+            and not isinstance(r.get("seed"), bool) and isinstance(r.get("dir"), str)
+            and isinstance(r.get("args"), list) and all(isinstance(a, str) for a in r["args"])
+            and isinstance(r.get("metrics"), dict) and all(number(v) for v in r["metrics"].values())
+            and number(r.get("train_loss")) and number(r.get("wall_s")))
 
 
 def _append_run(path: str, rec: Dict[str, Any]) -> None:
@@ -795,11 +830,16 @@ def check_report_folder(report: str) -> None:
     path = os.path.join(report, "study.json")
     if os.path.lexists(path):
         try:
-            _check_configs(read_json(path), path)
+            d = read_json(path)
+            _check_configs(d, path)
+            ours = isinstance(d.get("command"), str)  # every report's since the first daal-study; a study file's: none
         except (OSError, ValueError, StudyError):
+            ours = False
+        if not ours:
             raise StudyError(f"{path} is not a report's study.json that daal-study wrote (a JSON object with its "
-                             f"'configs'), and daal-study would replace it and the files beside it "
-                             f"({', '.join(REPORT_FILES)}): move it away, or give another --report") from None
+                             f"'configs' and 'command': a study file there is not one), and daal-study would replace "
+                             f"it and the files beside it ({', '.join(REPORT_FILES)}): move it away, or give another "
+                             f"--report")
         return
     held = [name for name in REPORT_FILES if os.path.lexists(os.path.join(report, name))]
     if held:
@@ -830,6 +870,10 @@ def write_report(study: Dict[str, Any], records: List[Dict[str, Any]], configs: 
     written.append(os.path.join(report, "table.md"))
     reported = {c: dict(args=next(r["args"] for r in records if r["config"] == c),
                         seeds=sorted(r["seed"] for r in records if r["config"] == c)) for c in configs}
+    try:  # the runs the figures there show
+        shown = read_json(os.path.join(report, "study.json")).get("reported")
+    except (OSError, ValueError, AttributeError):
+        shown = None
     write_text_atomically(os.path.join(report, "study.json"),
                           json.dumps(dict(study, command=command, reported=reported), indent=2))
     written.append(os.path.join(report, "study.json"))
@@ -854,11 +898,13 @@ def write_report(study: Dict[str, Any], records: List[Dict[str, Any]], configs: 
                                    modes, names))
             if panels:
                 written.append(plot_tsne(panels, os.path.join(report, "tsne_by_mode.png"), seed=seed))
-    for name in REPORT_FILES[1:]:  # an earlier command's plot beside this table showed other runs (a probe, 2026-12-07)
+    for name in REPORT_FILES[1:] if shown != json.loads(json.dumps(reported)) else ():
+        # an earlier command's figure beside a table of other runs (a probe, 2026-12-07); one of the
+        # same runs stays (a --summarize --no-plots removed it: a review)
         path = os.path.join(report, name)
         if path not in written and os.path.isfile(path) and not os.path.islink(path):
             os.remove(path)
-            print(f"[daal-study] removed {path}: it showed an earlier report's runs", flush=True)
+            print(f"[daal-study] removed {path}: it showed other runs than this report's", flush=True)
     os.remove(marker)
     return written
 

@@ -193,7 +193,8 @@ def test_daal_eval_out_is_a_file(run_dir, tmp_path, error_line):
 
 
 @pytest.mark.parametrize("target", ["eval.json", "tsne_eval.png", "the-out-folder", "the-checkpoint", "a-long-name",
-                                    "long-with-its-tmp", "the-runs-metrics", "the-runs-config-via-out"])
+                                    "long-with-its-tmp", "the-runs-metrics", "the-runs-config-via-out",
+                                    "the-runs-metrics-via-a-link"])
 def test_save_embeddings_onto_what_daal_eval_reads_or_writes_is_refused(run_dir, tmp_path, target, error_line):
     """``--save-embeddings`` at daal-eval's own eval.json or t-SNE (also by another spelling of the
     path), at the --out folder, or at the checkpoint it evaluates (even with --overwrite): one of
@@ -212,9 +213,14 @@ def test_save_embeddings_onto_what_daal_eval_reads_or_writes_is_refused(run_dir,
             "the-out-folder": str(ev), "the-checkpoint": str(ck), "a-long-name": str(tmp_path / ("e" * 300)),
             # 253 bytes fit, not its NAME.tmp: it failed after the evaluation (a file-safety probe, 2026-12-07)
             "long-with-its-tmp": str(tmp_path / ("e" * 250 + ".pt")), "the-runs-metrics": str(run / "metrics.jsonl"),
-            "the-runs-config-via-out": str(run / "config.json")}[target]
+            "the-runs-config-via-out": str(run / "config.json"),
+            "the-runs-metrics-via-a-link": str(run / "metrics.jsonl")}[target]
     if target == "the-runs-config-via-out":
         ev = run  # daal-eval writes into the run's folder, as it does by default
+    if target == "the-runs-metrics-via-a-link":  # the checkpoint named through a link elsewhere (a review, 2026-12-07)
+        (tmp_path / "links").mkdir()
+        (tmp_path / "links" / "last.pt").symlink_to(ck)
+        ck = tmp_path / "links" / "last.pt"
     records = {name: (run / name).read_bytes() for name in ("metrics.jsonl", "config.json")}
     argv = [str(ck), "--out", str(ev), "--no-progress", "--tsne-max-points", "48", "--save-embeddings", save]
     assert cli.eval_main(argv + ["--overwrite"] * (target.startswith("the-"))) == 2

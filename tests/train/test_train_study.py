@@ -809,7 +809,7 @@ def test_configuration_names_are_text_in_the_table_and_the_plots(tmp_path, monke
     import matplotlib
 
     matplotlib.use("Agg")
-    names = ["DAAL $\\lamda$ 0.1", "price $5 vs $10", "_baseline", "A|B"]
+    names = ["DAAL $\\lamda$ 0.1", "price $5 vs $10", "_baseline", "A|B", "two\nlines"]
     out = str(tmp_path / "st")
     monkeypatch.setattr(S, "run_cell", _fake_cell)
     argv = sum((["--config", f"{n}=--epochs {i + 1}"] for i, n in enumerate(names)), [])
@@ -817,6 +817,7 @@ def test_configuration_names_are_text_in_the_table_and_the_plots(tmp_path, monke
     table = open(os.path.join(out, "table.md"), encoding="utf-8").read()
     rows = [r for r in _rows(table) if r.startswith("| A\\|B |")]
     assert len(rows) == 3 and all(r.replace("\\|", "").count("|") == _rows(table)[0].count("|") for r in rows[:1])
+    assert "\n| two lines |" in table and "\nlines |" not in table and "- **two lines**:" in table  # (a review)
     seen = {}
     real_savefig = matplotlib.figure.Figure.savefig
 
@@ -829,9 +830,9 @@ def test_configuration_names_are_text_in_the_table_and_the_plots(tmp_path, monke
     S.plot_metrics(records, names, str(tmp_path / "m.png"))
     S.plot_tradeoff(records, names, str(tmp_path / "t.png"))
     ticks = [t.get_text() for t in seen["m.png"].axes[0].get_xticklabels()]
-    assert ticks == ["DAAL \\$\\lamda\\$ 0.1", "price \\$5 vs \\$10", " _baseline", "A|B"]
+    assert ticks == ["DAAL \\$\\lamda\\$ 0.1", "price \\$5 vs \\$10", " _baseline", "A|B", "two\nlines"]
     legend = [t.get_text() for t in seen["t.png"].axes[0].get_legend().get_texts()]
-    assert len(legend) == 4 and " _baseline" in legend
+    assert len(legend) == 5 and " _baseline" in legend
 
 
 def test_a_name_too_long_for_a_folder_is_refused_up_front():
@@ -840,13 +841,18 @@ def test_a_name_too_long_for_a_folder_is_refused_up_front():
         S.make_study(None, ["x" * 250 + "="])
 
 
-@pytest.mark.parametrize("mine", ["runs.jsonl", "table.md", "study.json", "metrics.png"])
+@pytest.mark.parametrize("mine", ["runs.jsonl", "runs.jsonl-partial", "table.md", "study.json", "study.json-a-study",
+                                  "metrics.png"])
 def test_a_report_folder_with_files_not_daal_studys_is_refused(tmp_path, monkeypatch, mine, error_line):
-    """A runs.jsonl of another program in --report gave a KeyError traceback; a user's table.md,
-    study.json or plot there was replaced without a word (a probe, 2026-12-07)."""
+    """A runs.jsonl of another program in --report gave a KeyError traceback (one with config, seed
+    and metrics was appended to first); a user's table.md, study.json (a study file too) or plot
+    there was replaced without a word (a probe and a review, 2026-12-07)."""
     report = tmp_path / "r"
     report.mkdir()
-    content = {"runs.jsonl": '{"x": 1}\n', "study.json": '{"my": "data"}'}.get(mine, "mine")
+    content = {"runs.jsonl": '{"x": 1}\n', "runs.jsonl-partial": '{"config": "A", "seed": 0, "metrics": {"recall@1": 0.5}}\n',
+               "study.json": '{"my": "data"}', "study.json-a-study": '{"name": "mine", "seeds": [0], "configs": {"A": []}}'
+               }.get(mine, "mine")
+    mine = mine.split("-")[0]
     (report / mine).write_text(content)
     monkeypatch.setattr(S, "run_cell", _fake_cell)
     argv = ["--config", "A=", "--seeds", "0", "--out", str(tmp_path / "o"), "--report", str(report), "--no-progress",
@@ -874,14 +880,22 @@ def test_the_dry_run_shows_the_commands_in_the_order_they_run(tmp_path, capsys):
     json.dump(dict(config="A", seed=0, args=a0["args"], wall_s=3.0, threads=2), open(S.started_file(d), "w"))
     os.makedirs(S.cell_dir(out, a1))
     open(os.path.join(S.cell_dir(out, a1), "partial"), "w").close()
-    assert S.main(["--config", "A=", "--config", "B=--epochs 2", "--seeds", "0", "1", "--out", out, "--threads", "1",
-                   "--dry-run", "--no-progress"]) == 0
+    argv = ["--config", "A=", "--config", "B=--epochs 2", "--seeds", "0", "1", "--out", out, "--threads", "1",
+            "--dry-run", "--no-progress"]
+    assert S.main(argv) == 0
     lines = [ln for ln in capsys.readouterr().out.splitlines() if not ln.startswith("[daal-study]")]
     assert [ln.split()[0] for ln in lines] == ["resume", "todo", "todo", "todo"]
     assert "--threads 2 --resume " + os.path.join(d, "checkpoint_last.pt") in lines[0]
     assert [ln.split("--seed ")[1].split()[0] for ln in lines] == ["0", "0", "1", "1"]  # seed-major, as they run
     assert S.cell_dir(out, b0) in lines[1] and "moved aside first" in lines[2] and S.cell_dir(out, b1) in lines[3]
     assert os.path.exists(os.path.join(S.cell_dir(out, a1), "partial"))  # and nothing moved
+
+    # a damaged record of what the cell was started with: a "fails" line, not a traceback (a review)
+    for damaged in ("[]", '{"args": [], "wall_s": "n/a"}', ""):
+        open(S.started_file(d), "w").write(damaged)
+        assert S.main(argv) == 0
+        lines = [ln for ln in capsys.readouterr().out.splitlines() if not ln.startswith("[daal-study]")]
+        assert lines[0].startswith("fails ") and S.started_file(d) in lines[0], lines
 
 
 def test_plots_of_an_earlier_report_are_not_left_beside_a_new_table(tmp_path, monkeypatch, capsys):
@@ -893,11 +907,14 @@ def test_plots_of_an_earlier_report_are_not_left_beside_a_new_table(tmp_path, mo
     assert S.main(flags + ["--seeds", "0"]) == 0
     assert os.path.isfile(os.path.join(out, "metrics.png"))
     capsys.readouterr()
+    # the same runs (--summarize --no-plots): the figures still show them, and stay (a review, 2026-12-07)
+    assert S.main(flags + ["--seeds", "0", "--summarize", "--no-plots"]) == 0
+    assert "removed" not in capsys.readouterr().out and os.path.isfile(os.path.join(out, "metrics.png"))
     assert S.main(flags + ["--seeds", "0", "1", "--no-plots"]) == 0
     said = capsys.readouterr().out
     for name in ("metrics.png", "r1_vs_subcluster_nmi.png"):
         assert not os.path.exists(os.path.join(out, name))
-        assert f"removed {os.path.join(out, name)}: it showed an earlier report's runs" in said
+        assert f"removed {os.path.join(out, name)}: it showed other runs than this report's" in said
     assert "| A | 2 |" in open(os.path.join(out, "table.md"), encoding="utf-8").read()
 
 
