@@ -642,8 +642,8 @@ def _started(d: str) -> Dict[str, Any]:
     except StudyError as e:
         raise RuntimeError(f"{e}: move {d} and that file aside to start the cell again") from None
     ok = isinstance(started, dict)
-    args, wall = (started.get("args"), started.get("wall_s", 0.0)) if ok else (None, None)
-    if not (ok and (args is None or (isinstance(args, list) and all(isinstance(a, str) for a in args)))
+    args, wall = (started.get("args", []), started.get("wall_s", 0.0)) if ok else (None, None)
+    if not (ok and isinstance(args, list) and all(isinstance(a, str) for a in args)
             and isinstance(wall, (int, float)) and not isinstance(wall, bool) and math.isfinite(wall)):
         raise RuntimeError(f"{path} is not what daal-study writes (config, seed, args, wall_s, threads): move {d} "
                            "and that file aside to start the cell again")

@@ -891,7 +891,7 @@ def test_the_dry_run_shows_the_commands_in_the_order_they_run(tmp_path, capsys):
     assert os.path.exists(os.path.join(S.cell_dir(out, a1), "partial"))  # and nothing moved
 
     # a damaged record of what the cell was started with: a "fails" line, not a traceback (a review)
-    for damaged in ("[]", '{"args": [], "wall_s": "n/a"}', ""):
+    for damaged in ("[]", '{"args": [], "wall_s": "n/a"}', '{"args": null}', ""):
         open(S.started_file(d), "w").write(damaged)
         assert S.main(argv) == 0
         lines = [ln for ln in capsys.readouterr().out.splitlines() if not ln.startswith("[daal-study]")]
