@@ -102,6 +102,8 @@ def _same_tensor(a: Optional[torch.Tensor], b: torch.Tensor) -> bool:
         return True
     if not isinstance(a, torch.Tensor) or a.device != b.device or a.device.type == "meta" or _is_tracing():
         return False  # torch.compile keeps the objects (and traces no data_ptr)
+    if any(t.layout != torch.strided or t.is_nested for t in (a, b)):  # no strides: checked as the argument it is
+        return False
     if (a.shape, a.dtype, a.requires_grad) != (b.shape, b.dtype, b.requires_grad) or a.stride() != b.stride():
         return False
     try:
