@@ -218,12 +218,12 @@ def pairwise_distance(x: torch.Tensor, y: torch.Tensor, *, backend: str = "auto"
             raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     check_same_device(x=x, y=y)
     values = value_checks_on(x.device, check_values)
-    check_float_matrix(x, "x", values=values)
-    check_float_matrix(y, "y", values=values)
+    check_float_matrix(x, "x", values=False)
+    check_float_matrix(y, "y", values=False)
+    if values:  # finite, and within the GEMM form's range: one read of each
+        distance_rows(("x", x), ("y", y))
     if x.shape[1] != y.shape[1]:
         raise ValueError(f"x and y must have the same number of columns, got {x.shape[1]} and {y.shape[1]}")
-    if values:
-        distance_rows(("x", x), ("y", y))
     if choose_backend(backend, x.device, torch.promote_types(x.dtype, y.dtype), own_dots=True) == "triton":
         from .kernels.pairwise import pairwise_distance as kernel
 

@@ -116,7 +116,8 @@ def distance_rows(*named: "tuple[str, Optional[torch.Tensor]]", also: torch.dtyp
                   ) -> None:
     """:func:`check_distance_range` for each ``(name, rows)`` given (None skipped; a tensor given
     twice, a kNN of a set against itself, checked once), in the dtype they are computed in: the
-    promotion of theirs, ``also``'s (the segments') and float32."""
+    promotion of theirs, ``also``'s (the segments') and float32. Finiteness is settled by the same
+    reduction: the caller need not read the rows for it first."""
     dtype = also
     for _, t in named:
         dtype = dtype if t is None else torch.promote_types(dtype, t.dtype)
@@ -133,13 +134,19 @@ def check_distance_range(t: torch.Tensor, name: str, dtype: torch.dtype) -> None
     ``dtype``: its squared distances would overflow (``inf - inf``: NaN, or a row with no
     neighbour), which a finite input must not silently give (a layout probe, 2026-12-07: rows of
     norm 3e19 had NaN distances and no kNN neighbour on both backends). One max-reduction
-    settles almost every call: ``max |t_ij| sqrt(D)`` bounds every row's norm."""
+    settles almost every call: ``max |t_ij| sqrt(D)`` bounds every row's norm, and is NaN or inf
+    where :func:`check_finite` would refuse ``t`` (its :class:`NonFiniteError` then): one read of
+    the rows for both checks (the kNN's and the distances' callers read them twice: a review,
+    2026-12-07; daal-train's evaluation checks the whole test set once per chunk of queries)."""
     limit = DISTANCE_NORM_LIMIT[dtype]
     if not t.numel():
         return
     with torch.no_grad():
-        if float(torch.linalg.vector_norm(t, ord=math.inf)) * math.sqrt(t.shape[1]) <= limit:
+        top = float(torch.linalg.vector_norm(t, ord=math.inf))
+        if top * math.sqrt(t.shape[1]) <= limit:
             return
+        if not math.isfinite(top):
+            raise NonFiniteError(f"{name} contains NaN or inf")
         norms = torch.linalg.vector_norm(t.double(), dim=1)
         over = (norms > limit).nonzero()
         if not over.numel():
@@ -286,13 +293,13 @@ def validate_knn_inputs(query, ref, k, query_labels=None, ref_labels=None, *,
             raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     check_same_device(query=query, ref=ref, query_labels=query_labels, ref_labels=ref_labels)
     values = value_checks_on(query.device, check_values)
-    check_float_matrix(query, "query", values=values)
-    check_float_matrix(ref, "ref", values=values)
+    check_float_matrix(query, "query", values=False)
+    check_float_matrix(ref, "ref", values=False)
+    if values:  # finite, and within the GEMM form's range: one read of each
+        distance_rows(("query", query), ("ref", ref))
     if query.shape[1] != ref.shape[1]:
         raise ValueError(f"query and ref must have the same number of columns, got {query.shape[1]} and {ref.shape[1]}")
     check_k(k)
-    if values:
-        distance_rows(("query", query), ("ref", ref))
     if (query_labels is None) != (ref_labels is None):
         raise ValueError("query_labels and ref_labels must be given together")
     if query_labels is not None:

@@ -1978,6 +1978,10 @@ MUTANTS: Tuple[Mutant, ...] = (
            "            env.update({k: rec[k] for k in (\"date\", \"gpu\") if rec.get(k)})  # the last's, as report.load_run\n",
            "            env.update({k: rec[k] for k in (\"date\", \"gpu\") if rec.get(k) and k not in env})\n",
            ("bench/test_file_run.py", "-k", "named_from_its_records",)),
+    Mutant("distance_range_lets_nan_through", "daal_triton/validation.py",
+           "        if not math.isfinite(top):\n            raise NonFiniteError(f\"{name} contains NaN or inf\")\n",
+           "",
+           ("tests/package/test_validation.py", "-k", "read_each_row",)),
 )
 
 

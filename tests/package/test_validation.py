@@ -616,3 +616,24 @@ def test_the_value_check_finds_every_non_finite_and_passes_overflowing_sums(dtyp
     with torch.autograd.graph.saved_tensors_hooks(lambda t: seen.append(t) or t, lambda t: t):
         check_finite(g, "embeddings")
     assert not seen
+
+
+def test_knn_and_distance_value_checks_read_each_row_set_once():
+    """The value checks of knn and pairwise_distance read each row set once, for finiteness and
+    range together (one max-reduction and one host read each): they read it twice, a sum for
+    finiteness and a max for the range (a review, 2026-12-07; daal-train's evaluation checks the
+    whole test set per chunk of queries). A NaN is still a NonFiniteError naming the argument."""
+    from daal_triton.launch_count import LaunchCount
+    from daal_triton.validation import validate_knn_inputs
+
+    q, r = torch.randn(7, 5), torch.randn(9, 5)
+    for args, sets in (((q, r), 2), ((q, q), 1)):
+        with LaunchCount() as n:
+            validate_knn_inputs(*args, 3, check_values=True)
+        assert n.ops["aten.linalg_vector_norm"] == sets and "aten.sum" not in n.ops, n.ops
+        assert n.syncs == {"aten._local_scalar_dense": sets}, n.syncs
+    bad = r.clone()
+    bad[4, 2] = float("nan")
+    for call in (lambda: dt.knn(q, bad, 3), lambda: dt.pairwise_distance(q, bad)):
+        with pytest.raises(dt.NonFiniteError, match="^ref contains NaN or inf$|^y contains NaN or inf$"):
+            call()
