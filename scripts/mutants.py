@@ -1982,6 +1982,10 @@ MUTANTS: Tuple[Mutant, ...] = (
            "        if not math.isfinite(top):\n            raise NonFiniteError(f\"{name} contains NaN or inf\")\n",
            "",
            ("tests/package/test_validation.py", "-k", "read_each_row",)),
+    Mutant("diverged-resume-no-threads", "daal_triton/train/run.py",
+           "--resume {shlex.quote(src)}{threads}\"",
+           "--resume {shlex.quote(src)}\"",
+           ("tests/train/test_train_resume.py::test_a_resume_that_diverges_says_how_to_resume_again_with_its_threads",)),
 )
 
 

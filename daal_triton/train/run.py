@@ -246,7 +246,8 @@ def _diverged(state: "RunState", epoch: int, e: Union[Exception, str]) -> str:
     again = "start again (another --out, or --overwrite)"
     if cfg.resume:  # --overwrite is no resume's flag: resume again, from this folder's checkpoint if it has one
         src = last if os.path.isfile(last) else cfg.resume
-        again = f"resume again with daal-train --resume {shlex.quote(src)}" + (
+        threads = f" --threads {torch.get_num_threads()}" if state.device.type == "cpu" else ""  # as resume_command
+        again = f"resume again with daal-train --resume {shlex.quote(src)}{threads}" + (
             "" if src == last else f" and another (empty) --out: {cfg.out} holds this attempt's files")
     if cfg.weight_decay >= 1 and cfg.lr * cfg.weight_decay >= 1:  # AdamW scales the weights by 1 - lr x decay
         return (f"training diverged in epoch {epoch} of {cfg.epochs} ({e}); the run stopped, {kept}. --weight-decay "

@@ -849,3 +849,21 @@ def test_a_checkpoint_copied_into_another_runs_folder_does_not_write_over_it(one
     assert before == {n: open(os.path.join(other, n), "rb").read() for n in os.listdir(other)
                       if os.path.isfile(os.path.join(other, n))}
     assert cli.main(["--resume", _last(other), "--epochs", "2", "--out", str(tmp_path / "new"), "--no-progress"]) == 0
+
+
+def test_a_resume_that_diverges_says_how_to_resume_again_with_its_threads(one_epoch, tmp_path, error_line,
+                                                                          monkeypatch):
+    """A resumed run that diverges names the command to resume again with ``--threads`` on the CPU,
+    as an interrupted run's line does: a bit-identical resume needs the same thread count (the
+    line named ``--resume`` alone: noticed 2026-12-07)."""
+    from daal_triton.train import engine
+
+    real = engine.GlobalBatchLoss.__call__
+    monkeypatch.setattr(engine.GlobalBatchLoss, "__call__",
+                        lambda self, criterion, embeddings, labels: real(self, criterion, embeddings, labels)
+                        + float("inf"))
+    out = _copy(one_epoch, tmp_path)
+    assert cli.main(["--resume", _last(out), "--epochs", "2", "--no-progress"]) == 1
+    line = error_line("daal-train")
+    assert "training diverged in epoch 2 of 2" in line, line
+    assert f"resume again with daal-train --resume {_last(out)} --threads {torch.get_num_threads()}" in line, line
