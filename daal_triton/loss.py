@@ -54,6 +54,29 @@ def _hyperparameter(name: str) -> property:
     return property(get, set_, doc=f"The hyperparameter ``{name}`` (``hp.{name}``): settable, checked.")
 
 
+#: What the segments' shape fixes when the loss is built: read-only attributes.
+_FIXED = ("num_classes", "embedding_dim", "point_proxies")
+
+
+def _fixed(name: str) -> property:
+    """``DAALLoss.<name>``, read-only: assigning one is an AttributeError saying so (a
+    ``num_classes`` assigned did nothing, a ``point_proxies`` assigned failed at the next call with
+    "segments must have shape (C, 2, D) ..., got (11, 4, 16)": noticed 2026-12-07)."""
+
+    def get(self: DAALLoss) -> Any:
+        try:
+            return self.__dict__["_" + name]
+        except KeyError:  # an unbuilt module (DAALLoss.__new__)
+            raise AttributeError(f"'DAALLoss' object has no attribute {name!r} (the module was not initialised)") \
+                from None
+
+    def set_(self: DAALLoss, value: Any) -> None:
+        raise AttributeError(f"DAALLoss.{name} is fixed when the loss is built (the segments are "
+                             f"{tuple(self.segments.shape)}); build a new DAALLoss({name}=...) instead")
+
+    return property(get, set_, doc=f"``{name}``, given to the constructor: read-only.")
+
+
 def miner_weights(indices_tuple: Sequence[torch.Tensor], batch_size: int, *,
                   device: Optional[torch.device] = None, using_ref: bool = False,
                   dtype: torch.dtype = torch.float32, check_values: Optional[bool] = None) -> torch.Tensor:
@@ -131,7 +154,8 @@ class DAALLoss(nn.Module):
     Each hyperparameter is also an attribute (``loss.alpha``, read from ``loss.hp``): setting one
     (``loss.alpha = 32.0``, a schedule's step) checks the value as the constructor does and takes
     effect on the next call; ``loss.hp = loss.hp.replace(m_min=..., m_max=...)`` changes several
-    at once.
+    at once. ``num_classes``, ``embedding_dim`` and ``point_proxies`` are the segments' shape:
+    read-only.
     """
 
     # The hyperparameter attributes (properties, made from Hyperparameters.names() at the end of
@@ -149,6 +173,10 @@ class DAALLoss(nn.Module):
     l_max: float
     normalize: bool
     reduction: str
+    # read-only, from the constructor (properties: _fixed)
+    num_classes: int
+    embedding_dim: int
+    point_proxies: bool
 
     def __init__(self, num_classes: int, embedding_dim: Optional[int] = None, *,
                  embedding_size: Optional[int] = None, k: int = 3, m0: float = 0.2,
@@ -169,19 +197,20 @@ class DAALLoss(nn.Module):
             raise ValueError(f"init_length must be >= 0, got {init_length!r}")
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        self.num_classes = num_classes
-        self.embedding_dim = embedding_dim
+        # read-only (:func:`_fixed`): the segments' shape, which assigning them never changed (a
+        # num_classes assigned did nothing, a point_proxies assigned failed at the next call)
+        self.__dict__.update(_num_classes=num_classes, _embedding_dim=embedding_dim,
+                             _point_proxies=check_flag(point_proxies, "point_proxies", optional=False))
         self.hp = Hyperparameters(k=k, m0=m0, m_min=m_min, m_max=m_max, gamma=gamma, alpha=alpha,
                                   tau=tau, lambda_pull=lambda_pull, lambda_dens=lambda_dens,
                                   lambda_len=lambda_len, l_max=l_max, normalize=normalize,
                                   reduction=reduction)
         self.backend = backend
         self.check_values = check_flag(check_values, "check_values")
-        self.point_proxies = check_flag(point_proxies, "point_proxies", optional=False)
         self.init_length = init_length
-        segments = init_segments(num_classes, embedding_dim, length=0.0 if point_proxies else init_length)
+        segments = init_segments(num_classes, embedding_dim, length=0.0 if self.point_proxies else init_length)
         # Point proxies (an ablation: DAAL without lines) keep one end point per class, C x 1 x D.
-        self.segments = nn.Parameter(segments[:, :1].clone() if point_proxies else segments)
+        self.segments = nn.Parameter(segments[:, :1].clone() if self.point_proxies else segments)
 
     @torch.no_grad()
     def reset_parameters(self, generator: Optional[torch.Generator] = None) -> None:
@@ -223,6 +252,10 @@ class DAALLoss(nn.Module):
     def __setstate__(self, state: Dict[str, Any]) -> None:
         if "hp" in state:  # pickled before hp was a property
             state["_hp"] = state.pop("hp")
+        for name in _FIXED:  # pickled before these were read-only
+            if name in state:
+                state["_" + name] = state.pop(name)
+        state.setdefault("_point_proxies", False)
         super().__setstate__(state)
 
     @property
@@ -272,3 +305,5 @@ class DAALLoss(nn.Module):
 
 for _name in Hyperparameters.names():  # before this, ``loss.alpha = 32.0`` set an attribute nothing read
     setattr(DAALLoss, _name, _hyperparameter(_name))
+for _name in _FIXED:
+    setattr(DAALLoss, _name, _fixed(_name))

@@ -87,12 +87,21 @@ def stop_name() -> str:
     return STOPPED_BY[-1]
 
 
+#: Called first by the stop, while the signals are still handled: daal-study's "stopping" mark,
+#: which no cell may start after (one started between the signals being ignored and the study
+#: marking itself stopping inherited them ignored, and the study waited for its end: noticed
+#: 2026-12-07)
+ON_STOP: List[Callable[[], None]] = []
+
+
 def _stop_once(signum: int, frame: Any) -> None:
     """While the program runs, the first SIGINT or SIGTERM stops it as Ctrl-C does (a
     KeyboardInterrupt: the run cleans up and says how to go on); every later one is ignored, so
     nothing cuts that short. (A second Ctrl-C that landed while the line was printed gave a
     traceback; SIGTERM ended the program with no line, could leave a ``NAME.tmp``, and left a
     study's running cells orphaned: a run-folder probe, 2026-12-07.)"""
+    for hook in ON_STOP:
+        hook()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     # a SIGTERM sent to the process group (scancel, systemd, kill -TERM -PGID) kills the DataLoader

@@ -36,7 +36,7 @@ import time
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 from .config import SEED_LIMIT, _check_writable  # daal-train's bound on --seed; --out's check
-from .console import stop_name
+from .console import ON_STOP, stop_name
 from .files import loads_json, open_here, read_json, unlink_if_link, write_text_atomically
 from .log import plural
 
@@ -604,10 +604,17 @@ def _move_aside(d: str) -> str:
 
 #: The daal-train processes of the cells running now (Ctrl-C stops them: :func:`_run_cells`).
 _RUNNING: set = set()
-_RUNNING_LOCK = threading.Lock()
+_RUNNING_LOCK = threading.RLock()  # re-entrant: :func:`_mark_stopping` runs in a signal handler
 #: Set when the study stops (Ctrl-C, SIGTERM): no cell starts after it (one started then inherited
 #: the signals ignored, so the study's stop never reached it and the study waited for its end)
 _STOPPING = threading.Event()
+
+
+def _mark_stopping() -> None:
+    """The study's part of the stop (``console.ON_STOP``), before its signals are ignored: a cell
+    is either started and listed before it, with the signals handled, or never started."""
+    with _RUNNING_LOCK:
+        _STOPPING.set()
 #: The cells' progress bar while they run (empty: none); :func:`_say` writes through it.
 _BAR: List[Any] = []
 _SAY_LOCK = threading.Lock()
@@ -995,6 +1002,7 @@ def _run_cells(todo: List[Dict[str, Any]], out: str, jobs: int, threads: int, pr
         _BAR[:] = [bar]
     pool = cf.ThreadPoolExecutor(max_workers=jobs)
     _STOPPING.clear()
+    ON_STOP.append(_mark_stopping)
     try:
         futures = {pool.submit(run_cell, cell, out, threads): cell for cell in todo}
         for fut in cf.as_completed(futures):
@@ -1026,6 +1034,7 @@ def _run_cells(todo: List[Dict[str, Any]], out: str, jobs: int, threads: int, pr
         raise
     finally:
         pool.shutdown(wait=True)
+        ON_STOP.remove(_mark_stopping)
         _BAR.clear()
         if bar is not None:
             bar.close()

@@ -88,6 +88,36 @@ def test_hyperparameters_are_attributes_that_take_effect(backend):
     assert not hasattr(dt.DAALLoss.__new__(dt.DAALLoss), "hp")  # unbuilt: AttributeError, not KeyError
 
 
+@pytest.mark.parametrize("point_proxies", [False, True])
+def test_what_the_segments_shape_fixes_is_read_only(point_proxies):
+    """``num_classes``, ``embedding_dim`` and ``point_proxies`` are the segments' shape: an
+    assigned ``num_classes`` did nothing, and an assigned ``point_proxies`` failed at the next call
+    with "segments must have shape (C, 2, D) ..., got (11, 4, 16)" (noticed 2026-12-07). Assigning
+    one is an AttributeError naming it, and the module stays usable; old pickles still load."""
+    import pickle
+
+    loss = dt.DAALLoss(11, 129, k=2, point_proxies=point_proxies)
+    z, y = torch.randn(37, 129), torch.arange(37) % 11
+    expected = loss(z, y)
+    for name, value in (("num_classes", 5), ("embedding_dim", 7), ("point_proxies", not point_proxies)):
+        with pytest.raises(AttributeError, match=f"DAALLoss.{name} is fixed when the loss is built"):
+            setattr(loss, name, value)
+    assert (loss.num_classes, loss.embedding_dim, loss.point_proxies) == (11, 129, point_proxies)
+    assert torch.equal(loss(z, y), expected)
+    loss.reset_parameters()
+    assert loss.segments.shape == (11, 1 if point_proxies else 2, 129)
+    # pickled while they were plain attributes (and, for the oldest, before point_proxies existed)
+    state = {k: v for k, v in loss.__dict__.items() if k not in ("_num_classes", "_embedding_dim", "_point_proxies")}
+    state.update(num_classes=11, embedding_dim=129, **({"point_proxies": True} if point_proxies else {}))
+    old = dt.DAALLoss.__new__(dt.DAALLoss)
+    old.__setstate__(state)
+    assert (old.num_classes, old.embedding_dim, old.point_proxies) == (11, 129, point_proxies)
+    assert "num_classes" not in old.__dict__ and torch.equal(old(z, y), loss(z, y))
+    back = pickle.loads(pickle.dumps(loss))
+    assert (back.num_classes, back.embedding_dim, back.point_proxies) == (11, 129, point_proxies)
+    assert not hasattr(dt.DAALLoss.__new__(dt.DAALLoss), "num_classes")
+
+
 def test_default_dtype_and_reset_parameters():
     # segments follow the default dtype as nn.Linear's weights do, and a module built on the meta
     # device gets real segments back with to_empty() + reset_parameters()

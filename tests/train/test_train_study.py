@@ -225,6 +225,48 @@ def test_no_cell_starts_once_the_study_is_stopping(tmp_path):
     assert S.run_cell(cell, out, 1, python=str(fake))["metrics"]["recall@1"] == 0.75
 
 
+def test_the_study_is_stopping_before_its_signals_are_ignored(tmp_path):
+    """A pool thread may start a cell between the stop's handler ignoring the signals and the
+    study marking itself stopping: that cell inherited them ignored and the study waited for its
+    end (noticed 2026-12-07). The mark now comes first, from the handler: here a cell's thread
+    sends the SIGTERM, waits until the signals are ignored and finds the study stopping, while the
+    main thread is held up on its way from the handler (a slow ``shutdown``)."""
+    import subprocess
+    import sys
+
+    driver = tmp_path / "driver.py"
+    driver.write_text(f"""import concurrent.futures as cf, os, signal, sys, time
+from daal_triton.train import console, study as S
+seen = []
+def run_cell(cell, out, threads, python=None):
+    os.kill(os.getpid(), signal.SIGTERM)
+    deadline = time.time() + 20
+    while signal.getsignal(signal.SIGTERM) != signal.SIG_IGN and time.time() < deadline:
+        time.sleep(0.001)
+    seen.append((signal.getsignal(signal.SIGTERM) == signal.SIG_IGN, S._STOPPING.is_set()))
+    return dict(metrics={{}})
+S.run_cell = run_cell
+real = cf.ThreadPoolExecutor.shutdown
+def slow(self, wait=True, **kw):
+    if not wait:
+        time.sleep(0.5)
+    return real(self, wait=wait, **kw)
+cf.ThreadPoolExecutor.shutdown = slow
+todo = S.expand(S.make_study(None, ["A=--epochs 1"], seeds=[0, 1]))
+def main():
+    S._run_cells(todo, {str(tmp_path / "study")!r}, 1, 1, False, {{}}, {str(tmp_path / "runs.jsonl")!r})
+    return 0
+status = console._run_program(lambda: main, "daal-study")
+print(seen, getattr(console, "ON_STOP", None))
+sys.exit(status)
+""")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    proc = subprocess.run([sys.executable, str(driver)], capture_output=True, text=True, env=env, timeout=120,
+                          start_new_session=True)
+    assert proc.returncode == 130 and proc.stderr.endswith("daal-study: interrupted (SIGTERM)\n"), proc.stderr
+    assert proc.stdout.strip() == "[(True, True)] []", proc.stdout  # one cell ran; the hook is gone after
+
+
 @pytest.mark.parametrize("sigint", ["ignored", "default"])
 def test_a_study_stopped_by_sigterm_stops_its_running_cell(tmp_path, sigint):
     """A study started in the background without job control (``daal-study ... &`` in a script)
