@@ -19,7 +19,7 @@ from daal_triton.core import Hyperparameters
 
 from .config import CHOICES, DAAL_TRAIN_FIELDS, TrainConfig, default_daal
 from .console import stop_name
-from .files import folder_in_use, is_special, loads_json, nan_to_null, special_text
+from .files import folder_in_use, is_special, loads_json, nan_to_null, os_message, special_text
 from .model import SMALL_DATASETS, SMALL_WIDTH, default_width
 
 _D = TrainConfig()
@@ -268,7 +268,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from .config import check_choices, config_file
     from .data import DatasetLayoutError
     from .ddp import ConfigError
-    from .run import Diverged, run
+    from .run import Diverged, WriteFailed, run
 
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
@@ -292,7 +292,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (UsageError, DatasetLayoutError, ConfigError, CheckpointError) as e:
         print(f"daal-train: error: {_rank()}{_message(e)}", file=sys.stderr)
         return 2
-    except Diverged as e:  # the run started and stopped: not a usage error (exit status 1)
+    except (Diverged, WriteFailed) as e:  # the run started and stopped: not a usage error (exit status 1)
         print(f"daal-train: error: {_rank()}{e}", file=sys.stderr)
         return 1
     except OSError as e:  # the file system refused (a full disk, a folder that cannot be created)
@@ -368,13 +368,6 @@ def memory_message(e: BaseException) -> str:
     text = (str(e).strip().splitlines() or [type(e).__name__])[-1]
     return (f"out of memory ({type(e).__name__}: {text[:300]}): lower the sizes (--embedding-dim, --image-size, "
             f"--memory-bank, -P/-K, --eval-batch-size, --shapes-train/test-per-class) or free memory")
-
-
-def os_message(e: OSError) -> str:
-    """One line for a file-system failure: what the system said and the file, not a traceback."""
-    if e.strerror and e.filename is not None:
-        return f"{e.strerror}: {e.filename}"
-    return str(e)
 
 
 #: The most --threads may ask for (a larger value was a traceback from torch.set_num_threads).

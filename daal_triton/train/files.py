@@ -85,6 +85,13 @@ def special_text(path: str) -> str:
     return f"is {kind}" if kind == "a folder" else f"is {kind}, not a file"
 
 
+def os_message(e: OSError) -> str:
+    """One line for a file-system failure: what the system said and the file, not a traceback."""
+    if e.strerror and e.filename is not None:
+        return f"{e.strerror}: {e.filename}"
+    return str(e)
+
+
 def nan_to_null(record: Dict[str, Any]) -> Dict[str, Any]:
     """``record`` with each NaN value (a metric undefined on the data) as None: ``null`` in JSON,
     which has no NaN (``metrics.jsonl``, ``eval.json``)."""
@@ -153,15 +160,44 @@ def unlink_if_link(path: str) -> None:
         os.remove(path)
 
 
-def open_here(path: str, mode: str = "w") -> IO[str]:
+def open_here(path: str, mode: str = "w") -> IO[Any]:
     """``open(path, mode)`` for writing a file of the programs' own (a log, a marker, a lock, a
     record appended to), never through a link: a link at ``path`` is removed first (what it points
     to stays), so a planted link cannot truncate or append to a file elsewhere. A FIFO, device or
-    folder there is refused with an ``OSError`` naming ``path`` (a FIFO would hang the open)."""
+    folder there is refused with an ``OSError`` naming ``path`` (a FIFO would hang the open). A
+    binary ``mode`` opens it unbuffered (for :func:`append_whole`)."""
     unlink_if_link(path)
     if is_special(path):
         raise OSError(errno.EEXIST, f"cannot write it: {_kind(path)} is there, not a file", path)
-    return open(path, mode, encoding="utf-8")
+    return open(path, mode, buffering=0) if "b" in mode else open(path, mode, encoding="utf-8")
+
+
+def append_whole(f: IO[bytes], data: bytes, path: str) -> None:
+    """Append ``data`` to the unbuffered binary file ``f`` (``path``) whole or not at all: a write
+    that fails part-way (a full disk) is cut back off, and raised as an ``OSError`` naming ``path``
+    (a record file with half a line stopped the next run that read it, and the error named no file:
+    a probe, 2026-12-07)."""
+    at = f.tell()
+    rest = memoryview(data)
+    try:
+        while rest:
+            n = f.write(rest)
+            if not n:
+                raise OSError(errno.EIO, "the write made no progress")
+            rest = rest[n:]
+    except OSError as e:
+        try:
+            f.truncate(at)
+        except OSError:
+            pass
+        raise OSError(e.errno, e.strerror or str(e), path) from None
+
+
+def append_line(path: str, line: str) -> None:
+    """Append ``line`` to the file ``path`` of the programs' own (:func:`open_here`), whole or not at
+    all (:func:`append_whole`)."""
+    with open_here(path, "ab") as f:
+        append_whole(f, line.encode("utf-8"), path)
 
 
 def lock_folder(path: str, *, shared: bool = False) -> Optional[int]:

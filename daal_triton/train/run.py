@@ -41,13 +41,14 @@ from .config import (OUTPUTS, REPLACED, TrainConfig, check_data_flags, check_kin
                      check_resume_folder, checked_device, default_daal, in_use, note_source, resume_config,
                      taken_from_checkpoint, validate_config)
 from .console import _stop_once, stop_name
-from .data import DistributedPKSampler, PKSampler, SeededDraws, build_datasets
+from .data import DatasetLayoutError, DistributedPKSampler, PKSampler, SeededDraws, build_datasets
 from .ddp import ConfigError
 from .devices import (compile_network, loader_options, place_model, prepare_device, resolve_amp, resolve_backend,
                       seed_everything)
 from .engine import (GlobalBatchLoss, build_criterion, build_miner, build_model, check_pml_on_a_batch, make_optimizer,
                      make_scheduler, train_one_epoch)
-from .files import lock_folder, nan_to_null, read_json, unlink_if_link, write_text_atomically
+from .files import (append_whole, lock_folder, nan_to_null, os_message, read_json, unlink_if_link,
+                    write_text_atomically)
 from .log import Log, plural
 from .model import NO_WEIGHTS_NOTE
 
@@ -60,6 +61,12 @@ class Interrupted(KeyboardInterrupt):
 class Diverged(RuntimeError):
     """The training loss or the embeddings became NaN/inf: the run stops; the message says in which
     epoch, what is kept and what to change (printed as one line)."""
+
+
+class WriteFailed(RuntimeError):
+    """A file of the run could not be written (a full disk) once the run had started writing: the
+    message says which, what is kept and how to go on (printed as one line; it said only "[Errno 28]
+    No space left on device" for metrics.jsonl, and never what was kept: a probe, 2026-12-07)."""
 
 
 @dataclass
@@ -95,7 +102,7 @@ class RunState:
     best: float = -1.0  # best held-out Recall@1 so far (checkpoint_best.pt)
     last: Optional[Record] = None  # the latest evaluation of the trained network
     emb: Optional[torch.Tensor] = None  # the test embeddings of that evaluation
-    metrics_file: Optional[IO[str]] = None
+    metrics_file: Optional[IO[bytes]] = None  # unbuffered: each record one whole line or none (_record)
     out_lock: Optional[int] = None  # the descriptor holding --out's lock (rank 0)
     replaced: Optional[str] = None  # --overwrite: the folder holding the previous run until this one finishes
     put_back: bool = False  # that run was put back (this one stopped before it could be resumed)
@@ -179,6 +186,11 @@ def run(cfg: TrainConfig, given=None) -> Dict[str, Record]:
         return state.table
     except KeyboardInterrupt:
         raise Interrupted(_interrupted(cfg, state)) from None
+    except OSError as e:
+        if (isinstance(e, DatasetLayoutError) or state is None
+                or state.main and state.metrics_file is None and not state.put_back):
+            raise  # a damaged image (its own advice); before the run wrote anything: the file system's line alone
+        raise WriteFailed(_interrupted(cfg, state, how=f"stopped ({os_message(e)})")) from None
     finally:
         ctx.close()
 
@@ -267,9 +279,9 @@ def resume_command(state: "RunState") -> str:
     return cmd + (f" --threads {torch.get_num_threads()}" if state.device.type == "cpu" else "")
 
 
-def _interrupted(cfg: TrainConfig, state: Optional["RunState"]) -> str:
-    """What a run stopped by Ctrl-C says: where it stopped and how to go on."""
-    how = f"interrupted ({stop_name()})"
+def _interrupted(cfg: TrainConfig, state: Optional["RunState"], how: str = "") -> str:
+    """What a run stopped by Ctrl-C (or ``how``: by a failed write) says: where it stopped and how to go on."""
+    how = how or f"interrupted ({stop_name()})"
     if state is not None and not state.main:
         return f"{how}; rank 0 says how to go on (the run writes to {cfg.out})"
     if state is None or state.metrics_file is None and not state.put_back:  # nothing written yet
@@ -510,7 +522,7 @@ def fit(state: RunState) -> None:
                                   "".join(json.dumps(nan_to_null(r)) + "\n" for r in state.history))
         if not cfg.resume:
             unlink_if_link(state.path("metrics.jsonl"))  # a link there: a new file, not one written through it
-        state.metrics_file = open(state.path("metrics.jsonl"), "a" if cfg.resume else "w")
+        state.metrics_file = open(state.path("metrics.jsonl"), "ab" if cfg.resume else "wb", buffering=0)
     try:
         if state.main:
             _baselines(state)
@@ -795,8 +807,7 @@ def _record(state: RunState, rec: Record) -> None:
     """Append ``rec`` to the history and to metrics.jsonl (NaN, a metric undefined on this data,
     is written as null)."""
     assert state.metrics_file is not None  # rank 0's, opened with --out
-    state.metrics_file.write(json.dumps(nan_to_null(rec)) + "\n")
-    state.metrics_file.flush()
+    append_whole(state.metrics_file, (json.dumps(nan_to_null(rec)) + "\n").encode(), state.path("metrics.jsonl"))
     state.history.append(rec)
 
 

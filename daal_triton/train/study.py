@@ -37,7 +37,8 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 from .config import SEED_LIMIT, _check_writable  # daal-train's bound on --seed; --out's check
 from .console import ON_STOP, stop_name
-from .files import loads_json, open_here, read_json, unlink_if_link, write_text_atomically
+from .files import (append_line, loads_json, open_here, os_message, read_json, unlink_if_link,
+                    write_text_atomically)
 from .log import plural
 
 EXAMPLE = """\
@@ -724,9 +725,11 @@ def run_cell(cell: Dict[str, Any], out: str, threads: Optional[int], python: str
     if rc != 0 or not is_finished(d):
         raise RuntimeError(f"cell {cell['config']!r} seed {cell['seed']} failed (exit {rc}); see {log}")
     shown = ["daal-train", *cmd[3:]]
-    with open_here(os.path.join(d, "study_cell.json")) as f:
-        json.dump(dict(config=cell["config"], seed=cell["seed"], args=cell["args"], command=shlex.join(shown),
-                       wall_s=round(wall, 1), threads=threads, resumed=resume is not None), f, indent=1)
+    # whole or not at all: a full disk left it empty, and every later run of the study stopped on it
+    # (a probe, 2026-12-07)
+    write_text_atomically(os.path.join(d, "study_cell.json"), json.dumps(
+        dict(config=cell["config"], seed=cell["seed"], args=cell["args"], command=shlex.join(shown),
+             wall_s=round(wall, 1), threads=threads, resumed=resume is not None), indent=1))
     return collect(cell, d)
 
 
@@ -756,8 +759,7 @@ def _is_run(r: Any) -> bool:
 
 
 def _append_run(path: str, rec: Dict[str, Any]) -> None:
-    with open_here(path, "a") as f:
-        f.write(json.dumps(rec) + "\n")
+    append_line(path, json.dumps(rec) + "\n")
 
 
 def finished_cells(out: str) -> List[Tuple[Dict[str, Any], str]]:
@@ -1014,7 +1016,12 @@ def _run_cells(todo: List[Dict[str, Any]], out: str, jobs: int, threads: int, pr
                 msg = f"[daal-study] FAILED {cell['config']} seed {cell['seed']}: {e}"
             else:
                 known[(cell["config"], cell["seed"])] = rec
-                _append_run(runs_path, rec)
+                try:
+                    _append_run(runs_path, rec)
+                except OSError as e:  # a full disk: the queued cells ran on to the end before this was said
+                    raise StudyError(f"cannot record a finished cell in {runs_path} ({e.strerror or e}): no more "
+                                     "cells start (a finished cell is found again by the next run: free space, "
+                                     "then run the same command again)") from None
                 msg = (f"[daal-study] {cell['config']} seed {cell['seed']}: R@1 {rec['metrics'].get('recall@1', 0):.4f}"
                        f", sub-cluster NMI {rec['metrics'].get('subcluster_nmi', math.nan):.4f}"
                        + (f" ({rec['wall_s']:.0f} s)" if rec.get("wall_s") is not None else ""))
@@ -1031,6 +1038,15 @@ def _run_cells(todo: List[Dict[str, Any]], out: str, jobs: int, threads: int, pr
             _STOPPING.set()
             for proc in _RUNNING:
                 proc.send_signal(stop)
+        raise
+    except BaseException:  # (a full disk) no queued cell starts; the running ones finish
+        _mark_stopping()
+        pool.shutdown(wait=False, cancel_futures=True)
+        with _RUNNING_LOCK:
+            running = len(_RUNNING)
+        if running:
+            _say(f"[daal-study] stopping: waiting for the {plural(running, 'running cell')} to finish (Ctrl-C stops "
+                 "them)")
         raise
     finally:
         pool.shutdown(wait=True)
@@ -1096,7 +1112,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"daal-study: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # --out / --report under a file, a full or read-only disk
-        print(f"daal-study: error: {e.strerror or e}: {e.filename or ''}", file=sys.stderr)
+        print(f"daal-study: error: {os_message(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"daal-study: interrupted ({stop_name()}): run the same command again to go on (finished cells are kept, "

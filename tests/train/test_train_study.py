@@ -208,6 +208,36 @@ def test_an_unfinished_cell_without_a_checkpoint_is_kept_aside_and_run_again(tmp
     assert log.count("--out " + d) == 2 and "--resume" not in log
 
 
+def test_a_full_disk_leaves_no_torn_study_cell_json(tmp_path, monkeypatch):
+    """study_cell.json (what a finished cell ran) written on a full disk: it was left empty, and
+    every later run of the study stopped on it, "cannot be read as JSON" (a probe, 2026-12-07). It
+    is written whole or not at all: the cell fails with the file named, and nothing is left."""
+    import builtins
+    import errno
+
+    from daal_triton.train import files
+
+    fake = _fake_python(tmp_path)
+    out = str(tmp_path / "study")
+    (cell,) = S.expand(S.make_study(None, ["A=--epochs 1"], seeds=[0]))
+    real_open = builtins.open
+
+    def full(path, mode="r", *args, **kwargs):
+        f = real_open(path, mode, *args, **kwargs)
+        if "study_cell.json" not in str(path):
+            return f
+        f.close()
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(files, "open", full, raising=False)
+    with pytest.raises(OSError, match="No space left on device"):
+        S.run_cell(cell, out, 1, python=str(fake))
+    d = S.cell_dir(out, cell)
+    assert S.is_finished(d) and not [n for n in os.listdir(d) if n.startswith("study_cell.json")]
+    monkeypatch.setattr(files, "open", real_open, raising=False)
+    assert S.run_cell(cell, out, 1, python=str(fake))["metrics"]["recall@1"] == 0.75  # the disk freed
+
+
 def test_no_cell_starts_once_the_study_is_stopping(tmp_path):
     """A cell a pool thread started after the study's stop inherited its signals ignored: the stop
     never reached it and the study waited for its end (a review, 2026-12-07). Once stopping, no
@@ -223,6 +253,55 @@ def test_no_cell_starts_once_the_study_is_stopping(tmp_path):
         S._STOPPING.clear()
     assert not os.path.isdir(S.cell_dir(out, cell))
     assert S.run_cell(cell, out, 1, python=str(fake))["metrics"]["recall@1"] == 0.75
+
+
+def test_a_full_disk_stops_the_study_and_keeps_runs_jsonl_whole(tmp_path, monkeypatch):
+    """runs.jsonl's append failing on a full disk: the study ran every queued cell to the end
+    before it said so, left half a line that stopped every later run of the study, and named no
+    file (a probe, 2026-12-07). Now no queued cell starts, the file keeps whole lines (the next
+    run, the disk freed, reads it and collects the finished cells), and the error names it."""
+    import errno
+    import time
+
+    from daal_triton.train import files
+
+    ran = []
+    good = _recording_run(ran)
+
+    def slow(cell, out_, threads, python=None):
+        time.sleep(0.3)
+        return good(cell, out_, threads)
+
+    monkeypatch.setattr(S, "run_cell", slow)
+    runs = str(tmp_path / "runs.jsonl")
+    S._append_run(runs, {"config": "earlier", "seed": 9})
+    real_open = files.open_here
+
+    class Full:  # half of what is written lands, then the disk is full
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, data):
+            self.f.write(data[: len(data) // 2])
+            self.f.flush()
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    monkeypatch.setattr(files, "open_here", lambda path, mode="w": Full(real_open(path, mode)))
+    todo = S.expand(S.make_study(None, ["A="], seeds=[0, 1, 2, 3]))
+    with pytest.raises(S.StudyError, match=f"cannot record a finished cell in {runs} \\(No space left on device\\)"):
+        S._run_cells(todo, str(tmp_path), 1, 1, False, {}, runs)
+    assert len(ran) <= 2, ran  # the first, and at most the one started as it finished
+    monkeypatch.setattr(files, "open_here", real_open)
+    assert S._read_jsonl(runs) == [{"config": "earlier", "seed": 9}]  # whole lines: the next run reads it
 
 
 def test_the_study_is_stopping_before_its_signals_are_ignored(tmp_path):

@@ -169,6 +169,44 @@ def test_a_full_disk_while_saving_a_checkpoint_is_one_line(tmp_path, full_disk, 
     assert not [n for n in os.listdir(out) if n.endswith(".tmp")]
 
 
+def test_a_full_disk_while_recording_metrics_is_one_line_with_how_to_go_on(tmp_path, monkeypatch, error_line):
+    """metrics.jsonl's append failing on a full disk (here in epoch 2, half the line written): the
+    line named no file ("[Errno 28] No space left on device") nor what was kept, and left half a JSON
+    line in the file (a probe, 2026-12-07). Now it names metrics.jsonl, says where the run stopped
+    and how to continue, and the file holds whole lines only."""
+    import builtins
+    import errno
+    import json
+
+    from daal_triton.train import run
+
+    real_open, writes = builtins.open, []
+
+    class Full:
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, b):
+            writes.append(len(b))
+            if len(writes) == 2:  # epoch 2's record: half of it lands, then the disk is full
+                self.f.write(b[: len(b) // 2])
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return self.f.write(b)
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+    monkeypatch.setattr(run, "open", lambda p, *a, **k: (Full if str(p).endswith("metrics.jsonl") else
+                                                         (lambda f: f))(real_open(p, *a, **k)), raising=False)
+    out = tmp_path / "run"
+    assert cli.main(TINY + ["--epochs", "3", "--no-baselines", "--out", str(out)]) == 1
+    line = error_line("daal-train")
+    assert f"stopped (No space left on device: {out / 'metrics.jsonl'}) in epoch 2 of 3" in line, line
+    assert f"continue from its last checkpoint with daal-train --resume {out / 'checkpoint_last.pt'}" in line, line
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1]
+
+
 def test_every_setting_at_its_lowest_allowed_value_is_accepted():
     """The other side of the bounds: a value a bound allows (``--eval-every 0``: the last epoch only;
     ``--stop-after`` at the last epoch: no stop, so any --save) is not refused, and a bool where a
