@@ -2022,6 +2022,10 @@ MUTANTS: Tuple[Mutant, ...] = (
            "    write_text_atomically(os.path.join(d, \"study_cell.json\"), json.dumps(",
            "    open_here(os.path.join(d, \"study_cell.json\")).write(json.dumps(",
            ("tests/train/test_train_study.py::test_a_full_disk_leaves_no_torn_study_cell_json",)),
+    Mutant("study-tsne-no-checkpoint-silent", "daal_triton/train/study.py",
+           "                    print(f\"[daal-study] no t-SNE panel for {c} (seed {seed}): {rs[0]['dir']} has no \"\n                          \"checkpoint_last.pt (--save best or none writes none)\", flush=True)",
+           "                    pass",
+           ("tests/train/test_train_study.py::test_a_damaged_checkpoint_leaves_its_tsne_panel_out",)),
 )
 
 

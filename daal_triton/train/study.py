@@ -894,7 +894,10 @@ def write_report(study: Dict[str, Any], records: List[Dict[str, Any]], configs: 
             panels: List[Tuple[str, Any, Any, Any, Optional[List[str]]]] = []
             for c in configs:
                 rs = [r for r in records if r["config"] == c and r["seed"] == seed]
-                if rs and os.path.isfile(os.path.join(rs[0]["dir"], "checkpoint_last.pt")):
+                if rs and not os.path.isfile(os.path.join(rs[0]["dir"], "checkpoint_last.pt")):  # said, not silent
+                    print(f"[daal-study] no t-SNE panel for {c} (seed {seed}): {rs[0]['dir']} has no "
+                          "checkpoint_last.pt (--save best or none writes none)", flush=True)
+                elif rs:
                     try:
                         emb, labels, modes, names = embed_run(rs[0]["dir"])
                     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:  # a damaged checkpoint

@@ -875,6 +875,12 @@ def test_a_damaged_checkpoint_leaves_its_tsne_panel_out(tmp_path, monkeypatch, c
     assert f"[daal-study] no t-SNE panel for A (seed 0): {cell} cannot be embedded: checkpoint" in said.out
     assert "Traceback" not in said.out + said.err
     assert os.path.getsize(os.path.join(out, "metrics.png")) > 0 and not os.path.exists(os.path.join(out, S.WRITING))
+    # without a checkpoint_last.pt (--save best or none) the panel is left out too: said, not silently
+    # (a probe, 2026-12-07)
+    os.remove(os.path.join(cell, "checkpoint_last.pt"))
+    assert S.main(["--summarize", "--out", out, "--no-progress"]) == 0
+    said = capsys.readouterr()
+    assert f"[daal-study] no t-SNE panel for A (seed 0): {cell} has no checkpoint_last.pt" in said.out, said.out
 
 
 def test_links_and_fifos_in_a_study_folder_are_never_written_through(tmp_path, error_line):
