@@ -71,8 +71,10 @@ def _fixed(name: str) -> property:
                 from None
 
     def set_(self: DAALLoss, value: Any) -> None:
-        raise AttributeError(f"DAALLoss.{name} is fixed when the loss is built (the segments are "
-                             f"{tuple(self.segments.shape)}); build a new DAALLoss({name}=...) instead")
+        segments = self.__dict__.get("_parameters", {}).get("segments")  # none before DAALLoss.__init__
+        shape = "" if segments is None else f" (the segments are {tuple(segments.shape)})"
+        raise AttributeError(f"DAALLoss.{name} is fixed when the loss is built{shape}; build a new "
+                             f"DAALLoss({name}=...) instead")
 
     return property(get, set_, doc=f"``{name}``, given to the constructor: read-only.")
 

@@ -188,6 +188,7 @@ def append_whole(f: IO[bytes], data: bytes, path: str) -> None:
     except OSError as e:
         try:
             f.truncate(at)
+            f.seek(at)  # a file not opened to append would write its next line past a hole of NULs
         except OSError:
             pass
         raise OSError(e.errno, e.strerror or str(e), path) from None

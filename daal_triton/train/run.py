@@ -516,15 +516,16 @@ def fit(state: RunState) -> None:
     cfg, ctx = state.cfg, state.ctx
     if state.main:
         _prepare_out(state)
-        _write_config(state)
-        if cfg.resume:  # the metrics so far are the checkpoint's (in a new --out too), then this call's
-            write_text_atomically(state.path("metrics.jsonl"),
-                                  "".join(json.dumps(nan_to_null(r)) + "\n" for r in state.history))
-        if not cfg.resume:
-            unlink_if_link(state.path("metrics.jsonl"))  # a link there: a new file, not one written through it
-        state.metrics_file = open(state.path("metrics.jsonl"), "ab" if cfg.resume else "wb", buffering=0)
-    try:
+    try:  # from here a failure puts an --overwrite's previous run back (config.json's write on a full
+        # disk left it in .daal-replaced without a word: a review, 2026-12-07)
         if state.main:
+            _write_config(state)
+            if cfg.resume:  # the metrics so far are the checkpoint's (in a new --out too), then this call's
+                write_text_atomically(state.path("metrics.jsonl"),
+                                      "".join(json.dumps(nan_to_null(r)) + "\n" for r in state.history))
+            if not cfg.resume:
+                unlink_if_link(state.path("metrics.jsonl"))  # a link there: a new file, not one written through it
+            state.metrics_file = open(state.path("metrics.jsonl"), "ab" if cfg.resume else "wb", buffering=0)
             _baselines(state)
         ctx.barrier()
         state.best = max([r["recall@1"] for r in state.history  # epochs without evaluation have no recall

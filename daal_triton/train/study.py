@@ -606,9 +606,29 @@ def _move_aside(d: str) -> str:
 #: The daal-train processes of the cells running now (Ctrl-C stops them: :func:`_run_cells`).
 _RUNNING: set = set()
 _RUNNING_LOCK = threading.RLock()  # re-entrant: :func:`_mark_stopping` runs in a signal handler
+
+
+class _Flag:
+    """``threading.Event``'s ``set``/``clear``/``is_set`` without its lock, which a signal handler
+    landing inside the main thread's own ``set()`` waited on forever (a review, 2026-12-07); the
+    order that matters is kept by ``_RUNNING_LOCK``."""
+
+    def __init__(self) -> None:
+        self._on = False
+
+    def set(self) -> None:
+        self._on = True
+
+    def clear(self) -> None:
+        self._on = False
+
+    def is_set(self) -> bool:
+        return self._on
+
+
 #: Set when the study stops (Ctrl-C, SIGTERM): no cell starts after it (one started then inherited
 #: the signals ignored, so the study's stop never reached it and the study waited for its end)
-_STOPPING = threading.Event()
+_STOPPING = _Flag()
 
 
 def _mark_stopping() -> None:
@@ -1006,8 +1026,20 @@ def _run_cells(todo: List[Dict[str, Any]], out: str, jobs: int, threads: int, pr
         bar = tqdm(total=len(todo), desc="daal-study", unit="run", dynamic_ncols=True)
         _BAR[:] = [bar]
     pool = cf.ThreadPoolExecutor(max_workers=jobs)
+
+    def stop_running() -> None:
+        # the signal that stopped the study, which its cells inherited as it did (not ignored): a
+        # study started in the background without job control has SIGINT ignored, and so have its
+        # cells, which a forwarded SIGINT never stopped after a SIGTERM (a determinism probe, 2026-12-07)
+        stop = signal.SIGTERM if stop_name() == "SIGTERM" else signal.SIGINT
+        with _RUNNING_LOCK:
+            _STOPPING.set()
+            for proc in _RUNNING:
+                proc.send_signal(stop)
+
     _STOPPING.clear()
     ON_STOP.append(_mark_stopping)
+    futures: Dict[Any, Dict[str, Any]] = {}
     try:
         futures = {pool.submit(run_cell, cell, out, threads): cell for cell in todo}
         for fut in cf.as_completed(futures):
@@ -1033,30 +1065,30 @@ def _run_cells(todo: List[Dict[str, Any]], out: str, jobs: int, threads: int, pr
                 bar.update(1)
     except KeyboardInterrupt:  # no queued cell starts; the running ones stop as after their own Ctrl-C
         pool.shutdown(wait=False, cancel_futures=True)
-        # the signal that stopped the study, which its cells inherited as it did (not ignored): a
-        # study started in the background without job control has SIGINT ignored, and so have its
-        # cells, which a forwarded SIGINT never stopped after a SIGTERM (a determinism probe, 2026-12-07)
-        stop = signal.SIGTERM if stop_name() == "SIGTERM" else signal.SIGINT
-        with _RUNNING_LOCK:
-            _STOPPING.set()
-            for proc in _RUNNING:
-                proc.send_signal(stop)
+        stop_running()
         raise
-    except BaseException:  # (a full disk) no queued cell starts; the running ones finish
+    except BaseException as e:  # (a full disk) no queued cell starts; the running ones finish
         _mark_stopping()
         pool.shutdown(wait=False, cancel_futures=True)
         with _RUNNING_LOCK:
             running = len(_RUNNING)
         if running:
-            _say(f"[daal-study] stopping: waiting for the {plural(running, 'running cell')} to finish (Ctrl-C stops "
-                 "them)")
+            _say(f"[daal-study] stopping ({e}): waiting for the {plural(running, 'running cell')} to finish (Ctrl-C "
+                 f"or SIGTERM stops {'it' if running == 1 else 'them'})")
+        try:  # (not a join: one a KeyboardInterrupt cut short makes the finally's join return at once)
+            cf.wait([f for f in futures if not f.cancelled()])  # a cancelled one never counts as done
+        except KeyboardInterrupt:  # a stop while waiting reaches the cells too (it waited for their end)
+            stop_running()
+            raise
         raise
     finally:
-        pool.shutdown(wait=True)
-        ON_STOP.remove(_mark_stopping)
-        _BAR.clear()
-        if bar is not None:
-            bar.close()
+        try:
+            pool.shutdown(wait=True)
+        finally:
+            ON_STOP.remove(_mark_stopping)
+            _BAR.clear()
+            if bar is not None:
+                bar.close()
     return failed
 
 

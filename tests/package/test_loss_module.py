@@ -113,6 +113,13 @@ def test_what_the_segments_shape_fixes_is_read_only(point_proxies):
     old.__setstate__(state)
     assert (old.num_classes, old.embedding_dim, old.point_proxies) == (11, 129, point_proxies)
     assert "num_classes" not in old.__dict__ and torch.equal(old(z, y), loss(z, y))
+    class Early(dt.DAALLoss):  # assigns before the module is built: the same message, not "no segments"
+        def __init__(self):
+            self.num_classes = 3
+            super().__init__(3, 4)
+
+    with pytest.raises(AttributeError, match="^DAALLoss.num_classes is fixed when the loss is built; build"):
+        Early()
     back = pickle.loads(pickle.dumps(loss))
     assert (back.num_classes, back.embedding_dim, back.point_proxies) == (11, 129, point_proxies)
     assert not hasattr(dt.DAALLoss.__new__(dt.DAALLoss), "num_classes")

@@ -281,6 +281,34 @@ def test_an_overwrite_stopped_before_its_first_checkpoint_puts_the_previous_run_
                                   f"in {out}; run the same command again to start it"), io.err
 
 
+def test_an_overwrite_whose_config_json_cannot_be_written_puts_the_previous_run_back(run_dir, tmp_path,
+                                                                                     monkeypatch, capsys):
+    """config.json written on a full disk, after --overwrite set the previous run aside: it stayed
+    in .daal-replaced and the line said nothing of it (a review, 2026-12-07). It is put back, and
+    the one error line says so."""
+    import errno
+
+    from daal_triton.train import run
+
+    out = str(tmp_path / "again")
+    shutil.copytree(run_dir, out)
+    before = _files(out)
+    real = run.write_text_atomically
+
+    def full(path, text):
+        if path.endswith("config.json"):
+            raise OSError(errno.ENOSPC, "cannot write it (No space left on device)", path)
+        return real(path, text)
+
+    monkeypatch.setattr(run, "write_text_atomically", full)
+    assert cli.main(TINY + ["--out", out, "--overwrite", "--no-progress"]) == 1
+    assert _files(out) == before and sorted(os.listdir(out)) == sorted(before)
+    io = capsys.readouterr()
+    lines = [ln for ln in io.err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "No space left on device" in lines[0] and "config.json" in lines[0], io.err
+    assert f"the run it was replacing is back in {out}" in lines[0], io.err
+
+
 def test_ctrl_c_while_an_epoch_is_evaluated_names_that_epoch(tmp_path, capsys, monkeypatch):
     """Ctrl-C during epoch 2's evaluation: "in epoch 2", and the checkpoint to go on from is epoch 1's."""
     out = str(tmp_path / "int_eval")

@@ -304,6 +304,110 @@ def test_a_full_disk_stops_the_study_and_keeps_runs_jsonl_whole(tmp_path, monkey
     assert S._read_jsonl(runs) == [{"config": "earlier", "seed": 9}]  # whole lines: the next run reads it
 
 
+def test_a_stop_while_waiting_for_the_running_cells_reaches_them(tmp_path):
+    """After a full disk the study waits for its running cells; a SIGTERM then was not passed on
+    (the study waited for the cells' end, and its stop hook stayed installed: a review,
+    2026-12-07). It reaches them now, and the hook is removed."""
+    import signal
+    import subprocess
+    import sys
+
+    driver = tmp_path / "driver.py"
+    driver.write_text(f"""import errno, os, signal, subprocess, sys, threading, time
+from daal_triton.train import console, study as S
+t0 = time.time()
+def run_cell(cell, out, threads, python=None):
+    if cell["seed"] == 0:
+        time.sleep(0.5)
+        return dict(config=cell["config"], seed=0, metrics={{}})
+    with S._RUNNING_LOCK:
+        proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+        S._RUNNING.add(proc)
+    try:
+        rc = proc.wait()
+    finally:
+        with S._RUNNING_LOCK:
+            S._RUNNING.discard(proc)
+    print("cell", rc, round(time.time() - t0), flush=True)
+    raise RuntimeError("stopped")
+def full(path, rec):
+    raise OSError(errno.ENOSPC, "No space left on device", path)
+S.run_cell, S._append_run = run_cell, full
+signal.signal(signal.SIGTERM, console._stop_once)
+threading.Timer(2.0, lambda: os.kill(os.getpid(), signal.SIGTERM)).start()
+todo = S.expand(S.make_study(None, ["A="], seeds=[0, 1]))
+try:
+    S._run_cells(todo, {str(tmp_path / "st")!r}, 2, 1, False, {{}}, {str(tmp_path / "runs.jsonl")!r})
+except BaseException as e:
+    print(type(e).__name__, round(time.time() - t0), console.ON_STOP, flush=True)
+""")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    proc = subprocess.Popen([sys.executable, str(driver)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=60)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    lines = [ln for ln in out.split("\n") if ln.startswith(("cell ", "KeyboardInterrupt "))]
+    assert lines[0].startswith(f"cell {-signal.SIGTERM} "), out + err  # the cell was stopped, not waited for
+    kind, seconds, hooks = lines[1].split(" ", 2)
+    assert kind == "KeyboardInterrupt" and int(seconds) < 20 and hooks == "[]", out + err
+    assert "stopping (cannot record a finished cell in" in out + err and "stops it)" in out + err, out + err
+
+
+def test_a_stop_landing_inside_the_stopping_mark_completes(tmp_path):
+    """The stop's handler marks the study stopping; a ``threading.Event`` took a lock there, and a
+    SIGTERM landing while the main thread's own mark held it hung the study for good (a review,
+    2026-12-07)."""
+    import signal
+    import subprocess
+    import sys
+
+    driver = tmp_path / "driver.py"
+    driver.write_text("""import os, signal
+from daal_triton.train import console, study as S
+signal.signal(signal.SIGTERM, console._stop_once)
+console.ON_STOP.append(S._mark_stopping)
+flag, sent = S._STOPPING, []
+def stop_once():
+    if not sent:  # one stop, landing inside the first set()
+        sent.append(1)
+        os.kill(os.getpid(), signal.SIGTERM)
+if hasattr(flag, "_cond"):  # an Event: its lock is held around notify_all
+    real = flag._cond.notify_all
+    def inside():
+        stop_once()
+        real()
+    flag._cond.notify_all = inside
+else:
+    real = type(flag).set
+    def inside(self):
+        stop_once()
+        real(self)
+    type(flag).set = inside
+try:
+    S._mark_stopping()
+except KeyboardInterrupt:
+    print("stopped", S._STOPPING.is_set())
+""")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    proc = subprocess.Popen([sys.executable, str(driver)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        out, err = "", "hung"
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert out.strip() == "stopped True", out + err
+
+
 def test_the_study_is_stopping_before_its_signals_are_ignored(tmp_path):
     """A pool thread may start a cell between the stop's handler ignoring the signals and the
     study marking itself stopping: that cell inherited them ignored and the study waited for its

@@ -207,6 +207,39 @@ def test_a_full_disk_while_recording_metrics_is_one_line_with_how_to_go_on(tmp_p
     assert [r["epoch"] for r in records] == [1]
 
 
+@pytest.mark.parametrize("mode", ["wb", "ab"])
+def test_a_line_cut_back_off_leaves_no_hole(tmp_path, mode):
+    """files.append_whole cuts a failed write back off; on a file not opened to append the position
+    stayed past the cut, and the next line came after a hole of NUL bytes (a review, 2026-12-07)."""
+    import errno
+
+    from daal_triton.train import files
+
+    path = str(tmp_path / "m.jsonl")
+
+    class Full:
+        def __init__(self, f):
+            self.f, self.calls = f, 0
+
+        def write(self, data):
+            self.calls += 1
+            if self.calls == 2:  # the second line: half lands, then the disk is full
+                self.f.write(data[: len(data) // 2])
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return self.f.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+    with open(path, mode, buffering=0) as raw:
+        f = Full(raw)
+        files.append_whole(f, b'{"a": 1}\n', path)
+        with pytest.raises(OSError, match=f"No space left on device: '{path}'"):
+            files.append_whole(f, b'{"b": 2, "more": "text"}\n', path)
+        files.append_whole(f, b'{"c": 3}\n', path)
+    assert open(path, "rb").read() == b'{"a": 1}\n{"c": 3}\n'
+
+
 def test_every_setting_at_its_lowest_allowed_value_is_accepted():
     """The other side of the bounds: a value a bound allows (``--eval-every 0``: the last epoch only;
     ``--stop-after`` at the last epoch: no stop, so any --save) is not refused, and a bool where a
