@@ -258,8 +258,7 @@ def _diverged(state: "RunState", epoch: int, e: Union[Exception, str]) -> str:
     again = "start again (another --out, or --overwrite)"
     if cfg.resume:  # --overwrite is no resume's flag: resume again, from this folder's checkpoint if it has one
         src = last if os.path.isfile(last) else cfg.resume
-        threads = f" --threads {torch.get_num_threads()}" if state.device.type == "cpu" else ""  # as resume_command
-        again = f"resume again with daal-train --resume {shlex.quote(src)}{threads}" + (
+        again = f"resume again with daal-train --resume {shlex.quote(src)}{_threads_flag(state)}" + (
             "" if src == last else f" and another (empty) --out: {cfg.out} holds this attempt's files")
     if cfg.weight_decay >= 1 and cfg.lr * cfg.weight_decay >= 1:  # AdamW scales the weights by 1 - lr x decay
         return (f"training diverged in epoch {epoch} of {cfg.epochs} ({e}); the run stopped, {kept}. --weight-decay "
@@ -275,8 +274,12 @@ def resume_command(state: "RunState") -> str:
     (quoted for a shell: a path with spaces was printed as it is), with ``--threads`` on the CPU,
     where PyTorch's sums depend on the thread count and a resume is bit-identical only at the same
     one (``--threads`` is a setting of the process, not recorded: a run-folder probe, 2026-12-07)."""
-    cmd = f"daal-train --resume {shlex.quote(state.path('checkpoint_last.pt'))}"
-    return cmd + (f" --threads {torch.get_num_threads()}" if state.device.type == "cpu" else "")
+    return f"daal-train --resume {shlex.quote(state.path('checkpoint_last.pt'))}{_threads_flag(state)}"
+
+
+def _threads_flag(state: "RunState") -> str:
+    """`` --threads N`` for a resume command on the CPU (see :func:`resume_command`), else ``""``."""
+    return f" --threads {torch.get_num_threads()}" if state.device.type == "cpu" else ""
 
 
 def _interrupted(cfg: TrainConfig, state: Optional["RunState"], how: str = "") -> str:

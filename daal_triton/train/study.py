@@ -636,6 +636,8 @@ def _mark_stopping() -> None:
     is either started and listed before it, with the signals handled, or never started."""
     with _RUNNING_LOCK:
         _STOPPING.set()
+
+
 #: The cells' progress bar while they run (empty: none); :func:`_say` writes through it.
 _BAR: List[Any] = []
 _SAY_LOCK = threading.Lock()
@@ -670,9 +672,8 @@ def _started(d: str) -> Dict[str, Any]:
     except StudyError as e:
         raise RuntimeError(f"{e}: move {d} and that file aside to start the cell again") from None
     ok = isinstance(started, dict)
-    args, wall = (started.get("args", []), started.get("wall_s", 0.0)) if ok else (None, None)
-    if not (ok and isinstance(args, list) and all(isinstance(a, str) for a in args)
-            and isinstance(wall, (int, float)) and not isinstance(wall, bool) and math.isfinite(wall)):
+    args, wall = (started.get("args", []), started.get("wall_s", 0.0)) if ok else (None, math.nan)
+    if not (ok and _strings(args) and _number(wall) and math.isfinite(wall)):
         raise RuntimeError(f"{path} is not what daal-study writes (config, seed, args, wall_s, threads): move {d} "
                            "and that file aside to start the cell again")
     return started
@@ -765,17 +766,23 @@ def _load_runs(path: str) -> List[Dict[str, Any]]:
     return runs
 
 
+def _number(x: Any) -> bool:
+    """A JSON number (a bool is none)."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _strings(x: Any) -> bool:
+    """A JSON list of strings (a command's arguments)."""
+    return isinstance(x, list) and all(isinstance(a, str) for a in x)
+
+
 def _is_run(r: Any) -> bool:
     """``r`` has what the report reads of a run (:func:`collect` writes it so): a partial record
     passed the first check, was appended to, and stopped the table in a KeyError (a review, 2026-12-07)."""
-    def number(x: Any) -> bool:
-        return x is None or (isinstance(x, (int, float)) and not isinstance(x, bool))
-
     return (isinstance(r, dict) and isinstance(r.get("config"), str) and isinstance(r.get("seed"), int)
-            and not isinstance(r.get("seed"), bool) and isinstance(r.get("dir"), str)
-            and isinstance(r.get("args"), list) and all(isinstance(a, str) for a in r["args"])
-            and isinstance(r.get("metrics"), dict) and all(number(v) for v in r["metrics"].values())
-            and number(r.get("train_loss")) and number(r.get("wall_s")))
+            and not isinstance(r.get("seed"), bool) and isinstance(r.get("dir"), str) and _strings(r.get("args"))
+            and isinstance(r.get("metrics"), dict)
+            and all(v is None or _number(v) for v in [*r["metrics"].values(), r.get("train_loss"), r.get("wall_s")]))
 
 
 def _append_run(path: str, rec: Dict[str, Any]) -> None:
