@@ -2042,6 +2042,10 @@ MUTANTS: Tuple[Mutant, ...] = (
            "        shape = \"\" if segments is None else f\" (the segments are {tuple(segments.shape)})\"",
            "        shape = f\" (the segments are {tuple(self.segments.shape)})\"",
            ("tests/package/test_loss_module.py::test_what_the_segments_shape_fixes_is_read_only",)),
+    Mutant("os_message_broken_pipe_plain", "daal_triton/train/files.py",
+           "    if isinstance(e, BrokenPipeError) and e.strerror:",
+           "    if isinstance(e, BrokenPipeError) and not e.strerror:",
+           ("tests/train/test_train_user_errors.py::test_output_whose_reader_has_gone_is_said",)),
 )
 
 

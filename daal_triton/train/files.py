@@ -89,6 +89,8 @@ def os_message(e: OSError) -> str:
     """One line for a file-system failure: what the system said and the file, not a traceback."""
     if e.strerror and e.filename is not None:
         return f"{e.strerror}: {e.filename}"
+    if isinstance(e, BrokenPipeError) and e.strerror:  # a print to a pipe whose reader has gone (| head)
+        return f"{e.strerror}: the program reading this output has stopped"
     return str(e)
 
 

@@ -207,6 +207,39 @@ def test_a_full_disk_while_recording_metrics_is_one_line_with_how_to_go_on(tmp_p
     assert [r["epoch"] for r in records] == [1]
 
 
+@pytest.mark.parametrize("started", [False, True])
+def test_output_whose_reader_has_gone_is_said(tmp_path, monkeypatch, error_line, started):
+    """``daal-train | head``: the print after the reader stopped said "[Errno 32] Broken pipe",
+    naming nothing (2026-12-07). Now the line says the output's reader has stopped (and, once the
+    run has started, how to go on)."""
+    import errno
+    import sys
+
+    class Pipe:  # the reader stops at once, or once it has read epoch 1's line
+        def __init__(self):
+            self.gone, self.seen = not started, ""
+
+        def write(self, text):
+            if self.gone:
+                raise BrokenPipeError(errno.EPIPE, os.strerror(errno.EPIPE))
+            self.seen += text
+            self.gone = "epoch 1/2" in self.seen and self.seen.endswith("\n")
+            return len(text)
+
+        def flush(self):
+            pass
+
+    monkeypatch.setattr(sys, "stdout", Pipe())
+    out = tmp_path / "run"
+    assert cli.main(TINY + ["--epochs", "2", "--out", str(out)]) == 1
+    line = error_line("daal-train")
+    assert "Broken pipe: the program reading this output has stopped" in line, line
+    if started:
+        assert "in epoch 2 of 2: continue from its last checkpoint" in line, line
+    else:
+        assert not out.exists()
+
+
 @pytest.mark.parametrize("mode", ["wb", "ab"])
 def test_a_line_cut_back_off_leaves_no_hole(tmp_path, mode):
     """files.append_whole cuts a failed write back off; on a file not opened to append the position
