@@ -147,12 +147,14 @@ def check_distance_range(t: torch.Tensor, name: str, dtype: torch.dtype) -> None
             return
         if not math.isfinite(top):
             raise NonFiniteError(f"{name} contains NaN or inf")
-        norms = torch.linalg.vector_norm(t.double(), dim=1)
-        over = (norms > limit).nonzero()
+        # the rows over ``top`` (norms <= sqrt(D): no overflow) in float32, float64 rows in float64
+        # (MPS has no float64: t.double() raised a TypeError there instead of this ValueError)
+        scaled = torch.linalg.vector_norm((t.double() if t.dtype == torch.float64 else t.float()) / top, dim=1)
+        over = (scaled > limit / top).nonzero()
         if not over.numel():
             return
         i = int(over[0, 0])
-    raise ValueError(f"{name}: row {i} has norm {float(norms[i]):.3g}, above {limit:.3g} (2^{int(math.log2(limit))}): "
+    raise ValueError(f"{name}: row {i} has norm {float(scaled[i]) * top:.3g}, above {limit:.3g} (2^{int(math.log2(limit))}): "
                      f"its squared distances overflow {str(dtype)[6:]} (||x||^2 + ||y||^2 - 2 x.y); scale the rows down"
                      + (" or pass float64 rows" if dtype != torch.float64 else ""))
 

@@ -2046,6 +2046,22 @@ MUTANTS: Tuple[Mutant, ...] = (
            "    if isinstance(e, BrokenPipeError) and e.strerror:",
            "    if isinstance(e, BrokenPipeError) and not e.strerror:",
            ("tests/train/test_train_user_errors.py::test_output_whose_reader_has_gone_is_said",)),
+    Mutant("check_backend_no_gpu_reason", "daal_triton/train/config.py",
+           "    reason = triton_reason(device, forced=True)",
+           "    reason = \"\"",
+           ("tests/train/test_train_user_errors.py::test_a_forced_triton_backend_the_gpu_cannot_run_is_refused_up_front",)),
+    Mutant("read_json_set_blocking_always", "daal_triton/train/files.py",
+           "        if stat.S_ISFIFO(mode) and hasattr(os, \"set_blocking\"):",
+           "        if True:",
+           ("tests/train/test_train_user_errors.py::test_settings_files_are_read_where_os_has_no_set_blocking",)),
+    Mutant("distance_range_float64_copy", "daal_triton/validation.py",
+           "(t.double() if t.dtype == torch.float64 else t.float())",
+           "t.double()",
+           ("tests/package/test_validation.py::test_rows_whose_squared_distances_overflow_are_named",)),
+    Mutant("study_forward_unsupported_signal", "daal_triton/train/study.py",
+           "                except ValueError:  # Windows sends no SIGINT",
+           "                except TypeError:  # Windows sends no SIGINT",
+           ("tests/train/test_train_study.py::test_a_study_stopped_by_sigterm_stops_its_running_cell",)),
 )
 
 

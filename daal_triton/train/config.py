@@ -355,10 +355,19 @@ def checked_device(name: str) -> torch.device:
 
 
 def check_backend(flag: str, backend: str, device: torch.device) -> None:
-    """The Triton backends run on CUDA devices; on the CPU Triton has only its interpreter."""
-    if backend == "triton" and device.type != "cuda":
+    """The Triton backends run on CUDA devices (on the CPU Triton has only its interpreter), and
+    not on every one: ROCm, no Triton installed (Windows' CUDA wheels), a Triton or GPU too old
+    (``daal_triton.backend.triton_reason``; these failed mid-run with a traceback)."""
+    if backend != "triton":
+        return
+    if device.type != "cuda":
         raise ConfigError(f"{flag} triton needs a CUDA device, and this run uses {device.type} "
                           f"(use auto or reference)")
+    from daal_triton.backend import triton_reason
+
+    reason = triton_reason(device, forced=True)
+    if reason:
+        raise ConfigError(f"{flag} triton cannot run on {device}: {reason} (use auto or reference)")
 
 
 #: Where --overwrite keeps the run it replaces until the new one has finished (or stopped before

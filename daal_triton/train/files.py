@@ -140,7 +140,8 @@ def read_json(path: str) -> Any:
         mode = os.fstat(fd).st_mode  # what was opened (the path may have changed since)
         if not (stat.S_ISREG(mode) or stat.S_ISFIFO(mode)):
             raise OSError(errno.EINVAL, f"{_kind(path, mode)}, not a file", path)
-        os.set_blocking(fd, True)  # a pipe's writer may be slow; one that never wrote reads as the end
+        if stat.S_ISFIFO(mode) and hasattr(os, "set_blocking"):  # Windows: no set_blocking (to 3.11), no FIFOs
+            os.set_blocking(fd, True)  # a pipe's writer may be slow; one that never wrote reads as the end
         chunks, size = [], 0
         while size <= MAX_JSON_BYTES:
             chunk = os.read(fd, MAX_JSON_BYTES + 1 - size)

@@ -1042,7 +1042,10 @@ def _run_cells(todo: List[Dict[str, Any]], out: str, jobs: int, threads: int, pr
         with _RUNNING_LOCK:
             _STOPPING.set()
             for proc in _RUNNING:
-                proc.send_signal(stop)
+                try:
+                    proc.send_signal(stop)
+                except ValueError:  # Windows sends no SIGINT (its console's Ctrl-C reached the cells)
+                    pass
 
     _STOPPING.clear()
     ON_STOP.append(_mark_stopping)

@@ -137,6 +137,13 @@ def test_rows_whose_squared_distances_overflow_are_named(backend, dtype):
     big[5] *= 1.01
     raises(r"query: row 5 has norm 4.6\de\+18, above 4.61e\+18 \(2\^62\): its squared distances overflow float32",
            dt.knn, big.to(dtype), x.to(dtype), 2, backend=backend)
+    from daal_triton import validation  # no float64 copy of float32 rows (MPS has none: a TypeError there)
+    double = torch.Tensor.double
+    try:
+        torch.Tensor.double = lambda self: pytest.fail("a float64 copy of the rows")
+        raises(r"y: row 5 has norm 4.6\de\+18", validation.check_distance_range, big.to(dtype), "y", torch.float32)
+    finally:
+        torch.Tensor.double = double
     raises("ref: row 5 has norm", dt.knn, x.to(dtype), big.to(dtype), 2, backend=backend)
     raises("y: row 5 has norm", dt.pairwise_distance, x.to(dtype), big.to(dtype), backend=backend)
     xs = x.to(dtype).requires_grad_()

@@ -696,3 +696,36 @@ def test_a_k_the_batch_cannot_give_is_said(tmp_path, capsys):
                         ("a", ["--resume", str(tmp_path / "a" / "checkpoint_last.pt"), "--epochs", "2"])):
         assert cli.main(TINY + flags + ["--out", str(tmp_path / name)]) == 0, flags
         assert "DAAL's k" not in capsys.readouterr().out, flags
+
+
+def test_settings_files_are_read_where_os_has_no_set_blocking(tmp_path, monkeypatch):
+    """Windows' Python (up to 3.11) has no ``os.set_blocking``: ``read_json`` called it for every
+    file, and ``--config``, an in-place ``--resume`` and ``daal-study --file`` ended in a traceback
+    there (a portability probe, 2026-12-07). A regular file needs none; a pipe still gets it."""
+    from daal_triton.train import files
+
+    good = tmp_path / "c.json"
+    good.write_text('{"epochs": 2}')
+    monkeypatch.delattr(os, "set_blocking")
+    assert files.read_json(str(good)) == {"epochs": 2}
+
+
+@pytest.mark.parametrize("why, words", [("rocm", "ROCm GPUs run the reference backend"),
+                                        ("no-triton", "triton is not installed")])
+def test_a_forced_triton_backend_the_gpu_cannot_run_is_refused_up_front(monkeypatch, why, words):
+    """``--loss-backend triton`` / ``--knn-backend triton`` on a CUDA device that cannot run the
+    kernels (ROCm; Windows' CUDA wheels, which bring no Triton) was accepted, and the run failed
+    mid-way with a traceback after writing its first files (a portability probe, 2026-12-07)."""
+    from daal_triton import backend
+    from daal_triton.train import config
+
+    if why == "rocm":
+        monkeypatch.setattr(torch.version, "hip", "6.2", raising=False)
+    else:
+        monkeypatch.setattr(backend, "triton_available", lambda: False)
+    gpu = torch.device("cuda", 0)
+    for flag in ("--loss-backend", "--knn-backend"):
+        with pytest.raises(config.ConfigError, match=f"{flag} triton cannot run on cuda:0: {words}"):
+            config.check_backend(flag, "triton", gpu)
+        config.check_backend(flag, "auto", gpu)  # the reference there
+        config.check_backend(flag, "reference", gpu)
