@@ -118,13 +118,18 @@ def miner_weights(indices_tuple: Sequence[torch.Tensor], batch_size: int, *,
     return counts / counts.max().clamp_min(1)  # no index inside the batch (unchecked): all weights 0
 
 
-def _same_tensor(a: Optional[torch.Tensor], b: torch.Tensor) -> bool:
-    """``a`` is ``b``, or another tensor object over the same memory with the same shape, strides,
-    dtype and gradient requirement: a module's full backward hook hands ``forward`` new objects for
-    its inputs, and ``ref_emb=embeddings`` silently became a reference set, each sample its own
-    neighbour (a user-loop probe, 2026-12-07). A copy (``.clone()``) or ``.detach()`` is another tensor."""
+def _same_tensor(a: Optional[torch.Tensor], b: torch.Tensor, hooked: bool) -> bool:
+    """``a`` is ``b``, or (``hooked``: a module's full backward hook may have handed ``forward``
+    new objects for its positional inputs) another tensor object over the same memory with the
+    same shape, strides, dtype and gradient requirement: under such a hook ``ref_emb=embeddings``
+    silently became a reference set, each sample its own neighbour (a user-loop probe, 2026-12-07).
+    A copy (``.clone()``) or a ``.detach()`` is another tensor: without the hook's condition
+    (:func:`_hook_may_wrap`) a detached view of grad-free embeddings was taken for them, and the
+    same call's loss differed between training and evaluation (a probe, 2026-12-07)."""
     if a is b:
         return True
+    if not hooked:
+        return False
     if not isinstance(a, torch.Tensor) or a.device != b.device or a.device.type == "meta" or _is_tracing():
         return False  # torch.compile keeps the objects (and traces no data_ptr)
     if any(t.layout != torch.strided or t.is_nested for t in (a, b)):  # no strides: checked as the argument it is
@@ -135,6 +140,12 @@ def _same_tensor(a: Optional[torch.Tensor], b: torch.Tensor) -> bool:
         return a.data_ptr() == b.data_ptr() != 0
     except (RuntimeError, NotImplementedError):  # no storage (a fake or functional tensor): not the same
         return False
+
+
+def _hook_may_wrap(*tensors: Optional[torch.Tensor]) -> bool:
+    """Whether a module's full backward hook hands ``forward`` new objects for its tensor inputs:
+    with gradients enabled and an input that requires one (``torch.utils.hooks.BackwardHook``)."""
+    return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
 
 
 class DAALLoss(nn.Module):
@@ -282,7 +293,8 @@ class DAALLoss(nn.Module):
         (see ``daal_triton.daal_loss``). ``ref_emb`` that *is* ``embeddings`` (the same tensor,
         with ``ref_labels`` None or ``labels`` itself, or another tensor object over the same memory,
         as a module hook hands ``forward``) means no reference set, as in pytorch-metric-learning."""
-        if _same_tensor(ref_emb, embeddings) and (ref_labels is None or _same_tensor(ref_labels, labels)):
+        hooked = _hook_may_wrap(embeddings, ref_emb)
+        if _same_tensor(ref_emb, embeddings, hooked) and (ref_labels is None or _same_tensor(ref_labels, labels, hooked)):
             ref_emb = ref_labels = None
             ref_includes_batch = False  # "the reference set starts with the batch": it is the batch
         weights = None

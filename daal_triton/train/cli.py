@@ -272,6 +272,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
+    threads = _threads()
     try:
         args = parser.parse_args(argv)
         given = given_flags(parser, argv)
@@ -309,6 +310,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"daal-train: {_rank()}{str(e) or f'interrupted ({stop_name()}) before the run started: nothing was written'}",
               file=sys.stderr)
         return 130
+    finally:
+        _threads(threads)
     return 0
 
 
@@ -374,6 +377,17 @@ def memory_message(e: BaseException) -> str:
 MAX_THREADS = 4096
 
 
+def _threads(put_back: Optional[int] = None) -> int:
+    """PyTorch's CPU thread count, after putting back ``put_back`` (the caller's, when a program
+    run in-process ends: ``--threads`` sets it for the whole process, and a notebook's next run
+    without ``--threads`` ran on the last one's; a probe, 2026-12-07)."""
+    import torch
+
+    if put_back is not None and torch.get_num_threads() != put_back:
+        torch.set_num_threads(put_back)
+    return torch.get_num_threads()
+
+
 def _set_threads(n: Optional[int], program: str = "daal-train") -> None:
     from .ddp import ConfigError
     from .devices import available_cpus
@@ -427,6 +441,7 @@ def eval_main(argv: Optional[List[str]] = None) -> int:
     from .data import DatasetLayoutError
     from .ddp import ConfigError
 
+    threads = _threads()
     try:
         args = build_eval_parser().parse_args(argv)
         _evaluate_checkpoint(args)  # prints the table, writes eval.json (and the plot)
@@ -448,6 +463,8 @@ def eval_main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:
         print(f"daal-eval: interrupted ({stop_name()})", file=sys.stderr)
         return 130
+    finally:
+        _threads(threads)
     return 0
 
 

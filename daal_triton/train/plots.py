@@ -3,8 +3,9 @@ record modes, a second panel coloured by mode), and the training curves (loss, R
 from __future__ import annotations
 
 import os
+import sys
 from contextlib import contextmanager
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -13,23 +14,49 @@ from .data.base import Labels
 from .files import unlink_if_link
 
 
-def _pyplot():
-    # the programs write files only: a display backend is never needed, and a bad MPLBACKEND (read
-    # by matplotlib's import) dropped every plot of a finished run with a warning that did not name it
-    before = os.environ.get("MPLBACKEND")
-    os.environ["MPLBACKEND"] = "Agg"
+def _matplotlib():
+    """``matplotlib``, imported whatever MPLBACKEND says: its import refused a bad one, and every
+    plot of a finished run was lost with a warning that did not name it (a probe, 2026-12-06). A
+    valid one is set as matplotlib's import sets it (an in-process caller's: a notebook's)."""
+    if "matplotlib" in sys.modules:
+        return sys.modules["matplotlib"]
+    before = os.environ.pop("MPLBACKEND", None)
     try:
         import matplotlib
     finally:  # the process's environment as it was (an in-process caller, child processes)
-        if before is None:
-            del os.environ["MPLBACKEND"]
-        else:
+        if before is not None:
             os.environ["MPLBACKEND"] = before
+    if before is not None:
+        try:
+            matplotlib.rcParams["backend"] = before
+        except ValueError:  # not a backend: matplotlib's own choice stands (the plots need none)
+            pass
+    return matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    return plt
+def figure(nrows: int = 1, ncols: int = 1, *, figsize: Tuple[float, float], squeeze: bool = True):
+    """``(fig, axes)`` as ``pyplot.subplots`` makes them, without pyplot: a bare ``Figure``, drawn
+    by Agg when saved (:func:`save`). No backend is chosen for the process and no figure is kept
+    in pyplot's list: ``matplotlib.use("Agg")`` had changed an in-process caller's backend (a
+    notebook lost its inline plots; a probe, 2026-12-07)."""
+    _matplotlib()
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(nrows, ncols, squeeze=squeeze)
+
+
+def colormap(name: str):
+    """Matplotlib's colormap ``name`` (``tab10``, ``tab20``)."""
+    return _matplotlib().colormaps[name]
+
+
+def save(fig, path: str, dpi: int = 110) -> str:
+    """Write ``fig`` (:func:`figure`) as a PNG at ``path``: a link there is replaced, not written
+    through."""
+    unlink_if_link(path)
+    fig.savefig(path, dpi=dpi)
+    return path
 
 
 @contextmanager
@@ -92,7 +119,6 @@ def tsne_plot(emb, labels: Labels, path: str, *, modes: Optional[Labels] = None,
               max_points: int = 2000, seed: int = 0, title: str = "", progress: bool = False) -> str:
     """Save a t-SNE PNG of ``emb`` coloured by class (left) and by mode (right, when given);
     ``progress``: a bar while the t-SNE runs."""
-    plt = _pyplot()
     emb = emb.detach().float().cpu().numpy() if isinstance(emb, torch.Tensor) else np.asarray(emb)
     labels = np.asarray(labels)
     sel = np.arange(len(labels))
@@ -104,10 +130,10 @@ def tsne_plot(emb, labels: Labels, path: str, *, modes: Optional[Labels] = None,
     panels = [("class", y, class_names)]
     if modes is not None:
         panels.append(("mode", np.asarray(modes)[sel], mode_names))
-    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 6), squeeze=False)
+    fig, axes = figure(1, len(panels), figsize=(6.5 * len(panels), 6), squeeze=False)
     for ax, (what, c, names) in zip(axes[0], panels):
         n = int(c.max()) + 1 if len(c) else 1
-        cmap = plt.get_cmap("tab20" if n > 10 else "tab10")
+        cmap = colormap("tab20" if n > 10 else "tab10")
         for v in range(n):
             m = c == v
             if m.any():
@@ -121,17 +147,13 @@ def tsne_plot(emb, labels: Labels, path: str, *, modes: Optional[Labels] = None,
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    unlink_if_link(path)  # a link there: replaced, not written through
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, path)
 
 
 def training_curves(history: List[Dict[str, Any]], path: str) -> str:
     """Save the training loss and held-out Recall@1 per epoch (from metrics.jsonl records)."""
-    plt = _pyplot()
     tr = [r for r in history if r.get("model") == "trained"]
-    fig, ax1 = plt.subplots(figsize=(6, 4))
+    fig, ax1 = figure(figsize=(6, 4))
     ep = [r["epoch"] for r in tr if "train_loss" in r]
     ax1.plot(ep, [r["train_loss"] for r in tr if "train_loss" in r], "o-", color="tab:blue", label="train loss")
     ax1.set_xlabel("epoch")
@@ -157,7 +179,4 @@ def training_curves(history: List[Dict[str, Any]], path: str) -> str:
     # above the axes, in one row: inside, it covered the curves or the tick labels
     fig.legend(handles=handles, loc="upper center", ncol=len(handles), fontsize=7, frameon=False)
     fig.tight_layout(rect=(0, 0, 1, 0.94))
-    unlink_if_link(path)  # as for the t-SNE
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, path)

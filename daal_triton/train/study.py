@@ -37,8 +37,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 from .config import SEED_LIMIT, _check_writable  # daal-train's bound on --seed; --out's check
 from .console import ON_STOP, stop_name
-from .files import (append_line, loads_json, open_here, os_message, read_json, unlink_if_link,
-                    write_text_atomically)
+from .files import append_line, loads_json, open_here, os_message, read_json, write_text_atomically
 from .log import plural
 
 EXAMPLE = """\
@@ -483,22 +482,14 @@ def markdown_table(records: List[Dict[str, Any]], configs: Sequence[str], *, com
 
 # ----------------------------------------------------------------------------- plots
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_metrics(records: List[Dict[str, Any]], configs: Sequence[str], path: str) -> str:
     """Bars of the mean per configuration and metric, 95% CI error bars, each run as a dot."""
-    plt = _pyplot()
+    from .plots import colormap, figure, save
+
     keys = [k for k in KEY_METRICS if any(k in r.get("metrics", {}) for r in records)]
     st = stats_by_config(records, configs, keys)
-    fig, axes = plt.subplots(1, len(keys), figsize=(3.6 * len(keys), 4.2), squeeze=False)
-    cmap = plt.get_cmap("tab10")
+    fig, axes = figure(1, len(keys), figsize=(3.6 * len(keys), 4.2), squeeze=False)
+    cmap = colormap("tab10")
     for ax, k in zip(axes[0], keys):
         for i, c in enumerate(configs):
             s = st[c][k]
@@ -510,17 +501,15 @@ def plot_metrics(records: List[Dict[str, Any]], configs: Sequence[str], path: st
         ax.set_xticklabels([_shown(c) for c in configs], rotation=45, ha="right", fontsize=7)
         ax.set_title(f"{LABELS[k]} (mean, 95% CI)", fontsize=9)
     fig.tight_layout()
-    unlink_if_link(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, path)
 
 
 def plot_tradeoff(records: List[Dict[str, Any]], configs: Sequence[str], path: str) -> str:
     """Held-out Recall@1 against sub-cluster NMI, one point per run, one colour per configuration."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.5, 4.8))
-    cmap = plt.get_cmap("tab10")
+    from .plots import colormap, figure, save
+
+    fig, ax = figure(figsize=(6.5, 4.8))
+    cmap = colormap("tab10")
     for i, c in enumerate(configs):
         rs = [r for r in records if r["config"] == c and "subcluster_nmi" in r["metrics"]]
         ax.scatter([r["metrics"]["subcluster_nmi"] for r in rs], [r["metrics"]["recall@1"] for r in rs],
@@ -530,10 +519,7 @@ def plot_tradeoff(records: List[Dict[str, Any]], configs: Sequence[str], path: s
     ax.legend(fontsize=7, loc="best")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    unlink_if_link(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, path)
 
 
 def embed_run(d: str) -> Tuple[Any, Any, Any, Optional[List[str]]]:
@@ -563,14 +549,13 @@ def plot_tsne(panels: List[Tuple[str, Any, Any, Any, Optional[List[str]]]], path
     """t-SNE panels side by side (title, embeddings, labels, modes, mode names), coloured by mode."""
     import numpy as np
 
-    from .plots import tsne_2d
+    from .plots import colormap, figure, save, tsne_2d
 
-    plt = _pyplot()
     n = len(panels)
     cols = min(n, 4)
     rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 4 * rows), squeeze=False)
-    cmap = plt.get_cmap("tab10")
+    fig, axes = figure(rows, cols, figsize=(4 * cols, 4 * rows), squeeze=False)
+    cmap = colormap("tab10")
     for ax in axes.flat:
         ax.set_axis_off()
     for ax, (title, emb, labels, modes, names) in zip(axes.flat, panels):
@@ -587,10 +572,7 @@ def plot_tsne(panels: List[Tuple[str, Any, Any, Any, Optional[List[str]]]], path
     axes.flat[0].legend(fontsize=7, markerscale=3, loc="best", title="mode")
     fig.suptitle("held-out classes, t-SNE coloured by mode (one seed per configuration)")
     fig.tight_layout()
-    unlink_if_link(path)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save(fig, path, dpi=100)
 
 
 # ----------------------------------------------------------------------------- running

@@ -177,6 +177,13 @@ def test_ref_emb_that_is_the_batch_stays_so_under_a_module_backward_hook():
     assert len(seen) == 2
     assert loss(e, y, None, e.clone(), y).item() != plain.item()
     assert loss(e, y, None, e.detach(), y).item() != plain.item()  # no gradient through it: a reference set
+    # without gradients, a detached view of the embeddings is another tensor too: the loss was the
+    # batch's alone, unlike the same call in training (a probe, 2026-12-07)
+    d = e.detach()
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad):
+            assert loss(d, y, None, d.detach(), y).item() == loss(d, y, None, d.clone(), y).item() != plain.item()
+            assert loss(d, y, None, d, y).item() == plain.item()
 
 
 def test_module_errors_name_its_arguments():

@@ -233,6 +233,23 @@ def test_more_threads_than_cores_is_said(tmp_path, capsys, monkeypatch, keep_thr
     assert "--threads" not in capsys.readouterr().out
 
 
+def test_an_in_process_run_leaves_the_callers_threads(trained, tmp_path, keep_threads):
+    """``--threads`` sets torch's thread count for the whole process: an in-process caller's next
+    run without it ran on the last one's (and its resume line said ``--threads 1``; a probe,
+    2026-12-07). daal-train and daal-eval put the caller's back when they end, whatever the end."""
+    import torch
+
+    torch.set_num_threads(2)
+    flags = TINY + ["--epochs", "1", "--no-tsne", "--no-baselines", "--eval-every", "0", "--save", "none"]
+    assert cli.main(flags + keep_threads + ["--out", str(tmp_path / "a")]) == 0
+    assert torch.get_num_threads() == 2
+    assert cli.main(flags + keep_threads + ["--lr", "-1", "--out", str(tmp_path / "b")]) == 2
+    assert torch.get_num_threads() == 2
+    assert cli.eval_main([os.path.join(trained, "checkpoint_last.pt"), "--out", str(tmp_path / "ev"), "--no-progress",
+                          "--no-tsne"] + keep_threads) == 0
+    assert torch.get_num_threads() == 2
+
+
 def test_the_epoch_bar_is_cleared_on_ctrl_c_and_shows_the_rate_used(monkeypatch):
     """A Ctrl-C (or a divergence) mid-epoch clears the bar before the program says why it stopped
     (the message was glued to the bar's line); the bar's ``lr`` is the rate the last step used, not

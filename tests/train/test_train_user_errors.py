@@ -489,19 +489,32 @@ def test_sizes_the_machine_cannot_hold_are_one_line(tmp_path, monkeypatch, error
             cli.main(TINY + ["--out", str(tmp_path / "n")])
 
 
-def test_a_bad_mplbackend_does_not_drop_the_plots():
+@pytest.mark.parametrize("mplbackend, kept", [("nonsense", "agg"), ("svg", "svg"), (None, "svg")])
+def test_a_bad_mplbackend_does_not_drop_the_plots(tmp_path, mplbackend, kept):
     """``MPLBACKEND=nonsense`` made matplotlib's import fail, and a finished run lost every plot with
     a warning that did not name the variable (a probe, 2026-12-06): the programs write files only,
-    and draw with Agg whatever the environment says (which they leave as it was)."""
+    and draw with Agg whatever the environment says (which they leave as it was). A caller's own
+    backend, set by MPLBACKEND or by ``matplotlib.use`` (None here: ``svg`` set in-process, as a
+    notebook sets its inline one), stays its own: ``matplotlib.use("Agg")`` had replaced it (a
+    probe, 2026-12-07)."""
     import subprocess
     import sys
 
-    code = ("import os; from daal_triton.train import plots; "
-            "print(plots._pyplot().get_backend(), os.environ['MPLBACKEND'])")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                       env=dict(os.environ, MPLBACKEND="nonsense"))
+    png = tmp_path / "curves.png"
+    code = ("import os, sys\n"
+            + ("import matplotlib\nmatplotlib.use('svg')\n" if mplbackend is None else "")
+            + "from daal_triton.train import plots\n"
+            f"plots.training_curves([{{'model': 'trained', 'epoch': 1, 'train_loss': 0.5, 'recall@1': 0.25}}], {str(png)!r})\n"
+            "print(sys.modules['matplotlib'].get_backend(), os.environ.get('MPLBACKEND'))")
+    env = dict(os.environ)
+    env.pop("MPLBACKEND", None)
+    if mplbackend is not None:
+        env["MPLBACKEND"] = mplbackend
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert r.stdout.lower().split() == ["agg", "nonsense"]  # and the environment left as it was
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the caller's backend kept, and the environment left as it was
+    assert r.stdout.lower().split() == [kept, str(mplbackend).lower()], r.stdout
 
 
 def test_ctrl_c_before_the_run_starts_says_so(tmp_path, monkeypatch, capsys):
