@@ -163,9 +163,10 @@ def refuse_vmap(function: str, why: str = "its checks and the kNN selection are 
     problems is a loop (``torch.stack([f(e) for e in batch])``). ``grad``/``vjp``/``jacrev`` run
     on the reference. ``why``: what in ``function`` reads values."""
     if _vmap_active():
-        raise NotImplementedError(f"{function} cannot run under torch.func.vmap ({why}): call it once per "
-                                  "problem in a loop, torch.stack([... for ... in batch]); torch.func.grad, vjp "
-                                  "and jacrev work")
+        raise NotImplementedError(f"{function} cannot run under torch.func.vmap ({why}), which jacfwd and "
+                                  "hessian use too: call it once per problem in a loop, torch.stack([... for ... in "
+                                  "batch]); torch.func.grad, vjp and jacrev work (a Hessian: jacrev(jacrev(f)) or "
+                                  "torch.autograd.functional.hessian)")
 
 
 def triton_reason(device: torch.device, dtype: torch.dtype = torch.float32, *, forced: bool = False,

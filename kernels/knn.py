@@ -1467,7 +1467,7 @@ def _knn(query, ref, k, *, query_labels=None, ref_labels=None, exclude_self=Fals
     if query.ndim != 2 or ref.ndim != 2 or query.shape[1] != ref.shape[1]:
         raise ValueError(f"query and ref must be M x D and N x D, got {tuple(query.shape)} and {tuple(ref.shape)}")
     compute_dtype("knn", query, ref)
-    if ref.shape[0] >= 2**31:
+    if not isinstance(ref.shape[0], torch.SymInt) and ref.shape[0] >= 2**31:  # export: no guard on N (< 2^31)
         raise ValueError(f"ref has {ref.shape[0]} rows; the kernel's column indices are int32 (< 2^31)")
     limit = min(query.shape[0], ref.shape[0])
     if (isinstance(batch_rows, bool) or not isinstance(batch_rows, (int, torch.SymInt))

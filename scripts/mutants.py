@@ -2074,6 +2074,10 @@ MUTANTS: Tuple[Mutant, ...] = (
            "    _matplotlib()\n    from matplotlib.figure import Figure",
            "    _matplotlib().use(\"Agg\")\n    from matplotlib.figure import Figure",
            ("tests/train/test_train_user_errors.py::test_a_bad_mplbackend_does_not_drop_the_plots",)),
+    Mutant("knn_row_check_guards_export", "kernels/knn.py",
+           "if not isinstance(ref.shape[0], torch.SymInt) and ref.shape[0] >= 2**31:",
+           "if ref.shape[0] >= 2**31:",
+           ("tests/package/test_fast_path.py::test_export_with_a_dynamic_batch",)),
 )
 
 

@@ -420,7 +420,8 @@ def test_export_with_a_dynamic_batch(backend):
     torch.manual_seed(0)
     step = Step().to(DEV)
     low = 3 if backend == "triton" else 2  # k = 3: the kernels specialise min(k, B)
-    batch = torch.export.Dim("batch", min=low, max=64)
+    # no upper bound (the kNN's int32 check was a guard N <= 2^31 - 1 that export refused: a probe, 2026-12-07)
+    batch = torch.export.Dim("batch", min=low)
     e, lab = torch.randn(16, 6, device=DEV), torch.arange(16, device=DEV) % 3
     program = torch.export.export(step, (e, lab), dynamic_shapes=({0: batch}, {0: batch}))
     for n in (16, 11, 4, 3, low):
