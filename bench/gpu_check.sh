@@ -120,13 +120,42 @@ step() {
   echo "{\"step\": \"$name\", \"rc\": $rc, \"seconds\": $(( $(date +%s) - start )), \"limit\": $limit}" >> "$STEPS"
   echo "   exit $rc after $(( $(date +%s) - start )) s; last lines of $name.log:"
   tail -n 5 "$OUT/$name.log" | sed 's/^/   | /'
+  pack
   return $rc
 }
+
+# This workplace's device tool returns at most 8 files of OUTDIR, the first 8 by name (2026-12-04: a run's
+# records, report and probe did not come back): one archive of the whole run, named to sort first,
+# brings it all. To commit the run, unpack it into bench/results/<date>-<gpu>/ (not the archive itself):
+# python bench/file_run.py FILES_AT does it, with the folder's README and bench/README.md.
+# It is packed again after every step and when the script is stopped (a run killed at the device's
+# limit had packed nothing: every measurement lost; a filing probe, 2026-12-07), ~100 KB each time.
+ARCHIVE=0-all-files.tar.gz
+pack() {
+  # (written beside, then moved in: an archive growing inside the folder it packs makes tar report
+  # "file changed as we read it"; tar's exit 1 is that warning, 2 a failure)
+  local part
+  part=$(mktemp "${TMPDIR:-/tmp}/gpu_check_archive.XXXXXX") || return 0
+  tar czf "$part" -C "$OUT" --exclude="./$ARCHIVE" . 2>/dev/null
+  if [ $? -le 1 ] && mv "$part" "$OUT/$ARCHIVE"; then :; else
+    rm -f "$part"; echo "gpu_check: could not write $OUT/$ARCHIVE" >&2
+  fi
+}
+stopped() {  # SIGTERM/SIGINT/SIGHUP to this script: what was recorded is packed, then the temporary folder goes
+  echo "{\"step\": \"stopped\", \"rc\": null, \"seconds\": $(elapsed), \"note\": \"gpu_check.sh stopped by $1\"}" >> "$STEPS"
+  pack
+  rm -rf "$TMP" 2>/dev/null
+  exit "$2"
+}
+trap 'stopped SIGTERM 143' TERM
+trap 'stopped SIGINT 130' INT
+trap 'stopped SIGHUP 129' HUP
 
 min() { if [ "$1" -lt "$2" ]; then echo "$1"; else echo "$2"; fi; }
 
 echo "gpu_check: repo $REPO, output $OUT, python $PY, budget ${TOTAL} s, profile $PROFILE"
 (command -v nvidia-smi >/dev/null && timeout 20 nvidia-smi) > "$OUT/nvidia-smi.txt" 2>&1 || true
+pack
 
 # ------------------------------------------------------------------ 1. install
 verify_import() {  # verify_import [PYTHONPATH]
@@ -230,6 +259,7 @@ except Exception:
 print(json.dumps(env, indent=1))
 EOF
 cat "$OUT/env.json"
+pack
 
 # ------------------------------------------------------------------ 2. parity tests
 if [ "$INSTALL" != failed ]; then
@@ -267,7 +297,7 @@ if [ "$INSTALL" != failed ]; then
 
   # ---------------------------------------------------------------- 4. probe, kNN and line-margin block sizes
   # Without a GPU (a rehearsal of this script on a CPU) all three run in their --smoke modes.
-  SMOKE=$("$PY" -c 'import torch; print("" if torch.cuda.is_available() else "--smoke")' 2>/dev/null)
+  SMOKE=$(timeout -k 5 60 "$PY" -c 'import torch; print("" if torch.cuda.is_available() else "--smoke")' 2>/dev/null)
   if [ "$PROBE_S" -gt 0 ]; then
     if [ -n "$SMOKE" ]; then PROBE_ENV=(env TRITON_INTERPRET=1); else PROBE_ENV=(); fi
     step probe "$(min "$PROBE_S" $(( $(left) - 25 - TUNE_S - TUNE_KNN_S - BUILD_S - KERNEL_S )))" ${PROBE_ENV[@]+"${PROBE_ENV[@]}"} \
@@ -306,18 +336,7 @@ fi
 # ------------------------------------------------------------------ 6. report
 step report 30 "$PY" bench/report.py "$OUT" -o "$OUT/report.md"
 [ -f "$OUT/report.md" ] && sed -n '1,60p' "$OUT/report.md"
-# This workplace's device tool returns at most 8 files of OUTDIR, the first 8 by name (2026-12-04: a run's
-# records, report and probe did not come back): one archive of the whole run, named to sort first,
-# brings it all. To commit the run, unpack it into bench/results/<date>-<gpu>/ (not the archive itself):
-# python bench/file_run.py FILES_AT does it, with the folder's README and bench/README.md.
-ARCHIVE=0-all-files.tar.gz
-# (written beside, then moved in: an archive growing inside the folder it packs makes tar report
-# "file changed as we read it"; tar's exit 1 is that warning, 2 a failure)
-PART=$(mktemp "${TMPDIR:-/tmp}/gpu_check_archive.XXXXXX")
-tar czf "$PART" -C "$OUT" --exclude="./$ARCHIVE" .
-if [ $? -le 1 ] && mv "$PART" "$OUT/$ARCHIVE"; then :; else
-  rm -f "$PART"; echo "gpu_check: could not write $OUT/$ARCHIVE" >&2
-fi
+trap - TERM INT HUP  # (the report step packed the whole run)
 echo "gpu_check: done in $(elapsed) s (install: $INSTALL, status $STATUS); report: $OUT/report.md"
 rm -rf "$TMP" 2>/dev/null || true
 exit $STATUS

@@ -673,6 +673,42 @@ def test_gpu_check_refuses_a_folder_that_holds_a_run(tmp_path, left):
     assert sorted(p.name for p in tmp_path.iterdir()) == [left]
 
 
+@pytest.mark.skipif(shutil.which("bash") is None, reason="no bash")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CPU rehearsal")
+def test_a_stopped_gpu_check_still_packs_its_run(tmp_path):
+    """The archive was written once, at the very end: a run the device tool stopped at its limit
+    brought back no archive, and the 8 loose files it did bring back (the first by name) missed
+    records.jsonl and steps.json (a filing probe, 2026-12-07). It is packed after every step and
+    when the script is stopped (here SIGTERM to its process group during the first test step)."""
+    import signal
+    import time
+
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHON=sys.executable, DAAL_CHECK_INSTALL="0", DAAL_CHECK_K="nothing_matches",
+               TMPDIR=str(tmp_path))
+    proc = subprocess.Popen(["bash", os.path.join(HERE, "gpu_check.sh"), str(out)], env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while not (out / "gpu_tests.log").exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.2)
+        assert proc.poll() is None and (out / "gpu_tests.log").exists(), "the first test step did not start"
+        archive = out / "0-all-files.tar.gz"
+        with tarfile.open(archive) as tar:  # packed already once env.json was written
+            assert "./env.json" in tar.getnames()
+        os.killpg(proc.pid, signal.SIGTERM)
+        assert proc.wait(timeout=60) == 143
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    with tarfile.open(archive) as tar:
+        names = set(tar.getnames())
+        steps = [json.loads(line) for line in tar.extractfile("./steps.json").read().decode().splitlines()]
+    assert {"./env.json", "./nvidia-smi.txt", "./steps.json", "./gpu_tests.log"} <= names, names
+    assert steps[-1]["step"] == "stopped" and "SIGTERM" in steps[-1]["note"], steps
+    assert not list(tmp_path.glob("daal_gpu_check.*")) and not list(tmp_path.glob("gpu_check_archive.*"))
+
+
 def _tail(path, chars: int = 1500) -> str:
     """The end of a step's log (what a failed step said), or a note that there is none."""
     return path.read_text(errors="replace")[-chars:] if path.exists() else f"(no {path.name})"
