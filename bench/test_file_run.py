@@ -17,10 +17,10 @@ import report  # noqa: E402
 ROOT = os.path.dirname(HERE)
 
 
-def _outdir(tmp_path, digest, steps=(("gpu_tests", 0, 70, 118), ("bench", 1, 92, 123))):
+def _outdir(tmp_path, digest, steps=(("gpu_tests", 0, 70, 118), ("bench", 1, 92, 123)), sub="files_at"):
     """An OUTDIR as gpu_check.sh leaves it, archived as it archives it (``tar czf -C OUT .``)."""
-    out = tmp_path / "files_at"
-    run = tmp_path / "run"
+    out = tmp_path / sub
+    run = tmp_path / f"{sub}-run"
     run.mkdir()
     (run / "env.json").write_text(json.dumps({"date": "2026-12-05T10:00:00+00:00", "gpu": "NVIDIA H200",
                                               "torch": "2.11.0+cu130", "triton": "3.6.0",
@@ -46,8 +46,13 @@ def test_files_a_run_under_a_free_name_and_never_over_one(tmp_path, capsys):
     assert text.startswith("# 2026-12-05 (NVIDIA H200, torch 2.11.0+cu130, Triton 3.6.0)")
     assert "one call, 300 s" in text and "gpu_tests exit 0 in 70 s (limit 118)" in text
     assert "Not exit 0: bench" in text and "The code is this checkout's" in text and "`1e497c4`" in text
-    # a second run of the day: the next free name; a named folder that exists: refused, one line
-    assert file_run.main([str(out), "--results", str(results), "--no-readme"]) == 0
+    # the same run again: refused (one run read as two in bench/README.md: a filing probe,
+    # 2026-12-07), unless named; a second run of the day: the next free name
+    capsys.readouterr()
+    assert file_run.main([str(out), "--results", str(results), "--no-readme"]) == 2
+    assert "this run is filed already, as " + str(folder) in capsys.readouterr().err
+    second = _outdir(tmp_path, report.source_digest(ROOT), steps=(("gpu_tests", 0, 71, 118),), sub="second")
+    assert file_run.main([str(second), "--results", str(results), "--no-readme"]) == 0
     assert (results / "2026-12-05-h200-2" / "env.json").exists()
     capsys.readouterr()
     assert file_run.main([str(out), "--results", str(results), "--no-readme", "--name", "2026-12-05-h200"]) == 2
@@ -122,7 +127,7 @@ def test_a_run_filed_elsewhere_leaves_the_benchmarks_readme(tmp_path, monkeypatc
     calls = []
     monkeypatch.setattr(report, "main", lambda argv: calls.append(argv) or 0)
     out = _outdir(tmp_path, "0" * 64)
-    assert file_run.main([str(out), "--results", str(tmp_path / "results")]) == 0
+    assert file_run.main([str(out), "--results", str(tmp_path / "elsewhere")]) == 0
     assert calls == []
     monkeypatch.setattr(file_run, "HERE", str(tmp_path))  # the default folder is HERE/results
     assert file_run.main([str(out), "--results", str(tmp_path / "results")]) == 0
@@ -172,3 +177,76 @@ def test_a_run_whose_env_json_is_empty_is_named_from_its_records(tmp_path):
     assert file_run.main([redone, "--results", str(results), "--no-readme"]) == 0
     (folder,) = results.iterdir()  # the last env line's date, as the README's heading says
     assert folder.name == "2026-12-07-h200" and (folder / "README.md").read_text().startswith("# 2026-12-07 (NVIDIA H200")
+
+
+SMI = """Fri Dec  4 18:26:39 2026
++-----------------------------------------------------------------------------------------+
+| GPU  Name                 Persistence-M | Bus-Id          Disp.A | Volatile Uncorr. ECC |
+|=========================================+========================+======================|
+|   0  NVIDIA H200                    On  |   00000000:00:06.0 Off |                    0 |
+"""
+
+
+def test_loose_files_are_filed_when_no_archive_came_back(tmp_path, capsys):
+    """A run stopped before it packed brings back its first 8 files by name and no archive:
+    file_run.py refused them all ("no 0-all-files.tar.gz"), and the run was lost (a filing probe,
+    2026-12-07). They are filed as they are; the README says what is lost. Its env.json empty (a
+    hung env step), no records: the date and GPU come from nvidia-smi's table; a steps.json cut
+    short, with a step not run and no report step: said, not "Every step exit 0"."""
+    loose = tmp_path / "files_at"
+    loose.mkdir()
+    (loose / "env.json").write_text("")
+    (loose / "nvidia-smi.txt").write_text(SMI)
+    (loose / "gpu_tests.log").write_text("...\n")
+    (loose / "steps.json").write_text(json.dumps(dict(step="gpu_tests", rc=0, seconds=70, limit=118)) + "\n"
+                                      + json.dumps(dict(step="probe", rc=None, seconds=0, note="not run: out of time"))
+                                      + '\n{"step": "bench", "rc"')
+    results = tmp_path / "results"
+    assert file_run.main([str(loose), "--results", str(results), "--no-readme"]) == 0
+    (folder,) = results.iterdir()
+    assert folder.name == "2026-12-04-h200"
+    assert {p.name for p in folder.iterdir()} == {"env.json", "nvidia-smi.txt", "gpu_tests.log", "steps.json",
+                                                   "README.md"}
+    assert (folder / "steps.json").read_bytes() == (loose / "steps.json").read_bytes()
+    text = (folder / "README.md").read_text()
+    assert text.startswith("# 2026-12-04 (NVIDIA H200")
+    assert "No `0-all-files.tar.gz` came back" in text and "env.json, gpu_tests.log, nvidia-smi.txt, steps.json" in text
+    assert "probe not run (not run: out of time)" in text and "Not run: probe" in text
+    assert "1 line(s) of `steps.json` could not be read" in text and "end after `probe`, before the report" in text
+    assert "Every step exit 0" not in text
+    assert "it has no report.md" in capsys.readouterr().out
+    assert "unknown (env.json unreadable" in "\n".join(report.env_lines(report.load_run(str(folder))))
+    # a folder of other files is no run
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("x")
+    assert file_run.main([str(other), "--results", str(results), "--no-readme"]) == 2
+    assert "nor any of a run's files" in capsys.readouterr().err
+
+
+def test_a_run_of_uncommitted_code_is_not_credited_to_head(tmp_path, monkeypatch):
+    """The device tool sends uncommitted changes too: a run of them was "this checkout's (HEAD)"
+    (a filing probe, 2026-12-07)."""
+    monkeypatch.setattr(file_run, "_commit_digest", lambda rev: "1" * 64)  # HEAD's code differs
+    out = _outdir(tmp_path, report.source_digest(ROOT))
+    assert file_run.main([str(out), "--results", str(tmp_path / "results"), "--no-readme"]) == 0
+    text = (tmp_path / "results" / "2026-12-05-h200" / "README.md").read_text()
+    assert "this working tree's when filed, with changes not committed" in text and "checkout's" not in text
+
+
+def test_the_report_says_a_test_step_was_cut_and_orders_runs_by_date(tmp_path):
+    """A test step stopped at its limit (its JUnit clean, a shard's missing) gave PASS rows without
+    a caveat; runs were listed by folder name (``-10`` before ``-2``; a filing probe, 2026-12-07)."""
+    run = {"junit": [{"name": "gpu_tests.xml", "failures": 0, "errors": 0}], "env": {"gpu": "NVIDIA H200"},
+           "steps": [{"step": "gpu_tests", "rc": 124}, {"step": "bench", "rc": 124}]}
+    (note,) = report.target_caveats(run)
+    assert "a test step did not finish (gpu_tests (exit 124)" in note
+    run["steps"][0]["rc"] = 5  # no test collected: fine
+    assert report.target_caveats(run) == []
+    for name, date in (("2026-12-04-h200-10", "2026-12-04T23:00:00"), ("2026-12-04-h200-2", "2026-12-04T12:00:00"),
+                       ("2026-12-04-h200", "2026-12-04T10:00:00"), ("2026-12-03-h100", "2026-12-03T10:00:00")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "env.json").write_text(json.dumps({"date": date}))
+        (tmp_path / name / "steps.json").write_text("")
+    order = [os.path.basename(d) for d in sorted(report.find_runs(str(tmp_path)), key=report.run_order)]
+    assert order == ["2026-12-03-h100", "2026-12-04-h200", "2026-12-04-h200-2", "2026-12-04-h200-10"]
