@@ -2078,6 +2078,22 @@ MUTANTS: Tuple[Mutant, ...] = (
            "if not isinstance(ref.shape[0], torch.SymInt) and ref.shape[0] >= 2**31:",
            "if ref.shape[0] >= 2**31:",
            ("tests/package/test_fast_path.py::test_export_with_a_dynamic_batch",)),
+    Mutant("file_run_no_loose_files", "bench/file_run.py",
+           "        if set(loose) & set(RUN_FILES):",
+           "        if False:",
+           ("bench/test_file_run.py::test_loose_files_are_filed_when_no_archive_came_back",)),
+    Mutant("file_run_files_twice", "bench/file_run.py",
+           "        if filed:\n",
+           "        if False:\n",
+           ("bench/test_file_run.py::test_files_a_run_under_a_free_name_and_never_over_one",)),
+    Mutant("report_no_cut_test_step_caveat", "bench/report.py",
+           "    if cut:\n",
+           "    if False:\n",
+           ("bench/test_file_run.py::test_the_report_says_a_test_step_was_cut_and_orders_runs_by_date",)),
+    Mutant("gpu_check_packs_at_the_end_only", "bench/gpu_check.sh",
+           "  tail -n 5 \"$OUT/$name.log\" | sed 's/^/   | /'\n  pack\n",
+           "  tail -n 5 \"$OUT/$name.log\" | sed 's/^/   | /'\n",
+           ("bench/test_bench_tools.py::test_a_stopped_gpu_check_still_packs_its_run",)),
 )
 
 
