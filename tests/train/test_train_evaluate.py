@@ -264,34 +264,29 @@ def test_training_curves_legend_covers_neither_the_curves_nor_the_tick_labels(tm
     """training_curves.png: the legend sits outside both axes (with their tick labels) and the
     epoch axis has whole-number ticks only (a 2-epoch run had 0.25 steps and the legend over them)."""
     pytest.importorskip("matplotlib")
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     from daal_triton.train import plots
 
-    kept = []
-    monkeypatch.setattr(plt, "close", kept.append)
+    kept, save = [], plots.save
+    monkeypatch.setattr(plots, "save", lambda fig, path, dpi=110: kept.append(fig) or save(fig, path, dpi))
     history = [{"model": "raw_pixels", "recall@1": 0.1},
                {"model": "untrained", "recall@1": 0.05}]
     history += [{"model": "trained", "epoch": e, "train_loss": 1.0 / e, "recall@1": 0.1 * e} for e in (1, 2)]
     plots.training_curves(history, str(tmp_path / "c.png"))
     (fig,) = kept
-    renderer = fig.canvas.get_renderer()
+    renderer = FigureCanvasAgg(fig).get_renderer()
     (legend,) = fig.legends
     box = legend.get_window_extent(renderer)
     assert len(legend.get_texts()) == 3
     for ax in fig.axes:
         assert not box.overlaps(ax.get_tightbbox(renderer)), "the legend covers an axis"
     assert list(fig.axes[0].get_xticks()) == [0, 1, 2]
-    plt.close(fig)
     kept.clear()  # one epoch, no baselines: one point, still a whole-number tick (it had 0.95, 0.96, ...)
     plots.training_curves([{"model": "trained", "epoch": 1, "train_loss": 0.5, "recall@1": 0.3}],
                           str(tmp_path / "d.png"))
     (fig,) = kept
     assert list(fig.axes[0].get_xticks()) == [1]
-    plt.close(fig)
 
 
 def test_evaluation_leaves_the_global_generator_as_it_was():
