@@ -196,6 +196,10 @@ def readme_text(folder: str, command: str, wall: Optional[float], note: Optional
                 "; filed by `python bench/file_run.py`."), ""]
     if note:
         lines += [note, ""]
+    settings = env.get("settings")
+    if isinstance(settings, dict):  # gpu_check.sh records them since 2026-12-07
+        lines += ["Settings: " + (", ".join(f"`{k}={v}`" for k, v in settings.items()) if settings else
+                                  "none (the script's defaults)") + ".", ""]
     if steps:
         failed = [s for s in steps if s.get("rc") not in (0, None)]
         unrun = [s for s in steps if s.get("rc") is None]

@@ -225,6 +225,11 @@ try:
                    gpu_count=torch.cuda.device_count())
 except Exception as exc:
     env["torch_error"] = repr(exc)
+# the settings this run was given (none: the defaults): a run narrowed by DAAL_CHECK_K or a shorter
+# DAAL_CHECK_TOTAL_S was filed as a full default one (a filing probe, 2026-12-07)
+env["settings"] = {k: v for k, v in sorted(os.environ.items())
+                   if k.startswith(("DAAL_CHECK_", "DAAL_BENCH_", "DAAL_TUNE_", "DAAL_PROBE_"))
+                   or k in ("PYTHON", "TMPDIR")}
 for mod in ("triton", "pytest", "pytest_benchmark", "pytorch_metric_learning"):
     try:
         import importlib.metadata as md

@@ -767,6 +767,7 @@ def test_gpu_check_rehearsal_on_cpu(tmp_path):
         "gpu_tests.xml", "kernel_tests.xml", "bench_junit.xml", "build_tests.xml"}, names
     env_json = json.loads((out / "env.json").read_text())
     assert env_json["torch"] == torch.__version__ and env_json["cuda_available"] is False
+    assert env_json["settings"]["DAAL_CHECK_K"] == "pairwise and not compile and not spill"  # what narrowed it
     # the code that ran, tied to the run (a checkout's digest is the same when its code is)
     assert env_json["source_sha256"] == report.source_digest(os.path.dirname(HERE))
     assert env_json["switches"] == [[sw.env, sw.default, sw.alternative] for sw in bc.SWITCHES if not sw.until]

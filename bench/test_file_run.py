@@ -24,7 +24,8 @@ def _outdir(tmp_path, digest, steps=(("gpu_tests", 0, 70, 118), ("bench", 1, 92,
     run.mkdir()
     (run / "env.json").write_text(json.dumps({"date": "2026-12-05T10:00:00+00:00", "gpu": "NVIDIA H200",
                                               "torch": "2.11.0+cu130", "triton": "3.6.0",
-                                              "source_sha256": digest, "git_revision": "1e497c4ce42b"}))
+                                              "source_sha256": digest, "git_revision": "1e497c4ce42b",
+                                              "settings": {"DAAL_CHECK_K": "knn", "DAAL_CHECK_TOTAL_S": "300"}}))
     (run / "steps.json").write_text("".join(json.dumps(dict(step=s, rc=rc, seconds=t, limit=lim)) + "\n"
                                             for s, rc, t, lim in steps))
     (run / "records.jsonl").write_text("{}\n")
@@ -45,6 +46,7 @@ def test_files_a_run_under_a_free_name_and_never_over_one(tmp_path, capsys):
     text = (folder / "README.md").read_text()
     assert text.startswith("# 2026-12-05 (NVIDIA H200, torch 2.11.0+cu130, Triton 3.6.0)")
     assert "one call, 300 s" in text and "gpu_tests exit 0 in 70 s (limit 118)" in text
+    assert "Settings: `DAAL_CHECK_K=knn`, `DAAL_CHECK_TOTAL_S=300`." in text  # a narrowed run says so
     assert "Not exit 0: bench" in text and "The code is this checkout's" in text and "`1e497c4`" in text
     # the same run again: refused (one run read as two in bench/README.md: a filing probe,
     # 2026-12-07), unless named; a second run of the day: the next free name
