@@ -293,18 +293,17 @@ def _filed_as(tar: tarfile.TarFile, members: List[tarfile.TarInfo], results: str
     if not ours or not os.path.isdir(results):
         return None
     for d in sorted(os.listdir(results)):
-        def same(n: str, data: bytes) -> bool:
-            p = os.path.join(results, d, n)
-            if not os.path.isfile(p):
-                return False
-            with open(p, "rb") as f:
-                return f.read() == data
-        try:
-            if all(same(n, data) for n, data in ours.items()):
-                return os.path.join(results, d)
-        except OSError:  # unreadable: not this run
-            continue
+        if all(_same_bytes(os.path.join(results, d, n), data) for n, data in ours.items()):
+            return os.path.join(results, d)
     return None
+
+
+def _same_bytes(path: str, data: bytes) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read() == data
+    except OSError:  # missing, a folder, unreadable: not the same
+        return False
 
 
 def _unpack(tar: tarfile.TarFile, path: str, results: str, name: Optional[str]) -> str:

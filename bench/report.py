@@ -986,16 +986,16 @@ def find_runs(results_dir: str) -> List[str]:
     return runs
 
 
-def run_order(run_dir: str) -> Tuple[str, int]:
-    """Runs by their date (``env.json``'s, to the second; else the folder's ``<date>``), then the
-    folder's ``-N``: by name, ``-10`` sorted before ``-2`` (a filing probe, 2026-12-07)."""
-    name = os.path.basename(os.path.normpath(run_dir))
-    tail = re.search(r"-(\d+)$", name)
-    return str(load_run(run_dir)["env"].get("date") or name[:10]), int(tail.group(1)) if tail else 1
+def run_order(run: dict) -> Tuple[str, int]:
+    """Runs (:func:`load_run`) by their date (``env.json``'s, to the second; else the folder's
+    ``<date>``), then the folder's ``-N``: by name, ``-10`` sorted before ``-2`` (a filing probe,
+    2026-12-07)."""
+    tail = re.search(r"-(\d+)$", run["name"])
+    return str(run["env"].get("date") or run["name"][:10]), int(tail.group(1)) if tail else 1
 
 
 def readme(results_dir: str) -> str:
-    runs = sorted(find_runs(results_dir), key=run_order)
+    runs = sorted((load_run(d) for d in find_runs(results_dir)), key=run_order)  # each read once
     lines = [README_HEAD]
     if not runs:
         lines.append("No GPU run has been recorded yet: there are no measured numbers to show. "
@@ -1005,15 +1005,14 @@ def readme(results_dir: str) -> str:
     lines.append("Recorded runs (newest last; each one's report follows, newest first, so a partial or failed run "
                  "never hides an earlier run's numbers):\n")
     rel = os.path.relpath(results_dir, HERE)
-    for d in runs:
-        r = load_run(d)
+    for r in runs:
         gpu = r["env"].get("gpu") or "?"
         lines.append(f"- [`{r['name']}`]({rel}/{r['name']}/) — {gpu}, torch {r['env'].get('torch', '?')}, "
                      f"triton {r['env'].get('triton', '?')}, profile {r['env'].get('profile', '?')}")
     lines.append("")
-    lines += decided_table([load_run(d) for d in runs], heading_level=2)
-    for d in reversed(runs):
-        lines += run_report(load_run(d), heading_level=3)
+    lines += decided_table(runs, heading_level=2)
+    for r in reversed(runs):
+        lines += run_report(r, heading_level=3)
     return "\n".join(lines)
 
 

@@ -250,5 +250,5 @@ def test_the_report_says_a_test_step_was_cut_and_orders_runs_by_date(tmp_path):
         (tmp_path / name).mkdir()
         (tmp_path / name / "env.json").write_text(json.dumps({"date": date}))
         (tmp_path / name / "steps.json").write_text("")
-    order = [os.path.basename(d) for d in sorted(report.find_runs(str(tmp_path)), key=report.run_order)]
+    order = [r["name"] for r in sorted(map(report.load_run, report.find_runs(str(tmp_path))), key=report.run_order)]
     assert order == ["2026-12-03-h100", "2026-12-04-h200", "2026-12-04-h200-2", "2026-12-04-h200-10"]
