@@ -929,7 +929,7 @@ MUTANTS: Tuple[Mutant, ...] = (
            "    zs = z * s\n", "    zs = z\n",
            ("tests/kernels/test_kernel_normalize.py", "-k", "overflows")),
     # 2026-12-03 (evening), a probe of the benchmark report's handling of real GPU runs
-    Mutant("report_newest_run_only", "bench/report.py", "    for d in reversed(runs):", "    for d in reversed(runs[-1:]):",
+    Mutant("report_newest_run_only", "bench/report.py", "    for r in reversed(runs):", "    for r in reversed(runs[-1:]):",
            ("bench/test_bench_tools.py", "-k", "keeps_every_run")),
     Mutant("report_bench_json_unconfirmed", "bench/report.py", '        if "median_s" not in info:', "        if False:",
            ("bench/test_bench_tools.py", "-k", "confirms_no_case")),
