@@ -1120,7 +1120,8 @@ def _line_margin2_backward_op(grad_out: torch.Tensor, x: torch.Tensor, seg: torc
                               sx: torch.Tensor, st: torch.Tensor, labels: torch.Tensor,
                               lse: torch.Tensor, rs: torch.Tensor, alpha: float,
                               lambda_pull: float, atomic: bool = False, merged: bool = True,
-                              xu: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
+                              xu: bool = True, need_x: bool = True,
+                              need_seg: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(dX, dSegments)``: the own-class rows of dP, dQ per sample and their class lists
     (``_lm2_ownseg_kernel``; skipped when ``atomic``, the design kept selectable by
     ``DAAL_LM_OWN_SEG=atomic``), then chunk by chunk of Cc classes one fused kernel (the forward
@@ -1128,8 +1129,11 @@ def _line_margin2_backward_op(grad_out: torch.Tensor, x: torch.Tensor, seg: torc
     segment-gradient epilogue; last, ``_lm2_finish_kernel`` forms dX with its own-class terms
     (direct form; ``merged`` with the class lists: in the last chunk's epilogue launch,
     ``_lm2_dseg_finish_kernel``). Autocast is off inside (a backward run under autocast must not
-    lower the float32 GEMM outputs the epilogue reads). ``xu``: the forward's layout of ``sx``."""
-    args = (grad_out, x, seg, sx, st, labels, lse, rs, alpha, lambda_pull, atomic, merged, xu)
+    lower the float32 GEMM outputs the epilogue reads). ``xu``: the forward's layout of ``sx``.
+    ``need_x`` / ``need_seg`` False (that input needs no gradient: frozen segments, fixed
+    embeddings): its gradient is not computed (neither its GEMM nor its kernels run) and comes back
+    with 0 rows."""
+    args = (grad_out, x, seg, sx, st, labels, lse, rs, alpha, lambda_pull, atomic, merged, xu, need_x, need_seg)
     if not torch.is_autocast_enabled(x.device.type):  # entering a context costs ~7 µs per call
         return _line_margin2_backward(*args)
     with torch.autocast(device_type=x.device.type, enabled=False):
@@ -1159,13 +1163,17 @@ def _slot_map(C: int, device) -> torch.Tensor:
     return torch.empty(C, device=device, dtype=torch.int32)
 
 
-def _line_margin2_backward(grad_out, x, seg, sx, st, labels, lse, rs, alpha, lambda_pull, atomic, merged, xu):
+def _line_margin2_backward(grad_out, x, seg, sx, st, labels, lse, rs, alpha, lambda_pull, atomic, merged, xu,
+                           need_x=True, need_seg=True):
     """``(dX, dSeg)`` of the line margin (docs/method.md, "Gradients"; the module docstring's
     kernels): per chunk of Cc classes, ``h_ic = g_ic / delta_ic`` from the recomputed GEMMs and the
     saved ``lse``, ``AB = [a~ = -h (1 - t), b~ = -h t]``, ``dX += AB [P_c; Q_c]`` and
     ``[dP_c; dQ_c] = AB^T X`` plus the rank-1 corrections; the own class's exact terms
     (``_own_terms``) by the class lists (or float32 atomics with ``atomic``). Memory: O(B Cc) per
-    chunk besides dSeg (C x 2 x D) and the float32 dX (B x D)."""
+    chunk besides dSeg (C x 2 x D) and the float32 dX (B x D); without ``need_seg`` no dSeg (and no
+    ``A~^T X`` GEMM or segment epilogue), without ``need_x`` no dX (no ``AB [P; Q]`` GEMM, no
+    finish): 0-row results. The atomic design's finish adds the own classes' dSeg rows: there dX is
+    computed (and dropped) whenever dSeg is, and the lists run when it is not."""
     cfgs = CONFIGS[config_family(x.dtype)]
     x = x if x.stride(1) == 1 else x.contiguous()
     seg = _unit_feature_stride(seg)
@@ -1180,8 +1188,9 @@ def _line_margin2_backward(grad_out, x, seg, sx, st, labels, lse, rs, alpha, lam
     rebuild = sx.numel() == 0 and _copies(seg, x.dtype, xu)
     s2 = seg if sx.numel() == 0 else sx
     go = grad_out.float().contiguous()
-    atomic = atomic and not torch.are_deterministic_algorithms_enabled()
-    gseg = torch.empty(C, 2, D, device=x.device, dtype=torch.float32 if atomic else seg.dtype)
+    atomic = atomic and need_seg and not torch.are_deterministic_algorithms_enabled()
+    want_x, need_x = need_x, need_x or atomic
+    gseg = torch.empty(C if need_seg else 0, 2, D, device=x.device, dtype=torch.float32 if atomic else seg.dtype)
     if atomic:  # typed placeholders: HAS_OWN = False reads none of them
         none = torch.empty(0, device=x.device, dtype=torch.int32)
         lists = (labels, torch.empty(0, device=x.device), none, none)
@@ -1210,7 +1219,7 @@ def _line_margin2_backward(grad_out, x, seg, sx, st, labels, lse, rs, alpha, lam
     prec, hmax = _precision(x.dtype, device=x.device), _HMAX[x.dtype]
     xuf = 1.0 if xu else 0.0
     acc, hr, rows_p = None, None, 0
-    gx = torch.empty(B, D, device=x.device, dtype=x.dtype)
+    gx = torch.empty(B if need_x else 0, D, device=x.device, dtype=x.dtype)
     for c0 in range(0, C, cc):
         n = min(cc, C - c0)
         if rebuild:
@@ -1225,17 +1234,20 @@ def _line_margin2_backward(grad_out, x, seg, sx, st, labels, lse, rs, alpha, lam
             float(alpha), EPS, hmax, xuf, INPUT_PRECISION=prec, **cfg.launch(D))
         nt = cdiv(n, bc)
         abn = ab[:, : 2 * n]
-        part = mm_f32(abn, s2c.reshape(2 * n, D))  # sum_c a~ p_c + b~ q_c (xu: (a~ + b~) p_c + b~ u_c)
-        if acc is None and C <= cc:  # one chunk: the partials go to the finish kernel as they are
-            acc, hr, rows_p = part, rowp, nt
-        else:
-            acc = part if acc is None else acc + part
-            hr = rowp[:nt].sum(0) if hr is None else hr + rowp[:nt].sum(0)
-            rows_p = 1
-        del part  # summed into acc (or acc itself): not alive beside the next chunk's
+        if need_x:
+            part = mm_f32(abn, s2c.reshape(2 * n, D))  # sum_c a~ p_c + b~ q_c (xu: (a~ + b~) p_c + b~ u_c)
+            if acc is None and C <= cc:  # one chunk: the partials go to the finish kernel as they are
+                acc, hr, rows_p = part, rowp, nt
+            else:
+                acc = part if acc is None else acc + part
+                hr = rowp[:nt].sum(0) if hr is None else hr + rowp[:nt].sum(0)
+                rows_p = 1
+            del part  # summed into acc (or acc itself): not alive beside the next chunk's
+        if not need_seg:
+            continue
         g = mm_f32(abn.t(), x).contiguous()  # rows 2c, 2c + 1: [A~^T X]_c (xu: [(A~ + B~)^T X]_c), [B~^T X]_c
         gs, ss = gseg[c0: c0 + n], seg[c0: c0 + n]
-        if merged and not atomic and B and c0 + n == C:  # the last chunk's epilogue and dX at once
+        if merged and not atomic and B and need_x and c0 + n == C:  # the last chunk's epilogue and dX at once
             mcfg = cfgs["dsegfin2"]
             cp = cdiv(n, mcfg.blocks["BLOCK_C"])
             _lm2_dseg_finish_kernel[(cp + cdiv(B, mcfg.blocks["BLOCK_B"]),)](
@@ -1251,7 +1263,7 @@ def _line_margin2_backward(grad_out, x, seg, sx, st, labels, lse, rs, alpha, lam
         # float32: 67 MB at B = 1024, C = 100k, about what the runs' 418 MB peak had over the
         # model's 355 MB: bench/work_model.py extra_bytes)
         del g
-    if B:
+    if B and need_x:
         if acc is None:  # no classes
             acc, hr, rows_p = torch.zeros(B, D, device=x.device), torch.zeros(1, B, device=x.device), 1
         fcfg = cfgs["finish2"]
@@ -1260,13 +1272,15 @@ def _line_margin2_backward(grad_out, x, seg, sx, st, labels, lse, rs, alpha, lam
             gx, gseg, B, D,
             rows_p, x.stride(0), seg.stride(0), seg.stride(1), gseg.stride(0), gseg.stride(1),
             float(alpha), float(lambda_pull), EPS, ATOMIC=atomic, **fcfg.launch(D))
-    return gx, gseg.to(seg.dtype)
+    return gx if want_x else gx[:0].clone(), gseg.to(seg.dtype)
 
 
 @_line_margin2_backward_op.register_fake
 def _line_margin2_backward_fake(grad_out, x, seg, sx, st, labels, lse, rs, alpha, lambda_pull,
-                                atomic=False, merged=True, xu=True):
-    return x.new_empty(x.shape), seg.new_empty(seg.shape)  # contiguous, as the kernels' (any input strides)
+                                atomic=False, merged=True, xu=True, need_x=True, need_seg=True):
+    # contiguous, as the kernels' (any input strides); 0 rows where not needed
+    return (x.new_empty((x.shape[0] if need_x else 0, x.shape[1])),
+            seg.new_empty((seg.shape[0] if need_seg else 0, *seg.shape[1:])))
 
 
 def _line_margin2_setup_context(ctx, inputs, output):
@@ -1286,10 +1300,11 @@ def _line_margin2_autograd_backward(ctx, grad_out, _g_lse, _g_rs, _g_st, _g_sx):
     if grad_out is None:
         return (None,) * 8
     x, seg, sx, st, labels, lse, rs = ctx.saved_tensors
+    need_x, need_seg = (bool(ctx.needs_input_grad[i]) for i in (0, 1))
     gx, gseg = _line_margin2_backward_direct(
         grad_out, x, seg, sx, st, labels, lse, rs, ctx.alpha, ctx.lambda_pull, ctx.atomic, ctx.merged,
-        ctx.xu)
-    return gx, gseg, None, None, None, None, None, None
+        ctx.xu, need_x, need_seg)
+    return gx if need_x else None, gseg if need_seg else None, None, None, None, None, None, None
 
 
 _line_margin2_op.register_autograd(_line_margin2_autograd_backward, setup_context=_line_margin2_setup_context)

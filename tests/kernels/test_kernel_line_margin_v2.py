@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 import daal_triton as dt
-from daal_testing import assert_close, largest_cpu_allocation, random_problem, rel_err, tolerance
+from daal_testing import assert_close, largest_cpu_allocation, random_problem, rel_err, spy_launches, tolerance
 from test_kernel_line_margin import ALPHA, DEV, TF32, check_parity, kernel_grads, make_case, reference_grads
 
 from daal_triton.kernels import _common, line_margin as lm
@@ -280,6 +280,58 @@ def test_half_segments_gradient_written_once(small_chunks, monkeypatch):
         assert lists <= half_grad < 2 * half_grad <= atomic, (lists, atomic)
 
 
+_BACKWARD_KERNELS = ("_lm2_ownseg_kernel", "_lm2_bwd_kernel", "_lm2_dseg_kernel", "_lm2_dseg_finish_kernel",
+                     "_lm2_finish_kernel", "_lm2_prep_kernel")
+
+
+@pytest.mark.parametrize("frozen", ["segments", "embeddings"])
+@pytest.mark.parametrize("merged,ops,own", [(True, "function", "lists"), (False, "function", "lists"),
+                                            (True, "custom", "lists"), (True, "function", "atomic")],
+                         ids=["merged", "separate", "custom-op", "atomic"])
+def test_an_input_without_gradient_costs_no_gradient_work(small_chunks, monkeypatch, frozen, merged, ops, own):
+    """Frozen segments (or embeddings that need no gradient: segments trained on fixed features)
+    get no gradient and cost none: the backward runs neither that gradient's GEMM (one ``mm_f32``
+    per chunk, not two) nor its kernels (no segment epilogue / no dX finish), nor allocates it
+    (C x 2 x D: 410 MB at C = 100k, D = 512 float32); the other gradient has the same bits as in a
+    backward of both, and matches the float64 reference. Three chunks, both launch policies,
+    eager and through the ``torch.library`` operator (``ctx.needs_input_grad`` in both); the atomic
+    design's finish adds the own classes' dSeg rows, so there dX is still computed for dSeg."""
+    B, C, D = 37, 300, 33
+    small_chunks(B)
+    monkeypatch.setenv(_common.LAUNCHES_ENV, "merged" if merged else "separate")
+    monkeypatch.setattr(_common, "EAGER_OPS", ops)
+    monkeypatch.setenv(lm.OWN_SEG_ENV, own)
+    x, y, seg, m, go = make_case(B, C, D, zero_len=True, on_own=True)
+    x, seg, m, go = x.float(), seg.float(), m.float(), go.float()
+    full = kernel_grads(x, y, seg, m, go, 0.3)
+    gemms, real = [], lm.mm_f32
+    monkeypatch.setattr(lm, "mm_f32", lambda a, b: gemms.append(a.shape) or real(a, b))
+    launched = spy_launches(monkeypatch, lm, _BACKWARD_KERNELS)
+    xk = x.clone().requires_grad_(frozen != "embeddings")
+    sk = seg.clone().requires_grad_(frozen != "segments")
+    out = lm.line_margin(xk, y, sk, m, alpha=ALPHA, lambda_pull=0.3)
+    largest = largest_cpu_allocation(lambda: out.backward(go)) if DEV == "cpu" else None
+    assert torch.equal(out.detach(), full[0])
+    assert len(gemms) == (6 if own == "atomic" and frozen == "embeddings" else 3), gemms  # one GEMM per chunk
+    ref = reference_grads(x, y, seg, m, go, 0.3)
+    tol = tolerance(torch.float32, tf32=TF32)
+    if frozen == "segments":
+        # (the atomic design's dX takes its own-class terms in the finish, the lists' in ownseg: the
+        # same formula in another kernel, whose bits a GPU compiler may contract differently)
+        assert sk.grad is None and (torch.equal(xk.grad, full[1]) or own == "atomic" and rel_err(xk.grad, full[1]) < 1e-6)
+        assert_close(xk.grad, ref[1], tol, "dX")
+        assert not {"_lm2_dseg_kernel", "_lm2_dseg_finish_kernel"} & set(launched), launched
+        assert launched.count("_lm2_finish_kernel") == 1, launched
+        if largest is not None:  # nothing C x 2 x D (the largest: a B x 2 Cc chunk buffer or dX)
+            assert largest < 4 * C * 2 * D, largest
+    else:
+        assert xk.grad is None and torch.equal(sk.grad, full[2])
+        assert_close(sk.grad, ref[2], tol, "dSeg")
+        assert "_lm2_dseg_finish_kernel" not in launched, launched
+        assert launched.count("_lm2_finish_kernel") == (own == "atomic"), launched
+        assert launched.count("_lm2_dseg_kernel") == 3, launched
+
+
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_daal_loss_gradients(reduction):
     """Gradients through ``DAALLoss`` (backend "triton") match the float64 reference
@@ -319,6 +371,11 @@ def test_custom_ops_opcheck():
         # contiguous gradients (inductor's stride asserts failed; a torch.library probe, 2026-12-07)
         for xb, sb in ((xk.detach(), sk.detach()), (_other_layout(xk.detach()), _other_layout(sk.detach()))):
             bargs = (go.float(), xb, sb, sx, st, y, lse, rs, ALPHA, 0.1)
+            torch.library.opcheck(torch.ops.daal_triton.line_margin2_backward.default, bargs,
+                                  test_utils=("test_schema", "test_faketensor"))
+        # one gradient only (the other input frozen): 0 rows for the other, in the fake too
+        for need in ((True, False), (False, True)):
+            bargs = (go.float(), xk.detach(), sk.detach(), sx, st, y, lse, rs, ALPHA, 0.1, False, True, True, *need)
             torch.library.opcheck(torch.ops.daal_triton.line_margin2_backward.default, bargs,
                                   test_utils=("test_schema", "test_faketensor"))
 

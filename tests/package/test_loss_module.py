@@ -7,6 +7,27 @@ import daal_triton as dt
 from daal_testing import random_problem
 
 
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=pytest.mark.interpreter)])
+def test_frozen_segments_or_fixed_embeddings(backend):
+    """Freezing the segments (``loss.segments.requires_grad_(False)``: a backbone warm-up against
+    fixed classes) or training them on fixed features (embeddings without gradient) leaves the
+    other gradient bit for bit what a backward of both gives, and no gradient where none is asked."""
+    torch.manual_seed(3)
+    z, y, _ = random_problem(37, 11, 33)
+    module = dt.DAALLoss(11, 33, backend=backend, lambda_pull=0.3)
+    zz = z.float().requires_grad_()
+    module(zz, y).backward()
+    gz, gs = zz.grad, module.segments.grad
+    module.segments.grad = None
+    module.segments.requires_grad_(False)
+    zz = z.float().requires_grad_()
+    module(zz, y).backward()
+    assert module.segments.grad is None and torch.equal(zz.grad, gz)
+    module.segments.requires_grad_(True)
+    module(z.float(), y).backward()
+    assert torch.equal(module.segments.grad, gs)
+
+
 def test_segments_parameter_and_initialisation():
     loss = dt.DAALLoss(7, 16)
     assert isinstance(loss.segments, torch.nn.Parameter) and loss.segments.shape == (7, 2, 16)
