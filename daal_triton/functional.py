@@ -261,5 +261,9 @@ def knn(
     knn_fn = _ops(choose_backend(backend, query.device, dtype, own_dots=True)).knn
     # as the loss: the distances in the inputs' precision, on the inputs' device
     with _no_autocast(query.device), _on_device(query.device):
-        return knn_fn(query, ref, int(k), query_labels=query_labels, ref_labels=ref_labels,
-                      exclude_self=exclude_self)
+        dist, index = knn_fn(query, ref, int(k), query_labels=query_labels, ref_labels=ref_labels,
+                             exclude_self=exclude_self)
+    # the Triton backward reads the index its forward returned: the caller's is a copy, free to
+    # change in place (``index.clamp_(min=0)``) before ``backward``, as on the reference backend
+    # (M x k int64: one copy, where a gradient can follow)
+    return dist, index.clone() if dist.requires_grad else index

@@ -119,13 +119,17 @@ def miner_weights(indices_tuple: Sequence[torch.Tensor], batch_size: int, *,
 
 
 def _same_tensor(a: Optional[torch.Tensor], b: torch.Tensor, hooked: bool) -> bool:
-    """``a`` is ``b``, or (``hooked``: a module's full backward hook may have handed ``forward``
-    new objects for its positional inputs) another tensor object over the same memory with the
-    same shape, strides, dtype and gradient requirement: under such a hook ``ref_emb=embeddings``
-    silently became a reference set, each sample its own neighbour (a user-loop probe, 2026-12-07).
-    A copy (``.clone()``) or a ``.detach()`` is another tensor: without the hook's condition
-    (:func:`_hook_may_wrap`) a detached view of grad-free embeddings was taken for them, and the
-    same call's loss differed between training and evaluation (a probe, 2026-12-07)."""
+    """``a`` is ``b``, or (``hooked``: a module's full backward hook has handed ``forward`` new
+    objects for its positional inputs, :func:`_hook_may_wrap`) the hook's wrapper of ``b``: a
+    tensor object over the same memory with the same shape, strides, dtype and gradient
+    requirement, which for tensors that require a gradient must be the hook's own view (its
+    ``_base`` the other, or both outputs of the one hook node): under such a hook
+    ``ref_emb=embeddings`` silently became a reference set, each sample its own neighbour (a
+    user-loop probe, 2026-12-07). A copy (``.clone()``), a ``.detach()`` or a view the caller made
+    (``embeddings[:]``) is another tensor: taken for the batch, the same call's loss differed
+    between training and evaluation (probes, 2026-12-07). (Two positional tensors the hook wrapped
+    together are told apart by memory alone: ``embeddings[:]`` passed positionally as ``ref_emb``
+    under a full backward hook counts as the batch.)"""
     if a is b:
         return True
     if not hooked:
@@ -136,16 +140,26 @@ def _same_tensor(a: Optional[torch.Tensor], b: torch.Tensor, hooked: bool) -> bo
         return False
     if (a.shape, a.dtype, a.requires_grad) != (b.shape, b.dtype, b.requires_grad) or a.stride() != b.stride():
         return False
+    if a.requires_grad and not (a._base is b or b._base is a or (
+            a.grad_fn is b.grad_fn and type(a.grad_fn).__name__ == "BackwardHookFunctionBackward")):
+        return False  # not the hook's wrapper (it records a BackwardHookFunctionBackward node)
     try:
         return a.data_ptr() == b.data_ptr() != 0
     except (RuntimeError, NotImplementedError):  # no storage (a fake or functional tensor): not the same
         return False
 
 
-def _hook_may_wrap(*tensors: Optional[torch.Tensor]) -> bool:
-    """Whether a module's full backward hook hands ``forward`` new objects for its tensor inputs:
-    with gradients enabled and an input that requires one (``torch.utils.hooks.BackwardHook``)."""
-    return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
+def _hook_may_wrap(module: nn.Module, *tensors: Optional[torch.Tensor]) -> bool:
+    """Whether a full backward hook (or backward pre-hook) of ``module``, or a global one, hands
+    ``forward`` new objects for its positional tensor inputs: there is one, gradients are enabled
+    and an input requires one (``torch.utils.hooks.BackwardHook``)."""
+    if not (torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)):
+        return False
+    try:  # the module's and the global hooks, as Module.__call__ reads them
+        full, _ = module._get_backward_hooks()
+        return bool(full or module._get_backward_pre_hooks())
+    except AttributeError:  # a PyTorch without these: assume a hook may wrap
+        return True
 
 
 class DAALLoss(nn.Module):
@@ -293,7 +307,7 @@ class DAALLoss(nn.Module):
         (see ``daal_triton.daal_loss``). ``ref_emb`` that *is* ``embeddings`` (the same tensor,
         with ``ref_labels`` None or ``labels`` itself, or another tensor object over the same memory,
         as a module hook hands ``forward``) means no reference set, as in pytorch-metric-learning."""
-        hooked = _hook_may_wrap(embeddings, ref_emb)
+        hooked = _hook_may_wrap(self, embeddings, ref_emb)
         if _same_tensor(ref_emb, embeddings, hooked) and (ref_labels is None or _same_tensor(ref_labels, labels, hooked)):
             ref_emb = ref_labels = None
             ref_includes_batch = False  # "the reference set starts with the batch": it is the batch

@@ -21,6 +21,14 @@ from .core import _no_autocast
 from .validation import FLOAT_DTYPES, as_int, check_finite, check_float_matrix, check_labels, value_checks_on
 
 
+
+def _shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """``a`` and ``b`` are views of one storage (the same one, not merely equal values)."""
+    try:
+        return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr() != 0
+    except (RuntimeError, NotImplementedError):  # no storage (fake or functional tensors)
+        return False
+
 class MemoryBank:
     """FIFO queue of ``size`` embeddings (``dim`` wide) and their labels.
 
@@ -69,6 +77,9 @@ class MemoryBank:
         self._check_rows(embeddings, labels)
         emb = embeddings.detach()[-self.size:].to(self.embeddings)
         lab = labels.detach()[-self.size:].to(self.labels)
+        # rows of the bank itself (``get()``'s views) are copied first: the ring's writes would
+        # overwrite them while they are read (PyTorch refused the overlap with a RuntimeError)
+        emb, lab = (t.clone() if _shares_memory(t, dst) else t for t, dst in ((emb, self.embeddings), (lab, self.labels)))
         if value_checks_on(emb.device, check_values):
             check_finite(emb, "embeddings" if emb.dtype == embeddings.dtype
                          else f"embeddings (stored as {str(self.embeddings.dtype).replace('torch.', '')})")

@@ -130,7 +130,8 @@ def knn(
     m, n = d.shape
     invalid = torch.zeros(m, n, dtype=torch.bool, device=d.device)
     if query_labels is not None and ref_labels is not None:  # both or neither (checked above)
-        invalid |= query_labels[:, None] != ref_labels[None, :]
+        # as int64: PyTorch has no promotion of uint16/32/64 with the other integer types
+        invalid |= query_labels.long()[:, None] != ref_labels.long()[None, :]
     if exclude_self:
         idx = torch.arange(min(m, n), device=d.device)
         invalid[idx, idx] = True

@@ -292,3 +292,25 @@ def test_the_kernels_run_on_the_tensors_device(monkeypatch):
     functional.knn(z, z, 2, backend="reference")
     functional.pairwise_distance(z, z, backend="triton")
     assert seen == [z.device] * 3
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=pytest.mark.interpreter)])
+def test_knn_index_may_be_changed_in_place_before_backward(backend):
+    """The public ``knn``'s index belongs to the caller: ``index.clamp_(min=0)`` (to gather labels
+    of padded rows) before ``backward`` raised PyTorch's in-place error on the Triton backend, whose
+    backward had saved that very tensor (a layouts probe, 2026-12-07); the gradients are the
+    untouched call's."""
+    torch.manual_seed(5)
+    q, r = torch.randn(13, 9), torch.randn(6, 9)
+    ql, rl = torch.arange(13) % 4, torch.arange(6) % 4
+    grads = []
+    for change in (False, True):
+        qq, rr = q.clone().requires_grad_(), r.clone().requires_grad_()
+        dist, index = daal_triton.knn(qq, rr, 3, query_labels=ql, ref_labels=rl, backend=backend)
+        assert (index == -1).any()  # padded rows: what the clamp is for
+        if change:
+            index.clamp_(min=0)
+        dist.masked_fill(torch.isinf(dist), 0).sum().backward()
+        grads.append((qq.grad, rr.grad))
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+    assert daal_triton.knn(q, r, 3, backend=backend)[1].data_ptr() != 0  # no gradient: no copy needed (still a result)

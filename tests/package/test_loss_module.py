@@ -207,6 +207,27 @@ def test_ref_emb_that_is_the_batch_stays_so_under_a_module_backward_hook():
             assert loss(d, y, None, d, y).item() == plain.item()
 
 
+def test_a_view_the_caller_made_is_a_reference_set_in_every_mode():
+    """``ref_emb=embeddings[:]`` (a view the caller made, not a hook's wrapper) is a reference set
+    with or without gradients and with or without a backward hook: in grad mode it was taken for
+    the batch (any same-memory tensor counted while an input required a gradient), so the same
+    call's loss differed between training and evaluation (a layouts probe, 2026-12-07). The hook's
+    own wrapper of ``ref_emb=embeddings`` still means no reference set."""
+    z, y, _ = random_problem(12, 3, 5, dtype=torch.float32)
+    loss = dt.DAALLoss(3, 5, backend="reference", tau=2.0)
+    e = z.clone().requires_grad_()
+    plain, as_set = loss(e, y).item(), loss(e, y, ref_emb=e.clone(), ref_labels=y).item()
+    assert as_set != plain
+    for hook in (False, True):
+        if hook:
+            loss.register_full_backward_hook(lambda m, gi, go: None)
+        for grad in (True, False):
+            with torch.set_grad_enabled(grad):
+                assert loss(e, y, ref_emb=e[:], ref_labels=y).item() == as_set, (hook, grad)
+                assert loss(e, y, ref_emb=e[:], ref_labels=y[:]).item() == as_set, (hook, grad)
+                assert loss(e, y, ref_emb=e).item() == plain, (hook, grad)
+
+
 def test_module_errors_name_its_arguments():
     z, y, _ = random_problem(6, 3, 5, dtype=torch.float32)
     loss = dt.DAALLoss(3, 5, backend="reference")

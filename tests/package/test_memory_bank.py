@@ -22,6 +22,23 @@ def test_fifo_keeps_the_newest_rows_in_order():
     assert lab.tolist() == [12, 13, 14, 15, 16] and emb[:, 0].tolist() == [12, 13, 14, 15, 16] and len(bank) == 5
 
 
+@pytest.mark.parametrize("part", ["all", "tail"])
+def test_enqueue_of_the_banks_own_rows(part):
+    """Rows of the bank itself (``get()`` returns views of its ring) can be enqueued again: PyTorch
+    refused the overlapping copy with a RuntimeError (a layouts probe, 2026-12-07)."""
+    bank = MemoryBank(10, 3)
+    bank.enqueue(torch.randn(8, 3), torch.arange(8))
+    emb, lab = bank.get()
+    want_e, want_l = emb.clone(), lab.clone()
+    if part == "tail":
+        emb, lab, want_e, want_l = emb[3:], lab[3:], want_e[3:], want_l[3:]
+    bank.enqueue(emb, lab)
+    got_e, got_l = bank.get()
+    n = want_e.shape[0]
+    assert torch.equal(got_e[-n:], want_e) and torch.equal(got_l[-n:], want_l)
+    assert len(bank) == 10
+
+
 def test_enqueue_detaches_and_validates():
     bank = MemoryBank(4, 3)
     e = torch.randn(2, 3, requires_grad=True)

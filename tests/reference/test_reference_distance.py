@@ -191,3 +191,16 @@ def test_a_double_backward_inside_autocast_keeps_float32():
         return gb
 
     assert torch.equal(second(True), second(False))
+
+
+@pytest.mark.parametrize("qdt,rdt", [(torch.int64, torch.uint32), (torch.int16, torch.uint64), (torch.uint8, torch.uint16),
+                                     (torch.int32, torch.uint32)])
+def test_knn_labels_of_mixed_integer_types(qdt, rdt):
+    """Labels of two integer types PyTorch cannot promote (unsigned 16/32/64-bit with another):
+    compared as int64, the same neighbours as int64 labels (it raised PyTorch's "Promotion for
+    uint16, uint32, uint64 types is not supported"; a layouts probe, 2026-12-07)."""
+    q, r = torch.randn(9, 5, dtype=torch.float64), torch.randn(11, 5, dtype=torch.float64)
+    ql, rl = torch.arange(9) % 3, torch.arange(11) % 3
+    want = R.knn(q, r, 3, query_labels=ql, ref_labels=rl)
+    got = R.knn(q, r, 3, query_labels=ql.to(qdt), ref_labels=rl.to(rdt))
+    assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
