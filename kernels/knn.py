@@ -1092,7 +1092,9 @@ def _tma_eligible(q: torch.Tensor, r: torch.Tensor, entry: str, block_d: int, co
     if q.shape[0] == 0 or r.shape[0] == 0:  # a descriptor's shape must be positive
         return False
     size = q.element_size()
-    if any(t.data_ptr() % 16 or (t.stride(0) * size) % 16 for t in (q, r)):
+    # a single row may have any row stride (0: a broadcast row): PyTorch keeps it, a descriptor's
+    # row stride must be a real one (16-byte multiple, and no less than the row: unverified on a GPU)
+    if any(t.data_ptr() % 16 or (t.stride(0) * size) % 16 or t.stride(0) < t.shape[1] for t in (q, r)):
         return False
     if q.device.type == "cuda":
         return tma_device(q.device)

@@ -2134,6 +2134,10 @@ MUTANTS: Tuple[Mutant, ...] = (
            "        invalid |= query_labels.long()[:, None] != ref_labels.long()[None, :]\n",
            "        invalid |= query_labels[:, None] != ref_labels[None, :]\n",
            ("tests/reference/test_reference_distance.py", "-k", "mixed_integer",)),
+    Mutant("tma_broadcast_row_descriptor", "kernels/knn.py",
+           "(t.stride(0) * size) % 16 or t.stride(0) < t.shape[1] for t in (q, r)):",
+           "(t.stride(0) * size) % 16 for t in (q, r)):",
+           ("tests/kernels/test_kernel_knn.py", "-k", "tma_loads_where_eligible",)),
 )
 
 

@@ -1595,6 +1595,14 @@ def test_knn_tma_loads_where_eligible(monkeypatch):
     assert descriptors(x, 17) == 0  # KP 32: another entry
     assert descriptors(x.float(), 3) == 0  # float32
     assert descriptors(x, 3, **{kk.MERGE_ENV: "checked"}) == 0
+    # one broadcast row (row stride 0, which PyTorch keeps for a single row): pointer loads
+    row = torch.randn(128, device=DEV).half().as_strided((1, 128), (0, 1))
+    q = x[:, :128].contiguous()
+    real = torch.empty(1, 128, device=DEV, dtype=torch.float16).copy_(row)  # row stride 128 (contiguous() keeps 0)
+    assert not kk._tma_eligible(q, row, kk.TMA_ENTRY, kk.TMA_BLOCK_D, True)
+    assert kk._tma_eligible(q, real, kk.TMA_ENTRY, kk.TMA_BLOCK_D, True) == _tma_here()
+    before = len(made)
+    assert torch.equal(kk._knn(q, row, 1)[0], kk._knn(q, real, 1)[0]) and len(made) - before == two  # the real row's two
     _run(x[:, 1:], x[:, 1:], 3, exclude_self=True, grad=False)
     monkeypatch.setenv(ALIGN_ENV, "off")
     _run(x[:, 1:], x[:, 1:], 3, exclude_self=True, grad=False)
