@@ -21,13 +21,13 @@ from .core import _no_autocast
 from .validation import FLOAT_DTYPES, as_int, check_finite, check_float_matrix, check_labels, value_checks_on
 
 
-
 def _shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
     """``a`` and ``b`` are views of one storage (the same one, not merely equal values)."""
     try:
         return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr() != 0
     except (RuntimeError, NotImplementedError):  # no storage (fake or functional tensors)
         return False
+
 
 class MemoryBank:
     """FIFO queue of ``size`` embeddings (``dim`` wide) and their labels.
