@@ -368,6 +368,27 @@ def _rounds(recs) -> Tuple[str, Optional[int]]:
 BOUND_SLACK = 1e-9
 
 
+#: A GPU record is implausible above this fraction of the same run's ``torch.matmul`` FLOP/s (an
+#: operator cannot do its useful FLOPs much faster than cuBLAS does a plain GEMM of them) or below
+#: this median (seconds: less than a kernel launch). Either means a timing that did not wait for
+#: the GPU, or a FLOP model counting work not done: such a record passes no target.
+PLAUSIBLE_FRACTION = 1.1
+PLAUSIBLE_MEDIAN_S = 2e-6
+
+
+def implausible(run: dict, rec: Optional[dict]) -> Optional[str]:
+    """Why ``rec`` (a record of a GPU run) cannot be a real measurement, or None."""
+    env = run.get("env") or {}
+    if not ok(rec) or not env.get("gpu") or env.get("profile") == "smoke":
+        return None
+    fraction = rec.get("matmul_fraction")
+    if isinstance(fraction, (int, float)) and fraction > PLAUSIBLE_FRACTION:
+        return f"{fmt_pct(fraction)} of torch.matmul's FLOP/s"
+    if rec["median_s"] < PLAUSIBLE_MEDIAN_S:
+        return f"a median of {fmt_time(rec['median_s'])}, less than a kernel launch"
+    return None
+
+
 def targets_table(run: dict) -> List[str]:
     lines = ["| target | measured | rounds | result |", "|---|---|---|---|"]
     for title, op, shape, dtype, pass_, kind, arg, thr in TARGETS:
@@ -410,6 +431,8 @@ def targets_table(run: dict) -> List[str]:
         compared = [tr] + ([run["cases"].get(key + (arg,))] if kind != "fraction" else [])
         rounds, fewest = _rounds(compared)
         result = ("PASS" if passed else "FAIL") if value is not None else f"not measured ({missing})"
+        if value is not None and any(implausible(run, rec) for rec in compared):
+            result = "implausible (see the caveat above)"  # neither a PASS nor a FAIL
         if value is not None and fewest is not None and fewest < FEW_ROUNDS:
             result += f" (indicative: {fewest} timed round{'s' if fewest != 1 else ''})"
         lines.append(f"| {title} | {shown or '—'} | {rounds} | {result} |")
@@ -461,6 +484,12 @@ def target_caveats(run: dict) -> List[str]:
                           for s in cut)
         notes.append(f"**Caveat:** a test step did not finish ({names}: see \"Steps\"): tests it had not run or "
                      "reported are missing from \"Test results\", and a result below holds for the speed only.")
+    odd = [f"{' '.join(map(str, key))} ({why})" for key, rec in sorted(run["cases"].items(), key=str)
+           if (why := implausible(run, rec))]
+    if odd:
+        notes.append(f"**Caveat:** {len(odd)} record{'s' if len(odd) != 1 else ''} cannot be real measurements "
+                     f"({'; '.join(odd[:5])}{' …' if len(odd) > 5 else ''}): a timing that did not wait for the "
+                     "GPU or a FLOP model counting work not done; no target reads them as passed.")
     gpu = str(run["env"].get("gpu") or "")
     if gpu and "H200" not in gpu and run["env"].get("profile") != "smoke":
         notes.append(f"**Caveat:** measured on {gpu}, not an H200: the targets are set for an H200.")

@@ -1573,3 +1573,36 @@ def test_a_run_whose_bench_json_is_cut_short_is_reported(tmp_path, content):
     assert loaded["cases"] == {} and "JSONDecodeError" in loaded["bench_unreadable"]
     text = "\n".join(report.run_report(loaded))
     assert "No benchmark case was recorded in this run (bench.json unreadable, cut short?" in text
+
+
+def test_a_record_faster_than_the_gpu_can_be_passes_no_target(tmp_path):
+    """A kNN forward at 150% of the same run's torch.matmul FLOP/s, or a loss in 0.5 µs (less than a
+    kernel launch), is a timing that did not wait for the GPU (or a FLOP model counting work not
+    done): the target reads "implausible", not PASS, and a caveat names the records. Just inside
+    the bounds (110%, 2 µs) they count; a CPU smoke run is never judged so."""
+    knn = ("knn", "eval60k", "bf16", "fwd")
+    loss = ("loss", "dml", "fp32", "fwdbwd")
+    target = next(t for t in bc.TARGETS if t[1:5] == knn)[0]
+
+    def run_with(fraction, loss_median, gpu="NVIDIA H200", profile="check"):
+        cases = {knn + ("triton",): dict(status="ok", median_s=0.1, rounds=10, matmul_fraction=fraction,
+                                          tflops=fraction * 600, matmul_tflops=600.0),
+                 loss + ("triton",): dict(status="ok", median_s=loss_median, rounds=10),
+                 loss + ("eager",): dict(status="ok", median_s=1e-3, rounds=10)}
+        return {"cases": cases, "env": {"gpu": gpu, "profile": profile}, "junit": [], "steps": []}
+
+    def result(run, title):
+        row = next(line for line in report.targets_table(run) if line.startswith(f"| {title} |"))
+        return row.rsplit("|", 2)[-2].strip()
+
+    loss_title = next(t for t in bc.TARGETS if t[1:5] == loss and t[5] == "speedup")[0]
+    odd = run_with(1.5, 5e-7)
+    assert result(odd, target) == result(odd, loss_title) == "implausible (see the caveat above)"
+    caveat = "".join(report.target_caveats(odd))
+    assert "2 records cannot be real measurements" in caveat and "150% of torch.matmul" in caveat, caveat
+    assert "0.5 µs, less than a kernel launch" in caveat, caveat
+    fine = run_with(1.1, 2e-6)
+    assert result(fine, target) == "PASS" and result(fine, loss_title) == "PASS"
+    assert "cannot be real" not in "".join(report.target_caveats(fine))
+    smoke = run_with(1.5, 5e-7, profile="smoke")
+    assert result(smoke, target) == "PASS" and "cannot be real" not in "".join(report.target_caveats(smoke))

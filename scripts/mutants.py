@@ -2138,6 +2138,14 @@ MUTANTS: Tuple[Mutant, ...] = (
            "(t.stride(0) * size) % 16 or t.stride(0) < t.shape[1] for t in (q, r)):",
            "(t.stride(0) * size) % 16 for t in (q, r)):",
            ("tests/kernels/test_kernel_knn.py", "-k", "tma_loads_where_eligible",)),
+    Mutant("report_implausible_fraction_passes", "bench/report.py",
+           "    if isinstance(fraction, (int, float)) and fraction > PLAUSIBLE_FRACTION:\n",
+           "    if False:\n",
+           ("bench/test_bench_tools.py", "-k", "faster_than_the_gpu",)),
+    Mutant("report_implausible_not_applied", "bench/report.py",
+           "            result = \"implausible (see the caveat above)\"  # neither a PASS nor a FAIL\n",
+           "            pass\n",
+           ("bench/test_bench_tools.py", "-k", "faster_than_the_gpu",)),
 )
 
 
