@@ -484,7 +484,7 @@ def target_caveats(run: dict) -> List[str]:
                           for s in cut)
         notes.append(f"**Caveat:** a test step did not finish ({names}: see \"Steps\"): tests it had not run or "
                      "reported are missing from \"Test results\", and a result below holds for the speed only.")
-    odd = [f"{' '.join(map(str, key))} ({why})" for key, rec in sorted(run["cases"].items(), key=str)
+    odd = [f"{' '.join(map(str, key))} ({why})" for key, rec in sorted(run.get("cases", {}).items(), key=str)
            if (why := implausible(run, rec))]
     if odd:
         notes.append(f"**Caveat:** {len(odd)} record{'s' if len(odd) != 1 else ''} cannot be real measurements "
