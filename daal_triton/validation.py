@@ -307,3 +307,7 @@ def validate_knn_inputs(query, ref, k, query_labels=None, ref_labels=None, *,
     if query_labels is not None:
         check_labels(query_labels, "query_labels", query.shape[0], None)
         check_labels(ref_labels, "ref_labels", ref.shape[0], None)
+        if values:  # both backends compare labels as int64: 2**64 - 1 would match -1 (a bounds probe, 2026-12-07)
+            for name, t in (("query_labels", query_labels), ("ref_labels", ref_labels)):
+                if t.dtype == torch.uint64 and t.numel() and int(t.to(torch.int64).min()) < 0:
+                    raise ValueError(f"{name} holds values above 2**63 - 1 (labels are compared as int64)")

@@ -1459,6 +1459,14 @@ def knn_wave_splits(query: torch.Tensor, ref: torch.Tensor, k: int, **kwargs) ->
     return _knn(query, ref, k, splits=splits, **kwargs)
 
 
+#: The most query or reference rows: the kernels index rows and columns in int32 (program id x
+#: block, a split's end ``n_start + cols``), and the last tile and split reach up to 1024 x 256
+#: columns past the last row (a bounds probe, 2026-12-07: at 2^31 - 1 rows a split's end wrapped
+#: negative and skipped its columns; at 2^31 query rows the last program's rows did, reading and
+#: writing out of bounds).
+ROWS_MAX = 2**31 - 2**18
+
+
 def _knn(query, ref, k, *, query_labels=None, ref_labels=None, exclude_self=False, splits=None, batch_rows=0):
     if (query_labels is None) != (ref_labels is None):
         raise ValueError("query_labels and ref_labels must be given together")
@@ -1469,8 +1477,10 @@ def _knn(query, ref, k, *, query_labels=None, ref_labels=None, exclude_self=Fals
     if query.ndim != 2 or ref.ndim != 2 or query.shape[1] != ref.shape[1]:
         raise ValueError(f"query and ref must be M x D and N x D, got {tuple(query.shape)} and {tuple(ref.shape)}")
     compute_dtype("knn", query, ref)
-    if not isinstance(ref.shape[0], torch.SymInt) and ref.shape[0] >= 2**31:  # export: no guard on N (< 2^31)
-        raise ValueError(f"ref has {ref.shape[0]} rows; the kernel's column indices are int32 (< 2^31)")
+    for name, rows in (("query", query.shape[0]), ("ref", ref.shape[0])):  # export: no guard on a symbolic size
+        if not isinstance(rows, torch.SymInt) and rows > ROWS_MAX:
+            raise ValueError(f"{name} has {rows} rows; the kernels' row and column indices are int32: at most "
+                             f"{ROWS_MAX} (2^31 less room for the last tile and column split)")
     limit = min(query.shape[0], ref.shape[0])
     if (isinstance(batch_rows, bool) or not isinstance(batch_rows, (int, torch.SymInt))
             or not 0 <= batch_rows <= limit):

@@ -2075,8 +2075,8 @@ MUTANTS: Tuple[Mutant, ...] = (
            "    _matplotlib().use(\"Agg\")\n    from matplotlib.figure import Figure",
            ("tests/train/test_train_user_errors.py::test_a_bad_mplbackend_does_not_drop_the_plots",)),
     Mutant("knn_row_check_guards_export", "kernels/knn.py",
-           "if not isinstance(ref.shape[0], torch.SymInt) and ref.shape[0] >= 2**31:",
-           "if ref.shape[0] >= 2**31:",
+           "        if not isinstance(rows, torch.SymInt) and rows > ROWS_MAX:",
+           "        if rows > ROWS_MAX:",
            ("tests/package/test_fast_path.py::test_export_with_a_dynamic_batch",)),
     Mutant("file_run_no_loose_files", "bench/file_run.py",
            "        if set(loose) & set(RUN_FILES):",
@@ -2146,6 +2146,14 @@ MUTANTS: Tuple[Mutant, ...] = (
            "            result = \"implausible (see the caveat above)\"  # neither a PASS nor a FAIL\n",
            "            pass\n",
            ("bench/test_bench_tools.py", "-k", "faster_than_the_gpu",)),
+    Mutant("knn_rows_guard_ref_only", "kernels/knn.py",
+           "    for name, rows in ((\"query\", query.shape[0]), (\"ref\", ref.shape[0])):  # export: no guard on a symbolic size\n",
+           "    for name, rows in ((\"ref\", ref.shape[0]),):\n",
+           ("tests/kernels/test_kernel_knn.py", "-k", "int32_indices",)),
+    Mutant("knn_uint64_labels_unchecked", "daal_triton/validation.py",
+           "                if t.dtype == torch.uint64 and t.numel() and int(t.to(torch.int64).min()) < 0:\n",
+           "                if False:\n",
+           ("tests/package/test_validation.py", "-k", "knn_and_pairwise",)),
 )
 
 

@@ -114,6 +114,20 @@ def test_knn_exclude_self_with_labels_same_tensor():
     _run(x, x, 3, labels=(y, y), exclude_self=True)
 
 
+@pytest.mark.parametrize("side", ["query", "ref"])
+def test_knn_refuses_rows_its_int32_indices_cannot_reach(side):
+    """Query or reference rows beyond ``ROWS_MAX`` (2^31 - 2^18) are a ValueError naming the side,
+    before any launch: at 2^31 query rows the last program's int32 rows wrapped negative (reads and
+    writes out of bounds), and at 2^31 - 1 references a column split's end did (its columns
+    skipped, silently; a bounds probe, 2026-12-07). Rows broadcast from one (no memory)."""
+    big = torch.zeros(1, 4, device=DEV).expand(kk.ROWS_MAX + 1, 4)
+    small = torch.randn(3, 4, device=DEV)
+    q, r = (big, small) if side == "query" else (small, big)
+    with pytest.raises(ValueError, match=f"^{side} has {kk.ROWS_MAX + 1} rows; the kernels' row and column"):
+        kk._knn(q, r, 2)
+    assert kk.ROWS_MAX + 1024 * 256 <= 2**31  # the last split's end (at most 1024 splits of 256 columns)
+
+
 def test_knn_exclude_self_no_labels():
     x = torch.randn(30, 5, device=DEV)
     dist, index = _run(x, x, 4, exclude_self=True)

@@ -103,6 +103,13 @@ def test_knn_and_pairwise_errors():
            query_labels=torch.zeros(4, dtype=torch.long))
     raises("ref_labels must have 5 entries", dt.knn, q, r, 2, query_labels=torch.zeros(4, dtype=torch.long),
            ref_labels=torch.zeros(3, dtype=torch.long))
+    # uint64 labels beyond int64 would match negative ones (both backends compare as int64)
+    huge = torch.tensor([0, 1, 2, 2**64 - 1], dtype=torch.uint64)
+    raises(r"query_labels holds values above 2\*\*63 - 1", dt.knn, q, r, 2, query_labels=huge,
+           ref_labels=torch.tensor([0, 1, 2, 3, -1]))
+    raises(r"ref_labels holds values above 2\*\*63 - 1", dt.knn, r, q, 2, query_labels=torch.arange(5),
+           ref_labels=huge)
+    dt.knn(q, r, 2, query_labels=torch.tensor([0, 1, 2, 2**63 - 1], dtype=torch.uint64), ref_labels=torch.arange(5))  # fine
     raises("query must be float16, bfloat16, float32 or float64", dt.knn, q.int(), r, 2)
     raises("query_labels must have 4 entries", dt.knn, q, r, 2, query_labels=torch.zeros(3, dtype=torch.long),
            ref_labels=torch.zeros(5, dtype=torch.long))
