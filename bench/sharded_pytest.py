@@ -12,7 +12,8 @@ summary line last.
 
 The step's timeout (``timeout -s INT``) interrupts this process, which passes one SIGINT to each
 shard (each then writes its JUnit, as a lone pytest would), waits up to ``GRACE_S`` for them,
-kills what is left and merges what was written. Exit status: 0 when every shard passed or
+kills what is left and merges what was written (a shard that wrote nothing becomes an error
+testcase, ``sharded_pytest::shard I``, so the merged file never reads as a clean run). Exit status: 0 when every shard passed or
 collected nothing (pytest's 5) and at least one passed; 5 when none collected anything;
 otherwise the first other status, in shard order.
 """
@@ -43,18 +44,28 @@ COUNTS = ("tests", "errors", "failures", "skipped")
 
 
 def merge_junit(paths: Sequence[str], out: str) -> Optional[dict]:
-    """Write one JUnit file holding the ``<testsuite>`` of each of ``paths`` (the files that exist
-    and parse), in order, and return their summed counts (None, and nothing written, when there
-    is no file to merge)."""
-    suites = []
-    for path in paths:
+    """Write one JUnit file holding the ``<testsuite>`` of each of ``paths``, in order, and return
+    their summed counts (None, and nothing written, when no file exists and parses). A shard whose
+    file is missing or unreadable (killed or crashed before pytest wrote it) is one error testcase
+    ``sharded_pytest::shard I``: its tests are missing, and the merged file must not read as a
+    clean run of the others."""
+    suites, lost = [], []
+    for i, path in enumerate(paths):
         try:
             root = ET.parse(path).getroot()
         except (OSError, ET.ParseError):
+            lost.append(i)
+            suites.append(None)
             continue
         suites.extend([root] if root.tag == "testsuite" else root.findall("testsuite"))
-    if not suites:
+    if len(lost) == len(paths):
         return None
+    for i in lost:
+        suite = ET.Element("testsuite", name=f"shard {i}", tests="1", errors="1", failures="0", skipped="0")
+        case = ET.SubElement(suite, "testcase", classname="sharded_pytest", name=f"shard {i}")
+        ET.SubElement(case, "error", message=f"shard {i} of {len(paths)} wrote no readable JUnit (killed or crashed): "
+                                             "its tests did not report")
+        suites[suites.index(None)] = suite
     root = ET.Element("testsuites")
     root.extend(suites)
     ET.ElementTree(root).write(out, encoding="utf-8", xml_declaration=True)

@@ -1364,7 +1364,8 @@ def _sharded_pytest():
 
 def test_sharded_pytest_merges_junit_and_statuses(tmp_path):
     """The test steps' JUnit files become one the report reads as their sum (a shard killed
-    before writing one is left out), and the step's status is the shards' combined."""
+    before writing one is an error testcase: the others alone read as a clean run), and the
+    step's status is the shards' combined."""
     sp = _sharded_pytest()
     suite = ('<testsuites><testsuite name="pytest" tests="{t}" failures="{f}" errors="0" skipped="{s}" '
              'time="1.0">{cases}</testsuite></testsuites>')
@@ -1374,9 +1375,12 @@ def test_sharded_pytest_merges_junit_and_statuses(tmp_path):
     b.write_text(suite.format(t=3, f=0, s=1, cases='<testcase classname="n" name="z"/>' * 3))
     out = tmp_path / "merged.xml"
     totals = sp.merge_junit([str(a), str(tmp_path / "killed.xml"), str(b)], str(out))
-    assert totals == {"tests": 5, "errors": 0, "failures": 1, "skipped": 1}
+    assert totals == {"tests": 6, "errors": 1, "failures": 1, "skipped": 1}
     summary = report.junit_summary(str(out))
-    assert (summary["tests"], summary["failures"], summary["skipped"], summary["failed"]) == (5, 1, 1, ["m::x"])
+    assert (summary["tests"], summary["failures"], summary["errors"], summary["skipped"], summary["failed"]) == (
+        6, 1, 1, 1, ["m::x", "sharded_pytest::shard 1"])
+    totals = sp.merge_junit([str(b), str(tmp_path / "killed.xml")], str(out))  # the clean shard alone would pass
+    assert totals == {"tests": 4, "errors": 1, "failures": 0, "skipped": 1}
     assert sp.merge_junit([str(tmp_path / "none.xml")], str(tmp_path / "x.xml")) is None
     assert not (tmp_path / "x.xml").exists()
     assert sp.combined_status([0, 0]) == 0 and sp.combined_status([0, 5]) == 0

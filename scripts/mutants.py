@@ -2154,6 +2154,10 @@ MUTANTS: Tuple[Mutant, ...] = (
            "                if t.dtype == torch.uint64 and t.numel() and int(t.to(torch.int64).min()) < 0:\n",
            "                if False:\n",
            ("tests/package/test_validation.py", "-k", "knn_and_pairwise",)),
+    Mutant("sharded_lost_shard_dropped", "bench/sharded_pytest.py",
+           "        suites[suites.index(None)] = suite\n",
+           "        suites.remove(None)\n",
+           ("bench/test_bench_tools.py", "-k", "sharded_pytest_merges",)),
 )
 
 
