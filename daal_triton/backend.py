@@ -165,8 +165,23 @@ def refuse_vmap(function: str, why: str = "its checks and the kNN selection are 
     if _vmap_active():
         raise NotImplementedError(f"{function} cannot run under torch.func.vmap ({why}), which jacfwd and "
                                   "hessian use too: call it once per problem in a loop, torch.stack([... for ... in "
-                                  "batch]); torch.func.grad, vjp and jacrev work (a Hessian: jacrev(jacrev(f)) or "
-                                  "torch.autograd.functional.hessian)")
+                                  "batch]); torch.func.grad, vjp and jacrev work (a Hessian: jacrev(jacrev(f)), or "
+                                  "torch.autograd.functional.hessian with backend='reference': the Triton backward "
+                                  "has no second derivative)")
+
+
+#: What TorchScript gets instead of a wrong graph (a machinery probe, 2026-12-07: ``torch.jit.script``
+#: failed on ``**kwargs`` deep inside, ``torch.jit.trace`` turned a size into a tensor the Triton
+#: launch took for a pointer, and a trace of the reference dropped the value checks silently).
+TORCHSCRIPT_REFUSAL = ("{what} cannot be compiled by TorchScript (torch.jit.script / torch.jit.trace): its checks, "
+                       "backend choice and kernel launches are Python that TorchScript would drop or misread; "
+                       "torch.compile and torch.export.export take it on both backends")
+
+
+def refuse_torchscript(function: str) -> None:
+    """``NotImplementedError`` while ``torch.jit.trace`` records (see :data:`TORCHSCRIPT_REFUSAL`)."""
+    if torch.jit.is_tracing():
+        raise NotImplementedError(TORCHSCRIPT_REFUSAL.format(what=function))
 
 
 def triton_reason(device: torch.device, dtype: torch.dtype = torch.float32, *, forced: bool = False,

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Literal, Optional, Tuple, TypedDict, Union, ov
 import torch
 
 from . import reference
-from .backend import choose_backend, refuse_vmap
+from .backend import choose_backend, refuse_torchscript, refuse_vmap
 from .core import DAALParts, Hyperparameters, Operators, _no_autocast, _on_device, compose
 from .validation import (
     check_flag,
@@ -188,6 +188,7 @@ def loss_with(
     ``sample_weights`` (B values) scale each sample's terms (``DAALLoss`` derives them from a
     miner's ``indices_tuple``); ``ref_name``: the reference set's argument name in error messages."""
     refuse_vmap("the DAAL loss (daal_loss, DAALLoss)")
+    refuse_torchscript("the DAAL loss (daal_loss, DAALLoss)")
     check_flag(return_parts, "return_parts", optional=False)
     labels, ref_labels = (_beside(t, embeddings) for t in (labels, ref_labels))
     validate_loss_inputs(embeddings, labels, segments, k=hp.k,
@@ -213,6 +214,7 @@ def pairwise_distance(x: torch.Tensor, y: torch.Tensor, *, backend: str = "auto"
     Its squares overflow for rows of norm beyond ``2^62`` (float32; ``2^510`` in float64): the
     value check refuses them (docs/method.md, "Bad input")."""
     refuse_vmap("pairwise_distance", "its checks of the inputs' values are data-dependent")
+    refuse_torchscript("pairwise_distance")
     for name, t in (("x", x), ("y", y)):
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -255,6 +257,7 @@ def knn(
     distances would overflow (docs/method.md, "Bad input").
     """
     refuse_vmap("knn")
+    refuse_torchscript("knn")
     validate_knn_inputs(query, ref, k, query_labels, ref_labels, check_values=check_values)
     check_flag(exclude_self, "exclude_self", optional=False)
     dtype = torch.promote_types(query.dtype, ref.dtype)

@@ -6,7 +6,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from .backend import BACKENDS
+from .backend import BACKENDS, TORCHSCRIPT_REFUSAL
 from .core import Hyperparameters, _no_autocast
 from .functional import inputs_dtype, loss_with
 from .validation import _is_tracing, as_float, as_int, check_dense, check_flag, check_float_matrix, value_checks_on
@@ -118,7 +118,7 @@ def miner_weights(indices_tuple: Sequence[torch.Tensor], batch_size: int, *,
     return counts / counts.max().clamp_min(1)  # no index inside the batch (unchecked): all weights 0
 
 
-def _same_tensor(a: Optional[torch.Tensor], b: torch.Tensor, hooked: bool) -> bool:
+def _same_tensor(a: Optional[torch.Tensor], b: torch.Tensor, hooked: bool, recomputing: bool = False) -> bool:
     """``a`` is ``b``, or (``hooked``: a module's full backward hook has handed ``forward`` new
     objects for its positional inputs, :func:`_hook_may_wrap`) the hook's wrapper of ``b``: a
     tensor object over the same memory with the same shape, strides, dtype and gradient
@@ -129,10 +129,16 @@ def _same_tensor(a: Optional[torch.Tensor], b: torch.Tensor, hooked: bool) -> bo
     (``embeddings[:]``) is another tensor: taken for the batch, the same call's loss differed
     between training and evaluation (probes, 2026-12-07). (Two positional tensors the hook wrapped
     together are told apart by memory alone: ``embeddings[:]`` passed positionally as ``ref_emb``
-    under a full backward hook counts as the batch.)"""
+    under a full backward hook counts as the batch.)
+
+    ``recomputing`` (:func:`_recomputing`: a forward run inside a backward pass, as reentrant
+    activation checkpointing reruns it, each input detached on its own): two leaves over the same
+    memory are the one tensor the first forward was given (``checkpoint(loss, emb, y, None, emb,
+    y, use_reentrant=True)`` recomputed with a reference set, and its gradients were 15% off; a
+    machinery probe, 2026-12-07)."""
     if a is b:
         return True
-    if not hooked:
+    if not (hooked or recomputing):
         return False
     if not isinstance(a, torch.Tensor) or a.device != b.device or a.device.type == "meta" or _is_tracing():
         return False  # torch.compile keeps the objects (and traces no data_ptr)
@@ -140,13 +146,21 @@ def _same_tensor(a: Optional[torch.Tensor], b: torch.Tensor, hooked: bool) -> bo
         return False
     if (a.shape, a.dtype, a.requires_grad) != (b.shape, b.dtype, b.requires_grad) or a.stride() != b.stride():
         return False
-    if a.requires_grad and not (a._base is b or b._base is a or (
-            a.grad_fn is b.grad_fn and type(a.grad_fn).__name__ == "BackwardHookFunctionBackward")):
-        return False  # not the hook's wrapper (it records a BackwardHookFunctionBackward node)
+    if a.requires_grad and not (hooked and (a._base is b or b._base is a or (
+            a.grad_fn is b.grad_fn and type(a.grad_fn).__name__ == "BackwardHookFunctionBackward"))) and not (
+            recomputing and a.grad_fn is None and b.grad_fn is None):
+        return False  # neither the hook's wrapper (it records a BackwardHookFunctionBackward node) nor two detached leaves
     try:
         return a.data_ptr() == b.data_ptr() != 0
     except (RuntimeError, NotImplementedError):  # no storage (a fake or functional tensor): not the same
         return False
+
+
+def _recomputing() -> bool:
+    """Whether this call runs inside a backward pass (reentrant activation checkpointing reruns the
+    forward there, on inputs it detached one by one)."""
+    current = getattr(torch._C, "_current_graph_task_id", None)
+    return current is not None and not _is_tracing() and current() != -1  # compiled: the objects are kept
 
 
 def _hook_may_wrap(module: nn.Module, *tensors: Optional[torch.Tensor]) -> bool:
@@ -290,6 +304,10 @@ class DAALLoss(nn.Module):
         """The hyperparameters as a dict (a copy of ``self.hp``'s fields)."""
         return self.hp.as_dict()
 
+    def __prepare_scriptable__(self):
+        """``torch.jit.script`` calls this first: a named refusal (see ``TORCHSCRIPT_REFUSAL``)."""
+        raise NotImplementedError(TORCHSCRIPT_REFUSAL.format(what="DAALLoss"))
+
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor,
                 indices_tuple: Optional[Tuple[torch.Tensor, ...]] = None,
                 ref_emb: Optional[torch.Tensor] = None,
@@ -307,8 +325,9 @@ class DAALLoss(nn.Module):
         (see ``daal_triton.daal_loss``). ``ref_emb`` that *is* ``embeddings`` (the same tensor,
         with ``ref_labels`` None or ``labels`` itself, or another tensor object over the same memory,
         as a module hook hands ``forward``) means no reference set, as in pytorch-metric-learning."""
-        hooked = _hook_may_wrap(self, embeddings, ref_emb)
-        if _same_tensor(ref_emb, embeddings, hooked) and (ref_labels is None or _same_tensor(ref_labels, labels, hooked)):
+        hooked, again = _hook_may_wrap(self, embeddings, ref_emb), ref_emb is not None and _recomputing()
+        if _same_tensor(ref_emb, embeddings, hooked, again) and (
+                ref_labels is None or _same_tensor(ref_labels, labels, hooked, again)):
             ref_emb = ref_labels = None
             ref_includes_batch = False  # "the reference set starts with the batch": it is the batch
         weights = None

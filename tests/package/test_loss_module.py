@@ -228,6 +228,31 @@ def test_a_view_the_caller_made_is_a_reference_set_in_every_mode():
                 assert loss(e, y, ref_emb=e).item() == plain, (hook, grad)
 
 
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=pytest.mark.interpreter)])
+def test_ref_emb_that_is_the_batch_under_reentrant_checkpointing(backend):
+    """``checkpoint(loss, emb, y, None, emb, y, use_reentrant=True)``: the recomputation inside the
+    backward gets each input detached on its own (two objects over one memory), and took them for
+    a reference set: the loss was right, its gradients 15% off (a machinery probe, 2026-12-07).
+    Now the same gradients as a plain call; outside a backward two such leaves stay two tensors."""
+    import torch.utils.checkpoint as cp
+
+    z, y, _ = random_problem(37, 11, 33, dtype=torch.float32)
+    loss = dt.DAALLoss(11, 33, backend=backend, tau=2.0)
+    grads = []
+    for reentrant in (None, True, False):
+        e = z.clone().requires_grad_()
+        value = loss(e, y, None, e, y) if reentrant is None else cp.checkpoint(loss, e, y, None, e, y,
+                                                                               use_reentrant=reentrant)
+        loss.segments.grad = None
+        value.backward()  # (reentrant checkpointing refuses autograd.grad)
+        grads.append((value.item(), e.grad, loss.segments.grad))
+    for other in grads[1:]:
+        assert other[0] == grads[0][0] and all(torch.equal(a, b) for a, b in zip(other[1:], grads[0][1:]))
+    a, b = z.clone().requires_grad_(), None
+    b = a.detach().requires_grad_()
+    assert loss(a, y, None, b, y).item() != grads[0][0]  # two leaves outside a backward: a reference set
+
+
 def test_module_errors_name_its_arguments():
     z, y, _ = random_problem(6, 3, 5, dtype=torch.float32)
     loss = dt.DAALLoss(3, 5, backend="reference")

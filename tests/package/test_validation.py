@@ -263,6 +263,25 @@ def test_backend_choice_by_gpu(monkeypatch, capability, auto, forced):
     raises("backend='triton' cannot run here: ROCm GPUs run the reference backend", choose_backend, "triton", gpu)
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.*` is deprecated:FutureWarning")  # PyTorch's own, about the same
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=pytest.mark.interpreter)])
+def test_torchscript_is_refused_with_what_works(backend):
+    """``torch.jit.script(DAALLoss)`` failed on ``**kwargs`` deep inside, ``torch.jit.trace`` of the
+    Triton backend handed a kernel a size as a pointer, and a trace of the reference dropped the
+    value checks (a machinery probe, 2026-12-07): each is a NotImplementedError naming
+    torch.compile and torch.export."""
+    z, y, seg = good(B=9, C=3, D=5)
+    module = dt.DAALLoss(3, 5, backend=backend)
+    with pytest.raises(NotImplementedError, match=r"^DAALLoss cannot be compiled by TorchScript.*torch.compile and torch.export"):
+        torch.jit.script(module)
+    calls = {"the DAAL loss": (module, (z, y)), "knn": (lambda q: dt.knn(q, z, 2, backend=backend)[0], (z,)),
+             "pairwise_distance": (lambda q: dt.pairwise_distance(q, z, backend=backend), (z,))}
+    for name, (f, args) in calls.items():
+        with pytest.raises(NotImplementedError, match=f"^{name}.* cannot be compiled by TorchScript"):
+            torch.jit.trace(f, args, check_trace=False)
+    assert module(z, y).isfinite()  # and outside TorchScript, as before
+
+
 @pytest.mark.interpreter  # CPU tensors on the Triton backend
 def test_torch_func_transforms_run_on_the_reference():
     """Inside ``torch.func.grad`` "auto" runs the reference (the kernels cannot read a transform's
@@ -303,10 +322,12 @@ def test_vmap_is_refused_with_the_alternative(backend):
     # hessian (jacfwd over jacrev) runs vmap inside: the message named only a loop over problems
     # the caller did not have (an interop probe, 2026-12-07); it names what works, which does
     f = calls["the DAAL loss"]
-    with pytest.raises(NotImplementedError, match=r"which jacfwd and hessian use too.*jacrev\(jacrev\(f\)\)"):
+    with pytest.raises(NotImplementedError, match=r"which jacfwd and hessian use too.*jacrev\(jacrev\(f\)\)") as e:
         torch.func.hessian(f)(z)
     if backend == "reference":  # (on "auto" a Hessian is the Triton backward's second derivative)
         assert torch.allclose(torch.func.jacrev(torch.func.jacrev(f))(z), torch.autograd.functional.hessian(f, z))
+    else:  # which the message says (it named autograd.functional.hessian as working: a machinery probe, 2026-12-07)
+        assert "autograd.functional.hessian with backend='reference'" in str(e.value)
 
 
 @pytest.mark.interpreter  # CPU tensors on the Triton backend
