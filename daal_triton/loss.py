@@ -122,20 +122,21 @@ def _same_tensor(a: Optional[torch.Tensor], b: torch.Tensor, hooked: bool, recom
     """``a`` is ``b``, or (``hooked``: a module's full backward hook has handed ``forward`` new
     objects for its positional inputs, :func:`_hook_may_wrap`) the hook's wrapper of ``b``: a
     tensor object over the same memory with the same shape, strides, dtype and gradient
-    requirement, which for tensors that require a gradient must be the hook's own view (its
-    ``_base`` the other, or both outputs of the one hook node): under such a hook
-    ``ref_emb=embeddings`` silently became a reference set, each sample its own neighbour (a
-    user-loop probe, 2026-12-07). A copy (``.clone()``), a ``.detach()`` or a view the caller made
-    (``embeddings[:]``) is another tensor: taken for the batch, the same call's loss differed
-    between training and evaluation (probes, 2026-12-07). (Two positional tensors the hook wrapped
-    together are told apart by memory alone: ``embeddings[:]`` passed positionally as ``ref_emb``
-    under a full backward hook counts as the batch.)
+    requirement, which for tensors that require a gradient must stand for the same tensor to
+    autograd (:func:`_grad_identity`: the hook's wrapper stands for the tensor it wrapped): under
+    such a hook ``ref_emb=embeddings`` silently became a reference set, each sample its own
+    neighbour (a user-loop probe, 2026-12-07). A copy (``.clone()``), a ``.detach()`` or a view
+    the caller made (``embeddings[:]``) is another tensor: taken for the batch, the same call's
+    loss differed between training and evaluation (probes, 2026-12-07). (Labels require no
+    gradient and have no such identity: under a hook a view of ``labels`` over the same memory
+    passed as ``ref_labels`` counts as ``labels``.)
 
     ``recomputing`` (:func:`_recomputing`: a forward run inside a backward pass, as reentrant
     activation checkpointing reruns it, each input detached on its own): two leaves over the same
     memory are the one tensor the first forward was given (``checkpoint(loss, emb, y, None, emb,
     y, use_reentrant=True)`` recomputed with a reference set, and its gradients were 15% off; a
-    machinery probe, 2026-12-07)."""
+    machinery probe, 2026-12-07). The recomputation cannot tell a view the caller made from the
+    tensor itself: ``ref_emb=emb[:]`` is read as the batch there (README: pass the tensor or a copy)."""
     if a is b:
         return True
     if not (hooked or recomputing):
@@ -146,14 +147,32 @@ def _same_tensor(a: Optional[torch.Tensor], b: torch.Tensor, hooked: bool, recom
         return False
     if (a.shape, a.dtype, a.requires_grad) != (b.shape, b.dtype, b.requires_grad) or a.stride() != b.stride():
         return False
-    if a.requires_grad and not (hooked and (a._base is b or b._base is a or (
-            a.grad_fn is b.grad_fn and type(a.grad_fn).__name__ == "BackwardHookFunctionBackward"))) and not (
+    if a.requires_grad and not (hooked and _same_identity(a, b)) and not (
             recomputing and a.grad_fn is None and b.grad_fn is None):
-        return False  # neither the hook's wrapper (it records a BackwardHookFunctionBackward node) nor two detached leaves
+        return False  # neither the hook's wrapper of the other nor two detached leaves
     try:
         return a.data_ptr() == b.data_ptr() != 0
     except (RuntimeError, NotImplementedError):  # no storage (a fake or functional tensor): not the same
         return False
+
+
+def _grad_identity(t: torch.Tensor) -> Tuple[Any, int]:
+    """What autograd knows a tensor that requires a gradient as: ``(node, output number)`` of the
+    operation that made it, ``(t, 0)`` for a leaf; for a full backward hook's wrapper (a
+    ``BackwardHookFunctionBackward`` output), the identity of the tensor it wrapped. A view the
+    caller made has a node of its own; the hook's wrapper of a view (a view of a view: its
+    ``_base`` is the root) is known by the view's node."""
+    fn = t.grad_fn
+    if fn is not None and type(fn).__name__ == "BackwardHookFunctionBackward":
+        fn, nr = fn.next_functions[t.output_nr]  # the wrapped tensor's node (input i is output i)
+        leaf = getattr(fn, "variable", None)  # a leaf's AccumulateGrad
+        return (leaf, 0) if leaf is not None else (fn, nr)
+    return (t, 0) if fn is None else (fn, t.output_nr)
+
+
+def _same_identity(a: torch.Tensor, b: torch.Tensor) -> bool:
+    (na, ia), (nb, ib) = _grad_identity(a), _grad_identity(b)
+    return na is nb and ia == ib
 
 
 def _recomputing() -> bool:

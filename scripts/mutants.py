@@ -2115,7 +2115,7 @@ MUTANTS: Tuple[Mutant, ...] = (
            "    want_x = need_x\n",
            ("tests/kernels/test_kernel_line_margin_v2.py", "-k", "without_gradient",)),
     Mutant("same_tensor_any_view_counts", "daal_triton/loss.py",
-           "        return False  # neither the hook's wrapper (it records a BackwardHookFunctionBackward node) nor two detached leaves\n",
+           "        return False  # neither the hook's wrapper of the other nor two detached leaves\n",
            "        pass\n",
            ("tests/package/test_loss_module.py", "-k", "view_the_caller",)),
     Mutant("hook_may_wrap_without_hooks", "daal_triton/loss.py",
@@ -2170,6 +2170,10 @@ MUTANTS: Tuple[Mutant, ...] = (
            "        raise NotImplementedError(TORCHSCRIPT_REFUSAL.format(what=\"DAALLoss\"))\n",
            "        return self\n",
            ("tests/package/test_validation.py", "-k", "torchscript",)),
+    Mutant("grad_identity_ignores_wrapper", "daal_triton/loss.py",
+           "        fn, nr = fn.next_functions[t.output_nr]  # the wrapped tensor's node (input i is output i)\n",
+           "        return (t, 0)\n",
+           ("tests/package/test_loss_module.py", "-k", "view_the_caller or backward_hook",)),
 )
 
 

@@ -218,6 +218,7 @@ def test_a_view_the_caller_made_is_a_reference_set_in_every_mode():
     e = z.clone().requires_grad_()
     plain, as_set = loss(e, y).item(), loss(e, y, ref_emb=e.clone(), ref_labels=y).item()
     assert as_set != plain
+    v = (z * 1.0).requires_grad_()[:, :]  # embeddings that are themselves a view (as model(x).flatten(1) is)
     for hook in (False, True):
         if hook:
             loss.register_full_backward_hook(lambda m, gi, go: None)
@@ -226,6 +227,10 @@ def test_a_view_the_caller_made_is_a_reference_set_in_every_mode():
                 assert loss(e, y, ref_emb=e[:], ref_labels=y).item() == as_set, (hook, grad)
                 assert loss(e, y, ref_emb=e[:], ref_labels=y[:]).item() == as_set, (hook, grad)
                 assert loss(e, y, ref_emb=e).item() == plain, (hook, grad)
+                # the hook's wrapper of a view is a view of its root: still the batch (a review, 2026-12-07)
+                assert loss(v, y, ref_emb=v, ref_labels=y).item() == plain, (hook, grad)
+                assert loss(v, y, None, v, y).item() == plain, (hook, grad)
+                assert loss(v, y, None, v[:], y).item() == as_set, (hook, grad)  # positional: told apart too
 
 
 @pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=pytest.mark.interpreter)])
