@@ -288,9 +288,9 @@ def _knn_filter_half_kernel(
         xn_r = tl.load(xn_ptr + rows, mask=rmask, other=float("inf"))
         xn_c = tl.load(xn_ptr + cols, mask=cmask, other=float("inf"))
         thr_r = tl.load(thr_ptr + rows, mask=rmask, other=-1.0)
-        # none on the diagonal; a select, not ``cmask & (blk_j != blk_i)``: Triton 3.9's interpreter
-        # splats that scalar comparison as int32 (its handle's type) and its load refuses the mask
-        thr_c = tl.load(thr_ptr + cols, mask=tl.where(blk_j != blk_i, cmask, False), other=-1.0)
+        # none on the diagonal (-inf: close rows of large norm round s below -1); a select, not ``cmask &
+        # (blk_j != blk_i)``: Triton 3.9's interpreter splats it as int32 and its load refuses the mask
+        thr_c = tl.load(thr_ptr + cols, mask=tl.where(blk_j != blk_i, cmask, False), other=float("-inf"))
         acc = _dot_tile(x_ptr + rows64[:, None] * stride_x_m, x_ptr, x_desc, x_desc, row_lo, n0, cols,
                         rmask, cmask, D, stride_x_m, BLOCK, BLOCK, BLOCK_D, INPUT_PRECISION, ROUND_TF32, TMA)
         s = xn_r[:, None] + xn_c[None, :] - 2.0 * acc

@@ -2174,6 +2174,10 @@ MUTANTS: Tuple[Mutant, ...] = (
            "        fn, nr = fn.next_functions[t.output_nr]  # the wrapped tensor's node (input i is output i)\n",
            "        return (t, 0)\n",
            ("tests/package/test_loss_module.py", "-k", "view_the_caller or backward_hook",)),
+    Mutant("half_diag_threshold_minus_one", "kernels/knn_threshold.py",
+           "mask=tl.where(blk_j != blk_i, cmask, False), other=float(\"-inf\"))",
+           "mask=tl.where(blk_j != blk_i, cmask, False), other=-1.0)",
+           ("tests/kernels/test_kernel_knn_threshold.py", "-k", "large_norm",)),
 )
 
 

@@ -306,6 +306,24 @@ def test_half_lists_what_every_tile_lists(small, monkeypatch, splits):
         assert torch.equal(out[0], want[0]) and torch.equal(out[1], want[1])
 
 
+def test_half_lists_close_rows_of_large_norm_once(small, monkeypatch):
+    """Close pairs of rows with norms near 2000 (float16): the GEMM form's s rounds below -1 for
+    some, and a diagonal tile's "no column threshold" was -1, so such a pair was listed from both
+    sides, twice in each row's list (a races probe, 2026-12-07; wrong where the two keys differ,
+    slower where the lists overflow). Now -inf: the half filter lists what the full one does."""
+    torch.manual_seed(4)
+    base = torch.randn(128, 64) * 250
+    x = torch.cat([base, base + 0.01 * torch.randn_like(base)])[torch.randperm(256)].half()
+    xf = x.float()
+    s = (xf * xf).sum(1)[:, None] + (xf * xf).sum(1)[None, :] - 2 * xf @ xf.T
+    assert (s.fill_diagonal_(0) <= -1).any()  # the case: some pair's s below -1
+    count, lists, got = _lists(monkeypatch, x, 3, "threshold")
+    count_h, lists_h, got_h = _lists(monkeypatch, x, 3, "half")
+    assert torch.equal(count, count_h), (count_h - count).nonzero().flatten().tolist()
+    assert _rows_of(count, lists) == _rows_of(count_h, lists_h)
+    assert torch.equal(got[1], got_h[1])
+
+
 @pytest.mark.parametrize("N, D, k", [(129, 64, 1), (260, 129, 5), (520, 16, 16)])
 def test_half_with_self_pairs_kept(small, monkeypatch, N, D, k):
     """A self-search that keeps self pairs (the diagonal tiles list ``j = i``), one tail row,
