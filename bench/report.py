@@ -455,6 +455,8 @@ def _alternative_fractions(run: dict, key: tuple, thr: float) -> List[str]:
         if rec.get("tflops") and rec.get("matmul_tflops"):
             shown += f" ({rec['tflops']:.3g} of {rec['matmul_tflops']:.3g} TFLOP/s)"
         verdict = "would pass" if value >= thr * (1 - BOUND_SLACK) else "would fail"
+        if implausible(run, rec):
+            verdict = "implausible (see the caveat above)"
         rows.append(f"| ↳ the same with `{sw.env}={sw.alternative}` (an alternative, not the default) | {shown} "
                     f"| {_rounds([rec])[0]} | {verdict} |")
     return rows

@@ -1608,5 +1608,9 @@ def test_a_record_faster_than_the_gpu_can_be_passes_no_target(tmp_path):
     fine = run_with(1.1, 2e-6)
     assert result(fine, target) == "PASS" and result(fine, loss_title) == "PASS"
     assert "cannot be real" not in "".join(report.target_caveats(fine))
+    sw = next(s for s in bc.SWITCHES if not s.until and knn in s.cases)  # an alternative's row says so too
+    odd["cases"][knn + (sw.provider,)] = dict(odd["cases"][knn + ("triton",)])
+    row = next(line for line in report.targets_table(odd) if f"`{sw.env}={sw.alternative}`" in line)
+    assert row.endswith("| implausible (see the caveat above) |"), row
     smoke = run_with(1.5, 5e-7, profile="smoke")
     assert result(smoke, target) == "PASS" and "cannot be real" not in "".join(report.target_caveats(smoke))

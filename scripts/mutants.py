@@ -2178,6 +2178,10 @@ MUTANTS: Tuple[Mutant, ...] = (
            "mask=tl.where(blk_j != blk_i, cmask, False), other=float(\"-inf\"))",
            "mask=tl.where(blk_j != blk_i, cmask, False), other=-1.0)",
            ("tests/kernels/test_kernel_knn_threshold.py", "-k", "large_norm",)),
+    Mutant("report_alternative_implausible_passes", "bench/report.py",
+           "        if implausible(run, rec):\n            verdict = \"implausible (see the caveat above)\"\n",
+           "",
+           ("bench/test_bench_tools.py", "-k", "faster_than_the_gpu",)),
 )
 
 
