@@ -637,7 +637,7 @@ MUTANTS: Tuple[Mutant, ...] = (
            "        rounds = _block_max(n_rev)\n", "        rounds = 0\n",
            ("tests/kernels/test_kernel_knn_threshold.py", "-k", "half_lists")),
     Mutant("half_diagonal_lists_both_ways", "kernels/knn_threshold.py",
-           "mask=tl.where(blk_j != blk_i, cmask, False), other=-1.0)", "mask=cmask, other=-1.0)",
+           "mask=tl.where(blk_j != blk_i, cmask, False), other=float(\"-inf\"))", "mask=cmask, other=float(\"-inf\"))",
            ("tests/kernels/test_kernel_knn_threshold.py", "-k", "half_lists")),
     Mutant("half_pairs_second_block_skipped", "kernels/knn_threshold.py",
            "    total = first_len + tl.where(b > a, nb - b, 0)\n", "    total = first_len\n",
@@ -649,12 +649,12 @@ MUTANTS: Tuple[Mutant, ...] = (
            "    t_hi = tl.minimum(total, t_lo + tiles_per_split)\n", "    t_hi = tl.minimum(first_len, t_lo + tiles_per_split)\n",
            ("tests/kernels/test_kernel_knn_threshold.py", "-k", "half_lists")),
     Mutant("half_thresholds_after_mma", "kernels/knn_threshold.py",
-           "        thr_c = tl.load(thr_ptr + cols, mask=tl.where(blk_j != blk_i, cmask, False), other=-1.0)\n"
+           "        thr_c = tl.load(thr_ptr + cols, mask=tl.where(blk_j != blk_i, cmask, False), other=float(\"-inf\"))\n"
            "        acc = _dot_tile(x_ptr + rows64[:, None] * stride_x_m, x_ptr, x_desc, x_desc, row_lo, n0, cols,\n"
            "                        rmask, cmask, D, stride_x_m, BLOCK, BLOCK, BLOCK_D, INPUT_PRECISION, ROUND_TF32, TMA)\n",
            "        acc = _dot_tile(x_ptr + rows64[:, None] * stride_x_m, x_ptr, x_desc, x_desc, row_lo, n0, cols,\n"
            "                        rmask, cmask, D, stride_x_m, BLOCK, BLOCK, BLOCK_D, INPUT_PRECISION, ROUND_TF32, TMA)\n"
-           "        thr_c = tl.load(thr_ptr + cols, mask=tl.where(blk_j != blk_i, cmask, False), other=-1.0)\n",
+           "        thr_c = tl.load(thr_ptr + cols, mask=tl.where(blk_j != blk_i, cmask, False), other=float(\"-inf\"))\n",
            ("tests/kernels/test_kernel_knn_threshold.py", "-m", "build", "-k", "both_ways")),
     Mutant("threshold_model_without_margin", "bench/knn_threshold_model.py",
            "    return e * (1.0 + 2.0 ** -10) + (xn + xn.max()) * (2.0 ** -12 * max(1.0, x.shape[1] / 2.0 ** 10))", "    return e * (1.0 + 2.0 ** -10)",
