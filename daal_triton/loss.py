@@ -323,6 +323,16 @@ class DAALLoss(nn.Module):
         """The hyperparameters as a dict (a copy of ``self.hp``'s fields)."""
         return self.hp.as_dict()
 
+    def _is_the_batch(self, embeddings, labels, ref_emb, ref_labels) -> bool:
+        """``ref_emb`` (and ``ref_labels``, when given) are the batch itself (:func:`_same_tensor`);
+        the hooks and the backward pass are looked up only for a reference set that is not the
+        same object (the loss's hot path has none)."""
+        if ref_emb is embeddings and (ref_labels is None or ref_labels is labels):
+            return True
+        hooked, again = _hook_may_wrap(self, embeddings, ref_emb), _recomputing()
+        return _same_tensor(ref_emb, embeddings, hooked, again) and (
+            ref_labels is None or _same_tensor(ref_labels, labels, hooked, again))
+
     def __prepare_scriptable__(self):
         """``torch.jit.script`` calls this first: a named refusal (see ``TORCHSCRIPT_REFUSAL``)."""
         raise NotImplementedError(TORCHSCRIPT_REFUSAL.format(what="DAALLoss"))
@@ -344,9 +354,7 @@ class DAALLoss(nn.Module):
         (see ``daal_triton.daal_loss``). ``ref_emb`` that *is* ``embeddings`` (the same tensor,
         with ``ref_labels`` None or ``labels`` itself, or another tensor object over the same memory,
         as a module hook hands ``forward``) means no reference set, as in pytorch-metric-learning."""
-        hooked, again = _hook_may_wrap(self, embeddings, ref_emb), ref_emb is not None and _recomputing()
-        if _same_tensor(ref_emb, embeddings, hooked, again) and (
-                ref_labels is None or _same_tensor(ref_labels, labels, hooked, again)):
+        if ref_emb is not None and self._is_the_batch(embeddings, labels, ref_emb, ref_labels):
             ref_emb = ref_labels = None
             ref_includes_batch = False  # "the reference set starts with the batch": it is the batch
         weights = None

@@ -160,7 +160,9 @@ def check_distance_range(t: torch.Tensor, name: str, dtype: torch.dtype) -> None
 
 
 def check_labels(labels, name: str, size: int, num_classes: Optional[int], *, values: bool = True) -> None:
-    """``labels`` is a dense integer vector of ``size`` entries (in ``[0, num_classes)``, when ``values``)."""
+    """``labels`` is a dense integer vector of ``size`` entries (with ``values``: in ``[0, num_classes)``,
+    and without ``num_classes`` none a ``uint64`` beyond int64's range: labels are compared as int64,
+    where ``2**64 - 1`` would match -1; a bounds probe, 2026-12-07)."""
     if not isinstance(labels, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(labels).__name__}")
     check_dense(labels, name)
@@ -170,12 +172,13 @@ def check_labels(labels, name: str, size: int, num_classes: Optional[int], *, va
         raise ValueError(f"{name} must be an integer tensor, got dtype {labels.dtype}")
     if labels.shape[0] != size:
         raise ValueError(f"{name} must have {size} entries (one per row), got {labels.shape[0]}")
-    if values and num_classes is not None and labels.numel():
+    if values and labels.numel() and (num_classes is not None or labels.dtype == torch.uint64):
         wide = labels.long()  # torch has no min/max for uint16/32/64; the loss reads labels as int64
         lo, hi = int(wide.min()), int(wide.max())
         if labels.dtype == torch.uint64 and lo < 0:  # wrapped: above int64's range
-            raise ValueError(f"{name} must lie in [0, {num_classes}), got values above 2**63 - 1")
-        if lo < 0 or hi >= num_classes:
+            raise ValueError(f"{name} must lie in [0, {num_classes}), got values above 2**63 - 1" if num_classes
+                             is not None else f"{name} holds values above 2**63 - 1 (labels are compared as int64)")
+        if num_classes is not None and (lo < 0 or hi >= num_classes):
             raise ValueError(f"{name} must lie in [0, {num_classes}), got values in [{lo}, {hi}]")
 
 
@@ -278,7 +281,8 @@ def validate_loss_inputs(
                 f"{ref_name} must have {embeddings.shape[1]} columns like embeddings, "
                 f"got {ref_embeddings.shape[1]}"
             )
-        check_labels(ref_labels, "ref_labels", ref_embeddings.shape[0], None)
+        # free values (a row whose label is no sample's is never a neighbour): nothing read
+        check_labels(ref_labels, "ref_labels", ref_embeddings.shape[0], None, values=False)
         if ref_includes_batch and ref_embeddings.shape[0] < embeddings.shape[0]:
             raise ValueError(f"ref_includes_batch=True needs {ref_name} to start with the batch's "
                              f"{embeddings.shape[0]} rows, got {ref_embeddings.shape[0]} rows")
@@ -305,9 +309,5 @@ def validate_knn_inputs(query, ref, k, query_labels=None, ref_labels=None, *,
     if (query_labels is None) != (ref_labels is None):
         raise ValueError("query_labels and ref_labels must be given together")
     if query_labels is not None:
-        check_labels(query_labels, "query_labels", query.shape[0], None)
-        check_labels(ref_labels, "ref_labels", ref.shape[0], None)
-        if values:  # both backends compare labels as int64: 2**64 - 1 would match -1 (a bounds probe, 2026-12-07)
-            for name, t in (("query_labels", query_labels), ("ref_labels", ref_labels)):
-                if t.dtype == torch.uint64 and t.numel() and int(t.to(torch.int64).min()) < 0:
-                    raise ValueError(f"{name} holds values above 2**63 - 1 (labels are compared as int64)")
+        check_labels(query_labels, "query_labels", query.shape[0], None, values=values)
+        check_labels(ref_labels, "ref_labels", ref.shape[0], None, values=values)
